@@ -1,0 +1,356 @@
+"""Typed configuration: one YAML or TOML file, validated at start-up.
+
+This is the only module that reads ``os.environ``. Loading does, in order:
+
+1. ``${NAME}`` / ``${NAME:-default}`` substitution in the file text (an unset variable without a
+   default is an error naming the variable and the file);
+2. YAML (``.yaml``/``.yml``) or TOML (``.toml``) parsing;
+3. ``*_file`` keys: ``api_key_file: /run/secrets/tts`` reads that file into ``api_key``;
+4. validation with msgspec: unknown keys and wrong types are errors that name the key path and
+   the file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+import yaml
+
+from pipeline.errors import ConfigError
+from pipeline.redact import Secret
+
+DatastreamType = Literal["integer", "double", "string", "enum", "location"]
+
+
+class _Base(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
+    pass
+
+
+class RedisConfig(_Base):
+    url: str = "redis://127.0.0.1:6379/0"
+    #: Prefix of every key blynk-bridge writes (streams, registry, leases, statuses).
+    prefix: str = "bb:"
+    #: Number of partitions of each stream (1 = unpartitioned).
+    partitions: int = 1
+
+
+class StreamsConfig(_Base):
+    #: Deliveries of one entry before it is dead-lettered (``max_deliveries`` in DESIGN.md).
+    max_deliveries: int = 5
+    #: Pending entries idle this long are taken over from dead consumers (XAUTOCLAIM).
+    claim_idle_ms: int = 30_000
+    #: How long one blocking read waits for new entries.
+    block_ms: int = 2_000
+    #: Entries read per batch.
+    batch: int = 500
+    #: Consumer name; default ``<hostname>-<pid>``.
+    consumer: str | None = None
+
+
+class PlatformConfig(_Base):
+    """Blynk Platform API (OAuth2 client credentials) used to create devices."""
+
+    url: str
+    client_id: str
+    client_secret: Secret
+    org_id: int | None = None
+    owner_id: int | None = None
+
+
+class BlynkConfig(_Base):
+    #: Region name → base URL, e.g. ``{fra1: "https://fra1.blynk.cloud"}``.
+    servers: dict[str, str] = msgspec.field(
+        default_factory=lambda: {"default": "https://blynk.cloud"}
+    )
+    default_server: str = "default"
+    timeout_s: float = 10.0
+    max_connections: int = 100
+    platform: PlatformConfig | None = None
+
+
+class DatastreamConfig(_Base):
+    name: str
+    pin: str
+    type: DatastreamType = "double"
+    min: float | None = None
+    max: float | None = None
+    #: Enum: the value → label options; values outside fall back to ``fallback``.
+    options: dict[str, int] | None = None
+    fallback: int | None = None
+    #: Keep history: late points are written with their true timestamps.
+    history: bool = False
+    id: int | None = None
+
+
+class KeyMapping(_Base):
+    """How one decoded key lands on a datastream."""
+
+    to: str
+    scale: float | None = None
+    offset: float | None = None
+
+
+class TemplateConfig(_Base):
+    name: str
+    #: Blynk template id (``TMPL…``), needed for auto-provisioning and datastream pulls.
+    id: str | None = None
+    datastreams: list[DatastreamConfig] = msgspec.field(default_factory=list)
+    #: Decoded key → datastream name/pin, or a full mapping with scale/offset.
+    mapping: dict[str, str | KeyMapping] = msgspec.field(default_factory=dict)
+    #: Pull datastreams from the Blynk Platform API instead of (or on top of) ``datastreams``.
+    pull: bool = False
+
+
+class HttpAuth(_Base):
+    """Shared-secret header or HTTP basic auth for an inbound integration."""
+
+    header: str | None = None
+    secret: Secret | None = None
+    username: str | None = None
+    password: Secret | None = None
+
+
+class TemplateRule(_Base):
+    """Choose a template by a ``device_meta`` field (first match wins)."""
+
+    template: str
+    field: str
+    equals: str
+
+
+class TtsApplication(_Base):
+    name: str
+    app_id: str
+    tenant: str = "ttn"
+    host: str = "eu1.cloud.thethings.network"
+    port: int | None = None
+    insecure: bool = False
+    api_key: Secret | None = None
+    ca_file: str | None = None
+    template: str | None = None
+    template_rules: list[TemplateRule] = msgspec.field(default_factory=list)
+    provision: bool = False
+    #: Map raw payloads when no ``decoded_payload`` came (else dead-letter ``no_decoded_payload``).
+    raw_payload_key: str | None = None
+    #: Inbound TTS webhooks for this application (``POST /tts/{name}``).
+    webhook_auth: HttpAuth | None = None
+    downlink_f_port: int = 1
+    skip_simulated: bool = False
+
+    @property
+    def username(self) -> str:
+        return f"{self.app_id}@{self.tenant}" if self.tenant else self.app_id
+
+    @property
+    def effective_port(self) -> int:
+        return self.port if self.port is not None else (1883 if self.insecure else 8883)
+
+
+class ParticleProduct(_Base):
+    name: str
+    template: str | None = None
+    template_rules: list[TemplateRule] = msgspec.field(default_factory=list)
+    provision: bool = False
+    auth: HttpAuth | None = None
+    #: Particle Cloud API for downlinks (function calls).
+    api_url: str = "https://api.particle.io"
+    access_token: Secret | None = None
+    product_id: str | None = None
+
+
+class DeviceEntry(_Base):
+    """A static device table row: source device → Blynk token."""
+
+    source: Literal["particle", "tts"]
+    integration: str
+    device: str
+    token: Secret
+    template: str
+    server: str | None = None
+
+
+class IngestHttpConfig(_Base):
+    host: str = "0.0.0.0"
+    port: int = 8080
+    max_body_bytes: int = 64 * 1024
+    #: Refuse input with 503 + Retry-After when the uplinks stream lag passes this.
+    backlog_high_water: int = 1_000_000
+
+
+class TransformConfig(_Base):
+    dedup_window_s: int = 3600
+    cache_size: int = 100_000
+
+
+class EgressConfig(_Base):
+    flush_count: int = 500
+    flush_bytes: int = 512 * 1024
+    flush_age_ms: int = 100
+    per_device_rps: float = 50.0
+    max_in_flight: int = 64
+    #: Entries older than this are backlog: written through the timestamped upload.
+    live_window_s: float = 60.0
+    max_backoff_s: float = 30.0
+
+
+class MetricsConfig(_Base):
+    host: str = "0.0.0.0"
+    port: int | None = None
+
+
+class Config(_Base):
+    redis: RedisConfig = msgspec.field(default_factory=RedisConfig)
+    streams: StreamsConfig = msgspec.field(default_factory=StreamsConfig)
+    blynk: BlynkConfig = msgspec.field(default_factory=BlynkConfig)
+    templates: list[TemplateConfig] = msgspec.field(default_factory=list)
+    tts: list[TtsApplication] = msgspec.field(default_factory=list)
+    particle: list[ParticleProduct] = msgspec.field(default_factory=list)
+    devices: list[DeviceEntry] = msgspec.field(default_factory=list)
+    ingest_http: IngestHttpConfig = msgspec.field(default_factory=IngestHttpConfig)
+    transform: TransformConfig = msgspec.field(default_factory=TransformConfig)
+    egress: EgressConfig = msgspec.field(default_factory=EgressConfig)
+    metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
+
+    def template(self, name: str) -> TemplateConfig:
+        for t in self.templates:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def substitute_env(text: str, env: Mapping[str, str], origin: str) -> str:
+    """Replace ``${NAME}`` and ``${NAME:-default}``; ``$${`` escapes a literal ``${``."""
+
+    def repl(m: re.Match[str]) -> str:
+        name, default = m.group(1), m.group(2)
+        if name in env:
+            return env[name]
+        if default is not None:
+            return default
+        raise ConfigError(f"{origin}: environment variable ${{{name}}} is not set")
+
+    return _VAR.sub(repl, text.replace("$${", "\0")).replace("\0", "${")
+
+
+def _resolve_files(node: Any, origin: str, where: str = "$") -> Any:
+    """Read every ``<key>_file`` into ``<key>`` (secrets mounted as files)."""
+    if isinstance(node, list):
+        return [_resolve_files(v, origin, f"{where}[{i}]") for i, v in enumerate(node)]
+    if not isinstance(node, dict):
+        return node
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if isinstance(key, str) and key.endswith("_file") and key not in ("ca_file",):
+            target = key[: -len("_file")]
+            if target in node:
+                raise ConfigError(f"{origin}: both `{target}` and `{key}` set at `{where}`")
+            try:
+                out[target] = Path(str(value)).read_text().strip()
+            except OSError as exc:
+                raise ConfigError(
+                    f"{origin}: cannot read `{key}` at `{where}`: {exc.strerror}"
+                ) from None
+        else:
+            out[key] = _resolve_files(value, origin, f"{where}.{key}")
+    return out
+
+
+def _dec_hook(type_: type, obj: Any) -> Any:
+    if type_ is Secret and isinstance(obj, str):
+        return Secret(obj)
+    raise NotImplementedError
+
+
+def parse(text: str, fmt: Literal["yaml", "toml"], origin: str,
+          env: Mapping[str, str] | None = None) -> Config:
+    """Parse configuration text; ``origin`` names the file in every error."""
+    text = substitute_env(text, os.environ if env is None else env, origin)
+    try:
+        data = tomllib.loads(text) if fmt == "toml" else yaml.safe_load(text)
+    except (yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{origin}: not valid {fmt.upper()}: {exc}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{origin}: the top level must be a mapping")
+    data = _resolve_files(data, origin)
+    try:
+        config = msgspec.convert(data, Config, dec_hook=_dec_hook)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{origin}: {exc}") from None
+    check(config, origin)
+    return config
+
+
+def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
+    """Load and validate a configuration file; raises :class:`ConfigError`."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read configuration: {exc.strerror}") from None
+    fmt: Literal["yaml", "toml"] = "toml" if p.suffix == ".toml" else "yaml"
+    return parse(text, fmt, str(p), env)
+
+
+def check(config: Config, origin: str) -> None:
+    """Cross-field checks msgspec cannot express; each error names the key."""
+    names = [t.name for t in config.templates]
+    templates = set(names)
+    if len(templates) != len(names):
+        raise ConfigError(f"{origin}: duplicate template names in `templates`")
+    for i, t in enumerate(config.templates):
+        seen_pins: set[str] = set()
+        for j, ds in enumerate(t.datastreams):
+            pin = ds.pin.upper()
+            if not re.fullmatch(r"V([0-9]|[1-9][0-9]|1[0-9][0-9]|2[0-4][0-9]|25[0-5])", pin):
+                raise ConfigError(
+                    f"{origin}: `templates[{i}].datastreams[{j}].pin` must be V0..V255, "
+                    f"got {ds.pin!r}"
+                )
+            if pin in seen_pins:
+                raise ConfigError(f"{origin}: pin {pin} used twice in template {t.name!r}")
+            seen_pins.add(pin)
+    for section, items in (("tts", config.tts), ("particle", config.particle)):
+        seen: set[str] = set()
+        for i, integ in enumerate(items):
+            if integ.name in seen:
+                raise ConfigError(f"{origin}: duplicate integration name `{section}[{i}].name`")
+            seen.add(integ.name)
+            if integ.template is not None and integ.template not in templates:
+                raise ConfigError(
+                    f"{origin}: `{section}[{i}].template` names unknown template "
+                    f"{integ.template!r}"
+                )
+            for k, rule in enumerate(integ.template_rules):
+                if rule.template not in templates:
+                    raise ConfigError(
+                        f"{origin}: `{section}[{i}].template_rules[{k}].template` names unknown "
+                        f"template {rule.template!r}"
+                    )
+    for i, dev in enumerate(config.devices):
+        if dev.template not in templates:
+            raise ConfigError(
+                f"{origin}: `devices[{i}].template` names unknown template {dev.template!r}"
+            )
+        if dev.server is not None and dev.server not in config.blynk.servers:
+            raise ConfigError(f"{origin}: `devices[{i}].server` names unknown server {dev.server!r}")
+    if config.blynk.default_server not in config.blynk.servers:
+        raise ConfigError(
+            f"{origin}: `blynk.default_server` {config.blynk.default_server!r} is not in "
+            "`blynk.servers`"
+        )
+
+
+def env(name: str, default: str | None = None) -> str | None:
+    """The one sanctioned ``os.environ`` read outside configuration loading."""
+    return os.environ.get(name, default)

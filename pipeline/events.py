@@ -1,0 +1,129 @@
+"""Stream contracts: every value that crosses a process boundary.
+
+Each stream entry holds one field (``d``) with one msgpack-encoded Struct. Structs only grow by
+adding fields with defaults, so a newer worker reads an older entry and vice versa (fields it does
+not know are ignored by msgspec).
+
+Encoders and decoders are created once here; use :func:`encode` and the ``decode_*`` helpers
+rather than building new ones on a hot path.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+#: The value of one decoded key as the device sent it (after ingest flattening).
+Value = int | float | str | bool | list[float] | None
+
+Source = Literal["particle", "tts"]
+UplinkKind = Literal["uplink", "join", "location", "status"]
+
+#: The single field name every stream entry carries its payload under.
+FIELD = b"d"
+
+
+class Radio(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """LoRaWAN radio metadata of one uplink (best gateway by SNR)."""
+
+    rssi: float | None = None
+    snr: float | None = None
+    gateways: int = 0
+    f_cnt: int | None = None
+    f_port: int | None = None
+    data_rate: str | None = None
+    frequency: int | None = None
+
+
+class Uplink(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """One message from a device cloud, normalized (ingest → transform)."""
+
+    event_id: str
+    source: Source
+    integration: str
+    device: str
+    event_ts_ms: int
+    received_ts_ms: int
+    values: dict[str, Value] = msgspec.field(default_factory=dict)
+    device_meta: dict[str, str] = msgspec.field(default_factory=dict)
+    radio: Radio | None = None
+    kind: UplinkKind = "uplink"
+    #: Blynk token carried in the message itself (Particle blueprint ``t`` field).
+    token: str | None = None
+    simulated: bool = False
+
+
+class BlynkWrite(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """Datastream values for one Blynk device (transform → egress).
+
+    ``pins`` maps a pin (``V1``) to its value already checked against the datastream type and
+    clamped; a location is ``[lon, lat]``.
+    """
+
+    token: str
+    server: str
+    device_key: str
+    pins: dict[str, Value]
+    event_ts_ms: int
+    received_ts_ms: int
+    event_id: str
+    #: Pins whose datastream keeps history, so late points may be written with true times.
+    history_pins: list[str] = msgspec.field(default_factory=list)
+
+
+class Downlink(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """A datastream change made in Blynk, bound for a device (ingest-http → downlink)."""
+
+    device_key: str
+    pin: str
+    value: Value
+    ts_ms: int
+    name: str | None = None
+    token: str | None = None
+    origin: str | None = None
+
+
+class DeadLetter(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """An entry a stage gave up on, kept with everything needed to replay it."""
+
+    stream: str
+    entry_id: str
+    raw: bytes
+    stage: str
+    reason: str
+    detail: str
+    attempts: int
+    dead_ts_ms: int
+
+
+_encoder = msgspec.msgpack.Encoder()
+_uplink_decoder = msgspec.msgpack.Decoder(Uplink)
+_write_decoder = msgspec.msgpack.Decoder(BlynkWrite)
+_downlink_decoder = msgspec.msgpack.Decoder(Downlink)
+_dead_decoder = msgspec.msgpack.Decoder(DeadLetter)
+
+
+def encode(event: Uplink | BlynkWrite | Downlink | DeadLetter) -> bytes:
+    """Encode one event to msgpack bytes."""
+    return _encoder.encode(event)
+
+
+def decode_uplink(data: bytes) -> Uplink:
+    """Decode an ``Uplink``; raises ``msgspec.ValidationError``/``DecodeError`` on bad bytes."""
+    return _uplink_decoder.decode(data)
+
+
+def decode_write(data: bytes) -> BlynkWrite:
+    """Decode a ``BlynkWrite``; raises ``msgspec.ValidationError``/``DecodeError`` on bad bytes."""
+    return _write_decoder.decode(data)
+
+
+def decode_downlink(data: bytes) -> Downlink:
+    """Decode a ``Downlink``; raises ``msgspec.ValidationError``/``DecodeError`` on bad bytes."""
+    return _downlink_decoder.decode(data)
+
+
+def decode_dead(data: bytes) -> DeadLetter:
+    """Decode a ``DeadLetter``; raises ``msgspec.ValidationError``/``DecodeError`` on bad bytes."""
+    return _dead_decoder.decode(data)

@@ -1,0 +1,89 @@
+"""Every Redis key name blynk-bridge uses, built from one prefix in one place."""
+
+from __future__ import annotations
+
+import zlib
+
+UPLINKS = "uplinks"
+WRITES = "writes"
+DOWNLINKS = "downlinks"
+DEAD = "dead"
+
+#: Consumer group of each stage on the stream it reads.
+GROUP_TRANSFORM = "transform"
+GROUP_EGRESS = "egress"
+GROUP_DOWNLINK = "downlink"
+
+
+class Keys:
+    """Key names under one prefix (default ``bb:``)."""
+
+    def __init__(self, prefix: str = "bb:", partitions: int = 1) -> None:
+        if partitions < 1:
+            raise ValueError("partitions must be >= 1")
+        self.prefix = prefix
+        self.partitions = partitions
+
+    def stream(self, name: str, partition: int | None = None) -> str:
+        """``bb:uplinks`` unpartitioned; ``bb:{uplinks:3}`` (a Cluster hash tag) partitioned."""
+        if self.partitions == 1 or partition is None:
+            return f"{self.prefix}{name}"
+        return f"{self.prefix}{{{name}:{partition}}}"
+
+    def streams(self, name: str) -> list[str]:
+        """Every partition of one stream."""
+        if self.partitions == 1:
+            return [self.stream(name)]
+        return [self.stream(name, p) for p in range(self.partitions)]
+
+    def partition_of(self, source: str, device: str) -> int:
+        """Stable partition of a device: the same on every process and Python version."""
+        return zlib.crc32(f"{source}\0{device}".encode()) % self.partitions
+
+    def stream_for(self, name: str, source: str, device: str) -> str:
+        if self.partitions == 1:
+            return self.stream(name)
+        return self.stream(name, self.partition_of(source, device))
+
+    @property
+    def dead(self) -> str:
+        return f"{self.prefix}{DEAD}"
+
+    # registry, de-duplication, order, leases, statuses
+    def device(self, source: str, integration: str, device: str) -> str:
+        return f"{self.prefix}dev:{source}:{integration}:{device}"
+
+    def registry_version(self) -> str:
+        return f"{self.prefix}registry:version"
+
+    def registry_channel(self) -> str:
+        return f"{self.prefix}registry:changed"
+
+    def provision_lock(self, source: str, integration: str, device: str) -> str:
+        return f"{self.prefix}lock:provision:{source}:{integration}:{device}"
+
+    def seen(self, event_id: str) -> str:
+        return f"{self.prefix}seen:{event_id}"
+
+    def last_written(self, device_key: str) -> str:
+        """Hash pin → event time (ms) of the last value written to Blynk."""
+        return f"{self.prefix}lww:{device_key}"
+
+    def region(self, token_hash: str) -> str:
+        return f"{self.prefix}region:{token_hash}"
+
+    def lease(self, kind: str, name: str) -> str:
+        return f"{self.prefix}lease:{kind}:{name}"
+
+    def status(self) -> str:
+        """Hash integration id → encoded status."""
+        return f"{self.prefix}status"
+
+    def unmapped(self, template: str) -> str:
+        return f"{self.prefix}unmapped:{template}"
+
+    def rate(self, device_key: str) -> str:
+        return f"{self.prefix}rate:{device_key}"
+
+    def echo(self, device_key: str, pin: str) -> str:
+        return f"{self.prefix}echo:{device_key}:{pin}"

@@ -1,0 +1,120 @@
+"""Worker lifecycle: ``startup()`` → ``main_loop(stop)`` → ``shutdown()``, uvicorn-style.
+
+A signal only *requests* a stop (it sets an ``asyncio.Event``). Each stage then stops taking new
+work, finishes and acks what it holds, and returns; :func:`run_stages` waits up to
+``grace_s`` for that and only then cancels. A stage that raises takes the whole process down with
+a non-zero exit (the supervisor restarts it), never silently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Protocol, TypeVar
+
+log = logging.getLogger("blynk_bridge.lifecycle")
+
+T = TypeVar("T")
+
+
+class Stage(Protocol):
+    """One pipeline stage (ingest-http, ingest-mqtt, transform, egress, downlink, monitor)."""
+
+    name: str
+
+    async def startup(self) -> None:
+        """Connect and create what the stage needs (consumer groups, sockets)."""
+
+    async def main_loop(self, stop: asyncio.Event) -> None:
+        """Work until ``stop`` is set, then finish in-flight work and return."""
+
+    async def shutdown(self) -> None:
+        """Release resources; called once, after ``main_loop`` returned or was cancelled."""
+
+
+async def until_stopped(aw: Awaitable[T], stop: asyncio.Event) -> T | None:
+    """Await ``aw`` unless ``stop`` is set first; then cancel it and return ``None``.
+
+    Used around blocking reads so a stop request is honoured at once instead of after the read's
+    own timeout. Cancelling a read loses nothing: unacked entries stay pending.
+    """
+    task = asyncio.ensure_future(aw)
+    if stop.is_set():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return None
+    stopper = asyncio.create_task(stop.wait())
+    try:
+        done, _ = await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopper.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return None
+
+
+async def run_stages(
+    stages: Sequence[Stage],
+    *,
+    stop: asyncio.Event | None = None,
+    grace_s: float = 20.0,
+    install_signals: bool = True,
+    on_started: Callable[[], None] | None = None,
+) -> None:
+    """Run stages together until a signal (or ``stop``) asks them to finish."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    if install_signals:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, _request_stop, stop, sig)
+    started: list[Stage] = []
+    try:
+        for stage in stages:
+            await stage.startup()
+            started.append(stage)
+        if on_started:
+            on_started()
+        async with asyncio.TaskGroup() as tg:
+            tasks = [tg.create_task(s.main_loop(stop), name=s.name) for s in stages]
+            tg.create_task(_cancel_after_grace(stop, tasks, grace_s), name="grace-timer")
+    finally:
+        stop.set()
+        for stage in reversed(started):
+            try:
+                await stage.shutdown()
+            except Exception:
+                log.exception("shutdown of %s failed", stage.name)
+        if install_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+
+
+def _request_stop(stop: asyncio.Event, sig: signal.Signals) -> None:
+    log.info("received %s: stopping (finishing in-flight work)", sig.name)
+    stop.set()
+
+
+async def _cancel_after_grace(
+    stop: asyncio.Event, tasks: list[asyncio.Task[None]], grace_s: float
+) -> None:
+    """After a stop request, give stages ``grace_s`` to drain, then cancel the stragglers."""
+    waiter = asyncio.gather(*tasks, return_exceptions=True)
+    stopper = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    stopper.cancel()
+    if waiter.done():
+        return
+    try:
+        await asyncio.wait_for(asyncio.shield(waiter), grace_s)
+    except TimeoutError:
+        for t in tasks:
+            if not t.done():
+                log.warning("stage %s did not stop within %.0fs: cancelling", t.get_name(), grace_s)
+                t.cancel()

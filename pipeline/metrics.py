@@ -1,0 +1,52 @@
+"""Prometheus metrics of every process (``bb_`` prefix), defined once here.
+
+Every drop, rejection and dead letter increments a counter with a reason label: nothing is
+silent. ``serve`` exposes them on ``/metrics`` for processes that have no HTTP server of their own;
+ingest-http serves them on its own port.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+INGESTED = Counter(
+    "bb_ingested_total", "Inputs appended to the uplinks stream", ["source", "integration", "kind"]
+)
+REJECTED = Counter(
+    "bb_rejected_total", "Inputs refused at ingest with a clear error", ["source", "reason"]
+)
+TRANSFORMED = Counter(
+    "bb_transformed_total", "Uplinks turned into Blynk writes", ["source", "integration"]
+)
+DUPLICATES = Counter("bb_duplicates_total", "Uplinks dropped as already seen", ["source"])
+UNMAPPED = Counter(
+    "bb_unmapped_keys_total", "Decoded keys with no datastream in their template", ["template"]
+)
+WRITTEN = Counter("bb_written_values_total", "Datastream values written to Blynk", ["server"])
+BLYNK_REQUESTS = Counter(
+    "bb_blynk_requests_total", "Requests to Blynk by endpoint and outcome", ["endpoint", "status"]
+)
+DEAD = Counter("bb_dead_letters_total", "Entries dead-lettered", ["stage", "reason"])
+RECLAIMED = Counter(
+    "bb_reclaimed_total", "Entries taken over from idle consumers (XAUTOCLAIM)", ["stage"]
+)
+STREAM_LENGTH = Gauge("bb_stream_length", "Entries in a stream", ["stream"])
+STREAM_LAG = Gauge("bb_stream_lag", "Entries not yet delivered to a group", ["stream", "group"])
+STREAM_PENDING = Gauge(
+    "bb_stream_pending", "Entries delivered but not acknowledged", ["stream", "group"]
+)
+LATENCY = Histogram(
+    "bb_end_to_end_seconds",
+    "Ingest receipt to Blynk 2xx",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+INTEGRATION_STATUS = Gauge(
+    "bb_integration_status",
+    "Integration status: 0 Not Connected, 1 Connected, 2 Broken",
+    ["kind", "name"],
+)
+
+
+def serve(host: str, port: int) -> None:
+    """Serve ``/metrics`` from a background thread (prometheus-client's own server)."""
+    start_http_server(port, addr=host)
