@@ -1,0 +1,200 @@
+"""``blynk-bridge`` command line: run stages, inspect streams, run emulators.
+
+Stages are modules of ``workers`` with a ``build(ctx) -> Stage`` function; ``run`` runs all of
+them in one process, ``blynk-bridge <stage>`` runs one. Same code either way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from pipeline import config as config_mod
+from pipeline.errors import ConfigError
+from pipeline.logs import setup_logging
+
+#: Stage name → module under ``workers`` exposing ``build(ctx) -> Stage``.
+STAGES: dict[str, str] = {
+    "ingest-http": "workers.ingest_http",
+    "ingest-mqtt": "workers.ingest_mqtt",
+    "transform": "workers.transform",
+    "egress": "workers.egress",
+    "monitor": "workers.monitor",
+}
+
+#: Emulator name → module under ``emulators`` exposing ``main(argv) -> int``.
+EMULATORS: dict[str, str] = {
+    "blynk": "emulators.blynk",
+    "tts": "emulators.tts",
+    "particle": "emulators.particle",
+}
+
+DEFAULT_CONFIG = "bridge.yaml"
+
+
+def _load_config(path: str) -> config_mod.Config:
+    return config_mod.load(path)
+
+
+async def _run_stages(names: Sequence[str], cfg: config_mod.Config, grace_s: float) -> None:
+    from pipeline.context import Context
+    from pipeline.lifecycle import run_stages
+
+    ctx = Context.create(cfg)
+    try:
+        stages = [importlib.import_module(STAGES[n]).build(ctx) for n in names]
+        if cfg.metrics.port is not None:
+            from pipeline import metrics
+
+            metrics.serve(cfg.metrics.host, cfg.metrics.port)
+        await run_stages(stages, grace_s=grace_s)
+    finally:
+        await ctx.close()
+
+
+def _asyncio_run(coro: Any) -> Any:
+    try:
+        import uvloop
+
+        return uvloop.run(coro)
+    except ImportError:  # pragma: no cover - platforms without uvloop
+        return asyncio.run(coro)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg = _load_config(args.config)
+    names = [n for n in STAGES if n not in (args.skip or [])]
+    _asyncio_run(_run_stages(names, cfg, args.grace))
+    return 0
+
+
+def cmd_stage(args: argparse.Namespace) -> int:
+    cfg = _load_config(args.config)
+    _asyncio_run(_run_stages([args.command], cfg, args.grace))
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    cfg = _load_config(args.config)
+    print(explain(cfg, args.config))
+    return 0
+
+
+def explain(cfg: config_mod.Config, origin: str) -> str:
+    """A short human summary of a valid configuration (no secrets)."""
+    lines = [f"{origin}: OK"]
+    lines.append(f"  redis      {cfg.redis.url} prefix={cfg.redis.prefix!r} "
+                 f"partitions={cfg.redis.partitions}")
+    servers = ", ".join(f"{k}={v}" for k, v in cfg.blynk.servers.items())
+    lines.append(f"  blynk      {servers} (default {cfg.blynk.default_server})"
+                 f"{'; platform API ' + cfg.blynk.platform.url if cfg.blynk.platform else ''}")
+    for t in cfg.templates:
+        pins = ", ".join(f"{d.name}={d.pin.upper()}:{d.type}" for d in t.datastreams)
+        lines.append(f"  template   {t.name}{' (' + t.id + ')' if t.id else ''}: {pins or '-'}")
+    for a in cfg.tts:
+        lines.append(
+            f"  tts        {a.name}: {a.username} @ {a.host}:{a.effective_port} "
+            f"{'insecure' if a.insecure else 'TLS'}; template={a.template} "
+            f"provision={'on' if a.provision else 'off'}; api key "
+            f"{'set' if a.api_key else 'MISSING'}"
+        )
+    for p in cfg.particle:
+        lines.append(
+            f"  particle   {p.name}: POST /particle/{p.name}; template={p.template} "
+            f"provision={'on' if p.provision else 'off'}; auth "
+            f"{'basic' if p.auth and p.auth.username else 'header' if p.auth else 'NONE'}"
+        )
+    lines.append(f"  devices    {len(cfg.devices)} in the static table")
+    return "\n".join(lines)
+
+
+def cmd_emulate(args: argparse.Namespace) -> int:
+    module = importlib.import_module(EMULATORS[args.emulator])
+    main: Callable[[list[str]], int] = module.main
+    return main(list(args.rest))
+
+
+def _ops(name: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        from blynk_bridge import ops
+
+        fn: Callable[[argparse.Namespace], int] = getattr(ops, name)
+        return fn(args)
+
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="blynk-bridge", description=__doc__)
+    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-format", choices=["json", "text"], default=None,
+                        help="json for machines, text for people (default: text on a terminal)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="bridge YAML/TOML file")
+        return p
+
+    p = with_config(sub.add_parser("run", help="run every stage in one process"))
+    p.add_argument("--skip", action="append", choices=list(STAGES), help="leave a stage out")
+    p.add_argument("--grace", type=float, default=20.0, help="seconds to drain on SIGTERM")
+    p.set_defaults(func=cmd_run)
+    for name in STAGES:
+        p = with_config(sub.add_parser(name, help=f"run the {name} stage alone"))
+        p.add_argument("--grace", type=float, default=20.0)
+        p.set_defaults(func=cmd_stage)
+
+    p = sub.add_parser("check-config", help="validate a configuration file and explain it")
+    p.add_argument("config", nargs="?", default=DEFAULT_CONFIG)
+    p.set_defaults(func=cmd_check_config)
+
+    p = with_config(sub.add_parser("lag", help="length, lag and pending of every stream/group"))
+    p.set_defaults(func=_ops("cmd_lag"))
+    p = with_config(sub.add_parser("status", help="integration statuses"))
+    p.set_defaults(func=_ops("cmd_status"))
+    p = with_config(sub.add_parser("dead", help="inspect, replay or purge dead letters"))
+    p.add_argument("action", choices=["list", "show", "replay", "purge"])
+    p.add_argument("ids", nargs="*", help="dead-letter entry ids (default: all, for list)")
+    p.add_argument("--reason", help="only dead letters with this reason")
+    p.add_argument("--limit", type=int, default=50)
+    p.set_defaults(func=_ops("cmd_dead"))
+
+    p = sub.add_parser("emulate", help="run an emulator: blynk, tts or particle")
+    p.add_argument("emulator", choices=list(EMULATORS))
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="the emulator's own options")
+    p.set_defaults(func=cmd_emulate)
+
+    p = sub.add_parser("demo", help="the whole pipeline with emulated clouds and a fleet")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_demo)
+    return parser
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from blynk_bridge import demo
+
+    return demo.main(list(args.rest))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level, args.log_format)
+    try:
+        rc: int = args.func(args)
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    logging.shutdown()
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
