@@ -42,3 +42,17 @@ class Permanent(BridgeError):
     """A failure that will happen again on every retry; the entry is dead-lettered."""
 
     reason = "permanent"
+
+
+class InvalidInput(Permanent):
+    """Input that can never be accepted (not JSON, wrong shape, too large).
+
+    ``reason`` is a machine-readable code (``invalid_json``, ``wrong_shape``, ``too_large``,
+    ``no_decoded_payload``…) and ``field`` names the offending field when there is one.
+    """
+
+    reason = "invalid_input"
+
+    def __init__(self, detail: str, *, reason: str | None = None, field: str | None = None) -> None:
+        super().__init__(detail, reason=reason)
+        self.field = field
