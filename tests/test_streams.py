@@ -1,0 +1,204 @@
+"""The stream layer's contract, against the real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from pipeline import events
+from pipeline.consumer import consume
+from pipeline.errors import Retryable
+from pipeline.keys import Keys
+from pipeline.streams import Entry, Redis, StreamReader, StreamWriter
+from tests.conftest import REDIS_URL
+
+
+def reader(redis: Redis, keys: Keys, consumer: str = "c1", **kw: int) -> StreamReader:
+    opts = {"batch": 100, "block_ms": 200, "claim_idle_ms": 60_000, "max_deliveries": 5} | kw
+    return StreamReader(
+        redis, keys, [keys.stream("uplinks")], "g", consumer, stage="test", **opts
+    )
+
+
+async def test_concurrent_adds_share_a_round_trip_and_all_land(redis: Redis, keys: Keys) -> None:
+    writer = StreamWriter(redis)
+    stream = keys.stream("uplinks")
+    ids = await asyncio.gather(*(writer.add(stream, f"m{i}".encode()) for i in range(250)))
+    assert len(set(ids)) == 250
+    entries = await redis.xrange(stream)
+    assert [f[events.FIELD] for _, f in entries] == [f"m{i}".encode() for i in range(250)]
+
+
+async def test_reader_returns_new_entries_and_nothing_is_acked_by_reading(
+    redis: Redis, keys: Keys
+) -> None:
+    r = reader(redis, keys)
+    await r.ensure_group()
+    await r.ensure_group()  # idempotent
+    await StreamWriter(redis).add_many([(keys.stream("uplinks"), b"a"), (keys.stream("uplinks"), b"b")])
+    got = await r.read()
+    assert [e.data for e in got] == [b"a", b"b"]
+    assert all(e.deliveries == 1 for e in got)
+    pending = await redis.xpending(keys.stream("uplinks"), "g")
+    assert pending["pending"] == 2
+    await r.ack(got)
+    assert (await redis.xpending(keys.stream("uplinks"), "g"))["pending"] == 0
+
+
+async def test_own_pending_entries_come_back_before_new_ones(redis: Redis, keys: Keys) -> None:
+    stream = keys.stream("uplinks")
+    r = reader(redis, keys, batch=2)
+    await r.ensure_group()
+    await StreamWriter(redis).add_many([(stream, b"1"), (stream, b"2"), (stream, b"3")])
+    first = await r.read()
+    assert [e.data for e in first] == [b"1", b"2"]
+    r.retry_pending()  # e.g. Blynk was down: the batch stays pending
+    again = await r.read()
+    assert [(e.data, e.deliveries) for e in again] == [(b"1", 2), (b"2", 2)]
+    await r.ack(again)
+    rest = await r.read()
+    assert [e.data for e in rest] == [b"3"]
+
+
+async def test_a_restarted_consumer_reads_what_it_left_pending(redis: Redis, keys: Keys) -> None:
+    stream = keys.stream("uplinks")
+    r1 = reader(redis, keys, consumer="worker-a")
+    await r1.ensure_group()
+    await StreamWriter(redis).add_many([(stream, b"x")])
+    assert [e.data for e in await r1.read()] == [b"x"]
+    r2 = reader(redis, keys, consumer="worker-a")  # same name, new process
+    assert [(e.data, e.deliveries) for e in await r2.read()] == [(b"x", 2)]
+
+
+async def test_consumer_killed_mid_batch_leaves_entries_another_reclaims(
+    redis: Redis, keys: Keys, prefix: str
+) -> None:
+    """A real process reads a batch and is killed with SIGKILL before acking it."""
+    stream = keys.stream("uplinks")
+    await reader(redis, keys).ensure_group()
+    await StreamWriter(redis).add_many([(stream, f"e{i}".encode()) for i in range(10)])
+    script = textwrap.dedent(
+        f"""
+        import asyncio, sys
+        from pipeline.keys import Keys
+        from pipeline.streams import StreamReader, connect
+        async def main():
+            keys = Keys({prefix!r})
+            r = StreamReader(connect({REDIS_URL!r}), keys, [keys.stream("uplinks")], "g",
+                             "doomed", stage="test", batch=100, block_ms=100)
+            got = await r.read()
+            print(len(got), flush=True)
+            await asyncio.Event().wait()  # "working" on the batch forever
+        asyncio.run(main())
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "10"
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert (await redis.xpending(stream, "g"))["pending"] == 10
+    # A live consumer takes over entries idle longer than claim_idle_ms (1 ms here).
+    survivor = reader(redis, keys, consumer="survivor", claim_idle_ms=1)
+    got = await survivor.read()
+    assert sorted(e.data for e in got if e.data) == sorted(f"e{i}".encode() for i in range(10))
+    assert all(e.deliveries == 2 for e in got)
+    await survivor.ack(got)
+    assert (await redis.xpending(stream, "g"))["pending"] == 0
+
+
+async def test_poison_entry_is_dead_lettered_and_does_not_block_the_others(
+    redis: Redis, keys: Keys
+) -> None:
+    stream = keys.stream("uplinks")
+    r = reader(redis, keys, max_deliveries=3)
+    await StreamWriter(redis).add_many(
+        [(stream, b"good-1"), (stream, b"poison"), (stream, b"good-2")]
+    )
+    delivered: list[bytes] = []
+    calls: list[int] = []
+
+    async def handle(entries: list[Entry]) -> None:
+        calls.append(len(entries))
+        for e in entries:
+            if e.data == b"poison":
+                raise ValueError("cannot handle this one")
+        delivered.extend(e.data for e in entries if e.data)
+        await r.ack(entries)
+
+    await consume(r, handle, asyncio.Event(), until_idle=True)
+    assert sorted(delivered) == [b"good-1", b"good-2"]
+    dead = await redis.xrange(keys.dead)
+    assert len(dead) == 1
+    letter = events.decode_dead(dead[0][1][events.FIELD])
+    assert (letter.raw, letter.reason, letter.stage, letter.stream) == (
+        b"poison", "max_deliveries", "test", stream
+    )
+    assert letter.attempts == 4
+    assert (await redis.xpending(stream, "g"))["pending"] == 0
+
+
+async def test_retryable_failure_keeps_the_batch_and_delivers_it_later(
+    redis: Redis, keys: Keys
+) -> None:
+    stream = keys.stream("uplinks")
+    r = reader(redis, keys)
+    await StreamWriter(redis).add_many([(stream, b"a"), (stream, b"b")])
+    outcomes = iter([Retryable("blynk down", retry_after_s=0.01), None])
+    done: list[bytes] = []
+
+    async def handle(entries: list[Entry]) -> None:
+        exc = next(outcomes)
+        if exc is not None:
+            raise exc
+        done.extend(e.data for e in entries if e.data)
+        await r.ack(entries)
+
+    await consume(r, handle, asyncio.Event(), until_idle=True)
+    assert done == [b"a", b"b"]
+    assert await redis.xlen(keys.dead) == 0
+
+
+async def test_stop_request_lets_the_in_flight_batch_finish_and_ack(
+    redis: Redis, keys: Keys
+) -> None:
+    stream = keys.stream("uplinks")
+    r = reader(redis, keys)
+    await StreamWriter(redis).add_many([(stream, b"a"), (stream, b"b")])
+    stop = asyncio.Event()
+    in_handler = asyncio.Event()
+    release = asyncio.Event()
+
+    async def handle(entries: list[Entry]) -> None:
+        in_handler.set()
+        await release.wait()
+        await r.ack(entries)
+
+    task = asyncio.create_task(consume(r, handle, stop))
+    await in_handler.wait()
+    stop.set()
+    release.set()
+    await asyncio.wait_for(task, 10)
+    assert (await redis.xpending(stream, "g"))["pending"] == 0
+
+
+@pytest.mark.parametrize("partitions", [1, 4])
+def test_partition_keys_are_stable_and_cluster_tagged(partitions: int) -> None:
+    keys = Keys("bb:", partitions)
+    s = keys.stream_for("uplinks", "tts", "dev-1")
+    assert s == keys.stream_for("uplinks", "tts", "dev-1")
+    assert s in keys.streams("uplinks")
+    if partitions > 1:
+        assert s.startswith("bb:{uplinks:") and s.endswith("}")
+        spread = {keys.partition_of("tts", f"d{i}") for i in range(200)}
+        assert spread == set(range(partitions))
+    else:
+        assert s == "bb:uplinks"
