@@ -204,6 +204,19 @@ class MetricsConfig(_Base):
     port: int | None = None
 
 
+class MonitorConfig(_Base):
+    """The monitor stage: backlog gauges, trimming, removal of dead consumers."""
+
+    #: Seconds between two samples (and trims).
+    interval_s: float = 5.0
+    #: Trim streams below what every group acknowledged (``XTRIM MINID``).
+    trim: bool = True
+    #: Dead letters older than this are trimmed from the dead stream.
+    dead_retention_s: int = 7 * 86_400
+    #: Consumers idle this long with nothing pending are removed (``XGROUP DELCONSUMER``).
+    consumer_idle_s: float = 3600.0
+
+
 class Config(_Base):
     redis: RedisConfig = msgspec.field(default_factory=RedisConfig)
     streams: StreamsConfig = msgspec.field(default_factory=StreamsConfig)
@@ -216,6 +229,7 @@ class Config(_Base):
     transform: TransformConfig = msgspec.field(default_factory=TransformConfig)
     egress: EgressConfig = msgspec.field(default_factory=EgressConfig)
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
+    monitor: MonitorConfig = msgspec.field(default_factory=MonitorConfig)
 
     def template(self, name: str) -> TemplateConfig:
         for t in self.templates:
