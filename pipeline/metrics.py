@@ -35,6 +35,18 @@ STREAM_LAG = Gauge("bb_stream_lag", "Entries not yet delivered to a group", ["st
 STREAM_PENDING = Gauge(
     "bb_stream_pending", "Entries delivered but not acknowledged", ["stream", "group"]
 )
+STREAM_OLDEST_PENDING = Gauge(
+    "bb_stream_oldest_pending_seconds",
+    "Age of the oldest delivered-but-unacknowledged entry (0 when none)",
+    ["stream", "group"],
+)
+STREAM_CONSUMERS = Gauge("bb_stream_consumers", "Consumers known to a group", ["stream", "group"])
+TRIMMED = Counter(
+    "bb_stream_trimmed_total", "Entries trimmed after every group acknowledged them", ["stream"]
+)
+CONSUMERS_REMOVED = Counter(
+    "bb_consumers_removed_total", "Idle consumers with nothing pending, removed", ["stream"]
+)
 LATENCY = Histogram(
     "bb_end_to_end_seconds",
     "Ingest receipt to Blynk 2xx",
