@@ -1,0 +1,146 @@
+"""Coalescing a batch of Blynk writes into one message per device (pure: no I/O, no clock).
+
+The rules, in the order they apply (DESIGN.md "Guarantees: Order"):
+
+1. **Per device, per pin, the newest event time wins** (event-time last-writer-wins within the
+   batch). On equal event times the later entry in the batch wins, so a flush is deterministic.
+   The winner is the pin's *current* value, sent in the device's one ``batch/update``.
+2. **Backlog becomes history.** A point older than the live window (``event_ts_ms < now_ms -
+   live_window_ms``) of a pin the entry lists in ``history_pins`` is also kept as a history point
+   ``(event_ts_ms, value)`` for the timestamped upload, so history keeps true times after an
+   outage. The current value still ends at the newest point, whatever its age.
+3. **Nothing older than what Blynk already has** (:func:`drop_stale`): given the last written
+   event time per pin (kept in Redis by :mod:`pipeline.order`), a current value whose time is not
+   newer is dropped, and so is every history point not newer, so a redelivered or late entry can
+   never roll a datastream back nor write a history point twice.
+
+Points that lose rule 1 inside the live window are coalesced away on purpose: that is what turns
+five uplinks into one Blynk message.
+
+Every plan remembers which entries (by the caller's integer ``ref``) carried each pin, so the
+caller can ack, retry or dead-letter exactly the entries behind a pin.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from pipeline.events import BlynkWrite, Value
+
+
+@dataclass(slots=True)
+class PinPlan:
+    """What one flush writes to one pin of one device."""
+
+    #: Event time of the current value (the newest point seen for this pin).
+    ts_ms: int
+    value: Value
+    #: Send ``value`` as the current value (``False`` once it proved stale).
+    send_current: bool = True
+    #: Backlog points for the timestamped upload, oldest first, one per event time.
+    history: list[tuple[int, Value]] = field(default_factory=list)
+    #: Entries (caller refs) that carried this pin, whether or not their value won.
+    refs: set[int] = field(default_factory=set)
+
+
+@dataclass(slots=True)
+class DevicePlan:
+    """One device's share of a flush: one ``batch/update`` plus history uploads."""
+
+    device_key: str
+    #: Token and server of the newest entry (a re-provisioned device may change token).
+    token: str
+    server: str
+    pins: dict[str, PinPlan] = field(default_factory=dict)
+    #: Every entry of this device in the batch.
+    refs: list[int] = field(default_factory=list)
+    #: Event time of the newest entry (whose token and server the plan uses).
+    newest_ts_ms: int = -1
+
+    def current(self) -> dict[str, Value]:
+        """Pins to send in the one ``batch/update`` (may be empty)."""
+        return {pin: p.value for pin, p in self.pins.items() if p.send_current}
+
+    def history(self) -> dict[str, list[tuple[int, Value]]]:
+        """Pins with history points to upload."""
+        return {pin: p.history for pin, p in self.pins.items() if p.history}
+
+    def is_empty(self) -> bool:
+        """Nothing left to send (everything was stale)."""
+        return not any(p.send_current or p.history for p in self.pins.values())
+
+    def refs_of(self, pins: Iterable[str]) -> set[int]:
+        """Entries that carried any of ``pins``."""
+        out: set[int] = set()
+        for pin in pins:
+            plan = self.pins.get(pin)
+            if plan is not None:
+                out |= plan.refs
+        return out
+
+
+def coalesce(
+    items: Sequence[tuple[int, BlynkWrite]], *, now_ms: int, live_window_ms: int
+) -> dict[str, DevicePlan]:
+    """Group ``(ref, write)`` pairs by device and apply rules 1 and 2 (see module docstring).
+
+    Input order is stream order; it only breaks ties between equal event times. Returns one plan
+    per ``device_key``, in order of first appearance.
+    """
+    horizon = now_ms - live_window_ms
+    plans: dict[str, DevicePlan] = {}
+    # pin → event time → value, for backlog points of history pins (later entries win ties)
+    backlog: dict[str, dict[str, dict[int, Value]]] = {}
+    for ref, write in items:
+        plan = plans.get(write.device_key)
+        if plan is None:
+            plan = plans[write.device_key] = DevicePlan(write.device_key, write.token, write.server)
+        plan.refs.append(ref)
+        ts = write.event_ts_ms
+        if ts >= plan.newest_ts_ms:
+            plan.newest_ts_ms, plan.token, plan.server = ts, write.token, write.server
+        history_pins = set(write.history_pins)
+        for pin, value in write.pins.items():
+            current = plan.pins.get(pin)
+            if current is None:
+                current = plan.pins[pin] = PinPlan(ts, value)
+            elif ts >= current.ts_ms:
+                current.ts_ms, current.value = ts, value
+            current.refs.add(ref)
+            if pin in history_pins and ts < horizon:
+                backlog.setdefault(write.device_key, {}).setdefault(pin, {})[ts] = value
+    for device_key, pins in backlog.items():
+        for pin, points in pins.items():
+            plans[device_key].pins[pin].history = sorted(points.items())
+    return plans
+
+
+def drop_stale(plan: DevicePlan, last_written: Mapping[str, int]) -> list[str]:
+    """Rule 3: drop what is not newer than ``last_written`` (pin → event time in Blynk).
+
+    Mutates ``plan`` and returns the pins whose current value was dropped as stale.
+    """
+    stale: list[str] = []
+    for pin, p in plan.pins.items():
+        last = last_written.get(pin)
+        if last is None:
+            continue
+        if p.send_current and p.ts_ms <= last:
+            p.send_current = False
+            stale.append(pin)
+        if p.history and p.history[0][0] <= last:
+            p.history = [(ts, v) for ts, v in p.history if ts > last]
+    return stale
+
+
+def split(pins: Mapping[str, Value]) -> tuple[dict[str, Value], dict[str, Value]]:
+    """Halve a pin set (for isolating a bad pin or shrinking a request that was too large)."""
+    names = list(pins)
+    mid = len(names) // 2
+    return {k: pins[k] for k in names[:mid]}, {k: pins[k] for k in names[mid:]}
+
+
+def chunks(points: Sequence[tuple[int, Value]], size: int) -> list[list[tuple[int, Value]]]:
+    """Split history points into uploads of at most ``size`` (Blynk: 10,000 per request)."""
+    return [list(points[i : i + size]) for i in range(0, len(points), size)]
