@@ -1,0 +1,321 @@
+"""monitor: backlog gauges, integration statuses, trimming and idle-consumer removal.
+
+Every ``interval_s`` the stage samples each stream partition and consumer group (``XINFO``) into
+the ``bb_stream_*`` gauges, copies integration statuses into ``bb_integration_status``, then
+keeps memory bounded:
+
+* a stream is trimmed (``XTRIM MINID``) only below what **every** group has acknowledged: the
+  floor is the minimum over groups of the oldest pending id, or the next id after the group's
+  last-delivered id when nothing is pending. A stream without groups is never trimmed. The floor
+  is computed and applied in one Lua script, so no read, ack or group change can slip between
+  them;
+* the dead stream has no groups (operators read it with ``blynk-bridge dead``); it is trimmed by
+  age only (``monitor.dead_retention_s``);
+* consumers idle past ``monitor.consumer_idle_s`` with nothing pending are removed, also checked
+  and done atomically (a consumer that took an entry meanwhile is kept: deleting it would drop
+  its pending entries). A live consumer removed this way is recreated by its next read.
+
+Several monitor replicas are harmless: every step is idempotent. Metrics are served by the
+process's metrics server (``metrics.port``); the monitor itself listens on nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from redis.exceptions import RedisError, ResponseError
+
+from pipeline import metrics
+from pipeline.context import Context
+from pipeline.keys import DOWNLINKS, UPLINKS, WRITES, Keys
+from pipeline.status import StatusBoard
+from pipeline.streams import Redis, now_ms
+
+log = logging.getLogger("blynk_bridge.monitor")
+
+#: The pipeline's streams, in data-flow order.
+STREAM_NAMES = (UPLINKS, WRITES, DOWNLINKS)
+
+#: When Redis cannot tell a group's lag, count at most this many undelivered entries.
+LAG_COUNT_CAP = 10_000
+
+_STATE_GAUGE = {"Not Connected": 0, "Connected": 1, "Broken": 2}
+
+# Stream ids are compared and incremented as decimal strings: sequence numbers go up to 2**64-1,
+# past what a Lua number holds exactly.
+_ID_LIB = """
+local function split(id)
+  return string.match(id, '^(%d+)-(%d+)$')
+end
+local function num_lt(a, b)
+  if #a ~= #b then return #a < #b end
+  return a < b
+end
+local function id_lt(a, b)
+  local am, as = split(a)
+  local bm, bs = split(b)
+  if am ~= bm then return num_lt(am, bm) end
+  return num_lt(as, bs)
+end
+local function incr(digits)
+  local out, carry = {}, 1
+  for i = #digits, 1, -1 do
+    local d = string.byte(digits, i) - 48 + carry
+    if d == 10 then d, carry = 0, 1 else carry = 0 end
+    out[i] = string.char(48 + d)
+  end
+  local s = table.concat(out)
+  if carry == 1 then s = '1' .. s end
+  return s
+end
+local function next_id(id)
+  local ms, seq = split(id)
+  if seq == '18446744073709551615' then return incr(ms) .. '-0' end
+  return ms .. '-' .. incr(seq)
+end
+local function field(row, name)
+  for i = 1, #row, 2 do
+    if row[i] == name then return row[i + 1] end
+  end
+  return nil
+end
+"""
+
+#: KEYS[1] stream → {entries trimmed, floor id or ''}. Never trims a stream without groups.
+_TRIM_ACKED = (
+    _ID_LIB
+    + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {0, ''} end
+local groups = redis.call('XINFO', 'GROUPS', KEYS[1])
+if #groups == 0 then return {0, ''} end
+local floor = nil
+for _, g in ipairs(groups) do
+  local name = field(g, 'name')
+  local pending = redis.call('XPENDING', KEYS[1], name)
+  local candidate
+  if pending[1] > 0 then
+    candidate = pending[2]
+  else
+    candidate = next_id(field(g, 'last-delivered-id'))
+  end
+  if floor == nil or id_lt(candidate, floor) then floor = candidate end
+end
+return {redis.call('XTRIM', KEYS[1], 'MINID', floor), floor}
+"""
+)
+
+#: KEYS[1] stream, ARGV[1] min idle ms → names of the removed consumers (as "group/consumer").
+_REMOVE_IDLE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {} end
+local function field(row, name)
+  for i = 1, #row, 2 do
+    if row[i] == name then return row[i + 1] end
+  end
+  return nil
+end
+local min_idle = tonumber(ARGV[1])
+local removed = {}
+for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+  local group = field(g, 'name')
+  for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], group)) do
+    local name = field(c, 'name')
+    if field(c, 'pending') == 0 and field(c, 'idle') >= min_idle then
+      redis.call('XGROUP', 'DELCONSUMER', KEYS[1], group, name)
+      table.insert(removed, group .. '/' .. name)
+    end
+  end
+end
+return removed
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class GroupInfo:
+    """One consumer group as ``XINFO GROUPS``/``XPENDING`` see it."""
+
+    name: str
+    consumers: int
+    pending: int
+    #: Entries not yet delivered to the group; counted (up to a cap) when Redis cannot tell.
+    lag: int
+    #: False when ``lag`` was counted (Redis answered nil) and hit :data:`LAG_COUNT_CAP`.
+    lag_exact: bool
+    last_delivered_id: str
+    oldest_pending_id: str | None
+
+    def oldest_pending_age_s(self, now: int) -> float:
+        """Seconds since the oldest pending entry was appended (0 when nothing is pending)."""
+        if self.oldest_pending_id is None:
+            return 0.0
+        return max(0.0, (now - id_ms(self.oldest_pending_id)) / 1000)
+
+
+@dataclass(frozen=True, slots=True)
+class StreamInfo:
+    """One stream key (a partition) with its groups."""
+
+    name: str
+    key: str
+    length: int
+    groups: list[GroupInfo]
+
+
+def id_ms(entry_id: str) -> int:
+    """The millisecond part of a stream id (``1700000000000-3`` → ``1700000000000``)."""
+    return int(entry_id.partition("-")[0])
+
+
+def _s(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+async def inspect_stream(redis: Redis, name: str, key: str) -> StreamInfo:
+    """Length and groups of one stream; a missing stream is empty with no groups."""
+    try:
+        info = await redis.xinfo_stream(key)
+        groups = await redis.xinfo_groups(key)
+    except ResponseError as exc:
+        if "no such key" not in str(exc).lower():
+            raise
+        return StreamInfo(name, key, 0, [])
+    last_generated = _s(info["last-generated-id"])
+    out: list[GroupInfo] = []
+    for g in groups:
+        group = _s(g["name"])
+        last = _s(g["last-delivered-id"])
+        pending = int(g["pending"])
+        oldest = None
+        if pending:
+            summary = await redis.xpending(key, group)
+            oldest = _s(summary["min"]) if summary["min"] is not None else None
+        lag, exact = await _lag(redis, key, g.get("lag"), last, last_generated)
+        out.append(GroupInfo(group, int(g["consumers"]), pending, lag, exact, last, oldest))
+    return StreamInfo(name, key, int(info["length"]), out)
+
+
+async def _lag(
+    redis: Redis, key: str, reported: Any, last_delivered: str, last_generated: str
+) -> tuple[int, bool]:
+    """Redis 7 reports ``lag`` unless deletions make it unknown; then count, up to a cap."""
+    if reported is not None:
+        return int(reported), True
+    if _id_key(last_delivered) >= _id_key(last_generated):
+        return 0, True
+    rows = await redis.xrange(key, min=f"({last_delivered}", max="+", count=LAG_COUNT_CAP) or []
+    return len(rows), len(rows) < LAG_COUNT_CAP
+
+
+def _id_key(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+async def snapshot(redis: Redis, keys: Keys) -> list[StreamInfo]:
+    """Every partition of every pipeline stream, then the dead stream (no groups)."""
+    out: list[StreamInfo] = []
+    for name in STREAM_NAMES:
+        for key in keys.streams(name):
+            out.append(await inspect_stream(redis, name, key))
+    out.append(StreamInfo("dead", keys.dead, int(await redis.xlen(keys.dead)), []))
+    return out
+
+
+class MonitorStage:
+    """Samples backlog into gauges and trims acknowledged entries every ``interval_s``."""
+
+    name = "monitor"
+
+    def __init__(self, ctx: Context, *, interval_s: float | None = None) -> None:
+        cfg = ctx.config.monitor
+        self._redis = ctx.redis
+        self._keys = ctx.keys
+        self._board = StatusBoard(ctx.redis, ctx.keys)
+        self.interval_s = cfg.interval_s if interval_s is None else interval_s
+        self.trim = cfg.trim
+        self.dead_retention_ms = int(cfg.dead_retention_s * 1000)
+        self.consumer_idle_ms = int(cfg.consumer_idle_s * 1000)
+        self._trim_acked = ctx.redis.register_script(_TRIM_ACKED)
+        self._remove_idle = ctx.redis.register_script(_REMOVE_IDLE)
+
+    async def startup(self) -> None:
+        log.info("monitor: sampling every %.1fs, trimming %s", self.interval_s,
+                 "on" if self.trim else "off")
+
+    async def main_loop(self, stop: asyncio.Event) -> None:
+        failures = 0
+        while not stop.is_set():
+            try:
+                await self.sample_once()
+                if self.trim:
+                    await self.trim_once()
+                await self.remove_idle_consumers()
+                failures = 0
+            except RedisError as exc:
+                failures += 1
+                log.warning("monitor: cycle failed (%s); %d in a row", exc, failures)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.interval_s)
+
+    async def shutdown(self) -> None:
+        return None
+
+    async def sample_once(self) -> list[StreamInfo]:
+        """Read every stream and group into the gauges; returns what it read."""
+        streams = await snapshot(self._redis, self._keys)
+        now = now_ms()
+        for s in streams:
+            metrics.STREAM_LENGTH.labels(s.key).set(s.length)
+            for g in s.groups:
+                metrics.STREAM_LAG.labels(s.key, g.name).set(g.lag)
+                metrics.STREAM_PENDING.labels(s.key, g.name).set(g.pending)
+                metrics.STREAM_CONSUMERS.labels(s.key, g.name).set(g.consumers)
+                metrics.STREAM_OLDEST_PENDING.labels(s.key, g.name).set(
+                    g.oldest_pending_age_s(now)
+                )
+        for status in await self._board.all():
+            metrics.INTEGRATION_STATUS.labels(status.kind, status.name).set(
+                _STATE_GAUGE.get(status.state, 0)
+            )
+        return streams
+
+    async def trim_once(self) -> dict[str, int]:
+        """Trim what every group acknowledged, and dead letters past retention.
+
+        Returns entries removed per stream key (streams where nothing was removed included).
+        """
+        removed: dict[str, int] = {}
+        for name in STREAM_NAMES:
+            for key in self._keys.streams(name):
+                count, _floor = await self._trim_acked(keys=[key])
+                removed[key] = int(count)
+        cutoff = now_ms() - self.dead_retention_ms
+        removed[self._keys.dead] = int(
+            await self._redis.xtrim(
+                self._keys.dead, minid=f"{max(cutoff, 0)}-0", approximate=False
+            )
+        )
+        for key, count in removed.items():
+            if count:
+                metrics.TRIMMED.labels(key).inc(count)
+        return removed
+
+    async def remove_idle_consumers(self) -> list[str]:
+        """Remove consumers idle past the limit with nothing pending; returns ``key group/name``."""
+        out: list[str] = []
+        for name in STREAM_NAMES:
+            for key in self._keys.streams(name):
+                gone = await self._remove_idle(keys=[key], args=[self.consumer_idle_ms])
+                if gone:
+                    metrics.CONSUMERS_REMOVED.labels(key).inc(len(gone))
+                    log.info("monitor: removed idle consumers of %s: %s", key,
+                             ", ".join(_s(g) for g in gone))
+                out.extend(f"{key} {_s(g)}" for g in gone)
+        return out
+
+
+def build(ctx: Context) -> MonitorStage:
+    return MonitorStage(ctx)
