@@ -57,6 +57,21 @@ INTEGRATION_STATUS = Gauge(
     "Integration status: 0 Not Connected, 1 Connected, 2 Broken",
     ["kind", "name"],
 )
+# TTS / MQTT ingest (pipeline.tts, workers.ingest_mqtt)
+TTS_SKIPPED = Counter(
+    "bb_tts_skipped_total",
+    "Valid TTS messages that are not uplinks: downlink outcomes, service data, skipped simulated",
+    ["integration", "reason"],
+)
+MQTT_RECEIVED = Counter(
+    "bb_mqtt_received_total", "MQTT messages received by ingest-mqtt", ["integration"]
+)
+MQTT_CONNECTS = Counter(
+    "bb_mqtt_connects_total", "MQTT connection attempts by outcome", ["integration", "outcome"]
+)
+LEASE_HELD = Gauge(
+    "bb_lease_held", "1 while this process owns the lease of an integration", ["kind", "name"]
+)
 
 
 def serve(host: str, port: int) -> None:

@@ -1,0 +1,209 @@
+"""MQTT client edge: the only module that imports aiomqtt (its v3 changes the API).
+
+A :class:`Session` is an async context manager around one connection::
+
+    async with mqtt.Session(settings) as session:
+        await session.subscribe(["v3/app@ttn/devices/+/up"])
+        async for topic, payload in session.messages():
+            ...
+
+Errors are ours, never aiomqtt's:
+
+* :class:`AuthError` — the broker refused the CONNECT (bad username or password, not
+  authorized): retrying with the same credentials will not help.
+* :class:`Unreachable` — no connection could be made (DNS, refused, timeout, TLS handshake).
+* :class:`ConnectionLost` — the connection was up and broke (broker restart, network).
+* :class:`MqttError` — the base of all three (also: a refused subscription, a failed publish).
+
+Reconnection is the caller's loop (``while True: try: async with Session… except MqttError:
+sleep(backoff)``), so the caller decides about statuses and backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import ssl
+from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Self
+
+import aiomqtt
+from aiomqtt.exceptions import MqttConnectError
+from paho.mqtt.reasoncodes import ReasonCode
+
+# CONNACK return codes of MQTT 3.1.1 (paho reports them as ReasonCode or int).
+_CONNACK_BAD_CREDENTIALS = 4
+_CONNACK_NOT_AUTHORIZED = 5
+# The same refusals as MQTT 5 reason codes (paho maps 3.1.1 codes onto these names).
+_AUTH_REASONS = {
+    "Bad user name or password", "Not authorized", "Banned", "Bad authentication method"
+}
+
+
+class MqttError(Exception):
+    """Any MQTT failure; ``detail`` is safe to log (no secrets)."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class AuthError(MqttError):
+    """CONNACK refused: bad username or password, or not authorized."""
+
+
+class Unreachable(MqttError):
+    """No connection could be established (DNS, TCP, TLS or a CONNACK timeout)."""
+
+
+class ConnectionLost(MqttError):
+    """An established connection broke."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """How to reach one broker. ``tls`` uses the system CAs unless ``ca_file`` is given."""
+
+    host: str
+    port: int
+    username: str | None = None
+    password: str | None = None
+    tls: bool = False
+    ca_file: str | None = None
+    client_id: str | None = None
+    keepalive: int = 60
+    #: Seconds to wait for CONNACK, SUBACK and publish completion.
+    timeout_s: float = 10.0
+    #: Disable Nagle: messages go out at once (load generators, downlinks).
+    tcp_nodelay: bool = True
+
+
+def _tls_context(settings: Settings) -> ssl.SSLContext | None:
+    if not settings.tls:
+        return None
+    return ssl.create_default_context(cafile=settings.ca_file)
+
+
+def _connect_error(exc: aiomqtt.MqttError) -> MqttError:
+    rc = getattr(exc, "rc", None)
+    if isinstance(exc, MqttConnectError):
+        refused = (
+            isinstance(rc, ReasonCode) and (str(rc) in _AUTH_REASONS
+                                            or rc.value in (0x86, 0x87, 0x8A, 0x8C))
+        ) or rc in (_CONNACK_BAD_CREDENTIALS, _CONNACK_NOT_AUTHORIZED)
+        if refused:
+            return AuthError(f"broker refused the credentials: {exc}")
+        return Unreachable(f"broker refused the connection: {exc}")
+    return Unreachable(f"cannot connect: {exc}")
+
+
+class Session:
+    """One MQTT connection; enter it to connect, leave it to disconnect."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        options: list[tuple[int, int, int]] = []
+        if settings.tcp_nodelay:
+            options.append((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1))
+        self._client = aiomqtt.Client(
+            settings.host,
+            settings.port,
+            username=settings.username,
+            password=settings.password,
+            identifier=settings.client_id,
+            keepalive=settings.keepalive,
+            timeout=settings.timeout_s,
+            tls_context=_tls_context(settings),
+            socket_options=options,
+        )
+
+    async def __aenter__(self) -> Self:
+        """Connect; raises :class:`AuthError` or :class:`Unreachable`."""
+        try:
+            await self._client.__aenter__()
+        except aiomqtt.MqttError as exc:
+            raise _connect_error(exc) from None
+        except ssl.SSLError as exc:
+            raise Unreachable(f"TLS handshake failed: {exc}") from None
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        # The connection is gone either way; the caller already knows why it left.
+        with contextlib.suppress(aiomqtt.MqttError):
+            await self._client.__aexit__(exc_type, exc, tb)
+
+    async def subscribe(self, topics: Sequence[str], qos: int = 0) -> None:
+        """Subscribe to every topic in one SUBSCRIBE; raises :class:`MqttError` when the broker
+        refuses one (SUBACK 0x80) or does not answer."""
+        try:
+            granted = await self._client.subscribe([(t, qos) for t in topics])
+        except aiomqtt.MqttError as exc:
+            raise ConnectionLost(f"subscribe failed: {exc}") from None
+        refused = [t for t, g in zip(topics, granted, strict=False) if _code(g) >= 0x80]
+        if refused:
+            raise AuthError(f"subscription refused for {', '.join(refused)}")
+
+    async def messages(self) -> AsyncIterator[tuple[str, bytes]]:
+        """Yield ``(topic, payload)`` as they arrive; blocks until the next message.
+
+        Ends only by raising :class:`ConnectionLost` when the connection breaks (or by the
+        caller's cancellation).
+        """
+        try:
+            async for message in self._client.messages:
+                payload = message.payload
+                yield message.topic.value, payload if isinstance(payload, bytes) else (
+                    str(payload).encode() if payload is not None else b""
+                )
+        except aiomqtt.MqttError as exc:
+            raise ConnectionLost(f"connection lost: {exc}") from None
+
+    def pending(self) -> int:
+        """Messages received and not yet taken by :meth:`messages`."""
+        return len(self._client.messages)
+
+    async def publish(
+        self, topic: str, payload: bytes, *, qos: int = 0, retain: bool = False
+    ) -> None:
+        """Publish; returns once sent (QoS 0) or acknowledged (QoS 1/2)."""
+        try:
+            await self._client.publish(topic, payload, qos=qos, retain=retain)
+        except aiomqtt.MqttError as exc:
+            raise ConnectionLost(f"publish to {topic} failed: {exc}") from None
+
+
+def _code(granted: object) -> int:
+    if isinstance(granted, ReasonCode):
+        return int(granted.value)
+    return granted if isinstance(granted, int) else 0x80
+
+
+def topic_matches(pattern: str, topic: str) -> bool:
+    """MQTT wildcard match (``+`` one level, ``#`` the rest)."""
+    return aiomqtt.Topic(topic).matches(pattern)
+
+
+def app_topics(username: str, suffixes: Iterable[str]) -> list[str]:
+    """``v3/{username}/devices/+/{suffix}`` for each suffix."""
+    return [f"v3/{username}/devices/+/{s}" for s in suffixes]
+
+
+async def wait_connected(settings: Settings, *, attempts: int = 50) -> None:
+    """Connect and disconnect once, retrying on :class:`Unreachable` (a broker just started);
+    for tests and tools, never in a stage (stages have their own backoff loop)."""
+    for attempt in range(attempts):
+        try:
+            async with Session(settings):
+                return
+        except Unreachable:
+            if attempt == attempts - 1:
+                raise
+            await asyncio.sleep(0.1)

@@ -1,0 +1,473 @@
+"""The Things Stack v3 messages (MQTT ``up``/``join``/``location/solved``, webhooks) → ``Uplink``.
+
+Pure: bytes in, an :class:`~pipeline.events.Uplink` (or a :class:`Skipped` note) out; no I/O, no
+clock (the caller passes ``received_ts_ms``). The JSON is decoded once by a typed msgspec decoder
+that knows only the fields used here; every other field is ignored, every field is optional
+(TTS omits zero values: ``f_cnt`` 0, ``f_port`` 0, ``confirmed`` false).
+
+Traps handled (see ``shared/reference/tts-particle-formats.md`` §1.3): omitted zero fields,
+``frequency`` sent as a string, RFC 3339 times with 9 fractional digits, the ``0001-01-01``
+zero time of simulated uplinks, Packet Broker gateways without an EUI, garbage gateway times
+(never used), missing ``decoded_payload`` after a formatter error.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import re
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import msgspec
+
+from pipeline import metrics
+from pipeline.config import TtsApplication
+from pipeline.errors import InvalidInput
+from pipeline.events import Radio, Uplink, UplinkKind, Value
+
+#: Bodies above this are refused (``too_large``): TTS messages are a few KB at most.
+MAX_BODY_BYTES = 256 * 1024
+#: Nesting deeper than this inside ``decoded_payload`` is refused (``wrong_shape``).
+MAX_DEPTH = 16
+
+
+# --- the TTS JSON, only the fields we read -------------------------------------------------------
+
+
+class _AppIds(msgspec.Struct):
+    application_id: str = ""
+
+
+class _DeviceIds(msgspec.Struct):
+    device_id: str = ""
+    application_ids: _AppIds | None = None
+    dev_eui: str | None = None
+    join_eui: str | None = None
+    dev_addr: str | None = None
+
+
+class _GatewayIds(msgspec.Struct):
+    gateway_id: str = ""
+    eui: str | None = None
+
+
+class _RxMetadata(msgspec.Struct):
+    gateway_ids: _GatewayIds | None = None
+    rssi: float | None = None
+    channel_rssi: float | None = None
+    snr: float | None = None
+
+
+class _Lora(msgspec.Struct):
+    bandwidth: int = 0
+    spreading_factor: int = 0
+
+
+class _DataRate(msgspec.Struct):
+    lora: _Lora | None = None
+
+
+class _Settings(msgspec.Struct):
+    data_rate: _DataRate | None = None
+    # uint64 in protobuf JSON is a string; accept a number too.
+    frequency: str | int | None = None
+
+
+class _VersionIds(msgspec.Struct):
+    brand_id: str | None = None
+    model_id: str | None = None
+    hardware_version: str | None = None
+    firmware_version: str | None = None
+    band_id: str | None = None
+
+
+class _NetworkIds(msgspec.Struct):
+    net_id: str | None = None
+    tenant_id: str | None = None
+    cluster_id: str | None = None
+
+
+class _UplinkMessage(msgspec.Struct):
+    f_port: int = 0
+    f_cnt: int = 0
+    frm_payload: str = ""
+    decoded_payload: dict[str, Any] | None = None
+    rx_metadata: list[_RxMetadata] = msgspec.field(default_factory=list)
+    settings: _Settings | None = None
+    received_at: str | None = None
+    version_ids: _VersionIds | None = None
+    network_ids: _NetworkIds | None = None
+    attributes: dict[str, str] | None = None
+
+
+class _JoinAccept(msgspec.Struct):
+    received_at: str | None = None
+    attributes: dict[str, str] | None = None
+
+
+class _Location(msgspec.Struct):
+    latitude: float
+    longitude: float
+    altitude: float | None = None
+    accuracy: float | None = None
+    source: str | None = None
+
+
+class _LocationSolved(msgspec.Struct):
+    service: str = ""
+    location: _Location | None = None
+
+
+class _ApplicationUp(msgspec.Struct):
+    end_device_ids: _DeviceIds | None = None
+    correlation_ids: list[str] = msgspec.field(default_factory=list)
+    received_at: str | None = None
+    simulated: bool = False
+    uplink_message: _UplinkMessage | None = None
+    join_accept: _JoinAccept | None = None
+    location_solved: _LocationSolved | None = None
+    # Not turned into uplinks; only their presence matters.
+    service_data: Any = None
+    downlink_queued: Any = None
+    downlink_sent: Any = None
+    downlink_ack: Any = None
+    downlink_nack: Any = None
+    downlink_failed: Any = None
+    downlink_queue_invalidated: Any = None
+
+
+_decoder = msgspec.json.Decoder(_ApplicationUp)
+
+_OUTCOMES = (
+    "downlink_queued",
+    "downlink_sent",
+    "downlink_ack",
+    "downlink_nack",
+    "downlink_failed",
+    "downlink_queue_invalidated",
+    "service_data",
+)
+
+SkipReason = Literal[
+    "simulated",
+    "downlink_queued",
+    "downlink_sent",
+    "downlink_ack",
+    "downlink_nack",
+    "downlink_failed",
+    "downlink_queue_invalidated",
+    "service_data",
+]
+
+
+class Skipped(msgspec.Struct, frozen=True, kw_only=True):
+    """A valid TTS message that is deliberately not an uplink (a downlink outcome, service
+    data, or a simulated uplink the application skips)."""
+
+    reason: SkipReason
+    device: str
+    #: For downlink outcomes: the downlink's own correlation ids (``as:downlink:…``).
+    correlation_ids: tuple[str, ...] = ()
+
+
+# --- entry points --------------------------------------------------------------------------------
+
+
+def parse_message(body: bytes, app: TtsApplication, *, received_ts_ms: int) -> Uplink | None:
+    """Parse one TTS message for ``app``; ``None`` means "valid, but not an uplink".
+
+    ``None`` covers downlink outcomes, ``service_data`` and simulated uplinks skipped by
+    ``app.skip_simulated``; each is counted in ``bb_tts_skipped_total``. Callers that need to
+    tell them apart use :func:`parse_event`. Raises :class:`~pipeline.errors.InvalidInput` with
+    reason ``too_large``, ``invalid_json``, ``wrong_shape`` or ``no_decoded_payload``.
+    """
+    event = parse_event(body, app, received_ts_ms=received_ts_ms)
+    if isinstance(event, Skipped):
+        metrics.TTS_SKIPPED.labels(app.name, event.reason).inc()
+        return None
+    return event
+
+
+def parse_event(
+    body: bytes, app: TtsApplication, *, received_ts_ms: int, max_bytes: int = MAX_BODY_BYTES
+) -> Uplink | Skipped:
+    """Like :func:`parse_message`, but says what a non-uplink message was; counts nothing."""
+    if len(body) > max_bytes:
+        raise InvalidInput(
+            f"message of {len(body)} bytes is over the {max_bytes}-byte limit", reason="too_large"
+        )
+    try:
+        msg = _decoder.decode(body)
+    except msgspec.ValidationError as exc:
+        raise InvalidInput(str(exc), reason="wrong_shape", field=_field_of(exc)) from None
+    except msgspec.DecodeError as exc:
+        raise InvalidInput(f"not valid JSON: {exc}", reason="invalid_json") from None
+
+    ids = msg.end_device_ids
+    if ids is None or not ids.device_id:
+        raise InvalidInput(
+            "no end_device_ids.device_id", reason="wrong_shape", field="end_device_ids.device_id"
+        )
+    device = ids.device_id
+    app_id = ids.application_ids.application_id if ids.application_ids else ""
+
+    kind: UplinkKind
+    values: dict[str, Value]
+    radio: Radio | None = None
+    meta = _device_meta(ids, app_id)
+    up = msg.uplink_message
+    if up is not None:
+        if msg.simulated and app.skip_simulated:
+            return Skipped(reason="simulated", device=device)
+        kind = "uplink"
+        values = _uplink_values(up, app)
+        radio = _radio(up)
+        _uplink_meta(up, meta)
+    elif msg.join_accept is not None:
+        kind = "join"
+        values = {}
+        if msg.join_accept.attributes:
+            meta.update({f"attributes.{k}": v for k, v in msg.join_accept.attributes.items()})
+    elif msg.location_solved is not None:
+        kind = "location"
+        loc = msg.location_solved.location
+        if loc is None:
+            raise InvalidInput(
+                "location_solved has no location",
+                reason="wrong_shape",
+                field="location_solved.location",
+            )
+        values = _location_values("location", loc)
+        if msg.location_solved.service:
+            meta["location_service"] = msg.location_solved.service
+    else:
+        for name in _OUTCOMES:
+            outcome = getattr(msg, name)
+            if outcome is not None:
+                return Skipped(
+                    reason=name,  # type: ignore[arg-type]  # _OUTCOMES ⊂ SkipReason
+                    device=device,
+                    correlation_ids=_outcome_correlation_ids(outcome),
+                )
+        raise InvalidInput(
+            "neither uplink_message, join_accept, location_solved nor a downlink event",
+            reason="wrong_shape",
+        )
+
+    received_at = _event_time_text(msg)
+    event_ts_ms = _rfc3339_ms(received_at) if received_at else None
+    return Uplink(
+        event_id=_event_id(msg, app_id or app.app_id, device, kind, received_at),
+        source="tts",
+        integration=app.name,
+        device=device,
+        event_ts_ms=event_ts_ms if event_ts_ms is not None else received_ts_ms,
+        received_ts_ms=received_ts_ms,
+        values=values,
+        device_meta=meta,
+        radio=radio,
+        kind=kind,
+        simulated=msg.simulated,
+    )
+
+
+# --- pieces --------------------------------------------------------------------------------------
+
+_AT_PATH = re.compile(r"at `\$\.?([^`]*)`")
+
+
+def _field_of(exc: msgspec.ValidationError) -> str | None:
+    """``Expected `int`, got `str` - at `$.uplink_message.f_cnt``` → ``uplink_message.f_cnt``."""
+    m = _AT_PATH.search(str(exc))
+    return m.group(1) if m and m.group(1) else None
+
+
+def _device_meta(ids: _DeviceIds, app_id: str) -> dict[str, str]:
+    meta: dict[str, str] = {}
+    if app_id:
+        meta["application_id"] = app_id
+    if ids.dev_eui:
+        meta["dev_eui"] = ids.dev_eui
+    if ids.join_eui:
+        meta["join_eui"] = ids.join_eui
+    if ids.dev_addr:
+        meta["dev_addr"] = ids.dev_addr
+    return meta
+
+
+def _uplink_meta(up: _UplinkMessage, meta: dict[str, str]) -> None:
+    for part in (up.version_ids, up.network_ids):
+        if part is not None:
+            meta.update({k: v for k, v in msgspec.structs.asdict(part).items() if v})
+    if up.attributes:
+        meta.update({f"attributes.{k}": v for k, v in up.attributes.items()})
+
+
+def _uplink_values(up: _UplinkMessage, app: TtsApplication) -> dict[str, Value]:
+    if up.decoded_payload is not None:
+        values: dict[str, Value] = {}
+        _flatten(up.decoded_payload, "", values, 0)
+        return values
+    if app.raw_payload_key:
+        try:
+            raw = base64.b64decode(up.frm_payload, validate=True)
+        except (binascii.Error, ValueError):
+            raise InvalidInput(
+                "frm_payload is not base64",
+                reason="wrong_shape",
+                field="uplink_message.frm_payload",
+            ) from None
+        return {app.raw_payload_key: raw.hex()}
+    raise InvalidInput(
+        "uplink has no decoded_payload (no payload formatter, or it failed) and the "
+        "application maps no raw payloads (raw_payload_key)",
+        reason="no_decoded_payload",
+        field="uplink_message.decoded_payload",
+    )
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _flatten(obj: dict[str, Any], prefix: str, out: dict[str, Value], depth: int) -> None:
+    """Nested objects → dotted keys; ``{latitude, longitude, …}`` → ``[lon, lat]`` (and its
+    other keys dotted); a list of two numbers stays a list; other lists → ``key.0``, ``key.1``."""
+    if depth > MAX_DEPTH:
+        raise InvalidInput(
+            f"decoded_payload is nested deeper than {MAX_DEPTH}",
+            reason="wrong_shape",
+            field=f"uplink_message.decoded_payload.{prefix.rstrip('.')}",
+        )
+    for key, value in obj.items():
+        name = prefix + key
+        if isinstance(value, dict):
+            lat, lon = value.get("latitude"), value.get("longitude")
+            if isinstance(lat, int | float) and isinstance(lon, int | float) and not (
+                isinstance(lat, bool) or isinstance(lon, bool)
+            ):
+                out[name] = [float(lon), float(lat)]
+                rest = {k: v for k, v in value.items() if k not in ("latitude", "longitude")}
+                _flatten(rest, name + ".", out, depth + 1)
+            else:
+                _flatten(value, name + ".", out, depth + 1)
+        elif isinstance(value, list):
+            if len(value) == 2 and _is_number(value[0]) and _is_number(value[1]):
+                out[name] = [float(value[0]), float(value[1])]
+            else:
+                _flatten({str(i): v for i, v in enumerate(value)}, name + ".", out, depth + 1)
+        else:
+            out[name] = value
+
+
+def _location_values(name: str, loc: _Location) -> dict[str, Value]:
+    values: dict[str, Value] = {name: [loc.longitude, loc.latitude]}
+    if loc.altitude is not None:
+        values[f"{name}.altitude"] = loc.altitude
+    if loc.accuracy is not None:
+        values[f"{name}.accuracy"] = loc.accuracy
+    return values
+
+
+def _radio(up: _UplinkMessage) -> Radio:
+    best: _RxMetadata | None = None
+    named: set[str] = set()
+    anonymous = 0
+    for rx in up.rx_metadata:
+        gid = rx.gateway_ids.gateway_id if rx.gateway_ids else ""
+        # Several antennas of one gateway are one gateway; Packet Broker entries all share the
+        # id "packetbroker" but each is a different forwarder's gateway.
+        if gid and gid != "packetbroker":
+            named.add(gid)
+        else:
+            anonymous += 1
+        if best is None or _snr_rank(rx) > _snr_rank(best):
+            best = rx
+    data_rate = frequency = None
+    if up.settings is not None:
+        lora = up.settings.data_rate.lora if up.settings.data_rate else None
+        if lora is not None and lora.spreading_factor and lora.bandwidth:
+            data_rate = f"SF{lora.spreading_factor}BW{lora.bandwidth // 1000}"
+        frequency = _int_or_none(up.settings.frequency)
+    return Radio(
+        rssi=(best.rssi if best.rssi is not None else best.channel_rssi) if best else None,
+        snr=best.snr if best else None,
+        gateways=len(named) + anonymous,
+        f_cnt=up.f_cnt,
+        f_port=up.f_port,
+        data_rate=data_rate,
+        frequency=frequency,
+    )
+
+
+def _snr_rank(rx: _RxMetadata) -> tuple[float, float]:
+    """Best gateway: highest SNR, then highest RSSI; missing values rank last."""
+    rssi = rx.rssi if rx.rssi is not None else rx.channel_rssi
+    return (
+        rx.snr if rx.snr is not None else float("-inf"),
+        rssi if rssi is not None else float("-inf"),
+    )
+
+
+def _int_or_none(v: str | int | None) -> int | None:
+    if v is None or isinstance(v, int):
+        return v
+    try:
+        return int(v)
+    except ValueError:
+        return None
+
+
+_ZERO_TIME = "0001-01-01"
+
+
+def _event_time_text(msg: _ApplicationUp) -> str | None:
+    """Top-level ``received_at`` (AS time), else the NS time unless it is the simulated zero."""
+    if msg.received_at and not msg.received_at.startswith(_ZERO_TIME):
+        return msg.received_at
+    for inner in (msg.uplink_message, msg.join_accept):
+        at = inner.received_at if inner is not None else None
+        if at and not at.startswith(_ZERO_TIME):
+            return at
+    return None
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _rfc3339_ms(text: str) -> int | None:
+    """Milliseconds since the epoch of an RFC 3339 time (any number of fractional digits);
+    ``None`` for text that is not one."""
+    try:
+        dt = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return (dt - _EPOCH) // _MS
+
+
+_MS = datetime(1970, 1, 1, 0, 0, 0, 1000, tzinfo=UTC) - _EPOCH
+
+
+def _event_id(
+    msg: _ApplicationUp, app_id: str, device: str, kind: str, received_at: str | None
+) -> str:
+    """The ``as:up:`` correlation id (one per AS event), else a hash of what identifies it."""
+    for cid in msg.correlation_ids:
+        if cid.startswith("as:up:"):
+            return cid
+    f_cnt = msg.uplink_message.f_cnt if msg.uplink_message is not None else 0
+    key = f"tts\0{app_id}\0{device}\0{kind}\0{f_cnt}\0{received_at or ''}"
+    return "sha1:" + hashlib.sha1(key.encode(), usedforsecurity=False).hexdigest()
+
+
+def _outcome_correlation_ids(outcome: Any) -> tuple[str, ...]:
+    if isinstance(outcome, dict):
+        inner = outcome.get("downlink", outcome)
+        cids = inner.get("correlation_ids") if isinstance(inner, dict) else None
+        if isinstance(cids, list):
+            return tuple(c for c in cids if isinstance(c, str))
+    return ()
