@@ -1,0 +1,105 @@
+"""Per-device request rate limit shared by every replica: GCRA in Redis (one Lua call per device).
+
+Blynk allows 50 requests per second per device. Egress replicas share one budget per device
+through a key ``keys.rate(device_key)`` holding the device's *theoretical arrival time* (TAT, µs)
+of the generic cell rate algorithm. The script reads the clock with ``TIME`` on the Redis server,
+so replicas with skewed clocks still share one timeline.
+
+* :meth:`RateLimiter.take` asks for one request for each of many devices in one pipelined round
+  trip (one flush = one call); each answer is ``0.0`` (granted and counted) or the seconds to wait
+  before asking again (nothing counted).
+* :meth:`RateLimiter.acquire` waits for one request of one device (the rare extra request:
+  history uploads, isolating a bad pin).
+* :meth:`RateLimiter.defer` pushes a device's next slot out (a 429 with ``Retry-After``) for
+  every replica at once.
+
+Redis errors propagate (``RedisError``): callers treat them as retryable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+from pipeline.keys import Keys
+from pipeline.streams import Redis
+
+# KEYS[1] = rate key; ARGV = emission interval µs, burst (requests), requests asked
+_TAKE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local interval = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local n = tonumber(ARGV[3])
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tat < now then tat = now end
+local new_tat = tat + n * interval
+local allow_at = new_tat - burst * interval
+if allow_at > now then
+  return allow_at - now
+end
+redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX',
+           math.floor((new_tat - now) / 1000) + 1)
+return 0
+"""
+
+# KEYS[1] = rate key; ARGV[1] = µs from now before the next request may go
+_DEFER = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local until_ = now + tonumber(ARGV[1])
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tat < until_ then
+  redis.call('SET', KEYS[1], string.format('%.0f', until_), 'PX',
+             math.floor((until_ - now) / 1000) + 1)
+end
+return 0
+"""
+
+
+class RateLimiter:
+    """At most ``rps`` requests per second per device across all replicas (burst ``burst``).
+
+    With ``burst=1`` requests of one device are spaced by at least ``1/rps`` seconds, so no
+    one-second window holds more than ``rps`` of them.
+    """
+
+    def __init__(self, redis: Redis, keys: Keys, rps: float, *, burst: int = 1) -> None:
+        if rps <= 0 or burst < 1:
+            raise ValueError("rps must be > 0 and burst >= 1")
+        self._redis = redis
+        self._keys = keys
+        self.rps = rps
+        self.burst = burst
+        self._interval_us = int(1_000_000 / rps)
+        self._take = redis.register_script(_TAKE)
+        self._defer = redis.register_script(_DEFER)
+
+    async def take(self, device_keys: Sequence[str]) -> list[float]:
+        """One request for each device: ``0.0`` = granted now, else seconds to wait first."""
+        if not device_keys:
+            return []
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for key in device_keys:
+                await self._take(
+                    keys=[self._keys.rate(key)],
+                    args=[self._interval_us, self.burst, 1],
+                    client=pipe,
+                )
+            replies = await pipe.execute()
+        return [int(r) / 1_000_000 for r in replies]
+
+    async def acquire(self, device_key: str) -> None:
+        """Wait until one request of ``device_key`` may go, and count it."""
+        while True:
+            (wait,) = await self.take([device_key])
+            if wait <= 0:
+                return
+            # Pacing: the wait is the exact time to the next free slot, not a guess.
+            await asyncio.sleep(wait)
+
+    async def defer(self, device_key: str, seconds: float) -> None:
+        """No request of ``device_key`` for ``seconds`` (from now), on any replica."""
+        await self._defer(
+            keys=[self._keys.rate(device_key)], args=[max(0, int(seconds * 1_000_000))]
+        )
