@@ -154,14 +154,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_check_config)
 
     p = with_config(sub.add_parser("lag", help="length, lag and pending of every stream/group"))
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_ops("cmd_lag"))
     p = with_config(sub.add_parser("status", help="integration statuses"))
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_ops("cmd_status"))
     p = with_config(sub.add_parser("dead", help="inspect, replay or purge dead letters"))
     p.add_argument("action", choices=["list", "show", "replay", "purge"])
     p.add_argument("ids", nargs="*", help="dead-letter entry ids (default: all, for list)")
     p.add_argument("--reason", help="only dead letters with this reason")
     p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--all", action="store_true", help="replay/purge: every dead letter")
+    p.add_argument("--json", action="store_true", help="list: one JSON object per line")
     p.set_defaults(func=_ops("cmd_dead"))
 
     p = sub.add_parser("emulate", help="run an emulator: blynk, tts or particle")
