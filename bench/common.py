@@ -1,0 +1,308 @@
+"""Shared helpers for benchmarks: child processes, a private Mosquitto, /proc readings, tables.
+
+Everything here is Linux-only (``/proc``) and loopback-only. :class:`Processes` owns every child
+it starts and stops them on exit, including on Ctrl-C and errors: children run in their own
+process group (so a terminal's Ctrl-C reaches only the bench, which then stops them in order),
+get SIGTERM, and are killed by pid after a grace period.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Self
+
+ROOT = Path(__file__).resolve().parent.parent
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+class BenchError(RuntimeError):
+    """The bench could not set up or run (a child died, a port never opened...)."""
+
+
+def free_port() -> int:
+    """An unused TCP port on 127.0.0.1 (racy by nature; good enough on a quiet machine)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout_s: float = 15.0, proc: Proc | None = None) -> None:
+    """Block until something accepts on 127.0.0.1:``port``; raise if ``proc`` exits first."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc is not None and proc.popen.poll() is not None:
+            raise BenchError(f"{proc.name} exited with {proc.popen.returncode} before opening "
+                             f"port {port}; log: {proc.log_path}\n{proc.tail()}")
+        with socket.socket() as s:
+            s.settimeout(0.5)
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        if time.monotonic() > deadline:
+            raise BenchError(f"nothing listens on 127.0.0.1:{port} after {timeout_s:.0f} s")
+        time.sleep(0.05)
+
+
+# --- /proc readings -------------------------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of one process so far (``/proc/<pid>/stat``)."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        raw = f.read()
+    # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
+    fields = raw[raw.rindex(b")") + 2:].split()
+    utime, stime = int(fields[11]), int(fields[12])
+    return (utime + stime) / _CLK_TCK
+
+
+def rss_bytes(pid: int) -> tuple[int, int]:
+    """(current RSS, peak RSS) in bytes from ``/proc/<pid>/status``."""
+    rss = hwm = 0
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                rss = int(line.split()[1]) * 1024
+            elif line.startswith("VmHWM:"):
+                hwm = int(line.split()[1]) * 1024
+    return rss, hwm
+
+
+@dataclass
+class Usage:
+    """CPU and memory of one process over a measured window."""
+
+    name: str
+    cpu_s: float
+    wall_s: float
+    rss: int
+    peak_rss: int
+
+    @property
+    def cpu_pct(self) -> float:
+        return 100.0 * self.cpu_s / self.wall_s if self.wall_s > 0 else 0.0
+
+
+class UsageProbe:
+    """CPU delta and RSS of a set of pids between :meth:`start` and :meth:`stop`."""
+
+    def __init__(self, pids: Mapping[str, int]) -> None:
+        self.pids = dict(pids)
+        self._cpu0: dict[str, float] = {}
+        self._t0 = 0.0
+
+    def start(self) -> None:
+        self._t0 = time.monotonic()
+        self._cpu0 = {name: _cpu_or_zero(pid) for name, pid in self.pids.items()}
+
+    def stop(self) -> list[Usage]:
+        wall = time.monotonic() - self._t0
+        out = []
+        for name, pid in self.pids.items():
+            try:
+                rss, peak = rss_bytes(pid)
+            except OSError:
+                rss = peak = 0
+            out.append(Usage(name, _cpu_or_zero(pid) - self._cpu0.get(name, 0.0), wall,
+                             rss, peak))
+        return out
+
+
+def _cpu_or_zero(pid: int) -> float:
+    try:
+        return cpu_seconds(pid)
+    except OSError:
+        return 0.0
+
+
+# --- statistics and tables ------------------------------------------------------------------
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (``q`` in 0..100) of an ascending sequence; NaN when empty."""
+    if not sorted_values:
+        return math.nan
+    rank = max(1, math.ceil(q / 100.0 * len(sorted_values)))
+    return float(sorted_values[min(rank, len(sorted_values)) - 1])
+
+
+def fmt_ms(v: float) -> str:
+    return "-" if math.isnan(v) else f"{v:.1f}"
+
+
+def fmt_mib(n: int) -> str:
+    return f"{n / 1048576:.0f}"
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A plain-text table, first column left-aligned, the others right-aligned."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+
+    def line(r: Sequence[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+
+    out = [line(cells[0]), "  ".join("-" * w for w in widths)]
+    out += [line(r) for r in cells[1:]]
+    return "\n".join(out)
+
+
+def machine() -> str:
+    """One line naming the machine a figure was measured on."""
+    model = "unknown CPU"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    mem = 0
+    with contextlib.suppress(OSError), open("/proc/meminfo") as f:
+        mem = int(f.readline().split()[1]) // 1024
+    return (f"{os.cpu_count()} cores ({model}), {mem / 1024:.0f} GiB, "
+            f"Python {sys.version.split()[0]}, Linux {os.uname().release}")
+
+
+# --- child processes ------------------------------------------------------------------------
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+    _log: IO[bytes] = field(repr=False)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def tail(self, n: int = 20) -> str:
+        with contextlib.suppress(OSError):
+            lines = self.log_path.read_text(errors="replace").splitlines()
+            return "\n".join("    " + x for x in lines[-n:])
+        return ""
+
+
+class Processes:
+    """Owns child processes and a scratch directory; a context manager that cleans both up."""
+
+    def __init__(self, keep_dir: bool = False) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="bb-bench-"))
+        self.keep_dir = keep_dir
+        self.procs: list[Proc] = []
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop_all()
+        if not self.keep_dir and et is None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+        elif et is not None:
+            print(f"bench: logs kept in {self.dir}", file=sys.stderr)
+
+    def spawn(self, name: str, argv: Sequence[str], env: Mapping[str, str] | None = None,
+              cwd: Path | None = None) -> Proc:
+        """Start ``argv`` with stdout+stderr to ``<dir>/<name>.log``, in its own process group."""
+        log_path = self.dir / f"{name}.log"
+        log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
+        full_env = {**os.environ, **(env or {})}
+        popen = subprocess.Popen(list(argv), stdout=log, stderr=subprocess.STDOUT,
+                                 stdin=subprocess.DEVNULL, env=full_env, cwd=cwd or ROOT,
+                                 start_new_session=True)
+        proc = Proc(name, popen, log_path, log)
+        self.procs.append(proc)
+        return proc
+
+    def stop(self, proc: Proc, grace_s: float = 10.0) -> int | None:
+        """SIGTERM, wait up to ``grace_s``, then SIGKILL; returns the exit code."""
+        if proc.popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.popen.send_signal(signal.SIGTERM)
+            try:
+                proc.popen.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.popen.kill()
+                proc.popen.wait(5)
+        proc._log.close()
+        if proc in self.procs:
+            self.procs.remove(proc)
+        return proc.popen.returncode
+
+    def stop_all(self) -> None:
+        # Newest first: the pipeline before the broker and the emulator it talks to.
+        for proc in reversed(list(self.procs)):
+            self.stop(proc, grace_s=5.0)
+
+    def check_alive(self) -> None:
+        for proc in self.procs:
+            if not proc.alive():
+                raise BenchError(f"{proc.name} exited with {proc.popen.returncode}; "
+                                 f"log: {proc.log_path}\n{proc.tail()}")
+
+
+MOSQUITTO_CONF = """\
+# Private broker of one bench run. A default broker drops QoS 0 messages for a slow reader
+# (max_queued_messages 1000) and Nagle adds latency: both would hide what is being measured.
+listener {port} 127.0.0.1
+allow_anonymous true
+persistence false
+max_queued_messages 0
+max_queued_bytes 0
+max_inflight_messages 0
+set_tcp_nodelay true
+log_type error
+log_type warning
+"""
+
+
+def mosquitto_binary() -> str:
+    found = shutil.which("mosquitto") or next(
+        (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if Path(p).exists()),
+        None)
+    if found is None:
+        raise BenchError("mosquitto is not installed (apt-get install mosquitto)")
+    return found
+
+
+def start_mosquitto(procs: Processes, name: str = "mosquitto") -> tuple[Proc, int]:
+    """A private Mosquitto on a free loopback port; returns (process, port)."""
+    port = free_port()
+    conf = procs.dir / f"{name}.conf"
+    conf.write_text(MOSQUITTO_CONF.format(port=port))
+    proc = procs.spawn(name, [mosquitto_binary(), "-c", str(conf)])
+    wait_port(port, proc=proc)
+    return proc, port
+
+
+@contextlib.contextmanager
+def interrupt_as_exception() -> Iterator[None]:
+    """Turn SIGTERM into KeyboardInterrupt so ``with Processes()`` cleans up on either."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
