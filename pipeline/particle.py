@@ -1,0 +1,506 @@
+"""Particle Cloud webhooks → ``Uplink`` (pure: bytes in, an Uplink out; no I/O, no clock).
+
+Shapes understood (``shared/reference/tts-particle-formats.md`` §2):
+
+* Particle's default **form** body (``event``, ``data``, ``published_at``, ``coreid``) and the
+  same fields as **default JSON** (all strings), with the product fields ``userid``,
+  ``fw_version``/``version`` (number or string), ``public`` (bool or ``"true"``/``"false"``) and
+  ``productID``/``product_id``, which land in ``device_meta``;
+* the event-stream JSON that ``{{{PARTICLE_EVENT_JSON}}}`` produces (``name`` instead of
+  ``event``);
+* **custom** JSON/body/form templates: any object; nested objects become dotted keys
+  (``a.b``), lists become ``a.0``, ``a.1`` (Particle's own mustache path syntax) except a list
+  of two numbers, which stays a list; an object holding ``lat`` + ``lng``/``lon`` or
+  ``latitude`` + ``longitude`` becomes ``[lon, lat]`` under its own key (``location`` at the top
+  level), its other keys dotted;
+* the Blynk blueprint: ``t`` (a 32-character Blynk token, in ``data`` or spread by the
+  template) or ``token`` (the blueprint's query parameter) becomes ``Uplink.token``; the
+  ``v14``… keys are kept as they are, for transform to map as pins.
+
+**Key rule for values.** A ``data`` that is a JSON object (or a string holding one) is unpacked
+into values by the rules above. Any other ``data`` (plain text such as ``"20.00"`` or
+``"online"``, a number, a bool, ``null``) goes in as one value under the full event name as
+published (``Temperature/Kitchen``), or under ``data`` when no event name came. Top-level fields
+that are not envelope fields are values too. Values keep the type they were sent with: numbers
+sent as strings stay strings here (transform converts them where the datastream type asks, with
+:func:`coerce_number`); only location coordinates become floats, because a location is
+``list[float]``.
+
+**Reserved top-level names** (never values): ``event``, ``data``, ``published_at``, ``coreid``,
+``device_id``, ``deviceID``, ``userid``, ``fw_version``, ``version``, ``public``, ``productID``,
+``product_id``, ``ttl``, ``event_id``, ``id``, ``token``; ``name`` too when ``data`` is present
+(the event-stream shape); ``t`` when it holds a Blynk token.
+
+**Where the envelope comes from.** A custom template often sends no device id. Particle lets a
+webhook add ``query`` parameters to any body style, so the envelope fields may also come from the
+URL query (``?coreid={{{PARTICLE_DEVICE_ID}}}&event={{{PARTICLE_EVENT_NAME}}}``); the body wins
+when both have one. Without a device id the message is refused, unless it carries a Blynk
+token (the blueprint's GET), in which case the device is ``blynk-`` + a hash of the token.
+
+**event_id.** ``particle:<device>:`` + ``event_id``/``id`` when the template sends one
+(``{{{PARTICLE_EVENT_ID}}}``), else ``particle:`` + sha1(device, event name, published_at,
+sha1(data)). Without ``published_at`` a retry cannot be told from a new reading, so the receive
+time goes into the hash: such duplicates are delivered (at-least-once) rather than new readings
+dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+from urllib.parse import parse_qsl
+
+import msgspec
+
+from pipeline.config import ParticleProduct
+from pipeline.errors import InvalidInput
+from pipeline.events import Uplink, UplinkKind, Value
+
+#: Nesting deeper than this is refused (``wrong_shape``).
+MAX_DEPTH = 16
+#: More values than this in one message are refused (``too_many_values``).
+MAX_VALUES = 512
+
+BodyStyle = Literal["json", "form", "text"]
+
+_JSON_TYPES = frozenset({"application/json", "text/json"})
+_FORM_TYPES = frozenset({"application/x-www-form-urlencoded"})
+_TEXT_TYPES = frozenset({"text/plain"})
+
+_DEVICE_KEYS = ("coreid", "device_id", "deviceID")
+_EVENT_ID_KEYS = ("event_id", "id")
+_RESERVED = frozenset(
+    {
+        "event", "data", "published_at", *_DEVICE_KEYS, "userid", "fw_version", "version",
+        "public", "productID", "product_id", "ttl", *_EVENT_ID_KEYS, "token",
+    }
+)
+#: Blynk auth tokens: 32 characters of this alphabet.
+_BLYNK_TOKEN = re.compile(r"[A-Za-z0-9_-]{32}")
+#: Events Particle's cloud itself publishes (online/offline, firmware, webhook outcomes).
+_SYSTEM_PREFIXES = ("spark/", "particle/", "hook-sent/", "hook-response/", "hook-error/")
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
+
+_json_decoder = msgspec.json.Decoder()
+_canonical = msgspec.json.Encoder(order="sorted")
+
+
+def body_style(content_type: str) -> BodyStyle | None:
+    """How a body of this media type is read; ``None``: not a type Particle sends (→ 415).
+
+    ``content_type`` is the bare media type (no parameters), as aiohttp's
+    ``request.content_type`` gives it. A ``text/plain`` body (a ``body`` template whose
+    content type was left unset) is read as JSON when it is a JSON object, else as the event data.
+    """
+    ct = content_type.strip().lower()
+    if ct in _JSON_TYPES or (ct.startswith("application/") and ct.endswith("+json")):
+        return "json"
+    if ct in _FORM_TYPES:
+        return "form"
+    if ct in _TEXT_TYPES:
+        return "text"
+    return None
+
+
+def parse_webhook(
+    body: bytes,
+    content_type: str,
+    product: ParticleProduct,
+    *,
+    received_ts_ms: int,
+    query: Mapping[str, str] | None = None,
+) -> Uplink:
+    """Parse one Particle webhook request for ``product``.
+
+    ``query`` holds the URL's query parameters (lower precedence than the body). An empty body
+    with a query (the Blynk blueprint's GET) is read from the query alone. Raises
+    :class:`~pipeline.errors.InvalidInput` with reason ``unsupported_media_type``,
+    ``invalid_json``, ``invalid_encoding``, ``wrong_shape``, ``missing_field``,
+    ``invalid_field`` or ``too_many_values``, and ``field`` naming the offending field.
+    """
+    fields: dict[str, Any] = dict(query or {})
+    if body.strip():
+        fields.update(_decode_body(body, content_type))
+    elif not fields:
+        raise InvalidInput("empty body", reason="wrong_shape", field="$")
+    return _uplink(fields, product, received_ts_ms)
+
+
+def coerce_number(value: Value) -> Value:
+    """``"20.00"`` → ``20.0``, ``"2"`` → ``2``; anything else (bools included) unchanged.
+
+    For transform: Particle sends most numbers as strings (every ``json`` template value and the
+    default ``data`` are strings), while Blynk integer/double datastreams want numbers.
+    """
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if not text or len(text) > 64:
+        return value
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        number = float(text)
+    except ValueError:
+        return value
+    return number if number == number and abs(number) != float("inf") else value
+
+
+# --- body decoding -------------------------------------------------------------------------------
+
+
+def _decode_body(body: bytes, content_type: str) -> dict[str, Any]:
+    style = body_style(content_type)
+    if style is None:
+        raise InvalidInput(
+            f"content type {content_type!r} is not JSON, form or text",
+            reason="unsupported_media_type",
+            field="Content-Type",
+        )
+    if style == "form":
+        return _decode_form(body)
+    if style == "json":
+        decoded = _decode_json(body)
+        if not isinstance(decoded, dict):
+            raise InvalidInput(
+                f"a JSON webhook body must be an object, got {_json_type(decoded)}",
+                reason="wrong_shape",
+                field="$",
+            )
+        return decoded
+    # text/plain: a JSON object if it is one, otherwise the event data itself.
+    try:
+        decoded = _decode_json(body)
+    except InvalidInput:
+        decoded = None
+    if isinstance(decoded, dict):
+        return decoded
+    try:
+        return {"data": body.decode()}
+    except UnicodeDecodeError:
+        raise InvalidInput("body is not UTF-8", reason="invalid_encoding", field="$") from None
+
+
+def _decode_json(body: bytes) -> Any:
+    try:
+        return _json_decoder.decode(body)
+    except msgspec.DecodeError as exc:
+        raise InvalidInput(f"not valid JSON: {exc}", reason="invalid_json", field="$") from None
+    except RecursionError:
+        raise InvalidInput(
+            "JSON nested too deeply", reason="wrong_shape", field="$"
+        ) from None
+
+
+def _decode_form(body: bytes) -> dict[str, Any]:
+    try:
+        pairs = parse_qsl(
+            body.decode().strip(),
+            keep_blank_values=True,
+            errors="strict",
+            max_num_fields=MAX_VALUES + len(_RESERVED),
+        )
+    except UnicodeDecodeError:
+        raise InvalidInput(
+            "form body is not UTF-8", reason="invalid_encoding", field="$"
+        ) from None
+    except ValueError:
+        raise InvalidInput(
+            f"form body has more than {MAX_VALUES} fields", reason="too_many_values", field="$"
+        ) from None
+    return dict(pairs)
+
+
+def _json_type(value: Any) -> str:
+    return {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), "a number"
+    )
+
+
+# --- the uplink ----------------------------------------------------------------------------------
+
+
+def _uplink(fields: dict[str, Any], product: ParticleProduct, received_ts_ms: int) -> Uplink:
+    has_data = "data" in fields
+    event = _opt_str(fields, "event")
+    if event is None and has_data:
+        event = _opt_str(fields, "name")
+    published_at = _opt_str(fields, "published_at")
+    event_ts_ms = _iso_ms(published_at) if published_at else None
+
+    values: dict[str, Value] = {}
+    token = _opt_str(fields, "token") or None
+    data: Any = fields.get("data")
+    if has_data:
+        unpacked = _unpack_data(data)
+        if unpacked is None:
+            values[event or "data"] = _scalar(data, "data")
+        else:
+            token = _take_token(unpacked) or token
+            values.update(_flatten_top(unpacked, "data."))
+    extra = {
+        k: v for k, v in fields.items()
+        if k not in _RESERVED and not (has_data and k == "name")
+    }
+    token = _take_token(extra) or token
+    for key, value in _flatten_top(extra, "").items():
+        values.setdefault(key, value)
+    if len(values) > MAX_VALUES:
+        raise InvalidInput(
+            f"{len(values)} values in one message (limit {MAX_VALUES})",
+            reason="too_many_values",
+            field="$",
+        )
+
+    device = _device(fields, token)
+    meta = _device_meta(fields, product, event)
+    system = event is not None and event.startswith(_SYSTEM_PREFIXES)
+    kind: UplinkKind = "status" if system else "uplink"
+    return Uplink(
+        event_id=_event_id(fields, device, event, published_at, data, values, received_ts_ms),
+        source="particle",
+        integration=product.name,
+        device=device,
+        event_ts_ms=event_ts_ms if event_ts_ms is not None else received_ts_ms,
+        received_ts_ms=received_ts_ms,
+        values=values,
+        device_meta=meta,
+        kind=kind,
+        token=token,
+    )
+
+
+def _unpack_data(data: Any) -> dict[str, Any] | None:
+    """The object inside ``data`` (inlined, or a string holding JSON), else ``None``."""
+    if isinstance(data, dict):
+        return data
+    if isinstance(data, str) and data.lstrip().startswith("{"):
+        try:
+            decoded = _json_decoder.decode(data)
+        except (msgspec.DecodeError, RecursionError):
+            return None  # text that merely starts with a brace: plain data
+        if isinstance(decoded, dict):
+            return decoded
+    return None
+
+
+def _take_token(obj: dict[str, Any]) -> str | None:
+    """Remove and return a Blynk token under ``t`` (only a token-shaped string counts)."""
+    t = obj.get("t")
+    if isinstance(t, str) and _BLYNK_TOKEN.fullmatch(t):
+        del obj["t"]
+        return t
+    return None
+
+
+def _flatten_top(obj: dict[str, Any], where: str) -> dict[str, Value]:
+    """Flatten one message-level object; a lat/lng pair at this level becomes ``location``."""
+    out: dict[str, Value] = {}
+    loc = _location(obj, where)
+    if loc is not None:
+        out["location"] = loc
+        obj = {k: v for k, v in obj.items() if k not in _LOCATION_KEYS}
+    _flatten(obj, "", out, 0, where)
+    return out
+
+
+_LOCATION_KEYS = frozenset({"lat", "lng", "lon", "latitude", "longitude"})
+
+
+def _location(obj: dict[str, Any], where: str) -> list[float] | None:
+    """``[lon, lat]`` when ``obj`` holds a lat/lng (or latitude/longitude) pair, else ``None``."""
+    for lat_key, lon_keys in (("lat", ("lng", "lon")), ("latitude", ("longitude",))):
+        if lat_key not in obj:
+            continue
+        for lon_key in lon_keys:
+            if lon_key in obj:
+                lat = _coordinate(obj[lat_key], f"{where}{lat_key}", 90.0)
+                lon = _coordinate(obj[lon_key], f"{where}{lon_key}", 180.0)
+                return [lon, lat]
+    return None
+
+
+def _coordinate(value: Any, field: str, limit: float) -> float:
+    number = coerce_number(value) if isinstance(value, str) else value
+    if isinstance(number, bool) or not isinstance(number, int | float):
+        raise InvalidInput(
+            f"coordinate is not a number: {str(value)[:40]!r}", reason="invalid_field", field=field
+        )
+    result = float(number)
+    if not -limit <= result <= limit:
+        raise InvalidInput(
+            f"coordinate {result} is outside ±{limit:g}", reason="invalid_field", field=field
+        )
+    return result
+
+
+def _flatten(
+    obj: dict[str, Any], prefix: str, out: dict[str, Value], depth: int, where: str
+) -> None:
+    """Nested objects → dotted keys; lat/lng objects → ``[lon, lat]``; lists → ``key.0``…
+    (a list of two numbers stays a list, as in ``pipeline.tts``). ``where`` prefixes ``field``
+    in errors (``data.`` for values unpacked from ``data``)."""
+    if depth > MAX_DEPTH:
+        raise InvalidInput(
+            f"nested deeper than {MAX_DEPTH}", reason="wrong_shape", field=where + prefix[:-1]
+        )
+    for key, value in obj.items():
+        name = prefix + key
+        if len(out) > MAX_VALUES:
+            raise InvalidInput(
+                f"more than {MAX_VALUES} values in one message",
+                reason="too_many_values",
+                field=where + name,
+            )
+        if isinstance(value, dict):
+            loc = _location(value, f"{where}{name}.")
+            if loc is not None:
+                out[name] = loc
+                value = {k: v for k, v in value.items() if k not in _LOCATION_KEYS}
+            _flatten(value, name + ".", out, depth + 1, where)
+        elif isinstance(value, list):
+            if len(value) == 2 and all(_is_number(v) for v in value):
+                out[name] = [float(value[0]), float(value[1])]
+            else:
+                _flatten({str(i): v for i, v in enumerate(value)}, name + ".", out, depth + 1,
+                         where)
+        else:
+            out[name] = _scalar(value, where + name)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _scalar(value: Any, field: str) -> Value:
+    if isinstance(value, int) and not isinstance(value, bool) and not (
+        _INT_MIN <= value <= _INT_MAX
+    ):
+        return float(value)  # msgpack carries 64-bit integers only
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    # Only a nested container can get here (handled by the caller); say so rather than guess.
+    raise InvalidInput("expected a plain value", reason="wrong_shape", field=field)
+
+
+def _opt_str(fields: Mapping[str, Any], key: str) -> str | None:
+    """A string field, or ``None`` when absent/null; another type is an error naming it."""
+    value = fields.get(key)
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value
+    raise InvalidInput(
+        f"`{key}` must be a string, got {_json_type(value)}", reason="invalid_field", field=key
+    )
+
+
+def _device(fields: Mapping[str, Any], token: str | None) -> str:
+    for key in _DEVICE_KEYS:
+        device = _opt_str(fields, key)
+        if device:
+            return device
+    if token:
+        return "blynk-" + hashlib.sha1(token.encode()).hexdigest()[:16]
+    raise InvalidInput(
+        "no device id: send Particle's default fields (coreid), or add "
+        "?coreid={{{PARTICLE_DEVICE_ID}}} to the webhook URL",
+        reason="missing_field",
+        field="coreid",
+    )
+
+
+def _device_meta(
+    fields: Mapping[str, Any], product: ParticleProduct, event: str | None
+) -> dict[str, str]:
+    meta: dict[str, str] = {}
+    if event is not None:
+        meta["event"] = event
+    userid = _opt_str(fields, "userid")
+    if userid is not None:
+        meta["userid"] = userid
+    for key in ("fw_version", "version"):
+        if fields.get(key) is not None:
+            meta["fw_version"] = _int_text(fields[key], key)
+            break
+    public = fields.get("public")
+    if public is not None:
+        if isinstance(public, bool):
+            meta["public"] = "true" if public else "false"
+        elif isinstance(public, str) and public.lower() in ("true", "false"):
+            meta["public"] = public.lower()
+        else:
+            raise InvalidInput(
+                "`public` must be true/false", reason="invalid_field", field="public"
+            )
+    for key in ("productID", "product_id"):
+        if fields.get(key) is not None:
+            meta["product_id"] = _int_text(fields[key], key)
+            break
+    else:
+        if product.product_id:
+            meta["product_id"] = product.product_id
+    return meta
+
+
+def _int_text(value: Any, field: str) -> str:
+    """A number or a string holding one (``6``, ``"6"``) as text; anything else is an error."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, str) and value.strip():
+        return value.strip()
+    raise InvalidInput(
+        f"`{field}` must be a number or a string", reason="invalid_field", field=field
+    )
+
+
+def _iso_ms(text: str) -> int:
+    """``2017-02-01T21:08:05.763Z`` → Unix ms (a time without zone is taken as UTC)."""
+    try:
+        dt = datetime.fromisoformat(text)
+    except ValueError:
+        raise InvalidInput(
+            f"`published_at` is not an ISO 8601 time: {text[:40]!r}",
+            reason="invalid_field",
+            field="published_at",
+        ) from None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return (dt - _EPOCH) // timedelta(milliseconds=1)
+
+
+def _event_id(
+    fields: Mapping[str, Any],
+    device: str,
+    event: str | None,
+    published_at: str | None,
+    data: Any,
+    values: dict[str, Value],
+    received_ts_ms: int,
+) -> str:
+    for key in _EVENT_ID_KEYS:
+        given = fields.get(key)
+        if isinstance(given, str | int) and not isinstance(given, bool) and str(given):
+            return f"particle:{device}:{given}"
+    if isinstance(data, str):
+        data_bytes = data.encode()
+    else:
+        data_bytes = _canonical.encode(data if "data" in fields else values)
+    when = published_at if published_at else f"received:{received_ts_ms}"
+    digest = hashlib.sha1(
+        b"\0".join(
+            (
+                device.encode(),
+                (event or "").encode(),
+                when.encode(),
+                hashlib.sha1(data_bytes).digest(),
+            )
+        )
+    )
+    return "particle:" + digest.hexdigest()

@@ -1,0 +1,282 @@
+"""Table tests of the pure Particle parser, one row per fixture in shared/fixtures/particle."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipeline.config import ParticleProduct
+from pipeline.errors import InvalidInput
+from pipeline.events import decode_uplink, encode
+from pipeline.particle import MAX_DEPTH, MAX_VALUES, body_style, coerce_number, parse_webhook
+
+FORM = "application/x-www-form-urlencoded"
+JSON = "application/json"
+PRODUCT = ParticleProduct(name="tempmon")
+RECEIVED = 1_700_000_000_000
+DEV = "e00fce68ece1d3d21a73dcc9"
+TOKEN = "Ab3dEf6hIj9kLm2nOp5qRs8tUv1wXy4Z"
+
+# fixture → (content type, query, expected fields of the Uplink)
+FIXTURES: list[tuple[str, str, dict[str, str], dict[str, Any]]] = [
+    ("particle-webhook-01-default-form.txt", FORM, {}, {
+        "device": "3f002b000000000000000000", "event_ts_ms": 1485983285763,
+        "values": {"demo": "mydata"}, "device_meta": {"event": "demo"}, "kind": "uplink"}),
+    ("particle-webhook-02.json", JSON, {"coreid": DEV}, {
+        "device": DEV, "event_ts_ms": RECEIVED,
+        "values": {"Temperature/Kitchen": "20.00"}, "device_meta": {}}),
+    ("particle-webhook-03.json", JSON, {"coreid": DEV}, {
+        "values": {"coordinates": [-104.984703, 39.739155]}}),
+    ("particle-webhook-04-custom-body.json", JSON, {"coreid": DEV}, {
+        "values": {"coordinates": [-104.984703, 39.739155]}}),
+    ("particle-webhook-05.json", JSON, {"coreid": DEV, "event": "click"}, {
+        "values": {"gauges.0.name": "click", "gauges.0.value": "2",
+                   "gauges.0.source": "3f002b000000000000000000"},
+        "device_meta": {"event": "click"}}),
+    ("particle-webhook-06.json", JSON, {"coreid": DEV}, {"values": {"value": "true"}}),
+    ("particle-webhook-07-custom-body.json", JSON, {"coreid": DEV}, {"values": {"value": True}}),
+    ("particle-webhook-08-custom-body.json", JSON, {"coreid": DEV}, {
+        "values": {"gauges.0.name": "click", "gauges.0.value": 2}}),
+    ("particle-webhook-09-form.txt", FORM, {"coreid": DEV}, {
+        "values": {"Body": "Hi there!", "To": "TO_PHONE_NUMBER", "From": "FROM_PHONE_NUMBER"}}),
+    ("particle-event-01-product.json", JSON, {}, {
+        "device": DEV, "event_ts_ms": 1715597740306, "values": {"t": 19, "v": 1},
+        "device_meta": {"event": "tempmon", "userid": "597771d1f92bae142dbb7559",
+                        "fw_version": "1", "public": "false", "product_id": "30301"},
+        "kind": "uplink", "token": None}),
+    ("particle-event-02-product-unclaimed.json", JSON, {}, {
+        "values": {"t": 21, "v": 2},
+        "device_meta": {"event": "tempmon", "userid": "", "fw_version": "2", "public": "false",
+                        "product_id": "30301"}}),
+    ("particle-event-03-spark-status.json", JSON, {}, {
+        "values": {"spark/status": "online"}, "kind": "status", "event_ts_ms": 1715597712898}),
+    ("particle-event-04-api-source.json", JSON, {}, {
+        "device": "api", "values": {"version": "1"}, "kind": "status",
+        "device_meta": {"event": "particle/firmware/create", "userid": "597771d1f92bae142dbb7559",
+                        "fw_version": "0", "public": "false", "product_id": "30301"}}),
+    ("particle-hook-error-01.json", JSON, {}, {
+        "device": "particle-internal", "kind": "status",
+        "values": {"hook-error/demo/0": "error status 404 from requestb.in"}}),
+    # Not webhook bodies, but a custom template could forward any JSON object: read as values.
+    ("particle-function-response-01.json", JSON, {"coreid": DEV}, {
+        "event_id": f"particle:{DEV}:1f0030001647353236343033",
+        "values": {"connected": True, "return_value": 1}}),
+    ("particle-function-response-02.json", JSON, {"coreid": DEV}, {
+        "values": {"name": "prototype99", "connected": True, "return_value": 42}}),
+    ("particle-error-timeout-01.json", JSON, {"coreid": DEV}, {
+        "values": {"ok": False, "error": "timed out"}}),
+    ("particle-error-unknown-variable-01.json", JSON, {"coreid": DEV}, {
+        "values": {"ok": False, "error": "Unknown Variable: sensor2"}}),
+    ("particle-error-apiuser-01.json", JSON, {"coreid": DEV}, {
+        "values": {"error": "unauthorized",
+                   "error_description": "API users are not allowed to call this endpoint"}}),
+    ("particle-webhook-template-blynk.json", JSON, {"coreid": DEV}, {
+        "values_include": {"name": "blynk_particle", "query.V14": "{{v14}}", "noDefaults": True},
+        "device_meta": {"event": "blynk_https_get"}}),
+]
+
+# fixture → (content type, reason, field)
+INVALID = [
+    ("particle-variable-response-01-invalid.json", JSON, "invalid_json", "$"),
+    ("particle-hook-sequence-01.txt", JSON, "invalid_json", "$"),
+    # Custom-template bodies carry no device id unless the webhook adds one.
+    ("particle-webhook-02.json", JSON, "missing_field", "coreid"),
+    ("particle-webhook-09-form.txt", FORM, "missing_field", "coreid"),
+]
+
+
+def _parse(body: bytes, ct: str = JSON, query: dict[str, str] | None = None,
+           product: ParticleProduct = PRODUCT) -> Any:
+    return parse_webhook(body, ct, product, received_ts_ms=RECEIVED, query=query)
+
+
+@pytest.mark.parametrize(
+    ("name", "ct", "query", "expected"), FIXTURES, ids=[f[0] for f in FIXTURES]
+)
+def test_fixture(name: str, ct: str, query: dict[str, str], expected: dict[str, Any],
+                 fixture_path: Callable[[str], Path]) -> None:
+    up = _parse(fixture_path(f"particle/{name}").read_bytes(), ct, query)
+    assert up.source == "particle"
+    assert up.integration == "tempmon"
+    assert up.received_ts_ms == RECEIVED
+    assert up.event_id.startswith("particle:")
+    for field, want in expected.items():
+        if field == "values_include":  # a subset is enough
+            assert {k: up.values[k] for k in want} == want
+        else:
+            assert getattr(up, field) == want, field
+    assert decode_uplink(encode(up)) == up  # survives the stream
+
+
+@pytest.mark.parametrize(("name", "ct", "reason", "field"), INVALID, ids=[i[0] for i in INVALID])
+def test_invalid_fixture(name: str, ct: str, reason: str, field: str,
+                         fixture_path: Callable[[str], Path]) -> None:
+    with pytest.raises(InvalidInput) as err:
+        _parse(fixture_path(f"particle/{name}").read_bytes(), ct)
+    assert (err.value.reason, err.value.field) == (reason, field)
+
+
+def test_every_fixture_has_a_row(fixture_path: Callable[[str], Path]) -> None:
+    folder = fixture_path("particle")
+    named = {f[0] for f in FIXTURES} | {i[0] for i in INVALID}
+    bodies = {p.name for p in folder.iterdir() if not p.name.endswith(".src.txt")}
+    assert bodies <= named, bodies - named
+
+
+def test_default_json_with_data_holding_several_values_and_product_fields() -> None:
+    body = (b'{"event": "wash_event",'
+            b' "data": "{\\"count\\":3,\\"A\\":\\"1.65\\",\\"kWh\\":\\"0.65\\"}",'
+            b' "published_at": "2026-03-09T10:55:34.382Z", "coreid": "e00fce687ae01d08f95694e5",'
+            b' "userid": "5e6ad98d764c6d00014be177", "fw_version": 6, "public": false}')
+    up = _parse(body)
+    assert up.values == {"count": 3, "A": "1.65", "kWh": "0.65"}
+    assert up.device_meta == {"event": "wash_event", "userid": "5e6ad98d764c6d00014be177",
+                              "fw_version": "6", "public": "false"}
+    assert up.event_ts_ms == 1773053734382
+
+
+def test_string_product_fields_and_configured_product_id() -> None:
+    product = ParticleProduct(name="p", product_id="30301")
+    up = _parse(b'{"event":"e","data":"1","coreid":"d","fw_version":"7","public":"TRUE"}',
+                product=product)
+    assert up.device_meta == {"event": "e", "fw_version": "7", "public": "true",
+                              "product_id": "30301"}
+    assert up.values == {"e": "1"}
+
+
+def test_blynk_blueprint_data_token_and_pins() -> None:
+    data = '{"t":"' + TOKEN + '","v14":123456,"v15":3.141590,"v16":0,"v17":0}'
+    body = f"event=blynk_https_get&data={data}&published_at=2024-01-01T00:00:00.000Z&coreid=d1"
+    up = _parse(body.replace("{", "%7B").replace("}", "%7D").replace('"', "%22").encode(), FORM)
+    assert up.token == TOKEN
+    assert up.values == {"v14": 123456, "v15": 3.14159, "v16": 0, "v17": 0}
+    assert TOKEN not in str(up.values)
+
+
+def test_blynk_blueprint_get_query_without_device() -> None:
+    query = {"token": TOKEN, "V6": "2024-01-01T00:00:00.000Z", "V14": "5", "V15": "3.14"}
+    up = _parse(b"", "", query)
+    assert up.token == TOKEN
+    assert up.values == {"V6": "2024-01-01T00:00:00.000Z", "V14": "5", "V15": "3.14"}
+    assert up.device == "blynk-" + hashlib.sha1(TOKEN.encode()).hexdigest()[:16]
+    assert TOKEN not in up.device
+
+
+def test_short_t_is_a_value_not_a_token() -> None:
+    up = _parse(b'{"coreid":"d","t":"abc","temp":1}')
+    assert up.token is None and up.values == {"t": "abc", "temp": 1}
+
+
+def test_custom_template_nested_objects_and_locations() -> None:
+    body = (b'{"coreid":"d","env":{"temp":"21.5","hum":40,"pos":{"latitude":"1.5",'
+            b'"longitude":2.5,"alt":3}},"lat":10,"lng":20,"list":[1,"a",{"b":true}],"pair":[1,2]}')
+    up = _parse(body)
+    assert up.values == {
+        "location": [20.0, 10.0],
+        "env.temp": "21.5", "env.hum": 40, "env.pos": [2.5, 1.5], "env.pos.alt": 3,
+        "list.0": 1, "list.1": "a", "list.2.b": True, "pair": [1.0, 2.0],
+    }
+
+
+def test_data_object_inlined_by_a_body_template() -> None:
+    up = _parse(b'{"event":"env","coreid":"d","data":{"lat":1,"lon":2,"x":{"y":null}}}')
+    assert up.values == {"location": [2.0, 1.0], "x.y": None}
+
+
+def test_plain_data_goes_under_the_event_name_or_data() -> None:
+    assert _parse(b'{"event":"t/k","data":"20.00","coreid":"d"}').values == {"t/k": "20.00"}
+    assert _parse(b'{"event":"n","data":20.5,"coreid":"d"}').values == {"n": 20.5}
+    assert _parse(b'{"data":"{broken","coreid":"d"}').values == {"data": "{broken"}
+    assert _parse(b'{"event":"e","data":"","coreid":"d"}').values == {"e": ""}
+
+
+def test_text_plain_body_is_json_object_or_data() -> None:
+    up = _parse(b'{"a": 1}', "text/plain", {"coreid": "d"})
+    assert up.values == {"a": 1}
+    up = _parse(b"20.5", "text/plain", {"coreid": "d", "event": "temp"})
+    assert up.values == {"temp": "20.5"}
+
+
+@pytest.mark.parametrize(("body", "ct", "reason", "field"), [
+    (b"[1,2]", JSON, "wrong_shape", "$"),
+    (b'"x"', JSON, "wrong_shape", "$"),
+    (b"{nope", JSON, "invalid_json", "$"),
+    (b"<xml/>", "application/xml", "unsupported_media_type", "Content-Type"),
+    (b"a=%ff", FORM, "invalid_encoding", "$"),
+    (b"", JSON, "wrong_shape", "$"),
+    (b'{"coreid":"d","published_at":"yesterday"}', JSON, "invalid_field", "published_at"),
+    (b'{"coreid":5}', JSON, "invalid_field", "coreid"),
+    (b'{"coreid":"d","public":"maybe"}', JSON, "invalid_field", "public"),
+    (b'{"coreid":"d","fw_version":[1]}', JSON, "invalid_field", "fw_version"),
+    (b'{"coreid":"d","c":{"lat":"north","lng":1}}', JSON, "invalid_field", "c.lat"),
+    (b'{"coreid":"d","data":"{\\"lat\\":91,\\"lng\\":1}"}', JSON, "invalid_field", "data.lat"),
+    (b'{"coreid":"d","a":' + b'{"a":' * (MAX_DEPTH + 2) + b"1" + b"}" * (MAX_DEPTH + 3),
+     JSON, "wrong_shape", None),
+    (b"[" * 100_000, JSON, "wrong_shape", "$"),
+    (b'{"coreid":"d","a":[' + b",".join(b"1" for _ in range(MAX_VALUES + 1)) + b"]}",
+     JSON, "too_many_values", None),
+])
+def test_errors_name_the_field(body: bytes, ct: str, reason: str, field: str | None) -> None:
+    with pytest.raises(InvalidInput) as err:
+        _parse(body, ct)
+    assert err.value.reason == reason
+    if field is not None:
+        assert err.value.field == field
+    else:
+        assert err.value.field
+
+
+def test_huge_integers_become_floats_so_they_fit_msgpack() -> None:
+    up = _parse(b'{"coreid":"d","big":123456789012345678901234567890}')
+    assert up.values == {"big": 1.2345678901234568e29}
+    encode(up)
+
+
+class TestEventId:
+    BODY = b'{"event":"e","data":"1","coreid":"d","published_at":"2024-01-01T00:00:00Z"}'
+
+    def test_stable_across_retries_and_receive_times(self) -> None:
+        a = parse_webhook(self.BODY, JSON, PRODUCT, received_ts_ms=1)
+        b = parse_webhook(self.BODY, JSON, PRODUCT, received_ts_ms=2)
+        assert a.event_id == b.event_id
+
+    def test_changes_with_data_device_event_and_time(self) -> None:
+        ids = {_parse(self.BODY).event_id}
+        for old, new in ((b'"1"', b'"2"'), (b'"d"', b'"d2"'), (b'"e"', b'"e2"'),
+                         (b"00Z", b"01Z")):
+            ids.add(_parse(self.BODY.replace(old, new)).event_id)
+        assert len(ids) == 5
+
+    def test_template_event_id_wins(self) -> None:
+        up = _parse(b'{"event_id":"abc","coreid":"d","v":1}')
+        assert up.event_id == "particle:d:abc"
+        assert up.values == {"v": 1}
+
+    def test_without_published_at_the_receive_time_counts(self) -> None:
+        body = b'{"coreid":"d","v":1}'
+        a = parse_webhook(body, JSON, PRODUCT, received_ts_ms=1)
+        b = parse_webhook(body, JSON, PRODUCT, received_ts_ms=2)
+        assert a.event_id != b.event_id
+        assert (a.event_ts_ms, b.event_ts_ms) == (1, 2)
+
+
+@pytest.mark.parametrize(("value", "want"), [
+    ("20.00", 20.0), ("2", 2), (" -3 ", -3), ("1e3", 1000.0), ("abc", "abc"), ("", ""),
+    ("nan", "nan"), ("inf", "inf"), (True, True), (5, 5), (None, None), ([1.0, 2.0], [1.0, 2.0]),
+])
+def test_coerce_number(value: Any, want: Any) -> None:
+    got = coerce_number(value)
+    assert got == want and type(got) is type(want)
+
+
+@pytest.mark.parametrize(("ct", "style"), [
+    ("application/json", "json"), ("Application/JSON", "json"), ("application/vnd.x+json", "json"),
+    ("application/x-www-form-urlencoded", "form"), ("text/plain", "text"),
+    ("application/octet-stream", None), ("", None), ("multipart/form-data", None),
+])
+def test_body_style(ct: str, style: str | None) -> None:
+    assert body_style(ct) == style
