@@ -59,6 +59,10 @@ class Keys:
     def registry_channel(self) -> str:
         return f"{self.prefix}registry:changed"
 
+    def registry_changes(self) -> str:
+        """Stream of changed device keys, one entry per ``registry_version`` increment."""
+        return f"{self.prefix}registry:changes"
+
     def provision_lock(self, source: str, integration: str, device: str) -> str:
         return f"{self.prefix}lock:provision:{source}:{integration}:{device}"
 
