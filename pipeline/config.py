@@ -181,6 +181,25 @@ class IngestHttpConfig(_Base):
     max_body_bytes: int = 64 * 1024
     #: Refuse input with 503 + Retry-After when the uplinks stream lag passes this.
     backlog_high_water: int = 1_000_000
+    #: On stop: requests in flight get this long to finish before connections are closed.
+    shutdown_timeout_s: float = 10.0
+    #: Consecutive refused webhooks (bad auth or body) that mark a Particle integration Broken.
+    broken_after_failures: int = 3
+
+
+class IngestMqttConfig(_Base):
+    """The ingest-mqtt stage: one owner per TTS application through a Redis lease."""
+
+    #: Lease time: a standby takes an application over this long after its owner died.
+    lease_ttl_ms: int = 5_000
+    #: Entries appended per pipelined ``XADD`` round trip.
+    batch: int = 1_000
+    #: Decoded messages waiting for Redis; past it new ones are dropped and counted.
+    queue_max: int = 100_000
+    #: Payloads above this are dead-lettered as ``too_large``.
+    max_payload_bytes: int = 256 * 1024
+    #: Cap of the reconnect backoff.
+    max_backoff_s: float = 30.0
 
 
 class TransformConfig(_Base):
@@ -226,6 +245,7 @@ class Config(_Base):
     particle: list[ParticleProduct] = msgspec.field(default_factory=list)
     devices: list[DeviceEntry] = msgspec.field(default_factory=list)
     ingest_http: IngestHttpConfig = msgspec.field(default_factory=IngestHttpConfig)
+    ingest_mqtt: IngestMqttConfig = msgspec.field(default_factory=IngestMqttConfig)
     transform: TransformConfig = msgspec.field(default_factory=TransformConfig)
     egress: EgressConfig = msgspec.field(default_factory=EgressConfig)
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
