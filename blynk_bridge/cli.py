@@ -159,14 +159,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_config(sub.add_parser("status", help="integration statuses"))
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_ops("cmd_status"))
-    p = with_config(sub.add_parser("dead", help="inspect, replay or purge dead letters"))
-    p.add_argument("action", choices=["list", "show", "replay", "purge"])
-    p.add_argument("ids", nargs="*", help="dead-letter entry ids (default: all, for list)")
-    p.add_argument("--reason", help="only dead letters with this reason")
-    p.add_argument("--limit", type=int, default=50)
-    p.add_argument("--all", action="store_true", help="replay/purge: every dead letter")
-    p.add_argument("--json", action="store_true", help="list: one JSON object per line")
-    p.set_defaults(func=_ops("cmd_dead"))
+    dead = sub.add_parser("dead", help="inspect, replay or purge dead letters")
+    # One subparser per action, so ids may follow options: `dead show -c FILE 1700…-0`.
+    dead_sub = dead.add_subparsers(dest="action", required=True)
+    for action, help_ in (("list", "newest first"), ("show", "one or more, decoded"),
+                          ("replay", "back onto their origin stream"), ("purge", "delete")):
+        p = with_config(dead_sub.add_parser(action, help=help_))
+        p.add_argument("ids", nargs="*", help="dead-letter entry ids (default: all, for list)")
+        p.add_argument("--reason", help="only dead letters with this reason")
+        p.add_argument("--limit", type=int, default=50)
+        p.add_argument("--all", action="store_true", help="replay/purge: every dead letter")
+        p.add_argument("--json", action="store_true", help="list: one JSON object per line")
+        p.set_defaults(func=_ops("cmd_dead"))
 
     p = sub.add_parser("emulate", help="run an emulator: blynk, tts or particle")
     p.add_argument("emulator", choices=list(EMULATORS))

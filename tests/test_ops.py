@@ -1,0 +1,209 @@
+"""Operator commands end to end: the real CLI on the real Redis (lag, status, dead).
+
+The CLI runs its own event loop, so each call runs in a thread (``asyncio.to_thread``) while the
+test's loop prepares and checks Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+
+from blynk_bridge import cli
+from pipeline import events
+from pipeline.keys import DOWNLINKS, UPLINKS, WRITES, Keys
+from pipeline.status import StatusBoard
+from pipeline.streams import Redis, StreamReader, now_ms
+from tests.conftest import REDIS_URL
+
+TOKEN = "Xq9sECRETtokenABCDEFGHIJKLmnop42"
+TOPIC = "v3/app-ops@ttn/devices/dev-9/up"
+
+
+@pytest.fixture
+def config_file(tmp_path: Path, keys: Keys) -> str:
+    path = tmp_path / "bridge.yaml"
+    path.write_text(
+        f"redis:\n  url: {REDIS_URL}\n  prefix: '{keys.prefix}'\n"
+        "templates:\n  - name: sensor\n    datastreams:\n"
+        "      - {name: temperature, pin: V1, type: double}\n"
+    )
+    return str(path)
+
+
+async def _cli(*argv: str) -> int:
+    return await asyncio.to_thread(cli.main, list(argv))
+
+
+def _uplink(device: str) -> events.Uplink:
+    ts = now_ms()
+    return events.Uplink(event_id=f"e-{device}", source="tts", integration="app-ops",
+                         device=device, event_ts_ms=ts, received_ts_ms=ts,
+                         values={"temperature": 21.5})
+
+
+def _write() -> events.BlynkWrite:
+    ts = now_ms()
+    return events.BlynkWrite(token=TOKEN, server="default", device_key="k1", pins={"V1": "hot"},
+                             event_ts_ms=ts, received_ts_ms=ts, event_id="e-w")
+
+
+async def _dead_letter(redis: Redis, keys: Keys, stream: str, group: str, data: bytes,
+                       reason: str) -> str:
+    """Put ``data`` on ``stream`` and dead-letter it the way a stage does; returns the dead id."""
+    reader = StreamReader(redis, keys, [stream], group, "c1", stage=group)
+    await reader.ensure_group()
+    await redis.xadd(stream, {events.FIELD: data})
+    entries = await reader.read(block=False)
+    assert len(entries) == 1
+    await reader.dead_letter([(entries[0], reason, f"{reason} at {group}")])
+    last = await redis.xrevrange(keys.dead, count=1)
+    return str(last[0][0].decode())
+
+
+@pytest.fixture
+async def letters(redis: Redis, keys: Keys) -> dict[str, str]:
+    """Three dead letters: an uplink, a Blynk write (with a token), an MQTT payload from ingest."""
+    up = await _dead_letter(redis, keys, keys.stream(UPLINKS), "transform",
+                            events.encode(_uplink("dev-1")), "unknown_device")
+    wr = await _dead_letter(redis, keys, keys.stream(WRITES), "egress", events.encode(_write()),
+                            "type_mismatch")
+    mqtt = events.DeadLetter(stream=TOPIC, entry_id="", raw=b"{not json", stage="ingest-mqtt",
+                             reason="malformed", detail="not JSON", attempts=1,
+                             dead_ts_ms=now_ms())
+    mq = (await redis.xadd(keys.dead, {events.FIELD: events.encode(mqtt)})).decode()
+    return {"uplink": up, "write": wr, "mqtt": mq}
+
+
+async def _dead_ids(redis: Redis, keys: Keys) -> set[str]:
+    return {i.decode() for i, _ in await redis.xrange(keys.dead)}
+
+
+async def test_lag_lists_every_stream_and_group(
+    redis: Redis, keys: Keys, config_file: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    up, writes, down = (keys.stream(n) for n in (UPLINKS, WRITES, DOWNLINKS))
+    for _ in range(5):
+        await redis.xadd(up, {b"d": b"x"})
+    await redis.xgroup_create(up, "transform", id="0")
+    await redis.xgroup_create(up, "audit", id="$")
+    await redis.xreadgroup("transform", "c1", {up: ">"}, count=2)
+    await redis.xgroup_create(writes, "egress", id="0", mkstream=True)
+
+    assert await _cli("lag", "-c", config_file) == 0
+    out = capsys.readouterr().out
+    for name in (up, writes, down, keys.dead, "transform", "audit", "egress"):
+        assert name in out
+
+    assert await _cli("lag", "-c", config_file, "--json") == 0
+    rows = {r["key"]: r for r in json.loads(capsys.readouterr().out)}
+    assert set(rows) == {up, writes, down, keys.dead}
+    groups = {g["group"]: g for g in rows[up]["groups"]}
+    assert rows[up]["length"] == 5
+    assert (groups["transform"]["lag"], groups["transform"]["pending"]) == (3, 2)
+    assert (groups["audit"]["lag"], groups["audit"]["pending"]) == (0, 0)
+    assert groups["transform"]["oldest_pending_id"] is not None
+
+
+async def test_status_shows_integrations_and_unmapped_keys(
+    redis: Redis, keys: Keys, config_file: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    board = StatusBoard(redis, keys)
+    await board.connected("tts", "app-ops")
+    await board.failed("tts", "app-ops", f"401 from https://x/?token={TOKEN}", "credentials")
+    await redis.hset(keys.unmapped("sensor"), mapping={"humidity": 7, "battery": 2})
+
+    assert await _cli("status", "-c", config_file) == 0
+    out = capsys.readouterr().out
+    assert "app-ops" in out and "Broken" in out and "credentials" in out
+    assert "humidity" in out and "7" in out and "battery" in out
+    assert TOKEN not in out
+
+    assert await _cli("status", "-c", config_file, "--json") == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["integrations"][0]["state"] == "Broken"
+    assert data["unmapped"] == {"sensor": {"battery": 2, "humidity": 7}}
+
+
+async def test_dead_list_and_filter(
+    letters: dict[str, str], config_file: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert await _cli("dead", "list", "-c", config_file) == 0
+    out = capsys.readouterr().out
+    for reason in ("unknown_device", "type_mismatch", "malformed"):
+        assert reason in out
+    assert all(i in out for i in letters.values())
+
+    assert await _cli("dead", "list", "-c", config_file, "--reason", "type_mismatch",
+                      "--json") == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["id"], r["stage"], r["attempts"]) for r in rows] == [(letters["write"], "egress", 1)]
+
+
+async def test_dead_show_decodes_the_original_and_masks_tokens(
+    letters: dict[str, str], config_file: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert await _cli("dead", "show", "-c", config_file, letters["write"], letters["uplink"]) == 0
+    out = capsys.readouterr().out
+    assert TOKEN not in out
+    shown = [json.loads(chunk) for chunk in _json_objects(out)]
+    write, uplink = shown
+    assert write["entry"]["pins"] == {"V1": "hot"} and write["entry"]["token"].endswith("op42")
+    assert write["replayable"] is True
+    assert uplink["entry"]["device"] == "dev-1" and uplink["reason"] == "unknown_device"
+
+    assert await _cli("dead", "show", "-c", config_file, letters["mqtt"]) == 0
+    mqtt = json.loads(capsys.readouterr().out)
+    assert mqtt["replayable"] is False and "not json" in mqtt["entry"]
+
+    assert await _cli("dead", "show", "-c", config_file, "1-1") == 1
+    assert "no dead letter 1-1" in capsys.readouterr().err
+
+
+async def test_dead_replay_puts_the_entry_back_for_its_group(
+    redis: Redis, keys: Keys, letters: dict[str, str], config_file: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert await _cli("dead", "replay", "-c", config_file, letters["uplink"]) == 0
+    assert "replayed 1 of 1" in capsys.readouterr().out
+    assert letters["uplink"] not in await _dead_ids(redis, keys)
+
+    reader = StreamReader(redis, keys, [keys.stream(UPLINKS)], "transform", "c2",
+                          stage="transform")
+    entries = await reader.read(block=False)
+    assert [events.decode_uplink(e.data or b"").device for e in entries] == ["dev-1"]
+
+    assert await _cli("dead", "replay", "-c", config_file, letters["mqtt"]) == 1
+    captured = capsys.readouterr()
+    assert "cannot replay" in captured.err and TOPIC in captured.err
+    assert letters["mqtt"] in await _dead_ids(redis, keys)
+
+
+async def test_dead_purge_by_id_reason_and_all(
+    redis: Redis, keys: Keys, letters: dict[str, str], config_file: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert await _cli("dead", "purge", "-c", config_file) == 2
+    assert await _cli("dead", "purge", "-c", config_file, "--reason", "malformed") == 0
+    assert "purged 1 dead letters" in capsys.readouterr().out
+    assert await _dead_ids(redis, keys) == {letters["uplink"], letters["write"]}
+
+    assert await _cli("dead", "purge", "-c", config_file, letters["write"]) == 0
+    assert await _dead_ids(redis, keys) == {letters["uplink"]}
+
+    assert await _cli("dead", "purge", "-c", config_file, "--all") == 0
+    assert "purged 1 dead letters" in capsys.readouterr().out
+    assert await _dead_ids(redis, keys) == set()
+
+
+def _json_objects(text: str) -> list[str]:
+    """Split consecutive pretty-printed JSON objects (each starts with ``{`` on its own line)."""
+    chunks: list[str] = []
+    for line in text.splitlines(keepends=True):
+        if line.startswith("{"):
+            chunks.append("")
+        chunks[-1] += line
+    return chunks
