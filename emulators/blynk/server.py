@@ -1,0 +1,444 @@
+"""The emulator process: one shared model, one aiohttp app per region, limits, faults, inspection.
+
+:class:`BlynkEmulator` is the Python API tests use::
+
+    emu = BlynkEmulator.from_spec(spec)            # or .demo(), .from_file(path)
+    async with emu.serve({"fra1": 0, "ny3": 0}) as urls:   # 0 = a free port
+        ...                                         # urls["fra1"] == "http://127.0.0.1:PORT"
+        emu.device_by_token(token).values          # inspection
+        emu.faults.set(error_rate=0.5)             # fault injection
+
+Admin endpoints (``/_admin/…``, on every region port, never subject to faults or limits):
+``GET requests`` (ring buffer, tokens masked), ``GET devices``, ``GET devices/{id}`` (values,
+history, events, properties), ``GET counts`` (messages per device and organization),
+``GET webhooks`` (stats and attempt log), ``GET|POST|DELETE faults``, ``POST oauth/expire``,
+``POST reset``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from aiohttp import web
+from aiohttp.log import access_logger
+
+from emulators.blynk.device_api import DeviceApi, error
+from emulators.blynk.model import Device, Model
+from emulators.blynk.platform_api import PlatformApi
+from emulators.blynk.settings import (
+    EmulatorSpec,
+    OAuthClient,
+    RegionSpec,
+    Settings,
+    WebhookSpec,
+    load_spec,
+)
+from emulators.blynk.webhooks import Webhooks
+from pipeline.redact import redact_url
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class FaultSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """What ``POST /_admin/faults`` accepts (every key optional; omitted keys are reset)."""
+
+    #: Added latency per request (ms), plus up to ``jitter_ms`` more.
+    latency_ms: float = 0.0
+    jitter_ms: float = 0.0
+    #: Share of requests answered with ``error_status`` (a 5xx by default).
+    error_rate: float = 0.0
+    error_status: int = 503
+    #: Share of requests that hang (no answer for ``hang_s``, until the client times out).
+    hang_rate: float = 0.0
+    hang_s: float = 300.0
+    #: Share of requests whose connection is dropped without an answer.
+    drop_rate: float = 0.0
+    #: Full outage (every request 503) for this many seconds from now.
+    outage_s: float = 0.0
+    #: Every request 429 with ``Retry-After: retry_after_s`` for this many seconds from now.
+    storm_429_s: float = 0.0
+    retry_after_s: int = 1
+    #: Only requests whose path starts with this are affected (default: every non-admin path).
+    path_prefix: str = "/"
+
+
+class Faults:
+    """Run-time switchable failure injection; ``active`` is False on the fast path."""
+
+    def __init__(self) -> None:
+        self.spec = FaultSpec()
+        self.active = False
+        self.outage_until = 0.0
+        self.storm_until = 0.0
+        self.injected: dict[str, int] = {}
+        self._release = asyncio.Event()
+
+    def set(self, **kwargs: Any) -> None:
+        self.apply(msgspec.convert(kwargs, FaultSpec))
+
+    def apply(self, spec: FaultSpec) -> None:
+        self.spec = spec
+        now = time.monotonic()
+        self.outage_until = now + spec.outage_s if spec.outage_s else 0.0
+        self.storm_until = now + spec.storm_429_s if spec.storm_429_s else 0.0
+        self.active = bool(spec.latency_ms or spec.jitter_ms or spec.error_rate or spec.hang_rate
+                           or spec.drop_rate or spec.outage_s or spec.storm_429_s)
+        self._release.set()
+        self._release = asyncio.Event()
+
+    def clear(self) -> None:
+        self.apply(FaultSpec())
+
+    def state(self) -> dict[str, Any]:
+        now = time.monotonic()
+        return {"spec": msgspec.to_builtins(self.spec), "active": self.active,
+                "outage_left_s": max(0.0, self.outage_until - now),
+                "storm_left_s": max(0.0, self.storm_until - now), "injected": self.injected}
+
+    def _count(self, kind: str) -> None:
+        self.injected[kind] = self.injected.get(kind, 0) + 1
+
+    async def inject(self, request: web.Request) -> web.StreamResponse | None:
+        """The fault for this request, or None to serve it normally."""
+        s = self.spec
+        if not request.path.startswith(s.path_prefix):
+            return None
+        now = time.monotonic()
+        if now < self.outage_until:
+            self._count("outage")
+            return error("Service unavailable (emulated outage).", 503)
+        if now < self.storm_until:
+            self._count("429")
+            resp = error("Too many requests.", 429)
+            resp.headers["Retry-After"] = str(s.retry_after_s)
+            return resp
+        if s.latency_ms or s.jitter_ms:
+            await asyncio.sleep((s.latency_ms + random.random() * s.jitter_ms) / 1000)
+        roll = random.random()
+        if roll < s.drop_rate:
+            self._count("drop")
+            if request.transport is not None:
+                request.transport.abort()
+            raise ConnectionResetError("emulated dropped connection")
+        roll -= s.drop_rate
+        if roll < s.hang_rate:
+            self._count("hang")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._release.wait(), s.hang_s)
+            return error("Gateway timeout (emulated hang).", 504)
+        roll -= s.hang_rate
+        if roll < s.error_rate:
+            self._count(str(s.error_status))
+            return error("Internal server error (emulated).", s.error_status)
+        return None
+
+
+class BlynkEmulator:
+    """One emulated Blynk organization served on one port per region."""
+
+    def __init__(self, model: Model, settings: Settings | None = None, *,
+                 regions: dict[str, int | RegionSpec] | None = None, host: str = "127.0.0.1",
+                 oauth_clients: list[OAuthClient] | None = None,
+                 webhooks: list[WebhookSpec] | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.model = model
+        self.settings = settings or Settings()
+        self.host = host
+        self.regions: dict[str, RegionSpec] = {
+            name: r if isinstance(r, RegionSpec) else RegionSpec(port=r)
+            for name, r in (regions or {"fra1": 8081}).items()}
+        self.model.default_region = next(iter(self.regions))
+        #: Region → base URL (known once serving, or set by hand with :meth:`bind_region`).
+        self.region_urls: dict[str, str] = {n: r.public_url for n, r in self.regions.items()
+                                            if r.public_url}
+        self.clock = clock
+        self.spec_clients = oauth_clients if oauth_clients is not None else [
+            OAuthClient(client_id="demo-client", client_secret="demo-secret")]
+        self.faults = Faults()
+        self.platform = PlatformApi(self)
+        self.webhooks = Webhooks(model, self.settings, webhooks or [])
+        model.listeners.append(self.webhooks.on_update)
+        self.requests: deque[tuple[int, str, str, str, int]] = deque(
+            maxlen=max(1, self.settings.request_log_len))
+        self._record = self.settings.request_log_len > 0
+        self.org_messages = 0
+        self.org_month = 0
+        self.refused: dict[str, int] = {}
+        self._runners: list[web.AppRunner] = []
+        self._apps_running = 0
+
+    # construction -----------------------------------------------------------------------------
+    @classmethod
+    def from_spec(cls, spec: EmulatorSpec, **kwargs: Any) -> BlynkEmulator:
+        model = Model(history_len=spec.settings.history_len,
+                      default_region=next(iter(spec.regions), "fra1"))
+        for t in spec.templates:
+            model.add_template(t)
+        now = int(time.time() * 1000)
+        for d in spec.devices:
+            model.add_device_spec(d, now)
+        return cls(model, spec.settings, regions=spec.regions, host=spec.host,
+                   oauth_clients=spec.oauth_clients or None, webhooks=spec.webhooks, **kwargs)
+
+    @classmethod
+    def from_file(cls, path: str | Path, **kwargs: Any) -> BlynkEmulator:
+        return cls.from_spec(load_spec(path), **kwargs)
+
+    @classmethod
+    def demo(cls, **kwargs: Any) -> BlynkEmulator:
+        from emulators.blynk.demo import demo_spec
+
+        return cls.from_spec(demo_spec(), **kwargs)
+
+    def now_ms(self) -> int:
+        return int(self.clock() * 1000)
+
+    # limits ----------------------------------------------------------------------------------
+    def _over(self, kind: str) -> web.Response:
+        s = self.settings
+        self.refused[kind] = self.refused.get(kind, 0) + 1
+        resp = error(s.over_limit_message, s.over_limit_status)
+        resp.headers["Retry-After"] = str(s.retry_after_s)
+        return resp
+
+    def admit(self, dev: Device, *, update: bool) -> web.Response | None:
+        """Rate, daily and monthly limits of one device-API request; counts the message."""
+        s = self.settings
+        rps = s.device_rps
+        if rps is not None:
+            now = time.monotonic()
+            bucket = dev.bucket + (now - dev.bucket_ts) * rps
+            if bucket > rps:
+                bucket = rps
+            dev.bucket_ts = now
+            if bucket < 1.0:
+                dev.bucket = bucket
+                return self._over("rate")
+            dev.bucket = bucket - 1.0
+        now_ms = self.now_ms()
+        day = now_ms // 86_400_000
+        if dev.day != day:
+            dev.day, dev.updates_today, dev.imports_today, dev.events_today = day, 0, 0, 0
+        if update and s.daily_updates is not None:
+            if dev.updates_today >= s.daily_updates:
+                return self._over("daily_updates")
+            dev.updates_today += 1
+        month = day // 30
+        if month != self.org_month:
+            self.org_month, self.org_messages = month, 0
+        if s.monthly_messages is not None and self.org_messages >= s.monthly_messages:
+            return self._over("monthly_messages")
+        self.org_messages += 1
+        dev.messages += 1
+        return None
+
+    def admit_import(self, dev: Device, points: int) -> web.Response | None:
+        limit = self.settings.daily_import_points
+        if limit is not None and dev.imports_today + points > limit:
+            return self._over("daily_import_points")
+        dev.imports_today += points
+        return None
+
+    def admit_event(self, dev: Device) -> web.Response | None:
+        limit = self.settings.daily_events
+        if limit is not None and dev.events_today >= limit:
+            return self._over("daily_events")
+        dev.events_today += 1
+        return None
+
+    # apps -------------------------------------------------------------------------------------
+    def app(self, region: str | None = None) -> web.Application:
+        """The aiohttp app of one region (every region shares this emulator's state)."""
+        region = region or next(iter(self.regions))
+        if region not in self.regions:
+            raise KeyError(f"unknown region {region!r}")
+        app = web.Application(middlewares=[self._middleware],
+                              client_max_size=self.settings.max_request_bytes,
+                              handler_args={"max_line_size": self.settings.max_request_bytes,
+                                            "max_field_size": self.settings.max_request_bytes})
+        app.add_routes(DeviceApi(self, region).routes())
+        app.add_routes(self.platform.routes())
+        app.add_routes(self._admin_routes())
+        app.on_startup.append(self._on_startup)
+        app.on_cleanup.append(self._on_cleanup)
+        return app
+
+    def bind_region(self, region: str, base_url: str) -> None:
+        """Tell the emulator where a region is reachable (for 308 ``Location`` headers)."""
+        self.region_urls[region] = base_url.rstrip("/")
+
+    async def _on_startup(self, app: web.Application) -> None:
+        self._apps_running += 1
+        await self.webhooks.start()
+
+    async def _on_cleanup(self, app: web.Application) -> None:
+        self.faults.clear()  # releases hanging requests
+        self._apps_running -= 1
+        if self._apps_running == 0:
+            await self.webhooks.stop()
+
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        admin = request.path.startswith("/_admin")
+        if self.faults.active and not admin:
+            faulted = await self.faults.inject(request)
+            if faulted is not None:
+                self._log(request, faulted.status)
+                return faulted
+        try:
+            resp = await handler(request)
+        except web.HTTPException as exc:
+            self._log(request, exc.status)
+            raise
+        if not admin:
+            self._log(request, resp.status)
+        return resp
+
+    def _log(self, request: web.Request, status: int) -> None:
+        if self._record:
+            self.requests.append((self.now_ms(), request.host, request.method, request.raw_path,
+                                  status))
+
+    @contextlib.asynccontextmanager
+    async def serve(self, ports: dict[str, int] | None = None, *, host: str | None = None,
+                    access_log: bool = False) -> AsyncIterator[dict[str, str]]:
+        """Serve every region (``ports`` overrides the configured ones; 0 = a free port).
+
+        Yields region → base URL. Webhook senders run while serving.
+        """
+        host = host or self.host
+        wanted = ports or {n: r.port for n, r in self.regions.items()}
+        urls: dict[str, str] = {}
+        try:
+            for region, port in wanted.items():
+                runner = web.AppRunner(self.app(region),
+                                       access_log=access_logger if access_log else None)
+                await runner.setup()
+                self._runners.append(runner)
+                site = web.TCPSite(runner, host, port, reuse_address=True)
+                await site.start()
+                sock = site._server.sockets[0]  # type: ignore[union-attr]
+                real_port = sock.getsockname()[1]
+                configured = self.regions[region].public_url
+                advertised = self.settings.advertise_host if host in ("0.0.0.0", "::") else host
+                urls[region] = configured or f"http://{advertised}:{real_port}"
+                self.region_urls.setdefault(region, urls[region])
+                if not configured:
+                    self.region_urls[region] = urls[region]
+            yield urls
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        self.faults.clear()
+        for runner in self._runners:
+            await runner.cleanup()
+        self._runners = []
+
+    # inspection -------------------------------------------------------------------------------
+    def device_by_token(self, token: str) -> Device:
+        return self.model.by_token[token]
+
+    def recorded(self, limit: int | None = None) -> list[dict[str, Any]]:
+        """Requests received, newest last, tokens masked."""
+        items = list(self.requests)
+        if limit is not None:
+            items = items[-limit:]
+        return [{"ts_ms": ts, "host": host, "method": m, "path": redact_url(path),
+                 "status": status} for ts, host, m, path, status in items]
+
+    def counts(self) -> dict[str, Any]:
+        return {"organization": {"id": self.settings.org_id, "messages": self.org_messages},
+                "devices": {str(d.id): {"name": d.name, "messages": d.messages,
+                                        "updates_today": d.updates_today,
+                                        "imports_today": d.imports_today}
+                            for d in self.model.devices.values()},
+                "refused": dict(self.refused)}
+
+    def device_state(self, d: Device) -> dict[str, Any]:
+        return {"id": d.id, "name": d.name, "template": d.template.id, "region": d.region,
+                "token": redact_url(f"token={d.token}")[6:], "messages": d.messages,
+                "values": {p.lower(): {"value": v, "ts_ms": ts} for p, (v, ts) in d.values.items()},
+                "history": {p.lower(): [[ts, v] for ts, v in h] for p, h in d.history.items()},
+                "metafields": {m.name: d.metafields.get(m.id, "") for m in d.template.metafields},
+                "properties": {p.lower(): props for p, props in d.properties.items()},
+                "events": [list(e) for e in d.events]}
+
+    def reset(self) -> None:
+        """Forget values, history, counters, recorded requests, faults and webhook logs."""
+        self.model.reset_values()
+        self.requests.clear()
+        self.org_messages = 0
+        self.refused.clear()
+        self.faults.clear()
+        self.faults.injected.clear()
+        self.webhooks.log.clear()
+
+    def _admin_routes(self) -> list[web.RouteDef]:
+        def j(data: Any, status: int = 200) -> web.Response:
+            return web.Response(status=status, body=msgspec.json.encode(data),
+                                content_type="application/json")
+
+        async def requests(request: web.Request) -> web.Response:
+            limit = request.query.get("limit")
+            return j(self.recorded(int(limit) if limit and limit.isdigit() else None))
+
+        async def devices(request: web.Request) -> web.Response:
+            return j([self.device_state(d) for d in self.model.devices.values()])
+
+        async def device(request: web.Request) -> web.Response:
+            ref = request.match_info["id"]
+            d = self.model.devices.get(int(ref)) if ref.isdigit() else None
+            if d is None:
+                return j({"error": f"no device {ref}"}, 404)
+            return j(self.device_state(d))
+
+        async def counts(request: web.Request) -> web.Response:
+            return j(self.counts())
+
+        async def webhooks(request: web.Request) -> web.Response:
+            return j({"stats": self.webhooks.stats(), "log": list(self.webhooks.log)})
+
+        async def faults_get(request: web.Request) -> web.Response:
+            return j(self.faults.state())
+
+        async def faults_post(request: web.Request) -> web.Response:
+            try:
+                spec = msgspec.json.decode(await request.read(), type=FaultSpec)
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                return j({"error": str(exc)}, 400)
+            self.faults.apply(spec)
+            return j(self.faults.state())
+
+        async def faults_delete(request: web.Request) -> web.Response:
+            self.faults.clear()
+            return j(self.faults.state())
+
+        async def expire(request: web.Request) -> web.Response:
+            self.platform.expire_tokens()
+            return j({"expired": True})
+
+        async def reset(request: web.Request) -> web.Response:
+            self.reset()
+            return j({"reset": True})
+
+        return [
+            web.get("/_admin/requests", requests),
+            web.get("/_admin/devices", devices),
+            web.get("/_admin/devices/{id}", device),
+            web.get("/_admin/counts", counts),
+            web.get("/_admin/webhooks", webhooks),
+            web.get("/_admin/faults", faults_get),
+            web.post("/_admin/faults", faults_post),
+            web.delete("/_admin/faults", faults_delete),
+            web.post("/_admin/oauth/expire", expire),
+            web.post("/_admin/reset", reset),
+        ]
