@@ -77,3 +77,16 @@ LEASE_HELD = Gauge(
 def serve(host: str, port: int) -> None:
     """Serve ``/metrics`` from a background thread (prometheus-client's own server)."""
     start_http_server(port, addr=host)
+# egress (workers.egress)
+EGRESS_DROPPED = Counter(
+    "bb_egress_dropped_values_total",
+    "Values not sent to Blynk: coalesced (a newer one in the same flush) or stale (Blynk has newer)",
+    ["reason"],
+)
+EGRESS_HELD = Gauge(
+    "bb_egress_held_entries", "Write entries held in memory by egress (waiting, in flight, backoff)"
+)
+EGRESS_LEASE_LOST = Counter(
+    "bb_egress_lease_lost_total", "Device writes that outlived their in-flight lease (order at risk)"
+)
+
