@@ -22,6 +22,24 @@ DUPLICATES = Counter("bb_duplicates_total", "Uplinks dropped as already seen", [
 UNMAPPED = Counter(
     "bb_unmapped_keys_total", "Decoded keys with no datastream in their template", ["template"]
 )
+REJECTED_VALUES = Counter(
+    "bb_rejected_values_total",
+    "Decoded values not written because they do not fit their datastream",
+    ["template", "reason"],
+)
+REGISTRY_LOOKUPS = Counter(
+    "bb_registry_lookups_total", "Device registry lookups by cache outcome", ["outcome"]
+)
+REGISTRY_RESETS = Counter(
+    "bb_registry_cache_resets_total", "Registry caches dropped after a gap in the change log"
+)
+DEVICES_BROKEN = Counter("bb_devices_broken_total", "Devices marked broken", ["reason"])
+PROVISIONED = Counter(
+    "bb_provisioned_total", "Auto-provisioning attempts by outcome", ["integration", "outcome"]
+)
+TRANSFORM_SKIPPED = Counter(
+    "bb_transform_skipped_total", "Uplinks with nothing to write to Blynk", ["reason"]
+)
 WRITTEN = Counter("bb_written_values_total", "Datastream values written to Blynk", ["server"])
 BLYNK_REQUESTS = Counter(
     "bb_blynk_requests_total", "Requests to Blynk by endpoint and outcome", ["endpoint", "status"]
