@@ -91,10 +91,6 @@ LEASE_HELD = Gauge(
     "bb_lease_held", "1 while this process owns the lease of an integration", ["kind", "name"]
 )
 
-
-def serve(host: str, port: int) -> None:
-    """Serve ``/metrics`` from a background thread (prometheus-client's own server)."""
-    start_http_server(port, addr=host)
 # egress (workers.egress)
 EGRESS_DROPPED = Counter(
     "bb_egress_dropped_values_total",
@@ -108,3 +104,7 @@ EGRESS_LEASE_LOST = Counter(
     "bb_egress_lease_lost_total", "Device writes that outlived their in-flight lease (order at risk)"
 )
 
+
+def serve(host: str, port: int) -> None:
+    """Serve ``/metrics`` from a background thread (prometheus-client's own server)."""
+    start_http_server(port, addr=host)
