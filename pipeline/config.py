@@ -205,6 +205,10 @@ class IngestMqttConfig(_Base):
 class TransformConfig(_Base):
     dedup_window_s: int = 3600
     cache_size: int = 100_000
+    #: How often templates with ``pull: true`` re-read their datastreams from Blynk.
+    template_refresh_s: float = 300.0
+    #: How long an uplink waits for another worker that is creating its device.
+    provision_wait_s: float = 20.0
 
 
 class EgressConfig(_Base):
