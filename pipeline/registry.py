@@ -1,0 +1,419 @@
+"""The device registry: source device → Blynk device, in Redis, with a bounded in-process cache.
+
+**Rows.** One hash per device at ``keys.device(source, integration, device)`` with the fields
+``token``, ``template`` (a configured template name), ``server`` (a ``blynk.servers`` name or a
+base URL; empty = the default server), ``id`` (Blynk device id, when known), ``status``
+(``ok`` | ``broken``), ``reason``/``detail`` (why it is broken), ``firmware`` (from a decoded
+``Blynk Firmware Version``), ``meta_pending`` (provisioned, metafield not set yet),
+``updated_ms``. A *device key* is ``"{source}:{integration}:{device}"``.
+
+**Cache.** Rows read by this process are kept in an LRU of ``cache_size`` entries, so a worker's
+memory is bounded by the cache, not by the fleet. The cache never serves a row older than the
+last change committed before the current batch began:
+
+* every change to a row goes through :meth:`Registry._commit` — one ``MULTI`` that writes the
+  row, ``INCRBY``-s ``registry:version``, appends the device key to the ``registry:changes``
+  stream and ``PUBLISH``-es it on ``registry:changed``;
+* subscribers evict on each pub/sub message at once (the fast path);
+* the version check (:meth:`sync_queue`/:meth:`sync_apply`, queued in the pipeline each batch
+  already sends, so it costs no round trip) reads the changes since the last one applied and
+  evicts them. If fewer changes are found than the version moved (the change log was trimmed,
+  or this worker was far behind), the whole cache is dropped. A missed or late pub/sub message
+  therefore cannot leave a stale entry past the next batch.
+
+New rows need no invalidation (absence is never cached), but are logged as changes too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio.client import Pipeline
+from redis.exceptions import RedisError
+
+from pipeline import metrics
+from pipeline.config import DeviceEntry
+from pipeline.keys import Keys
+from pipeline.streams import Redis, now_ms
+
+log = logging.getLogger("blynk_bridge.registry")
+
+STATUS_OK = "ok"
+STATUS_BROKEN = "broken"
+#: Entries kept in the change log; a worker further behind than this drops its whole cache.
+CHANGES_MAXLEN = 100_000
+#: Changes read per version check; more than this also drops the whole cache.
+SYNC_MAX = 10_000
+
+
+def device_key(source: str, integration: str, device: str) -> str:
+    return f"{source}:{integration}:{device}"
+
+
+def split_key(key: str) -> tuple[str, str, str]:
+    """``"tts:app:dev-1"`` → ``("tts", "app", "dev-1")``; raises ``ValueError`` on other shapes."""
+    source, integration, device = key.split(":", 2)
+    return source, integration, device
+
+
+@dataclass(frozen=True, slots=True)
+class Device:
+    """One registry row (immutable: a change replaces the cached object)."""
+
+    key: str
+    token: str
+    template: str
+    server: str | None = None
+    blynk_id: int | None = None
+    status: str = STATUS_OK
+    reason: str | None = None
+    detail: str | None = None
+    firmware: str | None = None
+    meta_pending: bool = False
+
+    @property
+    def broken(self) -> bool:
+        return self.status == STATUS_BROKEN
+
+    @classmethod
+    def from_row(cls, key: str, row: Mapping[bytes, bytes]) -> Device | None:
+        """A device from ``HGETALL``; ``None`` for an absent row or one without a token."""
+        token = row.get(b"token")
+        if not token:
+            return None
+
+        def s(name: bytes) -> str | None:
+            v = row.get(name)
+            return v.decode() if v else None
+
+        bid = row.get(b"id")
+        return cls(
+            key=key,
+            token=token.decode(),
+            template=s(b"template") or "",
+            server=s(b"server"),
+            blynk_id=int(bid) if bid else None,
+            status=s(b"status") or STATUS_OK,
+            reason=s(b"reason"),
+            detail=s(b"detail"),
+            firmware=s(b"firmware"),
+            meta_pending=row.get(b"meta_pending") == b"1",
+        )
+
+
+# A change: the device key and the fields to set (None = delete the row), fields to delete.
+_Change = tuple[str, dict[str, str] | None, tuple[str, ...]]
+
+
+class Registry:
+    """Lookups through the bounded cache; every write is a logged, published change."""
+
+    def __init__(self, redis: Redis, keys: Keys, *, cache_size: int = 100_000) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._cache: OrderedDict[str, Device] = OrderedDict()
+        self._cache_size = max(1, cache_size)
+        self._applied_v: int | None = None
+        self._applied_id = "0-0"
+        # Bumped by every eviction: a load that overlapped one is returned but not cached.
+        self._gen = 0
+        self._listener: asyncio.Task[None] | None = None
+        self.subscribed = asyncio.Event()
+
+    # ---- keys ------------------------------------------------------------------------------
+
+    def row_key(self, key: str) -> str:
+        return self._keys.device(*split_key(key))
+
+    # ---- lookups ---------------------------------------------------------------------------
+
+    def cached(self, key: str) -> Device | None:
+        """The cached row of a device, if any (no I/O)."""
+        dev = self._cache.get(key)
+        if dev is not None:
+            self._cache.move_to_end(key)
+        return dev
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+    async def get(self, key: str, *, sync: bool = True) -> Device | None:
+        return (await self.get_many([key], sync=sync))[key]
+
+    async def get_many(self, keys: Iterable[str], *, sync: bool = True) -> dict[str, Device | None]:
+        """Rows of many devices: cache hits, then one pipelined ``HGETALL`` for the misses.
+
+        ``sync=False`` skips the version check, for a caller that ran :meth:`sync_queue` and
+        :meth:`sync_apply` in its own pipeline for this batch already.
+        """
+        if sync:
+            await self.sync()
+        out: dict[str, Device | None] = {}
+        misses: list[str] = []
+        cache = self._cache
+        for key in keys:
+            if key in out:
+                continue
+            dev = cache.get(key)
+            if dev is None:
+                misses.append(key)
+                out[key] = None
+            else:
+                cache.move_to_end(key)
+                out[key] = dev
+        if misses:
+            metrics.REGISTRY_LOOKUPS.labels("miss").inc(len(misses))
+            out.update(await self.load(misses))
+        hits = len(out) - len(misses)
+        if hits:
+            metrics.REGISTRY_LOOKUPS.labels("hit").inc(hits)
+        return out
+
+    async def load(self, keys: Sequence[str]) -> dict[str, Device | None]:
+        """Read rows from Redis (bypassing the cache) and cache the ones found."""
+        gen = self._gen
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.hgetall(self.row_key(key))
+            rows = await pipe.execute()
+        out: dict[str, Device | None] = {}
+        for key, row in zip(keys, rows, strict=True):
+            dev = Device.from_row(key, row)
+            out[key] = dev
+            if dev is not None and gen == self._gen:
+                self._put(dev)
+        return out
+
+    def _put(self, dev: Device) -> None:
+        cache = self._cache
+        cache[dev.key] = dev
+        cache.move_to_end(dev.key)
+        if len(cache) > self._cache_size:
+            cache.popitem(last=False)
+
+    def evict(self, key: str) -> None:
+        self._gen += 1
+        self._cache.pop(key, None)
+
+    def clear(self) -> None:
+        self._gen += 1
+        self._cache.clear()
+
+    # ---- the version check -----------------------------------------------------------------
+
+    def sync_queue(self, pipe: Pipeline) -> None:
+        """Queue the version check (2 commands) in a caller's pipeline; see :meth:`sync_apply`."""
+        pipe.get(self._keys.registry_version())
+        pipe.xrange(self._keys.registry_changes(), min=f"({self._applied_id}", count=SYNC_MAX)
+
+    def sync_apply(self, version: Any, changes: Sequence[tuple[bytes, dict[bytes, bytes]]]) -> bool:
+        """Apply the replies of :meth:`sync_queue`; ``False`` = the caller must :meth:`reset`."""
+        v = int(version or 0)
+        if self._applied_v is None:
+            return False
+        delta = v - self._applied_v
+        if delta == 0 and not changes:
+            return True
+        for _, fields in changes:
+            key = fields.get(b"k")
+            if key is not None:
+                self.evict(key.decode())
+        if len(changes) < delta or len(changes) >= SYNC_MAX:
+            # Changes are missing from the log (trimmed) or too many to read: start over.
+            metrics.REGISTRY_RESETS.inc()
+            return False
+        self._applied_v += len(changes)
+        if changes:
+            last = changes[-1][0]
+            self._applied_id = last.decode() if isinstance(last, bytes) else str(last)
+        return True
+
+    async def sync(self) -> None:
+        """Run the version check on its own (one round trip)."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            self.sync_queue(pipe)
+            version, changes = await pipe.execute()
+        if not self.sync_apply(version, changes):
+            await self.reset()
+
+    async def reset(self) -> None:
+        """Drop the cache and take the current version and change-log position atomically."""
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.get(self._keys.registry_version())
+            pipe.xrevrange(self._keys.registry_changes(), count=1)
+            version, last = await pipe.execute()
+        self.clear()
+        self._applied_v = int(version or 0)
+        if last:
+            rid = last[0][0]
+            self._applied_id = rid.decode() if isinstance(rid, bytes) else str(rid)
+        else:
+            self._applied_id = "0-0"
+
+    # ---- pub/sub -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Take the current version and start the pub/sub listener."""
+        await self.reset()
+        if self._listener is None:
+            self._listener = asyncio.create_task(self._listen(), name="registry-listener")
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
+            self._listener = None
+
+    async def _listen(self) -> None:
+        """Evict on every published change; reconnect with backoff (the version check covers
+        whatever is missed meanwhile)."""
+        from pipeline.consumer import backoff_s
+
+        attempt = 0
+        channel = self._keys.registry_channel()
+        while True:
+            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(channel)
+                self.subscribed.set()
+                attempt = 0
+                async for message in pubsub.listen():
+                    data = message.get("data")
+                    if isinstance(data, bytes):
+                        self.evict(data.decode())
+            except RedisError as exc:
+                self.subscribed.clear()
+                attempt += 1
+                log.warning("registry: pub/sub lost (%s); reconnecting", exc)
+                await asyncio.sleep(backoff_s(attempt, 10.0))
+            finally:
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    # ---- writes --------------------------------------------------------------------------
+
+    async def _commit(self, changes: Sequence[_Change]) -> None:
+        """Write rows, bump the version, log and publish each change — in one ``MULTI``."""
+        if not changes:
+            return
+        channel = self._keys.registry_channel()
+        log_key = self._keys.registry_changes()
+        async with self._redis.pipeline(transaction=True) as pipe:
+            for key, fields, drop in changes:
+                row = self.row_key(key)
+                if fields is None:
+                    pipe.delete(row)
+                else:
+                    if drop:
+                        pipe.hdel(row, *drop)
+                    values: dict[Any, Any] = {**fields, "updated_ms": str(now_ms())}
+                    pipe.hset(row, mapping=values)
+                pipe.xadd(log_key, {b"k": key.encode()}, maxlen=CHANGES_MAXLEN, approximate=True)
+                pipe.publish(channel, key)
+            pipe.incrby(self._keys.registry_version(), len(changes))
+            await pipe.execute()
+        for key, _, _ in changes:
+            self.evict(key)
+
+    async def register(
+        self,
+        key: str,
+        *,
+        token: str,
+        template: str,
+        server: str | None = None,
+        blynk_id: int | None = None,
+        meta_pending: bool = False,
+    ) -> Device:
+        """Create or replace a device's row (status back to ``ok``); returns the new row."""
+        await self._commit([_register_change(key, token, template, server, blynk_id,
+                                             meta_pending)])
+        dev = Device(key=key, token=token, template=template, server=server, blynk_id=blynk_id,
+                     meta_pending=meta_pending)
+        self._put(dev)
+        return dev
+
+    async def mark_broken(self, device_key: str, reason: str, detail: str) -> None:
+        """Mark a device broken (e.g. Blynk said its token is invalid). Transform then
+        dead-letters its uplinks with reason ``device_broken`` until it is registered again."""
+        await self._commit([(device_key, {"status": STATUS_BROKEN, "reason": reason,
+                                          "detail": detail[:500]}, ())])
+        metrics.DEVICES_BROKEN.labels(reason).inc()
+        log.warning("device %s marked broken: %s (%s)", device_key, reason, detail[:200])
+
+    async def mark_ok(self, device_key: str) -> None:
+        await self._commit([(device_key, {"status": STATUS_OK}, ("reason", "detail"))])
+
+    async def metafield_done(self, device_key: str) -> None:
+        await self._commit([(device_key, {}, ("meta_pending",))])
+
+    async def remove(self, device_key: str) -> None:
+        await self._commit([(device_key, None, ())])
+
+    async def set_firmware(self, items: Mapping[str, str]) -> None:
+        """Record devices' firmware versions. Not a mapping change: no version bump, and the
+        cached rows are updated in place so a worker writes each new version once."""
+        if not items:
+            return
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for key, fw in items.items():
+                pipe.hset(self.row_key(key), "firmware", fw)
+            await pipe.execute()
+        for key, fw in items.items():
+            dev = self._cache.get(key)
+            if dev is not None:
+                self._cache[key] = _replace_firmware(dev, fw)
+
+    async def load_static(
+        self, devices: Sequence[DeviceEntry], *, chunk: int = 1000
+    ) -> int:
+        """Register the configuration's static devices; idempotent. Returns rows changed.
+
+        Only rows whose token, template or server differ are written (a device marked broken
+        stays broken until its token changes), so restarting every worker changes nothing.
+        """
+        changed = 0
+        for start in range(0, len(devices), chunk):
+            part = devices[start : start + chunk]
+            keys = [device_key(d.source, d.integration, d.device) for d in part]
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.hgetall(self.row_key(key))
+                rows = await pipe.execute()
+            todo: list[_Change] = []
+            for key, dev, row in zip(keys, part, rows, strict=True):
+                want = {"token": dev.token.reveal(), "template": dev.template,
+                        "server": dev.server or ""}
+                have = {k: row.get(k.encode(), b"").decode() for k in want}
+                if have != want:
+                    todo.append(_register_change(key, want["token"], dev.template, dev.server,
+                                                 None, False))
+            await self._commit(todo)
+            changed += len(todo)
+        return changed
+
+
+def _register_change(
+    key: str, token: str, template: str, server: str | None, blynk_id: int | None,
+    meta_pending: bool,
+) -> _Change:
+    fields = {"token": token, "template": template, "server": server or "",
+              "status": STATUS_OK, "id": "" if blynk_id is None else str(blynk_id)}
+    drop: tuple[str, ...] = ("reason", "detail")
+    if meta_pending:
+        fields["meta_pending"] = "1"
+    else:
+        drop += ("meta_pending",)
+    return key, fields, drop
+
+
+def _replace_firmware(dev: Device, fw: str) -> Device:
+    from dataclasses import replace
+
+    return replace(dev, firmware=fw)
