@@ -127,7 +127,7 @@ class Faults:
             self._count("drop")
             if request.transport is not None:
                 request.transport.abort()
-            raise ConnectionResetError("emulated dropped connection")
+            return web.Response(status=499)  # never reaches the client: the socket is gone
         roll -= s.drop_rate
         if roll < s.hang_rate:
             self._count("hang")
