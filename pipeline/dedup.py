@@ -1,0 +1,61 @@
+"""De-duplication of uplinks by ``event_id`` within a window.
+
+One ``SET seen:<event_id> <mark> NX EX <window> GET`` per uplink, pipelined for the whole batch
+(and in the same round trip as the registry's version check). The *mark* is the stream entry
+that claimed the event (``<stream>/<entry id>``), which is what makes marking before writing
+safe:
+
+* the reply is nil → the event is new; this entry now owns it;
+* the reply is this entry's own mark → this is a *redelivery* of the entry that claimed the
+  event (it crashed or failed between marking and writing), so it is processed again — a crash
+  between marking and the ``XADD`` of the outputs loses nothing;
+* any other mark → another entry carries the same event: a duplicate, acked and counted.
+
+So the check costs no extra round trip and never drops the only copy of an event: a second
+entry with the same event is dropped only because the first one owns it, and the first stays
+pending until its outputs are written. The one duplicate write left is at-least-once itself: an
+entry whose outputs landed but whose ack did not is processed again on redelivery (egress's
+event-time ordering makes that write a no-op in Blynk).
+
+Replaying a dead letter appends a *new* entry with the same ``event_id``: call :func:`forget`
+first (transform does so itself for every uplink it dead-letters whole), or the replay would be
+dropped as a duplicate within the window.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from redis.asyncio.client import Pipeline
+
+from pipeline.keys import Keys
+from pipeline.streams import Entry, Redis
+
+
+def mark_of(entry: Entry) -> bytes:
+    return f"{entry.stream}/{entry.id}".encode()
+
+
+def queue_claims(pipe: Pipeline, keys: Keys, claims: Iterable[tuple[str, bytes]],
+                 window_s: int) -> None:
+    """Queue one ``SET NX EX GET`` per ``(event_id, mark)``."""
+    for event_id, mark in claims:
+        pipe.set(keys.seen(event_id), mark, nx=True, ex=window_s, get=True)
+
+
+def is_duplicate(reply: bytes | None, mark: bytes) -> bool:
+    """Whether a claim's reply says another entry owns the event."""
+    return reply is not None and reply != mark
+
+
+def queue_forget(pipe: Pipeline, keys: Keys, event_ids: Iterable[str]) -> None:
+    ids = [keys.seen(e) for e in event_ids]
+    if ids:
+        pipe.delete(*ids)
+
+
+async def forget(redis: Redis, keys: Keys, event_ids: Iterable[str]) -> None:
+    """Forget events, so re-appended (replayed) uplinks carrying them are processed again."""
+    ids = [keys.seen(e) for e in event_ids]
+    if ids:
+        await redis.delete(*ids)

@@ -1,0 +1,248 @@
+"""The transform stage on the real Redis: writes, de-duplication, dead letters, invalidation."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipeline import config as config_mod
+from pipeline import events
+from pipeline.context import Context
+from pipeline.events import Radio, Uplink, Value
+from pipeline.keys import GROUP_TRANSFORM, Keys
+from pipeline.registry import Registry
+from pipeline.streams import Redis, StreamWriter
+from workers.transform import TransformStage
+
+CONFIG = """
+blynk:
+  servers: {default: "http://127.0.0.1:1", fra1: "https://fra1.blynk.cloud"}
+streams: {batch: 50, block_ms: 100}
+templates:
+  - name: button
+    datastreams:
+      - {name: batteryVoltage, pin: V0, type: double, min: 0, max: 3.3}
+      - {name: pressEvent, pin: V1, type: integer}
+      - {name: sensorTemperature, pin: V2, type: double, history: true}
+      - {name: RSSI, pin: V10, type: integer, min: -110, max: 0}
+  - name: blueprint
+    datastreams:
+      - {name: last_publish, pin: V6, type: string}
+      - {name: millis, pin: V14, type: integer}
+    mapping: {PARTICLE_PUBLISHED_AT: V6}
+tts:
+  - {name: app, app_id: starter-kit, template: button}
+particle:
+  - {name: prod, template: blueprint}
+devices:
+  - {source: tts, integration: app, device: eui-70b3d52dd600035a, token: TOKEN-A,
+     template: button, server: fra1}
+"""
+
+
+def make_config(prefix: str, extra: str = "") -> config_mod.Config:
+    text = CONFIG + textwrap.dedent(extra) + f"\nredis: {{prefix: '{prefix}'}}\n"
+    return config_mod.parse(text, "yaml", "test.yaml", env={})
+
+
+@pytest.fixture
+async def ctx(redis: Redis, keys: Keys, prefix: str) -> AsyncIterator[Context]:
+    c = Context(config=make_config(prefix), redis=redis, keys=keys, consumer="t1",
+                writer=StreamWriter(redis))
+    yield c
+    await c.writer.close()
+
+
+FixturePath = Callable[[str], Path]
+DEVICE = "eui-70b3d52dd600035a"
+
+
+def button_uplink(fixture_path: FixturePath, **kw: Any) -> Uplink:
+    msg = json.loads(fixture_path("tts/tts-uplink-02.json").read_text())
+    up = msg["uplink_message"]
+    base: dict[str, Any] = dict(
+        event_id="as:up:1", source="tts", integration="app", device=DEVICE,
+        event_ts_ms=1_744_804_453_995, received_ts_ms=1_744_804_454_000,
+        values=up["decoded_payload"], radio=Radio(rssi=-31, snr=9.5, gateways=1),
+    )
+    base.update(kw)
+    return Uplink(**base)
+
+
+async def add(ctx: Context, *uplinks: Uplink) -> None:
+    await ctx.writer.add_many([(ctx.keys.stream("uplinks"), events.encode(u)) for u in uplinks])
+
+
+async def run(ctx: Context) -> TransformStage:
+    import asyncio
+
+    stage = TransformStage(ctx, until_idle=True)
+    await stage.startup()
+    await stage.main_loop(asyncio.Event())
+    await stage.shutdown()
+    return stage
+
+
+async def writes(ctx: Context) -> list[events.BlynkWrite]:
+    rows = await ctx.redis.xrange(ctx.keys.stream("writes"))
+    return [events.decode_write(f[events.FIELD]) for _, f in rows]
+
+
+async def dead(ctx: Context) -> list[events.DeadLetter]:
+    rows = await ctx.redis.xrange(ctx.keys.dead)
+    return [events.decode_dead(f[events.FIELD]) for _, f in rows]
+
+
+async def pending(ctx: Context) -> int:
+    info = await ctx.redis.xpending(ctx.keys.stream("uplinks"), GROUP_TRANSFORM)
+    return int(info["pending"])
+
+
+async def test_static_device_uplink_becomes_one_write(ctx: Context,
+                                                      fixture_path: FixturePath) -> None:
+    await add(ctx, button_uplink(fixture_path))
+    await run(ctx)
+    [w] = await writes(ctx)
+    assert w.token == "TOKEN-A" and w.server == "https://fra1.blynk.cloud"
+    assert w.device_key == f"tts:app:{DEVICE}" and w.event_id == "as:up:1"
+    assert w.pins == {"V0": 3.3, "V1": 1, "V2": 21.5, "V10": -31}
+    assert w.history_pins == ["V2"]
+    assert w.event_ts_ms == 1_744_804_453_995
+    assert await pending(ctx) == 0
+    # The keys the template lacks are counted for `status`.
+    unmapped = await ctx.redis.hgetall(ctx.keys.unmapped("button"))
+    assert unmapped == {b"singlePressEventCounter": b"1", b"thermistorProperlyConnected": b"1"}
+
+
+async def test_duplicates_are_dropped(ctx: Context, fixture_path: FixturePath) -> None:
+    u = button_uplink(fixture_path)
+    await add(ctx, u, u)  # the same event twice in one batch
+    await run(ctx)
+    await add(ctx, u)  # and again later
+    await run(ctx)
+    assert len(await writes(ctx)) == 1
+    assert await pending(ctx) == 0
+
+
+async def test_crash_after_marking_does_not_lose_the_entry(ctx: Context,
+                                                           fixture_path: FixturePath) -> None:
+    # A worker read the entry and marked its event seen, then died before writing: the entry is
+    # pending with its own mark. Whoever takes it over must still write it.
+    await add(ctx, button_uplink(fixture_path))
+    stream = ctx.keys.stream("uplinks")
+    await ctx.redis.xgroup_create(stream, GROUP_TRANSFORM, id="0", mkstream=True)
+    reply = await ctx.redis.xreadgroup(GROUP_TRANSFORM, "t1", {stream: ">"}, count=10)
+    entry_id = reply[0][1][0][0].decode()
+    await ctx.redis.set(ctx.keys.seen("as:up:1"), f"{stream}/{entry_id}", ex=60)
+    await run(ctx)  # same consumer name: its own pending entries come first
+    assert len(await writes(ctx)) == 1
+    assert await pending(ctx) == 0
+
+
+async def test_unknown_device_is_dead_lettered(ctx: Context, fixture_path: FixturePath) -> None:
+    await add(ctx, button_uplink(fixture_path, device="stranger", event_id="as:up:2"))
+    await run(ctx)
+    assert await writes(ctx) == []
+    [d] = await dead(ctx)
+    assert d.reason == "unknown_device" and "stranger" in d.detail and d.stage == "transform"
+    assert events.decode_uplink(d.raw).device == "stranger"  # the original, for replay
+    assert await pending(ctx) == 0
+    # Its de-duplication mark is gone, so a replay after registering the device goes through.
+    assert await ctx.redis.exists(ctx.keys.seen("as:up:2")) == 0
+    await Registry(ctx.redis, ctx.keys).register("tts:app:stranger", token="T", template="button")
+    await ctx.redis.xadd(ctx.keys.stream("uplinks"), {events.FIELD: d.raw})
+    await run(ctx)
+    [w] = await writes(ctx)
+    assert w.device_key == "tts:app:stranger"
+
+
+async def test_type_mismatch_is_a_partial_dead_letter(ctx: Context,
+                                                      fixture_path: FixturePath) -> None:
+    u = button_uplink(fixture_path)
+    bad: dict[str, Value] = {**u.values, "pressEvent": "twice", "sensorTemperature": [1.0, 2.0]}
+    await add(ctx, button_uplink(fixture_path, values=bad))
+    await run(ctx)
+    [w] = await writes(ctx)
+    assert w.pins == {"V0": 3.3, "V10": -31}
+    [d] = await dead(ctx)
+    assert d.reason == "type_mismatch"
+    assert "'pressEvent' → V1" in d.detail and "'sensorTemperature' → V2" in d.detail
+    assert events.decode_uplink(d.raw).values == bad
+    assert await pending(ctx) == 0
+
+
+async def test_registry_change_reaches_a_running_stage(ctx: Context,
+                                                       fixture_path: FixturePath) -> None:
+    import asyncio
+
+    stage = TransformStage(ctx, until_idle=True)
+    await stage.startup()
+    await add(ctx, button_uplink(fixture_path, event_id="e1"))
+    await stage.main_loop(asyncio.Event())
+    assert stage.registry.cached(f"tts:app:{DEVICE}") is not None
+    # Another process re-registers the device with a new token...
+    other = Registry(ctx.redis, ctx.keys)
+    await other.register(f"tts:app:{DEVICE}", token="TOKEN-B", template="button")
+    await add(ctx, button_uplink(fixture_path, event_id="e2"))
+    await stage.main_loop(asyncio.Event())
+    # ...then marks it broken (as egress does on "Invalid token.").
+    await other.mark_broken(f"tts:app:{DEVICE}", "invalid_token", "Invalid token.")
+    await add(ctx, button_uplink(fixture_path, event_id="e3"))
+    await stage.main_loop(asyncio.Event())
+    await stage.shutdown()
+    assert [w.token for w in await writes(ctx)] == ["TOKEN-A", "TOKEN-B"]
+    [d] = await dead(ctx)
+    assert d.reason == "device_broken" and "invalid_token" in d.detail
+
+
+async def test_particle_blueprint_token_needs_no_registry(ctx: Context) -> None:
+    u = Uplink(event_id="p1", source="particle", integration="prod", device="blynk-abc",
+               event_ts_ms=1715597740306, received_ts_ms=1715597740400,
+               values={"v14": 123, "unknown": 1}, token="BLUEPRINT-TOKEN")
+    await add(ctx, u)
+    await run(ctx)
+    [w] = await writes(ctx)
+    assert w.token == "BLUEPRINT-TOKEN" and w.server == "http://127.0.0.1:1"
+    assert w.pins == {"V14": 123, "V6": "2024-05-13T10:55:40.306Z"}
+
+
+async def test_firmware_joins_and_garbage(ctx: Context, fixture_path: FixturePath) -> None:
+    await add(
+        ctx,
+        button_uplink(fixture_path, event_id="f1",
+                      values={"Blynk Firmware Version": "ttn-1.0.0", "pressEvent": 1}),
+        button_uplink(fixture_path, event_id="j1", kind="join", values={}, radio=None),
+    )
+    await ctx.redis.xadd(ctx.keys.stream("uplinks"), {events.FIELD: b"\x01not msgpack"})
+    await run(ctx)
+    [w] = await writes(ctx)
+    assert w.pins == {"V1": 1, "V10": -31}
+    row = await ctx.redis.hgetall(ctx.keys.device("tts", "app", DEVICE))
+    assert row[b"firmware"] == b"ttn-1.0.0"
+    [d] = await dead(ctx)
+    assert d.reason == "undecodable"
+    assert await pending(ctx) == 0
+
+
+async def test_template_rules_choose_by_device_meta(redis: Redis, keys: Keys,
+                                                    prefix: str) -> None:
+    # One TTS application, two templates: a device whose model is "other" uses the blueprint.
+    c = make_config(prefix)
+    c.tts[0].template_rules.append(config_mod.TemplateRule(template="blueprint",
+                                                           field="model_id", equals="other"))
+    ctx = Context(config=c, redis=redis, keys=keys, consumer="t1", writer=StreamWriter(redis))
+    reg = Registry(redis, keys)
+    await reg.register("tts:app:x", token="T", template="")  # row without a template
+    u = Uplink(event_id="r1", source="tts", integration="app", device="x", event_ts_ms=1,
+               received_ts_ms=2, values={"millis": 5, "pressEvent": 2},
+               device_meta={"model_id": "other"})
+    await add(ctx, u)
+    await run(ctx)
+    [w] = await writes(ctx)
+    assert w.pins == {"V14": 5}
+    await ctx.writer.close()
