@@ -1,0 +1,383 @@
+"""The bridge's client of Blynk's device HTTPS API: one session, typed outcomes, region memory.
+
+Contract of every request method:
+
+* It never raises for anything Blynk or the network does: the answer is an :data:`Outcome` —
+  :class:`Ok` (2xx; ``server`` = the base URL that answered), :class:`Retry` (timeouts,
+  connection errors, 5xx, 429 with ``Retry-After`` in ``retry_after_s``, a second redirect) or
+  :class:`Fail` with a reason code from :mod:`pipeline.blynk.outcomes` (``invalid_token``,
+  ``wrong_pin``, ``type_mismatch``, ``no_datastream``, ``too_large``, ``bad_request``…).
+  Blynk's error messages are matched loosely (lower case, trailing period stripped): its docs
+  disagree on the periods.
+* ``server`` is a key of ``config.servers`` or a full base URL. A ``308`` is followed once; the
+  region it points at is remembered per token in Redis (``keys.region(sha256(token)[:16])``), so
+  every replica learns it, and is asked first next time.
+* Tokens never appear in full in logs, outcomes or exceptions (``pipeline.redact.mask``).
+* Every request is counted in ``bb_blynk_requests_total{endpoint, status}``.
+
+One :class:`aiohttp.ClientSession` (created lazily, in the running loop) with a bounded,
+keep-alive connection pool of ``config.max_connections`` and a total timeout of
+``config.timeout_s`` per request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from email.utils import parsedate_to_datetime
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+import msgspec
+from redis.exceptions import RedisError
+from yarl import URL
+
+from pipeline import metrics
+from pipeline.blynk.outcomes import (
+    BAD_REQUEST,
+    INVALID_TOKEN,
+    NO_DATASTREAM,
+    NOT_FOUND,
+    TOO_LARGE,
+    TYPE_MISMATCH,
+    UNAUTHORIZED,
+    WRONG_PIN,
+    Fail,
+    Ok,
+    Outcome,
+    Retry,
+)
+from pipeline.config import BlynkConfig
+from pipeline.events import Value
+from pipeline.keys import Keys
+from pipeline.redact import mask, redact_url
+from pipeline.streams import Redis
+
+log = logging.getLogger("pipeline.blynk")
+
+#: Retry reasons.
+TIMEOUT = "timeout"
+CONNECTION = "connection"
+SERVER_ERROR = "server_error"
+RATE_LIMITED = "rate_limited"
+REDIRECT = "redirect"
+
+#: Blynk's documented error messages (normalized) → reason code. Prefix matches for messages
+#: that carry a name or a number.
+_MESSAGES: dict[str, str] = {
+    "invalid token": INVALID_TOKEN,
+    "wrong pin format": WRONG_PIN,
+    "wrong datastreamid format": WRONG_PIN,
+    "value doesn't match the datastream data type": TYPE_MISMATCH,
+    "no datastream setup for that pin": NO_DATASTREAM,
+    "unknown content type": BAD_REQUEST,
+}
+_PREFIXES: tuple[tuple[str, str], ...] = (
+    ("requested datastream doesn't exist", NO_DATASTREAM),
+    ("too much data in batch", TOO_LARGE),
+)
+
+#: Points per timestamped upload (Blynk's documented maximum).
+MAX_UPLOAD_POINTS = 10_000
+_REGION_TTL_S = 30 * 86_400
+_REGION_CACHE = 100_000
+_error_decoder = msgspec.json.Decoder()
+
+
+def normalize(message: str) -> str:
+    """``"Invalid token."`` → ``"invalid token"``: how Blynk messages are compared."""
+    return message.strip().lower().rstrip(".").strip()
+
+
+def classify(message: str) -> str:
+    """The reason code of one Blynk error message (``bad_request`` when unknown)."""
+    norm = normalize(message)
+    reason = _MESSAGES.get(norm)
+    if reason is not None:
+        return reason
+    for prefix, code in _PREFIXES:
+        if norm.startswith(prefix):
+            return code
+    return BAD_REQUEST
+
+
+def error_message(body: str) -> str:
+    """The ``message`` of ``{"error":{"message":"…"}}``, else the body itself (shortened)."""
+    try:
+        data = _error_decoder.decode(body)
+    except msgspec.DecodeError:
+        return body[:200]
+    if isinstance(data, dict):
+        err = data.get("error")
+        if isinstance(err, dict) and isinstance(err.get("message"), str):
+            return str(err["message"])
+        if isinstance(err, str):
+            return err
+    return body[:200]
+
+
+def retry_after(value: str | None) -> float | None:
+    """``Retry-After`` in seconds (delta-seconds or an HTTP date); None when absent/garbled."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        return max(0.0, when.timestamp() - time.time())
+    return max(0.0, seconds) if math.isfinite(seconds) else None
+
+
+def format_value(value: Value) -> str | None:
+    """Query-string text of a value: bool → 1/0, location ``[lon, lat]`` → ``lon,lat``."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, list):
+        return ",".join(repr(float(v)) for v in value)
+    return str(value)
+
+
+def json_value(value: Value) -> Any:
+    """JSON value of a timestamped point: bool → 1/0, everything else as is."""
+    if isinstance(value, bool):
+        return 1 if value else 0
+    return value
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()[:16]
+
+
+_SAFE = "-._~:,"
+
+
+def _q(text: str) -> str:
+    return quote(text, safe=_SAFE)
+
+
+class BlynkClient:
+    """Blynk device HTTPS API client for one process (see the module docstring)."""
+
+    def __init__(self, config: BlynkConfig, redis: Redis, keys: Keys) -> None:
+        self.config = config
+        self.redis = redis
+        self.keys = keys
+        self._session: aiohttp.ClientSession | None = None
+        #: token hash → base URL learned from a 308 ("" = none known); bounded LRU.
+        self._regions: OrderedDict[str, str] = OrderedDict()
+
+    # session ----------------------------------------------------------------------------------
+    def session(self) -> aiohttp.ClientSession:
+        """The one shared session (created on first use, inside the running loop)."""
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(limit=self.config.max_connections,
+                                             keepalive_timeout=30.0, ttl_dns_cache=300)
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                timeout=aiohttp.ClientTimeout(total=self.config.timeout_s),
+                auto_decompress=True,
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def base_url(self, server: str) -> str:
+        """A key of ``config.servers`` → its URL; anything else is taken as a base URL."""
+        return self.config.servers.get(server, server).rstrip("/")
+
+    # region memory ----------------------------------------------------------------------------
+    async def _region(self, token: str) -> str | None:
+        h = token_hash(token)
+        cached = self._regions.get(h)
+        if cached is not None:
+            self._regions.move_to_end(h)
+            return cached or None
+        try:
+            raw = await self.redis.get(self.keys.region(h))
+        except RedisError as exc:  # Redis trouble must not stop writes: use the configured server
+            log.warning("region lookup failed for token %s: %s", mask(token), type(exc).__name__)
+            return None
+        base = raw.decode() if isinstance(raw, bytes) else (raw or "")
+        self._remember_local(h, base)
+        return base or None
+
+    def _remember_local(self, h: str, base: str) -> None:
+        self._regions[h] = base
+        self._regions.move_to_end(h)
+        while len(self._regions) > _REGION_CACHE:
+            self._regions.popitem(last=False)
+
+    async def _remember(self, token: str, base: str) -> None:
+        h = token_hash(token)
+        self._remember_local(h, base)
+        try:
+            await self.redis.set(self.keys.region(h), base.encode(), ex=_REGION_TTL_S)
+        except RedisError as exc:  # the region is still known in this process
+            log.warning("could not store region of token %s: %s", mask(token),
+                        type(exc).__name__)
+        log.info("token %s lives at %s (learned from a 308)", mask(token), base)
+
+    # requests ---------------------------------------------------------------------------------
+    async def _request(self, endpoint: str, server: str, token: str, path_query: str, *,
+                       method: str = "GET", body: bytes | None = None,
+                       pin: str | None = None) -> Outcome:
+        """Send one request; follow a 308 once; classify the answer."""
+        base = await self._region(token) or self.base_url(server)
+        redirected = False
+        while True:
+            url = base + path_query
+            outcome, location = await self._send(endpoint, method, url, body, token, pin)
+            if location is None:
+                if isinstance(outcome, Ok):
+                    return Ok(outcome.status, outcome.body, server=base)
+                return outcome
+            if redirected:
+                return Retry(REDIRECT, "redirected twice: " + redact_url(location), status=308)
+            new_base = _base_of(location, path_query)
+            if new_base is None:
+                return Retry(REDIRECT, "308 without a usable Location: "
+                             + redact_url(location), status=308)
+            redirected = True
+            base = new_base
+            await self._remember(token, base)
+
+    async def _send(self, endpoint: str, method: str, url: str, body: bytes | None, token: str,
+                    pin: str | None) -> tuple[Outcome, str | None]:
+        headers = {"Content-Type": "application/json"} if body is not None else None
+        counter = metrics.BLYNK_REQUESTS
+        try:
+            async with self.session().request(method, URL(url, encoded=True), data=body,
+                                              headers=headers, allow_redirects=False) as resp:
+                status = resp.status
+                text = await resp.text()
+                location = resp.headers.get("Location")
+                retry_hdr = resp.headers.get("Retry-After")
+        except TimeoutError:
+            counter.labels(endpoint, "timeout").inc()
+            return Retry(TIMEOUT, f"no answer within {self.config.timeout_s}s"), None
+        except aiohttp.ClientError as exc:
+            counter.labels(endpoint, "error").inc()
+            return Retry(CONNECTION, f"{type(exc).__name__}: {_scrub(str(exc), token)}"), None
+        counter.labels(endpoint, str(status)).inc()
+        if 200 <= status < 300:
+            return Ok(status, text), None
+        if status in (301, 302, 307, 308) and location:
+            return Ok(status), location
+        return classify_answer(status, text, retry_hdr, pin), None
+
+    async def batch_update(self, server: str, token: str, pins: Mapping[str, Value]) -> Outcome:
+        """``GET batch/update?token=…&V1=…``: one message, one timestamp for every pin."""
+        parts = ["/external/api/batch/update?token=", _q(token)]
+        only: str | None = None
+        for pin, value in pins.items():
+            text = format_value(value)
+            if text is None:
+                continue
+            parts += ["&", _q(pin), "=", _q(text)]
+            only = pin if only is None else ""
+        if only is None:
+            return Ok(200, "nothing to write")
+        return await self._request("batch_update", server, token, "".join(parts),
+                                   pin=only or None)
+
+    async def update(self, server: str, token: str, pin: str, value: Value) -> Outcome:
+        """``GET update?token=…&V1=…`` (a location goes as ``pin=V1&value=lon&value=lat``)."""
+        if isinstance(value, list):
+            query = (f"&pin={_q(pin)}" +
+                     "".join(f"&value={_q(repr(float(v)))}" for v in value))
+        else:
+            text = format_value(value)
+            if text is None:
+                return Ok(200, "nothing to write")
+            query = f"&{_q(pin)}={_q(text)}"
+        return await self._request("update", server, token,
+                                   f"/external/api/update?token={_q(token)}{query}", pin=pin)
+
+    async def upload_history(self, server: str, token: str, pin: str,
+                             points: Sequence[tuple[int, Value]]) -> Outcome:
+        """``POST batch/update?token=…&pin=…`` with ``[[ts_ms, value], …]`` (JSON).
+
+        More than 10,000 points go in several requests, in order; the first answer that is not
+        Ok is returned (the points before it were written).
+        """
+        path = f"/external/api/batch/update?token={_q(token)}&pin={_q(pin)}"
+        outcome: Outcome = Ok(200, "nothing to write")
+        for start in range(0, len(points), MAX_UPLOAD_POINTS):
+            chunk = [[ts, json_value(v)] for ts, v in points[start:start + MAX_UPLOAD_POINTS]
+                     if v is not None]
+            if not chunk:
+                continue
+            outcome = await self._request("upload", server, token, path, method="POST",
+                                          body=msgspec.json.encode(chunk), pin=pin)
+            if not isinstance(outcome, Ok):
+                return outcome
+        return outcome
+
+    async def get(self, server: str, token: str, pins: Sequence[str]) -> Outcome:
+        """``GET get?token=…&v1&v2``: one pin → raw text in ``Ok.body``; several → JSON text."""
+        query = "".join(f"&{_q(p)}" for p in pins)
+        return await self._request("get", server, token,
+                                   f"/external/api/get?token={_q(token)}{query}",
+                                   pin=pins[0] if len(pins) == 1 else None)
+
+
+def classify_answer(status: int, body: str, retry_after_header: str | None,
+                    pin: str | None = None) -> Outcome:
+    """The outcome of a non-2xx, non-redirect answer."""
+    if status == 429:
+        return Retry(RATE_LIMITED, error_message(body), retry_after_s=retry_after(
+            retry_after_header), status=status)
+    if status >= 500:
+        return Retry(SERVER_ERROR, f"HTTP {status}: {error_message(body)}",
+                     retry_after_s=retry_after(retry_after_header), status=status)
+    if status == 400:
+        message = error_message(body)
+        reason = classify(message)
+        return Fail(reason, message, status=status,
+                    pin=pin if reason in (TYPE_MISMATCH, NO_DATASTREAM, WRONG_PIN) else None)
+    if status == 413 or status == 414:
+        return Fail(TOO_LARGE, f"HTTP {status}: {error_message(body)}", status=status, pin=pin)
+    if status in (401, 403):
+        return Fail(UNAUTHORIZED, f"HTTP {status}: {error_message(body)}", status=status)
+    if status == 404:
+        return Fail(NOT_FOUND, f"HTTP {status}: {error_message(body)}", status=status)
+    if status == 408:
+        return Retry(TIMEOUT, f"HTTP {status}", status=status)
+    return Fail(BAD_REQUEST, f"HTTP {status}: {error_message(body)}", status=status)
+
+
+def _base_of(location: str, path_query: str) -> str | None:
+    """The base URL of a redirect target: ``Location`` minus the path (``/external/api/…``)."""
+    path = path_query.split("?", 1)[0]
+    i = location.find(path)
+    if i > 0:
+        return location[:i].rstrip("/")
+    try:
+        u = URL(location)
+    except ValueError:
+        return None
+    if not u.is_absolute():
+        return None
+    return str(u.origin())
+
+
+def _scrub(text: str, token: str) -> str:
+    text = redact_url(text)
+    return text.replace(token, mask(token)) if token else text
+

@@ -1,0 +1,345 @@
+"""The bridge's Blynk clients against the emulator over real HTTP and the real Redis."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from emulators.blynk import (
+    BlynkEmulator,
+    DatastreamSpec,
+    DeviceSpec,
+    EmulatorSpec,
+    MetafieldSpec,
+    OAuthClient,
+    Settings,
+    TemplateSpec,
+)
+from pipeline import metrics
+from pipeline.blynk.client import BlynkClient, classify, token_hash
+from pipeline.blynk.outcomes import (
+    BAD_REQUEST,
+    INVALID_TOKEN,
+    NO_DATASTREAM,
+    NOT_FOUND,
+    TOO_LARGE,
+    TYPE_MISMATCH,
+    UNAUTHORIZED,
+    WRONG_PIN,
+    Fail,
+    Ok,
+    Retry,
+)
+from pipeline.blynk.platform import PlatformClient
+from pipeline.config import BlynkConfig, PlatformConfig
+from pipeline.errors import Permanent, Retryable
+from pipeline.keys import Keys
+from pipeline.redact import Secret
+from pipeline.streams import Redis
+from tests.conftest import free_port
+
+TOKEN = "xw7ITVneg1DifRRQuPGcA7fJvV8-FAVl"
+NY_TOKEN = "P-0ekUL3EjrEkE_UnIIzsIggqyQXYd0z"
+TEMPLATE = "TMPL84aMXD6vd"
+SECRET = "client-secret-never-logged-9f3a"
+
+
+def spec(**settings: Any) -> EmulatorSpec:
+    return EmulatorSpec(
+        regions={"fra1": 0, "ny3": 0},
+        settings=Settings(**settings),
+        templates=[TemplateSpec(
+            id=TEMPLATE, name="ESP32 QA",
+            datastreams=[
+                DatastreamSpec(id=1, pin="V1", name="Temperature", type="double"),
+                DatastreamSpec(id=2, pin="V2", name="Level", type="integer", min=0, max=100),
+                DatastreamSpec(id=3, pin="V3", name="Location", type="location"),
+                DatastreamSpec(id=4, pin="V4", name="Text", type="string"),
+            ],
+            metafields=[MetafieldSpec(id=1, name="Device Name"),
+                        MetafieldSpec(id=7, name="TheThingsNetwork Device")])],
+        devices=[DeviceSpec(name="A", token=TOKEN, template=TEMPLATE, id=1),
+                 DeviceSpec(name="NY", token=NY_TOKEN, template=TEMPLATE, id=2, region="ny3")],
+        oauth_clients=[OAuthClient(client_id="oa2-client", client_secret=SECRET)],
+    )
+
+
+class Env:
+    def __init__(self, emu: BlynkEmulator, urls: dict[str, str], client: BlynkClient) -> None:
+        self.emu, self.urls, self.client = emu, urls, client
+
+    def config(self, timeout_s: float = 5.0) -> BlynkConfig:
+        return BlynkConfig(servers=dict(self.urls), default_server="fra1", timeout_s=timeout_s,
+                           max_connections=8)
+
+
+@pytest.fixture
+async def env(redis: Redis, keys: Keys) -> AsyncIterator[Env]:
+    emu = BlynkEmulator.from_spec(spec(daily_import_points=None, device_rps=None))
+    async with emu.serve({"fra1": 0, "ny3": 0}) as urls:
+        e = Env(emu, urls, BlynkClient(BlynkConfig(), redis, keys))
+        e.client = BlynkClient(e.config(), redis, keys)
+        try:
+            yield e
+        finally:
+            await e.client.close()
+
+
+def counter(endpoint: str, status: str) -> float:
+    value: float = metrics.BLYNK_REQUESTS.labels(endpoint, status)._value.get()
+    return value
+
+
+# --- Ok -----------------------------------------------------------------------------------------
+
+
+async def test_batch_update_ok_with_value_formats(env: Env) -> None:
+    before = counter("batch_update", "200")
+    out = await env.client.batch_update("fra1", TOKEN, {"V1": 21.5, "V2": True,
+                                                       "V3": [-73.8731, 40.8414],
+                                                       "V4": "a b&c=d", "V9": None})
+    assert out == Ok(200, "", server=env.urls["fra1"])
+    dev = env.emu.device_by_token(TOKEN)
+    assert dev.value("V1") == 21.5 and dev.value("V2") == 1
+    assert dev.value("V3") == [-73.8731, 40.8414] and dev.value("V4") == "a b&c=d"
+    assert dev.messages == 1
+    assert counter("batch_update", "200") == before + 1
+
+
+async def test_update_get_and_server_as_url(env: Env) -> None:
+    c = env.client
+    assert isinstance(await c.update(env.urls["fra1"], TOKEN, "v2", 42), Ok)
+    assert isinstance(await c.update("fra1", TOKEN, "V3", [1.5, 2.5]), Ok)
+    assert await c.get("fra1", TOKEN, ["v2"]) == Ok(200, "42", server=env.urls["fra1"])
+    multi = await c.get("fra1", TOKEN, ["v2", "v3"])
+    assert isinstance(multi, Ok) and multi.body == '{"v2":42,"v3":[1.5,2.5]}'
+
+
+async def test_upload_history_splits_past_10000_points(env: Env) -> None:
+    now = int(time.time() * 1000)
+    points = [(now - 20_000 + i, i % 100) for i in range(10_001)]
+    out = await env.client.upload_history("fra1", TOKEN, "V2", points)
+    assert out == Ok(200, "OK", server=env.urls["fra1"])
+    dev = env.emu.device_by_token(TOKEN)
+    assert dev.imports_today == 10_001
+    assert dev.value("V2") == 10_000 % 100
+
+
+# --- Fail ---------------------------------------------------------------------------------------
+
+
+async def test_fail_reasons(env: Env) -> None:
+    c = env.client
+    cases = [
+        (c.batch_update("fra1", "not-a-token-000000000000000000000", {"V1": 1}), INVALID_TOKEN,
+         None),
+        (c.batch_update("fra1", TOKEN, {"V2": "abc"}), TYPE_MISMATCH, "V2"),
+        (c.batch_update("fra1", TOKEN, {"V1": 1, "V2": "abc"}), TYPE_MISMATCH, None),
+        (c.batch_update("fra1", TOKEN, {"V99": 1}), NO_DATASTREAM, "V99"),
+        (c.batch_update("fra1", TOKEN, {"X1": 1}), WRONG_PIN, "X1"),
+        (c.update("fra1", TOKEN, "V2", 1.5), TYPE_MISMATCH, "V2"),
+        (c.get("fra1", TOKEN, ["v50"]), NO_DATASTREAM, "v50"),
+    ]
+    for aw, reason, pin in cases:
+        out = await aw
+        assert isinstance(out, Fail), out
+        assert (out.reason, out.status, out.pin) == (reason, 400, pin)
+
+
+async def test_too_large_upload(redis: Redis, keys: Keys) -> None:
+    emu = BlynkEmulator.from_spec(spec(max_batch_points=5))
+    async with emu.serve({"fra1": 0, "ny3": 0}) as urls:
+        client = BlynkClient(BlynkConfig(servers={"fra1": urls["fra1"]}, default_server="fra1"),
+                             redis, keys)
+        try:
+            out = await client.upload_history("fra1", TOKEN, "V2",
+                                              [(int(time.time() * 1000), 1)] * 6)
+        finally:
+            await client.close()
+    assert isinstance(out, Fail) and out.reason == TOO_LARGE
+    assert out.detail == "Too much data in batch. Maximum batch size is 5 points."
+
+
+def test_messages_matched_loosely() -> None:
+    assert classify("Invalid token.") == classify("invalid token") == INVALID_TOKEN
+    assert classify("Value doesn't match the Datastream data type.") == TYPE_MISMATCH
+    assert classify("Value doesn't match the Datastream data type") == TYPE_MISMATCH
+    assert classify("Requested dataStream doesn't exist in the product X") == NO_DATASTREAM
+    assert classify("Something new") == BAD_REQUEST
+
+
+# --- Retry --------------------------------------------------------------------------------------
+
+
+async def test_retry_on_5xx_and_429_with_retry_after(env: Env) -> None:
+    env.emu.faults.set(error_rate=1.0, error_status=503)
+    out = await env.client.batch_update("fra1", TOKEN, {"V1": 1})
+    assert isinstance(out, Retry) and (out.reason, out.status) == ("server_error", 503)
+    env.emu.faults.set(storm_429_s=60, retry_after_s=7)
+    out = await env.client.batch_update("fra1", TOKEN, {"V1": 1})
+    assert out == Retry("rate_limited", "Too many requests.", retry_after_s=7.0, status=429)
+    env.emu.faults.clear()
+    assert isinstance(await env.client.batch_update("fra1", TOKEN, {"V1": 1}), Ok)
+
+
+async def test_retry_on_device_rate_limit(redis: Redis, keys: Keys) -> None:
+    emu = BlynkEmulator.from_spec(spec(device_rps=2, retry_after_s=3))
+    async with emu.serve({"fra1": 0, "ny3": 0}) as urls:
+        client = BlynkClient(BlynkConfig(servers=urls, default_server="fra1"), redis, keys)
+        try:
+            outs = [await client.batch_update("fra1", TOKEN, {"V1": i}) for i in range(4)]
+        finally:
+            await client.close()
+    limited = [o for o in outs if isinstance(o, Retry)]
+    assert limited and limited[0].retry_after_s == 3.0 and limited[0].reason == "rate_limited"
+
+
+async def test_retry_on_timeout(env: Env, redis: Redis, keys: Keys) -> None:
+    env.emu.faults.set(hang_rate=1.0)
+    client = BlynkClient(env.config(timeout_s=0.3), redis, keys)
+    try:
+        out = await client.batch_update("fra1", TOKEN, {"V1": 1})
+    finally:
+        env.emu.faults.clear()
+        await client.close()
+    assert isinstance(out, Retry) and out.reason == "timeout"
+
+
+async def test_retry_on_connection_errors(env: Env, redis: Redis, keys: Keys) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    out = await env.client.batch_update(dead, TOKEN, {"V1": 1})
+    assert isinstance(out, Retry) and out.reason == "connection"
+    env.emu.faults.set(drop_rate=1.0)
+    out = await env.client.batch_update("fra1", TOKEN, {"V1": 1})
+    assert isinstance(out, Retry) and out.reason == "connection"
+
+
+# --- regions ------------------------------------------------------------------------------------
+
+
+async def test_308_followed_and_region_remembered_across_instances(
+        env: Env, redis: Redis, keys: Keys) -> None:
+    out = await env.client.batch_update("fra1", NY_TOKEN, {"V1": 3.5})
+    assert out == Ok(200, "", server=env.urls["ny3"])
+    assert env.emu.device_by_token(NY_TOKEN).value("V1") == 3.5
+    stored = await redis.get(keys.region(token_hash(NY_TOKEN)))
+    assert stored == env.urls["ny3"].encode()
+    env.emu.reset()
+    second = BlynkClient(env.config(), redis, keys)  # another replica: learns it from Redis
+    try:
+        out = await second.batch_update("fra1", NY_TOKEN, {"V1": 4.5})
+    finally:
+        await second.close()
+    assert out == Ok(200, "", server=env.urls["ny3"])
+    assert [r["status"] for r in env.emu.recorded()] == [200]  # no 308 this time
+
+
+async def test_second_redirect_is_retry(env: Env) -> None:
+    # a misconfigured region whose 308 points back at fra1: the loop is not followed
+    env.emu.bind_region("ny3", env.urls["fra1"])
+    out = await env.client.batch_update("fra1", NY_TOKEN, {"V1": 1})
+    assert isinstance(out, Retry) and out.reason == "redirect"
+
+
+# --- redaction ----------------------------------------------------------------------------------
+
+
+async def test_tokens_never_in_logs_outcomes_or_errors(
+        env: Env, caplog: pytest.LogCaptureFixture, redis: Redis, keys: Keys) -> None:
+    caplog.set_level(logging.DEBUG)
+    texts: list[str] = []
+    c = env.client
+    texts.append(repr(await c.batch_update("fra1", NY_TOKEN, {"V1": 1})))
+    texts.append(repr(await c.batch_update("fra1", TOKEN + "x", {"V1": 1})))
+    texts.append(repr(await c.batch_update(f"http://127.0.0.1:{free_port()}", TOKEN, {"V1": 1})))
+    env.emu.faults.set(drop_rate=1.0)
+    texts.append(repr(await c.batch_update("fra1", TOKEN, {"V1": 1})))
+    env.emu.faults.clear()
+    platform = PlatformClient(PlatformConfig(url=env.urls["fra1"], client_id="oa2-client",
+                                             client_secret=Secret(SECRET)), c)
+    created = await platform.create_device(TEMPLATE, "Redacted")
+    texts.append(repr(created))
+    bad = PlatformClient(PlatformConfig(url=env.urls["fra1"], client_id="oa2-client",
+                                        client_secret=Secret("wrong-" + SECRET)), c)
+    with pytest.raises(Permanent) as exc:
+        await bad.template_datastreams(TEMPLATE)
+    texts.append(str(exc.value))
+    texts += [r.getMessage() for r in caplog.records]
+    texts += [str(r.args) for r in caplog.records]
+    joined = "\n".join(texts)
+    assert "…Yd0z" in joined  # the last 4 characters identify the token
+    for secret in (TOKEN, NY_TOKEN, SECRET, created.token):
+        assert secret not in joined
+
+
+# --- platform API -------------------------------------------------------------------------------
+
+
+def platform_config(env: Env, secret: str = SECRET) -> PlatformConfig:
+    return PlatformConfig(url=env.urls["fra1"], client_id="oa2-client",
+                          client_secret=Secret(secret))
+
+
+async def test_platform_create_device_and_metafield_by_name(env: Env) -> None:
+    platform = PlatformClient(platform_config(env), env.client)
+    created = await platform.create_device(TEMPLATE, "eui-526973696e671256")
+    assert len(created.token) == 32 and created.name == "eui-526973696e671256"
+    await platform.set_metafield(created.id, "TheThingsNetwork Device", "eui-526973696e671256")
+    await platform.set_metafield(created.id, "Device Name", "x")  # metafield ids cached
+    assert env.emu.model.devices[created.id].metafields[7] == "eui-526973696e671256"
+    with pytest.raises(Permanent) as exc:
+        await platform.set_metafield(created.id, "No Such Field", "x")
+    assert exc.value.reason == NOT_FOUND
+    ds = await platform.template_datastreams(TEMPLATE)
+    assert [d["pin"] for d in ds] == [1, 2, 3, 4]
+    with pytest.raises(Permanent) as exc:
+        await platform.template_datastreams("TMPLnope")
+    assert exc.value.reason == NOT_FOUND
+    with pytest.raises(Permanent) as exc:
+        await platform.create_device("TMPLnope", "x")
+    assert exc.value.reason == NOT_FOUND and "Template is not found" in exc.value.detail
+    assert platform.tokens_fetched == 1
+    # the created device writes through the device API with its token
+    assert isinstance(await env.client.batch_update("fra1", created.token, {"V2": 5}), Ok)
+    await platform.close()
+
+
+async def test_platform_token_refreshed_before_expiry_and_after_401(env: Env) -> None:
+    now = [0.0]
+    platform = PlatformClient(platform_config(env), env.client, clock=lambda: now[0])
+    await platform.template_datastreams(TEMPLATE)
+    await platform.template_datastreams(TEMPLATE)
+    assert platform.tokens_fetched == 1 and env.emu.platform.tokens_issued == 1
+    now[0] += 290  # within the refresh margin of expires_in=300: refreshed before it expires
+    await platform.template_datastreams(TEMPLATE)
+    assert platform.tokens_fetched == 2
+    env.emu.platform.expire_tokens()  # revoked server-side: 401 → one refresh, one retry
+    assert len(await platform.template_datastreams(TEMPLATE)) == 4
+    assert platform.tokens_fetched == 3
+
+
+async def test_platform_errors(env: Env) -> None:
+    bad = PlatformClient(platform_config(env, "wrong"), env.client)
+    with pytest.raises(Permanent) as exc:
+        await bad.create_device(TEMPLATE, "x")
+    assert exc.value.reason == UNAUTHORIZED
+    env.emu.faults.set(storm_429_s=60, retry_after_s=9, path_prefix="/api/")
+    platform = PlatformClient(platform_config(env), env.client)
+    with pytest.raises(Retryable) as rexc:
+        await platform.create_device(TEMPLATE, "x")
+    assert rexc.value.retry_after_s == 9.0
+    env.emu.faults.set(error_rate=1.0, path_prefix="/api/")
+    with pytest.raises(Retryable):
+        await platform.create_device(TEMPLATE, "x")
+    env.emu.faults.clear()
+    dead = PlatformClient(PlatformConfig(url=f"http://127.0.0.1:{free_port()}", client_id="c",
+                                         client_secret=Secret("s")))
+    with pytest.raises(Retryable) as rexc:
+        await dead.create_device(TEMPLATE, "x")
+    assert rexc.value.reason == "connection"
+    await dead.close()
+
