@@ -1,0 +1,202 @@
+"""Packaging and deploy files: structure checks that need no Docker engine.
+
+``docker compose config -q`` (or the standalone ``docker-compose``) validates the compose file
+when one is installed; the structure checks below run everywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from prometheus_client.metrics import MetricWrapperBase
+
+from blynk_bridge.cli import EMULATORS, STAGES
+from pipeline import config as config_mod
+from pipeline import metrics
+from pipeline.keys import GROUP_EGRESS, GROUP_TRANSFORM, UPLINKS, WRITES, Keys
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG_IN_CONTAINER = "/etc/blynk-bridge/bridge.yaml"
+SCALED = ("transform", "egress", "ingest-mqtt")
+DEMO = ("mosquitto", "blynk-emulator", "tts-fleet")
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    return data
+
+
+def test_every_stage_is_a_service_of_the_same_image(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    for stage in STAGES:
+        svc = services[stage]
+        assert svc["command"] == [stage, "-c", CONFIG_IN_CONTAINER]
+        assert "profiles" not in svc, f"{stage} must run without a profile"
+    images = {(services[s]["image"], services[s]["build"]) for s in [*STAGES, "blynk-emulator",
+                                                                      "tts-fleet"]}
+    assert len(images) == 1, images
+
+
+def test_scaled_services_have_no_fixed_names_or_host_ports(compose: dict[str, Any]) -> None:
+    for name, svc in compose["services"].items():
+        assert "container_name" not in svc, name
+    for name in SCALED:
+        assert "ports" not in compose["services"][name], name
+
+
+def test_redis_is_durable(compose: dict[str, Any]) -> None:
+    redis = compose["services"]["redis"]
+    assert redis["image"].startswith("redis:7")
+    command = " ".join(redis["command"])
+    assert "--appendonly yes" in command
+    assert any(v.endswith(":/data") for v in redis["volumes"])
+
+
+def test_demo_profile_has_the_clouds(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    for name in DEMO:
+        assert services[name]["profiles"] == ["demo"], name
+    assert services["mosquitto"]["image"].startswith("eclipse-mosquitto:2")
+    assert services["blynk-emulator"]["command"][:2] == ["emulate", "blynk"]
+    assert services["tts-fleet"]["command"][:2] == ["emulate", "tts"]
+    assert {"blynk", "tts"} <= set(EMULATORS)
+    assert "mosquitto" in services["tts-fleet"]["command"]
+
+
+def test_mounted_files_exist_in_the_repo(compose: dict[str, Any]) -> None:
+    sources = {
+        v.split(":")[0]
+        for svc in compose["services"].values()
+        for v in svc.get("volumes", [])
+        if isinstance(v, str) and v.startswith("./")
+    }
+    assert "./examples/bridge.yaml" in sources
+    missing = [s for s in sorted(sources) if not (ROOT / s).exists()]
+    assert not missing, f"mounted but not in the repository: {missing}"
+
+
+def test_mosquitto_demo_broker_allows_anonymous_on_1883() -> None:
+    conf = (ROOT / "deploy" / "mosquitto.conf").read_text()
+    assert re.search(r"^listener 1883\b", conf, re.M)
+    assert re.search(r"^allow_anonymous true$", conf, re.M)
+
+
+@pytest.mark.skipif(
+    not (shutil.which("docker-compose") or shutil.which("docker")),
+    reason="neither docker compose nor docker-compose is installed",
+)
+def test_compose_config_validates() -> None:
+    for cmd in (["docker", "compose"], ["docker-compose"]):
+        if shutil.which(cmd[0]) is None:
+            continue
+        probe = subprocess.run([*cmd, "version"], capture_output=True, cwd=ROOT, timeout=30)
+        if probe.returncode != 0:
+            continue
+        for profile in ([], ["--profile", "demo"]):
+            done = subprocess.run([*cmd, *profile, "config", "-q"], capture_output=True,
+                                  text=True, cwd=ROOT, timeout=30)
+            assert done.returncode == 0, done.stderr
+        return
+    pytest.skip("docker is installed without the compose plugin, and no docker-compose")
+
+
+def test_dockerfile_runs_the_cli_as_non_root() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    assert re.search(r"^FROM python:3\.11-slim\b", text, re.M)
+    assert re.search(r'^ENTRYPOINT \["blynk-bridge"\]', text, re.M)
+    users = re.findall(r"^USER (\S+)", text, re.M)
+    assert users and users[-1].split(":")[0] not in ("root", "0")
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    for needed in ("pipeline", "workers", "emulators", "blynk_bridge", "pyproject.toml"):
+        assert needed not in ignored
+
+
+def _metric_names() -> set[str]:
+    names: set[str] = set()
+    for obj in vars(metrics).values():
+        if isinstance(obj, MetricWrapperBase):
+            base = obj._name
+            kind = obj._type
+            if kind == "counter":
+                names.add(f"{base}_total")
+            elif kind == "histogram":
+                names |= {f"{base}_bucket", f"{base}_sum", f"{base}_count"}
+            else:
+                names.add(base)
+    return names
+
+
+def test_grafana_dashboard_uses_only_exported_metrics() -> None:
+    dash = json.loads((ROOT / "deploy" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    used = {m for e in exprs for m in re.findall(r"\bbb_[a-z_]+", e)}
+    assert used, "no bb_ metric in the dashboard"
+    unknown = used - _metric_names()
+    assert not unknown, f"dashboard queries metrics nobody exports: {unknown}"
+    for needed in ("bb_ingested_total", "bb_written_values_total", "bb_stream_lag",
+                   "bb_stream_pending", "bb_dead_letters_total", "bb_end_to_end_seconds_bucket",
+                   "bb_integration_status"):
+        assert needed in used, needed
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids))
+
+
+def test_keda_scales_transform_and_egress_on_their_groups_lag() -> None:
+    docs = list(yaml.safe_load_all((ROOT / "deploy" / "keda-scaledobject.yaml").read_text()))
+    scaled = {d["spec"]["scaleTargetRef"]["name"]: d for d in docs if d["kind"] == "ScaledObject"}
+    keys = Keys()
+    expected = {
+        "blynk-bridge-transform": (keys.stream(UPLINKS), GROUP_TRANSFORM),
+        "blynk-bridge-egress": (keys.stream(WRITES), GROUP_EGRESS),
+    }
+    assert set(scaled) == set(expected)
+    for target, (stream, group) in expected.items():
+        (trigger,) = scaled[target]["spec"]["triggers"]
+        assert trigger["type"] == "redis-streams"
+        meta = trigger["metadata"]
+        assert (meta["stream"], meta["consumerGroup"]) == (stream, group)
+        assert int(meta["lagCount"]) > 0
+
+
+def test_k8s_example_has_a_deployment_per_stage_and_a_valid_config(tmp_path: Path) -> None:
+    docs = list(yaml.safe_load_all((ROOT / "deploy" / "k8s-example.yaml").read_text()))
+    deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
+    assert set(deployments) == {f"blynk-bridge-{s}" for s in STAGES}
+    for stage in STAGES:
+        (container,) = deployments[f"blynk-bridge-{stage}"]["spec"]["template"]["spec"][
+            "containers"]
+        assert container["args"][:3] == [stage, "-c", CONFIG_IN_CONTAINER]
+    assert deployments["blynk-bridge-monitor"]["spec"]["replicas"] == 1
+
+    (configmap,) = [d for d in docs if d["kind"] == "ConfigMap"]
+    text = configmap["data"]["bridge.yaml"]
+    (secret,) = [d for d in docs if d["kind"] == "Secret"]
+    for key, value in secret["stringData"].items():
+        (tmp_path / key).write_text(value)
+    text = text.replace("/run/secrets/blynk-bridge", str(tmp_path))
+    env = {"REDIS_URL": "redis://redis:6379/0", "BLYNK_CLIENT_ID": "client"}
+    cfg = config_mod.parse(text, "yaml", "deploy/k8s-example.yaml#bridge.yaml", env)
+    assert cfg.metrics.port == 9100
+    assert cfg.tts[0].api_key is not None and cfg.tts[0].api_key.reveal().startswith("NNSXS.")
+
+
+def test_example_config_resolves_to_the_compose_services(compose: dict[str, Any]) -> None:
+    """examples/bridge.yaml, with a stage container's environment, names the compose hosts."""
+    raw_env = compose["services"]["transform"]["environment"]
+    env = {k: config_mod.substitute_env(str(v), {}, "compose") for k, v in raw_env.items()
+           if v is not None}
+    cfg = config_mod.load(ROOT / "examples" / "bridge.yaml", env)
+    services = set(compose["services"])
+    assert cfg.redis.url.startswith("redis://redis:")
+    assert all(t.host in services for t in cfg.tts)
+    assert all(any(f"//{s}:" in url for s in services) for url in cfg.blynk.servers.values())
+    healthcheck = " ".join(compose["services"]["transform"]["healthcheck"]["test"])
+    assert f"127.0.0.1:{cfg.metrics.port}/metrics" in healthcheck
