@@ -1,0 +1,542 @@
+"""ingest-http over real HTTP with the real Redis: every fixture in, Uplinks read back."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from prometheus_client import REGISTRY
+
+from emulators.particle import ParticleFleet, _js_text, deliver, load_webhook, make_event
+from pipeline import config as config_mod
+from pipeline.context import Context
+from pipeline.errors import InvalidInput
+from pipeline.events import Uplink, decode_dead, decode_uplink
+from pipeline.keys import GROUP_TRANSFORM, Keys
+from pipeline.particle import parse_webhook
+from pipeline.status import State, StatusBoard
+from pipeline.streams import Redis, StreamWriter
+from pipeline.tts import parse_message
+from tests.conftest import REDIS_URL, free_port, serve_app
+from tests.test_particle_parse import FIXTURES, INVALID, RECEIVED, TOKEN
+from workers.ingest_http import IngestHttp, build
+
+HEADER_SECRET = "hdr-secret-Zq81x0"
+BASIC_PASSWORD = "basic-pass-Pk55"
+TTS_KEY = "NNSXS.TTS-KEY-7c1e"
+FORM = "application/x-www-form-urlencoded"
+JSON = "application/json"
+
+CONFIG = """
+redis: {{url: "{url}", prefix: "{prefix}"}}
+ingest_http: {{max_body_bytes: 4096, backlog_high_water: {high_water}, port: {port}}}
+particle:
+  - {{name: tempmon}}
+  - {{name: hdr, auth: {{header: X-Particle-Secret, secret: "{header_secret}"}}}}
+  - {{name: basic, auth: {{username: particle, password: "{basic_password}"}}}}
+  - {{name: fresh, auth: {{header: X-Particle-Secret, secret: "{header_secret}"}}}}
+tts:
+  - name: tts-app
+    app_id: my-app
+    webhook_auth: {{header: X-Downlink-Apikey, secret: "{tts_key}"}}
+  - {{name: mqtt-only, app_id: other}}
+"""
+
+
+def make_config(prefix: str, *, high_water: int = 1_000_000, port: int = 0) -> config_mod.Config:
+    text = CONFIG.format(url=REDIS_URL, prefix=prefix, high_water=high_water,
+                         port=port or free_port(), header_secret=HEADER_SECRET,
+                         basic_password=BASIC_PASSWORD, tts_key=TTS_KEY)
+    return config_mod.parse(text, "yaml", "test.yaml", env={})
+
+
+def make_stage(redis: Redis, prefix: str, **kw: Any) -> IngestHttp:
+    cfg = make_config(prefix, **kw)
+    ctx = Context(config=cfg, redis=redis, keys=Keys(prefix), consumer="test",
+                  writer=StreamWriter(redis))
+    return build(ctx)
+
+
+@pytest.fixture
+async def stage(redis: Redis, prefix: str) -> IngestHttp:
+    return make_stage(redis, prefix)
+
+
+@pytest.fixture
+async def url(stage: IngestHttp) -> AsyncIterator[str]:
+    async with serve_app(stage.app) as base:
+        yield base
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+async def stored(redis: Redis, keys: Keys, entry_id: str) -> Uplink:
+    rows = await redis.xrange(keys.stream("uplinks"), min=entry_id, max=entry_id)
+    assert len(rows) == 1, f"entry {entry_id} not in the stream"
+    return decode_uplink(rows[0][1][b"d"])
+
+
+async def post(http: aiohttp.ClientSession, url: str, body: bytes, ct: str | None = JSON,
+               **headers: str) -> tuple[int, dict[str, Any] | None, aiohttp.ClientResponse]:
+    hdrs = dict(headers)
+    if ct is not None:
+        hdrs["Content-Type"] = ct
+    async with http.post(url, data=body, headers=hdrs) as resp:
+        payload = await resp.json() if resp.content_type == JSON else None
+        return resp.status, payload, resp
+
+
+def counter(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+async def until(check: Callable[[], Any], timeout_s: float = 5.0) -> Any:
+    """Poll a real condition (bounded): the value once truthy, else fail."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = await check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail("condition not met in time")
+        await asyncio.sleep(0.02)
+
+
+# --- every fixture through the endpoint ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "ct", "query", "expected"), FIXTURES,
+                         ids=[f[0] for f in FIXTURES])
+async def test_particle_fixture_over_http(
+    name: str, ct: str, query: dict[str, str], expected: dict[str, Any],
+    url: str, http: aiohttp.ClientSession, redis: Redis, keys: Keys,
+    stage: IngestHttp, fixture_path: Callable[[str], Path],
+) -> None:
+    body = fixture_path(f"particle/{name}").read_bytes()
+    async with http.post(f"{url}/particle/tempmon", data=body, params=query,
+                         headers={"Content-Type": ct}) as resp:
+        assert resp.status == 200, await resp.text()
+        assert await resp.read() == b""  # a body would become a hook-response event
+        entry_id = resp.headers["X-Entry-Id"]
+        event_id = resp.headers["X-Event-Id"]
+    up = await stored(redis, keys, entry_id)
+    assert up.event_id == event_id
+    # Field by field: what Redis holds is what the pure parser makes at the same receive time.
+    product = stage.particle["tempmon"][0]
+    assert up == parse_webhook(body, ct, product, received_ts_ms=up.received_ts_ms, query=query)
+    for field, want in expected.items():
+        if field == "values_include":
+            assert {k: up.values[k] for k in want} == want
+        elif field == "event_ts_ms" and want == RECEIVED:
+            assert up.event_ts_ms == up.received_ts_ms
+        else:
+            assert getattr(up, field) == want, field
+
+
+@pytest.mark.parametrize(("name", "ct", "reason", "field"), INVALID, ids=[i[0] for i in INVALID])
+async def test_invalid_particle_fixture_gets_a_clear_400(
+    name: str, ct: str, reason: str, field: str, url: str, http: aiohttp.ClientSession,
+    redis: Redis, keys: Keys, fixture_path: Callable[[str], Path],
+) -> None:
+    before = counter("bb_rejected_total", source="particle", reason=reason)
+    status, err, _ = await post(http, f"{url}/particle/tempmon",
+                                fixture_path(f"particle/{name}").read_bytes(), ct)
+    assert status == 400
+    assert err is not None
+    assert err["error"]["reason"] == reason
+    assert err["error"]["field"] == field
+    assert err["error"]["message"]
+    assert counter("bb_rejected_total", source="particle", reason=reason) == before + 1
+    assert await redis.xlen(keys.stream("uplinks")) == 0
+
+
+def _tts_fixtures() -> list[str]:
+    folder = Path(__file__).resolve().parent.parent.parent / "shared" / "fixtures" / "tts"
+    if not folder.exists():
+        return []
+    return sorted(p.name for p in folder.iterdir()
+                  if not p.name.endswith(".src.txt") and not p.name.startswith("tts-storage"))
+
+
+@pytest.mark.parametrize("name", _tts_fixtures())
+async def test_tts_fixture_over_http(name: str, url: str, http: aiohttp.ClientSession,
+                                     redis: Redis, keys: Keys, stage: IngestHttp,
+                                     fixture_path: Callable[[str], Path]) -> None:
+    """Uplinks/joins → 200 and stored as the parser makes them; downlink outcomes → 202, not
+    stored; no decoded payload → 202 and a dead letter; malformed → 400 naming the problem."""
+    body = fixture_path(f"tts/{name}").read_bytes()
+    app = stage.tts["tts-app"][0]
+    status, err, resp = await post(http, f"{url}/tts/tts-app", body,
+                                   **{"X-Downlink-Apikey": TTS_KEY})
+    try:
+        expected = parse_message(body, app, received_ts_ms=0)
+    except InvalidInput as exc:
+        if exc.reason == "no_decoded_payload":
+            assert status == 202
+            rows = await redis.xrange(keys.dead)
+            assert len(rows) == 1
+            dead = decode_dead(rows[0][1][b"d"])
+            assert (dead.reason, dead.raw, dead.stage) == (exc.reason, body, "ingest-http")
+        else:
+            assert status == 400
+            assert err is not None
+            assert (err["error"]["reason"], err["error"]["field"]) == (exc.reason, exc.field)
+        assert await redis.xlen(keys.stream("uplinks")) == 0
+        return
+    if expected is None:
+        assert status == 202
+        assert await redis.xlen(keys.stream("uplinks")) == 0
+        return
+    assert status == 200
+    up = await stored(redis, keys, resp.headers["X-Entry-Id"])
+    assert up == parse_message(body, app, received_ts_ms=up.received_ts_ms)
+    assert (up.source, up.integration, up.kind) == ("tts", "tts-app", expected.kind)
+    assert up.device == expected.device and up.values == expected.values
+
+
+async def test_tts_webhooks_need_webhook_auth_configured(url: str,
+                                                         http: aiohttp.ClientSession) -> None:
+    status, err, _ = await post(http, f"{url}/tts/mqtt-only", b"{}")
+    assert status == 404 and err is not None
+    assert err["error"]["reason"] == "unknown_integration"
+
+
+# --- the emulator sends, exactly as Particle does ------------------------------------------------
+
+
+async def test_blynk_blueprint_webhook_pointed_at_the_bridge(
+    url: str, redis: Redis, keys: Keys, fixture_path: Callable[[str], Path],
+) -> None:
+    hook = load_webhook(fixture_path("particle/particle-webhook-template-blynk.json").read_bytes(),
+                        url=f"{url}/particle/tempmon")
+    data = {"t": TOKEN, "v14": 123456, "v15": 3.14159, "v16": 1, "v17": 0}
+    event = make_event("e00fce68aaaabbbbccccdddd", "blynk_https_get", data,
+                       published_at="2024-05-13T10:55:40.306Z")
+    async with aiohttp.ClientSession() as session:
+        done = await deliver(session, hook, event, retry_delays_s=())
+    assert done.ok and done.statuses == [200]
+    rows = await redis.xrange(keys.stream("uplinks"))
+    up = decode_uplink(rows[0][1][b"d"])
+    assert up.token == TOKEN
+    assert up.values == {"V6": "2024-05-13T10:55:40.306Z", "V14": "123456", "V15": "3.14159",
+                         "V16": "1", "V17": "0"}
+    assert up.device.startswith("blynk-") and TOKEN not in up.device
+
+
+@pytest.mark.parametrize("fmt", ["form", "json", "product", "custom", "body"])
+async def test_fleet_formats_arrive_with_their_values(
+    fmt: str, url: str, redis: Redis, keys: Keys,
+) -> None:
+    fleet = ParticleFleet(f"{url}/particle/hdr", 3, 1000.0, fmt=fmt, product_id=30301,
+                          auth={"X-Particle-Secret": HEADER_SECRET}, retry_delays_s=())
+    stats = await fleet.run(count=6)
+    assert (stats.sent, stats.delivered, stats.dropped) == (6, 6, 0)
+    ups = [decode_uplink(f[b"d"]) for _, f in await redis.xrange(keys.stream("uplinks"))]
+
+    def sent_values(data: str) -> dict[str, Any]:
+        decoded = json.loads(data)
+        # a json template spreads the data's fields as strings; the others unpack the data
+        return {k: _js_text(v) for k, v in decoded.items()} if fmt == "custom" else decoded
+
+    sent = sorted((d.event.device_id, sorted(sent_values(d.event.data).items()))
+                  for d in fleet.deliveries)
+    got = sorted((u.device, sorted(u.values.items())) for u in ups)
+    assert got == sent
+    assert sorted(Counter(u.device for u in ups).values()) == [2, 2, 2]
+    for up in ups:
+        assert (up.integration, up.source, up.kind) == ("hdr", "particle", "uplink")
+        assert up.device_meta["event"] == "sensor"
+        if fmt == "product":
+            assert up.device_meta == {"event": "sensor", "userid": "5e6ad98d764c6d00014be177",
+                                      "fw_version": "3", "public": "false",
+                                      "product_id": "30301"}
+        if fmt in ("product", "body"):  # the template sends PARTICLE_EVENT_ID
+            assert up.event_id.startswith(f"particle:{up.device}:")
+
+
+async def test_fleet_retries_when_the_bridge_refuses(redis: Redis, prefix: str,
+                                                     keys: Keys) -> None:
+    """Particle retries refused deliveries (here: backlog 503); once taken, the retry lands."""
+    stage = make_stage(redis, prefix, high_water=0)
+    stream = keys.stream("uplinks")
+    await redis.xgroup_create(stream, GROUP_TRANSFORM, id="0", mkstream=True)
+    await redis.xadd(stream, {b"d": b"x"})
+    before = counter("bb_rejected_total", source="particle", reason="backlog")
+    async with serve_app(stage.app) as base:
+        await until(lambda: _is(stage.backlog.refresh(), 1))
+        fleet = ParticleFleet(f"{base}/particle/tempmon", 1, 100.0, retry_delays_s=(0.05,) * 100)
+        run = asyncio.create_task(fleet.run(count=1))
+
+        async def refused_once() -> bool:
+            return counter("bb_rejected_total", source="particle", reason="backlog") > before
+
+        await until(refused_once)
+        stage.cfg.backlog_high_water = 10
+        stats = await run
+    assert stats.delivered == 1 and stats.retries >= 1
+    assert stats.statuses[503] >= 1 and stats.statuses[200] == 1
+    assert await redis.xlen(stream) == 2
+
+
+async def _is(aw: Any, want: Any) -> bool:
+    return bool(await aw == want)
+
+
+# --- refusals ------------------------------------------------------------------------------------
+
+
+async def test_header_auth(url: str, http: aiohttp.ClientSession, redis: Redis, keys: Keys,
+                           caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    body = b'{"coreid":"d1","v":1}'
+    wrong = "not-the-secret-" + HEADER_SECRET[::-1]
+    status, err, _ = await post(http, f"{url}/particle/hdr", body,
+                                **{"X-Particle-Secret": wrong})
+    assert status == 401 and err is not None
+    assert err["error"] == {"reason": "unauthorized", "field": "X-Particle-Secret",
+                            "message": "header X-Particle-Secret does not match"}
+    status, err, _ = await post(http, f"{url}/particle/hdr", body)
+    assert status == 401 and err is not None and "missing" in err["error"]["message"]
+    assert await redis.xlen(keys.stream("uplinks")) == 0
+    status, _, _ = await post(http, f"{url}/particle/hdr", body,
+                              **{"X-Particle-Secret": HEADER_SECRET})
+    assert status == 200
+    assert "refused request" in caplog.text
+    assert HEADER_SECRET not in caplog.text and wrong not in caplog.text
+    assert HEADER_SECRET[-4:] not in caplog.text
+
+
+async def test_basic_auth(url: str, http: aiohttp.ClientSession,
+                          caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    body = b'{"coreid":"d1","v":1}'
+
+    def basic(user: str, password: str) -> str:
+        return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+    for header in (basic("particle", "wrong-" + BASIC_PASSWORD), basic("other", BASIC_PASSWORD),
+                   "Basic !!!", "Bearer x"):
+        status, err, resp = await post(http, f"{url}/particle/basic", body,
+                                       Authorization=header)
+        assert status == 401, header
+        assert err is not None and err["error"]["field"] == "Authorization"
+        assert resp.headers["WWW-Authenticate"].startswith("Basic")
+    status, _, _ = await post(http, f"{url}/particle/basic", body,
+                              Authorization=basic("particle", BASIC_PASSWORD))
+    assert status == 200
+    assert BASIC_PASSWORD not in caplog.text
+    assert base64.b64encode(f"particle:{BASIC_PASSWORD}".encode()).decode() not in caplog.text
+
+
+async def test_tts_header_auth(url: str, http: aiohttp.ClientSession,
+                               fixture_path: Callable[[str], Path]) -> None:
+    body = fixture_path("tts/tts-join-01.json").read_bytes()
+    status, _, _ = await post(http, f"{url}/tts/tts-app", body, **{"X-Downlink-Apikey": "nope"})
+    assert status == 401
+    status, _, _ = await post(http, f"{url}/tts/tts-app", body, **{"X-Downlink-Apikey": TTS_KEY})
+    assert status == 200
+
+
+async def test_too_large_wrong_type_unknown(url: str, http: aiohttp.ClientSession,
+                                            redis: Redis, keys: Keys) -> None:
+    big = b'{"coreid":"d","v":"' + b"x" * 5000 + b'"}'
+    before = counter("bb_rejected_total", source="particle", reason="too_large")
+    status, err, _ = await post(http, f"{url}/particle/tempmon", big)
+    assert status == 413 and err is not None and err["error"]["reason"] == "too_large"
+
+    async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: caught while reading
+        for i in range(0, len(big), 1000):
+            yield big[i:i + 1000]
+
+    async with http.post(f"{url}/particle/tempmon", data=chunks(),
+                         headers={"Content-Type": JSON}) as resp:
+        assert resp.status == 413
+    assert counter("bb_rejected_total", source="particle", reason="too_large") == before + 2
+
+    status, err, _ = await post(http, f"{url}/particle/tempmon", b"<a/>", "application/xml")
+    assert status == 415 and err is not None
+    assert err["error"]["field"] == "Content-Type"
+    status, err, _ = await post(http, f"{url}/tts/tts-app", b"a=1", FORM,
+                                **{"X-Downlink-Apikey": TTS_KEY})
+    assert status == 415
+
+    status, err, _ = await post(http, f"{url}/particle/nope", b"{}")
+    assert status == 404 and err is not None
+    assert err["error"] == {"reason": "unknown_integration", "field": "integration",
+                            "message": "no Particle integration named 'nope'"}
+    status, err, _ = await post(http, f"{url}/elsewhere", b"{}")
+    assert status == 404 and err is not None and err["error"]["reason"] == "not_found"
+    async with http.delete(f"{url}/particle/tempmon") as resp:
+        assert resp.status == 405
+    assert await redis.xlen(keys.stream("uplinks")) == 0
+
+
+async def test_backlog_past_high_water_gives_503_with_retry_after(
+    redis: Redis, prefix: str, keys: Keys, http: aiohttp.ClientSession,
+) -> None:
+    stage = make_stage(redis, prefix, high_water=3)
+    stage.backlog.interval_s = 0.05
+    stream = keys.stream("uplinks")
+    await redis.xgroup_create(stream, GROUP_TRANSFORM, id="0", mkstream=True)
+    async with serve_app(stage.app) as base:
+        body = b'{"coreid":"d","v":1}'
+        for _ in range(4):
+            status, _, _ = await post(http, f"{base}/particle/tempmon", body)
+            assert status == 200  # the cached lag is read once a second, never per request
+
+        async def refused() -> Any:
+            status, err, resp = await post(http, f"{base}/particle/tempmon", body)
+            return (status, err, resp) if status == 503 else None
+
+        status, err, resp = await until(refused)
+        assert resp.headers["Retry-After"].isdigit()
+        assert err is not None and err["error"]["reason"] == "backlog"
+        length = await redis.xlen(stream)
+        # transform catches up: input is taken again
+        entries = await redis.xreadgroup(GROUP_TRANSFORM, "c", {stream: ">"}, count=100)
+        await redis.xack(stream, GROUP_TRANSFORM, *[i for i, _ in entries[0][1]])
+
+        async def accepted() -> bool:
+            status, _, _ = await post(http, f"{base}/particle/tempmon", body)
+            return status == 200
+
+        await until(accepted)
+        assert await redis.xlen(stream) == length + 1
+
+
+async def test_redis_down_gives_503_not_500(prefix: str, http: aiohttp.ClientSession) -> None:
+    from pipeline.streams import connect
+
+    dead = connect("redis://127.0.0.1:1/0", socket_connect_timeout=0.2)
+    stage = make_stage(dead, prefix)
+    async with serve_app(stage.app) as base:
+        status, err, resp = await post(http, f"{base}/particle/tempmon", b'{"coreid":"d"}')
+        assert status == 503 and err is not None and err["error"]["reason"] == "redis_unavailable"
+        assert "Retry-After" in resp.headers
+        async with http.get(f"{base}/readyz") as r:
+            assert r.status == 503
+        async with http.get(f"{base}/healthz") as r:
+            assert r.status == 200
+    await dead.aclose()
+
+
+# --- status, probes, metrics ---------------------------------------------------------------------
+
+
+async def test_integration_status_connected_then_broken_then_connected(
+    url: str, http: aiohttp.ClientSession, redis: Redis, keys: Keys,
+) -> None:
+    board = StatusBoard(redis, keys)
+    body = b'{"coreid":"d1","v":1}'
+    good = {"X-Particle-Secret": HEADER_SECRET}
+    assert (await post(http, f"{url}/particle/hdr", body, **good))[0] == 200
+
+    async def state(name: str) -> State | None:
+        s = await board.get("particle", name)
+        return s.state if s else None
+
+    await until(lambda: _is(state("hdr"), State.CONNECTED))
+    for _ in range(3):
+        assert (await post(http, f"{url}/particle/hdr", body, **{"X-Particle-Secret": "x"}))[0] \
+            == 401
+    await until(lambda: _is(state("hdr"), State.BROKEN))
+    broken = await board.get("particle", "hdr")
+    assert broken is not None and broken.error_kind == "credentials"
+    assert broken.last_error is not None and "X-Particle-Secret" in broken.last_error
+    assert HEADER_SECRET not in broken.last_error
+    assert (await post(http, f"{url}/particle/hdr", body, **good))[0] == 200
+    await until(lambda: _is(state("hdr"), State.CONNECTED))
+
+    # failures before any success: Not Connected; bad bodies are a protocol error
+    for _ in range(3):
+        assert (await post(http, f"{url}/particle/fresh", b"{", **good))[0] == 400
+    await until(lambda: _is(state("fresh"), State.NOT_CONNECTED))
+    fresh = await board.get("particle", "fresh")
+    assert fresh is not None and fresh.error_kind == "protocol"
+
+    async with http.get(f"{url}/status") as resp:
+        assert resp.status == 200
+        page = await resp.json()
+    states = {(i["kind"], i["name"]): i["state"] for i in page["integrations"]}
+    assert states[("particle", "hdr")] == "Connected"
+    assert states[("particle", "fresh")] == "Not Connected"
+    assert page["uplinks"]["group"] == GROUP_TRANSFORM
+    assert page["uplinks"]["high_water"] == 1_000_000
+
+
+async def test_probes_and_metrics(url: str, http: aiohttp.ClientSession) -> None:
+    async with http.get(f"{url}/healthz") as resp:
+        assert resp.status == 200
+    async with http.get(f"{url}/readyz") as resp:
+        assert resp.status == 200 and (await resp.json())["ready"] is True
+    assert (await post(http, f"{url}/particle/tempmon", b'{"coreid":"d","v":1}'))[0] == 200
+    async with http.get(f"{url}/metrics") as resp:
+        assert resp.status == 200
+        text = await resp.text()
+    assert 'bb_ingested_total{integration="tempmon",kind="uplink",source="particle"}' in text
+
+
+# --- graceful stop -------------------------------------------------------------------------------
+
+
+class GatedWriter(StreamWriter):
+    """Our real writer, held at a gate: a request stays in flight until the test opens it."""
+
+    def __init__(self, redis: Redis) -> None:
+        super().__init__(redis)
+        self.entered = asyncio.Event()
+        self.gate = asyncio.Event()
+
+    async def add(self, stream: str, data: bytes) -> str:
+        self.entered.set()
+        await self.gate.wait()
+        return await super().add(stream, data)
+
+
+async def test_graceful_stop_finishes_in_flight_requests(redis: Redis, prefix: str,
+                                                         keys: Keys) -> None:
+    port = free_port()
+    stage = make_stage(redis, prefix, port=port)
+    stage.cfg.host = "127.0.0.1"
+    writer = stage.ctx.writer = GatedWriter(redis)
+    await stage.startup()
+    stop = asyncio.Event()
+    loop_task = asyncio.create_task(stage.main_loop(stop))
+    body = b'{"coreid":"d","v":1}'
+    reader, conn = await asyncio.open_connection("127.0.0.1", port)
+    conn.write(b"POST /particle/tempmon HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+               b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    await conn.drain()
+    await asyncio.wait_for(writer.entered.wait(), 5)
+    stop.set()
+
+    async def refusing() -> bool:
+        try:
+            _, w = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            return True
+        w.close()
+        return False
+
+    await until(refusing)  # no new connections while the old request finishes
+    assert not loop_task.done() and stage.in_flight == 1
+    writer.gate.set()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 200")
+    conn.close()
+    await asyncio.wait_for(loop_task, 10)
+    await stage.shutdown()
+    assert await redis.xlen(keys.stream("uplinks")) == 1

@@ -1,0 +1,566 @@
+"""ingest-http: Particle and TTS webhooks in, ``Uplink`` entries on the uplinks stream out.
+
+Routes (aiohttp):
+
+* ``POST|PUT|GET /particle/{integration}`` — a configured Particle product
+  (:func:`pipeline.particle.parse_webhook`; GET is the Blynk blueprint's query-only webhook);
+* ``POST /tts/{integration}`` — TTS webhook uplinks, joins, locations
+  (:func:`pipeline.tts.parse_message`), for applications that configure ``webhook_auth``;
+* ``GET /healthz`` (the process answers), ``GET /readyz`` (Redis answers a PING: 200, else 503),
+  ``GET /status`` (integration statuses and uplinks backlog, JSON), ``GET /metrics``.
+
+Contract of a webhook request: **2xx only after the entry is in Redis** (``XADD`` returned;
+the answer carries ``X-Entry-Id`` and ``X-Event-Id`` and an empty body, because Particle turns
+a non-empty body into a ``hook-response`` event). A valid TTS message that is not an uplink
+(downlink outcome, service data, skipped simulated uplink) gets 202 and is not stored; a TTS
+uplink without ``decoded_payload`` (that device's formatter failed) gets 202 and becomes a dead
+letter ``no_decoded_payload``, as on MQTT. Every
+refusal is counted in ``bb_rejected_total{reason}`` and answered with
+``{"error": {"reason", "field", "message"}}``: 404 unknown integration, 401 bad credentials,
+413 body over ``max_body_bytes``, 415 a content type Particle/TTS does not send, 400 a body
+that cannot be parsed (the field named), 503 + ``Retry-After`` when the uplinks backlog is past
+``backlog_high_water`` or Redis does not answer. Particle and TTS retry refused deliveries, so
+a retried message arrives again and transform drops the duplicate by ``event_id``.
+
+Integration status (kind ``particle``): **Connected** while webhooks are accepted; **Broken**
+after ``broken_after_failures`` refusals in a row (401: error kind ``credentials`` — the
+webhook's secret and ours differ, so Particle's deliveries are being lost; 400/415/413:
+``protocol`` — the webhook template sends bodies we cannot read); **Not Connected** if that
+happens before any webhook was accepted. The next accepted webhook sets Connected again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Literal
+
+import msgspec
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from redis.exceptions import RedisError
+
+from pipeline import keys as keynames
+from pipeline import metrics
+from pipeline.config import HttpAuth, IngestHttpConfig, ParticleProduct, TtsApplication
+from pipeline.context import Context
+from pipeline.errors import ConfigError, InvalidInput
+from pipeline.events import DeadLetter, Uplink, encode
+from pipeline.particle import body_style, parse_webhook
+from pipeline.status import ErrorKind, StatusBoard
+from pipeline.streams import Redis, now_ms
+
+log = logging.getLogger("blynk_bridge.ingest_http")
+
+Source = Literal["particle", "tts"]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+#: Seconds a client is asked to wait (``Retry-After``) when the backlog or Redis refuses input.
+RETRY_AFTER_S = 5
+#: How often the uplinks backlog is read from Redis (never per request).
+BACKLOG_REFRESH_S = 1.0
+#: An integration already Connected is re-marked at most this often (other replicas may have
+#: marked it Broken meanwhile).
+STATUS_REFRESH_S = 10.0
+
+_json = msgspec.json.Encoder()
+
+
+class Refused(Exception):
+    """A request answered with an error (status, machine reason, field, human message)."""
+
+    def __init__(
+        self,
+        status: int,
+        reason: str,
+        message: str,
+        *,
+        field: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+        self.message = message
+        self.field = field
+        self.headers = dict(headers or {})
+
+
+# --- auth ----------------------------------------------------------------------------------------
+
+
+class Authenticator:
+    """Checks one integration's shared-secret header and/or HTTP basic credentials.
+
+    Every configured check must pass; each compare is constant-time (``hmac.compare_digest``)
+    and nothing secret — neither ours nor what the client sent — appears in a refusal.
+    """
+
+    def __init__(self, auth: HttpAuth | None, where: str) -> None:
+        self.open = auth is None
+        self._header: tuple[str, bytes] | None = None
+        self._basic: tuple[bytes, bytes] | None = None
+        if auth is None:
+            return
+        if auth.header is not None or auth.secret is not None:
+            if not auth.header or not auth.secret:
+                raise ConfigError(f"`{where}`: `header` and `secret` go together")
+            self._header = (auth.header, _bytes(auth.secret))
+        if auth.username is not None or auth.password is not None:
+            if not auth.username or not auth.password:
+                raise ConfigError(f"`{where}`: `username` and `password` go together")
+            self._basic = (_bytes(auth.username), _bytes(auth.password))
+        if self._header is None and self._basic is None:
+            raise ConfigError(f"`{where}`: set `header` + `secret` or `username` + `password`")
+
+    def check(self, headers: Mapping[str, str]) -> Refused | None:
+        """``None`` when the request may pass, else the 401 to answer."""
+        if self._header is not None:
+            name, secret = self._header
+            given = headers.get(name)
+            if given is None:
+                return _unauthorized(f"header {name} missing", name)
+            if not hmac.compare_digest(_bytes(given), secret):
+                return _unauthorized(f"header {name} does not match", name)
+        if self._basic is not None:
+            user, password = self._basic
+            creds = _basic_credentials(headers.get("Authorization"))
+            if creds is None:
+                return _unauthorized("HTTP basic credentials missing or malformed", "Authorization",
+                                     basic=True)
+            ok_user = hmac.compare_digest(creds[0], user)
+            ok_password = hmac.compare_digest(creds[1], password)
+            if not (ok_user and ok_password):
+                return _unauthorized("HTTP basic credentials do not match", "Authorization",
+                                     basic=True)
+        return None
+
+
+def _bytes(text: str) -> bytes:
+    # Header values may hold undecodable bytes (aiohttp keeps them as surrogates).
+    return str.__str__(text).encode("utf-8", "surrogateescape")
+
+
+def _basic_credentials(header: str | None) -> tuple[bytes, bytes] | None:
+    if not header:
+        return None
+    scheme, _, encoded = header.strip().partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        raw = base64.b64decode(_bytes(encoded.strip()), validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    user, sep, password = raw.partition(b":")
+    return (user, password) if sep else None
+
+
+def _unauthorized(message: str, field: str, *, basic: bool = False) -> Refused:
+    headers = {"WWW-Authenticate": 'Basic realm="blynk-bridge"'} if basic else None
+    return Refused(401, "unauthorized", message, field=field, headers=headers)
+
+
+# --- backlog -------------------------------------------------------------------------------------
+
+
+class Backlog:
+    """The uplinks stream's lag for the transform group, read every ``BACKLOG_REFRESH_S``.
+
+    Lag is ``XINFO GROUPS``' ``lag`` summed over partitions; a partition without the group
+    (transform never started) counts its whole length, since nothing will trim it. Until the
+    first read, and while Redis fails, the last known value holds (0 at start).
+    """
+
+    def __init__(self, redis: Redis, streams: list[str], group: str,
+                 interval_s: float = BACKLOG_REFRESH_S) -> None:
+        self._redis = redis
+        self.interval_s = interval_s
+        self.streams = streams
+        self.group = group
+        self.by_stream: dict[str, int] = dict.fromkeys(streams, 0)
+        self.total = 0
+        self.read_ms: int | None = None
+
+    async def refresh(self) -> int:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for stream in self.streams:
+                pipe.xlen(stream)
+                pipe.xinfo_groups(stream)
+            replies = await pipe.execute(raise_on_error=False)
+        for i, stream in enumerate(self.streams):
+            length, groups = replies[2 * i], replies[2 * i + 1]
+            if isinstance(length, Exception):
+                raise length
+            self.by_stream[stream] = _lag(length, groups, self.group)
+        self.total = sum(self.by_stream.values())
+        self.read_ms = now_ms()
+        return self.total
+
+    async def run(self) -> None:
+        """Refresh forever (cancel to stop); a Redis failure keeps the last value and logs."""
+        failing = False
+        while True:
+            try:
+                await self.refresh()
+                failing = False
+            except RedisError as exc:
+                if not failing:
+                    log.warning("cannot read the uplinks backlog: %s", exc)
+                failing = True
+            await asyncio.sleep(self.interval_s)
+
+
+def _lag(length: int, groups: object, group: str) -> int:
+    if not isinstance(groups, list):  # "no such key": the stream does not exist yet
+        return 0
+    for g in groups:
+        name = g.get("name")
+        if (name.decode() if isinstance(name, bytes) else name) != group:
+            continue
+        lag = g.get("lag")
+        if isinstance(lag, int):
+            return lag
+        read = g.get("entries-read")
+        return max(0, length - read) if isinstance(read, int) else length
+    return int(length)
+
+
+# --- integration status --------------------------------------------------------------------------
+
+
+class InboundStatus:
+    """Integration status of inbound webhooks, written to Redis off the request path."""
+
+    def __init__(self, board: StatusBoard, kind: str, broken_after: int) -> None:
+        self._board = board
+        self._kind = kind
+        self._broken_after = max(1, broken_after)
+        self._connected_at: dict[str, float] = {}
+        self._failures: dict[str, int] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def accepted(self, name: str) -> None:
+        self._failures[name] = 0
+        last = self._connected_at.get(name)
+        now = time.monotonic()
+        if last is None or now - last >= STATUS_REFRESH_S:
+            self._connected_at[name] = now
+            self._spawn(self._board.connected(self._kind, name))
+
+    def refused(self, name: str, error: str, error_kind: ErrorKind) -> None:
+        count = self._failures.get(name, 0) + 1
+        self._failures[name] = count
+        if count >= self._broken_after and (count - self._broken_after) % 100 == 0:
+            self._connected_at.pop(name, None)
+            self._spawn(self._board.failed(self._kind, name, error, error_kind))
+
+    def _spawn(self, aw: Awaitable[object]) -> None:
+        async def write() -> None:
+            try:
+                await aw
+            except RedisError as exc:
+                log.warning("cannot write integration status: %s", exc)
+
+        task = asyncio.create_task(write(), name="ingest-http-status")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def drain(self) -> None:
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+# --- the stage -----------------------------------------------------------------------------------
+
+
+class IngestHttp:
+    """The ingest-http stage; ``app`` is its aiohttp application (tests serve it directly)."""
+
+    name = "ingest-http"
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.cfg: IngestHttpConfig = ctx.config.ingest_http
+        self.particle: dict[str, tuple[ParticleProduct, Authenticator]] = {}
+        for i, product in enumerate(ctx.config.particle):
+            self.particle[product.name] = (product, Authenticator(product.auth,
+                                                                  f"particle[{i}].auth"))
+        self.tts: dict[str, tuple[TtsApplication, Authenticator]] = {}
+        for i, app in enumerate(ctx.config.tts):
+            if app.webhook_auth is not None:
+                self.tts[app.name] = (app, Authenticator(app.webhook_auth,
+                                                         f"tts[{i}].webhook_auth"))
+        self.board = StatusBoard(ctx.redis, ctx.keys)
+        self.status = InboundStatus(self.board, "particle", self.cfg.broken_after_failures)
+        self.backlog = Backlog(ctx.redis, ctx.keys.streams(keynames.UPLINKS),
+                               keynames.GROUP_TRANSFORM)
+        #: Requests being handled right now (graceful stop waits for them).
+        self.in_flight = 0
+        self.app = self._make_app()
+        self._runner: web.AppRunner | None = None
+
+    # lifecycle
+
+    async def startup(self) -> None:
+        for name, (_, auth) in self.particle.items():
+            if auth.open:
+                log.warning("particle integration %r has no auth: anyone can post to it", name)
+        self._runner = web.AppRunner(
+            self.app, shutdown_timeout=self.cfg.shutdown_timeout_s, access_log=None
+        )
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.cfg.host, self.cfg.port, backlog=1024)
+        await site.start()
+        log.info("ingest-http listening on %s:%d (particle: %s; tts webhooks: %s)",
+                 self.cfg.host, self.cfg.port, ", ".join(self.particle) or "-",
+                 ", ".join(self.tts) or "-")
+
+    async def main_loop(self, stop: asyncio.Event) -> None:
+        """Serve until ``stop``; then stop accepting, let requests in flight finish (up to
+        ``shutdown_timeout_s``) and return."""
+        await stop.wait()
+        await self._close()
+
+    async def shutdown(self) -> None:
+        await self._close()
+
+    async def _close(self) -> None:
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+        await self.status.drain()
+
+    # the app
+
+    def _make_app(self) -> web.Application:
+        app = web.Application(client_max_size=self.cfg.max_body_bytes,
+                              middlewares=[self._refusals])
+        app.router.add_route("POST", "/particle/{integration}", self.particle_webhook)
+        app.router.add_route("PUT", "/particle/{integration}", self.particle_webhook)
+        app.router.add_route("GET", "/particle/{integration}", self.particle_webhook)
+        app.router.add_post("/tts/{integration}", self.tts_webhook)
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/readyz", self.readyz)
+        app.router.add_get("/status", self.status_page)
+        app.router.add_get("/metrics", self.metrics_page)
+        app.cleanup_ctx.append(self._backlog_refresher)
+        return app
+
+    async def _backlog_refresher(self, app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.create_task(self.backlog.run(), name="ingest-http-backlog")
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    @web.middleware
+    async def _refusals(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        self.in_flight += 1
+        try:
+            return await handler(request)
+        except Refused as refused:
+            return _error_response(refused)
+        except web.HTTPNotFound:
+            source = request.path.split("/")[1][:16] or "-"
+            metrics.REJECTED.labels(source, "not_found").inc()
+            return _error_response(Refused(404, "not_found", f"no route {request.path[:100]}"))
+        except web.HTTPMethodNotAllowed as exc:
+            source = request.path.split("/")[1][:16] or "-"
+            metrics.REJECTED.labels(source, "method_not_allowed").inc()
+            return _error_response(Refused(
+                405, "method_not_allowed", f"{request.method} is not allowed here",
+                headers={"Allow": ", ".join(sorted(exc.allowed_methods))},
+            ))
+        finally:
+            self.in_flight -= 1
+
+    # webhooks
+
+    async def particle_webhook(self, request: web.Request) -> web.Response:
+        name = request.match_info["integration"]
+        entry = self.particle.get(name)
+        if entry is None:
+            raise self._refuse("particle", None, Refused(
+                404, "unknown_integration", f"no Particle integration named {name[:64]!r}",
+                field="integration"))
+        product, auth = entry
+        await self._admit(request, "particle", name, auth)
+        body = await self._body(request, "particle", name)
+        received = now_ms()
+        try:
+            uplink = parse_webhook(body, request.content_type, product, received_ts_ms=received,
+                                   query=_query(request))
+        except InvalidInput as exc:
+            raise self._invalid("particle", name, exc) from None
+        return await self._append(uplink, name)
+
+    async def tts_webhook(self, request: web.Request) -> web.Response:
+        from pipeline.tts import parse_message
+
+        name = request.match_info["integration"]
+        entry = self.tts.get(name)
+        if entry is None:
+            raise self._refuse("tts", None, Refused(
+                404, "unknown_integration",
+                f"no TTS application named {name[:64]!r} takes webhooks (set webhook_auth)",
+                field="integration"))
+        app, auth = entry
+        await self._admit(request, "tts", name, auth)
+        if body_style(request.content_type) != "json":
+            raise self._refuse("tts", name, Refused(
+                415, "unsupported_media_type",
+                f"TTS webhooks are JSON, got {request.content_type[:64]!r}", field="Content-Type"))
+        body = await self._body(request, "tts", name)
+        try:
+            uplink = parse_message(body, app, received_ts_ms=now_ms())
+        except InvalidInput as exc:
+            if exc.reason == "no_decoded_payload":
+                return await self._dead_letter("tts", name, request.path, body, exc)
+            raise self._invalid("tts", name, exc) from None
+        if uplink is None:
+            return web.Response(status=202, headers={"X-Skipped": "not an uplink"})
+        return await self._append(uplink, name)
+
+    async def _admit(self, request: web.Request, source: Source, name: str,
+                     auth: Authenticator) -> None:
+        """Auth, declared size, content type and backlog: everything decided before reading."""
+        refused = auth.check(request.headers)
+        if refused is not None:
+            peer = request.remote or "?"
+            log.warning("%s/%s: refused request from %s: %s", source, name, peer, refused.message)
+            raise self._refuse(source, name, refused, "credentials")
+        length = request.content_length
+        if length is not None and length > self.cfg.max_body_bytes:
+            raise self._refuse(source, name, _too_large(length, self.cfg.max_body_bytes))
+        if request.body_exists and body_style(request.content_type) is None:
+            raise self._refuse(source, name, Refused(
+                415, "unsupported_media_type",
+                f"content type {request.content_type[:64]!r} is not JSON, form or text",
+                field="Content-Type"))
+        if self.backlog.total > self.cfg.backlog_high_water:
+            raise self._refuse(source, None, Refused(
+                503, "backlog",
+                f"{self.backlog.total} uplinks wait for transform (limit "
+                f"{self.cfg.backlog_high_water}); retry later",
+                headers={"Retry-After": str(RETRY_AFTER_S)}))
+
+    async def _body(self, request: web.Request, source: Source, name: str) -> bytes:
+        try:
+            return await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise self._refuse(source, name, _too_large(None, self.cfg.max_body_bytes)) from None
+
+    async def _append(self, uplink: Uplink, name: str) -> web.Response:
+        source: Source = uplink.source
+        try:
+            data = encode(uplink)
+        except (OverflowError, ValueError, TypeError, UnicodeError) as exc:
+            raise self._refuse(source, name, Refused(
+                400, "unencodable", f"message holds a value that cannot be stored: {exc}"
+            )) from None
+        stream = self.ctx.keys.stream_for(keynames.UPLINKS, source, uplink.device)
+        try:
+            entry_id = await self.ctx.writer.add(stream, data)
+        except RedisError as exc:
+            log.warning("%s/%s: cannot append to %s: %s", source, name, stream, exc)
+            raise self._refuse(source, None, Refused(
+                503, "redis_unavailable", "the bridge cannot store messages right now",
+                headers={"Retry-After": str(RETRY_AFTER_S)})) from None
+        metrics.INGESTED.labels(source, name, uplink.kind).inc()
+        if source == "particle":
+            self.status.accepted(name)
+        return web.Response(status=200, headers={"X-Entry-Id": entry_id,
+                                                 "X-Event-Id": uplink.event_id})
+
+    async def _dead_letter(self, source: Source, name: str, path: str, body: bytes,
+                           exc: InvalidInput) -> web.Response:
+        """Keep a valid message we cannot map (a device without a working payload formatter)
+        as a dead letter and answer 202, so one device never makes the whole webhook look
+        unhealthy to TTS."""
+        dead = DeadLetter(stream=path, entry_id="", raw=body, stage=self.name, reason=exc.reason,
+                          detail=exc.detail[:2000], attempts=1, dead_ts_ms=now_ms())
+        try:
+            entry_id = await self.ctx.writer.add(self.ctx.keys.dead, encode(dead))
+        except RedisError as err:
+            log.warning("%s/%s: cannot dead-letter: %s", source, name, err)
+            raise self._refuse(source, None, Refused(
+                503, "redis_unavailable", "the bridge cannot store messages right now",
+                headers={"Retry-After": str(RETRY_AFTER_S)})) from None
+        metrics.REJECTED.labels(source, exc.reason).inc()
+        metrics.DEAD.labels(self.name, exc.reason).inc()
+        return web.Response(status=202, headers={"X-Dead-Letter-Id": entry_id,
+                                                 "X-Skipped": exc.reason})
+
+    def _invalid(self, source: Source, name: str, exc: InvalidInput) -> Refused:
+        status = {"unsupported_media_type": 415, "too_large": 413}.get(exc.reason, 400)
+        log.info("%s/%s: refused body (%s at %s): %s", source, name, exc.reason, exc.field,
+                 exc.detail[:200])
+        return self._refuse(source, name, Refused(status, exc.reason, exc.detail,
+                                                  field=exc.field))
+
+    def _refuse(self, source: Source, name: str | None, refused: Refused,
+                error_kind: ErrorKind = "protocol") -> Refused:
+        """Count a refusal; for a known Particle integration, feed its status."""
+        metrics.REJECTED.labels(source, refused.reason).inc()
+        if source == "particle" and name is not None:
+            self.status.refused(name, f"{refused.status} {refused.reason}: {refused.message}",
+                                error_kind)
+        return refused
+
+    # probes
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"ok": True})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        try:
+            await asyncio.wait_for(self.ctx.redis.ping(), timeout=1.0)
+        except (RedisError, TimeoutError, OSError) as exc:
+            return web.json_response({"ready": False, "redis": str(exc)[:200]}, status=503)
+        return web.json_response({"ready": True, "redis": "ok", "config": "loaded"})
+
+    async def status_page(self, request: web.Request) -> web.Response:
+        try:
+            integrations = await self.board.all()
+        except RedisError as exc:
+            return web.json_response({"error": f"redis: {str(exc)[:200]}"}, status=503)
+        body = {
+            "integrations": integrations,
+            "uplinks": {
+                "group": self.backlog.group,
+                "lag": self.backlog.total,
+                "lag_by_stream": self.backlog.by_stream,
+                "high_water": self.cfg.backlog_high_water,
+                "read_ms": self.backlog.read_ms,
+            },
+        }
+        return web.Response(body=_json.encode(body), content_type="application/json")
+
+    async def metrics_page(self, request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def _query(request: web.Request) -> dict[str, str]:
+    return {k: v for k, v in request.query.items()}
+
+
+def _too_large(size: int | None, limit: int) -> Refused:
+    what = f"body of {size} bytes" if size is not None else "body"
+    return Refused(413, "too_large", f"{what} is over the {limit}-byte limit", field="$")
+
+
+def _error_response(refused: Refused) -> web.Response:
+    body = {"error": {"reason": refused.reason, "field": refused.field,
+                      "message": refused.message}}
+    return web.Response(status=refused.status, body=_json.encode(body),
+                        content_type="application/json", headers=refused.headers)
+
+
+def build(ctx: Context) -> IngestHttp:
+    return IngestHttp(ctx)
