@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline import config as config_mod
-from pipeline import events
+from pipeline import dedup, events
 from pipeline.keys import DOWNLINKS, UPLINKS, WRITES, Keys
 from pipeline.redact import mask, redact_url
 from pipeline.status import StatusBoard
@@ -322,13 +322,21 @@ async def replay(
     Returns ``(dead id, stream, new entry id)`` for each replayed letter. Letters whose origin
     is not one of the pipeline's streams (ingest keeps the MQTT topic there) are skipped: the
     caller reports them. At-least-once: a crash between the two steps leaves the letter in
-    place, to be replayed again.
+    place, to be replayed again. A replayed uplink's ``event_id`` is forgotten by de-duplication
+    first (:func:`pipeline.dedup.forget`), or transform would drop it as already seen.
     """
     ours = pipeline_streams(keys)
     done = []
     for row in rows:
         if row.letter is None or row.letter.stream not in ours:
             continue
+        if ours[row.letter.stream] == UPLINKS:
+            try:
+                event_id = events.decode_uplink(row.letter.raw).event_id
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                event_id = None  # not an uplink: transform will dead-letter it again, visibly
+            if event_id is not None:
+                await dedup.forget(redis, keys, [event_id])
         new_id = await redis.xadd(row.letter.stream, {events.FIELD: row.letter.raw})
         await redis.xdel(keys.dead, row.id)
         done.append((row.id, row.letter.stream, _s(new_id)))

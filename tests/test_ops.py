@@ -167,9 +167,12 @@ async def test_dead_replay_puts_the_entry_back_for_its_group(
     redis: Redis, keys: Keys, letters: dict[str, str], config_file: str,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
+    # Transform saw the event once: the replay must not be dropped as a duplicate of it.
+    await redis.set(keys.seen("e-dev-1"), b"elsewhere/1-0", ex=60)
     assert await _cli("dead", "replay", "-c", config_file, letters["uplink"]) == 0
     assert "replayed 1 of 1" in capsys.readouterr().out
     assert letters["uplink"] not in await _dead_ids(redis, keys)
+    assert await redis.exists(keys.seen("e-dev-1")) == 0
 
     reader = StreamReader(redis, keys, [keys.stream(UPLINKS)], "transform", "c2",
                           stage="transform")
