@@ -191,7 +191,16 @@ def _demo(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # demo and the emulators parse their own options (argparse's REMAINDER would take only
+    # what follows the first positional): hand them everything after their name.
+    own = next((i for i, a in enumerate(argv) if a in ("demo", "emulate")), None)
+    if own is not None and not any(a in STAGES or a == "run" for a in argv[:own]):
+        head = argv[: own + (2 if argv[own] == "emulate" else 1)]
+        args = parser.parse_args(head)
+        args.rest = argv[len(head):]
+    else:
+        args = parser.parse_args(argv)
     setup_logging(args.log_level, args.log_format)
     try:
         rc: int = args.func(args)

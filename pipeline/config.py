@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -358,7 +358,11 @@ def check(config: Config, origin: str) -> None:
             if pin in seen_pins:
                 raise ConfigError(f"{origin}: pin {pin} used twice in template {t.name!r}")
             seen_pins.add(pin)
-    for section, items in (("tts", config.tts), ("particle", config.particle)):
+    integrations: list[tuple[str, Sequence[TtsApplication | ParticleProduct]]] = [
+        ("tts", config.tts),
+        ("particle", config.particle),
+    ]
+    for section, items in integrations:
         seen: set[str] = set()
         for i, integ in enumerate(items):
             if integ.name in seen:
@@ -381,7 +385,9 @@ def check(config: Config, origin: str) -> None:
                 f"{origin}: `devices[{i}].template` names unknown template {dev.template!r}"
             )
         if dev.server is not None and dev.server not in config.blynk.servers:
-            raise ConfigError(f"{origin}: `devices[{i}].server` names unknown server {dev.server!r}")
+            raise ConfigError(
+                f"{origin}: `devices[{i}].server` names unknown server {dev.server!r}"
+            )
     if config.blynk.default_server not in config.blynk.servers:
         raise ConfigError(
             f"{origin}: `blynk.default_server` {config.blynk.default_server!r} is not in "

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 log = logging.getLogger("blynk_bridge.lifecycle")
 
@@ -105,9 +105,9 @@ async def _cancel_after_grace(
     stop: asyncio.Event, tasks: list[asyncio.Task[None]], grace_s: float
 ) -> None:
     """After a stop request, give stages ``grace_s`` to drain, then cancel the stragglers."""
-    waiter = asyncio.gather(*tasks, return_exceptions=True)
-    stopper = asyncio.ensure_future(stop.wait())
-    await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    waiter: asyncio.Future[Any] = asyncio.gather(*tasks, return_exceptions=True)
+    stopper: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
+    await asyncio.wait([waiter, stopper], return_when=asyncio.FIRST_COMPLETED)
     stopper.cancel()
     if waiter.done():
         return

@@ -35,10 +35,13 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
-def setup_logging(level: str = "INFO", fmt: str | None = None) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+def setup_logging(level: str = "INFO", fmt: str | None = None, path: str | None = None) -> None:
+    """Log to stderr (or to ``path``): text on a terminal, JSON lines otherwise."""
+    handler: logging.Handler = (
+        logging.FileHandler(path) if path is not None else logging.StreamHandler(sys.stderr)
+    )
     if fmt is None:
-        fmt = "text" if sys.stderr.isatty() else "json"
+        fmt = "text" if path is None and sys.stderr.isatty() else "json"
     handler.setFormatter(
         JsonFormatter()
         if fmt == "json"

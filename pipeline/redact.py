@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import re
 
-_TOKEN_QUERY = re.compile(r"(?i)((?:token|access_token|client_secret|api_key|password)=)([^&\s\"']+)")
+_TOKEN_QUERY = re.compile(
+    r"(?i)((?:token|access_token|client_secret|api_key|password)=)([^&\s\"']+)"
+)
 
 
 def mask(secret: str | None, keep: int = 4) -> str:

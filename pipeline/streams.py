@@ -201,7 +201,10 @@ class StreamReader:
             block=self.block_ms if block else None,
         )
         return [
-            Entry(s, i, f.get(events.FIELD), 1, f) for s, msgs in _streams_of(reply) for i, f in msgs
+            Entry(s, i, f.get(events.FIELD), 1, f)
+            for s, msgs in _streams_of(reply)
+            for i, f in msgs
+            if f is not None
         ]
 
     async def _with_counts(self, raw: list[tuple[str, str, dict[bytes, bytes]]]) -> list[Entry]:

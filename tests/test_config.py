@@ -27,7 +27,11 @@ tts:
     api_key: ${TTS_KEY}
     template: weather
 devices:
-  - {source: tts, integration: farm, device: dev1, token: "${TOKEN:-abcdefghijklmnopqrstuvwxyz123456}", template: weather}
+  - source: tts
+    integration: farm
+    device: dev1
+    token: "${TOKEN:-abcdefghijklmnopqrstuvwxyz123456}"
+    template: weather
 """
 
 
@@ -69,7 +73,7 @@ def test_unknown_template_reference_is_an_error() -> None:
 
 
 def test_bad_pin_is_an_error() -> None:
-    with pytest.raises(ConfigError, match="V0..V255"):
+    with pytest.raises(ConfigError, match=r"V0\.\.V255"):
         parse(GOOD.replace("pin: V1", "pin: V256"), "yaml", "bridge.yaml", env={"TTS_KEY": "k"})
 
 

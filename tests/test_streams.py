@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
 import sys
 import textwrap
 
@@ -41,7 +40,8 @@ async def test_reader_returns_new_entries_and_nothing_is_acked_by_reading(
     r = reader(redis, keys)
     await r.ensure_group()
     await r.ensure_group()  # idempotent
-    await StreamWriter(redis).add_many([(keys.stream("uplinks"), b"a"), (keys.stream("uplinks"), b"b")])
+    stream = keys.stream("uplinks")
+    await StreamWriter(redis).add_many([(stream, b"a"), (stream, b"b")])
     got = await r.read()
     assert [e.data for e in got] == [b"a", b"b"]
     assert all(e.deliveries == 1 for e in got)
@@ -98,13 +98,15 @@ async def test_consumer_killed_mid_batch_leaves_entries_another_reclaims(
         asyncio.run(main())
         """
     )
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", script, stdout=asyncio.subprocess.PIPE
+    )
     try:
         assert proc.stdout is not None
-        assert proc.stdout.readline().strip() == "10"
+        assert (await asyncio.wait_for(proc.stdout.readline(), 30)).strip() == b"10"
     finally:
         os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+        await proc.wait()
     assert (await redis.xpending(stream, "g"))["pending"] == 10
     # A live consumer takes over entries idle longer than claim_idle_ms (1 ms here).
     survivor = reader(redis, keys, consumer="survivor", claim_idle_ms=1)

@@ -1,0 +1,342 @@
+"""``blynk-bridge demo``: the whole pipeline on emulated clouds with a simulated fleet.
+
+Starts, in one process: the Blynk emulator (``examples/blynk-emulator.yaml``, on free ports),
+every stage of the bridge (``examples/bridge.yaml``, under its own Redis prefix), a TTS fleet
+publishing to the local Mosquitto and a Particle fleet posting webhooks to ingest-http. Unknown
+devices are created in the emulated Blynk as their first uplinks arrive. A live table shows what
+came in, what reached Blynk, the lag of every stream and the integration statuses. Ctrl-C (or
+``--duration``) stops the fleets, lets the pipeline drain, and prints a summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import signal
+import socket
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import Counter
+from rich.console import Console, Group
+from rich.live import Live
+from rich.panel import Panel
+from rich.table import Table
+
+from pipeline import config as config_mod
+from pipeline import metrics
+from pipeline.context import Context
+from pipeline.keys import Keys
+from pipeline.lifecycle import run_stages, until_stopped
+from pipeline.logs import setup_logging
+from pipeline.status import StatusBoard
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+LOG = Path(".demo") / "blynk-bridge.log"
+MQTT_HOST, MQTT_PORT = "127.0.0.1", 1883
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _reachable(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def _total(counter: Counter, **match: str) -> float:
+    """Sum of a labelled counter's ``_total`` samples whose labels match ``match``."""
+    total = 0.0
+    for family in counter.collect():
+        for s in family.samples:
+            if s.name.endswith("_total") and all(s.labels.get(k) == v for k, v in match.items()):
+                total += s.value
+    return total
+
+
+def _by_label(counter: Counter, label: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for family in counter.collect():
+        for s in family.samples:
+            if s.name.endswith("_total"):
+                out[s.labels[label]] = out.get(s.labels[label], 0.0) + s.value
+    return out
+
+
+@dataclass
+class Snapshot:
+    sent_tts: int = 0
+    sent_particle: int = 0
+    ingested: float = 0
+    transformed: float = 0
+    written: float = 0
+    blynk_messages: int = 0
+    blynk_devices: int = 0
+    dead: dict[str, float] = field(default_factory=dict)
+    lag: list[tuple[str, str, int, int, int]] = field(default_factory=list)
+    statuses: list[tuple[str, str, str, str]] = field(default_factory=list)
+    devices: list[tuple[str, str, str, str]] = field(default_factory=list)
+
+
+async def _lag(ctx: Context) -> list[tuple[str, str, int, int, int]]:
+    rows = []
+    for name in ("uplinks", "writes"):
+        for stream in ctx.keys.streams(name):
+            if not await ctx.redis.exists(stream):
+                continue
+            length = int(await ctx.redis.xlen(stream))
+            for g in await ctx.redis.xinfo_groups(stream):
+                group = g["name"].decode() if isinstance(g["name"], bytes) else str(g["name"])
+                lag = g.get("lag")
+                rows.append((stream, group, length, int(lag or 0), int(g["pending"])))
+    return rows
+
+
+def _render(snap: Snapshot, started: float, draining: bool) -> Group:
+    elapsed = max(time.monotonic() - started, 1e-6)
+    sent = snap.sent_tts + snap.sent_particle
+    flow = Table(title="blynk-bridge demo", title_style="bold", show_edge=False)
+    for col in ("", "total", "per second"):
+        flow.add_column(col, justify="right" if col else "left")
+    flow.add_row("sent by the fleets (TTS MQTT + Particle webhooks)",
+                 f"{snap.sent_tts} + {snap.sent_particle}", f"{sent / elapsed:,.0f}")
+    flow.add_row("ingested onto bb:uplinks", f"{snap.ingested:,.0f}",
+                 f"{snap.ingested / elapsed:,.0f}")
+    flow.add_row("transformed into Blynk writes", f"{snap.transformed:,.0f}",
+                 f"{snap.transformed / elapsed:,.0f}")
+    flow.add_row("datastream values written to Blynk", f"{snap.written:,.0f}",
+                 f"{snap.written / elapsed:,.0f}")
+    flow.add_row("Blynk messages (one per device per flush)", f"{snap.blynk_messages:,}",
+                 f"{snap.blynk_messages / elapsed:,.0f}")
+    flow.add_row("devices in Blynk (created on first uplink)", f"{snap.blynk_devices}", "")
+    dead = ", ".join(f"{k}={v:.0f}" for k, v in sorted(snap.dead.items())) or "none"
+    flow.add_row("dead letters by reason", dead, "")
+
+    lag = Table(title="streams", show_edge=False)
+    for col in ("stream", "group", "length", "lag", "pending"):
+        lag.add_column(col)
+    for stream, group, length, lg, pending in snap.lag:
+        lag.add_row(stream, group, str(length), str(lg), str(pending))
+
+    status = Table(title="integrations", show_edge=False)
+    for col in ("integration", "state", "since", "last error"):
+        status.add_column(col)
+    for row in snap.statuses:
+        status.add_row(*row)
+
+    devices = Table(title="a few devices, as Blynk has them", show_edge=False)
+    for col in ("device", "temperature (V0)", "humidity (V1)", "RSSI (V5)"):
+        devices.add_column(col)
+    for row in snap.devices:
+        devices.add_row(*row)
+    footer = ("[yellow]draining: fleets stopped, waiting for the pipeline to catch up…[/]"
+              if draining else "[dim]Ctrl-C stops the fleets, drains the pipeline and exits[/]")
+    return Group(Panel(flow), lag, status, devices, footer)
+
+
+class Demo:
+    def __init__(self, opts: argparse.Namespace) -> None:
+        self.opts = opts
+        self.stop_fleets = asyncio.Event()
+        self.stop_pipeline = asyncio.Event()
+        self.started = time.monotonic()
+
+    async def snapshot(self, ctx: Context, emu: Any, fleet: Any, particle: Any) -> Snapshot:
+        board = StatusBoard(ctx.redis, ctx.keys)
+        now = time.time() * 1000
+        statuses = [(f"{s.kind}:{s.name}", str(s.state), f"{(now - s.since_ms) / 1000:.0f}s ago",
+                     s.last_error or "") for s in await board.all()]
+        devices = []
+        for d in list(emu.model.devices.values())[:6]:
+            vals = {p.upper(): v for p, (v, _ts) in d.values.items()}
+            devices.append((d.name, str(vals.get("V0", "-")), str(vals.get("V1", "-")),
+                            str(vals.get("V5", "-"))))
+        return Snapshot(
+            sent_tts=fleet.published,
+            sent_particle=particle.stats.sent,
+            ingested=_total(metrics.INGESTED),
+            transformed=_total(metrics.TRANSFORMED),
+            written=_total(metrics.WRITTEN),
+            blynk_messages=emu.org_messages,
+            blynk_devices=len(emu.model.devices),
+            dead=_by_label(metrics.DEAD, "reason"),
+            lag=await _lag(ctx),
+            statuses=statuses,
+            devices=devices,
+        )
+
+    async def _connected(self, ctx: Context, kind: str, name: str) -> None:
+        board = StatusBoard(ctx.redis, ctx.keys)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            status = await board.get(kind, name)
+            if status is not None and status.state == "Connected":
+                return
+            await asyncio.sleep(0.1)  # a bounded wait on a real condition, not a guess
+
+    async def drained(self, ctx: Context) -> bool:
+        rows = await _lag(ctx)
+        return bool(rows) and all(lg == 0 and pending == 0 for *_, lg, pending in rows)
+
+    async def run(self) -> int:
+        from emulators.blynk import BlynkEmulator
+        from emulators.particle import ParticleFleet
+        from emulators.tts import Fleet
+
+        console = Console()
+        if not _reachable(MQTT_HOST, MQTT_PORT):
+            console.print(f"[red]Mosquitto is not reachable on {MQTT_HOST}:{MQTT_PORT}[/]: run "
+                          "`make demo` (it starts one) or `scripts/services.sh`.")
+            return 1
+        emu = BlynkEmulator.from_file(EXAMPLES / "blynk-emulator.yaml")
+        async with emu.serve(dict.fromkeys(emu.regions, 0)) as urls:
+            http_port = _free_port()
+            run_id = secrets.token_hex(3)
+            env = dict(os.environ) | {
+                "BLYNK_FRA1_URL": urls["fra1"],
+                "BLYNK_NY3_URL": urls.get("ny3", urls["fra1"]),
+                "BLYNK_PLATFORM_URL": urls["fra1"],
+                "TTS_APP_ID": f"demo-farm-{run_id}",
+                "BB_PREFIX": f"bbdemo:{run_id}:",
+                "INGEST_HTTP_HOST": "127.0.0.1",
+                "INGEST_HTTP_PORT": str(http_port),
+                "METRICS_PORT": str(self.opts.metrics_port or _free_port()),
+            }
+            cfg = config_mod.load(EXAMPLES / "bridge.yaml", env=env)
+            ctx = Context.create(cfg)
+            try:
+                return await self._run(console, ctx, cfg, emu, http_port, Fleet, ParticleFleet)
+            finally:
+                await _forget(ctx.redis, ctx.keys)
+                await ctx.close()
+
+    async def _run(self, console: Console, ctx: Context, cfg: config_mod.Config, emu: Any,
+                   http_port: int, fleet_cls: Any, particle_cls: Any) -> int:
+        import importlib
+
+        from blynk_bridge.cli import STAGES
+
+        stages = [importlib.import_module(m).build(ctx) for m in STAGES.values()]
+        ready = asyncio.Event()
+        pipeline = asyncio.create_task(run_stages(
+            stages, stop=self.stop_pipeline, install_signals=False, on_started=ready.set))
+        await until_stopped(ready.wait(), self.stop_fleets)
+        if cfg.metrics.port is not None:
+            metrics.serve("127.0.0.1", cfg.metrics.port)
+        app = cfg.tts[0]
+        # TTS keeps no messages for absent subscribers (QoS 0): start publishing only once
+        # ingest-mqtt holds the application and is subscribed.
+        await until_stopped(self._connected(ctx, "tts", app.name), self.stop_fleets)
+        secret = cfg.particle[0].auth.secret if cfg.particle[0].auth else None
+        fleet = fleet_cls(MQTT_HOST, MQTT_PORT, app.app_id, app.tenant,
+                          devices=self.opts.devices, rate_per_s=self.opts.rate,
+                          missing_decoded_ratio=0.01, packet_broker_ratio=0.2, record=False,
+                          device_prefix="eui-70b3d57ed000")
+        particle = particle_cls(f"http://127.0.0.1:{http_port}/particle/{cfg.particle[0].name}",
+                                devices=self.opts.particle_devices,
+                                rate_per_s=self.opts.particle_rate, fmt="json",
+                                auth={"X-Bridge-Secret": str(secret)} if secret else None)
+        duration = self.opts.duration
+        fleets = [asyncio.create_task(fleet.run(duration_s=duration or 10**9)),
+                  asyncio.create_task(particle.run(duration_s=duration or 10**9))]
+        stopper = asyncio.ensure_future(self.stop_fleets.wait())
+        draining = False
+        live_ctx = (Live(console=console, refresh_per_second=4, transient=False)
+                    if console.is_terminal else contextlib.nullcontext())
+        with live_ctx as live:
+            while True:
+                snap = await self.snapshot(ctx, emu, fleet, particle)
+                if live is not None:
+                    live.update(_render(snap, self.started, draining))
+                if pipeline.done():
+                    break
+                if not draining and (self.stop_fleets.is_set() or all(t.done() for t in fleets)):
+                    draining = True
+                    for t in fleets:
+                        t.cancel()
+                    await asyncio.gather(*fleets, return_exceptions=True)
+                    drain_deadline = time.monotonic() + self.opts.drain_s
+                if draining and (await self.drained(ctx) or time.monotonic() > drain_deadline):
+                    break
+                await asyncio.wait({stopper}, timeout=0.25 if live is not None else 1.0)
+            stopper.cancel()
+            self.stop_pipeline.set()
+            await pipeline
+            snap = await self.snapshot(ctx, emu, fleet, particle)
+            if live is not None:
+                live.update(_render(snap, self.started, False))
+        _summary(console, snap, time.monotonic() - self.started)
+        return 0
+
+
+def _summary(console: Console, snap: Snapshot, elapsed: float) -> None:
+    sent = snap.sent_tts + snap.sent_particle
+    dead = sum(snap.dead.values())
+    console.print(
+        f"\n[bold]demo summary[/] after {elapsed:.0f}s: sent {sent} "
+        f"(TTS {snap.sent_tts}, Particle {snap.sent_particle}); ingested {snap.ingested:.0f}; "
+        f"transformed {snap.transformed:.0f}; {snap.written:.0f} values written to Blynk in "
+        f"{snap.blynk_messages} messages; {snap.blynk_devices} devices in Blynk; "
+        f"dead letters {dead:.0f}"
+        + (f" ({', '.join(f'{k}={v:.0f}' for k, v in sorted(snap.dead.items()))})" if dead else "")
+    )
+    console.print("delivered: every uplink was written to Blynk, refused, or dead-lettered "
+                  "with a reason" if all(lg == 0 and p == 0 for *_, lg, p in snap.lag)
+                  else "[yellow]not fully drained: entries are still pending in Redis[/]")
+
+
+async def _forget(redis: Any, keys: Keys) -> None:
+    """The demo keeps nothing: every key under its run's prefix is removed."""
+    async for key in redis.scan_iter(match=f"{keys.prefix}*", count=1000):
+        await redis.delete(key)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="blynk-bridge demo", description=__doc__)
+    p.add_argument("--devices", type=int, default=50, help="simulated TTS devices")
+    p.add_argument("--rate", type=float, default=100.0, help="TTS uplinks per second, in all")
+    p.add_argument("--particle-devices", type=int, default=10)
+    p.add_argument("--particle-rate", type=float, default=10.0, help="Particle events per second")
+    p.add_argument("--duration", type=float, default=None,
+                   help="stop the fleets after this many seconds (default: until Ctrl-C)")
+    p.add_argument("--drain-s", type=float, default=30.0,
+                   help="how long to wait for the pipeline to drain after the fleets stop")
+    p.add_argument("--metrics-port", type=int, default=None)
+    return p
+
+
+def main(argv: Sequence[str]) -> int:
+    opts = build_parser().parse_args(argv)
+    if sys.stderr.isatty():
+        # The live table owns the terminal; the stages' logs go to a file beside it.
+        LOG.parent.mkdir(exist_ok=True)
+        setup_logging(logging.getLevelName(logging.getLogger().level), "text", str(LOG))
+        Console(stderr=True).print(f"[dim]logs: {LOG}[/]")
+
+    async def amain() -> int:
+        demo = Demo(opts)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, demo.stop_fleets.set)
+        return await demo.run()
+
+    try:
+        import uvloop
+
+        return uvloop.run(amain())
+    except ImportError:  # pragma: no cover
+        return asyncio.run(amain())
