@@ -55,7 +55,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import quote
 
 import aiohttp
 import msgspec
@@ -284,6 +284,14 @@ def _render_tree(node: Any, values: Mapping[str, str]) -> Any:
     return node
 
 
+def _urlencode(fields: Mapping[str, str]) -> str:
+    """RFC 3986 per key and value, as Particle sends forms (space → ``%20``, ``!`` → ``%21``)."""
+    return "&".join(f"{quote(k, safe=_SAFE)}={quote(v, safe=_SAFE)}" for k, v in fields.items())
+
+
+_SAFE = "-._~"
+
+
 @dataclass(frozen=True)
 class Request:
     """One HTTP request exactly as it goes on the wire (minus the connection headers)."""
@@ -318,7 +326,7 @@ def build_request(hook: Webhook, event: Event) -> Request:
         query = {**defaults, **query}
     else:
         form = {k: _js_text(v) for k, v in _render_tree(hook.form or {}, values).items()}
-        body = urlencode({**defaults, **form}).encode()
+        body = _urlencode({**defaults, **form}).encode()
         headers["Content-Type"] = "application/x-www-form-urlencoded"
     for name, value in (hook.headers or {}).items():
         headers = {k: v for k, v in headers.items() if k.lower() != name.lower()}
@@ -328,7 +336,7 @@ def build_request(hook: Webhook, event: Event) -> Request:
         headers["Authorization"] = "Basic " + base64.b64encode(creds).decode()
     url = hook.url
     if query:
-        url += ("&" if "?" in url else "?") + urlencode(query)
+        url += ("&" if "?" in url else "?") + _urlencode(query)
     return Request(method=method, url=url, headers=headers, body=body)
 
 
