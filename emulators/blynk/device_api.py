@@ -68,6 +68,7 @@ class DeviceApi:
         self.region = region
         self.model = emu.model
         self.settings = emu.settings
+        self._batch_ok = emu.settings.batch_success_body.encode()
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -165,7 +166,7 @@ class DeviceApi:
         if not values:
             return error(WRONG_PIN)
         self._write(dev, values)
-        return web.Response(text=self.settings.batch_success_body)
+        return web.Response(body=self._batch_ok, content_type="text/plain")
 
     async def update(self, request: web.Request) -> web.Response:
         q = request.query

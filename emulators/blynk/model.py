@@ -409,7 +409,7 @@ class Model:
         if hist is None:
             hist = device.history[ds.pin] = deque(maxlen=self.history_len)
         hist.append((ts_ms, value))
-        if notify:
+        if notify and self.listeners:
             for listener in self.listeners:
                 listener(device, ds, value, ts_ms)
 

@@ -165,7 +165,6 @@ class BlynkEmulator:
         self.faults = Faults()
         self.platform = PlatformApi(self)
         self.webhooks = Webhooks(model, self.settings, webhooks or [])
-        model.listeners.append(self.webhooks.on_update)
         self.requests: deque[tuple[int, str, str, str, int]] = deque(
             maxlen=max(1, self.settings.request_log_len))
         self._record = self.settings.request_log_len > 0
@@ -260,7 +259,7 @@ class BlynkEmulator:
         region = region or next(iter(self.regions))
         if region not in self.regions:
             raise KeyError(f"unknown region {region!r}")
-        app = web.Application(middlewares=[self._middleware],
+        app = web.Application(middlewares=[self._middleware(region)],
                               client_max_size=self.settings.max_request_bytes,
                               handler_args={"max_line_size": self.settings.max_request_bytes,
                                             "max_field_size": self.settings.max_request_bytes})
@@ -285,26 +284,32 @@ class BlynkEmulator:
         if self._apps_running == 0:
             await self.webhooks.stop()
 
-    @web.middleware
-    async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        admin = request.path.startswith("/_admin")
-        if self.faults.active and not admin:
-            faulted = await self.faults.inject(request)
-            if faulted is not None:
-                self._log(request, faulted.status)
-                return faulted
-        try:
-            resp = await handler(request)
-        except web.HTTPException as exc:
-            self._log(request, exc.status)
-            raise
-        if not admin:
-            self._log(request, resp.status)
-        return resp
+    def _middleware(self, region: str) -> Any:
+        faults = self.faults
 
-    def _log(self, request: web.Request, status: int) -> None:
+        @web.middleware
+        async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+            admin = request.path.startswith("/_admin")
+            if faults.active and not admin:
+                faulted = await faults.inject(request)
+                if faulted is not None:
+                    self._log(region, request, faulted.status)
+                    return faulted
+            try:
+                resp = await handler(request)
+            except web.HTTPException as exc:
+                self._log(region, request, exc.status)
+                raise
+            if self._record and not admin:
+                self.requests.append((int(self.clock() * 1000), region, request.method,
+                                      request.raw_path, resp.status))
+            return resp
+
+        return middleware
+
+    def _log(self, region: str, request: web.Request, status: int) -> None:
         if self._record:
-            self.requests.append((self.now_ms(), request.host, request.method, request.raw_path,
+            self.requests.append((self.now_ms(), region, request.method, request.raw_path,
                                   status))
 
     @contextlib.asynccontextmanager
@@ -352,8 +357,8 @@ class BlynkEmulator:
         items = list(self.requests)
         if limit is not None:
             items = items[-limit:]
-        return [{"ts_ms": ts, "host": host, "method": m, "path": redact_url(path),
-                 "status": status} for ts, host, m, path, status in items]
+        return [{"ts_ms": ts, "region": region, "method": m, "path": redact_url(path),
+                 "status": status} for ts, region, m, path, status in items]
 
     def counts(self) -> dict[str, Any]:
         return {"organization": {"id": self.settings.org_id, "messages": self.org_messages},

@@ -163,6 +163,9 @@ class Webhooks:
         hook = Webhook(spec, spec.rate_per_min or self.settings.webhook_rate_per_min)
         self.hooks[spec.name] = hook
         self._index.setdefault((scope, ds.id), []).append(hook)
+        # listen only once a webhook exists: writes stay free of the call otherwise
+        if self.on_update not in self.model.listeners:
+            self.model.listeners.append(self.on_update)
         return hook
 
     @staticmethod
