@@ -162,7 +162,8 @@ async def test_fixture_and_fleet_uplinks_reach_blynk(
                 up = fixture_path("tts/tts-uplink-02.json").read_bytes()
                 await pub.publish(topic.format("eui-70b3d52dd600035a"), up)
                 # Storage API export: the newer uplink (occupied=false) comes first.
-                for msg in json.loads(fixture_path("tts/tts-storage-02-simulated.json").read_text()):
+                storage = fixture_path("tts/tts-storage-02-simulated.json").read_text()
+                for msg in json.loads(storage):
                     await pub.publish(topic.format("dev1"), json.dumps(msg).encode())
                 # Invalid JSON as published in the docs: dead-lettered, nothing else disturbed.
                 await pub.publish(topic.format("dev1"),
