@@ -544,3 +544,21 @@ def test_example_file_loads_and_regions_flag(fixture_path: Any) -> None:
     assert emu.model.templates and emu.model.devices
     assert _regions("fra1=8081,ny3=8082") == {"fra1": 8081, "ny3": 8082}
 
+
+
+async def test_app_for_serve_app_shares_state_and_redirects() -> None:
+    from tests.conftest import serve_app
+
+    emu = BlynkEmulator.from_spec(spec())
+    async with serve_app(emu.app("fra1")) as fra1, serve_app(emu.app("ny3")) as ny3, \
+            aiohttp.ClientSession() as s:
+        emu.bind_region("ny3", ny3)
+        async with s.get(f"{fra1}/external/api/batch/update?token={NY_TOKEN}&v1=2",
+                         allow_redirects=False) as r:
+            assert (r.status, r.headers["Location"]) == (
+                308, f"{ny3}/external/api/batch/update?token={NY_TOKEN}&v1=2")
+        async with s.get(f"{ny3}/external/api/batch/update?token={NY_TOKEN}&v1=2") as r:
+            assert r.status == 200
+        async with s.get(f"{fra1}/external/api/nothing?token={TOKEN}") as r:
+            assert (r.status, await r.text()) == (404, err("Not found."))
+    assert emu.device_by_token(NY_TOKEN).value("V1") == 2.0

@@ -8,7 +8,7 @@ docs have them. The hot path (``batch/update``) is dict lookups only: no regexes
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -42,6 +42,10 @@ TOO_OLD = "Timestamps could be only one month in the past."
 IN_FUTURE = "Timestamps in the future are not accepted."
 WRONG_BODY = "Wrong body format."
 
+#: A request handler, and one route: (method, path, handler).
+Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+Route = tuple[str, str, Handler]
+
 _JSON = "application/json"
 _encode = msgspec.json.encode
 _BOOL_PROPS = frozenset({"isDisabled", "isHidden", "isOnPlay"})
@@ -70,22 +74,22 @@ class DeviceApi:
         self.settings = emu.settings
         self._batch_ok = emu.settings.batch_success_body.encode()
 
-    def routes(self) -> list[web.RouteDef]:
+    def routes(self) -> list[Route]:
         return [
-            web.get("/external/api/update", self.update),
-            web.get("/external/api/batch/update", self.batch_update),
-            web.post("/external/api/batch/update", self.upload),
-            web.get("/external/api/get", self.get),
-            web.get("/external/api/getAll", self.get_all),
-            web.get("/external/api/isHardwareConnected", self.is_connected),
-            web.get("/external/api/logEvent", self.log_event),
-            web.get("/external/api/update/property", self.update_property),
-            web.get("/external/api/device/meta", self.meta),
-            web.get("/external/api/device/meta/update", self.meta_update),
+            ("GET", "/external/api/update", self.update),
+            ("GET", "/external/api/batch/update", self.batch_update),
+            ("POST", "/external/api/batch/update", self.upload),
+            ("GET", "/external/api/get", self.get),
+            ("GET", "/external/api/getAll", self.get_all),
+            ("GET", "/external/api/isHardwareConnected", self.is_connected),
+            ("GET", "/external/api/logEvent", self.log_event),
+            ("GET", "/external/api/update/property", self.update_property),
+            ("GET", "/external/api/device/meta", self.meta),
+            ("GET", "/external/api/device/meta/update", self.meta_update),
         ]
 
     # common -----------------------------------------------------------------------------------
-    def _device(self, request: web.Request, q: MultiMapping[str], *,
+    def _device(self, request: web.BaseRequest, q: MultiMapping[str], *,
                 update: bool = False) -> Device | web.Response:
         token = q.get("token")
         dev = self.model.by_token.get(token) if token is not None else None
@@ -154,7 +158,7 @@ class DeviceApi:
             write(dev, ds, v, now)
 
     # writes -----------------------------------------------------------------------------------
-    async def batch_update(self, request: web.Request) -> web.Response:
+    async def batch_update(self, request: web.BaseRequest) -> web.Response:
         q = request.query
         dev = self._device(request, q, update=True)
         if isinstance(dev, web.Response):
@@ -168,7 +172,7 @@ class DeviceApi:
         self._write(dev, values)
         return web.Response(body=self._batch_ok, content_type="text/plain")
 
-    async def update(self, request: web.Request) -> web.Response:
+    async def update(self, request: web.BaseRequest) -> web.Response:
         q = request.query
         dev = self._device(request, q, update=True)
         if isinstance(dev, web.Response):
@@ -207,7 +211,7 @@ class DeviceApi:
         except Mismatch:
             raise _Bad(TYPE_MISMATCH_NO_PERIOD) from None
 
-    async def upload(self, request: web.Request) -> web.Response:
+    async def upload(self, request: web.BaseRequest) -> web.Response:
         """Timestamped points for one pin: ``POST batch/update?token=&pin=`` + ``[[ts,v],…]``."""
         q = request.query
         dev = self._device(request, q, update=False)
@@ -277,7 +281,7 @@ class DeviceApi:
             out.append(ds)
         return out
 
-    async def get(self, request: web.Request) -> web.Response:
+    async def get(self, request: web.BaseRequest) -> web.Response:
         q = request.query
         dev = self._device(request, q)
         if isinstance(dev, web.Response):
@@ -299,7 +303,7 @@ class DeviceApi:
                 out[ds.pin.lower()] = v
         return web.Response(body=_encode(out), content_type=_JSON)
 
-    async def get_all(self, request: web.Request) -> web.Response:
+    async def get_all(self, request: web.BaseRequest) -> web.Response:
         q = request.query
         dev = self._device(request, q)
         if isinstance(dev, web.Response):
@@ -311,7 +315,7 @@ class DeviceApi:
                 out[ds.pin.lower()] = v
         return web.Response(body=_encode(out), content_type=_JSON)
 
-    async def is_connected(self, request: web.Request) -> web.Response:
+    async def is_connected(self, request: web.BaseRequest) -> web.Response:
         dev = self._device(request, request.query)
         if isinstance(dev, web.Response):
             return dev
@@ -320,7 +324,7 @@ class DeviceApi:
                   <= self.settings.online_window_s * 1000)
         return web.Response(text="true" if online else "false")
 
-    async def log_event(self, request: web.Request) -> web.Response:
+    async def log_event(self, request: web.BaseRequest) -> web.Response:
         q = request.query
         dev = self._device(request, q)
         if isinstance(dev, web.Response):
@@ -336,7 +340,7 @@ class DeviceApi:
         dev.events.append((self.emu.now_ms(), code, q.get("description", "")))
         return web.Response()
 
-    async def update_property(self, request: web.Request) -> web.Response:
+    async def update_property(self, request: web.BaseRequest) -> web.Response:
         q = request.query
         dev = self._device(request, q)
         if isinstance(dev, web.Response):
@@ -356,7 +360,7 @@ class DeviceApi:
         dev.properties.setdefault(pin, {}).update(props)
         return web.Response()
 
-    async def meta(self, request: web.Request) -> web.Response:
+    async def meta(self, request: web.BaseRequest) -> web.Response:
         q = request.query
         dev = self._device(request, q)
         if isinstance(dev, web.Response):
@@ -369,7 +373,7 @@ class DeviceApi:
             return error(META_MISSING)
         return web.Response(text=dev.metafields.get(m.id, ""))
 
-    async def meta_update(self, request: web.Request) -> web.Response:
+    async def meta_update(self, request: web.BaseRequest) -> web.Response:
         q = request.query
         dev = self._device(request, q)
         if isinstance(dev, web.Response):

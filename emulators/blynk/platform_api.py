@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 from aiohttp import web
 
-from emulators.blynk.device_api import error
+from emulators.blynk.device_api import Route, error
 from emulators.blynk.model import Device, Mismatch, Template, canonical_pin
 
 if TYPE_CHECKING:
@@ -56,27 +56,27 @@ class PlatformApi:
         self._minute = 0
         self._minute_count = 0
 
-    def routes(self) -> list[web.RouteDef]:
+    def routes(self) -> list[Route]:
         base = "/api/v1/organization"
         return [
-            web.post("/oauth2/token", self.token),
-            web.post(f"{base}/device/create", self.create_device),
-            web.get(f"{base}/device", self.get_device),
-            web.put(f"{base}/device", self.put_device),
-            web.get(f"{base}/devices", self.list_devices),
-            web.get(f"{base}/search/devices", self.search_devices),
-            web.get(f"{base}/device/datastreams", self.device_datastreams),
-            web.post(f"{base}/device/datastream", self.write_datastream),
-            web.post(f"{base}/device/datastreams", self.write_datastreams),
-            web.post(f"{base}/device/import/batch", self.import_batch),
-            web.get(f"{base}/device/metafield", self.get_metafields),
-            web.post(f"{base}/device/metafield", self.set_metafield),
-            web.get(f"{base}/template/datastreams", self.template_datastreams),
-            web.get(f"{base}/template/metafields", self.template_metafields),
+            ("POST", "/oauth2/token", self.token),
+            ("POST", f"{base}/device/create", self.create_device),
+            ("GET", f"{base}/device", self.get_device),
+            ("PUT", f"{base}/device", self.put_device),
+            ("GET", f"{base}/devices", self.list_devices),
+            ("GET", f"{base}/search/devices", self.search_devices),
+            ("GET", f"{base}/device/datastreams", self.device_datastreams),
+            ("POST", f"{base}/device/datastream", self.write_datastream),
+            ("POST", f"{base}/device/datastreams", self.write_datastreams),
+            ("POST", f"{base}/device/import/batch", self.import_batch),
+            ("GET", f"{base}/device/metafield", self.get_metafields),
+            ("POST", f"{base}/device/metafield", self.set_metafield),
+            ("GET", f"{base}/template/datastreams", self.template_datastreams),
+            ("GET", f"{base}/template/metafields", self.template_metafields),
         ]
 
     # OAuth2 ----------------------------------------------------------------------------------
-    async def token(self, request: web.Request) -> web.Response:
+    async def token(self, request: web.BaseRequest) -> web.Response:
         q = request.query
         grant = q.get("grant_type")
         client_id, secret = q.get("client_id"), q.get("client_secret")
@@ -108,7 +108,7 @@ class PlatformApi:
         """Make every issued access token expired (tests: the client must refresh)."""
         self.access.clear()
 
-    def _guard(self, request: web.Request) -> web.Response | None:
+    def _guard(self, request: web.BaseRequest) -> web.Response | None:
         auth = request.headers.get("Authorization", "")
         got = self.access.get(auth[7:]) if auth.startswith("Bearer ") else None
         now = self.emu.clock()
@@ -134,7 +134,7 @@ class PlatformApi:
             return error(DEVICE_NOT_FOUND.format(id=raw), 404)
         return dev
 
-    async def _body(self, request: web.Request) -> dict[str, Any] | web.Response:
+    async def _body(self, request: web.BaseRequest) -> dict[str, Any] | web.Response:
         try:
             body = msgspec.json.decode(await request.read())
         except msgspec.DecodeError:
@@ -169,7 +169,7 @@ class PlatformApi:
                 for m in d.template.metafields]
         return out
 
-    async def create_device(self, request: web.Request) -> web.Response:
+    async def create_device(self, request: web.BaseRequest) -> web.Response:
         if (denied := self._guard(request)) is not None:
             return denied
         body = await self._body(request)
@@ -185,13 +185,13 @@ class PlatformApi:
         d = self.model.add_device(t.id, name, now_ms=self.emu.now_ms())
         return _json(self.device_json(d), 201)
 
-    async def get_device(self, request: web.Request) -> web.Response:
+    async def get_device(self, request: web.BaseRequest) -> web.Response:
         if (denied := self._guard(request)) is not None:
             return denied
         d = self._device(request.query.get("deviceId"))
         return d if isinstance(d, web.Response) else _json(self.device_json(d, full=True))
 
-    async def put_device(self, request: web.Request) -> web.Response:
+    async def put_device(self, request: web.BaseRequest) -> web.Response:
         if (denied := self._guard(request)) is not None:
             return denied
         d = self._device(request.query.get("deviceId"))
@@ -204,7 +204,7 @@ class PlatformApi:
             d.name = body["name"]
         return _json(self.device_json(d))
 
-    def _page(self, request: web.Request, devices: list[Device]) -> web.Response:
+    def _page(self, request: web.BaseRequest, devices: list[Device]) -> web.Response:
         try:
             page = int(request.query.get("page", "0"))
             size = min(int(request.query.get("size", "50")), 1000)
@@ -214,19 +214,19 @@ class PlatformApi:
         return _json({"content": [self.device_json(d) for d in chunk],
                       "totalElements": len(devices)})
 
-    async def list_devices(self, request: web.Request) -> web.Response:
+    async def list_devices(self, request: web.BaseRequest) -> web.Response:
         if (denied := self._guard(request)) is not None:
             return denied
         return self._page(request, list(self.model.devices.values()))
 
-    async def search_devices(self, request: web.Request) -> web.Response:
+    async def search_devices(self, request: web.BaseRequest) -> web.Response:
         if (denied := self._guard(request)) is not None:
             return denied
         query = request.query.get("query", "")[:255]
         found = self.model.search(query, metafields=self.settings.search_matches_metafields)
         return self._page(request, found)
 
-    async def device_datastreams(self, request: web.Request) -> web.Response:
+    async def device_datastreams(self, request: web.BaseRequest) -> web.Response:
         if (denied := self._guard(request)) is not None:
             return denied
         d = self._device(request.query.get("deviceId"))
@@ -254,7 +254,7 @@ class PlatformApi:
         self.model.write(d, ds, v, self.emu.now_ms())
         return None
 
-    async def write_datastream(self, request: web.Request) -> web.Response:
+    async def write_datastream(self, request: web.BaseRequest) -> web.Response:
         if (denied := self._guard(request)) is not None:
             return denied
         body = await self._body(request)
@@ -266,7 +266,7 @@ class PlatformApi:
         failed = self._write(d, body.get("dataStreamId"), body.get("value"))
         return failed or web.Response(status=204)
 
-    async def write_datastreams(self, request: web.Request) -> web.Response:
+    async def write_datastreams(self, request: web.BaseRequest) -> web.Response:
         if (denied := self._guard(request)) is not None:
             return denied
         body = await self._body(request)
@@ -284,7 +284,7 @@ class PlatformApi:
                 return failed
         return web.Response(status=204)
 
-    async def import_batch(self, request: web.Request) -> web.Response:
+    async def import_batch(self, request: web.BaseRequest) -> web.Response:
         if (denied := self._guard(request)) is not None:
             return denied
         body = await self._body(request)
@@ -308,7 +308,7 @@ class PlatformApi:
             self.model.write(d, ds, v, ts, notify=False)
         return web.Response(status=204)
 
-    async def get_metafields(self, request: web.Request) -> web.Response:
+    async def get_metafields(self, request: web.BaseRequest) -> web.Response:
         if (denied := self._guard(request)) is not None:
             return denied
         d = self._device(request.query.get("deviceId"))
@@ -317,7 +317,7 @@ class PlatformApi:
         return _json([{"id": m.id, "name": m.name, "value": d.metafields.get(m.id, "")}
                       for m in d.template.metafields])
 
-    async def set_metafield(self, request: web.Request) -> web.Response:
+    async def set_metafield(self, request: web.BaseRequest) -> web.Response:
         if (denied := self._guard(request)) is not None:
             return denied
         body = await self._body(request)
@@ -336,11 +336,11 @@ class PlatformApi:
         d.metafields[m.id] = str(value)
         return web.Response(status=204)
 
-    def _template(self, request: web.Request) -> Template | web.Response:
+    def _template(self, request: web.BaseRequest) -> Template | web.Response:
         t = self.model.template(request.query.get("templateId", ""))
         return t if t is not None else error(TEMPLATE_NO_ACCESS, 404)
 
-    async def template_datastreams(self, request: web.Request) -> web.Response:
+    async def template_datastreams(self, request: web.BaseRequest) -> web.Response:
         if (denied := self._guard(request)) is not None:
             return denied
         t = self._template(request)
@@ -361,7 +361,7 @@ class PlatformApi:
             out.append(item)
         return _json(out)
 
-    async def template_metafields(self, request: web.Request) -> web.Response:
+    async def template_metafields(self, request: web.BaseRequest) -> web.Response:
         if (denied := self._guard(request)) is not None:
             return denied
         t = self._template(request)

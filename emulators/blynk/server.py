@@ -22,7 +22,7 @@ import contextlib
 import random
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ import msgspec
 from aiohttp import web
 from aiohttp.log import access_logger
 
-from emulators.blynk.device_api import DeviceApi, error
+from emulators.blynk.device_api import DeviceApi, Handler, Route, error
 from emulators.blynk.model import Device, Model
 from emulators.blynk.platform_api import PlatformApi
 from emulators.blynk.settings import (
@@ -44,7 +44,10 @@ from emulators.blynk.settings import (
 from emulators.blynk.webhooks import Webhooks
 from pipeline.redact import redact_url
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(status=status, body=msgspec.json.encode(data),
+                        content_type="application/json")
 
 
 class FaultSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -106,7 +109,7 @@ class Faults:
     def _count(self, kind: str) -> None:
         self.injected[kind] = self.injected.get(kind, 0) + 1
 
-    async def inject(self, request: web.Request) -> web.StreamResponse | None:
+    async def inject(self, request: web.BaseRequest) -> web.StreamResponse | None:
         """The fault for this request, or None to serve it normally."""
         s = self.spec
         if not request.path.startswith(s.path_prefix):
@@ -171,7 +174,7 @@ class BlynkEmulator:
         self.org_messages = 0
         self.org_month = 0
         self.refused: dict[str, int] = {}
-        self._runners: list[web.AppRunner] = []
+        self._runners: list[web.BaseRunner] = []
         self._apps_running = 0
 
     # construction -----------------------------------------------------------------------------
@@ -254,18 +257,65 @@ class BlynkEmulator:
         return None
 
     # apps -------------------------------------------------------------------------------------
-    def app(self, region: str | None = None) -> web.Application:
-        """The aiohttp app of one region (every region shares this emulator's state)."""
-        region = region or next(iter(self.regions))
+    def dispatcher(self, region: str) -> Handler:
+        """The one request handler of a region: routing, faults, recording, in one call.
+
+        A dict lookup instead of aiohttp's router and middlewares keeps ``batch/update`` cheap;
+        :meth:`app` and :meth:`serve` both run this same function.
+        """
         if region not in self.regions:
             raise KeyError(f"unknown region {region!r}")
-        app = web.Application(middlewares=[self._middleware(region)],
-                              client_max_size=self.settings.max_request_bytes,
-                              handler_args={"max_line_size": self.settings.max_request_bytes,
-                                            "max_field_size": self.settings.max_request_bytes})
-        app.add_routes(DeviceApi(self, region).routes())
-        app.add_routes(self.platform.routes())
-        app.add_routes(self._admin_routes())
+        table: dict[tuple[str, str], Handler] = {
+            (method, path): fn for method, path, fn in
+            DeviceApi(self, region).routes() + self.platform.routes() + self._admin_routes()}
+        paths = {path for _, path in table}
+        faults = self.faults
+        requests = self.requests
+
+        async def dispatch(request: web.BaseRequest) -> web.StreamResponse:
+            path = request.path
+            fn = table.get((request.method, path))
+            if path.startswith("/_admin"):
+                if fn is None:
+                    return await self._admin_fallback(request, path)
+                return await fn(request)
+            if faults.active:
+                faulted = await faults.inject(request)
+                if faulted is not None:
+                    self._log(region, request, faulted.status)
+                    return faulted
+            if fn is None:
+                status = 405 if path in paths else 404
+                resp: web.StreamResponse = error(
+                    "Method not allowed." if status == 405 else "Not found.", status)
+            else:
+                try:
+                    resp = await fn(request)
+                except web.HTTPException as exc:
+                    self._log(region, request, exc.status)
+                    raise
+            if self._record:
+                requests.append((int(self.clock() * 1000), region, request.method,
+                                 request.raw_path, resp.status))
+            return resp
+
+        return dispatch
+
+    def _log(self, region: str, request: web.BaseRequest, status: int) -> None:
+        if self._record:
+            self.requests.append((self.now_ms(), region, request.method, request.raw_path,
+                                  status))
+
+    def _handler_args(self) -> dict[str, Any]:
+        size = self.settings.max_request_bytes
+        return {"max_line_size": size, "max_field_size": size}
+
+    def app(self, region: str | None = None) -> web.Application:
+        """An aiohttp app of one region (for ``serve_app``); all regions share this state."""
+        dispatch = self.dispatcher(region or next(iter(self.regions)))
+        app = web.Application(client_max_size=self.settings.max_request_bytes,
+                              handler_args=self._handler_args())
+        app.router.add_route("*", "/{tail:.*}", dispatch)
         app.on_startup.append(self._on_startup)
         app.on_cleanup.append(self._on_cleanup)
         return app
@@ -274,58 +324,43 @@ class BlynkEmulator:
         """Tell the emulator where a region is reachable (for 308 ``Location`` headers)."""
         self.region_urls[region] = base_url.rstrip("/")
 
-    async def _on_startup(self, app: web.Application) -> None:
+    async def _on_startup(self, app: web.Application | None = None) -> None:
         self._apps_running += 1
         await self.webhooks.start()
 
-    async def _on_cleanup(self, app: web.Application) -> None:
+    async def _on_cleanup(self, app: web.Application | None = None) -> None:
         self.faults.clear()  # releases hanging requests
         self._apps_running -= 1
         if self._apps_running == 0:
             await self.webhooks.stop()
-
-    def _middleware(self, region: str) -> Any:
-        faults = self.faults
-
-        @web.middleware
-        async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-            admin = request.path.startswith("/_admin")
-            if faults.active and not admin:
-                faulted = await faults.inject(request)
-                if faulted is not None:
-                    self._log(region, request, faulted.status)
-                    return faulted
-            try:
-                resp = await handler(request)
-            except web.HTTPException as exc:
-                self._log(region, request, exc.status)
-                raise
-            if self._record and not admin:
-                self.requests.append((int(self.clock() * 1000), region, request.method,
-                                      request.raw_path, resp.status))
-            return resp
-
-        return middleware
-
-    def _log(self, region: str, request: web.Request, status: int) -> None:
-        if self._record:
-            self.requests.append((self.now_ms(), region, request.method, request.raw_path,
-                                  status))
 
     @contextlib.asynccontextmanager
     async def serve(self, ports: dict[str, int] | None = None, *, host: str | None = None,
                     access_log: bool = False) -> AsyncIterator[dict[str, str]]:
         """Serve every region (``ports`` overrides the configured ones; 0 = a free port).
 
-        Yields region → base URL. Webhook senders run while serving.
+        Yields region → base URL. Uses aiohttp's low-level server (no router, no middlewares)
+        with the same :meth:`dispatcher`. Webhook senders run while serving.
         """
         host = host or self.host
         wanted = ports or {n: r.port for n, r in self.regions.items()}
         urls: dict[str, str] = {}
+        max_size = self.settings.max_request_bytes
+        loop = asyncio.get_running_loop()
+
+        def factory(message: Any, payload: Any, protocol: Any, writer: Any,
+                    task: Any) -> web.BaseRequest:
+            return web.BaseRequest(message, payload, protocol, writer, task, loop,
+                                   client_max_size=max_size)
+
+        await self._on_startup()
         try:
             for region, port in wanted.items():
-                runner = web.AppRunner(self.app(region),
-                                       access_log=access_logger if access_log else None)
+
+                server = web.Server(self.dispatcher(region), request_factory=factory,
+                                    access_log=access_logger if access_log else None,
+                                    **self._handler_args())
+                runner = web.ServerRunner(server)
                 await runner.setup()
                 self._runners.append(runner)
                 site = web.TCPSite(runner, host, port, reuse_address=True)
@@ -335,12 +370,11 @@ class BlynkEmulator:
                 configured = self.regions[region].public_url
                 advertised = self.settings.advertise_host if host in ("0.0.0.0", "::") else host
                 urls[region] = configured or f"http://{advertised}:{real_port}"
-                self.region_urls.setdefault(region, urls[region])
-                if not configured:
-                    self.region_urls[region] = urls[region]
+                self.region_urls[region] = urls[region]
             yield urls
         finally:
             await self.close()
+            await self._on_cleanup()
 
     async def close(self) -> None:
         self.faults.clear()
@@ -387,35 +421,36 @@ class BlynkEmulator:
         self.faults.injected.clear()
         self.webhooks.log.clear()
 
-    def _admin_routes(self) -> list[web.RouteDef]:
-        def j(data: Any, status: int = 200) -> web.Response:
-            return web.Response(status=status, body=msgspec.json.encode(data),
-                                content_type="application/json")
+    async def _admin_fallback(self, request: web.BaseRequest, path: str) -> web.Response:
+        """``GET /_admin/devices/{id}``, else 404."""
+        prefix = "/_admin/devices/"
+        if request.method == "GET" and path.startswith(prefix):
+            ref = path[len(prefix):]
+            d = self.model.devices.get(int(ref)) if ref.isdigit() else None
+            if d is not None:
+                return _json(self.device_state(d))
+        return _json({"error": f"no such admin resource: {request.method} {path}"}, 404)
 
-        async def requests(request: web.Request) -> web.Response:
+    def _admin_routes(self) -> list[Route]:
+        j = _json
+
+        async def requests(request: web.BaseRequest) -> web.Response:
             limit = request.query.get("limit")
             return j(self.recorded(int(limit) if limit and limit.isdigit() else None))
 
-        async def devices(request: web.Request) -> web.Response:
+        async def devices(request: web.BaseRequest) -> web.Response:
             return j([self.device_state(d) for d in self.model.devices.values()])
 
-        async def device(request: web.Request) -> web.Response:
-            ref = request.match_info["id"]
-            d = self.model.devices.get(int(ref)) if ref.isdigit() else None
-            if d is None:
-                return j({"error": f"no device {ref}"}, 404)
-            return j(self.device_state(d))
-
-        async def counts(request: web.Request) -> web.Response:
+        async def counts(request: web.BaseRequest) -> web.Response:
             return j(self.counts())
 
-        async def webhooks(request: web.Request) -> web.Response:
+        async def webhooks(request: web.BaseRequest) -> web.Response:
             return j({"stats": self.webhooks.stats(), "log": list(self.webhooks.log)})
 
-        async def faults_get(request: web.Request) -> web.Response:
+        async def faults_get(request: web.BaseRequest) -> web.Response:
             return j(self.faults.state())
 
-        async def faults_post(request: web.Request) -> web.Response:
+        async def faults_post(request: web.BaseRequest) -> web.Response:
             try:
                 spec = msgspec.json.decode(await request.read(), type=FaultSpec)
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
@@ -423,27 +458,26 @@ class BlynkEmulator:
             self.faults.apply(spec)
             return j(self.faults.state())
 
-        async def faults_delete(request: web.Request) -> web.Response:
+        async def faults_delete(request: web.BaseRequest) -> web.Response:
             self.faults.clear()
             return j(self.faults.state())
 
-        async def expire(request: web.Request) -> web.Response:
+        async def expire(request: web.BaseRequest) -> web.Response:
             self.platform.expire_tokens()
             return j({"expired": True})
 
-        async def reset(request: web.Request) -> web.Response:
+        async def reset(request: web.BaseRequest) -> web.Response:
             self.reset()
             return j({"reset": True})
 
         return [
-            web.get("/_admin/requests", requests),
-            web.get("/_admin/devices", devices),
-            web.get("/_admin/devices/{id}", device),
-            web.get("/_admin/counts", counts),
-            web.get("/_admin/webhooks", webhooks),
-            web.get("/_admin/faults", faults_get),
-            web.post("/_admin/faults", faults_post),
-            web.delete("/_admin/faults", faults_delete),
-            web.post("/_admin/oauth/expire", expire),
-            web.post("/_admin/reset", reset),
+            ("GET", "/_admin/requests", requests),
+            ("GET", "/_admin/devices", devices),
+            ("GET", "/_admin/counts", counts),
+            ("GET", "/_admin/webhooks", webhooks),
+            ("GET", "/_admin/faults", faults_get),
+            ("POST", "/_admin/faults", faults_post),
+            ("DELETE", "/_admin/faults", faults_delete),
+            ("POST", "/_admin/oauth/expire", expire),
+            ("POST", "/_admin/reset", reset),
         ]
