@@ -123,6 +123,14 @@ def parse_webhook(
     ``invalid_field`` or ``too_many_values``, and ``field`` naming the offending field.
     """
     fields: dict[str, Any] = dict(query or {})
+    for key, value in fields.items():
+        try:
+            key.encode()
+            value.encode()
+        except UnicodeEncodeError:
+            raise InvalidInput(
+                "query parameter is not UTF-8", reason="invalid_encoding", field=key[:64]
+            ) from None
     if body.strip():
         fields.update(_decode_body(body, content_type))
     elif not fields:
@@ -192,6 +200,8 @@ def _decode_json(body: bytes) -> Any:
         return _json_decoder.decode(body)
     except msgspec.DecodeError as exc:
         raise InvalidInput(f"not valid JSON: {exc}", reason="invalid_json", field="$") from None
+    except UnicodeDecodeError:
+        raise InvalidInput("JSON body is not UTF-8", reason="invalid_encoding", field="$") from None
     except RecursionError:
         raise InvalidInput(
             "JSON nested too deeply", reason="wrong_shape", field="$"

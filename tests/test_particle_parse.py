@@ -207,6 +207,8 @@ def test_text_plain_body_is_json_object_or_data() -> None:
     (b"{nope", JSON, "invalid_json", "$"),
     (b"<xml/>", "application/xml", "unsupported_media_type", "Content-Type"),
     (b"a=%ff", FORM, "invalid_encoding", "$"),
+    (b'{"a": "\x80"}', JSON, "invalid_encoding", "$"),
+    (b"\x80", "text/plain", "invalid_encoding", "$"),
     (b"", JSON, "wrong_shape", "$"),
     (b'{"coreid":"d","published_at":"yesterday"}', JSON, "invalid_field", "published_at"),
     (b'{"coreid":5}', JSON, "invalid_field", "coreid"),

@@ -419,6 +419,9 @@ class IngestHttp:
         body = await self._body(request, "tts", name)
         try:
             uplink = parse_message(body, app, received_ts_ms=now_ms())
+        except UnicodeDecodeError:
+            raise self._invalid("tts", name, InvalidInput(
+                "JSON body is not UTF-8", reason="invalid_encoding", field="$")) from None
         except InvalidInput as exc:
             if exc.reason == "no_decoded_payload":
                 return await self._dead_letter("tts", name, request.path, body, exc)
