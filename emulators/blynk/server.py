@@ -1,4 +1,8 @@
-"""The emulator process: one shared model, one aiohttp app per region, limits, faults, inspection.
+"""The emulator process: one shared model served per region, limits, faults, inspection.
+
+Each region is one dict-dispatched handler (:meth:`BlynkEmulator.dispatcher`); :meth:`serve`
+runs it on aiohttp's low-level server (the fast path), :meth:`app` wraps it in an
+``aiohttp.web.Application`` for ``serve_app``. Organization message months are 30-day periods.
 
 :class:`BlynkEmulator` is the Python API tests use::
 
