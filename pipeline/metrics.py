@@ -87,6 +87,11 @@ MQTT_RECEIVED = Counter(
 MQTT_CONNECTS = Counter(
     "bb_mqtt_connects_total", "MQTT connection attempts by outcome", ["integration", "outcome"]
 )
+INGEST_DROPPED = Counter(
+    "bb_ingest_dropped_total",
+    "Inputs dropped at ingest because Redis could not keep up (queue full)",
+    ["source", "integration"],
+)
 LEASE_HELD = Gauge(
     "bb_lease_held", "1 while this process owns the lease of an integration", ["kind", "name"]
 )

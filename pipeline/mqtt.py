@@ -22,13 +22,14 @@ sleep(backoff)``), so the caller decides about statuses and backoff.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import socket
 import ssl
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 import aiomqtt
 from aiomqtt.exceptions import MqttConnectError
@@ -119,6 +120,8 @@ class Session:
             tls_context=_tls_context(settings),
             socket_options=options,
         )
+        self._fast: collections.deque[tuple[str, bytes]] | None = None
+        self._waiter: asyncio.Future[None] | None = None
 
     async def __aenter__(self) -> Self:
         """Connect; raises :class:`AuthError` or :class:`Unreachable`."""
@@ -128,6 +131,7 @@ class Session:
             raise _connect_error(exc) from None
         except ssl.SSLError as exc:
             raise Unreachable(f"TLS handshake failed: {exc}") from None
+        self._install_fast_path()
         return self
 
     async def __aexit__(
@@ -155,8 +159,24 @@ class Session:
         """Yield ``(topic, payload)`` as they arrive; blocks until the next message.
 
         Ends only by raising :class:`ConnectionLost` when the connection breaks (or by the
-        caller's cancellation).
+        caller's cancellation). Only one iteration may run at a time per session.
         """
+        if self._fast is None:
+            async for item in self._slow_messages():
+                yield item
+            return
+        buffer, loop = self._fast, asyncio.get_running_loop()
+        disconnected: asyncio.Future[None] = self._client._disconnected
+        while True:
+            while buffer:
+                yield buffer.popleft()
+            if disconnected.done():
+                raise ConnectionLost(f"connection lost: {_cause(disconnected)}")
+            self._waiter = loop.create_future()
+            await self._waiter
+
+    async def _slow_messages(self) -> AsyncIterator[tuple[str, bytes]]:
+        """The public aiomqtt iterator (one task and one ``asyncio.wait`` per message)."""
         try:
             async for message in self._client.messages:
                 payload = message.payload
@@ -166,9 +186,36 @@ class Session:
         except aiomqtt.MqttError as exc:
             raise ConnectionLost(f"connection lost: {exc}") from None
 
+    def _install_fast_path(self) -> None:
+        """Take messages straight from paho's ``on_message`` into a deque.
+
+        aiomqtt's iterator costs a task, an ``asyncio.wait`` and a ``Message`` object per
+        message: more CPU than our whole parse (bench/ingest_mqtt.py). This uses two aiomqtt
+        internals (``_client``, the paho client, and ``_disconnected``, a future), pinned by
+        ``aiomqtt<3``; if either is missing the public iterator is used instead.
+        """
+        paho = getattr(self._client, "_client", None)
+        disconnected = getattr(self._client, "_disconnected", None)
+        if paho is None or not isinstance(disconnected, asyncio.Future):
+            return
+        buffer: collections.deque[tuple[str, bytes]] = collections.deque()
+
+        def wake() -> None:
+            waiter = self._waiter
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+
+        def on_message(client: object, userdata: object, message: Any) -> None:
+            buffer.append((message.topic, message.payload))
+            wake()
+
+        paho.on_message = on_message
+        disconnected.add_done_callback(lambda _: wake())
+        self._fast = buffer
+
     def pending(self) -> int:
         """Messages received and not yet taken by :meth:`messages`."""
-        return len(self._client.messages)
+        return len(self._fast) if self._fast is not None else len(self._client.messages)
 
     async def publish(
         self, topic: str, payload: bytes, *, qos: int = 0, retain: bool = False
@@ -178,6 +225,11 @@ class Session:
             await self._client.publish(topic, payload, qos=qos, retain=retain)
         except aiomqtt.MqttError as exc:
             raise ConnectionLost(f"publish to {topic} failed: {exc}") from None
+
+
+def _cause(disconnected: asyncio.Future[None]) -> str:
+    exc = disconnected.exception() if not disconnected.cancelled() else None
+    return str(exc) if exc is not None else "disconnected"
 
 
 def _code(granted: object) -> int:

@@ -36,11 +36,11 @@ MAX_DEPTH = 16
 # --- the TTS JSON, only the fields we read -------------------------------------------------------
 
 
-class _AppIds(msgspec.Struct):
+class _AppIds(msgspec.Struct, gc=False):
     application_id: str = ""
 
 
-class _DeviceIds(msgspec.Struct):
+class _DeviceIds(msgspec.Struct, gc=False):
     device_id: str = ""
     application_ids: _AppIds | None = None
     dev_eui: str | None = None
@@ -48,34 +48,34 @@ class _DeviceIds(msgspec.Struct):
     dev_addr: str | None = None
 
 
-class _GatewayIds(msgspec.Struct):
+class _GatewayIds(msgspec.Struct, gc=False):
     gateway_id: str = ""
     eui: str | None = None
 
 
-class _RxMetadata(msgspec.Struct):
+class _RxMetadata(msgspec.Struct, gc=False):
     gateway_ids: _GatewayIds | None = None
     rssi: float | None = None
     channel_rssi: float | None = None
     snr: float | None = None
 
 
-class _Lora(msgspec.Struct):
+class _Lora(msgspec.Struct, gc=False):
     bandwidth: int = 0
     spreading_factor: int = 0
 
 
-class _DataRate(msgspec.Struct):
+class _DataRate(msgspec.Struct, gc=False):
     lora: _Lora | None = None
 
 
-class _Settings(msgspec.Struct):
+class _Settings(msgspec.Struct, gc=False):
     data_rate: _DataRate | None = None
     # uint64 in protobuf JSON is a string; accept a number too.
     frequency: str | int | None = None
 
 
-class _VersionIds(msgspec.Struct):
+class _VersionIds(msgspec.Struct, gc=False):
     brand_id: str | None = None
     model_id: str | None = None
     hardware_version: str | None = None
@@ -83,13 +83,13 @@ class _VersionIds(msgspec.Struct):
     band_id: str | None = None
 
 
-class _NetworkIds(msgspec.Struct):
+class _NetworkIds(msgspec.Struct, gc=False):
     net_id: str | None = None
     tenant_id: str | None = None
     cluster_id: str | None = None
 
 
-class _UplinkMessage(msgspec.Struct):
+class _UplinkMessage(msgspec.Struct, gc=False):
     f_port: int = 0
     f_cnt: int = 0
     frm_payload: str = ""
@@ -102,12 +102,12 @@ class _UplinkMessage(msgspec.Struct):
     attributes: dict[str, str] | None = None
 
 
-class _JoinAccept(msgspec.Struct):
+class _JoinAccept(msgspec.Struct, gc=False):
     received_at: str | None = None
     attributes: dict[str, str] | None = None
 
 
-class _Location(msgspec.Struct):
+class _Location(msgspec.Struct, gc=False):
     latitude: float
     longitude: float
     altitude: float | None = None
@@ -115,12 +115,12 @@ class _Location(msgspec.Struct):
     source: str | None = None
 
 
-class _LocationSolved(msgspec.Struct):
+class _LocationSolved(msgspec.Struct, gc=False):
     service: str = ""
     location: _Location | None = None
 
 
-class _ApplicationUp(msgspec.Struct):
+class _ApplicationUp(msgspec.Struct, gc=False):
     end_device_ids: _DeviceIds | None = None
     correlation_ids: list[str] = msgspec.field(default_factory=list)
     received_at: str | None = None
@@ -298,9 +298,19 @@ def _device_meta(ids: _DeviceIds, app_id: str) -> dict[str, str]:
 
 
 def _uplink_meta(up: _UplinkMessage, meta: dict[str, str]) -> None:
-    for part in (up.version_ids, up.network_ids):
-        if part is not None:
-            meta.update({k: v for k, v in msgspec.structs.asdict(part).items() if v})
+    v = up.version_ids
+    if v is not None:
+        for key, value in (("brand_id", v.brand_id), ("model_id", v.model_id),
+                           ("hardware_version", v.hardware_version),
+                           ("firmware_version", v.firmware_version), ("band_id", v.band_id)):
+            if value:
+                meta[key] = value
+    n = up.network_ids
+    if n is not None:
+        for key, value in (("net_id", n.net_id), ("tenant_id", n.tenant_id),
+                           ("cluster_id", n.cluster_id)):
+            if value:
+                meta[key] = value
     if up.attributes:
         meta.update({f"attributes.{k}": v for k, v in up.attributes.items()})
 
@@ -372,28 +382,35 @@ def _location_values(name: str, loc: _Location) -> dict[str, Value]:
 
 
 def _radio(up: _UplinkMessage) -> Radio:
-    best: _RxMetadata | None = None
+    best_rssi: float | None = None
+    best_snr: float | None = None
+    best_rank = (_NO_RANK, _NO_RANK)
     named: set[str] = set()
     anonymous = 0
     for rx in up.rx_metadata:
-        gid = rx.gateway_ids.gateway_id if rx.gateway_ids else ""
+        gid = rx.gateway_ids.gateway_id if rx.gateway_ids is not None else ""
         # Several antennas of one gateway are one gateway; Packet Broker entries all share the
         # id "packetbroker" but each is a different forwarder's gateway.
         if gid and gid != "packetbroker":
             named.add(gid)
         else:
             anonymous += 1
-        if best is None or _snr_rank(rx) > _snr_rank(best):
-            best = rx
+        rssi = rx.rssi if rx.rssi is not None else rx.channel_rssi
+        # Best gateway: highest SNR, then highest RSSI; missing values rank last.
+        rank = (rx.snr if rx.snr is not None else _NO_RANK,
+                rssi if rssi is not None else _NO_RANK)
+        if rank > best_rank:
+            best_rank, best_rssi, best_snr = rank, rssi, rx.snr
     data_rate = frequency = None
-    if up.settings is not None:
-        lora = up.settings.data_rate.lora if up.settings.data_rate else None
+    settings = up.settings
+    if settings is not None:
+        lora = settings.data_rate.lora if settings.data_rate is not None else None
         if lora is not None and lora.spreading_factor and lora.bandwidth:
             data_rate = f"SF{lora.spreading_factor}BW{lora.bandwidth // 1000}"
-        frequency = _int_or_none(up.settings.frequency)
+        frequency = _int_or_none(settings.frequency)
     return Radio(
-        rssi=(best.rssi if best.rssi is not None else best.channel_rssi) if best else None,
-        snr=best.snr if best else None,
+        rssi=best_rssi,
+        snr=best_snr,
         gateways=len(named) + anonymous,
         f_cnt=up.f_cnt,
         f_port=up.f_port,
@@ -402,13 +419,7 @@ def _radio(up: _UplinkMessage) -> Radio:
     )
 
 
-def _snr_rank(rx: _RxMetadata) -> tuple[float, float]:
-    """Best gateway: highest SNR, then highest RSSI; missing values rank last."""
-    rssi = rx.rssi if rx.rssi is not None else rx.channel_rssi
-    return (
-        rx.snr if rx.snr is not None else float("-inf"),
-        rssi if rssi is not None else float("-inf"),
-    )
+_NO_RANK = float("-inf")
 
 
 def _int_or_none(v: str | int | None) -> int | None:

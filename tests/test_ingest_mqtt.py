@@ -1,0 +1,400 @@
+"""ingest-mqtt against the real Mosquitto and the real Redis: fixtures end to end, dead letters,
+one owner per application across replicas, failover on kill -9, statuses across broker restarts
+and bad credentials. Plus the Redis lease it relies on."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from emulators.tts import Fleet, Mosquitto
+from pipeline import mqtt
+from pipeline.config import Config, IngestMqttConfig, RedisConfig, TtsApplication
+from pipeline.context import Context
+from pipeline.events import Uplink, decode_dead, decode_uplink
+from pipeline.keys import Keys
+from pipeline.lease import Lease, hold
+from pipeline.redact import Secret
+from pipeline.status import State, StatusBoard
+from pipeline.streams import Redis, StreamWriter
+from tests.conftest import MQTT_HOST, MQTT_PORT, REDIS_URL
+from tests.test_tts_parse import FIXTURE_UPLINKS
+from tests.test_tts_parse import NOW as TABLE_NOW
+from workers.ingest_mqtt import IngestMqtt
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float = 15.0,
+                     what: str = "condition") -> None:
+    """Bounded poll of a real condition (Redis state, a broker's answer)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not await check():
+        if loop.time() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+def make_app(name: str = "lab", **kw: Any) -> TtsApplication:
+    fields: dict[str, Any] = {"host": MQTT_HOST, "port": MQTT_PORT, "insecure": True}
+    fields.update(kw)
+    return TtsApplication(name=name, app_id=f"app-{uuid.uuid4().hex[:8]}", **fields)
+
+
+def make_ctx(redis: Redis, prefix: str, apps: list[TtsApplication],
+             consumer: str = "c1") -> Context:
+    cfg = Config(redis=RedisConfig(url=REDIS_URL, prefix=prefix), tts=apps)
+    return Context(config=cfg, redis=redis, keys=Keys(prefix), consumer=consumer,
+                   writer=StreamWriter(redis))
+
+
+@asynccontextmanager
+async def running(stage: IngestMqtt) -> AsyncIterator[asyncio.Event]:
+    stop = asyncio.Event()
+    await stage.startup()
+    task = asyncio.create_task(stage.main_loop(stop))
+    try:
+        yield stop
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 15)
+        await stage.shutdown()
+
+
+async def publish(topic_bytes: list[tuple[str, bytes]], port: int = MQTT_PORT,
+                  username: str | None = None, password: str | None = None) -> None:
+    settings = mqtt.Settings(MQTT_HOST, port, username=username, password=password)
+    async with mqtt.Session(settings) as session:
+        for topic, body in topic_bytes:
+            await session.publish(topic, body)
+
+
+async def uplinks(redis: Redis, keys: Keys) -> list[Uplink]:
+    rows = await redis.xrange(keys.stream("uplinks"))
+    return [decode_uplink(fields[b"d"]) for _, fields in rows]
+
+
+async def stream_len(redis: Redis, key: str) -> int:
+    return int(await redis.xlen(key))
+
+
+# --- fixtures end to end -------------------------------------------------------------------------
+
+
+async def test_every_fixture_through_the_broker(redis: Redis, prefix: str,
+                                                fixture_path: Callable[[str], Path]) -> None:
+    app = make_app(raw_payload_key="raw")
+    ctx = make_ctx(redis, prefix, [app])
+    stage = IngestMqtt(ctx)
+    user = app.username
+    messages: list[tuple[str, bytes]] = []
+    for name in sorted(FIXTURE_UPLINKS):
+        suffix = "join" if "join" in name else "up"
+        body = fixture_path(f"tts/{name}").read_bytes()
+        device = json.loads(body)["end_device_ids"]["device_id"]
+        messages.append((f"v3/{user}/devices/{device}/{suffix}", body))
+    for name, suffix in [("tts-down-ack-01.json", "down/ack"), ("tts-down-failed-01.json",
+                          "down/failed"), ("tts-down-queued-01.json", "down/queued")]:
+        messages.append((f"v3/{user}/devices/dev1/{suffix}",
+                         fixture_path(f"tts/{name}").read_bytes()))
+    messages.append((f"v3/{user}/devices/dev1/up",
+                     fixture_path("tts/tts-uplink-10-invalid.json").read_bytes()))
+    async with running(stage):
+        await asyncio.wait_for(stage.subscribed["lab"].wait(), 10)
+        await publish(messages)
+        await eventually(lambda: _lens(redis, ctx.keys, len(FIXTURE_UPLINKS), 1),
+                         what="every fixture in Redis")
+    got = {u.event_id: u for u in await uplinks(redis, ctx.keys)}
+    assert len(got) == len(FIXTURE_UPLINKS)
+    for name, expected in FIXTURE_UPLINKS.items():
+        up = got[expected.event_id]
+        # The table was built with a fixed ingest time; here it is the real receipt time.
+        want = msgspec.structs.replace(
+            expected,
+            received_ts_ms=up.received_ts_ms,
+            event_ts_ms=up.received_ts_ms if expected.event_ts_ms == TABLE_NOW
+            else expected.event_ts_ms,
+        )
+        assert up == want, name
+    (_, fields), = await redis.xrange(ctx.keys.dead)
+    dead = decode_dead(fields[b"d"])
+    assert (dead.reason, dead.stage, dead.entry_id) == ("invalid_json", "ingest-mqtt", "")
+    assert dead.stream == f"v3/{user}/devices/dev1/up"
+    assert dead.raw == fixture_path("tts/tts-uplink-10-invalid.json").read_bytes()
+
+
+async def _lens(redis: Redis, keys: Keys, ups: int, dead: int) -> bool:
+    return (await stream_len(redis, keys.stream("uplinks")) >= ups
+            and await stream_len(redis, keys.dead) >= dead)
+
+
+async def test_malformed_payloads_are_dead_lettered_and_the_worker_keeps_running(
+    redis: Redis, prefix: str, fixture_path: Callable[[str], Path]
+) -> None:
+    app = make_app()  # no raw_payload_key: an uplink without decoded_payload is refused
+    ctx = make_ctx(redis, prefix, [app])
+    ctx.config.ingest_mqtt = IngestMqttConfig(max_payload_bytes=10_000)
+    stage = IngestMqtt(ctx)
+    topic = f"v3/{app.username}/devices/d1/up"
+    bad = [b"not json", b"[1,2]", b'{"end_device_ids":{"device_id":"d1"},"uplink_message":'
+           b'{"f_cnt":"seven"}}', b"{" + b" " * 20_000 + b"}",
+           fixture_path("tts/tts-uplink-01.json").read_bytes()]
+    good = fixture_path("tts/tts-uplink-02.json").read_bytes()
+    async with running(stage):
+        await asyncio.wait_for(stage.subscribed["lab"].wait(), 10)
+        await publish([(topic, b) for b in bad] + [(topic, good)])
+        await eventually(lambda: _lens(redis, ctx.keys, 1, len(bad)), what="dead letters")
+        assert stage.subscribed["lab"].is_set()  # still reading
+    reasons = [decode_dead(f[b"d"]) for _, f in await redis.xrange(ctx.keys.dead)]
+    assert [d.reason for d in reasons] == ["invalid_json", "wrong_shape", "wrong_shape",
+                                           "too_large", "no_decoded_payload"]
+    assert "uplink_message.f_cnt" in reasons[2].detail
+    assert len(reasons[3].raw) == 8 * 1024  # truncated to a bound
+    (up,) = await uplinks(redis, ctx.keys)
+    assert up.device == "eui-70b3d52dd600035a"
+
+
+# --- one owner per application -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("replicas", [2, 3])
+async def test_replicas_put_each_message_on_the_stream_once(
+    redis: Redis, prefix: str, replicas: int
+) -> None:
+    app = make_app()
+    stages = [IngestMqtt(make_ctx(redis, prefix, [app], consumer=f"r{i}"), lease_ttl_ms=1000)
+              for i in range(replicas)]
+    async with _all_running(stages):
+        await eventually(lambda: _owner_count(stages, 1), what="one owner")
+        fleet = Fleet(MQTT_HOST, MQTT_PORT, app.app_id, app.tenant, devices=4,
+                      rate_per_s=float("inf"), device_prefix="rep")
+        assert await fleet.run(count=40) == 40
+        keys = stages[0]._keys
+        await eventually(lambda: _has_len(redis, keys.stream("uplinks"), 40), what="40 uplinks")
+        # A marker published last: once it is in, anything a second subscriber appended for the
+        # 40 would be too (each replica appends in arrival order).
+        await Fleet(MQTT_HOST, MQTT_PORT, app.app_id, app.tenant, devices=1, rate_per_s=1e9,
+                    device_prefix="marker").run(count=1)
+        await eventually(lambda: _has_len(redis, keys.stream("uplinks"), 41), what="the marker")
+        ups = await uplinks(redis, keys)
+        assert ups[-1].device == "marker0000"
+        assert len(ups) == 41 and len({u.event_id for u in ups}) == 41
+        assert await _owner_count(stages, 1)
+        # The owner steps down: a standby takes over and the application keeps flowing.
+        owner = next(s for s in stages if s.subscribed["lab"].is_set())
+        owner_stop = _stops[id(owner)]
+        owner_stop.set()
+        rest = [s for s in stages if s is not owner]
+        await eventually(lambda: _owner_count(rest, 1), what="a standby taking over")
+        await Fleet(MQTT_HOST, MQTT_PORT, app.app_id, app.tenant, devices=1, rate_per_s=1e9,
+                    device_prefix="after").run(count=1)
+        await eventually(lambda: _has_len(redis, keys.stream("uplinks"), 42), what="after")
+
+
+_stops: dict[int, asyncio.Event] = {}
+
+
+@asynccontextmanager
+async def _all_running(stages: list[IngestMqtt]) -> AsyncIterator[None]:
+    tasks = []
+    for s in stages:
+        stop = asyncio.Event()
+        _stops[id(s)] = stop
+        tasks.append(asyncio.create_task(s.main_loop(stop)))
+    try:
+        yield
+    finally:
+        for s in stages:
+            _stops.pop(id(s)).set()
+        await asyncio.wait_for(asyncio.gather(*tasks), 15)
+
+
+async def _owner_count(stages: list[IngestMqtt], n: int) -> bool:
+    return sum(s.subscribed["lab"].is_set() for s in stages) == n
+
+
+async def _has_len(redis: Redis, key: str, n: int) -> bool:
+    return await stream_len(redis, key) >= n
+
+
+async def test_kill_9_of_the_owner_hands_over_within_the_lease_time(
+    redis: Redis, prefix: str, tmp_path: Path
+) -> None:
+    app = make_app()
+    config = tmp_path / "bridge.yaml"
+    config.write_text(
+        f"redis: {{url: '{REDIS_URL}', prefix: '{prefix}'}}\n"
+        "ingest_mqtt: {lease_ttl_ms: 1500, max_backoff_s: 1}\n"
+        f"tts:\n  - {{name: lab, app_id: {app.app_id}, host: {MQTT_HOST}, port: {MQTT_PORT},"
+        " insecure: true}\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "blynk_bridge", "--log-format", "text", "ingest-mqtt", "-c",
+        str(config), cwd=ROOT, env=env, stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL)
+    board = StatusBoard(redis, Keys(prefix))
+    try:
+        async def subprocess_owns() -> bool:
+            status = await board.get("tts", "lab")
+            return (status is not None and status.state is State.CONNECTED
+                    and status.owner is not None and status.owner.endswith(f"-{proc.pid}"))
+
+        await eventually(subprocess_owns, timeout_s=30, what="the subprocess owning the app")
+        standby = IngestMqtt(make_ctx(redis, prefix, [app], consumer="standby"),
+                             lease_ttl_ms=1500, max_backoff_s=1)
+        async with running(standby):
+            assert not standby.subscribed["lab"].is_set()
+            proc.send_signal(signal.SIGKILL)
+            await asyncio.wait_for(proc.wait(), 10)
+            # Bounded by the lease: ttl (1.5 s) + one acquisition interval + connecting.
+            await asyncio.wait_for(standby.subscribed["lab"].wait(), 10)
+            status = await board.get("tts", "lab")
+            assert status is not None and status.owner == "standby"
+            await Fleet(MQTT_HOST, MQTT_PORT, app.app_id, app.tenant, devices=1,
+                        rate_per_s=1e9).run(count=3)
+            await eventually(lambda: _has_len(redis, Keys(prefix).stream("uplinks"), 3),
+                             what="uplinks through the standby")
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+# --- statuses ------------------------------------------------------------------------------------
+
+
+async def test_broker_restart_shows_connected_broken_connected(redis: Redis,
+                                                               prefix: str) -> None:
+    broker = Mosquitto().start()
+    try:
+        app = make_app(port=broker.port)
+        ctx = make_ctx(redis, prefix, [app])
+        stage = IngestMqtt(ctx, max_backoff_s=0.5)
+        board = StatusBoard(redis, ctx.keys)
+        seen: list[State] = []
+
+        async def state_is(state: State) -> bool:
+            status = await board.get("tts", "lab")
+            if status is not None and (not seen or seen[-1] is not status.state):
+                seen.append(status.state)
+            return status is not None and status.state is state
+
+        async with running(stage):
+            await eventually(lambda: state_is(State.CONNECTED), what="Connected")
+            broker.stop()
+            await eventually(lambda: state_is(State.BROKEN), what="Broken")
+            broken = await board.get("tts", "lab")
+            assert broken is not None and broken.error_kind == "unreachable"
+            assert broken.last_error and broken.since_ms > 0
+            broker.start()
+            await eventually(lambda: state_is(State.CONNECTED), what="Connected again")
+            await asyncio.wait_for(stage.subscribed["lab"].wait(), 10)
+            await Fleet(MQTT_HOST, broker.port, app.app_id, app.tenant, devices=1,
+                        rate_per_s=1e9).run(count=2)
+            await eventually(lambda: _has_len(redis, ctx.keys.stream("uplinks"), 2),
+                             what="uplinks after the restart")
+        assert seen == [State.CONNECTED, State.BROKEN, State.CONNECTED]
+    finally:
+        broker.close()
+
+
+async def test_wrong_password_is_not_connected_with_a_credentials_error(
+    redis: Redis, prefix: str
+) -> None:
+    app = make_app(tenant="acme")
+    with Mosquitto(users={app.username: "NNSXS.RIGHT"}) as broker:
+        wrong = msgspec.structs.replace(app, port=broker.port, api_key=Secret("NNSXS.WRONG"))
+        ctx = make_ctx(redis, prefix, [wrong])
+        board = StatusBoard(redis, ctx.keys)
+        async with running(IngestMqtt(ctx, max_backoff_s=0.5)):
+            async def refused() -> bool:
+                s = await board.get("tts", "lab")
+                return s is not None and s.error_kind == "credentials"
+
+            await eventually(refused, what="a credentials error")
+        status = await board.get("tts", "lab")
+        assert status is not None and status.state is State.NOT_CONNECTED
+        assert "NNSXS.WRONG" not in (status.last_error or "")
+
+        # The right key connects and reads; an unreachable server is told apart.
+        right = msgspec.structs.replace(wrong, name="lab2", api_key=Secret("NNSXS.RIGHT"))
+        gone = msgspec.structs.replace(wrong, name="lab3", port=_closed_port())
+        ctx2 = make_ctx(redis, prefix, [right, gone])
+        stage = IngestMqtt(ctx2, max_backoff_s=0.5)
+        async with running(stage):
+            await asyncio.wait_for(stage.subscribed["lab2"].wait(), 10)
+            user, password = broker.admin_credentials
+            await Fleet(MQTT_HOST, broker.port, app.app_id, app.tenant, devices=1,
+                        rate_per_s=1e9, username=user, password=password).run(count=2)
+            await eventually(lambda: _has_len(redis, ctx2.keys.stream("uplinks"), 2),
+                             what="uplinks with the right key")
+
+            async def unreachable() -> bool:
+                s = await board.get("tts", "lab3")
+                return s is not None and s.error_kind == "unreachable"
+
+            await eventually(unreachable, what="an unreachable error")
+        lab3 = await board.get("tts", "lab3")
+        assert lab3 is not None and lab3.state is State.NOT_CONNECTED
+
+
+def _closed_port() -> int:
+    from tests.conftest import free_port
+
+    return free_port()
+
+
+# --- the lease -----------------------------------------------------------------------------------
+
+
+async def test_lease_is_exclusive_renewable_and_released_only_by_its_owner(
+    redis: Redis, keys: Keys
+) -> None:
+    key = keys.lease("tts", "x")
+    a, b = Lease(redis, key, "a", 1000), Lease(redis, key, "b", 1000)
+    assert await a.acquire() and a.valid()
+    assert not await b.acquire()
+    assert await a.renew()
+    assert not await b.renew() and not b.valid()
+    assert not await b.release()
+    assert await a.holder() == "a"
+    assert await a.release() and not a.valid()
+    assert await b.acquire()
+    assert await b.holder() == "b"
+
+
+async def test_hold_stops_the_work_at_once_when_the_lease_is_taken(
+    redis: Redis, keys: Keys
+) -> None:
+    key = keys.lease("tts", "y")
+    lease = Lease(redis, key, "me", 400)
+    started, cancelled = asyncio.Event(), asyncio.Event()
+
+    async def work() -> None:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            cancelled.set()
+
+    stop = asyncio.Event()
+    holder = asyncio.create_task(hold(lease, work, stop))
+    await asyncio.wait_for(started.wait(), 5)
+    await redis.set(key, "thief", px=60_000)  # someone else holds it now
+    await asyncio.wait_for(cancelled.wait(), 5)
+    assert await lease.holder() == "thief"  # and our release did not delete theirs
+    stop.set()
+    await asyncio.wait_for(holder, 5)
