@@ -220,14 +220,16 @@ class Processes:
             print(f"bench: logs kept in {self.dir}", file=sys.stderr)
 
     def spawn(self, name: str, argv: Sequence[str], env: Mapping[str, str] | None = None,
-              cwd: Path | None = None) -> Proc:
-        """Start ``argv`` with stdout+stderr to ``<dir>/<name>.log``, in its own process group."""
+              cwd: Path | None = None, pipes: bool = False) -> Proc:
+        """Start ``argv`` in its own process group, output to ``<dir>/<name>.log``; with
+        ``pipes`` stdin and stdout are pipes to talk to it (stderr still goes to the log)."""
         log_path = self.dir / f"{name}.log"
         log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
         full_env = {**os.environ, **(env or {})}
-        popen = subprocess.Popen(list(argv), stdout=log, stderr=subprocess.STDOUT,
-                                 stdin=subprocess.DEVNULL, env=full_env, cwd=cwd or ROOT,
-                                 start_new_session=True)
+        popen = subprocess.Popen(list(argv), stdout=subprocess.PIPE if pipes else log,
+                                 stderr=log if pipes else subprocess.STDOUT,
+                                 stdin=subprocess.PIPE if pipes else subprocess.DEVNULL,
+                                 env=full_env, cwd=cwd or ROOT, start_new_session=True)
         proc = Proc(name, popen, log_path, log)
         self.procs.append(proc)
         return proc
@@ -292,6 +294,53 @@ def start_mosquitto(procs: Processes, name: str = "mosquitto") -> tuple[Proc, in
     proc = procs.spawn(name, [mosquitto_binary(), "-c", str(conf)])
     wait_port(port, proc=proc)
     return proc, port
+
+
+# --- a minimal MQTT 3.1.1 QoS 0 publisher for load generators --------------------------------
+
+
+def _remaining_length(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n % 128, n // 128
+        out.append(byte | 0x80 if n else byte)
+        if not n:
+            return bytes(out)
+
+
+def publish_packet(topic: bytes, payload: bytes) -> bytes:
+    """One QoS 0 PUBLISH packet."""
+    body = len(topic).to_bytes(2, "big") + topic + payload
+    return b"\x30" + _remaining_length(len(body)) + body
+
+
+class Publisher:
+    """A blocking MQTT 3.1.1 connection that only publishes QoS 0, Nagle off.
+
+    Load generators need to put thousands of messages per second on the wire from one core
+    without an event-loop round trip per message; this writes pre-built PUBLISH packets, many per
+    ``sendall`` when it is behind. Keep-alive is off (0), so nothing needs to be read after the
+    CONNACK; the broker closes the connection on a protocol error, which ``sendall`` reports.
+    """
+
+    def __init__(self, host: str, port: int, client_id: str, timeout_s: float = 10.0) -> None:
+        self.sock = socket.create_connection((host, port), timeout=timeout_s)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        cid = client_id.encode()
+        variable = b"\x00\x04MQTT\x04\x02\x00\x00" + len(cid).to_bytes(2, "big") + cid
+        self.sock.sendall(b"\x10" + _remaining_length(len(variable)) + variable)
+        connack = self.sock.recv(4)
+        if len(connack) < 4 or connack[0] != 0x20 or connack[3] != 0:
+            raise BenchError(f"MQTT broker refused the connection: {connack!r}")
+        self.sock.settimeout(None)
+
+    def send(self, packets: bytes) -> None:
+        self.sock.sendall(packets)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.sendall(b"\xe0\x00")  # DISCONNECT
+        self.sock.close()
 
 
 @contextlib.contextmanager

@@ -1,0 +1,793 @@
+"""End-to-end benchmark: simulated TTS fleet → MQTT → blynk-bridge → Blynk emulator, against a
+Node-RED flow doing the same bridging, measured in the same run.
+
+    python -m bench.e2e --rate 5000 --duration 15 --devices 10000
+    python -m bench.e2e --find-max                      # step the rate up, both systems
+
+What runs (all on loopback, all child processes stopped on exit, Ctrl-C or error):
+
+* a private Mosquitto (``max_queued_messages 0``, ``set_tcp_nodelay true``);
+* the Blynk emulator as its own process, with one template (``temperature`` V1 double, ``seq`` V2
+  integer, ``sent_ms`` V3 double), N devices with known tokens, no per-device rate limit;
+* the bridge as OS processes (``--processes ingest-mqtt,transform,egress``, or ``run`` for one
+  process), on a fresh Redis key prefix, with the N devices in its static device table;
+* the baseline: Node-RED 4.1 with ``bench/nodered/flow.json`` (mqtt in → function → http request
+  GET ``batch/update``), pointed at the same broker and emulator.
+
+Method. The load generator is :class:`emulators.tts.Fleet` in this process (N distinct devices,
+round robin, TTS v3 JSON, Nagle off). Each uplink's decoded payload carries ``seq`` (step base +
+``f_cnt``) and ``sent_ms`` (wall clock just before it is built and published); the emulator
+stamps each write's arrival in its per-pin history. An uplink counts as *delivered* when Blynk
+holds its value or a newer one of the same device (egress may coalesce; ``written`` counts the
+uplinks whose own value was written). Latency = first arrival of a ``seq`` ≥ the uplink's, minus
+its ``sent_ms``: publish → Blynk receipt. Before measuring, each system gets a warm-up pass (one
+uplink per device) so the run measures steady state, not provisioning or cold caches. CPU is the
+delta of ``/proc/<pid>/stat`` over the step (send + drain), RSS read at its end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import os
+import secrets
+import sys
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import aiohttp
+
+from bench.common import (
+    BenchError,
+    Proc,
+    Processes,
+    Usage,
+    UsageProbe,
+    fmt_mib,
+    fmt_ms,
+    free_port,
+    interrupt_as_exception,
+    machine,
+    percentile,
+    rss_bytes,
+    start_mosquitto,
+    table,
+    wait_port,
+)
+
+#: Decoded key → Blynk pin, shared by the emulator model, the bridge template and the flow.
+PINS = {"temperature": "V1", "seq": "V2", "sent_ms": "V3"}
+SEQ_PIN = "v2"
+#: Each step's ``seq`` values start at ``step * SEQ_STRIDE`` so steps never mix.
+SEQ_STRIDE = 10_000_000
+#: The goal of the issue: p99 at or under this, with nothing lost.
+P99_LIMIT_MS = 500.0
+REDIS_URL = "redis://127.0.0.1:6379/0"
+TENANT = "ttn"
+TEMPLATE_ID = "TMPLBENCH01"
+
+
+# --- results --------------------------------------------------------------------------------
+
+
+@dataclass
+class StepResult:
+    system: str
+    offered: float
+    duration_s: float
+    sent: int
+    send_s: float
+    delivered: int
+    written: int
+    messages: int
+    refused: int
+    latencies_ms: list[float] = field(repr=False)
+    span_s: float
+    usage: list[Usage]
+
+    @property
+    def sent_rate(self) -> float:
+        return self.sent / self.send_s if self.send_s > 0 else 0.0
+
+    @property
+    def throughput(self) -> float:
+        """Delivered uplinks per second, from the first send to the last arrival."""
+        return self.delivered / self.span_s if self.span_s > 0 else 0.0
+
+    @property
+    def p50(self) -> float:
+        return percentile(self.latencies_ms, 50)
+
+    @property
+    def p99(self) -> float:
+        return percentile(self.latencies_ms, 99)
+
+    @property
+    def pmax(self) -> float:
+        return self.latencies_ms[-1] if self.latencies_ms else math.nan
+
+    @property
+    def lossless(self) -> bool:
+        return self.sent > 0 and self.delivered == self.sent
+
+    @property
+    def ok(self) -> bool:
+        return self.lossless and self.p99 <= P99_LIMIT_MS
+
+    def summary(self) -> dict[str, Any]:
+        return {"system": self.system, "offered_per_s": self.offered,
+                "sent": self.sent, "sent_per_s": round(self.sent_rate, 1),
+                "delivered": self.delivered, "written": self.written,
+                "blynk_messages": self.messages, "refused": self.refused,
+                "throughput_per_s": round(self.throughput, 1),
+                "p50_ms": round(self.p50, 1), "p99_ms": round(self.p99, 1),
+                "max_ms": round(self.pmax, 1), "ok": self.ok,
+                "usage": [asdict(u) | {"cpu_pct": round(u.cpu_pct, 1)} for u in self.usage]}
+
+
+def step_row(r: StepResult) -> list[object]:
+    return [r.system, f"{r.offered:.0f}", f"{r.sent_rate:.0f}", r.sent,
+            f"{r.delivered / r.sent:.4f}" if r.sent else "-", r.written, r.messages,
+            f"{r.throughput:.0f}", fmt_ms(r.p50), fmt_ms(r.p99), fmt_ms(r.pmax),
+            "yes" if r.ok else "NO"]
+
+
+STEP_HEADERS = ["system", "offered/s", "sent/s", "sent", "deliv/sent", "written", "blynk msgs",
+                "deliv/s", "p50 ms", "p99 ms", "max ms", "ok"]
+
+
+def usage_rows(r: StepResult) -> list[list[object]]:
+    return [[f"{r.system} @ {r.offered:.0f}/s", u.name, f"{u.cpu_pct:.0f}", f"{u.cpu_s:.1f}",
+             fmt_mib(u.rss), fmt_mib(u.peak_rss)] for u in r.usage]
+
+
+USAGE_HEADERS = ["step", "process", "CPU %", "CPU s", "RSS MiB", "peak MiB"]
+
+
+# --- the Blynk emulator ---------------------------------------------------------------------
+
+
+def device_name(index: int, prefix: str) -> str:
+    """The fleet's device id (``emulators.tts.Fleet.device_id``): ``{prefix}{index:04d}``."""
+    return f"{prefix}{index:04d}"
+
+
+def emulator_spec(port: int, devices: Sequence[tuple[str, str]],
+                  history_len: int) -> dict[str, Any]:
+    return {
+        "regions": {"fra1": port},
+        "host": "127.0.0.1",
+        "settings": {"device_rps": None, "daily_updates": None, "history_len": history_len,
+                     "request_log_len": 0, "monthly_messages": None},
+        "templates": [{
+            "id": TEMPLATE_ID, "name": "Bench",
+            "datastreams": [
+                {"id": 1, "pin": PINS["temperature"], "name": "temperature", "type": "double"},
+                {"id": 2, "pin": PINS["seq"], "name": "seq", "type": "integer"},
+                {"id": 3, "pin": PINS["sent_ms"], "name": "sent_ms", "type": "double"},
+            ],
+        }],
+        "devices": [{"name": name, "token": token, "template": TEMPLATE_ID, "id": i + 1}
+                    for i, (name, token) in enumerate(devices)],
+    }
+
+
+class Emulator:
+    """The emulator process and its admin API (``/_admin/…``)."""
+
+    def __init__(self, proc: Proc, url: str) -> None:
+        self.proc = proc
+        self.url = url
+        self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60))
+
+    async def close(self) -> None:
+        await self._http.close()
+
+    async def _get(self, path: str) -> Any:
+        async with self._http.get(self.url + path) as resp:
+            resp.raise_for_status()
+            return await resp.json(content_type=None)
+
+    async def reset(self) -> None:
+        async with self._http.post(self.url + "/_admin/reset") as resp:
+            resp.raise_for_status()
+
+    async def counts(self) -> tuple[int, int]:
+        """(organization messages, refused requests) so far."""
+        data = await self._get("/_admin/counts")
+        return int(data["organization"]["messages"]), sum(data.get("refused", {}).values())
+
+    async def seq_histories(self) -> dict[str, list[tuple[int, int]]]:
+        """Device name → [(arrival ms, seq)] in arrival order."""
+        out: dict[str, list[tuple[int, int]]] = {}
+        for d in await self._get("/_admin/devices"):
+            hist = d.get("history", {}).get(SEQ_PIN, [])
+            out[d["name"]] = [(int(ts), int(v)) for ts, v in hist]
+        return out
+
+
+def start_emulator(procs: Processes, devices: Sequence[tuple[str, str]],
+                   history_len: int) -> tuple[Proc, str]:
+    port = free_port()
+    spec_path = procs.dir / "blynk-emulator.yaml"
+    # JSON is YAML; the emulator reads YAML.
+    spec_path.write_text(json.dumps(emulator_spec(port, devices, history_len)))
+    proc = procs.spawn("blynk-emulator", [sys.executable, "-m", "blynk_bridge", "emulate",
+                                          "blynk", "-c", str(spec_path)])
+    wait_port(port, timeout_s=60, proc=proc)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+# --- the systems under test -----------------------------------------------------------------
+
+
+class System(Protocol):
+    name: str
+    app_id: str
+
+    def start(self) -> dict[str, Proc]:
+        """Start the processes; returns name → process (for CPU/RSS)."""
+
+    def stop(self) -> None: ...
+
+
+@dataclass
+class Env:
+    procs: Processes
+    mqtt_port: int
+    blynk_url: str
+    devices: list[tuple[str, str]]  # (device id, token), index = fleet device index
+
+
+class Bridge:
+    """blynk-bridge as OS processes: one per stage, or ``run`` for all in one."""
+
+    name = "bridge"
+
+    def __init__(self, env: Env, processes: Sequence[str]) -> None:
+        self.env = env
+        self.processes = list(processes)
+        self.app_id = f"bench-bridge-{secrets.token_hex(3)}"
+        self.prefix = f"bbbench:{uuid.uuid4().hex[:8]}:"
+        self.running: list[Proc] = []
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "redis": {"url": REDIS_URL, "prefix": self.prefix},
+            "blynk": {"servers": {"default": self.env.blynk_url}, "default_server": "default"},
+            "templates": [{
+                "name": "bench", "id": TEMPLATE_ID,
+                "datastreams": [
+                    {"name": "temperature", "pin": PINS["temperature"], "type": "double"},
+                    {"name": "seq", "pin": PINS["seq"], "type": "integer"},
+                    {"name": "sent_ms", "pin": PINS["sent_ms"], "type": "double"},
+                ],
+            }],
+            "tts": [{"name": "bench", "app_id": self.app_id, "tenant": TENANT,
+                     "host": "127.0.0.1", "port": self.env.mqtt_port, "insecure": True,
+                     "api_key": "NNSXS.BENCH", "template": "bench"}],
+            "devices": [{"source": "tts", "integration": "bench", "device": dev,
+                         "token": token, "template": "bench"}
+                        for dev, token in self.env.devices],
+        }
+
+    def start(self) -> dict[str, Proc]:
+        from blynk_bridge.cli import STAGES
+
+        cfg = self.env.procs.dir / f"{self.app_id}.yaml"
+        cfg.write_text(json.dumps(self.config()))
+        out: dict[str, Proc] = {}
+        for i, stage in enumerate(self.processes):
+            if stage == "run":
+                keep = {"ingest-mqtt", "transform", "egress"}
+                argv = ["run", "-c", str(cfg)]
+                for other in STAGES:
+                    if other not in keep:
+                        argv += ["--skip", other]
+            else:
+                argv = [stage, "-c", str(cfg)]
+            name = f"{stage}" if self.processes.count(stage) == 1 else f"{stage}-{i}"
+            proc = self.env.procs.spawn(name, [sys.executable, "-m", "blynk_bridge", *argv])
+            out[name] = proc
+            self.running.append(proc)
+        return out
+
+    def stop(self) -> None:
+        for proc in reversed(self.running):
+            self.env.procs.stop(proc)
+        self.running.clear()
+        asyncio.run(_delete_prefix(self.prefix))
+
+
+async def _delete_prefix(prefix: str) -> None:
+    from pipeline.streams import connect
+
+    redis = connect(REDIS_URL)
+    try:
+        batch: list[Any] = []
+        async for key in redis.scan_iter(match=f"{prefix}*", count=1000):
+            batch.append(key)
+            if len(batch) >= 1000:
+                await redis.delete(*batch)
+                batch.clear()
+        if batch:
+            await redis.delete(*batch)
+    finally:
+        await redis.aclose()
+
+
+class NodeRed:
+    """The baseline: Node-RED 4.1 running ``bench/nodered/flow.json``."""
+
+    name = "node-red"
+
+    def __init__(self, env: Env) -> None:
+        self.env = env
+        self.app_id = f"bench-nodered-{secrets.token_hex(3)}"
+        self.proc: Proc | None = None
+
+    def start(self) -> dict[str, Proc]:
+        from bench.nodered import runner
+
+        self.proc = runner.start(
+            self.env.procs, mqtt_port=self.env.mqtt_port,
+            topic=f"v3/{self.app_id}@{TENANT}/devices/+/up", blynk_url=self.env.blynk_url,
+            tokens=dict(self.env.devices), pins=PINS)
+        return {"node-red": self.proc}
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.env.procs.stop(self.proc)
+            self.proc = None
+
+
+# --- one measured step ----------------------------------------------------------------------
+
+
+# --- the load generator (a child process) --------------------------------------------------
+
+# Placeholders in a device's message template, replaced per uplink. Each must occur exactly once
+# (the received_at times may occur more than once) — checked when the template is built.
+_P_FCNT = "1987654321"
+_P_SEQ = "1876543219"
+_P_SENT = "8765432109876.5"
+_P_ASUP = "Q" * 26
+_T0_NS = 1_600_000_000_123_456_789
+
+
+def message_template(app_id: str, device: str) -> tuple[bytes, list[tuple[bytes, str]]]:
+    """(topic, [(literal bytes, slot after it)]) for one device: an uplink from
+    :func:`emulators.tts.make_uplink`, JSON-encoded once, split at the per-uplink fields."""
+    import random
+    import re
+
+    from emulators.tts import make_uplink, rfc3339
+
+    decoded = {"temperature": 21.5, "seq": int(_P_SEQ), "sent_ms": float(_P_SENT)}
+    msg = make_uplink(app_id, TENANT, device, int(_P_FCNT), decoded, gateways=1,
+                      received_at=_T0_NS, rng=random.Random(device))
+    msg["correlation_ids"][0] = f"as:up:{_P_ASUP}"
+    text = json.dumps(msg, separators=(",", ":"))
+    slots = {_P_FCNT: "fcnt", _P_SEQ: "seq", _P_SENT: "sent", _P_ASUP: "asup",
+             rfc3339(_T0_NS): "at", rfc3339(_T0_NS - 30_000_000): "at_up"}
+    for placeholder, slot in slots.items():
+        want = text.count(placeholder)
+        if want < 1 or (slot not in ("at", "at_up") and want != 1):
+            raise BenchError(f"template for {device}: placeholder {slot} found {want} times")
+    pieces = re.split("(" + "|".join(re.escape(k) for k in slots) + ")", text)
+    parts: list[tuple[bytes, str]] = []
+    for i in range(0, len(pieces) - 1, 2):
+        parts.append((pieces[i].encode(), slots[pieces[i + 1]]))
+    parts.append((pieces[-1].encode(), ""))
+    return f"v3/{app_id}@{TENANT}/devices/{device}/up".encode(), parts
+
+
+def loadgen_main(job_path: str) -> int:
+    """The load generator process: build templates, say ``ready``, wait for ``go``, publish
+    ``count`` uplinks at ``rate`` (round robin over the devices), write each uplink's send time
+    (ms, float64, in send order) to ``out``, print ``{"sent":…, "send_s":…}``."""
+    from array import array
+
+    from bench.common import Publisher, publish_packet
+    from emulators.tts import rfc3339
+
+    job = json.loads(Path(job_path).read_text())
+    names: list[str] = job["names"]
+    n, rate, count, base = len(names), float(job["rate"]), int(job["count"]), int(job["base"])
+    templates = [message_template(job["app_id"], d) for d in names]
+    run_id = secrets.token_hex(7).upper()  # 14 chars + 12 digits = a 26-char unique as:up id
+    pub = Publisher("127.0.0.1", job["port"], f"bench-loadgen-{secrets.token_hex(4)}")
+    sent_ms = array("d")
+    print("ready", flush=True)
+    if sys.stdin.readline().strip() != "go":
+        return 1
+    wall, mono, sleep = time.time, time.monotonic, time.sleep
+    cpu0 = time.process_time()
+    start = mono()
+    j = 0
+    while j < count:
+        elapsed = mono() - start
+        due = min(count, int(elapsed * rate) + 1)
+        if due <= j:
+            sleep((j + 1) / rate - elapsed)
+            continue
+        now_ns = time.time_ns()
+        t_ms = wall() * 1000.0
+        vals = {"sent": f"{t_ms:.1f}".encode(), "at": rfc3339(now_ns).encode(),
+                "at_up": rfc3339(now_ns - 30_000_000).encode()}
+        batch = []
+        while j < due:
+            index, k = j % n, j // n
+            topic, parts = templates[index]
+            vals["fcnt"] = str(k + 1).encode()
+            vals["seq"] = str(base + k).encode()
+            vals["asup"] = f"{run_id}{j:012d}".encode()
+            payload = b"".join([lit + vals[slot] if slot else lit for lit, slot in parts])
+            batch.append(publish_packet(topic, payload))
+            sent_ms.append(t_ms)
+            j += 1
+        pub.send(b"".join(batch))
+    send_s = mono() - start
+    cpu_s = time.process_time() - cpu0
+    pub.close()
+    with open(job["out"], "wb") as f:
+        sent_ms.tofile(f)
+    rss, peak = rss_bytes(os.getpid())
+    print(json.dumps({"sent": j, "send_s": send_s, "cpu_s": cpu_s, "rss": rss, "peak": peak}),
+          flush=True)
+    return 0
+
+
+def _read_f64(path: Path) -> list[float]:
+    from array import array
+
+    values = array("d")
+    values.frombytes(path.read_bytes())
+    path.unlink()
+    return values.tolist()
+
+
+class Sender:
+    """Runs the load generator process for one step; see :func:`loadgen_main`."""
+
+    def __init__(self, env: Env, app_id: str) -> None:
+        self.env = env
+        self.app_id = app_id
+        self.proc: Proc | None = None
+        self.usage: Usage | None = None
+        self._out = env.procs.dir / f"sent-{secrets.token_hex(4)}.f64"
+
+    async def prepare(self, rate: float, count: int, base: int) -> Proc:
+        """Start the generator and wait until its templates are built and it is connected."""
+        job = self.env.procs.dir / f"loadgen-{secrets.token_hex(4)}.json"
+        job.write_text(json.dumps({"names": [d for d, _ in self.env.devices],
+                                   "app_id": self.app_id, "port": self.env.mqtt_port,
+                                   "rate": rate, "count": count, "base": base,
+                                   "out": str(self._out)}))
+        self.proc = self.env.procs.spawn("loadgen", [sys.executable, "-m", "bench.e2e",
+                                                     "_loadgen", str(job)], pipes=True)
+        line = await self._readline(60.0)
+        if line != "ready":
+            raise BenchError(f"load generator did not start: {line!r}\n{self.proc.tail()}")
+        return self.proc
+
+    async def go(self, timeout_s: float) -> tuple[list[float], float]:
+        """Publish; returns (send time in ms of every uplink in send order, seconds sending).
+        The generator's own CPU and memory are in ``self.usage`` afterwards."""
+        assert self.proc is not None and self.proc.popen.stdin is not None
+        self.proc.popen.stdin.write(b"go\n")
+        self.proc.popen.stdin.flush()
+        line = await self._readline(timeout_s)
+        if not line.startswith("{"):
+            raise BenchError(f"load generator failed: {line!r}\n{self.proc.tail()}")
+        done = json.loads(line)
+        self.usage = Usage("loadgen", float(done["cpu_s"]), float(done["send_s"]),
+                           int(done["rss"]), int(done["peak"]))
+        self.env.procs.stop(self.proc)
+        sent = await asyncio.to_thread(_read_f64, self._out)
+        return sent, float(done["send_s"])
+
+    async def _readline(self, timeout_s: float) -> str:
+        assert self.proc is not None and self.proc.popen.stdout is not None
+        stdout = self.proc.popen.stdout
+        try:
+            raw = await asyncio.wait_for(asyncio.to_thread(stdout.readline), timeout_s)
+        except TimeoutError:
+            raise BenchError(f"load generator silent for {timeout_s:.0f} s") from None
+        return bytes(raw).decode().strip()
+
+    async def send(self, rate: float, count: int, base: int) -> tuple[list[float], float]:
+        await self.prepare(rate, count, base)
+        return await self.go(timeout_s=count / rate + 60.0)
+
+
+async def collect(emu: Emulator, sent_ms: Sequence[float], names: Sequence[str], base: int,
+                  timeout_s: float, quiet_s: float = math.inf) -> Matched:
+    """Wait until Blynk holds every sent uplink (or a newer one of its device), nothing new
+    arrived for ``quiet_s``, or ``timeout_s`` passed; then pair sends with arrivals.
+
+    The emulator's message count is cheap to poll but is only a hint (a retried request counts
+    twice, a coalesced one not at all), so completion is confirmed on the devices' histories.
+    """
+    deadline = time.monotonic() + timeout_s
+    expected = len(sent_ms)
+    last, last_change = -1, time.monotonic()
+    while True:
+        messages, _ = await emu.counts()
+        now = time.monotonic()
+        if messages != last:
+            last, last_change = messages, now
+        quiet = now - last_change > quiet_s
+        if messages >= expected or quiet or now > deadline:
+            got = match(sent_ms, await emu.seq_histories(), names, base)
+            if got.delivered == expected or quiet or time.monotonic() > deadline:
+                return got
+        await asyncio.sleep(0.25)
+
+
+@dataclass
+class Matched:
+    latencies_ms: list[float]  # sorted
+    delivered: int
+    written: int
+    last_arrival_ms: float
+
+
+def match(sent_ms: Sequence[float], histories: dict[str, list[tuple[int, int]]],
+          names: Sequence[str], base: int) -> Matched:
+    """Pair what was sent with what Blynk received.
+
+    ``sent_ms`` is in send order: uplink ``j`` came from device ``j % N`` with ``seq = base +
+    j // N``. Returns (sorted latencies of delivered uplinks, delivered, written, last arrival ms).
+    """
+    n_dev = len(names)
+    latencies: list[float] = []
+    written = 0
+    last_arrival = 0.0
+    for index, name in enumerate(names):
+        times = sent_ms[index::n_dev]
+        n = len(times)
+        covered = 0
+        seen: set[int] = set()
+        for ts, seq in histories.get(name, ()):
+            k = seq - base
+            if k < 0 or k >= n:
+                continue
+            seen.add(k)
+            last_arrival = max(last_arrival, ts)
+            while covered <= k:
+                latencies.append(ts - times[covered])
+                covered += 1
+        written += len(seen)
+    latencies.sort()
+    return Matched(latencies, len(latencies), written, last_arrival)
+
+
+async def run_step(system: System, env: Env, emu: Emulator, pids: dict[str, int], rate: float,
+                   duration_s: float, step: int, drain_s: float) -> StepResult:
+    await emu.reset()
+    names = [d for d, _ in env.devices]
+    base = step * SEQ_STRIDE
+    count = max(1, round(rate * duration_s))
+    sender = Sender(env, system.app_id)
+    await sender.prepare(rate, count, base)
+    usage = UsageProbe({**pids, "blynk-emulator": emu.proc.pid})
+    usage.start()
+    t_first = time.time() * 1000.0
+    sent_ms, send_s = await sender.go(timeout_s=duration_s * 3 + 60.0)
+    got = await collect(emu, sent_ms, names, base, timeout_s=drain_s, quiet_s=5.0)
+    used = usage.stop()
+    if sender.usage is not None:
+        used.append(sender.usage)
+    messages, refused = await emu.counts()
+    span_s = max(1e-3, (got.last_arrival_ms - t_first) / 1000.0) if got.delivered else 0.0
+    return StepResult(system.name, rate, duration_s, len(sent_ms), send_s, got.delivered,
+                      got.written, messages, refused, got.latencies_ms, span_s, used)
+
+
+async def warm_up(system: System, env: Env, emu: Emulator, rate: float, timeout_s: float) -> None:
+    """Wait until the system bridges at all (probe until one uplink lands), then send one
+    uplink per device so caches, pools and JITs are warm; raise if that does not all arrive."""
+    names = [d for d, _ in env.devices]
+    await emu.reset()
+    deadline = time.monotonic() + timeout_s
+    probe = Sender(env, system.app_id)
+    await probe.prepare(rate=5.0, count=1_000_000, base=SEQ_STRIDE - 1_000_000)
+    go = asyncio.ensure_future(probe.go(timeout_s))
+    try:
+        while (await emu.counts())[0] == 0:
+            if time.monotonic() > deadline:
+                raise BenchError(f"{system.name}: no uplink reached the emulator within "
+                                 f"{timeout_s:.0f} s; see the logs in {env.procs.dir}")
+            env.procs.check_alive()
+            await asyncio.sleep(0.2)
+    finally:
+        go.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await go
+        if probe.proc is not None:
+            env.procs.stop(probe.proc)
+    await emu.reset()
+    n = len(env.devices)
+    sent_ms, _ = await Sender(env, system.app_id).send(min(rate, 5000.0), count=n, base=0)
+    got = await collect(emu, sent_ms, names, 0, timeout_s=timeout_s)
+    if got.delivered < n:
+        raise BenchError(f"{system.name}: warm-up delivered {got.delivered} of {n} uplinks in "
+                         f"{timeout_s:.0f} s; see the logs in {env.procs.dir}")
+
+
+# --- the run --------------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    rates: list[float]
+    duration_s: float
+    find_max: bool
+    drain_s: float
+
+
+async def measure(system: System, env: Env, emu: Emulator, plan: Plan,
+                  report: Callable[[StepResult], None]) -> list[StepResult]:
+    pids = {name: p.pid for name, p in system.start().items()}
+    results: list[StepResult] = []
+    try:
+        await warm_up(system, env, emu, max(plan.rates[0], 1000.0), timeout_s=60.0)
+        for step, rate in enumerate(plan.rates, start=1):
+            env.procs.check_alive()
+            r = await run_step(system, env, emu, pids, rate, plan.duration_s, step, plan.drain_s)
+            results.append(r)
+            report(r)
+            if plan.find_max and not r.ok:
+                break
+    finally:
+        await asyncio.to_thread(system.stop)
+    return results
+
+
+def best(results: Sequence[StepResult]) -> StepResult | None:
+    ok = [r for r in results if r.ok]
+    return max(ok, key=lambda r: r.throughput) if ok else None
+
+
+async def amain(args: argparse.Namespace, procs: Processes) -> dict[str, Any]:
+    n = args.devices
+    prefix = "dev"
+    devices = [(device_name(i, prefix), secrets.token_urlsafe(24)) for i in range(n)]
+    rates = [float(r) for r in args.rates] if args.find_max else [float(args.rate)]
+    per_device = max(rates) * args.duration / n
+    history_len = max(1000, int(per_device * 2) + 100)
+
+    _, mqtt_port = start_mosquitto(procs)
+    emu_proc, blynk_url = start_emulator(procs, devices, history_len)
+    env = Env(procs, mqtt_port, blynk_url, devices)
+    emu = Emulator(emu_proc, blynk_url)
+    plan = Plan(rates, args.duration, args.find_max, args.drain)
+    print(f"# e2e: {n} devices, rates {', '.join(f'{r:.0f}' for r in rates)}/s, "
+          f"{args.duration:.0f} s per step; bridge processes: {','.join(args.processes)}; "
+          f"baseline: {args.baseline}", flush=True)
+    print(f"# machine: {machine()}", flush=True)
+    load1 = os.getloadavg()[0]
+    print(f"# load average before the run: {load1:.2f}"
+          + ("  (busy machine: figures are not comparable)" if load1 > 1.0 else ""), flush=True)
+
+    def report(r: StepResult) -> None:
+        print(table(STEP_HEADERS, [step_row(r)]), flush=True)
+
+    all_results: list[StepResult] = []
+    try:
+        systems: list[System] = [Bridge(env, args.processes)]
+        if args.baseline == "nodered":
+            systems.append(NodeRed(env))
+        for system in systems:
+            print(f"\n## {system.name}", flush=True)
+            all_results += await measure(system, env, emu, plan, report)
+    finally:
+        await emu.close()
+
+    print("\n## results", flush=True)
+    print(table(STEP_HEADERS, [step_row(r) for r in all_results]))
+    print()
+    print(table(USAGE_HEADERS, [row for r in all_results for row in usage_rows(r)]))
+    summary: dict[str, Any] = {"machine": machine(), "load_before": load1,
+                               "devices": n, "duration_s": args.duration,
+                               "processes": args.processes,
+                               "steps": [r.summary() for r in all_results]}
+    bridge = [r for r in all_results if r.system == "bridge"]
+    base = [r for r in all_results if r.system == "node-red"]
+    print()
+    if args.find_max:
+        bb, bn = best(bridge), best(base)
+        for label, b in (("bridge", bb), ("node-red", bn)):
+            if b is None:
+                print(f"{label}: no rate met delivered/sent = 1.0 and p99 <= {P99_LIMIT_MS:.0f} ms")
+            else:
+                print(f"{label}: max {b.throughput:.0f} uplinks/s delivered at offered "
+                      f"{b.offered:.0f}/s (p99 {b.p99:.1f} ms, no loss)")
+        if bb and bn:
+            print(f"ratio bridge/node-red (max throughput at p99 <= {P99_LIMIT_MS:.0f} ms, no "
+                  f"loss): {bb.throughput / bn.throughput:.2f}x")
+            summary["ratio"] = bb.throughput / bn.throughput
+    elif bridge and base:
+        b, n_ = bridge[0], base[0]
+        if b.ok and n_.ok:
+            print(f"ratio bridge/node-red throughput at {b.offered:.0f}/s offered: "
+                  f"{b.throughput / n_.throughput:.2f}x (both: no loss, p99 <= "
+                  f"{P99_LIMIT_MS:.0f} ms)")
+            summary["ratio"] = b.throughput / n_.throughput
+        else:
+            failing = [r.system for r in (b, n_) if not r.ok]
+            print(f"no ratio: {', '.join(failing)} did not meet no-loss and p99 <= "
+                  f"{P99_LIMIT_MS:.0f} ms at {b.offered:.0f}/s (use --find-max)")
+    return summary
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.e2e", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rate", type=float, default=5000.0, help="offered uplinks/s (whole fleet)")
+    p.add_argument("--duration", type=float, default=15.0, help="seconds of load per step")
+    p.add_argument("--devices", type=int, default=10_000, help="distinct devices")
+    p.add_argument("--baseline", choices=["nodered", "none"], default="nodered")
+    p.add_argument("--processes", type=lambda s: [x for x in s.split(",") if x],
+                   default=["ingest-mqtt", "transform", "egress"],
+                   help="bridge processes: comma-separated stages (repeat one for replicas), "
+                        "or 'run' for every stage in one process")
+    p.add_argument("--find-max", action="store_true",
+                   help="step the rate up (--rates) until a step loses uplinks or p99 > 500 ms")
+    p.add_argument("--rates", type=lambda s: [float(x) for x in s.split(",")],
+                   default=[1000.0, 2000.0, 3000.0, 4000.0, 5000.0, 6000.0, 8000.0],
+                   help="--find-max steps (uplinks/s)")
+    p.add_argument("--drain", type=float, default=20.0,
+                   help="max seconds to wait for delivery after the load stops")
+    p.add_argument("--json", type=Path, help="also write the results as JSON here")
+    p.add_argument("--keep-logs", action="store_true", help="keep the scratch dir with logs")
+    args = p.parse_args(argv)
+    from blynk_bridge.cli import STAGES
+
+    for name in args.processes:
+        if name != "run" and name not in STAGES:
+            p.error(f"--processes: unknown stage {name!r}")
+    if args.devices < 1 or args.rate <= 0 or args.duration <= 0:
+        p.error("--devices, --rate and --duration must be positive")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["_loadgen"]:
+        return loadgen_main(argv[1])
+    args = parse_args(argv)
+    if args.baseline == "nodered":
+        from bench.nodered import runner
+
+        runner.ensure_installed()
+    try:
+        with interrupt_as_exception(), Processes(keep_dir=args.keep_logs) as procs:
+            try:
+                import uvloop
+
+                summary = uvloop.run(amain(args, procs))
+            except ImportError:  # pragma: no cover
+                summary = asyncio.run(amain(args, procs))
+    except KeyboardInterrupt:
+        print("bench: interrupted; processes stopped", file=sys.stderr)
+        return 130
+    except BenchError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(BrokenPipeError):
+        sys.exit(main())
