@@ -5,7 +5,7 @@
 Both receivers run in turn, in the same run, as child processes pinned to CPU 0 (uvloop, as the
 CLI runs), subscribed to a private Mosquitto (``max_queued_messages 0``, ``set_tcp_nodelay
 true``: it queues for a slow reader instead of dropping). Once a receiver is subscribed, a raw
-socket publisher (Nagle off) on the other core blasts N realistic TTS uplinks (~1.3 KB each, from
+socket publisher (Nagle off) on the other core blasts N realistic TTS uplinks (~1.9 KB each, from
 the TTS emulator) faster than either receiver reads, so each is measured at its own ceiling:
 
 * **bare**: ``async for message in client.messages: count += 1`` — what a user's own script
@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     bw, sw = max(wall["bare"]), max(wall["stage"])
     bc, sc = max(cpu["bare"]), max(cpu["stage"])
     print()
-    print(f"MQTT ingest, {args.messages:,} TTS uplinks (~1.3 KB) per round, best of "
+    print(f"MQTT ingest, {args.messages:,} TTS uplinks (~1.9 KB) per round, best of "
           f"{args.rounds}; receiver pinned to one core")
     print(machine())
     print(table(["receiver", "msg/s", "ratio", "msg/CPU-s", "ratio"], [
