@@ -251,16 +251,17 @@ class Bridge:
 
     name = "bridge"
 
-    def __init__(self, env: Env, processes: Sequence[str]) -> None:
+    def __init__(self, env: Env, processes: Sequence[str], redis_url: str = REDIS_URL) -> None:
         self.env = env
         self.processes = list(processes)
+        self.redis_url = redis_url
         self.app_id = f"bench-bridge-{secrets.token_hex(3)}"
         self.prefix = f"bbbench:{uuid.uuid4().hex[:8]}:"
         self.running: list[Proc] = []
 
     def config(self) -> dict[str, Any]:
         return {
-            "redis": {"url": REDIS_URL, "prefix": self.prefix},
+            "redis": {"url": self.redis_url, "prefix": self.prefix},
             "blynk": {"servers": {"default": self.env.blynk_url}, "default_server": "default"},
             "templates": [{
                 "name": "bench", "id": TEMPLATE_ID,
@@ -303,13 +304,13 @@ class Bridge:
         for proc in reversed(self.running):
             self.env.procs.stop(proc)
         self.running.clear()
-        asyncio.run(_delete_prefix(self.prefix))
+        asyncio.run(_delete_prefix(self.redis_url, self.prefix))
 
 
-async def _delete_prefix(prefix: str) -> None:
+async def _delete_prefix(url: str, prefix: str) -> None:
     from pipeline.streams import connect
 
-    redis = connect(REDIS_URL)
+    redis = connect(url)
     try:
         batch: list[Any] = []
         async for key in redis.scan_iter(match=f"{prefix}*", count=1000):
@@ -389,6 +390,12 @@ def message_template(app_id: str, device: str) -> tuple[bytes, list[tuple[bytes,
     return f"v3/{app_id}@{TENANT}/devices/{device}/up".encode(), parts
 
 
+def fill(parts: Sequence[tuple[bytes, str]], values: dict[str, bytes]) -> bytes:
+    """One uplink's JSON from a template of :func:`message_template` and the slots' values
+    (``fcnt``, ``seq``, ``sent``, ``asup``, ``at``, ``at_up``)."""
+    return b"".join([lit + values[slot] if slot else lit for lit, slot in parts])
+
+
 def loadgen_main(job_path: str) -> int:
     """The load generator process: build templates, say ``ready``, wait for ``go``, publish
     ``count`` uplinks at ``rate`` (round robin over the devices), write each uplink's send time
@@ -429,8 +436,7 @@ def loadgen_main(job_path: str) -> int:
             vals["fcnt"] = str(k + 1).encode()
             vals["seq"] = str(base + k).encode()
             vals["asup"] = f"{run_id}{j:012d}".encode()
-            payload = b"".join([lit + vals[slot] if slot else lit for lit, slot in parts])
-            batch.append(publish_packet(topic, payload))
+            batch.append(publish_packet(topic, fill(parts, vals)))
             sent_ms.append(t_ms)
             j += 1
         pub.send(b"".join(batch))
@@ -570,8 +576,71 @@ def match(sent_ms: Sequence[float], histories: dict[str, list[tuple[int, int]]],
     return Matched(latencies, len(latencies), written, last_arrival)
 
 
+def start_profilers(env: Env, pids: dict[str, int], out_dir: Path, label: str,
+                    seconds: float) -> list[tuple[str, Path, Proc]]:
+    """py-spy (``pip install py-spy``) on every Python process of the step, collapsed stacks."""
+    import shutil
+
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(spy).exists():
+        raise BenchError("--profile needs py-spy: pip install py-spy")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    running = []
+    for name, pid in pids.items():
+        if name == "node-red":
+            continue
+        out = out_dir / f"{label}-{name}.txt"
+        proc = env.procs.spawn(f"py-spy-{name}", [spy, "record", "--pid", str(pid), "--format",
+                                                   "raw", "--rate", "200", "--duration",
+                                                   str(max(1, round(seconds))), "--output",
+                                                   str(out), "--nonblocking"])
+        running.append((name, out, proc))
+    return running
+
+
+#: The frame py-spy shows while an event loop waits in its C poll (uvloop): idle, not work.
+_IDLE_FRAMES = ("Runner.run (asyncio/runners.py", "run (uvloop/__init__.py")
+_OWN_CODE = ("(workers/", "(pipeline/", "(emulators/")
+
+
+@dataclass
+class Profile:
+    busy: float  # share of samples not idle in the event loop
+    self_top: list[tuple[float, str]]  # (share of busy samples, frame) by self time
+    own_top: list[tuple[float, str]]  # (share of busy samples, frame) of our code, inclusive
+
+
+def read_profile(collapsed: Path, n: int = 10) -> Profile:
+    """Summarize py-spy's collapsed stacks: how busy, and where the busy time went."""
+    from collections import Counter
+
+    own: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    busy = idle = 0
+    for line in collapsed.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        frames = stack.split(";")
+        c = int(count)
+        if frames[-1].startswith(_IDLE_FRAMES):
+            idle += c
+            continue
+        busy += c
+        own[frames[-1]] += c
+        for f in set(frames):
+            if f.startswith(_IDLE_FRAMES) or not any(m in f for m in _OWN_CODE):
+                continue
+            inclusive[f] += c
+    if not busy:
+        return Profile(0.0, [], [])
+    return Profile(busy / (busy + idle), [(c / busy, f) for f, c in own.most_common(n)],
+                   [(c / busy, f) for f, c in inclusive.most_common(n)])
+
+
 async def run_step(system: System, env: Env, emu: Emulator, pids: dict[str, int], rate: float,
-                   duration_s: float, step: int, drain_s: float) -> StepResult:
+                   duration_s: float, step: int, drain_s: float,
+                   profile: Path | None = None) -> StepResult:
     await emu.reset()
     names = [d for d, _ in env.devices]
     base = step * SEQ_STRIDE
@@ -580,6 +649,8 @@ async def run_step(system: System, env: Env, emu: Emulator, pids: dict[str, int]
     await sender.prepare(rate, count, base)
     usage = UsageProbe({**pids, "blynk-emulator": emu.proc.pid})
     usage.start()
+    spies = (start_profilers(env, {**pids, "blynk-emulator": emu.proc.pid}, profile,
+                             f"{system.name}-{rate:.0f}", duration_s) if profile else [])
     t_first = time.time() * 1000.0
     sent_ms, send_s = await sender.go(timeout_s=duration_s * 3 + 60.0)
     got = await collect(emu, sent_ms, names, base, timeout_s=drain_s, quiet_s=5.0)
@@ -587,6 +658,18 @@ async def run_step(system: System, env: Env, emu: Emulator, pids: dict[str, int]
     if sender.usage is not None:
         used.append(sender.usage)
     messages, refused = await emu.counts()
+    for name, out, spy in spies:
+        await asyncio.to_thread(spy.popen.wait, 30)
+        env.procs.stop(spy)
+        if out.exists():
+            prof = read_profile(out)
+            print(f"\n# py-spy {system.name}/{name} @ {rate:.0f}/s: busy {100 * prof.busy:.0f}% "
+                  f"of samples ({out})\n  self time:")
+            for share, frame in prof.self_top:
+                print(f"  {100 * share:5.1f}%  {frame}")
+            print("  our code, inclusive:")
+            for share, frame in prof.own_top:
+                print(f"  {100 * share:5.1f}%  {frame}")
     span_s = max(1e-3, (got.last_arrival_ms - t_first) / 1000.0) if got.delivered else 0.0
     return StepResult(system.name, rate, duration_s, len(sent_ms), send_s, got.delivered,
                       got.written, messages, refused, got.latencies_ms, span_s, used)
@@ -632,6 +715,7 @@ class Plan:
     duration_s: float
     find_max: bool
     drain_s: float
+    profile: Path | None = None
 
 
 async def measure(system: System, env: Env, emu: Emulator, plan: Plan,
@@ -642,7 +726,8 @@ async def measure(system: System, env: Env, emu: Emulator, plan: Plan,
         await warm_up(system, env, emu, max(plan.rates[0], 1000.0), timeout_s=60.0)
         for step, rate in enumerate(plan.rates, start=1):
             env.procs.check_alive()
-            r = await run_step(system, env, emu, pids, rate, plan.duration_s, step, plan.drain_s)
+            r = await run_step(system, env, emu, pids, rate, plan.duration_s, step, plan.drain_s,
+                               plan.profile)
             results.append(r)
             report(r)
             if plan.find_max and not r.ok:
@@ -669,7 +754,7 @@ async def amain(args: argparse.Namespace, procs: Processes) -> dict[str, Any]:
     emu_proc, blynk_url = start_emulator(procs, devices, history_len)
     env = Env(procs, mqtt_port, blynk_url, devices)
     emu = Emulator(emu_proc, blynk_url)
-    plan = Plan(rates, args.duration, args.find_max, args.drain)
+    plan = Plan(rates, args.duration, args.find_max, args.drain, args.profile)
     print(f"# e2e: {n} devices, rates {', '.join(f'{r:.0f}' for r in rates)}/s, "
           f"{args.duration:.0f} s per step; bridge processes: {','.join(args.processes)}; "
           f"baseline: {args.baseline}", flush=True)
@@ -683,7 +768,7 @@ async def amain(args: argparse.Namespace, procs: Processes) -> dict[str, Any]:
 
     all_results: list[StepResult] = []
     try:
-        systems: list[System] = [Bridge(env, args.processes)]
+        systems: list[System] = [Bridge(env, args.processes, args.redis_url)]
         if args.baseline == "nodered":
             systems.append(NodeRed(env))
         for system in systems:
@@ -747,7 +832,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="--find-max steps (uplinks/s)")
     p.add_argument("--drain", type=float, default=20.0,
                    help="max seconds to wait for delivery after the load stops")
+    p.add_argument("--redis-url", default=REDIS_URL, help="Redis the bridge uses (a fresh key "
+                   "prefix is made and deleted)")
     p.add_argument("--json", type=Path, help="also write the results as JSON here")
+    p.add_argument("--profile", type=Path, metavar="DIR",
+                   help="sample every Python process with py-spy during each step (needs "
+                        "`pip install py-spy`); collapsed stacks go to DIR, top frames printed")
     p.add_argument("--keep-logs", action="store_true", help="keep the scratch dir with logs")
     args = p.parse_args(argv)
     from blynk_bridge.cli import STAGES
