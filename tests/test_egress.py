@@ -2,9 +2,26 @@
 
 from __future__ import annotations
 
-from pipeline.keys import Keys
+import asyncio
+import random
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import pytest
+
+from emulators.blynk.model import DatastreamSpec, Device, DeviceSpec, TemplateSpec
+from emulators.blynk.server import BlynkEmulator
+from emulators.blynk.settings import EmulatorSpec, Settings
+from pipeline.config import BlynkConfig, Config, EgressConfig, RedisConfig, StreamsConfig
+from pipeline.context import Context
+from pipeline.events import FIELD, BlynkWrite, DeadLetter, Value, decode_dead, decode_write, encode
+from pipeline.keys import GROUP_EGRESS, WRITES, Keys
 from pipeline.order import LastWritten
-from pipeline.streams import Redis
+from pipeline.registry import Registry
+from pipeline.streams import Redis, StreamWriter, now_ms
+from workers.egress import EgressStage
 
 # ---- pipeline.order: last written times and the per-device lease ----------------------------
 
@@ -70,3 +87,279 @@ async def test_claims_are_one_round_trip_for_many_devices(redis: Redis, keys: Ke
 
 def book_of(redis: Redis, keys: Keys) -> LastWritten:
     return LastWritten(redis, keys, "reader")
+
+
+# ---- egress against the Blynk emulator over real HTTP ------------------------------------------
+
+TEMPLATE_ID = "TMPLegress001"
+HISTORY_PINS = [f"V{n}" for n in range(10, 25)]
+
+
+def token(n: int) -> str:
+    return f"egress{n:026d}"
+
+
+def device_key(n: int) -> str:
+    return f"tts:app:dev-{n}"
+
+
+def emulator_spec(devices: int = 5, **settings: Any) -> EmulatorSpec:
+    datastreams = [
+        DatastreamSpec(id=1, pin="V1", name="temperature", type="double"),
+        DatastreamSpec(id=2, pin="V2", name="count", type="integer"),
+        DatastreamSpec(id=3, pin="V3", name="state", type="string"),
+    ] + [DatastreamSpec(id=n, pin=f"V{n}", name=f"h{n}", type="double") for n in range(10, 25)]
+    return EmulatorSpec(
+        regions={"fra1": 0},
+        settings=Settings(**settings),
+        templates=[TemplateSpec(id=TEMPLATE_ID, name="Egress", datastreams=datastreams)],
+        devices=[DeviceSpec(name=f"Device {n}", token=token(n), template=TEMPLATE_ID, id=n)
+                 for n in range(devices)],
+    )
+
+
+@dataclass
+class Rig:
+    """The emulator on a real port, the real Redis, and a way to run egress stages on them."""
+
+    emu: BlynkEmulator
+    url: str
+    redis: Redis
+    keys: Keys
+    prefix: str
+    contexts: list[Context] = field(default_factory=list)
+
+    async def add(self, *writes: BlynkWrite) -> None:
+        stream = self.keys.stream(WRITES)
+        await StreamWriter(self.redis).add_many([(stream, encode(w)) for w in writes])
+
+    def stage(self, *, consumer: str = "egress-1", until_idle: bool = True,
+              streams: dict[str, Any] | None = None, **egress: Any) -> EgressStage:
+        cfg = Config(
+            redis=RedisConfig(prefix=self.prefix),
+            blynk=BlynkConfig(servers={"fra1": self.url}, default_server="fra1", timeout_s=5),
+            egress=EgressConfig(**egress),
+            streams=StreamsConfig(**(streams or {})),
+        )
+        ctx = Context(config=cfg, redis=self.redis, keys=self.keys, consumer=consumer,
+                      writer=StreamWriter(self.redis))
+        self.contexts.append(ctx)
+        return EgressStage(ctx, until_idle=until_idle)
+
+    async def drain(self, stage: EgressStage, limit_s: float = 30) -> None:
+        """Run a burst-mode stage until it has nothing left (bounded, never a timing check)."""
+        await stage.startup()
+        await asyncio.wait_for(stage.main_loop(asyncio.Event()), limit_s)
+
+    def device(self, n: int) -> Device:
+        return self.emu.device_by_token(token(n))
+
+    async def dead(self) -> list[DeadLetter]:
+        rows = await self.redis.xrange(self.keys.dead)
+        return [decode_dead(fields[FIELD]) for _, fields in rows]
+
+    async def pending(self) -> int:
+        info = await self.redis.xpending(self.keys.stream(WRITES), GROUP_EGRESS)
+        return int(info["pending"])
+
+    async def admin(self, method: str, path: str, body: Any = None) -> Any:
+        async with aiohttp.ClientSession() as s, s.request(
+            method, f"{self.url}/_admin/{path}", json=body
+        ) as resp:
+            assert resp.status == 200, await resp.text()
+            return await resp.json()
+
+
+@pytest.fixture
+async def rig(redis: Redis, keys: Keys, prefix: str) -> AsyncIterator[Rig]:
+    emu = BlynkEmulator.from_spec(emulator_spec())
+    async with emu.serve({"fra1": 0}) as urls:
+        rig = Rig(emu, urls["fra1"], redis, keys, prefix)
+        yield rig
+        for ctx in rig.contexts:
+            await ctx.blynk().close()
+
+
+def write(n: int, ts: int, pins: dict[str, Value], *, received: int | None = None,
+          history: list[str] | None = None, tok: str | None = None) -> BlynkWrite:
+    return BlynkWrite(token=tok or token(n), server="fra1", device_key=device_key(n), pins=pins,
+                      event_ts_ms=ts, received_ts_ms=received or ts,
+                      event_id=f"{n}-{ts}-{sorted(pins)}", history_pins=history or [])
+
+
+def value(rig: Rig, n: int, pin: str) -> Any:
+    got = rig.device(n).values.get(pin)
+    return None if got is None else got[0]
+
+
+async def test_bursts_become_one_message_per_device(rig: Rig) -> None:
+    t0 = now_ms()
+    await rig.add(*[write(n, t0 + i, {"V1": i + 0.5, "V2": n}) for i in range(5)
+                    for n in range(5)])
+    await rig.drain(rig.stage())
+    for n in range(5):
+        assert rig.device(n).messages == 1
+        assert value(rig, n, "V1") == 4.5
+        assert value(rig, n, "V2") == n
+    assert await rig.pending() == 0
+    assert await rig.dead() == []
+
+
+async def test_late_and_redelivered_entries_never_roll_back(rig: Rig) -> None:
+    t0 = now_ms()
+    stream = rig.keys.stream(WRITES)
+    # E1 (older) is read by a consumer that then dies holding it
+    await rig.add(write(0, t0, {"V1": 1.0}))
+    await rig.redis.xgroup_create(stream, GROUP_EGRESS, id="0", mkstream=True)
+    await rig.redis.xreadgroup(GROUP_EGRESS, "dead-consumer", {stream: ">"}, count=10)
+    # E2 (newer) is written by a live replica
+    await rig.add(write(0, t0 + 100, {"V1": 2.0}))
+    await rig.drain(rig.stage())
+    assert value(rig, 0, "V1") == 2.0
+    messages = rig.device(0).messages
+    # a late entry, and the same newer entry redelivered, both arrive afterwards
+    await rig.add(write(0, t0 + 50, {"V1": 1.5}), write(0, t0 + 100, {"V1": 2.0}))
+    await rig.drain(rig.stage())
+    # E1 is reclaimed from the dead consumer (XAUTOCLAIM) by another replica
+    await rig.drain(rig.stage(consumer="egress-2", streams={"claim_idle_ms": 1}))
+    assert value(rig, 0, "V1") == 2.0
+    assert rig.device(0).messages == messages  # stale values are not even sent
+    assert await rig.pending() == 0
+    assert await LastWritten(rig.redis, rig.keys, "x").get(device_key(0)) == {"V1": t0 + 100}
+
+
+async def test_replicas_never_write_a_device_backwards(rig: Rig) -> None:
+    """Three replicas race on one device (shuffled event times, jittery Blynk latency, waves of
+    entries split across them): every value Blynk receives is newer than the one before."""
+    await rig.admin("POST", "faults", {"jitter_ms": 30})
+    stop = asyncio.Event()
+    replicas = [rig.stage(consumer=c, until_idle=False, streams={"batch": 4}, flush_count=4)
+                for c in ("a", "b", "c")]
+    for r in replicas:
+        await r.startup()
+    running = [asyncio.create_task(r.main_loop(stop)) for r in replicas]
+    t0 = now_ms()
+    rnd = random.Random(7)
+    book = LastWritten(rig.redis, rig.keys, "observer")
+    for wave in range(12):
+        values = list(range(wave * 12, wave * 12 + 12))
+        rnd.shuffle(values)
+        await rig.add(*[write(0, t0 + v, {"V2": v}) for v in values])
+        newest = t0 + wave * 12 + 11
+        for _ in range(2000):  # bounded poll of a real condition: the wave is fully written
+            if (await book.get(device_key(0))).get("V2") == newest and not await rig.pending():
+                break
+            await asyncio.sleep(0.005)
+    stop.set()
+    await asyncio.wait_for(asyncio.gather(*running), 30)
+    written = [v for _, v in rig.device(0).history["V2"]]
+    assert written == sorted(written)  # Blynk only ever moved forward in event time
+    assert written[-1] == 143
+    assert len(written) >= 12
+
+
+async def test_outage_loses_nothing_and_backlog_keeps_true_times(rig: Rig) -> None:
+    """The emulator's real outage switch (every request 503), shortened from 30 s to 3 s."""
+    await rig.admin("POST", "faults", {"outage_s": 3})
+    t0 = now_ms()
+    points = {n: [(t0 - 3000 + i * 150, float(i)) for i in range(20)] for n in range(3)}
+    await rig.add(*[write(n, ts, {"V10": v, "V2": int(v)}, history=["V10"])
+                    for n in range(3) for ts, v in points[n]])
+    # max_deliveries=2: re-reading during the outage would dead-letter everything
+    limits = {"max_deliveries": 2, "claim_idle_ms": 300}
+    stage = rig.stage(streams=limits, live_window_s=1, max_backoff_s=1.5)
+    stolen: list[Any] = []
+
+    async def watch() -> None:
+        # during the outage: nothing re-delivered, nothing taken over by another replica
+        while rig.emu.faults.state()["outage_left_s"] > 0:
+            _, claimed, *_ = await rig.redis.xautoclaim(
+                rig.keys.stream(WRITES), GROUP_EGRESS, "thief", min_idle_time=300, start_id="0-0"
+            )
+            stolen.extend(claimed)
+            rows = await rig.redis.xpending_range(rig.keys.stream(WRITES), GROUP_EGRESS,
+                                                  min="-", max="+", count=100)
+            assert all(r["times_delivered"] == 1 for r in rows)
+            await asyncio.sleep(0.1)
+
+    await asyncio.gather(rig.drain(stage), watch())
+    assert stolen == []
+    injected = rig.emu.faults.state()["injected"].get("outage", 0)
+    assert 0 < injected <= 25  # backed off and probed; did not spin
+    assert await rig.dead() == []
+    assert await rig.pending() == 0
+    for n in range(3):
+        history = set(rig.device(n).history["V10"])
+        assert set(points[n]) <= history  # every backlog point, at its true time
+        assert value(rig, n, "V10") == 19.0
+        assert value(rig, n, "V2") == 19
+
+
+async def test_429_storm_is_ridden_out_within_the_limits(rig: Rig) -> None:
+    await rig.admin("POST", "faults", {"storm_429_s": 2, "retry_after_s": 1})
+    t0 = now_ms()
+    await rig.add(*[write(n, t0 + i, {"V1": float(i)}) for i in range(5) for n in range(5)])
+    await rig.drain(rig.stage())
+    storm = rig.emu.faults.state()["injected"].get("429", 0)
+    assert storm > 0
+    assert storm <= 5 * 4  # Retry-After honoured: a few tries per device, not a hammering
+    assert rig.emu.refused.get("rate", 0) == 0  # the emulator's own 50 req/s never tripped
+    assert await rig.dead() == []
+    assert [value(rig, n, "V1") for n in range(5)] == [4.0] * 5
+
+
+async def test_many_requests_of_one_device_stay_under_its_rate(
+    redis: Redis, keys: Keys, prefix: str
+) -> None:
+    """15 history uploads + 1 update for one device, with Blynk's limit set to 10 req/s."""
+    emu = BlynkEmulator.from_spec(emulator_spec(devices=1, device_rps=10))
+    async with emu.serve({"fra1": 0}) as urls:
+        rig = Rig(emu, urls["fra1"], redis, keys, prefix)
+        old = now_ms() - 120_000
+        await rig.add(write(0, old, {p: 1.0 for p in HISTORY_PINS}, history=HISTORY_PINS))
+        await rig.drain(rig.stage(per_device_rps=10))
+        await rig.contexts[0].blynk().close()
+    assert emu.refused.get("rate", 0) == 0
+    assert emu.device_by_token(token(0)).messages == len(HISTORY_PINS) + 1
+    for pin in HISTORY_PINS:
+        assert (old, 1.0) in emu.device_by_token(token(0)).history[pin]
+
+
+async def test_invalid_token_marks_the_device_broken_and_dead_letters(rig: Rig) -> None:
+    registry = Registry(rig.redis, rig.keys)
+    await registry.register(device_key(9), token="x" * 32, template=TEMPLATE_ID)
+    t0 = now_ms()
+    bad = [write(9, t0 + i, {"V1": 1.0}, tok="x" * 32) for i in range(3)]
+    await rig.add(*bad, write(0, t0, {"V1": 7.0}))
+    await rig.drain(rig.stage())
+    dead = await rig.dead()
+    assert sorted(d.reason for d in dead) == ["invalid_token"] * 3
+    assert sorted(decode_write(d.raw).event_ts_ms for d in dead) == [w.event_ts_ms for w in bad]
+    row = await Registry(rig.redis, rig.keys).get(device_key(9))
+    assert row is not None and row.broken and row.reason == "invalid_token"
+    assert value(rig, 0, "V1") == 7.0  # the other device is unaffected
+    assert await rig.pending() == 0
+
+
+@pytest.mark.parametrize(
+    ("bad_pins", "reason"),
+    [
+        pytest.param({"V2": "not a number"}, "type_mismatch", id="type mismatch"),
+        pytest.param({"V99": 1}, "no_datastream", id="no datastream"),
+    ],
+)
+async def test_a_bad_pin_is_isolated_and_the_rest_written(
+    rig: Rig, bad_pins: dict[str, Value], reason: str
+) -> None:
+    t0 = now_ms()
+    carrier = write(0, t0, {"V1": 1.5, "V3": "ok", **bad_pins})
+    await rig.add(carrier, write(0, t0 + 1, {"V1": 2.5}), write(1, t0, {"V1": 9.0}))
+    await rig.drain(rig.stage())
+    dead = await rig.dead()
+    assert [d.reason for d in dead] == [reason]
+    assert decode_write(dead[0].raw) == carrier  # the original entry, ready for replay
+    assert next(iter(bad_pins)) in dead[0].detail
+    assert value(rig, 0, "V1") == 2.5
+    assert value(rig, 0, "V3") == "ok"
+    assert value(rig, 1, "V1") == 9.0
+    assert await rig.pending() == 0

@@ -1,0 +1,612 @@
+"""egress: ``BlynkWrite``s → Blynk, one ``batch/update`` per device per flush, in event-time order.
+
+Contract:
+
+* **Reads** the writes stream (group ``egress``) in batches and holds the entries in memory per
+  device. A **flush** happens when the held entries of ready devices reach ``flush_count`` or
+  ``flush_bytes``, or the oldest has waited ``flush_age_ms``. A flush coalesces each ready device's
+  entries (:mod:`pipeline.coalesce`), takes the device's lease and last written times
+  (:mod:`pipeline.order`) and one rate-limit slot (:mod:`pipeline.ratelimit`) for every device in
+  one round trip each, then sends per device: history uploads first (backlog with true times),
+  then ONE ``batch/update`` with the current values, so the current value lands last.
+* **Acks** an entry only after Blynk answered 2xx for everything it carried (or its values
+  proved stale), or after it was dead-lettered. Acks are shielded from cancellation.
+* **Retryable answers** (5xx, timeouts, connection loss, 429) never ack and never re-read: the
+  entries stay *in memory* and the device (429) or the whole server (5xx/outage) backs off with
+  capped jittered backoff or ``Retry-After``; after a server backoff one device probes before the
+  others follow. Because the entries are not read again their delivery count does not grow, so an
+  outage of any length cannot push them past ``max_deliveries``. While held, their idle time is
+  reset every ``claim_idle_ms / 3`` (``XCLAIM … JUSTID``, which does not count a delivery) so
+  other replicas do not take them over. When ``max_held`` entries are held, reading pauses: the
+  backlog waits in Redis, not in memory. If the process dies, the entries are pending in Redis
+  and another replica takes them over (XAUTOCLAIM): nothing is lost.
+* **Permanent answers**: ``invalid_token`` marks the device broken in the registry and
+  dead-letters all its entries; any other permanent answer is narrowed down to the pins that
+  cause it (the pin Blynk names, else halving the pin set), the rest is written, and the entries
+  that carried a failing pin are dead-lettered with the reason (original entry kept for replay).
+* **Burst mode** (``until_idle=True``): return once nothing is left to read and nothing is held.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+from redis.exceptions import RedisError
+
+from pipeline import metrics
+from pipeline.blynk.outcomes import INVALID_TOKEN, Fail, Ok, Outcome, Retry
+from pipeline.coalesce import DevicePlan, chunks, coalesce, drop_stale, split
+from pipeline.consumer import backoff_s
+from pipeline.context import Context
+from pipeline.events import BlynkWrite, Value, decode_write
+from pipeline.keys import GROUP_EGRESS, WRITES
+from pipeline.lifecycle import Stage
+from pipeline.order import LastWritten
+from pipeline.ratelimit import RateLimiter
+from pipeline.redact import mask
+from pipeline.registry import Registry
+from pipeline.streams import Entry, StreamReader, now_ms
+
+log = logging.getLogger("blynk_bridge.egress")
+
+#: Points per timestamped upload (Blynk's documented maximum).
+MAX_UPLOAD_POINTS = 10_000
+#: How long to wait before asking again for a device another replica is writing.
+LEASE_RETRY_S = 0.05
+
+
+@dataclass(slots=True)
+class _Held:
+    entry: Entry
+    write: BlynkWrite
+    arrived: float  # monotonic
+
+
+@dataclass(slots=True)
+class _Device:
+    key: str
+    queued: list[_Held] = field(default_factory=list)
+    inflight: list[_Held] = field(default_factory=list)
+    #: Monotonic time before which this device sends nothing (429, rate limit, busy lease).
+    not_before: float = 0.0
+    #: Consecutive 429s, for the backoff when Blynk gives no ``Retry-After``.
+    attempts: int = 0
+    #: Pin → newest history point already uploaded for the held entries (no double upload
+    #: when a later request of the same write fails and the whole write is retried).
+    history_done: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class _Server:
+    """Server-wide backoff: an outage or 5xx holds every device of the server back."""
+
+    failures: int = 0
+    not_before: float = 0.0
+    probing: bool = False
+
+
+class _Again(Exception):
+    """A retryable answer: the device's write is retried later, from memory."""
+
+    def __init__(self, outcome: Retry) -> None:
+        super().__init__(outcome.detail)
+        self.outcome = outcome
+
+
+class _InvalidToken(Exception):
+    def __init__(self, outcome: Fail) -> None:
+        super().__init__(outcome.detail)
+        self.outcome = outcome
+
+
+@dataclass(slots=True)
+class _Result:
+    """What one device write achieved."""
+
+    written: dict[str, int] = field(default_factory=dict)  # pin → event time now in Blynk
+    failed: dict[str, tuple[str, str]] = field(default_factory=dict)  # pin → (reason, detail)
+    values: int = 0
+    again: Retry | None = None
+    invalid_token: Fail | None = None
+    last_ok_server: str | None = None
+
+
+class EgressStage:
+    """The egress stage (see module docstring)."""
+
+    name = "egress"
+
+    def __init__(self, ctx: Context, *, until_idle: bool = False) -> None:
+        self.ctx = ctx
+        self.until_idle = until_idle
+        cfg = ctx.config.egress
+        streams = ctx.config.streams
+        self.cfg = cfg
+        self.reader = StreamReader(
+            ctx.redis, ctx.keys, ctx.keys.streams(WRITES), GROUP_EGRESS, ctx.consumer,
+            stage=self.name, batch=max(streams.batch, cfg.flush_count),
+            block_ms=streams.block_ms, claim_idle_ms=streams.claim_idle_ms,
+            max_deliveries=streams.max_deliveries,
+        )
+        timeout_s = ctx.config.blynk.timeout_s
+        self.order = LastWritten(
+            ctx.redis, ctx.keys, ctx.consumer, lease_ms=int(max(30.0, 6 * timeout_s) * 1000)
+        )
+        self.limiter = RateLimiter(ctx.redis, ctx.keys, cfg.per_device_rps)
+        self.registry = Registry(ctx.redis, ctx.keys)
+        self.max_held = max(20 * cfg.flush_count, 1000)
+        self._slots = asyncio.Semaphore(cfg.max_in_flight)
+        self._devices: dict[str, _Device] = {}
+        self._servers: dict[str, _Server] = {}
+        self._held: dict[tuple[str, str], _Held] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._wake = asyncio.Event()
+        self._client = ctx.blynk()
+
+    # ---- lifecycle ---------------------------------------------------------------------
+
+    async def startup(self) -> None:
+        await self.reader.ensure_group()
+
+    async def shutdown(self) -> None:
+        """Nothing to release: the Blynk client and Redis belong to the context."""
+
+    async def main_loop(self, stop: asyncio.Event) -> None:
+        """Read, hold, flush, until ``stop`` (or, in burst mode, until idle)."""
+        await self.reader.ensure_group()
+        keeper = asyncio.create_task(self._keep_claimed(), name="egress-keep-claimed")
+        try:
+            await self._run(stop)
+        finally:
+            keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keeper
+            if self._tasks:
+                await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _run(self, stop: asyncio.Event) -> None:
+        read: asyncio.Task[list[Entry]] | None = None
+        read_failures = 0
+        drained = False  # burst mode: a read found nothing; read again once nothing is held
+        stopper = asyncio.create_task(stop.wait())
+        try:
+            while not stop.is_set():
+                if drained and not self._held and not self._tasks:
+                    drained = False
+                if read is None and not drained and len(self._held) < self.max_held:
+                    read = asyncio.create_task(self.reader.read(block=not self.until_idle))
+                waiter = asyncio.create_task(self._wake.wait())
+                waits: set[asyncio.Future[Any]] = {waiter, stopper}
+                if read is not None:
+                    waits.add(read)
+                await asyncio.wait(waits, timeout=self._next_deadline(),
+                                   return_when=asyncio.FIRST_COMPLETED)
+                waiter.cancel()
+                self._wake.clear()
+                if read is not None and read.done():
+                    done, read = read, None
+                    try:
+                        entries = done.result()
+                        read_failures = 0
+                    except RedisError as exc:
+                        read_failures += 1
+                        log.warning("egress: reading failed (%s); retrying", exc)
+                        await asyncio.wait({stopper}, timeout=backoff_s(read_failures))
+                        continue
+                    if entries:
+                        await self._hold(entries)
+                    elif self.until_idle:
+                        if not self._held and not self._tasks:
+                            return
+                        drained = True
+                await self._flush(final=False)
+        finally:
+            stopper.cancel()
+            if read is not None:
+                read.cancel()  # unread entries stay pending in Redis; nothing is lost
+                with contextlib.suppress(asyncio.CancelledError, RedisError):
+                    entries = await read
+                    if entries:
+                        await self._hold(entries)
+        # Stopping: send what is ready now; devices in backoff stay pending in Redis.
+        await self._flush(final=True)
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _next_deadline(self) -> float | None:
+        """Seconds until the next flush or backoff expiry; ``None`` when nothing is due."""
+        now = time.monotonic()
+        deadline: float | None = None
+        for dev in self._devices.values():
+            if not dev.queued or dev.inflight:
+                continue
+            server = self._servers.get(dev.queued[-1].write.server)
+            if server is not None and server.failures and server.probing:
+                continue  # the probe's answer wakes the loop
+            at = max(dev.queued[0].arrived + self.cfg.flush_age_ms / 1000, dev.not_before,
+                     server.not_before if server and server.failures else 0.0)
+            deadline = at if deadline is None else min(deadline, at)
+        return None if deadline is None else max(0.0, deadline - now)
+
+    # ---- reading and holding -------------------------------------------------------------
+
+    async def _hold(self, entries: list[Entry]) -> None:
+        now = time.monotonic()
+        bad: list[tuple[Entry, str, str]] = []
+        for entry in entries:
+            if (entry.stream, entry.id) in self._held:
+                continue  # our own entry handed back by XAUTOCLAIM: already held
+            try:
+                if entry.data is None:
+                    raise msgspec.DecodeError("no 'd' field")
+                write = decode_write(entry.data)
+            except msgspec.DecodeError as exc:  # ValidationError is a DecodeError
+                bad.append((entry, "undecodable", str(exc)))
+                continue
+            held = _Held(entry, write, now)
+            self._held[(entry.stream, entry.id)] = held
+            dev = self._devices.get(write.device_key)
+            if dev is None:
+                dev = self._devices[write.device_key] = _Device(write.device_key)
+            dev.queued.append(held)
+        metrics.EGRESS_HELD.set(len(self._held))
+        if bad:
+            await asyncio.shield(self.reader.dead_letter(bad))
+
+    async def _keep_claimed(self) -> None:
+        """Reset the idle time of held entries so no other replica takes them over.
+
+        ``XCLAIM … JUSTID`` keeps the delivery count: holding an entry through an outage does
+        not bring it closer to ``max_deliveries``.
+        """
+        interval = max(0.05, self.reader.claim_idle_ms / 3000)
+        while True:
+            await asyncio.sleep(interval)
+            by_stream: dict[str, list[Any]] = {}
+            for stream, entry_id in list(self._held):
+                by_stream.setdefault(stream, []).append(entry_id)
+            if not by_stream:
+                continue
+            try:
+                async with self.ctx.redis.pipeline(transaction=False) as pipe:
+                    for stream, ids in by_stream.items():
+                        for i in range(0, len(ids), 1000):
+                            pipe.xclaim(stream, GROUP_EGRESS, self.ctx.consumer, 0,
+                                        ids[i : i + 1000], justid=True)
+                    await pipe.execute()
+            except RedisError as exc:
+                log.warning("egress: refreshing held entries failed (%s)", exc)
+
+    # ---- flushing ------------------------------------------------------------------------
+
+    def _ready(self, final: bool) -> list[_Device]:
+        """Devices whose held entries may be sent now (a server in backoff sends one probe)."""
+        now = time.monotonic()
+        ready: list[_Device] = []
+        count = size = 0
+        oldest = now
+        probes: set[str] = set()
+        for dev in self._devices.values():
+            if not dev.queued or dev.inflight or dev.not_before > now:
+                continue
+            server_name = dev.queued[-1].write.server
+            server = self._servers.get(server_name)
+            if server is not None and server.failures:
+                if server.probing or server.not_before > now or server_name in probes:
+                    continue
+                probes.add(server_name)
+            ready.append(dev)
+            count += len(dev.queued)
+            size += sum(len(h.entry.data or b"") for h in dev.queued)
+            oldest = min(oldest, dev.queued[0].arrived)
+        if not ready:
+            return []
+        due = (
+            final
+            or count >= self.cfg.flush_count
+            or size >= self.cfg.flush_bytes
+            or now - oldest >= self.cfg.flush_age_ms / 1000
+        )
+        if not due:
+            return []
+        for name in probes:
+            self._servers[name].probing = True
+        return ready
+
+    async def _flush(self, *, final: bool) -> None:
+        """Start one write per ready device (coalesce, claim, rate-limit: one round trip each)."""
+        ready = self._ready(final)
+        if not ready:
+            return
+        wall = now_ms()
+        plans: list[tuple[_Device, DevicePlan]] = []
+        for dev in ready:
+            dev.inflight, dev.queued = dev.queued, []
+            items = [(i, h.write) for i, h in enumerate(dev.inflight)]
+            by_device = coalesce(items, now_ms=wall,
+                                 live_window_ms=int(self.cfg.live_window_s * 1000))
+            plans.append((dev, by_device[dev.key]))
+        try:
+            claims = await self.order.claim([(d.key, list(p.pins)) for d, p in plans])
+            granted = [(d, p) for (d, p), c in zip(plans, claims, strict=True) if c.granted]
+            now = time.monotonic()
+            for (dev, _), claim in zip(plans, claims, strict=True):
+                if not claim.granted:
+                    self._requeue(dev, not_before=now + min(LEASE_RETRY_S, claim.busy_ms / 1000))
+            for (_, plan), claim in zip(plans, claims, strict=True):
+                if claim.granted:
+                    stale = drop_stale(plan, claim.last)
+                    if stale:
+                        metrics.EGRESS_DROPPED.labels("stale").inc(len(stale))
+            sending = [(d, p) for d, p in granted if not p.is_empty()]
+            nothing = [(d, p) for d, p in granted if p.is_empty()]
+            waits = await self.limiter.take([d.key for d, _ in sending])
+        except RedisError as exc:
+            log.warning("egress: preparing a flush failed (%s); retrying", exc)
+            for dev, _ in plans:
+                if dev.inflight:
+                    self._requeue(dev, not_before=time.monotonic() + backoff_s(1))
+            self._release_probes(plans)
+            return
+        for dev, plan in nothing:  # everything stale: Blynk already has newer values
+            self._spawn(self._finish(dev, plan, _Result(), wall), dev)
+        limited: list[str] = []
+        for (dev, plan), wait in zip(sending, waits, strict=True):
+            if wait > 0:
+                limited.append(dev.key)
+                self._requeue(dev, not_before=time.monotonic() + wait)
+                self._release_probes([(dev, plan)])
+                continue
+            metrics.EGRESS_DROPPED.labels("coalesced").inc(
+                sum(len(h.write.pins) for h in dev.inflight) - len(plan.pins)
+            )
+            self._spawn(self._write(dev, plan), dev)
+        if limited:
+            with contextlib.suppress(RedisError):  # the lease expires by itself otherwise
+                await self.order.release(limited)
+
+    def _spawn(self, coro: Awaitable[None], dev: _Device) -> None:
+        async def run() -> None:
+            try:
+                await coro
+            finally:
+                # Leave the set before waking the loop: it decides "idle" from the set.
+                self._tasks.discard(task)
+                self._wake.set()
+
+        task = asyncio.create_task(run(), name=f"egress-write-{dev.key}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _requeue(self, dev: _Device, *, not_before: float) -> None:
+        dev.queued = dev.inflight + dev.queued
+        dev.inflight = []
+        dev.not_before = max(dev.not_before, not_before)
+
+    def _release_probes(self, plans: Sequence[tuple[_Device, DevicePlan]]) -> None:
+        for _, plan in plans:
+            server = self._servers.get(plan.server)
+            if server is not None:
+                server.probing = False
+
+    # ---- writing one device --------------------------------------------------------------
+
+    async def _write(self, dev: _Device, plan: DevicePlan) -> None:
+        """Send one device's plan; then ack, dead-letter or requeue its entries."""
+        result = _Result()
+        claimed_at = time.monotonic()
+
+        async def renew() -> None:
+            nonlocal claimed_at
+            await self.limiter.acquire(dev.key)
+            if time.monotonic() - claimed_at > self.order.lease_ms / 3000:
+                await self.order.claim([(dev.key, [])])
+                claimed_at = time.monotonic()
+
+        first = True
+
+        async def request(call: Callable[[], Awaitable[Outcome]]) -> Outcome:
+            nonlocal first
+            if not first:
+                await renew()
+            first = False
+            return await self._request(plan.server, call)
+
+        try:
+            await self._upload_history(dev, plan, result, request)
+            current = {p: v for p, v in plan.current().items() if p not in result.failed}
+            await self._put(plan, current, result, request)
+        except _Again as again:
+            result.again = again.outcome
+        except _InvalidToken as bad:
+            result.invalid_token = bad.outcome
+        except RedisError as exc:
+            result.again = Retry("redis", str(exc))
+        await self._finish(dev, plan, result, now_ms())
+
+    async def _upload_history(
+        self, dev: _Device, plan: DevicePlan, result: _Result,
+        request: Callable[[Callable[[], Awaitable[Outcome]]], Awaitable[Outcome]],
+    ) -> None:
+        for pin, points in plan.history().items():
+            done = dev.history_done.get(pin, -1)
+            todo = [(ts, v) for ts, v in points if ts > done]
+            for chunk in chunks(todo, MAX_UPLOAD_POINTS):
+                outcome = await request(
+                    functools.partial(self._client.upload_history, plan.server, plan.token,
+                                      pin, chunk)
+                )
+                match outcome:
+                    case Ok():
+                        dev.history_done[pin] = chunk[-1][0]
+                        result.values += len(chunk)
+                    case Retry():
+                        raise _Again(outcome)
+                    case Fail(reason=reason) if reason == INVALID_TOKEN:
+                        raise _InvalidToken(outcome)
+                    case Fail():
+                        result.failed[pin] = (outcome.reason, f"history upload: {outcome.detail}")
+                        break
+
+    async def _put(
+        self, plan: DevicePlan, pins: dict[str, Value], result: _Result,
+        request: Callable[[Callable[[], Awaitable[Outcome]]], Awaitable[Outcome]],
+    ) -> None:
+        """One ``batch/update``; on a permanent answer narrow it down to the failing pins."""
+        if not pins:
+            return
+        outcome = await request(lambda: self._client.batch_update(plan.server, plan.token, pins))
+        match outcome:
+            case Ok():
+                for pin in pins:
+                    result.written[pin] = plan.pins[pin].ts_ms
+                result.values += len(pins)
+            case Retry():
+                raise _Again(outcome)
+            case Fail(reason=reason) if reason == INVALID_TOKEN:
+                raise _InvalidToken(outcome)
+            case Fail() if len(pins) == 1:
+                (pin,) = pins
+                result.failed[pin] = (outcome.reason, outcome.detail)
+            case Fail(pin=named) if named is not None and _canon(named) in _canon_map(pins):
+                bad = _canon_map(pins)[_canon(named)]
+                result.failed[bad] = (outcome.reason, outcome.detail)
+                await self._put(plan, {p: v for p, v in pins.items() if p != bad}, result,
+                                request)
+            case Fail():
+                left, right = split(pins)
+                await self._put(plan, left, result, request)
+                await self._put(plan, right, result, request)
+
+    async def _request(self, server_name: str, call: Callable[[], Awaitable[Outcome]]) -> Outcome:
+        """One Blynk request under the global in-flight cap; updates the server's backoff."""
+        async with self._slots:
+            outcome = await call()
+        server = self._servers.get(server_name)
+        if isinstance(outcome, Retry) and outcome.status != 429:
+            if server is None:
+                server = self._servers[server_name] = _Server()
+            now = time.monotonic()
+            if now >= server.not_before:  # one failure per backoff period, not per request
+                server.failures += 1
+                delay = outcome.retry_after_s or backoff_s(server.failures,
+                                                           self.cfg.max_backoff_s)
+                server.not_before = now + delay
+                log.warning("egress: Blynk server %s failing (%s: %s); backing off %.1fs",
+                            server_name, outcome.reason, outcome.detail, delay)
+        elif server is not None and not isinstance(outcome, Retry):
+            if server.failures:
+                log.info("egress: Blynk server %s answers again", server_name)
+            del self._servers[server_name]
+        return outcome
+
+    async def _finish(self, dev: _Device, plan: DevicePlan, result: _Result, wall: int) -> None:
+        """Record, then resolve every in-flight entry of the device: ack, dead-letter, requeue."""
+        held = dev.inflight
+        try:
+            if result.written or result.again is None:
+                lost = not await self.order.commit(dev.key, result.written)
+                if lost:
+                    metrics.EGRESS_LEASE_LOST.inc()
+                    log.warning("egress: lease of %s expired during its write", dev.key)
+            else:
+                await self.order.release([dev.key])
+        except RedisError as exc:
+            log.warning("egress: recording %s failed (%s); its write is retried", dev.key, exc)
+            result.again = result.again or Retry("redis", str(exc))
+        self._release_probes([(dev, plan)])
+        if result.values:
+            metrics.WRITTEN.labels(plan.server).inc(result.values)
+        if result.invalid_token is not None:
+            await self._invalid_token(dev, plan, result.invalid_token)
+            return
+        if result.again is not None:
+            self._back_off(dev, result.again)
+            return
+        dev.attempts = 0
+        dev.history_done.clear()
+        dead: list[tuple[Entry, str, str]] = []
+        ok: list[_Held] = []
+        for h in dev.inflight:
+            bad = [(pin, *result.failed[pin]) for pin in h.write.pins if pin in result.failed]
+            if bad:
+                detail = "; ".join(f"{pin}: {reason}: {text}" for pin, reason, text in bad)
+                dead.append((h.entry, bad[0][1], detail[:2000]))
+            else:
+                ok.append(h)
+        try:
+            await asyncio.shield(self._resolve(ok, dead, wall))
+        except RedisError as exc:
+            # Not acked: the entries stay pending and come back (values are then stale: no harm).
+            log.warning("egress: acking %d entries failed (%s)", len(held), exc)
+        self._drop(dev)
+
+    async def _resolve(self, ok: list[_Held], dead: list[tuple[Entry, str, str]],
+                       wall: int) -> None:
+        if dead:
+            await self.reader.dead_letter(dead)
+        if ok:
+            await self.reader.ack([h.entry for h in ok])
+            for h in ok:
+                metrics.LATENCY.observe(max(0, wall - h.write.received_ts_ms) / 1000)
+
+    async def _invalid_token(self, dev: _Device, plan: DevicePlan, outcome: Fail) -> None:
+        log.warning("egress: device %s: invalid token %s; marked broken, %d entries dead",
+                    dev.key, mask(plan.token), len(dev.inflight))
+        try:
+            await self.registry.mark_broken(dev.key, INVALID_TOKEN, outcome.detail)
+            await asyncio.shield(self.reader.dead_letter(
+                [(h.entry, INVALID_TOKEN, outcome.detail) for h in dev.inflight]
+            ))
+        except RedisError as exc:
+            log.warning("egress: dead-lettering %s failed (%s); retried", dev.key, exc)
+            self._requeue(dev, not_before=time.monotonic() + backoff_s(1))
+            return
+        self._drop(dev)
+
+    def _back_off(self, dev: _Device, outcome: Retry) -> None:
+        """Keep the entries in memory and try again later (never re-read, never acked)."""
+        if outcome.status == 429:
+            dev.attempts += 1
+            delay = outcome.retry_after_s or backoff_s(dev.attempts, self.cfg.max_backoff_s)
+            self._spawn(self._defer(dev.key, delay), dev)
+        else:
+            server = self._servers.get(dev.inflight[-1].write.server) if dev.inflight else None
+            delay = max(0.0, server.not_before - time.monotonic()) if server else backoff_s(1)
+        self._requeue(dev, not_before=time.monotonic() + delay)
+
+    async def _defer(self, device_key: str, delay: float) -> None:
+        """Tell every replica to hold this device back (a 429 is about the device's budget)."""
+        try:
+            await self.limiter.defer(device_key, delay)
+        except RedisError as exc:
+            log.warning("egress: sharing the 429 backoff of %s failed (%s)", device_key, exc)
+
+    def _drop(self, dev: _Device) -> None:
+        """Forget the resolved in-flight entries; forget the device when nothing is left."""
+        for h in dev.inflight:
+            self._held.pop((h.entry.stream, h.entry.id), None)
+        dev.inflight = []
+        if not dev.queued and dev.not_before <= time.monotonic():
+            self._devices.pop(dev.key, None)
+        metrics.EGRESS_HELD.set(len(self._held))
+
+
+def _canon(pin: str) -> str:
+    return pin.upper()
+
+
+def _canon_map(pins: dict[str, Value]) -> dict[str, str]:
+    return {_canon(p): p for p in pins}
+
+
+def build(ctx: Context) -> Stage:
+    return EgressStage(ctx)
