@@ -38,7 +38,8 @@ when both have one. Without a device id the message is refused, unless it carrie
 token (the blueprint's GET), in which case the device is ``blynk-`` + a hash of the token.
 
 **event_id.** ``particle:<device>:`` + ``event_id``/``id`` when the template sends one
-(``{{{PARTICLE_EVENT_ID}}}``), else ``particle:`` + sha1(device, event name, published_at,
+(``{{{PARTICLE_EVENT_ID}}}``; hashed when it holds characters outside ``[A-Za-z0-9._:@/+=-]``),
+else ``particle:`` + sha1(device, event name, published_at,
 sha1(data)). Without ``published_at`` a retry cannot be told from a new reading, so the receive
 time goes into the hash: such duplicates are delivered (at-least-once) rather than new readings
 dropped.
@@ -69,6 +70,9 @@ BodyStyle = Literal["json", "form", "text"]
 _JSON_TYPES = frozenset({"application/json", "text/json"})
 _FORM_TYPES = frozenset({"application/x-www-form-urlencoded"})
 _TEXT_TYPES = frozenset({"text/plain"})
+_STYLES: dict[str, BodyStyle] = {
+    "application/json": "json", "application/x-www-form-urlencoded": "form", "text/plain": "text"
+}
 
 _DEVICE_KEYS = ("coreid", "device_id", "deviceID")
 _EVENT_ID_KEYS = ("event_id", "id")
@@ -83,6 +87,7 @@ _BLYNK_TOKEN = re.compile(r"[A-Za-z0-9_-]{32}")
 #: Events Particle's cloud itself publishes (online/offline, firmware, webhook outcomes).
 _SYSTEM_PREFIXES = ("spark/", "particle/", "hook-sent/", "hook-response/", "hook-error/")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_SAFE_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,200}")
 _INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
 
 _json_decoder = msgspec.json.Decoder()
@@ -96,6 +101,9 @@ def body_style(content_type: str) -> BodyStyle | None:
     ``request.content_type`` gives it. A ``text/plain`` body (a ``body`` template whose
     content type was left unset) is read as JSON when it is a JSON object, else as the event data.
     """
+    style = _STYLES.get(content_type)
+    if style is not None:
+        return style
     ct = content_type.strip().lower()
     if ct in _JSON_TYPES or (ct.startswith("application/") and ct.endswith("+json")):
         return "json"
@@ -254,13 +262,14 @@ def _uplink(fields: dict[str, Any], product: ParticleProduct, received_ts_ms: in
         else:
             token = _take_token(unpacked) or token
             values.update(_flatten_top(unpacked, "data."))
-    extra = {
-        k: v for k, v in fields.items()
-        if k not in _RESERVED and not (has_data and k == "name")
-    }
-    token = _take_token(extra) or token
-    for key, value in _flatten_top(extra, "").items():
-        values.setdefault(key, value)
+    extra_keys = fields.keys() - _RESERVED
+    if has_data:
+        extra_keys.discard("name")
+    if extra_keys:
+        extra = {k: fields[k] for k in extra_keys}
+        token = _take_token(extra) or token
+        for key, value in _flatten_top(extra, "").items():
+            values.setdefault(key, value)
     if len(values) > MAX_VALUES:
         raise InvalidInput(
             f"{len(values)} values in one message (limit {MAX_VALUES})",
@@ -312,7 +321,7 @@ def _take_token(obj: dict[str, Any]) -> str | None:
 def _flatten_top(obj: dict[str, Any], where: str) -> dict[str, Value]:
     """Flatten one message-level object; a lat/lng pair at this level becomes ``location``."""
     out: dict[str, Value] = {}
-    loc = _location(obj, where)
+    loc = _location(obj, where) if "lat" in obj or "latitude" in obj else None
     if loc is not None:
         out["location"] = loc
         obj = {k: v for k, v in obj.items() if k not in _LOCATION_KEYS}
@@ -361,20 +370,21 @@ def _flatten(
             f"nested deeper than {MAX_DEPTH}", reason="wrong_shape", field=where + prefix[:-1]
         )
     for key, value in obj.items():
-        name = prefix + key
-        if len(out) > MAX_VALUES:
-            raise InvalidInput(
-                f"more than {MAX_VALUES} values in one message",
-                reason="too_many_values",
-                field=where + name,
-            )
-        if isinstance(value, dict):
-            loc = _location(value, f"{where}{name}.")
-            if loc is not None:
-                out[name] = loc
-                value = {k: v for k, v in value.items() if k not in _LOCATION_KEYS}
+        name = prefix + key if prefix else key
+        kind = type(value)
+        if kind is str or kind is float or kind is bool or value is None:
+            out[name] = value
+        elif kind is int:
+            # msgpack carries 64-bit integers only
+            out[name] = value if _INT_MIN <= value <= _INT_MAX else float(value)
+        elif kind is dict:
+            if "lat" in value or "latitude" in value:
+                loc = _location(value, f"{where}{name}.")
+                if loc is not None:
+                    out[name] = loc
+                    value = {k: v for k, v in value.items() if k not in _LOCATION_KEYS}
             _flatten(value, name + ".", out, depth + 1, where)
-        elif isinstance(value, list):
+        elif kind is list:
             if len(value) == 2 and all(_is_number(v) for v in value):
                 out[name] = [float(value[0]), float(value[1])]
             else:
@@ -382,6 +392,12 @@ def _flatten(
                          where)
         else:
             out[name] = _scalar(value, where + name)
+    if len(out) > MAX_VALUES:
+        raise InvalidInput(
+            f"more than {MAX_VALUES} values in one message",
+            reason="too_many_values",
+            field=where + (prefix[:-1] or "$"),
+        )
 
 
 def _is_number(value: Any) -> bool:
@@ -497,7 +513,11 @@ def _event_id(
     for key in _EVENT_ID_KEYS:
         given = fields.get(key)
         if isinstance(given, str | int) and not isinstance(given, bool) and str(given):
-            return f"particle:{device}:{given}"
+            readable = f"particle:{device}:{given}"
+            if _SAFE_ID.fullmatch(readable):
+                return readable
+            # Odd characters (or a huge id) would leak into keys and headers: hash them.
+            return "particle:" + hashlib.sha1(readable.encode()).hexdigest()
     if isinstance(data, str):
         data_bytes = data.encode()
     else:

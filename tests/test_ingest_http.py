@@ -28,7 +28,7 @@ from pipeline.streams import Redis, StreamWriter
 from pipeline.tts import parse_message
 from tests.conftest import REDIS_URL, free_port, serve_app
 from tests.test_particle_parse import FIXTURES, INVALID, RECEIVED, TOKEN
-from workers.ingest_http import IngestHttp, build
+from workers.ingest_http import Appender, IngestHttp, build
 
 HEADER_SECRET = "hdr-secret-Zq81x0"
 BASIC_PASSWORD = "basic-pass-Pk55"
@@ -492,8 +492,8 @@ async def test_probes_and_metrics(url: str, http: aiohttp.ClientSession) -> None
 # --- graceful stop -------------------------------------------------------------------------------
 
 
-class GatedWriter(StreamWriter):
-    """Our real writer, held at a gate: a request stays in flight until the test opens it."""
+class GatedAppender(Appender):
+    """The stage's real appender, held at a gate: a request stays in flight until it opens."""
 
     def __init__(self, redis: Redis) -> None:
         super().__init__(redis)
@@ -511,7 +511,7 @@ async def test_graceful_stop_finishes_in_flight_requests(redis: Redis, prefix: s
     port = free_port()
     stage = make_stage(redis, prefix, port=port)
     stage.cfg.host = "127.0.0.1"
-    writer = stage.ctx.writer = GatedWriter(redis)
+    writer = stage.appender = GatedAppender(redis)
     await stage.startup()
     stop = asyncio.Event()
     loop_task = asyncio.create_task(stage.main_loop(stop))

@@ -258,6 +258,11 @@ class TestEventId:
         assert up.event_id == "particle:d:abc"
         assert up.values == {"v": 1}
 
+    def test_odd_template_event_ids_are_hashed(self) -> None:
+        up = _parse(b'{"event_id":"a b\\u001f","coreid":"d","v":1}')
+        assert up.event_id.startswith("particle:") and len(up.event_id) == 49
+        assert up.event_id == _parse(b'{"event_id":"a b\\u001f","coreid":"d","v":2}').event_id
+
     def test_without_published_at_the_receive_time_counts(self) -> None:
         body = b'{"coreid":"d","v":1}'
         a = parse_webhook(body, JSON, PRODUCT, received_ts_ms=1)
