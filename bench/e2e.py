@@ -144,11 +144,12 @@ STEP_HEADERS = ["system", "offered/s", "sent/s", "sent", "deliv/sent", "written"
 
 
 def usage_rows(r: StepResult) -> list[list[object]]:
+    per = 1000.0 / r.sent if r.sent else math.nan
     return [[f"{r.system} @ {r.offered:.0f}/s", u.name, f"{u.cpu_pct:.0f}", f"{u.cpu_s:.1f}",
-             fmt_mib(u.rss), fmt_mib(u.peak_rss)] for u in r.usage]
+             f"{u.cpu_s * per:.3f}", fmt_mib(u.rss), fmt_mib(u.peak_rss)] for u in r.usage]
 
 
-USAGE_HEADERS = ["step", "process", "CPU %", "CPU s", "RSS MiB", "peak MiB"]
+USAGE_HEADERS = ["step", "process", "CPU %", "CPU s", "CPU ms/uplink", "RSS MiB", "peak MiB"]
 
 
 # --- the Blynk emulator ---------------------------------------------------------------------
@@ -244,6 +245,8 @@ class Env:
     mqtt_port: int
     blynk_url: str
     devices: list[tuple[str, str]]  # (device id, token), index = fleet device index
+    #: Processes every system uses (broker, Redis): measured in every step too.
+    shared_pids: dict[str, int] = field(default_factory=dict)
 
 
 class Bridge:
@@ -305,6 +308,22 @@ class Bridge:
             self.env.procs.stop(proc)
         self.running.clear()
         asyncio.run(_delete_prefix(self.redis_url, self.prefix))
+
+
+async def _redis_pid(url: str) -> int | None:
+    """The Redis server's pid when it runs on this machine (``INFO server``), else None."""
+    from pipeline.streams import connect
+
+    redis = connect(url)
+    try:
+        info = await redis.info("server")
+    finally:
+        await redis.aclose()
+    return _local_pid(int(info.get("process_id", 0)))
+
+
+def _local_pid(pid: int) -> int | None:
+    return pid if pid and Path(f"/proc/{pid}").exists() else None
 
 
 async def _delete_prefix(url: str, prefix: str) -> None:
@@ -647,7 +666,7 @@ async def run_step(system: System, env: Env, emu: Emulator, pids: dict[str, int]
     count = max(1, round(rate * duration_s))
     sender = Sender(env, system.app_id)
     await sender.prepare(rate, count, base)
-    usage = UsageProbe({**pids, "blynk-emulator": emu.proc.pid})
+    usage = UsageProbe({**pids, **env.shared_pids, "blynk-emulator": emu.proc.pid})
     usage.start()
     spies = (start_profilers(env, {**pids, "blynk-emulator": emu.proc.pid}, profile,
                              f"{system.name}-{rate:.0f}", duration_s) if profile else [])
@@ -723,7 +742,7 @@ async def measure(system: System, env: Env, emu: Emulator, plan: Plan,
     pids = {name: p.pid for name, p in system.start().items()}
     results: list[StepResult] = []
     try:
-        await warm_up(system, env, emu, max(plan.rates[0], 1000.0), timeout_s=60.0)
+        await warm_up(system, env, emu, max(plan.rates[0], 1000.0), timeout_s=45.0)
         for step, rate in enumerate(plan.rates, start=1):
             env.procs.check_alive()
             r = await run_step(system, env, emu, pids, rate, plan.duration_s, step, plan.drain_s,
@@ -750,9 +769,12 @@ async def amain(args: argparse.Namespace, procs: Processes) -> dict[str, Any]:
     per_device = max(rates) * args.duration / n
     history_len = max(1000, int(per_device * 2) + 100)
 
-    _, mqtt_port = start_mosquitto(procs)
+    broker, mqtt_port = start_mosquitto(procs)
     emu_proc, blynk_url = start_emulator(procs, devices, history_len)
-    env = Env(procs, mqtt_port, blynk_url, devices)
+    env = Env(procs, mqtt_port, blynk_url, devices, {"mosquitto": broker.pid})
+    redis_pid = await _redis_pid(args.redis_url)
+    if redis_pid is not None:
+        env.shared_pids["redis (shared)"] = redis_pid
     emu = Emulator(emu_proc, blynk_url)
     plan = Plan(rates, args.duration, args.find_max, args.drain, args.profile)
     print(f"# e2e: {n} devices, rates {', '.join(f'{r:.0f}' for r in rates)}/s, "
@@ -818,7 +840,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.e2e", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rate", type=float, default=5000.0, help="offered uplinks/s (whole fleet)")
-    p.add_argument("--duration", type=float, default=15.0, help="seconds of load per step")
+    p.add_argument("--duration", type=float, default=None,
+                   help="seconds of load per step (default 15, or 8 with --find-max)")
     p.add_argument("--devices", type=int, default=10_000, help="distinct devices")
     p.add_argument("--baseline", choices=["nodered", "none"], default="nodered")
     p.add_argument("--processes", type=lambda s: [x for x in s.split(",") if x],
@@ -830,7 +853,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--rates", type=lambda s: [float(x) for x in s.split(",")],
                    default=[1000.0, 2000.0, 3000.0, 4000.0, 5000.0, 6000.0, 8000.0],
                    help="--find-max steps (uplinks/s)")
-    p.add_argument("--drain", type=float, default=20.0,
+    p.add_argument("--drain", type=float, default=15.0,
                    help="max seconds to wait for delivery after the load stops")
     p.add_argument("--redis-url", default=REDIS_URL, help="Redis the bridge uses (a fresh key "
                    "prefix is made and deleted)")
@@ -840,6 +863,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "`pip install py-spy`); collapsed stacks go to DIR, top frames printed")
     p.add_argument("--keep-logs", action="store_true", help="keep the scratch dir with logs")
     args = p.parse_args(argv)
+    if args.duration is None:
+        args.duration = 8.0 if args.find_max else 15.0
     from blynk_bridge.cli import STAGES
 
     for name in args.processes:
