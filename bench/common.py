@@ -345,13 +345,16 @@ class Publisher:
 
 @contextlib.contextmanager
 def interrupt_as_exception() -> Iterator[None]:
-    """Turn SIGTERM into KeyboardInterrupt so ``with Processes()`` cleans up on either."""
+    """SIGINT and SIGTERM raise KeyboardInterrupt, so ``with Processes()`` cleans up on either
+    (SIGINT explicitly: a shell starts background jobs with SIGINT ignored)."""
 
     def handler(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM,)}
+    previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, old in previous.items():
+            signal.signal(sig, old)

@@ -486,6 +486,7 @@ class Sender:
         self.env = env
         self.app_id = app_id
         self.proc: Proc | None = None
+        self._stdout: asyncio.StreamReader | None = None
         self.usage: Usage | None = None
         self._out = env.procs.dir / f"sent-{secrets.token_hex(4)}.f64"
 
@@ -520,13 +521,19 @@ class Sender:
         return sent, float(done["send_s"])
 
     async def _readline(self, timeout_s: float) -> str:
+        """The generator's next line, read on the event loop (no thread: a Ctrl-C must not
+        wait for a blocked read)."""
         assert self.proc is not None and self.proc.popen.stdout is not None
-        stdout = self.proc.popen.stdout
+        if self._stdout is None:
+            loop = asyncio.get_running_loop()
+            self._stdout = asyncio.StreamReader()
+            await loop.connect_read_pipe(
+                lambda: asyncio.StreamReaderProtocol(self._stdout), self.proc.popen.stdout)
         try:
-            raw = await asyncio.wait_for(asyncio.to_thread(stdout.readline), timeout_s)
+            raw = await asyncio.wait_for(self._stdout.readline(), timeout_s)
         except TimeoutError:
             raise BenchError(f"load generator silent for {timeout_s:.0f} s") from None
-        return bytes(raw).decode().strip()
+        return raw.decode().strip()
 
     async def send(self, rate: float, count: int, base: int) -> tuple[list[float], float]:
         await self.prepare(rate, count, base)
@@ -790,7 +797,8 @@ async def amain(args: argparse.Namespace, procs: Processes) -> dict[str, Any]:
 
     all_results: list[StepResult] = []
     try:
-        systems: list[System] = [Bridge(env, args.processes, args.redis_url)]
+        systems: list[System] = ([] if args.skip_bridge
+                                 else [Bridge(env, args.processes, args.redis_url)])
         if args.baseline == "nodered":
             systems.append(NodeRed(env))
         for system in systems:
@@ -855,6 +863,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="--find-max steps (uplinks/s)")
     p.add_argument("--drain", type=float, default=15.0,
                    help="max seconds to wait for delivery after the load stops")
+    p.add_argument("--skip-bridge", action="store_true", help="measure the baseline only")
     p.add_argument("--redis-url", default=REDIS_URL, help="Redis the bridge uses (a fresh key "
                    "prefix is made and deleted)")
     p.add_argument("--json", type=Path, help="also write the results as JSON here")
