@@ -130,7 +130,7 @@ def parse_webhook(
     ``invalid_json``, ``invalid_encoding``, ``wrong_shape``, ``missing_field``,
     ``invalid_field`` or ``too_many_values``, and ``field`` naming the offending field.
     """
-    fields: dict[str, Any] = dict(query or {})
+    fields: dict[str, Any] = dict(query) if query else {}
     for key, value in fields.items():
         try:
             key.encode()
@@ -139,7 +139,7 @@ def parse_webhook(
             raise InvalidInput(
                 "query parameter is not UTF-8", reason="invalid_encoding", field=key[:64]
             ) from None
-    if body.strip():
+    if body and not body.isspace():
         fields.update(_decode_body(body, content_type))
     elif not fields:
         raise InvalidInput("empty body", reason="wrong_shape", field="$")
@@ -418,10 +418,10 @@ def _scalar(value: Any, field: str) -> Value:
 def _opt_str(fields: Mapping[str, Any], key: str) -> str | None:
     """A string field, or ``None`` when absent/null; another type is an error naming it."""
     value = fields.get(key)
-    if value is None:
-        return None
-    if isinstance(value, str):
+    if value is None or type(value) is str:
         return value
+    if isinstance(value, str):
+        return str(value)
     raise InvalidInput(
         f"`{key}` must be a string, got {_json_type(value)}", reason="invalid_field", field=key
     )
@@ -498,6 +498,8 @@ def _iso_ms(text: str) -> int:
         ) from None
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=UTC)
+    if dt.year >= 1970:
+        return int(dt.timestamp()) * 1000 + dt.microsecond // 1000
     return (dt - _EPOCH) // timedelta(milliseconds=1)
 
 
