@@ -93,14 +93,29 @@ class Datastream:
         )
 
 
-@dataclass(frozen=True, slots=True)
 class Target:
-    """Where one decoded key lands: a pin, its datastream (``None`` = untyped), scale/offset."""
+    """Where one decoded key lands: a pin, its datastream (``None`` = untyped), scale/offset,
+    and ``convert``: the value check compiled for this target (raises :class:`Mismatch`)."""
 
-    pin: str
-    ds: Datastream | None
-    scale: float | None = None
-    offset: float | None = None
+    __slots__ = ("convert", "ds", "offset", "pin", "scale")
+
+    def __init__(self, pin: str, ds: Datastream | None, scale: float | None = None,
+                 offset: float | None = None) -> None:
+        self.pin = pin
+        self.ds = ds
+        self.scale = scale
+        self.offset = offset
+        self.convert: Callable[[Value], Value] = _converter(self)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Target) and (self.pin, self.ds, self.scale, self.offset) == (
+            other.pin, other.ds, other.scale, other.offset)
+
+    def __hash__(self) -> int:
+        return hash((self.pin, self.ds, self.scale, self.offset))
+
+    def __repr__(self) -> str:
+        return f"Target({self.pin!r}, {self.ds!r}, scale={self.scale}, offset={self.offset})"
 
 
 @dataclass(slots=True)
@@ -148,6 +163,8 @@ class Template:
         self.location = locations[0] if len(locations) == 1 else None
         self.rssi = self.by_name.get(RSSI)
         self.snr = self.by_name.get(SNR)
+        #: pin → the plain target of its datastream.
+        self.targets = {ds.pin: Target(ds.pin, ds) for ds in self.datastreams}
         self._mapping: dict[str, Target | None] = {}
         for key, to in (mapping or {}).items():
             if isinstance(to, str):
@@ -363,6 +380,49 @@ def _show(value: Value) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+_INF = math.inf
+
+
+def _converter(target: Target) -> Callable[[Value], Value]:
+    """The value check of one target, with fast paths for the common numeric cases (the hot
+    path of transform: a plain int into an integer, a float into a double)."""
+    ds = target.ds
+    if target.scale is not None or target.offset is not None or ds is None:
+        return lambda v: _apply(target, v)
+    lo, hi = ds.min, ds.max
+    if ds.type == "integer":
+        ilo = None if lo is None else math.ceil(lo)
+        ihi = None if hi is None else math.floor(hi)
+
+        def integer(v: Value) -> Value:
+            if isinstance(v, int) or (isinstance(v, float) and v.is_integer()):
+                n = int(v)  # bool → 1/0; an integral float is an integer
+                if INT32_MIN <= n <= INT32_MAX:
+                    if ilo is not None and n < ilo:
+                        return ilo
+                    if ihi is not None and n > ihi:
+                        return ihi
+                    return n
+            return _integer(ds, v, False)  # strings, fractions, overflow: raises or parses
+
+        return integer
+    if ds.type == "double":
+        def double(v: Value) -> Value:
+            if isinstance(v, int | float):
+                f = float(v)  # bool → 1.0/0.0
+                if f != f or f == _INF or f == -_INF:
+                    raise Mismatch(f"{_show(v)} is not a finite number")
+                if lo is not None and f < lo:
+                    return lo
+                if hi is not None and f > hi:
+                    return hi
+                return f
+            return _double(ds, v, False)
+
+        return double
+    return lambda v: coerce(ds, v)
+
+
 def _apply(target: Target, value: Value) -> Value:
     if target.scale is not None or target.offset is not None:
         n = _number(value)
@@ -421,31 +481,31 @@ def map_uplink(template: Template, uplink: Uplink) -> Mapped:
     out = Mapped()
     values = uplink.values
     pins = out.pins
-    skip: set[str] = set()
-    if uplink.token is not None:
-        skip |= _PARTICLE_ENVELOPE
-    if FIRMWARE_KEY in values:
-        fw = values[FIRMWARE_KEY]
-        out.firmware = None if fw is None else str(fw)
-        skip.add(FIRMWARE_KEY)
-    if any("lat" in k.lower() for k in values):
-        for combined, lat_key, lon_key in _location_pairs(template, values):
-            skip.add(lat_key)
-            skip.add(lon_key)
-            pair: Value = [values[lon_key], values[lat_key]]  # type: ignore[list-item]
-            if template.resolve(combined) is None and template.location is not None:
-                combined = "location"  # the template's only location datastream
-            _put(out, template, combined, pair)
+    unmapped = out.unmapped
+    resolve = template.resolve
+    token = uplink.token
     for key, value in values.items():
-        if key in skip:
+        target = resolve(key)
+        if target is None:
+            if key == FIRMWARE_KEY:
+                out.firmware = None if value is None else str(value)
+            elif token is None or key not in _PARTICLE_ENVELOPE:
+                unmapped.append(key)
             continue
-        _put(out, template, key, value)
+        try:
+            pins[target.pin] = target.convert(value)
+        except Mismatch as exc:
+            out.rejected.append(_rejected(key, target, exc))
+    if unmapped and any("lat" in k.lower() for k in unmapped):
+        _map_pairs(out, template, values)
     radio = uplink.radio
     if radio is not None:
         for ds, v in ((template.rssi, radio.rssi), (template.snr, radio.snr)):
             if ds is not None and v is not None and ds.pin not in pins:
                 try:
-                    pins[ds.pin] = coerce(ds, v, scaled=True)
+                    # Radio values are measurements: rounded into an integer datastream.
+                    pins[ds.pin] = template.targets[ds.pin].convert(
+                        round(v) if ds.type == "integer" else v)
                 except Mismatch as exc:
                     out.rejected.append(Rejected(ds.name, ds.pin, str(exc)))
     target = template.published_at
@@ -457,16 +517,31 @@ def map_uplink(template: Template, uplink: Uplink) -> Mapped:
     return out
 
 
-def _put(out: Mapped, template: Template, key: str, value: Value) -> None:
-    target = template.resolve(key)
-    if target is None:
-        out.unmapped.append(key)
+def _map_pairs(out: Mapped, template: Template, values: Mapping[str, Value]) -> None:
+    """Combine unmapped latitude/longitude key pairs into locations (see the module doc)."""
+    loose = {k: values[k] for k in out.unmapped}
+    pairs = _location_pairs(template, loose)
+    if not pairs:
         return
-    try:
-        out.pins[target.pin] = _apply(target, value)
-    except Mismatch as exc:
-        kind = target.ds.type if target.ds is not None else "untyped"
-        out.rejected.append(Rejected(key, target.pin, f"{exc} (datastream {kind})"))
+    used: set[str] = set()
+    for combined, lat_key, lon_key in pairs:
+        pair: Value = [loose[lon_key], loose[lat_key]]  # type: ignore[list-item]
+        target = template.resolve(combined)
+        if target is None and template.location is not None:
+            target = template.resolve("location")  # the template's only location datastream
+        if target is None:
+            continue
+        used.update((lat_key, lon_key))
+        try:
+            out.pins[target.pin] = target.convert(pair)
+        except Mismatch as exc:
+            out.rejected.append(_rejected(combined, target, exc))
+    out.unmapped[:] = [k for k in out.unmapped if k not in used]
+
+
+def _rejected(key: str, target: Target, exc: Mismatch) -> Rejected:
+    kind = target.ds.type if target.ds is not None else "untyped"
+    return Rejected(key, target.pin, f"{exc} (datastream {kind})")
 
 
 def describe_rejected(rejected: Sequence[Rejected]) -> str:

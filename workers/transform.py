@@ -47,7 +47,7 @@ from pipeline.keys import GROUP_TRANSFORM, UPLINKS
 from pipeline.mapping import Template, datastreams_from_platform, describe_rejected, map_uplink
 from pipeline.provision import PROVISION_FAILED, Platform, Provisioner
 from pipeline.registry import Device, Registry
-from pipeline.streams import Entry, StreamReader, now_ms
+from pipeline.streams import Entry, Redis, StreamReader, now_ms
 
 if TYPE_CHECKING:
     from pipeline.blynk.platform import PlatformClient
@@ -127,6 +127,60 @@ class Templates:
             log.info("template %r: %d datastreams pulled", name, len(rows))
 
 
+_EMIT = """
+local n = tonumber(ARGV[1])
+local group = ARGV[2]
+for i = 1, n do
+  redis.call('XADD', KEYS[i], '*', 'd', ARGV[2 + i])
+end
+local a = 3 + n
+local acked = 0
+for k = n + 1, #KEYS do
+  local c = tonumber(ARGV[a])
+  a = a + 1
+  local j = 0
+  while j < c do
+    local m = math.min(c - j, 500)
+    acked = acked + redis.call('XACK', KEYS[k], group, unpack(ARGV, a + j, a + j + m - 1))
+    j = j + m
+  end
+  a = a + c
+end
+return acked
+"""
+
+
+class Emit:
+    """Append outputs and ack their inputs in ONE script call: atomic, one command per batch.
+
+    This is ``StreamWriter.add_many`` followed by ``StreamReader.ack`` with two differences that
+    matter on the hot path: redis-py packs and parses one command instead of one per entry
+    (~10 µs each), and a crash can no longer fall between the write and the ack (no duplicate
+    output on redelivery). Entries are appended with the single field ``d``
+    (:data:`pipeline.events.FIELD`).
+    """
+
+    def __init__(self, redis: Redis, group: str) -> None:
+        self._script = redis.register_script(_EMIT)
+        self._group = group
+        assert events.FIELD == b"d"
+
+    async def run(self, outputs: Sequence[tuple[str, bytes]], acks: Sequence[Entry]) -> None:
+        if not outputs and not acks:
+            return
+        by_stream: dict[str, list[str]] = {}
+        for e in acks:
+            by_stream.setdefault(e.stream, []).append(e.id)
+        keys: list[str] = [s for s, _ in outputs]
+        keys.extend(by_stream)
+        args: list[str | bytes | int] = [len(outputs), self._group]
+        args.extend(d for _, d in outputs)
+        for ids in by_stream.values():
+            args.append(len(ids))
+            args.extend(ids)
+        await self._script(keys=keys, args=args)
+
+
 class TransformStage:
     """The transform stage (see the module docstring); ``until_idle`` = burst mode."""
 
@@ -155,6 +209,8 @@ class TransformStage:
         self.provisioner = Provisioner(ctx.redis, ctx.keys, self.registry, platform,
                                        wait_s=cfg.transform.provision_wait_s)
         self._window = cfg.transform.dedup_window_s
+        self._claims = dedup.Claims(ctx.redis, ctx.keys)
+        self._emit = Emit(ctx.redis, GROUP_TRANSFORM)
         self._servers = cfg.blynk.servers
         self._default_server = cfg.blynk.servers[cfg.blynk.default_server]
         self._dead_stream = ctx.keys.dead
@@ -236,15 +292,17 @@ class TransformStage:
                 dead.append((e, UNDECODABLE, f"not an Uplink: {exc}"))
 
         # One round trip: registry version check + de-duplication claims.
+        marks = [dedup.mark_of(e) for e, _ in uplinks]
         async with ctx.redis.pipeline(transaction=False) as pipe:
             self.registry.sync_queue(pipe)
-            marks = [dedup.mark_of(e) for e, _ in uplinks]
-            dedup.queue_claims(pipe, ctx.keys,
-                               ((u.event_id, m) for (_, u), m in zip(uplinks, marks, strict=True)),
-                               self._window)
+            if uplinks:
+                await self._claims.queue(
+                    pipe, [(u.event_id, m) for (_, u), m in zip(uplinks, marks, strict=True)],
+                    self._window)
             replies = await pipe.execute()
         if not self.registry.sync_apply(replies[0], replies[1]):
             await self.registry.reset()
+        claimed: list[bytes | None] = replies[2] if uplinks else []
 
         acks: list[Entry] = []
         items: list[_Item] = []
@@ -252,7 +310,7 @@ class TransformStage:
         skipped: Counter[str] = Counter()
         is_dup = dedup.is_duplicate
         integrations = self._integrations
-        for (e, u), mark, reply in zip(uplinks, marks, replies[2:], strict=True):
+        for (e, u), mark, reply in zip(uplinks, marks, claimed, strict=True):
             if is_dup(reply, mark):
                 duplicates[u.source] += 1
                 acks.append(e)
@@ -361,9 +419,7 @@ class TransformStage:
             )
             out.append((stream_for("writes", u.source, u.device), encode(write)))
             transformed[(u.source, u.integration)] += 1
-        if out:
-            await ctx.writer.add_many(out)
-        await self.reader.ack(acks)
+        await self._emit.run(out, acks)
         for (source, integration), n in transformed.items():
             metrics.TRANSFORMED.labels(source, integration).inc(n)
         for tname, n in rejected_n.items():

@@ -1,0 +1,335 @@
+"""transform drain rate: a preloaded uplinks stream drained by 1 and 2 worker processes, as a
+ratio to the Redis ceiling measured in the same run.
+
+    .venv/bin/python -m bench.transform [--uplinks 200000] [--devices 10000] [--rounds 2]
+    .venv/bin/python -m bench.transform --profile      # cProfile of one worker, top functions
+
+Each round starts from scratch on a private ``redis-server`` (no persistence, free port): the
+registry holds ``--devices`` devices (pipelined ``HSET``s), the uplinks stream holds
+``--uplinks`` realistic TTS uplinks (tts-uplink-02's decoded payload and radio, random devices),
+then worker processes are started, wait on a start signal, and drain the stream:
+
+* **ceiling** (one process): ``XREADGROUP`` a batch → ``XADD`` every entry, unchanged, to an
+  output stream → ``XACK``, with no work in between: through the shared
+  ``StreamWriter.add_many`` + ``StreamReader.ack`` (one pipelined command per entry), and
+  through transform's ``Emit`` script (one command per batch) — the ratio uses the faster;
+* **transform x1 / x2**: the real stage (``workers.transform``, uvloop, burst mode): decode,
+  dedup claims + registry version check, registry cache, mapping, one ``XADD`` pipeline of
+  ``BlynkWrite``s, ``XACK``.
+
+Rate = uplinks / (last worker done − first worker started); every run checks that the output
+stream holds one entry per uplink and nothing was dead-lettered. On a shared machine the rate
+moves with whatever else runs; the worker CPU time per uplink is the steadier figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+from bench.common import (
+    ROOT,
+    Processes,
+    UsageProbe,
+    free_port,
+    machine,
+    table,
+    wait_port,
+)
+
+FIXTURE = ROOT.parent / "shared" / "fixtures" / "tts" / "tts-uplink-02.json"
+PREFIX = "bbb:"
+BATCH = 500
+
+CONFIG = """
+redis: {{url: "{url}", prefix: "{prefix}"}}
+streams: {{batch: {batch}, block_ms: 200}}
+blynk: {{servers: {{default: "http://127.0.0.1:9"}}}}
+transform: {{cache_size: {cache}}}
+templates:
+  - name: button
+    datastreams:
+      - {{name: batteryVoltage, pin: V0, type: double, min: 0, max: 3.6}}
+      - {{name: pressEvent, pin: V1, type: integer}}
+      - {{name: sensorTemperature, pin: V2, type: double, min: -40, max: 85}}
+      - {{name: singlePressEventCounter, pin: V3, type: integer}}
+      - {{name: thermistorProperlyConnected, pin: V4, type: integer}}
+      - {{name: RSSI, pin: V10, type: integer, min: -110, max: 0}}
+      - {{name: SNR, pin: V11, type: double, min: -20, max: 30}}
+tts:
+  - {{name: app, app_id: starter-kit, template: button}}
+"""
+
+
+def config_text(url: str, cache: int = 100_000) -> str:
+    return CONFIG.format(url=url, prefix=PREFIX, batch=BATCH, cache=cache)
+
+
+# --- filling Redis ------------------------------------------------------------------------------
+
+
+async def fill(url: str, uplinks: int, devices: int, *, seed: int = 1) -> None:
+    """Register ``devices`` devices and append ``uplinks`` uplinks for random ones."""
+    from pipeline import events
+    from pipeline.keys import Keys
+    from pipeline.streams import connect
+
+    payload = json.loads(FIXTURE.read_text())["uplink_message"]["decoded_payload"]
+    rnd = random.Random(seed)
+    redis = connect(url)
+    keys = Keys(PREFIX)
+    await register_devices(redis, keys, devices)
+    stream = keys.stream("uplinks")
+    now = int(time.time() * 1000)
+    chunk = 5000
+    for start in range(0, uplinks, chunk):
+        async with redis.pipeline(transaction=False) as pipe:
+            for i in range(start, min(start + chunk, uplinks)):
+                d = rnd.randrange(devices)
+                values = dict(payload)
+                values["singlePressEventCounter"] = i
+                u = events.Uplink(
+                    event_id=f"as:up:{i:08d}", source="tts", integration="app",
+                    device=f"eui-{d:016x}", event_ts_ms=now + i, received_ts_ms=now + i,
+                    values=values, device_meta={"dev_eui": f"{d:016X}"},
+                    radio=events.Radio(rssi=-31 - (i % 60), snr=9.5, gateways=1, f_cnt=i,
+                                       f_port=2))
+                pipe.xadd(stream, {events.FIELD: events.encode(u)})
+            await pipe.execute()
+    await redis.aclose()
+
+
+async def register_devices(redis: object, keys: object, devices: int) -> None:
+    """Registry rows written directly with pipelined ``HSET``s (a bulk import, no change log)."""
+    from pipeline.keys import Keys
+    from pipeline.streams import Redis
+
+    assert isinstance(keys, Keys) and isinstance(redis, Redis)
+    chunk = 10_000
+    for start in range(0, devices, chunk):
+        async with redis.pipeline(transaction=False) as pipe:
+            for d in range(start, min(start + chunk, devices)):
+                pipe.hset(keys.device("tts", "app", f"eui-{d:016x}"), mapping={
+                    "token": f"{d:032x}", "template": "button", "server": "",
+                    "status": "ok", "id": str(d + 1)})
+            await pipe.execute()
+
+
+# --- workers (child processes) ------------------------------------------------------------------
+
+
+async def _wait_go(redis: object) -> float:
+    from pipeline.streams import Redis
+
+    assert isinstance(redis, Redis)
+    await redis.blpop(["bbb:go"], timeout=0)
+    return time.time()
+
+
+async def _report(redis: object, name: str, t0: float, count: int, **extra: object) -> None:
+    from bench.common import rss_bytes
+    from pipeline.streams import Redis
+
+    assert isinstance(redis, Redis)
+    t1 = time.time()
+    rss, peak = rss_bytes(os.getpid())
+    await redis.rpush("bbb:done", json.dumps({"name": name, "t0": t0, "t1": t1, "count": count,
+                                              "rss": rss, "peak_rss": peak, **extra}))
+
+
+async def worker_transform(url: str, name: str, profile: bool, cache: int) -> None:
+    from pipeline import config as config_mod
+    from pipeline.context import Context
+    from workers.transform import TransformStage
+
+    cfg = config_mod.parse(config_text(url, cache), "yaml", "bench", env={})
+    ctx = Context.create(cfg, consumer=name)
+    stage = TransformStage(ctx, until_idle=True)
+    await stage.startup()
+    await ctx.redis.rpush("bbb:ready", name)
+    t0 = await _wait_go(ctx.redis)
+    if profile:
+        import cProfile
+        import pstats
+
+        prof = cProfile.Profile()
+        prof.enable()
+        await stage.main_loop(asyncio.Event())
+        prof.disable()
+        stats = pstats.Stats(prof, stream=sys.stderr)
+        stats.sort_stats("tottime").print_stats(25)
+    else:
+        await stage.main_loop(asyncio.Event())
+    await _report(ctx.redis, name, t0, 0, cached=len(stage.registry))
+    await stage.shutdown()
+    await ctx.close()
+
+
+async def worker_ceiling(url: str, name: str, script: bool) -> None:
+    """XREADGROUP → XADD of the same bytes → XACK, no work in between: with the shared
+    ``StreamWriter.add_many`` + ``StreamReader.ack`` (pipeline), or with transform's one-call
+    ``Emit`` script (script)."""
+    from pipeline.keys import Keys
+    from pipeline.streams import StreamReader, StreamWriter, connect
+    from workers.transform import Emit
+
+    redis = connect(url)
+    keys = Keys(PREFIX)
+    reader = StreamReader(redis, keys, [keys.stream("uplinks")], "ceiling", name,
+                          stage="ceiling", batch=BATCH, block_ms=200)
+    writer = StreamWriter(redis)
+    emit = Emit(redis, "ceiling")
+    out = keys.stream("ceiling-out")
+    await reader.ensure_group()
+    await redis.rpush("bbb:ready", name)
+    t0 = await _wait_go(redis)
+    n = 0
+    while True:
+        entries = await reader.read(block=False)
+        if not entries:
+            break
+        if script:
+            await emit.run([(out, e.data or b"") for e in entries], entries)
+        else:
+            await writer.add_many([(out, e.data or b"") for e in entries])
+            await reader.ack(entries)
+        n += len(entries)
+    await _report(redis, name, t0, n)
+    await redis.aclose()
+
+
+def worker_main(argv: list[str]) -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--worker", choices=["transform", "ceiling", "ceiling-script"],
+                   required=True)
+    p.add_argument("--url", required=True)
+    p.add_argument("--name", required=True)
+    p.add_argument("--profile", action="store_true")
+    p.add_argument("--cache", type=int, default=100_000)
+    a = p.parse_args(argv)
+    import uvloop
+
+    if a.worker == "transform":
+        uvloop.run(worker_transform(a.url, a.name, a.profile, a.cache))
+    else:
+        uvloop.run(worker_ceiling(a.url, a.name, a.worker == "ceiling-script"))
+
+
+# --- the driver ---------------------------------------------------------------------------------
+
+
+def start_redis(procs: Processes) -> tuple[int, int]:
+    port = free_port()
+    proc = procs.spawn("redis", ["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                                 "--save", "", "--appendonly", "no", "--dir", str(procs.dir)])
+    wait_port(port, proc=proc)
+    return port, proc.pid
+
+
+async def run_one(procs: Processes, url: str, redis_pid: int, kind: str, workers: int,
+                  uplinks: int, devices: int, profile: bool = False) -> dict[str, float]:
+    from pipeline.keys import Keys
+    from pipeline.streams import connect
+
+    redis = connect(url)
+    await redis.flushall()
+    await fill(url, uplinks, devices)
+    children = [
+        procs.spawn(f"{kind}-{workers}-{i}", [sys.executable, "-m", "bench.transform",
+                                              "--worker", kind, "--url", url,
+                                              "--name", f"w{i}"]
+                    + (["--profile"] if profile else []))
+        for i in range(workers)
+    ]
+    while await redis.llen("bbb:ready") < workers:
+        procs.check_alive()
+        await asyncio.sleep(0.05)
+    probe = UsageProbe({"redis": redis_pid, **{c.name: c.pid for c in children}})
+    probe.start()
+    await redis.rpush("bbb:go", *["go"] * workers)
+    reports = []
+    while len(reports) < workers:
+        got = await redis.blpop(["bbb:done"], timeout=1)
+        if got is None:
+            procs.check_alive()
+            continue
+        reports.append(json.loads(got[1]))
+    usage = probe.stop()
+    for c in children:
+        procs.stop(c, grace_s=30)
+        if profile:
+            print(c.tail(60), file=sys.stderr)
+    keys = Keys(PREFIX)
+    out = keys.stream("writes") if kind == "transform" else keys.stream("ceiling-out")
+    produced = await redis.xlen(out)
+    deadn = await redis.xlen(keys.dead)
+    if produced != uplinks or deadn:
+        raise SystemExit(f"{kind} x{workers}: {produced} outputs for {uplinks} uplinks, "
+                         f"{deadn} dead letters")
+    await redis.aclose()
+    t0 = min(r["t0"] for r in reports)
+    t1 = max(r["t1"] for r in reports)
+    cpu = {u.name: u.cpu_pct for u in usage}
+    worker_cpu_s = sum(u.cpu_s for u in usage if u.name != "redis")
+    return {"rate": uplinks / (t1 - t0), "seconds": t1 - t0,
+            "redis_cpu": cpu["redis"],
+            "worker_cpu": sum(v for k, v in cpu.items() if k != "redis"),
+            "us_per_uplink": worker_cpu_s / uplinks * 1e6}
+
+
+async def main(args: argparse.Namespace) -> None:
+    with Processes() as procs:
+        port, redis_pid = start_redis(procs)
+        url = f"redis://127.0.0.1:{port}/0"
+        if args.profile:
+            await run_one(procs, url, redis_pid, "transform", 1, args.uplinks, args.devices,
+                          profile=True)
+            return
+        plan = [("ceiling", 1), ("ceiling-script", 1), ("transform", 1), ("transform", 2)]
+        best: dict[tuple[str, int], dict[str, float]] = {}
+        for r in range(args.rounds):
+            for kind, n in plan:
+                res = await run_one(procs, url, redis_pid, kind, n, args.uplinks, args.devices)
+                print(f"round {r + 1}: {kind} x{n}: {res['rate']:,.0f} uplinks/s "
+                      f"({res['seconds']:.2f} s, redis {res['redis_cpu']:.0f}% CPU, "
+                      f"workers {res['worker_cpu']:.0f}% CPU, "
+                      f"{res['us_per_uplink']:.1f} CPU µs/uplink)", file=sys.stderr)
+                if (kind, n) not in best or res["rate"] > best[(kind, n)]["rate"]:
+                    best[(kind, n)] = res
+    ceiling = max(best[("ceiling", 1)]["rate"], best[("ceiling-script", 1)]["rate"])
+    one = best[("transform", 1)]["rate"]
+    rows = []
+    for (kind, n), res in best.items():
+        rows.append([f"{kind} x{n}", f"{res['rate']:,.0f}", f"{res['seconds']:.2f}",
+                     f"{res['redis_cpu']:.0f}", f"{res['worker_cpu']:.0f}",
+                     f"{res['us_per_uplink']:.1f}",
+                     f"{res['rate'] / ceiling:.2f}", f"{res['rate'] / one:.2f}"])
+    print(f"transform drain: {args.uplinks:,} uplinks over {args.devices:,} registered devices, "
+          f"batch {BATCH}, best of {args.rounds}")
+    print(f"machine: {machine()}")
+    print(table(["run", "uplinks/s", "seconds", "redis CPU %", "workers CPU %",
+                 "worker CPU µs/uplink", "x best ceiling", "x transform x1"], rows))
+
+
+def cli() -> None:
+    if "--worker" in sys.argv:
+        worker_main(sys.argv[1:])
+        return
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p.add_argument("--uplinks", type=int, default=200_000)
+    p.add_argument("--devices", type=int, default=10_000)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--profile", action="store_true")
+    args = p.parse_args()
+    os.chdir(Path(ROOT))
+    asyncio.run(main(args))
+
+
+if __name__ == "__main__":
+    cli()
