@@ -55,11 +55,22 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+#: Append every ARGV as one entry (field ``d``) of the stream KEYS[1]; returns the ids in order.
+_APPEND = """
+local ids = {}
+for i = 1, #ARGV do
+  ids[i] = redis.call('XADD', KEYS[1], '*', 'd', ARGV[i])
+end
+return ids
+"""
+
+
 class StreamWriter:
     """Appends entries with pipelined ``XADD``; concurrent callers share one round trip."""
 
     def __init__(self, redis: Redis, *, max_batch: int = 1000) -> None:
         self._redis = redis
+        self._append = redis.register_script(_APPEND)
         self._max_batch = max_batch
         self._buffer: list[tuple[str, bytes, asyncio.Future[str]]] = []
         self._flusher: asyncio.Task[None] | None = None
@@ -73,14 +84,30 @@ class StreamWriter:
         return await fut
 
     async def add_many(self, items: Sequence[tuple[str, bytes]]) -> list[str]:
-        """Append many entries in one pipeline; returns their ids in order."""
+        """Append many entries (one Lua call per stream, pipelined); returns ids in order.
+
+        One script call that loops over ``XADD`` instead of one command per entry: building each
+        command in redis-py cost ~28 µs per entry against ~2 µs this way
+        (``bench/ingest_mqtt.py``). The script touches one key (Redis Cluster safe), so a batch is
+        all-or-nothing per stream.
+        """
         if not items:
             return []
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for stream, data in items:
-                pipe.xadd(stream, {events.FIELD: data})
-            ids = await pipe.execute()
-        return [_s(i) for i in ids]
+        by_stream: dict[str, list[int]] = {}
+        for i, (stream, _) in enumerate(items):
+            by_stream.setdefault(stream, []).append(i)
+        if len(by_stream) == 1:
+            replies = [await self._append(keys=[items[0][0]], args=[d for _, d in items])]
+        else:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for stream, idx in by_stream.items():
+                    await self._append(keys=[stream], args=[items[i][1] for i in idx], client=pipe)
+                replies = await pipe.execute()
+        ids = [""] * len(items)
+        for idx, reply in zip(by_stream.values(), replies, strict=True):
+            for i, entry_id in zip(idx, reply, strict=True):
+                ids[i] = _s(entry_id)
+        return ids
 
     async def _flush_loop(self) -> None:
         try:

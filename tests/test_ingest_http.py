@@ -28,7 +28,7 @@ from pipeline.streams import Redis, StreamWriter
 from pipeline.tts import parse_message
 from tests.conftest import REDIS_URL, free_port, serve_app
 from tests.test_particle_parse import FIXTURES, INVALID, RECEIVED, TOKEN
-from workers.ingest_http import Appender, IngestHttp, build
+from workers.ingest_http import IngestHttp, build
 
 HEADER_SECRET = "hdr-secret-Zq81x0"
 BASIC_PASSWORD = "basic-pass-Pk55"
@@ -492,7 +492,7 @@ async def test_probes_and_metrics(url: str, http: aiohttp.ClientSession) -> None
 # --- graceful stop -------------------------------------------------------------------------------
 
 
-class GatedAppender(Appender):
+class GatedAppender(StreamWriter):
     """The stage's real appender, held at a gate: a request stays in flight until it opens."""
 
     def __init__(self, redis: Redis) -> None:

@@ -9,19 +9,18 @@ Routes (aiohttp):
 * ``GET /healthz`` (the process answers), ``GET /readyz`` (Redis answers a PING: 200, else 503),
   ``GET /status`` (integration statuses and uplinks backlog, JSON), ``GET /metrics``.
 
-Contract of a webhook request: **2xx only after the entry is in Redis** (``XADD`` returned, see
-:class:`Appender`;
-the answer carries ``X-Entry-Id`` and ``X-Event-Id`` and an empty body, because Particle turns
-a non-empty body into a ``hook-response`` event). A valid TTS message that is not an uplink
-(downlink outcome, service data, skipped simulated uplink) gets 202 and is not stored; a TTS
-uplink without ``decoded_payload`` (that device's formatter failed) gets 202 and becomes a dead
-letter ``no_decoded_payload``, as on MQTT. Every
-refusal is counted in ``bb_rejected_total{reason}`` and answered with
-``{"error": {"reason", "field", "message"}}``: 404 unknown integration, 401 bad credentials,
-413 body over ``max_body_bytes``, 415 a content type Particle/TTS does not send, 400 a body
-that cannot be parsed (the field named), 503 + ``Retry-After`` when the uplinks backlog is past
-``backlog_high_water`` or Redis does not answer. Particle and TTS retry refused deliveries, so
-a retried message arrives again and transform drops the duplicate by ``event_id``.
+Contract of a webhook request: **2xx only after the entry is in Redis** (``XADD`` returned:
+:meth:`pipeline.streams.StreamWriter.add`, group-committed). The answer carries ``X-Entry-Id`` and
+``X-Event-Id`` and an empty body, because Particle turns a non-empty body into a ``hook-response``
+event. A valid TTS message that is not an uplink (downlink outcome, service data, skipped simulated
+uplink) gets 202 and is not stored; a TTS uplink without ``decoded_payload`` (that device's
+formatter failed) gets 202 and becomes a dead letter ``no_decoded_payload``, as on MQTT. Every
+refusal is counted in ``bb_rejected_total{reason}`` and answered with ``{"error": {"reason",
+"field", "message"}}``: 404 unknown integration, 401 bad credentials, 413 body over
+``max_body_bytes``, 415 a content type Particle/TTS does not send, 400 a body that cannot be parsed
+(the field named), 503 + ``Retry-After`` when the uplinks backlog is past ``backlog_high_water`` or
+Redis does not answer. Particle and TTS retry refused deliveries, so a retried message arrives
+again and transform drops the duplicate by ``event_id``.
 
 Integration status (kind ``particle``): **Connected** while webhooks are accepted; **Broken**
 after ``broken_after_failures`` refusals in a row (401: error kind ``credentials`` — the
@@ -170,87 +169,6 @@ def _unauthorized(message: str, field: str, *, basic: bool = False) -> Refused:
     return Refused(401, "unauthorized", message, field=field, headers=headers)
 
 
-# --- appending -----------------------------------------------------------------------------------
-
-#: Append a batch to one stream in one call; returns the entry ids in order.
-_APPEND = """
-local ids = {}
-for i = 1, #ARGV do
-  ids[i] = redis.call('XADD', KEYS[1], '*', 'd', ARGV[i])
-end
-return ids
-"""
-
-
-class Appender:
-    """Group commit for request handlers: :meth:`add` returns the entry id once Redis has it.
-
-    Same contract as :meth:`pipeline.streams.StreamWriter.add` (and the same group commit:
-    every ``add`` issued while a batch is on its way joins the next one, so there is no added
-    latency at low load and one round trip per burst at high load), but each batch goes to
-    Redis as one Lua call per stream (``XADD`` in a loop) instead of one command per entry:
-    redis-py building each command was most of this stage's CPU (bench/ingest_http.py). The
-    script touches one key (Redis Cluster safe); a Redis error fails every ``add`` of its batch.
-    """
-
-    def __init__(self, redis: Redis, *, max_batch: int = 1000) -> None:
-        self._redis = redis
-        self._script = redis.register_script(_APPEND)
-        self._max_batch = max_batch
-        self._buffer: list[tuple[str, bytes, asyncio.Future[str]]] = []
-        self._flusher: asyncio.Task[None] | None = None
-
-    async def add(self, stream: str, data: bytes) -> str:
-        """Append one entry; returns its id once it is in Redis. Raises ``RedisError``."""
-        fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        self._buffer.append((stream, data, fut))
-        if self._flusher is None:
-            self._flusher = asyncio.create_task(self._flush_loop(), name="ingest-http-append")
-        return await fut
-
-    async def _flush_loop(self) -> None:
-        try:
-            while self._buffer:
-                await asyncio.sleep(0)  # every add() of this loop iteration joins the batch
-                batch = self._buffer[: self._max_batch]
-                del self._buffer[: self._max_batch]
-                try:
-                    ids = await self._write(batch)
-                except Exception as exc:  # handed to every waiter, who answers 503
-                    for _, _, fut in batch:
-                        if not fut.done():
-                            fut.set_exception(exc)
-                    continue
-                for (_, _, fut), entry_id in zip(batch, ids, strict=True):
-                    if not fut.done():
-                        fut.set_result(entry_id)
-        finally:
-            self._flusher = None
-
-    async def _write(self, batch: list[tuple[str, bytes, asyncio.Future[str]]]) -> list[str]:
-        by_stream: dict[str, list[int]] = {}
-        for i, (stream, _, _) in enumerate(batch):
-            by_stream.setdefault(stream, []).append(i)
-        ids: list[str] = [""] * len(batch)
-        if len(by_stream) == 1:
-            replies = [await self._script(keys=[batch[0][0]], args=[d for _, d, _ in batch])]
-        else:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for stream, idx in by_stream.items():
-                    await self._script(keys=[stream], args=[batch[i][1] for i in idx],
-                                       client=pipe)
-                replies = await pipe.execute()
-        for idx, reply in zip(by_stream.values(), replies, strict=True):
-            for i, entry_id in zip(idx, reply, strict=True):
-                ids[i] = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
-        return ids
-
-    async def close(self) -> None:
-        """Wait until every buffered entry was written."""
-        while self._flusher is not None:
-            await asyncio.shield(self._flusher)
-
-
 # --- backlog -------------------------------------------------------------------------------------
 
 
@@ -381,7 +299,7 @@ class IngestHttp:
             if app.webhook_auth is not None:
                 self.tts[app.name] = (app, Authenticator(app.webhook_auth,
                                                          f"tts[{i}].webhook_auth"))
-        self.appender = Appender(ctx.redis)
+        self.appender = ctx.writer
         self.board = StatusBoard(ctx.redis, ctx.keys)
         self.status = InboundStatus(self.board, "particle", self.cfg.broken_after_failures)
         self.backlog = Backlog(ctx.redis, ctx.keys.streams(keynames.UPLINKS),

@@ -39,7 +39,7 @@ from pipeline.errors import InvalidInput
 from pipeline.keys import UPLINKS
 from pipeline.lease import Lease, hold
 from pipeline.status import ErrorKind, StatusBoard
-from pipeline.streams import Redis, now_ms
+from pipeline.streams import Redis, StreamWriter, now_ms
 from pipeline.tts import Skipped, parse_event
 
 log = logging.getLogger("blynk_bridge.ingest_mqtt")
@@ -86,15 +86,6 @@ _CLOSE = _Closed()
 _Item = tuple[str, bytes, Any]  # (stream, encoded entry, counter child to increment or None)
 
 
-#: Appends every ARGV as one entry (field ``d``) of the stream KEYS[1]; returns how many.
-_APPEND = """
-for i = 1, #ARGV do
-  redis.call('XADD', KEYS[1], '*', 'd', ARGV[i])
-end
-return #ARGV
-"""
-
-
 class Appender:
     """A bounded queue drained by one task that appends batches to Redis streams.
 
@@ -103,11 +94,8 @@ class Appender:
     its first entry arrived, whichever comes first. Redis errors are retried with backoff until
     :meth:`close` and the stage's grace period run out; entries are never reordered.
 
-    A batch goes to Redis as one small Lua call per stream (``XADD`` in a loop, pipelined over
-    streams) rather than one ``XADD`` per entry: the client-side cost of redis-py building each
-    command was most of the stage's CPU (28 µs vs 2 µs per entry, bench/ingest_mqtt.py). The
-    script touches one key, so it is Redis Cluster safe, and a batch is all-or-nothing per
-    stream.
+    A batch goes to Redis through :meth:`pipeline.streams.StreamWriter.add_many` (one Lua call
+    per stream, all-or-nothing per stream).
     """
 
     def __init__(self, redis: Redis, *, batch: int = 1000, queue_max: int = 100_000,
@@ -115,7 +103,7 @@ class Appender:
                  on_written: Callable[[int], None] | None = None) -> None:
         self._redis = redis
         self._on_written = on_written
-        self._script = redis.register_script(_APPEND)
+        self._writer = StreamWriter(redis)
         self._batch = batch
         self._linger_s = linger_s
         self._queue: asyncio.Queue[_Item | _Closed] = asyncio.Queue(queue_max)
@@ -152,20 +140,11 @@ class Appender:
                 return
 
     async def _write(self, batch: list[_Item]) -> None:
-        by_stream: dict[str, list[bytes]] = {}
-        for stream, data, _ in batch:
-            by_stream.setdefault(stream, []).append(data)
+        items = [(stream, data) for stream, data, _ in batch]
         failures = 0
         while True:
             try:
-                if len(by_stream) == 1:
-                    for stream, datas in by_stream.items():
-                        await self._script(keys=[stream], args=datas)
-                else:
-                    async with self._redis.pipeline(transaction=False) as pipe:
-                        for stream, datas in by_stream.items():
-                            await self._script(keys=[stream], args=datas, client=pipe)
-                        await pipe.execute()
+                await self._writer.add_many(items)
                 break
             except RedisError as exc:
                 failures += 1

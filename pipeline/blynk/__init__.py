@@ -1,1 +1,1 @@
-"""The bridge's Blynk clients: device HTTPS API (:mod:`.client`) and platform API (:mod:`.platform`)."""
+"""The bridge's Blynk clients: device HTTPS API (``client``), platform API (``platform``)."""
