@@ -150,23 +150,26 @@ class LastWritten:
 
         Returns ``False`` when the lease was no longer ours (it expired mid-write).
         """
-        args: list[str | int] = [self.owner, self.ttl_ms]
-        for pin, ts in written.items():
-            args += [pin, ts]
-        held = await self._commit(keys=[self._keys.last_written(device_key)], args=args)
-        return bool(held)
+        (held,) = await self.commit_many([(device_key, written)])
+        return held
+
+    async def commit_many(self, items: Sequence[tuple[str, Mapping[str, int]]]) -> list[bool]:
+        """:meth:`commit` for many devices in one round trip; an empty mapping only releases."""
+        if not items:
+            return []
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for device_key, written in items:
+                args: list[str | int] = [self.owner, self.ttl_ms]
+                for pin, ts in written.items():
+                    args += [pin, ts]
+                await self._commit(keys=[self._keys.last_written(device_key)], args=args,
+                                   client=pipe)
+            replies = await pipe.execute()
+        return [bool(r) for r in replies]
 
     async def release(self, device_keys: Sequence[str]) -> None:
         """Give up the leases of devices whose write did not happen (nothing recorded)."""
-        if not device_keys:
-            return
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for device_key in device_keys:
-                await self._commit(
-                    keys=[self._keys.last_written(device_key)], args=[self.owner, self.ttl_ms],
-                    client=pipe,
-                )
-            await pipe.execute()
+        await self.commit_many([(key, {}) for key in device_keys])
 
     async def get(self, device_key: str) -> dict[str, int]:
         """Every recorded pin of a device (for tests and the CLI)."""

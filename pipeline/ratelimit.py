@@ -100,6 +100,14 @@ class RateLimiter:
 
     async def defer(self, device_key: str, seconds: float) -> None:
         """No request of ``device_key`` for ``seconds`` (from now), on any replica."""
-        await self._defer(
-            keys=[self._keys.rate(device_key)], args=[max(0, int(seconds * 1_000_000))]
-        )
+        await self.defer_many([(device_key, seconds)])
+
+    async def defer_many(self, items: Sequence[tuple[str, float]]) -> None:
+        """:meth:`defer` for many devices in one round trip."""
+        if not items:
+            return
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for device_key, seconds in items:
+                await self._defer(keys=[self._keys.rate(device_key)],
+                                  args=[max(0, int(seconds * 1_000_000))], client=pipe)
+            await pipe.execute()

@@ -20,6 +20,7 @@ from pipeline.events import FIELD, BlynkWrite, DeadLetter, Value, decode_dead, d
 from pipeline.keys import GROUP_EGRESS, WRITES, Keys
 from pipeline.order import LastWritten
 from pipeline.registry import Registry
+from pipeline.status import State, StatusBoard
 from pipeline.streams import Redis, StreamWriter, now_ms
 from workers.egress import EgressStage
 
@@ -269,6 +270,8 @@ async def test_outage_loses_nothing_and_backlog_keeps_true_times(rig: Rig) -> No
     limits = {"max_deliveries": 2, "claim_idle_ms": 300}
     stage = rig.stage(streams=limits, live_window_s=1, max_backoff_s=1.5)
     stolen: list[Any] = []
+    board = StatusBoard(rig.redis, rig.keys)
+    seen: set[State] = set()
 
     async def watch() -> None:
         # during the outage: nothing re-delivered, nothing taken over by another replica
@@ -280,10 +283,16 @@ async def test_outage_loses_nothing_and_backlog_keeps_true_times(rig: Rig) -> No
             rows = await rig.redis.xpending_range(rig.keys.stream(WRITES), GROUP_EGRESS,
                                                   min="-", max="+", count=100)
             assert all(r["times_delivered"] == 1 for r in rows)
+            status = await board.get("blynk", "fra1")
+            if status is not None:
+                seen.add(status.state)
             await asyncio.sleep(0.1)
 
     await asyncio.gather(rig.drain(stage), watch())
     assert stolen == []
+    assert State.NOT_CONNECTED in seen  # the status showed the outage...
+    final = await board.get("blynk", "fra1")
+    assert final is not None and final.state is State.CONNECTED  # ...and the recovery
     injected = rig.emu.faults.state()["injected"].get("outage", 0)
     assert 0 < injected <= 25  # backed off and probed; did not spin
     assert await rig.dead() == []

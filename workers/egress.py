@@ -36,7 +36,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import msgspec
 from redis.exceptions import RedisError
@@ -53,6 +53,7 @@ from pipeline.order import LastWritten
 from pipeline.ratelimit import RateLimiter
 from pipeline.redact import mask
 from pipeline.registry import Registry
+from pipeline.status import StatusBoard
 from pipeline.streams import Entry, StreamReader, now_ms
 
 log = logging.getLogger("blynk_bridge.egress")
@@ -119,6 +120,50 @@ class _Result:
     last_ok_server: str | None = None
 
 
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class _Batch(Generic[T, R]):
+    """Group commit: calls made in the same loop iteration share one ``run`` (one round trip).
+
+    Device writes finish independently; without this each would need its own Redis round trips
+    (and connections) to record, ack and rate-limit. ``run`` gets the items in call order and
+    returns one result per item; its exception is handed to every caller of that batch.
+    """
+
+    def __init__(self, run: Callable[[list[T]], Awaitable[Sequence[R]]], max_batch: int = 1000):
+        self._run = run
+        self._max = max_batch
+        self._items: list[tuple[T, asyncio.Future[R]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def __call__(self, item: T) -> R:
+        fut: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self._items.append((item, fut))
+        if self._flusher is None:
+            self._flusher = asyncio.create_task(self._flush(), name="egress-group-commit")
+        return await fut
+
+    async def _flush(self) -> None:
+        try:
+            while self._items:
+                await asyncio.sleep(0)  # let every caller of this iteration join
+                batch, self._items = self._items[: self._max], self._items[self._max :]
+                try:
+                    results = await self._run([item for item, _ in batch])
+                except Exception as exc:  # handed to every waiter, who decides
+                    for _, fut in batch:
+                        if not fut.done():
+                            fut.set_exception(exc)
+                    continue
+                for (_, fut), result in zip(batch, results, strict=True):
+                    if not fut.done():
+                        fut.set_result(result)
+        finally:
+            self._flusher = None
+
+
 class EgressStage:
     """The egress stage (see module docstring)."""
 
@@ -142,6 +187,8 @@ class EgressStage:
         )
         self.limiter = RateLimiter(ctx.redis, ctx.keys, cfg.per_device_rps)
         self.registry = Registry(ctx.redis, ctx.keys)
+        self.status = StatusBoard(ctx.redis, ctx.keys)
+        self._up: set[str] = set()  # Blynk servers last seen answering
         self.max_held = max(20 * cfg.flush_count, 1000)
         self._slots = asyncio.Semaphore(cfg.max_in_flight)
         self._devices: dict[str, _Device] = {}
@@ -150,6 +197,12 @@ class EgressStage:
         self._tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._client = ctx.blynk()
+        self._commits = _Batch(self.order.commit_many)
+        self._renewals = _Batch(self.order.claim)
+        self._takes = _Batch(self.limiter.take)
+        self._defers: _Batch[tuple[str, float], None] = _Batch(self._defer_many)
+        self._acks: _Batch[Entry, None] = _Batch(self._ack_many)
+        self._deads: _Batch[tuple[Entry, str, str], None] = _Batch(self._dead_many)
 
     # ---- lifecycle ---------------------------------------------------------------------
 
@@ -373,7 +426,7 @@ class EgressStage:
             with contextlib.suppress(RedisError):  # the lease expires by itself otherwise
                 await self.order.release(limited)
 
-    def _spawn(self, coro: Awaitable[None], dev: _Device) -> None:
+    def _spawn(self, coro: Awaitable[None], dev: _Device | None) -> None:
         async def run() -> None:
             try:
                 await coro
@@ -382,7 +435,7 @@ class EgressStage:
                 self._tasks.discard(task)
                 self._wake.set()
 
-        task = asyncio.create_task(run(), name=f"egress-write-{dev.key}")
+        task = asyncio.create_task(run(), name=f"egress-{dev.key if dev else 'status'}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -406,9 +459,13 @@ class EgressStage:
 
         async def renew() -> None:
             nonlocal claimed_at
-            await self.limiter.acquire(dev.key)
+            while True:  # one more request of this device: wait for its next free slot
+                wait = await self._takes(dev.key)
+                if wait <= 0:
+                    break
+                await asyncio.sleep(wait)  # pacing: the exact time to the slot, not a guess
             if time.monotonic() - claimed_at > self.order.lease_ms / 3000:
-                await self.order.claim([(dev.key, [])])
+                await self._renewals((dev.key, []))
                 claimed_at = time.monotonic()
 
         first = True
@@ -502,23 +559,38 @@ class EgressStage:
                 server.not_before = now + delay
                 log.warning("egress: Blynk server %s failing (%s: %s); backing off %.1fs",
                             server_name, outcome.reason, outcome.detail, delay)
-        elif server is not None and not isinstance(outcome, Retry):
-            if server.failures:
+                if server.failures == 1:
+                    self._up.discard(server_name)
+                    self._spawn(self._set_status(server_name, outcome), None)
+        elif not isinstance(outcome, Retry):
+            if server is not None:
                 log.info("egress: Blynk server %s answers again", server_name)
-            del self._servers[server_name]
+                del self._servers[server_name]
+            if server_name not in self._up:
+                self._up.add(server_name)
+                self._spawn(self._set_status(server_name, None), None)
         return outcome
+
+    async def _set_status(self, server_name: str, failure: Retry | None) -> None:
+        """Blynk server status (Connected / Broken) for ``status`` and ``/status``."""
+        try:
+            if failure is None:
+                await self.status.connected("blynk", server_name, owner=self.ctx.consumer)
+            else:
+                await self.status.failed("blynk", server_name,
+                                         f"{failure.reason}: {failure.detail}", "unreachable",
+                                         owner=self.ctx.consumer)
+        except RedisError as exc:
+            log.warning("egress: recording the status of %s failed (%s)", server_name, exc)
 
     async def _finish(self, dev: _Device, plan: DevicePlan, result: _Result, wall: int) -> None:
         """Record, then resolve every in-flight entry of the device: ack, dead-letter, requeue."""
         held = dev.inflight
         try:
-            if result.written or result.again is None:
-                lost = not await self.order.commit(dev.key, result.written)
-                if lost:
-                    metrics.EGRESS_LEASE_LOST.inc()
-                    log.warning("egress: lease of %s expired during its write", dev.key)
-            else:
-                await self.order.release([dev.key])
+            # Records what Blynk now has (nothing after a failure) and releases the lease.
+            if not await self._commits((dev.key, result.written)):
+                metrics.EGRESS_LEASE_LOST.inc()
+                log.warning("egress: lease of %s expired during its write", dev.key)
         except RedisError as exc:
             log.warning("egress: recording %s failed (%s); its write is retried", dev.key, exc)
             result.again = result.again or Retry("redis", str(exc))
@@ -551,20 +623,29 @@ class EgressStage:
 
     async def _resolve(self, ok: list[_Held], dead: list[tuple[Entry, str, str]],
                        wall: int) -> None:
-        if dead:
-            await self.reader.dead_letter(dead)
-        if ok:
-            await self.reader.ack([h.entry for h in ok])
-            for h in ok:
-                metrics.LATENCY.observe(max(0, wall - h.write.received_ts_ms) / 1000)
+        await asyncio.gather(*(self._deads(d) for d in dead), *(self._acks(h.entry) for h in ok))
+        for h in ok:
+            metrics.LATENCY.observe(max(0, wall - h.write.received_ts_ms) / 1000)
+
+    async def _ack_many(self, entries: list[Entry]) -> list[None]:
+        await self.reader.ack(entries)
+        return [None] * len(entries)
+
+    async def _dead_many(self, items: list[tuple[Entry, str, str]]) -> list[None]:
+        await self.reader.dead_letter(items)
+        return [None] * len(items)
+
+    async def _defer_many(self, items: list[tuple[str, float]]) -> list[None]:
+        await self.limiter.defer_many(items)
+        return [None] * len(items)
 
     async def _invalid_token(self, dev: _Device, plan: DevicePlan, outcome: Fail) -> None:
         log.warning("egress: device %s: invalid token %s; marked broken, %d entries dead",
                     dev.key, mask(plan.token), len(dev.inflight))
         try:
             await self.registry.mark_broken(dev.key, INVALID_TOKEN, outcome.detail)
-            await asyncio.shield(self.reader.dead_letter(
-                [(h.entry, INVALID_TOKEN, outcome.detail) for h in dev.inflight]
+            await asyncio.shield(asyncio.gather(
+                *(self._deads((h.entry, INVALID_TOKEN, outcome.detail)) for h in dev.inflight)
             ))
         except RedisError as exc:
             log.warning("egress: dead-lettering %s failed (%s); retried", dev.key, exc)
@@ -586,7 +667,7 @@ class EgressStage:
     async def _defer(self, device_key: str, delay: float) -> None:
         """Tell every replica to hold this device back (a 429 is about the device's budget)."""
         try:
-            await self.limiter.defer(device_key, delay)
+            await self._defers((device_key, delay))
         except RedisError as exc:
             log.warning("egress: sharing the 429 backoff of %s failed (%s)", device_key, exc)
 
