@@ -372,3 +372,17 @@ async def test_a_bad_pin_is_isolated_and_the_rest_written(
     assert value(rig, 0, "V3") == "ok"
     assert value(rig, 1, "V1") == 9.0
     assert await rig.pending() == 0
+
+
+async def test_a_restart_resumes_its_own_pending_entries_once(rig: Rig) -> None:
+    """A replica that crashed holding entries restarts under the same name (a fixed consumer
+    name, e.g. a StatefulSet): it writes them, without re-reading them into max_deliveries."""
+    t0 = now_ms()
+    stream = rig.keys.stream(WRITES)
+    await rig.add(*[write(n, t0 + i, {"V1": float(i)}) for i in range(3) for n in range(4)])
+    await rig.redis.xgroup_create(stream, GROUP_EGRESS, id="0", mkstream=True)
+    await rig.redis.xreadgroup(GROUP_EGRESS, "egress-1", {stream: ">"}, count=100)  # then dies
+    await rig.drain(rig.stage(consumer="egress-1", streams={"max_deliveries": 2}))
+    assert await rig.dead() == []
+    assert await rig.pending() == 0
+    assert [value(rig, n, "V1") for n in range(4)] == [2.0] * 4
