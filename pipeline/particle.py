@@ -8,11 +8,15 @@ Shapes understood (``shared/reference/tts-particle-formats.md`` §2):
   ``productID``/``product_id``, which land in ``device_meta``;
 * the event-stream JSON that ``{{{PARTICLE_EVENT_JSON}}}`` produces (``name`` instead of
   ``event``);
-* **custom** JSON/body/form templates: any object; nested objects become dotted keys
-  (``a.b``), lists become ``a.0``, ``a.1`` (Particle's own mustache path syntax) except a list
-  of two numbers, which stays a list; an object holding ``lat`` + ``lng``/``lon`` or
-  ``latitude`` + ``longitude`` becomes ``[lon, lat]`` under its own key (``location`` at the top
-  level), its other keys dotted;
+* **custom** JSON/body/form templates: any object, flattened by :func:`pipeline.values.flatten`
+  (nested objects → dotted keys ``a.b``; lists → ``a.0``, ``a.1``, Particle's own mustache path
+  syntax, except a list of two numbers, which stays a list; an object holding ``lat`` +
+  ``lng``/``lon`` or ``latitude`` + ``longitude`` → ``[lon, lat]`` under its own key, its other
+  keys dotted). Particle's differences from TTS: numeric-string coordinates count (a ``json``
+  template makes every variable a string), and a pair at the top level (of the body or of
+  ``data``) becomes ``location``. Coordinates that are not numbers within ±90/±180 do not
+  make a location and do not reject the webhook: they stay plain keys (``c.lat``), which
+  transform reports as unmapped if nothing maps them;
 * the Blynk blueprint: ``t`` (a 32-character Blynk token, in ``data`` or spread by the
   template) or ``token`` (the blueprint's query parameter) becomes ``Uplink.token``; the
   ``v14``… keys are kept as they are, for transform to map as pins.
@@ -59,11 +63,9 @@ import msgspec
 from pipeline.config import ParticleProduct
 from pipeline.errors import InvalidInput
 from pipeline.events import Uplink, UplinkKind, Value
+from pipeline.values import MAX_DEPTH, MAX_VALUES, flatten, scalar
 
-#: Nesting deeper than this is refused (``wrong_shape``).
-MAX_DEPTH = 16
-#: More values than this in one message are refused (``too_many_values``).
-MAX_VALUES = 512
+__all__ = ["MAX_DEPTH", "MAX_VALUES", "body_style", "coerce_number", "parse_webhook"]
 
 BodyStyle = Literal["json", "form", "text"]
 
@@ -88,7 +90,6 @@ _BLYNK_TOKEN = re.compile(r"[A-Za-z0-9_-]{32}")
 _SYSTEM_PREFIXES = ("spark/", "particle/", "hook-sent/", "hook-response/", "hook-error/")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _SAFE_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,200}")
-_INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
 
 _json_decoder = msgspec.json.Decoder()
 _canonical = msgspec.json.Encoder(order="sorted")
@@ -258,17 +259,17 @@ def _uplink(fields: dict[str, Any], product: ParticleProduct, received_ts_ms: in
     if has_data:
         unpacked = _unpack_data(data)
         if unpacked is None:
-            values[event or "data"] = _scalar(data, "data")
+            values[event or "data"] = scalar(data, "data")
         else:
             token = _take_token(unpacked) or token
-            values.update(_flatten_top(unpacked, "data."))
+            values.update(_flatten(unpacked, "data."))
     extra_keys = fields.keys() - _RESERVED
     if has_data:
         extra_keys.discard("name")
     if extra_keys:
         extra = {k: fields[k] for k in extra_keys}
         token = _take_token(extra) or token
-        for key, value in _flatten_top(extra, "").items():
+        for key, value in _flatten(extra, "").items():
             values.setdefault(key, value)
     if len(values) > MAX_VALUES:
         raise InvalidInput(
@@ -318,101 +319,9 @@ def _take_token(obj: dict[str, Any]) -> str | None:
     return None
 
 
-def _flatten_top(obj: dict[str, Any], where: str) -> dict[str, Value]:
-    """Flatten one message-level object; a lat/lng pair at this level becomes ``location``."""
-    out: dict[str, Value] = {}
-    loc = _location(obj, where) if "lat" in obj or "latitude" in obj else None
-    if loc is not None:
-        out["location"] = loc
-        obj = {k: v for k, v in obj.items() if k not in _LOCATION_KEYS}
-    _flatten(obj, "", out, 0, where)
-    return out
-
-
-_LOCATION_KEYS = frozenset({"lat", "lng", "lon", "latitude", "longitude"})
-
-
-def _location(obj: dict[str, Any], where: str) -> list[float] | None:
-    """``[lon, lat]`` when ``obj`` holds a lat/lng (or latitude/longitude) pair, else ``None``."""
-    for lat_key, lon_keys in (("lat", ("lng", "lon")), ("latitude", ("longitude",))):
-        if lat_key not in obj:
-            continue
-        for lon_key in lon_keys:
-            if lon_key in obj:
-                lat = _coordinate(obj[lat_key], f"{where}{lat_key}", 90.0)
-                lon = _coordinate(obj[lon_key], f"{where}{lon_key}", 180.0)
-                return [lon, lat]
-    return None
-
-
-def _coordinate(value: Any, field: str, limit: float) -> float:
-    number = coerce_number(value) if isinstance(value, str) else value
-    if isinstance(number, bool) or not isinstance(number, int | float):
-        raise InvalidInput(
-            f"coordinate is not a number: {str(value)[:40]!r}", reason="invalid_field", field=field
-        )
-    result = float(number)
-    if not -limit <= result <= limit:
-        raise InvalidInput(
-            f"coordinate {result} is outside ±{limit:g}", reason="invalid_field", field=field
-        )
-    return result
-
-
-def _flatten(
-    obj: dict[str, Any], prefix: str, out: dict[str, Value], depth: int, where: str
-) -> None:
-    """Nested objects → dotted keys; lat/lng objects → ``[lon, lat]``; lists → ``key.0``…
-    (a list of two numbers stays a list, as in ``pipeline.tts``). ``where`` prefixes ``field``
-    in errors (``data.`` for values unpacked from ``data``)."""
-    if depth > MAX_DEPTH:
-        raise InvalidInput(
-            f"nested deeper than {MAX_DEPTH}", reason="wrong_shape", field=where + prefix[:-1]
-        )
-    for key, value in obj.items():
-        name = prefix + key if prefix else key
-        kind = type(value)
-        if kind is str or kind is float or kind is bool or value is None:
-            out[name] = value
-        elif kind is int:
-            # msgpack carries 64-bit integers only
-            out[name] = value if _INT_MIN <= value <= _INT_MAX else float(value)
-        elif kind is dict:
-            if "lat" in value or "latitude" in value:
-                loc = _location(value, f"{where}{name}.")
-                if loc is not None:
-                    out[name] = loc
-                    value = {k: v for k, v in value.items() if k not in _LOCATION_KEYS}
-            _flatten(value, name + ".", out, depth + 1, where)
-        elif kind is list:
-            if len(value) == 2 and all(_is_number(v) for v in value):
-                out[name] = [float(value[0]), float(value[1])]
-            else:
-                _flatten({str(i): v for i, v in enumerate(value)}, name + ".", out, depth + 1,
-                         where)
-        else:
-            out[name] = _scalar(value, where + name)
-    if len(out) > MAX_VALUES:
-        raise InvalidInput(
-            f"more than {MAX_VALUES} values in one message",
-            reason="too_many_values",
-            field=where + (prefix[:-1] or "$"),
-        )
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _scalar(value: Any, field: str) -> Value:
-    if isinstance(value, int) and not isinstance(value, bool) and not (
-        _INT_MIN <= value <= _INT_MAX
-    ):
-        return float(value)  # msgpack carries 64-bit integers only
-    if value is None or isinstance(value, str | int | float | bool):
-        return value
-    # Only a nested container can get here (handled by the caller); say so rather than guess.
-    raise InvalidInput("expected a plain value", reason="wrong_shape", field=field)
+def _flatten(obj: dict[str, Any], where: str) -> dict[str, Value]:
+    """Particle's flattening: numeric-string coordinates count, a top-level pair is ``location``."""
+    return flatten(obj, where=where, top_location="location", coerce_coordinates=True)
 
 
 def _opt_str(fields: Mapping[str, Any], key: str) -> str | None:

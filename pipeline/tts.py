@@ -9,6 +9,14 @@ Traps handled (see ``shared/reference/tts-particle-formats.md`` §1.3): omitted 
 ``frequency`` sent as a string, RFC 3339 times with 9 fractional digits, the ``0001-01-01``
 zero time of simulated uplinks, Packet Broker gateways without an EUI, garbage gateway times
 (never used), missing ``decoded_payload`` after a formatter error.
+
+``decoded_payload`` becomes ``Uplink.values`` by :func:`pipeline.values.flatten` (dotted keys,
+``[lon, lat]`` for location objects, ``key.0``… for lists). Unlike Particle, coordinates are not
+coerced from strings (a payload formatter sends numbers) and there is no top-level location:
+top-level ``latitude``/``longitude`` stay plain keys (TTS itself publishes such payloads as
+``location/solved``, which becomes a ``location`` uplink). An odd location object never rejects
+an uplink; it stays plain keys. Too deep, or more than
+:data:`pipeline.values.MAX_VALUES` values, is refused (``wrong_shape``, ``too_many_values``).
 """
 
 from __future__ import annotations
@@ -26,11 +34,11 @@ from pipeline import metrics
 from pipeline.config import TtsApplication
 from pipeline.errors import InvalidInput
 from pipeline.events import Radio, Uplink, UplinkKind, Value
+from pipeline.values import flatten
 
 #: Bodies above this are refused (``too_large``): TTS messages are a few KB at most.
 MAX_BODY_BYTES = 256 * 1024
-#: Nesting deeper than this inside ``decoded_payload`` is refused (``wrong_shape``).
-MAX_DEPTH = 16
+_DECODED = "uplink_message.decoded_payload."
 
 
 # --- the TTS JSON, only the fields we read -------------------------------------------------------
@@ -204,6 +212,10 @@ def parse_event(
         raise InvalidInput(str(exc), reason="wrong_shape", field=_field_of(exc)) from None
     except msgspec.DecodeError as exc:
         raise InvalidInput(f"not valid JSON: {exc}", reason="invalid_json") from None
+    except UnicodeDecodeError as exc:  # msgspec checks UTF-8 only inside strings
+        raise InvalidInput(f"not valid UTF-8 JSON: {exc}", reason="invalid_json") from None
+    except RecursionError:
+        raise InvalidInput("JSON nested too deeply", reason="wrong_shape") from None
 
     ids = msg.end_device_ids
     if ids is None or not ids.device_id:
@@ -317,9 +329,7 @@ def _uplink_meta(up: _UplinkMessage, meta: dict[str, str]) -> None:
 
 def _uplink_values(up: _UplinkMessage, app: TtsApplication) -> dict[str, Value]:
     if up.decoded_payload is not None:
-        values: dict[str, Value] = {}
-        _flatten(up.decoded_payload, "", values, 0)
-        return values
+        return flatten(up.decoded_payload, where=_DECODED)
     if app.raw_payload_key:
         try:
             raw = base64.b64decode(up.frm_payload, validate=True)
@@ -336,40 +346,6 @@ def _uplink_values(up: _UplinkMessage, app: TtsApplication) -> dict[str, Value]:
         reason="no_decoded_payload",
         field="uplink_message.decoded_payload",
     )
-
-
-def _is_number(v: object) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool)
-
-
-def _flatten(obj: dict[str, Any], prefix: str, out: dict[str, Value], depth: int) -> None:
-    """Nested objects → dotted keys; ``{latitude, longitude, …}`` → ``[lon, lat]`` (and its
-    other keys dotted); a list of two numbers stays a list; other lists → ``key.0``, ``key.1``."""
-    if depth > MAX_DEPTH:
-        raise InvalidInput(
-            f"decoded_payload is nested deeper than {MAX_DEPTH}",
-            reason="wrong_shape",
-            field=f"uplink_message.decoded_payload.{prefix.rstrip('.')}",
-        )
-    for key, value in obj.items():
-        name = prefix + key
-        if isinstance(value, dict):
-            lat, lon = value.get("latitude"), value.get("longitude")
-            if isinstance(lat, int | float) and isinstance(lon, int | float) and not (
-                isinstance(lat, bool) or isinstance(lon, bool)
-            ):
-                out[name] = [float(lon), float(lat)]
-                rest = {k: v for k, v in value.items() if k not in ("latitude", "longitude")}
-                _flatten(rest, name + ".", out, depth + 1)
-            else:
-                _flatten(value, name + ".", out, depth + 1)
-        elif isinstance(value, list):
-            if len(value) == 2 and _is_number(value[0]) and _is_number(value[1]):
-                out[name] = [float(value[0]), float(value[1])]
-            else:
-                _flatten({str(i): v for i, v in enumerate(value)}, name + ".", out, depth + 1)
-        else:
-            out[name] = value
 
 
 def _location_values(name: str, loc: _Location) -> dict[str, Value]:

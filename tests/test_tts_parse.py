@@ -335,6 +335,26 @@ def test_flattening_rules() -> None:
     }
 
 
+def test_location_objects_follow_the_shared_rules() -> None:
+    decoded = {
+        "gps": {"lat": 52.3, "lng": 4.9, "fix": 3},
+        "alt": {"lat": 1, "lon": 2},
+        "far": {"latitude": 95, "longitude": 4.9},  # out of range: plain keys, not refused
+        "text": {"lat": "52.3", "lng": "4.9"},  # TTS does not coerce strings
+        "latitude": 10, "longitude": 20,  # top level: plain keys (TTS sends location/solved)
+        "big": 2**70, "huge": int("1" + "0" * 400),
+    }
+    up = _uplink(_msg({"decoded_payload": decoded}))
+    assert up.values == {
+        "gps": [4.9, 52.3], "gps.fix": 3,
+        "alt": [2.0, 1.0],
+        "far.latitude": 95, "far.longitude": 4.9,
+        "text.lat": "52.3", "text.lng": "4.9",
+        "latitude": 10, "longitude": 20,
+        "big": float(2**70), "huge": "1" + "0" * 400,
+    }
+
+
 def test_event_id_is_deterministic_and_tells_messages_apart() -> None:
     a = _msg({"f_cnt": 1, "decoded_payload": {"t": 1}}, received_at="2024-01-01T00:00:00Z")
     b = _msg({"f_cnt": 2, "decoded_payload": {"t": 1}}, received_at="2024-01-01T00:00:00Z")
@@ -366,6 +386,16 @@ def test_service_data_is_skipped() -> None:
         (b"", "invalid_json", None),
         (b"not json", "invalid_json", None),
         (b"\xff\xfe{", "invalid_json", None),
+        # msgspec checks UTF-8 inside strings with a UnicodeDecodeError, not a DecodeError
+        (b'{"end_device_ids":{"device_id":"\x80"}}', "invalid_json", None),
+        (b'{"end_device_ids":{"device_id":"d"},"uplink_message":{"decoded_payload":{"k":"\xc3"}}}',
+         "invalid_json", None),
+        # deeper than msgspec's own recursion limit
+        (b'{"end_device_ids":{"device_id":"d"},"uplink_message":{"decoded_payload":'
+         + b'{"a":' * 50_000, "wrong_shape", None),
+        (b'{"end_device_ids":{"device_id":"d"},"uplink_message":{"decoded_payload":{"a":['
+         + b",".join(b"1" for _ in range(600)) + b"]}}}", "too_many_values",
+         "uplink_message.decoded_payload.a"),
         (b"[]", "wrong_shape", None),
         (b"42", "wrong_shape", None),
         (b'{"uplink_message":{}}', "wrong_shape", "end_device_ids.device_id"),
