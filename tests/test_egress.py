@@ -386,3 +386,41 @@ async def test_a_restart_resumes_its_own_pending_entries_once(rig: Rig) -> None:
     assert await rig.dead() == []
     assert await rig.pending() == 0
     assert [value(rig, n, "V1") for n in range(4)] == [2.0] * 4
+
+
+async def test_refused_history_points_are_dead_lettered_and_the_value_still_written(
+    redis: Redis, keys: Keys, prefix: str
+) -> None:
+    """Blynk refuses points older than a month (the emulator: older than 60 s here)."""
+    emu = BlynkEmulator.from_spec(emulator_spec(devices=1, upload_max_age_s=60))
+    async with emu.serve({"fra1": 0}) as urls:
+        rig = Rig(emu, urls["fra1"], redis, keys, prefix)
+        t0 = now_ms()
+        too_old = write(0, t0 - 120_000, {"V10": 1.0}, history=["V10"])
+        await rig.add(too_old, write(0, t0, {"V10": 2.0}, history=["V10"]))
+        await rig.drain(rig.stage(live_window_s=30))
+        await rig.contexts[0].blynk().close()
+        dead = await rig.dead()
+        assert [decode_write(d.raw) for d in dead] == [too_old]
+        assert "history upload" in dead[0].detail
+        assert value(rig, 0, "V10") == 2.0
+        assert await rig.pending() == 0
+
+
+async def test_stop_finishes_and_acks_what_it_holds(rig: Rig) -> None:
+    """SIGTERM (the stop event): no more reads, held entries are sent and acked, then return."""
+    await rig.admin("POST", "faults", {"latency_ms": 200})
+    stage = rig.stage(until_idle=False, flush_age_ms=60_000)  # nothing would flush by age
+    await stage.startup()
+    stop = asyncio.Event()
+    loop = asyncio.create_task(stage.main_loop(stop))
+    t0 = now_ms()
+    await rig.add(*[write(n, t0, {"V1": 3.0}) for n in range(5)])
+    for _ in range(2000):  # bounded poll: every entry delivered to (and held by) the stage
+        if await rig.pending() == 5:
+            break
+        await asyncio.sleep(0.005)
+    stop.set()
+    await asyncio.wait_for(loop, 10)
+    assert await rig.pending() == 0
+    assert [value(rig, n, "V1") for n in range(5)] == [3.0] * 5

@@ -114,6 +114,8 @@ class _Result:
 
     written: dict[str, int] = field(default_factory=dict)  # pin → event time now in Blynk
     failed: dict[str, tuple[str, str]] = field(default_factory=dict)  # pin → (reason, detail)
+    #: pin → (reason, detail, event times of the history points Blynk refused)
+    history_failed: dict[str, tuple[str, str, set[int]]] = field(default_factory=dict)
     values: int = 0
     again: Retry | None = None
     invalid_token: Fail | None = None
@@ -494,8 +496,7 @@ class EgressStage:
 
         try:
             await self._upload_history(dev, plan, result, request)
-            current = {p: v for p, v in plan.current().items() if p not in result.failed}
-            await self._put(plan, current, result, request)
+            await self._put(plan, plan.current(), result, request)
         except _Again as again:
             result.again = again.outcome
         except _InvalidToken as bad:
@@ -525,7 +526,12 @@ class EgressStage:
                     case Fail(reason=reason) if reason == INVALID_TOKEN:
                         raise _InvalidToken(outcome)
                     case Fail():
-                        result.failed[pin] = (outcome.reason, f"history upload: {outcome.detail}")
+                        # The current value still goes; the refused points are dead-lettered.
+                        uploaded = dev.history_done.get(pin, -1)
+                        refused = {ts for ts, _ in todo if ts > uploaded}
+                        result.history_failed[pin] = (
+                            outcome.reason, f"history upload: {outcome.detail}", refused
+                        )
                         break
 
     async def _put(
@@ -624,6 +630,10 @@ class EgressStage:
         ok: list[_Held] = []
         for h in dev.inflight:
             bad = [(pin, *result.failed[pin]) for pin in h.write.pins if pin in result.failed]
+            for pin in h.write.pins:
+                refused = result.history_failed.get(pin)
+                if refused is not None and h.write.event_ts_ms in refused[2]:
+                    bad.append((pin, refused[0], refused[1]))
             if bad:
                 detail = "; ".join(f"{pin}: {reason}: {text}" for pin, reason, text in bad)
                 dead.append((h.entry, bad[0][1], detail[:2000]))
