@@ -24,7 +24,14 @@ Contract:
   dead-letters all its entries; any other permanent answer is narrowed down to the pins that
   cause it (the pin Blynk names, else halving the pin set), the rest is written, and the entries
   that carried a failing pin are dead-lettered with the reason (original entry kept for replay).
+  A refused history point dead-letters its entry; the current value is still written.
+* **Stop**: no more reads; held entries of ready devices are sent and acked, devices in backoff
+  are left pending in Redis; then return.
 * **Burst mode** (``until_idle=True``): return once nothing is left to read and nothing is held.
+
+Redis work of finished device writes (record, ack, dead letters, extra rate-limit slots) is
+group-committed: calls made in one loop iteration share one pipeline. The Blynk server's
+integration status (``blynk``/server name) follows outages and recoveries.
 """
 
 from __future__ import annotations
@@ -185,7 +192,7 @@ class EgressStage:
         )
         timeout_s = ctx.config.blynk.timeout_s
         self.order = LastWritten(
-            ctx.redis, ctx.keys, ctx.consumer, lease_ms=int(max(30.0, 6 * timeout_s) * 1000)
+            ctx.redis, ctx.keys, ctx.consumer, lease_ms=int(max(15.0, 3 * timeout_s) * 1000)
         )
         self.limiter = RateLimiter(ctx.redis, ctx.keys, cfg.per_device_rps)
         self.registry = Registry(ctx.redis, ctx.keys)
@@ -408,9 +415,10 @@ class EgressStage:
             claims = await self.order.claim([(d.key, list(p.pins)) for d, p in plans])
             granted = [(d, p) for (d, p), c in zip(plans, claims, strict=True) if c.granted]
             now = time.monotonic()
-            for (dev, _), claim in zip(plans, claims, strict=True):
+            for (dev, plan), claim in zip(plans, claims, strict=True):
                 if not claim.granted:
                     self._requeue(dev, not_before=now + min(LEASE_RETRY_S, claim.busy_ms / 1000))
+                    self._release_probes([(dev, plan)])
             for (_, plan), claim in zip(plans, claims, strict=True):
                 if claim.granted:
                     stale = drop_stale(plan, claim.last)
