@@ -200,6 +200,14 @@ class IngestMqttConfig(_Base):
     max_payload_bytes: int = 256 * 1024
     #: Cap of the reconnect backoff.
     max_backoff_s: float = 30.0
+    #: Standbys subscribe too and keep the last ``lease_ttl_ms`` (+ the acquisition interval
+    #: + ``standby_margin_ms``) of raw messages in memory, appended when they take over: no
+    #: uplink is lost in a failover (duplicates are removed downstream by event_id).
+    warm_standby: bool = True
+    standby_margin_ms: int = 2_000
+    #: Bounds of a standby's buffer; past them the oldest messages go first (counted).
+    standby_max_messages: int = 100_000
+    standby_max_bytes: int = 128 * 1024 * 1024
 
 
 class TransformConfig(_Base):

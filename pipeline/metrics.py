@@ -95,6 +95,25 @@ INGEST_DROPPED = Counter(
 LEASE_HELD = Gauge(
     "bb_lease_held", "1 while this process owns the lease of an integration", ["kind", "name"]
 )
+MQTT_STANDBY = Gauge(
+    "bb_mqtt_standby",
+    "1 while this process is a warm standby of a TTS application (subscribed, buffering)",
+    ["integration"],
+)
+MQTT_STANDBY_BUFFERED = Gauge(
+    "bb_mqtt_standby_buffered", "Raw messages a warm standby holds in memory", ["integration"]
+)
+MQTT_STANDBY_OVERFLOW = Counter(
+    "bb_mqtt_standby_overflow_total",
+    "Messages a warm standby let go before their time because its buffer was full "
+    "(a failover in that moment could lose them)",
+    ["integration"],
+)
+MQTT_REPLAYED = Counter(
+    "bb_mqtt_replayed_total",
+    "Buffered messages a standby appended on taking over (mostly duplicates, removed by event_id)",
+    ["integration"],
+)
 
 # egress (workers.egress)
 EGRESS_DROPPED = Counter(

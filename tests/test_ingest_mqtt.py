@@ -1,6 +1,7 @@
 """ingest-mqtt against the real Mosquitto and the real Redis: fixtures end to end, dead letters,
-one owner per application across replicas, failover on kill -9, statuses across broker restarts
-and bad credentials. Plus the Redis lease it relies on."""
+one owner per application across replicas, failover on kill -9 (with a warm standby: no uplink
+lost; with a cold one: the gap), statuses across broker restarts and bad credentials. Plus the
+Redis lease and the standby buffer it relies on."""
 
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ from typing import Any
 
 import msgspec
 import pytest
+from prometheus_client import REGISTRY
 
-from emulators.tts import Fleet, Mosquitto
+from emulators.tts import Fleet, Mosquitto, make_uplink
 from pipeline import mqtt
 from pipeline.config import Config, IngestMqttConfig, RedisConfig, TtsApplication
 from pipeline.context import Context
@@ -31,7 +33,7 @@ from pipeline.streams import Redis, StreamWriter
 from tests.conftest import MQTT_HOST, MQTT_PORT, REDIS_URL
 from tests.test_tts_parse import FIXTURE_UPLINKS
 from tests.test_tts_parse import NOW as TABLE_NOW
-from workers.ingest_mqtt import IngestMqtt
+from workers.ingest_mqtt import IngestMqtt, StandbyBuffer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -229,30 +231,40 @@ async def _has_len(redis: Redis, key: str, n: int) -> bool:
     return await stream_len(redis, key) >= n
 
 
-async def test_kill_9_of_the_owner_hands_over_within_the_lease_time(
-    redis: Redis, prefix: str, tmp_path: Path
-) -> None:
-    app = make_app()
+async def _owner_subprocess(app: TtsApplication, prefix: str, tmp_path: Path,
+                            ingest_mqtt: str) -> asyncio.subprocess.Process:
+    """``blynk-bridge ingest-mqtt`` in its own process (so it can be killed -9)."""
     config = tmp_path / "bridge.yaml"
     config.write_text(
         f"redis: {{url: '{REDIS_URL}', prefix: '{prefix}'}}\n"
-        "ingest_mqtt: {lease_ttl_ms: 1500, max_backoff_s: 1}\n"
+        f"ingest_mqtt: {{{ingest_mqtt}}}\n"
         f"tts:\n  - {{name: lab, app_id: {app.app_id}, host: {MQTT_HOST}, port: {MQTT_PORT},"
         " insecure: true}\n"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "blynk_bridge", "--log-format", "text", "ingest-mqtt", "-c",
-        str(config), cwd=ROOT, env=env, stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL)
+    with (tmp_path / "owner.log").open("wb") as log:
+        return await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "blynk_bridge", "--log-format", "text", "ingest-mqtt", "-c",
+            str(config), cwd=ROOT, env=env, stdout=asyncio.subprocess.DEVNULL, stderr=log)
+
+
+async def _wait_owned_by(board: StatusBoard, proc: asyncio.subprocess.Process) -> None:
+    async def subprocess_owns() -> bool:
+        status = await board.get("tts", "lab")
+        return (status is not None and status.state is State.CONNECTED
+                and status.owner is not None and status.owner.endswith(f"-{proc.pid}"))
+
+    await eventually(subprocess_owns, timeout_s=30, what="the subprocess owning the app")
+
+
+async def test_kill_9_of_the_owner_hands_over_within_the_lease_time(
+    redis: Redis, prefix: str, tmp_path: Path
+) -> None:
+    app = make_app()
+    proc = await _owner_subprocess(app, prefix, tmp_path, "lease_ttl_ms: 1500, max_backoff_s: 1")
     board = StatusBoard(redis, Keys(prefix))
     try:
-        async def subprocess_owns() -> bool:
-            status = await board.get("tts", "lab")
-            return (status is not None and status.state is State.CONNECTED
-                    and status.owner is not None and status.owner.endswith(f"-{proc.pid}"))
-
-        await eventually(subprocess_owns, timeout_s=30, what="the subprocess owning the app")
+        await _wait_owned_by(board, proc)
         standby = IngestMqtt(make_ctx(redis, prefix, [app], consumer="standby"),
                              lease_ttl_ms=1500, max_backoff_s=1)
         async with running(standby):
@@ -271,6 +283,202 @@ async def test_kill_9_of_the_owner_hands_over_within_the_lease_time(
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+# --- warm standby: no uplink lost in a failover ---------------------------------------------------
+
+
+class NumberedUplinks:
+    """Publishes uniquely numbered uplinks (one ``as:up:`` id each) until stopped; ``ids`` lists
+    the event ids of those published so far, in order."""
+
+    def __init__(self, app: TtsApplication) -> None:
+        self.app = app
+        self.ids: list[str] = []
+        self._stop = asyncio.Event()
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        settings = mqtt.Settings(MQTT_HOST, MQTT_PORT, client_id=f"seq-{uuid.uuid4().hex[:8]}")
+        topic = f"v3/{self.app.username}/devices/seq/up"
+        async with mqtt.Session(settings) as session:
+            while not self._stop.is_set():
+                n = len(self.ids)
+                msg = make_uplink(self.app.app_id, self.app.tenant, "seq", n + 1, {"n": n})
+                await session.publish(topic, json.dumps(msg).encode())
+                self.ids.append(msg["correlation_ids"][0])
+                await asyncio.sleep(0.002)  # the pace of the load, not a synchronization
+
+    async def more(self, n: int) -> None:
+        """Wait until ``n`` more uplinks than now are published."""
+        target = len(self.ids) + n
+
+        async def published() -> bool:
+            return len(self.ids) >= target
+
+        await eventually(published, what=f"{n} more uplinks published")
+
+    async def stop(self) -> list[str]:
+        self._stop.set()
+        await asyncio.wait_for(self._task, 10)
+        return self.ids
+
+
+def _sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+@pytest.mark.parametrize("warm", [True, False], ids=["warm", "cold"])
+async def test_kill_9_mid_stream_loses_nothing_with_a_warm_standby(
+    redis: Redis, prefix: str, tmp_path: Path, warm: bool
+) -> None:
+    app = make_app()
+    setting = f"lease_ttl_ms: 1000, max_backoff_s: 1, warm_standby: {str(warm).lower()}"
+    proc = await _owner_subprocess(app, prefix, tmp_path, setting)
+    keys = Keys(prefix)
+    stream = keys.stream("uplinks")
+    board = StatusBoard(redis, keys)
+    replayed_before = _sample("bb_mqtt_replayed_total", integration="lab")
+    try:
+        await _wait_owned_by(board, proc)
+        standby = IngestMqtt(make_ctx(redis, prefix, [app], consumer="standby"),
+                             lease_ttl_ms=1000, max_backoff_s=1, warm_standby=warm)
+        async with running(standby):
+            if warm:
+                await asyncio.wait_for(standby.connected["lab"].wait(), 10)
+                # Standing by: subscribed, reporting itself, but not the integration's owner.
+                assert _sample("bb_mqtt_standby", integration="lab") == 1
+                await _wait_owned_by(board, proc)
+            publisher = NumberedUplinks(app)
+            await eventually(lambda: _has_len(redis, stream, 50), what="the owner appending")
+            proc.send_signal(signal.SIGKILL)
+            await asyncio.wait_for(proc.wait(), 10)
+            await asyncio.wait_for(standby.subscribed["lab"].wait(), 15)
+            await publisher.more(50)
+            published = await publisher.stop()
+
+            async def last_one_in() -> bool:
+                rows = await redis.xrevrange(stream, count=1)
+                return bool(rows) and decode_uplink(rows[0][1][b"d"]).event_id == published[-1]
+
+            # The standby appends in the order it received: the last one published comes last.
+            await eventually(last_one_in, what="the last uplink published")
+        got = {u.event_id for u in await uplinks(redis, keys)}
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert len(set(published)) == len(published) > 100
+    assert got <= set(published)
+    replayed = _sample("bb_mqtt_replayed_total", integration="lab") - replayed_before
+    if warm:
+        assert got == set(published)
+        assert replayed > 0
+    else:
+        # Published while nobody was subscribed: gone for good (this is what warm prevents).
+        assert set(published) - got
+        assert replayed == 0
+
+
+async def test_a_standby_appends_nothing_and_its_trouble_is_not_the_integrations(
+    redis: Redis, prefix: str
+) -> None:
+    app = make_app()
+    owner = IngestMqtt(make_ctx(redis, prefix, [app], consumer="r1"), lease_ttl_ms=1000)
+    stop = asyncio.Event()
+    owner_task = asyncio.create_task(owner.main_loop(stop))
+    try:
+        await asyncio.wait_for(owner.subscribed["lab"].wait(), 10)
+        closed = _closed_port()
+        broken = IngestMqtt(
+            make_ctx(redis, prefix, [app], consumer="r2"), lease_ttl_ms=1000, max_backoff_s=0.2,
+            settings_for=lambda a, c: mqtt.Settings(MQTT_HOST, closed, client_id=c))
+        warm = IngestMqtt(make_ctx(redis, prefix, [app], consumer="r3"), lease_ttl_ms=1000)
+        failures = _sample("bb_mqtt_connects_total", integration="lab", outcome="unreachable")
+        async with running(broken), running(warm):
+            await eventually(
+                lambda: _gt(_sample("bb_mqtt_connects_total", integration="lab",
+                                    outcome="unreachable"), failures + 1),
+                what="the standby failing to connect, twice")
+            await asyncio.wait_for(warm.connected["lab"].wait(), 10)
+            status = await StatusBoard(redis, owner._keys).get("tts", "lab")
+            assert status is not None and status.state is State.CONNECTED
+            assert status.owner == "r1"
+            await Fleet(MQTT_HOST, MQTT_PORT, app.app_id, app.tenant, devices=2,
+                        rate_per_s=1e9).run(count=20)
+            await eventually(lambda: _has_len(redis, owner._keys.stream("uplinks"), 20),
+                             what="20 uplinks")
+
+            async def warm_kept_them() -> bool:
+                return len(warm._feeds["lab"].buffer) == 20
+
+            await eventually(warm_kept_them, what="the warm standby keeping the 20")
+            # Kept, not appended: once the owner's 20 are in, a standby's would be too.
+            assert await stream_len(redis, owner._keys.stream("uplinks")) == 20
+            assert not warm.subscribed["lab"].is_set() and not broken.subscribed["lab"].is_set()
+    finally:
+        stop.set()
+        await asyncio.wait_for(owner_task, 15)
+
+
+async def _gt(value: float, than: float) -> bool:
+    return value > than
+
+
+async def test_graceful_handover_to_a_warm_standby_loses_nothing(
+    redis: Redis, prefix: str
+) -> None:
+    app = make_app()
+    first = IngestMqtt(make_ctx(redis, prefix, [app], consumer="r1"), lease_ttl_ms=1000)
+    second = IngestMqtt(make_ctx(redis, prefix, [app], consumer="r2"), lease_ttl_ms=1000)
+    keys = first._keys
+    first_stop = asyncio.Event()
+    first_task = asyncio.create_task(first.main_loop(first_stop))
+    await asyncio.wait_for(first.subscribed["lab"].wait(), 10)
+    async with running(second):
+        await asyncio.wait_for(second.connected["lab"].wait(), 10)
+        publisher = NumberedUplinks(app)
+        await eventually(lambda: _has_len(redis, keys.stream("uplinks"), 30), what="appending")
+        first_stop.set()  # SIGTERM: stop reading, write what was read, release the lease
+        await asyncio.wait_for(first_task, 15)
+        await asyncio.wait_for(second.subscribed["lab"].wait(), 10)
+        await publisher.more(30)
+        published = await publisher.stop()
+
+        async def all_in() -> bool:
+            return {u.event_id for u in await uplinks(redis, keys)} >= set(published)
+
+        await eventually(all_in, what="every published uplink")
+    assert not second.subscribed["lab"].is_set()  # stopped: released
+
+
+# --- the standby buffer (pure) --------------------------------------------------------------------
+
+
+def test_standby_buffer_keeps_the_window_oldest_first() -> None:
+    buf = StandbyBuffer(window_s=1.5, max_messages=100, max_bytes=10_000)
+    for t in (0.0, 1.0, 2.0):
+        assert buf.add(t, int(t * 1000), "t", b"x") == 0
+    assert len(buf) == 2  # 0.0 is older than 2.0 - 1.5
+    buf.add(10.0, 10_000, "t", b"y", expire=False)  # draining a replay: nothing ages out
+    assert len(buf) == 3
+    assert buf.take(2) == [(1000, "t", b"x"), (2000, "t", b"x")]
+    assert buf.take(5) == [(10_000, "t", b"y")] and buf.take(5) == []
+    assert buf.bytes == 0
+    buf.add(20.0, 1, "t", b"z")
+    buf.expire(30.0)
+    assert len(buf) == 0 and buf.bytes == 0
+
+
+def test_standby_buffer_bounds_count_and_bytes_and_says_what_it_let_go() -> None:
+    buf = StandbyBuffer(window_s=60, max_messages=3, max_bytes=100)
+    assert [buf.add(0, i, "t", bytes(10)) for i in range(4)] == [0, 0, 0, 1]
+    assert [m[0] for m in buf.take(10)] == [1, 2, 3]
+    assert buf.add(0, 7, "t", bytes(60)) == 0
+    assert buf.add(0, 8, "t", bytes(60)) == 1  # 122 bytes > 100: the oldest goes
+    assert buf.bytes == 61 and [m[0] for m in buf.take(10)] == [8]
+    assert buf.add(0, 9, "t", bytes(200)) == 1  # larger than the whole buffer: not kept
+    assert len(buf) == 0 and buf.bytes == 0
 
 
 # --- statuses ------------------------------------------------------------------------------------
