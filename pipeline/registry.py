@@ -305,28 +305,40 @@ class Registry:
 
     async def _listen(self) -> None:
         """Evict on every published change; reconnect with backoff (the version check covers
-        whatever is missed meanwhile)."""
+        whatever is missed meanwhile).
+
+        The subscription has a client (and connection pool) of its own: a cancelled pub/sub
+        read must never hand a connection still in subscribe mode back to the pool every other
+        command uses.
+        """
         from pipeline.consumer import backoff_s
 
+        pool = self._redis.connection_pool
+        client = Redis(connection_pool=type(pool)(
+            connection_class=pool.connection_class, max_connections=1,
+            **pool.connection_kwargs))
         attempt = 0
         channel = self._keys.registry_channel()
-        while True:
-            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
-            try:
-                await pubsub.subscribe(channel)
-                self.subscribed.set()
-                attempt = 0
-                async for message in pubsub.listen():
-                    data = message.get("data")
-                    if isinstance(data, bytes):
-                        self.evict(data.decode())
-            except RedisError as exc:
-                self.subscribed.clear()
-                attempt += 1
-                log.warning("registry: pub/sub lost (%s); reconnecting", exc)
-                await asyncio.sleep(backoff_s(attempt, 10.0))
-            finally:
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
+        try:
+            while True:
+                pubsub = client.pubsub(ignore_subscribe_messages=True)
+                try:
+                    await pubsub.subscribe(channel)
+                    self.subscribed.set()
+                    attempt = 0
+                    async for message in pubsub.listen():
+                        data = message.get("data")
+                        if isinstance(data, bytes):
+                            self.evict(data.decode())
+                except RedisError as exc:
+                    self.subscribed.clear()
+                    attempt += 1
+                    log.warning("registry: pub/sub lost (%s); reconnecting", exc)
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await asyncio.sleep(backoff_s(attempt, 10.0))
+        finally:
+            self.subscribed.clear()
+            await client.aclose(close_connection_pool=True)
 
     # ---- writes --------------------------------------------------------------------------
 
