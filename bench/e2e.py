@@ -828,7 +828,9 @@ async def amain(args: argparse.Namespace, procs: Processes) -> dict[str, Any]:
     print()
     if args.find_max:
         bb, bn = best(bridge), best(base)
-        for label, b in (("bridge", bb), ("node-red", bn)):
+        for label, b, ran in (("bridge", bb, bridge), ("node-red", bn, base)):
+            if not ran:
+                continue
             if b is None:
                 print(f"{label}: no rate met delivered/sent = 1.0 and p99 <= {P99_LIMIT_MS:.0f} ms")
             else:
