@@ -165,6 +165,9 @@ class StreamReader:
         self.claim_idle_ms = claim_idle_ms
         self.max_deliveries = max_deliveries
         self._own_pending = True  # at start, look for entries a previous run left behind
+        #: Where the next own-pending read starts, per stream: entries before it were served
+        #: in this pass (they may still be held, unacked, by the caller).
+        self._pending_cursor = dict.fromkeys(self.streams, "0-0")
         self._next_claim = 0.0
         self._claim_cursor = {s: "0-0" for s in self.streams}
 
@@ -178,16 +181,19 @@ class StreamReader:
                     raise
 
     def retry_pending(self) -> None:
-        """Ask the next :meth:`read` to deliver this consumer's pending entries again."""
+        """Ask the next :meth:`read` to deliver this consumer's pending entries again, from
+        the oldest (after a retryable failure left a batch unacked)."""
         self._own_pending = True
+        self._pending_cursor = dict.fromkeys(self.streams, "0-0")
 
     async def read(self, *, block: bool = True) -> list[Entry]:
         """One batch: own pending, then reclaimed, then new entries (see module docstring)."""
-        if self._own_pending:
-            entries = await self._read_own_pending()
+        while self._own_pending:
+            entries, exhausted = await self._read_own_pending()
             if entries:
                 return entries
-            self._own_pending = False
+            if exhausted:
+                self._own_pending = False
         if time.monotonic() >= self._next_claim:
             self._next_claim = time.monotonic() + self.claim_idle_ms / 2000
             entries = await self._claim_idle()
@@ -195,12 +201,20 @@ class StreamReader:
                 return entries
         return await self._read_new(block)
 
-    async def _read_own_pending(self) -> list[Entry]:
+    async def _read_own_pending(self) -> tuple[list[Entry], bool]:
+        """The next batch of one pass over this consumer's pending list (a cursor, so entries
+        the caller still holds are not served again within the pass), and whether the pass is
+        over. A batch may come back empty but not over (all of it dead-lettered)."""
         reply = await self._redis.xreadgroup(
-            self.group, self.consumer, dict.fromkeys(self.streams, "0"), count=self.batch
+            self.group, self.consumer, dict(self._pending_cursor), count=self.batch
         )
-        raw = [(s, i, f) for s, msgs in _streams_of(reply) for i, f in msgs if f is not None]
-        return await self._with_counts(raw)
+        raw = []
+        for s, msgs in _streams_of(reply):
+            if msgs:
+                self._pending_cursor[s] = msgs[-1][0]
+            raw.extend((s, i, f) for i, f in msgs if f is not None)
+        exhausted = all(not msgs for _, msgs in _streams_of(reply))
+        return await self._with_counts(raw), exhausted
 
     async def _claim_idle(self) -> list[Entry]:
         raw: list[tuple[str, str, dict[bytes, bytes]]] = []
@@ -309,6 +323,17 @@ def _streams_of(reply: Any) -> list[tuple[str, list[tuple[str, dict[bytes, bytes
     return [(_s(stream), [(_s(i), f) for i, f in msgs]) for stream, msgs in reply]
 
 
-def connect(url: str, **kwargs: Any) -> Redis:
-    """A client speaking RESP2 with bytes replies: the shape every reply parser here expects."""
-    return aioredis.Redis.from_url(url, decode_responses=False, protocol=2, **kwargs)
+def connect(
+    url: str, *, max_connections: int = 256, timeout_s: float = 30.0, **kwargs: Any
+) -> Redis:
+    """A client speaking RESP2 with bytes replies (the shape every reply parser here expects).
+
+    Its pool *waits* for a free connection (up to ``timeout_s``) rather than failing: every
+    stage of a process shares it, and a burst of concurrent Blynk writes in egress must queue,
+    not turn into errors.
+    """
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=max_connections, timeout=timeout_s,
+        decode_responses=False, protocol=2, **kwargs,
+    )
+    return aioredis.Redis(connection_pool=pool)

@@ -66,6 +66,24 @@ async def test_own_pending_entries_come_back_before_new_ones(redis: Redis, keys:
     assert [e.data for e in rest] == [b"3"]
 
 
+async def test_own_pending_pass_never_serves_an_entry_twice_while_it_is_held(
+    redis: Redis, keys: Keys
+) -> None:
+    """A consumer that holds entries across reads (egress) gets each pending one once a pass."""
+    stream = keys.stream("uplinks")
+    first = reader(redis, keys, consumer="w")
+    await first.ensure_group()
+    await StreamWriter(redis).add_many([(stream, f"{i}".encode()) for i in range(3)])
+    assert len(await first.read()) == 3  # then the process dies without acking
+    restarted = reader(redis, keys, consumer="w", batch=2)
+    assert [e.data for e in await restarted.read()] == [b"0", b"1"]  # held, not acked
+    assert [e.data for e in await restarted.read()] == [b"2"]
+    await StreamWriter(redis).add_many([(stream, b"new")])
+    assert [e.data for e in await restarted.read()] == [b"new"]
+    restarted.retry_pending()  # a failure: the whole pending list again, from the oldest
+    assert [e.data for e in await restarted.read()] == [b"0", b"1"]
+
+
 async def test_a_restarted_consumer_reads_what_it_left_pending(redis: Redis, keys: Keys) -> None:
     stream = keys.stream("uplinks")
     r1 = reader(redis, keys, consumer="worker-a")

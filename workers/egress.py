@@ -284,19 +284,12 @@ class EgressStage:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def _read(self) -> list[Entry]:
-        """One batch from the reader, which serves this consumer's own pending entries first.
+        """One batch: own pending entries first (one pass, after a restart), then new ones.
 
-        Those stay pending while egress holds them, so the reader would serve the same ones
-        again on every read (each time counting a delivery). After one batch of them, egress
-        switches the reader over to new entries; own pending entries beyond that batch are not
-        lost: they go idle and come back through ``XAUTOCLAIM`` (``claim_idle_ms``).
+        Held entries stay pending until their write lands; the reader's own-pending pass uses a
+        cursor, so it never serves an entry egress still holds.
         """
-        # StreamReader has no public switch for this (yet): see the note to the lead.
-        own_first = self.reader._own_pending
-        entries = await self.reader.read(block=not self.until_idle)
-        if own_first and entries and self.reader._own_pending:
-            self.reader._own_pending = False
-        return entries
+        return await self.reader.read(block=not self.until_idle)
 
     def _next_deadline(self) -> float | None:
         """Seconds until the next flush or backoff expiry; ``None`` when nothing is due."""
