@@ -118,14 +118,15 @@ MQTT_REPLAYED = Counter(
 # egress (workers.egress)
 EGRESS_DROPPED = Counter(
     "bb_egress_dropped_values_total",
-    "Values not sent to Blynk: coalesced (a newer one in the same flush) or stale (Blynk has newer)",
+    "Values not sent to Blynk: coalesced (newer one in the same flush) or stale (Blynk has newer)",
     ["reason"],
 )
 EGRESS_HELD = Gauge(
     "bb_egress_held_entries", "Write entries held in memory by egress (waiting, in flight, backoff)"
 )
 EGRESS_LEASE_LOST = Counter(
-    "bb_egress_lease_lost_total", "Device writes that outlived their in-flight lease (order at risk)"
+    "bb_egress_lease_lost_total",
+    "Device writes that outlived their in-flight lease (order at risk)",
 )
 
 

@@ -208,7 +208,7 @@ class StreamReader:
         reply = await self._redis.xreadgroup(
             self.group, self.consumer, dict(self._pending_cursor), count=self.batch
         )
-        raw = []
+        raw: list[tuple[str, str, dict[bytes, bytes]]] = []
         for s, msgs in _streams_of(reply):
             if msgs:
                 self._pending_cursor[s] = msgs[-1][0]
