@@ -206,7 +206,10 @@ class StreamReader:
         the caller still holds are not served again within the pass), and whether the pass is
         over. A batch may come back empty but not over (all of it dead-lettered)."""
         reply = await self._redis.xreadgroup(
-            self.group, self.consumer, dict(self._pending_cursor), count=self.batch
+            self.group,
+            self.consumer,
+            {s: c for s, c in self._pending_cursor.items()},  # redis-py wants its own key type
+            count=self.batch,
         )
         raw: list[tuple[str, str, dict[bytes, bytes]]] = []
         for s, msgs in _streams_of(reply):
