@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 import time
@@ -26,7 +27,7 @@ from pipeline.particle import parse_webhook
 from pipeline.status import State, StatusBoard
 from pipeline.streams import Redis, StreamWriter
 from pipeline.tts import parse_message
-from tests.conftest import REDIS_URL, free_port, serve_app
+from tests.conftest import REDIS_URL, free_port
 from tests.test_particle_parse import FIXTURES, INVALID, RECEIVED, TOKEN
 from workers.ingest_http import IngestHttp, build
 
@@ -71,9 +72,19 @@ async def stage(redis: Redis, prefix: str) -> IngestHttp:
     return make_stage(redis, prefix)
 
 
+@contextlib.asynccontextmanager
+async def serving(stage: IngestHttp) -> AsyncIterator[str]:
+    """The stage's own server, as the CLI runs it, on an unused port; yields its base URL."""
+    base = await stage.serve("127.0.0.1", 0)
+    try:
+        yield base
+    finally:
+        await stage.shutdown()
+
+
 @pytest.fixture
 async def url(stage: IngestHttp) -> AsyncIterator[str]:
-    async with serve_app(stage.app) as base:
+    async with serving(stage) as base:
         yield base
 
 
@@ -275,7 +286,7 @@ async def test_fleet_retries_when_the_bridge_refuses(redis: Redis, prefix: str,
     await redis.xgroup_create(stream, GROUP_TRANSFORM, id="0", mkstream=True)
     await redis.xadd(stream, {b"d": b"x"})
     before = counter("bb_rejected_total", source="particle", reason="backlog")
-    async with serve_app(stage.app) as base:
+    async with serving(stage) as base:
         await until(lambda: _is(stage.backlog.refresh(), 1))
         fleet = ParticleFleet(f"{base}/particle/tempmon", 1, 100.0, retry_delays_s=(0.05,) * 100)
         run = asyncio.create_task(fleet.run(count=1))
@@ -391,7 +402,7 @@ async def test_backlog_past_high_water_gives_503_with_retry_after(
     stage.backlog.interval_s = 0.05
     stream = keys.stream("uplinks")
     await redis.xgroup_create(stream, GROUP_TRANSFORM, id="0", mkstream=True)
-    async with serve_app(stage.app) as base:
+    async with serving(stage) as base:
         body = b'{"coreid":"d","v":1}'
         for _ in range(4):
             status, _, _ = await post(http, f"{base}/particle/tempmon", body)
@@ -422,7 +433,7 @@ async def test_redis_down_gives_503_not_500(prefix: str, http: aiohttp.ClientSes
 
     dead = connect("redis://127.0.0.1:1/0", socket_connect_timeout=0.2)
     stage = make_stage(dead, prefix)
-    async with serve_app(stage.app) as base:
+    async with serving(stage) as base:
         status, err, resp = await post(http, f"{base}/particle/tempmon", b'{"coreid":"d"}')
         assert status == 503 and err is not None and err["error"]["reason"] == "redis_unavailable"
         assert "Retry-After" in resp.headers

@@ -19,8 +19,14 @@ from pipeline.events import decode_uplink
 from pipeline.keys import Keys
 from pipeline.particle import parse_webhook
 from pipeline.streams import Redis
-from tests.conftest import FIXTURES, serve_app
-from tests.test_ingest_http import BASIC_PASSWORD, HEADER_SECRET, TTS_KEY, make_stage
+from tests.conftest import FIXTURES
+from tests.test_ingest_http import (
+    BASIC_PASSWORD,
+    HEADER_SECRET,
+    TTS_KEY,
+    make_stage,
+    serving,
+)
 from workers.ingest_http import IngestHttp
 
 MAX_BODY = 4096  # as configured by make_stage
@@ -122,7 +128,7 @@ def auth_headers(draw: st.DrawFn) -> dict[str, str]:
 @pytest.fixture
 async def served(redis: Redis, prefix: str) -> AsyncIterator[tuple[IngestHttp, str]]:
     stage = make_stage(redis, prefix)
-    async with serve_app(stage.app) as base:
+    async with serving(stage) as base:
         yield stage, base
 
 

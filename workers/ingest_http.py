@@ -1,6 +1,6 @@
 """ingest-http: Particle and TTS webhooks in, ``Uplink`` entries on the uplinks stream out.
 
-Routes (aiohttp):
+Routes (one dict-routed handler on aiohttp's low-level server):
 
 * ``POST|PUT|GET /particle/{integration}`` — a configured Particle product
   (:func:`pipeline.particle.parse_webhook`; GET is the Blynk blueprint's query-only webhook);
@@ -39,8 +39,8 @@ import hmac
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from typing import Literal
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Literal
 
 import msgspec
 from aiohttp import web
@@ -60,7 +60,12 @@ from pipeline.streams import Redis, now_ms
 log = logging.getLogger("blynk_bridge.ingest_http")
 
 Source = Literal["particle", "tts"]
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+
+_PARTICLE_METHODS = ("GET", "POST", "PUT")
+_PROBE_METHODS = ("GET", "HEAD")
+#: ``bb_rejected_total{source}`` of a request that matches no route, by its first path segment.
+_ROUTE_SOURCES = {"particle": "particle", "tts": "tts"}
 
 #: Seconds a client is asked to wait (``Retry-After``) when the backlog or Redis refuses input.
 RETRY_AFTER_S = 5
@@ -283,7 +288,8 @@ class InboundStatus:
 
 
 class IngestHttp:
-    """The ingest-http stage; ``app`` is its aiohttp application (tests serve it directly)."""
+    """The ingest-http stage: one dict-routed handler (:meth:`handle`) on aiohttp's
+    low-level server (:meth:`serve`)."""
 
     name = "ingest-http"
 
@@ -307,8 +313,14 @@ class IngestHttp:
         #: Requests being handled right now (graceful stop waits for them).
         self.in_flight = 0
         self._ingested: dict[tuple[str, str, str], Counter] = {}
-        self.app = self._make_app()
-        self._runner: web.AppRunner | None = None
+        self._rejections: dict[tuple[str, str], Counter] = {}
+        self._probes: dict[str, Handler] = {"/healthz": self.healthz, "/readyz": self.readyz,
+                                            "/status": self.status_page,
+                                            "/metrics": self.metrics_page}
+        self._runner: web.ServerRunner | None = None
+        self._backlog_task: asyncio.Task[None] | None = None
+        #: The base URL once serving (``serve``/``startup``).
+        self.url = ""
 
     # lifecycle
 
@@ -316,12 +328,7 @@ class IngestHttp:
         for name, (_, auth) in self.particle.items():
             if auth.open:
                 log.warning("particle integration %r has no auth: anyone can post to it", name)
-        self._runner = web.AppRunner(
-            self.app, shutdown_timeout=self.cfg.shutdown_timeout_s, access_log=None
-        )
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.cfg.host, self.cfg.port, backlog=1024)
-        await site.start()
+        self.url = await self.serve(self.cfg.host, self.cfg.port)
         log.info("ingest-http listening on %s:%d (particle: %s; tts webhooks: %s)",
                  self.cfg.host, self.cfg.port, ", ".join(self.particle) or "-",
                  ", ".join(self.tts) or "-")
@@ -339,57 +346,82 @@ class IngestHttp:
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
+        task, self._backlog_task = self._backlog_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await self.appender.close()
         await self.status.drain()
 
-    # the app
+    # serving
 
-    def _make_app(self) -> web.Application:
-        app = web.Application(client_max_size=self.cfg.max_body_bytes,
-                              middlewares=[self._refusals])
-        app.router.add_route("POST", "/particle/{integration}", self.particle_webhook)
-        app.router.add_route("PUT", "/particle/{integration}", self.particle_webhook)
-        app.router.add_route("GET", "/particle/{integration}", self.particle_webhook)
-        app.router.add_post("/tts/{integration}", self.tts_webhook)
-        app.router.add_get("/healthz", self.healthz)
-        app.router.add_get("/readyz", self.readyz)
-        app.router.add_get("/status", self.status_page)
-        app.router.add_get("/metrics", self.metrics_page)
-        app.cleanup_ctx.append(self._backlog_refresher)
-        return app
+    def _request(self, message: Any, payload: Any, protocol: Any, writer: Any,
+                 task: Any) -> web.BaseRequest:
+        return web.BaseRequest(message, payload, protocol, writer, task,
+                               asyncio.get_running_loop(),
+                               client_max_size=self.cfg.max_body_bytes)
 
-    async def _backlog_refresher(self, app: web.Application) -> AsyncIterator[None]:
-        task = asyncio.create_task(self.backlog.run(), name="ingest-http-backlog")
-        yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    async def serve(self, host: str, port: int) -> str:
+        """Listen on ``host:port`` (0: an unused port) and start the backlog refresher; returns
+        the base URL. :meth:`main_loop`/:meth:`shutdown` stop it gracefully."""
+        server = web.Server(self.handle, request_factory=self._request, access_log=None)
+        self._runner = web.ServerRunner(server, shutdown_timeout=self.cfg.shutdown_timeout_s)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port, backlog=1024)
+        await site.start()
+        self._backlog_task = asyncio.create_task(self.backlog.run(), name="ingest-http-backlog")
+        bound = self._runner.addresses[0]
+        return f"http://{host}:{bound[1]}"
 
-    @web.middleware
-    async def _refusals(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        """Every request: a dict lookup instead of aiohttp's router and middlewares (they cost
+        more than parsing and storing a webhook, ``bench/ingest_http.py``); every refusal
+        answered as ``{"error": …}`` and counted."""
         self.in_flight += 1
         try:
-            return await handler(request)
+            path = request.path
+            method = request.method
+            if path.startswith("/particle/"):
+                name = path[10:]
+                if name and "/" not in name:
+                    if method in _PARTICLE_METHODS:
+                        return await self.particle_webhook(request, name)
+                    raise self._not_allowed("particle", method, _PARTICLE_METHODS)
+            elif path.startswith("/tts/"):
+                name = path[5:]
+                if name and "/" not in name:
+                    if method == "POST":
+                        return await self.tts_webhook(request, name)
+                    raise self._not_allowed("tts", method, ("POST",))
+            else:
+                probe = self._probes.get(path)
+                if probe is not None:
+                    if method in _PROBE_METHODS:
+                        return await probe(request)
+                    raise self._not_allowed(path[1:], method, _PROBE_METHODS)
+            # Not the first path segment as a label: unbounded series from anyone's typos.
+            self._rejected(_ROUTE_SOURCES.get(path.split("/")[1], "-"), "not_found")
+            raise Refused(404, "not_found", f"no route {path[:100]}")
         except Refused as refused:
             return _error_response(refused)
-        except web.HTTPNotFound:
-            source = request.path.split("/")[1][:16] or "-"
-            metrics.REJECTED.labels(source, "not_found").inc()
-            return _error_response(Refused(404, "not_found", f"no route {request.path[:100]}"))
-        except web.HTTPMethodNotAllowed as exc:
-            source = request.path.split("/")[1][:16] or "-"
-            metrics.REJECTED.labels(source, "method_not_allowed").inc()
-            return _error_response(Refused(
-                405, "method_not_allowed", f"{request.method} is not allowed here",
-                headers={"Allow": ", ".join(sorted(exc.allowed_methods))},
-            ))
         finally:
             self.in_flight -= 1
 
+    def _not_allowed(self, source: str, method: str, allowed: tuple[str, ...]) -> Refused:
+        self._rejected(source, "method_not_allowed")
+        return Refused(405, "method_not_allowed", f"{method[:16]} is not allowed here",
+                       headers={"Allow": ", ".join(sorted(allowed))})
+
+    def _rejected(self, source: str, reason: str) -> None:
+        counter = self._rejections.get((source, reason))
+        if counter is None:
+            counter = self._rejections[(source, reason)] = metrics.REJECTED.labels(source, reason)
+        counter.inc()
+
     # webhooks
 
-    async def particle_webhook(self, request: web.Request) -> web.Response:
-        name = request.match_info["integration"]
+    async def particle_webhook(self, request: web.BaseRequest, name: str) -> web.Response:
         entry = self.particle.get(name)
         if entry is None:
             raise self._refuse("particle", None, Refused(
@@ -406,10 +438,9 @@ class IngestHttp:
             raise self._invalid("particle", name, exc) from None
         return await self._append(uplink, name)
 
-    async def tts_webhook(self, request: web.Request) -> web.Response:
+    async def tts_webhook(self, request: web.BaseRequest, name: str) -> web.Response:
         from pipeline.tts import parse_message
 
-        name = request.match_info["integration"]
         entry = self.tts.get(name)
         if entry is None:
             raise self._refuse("tts", None, Refused(
@@ -436,7 +467,7 @@ class IngestHttp:
             return web.Response(status=202, headers={"X-Skipped": "not an uplink"})
         return await self._append(uplink, name)
 
-    async def _admit(self, request: web.Request, source: Source, name: str,
+    async def _admit(self, request: web.BaseRequest, source: Source, name: str,
                      auth: Authenticator) -> None:
         """Auth, declared size, content type and backlog: everything decided before reading."""
         refused = auth.check(request.headers)
@@ -459,7 +490,7 @@ class IngestHttp:
                 f"{self.cfg.backlog_high_water}); retry later",
                 headers={"Retry-After": str(RETRY_AFTER_S)}))
 
-    async def _body(self, request: web.Request, source: Source, name: str) -> bytes:
+    async def _body(self, request: web.BaseRequest, source: Source, name: str) -> bytes:
         try:
             return await request.read()
         except web.HTTPRequestEntityTooLarge:
@@ -507,7 +538,7 @@ class IngestHttp:
             raise self._refuse(source, None, Refused(
                 503, "redis_unavailable", "the bridge cannot store messages right now",
                 headers={"Retry-After": str(RETRY_AFTER_S)})) from None
-        metrics.REJECTED.labels(source, exc.reason).inc()
+        self._rejected(source, exc.reason)
         metrics.DEAD.labels(self.name, exc.reason).inc()
         return web.Response(status=202, headers={"X-Dead-Letter-Id": entry_id,
                                                  "X-Skipped": exc.reason})
@@ -522,7 +553,7 @@ class IngestHttp:
     def _refuse(self, source: Source, name: str | None, refused: Refused,
                 error_kind: ErrorKind = "protocol") -> Refused:
         """Count a refusal; for a known Particle integration, feed its status."""
-        metrics.REJECTED.labels(source, refused.reason).inc()
+        self._rejected(source, refused.reason)
         if source == "particle" and name is not None:
             self.status.refused(name, f"{refused.status} {refused.reason}: {refused.message}",
                                 error_kind)
@@ -530,17 +561,17 @@ class IngestHttp:
 
     # probes
 
-    async def healthz(self, request: web.Request) -> web.Response:
+    async def healthz(self, request: web.BaseRequest) -> web.Response:
         return web.json_response({"ok": True})
 
-    async def readyz(self, request: web.Request) -> web.Response:
+    async def readyz(self, request: web.BaseRequest) -> web.Response:
         try:
             await asyncio.wait_for(self.ctx.redis.ping(), timeout=1.0)
         except (RedisError, TimeoutError, OSError) as exc:
             return web.json_response({"ready": False, "redis": str(exc)[:200]}, status=503)
         return web.json_response({"ready": True, "redis": "ok", "config": "loaded"})
 
-    async def status_page(self, request: web.Request) -> web.Response:
+    async def status_page(self, request: web.BaseRequest) -> web.Response:
         try:
             integrations = await self.board.all()
         except RedisError as exc:
@@ -557,11 +588,11 @@ class IngestHttp:
         }
         return web.Response(body=_json.encode(body), content_type="application/json")
 
-    async def metrics_page(self, request: web.Request) -> web.Response:
+    async def metrics_page(self, request: web.BaseRequest) -> web.Response:
         return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-def _query(request: web.Request) -> dict[str, str]:
+def _query(request: web.BaseRequest) -> dict[str, str]:
     if not request.query_string:
         return {}
     return {k: v for k, v in request.query.items()}
