@@ -15,9 +15,10 @@ Contract of every request method:
 * Tokens never appear in full in logs, outcomes or exceptions (``pipeline.redact.mask``).
 * Every request is counted in ``bb_blynk_requests_total{endpoint, status}``.
 
-One :class:`aiohttp.ClientSession` (created lazily, in the running loop) with a bounded,
-keep-alive connection pool of ``config.max_connections`` and a total timeout of
-``config.timeout_s`` per request.
+Device API requests go through :class:`pipeline.blynk.http.HttpClient` (a lean keep-alive
+pool of ``config.max_connections`` with a total timeout of ``config.timeout_s`` per request;
+its docstring says why not aiohttp). :meth:`BlynkClient.session` is an
+:class:`aiohttp.ClientSession` (created lazily, same limits) for the platform API.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from redis.exceptions import RedisError
 from yarl import URL
 
 from pipeline import metrics
+from pipeline.blynk.http import HttpClient, HttpError
 from pipeline.blynk.outcomes import (
     BAD_REQUEST,
     INVALID_TOKEN,
@@ -176,12 +178,16 @@ class BlynkClient:
         self.redis = redis
         self.keys = keys
         self._session: aiohttp.ClientSession | None = None
+        self.http = HttpClient(limit=config.max_connections, timeout_s=config.timeout_s)
+        #: (endpoint, status) → its ``bb_blynk_requests_total`` child (labels() is not free).
+        self._counters: dict[tuple[str, str], Any] = {}
         #: token hash → base URL learned from a 308 ("" = none known); bounded LRU.
         self._regions: OrderedDict[str, str] = OrderedDict()
+        self._token_hashes: dict[str, str] = {}
 
     # session ----------------------------------------------------------------------------------
     def session(self) -> aiohttp.ClientSession:
-        """The one shared session (created on first use, inside the running loop)."""
+        """The aiohttp session for the platform API (created on first use, in the loop)."""
         if self._session is None or self._session.closed:
             connector = aiohttp.TCPConnector(limit=self.config.max_connections,
                                              keepalive_timeout=30.0, ttl_dns_cache=300)
@@ -193,6 +199,7 @@ class BlynkClient:
         return self._session
 
     async def close(self) -> None:
+        await self.http.close()
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -203,10 +210,19 @@ class BlynkClient:
 
     # region memory ----------------------------------------------------------------------------
     async def _region(self, token: str) -> str | None:
-        h = token_hash(token)
+        return self._cached_region(token_hash(token)) or await self._load_region(token)
+
+    def _cached_region(self, h: str) -> str | None:
+        """The region known in this process: a base URL, ``""`` (none), None (not known)."""
         cached = self._regions.get(h)
         if cached is not None:
             self._regions.move_to_end(h)
+        return cached
+
+    async def _load_region(self, token: str) -> str | None:
+        h = token_hash(token)
+        cached = self._cached_region(h)
+        if cached is not None:
             return cached or None
         try:
             raw = await self.redis.get(self.keys.region(h))
@@ -238,7 +254,16 @@ class BlynkClient:
                        method: str = "GET", body: bytes | None = None,
                        pin: str | None = None) -> Outcome:
         """Send one request; follow a 308 once; classify the answer."""
-        base = await self._region(token) or self.base_url(server)
+        h = self._token_hashes.get(token)
+        if h is None:
+            h = token_hash(token)
+            if len(self._token_hashes) >= _REGION_CACHE:
+                self._token_hashes.clear()
+            self._token_hashes[token] = h
+        known = self._cached_region(h)
+        if known is None:
+            known = await self._load_region(token)
+        base = known or self.base_url(server)
         redirected = False
         while True:
             url = base + path_query
@@ -259,27 +284,31 @@ class BlynkClient:
 
     async def _send(self, endpoint: str, method: str, url: str, body: bytes | None, token: str,
                     pin: str | None) -> tuple[Outcome, str | None]:
-        headers = {"Content-Type": "application/json"} if body is not None else None
-        counter = metrics.BLYNK_REQUESTS
+        base, target = _split_url(url)
         try:
-            async with self.session().request(method, URL(url, encoded=True), data=body,
-                                              headers=headers, allow_redirects=False) as resp:
-                status = resp.status
-                text = await resp.text()
-                location = resp.headers.get("Location")
-                retry_hdr = resp.headers.get("Retry-After")
+            resp = await self.http.request(base, target, method=method, body=body)
         except TimeoutError:
-            counter.labels(endpoint, "timeout").inc()
+            self._count(endpoint, "timeout")
             return Retry(TIMEOUT, f"no answer within {self.config.timeout_s}s"), None
-        except aiohttp.ClientError as exc:
-            counter.labels(endpoint, "error").inc()
+        except (HttpError, ValueError) as exc:
+            self._count(endpoint, "error")
             return Retry(CONNECTION, f"{type(exc).__name__}: {_scrub(str(exc), token)}"), None
-        counter.labels(endpoint, str(status)).inc()
+        status = resp.status
+        self._count(endpoint, str(status))
+        text = resp.text()
         if 200 <= status < 300:
             return Ok(status, text), None
+        location = resp.headers.get("location")
         if status in (301, 302, 307, 308) and location:
             return Ok(status), location
-        return classify_answer(status, text, retry_hdr, pin), None
+        return classify_answer(status, text, resp.headers.get("retry-after"), pin), None
+
+    def _count(self, endpoint: str, status: str) -> None:
+        child = self._counters.get((endpoint, status))
+        if child is None:
+            child = self._counters[(endpoint, status)] = metrics.BLYNK_REQUESTS.labels(
+                endpoint, status)
+        child.inc()
 
     async def batch_update(self, server: str, token: str, pins: Mapping[str, Value]) -> Outcome:
         """``GET batch/update?token=…&V1=…``: one message, one timestamp for every pin."""
@@ -375,6 +404,14 @@ def _base_of(location: str, path_query: str) -> str | None:
     if not u.is_absolute():
         return None
     return str(u.origin())
+
+
+def _split_url(url: str) -> tuple[str, str]:
+    """``scheme://host[:port]/path?query`` → (base, ``/path?query``)."""
+    i = url.find("/", url.find("//") + 2) if "//" in url else -1
+    if i < 0:
+        return url, "/"
+    return url[:i], url[i:]
 
 
 def _scrub(text: str, token: str) -> str:

@@ -1,0 +1,235 @@
+"""The lean HTTP/1.1 client against real sockets: scripted raw servers and an aiohttp app."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import ssl
+import subprocess
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from pipeline.blynk.http import ConnectError, ConnectionLost, HttpClient, ProtocolError
+from tests.conftest import free_port, serve_app
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
+
+
+@asynccontextmanager
+async def raw_server(handler: Handler,
+                     ssl_ctx: ssl.SSLContext | None = None) -> AsyncIterator[tuple[str, list[int]]]:
+    """A TCP server calling ``handler(reader, writer, connection_number)``; yields base URL and
+    a list that counts requests per connection."""
+    per_conn: list[int] = []
+
+    async def on_conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        per_conn.append(0)
+        try:
+            await handler(reader, writer, len(per_conn) - 1)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(on_conn, "127.0.0.1", 0, ssl=ssl_ctx)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"{'https' if ssl_ctx else 'http'}://127.0.0.1:{port}", per_conn
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def read_request(reader: asyncio.StreamReader) -> bytes:
+    head = await reader.readuntil(b"\r\n\r\n")
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            await reader.readexactly(int(line.split(b":")[1]))
+    return head
+
+
+def scripted(*answers: bytes, close_after: bool = False) -> Handler:
+    """Answer the requests of every connection with ``answers`` in turn."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        for answer in answers:
+            await read_request(reader)
+            for part in answer.split(b"|"):  # "|" marks a separate write
+                writer.write(part)
+                await writer.drain()
+        if not close_after:
+            await reader.read()
+
+    return handler
+
+
+async def test_keep_alive_content_length_and_chunked_split_across_writes() -> None:
+    answers = (
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+        b"HTTP/1.1 400 Bad Request\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhel|lo\r\n"
+        b"6;ext=1\r\n world\r\n0\r\nX-Trailer: 1\r\n\r\n",
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n",
+        b"HTTP/1.1 429 Too Many|\r\nRetry-After: 7\r\ncontent-length: 0\r\n\r\n",
+    )
+    async with raw_server(scripted(*answers)) as (url, conns):
+        client = HttpClient(limit=4, timeout_s=5)
+        try:
+            r1 = await client.request(url, "/a?x=1")
+            r2 = await client.request(url, "/b")
+            r3 = await client.request(url, "/c")
+            r4 = await client.request(url, "/d")
+        finally:
+            await client.close()
+    assert (r1.status, r1.body) == (200, b"ok")
+    assert (r2.status, r2.text()) == (400, "hello world")
+    assert (r3.status, r3.body) == (204, b"")
+    assert (r4.status, r4.headers["retry-after"]) == (429, "7")
+    assert len(conns) == 1  # one keep-alive connection for all four
+
+
+async def test_connection_close_and_body_until_eof_are_not_reused() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        await read_request(reader)
+        if n == 0:
+            writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 1\r\n\r\na")
+        else:
+            writer.write(b"HTTP/1.1 200 OK\r\n\r\nuntil the end")
+        await writer.drain()
+
+    async with raw_server(handler) as (url, conns):
+        client = HttpClient(timeout_s=5)
+        try:
+            r1 = await client.request(url, "/")
+            r2 = await client.request(url, "/")
+            r3 = await client.request(url, "/")
+        finally:
+            await client.close()
+    assert (r1.body, r2.body, r3.body) == (b"a", b"until the end", b"until the end")
+    assert len(conns) == 3
+
+
+async def test_a_get_on_a_connection_closed_while_idle_is_retried_once_a_post_is_not() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        await read_request(reader)  # the next request on this connection: closed unanswered
+        writer.transport.abort()
+
+    async with raw_server(handler) as (url, conns):
+        client = HttpClient(timeout_s=5)
+        try:
+            assert (await client.request(url, "/")).body == b"ok"
+            assert (await client.request(url, "/")).body == b"ok"  # retried on a new connection
+            assert len(conns) == 2
+            with pytest.raises(ConnectionLost):
+                await client.request(url, "/", method="POST", body=b"[]")
+        finally:
+            await client.close()
+
+
+async def test_limit_timeout_connect_and_protocol_errors() -> None:
+    gate = asyncio.Event()
+
+    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        while True:
+            await read_request(reader)
+            await gate.wait()
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+            await writer.drain()
+
+    async with raw_server(slow) as (url, conns):
+        client = HttpClient(limit=1, timeout_s=5)
+        try:
+            pending = [asyncio.create_task(client.request(url, "/")) for _ in range(3)]
+            gate.set()
+            answers = await asyncio.gather(*pending)
+        finally:
+            await client.close()
+        assert [a.status for a in answers] == [200, 200, 200] and len(conns) == 1
+        gate.clear()
+        client = HttpClient(timeout_s=0.2)
+        try:
+            with pytest.raises(TimeoutError):
+                await client.request(url, "/")
+        finally:
+            await client.close()
+    client = HttpClient(timeout_s=2)
+    with pytest.raises(ConnectError):
+        await client.request(f"http://127.0.0.1:{free_port()}", "/")
+    async with raw_server(scripted(b"SSH-2.0-nope\r\n\r\n")) as (url, _):
+        with pytest.raises(ProtocolError):
+            await client.request(url, "/")
+    await client.close()
+
+
+async def test_against_aiohttp_server_with_post_body() -> None:
+    async def echo(request: web.Request) -> web.Response:
+        body = await request.read()
+        return web.Response(text=f"{request.method} {request.path_qs} {body.decode()}",
+                            headers={"X-Host": request.host})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", echo)
+    async with serve_app(app) as url:
+        client = HttpClient(timeout_s=5)
+        try:
+            r = await client.request(url, "/p?a=1&b=%20", method="POST", body=b"[[1,2]]")
+            big = await client.request(url, "/x" + "y" * 5000)
+        finally:
+            await client.close()
+    assert r.text() == "POST /p?a=1&b=%20 [[1,2]]"
+    assert r.headers["x-host"] == url.split("//")[1]
+    assert big.status == 200 and len(big.body) > 5000
+
+
+@pytest.fixture
+def self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl CLI")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    return cert, key
+
+
+async def test_tls(self_signed: tuple[Path, Path]) -> None:
+    cert, key = self_signed
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+    client_ctx = ssl.create_default_context(cafile=str(cert))
+    async with raw_server(scripted(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\ntls"),
+                          server_ctx) as (url, _):
+        client = HttpClient(timeout_s=5, ssl_context=client_ctx)
+        try:
+            assert (await client.request(url, "/")).body == b"tls"
+        finally:
+            await client.close()
+        untrusting = HttpClient(timeout_s=5)
+        with pytest.raises(ConnectError):
+            await untrusting.request(url, "/")
+        await untrusting.close()
+
+
+def test_under_uvloop() -> None:
+    """The bridge runs on uvloop, whose transports are not ``asyncio.Transport`` subclasses."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def main() -> tuple[int, int]:
+        async with raw_server(scripted(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+                                       b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                              ) as (url, conns):
+            client = HttpClient(timeout_s=5)
+            try:
+                for _ in range(2):
+                    assert (await client.request(url, "/")).body == b"ok"
+            finally:
+                await client.close()
+            return len(conns), 2
+
+    assert uvloop.run(main()) == (1, 2)
