@@ -551,3 +551,19 @@ async def test_graceful_stop_finishes_in_flight_requests(redis: Redis, prefix: s
     await asyncio.wait_for(loop_task, 10)
     await stage.shutdown()
     assert await redis.xlen(keys.stream("uplinks")) == 1
+
+
+async def test_routing_without_a_router(url: str, http: aiohttp.ClientSession) -> None:
+    """The dict dispatch answers as aiohttp's router did: 404 for no route, 405 with Allow."""
+    for path in ("/particle/", "/particle/tempmon/extra", "/tts/", "/", "/healthz/x"):
+        status, err, _ = await post(http, f"{url}{path}", b"{}")
+        assert status == 404 and err is not None, path
+        assert err["error"]["reason"] == "not_found"
+    async with http.patch(f"{url}/particle/tempmon") as resp:
+        assert resp.status == 405 and resp.headers["Allow"] == "GET, POST, PUT"
+    async with http.get(f"{url}/tts/tts-app") as resp:
+        assert resp.status == 405 and resp.headers["Allow"] == "POST"
+    async with http.post(f"{url}/healthz") as resp:
+        assert resp.status == 405
+    async with http.head(f"{url}/healthz") as resp:
+        assert resp.status == 200
