@@ -2,16 +2,21 @@
 
 ``keys.last_written(device_key)`` is a hash ``pin → event time (ms)`` of the newest value Blynk
 has for that pin, plus one field ``~lease`` (``"<expires_ms>|<owner>"``): the device's in-flight
-lease. Both live in one key so each script touches one key (Redis Cluster safe).
+lease. Both live in one key. The per-flush scripts (:meth:`LastWritten.prepare`,
+:meth:`LastWritten.commit_many`) touch the keys of many devices in one call, as the other
+stages' batch scripts do: one Redis, not Redis Cluster.
 
 The protocol of one device write (egress):
 
 1. :meth:`LastWritten.claim` — atomically take the device's lease and read the last written times
    of its pins. If another replica holds a live lease, nothing is taken: the caller keeps the
-   entries and tries again shortly.
+   entries and tries again shortly. Egress uses :meth:`LastWritten.prepare`, which does the
+   same for every device of a flush in one script call, and also skips devices with nothing
+   newer and takes each device's rate-limit slot (:mod:`pipeline.ratelimit`).
 2. Drop what is not newer (:func:`pipeline.coalesce.drop_stale`), send the rest to Blynk.
 3. After the 2xx, :meth:`LastWritten.commit` — record ``max(old, new)`` per pin and release the
-   lease. After a failure, :meth:`LastWritten.release`.
+   lease (:meth:`LastWritten.commit_many` also acks the written entries in the same call).
+   After a failure, :meth:`LastWritten.release`.
 
 **Why the lease.** Without it two replicas can both read "last = 5", then send 20 and 10 to
 Blynk in that order: Blynk ends at 10 even though the record says 20 — a rollback the record
@@ -38,6 +43,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from pipeline.keys import Keys
+from pipeline.ratelimit import GCRA_TAKE_LUA, RateLimiter
 from pipeline.streams import Redis
 
 LEASE_FIELD = "~lease"
@@ -65,27 +71,107 @@ end
 return out
 """
 
-# KEYS[1] = last-written hash; ARGV = owner, ttl ms, then pin, event ms pairs
+# KEYS = last-written hashes (ndev), then streams; ARGV = owner, ttl ms, group, ndev, then per
+# device: pair count, pin, event ms pairs; then per stream: id count, ids (XACKed, same call)
 _COMMIT = """
-for i = 3, #ARGV, 2 do
-  local last = tonumber(redis.call('HGET', KEYS[1], ARGV[i]) or '-1')
-  if tonumber(ARGV[i + 1]) > last then
-    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+local owner, ttl, group = ARGV[1], ARGV[2], ARGV[3]
+local ndev = tonumber(ARGV[4])
+local a = 5
+local out = {}
+for d = 1, ndev do
+  local lw = KEYS[d]
+  local n = tonumber(ARGV[a])
+  a = a + 1
+  for i = a, a + 2 * n - 1, 2 do
+    local last = tonumber(redis.call('HGET', lw, ARGV[i]) or '-1')
+    if tonumber(ARGV[i + 1]) > last then
+      redis.call('HSET', lw, ARGV[i], ARGV[i + 1])
+    end
+  end
+  a = a + 2 * n
+  local held = 0
+  local lease = redis.call('HGET', lw, '~lease')
+  if lease then
+    local sep = string.find(lease, '|', 1, true)
+    if string.sub(lease, sep + 1) == owner then
+      redis.call('HDEL', lw, '~lease')
+      held = 1
+    end
+  end
+  if n > 0 then
+    redis.call('PEXPIRE', lw, ttl)
+  end
+  out[d] = held
+end
+for s = ndev + 1, #KEYS do
+  local m = tonumber(ARGV[a])
+  a = a + 1
+  for i = a, a + m - 1, 1000 do
+    redis.call('XACK', KEYS[s], group, unpack(ARGV, i, math.min(i + 999, a + m - 1)))
+  end
+  a = a + m
+end
+return out
+"""
+
+# KEYS = last-written hash, rate key for each device; ARGV = owner, lease ms, ttl ms,
+# rate interval µs, burst, then per device: pin count, pin, newest event ms pairs.
+# Per device: {3} nothing newer than recorded (stale: nothing taken), {0, busy ms} another
+# owner's live lease, {2, wait µs} rate-limited (nothing taken), {1, last...} lease and one
+# rate slot taken, last written time per pin ('' = never written).
+_PREPARE = GCRA_TAKE_LUA + """
+local t = redis.call('TIME')
+local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local now = math.floor(now_us / 1000)
+local owner = ARGV[1]
+local lease_ms, ttl = tonumber(ARGV[2]), ARGV[3]
+local interval, burst = tonumber(ARGV[4]), tonumber(ARGV[5])
+local a = 6
+local out = {}
+for d = 1, #KEYS / 2 do
+  local lw = KEYS[2 * d - 1]
+  local n = tonumber(ARGV[a])
+  local fields = {'~lease'}
+  for i = 1, n do
+    fields[i + 1] = ARGV[a + 2 * i - 1]
+  end
+  local got = redis.call('HMGET', lw, unpack(fields))
+  local reply = {1}
+  local newer = false
+  for i = 1, n do
+    local last = got[i + 1]
+    if last then
+      reply[i + 1] = last
+      if tonumber(ARGV[a + 2 * i]) > tonumber(last) then newer = true end
+    else
+      reply[i + 1] = ''
+      newer = true
+    end
+  end
+  a = a + 1 + 2 * n
+  local lease = got[1]
+  local busy = 0
+  if lease then
+    local sep = string.find(lease, '|', 1, true)
+    local expires = tonumber(string.sub(lease, 1, sep - 1))
+    if string.sub(lease, sep + 1) ~= owner and expires > now then busy = expires - now end
+  end
+  if not newer then
+    out[d] = {3}
+  elseif busy > 0 then
+    out[d] = {0, busy}
+  else
+    local wait = gcra_take(KEYS[2 * d], now_us, interval, burst, 1)
+    if wait > 0 then
+      out[d] = {2, wait}
+    else
+      redis.call('HSET', lw, '~lease', string.format('%.0f', now + lease_ms) .. '|' .. owner)
+      redis.call('PEXPIRE', lw, ttl)
+      out[d] = reply
+    end
   end
 end
-local held = 0
-local lease = redis.call('HGET', KEYS[1], '~lease')
-if lease then
-  local sep = string.find(lease, '|', 1, true)
-  if string.sub(lease, sep + 1) == ARGV[1] then
-    redis.call('HDEL', KEYS[1], '~lease')
-    held = 1
-  end
-end
-if #ARGV > 2 then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return held
+return out
 """
 
 
@@ -99,6 +185,12 @@ class Claim:
     last: dict[str, int]
     #: When not granted: milliseconds until the other holder's lease expires at the latest.
     busy_ms: int = 0
+    #: :meth:`LastWritten.prepare` only — not granted because the device's rate limit says
+    #: wait this long (seconds; nothing was taken).
+    wait_s: float = 0.0
+    #: :meth:`LastWritten.prepare` only — not granted because nothing is newer than what Blynk
+    #: has (every value is stale; nothing was taken, nothing needs sending).
+    stale: bool = False
 
 
 class LastWritten:
@@ -120,6 +212,7 @@ class LastWritten:
         self.ttl_ms = ttl_ms
         self._claim = redis.register_script(_CLAIM)
         self._commit = redis.register_script(_COMMIT)
+        self._prepare = redis.register_script(_PREPARE)
 
     async def claim(self, devices: Sequence[tuple[str, Sequence[str]]]) -> list[Claim]:
         """Take the lease of each ``(device_key, pins)`` and read its pins (one round trip).
@@ -153,19 +246,67 @@ class LastWritten:
         (held,) = await self.commit_many([(device_key, written)])
         return held
 
-    async def commit_many(self, items: Sequence[tuple[str, Mapping[str, int]]]) -> list[bool]:
-        """:meth:`commit` for many devices in one round trip; an empty mapping only releases."""
-        if not items:
+    async def commit_many(self, items: Sequence[tuple[str, Mapping[str, int]]],
+                          acks: Mapping[str, Sequence[str]] | None = None,
+                          group: str = "") -> list[bool]:
+        """:meth:`commit` for many devices in one script call; an empty mapping only releases.
+
+        ``acks`` (stream → entry ids) are acknowledged for ``group`` in the same call, after
+        the records: a write's entries are acked exactly when what it wrote is recorded.
+        (The call touches many keys; like the other per-batch scripts it assumes one Redis.)
+        """
+        if not items and not acks:
             return []
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for device_key, written in items:
-                args: list[str | int] = [self.owner, self.ttl_ms]
-                for pin, ts in written.items():
-                    args += [pin, ts]
-                await self._commit(keys=[self._keys.last_written(device_key)], args=args,
-                                   client=pipe)
-            replies = await pipe.execute()
+        lw = self._keys.last_written
+        keys = [lw(device_key) for device_key, _ in items]
+        args: list[str | int] = [self.owner, self.ttl_ms, group, len(items)]
+        for _, written in items:
+            args.append(len(written))
+            for pin, ts in written.items():
+                args += (pin, ts)
+        for stream, ids in (acks or {}).items():
+            if ids:
+                keys.append(stream)
+                args.append(len(ids))
+                args += ids
+        replies = await self._commit(keys=keys, args=args)
         return [bool(r) for r in replies]
+
+    async def prepare(self, devices: Sequence[tuple[str, Mapping[str, int]]],
+                      limiter: RateLimiter) -> list[Claim]:
+        """Everything a flush asks before sending, for all its devices in one script call.
+
+        ``devices`` are ``(device_key, pin → newest event time to send)``. Per device, in this
+        order: nothing newer than recorded → ``Claim(stale=True)`` (nothing taken); another
+        owner's live lease → ``busy_ms``; the rate limit says wait → ``wait_s`` (nothing
+        taken); else the lease and one request of ``limiter`` are taken and ``last`` is read
+        (``granted``). Re-entrant like :meth:`claim`.
+        """
+        if not devices:
+            return []
+        lw, rate = self._keys.last_written, self._keys.rate
+        keys: list[str] = []
+        args: list[str | int] = [self.owner, self.lease_ms, max(self.ttl_ms, self.lease_ms),
+                                 limiter.interval_us, limiter.burst]
+        for device_key, newest in devices:
+            keys += (lw(device_key), rate(device_key))
+            args.append(len(newest))
+            for pin, ts in newest.items():
+                args += (pin, ts)
+        replies = await self._prepare(keys=keys, args=args)
+        claims: list[Claim] = []
+        for (_, newest), reply in zip(devices, replies, strict=True):
+            code = int(reply[0])
+            if code == 1:
+                claims.append(Claim(True, {pin: int(v) for pin, v in
+                                           zip(newest, reply[1:], strict=True) if v}))
+            elif code == 0:
+                claims.append(Claim(False, {}, int(reply[1])))
+            elif code == 2:
+                claims.append(Claim(False, {}, wait_s=int(reply[1]) / 1_000_000))
+            else:
+                claims.append(Claim(False, {}, stale=True))
+        return claims
 
     async def release(self, device_keys: Sequence[str]) -> None:
         """Give up the leases of devices whose write did not happen (nothing recorded)."""

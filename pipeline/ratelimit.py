@@ -5,9 +5,10 @@ through a key ``keys.rate(device_key)`` holding the device's *theoretical arriva
 of the generic cell rate algorithm. The script reads the clock with ``TIME`` on the Redis server,
 so replicas with skewed clocks still share one timeline.
 
-* :meth:`RateLimiter.take` asks for one request for each of many devices in one pipelined round
-  trip (one flush = one call); each answer is ``0.0`` (granted and counted) or the seconds to wait
-  before asking again (nothing counted).
+* :meth:`RateLimiter.take` asks for one request for each of many devices in one script call
+  (egress takes its per-flush slots inside :meth:`pipeline.order.LastWritten.prepare`, which
+  runs the same GCRA, :data:`GCRA_TAKE_LUA`); each answer is ``0.0`` (granted and counted) or
+  the seconds to wait before asking again (nothing counted).
 * :meth:`RateLimiter.acquire` waits for one request of one device (the rare extra request:
   history uploads, isolating a bad pin).
 * :meth:`RateLimiter.defer` pushes a device's next slot out (a 429 with ``Retry-After``) for
@@ -24,23 +25,34 @@ from collections.abc import Sequence
 from pipeline.keys import Keys
 from pipeline.streams import Redis
 
-# KEYS[1] = rate key; ARGV = emission interval µs, burst (requests), requests asked
-_TAKE = """
+#: GCRA as a Lua function, for scripts that take slots along with other work (pipeline.order):
+#: ``gcra_take(key, now_us, interval_us, burst, n)`` → 0 (granted and counted) or µs to wait.
+GCRA_TAKE_LUA = """
+local function gcra_take(key, now, interval, burst, n)
+  local tat = tonumber(redis.call('GET', key) or '0')
+  if tat < now then tat = now end
+  local new_tat = tat + n * interval
+  local allow_at = new_tat - burst * interval
+  if allow_at > now then
+    return allow_at - now
+  end
+  redis.call('SET', key, string.format('%.0f', new_tat), 'PX',
+             math.floor((new_tat - now) / 1000) + 1)
+  return 0
+end
+"""
+
+# KEYS = rate keys (one per request asked, repeats allowed); ARGV = interval µs, burst
+_TAKE = GCRA_TAKE_LUA + """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local interval = tonumber(ARGV[1])
 local burst = tonumber(ARGV[2])
-local n = tonumber(ARGV[3])
-local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
-if tat < now then tat = now end
-local new_tat = tat + n * interval
-local allow_at = new_tat - burst * interval
-if allow_at > now then
-  return allow_at - now
+local out = {}
+for i = 1, #KEYS do
+  out[i] = gcra_take(KEYS[i], now, interval, burst, 1)
 end
-redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX',
-           math.floor((new_tat - now) / 1000) + 1)
-return 0
+return out
 """
 
 # KEYS[1] = rate key; ARGV[1] = µs from now before the next request may go
@@ -71,22 +83,20 @@ class RateLimiter:
         self._keys = keys
         self.rps = rps
         self.burst = burst
-        self._interval_us = int(1_000_000 / rps)
+        self.interval_us = int(1_000_000 / rps)
         self._take = redis.register_script(_TAKE)
         self._defer = redis.register_script(_DEFER)
 
     async def take(self, device_keys: Sequence[str]) -> list[float]:
-        """One request for each device: ``0.0`` = granted now, else seconds to wait first."""
+        """One request for each device: ``0.0`` = granted now, else seconds to wait first.
+
+        One script call for all of them (a device listed twice asks for two requests).
+        """
         if not device_keys:
             return []
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for key in device_keys:
-                await self._take(
-                    keys=[self._keys.rate(key)],
-                    args=[self._interval_us, self.burst, 1],
-                    client=pipe,
-                )
-            replies = await pipe.execute()
+        rate = self._keys.rate
+        replies = await self._take(keys=[rate(k) for k in device_keys],
+                                   args=[self.interval_us, self.burst])
         return [int(r) / 1_000_000 for r in replies]
 
     async def acquire(self, device_key: str) -> None:

@@ -5,10 +5,12 @@ Contract:
 * **Reads** the writes stream (group ``egress``) in batches and holds the entries in memory per
   device. A **flush** happens when the held entries of ready devices reach ``flush_count`` or
   ``flush_bytes``, or the oldest has waited ``flush_age_ms``. A flush coalesces each ready device's
-  entries (:mod:`pipeline.coalesce`), takes the device's lease and last written times
-  (:mod:`pipeline.order`) and one rate-limit slot (:mod:`pipeline.ratelimit`) for every device in
-  one round trip each, then sends per device: history uploads first (backlog with true times),
-  then ONE ``batch/update`` with the current values, so the current value lands last.
+  entries (:mod:`pipeline.coalesce`); one script call for all its devices
+  (:meth:`pipeline.order.LastWritten.prepare`) skips devices with nothing newer than Blynk has,
+  and takes each other device's lease, last written times and one rate-limit slot
+  (:mod:`pipeline.ratelimit`); then it sends per device: history uploads first (backlog with
+  true times), then ONE ``batch/update`` with the current values, so the current value lands
+  last.
 * **Acks** an entry only after Blynk answered 2xx for everything it carried (or its values
   proved stale), or after it was dead-lettered. Acks are shielded from cancellation.
 * **Retryable answers** (5xx, timeouts, connection loss, 429) never ack and never re-read: the
@@ -29,8 +31,10 @@ Contract:
   are left pending in Redis; then return.
 * **Burst mode** (``until_idle=True``): return once nothing is left to read and nothing is held.
 
-Redis work of finished device writes (record, ack, dead letters, extra rate-limit slots) is
-group-committed: calls made in one loop iteration share one pipeline. The Blynk server's
+Redis work of finished device writes is group-committed: the records and acks of the device
+writes that finished while the previous call ran share one script call
+(:meth:`pipeline.order.LastWritten.commit_many`); extra rate-limit slots and 429 deferrals
+likewise. The Blynk server's
 integration status (``blynk``/server name) follows outages and recoveries.
 """
 
@@ -41,7 +45,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -90,6 +94,16 @@ class _Device:
     #: Pin → newest history point already uploaded for the held entries (no double upload
     #: when a later request of the same write fails and the whole write is retried).
     history_done: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class _Commit:
+    """One device write's record and acks (group-committed: see :meth:`EgressStage._finish`)."""
+
+    #: None: nothing to record, no lease held (only acks).
+    device_key: str | None
+    written: dict[str, int]
+    acks: list[Entry]
 
 
 @dataclass(slots=True)
@@ -148,11 +162,15 @@ class _Batch(Generic[T, R]):
         self._flusher: asyncio.Task[None] | None = None
 
     async def __call__(self, item: T) -> R:
+        return await self.submit(item)
+
+    def submit(self, item: T) -> asyncio.Future[R]:
+        """Queue ``item``; the future gets its result (``asyncio.shield`` it without a task)."""
         fut: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._items.append((item, fut))
         if self._flusher is None:
             self._flusher = asyncio.create_task(self._flush(), name="egress-group-commit")
-        return await fut
+        return fut
 
     async def _flush(self) -> None:
         try:
@@ -206,12 +224,11 @@ class EgressStage:
         self._tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._client = ctx.blynk()
-        self._commits = _Batch(self.order.commit_many)
+        self._commits: _Batch[_Commit, bool] = _Batch(self._commit_many)
         self._renewals = _Batch(self.order.claim)
         self._takes = _Batch(self.limiter.take)
         self._defers: _Batch[tuple[str, float], None] = _Batch(self._defer_many)
-        self._acks: _Batch[Entry, None] = _Batch(self._ack_many)
-        self._deads: _Batch[tuple[Entry, str, str], None] = _Batch(self._dead_many)
+        self._live_ms = int(cfg.live_window_s * 1000)
 
     # ---- lifecycle ---------------------------------------------------------------------
 
@@ -392,7 +409,8 @@ class EgressStage:
         return ready
 
     async def _flush(self, *, final: bool) -> None:
-        """Start one write per ready device (coalesce, claim, rate-limit: one round trip each)."""
+        """Start one write per ready device (coalesce; lease, staleness and rate limit of every
+        device in one script call)."""
         ready = self._ready(final)
         if not ready:
             return
@@ -401,25 +419,12 @@ class EgressStage:
         for dev in ready:
             dev.inflight, dev.queued = dev.queued, []
             items = [(i, h.write) for i, h in enumerate(dev.inflight)]
-            by_device = coalesce(items, now_ms=wall,
-                                 live_window_ms=int(self.cfg.live_window_s * 1000))
+            by_device = coalesce(items, now_ms=wall, live_window_ms=self._live_ms)
             plans.append((dev, by_device[dev.key]))
         try:
-            claims = await self.order.claim([(d.key, list(p.pins)) for d, p in plans])
-            granted = [(d, p) for (d, p), c in zip(plans, claims, strict=True) if c.granted]
-            now = time.monotonic()
-            for (dev, plan), claim in zip(plans, claims, strict=True):
-                if not claim.granted:
-                    self._requeue(dev, not_before=now + min(LEASE_RETRY_S, claim.busy_ms / 1000))
-                    self._release_probes([(dev, plan)])
-            for (_, plan), claim in zip(plans, claims, strict=True):
-                if claim.granted:
-                    stale = drop_stale(plan, claim.last)
-                    if stale:
-                        metrics.EGRESS_DROPPED.labels("stale").inc(len(stale))
-            sending = [(d, p) for d, p in granted if not p.is_empty()]
-            nothing = [(d, p) for d, p in granted if p.is_empty()]
-            waits = await self.limiter.take([d.key for d, _ in sending])
+            claims = await self.order.prepare(
+                [(d.key, {pin: p.ts_ms for pin, p in plan.pins.items()}) for d, plan in plans],
+                self.limiter)
         except RedisError as exc:
             log.warning("egress: preparing a flush failed (%s); retrying", exc)
             for dev, _ in plans:
@@ -427,35 +432,36 @@ class EgressStage:
                     self._requeue(dev, not_before=time.monotonic() + backoff_s(1))
             self._release_probes(plans)
             return
-        for dev, plan in nothing:  # everything stale: Blynk already has newer values
-            self._spawn(self._finish(dev, plan, _Result(), wall), dev)
-        limited: list[str] = []
-        for (dev, plan), wait in zip(sending, waits, strict=True):
-            if wait > 0:
-                limited.append(dev.key)
-                self._requeue(dev, not_before=time.monotonic() + wait)
+        now = time.monotonic()
+        stale_values = coalesced = 0
+        for (dev, plan), claim in zip(plans, claims, strict=True):
+            if claim.granted:
+                stale_values += len(drop_stale(plan, claim.last))
+                coalesced += sum(len(h.write.pins) for h in dev.inflight) - len(plan.pins)
+                self._spawn(self._write(dev, plan), dev)
+            elif claim.stale:  # Blynk already has newer values: nothing to send, ack them
+                stale_values += len(plan.pins)
+                self._spawn(self._finish(dev, plan, _Result(), wall, leased=False), dev)
+            else:  # busy elsewhere, or the device's rate limit says wait
+                wait = claim.wait_s or min(LEASE_RETRY_S, claim.busy_ms / 1000)
+                self._requeue(dev, not_before=now + wait)
                 self._release_probes([(dev, plan)])
-                continue
-            metrics.EGRESS_DROPPED.labels("coalesced").inc(
-                sum(len(h.write.pins) for h in dev.inflight) - len(plan.pins)
-            )
-            self._spawn(self._write(dev, plan), dev)
-        if limited:
-            with contextlib.suppress(RedisError):  # the lease expires by itself otherwise
-                await self.order.release(limited)
+        if stale_values:
+            metrics.EGRESS_DROPPED.labels("stale").inc(stale_values)
+        if coalesced:
+            metrics.EGRESS_DROPPED.labels("coalesced").inc(coalesced)
 
-    def _spawn(self, coro: Awaitable[None], dev: _Device | None) -> None:
-        async def run() -> None:
-            try:
-                await coro
-            finally:
-                # Leave the set before waking the loop: it decides "idle" from the set.
-                self._tasks.discard(task)
-                self._wake.set()
-
-        task = asyncio.create_task(run(), name=f"egress-{dev.key if dev else 'status'}")
+    def _spawn(self, coro: Coroutine[Any, Any, None], dev: _Device | None) -> None:
+        task = asyncio.create_task(coro, name=f"egress-{dev.key if dev else 'status'}")
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        # Leave the set before waking the loop: it decides "idle" from the set.
+        self._tasks.discard(task)
+        self._wake.set()
+        if not task.cancelled() and task.exception() is not None:
+            log.error("egress: %s failed", task.get_name(), exc_info=task.exception())
 
     def _requeue(self, dev: _Device, *, not_before: float) -> None:
         dev.queued = dev.inflight + dev.queued
@@ -605,20 +611,40 @@ class EgressStage:
         except RedisError as exc:
             log.warning("egress: recording the status of %s failed (%s)", server_name, exc)
 
-    async def _finish(self, dev: _Device, plan: DevicePlan, result: _Result, wall: int) -> None:
-        """Record, then resolve every in-flight entry of the device: ack, dead-letter, requeue."""
-        held = dev.inflight
+    async def _finish(self, dev: _Device, plan: DevicePlan, result: _Result, wall: int, *,
+                      leased: bool = True) -> None:
+        """Record, then resolve every in-flight entry of the device: ack, dead-letter, requeue.
+
+        The record (what Blynk now has; it also releases the lease) and the acks of the
+        entries fully written are one script call, group-committed with other devices.
+        ``leased=False``: nothing was sent and no lease taken (every value was stale).
+        """
+        self._release_probes([(dev, plan)])
+        if result.values:
+            metrics.WRITTEN.labels(plan.server).inc(result.values)
+        dead: list[tuple[Entry, str, str]] = []
+        ok: list[_Held] = []
+        if result.invalid_token is None and result.again is None:
+            for h in dev.inflight:
+                bad = [(pin, *result.failed[pin]) for pin in h.write.pins if pin in result.failed]
+                for pin in h.write.pins:
+                    refused = result.history_failed.get(pin)
+                    if refused is not None and h.write.event_ts_ms in refused[2]:
+                        bad.append((pin, refused[0], refused[1]))
+                if bad:
+                    detail = "; ".join(f"{pin}: {reason}: {text}" for pin, reason, text in bad)
+                    dead.append((h.entry, bad[0][1], detail[:2000]))
+                else:
+                    ok.append(h)
         try:
-            # Records what Blynk now has (nothing after a failure) and releases the lease.
-            if not await self._commits((dev.key, result.written)):
+            held = await asyncio.shield(self._commits.submit(
+                _Commit(dev.key if leased else None, result.written, [h.entry for h in ok])))
+            if not held:
                 metrics.EGRESS_LEASE_LOST.inc()
                 log.warning("egress: lease of %s expired during its write", dev.key)
         except RedisError as exc:
             log.warning("egress: recording %s failed (%s); its write is retried", dev.key, exc)
             result.again = result.again or Retry("redis", str(exc))
-        self._release_probes([(dev, plan)])
-        if result.values:
-            metrics.WRITTEN.labels(plan.server).inc(result.values)
         if result.invalid_token is not None:
             await self._invalid_token(dev, plan, result.invalid_token)
             return
@@ -627,39 +653,24 @@ class EgressStage:
             return
         dev.attempts = 0
         dev.history_done.clear()
-        dead: list[tuple[Entry, str, str]] = []
-        ok: list[_Held] = []
-        for h in dev.inflight:
-            bad = [(pin, *result.failed[pin]) for pin in h.write.pins if pin in result.failed]
-            for pin in h.write.pins:
-                refused = result.history_failed.get(pin)
-                if refused is not None and h.write.event_ts_ms in refused[2]:
-                    bad.append((pin, refused[0], refused[1]))
-            if bad:
-                detail = "; ".join(f"{pin}: {reason}: {text}" for pin, reason, text in bad)
-                dead.append((h.entry, bad[0][1], detail[:2000]))
-            else:
-                ok.append(h)
-        try:
-            await asyncio.shield(self._resolve(ok, dead, wall))
-        except RedisError as exc:
-            # Not acked: the entries stay pending and come back (values are then stale: no harm).
-            log.warning("egress: acking %d entries failed (%s)", len(held), exc)
-        self._drop(dev)
-
-    async def _resolve(self, ok: list[_Held], dead: list[tuple[Entry, str, str]],
-                       wall: int) -> None:
-        await asyncio.gather(*(self._deads(d) for d in dead), *(self._acks(h.entry) for h in ok))
+        if dead:
+            try:
+                await asyncio.shield(self.reader.dead_letter(dead))
+            except RedisError as exc:
+                # Not acked: the entries stay pending and come back (then dead again).
+                log.warning("egress: dead-lettering %d entries failed (%s)", len(dead), exc)
         for h in ok:
             metrics.LATENCY.observe(max(0, wall - h.write.received_ts_ms) / 1000)
+        self._drop(dev)
 
-    async def _ack_many(self, entries: list[Entry]) -> list[None]:
-        await self.reader.ack(entries)
-        return [None] * len(entries)
-
-    async def _dead_many(self, items: list[tuple[Entry, str, str]]) -> list[None]:
-        await self.reader.dead_letter(items)
-        return [None] * len(items)
+    async def _commit_many(self, items: list[_Commit]) -> list[bool]:
+        acks: dict[str, list[str]] = {}
+        for item in items:
+            for e in item.acks:
+                acks.setdefault(e.stream, []).append(e.id)
+        writes = [(c.device_key, c.written) for c in items if c.device_key is not None]
+        held = iter(await self.order.commit_many(writes, acks, GROUP_EGRESS))
+        return [True if c.device_key is None else next(held) for c in items]
 
     async def _defer_many(self, items: list[tuple[str, float]]) -> list[None]:
         await self.limiter.defer_many(items)
@@ -670,9 +681,8 @@ class EgressStage:
                     dev.key, mask(plan.token), len(dev.inflight))
         try:
             await self.registry.mark_broken(dev.key, INVALID_TOKEN, outcome.detail)
-            await asyncio.shield(asyncio.gather(
-                *(self._deads((h.entry, INVALID_TOKEN, outcome.detail)) for h in dev.inflight)
-            ))
+            await asyncio.shield(self.reader.dead_letter(
+                [(h.entry, INVALID_TOKEN, outcome.detail) for h in dev.inflight]))
         except RedisError as exc:
             log.warning("egress: dead-lettering %s failed (%s); retried", dev.key, exc)
             self._requeue(dev, not_before=time.monotonic() + backoff_s(1))
