@@ -57,6 +57,8 @@ class DevicePlan:
     refs: list[int] = field(default_factory=list)
     #: Event time of the newest entry (whose token and server the plan uses).
     newest_ts_ms: int = -1
+    #: Some pin got history points (they may since have been dropped as stale).
+    backlog: bool = False
 
     def current(self) -> dict[str, Value]:
         """Pins to send in the one ``batch/update`` (may be empty)."""
@@ -100,7 +102,7 @@ def coalesce(
         ts = write.event_ts_ms
         if ts >= plan.newest_ts_ms:
             plan.newest_ts_ms, plan.token, plan.server = ts, write.token, write.server
-        history_pins = set(write.history_pins)
+        history_pins = set(write.history_pins) if write.history_pins else ()
         for pin, value in write.pins.items():
             current = plan.pins.get(pin)
             if current is None:
@@ -111,6 +113,7 @@ def coalesce(
             if pin in history_pins and ts < horizon:
                 backlog.setdefault(write.device_key, {}).setdefault(pin, {})[ts] = value
     for device_key, pins in backlog.items():
+        plans[device_key].backlog = True
         for pin, points in pins.items():
             plans[device_key].pins[pin].history = sorted(points.items())
     return plans

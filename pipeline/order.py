@@ -42,11 +42,14 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import msgspec
+
 from pipeline.keys import Keys
 from pipeline.ratelimit import GCRA_TAKE_LUA, RateLimiter
 from pipeline.streams import Redis
 
 LEASE_FIELD = "~lease"
+_pack = msgspec.msgpack.Encoder().encode
 DEFAULT_TTL_MS = 31 * 24 * 3600 * 1000
 
 # KEYS[1] = last-written hash; ARGV = owner, lease ms, ttl ms, pins...
@@ -71,24 +74,23 @@ end
 return out
 """
 
-# KEYS = last-written hashes (ndev), then streams; ARGV = owner, ttl ms, group, ndev, then per
-# device: pair count, pin, event ms pairs; then per stream: id count, ids (XACKed, same call)
+# Per-flush scripts take their arguments as one msgpack blob (ARGV[1]): redis-py packs each
+# argument in Python (~2 µs each); msgpack packs a flush's thousands of values in C.
+
+# KEYS = last-written hashes, then streams; ARGV[1] = msgpack [owner, ttl ms, group,
+# [[pin, event ms, ...] per hash], [[entry id, ...] per stream]] (XACKed in the same call)
 _COMMIT = """
-local owner, ttl, group = ARGV[1], ARGV[2], ARGV[3]
-local ndev = tonumber(ARGV[4])
-local a = 5
+local p = cmsgpack.unpack(ARGV[1])
+local owner, ttl, group, writes, acks = p[1], p[2], p[3], p[4], p[5]
 local out = {}
-for d = 1, ndev do
-  local lw = KEYS[d]
-  local n = tonumber(ARGV[a])
-  a = a + 1
-  for i = a, a + 2 * n - 1, 2 do
-    local last = tonumber(redis.call('HGET', lw, ARGV[i]) or '-1')
-    if tonumber(ARGV[i + 1]) > last then
-      redis.call('HSET', lw, ARGV[i], ARGV[i + 1])
+for d = 1, #writes do
+  local lw, w = KEYS[d], writes[d]
+  for i = 1, #w, 2 do
+    local last = tonumber(redis.call('HGET', lw, w[i]) or '-1')
+    if w[i + 1] > last then
+      redis.call('HSET', lw, w[i], string.format('%.0f', w[i + 1]))
     end
   end
-  a = a + 2 * n
   local held = 0
   local lease = redis.call('HGET', lw, '~lease')
   if lease then
@@ -98,24 +100,22 @@ for d = 1, ndev do
       held = 1
     end
   end
-  if n > 0 then
+  if #w > 0 then
     redis.call('PEXPIRE', lw, ttl)
   end
   out[d] = held
 end
-for s = ndev + 1, #KEYS do
-  local m = tonumber(ARGV[a])
-  a = a + 1
-  for i = a, a + m - 1, 1000 do
-    redis.call('XACK', KEYS[s], group, unpack(ARGV, i, math.min(i + 999, a + m - 1)))
+for s = 1, #acks do
+  local ids = acks[s]
+  for i = 1, #ids, 1000 do
+    redis.call('XACK', KEYS[#writes + s], group, unpack(ids, i, math.min(i + 999, #ids)))
   end
-  a = a + m
 end
 return out
 """
 
-# KEYS = last-written hash, rate key for each device; ARGV = owner, lease ms, ttl ms,
-# rate interval µs, burst, then per device: pin count, pin, newest event ms pairs.
+# KEYS = last-written hash, rate key for each device; ARGV[1] = msgpack [owner, lease ms,
+# ttl ms, rate interval µs, burst, [[pin, newest event ms, ...] per device]].
 # Per device: {3} nothing newer than recorded (stale: nothing taken), {0, busy ms} another
 # owner's live lease, {2, wait µs} rate-limited (nothing taken), {1, last...} lease and one
 # rate slot taken, last written time per pin ('' = never written).
@@ -123,17 +123,15 @@ _PREPARE = GCRA_TAKE_LUA + """
 local t = redis.call('TIME')
 local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local now = math.floor(now_us / 1000)
-local owner = ARGV[1]
-local lease_ms, ttl = tonumber(ARGV[2]), ARGV[3]
-local interval, burst = tonumber(ARGV[4]), tonumber(ARGV[5])
-local a = 6
+local p = cmsgpack.unpack(ARGV[1])
+local owner, lease_ms, ttl, interval, burst, devices = p[1], p[2], p[3], p[4], p[5], p[6]
 local out = {}
-for d = 1, #KEYS / 2 do
-  local lw = KEYS[2 * d - 1]
-  local n = tonumber(ARGV[a])
+for d = 1, #devices do
+  local lw, w = KEYS[2 * d - 1], devices[d]
+  local n = #w / 2
   local fields = {'~lease'}
   for i = 1, n do
-    fields[i + 1] = ARGV[a + 2 * i - 1]
+    fields[i + 1] = w[2 * i - 1]
   end
   local got = redis.call('HMGET', lw, unpack(fields))
   local reply = {1}
@@ -142,13 +140,12 @@ for d = 1, #KEYS / 2 do
     local last = got[i + 1]
     if last then
       reply[i + 1] = last
-      if tonumber(ARGV[a + 2 * i]) > tonumber(last) then newer = true end
+      if w[2 * i] > tonumber(last) then newer = true end
     else
       reply[i + 1] = ''
       newer = true
     end
   end
-  a = a + 1 + 2 * n
   local lease = got[1]
   local busy = 0
   if lease then
@@ -259,16 +256,18 @@ class LastWritten:
             return []
         lw = self._keys.last_written
         keys = [lw(device_key) for device_key, _ in items]
-        args: list[str | int] = [self.owner, self.ttl_ms, group, len(items)]
+        writes: list[list[str | int]] = []
         for _, written in items:
-            args.append(len(written))
+            flat: list[str | int] = []
             for pin, ts in written.items():
-                args += (pin, ts)
+                flat += (pin, ts)
+            writes.append(flat)
+        streams: list[list[str]] = []
         for stream, ids in (acks or {}).items():
             if ids:
                 keys.append(stream)
-                args.append(len(ids))
-                args += ids
+                streams.append(list(ids))
+        args = [_pack([self.owner, self.ttl_ms, group, writes, streams])]
         replies = await self._commit(keys=keys, args=args)
         return [bool(r) for r in replies]
 
@@ -286,13 +285,15 @@ class LastWritten:
             return []
         lw, rate = self._keys.last_written, self._keys.rate
         keys: list[str] = []
-        args: list[str | int] = [self.owner, self.lease_ms, max(self.ttl_ms, self.lease_ms),
-                                 limiter.interval_us, limiter.burst]
+        per_device: list[list[str | int]] = []
         for device_key, newest in devices:
             keys += (lw(device_key), rate(device_key))
-            args.append(len(newest))
+            flat: list[str | int] = []
             for pin, ts in newest.items():
-                args += (pin, ts)
+                flat += (pin, ts)
+            per_device.append(flat)
+        args = [_pack([self.owner, self.lease_ms, max(self.ttl_ms, self.lease_ms),
+                       limiter.interval_us, limiter.burst, per_device])]
         replies = await self._prepare(keys=keys, args=args)
         claims: list[Claim] = []
         for (_, newest), reply in zip(devices, replies, strict=True):

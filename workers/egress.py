@@ -378,7 +378,7 @@ class EgressStage:
         """Devices whose held entries may be sent now (a server in backoff sends one probe)."""
         now = time.monotonic()
         ready: list[_Device] = []
-        count = size = 0
+        count = 0
         oldest = now
         probes: set[str] = set()
         for dev in self._devices.values():
@@ -392,16 +392,17 @@ class EgressStage:
                 probes.add(server_name)
             ready.append(dev)
             count += len(dev.queued)
-            size += sum(len(h.entry.data or b"") for h in dev.queued)
             oldest = min(oldest, dev.queued[0].arrived)
         if not ready:
             return []
         due = (
             final
             or count >= self.cfg.flush_count
-            or size >= self.cfg.flush_bytes
             or now - oldest >= self.cfg.flush_age_ms / 1000
         )
+        if not due:  # the byte size only matters when nothing else made the flush due
+            size = sum(len(h.entry.data or b"") for dev in ready for h in dev.queued)
+            due = size >= self.cfg.flush_bytes
         if not due:
             return []
         for name in probes:
@@ -502,7 +503,8 @@ class EgressStage:
             return await self._request(plan.server, call)
 
         try:
-            await self._upload_history(dev, plan, result, request)
+            if plan.backlog:
+                await self._upload_history(dev, plan, result, request)
             await self._put(plan, plan.current(), result, request)
         except _Again as again:
             result.again = again.outcome

@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import string
 import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -164,9 +165,12 @@ def token_hash(token: str) -> str:
 
 
 _SAFE = "-._~:,"
+_UNQUOTED = string.ascii_letters + string.digits + _SAFE
 
 
 def _q(text: str) -> str:
+    if not text.strip(_UNQUOTED):  # nothing to escape (pins, numbers, most tokens)
+        return text
     return quote(text, safe=_SAFE)
 
 
