@@ -49,6 +49,10 @@ class StreamsConfig(_Base):
     block_ms: int = 2_000
     #: Entries read per batch.
     batch: int = 500
+    #: After a small batch, wait until this long after it was read before reading again, so
+    #: batches fill under moderate load (fewer round trips per entry; adds at most this much
+    #: latency). 0 = read again at once. Used by transform.
+    linger_ms: int = 10
     #: Consumer name; default ``<hostname>-<pid>``.
     consumer: str | None = None
 

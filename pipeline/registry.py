@@ -178,6 +178,16 @@ class Registry:
     def __len__(self) -> int:
         return len(self._cache)
 
+    @property
+    def version(self) -> int | None:
+        """The registry version the cache is in line with (``None`` before :meth:`start`).
+
+        A caller that has its writes refused unless ``registry:version`` still equals this
+        value at write time (transform's fast path) never acts on a row older than the last
+        change: any change bumps the version. On a refusal it calls :meth:`sync`.
+        """
+        return self._applied_v
+
     async def get(self, key: str, *, sync: bool = True) -> Device | None:
         return (await self.get_many([key], sync=sync))[key]
 

@@ -12,6 +12,11 @@ Contract (every stage relies on it):
 * Nothing is acknowledged by reading. The caller acks with :meth:`StreamReader.ack` after the
   next hop has the output, or hands the entry to :meth:`StreamReader.dead_letter`, which writes a
   :class:`~pipeline.events.DeadLetter` and then acks.
+* With ``linger_ms`` > 0, a blocking read that follows a *small* batch of new entries (fewer
+  than ``batch``) first waits until ``linger_ms`` after that batch was read, so that under
+  moderate load batches fill instead of carrying one or two entries each (every batch costs the
+  caller round trips). It adds at most ``linger_ms`` to an entry's latency, none after an idle
+  period (an empty read) and none under full load (full batches).
 * Entries delivered more than ``max_deliveries`` times are dead-lettered by the reader itself
   (reason ``max_deliveries``) and never returned, so a poison entry cannot block a stream.
 * Redis errors propagate as ``redis.exceptions.RedisError``; callers treat them as retryable.
@@ -153,6 +158,7 @@ class StreamReader:
         block_ms: int = 2000,
         claim_idle_ms: int = 30_000,
         max_deliveries: int = 5,
+        linger_ms: int = 0,
     ) -> None:
         self._redis = redis
         self._keys = keys
@@ -164,6 +170,9 @@ class StreamReader:
         self.block_ms = block_ms
         self.claim_idle_ms = claim_idle_ms
         self.max_deliveries = max_deliveries
+        self.linger_ms = linger_ms
+        #: When the last small (0 < n < batch) batch of new entries was read (``linger_ms``).
+        self._linger_from: float | None = None
         self._own_pending = True  # at start, look for entries a previous run left behind
         #: Where the next own-pending read starts, per stream: entries before it were served
         #: in this pass (they may still be held, unacked, by the caller).
@@ -237,6 +246,11 @@ class StreamReader:
         return await self._with_counts(raw)
 
     async def _read_new(self, block: bool) -> list[Entry]:
+        if block and self._linger_from is not None:
+            wait = self._linger_from + self.linger_ms / 1000 - time.monotonic()
+            self._linger_from = None
+            if wait > 0:
+                await asyncio.sleep(wait)
         reply = await self._redis.xreadgroup(
             self.group,
             self.consumer,
@@ -244,12 +258,15 @@ class StreamReader:
             count=self.batch,
             block=self.block_ms if block else None,
         )
-        return [
+        entries = [
             Entry(s, i, f.get(events.FIELD), 1, f)
             for s, msgs in _streams_of(reply)
             for i, f in msgs
             if f is not None
         ]
+        if self.linger_ms > 0 and 0 < len(entries) < self.batch:
+            self._linger_from = time.monotonic()
+        return entries
 
     async def _with_counts(self, raw: list[tuple[str, str, dict[bytes, bytes]]]) -> list[Entry]:
         """Attach delivery counts (``XPENDING``) and dead-letter entries past the limit."""

@@ -16,7 +16,7 @@ from pipeline.context import Context
 from pipeline.events import Radio, Uplink, Value
 from pipeline.keys import GROUP_TRANSFORM, Keys
 from pipeline.registry import Registry
-from pipeline.streams import Redis, StreamWriter
+from pipeline.streams import Redis, StreamReader, StreamWriter
 from workers.transform import TransformStage
 
 CONFIG = """
@@ -246,3 +246,52 @@ async def test_template_rules_choose_by_device_meta(redis: Redis, keys: Keys,
     [w] = await writes(ctx)
     assert w.pins == {"V14": 5}
     await ctx.writer.close()
+
+
+async def test_commit_does_nothing_unless_the_registry_version_holds(redis: Redis,
+                                                                     keys: Keys) -> None:
+    from workers.transform import CHECK_AND_FORGET, CLAIM, Commit
+
+    stream, out = keys.stream("uplinks"), keys.stream("writes")
+    await redis.xgroup_create(stream, GROUP_TRANSFORM, id="0", mkstream=True)
+    await StreamWriter(redis).add_many([(stream, b"1"), (stream, b"2"), (stream, b"3")])
+    reader = StreamReader(redis, keys, [stream], GROUP_TRANSFORM, "t1", stage="transform")
+    entries = await reader.read(block=False)
+    marks = [f"{stream}/{e.id}".encode() for e in entries]
+    commit = Commit(redis, keys, GROUP_TRANSFORM)
+    version = int(await redis.get(keys.registry_version()) or 0)
+    claims = [("e1", marks[0], CLAIM), ("e1", marks[1], CLAIM), ("e3", marks[2], CLAIM)]
+    outputs = [(out, 1, b"a"), (out, 2, b"b"), (out, 0, b"c"), (out, 3, b"d")]
+
+    # Another worker changed the registry meanwhile: nothing is claimed, written or acked.
+    assert await commit.run(version + 1, 60, claims, outputs, entries) is None
+    assert await redis.exists(out, keys.seen("e1"), keys.seen("e3")) == 0
+    assert (await redis.xpending(stream, GROUP_TRANSFORM))["pending"] == 3
+
+    # The second entry carries the first one's event: its output is not appended.
+    assert await commit.run(version, 60, claims, outputs, entries) == [1]
+    assert [f[events.FIELD] for _, f in await redis.xrange(out)] == [b"a", b"c", b"d"]
+    assert (await redis.xpending(stream, GROUP_TRANSFORM))["pending"] == 0
+    assert await redis.get(keys.seen("e1")) == marks[0]
+
+    # Check-and-forget (an uplink dead-lettered whole): the entry's own mark is forgotten, a
+    # mark of another entry makes it a duplicate and stays.
+    await redis.delete(out)
+    got = await commit.run(version, 60, [("e3", marks[2], CHECK_AND_FORGET),
+                                         ("e1", marks[1], CHECK_AND_FORGET)],
+                           [(out, 1, b"dead-3"), (out, 2, b"dead-1")], [])
+    assert got == [1]
+    assert [f[events.FIELD] for _, f in await redis.xrange(out)] == [b"dead-3"]
+    assert await redis.exists(keys.seen("e3")) == 0
+    assert await redis.get(keys.seen("e1")) == marks[0]
+
+
+async def test_duplicate_of_an_unknown_device_uplink_is_acked_not_dead_lettered(
+        ctx: Context, fixture_path: FixturePath) -> None:
+    u = button_uplink(fixture_path, device="stranger", event_id="as:up:9")
+    await ctx.redis.set(ctx.keys.seen("as:up:9"), "someone-else", ex=60)
+    await add(ctx, u)
+    await run(ctx)
+    assert await dead(ctx) == [] and await writes(ctx) == []
+    assert await pending(ctx) == 0
+    assert await ctx.redis.get(ctx.keys.seen("as:up:9")) == b"someone-else"

@@ -1,6 +1,16 @@
 """transform: uplinks → Blynk writes (registry, de-duplication, mapping, auto-provisioning).
 
-Reads ``Uplink``s from the ``uplinks`` stream (group ``transform``) in batches. Per batch:
+Reads ``Uplink``s from the ``uplinks`` stream (group ``transform``) in batches; after a small
+batch the next read lingers ``streams.linger_ms`` so batches fill under moderate load.
+
+**Fast path** (every batch whose devices are all known and ready, nothing to provision): decode,
+resolve devices in the registry cache (misses: one ``HMGET`` script call), map, then ONE script
+call (:class:`Commit`) that, atomically, checks the registry version is still the one the cache
+is in line with (else it does nothing: the stage syncs the registry and takes the slow path),
+claims each uplink's ``event_id`` (:mod:`pipeline.dedup`), appends the outputs of the uplinks
+that are not duplicates, and acks the batch. Two round trips per batch: the read and the commit.
+
+**Slow path** (anything else; same outcome, more round trips):
 
 1. decode (undecodable → dead letter ``undecodable``);
 2. one pipeline: the registry's version check + a de-duplication claim per uplink
@@ -43,7 +53,7 @@ from pipeline.config import Config, ParticleProduct, TemplateRule, TtsApplicatio
 from pipeline.consumer import consume
 from pipeline.context import Context
 from pipeline.errors import BridgeError, Permanent, Retryable
-from pipeline.keys import GROUP_TRANSFORM, UPLINKS
+from pipeline.keys import GROUP_TRANSFORM, UPLINKS, Keys
 from pipeline.mapping import Template, datastreams_from_platform, describe_rejected, map_uplink
 from pipeline.provision import PROVISION_FAILED, Platform, Provisioner
 from pipeline.registry import Device, Registry
@@ -181,6 +191,117 @@ class Emit:
         await self._script(keys=keys, args=args)
 
 
+_COMMIT = """
+local v = redis.call('GET', KEYS[1])
+if (v or '0') ~= ARGV[1] then return {-1} end
+local window, group = ARGV[2], ARGV[3]
+local m, n = tonumber(ARGV[4]), tonumber(ARGV[5])
+local dup, out = {}, {1}
+local a = 6
+for i = 1, m do
+  local mode, mark, key = ARGV[a], ARGV[a + 1], KEYS[1 + i]
+  a = a + 2
+  local old
+  if mode == 'c' then
+    old = redis.call('SET', key, mark, 'NX', 'EX', window, 'GET')
+  else
+    old = redis.call('GET', key)
+  end
+  if old and old ~= mark then
+    dup[i] = true
+    out[#out + 1] = i
+  elseif old and mode == 'f' then
+    redis.call('DEL', key)
+  end
+end
+for j = 1, n do
+  local owner = tonumber(ARGV[a])
+  if owner == 0 or not dup[owner] then
+    redis.call('XADD', KEYS[1 + m + j], '*', 'd', ARGV[a + 1])
+  end
+  a = a + 2
+end
+for k = 2 + m + n, #KEYS do
+  local c = tonumber(ARGV[a])
+  a = a + 1
+  local j = 0
+  while j < c do
+    local s = math.min(c - j, 500)
+    redis.call('XACK', KEYS[k], group, unpack(ARGV, a + j, a + j + s - 1))
+    j = j + s
+  end
+  a = a + c
+end
+return out
+"""
+
+#: :meth:`Commit.run` modes: claim the event (``SET NX GET``), or — for an uplink about to be
+#: dead-lettered whole — only check it (a duplicate is acked as one) and forget the entry's own
+#: claim, so a replay of the dead letter is not dropped (what the slow path does with
+#: :func:`pipeline.dedup.forget`).
+CLAIM = "c"
+CHECK_AND_FORGET = "f"
+
+
+class Commit:
+    """The fast path's one call per batch: registry version check, de-duplication claims,
+    outputs of the non-duplicates, acks — atomically, in one script.
+
+    ``claims`` are ``(event_id, mark, mode)``; each output names its *owner*, the 1-based index
+    of the claim it belongs to (0 = unconditional); an output whose owner turns out to be a
+    duplicate is not appended. Returns the 0-based indices of the duplicate claims, or ``None``
+    when the registry version is no longer ``version`` (nothing was done).
+    """
+
+    def __init__(self, redis: Redis, keys: Keys, group: str) -> None:
+        self._script = redis.register_script(_COMMIT)
+        self._keys = keys
+        self._group = group
+        assert events.FIELD == b"d"
+
+    async def run(self, version: int, window_s: int,
+                  claims: Sequence[tuple[str, bytes, str]],
+                  outputs: Sequence[tuple[str, int, bytes]],
+                  acks: Sequence[Entry]) -> list[int] | None:
+        seen = self._keys.seen
+        keys: list[str] = [self._keys.registry_version()]
+        keys.extend(seen(e) for e, _, _ in claims)
+        keys.extend(s for s, _, _ in outputs)
+        args: list[str | bytes | int] = [str(version), window_s, self._group, len(claims),
+                                         len(outputs)]
+        for _, mark, mode in claims:
+            args.append(mode)
+            args.append(mark)
+        for _, owner, data in outputs:
+            args.append(owner)
+            args.append(data)
+        by_stream: dict[str, list[str]] = {}
+        for e in acks:
+            by_stream.setdefault(e.stream, []).append(e.id)
+        keys.extend(by_stream)
+        for ids in by_stream.values():
+            args.append(len(ids))
+            args.extend(ids)
+        reply = await self._script(keys=keys, args=args)
+        if reply[0] == -1:
+            return None
+        return [int(i) - 1 for i in reply[1:]]
+
+
+@dataclass(slots=True)
+class _Mapped:
+    """One ready uplink, mapped: its outputs and what to account for once it is written."""
+
+    item: _Item
+    template: str
+    stream: str
+    write: bytes | None
+    dead: bytes | None
+    unmapped: tuple[str, ...]
+    rejected: int
+    firmware: str | None
+
+
 class TransformStage:
     """The transform stage (see the module docstring); ``until_idle`` = burst mode."""
 
@@ -195,6 +316,7 @@ class TransformStage:
             ctx.redis, ctx.keys, ctx.keys.streams(UPLINKS), GROUP_TRANSFORM, ctx.consumer,
             stage=STAGE, batch=cfg.streams.batch, block_ms=cfg.streams.block_ms,
             claim_idle_ms=cfg.streams.claim_idle_ms, max_deliveries=cfg.streams.max_deliveries,
+            linger_ms=cfg.streams.linger_ms,
         )
         self.registry = Registry(ctx.redis, ctx.keys, cache_size=cfg.transform.cache_size)
         self.templates = Templates(cfg)
@@ -211,6 +333,7 @@ class TransformStage:
         self._window = cfg.transform.dedup_window_s
         self._claims = dedup.Claims(ctx.redis, ctx.keys)
         self._emit = Emit(ctx.redis, GROUP_TRANSFORM)
+        self._commit = Commit(ctx.redis, ctx.keys, GROUP_TRANSFORM)
         self._servers = cfg.blynk.servers
         self._default_server = cfg.blynk.servers[cfg.blynk.default_server]
         self._dead_stream = ctx.keys.dead
@@ -242,6 +365,7 @@ class TransformStage:
         changed = await self.registry.load_static(cfg.devices)
         if changed:
             log.info("registry: %d static devices registered or updated", changed)
+            await self.registry.sync()  # in line with our own changes: the first batch is fast
         if self._platform is not None and self.templates.pulled:
             await self.templates.refresh(self._platform)
 
@@ -278,6 +402,104 @@ class TransformStage:
         """Write, ack or dead-letter every entry (the :func:`~pipeline.consumer.consume`
         contract); raises ``Retryable`` after the rest of the batch is done when some uplinks
         wait for a device being created, so they stay pending and are retried."""
+        if not await self._handle_fast(entries):
+            await self._handle_slow(entries)
+
+    async def _handle_fast(self, entries: list[Entry]) -> bool:
+        """The fast path (module docstring); ``False`` = nothing was done, take the slow one."""
+        version = self.registry.version
+        if version is None:
+            return False
+        decode = events.decode_uplink
+        integrations = self._integrations
+        mark_of = dedup.mark_of
+        # One claim per decoded uplink: (event_id, mark, mode), and its source (metrics).
+        claims: list[tuple[str, bytes, str]] = []
+        sources: list[str] = []
+        # What became of each uplink, with the index of its claim.
+        skips: list[tuple[events.Uplink, int]] = []
+        items: list[tuple[_Item, int]] = []
+        dead: list[tuple[Entry, str, str, int]] = []
+        lookups: list[str] = []
+        for e in entries:
+            if e.data is None:
+                return False
+            try:
+                u = decode(e.data)
+            except (msgspec.ValidationError, msgspec.DecodeError):
+                return False
+            ci = len(claims)
+            sources.append(u.source)
+            if u.kind in _SKIP_KINDS or (not u.values and u.radio is None):
+                skips.append((u, ci))
+                claims.append((u.event_id, mark_of(e), CLAIM))
+                continue
+            integ = integrations.get((u.source, u.integration))
+            if integ is None:
+                dead.append((e, UNKNOWN_INTEGRATION, _unknown_integration(u), ci))
+                claims.append((u.event_id, mark_of(e), CHECK_AND_FORGET))
+                continue
+            key = f"{u.source}:{u.integration}:{u.device}"
+            if u.token is None:
+                lookups.append(key)
+            items.append((_Item(e, u, integ, key), ci))
+            claims.append((u.event_id, mark_of(e), CLAIM))
+
+        devices = await self.registry.get_many(lookups, sync=False) if lookups else {}
+        ready: list[tuple[_Item, Device, int]] = []
+        for it, ci in items:
+            if it.uplink.token is not None:
+                ready.append((it, self._token_device(it), ci))
+                continue
+            dev = devices.get(it.key)
+            if dev is None:
+                if it.integ.provision:
+                    return False
+                dead.append((it.entry, UNKNOWN_DEVICE, _unknown_device(it.uplink), ci))
+            elif dev.broken:
+                dead.append((it.entry, DEVICE_BROKEN, _broken(dev), ci))
+            elif dev.meta_pending:
+                return False
+            else:
+                ready.append((it, dev, ci))
+                continue
+            claims[ci] = (claims[ci][0], claims[ci][1], CHECK_AND_FORGET)
+
+        ts = now_ms()
+        mapped = self._map([(it, dev) for it, dev, _ in ready], ts)
+        outputs: list[tuple[str, int, bytes]] = []
+        for m, (_, _, ci) in zip(mapped, ready, strict=True):
+            if m.dead is not None:
+                outputs.append((self._dead_stream, ci + 1, m.dead))
+            if m.write is not None:
+                outputs.append((m.stream, ci + 1, m.write))
+        for e, reason, detail, ci in dead:
+            outputs.append((self._dead_stream, ci + 1,
+                            self._dead_letter_of(e, reason, detail, ts)))
+        dups = await self._commit.run(version, self._window, claims, outputs, entries)
+        if dups is None:  # the registry changed since the cache was last in line with it
+            await self.registry.sync()
+            return False
+
+        duplicate = set(dups)
+        duplicates = Counter(sources[i] for i in dups)
+        skipped: Counter[str] = Counter()
+        for u, ci in skips:
+            if ci not in duplicate:
+                skipped[u.kind if u.kind in _SKIP_KINDS else "empty"] += 1
+        for source, n in duplicates.items():
+            metrics.DUPLICATES.labels(source).inc(n)
+        for reason, n in skipped.items():
+            metrics.TRANSFORM_SKIPPED.labels(reason).inc(n)
+        for _, reason, _, ci in dead:
+            if ci not in duplicate:
+                metrics.DEAD.labels(STAGE, reason).inc()
+        await self._account([m for m, (_, _, ci) in zip(mapped, ready, strict=True)
+                             if ci not in duplicate])
+        return True
+
+    async def _handle_slow(self, entries: list[Entry]) -> None:
+        """The slow path: every case (module docstring, steps 1-5)."""
         ctx = self.ctx
         dead: list[tuple[Entry, str, str]] = []
         uplinks: list[tuple[Entry, events.Uplink]] = []
@@ -321,8 +543,7 @@ class TransformStage:
                 continue
             integ = integrations.get((u.source, u.integration))
             if integ is None:
-                dead.append((e, UNKNOWN_INTEGRATION,
-                             f"{u.source} integration {u.integration!r} is not configured"))
+                dead.append((e, UNKNOWN_INTEGRATION, _unknown_integration(u)))
                 continue
             items.append(_Item(e, u, integ, f"{u.source}:{u.integration}:{u.device}"))
         for source, n in duplicates.items():
@@ -338,22 +559,16 @@ class TransformStage:
         for it in items:
             u = it.uplink
             if u.token is not None:
-                tname = it.integ.choose_template(u.device_meta)
-                ready.append((it, Device(key=it.key, token=u.token, template=tname or "")))
+                ready.append((it, self._token_device(it)))
                 continue
             dev = devices.get(it.key)
             if dev is None:
                 if it.integ.provision:
                     to_create.setdefault(it.key, []).append(it)
                 else:
-                    dead.append((it.entry, UNKNOWN_DEVICE,
-                                 f"no Blynk device registered for {u.source} device "
-                                 f"{u.device!r} of integration {u.integration!r} "
-                                 "(add it to `devices` or enable `provision`)"))
+                    dead.append((it.entry, UNKNOWN_DEVICE, _unknown_device(u)))
             elif dev.broken:
-                dead.append((it.entry, DEVICE_BROKEN,
-                             f"Blynk device of {it.key} is marked broken: {dev.reason}: "
-                             f"{dev.detail}"))
+                dead.append((it.entry, DEVICE_BROKEN, _broken(dev)))
             else:
                 ready.append((it, dev))
 
@@ -378,48 +593,69 @@ class TransformStage:
         await dedup.forget(self.ctx.redis, self.ctx.keys, ids)
         await self.reader.dead_letter(dead)
 
-    async def _write(self, ready: list[tuple[_Item, Device]], acks: list[Entry]) -> None:
-        """Map, append writes + partial dead letters in one pipeline, then ack."""
-        ctx = self.ctx
-        out: list[tuple[str, bytes]] = []
-        transformed: Counter[tuple[str, str]] = Counter()
-        firmware: dict[str, str] = {}
-        rejected_n: Counter[str] = Counter()
-        nothing = 0
-        stream_for = ctx.keys.stream_for
+    def _dead_letter_of(self, e: Entry, reason: str, detail: str, ts: int) -> bytes:
+        """The encoded dead letter of a whole decodable uplink (as the reader writes it)."""
+        return events.encode(events.DeadLetter(
+            stream=e.stream, entry_id=e.id, raw=e.data or b"", stage=STAGE, reason=reason,
+            detail=detail[:2000], attempts=e.deliveries, dead_ts_ms=ts))
+
+    def _token_device(self, it: _Item) -> Device:
+        """The Particle blueprint's case: the uplink carries the device's token itself."""
+        tname = it.integ.choose_template(it.uplink.device_meta)
+        return Device(key=it.key, token=it.uplink.token or "", template=tname or "")
+
+    def _map(self, ready: Sequence[tuple[_Item, Device]], ts: int) -> list[_Mapped]:
+        """Map each ready uplink onto its template: its write, partial dead letter, counts."""
+        out: list[_Mapped] = []
+        stream_for = self.ctx.keys.stream_for
         encode = events.encode
-        ts = now_ms()
         for it, dev in ready:
             u = it.uplink
             template = self._template_of(dev, it)
             mapped = map_uplink(template, u)
-            if mapped.unmapped:
-                for k in mapped.unmapped:
-                    self._unmapped[(template.name, k)] += 1
-            if mapped.firmware is not None and u.token is None and \
-                    mapped.firmware != dev.firmware:
-                firmware[dev.key] = mapped.firmware
+            dead: bytes | None = None
             if mapped.rejected:
-                rejected_n[template.name] += len(mapped.rejected)
-                out.append((self._dead_stream, encode(events.DeadLetter(
+                dead = encode(events.DeadLetter(
                     stream=it.entry.stream, entry_id=it.entry.id, raw=it.entry.data or b"",
                     stage=STAGE, reason="type_mismatch",
                     detail=describe_rejected(mapped.rejected)[:2000],
-                    attempts=it.entry.deliveries, dead_ts_ms=ts))))
-            acks.append(it.entry)
-            if not mapped.pins:
+                    attempts=it.entry.deliveries, dead_ts_ms=ts))
+            write: bytes | None = None
+            if mapped.pins:
+                hist = template.history_pins
+                write = encode(events.BlynkWrite(
+                    token=dev.token, server=self._server_url(dev.server), device_key=it.key,
+                    pins=mapped.pins, event_ts_ms=u.event_ts_ms,
+                    received_ts_ms=u.received_ts_ms, event_id=u.event_id,
+                    history_pins=[p for p in mapped.pins if p in hist] if hist else [],
+                ))
+            firmware = mapped.firmware if (
+                mapped.firmware is not None and u.token is None
+                and mapped.firmware != dev.firmware) else None
+            out.append(_Mapped(it, template.name, stream_for("writes", u.source, u.device),
+                               write, dead, tuple(mapped.unmapped), len(mapped.rejected),
+                               firmware))
+        return out
+
+    async def _account(self, written: Sequence[_Mapped]) -> None:
+        """After the outputs are in Redis: metrics, unmapped keys, firmware versions."""
+        transformed: Counter[tuple[str, str]] = Counter()
+        firmware: dict[str, str] = {}
+        rejected_n: Counter[str] = Counter()
+        nothing = 0
+        unmapped = self._unmapped
+        for m in written:
+            for k in m.unmapped:
+                unmapped[(m.template, k)] += 1
+            if m.firmware is not None:
+                firmware[m.item.key] = m.firmware
+            if m.rejected:
+                rejected_n[m.template] += m.rejected
+            if m.write is None:
                 nothing += 1
-                continue
-            hist = template.history_pins
-            write = events.BlynkWrite(
-                token=dev.token, server=self._server_url(dev.server), device_key=it.key,
-                pins=mapped.pins, event_ts_ms=u.event_ts_ms, received_ts_ms=u.received_ts_ms,
-                event_id=u.event_id,
-                history_pins=[p for p in mapped.pins if p in hist] if hist else [],
-            )
-            out.append((stream_for("writes", u.source, u.device), encode(write)))
-            transformed[(u.source, u.integration)] += 1
-        await self._emit.run(out, acks)
+            else:
+                u = m.item.uplink
+                transformed[(u.source, u.integration)] += 1
         for (source, integration), n in transformed.items():
             metrics.TRANSFORMED.labels(source, integration).inc(n)
         for tname, n in rejected_n.items():
@@ -431,6 +667,19 @@ class TransformStage:
             await self.registry.set_firmware(firmware)
         if self._unmapped and time.monotonic() - self._unmapped_flushed >= 1.0:
             await self.flush_unmapped()
+
+    async def _write(self, ready: list[tuple[_Item, Device]], acks: list[Entry]) -> None:
+        """Map, append writes + partial dead letters and ack, in one script call."""
+        mapped = self._map(ready, now_ms())
+        out: list[tuple[str, bytes]] = []
+        for m in mapped:
+            if m.dead is not None:
+                out.append((self._dead_stream, m.dead))
+            if m.write is not None:
+                out.append((m.stream, m.write))
+            acks.append(m.item.entry)
+        await self._emit.run(out, acks)
+        await self._account(mapped)
 
     def _template_of(self, dev: Device, it: _Item) -> Template:
         name: str | None = dev.template or None
@@ -496,6 +745,19 @@ class TransformStage:
             per_template[tname] += n
         for tname, n in per_template.items():
             metrics.UNMAPPED.labels(tname).inc(n)
+
+
+def _unknown_integration(u: events.Uplink) -> str:
+    return f"{u.source} integration {u.integration!r} is not configured"
+
+
+def _unknown_device(u: events.Uplink) -> str:
+    return (f"no Blynk device registered for {u.source} device {u.device!r} of integration "
+            f"{u.integration!r} (add it to `devices` or enable `provision`)")
+
+
+def _broken(dev: Device) -> str:
+    return f"Blynk device of {dev.key} is marked broken: {dev.reason}: {dev.detail}"
 
 
 def build(ctx: Context) -> TransformStage:
