@@ -73,6 +73,12 @@ log = logging.getLogger("blynk_bridge.egress")
 MAX_UPLOAD_POINTS = 10_000
 #: How long to wait before asking again for a device another replica is writing.
 LEASE_RETRY_S = 0.05
+#: After a read that drained the stream, the next read waits this long, so reads come in
+#: batches instead of one Redis call per trickle of entries (entries wait for a flush anyway).
+READ_PACE_S = 0.01
+#: Device writes finishing within this long share one record-and-ack script call. It delays
+#: only the ack and the device's next write, never a Blynk request.
+COMMIT_LINGER_S = 0.005
 
 
 @dataclass(slots=True)
@@ -148,16 +154,19 @@ R = TypeVar("R")
 
 
 class _Batch(Generic[T, R]):
-    """Group commit: calls made in the same loop iteration share one ``run`` (one round trip).
+    """Group commit: calls made while the previous ``run`` was busy, or within ``linger_s`` of
+    the first, share one ``run`` (one round trip).
 
     Device writes finish independently; without this each would need its own Redis round trips
     (and connections) to record, ack and rate-limit. ``run`` gets the items in call order and
     returns one result per item; its exception is handed to every caller of that batch.
     """
 
-    def __init__(self, run: Callable[[list[T]], Awaitable[Sequence[R]]], max_batch: int = 1000):
+    def __init__(self, run: Callable[[list[T]], Awaitable[Sequence[R]]], max_batch: int = 1000,
+                 linger_s: float = 0.0):
         self._run = run
         self._max = max_batch
+        self._linger = linger_s
         self._items: list[tuple[T, asyncio.Future[R]]] = []
         self._flusher: asyncio.Task[None] | None = None
 
@@ -175,7 +184,7 @@ class _Batch(Generic[T, R]):
     async def _flush(self) -> None:
         try:
             while self._items:
-                await asyncio.sleep(0)  # let every caller of this iteration join
+                await asyncio.sleep(self._linger)  # let the callers of this moment join
                 batch, self._items = self._items[: self._max], self._items[self._max :]
                 try:
                     results = await self._run([item for item, _ in batch])
@@ -219,12 +228,17 @@ class EgressStage:
         self.max_held = max(20 * cfg.flush_count, 1000)
         self._slots = asyncio.Semaphore(cfg.max_in_flight)
         self._devices: dict[str, _Device] = {}
+        #: Devices that may have queued entries and nothing in flight: the only ones a flush
+        #: or a deadline looks at (scanning every held device per wake-up was O(in flight)).
+        self._waiting: dict[str, _Device] = {}
+        self._written: dict[str, Any] = {}  # server → its bb_written counter child
         self._servers: dict[str, _Server] = {}
         self._held: dict[tuple[str, str], _Held] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._client = ctx.blynk()
-        self._commits: _Batch[_Commit, bool] = _Batch(self._commit_many)
+        self._commits: _Batch[_Commit, bool] = _Batch(self._commit_many, linger_s=COMMIT_LINGER_S)
+        self._next_read_at = 0.0
         self._renewals = _Batch(self.order.claim)
         self._takes = _Batch(self.limiter.take)
         self._defers: _Batch[tuple[str, float], None] = _Batch(self._defer_many)
@@ -286,6 +300,7 @@ class EgressStage:
                         if not self._held and not self._tasks:
                             return
                         drained = True
+                metrics.EGRESS_HELD.set(len(self._held))  # once per wake-up, not per device
                 await self._flush(final=False)
         finally:
             stopper.cancel()
@@ -306,13 +321,20 @@ class EgressStage:
         Held entries stay pending until their write lands; the reader's own-pending pass uses a
         cursor, so it never serves an entry egress still holds.
         """
-        return await self.reader.read(block=not self.until_idle)
+        if not self.until_idle:
+            pause = self._next_read_at - time.monotonic()
+            if pause > 0:
+                await asyncio.sleep(pause)
+        entries = await self.reader.read(block=not self.until_idle)
+        if len(entries) < self.reader.batch:  # drained: let the next read gather a batch
+            self._next_read_at = time.monotonic() + READ_PACE_S
+        return entries
 
     def _next_deadline(self) -> float | None:
         """Seconds until the next flush or backoff expiry; ``None`` when nothing is due."""
         now = time.monotonic()
         deadline: float | None = None
-        for dev in self._devices.values():
+        for dev in self._waiting.values():
             if not dev.queued or dev.inflight:
                 continue
             server = self._servers.get(dev.queued[-1].write.server)
@@ -344,6 +366,8 @@ class EgressStage:
             if dev is None:
                 dev = self._devices[write.device_key] = _Device(write.device_key)
             dev.queued.append(held)
+            if not dev.inflight:
+                self._waiting[dev.key] = dev
         metrics.EGRESS_HELD.set(len(self._held))
         if bad:
             await asyncio.shield(self.reader.dead_letter(bad))
@@ -381,8 +405,12 @@ class EgressStage:
         count = 0
         oldest = now
         probes: set[str] = set()
-        for dev in self._devices.values():
-            if not dev.queued or dev.inflight or dev.not_before > now:
+        gone: list[str] = []
+        for dev in self._waiting.values():
+            if not dev.queued or dev.inflight:
+                gone.append(dev.key)
+                continue
+            if dev.not_before > now:
                 continue
             server_name = dev.queued[-1].write.server
             server = self._servers.get(server_name)
@@ -393,6 +421,8 @@ class EgressStage:
             ready.append(dev)
             count += len(dev.queued)
             oldest = min(oldest, dev.queued[0].arrived)
+        for key in gone:
+            del self._waiting[key]
         if not ready:
             return []
         due = (
@@ -419,6 +449,7 @@ class EgressStage:
         plans: list[tuple[_Device, DevicePlan]] = []
         for dev in ready:
             dev.inflight, dev.queued = dev.queued, []
+            del self._waiting[dev.key]
             items = [(i, h.write) for i, h in enumerate(dev.inflight)]
             by_device = coalesce(items, now_ms=wall, live_window_ms=self._live_ms)
             plans.append((dev, by_device[dev.key]))
@@ -467,6 +498,8 @@ class EgressStage:
     def _requeue(self, dev: _Device, *, not_before: float) -> None:
         dev.queued = dev.inflight + dev.queued
         dev.inflight = []
+        if dev.queued:
+            self._waiting[dev.key] = dev
         dev.not_before = max(dev.not_before, not_before)
 
     def _release_probes(self, plans: Sequence[tuple[_Device, DevicePlan]]) -> None:
@@ -623,10 +656,17 @@ class EgressStage:
         """
         self._release_probes([(dev, plan)])
         if result.values:
-            metrics.WRITTEN.labels(plan.server).inc(result.values)
+            counter = self._written.get(plan.server)
+            if counter is None:
+                counter = self._written[plan.server] = metrics.WRITTEN.labels(plan.server)
+            counter.inc(result.values)
         dead: list[tuple[Entry, str, str]] = []
         ok: list[_Held] = []
-        if result.invalid_token is None and result.again is None:
+        if result.invalid_token is not None or result.again is not None:
+            pass
+        elif not result.failed and not result.history_failed:
+            ok = dev.inflight
+        else:
             for h in dev.inflight:
                 bad = [(pin, *result.failed[pin]) for pin in h.write.pins if pin in result.failed]
                 for pin in h.write.pins:
@@ -714,9 +754,10 @@ class EgressStage:
         for h in dev.inflight:
             self._held.pop((h.entry.stream, h.entry.id), None)
         dev.inflight = []
-        if not dev.queued and dev.not_before <= time.monotonic():
+        if dev.queued:
+            self._waiting[dev.key] = dev
+        elif dev.not_before <= time.monotonic():
             self._devices.pop(dev.key, None)
-        metrics.EGRESS_HELD.set(len(self._held))
 
 
 def _canon(pin: str) -> str:
