@@ -26,7 +26,7 @@ import collections
 import contextlib
 import socket
 import ssl
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
@@ -209,9 +209,20 @@ class Session:
             buffer.append((message.topic, message.payload))
             wake()
 
+        def deliver(messages: list[tuple[str, bytes]]) -> None:
+            buffer.extend(messages)
+            wake()
+
         paho.on_message = on_message
         disconnected.add_done_callback(lambda _: wake())
         self._fast = buffer
+        # QoS 0 PUBLISHes straight from the socket (MQTT 3.1.x framing only, and only between
+        # packets: nothing may be half read by paho when the socket is swapped).
+        sock = getattr(paho, "_sock", None)
+        in_packet = getattr(paho, "_in_packet", None)
+        if (sock is not None and getattr(paho, "_protocol", None) in (3, 4)
+                and isinstance(in_packet, dict) and in_packet.get("command") == 0):
+            paho._sock = _PublishTap(sock, deliver)
 
     def pending(self) -> int:
         """Messages received and not yet taken by :meth:`messages`."""
@@ -225,6 +236,98 @@ class Session:
             await self._client.publish(topic, payload, qos=qos, retain=retain)
         except aiomqtt.MqttError as exc:
             raise ConnectionLost(f"publish to {topic} failed: {exc}") from None
+
+
+#: Bytes read from the socket per ``recv``: a whole burst of messages in one system call.
+_RECV_BYTES = 256 * 1024
+
+
+class _PublishTap:
+    """paho's socket, with QoS 0 PUBLISH packets taken out of the byte stream on the way.
+
+    paho reads a packet with three or four ``recv`` calls (command byte, each length byte, the
+    rest) and spends more Python per message on ``MQTTMessage``, topic matching and callback
+    locks than our whole TTS parse. This reads everything available in one ``recv``, hands
+    each complete QoS 0 PUBLISH (``(topic, payload)``) to ``deliver`` at once, and serves paho
+    only the other packets (CONNACK, SUBACK, PINGRESP, QoS 1/2 PUBLISH...), byte-exact and in
+    order, so paho's protocol state (keepalive, acks) works as before. When it has nothing for
+    paho it raises ``BlockingIOError``, which paho reads as "no data yet". ``pending()`` counts
+    bytes kept for paho (aiomqtt's reader loops while it is positive, as for TLS sockets).
+    """
+
+    def __init__(self, sock: Any, deliver: Callable[[list[tuple[str, bytes]]], None]) -> None:
+        self._sock = sock
+        self._deliver = deliver
+        self._partial = b""
+        self._for_paho = bytearray()
+        self._eof = False
+
+    def recv(self, bufsize: int) -> bytes:
+        if not self._for_paho:
+            if self._eof:
+                return b""
+            data = self._sock.recv(_RECV_BYTES)  # BlockingIOError / OSError go to paho
+            if not data:
+                self._eof = True
+                return b""
+            messages, other, self._partial = split_packets(
+                self._partial + data if self._partial else data)
+            if messages:
+                self._deliver(messages)
+            if not other:
+                raise BlockingIOError
+            self._for_paho += other
+        out = bytes(self._for_paho[:bufsize])
+        del self._for_paho[:bufsize]
+        return out
+
+    def send(self, data: bytes) -> int:
+        return int(self._sock.send(data))
+
+    def pending(self) -> int:
+        inner = getattr(self._sock, "pending", None)
+        return len(self._for_paho) + (inner() if inner is not None else 0)
+
+    def __getattr__(self, name: str) -> Any:  # fileno, close, setblocking...
+        return getattr(self._sock, name)
+
+
+def split_packets(data: bytes) -> tuple[list[tuple[str, bytes]], bytes, bytes]:
+    """Split an MQTT 3.1.x byte stream (server to client) into the ``(topic, payload)`` of its
+    complete QoS 0 PUBLISH packets, the bytes of every other complete packet (in order), and
+    the trailing incomplete packet. A malformed length goes to the second part untouched, with
+    everything after it, for paho to refuse."""
+    messages: list[tuple[str, bytes]] = []
+    other: list[bytes] = []
+    pos, n = 0, len(data)
+    while pos < n:
+        first = data[pos]
+        i, length, shift = pos + 1, 0, 0
+        while True:
+            if i >= n:
+                return messages, b"".join(other), data[pos:]
+            byte = data[i]
+            i += 1
+            length |= (byte & 0x7F) << shift
+            if byte < 0x80:
+                break
+            shift += 7
+            if shift > 21:  # more than 4 length bytes
+                other.append(data[pos:])
+                return messages, b"".join(other), b""
+        end = i + length
+        if end > n:
+            return messages, b"".join(other), data[pos:]
+        if first & 0xF6 == 0x30 and length >= 2:  # PUBLISH, QoS 0 (DUP/RETAIN either way)
+            topic_end = i + 2 + ((data[i] << 8) | data[i + 1])
+            if topic_end <= end:
+                messages.append((data[i + 2 : topic_end].decode(errors="replace"),
+                                 data[topic_end:end]))
+                pos = end
+                continue
+        other.append(data[pos:end])
+        pos = end
+    return messages, b"".join(other), b""
 
 
 def _cause(disconnected: asyncio.Future[None]) -> str:

@@ -606,3 +606,39 @@ async def test_hold_stops_the_work_at_once_when_the_lease_is_taken(
     assert await lease.holder() == "thief"  # and our release did not delete theirs
     stop.set()
     await asyncio.wait_for(holder, 5)
+
+
+def _packet(first: int, body: bytes) -> bytes:
+    length, n = bytearray(), len(body)
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        length.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes([first]) + bytes(length) + body
+
+
+def _publish(topic: str, payload: bytes, first: int = 0x30) -> bytes:
+    t = topic.encode()
+    pid = b"\x00\x07" if first & 0x06 else b""
+    return _packet(first, len(t).to_bytes(2, "big") + t + pid + payload)
+
+
+def test_split_packets_takes_qos0_publishes_and_keeps_the_rest_for_paho() -> None:
+    big = bytes(range(256)) * 80  # a 20 KB payload: three length bytes
+    suback = _packet(0x90, b"\x00\x01\x00")
+    pingresp = _packet(0xD0, b"")
+    qos1 = _publish("v3/a/devices/d/up", b"q1", first=0x32)
+    stream = (suback + _publish("v3/a/devices/d/up", b"{}") + qos1
+              + _publish("t", big, first=0x31) + pingresp + _publish("t/2", b""))
+    msgs, other, rest = mqtt.split_packets(stream)
+    assert msgs == [("v3/a/devices/d/up", b"{}"), ("t", big), ("t/2", b"")]
+    assert other == suback + qos1 + pingresp and rest == b""
+    # Cut anywhere: the complete packets come out, the rest waits for more bytes, and feeding
+    # the rest with the remainder gives the same result.
+    for cut in range(len(stream)):
+        m1, o1, r1 = mqtt.split_packets(stream[:cut])
+        m2, o2, r2 = mqtt.split_packets(r1 + stream[cut:])
+        assert m1 + m2 == msgs and o1 + o2 == other and r2 == b""
+    # A malformed length (5 bytes) goes to paho untouched, with what follows.
+    bad = b"\x30\xff\xff\xff\xff\x01" + b"x" * 10
+    assert mqtt.split_packets(pingresp + bad) == ([], pingresp + bad, b"")
