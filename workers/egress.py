@@ -43,8 +43,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gc
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -226,7 +228,9 @@ class EgressStage:
         self.status = StatusBoard(ctx.redis, ctx.keys)
         self._up: set[str] = set()  # Blynk servers last seen answering
         self.max_held = max(20 * cfg.flush_count, 1000)
-        self._slots = asyncio.Semaphore(cfg.max_in_flight)
+        #: Blynk requests in flight (at most ``max_in_flight``) and callers waiting for a slot.
+        self._in_flight = 0
+        self._slot_waiters: deque[asyncio.Future[None]] = deque()
         self._devices: dict[str, _Device] = {}
         #: Devices that may have queued entries and nothing in flight: the only ones a flush
         #: or a deadline looks at (scanning every held device per wake-up was O(in flight)).
@@ -247,6 +251,7 @@ class EgressStage:
     # ---- lifecycle ---------------------------------------------------------------------
 
     async def startup(self) -> None:
+        tune_gc()
         await self.reader.ensure_group()
 
     async def shutdown(self) -> None:
@@ -608,8 +613,18 @@ class EgressStage:
 
     async def _request(self, server_name: str, call: Callable[[], Awaitable[Outcome]]) -> Outcome:
         """One Blynk request under the global in-flight cap; updates the server's backoff."""
-        async with self._slots:
+        if self._in_flight >= self.cfg.max_in_flight or self._slot_waiters:
+            await self._slot()
+        self._in_flight += 1
+        try:
             outcome = await call()
+        finally:
+            self._in_flight -= 1
+            while self._slot_waiters:
+                waiter = self._slot_waiters.popleft()
+                if not waiter.done():
+                    waiter.set_result(None)
+                    break
         server = self._servers.get(server_name)
         if isinstance(outcome, Retry) and outcome.status != 429:
             if server is None:
@@ -633,6 +648,22 @@ class EgressStage:
                 self._up.add(server_name)
                 self._spawn(self._set_status(server_name, None), None)
         return outcome
+
+    async def _slot(self) -> None:
+        """Wait until fewer than ``max_in_flight`` requests are out (first come, first served)."""
+        while self._in_flight >= self.cfg.max_in_flight:
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._slot_waiters.append(waiter)
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():  # pass the slot on
+                    while self._slot_waiters:
+                        nxt = self._slot_waiters.popleft()
+                        if not nxt.done():
+                            nxt.set_result(None)
+                            break
+                raise
 
     async def _set_status(self, server_name: str, failure: Retry | None) -> None:
         """Blynk server status (Connected / Broken) for ``status`` and ``/status``."""
@@ -758,6 +789,24 @@ class EgressStage:
             self._waiting[dev.key] = dev
         elif dev.not_before <= time.monotonic():
             self._devices.pop(dev.key, None)
+
+
+#: First-generation threshold of the cyclic garbage collector in an egress process.
+GC_GEN0_THRESHOLD = 20_000
+
+
+def tune_gc() -> None:
+    """Collect young objects less often (process-wide; never lowers an existing setting).
+
+    Egress allocates a dozen short-lived objects per device write while holding tens of
+    thousands of entries; at CPython's default (700) the collector ran so often that it took
+    ~20% of egress CPU (measured: 237 -> 183 us per entry at 20,000). ``gc.freeze()`` moves
+    what start-up allocated (modules, config, registry) out of every later collection.
+    """
+    gen0, gen1, gen2 = gc.get_threshold()
+    if gen0 < GC_GEN0_THRESHOLD:
+        gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
+    gc.freeze()
 
 
 def _canon(pin: str) -> str:

@@ -11,7 +11,8 @@ Contract of :meth:`HttpClient.request`:
 * Returns a :class:`Response` for every complete HTTP answer, whatever its status. Redirects are
   not followed (the caller decides).
 * Raises :class:`TimeoutError` when no complete answer came within ``timeout_s`` (waiting for a
-  pool slot and connecting included); the connection is then closed.
+  pool slot and connecting included; noticed within ``timeout_s / 20``, at most 0.1 s, late);
+  the connection is then closed.
 * Raises :class:`ConnectError` when no connection could be opened, :class:`ConnectionLost` when
   the connection closed before the answer was complete, :class:`ProtocolError` for an answer
   that is not HTTP/1.x. All are :class:`HttpError`.
@@ -96,8 +97,8 @@ class _Conn(asyncio.Protocol):
     """One connection: one request at a time; the answer is parsed as bytes arrive."""
 
     __slots__ = ("_body", "_buf", "_chunked", "_close_after", "_expect", "_head_done",
-                 "_headers", "_status", "closed", "got_bytes", "idle_since", "origin", "pool",
-                 "transport", "waiter")
+                 "_headers", "_status", "closed", "deadline", "got_bytes", "idle_since", "origin",
+                 "pool", "transport", "waiter")
 
     def __init__(self, pool: HttpClient, origin: Origin) -> None:
         self.pool = pool
@@ -107,6 +108,7 @@ class _Conn(asyncio.Protocol):
         self.closed = False
         self.got_bytes = False
         self.idle_since = 0.0
+        self.deadline = 0.0  # loop time by which the answer must be complete
         self._buf = bytearray()
         self._reset()
 
@@ -286,6 +288,11 @@ class HttpClient:
         self._idle: dict[str, list[_Conn]] = {}
         self._open = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
+        #: Connections with a request in flight; one periodic check expires the overdue ones
+        #: (a timer per request cost more than the request's parsing).
+        self._busy: set[_Conn] = set()
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._tick = max(0.005, min(0.1, timeout_s / 20))
 
     def origin(self, base_url: str) -> Origin:
         """``base_url`` parsed (cached). Raises ``ValueError`` for a non-http(s) URL."""
@@ -327,7 +334,11 @@ class HttpClient:
     async def _exchange(self, loop: asyncio.AbstractEventLoop, conn: _Conn, data: bytes,
                         deadline: float) -> Response:
         fut: asyncio.Future[Response] = loop.create_future()
-        timer = loop.call_at(deadline, _expire, conn, fut)
+        conn.deadline = deadline
+        busy = self._busy
+        busy.add(conn)
+        if self._sweeper is None:
+            self._sweeper = loop.call_later(self._tick, self._sweep, loop)
         try:
             conn.send(data, fut)
             resp = await fut
@@ -336,9 +347,21 @@ class HttpClient:
             self._release(conn)
             raise
         finally:
-            timer.cancel()
+            busy.discard(conn)
         self._release(conn)
         return resp
+
+    def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Expire the requests past their deadline (at most one tick late)."""
+        self._sweeper = None
+        now = loop.time()
+        for conn in [c for c in self._busy if c.deadline <= now]:
+            self._busy.discard(conn)
+            if conn.waiter is not None and not conn.waiter.done():
+                conn.waiter.set_exception(TimeoutError())
+            conn._abort()
+        if self._busy:
+            self._sweeper = loop.call_later(self._tick, self._sweep, loop)
 
     async def close(self) -> None:
         """Close the idle connections; waiters for a slot get :class:`ConnectError`.
@@ -470,8 +493,3 @@ class _Detached(HttpClient):
 
 _DETACHED = _Detached()
 
-
-def _expire(conn: _Conn, fut: asyncio.Future[Response]) -> None:
-    if not fut.done():
-        fut.set_exception(TimeoutError())
-    conn._abort()
