@@ -292,6 +292,7 @@ class HttpClient:
         #: (a timer per request cost more than the request's parsing).
         self._busy: set[_Conn] = set()
         self._sweeper: asyncio.TimerHandle | None = None
+        self._sweep_loop: asyncio.AbstractEventLoop | None = None
         self._tick = max(0.005, min(0.1, timeout_s / 20))
 
     def origin(self, base_url: str) -> Origin:
@@ -337,7 +338,8 @@ class HttpClient:
         conn.deadline = deadline
         busy = self._busy
         busy.add(conn)
-        if self._sweeper is None:
+        if self._sweeper is None or self._sweep_loop is not loop:  # (a client outliving a loop)
+            self._sweep_loop = loop
             self._sweeper = loop.call_later(self._tick, self._sweep, loop)
         try:
             conn.send(data, fut)
@@ -353,6 +355,8 @@ class HttpClient:
 
     def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
         """Expire the requests past their deadline (at most one tick late)."""
+        if loop is not self._sweep_loop:
+            return
         self._sweeper = None
         now = loop.time()
         for conn in [c for c in self._busy if c.deadline <= now]:
