@@ -39,19 +39,23 @@ async def consume(
     max_backoff_s: float = 30.0,
 ) -> None:
     """Feed batches to ``handle`` until ``stop`` is set, or, with ``until_idle``, until no
-    entry is left to read (burst mode, for tests and benchmarks)."""
+    entry is left to read (burst mode, for tests and benchmarks).
+
+    A read in flight when ``stop`` is set is finished (it returns within ``block_ms``) and its
+    batch handled, not cancelled: Redis may already have delivered those entries to this
+    consumer, and a cancelled read would leave them pending under a name a restarted process
+    does not have, until another consumer claims them after ``claim_idle_ms``.
+    """
     await reader.ensure_group()
     failures = 0
     while not stop.is_set():
         try:
-            entries = await until_stopped(reader.read(block=not until_idle), stop)
+            entries = await reader.read(block=not until_idle)
         except RedisError as exc:
             failures += 1
             log.warning("%s: reading failed (%s); retrying", reader.stage, exc)
             await _sleep(backoff_s(failures, max_backoff_s), stop)
             continue
-        if entries is None:
-            break
         if not entries:
             if until_idle:
                 return

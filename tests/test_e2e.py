@@ -233,11 +233,23 @@ async def test_sigterm_drains_without_loss(prefix: str, redis: Redis, tmp_path: 
                 [(ctx.keys.stream("uplinks"), events.encode(u)) for u in uplinks])
 
             async def run_once(stop_after_first_write: bool) -> int:
+                log = (tmp_path / "bridge.log").open("ab")
                 proc = await asyncio.create_subprocess_exec(
                     sys.executable, "-m", "blynk_bridge", "run", "-c", str(path),
                     "--skip", "ingest-http", "--skip", "monitor",
-                    env=os.environ | {"PYTHONPATH": str(Path.cwd())},
-                    stderr=asyncio.subprocess.DEVNULL)
+                    env=os.environ | {"PYTHONPATH": str(Path.cwd())}, stderr=log)
+                try:
+                    return await _drive(proc, stop_after_first_write)
+                except BaseException:
+                    print((tmp_path / "bridge.log").read_text()[-5000:])  # shown on failure
+                    raise
+                finally:
+                    if proc.returncode is None:
+                        proc.kill()
+                        await proc.wait()
+                    log.close()
+
+            async def _drive(proc: asyncio.subprocess.Process, stop_after_first_write: bool) -> int:
                 async def consuming() -> bool:
                     stream = ctx.keys.stream("writes")
                     if not await redis.exists(stream):
