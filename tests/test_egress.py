@@ -19,6 +19,7 @@ from pipeline.context import Context
 from pipeline.events import FIELD, BlynkWrite, DeadLetter, Value, decode_dead, decode_write, encode
 from pipeline.keys import GROUP_EGRESS, WRITES, Keys
 from pipeline.order import LastWritten
+from pipeline.ratelimit import RateLimiter
 from pipeline.registry import Registry
 from pipeline.status import State, StatusBoard
 from pipeline.streams import Redis, StreamWriter, now_ms
@@ -84,6 +85,41 @@ async def test_claims_are_one_round_trip_for_many_devices(redis: Redis, keys: Ke
         await book.commit(f"d{i}", {"V1": i})
     claims = await book.claim([(f"d{i}", ["V1"]) for i in range(5)])
     assert [c.last for c in claims] == [{"V1": 0}, {"V1": 1}, {"V1": 2}, {}, {}]
+
+
+async def test_prepare_skips_stale_waits_for_leases_and_rate_and_takes_the_rest(
+    redis: Redis, keys: Keys
+) -> None:
+    a = LastWritten(redis, keys, "replica-a", lease_ms=10_000)
+    b = LastWritten(redis, keys, "replica-b", lease_ms=10_000)
+    limiter = RateLimiter(redis, keys, rps=1)
+    await a.commit("old", {"V1": 100})
+    await b.claim([("busy", ["V1"])])
+    stale, busy, fresh, again = await a.prepare(
+        [("old", {"V1": 100}), ("busy", {"V1": 5}), ("new", {"V1": 7, "V2": 8}),
+         ("old", {"V1": 101})], limiter)
+    assert stale.stale and not stale.granted
+    assert not busy.granted and 0 < busy.busy_ms <= 10_000
+    assert fresh.granted and fresh.last == {}
+    assert again.granted and again.last == {"V1": 100}
+    (limited,) = await a.prepare([("new", {"V1": 9})], limiter)  # 1 request/s: wait for it
+    assert not limited.granted and 0 < limited.wait_s <= 1.0
+    assert not (await b.claim([("old", ["V1"])]))[0].granted  # a holds "old" now
+
+
+async def test_commit_many_records_and_acks_in_one_call(redis: Redis, keys: Keys) -> None:
+    stream = keys.streams(WRITES)[0]
+    await redis.xgroup_create(stream, GROUP_EGRESS, id="0", mkstream=True)
+    ids = [await redis.xadd(stream, {FIELD: b"x"}) for _ in range(3)]
+    await redis.xreadgroup(GROUP_EGRESS, "c", {stream: ">"})
+    book = LastWritten(redis, keys, "replica-a")
+    await book.claim([("dev", ["V1"])])
+    held = await book.commit_many([("dev", {"V1": 5}), ("other", {})],
+                                  {stream: [i.decode() for i in ids[:2]]}, GROUP_EGRESS)
+    assert held == [True, False]
+    assert await book.get("dev") == {"V1": 5}
+    pending = await redis.xpending(stream, GROUP_EGRESS)
+    assert pending["pending"] == 1
 
 
 def book_of(redis: Redis, keys: Keys) -> LastWritten:

@@ -34,8 +34,8 @@ Contract:
 Redis work of finished device writes is group-committed: the records and acks of the device
 writes that finished while the previous call ran share one script call
 (:meth:`pipeline.order.LastWritten.commit_many`); extra rate-limit slots and 429 deferrals
-likewise. The Blynk server's
-integration status (``blynk``/server name) follows outages and recoveries.
+likewise. The Blynk server's integration status (``blynk``/server name) follows outages and
+recoveries.
 """
 
 from __future__ import annotations
@@ -613,7 +613,7 @@ class EgressStage:
 
     async def _request(self, server_name: str, call: Callable[[], Awaitable[Outcome]]) -> Outcome:
         """One Blynk request under the global in-flight cap; updates the server's backoff."""
-        if self._in_flight >= self.cfg.max_in_flight or self._slot_waiters:
+        if self._in_flight >= self.cfg.max_in_flight:
             await self._slot()
         self._in_flight += 1
         try:
@@ -650,7 +650,7 @@ class EgressStage:
         return outcome
 
     async def _slot(self) -> None:
-        """Wait until fewer than ``max_in_flight`` requests are out (first come, first served)."""
+        """Wait until fewer than ``max_in_flight`` requests are out (waiters woken in order)."""
         while self._in_flight >= self.cfg.max_in_flight:
             waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._slot_waiters.append(waiter)
