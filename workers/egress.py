@@ -310,8 +310,10 @@ class EgressStage:
         finally:
             stopper.cancel()
             if read is not None:
-                read.cancel()  # unread entries stay pending in Redis; nothing is lost
-                with contextlib.suppress(asyncio.CancelledError, RedisError):
+                # Finish a read in flight (it returns within block_ms) rather than cancel it:
+                # entries Redis already delivered would stay pending under this consumer's
+                # name, which a restarted process does not have (see pipeline.consumer).
+                with contextlib.suppress(RedisError):
                     entries = await read
                     if entries:
                         await self._hold(entries)
