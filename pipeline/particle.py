@@ -63,7 +63,7 @@ import msgspec
 from pipeline.config import ParticleProduct
 from pipeline.errors import InvalidInput
 from pipeline.events import Uplink, UplinkKind, Value
-from pipeline.values import MAX_DEPTH, MAX_VALUES, flatten, scalar
+from pipeline.values import INT_MAX, INT_MIN, MAX_DEPTH, MAX_VALUES, flatten, scalar
 
 __all__ = ["MAX_DEPTH", "MAX_VALUES", "body_style", "coerce_number", "parse_webhook"]
 
@@ -144,7 +144,8 @@ def parse_webhook(
         fields.update(_decode_body(body, content_type))
     elif not fields:
         raise InvalidInput("empty body", reason="wrong_shape", field="$")
-    return _uplink(fields, product, received_ts_ms)
+    fast = _default_uplink(fields, product, received_ts_ms)
+    return fast if fast is not None else _uplink(fields, product, received_ts_ms)
 
 
 def coerce_number(value: Value) -> Value:
@@ -293,6 +294,102 @@ def _uplink(fields: dict[str, Any], product: ParticleProduct, received_ts_ms: in
         device_meta=meta,
         kind=kind,
         token=token,
+    )
+
+
+#: Fields of Particle's default webhook (JSON or form) that :func:`_default_uplink` handles.
+_DEFAULT_KEYS = frozenset({"event", "data", "published_at", "coreid", "userid", "fw_version",
+                           "public"})
+_PLAIN = (str, float, bool, type(None))
+
+
+def _default_uplink(
+    fields: dict[str, Any], product: ParticleProduct, received_ts_ms: int
+) -> Uplink | None:
+    """The Uplink of Particle's default webhook (``event``, ``data``, ``published_at``,
+    ``coreid``, maybe ``userid``/``fw_version``/``public``) in the fewest steps, or ``None``
+    for anything else, which :func:`_uplink` then handles.
+
+    The hot path of ingest-http (``bench/ingest_http.py``). It must give exactly the Uplink
+    :func:`_uplink` gives (``tests/test_particle_parse.py`` checks both paths agree), so it
+    takes only the plain cases — ``data`` flat JSON with no token, no coordinates, no big ints,
+    or plain text — and hands back everything else, errors included.
+    """
+    if not fields.keys() <= _DEFAULT_KEYS:
+        return None
+    event = fields.get("event")
+    data = fields.get("data")
+    published_at = fields.get("published_at")
+    device = fields.get("coreid")
+    if (type(event) is not str or type(data) is not str or type(published_at) is not str
+            or type(device) is not str or not published_at or not device):
+        return None
+    event_ts_ms = _iso_ms(published_at)  # first, as in _uplink: the same error wins
+    values: dict[str, Value]
+    head = data[:1]
+    if head == "{":
+        try:
+            decoded = _json_decoder.decode(data)
+        except (msgspec.DecodeError, RecursionError):
+            decoded = None
+        if type(decoded) is dict:
+            if "t" in decoded or "lat" in decoded or "latitude" in decoded:
+                return None
+            if len(decoded) > MAX_VALUES:
+                return None
+            for value in decoded.values():
+                kind = type(value)
+                if kind is int:
+                    if not INT_MIN <= value <= INT_MAX:
+                        return None
+                elif kind not in _PLAIN:
+                    return None
+            values = decoded
+        else:
+            values = {event or "data": data}
+    elif head.isspace():
+        return None
+    else:
+        values = {event or "data": data}
+    meta = {"event": event}
+    userid = fields.get("userid")
+    if userid is not None:
+        if type(userid) is not str:
+            return None
+        meta["userid"] = userid
+    fw_version = fields.get("fw_version")
+    if fw_version is not None:
+        if type(fw_version) is int:
+            meta["fw_version"] = str(fw_version)
+        elif type(fw_version) is str and fw_version.strip():
+            meta["fw_version"] = fw_version.strip()
+        else:
+            return None
+    public = fields.get("public")
+    if public is not None:
+        if type(public) is bool:
+            meta["public"] = "true" if public else "false"
+        elif type(public) is str and public.lower() in ("true", "false"):
+            meta["public"] = public.lower()
+        else:
+            return None
+    if product.product_id:
+        meta["product_id"] = product.product_id
+    digest = hashlib.sha1(
+        b"\0".join((device.encode(), event.encode(), published_at.encode(),
+                    hashlib.sha1(data.encode()).digest()))
+    )
+    return Uplink(
+        event_id="particle:" + digest.hexdigest(),
+        source="particle",
+        integration=product.name,
+        device=device,
+        event_ts_ms=event_ts_ms,
+        received_ts_ms=received_ts_ms,
+        values=values,
+        device_meta=meta,
+        kind="status" if event.startswith(_SYSTEM_PREFIXES) else "uplink",
+        token=None,
     )
 
 

@@ -7,8 +7,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from pipeline import particle
 from pipeline.config import ParticleProduct
 from pipeline.errors import InvalidInput
 from pipeline.events import decode_uplink, encode
@@ -300,3 +304,65 @@ def test_coerce_number(value: Any, want: Any) -> None:
 ])
 def test_body_style(ct: str, style: str | None) -> None:
     assert body_style(ct) == style
+
+
+# --- the default-webhook fast path gives exactly the general path's Uplink --------------------
+
+_plain = st.one_of(st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70),
+                   st.floats(allow_nan=False), st.text(max_size=8))
+_data = st.one_of(
+    st.text(max_size=12),
+    st.dictionaries(st.sampled_from(["temp", "t", "lat", "lng", "v1", "a.b", ""]),
+                    st.one_of(_plain, st.lists(_plain, max_size=2),
+                              st.dictionaries(st.just("x"), _plain, max_size=1)),
+                    max_size=4).map(lambda d: msgspec.json.encode(d).decode()),
+    st.sampled_from([" {\"a\": 1}", "{not json", "[1, 2]", "{}", "12"]),
+)
+_field = st.one_of(st.none(), st.booleans(), st.integers(-3, 3), st.text(max_size=6),
+                   st.sampled_from(["true", "False", " 7 ", ""]))
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    event=st.one_of(st.sampled_from(["sensor", "spark/status", "", "Temp/Kitchen"]), _field),
+    data=st.one_of(_data, _field),
+    published_at=st.one_of(st.sampled_from(["2026-01-01T00:00:05.005Z", "", "yesterday",
+                                            "1969-12-31T23:59:59.5Z"]), _field),
+    coreid=st.one_of(st.just("e00fce68"), _field),
+    extra=st.dictionaries(st.sampled_from(["userid", "fw_version", "public", "version",
+                                           "productID", "token", "name", "v1"]), _field,
+                          max_size=3),
+    product_id=st.sampled_from([None, "", "30301"]),
+)
+def test_default_fast_path_matches_the_general_path(
+    event: Any, data: Any, published_at: Any, coreid: Any, extra: dict[str, Any],
+    product_id: str | None,
+) -> None:
+    fields = {"event": event, "data": data, "published_at": published_at, "coreid": coreid,
+              **extra}
+    product = ParticleProduct(name="p", product_id=product_id)
+
+    def run(fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except InvalidInput as exc:
+            return ("error", exc.reason, exc.field)
+        except (ValueError, UnicodeError) as exc:
+            return ("error", type(exc))
+
+    fast = run(lambda: particle._default_uplink(dict(fields), product, RECEIVED))
+    general = run(lambda: particle._uplink(dict(fields), product, RECEIVED))
+    if fast is not None:
+        assert fast == general
+    body = msgspec.json.encode(fields)
+    assert run(lambda: parse_webhook(body, JSON, product, received_ts_ms=RECEIVED)) == general
+
+
+def test_default_webhook_takes_the_fast_path() -> None:
+    fields = {"event": "sensor", "data": '{"temp":18.5,"hum":25}', "coreid": DEV,
+              "published_at": "2026-01-01T00:00:05.005Z", "userid": "u1", "fw_version": 6,
+              "public": False}
+    fast = particle._default_uplink(dict(fields), PRODUCT, RECEIVED)
+    assert fast is not None
+    assert fast == particle._uplink(dict(fields), PRODUCT, RECEIVED)
+    assert fast.values == {"temp": 18.5, "hum": 25}
