@@ -37,6 +37,7 @@ async def consume(
     *,
     until_idle: bool = False,
     max_backoff_s: float = 30.0,
+    prefetch: bool = False,
 ) -> None:
     """Feed batches to ``handle`` until ``stop`` is set, or, with ``until_idle``, until no
     entry is left to read (burst mode, for tests and benchmarks).
@@ -45,7 +46,18 @@ async def consume(
     batch handled, not cancelled: Redis may already have delivered those entries to this
     consumer, and a cancelled read would leave them pending under a name a restarted process
     does not have, until another consumer claims them after ``claim_idle_ms``.
+
+    With ``prefetch``, the next read is issued when a batch is handed to ``handle``, so the
+    Redis round trip overlaps the handling. Batches are still handled one at a time, in the
+    order read, so entries are never reordered. When a batch is not fully handled (an
+    exception, or an entry left pending), the prefetched batch is NOT handled: its entries stay
+    pending, released (:meth:`~pipeline.streams.StreamReader.release`: that read does not count
+    as a delivery) and :meth:`~pipeline.streams.StreamReader.retry_pending` delivers them again
+    after the failed ones, in stream order.
     """
+    if prefetch:
+        await _consume_prefetching(reader, handle, stop, until_idle, max_backoff_s)
+        return
     await reader.ensure_group()
     failures = 0
     while not stop.is_set():
@@ -72,16 +84,81 @@ async def consume(
             await _sleep(delay, stop)
 
 
-async def _handle(reader: StreamReader, handle: Handler, entries: list[Entry]) -> None:
+async def _consume_prefetching(
+    reader: StreamReader, handle: Handler, stop: asyncio.Event, until_idle: bool,
+    max_backoff_s: float,
+) -> None:
+    """:func:`consume` with ``prefetch`` (see there)."""
+    await reader.ensure_group()
+    failures = 0
+    ahead: asyncio.Task[list[Entry]] | None = None
+    try:
+        while ahead is not None or not stop.is_set():
+            try:
+                if ahead is None:
+                    entries = await reader.read(block=not until_idle)
+                else:
+                    entries = await ahead
+            except RedisError as exc:
+                failures += 1
+                log.warning("%s: reading failed (%s); retrying", reader.stage, exc)
+                await _sleep(backoff_s(failures, max_backoff_s), stop)
+                continue
+            finally:
+                ahead = None
+            if not entries:
+                if until_idle:
+                    return
+                continue
+            if not stop.is_set():
+                ahead = asyncio.create_task(reader.read(block=not until_idle), name="prefetch")
+            error: Retryable | RedisError | None = None
+            try:
+                clean = await asyncio.shield(_handle(reader, handle, entries))
+                failures = 0 if clean else failures
+            except (Retryable, RedisError) as exc:
+                clean, error = False, exc
+            if clean:
+                continue
+            if ahead is not None:
+                # Finished, never cancelled (see consume); its entries stay pending, re-read
+                # in order after the failed ones, and this read does not count as a delivery.
+                await _release(reader, ahead)
+                ahead = None
+            reader.retry_pending()
+            if error is not None:
+                failures += 1
+                delay = (getattr(error, "retry_after_s", None)
+                         or backoff_s(failures, max_backoff_s))
+                log.warning("%s: batch left pending (%s); retry in %.1fs", reader.stage,
+                            error, delay)
+                await _sleep(delay, stop)
+    finally:
+        if ahead is not None:  # only when cancelled from outside (after the grace period)
+            ahead.cancel()
+
+
+async def _release(reader: StreamReader, ahead: asyncio.Task[list[Entry]]) -> None:
+    try:
+        await reader.release(await ahead)
+    except RedisError as exc:  # the entries stay pending; only their delivery counts are off
+        log.warning("%s: could not release a batch read ahead (%s)", reader.stage, exc)
+
+
+async def _handle(reader: StreamReader, handle: Handler, entries: list[Entry]) -> bool:
+    """``True`` when every entry was handled, ``False`` when some were left pending (and
+    ``reader.retry_pending()`` called)."""
     try:
         await handle(entries)
+        return True
     except (Retryable, RedisError):
         raise
     except Exception:
         log.exception("%s: handler failed on a batch of %d", reader.stage, len(entries))
         if len(entries) == 1:
             reader.retry_pending()
-            return
+            return False
+        clean = True
         for entry in entries:
             try:
                 await handle([entry])
@@ -90,6 +167,8 @@ async def _handle(reader: StreamReader, handle: Handler, entries: list[Entry]) -
             except Exception:
                 log.exception("%s: entry %s failed; it stays pending", reader.stage, entry.id)
                 reader.retry_pending()
+                clean = False
+        return clean
 
 
 async def _sleep(delay: float, stop: asyncio.Event) -> None:

@@ -294,6 +294,23 @@ class StreamReader:
             )
         return live
 
+    async def release(self, entries: Sequence[Entry]) -> None:
+        """Give back entries that were read but never handed to a handler (a batch read ahead
+        behind one that failed): they stay pending for this consumer, and their delivery count
+        is set back to what it was before this read (``XCLAIM … RETRYCOUNT JUSTID``), so being
+        read ahead and dropped again and again never makes an entry reach ``max_deliveries``.
+        """
+        if not entries:
+            return
+        groups: dict[tuple[str, int], list[bytes | str | int | memoryview]] = {}
+        for e in entries:
+            groups.setdefault((e.stream, e.deliveries - 1), []).append(e.id)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for (s, count), ids in groups.items():
+                pipe.xclaim(s, self.group, self.consumer, 0, ids, retrycount=count,
+                            justid=True)
+            await pipe.execute()
+
     async def ack(self, entries: Sequence[Entry]) -> None:
         """Acknowledge entries (one pipelined ``XACK`` per stream)."""
         if not entries:

@@ -295,3 +295,30 @@ async def test_duplicate_of_an_unknown_device_uplink_is_acked_not_dead_lettered(
     assert await dead(ctx) == [] and await writes(ctx) == []
     assert await pending(ctx) == 0
     assert await ctx.redis.get(ctx.keys.seen("as:up:9")) == b"someone-else"
+
+
+async def test_order_within_a_device_holds_across_batches_read_ahead(
+        redis: Redis, keys: Keys, prefix: str, fixture_path: FixturePath) -> None:
+    # batch 50 over 300 uplinks: every batch is handled while the next one is read; a garbage
+    # entry sends one batch down the slow path in the middle.
+    extra = """
+    devices:
+      - {source: tts, integration: app, device: d0, token: T0, template: button}
+      - {source: tts, integration: app, device: d1, token: T1, template: button}
+      - {source: tts, integration: app, device: d2, token: T2, template: button}
+    """
+    cfg = make_config(prefix, extra)
+    c = Context(config=cfg, redis=redis, keys=keys, consumer="t1", writer=StreamWriter(redis))
+    ups = [button_uplink(fixture_path, device=f"d{i % 3}", event_id=f"as:up:{i:04d}",
+                         event_ts_ms=1_000 + i) for i in range(300)]
+    await add(c, *ups[:120])
+    await c.writer.add(keys.stream("uplinks"), b"\xc1garbage")
+    await add(c, *ups[120:])
+    await run(c)
+    got = await writes(c)
+    assert len(got) == 300 and len(await dead(c)) == 1
+    for d in range(3):
+        ids = [w.event_id for w in got if w.device_key == f"tts:app:d{d}"]
+        assert ids == [u.event_id for u in ups if u.device == f"d{d}"]
+    assert await pending(c) == 0
+    await c.writer.close()

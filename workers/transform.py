@@ -380,7 +380,7 @@ class TransformStage:
             refresher = asyncio.create_task(self._refresh_templates(stop), name="template-pull")
         try:
             await consume(self.reader, self.handle, stop, until_idle=self.until_idle,
-                          max_backoff_s=self.ctx.config.egress.max_backoff_s)
+                          max_backoff_s=self.ctx.config.egress.max_backoff_s, prefetch=True)
         finally:
             if refresher is not None:
                 refresher.cancel()
