@@ -140,7 +140,7 @@ def _render(snap: Snapshot, started: float, draining: bool) -> Group:
     for row in snap.statuses:
         status.add_row(*row)
 
-    devices = Table(title="a few devices, as Blynk has them", show_edge=False)
+    devices = Table(title="the devices Blynk heard from last", show_edge=False)
     for col in ("device", "temperature (V0)", "humidity (V1)", "RSSI (V5)"):
         devices.add_column(col)
     for row in snap.devices:
@@ -163,7 +163,11 @@ class Demo:
         statuses = [(f"{s.kind}:{s.name}", str(s.state), f"{(now - s.since_ms) / 1000:.0f}s ago",
                      s.last_error or "") for s in await board.all()]
         devices = []
-        for d in list(emu.model.devices.values())[:6]:
+        # The most recently updated devices: the table shows the data moving.
+        recent = sorted(emu.model.devices.values(),
+                        key=lambda d: max((ts for _v, ts in d.values.values()), default=0),
+                        reverse=True)
+        for d in recent[:6]:
             vals = {p.upper(): v for p, (v, _ts) in d.values.items()}
             devices.append((d.name, str(vals.get("V0", "-")), str(vals.get("V1", "-")),
                             str(vals.get("V5", "-"))))
