@@ -322,3 +322,30 @@ async def test_order_within_a_device_holds_across_batches_read_ahead(
         assert ids == [u.event_id for u in ups if u.device == f"d{d}"]
     assert await pending(c) == 0
     await c.writer.close()
+
+
+async def test_a_batch_prepared_ahead_is_redone_if_the_registry_moved_meanwhile(
+        ctx: Context, fixture_path: FixturePath) -> None:
+    import asyncio
+
+    stage = TransformStage(ctx, until_idle=True)
+    await stage.startup()
+    await add(ctx, button_uplink(fixture_path, event_id="e1"))
+    await stage.main_loop(asyncio.Event())
+    # The next batch is read (and prepared, with TOKEN-A) while another process re-registers
+    # the device; only then is the batch handled: it must carry the new token.
+    await add(ctx, button_uplink(fixture_path, event_id="e2"))
+    entries = await stage.reader.read(block=False)
+    assert len(stage._prepared) == 1
+    await Registry(ctx.redis, ctx.keys).register(f"tts:app:{DEVICE}", token="TOKEN-B",
+                                                 template="button")
+    await stage.handle(entries)
+    # And a prepared batch is used as prepared when nothing moved.
+    await add(ctx, button_uplink(fixture_path, event_id="e3"))
+    entries = await stage.reader.read(block=False)
+    assert len(stage._prepared) == 1
+    await stage.handle(entries)
+    assert not stage._prepared
+    await stage.shutdown()
+    assert [w.token for w in await writes(ctx)] == ["TOKEN-A", "TOKEN-B", "TOKEN-B"]
+    assert await pending(ctx) == 0

@@ -9,7 +9,11 @@ map, then ONE script call (:class:`Commit`) that, atomically, checks the registr
 still the one the cache is in line with (else it does nothing: the stage syncs the registry and
 takes the slow path), claims each uplink's ``event_id`` (:mod:`pipeline.dedup`), appends the
 outputs — writes, partial and whole dead letters — of the uplinks that are not duplicates, and
-acks the batch. Two round trips per batch: the read and the commit.
+acks the batch. Two round trips per batch: the read and the commit — and neither leaves the
+worker idle: the next batch is read (``consume(prefetch=True)``) and prepared — decoded,
+resolved, mapped — while this one commits; batches still commit one at a time, in read order.
+A batch prepared against a registry that moved on before its commit fails the version check
+and is redone on the slow path.
 
 **Slow path** (anything else; same outcome, more round trips):
 
@@ -42,7 +46,7 @@ import contextlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -307,6 +311,34 @@ class _Mapped:
     firmware: str | None
 
 
+@dataclass(slots=True)
+class _Plan:
+    """A batch prepared for the fast path's commit (:meth:`TransformStage._prepare_fast`)."""
+
+    entries: list[Entry]
+    version: int
+    claims: list[tuple[str, bytes, str]]
+    sources: list[str]
+    skips: list[tuple[events.Uplink, int]]
+    dead: list[tuple[Entry, str, str, int]]
+    outputs: list[tuple[str, int, bytes]]
+    #: Each mapped uplink with the index of its claim.
+    mapped: list[tuple[_Mapped, int]]
+
+
+class _PreparingReader(StreamReader):
+    """A reader that hands each batch to ``prepare`` as soon as it is read, so that with
+    ``consume(prefetch=True)`` the next batch is decoded and mapped while this one commits."""
+
+    prepare: Callable[[list[Entry]], Awaitable[None]] | None = None
+
+    async def read(self, *, block: bool = True) -> list[Entry]:
+        entries = await super().read(block=block)
+        if self.prepare is not None and entries:
+            await self.prepare(entries)
+        return entries
+
+
 class TransformStage:
     """The transform stage (see the module docstring); ``until_idle`` = burst mode."""
 
@@ -317,7 +349,7 @@ class TransformStage:
         cfg = ctx.config
         self.ctx = ctx
         self.until_idle = until_idle
-        self.reader = StreamReader(
+        self.reader = _PreparingReader(
             ctx.redis, ctx.keys, ctx.keys.streams(UPLINKS), GROUP_TRANSFORM, ctx.consumer,
             stage=STAGE, batch=cfg.streams.batch, block_ms=cfg.streams.block_ms,
             claim_idle_ms=cfg.streams.claim_idle_ms, max_deliveries=cfg.streams.max_deliveries,
@@ -344,6 +376,9 @@ class TransformStage:
         self._dead_stream = ctx.keys.dead
         self._unmapped: Counter[tuple[str, str]] = Counter()
         self._unmapped_flushed = time.monotonic()
+        #: Batches prepared as they were read: (first entry's stream and id, size) → plan.
+        self._prepared: dict[tuple[str, str, int], tuple[list[Entry], _Plan | None]] = {}
+        self.reader.prepare = self.prepare
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -407,14 +442,35 @@ class TransformStage:
         """Write, ack or dead-letter every entry (the :func:`~pipeline.consumer.consume`
         contract); raises ``Retryable`` after the rest of the batch is done when some uplinks
         wait for a device being created, so they stay pending and are retried."""
-        if not await self._handle_fast(entries):
+        key = (entries[0].stream, entries[0].id, len(entries)) if entries else None
+        ahead = self._prepared.pop(key, None) if key is not None else None
+        plan = ahead[1] if ahead is not None and ahead[0] is entries else (
+            await self._prepare_fast(entries))
+        if plan is None or not await self._commit_fast(plan):
             await self._handle_slow(entries)
 
-    async def _handle_fast(self, entries: list[Entry]) -> bool:
-        """The fast path (module docstring); ``False`` = nothing was done, take the slow one."""
+    async def prepare(self, entries: list[Entry]) -> None:
+        """Prepare the fast path of a batch as soon as it is read — while the batch before it
+        is still being committed (the reader runs this in the read ahead of
+        :func:`~pipeline.consumer.consume`). :meth:`handle` uses the result; nothing here
+        touches Redis except registry cache misses, and the commit's registry version check
+        catches a cache that moved on meanwhile."""
+        if not entries:
+            return
+        if len(self._prepared) > 4:  # batches read ahead, then released, never handled
+            self._prepared.clear()
+        try:
+            plan = await self._prepare_fast(entries)
+        except RedisError as exc:  # handle() tries again
+            log.debug("preparing a batch ahead failed: %s", exc)
+            return
+        self._prepared[(entries[0].stream, entries[0].id, len(entries))] = (entries, plan)
+
+    async def _prepare_fast(self, entries: list[Entry]) -> _Plan | None:
+        """The fast path up to its commit (module docstring); ``None`` = take the slow one."""
         version = self.registry.version
         if version is None:
-            return False
+            return None
         decode = events.decode_uplink
         integrations = self._integrations
         mark_of = dedup.mark_of
@@ -428,11 +484,11 @@ class TransformStage:
         lookups: list[str] = []
         for e in entries:
             if e.data is None:
-                return False
+                return None
             try:
                 u = decode(e.data)
             except (msgspec.ValidationError, msgspec.DecodeError):
-                return False
+                return None
             ci = len(claims)
             sources.append(u.source)
             if u.kind in _SKIP_KINDS or (not u.values and u.radio is None):
@@ -459,12 +515,12 @@ class TransformStage:
             dev = devices.get(it.key)
             if dev is None:
                 if it.integ.provision:
-                    return False
+                    return None
                 dead.append((it.entry, UNKNOWN_DEVICE, _unknown_device(it.uplink), ci))
             elif dev.broken:
                 dead.append((it.entry, DEVICE_BROKEN, _broken(dev), ci))
             elif dev.meta_pending:
-                return False
+                return None
             else:
                 ready.append((it, dev, ci))
                 continue
@@ -481,26 +537,33 @@ class TransformStage:
         for e, reason, detail, ci in dead:
             outputs.append((self._dead_stream, ci + 1,
                             self._dead_letter_of(e, reason, detail, ts)))
-        dups = await self._commit.run(version, self._window, claims, outputs, entries)
+        return _Plan(entries, version, claims, sources, skips, dead, outputs,
+                     [(m, ci) for m, (_, _, ci) in zip(mapped, ready, strict=True)])
+
+    async def _commit_fast(self, plan: _Plan) -> bool:
+        """The fast path's commit; ``False`` = nothing was done, take the slow path."""
+        dups = await self._commit.run(plan.version, self._window, plan.claims, plan.outputs,
+                                      plan.entries)
         if dups is None:  # the registry changed since the cache was last in line with it
+            self._prepared.clear()
             await self.registry.sync()
             return False
 
         duplicate = set(dups)
+        sources = plan.sources
         duplicates = Counter(sources[i] for i in dups)
         skipped: Counter[str] = Counter()
-        for u, ci in skips:
+        for u, ci in plan.skips:
             if ci not in duplicate:
                 skipped[u.kind if u.kind in _SKIP_KINDS else "empty"] += 1
         for source, n in duplicates.items():
             metrics.DUPLICATES.labels(source).inc(n)
         for reason, n in skipped.items():
             metrics.TRANSFORM_SKIPPED.labels(reason).inc(n)
-        for _, reason, _, ci in dead:
+        for _, reason, _, ci in plan.dead:
             if ci not in duplicate:
                 metrics.DEAD.labels(STAGE, reason).inc()
-        await self._account([m for m, (_, _, ci) in zip(mapped, ready, strict=True)
-                             if ci not in duplicate])
+        await self._account([m for m, ci in plan.mapped if ci not in duplicate])
         return True
 
     async def _handle_slow(self, entries: list[Entry]) -> None:
