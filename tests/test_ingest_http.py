@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import gc
 import json
 import logging
 import time
@@ -29,7 +30,7 @@ from pipeline.streams import Redis, StreamWriter
 from pipeline.tts import parse_message
 from tests.conftest import REDIS_URL, free_port
 from tests.test_particle_parse import FIXTURES, INVALID, RECEIVED, TOKEN
-from workers.ingest_http import IngestHttp, build
+from workers.ingest_http import GC_THRESHOLD0, IngestHttp, build
 
 HEADER_SECRET = "hdr-secret-Zq81x0"
 BASIC_PASSWORD = "basic-pass-Pk55"
@@ -523,7 +524,9 @@ async def test_graceful_stop_finishes_in_flight_requests(redis: Redis, prefix: s
     stage = make_stage(redis, prefix, port=port)
     stage.cfg.host = "127.0.0.1"
     writer = stage.appender = GatedAppender(redis)
+    threshold = gc.get_threshold()
     await stage.startup()
+    assert gc.get_threshold()[0] >= GC_THRESHOLD0  # serving: young collections less often
     stop = asyncio.Event()
     loop_task = asyncio.create_task(stage.main_loop(stop))
     body = b'{"coreid":"d","v":1}'
@@ -551,6 +554,7 @@ async def test_graceful_stop_finishes_in_flight_requests(redis: Redis, prefix: s
     await asyncio.wait_for(loop_task, 10)
     await stage.shutdown()
     assert await redis.xlen(keys.stream("uplinks")) == 1
+    assert gc.get_threshold() == threshold  # restored at stop
 
 
 async def test_routing_without_a_router(url: str, http: aiohttp.ClientSession) -> None:
