@@ -134,6 +134,20 @@ class PlatformApi:
             return error(DEVICE_NOT_FOUND.format(id=raw), 404)
         return dev
 
+    async def _device_call(
+        self, request: web.BaseRequest
+    ) -> tuple[dict[str, Any], Device] | web.Response:
+        """The preamble of every device call with a JSON body: token, body, ``deviceId``."""
+        if (denied := self._guard(request)) is not None:
+            return denied
+        body = await self._body(request)
+        if isinstance(body, web.Response):
+            return body
+        d = self._device(body.get("deviceId"))
+        if isinstance(d, web.Response):
+            return d
+        return body, d
+
     async def _body(self, request: web.BaseRequest) -> dict[str, Any] | web.Response:
         try:
             body = msgspec.json.decode(await request.read())
@@ -255,26 +269,18 @@ class PlatformApi:
         return None
 
     async def write_datastream(self, request: web.BaseRequest) -> web.Response:
-        if (denied := self._guard(request)) is not None:
-            return denied
-        body = await self._body(request)
-        if isinstance(body, web.Response):
-            return body
-        d = self._device(body.get("deviceId"))
-        if isinstance(d, web.Response):
-            return d
+        got = await self._device_call(request)
+        if isinstance(got, web.Response):
+            return got
+        body, d = got
         failed = self._write(d, body.get("dataStreamId"), body.get("value"))
         return failed or web.Response(status=204)
 
     async def write_datastreams(self, request: web.BaseRequest) -> web.Response:
-        if (denied := self._guard(request)) is not None:
-            return denied
-        body = await self._body(request)
-        if isinstance(body, web.Response):
-            return body
-        d = self._device(body.get("deviceId"))
-        if isinstance(d, web.Response):
-            return d
+        got = await self._device_call(request)
+        if isinstance(got, web.Response):
+            return got
+        body, d = got
         values = body.get("values")
         if not isinstance(values, dict):
             return error("values must be an object.")
@@ -285,14 +291,10 @@ class PlatformApi:
         return web.Response(status=204)
 
     async def import_batch(self, request: web.BaseRequest) -> web.Response:
-        if (denied := self._guard(request)) is not None:
-            return denied
-        body = await self._body(request)
-        if isinstance(body, web.Response):
-            return body
-        d = self._device(body.get("deviceId"))
-        if isinstance(d, web.Response):
-            return d
+        got = await self._device_call(request)
+        if isinstance(got, web.Response):
+            return got
+        body, d = got
         ref = body.get("dataStreamId")
         ds = d.template.by_id.get(ref) if isinstance(ref, int) else None
         if ds is None:
@@ -318,14 +320,10 @@ class PlatformApi:
                       for m in d.template.metafields])
 
     async def set_metafield(self, request: web.BaseRequest) -> web.Response:
-        if (denied := self._guard(request)) is not None:
-            return denied
-        body = await self._body(request)
-        if isinstance(body, web.Response):
-            return body
-        d = self._device(body.get("deviceId"))
-        if isinstance(d, web.Response):
-            return d
+        got = await self._device_call(request)
+        if isinstance(got, web.Response):
+            return got
+        body, d = got
         ref = body.get("metaFieldId")
         m = d.template.metafield(ref) if isinstance(ref, int) else None
         if m is None:
