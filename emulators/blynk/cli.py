@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", help="address to bind (default from the file, else 127.0.0.1)")
     p.add_argument("--port", type=int, help="port of the default (first) region")
     p.add_argument("--regions", type=_regions, help="region ports, e.g. fra1=8081,ny3=8082")
+    p.add_argument("--advertise-host",
+                   help="host name other regions' 308 Location headers use when binding 0.0.0.0 "
+                        "(e.g. the compose service name; default from the file, else 127.0.0.1)")
     p.add_argument("--access-log", action="store_true", help="log every request (slower)")
     return p
 
@@ -38,6 +41,8 @@ async def _serve(args: argparse.Namespace) -> None:
     from emulators.blynk.server import BlynkEmulator
 
     emu = BlynkEmulator.from_file(args.config) if args.config else BlynkEmulator.demo()
+    if args.advertise_host:
+        emu.settings.advertise_host = args.advertise_host
     ports = {n: r.port for n, r in emu.regions.items()}
     if args.regions:
         ports = args.regions
