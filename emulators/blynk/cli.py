@@ -6,7 +6,9 @@ import argparse
 import asyncio
 import logging
 import signal
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
 
 from emulators.blynk.settings import SpecError
 
@@ -73,10 +75,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         import uvloop
 
-        uvloop.run(_serve(args))
+        run: Callable[[Coroutine[Any, Any, None]], None] = uvloop.run
+    except ImportError:  # pragma: no cover - platforms without uvloop
+        run = asyncio.run
+    try:
+        run(_serve(args))
     except SpecError as exc:
-        print(f"emulator configuration error: {exc}")
+        print(f"emulator configuration error: {exc}", file=sys.stderr)
         return 2
-    except ImportError:  # pragma: no cover
-        asyncio.run(_serve(args))
     return 0
