@@ -54,6 +54,7 @@ from pipeline.config import HttpAuth, IngestHttpConfig, ParticleProduct, TtsAppl
 from pipeline.context import Context
 from pipeline.errors import ConfigError, InvalidInput
 from pipeline.events import DeadLetter, Uplink, encode
+from pipeline.lifecycle import collect_young_less_often
 from pipeline.particle import body_style, parse_webhook
 from pipeline.status import ErrorKind, StatusBoard
 from pipeline.streams import Redis, now_ms
@@ -357,9 +358,7 @@ class IngestHttp:
         :meth:`_close` restores the threshold (what is frozen stays: it lives as long as the
         process anyway)."""
         if self._gc_threshold is None:
-            self._gc_threshold = gc.get_threshold()
-            gc.freeze()
-            gc.set_threshold(max(GC_THRESHOLD0, self._gc_threshold[0]), *self._gc_threshold[1:])
+            self._gc_threshold = collect_young_less_often(GC_THRESHOLD0)
 
     async def _close(self) -> None:
         threshold, self._gc_threshold = self._gc_threshold, None
