@@ -233,3 +233,74 @@ def test_under_uvloop() -> None:
             return len(conns), 2
 
     assert uvloop.run(main()) == (1, 2)
+
+
+async def test_send_nowait_uses_an_idle_connection_and_reports_by_callback() -> None:
+    gate = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        await read_request(reader)  # 1: answered
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        await read_request(reader)  # 2: answered once the gate opens
+        await gate.wait()
+        writer.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: 1\r\n\r\nx")
+        await writer.drain()
+        await read_request(reader)  # 3: never answered (the client times out)
+        await reader.read()
+
+    async with raw_server(handler) as (url, conns):
+        client = HttpClient(timeout_s=0.3)
+        got: list[object] = []
+        answered = asyncio.Event()
+
+        def on_done(resp: object) -> None:
+            got.append(resp)
+            answered.set()
+
+        try:
+            assert client.send_nowait(url, "/a", on_done) is False  # no idle connection yet
+            assert got == []
+            assert (await client.request(url, "/a")).body == b"ok"
+            assert client.send_nowait(url, "/b", on_done) is True
+            assert client.send_nowait(url, "/c", on_done) is False  # the one connection is busy
+            gate.set()
+            await asyncio.wait_for(answered.wait(), 5)
+            (resp,) = got
+            assert getattr(resp, "status", None) == 404 and getattr(resp, "body", None) == b"x"
+            answered.clear()
+            assert client.send_nowait(url, "/d", on_done) is True  # released: idle again
+            await asyncio.wait_for(answered.wait(), 5)
+            assert isinstance(got[1], TimeoutError)  # the sweep expired it
+            assert len(conns) == 1
+        finally:
+            await client.close()
+
+
+async def test_send_nowait_reports_a_connection_closed_while_idle() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        await read_request(reader)
+        writer.transport.abort()
+
+    async with raw_server(handler) as (url, _):
+        client = HttpClient(timeout_s=5)
+        got: list[BaseException] = []
+        done = asyncio.Event()
+
+        def on_done(resp: object) -> None:
+            assert isinstance(resp, BaseException)
+            got.append(resp)
+            done.set()
+
+        try:
+            await client.request(url, "/")
+            assert client.send_nowait(url, "/", on_done) is True
+            await asyncio.wait_for(done.wait(), 5)
+            # not retried here: the caller learns the connection died before any answer byte
+            assert isinstance(got[0], ConnectionLost) and not got[0].got_bytes
+            assert client.send_nowait(url, "/", on_done) is False  # the dead one is gone
+        finally:
+            await client.close()

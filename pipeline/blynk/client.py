@@ -29,7 +29,7 @@ import math
 import string
 import time
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import quote
@@ -40,7 +40,7 @@ from redis.exceptions import RedisError
 from yarl import URL
 
 from pipeline import metrics
-from pipeline.blynk.http import HttpClient, HttpError
+from pipeline.blynk.http import ConnectionLost, HttpClient, HttpError, Response
 from pipeline.blynk.outcomes import (
     BAD_REQUEST,
     INVALID_TOKEN,
@@ -291,12 +291,21 @@ class BlynkClient:
         base, target = _split_url(url)
         try:
             resp = await self.http.request(base, target, method=method, body=body)
-        except TimeoutError:
-            self._count(endpoint, "timeout")
-            return Retry(TIMEOUT, f"no answer within {self.config.timeout_s}s"), None
-        except (HttpError, ValueError) as exc:
+        except (TimeoutError, HttpError, ValueError) as exc:
+            return self._answer(endpoint, exc, token, pin)
+        return self._answer(endpoint, resp, token, pin)
+
+    def _answer(self, endpoint: str, resp: Response | BaseException, token: str,
+                pin: str | None) -> tuple[Outcome, str | None]:
+        """Classify one answer (or the error instead of one); counts it in the metrics."""
+        if isinstance(resp, BaseException):
+            if isinstance(resp, TimeoutError):
+                self._count(endpoint, "timeout")
+                return Retry(TIMEOUT, f"no answer within {self.config.timeout_s}s"), None
+            if not isinstance(resp, (HttpError, ValueError)):
+                raise resp
             self._count(endpoint, "error")
-            return Retry(CONNECTION, f"{type(exc).__name__}: {_scrub(str(exc), token)}"), None
+            return Retry(CONNECTION, f"{type(resp).__name__}: {_scrub(str(resp), token)}"), None
         status = resp.status
         self._count(endpoint, str(status))
         text = resp.text()
@@ -316,18 +325,49 @@ class BlynkClient:
 
     async def batch_update(self, server: str, token: str, pins: Mapping[str, Value]) -> Outcome:
         """``GET batch/update?token=…&V1=…``: one message, one timestamp for every pin."""
-        parts = ["/external/api/batch/update?token=", _q(token)]
-        only: str | None = None
-        for pin, value in pins.items():
-            text = format_value(value)
-            if text is None:
-                continue
-            parts += ["&", _q(pin), "=", _q(text)]
-            only = pin if only is None else ""
-        if only is None:
+        query = _batch_query(token, pins)
+        if query is None:
             return Ok(200, "nothing to write")
-        return await self._request("batch_update", server, token, "".join(parts),
-                                   pin=only or None)
+        return await self._request("batch_update", server, token, query[0], pin=query[1])
+
+    def batch_update_nowait(self, server: str, token: str, pins: Mapping[str, Value],
+                            on_done: Callable[[Outcome | None], None]) -> bool:
+        """:meth:`batch_update` without a coroutine, for the common case only.
+
+        Sends when the token's region is known in this process and a keep-alive connection is
+        idle, and returns ``True``; ``on_done`` then gets the outcome, or ``None`` when the
+        answer needs what only :meth:`batch_update` does (a 308 to follow, or a reused
+        connection that died before answering): call it then, nothing was written. Returns
+        ``False``, having sent nothing, in every other case (no pins to send included).
+        """
+        query = _batch_query(token, pins)
+        if query is None:
+            return False
+        h = self._token_hashes.get(token)
+        known = self._cached_region(h) if h is not None else None
+        if known is None:
+            return False
+        path_query, pin = query
+        base, target = _split_url((known or self.base_url(server)) + path_query)
+
+        def answered(resp: Response | BaseException) -> None:
+            if isinstance(resp, BaseException) and (
+                    not isinstance(resp, (TimeoutError, HttpError, ValueError))
+                    or (isinstance(resp, ConnectionLost) and not resp.got_bytes)):
+                on_done(None)  # perhaps a keep-alive connection the server had just closed
+                return
+            outcome, location = self._answer("batch_update", resp, token, pin)
+            if location is not None:
+                on_done(None)
+            elif isinstance(outcome, Ok):
+                on_done(Ok(outcome.status, outcome.body, server=base))
+            else:
+                on_done(outcome)
+
+        try:
+            return self.http.send_nowait(base, target, answered)
+        except ValueError:  # not an http(s) URL: batch_update says so as an outcome
+            return False
 
     async def update(self, server: str, token: str, pin: str, value: Value) -> Outcome:
         """``GET update?token=…&V1=…`` (a location goes as ``pin=V1&value=lon&value=lat``)."""
@@ -408,6 +448,22 @@ def _base_of(location: str, path_query: str) -> str | None:
     if not u.is_absolute():
         return None
     return str(u.origin())
+
+
+def _batch_query(token: str, pins: Mapping[str, Value]) -> tuple[str, str | None] | None:
+    """Path and query of a ``batch/update``, and the pin when it is the only one; ``None``
+    when no pin has a value to send."""
+    parts = ["/external/api/batch/update?token=", _q(token)]
+    only: str | None = None
+    for pin, value in pins.items():
+        text = format_value(value)
+        if text is None:
+            continue
+        parts += ["&", _q(pin), "=", _q(text)]
+        only = pin if only is None else ""
+    if only is None:
+        return None
+    return "".join(parts), only or None
 
 
 def _split_url(url: str) -> tuple[str, str]:

@@ -30,6 +30,7 @@ import asyncio
 import ssl
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 from urllib.parse import urlsplit
@@ -332,15 +333,60 @@ class HttpClient:
         conn = await self._connect(origin, deadline)
         return await self._exchange(loop, conn, data, deadline)
 
-    async def _exchange(self, loop: asyncio.AbstractEventLoop, conn: _Conn, data: bytes,
-                        deadline: float) -> Response:
+    def send_nowait(self, base_url: str, target: str,
+                    on_done: Callable[[Response | BaseException], None]) -> bool:
+        """:meth:`request` of a ``GET`` without a coroutine, if a connection is ready for it.
+
+        When an idle keep-alive connection to ``base_url`` is available, sends on it and
+        returns ``True``; ``on_done`` is later called once, from the event loop, with the
+        :class:`Response` or the exception :meth:`request` would have raised (a connection
+        that died before any byte of the answer is *not* retried here: ``on_done`` gets the
+        :class:`ConnectionLost`). Returns ``False``, having done nothing, when no idle
+        connection is available: use :meth:`request`, which waits for a slot or connects.
+
+        For callers sending thousands of requests a second: no task, no coroutine chain.
+        """
+        origin = self.origin(base_url)
+        conn = self._take_idle(origin)
+        if conn is None:
+            return False
+        loop = asyncio.get_running_loop()
         fut: asyncio.Future[Response] = loop.create_future()
+        self._watch(loop, conn, loop.time() + self.timeout_s)
+
+        def done(f: asyncio.Future[Response]) -> None:
+            self._busy.discard(conn)
+            if f.cancelled():
+                conn._abort()
+                self._release(conn)
+                on_done(asyncio.CancelledError())
+                return
+            exc = f.exception()
+            if exc is not None:
+                conn._abort()
+                self._release(conn)
+                on_done(exc)
+                return
+            self._release(conn)
+            on_done(f.result())
+
+        fut.add_done_callback(done)
+        conn.send(self.build(origin, target), fut)
+        return True
+
+    def _watch(self, loop: asyncio.AbstractEventLoop, conn: _Conn, deadline: float) -> None:
+        """Put ``conn`` under the periodic deadline check (see :meth:`_sweep`)."""
         conn.deadline = deadline
-        busy = self._busy
-        busy.add(conn)
+        self._busy.add(conn)
         if self._sweeper is None or self._sweep_loop is not loop:  # (a client outliving a loop)
             self._sweep_loop = loop
             self._sweeper = loop.call_later(self._tick, self._sweep, loop)
+
+    async def _exchange(self, loop: asyncio.AbstractEventLoop, conn: _Conn, data: bytes,
+                        deadline: float) -> Response:
+        fut: asyncio.Future[Response] = loop.create_future()
+        busy = self._busy
+        self._watch(loop, conn, deadline)
         try:
             conn.send(data, fut)
             resp = await fut
