@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -460,3 +460,123 @@ async def test_stop_finishes_and_acks_what_it_holds(rig: Rig) -> None:
     await asyncio.wait_for(loop, 10)
     assert await rig.pending() == 0
     assert [value(rig, n, "V1") for n in range(5)] == [3.0] * 5
+
+
+# ---- the task-free path: a warm connection pool sends from callbacks -------------------------
+
+
+async def settled(rig: Rig, limit_s: float = 30) -> None:
+    """Bounded poll: the egress group has read and resolved (acked) every entry."""
+    deadline = asyncio.get_running_loop().time() + limit_s
+    while asyncio.get_running_loop().time() < deadline:
+        groups = await rig.redis.xinfo_groups(rig.keys.stream(WRITES))
+        g = next((g for g in groups if g["name"] == GROUP_EGRESS.encode()), None)
+        if g is not None and g["pending"] == 0 and g["lag"] == 0:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("egress did not resolve every entry")
+
+
+async def after_warm_up(rig: Rig, *writes: BlynkWrite, between: Callable[[], Any] = lambda: None,
+                        **egress: Any) -> int:
+    """Run a stage that has written every device once (its connection is open, the tokens'
+    regions known), then give it ``writes``; returns how many of their ``batch/update``s went
+    out on the task-free path. One request in flight at a time: the others queue for the slot
+    and the connection it frees, so every write can take that path."""
+    stage = rig.stage(until_idle=False, flush_age_ms=10, max_in_flight=1, **egress)
+    await stage.startup()
+    stop = asyncio.Event()
+    loop = asyncio.create_task(stage.main_loop(stop))
+    try:
+        t0 = now_ms() - 1000
+        await rig.add(*[write(n, t0, {"V1": 0.5}) for n in range(5)])
+        await settled(rig)
+        between()
+        before = stage.sent_now
+        await rig.add(*writes)
+        await settled(rig)
+        return stage.sent_now - before
+    finally:
+        stop.set()
+        await asyncio.wait_for(loop, 10)
+
+
+async def test_warm_writes_are_sent_without_tasks_and_land(rig: Rig) -> None:
+    t0 = now_ms()
+    sent = await after_warm_up(rig, *[write(n, t0, {"V1": 2.5, "V2": n}) for n in range(5)])
+    assert sent == 5
+    assert [value(rig, n, "V1") for n in range(5)] == [2.5] * 5
+    assert [value(rig, n, "V2") for n in range(5)] == list(range(5))
+    assert [rig.device(n).messages for n in range(5)] == [2] * 5
+    assert await rig.dead() == []
+
+
+async def test_a_bad_pin_on_the_task_free_path_is_isolated(rig: Rig) -> None:
+    t0 = now_ms()
+    carrier = write(0, t0, {"V1": 1.5, "V2": "not a number"})
+    sent = await after_warm_up(rig, carrier, write(1, t0, {"V1": 9.0}))
+    assert sent == 2  # the refusal came back to the callback, the coroutine path took over
+    dead = await rig.dead()
+    assert [d.reason for d in dead] == ["type_mismatch"]
+    assert decode_write(dead[0].raw) == carrier
+    assert value(rig, 0, "V1") == 1.5
+    assert value(rig, 1, "V1") == 9.0
+
+
+async def test_an_invalid_token_on_the_task_free_path_is_marked_broken(rig: Rig) -> None:
+    await Registry(rig.redis, rig.keys).register(device_key(3), token=token(3),
+                                                 template=TEMPLATE_ID)
+    t0 = now_ms()
+    sent = await after_warm_up(rig, write(3, t0, {"V1": 1.0}), write(4, t0, {"V1": 4.0}),
+                               between=lambda: rig.emu.model.by_token.pop(token(3)))
+    assert sent == 2
+    assert [d.reason for d in await rig.dead()] == ["invalid_token"]
+    row = await Registry(rig.redis, rig.keys).get(device_key(3))
+    assert row is not None and row.broken
+    assert value(rig, 4, "V1") == 4.0
+
+
+async def test_a_429_on_the_task_free_path_is_retried_after_its_retry_after(rig: Rig) -> None:
+    t0 = now_ms()
+    stage_writes = [write(n, t0, {"V1": 7.0}) for n in range(5)]
+    stage = rig.stage(until_idle=False, flush_age_ms=10, max_in_flight=1)
+    await stage.startup()
+    stop = asyncio.Event()
+    loop = asyncio.create_task(stage.main_loop(stop))
+    try:
+        await rig.add(*[write(n, t0 - 1000, {"V1": 0.5}) for n in range(5)])
+        await settled(rig)
+        await rig.admin("POST", "faults", {"storm_429_s": 1, "retry_after_s": 1})
+        before = stage.sent_now
+        await rig.add(*stage_writes)
+        await settled(rig)
+        sent = stage.sent_now - before
+    finally:
+        stop.set()
+        await asyncio.wait_for(loop, 10)
+    storm = rig.emu.faults.state()["injected"].get("429", 0)
+    assert 0 < storm <= 5 * 3  # Retry-After honoured
+    assert sent == 5 + storm  # every try, first or retry, went out on the task-free path
+    assert [value(rig, n, "V1") for n in range(5)] == [7.0] * 5
+    assert await rig.dead() == []
+
+
+async def test_a_device_moved_to_another_region_follows_the_308(
+    redis: Redis, keys: Keys, prefix: str
+) -> None:
+    spec = emulator_spec()
+    spec.regions = {"fra1": 0, "ny3": 0}
+    emu = BlynkEmulator.from_spec(spec)
+    async with emu.serve({"fra1": 0, "ny3": 0}) as urls:
+        rig = Rig(emu, urls["fra1"], redis, keys, prefix)
+        t0 = now_ms()
+        # after the warm-up (region of the token known: the configured server), Blynk moves
+        # device 2; its next batch/update gets a 308 and must land in ny3 all the same
+        sent = await after_warm_up(rig, write(2, t0, {"V1": 3.5}),
+                                   between=lambda: setattr(emu.model.by_token[token(2)],
+                                                           "region", "ny3"))
+        for ctx in rig.contexts:
+            await ctx.blynk().close()
+    assert sent == 1
+    assert emu.model.by_token[token(2)].values["V1"][0] == 3.5
+    assert await rig.dead() == []

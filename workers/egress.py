@@ -230,6 +230,10 @@ class EgressStage:
         #: Blynk requests in flight (at most ``max_in_flight``) and callers waiting for a slot.
         self._in_flight = 0
         self._slot_waiters: deque[asyncio.Future[None]] = deque()
+        #: Device writes waiting for a slot to be sent without a task (:meth:`_send_soon`).
+        self._queued_sends: deque[tuple[_Device, DevicePlan, asyncio.Future[None]]] = deque()
+        #: ``batch/update``s sent without a task (for tests and diagnostics).
+        self.sent_now = 0
         self._devices: dict[str, _Device] = {}
         #: Devices that may have queued entries and nothing in flight: the only ones a flush
         #: or a deadline looks at (scanning every held device per wake-up was O(in flight)).
@@ -237,7 +241,7 @@ class EgressStage:
         self._written: dict[str, Any] = {}  # server → its bb_written counter child
         self._servers: dict[str, _Server] = {}
         self._held: dict[tuple[str, str], _Held] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Future[None]] = set()  # device writes, status updates
         self._wake = asyncio.Event()
         self._client = ctx.blynk()
         self._commits: _Batch[_Commit, bool] = _Batch(self._commit_many, linger_s=COMMIT_LINGER_S)
@@ -476,7 +480,10 @@ class EgressStage:
             if claim.granted:
                 stale_values += len(drop_stale(plan, claim.last))
                 coalesced += sum(len(h.write.pins) for h in dev.inflight) - len(plan.pins)
-                self._spawn(self._write(dev, plan), dev)
+                if plan.backlog:
+                    self._spawn(self._write(dev, plan), dev)
+                else:
+                    self._send_soon(dev, plan)
             elif claim.stale:  # Blynk already has newer values: nothing to send, ack them
                 stale_values += len(plan.pins)
                 self._spawn(self._finish(dev, plan, _Result(), wall, leased=False), dev)
@@ -494,12 +501,13 @@ class EgressStage:
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
 
-    def _task_done(self, task: asyncio.Task[None]) -> None:
+    def _task_done(self, task: asyncio.Future[None]) -> None:
         # Leave the set before waking the loop: it decides "idle" from the set.
         self._tasks.discard(task)
         self._wake.set()
         if not task.cancelled() and task.exception() is not None:
-            log.error("egress: %s failed", task.get_name(), exc_info=task.exception())
+            name = task.get_name() if isinstance(task, asyncio.Task) else "a device write"
+            log.error("egress: %s failed", name, exc_info=task.exception())
 
     def _requeue(self, dev: _Device, *, not_before: float) -> None:
         dev.queued = dev.inflight + dev.queued
@@ -516,8 +524,13 @@ class EgressStage:
 
     # ---- writing one device --------------------------------------------------------------
 
-    async def _write(self, dev: _Device, plan: DevicePlan) -> None:
-        """Send one device's plan; then ack, dead-letter or requeue its entries."""
+    async def _write(self, dev: _Device, plan: DevicePlan, answer: Outcome | None = None) -> None:
+        """Send one device's plan; then ack, dead-letter or requeue its entries.
+
+        ``answer``: Blynk's answer to the plan's ``batch/update``, already sent by
+        :meth:`_send_now` (its slot and server bookkeeping done there); used instead of sending
+        the first request again.
+        """
         result = _Result()
         claimed_at = time.monotonic()
 
@@ -535,7 +548,10 @@ class EgressStage:
         first = True
 
         async def request(call: Callable[[], Awaitable[Outcome]]) -> Outcome:
-            nonlocal first
+            nonlocal first, answer
+            if answer is not None:
+                given, answer, first = answer, None, False
+                return given
             if not first:
                 await renew()
             first = False
@@ -552,6 +568,86 @@ class EgressStage:
         except RedisError as exc:
             result.again = Retry("redis", str(exc))
         await self._finish(dev, plan, result, now_ms())
+
+    def _send_soon(self, dev: _Device, plan: DevicePlan) -> None:
+        """The common case of :meth:`_write` (no backlog) without a task per device: one
+        ``batch/update`` sent from a ready keep-alive connection as soon as the in-flight cap
+        allows (queued until then, in order), finished from callbacks when Blynk takes it.
+
+        Falls back to :meth:`_write` when it cannot send that way (the token's region is not
+        known here, no idle connection, nothing to send), and hands any answer but a 2xx to
+        :meth:`_write`, which does what the coroutine path always does. A future stands in
+        ``_tasks`` for the write until it is resolved (idle and stop decisions look at it).
+        """
+        pending: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._tasks.add(pending)
+        pending.add_done_callback(self._task_done)
+        if self._in_flight >= self.cfg.max_in_flight or self._slot_waiters:
+            self._queued_sends.append((dev, plan, pending))
+        else:
+            self._send_now(dev, plan, pending)
+
+    def _send_now(self, dev: _Device, plan: DevicePlan, pending: asyncio.Future[None]) -> None:
+        pins = plan.current()
+
+        def answered(outcome: Outcome | None) -> None:
+            self._free_slot()
+            if outcome is not None:
+                self._note(plan.server, outcome)
+            if isinstance(outcome, Ok):
+                result = _Result(values=len(pins))
+                for pin in pins:
+                    result.written[pin] = plan.pins[pin].ts_ms
+                self._finish_now(dev, plan, result, pending)
+                return
+            # A refusal, an outage, a redirect, a stale connection: the coroutine path takes
+            # over with this answer (its task is tracked before this future resolves).
+            self._spawn(self._write(dev, plan, outcome), dev)
+            pending.set_result(None)
+
+        self._in_flight += 1
+        if self._client.batch_update_nowait(plan.server, plan.token, pins, answered):
+            self.sent_now += 1
+            return
+        self._in_flight -= 1
+        self._spawn(self._write(dev, plan), dev)
+        pending.set_result(None)
+
+    def _finish_now(self, dev: _Device, plan: DevicePlan, result: _Result,
+                    pending: asyncio.Future[None]) -> None:
+        """:meth:`_finish` of a device write that Blynk took whole, from callbacks."""
+        self._release_probes([(dev, plan)])
+        counter = self._written.get(plan.server)
+        if counter is None:
+            counter = self._written[plan.server] = metrics.WRITTEN.labels(plan.server)
+        counter.inc(result.values)
+        ok = dev.inflight
+
+        def committed(f: asyncio.Future[bool]) -> None:
+            try:
+                exc = asyncio.CancelledError() if f.cancelled() else f.exception()
+                if exc is None:
+                    if not f.result():
+                        metrics.EGRESS_LEASE_LOST.inc()
+                        log.warning("egress: lease of %s expired during its write", dev.key)
+                    dev.attempts = 0
+                    dev.history_done.clear()
+                    wall = now_ms()
+                    for h in ok:
+                        metrics.LATENCY.observe(max(0, wall - h.write.received_ts_ms) / 1000)
+                    self._drop(dev)
+                    return
+                if not isinstance(exc, RedisError):
+                    log.error("egress: recording %s failed", dev.key, exc_info=exc)
+                else:
+                    log.warning("egress: recording %s failed (%s); its write is retried",
+                                dev.key, exc)
+                self._back_off(dev, Retry("redis", str(exc)))
+            finally:
+                pending.set_result(None)
+
+        commit = self._commits.submit(_Commit(dev.key, result.written, [h.entry for h in ok]))
+        commit.add_done_callback(committed)
 
     async def _upload_history(
         self, dev: _Device, plan: DevicePlan, result: _Result,
@@ -620,12 +716,24 @@ class EgressStage:
         try:
             outcome = await call()
         finally:
-            self._in_flight -= 1
-            while self._slot_waiters:
-                waiter = self._slot_waiters.popleft()
-                if not waiter.done():
-                    waiter.set_result(None)
-                    break
+            self._free_slot()
+        self._note(server_name, outcome)
+        return outcome
+
+    def _free_slot(self) -> None:
+        """A request finished: its slot goes to a waiting coroutine, else to the next queued
+        :meth:`_send_soon`."""
+        self._in_flight -= 1
+        while self._slot_waiters:
+            waiter = self._slot_waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        if self._queued_sends and self._in_flight < self.cfg.max_in_flight:
+            self._send_now(*self._queued_sends.popleft())
+
+    def _note(self, server_name: str, outcome: Outcome) -> None:
+        """The server's backoff and status after one of its answers."""
         server = self._servers.get(server_name)
         if isinstance(outcome, Retry) and outcome.status != 429:
             if server is None:
@@ -648,7 +756,6 @@ class EgressStage:
             if server_name not in self._up:
                 self._up.add(server_name)
                 self._spawn(self._set_status(server_name, None), None)
-        return outcome
 
     async def _slot(self) -> None:
         """Wait until fewer than ``max_in_flight`` requests are out (waiters woken in order)."""
