@@ -315,6 +315,16 @@ async def main(args: argparse.Namespace) -> None:
     print(f"machine: {machine()}")
     print(table(["run", "uplinks/s", "seconds", "redis CPU %", "workers CPU %",
                  "worker CPU µs/uplink", "x best ceiling", "x transform x1"], rows))
+    # What two workers could do at best here: every core busy with workers and Redis at the
+    # CPU cost per uplink measured with one worker (nothing else running, no waiting).
+    x1 = best[("transform", 1)]
+    redis_us = x1["redis_cpu"] / 100 * x1["seconds"] / args.uplinks * 1e6
+    cores = os.cpu_count() or 1
+    bound = cores / ((x1["us_per_uplink"] + redis_us) / 1e6)
+    print(f"CPU bound on {cores} cores: {cores} / (worker {x1['us_per_uplink']:.1f} + Redis "
+          f"{redis_us:.1f} CPU µs per uplink) = {bound:,.0f} uplinks/s = {bound / one:.2f}x "
+          f"transform x1; two workers reached {best[('transform', 2)]['rate'] / bound:.0%} "
+          f"of it")
 
 
 def cli() -> None:
