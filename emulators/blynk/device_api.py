@@ -4,6 +4,9 @@ Every handler: token → device (``Invalid token.``), region check (308 with ``L
 (configurable over-limit answer), then the endpoint's own parsing. Errors are HTTP 400 with
 ``{"error":{"message":"…"}}`` and the documented strings, trailing periods included where the
 docs have them. The hot path (``batch/update``) is dict lookups only: no regexes, no copies.
+
+The GET endpoints are plain functions of (query, raw path) returning a :class:`Reply`, which
+:meth:`DeviceApi.routes` wraps into ``web.Response`` for aiohttp; they never await.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import msgspec
 from aiohttp import web
 from multidict import MultiMapping
 
+from emulators.blynk.front import Reply
 from emulators.blynk.model import PINS, Datastream, Device, Mismatch, Value, format_value
 
 if TYPE_CHECKING:
@@ -45,15 +49,37 @@ WRONG_BODY = "Wrong body format."
 #: A request handler, and one route: (method, path, handler).
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 Route = tuple[str, str, Handler]
+#: A GET endpoint of the device API: (query, raw path with query) → reply. Never awaits.
+Endpoint = Callable[[MultiMapping[str], str], Reply]
 
 _JSON = "application/json"
+_JSON_TYPE = (("Content-Type", _JSON),)
+_TEXT_TYPE = (("Content-Type", "text/plain; charset=utf-8"),)
 _encode = msgspec.json.encode
 _BOOL_PROPS = frozenset({"isDisabled", "isHidden", "isOnPlay"})
+#: ``web.Response()``: no Content-Type, empty body.
+_EMPTY = Reply(200, b"", ())
+
+
+def error_reply(message: str, status: int = 400) -> Reply:
+    """``{"error":{"message":…}}`` as ``application/json``."""
+    return Reply(status, b'{"error":{"message":' + _encode(message) + b"}}", _JSON_TYPE)
 
 
 def error(message: str, status: int = 400) -> web.Response:
-    return web.Response(status=status, body=b'{"error":{"message":' + _encode(message) + b"}}",
-                        content_type=_JSON)
+    return error_reply(message, status).response()
+
+
+def _text(text: str) -> Reply:
+    """What ``web.Response(text=…)`` sends."""
+    return Reply(200, text.encode("utf-8"), _TEXT_TYPE)
+
+
+def _wrap(endpoint: Endpoint) -> Handler:
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
+        return endpoint(request.query, request.raw_path).response()
+
+    return handler
 
 
 class _Bad(Exception):
@@ -72,35 +98,40 @@ class DeviceApi:
         self.region = region
         self.model = emu.model
         self.settings = emu.settings
-        self._batch_ok = emu.settings.batch_success_body.encode()
+        self._batch_ok = Reply(200, emu.settings.batch_success_body.encode(),
+                               (("Content-Type", "text/plain"),))
+
+    def endpoints(self) -> dict[str, Endpoint]:
+        """The GET endpoints by path: plain functions, for the front and for :meth:`routes`."""
+        return {
+            "/external/api/update": self.update,
+            "/external/api/batch/update": self.batch_update,
+            "/external/api/get": self.get,
+            "/external/api/getAll": self.get_all,
+            "/external/api/isHardwareConnected": self.is_connected,
+            "/external/api/logEvent": self.log_event,
+            "/external/api/update/property": self.update_property,
+            "/external/api/device/meta": self.meta,
+            "/external/api/device/meta/update": self.meta_update,
+        }
 
     def routes(self) -> list[Route]:
-        return [
-            ("GET", "/external/api/update", self.update),
-            ("GET", "/external/api/batch/update", self.batch_update),
-            ("POST", "/external/api/batch/update", self.upload),
-            ("GET", "/external/api/get", self.get),
-            ("GET", "/external/api/getAll", self.get_all),
-            ("GET", "/external/api/isHardwareConnected", self.is_connected),
-            ("GET", "/external/api/logEvent", self.log_event),
-            ("GET", "/external/api/update/property", self.update_property),
-            ("GET", "/external/api/device/meta", self.meta),
-            ("GET", "/external/api/device/meta/update", self.meta_update),
-        ]
+        gets: list[Route] = [("GET", path, _wrap(fn)) for path, fn in self.endpoints().items()]
+        return [*gets, ("POST", "/external/api/batch/update", self.upload)]
 
     # common -----------------------------------------------------------------------------------
-    def _device(self, request: web.BaseRequest, q: MultiMapping[str], *,
-                update: bool = False) -> Device | web.Response:
+    def _device(self, q: MultiMapping[str], raw_path: str, *,
+                update: bool = False) -> Device | Reply:
         token = q.get("token")
         dev = self.model.by_token.get(token) if token is not None else None
         if dev is None:
-            return error(INVALID_TOKEN)
+            return error_reply(INVALID_TOKEN)
         if dev.region != self.region:
             if self.settings.wrong_region == "invalid_token":
-                return error(INVALID_TOKEN)
+                return error_reply(INVALID_TOKEN)
             base = self.emu.region_urls.get(dev.region)
             if base is not None:
-                return web.Response(status=308, headers={"Location": base + request.raw_path})
+                return Reply(308, b"", (("Location", base + raw_path),))
         refused = self.emu.admit(dev, update=update)
         if refused is not None:
             return refused
@@ -158,24 +189,22 @@ class DeviceApi:
             write(dev, ds, v, now)
 
     # writes -----------------------------------------------------------------------------------
-    async def batch_update(self, request: web.BaseRequest) -> web.Response:
-        q = request.query
-        dev = self._device(request, q, update=True)
-        if isinstance(dev, web.Response):
+    def batch_update(self, q: MultiMapping[str], raw_path: str) -> Reply:
+        dev = self._device(q, raw_path, update=True)
+        if isinstance(dev, Reply):
             return dev
         try:
             values = self._values(dev, q.items(), TYPE_MISMATCH_NO_PERIOD)
         except _Bad as bad:
-            return error(bad.message)
+            return error_reply(bad.message)
         if not values:
-            return error(WRONG_PIN)
+            return error_reply(WRONG_PIN)
         self._write(dev, values)
-        return web.Response(body=self._batch_ok, content_type="text/plain")
+        return self._batch_ok
 
-    async def update(self, request: web.BaseRequest) -> web.Response:
-        q = request.query
-        dev = self._device(request, q, update=True)
-        if isinstance(dev, web.Response):
+    def update(self, q: MultiMapping[str], raw_path: str) -> Reply:
+        dev = self._device(q, raw_path, update=True)
+        if isinstance(dev, Reply):
             return dev
         try:
             if "dataStreamId" in q:
@@ -187,11 +216,11 @@ class DeviceApi:
             else:
                 values = self._values(dev, q.items(), TYPE_MISMATCH)
         except _Bad as bad:
-            return error(bad.message)
+            return error_reply(bad.message)
         if not values:
-            return error(WRONG_PIN)
+            return error_reply(WRONG_PIN)
         self._write(dev, values)
-        return web.Response()
+        return _EMPTY
 
     def _by_datastream_id(self, dev: Device,
                           q: MultiMapping[str]) -> list[tuple[Datastream, Value]]:
@@ -214,9 +243,9 @@ class DeviceApi:
     async def upload(self, request: web.BaseRequest) -> web.Response:
         """Timestamped points for one pin: ``POST batch/update?token=&pin=`` + ``[[ts,v],…]``."""
         q = request.query
-        dev = self._device(request, q, update=False)
-        if isinstance(dev, web.Response):
-            return dev
+        dev = self._device(q, request.raw_path, update=False)
+        if isinstance(dev, Reply):
+            return dev.response()
         pin = PINS.get(q.get("pin", ""))
         if pin is None:
             return error(WRONG_PIN)
@@ -252,7 +281,7 @@ class DeviceApi:
                 return error(TYPE_MISMATCH_NO_PERIOD)
         refused = self.emu.admit_import(dev, len(parsed))
         if refused is not None:
-            return refused
+            return refused.response()
         newest = max((ts for ts, _ in parsed), default=None)
         for ts, v in sorted(parsed, key=lambda tv: tv[0]):
             current = s.upload_sets_current and ts == newest
@@ -281,111 +310,104 @@ class DeviceApi:
             out.append(ds)
         return out
 
-    async def get(self, request: web.BaseRequest) -> web.Response:
-        q = request.query
-        dev = self._device(request, q)
-        if isinstance(dev, web.Response):
+    def get(self, q: MultiMapping[str], raw_path: str) -> Reply:
+        dev = self._device(q, raw_path)
+        if isinstance(dev, Reply):
             return dev
         try:
             pins = self._read_pins(dev, q)
         except _Bad as bad:
-            return error(bad.message)
+            return error_reply(bad.message)
         if not pins:
-            return error(WRONG_PIN)
+            return error_reply(WRONG_PIN)
         if len(pins) == 1:
             v = dev.value(pins[0].pin)
-            return web.Response(text="" if v is None else
-                                format_value(v, self.settings.double_format))
+            return _text("" if v is None else format_value(v, self.settings.double_format))
         out: dict[str, Any] = {}
         for ds in pins:
             v = dev.value(ds.pin)
             if v is not None:
                 out[ds.pin.lower()] = v
-        return web.Response(body=_encode(out), content_type=_JSON)
+        return Reply(200, _encode(out), _JSON_TYPE)
 
-    async def get_all(self, request: web.BaseRequest) -> web.Response:
-        q = request.query
-        dev = self._device(request, q)
-        if isinstance(dev, web.Response):
+    def get_all(self, q: MultiMapping[str], raw_path: str) -> Reply:
+        dev = self._device(q, raw_path)
+        if isinstance(dev, Reply):
             return dev
         out: dict[str, Any] = {}
         for ds in dev.template.datastreams:
             v = dev.value(ds.pin)
             if v is not None:
                 out[ds.pin.lower()] = v
-        return web.Response(body=_encode(out), content_type=_JSON)
+        return Reply(200, _encode(out), _JSON_TYPE)
 
-    async def is_connected(self, request: web.BaseRequest) -> web.Response:
-        dev = self._device(request, request.query)
-        if isinstance(dev, web.Response):
+    def is_connected(self, q: MultiMapping[str], raw_path: str) -> Reply:
+        dev = self._device(q, raw_path)
+        if isinstance(dev, Reply):
             return dev
         online = (self.settings.hardware_connected == "after_data" and dev.last_data_ms > 0
                   and self.emu.now_ms() - dev.last_data_ms
                   <= self.settings.online_window_s * 1000)
-        return web.Response(text="true" if online else "false")
+        return _text("true" if online else "false")
 
-    async def log_event(self, request: web.BaseRequest) -> web.Response:
-        q = request.query
-        dev = self._device(request, q)
-        if isinstance(dev, web.Response):
+    def log_event(self, q: MultiMapping[str], raw_path: str) -> Reply:
+        dev = self._device(q, raw_path)
+        if isinstance(dev, Reply):
             return dev
         code = q.get("code")
         if not code:
-            return error(EVENT_NOT_PROVIDED)
+            return error_reply(EVENT_NOT_PROVIDED)
         if code not in dev.template.events:
-            return error(EVENT_UNKNOWN)
+            return error_reply(EVENT_UNKNOWN)
         refused = self.emu.admit_event(dev)
         if refused is not None:
             return refused
         dev.events.append((self.emu.now_ms(), code, q.get("description", "")))
-        return web.Response()
+        return _EMPTY
 
-    async def update_property(self, request: web.BaseRequest) -> web.Response:
-        q = request.query
-        dev = self._device(request, q)
-        if isinstance(dev, web.Response):
+    def update_property(self, q: MultiMapping[str], raw_path: str) -> Reply:
+        dev = self._device(q, raw_path)
+        if isinstance(dev, Reply):
             return dev
         pin = PINS.get(q.get("pin", ""))
         if pin is None:
-            return error(WRONG_PIN)
+            return error_reply(WRONG_PIN)
         if pin not in dev.template.by_pin:
-            return error(NO_DATASTREAM)
+            return error_reply(NO_DATASTREAM)
         props: dict[str, str] = {}
         for key, value in q.items():
             if key in ("token", "pin"):
                 continue
             if key in _BOOL_PROPS and value not in ("true", "false"):
-                return error(TYPE_MISMATCH_NO_PERIOD)
+                return error_reply(TYPE_MISMATCH_NO_PERIOD)
             props[key] = value
         dev.properties.setdefault(pin, {}).update(props)
-        return web.Response()
+        return _EMPTY
 
-    async def meta(self, request: web.BaseRequest) -> web.Response:
-        q = request.query
-        dev = self._device(request, q)
-        if isinstance(dev, web.Response):
+    def meta(self, q: MultiMapping[str], raw_path: str) -> Reply:
+        dev = self._device(q, raw_path)
+        if isinstance(dev, Reply):
             return dev
         ref = q.get("metaFieldId")
         if not ref:
-            return error(META_FORMAT)
+            return error_reply(META_FORMAT)
         m = dev.template.metafield(int(ref) if ref.isdigit() else ref)
         if m is None:
-            return error(META_MISSING)
-        return web.Response(text=dev.metafields.get(m.id, ""))
+            return error_reply(META_MISSING)
+        return _text(dev.metafields.get(m.id, ""))
 
-    async def meta_update(self, request: web.BaseRequest) -> web.Response:
-        q = request.query
-        dev = self._device(request, q)
-        if isinstance(dev, web.Response):
+    def meta_update(self, q: MultiMapping[str], raw_path: str) -> Reply:
+        dev = self._device(q, raw_path)
+        if isinstance(dev, Reply):
             return dev
         ref = q.get("metaFieldId") or q.get("metaFieldName")
         if not ref:
-            return error(META_FORMAT_UPDATE)
+            return error_reply(META_FORMAT_UPDATE)
         m = dev.template.metafield(int(ref) if ref.isdigit() and "metaFieldId" in q else ref)
         if m is None:
-            return error(META_MISSING_UPDATE)
+            return error_reply(META_MISSING_UPDATE)
         value = q.get("value")
         if value is None:
-            return error(WRONG_VALUE)
+            return error_reply(WRONG_VALUE)
         dev.metafields[m.id] = value
-        return web.Response()
+        return _EMPTY

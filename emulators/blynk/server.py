@@ -34,7 +34,8 @@ import msgspec
 from aiohttp import web
 from aiohttp.log import access_logger
 
-from emulators.blynk.device_api import DeviceApi, Handler, Route, error
+from emulators.blynk.device_api import DeviceApi, Handler, Route, error, error_reply
+from emulators.blynk.front import Reply
 from emulators.blynk.model import Device, Model
 from emulators.blynk.platform_api import PlatformApi
 from emulators.blynk.settings import (
@@ -179,6 +180,7 @@ class BlynkEmulator:
         self.org_month = 0
         self.refused: dict[str, int] = {}
         self._runners: list[web.BaseRunner] = []
+        self._device_apis: dict[str, DeviceApi] = {}
         self._apps_running = 0
 
     # construction -----------------------------------------------------------------------------
@@ -208,14 +210,13 @@ class BlynkEmulator:
         return int(self.clock() * 1000)
 
     # limits ----------------------------------------------------------------------------------
-    def _over(self, kind: str) -> web.Response:
+    def _over(self, kind: str) -> Reply:
         s = self.settings
         self.refused[kind] = self.refused.get(kind, 0) + 1
-        resp = error(s.over_limit_message, s.over_limit_status)
-        resp.headers["Retry-After"] = str(s.retry_after_s)
-        return resp
+        status, body, headers = error_reply(s.over_limit_message, s.over_limit_status)
+        return Reply(status, body, (*headers, ("Retry-After", str(s.retry_after_s))))
 
-    def admit(self, dev: Device, *, update: bool) -> web.Response | None:
+    def admit(self, dev: Device, *, update: bool) -> Reply | None:
         """Rate, daily and monthly limits of one device-API request; counts the message."""
         s = self.settings
         rps = s.device_rps
@@ -246,14 +247,14 @@ class BlynkEmulator:
         dev.messages += 1
         return None
 
-    def admit_import(self, dev: Device, points: int) -> web.Response | None:
+    def admit_import(self, dev: Device, points: int) -> Reply | None:
         limit = self.settings.daily_import_points
         if limit is not None and dev.imports_today + points > limit:
             return self._over("daily_import_points")
         dev.imports_today += points
         return None
 
-    def admit_event(self, dev: Device) -> web.Response | None:
+    def admit_event(self, dev: Device) -> Reply | None:
         limit = self.settings.daily_events
         if limit is not None and dev.events_today >= limit:
             return self._over("daily_events")
@@ -261,17 +262,24 @@ class BlynkEmulator:
         return None
 
     # apps -------------------------------------------------------------------------------------
+    def device_api(self, region: str) -> DeviceApi:
+        """The device API of a region (one per region)."""
+        if region not in self.regions:
+            raise KeyError(f"unknown region {region!r}")
+        api = self._device_apis.get(region)
+        if api is None:
+            api = self._device_apis[region] = DeviceApi(self, region)
+        return api
+
     def dispatcher(self, region: str) -> Handler:
         """The one request handler of a region: routing, faults, recording, in one call.
 
         A dict lookup instead of aiohttp's router and middlewares keeps ``batch/update`` cheap;
         :meth:`app` and :meth:`serve` both run this same function.
         """
-        if region not in self.regions:
-            raise KeyError(f"unknown region {region!r}")
         table: dict[tuple[str, str], Handler] = {
             (method, path): fn for method, path, fn in
-            DeviceApi(self, region).routes() + self.platform.routes() + self._admin_routes()}
+            self.device_api(region).routes() + self.platform.routes() + self._admin_routes()}
         paths = {path for _, path in table}
         faults = self.faults
         requests = self.requests
