@@ -29,7 +29,8 @@ UNCONFIRMED, a :class:`~emulators.blynk.settings.Settings` field switches it; th
 
 Modules: ``model`` (templates, devices, value rules; pure), ``settings`` (file format),
 ``device_api``, ``platform_api``, ``webhooks``, ``server`` (:class:`BlynkEmulator`: limits,
-faults, inspection, serving), ``demo``, ``cli`` (:func:`main`).
+faults, inspection, serving), ``front`` (the HTTP front that answers simple device-API GETs
+without aiohttp's machinery), ``demo``, ``cli`` (:func:`main`).
 """
 
 from __future__ import annotations

@@ -5,8 +5,9 @@ Every handler: token → device (``Invalid token.``), region check (308 with ``L
 ``{"error":{"message":"…"}}`` and the documented strings, trailing periods included where the
 docs have them. The hot path (``batch/update``) is dict lookups only: no regexes, no copies.
 
-The GET endpoints are plain functions of (query, raw path) returning a :class:`Reply`, which
-:meth:`DeviceApi.routes` wraps into ``web.Response`` for aiohttp; they never await.
+The GET endpoints are plain functions of (query, raw path) returning a :class:`Reply`, so one
+code serves both the emulator's own HTTP front (:mod:`emulators.blynk.front`, which writes the
+reply itself) and aiohttp (:meth:`DeviceApi.routes` wraps them into ``web.Response``).
 """
 
 from __future__ import annotations

@@ -1,7 +1,10 @@
 """The emulator process: one shared model served per region, limits, faults, inspection.
 
 Each region is one dict-dispatched handler (:meth:`BlynkEmulator.dispatcher`); :meth:`serve`
-runs it on aiohttp's low-level server (the fast path), :meth:`app` wraps it in an
+runs it on aiohttp's low-level server behind the emulator's own HTTP front
+(:mod:`emulators.blynk.front`), which answers the device API's simple GETs itself through
+:meth:`BlynkEmulator.front_answer` (the same endpoint functions, the same request log) and hands
+every other connection to aiohttp. :meth:`app` wraps the dispatcher in an
 ``aiohttp.web.Application`` for ``serve_app``. Organization message months are 30-day periods.
 
 :class:`BlynkEmulator` is the Python API tests use::
@@ -33,9 +36,10 @@ from typing import Any
 import msgspec
 from aiohttp import web
 from aiohttp.log import access_logger
+from multidict import MultiDict
 
 from emulators.blynk.device_api import DeviceApi, Handler, Route, error, error_reply
-from emulators.blynk.front import Reply
+from emulators.blynk.front import Answer, FrontServer, Reply, query_pairs
 from emulators.blynk.model import Device, Model
 from emulators.blynk.platform_api import PlatformApi
 from emulators.blynk.settings import (
@@ -180,6 +184,7 @@ class BlynkEmulator:
         self.org_month = 0
         self.refused: dict[str, int] = {}
         self._runners: list[web.BaseRunner] = []
+        self._fronts: list[FrontServer] = []
         self._device_apis: dict[str, DeviceApi] = {}
         self._apps_running = 0
 
@@ -263,7 +268,7 @@ class BlynkEmulator:
 
     # apps -------------------------------------------------------------------------------------
     def device_api(self, region: str) -> DeviceApi:
-        """The device API of a region (one per region)."""
+        """The device API of a region (one per region, shared by aiohttp and the front)."""
         if region not in self.regions:
             raise KeyError(f"unknown region {region!r}")
         api = self._device_apis.get(region)
@@ -313,6 +318,36 @@ class BlynkEmulator:
 
         return dispatch
 
+    def front_answer(self, region: str) -> Answer | None:
+        """What :meth:`dispatcher` does for a device-API GET, for the front (None: no front).
+
+        Leaves the request to aiohttp (returns None, before any side effect) while faults are
+        active and for every path that is not a device-API GET endpoint.
+        """
+        status = self.settings.over_limit_status
+        if not 200 <= status <= 999 or status in (204, 304):
+            return None  # answers without a body: aiohttp's rules, not worth copying
+        endpoints = self.device_api(region).endpoints()
+        faults = self.faults
+        requests = self.requests
+        clock = self.clock
+
+        def answer(path: str, query: str, raw_path: str) -> Reply | None:
+            fn = endpoints.get(path)
+            if fn is None or faults.active:
+                return None
+            reply = fn(MultiDict(query_pairs(query)), raw_path)
+            if self._record:
+                requests.append((int(clock() * 1000), region, "GET", raw_path, reply.status))
+            return reply
+
+        return answer
+
+    def front_counts(self) -> dict[str, int]:
+        """Requests the front answered itself and connections it handed to aiohttp."""
+        return {"answered": sum(f.answered for f in self._fronts),
+                "handed_over": sum(f.handed_over for f in self._fronts)}
+
     def _log(self, region: str, request: web.BaseRequest, status: int) -> None:
         if self._record:
             self.requests.append((self.now_ms(), region, request.method, request.raw_path,
@@ -348,11 +383,13 @@ class BlynkEmulator:
 
     @contextlib.asynccontextmanager
     async def serve(self, ports: dict[str, int] | None = None, *, host: str | None = None,
-                    access_log: bool = False) -> AsyncIterator[dict[str, str]]:
+                    access_log: bool = False, front: bool = True) -> AsyncIterator[dict[str, str]]:
         """Serve every region (``ports`` overrides the configured ones; 0 = a free port).
 
         Yields region → base URL. Uses aiohttp's low-level server (no router, no middlewares)
-        with the same :meth:`dispatcher`. Webhook senders run while serving.
+        with the same :meth:`dispatcher`, behind the front (:meth:`front_answer`) unless
+        ``front=False`` or ``access_log`` (every request then goes through aiohttp; the answers
+        are the same bytes). Webhook senders run while serving.
         """
         host = host or self.host
         wanted = ports or {n: r.port for n, r in self.regions.items()}
@@ -369,9 +406,12 @@ class BlynkEmulator:
         try:
             for region, port in wanted.items():
 
-                server = web.Server(self.dispatcher(region), request_factory=factory,
-                                    access_log=access_logger if access_log else None,
-                                    **self._handler_args())
+                answer = self.front_answer(region) if front and not access_log else None
+                server = FrontServer(self.dispatcher(region), answer=answer,
+                                     request_factory=factory,
+                                     access_log=access_logger if access_log else None,
+                                     **self._handler_args())
+                self._fronts.append(server)
                 runner = web.ServerRunner(server)
                 await runner.setup()
                 self._runners.append(runner)
