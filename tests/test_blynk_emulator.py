@@ -562,3 +562,26 @@ async def test_app_for_serve_app_shares_state_and_redirects() -> None:
         async with s.get(f"{fra1}/external/api/nothing?token={TOKEN}") as r:
             assert (r.status, await r.text()) == (404, err("Not found."))
     assert emu.device_by_token(NY_TOKEN).value("V1") == 2.0
+
+
+def test_write_current_is_write_per_value() -> None:
+    """The device API's one-call write gives what ``Model.write`` per value gives."""
+    got: dict[str, list[tuple[Any, ...]]] = {"loop": [], "once": []}
+    states = []
+    for how in ("loop", "once"):
+        emu = BlynkEmulator.from_spec(spec())
+        model = emu.model
+        model.listeners.append(lambda d, ds, v, ts, how=how: got[how].append((d.id, ds.pin, v, ts)))
+        dev = emu.device_by_token(TOKEN)
+        by_pin = dev.template.by_pin
+        batches = [[("V1", 1.5), ("V3", [1.0, 2.0]), ("V1", 2.5)], [("V2", 7)], [("V1", 0.5)]]
+        for ts, values in zip((2000, 1000, 3000), batches, strict=True):
+            pairs = [(by_pin[p], v) for p, v in values]
+            if how == "loop":
+                for ds, v in pairs:
+                    model.write(dev, ds, v, ts)
+            else:
+                model.write_current(dev, pairs, ts)
+        states.append((dev.values, {p: list(h) for p, h in dev.history.items()}))
+    assert states[0] == states[1]
+    assert got["loop"] == got["once"] and len(got["once"]) == 5

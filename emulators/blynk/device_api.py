@@ -146,6 +146,8 @@ class DeviceApi:
         loc_parts: dict[str, list[str]] | None = None
         bad: _Bad | None = None
         s = self.settings
+        decimal_integers = s.decimal_integers
+        string_max = s.string_max_bytes
         for key, raw in items:
             if key == "token":
                 continue
@@ -163,8 +165,8 @@ class DeviceApi:
                 loc_parts.setdefault(pin, []).append(raw)
                 continue
             try:
-                out.append((ds, ds.coerce_text(raw, decimal_integers=s.decimal_integers,
-                                               string_max=s.string_max_bytes)))
+                out.append((ds, ds.coerce_text(raw, decimal_integers=decimal_integers,
+                                               string_max=string_max)))
             except Mismatch:
                 bad = bad or _Bad(mismatch)
         if loc_parts:
@@ -185,9 +187,7 @@ class DeviceApi:
     def _write(self, dev: Device, values: list[tuple[Datastream, Value]]) -> None:
         now = self.emu.now_ms()
         dev.last_data_ms = now
-        write = self.model.write
-        for ds, v in values:
-            write(dev, ds, v, now)
+        self.model.write_current(dev, values, now)
 
     # writes -----------------------------------------------------------------------------------
     def batch_update(self, q: MultiMapping[str], raw_path: str) -> Reply:

@@ -413,6 +413,26 @@ class Model:
             for listener in self.listeners:
                 listener(device, ds, value, ts_ms)
 
+    def write_current(self, device: Device, values: Iterable[tuple[Datastream, Value]],
+                      ts_ms: int) -> None:
+        """:meth:`write` of each (datastream, value) in order, all at ``ts_ms``, as current
+        values, notifying: the device API's one message, in one call instead of one per pin."""
+        current = device.values
+        history = device.history
+        listeners = self.listeners
+        for ds, value in values:
+            pin = ds.pin
+            prev = current.get(pin)
+            if prev is None or prev[1] <= ts_ms:
+                current[pin] = (value, ts_ms)
+            hist = history.get(pin)
+            if hist is None:
+                hist = history[pin] = deque(maxlen=self.history_len)
+            hist.append((ts_ms, value))
+            if listeners:
+                for listener in listeners:
+                    listener(device, ds, value, ts_ms)
+
     def reset_values(self) -> None:
         for d in self.devices.values():
             d.values.clear()
