@@ -17,9 +17,10 @@ from typing import Any
 import msgspec
 import pytest
 import uvloop
+from aiohttp import web
 
 from emulators.blynk import BlynkEmulator, WebhookSpec
-from emulators.blynk.front import _HEAD, _PARTIAL
+from emulators.blynk.front import _HEAD, _PARTIAL, FrontServer, Reply
 from emulators.blynk.settings import RegionSpec
 from tests.conftest import serve_app
 from tests.test_blynk_emulator import NY_TOKEN, TEMPLATE, TOKEN, spec
@@ -278,6 +279,34 @@ async def test_shutdown_closes_idle_front_connections() -> None:
     assert await reader.read() == b""
     writer.close()
     assert emu.front_counts() == {"answered": 1, "handed_over": 0}
+
+
+async def test_idle_connections_close_after_keepalive_timeout() -> None:
+    """The front keeps aiohttp's idle rule: an idle connection (a partial head is idle too)
+    closes after ``keepalive_timeout``; here a short one, on a FrontServer of its own."""
+
+    async def never(request: web.BaseRequest) -> web.StreamResponse:
+        raise AssertionError("the front answers every request of this test")
+
+    def answer(path: str, query: str, raw_path: str) -> Reply:
+        return Reply(200, b"ok", (("Content-Type", "text/plain"),))
+
+    server = FrontServer(never, answer=answer, access_log=None, keepalive_timeout=0.05)
+    runner = web.ServerRunner(server)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        for after in (b"", b"GET /par"):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(get("/x") + after)
+            assert (await read_answer(reader)).endswith(b"\r\n\r\nok")
+            assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the server
+            writer.close()
+    finally:
+        await runner.cleanup()
+    assert (server.answered, server.handed_over) == (2, 0)
 
 
 def test_front_under_uvloop() -> None:
