@@ -157,6 +157,18 @@ async def test_each_answer_one_at_a_time_on_one_keep_alive_connection() -> None:
     assert b"HTTP/1.1 308 Permanent Redirect\r\nLocation: " + NY_URL.encode() in fast.answers[9]
 
 
+async def test_connection_keep_alive_is_answered_by_the_front() -> None:
+    """What Node.js clients (the Node-RED baseline of bench/e2e.py) send on every request."""
+    v1 = f"/external/api/get?token={TOKEN}&v1"
+    steps: list[Step] = []
+    for headers in ("Host: emu\r\nConnection: keep-alive\r\n",
+                    "connection:Keep-Alive \r\nHost: emu\r\n"):
+        steps += [get(v1, headers), 1]
+    fast = await compare(steps)
+    assert fast.front == {"answered": 2, "handed_over": 0}
+    assert all(b"\r\nConnection" not in a for a in fast.answers)  # as aiohttp: none on 1.1
+
+
 async def test_pipelined_requests_in_one_write() -> None:
     fast = await compare([b"".join(REQUESTS), len(REQUESTS)])
     assert fast.front == {"answered": len(REQUESTS), "handed_over": 0}
@@ -217,7 +229,8 @@ async def test_unusual_requests_go_to_aiohttp() -> None:
         get(f"/external/api/%67et?token={TOKEN}&v1"),  # the path aiohttp decodes is a route
         get(f"{v1}#fragment"),
         get(v1, "Host: emu\r\nX-A: 1\r\nx-a: 2\r\n"),
-        get(v1, "Host: emu\r\nConnection: keep-alive\r\n"),
+        get(v1, "Host: emu\r\nConnection: keep-alive, Upgrade\r\n"),
+        get(v1, "Host: emu\r\nConnection: Keep-Alive\r\nConnection: keep-alive\r\n"),
         get(v1, "Host: emu\r\nContent-Length: 0\r\n"),
         get(v1, "Host: emu\r\nExpect: 100-continue\r\n"),
         get(v1, "Host: emu\r\nX-Bin: \xe9\r\n"),

@@ -7,7 +7,8 @@ answers a request only when it is the simple case:
 
 * ``GET <path>?<query> HTTP/1.1`` whose path is one the :data:`Answer` callback knows, exactly
   one ``Host`` header, no header twice, none of ``Content-Length``, ``Transfer-Encoding``,
-  ``Connection``, ``Expect``, ``Upgrade`` (…), only plain ASCII in the target and the headers,
+  ``Expect``, ``Upgrade`` (…), no ``Connection`` but ``keep-alive`` (HTTP/1.1's default, which
+  Node.js sends on every request), only plain ASCII in the target and the headers,
   a head shorter than aiohttp's line limits; several such requests in one read (pipelining) and
   a head split over several reads are fine;
 * and the callback agrees (it returns None, before any side effect, when it would rather not:
@@ -94,8 +95,11 @@ _PARTIAL = re.compile(
     rb"|GET /" + _U + rb"* HTTP/1\.1\r\n(?:" + _T + rb"+:" + _V + rb"*\r\n)*"
     rb"(?:" + _T + rb"*|" + _T + rb"+:" + _V + rb"*\r?|\r)")
 _NAMES = re.compile(rb"\n([^:]*):")
+#: ``Connection: keep-alive`` only restates HTTP/1.1's default (aiohttp answers exactly as
+#: without it); Node.js clients send it on every request. Any other ``Connection`` is aiohttp's.
+_KEEP_ALIVE = re.compile(rb"\nconnection:[ \t]*keep-alive[ \t]*\r")
 #: Headers that change how aiohttp reads the request or keeps the connection.
-_SPECIAL = frozenset({b"content-length", b"transfer-encoding", b"connection",
+_SPECIAL = frozenset({b"content-length", b"transfer-encoding",
                       b"proxy-connection", b"keep-alive", b"expect", b"upgrade",
                       b"content-encoding", b"sec-websocket-key1"})
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
@@ -283,7 +287,8 @@ class _Connection(asyncio.Protocol):
             names = _NAMES.findall(block)
             seen = set(names)
             if (len(seen) != len(names) or b"host" not in seen or len(names) > front.max_headers
-                    or not seen.isdisjoint(_SPECIAL)):
+                    or not seen.isdisjoint(_SPECIAL)
+                    or (b"connection" in seen and not _KEEP_ALIVE.search(block))):
                 simple = False
                 break
             target = m.group(1).decode("ascii")
