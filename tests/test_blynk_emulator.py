@@ -117,6 +117,9 @@ async def test_update_errors_exact(env: tuple[BlynkEmulator, Api]) -> None:
         f"/external/api/update?token={TOKEN}&v99=1": "No datastream setup for that pin.",
         f"/external/api/update?token={TOKEN}&dataStreamId=x&value=1": "Wrong dataStreamId "
                                                                       "format.",
+        # a digit to str.isdigit, not to int(): was a 500
+        f"/external/api/update?token={TOKEN}&dataStreamId=%C2%B2&value=1": "Wrong dataStreamId "
+                                                                           "format.",
         f"/external/api/update?token={TOKEN}&dataStreamId=2&value=z": "Value doesn't match the "
                                                                       "Datastream data type",
     }

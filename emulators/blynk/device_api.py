@@ -20,7 +20,15 @@ from aiohttp import web
 from multidict import MultiMapping
 
 from emulators.blynk.front import Reply
-from emulators.blynk.model import PINS, Datastream, Device, Mismatch, Value, format_value
+from emulators.blynk.model import (
+    PINS,
+    Datastream,
+    Device,
+    Mismatch,
+    Value,
+    format_value,
+    is_id,
+)
 
 if TYPE_CHECKING:
     from emulators.blynk.server import BlynkEmulator
@@ -226,7 +234,7 @@ class DeviceApi:
     def _by_datastream_id(self, dev: Device,
                           q: MultiMapping[str]) -> list[tuple[Datastream, Value]]:
         raw_id = q["dataStreamId"]
-        ds = dev.template.by_id.get(int(raw_id)) if raw_id.isdigit() else None
+        ds = dev.template.by_id.get(int(raw_id)) if is_id(raw_id) else None
         if ds is None:
             raise _Bad(WRONG_DATASTREAM_ID)
         parts = q.getall("value", [])
@@ -297,7 +305,7 @@ class DeviceApi:
             if key == "token":
                 continue
             if key == "dataStreamId":
-                ds = t.by_id.get(int(raw)) if raw.isdigit() else None
+                ds = t.by_id.get(int(raw)) if is_id(raw) else None
                 if ds is None:
                     raise _Bad(WRONG_DATASTREAM_ID)
                 out.append(ds)
@@ -392,7 +400,7 @@ class DeviceApi:
         ref = q.get("metaFieldId")
         if not ref:
             return error_reply(META_FORMAT)
-        m = dev.template.metafield(int(ref) if ref.isdigit() else ref)
+        m = dev.template.metafield(int(ref) if is_id(ref) else ref)
         if m is None:
             return error_reply(META_MISSING)
         return _text(dev.metafields.get(m.id, ""))
@@ -404,7 +412,7 @@ class DeviceApi:
         ref = q.get("metaFieldId") or q.get("metaFieldName")
         if not ref:
             return error_reply(META_FORMAT_UPDATE)
-        m = dev.template.metafield(int(ref) if ref.isdigit() and "metaFieldId" in q else ref)
+        m = dev.template.metafield(int(ref) if is_id(ref) and "metaFieldId" in q else ref)
         if m is None:
             return error_reply(META_MISSING_UPDATE)
         value = q.get("value")

@@ -100,6 +100,11 @@ def _pin_table() -> dict[str, str]:
 PINS: dict[str, str] = _pin_table()
 
 
+def is_id(text: str) -> bool:
+    """Only ASCII digits (``str.isdigit`` also takes "²", which ``int`` refuses)."""
+    return text.isascii() and text.isdigit()
+
+
 def canonical_pin(text: str) -> str | None:
     """``v1``/``V1`` → ``V1``; anything that is not a pin → None."""
     return PINS.get(text)
@@ -357,7 +362,7 @@ class Model:
             t = self.templates.get(ref)
             if t is not None:
                 return t
-            if not ref.isdigit():
+            if not is_id(ref):
                 return None
             ref = int(ref)
         return self.templates_by_num.get(ref)

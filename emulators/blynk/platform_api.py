@@ -18,7 +18,7 @@ import msgspec
 from aiohttp import web
 
 from emulators.blynk.device_api import Route, error
-from emulators.blynk.model import Device, Mismatch, Template, canonical_pin
+from emulators.blynk.model import Device, Mismatch, Template, canonical_pin, is_id
 
 if TYPE_CHECKING:
     from emulators.blynk.server import BlynkEmulator
@@ -127,7 +127,7 @@ class PlatformApi:
         return None
 
     def _device(self, raw: Any) -> Device | web.Response:
-        if isinstance(raw, str) and raw.isdigit():
+        if isinstance(raw, str) and is_id(raw):
             raw = int(raw)
         dev = self.model.devices.get(raw) if isinstance(raw, int) else None
         if dev is None:
@@ -257,7 +257,7 @@ class PlatformApi:
 
     def _write(self, d: Device, ref: Any, value: Any) -> web.Response | None:
         ds = d.template.by_id.get(ref) if isinstance(ref, int) else None
-        if ds is None and isinstance(ref, str) and ref.isdigit():
+        if ds is None and isinstance(ref, str) and is_id(ref):
             ds = d.template.by_id.get(int(ref))
         if ds is None:
             return error(DATASTREAM_NOT_FOUND.format(id=ref), 404)

@@ -40,7 +40,7 @@ from multidict import MultiDict
 
 from emulators.blynk.device_api import DeviceApi, Handler, Route, error, error_reply
 from emulators.blynk.front import Answer, FrontServer, Reply, query_pairs
-from emulators.blynk.model import Device, Model
+from emulators.blynk.model import Device, Model, is_id
 from emulators.blynk.platform_api import PlatformApi
 from emulators.blynk.settings import (
     EmulatorSpec,
@@ -478,7 +478,7 @@ class BlynkEmulator:
         prefix = "/_admin/devices/"
         if request.method == "GET" and path.startswith(prefix):
             ref = path[len(prefix):]
-            d = self.model.devices.get(int(ref)) if ref.isdigit() else None
+            d = self.model.devices.get(int(ref)) if is_id(ref) else None
             if d is not None:
                 return _json(self.device_state(d))
         return _json({"error": f"no such admin resource: {request.method} {path}"}, 404)
@@ -488,7 +488,7 @@ class BlynkEmulator:
 
         async def requests(request: web.BaseRequest) -> web.Response:
             limit = request.query.get("limit")
-            return j(self.recorded(int(limit) if limit and limit.isdigit() else None))
+            return j(self.recorded(int(limit) if limit and is_id(limit) else None))
 
         async def devices(request: web.BaseRequest) -> web.Response:
             return j([self.device_state(d) for d in self.model.devices.values()])

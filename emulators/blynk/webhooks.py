@@ -25,7 +25,15 @@ from urllib.parse import urlencode
 
 import aiohttp
 
-from emulators.blynk.model import Datastream, Device, Model, Value, canonical_pin, format_value
+from emulators.blynk.model import (
+    Datastream,
+    Device,
+    Model,
+    Value,
+    canonical_pin,
+    format_value,
+    is_id,
+)
 from emulators.blynk.settings import Settings, WebhookSpec
 from pipeline.redact import redact_url
 
@@ -173,7 +181,7 @@ class Webhooks:
                     ref: int | str) -> Datastream | None:
         if isinstance(ref, int):
             return by_id.get(ref)
-        if ref.isdigit():
+        if is_id(ref):
             return by_id.get(int(ref))
         pin = canonical_pin(ref)
         return by_pin.get(pin) if pin else None
