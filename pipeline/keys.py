@@ -79,6 +79,10 @@ class Keys:
     def lease(self, kind: str, name: str) -> str:
         return f"{self.prefix}lease:{kind}:{name}"
 
+    def connected_replicas(self, kind: str, name: str) -> str:
+        """Sorted set replica → until when (ms) it says its session of ``name`` is up."""
+        return f"{self.prefix}connected:{kind}:{name}"
+
     def status(self) -> str:
         """Hash integration id → encoded status."""
         return f"{self.prefix}status"

@@ -101,6 +101,7 @@ async def hold(
     *,
     on_acquired: Callable[[], Awaitable[None]] | None = None,
     on_lost: Callable[[], Awaitable[None]] | None = None,
+    may_acquire: Callable[[], Awaitable[bool]] | None = None,
 ) -> None:
     """Until ``stop``: acquire the lease (retrying every ``ttl/4``), run ``work`` while it is
     held, renew every ``ttl/4``, and cancel ``work`` as soon as the lease is lost or can no
@@ -108,11 +109,13 @@ async def hold(
 
     ``work`` should run until cancelled; if it returns or raises, the lease is released and
     acquisition starts over (so a crashing owner hands over to a healthy standby).
+    ``may_acquire``, when given, is asked before each attempt: ``False`` skips it (this
+    would-be owner should leave the lease to a better placed one).
     """
     interval = lease.ttl_ms / 4000
     while not stop.is_set():
         try:
-            acquired = await lease.acquire()
+            acquired = (may_acquire is None or await may_acquire()) and await lease.acquire()
         except RedisError as exc:
             log.warning("lease %s: cannot reach Redis (%s)", lease.key, exc)
             acquired = False

@@ -95,6 +95,12 @@ INGEST_DROPPED = Counter(
 LEASE_HELD = Gauge(
     "bb_lease_held", "1 while this process owns the lease of an integration", ["kind", "name"]
 )
+MQTT_HANDOVERS = Counter(
+    "bb_mqtt_handovers_total",
+    "Applications an owner handed to a connected standby because its own broker connection "
+    "was down (ingest_mqtt.handover_after_ms)",
+    ["integration"],
+)
 MQTT_STANDBY = Gauge(
     "bb_mqtt_standby",
     "1 while this process is a warm standby of a TTS application (subscribed, buffering)",

@@ -6,6 +6,7 @@ Redis lease and the standby buffer it relies on."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -450,6 +451,83 @@ async def test_graceful_handover_to_a_warm_standby_loses_nothing(
 
         await eventually(all_in, what="every published uplink")
     assert not second.subscribed["lab"].is_set()  # stopped: released
+
+
+class CutProxy:
+    """A TCP proxy to the real broker whose ``cut()`` drops every connection and refuses new
+    ones: a replica's own network path to TTS failing while the others' stays up."""
+
+    def __init__(self) -> None:
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def __aenter__(self) -> CutProxy:
+        self._server = await asyncio.start_server(self._serve, MQTT_HOST, 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.cut()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(MQTT_HOST, MQTT_PORT)
+        self._writers += [writer, up_writer]
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(ConnectionError):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    async def cut(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        for w in self._writers:
+            w.transport.abort()
+
+
+async def test_an_owner_cut_off_from_the_broker_hands_over_to_a_connected_standby(
+    redis: Redis, prefix: str
+) -> None:
+    app = make_app()
+    keys = Keys(prefix)
+    board = StatusBoard(redis, keys)
+    handovers = _sample("bb_mqtt_handovers_total", integration="lab")
+    async with CutProxy() as proxy:
+        owner = IngestMqtt(
+            make_ctx(redis, prefix, [app], consumer="r1"), lease_ttl_ms=1000, max_backoff_s=0.2,
+            settings_for=lambda a, c: mqtt.Settings(MQTT_HOST, proxy.port, client_id=c))
+        standby = IngestMqtt(make_ctx(redis, prefix, [app], consumer="r2"), lease_ttl_ms=1000)
+        async with running(owner):
+            await asyncio.wait_for(owner.subscribed["lab"].wait(), 10)
+            async with running(standby):
+                await asyncio.wait_for(standby.connected["lab"].wait(), 10)
+                publisher = NumberedUplinks(app)
+                await eventually(lambda: _has_len(redis, keys.stream("uplinks"), 30),
+                                 what="the owner appending")
+                await proxy.cut()  # the owner's path to the broker is gone; Redis is fine
+                await asyncio.wait_for(standby.subscribed["lab"].wait(), 15)
+                await publisher.more(50)
+                published = await publisher.stop()
+
+                async def all_in() -> bool:
+                    return {u.event_id for u in await uplinks(redis, keys)} >= set(published)
+
+                await eventually(all_in, what="every published uplink")
+                status = await board.get("tts", "lab")
+                assert status is not None and status.owner == "r2"
+                assert status.state is State.CONNECTED
+                assert not owner.subscribed["lab"].is_set()
+                # cut off, it does not take the application back from the connected standby
+                assert await Lease(redis, keys.lease("tts", "lab"), "x").holder() == "r2"
+    assert _sample("bb_mqtt_handovers_total", integration="lab") == handovers + 1
+    got = [u.event_id for u in await uplinks(redis, keys)]
+    assert set(got) == set(published)  # nothing lost across the handover
 
 
 # --- the standby buffer (pure) --------------------------------------------------------------------

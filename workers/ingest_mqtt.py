@@ -17,6 +17,13 @@ application through a Redis lease and appends its messages. TTS has no shared su
   fields: never the receipt time), which transform drops. Replayed entries are counted
   (``bb_mqtt_replayed_total``); a buffer that had to let messages go before their time is
   counted too (``bb_mqtt_standby_overflow_total``).
+* **Owner cut off from the broker.** Each replica keeps itself in a Redis set of replicas
+  whose session of the application is up. An owner whose own connection has been down for
+  ``handover_after_ms`` while another replica's is up gives the lease up (counted in
+  ``bb_mqtt_handovers_total``); that standby takes over and replays what it kept, so nothing
+  published meanwhile is lost. A replica that is not connected never acquires the lease while
+  a connected one exists; when none is connected (the broker is down), the owner stays and
+  keeps reporting the status.
 * **Cold standby** (``warm_standby: false``): standbys neither connect nor subscribe; what is
   published between the owner's death and the new owner's subscription is lost.
 
@@ -43,9 +50,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from redis.exceptions import RedisError
@@ -262,6 +270,10 @@ class _Feed:
         self.replaying = False
         #: The MQTT session is subscribed.
         self.connected = False
+        #: Monotonic time the session was last lost (or the feed made): None while connected.
+        self.disconnected_at: float | None = time.monotonic()
+        #: Events set on every change of ``connected`` (:meth:`watch`).
+        self._watchers: list[asyncio.Event] = []
         self._keys = stage._keys
         self._offer = stage._appender.offer
         self._max_bytes = stage._max_payload
@@ -271,6 +283,23 @@ class _Feed:
     @property
     def owner(self) -> bool:
         return self.live or self.replaying
+
+    @contextlib.contextmanager
+    def watch(self) -> Iterator[asyncio.Event]:
+        """An event set on every change of ``connected`` while the block runs (the waiter
+        clears it)."""
+        event = asyncio.Event()
+        self._watchers.append(event)
+        try:
+            yield event
+        finally:
+            self._watchers.remove(event)
+
+    def set_connected(self, connected: bool) -> None:
+        self.connected = connected
+        self.disconnected_at = None if connected else time.monotonic()
+        for event in self._watchers:
+            event.set()
 
     def handle(self, topic: str, payload: bytes, received_ts_ms: int) -> None:
         """Parse one message and hand it to the appender; never blocks, never raises."""
@@ -348,6 +377,7 @@ class IngestMqtt:
         self.apps = list(ctx.config.tts if apps is None else apps)
         self.consumer = consumer or ctx.consumer
         self.lease_ttl_ms = lease_ttl_ms or cfg.lease_ttl_ms
+        self.handover_after_s = cfg.handover_after_ms / 1000
         self.warm_standby = cfg.warm_standby if warm_standby is None else warm_standby
         self._max_backoff_s = max_backoff_s if max_backoff_s is not None else cfg.max_backoff_s
         self._max_payload = cfg.max_payload_bytes
@@ -355,8 +385,11 @@ class IngestMqtt:
         self._board = StatusBoard(ctx.redis, ctx.keys)
         self._appender = Appender(ctx.redis, batch=cfg.batch, queue_max=cfg.queue_max,
                                   max_backoff_s=self._max_backoff_s, on_written=on_appended)
-        # The longest a failover can take: the lease runs out, then one acquisition interval.
-        window_s = (self.lease_ttl_ms * 1.25 + cfg.standby_margin_ms) / 1000
+        # The longest a failover can take: the lease runs out, then one acquisition interval;
+        # or the owner's broker connection is down past handover_after_ms, then one check and
+        # one acquisition interval.
+        window_s = (self.lease_ttl_ms * 1.25 + cfg.handover_after_ms
+                    + cfg.standby_margin_ms) / 1000
         self._feeds = {
             a.name: _Feed(a, self, StandbyBuffer(window_s, cfg.standby_max_messages,
                                                  cfg.standby_max_bytes))
@@ -400,8 +433,54 @@ class IngestMqtt:
         async with asyncio.TaskGroup() as tg:
             session = tg.create_task(self._consume(app, feed),
                                      name=f"ingest-mqtt-session:{app.name}")
-            await hold(lease, lambda: self._own(app, feed), stop)
+            advertiser = tg.create_task(self._advertise(app, feed),
+                                        name=f"ingest-mqtt-advertise:{app.name}")
+
+            async def may_acquire() -> bool:
+                # Not connected: leave the application to a replica whose session is up.
+                return feed.connected or not await self._others_connected(app)
+
+            await hold(lease, lambda: self._own(app, feed), stop, may_acquire=may_acquire)
             session.cancel()
+            advertiser.cancel()
+
+    async def _advertise(self, app: TtsApplication, feed: _Feed) -> None:
+        """Keep this replica in the application's set of connected replicas while its session
+        is up (an entry expires by itself after the lease time), out of it otherwise."""
+        key = self._keys.connected_replicas(STATUS_KIND, app.name)
+        redis = self._ctx.redis
+        interval = self.lease_ttl_ms / 4000
+        try:
+            with feed.watch() as changed:
+                while True:
+                    changed.clear()
+                    try:
+                        if feed.connected:
+                            now = now_ms()
+                            async with redis.pipeline(transaction=False) as pipe:
+                                pipe.zadd(key, {self.consumer: now + self.lease_ttl_ms})
+                                pipe.zremrangebyscore(key, "-inf", now)
+                                pipe.pexpire(key, 10 * self.lease_ttl_ms)
+                                await pipe.execute()
+                        else:
+                            await redis.zrem(key, self.consumer)
+                    except RedisError as exc:
+                        log.warning("%s: cannot record the session's state (%s)", app.name, exc)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(changed.wait(), interval)
+        finally:
+            with contextlib.suppress(RedisError):
+                await asyncio.shield(redis.zrem(key, self.consumer))
+
+    async def _others_connected(self, app: TtsApplication) -> bool:
+        """Another replica says its session of ``app`` is up (Redis trouble: False)."""
+        key = self._keys.connected_replicas(STATUS_KIND, app.name)
+        try:
+            members = await self._ctx.redis.zrangebyscore(key, now_ms(), "+inf")
+        except RedisError:
+            return False
+        me = self.consumer.encode()
+        return any(m != me for m in members)
 
     async def _own(self, app: TtsApplication, feed: _Feed) -> None:
         """While the lease is held (warm): replay the standby buffer, go live, report; until
@@ -417,13 +496,34 @@ class IngestMqtt:
             if feed.connected:
                 await self._status(app, None, None)
             self._sync(app, feed)
-            await asyncio.Event().wait()  # until cancelled
+            await self._until_handover(app, feed)
         finally:
             # Synchronous, before the lease is released: no message is appended from now on.
             feed.live = feed.replaying = False
             held.set(0)
             self._sync(app, feed)
             log.info("%s: standing by", app.name)
+
+    async def _until_handover(self, app: TtsApplication, feed: _Feed) -> None:
+        """Own until cancelled; return (and so give the lease up) once this replica's broker
+        connection has been down for ``handover_after_ms`` while another replica's is up."""
+        interval = self.lease_ttl_ms / 4000
+        with feed.watch() as changed:
+            while True:
+                changed.clear()
+                down_since = feed.disconnected_at
+                if down_since is None:
+                    await changed.wait()
+                    continue
+                wait = down_since + self.handover_after_s - time.monotonic()
+                if wait <= 0 and await self._others_connected(app):
+                    log.warning("%s: broker connection down for %.1fs and a standby's is up: "
+                                "handing the application over", app.name,
+                                time.monotonic() - down_since)
+                    metrics.MQTT_HANDOVERS.labels(app.name).inc()
+                    return
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), wait if wait > 0 else interval)
 
     async def _replay(self, app: TtsApplication, feed: _Feed) -> int:
         """Append what the standby buffer holds, oldest first, in chunks; messages arriving
@@ -479,14 +579,14 @@ class IngestMqtt:
                     log.info("%s: connected to %s:%d as %s (%s)", app.name, settings.host,
                              settings.port, settings.username,
                              "owner" if feed.owner else "warm standby")
-                    feed.connected = True
+                    feed.set_connected(True)
                     try:
                         if feed.live:
                             await self._status(app, None, None)
                         self._sync(app, feed)
                         await self._receive(app, session, feed)
                     finally:
-                        feed.connected = False
+                        feed.set_connected(False)
                         self._sync(app, feed)
                 continue  # pragma: no cover - _receive only ends by raising
             except mqtt.AuthError as exc:
