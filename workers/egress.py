@@ -617,24 +617,17 @@ class EgressStage:
                     pending: asyncio.Future[None]) -> None:
         """:meth:`_finish` of a device write that Blynk took whole, from callbacks."""
         self._release_probes([(dev, plan)])
-        counter = self._written.get(plan.server)
-        if counter is None:
-            counter = self._written[plan.server] = metrics.WRITTEN.labels(plan.server)
-        counter.inc(result.values)
+        self._count_written(plan.server, result.values)
         ok = dev.inflight
 
         def committed(f: asyncio.Future[bool]) -> None:
             try:
                 exc = asyncio.CancelledError() if f.cancelled() else f.exception()
                 if exc is None:
-                    if not f.result():
-                        metrics.EGRESS_LEASE_LOST.inc()
-                        log.warning("egress: lease of %s expired during its write", dev.key)
+                    self._check_lease(dev, f.result())
                     dev.attempts = 0
                     dev.history_done.clear()
-                    wall = now_ms()
-                    for h in ok:
-                        metrics.LATENCY.observe(max(0, wall - h.write.received_ts_ms) / 1000)
+                    self._observe_latency(ok, now_ms())
                     self._drop(dev)
                     return
                 if not isinstance(exc, RedisError):
@@ -794,11 +787,7 @@ class EgressStage:
         ``leased=False``: nothing was sent and no lease taken (every value was stale).
         """
         self._release_probes([(dev, plan)])
-        if result.values:
-            counter = self._written.get(plan.server)
-            if counter is None:
-                counter = self._written[plan.server] = metrics.WRITTEN.labels(plan.server)
-            counter.inc(result.values)
+        self._count_written(plan.server, result.values)
         dead: list[tuple[Entry, str, str]] = []
         ok: list[_Held] = []
         if result.invalid_token is not None or result.again is not None:
@@ -820,9 +809,7 @@ class EgressStage:
         try:
             held = await asyncio.shield(self._commits.submit(
                 _Commit(dev.key if leased else None, result.written, [h.entry for h in ok])))
-            if not held:
-                metrics.EGRESS_LEASE_LOST.inc()
-                log.warning("egress: lease of %s expired during its write", dev.key)
+            self._check_lease(dev, held)
         except RedisError as exc:
             log.warning("egress: recording %s failed (%s); its write is retried", dev.key, exc)
             result.again = result.again or Retry("redis", str(exc))
@@ -840,9 +827,27 @@ class EgressStage:
             except RedisError as exc:
                 # Not acked: the entries stay pending and come back (then dead again).
                 log.warning("egress: dead-lettering %d entries failed (%s)", len(dead), exc)
+        self._observe_latency(ok, wall)
+        self._drop(dev)
+
+    def _count_written(self, server: str, values: int) -> None:
+        if values:
+            counter = self._written.get(server)
+            if counter is None:
+                counter = self._written[server] = metrics.WRITTEN.labels(server)
+            counter.inc(values)
+
+    @staticmethod
+    def _check_lease(dev: _Device, held: bool) -> None:
+        """The record of a write found its device's lease gone (expired mid-write)."""
+        if not held:
+            metrics.EGRESS_LEASE_LOST.inc()
+            log.warning("egress: lease of %s expired during its write", dev.key)
+
+    @staticmethod
+    def _observe_latency(ok: Sequence[_Held], wall: int) -> None:
         for h in ok:
             metrics.LATENCY.observe(max(0, wall - h.write.received_ts_ms) / 1000)
-        self._drop(dev)
 
     async def _commit_many(self, items: list[_Commit]) -> list[bool]:
         acks: dict[str, list[str]] = {}
