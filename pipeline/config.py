@@ -211,9 +211,11 @@ class IngestMqttConfig(_Base):
     standby_margin_ms: int = 2_000
     #: An owner whose broker connection has been down this long hands the application to a
     #: warm standby that is connected (if one is); the standby replays what it kept, so the
-    #: handover loses nothing. A replica that is not connected never takes an application
-    #: from a connected one.
-    handover_after_ms: int = 1_000
+    #: handover loses nothing — while an owner that waits out a blip itself loses what TTS
+    #: published during it (QoS 0). Hence 0: hand over at once; raise it to trade that for
+    #: fewer handovers (each replays the standby's buffer; duplicates are dropped by event_id).
+    #: A replica that is not connected never takes an application from a connected one.
+    handover_after_ms: int = 0
     #: Bounds of a standby's buffer; past them the oldest messages go first (counted).
     standby_max_messages: int = 100_000
     standby_max_bytes: int = 128 * 1024 * 1024

@@ -463,9 +463,14 @@ class CutProxy:
         self._writers: list[asyncio.StreamWriter] = []
 
     async def __aenter__(self) -> CutProxy:
-        self._server = await asyncio.start_server(self._serve, MQTT_HOST, 0)
-        self.port = self._server.sockets[0].getsockname()[1]
+        await self.restore()
         return self
+
+    async def restore(self) -> None:
+        """Listen (again, on the same port once it has one)."""
+        self._server = await asyncio.start_server(self._serve, MQTT_HOST, self.port,
+                                                  reuse_address=True)
+        self.port = self._server.sockets[0].getsockname()[1]
 
     async def __aexit__(self, *exc: object) -> None:
         await self.cut()
@@ -525,6 +530,10 @@ async def test_an_owner_cut_off_from_the_broker_hands_over_to_a_connected_standb
                 assert not owner.subscribed["lab"].is_set()
                 # cut off, it does not take the application back from the connected standby
                 assert await Lease(redis, keys.lease("tts", "lab"), "x").holder() == "r2"
+                await proxy.restore()  # back: the old owner is now a warm standby
+                await asyncio.wait_for(owner.connected["lab"].wait(), 15)
+                assert await Lease(redis, keys.lease("tts", "lab"), "x").holder() == "r2"
+                assert not owner.subscribed["lab"].is_set()
     assert _sample("bb_mqtt_handovers_total", integration="lab") == handovers + 1
     got = [u.event_id for u in await uplinks(redis, keys)]
     assert set(got) == set(published)  # nothing lost across the handover
