@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import random
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -480,9 +481,10 @@ async def settled(rig: Rig, limit_s: float = 30) -> None:
 async def after_warm_up(rig: Rig, *writes: BlynkWrite, between: Callable[[], Any] = lambda: None,
                         **egress: Any) -> int:
     """Run a stage that has written every device once (its connection is open, the tokens'
-    regions known), then give it ``writes``; returns how many of their ``batch/update``s went
-    out on the task-free path. One request in flight at a time: the others queue for the slot
-    and the connection it frees, so every write can take that path."""
+    regions known), call ``between`` (awaited when it returns an awaitable), then give it
+    ``writes``; returns how many ``batch/update``s went out on the task-free path meanwhile.
+    One request in flight at a time: the others queue for the slot and the connection it
+    frees, so every write can take that path."""
     stage = rig.stage(until_idle=False, flush_age_ms=10, max_in_flight=1, **egress)
     await stage.startup()
     stop = asyncio.Event()
@@ -491,7 +493,9 @@ async def after_warm_up(rig: Rig, *writes: BlynkWrite, between: Callable[[], Any
         t0 = now_ms() - 1000
         await rig.add(*[write(n, t0, {"V1": 0.5}) for n in range(5)])
         await settled(rig)
-        between()
+        changed = between()
+        if inspect.isawaitable(changed):
+            await changed
         before = stage.sent_now
         await rig.add(*writes)
         await settled(rig)
@@ -538,22 +542,9 @@ async def test_an_invalid_token_on_the_task_free_path_is_marked_broken(rig: Rig)
 
 async def test_a_429_on_the_task_free_path_is_retried_after_its_retry_after(rig: Rig) -> None:
     t0 = now_ms()
-    stage_writes = [write(n, t0, {"V1": 7.0}) for n in range(5)]
-    stage = rig.stage(until_idle=False, flush_age_ms=10, max_in_flight=1)
-    await stage.startup()
-    stop = asyncio.Event()
-    loop = asyncio.create_task(stage.main_loop(stop))
-    try:
-        await rig.add(*[write(n, t0 - 1000, {"V1": 0.5}) for n in range(5)])
-        await settled(rig)
-        await rig.admin("POST", "faults", {"storm_429_s": 1, "retry_after_s": 1})
-        before = stage.sent_now
-        await rig.add(*stage_writes)
-        await settled(rig)
-        sent = stage.sent_now - before
-    finally:
-        stop.set()
-        await asyncio.wait_for(loop, 10)
+    sent = await after_warm_up(
+        rig, *[write(n, t0, {"V1": 7.0}) for n in range(5)],
+        between=lambda: rig.admin("POST", "faults", {"storm_429_s": 1, "retry_after_s": 1}))
     storm = rig.emu.faults.state()["injected"].get("429", 0)
     assert 0 < storm <= 5 * 3  # Retry-After honoured
     assert sent == 5 + storm  # every try, first or retry, went out on the task-free path

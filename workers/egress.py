@@ -601,16 +601,21 @@ class EgressStage:
                 self._finish_now(dev, plan, result, pending)
                 return
             # A refusal, an outage, a redirect, a stale connection: the coroutine path takes
-            # over with this answer (its task is tracked before this future resolves).
-            self._spawn(self._write(dev, plan, outcome), dev)
-            pending.set_result(None)
+            # over with this answer.
+            self._write_instead(dev, plan, pending, outcome)
 
         self._in_flight += 1
         if self._client.batch_update_nowait(plan.server, plan.token, pins, answered):
             self.sent_now += 1
             return
         self._in_flight -= 1
-        self._spawn(self._write(dev, plan), dev)
+        self._write_instead(dev, plan, pending, None)
+
+    def _write_instead(self, dev: _Device, plan: DevicePlan, pending: asyncio.Future[None],
+                       answer: Outcome | None) -> None:
+        """Hand a task-free write to :meth:`_write` (its task is tracked before ``pending``
+        resolves, so the stage never looks idle in between)."""
+        self._spawn(self._write(dev, plan, answer), dev)
         pending.set_result(None)
 
     def _finish_now(self, dev: _Device, plan: DevicePlan, result: _Result,

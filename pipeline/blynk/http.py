@@ -356,19 +356,11 @@ class HttpClient:
 
         def done(f: asyncio.Future[Response]) -> None:
             self._busy.discard(conn)
-            if f.cancelled():
-                conn._abort()
-                self._release(conn)
-                on_done(asyncio.CancelledError())
-                return
-            exc = f.exception()
+            exc = asyncio.CancelledError() if f.cancelled() else f.exception()
             if exc is not None:
-                conn._abort()
-                self._release(conn)
-                on_done(exc)
-                return
+                conn._abort()  # as _exchange: a failed exchange leaves no reusable state
             self._release(conn)
-            on_done(f.result())
+            on_done(f.result() if exc is None else exc)
 
         fut.add_done_callback(done)
         conn.send(self.build(origin, target), fut)
