@@ -311,6 +311,7 @@ def _letter_summary(row: DeadRow) -> dict[str, Any]:
         "attempts": d.attempts,
         "stream": d.stream,
         "entry_id": d.entry_id,
+        **({"raw_size": d.raw_size, "raw_digest": d.raw_digest} if d.truncated else {}),
     }
 
 
@@ -320,15 +321,16 @@ async def replay(
     """Append each letter's raw entry to its origin stream, then delete the letter.
 
     Returns ``(dead id, stream, new entry id)`` for each replayed letter. Letters whose origin
-    is not one of the pipeline's streams (ingest keeps the MQTT topic there) are skipped: the
-    caller reports them. At-least-once: a crash between the two steps leaves the letter in
-    place, to be replayed again. A replayed uplink's ``event_id`` is forgotten by de-duplication
-    first (:func:`pipeline.dedup.forget`), or transform would drop it as already seen.
+    is not one of the pipeline's streams (ingest keeps the MQTT topic there), and letters whose
+    raw entry was truncated, are skipped: the caller reports them. At-least-once: a crash
+    between the two steps leaves the letter in place, to be replayed again. A replayed
+    uplink's ``event_id`` is forgotten by de-duplication first (:func:`pipeline.dedup.forget`),
+    or transform would drop it as already seen.
     """
     ours = pipeline_streams(keys)
     done = []
     for row in rows:
-        if row.letter is None or row.letter.stream not in ours:
+        if row.letter is None or row.letter.stream not in ours or row.letter.truncated:
             continue
         if ours[row.letter.stream] == UPLINKS:
             try:
@@ -380,13 +382,15 @@ def cmd_dead(args: argparse.Namespace) -> int:
                 print(f"replayed {dead_id} -> {stream} as {new_id}")
             refused = [r for r in rows if r.id not in replayed]
             for r in refused:
-                origin = r.letter.stream if r.letter else "?"
-                print(
-                    f"cannot replay {r.id}: its origin {origin!r} is not a pipeline stream "
-                    "(ingest keeps the MQTT topic or request there); inspect it with "
-                    "`dead show` and send it again from its source",
-                    file=sys.stderr,
-                )
+                if r.letter is not None and r.letter.truncated:
+                    why = (f"only the first {len(r.letter.raw)} of its {r.letter.raw_size} "
+                           f"bytes were kept (digest {r.letter.raw_digest})")
+                else:
+                    origin = r.letter.stream if r.letter else "?"
+                    why = (f"its origin {origin!r} is not a pipeline stream (ingest keeps the "
+                           "MQTT topic or request there)")
+                print(f"cannot replay {r.id}: {why}; inspect it with `dead show` and send it "
+                      "again from its source", file=sys.stderr)
             print(f"replayed {len(done)} of {len(rows)} dead letters")
             if refused:
                 return 1
@@ -421,6 +425,6 @@ def _print_list(rows: list[DeadRow], total: int, as_json: bool) -> None:
 def _print_show(row: DeadRow, keys: Keys) -> None:
     out = _letter_summary(row)
     if row.letter is not None:
-        out["replayable"] = row.letter.stream in pipeline_streams(keys)
+        out["replayable"] = row.letter.stream in pipeline_streams(keys) and not row.letter.truncated
         out["entry"] = decode_original(row.letter, keys)
     print(json.dumps(out, indent=2, default=str))

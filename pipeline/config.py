@@ -255,6 +255,10 @@ class MonitorConfig(_Base):
     trim: bool = True
     #: Dead letters older than this are trimmed from the dead stream.
     dead_retention_s: int = 7 * 86_400
+    #: At most this many dead letters are kept (the oldest go first, counted and logged), so a
+    #: sender that makes every message fail cannot grow Redis without bound: each letter keeps
+    #: at most ``DEAD_RAW_MAX`` (8 KiB) of its raw input.
+    dead_max_len: int = 100_000
     #: Consumers idle this long with nothing pending are removed (``XGROUP DELCONSUMER``).
     consumer_idle_s: float = 3600.0
 

@@ -10,6 +10,7 @@ rather than building new ones on a hot path.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Literal
 
 import msgspec
@@ -85,7 +86,12 @@ class Downlink(msgspec.Struct, omit_defaults=True, kw_only=True):
 
 
 class DeadLetter(msgspec.Struct, omit_defaults=True, kw_only=True):
-    """An entry a stage gave up on, kept with everything needed to replay it."""
+    """An entry a stage gave up on, kept with everything needed to replay it.
+
+    Build one with :func:`dead_letter` (the only builder): ``raw`` is cut to
+    :data:`DEAD_RAW_MAX` bytes, and then ``raw_size``/``raw_digest`` say what the whole was —
+    a truncated letter can be identified and matched to its source, but not replayed.
+    """
 
     stream: str
     entry_id: str
@@ -95,6 +101,36 @@ class DeadLetter(msgspec.Struct, omit_defaults=True, kw_only=True):
     detail: str
     attempts: int
     dead_ts_ms: int
+    #: Size of the original raw bytes when ``raw`` was truncated (0: ``raw`` is whole).
+    raw_size: int = 0
+    #: BLAKE2b-128 hex digest of the original raw bytes when ``raw`` was truncated.
+    raw_digest: str = ""
+
+    @property
+    def truncated(self) -> bool:
+        return self.raw_size > len(self.raw)
+
+
+#: Raw bytes kept in a dead letter. Authenticated senders can make every message fail; without
+#: a cap each dead letter would cost Redis a whole request body for the retention time.
+DEAD_RAW_MAX = 8 * 1024
+#: Characters of ``detail`` kept in a dead letter.
+DEAD_DETAIL_MAX = 2000
+
+
+def dead_letter(*, stream: str, entry_id: str, raw: bytes, stage: str, reason: str,
+                detail: str, attempts: int, dead_ts_ms: int) -> DeadLetter:
+    """The dead letter of ``raw`` (an entry of ``stream``, or ``entry_id=""`` for input that
+    never became one), bounded in size whatever the input."""
+    size = len(raw)
+    if size <= DEAD_RAW_MAX:
+        return DeadLetter(stream=stream, entry_id=entry_id, raw=raw, stage=stage, reason=reason,
+                          detail=detail[:DEAD_DETAIL_MAX], attempts=attempts,
+                          dead_ts_ms=dead_ts_ms)
+    return DeadLetter(stream=stream, entry_id=entry_id, raw=raw[:DEAD_RAW_MAX], stage=stage,
+                      reason=reason, detail=detail[:DEAD_DETAIL_MAX], attempts=attempts,
+                      dead_ts_ms=dead_ts_ms, raw_size=size,
+                      raw_digest=hashlib.blake2b(raw, digest_size=16).hexdigest())
 
 
 _encoder = msgspec.msgpack.Encoder()

@@ -330,13 +330,13 @@ class StreamReader:
         ts = now_ms()
         async with self._redis.pipeline(transaction=False) as pipe:
             for entry, reason, detail in items:
-                dead = events.DeadLetter(
+                dead = events.dead_letter(
                     stream=entry.stream,
                     entry_id=entry.id,
                     raw=entry.data if entry.data is not None else _encode_fields(entry.fields),
                     stage=self.stage,
                     reason=reason,
-                    detail=detail[:2000],
+                    detail=detail,
                     attempts=entry.deliveries,
                     dead_ts_ms=ts,
                 )

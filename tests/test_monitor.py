@@ -143,7 +143,7 @@ async def test_trim_boundary_is_exact_on_large_sequence_numbers(redis: Redis, ke
     assert await _ids(redis, up) == ["9-10"]
 
 
-async def test_dead_stream_is_trimmed_by_age_only(redis: Redis, keys: Keys) -> None:
+async def test_dead_stream_is_trimmed_by_age(redis: Redis, keys: Keys) -> None:
     old = f"{now_ms() - 8 * 86_400_000}-0"
     await redis.xadd(keys.dead, {b"d": b"old"}, id=old)
     fresh = (await redis.xadd(keys.dead, {b"d": b"fresh"})).decode()
@@ -152,6 +152,15 @@ async def test_dead_stream_is_trimmed_by_age_only(redis: Redis, keys: Keys) -> N
 
     assert removed[keys.dead] == 1
     assert await _ids(redis, keys.dead) == [fresh]
+
+
+async def test_dead_stream_is_capped_in_length_oldest_first(redis: Redis, keys: Keys) -> None:
+    ids = await _fill(redis, keys.dead, 7)
+
+    removed = await _stage(redis, keys, dead_max_len=3).trim_once()
+
+    assert removed[keys.dead] == 4
+    assert await _ids(redis, keys.dead) == ids[-3:]
 
 
 async def test_idle_consumers_without_pending_are_removed(redis: Redis, keys: Keys) -> None:

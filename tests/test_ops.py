@@ -185,6 +185,28 @@ async def test_dead_replay_puts_the_entry_back_for_its_group(
     assert letters["mqtt"] in await _dead_ids(redis, keys)
 
 
+async def test_a_truncated_dead_letter_is_shown_with_its_size_and_not_replayed(
+    redis: Redis, keys: Keys, config_file: str, capsys: pytest.CaptureFixture[str],
+) -> None:
+    big = events.Uplink(event_id="e-big", source="tts", integration="app-ops", device="dev-big",
+                        event_ts_ms=1, received_ts_ms=1, values={"note": "x" * 60_000})
+    dead_id = await _dead_letter(redis, keys, keys.stream(UPLINKS), "transform",
+                                 events.encode(big), "type_mismatch")
+    letter = events.decode_dead((await redis.xrange(keys.dead))[0][1][events.FIELD])
+    assert letter.truncated and letter.raw_size > 60_000
+
+    assert await _cli("dead", "show", "-c", config_file, "--json", dead_id) == 0
+    shown = json.loads(capsys.readouterr().out)
+    shown = shown[0] if isinstance(shown, list) else shown
+    assert shown["replayable"] is False and shown["raw_size"] == letter.raw_size
+
+    assert await _cli("dead", "replay", "-c", config_file, dead_id) == 1
+    err = capsys.readouterr().err
+    assert "cannot replay" in err and str(letter.raw_size) in err and letter.raw_digest in err
+    assert dead_id in await _dead_ids(redis, keys)
+    assert await redis.xlen(keys.stream(UPLINKS)) == 1  # only the original entry
+
+
 async def test_dead_purge_by_id_reason_and_all(
     redis: Redis, keys: Keys, letters: dict[str, str], config_file: str,
     capsys: pytest.CaptureFixture[str],

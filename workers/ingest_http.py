@@ -53,7 +53,7 @@ from pipeline import metrics
 from pipeline.config import HttpAuth, IngestHttpConfig, ParticleProduct, TtsApplication
 from pipeline.context import Context
 from pipeline.errors import ConfigError, InvalidInput
-from pipeline.events import DeadLetter, Uplink, encode
+from pipeline.events import Uplink, dead_letter, encode
 from pipeline.lifecycle import collect_young_less_often
 from pipeline.particle import body_style, parse_webhook
 from pipeline.status import ErrorKind, StatusBoard
@@ -561,8 +561,9 @@ class IngestHttp:
         """Keep a valid message we cannot map (a device without a working payload formatter)
         as a dead letter and answer 202, so one device never makes the whole webhook look
         unhealthy to TTS."""
-        dead = DeadLetter(stream=path, entry_id="", raw=body, stage=self.name, reason=exc.reason,
-                          detail=exc.detail[:2000], attempts=1, dead_ts_ms=now_ms())
+        dead = dead_letter(stream=path, entry_id="", raw=body, stage=self.name,
+                           reason=exc.reason, detail=exc.detail, attempts=1,
+                           dead_ts_ms=now_ms())
         try:
             entry_id = await self.appender.add(self.ctx.keys.dead, encode(dead))
         except RedisError as err:

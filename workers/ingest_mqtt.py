@@ -85,8 +85,6 @@ TOPICS = (
     "down/nack",
     "down/failed",
 )
-#: Bytes of a malformed payload kept in its dead letter.
-DEAD_RAW_BYTES = 8 * 1024
 
 SettingsFor = Callable[[TtsApplication, str], mqtt.Settings]
 
@@ -334,16 +332,9 @@ class _Feed:
         detail = exc.detail if exc.field is None else f"{exc.detail} (field {exc.field})"
         log.warning("%s: %s on %s: %s", self.app.name, exc.reason, topic, detail[:300])
         metrics.REJECTED.labels("tts", exc.reason).inc()
-        dead = events.DeadLetter(
-            stream=topic,
-            entry_id="",
-            raw=payload[:DEAD_RAW_BYTES],
-            stage=STAGE,
-            reason=exc.reason,
-            detail=detail[:2000],
-            attempts=1,
-            dead_ts_ms=now_ms(),
-        )
+        dead = events.dead_letter(stream=topic, entry_id="", raw=payload, stage=STAGE,
+                                  reason=exc.reason, detail=detail, attempts=1,
+                                  dead_ts_ms=now_ms())
         if not self._offer(self._keys.dead, events.encode(dead),
                            metrics.DEAD.labels(STAGE, exc.reason)):
             self._dropped.inc()

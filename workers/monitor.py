@@ -10,7 +10,7 @@ keeps memory bounded:
   is computed and applied in one Lua script, so no read, ack or group change can slip between
   them;
 * the dead stream has no groups (operators read it with ``blynk-bridge dead``); it is trimmed by
-  age only (``monitor.dead_retention_s``);
+  age (``monitor.dead_retention_s``) and length (``monitor.dead_max_len``, oldest first, logged);
 * consumers idle past ``monitor.consumer_idle_s`` with nothing pending are removed, also checked
   and done atomically (a consumer that took an entry meanwhile is kept: deleting it would drop
   its pending entries). A live consumer removed this way is recreated by its next read.
@@ -237,6 +237,7 @@ class MonitorStage:
         self.interval_s = cfg.interval_s if interval_s is None else interval_s
         self.trim = cfg.trim
         self.dead_retention_ms = int(cfg.dead_retention_s * 1000)
+        self.dead_max_len = cfg.dead_max_len
         self.consumer_idle_ms = int(cfg.consumer_idle_s * 1000)
         self._trim_acked = ctx.redis.register_script(_TRIM_ACKED)
         self._remove_idle = ctx.redis.register_script(_REMOVE_IDLE)
@@ -293,11 +294,13 @@ class MonitorStage:
                 count, _floor = await self._trim_acked(keys=[key])
                 removed[key] = int(count)
         cutoff = now_ms() - self.dead_retention_ms
-        removed[self._keys.dead] = int(
-            await self._redis.xtrim(
-                self._keys.dead, minid=f"{max(cutoff, 0)}-0", approximate=False
-            )
-        )
+        dead = self._keys.dead
+        aged = int(await self._redis.xtrim(dead, minid=f"{max(cutoff, 0)}-0", approximate=False))
+        capped = int(await self._redis.xtrim(dead, maxlen=self.dead_max_len, approximate=False))
+        if capped:
+            log.warning("monitor: dead stream over %d letters: dropped the %d oldest",
+                        self.dead_max_len, capped)
+        removed[dead] = aged + capped
         for key, count in removed.items():
             if count:
                 metrics.TRIMMED.labels(key).inc(count)

@@ -674,9 +674,9 @@ class TransformStage:
 
     def _dead_letter_of(self, e: Entry, reason: str, detail: str, ts: int) -> bytes:
         """The encoded dead letter of a whole decodable uplink (as the reader writes it)."""
-        return events.encode(events.DeadLetter(
+        return events.encode(events.dead_letter(
             stream=e.stream, entry_id=e.id, raw=e.data or b"", stage=STAGE, reason=reason,
-            detail=detail[:2000], attempts=e.deliveries, dead_ts_ms=ts))
+            detail=detail, attempts=e.deliveries, dead_ts_ms=ts))
 
     def _token_device(self, it: _Item) -> Device:
         """The Particle blueprint's case: the uplink carries the device's token itself."""
@@ -694,10 +694,10 @@ class TransformStage:
             mapped = map_uplink(template, u)
             dead: bytes | None = None
             if mapped.rejected:
-                dead = encode(events.DeadLetter(
+                dead = encode(events.dead_letter(
                     stream=it.entry.stream, entry_id=it.entry.id, raw=it.entry.data or b"",
                     stage=STAGE, reason="type_mismatch",
-                    detail=describe_rejected(mapped.rejected)[:2000],
+                    detail=describe_rejected(mapped.rejected),
                     attempts=it.entry.deliveries, dead_ts_ms=ts))
             write: bytes | None = None
             if mapped.pins:
