@@ -33,6 +33,7 @@ from rich.table import Table
 
 from pipeline import config as config_mod
 from pipeline import metrics
+from pipeline.backlog import snapshot
 from pipeline.context import Context
 from pipeline.keys import Keys
 from pipeline.lifecycle import run_stages, until_stopped
@@ -95,17 +96,9 @@ class Snapshot:
 
 
 async def _lag(ctx: Context) -> list[tuple[str, str, int, int, int]]:
-    rows = []
-    for name in ("uplinks", "writes"):
-        for stream in ctx.keys.streams(name):
-            if not await ctx.redis.exists(stream):
-                continue
-            length = int(await ctx.redis.xlen(stream))
-            for g in await ctx.redis.xinfo_groups(stream):
-                group = g["name"].decode() if isinstance(g["name"], bytes) else str(g["name"])
-                lag = g.get("lag")
-                rows.append((stream, group, length, int(lag or 0), int(g["pending"])))
-    return rows
+    return [(s.key, g.name, s.length, g.lag, g.pending)
+            for s in await snapshot(ctx.redis, ctx.keys) if s.name in ("uplinks", "writes")
+            for g in s.groups]
 
 
 def _render(snap: Snapshot, started: float, draining: bool) -> Group:

@@ -25,11 +25,11 @@ from rich.table import Table
 
 from pipeline import config as config_mod
 from pipeline import dedup, events
+from pipeline.backlog import StreamInfo, snapshot
 from pipeline.keys import DOWNLINKS, UPLINKS, WRITES, Keys
 from pipeline.redact import mask, redact_url
 from pipeline.status import StatusBoard
 from pipeline.streams import Redis, connect, now_ms
-from workers.monitor import StreamInfo, snapshot
 
 T = TypeVar("T")
 

@@ -7,12 +7,13 @@ import asyncio
 import pytest
 from prometheus_client import REGISTRY
 
+from pipeline.backlog import StreamInfo, inspect_stream
 from pipeline.config import Config, MonitorConfig, RedisConfig
 from pipeline.context import Context
 from pipeline.keys import UPLINKS, WRITES, Keys
 from pipeline.status import StatusBoard
 from pipeline.streams import Redis, StreamWriter, now_ms
-from workers.monitor import MonitorStage, StreamInfo, build, inspect_stream
+from workers.monitor import MonitorStage, build
 
 
 def _stage(redis: Redis, keys: Keys, **monitor: float) -> MonitorStage:
@@ -222,6 +223,6 @@ async def test_main_loop_samples_until_stopped(redis: Redis, keys: Keys) -> None
 
 @pytest.mark.parametrize(("entry_id", "ms"), [("1700000000000-3", 1700000000000), ("0-0", 0)])
 def test_id_ms(entry_id: str, ms: int) -> None:
-    from workers.monitor import id_ms
+    from pipeline.backlog import id_ms
 
     assert id_ms(entry_id) == ms

@@ -50,6 +50,7 @@ from redis.exceptions import RedisError
 
 from pipeline import keys as keynames
 from pipeline import metrics
+from pipeline.backlog import as_str, reported_lag
 from pipeline.config import HttpAuth, IngestHttpConfig, ParticleProduct, TtsApplication
 from pipeline.context import Context
 from pipeline.errors import ConfigError, InvalidInput
@@ -233,17 +234,14 @@ class Backlog:
 
 
 def _lag(length: int, groups: object, group: str) -> int:
+    """The group's lag in one partition; its whole length when Redis cannot tell the lag or
+    the group does not exist yet (nothing will trim the partition)."""
     if not isinstance(groups, list):  # "no such key": the stream does not exist yet
         return 0
     for g in groups:
-        name = g.get("name")
-        if (name.decode() if isinstance(name, bytes) else name) != group:
-            continue
-        lag = g.get("lag")
-        if isinstance(lag, int):
-            return lag
-        read = g.get("entries-read")
-        return max(0, length - read) if isinstance(read, int) else length
+        if as_str(g.get("name")) == group:
+            lag = reported_lag(g)
+            return int(length) if lag is None else lag
     return int(length)
 
 

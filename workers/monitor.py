@@ -24,24 +24,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from dataclasses import dataclass
-from typing import Any
 
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisError
 
 from pipeline import metrics
+from pipeline.backlog import STREAM_NAMES, StreamInfo, as_str, snapshot
 from pipeline.context import Context
-from pipeline.keys import DOWNLINKS, UPLINKS, WRITES, Keys
 from pipeline.status import StatusBoard
-from pipeline.streams import Redis, now_ms
+from pipeline.streams import now_ms
 
 log = logging.getLogger("blynk_bridge.monitor")
-
-#: The pipeline's streams, in data-flow order.
-STREAM_NAMES = (UPLINKS, WRITES, DOWNLINKS)
-
-#: When Redis cannot tell a group's lag, count at most this many undelivered entries.
-LAG_COUNT_CAP = 10_000
 
 _STATE_GAUGE = {"Not Connected": 0, "Connected": 1, "Broken": 2}
 
@@ -131,97 +123,6 @@ for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
 end
 return removed
 """
-
-
-@dataclass(frozen=True, slots=True)
-class GroupInfo:
-    """One consumer group as ``XINFO GROUPS``/``XPENDING`` see it."""
-
-    name: str
-    consumers: int
-    pending: int
-    #: Entries not yet delivered to the group; counted (up to a cap) when Redis cannot tell.
-    lag: int
-    #: False when ``lag`` was counted (Redis answered nil) and hit :data:`LAG_COUNT_CAP`.
-    lag_exact: bool
-    last_delivered_id: str
-    oldest_pending_id: str | None
-
-    def oldest_pending_age_s(self, now: int) -> float:
-        """Seconds since the oldest pending entry was appended (0 when nothing is pending)."""
-        if self.oldest_pending_id is None:
-            return 0.0
-        return max(0.0, (now - id_ms(self.oldest_pending_id)) / 1000)
-
-
-@dataclass(frozen=True, slots=True)
-class StreamInfo:
-    """One stream key (a partition) with its groups."""
-
-    name: str
-    key: str
-    length: int
-    groups: list[GroupInfo]
-
-
-def id_ms(entry_id: str) -> int:
-    """The millisecond part of a stream id (``1700000000000-3`` → ``1700000000000``)."""
-    return int(entry_id.partition("-")[0])
-
-
-def _s(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-async def inspect_stream(redis: Redis, name: str, key: str) -> StreamInfo:
-    """Length and groups of one stream; a missing stream is empty with no groups."""
-    try:
-        info = await redis.xinfo_stream(key)
-        groups = await redis.xinfo_groups(key)
-    except ResponseError as exc:
-        if "no such key" not in str(exc).lower():
-            raise
-        return StreamInfo(name, key, 0, [])
-    last_generated = _s(info["last-generated-id"])
-    out: list[GroupInfo] = []
-    for g in groups:
-        group = _s(g["name"])
-        last = _s(g["last-delivered-id"])
-        pending = int(g["pending"])
-        oldest = None
-        if pending:
-            summary = await redis.xpending(key, group)
-            oldest = _s(summary["min"]) if summary["min"] is not None else None
-        lag, exact = await _lag(redis, key, g.get("lag"), last, last_generated)
-        out.append(GroupInfo(group, int(g["consumers"]), pending, lag, exact, last, oldest))
-    return StreamInfo(name, key, int(info["length"]), out)
-
-
-async def _lag(
-    redis: Redis, key: str, reported: Any, last_delivered: str, last_generated: str
-) -> tuple[int, bool]:
-    """Redis 7 reports ``lag`` unless deletions make it unknown; then count, up to a cap."""
-    if reported is not None:
-        return int(reported), True
-    if _id_key(last_delivered) >= _id_key(last_generated):
-        return 0, True
-    rows = await redis.xrange(key, min=f"({last_delivered}", max="+", count=LAG_COUNT_CAP) or []
-    return len(rows), len(rows) < LAG_COUNT_CAP
-
-
-def _id_key(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
-
-
-async def snapshot(redis: Redis, keys: Keys) -> list[StreamInfo]:
-    """Every partition of every pipeline stream, then the dead stream (no groups)."""
-    out: list[StreamInfo] = []
-    for name in STREAM_NAMES:
-        for key in keys.streams(name):
-            out.append(await inspect_stream(redis, name, key))
-    out.append(StreamInfo("dead", keys.dead, int(await redis.xlen(keys.dead)), []))
-    return out
 
 
 class MonitorStage:
@@ -315,8 +216,8 @@ class MonitorStage:
                 if gone:
                     metrics.CONSUMERS_REMOVED.labels(key).inc(len(gone))
                     log.info("monitor: removed idle consumers of %s: %s", key,
-                             ", ".join(_s(g) for g in gone))
-                out.extend(f"{key} {_s(g)}" for g in gone)
+                             ", ".join(as_str(g) for g in gone))
+                out.extend(f"{key} {as_str(g)}" for g in gone)
         return out
 
 
