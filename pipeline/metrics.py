@@ -89,6 +89,11 @@ TTS_SKIPPED = Counter(
 MQTT_RECEIVED = Counter(
     "bb_mqtt_received_total", "MQTT messages received by ingest-mqtt", ["integration"]
 )
+MQTT_FAST_PATH = Gauge(
+    "bb_mqtt_fast_path",
+    "1 when MQTT messages are read on the fast path, 0 when aiomqtt's internals were not as "
+    "expected and its public iterator is used (see pipeline/mqtt.py)",
+)
 MQTT_CONNECTS = Counter(
     "bb_mqtt_connects_total", "MQTT connection attempts by outcome", ["integration", "outcome"]
 )
