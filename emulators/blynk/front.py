@@ -37,7 +37,6 @@ its connections when the server shuts down.
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from typing import Any, NamedTuple, cast
@@ -83,7 +82,8 @@ query_pairs: Callable[[str], list[tuple[str, str]]] = getattr(yarl, "query_to_pa
 
 #: An origin-form target with only plain ASCII (no fragment, no absolute form): anything else
 #: is aiohttp's to accept or refuse (yarl decodes such targets in ways the callback does not).
-_TARGET = re.compile(rb"/[-A-Za-z0-9._~!$&'()*+,;=:@/?%]*")
+_TARGET_BYTES = (b"-._~!$&'()*+,;=:@/?%" + bytes(range(ord("0"), ord("9") + 1))
+                 + bytes(range(ord("A"), ord("Z") + 1)) + bytes(range(ord("a"), ord("z") + 1)))
 #: Headers that change how aiohttp reads the request or keeps the connection.
 _SPECIAL = frozenset({b"content-length", b"transfer-encoding",
                       b"proxy-connection", b"keep-alive", b"expect", b"upgrade",
@@ -177,28 +177,25 @@ class _Heads:
     """llhttp over one connection's bytes, fed one request head at a time (see the module
     docstring); also the parser's callback object, collecting what decides "simple"."""
 
-    __slots__ = ("_max_head", "_max_headers", "_parser", "accept", "begun", "complete", "names",
-                 "simple", "url")
+    __slots__ = ("_max_head", "_max_headers", "_parser", "accept", "complete", "names", "simple",
+                 "url")
 
     def __init__(self, max_head: int, max_headers: int) -> None:
         self._max_head = max_head
         self._max_headers = max_headers
         self._parser = httptools.HttpRequestParser(self)
+        self.names: set[bytes] = set()
         self.reset()
 
     def reset(self) -> None:
         """Forget the request just answered (llhttp itself starts over on its own)."""
         self.url = b""
-        self.names: set[bytes] = set()
+        self.names.clear()
         self.accept = ""
         self.simple = True
-        self.begun = 0
-        self.complete = False
+        self.complete = 0
 
     # llhttp callbacks
-    def on_message_begin(self) -> None:
-        self.begun += 1
-
     def on_url(self, url: bytes) -> None:
         self.url += url  # (in pieces when the target is split over reads)
 
@@ -213,7 +210,7 @@ class _Heads:
             self.accept = value.decode("latin-1")
 
     def on_message_complete(self) -> None:
-        self.complete = True
+        self.complete += 1
 
     def next(self, data: bytes, pos: int, fed: int) -> tuple[int, int]:
         """Read the head that starts at ``data[pos]`` (llhttp has been fed ``data[:fed]``).
@@ -226,18 +223,21 @@ class _Heads:
         stop = len(data) if end < 0 else end + 4
         if stop - pos > self._max_head:
             return HAND_OVER, fed
+        whole = stop == len(data) and pos == 0
         if stop > fed:
             try:
-                self._parser.feed_data(memoryview(data)[fed:stop])
+                self._parser.feed_data(data if whole and fed == 0 else memoryview(data)[fed:stop])
             except (httptools.HttpParserError, httptools.HttpParserUpgrade):
                 return HAND_OVER, stop
         if end < 0:
             return WAIT, stop
+        # llhttp (strict) ends a request without a body only at a blank line, so a request that
+        # completed here ends exactly at ``stop``: two would need two blank lines.
         p = self._parser
-        if (self.complete and self.begun == 1 and self.simple and b"host" in self.names
+        if (self.complete == 1 and self.simple and b"host" in self.names
                 and p.get_method() == b"GET" and p.get_http_version() == "1.1"
-                and p.should_keep_alive() and _TARGET.fullmatch(self.url)
-                and data[pos:stop].isascii()):
+                and self.url[:1] == b"/" and not self.url.translate(None, _TARGET_BYTES)
+                and (data if whole else data[pos:stop]).isascii()):
             return stop, stop
         return HAND_OVER, stop
 
