@@ -44,6 +44,11 @@ WRITTEN = Counter("bb_written_values_total", "Datastream values written to Blynk
 BLYNK_REQUESTS = Counter(
     "bb_blynk_requests_total", "Requests to Blynk by endpoint and outcome", ["endpoint", "status"]
 )
+BLYNK_REDIRECTS_REFUSED = Counter(
+    "bb_blynk_redirects_refused_total",
+    "Redirects from Blynk not followed (api: device|platform; reason: foreign_host|downgrade|"
+    "not_followed)", ["api", "reason"]
+)
 DEAD = Counter("bb_dead_letters_total", "Entries dead-lettered", ["stage", "reason"])
 RECLAIMED = Counter(
     "bb_reclaimed_total", "Entries taken over from idle consumers (XAUTOCLAIM)", ["stage"]
@@ -83,6 +88,11 @@ TTS_SKIPPED = Counter(
 )
 MQTT_RECEIVED = Counter(
     "bb_mqtt_received_total", "MQTT messages received by ingest-mqtt", ["integration"]
+)
+MQTT_FAST_PATH = Gauge(
+    "bb_mqtt_fast_path",
+    "1 when MQTT messages are read on the fast path, 0 when aiomqtt's internals were not as "
+    "expected and its public iterator is used (see pipeline/mqtt.py)",
 )
 MQTT_CONNECTS = Counter(
     "bb_mqtt_connects_total", "MQTT connection attempts by outcome", ["integration", "outcome"]

@@ -17,6 +17,12 @@ Errors are ours, never aiomqtt's:
 
 Reconnection is the caller's loop (``while True: try: async with Session… except MqttError:
 sleep(backoff)``), so the caller decides about statuses and backoff.
+
+Messages are read on a fast path that uses aiomqtt's and paho's internals (see
+:meth:`Session._install_fast_path`), written for aiomqtt 2.5 and paho-mqtt 2.1–2.2 (pinned in
+``pyproject.toml``). Every connect first checks that those internals are there, by name and
+shape (:func:`fast_path_missing`); when one is not, the session uses aiomqtt's public message
+iterator instead, logs a warning and sets ``bb_mqtt_fast_path`` to 0.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import importlib.metadata
+import logging
 import socket
 import ssl
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
@@ -34,6 +42,10 @@ from typing import Any, Self
 import aiomqtt
 from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt.reasoncodes import ReasonCode
+
+from pipeline import metrics
+
+log = logging.getLogger("pipeline.mqtt")
 
 # CONNACK return codes of MQTT 3.1.1 (paho reports them as ReasonCode or int).
 _CONNACK_BAD_CREDENTIALS = 4
@@ -122,6 +134,8 @@ class Session:
         )
         self._fast: collections.deque[tuple[str, bytes]] | None = None
         self._waiter: asyncio.Future[None] | None = None
+        #: Whether this connection reads on the fast path (set on connect).
+        self.fast_path = False
 
     async def __aenter__(self) -> Self:
         """Connect; raises :class:`AuthError` or :class:`Unreachable`."""
@@ -131,7 +145,7 @@ class Session:
             raise _connect_error(exc) from None
         except ssl.SSLError as exc:
             raise Unreachable(f"TLS handshake failed: {exc}") from None
-        self._install_fast_path()
+        self._install_fast_path(self._client)
         return self
 
     async def __aexit__(
@@ -186,18 +200,27 @@ class Session:
         except aiomqtt.MqttError as exc:
             raise ConnectionLost(f"connection lost: {exc}") from None
 
-    def _install_fast_path(self) -> None:
+    def _install_fast_path(self, client: Any) -> None:
         """Take messages straight from paho's ``on_message`` into a deque.
 
         aiomqtt's iterator costs a task, an ``asyncio.wait`` and a ``Message`` object per
-        message: more CPU than our whole parse (bench/ingest_mqtt.py). This uses two aiomqtt
-        internals (``_client``, the paho client, and ``_disconnected``, a future), pinned by
-        ``aiomqtt<3``; if either is missing the public iterator is used instead.
+        message: more CPU than our whole parse (bench/ingest_mqtt.py). This uses aiomqtt's
+        ``_client`` (the paho client) and ``_disconnected`` (a future), and paho's ``_sock``,
+        ``_in_packet`` and ``_protocol``; :func:`fast_path_missing` checks them first, and the
+        public iterator is used when one is not as expected.
         """
-        paho = getattr(self._client, "_client", None)
-        disconnected = getattr(self._client, "_disconnected", None)
-        if paho is None or not isinstance(disconnected, asyncio.Future):
+        missing = fast_path_missing(client)
+        if missing is not None:
+            self.fast_path = False
+            metrics.MQTT_FAST_PATH.set(0)
+            log.warning("MQTT fast path off, reading with aiomqtt's message iterator instead: "
+                        "%s (aiomqtt %s, paho-mqtt %s)", missing, _version("aiomqtt"),
+                        _version("paho-mqtt"))
             return
+        self.fast_path = True
+        metrics.MQTT_FAST_PATH.set(1)
+        paho = client._client
+        disconnected: asyncio.Future[None] = client._disconnected
         buffer: collections.deque[tuple[str, bytes]] = collections.deque()
 
         def wake() -> None:
@@ -218,11 +241,8 @@ class Session:
         self._fast = buffer
         # QoS 0 PUBLISHes straight from the socket (MQTT 3.1.x framing only, and only between
         # packets: nothing may be half read by paho when the socket is swapped).
-        sock = getattr(paho, "_sock", None)
-        in_packet = getattr(paho, "_in_packet", None)
-        if (sock is not None and getattr(paho, "_protocol", None) in (3, 4)
-                and isinstance(in_packet, dict) and in_packet.get("command") == 0):
-            paho._sock = _PublishTap(sock, deliver)
+        if paho._protocol in (3, 4) and paho._in_packet.get("command") == 0:
+            paho._sock = _PublishTap(paho._sock, deliver)
 
     def pending(self) -> int:
         """Messages received and not yet taken by :meth:`messages`."""
@@ -236,6 +256,40 @@ class Session:
             await self._client.publish(topic, payload, qos=qos, retain=retain)
         except aiomqtt.MqttError as exc:
             raise ConnectionLost(f"publish to {topic} failed: {exc}") from None
+
+
+def fast_path_missing(client: object) -> str | None:
+    """What the fast path needs and ``client`` (a connected ``aiomqtt.Client``) lacks, or None.
+
+    Checked by name and shape, not by version: aiomqtt's ``_client`` (a paho client whose class
+    has a settable ``on_message`` property, with ``_sock`` having ``recv``/``send``/``fileno``,
+    ``_in_packet`` a dict with a ``command`` key, ``_protocol`` an int) and ``_disconnected``
+    (an ``asyncio.Future``).
+    """
+    if not isinstance(getattr(client, "_disconnected", None), asyncio.Future):
+        return "aiomqtt.Client._disconnected is not an asyncio.Future"
+    paho = getattr(client, "_client", None)
+    if paho is None:
+        return "aiomqtt.Client._client (the paho client) is missing"
+    prop = getattr(type(paho), "on_message", None)
+    if not isinstance(prop, property) or prop.fset is None:
+        return "paho Client.on_message is not a settable property"
+    sock = getattr(paho, "_sock", None)
+    if not all(callable(getattr(sock, name, None)) for name in ("recv", "send", "fileno")):
+        return "paho Client._sock is not a connected socket"
+    in_packet = getattr(paho, "_in_packet", None)
+    if not isinstance(in_packet, dict) or "command" not in in_packet:
+        return "paho Client._in_packet is not a dict with a 'command'"
+    if not isinstance(getattr(paho, "_protocol", None), int):
+        return "paho Client._protocol is not an int"
+    return None
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "?"
 
 
 #: Bytes read from the socket per ``recv``: a whole burst of messages in one system call.

@@ -1,4 +1,5 @@
-"""Shared fixtures: a real Redis with a fresh key prefix per test, real HTTP servers on free ports.
+"""Shared fixtures: a real Redis with a fresh key prefix per test, real HTTP servers on free ports,
+a self-signed certificate for TLS servers.
 
 Every test gets its own prefix (``bbt:<hex>:``) and its keys are deleted afterwards, so tests can
 run against a shared Redis without seeing each other.
@@ -6,7 +7,9 @@ run against a shared Redis without seeing each other.
 
 from __future__ import annotations
 
+import shutil
 import socket
+import subprocess
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -76,3 +79,14 @@ def fixture_path() -> Callable[[str], Path]:
         return path
 
     return get
+
+
+@pytest.fixture
+def self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl CLI")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    return cert, key

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import ssl
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 
 from emulators.blynk import (
     BlynkEmulator,
@@ -20,12 +25,14 @@ from emulators.blynk import (
     TemplateSpec,
 )
 from pipeline import metrics
-from pipeline.blynk.client import BlynkClient, classify, token_hash
+from pipeline.blynk.client import BlynkClient, classify, redirect_refusal, token_hash
+from pipeline.blynk.http import HttpClient
 from pipeline.blynk.outcomes import (
     BAD_REQUEST,
     INVALID_TOKEN,
     NO_DATASTREAM,
     NOT_FOUND,
+    REDIRECT_REFUSED,
     TOO_LARGE,
     TYPE_MISMATCH,
     UNAUTHORIZED,
@@ -40,7 +47,7 @@ from pipeline.errors import Permanent, Retryable
 from pipeline.keys import Keys
 from pipeline.redact import Secret
 from pipeline.streams import Redis
-from tests.conftest import free_port
+from tests.conftest import free_port, serve_app
 
 TOKEN = "xw7ITVneg1DifRRQuPGcA7fJvV8-FAVl"
 NY_TOKEN = "P-0ekUL3EjrEkE_UnIIzsIggqyQXYd0z"
@@ -243,6 +250,136 @@ async def test_second_redirect_is_retry(env: Env) -> None:
     env.emu.bind_region("ny3", env.urls["fra1"])
     out = await env.client.batch_update("fra1", NY_TOKEN, {"V1": 1})
     assert isinstance(out, Retry) and out.reason == "redirect"
+
+
+@asynccontextmanager
+async def recorder() -> AsyncIterator[tuple[str, list[bytes]]]:
+    """A foreign server: records the head of every request it gets (answers 200, closes)."""
+    heads: list[bytes] = []
+
+    async def on_conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        heads.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(on_conn, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", heads
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+def refused(api: str, reason: str) -> float:
+    value: float = metrics.BLYNK_REDIRECTS_REFUSED.labels(api, reason)._value.get()
+    return value
+
+
+async def test_308_to_a_foreign_host_is_refused_and_the_token_never_sent_there(
+        env: Env, redis: Redis, keys: Keys) -> None:
+    async with recorder() as (foreign, heads):
+        env.emu.bind_region("ny3", foreign)  # fra1's 308 for NY_TOKEN now points there
+        before = refused("device", "foreign_host")
+        out = await env.client.batch_update("fra1", NY_TOKEN, {"V1": 1})
+        again = await env.client.update("fra1", NY_TOKEN, "V1", 2)
+    assert isinstance(out, Fail) and (out.reason, out.status) == (REDIRECT_REFUSED, 308)
+    assert again == out or (isinstance(again, Fail) and again.reason == REDIRECT_REFUSED)
+    assert foreign in out.detail and "not a configured Blynk server" in out.detail
+    assert NY_TOKEN not in out.detail
+    assert heads == []  # no request, no token
+    assert refused("device", "foreign_host") == before + 2
+    assert await redis.get(keys.region(token_hash(NY_TOKEN))) is None  # nothing remembered
+    assert [r["status"] for r in env.emu.recorded()] == [308, 308]  # fra1 asked both times
+
+
+@asynccontextmanager
+async def tls_redirector(cert: Path, key: Path, location: str) -> AsyncIterator[str]:
+    """An HTTPS server answering every request with a 308 to ``location`` + its path."""
+
+    async def redirect(request: web.Request) -> web.Response:
+        return web.Response(status=308, headers={"Location": location + request.path_qs})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", redirect)
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port, ssl_context=ctx).start()
+    try:
+        yield f"https://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+async def test_308_from_https_to_http_is_refused_even_to_a_configured_server(
+        self_signed: tuple[Path, Path], redis: Redis, keys: Keys) -> None:
+    cert, key = self_signed
+    async with recorder() as (plain, heads), tls_redirector(cert, key, plain) as secure:
+        client = BlynkClient(BlynkConfig(servers={"fra1": secure, "plain": plain},
+                                         default_server="fra1", timeout_s=5), redis, keys)
+        client.http = HttpClient(timeout_s=5, ssl_context=ssl.create_default_context(
+            cafile=str(cert)))
+        before = refused("device", "downgrade")
+        try:
+            out = await client.batch_update("fra1", TOKEN, {"V1": 1})
+        finally:
+            await client.close()
+    assert isinstance(out, Fail) and out.reason == REDIRECT_REFUSED
+    assert "https to http" in out.detail and TOKEN not in out.detail
+    assert heads == []
+    assert refused("device", "downgrade") == before + 1
+    assert await redis.get(keys.region(token_hash(TOKEN))) is None
+
+
+@pytest.mark.parametrize(("current", "target", "why"), [
+    ("https://blynk.cloud", "https://ny3.blynk.cloud", None),
+    ("https://fra1.blynk.cloud", "https://NY3.Blynk.Cloud:443", None),
+    ("http://127.0.0.1:1", "http://127.0.0.1:2", None),  # configured
+    ("http://127.0.0.1:1", "http://127.0.0.1:1", None),  # same origin
+    ("https://blynk.cloud", "http://ny3.blynk.cloud", "downgrade"),
+    ("https://blynk.cloud", "http://127.0.0.1:2", "downgrade"),
+    ("https://blynk.cloud", "https://ny3.blynk.cloud:8443", "foreign_host"),
+    ("https://blynk.cloud", "https://evil.example", "foreign_host"),
+    ("https://blynk.cloud", "https://ny3.blynk.cloud.evil.example", "foreign_host"),
+    ("https://blynk.cloud", "https://a.b.blynk.cloud", "foreign_host"),
+    ("https://blynk.cloud", "https://ny3.blynk.cloud@evil.example", "foreign_host"),
+    ("https://blynk.cloud", "https://evil.example/?https://ny3.blynk.cloud", "foreign_host"),
+    ("https://blynk.cloud", "ftp://ny3.blynk.cloud", "foreign_host"),
+])
+def test_which_redirects_are_followed(current: str, target: str, why: str | None) -> None:
+    servers = {"https://blynk.cloud", "http://127.0.0.1:2"}
+    assert redirect_refusal(current, target, servers) == why
+
+
+async def test_a_region_remembered_elsewhere_is_used_only_when_allowed(
+        env: Env, redis: Redis, keys: Keys) -> None:
+    """A foreign base stored in Redis (by an older version, or anyone) is not sent tokens."""
+    async with recorder() as (foreign, heads):
+        await redis.set(keys.region(token_hash(TOKEN)), foreign.encode())
+        out = await env.client.batch_update("fra1", TOKEN, {"V1": 1})
+    assert out == Ok(200, "", server=env.urls["fra1"]) and heads == []
+
+
+async def test_the_platform_client_does_not_follow_redirects(env: Env) -> None:
+    async with recorder() as (foreign, heads):
+        async def redirect(request: web.Request) -> web.Response:
+            return web.Response(status=308, headers={"Location": foreign + request.path_qs})
+
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", redirect)
+        async with serve_app(app) as url:
+            platform = PlatformClient(PlatformConfig(url=url, client_id="oa2-client",
+                                                     client_secret=Secret(SECRET)), env.client)
+            before = refused("platform", "not_followed")
+            with pytest.raises(Permanent) as exc:
+                await platform.create_device(TEMPLATE, "x")
+    assert exc.value.reason == REDIRECT_REFUSED and "308" in exc.value.detail
+    assert SECRET not in exc.value.detail
+    assert heads == []  # neither the client secret nor a token went there
+    assert refused("platform", "not_followed") == before + 1
 
 
 # --- redaction ----------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import uvloop
 from aiohttp import web
 
 from emulators.blynk import BlynkEmulator, WebhookSpec
-from emulators.blynk.front import _HEAD, _PARTIAL, FrontServer, Reply
+from emulators.blynk.front import HAND_OVER, WAIT, FrontServer, Reply, _Heads
 from emulators.blynk.settings import RegionSpec
 from tests.conftest import serve_app
 from tests.test_blynk_emulator import NY_TOKEN, TEMPLATE, TOKEN, spec
@@ -342,22 +342,43 @@ def test_front_under_uvloop() -> None:
     uvloop.run(both())
 
 
-# --- the head grammar -----------------------------------------------------------------------
+# --- reading heads with llhttp ------------------------------------------------------------
+
+
+def heads() -> _Heads:
+    """A head reader with aiohttp's default limits, as a front connection has one."""
+    return _Heads(max_head=8190, max_headers=32768)
 
 
 @pytest.mark.parametrize("head", [
     REQUESTS[0], REQUESTS[-1], get("/"), get("/a?b", "H: \r\nhost:x\t\r\n"),
 ])
 def test_every_prefix_of_a_simple_head_is_waited_for(head: bytes) -> None:
-    assert _HEAD.fullmatch(head)
-    for n in range(1, len(head)):
-        assert _PARTIAL.fullmatch(head[:n]), head[:n]
+    assert heads().next(head, 0, 0) == (len(head), len(head))
+    for n in range(1, len(head)):  # the same head arriving as two reads
+        reader = heads()
+        assert reader.next(head[:n], 0, 0) == (WAIT, n), head[:n]
+        assert reader.next(head, 0, n) == (len(head), len(head)), head[:n]
 
 
 @pytest.mark.parametrize("prefix", [
-    b"POST", b"GET  /", b"GET x", b"GET /a HTTP/1.0", b"GET /a\x00", b"GET /a HTTP/1.1\n",
-    b"GET /a HTTP/1.1\r\nHost : x", b"GET /a HTTP/1.1\r\n:x", b"GET /a HTTP/1.1\r\nA: \x01",
-    b"GET /a HTTP/1.1\r\nA: b\n", b"GET /a HTTP/1.1\r\n\r\r", b"\r\n",
+    b"GET /a\x00", b"GET /a HTTP/1.1\n", b"GET /a HTTP/1.1\r\nHost : x",
+    b"GET /a HTTP/1.1\r\n:x", b"GET /a HTTP/1.1\r\nA: \x01", b"GET /a HTTP/1.1\r\nA: b\n",
+    b"GET /a HTTP/1.1\r\n\r\r", b"GET /a HTTP/1.1\r\nX: 1\r\n\tfold\r\n", b"GET /\xe9",
 ])
-def test_other_prefixes_go_to_aiohttp_at_once(prefix: bytes) -> None:
-    assert not _PARTIAL.fullmatch(prefix)
+def test_a_head_llhttp_refuses_goes_to_aiohttp_at_once(prefix: bytes) -> None:
+    assert heads().next(prefix, 0, 0)[0] == HAND_OVER
+
+
+@pytest.mark.parametrize("head", [
+    b"POST /a HTTP/1.1\r\nHost: x\r\n\r\n", b"GET /a HTTP/1.0\r\nHost: x\r\n\r\n",
+    b"GET x HTTP/1.1\r\nHost: x\r\n\r\n", b"GET /a#f HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /a{ HTTP/1.1\r\nHost: x\r\n\r\n", b"GET /a HTTP/1.1\r\nA: \xe9\r\nHost: x\r\n\r\n",
+    b"GET /a HTTP/1.1\r\nHost: x\nGET /b HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /a HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\n",
+    b"\r\n\r\nGET /a HTTP/1.1\r\nHost: x\r\n\r\n",
+])
+def test_a_complete_head_that_is_not_simple_goes_to_aiohttp(head: bytes) -> None:
+    """What llhttp accepts so far is waited for; once whole, anything but the simple case is
+    aiohttp's (with every byte of it)."""
+    assert heads().next(head, 0, 0)[0] == HAND_OVER

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
 import ssl
-import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -187,17 +185,6 @@ async def test_against_aiohttp_server_with_post_body() -> None:
     assert big.status == 200 and len(big.body) > 5000
 
 
-@pytest.fixture
-def self_signed(tmp_path: Path) -> tuple[Path, Path]:
-    if shutil.which("openssl") is None:
-        pytest.skip("needs the openssl CLI")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
-                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
-    return cert, key
-
-
 async def test_tls(self_signed: tuple[Path, Path]) -> None:
     cert, key = self_signed
     server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -302,5 +289,84 @@ async def test_send_nowait_reports_a_connection_closed_while_idle() -> None:
             # not retried here: the caller learns the connection died before any answer byte
             assert isinstance(got[0], ConnectionLost) and not got[0].got_bytes
             assert client.send_nowait(url, "/", on_done) is False  # the dead one is gone
+        finally:
+            await client.close()
+
+
+# --- framing (llhttp) -------------------------------------------------------------------------
+
+
+def bytewise(answer: bytes) -> bytes:
+    """``answer`` marked to be written one byte per write (see :func:`scripted`)."""
+    return b"|".join(answer[i:i + 1] for i in range(len(answer)))
+
+
+async def test_chunked_bodies_and_heads_split_at_every_byte() -> None:
+    answers = (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-A: 1\r\n\r\n"
+        b"3;name=value\r\nabc\r\n1\r\nd\r\n0\r\nX-Trailer: t\r\n\r\n",
+        b"HTTP/1.1 100 Continue\r\nX-Interim: 1\r\n\r\n"
+        b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: 12\r\n"
+        b"\r\n{\"error\":1}\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+    )
+    async with raw_server(scripted(*map(bytewise, answers))) as (url, conns):
+        client = HttpClient(timeout_s=5)
+        try:
+            r1, r2, r3 = [await client.request(url, f"/{n}") for n in range(3)]
+        finally:
+            await client.close()
+    assert (r1.status, r1.body, r1.headers["x-a"]) == (200, b"abcd", "1")
+    assert (r2.status, r2.body, r2.headers["content-type"]) == (
+        400, b'{"error":1}\n', "application/json")
+    assert "x-interim" not in r2.headers  # the 1xx answer's headers are not the answer's
+    assert r3.body == b"ok"  # (no decoding is asked for; the bytes as sent)
+    assert len(conns) == 1
+
+
+async def test_a_second_answer_to_one_request_is_not_taken_for_the_next() -> None:
+    """A server out of step (two answers to one request) must not shift every later answer
+    by one: the first is the answer, the connection is dropped, the next request starts over."""
+    first = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfirst"
+    chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n0\r\n\r\n"
+    stray = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstray"
+    for answer in (first + stray, chunked + stray, first + b"|" + stray):
+        async with raw_server(scripted(answer)) as (url, conns):
+            client = HttpClient(timeout_s=5)
+            try:
+                bodies = [(await client.request(url, "/")).body for _ in range(2)]
+            finally:
+                await client.close()
+        assert bodies == [b"first", b"first"], answer
+        assert len(conns) == 2, answer
+
+
+#: Answers llhttp refuses; the hand-written parser took each for a valid one (or waited).
+MALFORMED = {
+    "length with an underscore": b"HTTP/1.1 200 OK\r\nContent-Length: 1_0\r\n\r\n0123456789",
+    "length with a sign": b"HTTP/1.1 200 OK\r\nContent-Length: +2\r\n\r\nok",
+    "two different lengths": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n"
+                             b"\r\nok!",
+    "length and chunked": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n"
+                          b"Content-Length: 5\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+    "chunk size 0x2": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                      b"0x2\r\nok\r\n0\r\n\r\n",
+    "chunk without its CRLF": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                              b"2\r\nokXX0\r\n\r\n",
+    "four-digit status": b"HTTP/1.1 2000 OK\r\nContent-Length: 0\r\n\r\n",
+    "space before a colon": b"HTTP/1.1 200 OK\r\nContent-Length : 2\r\n\r\nok",
+    "folded header": b"HTTP/1.1 200 OK\r\nX: a\r\n b\r\nContent-Length: 2\r\n\r\nok",
+    "bare LF line ends": b"HTTP/1.1 200 OK\nContent-Length: 2\n\nok",
+    "HTTP/2 status line": b"HTTP/2 200\r\ncontent-length: 2\r\n\r\nok",
+}
+
+
+@pytest.mark.parametrize("answer", MALFORMED.values(), ids=MALFORMED.keys())
+async def test_a_malformed_answer_is_a_protocol_error(answer: bytes) -> None:
+    async with raw_server(scripted(answer)) as (url, _):
+        client = HttpClient(timeout_s=5)
+        try:
+            with pytest.raises(ProtocolError):
+                await client.request(url, "/")
         finally:
             await client.close()

@@ -1,23 +1,29 @@
 """The emulator's HTTP front: simple keep-alive GETs answered here, everything else by aiohttp.
 
 aiohttp spends about as much CPU on a ``batch/update`` as the emulator's own logic does (its
-parser, request and response objects, URL parsing, header preparation, a task per request). The
-front is an ``asyncio.Protocol`` per connection that reads HTTP/1.1 request heads itself and
-answers a request only when it is the simple case:
+request and response objects, URL parsing, header preparation, a task per request). The front
+is an ``asyncio.Protocol`` per connection that parses HTTP/1.1 requests with llhttp
+(``httptools``, the parser aiohttp's own C parser and uvicorn build on) and answers a request
+only when it is the simple case:
 
-* ``GET <path>?<query> HTTP/1.1`` whose path is one the :data:`Answer` callback knows, exactly
-  one ``Host`` header, no header twice, none of ``Content-Length``, ``Transfer-Encoding``,
-  ``Expect``, ``Upgrade`` (…), no ``Connection`` but ``keep-alive`` (HTTP/1.1's default, which
-  Node.js sends on every request), only plain ASCII in the target and the headers,
-  a head shorter than aiohttp's line limits; several such requests in one read (pipelining) and
-  a head split over several reads are fine;
+* a ``GET <path>?<query>`` of HTTP/1.1 that llhttp parsed as one complete request without a
+  body, whose path is one the :data:`Answer` callback knows, exactly one ``Host`` header, no
+  header twice, none of ``Content-Length``, ``Transfer-Encoding``, ``Expect``, ``Upgrade``
+  (…), no ``Connection`` but ``keep-alive`` (HTTP/1.1's default, which Node.js sends on every
+  request), only plain ASCII in the head and an origin-form target without a fragment, a head
+  shorter than aiohttp's line limits; several such requests in one read (pipelining) and a
+  head split over several reads are fine;
 * and the callback agrees (it returns None, before any side effect, when it would rather not:
   fault injection on, an unknown path).
 
 Anything else hands the connection to aiohttp **for good**: the ``RequestHandler`` that
 ``web.Server`` would have created gets the transport and every byte not answered yet, so it
-sees exactly the stream it would have seen from the start. Answers already written stay in
-order because the front writes synchronously, before the hand-over.
+sees exactly the stream it would have seen from the start. To know where each answered request
+ends, llhttp is fed one head at a time (up to the next blank line): a simple request has no
+body, so it ends exactly there. A head llhttp refuses is handed over at once (aiohttp answers
+its 400 as early as it would have); an incomplete one that llhttp accepts so far is waited
+for. Answers already written stay in order because the front writes synchronously, before the
+hand-over.
 
 What the front writes is byte for byte what aiohttp writes for the same :class:`Reply`
 (``tests/test_blynk_front.py`` compares both on the wire): the status line with Python's reason
@@ -31,11 +37,11 @@ its connections when the server shuts down.
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from typing import Any, NamedTuple, cast
 
+import httptools
 import yarl
 from aiohttp import web
 from aiohttp.helpers import rfc822_formatted_time
@@ -74,34 +80,17 @@ def _pairs_via_url(query_string: str) -> list[tuple[str, str]]:  # pragma: no co
 query_pairs: Callable[[str], list[tuple[str, str]]] = getattr(yarl, "query_to_pairs",
                                                              _pairs_via_url)
 
-# An origin-form GET with only plain ASCII: anything else (other methods, HTTP/1.0, absolute
-# targets, fragments, control or non-ASCII bytes, obs-fold, whitespace before a colon…) is
-# aiohttp's to accept or refuse. Every character class is a subset of what llhttp accepts.
-_T = rb"[-!#$%&'*+.^_`|~0-9A-Za-z]"  # a header name (token)
-_U = rb"[-A-Za-z0-9._~!$&'()*+,;=:@/?%]"  # a target character
-_V = rb"[\t\x20-\x7e]"  # a header value character
-_HEAD = re.compile(rb"GET (/" + _U + rb"*) HTTP/1\.1\r\n((?:" + _T + rb"+:" + _V + rb"*\r\n)*)\r\n")
-
-
-def _prefixes(text: bytes) -> bytes:
-    """A pattern for every non-empty prefix of ``text``."""
-    return b"|".join(re.escape(text[:n]) for n in range(1, len(text) + 1))
-
-
-# Every proper prefix of a head _HEAD matches: what may be waited on for more bytes. Anything
-# else goes to aiohttp at once, which answers it (a 400) as early as it would have.
-_PARTIAL = re.compile(
-    _prefixes(b"GET ") + rb"|GET /" + _U + rb"*(?:" + _prefixes(b" HTTP/1.1\r") + rb")?"
-    rb"|GET /" + _U + rb"* HTTP/1\.1\r\n(?:" + _T + rb"+:" + _V + rb"*\r\n)*"
-    rb"(?:" + _T + rb"*|" + _T + rb"+:" + _V + rb"*\r?|\r)")
-_NAMES = re.compile(rb"\n([^:]*):")
-#: ``Connection: keep-alive`` only restates HTTP/1.1's default (aiohttp answers exactly as
-#: without it); Node.js clients send it on every request. Any other ``Connection`` is aiohttp's.
-_KEEP_ALIVE = re.compile(rb"\nconnection:[ \t]*keep-alive[ \t]*\r")
+#: An origin-form target with only plain ASCII (no fragment, no absolute form): anything else
+#: is aiohttp's to accept or refuse (yarl decodes such targets in ways the callback does not).
+_TARGET_BYTES = (b"-._~!$&'()*+,;=:@/?%" + bytes(range(ord("0"), ord("9") + 1))
+                 + bytes(range(ord("A"), ord("Z") + 1)) + bytes(range(ord("a"), ord("z") + 1)))
 #: Headers that change how aiohttp reads the request or keeps the connection.
 _SPECIAL = frozenset({b"content-length", b"transfer-encoding",
                       b"proxy-connection", b"keep-alive", b"expect", b"upgrade",
                       b"content-encoding", b"sec-websocket-key1"})
+#: What :meth:`_Heads.next` says besides the end of a simple head.
+WAIT = -1
+HAND_OVER = -2
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
 #: Longest head the front reads; longer ones are rare and aiohttp's (its limits apply).
 _MAX_HEAD = 8192
@@ -166,15 +155,10 @@ class FrontServer(web.Server):
                 self._whole[reply] = whole
         return whole
 
-    def crash(self, block: bytes, remote: str | None, exc: Exception) -> bytes:
-        """What aiohttp's ``handle_error`` answers (and logs) when the handler raised."""
+    def crash(self, accept: str, remote: str | None, exc: Exception) -> bytes:
+        """What aiohttp's ``handle_error`` answers (and logs) when the handler raised
+        (``accept``: the request's ``Accept`` header)."""
         server_logger.exception("Error handling request from %s", remote, exc_info=exc)
-        accept = ""
-        for line in block.split(b"\r\n"):
-            name, _, value = line.partition(b":")
-            if name.lower() == b"accept":
-                accept = value.decode("ascii")
-                break
         s = HTTPStatus.INTERNAL_SERVER_ERROR
         title = f"{s.value} {s.phrase}"
         if "text/html" in accept:
@@ -189,17 +173,88 @@ class FrontServer(web.Server):
                 f"Server: {SERVER_SOFTWARE}\r\nConnection: close\r\n\r\n").encode() + body
 
 
+class _Heads:
+    """llhttp over one connection's bytes, fed one request head at a time (see the module
+    docstring); also the parser's callback object, collecting what decides "simple"."""
+
+    __slots__ = ("_max_head", "_max_headers", "_parser", "accept", "complete", "names", "simple",
+                 "url")
+
+    def __init__(self, max_head: int, max_headers: int) -> None:
+        self._max_head = max_head
+        self._max_headers = max_headers
+        self._parser = httptools.HttpRequestParser(self)
+        self.names: set[bytes] = set()
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the request just answered (llhttp itself starts over on its own)."""
+        self.url = b""
+        self.names.clear()
+        self.accept = ""
+        self.simple = True
+        self.complete = 0
+
+    # llhttp callbacks
+    def on_url(self, url: bytes) -> None:
+        self.url += url  # (in pieces when the target is split over reads)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        name = name.lower()
+        names = self.names
+        if (name in names or name in _SPECIAL or len(names) >= self._max_headers
+                or (name == b"connection" and value.strip(b" \t").lower() != b"keep-alive")):
+            self.simple = False
+        names.add(name)
+        if name == b"accept":
+            self.accept = value.decode("latin-1")
+
+    def on_message_complete(self) -> None:
+        self.complete += 1
+
+    def next(self, data: bytes, pos: int, fed: int) -> tuple[int, int]:
+        """Read the head that starts at ``data[pos]`` (llhttp has been fed ``data[:fed]``).
+
+        Returns (what, fed): ``what`` is the end of the head when it is a complete simple
+        request (its bytes are ``data[pos:what]``), :data:`WAIT` when the head is incomplete
+        and may still be simple, :data:`HAND_OVER` otherwise.
+        """
+        end = data.find(b"\r\n\r\n", max(pos, fed - 3))
+        stop = len(data) if end < 0 else end + 4
+        if stop - pos > self._max_head:
+            return HAND_OVER, fed
+        whole = stop == len(data) and pos == 0
+        if stop > fed:
+            try:
+                self._parser.feed_data(data if whole and fed == 0 else memoryview(data)[fed:stop])
+            except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+                return HAND_OVER, stop
+        if end < 0:
+            return WAIT, stop
+        # llhttp (strict) ends a request without a body only at a blank line, so a request that
+        # completed here ends exactly at ``stop``: two would need two blank lines.
+        p = self._parser
+        if (self.complete == 1 and self.simple and b"host" in self.names
+                and p.get_method() == b"GET" and p.get_http_version() == "1.1"
+                and self.url[:1] == b"/" and not self.url.translate(None, _TARGET_BYTES)
+                and (data if whole else data[pos:stop]).isascii()):
+            return stop, stop
+        return HAND_OVER, stop
+
+
 class _Connection(asyncio.Protocol):
     """One connection while the front serves it (see the module docstring)."""
 
-    __slots__ = ("_answer", "_buf", "_front", "_idle", "_loop", "_next_close", "_paused",
-                 "transport")
+    __slots__ = ("_answer", "_buf", "_front", "_head", "_heads", "_idle", "_loop", "_next_close",
+                 "_paused", "transport")
 
     def __init__(self, front: FrontServer, answer: Answer) -> None:
         self._front = front
         self._answer = answer
         self._loop = asyncio.get_running_loop()
-        self._buf = b""
+        self._buf = b""  # bytes read while writing was paused, not parsed yet
+        self._head = b""  # the start of an incomplete head, already fed to llhttp
+        self._heads = _Heads(front.max_head, front.max_headers)
         self._paused = False
         self._idle: asyncio.TimerHandle | None = None
         self._next_close = 0.0
@@ -270,28 +325,20 @@ class _Connection(asyncio.Protocol):
         """Answer every complete simple request in ``data``; keep or hand over the rest."""
         front = self._front
         answer = self._answer
+        heads = self._heads
+        fed = len(self._head)
+        if fed:
+            data = self._head + data
+            self._head = b""
         out: list[bytes] = []
         pos = 0
         size = len(data)
-        simple = True
+        what = HAND_OVER
         while pos < size:
-            end = data.find(b"\r\n\r\n", pos)
-            if end < 0:
+            what, fed = heads.next(data, pos, fed)
+            if what < 0:
                 break
-            end += 4
-            m = _HEAD.fullmatch(data, pos, end) if end - pos <= front.max_head else None
-            if m is None:
-                simple = False
-                break
-            block = data[m.start(2) - 1:m.end(2)].lower()
-            names = _NAMES.findall(block)
-            seen = set(names)
-            if (len(seen) != len(names) or b"host" not in seen or len(names) > front.max_headers
-                    or not seen.isdisjoint(_SPECIAL)
-                    or (b"connection" in seen and not _KEEP_ALIVE.search(block))):
-                simple = False
-                break
-            target = m.group(1).decode("ascii")
+            target = heads.url.decode("ascii")
             path, _, query = target.partition("?")
             try:
                 reply = answer(path, query, target)
@@ -299,16 +346,17 @@ class _Connection(asyncio.Protocol):
                 assert self.transport is not None
                 front.answered += len(out)
                 remote = self.transport.get_extra_info("peername")
-                out.append(front.crash(data[m.start(2):m.end(2)],
+                out.append(front.crash(heads.accept,
                                        remote[0] if isinstance(remote, tuple) else remote, exc))
                 self.transport.write(b"".join(out))
                 self.close()
                 return
             if reply is None:
-                simple = False
+                what = HAND_OVER
                 break
             out.append(front.render(reply))
-            pos = end
+            heads.reset()
+            pos = what
         if out:
             assert self.transport is not None
             self.transport.write(out[0] if len(out) == 1 else b"".join(out))
@@ -316,8 +364,8 @@ class _Connection(asyncio.Protocol):
             self._next_close = self._loop.time() + front.keepalive_timeout
         if pos < size:
             rest = data[pos:] if pos else data
-            if simple and len(rest) < front.max_head and _PARTIAL.fullmatch(rest):
-                self._buf = rest
+            if what == WAIT:
+                self._head = rest
             else:
                 self._hand_over(rest)
 

@@ -9,9 +9,13 @@ Contract of every request method:
   ``wrong_pin``, ``type_mismatch``, ``no_datastream``, ``too_large``, ``bad_request``…).
   Blynk's error messages are matched loosely (lower case, trailing period stripped): its docs
   disagree on the periods.
-* ``server`` is a key of ``config.servers`` or a full base URL. A ``308`` is followed once; the
-  region it points at is remembered per token in Redis (``keys.region(sha256(token)[:16])``), so
-  every replica learns it, and is asked first next time.
+* ``server`` is a key of ``config.servers`` or a full base URL. A ``308`` is followed once, and
+  only to one of ``config.servers``, the origin asked, or ``https://<region>.blynk.cloud``, and
+  never from https to http (:func:`redirect_refusal`); any other is :class:`Fail`
+  ``redirect_refused`` before a byte goes there, counted in ``bb_blynk_redirects_refused_total``.
+  The region a followed 308 points at is remembered per token in Redis
+  (``keys.region(sha256(token)[:16])``), so every replica learns it, and is asked first next time
+  (a remembered region that is not allowed is ignored).
 * Tokens never appear in full in logs, outcomes or exceptions (``pipeline.redact.mask``).
 * Every request is counted in ``bb_blynk_requests_total{endpoint, status}``.
 
@@ -26,13 +30,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import re
 import string
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from email.utils import parsedate_to_datetime
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import aiohttp
 import msgspec
@@ -46,6 +51,7 @@ from pipeline.blynk.outcomes import (
     INVALID_TOKEN,
     NO_DATASTREAM,
     NOT_FOUND,
+    REDIRECT_REFUSED,
     TOO_LARGE,
     TYPE_MISMATCH,
     UNAUTHORIZED,
@@ -69,6 +75,9 @@ CONNECTION = "connection"
 SERVER_ERROR = "server_error"
 RATE_LIMITED = "rate_limited"
 REDIRECT = "redirect"
+#: Why a redirect was not followed (labels of ``bb_blynk_redirects_refused_total``).
+FOREIGN_HOST = "foreign_host"
+DOWNGRADE = "downgrade"
 
 #: Blynk's documented error messages (normalized) → reason code. Prefix matches for messages
 #: that carry a name or a number.
@@ -188,6 +197,8 @@ class BlynkClient:
         #: token hash → base URL learned from a 308 ("" = none known); bounded LRU.
         self._regions: OrderedDict[str, str] = OrderedDict()
         self._token_hashes: dict[str, str] = {}
+        #: Where a 308 may lead (canonical base URLs; see :func:`redirect_refusal`).
+        self._servers = frozenset(s for s in map(canonical_base, config.servers.values()) if s)
 
     # session ----------------------------------------------------------------------------------
     def session(self) -> aiohttp.ClientSession:
@@ -234,6 +245,10 @@ class BlynkClient:
             log.warning("region lookup failed for token %s: %s", mask(token), type(exc).__name__)
             return None
         base = raw.decode() if isinstance(raw, bytes) else (raw or "")
+        if base and redirect_refusal(base, base, self._servers, same_origin=False) is not None:
+            log.warning("ignoring the remembered region %s of token %s: not an allowed server",
+                        redact_url(base), mask(token))
+            base = ""
         self._remember_local(h, base)
         return base or None
 
@@ -282,6 +297,12 @@ class BlynkClient:
             if new_base is None:
                 return Retry(REDIRECT, "308 without a usable Location: "
                              + redact_url(location), status=308)
+            why = redirect_refusal(base, new_base, self._servers)
+            if why is not None:
+                metrics.BLYNK_REDIRECTS_REFUSED.labels("device", why).inc()
+                detail = _REFUSALS[why].format(redact_url(new_base))
+                log.warning("not following %s's 308 for token %s: %s", base, mask(token), detail)
+                return Fail(REDIRECT_REFUSED, detail, status=308)
             redirected = True
             base = new_base
             await self._remember(token, base)
@@ -433,6 +454,51 @@ def classify_answer(status: int, body: str, retry_after_header: str | None,
     if status == 408:
         return Retry(TIMEOUT, f"HTTP {status}", status=status)
     return Fail(BAD_REQUEST, f"HTTP {status}: {error_message(body)}", status=status)
+
+
+#: Refusal reason → its explanation (``{}`` = the redirect's base URL, tokens masked).
+_REFUSALS = {
+    FOREIGN_HOST: "308 to {} not followed: not a configured Blynk server",
+    DOWNGRADE: "308 to {} not followed: from https to http",
+}
+_BLYNK_REGION = re.compile(r"https://[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.blynk\.cloud")
+
+
+def canonical_base(url: str) -> str | None:
+    """``scheme://host[:port][/path]`` with the host lower case, the default port and trailing
+    slashes dropped; None for anything but a plain http(s) base URL (user info, query,
+    fragment, no host)."""
+    try:
+        u = urlsplit(url)
+        port = u.port
+    except ValueError:
+        return None
+    if (u.scheme.lower() not in ("http", "https") or not u.hostname or u.username is not None
+            or u.password is not None or u.query or u.fragment or "@" in u.netloc):
+        return None
+    scheme = u.scheme.lower()
+    host = f"[{u.hostname}]" if ":" in u.hostname else u.hostname
+    if port is not None and port != (443 if scheme == "https" else 80):
+        host += f":{port}"
+    return f"{scheme}://{host}{u.path.rstrip('/')}"
+
+
+def redirect_refusal(current: str, target: str, servers: frozenset[str] | set[str], *,
+                     same_origin: bool = True) -> str | None:
+    """Why a 308 from base URL ``current`` to base URL ``target`` must not be followed
+    (``downgrade``: https to http; ``foreign_host``: neither one of ``servers`` (canonical
+    base URLs), nor ``https://<region>.blynk.cloud``, nor ``current`` itself when
+    ``same_origin``), or None to follow it."""
+    to = canonical_base(target)
+    if to is None:
+        return FOREIGN_HOST
+    if current.lower().startswith("https:") and to.startswith("http:"):
+        return DOWNGRADE
+    if to in servers or _BLYNK_REGION.fullmatch(to):
+        return None
+    if same_origin and to == canonical_base(current):
+        return None
+    return FOREIGN_HOST
 
 
 def _base_of(location: str, path_query: str) -> str | None:

@@ -4,7 +4,8 @@ Why not aiohttp here: egress sends one small ``GET`` per device per flush, thous
 and aiohttp spent ~0.3 ms of CPU on each (tracing hooks, cookie jar, redirect and URL
 machinery, a timer object per phase, a stream reader per response). This client writes each
 request as one pre-built ``bytes`` and parses the answer in one callback, which is all the
-device API needs. The platform API (OAuth, JSON bodies, few calls) stays on aiohttp.
+device API needs; the answer is framed by llhttp, not by hand. The platform API (OAuth, JSON
+bodies, few calls) stays on aiohttp.
 
 Contract of :meth:`HttpClient.request`:
 
@@ -19,9 +20,13 @@ Contract of :meth:`HttpClient.request`:
 * A ``GET`` on a reused keep-alive connection that died before any byte of the answer (the
   server closed an idle connection just as we wrote) is retried once on a new connection.
 * At most ``limit`` connections are open at once (all hosts together); idle connections are
-  reused newest first and closed after ``keepalive_s`` unused. Answers are framed by
-  ``Content-Length``, chunked encoding, or the end of the connection (which is then not
-  reused); ``Connection: close`` is honoured. No compression is asked for, so none is decoded.
+  reused newest first and closed after ``keepalive_s`` unused. Answers are framed by llhttp
+  (``httptools``, the parser Node.js and uvicorn use): ``Content-Length``, chunked encoding, or
+  the end of the connection (which is then not reused); ``Connection: close`` and HTTP/1.0 are
+  honoured; 1xx interim answers are skipped. Whatever llhttp refuses (a bad status line, an
+  invalid ``Content-Length`` or chunk size, two differing lengths, bytes after an answer nobody
+  asked for) is :class:`ProtocolError` and the connection is closed. No compression is asked
+  for, so none is decoded.
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 from urllib.parse import urlsplit
+
+import httptools
 
 #: Largest answer accepted (Blynk's device API answers are tiny; ``get`` of many pins is small).
 MAX_BODY = 8 * 1024 * 1024
@@ -95,11 +102,11 @@ class Origin:
 
 
 class _Conn(asyncio.Protocol):
-    """One connection: one request at a time; the answer is parsed as bytes arrive."""
+    """One connection: one request at a time; llhttp frames the answer as bytes arrive."""
 
-    __slots__ = ("_body", "_buf", "_chunked", "_close_after", "_expect", "_head_done",
-                 "_headers", "_status", "closed", "deadline", "got_bytes", "idle_since", "origin",
-                 "pool", "transport", "waiter")
+    __slots__ = ("_body", "_head_bytes", "_head_done", "_headers", "_parser", "_status",
+                 "_until_eof", "closed", "deadline", "got_bytes", "idle_since", "origin", "pool",
+                 "transport", "waiter")
 
     def __init__(self, pool: HttpClient, origin: Origin) -> None:
         self.pool = pool
@@ -110,16 +117,16 @@ class _Conn(asyncio.Protocol):
         self.got_bytes = False
         self.idle_since = 0.0
         self.deadline = 0.0  # loop time by which the answer must be complete
-        self._buf = bytearray()
+        # One parser for the connection's life: llhttp starts over after each complete answer.
+        self._parser = httptools.HttpResponseParser(self)
         self._reset()
 
     def _reset(self) -> None:
         self._head_done = False
+        self._head_bytes = 0
         self._status = 0
         self._headers: dict[str, str] = {}
-        self._expect = -1  # body bytes left; -1 = until close; -2 = chunked
-        self._chunked = False
-        self._close_after = False
+        self._until_eof = False
         self._body = bytearray()
 
     # asyncio.Protocol ------------------------------------------------------------------------
@@ -131,11 +138,22 @@ class _Conn(asyncio.Protocol):
             self._abort()  # bytes nobody asked for: the connection is not in a known state
             return
         self.got_bytes = True
-        self._buf += data
         try:
-            self._parse()
+            self._parser.feed_data(data)
+            if not self._head_done:
+                self._head_bytes += len(data)
+                if self._head_bytes > _MAX_HEAD:
+                    raise ProtocolError(f"answer head from {self.origin.key} too large")
         except ProtocolError as exc:
             self._fail(exc)
+            self._abort()
+        except httptools.HttpParserCallbackError as exc:  # one of ours, raised in a callback
+            cause = exc.__context__
+            self._fail(cause if isinstance(cause, ProtocolError) else ProtocolError(str(exc)))
+            self._abort()
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+            self._fail(ProtocolError(f"not a valid HTTP/1.x answer from {self.origin.key}: "
+                                     f"{type(exc).__name__}: {exc}"))
             self._abort()
 
     def eof_received(self) -> bool:
@@ -147,7 +165,7 @@ class _Conn(asyncio.Protocol):
         w = self.waiter
         if w is None or w.done():
             return
-        if self._head_done and self._expect == -1:  # framed by the end of the connection
+        if self._head_done and self._until_eof:  # framed by the end of the connection
             self._done(bytes(self._body))
             return
         detail = f"connection to {self.origin.key} closed before the answer was complete"
@@ -155,12 +173,46 @@ class _Conn(asyncio.Protocol):
             detail += f" ({type(exc).__name__})"
         w.set_exception(ConnectionLost(detail, got_bytes=self.got_bytes))
 
+    # llhttp callbacks (httptools calls them from feed_data) ----------------------------------
+    def on_message_begin(self) -> None:
+        if self.waiter is None:  # a second answer to one request: out of step with the server
+            raise ProtocolError(f"more than one answer from {self.origin.key}")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+
+    def on_headers_complete(self) -> None:
+        status = self._parser.get_status_code()
+        if status < 200:  # a 1xx interim answer: the real one follows
+            return
+        headers = self._headers
+        length = headers.get("content-length")
+        if length is not None and int(length) > MAX_BODY:  # llhttp checked it is a number
+            raise ProtocolError(f"answer body from {self.origin.key} too large")
+        self._status = status
+        self._head_done = True
+        # llhttp reads such a body until the connection ends (it has no call for that end)
+        self._until_eof = (length is None and status not in (204, 304) and not headers.get(
+            "transfer-encoding", "").lower().rstrip().endswith("chunked"))
+
+    def on_body(self, body: bytes) -> None:
+        self._body += body
+        if len(self._body) > MAX_BODY:
+            raise ProtocolError(f"answer body from {self.origin.key} too large")
+
+    def on_message_complete(self) -> None:
+        if not self._head_done:  # the end of a 1xx answer
+            self._headers = {}
+            return
+        if not self._parser.should_keep_alive():
+            self._abort()  # Connection: close, HTTP/1.0: not reused (the answer is complete)
+        self._done(bytes(self._body))
+
     # requests --------------------------------------------------------------------------------
     def send(self, data: bytes, fut: asyncio.Future[Response]) -> None:
         assert self.transport is not None
         self.waiter = fut
         self.got_bytes = False
-        self._buf.clear()
         self._reset()
         self.transport.write(data)
 
@@ -176,102 +228,8 @@ class _Conn(asyncio.Protocol):
     def _done(self, body: bytes) -> None:
         w = self.waiter
         self.waiter = None
-        if self._close_after:
-            self._abort()
         if w is not None and not w.done():
             w.set_result(Response(self._status, self._headers, body))
-
-    def _parse(self) -> None:
-        buf = self._buf
-        if not self._head_done:
-            end = buf.find(b"\r\n\r\n")
-            if end < 0:
-                if len(buf) > _MAX_HEAD:
-                    raise ProtocolError("answer head too large")
-                return
-            self._head(bytes(buf[:end]))
-            del buf[: end + 4]
-            if not self._head_done:  # a 1xx interim answer: the real one follows
-                self._parse()
-                return
-        if self._expect >= 0:
-            if len(buf) >= self._expect:
-                body = bytes(buf[: self._expect])
-                if len(buf) > self._expect:
-                    self._close_after = True  # extra bytes: not a state to reuse
-                buf.clear()
-                self._done(body)
-            return
-        if self._expect == -1:
-            self._body += buf
-            buf.clear()
-            if len(self._body) > MAX_BODY:
-                raise ProtocolError("answer body too large")
-            return
-        self._parse_chunks()
-
-    def _head(self, head: bytes) -> None:
-        lines = head.split(b"\r\n")
-        parts = lines[0].split(b" ", 2)
-        if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
-            raise ProtocolError(f"not an HTTP/1.x answer from {self.origin.key}")
-        status = int(parts[1])
-        if 100 <= status < 200:
-            return
-        headers: dict[str, str] = {}
-        for line in lines[1:]:
-            name, sep, value = line.partition(b":")
-            if sep:
-                headers[name.strip().lower().decode("latin-1")] = value.strip().decode("latin-1")
-        self._status = status
-        self._headers = headers
-        self._head_done = True
-        conn = headers.get("connection", "").lower()
-        http10 = parts[0] == b"HTTP/1.0"
-        self._close_after = "close" in conn or (http10 and "keep-alive" not in conn)
-        if status in (204, 304):
-            self._expect = 0
-        elif "chunked" in headers.get("transfer-encoding", "").lower():
-            self._expect = -2
-        elif "content-length" in headers:
-            try:
-                n = int(headers["content-length"])
-            except ValueError:
-                raise ProtocolError("bad Content-Length") from None
-            if n < 0 or n > MAX_BODY:
-                raise ProtocolError("bad Content-Length")
-            self._expect = n
-        else:
-            self._expect = -1
-            self._close_after = True
-
-    def _parse_chunks(self) -> None:
-        buf = self._buf
-        while True:
-            nl = buf.find(b"\r\n")
-            if nl < 0:
-                return
-            size_text = bytes(buf[:nl]).split(b";", 1)[0].strip()
-            try:
-                size = int(size_text, 16)
-            except ValueError:
-                raise ProtocolError("bad chunk size") from None
-            if size == 0:
-                # "0\r\n" then optional trailer lines, then a blank line
-                end = buf.find(b"\r\n\r\n", nl)
-                if end < 0:
-                    return
-                if len(buf) > end + 4:
-                    self._close_after = True
-                buf.clear()
-                self._done(bytes(self._body))
-                return
-            if len(buf) < nl + 2 + size + 2:
-                return
-            self._body += buf[nl + 2: nl + 2 + size]
-            if len(self._body) > MAX_BODY:
-                raise ProtocolError("answer body too large")
-            del buf[: nl + 2 + size + 2]
 
 
 class HttpClient:

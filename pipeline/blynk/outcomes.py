@@ -13,6 +13,8 @@ TOO_LARGE = "too_large"
 NOT_FOUND = "not_found"
 BAD_REQUEST = "bad_request"
 UNAUTHORIZED = "unauthorized"
+#: A redirect the client must not follow (foreign host, https → http, any on the platform API).
+REDIRECT_REFUSED = "redirect_refused"
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,6 +8,9 @@ Contract:
 * Failures raise :class:`pipeline.errors.Retryable` (timeouts, connection errors, 5xx, 429 with
   ``retry_after_s`` from ``Retry-After``) or :class:`pipeline.errors.Permanent` with ``reason``
   ``unauthorized`` (bad client credentials), ``not_found`` (404) or ``bad_request`` (other 4xx).
+* Redirects are never followed (they would carry the client secret or the access token
+  elsewhere): a 3xx is :class:`~pipeline.errors.Permanent` ``redirect_refused``, counted in
+  ``bb_blynk_redirects_refused_total{api="platform"}``.
 * Secrets (client secret, access and refresh tokens, device tokens) never appear in logs or
   exception text.
 * Uses the :class:`~pipeline.blynk.client.BlynkClient`'s session (one pool per process) when one
@@ -29,10 +32,10 @@ import msgspec
 
 from pipeline import metrics
 from pipeline.blynk.client import BlynkClient, error_message, retry_after
-from pipeline.blynk.outcomes import BAD_REQUEST, NOT_FOUND, UNAUTHORIZED
+from pipeline.blynk.outcomes import BAD_REQUEST, NOT_FOUND, REDIRECT_REFUSED, UNAUTHORIZED
 from pipeline.config import PlatformConfig
 from pipeline.errors import Permanent, Retryable
-from pipeline.redact import mask
+from pipeline.redact import mask, redact_url
 
 log = logging.getLogger("pipeline.blynk.platform")
 
@@ -153,7 +156,8 @@ class PlatformClient:
         try:
             async with self._session().request(method, self.base + path, params=params,
                                                data=data, headers=headers,
-                                               timeout=self._timeout) as resp:
+                                               timeout=self._timeout,
+                                               allow_redirects=False) as resp:
                 body = await resp.read()
                 counter.labels(f"platform_{endpoint}", str(resp.status)).inc()
                 return resp.status, body, dict(resp.headers)
@@ -171,6 +175,11 @@ class PlatformClient:
         if status == 400 and '"invalid_client"' in text:
             raise Permanent(f"platform API {what}: client id or secret rejected",
                             reason=UNAUTHORIZED)
+        if 300 <= status < 400:
+            metrics.BLYNK_REDIRECTS_REFUSED.labels("platform", "not_followed").inc()
+            raise Permanent(f"platform API {what}: HTTP {status} redirect not followed "
+                            f"(to {redact_url(headers.get('Location', ''))!r}): check "
+                            "platform.url", reason=REDIRECT_REFUSED)
         if status == 429:
             raise Retryable(f"platform API {what}: rate limited", reason="rate_limited",
                             retry_after_s=retry_after(headers.get("Retry-After")))
