@@ -63,6 +63,7 @@ import msgspec
 from pipeline.config import ParticleProduct
 from pipeline.errors import InvalidInput
 from pipeline.events import Uplink, UplinkKind, Value
+from pipeline.jsonbody import undecodable
 from pipeline.values import INT_MAX, INT_MIN, MAX_DEPTH, MAX_VALUES, flatten, scalar
 
 __all__ = ["MAX_DEPTH", "MAX_VALUES", "body_style", "coerce_number", "parse_webhook"]
@@ -208,10 +209,8 @@ def _decode_body(body: bytes, content_type: str) -> dict[str, Any]:
 def _decode_json(body: bytes) -> Any:
     try:
         return _json_decoder.decode(body)
-    except msgspec.DecodeError as exc:
-        raise InvalidInput(f"not valid JSON: {exc}", reason="invalid_json", field="$") from None
-    except UnicodeDecodeError:
-        raise InvalidInput("JSON body is not UTF-8", reason="invalid_encoding", field="$") from None
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        raise undecodable(body, exc) from None
     except RecursionError:
         raise InvalidInput(
             "JSON nested too deeply", reason="wrong_shape", field="$"

@@ -34,6 +34,7 @@ from pipeline import metrics
 from pipeline.config import TtsApplication
 from pipeline.errors import InvalidInput
 from pipeline.events import Radio, Uplink, UplinkKind, Value
+from pipeline.jsonbody import undecodable
 from pipeline.values import flatten
 
 #: Bodies above this are refused (``too_large``): TTS messages are a few KB at most.
@@ -210,10 +211,8 @@ def parse_event(
         msg = _decoder.decode(body)
     except msgspec.ValidationError as exc:
         raise InvalidInput(str(exc), reason="wrong_shape", field=_field_of(exc)) from None
-    except msgspec.DecodeError as exc:
-        raise InvalidInput(f"not valid JSON: {exc}", reason="invalid_json") from None
-    except UnicodeDecodeError as exc:  # msgspec checks UTF-8 only inside strings
-        raise InvalidInput(f"not valid UTF-8 JSON: {exc}", reason="invalid_json") from None
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        raise undecodable(body, exc) from None
     except RecursionError:
         raise InvalidInput("JSON nested too deeply", reason="wrong_shape") from None
 
