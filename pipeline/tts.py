@@ -25,7 +25,6 @@ import base64
 import binascii
 import hashlib
 import re
-from datetime import UTC, datetime
 from typing import Any, Literal
 
 import msgspec
@@ -34,6 +33,7 @@ from pipeline import metrics
 from pipeline.config import TtsApplication
 from pipeline.errors import InvalidInput
 from pipeline.events import Radio, Uplink, UplinkKind, Value
+from pipeline.eventtime import rfc3339_ms
 from pipeline.jsonbody import undecodable
 from pipeline.values import flatten
 
@@ -268,7 +268,7 @@ def parse_event(
         )
 
     received_at = _event_time_text(msg)
-    event_ts_ms = _rfc3339_ms(received_at) if received_at else None
+    event_ts_ms = rfc3339_ms(received_at) if received_at else None
     return Uplink(
         event_id=_event_id(msg, app_id or app.app_id, device, kind, received_at),
         source="tts",
@@ -418,24 +418,6 @@ def _event_time_text(msg: _ApplicationUp) -> str | None:
         if at and not at.startswith(_ZERO_TIME):
             return at
     return None
-
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-def _rfc3339_ms(text: str) -> int | None:
-    """Milliseconds since the epoch of an RFC 3339 time (any number of fractional digits);
-    ``None`` for text that is not one."""
-    try:
-        dt = datetime.fromisoformat(text)
-    except ValueError:
-        return None
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=UTC)
-    return (dt - _EPOCH) // _MS
-
-
-_MS = datetime(1970, 1, 1, 0, 0, 0, 1000, tzinfo=UTC) - _EPOCH
 
 
 def _event_id(
