@@ -26,9 +26,8 @@ into values by the rules above. Any other ``data`` (plain text such as ``"20.00"
 ``"online"``, a number, a bool, ``null``) goes in as one value under the full event name as
 published (``Temperature/Kitchen``), or under ``data`` when no event name came. Top-level fields
 that are not envelope fields are values too. Values keep the type they were sent with: numbers
-sent as strings stay strings here (transform converts them where the datastream type asks, with
-:func:`coerce_number`); only location coordinates become floats, because a location is
-``list[float]``.
+sent as strings stay strings here (transform converts them where the datastream type asks);
+only location coordinates become floats, because a location is ``list[float]``.
 
 **Reserved top-level names** (never values): ``event``, ``data``, ``published_at``, ``coreid``,
 ``device_id``, ``deviceID``, ``userid``, ``fw_version``, ``version``, ``public``, ``productID``,
@@ -54,7 +53,6 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Mapping
-from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 from urllib.parse import parse_qsl
 
@@ -63,9 +61,11 @@ import msgspec
 from pipeline.config import ParticleProduct
 from pipeline.errors import InvalidInput
 from pipeline.events import Uplink, UplinkKind, Value
+from pipeline.eventtime import rfc3339_ms
+from pipeline.jsonbody import undecodable
 from pipeline.values import INT_MAX, INT_MIN, MAX_DEPTH, MAX_VALUES, flatten, scalar
 
-__all__ = ["MAX_DEPTH", "MAX_VALUES", "body_style", "coerce_number", "parse_webhook"]
+__all__ = ["MAX_DEPTH", "MAX_VALUES", "body_style", "parse_webhook"]
 
 BodyStyle = Literal["json", "form", "text"]
 
@@ -88,7 +88,6 @@ _RESERVED = frozenset(
 _BLYNK_TOKEN = re.compile(r"[A-Za-z0-9_-]{32}")
 #: Events Particle's cloud itself publishes (online/offline, firmware, webhook outcomes).
 _SYSTEM_PREFIXES = ("spark/", "particle/", "hook-sent/", "hook-response/", "hook-error/")
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _SAFE_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,200}")
 
 _json_decoder = msgspec.json.Decoder()
@@ -148,28 +147,6 @@ def parse_webhook(
     return fast if fast is not None else _uplink(fields, product, received_ts_ms)
 
 
-def coerce_number(value: Value) -> Value:
-    """``"20.00"`` → ``20.0``, ``"2"`` → ``2``; anything else (bools included) unchanged.
-
-    For transform: Particle sends most numbers as strings (every ``json`` template value and the
-    default ``data`` are strings), while Blynk integer/double datastreams want numbers.
-    """
-    if not isinstance(value, str):
-        return value
-    text = value.strip()
-    if not text or len(text) > 64:
-        return value
-    try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        number = float(text)
-    except ValueError:
-        return value
-    return number if number == number and abs(number) != float("inf") else value
-
-
 # --- body decoding -------------------------------------------------------------------------------
 
 
@@ -208,10 +185,8 @@ def _decode_body(body: bytes, content_type: str) -> dict[str, Any]:
 def _decode_json(body: bytes) -> Any:
     try:
         return _json_decoder.decode(body)
-    except msgspec.DecodeError as exc:
-        raise InvalidInput(f"not valid JSON: {exc}", reason="invalid_json", field="$") from None
-    except UnicodeDecodeError:
-        raise InvalidInput("JSON body is not UTF-8", reason="invalid_encoding", field="$") from None
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        raise undecodable(body, exc) from None
     except RecursionError:
         raise InvalidInput(
             "JSON nested too deeply", reason="wrong_shape", field="$"
@@ -493,20 +468,15 @@ def _int_text(value: Any, field: str) -> str:
 
 
 def _iso_ms(text: str) -> int:
-    """``2017-02-01T21:08:05.763Z`` → Unix ms (a time without zone is taken as UTC)."""
-    try:
-        dt = datetime.fromisoformat(text)
-    except ValueError:
+    """``published_at`` as Unix ms; text that is not an RFC 3339 time is an error naming it."""
+    ms = rfc3339_ms(text)
+    if ms is None:
         raise InvalidInput(
-            f"`published_at` is not an ISO 8601 time: {text[:40]!r}",
+            f"`published_at` is not an RFC 3339 time: {text[:40]!r}",
             reason="invalid_field",
             field="published_at",
-        ) from None
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=UTC)
-    if dt.year >= 1970:
-        return int(dt.timestamp()) * 1000 + dt.microsecond // 1000
-    return (dt - _EPOCH) // timedelta(milliseconds=1)
+        )
+    return ms
 
 
 def _event_id(

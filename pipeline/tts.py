@@ -25,7 +25,6 @@ import base64
 import binascii
 import hashlib
 import re
-from datetime import UTC, datetime
 from typing import Any, Literal
 
 import msgspec
@@ -34,6 +33,8 @@ from pipeline import metrics
 from pipeline.config import TtsApplication
 from pipeline.errors import InvalidInput
 from pipeline.events import Radio, Uplink, UplinkKind, Value
+from pipeline.eventtime import rfc3339_ms
+from pipeline.jsonbody import undecodable
 from pipeline.values import flatten
 
 #: Bodies above this are refused (``too_large``): TTS messages are a few KB at most.
@@ -210,10 +211,8 @@ def parse_event(
         msg = _decoder.decode(body)
     except msgspec.ValidationError as exc:
         raise InvalidInput(str(exc), reason="wrong_shape", field=_field_of(exc)) from None
-    except msgspec.DecodeError as exc:
-        raise InvalidInput(f"not valid JSON: {exc}", reason="invalid_json") from None
-    except UnicodeDecodeError as exc:  # msgspec checks UTF-8 only inside strings
-        raise InvalidInput(f"not valid UTF-8 JSON: {exc}", reason="invalid_json") from None
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        raise undecodable(body, exc) from None
     except RecursionError:
         raise InvalidInput("JSON nested too deeply", reason="wrong_shape") from None
 
@@ -269,7 +268,7 @@ def parse_event(
         )
 
     received_at = _event_time_text(msg)
-    event_ts_ms = _rfc3339_ms(received_at) if received_at else None
+    event_ts_ms = rfc3339_ms(received_at) if received_at else None
     return Uplink(
         event_id=_event_id(msg, app_id or app.app_id, device, kind, received_at),
         source="tts",
@@ -419,24 +418,6 @@ def _event_time_text(msg: _ApplicationUp) -> str | None:
         if at and not at.startswith(_ZERO_TIME):
             return at
     return None
-
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-def _rfc3339_ms(text: str) -> int | None:
-    """Milliseconds since the epoch of an RFC 3339 time (any number of fractional digits);
-    ``None`` for text that is not one."""
-    try:
-        dt = datetime.fromisoformat(text)
-    except ValueError:
-        return None
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=UTC)
-    return (dt - _EPOCH) // _MS
-
-
-_MS = datetime(1970, 1, 1, 0, 0, 0, 1000, tzinfo=UTC) - _EPOCH
 
 
 def _event_id(

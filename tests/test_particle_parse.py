@@ -16,7 +16,7 @@ from pipeline import particle
 from pipeline.config import ParticleProduct
 from pipeline.errors import InvalidInput
 from pipeline.events import decode_uplink, encode
-from pipeline.particle import MAX_DEPTH, MAX_VALUES, body_style, coerce_number, parse_webhook
+from pipeline.particle import MAX_DEPTH, MAX_VALUES, body_style, parse_webhook
 
 FORM = "application/x-www-form-urlencoded"
 JSON = "application/json"
@@ -286,15 +286,6 @@ class TestEventId:
         b = parse_webhook(body, JSON, PRODUCT, received_ts_ms=2)
         assert a.event_id != b.event_id
         assert (a.event_ts_ms, b.event_ts_ms) == (1, 2)
-
-
-@pytest.mark.parametrize(("value", "want"), [
-    ("20.00", 20.0), ("2", 2), (" -3 ", -3), ("1e3", 1000.0), ("abc", "abc"), ("", ""),
-    ("nan", "nan"), ("inf", "inf"), (True, True), (5, 5), (None, None), ([1.0, 2.0], [1.0, 2.0]),
-])
-def test_coerce_number(value: Any, want: Any) -> None:
-    got = coerce_number(value)
-    assert got == want and type(got) is type(want)
 
 
 @pytest.mark.parametrize(("ct", "style"), [
