@@ -17,7 +17,7 @@ import re
 import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 import yaml
@@ -26,6 +26,9 @@ from pipeline.errors import ConfigError
 from pipeline.redact import Secret
 
 DatastreamType = Literal["integer", "double", "string", "enum", "location"]
+#: Seconds an event time may lie past its arrival before it counts as a wrong clock and becomes
+#: the arrival time (pipeline.eventtime.clamp_future).
+ClockSkew = Annotated[float, msgspec.Meta(ge=0)]
 
 
 class _Base(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
@@ -146,6 +149,7 @@ class TtsApplication(_Base):
     webhook_auth: HttpAuth | None = None
     downlink_f_port: int = 1
     skip_simulated: bool = False
+    max_clock_skew_s: ClockSkew = 300.0
 
     @property
     def username(self) -> str:
@@ -166,6 +170,12 @@ class ParticleProduct(_Base):
     api_url: str = "https://api.particle.io"
     access_token: Secret | None = None
     product_id: str | None = None
+    #: ``any``: the device id of the webhook URL's query when it has one, else the body's;
+    #: ``query``: only the query's, and a body naming another device is refused.
+    device_id_from: Literal["any", "query"] = "any"
+    #: Undo the HTML escaping of Particle's ``{{var}}`` (double-brace) template variables.
+    html_unescape: bool = True
+    max_clock_skew_s: ClockSkew = 300.0
 
 
 class DeviceEntry(_Base):

@@ -53,6 +53,8 @@ class Uplink(msgspec.Struct, omit_defaults=True, kw_only=True):
     #: Blynk token carried in the message itself (Particle blueprint ``t`` field).
     token: str | None = None
     simulated: bool = False
+    #: ``event_ts_ms`` is the arrival time because the sent time lay too far in the future.
+    event_ts_clamped: bool = False
 
 
 class BlynkWrite(msgspec.Struct, omit_defaults=True, kw_only=True):

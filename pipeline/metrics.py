@@ -15,6 +15,11 @@ INGESTED = Counter(
 REJECTED = Counter(
     "bb_rejected_total", "Inputs refused at ingest with a clear error", ["source", "reason"]
 )
+EVENT_TIME_CLAMPED = Counter(
+    "bb_event_time_clamped_total",
+    "Inputs whose event time lay past arrival + max_clock_skew_s and became the arrival time",
+    ["source", "integration"],
+)
 TRANSFORMED = Counter(
     "bb_transformed_total", "Uplinks turned into Blynk writes", ["source", "integration"]
 )

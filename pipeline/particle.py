@@ -32,20 +32,35 @@ only location coordinates become floats, because a location is ``list[float]``.
 **Reserved top-level names** (never values): ``event``, ``data``, ``published_at``, ``coreid``,
 ``device_id``, ``deviceID``, ``userid``, ``fw_version``, ``version``, ``public``, ``productID``,
 ``product_id``, ``ttl``, ``event_id``, ``id``, ``token``; ``name`` too when ``data`` is present
-(the event-stream shape); ``t`` when it holds a Blynk token.
+(the event-stream shape); ``t`` when it holds a Blynk token. ``id`` is ignored: templates put
+the *device* id there (``"id":"{{PARTICLE_DEVICE_ID}}"``), so it cannot identify an event.
 
 **Where the envelope comes from.** A custom template often sends no device id. Particle lets a
 webhook add ``query`` parameters to any body style, so the envelope fields may also come from the
-URL query (``?coreid={{{PARTICLE_DEVICE_ID}}}&event={{{PARTICLE_EVENT_NAME}}}``); the body wins
-when both have one. Without a device id the message is refused, unless it carries a Blynk
-token (the blueprint's GET), in which case the device is ``blynk-`` + a hash of the token.
+URL query (``?coreid={{{PARTICLE_DEVICE_ID}}}&event={{{PARTICLE_EVENT_NAME}}}``). Particle's
+cloud fills the query from the webhook's own configuration, while a custom body is whatever the
+firmware published, so a reserved name in the query **wins** over the body (a device id in the
+query replaces every device id field of the body); other query parameters are values the body
+may override. With the product's ``device_id_from: query`` the query must name the device and a
+body naming another one is refused (``invalid_field`` naming the body's field). Device ids must
+match :data:`pipeline.ids.DEVICE_ID`. Without a device id the message is refused, unless it
+carries a Blynk token (the blueprint's GET), in which case the device is ``blynk-`` + a hash of
+the token.
 
-**event_id.** ``particle:<device>:`` + ``event_id``/``id`` when the template sends one
-(``{{{PARTICLE_EVENT_ID}}}``; hashed when it holds characters outside ``[A-Za-z0-9._:@/+=-]``),
-else ``particle:`` + sha1(device, event name, published_at,
-sha1(data)). Without ``published_at`` a retry cannot be told from a new reading, so the receive
-time goes into the hash: such duplicates are delivered (at-least-once) rather than new readings
-dropped.
+**HTML escapes.** Particle's ``{{var}}`` (double braces, as in the Console's JSON template)
+HTML-escapes what it inserts (``&lt;`` for ``<``). With ``html_unescape`` (the default) every
+string of the body and query is unescaped once, before ``data`` is decoded: escaped JSON in
+``data`` unpacks, and what the device itself published inside it is not unescaped again.
+
+**event_time.** ``published_at`` (RFC 3339, :func:`pipeline.eventtime.rfc3339_ms`), else the
+receive time; a time more than ``max_clock_skew_s`` after the receive time becomes the receive
+time and the Uplink says so (``event_ts_clamped``; the caller counts it).
+
+**event_id.** Scoped by :func:`pipeline.ids.event_id` (``particle:<integration>:…``, hashed when
+long or odd) around: ``<device>:<event_id>`` when the template sends ``event_id``
+(``{{{PARTICLE_EVENT_ID}}}``), else sha1(device, event name, published_at, sha1(data)).
+Without ``published_at`` a retry cannot be told from a new reading, so the receive time goes
+into the hash: such duplicates are delivered (at-least-once) rather than new readings dropped.
 """
 
 from __future__ import annotations
@@ -61,7 +76,8 @@ import msgspec
 from pipeline.config import ParticleProduct
 from pipeline.errors import InvalidInput
 from pipeline.events import Uplink, UplinkKind, Value
-from pipeline.eventtime import rfc3339_ms
+from pipeline.eventtime import clamp_future, rfc3339_ms
+from pipeline.ids import DEVICE_ID, check_device, event_id
 from pipeline.jsonbody import undecodable
 from pipeline.values import INT_MAX, INT_MIN, MAX_DEPTH, MAX_VALUES, flatten, scalar
 
@@ -77,18 +93,16 @@ _STYLES: dict[str, BodyStyle] = {
 }
 
 _DEVICE_KEYS = ("coreid", "device_id", "deviceID")
-_EVENT_ID_KEYS = ("event_id", "id")
 _RESERVED = frozenset(
     {
         "event", "data", "published_at", *_DEVICE_KEYS, "userid", "fw_version", "version",
-        "public", "productID", "product_id", "ttl", *_EVENT_ID_KEYS, "token",
+        "public", "productID", "product_id", "ttl", "event_id", "id", "token",
     }
 )
 #: Blynk auth tokens: 32 characters of this alphabet.
 _BLYNK_TOKEN = re.compile(r"[A-Za-z0-9_-]{32}")
 #: Events Particle's cloud itself publishes (online/offline, firmware, webhook outcomes).
 _SYSTEM_PREFIXES = ("spark/", "particle/", "hook-sent/", "hook-response/", "hook-error/")
-_SAFE_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,200}")
 
 _json_decoder = msgspec.json.Decoder()
 _canonical = msgspec.json.Encoder(order="sorted")
@@ -124,27 +138,98 @@ def parse_webhook(
 ) -> Uplink:
     """Parse one Particle webhook request for ``product``.
 
-    ``query`` holds the URL's query parameters (lower precedence than the body). An empty body
-    with a query (the Blynk blueprint's GET) is read from the query alone. Raises
+    ``query`` holds the URL's query parameters: its envelope fields win over the body's, its
+    other parameters are values the body may override (see the module docstring). An empty
+    body with a query (the Blynk blueprint's GET) is read from the query alone. Raises
     :class:`~pipeline.errors.InvalidInput` with reason ``unsupported_media_type``,
     ``invalid_json``, ``invalid_encoding``, ``wrong_shape``, ``missing_field``,
-    ``invalid_field`` or ``too_many_values``, and ``field`` naming the offending field.
+    ``invalid_field`` or ``too_many_values``, and ``field`` naming the offending field. The
+    Uplink's ``event_ts_clamped`` says the event time was clamped (the caller counts it).
     """
-    fields: dict[str, Any] = dict(query) if query else {}
-    for key, value in fields.items():
-        try:
-            key.encode()
-            value.encode()
-        except UnicodeEncodeError:
-            raise InvalidInput(
-                "query parameter is not UTF-8", reason="invalid_encoding", field=key[:64]
-            ) from None
+    if query:
+        for key, value in query.items():
+            try:
+                key.encode()
+                value.encode()
+            except UnicodeEncodeError:
+                raise InvalidInput(
+                    "query parameter is not UTF-8", reason="invalid_encoding", field=key[:64]
+                ) from None
+    fields: dict[str, Any] = {}
     if body and not body.isspace():
-        fields.update(_decode_body(body, content_type))
-    elif not fields:
+        fields = _decode_body(body, content_type)
+    elif not query:
         raise InvalidInput("empty body", reason="wrong_shape", field="$")
+    if query or product.device_id_from == "query":
+        fields = _with_query(fields, query or {}, product)
+    if product.html_unescape:
+        _unescape(fields, 0)
     fast = _default_uplink(fields, product, received_ts_ms)
     return fast if fast is not None else _uplink(fields, product, received_ts_ms)
+
+
+def _with_query(
+    body: dict[str, Any], query: Mapping[str, str], product: ParticleProduct
+) -> dict[str, Any]:
+    """The body's fields and the query's: the query's envelope fields (Particle's cloud fills
+    them from the webhook's URL, the firmware cannot) win, the body's values win."""
+    query_key = next((k for k in _DEVICE_KEYS if query.get(k)), None)
+    if query_key is None:
+        if product.device_id_from == "query":
+            raise InvalidInput(
+                "device_id_from is `query` but the webhook URL has no device id: add "
+                "?coreid={{{PARTICLE_DEVICE_ID}}}",
+                reason="missing_field",
+                field="coreid",
+            )
+    else:
+        for key in _DEVICE_KEYS:
+            given = body.pop(key, None)
+            if (product.device_id_from == "query" and given not in (None, "")
+                    and given != query[query_key]):
+                raise InvalidInput(
+                    f"the body's `{key}` names another device than the webhook URL's "
+                    f"`{query_key}` (device_id_from is `query`)",
+                    reason="invalid_field",
+                    field=key,
+                )
+    merged = body
+    for key, value in query.items():
+        if key in _RESERVED or key not in merged:
+            merged[key] = value
+    return merged
+
+
+#: What Particle's mustache ``{{var}}`` escapes (``&<>"'``, and ``/`` `` ` `` ``=`` as
+#: mustache.js does); only these, so a literal ``&copy`` sent with ``{{{var}}}`` stays as sent.
+_ENTITIES = {"&amp;": "&", "&lt;": "<", "&gt;": ">", "&quot;": '"', "&#39;": "'",
+             "&#x27;": "'", "&#x2F;": "/", "&#x60;": "`", "&#x3D;": "="}
+_ENTITY = re.compile("|".join(map(re.escape, _ENTITIES)))
+
+
+def _unescape(node: dict[str, Any] | list[Any], depth: int) -> None:
+    """Undo the template's HTML escaping in every string of ``node``, in place, once (the JSON
+    inside a ``data`` string is unescaped as text before it is decoded, never again after)."""
+    if depth > MAX_DEPTH:
+        return  # deeper is refused by flatten anyway
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if type(value) is str:
+                if "&" in value:
+                    node[key] = _ENTITY.sub(_entity, value)
+            elif isinstance(value, dict | list):
+                _unescape(value, depth + 1)
+    else:
+        for i, value in enumerate(node):
+            if type(value) is str:
+                if "&" in value:
+                    node[i] = _ENTITY.sub(_entity, value)
+            elif isinstance(value, dict | list):
+                _unescape(value, depth + 1)
+
+
+def _entity(m: re.Match[str]) -> str:
+    return _ENTITIES[m.group()]
 
 
 # --- body decoding -------------------------------------------------------------------------------
@@ -258,17 +343,22 @@ def _uplink(fields: dict[str, Any], product: ParticleProduct, received_ts_ms: in
     meta = _device_meta(fields, product, event)
     system = event is not None and event.startswith(_SYSTEM_PREFIXES)
     kind: UplinkKind = "status" if system else "uplink"
+    event_ts_ms, clamped = clamp_future(
+        event_ts_ms if event_ts_ms is not None else received_ts_ms, received_ts_ms,
+        int(product.max_clock_skew_s * 1000))
     return Uplink(
-        event_id=_event_id(fields, device, event, published_at, data, values, received_ts_ms),
+        event_id=event_id("particle", product.name, _local_event_id(
+            fields, device, event, published_at, data, values, received_ts_ms)),
         source="particle",
         integration=product.name,
         device=device,
-        event_ts_ms=event_ts_ms if event_ts_ms is not None else received_ts_ms,
+        event_ts_ms=event_ts_ms,
         received_ts_ms=received_ts_ms,
         values=values,
         device_meta=meta,
         kind=kind,
         token=token,
+        event_ts_clamped=clamped,
     )
 
 
@@ -297,7 +387,7 @@ def _default_uplink(
     published_at = fields.get("published_at")
     device = fields.get("coreid")
     if (type(event) is not str or type(data) is not str or type(published_at) is not str
-            or type(device) is not str or not published_at or not device):
+            or type(device) is not str or not published_at or not DEVICE_ID.fullmatch(device)):
         return None
     event_ts_ms = _iso_ms(published_at)  # first, as in _uplink: the same error wins
     values: dict[str, Value]
@@ -354,8 +444,10 @@ def _default_uplink(
         b"\0".join((device.encode(), event.encode(), published_at.encode(),
                     hashlib.sha1(data.encode()).digest()))
     )
+    event_ts_ms, clamped = clamp_future(event_ts_ms, received_ts_ms,
+                                        int(product.max_clock_skew_s * 1000))
     return Uplink(
-        event_id="particle:" + digest.hexdigest(),
+        event_id=event_id("particle", product.name, digest.hexdigest()),
         source="particle",
         integration=product.name,
         device=device,
@@ -365,6 +457,7 @@ def _default_uplink(
         device_meta=meta,
         kind="status" if event.startswith(_SYSTEM_PREFIXES) else "uplink",
         token=None,
+        event_ts_clamped=clamped,
     )
 
 
@@ -412,7 +505,7 @@ def _device(fields: Mapping[str, Any], token: str | None) -> str:
     for key in _DEVICE_KEYS:
         device = _opt_str(fields, key)
         if device:
-            return device
+            return check_device(device, key)
     if token:
         return "blynk-" + hashlib.sha1(token.encode()).hexdigest()[:16]
     raise InvalidInput(
@@ -479,7 +572,7 @@ def _iso_ms(text: str) -> int:
     return ms
 
 
-def _event_id(
+def _local_event_id(
     fields: Mapping[str, Any],
     device: str,
     event: str | None,
@@ -488,14 +581,10 @@ def _event_id(
     values: dict[str, Value],
     received_ts_ms: int,
 ) -> str:
-    for key in _EVENT_ID_KEYS:
-        given = fields.get(key)
-        if isinstance(given, str | int) and not isinstance(given, bool) and str(given):
-            readable = f"particle:{device}:{given}"
-            if _SAFE_ID.fullmatch(readable):
-                return readable
-            # Odd characters (or a huge id) would leak into keys and headers: hash them.
-            return "particle:" + hashlib.sha1(readable.encode()).hexdigest()
+    """The template's ``event_id`` (with the device), else a hash of what the event is."""
+    given = fields.get("event_id")
+    if isinstance(given, str | int) and not isinstance(given, bool) and str(given):
+        return f"{device}:{given}"  # pipeline.ids hashes it when long or odd
     if isinstance(data, str):
         data_bytes = data.encode()
     else:
@@ -511,4 +600,4 @@ def _event_id(
             )
         )
     )
-    return "particle:" + digest.hexdigest()
+    return digest.hexdigest()

@@ -8,7 +8,14 @@ that knows only the fields used here; every other field is ignored, every field 
 Traps handled (see ``shared/reference/tts-particle-formats.md`` §1.3): omitted zero fields,
 ``frequency`` sent as a string, RFC 3339 times with 9 fractional digits, the ``0001-01-01``
 zero time of simulated uplinks, Packet Broker gateways without an EUI, garbage gateway times
-(never used), missing ``decoded_payload`` after a formatter error.
+(never used), missing ``decoded_payload`` after a formatter error. An Events API / Console export
+(``{"name": "as.up.data.forward", …, "data": {"@type": "…ApplicationUp", …}}``) is read as the
+ApplicationUp it wraps; an export of another type is ``wrong_shape`` at ``data.@type``.
+
+Device ids must match :data:`pipeline.ids.DEVICE_ID` (else ``invalid_field``); event ids are
+scoped by :func:`pipeline.ids.event_id` (``tts:<integration>:as:up:…``). The event time is the
+AS ``received_at`` (:func:`pipeline.eventtime.rfc3339_ms`), clamped to the receive time when it
+lies more than ``max_clock_skew_s`` ahead (``Uplink.event_ts_clamped``; the caller counts it).
 
 ``decoded_payload`` becomes ``Uplink.values`` by :func:`pipeline.values.flatten` (dotted keys,
 ``[lon, lat]`` for location objects, ``key.0``… for lists). Unlike Particle, coordinates are not
@@ -33,7 +40,8 @@ from pipeline import metrics
 from pipeline.config import TtsApplication
 from pipeline.errors import InvalidInput
 from pipeline.events import Radio, Uplink, UplinkKind, Value
-from pipeline.eventtime import rfc3339_ms
+from pipeline.eventtime import clamp_future, rfc3339_ms
+from pipeline.ids import check_device, event_id
 from pipeline.jsonbody import undecodable
 from pipeline.values import flatten
 
@@ -145,9 +153,13 @@ class _ApplicationUp(msgspec.Struct, gc=False):
     downlink_nack: Any = None
     downlink_failed: Any = None
     downlink_queue_invalidated: Any = None
+    # An Events API / Console export wraps the ApplicationUp: {"name": …, "data": {"@type": …}}.
+    type: str | None = msgspec.field(default=None, name="@type")
+    data: _ApplicationUp | None = None
 
 
 _decoder = msgspec.json.Decoder(_ApplicationUp)
+_APPLICATION_UP = "type.googleapis.com/ttn.lorawan.v3.ApplicationUp"
 
 _OUTCOMES = (
     "downlink_queued",
@@ -190,7 +202,8 @@ def parse_message(body: bytes, app: TtsApplication, *, received_ts_ms: int) -> U
     ``None`` covers downlink outcomes, ``service_data`` and simulated uplinks skipped by
     ``app.skip_simulated``; each is counted in ``bb_tts_skipped_total``. Callers that need to
     tell them apart use :func:`parse_event`. Raises :class:`~pipeline.errors.InvalidInput` with
-    reason ``too_large``, ``invalid_json``, ``wrong_shape`` or ``no_decoded_payload``.
+    reason ``too_large``, ``invalid_json``, ``invalid_encoding``, ``wrong_shape``,
+    ``invalid_field`` or ``no_decoded_payload``; ``field`` names the field (``$``: the body).
     """
     event = parse_event(body, app, received_ts_ms=received_ts_ms)
     if isinstance(event, Skipped):
@@ -205,7 +218,9 @@ def parse_event(
     """Like :func:`parse_message`, but says what a non-uplink message was; counts nothing."""
     if len(body) > max_bytes:
         raise InvalidInput(
-            f"message of {len(body)} bytes is over the {max_bytes}-byte limit", reason="too_large"
+            f"message of {len(body)} bytes is over the {max_bytes}-byte limit",
+            reason="too_large",
+            field="$",
         )
     try:
         msg = _decoder.decode(body)
@@ -214,14 +229,16 @@ def parse_event(
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise undecodable(body, exc) from None
     except RecursionError:
-        raise InvalidInput("JSON nested too deeply", reason="wrong_shape") from None
+        raise InvalidInput("JSON nested too deeply", reason="wrong_shape", field="$") from None
 
+    if msg.end_device_ids is None and msg.data is not None:
+        msg = _unwrap(msg.data)
     ids = msg.end_device_ids
     if ids is None or not ids.device_id:
         raise InvalidInput(
             "no end_device_ids.device_id", reason="wrong_shape", field="end_device_ids.device_id"
         )
-    device = ids.device_id
+    device = check_device(ids.device_id, "end_device_ids.device_id")
     app_id = ids.application_ids.application_id if ids.application_ids else ""
 
     kind: UplinkKind
@@ -265,23 +282,40 @@ def parse_event(
         raise InvalidInput(
             "neither uplink_message, join_accept, location_solved nor a downlink event",
             reason="wrong_shape",
+            field="$",
         )
 
     received_at = _event_time_text(msg)
-    event_ts_ms = rfc3339_ms(received_at) if received_at else None
+    sent_ts_ms = rfc3339_ms(received_at) if received_at else None
+    event_ts_ms, clamped = clamp_future(
+        sent_ts_ms if sent_ts_ms is not None else received_ts_ms, received_ts_ms,
+        int(app.max_clock_skew_s * 1000))
     return Uplink(
-        event_id=_event_id(msg, app_id or app.app_id, device, kind, received_at),
+        event_id=event_id("tts", app.name,
+                          _local_event_id(msg, app_id or app.app_id, device, kind, received_at)),
         source="tts",
         integration=app.name,
         device=device,
-        event_ts_ms=event_ts_ms if event_ts_ms is not None else received_ts_ms,
+        event_ts_ms=event_ts_ms,
         received_ts_ms=received_ts_ms,
         values=values,
         device_meta=meta,
         radio=radio,
         kind=kind,
         simulated=msg.simulated,
+        event_ts_clamped=clamped,
     )
+
+
+def _unwrap(data: _ApplicationUp) -> _ApplicationUp:
+    """The ApplicationUp inside an event export (``as.up.data.forward`` and its kin)."""
+    if data.type != _APPLICATION_UP:
+        raise InvalidInput(
+            f"an event export of {str(data.type)[:100]!r}, not of an ApplicationUp",
+            reason="wrong_shape",
+            field="data.@type",
+        )
+    return data
 
 
 # --- pieces --------------------------------------------------------------------------------------
@@ -289,10 +323,11 @@ def parse_event(
 _AT_PATH = re.compile(r"at `\$\.?([^`]*)`")
 
 
-def _field_of(exc: msgspec.ValidationError) -> str | None:
-    """``Expected `int`, got `str` - at `$.uplink_message.f_cnt``` → ``uplink_message.f_cnt``."""
+def _field_of(exc: msgspec.ValidationError) -> str:
+    """``Expected `int`, got `str` - at `$.uplink_message.f_cnt``` → ``uplink_message.f_cnt``;
+    ``$`` when the body itself is the wrong type."""
     m = _AT_PATH.search(str(exc))
-    return m.group(1) if m and m.group(1) else None
+    return m.group(1) if m and m.group(1) else "$"
 
 
 def _device_meta(ids: _DeviceIds, app_id: str) -> dict[str, str]:
@@ -420,10 +455,11 @@ def _event_time_text(msg: _ApplicationUp) -> str | None:
     return None
 
 
-def _event_id(
+def _local_event_id(
     msg: _ApplicationUp, app_id: str, device: str, kind: str, received_at: str | None
 ) -> str:
-    """The ``as:up:`` correlation id (one per AS event), else a hash of what identifies it."""
+    """The ``as:up:`` correlation id (one per AS event), else a hash of what identifies it
+    (:func:`pipeline.ids.event_id` scopes it to the integration)."""
     for cid in msg.correlation_ids:
         if cid.startswith("as:up:"):
             return cid

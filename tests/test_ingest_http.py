@@ -276,7 +276,7 @@ async def test_fleet_formats_arrive_with_their_values(
                                       "fw_version": "3", "public": "false",
                                       "product_id": "30301"}
         if fmt in ("product", "body"):  # the template sends PARTICLE_EVENT_ID
-            assert up.event_id.startswith(f"particle:{up.device}:")
+            assert up.event_id.startswith(f"particle:hdr:{up.device}:")
 
 
 async def test_fleet_retries_when_the_bridge_refuses(redis: Redis, prefix: str,
@@ -571,3 +571,74 @@ async def test_routing_without_a_router(url: str, http: aiohttp.ClientSession) -
         assert resp.status == 405
     async with http.head(f"{url}/healthz") as resp:
         assert resp.status == 200
+
+
+# --- hostile and odd input (issue 10), end to end ------------------------------------------------
+
+
+async def test_the_url_names_the_device_and_future_times_are_clamped_and_counted(
+    url: str, http: aiohttp.ClientSession, redis: Redis, keys: Keys
+) -> None:
+    """The README's custom template: ?coreid={{{PARTICLE_DEVICE_ID}}} in the URL, the device's
+    JSON as the body. A body naming another device, or dated 9999, changes neither."""
+    before = counter("bb_event_time_clamped_total", source="particle", integration="tempmon")
+    body = b'{"coreid":"e00fce68000000000000beef","published_at":"9999-12-31T23:59:59Z","t":1}'
+    async with http.post(f"{url}/particle/tempmon", data=body,
+                         params={"coreid": "e00fce68ece1d3d21a73dcc9"},
+                         headers={"Content-Type": JSON}) as resp:
+        assert resp.status == 200, await resp.text()
+        up = await stored(redis, keys, resp.headers["X-Entry-Id"])
+    assert up.device == "e00fce68ece1d3d21a73dcc9"
+    assert (up.event_ts_ms, up.event_ts_clamped) == (up.received_ts_ms, True)
+    assert counter("bb_event_time_clamped_total", source="particle",
+                   integration="tempmon") == before + 1
+
+
+@pytest.mark.parametrize("device", ["d\r\nX-Evil: 1", "d" * 65, "d\u202e"])  # under 4 KB
+async def test_odd_device_ids_get_a_400_naming_the_field(
+    device: str, url: str, http: aiohttp.ClientSession, redis: Redis, keys: Keys
+) -> None:
+    body = json.dumps({"event": "e", "data": "1", "device_id": device}).encode()
+    status, err, _ = await post(http, f"{url}/particle/tempmon", body)
+    assert status == 400 and err is not None
+    assert (err["error"]["reason"], err["error"]["field"]) == ("invalid_field", "device_id")
+    assert await redis.xlen(keys.stream("uplinks")) == 0
+
+
+async def test_a_tts_event_export_is_taken_as_its_uplink(
+    url: str, http: aiohttp.ClientSession, redis: Redis, keys: Keys,
+    fixture_path: Callable[[str], Path],
+) -> None:
+    up = json.loads(fixture_path("tts/tts-uplink-02.json").read_bytes())
+    export = {"name": "as.up.data.forward", "time": "2025-01-01T00:00:00Z",
+              "identifiers": [{"device_ids": up["end_device_ids"]}],
+              "data": {"@type": "type.googleapis.com/ttn.lorawan.v3.ApplicationUp", **up},
+              "correlation_ids": up["correlation_ids"], "unique_id": "01JEXPORT"}
+    status, err, resp = await post(http, f"{url}/tts/tts-app", json.dumps(export).encode(),
+                                   **{"X-Downlink-Apikey": TTS_KEY})
+    assert status == 200, err
+    got = await stored(redis, keys, resp.headers["X-Entry-Id"])
+    assert got.device == up["end_device_ids"]["device_id"] and got.values
+
+
+async def test_double_brace_templates_arrive_unescaped(url: str, redis: Redis,
+                                                       keys: Keys) -> None:
+    """The Console's JSON template of Particle's InfluxData tutorial uses ``{{var}}``, which
+    HTML-escapes what it inserts; the event data (JSON) must still unpack, text read as sent."""
+    hook = load_webhook(json.dumps({
+        "event": "env", "url": f"{url}/particle/tempmon", "requestType": "POST",
+        "noDefaults": True,
+        "query": {"coreid": "{{{PARTICLE_DEVICE_ID}}}"},
+        "json": {"name": "{{PARTICLE_EVENT_NAME}}", "data": "{{PARTICLE_EVENT_VALUE}}",
+                 "published_at": "{{PARTICLE_PUBLISHED_AT}}", "note": "{{note}}"},
+    }))
+    data = {"t": 19, "note": "<b> & \"q\" 's'"}
+    event = make_event("e00fce68aaaabbbbccccdddd", "env", data,
+                       published_at="2024-05-13T10:55:40.306Z")
+    async with aiohttp.ClientSession() as session:
+        done = await deliver(session, hook, event, retry_delays_s=())
+    assert done.ok and done.statuses == [200]
+    (row,) = await redis.xrange(keys.stream("uplinks"))
+    up = decode_uplink(row[1][b"d"])
+    assert up.values == {"t": 19, "note": "<b> & \"q\" 's'"}
+    assert up.device == "e00fce68aaaabbbbccccdddd"

@@ -22,7 +22,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from emulators.tts import Fleet, Mosquitto, make_uplink
-from pipeline import mqtt
+from pipeline import ids, mqtt
 from pipeline.config import Config, IngestMqttConfig, RedisConfig, TtsApplication
 from pipeline.context import Context
 from pipeline.events import Uplink, decode_dead, decode_uplink
@@ -169,6 +169,31 @@ async def test_malformed_payloads_are_dead_lettered_and_the_worker_keeps_running
     assert up.device == "eui-70b3d52dd600035a"
 
 
+async def test_an_event_time_from_the_future_becomes_the_arrival_time_and_is_counted(
+    redis: Redis, prefix: str
+) -> None:
+    """A forged or broken clock (received_at in 9999) must not make the device's genuine values
+    stale in egress; an odd device id is dead-lettered naming the field."""
+    app = make_app()
+    ctx = make_ctx(redis, prefix, [app])
+    stage = IngestMqtt(ctx)
+    future = make_uplink(app.app_id, app.tenant, "d1", 1, {"t": 1})
+    future["received_at"] = "9999-12-31T23:59:59Z"
+    odd = make_uplink(app.app_id, app.tenant, "d1", 2, {"t": 2})
+    odd["end_device_ids"]["device_id"] = "d1\r\nX-Injected: 1"
+    before = _sample("bb_event_time_clamped_total", source="tts", integration="lab")
+    async with running(stage):
+        await asyncio.wait_for(stage.subscribed["lab"].wait(), 10)
+        await publish([(f"v3/{app.username}/devices/d1/up", json.dumps(m).encode())
+                       for m in (odd, future)])
+        await eventually(lambda: _lens(redis, ctx.keys, 1, 1), what="the uplink and dead letter")
+    (up,) = await uplinks(redis, ctx.keys)
+    assert (up.event_ts_ms, up.event_ts_clamped) == (up.received_ts_ms, True)
+    assert _sample("bb_event_time_clamped_total", source="tts", integration="lab") == before + 1
+    (dead,) = [decode_dead(f[b"d"]) for _, f in await redis.xrange(ctx.keys.dead)]
+    assert dead.reason == "invalid_field" and "end_device_ids.device_id" in dead.detail
+
+
 # --- one owner per application -------------------------------------------------------------------
 
 
@@ -307,7 +332,7 @@ class NumberedUplinks:
                 n = len(self.ids)
                 msg = make_uplink(self.app.app_id, self.app.tenant, "seq", n + 1, {"n": n})
                 await session.publish(topic, json.dumps(msg).encode())
-                self.ids.append(msg["correlation_ids"][0])
+                self.ids.append(ids.event_id("tts", self.app.name, msg["correlation_ids"][0]))
                 await asyncio.sleep(0.002)  # the pace of the load, not a synchronization
 
     async def more(self, n: int) -> None:

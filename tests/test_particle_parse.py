@@ -21,7 +21,7 @@ from pipeline.particle import MAX_DEPTH, MAX_VALUES, body_style, parse_webhook
 FORM = "application/x-www-form-urlencoded"
 JSON = "application/json"
 PRODUCT = ParticleProduct(name="tempmon")
-RECEIVED = 1_700_000_000_000
+RECEIVED = 1_800_000_000_000  # 2027-01-15T08:00:00Z: after every fixture's time
 DEV = "e00fce68ece1d3d21a73dcc9"
 TOKEN = "Ab3dEf6hIj9kLm2nOp5qRs8tUv1wXy4Z"
 
@@ -67,7 +67,6 @@ FIXTURES: list[tuple[str, str, dict[str, str], dict[str, Any]]] = [
         "values": {"hook-error/demo/0": "error status 404 from requestb.in"}}),
     # Not webhook bodies, but a custom template could forward any JSON object: read as values.
     ("particle-function-response-01.json", JSON, {"coreid": DEV}, {
-        "event_id": f"particle:{DEV}:1f0030001647353236343033",
         "values": {"connected": True, "return_value": 1}}),
     ("particle-function-response-02.json", JSON, {"coreid": DEV}, {
         "values": {"name": "prototype99", "connected": True, "return_value": 42}}),
@@ -107,7 +106,7 @@ def test_fixture(name: str, ct: str, query: dict[str, str], expected: dict[str, 
     assert up.source == "particle"
     assert up.integration == "tempmon"
     assert up.received_ts_ms == RECEIVED
-    assert up.event_id.startswith("particle:")
+    assert up.event_id.startswith("particle:tempmon:")
     for field, want in expected.items():
         if field == "values_include":  # a subset is enough
             assert {k: up.values[k] for k in want} == want
@@ -272,12 +271,12 @@ class TestEventId:
 
     def test_template_event_id_wins(self) -> None:
         up = _parse(b'{"event_id":"abc","coreid":"d","v":1}')
-        assert up.event_id == "particle:d:abc"
+        assert up.event_id == "particle:tempmon:d:abc"
         assert up.values == {"v": 1}
 
     def test_odd_template_event_ids_are_hashed(self) -> None:
         up = _parse(b'{"event_id":"a b\\u001f","coreid":"d","v":1}')
-        assert up.event_id.startswith("particle:") and len(up.event_id) == 49
+        assert up.event_id.startswith("particle:") and len(up.event_id) == len("particle:") + 32
         assert up.event_id == _parse(b'{"event_id":"a b\\u001f","coreid":"d","v":2}').event_id
 
     def test_without_published_at_the_receive_time_counts(self) -> None:
@@ -318,7 +317,8 @@ _field = st.one_of(st.none(), st.booleans(), st.integers(-3, 3), st.text(max_siz
     event=st.one_of(st.sampled_from(["sensor", "spark/status", "", "Temp/Kitchen"]), _field),
     data=st.one_of(_data, _field),
     published_at=st.one_of(st.sampled_from(["2026-01-01T00:00:05.005Z", "", "yesterday",
-                                            "1969-12-31T23:59:59.5Z"]), _field),
+                                            "1969-12-31T23:59:59.5Z", "9999-12-31T23:59:59Z"]),
+                           _field),
     coreid=st.one_of(st.just("e00fce68"), _field),
     extra=st.dictionaries(st.sampled_from(["userid", "fw_version", "public", "version",
                                            "productID", "token", "name", "v1"]), _field,
@@ -331,7 +331,8 @@ def test_default_fast_path_matches_the_general_path(
 ) -> None:
     fields = {"event": event, "data": data, "published_at": published_at, "coreid": coreid,
               **extra}
-    product = ParticleProduct(name="p", product_id=product_id)
+    # The escapes are undone before either path (parse_webhook); here both get the same fields.
+    product = ParticleProduct(name="p", product_id=product_id, html_unescape=False)
 
     def run(fn: Callable[[], Any]) -> Any:
         try:
@@ -357,3 +358,143 @@ def test_default_webhook_takes_the_fast_path() -> None:
     assert fast is not None
     assert fast == particle._uplink(dict(fields), PRODUCT, RECEIVED)
     assert fast.values == {"temp": 18.5, "hum": 25}
+
+
+# --- hostile and odd input (issue 10) ----------------------------------------------------------
+
+OTHER = "e00fce68000000000000beef"
+
+
+class TestTrustedQuery:
+    """The webhook URL's query is set by the operator's webhook (Particle's cloud fills
+    ``{{{PARTICLE_DEVICE_ID}}}``); the body is the device's own JSON."""
+
+    @pytest.mark.parametrize("body_key", ["coreid", "device_id", "deviceID"])
+    @pytest.mark.parametrize("query_key", ["coreid", "device_id"])
+    def test_the_query_device_wins_over_the_body(self, body_key: str, query_key: str) -> None:
+        body = msgspec.json.encode({body_key: OTHER, "temp": 1})
+        up = _parse(body, JSON, {query_key: DEV})
+        assert up.device == DEV
+        assert up.values == {"temp": 1}
+
+    def test_other_envelope_fields_of_the_query_win_too(self) -> None:
+        body = b'{"event":"forged","published_at":"2030-01-01T00:00:00Z","temp":1}'
+        up = _parse(body, JSON, {"coreid": DEV, "event": "env",
+                                 "published_at": "2024-01-01T00:00:00Z"})
+        assert up.device_meta["event"] == "env"
+        assert up.event_ts_ms == 1704067200000
+
+    def test_body_values_still_win_over_query_values(self) -> None:
+        up = _parse(b'{"temp":2}', JSON, {"coreid": DEV, "temp": "1"})
+        assert up.values == {"temp": 2}
+
+    def test_device_id_from_query_refuses_a_body_that_disagrees(self) -> None:
+        strict = ParticleProduct(name="tempmon", device_id_from="query")
+        with pytest.raises(InvalidInput) as err:
+            _parse(b'{"device_id":"' + OTHER.encode() + b'","temp":1}', JSON, {"coreid": DEV},
+                   product=strict)
+        assert (err.value.reason, err.value.field) == ("invalid_field", "device_id")
+        agreeing = _parse(b'{"coreid":"' + DEV.encode() + b'","temp":1}', JSON, {"coreid": DEV},
+                          product=strict)
+        assert agreeing.device == DEV
+        with pytest.raises(InvalidInput) as err:  # the body alone cannot name the device
+            _parse(b'{"coreid":"' + DEV.encode() + b'","temp":1}', JSON, product=strict)
+        assert (err.value.reason, err.value.field) == ("missing_field", "coreid")
+
+
+class TestFutureEventTime:
+    BODY = b'{"event":"e","data":"1","coreid":"d","published_at":"%s"}'
+
+    @pytest.mark.parametrize("data", [b'"1"', b'"{\\"t\\":1}"', b'{"t":1}'])
+    def test_a_time_past_the_skew_is_the_arrival_time(self, data: bytes) -> None:
+        body = (b'{"event":"e","coreid":"d","published_at":"9999-12-31T23:59:59Z","data":'
+                + data + b"}")
+        up = _parse(body)
+        assert (up.event_ts_ms, up.event_ts_clamped) == (RECEIVED, True)
+
+    def test_within_the_skew_the_time_is_kept(self) -> None:
+        at = b"2027-01-15T08:05:00Z"  # RECEIVED + 300 s
+        up = _parse(self.BODY % at)
+        assert (up.event_ts_ms, up.event_ts_clamped) == (RECEIVED + 300_000, False)
+        tight = ParticleProduct(name="tempmon", max_clock_skew_s=0)
+        up = _parse(self.BODY % at, product=tight)
+        assert (up.event_ts_ms, up.event_ts_clamped) == (RECEIVED, True)
+
+    def test_the_past_is_kept(self) -> None:
+        up = _parse(self.BODY % b"2001-01-01T00:00:00Z")
+        assert (up.event_ts_ms, up.event_ts_clamped) == (978307200000, False)
+
+
+_BAD_DEVICE_IDS = ["a" * 60_000, "a" * 65, "dev\r\n1", "dev\n1", "dev\x001", "dev\u202e1",
+                   "dev 1", "dev/1", ""]
+
+
+class TestIds:
+    @pytest.mark.parametrize("device", _BAD_DEVICE_IDS[:-1])
+    @pytest.mark.parametrize("key", ["coreid", "device_id"])
+    def test_odd_device_ids_are_refused_naming_the_field(self, device: str, key: str) -> None:
+        with pytest.raises(InvalidInput) as err:
+            _parse(msgspec.json.encode({key: device, "event": "e", "data": "1",
+                                        "published_at": "2024-01-01T00:00:00Z"}))
+        assert (err.value.reason, err.value.field) == ("invalid_field", key)
+        assert len(str(err.value)) < 300
+        with pytest.raises(InvalidInput) as err:
+            _parse(b'{"temp":1}', JSON, {key: device})
+        assert (err.value.reason, err.value.field) == ("invalid_field", key)
+
+    @pytest.mark.parametrize("device", [DEV, "api", "particle-internal", "my_device-2.a:b@c",
+                                        "x" * 64])
+    def test_documented_device_ids_pass(self, device: str) -> None:
+        assert _parse(b'{"temp":1}', JSON, {"coreid": device}).device == device
+
+    @pytest.mark.parametrize("size", [60_000, 120])
+    def test_event_ids_over_128_bytes_are_hashed(self, size: int) -> None:
+        up = _parse(b'{"coreid":"d","v":1,"event_id":"' + b"e" * size + b'"}')
+        assert len(up.event_id.encode()) <= 128
+        assert up.event_id == _parse(
+            b'{"coreid":"d","v":2,"event_id":"' + b"e" * size + b'"}').event_id
+        assert up.event_id != _parse(
+            b'{"coreid":"d","v":1,"event_id":"' + b"e" * (size + 1) + b'"}').event_id
+
+    @pytest.mark.parametrize("body", [
+        b'{"event":"e","data":"1","coreid":"d","published_at":"2024-01-01T00:00:00Z"}',
+        b'{"event_id":"abc","coreid":"d","v":1}',
+        b'{"coreid":"d","v":1,"published_at":"2024-01-01T00:00:00Z"}',
+    ])
+    def test_event_ids_are_scoped_by_integration(self, body: bytes) -> None:
+        a = _parse(body, product=ParticleProduct(name="a"))
+        b = _parse(body, product=ParticleProduct(name="b"))
+        assert a.event_id != b.event_id
+        assert a.event_id.startswith("particle:")
+
+    def test_an_id_field_holding_the_device_id_is_not_the_event_id(self) -> None:
+        first = _parse(b'{"id":"' + DEV.encode() + b'","temp":1}', JSON, {"coreid": DEV})
+        second = _parse(b'{"id":"' + DEV.encode() + b'","temp":2}', JSON, {"coreid": DEV})
+        assert first.event_id != second.event_id
+        assert "id" not in first.values
+
+
+class TestHtmlEscapes:
+    """Particle's ``{{var}}`` (double braces) HTML-escapes ``&<>"'`` in what it inserts."""
+
+    def test_values_from_double_brace_templates_are_unescaped(self) -> None:
+        body = (b'{"coreid":"d","note":"&lt;b&gt; &amp; &quot;q&quot; &#39;s&#39;",'
+                b'"env":{"room":"R&amp;D"},"list":["a&amp;b"]}')
+        up = _parse(body)
+        assert up.values == {"note": "<b> & \"q\" 's'", "env.room": "R&D", "list.0": "a&b"}
+
+    def test_escaped_json_data_is_unpacked(self) -> None:
+        body = (b'{"name":"tempmon","data":"{&quot;t&quot;:19,&quot;s&quot;:&quot;a&amp;amp;b'
+                b'&quot;}","coreid":"d","published_at":"2024-05-13T10:55:40.306Z"}')
+        up = _parse(body)
+        # Once: what the device itself published ("a&amp;b") is not unescaped again.
+        assert up.values == {"t": 19, "s": "a&amp;b"}
+
+    def test_query_and_form_values_are_unescaped(self) -> None:
+        up = _parse(b"coreid=d&msg=%26lt%3Bhi%26gt%3B", FORM, {"V1": "1&lt;2"})
+        assert up.values == {"msg": "<hi>", "V1": "1<2"}
+
+    def test_off_keeps_the_text(self) -> None:
+        raw = ParticleProduct(name="tempmon", html_unescape=False)
+        up = _parse(b'{"coreid":"d","note":"&lt;b&gt;"}', product=raw)
+        assert up.values == {"note": "&lt;b&gt;"}

@@ -24,7 +24,8 @@ APP = TtsApplication(name="lab", app_id="app1", raw_payload_key="raw")
 
 
 def _parse(msg: dict[str, Any]) -> Uplink:
-    up = parse_event(json.dumps(msg).encode(), APP, received_ts_ms=1)
+    # Received after every time the emulator sends (later times would be clamped).
+    up = parse_event(json.dumps(msg).encode(), APP, received_ts_ms=1_800_000_000_000)
     assert isinstance(up, Uplink)
     return up
 
@@ -43,7 +44,7 @@ def test_make_uplink_has_the_tts_shape_and_traps() -> None:
     assert base64.b64decode(up["frm_payload"]) == b'{"t":1.5}'
     parsed = _parse(first)
     assert parsed.values == {"t": 1.5}
-    assert parsed.event_id == first["correlation_ids"][0]
+    assert parsed.event_id == "tts:lab:" + first["correlation_ids"][0]
     assert parsed.event_ts_ms == 1_700_000_000_123
     assert parsed.radio is not None
     assert (parsed.radio.f_cnt, parsed.radio.f_port, parsed.radio.gateways) == (0, 1, 3)

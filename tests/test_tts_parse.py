@@ -16,7 +16,7 @@ from pipeline.tts import Skipped, parse_event, parse_message
 
 APP = TtsApplication(name="lab", app_id="app1")
 RAW = TtsApplication(name="lab", app_id="app1", raw_payload_key="raw")
-NOW = 1_700_000_000_000
+NOW = 1_800_000_000_000  # 2027-01-15T08:00:00Z: after every fixture's time
 
 FixturePath = Callable[[str], Path]
 
@@ -37,7 +37,7 @@ def _uplink(body: bytes, app: TtsApplication = APP) -> Uplink:
 
 FIXTURE_UPLINKS: dict[str, Uplink] = {
     "tts-uplink-02.json": Uplink(
-        event_id="sha1:e5e46618a07f9ea4582d986611c377d88642f493",
+        event_id="tts:lab:sha1:e5e46618a07f9ea4582d986611c377d88642f493",
         source="tts",
         integration="lab",
         device="eui-70b3d52dd600035a",
@@ -71,7 +71,7 @@ FIXTURE_UPLINKS: dict[str, Uplink] = {
         kind="uplink",
     ),
     "tts-join-01.json": Uplink(
-        event_id="as:up:01D2CT83AXQFQYQ35SR74CTWKH",
+        event_id="tts:lab:as:up:01D2CT83AXQFQYQ35SR74CTWKH",
         source="tts",
         integration="lab",
         device="dev1",
@@ -86,7 +86,7 @@ FIXTURE_UPLINKS: dict[str, Uplink] = {
         kind="join",
     ),
     "tts-join-02.json": Uplink(
-        event_id="as:up:01E191YN5F2HMBQCBCVRF731VY",
+        event_id="tts:lab:as:up:01E191YN5F2HMBQCBCVRF731VY",
         source="tts",
         integration="lab",
         device="dev1",
@@ -103,7 +103,7 @@ FIXTURE_UPLINKS: dict[str, Uplink] = {
         kind="join",
     ),
     "tts-join-03.json": Uplink(
-        event_id="as:up:01G76SF1T4N87XN57MY6H36X4C",
+        event_id="tts:lab:as:up:01G76SF1T4N87XN57MY6H36X4C",
         source="tts",
         integration="lab",
         device="dev2",
@@ -118,7 +118,7 @@ FIXTURE_UPLINKS: dict[str, Uplink] = {
         kind="join",
     ),
     "tts-uplink-11-minimal.json": Uplink(
-        event_id="sha1:fce1e16a580d0fa051d554459187c928d43e8405",
+        event_id="tts:lab:sha1:fce1e16a580d0fa051d554459187c928d43e8405",
         source="tts",
         integration="lab",
         device="dev1",
@@ -129,7 +129,7 @@ FIXTURE_UPLINKS: dict[str, Uplink] = {
         radio=Radio(gateways=0, f_cnt=327, f_port=1),
     ),
     "tts-uplink-01.json": Uplink(
-        event_id="as:up:01D2CV8HNGJ57G25BW0FCZNY07",
+        event_id="tts:lab:as:up:01D2CV8HNGJ57G25BW0FCZNY07",
         source="tts",
         integration="lab",
         device="dev1",
@@ -204,7 +204,7 @@ def test_invalid_fixture_once_repaired_parses(fixture_path: FixturePath) -> None
     missing_comma = '}\n    "received_at" : "2020-02-12T15'
     fixed = text.replace(missing_comma, "}," + missing_comma[1:])
     up = _uplink(fixed.encode())
-    assert up.event_id == "as:up:01E0WZGT6Y7657CPFPE5WEYDSQ"
+    assert up.event_id == "tts:lab:as:up:01E0WZGT6Y7657CPFPE5WEYDSQ"
     assert up.values == {"temperature": 1.0, "luminosity": 0.64}
     assert up.radio == Radio(rssi=-35.0, snr=5.0, gateways=1, f_cnt=1, f_port=0,
                              data_rate="SF7BW125", frequency=868300000)
@@ -249,7 +249,7 @@ def test_location_solved_fragment_wrapped(fixture_path: FixturePath) -> None:
     assert up.kind == "location"
     assert up.values == {"location": [5.458, 51.455], "location.accuracy": 15.0}
     assert up.device_meta["location_service"] == "lora-cloud-device-management-v1-wifi"
-    assert up.event_id == "as:up:01LOC"
+    assert up.event_id == "tts:lab:as:up:01LOC"
     assert up.event_ts_ms == 1609459200123
 
 
@@ -392,14 +392,14 @@ def test_service_data_is_skipped() -> None:
          "invalid_encoding", "$"),
         # deeper than msgspec's own recursion limit
         (b'{"end_device_ids":{"device_id":"d"},"uplink_message":{"decoded_payload":'
-         + b'{"a":' * 50_000, "wrong_shape", None),
+         + b'{"a":' * 50_000, "wrong_shape", "$"),
         (b'{"end_device_ids":{"device_id":"d"},"uplink_message":{"decoded_payload":{"a":['
          + b",".join(b"1" for _ in range(600)) + b"]}}}", "too_many_values",
          "uplink_message.decoded_payload.a"),
-        (b"[]", "wrong_shape", None),
-        (b"42", "wrong_shape", None),
+        (b"[]", "wrong_shape", "$"),
+        (b"42", "wrong_shape", "$"),
         (b'{"uplink_message":{}}', "wrong_shape", "end_device_ids.device_id"),
-        (b'{"end_device_ids":{"device_id":"d"}}', "wrong_shape", None),
+        (b'{"end_device_ids":{"device_id":"d"}}', "wrong_shape", "$"),
         (b'{"end_device_ids":{"device_id":"d"},"uplink_message":{"f_cnt":"x"}}', "wrong_shape",
          "uplink_message.f_cnt"),
         (b'{"end_device_ids":{"device_id":"d"},"uplink_message":{"decoded_payload":[1]}}',
@@ -427,3 +427,87 @@ def test_too_large_and_too_deep() -> None:
     with pytest.raises(InvalidInput) as err:
         _event(_msg({"decoded_payload": deep}))
     assert err.value.reason == "wrong_shape"
+
+
+# --- hostile and odd input (issue 10) ----------------------------------------------------------
+
+
+def test_received_at_in_the_future_is_the_arrival_time() -> None:
+    up = _uplink(_msg({"decoded_payload": {"t": 1}}, received_at="9999-12-31T23:59:59Z"))
+    assert (up.event_ts_ms, up.event_ts_clamped) == (NOW, True)
+    inner = _uplink(_msg({"decoded_payload": {"t": 1}, "received_at": "9999-12-31T23:59:59Z"}))
+    assert (inner.event_ts_ms, inner.event_ts_clamped) == (NOW, True)
+    soon = _uplink(_msg({"decoded_payload": {"t": 1}}, received_at="2027-01-15T08:05:00Z"))
+    assert (soon.event_ts_ms, soon.event_ts_clamped) == (NOW + 300_000, False)
+    tight = TtsApplication(name="lab", app_id="app1", max_clock_skew_s=0)
+    up = _uplink(_msg({"decoded_payload": {"t": 1}}, received_at="2027-01-15T08:05:00Z"), tight)
+    assert (up.event_ts_ms, up.event_ts_clamped) == (NOW, True)
+
+
+@pytest.mark.parametrize("device", ["a" * 60_000, "a" * 65, "dev\r\n1", "dev\x001", "dev\u202e1",
+                                    "dev 1"])
+def test_odd_device_ids_are_refused_naming_the_field(device: str) -> None:
+    body = json.dumps({"end_device_ids": {"device_id": device},
+                       "uplink_message": {"decoded_payload": {"t": 1}}}).encode()
+    with pytest.raises(InvalidInput) as err:
+        _event(body)
+    assert (err.value.reason, err.value.field) == ("invalid_field", "end_device_ids.device_id")
+    assert len(str(err.value)) < 300
+
+
+@pytest.mark.parametrize("size", [60_000, 125])
+def test_correlation_ids_over_128_bytes_are_hashed(size: int) -> None:
+    cid = "as:up:" + "0" * size
+    up = _uplink(_msg({"decoded_payload": {"t": 1}}, correlation_ids=[cid]))
+    assert len(up.event_id.encode()) <= 128
+    assert up.event_id == _uplink(_msg({"decoded_payload": {"t": 2}},
+                                       correlation_ids=[cid])).event_id
+    assert up.event_id != _uplink(_msg({"decoded_payload": {"t": 1}},
+                                       correlation_ids=[cid + "1"])).event_id
+
+
+@pytest.mark.parametrize("cids", [["as:up:01D2CV8HNGJ57G25BW0FCZNY07"], []])
+def test_event_ids_are_scoped_by_integration(cids: list[str]) -> None:
+    body = _msg({"decoded_payload": {"t": 1}, "f_cnt": 3}, correlation_ids=cids,
+                received_at="2024-01-01T00:00:00Z")
+    a = _uplink(body, TtsApplication(name="a", app_id="app1"))
+    b = _uplink(body, TtsApplication(name="b", app_id="app1"))
+    assert a.event_id != b.event_id
+    assert a.event_id.startswith("tts:")
+
+
+def _export(up: dict[str, Any], type_: str = "type.googleapis.com/ttn.lorawan.v3.ApplicationUp",
+            name: str = "as.up.data.forward") -> bytes:
+    """The Events API / Console export wrapping of an ApplicationUp."""
+    return json.dumps({
+        "name": name, "time": "2019-01-29T13:02:35.100Z",
+        "identifiers": [{"device_ids": up["end_device_ids"]}],
+        "data": {"@type": type_, **up},
+        "correlation_ids": up.get("correlation_ids", []),
+        "origin": "ip-10-100-5-54.eu-west-1.compute.internal", "context": {"tenant-id": "CgN0dG4="},
+        "visibility": {"rights": ["RIGHT_APPLICATION_TRAFFIC_READ"]},
+        "unique_id": "01D2CV8HP0AX4WS9R0M3P3Q5EF",
+    }).encode()
+
+
+@pytest.mark.parametrize("name", ["tts-uplink-01.json", "tts-join-02.json", "tts-uplink-02.json"])
+def test_event_exports_parse_as_the_application_up_they_wrap(fixture_path: FixturePath,
+                                                             name: str) -> None:
+    body = fixture_path(f"tts/{name}").read_bytes()
+    plain = _uplink(body, RAW)
+    assert _uplink(_export(json.loads(body)), RAW) == plain
+
+
+def test_event_exports_of_other_types_are_refused() -> None:
+    up = json.loads(_msg({"decoded_payload": {"t": 1}}))
+    with pytest.raises(InvalidInput) as err:
+        _event(_export(up, type_="type.googleapis.com/ttn.lorawan.v3.ApplicationDownlink",
+                       name="as.down.data.receive"))
+    assert (err.value.reason, err.value.field) == ("wrong_shape", "data.@type")
+
+
+@pytest.mark.parametrize("body", [b"[]", b"42", b'"x"', b"null"])
+def test_a_body_that_is_not_an_object_names_the_whole_body(body: bytes) -> None:
+    with pytest.raises(InvalidInput) as err:
+        _event(body)
+    assert (err.value.reason, err.value.field) == ("wrong_shape", "$")

@@ -545,6 +545,8 @@ class IngestHttp:
             counter = self._ingested[(source, name, uplink.kind)] = metrics.INGESTED.labels(
                 source, name, uplink.kind)
         counter.inc()
+        if uplink.event_ts_clamped:
+            metrics.EVENT_TIME_CLAMPED.labels(source, name).inc()
         if source == "particle":
             self.status.accepted(name)
         headers = {"X-Entry-Id": entry_id}

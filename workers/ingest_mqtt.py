@@ -320,6 +320,8 @@ class _Feed:
             log.debug("%s: %s from %s %s", app.name, event.reason, event.device,
                       ",".join(event.correlation_ids))
             return
+        if event.event_ts_clamped:
+            metrics.EVENT_TIME_CLAMPED.labels("tts", app.name).inc()
         counter = self._ingested.get(event.kind)
         if counter is None:
             counter = self._ingested[event.kind] = metrics.INGESTED.labels(
