@@ -75,7 +75,7 @@ return out
 """
 
 # Per-flush scripts take their arguments as one msgpack blob (ARGV[1]): redis-py packs each
-# argument in Python (~2 µs each); msgpack packs a flush's thousands of values in C.
+# argument in Python, msgpack packs a whole flush's values in C.
 
 # KEYS = last-written hashes, then streams; ARGV[1] = msgpack [owner, ttl ms, group,
 # [[pin, event ms, ...] per hash], [[entry id, ...] per stream]] (XACKed in the same call)
