@@ -10,8 +10,9 @@ resolves every in-flight entry of the device, then the write's ``pending`` futur
   everything it carried, or its values proved stale.
 * **Dead-letter** the entries that carried a pin Blynk refused (original entry kept, reason and
   detail per pin) — after the commit, so the rest of the device's entries are acked first.
-* **Invalid token**: the device is marked broken in the registry and all its in-flight entries
-  are dead-lettered.
+* **Invalid token**: all the device's in-flight entries are dead-lettered; the device is marked
+  broken in the registry only if the refused token is the one its row holds (not one an uplink
+  carried itself, not one replaced since).
 * **Retry** (a retryable answer, or a Redis error while committing): the entries go back to the
   device's queue, in memory, never acked and never re-read; after a 429 the device waits for
   ``Retry-After`` (or capped jittered backoff), shared with every replica through the rate limit;
@@ -161,10 +162,15 @@ class Committer:
     async def _invalid_token(self, dev: DeviceQueue, plan: DevicePlan, outcome: Fail,
                              pending: asyncio.Future[None]) -> None:
         try:
-            log.warning("egress: device %s: invalid token %s; marked broken, %d entries dead",
-                        dev.key, mask(plan.token), len(dev.inflight))
             try:
-                await self._registry.mark_broken(dev.key, INVALID_TOKEN, outcome.detail)
+                # Broken only if Blynk refused the token the registry holds for the device: a
+                # token carried by an uplink (keyed apart, no row) or replaced since says
+                # nothing about it.
+                broken = await self._registry.mark_broken(dev.key, INVALID_TOKEN,
+                                                          outcome.detail, token=plan.token)
+                log.warning("egress: device %s: invalid token %s; %s%d entries dead",
+                            dev.key, mask(plan.token),
+                            "marked broken, " if broken else "", len(dev.inflight))
                 await asyncio.shield(self._reader.dead_letter(
                     [(h.entry, INVALID_TOKEN, outcome.detail) for h in dev.inflight]))
             except RedisError as exc:

@@ -107,13 +107,17 @@ class EgressStage:
     async def main_loop(self, stop: asyncio.Event) -> None:
         """Read, hold, flush, until ``stop`` (or, in burst mode, until idle)."""
         await self.reader.ensure_group()
-        keeper = asyncio.create_task(self._keep_claimed(), name="egress-keep-claimed")
+        chores = [asyncio.create_task(self._keep_claimed(), name="egress-keep-claimed")]
+        if self.cfg.broken_retry_s > 0:
+            chores.append(asyncio.create_task(self._retry_broken(), name="egress-retry-broken"))
         try:
             await self._run(stop)
         finally:
-            keeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await keeper
+            for chore in chores:
+                chore.cancel()
+            for chore in chores:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await chore
             if self._tasks:
                 await asyncio.gather(*self._tasks, return_exceptions=True)
 
@@ -211,6 +215,18 @@ class EgressStage:
                     await pipe.execute()
             except RedisError as exc:
                 log.warning("egress: refreshing held entries failed (%s)", exc)
+
+    async def _retry_broken(self) -> None:
+        """Set devices broken for ``broken_retry_s`` back to ok, so their next uplink tries the
+        token again (counted in ``bb_devices_unbroken_total{by="retry"}``)."""
+        retry_s = self.cfg.broken_retry_s
+        interval = min(60.0, max(0.05, retry_s / 4))
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.registry.retry_broken(int(retry_s * 1000))
+            except RedisError as exc:
+                log.warning("egress: retrying broken devices failed (%s)", exc)
 
     # ---- flushing ------------------------------------------------------------------------
 
