@@ -249,6 +249,10 @@ class EgressConfig(_Base):
     #: Entries older than this are backlog: written through the timestamped upload.
     live_window_s: float = 60.0
     max_backoff_s: float = 30.0
+    #: A device marked broken (Blynk refused the token stored for it) is set back to ok this
+    #: long after, so its next uplink tries the token again (fixed in Blynk meanwhile?); 0 =
+    #: only ``blynk-bridge devices unbreak`` does.
+    broken_retry_s: float = 3600.0
 
 
 class MetricsConfig(_Base):

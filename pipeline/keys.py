@@ -53,6 +53,10 @@ class Keys:
     def device(self, source: str, integration: str, device: str) -> str:
         return f"{self.prefix}dev:{source}:{integration}:{device}"
 
+    def broken_devices(self) -> str:
+        """Sorted set device key → when (ms) it was marked broken."""
+        return f"{self.prefix}registry:broken"
+
     def registry_version(self) -> str:
         return f"{self.prefix}registry:version"
 

@@ -39,6 +39,11 @@ REGISTRY_RESETS = Counter(
     "bb_registry_cache_resets_total", "Registry caches dropped after a gap in the change log"
 )
 DEVICES_BROKEN = Counter("bb_devices_broken_total", "Devices marked broken", ["reason"])
+DEVICES_UNBROKEN = Counter(
+    "bb_devices_unbroken_total",
+    "Broken devices set back to ok: by retry (egress.broken_retry_s) or by an operator",
+    ["by"],
+)
 PROVISIONED = Counter(
     "bb_provisioned_total", "Auto-provisioning attempts by outcome", ["integration", "outcome"]
 )
