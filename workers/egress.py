@@ -53,7 +53,7 @@ from typing import Any, Generic, TypeVar
 import msgspec
 from redis.exceptions import RedisError
 
-from pipeline import metrics
+from pipeline import echo, metrics
 from pipeline.blynk.outcomes import INVALID_TOKEN, Fail, Ok, Outcome, Retry
 from pipeline.coalesce import DevicePlan, chunks, coalesce, drop_stale, split
 from pipeline.consumer import backoff_s
@@ -250,6 +250,9 @@ class EgressStage:
         self._takes = _Batch(self.limiter.take)
         self._defers: _Batch[tuple[str, float], None] = _Batch(self._defer_many)
         self._live_ms = int(cfg.live_window_s * 1000)
+        #: With Blynk webhooks configured, writes are announced to echo suppression first.
+        self._echo_window_ms = (ctx.config.downlink.echo_window_ms
+                                if ctx.config.blynk_webhooks else 0)
 
     # ---- lifecycle ---------------------------------------------------------------------
 
@@ -474,6 +477,8 @@ class EgressStage:
                     self._requeue(dev, not_before=time.monotonic() + backoff_s(1))
             self._release_probes(plans)
             return
+        if self._echo_window_ms:
+            await self._record_echoes(plans, claims, wall)
         now = time.monotonic()
         stale_values = coalesced = 0
         for (dev, plan), claim in zip(plans, claims, strict=True):
@@ -495,6 +500,18 @@ class EgressStage:
             metrics.EGRESS_DROPPED.labels("stale").inc(stale_values)
         if coalesced:
             metrics.EGRESS_DROPPED.labels("coalesced").inc(coalesced)
+
+    async def _record_echoes(self, plans: Sequence[tuple[_Device, DevicePlan]],
+                             claims: Sequence[Any], wall: int) -> None:
+        """Tell the downlink stage what is about to be written, before it is (Blynk fires its
+        webhooks for these writes too: :mod:`pipeline.echo`). A failure only risks an echo."""
+        writes = [(dev.key, plan.current()) for (dev, plan), claim in zip(plans, claims,
+                                                                            strict=True)
+                  if claim.granted]
+        try:
+            await echo.record(self.ctx.redis, self.ctx.keys, writes, wall, self._echo_window_ms)
+        except RedisError as exc:
+            log.warning("egress: recording echoes failed (%s)", exc)
 
     def _spawn(self, coro: Coroutine[Any, Any, None], dev: _Device | None) -> None:
         task = asyncio.create_task(coro, name=f"egress-{dev.key if dev else 'status'}")
