@@ -24,6 +24,7 @@ STAGES: dict[str, str] = {
     "ingest-mqtt": "workers.ingest_mqtt",
     "transform": "workers.transform",
     "egress": "workers.egress",
+    "downlink": "workers.downlink",
     "monitor": "workers.monitor",
 }
 

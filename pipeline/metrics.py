@@ -155,6 +155,32 @@ EGRESS_LEASE_LOST = Counter(
     "Device writes that outlived their in-flight lease (order at risk)",
 )
 
+# downlinks (workers.downlink)
+DOWNLINKS = Counter(
+    "bb_downlinks_total",
+    "Downlink commands by what became of them: sent; superseded (a newer value for the same "
+    "device and pin came first); stale (older than one already sent); duplicate; echo (the "
+    "bridge's own uplink write coming back); retried (device offline, call failed)",
+    ["integration", "outcome"],
+)
+DOWNLINK_OUTCOMES = Counter(
+    "bb_downlink_outcomes_total",
+    "TTS downlink events matched to a command by correlation id (queued, sent, ack, nack, "
+    "failed)",
+    ["integration", "outcome"],
+)
+BLYNK_WEBHOOK_AT_LIMIT = Counter(
+    "bb_blynk_webhook_at_limit_total",
+    "Blynk webhook requests received while that webhook was at Blynk's limit (10 a minute): "
+    "Blynk drops the changes past it, which the bridge never sees",
+    ["webhook"],
+)
+DOWNLINK_LATENCY = Histogram(
+    "bb_downlink_seconds",
+    "Blynk webhook received to the device cloud accepting the command (publish/call returned)",
+    buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+
 
 def serve(host: str, port: int) -> None:
     """Serve ``/metrics`` from a background thread (prometheus-client's own server)."""

@@ -5,7 +5,8 @@
 base URL; empty = the default server), ``id`` (Blynk device id, when known), ``status``
 (``ok`` | ``broken``), ``reason``/``detail`` (why it is broken), ``firmware`` (from a decoded
 ``Blynk Firmware Version``), ``meta_pending`` (provisioned, metafield not set yet),
-``updated_ms``. A *device key* is ``"{source}:{integration}:{device}"``.
+``updated_ms``. A *device key* is ``"{source}:{integration}:{device}"``. Rows written with a token
+are also indexed by Blynk token and id (:mod:`pipeline.blynk_index`, for downlinks).
 
 **Cache.** Rows read by this process are kept in an LRU of ``cache_size`` entries, so a worker's
 memory is bounded by the cache, not by the fleet. The cache never serves a row older than the
@@ -44,7 +45,7 @@ from typing import Any, cast
 from redis.asyncio.client import Pipeline
 from redis.exceptions import RedisError, WatchError
 
-from pipeline import metrics
+from pipeline import blynk_index, metrics
 from pipeline.config import DeviceEntry
 from pipeline.keys import Keys
 from pipeline.streams import Redis, now_ms
@@ -392,6 +393,7 @@ class Registry:
                     pipe.hdel(row, *drop)
                 values: dict[Any, Any] = {**fields, "updated_ms": str(ts)}
                 pipe.hset(row, mapping=values)
+                blynk_index.queue_write(pipe, self._keys, key, fields)
                 status = fields.get("status")
                 if status == STATUS_BROKEN:
                     pipe.zadd(broken, {key: ts})

@@ -17,25 +17,25 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from typing import Any
 
 from redis.exceptions import RedisError
 
-from pipeline import metrics
+from pipeline import echo, metrics
 from pipeline.blynk.outcomes import Retry
-from pipeline.coalesce import drop_stale
+from pipeline.coalesce import DevicePlan, drop_stale
 from pipeline.consumer import backoff_s
 from pipeline.context import Context
 from pipeline.keys import GROUP_EGRESS, WRITES
 from pipeline.lifecycle import collect_young_less_often
-from pipeline.order import LastWritten
+from pipeline.order import Claim, LastWritten
 from pipeline.ratelimit import RateLimiter
 from pipeline.registry import Registry
 from pipeline.status import StatusBoard
 from pipeline.streams import Entry, StreamReader, now_ms
 from workers.egress.committer import Committer
-from workers.egress.queue import HeldWrites
+from workers.egress.queue import DeviceQueue, HeldWrites
 from workers.egress.scheduler import FlushScheduler, InFlight, Servers
 from workers.egress.sender import Pacer, Result, Sender
 
@@ -86,6 +86,9 @@ class EgressStage:
                                         flush_age_ms=cfg.flush_age_ms)
         self.committer = Committer(self.order, self.limiter, self.reader, self.registry,
                                    self.held, self.servers, self._spawn, cfg.max_backoff_s)
+        #: With Blynk webhooks configured, writes are announced to echo suppression first.
+        self._echo_window_ms = (ctx.config.downlink.echo_window_ms
+                                if ctx.config.blynk_webhooks else 0)
         self.sender = Sender(ctx.blynk(), InFlight(cfg.max_in_flight), self.servers,
                              Pacer(self.order, self.limiter), self.committer.finish,
                              self._spawn)
@@ -250,6 +253,8 @@ class EgressStage:
                     held.requeue(dev, not_before=time.monotonic() + backoff_s(1))
                 self.servers.release_probe(plan.server)
             return
+        if self._echo_window_ms:
+            await self._record_echoes(plans, claims, wall)
         now = time.monotonic()
         stale_values = coalesced = 0
         send = self.sender.send
@@ -269,6 +274,17 @@ class EgressStage:
             metrics.EGRESS_DROPPED.labels("stale").inc(stale_values)
         if coalesced:
             metrics.EGRESS_DROPPED.labels("coalesced").inc(coalesced)
+
+    async def _record_echoes(self, plans: Sequence[tuple[DeviceQueue, DevicePlan]],
+                             claims: Sequence[Claim], wall: int) -> None:
+        """Tell the downlink stage what is about to be written, before it is (Blynk fires its
+        webhooks for these writes too: :mod:`pipeline.echo`). A failure only risks an echo."""
+        writes = [(dev.key, plan.current())
+                  for (dev, plan), claim in zip(plans, claims, strict=True) if claim.granted]
+        try:
+            await echo.record(self.ctx.redis, self.ctx.keys, writes, wall, self._echo_window_ms)
+        except RedisError as exc:
+            log.warning("egress: recording echoes failed (%s)", exc)
 
     # ---- tracking ------------------------------------------------------------------------
 
