@@ -16,7 +16,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
 from redis.exceptions import RedisError, ResponseError
@@ -26,7 +25,7 @@ from rich.table import Table
 from pipeline import config as config_mod
 from pipeline import dedup, events
 from pipeline.keys import DOWNLINKS, UPLINKS, WRITES, Keys
-from pipeline.redact import mask, redact_url
+from pipeline.redact import mask, redact_url, safe_url
 from pipeline.status import StatusBoard
 from pipeline.streams import Redis, connect, now_ms
 from workers.monitor import StreamInfo, snapshot
@@ -46,14 +45,7 @@ def _console() -> Console:
 
 def _safe_url(url: str) -> str:
     """A Redis URL without its password."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"{parts.username or ''}:{mask(parts.password)}@{host}"
-    if parts.port:
-        netloc += f":{parts.port}"
-    return urlunsplit(parts._replace(netloc=netloc))
+    return safe_url(url)
 
 
 @asynccontextmanager
