@@ -344,12 +344,10 @@ class Connection(web.RequestHandler):
         self._disarm()
         self._in_request = True
 
-    async def finish_response(self, request: web.BaseRequest, resp: web.StreamResponse,
-                              start_time: float | None) -> tuple[web.StreamResponse, bool]:
-        try:
-            return await super().finish_response(request, resp, start_time)
-        finally:
-            self._in_request = False
+    def handled(self) -> None:
+        """The handler returned: bytes from now on belong to a next request (or to the rest of
+        a body nobody read, which aiohttp drains: that too must not take forever)."""
+        self._in_request = False
 
     def handle_error(self, request: web.BaseRequest, status: int = 500,
                      exc: BaseException | None = None,
@@ -654,6 +652,9 @@ class IngestHttp:
             return _error_response(refused)
         finally:
             self.in_flight -= 1
+            protocol = request.protocol
+            if isinstance(protocol, Connection):
+                protocol.handled()
 
     def _not_allowed(self, source: str, method: str, allowed: tuple[str, ...]) -> Refused:
         self._rejected(source, "method_not_allowed")
