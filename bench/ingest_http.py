@@ -53,7 +53,8 @@ PRODUCT = "bench"
 
 CONFIG = """\
 redis: {{url: "{redis}", prefix: "{prefix}"}}
-ingest_http: {{host: 127.0.0.1, port: {port}, backlog_high_water: 1000000000}}
+ingest_http: {{host: 127.0.0.1, port: {port}, backlog_high_water: 1000000000,
+              max_connections_per_peer: 0}}  # one load generator: every connection is one peer
 particle:
   - {{name: {product}, product_id: "30301", auth: {{header: X-Particle-Secret, secret: {secret}}}}}
 """

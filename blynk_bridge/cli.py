@@ -49,11 +49,18 @@ async def _run_stages(names: Sequence[str], cfg: config_mod.Config, grace_s: flo
     ctx = Context.create(cfg)
     try:
         stages = [importlib.import_module(STAGES[n]).build(ctx) for n in names]
+        server = None
         if cfg.metrics.port is not None:
-            from pipeline import metrics
+            from pipeline.metrics_http import MetricsServer
+            from pipeline.status import StatusBoard
 
-            metrics.serve(cfg.metrics.host, cfg.metrics.port)
-        await run_stages(stages, grace_s=grace_s)
+            server = MetricsServer(ctx.redis, StatusBoard(ctx.redis, ctx.keys), stages)
+            await server.start(cfg.metrics.host, cfg.metrics.port)
+        try:
+            await run_stages(stages, grace_s=grace_s)
+        finally:
+            if server is not None:
+                await server.close()
     finally:
         await ctx.close()
 
@@ -88,12 +95,15 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def explain(cfg: config_mod.Config, origin: str) -> str:
     """A short human summary of a valid configuration (no secrets)."""
+    from pipeline.redact import safe_url
+
     lines = [f"{origin}: OK"]
-    lines.append(f"  redis      {cfg.redis.url} prefix={cfg.redis.prefix!r} "
+    lines.append(f"  redis      {safe_url(cfg.redis.url)} prefix={cfg.redis.prefix!r} "
                  f"partitions={cfg.redis.partitions}")
-    servers = ", ".join(f"{k}={v}" for k, v in cfg.blynk.servers.items())
+    servers = ", ".join(f"{k}={safe_url(v)}" for k, v in cfg.blynk.servers.items())
+    platform = cfg.blynk.platform
     lines.append(f"  blynk      {servers} (default {cfg.blynk.default_server})"
-                 f"{'; platform API ' + cfg.blynk.platform.url if cfg.blynk.platform else ''}")
+                 f"{'; platform API ' + safe_url(platform.url) if platform else ''}")
     for t in cfg.templates:
         pins = ", ".join(f"{d.name}={d.pin.upper()}:{d.type}" for d in t.datastreams)
         lines.append(f"  template   {t.name}{' (' + t.id + ')' if t.id else ''}: {pins or '-'}")
@@ -108,10 +118,16 @@ def explain(cfg: config_mod.Config, origin: str) -> str:
         lines.append(
             f"  particle   {p.name}: POST /particle/{p.name}; template={p.template} "
             f"provision={'on' if p.provision else 'off'}; auth "
-            f"{'basic' if p.auth and p.auth.username else 'header' if p.auth else 'NONE'}"
+            f"{_auth_kind(p.auth)}"
         )
     lines.append(f"  devices    {len(cfg.devices)} in the static table")
     return "\n".join(lines)
+
+
+def _auth_kind(auth: config_mod.HttpAuth | str | None) -> str:
+    if isinstance(auth, config_mod.HttpAuth):
+        return "basic" if auth.username else "header"
+    return "NONE (anyone may post)"
 
 
 def cmd_emulate(args: argparse.Namespace) -> int:

@@ -51,6 +51,14 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _station3_token(emu: Any) -> str:
+    """The token of the emulated device that the example's static table names (its TTS id)."""
+    for dev in emu.model.devices.values():
+        if "eui-526973696e671256" in dev.metafields.values():
+            return str(dev.token)
+    return "no-such-device-in-the-emulator"
+
+
 def _reachable(host: str, port: int) -> bool:
     try:
         with socket.create_connection((host, port), timeout=1):
@@ -215,6 +223,12 @@ class Demo:
                 "INGEST_HTTP_HOST": "127.0.0.1",
                 "INGEST_HTTP_PORT": str(http_port),
                 "METRICS_PORT": str(self.opts.metrics_port or _free_port()),
+                # examples/bridge.yaml has no secrets: the demo's own, the emulated clouds'.
+                "PARTICLE_WEBHOOK_SECRET": secrets.token_urlsafe(24),
+                "TTS_API_KEY": f"NNSXS.DEMO-{run_id}",  # the local broker takes anyone
+                "BLYNK_CLIENT_ID": emu.spec_clients[0].client_id,
+                "BLYNK_CLIENT_SECRET": emu.spec_clients[0].client_secret,
+                "STATION3_TOKEN": _station3_token(emu),
             }
             cfg = config_mod.load(EXAMPLES / "bridge.yaml", env=env)
             ctx = Context.create(cfg)
@@ -241,7 +255,8 @@ class Demo:
         # TTS keeps no messages for absent subscribers (QoS 0): start publishing only once
         # ingest-mqtt holds the application and is subscribed.
         await until_stopped(self._connected(ctx, "tts", app.name), self.stop_fleets)
-        secret = cfg.particle[0].auth.secret if cfg.particle[0].auth else None
+        auth = cfg.particle[0].auth
+        secret = auth.secret if isinstance(auth, config_mod.HttpAuth) else None
         fleet = fleet_cls(MQTT_HOST, MQTT_PORT, app.app_id, app.tenant,
                           devices=self.opts.devices, rate_per_s=self.opts.rate,
                           missing_decoded_ratio=0.01, packet_broker_ratio=0.2, record=False,

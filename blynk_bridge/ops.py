@@ -17,7 +17,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
 from redis.exceptions import RedisError, ResponseError
@@ -29,7 +28,7 @@ from pipeline import dedup, events
 from pipeline.backlog import StreamInfo, snapshot
 from pipeline.keys import DOWNLINKS, UPLINKS, WRITES, Keys
 from pipeline.order import LastWritten
-from pipeline.redact import mask, redact_url
+from pipeline.redact import mask, redact_url, safe_url
 from pipeline.registry import Device, Registry
 from pipeline.status import StatusBoard
 from pipeline.streams import Redis, connect, now_ms
@@ -49,14 +48,7 @@ def _console() -> Console:
 
 def _safe_url(url: str) -> str:
     """A Redis URL without its password."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"{parts.username or ''}:{mask(parts.password)}@{host}"
-    if parts.port:
-        netloc += f":{parts.port}"
-    return urlunsplit(parts._replace(netloc=netloc))
+    return safe_url(url)
 
 
 @asynccontextmanager

@@ -2,12 +2,16 @@
 
 This is the only module that reads ``os.environ``. Loading does, in order:
 
-1. ``${NAME}`` / ``${NAME:-default}`` substitution in the file text (an unset variable without a
-   default is an error naming the variable and the file);
-2. YAML (``.yaml``/``.yml``) or TOML (``.toml``) parsing;
+1. YAML (``.yaml``/``.yml``) or TOML (``.toml``) parsing;
+2. ``${NAME}`` / ``${NAME:-default}`` substitution inside parsed string values — never into the
+   file's text, so a value holding ``#``, quotes or ``, key: value`` stays one value. A value
+   that is one reference and lands on a number, boolean or null field is read as one
+   (``port: "${PORT}"``); anywhere a string goes it stays a string. An unset variable without a
+   default is an error naming the variable, the key path that uses it and the file;
 3. ``*_file`` keys: ``api_key_file: /run/secrets/tts`` reads that file into ``api_key``;
 4. validation with msgspec: unknown keys and wrong types are errors that name the key path and
-   the file.
+   the file; then cross-field checks (:func:`check`), among them: every inbound integration
+   has auth (or says ``auth: none``), and no inbound secret is one published with the demo.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import msgspec
+import msgspec.inspect as mi
 import yaml
 
 from pipeline.errors import ConfigError
@@ -177,8 +182,9 @@ class TtsApplication(_Base):
     provision: bool = False
     #: Map raw payloads when no ``decoded_payload`` came (else dead-letter ``no_decoded_payload``).
     raw_payload_key: str | None = None
-    #: Inbound TTS webhooks for this application (``POST /tts/{name}``).
-    webhook_auth: HttpAuth | None = None
+    #: Inbound TTS webhooks for this application (``POST /tts/{name}``); unset: no webhooks,
+    #: ``none``: webhooks from anyone.
+    webhook_auth: HttpAuth | NoAuth | None = None
     downlink_f_port: int = 1
     skip_simulated: bool = False
     max_clock_skew_s: ClockSkew = 300.0
@@ -199,12 +205,21 @@ class TtsApplication(_Base):
         return self.port if self.port is not None else (1883 if self.insecure else 8883)
 
 
+#: ``auth: none``: an inbound integration open to anyone, written out on purpose.
+NoAuth = Literal["none"]
+
+#: Secrets published with blynk-bridge's demo (examples, emulators): refused for inbound auth,
+#: where they would let anyone who read the repository post data.
+DEMO_SECRETS = frozenset({"demo-webhook-secret", "demo-secret"})
+
+
 class ParticleProduct(_Base):
     name: str
     template: str | None = None
     template_rules: list[TemplateRule] = msgspec.field(default_factory=list)
     provision: bool = False
-    auth: HttpAuth | None = None
+    #: Required: a shared-secret header, HTTP basic, or ``none`` (anyone may post).
+    auth: HttpAuth | NoAuth | None = None
     #: Particle Cloud API for downlinks (function calls).
     api_url: str = "https://api.particle.io"
     access_token: Secret | None = None
@@ -255,8 +270,23 @@ class IngestHttpConfig(_Base):
     host: str = "0.0.0.0"
     port: int = 8080
     max_body_bytes: int = 64 * 1024
-    #: Refuse input with 503 + Retry-After when the uplinks stream lag passes this.
+    #: Refuse input with 503 + Retry-After when the uplinks stream lag passes this (entries)…
     backlog_high_water: int = 1_000_000
+    #: …or when the uplinks streams hold more than this many bytes in Redis (``MEMORY USAGE``).
+    backlog_high_water_bytes: int = 1 << 30
+    #: A connection whose request head (request line and headers) has not fully arrived this
+    #: long after it opened, or after the first byte of a next request, is closed.
+    header_timeout_s: float = 10.0
+    #: A request body not fully read this long after its head arrived: 408, connection closed.
+    body_timeout_s: float = 30.0
+    #: An idle keep-alive connection is closed after this long.
+    keepalive_timeout_s: float = 75.0
+    #: Open connections from one peer address; more are closed at once. Behind a reverse proxy
+    #: every connection comes from the proxy: raise it, or 0 for no cap.
+    max_connections_per_peer: int = 128
+    #: Requests with bad credentials answered 401 per peer address and minute; past it 429
+    #: (credentials are still checked first: a peer's good requests always pass).
+    auth_failures_per_minute: int = 30
     #: On stop: requests in flight get this long to finish before connections are closed.
     shutdown_timeout_s: float = 10.0
     #: Consecutive refused webhooks (bad auth or body) that mark a Particle integration Broken.
@@ -318,6 +348,9 @@ class EgressConfig(_Base):
 
 
 class MetricsConfig(_Base):
+    """The metrics port: ``/metrics``, ``/status``, ``/healthz``, ``/readyz`` (no auth: keep it
+    off the internet)."""
+
     host: str = "0.0.0.0"
     port: int | None = None
 
@@ -364,10 +397,12 @@ class Config(_Base):
 
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_ONE_VAR = re.compile(r"\$\{[A-Za-z_][A-Za-z0-9_]*(?::-[^}]*)?\}")
 
 
-def substitute_env(text: str, env: Mapping[str, str], origin: str) -> str:
-    """Replace ``${NAME}`` and ``${NAME:-default}``; ``$${`` escapes a literal ``${``."""
+def substitute_env(text: str, env: Mapping[str, str], origin: str, where: str = "") -> str:
+    """Replace ``${NAME}`` and ``${NAME:-default}`` in one value; ``$${`` is a literal ``${``.
+    ``where`` (a key path) names the key in the error for an unset variable."""
 
     def repl(m: re.Match[str]) -> str:
         name, default = m.group(1), m.group(2)
@@ -375,9 +410,86 @@ def substitute_env(text: str, env: Mapping[str, str], origin: str) -> str:
             return env[name]
         if default is not None:
             return default
-        raise ConfigError(f"{origin}: environment variable ${{{name}}} is not set")
+        used = f" (used by `{where}`)" if where else ""
+        raise ConfigError(f"{origin}: environment variable ${{{name}}} is not set{used}")
 
     return _VAR.sub(repl, text.replace("$${", "\0")).replace("\0", "${")
+
+
+def _substitute_all(data: Any, env: Mapping[str, str], origin: str) -> Any:
+    """:func:`_substitute` over the whole file; every unset variable is named in one error."""
+    unset: list[str] = []
+    out = _substitute(data, _CONFIG_TYPE, env, origin, "", unset)
+    if unset:
+        raise ConfigError(f"{origin}: environment variables not set: {'; '.join(unset)}")
+    return out
+
+
+def _substitute(node: Any, typ: mi.Type | None, env: Mapping[str, str], origin: str,
+                where: str, unset: list[str]) -> Any:
+    """Substitute inside every string value of ``node``, which should be of type ``typ`` (None:
+    not in the schema, e.g. a ``*_file`` key or an unknown key msgspec will name); unset
+    variables are appended to ``unset``."""
+    if isinstance(node, str):
+        if "${" not in node:
+            return node
+        try:
+            value = substitute_env(node, env, origin, where)
+        except ConfigError:
+            unset.extend(f"${{{m.group(1)}}} (used by `{where}`)" for m in _VAR.finditer(node)
+                         if m.group(1) not in env and m.group(2) is None)
+            return node
+        whole = _ONE_VAR.fullmatch(node) is not None
+        return _scalar(value, typ) if whole and typ is not None else value
+    if isinstance(node, list):
+        item = _pick(typ, (mi.ListType, mi.SetType, mi.VarTupleType))
+        item_type = getattr(item, "item_type", None)
+        return [_substitute(v, item_type, env, origin, f"{where}[{i}]", unset)
+                for i, v in enumerate(node)]
+    if isinstance(node, dict):
+        struct = _pick(typ, (mi.StructType,))
+        fields: dict[str, mi.Type] = (
+            {f.encode_name: f.type for f in struct.fields}
+            if isinstance(struct, mi.StructType) else {}
+        )
+        mapping = _pick(typ, (mi.DictType,))
+        values = mapping.value_type if isinstance(mapping, mi.DictType) else None
+        return {k: _substitute(v, fields.get(k, values) if isinstance(k, str) else None, env,
+                               origin, f"{where}.{k}" if where else str(k), unset)
+                for k, v in node.items()}
+    return node
+
+
+def _pick(typ: mi.Type | None, kinds: tuple[type, ...]) -> mi.Type | None:
+    options = typ.types if isinstance(typ, mi.UnionType) else (typ,)
+    return next((t for t in options if isinstance(t, kinds)), None)
+
+
+_STRING_TYPES = (mi.StrType, mi.CustomType, mi.AnyType)
+
+
+def _scalar(value: str, typ: mi.Type) -> Any:
+    """A substituted value for a field of type ``typ``: a string wherever a string may go,
+    else the number, boolean or null it spells (msgspec then checks it like any value)."""
+    options = typ.types if isinstance(typ, mi.UnionType) else (typ,)
+    if any(isinstance(t, _STRING_TYPES) for t in options) or any(
+            isinstance(t, mi.LiteralType) and any(isinstance(v, str) for v in t.values)
+            for t in options):
+        return value
+    text = value.strip()
+    for t in options:
+        if isinstance(t, mi.BoolType) and text.lower() in ("true", "false"):
+            return text.lower() == "true"
+        if isinstance(t, mi.IntType) and re.fullmatch(r"[-+]?[0-9]+", text):
+            return int(text)
+        if isinstance(t, mi.FloatType):
+            try:
+                return float(text)
+            except ValueError:
+                pass
+        if isinstance(t, mi.NoneType) and text.lower() in ("", "null", "~"):
+            return None
+    return value
 
 
 def _resolve_files(node: Any, origin: str, where: str = "$") -> Any:
@@ -412,7 +524,6 @@ def _dec_hook(type_: type, obj: Any) -> Any:
 def parse(text: str, fmt: Literal["yaml", "toml"], origin: str,
           env: Mapping[str, str] | None = None) -> Config:
     """Parse configuration text; ``origin`` names the file in every error."""
-    text = substitute_env(text, os.environ if env is None else env, origin)
     try:
         data = tomllib.loads(text) if fmt == "toml" else yaml.safe_load(text)
     except (yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
@@ -421,6 +532,7 @@ def parse(text: str, fmt: Literal["yaml", "toml"], origin: str,
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{origin}: the top level must be a mapping")
+    data = _substitute_all(data, os.environ if env is None else env, origin)
     data = _resolve_files(data, origin)
     try:
         config = msgspec.convert(data, Config, dec_hook=_dec_hook)
@@ -428,6 +540,9 @@ def parse(text: str, fmt: Literal["yaml", "toml"], origin: str,
         raise ConfigError(f"{origin}: {exc}") from None
     check(config, origin)
     return config
+
+
+_CONFIG_TYPE = mi.type_info(Config)
 
 
 def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
@@ -465,6 +580,22 @@ def check(config: Config, origin: str) -> None:
     ]
     for section, items in integrations:
         seen: set[str] = set()
+        for i, integ in enumerate(items):
+            if isinstance(integ, ParticleProduct) and integ.auth is None:
+                raise ConfigError(
+                    f"{origin}: `particle[{i}].auth` is missing: set `header` + `secret` or "
+                    "`username` + `password`, or write `auth: none` to accept webhooks from "
+                    "anyone"
+                )
+            key = "auth" if isinstance(integ, ParticleProduct) else "webhook_auth"
+            auth = integ.auth if isinstance(integ, ParticleProduct) else integ.webhook_auth
+            if isinstance(auth, HttpAuth):
+                for name, secret in (("secret", auth.secret), ("password", auth.password)):
+                    if secret is not None and secret.reveal() in DEMO_SECRETS:
+                        raise ConfigError(
+                            f"{origin}: `{section}[{i}].{key}.{name}` is the demo's published "
+                            "secret: set your own (e.g. `openssl rand -hex 32`)"
+                        )
         for i, integ in enumerate(items):
             if integ.name in seen:
                 raise ConfigError(f"{origin}: duplicate integration name `{section}[{i}].name`")

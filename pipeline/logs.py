@@ -7,17 +7,26 @@ import logging
 import sys
 import time
 
-from pipeline.redact import redact_url
+from pipeline.redact import redact_text
+
+_plain = logging.Formatter()
 
 
 class RedactingFilter(logging.Filter):
-    """Masks ``token=…``-style values in every record, whatever logged it (aiohttp included)."""
+    """Masks ``token=…``-style values and credential headers (``Authorization: …``) in every
+    record, its traceback included, whatever logged it (aiohttp's parser errors quote the
+    request bytes around the error)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         msg = record.getMessage()
-        redacted = redact_url(msg)
+        redacted = redact_text(msg)
         if redacted != msg:
             record.msg, record.args = redacted, None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = _plain.formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact_text(record.exc_text)
+            record.exc_info = None  # formatters print exc_text; the raw one would repeat it
         return True
 
 
@@ -31,7 +40,9 @@ class JsonFormatter(logging.Formatter):
             "msg": record.getMessage(),
         }
         if record.exc_info:
-            out["exc"] = redact_url(self.formatException(record.exc_info))
+            out["exc"] = redact_text(self.formatException(record.exc_info))
+        elif record.exc_text:
+            out["exc"] = redact_text(record.exc_text)
         return json.dumps(out, default=str)
 
 

@@ -1,8 +1,8 @@
 """Prometheus metrics of every process (``bb_`` prefix), defined once here.
 
 Every drop, rejection and dead letter increments a counter with a reason label: nothing is
-silent. ``serve`` exposes them on ``/metrics`` for processes that have no HTTP server of their own;
-ingest-http serves them on its own port.
+silent. The CLI's processes serve them on the metrics port with ``/status`` and the probes
+(:mod:`pipeline.metrics_http`); ``serve`` is the bare ``/metrics`` thread the demo uses.
 """
 
 from __future__ import annotations

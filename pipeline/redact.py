@@ -1,15 +1,25 @@
 """Keep secrets out of logs and error messages.
 
-Blynk tokens travel in query strings (``?token=…``); API keys and passwords in headers. Anything
-that might print one goes through :func:`mask` or :func:`redact_url` first.
+Blynk tokens travel in query strings (``?token=…``); API keys and passwords in headers and URLs'
+user info. Anything that might print one goes through :func:`mask`, :func:`redact_url`,
+:func:`redact_text` or :func:`safe_url` first.
 """
 
 from __future__ import annotations
 
 import re
+from urllib.parse import urlsplit, urlunsplit
 
 _TOKEN_QUERY = re.compile(
     r"(?i)((?:token|access_token|client_secret|api_key|password)=)([^&\s\"']+)"
+)
+
+
+#: A credential header and its value, as echoed by HTTP parsers (``Authorization: Basic …``,
+#: ``b'X-Bridge-Secret: …\\r\\n'``): the value runs to the end of the line or of the quoted bytes.
+_HEADER = re.compile(
+    r"(?i)\b((?:proxy-)?authorization|cookie|set-cookie|x-[a-z0-9-]*(?:secret|key|token|auth)"
+    r"[a-z0-9-]*)(\s*:\s*)([^\\\r\n'\"]+)"
 )
 
 
@@ -25,6 +35,22 @@ def mask(secret: str | None, keep: int = 4) -> str:
 def redact_url(text: str) -> str:
     """Mask every ``token=…``-style query value inside ``text``."""
     return _TOKEN_QUERY.sub(lambda m: m.group(1) + mask(m.group(2)), text)
+
+
+def redact_text(text: str) -> str:
+    """:func:`redact_url`, plus every credential header's value (``Authorization: …``)."""
+    return _HEADER.sub(lambda m: m.group(1) + m.group(2) + mask(m.group(3)), redact_url(text))
+
+
+def safe_url(url: str) -> str:
+    """A URL fit to print: the user info's password and token-like query values masked."""
+    parts = urlsplit(url)
+    if parts.password is not None:
+        netloc = f"{parts.username or ''}:{mask(parts.password)}@{parts.hostname or ''}"
+        if parts.port:
+            netloc += f":{parts.port}"
+        url = urlunsplit(parts._replace(netloc=netloc))
+    return redact_url(url)
 
 
 class Secret(str):

@@ -193,7 +193,12 @@ def test_example_config_resolves_to_the_compose_services(compose: dict[str, Any]
     raw_env = compose["services"]["transform"]["environment"]
     env = {k: config_mod.substitute_env(str(v), {}, "compose") for k, v in raw_env.items()
            if v is not None}
+    passed_through = {k for k, v in raw_env.items() if v is None}
+    assert {"PARTICLE_WEBHOOK_SECRET", "TTS_API_KEY", "BLYNK_CLIENT_SECRET"} <= passed_through
+    # The secrets come from the operator's .env: the example has none of its own.
+    env |= {k: f"secret-of-{k.lower()}" for k in passed_through}
     cfg = config_mod.load(ROOT / "examples" / "bridge.yaml", env)
+    assert cfg.ingest_http.host == cfg.metrics.host == "0.0.0.0"  # reachable to be published
     services = set(compose["services"])
     assert cfg.redis.url.startswith("redis://redis:")
     assert all(t.host in services for t in cfg.tts)

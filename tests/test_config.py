@@ -54,7 +54,8 @@ def test_unknown_key_names_the_key_path_and_the_file() -> None:
 
 
 def test_missing_env_variable_is_named() -> None:
-    with pytest.raises(ConfigError, match=r"\$\{TTS_KEY\} is not set"):
+    with pytest.raises(ConfigError,
+                       match=r"not set: \$\{TTS_KEY\} \(used by `tts\[0\]\.api_key`\)"):
         parse(GOOD, "yaml", "bridge.yaml", env={})
 
 
@@ -117,3 +118,107 @@ def test_ingest_hardening_options_default_and_are_checked() -> None:
     ):
         with pytest.raises(ConfigError, match=where):
             parse(bad, "yaml", "b.yaml", env={})
+
+
+# --- environment values are substituted into parsed scalars, never into the text ---------------
+
+PARTICLE = """
+particle:
+  - name: fleet
+    auth:
+      header: X-Secret
+      secret: ${HOOK_SECRET}
+ingest_http:
+  port: ${PORT:-8081}
+"""
+
+
+@pytest.mark.parametrize("secret", [
+    "abc#def", "abc #def", 'quo"te', "x, header: Evil", "}{[", "123456", "a: b", "'single",
+    "${NOT_A_VAR}",
+])
+def test_a_secret_with_yaml_syntax_stays_one_value(secret: str) -> None:
+    cfg = parse(PARTICLE, "yaml", "bridge.yaml", env={"HOOK_SECRET": secret})
+    auth = cfg.particle[0].auth
+    assert auth is not None and not isinstance(auth, str)
+    assert auth.header == "X-Secret" and auth.secret == secret
+    assert cfg.ingest_http.port == 8081
+
+
+def test_a_secret_with_toml_syntax_stays_one_value() -> None:
+    text = ('[[particle]]\nname = "fleet"\nauth = {header = "X-Secret", secret = "${S}"}\n'
+            '[ingest_http]\nport = "${PORT}"\n')
+    cfg = parse(text, "toml", "bridge.toml", env={"S": 'x", header = "Evil', "PORT": "9000"})
+    auth = cfg.particle[0].auth
+    assert auth is not None and not isinstance(auth, str) and auth.header == "X-Secret"
+    assert auth.secret == 'x", header = "Evil'
+    assert cfg.ingest_http.port == 9000
+
+
+def test_an_unset_variable_names_the_key_that_uses_it() -> None:
+    with pytest.raises(ConfigError) as err:
+        parse(PARTICLE, "yaml", "/etc/bb/bridge.yaml", env={})
+    msg = str(err.value)
+    assert "/etc/bb/bridge.yaml" in msg and "${HOOK_SECRET}" in msg
+    assert "particle[0].auth.secret" in msg
+
+
+def test_a_substituted_value_is_still_type_checked() -> None:
+    with pytest.raises(ConfigError, match="port"):
+        parse(PARTICLE, "yaml", "bridge.yaml", env={"HOOK_SECRET": "s", "PORT": "eighty"})
+
+
+# --- inbound integrations need auth, and never a demo secret ------------------------------------
+
+
+def test_a_particle_integration_without_auth_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"particle\[0\]\.auth.*auth: none"):
+        parse("particle:\n  - {name: fleet}\n", "yaml", "bridge.yaml", env={})
+
+
+def test_auth_none_must_be_written_out() -> None:
+    cfg = parse("particle:\n  - {name: fleet, auth: none}\n", "yaml", "bridge.yaml", env={})
+    assert cfg.particle[0].auth == "none"
+
+
+@pytest.mark.parametrize("secret", ["demo-webhook-secret", "demo-secret"])
+def test_a_demo_secret_is_refused(secret: str) -> None:
+    with pytest.raises(ConfigError, match=r"particle\[0\]\.auth\.secret.*demo"):
+        parse(PARTICLE, "yaml", "bridge.yaml", env={"HOOK_SECRET": secret})
+    text = ("tts:\n  - name: a\n    app_id: a\n    webhook_auth: {username: u, password: "
+            f"{secret}}}\n")
+    with pytest.raises(ConfigError, match=r"tts\[0\]\.webhook_auth\.password.*demo"):
+        parse(text, "yaml", "bridge.yaml", env={})
+
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "bridge.yaml"
+
+
+def test_the_example_holds_no_usable_secret_and_binds_loopback() -> None:
+    text = EXAMPLE.read_text()
+    for demo in ("demo-webhook-secret", "demo-secret", "NNSXS.DEMO", "demo0000"):
+        assert demo not in text, demo
+    # Without the secrets in the environment it does not start; it names what is missing.
+    with pytest.raises(ConfigError) as err:
+        load(EXAMPLE, env={})
+    for var, key in (("PARTICLE_WEBHOOK_SECRET", "particle[0].auth.secret"),
+                     ("TTS_API_KEY", "tts[0].api_key"),
+                     ("BLYNK_CLIENT_SECRET", "blynk.platform.client_secret")):
+        assert f"${{{var}}} (used by `{key}`)" in str(err.value)
+    secrets = {"PARTICLE_WEBHOOK_SECRET": "s3cret-for-test", "BLYNK_CLIENT_ID": "c",
+               "BLYNK_CLIENT_SECRET": "cs", "TTS_API_KEY": "NNSXS.K", "STATION3_TOKEN": "t"}
+    cfg = load(EXAMPLE, env=secrets)
+    assert cfg.ingest_http.host == "127.0.0.1"
+    assert cfg.metrics.host == "127.0.0.1"
+
+
+def test_check_config_masks_the_redis_password(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "bridge.yaml"
+    path.write_text('redis: {url: "redis://bridge:Pa55w0rd-XYZ@redis.example:6379/0"}\n'
+                    'blynk: {servers: {default: "https://u:BlynkPw-999@blynk.example"}}\n')
+    assert main(["check-config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "redis.example:6379" in out and "blynk.example" in out
+    assert "Pa55w0rd" not in out and "BlynkPw" not in out

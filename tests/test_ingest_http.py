@@ -24,6 +24,7 @@ from pipeline.context import Context
 from pipeline.errors import InvalidInput
 from pipeline.events import Uplink, decode_dead, decode_uplink
 from pipeline.keys import GROUP_TRANSFORM, Keys
+from pipeline.metrics_http import MetricsServer
 from pipeline.particle import parse_webhook
 from pipeline.status import State, StatusBoard
 from pipeline.streams import Redis, StreamWriter
@@ -42,7 +43,7 @@ CONFIG = """
 redis: {{url: "{url}", prefix: "{prefix}"}}
 ingest_http: {{max_body_bytes: 4096, backlog_high_water: {high_water}, port: {port}}}
 particle:
-  - {{name: tempmon}}
+  - {{name: tempmon, auth: none}}
   - {{name: hdr, auth: {{header: X-Particle-Secret, secret: "{header_secret}"}}}}
   - {{name: basic, auth: {{username: particle, password: "{basic_password}"}}}}
   - {{name: fresh, auth: {{header: X-Particle-Secret, secret: "{header_secret}"}}}}
@@ -326,7 +327,7 @@ async def test_header_auth(url: str, http: aiohttp.ClientSession, redis: Redis, 
     status, _, _ = await post(http, f"{url}/particle/hdr", body,
                               **{"X-Particle-Secret": HEADER_SECRET})
     assert status == 200
-    assert "refused request" in caplog.text
+    assert "refused a request" in caplog.text
     assert HEADER_SECRET not in caplog.text and wrong not in caplog.text
     assert HEADER_SECRET[-4:] not in caplog.text
 
@@ -462,12 +463,11 @@ async def test_integration_status_connected_then_broken_then_connected(
 
     await until(lambda: _is(state("hdr"), State.CONNECTED))
     for _ in range(3):
-        assert (await post(http, f"{url}/particle/hdr", body, **{"X-Particle-Secret": "x"}))[0] \
-            == 401
+        assert (await post(http, f"{url}/particle/hdr", b"{", **good))[0] == 400
     await until(lambda: _is(state("hdr"), State.BROKEN))
     broken = await board.get("particle", "hdr")
-    assert broken is not None and broken.error_kind == "credentials"
-    assert broken.last_error is not None and "X-Particle-Secret" in broken.last_error
+    assert broken is not None and broken.error_kind == "protocol"
+    assert broken.last_error is not None and "400" in broken.last_error
     assert HEADER_SECRET not in broken.last_error
     assert (await post(http, f"{url}/particle/hdr", body, **good))[0] == 200
     await until(lambda: _is(state("hdr"), State.CONNECTED))
@@ -479,26 +479,49 @@ async def test_integration_status_connected_then_broken_then_connected(
     fresh = await board.get("particle", "fresh")
     assert fresh is not None and fresh.error_kind == "protocol"
 
-    async with http.get(f"{url}/status") as resp:
-        assert resp.status == 200
-        page = await resp.json()
-    states = {(i["kind"], i["name"]): i["state"] for i in page["integrations"]}
-    assert states[("particle", "hdr")] == "Connected"
-    assert states[("particle", "fresh")] == "Not Connected"
-    assert page["uplinks"]["group"] == GROUP_TRANSFORM
-    assert page["uplinks"]["high_water"] == 1_000_000
+    board_states = {(i.kind, i.name): i.state for i in await board.all()}
+    assert board_states[("particle", "hdr")] is State.CONNECTED
+    assert board_states[("particle", "fresh")] is State.NOT_CONNECTED
 
 
-async def test_probes_and_metrics(url: str, http: aiohttp.ClientSession) -> None:
+async def test_probes_and_metrics(url: str, http: aiohttp.ClientSession, stage: IngestHttp,
+                                  redis: Redis, keys: Keys) -> None:
+    """The webhook port answers the probes that reveal nothing; /status and /metrics (integration
+    errors, Blynk URLs, replica names) are on the metrics port only."""
     async with http.get(f"{url}/healthz") as resp:
         assert resp.status == 200
     async with http.get(f"{url}/readyz") as resp:
         assert resp.status == 200 and (await resp.json())["ready"] is True
+    for path in ("/status", "/metrics"):
+        async with http.get(f"{url}{path}") as resp:
+            assert resp.status == 404, path
     assert (await post(http, f"{url}/particle/tempmon", b'{"coreid":"d","v":1}'))[0] == 200
-    async with http.get(f"{url}/metrics") as resp:
-        assert resp.status == 200
-        text = await resp.text()
-    assert 'bb_ingested_total{integration="tempmon",kind="uplink",source="particle"}' in text
+
+    server = MetricsServer(redis, StatusBoard(redis, keys), [stage])
+    metrics_url = await server.start("127.0.0.1", 0)
+    try:
+        async with http.get(f"{metrics_url}/metrics") as resp:
+            assert resp.status == 200
+            text = await resp.text()
+        assert 'bb_ingested_total{integration="tempmon",kind="uplink",source="particle"}' in text
+        await until(lambda: _is(_state(redis, keys, "tempmon"), State.CONNECTED))
+        async with http.get(f"{metrics_url}/status") as resp:
+            assert resp.status == 200
+            page = await resp.json()
+        states = {(i["kind"], i["name"]): i["state"] for i in page["integrations"]}
+        assert states[("particle", "tempmon")] == "Connected"
+        assert page["uplinks"]["group"] == GROUP_TRANSFORM
+        assert page["uplinks"]["high_water"] == 1_000_000
+        for path in ("/healthz", "/readyz"):
+            async with http.get(f"{metrics_url}{path}") as resp:
+                assert resp.status == 200, path
+    finally:
+        await server.close()
+
+
+async def _state(redis: Redis, keys: Keys, name: str) -> State | None:
+    s = await StatusBoard(redis, keys).get("particle", name)
+    return s.state if s else None
 
 
 # --- graceful stop -------------------------------------------------------------------------------

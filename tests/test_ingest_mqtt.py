@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import signal
 import sys
@@ -754,3 +755,16 @@ def test_split_packets_takes_qos0_publishes_and_keeps_the_rest_for_paho() -> Non
     # A malformed length (5 bytes) goes to paho untouched, with what follows.
     bad = b"\x30\xff\xff\xff\xff\x01" + b"x" * 10
     assert mqtt.split_packets(pingresp + bad) == ([], pingresp + bad, b"")
+
+
+async def test_insecure_warns_at_startup_that_the_api_key_travels_in_clear(
+    redis: Redis, prefix: str, caplog: pytest.LogCaptureFixture,
+) -> None:
+    apps = [make_app("plain"), make_app("tls", insecure=False, port=8883)]
+    stage = IngestMqtt(make_ctx(redis, prefix, apps))
+    caplog.set_level(logging.WARNING, logger="blynk_bridge.ingest_mqtt")
+    await stage.startup()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert "plain" in warnings[0] and "clear text" in warnings[0]
+    assert f"{MQTT_HOST}:{MQTT_PORT}" in warnings[0]

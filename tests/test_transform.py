@@ -38,7 +38,7 @@ templates:
 tts:
   - {name: app, app_id: starter-kit, template: button}
 particle:
-  - {name: prod, template: blueprint}
+  - {name: prod, template: blueprint, auth: none}
 devices:
   - {source: tts, integration: app, device: eui-70b3d52dd600035a, token: TOKEN-A,
      template: button, server: fra1}

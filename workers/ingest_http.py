@@ -9,8 +9,9 @@ Routes (one dict-routed handler on aiohttp's low-level server):
 * ``POST|PUT|GET /blynk/{name}`` — a Blynk webhook (``blynk_webhooks``): one datastream change,
   a ``Downlink`` on the downlinks stream (:func:`pipeline.blynk_webhook.parse`); 2xx once it is
   in Redis, 400 naming the field of a body Blynk did not fill;
-* ``GET /healthz`` (the process answers), ``GET /readyz`` (Redis answers a PING: 200, else 503),
-  ``GET /status`` (integration statuses and uplinks backlog, JSON), ``GET /metrics``.
+* ``GET /healthz`` (the process answers), ``GET /readyz`` (Redis answers a PING: 200, else 503).
+  They reveal nothing; ``/status`` and ``/metrics`` are served on the metrics port only
+  (:mod:`pipeline.metrics_http`), where :meth:`IngestHttp.describe` adds the uplinks backlog.
 
 Contract of a webhook request: **2xx only after the entry is in Redis** (``XADD`` returned:
 :meth:`pipeline.streams.StreamWriter.add`, group-committed). The answer carries ``X-Entry-Id`` and
@@ -19,17 +20,27 @@ event. A valid TTS message that is not an uplink (downlink outcome, service data
 uplink) gets 202 and is not stored; a TTS uplink without ``decoded_payload`` (that device's
 formatter failed) gets 202 and becomes a dead letter ``no_decoded_payload``, as on MQTT. Every
 refusal is counted in ``bb_rejected_total{reason}`` and answered with ``{"error": {"reason",
-"field", "message"}}``: 404 unknown integration, 401 bad credentials, 413 body over
-``max_body_bytes``, 415 a content type Particle/TTS does not send, 400 a body that cannot be parsed
-(the field named), 503 + ``Retry-After`` when the uplinks backlog is past ``backlog_high_water`` or
-Redis does not answer. Particle and TTS retry refused deliveries, so a retried message arrives
-again and transform drops the duplicate by ``event_id``.
+"field", "message"}}``: 404 unknown integration, 401 bad credentials (429 + ``Retry-After`` past
+``auth_failures_per_minute`` from one peer), 413 body over ``max_body_bytes``, 408 a body not
+received within ``body_timeout_s``, 415 a content type Particle/TTS does not send, 400 a body
+that cannot be parsed (the field named), 503 + ``Retry-After`` when the uplinks backlog is past
+``backlog_high_water`` (entries) or ``backlog_high_water_bytes``, or Redis does not answer.
+Particle and TTS retry refused deliveries, so a retried message arrives again and transform
+drops the duplicate by ``event_id``.
+
+Connections are bounded in number and time (:class:`Connection`): at most
+``max_connections_per_peer`` open per peer address (more are closed at once), a request head
+must arrive within ``header_timeout_s``, an idle keep-alive connection lives
+``keepalive_timeout_s``. A malformed request gets a fixed 400 that echoes none of its bytes.
+Refusals of a peer are logged at most once a minute per peer and kind, with a count.
 
 Integration status (kind ``particle``): **Connected** while webhooks are accepted; **Broken**
-after ``broken_after_failures`` refusals in a row (401: error kind ``credentials`` — the
-webhook's secret and ours differ, so Particle's deliveries are being lost; 400/415/413:
+after ``broken_after_failures`` refusals in a row of *authenticated* requests (400/415/413/408:
 ``protocol`` — the webhook template sends bodies we cannot read); **Not Connected** if that
 happens before any webhook was accepted. The next accepted webhook sets Connected again.
+Requests with bad credentials never change a status — anyone can send them — they are counted
+(``bb_rejected_total{reason="unauthorized"}``); a webhook whose secret is wrong shows as an
+integration that stays Not Connected (or stops being refreshed) while that counter grows.
 """
 
 from __future__ import annotations
@@ -42,6 +53,7 @@ import contextlib
 import gc
 import hmac
 import logging
+import math
 import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -49,13 +61,13 @@ from typing import Any, Literal
 
 import msgspec
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
+from prometheus_client import Counter
 from redis.exceptions import RedisError
 
 from pipeline import keys as keynames
 from pipeline import metrics
 from pipeline.backlog import as_str, reported_lag
-from pipeline.config import HttpAuth, IngestHttpConfig, ParticleProduct, TtsApplication
+from pipeline.config import HttpAuth, IngestHttpConfig, NoAuth, ParticleProduct, TtsApplication
 from pipeline.context import Context
 from pipeline.errors import ConfigError, InvalidInput
 from pipeline.events import Uplink, dead_letter, encode
@@ -80,6 +92,12 @@ RETRY_AFTER_S = 5
 BLYNK_WEBHOOK_RATE = 10
 #: How often the uplinks backlog is read from Redis (never per request).
 BACKLOG_REFRESH_S = 1.0
+#: ``MEMORY USAGE … SAMPLES``: Redis estimates a stream's bytes from this many of its nodes.
+MEMORY_SAMPLES = 5
+#: A peer's refusals of one kind are logged at most once per this many seconds (with a count).
+LOG_INTERVAL_S = 60.0
+#: Peers remembered for auth budgets and log throttling (oldest forgotten first).
+MAX_PEERS = 100_000
 #: An integration already Connected is re-marked at most this often (other replicas may have
 #: marked it Broken meanwhile).
 STATUS_REFRESH_S = 10.0
@@ -106,6 +124,7 @@ class Refused(Exception):
         *,
         field: str | None = None,
         headers: Mapping[str, str] | None = None,
+        close: bool = False,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -113,6 +132,8 @@ class Refused(Exception):
         self.message = message
         self.field = field
         self.headers = dict(headers or {})
+        #: Close the connection after answering (its request stream can no longer be trusted).
+        self.close = close
 
 
 # --- auth ----------------------------------------------------------------------------------------
@@ -125,12 +146,14 @@ class Authenticator:
     and nothing secret — neither ours nor what the client sent — appears in a refusal.
     """
 
-    def __init__(self, auth: HttpAuth | None, where: str) -> None:
-        self.open = auth is None
+    def __init__(self, auth: HttpAuth | NoAuth | None, where: str) -> None:
+        self.open = auth == "none"
         self._header: tuple[str, bytes] | None = None
         self._basic: tuple[bytes, bytes] | None = None
-        if auth is None:
+        if auth == "none":
             return
+        if auth is None:
+            raise ConfigError(f"`{where}` is missing: set it, or `none` to accept anyone")
         if auth.header is not None or auth.secret is not None:
             if not auth.header or not auth.secret:
                 raise ConfigError(f"`{where}`: `header` and `secret` go together")
@@ -189,6 +212,194 @@ def _unauthorized(message: str, field: str, *, basic: bool = False) -> Refused:
     return Refused(401, "unauthorized", message, field=field, headers=headers)
 
 
+# --- peers ---------------------------------------------------------------------------------------
+
+
+class ThrottledLog:
+    """At most one warning per key (peer, kind) per ``interval_s``; the next one says how many
+    were held back. Remembers at most ``max_keys`` keys (oldest forgotten first)."""
+
+    def __init__(self, logger: logging.Logger, interval_s: float = LOG_INTERVAL_S,
+                 max_keys: int = MAX_PEERS) -> None:
+        self._log = logger
+        self.interval_s = interval_s
+        self._max_keys = max_keys
+        self._seen: dict[tuple[str, str], tuple[float, int]] = {}
+
+    def warning(self, key: tuple[str, str], msg: str, *args: object) -> None:
+        now = time.monotonic()
+        seen = self._seen.get(key)
+        if seen is not None and now - seen[0] < self.interval_s:
+            self._seen[key] = (seen[0], seen[1] + 1)
+            return
+        if seen is None and len(self._seen) >= self._max_keys:
+            del self._seen[next(iter(self._seen))]
+        self._seen[key] = (now, 0)
+        if seen is not None and seen[1]:
+            self._log.warning(msg + " (and %d more in the last %.0fs)", *args, seen[1],
+                              now - seen[0])
+        else:
+            self._log.warning(msg, *args)
+
+
+class AuthBudget:
+    """Requests with bad credentials answered 401 per peer address: a token bucket of
+    ``per_minute`` tokens refilled over a minute. Remembers at most ``max_peers`` peers."""
+
+    def __init__(self, per_minute: int, max_peers: int = MAX_PEERS) -> None:
+        self.per_minute = max(1, per_minute)
+        self._max_peers = max_peers
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    def take(self, peer: str) -> float:
+        """0.0 when the peer may get one more 401 (and it is counted), else the seconds until
+        it may."""
+        now = time.monotonic()
+        rate = self.per_minute / 60.0
+        tokens, at = self._buckets.pop(peer, (float(self.per_minute), now))
+        tokens = min(float(self.per_minute), tokens + (now - at) * rate)
+        if len(self._buckets) >= self._max_peers:
+            del self._buckets[next(iter(self._buckets))]
+        if tokens >= 1.0:
+            self._buckets[peer] = (tokens - 1.0, now)
+            return 0.0
+        self._buckets[peer] = (tokens, now)
+        return (1.0 - tokens) / rate
+
+
+class ConnectionGuard:
+    """What every :class:`Connection` of one server shares: open connections per peer, the
+    deadlines, and the counting and logging of what it refuses."""
+
+    def __init__(self, cfg: IngestHttpConfig, log_: ThrottledLog) -> None:
+        self.max_per_peer = cfg.max_connections_per_peer
+        self.header_timeout_s = cfg.header_timeout_s
+        self.open: dict[str, int] = {}
+        self._log = log_
+
+    def admit(self, peer: str) -> bool:
+        count = self.open.get(peer, 0)
+        if self.max_per_peer > 0 and count >= self.max_per_peer:
+            self.refused(peer, "too_many_connections",
+                         f"{count} connections open (limit {self.max_per_peer})")
+            return False
+        self.open[peer] = count + 1
+        return True
+
+    def release(self, peer: str) -> None:
+        count = self.open.get(peer, 0) - 1
+        if count > 0:
+            self.open[peer] = count
+        else:
+            self.open.pop(peer, None)
+
+    def refused(self, peer: str, reason: str, detail: str) -> None:
+        """Count (``bb_rejected_total{source="-"}``) and log (throttled) a refused connection."""
+        metrics.REJECTED.labels("-", reason).inc()
+        self._log.warning((peer, reason), "closed a connection from %s: %s (%s)", peer, reason,
+                          detail)
+
+
+def _peer_of(transport: asyncio.BaseTransport) -> str:
+    peername = transport.get_extra_info("peername")
+    if isinstance(peername, (tuple, list)) and peername:
+        return str(peername[0])
+    return "?"
+
+
+class Connection(web.RequestHandler):
+    """aiohttp's connection protocol with the limits it lacks: a per-peer connection cap and a
+    deadline on each request head.
+
+    The head deadline starts when the connection opens and again at the first byte after a
+    finished request; it is met when aiohttp hands over a parsed head (:meth:`head_arrived`,
+    called from the stage's request factory). Trickling header bytes does not extend it. The
+    body's deadline is the handler's (``body_timeout_s``); idle keep-alive connections are
+    aiohttp's ``keepalive_timeout``.
+    """
+
+    def __init__(self, manager: web.Server, *, guard: ConnectionGuard, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._guard = guard
+        self._peer: str | None = None
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._in_request = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        peer = _peer_of(transport)
+        if not self._guard.admit(peer):
+            assert isinstance(transport, asyncio.Transport)
+            transport.abort()  # connection_lost follows; nothing was counted for this peer
+            return
+        self._peer = peer
+        self._arm()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._disarm()
+        peer, self._peer = self._peer, None
+        if peer is not None:
+            self._guard.release(peer)
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._head_timer is None and not self._in_request and self._peer is not None:
+            self._arm()
+        super().data_received(data)
+
+    def head_arrived(self) -> None:
+        self._disarm()
+        self._in_request = True
+
+    def handled(self) -> None:
+        """The handler returned: bytes from now on belong to a next request (or to the rest of
+        a body nobody read, which aiohttp drains: that too must not take forever)."""
+        self._in_request = False
+
+    def handle_error(self, request: web.BaseRequest, status: int = 500,
+                     exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        """A request aiohttp could not parse: a fixed answer. aiohttp's own echoes the bytes
+        around the error (credential headers included) into the body and the log."""
+        if status >= 500:
+            return super().handle_error(request, status, exc, None)
+        peer = self._peer or "?"
+        self._guard.refused(peer, "malformed_request",
+                            f"{status} {type(exc).__name__ if exc else 'error'}")
+        resp = _error_response(Refused(status, "malformed_request",
+                                       "the request is not valid HTTP/1.1", close=True))
+        return resp
+
+    def _arm(self) -> None:
+        self._head_timer = asyncio.get_running_loop().call_later(
+            self._guard.header_timeout_s, self._head_late)
+
+    def _disarm(self) -> None:
+        timer, self._head_timer = self._head_timer, None
+        if timer is not None:
+            timer.cancel()
+
+    def _head_late(self) -> None:
+        self._head_timer = None
+        if self._in_request or self.transport is None:
+            return
+        self._guard.refused(self._peer or "?", "header_timeout",
+                            f"no complete request head within {self._guard.header_timeout_s}s")
+        self.force_close()
+
+
+class GuardedServer(web.Server):
+    """``web.Server`` whose connections are :class:`Connection`."""
+
+    def __init__(self, handler: Any, *, guard: ConnectionGuard, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self._guard = guard
+
+    def __call__(self) -> Connection:
+        # aiohttp's own __call__ builds a RequestHandler from the same two attributes.
+        return Connection(self, loop=self._loop, guard=self._guard, **self._kwargs)
+
+
 # --- backlog -------------------------------------------------------------------------------------
 
 
@@ -196,8 +407,10 @@ class Backlog:
     """The uplinks stream's lag for the transform group, read every ``BACKLOG_REFRESH_S``.
 
     Lag is ``XINFO GROUPS``' ``lag`` summed over partitions; a partition without the group
-    (transform never started) counts its whole length, since nothing will trim it. Until the
-    first read, and while Redis fails, the last known value holds (0 at start).
+    (transform never started) counts its whole length, since nothing will trim it. ``bytes`` is
+    what the partitions hold in Redis (``MEMORY USAGE``, sampled: Redis's estimate), acknowledged
+    entries the monitor has not trimmed yet included. Until the first read, and while Redis
+    fails, the last known values hold (0 at start).
     """
 
     def __init__(self, redis: Redis, streams: list[str], group: str,
@@ -208,6 +421,7 @@ class Backlog:
         self.group = group
         self.by_stream: dict[str, int] = dict.fromkeys(streams, 0)
         self.total = 0
+        self.bytes = 0
         self.read_ms: int | None = None
 
     async def refresh(self) -> int:
@@ -215,13 +429,19 @@ class Backlog:
             for stream in self.streams:
                 pipe.xlen(stream)
                 pipe.xinfo_groups(stream)
+                pipe.memory_usage(stream, samples=MEMORY_SAMPLES)
             replies = await pipe.execute(raise_on_error=False)
+        size = 0
         for i, stream in enumerate(self.streams):
-            length, groups = replies[2 * i], replies[2 * i + 1]
+            length, groups, used = replies[3 * i: 3 * i + 3]
             if isinstance(length, Exception):
                 raise length
+            if isinstance(used, Exception):  # MEMORY disabled (some hosted Redis): say so
+                raise used
             self.by_stream[stream] = _lag(length, groups, self.group)
+            size += used or 0
         self.total = sum(self.by_stream.values())
+        self.bytes = size
         self.read_ms = now_ms()
         return self.total
 
@@ -356,9 +576,10 @@ class IngestHttp:
         self.in_flight = 0
         self._ingested: dict[tuple[str, str, str], Counter] = {}
         self._rejections: dict[tuple[str, str], Counter] = {}
-        self._probes: dict[str, Handler] = {"/healthz": self.healthz, "/readyz": self.readyz,
-                                            "/status": self.status_page,
-                                            "/metrics": self.metrics_page}
+        self._probes: dict[str, Handler] = {"/healthz": self.healthz, "/readyz": self.readyz}
+        self._log = ThrottledLog(log)
+        self.auth_budget = AuthBudget(self.cfg.auth_failures_per_minute)
+        self.guard = ConnectionGuard(self.cfg, self._log)
         self._runner: web.ServerRunner | None = None
         self._backlog_task: asyncio.Task[None] | None = None
         self._gc_threshold: tuple[int, int, int] | None = None
@@ -413,6 +634,8 @@ class IngestHttp:
 
     def _request(self, message: Any, payload: Any, protocol: Any, writer: Any,
                  task: Any) -> web.BaseRequest:
+        if isinstance(protocol, Connection):
+            protocol.head_arrived()
         return web.BaseRequest(message, payload, protocol, writer, task,
                                asyncio.get_running_loop(),
                                client_max_size=self.cfg.max_body_bytes)
@@ -420,7 +643,8 @@ class IngestHttp:
     async def serve(self, host: str, port: int) -> str:
         """Listen on ``host:port`` (0: an unused port) and start the backlog refresher; returns
         the base URL. :meth:`main_loop`/:meth:`shutdown` stop it gracefully."""
-        server = web.Server(self.handle, request_factory=self._request, access_log=None)
+        server = GuardedServer(self.handle, guard=self.guard, request_factory=self._request,
+                               access_log=None, keepalive_timeout=self.cfg.keepalive_timeout_s)
         self._runner = web.ServerRunner(server, shutdown_timeout=self.cfg.shutdown_timeout_s)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port, backlog=1024)
@@ -468,6 +692,9 @@ class IngestHttp:
             return _error_response(refused)
         finally:
             self.in_flight -= 1
+            protocol = request.protocol
+            if isinstance(protocol, Connection):
+                protocol.handled()
 
     def _not_allowed(self, source: str, method: str, allowed: tuple[str, ...]) -> Refused:
         self._rejected(source, "method_not_allowed")
@@ -563,9 +790,19 @@ class IngestHttp:
         """Auth, declared size, content type and backlog: everything decided before reading."""
         refused = auth.check(request.headers)
         if refused is not None:
+            # Not fed to the integration's status: anyone can send a request with bad
+            # credentials, and that must not raise an alert.
             peer = request.remote or "?"
-            log.warning("%s/%s: refused request from %s: %s", source, name, peer, refused.message)
-            raise self._refuse(source, name, refused, "credentials")
+            wait = self.auth_budget.take(peer)
+            if wait > 0:
+                refused = Refused(
+                    429, "too_many_auth_failures",
+                    f"too many requests with bad credentials from {peer}; retry later",
+                    headers={"Retry-After": str(max(1, math.ceil(wait)))}, close=True)
+            self._log.warning((peer, "unauthorized"), "%s/%s: refused a request from %s: %s",
+                              source, name, peer, refused.message)
+            self._rejected(source, refused.reason)
+            raise refused
         length = request.content_length
         if length is not None and length > self.cfg.max_body_bytes:
             raise self._refuse(source, name, _too_large(length, self.cfg.max_body_bytes))
@@ -580,9 +817,16 @@ class IngestHttp:
                 f"{self.backlog.total} uplinks wait for transform (limit "
                 f"{self.cfg.backlog_high_water}); retry later",
                 headers={"Retry-After": str(RETRY_AFTER_S)}))
+        if self.backlog.bytes > self.cfg.backlog_high_water_bytes:
+            raise self._refuse(source, None, Refused(
+                503, "backlog",
+                f"the uplinks stream holds {self.backlog.bytes} bytes (limit "
+                f"{self.cfg.backlog_high_water_bytes}); retry later",
+                headers={"Retry-After": str(RETRY_AFTER_S)}))
 
     async def _body(self, request: web.BaseRequest, source: Source, name: str) -> bytes:
-        """The whole body, at most ``max_body_bytes`` (else 413)."""
+        """The whole body, at most ``max_body_bytes`` (else 413), within ``body_timeout_s``
+        (else 408 and the connection is closed)."""
         content = request.content
         if content.is_eof():
             # The usual webhook: the body came with the headers; take it without
@@ -592,9 +836,14 @@ class IngestHttp:
                 raise self._refuse(source, name, _too_large(len(body), self.cfg.max_body_bytes))
             return body
         try:
-            return await request.read()
+            async with asyncio.timeout(self.cfg.body_timeout_s):
+                return await request.read()
         except web.HTTPRequestEntityTooLarge:
             raise self._refuse(source, name, _too_large(None, self.cfg.max_body_bytes)) from None
+        except TimeoutError:
+            raise self._refuse(source, name, Refused(
+                408, "body_timeout", f"body not received within {self.cfg.body_timeout_s}s",
+                field="$", close=True)) from None
 
     async def _append(self, uplink: Uplink, name: str) -> web.Response:
         source: Source = uplink.source
@@ -676,25 +925,17 @@ class IngestHttp:
             return web.json_response({"ready": False, "redis": str(exc)[:200]}, status=503)
         return web.json_response({"ready": True, "redis": "ok", "config": "loaded"})
 
-    async def status_page(self, request: web.BaseRequest) -> web.Response:
-        try:
-            integrations = await self.board.all()
-        except RedisError as exc:
-            return web.json_response({"error": f"redis: {str(exc)[:200]}"}, status=503)
-        body = {
-            "integrations": integrations,
-            "uplinks": {
-                "group": self.backlog.group,
-                "lag": self.backlog.total,
-                "lag_by_stream": self.backlog.by_stream,
-                "high_water": self.cfg.backlog_high_water,
-                "read_ms": self.backlog.read_ms,
-            },
-        }
-        return web.Response(body=_json.encode(body), content_type="application/json")
-
-    async def metrics_page(self, request: web.BaseRequest) -> web.Response:
-        return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+    def describe(self) -> dict[str, object]:
+        """This stage's part of the metrics port's ``/status``: the uplinks backlog."""
+        return {"uplinks": {
+            "group": self.backlog.group,
+            "lag": self.backlog.total,
+            "lag_by_stream": self.backlog.by_stream,
+            "high_water": self.cfg.backlog_high_water,
+            "bytes": self.backlog.bytes,
+            "high_water_bytes": self.cfg.backlog_high_water_bytes,
+            "read_ms": self.backlog.read_ms,
+        }}
 
 
 def _query(request: web.BaseRequest) -> dict[str, str]:
@@ -711,8 +952,11 @@ def _too_large(size: int | None, limit: int) -> Refused:
 def _error_response(refused: Refused) -> web.Response:
     body = {"error": {"reason": refused.reason, "field": refused.field,
                       "message": refused.message}}
-    return web.Response(status=refused.status, body=_json.encode(body),
+    resp = web.Response(status=refused.status, body=_json.encode(body),
                         content_type="application/json", headers=refused.headers)
+    if refused.close:
+        resp.force_close()
+    return resp
 
 
 def build(ctx: Context) -> IngestHttp:

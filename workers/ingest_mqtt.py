@@ -395,6 +395,11 @@ class IngestMqtt:
         self.connected: dict[str, asyncio.Event] = {a.name: asyncio.Event() for a in self.apps}
 
     async def startup(self) -> None:
+        for app in self.apps:
+            if app.insecure:
+                log.warning("%s: insecure: true — the TTS API key goes to %s:%d in clear text "
+                            "(plain MQTT, no TLS); anyone on the path can read it",
+                            app.name, app.host, app.effective_port)
         await self._ctx.redis.ping()
 
     async def shutdown(self) -> None:
