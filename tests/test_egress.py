@@ -167,6 +167,8 @@ class Rig:
     keys: Keys
     prefix: str
     contexts: list[Context] = field(default_factory=list)
+    #: More ``blynk.servers`` than fra1 (a 308 is followed only to a configured server).
+    servers: dict[str, str] = field(default_factory=dict)
 
     async def add(self, *writes: BlynkWrite) -> None:
         stream = self.keys.stream(WRITES)
@@ -176,7 +178,8 @@ class Rig:
               streams: dict[str, Any] | None = None, **egress: Any) -> EgressStage:
         cfg = Config(
             redis=RedisConfig(prefix=self.prefix),
-            blynk=BlynkConfig(servers={"fra1": self.url}, default_server="fra1", timeout_s=5),
+            blynk=BlynkConfig(servers={"fra1": self.url, **self.servers}, default_server="fra1",
+                              timeout_s=5),
             egress=EgressConfig(**egress),
             streams=StreamsConfig(**(streams or {})),
         )
@@ -562,7 +565,7 @@ async def test_a_device_moved_to_another_region_follows_the_308(
     spec.regions = {"fra1": 0, "ny3": 0}
     emu = BlynkEmulator.from_spec(spec)
     async with emu.serve({"fra1": 0, "ny3": 0}) as urls:
-        rig = Rig(emu, urls["fra1"], redis, keys, prefix)
+        rig = Rig(emu, urls["fra1"], redis, keys, prefix, servers={"ny3": urls["ny3"]})
         t0 = now_ms()
         # after the warm-up (region of the token known: the configured server), Blynk moves
         # device 2; its next batch/update gets a 308 and must land in ny3 all the same
@@ -610,3 +613,19 @@ async def test_a_refused_token_the_registry_does_not_hold_breaks_nothing(rig: Ri
     row = await Registry(rig.redis, rig.keys).get(device_key(0))
     assert row is not None and not row.broken
     assert await registry.broken() == []
+
+
+async def test_a_308_to_a_server_not_configured_is_dead_lettered_not_followed(
+    redis: Redis, keys: Keys, prefix: str
+) -> None:
+    spec = emulator_spec()
+    spec.regions = {"fra1": 0, "ny3": 0}
+    emu = BlynkEmulator.from_spec(spec)
+    async with emu.serve({"fra1": 0, "ny3": 0}) as urls:
+        rig = Rig(emu, urls["fra1"], redis, keys, prefix)  # ny3 is not in blynk.servers
+        emu.model.by_token[token(2)].region = "ny3"
+        await rig.add(write(2, now_ms(), {"V1": 3.5}))
+        await rig.drain(rig.stage())
+    assert [d.reason for d in await rig.dead()] == ["redirect_refused"]
+    assert [r["status"] for r in emu.recorded()] == [308]  # ny3 never asked
+    assert await rig.pending() == 0
