@@ -332,20 +332,21 @@ async def test_a_batch_prepared_ahead_is_redone_if_the_registry_moved_meanwhile(
     await stage.startup()
     await add(ctx, button_uplink(fixture_path, event_id="e1"))
     await stage.main_loop(asyncio.Event())
-    # The next batch is read (and prepared, with TOKEN-A) while another process re-registers
-    # the device; only then is the batch handled: it must carry the new token.
+    # The next batch is read and prepared (with TOKEN-A) while another process re-registers
+    # the device; only then is the prepared job run: it must write the new token.
     await add(ctx, button_uplink(fixture_path, event_id="e2"))
     entries = await stage.reader.read(block=False)
-    assert len(stage._prepared) == 1
+    job = await stage.prepare(entries)
+    assert job is not None
     await Registry(ctx.redis, ctx.keys).register(f"tts:app:{DEVICE}", token="TOKEN-B",
                                                  template="button")
-    await stage.handle(entries)
-    # And a prepared batch is used as prepared when nothing moved.
+    await job()
+    # And a batch prepared when nothing moved is committed as prepared.
     await add(ctx, button_uplink(fixture_path, event_id="e3"))
     entries = await stage.reader.read(block=False)
-    assert len(stage._prepared) == 1
-    await stage.handle(entries)
-    assert not stage._prepared
+    job = await stage.prepare(entries)
+    assert job is not None
+    await job()
     await stage.shutdown()
     assert [w.token for w in await writes(ctx)] == ["TOKEN-A", "TOKEN-B", "TOKEN-B"]
     assert await pending(ctx) == 0
