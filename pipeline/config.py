@@ -228,6 +228,11 @@ class TransformConfig(_Base):
     template_refresh_s: float = 300.0
     #: How long an uplink waits for another worker that is creating its device.
     provision_wait_s: float = 20.0
+    #: Distinct unmapped keys remembered per template (``keys.unmapped``); more are counted
+    #: under one field (:data:`pipeline.unmapped.OTHER`).
+    unmapped_max_keys: int = 200
+    #: The unmapped-keys hash of a template expires this long after its last update.
+    unmapped_ttl_s: int = 7 * 86400
 
 
 class EgressConfig(_Base):

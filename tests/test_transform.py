@@ -350,3 +350,24 @@ async def test_a_batch_prepared_ahead_is_redone_if_the_registry_moved_meanwhile(
     await stage.shutdown()
     assert [w.token for w in await writes(ctx)] == ["TOKEN-A", "TOKEN-B", "TOKEN-B"]
     assert await pending(ctx) == 0
+
+
+async def test_unmapped_keys_are_bounded_per_template_and_expire(
+        ctx: Context, fixture_path: FixturePath) -> None:
+    # Issue 10, item 5: a sender controls the keys; 500 new ones per message must not grow a
+    # permanent hash. Every occurrence is still counted: the counts add up.
+    from pipeline.unmapped import OTHER
+
+    cap = ctx.config.transform.unmapped_max_keys
+    junk = {f"junk{i:03d}": i for i in range(500)}
+    await add(ctx, button_uplink(fixture_path, event_id="e1", values=junk),
+               button_uplink(fixture_path, event_id="e2",
+                             values={"x" * 5000: 1, "junk000": 2, "batteryVoltage": 3.0}))
+    await run(ctx)
+    h = await ctx.redis.hgetall(ctx.keys.unmapped("button"))
+    assert len(h) <= cap + 1 and OTHER.encode() in h
+    assert sum(int(v) for v in h.values()) == 502
+    assert int(h[b"junk000"]) == 2
+    assert all(len(k) <= 200 for k in h)
+    ttl = await ctx.redis.ttl(ctx.keys.unmapped("button"))
+    assert 0 < ttl <= ctx.config.transform.unmapped_ttl_s

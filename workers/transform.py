@@ -43,8 +43,8 @@ dead letter: the uplink's other keys are written, and one ``DeadLetter`` holds t
 original uplink with a detail naming each rejected key, pin and why. Replaying it rewrites the
 good keys too, which is harmless (same event time, egress keeps the newest).
 
-Unmapped keys: ``bb_unmapped_keys_total{template}`` and the Redis hash
-``keys.unmapped(template)`` (key → count), flushed at most once a second.
+Unmapped keys: counted by :class:`pipeline.unmapped.UnmappedKeys` (bounded per template, with a
+TTL), flushed at most once a second.
 """
 
 from __future__ import annotations
@@ -73,6 +73,7 @@ from pipeline.provision import PROVISION_FAILED, Platform, Provisioner
 from pipeline.registry import Device, Registry
 from pipeline.routing import DEAD, SKIP, WRITE, Integration, Route
 from pipeline.streams import Entry, Redis, StreamReader, now_ms
+from pipeline.unmapped import UnmappedKeys
 
 if TYPE_CHECKING:
     from pipeline.blynk.platform import PlatformClient
@@ -359,7 +360,9 @@ class TransformStage:
         self._servers = cfg.blynk.servers
         self._default_server = cfg.blynk.servers[cfg.blynk.default_server]
         self._dead_stream = ctx.keys.dead
-        self._unmapped: Counter[tuple[str, str]] = Counter()
+        self._unmapped = UnmappedKeys(ctx.redis, ctx.keys,
+                                      max_keys=cfg.transform.unmapped_max_keys,
+                                      ttl_s=cfg.transform.unmapped_ttl_s)
         self._unmapped_flushed = time.monotonic()
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -656,8 +659,8 @@ class TransformStage:
         nothing = 0
         unmapped = self._unmapped
         for m in written:
-            for k in m.unmapped:
-                unmapped[(m.template, k)] += 1
+            if m.unmapped:
+                unmapped.add(m.template, m.unmapped)
             if m.firmware is not None:
                 firmware[m.route.key] = m.firmware
             if m.rejected:
@@ -742,24 +745,9 @@ class TransformStage:
             raise retry
 
     async def flush_unmapped(self) -> None:
-        """Add the unmapped-key counts to ``keys.unmapped(template)`` and the metric."""
-        counts, self._unmapped = self._unmapped, Counter()
+        """Write the unmapped-key counts (:class:`pipeline.unmapped.UnmappedKeys`)."""
         self._unmapped_flushed = time.monotonic()
-        if not counts:
-            return
-        try:
-            async with self.ctx.redis.pipeline(transaction=False) as pipe:
-                for (tname, key), n in counts.items():
-                    pipe.hincrby(self.ctx.keys.unmapped(tname), key, n)
-                await pipe.execute()
-        except RedisError as exc:  # statistics only: keep them for the next flush
-            self._unmapped.update(counts)
-            log.warning("could not record unmapped keys: %s", exc)
-        per_template: Counter[str] = Counter()
-        for (tname, _), n in counts.items():
-            per_template[tname] += n
-        for tname, n in per_template.items():
-            metrics.UNMAPPED.labels(tname).inc(n)
+        await self._unmapped.flush()
 
 
 def build(ctx: Context) -> TransformStage:
