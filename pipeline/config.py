@@ -17,7 +17,7 @@ import re
 import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 import yaml
@@ -140,6 +140,11 @@ class TtsApplication(_Base):
     template: str | None = None
     template_rules: list[TemplateRule] = msgspec.field(default_factory=list)
     provision: bool = False
+    #: Auto-provisioning limits (:mod:`pipeline.provision`): devices created per second
+    #: across replicas, how many at once, and how many in all for this integration.
+    provision_rate: Annotated[float, msgspec.Meta(gt=0)] = 1.0
+    provision_burst: Annotated[int, msgspec.Meta(ge=1)] = 10
+    provision_max: Annotated[int, msgspec.Meta(ge=0)] = 1000
     #: Map raw payloads when no ``decoded_payload`` came (else dead-letter ``no_decoded_payload``).
     raw_payload_key: str | None = None
     #: Inbound TTS webhooks for this application (``POST /tts/{name}``).
@@ -161,6 +166,10 @@ class ParticleProduct(_Base):
     template: str | None = None
     template_rules: list[TemplateRule] = msgspec.field(default_factory=list)
     provision: bool = False
+    #: As for :class:`TtsApplication`.
+    provision_rate: Annotated[float, msgspec.Meta(gt=0)] = 1.0
+    provision_burst: Annotated[int, msgspec.Meta(ge=1)] = 10
+    provision_max: Annotated[int, msgspec.Meta(ge=0)] = 1000
     auth: HttpAuth | None = None
     #: Particle Cloud API for downlinks (function calls).
     api_url: str = "https://api.particle.io"

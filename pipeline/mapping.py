@@ -481,8 +481,15 @@ def published_at_text(uplink: Uplink) -> str:
     return ts.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ts.microsecond // 1000:03d}Z"
 
 
-def map_uplink(template: Template, uplink: Uplink) -> Mapped:
-    """Map one uplink's values (and radio metadata) onto the template's pins. Never raises."""
+def maps_a_value(template: Template, uplink: Uplink) -> bool:
+    """Whether at least one decoded value of the uplink lands on a datastream (radio metadata
+    and Particle's publish time do not count: every uplink has those)."""
+    return bool(map_uplink(template, uplink, extras=False).pins)
+
+
+def map_uplink(template: Template, uplink: Uplink, *, extras: bool = True) -> Mapped:
+    """Map one uplink's values (and, with ``extras``, its radio metadata and Particle publish
+    time) onto the template's pins. Never raises."""
     out = Mapped()
     values = uplink.values
     pins = out.pins
@@ -506,6 +513,8 @@ def map_uplink(template: Template, uplink: Uplink) -> Mapped:
     loc = template.location
     if unmapped and loc is not None and loc.pin not in pins:
         _map_location_list(out, template.targets[loc.pin], values)
+    if not extras:
+        return out
     radio = uplink.radio
     if radio is not None:
         for ds, v in ((template.rssi, radio.rssi), (template.snr, radio.snr)):

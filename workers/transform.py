@@ -33,15 +33,20 @@ to the slow one).
 4. map values (:mod:`pipeline.mapping`) and append every ``BlynkWrite`` — and the partial dead
    letters — and ack, in one script call (:class:`Emit`);
 5. unknown devices of integrations with ``provision: true`` are created in Blynk
-   (:mod:`pipeline.provision`), then written and acked like the rest; a retryable failure leaves
-   their uplinks pending and backs off.
+   (:mod:`pipeline.provision`), then written and acked like the rest — only when one of their
+   uplinks maps a value (else those are acked as ``nothing_mapped``) and within the
+   integration's limits: past ``provision_max`` they are dead-lettered ``provision_limit``,
+   over ``provision_rate`` they stay pending, released without counting a delivery, until a
+   replica reclaims them after ``claim_idle_ms``. Any other retryable failure leaves their
+   uplinks pending and backs off.
 
 Dead letters (original uplink kept, so ``dead replay`` can resend it): ``unknown_device``,
-``device_broken``, ``provision_failed``, ``unknown_integration``, ``undecodable``, and
-``type_mismatch`` for the keys whose values do not fit their datastream. The last is a *partial*
-dead letter: the uplink's other keys are written, and one ``DeadLetter`` holds the whole
-original uplink with a detail naming each rejected key, pin and why. Replaying it rewrites the
-good keys too, which is harmless (same event time, egress keeps the newest).
+``device_broken``, ``provision_failed``, ``provision_limit``, ``unknown_integration``,
+``undecodable``, and ``type_mismatch`` for the keys whose values do not fit their datastream.
+The last is a *partial* dead letter: the uplink's other keys are written, and one
+``DeadLetter`` holds the whole original uplink with a detail naming each rejected key, pin and
+why. Replaying it rewrites the good keys too, which is harmless (same event time, egress keeps
+the newest).
 
 Unmapped keys: counted by :class:`pipeline.unmapped.UnmappedKeys` (bounded per template, with a
 TTL), flushed at most once a second.
@@ -68,8 +73,21 @@ from pipeline.consumer import Job, consume
 from pipeline.context import Context
 from pipeline.errors import BridgeError, Permanent, Retryable
 from pipeline.keys import GROUP_TRANSFORM, UPLINKS, Keys
-from pipeline.mapping import Template, datastreams_from_platform, describe_rejected, map_uplink
-from pipeline.provision import PROVISION_FAILED, Platform, Provisioner
+from pipeline.mapping import (
+    Template,
+    datastreams_from_platform,
+    describe_rejected,
+    map_uplink,
+    maps_a_value,
+)
+from pipeline.provision import (
+    PROVISION_FAILED,
+    PROVISION_RATE,
+    Limit,
+    Limits,
+    Platform,
+    Provisioner,
+)
 from pipeline.registry import Device, Registry
 from pipeline.routing import DEAD, SKIP, WRITE, Integration, Route
 from pipeline.streams import Entry, Redis, StreamReader, now_ms
@@ -351,8 +369,13 @@ class TransformStage:
                     source, a.name, a.template, tuple(a.template_rules), a.provision)
         self._platform: Platform | None = platform
         self._own_platform: PlatformClient | None = None
+        self._limits = Limits(ctx.redis, ctx.keys, {
+            (source, a.name): Limit(a.provision_rate, a.provision_burst, a.provision_max)
+            for source, apps in (("tts", cfg.tts), ("particle", cfg.particle))
+            for a in apps if a.provision})
         self.provisioner = Provisioner(ctx.redis, ctx.keys, self.registry, platform,
-                                       wait_s=cfg.transform.provision_wait_s)
+                                       wait_s=cfg.transform.provision_wait_s,
+                                       limits=self._limits)
         self._window = cfg.transform.dedup_window_s
         self._claims = dedup.Claims(ctx.redis, ctx.keys)
         self._emit = Emit(ctx.redis, GROUP_TRANSFORM)
@@ -384,7 +407,7 @@ class TransformStage:
                 self._platform = self._own_platform
                 self.provisioner = Provisioner(
                     self.ctx.redis, self.ctx.keys, self.registry, self._platform,
-                    wait_s=cfg.transform.provision_wait_s)
+                    wait_s=cfg.transform.provision_wait_s, limits=self._limits)
         await self.reader.ensure_group()
         await self.registry.start()
         changed = await self.registry.load_static(cfg.devices)
@@ -712,8 +735,10 @@ class TransformStage:
         return server if "://" in server else self._default_server
 
     async def _provision(self, to_create: dict[str, list[tuple[Entry, Route]]]) -> None:
-        """Create unknown devices (concurrently, one task per device), then write their
-        uplinks; raise ``Retryable`` at the end if any must wait."""
+        """Create unknown devices (concurrently, one task per device) whose uplinks map at
+        least one value, then write their uplinks; uplinks of devices over the provisioning
+        rate stay pending (released); raise ``Retryable`` at the end if any other must wait."""
+        await self._drop_unmappable(to_create)
         keys = list(to_create)
 
         async def one(key: str) -> Device:
@@ -729,20 +754,48 @@ class TransformStage:
         results = await asyncio.gather(*(one(k) for k in keys), return_exceptions=True)
         ready: list[tuple[Entry, Route]] = []
         dead: list[tuple[Entry, str, str]] = []
+        parked: list[Entry] = []
         retry: Retryable | None = None
         for key, res in zip(keys, results, strict=True):
             if isinstance(res, Device):
                 ready.extend((e, replace(r, kind=WRITE, device=res)) for e, r in to_create[key])
             elif isinstance(res, Permanent):
-                dead.extend((e, PROVISION_FAILED, res.detail) for e, _ in to_create[key])
+                dead.extend((e, res.reason, res.detail) for e, _ in to_create[key])
+            elif isinstance(res, Retryable) and res.reason == PROVISION_RATE:
+                parked.extend(e for e, _ in to_create[key])
             elif isinstance(res, Retryable | RedisError):
                 retry = res if isinstance(res, Retryable) else Retryable(str(res))
             else:
                 raise res
         await self._dead_letter(dead)
         await self._write(ready, [])
+        if parked:
+            # Left pending without counting a delivery; any replica reclaims them after
+            # claim_idle_ms, when the rate allows more devices (the stream is not held up).
+            await self.reader.release(parked)
+            log.info("%d uplinks wait for the provisioning rate of their integration",
+                     len(parked))
         if retry is not None:
             raise retry
+
+    async def _drop_unmappable(self, to_create: dict[str, list[tuple[Entry, Route]]]) -> None:
+        """No device is created for uplinks none of whose values would be written: they are
+        acked and counted (``nothing_mapped``, unmapped keys), as for a known device."""
+        acks: list[Entry] = []
+        for key, items in list(to_create.items()):
+            integ = items[0][1].integration
+            assert integ is not None
+            tname = integ.choose_template(items[0][1].uplink.device_meta)
+            template = self.templates.by_name.get(tname or "")
+            if template is None or any(maps_a_value(template, r.uplink) for _, r in items):
+                continue  # no template: dead-lettered as provision_failed by _provision
+            del to_create[key]
+            for e, r in items:
+                acks.append(e)
+                self._unmapped.add(template.name, map_uplink(template, r.uplink).unmapped)
+        if acks:
+            await self._emit.run([], acks)
+            metrics.TRANSFORM_SKIPPED.labels("nothing_mapped").inc(len(acks))
 
     async def flush_unmapped(self) -> None:
         """Write the unmapped-key counts (:class:`pipeline.unmapped.UnmappedKeys`)."""
