@@ -180,6 +180,11 @@ class TtsApplication(_Base):
     template: str | None = None
     template_rules: list[TemplateRule] = msgspec.field(default_factory=list)
     provision: bool = False
+    #: Auto-provisioning limits (:mod:`pipeline.provision`): devices created per second
+    #: across replicas, how many at once, and how many in all for this integration.
+    provision_rate: Annotated[float, msgspec.Meta(gt=0)] = 1.0
+    provision_burst: Annotated[int, msgspec.Meta(ge=1)] = 10
+    provision_max: Annotated[int, msgspec.Meta(ge=0)] = 1000
     #: Map raw payloads when no ``decoded_payload`` came (else dead-letter ``no_decoded_payload``).
     raw_payload_key: str | None = None
     #: Inbound TTS webhooks for this application (``POST /tts/{name}``); unset: no webhooks,
@@ -218,6 +223,10 @@ class ParticleProduct(_Base):
     template: str | None = None
     template_rules: list[TemplateRule] = msgspec.field(default_factory=list)
     provision: bool = False
+    #: As for :class:`TtsApplication`.
+    provision_rate: Annotated[float, msgspec.Meta(gt=0)] = 1.0
+    provision_burst: Annotated[int, msgspec.Meta(ge=1)] = 10
+    provision_max: Annotated[int, msgspec.Meta(ge=0)] = 1000
     #: Required: a shared-secret header, HTTP basic, or ``none`` (anyone may post).
     auth: HttpAuth | NoAuth | None = None
     #: Particle Cloud API for downlinks (function calls).
@@ -330,6 +339,11 @@ class TransformConfig(_Base):
     template_refresh_s: float = 300.0
     #: How long an uplink waits for another worker that is creating its device.
     provision_wait_s: float = 20.0
+    #: Distinct unmapped keys remembered per template (``keys.unmapped``); more are counted
+    #: under one field (:data:`pipeline.unmapped.OTHER`).
+    unmapped_max_keys: int = 200
+    #: The unmapped-keys hash of a template expires this long after its last update.
+    unmapped_ttl_s: int = 7 * 86400
 
 
 class EgressConfig(_Base):

@@ -1,10 +1,16 @@
 """The read → handle → ack loop every consuming stage (transform, egress, downlink) shares.
 
 Contract: ``handle(entries)`` must ack or dead-letter every entry it was given (through the
-reader), or raise. A :class:`~pipeline.errors.Retryable` or Redis error leaves the batch pending
-and backs off; any other exception is a bug or a poison entry, so the batch is retried one entry
-at a time, and each entry that keeps failing reaches ``max_deliveries`` and is dead-lettered
-alone — it never blocks the entries behind it.
+reader), or raise; so must a *job* (below). A :class:`~pipeline.errors.Retryable` or Redis error
+leaves the batch pending and backs off; any other exception is a bug or a poison entry, so the
+batch is retried one entry at a time, and each entry that keeps failing reaches
+``max_deliveries`` and is dead-lettered alone — it never blocks the entries behind it.
+
+A stage may pass ``prepare``: it is called on each batch as soon as it is read (with
+``prefetch``, while the batch before it is being handled) and returns the batch's handling as a
+*job* — a no-argument coroutine function that replaces ``handle(entries)`` for that batch — or
+``None`` to have ``handle`` do it. ``prepare`` must leave Redis's state alone (the job does the
+writing), since a prepared batch may be released unhandled.
 """
 
 from __future__ import annotations
@@ -23,6 +29,9 @@ from pipeline.streams import Entry, StreamReader
 log = logging.getLogger("blynk_bridge.consumer")
 
 Handler = Callable[[list[Entry]], Awaitable[None]]
+#: One batch's handling, prepared (see the module docstring).
+Job = Callable[[], Awaitable[None]]
+Prepare = Callable[[list[Entry]], Awaitable[Job | None]]
 
 
 def backoff_s(attempt: int, cap_s: float = 30.0) -> float:
@@ -38,6 +47,7 @@ async def consume(
     until_idle: bool = False,
     max_backoff_s: float = 30.0,
     prefetch: bool = False,
+    prepare: Prepare | None = None,
 ) -> None:
     """Feed batches to ``handle`` until ``stop`` is set, or, with ``until_idle``, until no
     entry is left to read (burst mode, for tests and benchmarks).
@@ -54,15 +64,18 @@ async def consume(
     pending, released (:meth:`~pipeline.streams.StreamReader.release`: that read does not count
     as a delivery) and :meth:`~pipeline.streams.StreamReader.retry_pending` delivers them again
     after the failed ones, in stream order.
+
+    With ``prepare``, each batch read is first given to it (module docstring); a failure in
+    ``prepare`` is logged and ``handle`` takes the batch instead.
     """
     if prefetch:
-        await _consume_prefetching(reader, handle, stop, until_idle, max_backoff_s)
+        await _consume_prefetching(reader, handle, prepare, stop, until_idle, max_backoff_s)
         return
     await reader.ensure_group()
     failures = 0
     while not stop.is_set():
         try:
-            entries = await reader.read(block=not until_idle)
+            entries, job = await _read(reader, prepare, not until_idle)
         except RedisError as exc:
             failures += 1
             log.warning("%s: reading failed (%s); retrying", reader.stage, exc)
@@ -74,7 +87,7 @@ async def consume(
             continue
         try:
             # Shielded: a cancellation after the grace period must not cut an ack in half.
-            await asyncio.shield(_handle(reader, handle, entries))
+            await asyncio.shield(_handle(reader, handle, entries, job))
             failures = 0
         except (Retryable, RedisError) as exc:
             failures += 1
@@ -85,20 +98,20 @@ async def consume(
 
 
 async def _consume_prefetching(
-    reader: StreamReader, handle: Handler, stop: asyncio.Event, until_idle: bool,
-    max_backoff_s: float,
+    reader: StreamReader, handle: Handler, prepare: Prepare | None, stop: asyncio.Event,
+    until_idle: bool, max_backoff_s: float,
 ) -> None:
     """:func:`consume` with ``prefetch`` (see there)."""
     await reader.ensure_group()
     failures = 0
-    ahead: asyncio.Task[list[Entry]] | None = None
+    ahead: asyncio.Task[tuple[list[Entry], Job | None]] | None = None
     try:
         while ahead is not None or not stop.is_set():
             try:
                 if ahead is None:
-                    entries = await reader.read(block=not until_idle)
+                    entries, job = await _read(reader, prepare, not until_idle)
                 else:
-                    entries = await ahead
+                    entries, job = await ahead
             except RedisError as exc:
                 failures += 1
                 log.warning("%s: reading failed (%s); retrying", reader.stage, exc)
@@ -111,10 +124,11 @@ async def _consume_prefetching(
                     return
                 continue
             if not stop.is_set():
-                ahead = asyncio.create_task(reader.read(block=not until_idle), name="prefetch")
+                ahead = asyncio.create_task(_read(reader, prepare, not until_idle),
+                                            name="prefetch")
             error: Retryable | RedisError | None = None
             try:
-                clean = await asyncio.shield(_handle(reader, handle, entries))
+                clean = await asyncio.shield(_handle(reader, handle, entries, job))
                 failures = 0 if clean else failures
             except (Retryable, RedisError) as exc:
                 clean, error = False, exc
@@ -138,18 +152,36 @@ async def _consume_prefetching(
             ahead.cancel()
 
 
-async def _release(reader: StreamReader, ahead: asyncio.Task[list[Entry]]) -> None:
+async def _read(reader: StreamReader, prepare: Prepare | None,
+                block: bool) -> tuple[list[Entry], Job | None]:
+    """One batch, and its job when ``prepare`` made one."""
+    entries = await reader.read(block=block)
+    if prepare is None or not entries:
+        return entries, None
     try:
-        await reader.release(await ahead)
+        return entries, await prepare(entries)
+    except RedisError as exc:  # handle() does it all again
+        log.debug("%s: preparing a batch failed (%s)", reader.stage, exc)
+    except Exception:  # a bug or a poison entry: handle() and its per-entry retry deal with it
+        log.exception("%s: preparing a batch of %d failed", reader.stage, len(entries))
+    return entries, None
+
+
+async def _release(reader: StreamReader,
+                   ahead: asyncio.Task[tuple[list[Entry], Job | None]]) -> None:
+    try:
+        await reader.release((await ahead)[0])
     except RedisError as exc:  # the entries stay pending; only their delivery counts are off
         log.warning("%s: could not release a batch read ahead (%s)", reader.stage, exc)
 
 
-async def _handle(reader: StreamReader, handle: Handler, entries: list[Entry]) -> bool:
+async def _handle(reader: StreamReader, handle: Handler, entries: list[Entry],
+                  job: Job | None) -> bool:
     """``True`` when every entry was handled, ``False`` when some were left pending (and
-    ``reader.retry_pending()`` called)."""
+    ``reader.retry_pending()`` called). A failed ``job`` is retried one entry at a time through
+    ``handle``, like a failed batch."""
     try:
-        await handle(entries)
+        await (job() if job is not None else handle(entries))
         return True
     except (Retryable, RedisError):
         raise

@@ -1,8 +1,8 @@
 """De-duplication of uplinks by ``event_id`` within a window.
 
 One ``SET seen:<event_id> <mark> NX EX <window> GET`` per uplink, for the whole batch in one
-script call (:class:`Claims`; one command instead of one per uplink: redis-py spends ~10 µs
-packing and parsing each command, more than the mapping itself), sent in the same round trip as
+script call (:class:`Claims`; one command instead of one per uplink: redis-py's per-command
+cost in Python is higher than the mapping's), sent in the same round trip as
 the registry's version check. The *mark* is the stream entry that claimed the event
 (``<stream>/<entry id>``), which is what makes marking before writing safe:
 
@@ -65,12 +65,6 @@ class Claims:
 def is_duplicate(reply: bytes | None, mark: bytes) -> bool:
     """Whether a claim's reply says another entry owns the event."""
     return reply is not None and reply != mark
-
-
-def queue_forget(pipe: Pipeline, keys: Keys, event_ids: Iterable[str]) -> None:
-    ids = [keys.seen(e) for e in event_ids]
-    if ids:
-        pipe.delete(*ids)
 
 
 async def forget(redis: Redis, keys: Keys, event_ids: Iterable[str]) -> None:

@@ -70,6 +70,14 @@ class Keys:
     def provision_lock(self, source: str, integration: str, device: str) -> str:
         return f"{self.prefix}lock:provision:{source}:{integration}:{device}"
 
+    def provision_rate(self, source: str, integration: str) -> str:
+        """GCRA state (:mod:`pipeline.ratelimit`) of an integration's device creations."""
+        return f"{self.prefix}rate:provision:{source}:{integration}"
+
+    def provisioned(self, source: str, integration: str) -> str:
+        """How many devices auto-provisioning created for an integration (``provision_max``)."""
+        return f"{self.prefix}provisioned:{source}:{integration}"
+
     def seen(self, event_id: str) -> str:
         return f"{self.prefix}seen:{event_id}"
 

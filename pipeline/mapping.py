@@ -15,7 +15,12 @@ The rules are Blynk's own (its TTS integration and Device HTTPS API), made expli
 * **Location**: a ``[lon, lat]`` list, or a ``latitude``/``longitude`` (also ``lat``/``lng``,
   ``lat``/``lon``) key pair sharing a prefix (``gps_0.latitude`` + ``gps_0.longitude`` →
   ``gps_0``; bare ``latitude`` + ``longitude`` → ``location``), written to the datastream of
-  that name, or to the template's only location datastream.
+  that name, or to the template's only location datastream. Ingest hands a latitude/longitude
+  object over as a ``[lon, lat]`` list under the object's key (CayenneLPP ``gps_0``, Particle
+  ``coordinates``): when no datastream has that name, the first such list fills the template's
+  only location datastream (unless a key filled it already). Ingest cannot tell such a list
+  from any other two numbers, so an unmapped two-number list in range is taken as that
+  location; give other pairs a datastream (or a ``mapping``) to keep them apart.
 * Datastreams named ``RSSI`` and ``SNR`` are filled from the uplink's radio metadata (the best
   gateway) unless the payload set them itself.
 * ``Blynk Firmware Version`` is the device's firmware version, never a datastream write.
@@ -476,8 +481,15 @@ def published_at_text(uplink: Uplink) -> str:
     return ts.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ts.microsecond // 1000:03d}Z"
 
 
-def map_uplink(template: Template, uplink: Uplink) -> Mapped:
-    """Map one uplink's values (and radio metadata) onto the template's pins. Never raises."""
+def maps_a_value(template: Template, uplink: Uplink) -> bool:
+    """Whether at least one decoded value of the uplink lands on a datastream (radio metadata
+    and Particle's publish time do not count: every uplink has those)."""
+    return bool(map_uplink(template, uplink, extras=False).pins)
+
+
+def map_uplink(template: Template, uplink: Uplink, *, extras: bool = True) -> Mapped:
+    """Map one uplink's values (and, with ``extras``, its radio metadata and Particle publish
+    time) onto the template's pins. Never raises."""
     out = Mapped()
     values = uplink.values
     pins = out.pins
@@ -498,6 +510,11 @@ def map_uplink(template: Template, uplink: Uplink) -> Mapped:
             out.rejected.append(_rejected(key, target, exc))
     if unmapped and any("lat" in k.lower() for k in unmapped):
         _map_pairs(out, template, values)
+    loc = template.location
+    if unmapped and loc is not None and loc.pin not in pins:
+        _map_location_list(out, template.targets[loc.pin], values)
+    if not extras:
+        return out
     radio = uplink.radio
     if radio is not None:
         for ds, v in ((template.rssi, radio.rssi), (template.snr, radio.snr)):
@@ -537,6 +554,22 @@ def _map_pairs(out: Mapped, template: Template, values: Mapping[str, Value]) -> 
         except Mismatch as exc:
             out.rejected.append(_rejected(combined, target, exc))
     out.unmapped[:] = [k for k in out.unmapped if k not in used]
+
+
+def _map_location_list(out: Mapped, target: Target, values: Mapping[str, Value]) -> None:
+    """The first unmapped ``[lon, lat]`` pair — how ingest hands over a latitude/longitude
+    object under its own key (:func:`pipeline.values.flatten`) — fills the template's only
+    location datastream when nothing else did. A pair out of range is no location: it stays
+    unmapped rather than rejected."""
+    for key in out.unmapped:
+        value = values[key]
+        if isinstance(value, list) and len(value) == 2:
+            try:
+                out.pins[target.pin] = target.convert(value)
+            except Mismatch:
+                continue
+            out.unmapped.remove(key)
+            return
 
 
 def _rejected(key: str, target: Target, exc: Mismatch) -> Rejected:

@@ -11,7 +11,17 @@ Contract of :meth:`Provisioner.ensure`:
   pass, or when another worker is still creating the device after ``wait_s``: the caller leaves
   the uplink pending (it is delivered again, never acked before its write exists);
 * raises :class:`~pipeline.errors.Permanent` (reason ``provision_failed``) when creating can never
-  work (template without an id, template unknown to Blynk, no platform client configured).
+  work (template without an id, template unknown to Blynk, no platform client configured);
+* enforces the integration's limits (:class:`Limits`, checked by the creator under the lock,
+  right before Blynk's ``device/create``, in one script with the shared state in Redis, so
+  they hold across replicas): past ``provision_max`` devices created for the integration it
+  raises ``Permanent`` with reason ``provision_limit``; past ``provision_rate`` (GCRA,
+  ``provision_burst`` at once) it raises ``Retryable`` with reason ``provision_rate`` and
+  ``retry_after_s``. A creation that fails gives its place under ``provision_max`` back.
+
+Device names are the source device id where Blynk accepts it as is; otherwise the id with its
+invalid characters replaced (and cut to fit), plus ``-`` and 6 hex digits of its SHA-256, so two
+ids that read the same once cleaned (``a.b``, ``a:b``) never share a name (:func:`device_name`).
 
 The metafield ("TheThingsNetwork Device" / "Particle Device" = the source device id) is set
 right after registering; the row carries ``meta_pending`` until it is, and a failure there does
@@ -24,22 +34,27 @@ documented lookup by metafield to detect it).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import re
 import time
 import uuid
-from dataclasses import replace
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from pipeline import metrics
 from pipeline.errors import Permanent, Retryable
 from pipeline.keys import Keys
+from pipeline.ratelimit import GCRA_TAKE_LUA
 from pipeline.registry import Device, Registry, split_key
 from pipeline.streams import Redis
 
 log = logging.getLogger("blynk_bridge.provision")
 
 PROVISION_FAILED = "provision_failed"
+PROVISION_LIMIT = "provision_limit"
+PROVISION_RATE = "provision_rate"
 #: Seconds between attempts at a pending metafield.
 META_RETRY_S = 30.0
 METAFIELD = {"tts": "TheThingsNetwork Device", "particle": "Particle Device"}
@@ -70,9 +85,75 @@ class Platform(Protocol):
 
 
 def device_name(source_device: str) -> str:
-    """A Blynk-valid device name from a source device id (``eui-70b3…``, a Particle coreid)."""
-    name = _NAME_BAD.sub("-", source_device).strip() or "device"
-    return name[:50]
+    """A Blynk-valid device name from a source device id (``eui-70b3…``, a Particle coreid),
+    the same for the same id, different for different ids (module docstring)."""
+    if len(source_device) <= 50 and _NAME_BAD.search(source_device) is None \
+            and source_device.strip() == source_device and source_device:
+        return source_device
+    digest = hashlib.sha256(source_device.encode()).hexdigest()[:6]
+    name = _NAME_BAD.sub("-", source_device).strip()[:43].rstrip()
+    return f"{name}-{digest}" if name else f"device-{digest}"
+
+
+# KEYS = the integration's GCRA key, its created-devices counter; ARGV = interval µs, burst, max
+_TAKE = GCRA_TAKE_LUA + """
+if tonumber(redis.call('GET', KEYS[2]) or '0') >= tonumber(ARGV[3]) then return -1 end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local wait = gcra_take(KEYS[1], now, tonumber(ARGV[1]), tonumber(ARGV[2]), 1)
+if wait > 0 then return wait end
+redis.call('INCR', KEYS[2])
+return 0
+"""
+
+_GIVE_BACK = """
+if tonumber(redis.call('GET', KEYS[1]) or '0') > 0 then redis.call('DECR', KEYS[1]) end
+return 0
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Limit:
+    """One integration's auto-provisioning limits (its ``provision_*`` configuration)."""
+
+    rate: float
+    burst: int
+    max: int
+
+
+class Limits:
+    """The creation limits of every integration, shared by all replicas through Redis."""
+
+    def __init__(self, redis: Redis, keys: Keys, limits: Mapping[tuple[str, str], Limit]) -> None:
+        self._keys = keys
+        self._limits = dict(limits)
+        self._take = redis.register_script(_TAKE)
+        self._give_back = redis.register_script(_GIVE_BACK)
+
+    async def take(self, source: str, integration: str, device: str) -> None:
+        """Count one creation for the integration, or raise (``provision_limit`` /
+        ``provision_rate``: module docstring). No limit configured: nothing to count."""
+        lim = self._limits.get((source, integration))
+        if lim is None:
+            return
+        reply = int(await self._take(
+            keys=[self._keys.provision_rate(source, integration),
+                  self._keys.provisioned(source, integration)],
+            args=[int(1_000_000 / lim.rate), lim.burst, lim.max]))
+        if reply == -1:
+            metrics.PROVISIONED.labels(integration, "limit").inc()
+            raise Permanent(f"not creating {device!r}: integration {integration!r} reached its "
+                            f"provision_max of {lim.max} devices", reason=PROVISION_LIMIT)
+        if reply > 0:
+            metrics.PROVISIONED.labels(integration, "rate_limited").inc()
+            raise Retryable(f"not creating {device!r} yet: integration {integration!r} creates "
+                            f"at most {lim.rate:g} devices per second",
+                            reason=PROVISION_RATE, retry_after_s=reply / 1_000_000)
+
+    async def give_back(self, source: str, integration: str) -> None:
+        """A creation counted by :meth:`take` did not happen."""
+        if (source, integration) in self._limits:
+            await self._give_back(keys=[self._keys.provisioned(source, integration)])
 
 
 class Provisioner:
@@ -85,6 +166,7 @@ class Provisioner:
         *,
         lock_ms: int = 30_000,
         wait_s: float = 20.0,
+        limits: Limits | None = None,
     ) -> None:
         self._redis = redis
         self._keys = keys
@@ -93,6 +175,7 @@ class Provisioner:
         self._lock_ms = lock_ms
         self._wait_s = wait_s
         self._release = redis.register_script(_RELEASE)
+        self._limits = limits
         #: Device keys whose metafield failed recently → when to try again (monotonic).
         self._meta_retry: dict[str, float] = {}
 
@@ -127,17 +210,21 @@ class Provisioner:
 
     async def _create_locked(self, key: str, template: str, template_id: str) -> Device:
         assert self._platform is not None
-        _, integration, device = split_key(key)
+        source, integration, device = split_key(key)
         dev = (await self._registry.load([key]))[key]
         if dev is not None:  # created while we waited for the lock
             return dev
+        if self._limits is not None:
+            await self._limits.take(source, integration, device)
         try:
             created = await self._platform.create_device(template_id, device_name(device))
         except Retryable:
             metrics.PROVISIONED.labels(integration, "retry").inc()
+            await self._give_back(source, integration)
             raise
         except Permanent as exc:
             metrics.PROVISIONED.labels(integration, "failed").inc()
+            await self._give_back(source, integration)
             raise Permanent(f"creating {device!r} from template {template_id}: {exc.detail}",
                             reason=PROVISION_FAILED) from exc
         dev = await self._registry.register(key, token=created.token, template=template,
@@ -145,6 +232,10 @@ class Provisioner:
         metrics.PROVISIONED.labels(integration, "created").inc()
         log.info("provisioned %s as Blynk device %s (template %s)", key, created.id, template_id)
         return await self.finish(dev, now=True)
+
+    async def _give_back(self, source: str, integration: str) -> None:
+        if self._limits is not None:
+            await self._limits.give_back(source, integration)
 
     async def finish(self, dev: Device, *, now: bool = False) -> Device:
         """Set the metafield of a provisioned device whose row says ``meta_pending``.

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 
 from pipeline import events
-from pipeline.consumer import consume
+from pipeline.consumer import Job, consume
 from pipeline.errors import Retryable
 from pipeline.keys import Keys
 from pipeline.streams import Entry, Redis, StreamReader, StreamWriter
@@ -133,3 +133,66 @@ async def test_stop_finishes_the_read_in_flight_and_handles_its_batch(redis: Red
     assert done == [b"a", b"b", b"c", b"d"]  # the prefetched batch handled, no read after
     assert r.reads == 2
     assert (await redis.xpending(keys.stream("uplinks"), "g"))["pending"] == 0  # e, f unread
+
+
+async def test_prepare_runs_on_the_batch_read_ahead_and_its_job_replaces_handle(
+        redis: Redis, keys: Keys) -> None:
+    data = [f"e{i}".encode() for i in range(20)]
+    await fill(redis, keys, data)
+    r = reader(redis, keys, batch=6)
+    prepared: list[list[bytes]] = []
+    done: list[bytes] = []
+    changed = asyncio.Condition()
+
+    async def handle(entries: list[Entry]) -> None:
+        raise AssertionError("every batch had a job")
+
+    async def prepare(entries: list[Entry]) -> Job:
+        batch = [e.data for e in entries if e.data]
+        async with changed:
+            prepared.append(batch)
+            changed.notify_all()
+
+        async def job() -> None:
+            if len(done) + len(batch) < len(data):  # the next batch is prepared meanwhile
+                async with changed:
+                    n = len(done) // 6 + 2
+                    await asyncio.wait_for(changed.wait_for(lambda: len(prepared) >= n), 10)
+            done.extend(batch)
+            await r.ack(entries)
+        return job
+
+    await consume(r, handle, asyncio.Event(), until_idle=True, prefetch=True, prepare=prepare)
+    assert done == data and [d for b in prepared for d in b] == data
+    assert (await redis.xpending(keys.stream("uplinks"), "g"))["pending"] == 0
+
+
+async def test_a_failed_prepare_or_job_leaves_the_batch_to_handle(redis: Redis,
+                                                                   keys: Keys) -> None:
+    data = [b"a", b"no-prepare", b"c", b"job-fails", b"e"]
+    await fill(redis, keys, data)
+    r = reader(redis, keys, batch=2)
+    by_job: list[bytes] = []
+    by_handle: list[list[bytes]] = []
+
+    async def handle(entries: list[Entry]) -> None:
+        by_handle.append([e.data for e in entries if e.data])
+        await r.ack(entries)
+
+    async def prepare(entries: list[Entry]) -> Job | None:
+        batch = [e.data for e in entries if e.data]
+        if b"no-prepare" in batch:
+            raise ValueError("a bug in prepare")
+
+        async def job() -> None:
+            if b"job-fails" in batch:
+                raise ValueError("a bug in the job")
+            by_job.extend(batch)
+            await r.ack(entries)
+        return job
+
+    await consume(r, handle, asyncio.Event(), until_idle=True, prefetch=True, prepare=prepare)
+    # The failed prepare: handle takes the batch; the failed job: handle retries it per entry.
+    assert by_job == [b"e"]
+    assert by_handle == [[b"a", b"no-prepare"], [b"c"], [b"job-fails"]]
+    assert (await redis.xpending(keys.stream("uplinks"), "g"))["pending"] == 0

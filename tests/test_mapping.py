@@ -308,3 +308,58 @@ def test_platform_datastreams() -> None:
     t = Template.from_config(
         TemplateConfig(name="t", pull=True, datastreams=[ds("Temp", "V1", "integer")]), pulled)
     assert t.by_pin["V1"].type == "integer" and t.by_pin["V2"].name == "DS 1"
+
+
+# Issue 10, item 14: location objects as ingest hands them over (through the real parsers)
+# reach the template's only location datastream, whatever the object's key.
+def _tts_values(fixture_path: FixturePath, decoded: dict[str, Any]) -> dict[str, Value]:
+    from pipeline.config import TtsApplication
+    from pipeline.tts import parse_message
+
+    msg = load_json(fixture_path, "tts/tts-uplink-02.json")
+    msg["uplink_message"]["decoded_payload"] = decoded
+    u = parse_message(json.dumps(msg).encode(), TtsApplication(name="a", app_id="app1"),
+                      received_ts_ms=1)
+    assert u is not None
+    return u.values
+
+
+@pytest.mark.parametrize(
+    ("decoded", "expected"),
+    [
+        ({"gps_0": {"latitude": 52.3, "longitude": 4.9, "altitude": 12}}, [4.9, 52.3]),
+        ({"gps_1": {"lat": 52.3, "lon": 4.9}, "temperature_2": 20.5}, [4.9, 52.3]),
+        ({"coordinates": {"lat": "39.7", "lng": "-104.9"}}, [-104.9, 39.7]),
+        ({"pos": {"here": {"Latitude": 1.5, "Longitude": 2.5}}}, [2.5, 1.5]),
+    ],
+    ids=["cayenne gps_0", "lat/lon numbers", "lat/lng strings", "nested, capitalised"],
+)
+def test_tts_location_objects_fill_the_only_location_datastream(
+        fixture_path: FixturePath, decoded: dict[str, Any], expected: list[float]) -> None:
+    values = _tts_values(fixture_path, decoded)
+    out = map_uplink(Template.from_config(GUIDE), uplink(values))
+    assert out.pins.get("V5") == expected
+    assert not any(k.lower().endswith(("lat", "lon", "lng", "latitude", "longitude"))
+                   for k in out.unmapped)
+
+
+@pytest.mark.parametrize("name", ["particle-webhook-03.json",
+                                  "particle-webhook-04-custom-body.json"])
+def test_particle_coordinates_fill_the_only_location_datastream(
+        fixture_path: FixturePath, name: str) -> None:
+    from pipeline.config import ParticleProduct
+    from pipeline.particle import parse_webhook
+
+    body = fixture_path(f"particle/{name}").read_bytes()
+    u = parse_webhook(body, "application/json", ParticleProduct(name="p"), received_ts_ms=1,
+                      query={"coreid": "e00fce68ece1d3d21a73dcc9"})
+    out = map_uplink(Template.from_config(GUIDE), u)
+    assert out.pins.get("V5") == [-104.984703, 39.739155] and out.unmapped == []
+
+
+def test_a_location_key_of_its_own_wins_and_a_second_pair_stays_unmapped(
+        fixture_path: FixturePath) -> None:
+    values = _tts_values(fixture_path, {"gps_0": {"latitude": 1.0, "longitude": 2.0},
+                                        "location": {"lat": 3.0, "lng": 4.0}})
+    out = map_uplink(Template.from_config(GUIDE), uplink(values))
+    assert out.pins.get("V5") == [4.0, 3.0] and out.unmapped == ["gps_0"]

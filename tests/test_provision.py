@@ -25,6 +25,7 @@ from pipeline.events import Uplink
 from pipeline.keys import GROUP_TRANSFORM, Keys
 from pipeline.provision import device_name
 from pipeline.streams import Redis, StreamWriter
+from tests.test_ingest_mqtt import eventually  # the suite's bounded poll of a condition
 from workers.transform import TransformStage
 
 TEMPLATE = "TMPLbutton01"
@@ -52,10 +53,11 @@ async def blynk() -> AsyncIterator[tuple[BlynkEmulator, str]]:
 
 
 def make_config(prefix: str, url: str, template_id: str = TEMPLATE, batch: int = 5,
-                provision: bool = True) -> config_mod.Config:
+                provision: bool = True, limits: str = "",
+                streams: str = "") -> config_mod.Config:
     text = f"""
 redis: {{prefix: '{prefix}'}}
-streams: {{batch: {batch}, block_ms: 100}}
+streams: {{batch: {batch}, block_ms: 100{streams}}}
 blynk:
   servers: {{fra1: "{url}"}}
   default_server: fra1
@@ -65,7 +67,8 @@ templates:
     id: {template_id}
     datastreams: [{{name: pressEvent, pin: V1, type: integer}}]
 tts:
-  - {{name: app, app_id: starter-kit, template: button, provision: {str(provision).lower()}}}
+  - {{name: app, app_id: starter-kit, template: button,
+      provision: {str(provision).lower()}{limits}}}
 """
     return config_mod.parse(text, "yaml", "test.yaml", env={})
 
@@ -174,10 +177,34 @@ async def test_devices_that_cannot_be_created_are_dead_lettered(
     assert emu.model.devices == {}
 
 
-def test_device_names_are_blynk_valid() -> None:
+def test_device_names_are_blynk_valid_and_distinct() -> None:
+    import re
+
     assert device_name("eui-70b3d52dd600035a") == "eui-70b3d52dd600035a"
-    assert device_name("a.b:c/d") == "a-b-c-d"
-    assert len(device_name("x" * 80)) == 50
+    ids = ["a.b", "a:b", "a-b", "a/b", "x" * 80, "x" * 81, " lead", "lead", "é", "", "°"]
+    names = [device_name(i) for i in ids]
+    assert len(set(names)) == len(ids)
+    assert names == [device_name(i) for i in ids]  # deterministic
+    assert all(re.fullmatch(r"[A-Za-z0-9 '_-]{1,50}", n) for n in names), names
+    assert names[0].startswith("a-b-") and names[2] == "a-b"
+
+
+async def test_ids_that_read_the_same_once_cleaned_make_distinct_blynk_devices(
+        redis: Redis, keys: Keys, prefix: str, blynk: tuple[BlynkEmulator, str]) -> None:
+    emu, url = blynk
+    cfg = make_config(prefix, url)
+    await fill(redis, keys, [uplink(1, device="node.1"), uplink(2, device="node:1"),
+                             uplink(3, device="node-1")])
+    client = PlatformClient(cfg.blynk.platform)  # type: ignore[arg-type]
+    stage = await stage_for(cfg, redis, keys, "w", client)
+    try:
+        await stage.main_loop(asyncio.Event())
+    finally:
+        await stage.shutdown()
+        await client.close()
+    names = sorted(d.name for d in emu.model.devices.values())
+    assert len(names) == 3 and len(set(names)) == 3 and "node-1" in names
+    assert len({w.token for w in await written(redis, keys)}) == 3
 
 
 async def test_pulled_datastreams(redis: Redis, keys: Keys, prefix: str,
@@ -194,3 +221,105 @@ async def test_pulled_datastreams(redis: Redis, keys: Keys, prefix: str,
     finally:
         await stage.shutdown()
         await client.close()
+
+
+# Issue 10, item 6: auto-provisioning is capped per integration, across replicas.
+
+
+def _sample(name: str, **labels: str) -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+async def _run_stages(cfg: config_mod.Config, redis: Redis, keys: Keys, n: int) -> None:
+    clients = [PlatformClient(cfg.blynk.platform) for _ in range(n)]  # type: ignore[arg-type]
+    stages = [await stage_for(cfg, redis, keys, f"w{i}", c) for i, c in enumerate(clients)]
+    try:
+        await asyncio.gather(*(s.main_loop(asyncio.Event()) for s in stages))
+    finally:
+        for s in stages:
+            await s.shutdown()
+        for c in clients:
+            await c.close()
+
+
+async def test_provision_max_caps_devices_and_dead_letters_the_rest(
+        redis: Redis, keys: Keys, prefix: str, blynk: tuple[BlynkEmulator, str]) -> None:
+    emu, url = blynk
+    cfg = make_config(prefix, url, batch=50,
+                      limits=", provision_max: 5, provision_rate: 1000, provision_burst: 1000")
+    before = _sample("bb_dead_letters_total", stage="transform", reason="provision_limit")
+    await fill(redis, keys, [uplink(i, device=f"core{i:03d}") for i in range(100)])
+    await _run_stages(cfg, redis, keys, 2)
+    assert len(emu.model.devices) == 5
+    assert len(await written(redis, keys)) == 5
+    dead = [events.decode_dead(f[events.FIELD]) for _, f in await redis.xrange(keys.dead)]
+    assert len(dead) == 95 and {d.reason for d in dead} == {"provision_limit"}
+    assert "provision_max of 5" in dead[0].detail
+    assert _sample("bb_dead_letters_total", stage="transform",
+                   reason="provision_limit") - before == 95
+    assert (await redis.xpending(keys.stream("uplinks"), GROUP_TRANSFORM))["pending"] == 0
+
+
+async def test_provision_rate_holds_across_replicas_and_the_rest_waits_uncounted(
+        redis: Redis, keys: Keys, prefix: str, blynk: tuple[BlynkEmulator, str]) -> None:
+    emu, url = blynk
+    cfg = make_config(prefix, url, batch=10,
+                      limits=", provision_rate: 0.001, provision_burst: 4")
+    await fill(redis, keys, [uplink(i, device=f"core{i:03d}") for i in range(40)])
+    await _run_stages(cfg, redis, keys, 2)
+    assert len(emu.model.devices) == 4  # the burst, shared by both replicas
+    assert len(await written(redis, keys)) == 4
+    assert await redis.xlen(keys.dead) == 0
+    rows = await redis.xpending_range(keys.stream("uplinks"), GROUP_TRANSFORM, min="-",
+                                      max="+", count=100)
+    assert len(rows) == 36
+    assert {r["times_delivered"] for r in rows} == {0}  # waiting is not a failed delivery
+
+
+async def test_uplinks_waiting_for_the_rate_are_written_once_it_allows(
+        redis: Redis, keys: Keys, prefix: str, blynk: tuple[BlynkEmulator, str]) -> None:
+    emu, url = blynk
+    cfg = make_config(prefix, url, batch=10, streams=", claim_idle_ms: 200",
+                      limits=", provision_rate: 20, provision_burst: 2")
+    await fill(redis, keys, [uplink(i, device=f"core{i:03d}") for i in range(10)])
+    client = PlatformClient(cfg.blynk.platform)  # type: ignore[arg-type]
+    stage = await stage_for(cfg, redis, keys, "w", client)
+    stage.until_idle = False
+    stop = asyncio.Event()
+    task = asyncio.create_task(stage.main_loop(stop))
+    try:
+        async def all_written() -> bool:
+            return len(await written(redis, keys)) == 10
+
+        await eventually(all_written, 30, "every uplink written")
+    finally:
+        stop.set()
+        await task
+        await stage.shutdown()
+        await client.close()
+    assert len(emu.model.devices) == 10
+    assert await redis.xlen(keys.dead) == 0
+    assert (await redis.xpending(keys.stream("uplinks"), GROUP_TRANSFORM))["pending"] == 0
+
+
+async def test_no_device_is_created_for_uplinks_that_map_nothing(
+        redis: Redis, keys: Keys, prefix: str, blynk: tuple[BlynkEmulator, str]) -> None:
+    emu, url = blynk
+    cfg = make_config(prefix, url)
+    junk = [Uplink(event_id=f"j{i}", source="tts", integration="app", device=f"junk{i}",
+                   event_ts_ms=1, received_ts_ms=2, values={"nope": i},
+                   radio=events.Radio(rssi=-40, snr=5.0)) for i in range(3)]
+    await fill(redis, keys, [*junk, uplink(1, device="real")])
+    client = PlatformClient(cfg.blynk.platform)  # type: ignore[arg-type]
+    stage = await stage_for(cfg, redis, keys, "w", client)
+    try:
+        await stage.main_loop(asyncio.Event())
+    finally:
+        await stage.shutdown()
+        await client.close()
+    assert [d.name for d in emu.model.devices.values()] == ["real"]
+    assert await redis.xlen(keys.dead) == 0
+    assert (await redis.xpending(keys.stream("uplinks"), GROUP_TRANSFORM))["pending"] == 0
+    assert await redis.hgetall(keys.unmapped("button")) == {b"nope": b"3"}

@@ -332,20 +332,42 @@ async def test_a_batch_prepared_ahead_is_redone_if_the_registry_moved_meanwhile(
     await stage.startup()
     await add(ctx, button_uplink(fixture_path, event_id="e1"))
     await stage.main_loop(asyncio.Event())
-    # The next batch is read (and prepared, with TOKEN-A) while another process re-registers
-    # the device; only then is the batch handled: it must carry the new token.
+    # The next batch is read and prepared (with TOKEN-A) while another process re-registers
+    # the device; only then is the prepared job run: it must write the new token.
     await add(ctx, button_uplink(fixture_path, event_id="e2"))
     entries = await stage.reader.read(block=False)
-    assert len(stage._prepared) == 1
+    job = await stage.prepare(entries)
+    assert job is not None
     await Registry(ctx.redis, ctx.keys).register(f"tts:app:{DEVICE}", token="TOKEN-B",
                                                  template="button")
-    await stage.handle(entries)
-    # And a prepared batch is used as prepared when nothing moved.
+    await job()
+    # And a batch prepared when nothing moved is committed as prepared.
     await add(ctx, button_uplink(fixture_path, event_id="e3"))
     entries = await stage.reader.read(block=False)
-    assert len(stage._prepared) == 1
-    await stage.handle(entries)
-    assert not stage._prepared
+    job = await stage.prepare(entries)
+    assert job is not None
+    await job()
     await stage.shutdown()
     assert [w.token for w in await writes(ctx)] == ["TOKEN-A", "TOKEN-B", "TOKEN-B"]
     assert await pending(ctx) == 0
+
+
+async def test_unmapped_keys_are_bounded_per_template_and_expire(
+        ctx: Context, fixture_path: FixturePath) -> None:
+    # Issue 10, item 5: a sender controls the keys; 500 new ones per message must not grow a
+    # permanent hash. Every occurrence is still counted: the counts add up.
+    from pipeline.unmapped import OTHER
+
+    cap = ctx.config.transform.unmapped_max_keys
+    junk = {f"junk{i:03d}": i for i in range(500)}
+    await add(ctx, button_uplink(fixture_path, event_id="e1", values=junk),
+               button_uplink(fixture_path, event_id="e2",
+                             values={"x" * 5000: 1, "junk000": 2, "batteryVoltage": 3.0}))
+    await run(ctx)
+    h = await ctx.redis.hgetall(ctx.keys.unmapped("button"))
+    assert len(h) <= cap + 1 and OTHER.encode() in h
+    assert sum(int(v) for v in h.values()) == 502
+    assert int(h[b"junk000"]) == 2
+    assert all(len(k) <= 200 for k in h)
+    ttl = await ctx.redis.ttl(ctx.keys.unmapped("button"))
+    assert 0 < ttl <= ctx.config.transform.unmapped_ttl_s

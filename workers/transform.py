@@ -10,59 +10,88 @@ still the one the cache is in line with (else it does nothing: the stage syncs t
 takes the slow path), claims each uplink's ``event_id`` (:mod:`pipeline.dedup`), appends the
 outputs — writes, partial and whole dead letters — of the uplinks that are not duplicates, and
 acks the batch. Two round trips per batch: the read and the commit — and neither leaves the
-worker idle: the next batch is read (``consume(prefetch=True)``) and prepared — decoded,
-resolved, mapped — while this one commits; batches still commit one at a time, in read order.
-A batch prepared against a registry that moved on before its commit fails the version check
-and is redone on the slow path.
+worker idle: :meth:`TransformStage.prepare` is :func:`~pipeline.consumer.consume`'s
+``prepare`` hook, so the next batch is read (``prefetch``) and prepared — decoded, resolved,
+mapped — while this one commits; batches still commit one at a time, in read order. A batch
+prepared before this process synced its registry is prepared again before its commit; one
+prepared against a registry that moved on elsewhere fails the version check and is redone on
+the slow path.
+
+Both paths decide where each uplink goes with the same pure :func:`pipeline.routing.plan`
+(skip, dead-letter, create the device, or write); they differ only in how they claim events and
+what they do with a device to create or a metafield pending (the fast path leaves those batches
+to the slow one).
 
 **Slow path** (anything else; same outcome, more round trips):
 
 1. decode (undecodable → dead letter ``undecodable``);
 2. one pipeline: the registry's version check + a de-duplication claim per uplink
    (:mod:`pipeline.dedup`); duplicates are acked and counted;
-3. resolve devices: the Particle blueprint's ``token`` is the device itself; everything else
-   through the registry cache (misses: one pipelined ``HGETALL``);
+3. route the uplinks that are not duplicates (:func:`pipeline.routing.plan`): the Particle
+   blueprint's ``token`` is the device itself; everything else goes through the registry cache
+   (misses: one ``HMGET`` script call);
 4. map values (:mod:`pipeline.mapping`) and append every ``BlynkWrite`` — and the partial dead
    letters — and ack, in one script call (:class:`Emit`);
 5. unknown devices of integrations with ``provision: true`` are created in Blynk
-   (:mod:`pipeline.provision`), then written and acked like the rest; a retryable failure leaves
-   their uplinks pending and backs off.
+   (:mod:`pipeline.provision`), then written and acked like the rest — only when one of their
+   uplinks maps a value (else those are acked as ``nothing_mapped``) and within the
+   integration's limits: past ``provision_max`` they are dead-lettered ``provision_limit``,
+   over ``provision_rate`` they stay pending, released without counting a delivery, until a
+   replica reclaims them after ``claim_idle_ms``. Any other retryable failure leaves their
+   uplinks pending and backs off.
 
 Dead letters (original uplink kept, so ``dead replay`` can resend it): ``unknown_device``,
-``device_broken``, ``provision_failed``, ``unknown_integration``, ``undecodable``, and
-``type_mismatch`` for the keys whose values do not fit their datastream. The last is a *partial*
-dead letter: the uplink's other keys are written, and one ``DeadLetter`` holds the whole
-original uplink with a detail naming each rejected key, pin and why. Replaying it rewrites the
-good keys too, which is harmless (same event time, egress keeps the newest).
+``device_broken``, ``provision_failed``, ``provision_limit``, ``unknown_integration``,
+``undecodable``, and ``type_mismatch`` for the keys whose values do not fit their datastream.
+The last is a *partial* dead letter: the uplink's other keys are written, and one
+``DeadLetter`` holds the whole original uplink with a detail naming each rejected key, pin and
+why. Replaying it rewrites the good keys too, which is harmless (same event time, egress keeps
+the newest).
 
-Unmapped keys: ``bb_unmapped_keys_total{template}`` and the Redis hash
-``keys.unmapped(template)`` (key → count), flushed at most once a second.
+Unmapped keys: counted by :class:`pipeline.unmapped.UnmappedKeys` (bounded per template, with a
+TTL), flushed at most once a second.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import msgspec
 from redis.exceptions import RedisError
 
-from pipeline import dedup, events, metrics
-from pipeline.config import Config, ParticleProduct, TemplateRule, TtsApplication
-from pipeline.consumer import consume
+from pipeline import dedup, events, metrics, routing
+from pipeline.config import Config, ParticleProduct, TtsApplication
+from pipeline.consumer import Job, consume
 from pipeline.context import Context
 from pipeline.errors import BridgeError, Permanent, Retryable
 from pipeline.keys import GROUP_TRANSFORM, UPLINKS, Keys
-from pipeline.mapping import Template, datastreams_from_platform, describe_rejected, map_uplink
-from pipeline.provision import PROVISION_FAILED, Platform, Provisioner
-from pipeline.registry import Device, Registry, token_device_key
+from pipeline.mapping import (
+    Template,
+    datastreams_from_platform,
+    describe_rejected,
+    map_uplink,
+    maps_a_value,
+)
+from pipeline.provision import (
+    PROVISION_FAILED,
+    PROVISION_RATE,
+    Limit,
+    Limits,
+    Platform,
+    Provisioner,
+)
+from pipeline.registry import Device, Registry
+from pipeline.routing import DEAD, SKIP, WRITE, Integration, Route
 from pipeline.streams import Entry, Redis, StreamReader, now_ms
+from pipeline.unmapped import UnmappedKeys
 
 if TYPE_CHECKING:
     from pipeline.blynk.platform import PlatformClient
@@ -70,35 +99,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("blynk_bridge.transform")
 
 STAGE = "transform"
-UNKNOWN_DEVICE = "unknown_device"
-DEVICE_BROKEN = "device_broken"
-UNKNOWN_INTEGRATION = "unknown_integration"
 UNDECODABLE = "undecodable"
-_SKIP_KINDS = frozenset({"join", "status"})
-
-
-@dataclass(frozen=True, slots=True)
-class _Integration:
-    source: str
-    name: str
-    template: str | None
-    rules: tuple[TemplateRule, ...]
-    provision: bool
-
-    def choose_template(self, meta: dict[str, str]) -> str | None:
-        """First rule whose ``device_meta`` field equals its value, else the default."""
-        for rule in self.rules:
-            if meta.get(rule.field) == rule.equals:
-                return rule.template
-        return self.template
-
-
-@dataclass(slots=True)
-class _Item:
-    entry: Entry
-    uplink: events.Uplink
-    integ: _Integration
-    key: str
 
 
 class Templates:
@@ -170,9 +171,9 @@ class Emit:
 
     This is ``StreamWriter.add_many`` followed by ``StreamReader.ack`` with two differences that
     matter on the hot path: redis-py packs and parses one command instead of one per entry
-    (~10 µs each), and a crash can no longer fall between the write and the ack (no duplicate
-    output on redelivery). Entries are appended with the single field ``d``
-    (:data:`pipeline.events.FIELD`).
+    (its per-command cost in Python outweighs the Redis work), and a crash can no longer fall
+    between the write and the ack (no duplicate output on redelivery). Entries are appended
+    with the single field ``d`` (:data:`pipeline.events.FIELD`).
     """
 
     def __init__(self, redis: Redis, group: str) -> None:
@@ -199,8 +200,9 @@ class Emit:
 # KEYS = registry version, seen key of each claim, output streams, streams to ack;
 # ARGV[1] = msgpack [version, window s, group, [mode, mark, ...] per claim,
 # [owner, output stream index, ...] per output, [[entry id, ...] per stream to ack]];
-# ARGV[2...] = each output's data (Redis 7.0's cmsgpack does not read msgpack's bin type, and
-# one concatenated blob argument measured slower: the worker waited more).
+# ARGV[2...] = each output's data, as separate arguments: Redis 7.0's cmsgpack does not read
+# msgpack's bin type, and splitting one concatenated blob in Lua costs the worker more than it
+# saves (BENCHMARKS.md, transform).
 _COMMIT = """
 local v = redis.call('GET', KEYS[1])
 local p = cmsgpack.unpack(ARGV[1])
@@ -273,8 +275,8 @@ class Commit:
                   claims: Sequence[tuple[str, bytes, str]],
                   outputs: Sequence[tuple[str, int, bytes]],
                   acks: Sequence[Entry]) -> list[int] | None:
-        # Everything but the keys and the outputs' data is one msgpack argument: redis-py
-        # spends ~3 µs packing each argument in Python, msgpack packs thousands of values in C.
+        # Everything but the keys and the outputs' data is one msgpack argument: redis-py packs
+        # each argument in Python, msgpack packs the whole structure in C.
         seen = self._keys.seen
         keys: list[str] = [self._keys.registry_version()]
         keys.extend([seen(e) for e, _, _ in claims])
@@ -312,7 +314,8 @@ class Commit:
 class _Mapped:
     """One ready uplink, mapped: its outputs and what to account for once it is written."""
 
-    item: _Item
+    entry: Entry
+    route: Route
     template: str
     stream: str
     write: bytes | None
@@ -323,31 +326,21 @@ class _Mapped:
 
 
 @dataclass(slots=True)
-class _Plan:
-    """A batch prepared for the fast path's commit (:meth:`TransformStage._prepare_fast`)."""
+class _Prepared:
+    """A batch prepared for the fast path's commit (:meth:`TransformStage._prepare_fast`);
+    claim ``i`` is uplink ``i``'s."""
 
     entries: list[Entry]
     version: int
     claims: list[tuple[str, bytes, str]]
+    #: Each uplink's source (for the duplicates metric).
     sources: list[str]
-    skips: list[tuple[events.Uplink, int]]
-    dead: list[tuple[Entry, str, str, int]]
+    #: The routes of the uplinks acked without output (``SKIP``) and dead-lettered whole.
+    skips: list[tuple[Route, int]]
+    dead: list[tuple[Route, int]]
     outputs: list[tuple[str, int, bytes]]
     #: Each mapped uplink with the index of its claim.
     mapped: list[tuple[_Mapped, int]]
-
-
-class _PreparingReader(StreamReader):
-    """A reader that hands each batch to ``prepare`` as soon as it is read, so that with
-    ``consume(prefetch=True)`` the next batch is decoded and mapped while this one commits."""
-
-    prepare: Callable[[list[Entry]], Awaitable[None]] | None = None
-
-    async def read(self, *, block: bool = True) -> list[Entry]:
-        entries = await super().read(block=block)
-        if self.prepare is not None and entries:
-            await self.prepare(entries)
-        return entries
 
 
 class TransformStage:
@@ -360,7 +353,7 @@ class TransformStage:
         cfg = ctx.config
         self.ctx = ctx
         self.until_idle = until_idle
-        self.reader = _PreparingReader(
+        self.reader = StreamReader(
             ctx.redis, ctx.keys, ctx.keys.streams(UPLINKS), GROUP_TRANSFORM, ctx.consumer,
             stage=STAGE, batch=cfg.streams.batch, block_ms=cfg.streams.block_ms,
             claim_idle_ms=cfg.streams.claim_idle_ms, max_deliveries=cfg.streams.max_deliveries,
@@ -368,16 +361,21 @@ class TransformStage:
         )
         self.registry = Registry(ctx.redis, ctx.keys, cache_size=cfg.transform.cache_size)
         self.templates = Templates(cfg)
-        self._integrations: dict[tuple[str, str], _Integration] = {}
+        self._integrations: dict[tuple[str, str], Integration] = {}
         apps: Sequence[TtsApplication | ParticleProduct]
         for source, apps in (("tts", cfg.tts), ("particle", cfg.particle)):
             for a in apps:
-                self._integrations[(source, a.name)] = _Integration(
+                self._integrations[(source, a.name)] = Integration(
                     source, a.name, a.template, tuple(a.template_rules), a.provision)
         self._platform: Platform | None = platform
         self._own_platform: PlatformClient | None = None
+        self._limits = Limits(ctx.redis, ctx.keys, {
+            (source, a.name): Limit(a.provision_rate, a.provision_burst, a.provision_max)
+            for source, apps in (("tts", cfg.tts), ("particle", cfg.particle))
+            for a in apps if a.provision})
         self.provisioner = Provisioner(ctx.redis, ctx.keys, self.registry, platform,
-                                       wait_s=cfg.transform.provision_wait_s)
+                                       wait_s=cfg.transform.provision_wait_s,
+                                       limits=self._limits)
         self._window = cfg.transform.dedup_window_s
         self._claims = dedup.Claims(ctx.redis, ctx.keys)
         self._emit = Emit(ctx.redis, GROUP_TRANSFORM)
@@ -385,11 +383,10 @@ class TransformStage:
         self._servers = cfg.blynk.servers
         self._default_server = cfg.blynk.servers[cfg.blynk.default_server]
         self._dead_stream = ctx.keys.dead
-        self._unmapped: Counter[tuple[str, str]] = Counter()
+        self._unmapped = UnmappedKeys(ctx.redis, ctx.keys,
+                                      max_keys=cfg.transform.unmapped_max_keys,
+                                      ttl_s=cfg.transform.unmapped_ttl_s)
         self._unmapped_flushed = time.monotonic()
-        #: Batches prepared as they were read: (first entry's stream and id, size) → plan.
-        self._prepared: dict[tuple[str, str, int], tuple[list[Entry], _Plan | None]] = {}
-        self.reader.prepare = self.prepare
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -410,7 +407,7 @@ class TransformStage:
                 self._platform = self._own_platform
                 self.provisioner = Provisioner(
                     self.ctx.redis, self.ctx.keys, self.registry, self._platform,
-                    wait_s=cfg.transform.provision_wait_s)
+                    wait_s=cfg.transform.provision_wait_s, limits=self._limits)
         await self.reader.ensure_group()
         await self.registry.start()
         changed = await self.registry.load_static(cfg.devices)
@@ -426,7 +423,8 @@ class TransformStage:
             refresher = asyncio.create_task(self._refresh_templates(stop), name="template-pull")
         try:
             await consume(self.reader, self.handle, stop, until_idle=self.until_idle,
-                          max_backoff_s=self.ctx.config.egress.max_backoff_s, prefetch=True)
+                          max_backoff_s=self.ctx.config.egress.max_backoff_s, prefetch=True,
+                          prepare=self.prepare)
         finally:
             if refresher is not None:
                 refresher.cancel()
@@ -453,207 +451,170 @@ class TransformStage:
         """Write, ack or dead-letter every entry (the :func:`~pipeline.consumer.consume`
         contract); raises ``Retryable`` after the rest of the batch is done when some uplinks
         wait for a device being created, so they stay pending and are retried."""
-        key = (entries[0].stream, entries[0].id, len(entries)) if entries else None
-        ahead = self._prepared.pop(key, None) if key is not None else None
-        plan = ahead[1] if ahead is not None and ahead[0] is entries else (
-            await self._prepare_fast(entries))
-        if plan is None or not await self._commit_fast(plan):
+        await self._finish(entries, await self._prepare_fast(entries))
+
+    async def prepare(self, entries: list[Entry]) -> Job | None:
+        """The :func:`~pipeline.consumer.consume` ``prepare`` hook: the fast path up to its
+        commit, done as soon as the batch is read — while the batch before it is still being
+        committed. Nothing here touches Redis except registry cache misses; the commit's
+        registry version check catches a cache that moved on meanwhile."""
+        prepared = await self._prepare_fast(entries)
+        if prepared is None:
+            return None
+        return functools.partial(self._finish, entries, prepared)
+
+    async def _finish(self, entries: list[Entry], prepared: _Prepared | None) -> None:
+        """Commit a prepared batch, or take the slow path. A batch prepared before this process
+        last synced its registry is prepared again first: its commit would fail the version
+        check."""
+        if prepared is not None and prepared.version != self.registry.version:
+            prepared = await self._prepare_fast(entries)
+        if prepared is None or not await self._commit_fast(prepared):
             await self._handle_slow(entries)
 
-    async def prepare(self, entries: list[Entry]) -> None:
-        """Prepare the fast path of a batch as soon as it is read — while the batch before it
-        is still being committed (the reader runs this in the read ahead of
-        :func:`~pipeline.consumer.consume`). :meth:`handle` uses the result; nothing here
-        touches Redis except registry cache misses, and the commit's registry version check
-        catches a cache that moved on meanwhile."""
-        if not entries:
-            return
-        if len(self._prepared) > 4:  # batches read ahead, then released, never handled
-            self._prepared.clear()
-        try:
-            plan = await self._prepare_fast(entries)
-        except RedisError as exc:  # handle() tries again
-            log.debug("preparing a batch ahead failed: %s", exc)
-            return
-        self._prepared[(entries[0].stream, entries[0].id, len(entries))] = (entries, plan)
-
-    async def _prepare_fast(self, entries: list[Entry]) -> _Plan | None:
+    async def _prepare_fast(self, entries: list[Entry]) -> _Prepared | None:
         """The fast path up to its commit (module docstring); ``None`` = take the slow one."""
         version = self.registry.version
         if version is None:
             return None
         decode = events.decode_uplink
-        integrations = self._integrations
-        mark_of = dedup.mark_of
-        # One claim per decoded uplink: (event_id, mark, mode), and its source (metrics).
-        claims: list[tuple[str, bytes, str]] = []
-        sources: list[str] = []
-        # What became of each uplink, with the index of its claim.
-        skips: list[tuple[events.Uplink, int]] = []
-        items: list[tuple[_Item, int]] = []
-        dead: list[tuple[Entry, str, str, int]] = []
-        lookups: list[str] = []
+        uplinks: list[events.Uplink] = []
         for e in entries:
             if e.data is None:
                 return None
             try:
-                u = decode(e.data)
+                uplinks.append(decode(e.data))
             except (msgspec.ValidationError, msgspec.DecodeError):
                 return None
-            ci = len(claims)
-            sources.append(u.source)
-            if u.kind in _SKIP_KINDS or (not u.values and u.radio is None):
-                skips.append((u, ci))
-                claims.append((u.event_id, mark_of(e), CLAIM))
-                continue
-            integ = integrations.get((u.source, u.integration))
-            if integ is None:
-                dead.append((e, UNKNOWN_INTEGRATION, _unknown_integration(u), ci))
-                claims.append((u.event_id, mark_of(e), CHECK_AND_FORGET))
-                continue
-            key = f"{u.source}:{u.integration}:{u.device}"
-            if u.token is None:
-                lookups.append(key)
-            items.append((_Item(e, u, integ, key), ci))
-            claims.append((u.event_id, mark_of(e), CLAIM))
+        integrations = self._integrations
+        keys = routing.lookups(uplinks, integrations)
+        devices = await self.registry.get_many(keys, sync=False) if keys else {}
+        routes = routing.plan(uplinks, devices, integrations)
 
-        devices = await self.registry.get_many(lookups, sync=False) if lookups else {}
-        ready: list[tuple[_Item, Device, int]] = []
-        for it, ci in items:
-            if it.uplink.token is not None:
-                ready.append((it, self._token_device(it), ci))
-                continue
-            dev = devices.get(it.key)
-            if dev is None:
-                if it.integ.provision:
+        mark_of = dedup.mark_of
+        claims: list[tuple[str, bytes, str]] = []
+        skips: list[tuple[Route, int]] = []
+        dead: list[tuple[Route, int]] = []
+        ready: list[tuple[Entry, Route]] = []
+        ready_ci: list[int] = []
+        for ci, (e, r) in enumerate(zip(entries, routes, strict=True)):
+            kind = r.kind
+            if kind == WRITE:
+                assert r.device is not None
+                if r.device.meta_pending:
                     return None
-                dead.append((it.entry, UNKNOWN_DEVICE, _unknown_device(it.uplink), ci))
-            elif dev.broken:
-                dead.append((it.entry, DEVICE_BROKEN, _broken(dev), ci))
-            elif dev.meta_pending:
+                ready.append((e, r))
+                ready_ci.append(ci)
+                claims.append((r.uplink.event_id, mark_of(e), CLAIM))
+            elif kind == SKIP:
+                skips.append((r, ci))
+                claims.append((r.uplink.event_id, mark_of(e), CLAIM))
+            elif kind == DEAD:
+                dead.append((r, ci))
+                claims.append((r.uplink.event_id, mark_of(e), CHECK_AND_FORGET))
+            else:  # CREATE
                 return None
-            else:
-                ready.append((it, dev, ci))
-                continue
-            claims[ci] = (claims[ci][0], claims[ci][1], CHECK_AND_FORGET)
 
         ts = now_ms()
-        mapped = self._map([(it, dev) for it, dev, _ in ready], ts)
+        mapped = self._map(ready, ts)
         outputs: list[tuple[str, int, bytes]] = []
-        for m, (_, _, ci) in zip(mapped, ready, strict=True):
+        for m, ci in zip(mapped, ready_ci, strict=True):
             if m.dead is not None:
                 outputs.append((self._dead_stream, ci + 1, m.dead))
             if m.write is not None:
                 outputs.append((m.stream, ci + 1, m.write))
-        for e, reason, detail, ci in dead:
+        for r, ci in dead:
             outputs.append((self._dead_stream, ci + 1,
-                            self._dead_letter_of(e, reason, detail, ts)))
-        return _Plan(entries, version, claims, sources, skips, dead, outputs,
-                     [(m, ci) for m, (_, _, ci) in zip(mapped, ready, strict=True)])
+                            self._dead_letter_of(entries[ci], r.reason, r.detail, ts)))
+        return _Prepared(entries, version, claims, [u.source for u in uplinks], skips, dead,
+                         outputs, list(zip(mapped, ready_ci, strict=True)))
 
-    async def _commit_fast(self, plan: _Plan) -> bool:
+    async def _commit_fast(self, p: _Prepared) -> bool:
         """The fast path's commit; ``False`` = nothing was done, take the slow path."""
-        dups = await self._commit.run(plan.version, self._window, plan.claims, plan.outputs,
-                                      plan.entries)
+        dups = await self._commit.run(p.version, self._window, p.claims, p.outputs, p.entries)
         if dups is None:  # the registry changed since the cache was last in line with it
-            self._prepared.clear()
             await self.registry.sync()
             return False
 
         duplicate = set(dups)
-        sources = plan.sources
-        duplicates = Counter(sources[i] for i in dups)
-        skipped: Counter[str] = Counter()
-        for u, ci in plan.skips:
-            if ci not in duplicate:
-                skipped[u.kind if u.kind in _SKIP_KINDS else "empty"] += 1
+        duplicates: Counter[str] = Counter()
+        for i in dups:
+            duplicates[p.sources[i]] += 1
+        skipped: Counter[str] = Counter(r.reason for r, ci in p.skips if ci not in duplicate)
         for source, n in duplicates.items():
             metrics.DUPLICATES.labels(source).inc(n)
         for reason, n in skipped.items():
             metrics.TRANSFORM_SKIPPED.labels(reason).inc(n)
-        for _, reason, _, ci in plan.dead:
+        for r, ci in p.dead:
             if ci not in duplicate:
-                metrics.DEAD.labels(STAGE, reason).inc()
-        await self._account([m for m, ci in plan.mapped if ci not in duplicate])
+                metrics.DEAD.labels(STAGE, r.reason).inc()
+        await self._account([m for m, ci in p.mapped if ci not in duplicate])
         return True
 
     async def _handle_slow(self, entries: list[Entry]) -> None:
         """The slow path: every case (module docstring, steps 1-5)."""
         ctx = self.ctx
         dead: list[tuple[Entry, str, str]] = []
-        uplinks: list[tuple[Entry, events.Uplink]] = []
+        decoded: list[tuple[Entry, events.Uplink]] = []
         decode = events.decode_uplink
         for e in entries:
             if e.data is None:
                 dead.append((e, UNDECODABLE, "entry has no `d` field"))
                 continue
             try:
-                uplinks.append((e, decode(e.data)))
+                decoded.append((e, decode(e.data)))
             except (msgspec.ValidationError, msgspec.DecodeError) as exc:
                 dead.append((e, UNDECODABLE, f"not an Uplink: {exc}"))
 
         # One round trip: registry version check + de-duplication claims.
-        marks = [dedup.mark_of(e) for e, _ in uplinks]
+        marks = [dedup.mark_of(e) for e, _ in decoded]
         async with ctx.redis.pipeline(transaction=False) as pipe:
             self.registry.sync_queue(pipe)
-            if uplinks:
+            if decoded:
                 await self._claims.queue(
-                    pipe, [(u.event_id, m) for (_, u), m in zip(uplinks, marks, strict=True)],
+                    pipe, [(u.event_id, m) for (_, u), m in zip(decoded, marks, strict=True)],
                     self._window)
             replies = await pipe.execute()
         if not self.registry.sync_apply(replies[0], replies[1]):
             await self.registry.reset()
-        claimed: list[bytes | None] = replies[2] if uplinks else []
+        claimed: list[bytes | None] = replies[2] if decoded else []
 
         acks: list[Entry] = []
-        items: list[_Item] = []
+        fresh: list[tuple[Entry, events.Uplink]] = []
         duplicates: Counter[str] = Counter()
-        skipped: Counter[str] = Counter()
         is_dup = dedup.is_duplicate
-        integrations = self._integrations
-        for (e, u), mark, reply in zip(uplinks, marks, claimed, strict=True):
+        for (e, u), mark, reply in zip(decoded, marks, claimed, strict=True):
             if is_dup(reply, mark):
                 duplicates[u.source] += 1
                 acks.append(e)
-                continue
-            if u.kind in _SKIP_KINDS or (not u.values and u.radio is None):
-                skipped[u.kind if u.kind in _SKIP_KINDS else "empty"] += 1
-                acks.append(e)
-                continue
-            integ = integrations.get((u.source, u.integration))
-            if integ is None:
-                dead.append((e, UNKNOWN_INTEGRATION, _unknown_integration(u)))
-                continue
-            items.append(_Item(e, u, integ, f"{u.source}:{u.integration}:{u.device}"))
+            else:
+                fresh.append((e, u))
         for source, n in duplicates.items():
             metrics.DUPLICATES.labels(source).inc(n)
+
+        uplinks = [u for _, u in fresh]
+        keys = routing.lookups(uplinks, self._integrations)
+        devices = await self.registry.get_many(keys, sync=False) if keys else {}
+        skipped: Counter[str] = Counter()
+        ready: list[tuple[Entry, Route]] = []
+        to_create: dict[str, list[tuple[Entry, Route]]] = {}
+        routes = routing.plan(uplinks, devices, self._integrations)
+        for (e, _), r in zip(fresh, routes, strict=True):
+            if r.kind == WRITE:
+                ready.append((e, r))
+            elif r.kind == SKIP:
+                skipped[r.reason] += 1
+                acks.append(e)
+            elif r.kind == DEAD:
+                dead.append((e, r.reason, r.detail))
+            else:  # CREATE
+                to_create.setdefault(r.key, []).append((e, r))
         for reason, n in skipped.items():
             metrics.TRANSFORM_SKIPPED.labels(reason).inc(n)
 
-        # Resolve devices.
-        lookups = [it.key for it in items if it.uplink.token is None]
-        devices = await self.registry.get_many(lookups, sync=False) if lookups else {}
-        ready: list[tuple[_Item, Device]] = []
-        to_create: dict[str, list[_Item]] = {}
-        for it in items:
-            u = it.uplink
-            if u.token is not None:
-                ready.append((it, self._token_device(it)))
-                continue
-            dev = devices.get(it.key)
-            if dev is None:
-                if it.integ.provision:
-                    to_create.setdefault(it.key, []).append(it)
-                else:
-                    dead.append((it.entry, UNKNOWN_DEVICE, _unknown_device(u)))
-            elif dev.broken:
-                dead.append((it.entry, DEVICE_BROKEN, _broken(dev)))
-            else:
-                ready.append((it, dev))
-
         await self._dead_letter(dead)
         await self._write(ready, acks)
-        pending = {dev.key: dev for _, dev in ready if dev.meta_pending}
+        pending = {r.key: r.device for _, r in ready if r.device and r.device.meta_pending}
         for dev in pending.values():
             await self.provisioner.finish(dev)
         if to_create:
@@ -678,28 +639,24 @@ class TransformStage:
             stream=e.stream, entry_id=e.id, raw=e.data or b"", stage=STAGE, reason=reason,
             detail=detail, attempts=e.deliveries, dead_ts_ms=ts))
 
-    def _token_device(self, it: _Item) -> Device:
-        """The Particle blueprint's case: the uplink carries the device's token itself."""
-        tname = it.integ.choose_template(it.uplink.device_meta)
-        token = it.uplink.token or ""
-        return Device(key=token_device_key(it.key, token), token=token, template=tname or "")
-
-    def _map(self, ready: Sequence[tuple[_Item, Device]], ts: int) -> list[_Mapped]:
-        """Map each ready uplink onto its template: its write, partial dead letter, counts."""
+    def _map(self, ready: Sequence[tuple[Entry, Route]], ts: int) -> list[_Mapped]:
+        """Map each ``WRITE``-routed uplink onto its template: its write, partial dead letter,
+        counts."""
         out: list[_Mapped] = []
         stream_for = self.ctx.keys.stream_for
         encode = events.encode
-        for it, dev in ready:
-            u = it.uplink
-            template = self._template_of(dev, it)
+        for e, r in ready:
+            u, dev = r.uplink, r.device
+            assert dev is not None
+            template = self._template_of(r)
             mapped = map_uplink(template, u)
             dead: bytes | None = None
             if mapped.rejected:
                 dead = encode(events.dead_letter(
-                    stream=it.entry.stream, entry_id=it.entry.id, raw=it.entry.data or b"",
+                    stream=e.stream, entry_id=e.id, raw=e.data or b"",
                     stage=STAGE, reason="type_mismatch",
                     detail=describe_rejected(mapped.rejected),
-                    attempts=it.entry.deliveries, dead_ts_ms=ts))
+                    attempts=e.deliveries, dead_ts_ms=ts))
             write: bytes | None = None
             if mapped.pins:
                 hist = template.history_pins
@@ -712,7 +669,7 @@ class TransformStage:
             firmware = mapped.firmware if (
                 mapped.firmware is not None and u.token is None
                 and mapped.firmware != dev.firmware) else None
-            out.append(_Mapped(it, template.name, stream_for("writes", u.source, u.device),
+            out.append(_Mapped(e, r, template.name, stream_for("writes", u.source, u.device),
                                write, dead, tuple(mapped.unmapped), len(mapped.rejected),
                                firmware))
         return out
@@ -725,16 +682,16 @@ class TransformStage:
         nothing = 0
         unmapped = self._unmapped
         for m in written:
-            for k in m.unmapped:
-                unmapped[(m.template, k)] += 1
+            if m.unmapped:
+                unmapped.add(m.template, m.unmapped)
             if m.firmware is not None:
-                firmware[m.item.key] = m.firmware
+                firmware[m.route.key] = m.firmware
             if m.rejected:
                 rejected_n[m.template] += m.rejected
             if m.write is None:
                 nothing += 1
             else:
-                u = m.item.uplink
+                u = m.route.uplink
                 transformed[(u.source, u.integration)] += 1
         for (source, integration), n in transformed.items():
             metrics.TRANSFORMED.labels(source, integration).inc(n)
@@ -748,7 +705,7 @@ class TransformStage:
         if self._unmapped and time.monotonic() - self._unmapped_flushed >= 1.0:
             await self.flush_unmapped()
 
-    async def _write(self, ready: list[tuple[_Item, Device]], acks: list[Entry]) -> None:
+    async def _write(self, ready: list[tuple[Entry, Route]], acks: list[Entry]) -> None:
         """Map, append writes + partial dead letters and ack, in one script call."""
         mapped = self._map(ready, now_ms())
         out: list[tuple[str, bytes]] = []
@@ -757,15 +714,17 @@ class TransformStage:
                 out.append((self._dead_stream, m.dead))
             if m.write is not None:
                 out.append((m.stream, m.write))
-            acks.append(m.item.entry)
+            acks.append(m.entry)
         await self._emit.run(out, acks)
         await self._account(mapped)
 
-    def _template_of(self, dev: Device, it: _Item) -> Template:
-        name: str | None = dev.template or None
+    def _template_of(self, r: Route) -> Template:
+        integ = r.integration
+        assert r.device is not None and integ is not None
+        name: str | None = r.device.template or None
         if name is None or name not in self.templates.by_name:
-            name = it.integ.choose_template(it.uplink.device_meta)
-        return self.templates.get(name, f"{it.integ.source}:{it.integ.name}")
+            name = integ.choose_template(r.uplink.device_meta)
+        return self.templates.get(name, f"{integ.source}:{integ.name}")
 
     def _server_url(self, server: str | None) -> str:
         if not server:
@@ -775,69 +734,73 @@ class TransformStage:
             return url
         return server if "://" in server else self._default_server
 
-    async def _provision(self, to_create: dict[str, list[_Item]]) -> None:
-        """Create unknown devices (concurrently, one task per device), then write their
-        uplinks; raise ``Retryable`` at the end if any must wait."""
+    async def _provision(self, to_create: dict[str, list[tuple[Entry, Route]]]) -> None:
+        """Create unknown devices (concurrently, one task per device) whose uplinks map at
+        least one value, then write their uplinks; uplinks of devices over the provisioning
+        rate stay pending (released); raise ``Retryable`` at the end if any other must wait."""
+        await self._drop_unmappable(to_create)
         keys = list(to_create)
 
         async def one(key: str) -> Device:
-            first = to_create[key][0]
-            tname = first.integ.choose_template(first.uplink.device_meta)
+            first = to_create[key][0][1]
+            integ = first.integration
+            assert integ is not None
+            tname = integ.choose_template(first.uplink.device_meta)
             if tname is None or tname not in self.templates.by_name:
-                raise Permanent(f"integration {first.integ.name!r} has no template to create "
+                raise Permanent(f"integration {integ.name!r} has no template to create "
                                 "devices from", reason=PROVISION_FAILED)
             return await self.provisioner.ensure(key, tname, self.templates.by_name[tname].id)
 
         results = await asyncio.gather(*(one(k) for k in keys), return_exceptions=True)
-        ready: list[tuple[_Item, Device]] = []
+        ready: list[tuple[Entry, Route]] = []
         dead: list[tuple[Entry, str, str]] = []
+        parked: list[Entry] = []
         retry: Retryable | None = None
         for key, res in zip(keys, results, strict=True):
             if isinstance(res, Device):
-                ready.extend((it, res) for it in to_create[key])
+                ready.extend((e, replace(r, kind=WRITE, device=res)) for e, r in to_create[key])
             elif isinstance(res, Permanent):
-                dead.extend((it.entry, PROVISION_FAILED, res.detail) for it in to_create[key])
+                dead.extend((e, res.reason, res.detail) for e, _ in to_create[key])
+            elif isinstance(res, Retryable) and res.reason == PROVISION_RATE:
+                parked.extend(e for e, _ in to_create[key])
             elif isinstance(res, Retryable | RedisError):
                 retry = res if isinstance(res, Retryable) else Retryable(str(res))
             else:
                 raise res
         await self._dead_letter(dead)
         await self._write(ready, [])
+        if parked:
+            # Left pending without counting a delivery; any replica reclaims them after
+            # claim_idle_ms, when the rate allows more devices (the stream is not held up).
+            await self.reader.release(parked)
+            log.info("%d uplinks wait for the provisioning rate of their integration",
+                     len(parked))
         if retry is not None:
             raise retry
 
+    async def _drop_unmappable(self, to_create: dict[str, list[tuple[Entry, Route]]]) -> None:
+        """No device is created for uplinks none of whose values would be written: they are
+        acked and counted (``nothing_mapped``, unmapped keys), as for a known device."""
+        acks: list[Entry] = []
+        for key, items in list(to_create.items()):
+            integ = items[0][1].integration
+            assert integ is not None
+            tname = integ.choose_template(items[0][1].uplink.device_meta)
+            template = self.templates.by_name.get(tname or "")
+            if template is None or any(maps_a_value(template, r.uplink) for _, r in items):
+                continue  # no template: dead-lettered as provision_failed by _provision
+            del to_create[key]
+            for e, r in items:
+                acks.append(e)
+                self._unmapped.add(template.name, map_uplink(template, r.uplink).unmapped)
+        if acks:
+            await self._emit.run([], acks)
+            metrics.TRANSFORM_SKIPPED.labels("nothing_mapped").inc(len(acks))
+
     async def flush_unmapped(self) -> None:
-        """Add the unmapped-key counts to ``keys.unmapped(template)`` and the metric."""
-        counts, self._unmapped = self._unmapped, Counter()
+        """Write the unmapped-key counts (:class:`pipeline.unmapped.UnmappedKeys`)."""
         self._unmapped_flushed = time.monotonic()
-        if not counts:
-            return
-        try:
-            async with self.ctx.redis.pipeline(transaction=False) as pipe:
-                for (tname, key), n in counts.items():
-                    pipe.hincrby(self.ctx.keys.unmapped(tname), key, n)
-                await pipe.execute()
-        except RedisError as exc:  # statistics only: keep them for the next flush
-            self._unmapped.update(counts)
-            log.warning("could not record unmapped keys: %s", exc)
-        per_template: Counter[str] = Counter()
-        for (tname, _), n in counts.items():
-            per_template[tname] += n
-        for tname, n in per_template.items():
-            metrics.UNMAPPED.labels(tname).inc(n)
-
-
-def _unknown_integration(u: events.Uplink) -> str:
-    return f"{u.source} integration {u.integration!r} is not configured"
-
-
-def _unknown_device(u: events.Uplink) -> str:
-    return (f"no Blynk device registered for {u.source} device {u.device!r} of integration "
-            f"{u.integration!r} (add it to `devices` or enable `provision`)")
-
-
-def _broken(dev: Device) -> str:
-    return f"Blynk device of {dev.key} is marked broken: {dev.reason}: {dev.detail}"
+        await self._unmapped.flush()
 
 
 def build(ctx: Context) -> TransformStage:
