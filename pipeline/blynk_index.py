@@ -24,8 +24,13 @@ if TYPE_CHECKING:  # the registry imports this module
     from pipeline.registry import Device, Registry
 
 
+def token_ref(token: str) -> str:
+    """A Blynk device named by its token without holding the token (keys, index fields)."""
+    return hashlib.blake2b(token.encode(), digest_size=12).hexdigest()
+
+
 def token_field(token: str) -> str:
-    return "t:" + hashlib.blake2b(token.encode(), digest_size=12).hexdigest()
+    return "t:" + token_ref(token)
 
 
 def id_field(blynk_id: int) -> str:

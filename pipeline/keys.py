@@ -97,8 +97,9 @@ class Keys:
     def rate(self, device_key: str) -> str:
         return f"{self.prefix}rate:{device_key}"
 
-    def echo(self, device_key: str, pin: str) -> str:
-        return f"{self.prefix}echo:{device_key}:{pin}"
+    def echo(self, token_ref: str, pin: str) -> str:
+        """Values the bridge wrote to one Blynk device (named by a token hash) and pin."""
+        return f"{self.prefix}echo:{token_ref}:{pin}"
 
     # downlinks
     def blynk_index(self) -> str:
