@@ -106,6 +106,10 @@ class Keys:
         """Hash ``t:<token hash>`` / ``i:<Blynk device id>`` → device key (reverse index)."""
         return f"{self.prefix}blynk:index"
 
+    def blynk_index_backfilled(self) -> str:
+        """When (ms) every registry row was last indexed (:func:`blynk_index.backfill`)."""
+        return f"{self.prefix}blynk:index:backfilled"
+
     def down_last(self, device_key: str) -> str:
         """Hash pin → ``<Blynk ts>:<event id>`` of the last command sent to the device."""
         return f"{self.prefix}down:last:{device_key}"

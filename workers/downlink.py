@@ -3,7 +3,8 @@
 Each batch read from the downlinks stream goes through, in order:
 
 1. **resolve** the Blynk device to its source device through the registry's reverse index
-   (:mod:`pipeline.blynk_index`) — unknown: dead letter ``unknown_device``;
+   (:mod:`pipeline.blynk_index`, backfilled from older registry rows at the first start-up)
+   — unknown: dead letter ``unknown_device`` (unless it is an echo, step 3);
 2. **check** the pin against the device's template (``unknown_pin``) and type the value by its
    datastream (``type_mismatch``); a command older than ``downlink.ttl_s`` by its Blynk time is
    dead-lettered ``expired``, never sent late;
@@ -45,7 +46,7 @@ from redis.exceptions import RedisError
 
 from pipeline import downlinks, events, metrics
 from pipeline import keys as keynames
-from pipeline.blynk_index import index_static, resolve
+from pipeline.blynk_index import backfill, index_static, resolve
 from pipeline.config import Config, TemplateConfig, TemplateDownlink
 from pipeline.consumer import backoff_s
 from pipeline.context import Context
@@ -150,6 +151,10 @@ class DownlinkStage:
         # Idempotent (transform does the same): this stage may run alone.
         await self.registry.load_static(self.ctx.config.devices)
         await index_static(self.ctx.redis, self.ctx.keys, self.ctx.config.devices)
+        # Rows from before the index existed: indexed once, before the first command is read
+        # (else their commands would be dead-lettered as unknown devices).
+        if not await self.ctx.redis.exists(self.ctx.keys.blynk_index_backfilled()):
+            await backfill(self.ctx.redis, self.ctx.keys)
         await self.reader.ensure_group()
         # Listen to TTS outcomes from the start (not only once a command was sent).
         for app in self.tts_apps.values():
