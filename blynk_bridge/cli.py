@@ -189,11 +189,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--json", action="store_true", help="list: one JSON object per line")
         p.set_defaults(func=_ops("cmd_dead"))
 
-    devices = sub.add_parser("devices", help="see broken devices and set them back to ok")
+    devices = sub.add_parser("devices", help="see broken devices and set them back to ok; "
+                             "reindex the registry for downlinks")
     devices_sub = devices.add_subparsers(dest="action", required=True)
     for action, help_ in (("list", "broken devices (--all: every registry row)"),
                           ("show", "one or more rows, with their last written times"),
-                          ("unbreak", "set broken devices back to ok")):
+                          ("unbreak", "set broken devices back to ok"),
+                          ("reindex", "index every registry row by Blynk token and id "
+                                      "(for downlinks; rows of older bridge versions)")):
         p = with_config(devices_sub.add_parser(action, help=help_))
         p.add_argument("keys", nargs="*", help="device keys, e.g. particle:prod:e00fce68…")
         p.add_argument("--all", action="store_true",

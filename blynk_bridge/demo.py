@@ -4,8 +4,17 @@ Starts, in one process: the Blynk emulator (``examples/blynk-emulator.yaml``, on
 every stage of the bridge (``examples/bridge.yaml``, under its own Redis prefix), a TTS fleet
 publishing to the local Mosquitto and a Particle fleet posting webhooks to ingest-http. Unknown
 devices are created in the emulated Blynk as their first uplinks arrive. A live table shows what
-came in, what reached Blynk, the lag of every stream and the integration statuses. Ctrl-C (or
-``--duration``) stops the fleets, lets the pipeline drain, and prints a summary.
+came in, what reached Blynk, the lag of every stream and the integration statuses.
+
+Downlinks run too: every ``--flip-every`` seconds the demo flips the valve switch (V8) of one of
+``--switches`` TTS devices in the emulated Blynk app; the emulator's webhook (in
+``examples/blynk-emulator.yaml``, Blynk's 10 requests a minute per webhook included) posts the
+change to ingest-http, the downlink stage sends it on TTS ``down/push``, and the emulated TTS
+answers ``down/ack``. The table shows flips, webhooks, commands sent and acknowledged, echoes
+dropped, and each switch's state in Blynk.
+
+Ctrl-C (or ``--duration``) stops the fleets and the switches, lets the pipeline drain, and prints
+a summary.
 """
 
 from __future__ import annotations
@@ -24,7 +33,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
+import msgspec
 from prometheus_client import Counter
 from rich.console import Console, Group
 from rich.live import Live
@@ -86,6 +97,48 @@ def _by_label(counter: Counter, label: str) -> dict[str, float]:
     return out
 
 
+#: The switch the demo flips, and the fleet's device ids (metafield "TheThingsNetwork Device").
+SWITCH_PIN = "V8"
+FLEET_PREFIX = "eui-70b3d57ed000"
+
+
+class Switches:
+    """Flips the switch of a few provisioned fleet devices in the emulated Blynk app."""
+
+    def __init__(self, emu: Any, count: int, every_s: float) -> None:
+        self.emu = emu
+        self.count = count
+        self.every_s = every_s
+        self.flips = 0
+        #: Blynk device name → the value last set in the app.
+        self.set_to: dict[str, int] = {}
+
+    def devices(self) -> list[Any]:
+        found = [d for d in self.emu.model.devices.values()
+                 if any(str(v).startswith(FLEET_PREFIX) for v in d.metafields.values())
+                 and SWITCH_PIN in d.template.by_pin]
+        return sorted(found, key=lambda d: d.id)[: self.count]
+
+    async def run(self, stop: asyncio.Event) -> None:
+        turn = 0
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.every_s)
+            if stop.is_set():
+                return
+            devices = self.devices()
+            if not devices:
+                continue  # not provisioned yet: the fleet's first uplinks create them
+            dev = devices[turn % len(devices)]
+            turn += 1
+            value = 0 if dev.value(SWITCH_PIN) == 1 else 1
+            ds = dev.template.by_pin[SWITCH_PIN]
+            # What the app does: a datastream update, which fires the webhook.
+            self.emu.model.write(dev, ds, value, self.emu.now_ms())
+            self.set_to[dev.name] = value
+            self.flips += 1
+
+
 @dataclass
 class Snapshot:
     sent_tts: int = 0
@@ -101,11 +154,20 @@ class Snapshot:
     lag: list[tuple[str, str, int, int, int]] = field(default_factory=list)
     statuses: list[tuple[str, str, str, str]] = field(default_factory=list)
     devices: list[tuple[str, str, str, str]] = field(default_factory=list)
+    flips: int = 0
+    webhooks: dict[str, int] = field(default_factory=dict)
+    down_in: float = 0
+    down_sent: float = 0
+    down_acked: float = 0
+    down_failed: float = 0
+    echoes: float = 0
+    switches: list[tuple[str, str, str]] = field(default_factory=list)
 
 
 async def _lag(ctx: Context) -> list[tuple[str, str, int, int, int]]:
     return [(s.key, g.name, s.length, g.lag, g.pending)
-            for s in await snapshot(ctx.redis, ctx.keys) if s.name in ("uplinks", "writes")
+            for s in await snapshot(ctx.redis, ctx.keys)
+            if s.name in ("uplinks", "writes", "downlinks")
             for g in s.groups]
 
 
@@ -128,6 +190,13 @@ def _render(snap: Snapshot, started: float, draining: bool) -> Group:
     flow.add_row("devices in Blynk (created on first uplink)", f"{snap.blynk_devices}", "")
     dead = ", ".join(f"{k}={v:.0f}" for k, v in sorted(snap.dead.items())) or "none"
     flow.add_row("dead letters by reason", dead, "")
+    hooks = snap.webhooks
+    flow.add_row("switch flips in the Blynk app (V8)", f"{snap.flips}", "")
+    flow.add_row("  webhooks to the bridge (dropped over Blynk's 10/min)",
+                 f"{hooks.get('sent', 0)} ({hooks.get('dropped_rate', 0)})", "")
+    flow.add_row("  commands sent down to TTS / acknowledged / failed",
+                 f"{snap.down_sent:.0f} / {snap.down_acked:.0f} / {snap.down_failed:.0f}", "")
+    flow.add_row("  echoes of the bridge's own writes, not sent down", f"{snap.echoes:.0f}", "")
 
     lag = Table(title="streams", show_edge=False)
     for col in ("stream", "group", "length", "lag", "pending"):
@@ -146,9 +215,14 @@ def _render(snap: Snapshot, started: float, draining: bool) -> Group:
         devices.add_column(col)
     for row in snap.devices:
         devices.add_row(*row)
+    switches = Table(title="switches flipped in the app", show_edge=False)
+    for col in ("device", "set in the app", "valve (V8) in Blynk"):
+        switches.add_column(col)
+    for switch in snap.switches:
+        switches.add_row(*switch)
     footer = ("[yellow]draining: fleets stopped, waiting for the pipeline to catch up…[/]"
               if draining else "[dim]Ctrl-C stops the fleets, drains the pipeline and exits[/]")
-    return Group(Panel(flow), lag, status, devices, footer)
+    return Group(Panel(flow), lag, status, devices, switches, footer)
 
 
 class Demo:
@@ -158,7 +232,8 @@ class Demo:
         self.stop_pipeline = asyncio.Event()
         self.started = time.monotonic()
 
-    async def snapshot(self, ctx: Context, emu: Any, fleet: Any, particle: Any) -> Snapshot:
+    async def snapshot(self, ctx: Context, emu: Any, fleet: Any, particle: Any,
+                       switches: Switches) -> Snapshot:
         board = StatusBoard(ctx.redis, ctx.keys)
         now = time.time() * 1000
         statuses = [(f"{s.kind}:{s.name}", str(s.state), f"{(now - s.since_ms) / 1000:.0f}s ago",
@@ -175,7 +250,8 @@ class Demo:
         return Snapshot(
             sent_tts=fleet.published,
             sent_particle=particle.stats.sent,
-            ingested=_total(metrics.INGESTED),
+            # uplinks only: Blynk webhooks are counted as downlinks below
+            ingested=_total(metrics.INGESTED) - _total(metrics.INGESTED, source="blynk"),
             transformed=_total(metrics.TRANSFORMED),
             written=_total(metrics.WRITTEN),
             blynk_messages=emu.org_messages,
@@ -185,6 +261,17 @@ class Demo:
             lag=await _lag(ctx),
             statuses=statuses,
             devices=devices,
+            flips=switches.flips,
+            webhooks={k: sum(h[k] for h in emu.webhooks.stats().values())
+                      for k in ("sent", "ok", "dropped_rate")},
+            down_in=_total(metrics.INGESTED, source="blynk"),
+            down_sent=_total(metrics.DOWNLINKS, outcome="sent"),
+            down_acked=_total(metrics.DOWNLINK_OUTCOMES, outcome="ack"),
+            down_failed=_total(metrics.DOWNLINK_OUTCOMES, outcome="failed")
+            + _total(metrics.DOWNLINK_OUTCOMES, outcome="nack"),
+            echoes=_total(metrics.DOWNLINKS, outcome="echo"),
+            switches=[(d.name, str(switches.set_to.get(d.name, "-")),
+                       str(d.value(SWITCH_PIN))) for d in switches.devices()],
         )
 
     async def _connected(self, ctx: Context, kind: str, name: str) -> None:
@@ -198,21 +285,25 @@ class Demo:
 
     async def drained(self, ctx: Context) -> bool:
         rows = await _lag(ctx)
-        return bool(rows) and all(lg == 0 and pending == 0 for *_, lg, pending in rows)
+        answered = (_total(metrics.DOWNLINK_OUTCOMES, outcome="ack")
+                    + _total(metrics.DOWNLINK_OUTCOMES, outcome="failed")
+                    + _total(metrics.DOWNLINK_OUTCOMES, outcome="nack"))
+        return (bool(rows) and all(lg == 0 and pending == 0 for *_, lg, pending in rows)
+                and answered >= _total(metrics.DOWNLINKS, outcome="sent"))
 
     async def run(self) -> int:
         from emulators.blynk import BlynkEmulator
         from emulators.particle import ParticleFleet
-        from emulators.tts import Fleet
+        from emulators.tts import DownlinkAnswerer, Fleet
 
         console = Console()
         if not _reachable(MQTT_HOST, MQTT_PORT):
             console.print(f"[red]Mosquitto is not reachable on {MQTT_HOST}:{MQTT_PORT}[/]: run "
                           "`make demo` (it starts one) or `scripts/services.sh`.")
             return 1
-        emu = BlynkEmulator.from_file(EXAMPLES / "blynk-emulator.yaml")
+        http_port = _free_port()
+        emu = BlynkEmulator.from_spec(_emulator_spec(http_port))
         async with emu.serve(dict.fromkeys(emu.regions, 0)) as urls:
-            http_port = _free_port()
             run_id = secrets.token_hex(3)
             env = dict(os.environ) | {
                 "BLYNK_FRA1_URL": urls["fra1"],
@@ -233,13 +324,14 @@ class Demo:
             cfg = config_mod.load(EXAMPLES / "bridge.yaml", env=env)
             ctx = Context.create(cfg)
             try:
-                return await self._run(console, ctx, cfg, emu, http_port, Fleet, ParticleFleet)
+                return await self._run(console, ctx, cfg, emu, http_port, Fleet, ParticleFleet,
+                                       DownlinkAnswerer)
             finally:
                 await _forget(ctx.redis, ctx.keys)
                 await ctx.close()
 
     async def _run(self, console: Console, ctx: Context, cfg: config_mod.Config, emu: Any,
-                   http_port: int, fleet_cls: Any, particle_cls: Any) -> int:
+                   http_port: int, fleet_cls: Any, particle_cls: Any, answerer_cls: Any) -> int:
         import importlib
 
         from blynk_bridge.cli import STAGES
@@ -265,33 +357,43 @@ class Demo:
                                 devices=self.opts.particle_devices,
                                 rate_per_s=self.opts.particle_rate, fmt="json",
                                 auth={"X-Bridge-Secret": str(secret)} if secret else None)
+        # The emulated TTS answers each down/push with down/queued then down/ack.
+        answerer = answerer_cls(MQTT_HOST, MQTT_PORT, app.app_id, app.tenant)
+        answering = asyncio.create_task(answerer.run())
+        switches = Switches(emu, self.opts.switches, self.opts.flip_every)
+        stop_switches = asyncio.Event()
         duration = self.opts.duration
         fleets = [asyncio.create_task(fleet.run(duration_s=duration or 10**9)),
                   asyncio.create_task(particle.run(duration_s=duration or 10**9))]
+        flipping = asyncio.create_task(switches.run(stop_switches))
         stopper = asyncio.ensure_future(self.stop_fleets.wait())
         draining = False
         live_ctx = (Live(console=console, refresh_per_second=4, transient=False)
                     if console.is_terminal else contextlib.nullcontext())
         with live_ctx as live:
             while True:
-                snap = await self.snapshot(ctx, emu, fleet, particle)
+                snap = await self.snapshot(ctx, emu, fleet, particle, switches)
                 if live is not None:
                     live.update(_render(snap, self.started, draining))
                 if pipeline.done():
                     break
                 if not draining and (self.stop_fleets.is_set() or all(t.done() for t in fleets)):
                     draining = True
+                    stop_switches.set()
                     for t in fleets:
                         t.cancel()
-                    await asyncio.gather(*fleets, return_exceptions=True)
+                    await asyncio.gather(*fleets, flipping, return_exceptions=True)
                     drain_deadline = time.monotonic() + self.opts.drain_s
                 if draining and (await self.drained(ctx) or time.monotonic() > drain_deadline):
                     break
                 await asyncio.wait({stopper}, timeout=0.25 if live is not None else 1.0)
             stopper.cancel()
+            stop_switches.set()
             self.stop_pipeline.set()
             await pipeline
-            snap = await self.snapshot(ctx, emu, fleet, particle)
+            answering.cancel()
+            await asyncio.gather(flipping, answering, return_exceptions=True)
+            snap = await self.snapshot(ctx, emu, fleet, particle, switches)
             if live is not None:
                 live.update(_render(snap, self.started, False))
         _summary(console, snap, time.monotonic() - self.started)
@@ -309,6 +411,13 @@ def _summary(console: Console, snap: Snapshot, elapsed: float) -> None:
         f"dead letters {dead:.0f}"
         + (f" ({', '.join(f'{k}={v:.0f}' for k, v in sorted(snap.dead.items()))})" if dead else "")
     )
+    hooks = snap.webhooks
+    console.print(
+        f"downlinks: {snap.flips} switch flips in the app; {hooks.get('sent', 0)} webhooks sent "
+        f"to the bridge ({hooks.get('dropped_rate', 0)} dropped over Blynk's limit); "
+        f"{snap.down_in:.0f} received; {snap.down_sent:.0f} commands sent down; "
+        f"{snap.down_acked:.0f} acknowledged by TTS; {snap.down_failed:.0f} failed; "
+        f"{snap.echoes:.0f} echoes not sent back")
     missing = sent - snap.ingested - snap.refused_at_ingest
     drained = all(lg == 0 and p == 0 for *_, lg, p in snap.lag)
     if drained and missing <= 0:
@@ -317,6 +426,20 @@ def _summary(console: Console, snap: Snapshot, elapsed: float) -> None:
     else:
         console.print(f"[yellow]not fully accounted for: {missing:.0f} sent but not ingested; "
                       f"streams drained: {drained}[/]")
+
+
+def _emulator_spec(http_port: int) -> Any:
+    """``examples/blynk-emulator.yaml`` with its webhooks pointed at ingest-http's port."""
+    from emulators.blynk.settings import load_spec
+
+    spec = load_spec(EXAMPLES / "blynk-emulator.yaml")
+    hooks = []
+    for hook in spec.webhooks:
+        parts = urlsplit(hook.url)
+        if parts.hostname in ("127.0.0.1", "localhost"):
+            parts = parts._replace(netloc=f"127.0.0.1:{http_port}")
+        hooks.append(msgspec.structs.replace(hook, url=urlunsplit(parts)))
+    return msgspec.structs.replace(spec, webhooks=hooks)
 
 
 async def _forget(redis: Any, keys: Keys) -> None:
@@ -335,6 +458,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop the fleets after this many seconds (default: until Ctrl-C)")
     p.add_argument("--drain-s", type=float, default=30.0,
                    help="how long to wait for the pipeline to drain after the fleets stop")
+    p.add_argument("--switches", type=int, default=3,
+                   help="TTS devices whose valve switch (V8) the demo flips in the app")
+    p.add_argument("--flip-every", type=float, default=8.0,
+                   help="seconds between two flips (Blynk sends 10 webhooks a minute at most)")
     p.add_argument("--metrics-port", type=int, default=None)
     return p
 

@@ -1,5 +1,5 @@
 """Operator commands: ``lag``, ``status``, ``dead list|show|replay|purge`` and
-``devices list|show|unbreak``.
+``devices list|show|unbreak|reindex``.
 
 Each ``cmd_*`` takes the parsed arguments of :mod:`blynk_bridge.cli` and returns an exit code:
 0 done, 1 done in part (a dead letter not found or not replayable, Redis unreachable), 2 the
@@ -23,8 +23,8 @@ from redis.exceptions import RedisError, ResponseError
 from rich.console import Console
 from rich.table import Table
 
+from pipeline import blynk_index, dedup, events
 from pipeline import config as config_mod
-from pipeline import dedup, events
 from pipeline.backlog import StreamInfo, snapshot
 from pipeline.keys import DOWNLINKS, UPLINKS, WRITES, Keys
 from pipeline.order import LastWritten
@@ -455,7 +455,7 @@ async def _scan_devices(redis: Redis, keys: Keys, limit: int) -> list[str]:
 
 
 def cmd_devices(args: argparse.Namespace) -> int:
-    """``devices list|show|unbreak`` (see the module docstring for exit codes)."""
+    """``devices list|show|unbreak|reindex`` (see the module docstring for exit codes)."""
     action: str = args.action
     keys_given: list[str] = list(getattr(args, "keys", None) or [])
     every = bool(getattr(args, "all", False))
@@ -470,6 +470,10 @@ def cmd_devices(args: argparse.Namespace) -> int:
     cfg = config_mod.load(args.config)
 
     async def work(redis: Redis, keys: Keys) -> int:
+        if action == "reindex":
+            written = await blynk_index.backfill(redis, keys)
+            print(f"registry indexed for downlinks: {written} index entries written")
+            return 0
         registry = Registry(redis, keys)
         since = dict(await registry.broken())
         if action == "list":

@@ -6,11 +6,18 @@ One hash (``keys.blynk_index()``) with ``t:<token hash>`` and ``i:<Blynk device 
 writes with a token, inside the same ``MULTI``, so the index never lags the registry. Entries
 are never deleted on a token change: :func:`resolve` checks the row still carries that token
 (or id), so a stale entry resolves to nothing rather than to the wrong device.
+
+Rows written before the index existed (or by a bridge version that did not index) are indexed
+by :func:`backfill`: a ``SCAN`` over the registry rows in bounded batches, run by the downlink
+stage at start-up until one pass completed (``keys.blynk_index_backfilled``), and on demand by
+``blynk-bridge devices reindex``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -23,9 +30,19 @@ from pipeline.streams import Redis
 if TYPE_CHECKING:  # the registry imports this module
     from pipeline.registry import Device, Registry
 
+log = logging.getLogger("blynk_bridge.blynk_index")
+
+#: Registry rows read per ``SCAN`` step of :func:`backfill` (a bound on one round trip).
+BACKFILL_BATCH = 1000
+
+
+def token_ref(token: str) -> str:
+    """A Blynk device named by its token without holding the token (keys, index fields)."""
+    return hashlib.blake2b(token.encode(), digest_size=12).hexdigest()
+
 
 def token_field(token: str) -> str:
-    return "t:" + hashlib.blake2b(token.encode(), digest_size=12).hexdigest()
+    return "t:" + token_ref(token)
 
 
 def id_field(blynk_id: int) -> str:
@@ -74,3 +91,70 @@ async def resolve(redis: Redis, registry: Registry, keys: Keys,
             dev = None
         out.append(dev)
     return out
+
+
+async def backfill(redis: Redis, keys: Keys, *, batch: int = BACKFILL_BATCH) -> int:
+    """Index every registry row that carries a token; returns the index fields written.
+
+    ``SCAN`` in steps of ``batch`` keys, each step a bounded number of round trips. An entry
+    already pointing at the row is left alone; one pointing at a row that no longer carries
+    that token (or id) is replaced; an entry of another row that does carry it is kept (the
+    row written last owns a shared token). Safe beside live writes: a row changed meanwhile is
+    indexed by its own write, and :func:`resolve` checks every entry against its row. Marks
+    the pass complete in ``keys.blynk_index_backfilled``.
+    """
+    row_prefix = keys.device("", "", "")[: -len("::")]
+    written = rows = 0
+    cursor: int = 0
+    while True:
+        cursor, raw = await redis.scan(cursor, match=f"{row_prefix}*", count=batch)
+        names = [k.decode() if isinstance(k, bytes) else str(k) for k in raw]
+        rows += len(names)
+        written += await _index_rows(redis, keys, row_prefix, names)
+        if cursor == 0:
+            break
+    await redis.set(keys.blynk_index_backfilled(), str(int(time.time() * 1000)))
+    log.info("blynk index: %d registry rows scanned, %d index entries written", rows, written)
+    return written
+
+
+async def _index_rows(redis: Redis, keys: Keys, row_prefix: str, names: Sequence[str]) -> int:
+    if not names:
+        return 0
+    async with redis.pipeline(transaction=False) as pipe:
+        for name in names:
+            pipe.hmget(name, ["token", "id"])
+        found = await pipe.execute()
+    # field → (device key, row field, value the row must hold)
+    wanted: dict[str, tuple[str, str, str]] = {}
+    for name, (token, bid) in zip(names, found, strict=True):
+        if not token:
+            continue
+        device_key = name[len(row_prefix):]
+        wanted[token_field(token.decode())] = (device_key, "token", token.decode())
+        if bid:
+            wanted[id_field(int(bid))] = (device_key, "id", bid.decode())
+    if not wanted:
+        return 0
+    index = keys.blynk_index()
+    fields = list(wanted)
+    current = await redis.hmget(index, fields)
+    others: list[tuple[str, str]] = []  # (field, holder) of entries naming another row
+    mapping: dict[str, str] = {}
+    for f, cur in zip(fields, current, strict=True):
+        holder = cur.decode() if isinstance(cur, bytes) else None
+        if holder is None:
+            mapping[f] = wanted[f][0]
+        elif holder != wanted[f][0]:
+            others.append((f, holder))
+    if others:
+        async with redis.pipeline(transaction=False) as pipe:
+            for f, holder in others:
+                pipe.hget(row_prefix + holder, wanted[f][1])
+            held = await pipe.execute()
+        for (f, _), value in zip(others, held, strict=True):
+            if value is None or value.decode() != wanted[f][2]:
+                mapping[f] = wanted[f][0]
+    if mapping:
+        await redis.hset(index, mapping=mapping)  # type: ignore[arg-type]
+    return len(mapping)

@@ -4,12 +4,18 @@ Blynk fires "Device Datastream Update" webhooks for device writes too, so every 
 writes to a watched pin comes back through ``POST /blynk/…``; sent down, it would loop.
 Egress calls :func:`record` before it sends a write (so the record always precedes the webhook);
 the downlink stage calls :func:`take` for each command. A command is an echo when the bridge
-wrote the same value (compared by :func:`canonical`) to the same device and pin within
+wrote the same value (compared by :func:`canonical`) to the same Blynk device and pin within
 ``window_ms``; each record answers one echo (it is removed), so a user who sets the same value
 again later is heard.
 
-One Redis list per device and pin (``keys.echo``) of ``<written ms>|<value>``, newest first, at
-most :data:`KEEP` long, expiring ``window_ms`` after the last write.
+Records are keyed by the Blynk device as Blynk names it — its token — not by the bridge's
+device key: the writes of a device whose uplinks carry their own token (the Particle
+blueprint's ``t``) are keyed apart from its registry row, or have no row at all, and their
+echoes must still be recognised.
+
+One Redis list per Blynk device and pin (``keys.echo``, the token hashed by
+:func:`pipeline.blynk_index.token_ref`) of ``<written ms>|<value>``, newest first, at most
+:data:`KEEP` long, expiring ``window_ms`` after the last write.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
+from pipeline.blynk_index import token_ref
 from pipeline.events import Value
 from pipeline.keys import Keys
 from pipeline.streams import Redis
@@ -72,13 +79,14 @@ def canonical(value: Value) -> str:
 
 async def record(redis: Redis, keys: Keys, writes: Sequence[tuple[str, Mapping[str, Value]]],
                  now_ms: int, window_ms: int) -> None:
-    """Remember each ``(device_key, pin → value)`` about to be written (one round trip)."""
+    """Remember each ``(token, pin → value)`` about to be written (one round trip)."""
     if not writes:
         return
     async with redis.pipeline(transaction=False) as pipe:
-        for device_key, pins in writes:
+        for token, pins in writes:
+            ref = token_ref(token)
             for pin, value in pins.items():
-                key = keys.echo(device_key, pin.upper())
+                key = keys.echo(ref, pin.upper())
                 pipe.lpush(key, f"{now_ms}|{canonical(value)}")
                 pipe.ltrim(key, 0, KEEP - 1)
                 pipe.pexpire(key, window_ms)
@@ -95,12 +103,12 @@ class Echoes:
         self._take = redis.register_script(_TAKE)
 
     async def take(self, commands: Sequence[tuple[str, str, Value]], now_ms: int) -> list[bool]:
-        """For each ``(device_key, pin, value)``: was it an echo (its record is consumed)."""
+        """For each ``(token, pin, value)``: was it an echo (its record is consumed)."""
         if not commands:
             return []
         async with self._redis.pipeline(transaction=False) as pipe:
-            for device_key, pin, value in commands:
-                await self._take(keys=[self._keys.echo(device_key, pin)],
+            for token, pin, value in commands:
+                await self._take(keys=[self._keys.echo(token_ref(token), pin.upper())],
                                  args=[canonical(value), now_ms, self.window_ms], client=pipe)
             replies = await pipe.execute()
         return [bool(int(r)) for r in replies]

@@ -105,13 +105,18 @@ class Keys:
     def rate(self, device_key: str) -> str:
         return f"{self.prefix}rate:{device_key}"
 
-    def echo(self, device_key: str, pin: str) -> str:
-        return f"{self.prefix}echo:{device_key}:{pin}"
+    def echo(self, token_ref: str, pin: str) -> str:
+        """Values the bridge wrote to one Blynk device (named by a token hash) and pin."""
+        return f"{self.prefix}echo:{token_ref}:{pin}"
 
     # downlinks
     def blynk_index(self) -> str:
         """Hash ``t:<token hash>`` / ``i:<Blynk device id>`` → device key (reverse index)."""
         return f"{self.prefix}blynk:index"
+
+    def blynk_index_backfilled(self) -> str:
+        """When (ms) every registry row was last indexed (:func:`blynk_index.backfill`)."""
+        return f"{self.prefix}blynk:index:backfilled"
 
     def down_last(self, device_key: str) -> str:
         """Hash pin → ``<Blynk ts>:<event id>`` of the last command sent to the device."""

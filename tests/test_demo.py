@@ -1,19 +1,34 @@
-"""``make demo`` stays true: the demo runs the whole pipeline and accounts for every uplink."""
+"""``make demo`` stays true: the demo runs the whole pipeline, accounts for every uplink, and
+runs the downlink round trip (a switch flipped in the emulated app → webhook → ingest-http →
+downlink → TTS ``down/push`` → ``down/ack``); Ctrl-C stops it cleanly with its summary."""
 
 from __future__ import annotations
 
 import re
+import signal
 import subprocess
 import sys
+import time
+import urllib.request
+
+import pytest
+
+from tests.conftest import free_port
+
+ARGS = ["--devices", "6", "--rate", "30", "--particle-devices", "3", "--particle-rate", "6",
+        "--flip-every", "0.5"]
+DOWN = (r"downlinks: (\d+) switch flips in the app; (\d+) webhooks sent to the bridge "
+        r"\((\d+) dropped over Blynk's limit\); (\d+) received; (\d+) commands sent down; "
+        r"(\d+) acknowledged by TTS; (\d+) failed")
+
+
+def _demo(*extra: str) -> list[str]:
+    return [sys.executable, "-m", "blynk_bridge", "--log-level", "WARNING", "demo", *ARGS,
+            *extra]
 
 
 def test_demo_runs_the_whole_pipeline_and_drains() -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "blynk_bridge", "--log-level", "WARNING", "demo",
-         "--duration", "3", "--devices", "6", "--rate", "30", "--particle-devices", "3",
-         "--particle-rate", "6"],
-        capture_output=True, text=True, timeout=120,
-    )
+    proc = subprocess.run(_demo("--duration", "3"), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = " ".join(proc.stdout.split())
     summary = re.search(
@@ -29,3 +44,42 @@ def test_demo_runs_the_whole_pipeline_and_drains() -> None:
     assert values > 0 and 0 < messages <= ingested
     assert devices >= 6 + 3  # the fleets' devices were created in Blynk on first uplink
     assert "every uplink was written to Blynk" in out
+    down = re.search(DOWN, out)
+    assert down, out
+    flips, hooks, dropped, received, sent_down, acked, failed = map(int, down.groups())
+    assert flips > 0 and hooks + dropped == flips  # every app change fired the webhook
+    assert received == hooks and sent_down == received and acked == sent_down and failed == 0
+
+
+def _sent_down(port: int) -> float:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return 0.0
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("bb_downlink_outcomes_total{") and 'outcome="ack"' in line)
+
+
+def test_ctrl_c_stops_the_demo_cleanly_after_a_round_trip() -> None:
+    port = free_port()
+    proc = subprocess.Popen(_demo("--metrics-port", str(port)), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while _sent_down(port) < 1:  # a command acknowledged by the emulated TTS
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"no acknowledged downlink; demo: {proc.communicate()[1][-2000:]}")
+            time.sleep(0.2)  # polling a real condition (the demo's /metrics), bounded above
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err[-3000:]
+    out = " ".join(out.split())
+    down = re.search(DOWN, out)
+    assert down, out
+    assert int(down.group(6)) >= 1
+    assert "Traceback" not in err

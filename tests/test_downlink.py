@@ -310,7 +310,7 @@ async def test_the_bridges_own_write_coming_back_is_not_sent(redis: Redis, prefi
         echoes = counted("echo")
         now = int(time.time() * 1000)
         # what egress records before writing V2=1 and V3=21.5 to dev-a
-        await echo.record(redis, b.ctx.keys, [("tts:kit:dev-a", {"V2": 1, "V3": 21.5})], now,
+        await echo.record(redis, b.ctx.keys, [(token_for("dev-a"), {"V2": 1, "V3": 21.5})], now,
                           60_000)
         assert (await b.post("dev-a", "v2", "1", now + 5)).status == 200
         assert (await b.post("dev-a", "v3", "21.50", now + 5)).status == 200

@@ -15,6 +15,8 @@ import json
 import secrets
 import time
 
+import aiohttp
+
 from emulators.blynk import (
     BlynkEmulator,
     DatastreamSpec,
@@ -24,13 +26,14 @@ from emulators.blynk import (
     TemplateSpec,
     WebhookSpec,
 )
+from emulators.particle import ParticleCloud, deliver, make_event, webhook_for
 from emulators.tts import make_uplink
 from pipeline import config as config_mod
-from pipeline import mqtt
+from pipeline import events, mqtt
 from pipeline.context import Context
 from pipeline.lifecycle import run_stages
 from pipeline.streams import Redis
-from tests.conftest import MQTT_HOST, MQTT_PORT, REDIS_URL, free_port
+from tests.conftest import MQTT_HOST, MQTT_PORT, REDIS_URL, free_port, serve_app
 from tests.test_downlink import BODY, PASSWORD, Devices, counted, wait_for
 from workers import downlink, egress, ingest_http, ingest_mqtt, transform
 
@@ -114,3 +117,95 @@ egress: {{flush_age_ms: 10}}
             dev_task.cancel()
             await asyncio.gather(dev_task, return_exceptions=True)
             await ctx.close()
+
+
+BOARD_TEMPLATE = "TMPLloop0002"
+CORE_ROW = "e00fce68aaaabbbbccccdd01"   # in the registry, and sends its token in the event too
+CORE_TOKEN_ONLY = "e00fce68aaaabbbbccccdd02"   # known to the bridge only by its event's `t`
+TOKEN_ROW = "blueprinttokenblueprinttokenblu1"
+TOKEN_ONLY = "blueprinttokenblueprinttokenblu2"
+SECRET = "particle-hook-secret"
+
+
+async def test_echo_of_a_token_carrying_particle_device_is_dropped(
+        redis: Redis, prefix: str) -> None:
+    """The Particle blueprint puts the Blynk token in the event (``t``): egress keys those writes
+    apart from the registry row; their echoes must still be recognised (not called down, and not
+    dead-lettered as an unknown device)."""
+    port = free_port()
+    auth = base64.b64encode(f"blynk:{PASSWORD}".encode()).decode()
+    hook = WebhookSpec(
+        name="led", url=f"http://127.0.0.1:{port}/blynk/app", template=BOARD_TEMPLATE,
+        datastream="V2", body=BODY.format(id="{device_id}", token="{device_authToken}",
+                                          pin="{device_pin}", value="{device_pinValue}",
+                                          ts="{timestamp_unix}", name="{device_name}"),
+        headers={"Authorization": f"Basic {auth}"})
+    emu = BlynkEmulator.from_spec(EmulatorSpec(
+        regions={"fra1": 0}, settings=Settings(device_rps=None),
+        templates=[TemplateSpec(id=BOARD_TEMPLATE, name="Board", datastreams=[
+            DatastreamSpec(id=2, pin="V2", name="led", type="integer", min=0, max=1)])],
+        devices=[DeviceSpec(name="board-1", token=TOKEN_ROW, template=BOARD_TEMPLATE, id=1),
+                 DeviceSpec(name="board-2", token=TOKEN_ONLY, template=BOARD_TEMPLATE, id=2)],
+        webhooks=[hook]))
+    cloud = ParticleCloud([CORE_ROW, CORE_TOKEN_ONLY])
+    async with emu.serve({"fra1": 0}) as urls, serve_app(cloud.app) as api_url:
+        cfg = config_mod.parse(f"""
+redis: {{url: "{REDIS_URL}", prefix: "{prefix}"}}
+streams: {{block_ms: 100}}
+blynk: {{servers: {{fra1: "{urls['fra1']}"}}, default_server: fra1}}
+ingest_http: {{host: 127.0.0.1, port: {port}}}
+templates:
+  - name: board
+    datastreams: [{{name: led, pin: V2, type: integer, min: 0, max: 1}}]
+    downlink: {{particle: {{V2: {{function: led}}}}}}
+particle:
+  - {{name: boards, api_url: "{api_url}", access_token: particle-token, template: board,
+      auth: {{header: X-Bridge-Secret, secret: {SECRET}}}}}
+devices:
+  - {{source: particle, integration: boards, device: {CORE_ROW}, token: {TOKEN_ROW},
+      template: board}}
+blynk_webhooks:
+  - {{name: app, auth: {{username: blynk, password: "{PASSWORD}"}}}}
+egress: {{flush_age_ms: 10}}
+""", "yaml", "loop.yaml", env={})
+        ctx = Context.create(cfg, consumer="loop")
+        stop = asyncio.Event()
+        stages = [m.build(ctx) for m in (ingest_http, transform, egress, downlink)]
+        task = asyncio.create_task(run_stages(stages, stop=stop, install_signals=False))
+        try:
+            # the device with a row is counted under its integration, the other under the
+            # webhook's name (its integration is not known)
+            echoes = counted("echo", "boards"), counted("echo", "app")
+            particle_hook = webhook_for("json", f"http://127.0.0.1:{port}/particle/boards")
+            particle_hook.headers = {"X-Bridge-Secret": SECRET}
+            async with aiohttp.ClientSession() as http:
+                await wait_for(lambda: _up(http, port), "ingest-http listening")
+                for core, token in ((CORE_ROW, TOKEN_ROW), (CORE_TOKEN_ONLY, TOKEN_ONLY)):
+                    sent = await deliver(http, particle_hook,
+                                         make_event(core, data={"t": token, "led": 1}),
+                                         retry_delays_s=())
+                    assert sent.ok, sent.statuses
+            for token in (TOKEN_ROW, TOKEN_ONLY):
+                dev = emu.device_by_token(token)
+                await wait_for(lambda d=dev: d.value("V2") == 1, "the uplink written to Blynk")
+            await emu.webhooks.drain()
+            assert emu.webhooks.stats()["led"]["ok"] == 2
+            await wait_for(lambda: (counted("echo", "boards") - echoes[0],
+                                    counted("echo", "app") - echoes[1]) == (1, 1),
+                           "both echoes recognised")
+            assert cloud.calls == []
+            dead = [events.decode_dead(f[events.FIELD])
+                    for _, f in await redis.xrange(ctx.keys.dead)]
+            assert [d.reason for d in dead] == []
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 30)
+            await ctx.close()
+
+
+async def _up(http: aiohttp.ClientSession, port: int) -> bool:
+    try:
+        async with http.get(f"http://127.0.0.1:{port}/healthz") as resp:
+            return resp.status == 200
+    except aiohttp.ClientError:
+        return False

@@ -3,7 +3,8 @@
 Each batch read from the downlinks stream goes through, in order:
 
 1. **resolve** the Blynk device to its source device through the registry's reverse index
-   (:mod:`pipeline.blynk_index`) — unknown: dead letter ``unknown_device``;
+   (:mod:`pipeline.blynk_index`, backfilled from older registry rows at the first start-up)
+   — unknown: dead letter ``unknown_device`` (unless it is an echo, step 3);
 2. **check** the pin against the device's template (``unknown_pin``) and type the value by its
    datastream (``type_mismatch``); a command older than ``downlink.ttl_s`` by its Blynk time is
    dead-lettered ``expired``, never sent late;
@@ -45,7 +46,7 @@ from redis.exceptions import RedisError
 
 from pipeline import downlinks, events, metrics
 from pipeline import keys as keynames
-from pipeline.blynk_index import index_static, resolve
+from pipeline.blynk_index import backfill, index_static, resolve
 from pipeline.config import Config, TemplateConfig, TemplateDownlink
 from pipeline.consumer import backoff_s
 from pipeline.context import Context
@@ -150,6 +151,10 @@ class DownlinkStage:
         # Idempotent (transform does the same): this stage may run alone.
         await self.registry.load_static(self.ctx.config.devices)
         await index_static(self.ctx.redis, self.ctx.keys, self.ctx.config.devices)
+        # Rows from before the index existed: indexed once, before the first command is read
+        # (else their commands would be dead-lettered as unknown devices).
+        if not await self.ctx.redis.exists(self.ctx.keys.blynk_index_backfilled()):
+            await backfill(self.ctx.redis, self.ctx.keys)
         await self.reader.ensure_group()
         # Listen to TTS outcomes from the start (not only once a command was sent).
         for app in self.tts_apps.values():
@@ -233,11 +238,15 @@ class DownlinkStage:
                                 [(d.blynk_id, d.token) for _, d in decoded])
         wall = now_ms()
         commands: list[_Command] = []
+        #: Not in the registry but named by token: an echo of a write whose uplink carried the
+        #: token itself (the Particle blueprint), or a command nobody can route.
+        strangers: list[tuple[Entry, events.Downlink]] = []
         for (e, d), dev in zip(decoded, devices, strict=True):
-            who = f"Blynk device {d.blynk_id}" if d.blynk_id is not None else "Blynk token"
             if dev is None:
-                dead.append((e, "unknown_device", f"{who} is not in the registry: the bridge "
-                             "never wrote to it, so it has no source device"))
+                if d.token is not None:
+                    strangers.append((e, d))
+                else:
+                    dead.append((e, "unknown_device", _unknown(d)))
                 continue
             template = self.templates.get(dev.template)
             if template is None:
@@ -264,16 +273,23 @@ class DownlinkStage:
                              "(a Particle device needs downlink.particle for the pin)"))
                 continue
             commands.append(_Command(e, d, dev, template, ds, value))
-        echoes = await self.echoes.take([(c.device.key, c.down.pin, c.down.value)
-                                         for c in commands], wall)
+        echoes = await self.echoes.take(
+            [(c.down.token or c.device.token, c.down.pin, c.down.value) for c in commands]
+            + [(d.token or "", d.pin, d.value) for _, d in strangers], wall)
         fresh: list[_Command] = []
         acked: list[Entry] = []
-        for c, echo in zip(commands, echoes, strict=True):
+        for c, echo in zip(commands, echoes, strict=False):
             if echo:
                 acked.append(c.entry)
                 self._count(c, "echo")
             else:
                 fresh.append(c)
+        for (e, d), echo in zip(strangers, echoes[len(commands):], strict=True):
+            if echo:
+                acked.append(e)
+                metrics.DOWNLINKS.labels(d.origin, "echo").inc()
+            else:
+                dead.append((e, "unknown_device", _unknown(d)))
         if acked:
             await self.reader.ack(acked)
         if dead:
@@ -505,6 +521,12 @@ class DownlinkStage:
 
     def _count(self, c: _Command, outcome: str) -> None:
         metrics.DOWNLINKS.labels(split_key(c.device.key)[1], outcome).inc()
+
+
+def _unknown(d: events.Downlink) -> str:
+    who = f"Blynk device {d.blynk_id}" if d.blynk_id is not None else "Blynk token"
+    return (f"{who} is not in the registry: no source device is known for it (devices whose "
+            "uplinks carry their own token have no registry row)")
 
 
 def _route(dev: Device, downlink: TemplateDownlink | None, pin: str) -> str | None:

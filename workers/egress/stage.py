@@ -279,7 +279,7 @@ class EgressStage:
                              claims: Sequence[Claim], wall: int) -> None:
         """Tell the downlink stage what is about to be written, before it is (Blynk fires its
         webhooks for these writes too: :mod:`pipeline.echo`). A failure only risks an echo."""
-        writes = [(dev.key, plan.current())
+        writes = [(plan.token, plan.current())
                   for (dev, plan), claim in zip(plans, claims, strict=True) if claim.granted]
         try:
             await echo.record(self.ctx.redis, self.ctx.keys, writes, wall, self._echo_window_ms)
