@@ -1,11 +1,12 @@
 """``blynk-bridge demo``: the whole pipeline on emulated clouds with a simulated fleet.
 
-Starts, in one process: the Blynk emulator (``examples/blynk-emulator.yaml``, on free ports),
-every stage of the bridge (``examples/bridge.yaml``, under its own Redis prefix), a TTS fleet
-publishing to the local Mosquitto and a Particle fleet posting webhooks to ingest-http. Unknown
-devices are created in the emulated Blynk as their first uplinks arrive. A live table shows what
-came in, what reached Blynk, the lag of every stream and the integration statuses. Ctrl-C (or
-``--duration``) stops the fleets, lets the pipeline drain, and prints a summary.
+Starts, in one process: the Blynk emulator (``blynk_bridge/examples/blynk-emulator.yaml``, on
+free ports), every stage of the bridge (``blynk_bridge/examples/bridge.yaml``, under its own
+Redis prefix), a TTS fleet publishing to the local Mosquitto and a Particle fleet posting
+webhooks to ingest-http. Unknown devices are created in the emulated Blynk as their first uplinks
+arrive. A live table shows what came in, what reached Blynk, the lag of every stream and the
+integration statuses. Ctrl-C (or ``--duration``) stops the fleets, lets the pipeline drain, and
+prints a summary.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ from pipeline.lifecycle import run_stages, until_stopped
 from pipeline.logs import setup_logging
 from pipeline.status import StatusBoard
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+#: Package data (pyproject.toml), so an installed wheel runs the demo from any directory.
+EXAMPLES = Path(__file__).resolve().parent / "examples"
 LOG = Path(".demo") / "blynk-bridge.log"
 MQTT_HOST, MQTT_PORT = "127.0.0.1", 1883
 

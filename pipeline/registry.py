@@ -344,7 +344,7 @@ class Registry:
                     self.subscribed.clear()
                     attempt += 1
                     log.warning("registry: pub/sub lost (%s); reconnecting", exc)
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await pubsub.aclose()
                     await asyncio.sleep(backoff_s(attempt, 10.0))
         finally:
             self.subscribed.clear()

@@ -176,9 +176,7 @@ async def test_invalid_particle_fixture_gets_a_clear_400(
 
 
 def _tts_fixtures() -> list[str]:
-    folder = Path(__file__).resolve().parent.parent.parent / "shared" / "fixtures" / "tts"
-    if not folder.exists():
-        return []
+    folder = Path(__file__).resolve().parent / "fixtures" / "tts"
     return sorted(p.name for p in folder.iterdir()
                   if not p.name.endswith(".src.txt") and not p.name.startswith("tts-storage"))
 
