@@ -79,3 +79,17 @@ def test_installed_wheel_runs_the_demo_outside_the_repo(wheel: Path, tmp_path: P
     )
     assert demo.returncode == 0, demo.stderr[-3000:]
     assert re.search(r"sent \d+ \(TTS \d+, Particle \d+\)", " ".join(demo.stdout.split()))
+
+
+def test_image_installs_the_hash_checked_locks() -> None:
+    """The Dockerfile installs what the locks pin, and everything it copies is in the context."""
+    text = (ROOT / "Dockerfile").read_text()
+    installs = re.findall(r"pip install --require-hashes -r (\S+)", text)
+    assert [Path(p).name for p in installs] == ["build.lock", "runtime.lock"]
+    assert "--no-build-isolation" in text  # the locked setuptools builds the wheel
+    ignored = set((ROOT / ".dockerignore").read_text().split())
+    for line in re.findall(r"^COPY (?!--from)(.+)$", text, re.M):
+        *sources, _dest = line.split()
+        for source in sources:
+            assert (ROOT / source).exists(), source
+            assert source.rstrip("/") not in ignored and source.split("/")[0] not in ignored
