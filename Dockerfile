@@ -3,26 +3,30 @@
 #   docker run --rm -v $PWD/bridge.yaml:/etc/blynk-bridge/bridge.yaml:ro blynk-bridge transform
 # Stages read their configuration from /etc/blynk-bridge/bridge.yaml unless -c says otherwise.
 
-# --- build: wheels for the project and its dependencies (hiredis, uvloop, msgspec ship
-# manylinux wheels, so no compiler is needed) -------------------------------------------------
+# --- build: the project's wheel, by the locked build backend (nothing unpinned is fetched) -----
 FROM python:3.11-slim AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 WORKDIR /src
+COPY requirements/build.lock requirements/
+RUN pip install --require-hashes -r requirements/build.lock
 COPY pyproject.toml README.md LICENSE ./
 COPY pipeline/ pipeline/
 COPY workers/ workers/
 COPY emulators/ emulators/
 COPY blynk_bridge/ blynk_bridge/
-RUN pip wheel --wheel-dir /wheels .
+RUN pip wheel --no-deps --no-build-isolation --wheel-dir /wheels .
 
-# --- run: the installed package only, as an unprivileged user ---------------------------------
+# --- run: the locked dependencies (hash-checked; requirements/runtime.lock holds the wheels of
+# every platform, so amd64 and arm64 both build without a compiler), then the project itself --
 FROM python:3.11-slim
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1
+COPY requirements/runtime.lock /tmp/runtime.lock
+RUN pip install --require-hashes -r /tmp/runtime.lock && rm /tmp/runtime.lock
 COPY --from=build /wheels /wheels
-RUN pip install /wheels/*.whl \
+RUN pip install --no-deps /wheels/*.whl \
  && rm -rf /wheels \
  && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin bridge \
  && mkdir -p /etc/blynk-bridge

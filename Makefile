@@ -4,13 +4,30 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed-stamp
 
-.PHONY: demo test lint typecheck check services bench clean
+LOCKS   = requirements/runtime.lock requirements/dev.lock requirements/build.lock
+# uv only writes the locks; plain pip installs from them (CI and the image need no uv).
+UV_VERSION ?= 0.13.9
+LOCK_VENV  ?= .venv-lock
+UV_COMPILE  = $(LOCK_VENV)/bin/uv pip compile --quiet --generate-hashes --universal \
+              --python-version 3.11
 
-$(STAMP): pyproject.toml
+.PHONY: demo test lint typecheck check services bench lock clean
+
+# Exactly the locked versions (hash-checked), then the project itself without touching them;
+# the locked setuptools builds it (no unpinned build environment is fetched).
+$(STAMP): pyproject.toml requirements/dev.lock
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --require-hashes -r requirements/dev.lock
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
+
+## Re-resolve every dependency from pyproject.toml (+ requirements/build.in) into the locks.
+lock:
+	test -x $(LOCK_VENV)/bin/uv || $(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/pip install -q uv==$(UV_VERSION)
+	$(UV_COMPILE) pyproject.toml -o requirements/runtime.lock
+	$(UV_COMPILE) pyproject.toml requirements/build.in --extra dev -o requirements/dev.lock
+	$(UV_COMPILE) requirements/build.in -o requirements/build.lock
 
 services:
 	@scripts/services.sh
@@ -36,4 +53,4 @@ bench: $(STAMP) services
 	$(BIN)/python -m bench.e2e
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(LOCK_VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

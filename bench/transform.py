@@ -43,7 +43,7 @@ from bench.common import (
     wait_port,
 )
 
-FIXTURE = ROOT.parent / "shared" / "fixtures" / "tts" / "tts-uplink-02.json"
+FIXTURE = ROOT / "tests" / "fixtures" / "tts" / "tts-uplink-02.json"
 PREFIX = "bbb:"
 BATCH = 500
 

@@ -1,16 +1,17 @@
 """``blynk-bridge demo``: the whole pipeline on emulated clouds with a simulated fleet.
 
-Starts, in one process: the Blynk emulator (``examples/blynk-emulator.yaml``, on free ports),
-every stage of the bridge (``examples/bridge.yaml``, under its own Redis prefix), a TTS fleet
-publishing to the local Mosquitto and a Particle fleet posting webhooks to ingest-http. Unknown
-devices are created in the emulated Blynk as their first uplinks arrive. A live table shows what
-came in, what reached Blynk, the lag of every stream and the integration statuses.
+Starts, in one process: the Blynk emulator (``blynk_bridge/examples/blynk-emulator.yaml``, on
+free ports), every stage of the bridge (``blynk_bridge/examples/bridge.yaml``, under its own
+Redis prefix), a TTS fleet publishing to the local Mosquitto and a Particle fleet posting
+webhooks to ingest-http. Unknown devices are created in the emulated Blynk as their first uplinks
+arrive. A live table shows what came in, what reached Blynk, the lag of every stream and the
+integration statuses.
 
 Downlinks run too: every ``--flip-every`` seconds the demo flips the valve switch (V8) of one of
 ``--switches`` TTS devices in the emulated Blynk app; the emulator's webhook (in
-``examples/blynk-emulator.yaml``, Blynk's 10 requests a minute per webhook included) posts the
-change to ingest-http, the downlink stage sends it on TTS ``down/push``, and the emulated TTS
-answers ``down/ack``. The table shows flips, webhooks, commands sent and acknowledged, echoes
+``blynk_bridge/examples/blynk-emulator.yaml``, Blynk's 10 requests a minute per webhook included)
+posts the change to ingest-http, the downlink stage sends it on TTS ``down/push``, and the
+emulated TTS answers ``down/ack``. The table shows flips, webhooks, commands sent and acknowledged, echoes
 dropped, and each switch's state in Blynk.
 
 Ctrl-C (or ``--duration``) stops the fleets and the switches, lets the pipeline drain, and prints
@@ -51,7 +52,8 @@ from pipeline.lifecycle import run_stages, until_stopped
 from pipeline.logs import setup_logging
 from pipeline.status import StatusBoard
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+#: Package data (pyproject.toml), so an installed wheel runs the demo from any directory.
+EXAMPLES = Path(__file__).resolve().parent / "examples"
 LOG = Path(".demo") / "blynk-bridge.log"
 MQTT_HOST, MQTT_PORT = "127.0.0.1", 1883
 

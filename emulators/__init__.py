@@ -1,1 +1,1 @@
-"""Local stand-ins for Blynk, The Things Stack and Particle, faithful to ``shared/reference``."""
+"""Local stand-ins for Blynk, The Things Stack and Particle, faithful to ``docs/reference``."""

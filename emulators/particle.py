@@ -1,6 +1,6 @@
 """A local stand-in for the Particle Cloud: webhooks out, the Cloud API function endpoint in.
 
-**Webhooks** (``shared/reference/tts-particle-formats.md`` §2). :class:`Webhook` is Particle's
+**Webhooks** (``docs/reference/tts-particle-formats.md`` §2). :class:`Webhook` is Particle's
 own webhook configuration (``event``, ``url``, ``requestType``, ``json``/``form``/``body``,
 ``query``, ``headers``, ``auth``, ``noDefaults``), so a saved configuration such as the Blynk
 blueprint's (``particle-webhook-template-blynk.json``) is sent the way Particle would send it:

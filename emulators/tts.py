@@ -2,7 +2,7 @@
 a private Mosquitto that enforces TTS-style logins.
 
 * :func:`make_uplink` / :func:`make_join` build messages in the exact TTS v3 JSON shape
-  (``shared/fixtures/tts``): zero values omitted (the first uplink has no ``f_cnt``), frequency as
+  (``tests/fixtures/tts``): zero values omitted (the first uplink has no ``f_cnt``), frequency as
   a string, 9-digit fractional times, Packet Broker gateways without EUI, simulated uplinks with
   the ``0001-01-01`` NS time and the fake ``test`` gateway.
 * :class:`Fleet` publishes uplinks of N devices at a given rate and remembers what it sent.

@@ -323,10 +323,15 @@ class Registry:
 
     async def close(self) -> None:
         if self._listener is not None:
-            self._listener.cancel()
+            listener, self._listener = self._listener, None
+            # Cancel again until it ends: a cancellation that lands as the client library's
+            # pub/sub read completes can be absorbed, and the listener then waits on the next
+            # message, which may never come (close() hung in the test suite on a loaded machine).
+            while not listener.done():
+                listener.cancel()
+                await asyncio.wait({listener}, timeout=1.0)
             with contextlib.suppress(asyncio.CancelledError):
-                await self._listener
-            self._listener = None
+                await listener
 
     async def _listen(self) -> None:
         """Evict on every published change; reconnect with backoff (the version check covers

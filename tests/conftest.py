@@ -24,7 +24,8 @@ from pipeline.streams import Redis, connect
 REDIS_URL = "redis://127.0.0.1:6379/0"
 MQTT_HOST = "127.0.0.1"
 MQTT_PORT = 1883
-FIXTURES = Path(__file__).resolve().parent.parent.parent / "shared" / "fixtures"
+#: Genuine Particle/TTS payloads, each beside a ``.src.txt`` saying where it came from.
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
 def free_port() -> int:
@@ -75,7 +76,7 @@ def fixture_path() -> Callable[[str], Path]:
     def get(name: str) -> Path:
         path = FIXTURES / name
         if not path.exists():
-            pytest.fail(f"fixture {path} missing: CI needs ../shared beside the checkout")
+            pytest.fail(f"fixture {path} missing from tests/fixtures/")
         return path
 
     return get

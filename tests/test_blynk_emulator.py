@@ -1,6 +1,6 @@
 """Contract tests of the Blynk emulator over real HTTP; the reference's examples are expectations.
 
-Every documented error string of ``shared/reference/blynk-api.md`` appears here verbatim.
+Every documented error string of ``docs/reference/blynk-api.md`` appears here verbatim.
 """
 
 from __future__ import annotations
@@ -542,7 +542,8 @@ async def test_inspection_masks_tokens_and_reset(env: tuple[BlynkEmulator, Api])
 def test_example_file_loads_and_regions_flag(fixture_path: Any, tmp_path: Any) -> None:
     from pathlib import Path
 
-    example = Path(__file__).resolve().parent.parent / "examples" / "blynk-emulator.yaml"
+    root = Path(__file__).resolve().parent.parent
+    example = root / "blynk_bridge" / "examples" / "blynk-emulator.yaml"
     emu = BlynkEmulator.from_spec(load_spec(example))
     assert emu.model.templates and emu.model.devices
     # The commented-out webhook example is valid too, once uncommented.

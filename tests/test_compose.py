@@ -78,7 +78,7 @@ def test_mounted_files_exist_in_the_repo(compose: dict[str, Any]) -> None:
         for v in svc.get("volumes", [])
         if isinstance(v, str) and v.startswith("./")
     }
-    assert "./examples/bridge.yaml" in sources
+    assert "./blynk_bridge/examples/bridge.yaml" in sources
     missing = [s for s in sorted(sources) if not (ROOT / s).exists()]
     assert not missing, f"mounted but not in the repository: {missing}"
 
@@ -189,7 +189,7 @@ def test_k8s_example_has_a_deployment_per_stage_and_a_valid_config(tmp_path: Pat
 
 
 def test_example_config_resolves_to_the_compose_services(compose: dict[str, Any]) -> None:
-    """examples/bridge.yaml, with a stage container's environment, names the compose hosts."""
+    """The example bridge.yaml, with a stage container's environment, names the compose hosts."""
     raw_env = compose["services"]["transform"]["environment"]
     env = {k: config_mod.substitute_env(str(v), {}, "compose") for k, v in raw_env.items()
            if v is not None}
@@ -197,7 +197,7 @@ def test_example_config_resolves_to_the_compose_services(compose: dict[str, Any]
     assert {"PARTICLE_WEBHOOK_SECRET", "TTS_API_KEY", "BLYNK_CLIENT_SECRET"} <= passed_through
     # The secrets come from the operator's .env: the example has none of its own.
     env |= {k: f"secret-of-{k.lower()}" for k in passed_through}
-    cfg = config_mod.load(ROOT / "examples" / "bridge.yaml", env)
+    cfg = config_mod.load(ROOT / "blynk_bridge" / "examples" / "bridge.yaml", env)
     assert cfg.ingest_http.host == cfg.metrics.host == "0.0.0.0"  # reachable to be published
     services = set(compose["services"])
     assert cfg.redis.url.startswith("redis://redis:")

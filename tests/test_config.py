@@ -191,7 +191,7 @@ def test_a_demo_secret_is_refused(secret: str) -> None:
         parse(text, "yaml", "bridge.yaml", env={})
 
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "bridge.yaml"
+EXAMPLE = Path(__file__).resolve().parent.parent / "blynk_bridge" / "examples" / "bridge.yaml"
 
 
 def test_the_example_holds_no_usable_secret_and_binds_loopback() -> None:

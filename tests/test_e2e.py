@@ -31,6 +31,7 @@ from pipeline.lifecycle import run_stages
 from pipeline.status import StatusBoard
 from pipeline.streams import Redis
 from tests.conftest import MQTT_HOST, MQTT_PORT, REDIS_URL
+from tests.wait import wait_until
 from workers import egress, ingest_mqtt, transform
 
 TEMPLATE = "TMPLe2e00001"
@@ -117,7 +118,8 @@ async def pipeline(cfg: config_mod.Config) -> AsyncIterator[Context]:
     stages = [ingest_mqtt.build(ctx), transform.build(ctx), egress.build(ctx)]
     task = asyncio.create_task(run_stages(stages, stop=stop, install_signals=False))
     try:
-        await wait_for(lambda: status_connected(ctx, cfg.tts[0].name), "ingest-mqtt connected")
+        await wait_until(lambda: status_connected(ctx, cfg.tts[0].name),
+                         what="ingest-mqtt connected")
         yield ctx
     finally:
         stop.set()
@@ -128,17 +130,6 @@ async def pipeline(cfg: config_mod.Config) -> AsyncIterator[Context]:
 async def status_connected(ctx: Context, name: str) -> bool:
     status = await StatusBoard(ctx.redis, ctx.keys).get("tts", name)
     return status is not None and status.state == "Connected"
-
-
-async def wait_for(check: Callable[[], Any], what: str, timeout_s: float = 30.0) -> None:
-    """Poll a real condition until it holds (bounded): the pipeline is asynchronous by design."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if await check():
-            return
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 async def blynk_get(http: aiohttp.ClientSession, url: str, device: str, pins: list[str]) -> Any:
@@ -189,8 +180,8 @@ async def test_fixture_and_fleet_uplinks_reach_blynk(
                 dev1 = await blynk_get(http, urls["fra1"], "dev1", ["V8", "V9"])
                 return "v2" in kit and "v9" in dev1
 
-            await wait_for(fixtures_landed, "fixture values in Blynk")
-            await wait_for(fleet_landed, "fleet values in Blynk")
+            await wait_until(fixtures_landed, what="fixture values in Blynk")
+            await wait_until(fleet_landed, what="fleet values in Blynk")
 
             kit = await blynk_get(http, urls["fra1"], "eui-70b3d52dd600035a",
                                   ["V1", "V2", "V3", "V4", "V5", "V6", "V7"])
@@ -203,7 +194,7 @@ async def test_fixture_and_fleet_uplinks_reach_blynk(
             async def dead_lettered() -> bool:
                 return bool(await redis.xlen(ctx.keys.dead))
 
-            await wait_for(dead_lettered, "the invalid fixture in the dead stream")
+            await wait_until(dead_lettered, what="the invalid fixture in the dead stream")
             dead = [events.decode_dead(f[events.FIELD]) for _, f in
                     await redis.xrange(ctx.keys.dead)]
             assert [d.reason for d in dead] == ["invalid_json"]
@@ -257,20 +248,20 @@ async def test_sigterm_drains_without_loss(prefix: str, redis: Redis, tmp_path: 
                     names = [c["name"] for c in await redis.xinfo_consumers(stream, "egress")]
                     return any(n.endswith(f"-{proc.pid}".encode()) for n in names)
 
-                await wait_for(consuming, "the bridge process to consume")
+                await wait_until(consuming, what="the bridge process to consume")
                 if stop_after_first_write:
                     start = emu.org_messages
 
                     async def some_written() -> bool:
                         return emu.org_messages > start
 
-                    await wait_for(some_written, "first Blynk writes")
+                    await wait_until(some_written, what="first Blynk writes")
                 else:
                     async def all_written() -> bool:
                         return all(_last_battery(emu, d) == _expected_last(d)
                                    for d in FLEET_DEVICES)
 
-                    await wait_for(all_written, "every device's newest value")
+                    await wait_until(all_written, what="every device's newest value")
                 proc.send_signal(signal.SIGTERM)
                 return await asyncio.wait_for(proc.wait(), 40)
 

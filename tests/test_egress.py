@@ -25,6 +25,7 @@ from pipeline.ratelimit import RateLimiter
 from pipeline.registry import Registry
 from pipeline.status import State, StatusBoard
 from pipeline.streams import Redis, StreamWriter, now_ms
+from tests.wait import wait_until
 from workers.egress import EgressStage
 
 # ---- pipeline.order: last written times and the per-device lease ----------------------------
@@ -70,12 +71,12 @@ async def test_an_expired_lease_is_taken_over_and_reported(redis: Redis, keys: K
     a = LastWritten(redis, keys, "replica-a", lease_ms=1)
     b = LastWritten(redis, keys, "replica-b")
     await a.claim([("dev", ["V1"])])
-    # A's 1 ms lease lapses; poll that real condition (bounded) rather than sleeping
-    for _ in range(1000):
+
+    async def b_takes_over() -> bool:
         (cb,) = await b.claim([("dev", ["V1"])])
-        if cb.granted:
-            break
-    assert cb.granted
+        return cb.granted
+
+    await wait_until(b_takes_over, what="A's 1 ms lease to lapse")
     assert not await a.commit("dev", {"V1": 5})  # A learns its lease was gone
     assert await b.commit("dev", {})
     assert await book_of(redis, keys).get("dev") == {"V1": 5}
@@ -290,10 +291,12 @@ async def test_replicas_never_write_a_device_backwards(rig: Rig) -> None:
         rnd.shuffle(values)
         await rig.add(*[write(0, t0 + v, {"V2": v}) for v in values])
         newest = t0 + wave * 12 + 11
-        for _ in range(2000):  # bounded poll of a real condition: the wave is fully written
-            if (await book.get(device_key(0))).get("V2") == newest and not await rig.pending():
-                break
-            await asyncio.sleep(0.005)
+
+        async def wave_written(newest: int = newest) -> bool:
+            return ((await book.get(device_key(0))).get("V2") == newest
+                    and not await rig.pending())
+
+        await wait_until(wave_written, what=f"wave {wave} fully written")
     stop.set()
     await asyncio.wait_for(asyncio.gather(*running), 30)
     written = [v for _, v in rig.device(0).history["V2"]]
@@ -459,10 +462,11 @@ async def test_stop_finishes_and_acks_what_it_holds(rig: Rig) -> None:
     loop = asyncio.create_task(stage.main_loop(stop))
     t0 = now_ms()
     await rig.add(*[write(n, t0, {"V1": 3.0}) for n in range(5)])
-    for _ in range(2000):  # bounded poll: every entry delivered to (and held by) the stage
-        if await rig.pending() == 5:
-            break
-        await asyncio.sleep(0.005)
+
+    async def all_held() -> bool:
+        return await rig.pending() == 5
+
+    await wait_until(all_held, what="every entry delivered to (and held by) the stage")
     stop.set()
     await asyncio.wait_for(loop, 10)
     assert await rig.pending() == 0
@@ -472,16 +476,15 @@ async def test_stop_finishes_and_acks_what_it_holds(rig: Rig) -> None:
 # ---- the task-free path: a warm connection pool sends from callbacks -------------------------
 
 
-async def settled(rig: Rig, limit_s: float = 30) -> None:
-    """Bounded poll: the egress group has read and resolved (acked) every entry."""
-    deadline = asyncio.get_running_loop().time() + limit_s
-    while asyncio.get_running_loop().time() < deadline:
+async def settled(rig: Rig) -> None:
+    """The egress group has read and resolved (acked) every entry."""
+
+    async def resolved() -> bool:
         groups = await rig.redis.xinfo_groups(rig.keys.stream(WRITES))
         g = next((g for g in groups if g["name"] == GROUP_EGRESS.encode()), None)
-        if g is not None and g["pending"] == 0 and g["lag"] == 0:
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("egress did not resolve every entry")
+        return g is not None and g["pending"] == 0 and g["lag"] == 0
+
+    await wait_until(resolved, what="egress resolving every entry")
 
 
 async def after_warm_up(rig: Rig, *writes: BlynkWrite, between: Callable[[], Any] = lambda: None,

@@ -8,7 +8,6 @@ import contextlib
 import gc
 import json
 import logging
-import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -31,6 +30,7 @@ from pipeline.streams import Redis, StreamWriter
 from pipeline.tts import parse_message
 from tests.conftest import REDIS_URL, free_port
 from tests.test_particle_parse import FIXTURES, INVALID, RECEIVED, TOKEN
+from tests.wait import wait_until
 from workers.ingest_http import GC_THRESHOLD0, IngestHttp, build
 
 HEADER_SECRET = "hdr-secret-Zq81x0"
@@ -116,18 +116,6 @@ def counter(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
-async def until(check: Callable[[], Any], timeout_s: float = 5.0) -> Any:
-    """Poll a real condition (bounded): the value once truthy, else fail."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = await check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail("condition not met in time")
-        await asyncio.sleep(0.02)
-
-
 # --- every fixture through the endpoint ----------------------------------------------------------
 
 
@@ -177,9 +165,7 @@ async def test_invalid_particle_fixture_gets_a_clear_400(
 
 
 def _tts_fixtures() -> list[str]:
-    folder = Path(__file__).resolve().parent.parent.parent / "shared" / "fixtures" / "tts"
-    if not folder.exists():
-        return []
+    folder = Path(__file__).resolve().parent / "fixtures" / "tts"
     return sorted(p.name for p in folder.iterdir()
                   if not p.name.endswith(".src.txt") and not p.name.startswith("tts-storage"))
 
@@ -289,14 +275,14 @@ async def test_fleet_retries_when_the_bridge_refuses(redis: Redis, prefix: str,
     await redis.xadd(stream, {b"d": b"x"})
     before = counter("bb_rejected_total", source="particle", reason="backlog")
     async with serving(stage) as base:
-        await until(lambda: _is(stage.backlog.refresh(), 1))
+        await wait_until(lambda: _is(stage.backlog.refresh(), 1), what="a backlog of 1")
         fleet = ParticleFleet(f"{base}/particle/tempmon", 1, 100.0, retry_delays_s=(0.05,) * 100)
         run = asyncio.create_task(fleet.run(count=1))
 
         async def refused_once() -> bool:
             return counter("bb_rejected_total", source="particle", reason="backlog") > before
 
-        await until(refused_once)
+        await wait_until(refused_once, what="a backlog refusal")
         stage.cfg.backlog_high_water = 10
         stats = await run
     assert stats.delivered == 1 and stats.retries >= 1
@@ -414,7 +400,7 @@ async def test_backlog_past_high_water_gives_503_with_retry_after(
             status, err, resp = await post(http, f"{base}/particle/tempmon", body)
             return (status, err, resp) if status == 503 else None
 
-        status, err, resp = await until(refused)
+        status, err, resp = await wait_until(refused, what="a 503")
         assert resp.headers["Retry-After"].isdigit()
         assert err is not None and err["error"]["reason"] == "backlog"
         length = await redis.xlen(stream)
@@ -426,7 +412,7 @@ async def test_backlog_past_high_water_gives_503_with_retry_after(
             status, _, _ = await post(http, f"{base}/particle/tempmon", body)
             return status == 200
 
-        await until(accepted)
+        await wait_until(accepted, what="a 200 again")
         assert await redis.xlen(stream) == length + 1
 
 
@@ -461,21 +447,21 @@ async def test_integration_status_connected_then_broken_then_connected(
         s = await board.get("particle", name)
         return s.state if s else None
 
-    await until(lambda: _is(state("hdr"), State.CONNECTED))
+    await wait_until(lambda: _is(state("hdr"), State.CONNECTED), what="Connected")
     for _ in range(3):
         assert (await post(http, f"{url}/particle/hdr", b"{", **good))[0] == 400
-    await until(lambda: _is(state("hdr"), State.BROKEN))
+    await wait_until(lambda: _is(state("hdr"), State.BROKEN), what="Broken")
     broken = await board.get("particle", "hdr")
     assert broken is not None and broken.error_kind == "protocol"
     assert broken.last_error is not None and "400" in broken.last_error
     assert HEADER_SECRET not in broken.last_error
     assert (await post(http, f"{url}/particle/hdr", body, **good))[0] == 200
-    await until(lambda: _is(state("hdr"), State.CONNECTED))
+    await wait_until(lambda: _is(state("hdr"), State.CONNECTED), what="Connected")
 
     # failures before any success: Not Connected; bad bodies are a protocol error
     for _ in range(3):
         assert (await post(http, f"{url}/particle/fresh", b"{", **good))[0] == 400
-    await until(lambda: _is(state("fresh"), State.NOT_CONNECTED))
+    await wait_until(lambda: _is(state("fresh"), State.NOT_CONNECTED), what="Not Connected")
     fresh = await board.get("particle", "fresh")
     assert fresh is not None and fresh.error_kind == "protocol"
 
@@ -568,7 +554,8 @@ async def test_graceful_stop_finishes_in_flight_requests(redis: Redis, prefix: s
         w.close()
         return False
 
-    await until(refusing)  # no new connections while the old request finishes
+    # no new connections while the old request finishes
+    await wait_until(refusing, what="the listener closed")
     assert not loop_task.done() and stage.in_flight == 1
     writer.gate.set()
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)

@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -35,20 +35,10 @@ from pipeline.streams import Redis, StreamWriter
 from tests.conftest import MQTT_HOST, MQTT_PORT, REDIS_URL
 from tests.test_tts_parse import FIXTURE_UPLINKS
 from tests.test_tts_parse import NOW as TABLE_NOW
+from tests.wait import wait_until
 from workers.ingest_mqtt import IngestMqtt, StandbyBuffer
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float = 15.0,
-                     what: str = "condition") -> None:
-    """Bounded poll of a real condition (Redis state, a broker's answer)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not await check():
-        if loop.time() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 def make_app(name: str = "lab", **kw: Any) -> TtsApplication:
@@ -118,7 +108,7 @@ async def test_every_fixture_through_the_broker(redis: Redis, prefix: str,
     async with running(stage):
         await asyncio.wait_for(stage.subscribed["lab"].wait(), 10)
         await publish(messages)
-        await eventually(lambda: _lens(redis, ctx.keys, len(FIXTURE_UPLINKS), 1),
+        await wait_until(lambda: _lens(redis, ctx.keys, len(FIXTURE_UPLINKS), 1),
                          what="every fixture in Redis")
     got = {u.event_id: u for u in await uplinks(redis, ctx.keys)}
     assert len(got) == len(FIXTURE_UPLINKS)
@@ -159,7 +149,7 @@ async def test_malformed_payloads_are_dead_lettered_and_the_worker_keeps_running
     async with running(stage):
         await asyncio.wait_for(stage.subscribed["lab"].wait(), 10)
         await publish([(topic, b) for b in bad] + [(topic, good)])
-        await eventually(lambda: _lens(redis, ctx.keys, 1, len(bad)), what="dead letters")
+        await wait_until(lambda: _lens(redis, ctx.keys, 1, len(bad)), what="dead letters")
         assert stage.subscribed["lab"].is_set()  # still reading
     reasons = [decode_dead(f[b"d"]) for _, f in await redis.xrange(ctx.keys.dead)]
     assert [d.reason for d in reasons] == ["invalid_json", "wrong_shape", "wrong_shape",
@@ -206,17 +196,17 @@ async def test_replicas_put_each_message_on_the_stream_once(
     stages = [IngestMqtt(make_ctx(redis, prefix, [app], consumer=f"r{i}"), lease_ttl_ms=1000)
               for i in range(replicas)]
     async with _all_running(stages):
-        await eventually(lambda: _owner_count(stages, 1), what="one owner")
+        await wait_until(lambda: _owner_count(stages, 1), what="one owner")
         fleet = Fleet(MQTT_HOST, MQTT_PORT, app.app_id, app.tenant, devices=4,
                       rate_per_s=float("inf"), device_prefix="rep")
         assert await fleet.run(count=40) == 40
         keys = stages[0]._keys
-        await eventually(lambda: _has_len(redis, keys.stream("uplinks"), 40), what="40 uplinks")
+        await wait_until(lambda: _has_len(redis, keys.stream("uplinks"), 40), what="40 uplinks")
         # A marker published last: once it is in, anything a second subscriber appended for the
         # 40 would be too (each replica appends in arrival order).
         await Fleet(MQTT_HOST, MQTT_PORT, app.app_id, app.tenant, devices=1, rate_per_s=1e9,
                     device_prefix="marker").run(count=1)
-        await eventually(lambda: _has_len(redis, keys.stream("uplinks"), 41), what="the marker")
+        await wait_until(lambda: _has_len(redis, keys.stream("uplinks"), 41), what="the marker")
         ups = await uplinks(redis, keys)
         assert ups[-1].device == "marker0000"
         assert len(ups) == 41 and len({u.event_id for u in ups}) == 41
@@ -226,10 +216,10 @@ async def test_replicas_put_each_message_on_the_stream_once(
         owner_stop = _stops[id(owner)]
         owner_stop.set()
         rest = [s for s in stages if s is not owner]
-        await eventually(lambda: _owner_count(rest, 1), what="a standby taking over")
+        await wait_until(lambda: _owner_count(rest, 1), what="a standby taking over")
         await Fleet(MQTT_HOST, MQTT_PORT, app.app_id, app.tenant, devices=1, rate_per_s=1e9,
                     device_prefix="after").run(count=1)
-        await eventually(lambda: _has_len(redis, keys.stream("uplinks"), 42), what="after")
+        await wait_until(lambda: _has_len(redis, keys.stream("uplinks"), 42), what="after")
 
 
 _stops: dict[int, asyncio.Event] = {}
@@ -281,7 +271,7 @@ async def _wait_owned_by(board: StatusBoard, proc: asyncio.subprocess.Process) -
         return (status is not None and status.state is State.CONNECTED
                 and status.owner is not None and status.owner.endswith(f"-{proc.pid}"))
 
-    await eventually(subprocess_owns, timeout_s=30, what="the subprocess owning the app")
+    await wait_until(subprocess_owns, what="the subprocess owning the app")
 
 
 async def test_kill_9_of_the_owner_hands_over_within_the_lease_time(
@@ -304,7 +294,7 @@ async def test_kill_9_of_the_owner_hands_over_within_the_lease_time(
             assert status is not None and status.owner == "standby"
             await Fleet(MQTT_HOST, MQTT_PORT, app.app_id, app.tenant, devices=1,
                         rate_per_s=1e9).run(count=3)
-            await eventually(lambda: _has_len(redis, Keys(prefix).stream("uplinks"), 3),
+            await wait_until(lambda: _has_len(redis, Keys(prefix).stream("uplinks"), 3),
                              what="uplinks through the standby")
     finally:
         if proc.returncode is None:
@@ -343,7 +333,7 @@ class NumberedUplinks:
         async def published() -> bool:
             return len(self.ids) >= target
 
-        await eventually(published, what=f"{n} more uplinks published")
+        await wait_until(published, what=f"{n} more uplinks published")
 
     async def stop(self) -> list[str]:
         self._stop.set()
@@ -377,7 +367,7 @@ async def test_kill_9_mid_stream_loses_nothing_with_a_warm_standby(
                 assert _sample("bb_mqtt_standby", integration="lab") == 1
                 await _wait_owned_by(board, proc)
             publisher = NumberedUplinks(app)
-            await eventually(lambda: _has_len(redis, stream, 50), what="the owner appending")
+            await wait_until(lambda: _has_len(redis, stream, 50), what="the owner appending")
             proc.send_signal(signal.SIGKILL)
             await asyncio.wait_for(proc.wait(), 10)
             await asyncio.wait_for(standby.subscribed["lab"].wait(), 15)
@@ -389,7 +379,7 @@ async def test_kill_9_mid_stream_loses_nothing_with_a_warm_standby(
                 return bool(rows) and decode_uplink(rows[0][1][b"d"]).event_id == published[-1]
 
             # The standby appends in the order it received: the last one published comes last.
-            await eventually(last_one_in, what="the last uplink published")
+            await wait_until(last_one_in, what="the last uplink published")
         got = {u.event_id for u in await uplinks(redis, keys)}
     finally:
         if proc.returncode is None:
@@ -423,7 +413,7 @@ async def test_a_standby_appends_nothing_and_its_trouble_is_not_the_integrations
         warm = IngestMqtt(make_ctx(redis, prefix, [app], consumer="r3"), lease_ttl_ms=1000)
         failures = _sample("bb_mqtt_connects_total", integration="lab", outcome="unreachable")
         async with running(broken), running(warm):
-            await eventually(
+            await wait_until(
                 lambda: _gt(_sample("bb_mqtt_connects_total", integration="lab",
                                     outcome="unreachable"), failures + 1),
                 what="the standby failing to connect, twice")
@@ -433,13 +423,13 @@ async def test_a_standby_appends_nothing_and_its_trouble_is_not_the_integrations
             assert status.owner == "r1"
             await Fleet(MQTT_HOST, MQTT_PORT, app.app_id, app.tenant, devices=2,
                         rate_per_s=1e9).run(count=20)
-            await eventually(lambda: _has_len(redis, owner._keys.stream("uplinks"), 20),
+            await wait_until(lambda: _has_len(redis, owner._keys.stream("uplinks"), 20),
                              what="20 uplinks")
 
             async def warm_kept_them() -> bool:
                 return len(warm._feeds["lab"].buffer) == 20
 
-            await eventually(warm_kept_them, what="the warm standby keeping the 20")
+            await wait_until(warm_kept_them, what="the warm standby keeping the 20")
             # Kept, not appended: once the owner's 20 are in, a standby's would be too.
             assert await stream_len(redis, owner._keys.stream("uplinks")) == 20
             assert not warm.subscribed["lab"].is_set() and not broken.subscribed["lab"].is_set()
@@ -465,7 +455,7 @@ async def test_graceful_handover_to_a_warm_standby_loses_nothing(
     async with running(second):
         await asyncio.wait_for(second.connected["lab"].wait(), 10)
         publisher = NumberedUplinks(app)
-        await eventually(lambda: _has_len(redis, keys.stream("uplinks"), 30), what="appending")
+        await wait_until(lambda: _has_len(redis, keys.stream("uplinks"), 30), what="appending")
         first_stop.set()  # SIGTERM: stop reading, write what was read, release the lease
         await asyncio.wait_for(first_task, 15)
         await asyncio.wait_for(second.subscribed["lab"].wait(), 10)
@@ -475,7 +465,7 @@ async def test_graceful_handover_to_a_warm_standby_loses_nothing(
         async def all_in() -> bool:
             return {u.event_id for u in await uplinks(redis, keys)} >= set(published)
 
-        await eventually(all_in, what="every published uplink")
+        await wait_until(all_in, what="every published uplink")
     assert not second.subscribed["lab"].is_set()  # stopped: released
 
 
@@ -539,7 +529,7 @@ async def test_an_owner_cut_off_from_the_broker_hands_over_to_a_connected_standb
             async with running(standby):
                 await asyncio.wait_for(standby.connected["lab"].wait(), 10)
                 publisher = NumberedUplinks(app)
-                await eventually(lambda: _has_len(redis, keys.stream("uplinks"), 30),
+                await wait_until(lambda: _has_len(redis, keys.stream("uplinks"), 30),
                                  what="the owner appending")
                 await proxy.cut()  # the owner's path to the broker is gone; Redis is fine
                 await asyncio.wait_for(standby.subscribed["lab"].wait(), 15)
@@ -549,7 +539,7 @@ async def test_an_owner_cut_off_from_the_broker_hands_over_to_a_connected_standb
                 async def all_in() -> bool:
                     return {u.event_id for u in await uplinks(redis, keys)} >= set(published)
 
-                await eventually(all_in, what="every published uplink")
+                await wait_until(all_in, what="every published uplink")
                 status = await board.get("tts", "lab")
                 assert status is not None and status.owner == "r2"
                 assert status.state is State.CONNECTED
@@ -614,18 +604,18 @@ async def test_broker_restart_shows_connected_broken_connected(redis: Redis,
             return status is not None and status.state is state
 
         async with running(stage):
-            await eventually(lambda: state_is(State.CONNECTED), what="Connected")
+            await wait_until(lambda: state_is(State.CONNECTED), what="Connected")
             broker.stop()
-            await eventually(lambda: state_is(State.BROKEN), what="Broken")
+            await wait_until(lambda: state_is(State.BROKEN), what="Broken")
             broken = await board.get("tts", "lab")
             assert broken is not None and broken.error_kind == "unreachable"
             assert broken.last_error and broken.since_ms > 0
             broker.start()
-            await eventually(lambda: state_is(State.CONNECTED), what="Connected again")
+            await wait_until(lambda: state_is(State.CONNECTED), what="Connected again")
             await asyncio.wait_for(stage.subscribed["lab"].wait(), 10)
             await Fleet(MQTT_HOST, broker.port, app.app_id, app.tenant, devices=1,
                         rate_per_s=1e9).run(count=2)
-            await eventually(lambda: _has_len(redis, ctx.keys.stream("uplinks"), 2),
+            await wait_until(lambda: _has_len(redis, ctx.keys.stream("uplinks"), 2),
                              what="uplinks after the restart")
         assert seen == [State.CONNECTED, State.BROKEN, State.CONNECTED]
     finally:
@@ -645,7 +635,7 @@ async def test_wrong_password_is_not_connected_with_a_credentials_error(
                 s = await board.get("tts", "lab")
                 return s is not None and s.error_kind == "credentials"
 
-            await eventually(refused, what="a credentials error")
+            await wait_until(refused, what="a credentials error")
         status = await board.get("tts", "lab")
         assert status is not None and status.state is State.NOT_CONNECTED
         assert "NNSXS.WRONG" not in (status.last_error or "")
@@ -660,14 +650,14 @@ async def test_wrong_password_is_not_connected_with_a_credentials_error(
             user, password = broker.admin_credentials
             await Fleet(MQTT_HOST, broker.port, app.app_id, app.tenant, devices=1,
                         rate_per_s=1e9, username=user, password=password).run(count=2)
-            await eventually(lambda: _has_len(redis, ctx2.keys.stream("uplinks"), 2),
+            await wait_until(lambda: _has_len(redis, ctx2.keys.stream("uplinks"), 2),
                              what="uplinks with the right key")
 
             async def unreachable() -> bool:
                 s = await board.get("tts", "lab3")
                 return s is not None and s.error_kind == "unreachable"
 
-            await eventually(unreachable, what="an unreachable error")
+            await wait_until(unreachable, what="an unreachable error")
         lab3 = await board.get("tts", "lab3")
         assert lab3 is not None and lab3.state is State.NOT_CONNECTED
 

@@ -1,4 +1,4 @@
-"""Table tests of the pure Particle parser, one row per fixture in shared/fixtures/particle."""
+"""Table tests of the pure Particle parser, one row per fixture in tests/fixtures/particle."""
 
 from __future__ import annotations
 

@@ -9,18 +9,9 @@ from pipeline.keys import Keys
 from pipeline.redact import Secret
 from pipeline.registry import Registry
 from pipeline.streams import Redis
+from tests.wait import wait_until
 
 KEY = "tts:app:dev-1"
-
-
-async def wait_for(cond: object, limit_s: float = 5.0) -> None:
-    """Bounded poll of a real condition (pub/sub delivery has no other completion signal)."""
-    assert callable(cond)
-    loop = asyncio.get_running_loop()
-    end = loop.time() + limit_s
-    while not cond():
-        assert loop.time() < end, "condition not met in time"
-        await asyncio.sleep(0.01)
 
 
 async def test_register_and_lookup(redis: Redis, keys: Keys) -> None:
@@ -60,7 +51,8 @@ async def test_pubsub_evicts_at_once(redis: Redis, keys: Keys) -> None:
     assert (await b.get(KEY)) is not None
     assert b.cached(KEY) is not None
     await a.register(KEY, token="tok-B", template="t")
-    await wait_for(lambda: b.cached(KEY) is None)  # evicted by the message, before any sync
+    # evicted by the pub/sub message, before any sync
+    await wait_until(lambda: b.cached(KEY) is None, what="the eviction message")
     dev = await b.get(KEY, sync=False)
     assert dev is not None and dev.token == "tok-B"
     await a.close()

@@ -3,9 +3,9 @@
 Run it: ``blynk-bridge emulate blynk [-c FILE] [--port P] [--regions fra1=8081,ny3=8082]``.
 Without ``-c`` it serves the built-in demo model (:mod:`emulators.blynk.demo`); the file format
 is :class:`emulators.blynk.settings.EmulatorSpec`, shown with comments in
-``examples/blynk-emulator.yaml``.
+``blynk_bridge/examples/blynk-emulator.yaml``.
 
-Behaviour follows ``shared/reference/blynk-api.md``. Where the reference marks something
+Behaviour follows ``docs/reference/blynk-api.md``. Where the reference marks something
 UNCONFIRMED, a :class:`~emulators.blynk.settings.Settings` field switches it; the defaults are:
 
 * ``batch_partial: reject_all`` — one bad pin rejects the whole ``batch/update`` (alternative

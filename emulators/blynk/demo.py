@@ -1,8 +1,9 @@
 """The built-in model ``blynk-bridge emulate blynk`` serves when no ``-c FILE`` is given.
 
-The same content as ``examples/blynk-emulator.yaml``: one template shaped like Blynk's TTS guide
-example (temperature, humidity, speed enum, location, RSSI/SNR system datastreams), the two
-integration metafields, three devices with fixed tokens, and the demo OAuth client.
+The same content as ``blynk_bridge/examples/blynk-emulator.yaml``: one template shaped like
+Blynk's TTS guide example (temperature, humidity, speed enum, location, RSSI/SNR system
+datastreams), the two integration metafields, three devices with fixed tokens, and the demo OAuth
+client.
 """
 
 from __future__ import annotations

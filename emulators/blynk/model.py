@@ -4,7 +4,7 @@ Pure data and pure functions; no sockets and no clock reads except the ``now_ms`
 file format (YAML) is described by the ``*Spec`` Structs; :class:`Model` is the live, mutable
 state built from them (and changed by the platform API, the device API and tests).
 
-Value rules follow ``shared/reference/blynk-api.md`` section 5: a value must parse as the
+Value rules follow ``docs/reference/blynk-api.md`` section 5: a value must parse as the
 datastream type or it is rejected (:class:`Mismatch`); values that parse are clamped to min/max;
 an enum value outside its options becomes the fallback.
 """

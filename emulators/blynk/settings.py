@@ -1,8 +1,8 @@
 """The emulator's file format: regions, behaviour switches, the model, OAuth clients, webhooks.
 
-Every behaviour the reference (``shared/reference/blynk-api.md``) marks UNCONFIRMED is a field of
+Every behaviour the reference (``docs/reference/blynk-api.md``) marks UNCONFIRMED is a field of
 :class:`Settings`; the default is our best reading and the comment says which section it is
-about. ``examples/blynk-emulator.yaml`` shows every key with a comment.
+about. ``blynk_bridge/examples/blynk-emulator.yaml`` shows every key with a comment.
 """
 
 from __future__ import annotations

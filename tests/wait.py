@@ -1,0 +1,41 @@
+"""The tests' one polling helper: wait for a real condition, bounded by a deadline.
+
+Use it only where the code under test offers no completion signal to await (an ``Event``, a
+future, a blocking read): Redis state another process writes, a broker's delivery, a metric. The
+deadline is a bound for a broken build, not a timing: it is generous so a loaded machine passes,
+and a test never asserts how long the wait took.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import Awaitable, Callable
+from typing import TypeVar, cast
+
+T = TypeVar("T")
+
+#: Long enough for two busy CPU hogs on a 2-core machine; reached only when something is wrong.
+TIMEOUT_S = 30.0
+
+
+async def wait_until(predicate: Callable[[], T | Awaitable[T]], timeout_s: float = TIMEOUT_S,
+                     what: str = "the condition", interval: float = 0.01) -> T:
+    """Call ``predicate`` (sync or async) until it returns something truthy, and return that.
+
+    Polls every ``interval`` seconds; once ``timeout_s`` seconds have passed it checks one last
+    time, then raises ``AssertionError`` naming ``what`` and the last value seen.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        last_chance = loop.time() >= deadline
+        value = predicate()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return cast(T, value)
+        if last_chance:
+            raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what} "
+                                 f"(last value: {value!r})")
+        await asyncio.sleep(interval)
