@@ -11,8 +11,8 @@ Downlinks run too: every ``--flip-every`` seconds the demo flips the valve switc
 ``--switches`` TTS devices in the emulated Blynk app; the emulator's webhook (in
 ``blynk_bridge/examples/blynk-emulator.yaml``, Blynk's 10 requests a minute per webhook included)
 posts the change to ingest-http, the downlink stage sends it on TTS ``down/push``, and the
-emulated TTS answers ``down/ack``. The table shows flips, webhooks, commands sent and acknowledged, echoes
-dropped, and each switch's state in Blynk.
+emulated TTS answers ``down/ack``. The table shows flips, webhooks, commands sent and
+acknowledged, echoes dropped, and each switch's state in Blynk.
 
 Ctrl-C (or ``--duration``) stops the fleets and the switches, lets the pipeline drain, and prints
 a summary.

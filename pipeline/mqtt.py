@@ -395,24 +395,6 @@ def _code(granted: object) -> int:
     return granted if isinstance(granted, int) else 0x80
 
 
-def topic_matches(pattern: str, topic: str) -> bool:
-    """MQTT wildcard match (``+`` one level, ``#`` the rest)."""
-    return aiomqtt.Topic(topic).matches(pattern)
-
-
 def app_topics(username: str, suffixes: Iterable[str]) -> list[str]:
     """``v3/{username}/devices/+/{suffix}`` for each suffix."""
     return [f"v3/{username}/devices/+/{s}" for s in suffixes]
-
-
-async def wait_connected(settings: Settings, *, attempts: int = 50) -> None:
-    """Connect and disconnect once, retrying on :class:`Unreachable` (a broker just started);
-    for tests and tools, never in a stage (stages have their own backoff loop)."""
-    for attempt in range(attempts):
-        try:
-            async with Session(settings):
-                return
-        except Unreachable:
-            if attempt == attempts - 1:
-                raise
-            await asyncio.sleep(0.1)

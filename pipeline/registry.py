@@ -98,32 +98,6 @@ class Device:
         return self.status == STATUS_BROKEN
 
     @classmethod
-    def from_row(cls, key: str, row: Mapping[bytes, bytes]) -> Device | None:
-        """A device from ``HGETALL``; ``None`` for an absent row or one without a token."""
-        token = row.get(b"token")
-        if not token:
-            return None
-
-        def s(name: bytes) -> str | None:
-            v = row.get(name)
-            return v.decode() if v else None
-
-        bid = row.get(b"id")
-        return cls(
-            key=key,
-            token=token.decode(),
-            template=s(b"template") or "",
-            server=s(b"server"),
-            blynk_id=int(bid) if bid else None,
-            status=s(b"status") or STATUS_OK,
-            reason=s(b"reason"),
-            detail=s(b"detail"),
-            firmware=s(b"firmware"),
-            meta_pending=row.get(b"meta_pending") == b"1",
-        )
-
-
-    @classmethod
     def from_fields(cls, key: str, v: Sequence[bytes | None]) -> Device | None:
         """A device from ``HMGET`` of :data:`FIELDS` (in that order)."""
         token = v[0]

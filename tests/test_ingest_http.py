@@ -490,7 +490,8 @@ async def test_probes_and_metrics(url: str, http: aiohttp.ClientSession, stage: 
             assert resp.status == 200
             text = await resp.text()
         assert 'bb_ingested_total{integration="tempmon",kind="uplink",source="particle"}' in text
-        await until(lambda: _is(_state(redis, keys, "tempmon"), State.CONNECTED))
+        await wait_until(lambda: _is(_state(redis, keys, "tempmon"), State.CONNECTED),
+                         what="Connected")
         async with http.get(f"{metrics_url}/status") as resp:
             assert resp.status == 200
             page = await resp.json()

@@ -177,7 +177,7 @@ async def test_an_event_time_from_the_future_becomes_the_arrival_time_and_is_cou
         await asyncio.wait_for(stage.subscribed["lab"].wait(), 10)
         await publish([(f"v3/{app.username}/devices/d1/up", json.dumps(m).encode())
                        for m in (odd, future)])
-        await eventually(lambda: _lens(redis, ctx.keys, 1, 1), what="the uplink and dead letter")
+        await wait_until(lambda: _lens(redis, ctx.keys, 1, 1), what="the uplink and dead letter")
     (up,) = await uplinks(redis, ctx.keys)
     assert (up.event_ts_ms, up.event_ts_clamped) == (up.received_ts_ms, True)
     assert _sample("bb_event_time_clamped_total", source="tts", integration="lab") == before + 1

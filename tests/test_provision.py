@@ -25,7 +25,7 @@ from pipeline.events import Uplink
 from pipeline.keys import GROUP_TRANSFORM, Keys
 from pipeline.provision import device_name
 from pipeline.streams import Redis, StreamWriter
-from tests.test_ingest_mqtt import eventually  # the suite's bounded poll of a condition
+from tests.wait import wait_until
 from workers.transform import TransformStage
 
 TEMPLATE = "TMPLbutton01"
@@ -293,7 +293,7 @@ async def test_uplinks_waiting_for_the_rate_are_written_once_it_allows(
         async def all_written() -> bool:
             return len(await written(redis, keys)) == 10
 
-        await eventually(all_written, 30, "every uplink written")
+        await wait_until(all_written, 30, "every uplink written")
     finally:
         stop.set()
         await task
