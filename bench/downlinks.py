@@ -60,7 +60,7 @@ CONFIG = """\
 redis: {{url: "{redis}", prefix: "{prefix}"}}
 streams: {{block_ms: 1000}}
 ingest_http: {{host: 127.0.0.1, port: {port}}}
-metrics: {{host: 127.0.0.1, port: ${{METRICS_PORT}}}}
+metrics: {{host: 127.0.0.1, port: "${{METRICS_PORT}}"}}
 templates:
   - name: valve
     datastreams:
