@@ -268,7 +268,7 @@ class Demo:
                       for k in ("sent", "ok", "dropped_rate")},
             down_in=_total(metrics.INGESTED, source="blynk"),
             down_sent=_total(metrics.DOWNLINKS, outcome="sent"),
-            down_acked=_total(metrics.DOWNLINK_OUTCOMES, outcome="ack"),
+            down_acked=_total(metrics.DOWNLINK_OUTCOMES, outcome="sent"),
             down_failed=_total(metrics.DOWNLINK_OUTCOMES, outcome="failed")
             + _total(metrics.DOWNLINK_OUTCOMES, outcome="nack"),
             echoes=_total(metrics.DOWNLINKS, outcome="echo"),
@@ -287,7 +287,7 @@ class Demo:
 
     async def drained(self, ctx: Context) -> bool:
         rows = await _lag(ctx)
-        answered = (_total(metrics.DOWNLINK_OUTCOMES, outcome="ack")
+        answered = (_total(metrics.DOWNLINK_OUTCOMES, outcome="sent")
                     + _total(metrics.DOWNLINK_OUTCOMES, outcome="failed")
                     + _total(metrics.DOWNLINK_OUTCOMES, outcome="nack"))
         return (bool(rows) and all(lg == 0 and pending == 0 for *_, lg, pending in rows)
@@ -418,7 +418,7 @@ def _summary(console: Console, snap: Snapshot, elapsed: float) -> None:
         f"downlinks: {snap.flips} switch flips in the app; {hooks.get('sent', 0)} webhooks sent "
         f"to the bridge ({hooks.get('dropped_rate', 0)} dropped over Blynk's limit); "
         f"{snap.down_in:.0f} received; {snap.down_sent:.0f} commands sent down; "
-        f"{snap.down_acked:.0f} acknowledged by TTS; {snap.down_failed:.0f} failed; "
+        f"{snap.down_acked:.0f} delivered by TTS (down/sent); {snap.down_failed:.0f} failed; "
         f"{snap.echoes:.0f} echoes not sent back")
     missing = sent - snap.ingested - snap.refused_at_ingest
     drained = all(lg == 0 and p == 0 for *_, lg, p in snap.lag)

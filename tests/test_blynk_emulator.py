@@ -546,14 +546,9 @@ def test_example_file_loads_and_regions_flag(fixture_path: Any, tmp_path: Any) -
     example = root / "blynk_bridge" / "examples" / "blynk-emulator.yaml"
     emu = BlynkEmulator.from_spec(load_spec(example))
     assert emu.model.templates and emu.model.devices
-    # The commented-out webhook example is valid too, once uncommented.
-    text = example.read_text()
-    tail = text[text.index("webhooks: []"):].splitlines()[1:]
-    hook_yaml = "\n".join(line[1:] for line in tail if line.startswith("#  "))
-    tmp = tmp_path / "with-webhook.yaml"
-    tmp.write_text(text.replace("webhooks: []", "webhooks:\n" + hook_yaml))
-    hooks = BlynkEmulator.from_spec(load_spec(tmp)).webhooks.hooks
-    assert hooks["led to bridge"].spec.headers == {"X-Bridge-Secret": "change-me"}
+    # The demo's webhook (the valve switch to ingest-http) follows Blynk's form rules.
+    hooks = emu.webhooks.hooks
+    assert hooks["valve to bridge"].spec.headers == {"X-Blynk-Secret": "demo-blynk-secret"}
     assert _regions("fra1=8081,ny3=8082") == {"fra1": 8081, "ny3": 8082}
 
 

@@ -43,7 +43,7 @@ templates:
     datastreams:
       - {{name: temperature, pin: V1, type: double}}
 particle:
-  - {{name: prod, template: sensor}}
+  - {{name: prod, template: sensor, auth: none}}
 devices:
   - {{source: particle, integration: prod, device: {COREID}, token: {token(0)},
      template: sensor}}

@@ -107,13 +107,16 @@ def test_check_config_reports_errors_with_exit_2(
 
 
 def test_ingest_hardening_options_default_and_are_checked() -> None:
-    cfg = parse("particle: [{name: p}]\ntts: [{name: t, app_id: a}]\n", "yaml", "b.yaml", env={})
+    cfg = parse("particle: [{name: p, auth: none}]\ntts: [{name: t, app_id: a}]\n", "yaml",
+                "b.yaml", env={})
     p, t = cfg.particle[0], cfg.tts[0]
     assert (p.device_id_from, p.html_unescape, p.max_clock_skew_s) == ("any", True, 300.0)
     assert t.max_clock_skew_s == 300.0
     for bad, where in (
-        ("particle: [{name: p, device_id_from: body}]", r"particle\[0\]\.device_id_from"),
-        ("particle: [{name: p, max_clock_skew_s: -1}]", r"particle\[0\]\.max_clock_skew_s"),
+        ("particle: [{name: p, auth: none, device_id_from: body}]",
+         r"particle\[0\]\.device_id_from"),
+        ("particle: [{name: p, auth: none, max_clock_skew_s: -1}]",
+         r"particle\[0\]\.max_clock_skew_s"),
         ("tts: [{name: t, app_id: a, max_clock_skew_s: -5}]", r"tts\[0\]\.max_clock_skew_s"),
     ):
         with pytest.raises(ConfigError, match=where):

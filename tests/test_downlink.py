@@ -321,7 +321,7 @@ async def test_the_bridges_own_write_coming_back_is_not_sent(redis: Redis, prefi
         assert len(b.devices.got) == 1
 
 
-@pytest.mark.parametrize("limit,outcome,written", [(200, "ack", 1), (20, "failed", 0)])
+@pytest.mark.parametrize("limit,outcome,written", [(200, "sent", 1), (20, "failed", 0)])
 async def test_tts_outcomes_are_matched_and_written_back(
         redis: Redis, prefix: str, limit: int, outcome: str, written: int) -> None:
     async with bridge(redis, prefix) as b:

@@ -185,6 +185,28 @@ async def test_an_event_time_from_the_future_becomes_the_arrival_time_and_is_cou
     assert dead.reason == "invalid_field" and "end_device_ids.device_id" in dead.detail
 
 
+async def test_a_value_that_cannot_be_stored_is_dead_lettered_and_intake_goes_on(
+    redis: Redis, prefix: str
+) -> None:
+    """Found by bench/fuzz.py: an f_cnt past 64 bits made encoding raise in the receive path,
+    which ended the application's session silently; it is a dead letter, the next uplink lands."""
+    app = make_app()
+    ctx = make_ctx(redis, prefix, [app])
+    stage = IngestMqtt(ctx)
+    huge = make_uplink(app.app_id, app.tenant, "d1", 1, {"t": 1})
+    huge["uplink_message"]["f_cnt"] = 1180591620717411303424
+    fine = make_uplink(app.app_id, app.tenant, "d1", 2, {"t": 2})
+    async with running(stage):
+        await asyncio.wait_for(stage.subscribed["lab"].wait(), 10)
+        await publish([(f"v3/{app.username}/devices/d1/up", json.dumps(m).encode())
+                       for m in (huge, fine)])
+        await wait_until(lambda: _lens(redis, ctx.keys, 1, 1), what="the uplink and dead letter")
+    (up,) = await uplinks(redis, ctx.keys)
+    assert up.values == {"t": 2}
+    (dead,) = [decode_dead(f[b"d"]) for _, f in await redis.xrange(ctx.keys.dead)]
+    assert dead.reason == "unencodable"
+
+
 # --- one owner per application -------------------------------------------------------------------
 
 

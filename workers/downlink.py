@@ -61,6 +61,9 @@ from pipeline.streams import Entry, StreamReader, now_ms
 
 log = logging.getLogger("blynk_bridge.downlink")
 
+#: TTS outcomes that mean the device got (``sent``: unconfirmed) or confirmed (``ack``) it.
+DELIVERED = ("sent", "ack")
+
 #: Record the last sent Blynk time of a pin, forward only; returns 0 when a newer one is there.
 _RECORD = """
 local cur = redis.call('HGET', KEYS[1], ARGV[1])
@@ -494,14 +497,16 @@ class DownlinkStage:
             if not first:
                 continue
             metrics.DOWNLINK_OUTCOMES.labels(integration, outcome).inc()
-            if outcome not in ("ack", "nack", "failed"):
+            # TTS acks only confirmed downlinks (Blynk's integration sends none): ``sent`` (a
+            # gateway transmitted it) is delivery for them, ``ack`` for the confirmed ones.
+            if outcome not in DELIVERED and outcome not in ("nack", "failed"):
                 continue
             raw = await self.ctx.redis.get(self.ctx.keys.down_command(event_id))
             if raw is None:
                 continue
             sent = _sent_dec.decode(raw if isinstance(raw, bytes) else raw.encode())
             async with self.ctx.redis.pipeline(transaction=False) as pipe:
-                if outcome != "ack":
+                if outcome not in DELIVERED:
                     dead = events.dead_letter(
                         stream=sent.stream, entry_id=sent.entry_id, raw=sent.raw,
                         stage=self.name, reason=f"tts_{outcome}",
@@ -515,7 +520,7 @@ class DownlinkStage:
                     wall = now_ms()
                     dev = Device(key=sent.device_key, token=sent.token, template=sent.template,
                                  server=sent.server)
-                    self._write_back(pipe, dev, pin, 1 if outcome == "ack" else 0, wall,
+                    self._write_back(pipe, dev, pin, 1 if outcome in DELIVERED else 0, wall,
                                      f"{event_id}:{outcome}")
                 await pipe.execute()
 

@@ -56,6 +56,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import msgspec
 from redis.exceptions import RedisError
 
 from pipeline import events, metrics, mqtt
@@ -326,8 +327,13 @@ class _Feed:
         if counter is None:
             counter = self._ingested[event.kind] = metrics.INGESTED.labels(
                 "tts", app.name, event.kind)
-        if not self._offer(self._keys.stream_for(UPLINKS, "tts", event.device),
-                           events.encode(event), counter):
+        try:
+            data = events.encode(event)
+        except (OverflowError, msgspec.EncodeError) as exc:  # e.g. an f_cnt past 64 bits
+            self._dead_letter(topic, payload, InvalidInput(
+                f"message holds a value that cannot be stored: {exc}", reason="unencodable"))
+            return
+        if not self._offer(self._keys.stream_for(UPLINKS, "tts", event.device), data, counter):
             self._dropped.inc()
 
     def _dead_letter(self, topic: str, payload: bytes, exc: InvalidInput) -> None:
@@ -464,8 +470,11 @@ class IngestMqtt:
                             await redis.zrem(key, self.consumer)
                     except RedisError as exc:
                         log.warning("%s: cannot record the session's state (%s)", app.name, exc)
+                    # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel
+                    # that arrives as the event is set, and the task group would never end.
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(changed.wait(), interval)
+                        async with asyncio.timeout(interval):
+                            await changed.wait()
         finally:
             with contextlib.suppress(RedisError):
                 await asyncio.shield(redis.zrem(key, self.consumer))
