@@ -525,6 +525,11 @@ async def _run_bridge(opts: Options, cfg: config_mod.Config, pools: Pools, redis
             workers = [asyncio.create_task(worker()) for _ in range(opts.concurrency)]
             while not all(w.done() for w in workers):
                 await asyncio.wait(workers, timeout=0.05)
+                failed = [w for w in workers if w.done() and w.exception() is not None]
+                if failed:  # a bench bug: stop at once rather than limp on
+                    for w in workers:
+                        w.cancel()
+                    raise failed[0].exception()  # type: ignore[misc]
                 if result.inputs >= next_sample or all(w.done() for w in workers):
                     next_sample = (result.inputs // sample_every + 1) * sample_every
                     s = await sample_memory(redis, ctx.keys.prefix, result.inputs, t0,

@@ -371,7 +371,7 @@ class Generator:
         if roll < 0.1:
             data["@type"] = "type.googleapis.com/ttn.lorawan.v3.ApplicationDownlink"
         elif roll < 0.2:
-            data = rng.choice(_HOSTILE_SCALARS)
+            data = _pick(rng, _HOSTILE_SCALARS)
         return {"name": rng.choice(["as.up.data.forward", "as.up.data.forward",
                                     "as.down.data.receive", ""]),
                 "time": _iso(self._ts()),
@@ -441,7 +441,7 @@ class Generator:
             if m == "delete":
                 _delete_random(rng, obj)
             elif m == "type":
-                _set_random(rng, obj, rng.choice(_HOSTILE_SCALARS))
+                _set_random(rng, obj, _pick(rng, _HOSTILE_SCALARS))
             elif m == "huge-value":
                 _set_path(obj, data_key or "x", "v" * rng.choice([8_000, 30_000, 60_000]))
             elif m == "huge-key":
@@ -459,13 +459,13 @@ class Generator:
             elif m == "bad-id":
                 _set_path(obj, id_key, self._bad_id())
             elif m == "bad-time":
-                _set_path(obj, time_key, rng.choice(_GARBAGE_TIMES))
+                _set_path(obj, time_key, _pick(rng, _GARBAGE_TIMES))
             elif m == "future-time":
                 ahead = rng.choice([3_600_000, 86_400_000, 100 * 365 * 86_400_000])
                 _set_path(obj, time_key, _iso(min(self.now_ms + ahead, 253_402_300_799_000)))
             elif m == "bad-event-id" and event_id_key:
                 _set_path(obj, event_id_key, [f"as:up:{self._bad_id()}"]
-                          if rng.random() < 0.7 else rng.choice(_HOSTILE_SCALARS))
+                          if rng.random() < 0.7 else _pick(rng, _HOSTILE_SCALARS))
         return obj
 
     def _mutate_values(self, values: dict[str, Any], kind: list[str]) -> None:
@@ -473,7 +473,7 @@ class Generator:
         m = rng.choice(["type", "many-keys", "huge-value"])
         kind.append(m)
         if m == "type":
-            values[rng.choice(MAPPED_KEYS)] = rng.choice(_HOSTILE_SCALARS)
+            values[rng.choice(MAPPED_KEYS)] = _pick(rng, _HOSTILE_SCALARS)
         elif m == "many-keys":
             for i in range(500):
                 values[f"p{rng.randrange(10**9)}_{i}"] = i
@@ -597,6 +597,12 @@ def _deep_marker(depth: int) -> str:
 def _splice_deep(body: bytes) -> bytes:
     """Replace each marker (as a JSON string, or as one inside a JSON string) by the nesting."""
     return _DEEP.sub(lambda m: b"[" * int(m[1]) + b"1" + b"]" * int(m[1]), body)
+
+
+def _pick(rng: random.Random, values: list[Any]) -> Any:
+    """A copy of one of ``values``: later mutations must not grow the shared lists and dicts
+    (or make them contain themselves)."""
+    return copy.deepcopy(rng.choice(values))
 
 
 def _pad_to(body: bytes, size: int) -> bytes:
