@@ -24,6 +24,7 @@ STAGES: dict[str, str] = {
     "ingest-mqtt": "workers.ingest_mqtt",
     "transform": "workers.transform",
     "egress": "workers.egress",
+    "downlink": "workers.downlink",
     "monitor": "workers.monitor",
 }
 
@@ -171,6 +172,19 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--all", action="store_true", help="replay/purge: every dead letter")
         p.add_argument("--json", action="store_true", help="list: one JSON object per line")
         p.set_defaults(func=_ops("cmd_dead"))
+
+    devices = sub.add_parser("devices", help="see broken devices and set them back to ok")
+    devices_sub = devices.add_subparsers(dest="action", required=True)
+    for action, help_ in (("list", "broken devices (--all: every registry row)"),
+                          ("show", "one or more rows, with their last written times"),
+                          ("unbreak", "set broken devices back to ok")):
+        p = with_config(devices_sub.add_parser(action, help=help_))
+        p.add_argument("keys", nargs="*", help="device keys, e.g. particle:prod:e00fce68…")
+        p.add_argument("--all", action="store_true",
+                       help="list: every row, not only broken ones; unbreak: every broken one")
+        p.add_argument("--limit", type=int, default=200)
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+        p.set_defaults(func=_ops("cmd_devices"))
 
     p = sub.add_parser("emulate", help="run an emulator: blynk, tts or particle")
     p.add_argument("emulator", choices=list(EMULATORS))

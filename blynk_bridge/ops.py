@@ -1,4 +1,5 @@
-"""Operator commands: ``lag``, ``status`` and ``dead list|show|replay|purge``.
+"""Operator commands: ``lag``, ``status``, ``dead list|show|replay|purge`` and
+``devices list|show|unbreak``.
 
 Each ``cmd_*`` takes the parsed arguments of :mod:`blynk_bridge.cli` and returns an exit code:
 0 done, 1 done in part (a dead letter not found or not replayable, Redis unreachable), 2 the
@@ -27,7 +28,9 @@ from pipeline import config as config_mod
 from pipeline import dedup, events
 from pipeline.backlog import StreamInfo, snapshot
 from pipeline.keys import DOWNLINKS, UPLINKS, WRITES, Keys
+from pipeline.order import LastWritten
 from pipeline.redact import mask, redact_url
+from pipeline.registry import Device, Registry
 from pipeline.status import StatusBoard
 from pipeline.streams import Redis, connect, now_ms
 
@@ -428,3 +431,100 @@ def _print_show(row: DeadRow, keys: Keys) -> None:
         out["replayable"] = row.letter.stream in pipeline_streams(keys) and not row.letter.truncated
         out["entry"] = decode_original(row.letter, keys)
     print(json.dumps(out, indent=2, default=str))
+
+
+# ------------------------------------------------------------------------------------ devices
+
+
+def _device_row(dev: Device, since_ms: int | None) -> dict[str, Any]:
+    """A registry row as JSON-able data, the token masked."""
+    return {
+        "key": dev.key,
+        "status": dev.status,
+        "reason": dev.reason,
+        "detail": dev.detail,
+        "broken_since": _time(since_ms) if since_ms is not None else None,
+        "template": dev.template,
+        "server": dev.server,
+        "blynk_id": dev.blynk_id,
+        "token": mask(dev.token),
+    }
+
+
+async def _scan_devices(redis: Redis, keys: Keys, limit: int) -> list[str]:
+    """Device keys of registry rows (``SCAN``; at most ``limit``)."""
+    row_prefix = keys.device("", "", "")[: -len("::")]
+    out: list[str] = []
+    async for raw in redis.scan_iter(match=f"{row_prefix}*", count=1000):
+        out.append(_s(raw)[len(row_prefix):])
+        if len(out) >= limit:
+            break
+    return sorted(out)
+
+
+def cmd_devices(args: argparse.Namespace) -> int:
+    """``devices list|show|unbreak`` (see the module docstring for exit codes)."""
+    action: str = args.action
+    keys_given: list[str] = list(getattr(args, "keys", None) or [])
+    every = bool(getattr(args, "all", False))
+    as_json = bool(getattr(args, "json", False))
+    if action == "show" and not keys_given:
+        print("devices show: give one or more device keys (see `devices list`)", file=sys.stderr)
+        return 2
+    if action == "unbreak" and not (keys_given or every):
+        print("devices unbreak: give device keys, or --all for every broken device",
+              file=sys.stderr)
+        return 2
+    cfg = config_mod.load(args.config)
+
+    async def work(redis: Redis, keys: Keys) -> int:
+        registry = Registry(redis, keys)
+        since = dict(await registry.broken())
+        if action == "list":
+            wanted = (await _scan_devices(redis, keys, args.limit) if every
+                      else list(since)[: args.limit])
+            rows = [d for d in (await registry.load(wanted)).values() if d is not None]
+            _print_devices(rows, since, as_json)
+            return 0
+        missing: list[str] = []
+        if action == "show":
+            found = await registry.load(keys_given)
+            out = []
+            for key in keys_given:
+                dev = found.get(key)
+                if dev is None:
+                    missing.append(key)
+                    continue
+                row = _device_row(dev, since.get(key))
+                row["last_written"] = await LastWritten(redis, keys, "ops").get(key)
+                out.append(row)
+            print(json.dumps(out, indent=2))
+        else:  # unbreak
+            for key in keys_given or list(since):
+                if await registry.mark_ok(key, by="operator"):
+                    print(f"{key}: set back to ok; its next uplink tries its token again")
+                else:
+                    missing.append(key)
+        for key in missing:
+            print(f"no device {key} in the registry", file=sys.stderr)
+        return 1 if missing else 0
+
+    rc = _run(cfg, work)
+    return 1 if rc is None else rc
+
+
+def _print_devices(rows: list[Device], since: dict[str, int], as_json: bool) -> None:
+    if as_json:
+        for dev in rows:
+            print(json.dumps(_device_row(dev, since.get(dev.key))))
+        return
+    table = Table(title=f"devices ({len(rows)} shown, {len(since)} broken)")
+    for col in ("key", "status", "since", "reason", "detail", "token"):
+        table.add_column(col)
+    for dev in rows:
+        s = _device_row(dev, since.get(dev.key))
+        table.add_row(s["key"], s["status"], s["broken_since"] or "-", s["reason"] or "-",
+                      (s["detail"] or "-")[:80], s["token"])
+    if not rows:
+        table.add_row("-", "no broken device", "", "", "", "")
+    _console().print(table)

@@ -24,12 +24,16 @@ blueprint's (``particle-webhook-template-blynk.json``) is sent the way Particle 
   ``text/plain``.
 
 **Cloud API** (§3): ``POST /v1/devices/{id}/{fn}`` and ``POST /v1/products/{p}/devices/{id}/{fn}``
-with ``arg`` (or legacy ``args``) as form or JSON and ``Authorization: Bearer``. Answers: 200
-``{"id","connected":true,"return_value"}`` (``?format=raw``: the bare integer); 401 bad token;
-403 an API-user token on the unscoped path (fixture ``particle-error-apiuser-01``); 404 unknown
-device or function; 408 offline device (fixture ``particle-error-timeout-01``); 400 an argument
-over ``max_arg_len``. The 401/404/400 bodies are not in the fixtures and are marked as
-assumptions below. Every call is recorded in :attr:`ParticleCloud.calls`.
+with ``arg`` (or legacy ``args``) as form or JSON and ``Authorization: Bearer``. Each device
+registers firmware functions that return an ``int`` (:func:`int_arg`, :func:`returns`, or any
+callable). Answers: 200 ``{"id",["name",]"connected":true,"return_value"}`` (the fixtures'
+shape; ``?format=raw``: the bare integer); 401 bad or missing token; 403 an API-user token on the
+unscoped path (fixture ``particle-error-apiuser-01``); 404 unknown device or function; an offline
+device 408 ``{"ok":false,"error":"timed out"}`` (fixture ``particle-error-timeout-01``); 400 an
+argument over ``max_arg_len``. What the reference leaves open is switchable in
+:class:`CloudBehaviour`; the 401/404/400 bodies are not in the fixtures and are marked as
+assumptions below. Every call is recorded in :attr:`ParticleCloud.calls` (and
+``GET /_admin/calls``); a successful call's argument is the device's ``applied`` state.
 
 Run it: ``blynk-bridge emulate particle send --url … --devices 10 --rate 5 --count 100`` or
 ``blynk-bridge emulate particle serve --port 8091 --token T --device ID``.
@@ -54,7 +58,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import quote
 
 import aiohttp
@@ -490,12 +494,52 @@ def _default_data(device: str, seq: int) -> dict[str, Any]:
 
 #: Fixture ``particle-error-timeout-01.json`` (offline device, 408).
 TIMED_OUT = {"ok": False, "error": "timed out"}
+#: An offline device as Blynk's Particle guide quotes Particle (status 400), older behaviour.
+TIMED_OUT_400 = {"ok": False, "error": "Timed out."}
 #: Fixture ``particle-error-apiuser-01.json`` (403).
 API_USER_FORBIDDEN = {"error": "unauthorized",
                       "error_description": "API users are not allowed to call this endpoint"}
-#: Assumption: Particle's OAuth error body for a bad token (not in the fixtures).
+#: Assumption: Particle's OAuth error body for a bad or missing token (not in the fixtures).
 INVALID_TOKEN = {"error": "invalid_token",
                  "error_description": "The access token provided is invalid."}
+#: Assumptions (not in the fixtures): the bodies of the other refusals.
+DEVICE_NOT_CONNECTED = {"ok": False, "error": "Device is not connected"}
+DEVICE_NOT_FOUND = {"ok": False, "error": "Device not found."}
+PERMISSION_DENIED = {"ok": False, "error": "Permission Denied",
+                     "info": "I didn't recognize that device name or ID"}
+ARG_TOO_LONG = {"ok": False, "error": "Argument too long"}
+BAD_BODY = {"ok": False, "error": "Invalid request body"}
+
+OfflineAnswer = Literal["timeout_408", "timed_out_400", "not_connected_404"]
+UnknownDeviceAnswer = Literal["not_found_404", "permission_denied_403"]
+_OFFLINE: dict[str, tuple[int, dict[str, Any]]] = {
+    "timeout_408": (408, TIMED_OUT),
+    "timed_out_400": (400, TIMED_OUT_400),
+    "not_connected_404": (404, DEVICE_NOT_CONNECTED),
+}
+_UNKNOWN: dict[str, tuple[int, dict[str, Any]]] = {
+    "not_found_404": (404, DEVICE_NOT_FOUND),
+    "permission_denied_403": (403, PERMISSION_DENIED),
+}
+
+
+class CloudBehaviour(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The answers the reference leaves open (§3), each a documented, switchable default.
+
+    * ``offline``: ``timeout_408`` — the current getting-started page and fixture
+      ``particle-error-timeout-01`` (``{"ok":false,"error":"timed out"}``, 408);
+      ``timed_out_400`` — what Blynk's Particle guide quotes (400, ``"Timed out."``);
+      ``not_connected_404`` — the reference table's "404 … not currently connected".
+    * ``unknown_device``: 404 (default) or 403 ``Permission Denied``; both bodies assumed.
+    * ``max_arg_len``: characters of ``arg``; Device OS accepts 63, 622, 864 or 1024 depending
+      on its version. A longer ``arg`` answers ``arg_too_long_status`` with :data:`ARG_TOO_LONG`
+      (what Particle answers is UNCONFIRMED).
+    """
+
+    offline: OfflineAnswer = "timeout_408"
+    unknown_device: UnknownDeviceAnswer = "not_found_404"
+    max_arg_len: int = 1024
+    arg_too_long_status: int = 400
 
 
 @dataclass(frozen=True)
@@ -506,6 +550,26 @@ class FunctionCall:
     product: str | None
     status: int
     ts_ms: int
+    #: The firmware's ``return_value`` (None when the call was refused).
+    return_value: int | None = None
+
+
+#: A firmware function: its argument in, its ``int`` return value out.
+Function = Callable[[str], int]
+
+
+def int_arg(arg: str) -> int:
+    """A firmware function that returns its argument as an int (``-1`` if it is not one), as a
+    Blynk ``{"args":"{device_pinValue}"}`` webhook's target typically does."""
+    try:
+        return int(arg.strip())
+    except ValueError:
+        return -1
+
+
+def returns(n: int) -> Function:
+    """A firmware function that always returns ``n``."""
+    return lambda _arg: n
 
 
 @dataclass
@@ -515,11 +579,17 @@ class Device:
     online: bool = True
     product: str | None = None
     #: Function name → handler(arg) → return_value; ``None``: every function returns 1.
-    functions: dict[str, Callable[[str], int]] | None = None
+    functions: dict[str, Function] | None = None
+    #: Function name → the last argument a successful call passed (the device's applied state).
+    applied: dict[str, str] = field(default_factory=dict)
 
 
 class ParticleCloud:
-    """The Cloud API function endpoint; ``app`` is its aiohttp application."""
+    """The Cloud API function endpoint; ``app`` is its aiohttp application.
+
+    Also ``GET /_admin/calls`` (every recorded call and counts by status) and
+    ``POST /_admin/devices/{id}`` with ``{"online": false}`` to take a device offline.
+    """
 
     def __init__(
         self,
@@ -527,13 +597,17 @@ class ParticleCloud:
         *,
         tokens: Iterable[str] = ("particle-token",),
         api_user_tokens: Iterable[str] = (),
-        max_arg_len: int = 1024,
+        max_arg_len: int | None = None,
+        behaviour: CloudBehaviour | None = None,
     ) -> None:
         self.devices = {d.id if isinstance(d, Device) else d:
                         d if isinstance(d, Device) else Device(d) for d in devices}
         self.tokens = set(tokens)
         self.api_user_tokens = set(api_user_tokens)
-        self.max_arg_len = max_arg_len
+        behaviour = behaviour or CloudBehaviour()
+        if max_arg_len is not None:
+            behaviour = msgspec.structs.replace(behaviour, max_arg_len=max_arg_len)
+        self.behaviour = behaviour
         self.calls: list[FunctionCall] = []
         self._injected: list[int] = []
         self._changed = asyncio.Condition()
@@ -541,16 +615,29 @@ class ParticleCloud:
         self.app.router.add_post("/v1/devices/{device}/{function}", self.call_function)
         self.app.router.add_post("/v1/products/{product}/devices/{device}/{function}",
                                  self.call_function)
+        self.app.router.add_get("/_admin/calls", self._admin_calls)
+        self.app.router.add_post("/_admin/devices/{device}", self._admin_device)
+
+    @property
+    def max_arg_len(self) -> int:
+        return self.behaviour.max_arg_len
 
     def fail_next(self, status: int, times: int = 1) -> None:
         """The next ``times`` authorized calls answer ``status`` (408, 429, 500…)."""
         self._injected.extend([status] * times)
+
+    def set_online(self, device_id: str, online: bool) -> None:
+        self.devices[device_id].online = online
 
     async def wait_for_calls(self, n: int, timeout_s: float = 5.0) -> list[FunctionCall]:
         """Wait until at least ``n`` calls were recorded; raises ``TimeoutError``."""
         async with asyncio.timeout(timeout_s), self._changed:
             await self._changed.wait_for(lambda: len(self.calls) >= n)
         return list(self.calls)
+
+    def counts(self) -> dict[str, int]:
+        """Recorded calls by HTTP status."""
+        return {str(k): v for k, v in sorted(Counter(c.status for c in self.calls).items())}
 
     async def call_function(self, request: web.Request) -> web.Response:
         device_id = request.match_info["device"]
@@ -562,7 +649,8 @@ class ParticleCloud:
         status, body = self._answer(device_id, function, product, token, arg)
         async with self._changed:
             self.calls.append(FunctionCall(device_id, function, arg or "", product, status,
-                                           time.time_ns() // 1_000_000))
+                                           time.time_ns() // 1_000_000,
+                                           body.get("return_value") if status == 200 else None))
             self._changed.notify_all()
         if status == 200 and request.query.get("format") == "raw":
             return web.Response(text=str(body["return_value"]))
@@ -570,31 +658,59 @@ class ParticleCloud:
 
     def _answer(self, device_id: str, function: str, product: str | None, token: str,
                 arg: str | None) -> tuple[int, dict[str, Any]]:
+        b = self.behaviour
         if token not in self.tokens and token not in self.api_user_tokens:
             return 401, INVALID_TOKEN
         if token in self.api_user_tokens and product is None:
             return 403, API_USER_FORBIDDEN
         device = self.devices.get(device_id)
         if device is None or (product is not None and device.product not in (None, product)):
-            return 404, {"ok": False, "error": "Device not found."}  # assumption
+            return _UNKNOWN[b.unknown_device]
         if arg is None:
-            return 400, {"ok": False, "error": "Invalid request body"}  # assumption
-        if len(arg) > self.max_arg_len:
-            return 400, {"ok": False, "error": "Argument too long"}  # assumption
+            return 400, BAD_BODY
+        if len(arg) > b.max_arg_len:
+            return b.arg_too_long_status, ARG_TOO_LONG
         if self._injected:
             status = self._injected.pop(0)
             return status, TIMED_OUT if status == 408 else {"ok": False,
                                                            "error": f"error {status}"}
         if not device.online:
-            return 408, TIMED_OUT
+            return _OFFLINE[b.offline]
         if device.functions is not None and function not in device.functions:
             return 404, {"ok": False, "error": f"Function {function} not found"}  # assumption
         handler = device.functions.get(function) if device.functions else None
-        body: dict[str, Any] = {"id": device.id, "connected": True,
-                                "return_value": handler(arg) if handler else 1}
+        value = handler(arg) if handler else 1
+        device.applied[function] = arg
+        # Key order as fixture particle-function-response-02 (``name`` only when the device has
+        # one; the current docs' fixture -01 has none).
+        body: dict[str, Any] = {"id": device.id}
         if device.name:
             body["name"] = device.name
+        body.update({"connected": True, "return_value": value})
         return 200, body
+
+    async def _admin_calls(self, request: web.Request) -> web.Response:
+        return web.json_response({
+            "counts": self.counts(),
+            "calls": [{"device": c.device, "function": c.function, "arg": c.arg,
+                       "product": c.product, "status": c.status, "ts_ms": c.ts_ms,
+                       "return_value": c.return_value} for c in self.calls],
+            "devices": {d.id: {"online": d.online, "applied": d.applied}
+                        for d in self.devices.values()},
+        })
+
+    async def _admin_device(self, request: web.Request) -> web.Response:
+        device = self.devices.get(request.match_info["device"])
+        if device is None:
+            return web.json_response({"error": "no such device"}, status=404)
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict) or not isinstance(body.get("online"), bool):
+            return web.json_response({"error": 'give {"online": true|false}'}, status=400)
+        device.online = body["online"]
+        return web.json_response({"id": device.id, "online": device.online})
 
 
 async def _arg(request: web.Request) -> str | None:
@@ -642,6 +758,12 @@ def main(argv: Sequence[str]) -> int:
     serve.add_argument("--token", action="append", default=[])
     serve.add_argument("--device", action="append", default=[])
     serve.add_argument("--offline", action="append", default=[])
+    serve.add_argument("--function", action="append", default=[], metavar="NAME=N|arg",
+                       help="a function every device has: returns N, or its argument as an int "
+                       "('arg'); without any, every function name returns 1")
+    serve.add_argument("--offline-answer", default="timeout_408",
+                       choices=sorted(_OFFLINE), help="how an offline device is answered")
+    serve.add_argument("--max-arg-len", type=int, default=1024)
     args = parser.parse_args(list(argv))
     if args.action == "send":
         hook = load_webhook(Path(args.webhook).read_bytes(), url=args.url) if args.webhook else None
@@ -672,8 +794,16 @@ async def _send(args: argparse.Namespace, hook: Webhook | None) -> int:
 
 
 async def _serve(args: argparse.Namespace) -> int:
-    devices = [Device(d, online=d not in args.offline) for d in args.device + args.offline]
-    cloud = ParticleCloud(devices, tokens=args.token or ["particle-token"])
+    functions: dict[str, Function] | None = None
+    for spec in args.function:
+        name, _, result = spec.partition("=")
+        functions = functions or {}
+        functions[name] = int_arg if result == "arg" else returns(int(result or "1"))
+    devices = [Device(d, online=d not in args.offline,
+                      functions=dict(functions) if functions is not None else None)
+               for d in args.device + args.offline]
+    behaviour = CloudBehaviour(offline=args.offline_answer, max_arg_len=args.max_arg_len)
+    cloud = ParticleCloud(devices, tokens=args.token or ["particle-token"], behaviour=behaviour)
     runner = web.AppRunner(cloud.app)
     await runner.setup()
     await web.TCPSite(runner, args.host, args.port).start()

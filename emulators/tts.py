@@ -6,9 +6,12 @@ a private Mosquitto that enforces TTS-style logins.
   a string, 9-digit fractional times, Packet Broker gateways without EUI, simulated uplinks with
   the ``0001-01-01`` NS time and the fake ``test`` gateway.
 * :class:`Fleet` publishes uplinks of N devices at a given rate and remembers what it sent.
-* :class:`DownlinkAnswerer` answers ``down/push`` / ``down/replace`` with ``down/queued`` then
-  ``down/ack``, or ``down/failed`` (``application_downlink_too_long``) for a payload over the
-  limit, in the fixtures' shapes.
+* :class:`DownlinkAnswerer` takes ``down/push`` / ``down/replace`` (MQTT, and the webhook
+  downlink API over HTTP: :meth:`DownlinkAnswerer.http_app`), records them, and answers on the
+  broker ``down/queued`` → ``down/sent`` → ``down/ack`` (confirmed downlinks), or ``down/failed``
+  / ``down/nack`` (payload too long, or :class:`DownlinkFaults`), in the fixtures' shapes.
+* :class:`SimulatedDevices` apply what they receive (Blynk's ``{"name","pin","ts","value"}``,
+  any JSON object, or an integer on a known ``f_port``) and report it in their next uplinks.
 * :class:`Mosquitto` runs a private broker on a free port, optionally with a password file and
   ACL so only ``{app}@{tenant}`` + API key may read ``v3/{app}@{tenant}/#``.
 
@@ -33,11 +36,14 @@ import subprocess
 import tempfile
 import time
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, NamedTuple
+
+from aiohttp import web
 
 from pipeline import mqtt
 
@@ -224,7 +230,9 @@ class Fleet:
     """N devices publishing uplinks at ``rate_per_s`` (all devices together), round robin.
 
     ``sent[device_id]`` lists the decoded payloads published, in order (``None`` for an uplink
-    sent without one); ``published`` counts every message (joins included).
+    sent without one); ``published`` counts every message (joins included). ``state`` is the
+    devices' downlink-applied state: give it to a :class:`DownlinkAnswerer` (``devices=``) and
+    each value a device applied is in its later uplinks' ``decoded_payload``.
     """
 
     host: str
@@ -246,6 +254,10 @@ class Fleet:
     record: bool = True
     sent: dict[str, list[dict[str, Any] | None]] = field(default_factory=dict)
     published: int = 0
+    state: SimulatedDevices = field(default_factory=lambda: SimulatedDevices())
+
+    def __post_init__(self) -> None:
+        self.state.register(self.device_id(i) for i in range(self.devices))
 
     @property
     def user(self) -> str:
@@ -299,6 +311,8 @@ class Fleet:
         decoded: dict[str, Any] | None = self.decoded(index, f_cnt)
         if self.missing_decoded_ratio and rng.random() < self.missing_decoded_ratio:
             decoded = None
+        elif decoded is not None and device in self.state.state:
+            decoded = {**decoded, **self.state.report(device)}
         simulated = bool(self.simulated_ratio) and rng.random() < self.simulated_ratio
         gateways = rng.randint(1, max(1, self.max_gateways))
         pb = sum(rng.random() < self.packet_broker_ratio for _ in range(gateways))
@@ -312,16 +326,198 @@ class Fleet:
 
 # --- downlinks -----------------------------------------------------------------------------------
 
+#: The one documented ``down/failed`` error (fixture ``tts-down-failed-01``).
+TOO_LONG_ERROR: dict[str, Any] = {"namespace": "pkg/networkserver",
+                                  "name": "application_downlink_too_long",
+                                  "message_format": "application downlink payload is too long",
+                                  "code": 3}
+#: The largest application payload of EU868 at DR5 (SF7): a well-placed device.
+DEFAULT_MAX_PAYLOAD = 222
+Fault = Literal["failed", "nack"]
+
+
+@dataclass
+class DownlinkFaults:
+    """Which downlinks go wrong: a device named in ``per_device`` always (``failed`` or
+    ``nack``); any other one ``failed`` with probability ``failed_rate``, else ``nack`` with
+    ``nack_rate``. A ``nack`` only exists for a confirmed downlink: an unconfirmed one the device
+    misses is sent and nothing more is heard (TTS cannot know)."""
+
+    per_device: dict[str, Fault] = field(default_factory=dict)
+    failed_rate: float = 0.0
+    nack_rate: float = 0.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        self._rng = random.Random(self.seed)
+
+    def pick(self, device: str) -> Fault | None:
+        fault = self.per_device.get(device)
+        if fault is not None:
+            return fault
+        roll = self._rng.random() if self.failed_rate or self.nack_rate else 1.0
+        if roll < self.failed_rate:
+            return "failed"
+        if roll < self.failed_rate + self.nack_rate:
+            return "nack"
+        return None
+
+
+def applied_values(downlink: Mapping[str, Any], *, report_key: Literal["name", "pin"] = "name",
+                   port_keys: Mapping[int, str] | None = None) -> dict[str, Any]:
+    """What a simulated device takes from one downlink, as ``{key: value}`` for its uplinks.
+
+    * Blynk's TTS downlink ``{"name":"speed","pin":"v2","ts":…,"value":3}`` (reference 4.1) →
+      ``{"speed": 3}`` (``report_key="pin"``: ``{"v2": 3}``; no name: the pin);
+    * any other JSON object (``{"led": 1}``, ChirpStack's ``{"label": value}``) → itself;
+    * read from ``decoded_payload``, else from ``frm_payload`` when it holds a JSON object, else
+      ``frm_payload`` on an ``f_port`` of ``port_keys`` is a big-endian signed integer for that
+      key. Anything else → ``{}`` (nothing applied).
+    """
+    decoded = downlink.get("decoded_payload")
+    raw = b""
+    frm = downlink.get("frm_payload")
+    if isinstance(frm, str):
+        try:
+            raw = base64.b64decode(frm, validate=True)
+        except ValueError:
+            raw = b""
+    if not isinstance(decoded, dict) and raw[:1] == b"{":
+        try:
+            decoded = json.loads(raw)
+        except ValueError:
+            decoded = None
+    if isinstance(decoded, dict):
+        if "value" in decoded and ("name" in decoded or "pin" in decoded):
+            name, pin = decoded.get("name"), decoded.get("pin")
+            key = name if report_key == "name" and isinstance(name, str) and name else pin
+            return {str(key): decoded["value"]}
+        return dict(decoded)
+    key = (port_keys or {}).get(downlink.get("f_port", 0))
+    if key is not None and raw:
+        return {key: int.from_bytes(raw, "big", signed=True)}
+    return {}
+
+
+@dataclass
+class SimulatedDevices:
+    """End devices that apply the downlinks they receive and report the result.
+
+    ``state[device]`` holds every value applied so far (:func:`applied_values`); a
+    :class:`Fleet` sharing this object puts it into each of the device's later uplinks'
+    ``decoded_payload`` (over the sensor values), as firmware reporting its settings would. Only
+    ``register``-ed devices exist: the downlink API answers 404 for others.
+    """
+
+    report_key: Literal["name", "pin"] = "name"
+    port_keys: dict[int, str] = field(default_factory=dict)
+    ids: set[str] = field(default_factory=set)
+    state: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def register(self, ids: Iterable[str]) -> None:
+        self.ids.update(ids)
+
+    def exists(self, device: str) -> bool:
+        return device in self.ids
+
+    def apply(self, device: str, downlink: Mapping[str, Any]) -> dict[str, Any]:
+        values = applied_values(downlink, report_key=self.report_key, port_keys=self.port_keys)
+        if values:
+            self.state.setdefault(device, {}).update(values)
+        return values
+
+    def report(self, device: str) -> dict[str, Any]:
+        return dict(self.state.get(device, ()))
+
+
+class Received(NamedTuple):
+    """One downlink the emulator took, and what became of it."""
+
+    device: str
+    downlink: dict[str, Any]
+    #: ``push`` or ``replace``.
+    operation: str
+    #: ``mqtt`` or ``http`` (the webhook downlink API).
+    via: str
+    #: The last event published: ``ack``, ``nack``, ``failed``, or ``sent`` (an unconfirmed
+    #: downlink: TTS publishes no ack for it).
+    outcome: str
+    correlation_ids: list[str]
+    #: What the simulated device applied (``{}``: nothing, or no simulated devices).
+    applied: dict[str, Any]
+
+
+class DownlinkRejected(ValueError):
+    """A downlink request TTS would refuse; ``status``/``body`` are the HTTP answer."""
+
+    def __init__(self, status: int, code: int, namespace: str, name: str, message: str) -> None:
+        super().__init__(f"{name}: {message}")
+        self.status = status
+        self.body = tts_error(code, namespace, name, message)
+
+
+def tts_error(code: int, namespace: str, name: str, message: str) -> dict[str, Any]:
+    """A TTS HTTP API error body (gRPC gateway: ``code``, ``message``, ``details``)."""
+    return {"code": code, "message": f"error:{namespace}:{name} ({message})",
+            "details": [{"@type": "type.googleapis.com/ttn.lorawan.v3.ErrorDetails",
+                         "namespace": namespace, "name": name, "message_format": message,
+                         "correlation_id": secrets.token_hex(16), "code": code}]}
+
+
+def parse_downlinks(payload: bytes) -> list[dict[str, Any]]:
+    """The ``downlinks`` of a ``down/push|replace`` body; raises :class:`DownlinkRejected`
+    (400, TTS's ``invalid argument`` code 3; the error name is an assumption)."""
+    try:
+        body = json.loads(payload)
+        downlinks = body["downlinks"] if isinstance(body, dict) else None
+    except (ValueError, KeyError):
+        downlinks = None
+    if not isinstance(downlinks, list) or not all(isinstance(d, dict) for d in downlinks):
+        raise DownlinkRejected(400, 3, "pkg/applicationserver/io/web", "invalid_body",
+                               "invalid body")
+    for dl in downlinks:
+        f_port = dl.get("f_port", 0)
+        if not isinstance(f_port, int) or not 0 <= f_port <= 233:
+            raise DownlinkRejected(400, 3, "pkg/ttnpb", "validation",
+                                   "invalid `f_port`: value must be inside range [1, 233]")
+    return downlinks
+
+
+def _encoded(dl: Mapping[str, Any]) -> bytes:
+    """The downlink's bytes: ``frm_payload``, else the stand-in encoder's compact JSON of
+    ``decoded_payload`` (a real application runs its ``encodeDownlink`` formatter)."""
+    frm = dl.get("frm_payload")
+    if isinstance(frm, str):
+        try:
+            return base64.b64decode(frm)
+        except ValueError:
+            return b""
+    if "decoded_payload" in dl:
+        return json.dumps(dl["decoded_payload"], separators=(",", ":")).encode()
+    return b""
+
 
 @dataclass
 class DownlinkAnswerer:
-    """Answers ``down/push`` and ``down/replace`` as the TTS Application Server would.
+    """The TTS Application Server's downlink side, on the real broker and over HTTP.
 
-    Every accepted downlink gets ``down/queued`` then ``down/ack``; one whose payload is longer
-    than ``max_payload_bytes`` (``frm_payload``, else the JSON of ``decoded_payload``) gets
-    ``down/failed`` with ``application_downlink_too_long``. Bodies that are not valid downlink
-    JSON are only logged (TTS tells the client nothing either) and counted in ``invalid``.
-    ``received`` keeps ``(device_id, downlink)`` of every downlink seen.
+    Takes ``down/push`` / ``down/replace`` on MQTT, and the webhook downlink API
+    (:meth:`http_app`: ``POST /api/v3/as/applications/{app}/webhooks/{id}/devices/{dev}/
+    down/push|replace`` with ``Authorization: Bearer <key in api_keys>``; 200 with an empty body,
+    as lorawan-stack-docs#1209 reports). Each downlink gets, on the broker, in the fixtures'
+    shapes (``tts-down-queued-01``, ``-ack-01/02``, ``-failed-01``):
+
+    * ``down/queued``; then ``down/failed`` (``application_downlink_too_long``) when its bytes
+      are over ``max_payload_bytes``, or when :attr:`faults` say so (``fault_error``);
+    * else ``down/sent``, the simulated device applies it (:class:`SimulatedDevices`), and a
+      confirmed downlink gets ``down/ack`` (or ``down/nack`` by fault). An unconfirmed one ends at
+      ``down/sent`` — TTS acks confirmed downlinks only — unless ``ack_unconfirmed``.
+
+    Correlation ids: the downlink's own first, then ``as:downlink:<ULID>`` (fixture ack-01).
+    ``decoded_payload`` without ``frm_payload`` is encoded by a stand-in encoder (compact JSON).
+    A body that is not downlink JSON, or an unknown device (with ``devices`` given), is only
+    counted and logged on MQTT (TTS tells an MQTT client nothing) and answered 400/404 over
+    HTTP. ``received`` keeps every downlink taken (:class:`Received`).
     """
 
     host: str
@@ -330,11 +526,25 @@ class DownlinkAnswerer:
     tenant: str
     username: str | None = None
     password: str | None = None
-    max_payload_bytes: int = 51
-    received: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD
+    ack_unconfirmed: bool = False
+    faults: DownlinkFaults = field(default_factory=DownlinkFaults)
+    fault_error: dict[str, Any] = field(default_factory=lambda: dict(TOO_LONG_ERROR))
+    devices: SimulatedDevices | None = None
+    #: API keys the HTTP downlink API accepts.
+    api_keys: set[str] = field(default_factory=lambda: {"NNSXS.EMULATOR"})
+    #: Webhook ids the HTTP downlink API knows; None: any.
+    webhook_ids: set[str] | None = None
+    received: list[Received] = field(default_factory=list)
     invalid: int = 0
+    unknown_device: int = 0
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+
+    def __post_init__(self) -> None:
+        self._session: mqtt.Session | None = None
+        self._f_cnt: dict[str, int] = {}
+        self._session_keys: dict[str, str] = {}
 
     @property
     def user(self) -> str:
@@ -347,68 +557,171 @@ class DownlinkAnswerer:
                                  client_id=f"tts-downlinks-{secrets.token_hex(4)}")
         async with mqtt.Session(settings) as session:
             await session.subscribe(mqtt.app_topics(self.user, ("down/push", "down/replace")))
+            self._session = session
             self.ready.set()
-            f_cnt = 0
-            async for topic, payload in session.messages():
-                device = topic.split("/")[3]
-                try:
-                    body = json.loads(payload)
-                    downlinks = body["downlinks"]
-                    if not isinstance(downlinks, list):
-                        raise TypeError("downlinks is not a list")
-                except (ValueError, KeyError, TypeError) as exc:
-                    self.invalid += 1
-                    log.warning("invalid downlink on %s: %s", topic, exc)
-                    continue
-                for dl in downlinks:
-                    f_cnt += 1
-                    await self._answer(session, device, dl if isinstance(dl, dict) else {}, f_cnt)
-                async with self.changed:
-                    self.changed.notify_all()
+            try:
+                async for topic, payload in session.messages():
+                    parts = topic.split("/")
+                    try:
+                        await self.take(parts[3], parts[5], "mqtt", payload)
+                    except DownlinkRejected as exc:
+                        log.warning("downlink on %s refused: %s", topic, exc)
+            finally:
+                self._session = None
+                self.ready.clear()
 
-    async def _answer(self, session: mqtt.Session, device: str, dl: dict[str, Any],
-                      f_cnt: int) -> None:
-        self.received.append((device, dl))
-        cid = f"as:downlink:{ulid()}"
-        cids = [cid, *[c for c in dl.get("correlation_ids", []) if isinstance(c, str)]]
-        ids = _device_ids(self.app_id, device)
-        base: dict[str, Any] = {
-            k: dl[k] for k in ("f_port", "frm_payload", "decoded_payload", "confirmed") if k in dl
-        }
-        queued = {**base, "priority": dl.get("priority", "LOWEST"), "correlation_ids": cids}
-        topic = f"v3/{self.user}/devices/{device}"
-        await session.publish(f"{topic}/down/queued", json.dumps(
-            {"end_device_ids": ids, "correlation_ids": cids, "received_at": rfc3339(time.time_ns()),
-             "downlink_queued": queued}).encode())
-        if _payload_len(dl) > self.max_payload_bytes:
-            failed = {
-                "downlink": queued,
-                "error": {"namespace": "pkg/networkserver",
-                          "name": "application_downlink_too_long",
-                          "message_format": "application downlink payload is too long",
-                          "correlation_id": secrets.token_hex(16), "code": 3},
-            }
-            await session.publish(f"{topic}/down/failed", json.dumps(
-                {"end_device_ids": ids, "correlation_ids": cids,
-                 "received_at": rfc3339(time.time_ns()), "downlink_failed": failed}).encode())
-            return
-        ack = {"session_key_id": _b64(os.urandom(16)), **base, "f_cnt": f_cnt,
-               "priority": queued["priority"], "correlation_ids": cids}
-        await session.publish(f"{topic}/down/ack", json.dumps(
-            {"end_device_ids": ids, "correlation_ids": cids, "received_at": rfc3339(time.time_ns()),
-             "downlink_ack": ack}).encode())
-
-
-def _payload_len(dl: dict[str, Any]) -> int:
-    frm = dl.get("frm_payload")
-    if isinstance(frm, str):
+    async def take(self, device: str, operation: str, via: str,
+                   payload: bytes) -> list[Received]:
+        """Check, record and answer one ``down/push|replace`` body; raises
+        :class:`DownlinkRejected` (and counts it) when TTS would refuse it."""
         try:
-            return len(base64.b64decode(frm))
-        except ValueError:
-            return 0
-    if "decoded_payload" in dl:
-        return len(json.dumps(dl["decoded_payload"], separators=(",", ":")))
-    return 0
+            downlinks = parse_downlinks(payload)
+            if self.devices is not None and not self.devices.exists(device):
+                raise DownlinkRejected(404, 5, "pkg/registry", "device_not_found",
+                                       "device not found")
+        except DownlinkRejected as exc:
+            if exc.status == 404:
+                self.unknown_device += 1
+            else:
+                self.invalid += 1
+            raise
+        session = self._session
+        if session is None:
+            raise DownlinkRejected(503, 14, "pkg/applicationserver", "unavailable",
+                                   "the emulator's broker connection is down")
+        out = [await self._answer(session, device, operation, via, dl) for dl in downlinks]
+        async with self.changed:
+            self.changed.notify_all()
+        return out
+
+    async def wait_for(self, n: int, timeout_s: float = 10.0) -> list[Received]:
+        """Wait until at least ``n`` downlinks were answered; raises ``TimeoutError``."""
+        async with asyncio.timeout(timeout_s), self.changed:
+            await self.changed.wait_for(lambda: len(self.received) >= n)
+        return list(self.received)
+
+    def counts(self) -> dict[str, int]:
+        out = dict(Counter(r.outcome for r in self.received))
+        out.update(received=len(self.received), invalid=self.invalid,
+                   unknown_device=self.unknown_device)
+        return out
+
+    async def _publish(self, session: mqtt.Session, device: str, kind: str,
+                       cids: list[str], body: dict[str, Any]) -> None:
+        msg = {"end_device_ids": _device_ids(self.app_id, device), "correlation_ids": cids,
+               "received_at": rfc3339(time.time_ns()), f"downlink_{kind}": body}
+        await session.publish(f"v3/{self.user}/devices/{device}/down/{kind}",
+                              json.dumps(msg).encode())
+
+    async def _answer(self, session: mqtt.Session, device: str, operation: str, via: str,
+                      dl: dict[str, Any]) -> Received:
+        own = [c for c in dl.get("correlation_ids", []) if isinstance(c, str)]
+        cids = [*own, f"as:downlink:{ulid()}"]
+        data = _encoded(dl)
+        item: dict[str, Any] = {}  # ApplicationDownlink's field order, zero values omitted
+        if dl.get("f_port"):
+            item["f_port"] = dl["f_port"]
+        item["frm_payload"] = _b64(data)
+        if "decoded_payload" in dl:
+            item["decoded_payload"] = dl["decoded_payload"]
+        confirmed = dl.get("confirmed") is True
+        if confirmed:
+            item["confirmed"] = True
+        item["priority"] = dl.get("priority") or "LOWEST"
+        item["correlation_ids"] = cids
+        await self._publish(session, device, "queued", cids, item)
+        fault = self.faults.pick(device)
+        error: dict[str, Any] | None = None
+        if len(data) > self.max_payload_bytes:
+            error = TOO_LONG_ERROR
+        elif fault == "failed":
+            error = self.fault_error
+        if error is not None:
+            # the fixture's key order: correlation_id before code
+            err = {k: v for k, v in error.items() if k != "code"}
+            err["correlation_id"] = secrets.token_hex(16)
+            err["code"] = error.get("code", 2)
+            failed = {"downlink": item, "error": err}
+            await self._publish(session, device, "failed", cids, failed)
+            return self._record(device, dl, operation, via, "failed", cids, {})
+        f_cnt = self._f_cnt[device] = self._f_cnt.get(device, 0) + 1
+        key = self._session_keys.setdefault(device, _b64(os.urandom(16)))
+        sent = {"session_key_id": key, **{k: v for k, v in item.items() if k == "f_port"},
+                "f_cnt": f_cnt, **{k: v for k, v in item.items() if k != "f_port"}}
+        await self._publish(session, device, "sent", cids, sent)
+        if fault == "nack":  # the device did not get it
+            if confirmed:
+                await self._publish(session, device, "nack", cids, sent)
+                return self._record(device, dl, operation, via, "nack", cids, {})
+            return self._record(device, dl, operation, via, "sent", cids, {})
+        applied = self.devices.apply(device, dl) if self.devices is not None else {}
+        if confirmed or self.ack_unconfirmed:
+            await self._publish(session, device, "ack", cids, sent)
+            return self._record(device, dl, operation, via, "ack", cids, applied)
+        return self._record(device, dl, operation, via, "sent", cids, applied)
+
+    def _record(self, device: str, dl: dict[str, Any], operation: str, via: str, outcome: str,
+                cids: list[str], applied: dict[str, Any]) -> Received:
+        got = Received(device, dl, operation, via, outcome, cids, applied)
+        self.received.append(got)
+        return got
+
+    # the webhook downlink API ----------------------------------------------------------------
+    def http_app(self) -> web.Application:
+        """The webhook downlink API plus ``GET /_admin/downlinks`` (what was taken, counts,
+        device state) and ``POST /_admin/faults`` (``{"per_device":{dev:"failed"|"nack"},
+        "failed_rate":…, "nack_rate":…}``)."""
+        app = web.Application(client_max_size=64 * 1024)
+        base = "/api/v3/as/applications/{app}/webhooks/{webhook}/devices/{device}/down/"
+        app.router.add_post(base + "{operation:push|replace}", self._http_downlink)
+        app.router.add_get("/_admin/downlinks", self._admin_downlinks)
+        app.router.add_post("/_admin/faults", self._admin_faults)
+        return app
+
+    async def _http_downlink(self, request: web.Request) -> web.Response:
+        info = request.match_info
+        try:
+            self._authorize(request.headers.get("Authorization", ""), info["app"],
+                            info["webhook"])
+            await self.take(info["device"], info["operation"], "http", await request.read())
+        except DownlinkRejected as exc:
+            return web.json_response(exc.body, status=exc.status)
+        return web.Response(status=200)
+
+    def _authorize(self, header: str, app_id: str, webhook: str) -> None:
+        """Bearer key → 401; another application → 403; an unknown webhook → 404 (the error
+        bodies are assumptions in TTS's error shape)."""
+        key = header[7:].strip() if header[:7].lower() == "bearer " else ""
+        if key not in self.api_keys:
+            raise DownlinkRejected(401, 16, "pkg/auth", "unauthenticated", "unauthenticated")
+        if app_id != self.app_id:
+            raise DownlinkRejected(403, 7, "pkg/auth/rights", "no_application_rights",
+                                   "no rights for application")
+        if self.webhook_ids is not None and webhook not in self.webhook_ids:
+            raise DownlinkRejected(404, 5, "pkg/applicationserver/io/web", "webhook_not_found",
+                                   "webhook not found")
+
+    async def _admin_downlinks(self, request: web.Request) -> web.Response:
+        return web.json_response({
+            "counts": self.counts(),
+            "received": [r._asdict() for r in self.received],
+            "state": self.devices.state if self.devices is not None else {},
+        })
+
+    async def _admin_faults(self, request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+            faults = DownlinkFaults(per_device=dict(body.get("per_device", {})),
+                                    failed_rate=float(body.get("failed_rate", 0.0)),
+                                    nack_rate=float(body.get("nack_rate", 0.0)))
+        except (ValueError, TypeError, AttributeError) as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        if any(v not in ("failed", "nack") for v in faults.per_device.values()):
+            return web.json_response({"error": "per_device values: failed or nack"}, status=400)
+        self.faults = faults
+        return web.json_response({"per_device": faults.per_device,
+                                  "failed_rate": faults.failed_rate,
+                                  "nack_rate": faults.nack_rate})
 
 
 # --- a private broker ----------------------------------------------------------------------------
@@ -559,7 +872,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--serve-broker", type=int, metavar="PORT",
                    help="start a private mosquitto on PORT that only lets {app}@{tenant} with "
                    "--api-key in (prints the admin login the fleet uses)")
-    p.add_argument("--api-key", help="API key for --serve-broker")
+    p.add_argument("--api-key", help="API key for --serve-broker and the HTTP downlink API "
+                   "(default NNSXS.EMULATOR)")
+    p.add_argument("--http-port", type=int, metavar="PORT",
+                   help="serve the webhook downlink API (POST /api/v3/as/applications/{app}/"
+                   "webhooks/{id}/devices/{dev}/down/push) and /_admin/downlinks on PORT")
+    p.add_argument("--max-payload", type=int, default=DEFAULT_MAX_PAYLOAD,
+                   help="downlink bytes over this fail (application_downlink_too_long)")
+    p.add_argument("--fail-rate", type=float, default=0.0, help="share of downlinks failed")
+    p.add_argument("--nack-rate", type=float, default=0.0,
+                   help="share of confirmed downlinks nacked")
+    p.add_argument("--ack-unconfirmed", action="store_true",
+                   help="also publish down/ack for unconfirmed downlinks (TTS does not)")
     return p
 
 
@@ -579,8 +903,17 @@ async def _amain(args: argparse.Namespace) -> int:
                   missing_decoded_ratio=args.missing_decoded, simulated_ratio=args.simulated,
                   record=False)
     answerer = None if args.no_downlinks else DownlinkAnswerer(
-        host, port, args.app, args.tenant, username=username, password=password)
+        host, port, args.app, args.tenant, username=username, password=password,
+        max_payload_bytes=args.max_payload, ack_unconfirmed=args.ack_unconfirmed,
+        faults=DownlinkFaults(failed_rate=args.fail_rate, nack_rate=args.nack_rate),
+        devices=fleet.state, api_keys={args.api_key or "NNSXS.EMULATOR"})
+    runner: web.AppRunner | None = None
     try:
+        if answerer is not None and args.http_port is not None:
+            runner = web.AppRunner(answerer.http_app())
+            await runner.setup()
+            await web.TCPSite(runner, "127.0.0.1", args.http_port).start()
+            print(f"TTS downlink API on http://127.0.0.1:{args.http_port}", flush=True)
         async with asyncio.TaskGroup() as tg:
             if answerer is not None:
                 serving = tg.create_task(answerer.run())
@@ -589,6 +922,8 @@ async def _amain(args: argparse.Namespace) -> int:
             if answerer is not None:
                 serving.cancel()
     finally:
+        if runner is not None:
+            await runner.cleanup()
         if broker is not None:
             broker.close()
     return 0

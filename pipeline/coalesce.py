@@ -10,9 +10,11 @@ The rules, in the order they apply (DESIGN.md "Guarantees: Order"):
    ``(event_ts_ms, value)`` for the timestamped upload, so history keeps true times after an
    outage. The current value still ends at the newest point, whatever its age.
 3. **Nothing older than what Blynk already has** (:func:`drop_stale`): given the last written
-   event time per pin (kept in Redis by :mod:`pipeline.order`), a current value whose time is not
-   newer is dropped, and so is every history point not newer, so a redelivered or late entry can
-   never roll a datastream back nor write a history point twice.
+   event time per pin (kept in Redis by :mod:`pipeline.order`), a current value whose time is
+   strictly older is dropped, so a late entry can never roll a datastream back. A value with the
+   *same* time is sent: it may be another event of that moment, and equal times are applied in
+   arrival order (a redelivered entry re-sends the value Blynk already has, which changes
+   nothing). A history point not newer is dropped, so no history point is written twice.
 
 Points that lose rule 1 inside the live window are coalesced away on purpose: that is what turns
 five uplinks into one Blynk message.
@@ -120,7 +122,8 @@ def coalesce(
 
 
 def drop_stale(plan: DevicePlan, last_written: Mapping[str, int]) -> list[str]:
-    """Rule 3: drop what is not newer than ``last_written`` (pin → event time in Blynk).
+    """Rule 3: drop current values older than ``last_written`` (pin → event time in Blynk) and
+    history points not newer.
 
     Mutates ``plan`` and returns the pins whose current value was dropped as stale.
     """
@@ -129,7 +132,7 @@ def drop_stale(plan: DevicePlan, last_written: Mapping[str, int]) -> list[str]:
         last = last_written.get(pin)
         if last is None:
             continue
-        if p.send_current and p.ts_ms <= last:
+        if p.send_current and p.ts_ms < last:
             p.send_current = False
             stale.append(pin)
         if p.history and p.history[0][0] <= last:

@@ -103,6 +103,37 @@ class KeyMapping(_Base):
     offset: float | None = None
 
 
+class ParticleFunction(_Base):
+    """A pin whose changes call a Particle function (downlinks)."""
+
+    function: str
+    #: The ``arg`` sent; ``{name}``, ``{pin}``, ``{value}`` and ``{ts}`` are replaced.
+    arg: str = "{name}={value}"
+    #: Write the function's ``return_value`` to this datastream (``V5``).
+    return_pin: str | None = None
+
+
+class EncodeRule(_Base):
+    """Pack a downlink value into ``frm_payload`` bytes for devices with no downlink formatter
+    in TTS: ``uint8``/``int16``/``float32``, big or little endian, sent on ``f_port``."""
+
+    pin: str
+    type: Literal["uint8", "int8", "uint16", "int16", "uint32", "int32", "float32"] = "uint8"
+    endian: Literal["big", "little"] = "big"
+    f_port: int | None = None
+
+
+class TemplateDownlink(_Base):
+    """How a template's datastream changes reach its devices (see ``workers/downlink.py``)."""
+
+    #: Particle: pin → function to call.
+    particle: dict[str, ParticleFunction] = msgspec.field(default_factory=dict)
+    #: TTS: pins sent as ``frm_payload`` bytes instead of ``decoded_payload``.
+    encode: list[EncodeRule] = msgspec.field(default_factory=list)
+    #: A datastream that receives each command's outcome: 1 delivered, 0 failed.
+    outcome_pin: str | None = None
+
+
 class TemplateConfig(_Base):
     name: str
     #: Blynk template id (``TMPL…``), needed for auto-provisioning and datastream pulls.
@@ -112,6 +143,7 @@ class TemplateConfig(_Base):
     mapping: dict[str, str | KeyMapping] = msgspec.field(default_factory=dict)
     #: Pull datastreams from the Blynk Platform API instead of (or on top of) ``datastreams``.
     pull: bool = False
+    downlink: TemplateDownlink | None = None
 
 
 class HttpAuth(_Base):
@@ -150,6 +182,13 @@ class TtsApplication(_Base):
     downlink_f_port: int = 1
     skip_simulated: bool = False
     max_clock_skew_s: ClockSkew = 300.0
+    #: ``push`` appends to the device's downlink queue, ``replace`` replaces it.
+    downlink_queue: Literal["push", "replace"] = "push"
+    #: ``mqtt`` publishes downlinks on the application's MQTT connection; ``http`` posts them
+    #: to ``{api_url}/api/v3/as/applications/{app}/webhooks/{downlink_webhook_id}/…``.
+    downlink_via: Literal["mqtt", "http"] = "mqtt"
+    api_url: str | None = None
+    downlink_webhook_id: str | None = None
 
     @property
     def username(self) -> str:
@@ -187,6 +226,29 @@ class DeviceEntry(_Base):
     token: Secret
     template: str
     server: str | None = None
+
+
+class BlynkWebhook(_Base):
+    """A Blynk webhook posting datastream changes to ``POST /blynk/{name}`` (downlinks)."""
+
+    name: str
+    auth: HttpAuth | None = None
+
+
+class DownlinkConfig(_Base):
+    """The downlink stage (``workers/downlink.py``)."""
+
+    #: A command older than this (by its Blynk time) is dead-lettered, never sent late.
+    ttl_s: int = 600
+    #: A webhook repeating a value the bridge itself wrote to that pin this recently is an
+    #: echo of the uplink, not a command.
+    echo_window_ms: int = 60_000
+    #: Cap of the retry backoff of an offline device.
+    max_backoff_s: float = 30.0
+    #: Timeout of one Particle or TTS HTTP call.
+    timeout_s: float = 35.0
+    #: How long a command's correlation is kept for matching TTS outcomes.
+    outcome_ttl_s: int = 3_600
 
 
 class IngestHttpConfig(_Base):
@@ -249,6 +311,10 @@ class EgressConfig(_Base):
     #: Entries older than this are backlog: written through the timestamped upload.
     live_window_s: float = 60.0
     max_backoff_s: float = 30.0
+    #: A device marked broken (Blynk refused the token stored for it) is set back to ok this
+    #: long after, so its next uplink tries the token again (fixed in Blynk meanwhile?); 0 =
+    #: only ``blynk-bridge devices unbreak`` does.
+    broken_retry_s: float = 3600.0
 
 
 class MetricsConfig(_Base):
@@ -281,6 +347,8 @@ class Config(_Base):
     tts: list[TtsApplication] = msgspec.field(default_factory=list)
     particle: list[ParticleProduct] = msgspec.field(default_factory=list)
     devices: list[DeviceEntry] = msgspec.field(default_factory=list)
+    blynk_webhooks: list[BlynkWebhook] = msgspec.field(default_factory=list)
+    downlink: DownlinkConfig = msgspec.field(default_factory=DownlinkConfig)
     ingest_http: IngestHttpConfig = msgspec.field(default_factory=IngestHttpConfig)
     ingest_mqtt: IngestMqttConfig = msgspec.field(default_factory=IngestMqttConfig)
     transform: TransformConfig = msgspec.field(default_factory=TransformConfig)
@@ -421,11 +489,43 @@ def check(config: Config, origin: str) -> None:
             raise ConfigError(
                 f"{origin}: `devices[{i}].server` names unknown server {dev.server!r}"
             )
+    _check_downlinks(config, origin)
     if config.blynk.default_server not in config.blynk.servers:
         raise ConfigError(
             f"{origin}: `blynk.default_server` {config.blynk.default_server!r} is not in "
             "`blynk.servers`"
         )
+
+
+def _check_downlinks(config: Config, origin: str) -> None:
+    names = [w.name for w in config.blynk_webhooks]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{origin}: duplicate names in `blynk_webhooks`")
+    for i, w in enumerate(config.blynk_webhooks):
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", w.name):
+            raise ConfigError(f"{origin}: `blynk_webhooks[{i}].name` must be 1-64 of "
+                              f"A-Z a-z 0-9 _ . -, got {w.name!r}")
+    for i, t in enumerate(config.templates):
+        if t.downlink is None:
+            continue
+        pins = {ds.pin.upper() for ds in t.datastreams}
+        where = f"templates[{i}].downlink"
+        refs = [(f"{where}.particle.{p}", p) for p in t.downlink.particle]
+        refs += [(f"{where}.particle.{p}.return_pin", f.return_pin)
+                 for p, f in t.downlink.particle.items() if f.return_pin]
+        refs += [(f"{where}.encode[{k}].pin", r.pin) for k, r in enumerate(t.downlink.encode)]
+        if t.downlink.outcome_pin:
+            refs.append((f"{where}.outcome_pin", t.downlink.outcome_pin))
+        for key, pin in refs:
+            if pins and pin.upper() not in pins:
+                raise ConfigError(f"{origin}: `{key}` names pin {pin!r}, which template "
+                                  f"{t.name!r} has no datastream for")
+    for i, a in enumerate(config.tts):
+        if a.downlink_via == "http" and not (a.api_url and a.downlink_webhook_id):
+            raise ConfigError(f"{origin}: `tts[{i}]` sends downlinks over http: set `api_url` "
+                              "and `downlink_webhook_id`")
+        if not 1 <= a.downlink_f_port <= 233:
+            raise ConfigError(f"{origin}: `tts[{i}].downlink_f_port` must be 1..233")
 
 
 def env(name: str, default: str | None = None) -> str | None:

@@ -76,15 +76,27 @@ class BlynkWrite(msgspec.Struct, omit_defaults=True, kw_only=True):
 
 
 class Downlink(msgspec.Struct, omit_defaults=True, kw_only=True):
-    """A datastream change made in Blynk, bound for a device (ingest-http → downlink)."""
+    """A datastream change made in Blynk, bound for a device (ingest-http → downlink).
 
-    device_key: str
+    The Blynk device is named as Blynk's webhook names it (``blynk_id`` and/or ``token``); the
+    downlink stage resolves it to its source device through the registry's reverse index.
+    ``value`` is the text Blynk sent; it is typed against the pin's datastream by the stage.
+    """
+
+    #: ``bb:down:<hex>``: deterministic from (Blynk device, pin, ts, value), so a repeated
+    #: webhook carries the same id; it is the TTS correlation id of the command.
+    event_id: str
+    #: The ``blynk_webhooks`` entry it came through.
+    origin: str
+    #: ``V2``: canonical (upper-case) pin.
     pin: str
     value: Value
+    #: Blynk's update time (ms).
     ts_ms: int
-    name: str | None = None
+    received_ts_ms: int
+    blynk_id: int | None = None
     token: str | None = None
-    origin: str | None = None
+    device_name: str | None = None
 
 
 class DeadLetter(msgspec.Struct, omit_defaults=True, kw_only=True):

@@ -53,6 +53,10 @@ class Keys:
     def device(self, source: str, integration: str, device: str) -> str:
         return f"{self.prefix}dev:{source}:{integration}:{device}"
 
+    def broken_devices(self) -> str:
+        """Sorted set device key → when (ms) it was marked broken."""
+        return f"{self.prefix}registry:broken"
+
     def registry_version(self) -> str:
         return f"{self.prefix}registry:version"
 
@@ -95,3 +99,20 @@ class Keys:
 
     def echo(self, device_key: str, pin: str) -> str:
         return f"{self.prefix}echo:{device_key}:{pin}"
+
+    # downlinks
+    def blynk_index(self) -> str:
+        """Hash ``t:<token hash>`` / ``i:<Blynk device id>`` → device key (reverse index)."""
+        return f"{self.prefix}blynk:index"
+
+    def down_last(self, device_key: str) -> str:
+        """Hash pin → ``<Blynk ts>:<event id>`` of the last command sent to the device."""
+        return f"{self.prefix}down:last:{device_key}"
+
+    def down_command(self, event_id: str) -> str:
+        """What outcome matching needs of one sent command (by its correlation id)."""
+        return f"{self.prefix}down:cmd:{event_id}"
+
+    def down_outcome(self, event_id: str, outcome: str) -> str:
+        """Marks one TTS outcome of a command as handled (several replicas see it)."""
+        return f"{self.prefix}down:out:{event_id}:{outcome}"

@@ -39,6 +39,11 @@ REGISTRY_RESETS = Counter(
     "bb_registry_cache_resets_total", "Registry caches dropped after a gap in the change log"
 )
 DEVICES_BROKEN = Counter("bb_devices_broken_total", "Devices marked broken", ["reason"])
+DEVICES_UNBROKEN = Counter(
+    "bb_devices_unbroken_total",
+    "Broken devices set back to ok: by retry (egress.broken_retry_s) or by an operator",
+    ["by"],
+)
 PROVISIONED = Counter(
     "bb_provisioned_total", "Auto-provisioning attempts by outcome", ["integration", "outcome"]
 )
@@ -148,6 +153,32 @@ EGRESS_HELD = Gauge(
 EGRESS_LEASE_LOST = Counter(
     "bb_egress_lease_lost_total",
     "Device writes that outlived their in-flight lease (order at risk)",
+)
+
+# downlinks (workers.downlink)
+DOWNLINKS = Counter(
+    "bb_downlinks_total",
+    "Downlink commands by what became of them: sent; superseded (a newer value for the same "
+    "device and pin came first); stale (older than one already sent); duplicate; echo (the "
+    "bridge's own uplink write coming back); retried (device offline, call failed)",
+    ["integration", "outcome"],
+)
+DOWNLINK_OUTCOMES = Counter(
+    "bb_downlink_outcomes_total",
+    "TTS downlink events matched to a command by correlation id (queued, sent, ack, nack, "
+    "failed)",
+    ["integration", "outcome"],
+)
+BLYNK_WEBHOOK_AT_LIMIT = Counter(
+    "bb_blynk_webhook_at_limit_total",
+    "Blynk webhook requests received while that webhook was at Blynk's limit (10 a minute): "
+    "Blynk drops the changes past it, which the bridge never sees",
+    ["webhook"],
+)
+DOWNLINK_LATENCY = Histogram(
+    "bb_downlink_seconds",
+    "Blynk webhook received to the device cloud accepting the command (publish/call returned)",
+    buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
 
 

@@ -11,9 +11,10 @@ The protocol of one device write (egress):
 1. :meth:`LastWritten.claim` — atomically take the device's lease and read the last written times
    of its pins. If another replica holds a live lease, nothing is taken: the caller keeps the
    entries and tries again shortly. Egress uses :meth:`LastWritten.prepare`, which does the
-   same for every device of a flush in one script call, and also skips devices with nothing
-   newer and takes each device's rate-limit slot (:mod:`pipeline.ratelimit`).
-2. Drop what is not newer (:func:`pipeline.coalesce.drop_stale`), send the rest to Blynk.
+   same for every device of a flush in one script call, and also skips devices whose every
+   value is older than recorded and takes each device's rate-limit slot (:mod:`pipeline.ratelimit`).
+2. Drop what is older (:func:`pipeline.coalesce.drop_stale`: equal event times are applied in
+   arrival order), send the rest to Blynk.
 3. After the 2xx, :meth:`LastWritten.commit` — record ``max(old, new)`` per pin and release the
    lease (:meth:`LastWritten.commit_many` also acks the written entries in the same call).
    After a failure, :meth:`LastWritten.release`.
@@ -75,7 +76,7 @@ return out
 """
 
 # Per-flush scripts take their arguments as one msgpack blob (ARGV[1]): redis-py packs each
-# argument in Python (~2 µs each); msgpack packs a flush's thousands of values in C.
+# argument in Python, msgpack packs a whole flush's values in C.
 
 # KEYS = last-written hashes, then streams; ARGV[1] = msgpack [owner, ttl ms, group,
 # [[pin, event ms, ...] per hash], [[entry id, ...] per stream]] (XACKed in the same call)
@@ -116,7 +117,7 @@ return out
 
 # KEYS = last-written hash, rate key for each device; ARGV[1] = msgpack [owner, lease ms,
 # ttl ms, rate interval µs, burst, [[pin, newest event ms, ...] per device]].
-# Per device: {3} nothing newer than recorded (stale: nothing taken), {0, busy ms} another
+# Per device: {3} every value older than recorded (stale: nothing taken), {0, busy ms} another
 # owner's live lease, {2, wait µs} rate-limited (nothing taken), {1, last...} lease and one
 # rate slot taken, last written time per pin ('' = never written).
 _PREPARE = GCRA_TAKE_LUA + """
@@ -140,7 +141,7 @@ for d = 1, #devices do
     local last = got[i + 1]
     if last then
       reply[i + 1] = last
-      if w[2 * i] > tonumber(last) then newer = true end
+      if w[2 * i] >= tonumber(last) then newer = true end
     else
       reply[i + 1] = ''
       newer = true
@@ -185,8 +186,8 @@ class Claim:
     #: :meth:`LastWritten.prepare` only — not granted because the device's rate limit says
     #: wait this long (seconds; nothing was taken).
     wait_s: float = 0.0
-    #: :meth:`LastWritten.prepare` only — not granted because nothing is newer than what Blynk
-    #: has (every value is stale; nothing was taken, nothing needs sending).
+    #: :meth:`LastWritten.prepare` only — not granted because every value is older than what
+    #: Blynk has (stale; nothing was taken, nothing needs sending).
     stale: bool = False
 
 
@@ -276,7 +277,7 @@ class LastWritten:
         """Everything a flush asks before sending, for all its devices in one script call.
 
         ``devices`` are ``(device_key, pin → newest event time to send)``. Per device, in this
-        order: nothing newer than recorded → ``Claim(stale=True)`` (nothing taken); another
+        order: every value older than recorded → ``Claim(stale=True)`` (nothing taken); another
         owner's live lease → ``busy_ms``; the rate limit says wait → ``wait_s`` (nothing
         taken); else the lease and one request of ``limiter`` are taken and ``last`` is read
         (``granted``). Re-entrant like :meth:`claim`.

@@ -5,7 +5,8 @@
 base URL; empty = the default server), ``id`` (Blynk device id, when known), ``status``
 (``ok`` | ``broken``), ``reason``/``detail`` (why it is broken), ``firmware`` (from a decoded
 ``Blynk Firmware Version``), ``meta_pending`` (provisioned, metafield not set yet),
-``updated_ms``. A *device key* is ``"{source}:{integration}:{device}"``.
+``updated_ms``. A *device key* is ``"{source}:{integration}:{device}"``. Rows written with a token
+are also indexed by Blynk token and id (:mod:`pipeline.blynk_index`, for downlinks).
 
 **Cache.** Rows read by this process are kept in an LRU of ``cache_size`` entries, so a worker's
 memory is bounded by the cache, not by the fleet. The cache never serves a row older than the
@@ -22,23 +23,29 @@ last change committed before the current batch began:
   therefore cannot leave a stale entry past the next batch.
 
 New rows need no invalidation (absence is never cached), but are logged as changes too.
+
+**Broken devices** are also indexed in the sorted set ``keys.broken_devices()`` (device key →
+when it was marked), kept in line with each row's status by every change, for
+``blynk-bridge devices list`` and the retry after ``egress.broken_retry_s``
+(:meth:`Registry.retry_broken`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import sys
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from redis.asyncio.client import Pipeline
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, WatchError
 
-from pipeline import metrics
+from pipeline import blynk_index, metrics
 from pipeline.config import DeviceEntry
 from pipeline.keys import Keys
 from pipeline.streams import Redis, now_ms
@@ -55,6 +62,14 @@ SYNC_MAX = 10_000
 
 def device_key(source: str, integration: str, device: str) -> str:
     return f"{source}:{integration}:{device}"
+
+
+def token_device_key(key: str, token: str) -> str:
+    """The device key of writes whose Blynk token came with the uplink itself (the Particle
+    blueprint's ``t``), apart from the registry row ``key``: their order, lease and rate limit are
+    the token's own, and a refusal of that token never touches the row. Names the token by a
+    hash, never in full."""
+    return f"{key}#{hashlib.sha256(token.encode()).hexdigest()[:16]}"
 
 
 def split_key(key: str) -> tuple[str, str, str]:
@@ -356,24 +371,37 @@ class Registry:
         """Write rows, bump the version, log and publish each change — in one ``MULTI``."""
         if not changes:
             return
-        channel = self._keys.registry_channel()
-        log_key = self._keys.registry_changes()
         async with self._redis.pipeline(transaction=True) as pipe:
-            for key, fields, drop in changes:
-                row = self.row_key(key)
-                if fields is None:
-                    pipe.delete(row)
-                else:
-                    if drop:
-                        pipe.hdel(row, *drop)
-                    values: dict[Any, Any] = {**fields, "updated_ms": str(now_ms())}
-                    pipe.hset(row, mapping=values)
-                pipe.xadd(log_key, {b"k": key.encode()}, maxlen=CHANGES_MAXLEN, approximate=True)
-                pipe.publish(channel, key)
-            pipe.incrby(self._keys.registry_version(), len(changes))
+            self._queue(pipe, changes)
             await pipe.execute()
         for key, _, _ in changes:
             self.evict(key)
+
+    def _queue(self, pipe: Pipeline, changes: Sequence[_Change]) -> None:
+        """Queue :meth:`_commit`'s commands; the broken-device index follows each row's status."""
+        channel = self._keys.registry_channel()
+        log_key = self._keys.registry_changes()
+        broken = self._keys.broken_devices()
+        ts = now_ms()
+        for key, fields, drop in changes:
+            row = self.row_key(key)
+            if fields is None:
+                pipe.delete(row)
+                pipe.zrem(broken, key)
+            else:
+                if drop:
+                    pipe.hdel(row, *drop)
+                values: dict[Any, Any] = {**fields, "updated_ms": str(ts)}
+                pipe.hset(row, mapping=values)
+                blynk_index.queue_write(pipe, self._keys, key, fields)
+                status = fields.get("status")
+                if status == STATUS_BROKEN:
+                    pipe.zadd(broken, {key: ts})
+                elif status == STATUS_OK:
+                    pipe.zrem(broken, key)
+            pipe.xadd(log_key, {b"k": key.encode()}, maxlen=CHANGES_MAXLEN, approximate=True)
+            pipe.publish(channel, key)
+        pipe.incrby(self._keys.registry_version(), len(changes))
 
     async def register(
         self,
@@ -393,16 +421,77 @@ class Registry:
         self._put(dev)
         return dev
 
-    async def mark_broken(self, device_key: str, reason: str, detail: str) -> None:
-        """Mark a device broken (e.g. Blynk said its token is invalid). Transform then
-        dead-letters its uplinks with reason ``device_broken`` until it is registered again."""
-        await self._commit([(device_key, {"status": STATUS_BROKEN, "reason": reason,
-                                          "detail": detail[:500]}, ())])
+    async def mark_broken(self, device_key: str, reason: str, detail: str, *,
+                          token: str | None = None) -> bool:
+        """Mark a device broken (Blynk said its token is invalid). Transform then dead-letters
+        its uplinks with reason ``device_broken`` until it is registered again, unbroken by an
+        operator (``blynk-bridge devices unbreak``) or retried (:meth:`retry_broken`).
+
+        With ``token``, only when the row (still) holds that token: a refusal of a token the
+        row does not hold — one an uplink carried itself, or one replaced since — says nothing
+        about the device. Returns whether the device was marked.
+        """
+        change: _Change = (device_key, {"status": STATUS_BROKEN, "reason": reason,
+                                        "detail": detail[:500]}, ())
+        if token is None:
+            await self._commit([change])
+        elif not await self._commit_if_token(device_key, token, change):
+            return False
         metrics.DEVICES_BROKEN.labels(reason).inc()
         log.warning("device %s marked broken: %s (%s)", device_key, reason, detail[:200])
+        return True
 
-    async def mark_ok(self, device_key: str) -> None:
+    async def _commit_if_token(self, device_key: str, token: str, change: _Change) -> bool:
+        """:meth:`_commit` of ``change`` if the row's token is ``token`` (checked atomically:
+        ``WATCH`` on the row)."""
+        row = self.row_key(device_key)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    await pipe.watch(row)
+                    have = await pipe.hget(row, "token")
+                    if not isinstance(have, bytes) or have.decode() != token:
+                        return False  # leaving the block unwatches
+                    pipe.multi()  # type: ignore[no-untyped-call]
+                    self._queue(pipe, [change])
+                    await pipe.execute()
+                    break
+                except WatchError:
+                    continue  # the row changed meanwhile: look again
+        self.evict(device_key)
+        return True
+
+    async def mark_ok(self, device_key: str, *, by: str = "operator") -> bool:
+        """Set a broken device back to ok (``by``: ``operator`` or ``retry``, for the metric);
+        ``False`` when it has no row. Uplinks flow again; if its token is still refused, egress
+        marks it broken again."""
+        if not await self._redis.exists(self.row_key(device_key)):
+            return False
         await self._commit([(device_key, {"status": STATUS_OK}, ("reason", "detail"))])
+        metrics.DEVICES_UNBROKEN.labels(by).inc()
+        log.info("device %s set back to ok (%s)", device_key, by)
+        return True
+
+    async def broken(self, *, before_ms: int | None = None,
+                     limit: int | None = None) -> list[tuple[str, int]]:
+        """``(device key, broken since ms)`` of broken devices, oldest first; ``before_ms``:
+        only those marked before then."""
+        raw = await self._redis.zrangebyscore(
+            self._keys.broken_devices(), "-inf", "+inf" if before_ms is None else before_ms,
+            start=0 if limit is not None else None, num=limit, withscores=True)
+        rows = cast(list[tuple[bytes, float]], raw)
+        return [(k.decode(), int(v)) for k, v in rows]
+
+    async def retry_broken(self, older_than_ms: int) -> list[str]:
+        """Set back to ok every device broken for longer than ``older_than_ms``; returns them.
+        Replicas doing this at once each take a device once (``ZREM`` decides who)."""
+        due = await self.broken(before_ms=now_ms() - older_than_ms, limit=1000)
+        done: list[str] = []
+        for key, _ in due:
+            if await self._redis.zrem(self._keys.broken_devices(), key):
+                await self.mark_ok(key, by="retry")
+                done.append(key)
+        return done
 
     async def metafield_done(self, device_key: str) -> None:
         await self._commit([(device_key, {}, ("meta_pending",))])

@@ -34,6 +34,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from pipeline import events, metrics
+from pipeline.batching import GroupCommit
 from pipeline.keys import Keys
 
 Redis = aioredis.Redis
@@ -76,17 +77,13 @@ class StreamWriter:
     def __init__(self, redis: Redis, *, max_batch: int = 1000) -> None:
         self._redis = redis
         self._append = redis.register_script(_APPEND)
-        self._max_batch = max_batch
-        self._buffer: list[tuple[str, bytes, asyncio.Future[str]]] = []
-        self._flusher: asyncio.Task[None] | None = None
+        # Concurrent add() calls of one loop iteration share one add_many().
+        self._adds: GroupCommit[tuple[str, bytes], str] = GroupCommit(
+            self.add_many, max_batch=max_batch, name="stream-writer-flush")
 
     async def add(self, stream: str, data: bytes) -> str:
         """Append one entry; returns its id once ``XADD`` returned. Raises ``RedisError``."""
-        fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        self._buffer.append((stream, data, fut))
-        if self._flusher is None:
-            self._flusher = asyncio.create_task(self._flush_loop(), name="stream-writer-flush")
-        return await fut
+        return await self._adds.submit((stream, data))
 
     async def add_many(self, items: Sequence[tuple[str, bytes]]) -> list[str]:
         """Append many entries (one Lua call per stream, pipelined); returns ids in order.
@@ -114,32 +111,9 @@ class StreamWriter:
                 ids[i] = _s(entry_id)
         return ids
 
-    async def _flush_loop(self) -> None:
-        try:
-            while self._buffer:
-                # Yield once so every add() issued in this loop iteration joins the batch.
-                await asyncio.sleep(0)
-                batch, self._buffer = (
-                    self._buffer[: self._max_batch],
-                    self._buffer[self._max_batch :],
-                )
-                try:
-                    ids = await self.add_many([(s, d) for s, d, _ in batch])
-                except Exception as exc:  # handed to every waiter, who decides
-                    for _, _, fut in batch:
-                        if not fut.done():
-                            fut.set_exception(exc)
-                    continue
-                for (_, _, fut), entry_id in zip(batch, ids, strict=True):
-                    if not fut.done():
-                        fut.set_result(entry_id)
-        finally:
-            self._flusher = None
-
     async def close(self) -> None:
         """Wait until every buffered entry was written."""
-        while self._flusher is not None:
-            await asyncio.shield(self._flusher)
+        await self._adds.close()
 
 
 class StreamReader:

@@ -539,12 +539,20 @@ async def test_inspection_masks_tokens_and_reset(env: tuple[BlynkEmulator, Api])
     assert emu.device_by_token(TOKEN).values == {} and emu.recorded() == []
 
 
-def test_example_file_loads_and_regions_flag(fixture_path: Any) -> None:
+def test_example_file_loads_and_regions_flag(fixture_path: Any, tmp_path: Any) -> None:
     from pathlib import Path
 
     example = Path(__file__).resolve().parent.parent / "examples" / "blynk-emulator.yaml"
     emu = BlynkEmulator.from_spec(load_spec(example))
     assert emu.model.templates and emu.model.devices
+    # The commented-out webhook example is valid too, once uncommented.
+    text = example.read_text()
+    tail = text[text.index("webhooks: []"):].splitlines()[1:]
+    hook_yaml = "\n".join(line[1:] for line in tail if line.startswith("#  "))
+    tmp = tmp_path / "with-webhook.yaml"
+    tmp.write_text(text.replace("webhooks: []", "webhooks:\n" + hook_yaml))
+    hooks = BlynkEmulator.from_spec(load_spec(tmp)).webhooks.hooks
+    assert hooks["led to bridge"].spec.headers == {"X-Bridge-Secret": "change-me"}
     assert _regions("fra1=8081,ny3=8082") == {"fra1": 8081, "ny3": 8082}
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -16,10 +17,12 @@ from emulators.blynk import (
     DatastreamSpec,
     DeviceSpec,
     EmulatorSpec,
+    MetafieldSpec,
     Settings,
     TemplateSpec,
     WebhookSpec,
 )
+from emulators.blynk.settings import WebhookAuth
 from emulators.blynk.webhooks import render
 from tests.conftest import serve_app
 
@@ -72,8 +75,10 @@ def spec(url: str, hooks: list[WebhookSpec]) -> EmulatorSpec:
             DatastreamSpec(id=8, pin="V8", name="Mode", type="enum", options={0: "off", 1: "on"},
                            fallback=0),
             DatastreamSpec(id=3, pin="V3", name="Where", type="location"),
-        ])],
-        devices=[DeviceSpec(name="boronc", token=TOKEN, template=TEMPLATE, id=5)],
+            DatastreamSpec(id=2, pin="V2", name="speed", type="integer", min=0, max=100),
+        ], metafields=[MetafieldSpec(id=4, name="Particle Device")])],
+        devices=[DeviceSpec(name="boronc", token=TOKEN, template=TEMPLATE, id=5,
+                            metafields={"Particle Device": "e00fce68deadbeef00000001"})],
         webhooks=hooks,
     )
 
@@ -162,3 +167,135 @@ def test_render_placeholders() -> None:
     assert render('{"v":"{device_pinValue}"}', fields) == '{"v":"a"b"}'
     assert render('{"v":"{device_pinValue}"}', fields, json_escape=True) == '{"v":"a\\"b"}'
     assert render("{device_pinValue[0]}-{nope}", fields) == "1-{nope}"
+
+
+# --- dashboard (app) writes ----------------------------------------------------------------------
+
+
+async def admin_write(s: aiohttp.ClientSession, base: str, device: int,
+                      body: dict[str, Any]) -> tuple[int, Any]:
+    async with s.post(f"{base}/_admin/devices/{device}/app-write", json=body) as r:
+        return r.status, await r.json()
+
+
+async def test_app_write_validates_like_a_device_write_and_records_its_origin(
+        receiver: tuple[Receiver, str]) -> None:
+    _, url = receiver
+    emu = BlynkEmulator.from_spec(spec(url, []))
+    async with emu.serve({"fra1": 0}) as urls, aiohttp.ClientSession() as s:
+        base = urls["fra1"]
+        assert await admin_write(s, base, 5, {"pin": "x9", "value": 1}) == (
+            400, {"error": {"message": "Wrong pin format."}})
+        assert await admin_write(s, base, 5, {"pin": "v99", "value": 1}) == (
+            400, {"error": {"message": "No datastream setup for that pin."}})
+        assert await admin_write(s, base, 5, {"pin": "v2", "value": "fast"}) == (
+            400, {"error": {"message": "Value doesn't match the Datastream data type."}})
+        assert await admin_write(s, base, 5, {"dataStreamId": 99, "value": 1}) == (
+            400, {"error": {"message": "Wrong dataStreamId format."}})
+        assert (await admin_write(s, base, 77, {"pin": "v2", "value": 1}))[0] == 404
+        async with s.post(f"{base}/_admin/devices/5/app-write", data=b"{") as r:
+            assert r.status == 400
+        dev = emu.device_by_token(TOKEN)
+        assert dev.last_write_origin is None and dev.values == {}
+        status, body = await admin_write(s, base, 5, {"pin": "V2", "value": 300})
+        assert status == 200
+        assert body["value"] == 100  # clamped to max, as a device write would be
+        assert (body["pin"], body["dataStreamId"], body["origin"]) == ("v2", 2, "app")
+        assert dev.values["V2"] == (100, body["ts_ms"])
+        assert (dev.last_write_ms, dev.last_write_origin) == (body["ts_ms"], "app")
+        assert dev.messages == 0  # a dashboard write is not a device message
+        async with s.get(f"{base}/external/api/get?token={TOKEN}&v2") as r:
+            assert await r.text() == "100"
+        status, body = await admin_write(s, base, 5, {"dataStreamId": "8", "value": 7})
+        assert (status, body["value"]) == (200, 0)  # enum fallback
+        async with s.get(f"{base}/external/api/update?token={TOKEN}&v2=4") as r:
+            assert r.status == 200
+        assert dev.last_write_origin == "device"
+        async with s.get(f"{base}/_admin/devices/5") as r:
+            state = await r.json()
+    assert state["values"]["v2"]["origin"] == "device"
+    assert state["values"]["v8"]["origin"] == "app"
+    assert state["last_write"]["origin"] == "device"
+
+
+async def test_app_write_fires_custom_json_with_header_secret_and_placeholders(
+        receiver: tuple[Receiver, str]) -> None:
+    rec, url = receiver
+    hook = WebhookSpec(
+        name="speed to bridge", url=f"{url}/blynk/downlink", template=TEMPLATE, datastream="V2",
+        content_type="json",
+        body='{"id":{device_id},"name":"{device_name}","pin":"{device_pin}",'
+             '"value":"{device_pinValue}","ts":{timestamp_unix},"token":"{device_authToken}",'
+             '"particle":"{device_metadata_4}"}',
+        headers={"X-Bridge-Secret": "s3cr3t-Value_01"})
+    emu = BlynkEmulator.from_spec(spec(url, [hook]))
+    async with emu.serve({"fra1": 0}) as urls, aiohttp.ClientSession() as s:
+        status, body = await admin_write(s, urls["fra1"], 5, {"pin": "v2", "value": 3})
+        assert (status, body["webhooks_fired"]) == (200, 1)
+        await rec.wait_for(1)
+        await emu.webhooks.drain()
+        async with s.get(f"{urls['fra1']}/_admin/webhooks") as r:
+            admin = await r.json()
+    got = rec.got[0]
+    assert (got["method"], got["path"]) == ("POST", "/blynk/downlink")
+    assert got["headers"]["Content-Type"] == "application/json"
+    assert got["headers"]["X-Bridge-Secret"] == "s3cr3t-Value_01"
+    assert json.loads(got["body"]) == {
+        "id": 5, "name": "boronc", "pin": "v2", "value": "3", "ts": body["ts_ms"],
+        "token": TOKEN, "particle": "e00fce68deadbeef00000001"}
+    (entry,) = admin["log"]
+    assert (entry["webhook"], entry["device"], entry["pin"], entry["value"], entry["origin"],
+            entry["status"], entry["code"]) == ("speed to bridge", 5, "v2", "3", "app", "OK", 200)
+    assert admin["totals"]["fired"] == admin["totals"]["ok"] == 1
+
+
+async def test_app_writes_over_ten_a_minute_are_dropped_and_counted(
+        receiver: tuple[Receiver, str]) -> None:
+    rec, url = receiver
+    hooks = [
+        WebhookSpec(name="form", url=f"{url}/form", template=TEMPLATE, datastream=2,
+                    content_type="form", method="PUT",
+                    fields={"pin": "{device_pin}", "value": "{device_pinValue}"},
+                    auth=WebhookAuth(username="blynk", password="pa:ss")),
+        WebhookSpec(name="plain", url=f"{url}/plain", trigger="device_datastream", device=5,
+                    datastream="v2", content_type="plain", body="{device_pinValue}"),
+    ]
+    emu = BlynkEmulator.from_spec(spec(url, hooks))  # default limit: 10 per minute
+    async with emu.serve({"fra1": 0}) as urls, aiohttp.ClientSession() as s:
+        for value in range(12):
+            assert (await admin_write(s, urls["fra1"], 5, {"pin": "v2", "value": value}))[0] == 200
+        await rec.wait_for(20)
+        await emu.webhooks.drain()
+        async with s.get(f"{urls['fra1']}/_admin/webhooks") as r:
+            admin = await r.json()
+    assert len(rec.got) == 20
+    form = [g for g in rec.got if g["path"] == "/form"]
+    assert form[0]["method"] == "PUT"
+    assert form[0]["headers"]["Content-Type"] == "application/x-www-form-urlencoded"
+    assert form[0]["headers"]["Authorization"] == "Basic " + base64.b64encode(
+        b"blynk:pa:ss").decode()
+    assert sorted(g["body"] for g in form) == sorted(f"pin=v2&value={v}" for v in range(10))
+    plain = [g for g in rec.got if g["path"] == "/plain"]
+    assert plain[0]["headers"]["Content-Type"] == "text/plain"
+    for name in ("form", "plain"):
+        assert admin["stats"][name]["fired"] == 12
+        assert admin["stats"][name]["sent"] == 10
+        assert admin["stats"][name]["dropped_rate"] == 2
+    assert admin["totals"]["dropped_rate"] == 4
+    dropped = [e for e in admin["log"] if e["status"] == "dropped"]
+    assert sorted((e["webhook"], e["value"]) for e in dropped) == [
+        ("form", "10"), ("form", "11"), ("plain", "10"), ("plain", "11")]
+    assert all(e["error"] == "rate limit" and e["origin"] == "app" for e in dropped)
+
+
+@pytest.mark.parametrize(("change", "complaint"), [
+    ({"headers": {"X-Secret": "a+b="}}, "header 'X-Secret'"),
+    ({"name": "bad/name"}, "name must be"),
+    ({"url": "http://x/" + "a" * 1024}, "url longer"),
+    ({"headers": {"authorization": "Bearer x"}, "auth": WebhookAuth(username="u", password="p")},
+     "not both"),
+])
+def test_webhook_config_follows_blynk_form_rules(change: dict[str, Any], complaint: str) -> None:
+    base = {"name": "ok", "url": "http://127.0.0.1:1/x", "template": TEMPLATE, "datastream": 2}
+    with pytest.raises(ValueError, match=complaint):
+        BlynkEmulator.from_spec(spec("http://127.0.0.1:1", [WebhookSpec(**{**base, **change})]))

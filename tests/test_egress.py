@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+import msgspec
 import pytest
 
 from emulators.blynk.model import DatastreamSpec, Device, DeviceSpec, TemplateSpec
@@ -97,7 +98,7 @@ async def test_prepare_skips_stale_waits_for_leases_and_rate_and_takes_the_rest(
     await a.commit("old", {"V1": 100})
     await b.claim([("busy", ["V1"])])
     stale, busy, fresh, again = await a.prepare(
-        [("old", {"V1": 100}), ("busy", {"V1": 5}), ("new", {"V1": 7, "V2": 8}),
+        [("old", {"V1": 99}), ("busy", {"V1": 5}), ("new", {"V1": 7, "V2": 8}),
          ("old", {"V1": 101})], limiter)
     assert stale.stale and not stale.granted
     assert not busy.granted and 0 < busy.busy_ms <= 10_000
@@ -261,7 +262,9 @@ async def test_late_and_redelivered_entries_never_roll_back(rig: Rig) -> None:
     # E1 is reclaimed from the dead consumer (XAUTOCLAIM) by another replica
     await rig.drain(rig.stage(consumer="egress-2", streams={"claim_idle_ms": 1}))
     assert value(rig, 0, "V1") == 2.0
-    assert rig.device(0).messages == messages  # stale values are not even sent
+    # the late (older) values are not even sent; the redelivered entry, equal in event time to
+    # what Blynk has, is sent once more (equal times are applied in arrival order): same value
+    assert rig.device(0).messages == messages + 1
     assert await rig.pending() == 0
     assert await LastWritten(rig.redis, rig.keys, "x").get(device_key(0)) == {"V1": t0 + 100}
 
@@ -571,3 +574,39 @@ async def test_a_device_moved_to_another_region_follows_the_308(
     assert sent == 1
     assert emu.model.by_token[token(2)].values["V1"][0] == 3.5
     assert await rig.dead() == []
+
+
+async def test_equal_event_times_of_different_events_are_applied_in_arrival_order(
+    rig: Rig,
+) -> None:
+    """Two events of one device at the same event time: only strictly older values are stale,
+    so the later arrival wins — across flushes (the record says "written at t0") as within one."""
+    t0 = now_ms()
+    first = write(0, t0, {"V1": 1.0, "V2": 1})
+    await rig.add(first)
+    await rig.drain(rig.stage())
+    second = msgspec.structs.replace(write(0, t0, {"V1": 2.0}), event_id="another event")
+    await rig.add(second)
+    await rig.drain(rig.stage())
+    assert value(rig, 0, "V1") == 2.0
+    assert value(rig, 0, "V2") == 1
+    older = msgspec.structs.replace(write(0, t0 - 1, {"V1": 0.5}), event_id="an older event")
+    await rig.add(older)
+    await rig.drain(rig.stage())
+    assert value(rig, 0, "V1") == 2.0  # strictly older: stale, as before
+    assert await rig.dead() == []
+    assert await rig.pending() == 0
+
+
+async def test_a_refused_token_the_registry_does_not_hold_breaks_nothing(rig: Rig) -> None:
+    """Blynk refused a token, but not the one the device's row holds (one an uplink carried, or
+    one replaced since): the entries are dead-lettered, the device is not marked broken."""
+    registry = Registry(rig.redis, rig.keys)
+    await registry.register(device_key(0), token=token(0), template=TEMPLATE_ID)
+    t0 = now_ms()
+    await rig.add(write(0, t0, {"V1": 1.0}, tok="y" * 32))
+    await rig.drain(rig.stage())
+    assert [d.reason for d in await rig.dead()] == ["invalid_token"]
+    row = await Registry(rig.redis, rig.keys).get(device_key(0))
+    assert row is not None and not row.broken
+    assert await registry.broken() == []

@@ -15,17 +15,23 @@ from aiohttp import web
 
 from emulators.particle import (
     API_USER_FORBIDDEN,
+    ARG_TOO_LONG,
+    INVALID_TOKEN,
     TIMED_OUT,
+    TIMED_OUT_400,
     USER_AGENT,
+    CloudBehaviour,
     Device,
     ParticleCloud,
     ParticleFleet,
     Webhook,
     build_request,
+    int_arg,
     load_webhook,
     main,
     make_event,
     render,
+    returns,
 )
 from tests.conftest import serve_app
 
@@ -272,3 +278,78 @@ async def test_wait_for_calls_wakes_on_a_call(cloud: tuple[ParticleCloud, str]) 
     assert len(await waiter) == 1
     with pytest.raises(TimeoutError):
         await emu.wait_for_calls(5, timeout_s=0.05)
+
+
+async def _raw_call(base: str, path: str, token: str | None = "tok",
+                    **kw: Any) -> tuple[int, list[tuple[str, Any]]]:
+    """Status and the JSON body as ordered (key, value) pairs: the fixtures' exact shape."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with aiohttp.ClientSession() as s, s.post(f"{base}{path}", headers=headers,
+                                                    **kw) as resp:
+        return resp.status, json.loads(await resp.text(), object_pairs_hook=list)
+
+
+async def test_function_responses_have_the_fixture_shapes(fixture_path: Fixture) -> None:
+    legacy = json.loads(fixture_path("particle/particle-function-response-02.json").read_bytes(),
+                        object_pairs_hook=list)
+    current = json.loads(fixture_path("particle/particle-function-response-01.json").read_bytes(),
+                         object_pairs_hook=list)
+    cloud = ParticleCloud([Device("0123456789abcdef01234567", name="prototype99",
+                                  functions={"led": returns(42)}),
+                           Device("1f0030001647353236343033", functions={"led": int_arg})],
+                          tokens=["tok"])
+    async with serve_app(cloud.app) as base:
+        assert await _raw_call(base, "/v1/devices/0123456789abcdef01234567/led",
+                               data={"arg": "x"}) == (200, legacy)
+        assert await _raw_call(base, "/v1/devices/1f0030001647353236343033/led",
+                               json={"arg": "1"}) == (200, current)
+        assert await _raw_call(base, "/v1/devices/1f0030001647353236343033/led",
+                               token="wrong") == (401, list(INVALID_TOKEN.items()))
+        assert await _raw_call(base, "/v1/devices/1f0030001647353236343033/led",
+                               token=None) == (401, list(INVALID_TOKEN.items()))
+    assert [c.return_value for c in cloud.calls] == [42, 1, None, None]
+
+
+def test_int_arg_firmware_function() -> None:
+    assert (int_arg("3"), int_arg(" -7 "), int_arg("on"), int_arg("")) == (3, -7, -1, -1)
+
+
+@pytest.mark.parametrize(("offline", "answer"), [
+    ("timeout_408", (408, TIMED_OUT)),
+    ("timed_out_400", (400, TIMED_OUT_400)),
+    ("not_connected_404", (404, {"ok": False, "error": "Device is not connected"})),
+])
+async def test_an_offline_device_is_answered_as_configured(
+        offline: Any, answer: tuple[int, Any]) -> None:
+    cloud = ParticleCloud([Device("d1", functions={"led": int_arg})], tokens=["tok"],
+                          behaviour=CloudBehaviour(offline=offline))
+    async with serve_app(cloud.app) as base, aiohttp.ClientSession() as s:
+        assert await call(base, "/v1/devices/d1/led", data={"arg": "1"}) == (
+            200, {"id": "d1", "connected": True, "return_value": 1})
+        async with s.post(f"{base}/_admin/devices/d1", json={"online": False}) as r:
+            assert (r.status, await r.json()) == (200, {"id": "d1", "online": False})
+        assert await call(base, "/v1/devices/d1/led", data={"arg": "0"}) == answer
+        async with s.post(f"{base}/_admin/devices/d1", json={"online": "no"}) as r:
+            assert r.status == 400
+        async with s.post(f"{base}/_admin/devices/ghost", json={"online": True}) as r:
+            assert r.status == 404
+        cloud.set_online("d1", True)
+        assert await call(base, "/v1/devices/d1/led", data={"arg": "0"}) == (
+            200, {"id": "d1", "connected": True, "return_value": 0})
+        async with s.get(f"{base}/_admin/calls") as r:
+            admin = await r.json()
+    assert admin["counts"] == {"200": 2, str(answer[0]): 1}
+    assert [c["arg"] for c in admin["calls"]] == ["1", "0", "0"]
+    assert admin["devices"]["d1"] == {"online": True, "applied": {"led": "0"}}
+
+
+async def test_argument_length_and_unknown_device_answers_are_configurable() -> None:
+    cloud = ParticleCloud(["d1"], tokens=["tok"], behaviour=CloudBehaviour(
+        max_arg_len=63, arg_too_long_status=408, unknown_device="permission_denied_403"))
+    async with serve_app(cloud.app) as base:
+        assert (await call(base, "/v1/devices/d1/f", data={"arg": "x" * 63}))[0] == 200
+        assert await call(base, "/v1/devices/d1/f", data={"arg": "x" * 64}) == (
+            408, ARG_TOO_LONG)
+        status, body = await call(base, "/v1/devices/nobody/f", data={"arg": "1"})
+    assert (status, body["error"]) == (403, "Permission Denied")
+    assert cloud.devices["d1"].applied == {"f": "x" * 63}

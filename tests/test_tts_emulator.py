@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from emulators import tts as emu
@@ -18,7 +20,7 @@ from pipeline import mqtt
 from pipeline.config import TtsApplication
 from pipeline.events import Uplink
 from pipeline.tts import parse_event
-from tests.conftest import MQTT_HOST, MQTT_PORT
+from tests.conftest import MQTT_HOST, MQTT_PORT, free_port, serve_app
 
 APP = TtsApplication(name="lab", app_id="app1", raw_payload_key="raw")
 
@@ -106,50 +108,215 @@ async def test_fleet_paces_by_duration() -> None:
     assert 1 <= sent <= 50  # paced, not a flood (loose: tests never time things tightly)
 
 
-async def test_downlinks_are_answered_queued_then_ack_or_failed(
+def _keys(fixture: Path) -> dict[str, list[str]]:
+    """The key order of a TTS event fixture: top level and the ``downlink_*`` body."""
+    msg = json.loads(fixture.read_bytes())
+    kind = next(k for k in msg if k.startswith("downlink_"))
+    return {"top": list(msg), kind: list(msg[kind])}
+
+
+@contextlib.asynccontextmanager
+async def answering(answerer: emu.DownlinkAnswerer) -> AsyncIterator[emu.DownlinkAnswerer]:
+    serving = asyncio.create_task(answerer.run())
+    try:
+        await asyncio.wait_for(answerer.ready.wait(), 10)
+        yield answerer
+    finally:
+        serving.cancel()
+        await asyncio.gather(serving, return_exceptions=True)
+
+
+async def test_downlinks_are_answered_queued_sent_then_ack_or_failed(
     fixture_path: Callable[[str], Path],
 ) -> None:
     app_id = f"dl-{uuid.uuid4().hex[:6]}"
     answerer = emu.DownlinkAnswerer(MQTT_HOST, MQTT_PORT, app_id, "ttn", max_payload_bytes=4)
-    serving = asyncio.create_task(answerer.run())
     base = f"v3/{app_id}@ttn/devices/dev1"
-    try:
-        await asyncio.wait_for(answerer.ready.wait(), 10)
-        async with mqtt.Session(mqtt.Settings(MQTT_HOST, MQTT_PORT)) as client:
-            await client.subscribe([f"{base}/down/queued", f"{base}/down/ack",
-                                    f"{base}/down/failed"])
-            collecting = asyncio.create_task(_collect(client, 6))
-            await client.publish(f"{base}/down/push",
-                                 fixture_path("tts/tts-down-push-02.json").read_bytes())
-            await client.publish(f"{base}/down/replace",
-                                 fixture_path("tts/tts-down-push-01.json").read_bytes())
-            await client.publish(f"{base}/down/push", b"not json")
-            too_long = {"downlinks": [{"f_port": 2, "frm_payload": base64.b64encode(
-                b"0123456789").decode(), "priority": "NORMAL"}]}
-            await client.publish(f"{base}/down/push", json.dumps(too_long).encode())
-            got = await asyncio.wait_for(collecting, 10)
-    finally:
-        serving.cancel()
+    async with answering(answerer), mqtt.Session(mqtt.Settings(MQTT_HOST, MQTT_PORT)) as client:
+        await client.subscribe([f"{base}/down/+"])
+        collecting = asyncio.create_task(_collect(client, 7 + 4))  # ours come back too
+        await client.publish(f"{base}/down/push",
+                             fixture_path("tts/tts-down-push-02.json").read_bytes())
+        await client.publish(f"{base}/down/replace",
+                             fixture_path("tts/tts-down-push-01.json").read_bytes())
+        await client.publish(f"{base}/down/push", b"not json")
+        too_long = {"downlinks": [{"f_port": 2, "frm_payload": base64.b64encode(
+            b"0123456789").decode(), "priority": "NORMAL"}]}
+        await client.publish(f"{base}/down/push", json.dumps(too_long).encode())
+        got = [(t, p) for t, p in await asyncio.wait_for(collecting, 10)
+               if t.endswith(("/queued", "/sent", "/ack", "/nack", "/failed"))]
     kinds = [t.split("/", 4)[4] for t, _ in got]
-    assert kinds == ["down/queued", "down/ack", "down/queued", "down/ack", "down/queued",
-                     "down/failed"]
-    first_ack = json.loads(got[1][1])
-    assert first_ack["end_device_ids"]["device_id"] == "dev1"
-    ack = first_ack["downlink_ack"]
-    assert (ack["f_port"], ack["frm_payload"], ack["confirmed"], ack["priority"]) == (
+    # confirmed: queued, sent, ack; unconfirmed: queued, sent and no ack (TTS acks confirmed
+    # downlinks only); too long: queued, failed; the bad body: nothing (TTS only logs it)
+    assert kinds == ["down/queued", "down/sent", "down/ack", "down/queued", "down/sent",
+                     "down/queued", "down/failed"]
+    queued, sent, ack = (json.loads(p) for _, p in got[:3])
+    assert _keys(fixture_path("tts/tts-down-ack-02.json")) == {
+        "top": list(ack), "downlink_ack": list(ack["downlink_ack"])}
+    assert list(sent["downlink_sent"]) == list(ack["downlink_ack"])
+    assert ack["end_device_ids"]["device_id"] == "dev1"
+    assert list(ack["end_device_ids"]) == list(json.loads(fixture_path(
+        "tts/tts-down-ack-01.json").read_bytes())["end_device_ids"])
+    body = ack["downlink_ack"]
+    assert (body["f_port"], body["frm_payload"], body["confirmed"], body["priority"]) == (
         15, "vu8=", True, "HIGH")
-    assert ack["correlation_ids"][0].startswith("as:downlink:")
-    assert "my-correlation-id" in ack["correlation_ids"]
-    assert json.loads(got[2][1])["downlink_queued"]["priority"] == "NORMAL"
-    failed = json.loads(got[5][1])["downlink_failed"]
-    assert failed["error"]["name"] == "application_downlink_too_long"
-    assert failed["error"]["code"] == 3
-    assert failed["downlink"]["f_port"] == 2
+    # the downlink's own ids first, then the AS's (fixture tts-down-ack-01)
+    assert body["correlation_ids"][0] == "my-correlation-id"
+    assert body["correlation_ids"][1].startswith("as:downlink:")
+    assert queued["correlation_ids"] == sent["correlation_ids"] == ack["correlation_ids"] == (
+        body["correlation_ids"])
+    unconfirmed = json.loads(got[3][1])
+    assert _keys(fixture_path("tts/tts-down-queued-01.json"))["downlink_queued"] == list(
+        unconfirmed["downlink_queued"])
+    failed = json.loads(got[6][1])
+    assert _keys(fixture_path("tts/tts-down-failed-01.json")) == {
+        "top": [k for k in failed if k != "received_at"],
+        "downlink_failed": list(failed["downlink_failed"])}
+    error = failed["downlink_failed"]["error"]
+    fixture_error = json.loads(fixture_path("tts/tts-down-failed-01.json").read_bytes())[
+        "downlink_failed"]["error"]
+    assert list(error) == list(fixture_error)
+    assert {k: v for k, v in error.items() if k != "correlation_id"} == {
+        k: v for k, v in fixture_error.items() if k != "correlation_id"}
+    assert failed["downlink_failed"]["downlink"]["f_port"] == 2
     assert answerer.invalid == 1
+    assert [(r.operation, r.via, r.outcome) for r in answerer.received] == [
+        ("push", "mqtt", "ack"), ("replace", "mqtt", "sent"), ("push", "mqtt", "failed")]
     assert answerer.received[0][1]["correlation_ids"] == ["my-correlation-id"]
+    assert answerer.counts() == {"ack": 1, "sent": 1, "failed": 1, "received": 3, "invalid": 1,
+                                 "unknown_device": 0}
     # The answers parse as downlink outcomes, not uplinks.
     for _, payload in got:
         assert not isinstance(parse_event(payload, APP, received_ts_ms=1), Uplink)
+
+
+def _blynk_downlink(device_value: Any, cid: str, *, confirmed: bool = True) -> bytes:
+    """What Blynk's TTS integration sends (reference 4.1), as a decoded_payload downlink."""
+    item: dict[str, Any] = {"f_port": 1, "decoded_payload": {
+        "name": "speed", "pin": "v2", "ts": 1721202415068, "value": device_value},
+        "priority": "NORMAL", "correlation_ids": [cid]}
+    if confirmed:
+        item["confirmed"] = True
+    return json.dumps({"downlinks": [item]}).encode()
+
+
+async def test_faults_per_device_and_by_rate() -> None:
+    app_id = f"fault-{uuid.uuid4().hex[:6]}"
+    fleet = emu.Fleet(MQTT_HOST, MQTT_PORT, app_id, "ttn", devices=4, rate_per_s=float("inf"))
+    faults = emu.DownlinkFaults(per_device={"dev0000": "nack", "dev0001": "failed"},
+                                nack_rate=1.0)
+    answerer = emu.DownlinkAnswerer(
+        MQTT_HOST, MQTT_PORT, app_id, "ttn", faults=faults, devices=fleet.state,
+        fault_error={"namespace": "pkg/networkserver", "name": "no_device_session",
+                     "message_format": "no device session", "code": 9})
+    base = f"v3/{app_id}@ttn/devices"
+    async with answering(answerer), mqtt.Session(mqtt.Settings(MQTT_HOST, MQTT_PORT)) as client:
+        await client.subscribe([f"{base}/+/down/nack", f"{base}/+/down/failed"])
+        collecting = asyncio.create_task(_collect(client, 2))
+        for device in ("dev0000", "dev0001"):
+            await client.publish(f"{base}/{device}/down/push", _blynk_downlink(1, f"bb:{device}"))
+        # a confirmed downlink by the nack rate, and an unconfirmed one the device misses
+        await client.publish(f"{base}/dev0002/down/push", _blynk_downlink(2, "bb:2"))
+        await client.publish(f"{base}/dev0003/down/push",
+                             _blynk_downlink(3, "bb:3", confirmed=False))
+        await client.publish(f"{base}/ghost/down/push", _blynk_downlink(4, "bb:4"))
+        got = dict(await asyncio.wait_for(collecting, 10))
+        await answerer.wait_for(4)
+    nack = json.loads(got[f"{base}/dev0000/down/nack"])
+    assert nack["downlink_nack"]["correlation_ids"][0] == "bb:dev0000"
+    failed = json.loads(got[f"{base}/dev0001/down/failed"])["downlink_failed"]
+    assert (failed["error"]["name"], failed["error"]["code"]) == ("no_device_session", 9)
+    assert [(r.device, r.outcome) for r in answerer.received] == [
+        ("dev0000", "nack"), ("dev0001", "failed"), ("dev0002", "nack"), ("dev0003", "sent")]
+    assert fleet.state.state == {}  # nothing reached a device
+    assert answerer.unknown_device == 1
+
+
+def test_applied_values_table() -> None:
+    blynk = {"decoded_payload": {"name": "speed", "pin": "v2", "ts": 1, "value": 3}}
+    assert emu.applied_values(blynk) == {"speed": 3}
+    assert emu.applied_values(blynk, report_key="pin") == {"v2": 3}
+    assert emu.applied_values({"decoded_payload": {"pin": "v7", "value": "on"}}) == {"v7": "on"}
+    assert emu.applied_values({"decoded_payload": {"led": 1, "mode": "eco"}}) == {
+        "led": 1, "mode": "eco"}
+    as_bytes = base64.b64encode(b'{"name":"speed","pin":"v2","value":2}').decode()
+    assert emu.applied_values({"f_port": 9, "frm_payload": as_bytes}) == {"speed": 2}
+    assert emu.applied_values({"f_port": 7, "frm_payload": "//8="}, port_keys={7: "temp"}) == {
+        "temp": -1}
+    assert emu.applied_values({"f_port": 8, "frm_payload": "//8="}, port_keys={7: "temp"}) == {}
+    assert emu.applied_values({"f_port": 7, "frm_payload": "%%"}, port_keys={7: "t"}) == {}
+
+
+async def test_simulated_devices_apply_downlinks_and_report_them_in_their_next_uplink() -> None:
+    app_id = f"apply-{uuid.uuid4().hex[:6]}"
+    fleet = emu.Fleet(MQTT_HOST, MQTT_PORT, app_id, "ttn", devices=3, rate_per_s=float("inf"))
+    fleet.state.port_keys[7] = "led"
+    answerer = emu.DownlinkAnswerer(MQTT_HOST, MQTT_PORT, app_id, "ttn", devices=fleet.state)
+    base = f"v3/{app_id}@ttn/devices"
+    async with answering(answerer), mqtt.Session(mqtt.Settings(MQTT_HOST, MQTT_PORT)) as client:
+        await client.publish(f"{base}/dev0000/down/push",
+                             _blynk_downlink(3, "bb:1", confirmed=False))
+        await client.publish(f"{base}/dev0001/down/replace", json.dumps({"downlinks": [
+            {"f_port": 7, "frm_payload": base64.b64encode(b"\x01").decode()}]}).encode())
+        received = await answerer.wait_for(2)
+        assert [r.applied for r in received] == [{"speed": 3}, {"led": 1}]
+        await client.subscribe([f"{base}/+/up"])
+        collecting = asyncio.create_task(_collect(client, 3))
+        await fleet.run(count=3)
+        ups = {json.loads(p)["end_device_ids"]["device_id"]: json.loads(p)["uplink_message"]
+               for _, p in await asyncio.wait_for(collecting, 10)}
+    assert ups["dev0000"]["decoded_payload"]["speed"] == 3
+    assert ups["dev0001"]["decoded_payload"]["led"] == 1
+    assert "speed" not in ups["dev0002"]["decoded_payload"]
+    assert fleet.sent["dev0000"][0] == ups["dev0000"]["decoded_payload"]
+
+
+async def test_webhook_downlink_api_over_http() -> None:
+    app_id = f"http-{uuid.uuid4().hex[:6]}"
+    fleet = emu.Fleet(MQTT_HOST, MQTT_PORT, app_id, "ttn", devices=1, rate_per_s=1.0)
+    answerer = emu.DownlinkAnswerer(MQTT_HOST, MQTT_PORT, app_id, "ttn", devices=fleet.state,
+                                    api_keys={"NNSXS.GOOD"}, webhook_ids={"blynk"})
+    key = {"Authorization": "Bearer NNSXS.GOOD"}
+    path = f"/api/v3/as/applications/{app_id}/webhooks/blynk/devices/dev0000/down/push"
+    async with answering(answerer), serve_app(answerer.http_app()) as url, \
+            mqtt.Session(mqtt.Settings(MQTT_HOST, MQTT_PORT)) as client, \
+            aiohttp.ClientSession() as http:
+        await client.subscribe([f"v3/{app_id}@ttn/devices/+/down/+"])
+        collecting = asyncio.create_task(_collect(client, 3))
+
+        async def post(p: str, body: bytes, headers: dict[str, str]) -> tuple[int, Any]:
+            async with http.post(url + p, data=body, headers=headers) as resp:
+                text = await resp.text()
+                return resp.status, json.loads(text) if text else None
+
+        good = _blynk_downlink(3, "bb:http")
+        assert (await post(path, good, {}))[0] == 401
+        status, err = await post(path, good, {"Authorization": "Bearer NNSXS.BAD"})
+        assert (status, err["code"], err["details"][0]["name"]) == (401, 16, "unauthenticated")
+        assert err["message"] == "error:pkg/auth:unauthenticated (unauthenticated)"
+        other_app = path.replace(app_id, "someone-else")
+        assert (await post(other_app, good, key))[0] == 403
+        assert (await post(path.replace("/blynk/", "/other/"), good, key))[0] == 404
+        status, err = await post(path.replace("dev0000", "ghost"), good, key)
+        assert (status, err["details"][0]["name"]) == (404, "device_not_found")
+        assert (await post(path, b"{}", key))[0] == 400
+        assert (await post(path, b'{"downlinks":[{"f_port":300}]}', key))[0] == 400
+        assert await post(path, good, key) == (200, None)
+        got = await asyncio.wait_for(collecting, 10)
+        async with http.post(url + "/_admin/faults",
+                             json={"per_device": {"dev0000": "failed"}}) as resp:
+            assert resp.status == 200
+        assert await post(path.replace("/push", "/replace"), good, key) == (200, None)
+        await answerer.wait_for(2)
+        async with http.get(url + "/_admin/downlinks") as resp:
+            admin = await resp.json()
+    assert [t.rsplit("/", 1)[1] for t, _ in got] == ["queued", "sent", "ack"]
+    assert json.loads(got[2][1])["downlink_ack"]["correlation_ids"][0] == "bb:http"
+    assert admin["counts"] == {"ack": 1, "failed": 1, "received": 2, "invalid": 2,
+                               "unknown_device": 1}
+    assert [(r["via"], r["operation"], r["outcome"]) for r in admin["received"]] == [
+        ("http", "push", "ack"), ("http", "replace", "failed")]
+    assert admin["state"] == {"dev0000": {"speed": 3}}
 
 
 async def test_private_broker_enforces_the_tts_login() -> None:
@@ -181,5 +348,6 @@ async def test_private_broker_enforces_the_tts_login() -> None:
 def test_command_line_runs_a_fleet() -> None:
     rc = emu.main(["--host", MQTT_HOST, "--port", str(MQTT_PORT), "--app",
                    f"cli-{uuid.uuid4().hex[:6]}", "--devices", "2", "--rate", "1000",
-                   "--count", "4", "--join"])
+                   "--count", "4", "--join", "--http-port", str(free_port()),
+                   "--fail-rate", "0.5"])
     assert rc == 0

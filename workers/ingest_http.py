@@ -6,6 +6,9 @@ Routes (one dict-routed handler on aiohttp's low-level server):
   (:func:`pipeline.particle.parse_webhook`; GET is the Blynk blueprint's query-only webhook);
 * ``POST /tts/{integration}`` — TTS webhook uplinks, joins, locations
   (:func:`pipeline.tts.parse_message`), for applications that configure ``webhook_auth``;
+* ``POST|PUT|GET /blynk/{name}`` — a Blynk webhook (``blynk_webhooks``): one datastream change,
+  a ``Downlink`` on the downlinks stream (:func:`pipeline.blynk_webhook.parse`); 2xx once it is
+  in Redis, 400 naming the field of a body Blynk did not fill;
 * ``GET /healthz`` (the process answers), ``GET /readyz`` (Redis answers a PING: 200, else 503),
   ``GET /status`` (integration statuses and uplinks backlog, JSON), ``GET /metrics``.
 
@@ -34,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import collections
 import contextlib
 import gc
 import hmac
@@ -62,16 +66,18 @@ from pipeline.streams import Redis, now_ms
 
 log = logging.getLogger("blynk_bridge.ingest_http")
 
-Source = Literal["particle", "tts"]
+Source = Literal["particle", "tts", "blynk"]
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
 _PARTICLE_METHODS = ("GET", "POST", "PUT")
 _PROBE_METHODS = ("GET", "HEAD")
 #: ``bb_rejected_total{source}`` of a request that matches no route, by its first path segment.
-_ROUTE_SOURCES = {"particle": "particle", "tts": "tts"}
+_ROUTE_SOURCES = {"particle": "particle", "tts": "tts", "blynk": "blynk"}
 
 #: Seconds a client is asked to wait (``Retry-After``) when the backlog or Redis refuses input.
 RETRY_AFTER_S = 5
+#: Requests a minute Blynk sends per webhook (its documented limit; the rest it drops).
+BLYNK_WEBHOOK_RATE = 10
 #: How often the uplinks backlog is read from Redis (never per request).
 BACKLOG_REFRESH_S = 1.0
 #: An integration already Connected is re-marked at most this often (other replicas may have
@@ -245,6 +251,32 @@ def _lag(length: int, groups: object, group: str) -> int:
     return int(length)
 
 
+# --- Blynk's webhook rate ---------------------------------------------------------------------
+
+
+class WebhookRate:
+    """Blynk sends at most :data:`BLYNK_WEBHOOK_RATE` requests a minute per webhook and drops the
+    rest; the bridge cannot see what was dropped, but it sees when a webhook runs at the limit:
+    each request that makes a webhook's last minute reach it is counted
+    (``bb_blynk_webhook_at_limit_total``) and logged, so an operator knows changes are being
+    lost upstream (and that fleets need the device-session channel)."""
+
+    def __init__(self) -> None:
+        self._recent: dict[str, collections.deque[float]] = {}
+
+    def seen(self, name: str) -> None:
+        now = time.monotonic()
+        recent = self._recent.setdefault(name, collections.deque())
+        while recent and now - recent[0] >= 60.0:
+            recent.popleft()
+        recent.append(now)
+        if len(recent) >= BLYNK_WEBHOOK_RATE:
+            metrics.BLYNK_WEBHOOK_AT_LIMIT.labels(name).inc()
+            if len(recent) == BLYNK_WEBHOOK_RATE:
+                log.warning("blynk/%s: %d requests in the last minute, Blynk's limit per "
+                            "webhook: further changes are dropped by Blynk", name, len(recent))
+
+
 # --- integration status --------------------------------------------------------------------------
 
 
@@ -311,6 +343,10 @@ class IngestHttp:
             if app.webhook_auth is not None:
                 self.tts[app.name] = (app, Authenticator(app.webhook_auth,
                                                          f"tts[{i}].webhook_auth"))
+        self.blynk: dict[str, Authenticator] = {
+            w.name: Authenticator(w.auth, f"blynk_webhooks[{i}].auth")
+            for i, w in enumerate(ctx.config.blynk_webhooks)}
+        self.blynk_rate = WebhookRate()
         self.appender = ctx.writer
         self.board = StatusBoard(ctx.redis, ctx.keys)
         self.status = InboundStatus(self.board, "particle", self.cfg.broken_after_failures)
@@ -407,6 +443,12 @@ class IngestHttp:
                     if method in _PARTICLE_METHODS:
                         return await self.particle_webhook(request, name)
                     raise self._not_allowed("particle", method, _PARTICLE_METHODS)
+            elif path.startswith("/blynk/"):
+                name = path[7:]
+                if name and "/" not in name:
+                    if method in _PARTICLE_METHODS:
+                        return await self.blynk_webhook(request, name)
+                    raise self._not_allowed("blynk", method, _PARTICLE_METHODS)
             elif path.startswith("/tts/"):
                 name = path[5:]
                 if name and "/" not in name:
@@ -485,6 +527,36 @@ class IngestHttp:
         if uplink is None:
             return web.Response(status=202, headers={"X-Skipped": "not an uplink"})
         return await self._append(uplink, name)
+
+    async def blynk_webhook(self, request: web.BaseRequest, name: str) -> web.Response:
+        """A Blynk datastream change → one ``Downlink`` (see :mod:`pipeline.blynk_webhook`)."""
+        from pipeline.blynk_webhook import parse
+
+        auth = self.blynk.get(name)
+        if auth is None:
+            raise self._refuse("blynk", None, Refused(
+                404, "unknown_integration", f"no Blynk webhook named {name[:64]!r}",
+                field="integration"))
+        self._admit(request, "blynk", name, auth)
+        body = await self._body(request, "blynk", name)
+        try:
+            down = parse(body, request.content_type, _query(request), origin=name,
+                         received_ts_ms=now_ms())
+        except InvalidInput as exc:
+            raise self._invalid("blynk", name, exc) from None
+        who = down.token if down.token is not None else str(down.blynk_id)
+        stream = self.ctx.keys.stream_for(keynames.DOWNLINKS, "blynk", who)
+        try:
+            entry_id = await self.appender.add(stream, encode(down))
+        except RedisError as exc:
+            log.warning("blynk/%s: cannot append to %s: %s", name, stream, exc)
+            raise self._refuse("blynk", None, Refused(
+                503, "redis_unavailable", "the bridge cannot store messages right now",
+                headers={"Retry-After": str(RETRY_AFTER_S)})) from None
+        metrics.INGESTED.labels("blynk", name, "downlink").inc()
+        self.blynk_rate.seen(name)
+        return web.Response(status=200, headers={"X-Entry-Id": entry_id,
+                                                 "X-Event-Id": down.event_id})
 
     def _admit(self, request: web.BaseRequest, source: Source, name: str,
                auth: Authenticator) -> None:

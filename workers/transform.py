@@ -61,7 +61,7 @@ from pipeline.errors import BridgeError, Permanent, Retryable
 from pipeline.keys import GROUP_TRANSFORM, UPLINKS, Keys
 from pipeline.mapping import Template, datastreams_from_platform, describe_rejected, map_uplink
 from pipeline.provision import PROVISION_FAILED, Platform, Provisioner
-from pipeline.registry import Device, Registry
+from pipeline.registry import Device, Registry, token_device_key
 from pipeline.streams import Entry, Redis, StreamReader, now_ms
 
 if TYPE_CHECKING:
@@ -681,7 +681,8 @@ class TransformStage:
     def _token_device(self, it: _Item) -> Device:
         """The Particle blueprint's case: the uplink carries the device's token itself."""
         tname = it.integ.choose_template(it.uplink.device_meta)
-        return Device(key=it.key, token=it.uplink.token or "", template=tname or "")
+        token = it.uplink.token or ""
+        return Device(key=token_device_key(it.key, token), token=token, template=tname or "")
 
     def _map(self, ready: Sequence[tuple[_Item, Device]], ts: int) -> list[_Mapped]:
         """Map each ready uplink onto its template: its write, partial dead letter, counts."""
@@ -703,7 +704,7 @@ class TransformStage:
             if mapped.pins:
                 hist = template.history_pins
                 write = encode(events.BlynkWrite(
-                    token=dev.token, server=self._server_url(dev.server), device_key=it.key,
+                    token=dev.token, server=self._server_url(dev.server), device_key=dev.key,
                     pins=mapped.pins, event_ts_ms=u.event_ts_ms,
                     received_ts_ms=u.received_ts_ms, event_id=u.event_id,
                     history_pins=[p for p in mapped.pins if p in hist] if hist else [],

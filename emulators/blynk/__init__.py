@@ -24,7 +24,9 @@ UNCONFIRMED, a :class:`~emulators.blynk.settings.Settings` field switches it; th
 * ``isHardwareConnected`` is ``false`` for HTTP devices (``hardware_connected: never``);
 * webhooks fire on every update, including device-API writes and same values; not retried;
   ``{timestamp_unix}`` in milliseconds; placeholders substituted raw (``webhook_json_escape``);
-  Web Form is ``application/x-www-form-urlencoded``, Plain text is ``text/plain``;
+  Web Form is ``application/x-www-form-urlencoded``, Plain text is ``text/plain``; a dashboard
+  write is ``POST /_admin/devices/{id}/app-write`` (validated like a device write, origin
+  ``app``; each device keeps its last write's time and origin);
 * ``search/devices`` matches device names only (``search_matches_metafields``).
 
 Modules: ``model`` (templates, devices, value rules; pure), ``settings`` (file format),

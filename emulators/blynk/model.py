@@ -20,6 +20,9 @@ from typing import Any, Literal
 import msgspec
 
 DatastreamType = Literal["integer", "double", "string", "enum", "location"]
+#: Who wrote a value: the device HTTPS API (``device``), a dashboard or app user (``app``, the
+#: emulator's ``app-write`` admin call), or the platform API (``platform``).
+Origin = Literal["device", "app", "platform"]
 #: A stored datastream value: int, float, str, or ``[lon, lat]``.
 Value = int | float | str | list[float]
 
@@ -287,9 +290,9 @@ class Device:
     """A device and its live state: current values, history, counters, rate bucket."""
 
     __slots__ = ("activated_at", "bucket", "bucket_ts", "day", "events", "events_today", "history",
-                 "id",
-                 "imports_today", "last_data_ms", "messages", "metafields", "name", "properties",
-                 "region", "template", "token", "updates_today", "values")
+                 "id", "imports_today", "last_data_ms", "last_write_ms", "last_write_origin",
+                 "messages", "metafields", "name", "origins", "properties", "region", "template",
+                 "token", "updates_today", "values")
 
     def __init__(self, id: int, name: str, token: str, template: Template, region: str,
                  now_ms: int) -> None:
@@ -304,6 +307,11 @@ class Device:
         #: Pin → (value, timestamp ms).
         self.values: dict[str, tuple[Value, int]] = {}
         self.history: dict[str, deque[tuple[int, Value]]] = {}
+        #: Pin → origin of its current value; and the time and origin of the device's last write,
+        #: so a test can tell a dashboard write from the bridge's device-API write.
+        self.origins: dict[str, Origin] = {}
+        self.last_write_ms = 0
+        self.last_write_origin: Origin | None = None
         #: Pin → widget property → value (``update/property``).
         self.properties: dict[str, dict[str, str]] = {}
         #: logEvent calls: (ts ms, code, description).
@@ -404,12 +412,15 @@ class Model:
 
     # values -----------------------------------------------------------------------------------
     def write(self, device: Device, ds: Datastream, value: Value, ts_ms: int, *,
-              current: bool = True, notify: bool = True) -> None:
+              current: bool = True, notify: bool = True, origin: Origin = "device") -> None:
         """Record one datastream value (current value unless ``current=False``) and its history."""
         if current:
             prev = device.values.get(ds.pin)
             if prev is None or prev[1] <= ts_ms:
                 device.values[ds.pin] = (value, ts_ms)
+                device.origins[ds.pin] = origin
+            device.last_write_ms = ts_ms
+            device.last_write_origin = origin
         hist = device.history.get(ds.pin)
         if hist is None:
             hist = device.history[ds.pin] = deque(maxlen=self.history_len)
@@ -419,10 +430,13 @@ class Model:
                 listener(device, ds, value, ts_ms)
 
     def write_current(self, device: Device, values: Iterable[tuple[Datastream, Value]],
-                      ts_ms: int) -> None:
+                      ts_ms: int, origin: Origin = "device") -> None:
         """:meth:`write` of each (datastream, value) in order, all at ``ts_ms``, as current
         values, notifying: the device API's one message, in one call instead of one per pin."""
         current = device.values
+        origins = device.origins
+        device.last_write_ms = ts_ms
+        device.last_write_origin = origin
         history = device.history
         listeners = self.listeners
         for ds, value in values:
@@ -430,6 +444,7 @@ class Model:
             prev = current.get(pin)
             if prev is None or prev[1] <= ts_ms:
                 current[pin] = (value, ts_ms)
+                origins[pin] = origin
             hist = history.get(pin)
             if hist is None:
                 hist = history[pin] = deque(maxlen=self.history_len)
@@ -441,6 +456,9 @@ class Model:
     def reset_values(self) -> None:
         for d in self.devices.values():
             d.values.clear()
+            d.origins.clear()
+            d.last_write_ms = 0
+            d.last_write_origin = None
             d.history.clear()
             d.properties.clear()
             d.events.clear()

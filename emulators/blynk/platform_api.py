@@ -265,7 +265,7 @@ class PlatformApi:
             v = ds.coerce_json(value, string_max=self.settings.string_max_bytes)
         except Mismatch:
             return error("Value doesn't match the Datastream data type")
-        self.model.write(d, ds, v, self.emu.now_ms())
+        self.model.write(d, ds, v, self.emu.now_ms(), origin="platform")
         return None
 
     async def write_datastream(self, request: web.BaseRequest) -> web.Response:
@@ -307,7 +307,7 @@ class PlatformApi:
         except (KeyError, TypeError, ValueError):
             return error("Value doesn't match the Datastream data type")
         for ts, v in parsed:
-            self.model.write(d, ds, v, ts, notify=False)
+            self.model.write(d, ds, v, ts, notify=False, origin="platform")
         return web.Response(status=204)
 
     async def get_metafields(self, request: web.BaseRequest) -> web.Response:

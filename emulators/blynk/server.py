@@ -18,8 +18,10 @@ every other connection to aiohttp. :meth:`app` wraps the dispatcher in an
 Admin endpoints (``/_admin/…``, on every region port, never subject to faults or limits):
 ``GET requests`` (ring buffer, tokens masked), ``GET devices``, ``GET devices/{id}`` (values,
 history, events, properties), ``GET counts`` (messages per device and organization),
-``GET webhooks`` (stats and attempt log), ``GET|POST|DELETE faults``, ``POST oauth/expire``,
-``POST reset``.
+``GET webhooks`` (per-webhook stats, totals and the attempt log: what fired, what was sent, what
+the 10/min limit dropped), ``GET|POST|DELETE faults``, ``POST oauth/expire``, ``POST reset``, and
+``POST devices/{id}/app-write`` with ``{"pin":"v2","value":3}`` (or ``"dataStreamId"``): a
+dashboard or mobile-app user changing a datastream (:meth:`BlynkEmulator.app_write`).
 """
 
 from __future__ import annotations
@@ -38,9 +40,19 @@ from aiohttp import web
 from aiohttp.log import access_logger
 from multidict import MultiDict
 
-from emulators.blynk.device_api import DeviceApi, Handler, Route, error, error_reply
+from emulators.blynk.device_api import (
+    NO_DATASTREAM,
+    TYPE_MISMATCH,
+    WRONG_DATASTREAM_ID,
+    WRONG_PIN,
+    DeviceApi,
+    Handler,
+    Route,
+    error,
+    error_reply,
+)
 from emulators.blynk.front import Answer, FrontServer, Reply, query_pairs
-from emulators.blynk.model import Device, Model, is_id
+from emulators.blynk.model import PINS, Datastream, Device, Mismatch, Model, Value, is_id
 from emulators.blynk.platform_api import PlatformApi
 from emulators.blynk.settings import (
     EmulatorSpec,
@@ -151,6 +163,23 @@ class Faults:
             self._count(str(s.error_status))
             return error("Internal server error (emulated).", s.error_status)
         return None
+
+
+class AppWrite(msgspec.Struct, forbid_unknown_fields=True):
+    """The body of ``POST /_admin/devices/{id}/app-write``: a pin or a datastream id, a value."""
+
+    value: Any
+    pin: str | None = None
+    dataStreamId: int | str | None = None
+
+
+class AppWriteError(ValueError):
+    """An app write refused; ``message`` is the device API's wording."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
 
 
 class BlynkEmulator:
@@ -434,6 +463,38 @@ class BlynkEmulator:
             await runner.cleanup()
         self._runners = []
 
+    # the dashboard ------------------------------------------------------------------------------
+    def app_write(self, device: Device | int, pin: str | None = None, value: Any = None, *,
+                  datastream_id: int | str | None = None) -> tuple[Datastream, Value]:
+        """A dashboard or mobile-app user sets a datastream: validated like a device write
+        (type, then min/max clamp or enum fallback), stored as the current value with origin
+        ``app``, and the watching webhooks fire (their 10/min limit applies). Not a device-API
+        message: no device limits, faults or message counts. Raises :class:`AppWriteError` with
+        the device API's wording."""
+        dev = device if isinstance(device, Device) else self.model.devices.get(device)
+        if dev is None:
+            raise AppWriteError(f"no device {device}", 404)
+        t = dev.template
+        if datastream_id is not None:
+            ref = str(datastream_id)
+            ds = t.by_id.get(int(ref)) if is_id(ref) else None
+            if ds is None:
+                raise AppWriteError(WRONG_DATASTREAM_ID)
+        else:
+            canon = PINS.get(pin) if isinstance(pin, str) else None
+            if canon is None:
+                raise AppWriteError(WRONG_PIN)
+            found = t.by_pin.get(canon)
+            if found is None:
+                raise AppWriteError(NO_DATASTREAM)
+            ds = found
+        try:
+            stored = ds.coerce_json(value, string_max=self.settings.string_max_bytes)
+        except Mismatch:
+            raise AppWriteError(TYPE_MISMATCH) from None
+        self.model.write(dev, ds, stored, self.now_ms(), origin="app")
+        return ds, stored
+
     # inspection -------------------------------------------------------------------------------
     def device_by_token(self, token: str) -> Device:
         return self.model.by_token[token]
@@ -457,7 +518,9 @@ class BlynkEmulator:
     def device_state(self, d: Device) -> dict[str, Any]:
         return {"id": d.id, "name": d.name, "template": d.template.id, "region": d.region,
                 "token": redact_url(f"token={d.token}")[6:], "messages": d.messages,
-                "values": {p.lower(): {"value": v, "ts_ms": ts} for p, (v, ts) in d.values.items()},
+                "values": {p.lower(): {"value": v, "ts_ms": ts, "origin": d.origins.get(p)}
+                           for p, (v, ts) in d.values.items()},
+                "last_write": {"ts_ms": d.last_write_ms, "origin": d.last_write_origin},
                 "history": {p.lower(): [[ts, v] for ts, v in h] for p, h in d.history.items()},
                 "metafields": {m.name: d.metafields.get(m.id, "") for m in d.template.metafields},
                 "properties": {p.lower(): props for p, props in d.properties.items()},
@@ -471,17 +534,33 @@ class BlynkEmulator:
         self.refused.clear()
         self.faults.clear()
         self.faults.injected.clear()
-        self.webhooks.log.clear()
+        self.webhooks.reset()
 
     async def _admin_fallback(self, request: web.BaseRequest, path: str) -> web.Response:
-        """``GET /_admin/devices/{id}``, else 404."""
+        """``GET /_admin/devices/{id}``, ``POST /_admin/devices/{id}/app-write``, else 404."""
         prefix = "/_admin/devices/"
-        if request.method == "GET" and path.startswith(prefix):
-            ref = path[len(prefix):]
+        if path.startswith(prefix):
+            ref, _, action = path[len(prefix):].partition("/")
             d = self.model.devices.get(int(ref)) if is_id(ref) else None
-            if d is not None:
+            if d is not None and request.method == "GET" and not action:
                 return _json(self.device_state(d))
+            if d is not None and request.method == "POST" and action == "app-write":
+                return await self._app_write(request, d)
         return _json({"error": f"no such admin resource: {request.method} {path}"}, 404)
+
+    async def _app_write(self, request: web.BaseRequest, d: Device) -> web.Response:
+        try:
+            body = msgspec.json.decode(await request.read(), type=AppWrite)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            return _json({"error": {"message": f"Wrong body format: {exc}"}}, 400)
+        fired = self.webhooks.totals()["fired"]
+        try:
+            ds, stored = self.app_write(d, body.pin, body.value, datastream_id=body.dataStreamId)
+        except AppWriteError as exc:
+            return error(exc.message, exc.status)
+        return _json({"device": d.id, "pin": ds.pin.lower(), "dataStreamId": ds.id,
+                      "value": stored, "ts_ms": d.last_write_ms, "origin": "app",
+                      "webhooks_fired": self.webhooks.totals()["fired"] - fired})
 
     def _admin_routes(self) -> list[Route]:
         j = _json
@@ -497,7 +576,8 @@ class BlynkEmulator:
             return j(self.counts())
 
         async def webhooks(request: web.BaseRequest) -> web.Response:
-            return j({"stats": self.webhooks.stats(), "log": list(self.webhooks.log)})
+            return j({"stats": self.webhooks.stats(), "totals": self.webhooks.totals(),
+                      "log": list(self.webhooks.log)})
 
         async def faults_get(request: web.BaseRequest) -> web.Response:
             return j(self.faults.state())

@@ -106,6 +106,13 @@ class OAuthClient(_Spec):
     client_secret: str
 
 
+class WebhookAuth(_Spec):
+    """Basic Auth of a webhook (the form's Authorization "Basic Auth")."""
+
+    username: str
+    password: str
+
+
 class WebhookSpec(_Spec):
     """One Blynk webhook (Console > Developers > Webhooks), triggered by a datastream update."""
 
@@ -125,7 +132,11 @@ class WebhookSpec(_Spec):
     #: Web Form rows: key → placeholder text.
     fields: dict[str, str] = msgspec.field(default_factory=dict)
     query: dict[str, str] = msgspec.field(default_factory=dict)
+    #: Custom headers (e.g. a shared secret the receiver checks). Blynk allows only letters,
+    #: digits, spaces and ``/ _ : ; . -`` in values.
     headers: dict[str, str] = msgspec.field(default_factory=dict)
+    #: Authorization: None (null) or Basic.
+    auth: WebhookAuth | None = None
     #: Overrides ``settings.webhook_rate_per_min`` for this webhook.
     rate_per_min: int | None = None
 

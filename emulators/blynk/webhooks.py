@@ -5,6 +5,15 @@ webhook watches the datastream), then queued; worker tasks send it. So a slow or
 never slows the device API down. Over the per-webhook rate (default 10 per minute, a sliding
 window) a trigger is dropped and counted, as Blynk documents. Every attempt goes to a log.
 
+Every log entry names the trigger (device, pin, value, and the write's origin: ``device``,
+``app`` or ``platform``), so a test can tell what fired, what was sent and what the limit dropped;
+:meth:`Webhooks.stats` and :meth:`Webhooks.totals` count the same.
+
+Configuration is checked when a webhook is added, with Blynk's documented rules (reference 2.2):
+name ≤80 letters, digits, ``-``, ``'``, spaces; header names ≤100 characters and values of only
+letters, digits, spaces, ``/ _ : ; . -``; URL ≤1024 characters. Authorization is None or Basic
+(``auth: {username, password}``); OAuth 2.0 is not emulated.
+
 Not retried: Blynk's retry policy is undocumented (reference 2.3), and a dropped trigger is what
 the bridge must survive anyway.
 """
@@ -12,6 +21,7 @@ the bridge must survive anyway.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import logging
@@ -40,6 +50,9 @@ from pipeline.redact import redact_url
 log = logging.getLogger("emulators.blynk.webhooks")
 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(?:\[(\d+)\])?\}")
+_NAME = re.compile(r"[A-Za-z0-9' -]{1,80}")
+_HEADER_VALUE = re.compile(r"[A-Za-z0-9 /_:;.-]*")
+MAX_URL = 1024
 _CONTENT_TYPES = {"json": "application/json", "form": "application/x-www-form-urlencoded",
                   "plain": "text/plain"}
 
@@ -73,9 +86,20 @@ class Webhook:
 
 
 @dataclass(frozen=True, slots=True)
+class Trigger:
+    """What fired a webhook: one datastream update."""
+
+    device: int
+    pin: str
+    value: str
+    origin: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class Request:
     webhook: str
     trigger_id: int
+    trigger: Trigger
     method: str
     url: str
     headers: dict[str, str]
@@ -154,6 +178,7 @@ class Webhooks:
     def add(self, spec: WebhookSpec) -> Webhook:
         if spec.name in self.hooks:
             raise ValueError(f"webhook {spec.name!r} defined twice")
+        check_spec(spec)
         if spec.trigger == "template_datastream":
             t = self.model.template(spec.template or "")
             if t is None:
@@ -197,31 +222,36 @@ class Webhooks:
             return
         fields: dict[str, str] | None = None
         now = time.monotonic()
+        trigger = Trigger(device.id, ds.pin.lower(), format_value(value), device.last_write_origin)
         for hook in (hooks or []) + (dev_hooks or []):
             hook.stats.fired += 1
+            self._trigger_id += 1
             if not hook.admit(now):
                 hook.stats.dropped_rate += 1
-                self._log(hook.spec, 0, "dropped", error="rate limit")
+                self._log(hook.spec, self._trigger_id, trigger, "dropped", error="rate limit")
                 continue
             if fields is None:
                 fields = placeholders(self.settings.org_name, device, ds, value, ts_ms,
                                       self.settings.timestamp_unix_unit)
-            self._trigger_id += 1
-            req = self._build(hook.spec, fields, self._trigger_id)
+            req = self._build(hook.spec, fields, self._trigger_id, trigger)
             try:
                 self.queue.put_nowait(req)
             except asyncio.QueueFull:
                 hook.stats.dropped_queue += 1
-                self._log(hook.spec, req.trigger_id, "dropped", error="queue full")
+                self._log(hook.spec, req.trigger_id, trigger, "dropped", error="queue full")
                 continue
             self._idle.clear()
 
-    def _build(self, spec: WebhookSpec, fields: dict[str, str], trigger_id: int) -> Request:
+    def _build(self, spec: WebhookSpec, fields: dict[str, str], trigger_id: int,
+               trigger: Trigger) -> Request:
         url = render(spec.url, fields)
         if spec.query:
             sep = "&" if "?" in url else "?"
             url += sep + urlencode({k: render(v, fields) for k, v in spec.query.items()})
         headers = {k: render(v, fields) for k, v in spec.headers.items()}
+        if spec.auth is not None:
+            creds = f"{spec.auth.username}:{spec.auth.password}".encode()
+            headers["Authorization"] = "Basic " + base64.b64encode(creds).decode()
         body: bytes | None = None
         ctype: str | None = None
         if spec.method != "GET":
@@ -231,13 +261,14 @@ class Webhooks:
             else:
                 escape = spec.content_type == "json" and self.settings.webhook_json_escape
                 body = render(spec.body, fields, escape).encode()
-        return Request(spec.name, trigger_id, spec.method, url, headers, body, ctype)
+        return Request(spec.name, trigger_id, trigger, spec.method, url, headers, body, ctype)
 
-    def _log(self, spec: WebhookSpec, trigger_id: int, status: str, *, code: int | None = None,
-             error: str | None = None, url: str | None = None) -> None:
+    def _log(self, spec: WebhookSpec, trigger_id: int, trigger: Trigger, status: str, *,
+             code: int | None = None, error: str | None = None, url: str | None = None) -> None:
         self.log.append({"ts_ms": int(time.time() * 1000), "webhook": spec.name,
-                         "trigger_id": trigger_id, "status": status, "code": code,
-                         "error": error, "url": redact_url(url or spec.url)})
+                         "trigger_id": trigger_id, "device": trigger.device, "pin": trigger.pin,
+                         "value": trigger.value, "origin": trigger.origin, "status": status,
+                         "code": code, "error": error, "url": redact_url(url or spec.url)})
 
     # sending (background) ---------------------------------------------------------------------
     async def start(self, workers: int = 4) -> None:
@@ -290,12 +321,45 @@ class Webhooks:
                 ok = 200 <= resp.status < 300
                 hook.stats.ok += ok
                 hook.stats.failed += not ok
-                self._log(hook.spec, req.trigger_id, "OK" if ok else "Failed", code=resp.status,
-                          url=req.url)
+                self._log(hook.spec, req.trigger_id, req.trigger, "OK" if ok else "Failed",
+                          code=resp.status, url=req.url)
         except (aiohttp.ClientError, TimeoutError) as exc:
             hook.stats.failed += 1
-            self._log(hook.spec, req.trigger_id, "Failed", error=type(exc).__name__, url=req.url)
+            self._log(hook.spec, req.trigger_id, req.trigger, "Failed", error=type(exc).__name__,
+                      url=req.url)
             log.info("webhook %s failed: %s", req.webhook, type(exc).__name__)
 
     def stats(self) -> dict[str, dict[str, int]]:
         return {name: vars(h.stats).copy() for name, h in self.hooks.items()}
+
+    def totals(self) -> dict[str, int]:
+        """The counters of :meth:`stats` summed over every webhook."""
+        out = vars(WebhookStats()).copy()
+        for h in self.hooks.values():
+            for key, n in vars(h.stats).items():
+                out[key] += n
+        return out
+
+    def reset(self) -> None:
+        """Forget the attempt log, the counters and the rate windows."""
+        self.log.clear()
+        for h in self.hooks.values():
+            h.stats = WebhookStats()
+            h.window.clear()
+
+
+def check_spec(spec: WebhookSpec) -> None:
+    """Blynk's documented form rules (reference 2.2); raises ``ValueError`` naming the field."""
+    where = f"webhook {spec.name!r}"
+    if not _NAME.fullmatch(spec.name):
+        raise ValueError(f"{where}: name must be 1-80 letters, digits, spaces, - or '")
+    if len(spec.url) > MAX_URL:
+        raise ValueError(f"{where}: url longer than {MAX_URL} characters")
+    for key, value in spec.headers.items():
+        if not key or len(key) > 100:
+            raise ValueError(f"{where}: header name {key[:20]!r}… must be 1-100 characters")
+        if not _HEADER_VALUE.fullmatch(_PLACEHOLDER.sub("", value)):
+            raise ValueError(f"{where}: header {key!r}: Blynk allows only letters, digits, "
+                             "spaces and / _ : ; . - in header values")
+    if spec.auth is not None and "Authorization" in {k.title() for k in spec.headers}:
+        raise ValueError(f"{where}: give Basic auth or an Authorization header, not both")

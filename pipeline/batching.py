@@ -1,0 +1,78 @@
+"""Group commit: small writes submitted by many independent callers share one round trip.
+
+A :class:`GroupCommit` wraps a batch function ``run(items) -> results`` (one result per item, in
+order: one Redis script call or pipeline). Items submitted while the previous ``run`` is busy, or
+within ``linger_s`` of the first one, go into the same call, at most ``max_batch`` per call.
+
+Contract:
+
+* :meth:`GroupCommit.submit` never blocks and never does I/O; it returns a future that gets the
+  item's result, or the exception ``run`` raised for its batch (every caller of that batch gets
+  the same exception and decides for itself: retry, give up, dead-letter).
+* Items run in submission order; one ``run`` at a time per instance.
+* A caller that stops waiting (its future cancelled) does not stop the item: it still runs with
+  its batch, its result is just dropped.
+* :meth:`GroupCommit.close` returns once everything submitted so far has run.
+
+Used by :class:`pipeline.streams.StreamWriter` (appends) and egress (records and acks, rate-limit
+slots, lease renewals, 429 deferrals).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class GroupCommit(Generic[T, R]):
+    """One ``run`` call for the items submitted together (see module docstring)."""
+
+    def __init__(self, run: Callable[[list[T]], Awaitable[Sequence[R]]], *,
+                 max_batch: int = 1000, linger_s: float = 0.0,
+                 name: str = "group-commit") -> None:
+        self._run = run
+        self._max = max_batch
+        self._linger = linger_s
+        self._name = name
+        self._items: list[tuple[T, asyncio.Future[R]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def __call__(self, item: T) -> R:
+        return await self.submit(item)
+
+    def submit(self, item: T) -> asyncio.Future[R]:
+        """Queue ``item``; the future gets its result (``asyncio.shield`` it to keep the write
+        going when the caller may be cancelled)."""
+        fut: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self._items.append((item, fut))
+        if self._flusher is None:
+            self._flusher = asyncio.create_task(self._flush(), name=self._name)
+        return fut
+
+    async def close(self) -> None:
+        """Wait until every item submitted so far has run."""
+        while self._flusher is not None:
+            await asyncio.shield(self._flusher)
+
+    async def _flush(self) -> None:
+        try:
+            while self._items:
+                # Let the callers of this moment (or of the linger) join the batch.
+                await asyncio.sleep(self._linger)
+                batch, self._items = self._items[: self._max], self._items[self._max :]
+                try:
+                    results = await self._run([item for item, _ in batch])
+                except Exception as exc:  # handed to every waiter, who decides
+                    for _, fut in batch:
+                        if not fut.done():
+                            fut.set_exception(exc)
+                    continue
+                for (_, fut), result in zip(batch, results, strict=True):
+                    if not fut.done():
+                        fut.set_result(result)
+        finally:
+            self._flusher = None

@@ -1,0 +1,563 @@
+"""downlink: ``Downlink`` commands (Blynk datastream changes) out to the devices.
+
+Each batch read from the downlinks stream goes through, in order:
+
+1. **resolve** the Blynk device to its source device through the registry's reverse index
+   (:mod:`pipeline.blynk_index`) — unknown: dead letter ``unknown_device``;
+2. **check** the pin against the device's template (``unknown_pin``) and type the value by its
+   datastream (``type_mismatch``); a command older than ``downlink.ttl_s`` by its Blynk time is
+   dead-lettered ``expired``, never sent late;
+3. **echo**: a value the bridge itself wrote to that pin within ``echo_window_ms`` is its own
+   uplink coming back (:mod:`pipeline.echo`): acked, counted, not sent;
+4. **latest wins**: per device and pin only the newest command (Blynk time) is sent; older ones
+   in the batch, held for retry, or older than (or the same as) the last one sent are acked and
+   counted (``superseded`` / ``stale`` / ``duplicate``), never sent;
+5. **send**: TTS over MQTT (``down/push``/``down/replace`` on a connection of the stage's
+   own), TTS over HTTP (webhook downlink API), or a Particle function call;
+6. **commit**: one pipeline records the last sent (pin → Blynk time, forward only), keeps what
+   outcome matching needs under the correlation id, and acks. Acked only after the publish/call
+   returned: at-least-once. A killed worker's entries are taken over by ``XAUTOCLAIM``.
+
+A command whose device is offline, whose cloud fails or refuses our credentials is held in
+memory and retried with capped jittered backoff (its pending entry kept fresh with ``XCLAIM …
+JUSTID`` so no other replica takes it) until its TTL: then ``device_offline`` (or ``expired``).
+A newer command for the same pin replaces a held one. 401/403 set the integration Broken.
+
+TTS outcomes (``down/queued|sent|ack|nack|failed``) heard on the stage's connection are matched
+by correlation id ``bb:down:<id>`` and counted once across replicas; ``nack``/``failed`` become
+dead letters with TTS's error; with ``downlink.outcome_pin`` in the template the outcome is
+written back to Blynk (1 delivered, 0 failed), as is a Particle function's ``return_value``
+with ``return_pin``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import msgspec
+from redis.exceptions import RedisError
+
+from pipeline import downlinks, events, metrics
+from pipeline import keys as keynames
+from pipeline.blynk_index import index_static, resolve
+from pipeline.config import Config, TemplateConfig, TemplateDownlink
+from pipeline.consumer import backoff_s
+from pipeline.context import Context
+from pipeline.device_clouds import Offline, ParticleApi, TtsHttp, TtsMqtt, Unauthorized
+from pipeline.echo import Echoes
+from pipeline.errors import Permanent, Retryable
+from pipeline.lifecycle import Stage
+from pipeline.mapping import Datastream, Mismatch, coerce
+from pipeline.registry import Device, Registry, split_key
+from pipeline.status import StatusBoard
+from pipeline.streams import Entry, StreamReader, now_ms
+
+log = logging.getLogger("blynk_bridge.downlink")
+
+#: Record the last sent Blynk time of a pin, forward only; returns 0 when a newer one is there.
+_RECORD = """
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+if cur then
+  local ts = tonumber(string.match(cur, '^(%d+)'))
+  if ts and ts > tonumber(ARGV[2]) then return 0 end
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. ':' .. ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+return 1
+"""
+
+
+class _Sent(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """What outcome matching keeps of a sent command (``keys.down_command``)."""
+
+    device_key: str
+    template: str
+    pin: str
+    stream: str
+    entry_id: str
+    raw: bytes
+    token: str
+    server: str
+
+
+_sent_dec = msgspec.msgpack.Decoder(_Sent)
+
+
+@dataclass(slots=True)
+class _Command:
+    entry: Entry
+    down: events.Downlink
+    device: Device
+    template: TemplateConfig
+    ds: Datastream | None
+    value: events.Value
+    attempts: int = 0
+    not_before: float = 0.0
+    #: Entries this command superseded while held: acked with it.
+    carried: list[Entry] = field(default_factory=list)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.device.key, self.down.pin
+
+
+class DownlinkStage:
+    """The downlink stage (see the module docstring)."""
+
+    name = "downlink"
+
+    def __init__(self, ctx: Context, *, until_idle: bool = False) -> None:
+        self.ctx = ctx
+        cfg: Config = ctx.config
+        self.cfg = cfg.downlink
+        self.until_idle = until_idle
+        s = cfg.streams
+        self.reader = StreamReader(
+            ctx.redis, ctx.keys, ctx.keys.streams(keynames.DOWNLINKS), keynames.GROUP_DOWNLINK,
+            ctx.consumer, stage=self.name, batch=min(s.batch, 500), block_ms=s.block_ms,
+            claim_idle_ms=s.claim_idle_ms, max_deliveries=s.max_deliveries)
+        self.registry = Registry(ctx.redis, ctx.keys, cache_size=cfg.transform.cache_size)
+        self.echoes = Echoes(ctx.redis, ctx.keys, self.cfg.echo_window_ms)
+        self.board = StatusBoard(ctx.redis, ctx.keys)
+        self.templates = {t.name: t for t in cfg.templates}
+        self.datastreams = {t.name: {d.pin.upper(): Datastream.from_config(d)
+                                     for d in t.datastreams} for t in cfg.templates}
+        self.tts_apps = {a.name: a for a in cfg.tts}
+        self.particle = {p.name: p for p in cfg.particle}
+        self._mqtt: dict[str, TtsMqtt] = {}
+        self._http: aiohttp.ClientSession | None = None
+        self._record = ctx.redis.register_script(_RECORD)
+        self.ttl_ms = self.cfg.ttl_s * 1000
+        #: Commands waiting for a retry, by (device key, pin).
+        self.held: dict[tuple[str, str], _Command] = {}
+        self._last_keep = time.monotonic()
+        self._servers = cfg.blynk.servers
+        self._default_server = cfg.blynk.servers[cfg.blynk.default_server]
+        #: Particle products whose credentials were refused (set Connected on the next call).
+        self._broken: set[str] = set()
+        self._status_tasks: set[asyncio.Future[None]] = set()
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+
+    async def startup(self) -> None:
+        await self.registry.start()
+        # Idempotent (transform does the same): this stage may run alone.
+        await self.registry.load_static(self.ctx.config.devices)
+        await index_static(self.ctx.redis, self.ctx.keys, self.ctx.config.devices)
+        await self.reader.ensure_group()
+        # Listen to TTS outcomes from the start (not only once a command was sent).
+        for app in self.tts_apps.values():
+            if app.downlink_via == "mqtt":
+                sender = self._tts_mqtt(app.name)
+                with contextlib.suppress(Retryable):
+                    await sender._connect()
+
+    async def shutdown(self) -> None:
+        for sender in self._mqtt.values():
+            await sender.close()
+        self._mqtt.clear()
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
+        await self.registry.close()
+
+    async def main_loop(self, stop: asyncio.Event) -> None:
+        """Read, prepare, send, commit until ``stop`` (or, ``until_idle``, until nothing is
+        left to read or hold). Held commands stay pending on stop (another replica or the next
+        run takes them over)."""
+        failures = 0
+        while not stop.is_set():
+            self.reader.block_ms = self._block_ms()
+            try:
+                entries = await self.reader.read(block=not self.until_idle or bool(self.held))
+                await self.handle(entries)
+                failures = 0
+            except (RedisError, Retryable) as exc:
+                failures += 1
+                self.reader.retry_pending()
+                log.warning("downlink: batch left pending (%s)", exc)
+                await _sleep(backoff_s(failures, self.cfg.max_backoff_s), stop)
+                continue
+            if self.until_idle and not entries and not self.held:
+                return
+
+    def _block_ms(self) -> int:
+        base = self.ctx.config.streams.block_ms
+        if not self.held:
+            return base
+        due = min(c.not_before for c in self.held.values()) - time.monotonic()
+        return max(1, min(base, int(due * 1000) + 1))
+
+    # ---- one round -------------------------------------------------------------------------
+
+    async def handle(self, entries: list[Entry]) -> None:
+        """Prepare new entries, merge them with held commands, send what is due, commit."""
+        fresh = await self._prepare(entries) if entries else []
+        self._merge(fresh)
+        await self._keep_held_claimed()
+        now = time.monotonic()
+        due = [c for c in self.held.values() if c.not_before <= now]
+        if not due:
+            return
+        for c in due:
+            del self.held[c.key]
+        due = await self._drop_stale(due)
+        results = await asyncio.gather(*(self._send(c) for c in due), return_exceptions=True)
+        ok: list[tuple[_Command, events.Value | None]] = []
+        dead: list[tuple[Entry, str, str]] = []
+        for c, result in zip(due, results, strict=True):
+            if isinstance(result, BaseException):
+                self._failed(c, result, dead)
+            else:
+                ok.append((c, result))
+        await self._commit(ok)
+        if dead:
+            await self.reader.dead_letter(dead)
+
+    async def _prepare(self, entries: list[Entry]) -> list[_Command]:
+        """Decode, resolve, check and de-echo new entries; dead-letters and acks the rest."""
+        dead: list[tuple[Entry, str, str]] = []
+        decoded: list[tuple[Entry, events.Downlink]] = []
+        for e in entries:
+            try:
+                decoded.append((e, events.decode_downlink(e.data or b"")))
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                dead.append((e, "invalid_entry", str(exc)))
+        devices = await resolve(self.ctx.redis, self.registry, self.ctx.keys,
+                                [(d.blynk_id, d.token) for _, d in decoded])
+        wall = now_ms()
+        commands: list[_Command] = []
+        for (e, d), dev in zip(decoded, devices, strict=True):
+            who = f"Blynk device {d.blynk_id}" if d.blynk_id is not None else "Blynk token"
+            if dev is None:
+                dead.append((e, "unknown_device", f"{who} is not in the registry: the bridge "
+                             "never wrote to it, so it has no source device"))
+                continue
+            template = self.templates.get(dev.template)
+            if template is None:
+                dead.append((e, "unknown_template", f"{dev.key}: template {dev.template!r}"))
+                continue
+            by_pin = self.datastreams[template.name]
+            ds = by_pin.get(d.pin)
+            if ds is None and by_pin:
+                dead.append((e, "unknown_pin", f"{dev.key}: template {template.name!r} has no "
+                             f"datastream on {d.pin}"))
+                continue
+            try:
+                value = coerce(ds, d.value) if ds is not None else d.value
+            except Mismatch as exc:
+                dead.append((e, "type_mismatch", f"{dev.key} {d.pin}: {exc}"))
+                continue
+            if wall - d.ts_ms > self.ttl_ms:
+                dead.append((e, "expired", f"{dev.key} {d.pin}: Blynk time {d.ts_ms} is older "
+                             f"than downlink.ttl_s ({self.cfg.ttl_s})"))
+                continue
+            route = _route(dev, template.downlink, d.pin)
+            if route is not None:
+                dead.append((e, route, f"{dev.key} {d.pin}: no way to reach the device "
+                             "(a Particle device needs downlink.particle for the pin)"))
+                continue
+            commands.append(_Command(e, d, dev, template, ds, value))
+        echoes = await self.echoes.take([(c.device.key, c.down.pin, c.down.value)
+                                         for c in commands], wall)
+        fresh: list[_Command] = []
+        acked: list[Entry] = []
+        for c, echo in zip(commands, echoes, strict=True):
+            if echo:
+                acked.append(c.entry)
+                self._count(c, "echo")
+            else:
+                fresh.append(c)
+        if acked:
+            await self.reader.ack(acked)
+        if dead:
+            await self.reader.dead_letter(dead)
+        return fresh
+
+    def _merge(self, fresh: list[_Command]) -> None:
+        """Latest wins between new commands and those held, per (device, pin)."""
+        pending = [downlinks.Pending(c.device.key, c.down.pin, c.down.ts_ms, c.entry.id, c)
+                   for c in [*self.held.values(), *fresh]]
+        kept, superseded = downlinks.latest_wins(pending)
+        new_held = {p.item.key: p.item for p in kept}
+        for p in superseded:
+            winner = new_held[p.item.key]
+            winner.carried += [p.item.entry, *p.item.carried]
+            self._count(p.item, "superseded")
+        for c in new_held.values():
+            old = self.held.get(c.key)
+            if old is not None and old is not c:
+                c.not_before, c.attempts = old.not_before, old.attempts
+        self.held = new_held
+
+    async def _drop_stale(self, due: list[_Command]) -> list[_Command]:
+        """Ack commands older than (or the same as) the last one sent to their pin."""
+        async with self.ctx.redis.pipeline(transaction=False) as pipe:
+            for c in due:
+                pipe.hget(self.ctx.keys.down_last(c.device.key), c.down.pin)
+            lasts = await pipe.execute()
+        keep: list[_Command] = []
+        acked: list[Entry] = []
+        for c, last in zip(due, lasts, strict=True):
+            if last:
+                ts_text, _, last_id = last.decode().partition(":")
+                if last_id == c.down.event_id:
+                    self._count(c, "duplicate")
+                    acked += [c.entry, *c.carried]
+                    continue
+                if int(ts_text) > c.down.ts_ms:
+                    self._count(c, "stale")
+                    acked += [c.entry, *c.carried]
+                    continue
+            keep.append(c)
+        if acked:
+            await self.reader.ack(acked)
+        return keep
+
+    # ---- sending ---------------------------------------------------------------------------
+
+    async def _send(self, c: _Command) -> events.Value | None:
+        """Deliver one command; the Particle function's return value, else ``None``."""
+        source, integration, device = split_key(c.device.key)
+        d = c.down
+        name = c.ds.name if c.ds is not None else d.pin
+        if source == "tts":
+            app = self.tts_apps.get(integration)
+            if app is None:
+                raise Permanent(f"no TTS application {integration!r} configured",
+                                reason="unknown_integration")
+            rules = c.template.downlink.encode if c.template.downlink else []
+            body = downlinks.tts_body(
+                name=name, pin=d.pin, ts_ms=d.ts_ms, value=c.value, f_port=app.downlink_f_port,
+                correlation_id=d.event_id, encode=downlinks.encode_rule(rules, d.pin))
+            if app.downlink_via == "http":
+                await TtsHttp(app, self._client()).send(device, body)
+            else:
+                await self._tts_mqtt(integration).send(device, body)
+            return None
+        product = self.particle.get(integration)
+        if product is None:
+            raise Permanent(f"no Particle product {integration!r} configured",
+                            reason="unknown_integration")
+        assert c.template.downlink is not None  # _route checked it
+        fn = c.template.downlink.particle[d.pin]
+        arg = downlinks.particle_arg(fn.arg, name=name, pin=d.pin, value=c.value, ts_ms=d.ts_ms)
+        result = await ParticleApi(product, self._client()).call(device, fn.function, arg)
+        if product.name in self._broken:
+            self._broken.discard(product.name)
+            await self.board.connected("particle", product.name, owner=self.ctx.consumer)
+        return result
+
+    def _tts_mqtt(self, name: str) -> TtsMqtt:
+        sender = self._mqtt.get(name)
+        if sender is None:
+            sender = self._mqtt[name] = TtsMqtt(self.tts_apps[name], self.ctx.consumer,
+                                                self._outcome)
+        return sender
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._http is None:
+            self._http = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self.cfg.timeout_s))
+        return self._http
+
+    def _failed(self, c: _Command, exc: BaseException, dead: list[tuple[Entry, str, str]]
+                ) -> None:
+        """Dead-letter a refused command, or hold a retryable one (until its TTL)."""
+        entries = [c.entry, *c.carried]
+        if isinstance(exc, Permanent):
+            dead += [(e, exc.reason, exc.detail) for e in entries]
+            return
+        if not isinstance(exc, Retryable):
+            log.error("downlink: sending %s failed", c.down.event_id, exc_info=exc)
+            exc = Retryable(f"{type(exc).__name__}: {exc}", reason="error")
+        assert isinstance(exc, Retryable)
+        if isinstance(exc, Unauthorized):
+            source, integration, _ = split_key(c.device.key)
+            self._broken.add(integration)
+            task = asyncio.ensure_future(self._mark_broken(source, integration, exc.detail))
+            self._status_tasks.add(task)
+            task.add_done_callback(self._status_tasks.discard)
+        c.attempts += 1
+        delay = backoff_s(c.attempts, self.cfg.max_backoff_s)
+        if now_ms() + delay * 1000 - c.down.ts_ms > self.ttl_ms:
+            reason = "device_offline" if isinstance(exc, Offline) else "expired"
+            detail = (f"not delivered within downlink.ttl_s ({self.cfg.ttl_s}) after "
+                      f"{c.attempts} attempts; last: {exc.detail}")
+            dead += [(e, reason, detail) for e in entries]
+            return
+        self._count(c, "retried")
+        c.not_before = time.monotonic() + delay
+        # Due commands left ``held`` before sending and nothing was merged since: no clash.
+        self.held[c.key] = c
+
+    async def _mark_broken(self, source: str, integration: str, detail: str) -> None:
+        try:
+            await self.board.failed(source, integration, f"downlink: {detail}", "credentials",
+                                    owner=self.ctx.consumer)
+        except RedisError as exc:
+            log.warning("downlink: cannot record the status of %s (%s)", integration, exc)
+
+    # ---- committing ------------------------------------------------------------------------
+
+    async def _commit(self, ok: list[tuple[_Command, events.Value | None]]) -> None:
+        """Record what was sent, keep its correlation, write return values, ack — one pipeline.
+
+        A failure here leaves the entries pending: they are sent again (at-least-once).
+        """
+        if not ok:
+            return
+        keys = self.ctx.keys
+        wall = now_ms()
+        record_ms = max(self.ttl_ms * 2, 60_000)
+        async with self.ctx.redis.pipeline(transaction=False) as pipe:
+            for c, result in ok:
+                await self._record(keys=[keys.down_last(c.device.key)],
+                                   args=[c.down.pin, c.down.ts_ms, c.down.event_id, record_ms],
+                                   client=pipe)
+                sent = _Sent(device_key=c.device.key, template=c.template.name, pin=c.down.pin,
+                             stream=c.entry.stream, entry_id=c.entry.id,
+                             raw=c.entry.data or b"", token=c.device.token,
+                             server=self._server_url(c.device.server))
+                pipe.set(keys.down_command(c.down.event_id), msgspec.msgpack.encode(sent),
+                         ex=self.cfg.outcome_ttl_s)
+                ret_pin = _return_pin(c.template.downlink, c.down.pin)
+                if result is not None and ret_pin is not None:
+                    self._write_back(pipe, c.device, ret_pin, result, wall, c.down.event_id)
+            for c, _ in ok:
+                for e in (c.entry, *c.carried):
+                    pipe.xack(e.stream, keynames.GROUP_DOWNLINK, e.id)
+            await pipe.execute()
+        for c, _ in ok:
+            self._count(c, "sent")
+            metrics.DOWNLINK_LATENCY.observe(max(0, wall - c.down.received_ts_ms) / 1000)
+
+    def _write_back(self, pipe: Any, dev: Device, pin: str, value: events.Value, wall: int,
+                    event_id: str) -> None:
+        source, _, device = split_key(dev.key)
+        write = events.BlynkWrite(token=dev.token, server=self._server_url(dev.server),
+                                  device_key=dev.key, pins={pin.upper(): value},
+                                  event_ts_ms=wall, received_ts_ms=wall,
+                                  event_id=f"{event_id}:ret")
+        stream = self.ctx.keys.stream_for(keynames.WRITES, source, device)
+        pipe.xadd(stream, {events.FIELD: events.encode(write)})
+
+    def _server_url(self, server: str | None) -> str:
+        if not server:
+            return self._default_server
+        return self._servers.get(server) or (server if "://" in server
+                                             else self._default_server)
+
+    async def _keep_held_claimed(self) -> None:
+        """Reset the idle time of held entries so other replicas do not take them over."""
+        if not self.held or time.monotonic() - self._last_keep < self.reader.claim_idle_ms / 3000:
+            return
+        self._last_keep = time.monotonic()
+        async with self.ctx.redis.pipeline(transaction=False) as pipe:
+            for c in self.held.values():
+                for e in (c.entry, *c.carried):
+                    pipe.xclaim(e.stream, keynames.GROUP_DOWNLINK, self.ctx.consumer, 0, [e.id],
+                                justid=True)
+            await pipe.execute()
+
+    # ---- TTS outcomes ----------------------------------------------------------------------
+
+    async def _outcome(self, integration: str, outcome: str, payload: bytes) -> None:
+        """One ``down/<outcome>`` message: match, count once, dead-letter failures, write the
+        outcome pin."""
+        ids = _correlation_ids(payload)
+        for event_id in ids:
+            first = await self.ctx.redis.set(self.ctx.keys.down_outcome(event_id, outcome), b"1",
+                                             nx=True, ex=self.cfg.outcome_ttl_s)
+            if not first:
+                continue
+            metrics.DOWNLINK_OUTCOMES.labels(integration, outcome).inc()
+            if outcome not in ("ack", "nack", "failed"):
+                continue
+            raw = await self.ctx.redis.get(self.ctx.keys.down_command(event_id))
+            if raw is None:
+                continue
+            sent = _sent_dec.decode(raw if isinstance(raw, bytes) else raw.encode())
+            async with self.ctx.redis.pipeline(transaction=False) as pipe:
+                if outcome != "ack":
+                    dead = events.dead_letter(
+                        stream=sent.stream, entry_id=sent.entry_id, raw=sent.raw,
+                        stage=self.name, reason=f"tts_{outcome}",
+                        detail=_tts_error(payload), attempts=1, dead_ts_ms=now_ms())
+                    pipe.xadd(self.ctx.keys.dead, {events.FIELD: events.encode(dead)})
+                    metrics.DEAD.labels(self.name, f"tts_{outcome}").inc()
+                template = self.templates.get(sent.template)
+                pin = (template.downlink.outcome_pin
+                       if template is not None and template.downlink else None)
+                if pin:
+                    wall = now_ms()
+                    dev = Device(key=sent.device_key, token=sent.token, template=sent.template,
+                                 server=sent.server)
+                    self._write_back(pipe, dev, pin, 1 if outcome == "ack" else 0, wall,
+                                     f"{event_id}:{outcome}")
+                await pipe.execute()
+
+    def _count(self, c: _Command, outcome: str) -> None:
+        metrics.DOWNLINKS.labels(split_key(c.device.key)[1], outcome).inc()
+
+
+def _route(dev: Device, downlink: TemplateDownlink | None, pin: str) -> str | None:
+    """``None`` when the device can be reached for ``pin``, else the dead-letter reason."""
+    if dev.key.startswith("particle:") and (downlink is None or pin not in
+                                            {p.upper() for p in downlink.particle}):
+        return "no_function"
+    return None
+
+
+def _return_pin(downlink: TemplateDownlink | None, pin: str) -> str | None:
+    if downlink is None:
+        return None
+    for p, fn in downlink.particle.items():
+        if p.upper() == pin:
+            return fn.return_pin
+    return None
+
+
+class _Outcome(msgspec.Struct):
+    correlation_ids: list[str] = msgspec.field(default_factory=list)
+
+
+_outcome_dec = msgspec.json.Decoder(_Outcome)
+
+
+def _correlation_ids(payload: bytes) -> list[str]:
+    try:
+        msg = _outcome_dec.decode(payload)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return []
+    return [c for c in msg.correlation_ids if c.startswith("bb:down:") and len(c) < 64]
+
+
+def _tts_error(payload: bytes) -> str:
+    try:
+        obj = msgspec.json.decode(payload)
+    except msgspec.DecodeError:
+        return payload[:500].decode(errors="replace")
+    for key in ("downlink_failed", "downlink_nack"):
+        part = obj.get(key) if isinstance(obj, dict) else None
+        if isinstance(part, dict):
+            err = part.get("error")
+            if isinstance(err, dict):
+                return f"{err.get('name')}: {err.get('message_format')}"[:500]
+            return f"{key}"[:500]
+    return "TTS reported the downlink failed"
+
+
+async def _sleep(delay: float, stop: asyncio.Event) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), delay)
+
+
+def build(ctx: Context) -> Stage:
+    return DownlinkStage(ctx)

@@ -1,0 +1,241 @@
+"""The one finish of a device write: record and ack (group-committed), dead-letter, or retry.
+
+:meth:`Committer.finish` takes a device write's :class:`~workers.egress.sender.Result` and
+resolves every in-flight entry of the device, then the write's ``pending`` future:
+
+* **Record and ack.** What Blynk now has (pin → event time; it also releases the device's
+  lease) and the acks of the entries fully written are one :class:`Commit`. Commits of device
+  writes finishing within ``COMMIT_LINGER_S`` (or while the previous call ran) share one script
+  call (:meth:`pipeline.order.LastWritten.commit_many`). An entry is acked only after Blynk took
+  everything it carried, or its values proved stale.
+* **Dead-letter** the entries that carried a pin Blynk refused (original entry kept, reason and
+  detail per pin) — after the commit, so the rest of the device's entries are acked first.
+* **Invalid token**: all the device's in-flight entries are dead-lettered; the device is marked
+  broken in the registry only if the refused token is the one its row holds (not one an uplink
+  carried itself, not one replaced since).
+* **Retry** (a retryable answer, or a Redis error while committing): the entries go back to the
+  device's queue, in memory, never acked and never re-read; after a 429 the device waits for
+  ``Retry-After`` (or capped jittered backoff), shared with every replica through the rate limit;
+  otherwise it waits for its server's backoff.
+
+The common case (everything written) finishes from the commit's callback, without a task; the
+dead-letter and invalid-token cases run in a tracked task. A commit that finds the device's
+lease gone (expired mid-write) is logged and counted. Redis errors while dead-lettering leave the
+entries pending in Redis: they come back and are dead-lettered again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from pipeline import metrics
+from pipeline.batching import GroupCommit
+from pipeline.blynk.outcomes import INVALID_TOKEN, Fail, Retry
+from pipeline.coalesce import DevicePlan
+from pipeline.consumer import backoff_s
+from pipeline.keys import GROUP_EGRESS
+from pipeline.order import LastWritten
+from pipeline.ratelimit import RateLimiter
+from pipeline.redact import mask
+from pipeline.registry import Registry
+from pipeline.streams import Entry, StreamReader, now_ms
+from workers.egress.queue import DeviceQueue, Held, HeldWrites
+from workers.egress.scheduler import Servers
+from workers.egress.sender import Result, Spawn
+
+log = logging.getLogger("blynk_bridge.egress")
+
+#: Device writes finishing within this long share one record-and-ack script call. It delays
+#: only the ack and the device's next write, never a Blynk request.
+COMMIT_LINGER_S = 0.005
+
+
+@dataclass(frozen=True, slots=True)
+class Commit:
+    """One device write's record and acks."""
+
+    #: None: nothing to record, no lease held (only acks).
+    device_key: str | None
+    written: dict[str, int]
+    acks: list[Entry]
+
+
+_Dead = list[tuple[Entry, str, str]]
+
+
+class Committer:
+    """Finishes device writes (see module docstring)."""
+
+    def __init__(self, order: LastWritten, limiter: RateLimiter, reader: StreamReader,
+                 registry: Registry, held: HeldWrites, servers: Servers, spawn: Spawn,
+                 max_backoff_s: float) -> None:
+        self._order = order
+        self._limiter = limiter
+        self._reader = reader
+        self._registry = registry
+        self._held = held
+        self._servers = servers
+        self._spawn = spawn
+        self._max_backoff_s = max_backoff_s
+        self.commits: GroupCommit[Commit, bool] = GroupCommit(
+            self.commit_many, linger_s=COMMIT_LINGER_S, name="egress-group-commit")
+        self._defers: GroupCommit[tuple[str, float], None] = GroupCommit(
+            self._defer_many, name="egress-429-defers")
+        self._written: dict[str, Any] = {}  # server → its bb_written counter child
+
+    def finish(self, dev: DeviceQueue, plan: DevicePlan, result: Result,
+               pending: asyncio.Future[None], *, leased: bool = True) -> None:
+        """Resolve the device's in-flight entries after its write; resolves ``pending`` once
+        they are (see module docstring). ``leased=False``: nothing was sent and no lease taken
+        (every value was stale)."""
+        self._servers.release_probe(plan.server)
+        if result.values:
+            self._count_written(plan.server, result.values)
+        dead: _Dead = []
+        ok: list[Held]
+        if result.invalid_token is not None or result.again is not None:
+            ok = []
+        elif not result.failed and not result.history_failed:
+            ok = dev.inflight
+        else:
+            ok, dead = sort_out(dev.inflight, result)
+        commit = self.commits.submit(
+            Commit(dev.key if leased else None, result.written, [h.entry for h in ok]))
+        commit.add_done_callback(functools.partial(
+            self._committed, dev, plan, result, ok, dead, now_ms(), pending))
+
+    def _committed(self, dev: DeviceQueue, plan: DevicePlan, result: Result, ok: list[Held],
+                   dead: _Dead, wall: int, pending: asyncio.Future[None],
+                   commit: asyncio.Future[bool]) -> None:
+        again = result.again
+        exc = asyncio.CancelledError() if commit.cancelled() else commit.exception()
+        if exc is None:
+            if not commit.result():
+                metrics.EGRESS_LEASE_LOST.inc()
+                log.warning("egress: lease of %s expired during its write", dev.key)
+        else:
+            if isinstance(exc, RedisError):
+                log.warning("egress: recording %s failed (%s); its write is retried",
+                            dev.key, exc)
+            else:
+                log.error("egress: recording %s failed", dev.key, exc_info=exc)
+            again = again or Retry("redis", str(exc))
+        if result.invalid_token is not None:
+            self._spawn(self._invalid_token(dev, plan, result.invalid_token, pending),
+                        f"egress-{dev.key}")
+        elif again is not None:
+            self._back_off(dev, again)
+            pending.set_result(None)
+        elif dead:
+            self._spawn(self._dead_letter(dev, ok, dead, wall, pending), f"egress-{dev.key}")
+        else:
+            self._written_ok(dev, ok, wall)
+            pending.set_result(None)
+
+    def _written_ok(self, dev: DeviceQueue, ok: Sequence[Held], wall: int) -> None:
+        dev.attempts = 0
+        dev.history_done.clear()
+        for h in ok:
+            metrics.LATENCY.observe(max(0, wall - h.write.received_ts_ms) / 1000)
+        self._held.drop(dev, time.monotonic())
+
+    async def _dead_letter(self, dev: DeviceQueue, ok: Sequence[Held], dead: _Dead, wall: int,
+                           pending: asyncio.Future[None]) -> None:
+        try:
+            try:
+                await asyncio.shield(self._reader.dead_letter(dead))
+            except RedisError as exc:
+                # Not acked: the entries stay pending and come back (then dead again).
+                log.warning("egress: dead-lettering %d entries failed (%s)", len(dead), exc)
+            self._written_ok(dev, ok, wall)
+        finally:
+            pending.set_result(None)
+
+    async def _invalid_token(self, dev: DeviceQueue, plan: DevicePlan, outcome: Fail,
+                             pending: asyncio.Future[None]) -> None:
+        try:
+            try:
+                # Broken only if Blynk refused the token the registry holds for the device: a
+                # token carried by an uplink (keyed apart, no row) or replaced since says
+                # nothing about it.
+                broken = await self._registry.mark_broken(dev.key, INVALID_TOKEN,
+                                                          outcome.detail, token=plan.token)
+                log.warning("egress: device %s: invalid token %s; %s%d entries dead",
+                            dev.key, mask(plan.token),
+                            "marked broken, " if broken else "", len(dev.inflight))
+                await asyncio.shield(self._reader.dead_letter(
+                    [(h.entry, INVALID_TOKEN, outcome.detail) for h in dev.inflight]))
+            except RedisError as exc:
+                log.warning("egress: dead-lettering %s failed (%s); retried", dev.key, exc)
+                self._held.requeue(dev, not_before=time.monotonic() + backoff_s(1))
+                return
+            self._held.drop(dev, time.monotonic())
+        finally:
+            pending.set_result(None)
+
+    def _back_off(self, dev: DeviceQueue, outcome: Retry) -> None:
+        """Keep the entries in memory and try again later (never re-read, never acked)."""
+        now = time.monotonic()
+        if outcome.status == 429:
+            dev.attempts += 1
+            delay = outcome.retry_after_s or backoff_s(dev.attempts, self._max_backoff_s)
+            self._spawn(self._defer(dev.key, delay), f"egress-{dev.key}")
+        else:
+            delay = self._servers.wait_s(
+                dev.inflight[-1].write.server if dev.inflight else None, now)
+        self._held.requeue(dev, not_before=now + delay)
+
+    async def _defer(self, device_key: str, delay: float) -> None:
+        """Tell every replica to hold this device back (a 429 is about the device's budget)."""
+        try:
+            await self._defers((device_key, delay))
+        except RedisError as exc:
+            log.warning("egress: sharing the 429 backoff of %s failed (%s)", device_key, exc)
+
+    def _count_written(self, server: str, values: int) -> None:
+        counter = self._written.get(server)
+        if counter is None:
+            counter = self._written[server] = metrics.WRITTEN.labels(server)
+        counter.inc(values)
+
+    async def commit_many(self, items: list[Commit]) -> list[bool]:
+        """Records and acks of many device writes in one script call; per item, whether the
+        device's lease was still ours (always ``True`` for an item without a device)."""
+        acks: dict[str, list[str]] = {}
+        for item in items:
+            for e in item.acks:
+                acks.setdefault(e.stream, []).append(e.id)
+        writes = [(c.device_key, c.written) for c in items if c.device_key is not None]
+        held = iter(await self._order.commit_many(writes, acks, GROUP_EGRESS))
+        return [True if c.device_key is None else next(held) for c in items]
+
+    async def _defer_many(self, items: list[tuple[str, float]]) -> list[None]:
+        await self._limiter.defer_many(items)
+        return [None] * len(items)
+
+
+def sort_out(inflight: Sequence[Held], result: Result) -> tuple[list[Held], _Dead]:
+    """Split a partly refused write's entries: fully written, and dead with the reason of their
+    first refused pin and a detail naming every refused pin."""
+    ok: list[Held] = []
+    dead: _Dead = []
+    for h in inflight:
+        bad = [(pin, *result.failed[pin]) for pin in h.write.pins if pin in result.failed]
+        for pin in h.write.pins:
+            refused = result.history_failed.get(pin)
+            if refused is not None and h.write.event_ts_ms in refused[2]:
+                bad.append((pin, refused[0], refused[1]))
+        if bad:
+            detail = "; ".join(f"{pin}: {reason}: {text}" for pin, reason, text in bad)
+            dead.append((h.entry, bad[0][1], detail[:2000]))
+        else:
+            ok.append(h)
+    return ok, dead

@@ -1,0 +1,270 @@
+"""One device write to Blynk: a device's plan in, exactly one :class:`Result` out.
+
+:meth:`Sender.send` runs one state machine per device write and hands its result to ONE
+``finish`` (the committer), exactly once:
+
+* **Task-free** (the common case: no backlog). When the in-flight cap has a slot (else the send
+  is queued and started, in order, when one frees), the plan's one ``batch/update`` goes out from
+  an idle keep-alive connection of the lean HTTP client (``BlynkClient.batch_update_nowait``)
+  and a 2xx is finished from the callback: no task, no coroutine.
+* **Coroutine path**, for everything else: a backlog to upload with true times, no idle
+  connection or the token's region not known in this process (nothing was sent), or an answer
+  other than a 2xx — a refusal, an outage, a 429, a 308 or a dead keep-alive connection. The
+  answer already received is used as the first request's answer, so nothing is sent twice. It
+  uploads history first (backlog), then the ``batch/update`` with the current values (so the
+  current value lands last); a permanent refusal is narrowed down to the failing pins (the pin
+  Blynk names, else halving the pin set) and the rest is written. Before each request after the
+  first, :class:`Pacer` waits for the device's next rate-limit slot and renews its lease.
+
+Every answer updates its server's state (:class:`workers.egress.scheduler.Servers`), the task-free
+ones included. A retryable answer, an invalid token or a Redis error stops the write: the
+:class:`Result` says so and the finish decides what happens to the entries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from pipeline.batching import GroupCommit
+from pipeline.blynk.client import BlynkClient
+from pipeline.blynk.outcomes import INVALID_TOKEN, Fail, Ok, Outcome, Retry
+from pipeline.coalesce import DevicePlan, chunks, split
+from pipeline.events import Value
+from pipeline.order import LastWritten
+from pipeline.ratelimit import RateLimiter
+from workers.egress.queue import DeviceQueue
+from workers.egress.scheduler import InFlight, Servers
+
+log = logging.getLogger("blynk_bridge.egress")
+
+#: Points per timestamped upload (Blynk's documented maximum).
+MAX_UPLOAD_POINTS = 10_000
+
+
+@dataclass(slots=True)
+class Result:
+    """What one device write achieved."""
+
+    written: dict[str, int] = field(default_factory=dict)  # pin → event time now in Blynk
+    failed: dict[str, tuple[str, str]] = field(default_factory=dict)  # pin → (reason, detail)
+    #: pin → (reason, detail, event times of the history points Blynk refused)
+    history_failed: dict[str, tuple[str, str, set[int]]] = field(default_factory=dict)
+    values: int = 0
+    again: Retry | None = None
+    invalid_token: Fail | None = None
+
+
+#: The one finish of a device write: (device, plan, result, the write's pending future).
+Finish = Callable[[DeviceQueue, DevicePlan, Result, "asyncio.Future[None]"], None]
+#: Start a tracked task (coroutine, name).
+Spawn = Callable[[Coroutine[Any, Any, None], str], None]
+#: One request of the coroutine path: given the call to make, its outcome.
+_Request = Callable[[Callable[[], Awaitable[Outcome]]], Awaitable[Outcome]]
+
+
+class _Again(Exception):
+    """A retryable answer: the device's write is retried later, from memory."""
+
+    def __init__(self, outcome: Retry) -> None:
+        super().__init__(outcome.detail)
+        self.outcome = outcome
+
+
+class _InvalidToken(Exception):
+    def __init__(self, outcome: Fail) -> None:
+        super().__init__(outcome.detail)
+        self.outcome = outcome
+
+
+class Pacer:
+    """Before a device write's second and later requests: wait for the device's next
+    rate-limit slot (shared by every replica), and renew its lease once a third of it has
+    passed. Both are group-committed across devices. Raises ``RedisError``."""
+
+    def __init__(self, order: LastWritten, limiter: RateLimiter) -> None:
+        self._takes = GroupCommit(limiter.take, name="egress-rate-slots")
+        self._renewals = GroupCommit(order.claim, name="egress-lease-renewals")
+        self._renew_after_s = order.lease_ms / 3000
+
+    async def next_request(self, device_key: str, claimed_at: float) -> float:
+        """Wait until the device's next request may go; returns when its lease was last
+        taken (``claimed_at``, or now when renewed)."""
+        while True:
+            wait = await self._takes(device_key)
+            if wait <= 0:
+                break
+            await asyncio.sleep(wait)  # pacing: the exact time to the slot, not a guess
+        if time.monotonic() - claimed_at > self._renew_after_s:
+            await self._renewals((device_key, []))
+            return time.monotonic()
+        return claimed_at
+
+
+class Sender:
+    """Sends device writes (see module docstring)."""
+
+    def __init__(self, client: BlynkClient, cap: InFlight, servers: Servers, pacer: Pacer,
+                 finish: Finish, spawn: Spawn) -> None:
+        self._client = client
+        self._cap = cap
+        self._servers = servers
+        self._pacer = pacer
+        self._finish = finish
+        self._spawn = spawn
+        #: ``batch/update``s sent without a task (for tests and diagnostics).
+        self.sent_now = 0
+
+    def send(self, dev: DeviceQueue, plan: DevicePlan, pending: asyncio.Future[None]) -> None:
+        """Write ``plan`` (the device's in-flight entries) and hand the result to the finish.
+
+        ``pending`` is the write's stand-in for the stage's idle and stop decisions; the finish
+        resolves it, not the sender.
+        """
+        if plan.backlog:
+            self._coroutine(dev, plan, pending, None)
+        elif self._cap.free():
+            self._send_now(dev, plan, pending)
+        else:
+            self._cap.queue(functools.partial(self._send_now, dev, plan, pending))
+
+    def _send_now(self, dev: DeviceQueue, plan: DevicePlan,
+                  pending: asyncio.Future[None]) -> None:
+        pins = plan.current()
+
+        def answered(outcome: Outcome | None) -> None:
+            self._cap.release()
+            if outcome is None:  # a 308 or a dead connection: the coroutine path resends
+                self._coroutine(dev, plan, pending, None)
+                return
+            self._servers.note(plan.server, outcome)
+            if isinstance(outcome, Ok):
+                result = Result(values=len(pins))
+                written = result.written
+                for pin in pins:
+                    written[pin] = plan.pins[pin].ts_ms
+                self._finish(dev, plan, result, pending)
+            else:
+                self._coroutine(dev, plan, pending, outcome)
+
+        self._cap.take()
+        if self._client.batch_update_nowait(plan.server, plan.token, pins, answered):
+            self.sent_now += 1
+            return
+        self._cap.untake()
+        self._coroutine(dev, plan, pending, None)
+
+    def _coroutine(self, dev: DeviceQueue, plan: DevicePlan, pending: asyncio.Future[None],
+                   answer: Outcome | None) -> None:
+        self._spawn(self._write(dev, plan, pending, answer), f"egress-{dev.key}")
+
+    async def _write(self, dev: DeviceQueue, plan: DevicePlan, pending: asyncio.Future[None],
+                     answer: Outcome | None) -> None:
+        """The coroutine path. ``answer``: Blynk's answer to the plan's ``batch/update``,
+        already received on the task-free path (its slot and server bookkeeping done there);
+        used instead of sending that request again."""
+        result = Result()
+        claimed_at = time.monotonic()
+        first = True
+
+        async def request(call: Callable[[], Awaitable[Outcome]]) -> Outcome:
+            nonlocal first, answer, claimed_at
+            if answer is not None:
+                given, answer, first = answer, None, False
+                return given
+            if not first:
+                claimed_at = await self._pacer.next_request(dev.key, claimed_at)
+            first = False
+            return await self._request(plan.server, call)
+
+        try:
+            if plan.backlog:
+                await self._upload_history(dev, plan, result, request)
+            await self._put(plan, plan.current(), result, request)
+        except _Again as again:
+            result.again = again.outcome
+        except _InvalidToken as bad:
+            result.invalid_token = bad.outcome
+        except RedisError as exc:
+            result.again = Retry("redis", str(exc))
+        except Exception as exc:  # a defect: logged, and the write retried like an outage
+            log.error("egress: writing %s failed", dev.key, exc_info=exc)
+            result.again = Retry("error", repr(exc))
+        self._finish(dev, plan, result, pending)
+
+    async def _request(self, server_name: str, call: Callable[[], Awaitable[Outcome]]) -> Outcome:
+        """One request under the in-flight cap; notes the answer for its server."""
+        await self._cap.acquire()
+        try:
+            outcome = await call()
+        finally:
+            self._cap.release()
+        self._servers.note(server_name, outcome)
+        return outcome
+
+    async def _upload_history(self, dev: DeviceQueue, plan: DevicePlan, result: Result,
+                              request: _Request) -> None:
+        for pin, points in plan.history().items():
+            done = dev.history_done.get(pin, -1)
+            todo = [(ts, v) for ts, v in points if ts > done]
+            for chunk in chunks(todo, MAX_UPLOAD_POINTS):
+                outcome = await request(
+                    functools.partial(self._client.upload_history, plan.server, plan.token,
+                                      pin, chunk)
+                )
+                match outcome:
+                    case Ok():
+                        dev.history_done[pin] = chunk[-1][0]
+                        result.values += len(chunk)
+                    case Retry():
+                        raise _Again(outcome)
+                    case Fail(reason=reason) if reason == INVALID_TOKEN:
+                        raise _InvalidToken(outcome)
+                    case Fail():
+                        # The current value still goes; the refused points are dead-lettered.
+                        uploaded = dev.history_done.get(pin, -1)
+                        refused = {ts for ts, _ in todo if ts > uploaded}
+                        result.history_failed[pin] = (
+                            outcome.reason, f"history upload: {outcome.detail}", refused
+                        )
+                        break
+
+    async def _put(self, plan: DevicePlan, pins: dict[str, Value], result: Result,
+                   request: _Request) -> None:
+        """One ``batch/update``; on a permanent answer narrow it down to the failing pins."""
+        if not pins:
+            return
+        outcome = await request(lambda: self._client.batch_update(plan.server, plan.token, pins))
+        match outcome:
+            case Ok():
+                for pin in pins:
+                    result.written[pin] = plan.pins[pin].ts_ms
+                result.values += len(pins)
+            case Retry():
+                raise _Again(outcome)
+            case Fail(reason=reason) if reason == INVALID_TOKEN:
+                raise _InvalidToken(outcome)
+            case Fail() if len(pins) == 1:
+                (pin,) = pins
+                result.failed[pin] = (outcome.reason, outcome.detail)
+            case Fail(pin=named) if named is not None and named.upper() in _by_upper(pins):
+                bad = _by_upper(pins)[named.upper()]
+                result.failed[bad] = (outcome.reason, outcome.detail)
+                await self._put(plan, {p: v for p, v in pins.items() if p != bad}, result,
+                                request)
+            case Fail():
+                left, right = split(pins)
+                await self._put(plan, left, result, request)
+                await self._put(plan, right, result, request)
+
+
+def _by_upper(pins: dict[str, Value]) -> dict[str, str]:
+    """Pin names by their upper-case form (Blynk names a pin in either case)."""
+    return {p.upper(): p for p in pins}
