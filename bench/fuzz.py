@@ -224,7 +224,7 @@ def bridge_config(opts: Options, pools: Pools, prefix: str, blynk_url: str, http
             {"name": "basic", "template": "kit",
              "auth": {"username": pools.basic_user, "password": pools.basic_password}},
             {"name": "strict", "template": "kit", "auth": header, "device_id_from": "query"},
-            {"name": "open", "template": "kit", "provision": True},
+            {"name": "open", "template": "kit", "provision": True, "auth": "none"},
         ],
         "tts": [
             {"name": "mq", "app_id": pools.app_id, **mq},

@@ -19,7 +19,7 @@ ARGS = ["--devices", "6", "--rate", "30", "--particle-devices", "3", "--particle
         "--flip-every", "0.5"]
 DOWN = (r"downlinks: (\d+) switch flips in the app; (\d+) webhooks sent to the bridge "
         r"\((\d+) dropped over Blynk's limit\); (\d+) received; (\d+) commands sent down; "
-        r"(\d+) acknowledged by TTS; (\d+) failed")
+        r"(\d+) delivered by TTS \(down/sent\); (\d+) failed")
 
 
 def _demo(*extra: str) -> list[str]:
@@ -58,7 +58,7 @@ def _sent_down(port: int) -> float:
     except OSError:
         return 0.0
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("bb_downlink_outcomes_total{") and 'outcome="ack"' in line)
+               if line.startswith("bb_downlink_outcomes_total{") and 'outcome="sent"' in line)
 
 
 def test_ctrl_c_stops_the_demo_cleanly_after_a_round_trip() -> None:
