@@ -10,7 +10,6 @@ the bridge) must go down to the device.
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import secrets
 import time
@@ -25,6 +24,9 @@ from emulators.blynk import (
     Settings,
     TemplateSpec,
     WebhookSpec,
+)
+from emulators.blynk.settings import (
+    WebhookAuth,
 )
 from emulators.particle import ParticleCloud, deliver, make_event, webhook_for
 from emulators.tts import make_uplink
@@ -45,13 +47,12 @@ async def test_uplink_echo_is_dropped_and_an_app_change_goes_down(
         redis: Redis, prefix: str) -> None:
     app_id = f"loop-{secrets.token_hex(4)}"
     port = free_port()
-    auth = base64.b64encode(f"blynk:{PASSWORD}".encode()).decode()
     hook = WebhookSpec(
         name="switch", url=f"http://127.0.0.1:{port}/blynk/app", template=TEMPLATE,
         datastream="V2", body=BODY.format(id="{device_id}", token="{device_authToken}",
                                           pin="{device_pin}", value="{device_pinValue}",
                                           ts="{timestamp_unix}", name="{device_name}"),
-        headers={"Authorization": f"Basic {auth}"})
+        auth=WebhookAuth(username="blynk", password=PASSWORD))
     emu = BlynkEmulator.from_spec(EmulatorSpec(
         regions={"fra1": 0}, settings=Settings(device_rps=None),
         templates=[TemplateSpec(id=TEMPLATE, name="Loop", datastreams=[
@@ -133,13 +134,12 @@ async def test_echo_of_a_token_carrying_particle_device_is_dropped(
     apart from the registry row; their echoes must still be recognised (not called down, and not
     dead-lettered as an unknown device)."""
     port = free_port()
-    auth = base64.b64encode(f"blynk:{PASSWORD}".encode()).decode()
     hook = WebhookSpec(
         name="led", url=f"http://127.0.0.1:{port}/blynk/app", template=BOARD_TEMPLATE,
         datastream="V2", body=BODY.format(id="{device_id}", token="{device_authToken}",
                                           pin="{device_pin}", value="{device_pinValue}",
                                           ts="{timestamp_unix}", name="{device_name}"),
-        headers={"Authorization": f"Basic {auth}"})
+        auth=WebhookAuth(username="blynk", password=PASSWORD))
     emu = BlynkEmulator.from_spec(EmulatorSpec(
         regions={"fra1": 0}, settings=Settings(device_rps=None),
         templates=[TemplateSpec(id=BOARD_TEMPLATE, name="Board", datastreams=[

@@ -64,7 +64,7 @@ templates:
     downlink:
       particle: {{V2: {{function: led, arg: "{{name}}={{value}}", return_pin: V5}}}}
 particle:
-  - {{name: boards, api_url: "{api_url}", access_token: "{token}", template: board}}
+  - {{name: boards, api_url: "{api_url}", access_token: "{token}", template: board, auth: none}}
 devices:
   - {{source: particle, integration: boards, device: {CORE}, token: {TOKEN}, template: board}}
 blynk_webhooks:

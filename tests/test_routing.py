@@ -8,7 +8,7 @@ import pytest
 
 from pipeline.config import TemplateRule
 from pipeline.events import Radio, Uplink
-from pipeline.registry import STATUS_BROKEN, Device
+from pipeline.registry import STATUS_BROKEN, Device, token_device_key
 from pipeline.routing import (
     CREATE,
     DEAD,
@@ -83,7 +83,10 @@ def test_token_device_takes_its_template_from_the_rules() -> None:
     [a, b] = plan([up(source="particle", integration="prod", device="c0", token="T"),
                    up(source="particle", integration="prod", device="c1", token="T",
                       device_meta=meta)], rows, INTEGRATIONS)
-    assert a.device == Device(key="particle:prod:c0", token="T", template="blueprint")
+    # keyed apart from the registry row, so a refusal of this token breaks no registered device
+    assert a.key == "particle:prod:c0"
+    assert a.device == Device(key=token_device_key("particle:prod:c0", "T"), token="T",
+                              template="blueprint")
     assert b.device is not None and b.device.template == "other"
 
 
