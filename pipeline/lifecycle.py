@@ -61,6 +61,20 @@ async def until_stopped(aw: Awaitable[T], stop: asyncio.Event) -> T | None:
     return None
 
 
+async def wait_event(event: asyncio.Event, timeout_s: float) -> bool:
+    """Wait up to ``timeout_s`` for ``event``; ``True`` if it is set.
+
+    The one way to wait on an event with a deadline: ``asyncio.timeout``, never ``wait_for``.
+    On 3.11 ``wait_for`` returns normally when a cancel arrives as the event is set, so the
+    caller's loop goes on and the task that cancelled it waits for ever (a lease holder that
+    never hands over, a stage that never stops).
+    """
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout_s):
+            await event.wait()
+    return event.is_set()
+
+
 async def run_stages(
     stages: Sequence[Stage],
     *,

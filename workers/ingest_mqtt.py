@@ -66,6 +66,7 @@ from pipeline.context import Context
 from pipeline.errors import InvalidInput
 from pipeline.keys import UPLINKS
 from pipeline.lease import Lease, hold
+from pipeline.lifecycle import wait_event
 from pipeline.status import ErrorKind, StatusBoard
 from pipeline.streams import Redis, StreamWriter, now_ms
 from pipeline.tts import Skipped, parse_event
@@ -470,11 +471,7 @@ class IngestMqtt:
                             await redis.zrem(key, self.consumer)
                     except RedisError as exc:
                         log.warning("%s: cannot record the session's state (%s)", app.name, exc)
-                    # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel
-                    # that arrives as the event is set, and the task group would never end.
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(interval):
-                            await changed.wait()
+                    await wait_event(changed, interval)
         finally:
             with contextlib.suppress(RedisError):
                 await asyncio.shield(redis.zrem(key, self.consumer))
@@ -529,8 +526,7 @@ class IngestMqtt:
                                 time.monotonic() - down_since)
                     metrics.MQTT_HANDOVERS.labels(app.name).inc()
                     return
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(changed.wait(), wait if wait > 0 else interval)
+                await wait_event(changed, wait if wait > 0 else interval)
 
     async def _replay(self, app: TtsApplication, feed: _Feed) -> int:
         """Append what the standby buffer holds, oldest first, in chunks; messages arriving
