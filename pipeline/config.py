@@ -63,6 +63,7 @@ class _Base(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_defau
 
 
 class RedisConfig(_Base):
+    #: Redis URL, e.g. ``redis://:password@host:6379/0`` (``rediss://`` for TLS).
     url: str = "redis://127.0.0.1:6379/0"
     #: Prefix of every key blynk-bridge writes (streams, registry, leases, statuses).
     prefix: str = "bb:"
@@ -90,9 +91,11 @@ class StreamsConfig(_Base):
 class PlatformConfig(_Base):
     """Blynk Platform API (OAuth2 client credentials) used to create devices."""
 
+    #: Base URL of the Platform API, e.g. ``https://fra1.blynk.cloud``.
     url: str
     client_id: str
     client_secret: Secret
+    #: Organization (and owner) the created devices belong to; default: the OAuth2 client's own.
     org_id: int | None = None
     owner_id: int | None = None
 
@@ -102,16 +105,24 @@ class BlynkConfig(_Base):
     servers: dict[str, str] = msgspec.field(
         default_factory=lambda: {"default": "https://blynk.cloud"}
     )
+    #: The ``servers`` region used for devices that name none.
     default_server: str = "default"
+    #: Total timeout of one request to Blynk.
     timeout_s: Positive = 10.0
+    #: Connections to Blynk kept open per process.
     max_connections: AtLeast1 = 100
+    #: The Platform API, needed to create devices and pull datastreams.
     platform: PlatformConfig | None = None
 
 
 class DatastreamConfig(_Base):
+    #: Datastream name as in Blynk (decoded keys with this name map onto it).
     name: str
+    #: Virtual pin, ``V0``..``V255``.
     pin: str
+    #: Blynk data type; values are converted to it.
     type: DatastreamType = "double"
+    #: Values outside ``min``..``max`` are clamped, as Blynk does.
     min: float | None = None
     max: float | None = None
     #: Enum: the value → label options; values outside fall back to ``fallback``.
@@ -125,7 +136,9 @@ class DatastreamConfig(_Base):
 class KeyMapping(_Base):
     """How one decoded key lands on a datastream."""
 
+    #: Datastream name or pin (``V3``).
     to: str
+    #: Written value = ``value * scale + offset`` (an integer datastream then rounds).
     scale: float | None = None
     offset: float | None = None
 
@@ -162,14 +175,17 @@ class TemplateDownlink(_Base):
 
 
 class TemplateConfig(_Base):
+    #: Name the integrations, rules and devices refer to.
     name: str
     #: Blynk template id (``TMPL…``), needed for auto-provisioning and datastream pulls.
     id: str | None = None
+    #: The template's datastreams (virtual pins).
     datastreams: list[DatastreamConfig] = msgspec.field(default_factory=list)
     #: Decoded key → datastream name/pin, or a full mapping with scale/offset.
     mapping: dict[str, str | KeyMapping] = msgspec.field(default_factory=dict)
     #: Pull datastreams from the Blynk Platform API instead of (or on top of) ``datastreams``.
     pull: bool = False
+    #: How datastream changes in Blynk go down to the devices.
     downlink: TemplateDownlink | None = None
 
 
@@ -191,16 +207,26 @@ class TemplateRule(_Base):
 
 
 class TtsApplication(_Base):
+    #: Integration name: the webhook path ``/tts/{name}``, metrics label, and part of event ids.
     name: str
+    #: The TTS application id.
     app_id: str
+    #: TTS tenant (``ttn`` on The Things Network); the MQTT username is ``app_id@tenant``.
     tenant: str = "ttn"
+    #: TTS MQTT host.
     host: str = "eu1.cloud.thethings.network"
+    #: MQTT port; default 8883 (TLS), 1883 with ``insecure``.
     port: Port | None = None
+    #: Plain MQTT: sends the API key in clear text.
     insecure: bool = False
+    #: TTS application API key (MQTT password; HTTP downlinks).
     api_key: Secret | None = None
+    #: CA bundle for the TLS connection; default: the system's.
     ca_file: str | None = None
+    #: Template of this application's devices (or ``template_rules``).
     template: str | None = None
     template_rules: list[TemplateRule] = msgspec.field(default_factory=list)
+    #: Create devices unknown to Blynk from the template.
     provision: bool = False
     #: Auto-provisioning limits (:mod:`pipeline.provision`): devices created per second
     #: across replicas, how many at once, and how many in all for this integration.
@@ -212,7 +238,9 @@ class TtsApplication(_Base):
     #: Inbound TTS webhooks for this application (``POST /tts/{name}``); unset: no webhooks,
     #: ``none``: webhooks from anyone.
     webhook_auth: HttpAuth | NoAuth | None = None
+    #: LoRaWAN port of decoded-payload downlinks.
     downlink_f_port: FPort = 1
+    #: Drop uplinks simulated in the TTS console (counted).
     skip_simulated: bool = False
     max_clock_skew_s: ClockSkew = 300.0
     #: ``push`` appends to the device's downlink queue, ``replace`` replaces it.
@@ -241,9 +269,13 @@ DEMO_SECRETS = frozenset({"demo-webhook-secret", "demo-secret"})
 
 
 class ParticleProduct(_Base):
+    #: Integration name: the webhook path ``/particle/{name}``, metrics label, and part of event
+    #: ids.
     name: str
+    #: Template of this product's devices (or ``template_rules``).
     template: str | None = None
     template_rules: list[TemplateRule] = msgspec.field(default_factory=list)
+    #: Create devices unknown to Blynk from the template.
     provision: bool = False
     #: As for :class:`TtsApplication`.
     provision_rate: Annotated[float, msgspec.Meta(gt=0)] = 1.0
@@ -253,7 +285,9 @@ class ParticleProduct(_Base):
     auth: HttpAuth | NoAuth | None = None
     #: Particle Cloud API for downlinks (function calls).
     api_url: str = "https://api.particle.io"
+    #: Particle API token for function calls (downlinks).
     access_token: Secret | None = None
+    #: Particle product id, recorded in each uplink's ``device_meta``.
     product_id: str | None = None
     #: ``any``: the device id of the webhook URL's query when it has one, else the body's;
     #: ``query``: only the query's, and a body naming another device is refused.
@@ -268,9 +302,12 @@ class DeviceEntry(_Base):
 
     source: Literal["particle", "tts"]
     integration: str
+    #: Device id in its cloud (Particle device id, TTS ``device_id``).
     device: str
+    #: The Blynk device's auth token.
     token: Secret
     template: str
+    #: A ``blynk.servers`` region; default ``blynk.default_server``.
     server: str | None = None
 
 
@@ -298,11 +335,15 @@ class DownlinkConfig(_Base):
 
 
 class IngestHttpConfig(_Base):
+    #: Address the webhook server listens on.
     host: str = "0.0.0.0"
+    #: Port of the webhook server (0: any free port).
     port: ListenPort = 8080
+    #: Larger request bodies are refused with 413.
     max_body_bytes: AtLeast1 = 64 * 1024
-    #: Refuse input with 503 + Retry-After when the uplinks stream lag passes this (entries)…
-    backlog_high_water: AtLeast1 = 1_000_000
+    #: Refuse input with 503 + Retry-After when the uplinks stream lag passes this (entries; 0:
+    #: whenever transform is behind at all)…
+    backlog_high_water: AtLeast0 = 1_000_000
     #: …or when the uplinks streams hold more than this many bytes in Redis (``MEMORY USAGE``).
     backlog_high_water_bytes: AtLeast1 = 1 << 30
     #: A connection whose request head (request line and headers) has not fully arrived this
@@ -355,7 +396,9 @@ class IngestMqttConfig(_Base):
 
 
 class TransformConfig(_Base):
+    #: An event id seen again within this long is dropped as a duplicate.
     dedup_window_s: AtLeast1 = 3600
+    #: Registry rows kept in memory per process (LRU).
     cache_size: AtLeast1 = 100_000
     #: How often templates with ``pull: true`` re-read their datastreams from Blynk.
     template_refresh_s: Positive = 300.0
@@ -369,13 +412,19 @@ class TransformConfig(_Base):
 
 
 class EgressConfig(_Base):
+    #: A flush happens when this many entries are held…
     flush_count: AtLeast1 = 500
+    #: …or they hold this many bytes…
     flush_bytes: AtLeast1 = 512 * 1024
+    #: …or the oldest has waited this long (0: at once).
     flush_age_ms: AtLeast0 = 100
+    #: Requests per second to Blynk per device, across replicas.
     per_device_rps: Positive = 50.0
+    #: Requests to Blynk in flight at once per process.
     max_in_flight: AtLeast1 = 64
     #: Entries older than this are backlog: written through the timestamped upload.
     live_window_s: NonNegative = 60.0
+    #: Cap of the retry backoff after 5xx, timeouts or 429.
     max_backoff_s: Positive = 30.0
     #: A device marked broken (Blynk refused the token stored for it) is set back to ok this
     #: long after, so its next uplink tries the token again (fixed in Blynk meanwhile?); 0 =
@@ -387,7 +436,10 @@ class MetricsConfig(_Base):
     """The metrics port: ``/metrics``, ``/status``, ``/healthz``, ``/readyz`` (no auth: keep it
     off the internet)."""
 
+    #: Address the metrics port listens on.
     host: str = "0.0.0.0"
+    #: Port of ``/metrics``, ``/status``, ``/healthz`` (unset: no metrics server; 0: any free
+    #: port).
     port: ListenPort | None = None
 
 

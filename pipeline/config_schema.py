@@ -6,9 +6,9 @@ Sphinx convention: the comment lines right above a field), read from the module'
 struct's docstring describes the struct. Without the source (a build that ships only ``.pyc``)
 the schema and the file are the same, minus descriptions.
 
-- :func:`json_schema`: ``msgspec.json.schema(Config)`` plus descriptions, the ``<key>_file``
-  variant of every string setting, and ``${VAR}`` accepted where a number or boolean goes
-  (both are resolved before validation).
+- :func:`json_schema`: ``msgspec.json.schema(Config)`` as draft 7, plus descriptions, the
+  ``<key>_file`` variant of every string setting, and ``${VAR}`` accepted where a number or
+  boolean goes (both are resolved before validation).
 - :func:`default_yaml`: every section with every setting at its default value and its
   description as a comment; list sections (templates, integrations, devices) as a commented
   example entry. Loading it gives exactly the defaults (tested).
@@ -99,7 +99,7 @@ def _is_scalar(t: mi.Type) -> bool:
 
 
 def json_schema() -> dict[str, Any]:
-    """A JSON Schema (2020-12) of the configuration file, for editor completion and checks."""
+    """A JSON Schema (draft 7) of the configuration file, for editor completion and checks."""
     schema: dict[str, Any] = msgspec.json.schema(config_mod.Config, schema_hook=_schema_hook)
     docs = field_docs()
     defs: dict[str, Any] = schema["$defs"]
@@ -119,8 +119,25 @@ def json_schema() -> dict[str, Any]:
                     "type": "string",
                     "description": f"a file whose content (stripped) is `{f.encode_name}`",
                 }
-    return {"$schema": "https://json-schema.org/draft/2020-12/schema",
-            "title": "blynk-bridge configuration", **schema}
+    # Draft 7 (``definitions``), the draft VS Code's YAML extension implements: it warns that
+    # 2020-12 is "not yet fully supported". msgspec writes nothing newer than draft 7 besides
+    # the ``$defs`` name.
+    return {"$schema": "http://json-schema.org/draft-07/schema#",
+            "title": "blynk-bridge configuration",
+            "$ref": _draft7(schema["$ref"]),
+            "definitions": _draft7(defs)}
+
+
+def _draft7(node: Any) -> Any:
+    """``#/$defs/X`` references as ``#/definitions/X``."""
+    if isinstance(node, str):
+        return node.replace("#/$defs/", "#/definitions/")
+    if isinstance(node, list):
+        return [_draft7(v) for v in node]
+    if isinstance(node, dict):
+        return {k: _draft7(v) if k == "$ref" or not isinstance(v, str) else v
+                for k, v in node.items()}
+    return node
 
 
 # --- the default file ----------------------------------------------------------------------------
@@ -130,8 +147,10 @@ HEADER = """\
 # Written by `blynk-bridge config default`; check it with `blynk-bridge check-config FILE`.
 # Delete what you do not change. `${NAME}` / `${NAME:-default}` in a value come from the
 # environment; `<key>_file: /path` reads a secret from a file.
-# Editor completion (VS Code YAML extension): `blynk-bridge config schema > bridge.schema.json`
-# and put this line first:  # yaml-language-server: $schema=bridge.schema.json
+# Editor completion (VS Code YAML extension): write the schema next to this file with
+#   blynk-bridge config schema > bridge.schema.json
+# and remove the first "# " of the next line.
+# # yaml-language-server: $schema=bridge.schema.json
 """
 
 

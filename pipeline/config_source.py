@@ -1,12 +1,12 @@
 """Reading a configuration file's text into plain data, remembering where each key is.
 
-:func:`read` parses YAML through a safe loader that refuses a key written twice in one mapping
-(naming both lines: PyYAML would keep the last one silently) and records the line and column of
-every mapping key and list item (duplicates are found on the composed node tree, where the
-path of the key is known); TOML goes through ``tomllib``, which refuses duplicates itself
-and keeps no positions. A file with nothing in it (or only comments) is an error, and so is a
-top level that is not a mapping. Every error is a :class:`ConfigError` whose problems carry
-their position.
+:func:`read` composes YAML with ``yaml.SafeLoader`` into its node tree, walks it once to record
+the line and column of every mapping key and list item and to refuse a key written twice in
+one mapping (naming both lines: PyYAML would keep the last one silently; on the node tree the
+key's whole path is known), then constructs the data from that same tree. TOML goes through
+``tomllib``, which refuses duplicates itself and keeps no positions. A file with nothing in it
+(or only comments) is an error, and so is a top level that is not a mapping. Every error is a
+:class:`ConfigError` whose problems carry their position.
 
 Positions are looked up by key path, a tuple such as ``("tts", 0, "port")``;
 :func:`split_path` reads the text forms msgspec and :mod:`pipeline.config` write

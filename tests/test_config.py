@@ -329,8 +329,10 @@ def test_config_schema_accepts_the_files_the_loader_accepts(
 ) -> None:
     assert main(["config", "schema"]) == 0
     schema = json.loads(capsys.readouterr().out)
-    defs = schema["$defs"]
-    assert schema["$ref"] == "#/$defs/Config"
+    defs = schema["definitions"]
+    assert schema["$ref"] == "#/definitions/Config"
+    assert schema["$schema"] == "http://json-schema.org/draft-07/schema#"  # what VS Code reads
+    assert "$defs" not in json.dumps(schema)
     for text in (EXAMPLE.read_text(), default_yaml(), GOOD, PARTICLE,
                  "tts: [{name: t, app_id: a, api_key_file: /run/secrets/k}]\n"):
         assert _conforms(yaml.safe_load(text), schema, defs), text[:60]
