@@ -230,3 +230,11 @@ def test_a_value_out_of_range_is_refused_on_its_line(
     line = text.count("\n")
     assert [(p.line, p.column) for p in exc.problems] == [(line, len(indent) + 1)], str(exc)
     assert f"{field}` must be" in str(exc) and f"got {bad!r}" in str(exc)
+
+
+def test_toml_errors_name_the_key_path_without_a_line() -> None:
+    exc = error('[egress]\nmax_in_flight = 0\n', fmt="toml")
+    assert where(exc) == [("egress.max_in_flight", None, None)]
+    assert str(exc) == "b.yaml: `egress.max_in_flight` must be an integer >= 1, got 0"
+    assert "Cannot overwrite a value" in str(error('[redis]\nurl = "a"\nurl = "b"\n',
+                                                   fmt="toml"))
