@@ -637,6 +637,8 @@ def parse(text: str, fmt: Literal["yaml", "toml"], origin: str,
     return config
 
 
+# --- msgspec's validation errors in the words of this file --------------------------------------
+
 _AT = re.compile(r"^(?P<what>.*?)(?: - at `(?P<path>\$[^`]*)`)?$", re.S)
 _UNKNOWN = re.compile(r"Object contains unknown field `(?P<name>[^`]*)`")
 _MISSING = re.compile(r"Object missing required field `(?P<name>[^`]*)`")
@@ -655,7 +657,7 @@ def _problem(message: str, data: Any) -> ConfigProblem:
     if unknown := _UNKNOWN.match(what):
         name = unknown.group("name")
         known = _fields_at(path)
-        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+        close = difflib.get_close_matches(name, known + _file_keys_at(path), n=1, cutoff=0.6)
         hint = (f"; did you mean `{close[0]}`?" if close
                 else f"; known keys: {', '.join(known)}" if known else "")
         inside = f"in `{at}`" if path else "at the top level"
@@ -734,6 +736,15 @@ def _type_at(path: config_source.KeyPath) -> mi.Type | None:
 def _fields_at(path: config_source.KeyPath) -> list[str]:
     struct = _pick(_type_at(path), (mi.StructType,))
     return [f.encode_name for f in struct.fields] if isinstance(struct, mi.StructType) else []
+
+
+def _file_keys_at(path: config_source.KeyPath) -> list[str]:
+    """The ``<key>_file`` forms of the text settings at ``path`` (see :func:`_resolve_files`)."""
+    struct = _pick(_type_at(path), (mi.StructType,))
+    if not isinstance(struct, mi.StructType):
+        return []
+    return [f"{f.encode_name}_file" for f in struct.fields
+            if _pick(f.type, (mi.StrType, mi.CustomType)) is not None]
 
 
 def _bounds(typ: mi.Type | None) -> str | None:

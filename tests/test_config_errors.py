@@ -36,6 +36,8 @@ def where(exc: ConfigError) -> list[tuple[str | None, int | None, int | None]]:
     ("particle:\n  - name: p\n    auth: {headr: X, secret: s}\n", "particle[0].auth.headr", 3,
      12, "did you mean `header`?"),
     ("redis:\n  zzzzzz: 1\n", "redis.zzzzzz", 2, 3, "known keys: url, prefix, partitions"),
+    ("particle:\n  - name: p\n    auth: {header: X, secret_fil: /run/s}\n",
+     "particle[0].auth.secret_fil", 3, 23, "did you mean `secret_file`?"),
     ("egress:\n  max_in_flight: 0\n", "egress.max_in_flight", 2, 3,
      "`egress.max_in_flight` must be an integer >= 1, got 0"),
     ("monitor:\n  dead_retention_s: -5\n", "monitor.dead_retention_s", 2, 3, ">= 1, got -5"),
