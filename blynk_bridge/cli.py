@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import importlib
 import importlib.metadata
+import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from pipeline import config as config_mod
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, ConfigProblem
 from pipeline.logs import setup_logging
 
 #: Stage name → module under ``workers`` exposing ``build(ctx) -> Stage``.
@@ -89,8 +91,26 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    cfg = _load_config(args.config)
-    print(explain(cfg, args.config))
+    if not args.json:
+        print(explain(_load_config(args.config), args.config))
+        return 0
+    # One JSON document either way: {"ok", "file", "errors": [{message, key, line, column}]}.
+    try:
+        _load_config(args.config)
+        errors: list[dict[str, Any]] = []
+    except ConfigError as exc:
+        errors = [dataclasses.asdict(p) for p in exc.problems or (ConfigProblem(str(exc)),)]
+    print(json.dumps({"ok": not errors, "file": args.config, "errors": errors}, indent=2))
+    return 2 if errors else 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from pipeline import config_schema
+
+    if args.what == "schema":
+        print(json.dumps(config_schema.json_schema(), indent=2))
+    else:
+        sys.stdout.write(config_schema.default_yaml())
     return 0
 
 
@@ -178,7 +198,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("check-config", help="validate a configuration file and explain it")
     p.add_argument("config", nargs="?", default=DEFAULT_CONFIG)
+    p.add_argument("--json", action="store_true",
+                   help="one JSON document: ok, and each error with its key, line and column")
     p.set_defaults(func=cmd_check_config)
+    p = sub.add_parser("config", help="print the configuration's JSON Schema (editor "
+                       "completion) or a commented file of every default")
+    p.add_argument("what", choices=["schema", "default"])
+    p.set_defaults(func=cmd_config)
 
     p = with_config(sub.add_parser("lag", help="length, lag and pending of every stream/group"))
     p.add_argument("--json", action="store_true", help="machine-readable output")

@@ -2,32 +2,39 @@
 
 This is the only module that reads ``os.environ``. Loading does, in order:
 
-1. YAML (``.yaml``/``.yml``) or TOML (``.toml``) parsing;
+1. YAML (``.yaml``/``.yml``) or TOML (``.toml``) parsing (:mod:`pipeline.config_source`: a
+   key written twice and an empty file are errors; the position of every key is kept);
 2. ``${NAME}`` / ``${NAME:-default}`` substitution inside parsed string values — never into the
    file's text, so a value holding ``#``, quotes or ``, key: value`` stays one value. A value
    that is one reference and lands on a number, boolean or null field is read as one
    (``port: "${PORT}"``); anywhere a string goes it stays a string. An unset variable without a
    default is an error naming the variable, the key path that uses it and the file;
 3. ``*_file`` keys: ``api_key_file: /run/secrets/tts`` reads that file into ``api_key``;
-4. validation with msgspec: unknown keys and wrong types are errors that name the key path and
-   the file; then cross-field checks (:func:`check`), among them: every inbound integration
-   has auth (or says ``auth: none``), and no inbound secret is one published with the demo.
+4. validation with msgspec: unknown keys (with the closest known one), wrong types and numbers
+   out of their range (``Annotated`` bounds below) are errors that name the key path and the
+   file; then cross-field checks (:func:`check`), among them: every inbound integration has
+   auth (or says ``auth: none``), and no inbound secret is one published with the demo.
+
+Every error is a :class:`ConfigError` whose problems name the key path and, for YAML, the line
+and column the file holds it on (or its nearest enclosing key: a default, a missing key). The
+``#:`` comment above a field is its description in ``blynk-bridge config schema|default``
+(:mod:`pipeline.config_schema`).
 """
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
-import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import msgspec
 import msgspec.inspect as mi
-import yaml
 
-from pipeline.errors import ConfigError
+from pipeline import config_source
+from pipeline.errors import ConfigError, ConfigProblem
 from pipeline.redact import Secret
 
 DatastreamType = Literal["integer", "double", "string", "enum", "location"]
@@ -35,32 +42,48 @@ DatastreamType = Literal["integer", "double", "string", "enum", "location"]
 #: the arrival time (pipeline.eventtime.clamp_future).
 ClockSkew = Annotated[float, msgspec.Meta(ge=0)]
 
+# Ranges of numeric settings, checked at load with a message naming the key, its line and the
+# range. Counts, sizes, limits and times that must pass are at least 1 (0 would stop a stage or
+# make Redis refuse the command, e.g. ``EX 0``); a 0 that means "off"/"at once" is documented
+# at its field.
+AtLeast1 = Annotated[int, msgspec.Meta(ge=1)]
+AtLeast0 = Annotated[int, msgspec.Meta(ge=0)]
+#: Seconds that must pass (timeouts, intervals, backoff caps).
+Positive = Annotated[float, msgspec.Meta(gt=0)]
+NonNegative = Annotated[float, msgspec.Meta(ge=0)]
+Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
+#: A port to listen on: 0 lets the system pick a free one (tests, one-off runs).
+ListenPort = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+#: LoRaWAN application port of a downlink (the range the bridge has always accepted).
+FPort = Annotated[int, msgspec.Meta(ge=1, le=233)]
+
 
 class _Base(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
     pass
 
 
 class RedisConfig(_Base):
+    #: Redis URL, e.g. ``redis://:password@host:6379/0`` (``rediss://`` for TLS).
     url: str = "redis://127.0.0.1:6379/0"
     #: Prefix of every key blynk-bridge writes (streams, registry, leases, statuses).
     prefix: str = "bb:"
     #: Number of partitions of each stream (1 = unpartitioned).
-    partitions: int = 1
+    partitions: AtLeast1 = 1
 
 
 class StreamsConfig(_Base):
     #: Deliveries of one entry before it is dead-lettered (``max_deliveries`` in DESIGN.md).
-    max_deliveries: int = 5
+    max_deliveries: AtLeast1 = 5
     #: Pending entries idle this long are taken over from dead consumers (XAUTOCLAIM).
-    claim_idle_ms: int = 30_000
+    claim_idle_ms: AtLeast1 = 30_000
     #: How long one blocking read waits for new entries.
-    block_ms: int = 2_000
+    block_ms: AtLeast1 = 2_000
     #: Entries read per batch.
-    batch: int = 500
+    batch: AtLeast1 = 500
     #: After a small batch, wait until this long after it was read before reading again, so
     #: batches fill under moderate load (fewer round trips per entry; adds at most this much
     #: latency). 0 = read again at once. Used by transform.
-    linger_ms: int = 10
+    linger_ms: AtLeast0 = 10
     #: Consumer name; default ``<hostname>-<pid>``.
     consumer: str | None = None
 
@@ -68,9 +91,11 @@ class StreamsConfig(_Base):
 class PlatformConfig(_Base):
     """Blynk Platform API (OAuth2 client credentials) used to create devices."""
 
+    #: Base URL of the Platform API, e.g. ``https://fra1.blynk.cloud``.
     url: str
     client_id: str
     client_secret: Secret
+    #: Organization (and owner) the created devices belong to; default: the OAuth2 client's own.
     org_id: int | None = None
     owner_id: int | None = None
 
@@ -80,16 +105,24 @@ class BlynkConfig(_Base):
     servers: dict[str, str] = msgspec.field(
         default_factory=lambda: {"default": "https://blynk.cloud"}
     )
+    #: The ``servers`` region used for devices that name none.
     default_server: str = "default"
-    timeout_s: float = 10.0
-    max_connections: int = 100
+    #: Total timeout of one request to Blynk.
+    timeout_s: Positive = 10.0
+    #: Connections to Blynk kept open per process.
+    max_connections: AtLeast1 = 100
+    #: The Platform API, needed to create devices and pull datastreams.
     platform: PlatformConfig | None = None
 
 
 class DatastreamConfig(_Base):
+    #: Datastream name as in Blynk (decoded keys with this name map onto it).
     name: str
+    #: Virtual pin, ``V0``..``V255``.
     pin: str
+    #: Blynk data type; values are converted to it.
     type: DatastreamType = "double"
+    #: Values outside ``min``..``max`` are clamped, as Blynk does.
     min: float | None = None
     max: float | None = None
     #: Enum: the value → label options; values outside fall back to ``fallback``.
@@ -103,7 +136,9 @@ class DatastreamConfig(_Base):
 class KeyMapping(_Base):
     """How one decoded key lands on a datastream."""
 
+    #: Datastream name or pin (``V3``).
     to: str
+    #: Written value = ``value * scale + offset`` (an integer datastream then rounds).
     scale: float | None = None
     offset: float | None = None
 
@@ -125,7 +160,7 @@ class EncodeRule(_Base):
     pin: str
     type: Literal["uint8", "int8", "uint16", "int16", "uint32", "int32", "float32"] = "uint8"
     endian: Literal["big", "little"] = "big"
-    f_port: int | None = None
+    f_port: FPort | None = None
 
 
 class TemplateDownlink(_Base):
@@ -140,14 +175,17 @@ class TemplateDownlink(_Base):
 
 
 class TemplateConfig(_Base):
+    #: Name the integrations, rules and devices refer to.
     name: str
     #: Blynk template id (``TMPL…``), needed for auto-provisioning and datastream pulls.
     id: str | None = None
+    #: The template's datastreams (virtual pins).
     datastreams: list[DatastreamConfig] = msgspec.field(default_factory=list)
     #: Decoded key → datastream name/pin, or a full mapping with scale/offset.
     mapping: dict[str, str | KeyMapping] = msgspec.field(default_factory=dict)
     #: Pull datastreams from the Blynk Platform API instead of (or on top of) ``datastreams``.
     pull: bool = False
+    #: How datastream changes in Blynk go down to the devices.
     downlink: TemplateDownlink | None = None
 
 
@@ -169,16 +207,26 @@ class TemplateRule(_Base):
 
 
 class TtsApplication(_Base):
+    #: Integration name: the webhook path ``/tts/{name}``, metrics label, and part of event ids.
     name: str
+    #: The TTS application id.
     app_id: str
+    #: TTS tenant (``ttn`` on The Things Network); the MQTT username is ``app_id@tenant``.
     tenant: str = "ttn"
+    #: TTS MQTT host.
     host: str = "eu1.cloud.thethings.network"
-    port: int | None = None
+    #: MQTT port; default 8883 (TLS), 1883 with ``insecure``.
+    port: Port | None = None
+    #: Plain MQTT: sends the API key in clear text.
     insecure: bool = False
+    #: TTS application API key (MQTT password; HTTP downlinks).
     api_key: Secret | None = None
+    #: CA bundle for the TLS connection; default: the system's.
     ca_file: str | None = None
+    #: Template of this application's devices (or ``template_rules``).
     template: str | None = None
     template_rules: list[TemplateRule] = msgspec.field(default_factory=list)
+    #: Create devices unknown to Blynk from the template.
     provision: bool = False
     #: Auto-provisioning limits (:mod:`pipeline.provision`): devices created per second
     #: across replicas, how many at once, and how many in all for this integration.
@@ -190,7 +238,9 @@ class TtsApplication(_Base):
     #: Inbound TTS webhooks for this application (``POST /tts/{name}``); unset: no webhooks,
     #: ``none``: webhooks from anyone.
     webhook_auth: HttpAuth | NoAuth | None = None
-    downlink_f_port: int = 1
+    #: LoRaWAN port of decoded-payload downlinks.
+    downlink_f_port: FPort = 1
+    #: Drop uplinks simulated in the TTS console (counted).
     skip_simulated: bool = False
     max_clock_skew_s: ClockSkew = 300.0
     #: ``push`` appends to the device's downlink queue, ``replace`` replaces it.
@@ -219,9 +269,13 @@ DEMO_SECRETS = frozenset({"demo-webhook-secret", "demo-secret"})
 
 
 class ParticleProduct(_Base):
+    #: Integration name: the webhook path ``/particle/{name}``, metrics label, and part of event
+    #: ids.
     name: str
+    #: Template of this product's devices (or ``template_rules``).
     template: str | None = None
     template_rules: list[TemplateRule] = msgspec.field(default_factory=list)
+    #: Create devices unknown to Blynk from the template.
     provision: bool = False
     #: As for :class:`TtsApplication`.
     provision_rate: Annotated[float, msgspec.Meta(gt=0)] = 1.0
@@ -231,7 +285,9 @@ class ParticleProduct(_Base):
     auth: HttpAuth | NoAuth | None = None
     #: Particle Cloud API for downlinks (function calls).
     api_url: str = "https://api.particle.io"
+    #: Particle API token for function calls (downlinks).
     access_token: Secret | None = None
+    #: Particle product id, recorded in each uplink's ``device_meta``.
     product_id: str | None = None
     #: ``any``: the device id of the webhook URL's query when it has one, else the body's;
     #: ``query``: only the query's, and a body naming another device is refused.
@@ -246,9 +302,12 @@ class DeviceEntry(_Base):
 
     source: Literal["particle", "tts"]
     integration: str
+    #: Device id in its cloud (Particle device id, TTS ``device_id``).
     device: str
+    #: The Blynk device's auth token.
     token: Secret
     template: str
+    #: A ``blynk.servers`` region; default ``blynk.default_server``.
     server: str | None = None
 
 
@@ -263,127 +322,142 @@ class DownlinkConfig(_Base):
     """The downlink stage (``workers/downlink.py``)."""
 
     #: A command older than this (by its Blynk time) is dead-lettered, never sent late.
-    ttl_s: int = 600
+    ttl_s: AtLeast1 = 600
     #: A webhook repeating a value the bridge itself wrote to that pin this recently is an
     #: echo of the uplink, not a command.
-    echo_window_ms: int = 60_000
+    echo_window_ms: AtLeast0 = 60_000
     #: Cap of the retry backoff of an offline device.
-    max_backoff_s: float = 30.0
+    max_backoff_s: Positive = 30.0
     #: Timeout of one Particle or TTS HTTP call.
-    timeout_s: float = 35.0
+    timeout_s: Positive = 35.0
     #: How long a command's correlation is kept for matching TTS outcomes.
-    outcome_ttl_s: int = 3_600
+    outcome_ttl_s: AtLeast1 = 3_600
 
 
 class IngestHttpConfig(_Base):
+    #: Address the webhook server listens on.
     host: str = "0.0.0.0"
-    port: int = 8080
-    max_body_bytes: int = 64 * 1024
-    #: Refuse input with 503 + Retry-After when the uplinks stream lag passes this (entries)…
-    backlog_high_water: int = 1_000_000
+    #: Port of the webhook server (0: any free port).
+    port: ListenPort = 8080
+    #: Larger request bodies are refused with 413.
+    max_body_bytes: AtLeast1 = 64 * 1024
+    #: Refuse input with 503 + Retry-After when the uplinks stream lag passes this (entries; 0:
+    #: whenever transform is behind at all)…
+    backlog_high_water: AtLeast0 = 1_000_000
     #: …or when the uplinks streams hold more than this many bytes in Redis (``MEMORY USAGE``).
-    backlog_high_water_bytes: int = 1 << 30
+    backlog_high_water_bytes: AtLeast1 = 1 << 30
     #: A connection whose request head (request line and headers) has not fully arrived this
     #: long after it opened, or after the first byte of a next request, is closed.
-    header_timeout_s: float = 10.0
+    header_timeout_s: Positive = 10.0
     #: A request body not fully read this long after its head arrived: 408, connection closed.
-    body_timeout_s: float = 30.0
+    body_timeout_s: Positive = 30.0
     #: An idle keep-alive connection is closed after this long.
-    keepalive_timeout_s: float = 75.0
+    keepalive_timeout_s: Positive = 75.0
     #: Open connections from one peer address; more are closed at once. Behind a reverse proxy
     #: every connection comes from the proxy: raise it, or 0 for no cap.
-    max_connections_per_peer: int = 128
+    max_connections_per_peer: AtLeast0 = 128
     #: Requests with bad credentials answered 401 per peer address and minute; past it 429
     #: (credentials are still checked first: a peer's good requests always pass).
-    auth_failures_per_minute: int = 30
+    auth_failures_per_minute: AtLeast1 = 30
     #: On stop: requests in flight get this long to finish before connections are closed.
-    shutdown_timeout_s: float = 10.0
+    shutdown_timeout_s: NonNegative = 10.0
     #: Consecutive refused webhooks (bad auth or body) that mark a Particle integration Broken.
-    broken_after_failures: int = 3
+    broken_after_failures: AtLeast1 = 3
 
 
 class IngestMqttConfig(_Base):
     """The ingest-mqtt stage: one owner per TTS application through a Redis lease."""
 
     #: Lease time: a standby takes an application over this long after its owner died.
-    lease_ttl_ms: int = 5_000
+    lease_ttl_ms: AtLeast1 = 5_000
     #: Entries appended per pipelined ``XADD`` round trip.
-    batch: int = 1_000
+    batch: AtLeast1 = 1_000
     #: Decoded messages waiting for Redis; past it new ones are dropped and counted.
-    queue_max: int = 100_000
+    queue_max: AtLeast1 = 100_000
     #: Payloads above this are dead-lettered as ``too_large``.
-    max_payload_bytes: int = 256 * 1024
+    max_payload_bytes: AtLeast1 = 256 * 1024
     #: Cap of the reconnect backoff.
-    max_backoff_s: float = 30.0
+    max_backoff_s: Positive = 30.0
     #: Standbys subscribe too and keep the last ``lease_ttl_ms`` (+ the acquisition interval
     #: + ``standby_margin_ms``) of raw messages in memory, appended when they take over: no
     #: uplink is lost in a failover (duplicates are removed downstream by event_id).
     warm_standby: bool = True
-    standby_margin_ms: int = 2_000
+    standby_margin_ms: AtLeast0 = 2_000
     #: An owner whose broker connection has been down this long hands the application to a
     #: warm standby that is connected (if one is); the standby replays what it kept, so the
     #: handover loses nothing — while an owner that waits out a blip itself loses what TTS
     #: published during it (QoS 0). Hence 0: hand over at once; raise it to trade that for
     #: fewer handovers (each replays the standby's buffer; duplicates are dropped by event_id).
     #: A replica that is not connected never takes an application from a connected one.
-    handover_after_ms: int = 0
+    handover_after_ms: AtLeast0 = 0
     #: Bounds of a standby's buffer; past them the oldest messages go first (counted).
-    standby_max_messages: int = 100_000
-    standby_max_bytes: int = 128 * 1024 * 1024
+    standby_max_messages: AtLeast1 = 100_000
+    standby_max_bytes: AtLeast1 = 128 * 1024 * 1024
 
 
 class TransformConfig(_Base):
-    dedup_window_s: int = 3600
-    cache_size: int = 100_000
+    #: An event id seen again within this long is dropped as a duplicate.
+    dedup_window_s: AtLeast1 = 3600
+    #: Registry rows kept in memory per process (LRU).
+    cache_size: AtLeast1 = 100_000
     #: How often templates with ``pull: true`` re-read their datastreams from Blynk.
-    template_refresh_s: float = 300.0
+    template_refresh_s: Positive = 300.0
     #: How long an uplink waits for another worker that is creating its device.
-    provision_wait_s: float = 20.0
+    provision_wait_s: Positive = 20.0
     #: Distinct unmapped keys remembered per template (``keys.unmapped``); more are counted
     #: under one field (:data:`pipeline.unmapped.OTHER`).
-    unmapped_max_keys: int = 200
+    unmapped_max_keys: AtLeast1 = 200
     #: The unmapped-keys hash of a template expires this long after its last update.
-    unmapped_ttl_s: int = 7 * 86400
+    unmapped_ttl_s: AtLeast1 = 7 * 86400
 
 
 class EgressConfig(_Base):
-    flush_count: int = 500
-    flush_bytes: int = 512 * 1024
-    flush_age_ms: int = 100
-    per_device_rps: float = 50.0
-    max_in_flight: int = 64
+    #: A flush happens when this many entries are held…
+    flush_count: AtLeast1 = 500
+    #: …or they hold this many bytes…
+    flush_bytes: AtLeast1 = 512 * 1024
+    #: …or the oldest has waited this long (0: at once).
+    flush_age_ms: AtLeast0 = 100
+    #: Requests per second to Blynk per device, across replicas.
+    per_device_rps: Positive = 50.0
+    #: Requests to Blynk in flight at once per process.
+    max_in_flight: AtLeast1 = 64
     #: Entries older than this are backlog: written through the timestamped upload.
-    live_window_s: float = 60.0
-    max_backoff_s: float = 30.0
+    live_window_s: NonNegative = 60.0
+    #: Cap of the retry backoff after 5xx, timeouts or 429.
+    max_backoff_s: Positive = 30.0
     #: A device marked broken (Blynk refused the token stored for it) is set back to ok this
     #: long after, so its next uplink tries the token again (fixed in Blynk meanwhile?); 0 =
     #: only ``blynk-bridge devices unbreak`` does.
-    broken_retry_s: float = 3600.0
+    broken_retry_s: NonNegative = 3600.0
 
 
 class MetricsConfig(_Base):
     """The metrics port: ``/metrics``, ``/status``, ``/healthz``, ``/readyz`` (no auth: keep it
     off the internet)."""
 
+    #: Address the metrics port listens on.
     host: str = "0.0.0.0"
-    port: int | None = None
+    #: Port of ``/metrics``, ``/status``, ``/healthz`` (unset: no metrics server; 0: any free
+    #: port).
+    port: ListenPort | None = None
 
 
 class MonitorConfig(_Base):
     """The monitor stage: backlog gauges, trimming, removal of dead consumers."""
 
     #: Seconds between two samples (and trims).
-    interval_s: float = 5.0
+    interval_s: Positive = 5.0
     #: Trim streams below what every group acknowledged (``XTRIM MINID``).
     trim: bool = True
     #: Dead letters older than this are trimmed from the dead stream.
-    dead_retention_s: int = 7 * 86_400
+    dead_retention_s: AtLeast1 = 7 * 86_400
     #: At most this many dead letters are kept (the oldest go first, counted and logged), so a
     #: sender that makes every message fail cannot grow Redis without bound: each letter keeps
     #: at most ``DEAD_RAW_MAX`` (8 KiB) of its raw input.
-    dead_max_len: int = 100_000
+    dead_max_len: AtLeast1 = 100_000
     #: Consumers idle this long with nothing pending are removed (``XGROUP DELCONSUMER``).
-    consumer_idle_s: float = 3600.0
+    consumer_idle_s: Positive = 3600.0
 
 
 class Config(_Base):
@@ -425,22 +499,24 @@ def substitute_env(text: str, env: Mapping[str, str], origin: str, where: str = 
         if default is not None:
             return default
         used = f" (used by `{where}`)" if where else ""
-        raise ConfigError(f"{origin}: environment variable ${{{name}}} is not set{used}")
+        raise ConfigError.of(origin, ConfigProblem(
+            f"environment variable not set: ${{{name}}}{used}", key=where or None))
 
     return _VAR.sub(repl, text.replace("$${", "\0")).replace("\0", "${")
 
 
 def _substitute_all(data: Any, env: Mapping[str, str], origin: str) -> Any:
-    """:func:`_substitute` over the whole file; every unset variable is named in one error."""
-    unset: list[str] = []
+    """:func:`_substitute` over the whole file; every unset variable is named in one error, one
+    problem per use (each with the key that uses it)."""
+    unset: list[ConfigProblem] = []
     out = _substitute(data, _CONFIG_TYPE, env, origin, "", unset)
     if unset:
-        raise ConfigError(f"{origin}: environment variables not set: {'; '.join(unset)}")
+        raise ConfigError.of(origin, *unset)
     return out
 
 
 def _substitute(node: Any, typ: mi.Type | None, env: Mapping[str, str], origin: str,
-                where: str, unset: list[str]) -> Any:
+                where: str, unset: list[ConfigProblem]) -> Any:
     """Substitute inside every string value of ``node``, which should be of type ``typ`` (None:
     not in the schema, e.g. a ``*_file`` key or an unknown key msgspec will name); unset
     variables are appended to ``unset``."""
@@ -450,8 +526,10 @@ def _substitute(node: Any, typ: mi.Type | None, env: Mapping[str, str], origin: 
         try:
             value = substitute_env(node, env, origin, where)
         except ConfigError:
-            unset.extend(f"${{{m.group(1)}}} (used by `{where}`)" for m in _VAR.finditer(node)
-                         if m.group(1) not in env and m.group(2) is None)
+            unset.extend(
+                ConfigProblem(f"environment variable not set: ${{{m.group(1)}}} "
+                              f"(used by `{where}`)", key=where)
+                for m in _VAR.finditer(node) if m.group(1) not in env and m.group(2) is None)
             return node
         whole = _ONE_VAR.fullmatch(node) is not None
         return _scalar(value, typ) if whole and typ is not None else value
@@ -506,7 +584,7 @@ def _scalar(value: str, typ: mi.Type) -> Any:
     return value
 
 
-def _resolve_files(node: Any, origin: str, where: str = "$") -> Any:
+def _resolve_files(node: Any, origin: str, where: str = "") -> Any:
     """Read every ``<key>_file`` into ``<key>`` (secrets mounted as files)."""
     if isinstance(node, list):
         return [_resolve_files(v, origin, f"{where}[{i}]") for i, v in enumerate(node)]
@@ -516,44 +594,182 @@ def _resolve_files(node: Any, origin: str, where: str = "$") -> Any:
     for key, value in node.items():
         if isinstance(key, str) and key.endswith("_file") and key not in ("ca_file",):
             target = key[: -len("_file")]
+            here = f"{where}.{key}" if where else key
             if target in node:
-                raise ConfigError(f"{origin}: both `{target}` and `{key}` set at `{where}`")
+                raise ConfigError.of(origin, ConfigProblem(
+                    f"both `{target}` and `{key}` set at `${'.' if where else ''}{where}`",
+                    key=here))
             try:
                 out[target] = Path(str(value)).read_text().strip()
             except OSError as exc:
-                raise ConfigError(
-                    f"{origin}: cannot read `{key}` at `{where}`: {exc.strerror}"
-                ) from None
+                raise ConfigError.of(origin, ConfigProblem(
+                    f"cannot read `{key}` at `${'.' if where else ''}{where}`: {exc.strerror}",
+                    key=here)) from None
         else:
-            out[key] = _resolve_files(value, origin, f"{where}.{key}")
+            out[key] = _resolve_files(value, origin, f"{where}.{key}" if where else str(key))
     return out
 
 
 def _dec_hook(type_: type, obj: Any) -> Any:
-    if type_ is Secret and isinstance(obj, str):
-        return Secret(obj)
+    if type_ is Secret:
+        if isinstance(obj, str):
+            return Secret(obj)
+        # msgspec turns this into a ValidationError at the key's path
+        raise TypeError(f"Expected `str`, got `{type(obj).__name__}`")
     raise NotImplementedError
 
 
 def parse(text: str, fmt: Literal["yaml", "toml"], origin: str,
           env: Mapping[str, str] | None = None) -> Config:
-    """Parse configuration text; ``origin`` names the file in every error."""
+    """Parse configuration text; ``origin`` names the file in every error, and each problem
+    carries the line and column of its key where the file holds it (YAML)."""
+    source = config_source.read(text, fmt, origin)
     try:
-        data = tomllib.loads(text) if fmt == "toml" else yaml.safe_load(text)
-    except (yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"{origin}: not valid {fmt.upper()}: {exc}") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{origin}: the top level must be a mapping")
-    data = _substitute_all(data, os.environ if env is None else env, origin)
-    data = _resolve_files(data, origin)
-    try:
-        config = msgspec.convert(data, Config, dec_hook=_dec_hook)
-    except msgspec.ValidationError as exc:
-        raise ConfigError(f"{origin}: {exc}") from None
-    check(config, origin)
+        data = _substitute_all(source.data, os.environ if env is None else env, origin)
+        data = _resolve_files(data, origin)
+        try:
+            config = msgspec.convert(data, Config, dec_hook=_dec_hook)
+        except msgspec.ValidationError as exc:
+            raise ConfigError.of(origin, _problem(str(exc), data)) from None
+        check(config, origin)
+    except ConfigError as exc:
+        raise source.locate(exc) from None
     return config
+
+
+# --- msgspec's validation errors in the words of this file --------------------------------------
+
+_AT = re.compile(r"^(?P<what>.*?)(?: - at `(?P<path>\$[^`]*)`)?$", re.S)
+_UNKNOWN = re.compile(r"Object contains unknown field `(?P<name>[^`]*)`")
+_MISSING = re.compile(r"Object missing required field `(?P<name>[^`]*)`")
+_BOUND = re.compile(r"Expected `(?:int|float)` (?:>=|>|<=|<) ")
+
+
+def _problem(message: str, data: Any) -> ConfigProblem:
+    """A msgspec validation message (``… - at `$.egress.max_in_flight```) as a problem about
+    that key, in the words of this file: unknown keys with the closest known one, ranges with
+    both bounds and the value given."""
+    m = _AT.match(message)
+    what, at = (m.group("what"), m.group("path") or "$") if m else (message, "$")
+    path = _resolve_path(at, data)
+    key = config_source.format_path(path) or None
+    at = f"$.{key}" if key else "$"
+    if unknown := _UNKNOWN.match(what):
+        name = unknown.group("name")
+        known = _fields_at(path)
+        close = difflib.get_close_matches(name, known + _file_keys_at(path), n=1, cutoff=0.6)
+        hint = (f"; did you mean `{close[0]}`?" if close
+                else f"; known keys: {', '.join(known)}" if known else "")
+        inside = f"in `{at}`" if path else "at the top level"
+        return ConfigProblem(f"unknown key `{name}` {inside}{hint}",
+                             key=config_source.format_path((*path, name)))
+    if missing := _MISSING.match(what):
+        inside = f"in `{at}`" if path else "at the top level"
+        return ConfigProblem(f"missing required key `{missing.group('name')}` {inside}",
+                             key=key)
+    if _BOUND.match(what):
+        bounds = _bounds(_type_at(path))
+        value = _value_at(data, path)
+        if bounds:
+            got = f", got {value!r}" if value is not _ABSENT else ""
+            return ConfigProblem(f"`{key}` must be {bounds}{got}", key=key)
+    if not path:
+        return ConfigProblem(what, key=key)
+    return ConfigProblem(f"`{key}`: {what[:1].lower()}{what[1:]}", key=key)
+
+
+def _resolve_path(at: str, data: Any) -> config_source.KeyPath:
+    """msgspec's path with each dict key it writes as ``[...]`` found again: the first key of
+    that dict whose value does not validate on its own."""
+    first, *rest = at.split("[...]")
+    path = config_source.split_path(first)
+    for tail in rest:
+        mapping = _value_at(data, path)
+        value_type = _dict_value_type(path)
+        if not isinstance(mapping, dict) or value_type is None:
+            return path
+        bad = next((k for k, v in mapping.items() if not _valid(v, value_type)), None)
+        if bad is None:
+            return path
+        path = (*path, str(bad), *config_source.split_path(tail))
+    return path
+
+
+def _dict_value_type(path: config_source.KeyPath) -> Any:
+    """The Python type of the values of the dict setting at ``path`` (None: not one)."""
+    struct = _pick(_type_at(path[:-1]), (mi.StructType,))
+    if not path or not isinstance(struct, mi.StructType):
+        return None
+    field = next((f for f in msgspec.structs.fields(struct.cls) if f.encode_name == path[-1]),
+                 None)
+    for typ in (field.type, *get_args(field.type)) if field is not None else ():
+        if get_origin(typ) is dict:
+            return get_args(typ)[1]
+    return None
+
+
+def _valid(value: Any, typ: Any) -> bool:
+    try:
+        msgspec.convert(value, typ, dec_hook=_dec_hook)
+    except msgspec.ValidationError:
+        return False
+    return True
+
+
+def _type_at(path: config_source.KeyPath) -> mi.Type | None:
+    """The type the configuration expects at ``path`` (None: not in the schema)."""
+    typ: mi.Type | None = _CONFIG_TYPE
+    for step in path:
+        if isinstance(step, int):
+            seq = _pick(typ, (mi.ListType, mi.SetType, mi.VarTupleType))
+            typ = getattr(seq, "item_type", None)
+            continue
+        struct = _pick(typ, (mi.StructType,))
+        if isinstance(struct, mi.StructType):
+            typ = next((f.type for f in struct.fields if f.encode_name == step), None)
+        else:
+            mapping = _pick(typ, (mi.DictType,))
+            typ = mapping.value_type if isinstance(mapping, mi.DictType) else None
+    return typ
+
+
+def _fields_at(path: config_source.KeyPath) -> list[str]:
+    struct = _pick(_type_at(path), (mi.StructType,))
+    return [f.encode_name for f in struct.fields] if isinstance(struct, mi.StructType) else []
+
+
+def _file_keys_at(path: config_source.KeyPath) -> list[str]:
+    """The ``<key>_file`` forms of the text settings at ``path`` (see :func:`_resolve_files`)."""
+    struct = _pick(_type_at(path), (mi.StructType,))
+    if not isinstance(struct, mi.StructType):
+        return []
+    return [f"{f.encode_name}_file" for f in struct.fields
+            if _pick(f.type, (mi.StrType, mi.CustomType)) is not None]
+
+
+def _bounds(typ: mi.Type | None) -> str | None:
+    """``an integer from 1 to 65535``, ``a number > 0``… for a constrained number type."""
+    num = _pick(typ, (mi.IntType, mi.FloatType))
+    if not isinstance(num, (mi.IntType, mi.FloatType)):
+        return None
+    noun = "an integer" if isinstance(num, mi.IntType) else "a number"
+    if num.ge is not None and num.le is not None:
+        return f"{noun} from {num.ge} to {num.le}"
+    parts = [f"{op} {v}" for op, v in ((">=", num.ge), (">", num.gt), ("<=", num.le),
+                                       ("<", num.lt)) if v is not None]
+    return f"{noun} {' and '.join(parts)}" if parts else None
+
+
+_ABSENT = object()
+
+
+def _value_at(data: Any, path: config_source.KeyPath) -> Any:
+    for step in path:
+        try:
+            data = data[step]
+        except (KeyError, IndexError, TypeError):
+            return _ABSENT
+    return data
 
 
 _CONFIG_TYPE = mi.type_info(Config)
@@ -565,29 +781,44 @@ def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> 
     try:
         text = p.read_text()
     except OSError as exc:
-        raise ConfigError(f"{p}: cannot read configuration: {exc.strerror}") from None
+        raise ConfigError.of(str(p), ConfigProblem(
+            f"cannot read configuration: {exc.strerror}")) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError.of(str(p), ConfigProblem(
+            f"not UTF-8 text (byte {exc.start}): is this the configuration file?")) from None
     fmt: Literal["yaml", "toml"] = "toml" if p.suffix == ".toml" else "yaml"
     return parse(text, fmt, str(p), env)
 
 
+def _invalid(origin: str, key: str, message: str) -> ConfigError:
+    """An error about the value at ``key`` (``tts[0].template``); :func:`parse` adds the line
+    the file holds it on."""
+    return ConfigError.of(origin, ConfigProblem(message, key=key))
+
+
 def check(config: Config, origin: str) -> None:
     """Cross-field checks msgspec cannot express; each error names the key."""
-    names = [t.name for t in config.templates]
-    templates = set(names)
-    if len(templates) != len(names):
-        raise ConfigError(f"{origin}: duplicate template names in `templates`")
+    templates: set[str] = set()
+    for i, t in enumerate(config.templates):
+        if t.name in templates:
+            raise _invalid(origin, f"templates[{i}].name",
+                           f"duplicate template names in `templates` ({t.name!r})")
+        templates.add(t.name)
     for i, t in enumerate(config.templates):
         seen_pins: set[str] = set()
         for j, ds in enumerate(t.datastreams):
+            where = f"templates[{i}].datastreams[{j}]"
             pin = ds.pin.upper()
             if not re.fullmatch(r"V([0-9]|[1-9][0-9]|1[0-9][0-9]|2[0-4][0-9]|25[0-5])", pin):
-                raise ConfigError(
-                    f"{origin}: `templates[{i}].datastreams[{j}].pin` must be V0..V255, "
-                    f"got {ds.pin!r}"
-                )
+                raise _invalid(origin, f"{where}.pin",
+                               f"`{where}.pin` must be V0..V255, got {ds.pin!r}")
             if pin in seen_pins:
-                raise ConfigError(f"{origin}: pin {pin} used twice in template {t.name!r}")
+                raise _invalid(origin, f"{where}.pin",
+                               f"pin {pin} used twice in template {t.name!r}")
             seen_pins.add(pin)
+            if ds.min is not None and ds.max is not None and ds.min > ds.max:
+                raise _invalid(origin, f"{where}.max",
+                               f"`{where}`: `max` ({ds.max:g}) is below `min` ({ds.min:g})")
     integrations: list[tuple[str, Sequence[TtsApplication | ParticleProduct]]] = [
         ("tts", config.tts),
         ("particle", config.particle),
@@ -596,8 +827,9 @@ def check(config: Config, origin: str) -> None:
         seen: set[str] = set()
         for i, integ in enumerate(items):
             if isinstance(integ, ParticleProduct) and integ.auth is None:
-                raise ConfigError(
-                    f"{origin}: `particle[{i}].auth` is missing: set `header` + `secret` or "
+                raise _invalid(
+                    origin, f"particle[{i}].auth",
+                    f"`particle[{i}].auth` is missing: set `header` + `secret` or "
                     "`username` + `password`, or write `auth: none` to accept webhooks from "
                     "anyone"
                 )
@@ -606,50 +838,55 @@ def check(config: Config, origin: str) -> None:
             if isinstance(auth, HttpAuth):
                 for name, secret in (("secret", auth.secret), ("password", auth.password)):
                     if secret is not None and secret.reveal() in DEMO_SECRETS:
-                        raise ConfigError(
-                            f"{origin}: `{section}[{i}].{key}.{name}` is the demo's published "
+                        raise _invalid(
+                            origin, f"{section}[{i}].{key}.{name}",
+                            f"`{section}[{i}].{key}.{name}` is the demo's published "
                             "secret: set your own (e.g. `openssl rand -hex 32`)"
                         )
         for i, integ in enumerate(items):
             if integ.name in seen:
-                raise ConfigError(f"{origin}: duplicate integration name `{section}[{i}].name`")
+                raise _invalid(origin, f"{section}[{i}].name",
+                               f"duplicate integration name `{section}[{i}].name`")
             seen.add(integ.name)
             if integ.template is not None and integ.template not in templates:
-                raise ConfigError(
-                    f"{origin}: `{section}[{i}].template` names unknown template "
-                    f"{integ.template!r}"
+                raise _invalid(
+                    origin, f"{section}[{i}].template",
+                    f"`{section}[{i}].template` names unknown template {integ.template!r}"
                 )
             for k, rule in enumerate(integ.template_rules):
                 if rule.template not in templates:
-                    raise ConfigError(
-                        f"{origin}: `{section}[{i}].template_rules[{k}].template` names unknown "
+                    raise _invalid(
+                        origin, f"{section}[{i}].template_rules[{k}].template",
+                        f"`{section}[{i}].template_rules[{k}].template` names unknown "
                         f"template {rule.template!r}"
                     )
     for i, dev in enumerate(config.devices):
         if dev.template not in templates:
-            raise ConfigError(
-                f"{origin}: `devices[{i}].template` names unknown template {dev.template!r}"
-            )
+            raise _invalid(origin, f"devices[{i}].template",
+                           f"`devices[{i}].template` names unknown template {dev.template!r}")
         if dev.server is not None and dev.server not in config.blynk.servers:
-            raise ConfigError(
-                f"{origin}: `devices[{i}].server` names unknown server {dev.server!r}"
-            )
+            raise _invalid(origin, f"devices[{i}].server",
+                           f"`devices[{i}].server` names unknown server {dev.server!r}")
     _check_downlinks(config, origin)
     if config.blynk.default_server not in config.blynk.servers:
-        raise ConfigError(
-            f"{origin}: `blynk.default_server` {config.blynk.default_server!r} is not in "
+        raise _invalid(
+            origin, "blynk.default_server",
+            f"`blynk.default_server` {config.blynk.default_server!r} is not in "
             "`blynk.servers`"
         )
 
 
 def _check_downlinks(config: Config, origin: str) -> None:
-    names = [w.name for w in config.blynk_webhooks]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"{origin}: duplicate names in `blynk_webhooks`")
+    names: set[str] = set()
     for i, w in enumerate(config.blynk_webhooks):
+        if w.name in names:
+            raise _invalid(origin, f"blynk_webhooks[{i}].name",
+                           f"duplicate names in `blynk_webhooks` ({w.name!r})")
+        names.add(w.name)
         if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", w.name):
-            raise ConfigError(f"{origin}: `blynk_webhooks[{i}].name` must be 1-64 of "
-                              f"A-Z a-z 0-9 _ . -, got {w.name!r}")
+            raise _invalid(origin, f"blynk_webhooks[{i}].name",
+                           f"`blynk_webhooks[{i}].name` must be 1-64 of "
+                           f"A-Z a-z 0-9 _ . -, got {w.name!r}")
     for i, t in enumerate(config.templates):
         if t.downlink is None:
             continue
@@ -663,14 +900,13 @@ def _check_downlinks(config: Config, origin: str) -> None:
             refs.append((f"{where}.outcome_pin", t.downlink.outcome_pin))
         for key, pin in refs:
             if pins and pin.upper() not in pins:
-                raise ConfigError(f"{origin}: `{key}` names pin {pin!r}, which template "
-                                  f"{t.name!r} has no datastream for")
+                raise _invalid(origin, key, f"`{key}` names pin {pin!r}, which template "
+                                            f"{t.name!r} has no datastream for")
     for i, a in enumerate(config.tts):
         if a.downlink_via == "http" and not (a.api_url and a.downlink_webhook_id):
-            raise ConfigError(f"{origin}: `tts[{i}]` sends downlinks over http: set `api_url` "
-                              "and `downlink_webhook_id`")
-        if not 1 <= a.downlink_f_port <= 233:
-            raise ConfigError(f"{origin}: `tts[{i}].downlink_f_port` must be 1..233")
+            raise _invalid(origin, f"tts[{i}].downlink_via",
+                           f"`tts[{i}]` sends downlinks over http: set `api_url` "
+                           "and `downlink_webhook_id`")
 
 
 def env(name: str, default: str | None = None) -> str | None:

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
 from blynk_bridge.cli import main
-from pipeline.config import load, parse
+from pipeline.config import Config, load, parse
+from pipeline.config_schema import default_yaml
 from pipeline.errors import ConfigError
 
 GOOD = """
@@ -225,3 +230,117 @@ def test_check_config_masks_the_redis_password(
     out = capsys.readouterr().out
     assert "redis.example:6379" in out and "blynk.example" in out
     assert "Pa55w0rd" not in out and "BlynkPw" not in out
+
+
+# --- check-config --json, `config schema`, `config default` -------------------------------------
+
+
+def test_check_config_json_is_one_document_with_lines(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("TTS_KEY", raising=False)
+    path = tmp_path / "bridge.yaml"
+    path.write_text("redis: {url: x}\negress:\n  max_in_flight: 0\n")
+    assert main(["check-config", "--json", str(path)]) == 2
+    doc = json.loads(capsys.readouterr().out)
+    assert doc == {"ok": False, "file": str(path), "errors": [{
+        "message": "`egress.max_in_flight` must be an integer >= 1, got 0",
+        "key": "egress.max_in_flight", "line": 3, "column": 3}]}
+    path.write_text(GOOD)
+    assert main(["check-config", "--json", str(path)]) == 2  # TTS_KEY is not set
+    doc = json.loads(capsys.readouterr().out)
+    assert [(e["key"], e["line"]) for e in doc["errors"]] == [("tts[0].api_key", 15)]
+    assert main(["check-config", "--json", str(tmp_path / "missing.yaml")]) == 2
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["ok"] is False and "cannot read" in doc["errors"][0]["message"]
+    path.write_text("redis: {url: x}\n")
+    assert main(["check-config", "--json", str(path)]) == 0
+    assert json.loads(capsys.readouterr().out) == {"ok": True, "file": str(path), "errors": []}
+
+
+def test_config_default_prints_a_commented_file_that_loads_to_the_defaults(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["config", "default"]) == 0
+    text = capsys.readouterr().out
+    path = tmp_path / "bridge.yaml"
+    path.write_text(text)
+    assert load(path, env={}) == Config()
+    assert main(["check-config", str(path)]) == 0
+    # Every setting of every section is in it, described where the code describes it.
+    for name in ("max_in_flight", "handover_after_ms", "dead_max_len", "prefix", "client_secret",
+                 "webhook_auth", "datastreams", "device_id_from"):
+        assert f"{name}:" in text, name
+    assert "# Deliveries of one entry before it is dead-lettered" in text
+    assert "yaml-language-server: $schema=" in text
+
+
+def test_the_commented_examples_of_the_default_file_are_settings(tmp_path: Path) -> None:
+    """Uncommented, each list section's example names only keys the loader knows."""
+    text = default_yaml()
+    for section in ("templates", "tts", "particle", "devices", "blynk_webhooks"):
+        block = text.split(f"\n# {section}:\n", 1)[1].split(f"\n{section}: []", 1)[0]
+        data = yaml.safe_load(f"{section}:\n" + "\n".join(
+            line[2:] for line in block.splitlines()))
+        entry = data[section][0]
+        with pytest.raises(ConfigError) as err:  # placeholders are not values, keys are keys
+            parse(yaml.safe_dump({section: [entry]}), "yaml", "b.yaml", env={})
+        assert "unknown key" not in str(err.value), (section, str(err.value))
+
+
+def _conforms(value: Any, schema: dict[str, Any], defs: dict[str, Any]) -> bool:
+    """The JSON Schema keywords `msgspec.json.schema` and `config_schema` write, checked."""
+    if "$ref" in schema:
+        return _conforms(value, defs[schema["$ref"].rsplit("/", 1)[1]], defs)
+    if "anyOf" in schema:
+        return any(_conforms(value, s, defs) for s in schema["anyOf"])
+    if "enum" in schema and value not in schema["enum"]:
+        return False
+    kinds = {"object": dict, "array": list, "string": str, "boolean": bool,
+             "null": type(None), "integer": int, "number": (int, float)}
+    kind = schema.get("type")
+    if kind is not None and (not isinstance(value, kinds[kind])
+                             or (kind in ("integer", "number") and isinstance(value, bool))):
+        return False
+    if isinstance(value, str) and "pattern" in schema and not re.search(schema["pattern"],
+                                                                        value):
+        return False
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value < schema.get("minimum", value) or value > schema.get("maximum", value):
+            return False
+        if "exclusiveMinimum" in schema and value <= schema["exclusiveMinimum"]:
+            return False
+    if isinstance(value, list):
+        return all(_conforms(v, schema.get("items", {}), defs) for v in value)
+    if isinstance(value, dict):
+        props = schema.get("properties", {})
+        if any(k not in value for k in schema.get("required", [])):
+            return False
+        extra = schema.get("additionalProperties", True)
+        for k, v in value.items():
+            sub = props.get(k, extra)
+            if sub is False or (isinstance(sub, dict) and not _conforms(v, sub, defs)):
+                return False
+    return True
+
+
+def test_config_schema_accepts_the_files_the_loader_accepts(
+    capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["config", "schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    defs = schema["definitions"]
+    assert schema["$ref"] == "#/definitions/Config"
+    assert schema["$schema"] == "http://json-schema.org/draft-07/schema#"  # what VS Code reads
+    assert "$defs" not in json.dumps(schema)
+    for text in (EXAMPLE.read_text(), default_yaml(), GOOD, PARTICLE,
+                 "tts: [{name: t, app_id: a, api_key_file: /run/secrets/k}]\n"):
+        assert _conforms(yaml.safe_load(text), schema, defs), text[:60]
+    # …and flags what the loader refuses: an unknown key, a number out of range, a bad enum.
+    for bad in ("egres: {}", "egress: {max_in_flight: 0}", "tts: [{name: t}]",
+                "ingest_http: {port: 70000}", "particle: [{name: p, device_id_from: body}]"):
+        assert not _conforms(yaml.safe_load(bad), schema, defs), bad
+    # Descriptions come from the `#:` comments of pipeline/config.py.
+    egress = defs["EgressConfig"]["properties"]
+    assert "timestamped upload" in egress["live_window_s"]["description"]
+    assert defs["PlatformConfig"]["description"].startswith("Blynk Platform API")

@@ -45,8 +45,10 @@ devices:
 """
 
 
-def make_config(prefix: str, extra: str = "") -> config_mod.Config:
-    text = CONFIG + textwrap.dedent(extra) + f"\nredis: {{prefix: '{prefix}'}}\n"
+def make_config(prefix: str, extra: str = "", devices: str = "") -> config_mod.Config:
+    """``extra``: more sections; ``devices``: rows (``  - {…}`` lines) added to the table."""
+    text = (CONFIG.replace("\ndevices:\n", f"\ndevices:\n{devices}")
+            + textwrap.dedent(extra) + f"\nredis: {{prefix: '{prefix}'}}\n")
     return config_mod.parse(text, "yaml", "test.yaml", env={})
 
 
@@ -301,13 +303,9 @@ async def test_order_within_a_device_holds_across_batches_read_ahead(
         redis: Redis, keys: Keys, prefix: str, fixture_path: FixturePath) -> None:
     # batch 50 over 300 uplinks: every batch is handled while the next one is read; a garbage
     # entry sends one batch down the slow path in the middle.
-    extra = """
-    devices:
-      - {source: tts, integration: app, device: d0, token: T0, template: button}
-      - {source: tts, integration: app, device: d1, token: T1, template: button}
-      - {source: tts, integration: app, device: d2, token: T2, template: button}
-    """
-    cfg = make_config(prefix, extra)
+    rows = "".join(f"  - {{source: tts, integration: app, device: d{i}, token: T{i}, "
+                   "template: button}\n" for i in range(3))
+    cfg = make_config(prefix, devices=rows)
     c = Context(config=cfg, redis=redis, keys=keys, consumer="t1", writer=StreamWriter(redis))
     ups = [button_uplink(fixture_path, device=f"d{i % 3}", event_id=f"as:up:{i:04d}",
                          event_ts_ms=1_000 + i) for i in range(300)]
