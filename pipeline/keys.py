@@ -45,6 +45,12 @@ class Keys:
             return self.stream(name)
         return self.stream(name, self.partition_of(source, device))
 
+    def label(self, key: str) -> str:
+        """A stream key as metric labels and the status page name it: without the prefix (which
+        may be random, as the demo's is) or hash-tag braces (``bb:{uplinks:3}`` → ``uplinks:3``)."""
+        name = key[len(self.prefix):] if key.startswith(self.prefix) else key
+        return name.strip("{}")
+
     @property
     def dead(self) -> str:
         return f"{self.prefix}{DEAD}"

@@ -30,12 +30,10 @@ from redis.exceptions import RedisError
 from pipeline import metrics
 from pipeline.backlog import STREAM_NAMES, StreamInfo, as_str, snapshot
 from pipeline.context import Context
-from pipeline.status import StatusBoard
+from pipeline.status import StatusBoard, export_state
 from pipeline.streams import now_ms
 
 log = logging.getLogger("blynk_bridge.monitor")
-
-_STATE_GAUGE = {"Not Connected": 0, "Connected": 1, "Broken": 2}
 
 # Stream ids are compared and incremented as decimal strings: sequence numbers go up to 2**64-1,
 # past what a Lua number holds exactly.
@@ -170,18 +168,17 @@ class MonitorStage:
         streams = await snapshot(self._redis, self._keys)
         now = now_ms()
         for s in streams:
-            metrics.STREAM_LENGTH.labels(s.key).set(s.length)
+            stream = self._keys.label(s.key)
+            metrics.STREAM_LENGTH.labels(stream).set(s.length)
             for g in s.groups:
-                metrics.STREAM_LAG.labels(s.key, g.name).set(g.lag)
-                metrics.STREAM_PENDING.labels(s.key, g.name).set(g.pending)
-                metrics.STREAM_CONSUMERS.labels(s.key, g.name).set(g.consumers)
-                metrics.STREAM_OLDEST_PENDING.labels(s.key, g.name).set(
+                metrics.STREAM_LAG.labels(stream, g.name).set(g.lag)
+                metrics.STREAM_PENDING.labels(stream, g.name).set(g.pending)
+                metrics.STREAM_CONSUMERS.labels(stream, g.name).set(g.consumers)
+                metrics.STREAM_OLDEST_PENDING.labels(stream, g.name).set(
                     g.oldest_pending_age_s(now)
                 )
         for status in await self._board.all():
-            metrics.INTEGRATION_STATUS.labels(status.kind, status.name).set(
-                _STATE_GAUGE.get(status.state, 0)
-            )
+            export_state(status.kind, status.name, status.state)
         return streams
 
     async def trim_once(self) -> dict[str, int]:
@@ -204,7 +201,7 @@ class MonitorStage:
         removed[dead] = aged + capped
         for key, count in removed.items():
             if count:
-                metrics.TRIMMED.labels(key).inc(count)
+                metrics.TRIMMED.labels(self._keys.label(key)).inc(count)
         return removed
 
     async def remove_idle_consumers(self) -> list[str]:
@@ -214,7 +211,7 @@ class MonitorStage:
             for key in self._keys.streams(name):
                 gone = await self._remove_idle(keys=[key], args=[self.consumer_idle_ms])
                 if gone:
-                    metrics.CONSUMERS_REMOVED.labels(key).inc(len(gone))
+                    metrics.CONSUMERS_REMOVED.labels(self._keys.label(key)).inc(len(gone))
                     log.info("monitor: removed idle consumers of %s: %s", key,
                              ", ".join(as_str(g) for g in gone))
                 out.extend(f"{key} {as_str(g)}" for g in gone)
