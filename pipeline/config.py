@@ -384,6 +384,10 @@ class MonitorConfig(_Base):
     dead_max_len: int = 100_000
     #: Consumers idle this long with nothing pending are removed (``XGROUP DELCONSUMER``).
     consumer_idle_s: float = 3600.0
+    #: Bearer token of the status page's actions (replaying dead letters, ``POST`` on the
+    #: metrics port, header ``Authorization: Bearer …``). Unset: the page is read-only.
+    #: ``admin_token_file`` reads it from a mounted secret.
+    admin_token: Secret | None = None
 
 
 class Config(_Base):
@@ -572,6 +576,12 @@ def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> 
 
 def check(config: Config, origin: str) -> None:
     """Cross-field checks msgspec cannot express; each error names the key."""
+    token = config.monitor.admin_token
+    if token is not None and (len(token) < 16 or token.reveal() in DEMO_SECRETS):
+        raise ConfigError(
+            f"{origin}: `monitor.admin_token` must be at least 16 characters and not a published "
+            "one (e.g. `openssl rand -hex 16`)"
+        )
     names = [t.name for t in config.templates]
     templates = set(names)
     if len(templates) != len(names):

@@ -105,6 +105,15 @@ class Keys:
         """Hash integration id → encoded status."""
         return f"{self.prefix}status"
 
+    def stats(self, slot: int) -> str:
+        """Hash field → increase of every process's counters in one 5-second slot
+        (:mod:`pipeline.stats`)."""
+        return f"{self.prefix}stats:{slot}"
+
+    def replicas(self) -> str:
+        """Sorted set ``<stages>@<consumer>`` → when (ms) that process was last heard from."""
+        return f"{self.prefix}replicas"
+
     def unmapped(self, template: str) -> str:
         return f"{self.prefix}unmapped:{template}"
 

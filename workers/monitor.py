@@ -16,7 +16,9 @@ keeps memory bounded:
   its pending entries). A live consumer removed this way is recreated by its next read.
 
 Several monitor replicas are harmless: every step is idempotent. Metrics are served by the
-process's metrics server (``metrics.port``); the monitor itself listens on nothing.
+process's metrics server (``metrics.port``), where the monitor adds its status page
+(:mod:`pipeline.status_page`: ``/``, ``/status.json``, ``POST /dead/replay``); the monitor opens
+no port of its own.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from pipeline import metrics
 from pipeline.backlog import STREAM_NAMES, StreamInfo, as_str, snapshot
 from pipeline.context import Context
 from pipeline.status import StatusBoard, export_state
+from pipeline.status_page import Handler, StatusPage
 from pipeline.streams import now_ms
 
 log = logging.getLogger("blynk_bridge.monitor")
@@ -140,6 +143,14 @@ class MonitorStage:
         self.consumer_idle_ms = int(cfg.consumer_idle_s * 1000)
         self._trim_acked = ctx.redis.register_script(_TRIM_ACKED)
         self._remove_idle = ctx.redis.register_script(_REMOVE_IDLE)
+        self._latest: list[StreamInfo] = []
+        self.page = StatusPage(ctx.redis, ctx.keys,
+                               templates=[t.name for t in ctx.config.templates],
+                               admin_token=cfg.admin_token, latest_streams=lambda: self._latest)
+
+    def routes(self) -> dict[tuple[str, str], Handler]:
+        """The status page, served on the metrics port (:class:`pipeline.metrics_http.Serves`)."""
+        return self.page.routes()
 
     async def startup(self) -> None:
         log.info("monitor: sampling every %.1fs, trimming %s", self.interval_s,
@@ -179,6 +190,7 @@ class MonitorStage:
                 )
         for status in await self._board.all():
             export_state(status.kind, status.name, status.state)
+        self._latest = streams
         return streams
 
     async def trim_once(self) -> dict[str, int]:
