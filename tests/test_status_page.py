@@ -13,11 +13,13 @@ import asyncio
 import base64
 import os
 import secrets
+import signal
+import sys
 import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,7 @@ from emulators.tts import Fleet
 from pipeline import config as config_mod
 from pipeline import events, metrics, stats
 from pipeline.context import Context
+from pipeline.keys import Keys
 from pipeline.lifecycle import run_stages
 from pipeline.metrics_http import MetricsServer
 from pipeline.redact import Secret
@@ -38,7 +41,7 @@ from pipeline.registry import Registry, device_key
 from pipeline.status import StatusBoard
 from pipeline.streams import Redis
 from tests import browser
-from tests.conftest import MQTT_HOST, MQTT_PORT
+from tests.conftest import MQTT_HOST, MQTT_PORT, free_port
 from tests.test_e2e import TEMPLATE, blynk_get, bridge_config, emulator, token_for
 from tests.wait import wait_until
 from workers import egress, ingest_mqtt, monitor, transform
@@ -71,8 +74,6 @@ def test_increase_keeps_only_what_grew() -> None:
 
 
 async def test_published_increases_come_back_as_history(redis: Redis, prefix: str) -> None:
-    from pipeline.keys import Keys
-
     keys = Keys(prefix)
     publisher = stats.StatsPublisher(redis, keys, "transform@test")
     await publisher.startup()
@@ -346,3 +347,71 @@ async def _connected(ctx: Context, app_id: str) -> bool:
 
 async def _dead_count(redis: Redis, ctx: Context) -> bool:
     return bool(await redis.xlen(ctx.keys.dead))
+
+
+# ------------------------------------------------------------------ as the command runs it
+
+
+async def test_every_stage_process_serves_healthz_and_the_monitor_its_page(
+    prefix: str, redis: Redis, tmp_path: Path
+) -> None:
+    """``blynk-bridge <stage>`` with ``metrics.port``: /healthz for every stage, the page on the
+    monitor's port only, and each process listed among the replicas alive."""
+    ports = {"monitor": free_port(), "transform": free_port()}
+    procs: dict[str, asyncio.subprocess.Process] = {}
+    logs = {}
+    try:
+        for stage, port in ports.items():
+            path = tmp_path / f"{stage}.yaml"
+            path.write_text(f"""
+redis: {{url: "redis://127.0.0.1:6379/0", prefix: "{prefix}"}}
+metrics: {{host: 127.0.0.1, port: {port}}}
+streams: {{block_ms: 200}}
+monitor: {{interval_s: 0.5}}
+""")
+            logs[stage] = (tmp_path / f"{stage}.log").open("wb")
+            procs[stage] = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "blynk_bridge", stage, "-c", str(path),
+                env=os.environ | {"PYTHONPATH": str(Path.cwd())}, stderr=logs[stage])
+        async with aiohttp.ClientSession() as http:
+            async def answers(url: str) -> int:
+                try:
+                    async with http.get(url) as resp:
+                        return resp.status
+                except aiohttp.ClientConnectionError:
+                    return 0
+
+            for stage, port in ports.items():
+                await wait_until(lambda u=f"http://127.0.0.1:{port}/healthz": _is_200(answers(u)),
+                                 what=f"{stage} /healthz")
+            assert await answers(f"http://127.0.0.1:{ports['monitor']}/") == 200
+            assert await answers(f"http://127.0.0.1:{ports['transform']}/") == 404
+
+            async def both_alive() -> bool:
+                async with http.get(f"http://127.0.0.1:{ports['monitor']}/status.json") as resp:
+                    page = await resp.json()
+                names = {r["name"].split("@")[0] for r in page["replicas"]}
+                return names == {"monitor", "transform"}
+
+            await wait_until(both_alive, what="both processes among the replicas alive")
+        for proc in procs.values():
+            proc.send_signal(signal.SIGTERM)
+        for stage, proc in procs.items():
+            assert await asyncio.wait_for(proc.wait(), 60) == 0, stage
+        # A process that stopped says so: it leaves the replicas set.
+        assert await stats.replicas_alive(redis, Keys(prefix)) == []
+    except BaseException:
+        for stage in procs:
+            print(stage, (tmp_path / f"{stage}.log").read_text()[-3000:])  # shown on failure
+        raise
+    finally:
+        for proc in procs.values():
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        for log in logs.values():
+            log.close()
+
+
+async def _is_200(status: Awaitable[int]) -> bool:
+    return await status == 200
