@@ -27,6 +27,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from prometheus_client.metrics import MetricWrapperBase
+from redis.asyncio.client import Pipeline
 from redis.exceptions import RedisError
 
 from pipeline import metrics
@@ -112,14 +113,18 @@ class StatsPublisher:
             await self._alive()
 
     async def main_loop(self, stop: asyncio.Event) -> None:
+        """Publish at every slot boundary, and once more (the partial slot) when stopped."""
         while not stop.is_set():
-            wait = SLOT_S - (time.time() % SLOT_S)
+            now = time.time_ns() // 1_000_000
+            boundary = (slot_of(now) + 1) * SLOT_S * 1000
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), wait)
+                await asyncio.wait_for(stop.wait(), (boundary - now) / 1000)
             try:
-                await self.publish_once()
+                # The slot is named by the boundary, not the clock read after the wake-up,
+                # which may be a little early or late.
+                await self.publish_once(None if stop.is_set() else boundary)
             except RedisError as exc:
-                # The increase stays in self._last's gap and goes out with the next slot.
+                # Not lost: self._last is unchanged, so the increase goes out with the next slot.
                 log.warning("stats: publishing failed (%s)", exc)
 
     async def shutdown(self) -> None:
@@ -148,11 +153,10 @@ class StatsPublisher:
             self._queue_alive(pipe, time.time_ns() // 1_000_000)
             await pipe.execute()
 
-    def _queue_alive(self, pipe: object, now_ms: int) -> None:
+    def _queue_alive(self, pipe: Pipeline, now_ms: int) -> None:
         replicas = self._keys.replicas()
-        pipe.zadd(replicas, {self.member: now_ms})  # type: ignore[attr-defined]
-        pipe.zremrangebyscore(  # type: ignore[attr-defined]
-            replicas, "-inf", now_ms - _REPLICA_FORGET_S * 1000)
+        pipe.zadd(replicas, {self.member: now_ms})
+        pipe.zremrangebyscore(replicas, "-inf", now_ms - _REPLICA_FORGET_S * 1000)
 
 
 @dataclass
