@@ -362,8 +362,9 @@ class EgressConfig(_Base):
 
 
 class MetricsConfig(_Base):
-    """The metrics port: ``/metrics``, ``/status``, ``/healthz``, ``/readyz`` (no auth: keep it
-    off the internet)."""
+    """The metrics port: ``/metrics``, ``/status``, ``/healthz``, ``/readyz``, and on the
+    monitor the status page (reads need no auth: keep it off the internet; the page's replay
+    needs ``monitor.admin_token``)."""
 
     host: str = "0.0.0.0"
     port: int | None = None
