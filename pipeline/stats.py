@@ -159,6 +159,28 @@ class StatsPublisher:
         pipe.zremrangebyscore(replicas, "-inf", now_ms - _REPLICA_FORGET_S * 1000)
 
 
+class GaugeHistory:
+    """The monitor's own samples of gauges (backlog per group), the last value per slot, in
+    memory and bounded to :data:`HISTORY_S`: they are read by one process only (a restarted
+    monitor starts an empty plot; the stream tables are always current)."""
+
+    def __init__(self) -> None:
+        self._slots: dict[int, dict[str, float]] = {}
+
+    def record(self, now_ms: int, values: dict[str, float]) -> None:
+        slot = slot_of(now_ms)
+        self._slots[slot] = dict(values)
+        oldest = slot - HISTORY_S // SLOT_S
+        for old in [s for s in self._slots if s < oldest]:
+            del self._slots[old]
+
+    def series(self, t: Sequence[int]) -> dict[str, list[float | None]]:
+        """One value per slot start in ``t`` (ms); ``None`` where nothing was sampled."""
+        names = sorted({n for v in self._slots.values() for n in v})
+        rows = [self._slots.get(slot_of(ms), {}) for ms in t]
+        return {n: [r.get(n) for r in rows] for n in names}
+
+
 @dataclass
 class History:
     """The last :data:`HISTORY_S` as per-slot series (oldest first; a slot nobody wrote is 0)."""

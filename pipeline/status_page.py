@@ -79,8 +79,10 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000, 1)
 
 
-def history_json(hist: stats.History) -> dict[str, Any]:
-    """Per-slot series: rates per second per stage, latency p50/p99 in ms (null: none)."""
+def history_json(hist: stats.History, backlog: stats.GaugeHistory | None = None
+                 ) -> dict[str, Any]:
+    """Per-slot series: rates per second per stage, latency p50/p99 in ms (null: none), and
+    the backlog (lag + pending) of each group as the monitor sampled it."""
     per_s = 1 / hist.slot_s
     rates = {name: [round(v * per_s, 3) for v in hist.series(name)]
              for name in ("ingested", "transformed", "written", "downlinks")}
@@ -95,7 +97,17 @@ def history_json(hist: stats.History) -> dict[str, Any]:
         p50.append(_ms(stats.quantile(buckets, 0.5)))
         p99.append(_ms(stats.quantile(buckets, 0.99)))
     return {"slot_s": hist.slot_s, "t": hist.t, "rate": rates,
-            "latency_ms": {"p50": p50, "p99": p99}}
+            "latency_ms": {"p50": p50, "p99": p99},
+            "backlog": backlog.series(hist.t) if backlog is not None else {}}
+
+
+def backlog_of(streams: Sequence[StreamInfo]) -> dict[str, float]:
+    """Lag + pending per group, summed over the partitions of its stream."""
+    out: dict[str, float] = {}
+    for s in streams:
+        for g in s.groups:
+            out[g.name] = out.get(g.name, 0) + g.lag + g.pending
+    return out
 
 
 def streams_json(streams: Sequence[StreamInfo], keys: Keys, now: int) -> list[dict[str, Any]]:
@@ -134,6 +146,11 @@ class StatusPage:
         self._latest_streams = latest_streams
         self._cache: tuple[float, bytes] | None = None
         self._lock = asyncio.Lock()
+        self.backlog = stats.GaugeHistory()
+
+    def sampled(self, streams: Sequence[StreamInfo], now: int) -> None:
+        """The monitor's latest sample: kept for the backlog plot."""
+        self.backlog.record(now, backlog_of(streams))
 
     def routes(self) -> dict[tuple[str, str], Handler]:
         out: dict[tuple[str, str], Handler] = {("GET", p): self._file for p in _STATIC}
@@ -173,7 +190,7 @@ class StatusPage:
         replicas = await stats.replicas_alive(self._redis, self._keys, now)
         return {
             "now_ms": now,
-            "history": history_json(hist),
+            "history": history_json(hist, self.backlog),
             "streams": streams_json(streams, self._keys, now),
             "integrations": [
                 {"kind": s.kind, "name": s.name, "state": s.state, "since_ms": s.since_ms,

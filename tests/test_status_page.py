@@ -298,7 +298,9 @@ async def test_status_page_in_chromium(prefix: str, redis: Redis) -> None:
                         return [n('#plot-throughput path[data-series=written]'),
                                 n('#plot-throughput path[data-series=ingested]'),
                                 n('#plot-latency path[data-series=p50]'),
-                                n('#plot-latency path[data-series=p99]')];
+                                n('#plot-latency path[data-series=p99]'),
+                                n('#plot-backlog path[data-series=transform]'),
+                                n('#plot-backlog path[data-series=egress]')];
                     })()""")
                     return all(p > 0 for p in points)
 

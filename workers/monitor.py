@@ -191,6 +191,7 @@ class MonitorStage:
         for status in await self._board.all():
             export_state(status.kind, status.name, status.state)
         self._latest = streams
+        self.page.sampled(streams, now)
         return streams
 
     async def trim_once(self) -> dict[str, int]:

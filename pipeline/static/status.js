@@ -14,6 +14,7 @@ const THROUGHPUT = [
   ["dead", "dead letters", "#d62728"],
 ];
 const LATENCY = [["p50", "p50", "#1f77b4"], ["p99", "p99", "#d62728"]];
+const GROUP_COLORS = ["#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"];
 
 function el(tag, attrs, text) {
   const node = tag.startsWith("svg:") ? document.createElementNS(SVG, tag.slice(4))
@@ -153,6 +154,9 @@ function render(s) {
        THROUGHPUT.map(([k, label, color]) => ({name: k, label, color, values: h.rate[k]})));
   plot(document.getElementById("plot-latency"), document.getElementById("legend-latency"), h.t,
        LATENCY.map(([k, label, color]) => ({name: k, label, color, values: h.latency_ms[k]})));
+  plot(document.getElementById("plot-backlog"), document.getElementById("legend-backlog"), h.t,
+       Object.entries(h.backlog).map(([group, values], i) =>
+         ({name: group, label: group, color: GROUP_COLORS[i % GROUP_COLORS.length], values})));
   document.body.dataset.lastSlot = String(lastSlot);
 
   const streamRows = [];
