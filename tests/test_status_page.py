@@ -73,6 +73,16 @@ def test_increase_keeps_only_what_grew() -> None:
     assert stats.increase({"a": 1.0, "b": 5.0}, {"a": 3.0, "b": 5.0, "c": 2.0}) == {"a": 2, "c": 2}
 
 
+def test_backlog_history_is_bounded_and_aligned_to_slots() -> None:
+    backlog = stats.GaugeHistory()
+    slot_ms = stats.SLOT_S * 1000
+    for i in range(400):
+        backlog.record(i * slot_ms, {"transform": float(i)})
+    t = [i * slot_ms for i in range(390, 401)]
+    assert backlog.series(t) == {"transform": [float(i) for i in range(390, 400)] + [None]}
+    assert len(backlog._slots) <= stats.HISTORY_S // stats.SLOT_S + 1
+
+
 async def test_published_increases_come_back_as_history(redis: Redis, prefix: str) -> None:
     keys = Keys(prefix)
     publisher = stats.StatsPublisher(redis, keys, "transform@test")
