@@ -33,6 +33,7 @@ from urllib.parse import urlsplit
 
 import msgspec
 from aiohttp import web
+from redis.exceptions import RedisError
 
 from pipeline import metrics, stats
 from pipeline.backlog import StreamInfo, snapshot
@@ -163,7 +164,10 @@ class StatusPage:
         return web.Response(body=_static(name), headers={**_HEADERS, "Content-Type": ctype})
 
     async def status_json(self, request: web.BaseRequest) -> web.StreamResponse:
-        body = await self.cached()
+        try:
+            body = await self.cached()
+        except RedisError as exc:
+            return _error(503, f"redis: {redact_text(str(exc))[:200]}")
         return web.Response(body=body, headers={**_HEADERS,
                                                 "Content-Type": "application/json"})
 
@@ -226,9 +230,14 @@ class StatusPage:
             return _error(400, 'the body must be {"ids": ["<dead letter id>", ...]}')
         if not 0 < len(ids) <= MAX_REPLAY_IDS or not all(_DEAD_ID.match(i) for i in ids):
             return _error(400, f"give 1 to {MAX_REPLAY_IDS} dead-letter ids like 1700000000000-0")
-        found = await get_dead(self._redis, self._keys, ids)
-        rows = [r for r in found.values() if r is not None]
-        done = await replay(self._redis, self._keys, rows)
+        try:
+            found = await get_dead(self._redis, self._keys, ids)
+            rows = [r for r in found.values() if r is not None]
+            done = await replay(self._redis, self._keys, rows)
+        except RedisError as exc:
+            # At-least-once (pipeline.deadletters.replay): a letter replayed before the error
+            # is gone from the dead stream, the others are still there to replay again.
+            return _error(503, f"redis: {redact_text(str(exc))[:200]}")
         replayed = {d for d, _, _ in done}
         self._cache = None
         log.info("status page: %s replayed %d of %d dead letters", request.remote, len(done),
