@@ -27,7 +27,7 @@ import importlib.resources
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -39,13 +39,12 @@ from pipeline import metrics, stats
 from pipeline.backlog import StreamInfo, snapshot
 from pipeline.deadletters import get_dead, letter_summary, replay, scan_dead
 from pipeline.keys import Keys
+from pipeline.metrics_http import Handler
 from pipeline.redact import Secret, redact_text
 from pipeline.status import StatusBoard
 from pipeline.streams import Redis, now_ms
 
 log = logging.getLogger("blynk_bridge.status_page")
-
-Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
 LATEST_DEAD = 10
 UNMAPPED_TOP = 20

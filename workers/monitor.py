@@ -32,8 +32,9 @@ from redis.exceptions import RedisError
 from pipeline import metrics
 from pipeline.backlog import STREAM_NAMES, StreamInfo, as_str, snapshot
 from pipeline.context import Context
+from pipeline.metrics_http import Handler
 from pipeline.status import StatusBoard, export_state
-from pipeline.status_page import Handler, StatusPage
+from pipeline.status_page import StatusPage
 from pipeline.streams import now_ms
 
 log = logging.getLogger("blynk_bridge.monitor")

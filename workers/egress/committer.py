@@ -45,7 +45,7 @@ from pipeline.keys import GROUP_EGRESS
 from pipeline.order import LastWritten
 from pipeline.ratelimit import RateLimiter
 from pipeline.redact import mask
-from pipeline.registry import Registry
+from pipeline.registry import Registry, split_key
 from pipeline.streams import Entry, StreamReader, now_ms
 from workers.egress.queue import DeviceQueue, Held, HeldWrites
 from workers.egress.scheduler import Servers
@@ -251,5 +251,7 @@ _WRITTEN_CACHE = 10_000
 
 def _integration_of(device_key: str) -> str:
     """``tts:farm:dev-1`` (or ``…#<token hash>``) → ``farm``; ``-`` for a key of another shape."""
-    parts = device_key.split(":", 2)
-    return parts[1] if len(parts) == 3 else "-"
+    try:
+        return split_key(device_key)[1]
+    except ValueError:
+        return "-"
