@@ -52,6 +52,10 @@ async def _run_stages(names: Sequence[str], cfg: config_mod.Config, grace_s: flo
     ctx = Context.create(cfg)
     try:
         stages = [importlib.import_module(STAGES[n]).build(ctx) for n in names]
+        # Every process adds its counters to the status page's short history (pipeline.stats).
+        from pipeline.stats import StatsPublisher
+
+        stages.append(StatsPublisher(ctx.redis, ctx.keys, f"{'+'.join(names)}@{ctx.consumer}"))
         server = None
         if cfg.metrics.port is not None:
             from pipeline.metrics_http import MetricsServer

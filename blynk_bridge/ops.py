@@ -19,13 +19,22 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import msgspec
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisError
 from rich.console import Console
 from rich.table import Table
 
-from pipeline import blynk_index, dedup, events
+from pipeline import blynk_index, events
 from pipeline import config as config_mod
 from pipeline.backlog import StreamInfo, snapshot
+from pipeline.deadletters import (
+    DeadRow,
+    get_dead,
+    letter_summary,
+    matches,
+    pipeline_streams,
+    replay,
+    scan_dead,
+)
 from pipeline.keys import DOWNLINKS, UPLINKS, WRITES, Keys
 from pipeline.order import LastWritten
 from pipeline.redact import mask, redact_url, safe_url
@@ -38,7 +47,6 @@ T = TypeVar("T")
 #: Dict keys whose values are secrets wherever they appear in a decoded entry.
 SECRET_KEYS = frozenset({"token", "t", "api_key", "access_token", "password", "secret"})
 
-_PAGE = 200
 
 
 def _console() -> Console:
@@ -196,67 +204,6 @@ def cmd_status(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------- dead
 
 
-class DeadRow(msgspec.Struct, kw_only=True):
-    """A dead letter as read back: its id in the dead stream and the decoded letter."""
-
-    id: str
-    letter: events.DeadLetter | None
-    #: Why ``letter`` is ``None`` (the entry could not be decoded).
-    error: str | None = None
-
-
-def _decode_dead_entry(entry_id: Any, fields: Any) -> DeadRow:
-    eid = _s(entry_id)
-    raw = (fields or {}).get(events.FIELD)
-    if raw is None:
-        return DeadRow(id=eid, letter=None, error="no `d` field")
-    try:
-        return DeadRow(id=eid, letter=events.decode_dead(raw))
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        return DeadRow(id=eid, letter=None, error=f"undecodable: {exc}")
-
-
-def _matches(row: DeadRow, reason: str | None) -> bool:
-    return reason is None or (row.letter is not None and row.letter.reason == reason)
-
-
-async def scan_dead(
-    redis: Redis, keys: Keys, *, reason: str | None = None, limit: int | None = None
-) -> list[DeadRow]:
-    """Dead letters newest first, optionally only one ``reason``, at most ``limit``."""
-    out: list[DeadRow] = []
-    upper = "+"
-    while limit is None or len(out) < limit:
-        page = await redis.xrevrange(keys.dead, max=upper, min="-", count=_PAGE)
-        if not page:
-            break
-        for entry_id, fields in page:
-            row = _decode_dead_entry(entry_id, fields)
-            if _matches(row, reason):
-                out.append(row)
-                if limit is not None and len(out) >= limit:
-                    break
-        upper = f"({_s(page[-1][0])}"
-    return out
-
-
-async def get_dead(redis: Redis, keys: Keys, ids: Iterable[str]) -> dict[str, DeadRow | None]:
-    """The dead letters with these ids; ``None`` for an id not in the dead stream."""
-    out: dict[str, DeadRow | None] = {}
-    for eid in ids:
-        try:
-            found = await redis.xrange(keys.dead, min=eid, max=eid)
-        except ResponseError:
-            found = []
-        out[eid] = _decode_dead_entry(*found[0]) if found else None
-    return out
-
-
-def pipeline_streams(keys: Keys) -> dict[str, str]:
-    """Stream key → stream name, for every partition of the streams a letter may come from."""
-    return {key: name for name in (UPLINKS, WRITES, DOWNLINKS) for key in keys.streams(name)}
-
-
 def _mask_secrets(value: Any) -> Any:
     if isinstance(value, dict):
         return {
@@ -293,53 +240,6 @@ def decode_original(letter: events.DeadLetter, keys: Keys) -> Any:
     return repr(letter.raw[:2000])
 
 
-def _letter_summary(row: DeadRow) -> dict[str, Any]:
-    if row.letter is None:
-        return {"id": row.id, "error": row.error}
-    d = row.letter
-    return {
-        "id": row.id,
-        "time": _time(d.dead_ts_ms),
-        "stage": d.stage,
-        "reason": d.reason,
-        "detail": redact_url(d.detail),
-        "attempts": d.attempts,
-        "stream": d.stream,
-        "entry_id": d.entry_id,
-        **({"raw_size": d.raw_size, "raw_digest": d.raw_digest} if d.truncated else {}),
-    }
-
-
-async def replay(
-    redis: Redis, keys: Keys, rows: Iterable[DeadRow]
-) -> list[tuple[str, str, str]]:
-    """Append each letter's raw entry to its origin stream, then delete the letter.
-
-    Returns ``(dead id, stream, new entry id)`` for each replayed letter. Letters whose origin
-    is not one of the pipeline's streams (ingest keeps the MQTT topic there), and letters whose
-    raw entry was truncated, are skipped: the caller reports them. At-least-once: a crash
-    between the two steps leaves the letter in place, to be replayed again. A replayed
-    uplink's ``event_id`` is forgotten by de-duplication first (:func:`pipeline.dedup.forget`),
-    or transform would drop it as already seen.
-    """
-    ours = pipeline_streams(keys)
-    done = []
-    for row in rows:
-        if row.letter is None or row.letter.stream not in ours or row.letter.truncated:
-            continue
-        if ours[row.letter.stream] == UPLINKS:
-            try:
-                event_id = events.decode_uplink(row.letter.raw).event_id
-            except (msgspec.DecodeError, msgspec.ValidationError):
-                event_id = None  # not an uplink: transform will dead-letter it again, visibly
-            if event_id is not None:
-                await dedup.forget(redis, keys, [event_id])
-        new_id = await redis.xadd(row.letter.stream, {events.FIELD: row.letter.raw})
-        await redis.xdel(keys.dead, row.id)
-        done.append((row.id, row.letter.stream, _s(new_id)))
-    return done
-
-
 def cmd_dead(args: argparse.Namespace) -> int:
     """``dead list|show|replay|purge`` (see the module docstring for exit codes)."""
     action: str = args.action
@@ -359,7 +259,7 @@ def cmd_dead(args: argparse.Namespace) -> int:
         if ids:
             found = await get_dead(redis, keys, ids)
             missing = [i for i, r in found.items() if r is None]
-            rows = [r for r in found.values() if r is not None and _matches(r, reason)]
+            rows = [r for r in found.values() if r is not None and matches(r, reason)]
         else:
             limit = args.limit if action == "list" else None
             rows = await scan_dead(redis, keys, reason=reason, limit=limit)
@@ -401,13 +301,13 @@ def cmd_dead(args: argparse.Namespace) -> int:
 def _print_list(rows: list[DeadRow], total: int, as_json: bool) -> None:
     if as_json:
         for row in rows:
-            print(json.dumps(_letter_summary(row)))
+            print(json.dumps(letter_summary(row)))
         return
     table = Table(title=f"dead letters ({len(rows)} shown of {total})")
     for col in ("id", "time", "stage", "reason", "attempts", "origin", "detail"):
         table.add_column(col, justify="right" if col == "attempts" else "left")
     for row in rows:
-        s = _letter_summary(row)
+        s = letter_summary(row)
         if row.letter is None:
             table.add_row(row.id, "", "", "undecodable", "", "", str(row.error))
             continue
@@ -418,7 +318,7 @@ def _print_list(rows: list[DeadRow], total: int, as_json: bool) -> None:
 
 
 def _print_show(row: DeadRow, keys: Keys) -> None:
-    out = _letter_summary(row)
+    out = letter_summary(row)
     if row.letter is not None:
         out["replayable"] = row.letter.stream in pipeline_streams(keys) and not row.letter.truncated
         out["entry"] = decode_original(row.letter, keys)

@@ -433,8 +433,9 @@ class EgressConfig(_Base):
 
 
 class MetricsConfig(_Base):
-    """The metrics port: ``/metrics``, ``/status``, ``/healthz``, ``/readyz`` (no auth: keep it
-    off the internet)."""
+    """The metrics port: ``/metrics``, ``/status``, ``/healthz``, ``/readyz``, and on the
+    monitor the status page (reads need no auth: keep it off the internet; the page's replay
+    needs ``monitor.admin_token``)."""
 
     #: Address the metrics port listens on.
     host: str = "0.0.0.0"
@@ -458,6 +459,10 @@ class MonitorConfig(_Base):
     dead_max_len: AtLeast1 = 100_000
     #: Consumers idle this long with nothing pending are removed (``XGROUP DELCONSUMER``).
     consumer_idle_s: Positive = 3600.0
+    #: Bearer token of the status page's actions (replaying dead letters, ``POST`` on the
+    #: metrics port, header ``Authorization: Bearer …``). Unset: the page is read-only.
+    #: ``admin_token_file`` reads it from a mounted secret.
+    admin_token: Secret | None = None
 
 
 class Config(_Base):
@@ -798,6 +803,11 @@ def _invalid(origin: str, key: str, message: str) -> ConfigError:
 
 def check(config: Config, origin: str) -> None:
     """Cross-field checks msgspec cannot express; each error names the key."""
+    token = config.monitor.admin_token
+    if token is not None and (len(token) < 16 or token.reveal() in DEMO_SECRETS):
+        raise _invalid(origin, "monitor.admin_token",
+                       "`monitor.admin_token` must be at least 16 characters and not a published "
+                       "one (e.g. `openssl rand -hex 16`)")
     templates: set[str] = set()
     for i, t in enumerate(config.templates):
         if t.name in templates:

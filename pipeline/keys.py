@@ -45,6 +45,12 @@ class Keys:
             return self.stream(name)
         return self.stream(name, self.partition_of(source, device))
 
+    def label(self, key: str) -> str:
+        """A stream key as metric labels and the status page name it: without the prefix (which
+        may be random, as the demo's is) or hash-tag braces (``bb:{uplinks:3}`` → ``uplinks:3``)."""
+        name = key[len(self.prefix):] if key.startswith(self.prefix) else key
+        return name.strip("{}")
+
     @property
     def dead(self) -> str:
         return f"{self.prefix}{DEAD}"
@@ -98,6 +104,15 @@ class Keys:
     def status(self) -> str:
         """Hash integration id → encoded status."""
         return f"{self.prefix}status"
+
+    def stats(self, slot: int) -> str:
+        """Hash field → increase of every process's counters in one 5-second slot
+        (:mod:`pipeline.stats`)."""
+        return f"{self.prefix}stats:{slot}"
+
+    def replicas(self) -> str:
+        """Sorted set ``<stages>@<consumer>`` → when (ms) that process was last heard from."""
+        return f"{self.prefix}replicas"
 
     def unmapped(self, template: str) -> str:
         return f"{self.prefix}unmapped:{template}"

@@ -50,7 +50,9 @@ PROVISIONED = Counter(
 TRANSFORM_SKIPPED = Counter(
     "bb_transform_skipped_total", "Uplinks with nothing to write to Blynk", ["reason"]
 )
-WRITTEN = Counter("bb_written_values_total", "Datastream values written to Blynk", ["server"])
+WRITTEN = Counter(
+    "bb_written_values_total", "Datastream values written to Blynk", ["integration"]
+)
 BLYNK_REQUESTS = Counter(
     "bb_blynk_requests_total", "Requests to Blynk by endpoint and outcome", ["endpoint", "status"]
 )
@@ -63,6 +65,8 @@ DEAD = Counter("bb_dead_letters_total", "Entries dead-lettered", ["stage", "reas
 RECLAIMED = Counter(
     "bb_reclaimed_total", "Entries taken over from idle consumers (XAUTOCLAIM)", ["stage"]
 )
+# Stream labels name the stream without the key prefix (``uplinks``, ``uplinks:3`` for a
+# partition, ``dead``: :meth:`pipeline.keys.Keys.label`), so dashboards work for any prefix.
 STREAM_LENGTH = Gauge("bb_stream_length", "Entries in a stream", ["stream"])
 STREAM_LAG = Gauge("bb_stream_lag", "Entries not yet delivered to a group", ["stream", "group"])
 STREAM_PENDING = Gauge(
@@ -87,8 +91,8 @@ LATENCY = Histogram(
 )
 INTEGRATION_STATUS = Gauge(
     "bb_integration_status",
-    "Integration status: 0 Not Connected, 1 Connected, 2 Broken",
-    ["kind", "name"],
+    "1 for an integration's current state (Not Connected, Connected, Broken), 0 for the others",
+    ["kind", "integration", "state"],
 )
 # TTS / MQTT ingest (pipeline.tts, workers.ingest_mqtt)
 TTS_SKIPPED = Counter(
@@ -113,7 +117,8 @@ INGEST_DROPPED = Counter(
     ["source", "integration"],
 )
 LEASE_HELD = Gauge(
-    "bb_lease_held", "1 while this process owns the lease of an integration", ["kind", "name"]
+    "bb_lease_held", "1 while this process owns the lease of an integration",
+    ["kind", "integration"],
 )
 MQTT_HANDOVERS = Counter(
     "bb_mqtt_handovers_total",
@@ -173,7 +178,7 @@ BLYNK_WEBHOOK_AT_LIMIT = Counter(
     "bb_blynk_webhook_at_limit_total",
     "Blynk webhook requests received while that webhook was at Blynk's limit (10 a minute): "
     "Blynk drops the changes past it, which the bridge never sees",
-    ["webhook"],
+    ["integration"],
 )
 DOWNLINK_LATENCY = Histogram(
     "bb_downlink_seconds",

@@ -3,19 +3,23 @@
 * ``GET /metrics`` — every ``bb_`` metric of this process (Prometheus text format);
 * ``GET /status`` — integration statuses (with their last errors) and what the process's stages
   add (:class:`Describes`: ingest-http's uplinks backlog), JSON;
-* ``GET /healthz`` (the event loop answers), ``GET /readyz`` (Redis answers a PING).
+* ``GET /healthz`` (the event loop answers), ``GET /readyz`` (Redis answers a PING);
+* what the process's stages add (:class:`Serves`): the monitor's status page at ``/``
+  (:mod:`pipeline.status_page`), whose one action needs a token.
 
-No auth: these name replicas, Blynk URLs and last errors, so this port belongs on a private
-network (the example binds 127.0.0.1; compose publishes it on the host's loopback; Kubernetes
-reaches it in-cluster only). The public webhook port serves ``/healthz`` and ``/readyz`` only.
-Served on the process's event loop, so a stuck loop fails the probes too.
+Reads need no auth: these name replicas, Blynk URLs and last errors, so this port belongs on a
+private network (the example binds 127.0.0.1; compose publishes it on the host's loopback;
+Kubernetes reaches it in-cluster only). The public webhook port serves ``/healthz`` and
+``/readyz`` only.
+Served on the process's event loop, so a stuck loop fails the probes too: liveness probes use
+``/healthz`` here, never ``/metrics`` (prometheus-client's own server answers from a thread).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Protocol, runtime_checkable
 
 import msgspec
@@ -32,11 +36,21 @@ log = logging.getLogger("blynk_bridge.metrics_http")
 _json = msgspec.json.Encoder()
 
 
+Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+
+
 @runtime_checkable
 class Describes(Protocol):
     """A stage that adds sections to ``/status``."""
 
     def describe(self) -> dict[str, object]: ...
+
+
+@runtime_checkable
+class Serves(Protocol):
+    """A stage that serves routes of its own on the metrics port, by ``(method, path)``."""
+
+    def routes(self) -> Mapping[tuple[str, str], Handler]: ...
 
 
 class MetricsServer:
@@ -50,6 +64,10 @@ class MetricsServer:
             "/metrics": self.metrics, "/status": self.status, "/healthz": self.healthz,
             "/readyz": self.readyz,
         }
+        self._extra: dict[tuple[str, str], Handler] = {}
+        for stage in stages:
+            if isinstance(stage, Serves):
+                self._extra.update(stage.routes())
         self._runner: web.ServerRunner | None = None
 
     async def start(self, host: str, port: int) -> str:
@@ -58,7 +76,8 @@ class MetricsServer:
         await self._runner.setup()
         await web.TCPSite(self._runner, host, port).start()
         bound = self._runner.addresses[0]
-        log.info("metrics port on %s:%d (/metrics, /status, /healthz, /readyz)", host, bound[1])
+        log.info("metrics port on %s:%d (/metrics, /status, /healthz, /readyz%s)", host, bound[1],
+                 ", / status page" if ("GET", "/") in self._extra else "")
         return f"http://{host}:{bound[1]}"
 
     async def close(self) -> None:
@@ -67,12 +86,19 @@ class MetricsServer:
             await runner.cleanup()
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        method = "GET" if request.method == "HEAD" else request.method
+        extra = self._extra.get((method, request.path))
+        if extra is not None:
+            return await extra(request)
         route = self._routes.get(request.path)
-        if route is None:
+        allowed = sorted({m for m, p in self._extra if p == request.path}
+                         | ({"GET"} if route is not None else set()))
+        if not allowed:
             return web.json_response({"error": "not found"}, status=404)
-        if request.method not in ("GET", "HEAD"):
+        if route is None or method != "GET":
+            allow = ", ".join(allowed + (["HEAD"] if "GET" in allowed else []))
             return web.json_response({"error": "method not allowed"}, status=405,
-                                     headers={"Allow": "GET, HEAD"})
+                                     headers={"Allow": allow})
         return await route()
 
     async def metrics(self) -> web.Response:

@@ -27,7 +27,11 @@ class State(StrEnum):
     BROKEN = "Broken"
 
 
-_GAUGE = {State.NOT_CONNECTED: 0, State.CONNECTED: 1, State.BROKEN: 2}
+def export_state(kind: str, name: str, state: str) -> None:
+    """``bb_integration_status{kind, integration, state}``: 1 for ``state``, 0 for the others
+    (one series per state, as Prometheus exporters show enums)."""
+    for s in State:
+        metrics.INTEGRATION_STATUS.labels(kind, name, s.value).set(1 if s.value == state else 0)
 
 
 class IntegrationStatus(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -93,7 +97,7 @@ class StatusBoard:
             owner=owner,
         )
         await self._redis.hset(self._key, f"{kind}:{name}", _enc.encode(status))
-        metrics.INTEGRATION_STATUS.labels(kind, name).set(_GAUGE[state])
+        export_state(kind, name, state)
         return status
 
     async def all(self) -> list[IntegrationStatus]:

@@ -2,6 +2,8 @@
 # Make sure Redis (6379) and Mosquitto (1883) answer on 127.0.0.1.
 # Starts local ones when they are installed but not running; with --install (CI, root) installs
 # them from Debian's packages first. Otherwise says exactly what to do.
+# Chromium (the status page's browser test) is optional: installed with --install when missing,
+# else the test skips, saying why.
 set -u
 install=0
 [ "${1:-}" = "--install" ] && install=1
@@ -28,6 +30,17 @@ services: ${need_install[*]} not installed and not reachable on 127.0.0.1.
   or start them in containers:  docker compose --profile demo up -d redis mosquitto
 MSG
     exit 1
+  fi
+fi
+
+if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null; then
+  if [ $install = 1 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "services: installing chromium (headless browser for tests/test_status_page.py)"
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+      || echo "services: chromium could not be installed; the browser test will skip" >&2
+  else
+    echo "services: no chromium: the status page's browser test will skip" \
+         "(sudo apt-get install -y chromium)" >&2
   fi
 fi
 

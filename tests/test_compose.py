@@ -149,6 +149,77 @@ def test_grafana_dashboard_uses_only_exported_metrics() -> None:
     assert len(ids) == len(set(ids))
 
 
+def _labels_of(metric_name: str) -> set[str]:
+    for obj in vars(metrics).values():
+        if isinstance(obj, MetricWrapperBase) and metric_name.startswith(obj._name):
+            rest = metric_name[len(obj._name):]
+            if rest in ("", "_total", "_bucket", "_sum", "_count"):
+                return set(obj._labelnames) | ({"le"} if rest == "_bucket" else set())
+    raise AssertionError(f"no metric {metric_name}")
+
+
+def test_grafana_dashboard_groups_and_filters_by_labels_that_exist() -> None:
+    dash = json.loads((ROOT / "deploy" / "grafana-dashboard.json").read_text())
+    for expr in (t["expr"] for p in dash["panels"] for t in p["targets"]):
+        known = set().union(*(_labels_of(m) for m in re.findall(r"\bbb_[a-z_]+", expr)))
+        used = {label.strip() for group in re.findall(r"\bby \(([^)]*)\)", expr)
+                for label in group.split(",")}
+        used |= set(re.findall(r'([a-z_]+)\s*=~?\s*"', expr))
+        assert used <= known, f"{expr}: labels {used - known} not on its metrics"
+
+
+def test_metric_labels_name_integrations_one_way() -> None:
+    """``integration`` everywhere (never app/name/webhook/server); a status is a ``state``."""
+    for obj in vars(metrics).values():
+        if isinstance(obj, MetricWrapperBase):
+            labels = set(obj._labelnames)
+            assert not labels & {"name", "app", "application", "webhook", "server", "product"}, (
+                obj._name, labels)
+    assert set(metrics.INTEGRATION_STATUS._labelnames) == {"kind", "integration", "state"}
+    assert set(metrics.WRITTEN._labelnames) == {"integration"}
+
+
+def test_demo_profile_has_prometheus_and_grafana_with_the_dashboard(
+    compose: dict[str, Any]
+) -> None:
+    services = compose["services"]
+    prom, grafana = services["prometheus"], services["grafana"]
+    assert prom["profiles"] == grafana["profiles"] == ["demo"]
+    assert "./deploy/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in prom["volumes"]
+    scrape = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())
+    (job,) = scrape["scrape_configs"]
+    (sd,) = job["dns_sd_configs"]
+    assert set(sd["names"]) == set(STAGES)
+    assert sd["port"] == int(services["monitor"]["environment"]["METRICS_PORT"])
+    mounts = dict(v.rsplit(":", 1)[0].split(":", 1) for v in grafana["volumes"])
+    assert mounts["./deploy/grafana/provisioning"] == "/etc/grafana/provisioning"
+    dash_dir = mounts["./deploy/grafana-dashboard.json"].rsplit("/", 1)[0]
+    prov = ROOT / "deploy" / "grafana" / "provisioning"
+    (source,) = yaml.safe_load((prov / "datasources" / "prometheus.yml").read_text())["datasources"]
+    assert source["type"] == "prometheus" and source["url"] == "http://prometheus:9090"
+    assert source["isDefault"] is True
+    (provider,) = yaml.safe_load((prov / "dashboards" / "blynk-bridge.yml").read_text())[
+        "providers"]
+    assert provider["options"]["path"] == dash_dir
+    # Loopback only, like every other port but the webhooks'.
+    assert all(p.startswith("127.0.0.1:") for svc in (prom, grafana) for p in svc["ports"])
+    assert grafana["environment"]["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer"
+
+
+def test_liveness_probes_ask_the_event_loop() -> None:
+    """Every stage's liveness probe is ``/healthz`` (answered by the event loop; a stuck loop
+    fails it, tests/test_status_page.py), never ``/metrics``."""
+    docs = list(yaml.safe_load_all((ROOT / "deploy" / "k8s-example.yaml").read_text()))
+    for d in docs:
+        if d["kind"] != "Deployment":
+            continue
+        (container,) = d["spec"]["template"]["spec"]["containers"]
+        probe = container["livenessProbe"]["httpGet"]
+        assert probe["path"] == "/healthz", d["metadata"]["name"]
+        ports = {p["name"] for p in container["ports"]}
+        assert probe["port"] in ports
+
+
 def test_keda_scales_transform_and_egress_on_their_groups_lag() -> None:
     docs = list(yaml.safe_load_all((ROOT / "deploy" / "keda-scaledobject.yaml").read_text()))
     scaled = {d["spec"]["scaleTargetRef"]["name"]: d for d in docs if d["kind"] == "ScaledObject"}
@@ -204,4 +275,4 @@ def test_example_config_resolves_to_the_compose_services(compose: dict[str, Any]
     assert all(t.host in services for t in cfg.tts)
     assert all(any(f"//{s}:" in url for s in services) for url in cfg.blynk.servers.values())
     healthcheck = " ".join(compose["services"]["transform"]["healthcheck"]["test"])
-    assert f"127.0.0.1:{cfg.metrics.port}/metrics" in healthcheck
+    assert f"127.0.0.1:{cfg.metrics.port}/healthz" in healthcheck

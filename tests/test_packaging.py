@@ -35,6 +35,9 @@ def test_wheel_holds_the_examples_and_the_command(wheel: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {"blynk_bridge/examples/bridge.yaml",
             "blynk_bridge/examples/blynk-emulator.yaml"} <= names
+    # The status page's files ship in the package (no CDN).
+    assert {"pipeline/static/status.html", "pipeline/static/status.js",
+            "pipeline/static/status.css"} <= names
     dist_info = f"blynk_bridge-{VERSION}.dist-info"
     entry_points = zipfile.ZipFile(wheel).read(f"{dist_info}/entry_points.txt").decode()
     assert "blynk-bridge = blynk_bridge.cli:main" in entry_points

@@ -16,7 +16,9 @@ keeps memory bounded:
   its pending entries). A live consumer removed this way is recreated by its next read.
 
 Several monitor replicas are harmless: every step is idempotent. Metrics are served by the
-process's metrics server (``metrics.port``); the monitor itself listens on nothing.
+process's metrics server (``metrics.port``), where the monitor adds its status page
+(:mod:`pipeline.status_page`: ``/``, ``/status.json``, ``POST /dead/replay``); the monitor opens
+no port of its own.
 """
 
 from __future__ import annotations
@@ -30,12 +32,12 @@ from redis.exceptions import RedisError
 from pipeline import metrics
 from pipeline.backlog import STREAM_NAMES, StreamInfo, as_str, snapshot
 from pipeline.context import Context
-from pipeline.status import StatusBoard
+from pipeline.metrics_http import Handler
+from pipeline.status import StatusBoard, export_state
+from pipeline.status_page import StatusPage
 from pipeline.streams import now_ms
 
 log = logging.getLogger("blynk_bridge.monitor")
-
-_STATE_GAUGE = {"Not Connected": 0, "Connected": 1, "Broken": 2}
 
 # Stream ids are compared and incremented as decimal strings: sequence numbers go up to 2**64-1,
 # past what a Lua number holds exactly.
@@ -142,6 +144,14 @@ class MonitorStage:
         self.consumer_idle_ms = int(cfg.consumer_idle_s * 1000)
         self._trim_acked = ctx.redis.register_script(_TRIM_ACKED)
         self._remove_idle = ctx.redis.register_script(_REMOVE_IDLE)
+        self._latest: list[StreamInfo] = []
+        self.page = StatusPage(ctx.redis, ctx.keys,
+                               templates=[t.name for t in ctx.config.templates],
+                               admin_token=cfg.admin_token, latest_streams=lambda: self._latest)
+
+    def routes(self) -> dict[tuple[str, str], Handler]:
+        """The status page, served on the metrics port (:class:`pipeline.metrics_http.Serves`)."""
+        return self.page.routes()
 
     async def startup(self) -> None:
         log.info("monitor: sampling every %.1fs, trimming %s", self.interval_s,
@@ -170,18 +180,19 @@ class MonitorStage:
         streams = await snapshot(self._redis, self._keys)
         now = now_ms()
         for s in streams:
-            metrics.STREAM_LENGTH.labels(s.key).set(s.length)
+            stream = self._keys.label(s.key)
+            metrics.STREAM_LENGTH.labels(stream).set(s.length)
             for g in s.groups:
-                metrics.STREAM_LAG.labels(s.key, g.name).set(g.lag)
-                metrics.STREAM_PENDING.labels(s.key, g.name).set(g.pending)
-                metrics.STREAM_CONSUMERS.labels(s.key, g.name).set(g.consumers)
-                metrics.STREAM_OLDEST_PENDING.labels(s.key, g.name).set(
+                metrics.STREAM_LAG.labels(stream, g.name).set(g.lag)
+                metrics.STREAM_PENDING.labels(stream, g.name).set(g.pending)
+                metrics.STREAM_CONSUMERS.labels(stream, g.name).set(g.consumers)
+                metrics.STREAM_OLDEST_PENDING.labels(stream, g.name).set(
                     g.oldest_pending_age_s(now)
                 )
         for status in await self._board.all():
-            metrics.INTEGRATION_STATUS.labels(status.kind, status.name).set(
-                _STATE_GAUGE.get(status.state, 0)
-            )
+            export_state(status.kind, status.name, status.state)
+        self._latest = streams
+        self.page.sampled(streams, now)
         return streams
 
     async def trim_once(self) -> dict[str, int]:
@@ -204,7 +215,7 @@ class MonitorStage:
         removed[dead] = aged + capped
         for key, count in removed.items():
             if count:
-                metrics.TRIMMED.labels(key).inc(count)
+                metrics.TRIMMED.labels(self._keys.label(key)).inc(count)
         return removed
 
     async def remove_idle_consumers(self) -> list[str]:
@@ -214,7 +225,7 @@ class MonitorStage:
             for key in self._keys.streams(name):
                 gone = await self._remove_idle(keys=[key], args=[self.consumer_idle_ms])
                 if gone:
-                    metrics.CONSUMERS_REMOVED.labels(key).inc(len(gone))
+                    metrics.CONSUMERS_REMOVED.labels(self._keys.label(key)).inc(len(gone))
                     log.info("monitor: removed idle consumers of %s: %s", key,
                              ", ".join(as_str(g) for g in gone))
                 out.extend(f"{key} {as_str(g)}" for g in gone)

@@ -45,7 +45,7 @@ from pipeline.keys import GROUP_EGRESS
 from pipeline.order import LastWritten
 from pipeline.ratelimit import RateLimiter
 from pipeline.redact import mask
-from pipeline.registry import Registry
+from pipeline.registry import Registry, split_key
 from pipeline.streams import Entry, StreamReader, now_ms
 from workers.egress.queue import DeviceQueue, Held, HeldWrites
 from workers.egress.scheduler import Servers
@@ -89,7 +89,9 @@ class Committer:
             self.commit_many, linger_s=COMMIT_LINGER_S, name="egress-group-commit")
         self._defers: GroupCommit[tuple[str, float], None] = GroupCommit(
             self._defer_many, name="egress-429-defers")
-        self._written: dict[str, Any] = {}  # server → its bb_written counter child
+        # device key → its integration's bb_written counter child (the split is per device, not
+        # per write; cleared past _WRITTEN_CACHE devices so a huge fleet does not grow it)
+        self._written: dict[str, Any] = {}
 
     def finish(self, dev: DeviceQueue, plan: DevicePlan, result: Result,
                pending: asyncio.Future[None], *, leased: bool = True) -> None:
@@ -98,7 +100,7 @@ class Committer:
         (every value was stale)."""
         self._servers.release_probe(plan.server)
         if result.values:
-            self._count_written(plan.server, result.values)
+            self._count_written(dev.key, result.values)
         dead: _Dead = []
         ok: list[Held]
         if result.invalid_token is not None or result.again is not None:
@@ -200,10 +202,13 @@ class Committer:
         except RedisError as exc:
             log.warning("egress: sharing the 429 backoff of %s failed (%s)", device_key, exc)
 
-    def _count_written(self, server: str, values: int) -> None:
-        counter = self._written.get(server)
+    def _count_written(self, device_key: str, values: int) -> None:
+        counter = self._written.get(device_key)
         if counter is None:
-            counter = self._written[server] = metrics.WRITTEN.labels(server)
+            if len(self._written) >= _WRITTEN_CACHE:
+                self._written.clear()
+            counter = metrics.WRITTEN.labels(_integration_of(device_key))
+            self._written[device_key] = counter
         counter.inc(values)
 
     async def commit_many(self, items: list[Commit]) -> list[bool]:
@@ -239,3 +244,14 @@ def sort_out(inflight: Sequence[Held], result: Result) -> tuple[list[Held], _Dea
         else:
             ok.append(h)
     return ok, dead
+
+
+_WRITTEN_CACHE = 10_000
+
+
+def _integration_of(device_key: str) -> str:
+    """``tts:farm:dev-1`` (or ``…#<token hash>``) → ``farm``; ``-`` for a key of another shape."""
+    try:
+        return split_key(device_key)[1]
+    except ValueError:
+        return "-"

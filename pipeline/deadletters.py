@@ -1,0 +1,140 @@
+"""Dead letters as operators handle them: read back, summarised, replayed.
+
+One home for what ``blynk-bridge dead`` (:mod:`blynk_bridge.ops`) and the monitor's status page
+(:mod:`pipeline.status_page`) do with the dead stream. Reads are bounded by their ``limit``;
+:func:`replay` is at-least-once (see there). Summaries never carry a token in full.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+from redis.exceptions import ResponseError
+
+from pipeline import dedup, events
+from pipeline.keys import DOWNLINKS, UPLINKS, WRITES, Keys
+from pipeline.redact import redact_url
+from pipeline.streams import Redis
+
+_PAGE = 200
+
+
+def _s(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _time(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="seconds")
+
+
+class DeadRow(msgspec.Struct, kw_only=True):
+    """A dead letter as read back: its id in the dead stream and the decoded letter."""
+
+    id: str
+    letter: events.DeadLetter | None
+    #: Why ``letter`` is ``None`` (the entry could not be decoded).
+    error: str | None = None
+
+
+def decode_entry(entry_id: Any, fields: Any) -> DeadRow:
+    eid = _s(entry_id)
+    raw = (fields or {}).get(events.FIELD)
+    if raw is None:
+        return DeadRow(id=eid, letter=None, error="no `d` field")
+    try:
+        return DeadRow(id=eid, letter=events.decode_dead(raw))
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        return DeadRow(id=eid, letter=None, error=f"undecodable: {exc}")
+
+
+def matches(row: DeadRow, reason: str | None) -> bool:
+    return reason is None or (row.letter is not None and row.letter.reason == reason)
+
+
+async def scan_dead(
+    redis: Redis, keys: Keys, *, reason: str | None = None, limit: int | None = None
+) -> list[DeadRow]:
+    """Dead letters newest first, optionally only one ``reason``, at most ``limit``."""
+    out: list[DeadRow] = []
+    upper = "+"
+    while limit is None or len(out) < limit:
+        page = await redis.xrevrange(keys.dead, max=upper, min="-", count=_PAGE)
+        if not page:
+            break
+        for entry_id, fields in page:
+            row = decode_entry(entry_id, fields)
+            if matches(row, reason):
+                out.append(row)
+                if limit is not None and len(out) >= limit:
+                    break
+        upper = f"({_s(page[-1][0])}"
+    return out
+
+
+async def get_dead(redis: Redis, keys: Keys, ids: Iterable[str]) -> dict[str, DeadRow | None]:
+    """The dead letters with these ids; ``None`` for an id not in the dead stream."""
+    out: dict[str, DeadRow | None] = {}
+    for eid in ids:
+        try:
+            found = await redis.xrange(keys.dead, min=eid, max=eid)
+        except ResponseError:
+            found = []
+        out[eid] = decode_entry(*found[0]) if found else None
+    return out
+
+
+def pipeline_streams(keys: Keys) -> dict[str, str]:
+    """Stream key → stream name, for every partition of the streams a letter may come from."""
+    return {key: name for name in (UPLINKS, WRITES, DOWNLINKS) for key in keys.streams(name)}
+
+
+def letter_summary(row: DeadRow) -> dict[str, Any]:
+    if row.letter is None:
+        return {"id": row.id, "error": row.error}
+    d = row.letter
+    return {
+        "id": row.id,
+        "time": _time(d.dead_ts_ms),
+        "stage": d.stage,
+        "reason": d.reason,
+        "detail": redact_url(d.detail),
+        "attempts": d.attempts,
+        "stream": d.stream,
+        "entry_id": d.entry_id,
+        **({"raw_size": d.raw_size, "raw_digest": d.raw_digest} if d.truncated else {}),
+    }
+
+
+async def replay(
+    redis: Redis, keys: Keys, rows: Iterable[DeadRow]
+) -> list[tuple[str, str, str]]:
+    """Append each letter's raw entry to its origin stream, then delete the letter.
+
+    Returns ``(dead id, stream, new entry id)`` for each replayed letter. Letters whose origin
+    is not one of the pipeline's streams (ingest keeps the MQTT topic there), and letters whose
+    raw entry was truncated, are skipped: the caller reports them. At-least-once: a crash
+    between the two steps leaves the letter in place, to be replayed again. A replayed
+    uplink's ``event_id`` is forgotten by de-duplication first (:func:`pipeline.dedup.forget`),
+    or transform would drop it as already seen.
+    """
+    ours = pipeline_streams(keys)
+    done = []
+    for row in rows:
+        if row.letter is None or row.letter.stream not in ours or row.letter.truncated:
+            continue
+        if ours[row.letter.stream] == UPLINKS:
+            try:
+                event_id = events.decode_uplink(row.letter.raw).event_id
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                event_id = None  # not an uplink: transform will dead-letter it again, visibly
+            if event_id is not None:
+                await dedup.forget(redis, keys, [event_id])
+        new_id = await redis.xadd(row.letter.stream, {events.FIELD: row.letter.raw})
+        await redis.xdel(keys.dead, row.id)
+        done.append((row.id, row.letter.stream, _s(new_id)))
+    return done
+
+
