@@ -15,6 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from blynk_bridge.output import EXIT_PIPE, stdout_closed
 from pipeline import config as config_mod
 from pipeline.errors import ConfigError
 from pipeline.logs import setup_logging
@@ -252,6 +253,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `blynk-bridge dead list | head`: the reader has what it wanted.
+        stdout_closed()
+        return EXIT_PIPE
     logging.shutdown()
     return rc
 
