@@ -197,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--reason", help="only dead letters with this reason")
         p.add_argument("--limit", type=int, default=50)
         p.add_argument("--all", action="store_true", help="replay/purge: every dead letter")
-        p.add_argument("--json", action="store_true", help="list: one JSON object per line")
+        p.add_argument("--json", action="store_true", help="one JSON document (show: always)")
         p.set_defaults(func=_ops("cmd_dead"))
 
     devices = sub.add_parser("devices", help="see broken devices and set them back to ok; "
