@@ -13,6 +13,7 @@ import importlib.metadata
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from blynk_bridge.output import EXIT_PIPE, stdout_closed
@@ -132,6 +133,30 @@ def _auth_kind(auth: config_mod.HttpAuth | str | None) -> str:
     return "NONE (anyone may post)"
 
 
+def cmd_map(args: argparse.Namespace) -> int:
+    """``map``: exit 0 when the message would be written (or skipped as valid), 1 when it would
+    be refused, dead-lettered (also in part) or map nothing."""
+    from blynk_bridge import dryrun
+    from blynk_bridge.output import print_json
+    from pipeline.streams import now_ms
+
+    cfg = _load_config(args.config)
+    try:
+        body = (sys.stdin.buffer.read() if args.sample == "-"
+                else Path(args.sample).read_bytes())
+    except OSError as exc:
+        print(f"map: cannot read the sample: {exc}", file=sys.stderr)
+        return 2
+    run = dryrun.dry_run(cfg, body, source=args.source, integration=args.integration,
+                         content_type=args.content_type, query=args.query,
+                         received_ts_ms=now_ms())
+    if args.json:
+        print_json(run.as_json())
+    else:
+        print(dryrun.explain(run))
+    return 0 if run.outcome in ("write", "skipped") and not run.rejected else 1
+
+
 def cmd_emulate(args: argparse.Namespace) -> int:
     module = importlib.import_module(EMULATORS[args.emulator])
     main: Callable[[list[str]], int] = module.main
@@ -215,6 +240,22 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--limit", type=int, default=200)
         p.add_argument("--json", action="store_true", help="machine-readable output")
         p.set_defaults(func=_ops("cmd_devices"))
+
+    p = with_config(sub.add_parser(
+        "map", help="dry run: what the bridge would write to Blynk for a saved message "
+        "(no Redis or Blynk needed)"))
+    p.add_argument("--sample", required=True,
+                   help="a saved TTS uplink (MQTT/webhook JSON, Console export) or Particle "
+                   "webhook body; - reads stdin")
+    p.add_argument("--source", choices=["tts", "particle"],
+                   help="default: TTS when the JSON has end_device_ids, else Particle")
+    p.add_argument("--integration", help="its name in the configuration (default: the only "
+                   "one of that source)")
+    p.add_argument("--content-type", help="Particle: the request's type (default: JSON for an "
+                   "object, else Particle's form body)")
+    p.add_argument("--query", help="Particle: the webhook URL's query (coreid=…&event=…)")
+    p.add_argument("--json", action="store_true", help="one JSON document")
+    p.set_defaults(func=cmd_map)
 
     p = sub.add_parser("emulate", help="run an emulator: blynk, tts or particle")
     p.add_argument("emulator", choices=list(EMULATORS))
