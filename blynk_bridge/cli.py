@@ -173,6 +173,17 @@ def _ops(name: str) -> Callable[[argparse.Namespace], int]:
     return run
 
 
+def _module_cmd(module: str, name: str) -> Callable[[argparse.Namespace], int]:
+    """A command implemented in ``blynk_bridge.<module>``, imported only when run."""
+
+    def run(args: argparse.Namespace) -> int:
+        fn: Callable[[argparse.Namespace], int] = getattr(
+            importlib.import_module(f"blynk_bridge.{module}"), name)
+        return fn(args)
+
+    return run
+
+
 def version() -> str:
     """The installed distribution's version (pyproject.toml is its one source)."""
     try:
@@ -240,6 +251,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--limit", type=int, default=200)
         p.add_argument("--json", action="store_true", help="machine-readable output")
         p.set_defaults(func=_ops("cmd_devices"))
+
+    p = with_config(sub.add_parser(
+        "tail", help="print stream entries as they arrive (takes no work from the stages)"))
+    p.add_argument("stream", choices=["uplinks", "writes", "downlinks", "dead"])
+    p.add_argument("--device", help="only entries of this source device (or Blynk name)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.set_defaults(func=_module_cmd("tail", "cmd_tail"))
 
     p = with_config(sub.add_parser(
         "map", help="dry run: what the bridge would write to Blynk for a saved message "

@@ -260,14 +260,15 @@ def pipeline_streams(keys: Keys) -> dict[str, str]:
     return {key: name for name in (UPLINKS, WRITES, DOWNLINKS) for key in keys.streams(name)}
 
 
-def _mask_secrets(value: Any) -> Any:
+def mask_secrets(value: Any) -> Any:
+    """``value`` (JSON-able data) with the values of :data:`SECRET_KEYS` masked, at any depth."""
     if isinstance(value, dict):
         return {
-            k: (mask(str(v)) if k in SECRET_KEYS and isinstance(v, str) else _mask_secrets(v))
+            k: (mask(str(v)) if k in SECRET_KEYS and isinstance(v, str) else mask_secrets(v))
             for k, v in value.items()
         }
     if isinstance(value, list):
-        return [_mask_secrets(v) for v in value]
+        return [mask_secrets(v) for v in value]
     return value
 
 
@@ -290,7 +291,7 @@ def decode_original(letter: events.DeadLetter, keys: Keys) -> Any:
     candidates += [msgspec.msgpack.decode, msgspec.json.decode]
     for decode in candidates:
         try:
-            return _mask_secrets(msgspec.to_builtins(decode(letter.raw)))
+            return mask_secrets(msgspec.to_builtins(decode(letter.raw)))
         except (msgspec.DecodeError, msgspec.ValidationError):
             continue
     return repr(letter.raw[:2000])
