@@ -217,9 +217,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", default=DEFAULT_CONFIG)
     p.set_defaults(func=cmd_check_config)
 
+    def live(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--interval", type=float, default=2.0, help="seconds between samples")
+        p.add_argument("--count", type=int, help="stop after this many samples")
+
     p = with_config(sub.add_parser("lag", help="length, lag and pending of every stream/group"))
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(func=_ops("cmd_lag"))
+    p.add_argument("--watch", action="store_true",
+                   help="refresh until Ctrl-C, with append and read rates")
+    live(p)
+    p.set_defaults(func=_lag)
+    p = with_config(sub.add_parser(
+        "top", help="live per-stage rates, lag and pending, and integration statuses"))
+    p.add_argument("--json", action="store_true", help="one JSON object per sample and line")
+    live(p)
+    p.set_defaults(func=_module_cmd("watch", "cmd_top"))
     p = with_config(sub.add_parser("status", help="integration statuses"))
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_ops("cmd_status"))
@@ -284,6 +296,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=_demo)
     return parser
+
+
+def _lag(args: argparse.Namespace) -> int:
+    if args.watch:
+        return _module_cmd("watch", "cmd_lag_watch")(args)
+    return _ops("cmd_lag")(args)
 
 
 def _demo(args: argparse.Namespace) -> int:
