@@ -14,8 +14,14 @@ posts the change to ingest-http, the downlink stage sends it on TTS ``down/push`
 emulated TTS answers ``down/ack``. The table shows flips, webhooks, commands sent and
 acknowledged, echoes dropped, and each switch's state in Blynk.
 
-Ctrl-C (or ``--duration``) stops the fleets and the switches, lets the pipeline drain, and prints
-a summary.
+Ctrl-C (or ``--duration``) stops the fleets and the switches (a flag each checks between two
+messages), lets the pipeline drain — for at most a few seconds after Ctrl-C — stops the stages,
+and prints a summary; a second Ctrl-C skips the drain and exits with 130 (see :class:`Demo`).
+Whatever ends the run, its Redis keys are removed once the emulators have closed. Off a terminal
+(``make demo | tee demo.log``) it prints a progress line every ``--progress-s`` seconds instead
+of the live table, and a stdout closed under it (``tee`` killed by the same Ctrl-C) does not
+stop the clean-up. It starts by printing the status page and metrics URLs and a ready-to-paste
+``BB_PREFIX=… blynk-bridge lag -c .demo/bridge.yaml`` line for the operator commands.
 """
 
 from __future__ import annotations
@@ -414,7 +420,10 @@ class Demo:
             closing = asyncio.ensure_future(emulators.aclose())
             await self._settle(closing, "the Blynk emulator", STOP_WAIT_S)
             if ctx is not None:
-                await forget(ctx.redis, ctx.keys.prefix)
+                try:
+                    await forget(ctx.redis, ctx.keys.prefix)
+                except RedisError as exc:
+                    _note(f"could not remove the demo's keys {ctx.keys.prefix}*: {exc}")
                 await self._settle(asyncio.ensure_future(ctx.close()), "Redis and HTTP clients",
                                    STOP_WAIT_S)
 
@@ -596,6 +605,10 @@ def _summary(console: Console, snap: Snapshot, elapsed: float) -> None:
     if drained and missing <= 0:
         console.print("delivered: every uplink was written to Blynk, refused, or dead-lettered "
                       "with a reason")
+    elif missing <= 0:
+        waiting = sum(lg + p for *_, lg, p in snap.lag)
+        console.print(f"[yellow]stopped before the pipeline drained: {waiting} entries were "
+                      "still waiting in the streams (removed with the demo's keys)[/]")
     else:
         console.print(f"[yellow]not fully accounted for: {missing:.0f} sent but not ingested; "
                       f"streams drained: {drained}[/]")
