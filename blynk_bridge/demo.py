@@ -238,7 +238,7 @@ def _render(snap: Snapshot, started: float, draining: bool) -> Group:
 
 
 #: After Ctrl-C the pipeline gets this long to drain before it is stopped anyway.
-CTRL_C_DRAIN_S = 5.0
+CTRL_C_DRAIN_S = 3.0
 #: How long each stage may take to finish what it holds once asked to stop.
 STAGE_GRACE_S = 3.0
 #: How long a part that was asked to stop (then cancelled) is waited for before it is left.
