@@ -6,6 +6,7 @@ at a rate the machine cannot keep up with and with its stdout piped, and leaves 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -14,6 +15,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -33,8 +35,9 @@ def _demo(*extra: str) -> list[str]:
             *extra]
 
 
-def test_demo_runs_the_whole_pipeline_and_drains() -> None:
-    proc = subprocess.run(_demo("--duration", "3"), capture_output=True, text=True, timeout=120)
+def test_demo_runs_the_whole_pipeline_and_drains(tmp_path: Path) -> None:
+    proc = subprocess.run(_demo("--duration", "3"), capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = " ".join(proc.stdout.split())
     summary = re.search(
@@ -67,10 +70,10 @@ def _sent_down(port: int) -> float:
                if line.startswith("bb_downlink_outcomes_total{") and 'outcome="sent"' in line)
 
 
-def test_ctrl_c_stops_the_demo_cleanly_after_a_round_trip() -> None:
+def test_ctrl_c_stops_the_demo_cleanly_after_a_round_trip(tmp_path: Path) -> None:
     port = free_port()
     proc = subprocess.Popen(_demo("--metrics-port", str(port)), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     try:
         deadline = time.monotonic() + 60
         while _sent_down(port) < 1:  # a command acknowledged by the emulated TTS
@@ -130,15 +133,17 @@ class Output:
                    for sent, ingested in PROGRESS.findall(self.read()))
 
 
-async def _fast_demo_stopped(redis: Redis, signals: int, close_stdout: bool) -> tuple[int, str,
-                                                                                      str]:
-    """Run the demo at a high rate, piped; once it makes progress, send SIGINT ``signals``
-    times (optionally after closing its stdout, as a ``tee`` killed by the same Ctrl-C);
-    return its exit code, stdout and stderr, after checking it left no key behind."""
+async def _fast_demo_stopped(redis: Redis, cwd: Path, signals: int,
+                             close_stdout: bool) -> tuple[int, str, str]:
+    """Run the demo at a high rate, piped; once it makes progress, run the operator command it
+    prints, then send SIGINT ``signals`` times (optionally after closing its stdout, as a
+    ``tee`` killed by the same Ctrl-C); return its exit code, stdout and stderr, after checking
+    it left no key behind."""
     read_end, write_end = os.pipe()
     out = Output(read_end)
     with tempfile.TemporaryFile() as err:
-        proc = await asyncio.create_subprocess_exec(*_demo_fast(), stdout=write_end, stderr=err)
+        proc = await asyncio.create_subprocess_exec(*_demo_fast(), stdout=write_end, stderr=err,
+                                                    cwd=cwd)
         os.close(write_end)
 
         def stderr() -> str:
@@ -154,6 +159,7 @@ async def _fast_demo_stopped(redis: Redis, signals: int, close_stdout: bool) -> 
             assert found, out.read()
             prefix = found.group(1)
             assert await _keys(redis, prefix)  # the run has keys while it runs
+            await _paste_works(found.group(0), prefix, cwd)
             if close_stdout:
                 out.close()
             proc.send_signal(signal.SIGINT)
@@ -176,6 +182,18 @@ async def _fast_demo_stopped(redis: Redis, signals: int, close_stdout: bool) -> 
     return proc.returncode, out.text, text
 
 
+async def _paste_works(line: str, prefix: str, cwd: Path) -> None:
+    """The ready-to-paste line the demo printed runs, and shows the demo's own streams."""
+    command = line.replace("blynk-bridge", f"'{sys.executable}' -m blynk_bridge") + " --json"
+    lag = await asyncio.create_subprocess_exec(
+        "bash", "-c", command, cwd=cwd, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
+    shown, problem = await asyncio.wait_for(lag.communicate(), 60)
+    assert lag.returncode == 0, problem.decode()
+    streams = {s["key"]: s for s in json.loads(shown)["streams"]}
+    assert streams[f"{prefix}uplinks"]["length"] > 0
+
+
 async def _drained_until_exit(proc: asyncio.subprocess.Process, out: Output) -> None:
     """Wait for the exit, reading stdout meanwhile (a full pipe would block the demo)."""
     waiting = asyncio.ensure_future(proc.wait())
@@ -193,15 +211,19 @@ async def _keys(redis: Redis, prefix: str) -> list[bytes]:
     return [k async for k in redis.scan_iter(match=f"{prefix}*", count=1000)]
 
 
-async def test_ctrl_c_stops_a_fast_piped_demo_and_removes_its_keys(redis: Redis) -> None:
-    rc, out, err = await _fast_demo_stopped(redis, signals=1, close_stdout=False)
+async def test_ctrl_c_stops_a_fast_piped_demo_and_removes_its_keys(
+    redis: Redis, tmp_path: Path
+) -> None:
+    rc, out, err = await _fast_demo_stopped(redis, tmp_path, signals=1, close_stdout=False)
     assert rc == 0, err[-3000:]
     assert "Traceback" not in err
     assert "demo summary" in out
     assert "status page  http://127.0.0.1:" in out and "/metrics" in out
 
 
-async def test_a_second_ctrl_c_quits_at_once_even_when_tee_died(redis: Redis) -> None:
-    rc, _out, err = await _fast_demo_stopped(redis, signals=2, close_stdout=True)
+async def test_a_second_ctrl_c_quits_at_once_even_when_tee_died(
+    redis: Redis, tmp_path: Path
+) -> None:
+    rc, _out, err = await _fast_demo_stopped(redis, tmp_path, signals=2, close_stdout=True)
     assert rc == 130, err[-3000:]
     assert "Traceback" not in err and "BrokenPipeError" not in err
