@@ -163,6 +163,10 @@ def _clock(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, UTC).strftime("%H:%M:%S")
 
 
+def _iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="seconds")
+
+
 def _cell(v: Any) -> str:
     if v is None:
         return "-"
@@ -242,10 +246,10 @@ class View:
     doc: Callable[[Sample, Sample | None], dict[str, Any]]
 
 
-LAG = View(lag_table, lag_lines, lambda c, p: {"time": _clock(c.now_ms),
+LAG = View(lag_table, lag_lines, lambda c, p: {"time": _iso(c.now_ms),
                                                "streams": lag_rows(c, p)})
 TOP = View(top_view, top_line, lambda c, p: {
-    "time": _clock(c.now_ms), "stages": stage_rows(c, p),
+    "time": _iso(c.now_ms), "stages": stage_rows(c, p),
     "integrations": [{"kind": s.kind, "name": s.name, "state": str(s.state),
                       "last_error": redact_url(s.last_error or "") or None}
                      for s in c.statuses]})
