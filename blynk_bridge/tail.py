@@ -70,7 +70,8 @@ def _device_of_key(key: str) -> str:
 
 def describe(name: str, entry_id: str, raw: bytes | None, keys: Keys) -> Shown:
     """Decode one entry of the ``name`` stream for display (pure; undecodable is shown too)."""
-    base = {"stream": name, "id": entry_id}
+    base = {"stream": name, "id": entry_id, "time": datetime.fromtimestamp(
+        int(entry_id.partition("-")[0]) / 1000, UTC).isoformat(timespec="milliseconds")}
     try:
         if raw is None:
             raise msgspec.DecodeError("no `d` field")
