@@ -304,8 +304,10 @@ class Demo:
         """Wait up to ``wait_s`` for ``task``; then cancel it and wait :data:`STOP_WAIT_S` more;
         a task still running after that is left behind (named in :attr:`left`)."""
         if not task.done() and wait_s > 0 and not self.force.is_set():
-            await asyncio.wait({task, asyncio.ensure_future(self.force.wait())},
-                               timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
+            forced = asyncio.ensure_future(self.force.wait())
+            await asyncio.wait({task, forced}, timeout=wait_s,
+                               return_when=asyncio.FIRST_COMPLETED)
+            forced.cancel()
         if not task.done():
             task.cancel()
             await asyncio.wait({task}, timeout=STOP_WAIT_S)
