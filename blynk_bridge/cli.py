@@ -15,8 +15,10 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
+from blynk_bridge.output import EXIT_PIPE, stdout_closed
 from pipeline import config as config_mod
 from pipeline.errors import ConfigError, ConfigProblem
 from pipeline.logs import setup_logging
@@ -155,6 +157,30 @@ def _auth_kind(auth: config_mod.HttpAuth | str | None) -> str:
     return "NONE (anyone may post)"
 
 
+def cmd_map(args: argparse.Namespace) -> int:
+    """``map``: exit 0 when the message would be written (or skipped as valid), 1 when it would
+    be refused, dead-lettered (also in part) or map nothing."""
+    from blynk_bridge import dryrun
+    from blynk_bridge.output import print_json
+    from pipeline.streams import now_ms
+
+    cfg = _load_config(args.config)
+    try:
+        body = (sys.stdin.buffer.read() if args.sample == "-"
+                else Path(args.sample).read_bytes())
+    except OSError as exc:
+        print(f"map: cannot read the sample: {exc}", file=sys.stderr)
+        return 2
+    run = dryrun.dry_run(cfg, body, source=args.source, integration=args.integration,
+                         content_type=args.content_type, query=args.query,
+                         received_ts_ms=now_ms())
+    if args.json:
+        print_json(run.as_json())
+    else:
+        print(dryrun.explain(run))
+    return 0 if run.outcome in ("write", "skipped") and not run.rejected else 1
+
+
 def cmd_emulate(args: argparse.Namespace) -> int:
     module = importlib.import_module(EMULATORS[args.emulator])
     main: Callable[[list[str]], int] = module.main
@@ -166,6 +192,17 @@ def _ops(name: str) -> Callable[[argparse.Namespace], int]:
         from blynk_bridge import ops
 
         fn: Callable[[argparse.Namespace], int] = getattr(ops, name)
+        return fn(args)
+
+    return run
+
+
+def _module_cmd(module: str, name: str) -> Callable[[argparse.Namespace], int]:
+    """A command implemented in ``blynk_bridge.<module>``, imported only when run."""
+
+    def run(args: argparse.Namespace) -> int:
+        fn: Callable[[argparse.Namespace], int] = getattr(
+            importlib.import_module(f"blynk_bridge.{module}"), name)
         return fn(args)
 
     return run
@@ -210,9 +247,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("what", choices=["schema", "default"])
     p.set_defaults(func=cmd_config)
 
+    def live(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--interval", type=float, default=2.0, help="seconds between samples")
+        p.add_argument("--count", type=int, help="stop after this many samples")
+
     p = with_config(sub.add_parser("lag", help="length, lag and pending of every stream/group"))
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(func=_ops("cmd_lag"))
+    p.add_argument("--watch", action="store_true",
+                   help="refresh until Ctrl-C, with append and read rates")
+    live(p)
+    p.set_defaults(func=_lag)
+    p = with_config(sub.add_parser(
+        "top", help="live per-stage rates, lag and pending, and integration statuses"))
+    p.add_argument("--json", action="store_true", help="one JSON object per sample and line")
+    live(p)
+    p.set_defaults(func=_module_cmd("watch", "cmd_top"))
     p = with_config(sub.add_parser("status", help="integration statuses"))
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_ops("cmd_status"))
@@ -226,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--reason", help="only dead letters with this reason")
         p.add_argument("--limit", type=int, default=50)
         p.add_argument("--all", action="store_true", help="replay/purge: every dead letter")
-        p.add_argument("--json", action="store_true", help="list: one JSON object per line")
+        p.add_argument("--json", action="store_true", help="one JSON document (show: always)")
         p.set_defaults(func=_ops("cmd_dead"))
 
     devices = sub.add_parser("devices", help="see broken devices and set them back to ok; "
@@ -245,6 +294,29 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--json", action="store_true", help="machine-readable output")
         p.set_defaults(func=_ops("cmd_devices"))
 
+    p = with_config(sub.add_parser(
+        "tail", help="print stream entries as they arrive (takes no work from the stages)"))
+    p.add_argument("stream", choices=["uplinks", "writes", "downlinks", "dead"])
+    p.add_argument("--device", help="only entries of this source device (or Blynk name)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.set_defaults(func=_module_cmd("tail", "cmd_tail"))
+
+    p = with_config(sub.add_parser(
+        "map", help="dry run: what the bridge would write to Blynk for a saved message "
+        "(no Redis or Blynk needed)"))
+    p.add_argument("--sample", required=True,
+                   help="a saved TTS uplink (MQTT/webhook JSON, Console export) or Particle "
+                   "webhook body; - reads stdin")
+    p.add_argument("--source", choices=["tts", "particle"],
+                   help="default: TTS when the JSON has end_device_ids, else Particle")
+    p.add_argument("--integration", help="its name in the configuration (default: the only "
+                   "one of that source)")
+    p.add_argument("--content-type", help="Particle: the request's type (default: JSON for an "
+                   "object, else Particle's form body)")
+    p.add_argument("--query", help="Particle: the webhook URL's query (coreid=…&event=…)")
+    p.add_argument("--json", action="store_true", help="one JSON document")
+    p.set_defaults(func=cmd_map)
+
     p = sub.add_parser("emulate", help="run an emulator: blynk, tts or particle")
     p.add_argument("emulator", choices=list(EMULATORS))
     p.add_argument("rest", nargs=argparse.REMAINDER, help="the emulator's own options")
@@ -254,6 +326,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=_demo)
     return parser
+
+
+def _lag(args: argparse.Namespace) -> int:
+    if args.watch:
+        return _module_cmd("watch", "cmd_lag_watch")(args)
+    return _ops("cmd_lag")(args)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -282,6 +360,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `blynk-bridge dead list | head`: the reader has what it wanted.
+        stdout_closed()
+        return EXIT_PIPE
     logging.shutdown()
     return rc
 

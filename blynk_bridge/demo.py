@@ -14,8 +14,14 @@ posts the change to ingest-http, the downlink stage sends it on TTS ``down/push`
 emulated TTS answers ``down/ack``. The table shows flips, webhooks, commands sent and
 acknowledged, echoes dropped, and each switch's state in Blynk.
 
-Ctrl-C (or ``--duration``) stops the fleets and the switches, lets the pipeline drain, and prints
-a summary.
+Ctrl-C (or ``--duration``) stops the fleets and the switches (a flag each checks between two
+messages), lets the pipeline drain — for at most a few seconds after Ctrl-C — stops the stages,
+and prints a summary; a second Ctrl-C skips the drain and exits with 130 (see :class:`Demo`).
+Whatever ends the run, its Redis keys are removed once the emulators have closed. Off a terminal
+(``make demo | tee demo.log``) it prints a progress line every ``--progress-s`` seconds instead
+of the live table, and a stdout closed under it (``tee`` killed by the same Ctrl-C) does not
+stop the clean-up. It starts by printing the status page and metrics URLs and a ready-to-paste
+``BB_PREFIX=… blynk-bridge lag -c .demo/bridge.yaml`` line for the operator commands.
 """
 
 from __future__ import annotations
@@ -23,12 +29,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import io
 import logging
 import os
 import secrets
 import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -38,23 +46,26 @@ from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
 from prometheus_client import Counter
+from redis.exceptions import RedisError
 from rich.console import Console, Group
 from rich.live import Live
 from rich.panel import Panel
 from rich.table import Table
 
+from blynk_bridge.output import say
 from pipeline import config as config_mod
 from pipeline import metrics
 from pipeline.backlog import snapshot
 from pipeline.context import Context
-from pipeline.keys import Keys
 from pipeline.lifecycle import run_stages, until_stopped
 from pipeline.logs import setup_logging
+from pipeline.redact import Secret
 from pipeline.status import StatusBoard
 
 #: Package data (pyproject.toml), so an installed wheel runs the demo from any directory.
 EXAMPLES = Path(__file__).resolve().parent / "examples"
 LOG = Path(".demo") / "blynk-bridge.log"
+log = logging.getLogger("blynk_bridge.demo")
 MQTT_HOST, MQTT_PORT = "127.0.0.1", 1883
 
 
@@ -227,12 +238,86 @@ def _render(snap: Snapshot, started: float, draining: bool) -> Group:
     return Group(Panel(flow), lag, status, devices, switches, footer)
 
 
+#: After Ctrl-C the pipeline gets this long to drain before it is stopped anyway.
+CTRL_C_DRAIN_S = 3.0
+#: How long each stage may take to finish what it holds once asked to stop.
+STAGE_GRACE_S = 3.0
+#: How long a part that was asked to stop (then cancelled) is waited for before it is left.
+STOP_WAIT_S = 3.0
+#: After a second Ctrl-C, the process exits by force this long later if it has not yet.
+FORCE_EXIT_S = 5.0
+
+
 class Demo:
+    """One run of the demo. Ctrl-C once: the fleets stop (a flag), the pipeline drains for at
+    most :data:`CTRL_C_DRAIN_S` (or ``--drain-s`` when ``--duration`` ended the run), the stages
+    stop within :data:`STAGE_GRACE_S`, the summary is printed, exit 0. Ctrl-C twice: no drain,
+    exit 130; if the process is still alive :data:`FORCE_EXIT_S` later it removes its keys and
+    exits from a thread, whatever the event loop is doing. Either way the run's Redis keys are
+    removed after the emulators closed."""
+
     def __init__(self, opts: argparse.Namespace) -> None:
         self.opts = opts
         self.stop_fleets = asyncio.Event()
         self.stop_pipeline = asyncio.Event()
+        #: A second Ctrl-C: skip the drain, stop everything now, exit 130.
+        self.force = asyncio.Event()
+        self.interrupts = 0
         self.started = time.monotonic()
+        #: Redis URL and key prefix of this run, once known (for the forced exit's clean-up).
+        self.keyspace: tuple[str, str] | None = None
+        #: Tasks that did not stop when cancelled: the process exits without waiting for them.
+        self.left: list[str] = []
+        self.tty = sys.stdout.isatty()
+
+    # ---- stopping --------------------------------------------------------------------------
+
+    def interrupt(self) -> None:
+        """The SIGINT/SIGTERM handler: only sets flags (and arms the forced exit)."""
+        self.interrupts += 1
+        self.stop_fleets.set()
+        if self.interrupts == 1:
+            _note("stopping: fleets stopped, draining for a few seconds "
+                  "(Ctrl-C again to quit at once)")
+            return
+        self.force.set()
+        if self.interrupts == 2:
+            _note("quitting without draining")
+            timer = threading.Timer(FORCE_EXIT_S, self.hard_exit)
+            timer.daemon = True
+            timer.start()
+        else:
+            self.hard_exit()
+
+    def hard_exit(self) -> None:
+        """Remove the run's keys with a client of its own, then end the process (130)."""
+        if self.keyspace is not None:
+            url, prefix = self.keyspace
+            try:
+                forget_sync(url, prefix)
+            except (OSError, RedisError) as exc:  # exiting anyway: say why keys remain
+                _note(f"could not remove the demo's keys {prefix}*: {exc}")
+        _note("forced exit")
+        logging.shutdown()
+        os._exit(130)
+
+    async def _settle(self, task: asyncio.Future[Any], what: str, wait_s: float) -> None:
+        """Wait up to ``wait_s`` for ``task``; then cancel it and wait :data:`STOP_WAIT_S` more;
+        a task still running after that is left behind (named in :attr:`left`)."""
+        if not task.done() and wait_s > 0 and not self.force.is_set():
+            forced = asyncio.ensure_future(self.force.wait())
+            await asyncio.wait({task, forced}, timeout=wait_s,
+                               return_when=asyncio.FIRST_COMPLETED)
+            forced.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.wait({task}, timeout=STOP_WAIT_S)
+        if not task.done():
+            self.left.append(what)
+        elif not task.cancelled() and task.exception() is not None:
+            log.error("%s failed: %r", what, task.exception())
+
+    # ---- the table -------------------------------------------------------------------------
 
     async def snapshot(self, ctx: Context, emu: Any, fleet: Any, particle: Any,
                        switches: Switches) -> Snapshot:
@@ -293,6 +378,8 @@ class Demo:
         return (bool(rows) and all(lg == 0 and pending == 0 for *_, lg, pending in rows)
                 and answered >= _total(metrics.DOWNLINKS, outcome="sent"))
 
+    # ---- the run ---------------------------------------------------------------------------
+
     async def run(self) -> int:
         from emulators.blynk import BlynkEmulator
         from emulators.particle import ParticleFleet
@@ -305,7 +392,10 @@ class Demo:
             return 1
         http_port = _free_port()
         emu = BlynkEmulator.from_spec(_emulator_spec(http_port))
-        async with emu.serve(dict.fromkeys(emu.regions, 0)) as urls:
+        ctx: Context | None = None
+        emulators = contextlib.AsyncExitStack()
+        try:
+            urls = await emulators.enter_async_context(emu.serve(dict.fromkeys(emu.regions, 0)))
             run_id = secrets.token_hex(3)
             env = dict(os.environ) | {
                 "BLYNK_FRA1_URL": urls["fra1"],
@@ -324,27 +414,81 @@ class Demo:
                 "STATION3_TOKEN": _station3_token(emu),
             }
             cfg = config_mod.load(EXAMPLES / "bridge.yaml", env=env)
+            # The status page's replay button needs a token: this run's own, kept in a file
+            # (never printed), like the other secrets the demo makes up.
+            cfg = msgspec.structs.replace(cfg, monitor=msgspec.structs.replace(
+                cfg.monitor, admin_token=Secret(_write_admin_token())))
             ctx = Context.create(cfg)
-            try:
-                return await self._run(console, ctx, cfg, emu, http_port, Fleet, ParticleFleet,
-                                       DownlinkAnswerer)
-            finally:
-                await _forget(ctx.redis, ctx.keys)
-                await ctx.close()
+            self.keyspace = (cfg.redis.url, cfg.redis.prefix)
+            return await self._run(console, ctx, cfg, emu, http_port, Fleet, ParticleFleet,
+                                   DownlinkAnswerer)
+        finally:
+            # The emulators first (their webhook senders post to ingest-http), then the keys.
+            closing = asyncio.ensure_future(emulators.aclose())
+            await self._settle(closing, "the Blynk emulator", STOP_WAIT_S)
+            if ctx is not None:
+                try:
+                    await forget(ctx.redis, ctx.keys.prefix)
+                except RedisError as exc:
+                    _note(f"could not remove the demo's keys {ctx.keys.prefix}*: {exc}")
+                await self._settle(asyncio.ensure_future(ctx.close()), "Redis and HTTP clients",
+                                   STOP_WAIT_S)
 
     async def _run(self, console: Console, ctx: Context, cfg: config_mod.Config, emu: Any,
                    http_port: int, fleet_cls: Any, particle_cls: Any, answerer_cls: Any) -> int:
         import importlib
 
         from blynk_bridge.cli import STAGES
+        from pipeline.metrics_http import MetricsServer
+        from pipeline.stats import StatsPublisher
 
         stages = [importlib.import_module(m).build(ctx) for m in STAGES.values()]
+        # The status page's plots come from every process's counters (pipeline.stats).
+        stages.append(StatsPublisher(ctx.redis, ctx.keys, f"demo@{ctx.consumer}"))
         ready = asyncio.Event()
         pipeline = asyncio.create_task(run_stages(
-            stages, stop=self.stop_pipeline, install_signals=False, on_started=ready.set))
-        await until_stopped(ready.wait(), self.stop_fleets)
-        if cfg.metrics.port is not None:
-            metrics.serve("127.0.0.1", cfg.metrics.port)
+            stages, stop=self.stop_pipeline, grace_s=STAGE_GRACE_S, install_signals=False,
+            on_started=ready.set))
+        started = asyncio.ensure_future(ready.wait())
+        await until_stopped(asyncio.wait({started, pipeline},
+                                         return_when=asyncio.FIRST_COMPLETED), self.stop_fleets)
+        started.cancel()
+        if pipeline.done():
+            pipeline.result()  # a stage that failed to start: its error, not a hang
+        server = MetricsServer(ctx.redis, StatusBoard(ctx.redis, ctx.keys), stages)
+        assert cfg.metrics.port is not None  # examples/bridge.yaml sets it
+        base = await server.start("127.0.0.1", cfg.metrics.port)
+        try:
+            self._header(console, base.rstrip("/"), ctx.keys.prefix)
+            return await self._with_pipeline(console, ctx, cfg, emu, http_port, pipeline,
+                                             fleet_cls, particle_cls, answerer_cls)
+        finally:
+            self.stop_pipeline.set()
+            await self._settle(pipeline, "the pipeline's stages", STAGE_GRACE_S + STOP_WAIT_S)
+            await self._settle(asyncio.ensure_future(server.close()), "the metrics server",
+                               STOP_WAIT_S)
+
+    def _header(self, console: Console, base: str, prefix: str) -> None:
+        """Where to look while it runs: the status page, the metrics, the CLI on this run."""
+        ops = _write_ops_config()
+        lines = [
+            f"status page  {base}/   (replay token: in {ADMIN_TOKEN_FILE})",
+            f"metrics      {base}/metrics",
+            f"watch it     BB_PREFIX={prefix} blynk-bridge lag -c {ops}",
+            "             (or: status, dead list, top, tail uplinks; with the same BB_PREFIX, -c)",
+        ]
+        if sys.stderr.isatty():
+            lines.append(f"logs         {LOG}")
+        if self.tty:
+            for line in lines:
+                console.print(line, highlight=False, soft_wrap=True)
+        else:
+            for line in lines:
+                say(line)
+
+    async def _with_pipeline(self, console: Console, ctx: Context, cfg: config_mod.Config,
+                             emu: Any, http_port: int, pipeline: asyncio.Task[None],
+                             fleet_cls: Any, particle_cls: Any, answerer_cls: Any) -> int:
         app = cfg.tts[0]
         # TTS keeps no messages for absent subscribers (QoS 0): start publishing only once
         # ingest-mqtt holds the application and is subscribed.
@@ -365,41 +509,87 @@ class Demo:
         switches = Switches(emu, self.opts.switches, self.opts.flip_every)
         stop_switches = asyncio.Event()
         duration = self.opts.duration
-        fleets = [asyncio.create_task(fleet.run(duration_s=duration or 10**9)),
-                  asyncio.create_task(particle.run(duration_s=duration or 10**9))]
+        fleets = [asyncio.create_task(fleet.run(duration_s=duration, stop=self.stop_fleets)),
+                  asyncio.create_task(particle.run(duration_s=duration, stop=self.stop_fleets))]
         flipping = asyncio.create_task(switches.run(stop_switches))
-        stopper = asyncio.ensure_future(self.stop_fleets.wait())
+        wake = asyncio.ensure_future(self.stop_fleets.wait())
         draining = False
+        drain_deadline = 0.0
+        next_line = time.monotonic() + self.opts.progress_s
         live_ctx = (Live(console=console, refresh_per_second=4, transient=False)
-                    if console.is_terminal else contextlib.nullcontext())
-        with live_ctx as live:
-            while True:
-                snap = await self.snapshot(ctx, emu, fleet, particle, switches)
+                    if self.tty else contextlib.nullcontext())
+        try:
+            with live_ctx as live:
+                while True:
+                    snap = await self.snapshot(ctx, emu, fleet, particle, switches)
+                    if live is not None:
+                        live.update(_render(snap, self.started, draining))
+                    elif time.monotonic() >= next_line:
+                        next_line = time.monotonic() + self.opts.progress_s
+                        say(_progress(snap, self.started, draining))
+                    if pipeline.done() or self.force.is_set():
+                        break
+                    if not draining and (self.stop_fleets.is_set()
+                                         or all(t.done() for t in fleets)):
+                        draining = True
+                        self.stop_fleets.set()
+                        stop_switches.set()
+                        for t in fleets:
+                            await self._settle(t, "a simulated fleet", STOP_WAIT_S)
+                        await self._settle(flipping, "the switch flipper", STOP_WAIT_S)
+                        ctrl_c = self.interrupts > 0
+                        drain_deadline = time.monotonic() + (
+                            min(self.opts.drain_s, CTRL_C_DRAIN_S) if ctrl_c
+                            else self.opts.drain_s)
+                        wake = asyncio.ensure_future(self.force.wait())
+                    if draining and (await self.drained(ctx)
+                                     or time.monotonic() > drain_deadline):
+                        break
+                    await asyncio.wait({wake}, timeout=0.25)
                 if live is not None:
-                    live.update(_render(snap, self.started, draining))
-                if pipeline.done():
-                    break
-                if not draining and (self.stop_fleets.is_set() or all(t.done() for t in fleets)):
-                    draining = True
-                    stop_switches.set()
-                    for t in fleets:
-                        t.cancel()
-                    await asyncio.gather(*fleets, flipping, return_exceptions=True)
-                    drain_deadline = time.monotonic() + self.opts.drain_s
-                if draining and (await self.drained(ctx) or time.monotonic() > drain_deadline):
-                    break
-                await asyncio.wait({stopper}, timeout=0.25 if live is not None else 1.0)
-            stopper.cancel()
+                    live.update(_render(snap, self.started, False))
+        finally:
+            wake.cancel()
             stop_switches.set()
+            self.stop_fleets.set()
+            for t in [*fleets, flipping]:
+                await self._settle(t, "a simulated fleet", 0)
             self.stop_pipeline.set()
-            await pipeline
-            answering.cancel()
-            await asyncio.gather(flipping, answering, return_exceptions=True)
-            snap = await self.snapshot(ctx, emu, fleet, particle, switches)
-            if live is not None:
-                live.update(_render(snap, self.started, False))
-        _summary(console, snap, time.monotonic() - self.started)
-        return 0
+            await self._settle(pipeline, "the pipeline's stages", STAGE_GRACE_S + STOP_WAIT_S)
+            await self._settle(answering, "the TTS downlink answerer", 0)
+        snap = await self.snapshot(ctx, emu, fleet, particle, switches)
+        if self.left:
+            _note(f"did not stop when asked, left behind: {', '.join(self.left)}")
+        if self.tty:
+            _summary(console, snap, time.monotonic() - self.started)
+        else:
+            text = io.StringIO()
+            _summary(Console(file=text, width=200, highlight=False), snap,
+                     time.monotonic() - self.started)
+            for line in text.getvalue().splitlines():
+                say(line)
+        return 130 if self.force.is_set() else 0
+
+
+def _note(text: str) -> None:
+    """A word to the person at the terminal, on stderr (stdout may be a closed pipe)."""
+    with contextlib.suppress(OSError):
+        print(f"demo: {text}", file=sys.stderr, flush=True)
+
+
+def _progress(snap: Snapshot, started: float, draining: bool) -> str:
+    """The one-line summary printed every few seconds when stdout is not a terminal."""
+    elapsed = max(time.monotonic() - started, 1e-6)
+    sent = snap.sent_tts + snap.sent_particle
+    lag = " ".join(f"{stream.rsplit(':', 1)[-1].strip('{}')}/{group}={lg}+{pending}"
+                   for stream, group, _n, lg, pending in snap.lag)
+    dead = sum(snap.dead.values())
+    return (f"progress {elapsed:.0f}s{' draining' if draining else ''}: sent {sent} "
+            f"({sent / elapsed:,.0f}/s); ingested {snap.ingested:.0f}; transformed "
+            f"{snap.transformed:.0f}; {snap.written:.0f} values written in "
+            f"{snap.blynk_messages} Blynk messages; {snap.blynk_devices} devices; dead {dead:.0f}; "
+            f"downlinks {snap.down_sent:.0f} sent, {snap.down_acked:.0f} acked; "
+            f"lag+pending {lag or '-'}")
 
 
 def _summary(console: Console, snap: Snapshot, elapsed: float) -> None:
@@ -425,6 +615,10 @@ def _summary(console: Console, snap: Snapshot, elapsed: float) -> None:
     if drained and missing <= 0:
         console.print("delivered: every uplink was written to Blynk, refused, or dead-lettered "
                       "with a reason")
+    elif missing <= 0:
+        waiting = sum(lg + p for *_, lg, p in snap.lag)
+        console.print(f"[yellow]stopped before the pipeline drained: {waiting} entries were "
+                      "still waiting in the streams (removed with the demo's keys)[/]")
     else:
         console.print(f"[yellow]not fully accounted for: {missing:.0f} sent but not ingested; "
                       f"streams drained: {drained}[/]")
@@ -444,10 +638,67 @@ def _emulator_spec(http_port: int) -> Any:
     return msgspec.structs.replace(spec, webhooks=hooks)
 
 
-async def _forget(redis: Any, keys: Keys) -> None:
-    """The demo keeps nothing: every key under its run's prefix is removed."""
-    async for key in redis.scan_iter(match=f"{keys.prefix}*", count=1000):
-        await redis.delete(key)
+def _match(prefix: str) -> str:
+    """A SCAN pattern for keys starting with ``prefix`` (glob characters in it escaped)."""
+    return "".join(f"\\{c}" if c in "*?[]\\" else c for c in prefix) + "*"
+
+
+async def forget(redis: Any, prefix: str) -> int:
+    """The demo keeps nothing: every key under its run's prefix is removed (``UNLINK``, in
+    batches); returns how many."""
+    removed = 0
+    batch: list[Any] = []
+    async for key in redis.scan_iter(match=_match(prefix), count=1000):
+        batch.append(key)
+        if len(batch) >= 500:
+            removed += await redis.unlink(*batch)
+            batch = []
+    if batch:
+        removed += await redis.unlink(*batch)
+    return removed
+
+
+def forget_sync(url: str, prefix: str) -> int:
+    """:func:`forget` from any thread, with a connection of its own (the forced exit)."""
+    import redis as redis_sync
+
+    client = redis_sync.Redis.from_url(url, socket_timeout=5)
+    try:
+        keys = list(client.scan_iter(match=_match(prefix), count=1000))
+        return sum(int(client.unlink(*keys[i:i + 500])) for i in range(0, len(keys), 500))
+    finally:
+        client.close()
+
+
+#: What the operator commands need to watch a demo run (no secrets: the run's own config has
+#: them, and they change every run).
+OPS_CONFIG = Path(".demo") / "bridge.yaml"
+ADMIN_TOKEN_FILE = Path(".demo") / "admin-token"
+
+
+def _write_ops_config() -> Path:
+    """Write :data:`OPS_CONFIG`: Redis, the key prefix from ``BB_PREFIX``, the templates."""
+    import yaml
+
+    example = yaml.safe_load((EXAMPLES / "bridge.yaml").read_text())
+    OPS_CONFIG.parent.mkdir(exist_ok=True)
+    OPS_CONFIG.write_text(
+        "# Written by `blynk-bridge demo` for the operator commands: BB_PREFIX=<the prefix the "
+        "demo printed>\n"
+        + yaml.safe_dump({"redis": example["redis"], "templates": example["templates"]},
+                         sort_keys=False))
+    return OPS_CONFIG
+
+
+def _write_admin_token() -> str:
+    """A fresh status page token for this run, in :data:`ADMIN_TOKEN_FILE` (owner-only)."""
+    token = secrets.token_hex(16)
+    ADMIN_TOKEN_FILE.parent.mkdir(exist_ok=True)
+    ADMIN_TOKEN_FILE.unlink(missing_ok=True)
+    fd = os.open(ADMIN_TOKEN_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    return token
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -459,7 +710,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=None,
                    help="stop the fleets after this many seconds (default: until Ctrl-C)")
     p.add_argument("--drain-s", type=float, default=30.0,
-                   help="how long to wait for the pipeline to drain after the fleets stop")
+                   help="how long to wait for the pipeline to drain after --duration "
+                   f"(after Ctrl-C: at most {CTRL_C_DRAIN_S:g} s)")
+    p.add_argument("--progress-s", type=float, default=5.0,
+                   help="seconds between two progress lines when stdout is not a terminal")
     p.add_argument("--switches", type=int, default=3,
                    help="TTS devices whose valve switch (V8) the demo flips in the app")
     p.add_argument("--flip-every", type=float, default=8.0,
@@ -480,8 +734,16 @@ def main(argv: Sequence[str]) -> int:
         demo = Demo(opts)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, demo.stop_fleets.set)
-        return await demo.run()
+            loop.add_signal_handler(sig, demo.interrupt)
+        rc = await demo.run()
+        if demo.left:
+            # A part ignored its cancellation: asyncio.run would wait for it for ever. The keys
+            # are gone and the summary printed: end here.
+            with contextlib.suppress(OSError):
+                sys.stdout.flush()
+            logging.shutdown()
+            os._exit(rc)
+        return rc
 
     try:
         import uvloop

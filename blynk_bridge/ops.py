@@ -4,14 +4,16 @@
 Each ``cmd_*`` takes the parsed arguments of :mod:`blynk_bridge.cli` and returns an exit code:
 0 done, 1 done in part (a dead letter not found or not replayable, Redis unreachable), 2 the
 request itself was wrong. Nothing asks questions, so every command scripts. Tokens are never
-printed in full (:func:`pipeline.redact.mask`).
+printed in full (:func:`pipeline.redact.mask`). With ``--json`` each prints one JSON object
+(:mod:`blynk_bridge.output`): ``{"streams"}``, ``{"integrations", "unmapped"}``,
+``{"dead_letters", "total"}``, ``{"replayed", "refused"}``, ``{"purged"}``, ``{"devices",
+"broken"}``, ``{"unbroken"}``, ``{"index_entries_written"}``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
@@ -23,6 +25,7 @@ from redis.exceptions import RedisError
 from rich.console import Console
 from rich.table import Table
 
+from blynk_bridge.output import print_json
 from pipeline import blynk_index, events
 from pipeline import config as config_mod
 from pipeline.backlog import StreamInfo, snapshot
@@ -134,7 +137,7 @@ def cmd_lag(args: argparse.Namespace) -> int:
         return 1
     now = now_ms()
     if getattr(args, "json", False):
-        print(json.dumps(lag_rows(streams, now), indent=2))
+        print_json({"streams": lag_rows(streams, now)})
         return 0
     table = Table(title="blynk-bridge streams")
     for col in ("stream", "group", "length", "lag", "pending", "consumers", "oldest pending"):
@@ -177,7 +180,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             ],
             "unmapped": unmapped,
         }
-        print(json.dumps(out, indent=2))
+        print_json(out)
         return 0
     console = _console()
     table = Table(title="integrations")
@@ -204,14 +207,15 @@ def cmd_status(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------- dead
 
 
-def _mask_secrets(value: Any) -> Any:
+def mask_secrets(value: Any) -> Any:
+    """``value`` (JSON-able data) with the values of :data:`SECRET_KEYS` masked, at any depth."""
     if isinstance(value, dict):
         return {
-            k: (mask(str(v)) if k in SECRET_KEYS and isinstance(v, str) else _mask_secrets(v))
+            k: (mask(str(v)) if k in SECRET_KEYS and isinstance(v, str) else mask_secrets(v))
             for k, v in value.items()
         }
     if isinstance(value, list):
-        return [_mask_secrets(v) for v in value]
+        return [mask_secrets(v) for v in value]
     return value
 
 
@@ -234,7 +238,7 @@ def decode_original(letter: events.DeadLetter, keys: Keys) -> Any:
     candidates += [msgspec.msgpack.decode, msgspec.json.decode]
     for decode in candidates:
         try:
-            return _mask_secrets(msgspec.to_builtins(decode(letter.raw)))
+            return mask_secrets(msgspec.to_builtins(decode(letter.raw)))
         except (msgspec.DecodeError, msgspec.ValidationError):
             continue
     return repr(letter.raw[:2000])
@@ -253,6 +257,7 @@ def cmd_dead(args: argparse.Namespace) -> int:
         print(f"dead {action}: give ids, --reason REASON, or --all", file=sys.stderr)
         return 2
     cfg = config_mod.load(args.config)
+    as_json = bool(getattr(args, "json", False))
 
     async def work(redis: Redis, keys: Keys) -> int:
         missing: list[str] = []
@@ -266,16 +271,20 @@ def cmd_dead(args: argparse.Namespace) -> int:
         for eid in missing:
             print(f"no dead letter {eid}", file=sys.stderr)
         if action == "list":
-            _print_list(rows, await redis.xlen(keys.dead), bool(getattr(args, "json", False)))
+            _print_list(rows, await redis.xlen(keys.dead), as_json)
         elif action == "show":
-            for row in rows:
-                _print_show(row, keys)
+            # The decoded entry is the point of `show`: JSON either way.
+            print_json({"dead_letters": [_shown(row, keys) for row in rows]})
         elif action == "replay":
             done = await replay(redis, keys, rows)
             replayed = {d for d, _, _ in done}
-            for dead_id, stream, new_id in done:
-                print(f"replayed {dead_id} -> {stream} as {new_id}")
             refused = [r for r in rows if r.id not in replayed]
+            if as_json:
+                print_json({"replayed": [{"id": d, "stream": st, "new_id": n}
+                                         for d, st, n in done],
+                            "refused": [r.id for r in refused]})
+            for dead_id, stream, new_id in done if not as_json else ():
+                print(f"replayed {dead_id} -> {stream} as {new_id}")
             for r in refused:
                 if r.letter is not None and r.letter.truncated:
                     why = (f"only the first {len(r.letter.raw)} of its {r.letter.raw_size} "
@@ -286,12 +295,16 @@ def cmd_dead(args: argparse.Namespace) -> int:
                            "MQTT topic or request there)")
                 print(f"cannot replay {r.id}: {why}; inspect it with `dead show` and send it "
                       "again from its source", file=sys.stderr)
-            print(f"replayed {len(done)} of {len(rows)} dead letters")
+            if not as_json:
+                print(f"replayed {len(done)} of {len(rows)} dead letters")
             if refused:
                 return 1
         else:  # purge
             purged = await redis.xdel(keys.dead, *[r.id for r in rows]) if rows else 0
-            print(f"purged {purged} dead letters")
+            if as_json:
+                print_json({"purged": purged})
+            else:
+                print(f"purged {purged} dead letters")
         return 1 if missing else 0
 
     rc = _run(cfg, work)
@@ -300,8 +313,7 @@ def cmd_dead(args: argparse.Namespace) -> int:
 
 def _print_list(rows: list[DeadRow], total: int, as_json: bool) -> None:
     if as_json:
-        for row in rows:
-            print(json.dumps(letter_summary(row)))
+        print_json({"dead_letters": [letter_summary(row) for row in rows], "total": total})
         return
     table = Table(title=f"dead letters ({len(rows)} shown of {total})")
     for col in ("id", "time", "stage", "reason", "attempts", "origin", "detail"):
@@ -317,12 +329,13 @@ def _print_list(rows: list[DeadRow], total: int, as_json: bool) -> None:
     _console().print(table)
 
 
-def _print_show(row: DeadRow, keys: Keys) -> None:
+def _shown(row: DeadRow, keys: Keys) -> dict[str, Any]:
+    """A dead letter in full for ``dead show``: its summary, replayability, decoded entry."""
     out = letter_summary(row)
     if row.letter is not None:
         out["replayable"] = row.letter.stream in pipeline_streams(keys) and not row.letter.truncated
         out["entry"] = decode_original(row.letter, keys)
-    print(json.dumps(out, indent=2, default=str))
+    return out
 
 
 # ------------------------------------------------------------------------------------ devices
@@ -372,7 +385,10 @@ def cmd_devices(args: argparse.Namespace) -> int:
     async def work(redis: Redis, keys: Keys) -> int:
         if action == "reindex":
             written = await blynk_index.backfill(redis, keys)
-            print(f"registry indexed for downlinks: {written} index entries written")
+            if as_json:
+                print_json({"index_entries_written": written})
+            else:
+                print(f"registry indexed for downlinks: {written} index entries written")
             return 0
         registry = Registry(redis, keys)
         since = dict(await registry.broken())
@@ -394,13 +410,18 @@ def cmd_devices(args: argparse.Namespace) -> int:
                 row = _device_row(dev, since.get(key))
                 row["last_written"] = await LastWritten(redis, keys, "ops").get(key)
                 out.append(row)
-            print(json.dumps(out, indent=2))
+            print_json({"devices": out, "broken": len(since)})
         else:  # unbreak
+            unbroken = []
             for key in keys_given or list(since):
                 if await registry.mark_ok(key, by="operator"):
-                    print(f"{key}: set back to ok; its next uplink tries its token again")
+                    unbroken.append(key)
+                    if not as_json:
+                        print(f"{key}: set back to ok; its next uplink tries its token again")
                 else:
                     missing.append(key)
+            if as_json:
+                print_json({"unbroken": unbroken})
         for key in missing:
             print(f"no device {key} in the registry", file=sys.stderr)
         return 1 if missing else 0
@@ -411,8 +432,8 @@ def cmd_devices(args: argparse.Namespace) -> int:
 
 def _print_devices(rows: list[Device], since: dict[str, int], as_json: bool) -> None:
     if as_json:
-        for dev in rows:
-            print(json.dumps(_device_row(dev, since.get(dev.key))))
+        print_json({"devices": [_device_row(dev, since.get(dev.key)) for dev in rows],
+                    "broken": len(since)})
         return
     table = Table(title=f"devices ({len(rows)} shown, {len(since)} broken)")
     for col in ("key", "status", "since", "reason", "detail", "token"):

@@ -65,6 +65,8 @@ import aiohttp
 import msgspec
 from aiohttp import web
 
+from pipeline.lifecycle import until_stopped
+
 USER_AGENT = "ParticleBot/1.1 (https://docs.particle.io/webhooks)"
 #: Particle: "Servers must return a response within the timeout period of 20 seconds."
 TIMEOUT_S = 20.0
@@ -444,28 +446,48 @@ class ParticleFleet:
                           fw_version=3 if self.product_id else None,
                           user_id="5e6ad98d764c6d00014be177" if self.product_id else "")
 
-    async def run(self, count: int | None = None, duration_s: float | None = None) -> FleetStats:
-        """Publish until ``count`` events or ``duration_s`` seconds, then wait for every
-        delivery (retries included) to finish."""
-        if count is None and duration_s is None:
-            raise ValueError("give count or duration_s")
+    async def run(self, count: int | None = None, duration_s: float | None = None,
+                  stop: asyncio.Event | None = None, stop_grace_s: float = 2.0) -> FleetStats:
+        """Publish until ``count`` events, ``duration_s`` seconds or ``stop`` is set, then wait
+        for every delivery (retries included) to finish.
+
+        After ``stop``, deliveries still in flight get ``stop_grace_s`` to finish and are then
+        cancelled (not counted as sent): a delivery waiting out Particle's retry delays (30 s,
+        60 s) must not hold a stop for minutes."""
+        if count is None and duration_s is None and stop is None:
+            raise ValueError("give count, duration_s or stop")
+        stop = stop or asyncio.Event()
         gate = asyncio.Semaphore(self.max_in_flight)
         start = time.monotonic()
-        tasks: list[asyncio.Task[None]] = []
+        tasks: set[asyncio.Task[None]] = set()
         connector = aiohttp.TCPConnector(limit=self.max_in_flight)
         async with aiohttp.ClientSession(connector=connector) as session:
             seq = 0
-            while (count is None or seq < count) and (
+            while (count is None or seq < count) and not stop.is_set() and (
                 duration_s is None or time.monotonic() - start < duration_s
             ):
                 due = start + seq / self.rate_per_s
                 delay = due - time.monotonic()
                 if delay > 0:
-                    await asyncio.sleep(delay)
-                await gate.acquire()
-                tasks.append(asyncio.create_task(self._send(session, self.next_event(seq), gate)))
+                    # Pacing, or told to stop.
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), delay)
+                    continue
+                # At the in-flight cap the wait for a free slot must also end on stop.
+                acquired = (await until_stopped(gate.acquire(), stop) if gate.locked()
+                            else await gate.acquire())
+                if not acquired:
+                    break
+                task = asyncio.create_task(self._send(session, self.next_event(seq), gate))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
                 seq += 1
-            await asyncio.gather(*tasks)
+            if tasks and stop.is_set():
+                _, late = await asyncio.wait(set(tasks), timeout=stop_grace_s)
+                for task in late:
+                    task.cancel()
+            if tasks:
+                await asyncio.gather(*tasks, return_exceptions=True)
         return self.stats
 
     async def _send(self, session: aiohttp.ClientSession, event: Event,
@@ -744,8 +766,9 @@ def main(argv: Sequence[str]) -> int:
     send.add_argument("--url", required=True, help="e.g. http://127.0.0.1:8080/particle/my-product")
     send.add_argument("--devices", type=int, default=10)
     send.add_argument("--rate", type=float, default=10.0, help="events per second, all devices")
-    send.add_argument("--count", type=int)
-    send.add_argument("--duration", type=float)
+    send.add_argument("--count", type=int, help="stop after this many events "
+                      "(default: send until Ctrl-C)")
+    send.add_argument("--duration", type=float, help="stop after this many seconds")
     send.add_argument("--format", default="form", choices=FORMATS)
     send.add_argument("--webhook", help="a saved Particle webhook configuration (JSON) instead")
     send.add_argument("--event", default="sensor")
@@ -772,9 +795,6 @@ def main(argv: Sequence[str]) -> int:
 
 
 async def _send(args: argparse.Namespace, hook: Webhook | None) -> int:
-    if args.count is None and args.duration is None:
-        print("give --count or --duration", file=sys.stderr)
-        return 2
     fmt: str | Webhook = hook or args.format
     auth: tuple[str, str] | dict[str, str] | None = None
     if args.basic:
@@ -786,7 +806,14 @@ async def _send(args: argparse.Namespace, hook: Webhook | None) -> int:
     delays = [float(x) for x in args.retry_delays.split(",") if x.strip()]
     fleet = ParticleFleet(args.url, args.devices, args.rate, fmt=fmt, auth=auth,
                           event=args.event, retry_delays_s=delays)
-    stats = await fleet.run(count=args.count, duration_s=args.duration)
+    # Without --count or --duration it sends until Ctrl-C, then prints what it sent.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        # Not in the main thread (a test calling main()): Ctrl-C cannot reach it anyway.
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    stats = await fleet.run(count=args.count, duration_s=args.duration, stop=stop)
     print(json.dumps({"sent": stats.sent, "delivered": stats.delivered, "retries": stats.retries,
                       "dropped": stats.dropped,
                       "statuses": {str(k): v for k, v in stats.statuses.items()}}))

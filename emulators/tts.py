@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 import math
@@ -269,9 +270,15 @@ class Fleet:
     def topic(self, device_id: str, suffix: str = "up") -> str:
         return f"v3/{self.user}/devices/{device_id}/{suffix}"
 
-    async def run(self, count: int | None = None, duration_s: float | None = None) -> int:
-        """Publish until ``count`` uplinks or ``duration_s`` seconds (or cancellation);
-        returns how many uplinks were published by this call."""
+    async def run(self, count: int | None = None, duration_s: float | None = None,
+                  stop: asyncio.Event | None = None) -> int:
+        """Publish until ``count`` uplinks, ``duration_s`` seconds or ``stop`` is set (or
+        cancellation); returns how many uplinks were published by this call.
+
+        ``stop`` is checked between two messages, also inside a catch-up burst, and wakes the
+        pacing wait: a fleet far behind its rate (a busy machine) stops at once, not after
+        publishing what it owes."""
+        stop = stop or asyncio.Event()
         rng = random.Random(self.seed)
         settings = mqtt.Settings(self.host, self.port, username=self.username,
                                  password=self.password, tcp_nodelay=True,
@@ -286,7 +293,7 @@ class Fleet:
                                           json.dumps(join).encode())
                     self.published += 1
             start = time.monotonic()
-            while count is None or done < count:
+            while (count is None or done < count) and not stop.is_set():
                 elapsed = time.monotonic() - start
                 if duration_s is not None and elapsed >= duration_s:
                     break
@@ -295,10 +302,12 @@ class Fleet:
                 if count is not None:
                     due = min(due, count)
                 if due <= done:
-                    # Sleep until the next message is due: pacing, not synchronization.
-                    await asyncio.sleep((done + 1) / self.rate_per_s - elapsed)
+                    # Wait until the next message is due (pacing), or until told to stop.
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(),
+                                               (done + 1) / self.rate_per_s - elapsed)
                     continue
-                while done < due:
+                while done < due and not stop.is_set():
                     index = done % self.devices
                     await self._publish_one(session, rng, index, f_cnts[index])
                     f_cnts[index] += 1

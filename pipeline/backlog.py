@@ -38,6 +38,9 @@ class GroupInfo:
     lag_exact: bool
     last_delivered_id: str
     oldest_pending_id: str | None
+    #: Entries ever delivered to the group (``entries-read``; Redis >= 7, else ``None``): its
+    #: difference between two samples is the group's read rate.
+    entries_read: int | None = None
 
     def oldest_pending_age_s(self, now: int) -> float:
         """Seconds since the oldest pending entry was appended (0 when nothing is pending)."""
@@ -54,6 +57,9 @@ class StreamInfo:
     key: str
     length: int
     groups: list[GroupInfo]
+    #: Entries ever appended (``entries-added``; Redis >= 7, else ``None``): the append rate
+    #: between two samples, whatever trimming did meanwhile.
+    entries_added: int | None = None
 
 
 def id_ms(entry_id: str) -> int:
@@ -85,8 +91,12 @@ async def inspect_stream(redis: Redis, name: str, key: str) -> StreamInfo:
             summary = await redis.xpending(key, group)
             oldest = as_str(summary["min"]) if summary["min"] is not None else None
         lag, exact = await _lag(redis, key, reported_lag(g), last, last_generated)
-        out.append(GroupInfo(group, int(g["consumers"]), pending, lag, exact, last, oldest))
-    return StreamInfo(name, key, int(info["length"]), out)
+        read = g.get("entries-read")
+        out.append(GroupInfo(group, int(g["consumers"]), pending, lag, exact, last, oldest,
+                             read if isinstance(read, int) else None))
+    added = info.get("entries-added")
+    return StreamInfo(name, key, int(info["length"]), out,
+                      added if isinstance(added, int) else None)
 
 
 def reported_lag(group: Mapping[Any, Any]) -> int | None:
@@ -108,6 +118,19 @@ async def _lag(
     return len(rows), len(rows) < LAG_COUNT_CAP
 
 
+async def _dead_info(redis: Redis, key: str) -> StreamInfo:
+    """The dead stream: length and entries ever added (it has no groups)."""
+    try:
+        info = await redis.xinfo_stream(key)
+    except ResponseError as exc:
+        if "no such key" not in str(exc).lower():
+            raise
+        return StreamInfo("dead", key, 0, [])
+    added = info.get("entries-added")
+    return StreamInfo("dead", key, int(info["length"]), [],
+                      added if isinstance(added, int) else None)
+
+
 def _id_key(entry_id: str) -> tuple[int, int]:
     ms, _, seq = entry_id.partition("-")
     return int(ms), int(seq or 0)
@@ -119,5 +142,5 @@ async def snapshot(redis: Redis, keys: Keys) -> list[StreamInfo]:
     for name in STREAM_NAMES:
         for key in keys.streams(name):
             out.append(await inspect_stream(redis, name, key))
-    out.append(StreamInfo("dead", keys.dead, int(await redis.xlen(keys.dead)), []))
+    out.append(await _dead_info(redis, keys.dead))
     return out

@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from pipeline.config import TemplateRule
+from pipeline.config import Config, TemplateRule
 from pipeline.events import Uplink
 from pipeline.registry import STATUS_BROKEN, Device, token_device_key
 
@@ -58,6 +58,16 @@ class Integration:
 
 
 Integrations = Mapping[tuple[str, str], Integration]
+
+
+def integrations_of(config: Config) -> dict[tuple[str, str], Integration]:
+    """Every configured TTS application and Particle product, by ``(source, name)``."""
+    out: dict[tuple[str, str], Integration] = {}
+    for source, apps in (("tts", config.tts), ("particle", config.particle)):
+        for a in apps:
+            out[(source, a.name)] = Integration(source, a.name, a.template,
+                                                tuple(a.template_rules), a.provision)
+    return out
 
 
 @dataclass(slots=True)

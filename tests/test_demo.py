@@ -1,19 +1,28 @@
 """``make demo`` stays true: the demo runs the whole pipeline, accounts for every uplink, and
 runs the downlink round trip (a switch flipped in the emulated app → webhook → ingest-http →
-downlink → TTS ``down/push`` → ``down/ack``); Ctrl-C stops it cleanly with its summary."""
+downlink → TTS ``down/push`` → ``down/ack``); Ctrl-C stops it cleanly with its summary, also
+at a rate the machine cannot keep up with and with its stdout piped, and leaves no key."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
 import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
+from pathlib import Path
 
+import aiohttp
 import pytest
 
+from pipeline.streams import Redis
 from tests.conftest import free_port
+from tests.wait import wait_until
 
 ARGS = ["--devices", "6", "--rate", "30", "--particle-devices", "3", "--particle-rate", "6",
         "--flip-every", "0.5"]
@@ -27,8 +36,9 @@ def _demo(*extra: str) -> list[str]:
             *extra]
 
 
-def test_demo_runs_the_whole_pipeline_and_drains() -> None:
-    proc = subprocess.run(_demo("--duration", "3"), capture_output=True, text=True, timeout=120)
+def test_demo_runs_the_whole_pipeline_and_drains(tmp_path: Path) -> None:
+    proc = subprocess.run(_demo("--duration", "3"), capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = " ".join(proc.stdout.split())
     summary = re.search(
@@ -61,10 +71,10 @@ def _sent_down(port: int) -> float:
                if line.startswith("bb_downlink_outcomes_total{") and 'outcome="sent"' in line)
 
 
-def test_ctrl_c_stops_the_demo_cleanly_after_a_round_trip() -> None:
+def test_ctrl_c_stops_the_demo_cleanly_after_a_round_trip(tmp_path: Path) -> None:
     port = free_port()
     proc = subprocess.Popen(_demo("--metrics-port", str(port)), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     try:
         deadline = time.monotonic() + 60
         while _sent_down(port) < 1:  # a command acknowledged by the emulated TTS
@@ -83,3 +93,155 @@ def test_ctrl_c_stops_the_demo_cleanly_after_a_round_trip() -> None:
     assert down, out
     assert int(down.group(6)) >= 1
     assert "Traceback" not in err
+
+
+# --- Ctrl-C at a rate the machine cannot keep up with --------------------------------------------
+
+#: Far more than one 2-core machine bridges in one process: the streams fill while it runs.
+FAST = ["--devices", "40", "--rate", "1500", "--particle-devices", "5", "--particle-rate", "50",
+        "--progress-s", "0.5"]
+PROGRESS = re.compile(r"^progress \S+: sent (\d+) .*?; ingested (\d+);", re.M)
+
+
+class Output:
+    """A child's stdout (the read end of a pipe) read without blocking, as ``tee`` would."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        os.set_blocking(fd, False)
+        self.text = ""
+        self.closed = False
+
+    def read(self) -> str:
+        while not self.closed:
+            try:
+                chunk = os.read(self.fd, 65536)
+            except BlockingIOError:
+                break
+            if not chunk:
+                break
+            self.text += chunk.decode(errors="replace")
+        return self.text
+
+    def close(self) -> None:
+        """The reader goes away (``tee`` killed by the same Ctrl-C)."""
+        os.close(self.fd)
+        self.closed = True
+
+    def moving(self) -> bool:
+        """A progress line says uplinks were sent and ingested."""
+        return any(int(sent) > 0 and int(ingested) > 0
+                   for sent, ingested in PROGRESS.findall(self.read()))
+
+
+async def _fast_demo_stopped(redis: Redis, cwd: Path, signals: int,
+                             close_stdout: bool) -> tuple[int, str, str]:
+    """Run the demo at a high rate, piped; once it makes progress, run the operator command it
+    prints, then send SIGINT ``signals`` times (optionally after closing its stdout, as a
+    ``tee`` killed by the same Ctrl-C); return its exit code, stdout and stderr, after checking
+    it left no key behind."""
+    read_end, write_end = os.pipe()
+    out = Output(read_end)
+    with tempfile.TemporaryFile() as err:
+        proc = await asyncio.create_subprocess_exec(*_demo_fast(), stdout=write_end, stderr=err,
+                                                    cwd=cwd)
+        os.close(write_end)
+
+        def stderr() -> str:
+            err.seek(0)
+            return err.read().decode(errors="replace")
+
+        try:
+            await wait_until(lambda: out.moving() or proc.returncode is not None, timeout_s=90,
+                             what="a progress line with uplinks sent and ingested")
+            assert proc.returncode is None, out.read() + stderr()[-3000:]
+            found = re.search(r"BB_PREFIX=(bbdemo:[0-9a-f]+:) blynk-bridge lag -c (\S+)",
+                              out.read())
+            assert found, out.read()
+            prefix = found.group(1)
+            assert await _keys(redis, prefix)  # the run has keys while it runs
+            await _paste_works(found.group(0), prefix, cwd)
+            page = re.search(r"status page  (http://127\.0\.0\.1:\d+/)", out.read())
+            assert page, out.read()
+            await _page_served(page.group(1))
+            if close_stdout:
+                out.close()
+            proc.send_signal(signal.SIGINT)
+            if signals > 1:
+                # Two signals sent at once may arrive as one: the second after the first landed.
+                await wait_until(lambda: "demo: stopping" in stderr(),
+                                 what="the demo to take the first Ctrl-C")
+                proc.send_signal(signal.SIGINT)
+            # Bounded: a demo that hangs fails here, however slow the machine is.
+            await asyncio.wait_for(_drained_until_exit(proc, out), 60)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+            if not out.closed:
+                out.close()
+        text = stderr()
+    assert await _keys(redis, prefix) == [], "the demo left keys behind"
+    assert proc.returncode is not None
+    return proc.returncode, out.text, text
+
+
+async def _page_served(base: str) -> None:
+    """The status page the demo printed is there, and its data names the demo's process."""
+    async with aiohttp.ClientSession() as http:
+        async with http.get(base) as resp:
+            assert resp.status == 200 and "text/html" in resp.headers["Content-Type"]
+
+        async def demo_alive() -> bool:
+            async with http.get(base + "status.json") as resp:
+                data = await resp.json()
+            return any(r["name"].startswith("demo@") for r in data["replicas"])
+
+        await wait_until(demo_alive, what="the demo's process on its status page")
+
+
+async def _paste_works(line: str, prefix: str, cwd: Path) -> None:
+    """The ready-to-paste line the demo printed runs, and shows the demo's own streams."""
+    command = line.replace("blynk-bridge", f"'{sys.executable}' -m blynk_bridge") + " --json"
+    lag = await asyncio.create_subprocess_exec(
+        "bash", "-c", command, cwd=cwd, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
+    shown, problem = await asyncio.wait_for(lag.communicate(), 60)
+    assert lag.returncode == 0, problem.decode()
+    streams = {s["key"]: s for s in json.loads(shown)["streams"]}
+    assert streams[f"{prefix}uplinks"]["length"] > 0
+
+
+async def _drained_until_exit(proc: asyncio.subprocess.Process, out: Output) -> None:
+    """Wait for the exit, reading stdout meanwhile (a full pipe would block the demo)."""
+    waiting = asyncio.ensure_future(proc.wait())
+    while not waiting.done():
+        out.read()
+        await asyncio.wait({waiting}, timeout=0.1)
+    out.read()
+
+
+def _demo_fast() -> list[str]:
+    return [sys.executable, "-m", "blynk_bridge", "--log-level", "WARNING", "demo", *FAST]
+
+
+async def _keys(redis: Redis, prefix: str) -> list[bytes]:
+    return [k async for k in redis.scan_iter(match=f"{prefix}*", count=1000)]
+
+
+async def test_ctrl_c_stops_a_fast_piped_demo_and_removes_its_keys(
+    redis: Redis, tmp_path: Path
+) -> None:
+    rc, out, err = await _fast_demo_stopped(redis, tmp_path, signals=1, close_stdout=False)
+    assert rc == 0, err[-3000:]
+    assert "Traceback" not in err
+    assert "demo summary" in out
+    assert "status page  http://127.0.0.1:" in out and "/metrics" in out
+
+
+async def test_a_second_ctrl_c_quits_at_once_even_when_tee_died(
+    redis: Redis, tmp_path: Path
+) -> None:
+    rc, _out, err = await _fast_demo_stopped(redis, tmp_path, signals=2, close_stdout=True)
+    assert rc == 130, err[-3000:]
+    assert "Traceback" not in err and "BrokenPipeError" not in err

@@ -99,7 +99,7 @@ async def test_lag_lists_every_stream_and_group(
         assert name in out
 
     assert await _cli("lag", "-c", config_file, "--json") == 0
-    rows = {r["key"]: r for r in json.loads(capsys.readouterr().out)}
+    rows = {r["key"]: r for r in json.loads(capsys.readouterr().out)["streams"]}
     assert set(rows) == {up, writes, down, keys.dead}
     groups = {g["group"]: g for g in rows[up]["groups"]}
     assert rows[up]["length"] == 5
@@ -139,7 +139,9 @@ async def test_dead_list_and_filter(
 
     assert await _cli("dead", "list", "-c", config_file, "--reason", "type_mismatch",
                       "--json") == 0
-    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    listed = json.loads(capsys.readouterr().out)
+    assert listed["total"] == 3
+    rows = listed["dead_letters"]
     assert [(r["id"], r["stage"], r["attempts"]) for r in rows] == [(letters["write"], "egress", 1)]
 
 
@@ -149,14 +151,13 @@ async def test_dead_show_decodes_the_original_and_masks_tokens(
     assert await _cli("dead", "show", "-c", config_file, letters["write"], letters["uplink"]) == 0
     out = capsys.readouterr().out
     assert TOKEN not in out
-    shown = [json.loads(chunk) for chunk in _json_objects(out)]
-    write, uplink = shown
+    write, uplink = json.loads(out)["dead_letters"]
     assert write["entry"]["pins"] == {"V1": "hot"} and write["entry"]["token"].endswith("op42")
     assert write["replayable"] is True
     assert uplink["entry"]["device"] == "dev-1" and uplink["reason"] == "unknown_device"
 
     assert await _cli("dead", "show", "-c", config_file, letters["mqtt"]) == 0
-    mqtt = json.loads(capsys.readouterr().out)
+    (mqtt,) = json.loads(capsys.readouterr().out)["dead_letters"]
     assert mqtt["replayable"] is False and "not json" in mqtt["entry"]
 
     assert await _cli("dead", "show", "-c", config_file, "1-1") == 1
@@ -196,8 +197,7 @@ async def test_a_truncated_dead_letter_is_shown_with_its_size_and_not_replayed(
     assert letter.truncated and letter.raw_size > 60_000
 
     assert await _cli("dead", "show", "-c", config_file, "--json", dead_id) == 0
-    shown = json.loads(capsys.readouterr().out)
-    shown = shown[0] if isinstance(shown, list) else shown
+    (shown,) = json.loads(capsys.readouterr().out)["dead_letters"]
     assert shown["replayable"] is False and shown["raw_size"] == letter.raw_size
 
     assert await _cli("dead", "replay", "-c", config_file, dead_id) == 1
@@ -222,13 +222,3 @@ async def test_dead_purge_by_id_reason_and_all(
     assert await _cli("dead", "purge", "-c", config_file, "--all") == 0
     assert "purged 1 dead letters" in capsys.readouterr().out
     assert await _dead_ids(redis, keys) == set()
-
-
-def _json_objects(text: str) -> list[str]:
-    """Split consecutive pretty-printed JSON objects (each starts with ``{`` on its own line)."""
-    chunks: list[str] = []
-    for line in text.splitlines(keepends=True):
-        if line.startswith("{"):
-            chunks.append("")
-        chunks[-1] += line
-    return chunks

@@ -48,13 +48,13 @@ async def test_list_shows_broken_devices_with_why_and_since(
 ) -> None:
     rc, out, _ = await _cli(capsys, "devices", "list", "-c", config_file, "--json")
     assert rc == 0
-    rows = [json.loads(line) for line in out.splitlines()]
+    rows = json.loads(out)["devices"]
     assert [r["key"] for r in rows] == [BROKEN]
     assert rows[0]["status"] == "broken" and rows[0]["reason"] == "invalid_token"
     assert rows[0]["broken_since"] and TOKEN not in out
     rc, out, _ = await _cli(capsys, "devices", "list", "-c", config_file, "--all", "--json")
     assert rc == 0
-    assert sorted(json.loads(line)["key"] for line in out.splitlines()) == [BROKEN, FINE]
+    assert sorted(r["key"] for r in json.loads(out)["devices"]) == [BROKEN, FINE]
     rc, out, _ = await _cli(capsys, "devices", "list", "-c", config_file)
     assert rc == 0 and BROKEN in out and "invalid_token" in out and TOKEN not in out
 
@@ -65,7 +65,7 @@ async def test_show_and_unbreak(
 ) -> None:
     rc, out, _ = await _cli(capsys, "devices", "show", "-c", config_file, BROKEN, "--json")
     assert rc == 0
-    shown = json.loads(out)
+    shown = json.loads(out)["devices"]
     assert shown[0]["key"] == BROKEN and shown[0]["status"] == "broken"
     assert shown[0]["last_written"] == {"V1": 1234}
     assert TOKEN not in out and shown[0]["token"].endswith(TOKEN[-4:])
@@ -75,6 +75,6 @@ async def test_show_and_unbreak(
     row = await Registry(redis, keys).get(BROKEN)
     assert row is not None and not row.broken
     rc, out, _ = await _cli(capsys, "devices", "list", "-c", config_file, "--json")
-    assert rc == 0 and out.strip() == ""
+    assert rc == 0 and json.loads(out) == {"devices": [], "broken": 0}
     rc, _, err = await _cli(capsys, "devices", "unbreak", "-c", config_file)
     assert rc == 2 and "--all" in err

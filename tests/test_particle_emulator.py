@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import re
+import signal
+import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -34,6 +38,9 @@ from emulators.particle import (
     returns,
 )
 from tests.conftest import serve_app
+from tests.wait import wait_until
+
+README = Path(__file__).resolve().parent.parent / "README.md"
 
 URL = "https://example.com/hook"
 DEVICE = "3f002b000000000000000000"
@@ -353,3 +360,28 @@ async def test_argument_length_and_unknown_device_answers_are_configurable() -> 
         status, body = await call(base, "/v1/devices/nobody/f", data={"arg": "1"})
     assert (status, body["error"]) == (403, "Permission Denied")
     assert cloud.devices["d1"].applied == {"f": "x" * 63}
+
+
+async def test_the_readme_send_example_runs_until_ctrl_c() -> None:
+    """README's ``emulate particle send`` line, as written (only the URL points at a local
+    receiver): it sends with the bridge's secret header until Ctrl-C, then prints its counts."""
+    found = re.search(r"^blynk-bridge (emulate particle send .*?)\s+#", README.read_text(),
+                      re.M)
+    assert found, "README has no `emulate particle send` example"
+    receiver = Receiver([])
+    async with serve_app(receiver.app) as base:
+        line = found.group(1).replace("http://127.0.0.1:8080/particle/trackers", f"{base}/hook")
+        assert line != found.group(1)
+        proc = await asyncio.create_subprocess_exec(
+            "bash", "-c", f"exec '{sys.executable}' -m blynk_bridge {line}",
+            env=os.environ | {"PARTICLE_WEBHOOK_SECRET": "s3cret-from-env"},
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        await wait_until(lambda: receiver.requests or proc.returncode is not None,
+                         what="the first webhook")
+        proc.send_signal(signal.SIGINT)
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    counts = json.loads(out)
+    assert counts["sent"] >= 1 and counts["dropped"] == 0
+    assert all(h["X-Bridge-Secret"] == "s3cret-from-env" for _, h, _ in receiver.requests)
+    assert all(h["Content-Type"] == "application/json" for _, h, _ in receiver.requests)

@@ -68,7 +68,7 @@ import msgspec
 from redis.exceptions import RedisError
 
 from pipeline import dedup, events, metrics, routing
-from pipeline.config import Config, ParticleProduct, TtsApplication
+from pipeline.config import Config
 from pipeline.consumer import Job, consume
 from pipeline.context import Context
 from pipeline.errors import BridgeError, Permanent, Retryable
@@ -89,7 +89,7 @@ from pipeline.provision import (
     Provisioner,
 )
 from pipeline.registry import Device, Registry
-from pipeline.routing import DEAD, SKIP, WRITE, Integration, Route
+from pipeline.routing import DEAD, SKIP, WRITE, Route
 from pipeline.streams import Entry, Redis, StreamReader, now_ms
 from pipeline.unmapped import UnmappedKeys
 
@@ -361,12 +361,7 @@ class TransformStage:
         )
         self.registry = Registry(ctx.redis, ctx.keys, cache_size=cfg.transform.cache_size)
         self.templates = Templates(cfg)
-        self._integrations: dict[tuple[str, str], Integration] = {}
-        apps: Sequence[TtsApplication | ParticleProduct]
-        for source, apps in (("tts", cfg.tts), ("particle", cfg.particle)):
-            for a in apps:
-                self._integrations[(source, a.name)] = Integration(
-                    source, a.name, a.template, tuple(a.template_rules), a.provision)
+        self._integrations = routing.integrations_of(cfg)
         self._platform: Platform | None = platform
         self._own_platform: PlatformClient | None = None
         self._limits = Limits(ctx.redis, ctx.keys, {
