@@ -97,6 +97,10 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    if args.config is not None and args.config_file is not None:
+        print("check-config: give the file once (positional or -c)", file=sys.stderr)
+        return 2
+    args.config = args.config or args.config_file or DEFAULT_CONFIG
     if not args.json:
         print(explain(_load_config(args.config), args.config))
         return 0
@@ -238,7 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=cmd_stage)
 
     p = sub.add_parser("check-config", help="validate a configuration file and explain it")
-    p.add_argument("config", nargs="?", default=DEFAULT_CONFIG)
+    # The file as the other commands take it (-c), or positional as it always was.
+    p.add_argument("config_file", nargs="?", default=None, metavar="config")
+    p.add_argument("-c", "--config", default=None, help="bridge YAML/TOML file")
     p.add_argument("--json", action="store_true",
                    help="one JSON document: ok, and each error with its key, line and column")
     p.set_defaults(func=cmd_check_config)

@@ -98,6 +98,10 @@ def test_check_config_explains_without_secrets(
     assert main(["check-config", str(path)]) == 0
     out = capsys.readouterr().out
     assert "farm-app@ttn @ 127.0.0.1:1883 insecure" in out
+    # -c as every other command takes the file; both at once is a usage error.
+    assert main(["check-config", "-c", str(path)]) == 0
+    assert capsys.readouterr().out == out
+    assert main(["check-config", "-c", str(path), str(path)]) == 2
     assert "VERYSECRET" not in out
 
 
