@@ -71,6 +71,9 @@ class Session(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not registered as asyncio.Transport subclasses
         self.transport = cast(asyncio.Transport, transport)
+        if self.reason:  # closed by its owner while connecting: never say CONNECT
+            self.transport.close()
+            return
         self.transport.write(f.connect("", username="device", password=self.token,
                                   keepalive_s=self.keepalive_s))
 

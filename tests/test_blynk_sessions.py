@@ -1,0 +1,239 @@
+"""blynk-sessions end to end: real Redis, the Blynk emulator's device MQTT API, the stage in
+process and as `blynk-bridge blynk-sessions` child processes (killed with SIGKILL for failover).
+
+Devices become live by a BlynkWrite on the writes stream (what transform hands egress), as in
+the running bridge; commands are read back from the downlinks stream (the downlink stage's
+input, tested on its own in tests/test_downlink*.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from emulators.blynk import BlynkEmulator, DatastreamSpec, DeviceSpec, EmulatorSpec, TemplateSpec
+from pipeline import config as config_mod
+from pipeline import events
+from pipeline.blynk.client import token_hash
+from pipeline.context import Context
+from pipeline.keys import DOWNLINKS, WRITES, Keys
+from pipeline.registry import Registry
+from pipeline.streams import Redis, now_ms
+from tests.conftest import REDIS_URL
+from tests.wait import wait_until
+from workers.blynk_sessions import SessionsStage
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def tok(name: str) -> str:
+    return (name.replace("-", "") + "x" * 32)[:32]
+
+
+FRA = [f"fra-{i}" for i in range(6)]
+NY = "ny-0"
+BAD = "bad-0"  # registered in the bridge, unknown to Blynk
+
+
+def emulator() -> BlynkEmulator:
+    tmpl = TemplateSpec(id="TMPL01", name="Valve", datastreams=[
+        DatastreamSpec(id=1, pin="V1", name="Switch", type="integer", min=0, max=1),
+        DatastreamSpec(id=2, pin="V2", name="Temperature", type="double"),
+    ])
+    devices = [DeviceSpec(name=d, token=tok(d), template="TMPL01", id=i + 1, region="fra1")
+               for i, d in enumerate(FRA)]
+    devices.append(DeviceSpec(name=NY, token=tok(NY), template="TMPL01", id=50, region="ny3"))
+    return BlynkEmulator.from_spec(EmulatorSpec(regions={"fra1": 0, "ny3": 0}, templates=[tmpl],
+                                                devices=devices))
+
+
+def config_text(prefix: str, emu: BlynkEmulator, urls: dict[str, str], **sessions: Any) -> str:
+    mq = {r: f"mqtt://{h}:{p}" for r, (h, p) in emu.mqtt.addresses.items()}
+    opts = {"partitions": 8, "lease_ttl_ms": 1000, "scan_interval_s": 0.1,
+            "connect_rate": 1000, "connect_burst": 100, "max_backoff_s": 2} | sessions
+    extra = "\n".join(f"  {k}: {v}" for k, v in opts.items())
+    return f"""
+redis: {{url: "{REDIS_URL}", prefix: "{prefix}"}}
+blynk:
+  servers: {{fra1: "{urls['fra1']}", ny3: "{urls['ny3']}"}}
+  default_server: fra1
+blynk_sessions:
+  servers: {{fra1: "{mq['fra1']}", ny3: "{mq['ny3']}"}}
+{extra}
+templates:
+  - name: valve
+    id: TMPL01
+    downlinks: mqtt
+    datastreams:
+      - {{name: Switch, pin: V1, type: integer, min: 0, max: 1}}
+      - {{name: Temperature, pin: V2, type: double}}
+    downlink: {{pins: [V1]}}
+"""
+
+
+class World:
+    def __init__(self, prefix: str, emu: BlynkEmulator, urls: dict[str, str],
+                 redis: Redis) -> None:
+        self.prefix = prefix
+        self.emu = emu
+        self.urls = urls
+        self.redis = redis
+        self.keys = Keys(prefix)
+
+    def config(self, **sessions: Any) -> config_mod.Config:
+        return config_mod.parse(config_text(self.prefix, self.emu, self.urls, **sessions),
+                                "yaml", "sessions.yaml", env={})
+
+    async def register(self, names: list[str]) -> None:
+        reg = Registry(self.redis, self.keys)
+        for n in names:
+            await reg.register(f"tts:kit:{n}", token=tok(n), template="valve", server="fra1")
+
+    async def uplink(self, names: list[str]) -> None:
+        """One BlynkWrite per device, as transform writes them for egress."""
+        now = now_ms()
+        for n in names:
+            w = events.BlynkWrite(token=tok(n), server=self.urls["fra1"],
+                                  device_key=f"tts:kit:{n}", pins={"V2": 20.5},
+                                  event_ts_ms=now, received_ts_ms=now, event_id=f"e:{n}:{now}")
+            await self.redis.xadd(self.keys.stream(WRITES), {events.FIELD: events.encode(w)})
+
+    async def commands(self) -> list[events.Downlink]:
+        entries = await self.redis.xrange(self.keys.stream(DOWNLINKS))
+        return [events.decode_downlink(f[events.FIELD]) for _, f in entries]
+
+    def online(self, names: list[str]) -> bool:
+        s = self.emu.mqtt.sessions
+        return all(tok(n) in s and s[tok(n)].subscribed for n in names)
+
+
+@pytest.fixture
+async def world(prefix: str, redis: Redis) -> AsyncIterator[World]:
+    emu = emulator()
+    async with emu.serve({"fra1": 0, "ny3": 0}, mqtt=True) as urls:
+        yield World(prefix, emu, urls, redis)
+
+
+@contextlib.asynccontextmanager
+async def stage(world: World, **sessions: Any) -> AsyncIterator[SessionsStage]:
+    ctx = Context.create(world.config(**sessions))
+    st = SessionsStage(ctx)
+    await st.startup()
+    stop = asyncio.Event()
+    task = asyncio.create_task(st.main_loop(stop))
+    try:
+        yield st
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+        await st.shutdown()
+        await ctx.close()
+
+
+async def test_sessions_forward_app_changes_follow_redirects_and_survive_bad_tokens(
+        world: World) -> None:
+    await world.register([FRA[0], NY, BAD])
+    async with stage(world) as st:
+        await wait_until(lambda: len(st.owned) == 8, what="all partitions owned")
+        await world.uplink([FRA[0], NY, BAD])
+        await wait_until(lambda: world.online([FRA[0], NY]), what="sessions open")
+        # NY's row says fra1: Blynk redirected it, the bridge followed and remembered ny3.
+        assert world.emu.mqtt.stats["redirects"] == 1
+        region = await world.redis.get(world.keys.region(token_hash(tok(NY))))
+        assert region == world.urls["ny3"].encode()
+        await wait_until(lambda: world.emu.mqtt.stats["bad_credentials"] >= 1, what="CONNACK 4")
+        assert tok(BAD) not in world.emu.mqtt.sessions
+        # info/mcu names the template.
+        assert world.emu.mqtt.mcu[1]["tmpl"] == "TMPL01"
+
+        world.emu.app_write(1, "V2", 30)  # not a command pin: never forwarded
+        world.emu.app_write(1, "V1", 1)
+        world.emu.app_write(50, "V1", 1)
+        cmds = await wait_until(
+            lambda: _when(world.commands(), lambda c: len(c) >= 2), what="two commands")
+        got = sorted((c.token, c.pin, c.value, c.origin) for c in cmds)
+        assert got == sorted([(tok(FRA[0]), "V1", "1", "mqtt"), (tok(NY), "V1", "1", "mqtt")])
+        assert world.emu.mqtt.stats["kicked"] == 0
+
+
+async def _when(coro: Any, pred: Any) -> Any:
+    value = await coro
+    return value if pred(value) else None
+
+
+def _spawn(world: World, tmp_path: Path, name: str) -> subprocess.Popen[bytes]:
+    cfg = tmp_path / f"{name}.yaml"
+    cfg.write_text(config_text(world.prefix, world.emu, world.urls))
+    return subprocess.Popen(
+        [sys.executable, "-m", "blynk_bridge", "--log-format", "text", "blynk-sessions",
+         "-c", str(cfg)], cwd=ROOT, stdout=subprocess.DEVNULL,
+        stderr=open(tmp_path / f"{name}.log", "wb"))
+
+
+async def test_two_replicas_split_devices_and_a_killed_one_loses_no_app_change(
+        world: World, tmp_path: Path) -> None:
+    await world.register(FRA)
+    a = _spawn(world, tmp_path, "a")
+    b = _spawn(world, tmp_path, "b")
+    try:
+        owners = world.keys.lease("sessions", "")
+
+        async def holders() -> set[bytes | None]:
+            return {await world.redis.get(owners + str(p)) for p in range(8)}
+
+        # Each replica holds its fair share (4 of 8) once both heartbeats are in.
+        await wait_until(lambda: _when(holders(), lambda h: len(h) == 2 and None not in h),
+                         what="partitions split over both replicas")
+        await world.uplink(FRA)
+        await wait_until(lambda: world.online(FRA), what="every device online")
+        # A value per device before the failover, delivered live by whichever replica owns it.
+        for i in range(len(FRA)):
+            world.emu.app_write(i + 1, "V1", 0)
+        await wait_until(lambda: _when(world.commands(), lambda c: len(c) >= len(FRA)),
+                         what="every baseline command")
+        a.send_signal(signal.SIGKILL)
+        a.wait(30)
+        # Changed in the app while A's devices have no session (or still the dead one's).
+        for i in range(len(FRA)):
+            world.emu.app_write(i + 1, "V1", 1)
+
+        def all_on(cmds: list[events.Downlink]) -> bool:
+            return {c.token for c in cmds if c.value == "1"} == {tok(n) for n in FRA}
+
+        await wait_until(lambda: _when(world.commands(), all_on), timeout_s=60,
+                         what="every change delivered after the failover")
+        await wait_until(lambda: world.online(FRA), what="B holds every session")
+        assert world.emu.mqtt.stats["kicked"] == 0, "two sessions for one token"
+    finally:
+        for p in (a, b):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                p.wait(30)
+
+
+async def test_reconnects_after_a_blynk_restart_are_paced(world: World) -> None:
+    await world.register(FRA)
+    async with stage(world, connect_rate=4, connect_burst=1) as st:
+        await wait_until(lambda: len(st.owned) == 8, what="all partitions owned")
+        await world.uplink(FRA)
+        await wait_until(lambda: world.online(FRA), what="every device online")
+        before = len(world.emu.mqtt.connects)
+        assert world.emu.mqtt.drop_all() == len(FRA)
+
+        def reconnects() -> list[float]:
+            return sorted(t for t, _, outcome in list(world.emu.mqtt.connects)[before:]
+                          if outcome == "accepted")
+
+        await wait_until(lambda: len(reconnects()) >= len(FRA), what="every device back")
+        times = reconnects()
+        assert len(times) == len(FRA)
+        # 4 per second, burst 1: six reconnects cannot all come within one second. A lower
+        # bound only, so a slow machine cannot fail it.
+        assert times[-1] - times[0] >= (len(FRA) - 1) / 4 * 0.9
