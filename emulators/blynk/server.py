@@ -423,8 +423,8 @@ class BlynkEmulator:
         with the same :meth:`dispatcher`, behind the front (:meth:`front_answer`) unless
         ``front=False`` or ``access_log`` (every request then goes through aiohttp; the answers
         are the same bytes). Webhook senders run while serving. The device MQTT API is served
-        per region when ``mqtt`` (on each region's ``mqtt_port``, or a free port when ``ports``
-        is given or none is configured) or when a region configures ``mqtt_port``; its
+        per region when ``mqtt`` (on each region's ``mqtt_port``, else a free port) or when a
+        region configures ``mqtt_port``; its
         addresses are in ``self.mqtt.addresses``.
         """
         host = host or self.host
@@ -462,7 +462,7 @@ class BlynkEmulator:
             if mqtt or any(r.mqtt_port is not None for r in self.regions.values()):
                 advertised = self.settings.advertise_host if host in ("0.0.0.0", "::") else host
                 await self.mqtt.serve(
-                    {r: 0 if ports is not None or spec.mqtt_port is None else spec.mqtt_port
+                    {r: spec.mqtt_port if spec.mqtt_port is not None else 0
                      for r, spec in self.regions.items() if r in wanted},
                     host, advertised)
             yield urls
