@@ -75,6 +75,8 @@ class LiveDevice(msgspec.Struct, array_like=True):
 _live_enc = msgspec.msgpack.Encoder()
 _live_dec = msgspec.msgpack.Decoder(LiveDevice)
 _REGION_TTL_S = 30 * 86_400
+#: The last values known per device session outlive a month offline, not more.
+_KNOWN_TTL_S = 30 * 86_400
 
 
 class SessionsStage:
@@ -144,6 +146,7 @@ class SessionsStage:
     # watch: which devices are live ------------------------------------------------------------
     async def _watch(self, stop: asyncio.Event) -> None:
         streams = {s: "$" for s in self.keys.streams(keynames.WRITES)}
+        prune_at = time.monotonic() + 60
         while not stop.is_set():
             try:
                 reply: Any = await self.redis.xread(
@@ -167,6 +170,15 @@ class SessionsStage:
                     batch[w.device_key] = (w.received_ts_ms, LiveDevice(w.token, w.server, ""))
             if batch:
                 await self._mark_live(batch)
+            if time.monotonic() >= prune_at:
+                prune_at = time.monotonic() + 60
+                self._prune(now_ms())
+
+    def _prune(self, now: int) -> None:
+        """Forget the uplink times of devices past their offline deadline (bounded memory)."""
+        for key in [k for k, d in self._deadline_ms.items() if d < now]:
+            del self._deadline_ms[key]
+            self._seen_ms.pop(key, None)
 
     async def _mark_live(self, batch: dict[str, tuple[int, LiveDevice]]) -> None:
         devs = await self.registry.get_many(batch)
@@ -246,7 +258,7 @@ class SessionsStage:
         to another replica)."""
         self.owned.discard(p)
         for key in list(self.by_partition.pop(p, ())):
-            self.wanted.pop(key, None)
+            self._forget(key)
             s = self.sessions.pop(key, None)
             if s is not None:
                 s.close(why)
@@ -276,7 +288,7 @@ class SessionsStage:
             return
         mine = self.by_partition[p]
         for key in mine - live:
-            self.wanted.pop(key, None)
+            self._forget(key)
             s = self.sessions.pop(key, None)
             if s is not None:
                 s.close("offline")
@@ -296,6 +308,12 @@ class SessionsStage:
                 continue
             mine.add(key)
             self._schedule(key, 0.0)
+
+    def _forget(self, key: str) -> None:
+        """This replica no longer keeps a session for ``key`` (offline, or not its partition)."""
+        self.wanted.pop(key, None)
+        self.attempts.pop(key, None)
+        self.redirected.pop(key, None)
 
     # open: paced connects ---------------------------------------------------------------------
     def _schedule(self, key: str, delay_s: float) -> None:
@@ -493,7 +511,9 @@ class SessionsStage:
                     SESSION_EVENTS.labels("unchanged").inc()
                     continue
                 last[ident] = canonical(value)
-                pipe.hset(self.keys.sessions_known(token_ref(ident[0])), d.pin, last[ident])
+                known_key = self.keys.sessions_known(token_ref(ident[0]))
+                pipe.hset(known_key, d.pin, last[ident])
+                pipe.expire(known_key, _KNOWN_TTL_S)
                 out.append((self.keys.stream_for(keynames.DOWNLINKS, "blynk", ident[0]),
                             encode(d)))
             if out:
