@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import secrets
 import signal
 import subprocess
 import sys
@@ -20,15 +22,16 @@ import pytest
 
 from emulators.blynk import BlynkEmulator, DatastreamSpec, DeviceSpec, EmulatorSpec, TemplateSpec
 from pipeline import config as config_mod
-from pipeline import events
+from pipeline import echo, events, mqtt
 from pipeline.blynk.client import token_hash
 from pipeline.context import Context
 from pipeline.keys import DOWNLINKS, WRITES, Keys
 from pipeline.registry import Registry
 from pipeline.streams import Redis, now_ms
-from tests.conftest import REDIS_URL
+from tests.conftest import MQTT_HOST, MQTT_PORT, REDIS_URL
 from tests.wait import wait_until
 from workers.blynk_sessions import SessionsStage
+from workers.downlink import DownlinkStage
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -54,7 +57,8 @@ def emulator() -> BlynkEmulator:
                                                 devices=devices))
 
 
-def config_text(prefix: str, emu: BlynkEmulator, urls: dict[str, str], **sessions: Any) -> str:
+def config_text(prefix: str, emu: BlynkEmulator, urls: dict[str, str], tts: str = "",
+                **sessions: Any) -> str:
     mq = {r: f"mqtt://{h}:{p}" for r, (h, p) in emu.mqtt.addresses.items()}
     opts = {"partitions": 8, "lease_ttl_ms": 1000, "scan_interval_s": 0.1,
             "connect_rate": 1000, "connect_burst": 100, "max_backoff_s": 2} | sessions
@@ -75,6 +79,7 @@ templates:
       - {{name: Switch, pin: V1, type: integer, min: 0, max: 1}}
       - {{name: Temperature, pin: V2, type: double}}
     downlink: {{pins: [V1]}}
+{tts}
 """
 
 
@@ -87,8 +92,8 @@ class World:
         self.redis = redis
         self.keys = Keys(prefix)
 
-    def config(self, **sessions: Any) -> config_mod.Config:
-        return config_mod.parse(config_text(self.prefix, self.emu, self.urls, **sessions),
+    def config(self, tts: str = "", **sessions: Any) -> config_mod.Config:
+        return config_mod.parse(config_text(self.prefix, self.emu, self.urls, tts, **sessions),
                                 "yaml", "sessions.yaml", env={})
 
     async def register(self, names: list[str]) -> None:
@@ -122,8 +127,8 @@ async def world(prefix: str, redis: Redis) -> AsyncIterator[World]:
 
 
 @contextlib.asynccontextmanager
-async def stage(world: World, **sessions: Any) -> AsyncIterator[SessionsStage]:
-    ctx = Context.create(world.config(**sessions))
+async def stage(world: World, tts: str = "", **sessions: Any) -> AsyncIterator[SessionsStage]:
+    ctx = Context.create(world.config(tts, **sessions))
     st = SessionsStage(ctx)
     await st.startup()
     stop = asyncio.Event()
@@ -237,3 +242,61 @@ async def test_reconnects_after_a_blynk_restart_are_paced(world: World) -> None:
         # 4 per second, burst 1: six reconnects cannot all come within one second. A lower
         # bound only, so a slow machine cannot fail it.
         assert times[-1] - times[0] >= (len(FRA) - 1) / 4 * 0.9
+
+
+async def test_commands_reach_tts_and_echoes_of_the_bridges_writes_do_not(
+        world: World) -> None:
+    """App write → session → downlink stage → TTS ``down/push``; a value the bridge itself
+    wrote (recorded by egress before writing) that Blynk echoes on the session is dropped."""
+    app = f"sess-{secrets.token_hex(4)}"
+    tts = (f"tts:\n  - {{name: kit, app_id: {app}, host: {MQTT_HOST}, port: {MQTT_PORT}, "
+           "insecure: true, api_key: NNSXS.X, template: valve}")
+    world.emu.settings.mqtt_echo_device_writes = True
+    await world.register([FRA[0]])
+    cfg = world.config(tts)
+    pushes: list[dict[str, Any]] = []
+    ready = asyncio.Event()
+
+    async def devices() -> None:
+        settings = mqtt.Settings(host=MQTT_HOST, port=MQTT_PORT,
+                                 client_id=f"devices-{secrets.token_hex(4)}")
+        async with mqtt.Session(settings) as session:
+            await session.subscribe([f"v3/{app}@ttn/devices/+/down/push"])
+            ready.set()
+            async for _topic, payload in session.messages():
+                pushes.append(json.loads(payload)["downlinks"][0]["decoded_payload"])
+
+    down_ctx = Context.create(cfg)
+    down = DownlinkStage(down_ctx)
+    await down.startup()
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(devices()), asyncio.create_task(down.main_loop(stop))]
+    try:
+        await ready.wait()
+        async with stage(world, tts) as st:
+            await wait_until(lambda: len(st.owned) == 8, what="all partitions owned")
+            await world.uplink([FRA[0]])
+            await wait_until(lambda: world.online([FRA[0]]), what="session open")
+            # The bridge writes Switch=1 for the device (egress records it first) ...
+            await echo.record(world.redis, world.keys, [(tok(FRA[0]), {"V1": 1})], now_ms(),
+                              cfg.downlink.echo_window_ms)
+            dev = world.emu.model.devices[1]
+            ds = dev.template.by_pin["V1"]
+            world.emu.model.write(dev, ds, 1, world.emu.now_ms())  # ... Blynk echoes it
+            # ... and then a user sets Switch=0 in the app.
+            world.emu.app_write(1, "V1", 0)
+            await wait_until(lambda: pushes, what="a down/push")
+            await wait_until(lambda: _when(world.commands(), lambda c: len(c) >= 2),
+                             what="both on the downlinks stream")
+            # Order on the stream: the echo, then the command; only the command went down.
+            await wait_until(lambda: pushes and pushes[-1]["value"] == 0, what="command pushed")
+            assert [p["value"] for p in pushes] == [0]
+            assert [p["pin"] for p in pushes] == ["v1"]
+    finally:
+        stop.set()
+        await asyncio.wait_for(tasks[1], 30)
+        tasks[0].cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await tasks[0]
+        await down.shutdown()
+        await down_ctx.close()

@@ -224,7 +224,8 @@ class SessionsStage:
                 if not self.leases[p].valid():
                     await self._drop(p, "lease_lost")
             await _sleep(stop, interval)
-        await self.redis.zrem(self.keys.sessions_replicas(), self.replica)
+        with contextlib.suppress(RedisError):  # else its heartbeat simply expires
+            await self.redis.zrem(self.keys.sessions_replicas(), self.replica)
 
     async def _balance(self, rng: random.Random) -> None:
         now = now_ms()
