@@ -254,7 +254,7 @@ def _admin_sessions(http_port: int) -> int:
 
 
 def latency(args: argparse.Namespace) -> int:
-    from bench.common import BenchError, UsageProbe, fmt_ms, free_port, percentile, wait_port
+    from bench.common import BenchError, fmt_ms, free_port, percentile, wait_port
     from bench.downlinks import REDIS_URL, _cleanup, _python, device_name, token_of
 
     rows: list[list[object]] = []
@@ -281,7 +281,7 @@ def latency(args: argparse.Namespace) -> int:
         emu = procs.spawn("blynk", [sys.executable, "-m", "blynk_bridge", "--log-level",
                                     "WARNING", "emulate", "blynk", "-c", str(emu_cfg)])
         wait_port(http_port, proc=emu, timeout_s=120)
-        down = procs.spawn("downlink", [sys.executable, "-m", "blynk_bridge", "--log-level",
+        procs.spawn("downlink", [sys.executable, "-m", "blynk_bridge", "--log-level",
                                         "WARNING", "--log-format", "text", "downlink", "-c",
                                         str(bridge_cfg)], env={"METRICS_PORT": str(free_port())})
         sess = procs.spawn("sessions", [sys.executable, "-m", "blynk_bridge", "--log-level",
@@ -313,33 +313,28 @@ def latency(args: argparse.Namespace) -> int:
         first = 0
         results = []
         for rate in [float(r) for r in args.rates.split(",")]:
-            probe = UsageProbe({"sessions": sess.pid, "downlink": down.pid, "blynk": emu.pid})
-            probe.start()
             gen = procs.spawn("load", _python(
                 f"from bench.sessions import run_app_writes; run_app_writes({http_port}, "
                 f"{rate}, {args.seconds}, {args.devices}, {first})"), pipes=True)
             assert gen.popen.stdout is not None
             load = json.loads(gen.popen.stdout.read().decode())
             gen.popen.wait()
-            results.append((rate, probe, load))
+            results.append((rate, load))
             first += 10_000_000
-        answered = sum(len(ld["sent"]) - sum(ld["bad"].values()) for _, _, ld in results)
+        answered = sum(len(ld["sent"]) - sum(ld["bad"].values()) for _, ld in results)
         sub.popen.stdin.write(f"{answered}\n".encode())
         sub.popen.stdin.flush()
         got = {int(k): v for k, v in json.loads(sub.popen.stdout.readline())["got"].items()}
-        for rate, probe, load in results:
-            usage = {u.name: u.cpu_s for u in probe.stop()}
+        for rate, load in results:
             lat = sorted((got[int(v)] - ns) / 1e6 for v, ns in load["sent"].items()
                          if int(v) in got)
             rows.append([f"{rate:.0f}/s", len(load["sent"]), len(lat),
                          len(load["sent"]) - len(lat), fmt_ms(percentile(lat, 50)),
-                         fmt_ms(percentile(lat, 99)),
-                         " ".join(f"{k} {1e6 * v / max(1, len(lat)):.0f}"
-                                  for k, v in usage.items())])
+                         fmt_ms(percentile(lat, 99)), str(load["bad"] or "-")])
         procs.stop(sub)
         asyncio.run(_cleanup(prefix))
-    print(table(["rate", "sent", "delivered", "missing", "p50", "p99",
-                 "CPU µs/command (to the end of the run)"], rows))
+    print(f"load average {os.getloadavg()[0]:.2f}")
+    print(table(["rate", "sent", "delivered", "missing", "p50 ms", "p99 ms", "refused"], rows))
     return 0
 
 
