@@ -300,3 +300,26 @@ async def test_commands_reach_tts_and_echoes_of_the_bridges_writes_do_not(
             await tasks[0]
         await down.shutdown()
         await down_ctx.close()
+
+
+async def test_a_lost_lease_closes_its_sessions_before_anyone_else_may_open_them(
+        world: World) -> None:
+    """Another owner in a partition's lease (what a takeover after a stall looks like): the
+    replica stops its sessions of that partition at the next renewal, and no other."""
+    from pipeline.blynk_sessions import partition_of
+
+    await world.register(FRA)
+    async with stage(world) as st:
+        await wait_until(lambda: len(st.owned) == 8, what="all partitions owned")
+        await world.uplink(FRA)
+        await wait_until(lambda: world.online(FRA), what="every device online")
+        victim = partition_of(tok(FRA[0]), 8)
+        lost = [n for n in FRA if partition_of(tok(n), 8) == victim]
+        kept = [n for n in FRA if n not in lost]
+        await world.redis.set(world.keys.lease("sessions", str(victim)), "another-replica",
+                              px=60_000)
+        await wait_until(lambda: all(tok(n) not in world.emu.mqtt.sessions for n in lost),
+                         what="the lost partition's sessions closed")
+        assert victim not in st.owned
+        assert world.online(kept)
+        assert world.emu.mqtt.stats["kicked"] == 0
