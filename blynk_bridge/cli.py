@@ -30,6 +30,7 @@ STAGES: dict[str, str] = {
     "transform": "workers.transform",
     "egress": "workers.egress",
     "downlink": "workers.downlink",
+    "blynk-sessions": "workers.blynk_sessions",
     "monitor": "workers.monitor",
 }
 

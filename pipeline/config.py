@@ -172,6 +172,9 @@ class TemplateDownlink(_Base):
     encode: list[EncodeRule] = msgspec.field(default_factory=list)
     #: A datastream that receives each command's outcome: 1 delivered, 0 failed.
     outcome_pin: str | None = None
+    #: ``downlinks: mqtt``: the pins whose changes a device session forwards as commands (the
+    #: session receives every datastream, sensor values included).
+    pins: list[str] = msgspec.field(default_factory=list)
 
 
 class TemplateConfig(_Base):
@@ -187,6 +190,10 @@ class TemplateConfig(_Base):
     pull: bool = False
     #: How datastream changes in Blynk go down to the devices.
     downlink: TemplateDownlink | None = None
+    #: How datastream changes made in Blynk reach the bridge: ``webhook`` (Blynk webhooks →
+    #: ``POST /blynk/{name}``) or ``mqtt`` (the blynk-sessions stage holds each device's Blynk
+    #: MQTT session; needs ``downlink.pins``).
+    downlinks: Literal["webhook", "mqtt"] = "webhook"
 
 
 class HttpAuth(_Base):
@@ -395,6 +402,34 @@ class IngestMqttConfig(_Base):
     standby_max_bytes: AtLeast1 = 128 * 1024 * 1024
 
 
+class BlynkSessionsConfig(_Base):
+    """The blynk-sessions stage (``workers/blynk_sessions.py``): a Blynk device MQTT session for
+    every live device of a ``downlinks: mqtt`` template, split over replicas by partition."""
+
+    #: ``blynk.servers`` name → the region's device MQTT address, ``mqtts://host:8883`` or
+    #: ``mqtt://host:1883``. Servers not listed: ``mqtts://<host of its https URL>:8883``.
+    servers: dict[str, str] = msgspec.field(default_factory=dict)
+    #: Devices are hashed onto this many partitions; each is owned by one replica at a time
+    #: through a Redis lease (at most ceil(partitions / live replicas) per replica).
+    partitions: AtLeast1 = 64
+    #: A dead replica's sessions are reopened by the others this long after its last renewal.
+    lease_ttl_ms: AtLeast1 = 10_000
+    #: MQTT keepalive (Blynk recommends 45 s).
+    keepalive_s: AtLeast1 = 45
+    #: Session opens per second across all replicas (GCRA in Redis) and the burst allowed, so
+    #: a Blynk restart does not bring every session back at once.
+    connect_rate: Positive = 100.0
+    #: Session opens allowed at once before ``connect_rate`` applies.
+    connect_burst: AtLeast1 = 20
+    #: Cap of a device's jittered reconnect backoff.
+    max_backoff_s: Positive = 60.0
+    #: A session closes this long after its device's last uplink; at least
+    #: ``offline_min_s``, else 3 × the device's observed uplink interval.
+    offline_min_s: AtLeast1 = 600
+    #: How often an owner compares the sessions it holds with the live devices.
+    scan_interval_s: Positive = 1.0
+
+
 class TransformConfig(_Base):
     #: An event id seen again within this long is dropped as a duplicate.
     dedup_window_s: AtLeast1 = 3600
@@ -481,6 +516,7 @@ class Config(_Base):
     egress: EgressConfig = msgspec.field(default_factory=EgressConfig)
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
     monitor: MonitorConfig = msgspec.field(default_factory=MonitorConfig)
+    blynk_sessions: BlynkSessionsConfig = msgspec.field(default_factory=BlynkSessionsConfig)
 
     def template(self, name: str) -> TemplateConfig:
         for t in self.templates:
@@ -898,6 +934,10 @@ def _check_downlinks(config: Config, origin: str) -> None:
                            f"`blynk_webhooks[{i}].name` must be 1-64 of "
                            f"A-Z a-z 0-9 _ . -, got {w.name!r}")
     for i, t in enumerate(config.templates):
+        if t.downlinks == "mqtt" and (t.downlink is None or not t.downlink.pins):
+            raise _invalid(origin, f"templates[{i}].downlinks",
+                           f"`templates[{i}]` has `downlinks: mqtt`: list the command pins in "
+                           "`downlink.pins`")
         if t.downlink is None:
             continue
         pins = {ds.pin.upper() for ds in t.datastreams}
@@ -906,12 +946,21 @@ def _check_downlinks(config: Config, origin: str) -> None:
         refs += [(f"{where}.particle.{p}.return_pin", f.return_pin)
                  for p, f in t.downlink.particle.items() if f.return_pin]
         refs += [(f"{where}.encode[{k}].pin", r.pin) for k, r in enumerate(t.downlink.encode)]
+        refs += [(f"{where}.pins[{k}]", p) for k, p in enumerate(t.downlink.pins)]
         if t.downlink.outcome_pin:
             refs.append((f"{where}.outcome_pin", t.downlink.outcome_pin))
         for key, pin in refs:
             if pins and pin.upper() not in pins:
                 raise _invalid(origin, key, f"`{key}` names pin {pin!r}, which template "
                                             f"{t.name!r} has no datastream for")
+    for name, url in config.blynk_sessions.servers.items():
+        if name not in config.blynk.servers:
+            raise _invalid(origin, f"blynk_sessions.servers.{name}",
+                           f"`blynk_sessions.servers.{name}` names no `blynk.servers` entry")
+        if not re.fullmatch(r"mqtts?://[^/:]+:[0-9]{1,5}", url):
+            raise _invalid(origin, f"blynk_sessions.servers.{name}",
+                           f"`blynk_sessions.servers.{name}` must be mqtt[s]://host:port, "
+                           f"got {url!r}")
     for i, a in enumerate(config.tts):
         if a.downlink_via == "http" and not (a.api_url and a.downlink_webhook_id):
             raise _invalid(origin, f"tts[{i}].downlink_via",

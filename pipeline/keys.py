@@ -124,6 +124,23 @@ class Keys:
         """Values the bridge wrote to one Blynk device (named by a token hash) and pin."""
         return f"{self.prefix}echo:{token_ref}:{pin}"
 
+    # device sessions (workers/blynk_sessions.py)
+    def sessions_replicas(self) -> str:
+        """Sorted set replica → until when (ms) it is alive (its heartbeat)."""
+        return f"{self.prefix}sessions:replicas"
+
+    def sessions_live(self, partition: int) -> str:
+        """Sorted set device key → when (ms) its session may close (offline deadline)."""
+        return f"{self.prefix}sessions:live:{partition}"
+
+    def sessions_devices(self, partition: int) -> str:
+        """Hash device key → what opening its session needs (``LiveDevice``)."""
+        return f"{self.prefix}sessions:dev:{partition}"
+
+    def sessions_known(self, token_ref: str) -> str:
+        """Hash pin → the last value known to have come down a device's session."""
+        return f"{self.prefix}sessions:known:{token_ref}"
+
     # downlinks
     def blynk_index(self) -> str:
         """Hash ``t:<token hash>`` / ``i:<Blynk device id>`` → device key (reverse index)."""

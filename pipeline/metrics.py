@@ -190,3 +190,12 @@ DOWNLINK_LATENCY = Histogram(
 def serve(host: str, port: int) -> None:
     """Serve ``/metrics`` from a background thread (prometheus-client's own server)."""
     start_http_server(port, addr=host)
+SESSIONS_HELD = Gauge(
+    "bb_blynk_sessions", "Blynk device MQTT sessions this process holds (open or opening)"
+)
+SESSION_EVENTS = Counter(
+    "bb_blynk_session_events_total",
+    "Blynk device-session events: connected, ready, closed_<reason>, redirected, "
+    "redirect_refused, forwarded, unchanged, not_a_command, bad_value, partition_<why>…",
+    ["event"],
+)

@@ -27,12 +27,16 @@ UNCONFIRMED, a :class:`~emulators.blynk.settings.Settings` field switches it; th
   Web Form is ``application/x-www-form-urlencoded``, Plain text is ``text/plain``; a dashboard
   write is ``POST /_admin/devices/{id}/app-write`` (validated like a device write, origin
   ``app``; each device keeps its last write's time and origin);
-* ``search/devices`` matches device names only (``search_matches_metafields``).
+* ``search/devices`` matches device names only (``search_matches_metafields``);
+* the device MQTT API (``serve(mqtt=True)`` or a region's ``mqtt_port``; :mod:`.mqtt`): CONNACK
+  0x04 on a bad token, a second client of a token disconnects the older one, a device of
+  another region gets ``downlink/redirect``, a device's own writes are not echoed on
+  ``downlink/ds/*`` (``mqtt_echo_device_writes``).
 
 Modules: ``model`` (templates, devices, value rules; pure), ``settings`` (file format),
-``device_api``, ``platform_api``, ``webhooks``, ``server`` (:class:`BlynkEmulator`: limits,
-faults, inspection, serving), ``front`` (the HTTP front that answers simple device-API GETs
-without aiohttp's machinery), ``demo``, ``cli`` (:func:`main`).
+``device_api``, ``platform_api``, ``webhooks``, ``mqtt`` (device MQTT API), ``server``
+(:class:`BlynkEmulator`: limits, faults, inspection, serving), ``front`` (the HTTP front that
+answers simple device-API GETs without aiohttp's machinery), ``demo``, ``cli`` (:func:`main`).
 """
 
 from __future__ import annotations

@@ -71,6 +71,8 @@ async def _serve(args: argparse.Namespace) -> None:
     async with emu.serve(ports, host=args.host, access_log=args.access_log) as urls:
         for region, url in urls.items():
             log.info("blynk emulator region %s at %s", region, url)
+        for region, (host, port) in emu.mqtt.addresses.items():
+            log.info("blynk emulator region %s device MQTT at %s:%d", region, host, port)
         log.info("%d templates, %d devices; admin at %s/_admin/",
                  len(emu.model.templates), len(emu.model.devices), next(iter(urls.values())))
         await stop.wait()

@@ -53,6 +53,7 @@ from emulators.blynk.device_api import (
 )
 from emulators.blynk.front import Answer, FrontServer, Reply, query_pairs
 from emulators.blynk.model import PINS, Datastream, Device, Mismatch, Model, Value, is_id
+from emulators.blynk.mqtt import DeviceMqtt
 from emulators.blynk.platform_api import PlatformApi
 from emulators.blynk.settings import (
     EmulatorSpec,
@@ -206,6 +207,8 @@ class BlynkEmulator:
         self.faults = Faults()
         self.platform = PlatformApi(self)
         self.webhooks = Webhooks(model, self.settings, webhooks or [])
+        #: The device MQTT API (served with ``serve(mqtt=True)`` or a region's ``mqtt_port``).
+        self.mqtt = DeviceMqtt(self)
         self.requests: deque[tuple[int, str, str, str, int]] = deque(
             maxlen=max(1, self.settings.request_log_len))
         self._record = self.settings.request_log_len > 0
@@ -412,13 +415,17 @@ class BlynkEmulator:
 
     @contextlib.asynccontextmanager
     async def serve(self, ports: dict[str, int] | None = None, *, host: str | None = None,
-                    access_log: bool = False, front: bool = True) -> AsyncIterator[dict[str, str]]:
+                    access_log: bool = False, front: bool = True,
+                    mqtt: bool = False) -> AsyncIterator[dict[str, str]]:
         """Serve every region (``ports`` overrides the configured ones; 0 = a free port).
 
         Yields region → base URL. Uses aiohttp's low-level server (no router, no middlewares)
         with the same :meth:`dispatcher`, behind the front (:meth:`front_answer`) unless
         ``front=False`` or ``access_log`` (every request then goes through aiohttp; the answers
-        are the same bytes). Webhook senders run while serving.
+        are the same bytes). Webhook senders run while serving. The device MQTT API is served
+        per region when ``mqtt`` (on each region's ``mqtt_port``, else a free port) or when a
+        region configures ``mqtt_port``; its
+        addresses are in ``self.mqtt.addresses``.
         """
         host = host or self.host
         wanted = ports or {n: r.port for n, r in self.regions.items()}
@@ -452,6 +459,12 @@ class BlynkEmulator:
                 advertised = self.settings.advertise_host if host in ("0.0.0.0", "::") else host
                 urls[region] = configured or f"http://{advertised}:{real_port}"
                 self.region_urls[region] = urls[region]
+            if mqtt or any(r.mqtt_port is not None for r in self.regions.values()):
+                advertised = self.settings.advertise_host if host in ("0.0.0.0", "::") else host
+                await self.mqtt.serve(
+                    {r: spec.mqtt_port if spec.mqtt_port is not None else 0
+                     for r, spec in self.regions.items() if r in wanted},
+                    host, advertised)
             yield urls
         finally:
             await self.close()
@@ -459,6 +472,7 @@ class BlynkEmulator:
 
     async def close(self) -> None:
         self.faults.clear()
+        await self.mqtt.close()
         for runner in self._runners:
             await runner.cleanup()
         self._runners = []
@@ -598,6 +612,11 @@ class BlynkEmulator:
             self.platform.expire_tokens()
             return j({"expired": True})
 
+        async def mqtt(request: web.BaseRequest) -> web.Response:
+            return j({"stats": dict(self.mqtt.stats), "sessions": len(self.mqtt.sessions),
+                      "addresses": {r: f"{h}:{p}" for r, (h, p) in self.mqtt.addresses.items()},
+                      "mcu": {str(k): v for k, v in self.mqtt.mcu.items()}})
+
         async def reset(request: web.BaseRequest) -> web.Response:
             self.reset()
             return j({"reset": True})
@@ -607,6 +626,7 @@ class BlynkEmulator:
             ("GET", "/_admin/devices", devices),
             ("GET", "/_admin/counts", counts),
             ("GET", "/_admin/webhooks", webhooks),
+            ("GET", "/_admin/mqtt", mqtt),
             ("GET", "/_admin/faults", faults_get),
             ("POST", "/_admin/faults", faults_post),
             ("DELETE", "/_admin/faults", faults_delete),

@@ -87,6 +87,9 @@ class Settings(_Spec):
     timestamp_unix_unit: Literal["ms", "s"] = "ms"
     #: JSON-escape placeholder values inside Custom JSON bodies. UNCONFIRMED; default no.
     webhook_json_escape: bool = False
+    #: Device MQTT API: whether a device's own writes also come back on its ``downlink/ds/*``
+    #: (section 8 says UNCONFIRMED; default: only app, automation and API changes do).
+    mqtt_echo_device_writes: bool = False
     #: Timeout of one webhook request.
     webhook_timeout_s: float = 10.0
     #: Triggers waiting to be sent; past this they are dropped and counted.
@@ -145,6 +148,8 @@ class RegionSpec(_Spec):
     port: int
     #: Base URL other regions' 308 answers point at (default ``http://advertise_host:port``).
     public_url: str | None = None
+    #: Port of the region's device MQTT API (null: served only with ``serve(mqtt=True)``).
+    mqtt_port: int | None = None
 
 
 class EmulatorSpec(_Spec):

@@ -1,0 +1,325 @@
+"""blynk-sessions end to end: real Redis, the Blynk emulator's device MQTT API, the stage in
+process and as `blynk-bridge blynk-sessions` child processes (killed with SIGKILL for failover).
+
+Devices become live by a BlynkWrite on the writes stream (what transform hands egress), as in
+the running bridge; commands are read back from the downlinks stream (the downlink stage's
+input, tested on its own in tests/test_downlink*.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import secrets
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from emulators.blynk import BlynkEmulator, DatastreamSpec, DeviceSpec, EmulatorSpec, TemplateSpec
+from pipeline import config as config_mod
+from pipeline import echo, events, mqtt
+from pipeline.blynk.client import token_hash
+from pipeline.context import Context
+from pipeline.keys import DOWNLINKS, WRITES, Keys
+from pipeline.registry import Registry
+from pipeline.streams import Redis, now_ms
+from tests.conftest import MQTT_HOST, MQTT_PORT, REDIS_URL
+from tests.wait import wait_until
+from workers.blynk_sessions import SessionsStage
+from workers.downlink import DownlinkStage
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def tok(name: str) -> str:
+    return (name.replace("-", "") + "x" * 32)[:32]
+
+
+FRA = [f"fra-{i}" for i in range(6)]
+NY = "ny-0"
+BAD = "bad-0"  # registered in the bridge, unknown to Blynk
+
+
+def emulator() -> BlynkEmulator:
+    tmpl = TemplateSpec(id="TMPL01", name="Valve", datastreams=[
+        DatastreamSpec(id=1, pin="V1", name="Switch", type="integer", min=0, max=1),
+        DatastreamSpec(id=2, pin="V2", name="Temperature", type="double"),
+    ])
+    devices = [DeviceSpec(name=d, token=tok(d), template="TMPL01", id=i + 1, region="fra1")
+               for i, d in enumerate(FRA)]
+    devices.append(DeviceSpec(name=NY, token=tok(NY), template="TMPL01", id=50, region="ny3"))
+    return BlynkEmulator.from_spec(EmulatorSpec(regions={"fra1": 0, "ny3": 0}, templates=[tmpl],
+                                                devices=devices))
+
+
+def config_text(prefix: str, emu: BlynkEmulator, urls: dict[str, str], tts: str = "",
+                **sessions: Any) -> str:
+    mq = {r: f"mqtt://{h}:{p}" for r, (h, p) in emu.mqtt.addresses.items()}
+    opts = {"partitions": 8, "lease_ttl_ms": 1000, "scan_interval_s": 0.1,
+            "connect_rate": 1000, "connect_burst": 100, "max_backoff_s": 2} | sessions
+    extra = "\n".join(f"  {k}: {v}" for k, v in opts.items())
+    return f"""
+redis: {{url: "{REDIS_URL}", prefix: "{prefix}"}}
+blynk:
+  servers: {{fra1: "{urls['fra1']}", ny3: "{urls['ny3']}"}}
+  default_server: fra1
+blynk_sessions:
+  servers: {{fra1: "{mq['fra1']}", ny3: "{mq['ny3']}"}}
+{extra}
+templates:
+  - name: valve
+    id: TMPL01
+    downlinks: mqtt
+    datastreams:
+      - {{name: Switch, pin: V1, type: integer, min: 0, max: 1}}
+      - {{name: Temperature, pin: V2, type: double}}
+    downlink: {{pins: [V1]}}
+{tts}
+"""
+
+
+class World:
+    def __init__(self, prefix: str, emu: BlynkEmulator, urls: dict[str, str],
+                 redis: Redis) -> None:
+        self.prefix = prefix
+        self.emu = emu
+        self.urls = urls
+        self.redis = redis
+        self.keys = Keys(prefix)
+
+    def config(self, tts: str = "", **sessions: Any) -> config_mod.Config:
+        return config_mod.parse(config_text(self.prefix, self.emu, self.urls, tts, **sessions),
+                                "yaml", "sessions.yaml", env={})
+
+    async def register(self, names: list[str]) -> None:
+        reg = Registry(self.redis, self.keys)
+        for n in names:
+            await reg.register(f"tts:kit:{n}", token=tok(n), template="valve", server="fra1")
+
+    async def uplink(self, names: list[str]) -> None:
+        """One BlynkWrite per device, as transform writes them for egress."""
+        now = now_ms()
+        for n in names:
+            w = events.BlynkWrite(token=tok(n), server=self.urls["fra1"],
+                                  device_key=f"tts:kit:{n}", pins={"V2": 20.5},
+                                  event_ts_ms=now, received_ts_ms=now, event_id=f"e:{n}:{now}")
+            await self.redis.xadd(self.keys.stream(WRITES), {events.FIELD: events.encode(w)})
+
+    async def commands(self) -> list[events.Downlink]:
+        entries = await self.redis.xrange(self.keys.stream(DOWNLINKS))
+        return [events.decode_downlink(f[events.FIELD]) for _, f in entries]
+
+    def online(self, names: list[str]) -> bool:
+        s = self.emu.mqtt.sessions
+        return all(tok(n) in s and s[tok(n)].subscribed for n in names)
+
+
+@pytest.fixture
+async def world(prefix: str, redis: Redis) -> AsyncIterator[World]:
+    emu = emulator()
+    async with emu.serve({"fra1": 0, "ny3": 0}, mqtt=True) as urls:
+        yield World(prefix, emu, urls, redis)
+
+
+@contextlib.asynccontextmanager
+async def stage(world: World, tts: str = "", **sessions: Any) -> AsyncIterator[SessionsStage]:
+    ctx = Context.create(world.config(tts, **sessions))
+    st = SessionsStage(ctx)
+    await st.startup()
+    stop = asyncio.Event()
+    task = asyncio.create_task(st.main_loop(stop))
+    try:
+        yield st
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+        await st.shutdown()
+        await ctx.close()
+
+
+async def test_sessions_forward_app_changes_follow_redirects_and_survive_bad_tokens(
+        world: World) -> None:
+    await world.register([FRA[0], NY, BAD])
+    async with stage(world) as st:
+        await wait_until(lambda: len(st.owned) == 8, what="all partitions owned")
+        await world.uplink([FRA[0], NY, BAD])
+        await wait_until(lambda: world.online([FRA[0], NY]), what="sessions open")
+        # NY's row says fra1: Blynk redirected it, the bridge followed and remembered ny3.
+        assert world.emu.mqtt.stats["redirects"] == 1
+        region = await world.redis.get(world.keys.region(token_hash(tok(NY))))
+        assert region == world.urls["ny3"].encode()
+        await wait_until(lambda: world.emu.mqtt.stats["bad_credentials"] >= 1, what="CONNACK 4")
+        assert tok(BAD) not in world.emu.mqtt.sessions
+        # info/mcu names the template.
+        assert world.emu.mqtt.mcu[1]["tmpl"] == "TMPL01"
+
+        world.emu.app_write(1, "V2", 30)  # not a command pin: never forwarded
+        world.emu.app_write(1, "V1", 1)
+        world.emu.app_write(50, "V1", 1)
+        cmds = await wait_until(
+            lambda: _when(world.commands(), lambda c: len(c) >= 2), what="two commands")
+        got = sorted((c.token, c.pin, c.value, c.origin) for c in cmds)
+        assert got == sorted([(tok(FRA[0]), "V1", "1", "mqtt"), (tok(NY), "V1", "1", "mqtt")])
+        assert world.emu.mqtt.stats["kicked"] == 0
+
+
+async def _when(coro: Any, pred: Any) -> Any:
+    value = await coro
+    return value if pred(value) else None
+
+
+def _spawn(world: World, tmp_path: Path, name: str) -> subprocess.Popen[bytes]:
+    cfg = tmp_path / f"{name}.yaml"
+    cfg.write_text(config_text(world.prefix, world.emu, world.urls))
+    return subprocess.Popen(
+        [sys.executable, "-m", "blynk_bridge", "--log-format", "text", "blynk-sessions",
+         "-c", str(cfg)], cwd=ROOT, stdout=subprocess.DEVNULL,
+        stderr=open(tmp_path / f"{name}.log", "wb"))
+
+
+async def test_two_replicas_split_devices_and_a_killed_one_loses_no_app_change(
+        world: World, tmp_path: Path) -> None:
+    await world.register(FRA)
+    a = _spawn(world, tmp_path, "a")
+    b = _spawn(world, tmp_path, "b")
+    try:
+        owners = world.keys.lease("sessions", "")
+
+        async def holders() -> set[bytes | None]:
+            return {await world.redis.get(owners + str(p)) for p in range(8)}
+
+        # Each replica holds its fair share (4 of 8) once both heartbeats are in.
+        await wait_until(lambda: _when(holders(), lambda h: len(h) == 2 and None not in h),
+                         what="partitions split over both replicas")
+        await world.uplink(FRA)
+        await wait_until(lambda: world.online(FRA), what="every device online")
+        # A value per device before the failover, delivered live by whichever replica owns it.
+        for i in range(len(FRA)):
+            world.emu.app_write(i + 1, "V1", 0)
+        await wait_until(lambda: _when(world.commands(), lambda c: len(c) >= len(FRA)),
+                         what="every baseline command")
+        a.send_signal(signal.SIGKILL)
+        a.wait(30)
+        # Changed in the app while A's devices have no session (or still the dead one's).
+        for i in range(len(FRA)):
+            world.emu.app_write(i + 1, "V1", 1)
+
+        def all_on(cmds: list[events.Downlink]) -> bool:
+            return {c.token for c in cmds if c.value == "1"} == {tok(n) for n in FRA}
+
+        await wait_until(lambda: _when(world.commands(), all_on), timeout_s=60,
+                         what="every change delivered after the failover")
+        await wait_until(lambda: world.online(FRA), what="B holds every session")
+        assert world.emu.mqtt.stats["kicked"] == 0, "two sessions for one token"
+    finally:
+        for p in (a, b):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                p.wait(30)
+
+
+async def test_reconnects_after_a_blynk_restart_are_paced(world: World) -> None:
+    await world.register(FRA)
+    async with stage(world, connect_rate=4, connect_burst=1) as st:
+        await wait_until(lambda: len(st.owned) == 8, what="all partitions owned")
+        await world.uplink(FRA)
+        await wait_until(lambda: world.online(FRA), what="every device online")
+        before = len(world.emu.mqtt.connects)
+        assert world.emu.mqtt.drop_all() == len(FRA)
+
+        def reconnects() -> list[float]:
+            return sorted(t for t, _, outcome in list(world.emu.mqtt.connects)[before:]
+                          if outcome == "accepted")
+
+        await wait_until(lambda: len(reconnects()) >= len(FRA), what="every device back")
+        times = reconnects()
+        assert len(times) == len(FRA)
+        # 4 per second, burst 1: six reconnects cannot all come within one second. A lower
+        # bound only, so a slow machine cannot fail it.
+        assert times[-1] - times[0] >= (len(FRA) - 1) / 4 * 0.9
+
+
+async def test_commands_reach_tts_and_echoes_of_the_bridges_writes_do_not(
+        world: World) -> None:
+    """App write → session → downlink stage → TTS ``down/push``; a value the bridge itself
+    wrote (recorded by egress before writing) that Blynk echoes on the session is dropped."""
+    app = f"sess-{secrets.token_hex(4)}"
+    tts = (f"tts:\n  - {{name: kit, app_id: {app}, host: {MQTT_HOST}, port: {MQTT_PORT}, "
+           "insecure: true, api_key: NNSXS.X, template: valve}")
+    world.emu.settings.mqtt_echo_device_writes = True
+    await world.register([FRA[0]])
+    cfg = world.config(tts)
+    pushes: list[dict[str, Any]] = []
+    ready = asyncio.Event()
+
+    async def devices() -> None:
+        settings = mqtt.Settings(host=MQTT_HOST, port=MQTT_PORT,
+                                 client_id=f"devices-{secrets.token_hex(4)}")
+        async with mqtt.Session(settings) as session:
+            await session.subscribe([f"v3/{app}@ttn/devices/+/down/push"])
+            ready.set()
+            async for _topic, payload in session.messages():
+                pushes.append(json.loads(payload)["downlinks"][0]["decoded_payload"])
+
+    down_ctx = Context.create(cfg)
+    down = DownlinkStage(down_ctx)
+    await down.startup()
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(devices()), asyncio.create_task(down.main_loop(stop))]
+    try:
+        await ready.wait()
+        async with stage(world, tts) as st:
+            await wait_until(lambda: len(st.owned) == 8, what="all partitions owned")
+            await world.uplink([FRA[0]])
+            await wait_until(lambda: world.online([FRA[0]]), what="session open")
+            # The bridge writes Switch=1 for the device (egress records it first) ...
+            await echo.record(world.redis, world.keys, [(tok(FRA[0]), {"V1": 1})], now_ms(),
+                              cfg.downlink.echo_window_ms)
+            dev = world.emu.model.devices[1]
+            ds = dev.template.by_pin["V1"]
+            world.emu.model.write(dev, ds, 1, world.emu.now_ms())  # ... Blynk echoes it
+            # ... and then a user sets Switch=0 in the app.
+            world.emu.app_write(1, "V1", 0)
+            await wait_until(lambda: pushes, what="a down/push")
+            await wait_until(lambda: _when(world.commands(), lambda c: len(c) >= 2),
+                             what="both on the downlinks stream")
+            # Order on the stream: the echo, then the command; only the command went down.
+            await wait_until(lambda: pushes and pushes[-1]["value"] == 0, what="command pushed")
+            assert [p["value"] for p in pushes] == [0]
+            assert [p["pin"] for p in pushes] == ["v1"]
+    finally:
+        stop.set()
+        await asyncio.wait_for(tasks[1], 30)
+        tasks[0].cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await tasks[0]
+        await down.shutdown()
+        await down_ctx.close()
+
+
+async def test_a_lost_lease_closes_its_sessions_before_anyone_else_may_open_them(
+        world: World) -> None:
+    """Another owner in a partition's lease (what a takeover after a stall looks like): the
+    replica stops its sessions of that partition at the next renewal, and no other."""
+    from pipeline.blynk_sessions import partition_of
+
+    await world.register(FRA)
+    async with stage(world) as st:
+        await wait_until(lambda: len(st.owned) == 8, what="all partitions owned")
+        await world.uplink(FRA)
+        await wait_until(lambda: world.online(FRA), what="every device online")
+        victim = partition_of(tok(FRA[0]), 8)
+        lost = [n for n in FRA if partition_of(tok(n), 8) == victim]
+        kept = [n for n in FRA if n not in lost]
+        await world.redis.set(world.keys.lease("sessions", str(victim)), "another-replica",
+                              px=60_000)
+        await wait_until(lambda: all(tok(n) not in world.emu.mqtt.sessions for n in lost),
+                         what="the lost partition's sessions closed")
+        assert victim not in st.owned
+        assert world.online(kept)
+        assert world.emu.mqtt.stats["kicked"] == 0

@@ -1,0 +1,80 @@
+"""The lean device-session client (pipeline/blynk/device_mqtt.py) and its framing
+(pipeline/mqtt_frames.py) against a real broker: Mosquitto on 127.0.0.1:1883, so the framing is
+checked by something other than itself (the Blynk emulator's endpoint is checked with paho)."""
+
+from __future__ import annotations
+
+import secrets
+
+from pipeline import mqtt_frames as f
+from pipeline.blynk.device_mqtt import Keepalive, Session, mcu_info, open_session
+from tests.wait import wait_until
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.ready: list[Session] = []
+        self.messages: list[tuple[str, bytes]] = []
+        self.closed: list[str] = []
+
+    def session_ready(self, s: Session) -> None:
+        self.ready.append(s)
+
+    def session_message(self, s: Session, topic: str, payload: bytes) -> None:
+        self.messages.append((topic, payload))
+
+    def session_closed(self, s: Session, reason: str) -> None:
+        self.closed.append(reason)
+
+
+async def test_two_sessions_exchange_messages_through_mosquitto() -> None:
+    name = f"Switch {secrets.token_hex(4)}"
+    rx, tx = Recorder(), Recorder()
+    a = Session("a", "token-a", rx, info=mcu_info("TMPL1", "1.2.3"))
+    b = Session("b", "token-b", tx)
+    await open_session(a, "127.0.0.1", 1883)
+    await open_session(b, "127.0.0.1", 1883)
+    await wait_until(lambda: rx.ready and tx.ready, what="both sessions subscribed")
+    big = secrets.token_bytes(300)  # two-byte remaining length
+    assert b.publish(f"downlink/ds/{name}", b"1")
+    assert b.publish(f"downlink/ds/{name}", big)
+    mine = lambda: [m for m in rx.messages if m[0] == f"downlink/ds/{name}"]  # noqa: E731
+    await wait_until(lambda: len(mine()) == 2, what="both messages")
+    assert mine() == [(f"downlink/ds/{name}", b"1"), (f"downlink/ds/{name}", big)]
+    a.close("done")
+    b.close("done")
+    await wait_until(lambda: len(rx.closed) == 1 and len(tx.closed) == 1, what="closed once")
+    assert rx.closed == ["done"]
+
+
+async def test_keepalive_pings_are_answered() -> None:
+    rec = Recorder()
+    s = Session("k", "token-k", rec, keepalive_s=1)
+    await open_session(s, "127.0.0.1", 1883)
+    await wait_until(lambda: rec.ready, what="subscribed")
+    ka = Keepalive(1)
+    ka.add(s)
+    before = s.last_rx
+    ka.tick()
+    await wait_until(lambda: s.last_rx > before, what="PINGRESP")
+    assert s.state == "ready"
+    s.close()
+    await wait_until(lambda: rec.closed, what="closed")
+
+
+def test_reader_splits_packets_fed_byte_by_byte() -> None:
+    wire = (f.connack(0) + f.publish("downlink/ds/x", b"y" * 200, qos=1, packet_id=7)
+            + f.PINGRESP_BYTES)
+    r = f.Reader()
+    got = [p for i in range(len(wire)) for p in r.feed(wire[i:i + 1])]
+    assert [k for k, _, _ in got] == [f.CONNACK, f.PUBLISH, f.PINGRESP]
+    assert f.parse_publish(got[1][1], got[1][2]) == ("downlink/ds/x", b"y" * 200, 1, 7)
+
+
+def test_reader_refuses_oversized_packets() -> None:
+    r = f.Reader(max_packet=100)
+    try:
+        list(r.feed(f.publish("t", b"x" * 200)))
+    except f.FrameError:
+        return
+    raise AssertionError("no FrameError")
