@@ -411,6 +411,10 @@ class SimulatedDevices:
 
     report_key: Literal["name", "pin"] = "name"
     port_keys: dict[int, str] = field(default_factory=dict)
+    #: Report what a device applied in its next uplink only (firmware confirming a change once),
+    #: not in every later one: each report is a datastream write in Blynk, and Blynk fires its
+    #: webhooks (10 a minute) for every one.
+    report_once: bool = False
     ids: set[str] = field(default_factory=set)
     state: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -427,6 +431,8 @@ class SimulatedDevices:
         return values
 
     def report(self, device: str) -> dict[str, Any]:
+        if self.report_once:
+            return self.state.pop(device, {})
         return dict(self.state.get(device, ()))
 
 
