@@ -21,6 +21,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from prometheus_client import REGISTRY
 
 from emulators.tts import DownlinkAnswerer
 from pipeline import config as config_mod
@@ -265,6 +266,19 @@ async def test_receiver_refuses_bodies_blynk_did_not_fill(redis: Redis, prefix: 
                          content_type="text/plain")
         assert r.status == 200
         assert await redis.xlen(b.ctx.keys.stream(DOWNLINKS)) == 2
+
+
+async def test_a_webhook_at_blynks_limit_is_counted(redis: Redis, prefix: str) -> None:
+    """Blynk drops a webhook's requests past 10 a minute; the bridge counts each request that
+    brings the webhook's last minute to that limit (what it can see of it)."""
+    async with bridge(redis, prefix, start_stage=False) as b:
+        before = REGISTRY.get_sample_value("bb_blynk_webhook_at_limit_total",
+                                           {"webhook": "app"}) or 0.0
+        ts = int(time.time() * 1000)
+        for i in range(12):
+            assert (await b.post("dev-a", "v3", f"{i}", ts + i)).status == 200
+        after = REGISTRY.get_sample_value("bb_blynk_webhook_at_limit_total", {"webhook": "app"})
+        assert after is not None and after - before == 3
 
 
 async def test_a_killed_workers_commands_are_taken_over(redis: Redis, prefix: str) -> None:

@@ -23,6 +23,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import pytest
+
 from emulators.blynk import DatastreamSpec, DeviceSpec
 from emulators.particle import Device, ParticleCloud
 from emulators.tts import DownlinkAnswerer, Received, SimulatedDevices
@@ -87,8 +89,9 @@ async def tts_cloud(app_id: str, devices: SimulatedDevices | None = None
         await asyncio.gather(run, return_exceptions=True)
 
 
+@pytest.mark.parametrize("queue", ["push", "replace"])
 async def test_tts_over_http_round_trip_with_the_devices_echoed_state(
-        redis: Redis, prefix: str) -> None:
+        redis: Redis, prefix: str, queue: str) -> None:
     app_id = f"e2e-{secrets.token_hex(4)}"
     port = free_port()
     spec = blynk_spec([switch_template(TEMPLATE, "Valve")],
@@ -104,7 +107,8 @@ async def test_tts_over_http_round_trip_with_the_devices_echoed_state(
             integrations=f"""tts:
   - {{name: farm, app_id: {app_id}, api_key: "{API_KEY}", template: valve,
       downlink_via: http, api_url: "{api}", downlink_webhook_id: {WEBHOOK_ID},
-      downlink_f_port: 5, webhook_auth: {{header: X-Downlink-Apikey, secret: {UPLINK_SECRET}}}}}""",
+      downlink_f_port: 5, downlink_queue: {queue},
+      webhook_auth: {{header: X-Downlink-Apikey, secret: {UPLINK_SECRET}}}}}""",
             device=f"{{source: tts, integration: farm, device: valve-1, token: {TOKEN}, "
                    "template: valve}"))
         async with run_bridge(cfg, (ingest_http, transform, egress, downlink)) as bridge:
@@ -113,7 +117,7 @@ async def test_tts_over_http_round_trip_with_the_devices_echoed_state(
             got: list[Received] = await wait_until(lambda: tts.received,
                                                    what="the downlink at TTS's HTTP API")
             (r,) = got
-            assert (r.device, r.operation, r.via) == ("valve-1", "push", "http")
+            assert (r.device, r.operation, r.via) == ("valve-1", queue, "http")
             (cid,) = r.downlink["correlation_ids"]
             assert cid.startswith("bb:down:")
             assert r.downlink == {
