@@ -15,26 +15,27 @@ Each batch read from the downlinks stream goes through, in order:
    counted (``superseded`` / ``stale`` / ``duplicate``), never sent;
 5. **send**: TTS over MQTT (``down/push``/``down/replace`` on a connection of the stage's
    own), TTS over HTTP (webhook downlink API), or a Particle function call;
-6. **commit**: one ``MULTI`` records the last sent (pin → Blynk time, forward only), keeps what
-   outcome matching needs under the correlation id, writes the dead letters of the batch and
-   acks every entry the batch finished. Acked only after the publish/call returned:
-   at-least-once. A killed worker's entries are taken over by ``XAUTOCLAIM``.
+6. **commit**: one ``MULTI`` records the last sent (pin → Blynk time, forward only), writes the
+   dead letters of the batch and acks every entry the batch finished (what outcome matching
+   needs was kept under the correlation id in step 3's round trip, before the send). Acked
+   only after the publish/call returned: at-least-once. A killed worker's entries are taken
+   over by ``XAUTOCLAIM``.
 
 Redis round trips per batch, besides the read: one for the reverse index and the registry's
-version check, one for the echo check and the last-sent times (both one ``EVAL``/``HMGET`` each,
-whatever the batch size), and the commit; registry rows not in the cache cost one more, as does
-the last-sent read of held commands retried in a round that read nothing new.
+version check, one for the echo check, the last-sent times and what outcome matching keeps (one
+``EVAL`` and plain commands, whatever the batch size), and the commit; registry rows not in the
+cache cost one more, as does the last-sent read of held commands retried in a round that read
+nothing new.
 
 A command whose device is offline, whose cloud fails or refuses our credentials is held in
 memory and retried with capped jittered backoff (its pending entry kept fresh with ``XCLAIM …
 JUSTID`` so no other replica takes it) until its TTL: then ``device_offline`` (or ``expired``).
 A newer command for the same pin replaces a held one. 401/403 set the integration Broken.
 
-TTS outcomes (``down/queued|sent|ack|nack|failed``) heard on the stage's connection are matched
-by correlation id ``bb:down:<id>`` and counted once across replicas; ``nack``/``failed`` become
-dead letters with TTS's error; with ``downlink.outcome_pin`` in the template the outcome is
-written back to Blynk (1 delivered, 0 failed), as is a Particle function's ``return_value``
-with ``return_pin``.
+TTS outcomes (``down/queued|sent|ack|nack|failed``) heard on the stage's connection go to
+:mod:`pipeline.downlink_outcomes` (as those of webhook applications do from ingest-http): matched
+by correlation id, counted once, failures dead-lettered, the outcome pin written. A Particle
+function's ``return_value`` is written back with ``return_pin``.
 """
 
 from __future__ import annotations
@@ -44,10 +45,10 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import aiohttp
 import msgspec
+from redis.asyncio.client import Pipeline
 from redis.exceptions import RedisError
 
 from pipeline import downlinks, events, metrics
@@ -57,6 +58,7 @@ from pipeline.config import Config, TemplateConfig, TemplateDownlink
 from pipeline.consumer import backoff_s
 from pipeline.context import Context
 from pipeline.device_clouds import Offline, ParticleApi, TtsHttp, TtsMqtt, Unauthorized
+from pipeline.downlink_outcomes import Outcomes, Sent, queue_write_back
 from pipeline.echo import Echoes, echoed
 from pipeline.errors import Permanent, Retryable
 from pipeline.lifecycle import Stage
@@ -66,9 +68,6 @@ from pipeline.status import StatusBoard
 from pipeline.streams import Entry, StreamReader, now_ms
 
 log = logging.getLogger("blynk_bridge.downlink")
-
-#: TTS outcomes that mean the device got (``sent``: unconfirmed) or confirmed (``ack``) it.
-DELIVERED = ("sent", "ack")
 
 #: Record the last sent Blynk time of each pin, forward only. KEYS = one last-sent hash per
 #: command; ARGV = ttl ms, then pin, Blynk time, event id per key. Sent by ``EVAL`` in the
@@ -89,22 +88,6 @@ for k = 1, #KEYS do
 end
 return #KEYS
 """
-
-
-class _Sent(msgspec.Struct, kw_only=True, omit_defaults=True):
-    """What outcome matching keeps of a sent command (``keys.down_command``)."""
-
-    device_key: str
-    template: str
-    pin: str
-    stream: str
-    entry_id: str
-    raw: bytes
-    token: str
-    server: str
-
-
-_sent_dec = msgspec.msgpack.Decoder(_Sent)
 
 
 @dataclass(slots=True)
@@ -153,6 +136,8 @@ class DownlinkStage:
             claim_idle_ms=s.claim_idle_ms, max_deliveries=s.max_deliveries)
         self.registry = Registry(ctx.redis, ctx.keys, cache_size=cfg.transform.cache_size)
         self.echoes = Echoes(ctx.redis, ctx.keys, self.cfg.echo_window_ms)
+        self.outcomes = Outcomes(ctx.redis, ctx.keys, {t.name: t for t in cfg.templates},
+                                 self.cfg.outcome_ttl_s)
         self.board = StatusBoard(ctx.redis, ctx.keys)
         self.templates = {t.name: t for t in cfg.templates}
         self.datastreams = {t.name: {d.pin.upper(): Datastream.from_config(d)
@@ -308,10 +293,11 @@ class DownlinkStage:
             queued = self.echoes.queue_take(pipe, checks, wall)
             for device_key, pin in last_keys:
                 pipe.hget(self.ctx.keys.down_last(device_key), pin)
-            replies = await pipe.execute() if queued or last_keys else []
+            self._keep_for_outcomes(pipe, commands)
+            replies = await pipe.execute() if queued or last_keys or commands else []
         if queued:
             echoes = echoed(replies[0])
-        batch.lasts.update(zip(last_keys, replies[queued:], strict=True))
+        batch.lasts.update(zip(last_keys, replies[queued:queued + len(last_keys)], strict=True))
         fresh: list[_Command] = []
         for c, echo in zip(commands, echoes, strict=False):
             if echo:
@@ -326,6 +312,20 @@ class DownlinkStage:
             else:
                 dead.append((e, "unknown_device", _unknown(d)))
         return fresh
+
+    def _keep_for_outcomes(self, pipe: Pipeline, commands: list[_Command]) -> None:
+        """Keep what outcome matching needs of each TTS command under its correlation id,
+        before it can be sent: TTS may report an outcome (``failed`` at once, or over a webhook
+        while the downlink call is still open) before the send returns. Kept for commands that
+        end up not sent too (echoes, superseded): no outcome ever names them, and they expire."""
+        for c in commands:
+            if not c.device.key.startswith("tts:"):
+                continue
+            sent = Sent(device_key=c.device.key, template=c.template.name, pin=c.down.pin,
+                        stream=c.entry.stream, entry_id=c.entry.id, raw=c.entry.data or b"",
+                        token=c.device.token, server=self._server_url(c.device.server))
+            pipe.set(self.ctx.keys.down_command(c.down.event_id), msgspec.msgpack.encode(sent),
+                     ex=self.cfg.outcome_ttl_s)
 
     def _merge(self, fresh: list[_Command]) -> None:
         """Latest wins between new commands and those held, per (device, pin)."""
@@ -476,15 +476,11 @@ class DownlinkStage:
                 pipe.eval(_RECORD, len(ok), *(keys.down_last(c.device.key) for c, _ in ok),
                           *args)
             for c, result in ok:
-                sent = _Sent(device_key=c.device.key, template=c.template.name, pin=c.down.pin,
-                             stream=c.entry.stream, entry_id=c.entry.id,
-                             raw=c.entry.data or b"", token=c.device.token,
-                             server=self._server_url(c.device.server))
-                pipe.set(keys.down_command(c.down.event_id), msgspec.msgpack.encode(sent),
-                         ex=self.cfg.outcome_ttl_s)
                 ret_pin = _return_pin(c.template.downlink, c.down.pin)
                 if result is not None and ret_pin is not None:
-                    self._write_back(pipe, c.device, ret_pin, result, wall, c.down.event_id)
+                    queue_write_back(pipe, keys, device_key=c.device.key, token=c.device.token,
+                                     server=self._server_url(c.device.server), pin=ret_pin,
+                                     value=result, wall=wall, event_id=f"{c.down.event_id}:ret")
                 acks += (c.entry, *c.carried)
             self.reader.queue_dead_letter(pipe, batch.dead, wall)
             acks += (e for e, _, _ in batch.dead)
@@ -494,16 +490,6 @@ class DownlinkStage:
         for c, _ in ok:
             self._count(c, "sent")
             metrics.DOWNLINK_LATENCY.observe(max(0, wall - c.down.received_ts_ms) / 1000)
-
-    def _write_back(self, pipe: Any, dev: Device, pin: str, value: events.Value, wall: int,
-                    event_id: str) -> None:
-        source, _, device = split_key(dev.key)
-        write = events.BlynkWrite(token=dev.token, server=self._server_url(dev.server),
-                                  device_key=dev.key, pins={pin.upper(): value},
-                                  event_ts_ms=wall, received_ts_ms=wall,
-                                  event_id=f"{event_id}:ret")
-        stream = self.ctx.keys.stream_for(keynames.WRITES, source, device)
-        pipe.xadd(stream, {events.FIELD: events.encode(write)})
 
     def _server_url(self, server: str | None) -> str:
         if not server:
@@ -526,41 +512,8 @@ class DownlinkStage:
     # ---- TTS outcomes ----------------------------------------------------------------------
 
     async def _outcome(self, integration: str, outcome: str, payload: bytes) -> None:
-        """One ``down/<outcome>`` message: match, count once, dead-letter failures, write the
-        outcome pin."""
-        ids = _correlation_ids(payload)
-        for event_id in ids:
-            first = await self.ctx.redis.set(self.ctx.keys.down_outcome(event_id, outcome), b"1",
-                                             nx=True, ex=self.cfg.outcome_ttl_s)
-            if not first:
-                continue
-            metrics.DOWNLINK_OUTCOMES.labels(integration, outcome).inc()
-            # TTS acks only confirmed downlinks (Blynk's integration sends none): ``sent`` (a
-            # gateway transmitted it) is delivery for them, ``ack`` for the confirmed ones.
-            if outcome not in DELIVERED and outcome not in ("nack", "failed"):
-                continue
-            raw = await self.ctx.redis.get(self.ctx.keys.down_command(event_id))
-            if raw is None:
-                continue
-            sent = _sent_dec.decode(raw if isinstance(raw, bytes) else raw.encode())
-            async with self.ctx.redis.pipeline(transaction=False) as pipe:
-                if outcome not in DELIVERED:
-                    dead = events.dead_letter(
-                        stream=sent.stream, entry_id=sent.entry_id, raw=sent.raw,
-                        stage=self.name, reason=f"tts_{outcome}",
-                        detail=_tts_error(payload), attempts=1, dead_ts_ms=now_ms())
-                    pipe.xadd(self.ctx.keys.dead, {events.FIELD: events.encode(dead)})
-                    metrics.DEAD.labels(self.name, f"tts_{outcome}").inc()
-                template = self.templates.get(sent.template)
-                pin = (template.downlink.outcome_pin
-                       if template is not None and template.downlink else None)
-                if pin:
-                    wall = now_ms()
-                    dev = Device(key=sent.device_key, token=sent.token, template=sent.template,
-                                 server=sent.server)
-                    self._write_back(pipe, dev, pin, 1 if outcome in DELIVERED else 0, wall,
-                                     f"{event_id}:{outcome}")
-                await pipe.execute()
+        """One ``down/<outcome>`` message heard on the stage's MQTT connection."""
+        await self.outcomes.handle(integration, outcome, payload)
 
     def _count(self, c: _Command, outcome: str) -> None:
         metrics.DOWNLINKS.labels(split_key(c.device.key)[1], outcome).inc()
@@ -587,36 +540,6 @@ def _return_pin(downlink: TemplateDownlink | None, pin: str) -> str | None:
         if p.upper() == pin:
             return fn.return_pin
     return None
-
-
-class _Outcome(msgspec.Struct):
-    correlation_ids: list[str] = msgspec.field(default_factory=list)
-
-
-_outcome_dec = msgspec.json.Decoder(_Outcome)
-
-
-def _correlation_ids(payload: bytes) -> list[str]:
-    try:
-        msg = _outcome_dec.decode(payload)
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        return []
-    return [c for c in msg.correlation_ids if c.startswith("bb:down:") and len(c) < 64]
-
-
-def _tts_error(payload: bytes) -> str:
-    try:
-        obj = msgspec.json.decode(payload)
-    except msgspec.DecodeError:
-        return payload[:500].decode(errors="replace")
-    for key in ("downlink_failed", "downlink_nack"):
-        part = obj.get(key) if isinstance(obj, dict) else None
-        if isinstance(part, dict):
-            err = part.get("error")
-            if isinstance(err, dict):
-                return f"{err.get('name')}: {err.get('message_format')}"[:500]
-            return f"{key}"[:500]
-    return "TTS reported the downlink failed"
 
 
 async def _sleep(delay: float, stop: asyncio.Event) -> None:
