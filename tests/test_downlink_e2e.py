@@ -5,7 +5,8 @@ on the running Blynk emulator, over HTTP); the emulator's webhook posts it to in
 downlink stage sends it, and the emulated device cloud takes it over real HTTP or MQTT:
 
 * TTS over HTTP (``downlink_via: http``, the webhook downlink API with the Bearer API key): the
-  exact body Blynk's TTS integration sends; the simulated device applies it and its next uplink
+  exact body Blynk's TTS integration sends; its outcome reported by TTS webhook, matched and
+  written to the outcome pin; the simulated device applies it and its next uplink
   (a TTS webhook to ``POST /tts/…``) writes the new value to Blynk — whose webhook fires again for
   that write and is recognised as the bridge's own echo (nothing sent twice);
 * encode rules: the value packed into ``frm_payload`` bytes per pin (type, endianness, f_port),
@@ -24,6 +25,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 
 from emulators.blynk import DatastreamSpec, DeviceSpec
 from emulators.particle import Device, ParticleCloud
@@ -74,11 +76,15 @@ egress: {{flush_age_ms: 10}}
 
 
 @asynccontextmanager
-async def tts_cloud(app_id: str, devices: SimulatedDevices | None = None
+async def tts_cloud(app_id: str, devices: SimulatedDevices | None = None,
+                    outcome_webhook: str | None = None
                     ) -> AsyncIterator[tuple[DownlinkAnswerer, str]]:
-    """The emulated TTS downlink side: answers on the real broker, downlink API over HTTP."""
+    """The emulated TTS downlink side: answers on the real broker (and, given
+    ``outcome_webhook``, posts the outcomes there as a TTS webhook), downlink API over HTTP."""
     answerer = DownlinkAnswerer(MQTT_HOST, MQTT_PORT, app_id, "ttn", devices=devices,
-                                api_keys={API_KEY}, webhook_ids={WEBHOOK_ID})
+                                api_keys={API_KEY}, webhook_ids={WEBHOOK_ID},
+                                outcome_webhook=outcome_webhook,
+                                outcome_headers={"X-Downlink-Apikey": UPLINK_SECRET})
     run = asyncio.create_task(answerer.run())
     try:
         await asyncio.wait_for(answerer.ready.wait(), 30)
@@ -94,16 +100,25 @@ async def test_tts_over_http_round_trip_with_the_devices_echoed_state(
         redis: Redis, prefix: str, queue: str) -> None:
     app_id = f"e2e-{secrets.token_hex(4)}"
     port = free_port()
-    spec = blynk_spec([switch_template(TEMPLATE, "Valve")],
+    spec = blynk_spec([switch_template(
+        TEMPLATE, "Valve",
+        DatastreamSpec(id=2, pin="V2", name="switch", type="integer", min=0, max=1),
+        DatastreamSpec(id=9, pin="V9", name="delivered", type="integer", min=0, max=1))],
                       [DeviceSpec(name="valve-1", token=TOKEN, template=TEMPLATE, id=1)],
                       [blynk_hook("switch", port, TEMPLATE, "V2")])
     field = SimulatedDevices()
     field.register(["valve-1"])
-    async with serve_blynk(spec) as (emu, blynk_url), tts_cloud(app_id, field) as (tts, api):
+    # TTS reports the outcomes to the application's webhook (no MQTT anywhere on the bridge)
+    outcomes = f"http://127.0.0.1:{port}/tts/farm"
+    async with serve_blynk(spec) as (emu, blynk_url), \
+            tts_cloud(app_id, field, outcomes) as (tts, api):
         cfg = parse_config(_config(
             prefix, port, blynk_url,
-            templates="  - {name: valve, datastreams: "
-                      "[{name: switch, pin: V2, type: integer, min: 0, max: 1}]}",
+            templates="""  - name: valve
+    datastreams:
+      - {name: switch, pin: V2, type: integer, min: 0, max: 1}
+      - {name: delivered, pin: V9, type: integer, min: 0, max: 1}
+    downlink: {outcome_pin: V9}""",
             integrations=f"""tts:
   - {{name: farm, app_id: {app_id}, api_key: "{API_KEY}", template: valve,
       downlink_via: http, api_url: "{api}", downlink_webhook_id: {WEBHOOK_ID},
@@ -113,6 +128,7 @@ async def test_tts_over_http_round_trip_with_the_devices_echoed_state(
                    "template: valve}"))
         async with run_bridge(cfg, (ingest_http, transform, egress, downlink)) as bridge:
             sent, echoes = counted("sent", "farm"), counted("echo", "farm")
+            delivered = _outcome_counted("farm", "sent")
             written = await app_write(bridge.http, blynk_url, 1, "v2", 1)
             got: list[Received] = await wait_until(lambda: tts.received,
                                                    what="the downlink at TTS's HTTP API")
@@ -127,6 +143,16 @@ async def test_tts_over_http_round_trip_with_the_devices_echoed_state(
                 "priority": "NORMAL", "correlation_ids": [cid]}
             assert r.applied == {"switch": 1}
             await wait_until(lambda: counted("sent", "farm") - sent == 1, what="counted sent")
+            # down/sent came back by webhook: matched by correlation id, written to the outcome
+            # pin (TTS answered before the bridge's downlink call returned)
+            await wait_until(lambda: _outcome_counted("farm", "sent") - delivered == 1,
+                             what="the webhook's down/sent matched")
+
+            async def outcome_in_blynk() -> bool:
+                v = await blynk_value(bridge.http, blynk_url, 1, "v9")
+                return v is not None and v["value"] == 1
+
+            await wait_until(outcome_in_blynk, what="the outcome pin written")
             # the device's next uplink reports what it applied (TTS webhook → Blynk)
             async with bridge.http.post(
                     f"{bridge.ingest_url}/tts/farm",
@@ -240,3 +266,8 @@ async def _sent_all(bridge: Running, cloud: ParticleCloud) -> None:
         pending = await bridge.ctx.redis.xpending(stream, GROUP_DOWNLINK)
         return int(pending["pending"]) == 0 and await bridge.ctx.redis.xlen(stream) == 2
     await wait_until(settled, what="both commands finished")
+
+
+def _outcome_counted(integration: str, outcome: str) -> float:
+    return REGISTRY.get_sample_value("bb_downlink_outcomes_total",
+                                     {"integration": integration, "outcome": outcome}) or 0.0
