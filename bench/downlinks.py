@@ -1,6 +1,7 @@
 """Downlinks: Blynk webhook → TTS ``down/push`` latency and CPU per command, against a bare relay.
 
     .venv/bin/python -m bench.downlinks [--rates 100,1000] [--seconds 10] [--devices 1000]
+        [--baseline-src DIR]
 
 Each rate runs twice, in the same run, against a private Mosquitto (``bench/common.py``):
 
@@ -8,6 +9,9 @@ Each rate runs twice, in the same run, against a private Mosquitto (``bench/comm
   on the real Redis, ``--devices`` TTS devices in the static table (so in the registry and its
   reverse index): Basic auth, parse, ``XADD`` (2xx only once Redis has it), read by the stage,
   resolve, type, echo check, latest-wins, QoS 1 publish, record + ack;
+* **baseline** (with ``--baseline-src DIR``, e.g. ``git archive <commit> | tar -x -C DIR``): the
+  same two stages run from another source tree (``PYTHONPATH=DIR``), to compare two versions in
+  the same run;
 * **bare**: the least a webhook → MQTT relay costs — one aiohttp handler that checks the same
   Basic auth, decodes the JSON, looks the token up in a dict and publishes the same TTS body
   with QoS 1 before answering (no Redis: nothing survives a crash, no latest-wins, no TTL).
@@ -33,6 +37,7 @@ import secrets
 import sys
 import time
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 from bench.common import (
@@ -252,6 +257,8 @@ def one_round(procs: Processes, kind: str, rate: float, args: argparse.Namespace
     servers = []
     metrics_port = free_port()
     prefix = f"bbbench:down:{secrets.token_hex(3)}:"
+    # "baseline": the bridge run from another source tree (same venv, same config)
+    tree = {"PYTHONPATH": args.baseline_src} if kind == "baseline" else {}
     if kind == "bare":
         servers.append(procs.spawn("bare", _python(
             f"from bench.downlinks import serve_bare; serve_bare({port}, {mqtt_port}, "
@@ -268,9 +275,10 @@ def one_round(procs: Processes, kind: str, rate: float, args: argparse.Namespace
             servers.append(procs.spawn(stage, [
                 sys.executable, "-m", "blynk_bridge", "--log-level", "WARNING",
                 "--log-format", "text", stage, "-c", str(config)],
-                env={"METRICS_PORT": str(mport)}))
+                env={"METRICS_PORT": str(mport), **tree},
+                cwd=Path(args.baseline_src) if tree else None))
     wait_port(port, proc=servers[0])
-    if kind == "bridge":
+    if kind != "bare":
         wait_port(metrics_port, proc=servers[1])
     sub = procs.spawn("subscriber", _python(
         f"from bench.downlinks import run_subscriber; run_subscriber({mqtt_port}, {app!r})"),
@@ -282,7 +290,7 @@ def one_round(procs: Processes, kind: str, rate: float, args: argparse.Namespace
     warm = _load(procs, port, 500.0, args.devices / 500.0, args, first)
     sub_in = sub.popen.stdin
     probe = UsageProbe({s.name: s.pid for s in servers})
-    before = _scrape(metrics_port) if kind == "bridge" else {}
+    before = _scrape(metrics_port) if kind != "bare" else {}
     probe.start()
     load = _load(procs, port, rate, args.seconds, args, first + len(warm["sent"]))
     answered = len(load["sent"]) - sum(load["bad"].values())
@@ -290,11 +298,11 @@ def one_round(procs: Processes, kind: str, rate: float, args: argparse.Namespace
     sub_in.flush()
     result = json.loads(sub.popen.stdout.readline())
     usage = probe.stop()
-    after = _scrape(metrics_port) if kind == "bridge" else {}
+    after = _scrape(metrics_port) if kind != "bare" else {}
     procs.stop(sub)
     for s in reversed(servers):
         procs.stop(s)
-    if kind == "bridge":
+    if kind != "bare":
         asyncio.run(_cleanup(prefix))
     got = {int(k): v for k, v in result["got"].items()}
     lat = sorted((got[int(v)] - ns) / 1e6 for v, ns in load["sent"].items() if int(v) in got)
@@ -345,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--devices", type=int, default=1000)
     parser.add_argument("--no-bare", action="store_true", help="skip the bare relay baseline")
+    parser.add_argument("--baseline-src", default=None,
+                        help="also run the bridge from this source tree (another version)")
     args = parser.parse_args(argv)
     rates = [float(r) for r in args.rates.split(",")]
     print(f"machine: {machine()}; load average {os.getloadavg()[0]:.2f}")
@@ -354,7 +364,9 @@ def main(argv: list[str] | None = None) -> int:
         _, mqtt_port = start_mosquitto(procs)
         first = 0
         for rate in rates:
-            for kind in ("bridge",) if args.no_bare else ("bridge", "bare"):
+            kinds = ["bridge"] + ["baseline"] * bool(args.baseline_src) + ["bare"] * (
+                not args.no_bare)
+            for kind in kinds:
                 res = one_round(procs, kind, rate, args, mqtt_port, first)
                 first += 10_000_000
                 results.append(res)
@@ -371,6 +383,12 @@ def main(argv: list[str] | None = None) -> int:
                 rows))
     for rate in rates:
         by = {r["kind"]: r for r in results if r["rate"] == rate}
+        if "baseline" in by and by["baseline"]["delivered"]:
+            b, r = by["bridge"], by["baseline"]
+            print(f"at {rate:,.0f}/s: bridge / baseline — p50 {b['p50'] / r['p50']:.2f}×, p99 "
+                  f"{b['p99'] / r['p99']:.2f}×, CPU per command "
+                  f"{sum(b['cpu_us'].values()) / sum(r['cpu_us'].values()):.2f}×, downlink "
+                  f"stage CPU {b['cpu_us']['downlink'] / r['cpu_us']['downlink']:.2f}×")
         if "bare" in by and by["bare"]["delivered"]:
             b, r = by["bridge"], by["bare"]
             print(f"at {rate:,.0f}/s: bridge / bare — p50 {b['p50'] / r['p50']:.2f}×, p99 "

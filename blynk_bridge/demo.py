@@ -8,11 +8,14 @@ arrive. A live table shows what came in, what reached Blynk, the lag of every st
 integration statuses.
 
 Downlinks run too: every ``--flip-every`` seconds the demo flips the valve switch (V8) of one of
-``--switches`` TTS devices in the emulated Blynk app; the emulator's webhook (in
-``blynk_bridge/examples/blynk-emulator.yaml``, Blynk's 10 requests a minute per webhook included)
-posts the change to ingest-http, the downlink stage sends it on TTS ``down/push``, and the
-emulated TTS answers ``down/ack``. The table shows flips, webhooks, commands sent and
-acknowledged, echoes dropped, and each switch's state in Blynk.
+``--switches`` TTS devices in the emulated Blynk app (``POST /_admin/devices/{id}/app-write``,
+what a user's tap causes); the emulator's webhook (in ``blynk_bridge/examples/blynk-emulator.yaml``,
+Blynk's 10 requests a minute per webhook included) posts the change to ingest-http, the downlink
+stage sends it on TTS ``down/push`` (one byte, by the example's encode rule), the emulated TTS
+answers ``down/sent`` and its simulated device applies the value and reports it in its next
+uplink, which the bridge writes back to Blynk (that write's webhook is dropped as an echo). The
+table shows flips, webhooks, commands sent and delivered, echoes dropped, each switch as set in
+the app, as the device reports it, and the round trips (app → device → Blynk) with their latency.
 
 Ctrl-C (or ``--duration``) stops the fleets and the switches (a flag each checks between two
 messages), lets the pipeline drain — for at most a few seconds after Ctrl-C — stops the stages,
@@ -116,15 +119,23 @@ FLEET_PREFIX = "eui-70b3d57ed000"
 
 
 class Switches:
-    """Flips the switch of a few provisioned fleet devices in the emulated Blynk app."""
+    """Flips the switch of a few provisioned fleet devices in the emulated Blynk app, over the
+    emulator's HTTP admin API, and times each flip's round trip: the app's change until the
+    device's next uplink carried the new value back into Blynk."""
 
-    def __init__(self, emu: Any, count: int, every_s: float) -> None:
+    def __init__(self, emu: Any, blynk_url: str, count: int, every_s: float) -> None:
         self.emu = emu
+        self.blynk_url = blynk_url
         self.count = count
         self.every_s = every_s
         self.flips = 0
         #: Blynk device name → the value last set in the app.
         self.set_to: dict[str, int] = {}
+        #: Blynk device name → (value, Blynk time of the app's write) not yet back from it.
+        self.waiting: dict[str, tuple[int, int]] = {}
+        #: Round-trip latencies (ms): app write → the device's write of that value in Blynk.
+        self.trips: list[int] = []
+        self.last_trip: dict[str, int] = {}
 
     def devices(self) -> list[Any]:
         found = [d for d in self.emu.model.devices.values()
@@ -133,23 +144,44 @@ class Switches:
         return sorted(found, key=lambda d: d.id)[: self.count]
 
     async def run(self, stop: asyncio.Event) -> None:
+        import aiohttp
+
         turn = 0
-        while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.every_s)
-            if stop.is_set():
-                return
-            devices = self.devices()
-            if not devices:
-                continue  # not provisioned yet: the fleet's first uplinks create them
-            dev = devices[turn % len(devices)]
-            turn += 1
-            value = 0 if dev.value(SWITCH_PIN) == 1 else 1
-            ds = dev.template.by_pin[SWITCH_PIN]
-            # What the app does: a datastream update, which fires the webhook.
-            self.emu.model.write(dev, ds, value, self.emu.now_ms())
-            self.set_to[dev.name] = value
-            self.flips += 1
+        async with aiohttp.ClientSession() as http:
+            while not stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), self.every_s)
+                if stop.is_set():
+                    return
+                devices = self.devices()
+                if not devices:
+                    continue  # not provisioned yet: the fleet's first uplinks create them
+                dev = devices[turn % len(devices)]
+                turn += 1
+                value = 0 if dev.value(SWITCH_PIN) == 1 else 1
+                # What the app does: a datastream update, which fires the webhook.
+                async with http.post(f"{self.blynk_url}/_admin/devices/{dev.id}/app-write",
+                                     json={"pin": SWITCH_PIN.lower(), "value": value}) as resp:
+                    answer = await resp.json()
+                if resp.status != 200:
+                    continue
+                self.set_to[dev.name] = value
+                self.waiting[dev.name] = (value, int(answer["ts_ms"]))
+                self.flips += 1
+
+    def observe(self) -> None:
+        """Complete the round trips whose value the device has written back to Blynk since."""
+        for dev in self.devices():
+            waiting = self.waiting.get(dev.name)
+            if waiting is None:
+                continue
+            value, since = waiting
+            back = next((ts for ts, v in dev.history.get(SWITCH_PIN, ())
+                         if ts > since and v == value), None)
+            if back is not None:
+                del self.waiting[dev.name]
+                self.trips.append(back - since)
+                self.last_trip[dev.name] = back - since
 
 
 @dataclass
@@ -174,7 +206,9 @@ class Snapshot:
     down_acked: float = 0
     down_failed: float = 0
     echoes: float = 0
-    switches: list[tuple[str, str, str]] = field(default_factory=list)
+    switches: list[tuple[str, str, str, str, str]] = field(default_factory=list)
+    #: Round trips completed (app → device → Blynk) and their latencies (ms), sorted.
+    trips: list[int] = field(default_factory=list)
 
 
 async def _lag(ctx: Context) -> list[tuple[str, str, int, int, int]]:
@@ -210,6 +244,8 @@ def _render(snap: Snapshot, started: float, draining: bool) -> Group:
     flow.add_row("  commands sent down to TTS / acknowledged / failed",
                  f"{snap.down_sent:.0f} / {snap.down_acked:.0f} / {snap.down_failed:.0f}", "")
     flow.add_row("  echoes of the bridge's own writes, not sent down", f"{snap.echoes:.0f}", "")
+    flow.add_row("  round trips: the device's new state back in Blynk (p50 / max)",
+                 f"{len(snap.trips)} ({_trip_latency(snap.trips)})", "")
 
     lag = Table(title="streams", show_edge=False)
     for col in ("stream", "group", "length", "lag", "pending"):
@@ -229,7 +265,8 @@ def _render(snap: Snapshot, started: float, draining: bool) -> Group:
     for row in snap.devices:
         devices.add_row(*row)
     switches = Table(title="switches flipped in the app", show_edge=False)
-    for col in ("device", "set in the app", "valve (V8) in Blynk"):
+    for col in ("device", "set in the app", "device reports", "valve (V8) in Blynk",
+                "last round trip"):
         switches.add_column(col)
     for switch in snap.switches:
         switches.add_row(*switch)
@@ -269,6 +306,8 @@ class Demo:
         #: Tasks that did not stop when cancelled: the process exits without waiting for them.
         self.left: list[str] = []
         self.tty = sys.stdout.isatty()
+        #: The emulated Blynk's base URL (the app's changes go to its admin API).
+        self.blynk_url = ""
 
     # ---- stopping --------------------------------------------------------------------------
 
@@ -321,6 +360,7 @@ class Demo:
 
     async def snapshot(self, ctx: Context, emu: Any, fleet: Any, particle: Any,
                        switches: Switches) -> Snapshot:
+        switches.observe()
         board = StatusBoard(ctx.redis, ctx.keys)
         now = time.time() * 1000
         statuses = [(f"{s.kind}:{s.name}", str(s.state), f"{(now - s.since_ms) / 1000:.0f}s ago",
@@ -357,8 +397,8 @@ class Demo:
             down_failed=_total(metrics.DOWNLINK_OUTCOMES, outcome="failed")
             + _total(metrics.DOWNLINK_OUTCOMES, outcome="nack"),
             echoes=_total(metrics.DOWNLINKS, outcome="echo"),
-            switches=[(d.name, str(switches.set_to.get(d.name, "-")),
-                       str(d.value(SWITCH_PIN))) for d in switches.devices()],
+            switches=_switch_rows(switches),
+            trips=sorted(switches.trips),
         )
 
     async def _connected(self, ctx: Context, kind: str, name: str) -> None:
@@ -396,6 +436,7 @@ class Demo:
         emulators = contextlib.AsyncExitStack()
         try:
             urls = await emulators.enter_async_context(emu.serve(dict.fromkeys(emu.regions, 0)))
+            self.blynk_url = urls["fra1"]
             run_id = secrets.token_hex(3)
             env = dict(os.environ) | {
                 "BLYNK_FRA1_URL": urls["fra1"],
@@ -498,15 +539,17 @@ class Demo:
         fleet = fleet_cls(MQTT_HOST, MQTT_PORT, app.app_id, app.tenant,
                           devices=self.opts.devices, rate_per_s=self.opts.rate,
                           missing_decoded_ratio=0.01, packet_broker_ratio=0.2, record=False,
-                          device_prefix="eui-70b3d57ed000")
+                          device_prefix="eui-70b3d57ed000", state=_valves())
         particle = particle_cls(f"http://127.0.0.1:{http_port}/particle/{cfg.particle[0].name}",
                                 devices=self.opts.particle_devices,
                                 rate_per_s=self.opts.particle_rate, fmt="json",
                                 auth={"X-Bridge-Secret": str(secret)} if secret else None)
-        # The emulated TTS answers each down/push with down/queued then down/ack.
-        answerer = answerer_cls(MQTT_HOST, MQTT_PORT, app.app_id, app.tenant)
+        # The emulated TTS answers each down/push with down/queued then down/sent; the fleet's
+        # devices apply the valve byte (f_port 8) and report it in their next uplink.
+        answerer = answerer_cls(MQTT_HOST, MQTT_PORT, app.app_id, app.tenant,
+                                devices=fleet.state)
         answering = asyncio.create_task(answerer.run())
-        switches = Switches(emu, self.opts.switches, self.opts.flip_every)
+        switches = Switches(emu, self.blynk_url, self.opts.switches, self.opts.flip_every)
         stop_switches = asyncio.Event()
         duration = self.opts.duration
         fleets = [asyncio.create_task(fleet.run(duration_s=duration, stop=self.stop_fleets)),
@@ -610,6 +653,9 @@ def _summary(console: Console, snap: Snapshot, elapsed: float) -> None:
         f"{snap.down_in:.0f} received; {snap.down_sent:.0f} commands sent down; "
         f"{snap.down_acked:.0f} delivered by TTS (down/sent); {snap.down_failed:.0f} failed; "
         f"{snap.echoes:.0f} echoes not sent back")
+    console.print(
+        f"round trips: {len(snap.trips)} of {snap.flips} flips came back from the device (its "
+        f"next uplink wrote the new value to Blynk), latency {_trip_latency(snap.trips)}")
     missing = sent - snap.ingested - snap.refused_at_ingest
     drained = all(lg == 0 and p == 0 for *_, lg, p in snap.lag)
     if drained and missing <= 0:
@@ -622,6 +668,30 @@ def _summary(console: Console, snap: Snapshot, elapsed: float) -> None:
     else:
         console.print(f"[yellow]not fully accounted for: {missing:.0f} sent but not ingested; "
                       f"streams drained: {drained}[/]")
+
+
+def _valves() -> Any:
+    """The fleet's simulated devices: they apply the valve byte the bridge packs (the example's
+    encode rule: uint8 on f_port 8) and report it once, in their next uplink."""
+    from emulators.tts import SimulatedDevices
+
+    return SimulatedDevices(port_keys={8: "valve"}, report_once=True)
+
+
+def _switch_rows(switches: Switches) -> list[tuple[str, str, str, str, str]]:
+    """Per switch: set in the app, reported by the device (once the round trip completed), in
+    Blynk now, the last round trip's latency."""
+    return [(d.name, str(switches.set_to.get(d.name, "-")),
+             "waiting" if d.name in switches.waiting else str(switches.set_to.get(d.name, "-")),
+             str(d.value(SWITCH_PIN)),
+             f"{switches.last_trip[d.name] / 1000:.2f} s" if d.name in switches.last_trip
+             else "-") for d in switches.devices()]
+
+
+def _trip_latency(trips: list[int]) -> str:
+    if not trips:
+        return "-"
+    return f"{trips[len(trips) // 2] / 1000:.2f} s / {trips[-1] / 1000:.2f} s"
 
 
 def _emulator_spec(http_port: int) -> Any:
@@ -716,8 +786,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds between two progress lines when stdout is not a terminal")
     p.add_argument("--switches", type=int, default=3,
                    help="TTS devices whose valve switch (V8) the demo flips in the app")
-    p.add_argument("--flip-every", type=float, default=8.0,
-                   help="seconds between two flips (Blynk sends 10 webhooks a minute at most)")
+    p.add_argument("--flip-every", type=float, default=15.0,
+                   help="seconds between two flips (Blynk sends 10 webhooks a minute at most, "
+                        "and each flip costs two: the app's change and the device's echo)")
     p.add_argument("--metrics-port", type=int, default=None)
     return p
 

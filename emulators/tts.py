@@ -9,7 +9,8 @@ a private Mosquitto that enforces TTS-style logins.
 * :class:`DownlinkAnswerer` takes ``down/push`` / ``down/replace`` (MQTT, and the webhook
   downlink API over HTTP: :meth:`DownlinkAnswerer.http_app`), records them, and answers on the
   broker ``down/queued`` → ``down/sent`` → ``down/ack`` (confirmed downlinks), or ``down/failed``
-  / ``down/nack`` (payload too long, or :class:`DownlinkFaults`), in the fixtures' shapes.
+  / ``down/nack`` (payload too long, or :class:`DownlinkFaults`), in the fixtures' shapes — and,
+  with ``outcome_webhook``, posts the same messages to a webhook as TTS does.
 * :class:`SimulatedDevices` apply what they receive (Blynk's ``{"name","pin","ts","value"}``,
   any JSON object, or an integer on a known ``f_port``) and report it in their next uplinks.
 * :class:`Mosquitto` runs a private broker on a free port, optionally with a password file and
@@ -44,6 +45,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
+import aiohttp
 from aiohttp import web
 
 from pipeline import mqtt
@@ -420,6 +422,10 @@ class SimulatedDevices:
 
     report_key: Literal["name", "pin"] = "name"
     port_keys: dict[int, str] = field(default_factory=dict)
+    #: Report what a device applied in its next uplink only (firmware confirming a change once),
+    #: not in every later one: each report is a datastream write in Blynk, and Blynk fires its
+    #: webhooks (10 a minute) for every one.
+    report_once: bool = False
     ids: set[str] = field(default_factory=set)
     state: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -436,6 +442,8 @@ class SimulatedDevices:
         return values
 
     def report(self, device: str) -> dict[str, Any]:
+        if self.report_once:
+            return self.state.pop(device, {})
         return dict(self.state.get(device, ()))
 
 
@@ -544,6 +552,10 @@ class DownlinkAnswerer:
     api_keys: set[str] = field(default_factory=lambda: {"NNSXS.EMULATOR"})
     #: Webhook ids the HTTP downlink API knows; None: any.
     webhook_ids: set[str] | None = None
+    #: Also POST every outcome message to this URL, with these headers: a TTS webhook with its
+    #: downlink message types enabled (for applications that take webhooks, not MQTT).
+    outcome_webhook: str | None = None
+    outcome_headers: dict[str, str] = field(default_factory=dict)
     received: list[Received] = field(default_factory=list)
     invalid: int = 0
     unknown_device: int = 0
@@ -554,6 +566,7 @@ class DownlinkAnswerer:
         self._session: mqtt.Session | None = None
         self._f_cnt: dict[str, int] = {}
         self._session_keys: dict[str, str] = {}
+        self._http: aiohttp.ClientSession | None = None
 
     @property
     def user(self) -> str:
@@ -578,6 +591,9 @@ class DownlinkAnswerer:
             finally:
                 self._session = None
                 self.ready.clear()
+                if self._http is not None:
+                    await self._http.close()
+                    self._http = None
 
     async def take(self, device: str, operation: str, via: str,
                    payload: bytes) -> list[Received]:
@@ -619,8 +635,21 @@ class DownlinkAnswerer:
                        cids: list[str], body: dict[str, Any]) -> None:
         msg = {"end_device_ids": _device_ids(self.app_id, device), "correlation_ids": cids,
                "received_at": rfc3339(time.time_ns()), f"downlink_{kind}": body}
-        await session.publish(f"v3/{self.user}/devices/{device}/down/{kind}",
-                              json.dumps(msg).encode())
+        data = json.dumps(msg).encode()
+        await session.publish(f"v3/{self.user}/devices/{device}/down/{kind}", data)
+        if self.outcome_webhook is not None:
+            await self._post_outcome(data)
+
+    async def _post_outcome(self, data: bytes) -> None:
+        if self._http is None:
+            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
+        try:
+            async with self._http.post(self.outcome_webhook or "", data=data, headers={
+                    "Content-Type": "application/json", **self.outcome_headers}) as resp:
+                if resp.status >= 300:
+                    log.warning("outcome webhook answered %d", resp.status)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            log.warning("outcome webhook failed: %s", type(exc).__name__)
 
     async def _answer(self, session: mqtt.Session, device: str, operation: str, via: str,
                       dl: dict[str, Any]) -> Received:

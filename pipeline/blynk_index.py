@@ -74,14 +74,24 @@ async def index_static(redis: Redis, keys: Keys, devices: Sequence[DeviceEntry])
 async def resolve(redis: Redis, registry: Registry, keys: Keys,
                   who: Sequence[tuple[int | None, str | None]]) -> list[Device | None]:
     """The registry row of each ``(blynk_id, token)``: by token when given, else by id; a row
-    that no longer carries that token or id is ``None`` (two round trips for the lot)."""
+    that no longer carries that token or id is ``None`` (one round trip for the lot when the
+    rows are cached, two otherwise)."""
     fields: list[str] = []
     for blynk_id, token in who:
         fields.append(token_field(token) if token is not None
                       else id_field(blynk_id) if blynk_id is not None else "-")
-    raw = await redis.hmget(keys.blynk_index(), fields) if fields else []
+    # The index lookup rides with the registry's version check: one round trip, and one more
+    # only for rows not in the registry's cache.
+    async with redis.pipeline(transaction=False) as pipe:
+        registry.sync_queue(pipe)
+        if fields:
+            pipe.hmget(keys.blynk_index(), fields)
+        version, changes, *found = await pipe.execute()
+    if not registry.sync_apply(version, changes):
+        await registry.reset()
+    raw = found[0] if found else []
     device_keys = [v.decode() if isinstance(v, bytes) else None for v in raw]
-    rows = await registry.get_many([k for k in device_keys if k is not None])
+    rows = await registry.get_many([k for k in device_keys if k is not None], sync=False)
     out: list[Device | None] = []
     for (blynk_id, token), key in zip(who, device_keys, strict=True):
         dev = rows.get(key) if key is not None else None

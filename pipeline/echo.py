@@ -2,8 +2,11 @@
 
 Blynk fires "Device Datastream Update" webhooks for device writes too, so every value egress
 writes to a watched pin comes back through ``POST /blynk/…``; sent down, it would loop.
-Egress calls :func:`record` before it sends a write (so the record always precedes the webhook);
-the downlink stage calls :func:`take` for each command. A command is an echo when the bridge
+Egress records each write before it sends it (so the record always precedes the webhook), in the
+same script call that takes the device's lease (:meth:`pipeline.order.LastWritten.prepare` runs
+:data:`RECORD_LUA` for the granted devices: no round trip of its own); :func:`record` does the
+same on its own. The downlink stage queues :meth:`Echoes.queue_take` for a whole batch in its
+own pipeline (one script call). A command is an echo when the bridge
 wrote the same value (compared by :func:`canonical`) to the same Blynk device and pin within
 ``window_ms``; each record answers one echo (it is removed), so a user who sets the same value
 again later is heard.
@@ -23,6 +26,8 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
+from redis.asyncio.client import Pipeline
+
 from pipeline.blynk_index import token_ref
 from pipeline.events import Value
 from pipeline.keys import Keys
@@ -32,18 +37,36 @@ from pipeline.streams import Redis
 #: answered; they age out of the window or fall off the end).
 KEEP = 32
 
+# KEYS = one echo list per command; ARGV = now ms, window ms, then one canonical value per key.
+# Returns 1 (an echo: its record consumed) or 0 per key.
 _TAKE = """
-local floor = tonumber(ARGV[2]) - tonumber(ARGV[3])
-local items = redis.call('LRANGE', KEYS[1], 0, -1)
-for _, item in ipairs(items) do
-  local sep = string.find(item, '|', 1, true)
-  if sep and string.sub(item, sep + 1) == ARGV[1]
-      and tonumber(string.sub(item, 1, sep - 1)) >= floor then
-    redis.call('LREM', KEYS[1], 1, item)
-    return 1
+local floor = tonumber(ARGV[1]) - tonumber(ARGV[2])
+local out = {}
+for k = 1, #KEYS do
+  out[k] = 0
+  local want = ARGV[k + 2]
+  local items = redis.call('LRANGE', KEYS[k], 0, -1)
+  for _, item in ipairs(items) do
+    local sep = string.find(item, '|', 1, true)
+    if sep and string.sub(item, sep + 1) == want
+        and tonumber(string.sub(item, 1, sep - 1)) >= floor then
+      redis.call('LREM', KEYS[k], 1, item)
+      out[k] = 1
+      break
+    end
   end
 end
-return 0
+return out
+"""
+
+#: A Lua function for another script (:mod:`pipeline.order`'s prepare): record one written
+#: value (``item`` = :func:`item`) on an echo list, keep :data:`KEEP`, expire after the window.
+RECORD_LUA = f"""
+local function echo_record(key, item, window_ms)
+  redis.call('LPUSH', key, item)
+  redis.call('LTRIM', key, 0, {KEEP - 1})
+  redis.call('PEXPIRE', key, window_ms)
+end
 """
 
 
@@ -77,6 +100,18 @@ def canonical(value: Value) -> str:
     return canonical(number) if math.isfinite(number) else value
 
 
+def item(now_ms: int, value: Value) -> str:
+    """One record: ``<written ms>|<canonical value>``."""
+    return f"{now_ms}|{canonical(value)}"
+
+
+def records(keys: Keys, token: str, pins: Mapping[str, Value], now_ms: int
+            ) -> list[tuple[str, str]]:
+    """The ``(echo list key, item)`` of each value of one write about to be sent."""
+    ref = token_ref(token)
+    return [(keys.echo(ref, pin.upper()), item(now_ms, value)) for pin, value in pins.items()]
+
+
 async def record(redis: Redis, keys: Keys, writes: Sequence[tuple[str, Mapping[str, Value]]],
                  now_ms: int, window_ms: int) -> None:
     """Remember each ``(token, pin → value)`` about to be written (one round trip)."""
@@ -84,10 +119,8 @@ async def record(redis: Redis, keys: Keys, writes: Sequence[tuple[str, Mapping[s
         return
     async with redis.pipeline(transaction=False) as pipe:
         for token, pins in writes:
-            ref = token_ref(token)
-            for pin, value in pins.items():
-                key = keys.echo(ref, pin.upper())
-                pipe.lpush(key, f"{now_ms}|{canonical(value)}")
+            for key, text in records(keys, token, pins, now_ms):
+                pipe.lpush(key, text)
                 pipe.ltrim(key, 0, KEEP - 1)
                 pipe.pexpire(key, window_ms)
         await pipe.execute()
@@ -100,15 +133,29 @@ class Echoes:
         self._redis = redis
         self._keys = keys
         self.window_ms = window_ms
-        self._take = redis.register_script(_TAKE)
+
+    def queue_take(self, pipe: Pipeline, commands: Sequence[tuple[str, str, Value]],
+                   now_ms: int) -> int:
+        """Queue the check of each ``(token, pin, value)`` in ``pipe`` as one script call
+        (``EVAL``: no ``SCRIPT EXISTS`` round trip, nothing to reload after a Redis restart);
+        returns how many replies it queued (0 or 1), read by :func:`echoed`."""
+        if not commands:
+            return 0
+        keys = [self._keys.echo(token_ref(token), pin.upper()) for token, pin, _ in commands]
+        pipe.eval(_TAKE, len(keys), *keys, now_ms, self.window_ms,
+                  *(canonical(value) for _, _, value in commands))
+        return 1
 
     async def take(self, commands: Sequence[tuple[str, str, Value]], now_ms: int) -> list[bool]:
         """For each ``(token, pin, value)``: was it an echo (its record is consumed)."""
         if not commands:
             return []
         async with self._redis.pipeline(transaction=False) as pipe:
-            for token, pin, value in commands:
-                await self._take(keys=[self._keys.echo(token_ref(token), pin.upper())],
-                                 args=[canonical(value), now_ms, self.window_ms], client=pipe)
-            replies = await pipe.execute()
-        return [bool(int(r)) for r in replies]
+            self.queue_take(pipe, commands, now_ms)
+            reply, = await pipe.execute()
+        return echoed(reply)
+
+
+def echoed(reply: Sequence[int | bytes]) -> list[bool]:
+    """The answer of one :meth:`Echoes.queue_take` call, per command."""
+    return [bool(int(r)) for r in reply]

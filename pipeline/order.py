@@ -45,6 +45,7 @@ from dataclasses import dataclass
 
 import msgspec
 
+from pipeline.echo import RECORD_LUA as ECHO_RECORD_LUA
 from pipeline.keys import Keys
 from pipeline.ratelimit import GCRA_TAKE_LUA, RateLimiter
 from pipeline.streams import Redis
@@ -115,17 +116,21 @@ end
 return out
 """
 
-# KEYS = last-written hash, rate key for each device; ARGV[1] = msgpack [owner, lease ms,
-# ttl ms, rate interval µs, burst, [[pin, newest event ms, ...] per device]].
+# KEYS = last-written hash, rate key for each device, then the echo lists of every device in
+# order; ARGV[1] = msgpack [owner, lease ms, ttl ms, rate interval µs, burst,
+# [[pin, newest event ms, ...] per device], echo window ms, [[echo item, ...] per device]]:
+# a granted device's echo items are recorded (pipeline.echo) before its write is sent.
 # Per device: {3} every value older than recorded (stale: nothing taken), {0, busy ms} another
 # owner's live lease, {2, wait µs} rate-limited (nothing taken), {1, last...} lease and one
 # rate slot taken, last written time per pin ('' = never written).
-_PREPARE = GCRA_TAKE_LUA + """
+_PREPARE = GCRA_TAKE_LUA + ECHO_RECORD_LUA + """
 local t = redis.call('TIME')
 local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local now = math.floor(now_us / 1000)
 local p = cmsgpack.unpack(ARGV[1])
 local owner, lease_ms, ttl, interval, burst, devices = p[1], p[2], p[3], p[4], p[5], p[6]
+local echo_window, echoes = p[7], p[8]
+local echo_key = 2 * #devices
 local out = {}
 for d = 1, #devices do
   local lw, w = KEYS[2 * d - 1], devices[d]
@@ -165,9 +170,15 @@ for d = 1, #devices do
     else
       redis.call('HSET', lw, '~lease', string.format('%.0f', now + lease_ms) .. '|' .. owner)
       redis.call('PEXPIRE', lw, ttl)
+      if echoes then
+        for i, item in ipairs(echoes[d]) do
+          echo_record(KEYS[echo_key + i], item, echo_window)
+        end
+      end
       out[d] = reply
     end
   end
+  if echoes then echo_key = echo_key + #echoes[d] end
 end
 return out
 """
@@ -273,7 +284,9 @@ class LastWritten:
         return [bool(r) for r in replies]
 
     async def prepare(self, devices: Sequence[tuple[str, Mapping[str, int]]],
-                      limiter: RateLimiter) -> list[Claim]:
+                      limiter: RateLimiter, *,
+                      echoes: Sequence[Sequence[tuple[str, str]]] | None = None,
+                      echo_window_ms: int = 0) -> list[Claim]:
         """Everything a flush asks before sending, for all its devices in one script call.
 
         ``devices`` are ``(device_key, pin → newest event time to send)``. Per device, in this
@@ -281,6 +294,10 @@ class LastWritten:
         owner's live lease → ``busy_ms``; the rate limit says wait → ``wait_s`` (nothing
         taken); else the lease and one request of ``limiter`` are taken and ``last`` is read
         (``granted``). Re-entrant like :meth:`claim`.
+
+        ``echoes`` (one list per device of :func:`pipeline.echo.records`): recorded for the
+        granted devices only, in the same call — the echo records of the writes about to be
+        sent cost no round trip of their own, and a device not written now records nothing.
         """
         if not devices:
             return []
@@ -293,8 +310,14 @@ class LastWritten:
             for pin, ts in newest.items():
                 flat += (pin, ts)
             per_device.append(flat)
+        items: list[list[str]] | None = None
+        if echoes is not None:
+            items = []
+            for records in echoes:
+                keys += (key for key, _ in records)
+                items.append([text for _, text in records])
         args = [_pack([self.owner, self.lease_ms, max(self.ttl_ms, self.lease_ms),
-                       limiter.interval_us, limiter.burst, per_device])]
+                       limiter.interval_us, limiter.burst, per_device, echo_window_ms, items])]
         replies = await self._prepare(keys=keys, args=args)
         claims: list[Claim] = []
         for (_, newest), reply in zip(devices, replies, strict=True):

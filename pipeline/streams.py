@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
 from redis.exceptions import ResponseError
 
 from pipeline import events, metrics
@@ -289,34 +290,47 @@ class StreamReader:
         """Acknowledge entries (one pipelined ``XACK`` per stream)."""
         if not entries:
             return
+        async with self._redis.pipeline(transaction=False) as pipe:
+            self.queue_ack(pipe, entries)
+            await pipe.execute()
+
+    def queue_ack(self, pipe: Pipeline, entries: Sequence[Entry]) -> None:
+        """Queue the ``XACK`` of ``entries`` (one per stream) in a caller's pipeline."""
         by_stream: dict[str, list[str]] = {}
         for e in entries:
             by_stream.setdefault(e.stream, []).append(e.id)
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for s, ids in by_stream.items():
-                pipe.xack(s, self.group, *ids)
-            await pipe.execute()
+        for s, ids in by_stream.items():
+            pipe.xack(s, self.group, *ids)
 
     async def dead_letter(self, items: Sequence[tuple[Entry, str, str]]) -> None:
         """Write each ``(entry, reason, detail)`` to the dead stream, then ack the entries."""
         if not items:
             return
-        ts = now_ms()
         async with self._redis.pipeline(transaction=False) as pipe:
-            for entry, reason, detail in items:
-                dead = events.dead_letter(
-                    stream=entry.stream,
-                    entry_id=entry.id,
-                    raw=entry.data if entry.data is not None else _encode_fields(entry.fields),
-                    stage=self.stage,
-                    reason=reason,
-                    detail=detail,
-                    attempts=entry.deliveries,
-                    dead_ts_ms=ts,
-                )
-                pipe.xadd(self._keys.dead, {events.FIELD: events.encode(dead)})
+            self.queue_dead_letter(pipe, items, now_ms())
             await pipe.execute()
         await self.ack([e for e, _, _ in items])
+        self.count_dead(items)
+
+    def queue_dead_letter(self, pipe: Pipeline, items: Sequence[tuple[Entry, str, str]],
+                          ts: int) -> None:
+        """Queue the dead letters of ``items`` (not their acks: a caller acking in the same
+        pipeline makes it a ``MULTI``, so an entry is never acked without its dead letter);
+        :meth:`count_dead` once it ran."""
+        for entry, reason, detail in items:
+            dead = events.dead_letter(
+                stream=entry.stream,
+                entry_id=entry.id,
+                raw=entry.data if entry.data is not None else _encode_fields(entry.fields),
+                stage=self.stage,
+                reason=reason,
+                detail=detail,
+                attempts=entry.deliveries,
+                dead_ts_ms=ts,
+            )
+            pipe.xadd(self._keys.dead, {events.FIELD: events.encode(dead)})
+
+    def count_dead(self, items: Sequence[tuple[Entry, str, str]]) -> None:
         for _, reason, _ in items:
             metrics.DEAD.labels(self.stage, reason).inc()
 

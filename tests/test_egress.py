@@ -16,6 +16,7 @@ import pytest
 from emulators.blynk.model import DatastreamSpec, Device, DeviceSpec, TemplateSpec
 from emulators.blynk.server import BlynkEmulator
 from emulators.blynk.settings import EmulatorSpec, Settings
+from pipeline import echo
 from pipeline.config import BlynkConfig, Config, EgressConfig, RedisConfig, StreamsConfig
 from pipeline.context import Context
 from pipeline.events import FIELD, BlynkWrite, DeadLetter, Value, decode_dead, decode_write, encode
@@ -108,6 +109,26 @@ async def test_prepare_skips_stale_waits_for_leases_and_rate_and_takes_the_rest(
     (limited,) = await a.prepare([("new", {"V1": 9})], limiter)  # 1 request/s: wait for it
     assert not limited.granted and 0 < limited.wait_s <= 1.0
     assert not (await b.claim([("old", ["V1"])]))[0].granted  # a holds "old" now
+
+
+async def test_prepare_records_echoes_for_the_granted_devices_only(
+    redis: Redis, keys: Keys
+) -> None:
+    """The echo records of a flush ride in ``prepare``: a device not written now (stale, or
+    another replica's lease) records nothing that could later swallow a user's command."""
+    a = LastWritten(redis, keys, "replica-a", lease_ms=10_000)
+    b = LastWritten(redis, keys, "replica-b", lease_ms=10_000)
+    limiter = RateLimiter(redis, keys, rps=100)
+    await a.commit("old", {"V1": 100})
+    await b.claim([("busy", ["V1"])])
+    wall = now_ms()
+    records = [echo.records(keys, f"token-{d}", {"V1": 1}, wall) for d in ("old", "busy", "new")]
+    claims = await a.prepare([("old", {"V1": 99}), ("busy", {"V1": 5}), ("new", {"V1": 7})],
+                             limiter, echoes=records, echo_window_ms=60_000)
+    assert [c.granted for c in claims] == [False, False, True]
+    taken = await echo.Echoes(redis, keys, 60_000).take(
+        [(f"token-{d}", "V1", "1") for d in ("old", "busy", "new")], wall)
+    assert taken == [False, False, True]
 
 
 async def test_commit_many_records_and_acks_in_one_call(redis: Redis, keys: Keys) -> None:

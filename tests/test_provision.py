@@ -8,14 +8,7 @@ from typing import Any
 
 import pytest
 
-from emulators.blynk import (
-    BlynkEmulator,
-    DatastreamSpec,
-    EmulatorSpec,
-    MetafieldSpec,
-    OAuthClient,
-    TemplateSpec,
-)
+from emulators.blynk import BlynkEmulator, DatastreamSpec, MetafieldSpec, TemplateSpec
 from pipeline import config as config_mod
 from pipeline import events
 from pipeline.blynk.platform import PlatformClient
@@ -25,6 +18,8 @@ from pipeline.events import Uplink
 from pipeline.keys import GROUP_TRANSFORM, Keys
 from pipeline.provision import device_name
 from pipeline.streams import Redis, StreamWriter
+from tests.rig import add_uplinks, blynk_spec, parse_config, serve_blynk
+from tests.rig import writes as written
 from tests.wait import wait_until
 from workers.transform import TransformStage
 
@@ -32,24 +27,15 @@ TEMPLATE = "TMPLbutton01"
 META = 3
 
 
-def emulator() -> BlynkEmulator:
-    return BlynkEmulator.from_spec(EmulatorSpec(
-        regions={"fra1": 0},
-        oauth_clients=[OAuthClient(client_id="bridge", client_secret="s3cret")],
-        templates=[TemplateSpec(
+@pytest.fixture
+async def blynk() -> AsyncIterator[tuple[BlynkEmulator, str]]:
+    async with serve_blynk(blynk_spec([TemplateSpec(
             id=TEMPLATE, name="Button",
             datastreams=[DatastreamSpec(id=1, pin="V1", name="pressEvent", type="integer")],
             metafields=[MetafieldSpec(id=1, name="Device Name"),
-                        MetafieldSpec(id=META, name="TheThingsNetwork Device")],
-        )],
-    ))
-
-
-@pytest.fixture
-async def blynk() -> AsyncIterator[tuple[BlynkEmulator, str]]:
-    emu = emulator()
-    async with emu.serve({"fra1": 0}) as urls:
-        yield emu, urls["fra1"]
+                        MetafieldSpec(id=META, name="TheThingsNetwork Device")])],
+            oauth=True, device_rps=50)) as served:
+        yield served
 
 
 def make_config(prefix: str, url: str, template_id: str = TEMPLATE, batch: int = 5,
@@ -70,19 +56,12 @@ tts:
   - {{name: app, app_id: starter-kit, template: button,
       provision: {str(provision).lower()}{limits}}}
 """
-    return config_mod.parse(text, "yaml", "test.yaml", env={})
+    return parse_config(text)
 
 
 def uplink(i: int, device: str = "eui-70b3d52dd600035a") -> Uplink:
     return Uplink(event_id=f"as:up:{i}", source="tts", integration="app", device=device,
                   event_ts_ms=1_000 + i, received_ts_ms=2_000 + i, values={"pressEvent": i})
-
-
-async def fill(redis: Redis, keys: Keys, uplinks: list[Uplink]) -> None:
-    async with redis.pipeline(transaction=False) as pipe:
-        for u in uplinks:
-            pipe.xadd(keys.stream("uplinks"), {events.FIELD: events.encode(u)})
-        await pipe.execute()
 
 
 async def stage_for(cfg: config_mod.Config, redis: Redis, keys: Keys, name: str,
@@ -93,18 +72,13 @@ async def stage_for(cfg: config_mod.Config, redis: Redis, keys: Keys, name: str,
     return stage
 
 
-async def written(redis: Redis, keys: Keys) -> list[events.BlynkWrite]:
-    return [events.decode_write(f[events.FIELD])
-            for _, f in await redis.xrange(keys.stream("writes"))]
-
-
 async def test_fifty_concurrent_first_uplinks_create_one_device(
         redis: Redis, keys: Keys, prefix: str, blynk: tuple[BlynkEmulator, str]) -> None:
     emu, url = blynk
     # Slow creation down so the three stages surely overlap while the device is being created.
     emu.faults.set(latency_ms=200, path_prefix="/api/v1/organization/device/create")
     cfg = make_config(prefix, url)
-    await fill(redis, keys, [uplink(i) for i in range(50)])
+    await add_uplinks(redis, keys, [uplink(i) for i in range(50)])
     clients = [PlatformClient(cfg.blynk.platform) for _ in range(3)]  # type: ignore[arg-type]
     stages = [await stage_for(cfg, redis, keys, f"w{i}", c) for i, c in enumerate(clients)]
     try:
@@ -134,7 +108,7 @@ async def test_platform_outage_keeps_uplinks_pending(
         redis: Redis, keys: Keys, prefix: str, blynk: tuple[BlynkEmulator, str]) -> None:
     emu, url = blynk
     cfg = make_config(prefix, url, batch=10)
-    await fill(redis, keys, [uplink(i, device="dev-2") for i in range(3)])
+    await add_uplinks(redis, keys, [uplink(i, device="dev-2") for i in range(3)])
     client = PlatformClient(cfg.blynk.platform)  # type: ignore[arg-type]
     stage = await stage_for(cfg, redis, keys, "w", client)
     try:
@@ -163,7 +137,7 @@ async def test_devices_that_cannot_be_created_are_dead_lettered(
         template_id: str, provision: bool, reason: str) -> None:
     emu, url = blynk
     cfg = make_config(prefix, url, template_id=template_id, provision=provision)
-    await fill(redis, keys, [uplink(1, device="dev-3")])
+    await add_uplinks(redis, keys, [uplink(1, device="dev-3")])
     client = PlatformClient(cfg.blynk.platform)  # type: ignore[arg-type]
     stage = await stage_for(cfg, redis, keys, "w", client)
     try:
@@ -193,7 +167,7 @@ async def test_ids_that_read_the_same_once_cleaned_make_distinct_blynk_devices(
         redis: Redis, keys: Keys, prefix: str, blynk: tuple[BlynkEmulator, str]) -> None:
     emu, url = blynk
     cfg = make_config(prefix, url)
-    await fill(redis, keys, [uplink(1, device="node.1"), uplink(2, device="node:1"),
+    await add_uplinks(redis, keys, [uplink(1, device="node.1"), uplink(2, device="node:1"),
                              uplink(3, device="node-1")])
     client = PlatformClient(cfg.blynk.platform)  # type: ignore[arg-type]
     stage = await stage_for(cfg, redis, keys, "w", client)
@@ -250,7 +224,7 @@ async def test_provision_max_caps_devices_and_dead_letters_the_rest(
     cfg = make_config(prefix, url, batch=50,
                       limits=", provision_max: 5, provision_rate: 1000, provision_burst: 1000")
     before = _sample("bb_dead_letters_total", stage="transform", reason="provision_limit")
-    await fill(redis, keys, [uplink(i, device=f"core{i:03d}") for i in range(100)])
+    await add_uplinks(redis, keys, [uplink(i, device=f"core{i:03d}") for i in range(100)])
     await _run_stages(cfg, redis, keys, 2)
     assert len(emu.model.devices) == 5
     assert len(await written(redis, keys)) == 5
@@ -267,7 +241,7 @@ async def test_provision_rate_holds_across_replicas_and_the_rest_waits_uncounted
     emu, url = blynk
     cfg = make_config(prefix, url, batch=10,
                       limits=", provision_rate: 0.001, provision_burst: 4")
-    await fill(redis, keys, [uplink(i, device=f"core{i:03d}") for i in range(40)])
+    await add_uplinks(redis, keys, [uplink(i, device=f"core{i:03d}") for i in range(40)])
     await _run_stages(cfg, redis, keys, 2)
     assert len(emu.model.devices) == 4  # the burst, shared by both replicas
     assert len(await written(redis, keys)) == 4
@@ -283,7 +257,7 @@ async def test_uplinks_waiting_for_the_rate_are_written_once_it_allows(
     emu, url = blynk
     cfg = make_config(prefix, url, batch=10, streams=", claim_idle_ms: 200",
                       limits=", provision_rate: 20, provision_burst: 2")
-    await fill(redis, keys, [uplink(i, device=f"core{i:03d}") for i in range(10)])
+    await add_uplinks(redis, keys, [uplink(i, device=f"core{i:03d}") for i in range(10)])
     client = PlatformClient(cfg.blynk.platform)  # type: ignore[arg-type]
     stage = await stage_for(cfg, redis, keys, "w", client)
     stage.until_idle = False
@@ -311,7 +285,7 @@ async def test_no_device_is_created_for_uplinks_that_map_nothing(
     junk = [Uplink(event_id=f"j{i}", source="tts", integration="app", device=f"junk{i}",
                    event_ts_ms=1, received_ts_ms=2, values={"nope": i},
                    radio=events.Radio(rssi=-40, snr=5.0)) for i in range(3)]
-    await fill(redis, keys, [*junk, uplink(1, device="real")])
+    await add_uplinks(redis, keys, [*junk, uplink(1, device="real")])
     client = PlatformClient(cfg.blynk.platform)  # type: ignore[arg-type]
     stage = await stage_for(cfg, redis, keys, "w", client)
     try:

@@ -247,6 +247,17 @@ def test_applied_values_table() -> None:
     assert emu.applied_values({"f_port": 7, "frm_payload": "%%"}, port_keys={7: "t"}) == {}
 
 
+def test_report_once_reports_an_applied_value_in_the_next_uplink_only() -> None:
+    sticky, once = emu.SimulatedDevices(), emu.SimulatedDevices(port_keys={8: "valve"},
+                                                                report_once=True)
+    for devices in (sticky, once):
+        devices.register(["d"])
+        devices.apply("d", {"f_port": 8, "frm_payload": base64.b64encode(b"\x01").decode(),
+                            "decoded_payload": {"name": "valve", "pin": "v8", "value": 1}})
+    assert [sticky.report("d"), sticky.report("d")] == [{"valve": 1}, {"valve": 1}]
+    assert [once.report("d"), once.report("d")] == [{"valve": 1}, {}]
+
+
 async def test_simulated_devices_apply_downlinks_and_report_them_in_their_next_uplink() -> None:
     app_id = f"apply-{uuid.uuid4().hex[:6]}"
     fleet = emu.Fleet(MQTT_HOST, MQTT_PORT, app_id, "ttn", devices=3, rate_per_s=float("inf"))

@@ -15,20 +15,27 @@ Each batch read from the downlinks stream goes through, in order:
    counted (``superseded`` / ``stale`` / ``duplicate``), never sent;
 5. **send**: TTS over MQTT (``down/push``/``down/replace`` on a connection of the stage's
    own), TTS over HTTP (webhook downlink API), or a Particle function call;
-6. **commit**: one pipeline records the last sent (pin → Blynk time, forward only), keeps what
-   outcome matching needs under the correlation id, and acks. Acked only after the publish/call
-   returned: at-least-once. A killed worker's entries are taken over by ``XAUTOCLAIM``.
+6. **commit**: one ``MULTI`` records the last sent (pin → Blynk time, forward only), writes the
+   dead letters of the batch and acks every entry the batch finished (what outcome matching
+   needs was kept under the correlation id in step 3's round trip, before the send). Acked
+   only after the publish/call returned: at-least-once. A killed worker's entries are taken
+   over by ``XAUTOCLAIM``.
+
+Redis round trips per batch, besides the read: one for the reverse index and the registry's
+version check, one for the echo check, the last-sent times and what outcome matching keeps (one
+``EVAL`` and plain commands, whatever the batch size), and the commit; registry rows not in the
+cache cost one more, as does the last-sent read of held commands retried in a round that read
+nothing new.
 
 A command whose device is offline, whose cloud fails or refuses our credentials is held in
 memory and retried with capped jittered backoff (its pending entry kept fresh with ``XCLAIM …
 JUSTID`` so no other replica takes it) until its TTL: then ``device_offline`` (or ``expired``).
 A newer command for the same pin replaces a held one. 401/403 set the integration Broken.
 
-TTS outcomes (``down/queued|sent|ack|nack|failed``) heard on the stage's connection are matched
-by correlation id ``bb:down:<id>`` and counted once across replicas; ``nack``/``failed`` become
-dead letters with TTS's error; with ``downlink.outcome_pin`` in the template the outcome is
-written back to Blynk (1 delivered, 0 failed), as is a Particle function's ``return_value``
-with ``return_pin``.
+TTS outcomes (``down/queued|sent|ack|nack|failed``) heard on the stage's connection go to
+:mod:`pipeline.downlink_outcomes` (as those of webhook applications do from ingest-http): matched
+by correlation id, counted once, failures dead-lettered, the outcome pin written. A Particle
+function's ``return_value`` is written back with ``return_pin``.
 """
 
 from __future__ import annotations
@@ -38,10 +45,10 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import aiohttp
 import msgspec
+from redis.asyncio.client import Pipeline
 from redis.exceptions import RedisError
 
 from pipeline import downlinks, events, metrics
@@ -51,7 +58,8 @@ from pipeline.config import Config, TemplateConfig, TemplateDownlink
 from pipeline.consumer import backoff_s
 from pipeline.context import Context
 from pipeline.device_clouds import Offline, ParticleApi, TtsHttp, TtsMqtt, Unauthorized
-from pipeline.echo import Echoes
+from pipeline.downlink_outcomes import Outcomes, Sent, queue_write_back
+from pipeline.echo import Echoes, echoed
 from pipeline.errors import Permanent, Retryable
 from pipeline.lifecycle import Stage
 from pipeline.mapping import Datastream, Mismatch, coerce
@@ -61,36 +69,36 @@ from pipeline.streams import Entry, StreamReader, now_ms
 
 log = logging.getLogger("blynk_bridge.downlink")
 
-#: TTS outcomes that mean the device got (``sent``: unconfirmed) or confirmed (``ack``) it.
-DELIVERED = ("sent", "ack")
-
-#: Record the last sent Blynk time of a pin, forward only; returns 0 when a newer one is there.
+#: Record the last sent Blynk time of each pin, forward only. KEYS = one last-sent hash per
+#: command; ARGV = ttl ms, then pin, Blynk time, event id per key. Sent by ``EVAL`` in the
+#: commit's ``MULTI`` (no ``SCRIPT EXISTS`` round trip, nothing to reload after a restart).
 _RECORD = """
-local cur = redis.call('HGET', KEYS[1], ARGV[1])
-if cur then
-  local ts = tonumber(string.match(cur, '^(%d+)'))
-  if ts and ts > tonumber(ARGV[2]) then return 0 end
+for k = 1, #KEYS do
+  local pin, ts, id = ARGV[3 * k - 1], ARGV[3 * k], ARGV[3 * k + 1]
+  local cur = redis.call('HGET', KEYS[k], pin)
+  local older = false
+  if cur then
+    local last = tonumber(string.match(cur, '^(%d+)'))
+    older = last and last > tonumber(ts)
+  end
+  if not older then
+    redis.call('HSET', KEYS[k], pin, ts .. ':' .. id)
+    redis.call('PEXPIRE', KEYS[k], ARGV[1])
+  end
 end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. ':' .. ARGV[3])
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
-return 1
+return #KEYS
 """
 
 
-class _Sent(msgspec.Struct, kw_only=True, omit_defaults=True):
-    """What outcome matching keeps of a sent command (``keys.down_command``)."""
+@dataclass(slots=True)
+class _Finish:
+    """What one batch finished without sending: acked and dead-lettered in the commit."""
 
-    device_key: str
-    template: str
-    pin: str
-    stream: str
-    entry_id: str
-    raw: bytes
-    token: str
-    server: str
-
-
-_sent_dec = msgspec.msgpack.Decoder(_Sent)
+    acks: list[Entry] = field(default_factory=list)
+    dead: list[tuple[Entry, str, str]] = field(default_factory=list)
+    #: Last sent ``"<Blynk ms>:<event id>"`` (or ``None``) per (device key, pin), read with
+    #: the echo check.
+    lasts: dict[tuple[str, str], bytes | None] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -128,6 +136,8 @@ class DownlinkStage:
             claim_idle_ms=s.claim_idle_ms, max_deliveries=s.max_deliveries)
         self.registry = Registry(ctx.redis, ctx.keys, cache_size=cfg.transform.cache_size)
         self.echoes = Echoes(ctx.redis, ctx.keys, self.cfg.echo_window_ms)
+        self.outcomes = Outcomes(ctx.redis, ctx.keys, {t.name: t for t in cfg.templates},
+                                 self.cfg.outcome_ttl_s)
         self.board = StatusBoard(ctx.redis, ctx.keys)
         self.templates = {t.name: t for t in cfg.templates}
         self.datastreams = {t.name: {d.pin.upper(): Datastream.from_config(d)
@@ -136,7 +146,6 @@ class DownlinkStage:
         self.particle = {p.name: p for p in cfg.particle}
         self._mqtt: dict[str, TtsMqtt] = {}
         self._http: aiohttp.ClientSession | None = None
-        self._record = ctx.redis.register_script(_RECORD)
         self.ttl_ms = self.cfg.ttl_s * 1000
         #: Commands waiting for a retry, by (device key, pin).
         self.held: dict[tuple[str, str], _Command] = {}
@@ -206,31 +215,31 @@ class DownlinkStage:
 
     async def handle(self, entries: list[Entry]) -> None:
         """Prepare new entries, merge them with held commands, send what is due, commit."""
-        fresh = await self._prepare(entries) if entries else []
+        batch = _Finish()
+        fresh = await self._prepare(entries, batch) if entries else []
         self._merge(fresh)
         await self._keep_held_claimed()
         now = time.monotonic()
         due = [c for c in self.held.values() if c.not_before <= now]
-        if not due:
-            return
         for c in due:
             del self.held[c.key]
-        due = await self._drop_stale(due)
+        due = await self._drop_stale(due, batch)
         results = await asyncio.gather(*(self._send(c) for c in due), return_exceptions=True)
         ok: list[tuple[_Command, events.Value | None]] = []
-        dead: list[tuple[Entry, str, str]] = []
         for c, result in zip(due, results, strict=True):
             if isinstance(result, BaseException):
-                self._failed(c, result, dead)
+                self._failed(c, result, batch.dead)
             else:
                 ok.append((c, result))
-        await self._commit(ok)
-        if dead:
-            await self.reader.dead_letter(dead)
+        await self._commit(ok, batch)
 
-    async def _prepare(self, entries: list[Entry]) -> list[_Command]:
-        """Decode, resolve, check and de-echo new entries; dead-letters and acks the rest."""
-        dead: list[tuple[Entry, str, str]] = []
+    async def _prepare(self, entries: list[Entry], batch: _Finish) -> list[_Command]:
+        """Decode, resolve, check and de-echo new entries; what they finish goes to ``batch``.
+
+        Two round trips: the reverse index with the registry's version check, then the echo
+        check with the last-sent times of these commands and of the held ones.
+        """
+        dead = batch.dead
         decoded: list[tuple[Entry, events.Downlink]] = []
         for e in entries:
             try:
@@ -276,28 +285,47 @@ class DownlinkStage:
                              "(a Particle device needs downlink.particle for the pin)"))
                 continue
             commands.append(_Command(e, d, dev, template, ds, value))
-        echoes = await self.echoes.take(
-            [(c.down.token or c.device.token, c.down.pin, c.down.value) for c in commands]
-            + [(d.token or "", d.pin, d.value) for _, d in strangers], wall)
+        checks = ([(c.down.token or c.device.token, c.down.pin, c.down.value) for c in commands]
+                  + [(d.token or "", d.pin, d.value) for _, d in strangers])
+        last_keys = list(dict.fromkeys([*(c.key for c in commands), *self.held]))
+        echoes: list[bool] = []
+        async with self.ctx.redis.pipeline(transaction=False) as pipe:
+            queued = self.echoes.queue_take(pipe, checks, wall)
+            for device_key, pin in last_keys:
+                pipe.hget(self.ctx.keys.down_last(device_key), pin)
+            self._keep_for_outcomes(pipe, commands)
+            replies = await pipe.execute() if queued or last_keys or commands else []
+        if queued:
+            echoes = echoed(replies[0])
+        batch.lasts.update(zip(last_keys, replies[queued:queued + len(last_keys)], strict=True))
         fresh: list[_Command] = []
-        acked: list[Entry] = []
         for c, echo in zip(commands, echoes, strict=False):
             if echo:
-                acked.append(c.entry)
+                batch.acks.append(c.entry)
                 self._count(c, "echo")
             else:
                 fresh.append(c)
         for (e, d), echo in zip(strangers, echoes[len(commands):], strict=True):
             if echo:
-                acked.append(e)
+                batch.acks.append(e)
                 metrics.DOWNLINKS.labels(d.origin, "echo").inc()
             else:
                 dead.append((e, "unknown_device", _unknown(d)))
-        if acked:
-            await self.reader.ack(acked)
-        if dead:
-            await self.reader.dead_letter(dead)
         return fresh
+
+    def _keep_for_outcomes(self, pipe: Pipeline, commands: list[_Command]) -> None:
+        """Keep what outcome matching needs of each TTS command under its correlation id,
+        before it can be sent: TTS may report an outcome (``failed`` at once, or over a webhook
+        while the downlink call is still open) before the send returns. Kept for commands that
+        end up not sent too (echoes, superseded): no outcome ever names them, and they expire."""
+        for c in commands:
+            if not c.device.key.startswith("tts:"):
+                continue
+            sent = Sent(device_key=c.device.key, template=c.template.name, pin=c.down.pin,
+                        stream=c.entry.stream, entry_id=c.entry.id, raw=c.entry.data or b"",
+                        token=c.device.token, server=self._server_url(c.device.server))
+            pipe.set(self.ctx.keys.down_command(c.down.event_id), msgspec.msgpack.encode(sent),
+                     ex=self.cfg.outcome_ttl_s)
 
     def _merge(self, fresh: list[_Command]) -> None:
         """Latest wins between new commands and those held, per (device, pin)."""
@@ -315,28 +343,29 @@ class DownlinkStage:
                 c.not_before, c.attempts = old.not_before, old.attempts
         self.held = new_held
 
-    async def _drop_stale(self, due: list[_Command]) -> list[_Command]:
-        """Ack commands older than (or the same as) the last one sent to their pin."""
-        async with self.ctx.redis.pipeline(transaction=False) as pipe:
-            for c in due:
-                pipe.hget(self.ctx.keys.down_last(c.device.key), c.down.pin)
-            lasts = await pipe.execute()
+    async def _drop_stale(self, due: list[_Command], batch: _Finish) -> list[_Command]:
+        """Finish commands older than (or the same as) the last one sent to their pin, by the
+        times read with the echo check (a round trip only for keys it did not read)."""
+        missing = [c.key for c in due if c.key not in batch.lasts]
+        if missing:
+            async with self.ctx.redis.pipeline(transaction=False) as pipe:
+                for device_key, pin in missing:
+                    pipe.hget(self.ctx.keys.down_last(device_key), pin)
+                batch.lasts.update(zip(missing, await pipe.execute(), strict=True))
         keep: list[_Command] = []
-        acked: list[Entry] = []
-        for c, last in zip(due, lasts, strict=True):
+        for c in due:
+            last = batch.lasts[c.key]
             if last:
                 ts_text, _, last_id = last.decode().partition(":")
                 if last_id == c.down.event_id:
                     self._count(c, "duplicate")
-                    acked += [c.entry, *c.carried]
+                    batch.acks += [c.entry, *c.carried]
                     continue
                 if int(ts_text) > c.down.ts_ms:
                     self._count(c, "stale")
-                    acked += [c.entry, *c.carried]
+                    batch.acks += [c.entry, *c.carried]
                     continue
             keep.append(c)
-        if acked:
-            await self.reader.ack(acked)
         return keep
 
     # ---- sending ---------------------------------------------------------------------------
@@ -425,47 +454,42 @@ class DownlinkStage:
 
     # ---- committing ------------------------------------------------------------------------
 
-    async def _commit(self, ok: list[tuple[_Command, events.Value | None]]) -> None:
-        """Record what was sent, keep its correlation, write return values, ack — one pipeline.
+    async def _commit(self, ok: list[tuple[_Command, events.Value | None]], batch: _Finish
+                      ) -> None:
+        """Record what was sent, keep its correlation, write return values and the batch's dead
+        letters, ack — one ``MULTI`` (all or nothing: no entry is acked without its dead letter
+        or record).
 
         A failure here leaves the entries pending: they are sent again (at-least-once).
         """
-        if not ok:
+        if not ok and not batch.acks and not batch.dead:
             return
         keys = self.ctx.keys
         wall = now_ms()
         record_ms = max(self.ttl_ms * 2, 60_000)
-        async with self.ctx.redis.pipeline(transaction=False) as pipe:
+        acks = list(batch.acks)
+        async with self.ctx.redis.pipeline(transaction=True) as pipe:
+            if ok:
+                args: list[str | int] = [record_ms]
+                for c, _ in ok:
+                    args += (c.down.pin, c.down.ts_ms, c.down.event_id)
+                pipe.eval(_RECORD, len(ok), *(keys.down_last(c.device.key) for c, _ in ok),
+                          *args)
             for c, result in ok:
-                await self._record(keys=[keys.down_last(c.device.key)],
-                                   args=[c.down.pin, c.down.ts_ms, c.down.event_id, record_ms],
-                                   client=pipe)
-                sent = _Sent(device_key=c.device.key, template=c.template.name, pin=c.down.pin,
-                             stream=c.entry.stream, entry_id=c.entry.id,
-                             raw=c.entry.data or b"", token=c.device.token,
-                             server=self._server_url(c.device.server))
-                pipe.set(keys.down_command(c.down.event_id), msgspec.msgpack.encode(sent),
-                         ex=self.cfg.outcome_ttl_s)
                 ret_pin = _return_pin(c.template.downlink, c.down.pin)
                 if result is not None and ret_pin is not None:
-                    self._write_back(pipe, c.device, ret_pin, result, wall, c.down.event_id)
-            for c, _ in ok:
-                for e in (c.entry, *c.carried):
-                    pipe.xack(e.stream, keynames.GROUP_DOWNLINK, e.id)
+                    queue_write_back(pipe, keys, device_key=c.device.key, token=c.device.token,
+                                     server=self._server_url(c.device.server), pin=ret_pin,
+                                     value=result, wall=wall, event_id=f"{c.down.event_id}:ret")
+                acks += (c.entry, *c.carried)
+            self.reader.queue_dead_letter(pipe, batch.dead, wall)
+            acks += (e for e, _, _ in batch.dead)
+            self.reader.queue_ack(pipe, acks)
             await pipe.execute()
+        self.reader.count_dead(batch.dead)
         for c, _ in ok:
             self._count(c, "sent")
             metrics.DOWNLINK_LATENCY.observe(max(0, wall - c.down.received_ts_ms) / 1000)
-
-    def _write_back(self, pipe: Any, dev: Device, pin: str, value: events.Value, wall: int,
-                    event_id: str) -> None:
-        source, _, device = split_key(dev.key)
-        write = events.BlynkWrite(token=dev.token, server=self._server_url(dev.server),
-                                  device_key=dev.key, pins={pin.upper(): value},
-                                  event_ts_ms=wall, received_ts_ms=wall,
-                                  event_id=f"{event_id}:ret")
-        stream = self.ctx.keys.stream_for(keynames.WRITES, source, device)
-        pipe.xadd(stream, {events.FIELD: events.encode(write)})
 
     def _server_url(self, server: str | None) -> str:
         if not server:
@@ -488,41 +512,8 @@ class DownlinkStage:
     # ---- TTS outcomes ----------------------------------------------------------------------
 
     async def _outcome(self, integration: str, outcome: str, payload: bytes) -> None:
-        """One ``down/<outcome>`` message: match, count once, dead-letter failures, write the
-        outcome pin."""
-        ids = _correlation_ids(payload)
-        for event_id in ids:
-            first = await self.ctx.redis.set(self.ctx.keys.down_outcome(event_id, outcome), b"1",
-                                             nx=True, ex=self.cfg.outcome_ttl_s)
-            if not first:
-                continue
-            metrics.DOWNLINK_OUTCOMES.labels(integration, outcome).inc()
-            # TTS acks only confirmed downlinks (Blynk's integration sends none): ``sent`` (a
-            # gateway transmitted it) is delivery for them, ``ack`` for the confirmed ones.
-            if outcome not in DELIVERED and outcome not in ("nack", "failed"):
-                continue
-            raw = await self.ctx.redis.get(self.ctx.keys.down_command(event_id))
-            if raw is None:
-                continue
-            sent = _sent_dec.decode(raw if isinstance(raw, bytes) else raw.encode())
-            async with self.ctx.redis.pipeline(transaction=False) as pipe:
-                if outcome not in DELIVERED:
-                    dead = events.dead_letter(
-                        stream=sent.stream, entry_id=sent.entry_id, raw=sent.raw,
-                        stage=self.name, reason=f"tts_{outcome}",
-                        detail=_tts_error(payload), attempts=1, dead_ts_ms=now_ms())
-                    pipe.xadd(self.ctx.keys.dead, {events.FIELD: events.encode(dead)})
-                    metrics.DEAD.labels(self.name, f"tts_{outcome}").inc()
-                template = self.templates.get(sent.template)
-                pin = (template.downlink.outcome_pin
-                       if template is not None and template.downlink else None)
-                if pin:
-                    wall = now_ms()
-                    dev = Device(key=sent.device_key, token=sent.token, template=sent.template,
-                                 server=sent.server)
-                    self._write_back(pipe, dev, pin, 1 if outcome in DELIVERED else 0, wall,
-                                     f"{event_id}:{outcome}")
-                await pipe.execute()
+        """One ``down/<outcome>`` message heard on the stage's MQTT connection."""
+        await self.outcomes.handle(integration, outcome, payload)
 
     def _count(self, c: _Command, outcome: str) -> None:
         metrics.DOWNLINKS.labels(split_key(c.device.key)[1], outcome).inc()
@@ -549,36 +540,6 @@ def _return_pin(downlink: TemplateDownlink | None, pin: str) -> str | None:
         if p.upper() == pin:
             return fn.return_pin
     return None
-
-
-class _Outcome(msgspec.Struct):
-    correlation_ids: list[str] = msgspec.field(default_factory=list)
-
-
-_outcome_dec = msgspec.json.Decoder(_Outcome)
-
-
-def _correlation_ids(payload: bytes) -> list[str]:
-    try:
-        msg = _outcome_dec.decode(payload)
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        return []
-    return [c for c in msg.correlation_ids if c.startswith("bb:down:") and len(c) < 64]
-
-
-def _tts_error(payload: bytes) -> str:
-    try:
-        obj = msgspec.json.decode(payload)
-    except msgspec.DecodeError:
-        return payload[:500].decode(errors="replace")
-    for key in ("downlink_failed", "downlink_nack"):
-        part = obj.get(key) if isinstance(obj, dict) else None
-        if isinstance(part, dict):
-            err = part.get("error")
-            if isinstance(err, dict):
-                return f"{err.get('name')}: {err.get('message_format')}"[:500]
-            return f"{key}"[:500]
-    return "TTS reported the downlink failed"
 
 
 async def _sleep(delay: float, stop: asyncio.Event) -> None:

@@ -17,7 +17,8 @@ Contract of a webhook request: **2xx only after the entry is in Redis** (``XADD`
 :meth:`pipeline.streams.StreamWriter.add`, group-committed). The answer carries ``X-Entry-Id`` and
 ``X-Event-Id`` and an empty body, because Particle turns a non-empty body into a ``hook-response``
 event. A valid TTS message that is not an uplink (downlink outcome, service data, skipped simulated
-uplink) gets 202 and is not stored; a TTS uplink without ``decoded_payload`` (that device's
+uplink) gets 202 and is not stored (a downlink outcome is first matched to the bridge's command:
+:mod:`pipeline.downlink_outcomes`); a TTS uplink without ``decoded_payload`` (that device's
 formatter failed) gets 202 and becomes a dead letter ``no_decoded_payload``, as on MQTT. Every
 refusal is counted in ``bb_rejected_total{reason}`` and answered with ``{"error": {"reason",
 "field", "message"}}``: 404 unknown integration, 401 bad credentials (429 + ``Retry-After`` past
@@ -69,6 +70,7 @@ from pipeline import metrics
 from pipeline.backlog import as_str, reported_lag
 from pipeline.config import HttpAuth, IngestHttpConfig, NoAuth, ParticleProduct, TtsApplication
 from pipeline.context import Context
+from pipeline.downlink_outcomes import OUTCOMES, Outcomes
 from pipeline.errors import ConfigError, InvalidInput
 from pipeline.events import Uplink, dead_letter, encode
 from pipeline.lifecycle import collect_young_less_often
@@ -567,6 +569,8 @@ class IngestHttp:
             w.name: Authenticator(w.auth, f"blynk_webhooks[{i}].auth")
             for i, w in enumerate(ctx.config.blynk_webhooks)}
         self.blynk_rate = WebhookRate()
+        self.outcomes = Outcomes(ctx.redis, ctx.keys, {t.name: t for t in ctx.config.templates},
+                                 ctx.config.downlink.outcome_ttl_s)
         self.appender = ctx.writer
         self.board = StatusBoard(ctx.redis, ctx.keys)
         self.status = InboundStatus(self.board, "particle", self.cfg.broken_after_failures)
@@ -727,7 +731,7 @@ class IngestHttp:
         return await self._append(uplink, name)
 
     async def tts_webhook(self, request: web.BaseRequest, name: str) -> web.Response:
-        from pipeline.tts import parse_message
+        from pipeline.tts import Skipped, parse_event
 
         entry = self.tts.get(name)
         if entry is None:
@@ -743,7 +747,7 @@ class IngestHttp:
                 f"TTS webhooks are JSON, got {request.content_type[:64]!r}", field="Content-Type"))
         body = await self._body(request, "tts", name)
         try:
-            uplink = parse_message(body, app, received_ts_ms=now_ms())
+            uplink = parse_event(body, app, received_ts_ms=now_ms())
         except UnicodeDecodeError:
             raise self._invalid("tts", name, InvalidInput(
                 "JSON body is not UTF-8", reason="invalid_encoding", field="$")) from None
@@ -751,9 +755,26 @@ class IngestHttp:
             if exc.reason == "no_decoded_payload":
                 return await self._dead_letter("tts", name, request.path, body, exc)
             raise self._invalid("tts", name, exc) from None
-        if uplink is None:
+        if isinstance(uplink, Skipped):
+            metrics.TTS_SKIPPED.labels(app.name, uplink.reason).inc()
+            await self._tts_outcome(name, uplink.reason, body)
             return web.Response(status=202, headers={"X-Skipped": "not an uplink"})
         return await self._append(uplink, name)
+
+    async def _tts_outcome(self, name: str, reason: str, body: bytes) -> None:
+        """A downlink outcome by webhook (``downlink_sent``…) is matched to the bridge's command
+        before the answer (:mod:`pipeline.downlink_outcomes`, as the downlink stage does with
+        those heard over MQTT); TTS retries a webhook that failed."""
+        outcome = reason.removeprefix("downlink_")
+        if outcome not in OUTCOMES:
+            return
+        try:
+            await self.outcomes.handle(name, outcome, body)
+        except RedisError as exc:
+            log.warning("tts/%s: cannot match a downlink %s: %s", name, outcome, exc)
+            raise self._refuse("tts", None, Refused(
+                503, "redis_unavailable", "the bridge cannot store messages right now",
+                headers={"Retry-After": str(RETRY_AFTER_S)})) from None
 
     async def blynk_webhook(self, request: web.BaseRequest, name: str) -> web.Response:
         """A Blynk datastream change → one ``Downlink`` (see :mod:`pipeline.blynk_webhook`)."""

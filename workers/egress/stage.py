@@ -29,7 +29,7 @@ from pipeline.consumer import backoff_s
 from pipeline.context import Context
 from pipeline.keys import GROUP_EGRESS, WRITES
 from pipeline.lifecycle import collect_young_less_often
-from pipeline.order import Claim, LastWritten
+from pipeline.order import LastWritten
 from pipeline.ratelimit import RateLimiter
 from pipeline.registry import Registry
 from pipeline.status import StatusBoard
@@ -245,7 +245,7 @@ class EgressStage:
         try:
             claims = await self.order.prepare(
                 [(d.key, {pin: p.ts_ms for pin, p in plan.pins.items()}) for d, plan in plans],
-                self.limiter)
+                self.limiter, **self._echo_records(plans, wall))
         except RedisError as exc:
             log.warning("egress: preparing a flush failed (%s); retrying", exc)
             for dev, plan in plans:
@@ -253,8 +253,6 @@ class EgressStage:
                     held.requeue(dev, not_before=time.monotonic() + backoff_s(1))
                 self.servers.release_probe(plan.server)
             return
-        if self._echo_window_ms:
-            await self._record_echoes(plans, claims, wall)
         now = time.monotonic()
         stale_values = coalesced = 0
         send = self.sender.send
@@ -275,16 +273,16 @@ class EgressStage:
         if coalesced:
             metrics.EGRESS_DROPPED.labels("coalesced").inc(coalesced)
 
-    async def _record_echoes(self, plans: Sequence[tuple[DeviceQueue, DevicePlan]],
-                             claims: Sequence[Claim], wall: int) -> None:
-        """Tell the downlink stage what is about to be written, before it is (Blynk fires its
-        webhooks for these writes too: :mod:`pipeline.echo`). A failure only risks an echo."""
-        writes = [(plan.token, plan.current())
-                  for (dev, plan), claim in zip(plans, claims, strict=True) if claim.granted]
-        try:
-            await echo.record(self.ctx.redis, self.ctx.keys, writes, wall, self._echo_window_ms)
-        except RedisError as exc:
-            log.warning("egress: recording echoes failed (%s)", exc)
+    def _echo_records(self, plans: Sequence[tuple[DeviceQueue, DevicePlan]], wall: int
+                      ) -> dict[str, Any]:
+        """What ``prepare`` records for echo suppression, in its own call, for the devices it
+        grants (Blynk fires its webhooks for these writes too: :mod:`pipeline.echo`); nothing
+        when no Blynk webhook is configured."""
+        if not self._echo_window_ms:
+            return {}
+        return {"echoes": [echo.records(self.ctx.keys, plan.token, plan.current(), wall)
+                           for _, plan in plans],
+                "echo_window_ms": self._echo_window_ms}
 
     # ---- tracking ------------------------------------------------------------------------
 
