@@ -648,6 +648,9 @@ _AT = re.compile(r"^(?P<what>.*?)(?: - at `(?P<path>\$[^`]*)`)?$", re.S)
 _UNKNOWN = re.compile(r"Object contains unknown field `(?P<name>[^`]*)`")
 _MISSING = re.compile(r"Object missing required field `(?P<name>[^`]*)`")
 _BOUND = re.compile(r"Expected `(?:int|float)` (?:>=|>|<=|<) ")
+#: msgspec repeats the value given for a choice (``Invalid enum value 'x'``): it may be a secret
+#: written in the wrong place (``auth: ${SECRET}``), so these are reworded without it.
+_CHOICE = re.compile(r"Invalid (?:enum )?value ")
 
 
 def _problem(message: str, data: Any) -> ConfigProblem:
@@ -678,9 +681,27 @@ def _problem(message: str, data: Any) -> ConfigProblem:
         if bounds:
             got = f", got {value!r}" if value is not _ABSENT else ""
             return ConfigProblem(f"`{key}` must be {bounds}{got}", key=key)
+    if _CHOICE.match(what):
+        return ConfigProblem(f"`{key}` must be {_choices(_type_at(path), _value_at(data, path))}",
+                             key=key)
     if not path:
         return ConfigProblem(what, key=key)
     return ConfigProblem(f"`{key}`: {what[:1].lower()}{what[1:]}", key=key)
+
+
+def _choices(typ: mi.Type | None, given: Any) -> str:
+    """``one of 'a', 'b'`` (``or a mapping`` where one may go too), and the closest choice to
+    ``given``, which itself is never repeated (see :data:`_CHOICE`)."""
+    options = typ.types if isinstance(typ, mi.UnionType) else (typ,)
+    values = [v for t in options if isinstance(t, mi.LiteralType) for v in t.values]
+    words = ", ".join(repr(v) for v in values) or "another value"
+    out = f"one of {words}" if len(values) > 1 else words
+    if any(isinstance(t, (mi.StructType, mi.DictType)) for t in options):
+        out += " or a mapping"
+    close = difflib.get_close_matches(given, [str(v) for v in values], n=1, cutoff=0.6) \
+        if isinstance(given, str) else []
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"{out}{hint} (the value given is not repeated: it may be a secret)"
 
 
 def _resolve_path(at: str, data: Any) -> config_source.KeyPath:
