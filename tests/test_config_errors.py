@@ -268,3 +268,13 @@ def test_a_misspelt_choice_suggests_the_right_one() -> None:
     exc = error("devices:\n  - {source: partcle, integration: i, device: d, token: x, "
                 "template: k}\n")
     assert "did you mean 'particle'?" in str(exc) and "partcle" not in str(exc)
+
+
+@pytest.mark.parametrize(("text", "says"), [
+    ("monitor:\n  admin_token: 2001-13-45\n", "cannot read this timestamp"),  # month 13
+    (f"monitor:\n  admin_token: !!int {LEAKED}\n", "cannot read this int"),
+])
+def test_a_value_yaml_cannot_construct_is_a_config_error_on_its_line(text: str, says: str) -> None:
+    exc = error(text)
+    assert [(p.line, p.column) for p in exc.problems] == [(2, 16)], str(exc)
+    assert says in str(exc) and LEAKED not in str(exc)
