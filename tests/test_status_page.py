@@ -109,6 +109,18 @@ async def test_published_increases_come_back_as_history(redis: Redis, prefix: st
     assert await stats.replicas_alive(redis, keys, now_ms=slot_end) == []
 
 
+async def test_the_replicas_set_expires_when_every_process_is_gone(redis: Redis,
+                                                                   prefix: str) -> None:
+    """A process killed without its shutdown (and no other left to remove it) leaves its member
+    behind: the set itself must expire, or a crashed run's prefix keeps a key forever."""
+    keys = Keys(prefix)
+    publisher = stats.StatsPublisher(redis, keys, "transform@crashed")
+    await publisher.startup()
+    await publisher.publish_once()
+    ttl = await redis.ttl(keys.replicas())
+    assert 0 < ttl <= stats.REPLICA_GONE_S * 10, ttl
+
+
 def test_the_page_loads_nothing_from_elsewhere() -> None:
     """No CDN: the page's files name no other origin (the JS only the SVG namespace)."""
     static = Path(stats.__file__).parent / "static"
