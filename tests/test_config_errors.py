@@ -264,6 +264,15 @@ def test_a_wrong_value_is_not_repeated_in_the_error(
     assert says in str(exc)
 
 
+def test_a_secret_file_read_into_a_choice_is_not_repeated(tmp_path: Path) -> None:
+    """``auth_file:`` (meant: ``auth: {secret_file: …}``) reads the mounted secret into ``auth``."""
+    secret = tmp_path / "hook"
+    secret.write_text(LEAKED)
+    exc = error(f"particle:\n  - name: p\n    auth_file: {secret}\n")
+    assert LEAKED not in str(exc) and "`particle[0].auth` must be 'none' or a mapping" in str(exc)
+    assert where(exc) == [("particle[0].auth", 3, 5)]
+
+
 def test_a_misspelt_choice_suggests_the_right_one() -> None:
     exc = error("devices:\n  - {source: partcle, integration: i, device: d, token: x, "
                 "template: k}\n")
