@@ -24,6 +24,7 @@ and column the file holds it on (or its nearest enclosing key: a default, a miss
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -822,8 +823,30 @@ def _invalid(origin: str, key: str, message: str) -> ConfigError:
     return ConfigError.of(origin, ConfigProblem(message, key=key))
 
 
+def _infinite(node: Any, path: config_source.KeyPath = ()) -> config_source.KeyPath | None:
+    """The path of the first infinite number in ``node`` (YAML's ``.inf`` passes a ``> 0``
+    bound, then breaks ``int(seconds * 1000)`` in a stage)."""
+    if isinstance(node, float):
+        return None if math.isfinite(node) else path
+    items: Any = ()
+    if isinstance(node, msgspec.Struct):
+        items = ((f.encode_name, getattr(node, f.name)) for f in msgspec.structs.fields(node))
+    elif isinstance(node, dict):
+        items = ((str(k), v) for k, v in node.items())
+    elif isinstance(node, list):
+        items = enumerate(node)
+    for step, value in items:
+        found = _infinite(value, (*path, step))
+        if found is not None:
+            return found
+    return None
+
+
 def check(config: Config, origin: str) -> None:
     """Cross-field checks msgspec cannot express; each error names the key."""
+    if (inf := _infinite(config)) is not None:
+        key = config_source.format_path(inf)
+        raise _invalid(origin, key, f"`{key}` must be a finite number")
     token = config.monitor.admin_token
     if token is not None and (len(token) < 16 or token.reveal() in DEMO_SECRETS):
         raise _invalid(origin, "monitor.admin_token",

@@ -287,3 +287,17 @@ def test_a_value_yaml_cannot_construct_is_a_config_error_on_its_line(text: str, 
     exc = error(text)
     assert [(p.line, p.column) for p in exc.problems] == [(2, 16)], str(exc)
     assert says in str(exc) and LEAKED not in str(exc)
+
+
+@pytest.mark.parametrize(("text", "key", "line", "col"), [
+    # `.inf` passes `> 0`, then `int(consumer_idle_s * 1000)` stopped the monitor with a traceback
+    ("monitor:\n  consumer_idle_s: .inf\n", "monitor.consumer_idle_s", 2, 3),
+    ("blynk:\n  timeout_s: .inf\n", "blynk.timeout_s", 2, 3),
+    ("templates:\n  - name: k\n    datastreams:\n      - {name: t, pin: V1, max: -.inf}\n",
+     "templates[0].datastreams[0].max", 4, 28),
+], ids=["monitor.consumer_idle_s", "blynk.timeout_s", "datastream.max"])
+def test_an_infinite_number_is_refused_on_its_line(text: str, key: str, line: int,
+                                                   col: int) -> None:
+    exc = error(text)
+    assert where(exc) == [(key, line, col)], str(exc)
+    assert f"`{key}` must be a finite number" in str(exc)
