@@ -24,6 +24,7 @@ and column the file holds it on (or its nearest enclosing key: a default, a miss
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -684,6 +685,9 @@ _AT = re.compile(r"^(?P<what>.*?)(?: - at `(?P<path>\$[^`]*)`)?$", re.S)
 _UNKNOWN = re.compile(r"Object contains unknown field `(?P<name>[^`]*)`")
 _MISSING = re.compile(r"Object missing required field `(?P<name>[^`]*)`")
 _BOUND = re.compile(r"Expected `(?:int|float)` (?:>=|>|<=|<) ")
+#: msgspec repeats the value given for a choice (``Invalid enum value 'x'``): it may be a secret
+#: written in the wrong place (``auth: ${SECRET}``), so these are reworded without it.
+_CHOICE = re.compile(r"Invalid (?:enum )?value ")
 
 
 def _problem(message: str, data: Any) -> ConfigProblem:
@@ -714,9 +718,27 @@ def _problem(message: str, data: Any) -> ConfigProblem:
         if bounds:
             got = f", got {value!r}" if value is not _ABSENT else ""
             return ConfigProblem(f"`{key}` must be {bounds}{got}", key=key)
+    if _CHOICE.match(what):
+        return ConfigProblem(f"`{key}` must be {_choices(_type_at(path), _value_at(data, path))}",
+                             key=key)
     if not path:
         return ConfigProblem(what, key=key)
     return ConfigProblem(f"`{key}`: {what[:1].lower()}{what[1:]}", key=key)
+
+
+def _choices(typ: mi.Type | None, given: Any) -> str:
+    """``one of 'a', 'b'`` (``or a mapping`` where one may go too), and the closest choice to
+    ``given``, which itself is never repeated (see :data:`_CHOICE`)."""
+    options = typ.types if isinstance(typ, mi.UnionType) else (typ,)
+    values = [v for t in options if isinstance(t, mi.LiteralType) for v in t.values]
+    words = ", ".join(repr(v) for v in values) or "another value"
+    out = f"one of {words}" if len(values) > 1 else words
+    if any(isinstance(t, (mi.StructType, mi.DictType)) for t in options):
+        out += " or a mapping"
+    close = difflib.get_close_matches(given, [str(v) for v in values], n=1, cutoff=0.6) \
+        if isinstance(given, str) else []
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"{out}{hint} (the value given is not repeated: it may be a secret)"
 
 
 def _resolve_path(at: str, data: Any) -> config_source.KeyPath:
@@ -837,8 +859,30 @@ def _invalid(origin: str, key: str, message: str) -> ConfigError:
     return ConfigError.of(origin, ConfigProblem(message, key=key))
 
 
+def _infinite(node: Any, path: config_source.KeyPath = ()) -> config_source.KeyPath | None:
+    """The path of the first infinite number in ``node`` (YAML's ``.inf`` passes a ``> 0``
+    bound, then breaks ``int(seconds * 1000)`` in a stage)."""
+    if isinstance(node, float):
+        return None if math.isfinite(node) else path
+    items: Any = ()
+    if isinstance(node, msgspec.Struct):
+        items = ((f.encode_name, getattr(node, f.name)) for f in msgspec.structs.fields(node))
+    elif isinstance(node, dict):
+        items = ((str(k), v) for k, v in node.items())
+    elif isinstance(node, list):
+        items = enumerate(node)
+    for step, value in items:
+        found = _infinite(value, (*path, step))
+        if found is not None:
+            return found
+    return None
+
+
 def check(config: Config, origin: str) -> None:
     """Cross-field checks msgspec cannot express; each error names the key."""
+    if (inf := _infinite(config)) is not None:
+        key = config_source.format_path(inf)
+        raise _invalid(origin, key, f"`{key}` must be a finite number")
     token = config.monitor.admin_token
     if token is not None and (len(token) < 16 or token.reveal() in DEMO_SECRETS):
         raise _invalid(origin, "monitor.admin_token",

@@ -121,8 +121,22 @@ def read(text: str, fmt: Literal["yaml", "toml"], origin: str) -> Source:
     return source
 
 
+class _Loader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` whose constructors' plain ``ValueError``s (``2001-13-45`` read as a
+    date, ``!!int x``) become errors at the value's position. PyYAML's own text is dropped: it
+    may repeat the value (``invalid literal for int(): '<secret>'``)."""
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)
+        except (ValueError, OverflowError):
+            kind = str(node.tag).rsplit(":", 1)[-1]
+            raise yaml.constructor.ConstructorError(
+                None, None, f"cannot read this {kind} value", node.start_mark) from None
+
+
 def _read_yaml(text: str, origin: str) -> Source:
-    loader = yaml.SafeLoader(text)
+    loader = _Loader(text)
     try:
         node = loader.get_single_node()
         positions: dict[KeyPath, Position] = {}

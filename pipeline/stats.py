@@ -5,7 +5,8 @@ process's stages). At each :data:`SLOT_S` boundary it reads a fixed set of this 
 Prometheus metrics and adds their increase over the slot that just ended to that slot's hash,
 ``<prefix>stats:<slot>`` (``HINCRBY``), which expires :data:`HISTORY_S` + 2 slots later; and it
 marks itself alive in ``<prefix>replicas`` (a sorted set: member ``<stages>@<consumer>``, score
-the time in ms), removing members silent for :data:`REPLICA_GONE_S`. So Redis holds at most
+the time in ms), removing members silent for ``_REPLICA_FORGET_S``; the set expires that long
+after the last process was heard from. So Redis holds at most
 ``HISTORY_S / SLOT_S + 2`` small hashes and one member per live process, whatever the load;
 nothing is added to any hot path (collectors are read once a slot).
 
@@ -157,6 +158,8 @@ class StatsPublisher:
         replicas = self._keys.replicas()
         pipe.zadd(replicas, {self.member: now_ms})
         pipe.zremrangebyscore(replicas, "-inf", now_ms - _REPLICA_FORGET_S * 1000)
+        # Kept alive by every live process; a crashed last one's set goes by itself.
+        pipe.expire(replicas, _REPLICA_FORGET_S)
 
 
 class GaugeHistory:

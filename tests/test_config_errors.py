@@ -240,3 +240,64 @@ def test_toml_errors_name_the_key_path_without_a_line() -> None:
     assert str(exc) == "b.yaml: `egress.max_in_flight` must be an integer >= 1, got 0"
     assert "Cannot overwrite a value" in str(error('[redis]\nurl = "a"\nurl = "b"\n',
                                                    fmt="toml"))
+
+
+# --- a wrong value is never repeated: it may be a secret written in the wrong place ---------------
+
+LEAKED = "c0ffee-secret-in-the-wrong-place-9d2f"
+
+
+@pytest.mark.parametrize(("text", "key", "line", "col", "says"), [
+    # `auth: ${SECRET}` instead of `auth: {header: …, secret: ${SECRET}}`: an easy slip.
+    (f"particle:\n  - name: p\n    auth: {LEAKED}\n", "particle[0].auth", 3, 5,
+     "`particle[0].auth` must be 'none' or a mapping"),
+    (f"tts:\n  - name: t\n    app_id: a\n    webhook_auth: {LEAKED}\n",
+     "tts[0].webhook_auth", 4, 5, "`tts[0].webhook_auth` must be 'none' or a mapping"),
+    (f"devices:\n  - {{source: {LEAKED}, integration: i, device: d, token: x, template: k}}\n",
+     "devices[0].source", 2, 6, "`devices[0].source` must be one of 'particle', 'tts'"),
+], ids=["particle.auth", "tts.webhook_auth", "devices.source"])
+def test_a_wrong_value_is_not_repeated_in_the_error(
+        text: str, key: str, line: int, col: int, says: str) -> None:
+    exc = error(text)
+    assert LEAKED not in str(exc) and LEAKED[-6:] not in str(exc), str(exc)
+    assert where(exc) == [(key, line, col)]
+    assert says in str(exc)
+
+
+def test_a_secret_file_read_into_a_choice_is_not_repeated(tmp_path: Path) -> None:
+    """``auth_file:`` (meant: ``auth: {secret_file: …}``) reads the mounted secret into ``auth``."""
+    secret = tmp_path / "hook"
+    secret.write_text(LEAKED)
+    exc = error(f"particle:\n  - name: p\n    auth_file: {secret}\n")
+    assert LEAKED not in str(exc) and "`particle[0].auth` must be 'none' or a mapping" in str(exc)
+    assert where(exc) == [("particle[0].auth", 3, 5)]
+
+
+def test_a_misspelt_choice_suggests_the_right_one() -> None:
+    exc = error("devices:\n  - {source: partcle, integration: i, device: d, token: x, "
+                "template: k}\n")
+    assert "did you mean 'particle'?" in str(exc) and "partcle" not in str(exc)
+
+
+@pytest.mark.parametrize(("text", "says"), [
+    ("monitor:\n  admin_token: 2001-13-45\n", "cannot read this timestamp"),  # month 13
+    (f"monitor:\n  admin_token: !!int {LEAKED}\n", "cannot read this int"),
+])
+def test_a_value_yaml_cannot_construct_is_a_config_error_on_its_line(text: str, says: str) -> None:
+    exc = error(text)
+    assert [(p.line, p.column) for p in exc.problems] == [(2, 16)], str(exc)
+    assert says in str(exc) and LEAKED not in str(exc)
+
+
+@pytest.mark.parametrize(("text", "key", "line", "col"), [
+    # `.inf` passes `> 0`, then `int(consumer_idle_s * 1000)` stopped the monitor with a traceback
+    ("monitor:\n  consumer_idle_s: .inf\n", "monitor.consumer_idle_s", 2, 3),
+    ("blynk:\n  timeout_s: .inf\n", "blynk.timeout_s", 2, 3),
+    ("templates:\n  - name: k\n    datastreams:\n      - {name: t, pin: V1, max: -.inf}\n",
+     "templates[0].datastreams[0].max", 4, 28),
+], ids=["monitor.consumer_idle_s", "blynk.timeout_s", "datastream.max"])
+def test_an_infinite_number_is_refused_on_its_line(text: str, key: str, line: int,
+                                                   col: int) -> None:
+    exc = error(text)
+    assert where(exc) == [(key, line, col)], str(exc)
+    assert f"`{key}` must be a finite number" in str(exc)

@@ -109,6 +109,18 @@ async def test_published_increases_come_back_as_history(redis: Redis, prefix: st
     assert await stats.replicas_alive(redis, keys, now_ms=slot_end) == []
 
 
+async def test_the_replicas_set_expires_when_every_process_is_gone(redis: Redis,
+                                                                   prefix: str) -> None:
+    """A process killed without its shutdown (and no other left to remove it) leaves its member
+    behind: the set itself must expire, or a crashed run's prefix keeps a key forever."""
+    keys = Keys(prefix)
+    publisher = stats.StatsPublisher(redis, keys, "transform@crashed")
+    await publisher.startup()
+    await publisher.publish_once()
+    ttl = await redis.ttl(keys.replicas())
+    assert 0 < ttl <= stats.REPLICA_GONE_S * 10, ttl
+
+
 def test_the_page_loads_nothing_from_elsewhere() -> None:
     """No CDN: the page's files name no other origin (the JS only the SVG namespace)."""
     static = Path(stats.__file__).parent / "static"
@@ -315,6 +327,10 @@ async def test_status_page_in_chromium(prefix: str, redis: Redis) -> None:
                     return all(p > 0 for p in points)
 
                 await wait_until(drawn, timeout_s=60, what="plots with points")
+                # Points alone prove nothing for rates (a slot with no traffic is a 0, drawn on
+                # the zero line): the pipeline's writes and uplinks must lift the line above it.
+                for series in ("written", "ingested"):
+                    assert await _above_zero(page, "plot-throughput", series), series
                 if os.environ.get("BB_SCREENSHOT"):  # to look at the page: BB_SCREENSHOT=x.png
                     shot = await page.send("Page.captureScreenshot", format="png",
                                            captureBeyondViewport=True)
@@ -356,6 +372,51 @@ async def test_status_page_in_chromium(prefix: str, redis: Redis) -> None:
                 await wait_until(landed, what="the replayed uplink in Blynk")
                 assert await redis.xlen(ctx.keys.dead) == 0
                 assert page.errors == [], "\n".join(page.errors)
+
+
+async def _above_zero(page: browser.Page, plot: str, series: str) -> bool:
+    """Whether a drawn point of ``series`` lies above the plot's zero line (SVG y grows down)."""
+    return bool(await page.eval(f"""(() => {{
+        const svg = document.getElementById('{plot}');
+        const zero = Number(svg.querySelector('line.axis').getAttribute('y1'));
+        const d = svg.querySelector('path[data-series={series}]').getAttribute('d');
+        const ys = [...d.matchAll(/[ML][-0-9.]+,([-0-9.]+)/g)].map((m) => Number(m[1]));
+        return ys.length > 0 && Math.min(...ys) < zero;
+    }})()"""))
+
+
+HOSTILE = '<img src=x onerror="window.__xss=1"><script>window.__xss=2</script>'
+
+
+async def test_outside_text_is_shown_as_text_in_chromium(redis: Redis, prefix: str) -> None:
+    """Dead-letter details, device names (unmapped keys) and integration errors come from the
+    outside world: the page must show them as text, never turn them into elements."""
+    if browser.chromium_path() is None:
+        pytest.skip(browser.SKIP_REASON)
+    async with _metrics_port(_monitor_config(prefix, ADMIN_TOKEN)) as (url, ctx):
+        dead_id = await _dead_uplink(redis, ctx, HOSTILE)
+        await redis.hincrby(ctx.keys.unmapped("kit"), HOSTILE, 3)
+        await StatusBoard(redis, ctx.keys).failed("particle", "p", f"refused: {HOSTILE}",
+                                                  "credentials")
+        async with browser.chromium() as page:
+            await page.goto(url + "/")
+
+            async def rendered() -> bool:
+                return bool(await page.eval("Number(document.body.dataset.renders || 0) > 0"))
+
+            await wait_until(rendered, what="the page rendered /status.json")
+            assert await page.eval("document.querySelectorAll('main img, main script').length") == 0
+            assert await page.eval("window.__xss === undefined")
+            text = await page.eval("document.querySelector('main').innerText")
+            assert f"no device {HOSTILE}" in text  # the dead letter's detail
+            assert text.count(HOSTILE) >= 3, text  # + the unmapped key and the last error
+            assert dead_id in text
+            # No traffic: the throughput plot has its points, all on the zero line.
+            assert await page.eval(
+                "Number(document.querySelector('#plot-throughput path[data-series=written]')"
+                ".dataset.points) > 0")
+            assert not await _above_zero(page, "plot-throughput", "written")
+            assert page.errors == [], "\n".join(page.errors)
 
 
 async def _connected(ctx: Context, app_id: str) -> bool:
