@@ -29,6 +29,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from pipeline.events import BlynkWrite, Value
+from pipeline.redact import masked_repr
 
 
 @dataclass(slots=True)
@@ -61,6 +62,9 @@ class DevicePlan:
     newest_ts_ms: int = -1
     #: Some pin got history points (they may since have been dropped as stale).
     backlog: bool = False
+
+    def __repr__(self) -> str:
+        return masked_repr(self)
 
     def current(self) -> dict[str, Value]:
         """Pins to send in the one ``batch/update`` (may be empty)."""

@@ -355,6 +355,9 @@ class EgressConfig(_Base):
     #: Entries older than this are backlog: written through the timestamped upload.
     live_window_s: float = 60.0
     max_backoff_s: float = 30.0
+    #: On stop, how long to wait for device writes under way (after sending what is ready);
+    #: what Blynk has not confirmed by then stays pending in Redis and is delivered again.
+    stop_timeout_s: float = 10.0
     #: A device marked broken (Blynk refused the token stored for it) is set back to ok this
     #: long after, so its next uplink tries the token again (fixed in Blynk meanwhile?); 0 =
     #: only ``blynk-bridge devices unbreak`` does.

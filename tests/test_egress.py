@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 import random
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -176,11 +177,12 @@ class Rig:
         await StreamWriter(self.redis).add_many([(stream, encode(w)) for w in writes])
 
     def stage(self, *, consumer: str = "egress-1", until_idle: bool = True,
-              streams: dict[str, Any] | None = None, **egress: Any) -> EgressStage:
+              streams: dict[str, Any] | None = None, blynk_timeout_s: float = 5,
+              **egress: Any) -> EgressStage:
         cfg = Config(
             redis=RedisConfig(prefix=self.prefix),
             blynk=BlynkConfig(servers={"fra1": self.url, **self.servers}, default_server="fra1",
-                              timeout_s=5),
+                              timeout_s=blynk_timeout_s),
             egress=EgressConfig(**egress),
             streams=StreamsConfig(**(streams or {})),
         )
@@ -471,6 +473,126 @@ async def test_stop_finishes_and_acks_what_it_holds(rig: Rig) -> None:
     await asyncio.wait_for(loop, 10)
     assert await rig.pending() == 0
     assert [value(rig, n, "V1") for n in range(5)] == [3.0] * 5
+
+
+async def running(rig: Rig, stage: EgressStage, stop: asyncio.Event) -> asyncio.Task[None]:
+    await stage.startup()
+    return asyncio.create_task(stage.main_loop(stop))
+
+
+async def hanging_writes(rig: Rig, stage: EgressStage, stop: asyncio.Event,
+                         n: int = 5) -> asyncio.Task[None]:
+    """A stage whose first write of each of ``n`` devices hangs in Blynk (no answer)."""
+    await rig.admin("POST", "faults", {"hang_rate": 1.0})
+    loop = await running(rig, stage, stop)
+    await rig.add(*[write(i, now_ms(), {"V1": 7.0}) for i in range(n)])
+
+    async def all_sent() -> bool:
+        return rig.emu.faults.state()["injected"].get("hang", 0) >= n
+
+    await wait_until(all_sent, what="every device's write reaching Blynk and hanging there")
+    return loop
+
+
+async def delivered_again(rig: Rig, n: int = 5) -> None:
+    """Once Blynk answers again, another replica writes the entries the stopped one left
+    pending. The abandoned writes keep their devices' leases until they lapse (``lease_ms``, at
+    least 15 s: a request sent may still land); here they are released at once instead."""
+    await rig.admin("POST", "faults", {})
+    assert await rig.pending() == n  # nothing acked, nothing lost
+    assert await rig.dead() == []
+    await LastWritten(rig.redis, rig.keys, "egress-1").release([device_key(i) for i in range(n)])
+    stage = rig.stage(consumer="egress-2", until_idle=False, streams={"claim_idle_ms": 100})
+    stop = asyncio.Event()
+    loop = await running(rig, stage, stop)
+    try:
+        await settled(rig)
+    finally:
+        stop.set()
+        await asyncio.wait_for(loop, 30)
+    assert [value(rig, i, "V1") for i in range(n)] == [7.0] * n
+    assert await rig.dead() == []
+
+
+async def test_a_stop_gives_up_on_hanging_writes_after_its_deadline_and_loses_nothing(
+    rig: Rig,
+) -> None:
+    """Blynk never answers (its timeout: 10 minutes): the stop returns after stop_timeout_s,
+    not after Blynk's timeout; the unconfirmed entries stay pending and are written later."""
+    stage = rig.stage(until_idle=False, blynk_timeout_s=600, stop_timeout_s=0.5)
+    stop = asyncio.Event()
+    loop = await hanging_writes(rig, stage, stop)
+    stop.set()
+    await asyncio.wait_for(loop, 60)  # generous: unbounded would be 600 s
+    await delivered_again(rig)
+
+
+async def test_a_cancelled_stage_returns_at_once_and_loses_nothing(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Cancelling the stage (a stop past the process's grace) does not wait for Blynk; late
+    answers to the abandoned writes raise nothing and log no token."""
+    stage = rig.stage(until_idle=False, blynk_timeout_s=600)
+    loop = await hanging_writes(rig, stage, asyncio.Event())
+    loop.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(loop, 60)  # generous: unbounded would be 600 s
+    await delivered_again(rig)  # releases the hanging requests: their answers come back late
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not any(token(i) in caplog.text for i in range(5))
+
+
+async def test_an_answer_after_its_write_was_abandoned_is_recorded_and_raises_nothing(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stop gives up on a slow write (its stand-in cancelled); Blynk's 200 arrives later and
+    is recorded and acked all the same. The finish must not ``set_result`` on the cancelled
+    stand-in: asyncio would log InvalidStateError with the callback's repr, holding the token."""
+    stage = rig.stage(until_idle=False, stop_timeout_s=0.1)
+    stop = asyncio.Event()
+    loop = await running(rig, stage, stop)
+    await rig.add(write(0, now_ms(), {"V1": 1.0}))
+    await settled(rig)  # warm: the token's region known, a keep-alive connection idle
+    await rig.admin("POST", "faults", {"latency_ms": 1500})
+    before = stage.sent_now
+    await rig.add(write(0, now_ms() + 1, {"V1": 2.0}))
+
+    async def sent() -> bool:
+        return stage.sent_now > before
+
+    await wait_until(sent, what="the write going out on the task-free path")
+    stop.set()
+    await asyncio.wait_for(loop, 60)
+    await settled(rig)  # the late answer: recorded and acked although the stage stopped
+    assert value(rig, 0, "V1") == 2.0
+    assert "InvalidStateError" not in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert token(0) not in caplog.text
+
+
+def test_reprs_of_objects_holding_tokens_mask_them() -> None:
+    from pipeline.coalesce import coalesce
+    from pipeline.events import Downlink, Uplink
+    from pipeline.registry import Device as RegistryDevice
+    from pipeline.streams import Entry
+    from workers.egress.queue import HeldWrites
+
+    w = write(3, 1000, {"V1": 1.0})
+    held = HeldWrites(60_000)
+    held.hold([Entry("s", "1-0", encode(w))], 0.0)
+    dev = held.devices[w.device_key]
+    shown = [
+        w, dev, held.start(dev, 2000), coalesce([(0, w)], now_ms=2000, live_window_ms=10),
+        Uplink(event_id="e", source="particle", integration="i", device="d", event_ts_ms=1,
+               received_ts_ms=1, token=token(3)),
+        Downlink(event_id="e", origin="o", pin="V1", value=1, ts_ms=1, received_ts_ms=1,
+                 token=token(3)),
+        RegistryDevice(key="k", token=token(3), template="t"),
+    ]
+    for obj in shown:
+        text = repr(obj)
+        assert token(3) not in text, text
+        assert token(3)[-4:] in text  # still tells tokens apart
 
 
 # ---- the task-free path: a warm connection pool sends from callbacks -------------------------

@@ -55,6 +55,7 @@ from pipeline.echo import Echoes
 from pipeline.errors import Permanent, Retryable
 from pipeline.lifecycle import Stage
 from pipeline.mapping import Datastream, Mismatch, coerce
+from pipeline.redact import masked_repr
 from pipeline.registry import Device, Registry, split_key
 from pipeline.status import StatusBoard
 from pipeline.streams import Entry, StreamReader, now_ms
@@ -88,6 +89,9 @@ class _Sent(msgspec.Struct, kw_only=True, omit_defaults=True):
     raw: bytes
     token: str
     server: str
+
+    def __repr__(self) -> str:
+        return masked_repr(self, ("token", "raw"))
 
 
 _sent_dec = msgspec.msgpack.Decoder(_Sent)

@@ -133,12 +133,12 @@ class Committer:
                         f"egress-{dev.key}")
         elif again is not None:
             self._back_off(dev, again)
-            pending.set_result(None)
+            _resolve(pending)
         elif dead:
             self._spawn(self._dead_letter(dev, ok, dead, wall, pending), f"egress-{dev.key}")
         else:
             self._written_ok(dev, ok, wall)
-            pending.set_result(None)
+            _resolve(pending)
 
     def _written_ok(self, dev: DeviceQueue, ok: Sequence[Held], wall: int) -> None:
         dev.attempts = 0
@@ -157,7 +157,7 @@ class Committer:
                 log.warning("egress: dead-lettering %d entries failed (%s)", len(dead), exc)
             self._written_ok(dev, ok, wall)
         finally:
-            pending.set_result(None)
+            _resolve(pending)
 
     async def _invalid_token(self, dev: DeviceQueue, plan: DevicePlan, outcome: Fail,
                              pending: asyncio.Future[None]) -> None:
@@ -179,7 +179,7 @@ class Committer:
                 return
             self._held.drop(dev, time.monotonic())
         finally:
-            pending.set_result(None)
+            _resolve(pending)
 
     def _back_off(self, dev: DeviceQueue, outcome: Retry) -> None:
         """Keep the entries in memory and try again later (never re-read, never acked)."""
@@ -220,6 +220,14 @@ class Committer:
     async def _defer_many(self, items: list[tuple[str, float]]) -> list[None]:
         await self._limiter.defer_many(items)
         return [None] * len(items)
+
+
+def _resolve(pending: asyncio.Future[None]) -> None:
+    """Mark a device write resolved. A stop that ran out of time cancelled the stand-ins of
+    the writes it stopped waiting for (their entries stay pending in Redis); an answer that
+    arrives after that finds its stand-in already done and must not raise from a callback."""
+    if not pending.done():
+        pending.set_result(None)
 
 
 def sort_out(inflight: Sequence[Held], result: Result) -> tuple[list[Held], _Dead]:

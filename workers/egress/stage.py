@@ -46,6 +46,8 @@ LEASE_RETRY_S = 0.05
 #: After a read that drained the stream, the next read waits this long, so reads come in
 #: batches instead of one Redis call per trickle of entries (entries wait for a flush anyway).
 READ_PACE_S = 0.01
+#: How long abandoned device writes get to unwind after their cancellation.
+ABANDON_WAIT_S = 1.0
 #: Young-generation threshold of the cyclic garbage collector in an egress process: egress
 #: allocates a dozen short-lived objects per device write, none of them in cycles.
 GC_GEN0_THRESHOLD = 20_000
@@ -77,6 +79,8 @@ class EgressStage:
         self.status = StatusBoard(ctx.redis, ctx.keys)
         self.max_held = max(20 * cfg.flush_count, 1000)
         self._tasks: set[asyncio.Future[None]] = set()  # device writes, status updates
+        #: Set when a stop gave up on the writes under way: nothing new starts.
+        self._closed = False
         self._wake = asyncio.Event()
         self._next_read_at = 0.0
         self.held = HeldWrites(int(cfg.live_window_s * 1000))
@@ -115,14 +119,17 @@ class EgressStage:
             chores.append(asyncio.create_task(self._retry_broken(), name="egress-retry-broken"))
         try:
             await self._run(stop)
+        except BaseException:
+            # Cancelled (a stop past the process's grace) or failed: stop waiting for Blynk
+            # now; what is not confirmed stays pending in Redis and is delivered again.
+            await self._abandon("stopping early")
+            raise
         finally:
             for chore in chores:
                 chore.cancel()
             for chore in chores:
                 with contextlib.suppress(asyncio.CancelledError):
                     await chore
-            if self._tasks:
-                await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def _run(self, stop: asyncio.Event) -> None:
         read: asyncio.Task[list[Entry]] | None = None
@@ -173,8 +180,36 @@ class EgressStage:
                         await self._hold(entries)
         # Stopping: send what is ready now; devices in backoff stay pending in Redis.
         await self._flush(final=True)
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._drain(self.cfg.stop_timeout_s)
+
+    async def _drain(self, timeout_s: float) -> None:
+        """Wait for every device write under way, at most ``timeout_s`` (a hanging Blynk must
+        not hold a stop for its request timeout times its retries); then abandon the rest."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while self._tasks:  # a finishing write may start another task (a dead letter)
+            left = deadline - loop.time()
+            if left <= 0:
+                await self._abandon(f"stop deadline ({timeout_s:g}s) passed")
+                return
+            await asyncio.wait(set(self._tasks), timeout=left)
+
+    async def _abandon(self, why: str) -> None:
+        """Stop every device write still under way and start no more. Nothing is acked for
+        them: their entries stay pending in Redis and are delivered again (to this consumer
+        after a restart, or to another replica by ``XAUTOCLAIM``). An answer arriving later
+        is still recorded if the loop runs on, and never raises (the committer checks)."""
+        self._closed = True
+        self.sender.close()
+        left = list(self._tasks)
+        if not left:
+            return
+        log.warning("egress: %s with %d device writes unconfirmed; their entries stay "
+                    "pending and are delivered again", why, len(left))
+        for task in left:
+            task.cancel()
+        # Let the cancelled tasks unwind (they end at their next await), bounded all the same.
+        await asyncio.wait(left, timeout=ABANDON_WAIT_S)
 
     async def _read(self) -> list[Entry]:
         """One batch: own pending entries first (one pass, after a restart), then new ones.
@@ -296,6 +331,9 @@ class EgressStage:
         return pending
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        if self._closed:  # stopped: nothing new starts; its entries stay pending in Redis
+            coro.close()
+            return
         task = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
