@@ -349,7 +349,10 @@ class TransformConfig(_Base):
 class EgressConfig(_Base):
     flush_count: int = 500
     flush_bytes: int = 512 * 1024
-    flush_age_ms: int = 100
+    #: 0 (default): a device's value is written at once when no write of the device is under
+    #: way and its rate limit allows; only what arrives meanwhile is coalesced. > 0: values
+    #: wait up to this long for more of the same device (fewer Blynk messages, more latency).
+    flush_age_ms: int = 0
     per_device_rps: float = 50.0
     max_in_flight: int = 64
     #: Entries older than this are backlog: written through the timestamped upload.

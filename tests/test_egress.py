@@ -17,6 +17,7 @@ import pytest
 from emulators.blynk.model import DatastreamSpec, Device, DeviceSpec, TemplateSpec
 from emulators.blynk.server import BlynkEmulator
 from emulators.blynk.settings import EmulatorSpec, Settings
+from pipeline import metrics
 from pipeline.config import BlynkConfig, Config, EgressConfig, RedisConfig, StreamsConfig
 from pipeline.context import Context
 from pipeline.events import FIELD, BlynkWrite, DeadLetter, Value, decode_dead, decode_write, encode
@@ -473,6 +474,59 @@ async def test_stop_finishes_and_acks_what_it_holds(rig: Rig) -> None:
     await asyncio.wait_for(loop, 10)
     assert await rig.pending() == 0
     assert [value(rig, n, "V1") for n in range(5)] == [3.0] * 5
+
+
+async def test_a_value_goes_at_once_and_what_arrives_meanwhile_is_coalesced(rig: Rig) -> None:
+    """The default (flush_age_ms 0): a device's first value is written at once; four more
+    arriving while that write is under way become ONE next write, newest value; the three
+    superseded values are counted, in the metric and in the counter ``status`` shows."""
+    stage = rig.stage(until_idle=False)
+    stop = asyncio.Event()
+    loop = await running(rig, stage, stop)
+    try:
+        t0 = now_ms()
+        await rig.add(write(0, t0, {"V1": 0.5}))
+        await settled(rig)  # warm: the token's region known, a keep-alive connection idle
+        await rig.admin("POST", "faults", {"latency_ms": 1000})  # a write stays under way
+        before, messages = stage.sent_now, rig.device(0).messages
+        superseded = metrics.SUPERSEDED._value.get()
+        await rig.add(write(0, t0 + 1, {"V1": 1.0}))
+
+        async def sent() -> bool:
+            return stage.sent_now > before
+
+        await wait_until(sent, what="the first value going out at once")
+        await rig.add(*[write(0, t0 + i, {"V1": float(i)}) for i in range(2, 6)])
+        await settled(rig)
+    finally:
+        stop.set()
+        await asyncio.wait_for(loop, 30)
+    assert rig.device(0).messages - messages == 2
+    assert [v for _, v in rig.device(0).history["V1"]][-2:] == [1.0, 5.0]
+    assert metrics.SUPERSEDED._value.get() - superseded == 3
+    assert int(await rig.redis.get(rig.keys.superseded()) or 0) == 3
+    assert await rig.dead() == []
+
+
+async def test_superseded_values_of_a_history_pin_go_to_history_at_their_times(
+    rig: Rig,
+) -> None:
+    """One flush holds five values of V10 (history: true) and of V1 (no history): Blynk's
+    history gets all five V10 points at their event times (timestamped upload), then one
+    batch/update carries the newest of each; the four V1 values are counted as superseded."""
+    t0 = now_ms() - 5000
+    await rig.add(*[write(0, t0 + i * 100, {"V10": float(i), "V1": float(i)},
+                          history=["V10"]) for i in range(5)])
+    await rig.drain(rig.stage(flush_age_ms=100))
+    dev = rig.device(0)
+    assert dev.messages == 2  # one timestamped upload, one batch/update
+    points = list(dev.history["V10"])
+    assert points[:4] == [(t0 + i * 100, float(i)) for i in range(4)]  # true times, in order
+    assert points[4][1] == 4.0 and value(rig, 0, "V10") == 4.0  # the current value, last
+    assert [v for _, v in dev.history["V1"]] == [4.0]
+    assert int(await rig.redis.get(rig.keys.superseded()) or 0) == 4
+    assert await rig.pending() == 0
+    assert await rig.dead() == []
 
 
 async def running(rig: Rig, stage: EgressStage, stop: asyncio.Event) -> asyncio.Task[None]:

@@ -43,9 +43,13 @@ log = logging.getLogger("blynk_bridge.egress")
 
 #: How long to wait before asking again for a device another replica is writing.
 LEASE_RETRY_S = 0.05
-#: After a read that drained the stream, the next read waits this long, so reads come in
-#: batches instead of one Redis call per trickle of entries (entries wait for a flush anyway).
+#: With ``flush_age_ms`` > 0, after a read that drained the stream the next read waits this
+#: long (at most the flush age), so reads come in batches instead of one Redis call per trickle
+#: of entries: they wait for a flush anyway. With ``flush_age_ms`` 0 (writes go at once) reads
+#: are not paced: a pause would be pure latency.
 READ_PACE_S = 0.01
+#: How often the superseded values are added to the shared counter (``keys.superseded``).
+SUPERSEDED_EVERY_S = 1.0
 #: How long abandoned device writes get to unwind after their cancellation.
 ABANDON_WAIT_S = 1.0
 #: Young-generation threshold of the cyclic garbage collector in an egress process: egress
@@ -83,6 +87,9 @@ class EgressStage:
         self._closed = False
         self._wake = asyncio.Event()
         self._next_read_at = 0.0
+        self._read_pace_s = min(READ_PACE_S, cfg.flush_age_ms / 1000)
+        #: Superseded values not yet added to the shared counter ``keys.superseded``.
+        self._superseded = 0
         self.held = HeldWrites(int(cfg.live_window_s * 1000))
         self.servers = Servers(cfg.max_backoff_s, self._report_status)
         self.scheduler = FlushScheduler(self.held, self.servers, flush_count=cfg.flush_count,
@@ -114,7 +121,8 @@ class EgressStage:
     async def main_loop(self, stop: asyncio.Event) -> None:
         """Read, hold, flush, until ``stop`` (or, in burst mode, until idle)."""
         await self.reader.ensure_group()
-        chores = [asyncio.create_task(self._keep_claimed(), name="egress-keep-claimed")]
+        chores = [asyncio.create_task(self._keep_claimed(), name="egress-keep-claimed"),
+                  asyncio.create_task(self._count_superseded(), name="egress-superseded")]
         if self.cfg.broken_retry_s > 0:
             chores.append(asyncio.create_task(self._retry_broken(), name="egress-retry-broken"))
         try:
@@ -130,6 +138,7 @@ class EgressStage:
             for chore in chores:
                 with contextlib.suppress(asyncio.CancelledError):
                     await chore
+        await self._publish_superseded()  # not after a cancel or a failure: it would wait
 
     async def _run(self, stop: asyncio.Event) -> None:
         read: asyncio.Task[list[Entry]] | None = None
@@ -222,8 +231,9 @@ class EgressStage:
             if pause > 0:
                 await asyncio.sleep(pause)
         entries = await self.reader.read(block=not self.until_idle)
-        if len(entries) < self.reader.batch:  # drained: let the next read gather a batch
-            self._next_read_at = time.monotonic() + READ_PACE_S
+        if len(entries) < self.reader.batch and self._read_pace_s:
+            # drained: let the next read gather a batch
+            self._next_read_at = time.monotonic() + self._read_pace_s
         return entries
 
     async def _hold(self, entries: list[Entry]) -> None:
@@ -253,6 +263,23 @@ class EgressStage:
                     await pipe.execute()
             except RedisError as exc:
                 log.warning("egress: refreshing held entries failed (%s)", exc)
+
+    async def _count_superseded(self) -> None:
+        """Add the superseded values to the counter ``blynk-bridge status`` shows, once a
+        second (one ``INCRBY`` per second, not one per flush)."""
+        while True:
+            await asyncio.sleep(SUPERSEDED_EVERY_S)
+            await self._publish_superseded()
+
+    async def _publish_superseded(self) -> None:
+        n, self._superseded = self._superseded, 0
+        if not n:
+            return
+        try:
+            await self.ctx.redis.incrby(self.ctx.keys.superseded(), n)
+        except RedisError as exc:  # kept for the next try: the metric has them already
+            self._superseded += n
+            log.warning("egress: counting superseded values failed (%s)", exc)
 
     async def _retry_broken(self) -> None:
         """Set devices broken for ``broken_retry_s`` back to ok, so their next uplink tries the
@@ -291,12 +318,12 @@ class EgressStage:
         if self._echo_window_ms:
             await self._record_echoes(plans, claims, wall)
         now = time.monotonic()
-        stale_values = coalesced = 0
+        stale_values = superseded = 0
         send = self.sender.send
         for (dev, plan), claim in zip(plans, claims, strict=True):
             if claim.granted:
                 stale_values += len(drop_stale(plan, claim.last))
-                coalesced += sum(len(h.write.pins) for h in dev.inflight) - len(plan.pins)
+                superseded += plan.superseded
                 send(dev, plan, self._pending())
             elif claim.stale:  # Blynk already has newer values: nothing to send, ack them
                 stale_values += len(plan.pins)
@@ -307,8 +334,9 @@ class EgressStage:
                 self.servers.release_probe(plan.server)
         if stale_values:
             metrics.EGRESS_DROPPED.labels("stale").inc(stale_values)
-        if coalesced:
-            metrics.EGRESS_DROPPED.labels("coalesced").inc(coalesced)
+        if superseded:
+            metrics.SUPERSEDED.inc(superseded)
+            self._superseded += superseded
 
     async def _record_echoes(self, plans: Sequence[tuple[DeviceQueue, DevicePlan]],
                              claims: Sequence[Claim], wall: int) -> None:
