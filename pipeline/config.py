@@ -95,7 +95,9 @@ class DatastreamConfig(_Base):
     #: Enum: the value → label options; values outside fall back to ``fallback``.
     options: dict[str, int] | None = None
     fallback: int | None = None
-    #: Keep history: late points are written with their true timestamps.
+    #: Keep every point in Blynk's history: values superseded before egress wrote them, and
+    #: backlog older than ``egress.live_window_s``, go to the timestamped upload at their true
+    #: times (else superseded values are only counted: ``bb_superseded_values_total``).
     history: bool = False
     id: int | None = None
 
