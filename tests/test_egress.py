@@ -361,6 +361,8 @@ async def test_429_storm_is_ridden_out_within_the_limits(rig: Rig) -> None:
     storm = rig.emu.faults.state()["injected"].get("429", 0)
     assert storm > 0
     assert storm <= 5 * 4  # Retry-After honoured: a few tries per device, not a hammering
+    # four superseded values per device, counted once however often its write was retried
+    assert int(await rig.redis.get(rig.keys.superseded()) or 0) == 5 * 4
     assert rig.emu.refused.get("rate", 0) == 0  # the emulator's own 50 req/s never tripped
     assert await rig.dead() == []
     assert [value(rig, n, "V1") for n in range(5)] == [4.0] * 5

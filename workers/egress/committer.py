@@ -13,6 +13,9 @@ resolves every in-flight entry of the device, then the write's ``pending`` futur
 * **Invalid token**: all the device's in-flight entries are dead-lettered; the device is marked
   broken in the registry only if the refused token is the one its row holds (not one an uplink
   carried itself, not one replaced since).
+* **Count superseded values** (``bb_superseded_values_total``, and :meth:`Committer.take_superseded`
+  for the shared counter) once a write is over, not when it is retried: a retried write is
+  coalesced again, with whatever arrived meanwhile.
 * **Retry** (a retryable answer, or a Redis error while committing): the entries go back to the
   device's queue, in memory, never acked and never re-read; after a 429 the device waits for
   ``Retry-After`` (or capped jittered backoff), shared with every replica through the rate limit;
@@ -90,6 +93,8 @@ class Committer:
         self._defers: GroupCommit[tuple[str, float], None] = GroupCommit(
             self._defer_many, name="egress-429-defers")
         self._written: dict[str, Any] = {}  # server → its bb_written counter child
+        #: Superseded values of finished writes not yet taken by :meth:`take_superseded`.
+        self._superseded = 0
 
     def finish(self, dev: DeviceQueue, plan: DevicePlan, result: Result,
                pending: asyncio.Future[None], *, leased: bool = True) -> None:
@@ -131,14 +136,26 @@ class Committer:
         if result.invalid_token is not None:
             self._spawn(self._invalid_token(dev, plan, result.invalid_token, pending),
                         f"egress-{dev.key}")
-        elif again is not None:
+            return
+        if again is not None:
             self._back_off(dev, again)
             _resolve(pending)
-        elif dead:
+            return
+        # Counted once the write is over (a retried write is coalesced again, with more).
+        if plan.superseded:
+            metrics.SUPERSEDED.inc(plan.superseded)
+            self._superseded += plan.superseded
+        if dead:
             self._spawn(self._dead_letter(dev, ok, dead, wall, pending), f"egress-{dev.key}")
         else:
             self._written_ok(dev, ok, wall)
             _resolve(pending)
+
+    def take_superseded(self) -> int:
+        """Superseded values of the writes finished since the last call (for the shared
+        counter ``blynk-bridge status`` shows)."""
+        n, self._superseded = self._superseded, 0
+        return n
 
     def _written_ok(self, dev: DeviceQueue, ok: Sequence[Held], wall: int) -> None:
         dev.attempts = 0

@@ -88,7 +88,7 @@ class EgressStage:
         self._wake = asyncio.Event()
         self._next_read_at = 0.0
         self._read_pace_s = min(READ_PACE_S, cfg.flush_age_ms / 1000)
-        #: Superseded values not yet added to the shared counter ``keys.superseded``.
+        #: Superseded values a failed ``INCRBY`` left for the next one.
         self._superseded = 0
         self.held = HeldWrites(int(cfg.live_window_s * 1000))
         self.servers = Servers(cfg.max_backoff_s, self._report_status)
@@ -272,7 +272,7 @@ class EgressStage:
             await self._publish_superseded()
 
     async def _publish_superseded(self) -> None:
-        n, self._superseded = self._superseded, 0
+        n, self._superseded = self._superseded + self.committer.take_superseded(), 0
         if not n:
             return
         try:
@@ -318,12 +318,11 @@ class EgressStage:
         if self._echo_window_ms:
             await self._record_echoes(plans, claims, wall)
         now = time.monotonic()
-        stale_values = superseded = 0
+        stale_values = 0
         send = self.sender.send
         for (dev, plan), claim in zip(plans, claims, strict=True):
             if claim.granted:
                 stale_values += len(drop_stale(plan, claim.last))
-                superseded += plan.superseded
                 send(dev, plan, self._pending())
             elif claim.stale:  # Blynk already has newer values: nothing to send, ack them
                 stale_values += len(plan.pins)
@@ -334,9 +333,6 @@ class EgressStage:
                 self.servers.release_probe(plan.server)
         if stale_values:
             metrics.EGRESS_DROPPED.labels("stale").inc(stale_values)
-        if superseded:
-            metrics.SUPERSEDED.inc(superseded)
-            self._superseded += superseded
 
     async def _record_echoes(self, plans: Sequence[tuple[DeviceQueue, DevicePlan]],
                              claims: Sequence[Claim], wall: int) -> None:
