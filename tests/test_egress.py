@@ -489,7 +489,7 @@ async def test_a_value_goes_at_once_and_what_arrives_meanwhile_is_coalesced(rig:
         t0 = now_ms()
         await rig.add(write(0, t0, {"V1": 0.5}))
         await settled(rig)  # warm: the token's region known, a keep-alive connection idle
-        await rig.admin("POST", "faults", {"latency_ms": 1000})  # a write stays under way
+        await rig.admin("POST", "faults", {"latency_ms": 3000})  # a write stays under way
         before, messages = stage.sent_now, rig.device(0).messages
         superseded = metrics.SUPERSEDED._value.get()
         await rig.add(write(0, t0 + 1, {"V1": 1.0}))
@@ -499,6 +499,12 @@ async def test_a_value_goes_at_once_and_what_arrives_meanwhile_is_coalesced(rig:
 
         await wait_until(sent, what="the first value going out at once")
         await rig.add(*[write(0, t0 + i, {"V1": float(i)}) for i in range(2, 6)])
+
+        async def all_held() -> bool:
+            return len(stage.held) == 5
+
+        await wait_until(all_held, what="the four values read while the first is under way")
+        assert rig.device(0).messages == messages  # (else the write was not under way)
         await settled(rig)
     finally:
         stop.set()
