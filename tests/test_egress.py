@@ -17,8 +17,15 @@ import pytest
 from emulators.blynk.model import DatastreamSpec, Device, DeviceSpec, TemplateSpec
 from emulators.blynk.server import BlynkEmulator
 from emulators.blynk.settings import EmulatorSpec, Settings
-from pipeline import metrics
-from pipeline.config import BlynkConfig, Config, EgressConfig, RedisConfig, StreamsConfig
+from pipeline import echo, metrics
+from pipeline.config import (
+    BlynkConfig,
+    BlynkWebhook,
+    Config,
+    EgressConfig,
+    RedisConfig,
+    StreamsConfig,
+)
 from pipeline.context import Context
 from pipeline.events import FIELD, BlynkWrite, DeadLetter, Value, decode_dead, decode_write, encode
 from pipeline.keys import GROUP_EGRESS, WRITES, Keys
@@ -179,13 +186,15 @@ class Rig:
 
     def stage(self, *, consumer: str = "egress-1", until_idle: bool = True,
               streams: dict[str, Any] | None = None, blynk_timeout_s: float = 5,
-              **egress: Any) -> EgressStage:
+              webhooks: bool = False, **egress: Any) -> EgressStage:
         cfg = Config(
             redis=RedisConfig(prefix=self.prefix),
             blynk=BlynkConfig(servers={"fra1": self.url, **self.servers}, default_server="fra1",
                               timeout_s=blynk_timeout_s),
             egress=EgressConfig(**egress),
             streams=StreamsConfig(**(streams or {})),
+            # with a Blynk webhook configured, egress records its writes for echo suppression
+            blynk_webhooks=[BlynkWebhook(name="down")] if webhooks else [],
         )
         ctx = Context(config=cfg, redis=self.redis, keys=self.keys, consumer=consumer,
                       writer=StreamWriter(self.redis))
@@ -535,6 +544,18 @@ async def test_superseded_values_of_a_history_pin_go_to_history_at_their_times(
     assert int(await rig.redis.get(rig.keys.superseded()) or 0) == 4
     assert await rig.pending() == 0
     assert await rig.dead() == []
+
+
+async def test_the_newest_history_point_is_recorded_as_an_echo(rig: Rig) -> None:
+    """An upload may make its newest point current for a moment, and Blynk's webhook would
+    bring it back as a command: the downlink stage must find it recorded as the bridge's own."""
+    t0 = now_ms() - 5000
+    await rig.add(*[write(0, t0 + i, {"V10": float(i)}, history=["V10"]) for i in range(3)])
+    await rig.drain(rig.stage(flush_age_ms=100, webhooks=True))
+    assert [v for _, v in rig.device(0).history["V10"]] == [0.0, 1.0, 2.0]
+    echoes = echo.Echoes(rig.redis, rig.keys, 60_000)
+    assert await echoes.take([(token(0), "V10", "1"), (token(0), "V10", "2"),
+                              (token(0), "V10", "0")], now_ms()) == [True, True, False]
 
 
 async def running(rig: Rig, stage: EgressStage, stop: asyncio.Event) -> asyncio.Task[None]:

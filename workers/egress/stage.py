@@ -27,6 +27,7 @@ from pipeline.blynk.outcomes import Retry
 from pipeline.coalesce import DevicePlan, drop_stale
 from pipeline.consumer import backoff_s
 from pipeline.context import Context
+from pipeline.events import Value
 from pipeline.keys import GROUP_EGRESS, WRITES
 from pipeline.lifecycle import collect_young_less_often
 from pipeline.order import Claim, LastWritten
@@ -337,9 +338,19 @@ class EgressStage:
     async def _record_echoes(self, plans: Sequence[tuple[DeviceQueue, DevicePlan]],
                              claims: Sequence[Claim], wall: int) -> None:
         """Tell the downlink stage what is about to be written, before it is (Blynk fires its
-        webhooks for these writes too: :mod:`pipeline.echo`). A failure only risks an echo."""
-        writes = [(plan.token, plan.current())
-                  for (dev, plan), claim in zip(plans, claims, strict=True) if claim.granted]
+        webhooks for these writes too: :mod:`pipeline.echo`). A failure only risks an echo.
+
+        The newest history point of each pin counts too: an upload may make it the pin's
+        current value for a moment (the emulator's default; unconfirmed for Blynk), firing a
+        webhook — with superseded values going to history that is every coalesced write of a
+        ``history: true`` pin, not only backlog after an outage."""
+        writes: list[tuple[str, dict[str, Value]]] = []
+        for (_, plan), claim in zip(plans, claims, strict=True):
+            if claim.granted:
+                writes.append((plan.token, plan.current()))
+                if plan.backlog:
+                    newest = {pin: points[-1][1] for pin, points in plan.history().items()}
+                    writes.append((plan.token, newest))
         try:
             await echo.record(self.ctx.redis, self.ctx.keys, writes, wall, self._echo_window_ms)
         except RedisError as exc:
