@@ -311,6 +311,9 @@ class IngestMqttConfig(_Base):
     lease_ttl_ms: int = 5_000
     #: Entries appended per pipelined ``XADD`` round trip.
     batch: int = 1_000
+    #: After a message arrives with fewer than ``batch`` waiting, wait this long for more
+    #: before appending (fewer round trips under moderate load; adds up to this much latency).
+    linger_ms: float = 5.0
     #: Decoded messages waiting for Redis; past it new ones are dropped and counted.
     queue_max: int = 100_000
     #: Payloads above this are dead-lettered as ``too_large``.
