@@ -264,15 +264,27 @@ class Bridge:
 
     name = "bridge"
 
-    def __init__(self, env: Env, processes: Sequence[str], redis_url: str = REDIS_URL) -> None:
+    def __init__(self, env: Env, processes: Sequence[str], redis_url: str = REDIS_URL, *,
+                 variant: tuple[str, dict[str, Any]] | None = None) -> None:
         self.env = env
         self.processes = list(processes)
         self.redis_url = redis_url
+        #: Config sections merged over the bench's (``--variant``); none: the defaults.
+        self.overrides: dict[str, Any] = {}
+        if variant is not None:
+            self.name = f"bridge {variant[0]}"
+            self.overrides = variant[1]
         self.app_id = f"bench-bridge-{secrets.token_hex(3)}"
         self.prefix = f"bbbench:{uuid.uuid4().hex[:8]}:"
         self.running: list[Proc] = []
 
     def config(self) -> dict[str, Any]:
+        cfg = self._config()
+        for section, values in self.overrides.items():
+            cfg[section] = {**cfg.get(section, {}), **values}
+        return cfg
+
+    def _config(self) -> dict[str, Any]:
         return {
             "redis": {"url": self.redis_url, "prefix": self.prefix},
             "blynk": {"servers": {"default": self.env.blynk_url}, "default_server": "default"},
@@ -807,7 +819,9 @@ async def amain(args: argparse.Namespace, procs: Processes) -> dict[str, Any]:
     all_results: list[StepResult] = []
     try:
         systems: list[System] = ([] if args.skip_bridge
-                                 else [Bridge(env, args.processes, args.redis_url)])
+                                 else [Bridge(env, args.processes, args.redis_url,
+                                              variant=variant)
+                                       for variant in (args.variant or [None])])
         if args.baseline == "nodered":
             systems.append(NodeRed(env))
         for system in systems:
@@ -824,7 +838,7 @@ async def amain(args: argparse.Namespace, procs: Processes) -> dict[str, Any]:
                                "devices": n, "duration_s": args.duration,
                                "processes": args.processes,
                                "steps": [r.summary() for r in all_results]}
-    bridge = [r for r in all_results if r.system == "bridge"]
+    bridge = [r for r in all_results if r.system.startswith("bridge")]
     base = [r for r in all_results if r.system == "node-red"]
     print()
     if args.find_max:
@@ -857,6 +871,15 @@ async def amain(args: argparse.Namespace, procs: Processes) -> dict[str, Any]:
     return summary
 
 
+def _variant(text: str) -> tuple[str, dict[str, Any]]:
+    name, sep, raw = text.partition("={")  # names may hold '=' themselves
+    overrides = json.loads("{" + raw) if sep else None
+    if not name or not isinstance(overrides, dict) or not all(
+            isinstance(v, dict) for v in overrides.values()):
+        raise argparse.ArgumentTypeError("NAME={\"section\": {\"key\": value}}")
+    return name, overrides
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.e2e", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -878,6 +901,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--drain", type=float, default=15.0,
                    help="max seconds to wait for delivery after the load stops")
     p.add_argument("--skip-bridge", action="store_true", help="measure the baseline only")
+    p.add_argument("--variant", type=_variant, action="append", metavar="NAME=JSON",
+                   help="measure the bridge with these config sections merged over the "
+                   "bench's, e.g. 'age100={\"egress\": {\"flush_age_ms\": 100}}'; repeat to "
+                   "measure several in the same run ('default={}': the bridge's defaults)")
     p.add_argument("--redis-url", default=REDIS_URL, help="Redis the bridge uses (a fresh key "
                    "prefix is made and deleted)")
     p.add_argument("--json", type=Path, help="also write the results as JSON here")

@@ -160,18 +160,19 @@ def cmd_status(args: argparse.Namespace) -> int:
     """Integration statuses and, per template, decoded keys that have no datastream."""
     cfg = config_mod.load(args.config)
 
-    async def work(redis: Redis, keys: Keys) -> tuple[list[Any], dict[str, dict[str, int]]]:
+    async def work(redis: Redis, keys: Keys) -> tuple[list[Any], dict[str, dict[str, int]], int]:
         statuses = await StatusBoard(redis, keys).all()
         unmapped = {}
         for t in cfg.templates:
             raw = await redis.hgetall(keys.unmapped(t.name))
             unmapped[t.name] = {_s(k): int(v) for k, v in sorted(raw.items())}
-        return statuses, unmapped
+        superseded = int(await redis.get(keys.superseded()) or 0)
+        return statuses, unmapped, superseded
 
     result = _run(cfg, work)
     if result is None:
         return 1
-    statuses, unmapped = result
+    statuses, unmapped, superseded = result
     if getattr(args, "json", False):
         out = {
             "integrations": [
@@ -179,6 +180,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 for s in statuses
             ],
             "unmapped": unmapped,
+            "superseded_values": superseded,
         }
         print_json(out)
         return 0
@@ -201,6 +203,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     if not any(unmapped.values()):
         keys_table.add_row("-", "none", "")
     console.print(keys_table)
+    # Values a newer one replaced before egress wrote them: not lost (Blynk got the newer
+    # one), but not in Blynk's history either; `history: true` on a datastream keeps them.
+    console.print(f"superseded values (replaced by a newer one before they were written; "
+                  f"datastreams without history: true): {superseded}")
     return 0
 
 

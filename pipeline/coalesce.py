@@ -5,10 +5,12 @@ The rules, in the order they apply (DESIGN.md "Guarantees: Order"):
 1. **Per device, per pin, the newest event time wins** (event-time last-writer-wins within the
    batch). On equal event times the later entry in the batch wins, so a flush is deterministic.
    The winner is the pin's *current* value, sent in the device's one ``batch/update``.
-2. **Backlog becomes history.** A point older than the live window (``event_ts_ms < now_ms -
-   live_window_ms``) of a pin the entry lists in ``history_pins`` is also kept as a history point
-   ``(event_ts_ms, value)`` for the timestamped upload, so history keeps true times after an
-   outage. The current value still ends at the newest point, whatever its age.
+2. **History pins keep every point.** For a pin the entry lists in ``history_pins`` (its
+   datastream says ``history: true``), every point the current value supersedes — and the
+   current value itself when it is older than the live window (``event_ts_ms < now_ms -
+   live_window_ms``: backlog after an outage) — is kept as a history point ``(event_ts_ms,
+   value)`` for the timestamped upload, one per event time, so charts keep every reading at its
+   true time. The current value still ends at the newest point, whatever its age.
 3. **Nothing older than what Blynk already has** (:func:`drop_stale`): given the last written
    event time per pin (kept in Redis by :mod:`pipeline.order`), a current value whose time is
    strictly older is dropped, so a late entry can never roll a datastream back. A value with the
@@ -16,8 +18,8 @@ The rules, in the order they apply (DESIGN.md "Guarantees: Order"):
    arrival order (a redelivered entry re-sends the value Blynk already has, which changes
    nothing). A history point not newer is dropped, so no history point is written twice.
 
-Points that lose rule 1 inside the live window are coalesced away on purpose: that is what turns
-five uplinks into one Blynk message.
+Points of other pins that lose rule 1 are *superseded*: coalesced away on purpose (that is what
+turns five uplinks into one Blynk message) and counted in :attr:`DevicePlan.superseded`.
 
 Every plan remembers which entries (by the caller's integer ``ref``) carried each pin, so the
 caller can ack, retry or dead-letter exactly the entries behind a pin.
@@ -29,6 +31,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from pipeline.events import BlynkWrite, Value
+from pipeline.redact import masked_repr
 
 
 @dataclass(slots=True)
@@ -61,6 +64,11 @@ class DevicePlan:
     newest_ts_ms: int = -1
     #: Some pin got history points (they may since have been dropped as stale).
     backlog: bool = False
+    #: Values neither sent as current nor kept as history points (rule 1 losers).
+    superseded: int = 0
+
+    def __repr__(self) -> str:
+        return masked_repr(self)
 
     def current(self) -> dict[str, Value]:
         """Pins to send in the one ``batch/update`` (may be empty)."""
@@ -94,8 +102,8 @@ def coalesce(
     """
     horizon = now_ms - live_window_ms
     plans: dict[str, DevicePlan] = {}
-    # pin → event time → value, for backlog points of history pins (later entries win ties)
-    backlog: dict[str, dict[str, dict[int, Value]]] = {}
+    # device → pin → event time → value, every point of history pins (later entries win ties)
+    points: dict[str, dict[str, dict[int, Value]]] = {}
     for ref, write in items:
         plan = plans.get(write.device_key)
         if plan is None:
@@ -106,18 +114,24 @@ def coalesce(
             plan.newest_ts_ms, plan.token, plan.server = ts, write.token, write.server
         history_pins = set(write.history_pins) if write.history_pins else ()
         for pin, value in write.pins.items():
+            plan.superseded += 1  # taken back below for each value that is kept
             current = plan.pins.get(pin)
             if current is None:
                 current = plan.pins[pin] = PinPlan(ts, value)
             elif ts >= current.ts_ms:
                 current.ts_ms, current.value = ts, value
             current.refs.add(ref)
-            if pin in history_pins and ts < horizon:
-                backlog.setdefault(write.device_key, {}).setdefault(pin, {})[ts] = value
-    for device_key, pins in backlog.items():
-        plans[device_key].backlog = True
-        for pin, points in pins.items():
-            plans[device_key].pins[pin].history = sorted(points.items())
+            if pin in history_pins:
+                points.setdefault(write.device_key, {}).setdefault(pin, {})[ts] = value
+    for plan in plans.values():
+        plan.superseded -= len(plan.pins)  # the current values
+        for pin, by_ts in points.get(plan.device_key, {}).items():
+            now_ts = plan.pins[pin].ts_ms
+            history = sorted((ts, v) for ts, v in by_ts.items() if ts < now_ts or ts < horizon)
+            if history:
+                plan.backlog = True
+                plan.pins[pin].history = history
+                plan.superseded -= sum(1 for ts, _ in history if ts != now_ts)
     return plans
 
 

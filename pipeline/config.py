@@ -129,7 +129,9 @@ class DatastreamConfig(_Base):
     #: Enum: the value → label options; values outside fall back to ``fallback``.
     options: dict[str, int] | None = None
     fallback: int | None = None
-    #: Keep history: late points are written with their true timestamps.
+    #: Keep every point in Blynk's history: values superseded before egress wrote them, and
+    #: backlog older than ``egress.live_window_s``, go to the timestamped upload at their true
+    #: times (else superseded values are only counted: ``bb_superseded_values_total``).
     history: bool = False
     id: int | None = None
 
@@ -380,6 +382,9 @@ class IngestMqttConfig(_Base):
     lease_ttl_ms: AtLeast1 = 5_000
     #: Entries appended per pipelined ``XADD`` round trip.
     batch: AtLeast1 = 1_000
+    #: After a message arrives with fewer than ``batch`` waiting, wait this long for more
+    #: before appending (fewer round trips under moderate load; adds up to this much latency).
+    linger_ms: NonNegative = 5.0
     #: Decoded messages waiting for Redis; past it new ones are dropped and counted.
     queue_max: AtLeast1 = 100_000
     #: Payloads above this are dead-lettered as ``too_large``.
@@ -452,8 +457,11 @@ class EgressConfig(_Base):
     flush_count: AtLeast1 = 500
     #: …or they hold this many bytes…
     flush_bytes: AtLeast1 = 512 * 1024
-    #: …or the oldest has waited this long (0: at once).
-    flush_age_ms: AtLeast0 = 100
+    #: …or, when > 0, the oldest has waited this long: values wait for more of the same device
+    #: (fewer Blynk messages, more latency). 0 (default): a device's value is written at once
+    #: when no write of the device is under way and its rate limit allows; only what arrives
+    #: meanwhile is coalesced.
+    flush_age_ms: AtLeast0 = 0
     #: Requests per second to Blynk per device, across replicas.
     per_device_rps: Positive = 50.0
     #: Requests to Blynk in flight at once per process.
@@ -462,6 +470,9 @@ class EgressConfig(_Base):
     live_window_s: NonNegative = 60.0
     #: Cap of the retry backoff after 5xx, timeouts or 429.
     max_backoff_s: Positive = 30.0
+    #: On stop, how long to wait for device writes under way (after sending what is ready);
+    #: what Blynk has not confirmed by then stays pending in Redis and is delivered again.
+    stop_timeout_s: Positive = 10.0
     #: A device marked broken (Blynk refused the token stored for it) is set back to ok this
     #: long after, so its next uplink tries the token again (fixed in Blynk meanwhile?); 0 =
     #: only ``blynk-bridge devices unbreak`` does.

@@ -28,6 +28,7 @@ from pipeline import events, metrics
 from pipeline import keys as keynames
 from pipeline.config import TemplateConfig
 from pipeline.keys import Keys
+from pipeline.redact import masked_repr
 from pipeline.registry import split_key
 from pipeline.streams import Redis, now_ms
 
@@ -48,6 +49,9 @@ class Sent(msgspec.Struct, kw_only=True, omit_defaults=True):
     raw: bytes
     token: str
     server: str
+
+    def __repr__(self) -> str:
+        return masked_repr(self, ("token", "raw"))
 
 
 _sent_dec = msgspec.msgpack.Decoder(Sent)

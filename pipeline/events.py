@@ -15,6 +15,8 @@ from typing import Literal
 
 import msgspec
 
+from pipeline.redact import masked_repr
+
 #: The value of one decoded key as the device sent it (after ingest flattening).
 Value = int | float | str | bool | list[float] | None
 
@@ -56,6 +58,9 @@ class Uplink(msgspec.Struct, omit_defaults=True, kw_only=True):
     #: ``event_ts_ms`` is the arrival time because the sent time lay too far in the future.
     event_ts_clamped: bool = False
 
+    def __repr__(self) -> str:
+        return masked_repr(self)
+
 
 class BlynkWrite(msgspec.Struct, omit_defaults=True, kw_only=True):
     """Datastream values for one Blynk device (transform → egress).
@@ -73,6 +78,9 @@ class BlynkWrite(msgspec.Struct, omit_defaults=True, kw_only=True):
     event_id: str
     #: Pins whose datastream keeps history, so late points may be written with true times.
     history_pins: list[str] = msgspec.field(default_factory=list)
+
+    def __repr__(self) -> str:
+        return masked_repr(self)
 
 
 class Downlink(msgspec.Struct, omit_defaults=True, kw_only=True):
@@ -97,6 +105,9 @@ class Downlink(msgspec.Struct, omit_defaults=True, kw_only=True):
     blynk_id: int | None = None
     token: str | None = None
     device_name: str | None = None
+
+    def __repr__(self) -> str:
+        return masked_repr(self)
 
 
 class DeadLetter(msgspec.Struct, omit_defaults=True, kw_only=True):

@@ -117,6 +117,11 @@ class Keys:
     def unmapped(self, template: str) -> str:
         return f"{self.prefix}unmapped:{template}"
 
+    def superseded(self) -> str:
+        """Counter: values egress replaced by a newer one of the same device and pin before
+        writing them (pins without ``history: true``), over every replica and restart."""
+        return f"{self.prefix}egress:superseded"
+
     def rate(self, device_key: str) -> str:
         return f"{self.prefix}rate:{device_key}"
 

@@ -149,8 +149,13 @@ MQTT_REPLAYED = Counter(
 # egress (workers.egress)
 EGRESS_DROPPED = Counter(
     "bb_egress_dropped_values_total",
-    "Values not sent to Blynk: coalesced (newer one in the same flush) or stale (Blynk has newer)",
+    "Values not sent to Blynk because Blynk already has a newer one (reason: stale)",
     ["reason"],
+)
+SUPERSEDED = Counter(
+    "bb_superseded_values_total",
+    "Values replaced by a newer one of the same device and pin before they were written (pins "
+    "without history: true; those of history pins go to Blynk's history instead)",
 )
 EGRESS_HELD = Gauge(
     "bb_egress_held_entries", "Write entries held in memory by egress (waiting, in flight, backoff)"

@@ -7,7 +7,9 @@ user info. Anything that might print one goes through :func:`mask`, :func:`redac
 
 from __future__ import annotations
 
+import dataclasses
 import re
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 _TOKEN_QUERY = re.compile(
@@ -51,6 +53,27 @@ def safe_url(url: str) -> str:
             netloc += f":{parts.port}"
         url = urlunsplit(parts._replace(netloc=netloc))
     return redact_url(url)
+
+
+def masked_repr(obj: Any, secrets: tuple[str, ...] = ("token",)) -> str:
+    """``Name(field=value, …)`` of a msgspec Struct or a dataclass with the ``secrets`` fields
+    masked: the ``__repr__`` of every object that holds a Blynk token, so a traceback, a
+    callback's repr in asyncio's "exception in callback" log or a debug print never shows one."""
+    if dataclasses.is_dataclass(obj):
+        names = [f.name for f in dataclasses.fields(obj) if f.repr]
+    else:
+        names = list(getattr(obj, "__struct_fields__", ()))
+    parts = []
+    for name in names:
+        value = getattr(obj, name)
+        if name in secrets and isinstance(value, str):
+            shown = repr(mask(value))
+        elif name in secrets and isinstance(value, bytes):
+            shown = f"<{len(value)} bytes>"
+        else:
+            shown = repr(value)
+        parts.append(f"{name}={shown}")
+    return f"{type(obj).__name__}({', '.join(parts)})"
 
 
 class Secret(str):

@@ -48,6 +48,7 @@ from redis.exceptions import RedisError, WatchError
 from pipeline import blynk_index, metrics
 from pipeline.config import DeviceEntry
 from pipeline.keys import Keys
+from pipeline.redact import masked_repr
 from pipeline.streams import Redis, now_ms
 
 log = logging.getLogger("blynk_bridge.registry")
@@ -92,6 +93,9 @@ class Device:
     detail: str | None = None
     firmware: str | None = None
     meta_pending: bool = False
+
+    def __repr__(self) -> str:
+        return masked_repr(self)
 
     @property
     def broken(self) -> bool:

@@ -53,6 +53,12 @@ class Entry:
     deliveries: int = 1
     fields: dict[bytes, bytes] = field(default_factory=dict)
 
+    def __repr__(self) -> str:
+        # The raw event holds the device's Blynk token in clear: show its size only.
+        size = "None" if self.data is None else f"<{len(self.data)} bytes>"
+        return (f"Entry(stream={self.stream!r}, id={self.id!r}, data={size}, "
+                f"deliveries={self.deliveries}, fields=<{len(self.fields)}>)")
+
 
 def _s(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value

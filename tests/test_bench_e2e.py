@@ -135,3 +135,18 @@ def test_read_profile_separates_idle_from_work(tmp_path: Path) -> None:
     assert prof.self_top[0] == (pytest.approx(0.6),
                                 "Pipeline.execute (redis/asyncio/client.py:2262)")
     assert prof.own_top == [(pytest.approx(1.0), "EgressStage._write (workers/egress.py:426)")]
+
+
+def test_variants_merge_config_sections_over_the_bench_config(tmp_path: Path) -> None:
+    args = e2e.parse_args(["--baseline", "none", "--variant",
+                           'flush_age_ms=100={"egress": {"flush_age_ms": 100}}',
+                           "--variant", "default={}"])
+    with Processes() as procs:  # nothing started: config() only
+        env = e2e.Env(procs, 1883, "http://127.0.0.1:1", [("dev0000", "t")])
+        old, new = (e2e.Bridge(env, ["run"], variant=v) for v in args.variant)
+        assert (old.name, new.name) == ("bridge flush_age_ms=100", "bridge default")
+        assert old.config()["egress"] == {"flush_age_ms": 100}
+        assert old.config()["redis"] == new.config()["redis"] | {"prefix": old.prefix}
+        assert "egress" not in new.config()
+    with pytest.raises(SystemExit):
+        e2e.parse_args(["--variant", "no-json"])

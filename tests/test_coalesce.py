@@ -102,7 +102,17 @@ def test_five_uplinks_per_device_make_one_message_each() -> None:
         ),
         pytest.param(
             [w("a", NOW - 10, {"V1": 1}, hist=("V1",)), w("a", NOW, {"V1": 2}, hist=("V1",))],
-            {}, {"V1": 2}, id="live points are coalesced, not history",
+            {"V1": [(NOW - 10, 1)]}, {"V1": 2},
+            id="superseded live points of a history pin are history too",
+        ),
+        pytest.param(
+            [w("a", NOW, {"V1": 1}, hist=("V1",)), w("a", NOW, {"V1": 2}, hist=("V1",))],
+            {}, {"V1": 2}, id="a live point of the current value's time is not history",
+        ),
+        pytest.param(
+            [w("a", NOW - 10, {"V1": 1, "V2": 1}, hist=("V2",)), w("a", NOW, {"V1": 2, "V2": 2})],
+            {"V2": [(NOW - 10, 1)]}, {"V1": 2, "V2": 2},
+            id="the history_pins of the entry that carried the point count",
         ),
         pytest.param(
             [w("a", OLD, {"V1": 1}, hist=("V1",)), w("a", OLD, {"V1": 9}, hist=("V1",))],
@@ -120,6 +130,27 @@ def test_backlog_split(
     plan = coalesce(list(enumerate(batch)), now_ms=NOW, live_window_ms=WINDOW)["a"]
     assert plan.history() == expected_history
     assert plan.current() == expected_current
+    # every value is sent, kept as history, or counted as superseded
+    values = sum(len(x.pins) for x in batch)
+    kept = sum(1 for pin, pts in plan.history().items() for ts, _ in pts
+               if ts != plan.pins[pin].ts_ms)
+    assert plan.superseded == values - len(plan.current()) - kept
+
+
+@pytest.mark.parametrize(
+    ("batch", "superseded"),
+    [
+        pytest.param([w("a", NOW + i, {"V1": i, "V2": i}) for i in range(5)], 8,
+                     id="five uplinks, two pins: eight values superseded"),
+        pytest.param([w("a", NOW + i, {"V1": i}, hist=("V1",)) for i in range(5)], 0,
+                     id="a history pin keeps every point"),
+        pytest.param([w("a", NOW, {"V1": 1}, hist=("V1",)), w("a", NOW, {"V1": 2}, hist=("V1",))],
+                     1, id="two values of one moment: the earlier arrival is superseded"),
+    ],
+)
+def test_superseded_values_are_counted(batch: list[BlynkWrite], superseded: int) -> None:
+    plan = coalesce(list(enumerate(batch)), now_ms=NOW, live_window_ms=WINDOW)["a"]
+    assert plan.superseded == superseded
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 import random
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -16,8 +17,15 @@ import pytest
 from emulators.blynk.model import DatastreamSpec, Device, DeviceSpec, TemplateSpec
 from emulators.blynk.server import BlynkEmulator
 from emulators.blynk.settings import EmulatorSpec, Settings
-from pipeline import echo
-from pipeline.config import BlynkConfig, Config, EgressConfig, RedisConfig, StreamsConfig
+from pipeline import echo, metrics
+from pipeline.config import (
+    BlynkConfig,
+    BlynkWebhook,
+    Config,
+    EgressConfig,
+    RedisConfig,
+    StreamsConfig,
+)
 from pipeline.context import Context
 from pipeline.events import FIELD, BlynkWrite, DeadLetter, Value, decode_dead, decode_write, encode
 from pipeline.keys import GROUP_EGRESS, WRITES, Keys
@@ -197,13 +205,16 @@ class Rig:
         await StreamWriter(self.redis).add_many([(stream, encode(w)) for w in writes])
 
     def stage(self, *, consumer: str = "egress-1", until_idle: bool = True,
-              streams: dict[str, Any] | None = None, **egress: Any) -> EgressStage:
+              streams: dict[str, Any] | None = None, blynk_timeout_s: float = 5,
+              webhooks: bool = False, **egress: Any) -> EgressStage:
         cfg = Config(
             redis=RedisConfig(prefix=self.prefix),
             blynk=BlynkConfig(servers={"fra1": self.url, **self.servers}, default_server="fra1",
-                              timeout_s=5),
+                              timeout_s=blynk_timeout_s),
             egress=EgressConfig(**egress),
             streams=StreamsConfig(**(streams or {})),
+            # with a Blynk webhook configured, egress records its writes for echo suppression
+            blynk_webhooks=[BlynkWebhook(name="down")] if webhooks else [],
         )
         ctx = Context(config=cfg, redis=self.redis, keys=self.keys, consumer=consumer,
                       writer=StreamWriter(self.redis))
@@ -379,6 +390,8 @@ async def test_429_storm_is_ridden_out_within_the_limits(rig: Rig) -> None:
     storm = rig.emu.faults.state()["injected"].get("429", 0)
     assert storm > 0
     assert storm <= 5 * 4  # Retry-After honoured: a few tries per device, not a hammering
+    # four superseded values per device, counted once however often its write was retried
+    assert int(await rig.redis.get(rig.keys.superseded()) or 0) == 5 * 4
     assert rig.emu.refused.get("rate", 0) == 0  # the emulator's own 50 req/s never tripped
     assert await rig.dead() == []
     assert [value(rig, n, "V1") for n in range(5)] == [4.0] * 5
@@ -492,6 +505,200 @@ async def test_stop_finishes_and_acks_what_it_holds(rig: Rig) -> None:
     await asyncio.wait_for(loop, 10)
     assert await rig.pending() == 0
     assert [value(rig, n, "V1") for n in range(5)] == [3.0] * 5
+
+
+async def test_a_value_goes_at_once_and_what_arrives_meanwhile_is_coalesced(rig: Rig) -> None:
+    """The default (flush_age_ms 0): a device's first value is written at once; four more
+    arriving while that write is under way become ONE next write, newest value; the three
+    superseded values are counted, in the metric and in the counter ``status`` shows."""
+    stage = rig.stage(until_idle=False)
+    stop = asyncio.Event()
+    loop = await running(rig, stage, stop)
+    try:
+        t0 = now_ms()
+        await rig.add(write(0, t0, {"V1": 0.5}))
+        await settled(rig)  # warm: the token's region known, a keep-alive connection idle
+        await rig.admin("POST", "faults", {"latency_ms": 3000})  # a write stays under way
+        before, messages = stage.sent_now, rig.device(0).messages
+        superseded = metrics.SUPERSEDED._value.get()
+        await rig.add(write(0, t0 + 1, {"V1": 1.0}))
+
+        async def sent() -> bool:
+            return stage.sent_now > before
+
+        await wait_until(sent, what="the first value going out at once")
+        await rig.add(*[write(0, t0 + i, {"V1": float(i)}) for i in range(2, 6)])
+
+        async def all_held() -> bool:
+            return len(stage.held) == 5
+
+        await wait_until(all_held, what="the four values read while the first is under way")
+        assert rig.device(0).messages == messages  # (else the write was not under way)
+        await settled(rig)
+    finally:
+        stop.set()
+        await asyncio.wait_for(loop, 30)
+    assert rig.device(0).messages - messages == 2
+    assert [v for _, v in rig.device(0).history["V1"]][-2:] == [1.0, 5.0]
+    assert metrics.SUPERSEDED._value.get() - superseded == 3
+    assert int(await rig.redis.get(rig.keys.superseded()) or 0) == 3
+    assert await rig.dead() == []
+
+
+async def test_superseded_values_of_a_history_pin_go_to_history_at_their_times(
+    rig: Rig,
+) -> None:
+    """One flush holds five values of V10 (history: true) and of V1 (no history): Blynk's
+    history gets all five V10 points at their event times (timestamped upload), then one
+    batch/update carries the newest of each; the four V1 values are counted as superseded."""
+    t0 = now_ms() - 5000
+    await rig.add(*[write(0, t0 + i * 100, {"V10": float(i), "V1": float(i)},
+                          history=["V10"]) for i in range(5)])
+    await rig.drain(rig.stage(flush_age_ms=100))
+    dev = rig.device(0)
+    assert dev.messages == 2  # one timestamped upload, one batch/update
+    points = list(dev.history["V10"])
+    assert points[:4] == [(t0 + i * 100, float(i)) for i in range(4)]  # true times, in order
+    assert points[4][1] == 4.0 and value(rig, 0, "V10") == 4.0  # the current value, last
+    assert [v for _, v in dev.history["V1"]] == [4.0]
+    assert int(await rig.redis.get(rig.keys.superseded()) or 0) == 4
+    assert await rig.pending() == 0
+    assert await rig.dead() == []
+
+
+async def test_the_newest_history_point_is_recorded_as_an_echo(rig: Rig) -> None:
+    """An upload may make its newest point current for a moment, and Blynk's webhook would
+    bring it back as a command: the downlink stage must find it recorded as the bridge's own."""
+    t0 = now_ms() - 5000
+    await rig.add(*[write(0, t0 + i, {"V10": float(i)}, history=["V10"]) for i in range(3)])
+    await rig.drain(rig.stage(flush_age_ms=100, webhooks=True))
+    assert [v for _, v in rig.device(0).history["V10"]] == [0.0, 1.0, 2.0]
+    echoes = echo.Echoes(rig.redis, rig.keys, 60_000)
+    assert await echoes.take([(token(0), "V10", "1"), (token(0), "V10", "2"),
+                              (token(0), "V10", "0")], now_ms()) == [True, True, False]
+
+
+async def running(rig: Rig, stage: EgressStage, stop: asyncio.Event) -> asyncio.Task[None]:
+    await stage.startup()
+    return asyncio.create_task(stage.main_loop(stop))
+
+
+async def hanging_writes(rig: Rig, stage: EgressStage, stop: asyncio.Event,
+                         n: int = 5) -> asyncio.Task[None]:
+    """A stage whose first write of each of ``n`` devices hangs in Blynk (no answer)."""
+    await rig.admin("POST", "faults", {"hang_rate": 1.0})
+    loop = await running(rig, stage, stop)
+    await rig.add(*[write(i, now_ms(), {"V1": 7.0}) for i in range(n)])
+
+    async def all_sent() -> bool:
+        return rig.emu.faults.state()["injected"].get("hang", 0) >= n
+
+    await wait_until(all_sent, what="every device's write reaching Blynk and hanging there")
+    return loop
+
+
+async def delivered_again(rig: Rig, n: int = 5) -> None:
+    """Once Blynk answers again, another replica writes the entries the stopped one left
+    pending. The abandoned writes keep their devices' leases until they lapse (``lease_ms``, at
+    least 15 s: a request sent may still land); here they are released at once instead."""
+    await rig.admin("POST", "faults", {})
+    assert await rig.pending() == n  # nothing acked, nothing lost
+    assert await rig.dead() == []
+    await LastWritten(rig.redis, rig.keys, "egress-1").release([device_key(i) for i in range(n)])
+    stage = rig.stage(consumer="egress-2", until_idle=False, streams={"claim_idle_ms": 100})
+    stop = asyncio.Event()
+    loop = await running(rig, stage, stop)
+    try:
+        await settled(rig)
+    finally:
+        stop.set()
+        await asyncio.wait_for(loop, 30)
+    assert [value(rig, i, "V1") for i in range(n)] == [7.0] * n
+    assert await rig.dead() == []
+
+
+async def test_a_stop_gives_up_on_hanging_writes_after_its_deadline_and_loses_nothing(
+    rig: Rig,
+) -> None:
+    """Blynk never answers (its timeout: 10 minutes): the stop returns after stop_timeout_s,
+    not after Blynk's timeout; the unconfirmed entries stay pending and are written later."""
+    stage = rig.stage(until_idle=False, blynk_timeout_s=600, stop_timeout_s=0.5)
+    stop = asyncio.Event()
+    loop = await hanging_writes(rig, stage, stop)
+    stop.set()
+    await asyncio.wait_for(loop, 60)  # generous: unbounded would be 600 s
+    await delivered_again(rig)
+
+
+async def test_a_cancelled_stage_returns_at_once_and_loses_nothing(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Cancelling the stage (a stop past the process's grace) does not wait for Blynk; late
+    answers to the abandoned writes raise nothing and log no token."""
+    stage = rig.stage(until_idle=False, blynk_timeout_s=600)
+    loop = await hanging_writes(rig, stage, asyncio.Event())
+    loop.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(loop, 60)  # generous: unbounded would be 600 s
+    await delivered_again(rig)  # releases the hanging requests: their answers come back late
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not any(token(i) in caplog.text for i in range(5))
+
+
+async def test_an_answer_after_its_write_was_abandoned_is_recorded_and_raises_nothing(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stop gives up on a slow write (its stand-in cancelled); Blynk's 200 arrives later and
+    is recorded and acked all the same. The finish must not ``set_result`` on the cancelled
+    stand-in: asyncio would log InvalidStateError with the callback's repr, holding the token."""
+    stage = rig.stage(until_idle=False, stop_timeout_s=0.1)
+    stop = asyncio.Event()
+    loop = await running(rig, stage, stop)
+    await rig.add(write(0, now_ms(), {"V1": 1.0}))
+    await settled(rig)  # warm: the token's region known, a keep-alive connection idle
+    await rig.admin("POST", "faults", {"latency_ms": 1500})
+    before = stage.sent_now
+    await rig.add(write(0, now_ms() + 1, {"V1": 2.0}))
+
+    async def sent() -> bool:
+        return stage.sent_now > before
+
+    await wait_until(sent, what="the write going out on the task-free path")
+    stop.set()
+    await asyncio.wait_for(loop, 60)
+    await settled(rig)  # the late answer: recorded and acked although the stage stopped
+    assert value(rig, 0, "V1") == 2.0
+    assert "InvalidStateError" not in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert token(0) not in caplog.text
+
+
+def test_reprs_of_objects_holding_tokens_mask_them() -> None:
+    from pipeline.coalesce import coalesce
+    from pipeline.downlink_outcomes import Sent
+    from pipeline.events import Downlink, Uplink
+    from pipeline.registry import Device as RegistryDevice
+    from pipeline.streams import Entry
+    from workers.egress.queue import HeldWrites
+
+    w = write(3, 1000, {"V1": 1.0})
+    held = HeldWrites(60_000)
+    held.hold([Entry("s", "1-0", encode(w))], 0.0)
+    dev = held.devices[w.device_key]
+    shown = [
+        w, dev, held.start(dev, 2000), coalesce([(0, w)], now_ms=2000, live_window_ms=10),
+        Uplink(event_id="e", source="particle", integration="i", device="d", event_ts_ms=1,
+               received_ts_ms=1, token=token(3)),
+        Downlink(event_id="e", origin="o", pin="V1", value=1, ts_ms=1, received_ts_ms=1,
+                 token=token(3)),
+        RegistryDevice(key="k", token=token(3), template="t"),
+        Sent(device_key="k", template="t", pin="V1", stream="s", entry_id="1-0",
+             raw=token(3).encode(), token=token(3), server="fra1"),
+    ]
+    for obj in shown:
+        text = repr(obj)
+        assert token(3) not in text, text
+        assert token(3)[-4:] in text  # still tells tokens apart
 
 
 # ---- the task-free path: a warm connection pool sends from callbacks -------------------------

@@ -100,6 +100,24 @@ def test_a_flush_is_due_by_count_age_size_or_stop() -> None:
     assert len(by_size.ready(100.0, final=False)) == 1
 
 
+def test_by_default_a_device_goes_at_once_unless_in_flight_or_held_back() -> None:
+    held, _, sched, _ = _scheduler(flush_age_ms=0, flush_count=500)
+    held.hold([entry(1, bw("a", NOW_MS, {"V1": 1})), entry(2, bw("b", NOW_MS, {"V1": 1}))],
+              now=100.0)
+    assert sched.next_deadline(100.0) == 0.0
+    (a, b) = sched.ready(100.0, final=False)  # no waiting for company
+    held.start(a, NOW_MS)  # a's write is under way
+    held.requeue(b, not_before=100.02)  # b's rate limit says: in 20 ms
+    held.hold([entry(3, bw("a", NOW_MS + 1, {"V1": 2})), entry(4, bw("a", NOW_MS + 2, {"V1": 3})),
+               entry(5, bw("b", NOW_MS + 1, {"V1": 2}))], now=100.01)
+    assert sched.ready(100.01, final=False) == []  # both collect what arrives meanwhile
+    assert sched.next_deadline(100.01) == pytest.approx(0.01)
+    held.drop(a, 100.01)  # a's write finished: its two new values go as one
+    (a2,) = sched.ready(100.01, final=False)
+    assert a2.key == "a" and len(a2.queued) == 2
+    assert {d.key for d in sched.ready(100.02, final=False)} == {"a", "b"}
+
+
 def test_a_failing_server_holds_its_devices_then_sends_one_probe() -> None:
     held, servers, sched, reports = _scheduler()
     held.hold([entry(n, bw(f"d{n}", NOW_MS, {"V1": n})) for n in range(3)], now=0.0)

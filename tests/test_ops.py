@@ -115,17 +115,20 @@ async def test_status_shows_integrations_and_unmapped_keys(
     await board.connected("tts", "app-ops")
     await board.failed("tts", "app-ops", f"401 from https://x/?token={TOKEN}", "credentials")
     await redis.hset(keys.unmapped("sensor"), mapping={"humidity": 7, "battery": 2})
+    await redis.set(keys.superseded(), 12)  # what egress counts
 
     assert await _cli("status", "-c", config_file) == 0
     out = capsys.readouterr().out
     assert "app-ops" in out and "Broken" in out and "credentials" in out
     assert "humidity" in out and "7" in out and "battery" in out
     assert TOKEN not in out
+    assert "superseded values" in out and ": 12" in out
 
     assert await _cli("status", "-c", config_file, "--json") == 0
     data = json.loads(capsys.readouterr().out)
     assert data["integrations"][0]["state"] == "Broken"
     assert data["unmapped"] == {"sensor": {"battery": 2, "humidity": 7}}
+    assert data["superseded_values"] == 12
 
 
 async def test_dead_list_and_filter(

@@ -384,6 +384,7 @@ class IngestMqtt:
         self._settings_for = settings_for
         self._board = StatusBoard(ctx.redis, ctx.keys)
         self._appender = Appender(ctx.redis, batch=cfg.batch, queue_max=cfg.queue_max,
+                                  linger_s=cfg.linger_ms / 1000,
                                   max_backoff_s=self._max_backoff_s, on_written=on_appended)
         # The longest a failover can take: the lease runs out, then one acquisition interval;
         # or the owner's broker connection is down past handover_after_ms, then one check and

@@ -35,7 +35,7 @@ from pipeline.blynk.client import BlynkClient, error_message, retry_after
 from pipeline.blynk.outcomes import BAD_REQUEST, NOT_FOUND, REDIRECT_REFUSED, UNAUTHORIZED
 from pipeline.config import PlatformConfig
 from pipeline.errors import Permanent, Retryable
-from pipeline.redact import mask, redact_url
+from pipeline.redact import mask, masked_repr, redact_url
 
 log = logging.getLogger("pipeline.blynk.platform")
 
@@ -61,6 +61,9 @@ class _Created(msgspec.Struct):
     id: int
     token: str
     name: str = ""
+
+    def __repr__(self) -> str:
+        return masked_repr(self)
 
 
 class _Metafield(msgspec.Struct):

@@ -3,9 +3,15 @@
 Contract:
 
 * **Reads** the writes stream (group ``egress``) in batches and holds the entries in memory per
-  device. A **flush** happens when the held entries of ready devices reach ``flush_count`` or
-  ``flush_bytes``, or the oldest has waited ``flush_age_ms``. A flush coalesces each ready device's
-  entries (:mod:`pipeline.coalesce`); one script call for all its devices
+  device. A device is *ready* when no write of it is under way and no backoff or rate limit holds
+  it back. By default (``flush_age_ms`` 0) every ready device is flushed at once: a value goes to
+  Blynk as soon as it is read, and only what arrives while the device's write is under way or
+  while it is held back is coalesced into its next write. With ``flush_age_ms`` > 0 a **flush**
+  waits until the held entries of ready devices reach ``flush_count`` or ``flush_bytes``, or the
+  oldest has waited ``flush_age_ms`` (fewer Blynk messages, more latency). A flush coalesces each
+  ready device's entries (:mod:`pipeline.coalesce`: superseded values of ``history: true`` pins
+  become history points, the others are counted in ``bb_superseded_values_total`` and the
+  counter ``status`` shows); one script call for all its devices
   (:meth:`pipeline.order.LastWritten.prepare`) skips devices with nothing newer than Blynk has,
   and takes each other device's lease, last written times and one rate-limit slot
   (:mod:`pipeline.ratelimit`); then it sends per device: history uploads first (backlog with
@@ -28,7 +34,10 @@ Contract:
   that carried a failing pin are dead-lettered with the reason (original entry kept for replay).
   A refused history point dead-letters its entry; the current value is still written.
 * **Stop**: no more reads; held entries of ready devices are sent and acked, devices in backoff
-  are left pending in Redis; then return.
+  are left pending in Redis; writes under way are waited for at most ``stop_timeout_s``, then
+  abandoned (a cancel abandons them at once): nothing is acked for them, so their entries stay
+  pending in Redis and are delivered again. Their device leases lapse by themselves (a request
+  sent may still land), so another replica writes those devices after ``lease_ms``.
 * **Burst mode** (``until_idle=True``): return once nothing is left to read and nothing is held.
 
 The parts, one job each:

@@ -13,6 +13,9 @@ resolves every in-flight entry of the device, then the write's ``pending`` futur
 * **Invalid token**: all the device's in-flight entries are dead-lettered; the device is marked
   broken in the registry only if the refused token is the one its row holds (not one an uplink
   carried itself, not one replaced since).
+* **Count superseded values** (``bb_superseded_values_total``, and :meth:`Committer.take_superseded`
+  for the shared counter) once a write is over, not when it is retried: a retried write is
+  coalesced again, with whatever arrived meanwhile.
 * **Retry** (a retryable answer, or a Redis error while committing): the entries go back to the
   device's queue, in memory, never acked and never re-read; after a 429 the device waits for
   ``Retry-After`` (or capped jittered backoff), shared with every replica through the rate limit;
@@ -92,6 +95,8 @@ class Committer:
         # device key → its integration's bb_written counter child (the split is per device, not
         # per write; cleared past _WRITTEN_CACHE devices so a huge fleet does not grow it)
         self._written: dict[str, Any] = {}
+        #: Superseded values of finished writes not yet taken by :meth:`take_superseded`.
+        self._superseded = 0
 
     def finish(self, dev: DeviceQueue, plan: DevicePlan, result: Result,
                pending: asyncio.Future[None], *, leased: bool = True) -> None:
@@ -133,14 +138,26 @@ class Committer:
         if result.invalid_token is not None:
             self._spawn(self._invalid_token(dev, plan, result.invalid_token, pending),
                         f"egress-{dev.key}")
-        elif again is not None:
+            return
+        if again is not None:
             self._back_off(dev, again)
-            pending.set_result(None)
-        elif dead:
+            _resolve(pending)
+            return
+        # Counted once the write is over (a retried write is coalesced again, with more).
+        if plan.superseded:
+            metrics.SUPERSEDED.inc(plan.superseded)
+            self._superseded += plan.superseded
+        if dead:
             self._spawn(self._dead_letter(dev, ok, dead, wall, pending), f"egress-{dev.key}")
         else:
             self._written_ok(dev, ok, wall)
-            pending.set_result(None)
+            _resolve(pending)
+
+    def take_superseded(self) -> int:
+        """Superseded values of the writes finished since the last call (for the shared
+        counter ``blynk-bridge status`` shows)."""
+        n, self._superseded = self._superseded, 0
+        return n
 
     def _written_ok(self, dev: DeviceQueue, ok: Sequence[Held], wall: int) -> None:
         dev.attempts = 0
@@ -159,7 +176,7 @@ class Committer:
                 log.warning("egress: dead-lettering %d entries failed (%s)", len(dead), exc)
             self._written_ok(dev, ok, wall)
         finally:
-            pending.set_result(None)
+            _resolve(pending)
 
     async def _invalid_token(self, dev: DeviceQueue, plan: DevicePlan, outcome: Fail,
                              pending: asyncio.Future[None]) -> None:
@@ -181,7 +198,7 @@ class Committer:
                 return
             self._held.drop(dev, time.monotonic())
         finally:
-            pending.set_result(None)
+            _resolve(pending)
 
     def _back_off(self, dev: DeviceQueue, outcome: Retry) -> None:
         """Keep the entries in memory and try again later (never re-read, never acked)."""
@@ -225,6 +242,14 @@ class Committer:
     async def _defer_many(self, items: list[tuple[str, float]]) -> list[None]:
         await self._limiter.defer_many(items)
         return [None] * len(items)
+
+
+def _resolve(pending: asyncio.Future[None]) -> None:
+    """Mark a device write resolved. A stop that ran out of time cancelled the stand-ins of
+    the writes it stopped waiting for (their entries stay pending in Redis); an answer that
+    arrives after that finds its stand-in already done and must not raise from a callback."""
+    if not pending.done():
+        pending.set_result(None)
 
 
 def sort_out(inflight: Sequence[Held], result: Result) -> tuple[list[Held], _Dead]:

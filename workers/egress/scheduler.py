@@ -9,7 +9,8 @@ its clock (``time.monotonic`` unless given another) only when a server fails.
   transition (the stage records the integration status).
 * :class:`FlushScheduler` — which waiting devices may be sent now and whether a flush is due
   (held entries of ready devices reach ``flush_count`` or ``flush_bytes``, or the oldest has
-  waited ``flush_age_ms``; a final flush is always due), and how long until the next one can be.
+  waited ``flush_age_ms``, so at once with the default 0; a final flush is always due), and how
+  long until the next one can be.
 * :class:`InFlight` — at most ``limit`` Blynk requests at once. Coroutines wait for a slot in
   order (:meth:`InFlight.acquire`); callback-driven sends that found no slot are queued and started
   one per freed slot once no coroutine is waiting (:meth:`InFlight.queue`).

@@ -121,6 +121,13 @@ class Sender:
         self._spawn = spawn
         #: ``batch/update``s sent without a task (for tests and diagnostics).
         self.sent_now = 0
+        #: Set by :meth:`close`: nothing more is sent.
+        self.closed = False
+
+    def close(self) -> None:
+        """Send nothing more: queued sends, resends after a dead connection and coroutine
+        paths not yet started are dropped (their entries stay pending in Redis)."""
+        self.closed = True
 
     def send(self, dev: DeviceQueue, plan: DevicePlan, pending: asyncio.Future[None]) -> None:
         """Write ``plan`` (the device's in-flight entries) and hand the result to the finish.
@@ -128,6 +135,8 @@ class Sender:
         ``pending`` is the write's stand-in for the stage's idle and stop decisions; the finish
         resolves it, not the sender.
         """
+        if self.closed:
+            return
         if plan.backlog:
             self._coroutine(dev, plan, pending, None)
         elif self._cap.free():
@@ -137,6 +146,8 @@ class Sender:
 
     def _send_now(self, dev: DeviceQueue, plan: DevicePlan,
                   pending: asyncio.Future[None]) -> None:
+        if self.closed:  # a queued send started after a stop gave up waiting
+            return
         pins = plan.current()
 
         def answered(outcome: Outcome | None) -> None:
@@ -163,6 +174,8 @@ class Sender:
 
     def _coroutine(self, dev: DeviceQueue, plan: DevicePlan, pending: asyncio.Future[None],
                    answer: Outcome | None) -> None:
+        if self.closed:
+            return
         self._spawn(self._write(dev, plan, pending, answer), f"egress-{dev.key}")
 
     async def _write(self, dev: DeviceQueue, plan: DevicePlan, pending: asyncio.Future[None],

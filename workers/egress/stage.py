@@ -43,9 +43,15 @@ log = logging.getLogger("blynk_bridge.egress")
 
 #: How long to wait before asking again for a device another replica is writing.
 LEASE_RETRY_S = 0.05
-#: After a read that drained the stream, the next read waits this long, so reads come in
-#: batches instead of one Redis call per trickle of entries (entries wait for a flush anyway).
+#: With ``flush_age_ms`` > 0, after a read that drained the stream the next read waits this
+#: long (at most the flush age), so reads come in batches instead of one Redis call per trickle
+#: of entries: they wait for a flush anyway. With ``flush_age_ms`` 0 (writes go at once) reads
+#: are not paced: a pause would be pure latency.
 READ_PACE_S = 0.01
+#: How often the superseded values are added to the shared counter (``keys.superseded``).
+SUPERSEDED_EVERY_S = 1.0
+#: How long abandoned device writes get to unwind after their cancellation.
+ABANDON_WAIT_S = 1.0
 #: Young-generation threshold of the cyclic garbage collector in an egress process: egress
 #: allocates a dozen short-lived objects per device write, none of them in cycles.
 GC_GEN0_THRESHOLD = 20_000
@@ -77,8 +83,13 @@ class EgressStage:
         self.status = StatusBoard(ctx.redis, ctx.keys)
         self.max_held = max(20 * cfg.flush_count, 1000)
         self._tasks: set[asyncio.Future[None]] = set()  # device writes, status updates
+        #: Set when a stop gave up on the writes under way: nothing new starts.
+        self._closed = False
         self._wake = asyncio.Event()
         self._next_read_at = 0.0
+        self._read_pace_s = min(READ_PACE_S, cfg.flush_age_ms / 1000)
+        #: Superseded values a failed ``INCRBY`` left for the next one.
+        self._superseded = 0
         self.held = HeldWrites(int(cfg.live_window_s * 1000))
         self.servers = Servers(cfg.max_backoff_s, self._report_status)
         self.scheduler = FlushScheduler(self.held, self.servers, flush_count=cfg.flush_count,
@@ -110,19 +121,24 @@ class EgressStage:
     async def main_loop(self, stop: asyncio.Event) -> None:
         """Read, hold, flush, until ``stop`` (or, in burst mode, until idle)."""
         await self.reader.ensure_group()
-        chores = [asyncio.create_task(self._keep_claimed(), name="egress-keep-claimed")]
+        chores = [asyncio.create_task(self._keep_claimed(), name="egress-keep-claimed"),
+                  asyncio.create_task(self._count_superseded(), name="egress-superseded")]
         if self.cfg.broken_retry_s > 0:
             chores.append(asyncio.create_task(self._retry_broken(), name="egress-retry-broken"))
         try:
             await self._run(stop)
+        except BaseException:
+            # Cancelled (a stop past the process's grace) or failed: stop waiting for Blynk
+            # now; what is not confirmed stays pending in Redis and is delivered again.
+            await self._abandon("stopping early")
+            raise
         finally:
             for chore in chores:
                 chore.cancel()
             for chore in chores:
                 with contextlib.suppress(asyncio.CancelledError):
                     await chore
-            if self._tasks:
-                await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._publish_superseded()  # not after a cancel or a failure: it would wait
 
     async def _run(self, stop: asyncio.Event) -> None:
         read: asyncio.Task[list[Entry]] | None = None
@@ -173,8 +189,36 @@ class EgressStage:
                         await self._hold(entries)
         # Stopping: send what is ready now; devices in backoff stay pending in Redis.
         await self._flush(final=True)
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._drain(self.cfg.stop_timeout_s)
+
+    async def _drain(self, timeout_s: float) -> None:
+        """Wait for every device write under way, at most ``timeout_s`` (a hanging Blynk must
+        not hold a stop for its request timeout times its retries); then abandon the rest."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while self._tasks:  # a finishing write may start another task (a dead letter)
+            left = deadline - loop.time()
+            if left <= 0:
+                await self._abandon(f"stop deadline ({timeout_s:g}s) passed")
+                return
+            await asyncio.wait(set(self._tasks), timeout=left)
+
+    async def _abandon(self, why: str) -> None:
+        """Stop every device write still under way and start no more. Nothing is acked for
+        them: their entries stay pending in Redis and are delivered again (to this consumer
+        after a restart, or to another replica by ``XAUTOCLAIM``). An answer arriving later
+        is still recorded if the loop runs on, and never raises (the committer checks)."""
+        self._closed = True
+        self.sender.close()
+        left = list(self._tasks)
+        if not left:
+            return
+        log.warning("egress: %s with %d device writes unconfirmed; their entries stay "
+                    "pending and are delivered again", why, len(left))
+        for task in left:
+            task.cancel()
+        # Let the cancelled tasks unwind (they end at their next await), bounded all the same.
+        await asyncio.wait(left, timeout=ABANDON_WAIT_S)
 
     async def _read(self) -> list[Entry]:
         """One batch: own pending entries first (one pass, after a restart), then new ones.
@@ -187,8 +231,9 @@ class EgressStage:
             if pause > 0:
                 await asyncio.sleep(pause)
         entries = await self.reader.read(block=not self.until_idle)
-        if len(entries) < self.reader.batch:  # drained: let the next read gather a batch
-            self._next_read_at = time.monotonic() + READ_PACE_S
+        if len(entries) < self.reader.batch and self._read_pace_s:
+            # drained: let the next read gather a batch
+            self._next_read_at = time.monotonic() + self._read_pace_s
         return entries
 
     async def _hold(self, entries: list[Entry]) -> None:
@@ -218,6 +263,23 @@ class EgressStage:
                     await pipe.execute()
             except RedisError as exc:
                 log.warning("egress: refreshing held entries failed (%s)", exc)
+
+    async def _count_superseded(self) -> None:
+        """Add the superseded values to the counter ``blynk-bridge status`` shows, once a
+        second (one ``INCRBY`` per second, not one per flush)."""
+        while True:
+            await asyncio.sleep(SUPERSEDED_EVERY_S)
+            await self._publish_superseded()
+
+    async def _publish_superseded(self) -> None:
+        n, self._superseded = self._superseded + self.committer.take_superseded(), 0
+        if not n:
+            return
+        try:
+            await self.ctx.redis.incrby(self.ctx.keys.superseded(), n)
+        except RedisError as exc:  # kept for the next try: the metric has them already
+            self._superseded += n
+            log.warning("egress: counting superseded values failed (%s)", exc)
 
     async def _retry_broken(self) -> None:
         """Set devices broken for ``broken_retry_s`` back to ok, so their next uplink tries the
@@ -254,12 +316,11 @@ class EgressStage:
                 self.servers.release_probe(plan.server)
             return
         now = time.monotonic()
-        stale_values = coalesced = 0
+        stale_values = 0
         send = self.sender.send
         for (dev, plan), claim in zip(plans, claims, strict=True):
             if claim.granted:
                 stale_values += len(drop_stale(plan, claim.last))
-                coalesced += sum(len(h.write.pins) for h in dev.inflight) - len(plan.pins)
                 send(dev, plan, self._pending())
             elif claim.stale:  # Blynk already has newer values: nothing to send, ack them
                 stale_values += len(plan.pins)
@@ -270,19 +331,28 @@ class EgressStage:
                 self.servers.release_probe(plan.server)
         if stale_values:
             metrics.EGRESS_DROPPED.labels("stale").inc(stale_values)
-        if coalesced:
-            metrics.EGRESS_DROPPED.labels("coalesced").inc(coalesced)
 
     def _echo_records(self, plans: Sequence[tuple[DeviceQueue, DevicePlan]], wall: int
                       ) -> dict[str, Any]:
         """What ``prepare`` records for echo suppression, in its own call, for the devices it
         grants (Blynk fires its webhooks for these writes too: :mod:`pipeline.echo`); nothing
-        when no Blynk webhook is configured."""
+        when no Blynk webhook is configured.
+
+        The newest history point of each pin counts too: an upload may make it the pin's
+        current value for a moment (the emulator's default; unconfirmed for Blynk), firing a
+        webhook — with superseded values going to history that is every coalesced write of a
+        ``history: true`` pin, not only backlog after an outage."""
         if not self._echo_window_ms:
             return {}
-        return {"echoes": [echo.records(self.ctx.keys, plan.token, plan.current(), wall)
-                           for _, plan in plans],
-                "echo_window_ms": self._echo_window_ms}
+        keys = self.ctx.keys
+        per_device: list[list[tuple[str, str]]] = []
+        for _, plan in plans:
+            records = echo.records(keys, plan.token, plan.current(), wall)
+            if plan.backlog:
+                newest = {pin: points[-1][1] for pin, points in plan.history().items()}
+                records += echo.records(keys, plan.token, newest, wall)
+            per_device.append(records)
+        return {"echoes": per_device, "echo_window_ms": self._echo_window_ms}
 
     # ---- tracking ------------------------------------------------------------------------
 
@@ -294,6 +364,9 @@ class EgressStage:
         return pending
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        if self._closed:  # stopped: nothing new starts; its entries stay pending in Redis
+            coro.close()
+            return
         task = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
