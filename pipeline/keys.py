@@ -78,8 +78,12 @@ class Keys:
         """How many devices auto-provisioning created for an integration (``provision_max``)."""
         return f"{self.prefix}provisioned:{source}:{integration}"
 
-    def seen(self, event_id: str) -> str:
-        return f"{self.prefix}seen:{event_id}"
+    def dedup(self, stream: str) -> str:
+        """Base of the de-duplication state (:mod:`pipeline.dedup`) guarding one uplinks
+        stream: ``bb:dd``, or ``bb:dd:{uplinks:3}`` next to its partitioned stream (the same
+        hash tag, so a partition's scripts touch one Redis Cluster slot)."""
+        tag = stream.find("{")
+        return f"{self.prefix}dd" if tag < 0 else f"{self.prefix}dd:{stream[tag:]}"
 
     def last_written(self, device_key: str) -> str:
         """Hash pin → event time (ms) of the last value written to Blynk."""
