@@ -53,7 +53,7 @@ def _safe_url(url: str) -> str:
 
 @asynccontextmanager
 async def _redis(cfg: config_mod.Config) -> AsyncIterator[tuple[Redis, Keys]]:
-    redis = connect(cfg.redis.url)
+    redis = connect(cfg.redis.url, cluster=cfg.redis.cluster)
     try:
         yield redis, Keys(cfg.redis.prefix, cfg.redis.partitions)
     finally:

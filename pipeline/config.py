@@ -46,6 +46,9 @@ class RedisConfig(_Base):
     prefix: str = "bb:"
     #: Number of partitions of each stream (1 = unpartitioned).
     partitions: int = 1
+    #: Talk to a Redis Cluster (redis-py's ``RedisCluster``); implied by a
+    #: ``redis+cluster://host:port,...`` URL.
+    cluster: bool = False
 
 
 class StreamsConfig(_Base):
@@ -635,6 +638,14 @@ def check(config: Config, origin: str) -> None:
                 f"{origin}: `devices[{i}].server` names unknown server {dev.server!r}"
             )
     _check_downlinks(config, origin)
+    if config.redis.cluster or config.redis.url.startswith("redis+cluster://"):
+        # Refused rather than failing at the first cross-slot script: so far only the
+        # de-duplication state keeps each call in one slot (issue 13, docs/DESIGN.md).
+        raise ConfigError(
+            f"{origin}: `redis.cluster` / a `redis+cluster://` URL is not supported yet: the "
+            "stages' scripts still touch keys of several slots (registry version, dead stream, "
+            "last-written times); run on one Redis (any `redis.partitions`)"
+        )
     if config.blynk.default_server not in config.blynk.servers:
         raise ConfigError(
             f"{origin}: `blynk.default_server` {config.blynk.default_server!r} is not in "

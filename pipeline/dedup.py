@@ -261,18 +261,25 @@ class Claims:
 
     async def run(self, claims: Sequence[tuple[str, str, bytes]],
                   window_s: int) -> list[bytes | None]:
-        """The claims of ``(stream, event_id, mark)`` on their own: the old marks, in order."""
-        if not claims:
-            return []
-        keys, args = _args(self._keys, window_s, "c", claims)
-        return [r or None for r in await self._script(keys=keys, args=args)]
+        """The claims of ``(stream, event_id, mark)`` on their own: the old marks, in order.
+        One script call per partition, so each stays in one Redis Cluster slot."""
+        return await self._per_base("c", claims, window_s)
 
     async def forget(self, claims: Sequence[tuple[str, str]], window_s: int) -> None:
-        """Forget the events ``(stream, event_id)``."""
-        if claims:
-            keys, args = _args(self._keys, window_s, "f",
-                               [(s, e, b"\0" * MARK_BYTES) for s, e in claims])
-            await self._script(keys=keys, args=args)
+        """Forget the events ``(stream, event_id)`` (one script call per partition)."""
+        await self._per_base("f", [(s, e, b"\0" * MARK_BYTES) for s, e in claims], window_s)
+
+    async def _per_base(self, mode: str, claims: Sequence[tuple[str, str, bytes]],
+                        window_s: int) -> list[bytes | None]:
+        by_base: dict[str, list[int]] = {}
+        for i, (stream, _, _) in enumerate(claims):
+            by_base.setdefault(self._keys.dedup(stream), []).append(i)
+        out: list[bytes | None] = [None] * len(claims)
+        for idx in by_base.values():
+            keys, args = _args(self._keys, window_s, mode, [claims[i] for i in idx])
+            for i, r in zip(idx, await self._script(keys=keys, args=args), strict=True):
+                out[i] = r or None
+        return out
 
 
 def is_duplicate(reply: bytes | None, mark: bytes) -> bool:

@@ -225,3 +225,10 @@ def test_check_config_masks_the_redis_password(
     out = capsys.readouterr().out
     assert "redis.example:6379" in out and "blynk.example" in out
     assert "Pa55w0rd" not in out and "BlynkPw" not in out
+
+
+@pytest.mark.parametrize("redis", ['{url: "redis+cluster://127.0.0.1:7001,127.0.0.1:7002"}',
+                                   "{cluster: true}"])
+def test_cluster_mode_is_refused_until_every_script_keeps_to_one_slot(redis: str) -> None:
+    with pytest.raises(ConfigError, match=r"redis\.cluster.*not supported yet"):
+        parse(f"redis: {redis}\n", "yaml", "b.yaml", env={})
