@@ -180,8 +180,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", default=DEFAULT_CONFIG)
     p.set_defaults(func=cmd_check_config)
 
-    p = with_config(sub.add_parser("lag", help="length, lag and pending of every stream/group"))
+    p = with_config(sub.add_parser("lag", help="length, lag and pending of every stream/group, "
+                                   "with its partition and Redis node, and per node"))
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--nodes", action="store_true",
+                   help="with --json: the sums per Redis node and group instead of the streams")
     p.set_defaults(func=_ops("cmd_lag"))
     p = with_config(sub.add_parser("status", help="integration statuses"))
     p.add_argument("--json", action="store_true", help="machine-readable output")

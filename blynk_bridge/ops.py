@@ -25,7 +25,7 @@ from rich.table import Table
 
 from pipeline import blynk_index, dedup, events
 from pipeline import config as config_mod
-from pipeline.backlog import StreamInfo, snapshot
+from pipeline.backlog import StreamInfo, by_node, snapshot
 from pipeline.keys import DOWNLINKS, UPLINKS, WRITES, Keys
 from pipeline.order import LastWritten
 from pipeline.redact import mask, redact_url, safe_url
@@ -100,6 +100,8 @@ def lag_rows(streams: Iterable[StreamInfo], now: int) -> list[dict[str, Any]]:
         {
             "stream": s.name,
             "key": s.key,
+            "partition": s.partition,
+            "node": s.node,
             "length": s.length,
             "groups": [
                 {
@@ -119,26 +121,43 @@ def lag_rows(streams: Iterable[StreamInfo], now: int) -> list[dict[str, Any]]:
     ]
 
 
+def node_rows(streams: list[StreamInfo]) -> list[dict[str, Any]]:
+    """Per Redis node and group: the sums of its streams (the ``--json --nodes`` shape)."""
+    return [{"node": t.node, "group": t.group, "streams": t.streams, "length": t.length,
+             "lag": t.lag, "pending": t.pending} for t in by_node(streams)]
+
+
 def cmd_lag(args: argparse.Namespace) -> int:
-    """Every stream (each partition) and group: length, lag, pending, consumers, oldest pending."""
+    """Every stream (each partition) and group: length, lag, pending, consumers, oldest
+    pending, with its partition and Redis node; then the sums per node and group."""
     streams = _run(config_mod.load(args.config), snapshot)
     if streams is None:
         return 1
     now = now_ms()
     if getattr(args, "json", False):
-        print(json.dumps(lag_rows(streams, now), indent=2))
+        rows = node_rows(streams) if getattr(args, "nodes", False) else lag_rows(streams, now)
+        print(json.dumps(rows, indent=2))
         return 0
     table = Table(title="blynk-bridge streams")
-    for col in ("stream", "group", "length", "lag", "pending", "consumers", "oldest pending"):
-        table.add_column(col, justify="left" if col in ("stream", "group") else "right")
+    for col in ("stream", "partition", "node", "group", "length", "lag", "pending", "consumers",
+                "oldest pending"):
+        table.add_column(col, justify="left" if col in ("stream", "node", "group") else "right")
     for s in streams:
+        part = "-" if s.partition is None else str(s.partition)
         if not s.groups:
-            table.add_row(s.key, "-", str(s.length), "", "", "", "")
+            table.add_row(s.key, part, s.node, "-", str(s.length), "", "", "", "")
         for g in s.groups:
             lag = str(g.lag) if g.lag_exact else f">={g.lag}"
-            table.add_row(s.key, g.name, str(s.length), lag, str(g.pending), str(g.consumers),
-                          _age(g.oldest_pending_age_s(now)))
+            table.add_row(s.key, part, s.node, g.name, str(s.length), lag, str(g.pending),
+                          str(g.consumers), _age(g.oldest_pending_age_s(now)))
     _console().print(table)
+    nodes = Table(title="per Redis node")
+    for col in ("node", "group", "streams", "length", "lag", "pending"):
+        nodes.add_column(col, justify="left" if col in ("node", "group") else "right")
+    for t in by_node(streams):
+        nodes.add_row(t.node, t.group, str(t.streams), str(t.length), str(t.lag),
+                      str(t.pending))
+    _console().print(nodes)
     return 0
 
 

@@ -40,6 +40,12 @@ class Keys:
         """Stable partition of a device: the same on every process and Python version."""
         return zlib.crc32(f"{source}\0{device}".encode()) % self.partitions
 
+    def partition_of_stream(self, key: str) -> int | None:
+        """The partition a stream key names (``bb:{uplinks:3}`` → 3); ``None`` unpartitioned."""
+        if not key.endswith("}") or "{" not in key:
+            return None
+        return int(key[key.rindex(":") + 1:-1])
+
     def stream_for(self, name: str, source: str, device: str) -> str:
         if self.partitions == 1:
             return self.stream(name)

@@ -13,6 +13,7 @@ from collections import Counter
 from redis.exceptions import RedisError
 
 from pipeline import dedup
+from pipeline.backlog import by_node, snapshot
 from pipeline.keys import Keys
 from pipeline.streams import Redis, connect
 from tests.wait import wait_until
@@ -130,3 +131,21 @@ async def test_claims_lose_nothing_while_their_slot_moves(cluster_redis: Redis,
     print(f"slot {slot}: {moved} keys moved {source} -> {target}; claims retried: "
           f"{dict(retried)}")
     await _move_slot(slot, target, source)  # the shared cluster as it was
+
+
+async def test_lag_reports_each_partition_and_the_master_holding_it(cluster_redis: Redis,
+                                                                   prefix: str) -> None:
+    keys = Keys(prefix, partitions=6)
+    for p, stream in enumerate(keys.streams("uplinks")):
+        for _ in range(p + 1):
+            await cluster_redis.xadd(stream, {b"d": b"x"})
+        await cluster_redis.xgroup_create(stream, "transform", id="0")
+    streams = await snapshot(cluster_redis, keys)
+    uplinks = [s for s in streams if s.name == "uplinks"]
+    assert [s.partition for s in uplinks] == list(range(6))
+    masters = {n.name for n in cluster_redis.get_primaries()}  # type: ignore[attr-defined]
+    assert {s.node for s in uplinks} <= masters and len({s.node for s in uplinks}) >= 2
+    totals = {t.node: t for t in by_node(streams) if t.group == "transform"}
+    assert sum(t.lag for t in totals.values()) == sum(range(1, 7))
+    for node, t in totals.items():
+        assert t.lag == sum(s.length for s in uplinks if s.node == node)

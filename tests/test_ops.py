@@ -108,6 +108,14 @@ async def test_lag_lists_every_stream_and_group(
     assert (groups["transform"]["lag"], groups["transform"]["pending"]) == (3, 2)
     assert (groups["audit"]["lag"], groups["audit"]["pending"]) == (0, 0)
     assert groups["transform"]["oldest_pending_id"] is not None
+    assert rows[up]["partition"] is None and rows[up]["node"] == "127.0.0.1:6379"
+
+    # The same per Redis node: one node here, each group summed over its streams.
+    assert await _cli("lag", "-c", config_file, "--json", "--nodes") == 0
+    nodes = {(r["node"], r["group"]): r for r in json.loads(capsys.readouterr().out)}
+    assert set(nodes) == {("127.0.0.1:6379", g) for g in ("transform", "audit", "egress")}
+    assert (nodes[("127.0.0.1:6379", "transform")]["lag"],
+            nodes[("127.0.0.1:6379", "transform")]["pending"]) == (3, 2)
 
 
 async def test_status_shows_integrations_and_unmapped_keys(

@@ -28,7 +28,7 @@ import logging
 from redis.exceptions import RedisError
 
 from pipeline import metrics
-from pipeline.backlog import STREAM_NAMES, StreamInfo, as_str, snapshot
+from pipeline.backlog import STREAM_NAMES, StreamInfo, as_str, by_node, snapshot
 from pipeline.context import Context
 from pipeline.status import StatusBoard
 from pipeline.streams import now_ms
@@ -178,6 +178,12 @@ class MonitorStage:
                 metrics.STREAM_OLDEST_PENDING.labels(s.key, g.name).set(
                     g.oldest_pending_age_s(now)
                 )
+        # A node that no longer holds a stream (a slot moved) must not keep its last value.
+        metrics.NODE_LAG.clear()
+        metrics.NODE_PENDING.clear()
+        for t in by_node(streams):
+            metrics.NODE_LAG.labels(t.node, t.group).set(t.lag)
+            metrics.NODE_PENDING.labels(t.node, t.group).set(t.pending)
         for status in await self._board.all():
             metrics.INTEGRATION_STATUS.labels(status.kind, status.name).set(
                 _STATE_GAUGE.get(status.state, 0)
