@@ -5,7 +5,8 @@
 #
 # --cluster: only make sure a local 3-master Redis Cluster answers (the tests that run against a
 # cluster call this): redis-server --cluster-enabled yes on $BB_CLUSTER_PORTS (default
-# 7001 7002 7003), each with its own directory under $BB_CLUSTER_DIR, then
+# 7001 7002 7003), each with its own directory under $BB_CLUSTER_DIR (node timeout
+# $BB_CLUSTER_NODE_TIMEOUT_MS, default 5000), then
 # redis-cli --cluster create … --cluster-replicas 0. Idempotent and safe to run concurrently
 # (a lock): a cluster already up is left alone; nodes that are down are started again.
 set -u
@@ -41,10 +42,10 @@ start_cluster() {
       echo "services: starting cluster node redis-server on 127.0.0.1:$p"
       mkdir -p "$dir/$p"
       redis-server --daemonize yes --bind 127.0.0.1 --port "$p" --cluster-enabled yes \
-        --cluster-config-file "$dir/$p/nodes.conf" --cluster-node-timeout 5000 \
+        --cluster-config-file "$dir/$p/nodes.conf" --cluster-node-timeout "${BB_CLUSTER_NODE_TIMEOUT_MS:-5000}" \
         --save "" --appendonly no --dir "$dir/$p" --logfile "$dir/$p/redis.log" \
         --pidfile "$dir/$p/redis.pid" 9>&- || return 1
-      wait_up "$p" "cluster node" || return 1
+      wait_up "$p" "cluster node" 300 || return 1  # a loaded machine: up to 60 s
     fi
   done
   local first=${ports%% *}
@@ -63,8 +64,8 @@ start_cluster() {
   return 1
 }
 
-wait_up() {  # port, name: wait up to 10 s for a just-started service
-  for _ in $(seq 1 50); do up "$1" && return 0; sleep 0.2; done
+wait_up() {  # port, name[, tries]: wait (default 10 s, 0.2 s a try) for a just-started service
+  for _ in $(seq 1 "${3:-50}"); do up "$1" && return 0; sleep 0.2; done
   echo "services: $2 was started but does not answer on 127.0.0.1:$1" >&2
   return 1
 }

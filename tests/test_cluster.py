@@ -1,5 +1,6 @@
-"""On a real 3-master Redis Cluster: the client, partitions spread over the masters, and the
-de-duplication state through a slot moving between masters while claims run.
+"""On a real 3-master Redis Cluster: the client, partitions spread over the masters, the
+de-duplication state through a slot moving between masters while claims run and through a
+master stopped (SIGSTOP, on a private cluster the test starts), and lag per node.
 
 So far only :mod:`pipeline.dedup` keeps every script call in one slot; the stages are refused
 in cluster mode by the configuration (``redis.cluster``) until theirs do too.
@@ -8,14 +9,24 @@ in cluster mode by the configuration (``redis.cluster``) until theirs do too.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
 from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
 
+import pytest
 from redis.exceptions import RedisError
 
 from pipeline import dedup
 from pipeline.backlog import by_node, snapshot
 from pipeline.keys import Keys
 from pipeline.streams import Redis, connect
+from tests.conftest import ROOT, free_port
 from tests.wait import wait_until
 
 WINDOW = 3600
@@ -149,3 +160,85 @@ async def test_lag_reports_each_partition_and_the_master_holding_it(cluster_redi
     assert sum(t.lag for t in totals.values()) == sum(range(1, 7))
     for node, t in totals.items():
         assert t.lag == sum(s.length for s in uplinks if s.node == node)
+
+
+def _cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is free and valid too."""
+    while True:
+        port = free_port()
+        if port + 10000 <= 65535:
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port + 10000))
+                except OSError:
+                    continue
+            return port
+
+
+@pytest.fixture
+def private_cluster(tmp_path: Path) -> Iterator[tuple[str, dict[int, int]]]:
+    """A 3-master cluster of this test's own (free ports, its own directory): the URL and
+    port → pid of each node, so the test may stop one. Stopped (SIGTERM) afterwards."""
+    if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
+        pytest.skip("needs redis-server and redis-cli")
+    ports = [_cluster_port() for _ in range(3)]
+    env = {**os.environ, "BB_CLUSTER_PORTS": " ".join(map(str, ports)),
+           "BB_CLUSTER_DIR": str(tmp_path / "cluster"),
+           # Longer than the test's stop, on a loaded machine: the master is stopped, not
+           # failed over (there are no replicas), and the others keep serving meanwhile.
+           "BB_CLUSTER_NODE_TIMEOUT_MS": "60000"}
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "services.sh"), "--cluster"],
+                          capture_output=True, text=True, timeout=180, env=env)
+    pids = {}
+    for p in ports:
+        pidfile = tmp_path / "cluster" / str(p) / "redis.pid"
+        if pidfile.exists():
+            pids[p] = int(pidfile.read_text())
+    try:
+        if done.returncode != 0:
+            pytest.skip(f"could not start a private cluster: {done.stderr.strip()}")
+        yield "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in ports), pids
+    finally:
+        for pid in pids.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+                os.kill(pid, signal.SIGTERM)
+
+
+async def test_a_stopped_master_delays_its_partitions_only_and_loses_nothing(
+        private_cluster: tuple[str, dict[int, int]], prefix: str) -> None:
+    url, pids = private_cluster
+    client = connect(url, socket_timeout=120)
+    await client.ping()  # reads the slot map
+    keys = Keys(prefix, partitions=6)
+    streams = keys.streams("uplinks")
+    node = {s: _port(client.get_node_from_key(keys.dedup(s)).name)  # type: ignore[attr-defined]
+            for s in streams}
+    stopped = node[streams[0]]
+    elsewhere = [s for s in streams if node[s] != stopped]
+    assert elsewhere, node
+    claims = dedup.Claims(client, keys)
+    mark, other = dedup.mark(streams[0], "1-0"), dedup.mark(streams[0], "2-0")
+    # Every master runs the script once first: redis-py's cluster client loads a script on
+    # every master (SCRIPT LOAD to all primaries) at its first NOSCRIPT, so a stopped master
+    # would hold up a script's first use on any partition (a process starting during the stop).
+    assert await claims.run([(s, "warm-up", mark) for s in streams], WINDOW) == [None] * 6
+    done_elsewhere: list[str] = []
+    try:
+        os.kill(pids[stopped], signal.SIGSTOP)
+        # A claim for a partition of the stopped master waits for it...
+        held = asyncio.create_task(claims.run([(streams[0], "held", mark)], WINDOW))
+        # ...while the partitions of the other masters go on.
+        for i in range(20):
+            s = elsewhere[i % len(elsewhere)]
+            assert await claims.run([(s, f"ev-{i}", mark)], WINDOW) == [None]
+            done_elsewhere.append(f"ev-{i}")
+        assert not held.done()
+    finally:
+        os.kill(pids[stopped], signal.SIGCONT)
+    # Delayed, not refused: it completes once the master runs again, and nothing is lost.
+    assert await held == [None]
+    assert await claims.run([(streams[0], "held", other)], WINDOW) == [mark]
+    again = [(elsewhere[i % len(elsewhere)], e, other) for i, e in enumerate(done_elsewhere)]
+    assert await claims.run(again, WINDOW) == [mark] * len(again)
+    await client.aclose()
