@@ -133,12 +133,13 @@ local function dd_open(base, window, now)
     while n * DD_PER_SHARD < prev and n < DD_MAX_SHARDS do n = n * 2 end
     cur[1] = n
     redis.call('HSET', base, 'g:' .. start, n)
-    local old = {{}}
-    for j = DD_BUCKETS + 1, DD_BUCKETS + 3 do
-      old[#old + 1] = 'g:' .. (start - j * blen)
-      old[#old + 1] = 'n:' .. (start - j * blen)
+    -- Rows of buckets past the window go (all of them: traffic may have paused for several).
+    local keep_from, old = start - DD_BUCKETS * blen, {{}}
+    for _, f in ipairs(redis.call('HKEYS', base)) do
+      local t = tonumber(string.match(f, '^[gn]:(%d+)$'))
+      if t and t < keep_from then old[#old + 1] = f end
     end
-    redis.call('HDEL', base, unpack(old))
+    if #old > 0 then redis.call('HDEL', base, unpack(old)) end
     redis.call('EXPIREAT', base, st.expire_at + blen)
   end
   for g = 1, #cur do st.room = st.room + cur[g] * DD_PER_SHARD end

@@ -82,3 +82,33 @@ async def test_an_event_of_the_previous_bucket_is_still_a_duplicate(redis: Redis
     claimed_in = await bucket()  # or later: then the wait is one bucket longer
     await wait_until(moved_on, 6 * blen, "the next bucket", interval=0.2)
     assert await claims.run([(stream, "late", dedup.mark(stream, "2-0"))], window) == [mark]
+
+
+async def test_buckets_past_the_window_expire_whole_and_leave_the_table(redis: Redis,
+                                                                        keys: Keys) -> None:
+    window = 2  # buckets of 1 s
+    stream = keys.stream("uplinks")
+    base = keys.dedup(stream)
+    claims = dedup.Claims(redis, keys)
+    mark = dedup.mark(stream, "1-0")
+
+    async def now() -> int:
+        return int((await redis.time())[0])
+
+    assert await claims.run([(stream, "old", mark)], window) == [None]
+    first = await now()
+    old_keys = [k async for k in redis.scan_iter(match=f"{base}:*")]
+    assert old_keys
+    # Once the window and a bucket have passed, a claim in a new bucket drops the old rows...
+    passed = first + window + 2
+
+    async def window_passed() -> bool:
+        return await now() >= passed
+
+    await wait_until(window_passed, 60, "the window to pass", interval=0.2)
+    assert await claims.run([(stream, "new", mark)], window) == [None]
+    table = await redis.hgetall(base)
+    assert table and all(int(f.split(b":")[1]) > first for f in table), table
+    # ...its shard keys expired whole, and the old event is new again.
+    assert await redis.exists(*old_keys) == 0
+    assert await claims.run([(stream, "old", dedup.mark(stream, "2-0"))], window) == [None]
