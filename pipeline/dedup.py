@@ -256,7 +256,8 @@ class Claims:
     async def queue(self, pipe: Pipeline, claims: Sequence[tuple[str, str, bytes]],
                     window_s: int) -> None:
         """Queue the claims of ``(stream, event_id, mark)``; the reply is a list of old marks
-        (``None`` where the event was new), in order."""
+        (``None`` where the event was new), in order. One script call for every partition:
+        one Redis only (:meth:`run` keeps to one slot per call)."""
         keys, args = _args(self._keys, window_s, "c", claims)
         await self._script(keys=keys, args=args, client=pipe)
 
