@@ -258,8 +258,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--interval", type=float, default=2.0, help="seconds between samples")
         p.add_argument("--count", type=int, help="stop after this many samples")
 
-    p = with_config(sub.add_parser("lag", help="length, lag and pending of every stream/group"))
+    p = with_config(sub.add_parser("lag", help="length, lag and pending of every stream/group, "
+                                   "with its partition and Redis node, and per node"))
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--nodes", action="store_true",
+                   help="with --json: the sums per Redis node and group instead of the streams")
     p.add_argument("--watch", action="store_true",
                    help="refresh until Ctrl-C, with append and read rates")
     live(p)

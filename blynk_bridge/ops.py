@@ -28,7 +28,7 @@ from rich.table import Table
 from blynk_bridge.output import print_json
 from pipeline import blynk_index, events
 from pipeline import config as config_mod
-from pipeline.backlog import StreamInfo, snapshot
+from pipeline.backlog import StreamInfo, by_node, snapshot
 from pipeline.deadletters import (
     DeadRow,
     get_dead,
@@ -64,7 +64,7 @@ def _safe_url(url: str) -> str:
 
 @asynccontextmanager
 async def _redis(cfg: config_mod.Config) -> AsyncIterator[tuple[Redis, Keys]]:
-    redis = connect(cfg.redis.url)
+    redis = connect(cfg.redis.url, cluster=cfg.redis.cluster)
     try:
         yield redis, Keys(cfg.redis.prefix, cfg.redis.partitions)
     finally:
@@ -111,6 +111,8 @@ def lag_rows(streams: Iterable[StreamInfo], now: int) -> list[dict[str, Any]]:
         {
             "stream": s.name,
             "key": s.key,
+            "partition": s.partition,
+            "node": s.node,
             "length": s.length,
             "groups": [
                 {
@@ -130,26 +132,45 @@ def lag_rows(streams: Iterable[StreamInfo], now: int) -> list[dict[str, Any]]:
     ]
 
 
+def node_rows(streams: list[StreamInfo]) -> list[dict[str, Any]]:
+    """Per Redis node and group: the sums of its streams (the ``--json --nodes`` shape)."""
+    return [{"node": t.node, "group": t.group, "streams": t.streams, "length": t.length,
+             "lag": t.lag, "pending": t.pending} for t in by_node(streams)]
+
+
 def cmd_lag(args: argparse.Namespace) -> int:
-    """Every stream (each partition) and group: length, lag, pending, consumers, oldest pending."""
+    """Every stream (each partition) and group: length, lag, pending, consumers, oldest
+    pending, with its partition and Redis node; then the sums per node and group."""
     streams = _run(config_mod.load(args.config), snapshot)
     if streams is None:
         return 1
     now = now_ms()
     if getattr(args, "json", False):
-        print_json({"streams": lag_rows(streams, now)})
+        if getattr(args, "nodes", False):
+            print_json({"nodes": node_rows(streams)})
+        else:
+            print_json({"streams": lag_rows(streams, now)})
         return 0
     table = Table(title="blynk-bridge streams")
-    for col in ("stream", "group", "length", "lag", "pending", "consumers", "oldest pending"):
-        table.add_column(col, justify="left" if col in ("stream", "group") else "right")
+    for col in ("stream", "partition", "node", "group", "length", "lag", "pending", "consumers",
+                "oldest pending"):
+        table.add_column(col, justify="left" if col in ("stream", "node", "group") else "right")
     for s in streams:
+        part = "-" if s.partition is None else str(s.partition)
         if not s.groups:
-            table.add_row(s.key, "-", str(s.length), "", "", "", "")
+            table.add_row(s.key, part, s.node, "-", str(s.length), "", "", "", "")
         for g in s.groups:
             lag = str(g.lag) if g.lag_exact else f">={g.lag}"
-            table.add_row(s.key, g.name, str(s.length), lag, str(g.pending), str(g.consumers),
-                          _age(g.oldest_pending_age_s(now)))
+            table.add_row(s.key, part, s.node, g.name, str(s.length), lag, str(g.pending),
+                          str(g.consumers), _age(g.oldest_pending_age_s(now)))
     _console().print(table)
+    nodes = Table(title="per Redis node")
+    for col in ("node", "group", "streams", "length", "lag", "pending"):
+        nodes.add_column(col, justify="left" if col in ("node", "group") else "right")
+    for t in by_node(streams):
+        nodes.add_row(t.node, t.group, str(t.streams), str(t.length), str(t.lag),
+                      str(t.pending))
+    _console().print(nodes)
     return 0
 
 
@@ -282,7 +303,7 @@ def cmd_dead(args: argparse.Namespace) -> int:
             # The decoded entry is the point of `show`: JSON either way.
             print_json({"dead_letters": [_shown(row, keys) for row in rows]})
         elif action == "replay":
-            done = await replay(redis, keys, rows)
+            done = await replay(redis, keys, rows, cfg.transform.dedup_window_s)
             replayed = {d for d, _, _ in done}
             refused = [r for r in rows if r.id not in replayed]
             if as_json:

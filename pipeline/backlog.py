@@ -1,10 +1,11 @@
 """Backlog of the pipeline's streams: length, and per consumer group lag and pending.
 
 The one place stream lag is computed (monitor gauges, ``blynk-bridge lag``, the demo's table,
-ingest-http's back-pressure). Lag is what ``XINFO GROUPS`` reports; when Redis cannot tell
-(deletions inside the unread range) :func:`inspect_stream` counts the undelivered entries up to
-:data:`LAG_COUNT_CAP`, and cheaper readers may take the stream's length as the bound. Reads
-only: nothing here writes to Redis.
+ingest-http's back-pressure), with each stream's partition and the Redis node serving it, and
+the sums per node (:func:`by_node`: what a Redis Cluster master carries). Lag is what
+``XINFO GROUPS`` reports; when Redis cannot tell (deletions inside the unread range)
+:func:`inspect_stream` counts the undelivered entries up to :data:`LAG_COUNT_CAP`, and cheaper
+readers may take the stream's length as the bound. Reads only: nothing here writes to Redis.
 """
 
 from __future__ import annotations
@@ -60,6 +61,47 @@ class StreamInfo:
     #: Entries ever appended (``entries-added``; Redis >= 7, else ``None``): the append rate
     #: between two samples, whatever trimming did meanwhile.
     entries_added: int | None = None
+    #: The stream's partition (``None``: unpartitioned).
+    partition: int | None = None
+    #: ``host:port`` of the Redis (Cluster master) holding the stream.
+    node: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class NodeTotals:
+    """One Redis node's streams summed per group (:func:`by_node`)."""
+
+    node: str
+    group: str
+    streams: int
+    length: int
+    lag: int
+    pending: int
+
+
+def node_of(redis: Redis, key: str) -> str:
+    """``host:port`` of the node serving ``key``: its Cluster master (from the client's slot
+    map), or the one Redis."""
+    from_key = getattr(redis, "get_node_from_key", None)
+    if from_key is not None:
+        return str(from_key(key).name)
+    kw = redis.connection_pool.connection_kwargs
+    if "path" in kw:
+        return str(kw["path"])
+    return f"{kw.get('host', 'localhost')}:{kw.get('port', 6379)}"
+
+
+def by_node(streams: list[StreamInfo]) -> list[NodeTotals]:
+    """Length, lag and pending summed per node and group, over the streams with that group."""
+    sums: dict[tuple[str, str], list[int]] = {}
+    for s in streams:
+        for g in s.groups:
+            row = sums.setdefault((s.node, g.name), [0, 0, 0, 0])
+            row[0] += 1
+            row[1] += s.length
+            row[2] += g.lag
+            row[3] += g.pending
+    return [NodeTotals(node, group, *row) for (node, group), row in sorted(sums.items())]
 
 
 def id_ms(entry_id: str) -> int:
@@ -71,15 +113,17 @@ def as_str(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-async def inspect_stream(redis: Redis, name: str, key: str) -> StreamInfo:
+async def inspect_stream(redis: Redis, name: str, key: str,
+                         partition: int | None = None) -> StreamInfo:
     """Length and groups of one stream; a missing stream is empty with no groups."""
+    node = node_of(redis, key)
     try:
         info = await redis.xinfo_stream(key)
         groups = await redis.xinfo_groups(key)
     except ResponseError as exc:
         if "no such key" not in str(exc).lower():
             raise
-        return StreamInfo(name, key, 0, [])
+        return StreamInfo(name, key, 0, [], partition=partition, node=node)
     last_generated = as_str(info["last-generated-id"])
     out: list[GroupInfo] = []
     for g in groups:
@@ -96,7 +140,7 @@ async def inspect_stream(redis: Redis, name: str, key: str) -> StreamInfo:
                              read if isinstance(read, int) else None))
     added = info.get("entries-added")
     return StreamInfo(name, key, int(info["length"]), out,
-                      added if isinstance(added, int) else None)
+                      added if isinstance(added, int) else None, partition, node)
 
 
 def reported_lag(group: Mapping[Any, Any]) -> int | None:
@@ -125,10 +169,10 @@ async def _dead_info(redis: Redis, key: str) -> StreamInfo:
     except ResponseError as exc:
         if "no such key" not in str(exc).lower():
             raise
-        return StreamInfo("dead", key, 0, [])
+        return StreamInfo("dead", key, 0, [], node=node_of(redis, key))
     added = info.get("entries-added")
     return StreamInfo("dead", key, int(info["length"]), [],
-                      added if isinstance(added, int) else None)
+                      added if isinstance(added, int) else None, node=node_of(redis, key))
 
 
 def _id_key(entry_id: str) -> tuple[int, int]:
@@ -141,6 +185,6 @@ async def snapshot(redis: Redis, keys: Keys) -> list[StreamInfo]:
     out: list[StreamInfo] = []
     for name in STREAM_NAMES:
         for key in keys.streams(name):
-            out.append(await inspect_stream(redis, name, key))
+            out.append(await inspect_stream(redis, name, key, keys.partition_of_stream(key)))
     out.append(await _dead_info(redis, keys.dead))
     return out

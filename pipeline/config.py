@@ -70,6 +70,9 @@ class RedisConfig(_Base):
     prefix: str = "bb:"
     #: Number of partitions of each stream (1 = unpartitioned).
     partitions: AtLeast1 = 1
+    #: Talk to a Redis Cluster (redis-py's ``RedisCluster``); implied by a
+    #: ``redis+cluster://host:port,...`` URL.
+    cluster: bool = False
 
 
 class StreamsConfig(_Base):
@@ -969,6 +972,14 @@ def check(config: Config, origin: str) -> None:
             raise _invalid(origin, f"devices[{i}].server",
                            f"`devices[{i}].server` names unknown server {dev.server!r}")
     _check_downlinks(config, origin)
+    if config.redis.cluster or config.redis.url.startswith("redis+cluster://"):
+        # Refused rather than failing at the first cross-slot script: so far only the
+        # de-duplication state keeps each call in one slot (issue 13, docs/DESIGN.md).
+        raise _invalid(origin, "redis.cluster",
+                       "`redis.cluster` / a `redis+cluster://` URL is not supported yet: the "
+                       "stages' scripts still touch keys of several slots (registry version, "
+                       "dead stream, last-written times); run on one Redis (any "
+                       "`redis.partitions`)")
     if config.blynk.default_server not in config.blynk.servers:
         raise _invalid(
             origin, "blynk.default_server",

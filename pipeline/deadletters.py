@@ -109,7 +109,7 @@ def letter_summary(row: DeadRow) -> dict[str, Any]:
 
 
 async def replay(
-    redis: Redis, keys: Keys, rows: Iterable[DeadRow]
+    redis: Redis, keys: Keys, rows: Iterable[DeadRow], dedup_window_s: int
 ) -> list[tuple[str, str, str]]:
     """Append each letter's raw entry to its origin stream, then delete the letter.
 
@@ -118,7 +118,8 @@ async def replay(
     raw entry was truncated, are skipped: the caller reports them. At-least-once: a crash
     between the two steps leaves the letter in place, to be replayed again. A replayed
     uplink's ``event_id`` is forgotten by de-duplication first (:func:`pipeline.dedup.forget`),
-    or transform would drop it as already seen.
+    or transform would drop it as already seen (``dedup_window_s``: transform's window, which
+    names the de-duplication buckets).
     """
     ours = pipeline_streams(keys)
     done = []
@@ -131,7 +132,8 @@ async def replay(
             except (msgspec.DecodeError, msgspec.ValidationError):
                 event_id = None  # not an uplink: transform will dead-letter it again, visibly
             if event_id is not None:
-                await dedup.forget(redis, keys, [event_id])
+                await dedup.forget(redis, keys, dedup_window_s,
+                                   [(row.letter.stream, event_id)])
         new_id = await redis.xadd(row.letter.stream, {events.FIELD: row.letter.raw})
         await redis.xdel(keys.dead, row.id)
         done.append((row.id, row.letter.stream, _s(new_id)))

@@ -40,6 +40,12 @@ class Keys:
         """Stable partition of a device: the same on every process and Python version."""
         return zlib.crc32(f"{source}\0{device}".encode()) % self.partitions
 
+    def partition_of_stream(self, key: str) -> int | None:
+        """The partition a stream key names (``bb:{uplinks:3}`` → 3); ``None`` unpartitioned."""
+        if not key.endswith("}") or "{" not in key:
+            return None
+        return int(key[key.rindex(":") + 1:-1])
+
     def stream_for(self, name: str, source: str, device: str) -> str:
         if self.partitions == 1:
             return self.stream(name)
@@ -84,8 +90,12 @@ class Keys:
         """How many devices auto-provisioning created for an integration (``provision_max``)."""
         return f"{self.prefix}provisioned:{source}:{integration}"
 
-    def seen(self, event_id: str) -> str:
-        return f"{self.prefix}seen:{event_id}"
+    def dedup(self, stream: str) -> str:
+        """Base of the de-duplication state (:mod:`pipeline.dedup`) guarding one uplinks
+        stream: ``bb:dd``, or ``bb:dd:{uplinks:3}`` next to its partitioned stream (the same
+        hash tag, so a partition's scripts touch one Redis Cluster slot)."""
+        tag = stream.find("{")
+        return f"{self.prefix}dd" if tag < 0 else f"{self.prefix}dd:{stream[tag:]}"
 
     def last_written(self, device_key: str) -> str:
         """Hash pin → event time (ms) of the last value written to Blynk."""

@@ -77,6 +77,10 @@ STREAM_OLDEST_PENDING = Gauge(
     "Age of the oldest delivered-but-unacknowledged entry (0 when none)",
     ["stream", "group"],
 )
+NODE_LAG = Gauge("bb_node_lag", "Entries not yet delivered to a group, summed over the streams a "
+                 "Redis node (Cluster master) holds", ["node", "group"])
+NODE_PENDING = Gauge("bb_node_pending", "Entries delivered but not acknowledged, summed over the "
+                     "streams a Redis node holds", ["node", "group"])
 STREAM_CONSUMERS = Gauge("bb_stream_consumers", "Consumers known to a group", ["stream", "group"])
 TRIMMED = Counter(
     "bb_stream_trimmed_total", "Entries trimmed after every group acknowledged them", ["stream"]

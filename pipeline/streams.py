@@ -28,7 +28,7 @@ import asyncio
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
@@ -354,17 +354,50 @@ def _streams_of(reply: Any) -> list[tuple[str, list[tuple[str, dict[bytes, bytes
     return [(_s(stream), [(_s(i), f) for i, f in msgs]) for stream, msgs in reply]
 
 
+#: URL scheme of a Redis Cluster: ``redis+cluster://host:port,host:port,...`` (any subset of
+#: the nodes; the client discovers the rest).
+CLUSTER_SCHEME = "redis+cluster://"
+
+
 def connect(
-    url: str, *, max_connections: int = 256, timeout_s: float = 30.0, **kwargs: Any
+    url: str, *, max_connections: int = 256, timeout_s: float = 30.0, cluster: bool = False,
+    **kwargs: Any,
 ) -> Redis:
     """A client speaking RESP2 with bytes replies (the shape every reply parser here expects).
 
     Its pool *waits* for a free connection (up to ``timeout_s``) rather than failing: every
     stage of a process shares it, and a burst of concurrent Blynk writes in egress must queue,
     not turn into errors.
+
+    A ``redis+cluster://`` URL (or ``cluster=True`` with a ``redis://`` one) gives redis-py's
+    asyncio ``RedisCluster`` instead, which follows ``MOVED``/``ASK`` redirections and
+    re-reads the slot map. It is typed as :data:`Redis`: it offers the commands the bridge
+    uses, and the bridge's keys carry their partition's hash tag so each script and
+    transaction stays in one slot (:mod:`pipeline.keys`).
     """
+    if url.startswith(CLUSTER_SCHEME) or cluster:
+        return _connect_cluster(url, max_connections=max_connections, **kwargs)
     pool = aioredis.BlockingConnectionPool.from_url(
         url, max_connections=max_connections, timeout=timeout_s,
         decode_responses=False, protocol=2, **kwargs,
     )
     return aioredis.Redis(connection_pool=pool)
+
+
+def _connect_cluster(url: str, *, max_connections: int, **kwargs: Any) -> Redis:
+    from urllib.parse import urlsplit
+
+    from redis.asyncio.cluster import ClusterNode, RedisCluster
+
+    rest = url.split("://", 1)[1] if "://" in url else url
+    auth, _, hosts = rest.rpartition("@")
+    hosts = hosts.split("/", 1)[0]
+    nodes = []
+    for hp in hosts.split(","):
+        parts = urlsplit(f"//{hp}")
+        nodes.append(ClusterNode(parts.hostname or "127.0.0.1", parts.port or 6379))
+    user, _, password = auth.partition(":") if auth else ("", "", "")
+    client = RedisCluster(startup_nodes=nodes, decode_responses=False, protocol=2,
+                          max_connections=max_connections, username=user or None,
+                          password=password or None, **kwargs)
+    return cast(Redis, client)

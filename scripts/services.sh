@@ -4,17 +4,78 @@
 # them from Debian's packages first. Otherwise says exactly what to do.
 # Chromium (the status page's browser test) is optional: installed with --install when missing,
 # else the test skips, saying why.
+#
+# --cluster: only make sure a local 3-master Redis Cluster answers (the tests that run against a
+# cluster call this): redis-server --cluster-enabled yes on $BB_CLUSTER_PORTS (default
+# 7001 7002 7003), each with its own directory under $BB_CLUSTER_DIR (node timeout
+# $BB_CLUSTER_NODE_TIMEOUT_MS, default 5000), then
+# redis-cli --cluster create … --cluster-replicas 0. Idempotent and safe to run concurrently
+# (a lock): a cluster already up is left alone; nodes that are down are started again.
 set -u
 install=0
 [ "${1:-}" = "--install" ] && install=1
 
 up() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
-wait_up() {  # port, name: wait up to 10 s for a just-started service
-  for _ in $(seq 1 50); do up "$1" && return 0; sleep 0.2; done
+cluster_ok() {  # port: the node answers and its cluster serves every slot
+  redis-cli -p "$1" cluster info 2>/dev/null | grep -q '^cluster_state:ok'
+}
+
+start_cluster() {
+  local ports=${BB_CLUSTER_PORTS:-"7001 7002 7003"}
+  local dir=${BB_CLUSTER_DIR:-/tmp/blynk-bridge-cluster}
+  command -v redis-server >/dev/null && command -v redis-cli >/dev/null || {
+    echo "services: redis-server and redis-cli are needed for a local Redis Cluster" >&2
+    return 1; }
+  mkdir -p "$dir"
+  exec 9>"$dir/lock"
+  flock -w 120 9 || { echo "services: another run holds $dir/lock" >&2; return 1; }
+  local p all_ok=1 nodes=()
+  for p in $ports; do
+    nodes+=("127.0.0.1:$p")
+    cluster_ok "$p" || all_ok=0
+  done
+  if [ $all_ok = 1 ]; then
+    echo "services: Redis Cluster up on ${nodes[*]}"
+    return 0
+  fi
+  for p in $ports; do
+    if ! up "$p"; then
+      echo "services: starting cluster node redis-server on 127.0.0.1:$p"
+      mkdir -p "$dir/$p"
+      redis-server --daemonize yes --bind 127.0.0.1 --port "$p" --cluster-enabled yes \
+        --cluster-config-file "$dir/$p/nodes.conf" --cluster-node-timeout "${BB_CLUSTER_NODE_TIMEOUT_MS:-5000}" \
+        --save "" --appendonly no --dir "$dir/$p" --logfile "$dir/$p/redis.log" \
+        --pidfile "$dir/$p/redis.pid" 9>&- || return 1
+      wait_up "$p" "cluster node" 300 || return 1  # a loaded machine: up to 60 s
+    fi
+  done
+  local first=${ports%% *}
+  # Slots are assigned once; nodes restarted from their nodes.conf rejoin by themselves.
+  if [ "$(redis-cli -p "$first" cluster info | sed -n 's/^cluster_slots_assigned:\([0-9]*\).*/\1/p')" = 0 ]; then
+    redis-cli --cluster create "${nodes[@]}" --cluster-replicas 0 --cluster-yes >"$dir/create.log" 2>&1 || {
+      echo "services: redis-cli --cluster create failed (log: $dir/create.log)" >&2; return 1; }
+  fi
+  for _ in $(seq 1 100); do
+    all_ok=1
+    for p in $ports; do cluster_ok "$p" || all_ok=0; done
+    [ $all_ok = 1 ] && { echo "services: Redis Cluster up on ${nodes[*]}"; return 0; }
+    sleep 0.2
+  done
+  echo "services: the Redis Cluster on ${nodes[*]} did not reach cluster_state:ok (logs: $dir)" >&2
+  return 1
+}
+
+wait_up() {  # port, name[, tries]: wait (default 10 s, 0.2 s a try) for a just-started service
+  for _ in $(seq 1 "${3:-50}"); do up "$1" && return 0; sleep 0.2; done
   echo "services: $2 was started but does not answer on 127.0.0.1:$1" >&2
   return 1
 }
+
+if [ "${1:-}" = "--cluster" ]; then
+  start_cluster
+  exit $?
+fi
 
 need_install=()
 up 6379 || command -v redis-server >/dev/null || need_install+=(redis-server)

@@ -3,10 +3,15 @@ a self-signed certificate for TLS servers.
 
 Every test gets its own prefix (``bbt:<hex>:``) and its keys are deleted afterwards, so tests can
 run against a shared Redis without seeing each other.
+
+``cluster_redis`` is the same on a local 3-master Redis Cluster, started once (idempotently) by
+``scripts/services.sh --cluster`` the first time a test asks for it; the test is skipped, saying
+why, when the cluster cannot be started.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -22,6 +27,9 @@ from pipeline.keys import Keys
 from pipeline.streams import Redis, connect
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
+ROOT = Path(__file__).resolve().parent.parent
+#: The local cluster's nodes (``scripts/services.sh --cluster`` reads the same variable).
+CLUSTER_PORTS = os.environ.get("BB_CLUSTER_PORTS", "7001 7002 7003").split()
 MQTT_HOST = "127.0.0.1"
 MQTT_PORT = 1883
 #: Genuine Particle/TTS payloads, each beside a ``.src.txt`` saying where it came from.
@@ -51,6 +59,36 @@ async def redis(prefix: str) -> AsyncIterator[Redis]:
         await client.ping()
     except Exception as exc:  # pragma: no cover - environment problem, say so clearly
         pytest.fail(f"Redis is not reachable at {REDIS_URL}: {exc} (run .ci/run or start it)")
+    yield client
+    async for key in client.scan_iter(match=f"{prefix}*", count=1000):
+        await client.delete(key)
+    await client.aclose()
+
+
+@pytest.fixture(scope="session")
+def cluster_url() -> str:
+    """``redis+cluster://`` URL of the local 3-master cluster, started if it is not up."""
+    if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
+        pytest.skip("Redis Cluster tests need redis-server and redis-cli")
+    try:
+        done = subprocess.run(["bash", str(ROOT / "scripts" / "services.sh"), "--cluster"],
+                              capture_output=True, text=True, timeout=180)
+    except subprocess.TimeoutExpired:
+        pytest.skip("scripts/services.sh --cluster did not finish within 180 s")
+    if done.returncode != 0:
+        pytest.skip(f"no local Redis Cluster (scripts/services.sh --cluster): "
+                    f"{(done.stderr or done.stdout).strip()}")
+    return "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in CLUSTER_PORTS)
+
+
+@pytest.fixture
+async def cluster_redis(cluster_url: str, prefix: str) -> AsyncIterator[Redis]:
+    """A ``RedisCluster`` client; the test's keys are deleted from every master afterwards."""
+    client = connect(cluster_url)
+    try:
+        await client.ping()
+    except Exception as exc:  # pragma: no cover - environment problem, say so clearly
+        pytest.skip(f"the Redis Cluster at {cluster_url} does not answer: {exc}")
     yield client
     async for key in client.scan_iter(match=f"{prefix}*", count=1000):
         await client.delete(key)

@@ -348,3 +348,10 @@ def test_config_schema_accepts_the_files_the_loader_accepts(
     egress = defs["EgressConfig"]["properties"]
     assert "timestamped upload" in egress["live_window_s"]["description"]
     assert defs["PlatformConfig"]["description"].startswith("Blynk Platform API")
+
+
+@pytest.mark.parametrize("redis", ['{url: "redis+cluster://127.0.0.1:7001,127.0.0.1:7002"}',
+                                   "{cluster: true}"])
+def test_cluster_mode_is_refused_until_every_script_keeps_to_one_slot(redis: str) -> None:
+    with pytest.raises(ConfigError, match=r"redis\.cluster.*not supported yet"):
+        parse(f"redis: {redis}\n", "yaml", "b.yaml", env={})

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from blynk_bridge import cli
-from pipeline import events
+from pipeline import dedup, events
 from pipeline.keys import DOWNLINKS, UPLINKS, WRITES, Keys
 from pipeline.status import StatusBoard
 from pipeline.streams import Redis, StreamReader, now_ms
@@ -21,6 +21,8 @@ from tests.conftest import REDIS_URL
 
 TOKEN = "Xq9sECRETtokenABCDEFGHIJKLmnop42"
 TOPIC = "v3/app-ops@ttn/devices/dev-9/up"
+#: The de-duplication window of the config below (the default).
+WINDOW = 3600
 
 
 @pytest.fixture
@@ -106,6 +108,14 @@ async def test_lag_lists_every_stream_and_group(
     assert (groups["transform"]["lag"], groups["transform"]["pending"]) == (3, 2)
     assert (groups["audit"]["lag"], groups["audit"]["pending"]) == (0, 0)
     assert groups["transform"]["oldest_pending_id"] is not None
+    assert rows[up]["partition"] is None and rows[up]["node"] == "127.0.0.1:6379"
+
+    # The same per Redis node: one node here, each group summed over its streams.
+    assert await _cli("lag", "-c", config_file, "--json", "--nodes") == 0
+    nodes = {(r["node"], r["group"]): r for r in json.loads(capsys.readouterr().out)["nodes"]}
+    assert set(nodes) == {("127.0.0.1:6379", g) for g in ("transform", "audit", "egress")}
+    assert (nodes[("127.0.0.1:6379", "transform")]["lag"],
+            nodes[("127.0.0.1:6379", "transform")]["pending"]) == (3, 2)
 
 
 async def test_status_shows_integrations_and_unmapped_keys(
@@ -172,11 +182,13 @@ async def test_dead_replay_puts_the_entry_back_for_its_group(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     # Transform saw the event once: the replay must not be dropped as a duplicate of it.
-    await redis.set(keys.seen("e-dev-1"), b"elsewhere/1-0", ex=60)
+    stream = keys.stream(UPLINKS)
+    claims = dedup.Claims(redis, keys)
+    await claims.run([(stream, "e-dev-1", dedup.mark("elsewhere", "1-0"))], WINDOW)
     assert await _cli("dead", "replay", "-c", config_file, letters["uplink"]) == 0
     assert "replayed 1 of 1" in capsys.readouterr().out
     assert letters["uplink"] not in await _dead_ids(redis, keys)
-    assert await redis.exists(keys.seen("e-dev-1")) == 0
+    assert await dedup.owner(redis, keys, WINDOW, stream, "e-dev-1") is None
 
     reader = StreamReader(redis, keys, [keys.stream(UPLINKS)], "transform", "c2",
                           stage="transform")

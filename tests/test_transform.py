@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from pipeline import config as config_mod
-from pipeline import events
+from pipeline import dedup, events
 from pipeline.context import Context
 from pipeline.events import Radio, Uplink, Value
 from pipeline.keys import GROUP_TRANSFORM, Keys
@@ -74,6 +74,15 @@ def button_uplink(fixture_path: FixturePath, **kw: Any) -> Uplink:
     )
     base.update(kw)
     return Uplink(**base)
+
+
+#: The de-duplication window of :data:`CONFIG` (the default).
+WINDOW = 3600
+
+
+async def owner(ctx: Context, event_id: str) -> bytes | None:
+    """The mark that owns ``event_id`` in the uplinks stream's de-duplication state."""
+    return await dedup.owner(ctx.redis, ctx.keys, WINDOW, ctx.keys.stream("uplinks"), event_id)
 
 
 async def add(ctx: Context, *uplinks: Uplink) -> None:
@@ -140,7 +149,8 @@ async def test_crash_after_marking_does_not_lose_the_entry(ctx: Context,
     await ctx.redis.xgroup_create(stream, GROUP_TRANSFORM, id="0", mkstream=True)
     reply = await ctx.redis.xreadgroup(GROUP_TRANSFORM, "t1", {stream: ">"}, count=10)
     entry_id = reply[0][1][0][0].decode()
-    await ctx.redis.set(ctx.keys.seen("as:up:1"), f"{stream}/{entry_id}", ex=60)
+    claims = dedup.Claims(ctx.redis, ctx.keys)
+    assert await claims.run([(stream, "as:up:1", dedup.mark(stream, entry_id))], WINDOW) == [None]
     await run(ctx)  # same consumer name: its own pending entries come first
     assert len(await writes(ctx)) == 1
     assert await pending(ctx) == 0
@@ -155,7 +165,7 @@ async def test_unknown_device_is_dead_lettered(ctx: Context, fixture_path: Fixtu
     assert events.decode_uplink(d.raw).device == "stranger"  # the original, for replay
     assert await pending(ctx) == 0
     # Its de-duplication mark is gone, so a replay after registering the device goes through.
-    assert await ctx.redis.exists(ctx.keys.seen("as:up:2")) == 0
+    assert await owner(ctx, "as:up:2") is None
     await Registry(ctx.redis, ctx.keys).register("tts:app:stranger", token="T", template="button")
     await ctx.redis.xadd(ctx.keys.stream("uplinks"), {events.FIELD: d.raw})
     await run(ctx)
@@ -259,44 +269,48 @@ async def test_commit_does_nothing_unless_the_registry_version_holds(redis: Redi
     await StreamWriter(redis).add_many([(stream, b"1"), (stream, b"2"), (stream, b"3")])
     reader = StreamReader(redis, keys, [stream], GROUP_TRANSFORM, "t1", stage="transform")
     entries = await reader.read(block=False)
-    marks = [f"{stream}/{e.id}".encode() for e in entries]
+    marks = [dedup.mark_of(e) for e in entries]
     commit = Commit(redis, keys, GROUP_TRANSFORM)
     version = int(await redis.get(keys.registry_version()) or 0)
-    claims = [("e1", marks[0], CLAIM), ("e1", marks[1], CLAIM), ("e3", marks[2], CLAIM)]
+    claims = [(stream, "e1", marks[0], CLAIM), (stream, "e1", marks[1], CLAIM),
+              (stream, "e3", marks[2], CLAIM)]
     outputs = [(out, 1, b"a"), (out, 2, b"b"), (out, 0, b"c"), (out, 3, b"d")]
 
     # Another worker changed the registry meanwhile: nothing is claimed, written or acked.
     assert await commit.run(version + 1, 60, claims, outputs, entries) is None
-    assert await redis.exists(out, keys.seen("e1"), keys.seen("e3")) == 0
+    assert await redis.exists(out) == 0
+    assert await dedup.owner(redis, keys, 60, stream, "e1") is None
     assert (await redis.xpending(stream, GROUP_TRANSFORM))["pending"] == 3
 
     # The second entry carries the first one's event: its output is not appended.
     assert await commit.run(version, 60, claims, outputs, entries) == [1]
     assert [f[events.FIELD] for _, f in await redis.xrange(out)] == [b"a", b"c", b"d"]
     assert (await redis.xpending(stream, GROUP_TRANSFORM))["pending"] == 0
-    assert await redis.get(keys.seen("e1")) == marks[0]
+    assert await dedup.owner(redis, keys, 60, stream, "e1") == marks[0]
 
     # Check-and-forget (an uplink dead-lettered whole): the entry's own mark is forgotten, a
     # mark of another entry makes it a duplicate and stays.
     await redis.delete(out)
-    got = await commit.run(version, 60, [("e3", marks[2], CHECK_AND_FORGET),
-                                         ("e1", marks[1], CHECK_AND_FORGET)],
+    got = await commit.run(version, 60, [(stream, "e3", marks[2], CHECK_AND_FORGET),
+                                         (stream, "e1", marks[1], CHECK_AND_FORGET)],
                            [(out, 1, b"dead-3"), (out, 2, b"dead-1")], [])
     assert got == [1]
     assert [f[events.FIELD] for _, f in await redis.xrange(out)] == [b"dead-3"]
-    assert await redis.exists(keys.seen("e3")) == 0
-    assert await redis.get(keys.seen("e1")) == marks[0]
+    assert await dedup.owner(redis, keys, 60, stream, "e3") is None
+    assert await dedup.owner(redis, keys, 60, stream, "e1") == marks[0]
 
 
 async def test_duplicate_of_an_unknown_device_uplink_is_acked_not_dead_lettered(
         ctx: Context, fixture_path: FixturePath) -> None:
     u = button_uplink(fixture_path, device="stranger", event_id="as:up:9")
-    await ctx.redis.set(ctx.keys.seen("as:up:9"), "someone-else", ex=60)
+    stream = ctx.keys.stream("uplinks")
+    someone_else = dedup.mark(stream, "1-1")
+    await dedup.Claims(ctx.redis, ctx.keys).run([(stream, "as:up:9", someone_else)], WINDOW)
     await add(ctx, u)
     await run(ctx)
     assert await dead(ctx) == [] and await writes(ctx) == []
     assert await pending(ctx) == 0
-    assert await ctx.redis.get(ctx.keys.seen("as:up:9")) == b"someone-else"
+    assert await owner(ctx, "as:up:9") == someone_else
 
 
 async def test_order_within_a_device_holds_across_batches_read_ahead(

@@ -30,7 +30,7 @@ import logging
 from redis.exceptions import RedisError
 
 from pipeline import metrics
-from pipeline.backlog import STREAM_NAMES, StreamInfo, as_str, snapshot
+from pipeline.backlog import STREAM_NAMES, StreamInfo, as_str, by_node, snapshot
 from pipeline.context import Context
 from pipeline.metrics_http import Handler
 from pipeline.status import StatusBoard, export_state
@@ -147,7 +147,9 @@ class MonitorStage:
         self._latest: list[StreamInfo] = []
         self.page = StatusPage(ctx.redis, ctx.keys,
                                templates=[t.name for t in ctx.config.templates],
-                               admin_token=cfg.admin_token, latest_streams=lambda: self._latest)
+                               admin_token=cfg.admin_token,
+                               dedup_window_s=ctx.config.transform.dedup_window_s,
+                               latest_streams=lambda: self._latest)
 
     def routes(self) -> dict[tuple[str, str], Handler]:
         """The status page, served on the metrics port (:class:`pipeline.metrics_http.Serves`)."""
@@ -189,6 +191,12 @@ class MonitorStage:
                 metrics.STREAM_OLDEST_PENDING.labels(stream, g.name).set(
                     g.oldest_pending_age_s(now)
                 )
+        # A node that no longer holds a stream (a slot moved) must not keep its last value.
+        metrics.NODE_LAG.clear()
+        metrics.NODE_PENDING.clear()
+        for t in by_node(streams):
+            metrics.NODE_LAG.labels(t.node, t.group).set(t.lag)
+            metrics.NODE_PENDING.labels(t.node, t.group).set(t.pending)
         for status in await self._board.all():
             export_state(status.kind, status.name, status.state)
         self._latest = streams

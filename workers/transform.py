@@ -197,46 +197,58 @@ class Emit:
         await self._script(keys=keys, args=args)
 
 
-# KEYS = registry version, seen key of each claim, output streams, streams to ack;
-# ARGV[1] = msgpack [version, window s, group, [mode, mark, ...] per claim,
-# [owner, output stream index, ...] per output, [[entry id, ...] per stream to ack]];
-# ARGV[2...] = each output's data, as separate arguments: Redis 7.0's cmsgpack does not read
-# msgpack's bin type, and splitting one concatenated blob in Lua costs the worker more than it
-# saves (BENCHMARKS.md, transform).
-_COMMIT = """
+# KEYS = registry version, de-dup base of each claim's stream, output streams, streams to ack;
+# ARGV[1] = msgpack [version, window s, group, number of bases, modes (one letter per claim),
+# [base index per claim], [owner, output stream index, ...] per output,
+# [[entry id, ...] per stream to ack]];
+# ARGV[2] = the claims, fixed width (:func:`pipeline.dedup.pack`);
+# ARGV[3...] = each output's data, as separate arguments: Redis 7.0's cmsgpack does not read
+# msgpack's bin type, and splitting one concatenated blob of varying widths in Lua costs the
+# worker more than it saves (BENCHMARKS.md, transform).
+_COMMIT = dedup.LUA + f"""
 local v = redis.call('GET', KEYS[1])
 local p = cmsgpack.unpack(ARGV[1])
-if (v or '0') ~= p[1] then return {-1} end
-local window, group, claims, outputs, acks = p[2], p[3], p[4], p[5], p[6]
-local pos = 2
-local m = #claims / 2
-local dup, out = {}, {1}
-for i = 1, m do
-  local mode, key = claims[2 * i - 1], KEYS[1 + i]
-  local mark = claims[2 * i]
-  local old
-  if mode == 'c' then
-    old = redis.call('SET', key, mark, 'NX', 'EX', window, 'GET')
+if (v or '0') ~= p[1] then return {{-1}} end
+local window, group, nb, modes, cbase = p[2], p[3], p[4], p[5], p[6]
+local outputs, acks = p[7], p[8]
+local blob = ARGV[2]
+local states = {{}}
+if nb > 0 then
+  local now = dd_now()
+  for i = 1, nb do states[i] = dd_open(KEYS[1 + i], window, now) end
+end
+local dup, out = {{}}, {{1}}
+for i = 1, #cbase do
+  local st = states[cbase[i]]
+  local o = (i - 1) * {dedup.CLAIM_BYTES}
+  local d = string.sub(blob, o + 1, o + {dedup.DIGEST_BYTES})
+  local mark = string.sub(blob, o + {dedup.DIGEST_BYTES + 1}, o + {dedup.CLAIM_BYTES})
+  local old, k
+  if string.byte(modes, i) == 99 then  -- 'c'
+    old = dd_claim(st, d, mark)
   else
-    old = redis.call('GET', key)
+    old, k = dd_find(st, d, false)
   end
   if old and old ~= mark then
     dup[i] = true
     out[#out + 1] = i
-  elseif old and mode == 'f' then
-    redis.call('DEL', key)
+  elseif old and k then
+    redis.call('HDEL', k, d)
   end
 end
+for i = 1, nb do dd_close(states[i]) end
+local pos = 3
 local ns = 0
+local base = 1 + nb
 for j = 1, #outputs, 2 do
   local owner, si = outputs[j], outputs[j + 1]
   if si > ns then ns = si end
   if owner == 0 or not dup[owner] then
-    redis.call('XADD', KEYS[1 + m + si], '*', 'd', ARGV[pos])
+    redis.call('XADD', KEYS[base + si], '*', 'd', ARGV[pos])
   end
   pos = pos + 1
 end
-local base = 1 + m + ns
+base = base + ns
 for s = 1, #acks do
   local ids = acks[s]
   for i = 1, #ids, 500 do
@@ -258,8 +270,10 @@ class Commit:
     """The fast path's one call per batch: registry version check, de-duplication claims,
     outputs of the non-duplicates, acks — atomically, in one script.
 
-    ``claims`` are ``(event_id, mark, mode)``; each output names its *owner*, the 1-based index
-    of the claim it belongs to (0 = unconditional); an output whose owner turns out to be a
+    ``claims`` are ``(stream, event_id, mark, mode)`` (the stream the uplink came from:
+    its partition's de-dup state is used, :meth:`pipeline.keys.Keys.dedup`); each output
+    names its *owner*, the 1-based index of the claim it belongs to (0 = unconditional); an
+    output whose owner turns out to be a
     duplicate is not appended. Returns the 0-based indices of the duplicate claims, or ``None``
     when the registry version is no longer ``version`` (nothing was done).
     """
@@ -272,21 +286,30 @@ class Commit:
         assert events.FIELD == b"d"
 
     async def run(self, version: int, window_s: int,
-                  claims: Sequence[tuple[str, bytes, str]],
+                  claims: Sequence[tuple[str, str, bytes, str]],
                   outputs: Sequence[tuple[str, int, bytes]],
                   acks: Sequence[Entry]) -> list[int] | None:
-        # Everything but the keys and the outputs' data is one msgpack argument: redis-py packs
-        # each argument in Python, msgpack packs the whole structure in C.
-        seen = self._keys.seen
+        # Everything but the keys, the claims and the outputs' data is one msgpack argument:
+        # redis-py packs each argument in Python, msgpack packs the whole structure in C.
+        dedup_base = self._keys.dedup
+        pack = dedup.pack
         keys: list[str] = [self._keys.registry_version()]
-        keys.extend([seen(e) for e, _, _ in claims])
-        flat_claims: list[str | int] = []
-        blob: list[bytes] = []
-        for _, mark, mode in claims:
-            flat_claims.append(mode)
-            flat_claims.append(mark.decode())
+        bases: dict[str, int] = {}
+        claim_base: list[int] = []
+        claim_bytes: list[bytes] = []
+        modes: list[str] = []
+        for stream, event_id, mark, mode in claims:
+            base = dedup_base(stream)
+            bi = bases.get(base)
+            if bi is None:
+                bi = bases[base] = len(bases) + 1
+            claim_base.append(bi)
+            claim_bytes.append(pack(event_id, mark))
+            modes.append(mode)
+        keys.extend(bases)
         streams: dict[str, int] = {}
         flat_out: list[int] = []
+        blob: list[bytes] = []
         for stream, owner, data in outputs:
             si = streams.get(stream)
             if si is None:
@@ -302,9 +325,9 @@ class Commit:
                 ids = by_stream[e.stream] = []
             ids.append(e.id)
         keys.extend(by_stream)
-        arg = self._pack([str(version), window_s, self._group, flat_claims, flat_out,
-                          list(by_stream.values())])
-        reply = await self._script(keys=keys, args=[arg, *blob])
+        arg = self._pack([str(version), window_s, self._group, len(bases), "".join(modes),
+                          claim_base, flat_out, list(by_stream.values())])
+        reply = await self._script(keys=keys, args=[arg, b"".join(claim_bytes), *blob])
         if reply[0] == -1:
             return None
         return [int(i) - 1 for i in reply[1:]]
@@ -332,7 +355,7 @@ class _Prepared:
 
     entries: list[Entry]
     version: int
-    claims: list[tuple[str, bytes, str]]
+    claims: list[tuple[str, str, bytes, str]]
     #: Each uplink's source (for the duplicates metric).
     sources: list[str]
     #: The routes of the uplinks acked without output (``SKIP``) and dead-lettered whole.
@@ -487,7 +510,7 @@ class TransformStage:
         routes = routing.plan(uplinks, devices, integrations)
 
         mark_of = dedup.mark_of
-        claims: list[tuple[str, bytes, str]] = []
+        claims: list[tuple[str, str, bytes, str]] = []
         skips: list[tuple[Route, int]] = []
         dead: list[tuple[Route, int]] = []
         ready: list[tuple[Entry, Route]] = []
@@ -500,13 +523,13 @@ class TransformStage:
                     return None
                 ready.append((e, r))
                 ready_ci.append(ci)
-                claims.append((r.uplink.event_id, mark_of(e), CLAIM))
+                claims.append((e.stream, r.uplink.event_id, mark_of(e), CLAIM))
             elif kind == SKIP:
                 skips.append((r, ci))
-                claims.append((r.uplink.event_id, mark_of(e), CLAIM))
+                claims.append((e.stream, r.uplink.event_id, mark_of(e), CLAIM))
             elif kind == DEAD:
                 dead.append((r, ci))
-                claims.append((r.uplink.event_id, mark_of(e), CHECK_AND_FORGET))
+                claims.append((e.stream, r.uplink.event_id, mark_of(e), CHECK_AND_FORGET))
             else:  # CREATE
                 return None
 
@@ -567,7 +590,8 @@ class TransformStage:
             self.registry.sync_queue(pipe)
             if decoded:
                 await self._claims.queue(
-                    pipe, [(u.event_id, m) for (_, u), m in zip(decoded, marks, strict=True)],
+                    pipe, [(e.stream, u.event_id, m)
+                           for (e, u), m in zip(decoded, marks, strict=True)],
                     self._window)
             replies = await pipe.execute()
         if not self.registry.sync_apply(replies[0], replies[1]):
@@ -620,12 +644,12 @@ class TransformStage:
         replay after a fix is not dropped as a duplicate."""
         if not dead:
             return
-        ids: list[str] = []
+        ids: list[tuple[str, str]] = []
         for e, _, _ in dead:
             if e.data is not None:
                 with contextlib.suppress(msgspec.ValidationError, msgspec.DecodeError):
-                    ids.append(events.decode_uplink(e.data).event_id)
-        await dedup.forget(self.ctx.redis, self.ctx.keys, ids)
+                    ids.append((e.stream, events.decode_uplink(e.data).event_id))
+        await self._claims.forget(ids, self._window)
         await self.reader.dead_letter(dead)
 
     def _dead_letter_of(self, e: Entry, reason: str, detail: str, ts: int) -> bytes:

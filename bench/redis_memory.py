@@ -1,0 +1,260 @@
+"""Redis memory per uplink in the de-duplication window, per registered device and per stream
+entry in flight — with the old de-dup scheme measured in the same run.
+
+    .venv/bin/python -m bench.redis_memory [--uplinks 1000000] [--devices 50000]
+                                           [--entries 100000] [--window-s 3600]
+
+A private ``redis-server`` per figure (no persistence, free port) so nobody else's keys move
+it; each figure is the ``INFO memory`` ``used_memory`` delta over N items divided by N, and Redis
+CPU (``INFO cpu`` user + sys) per item for the de-dup claims:
+
+* **de-dup, now** (:mod:`pipeline.dedup`): N distinct event ids claimed in batches of 500
+  through the scripts transform runs, in steady state (the ``BUCKETS`` buckets before hold N
+  events each, written beforehand, so each claim looks them up and the new bucket starts with
+  ~N/64 shards) and from an empty Redis (shards grown by generations, as after a first
+  start);
+* **de-dup, before**: the scheme it replaced, ``SET seen:<event id> <stream>/<entry id> NX EX
+  <window> GET`` per uplink in the same batched script shape;
+* **registry**: N devices through ``Registry.register`` (row, reverse index, change log);
+* **stream entries**: N realistic TTS uplinks (``tts-uplink-02``'s payload and radio) appended
+  to an uplinks stream, and N ``BlynkWrite`` s to a writes stream.
+
+The window figure multiplies the per-event cost by what a bucketed window holds: between one
+window and ``1 + 1/BUCKETS`` windows of events, ``1 + 1/(2·BUCKETS)`` on average.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import ROOT, Processes, free_port, machine, table, wait_port
+
+FIXTURE = ROOT / "tests" / "fixtures" / "tts" / "tts-uplink-02.json"
+BATCH = 500
+
+_OLD_CLAIM = """
+local out = {}
+for i = 1, #KEYS do
+  out[i] = redis.call('SET', KEYS[i], ARGV[i + 1], 'NX', 'EX', ARGV[1], 'GET')
+end
+return out
+"""
+
+
+def start_redis(procs: Processes) -> int:
+    port = free_port()
+    proc = procs.spawn("redis", ["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                                 "--save", "", "--appendonly", "no", "--dir", str(procs.dir)])
+    wait_port(port, proc=proc)
+    return port
+
+
+async def _used(redis: Any) -> int:
+    return int((await redis.info("memory"))["used_memory"])
+
+
+async def _cpu(redis: Any) -> float:
+    info = await redis.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+class Measure:
+    """``used_memory`` and Redis CPU deltas around one fill."""
+
+    def __init__(self, redis: Any) -> None:
+        self.redis = redis
+        self.mem0 = 0
+        self.cpu0 = 0.0
+
+    async def __aenter__(self) -> Measure:
+        self.mem0 = await _used(self.redis)
+        self.cpu0 = await _cpu(self.redis)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.mem = await _used(self.redis) - self.mem0
+        self.cpu = await _cpu(self.redis) - self.cpu0
+
+
+async def dedup_now(redis: Any, prefix: str, n: int, window: int, steady: bool,
+                    ) -> tuple[float, float, dict[str, int]]:
+    from pipeline import dedup
+    from pipeline.keys import Keys
+
+    keys = Keys(prefix)
+    stream = keys.stream("uplinks")
+    base = keys.dedup(stream)
+    claims = dedup.Claims(redis, keys)
+    blen = max(1, -(-window // dedup.BUCKETS))
+    now = int((await redis.time())[0])
+    start = now - now % blen
+    if steady:  # the buckets before hold n events each: this one is sized for as many
+        await fill_previous(redis, base, start, blen, n)
+    async with Measure(redis) as m:
+        for i in range(0, n, BATCH):
+            batch = [(stream, f"as:up:{prefix}{j:09d}",
+                      dedup.mark(stream, f"{1_700_000_000_000 + j}-0"))
+                     for j in range(i, min(i + BATCH, n))]
+            got = await claims.run(batch, window)
+            assert not any(got)
+    table_row = await redis.hgetall(base)
+    gens = {k.decode(): v.decode() for k, v in table_row.items() if k.startswith(b"g:")}
+    encodings: dict[str, int] = {}
+    async for k in redis.scan_iter(match=f"{base}:*", count=5000):
+        enc = (await redis.object("encoding", k)).decode()
+        encodings[enc] = encodings.get(enc, 0) + 1
+    print(f"  de-dup now ({'steady' if steady else 'ramp'}): generations {gens}, "
+          f"shard encodings {encodings}")
+    return m.mem / n, m.cpu / n * 1e6, encodings
+
+
+async def fill_previous(redis: Any, base: str, start: int, blen: int, n: int) -> None:
+    """Write the ``BUCKETS`` buckets before ``start`` as transform would have: ``n`` events
+    each in as many shards as :mod:`pipeline.dedup` gives them, so claims look them up as in
+    steady state."""
+    from pipeline import dedup
+
+    shards = 1
+    while shards * dedup.PER_SHARD < n:
+        shards *= 2
+    for j in range(1, dedup.BUCKETS + 1):
+        s = start - j * blen
+        await redis.hset(base, mapping={f"g:{s}": shards, f"n:{s}": n})
+        for i in range(0, n, 5000):
+            async with redis.pipeline(transaction=False) as pipe:
+                for e in range(i, min(i + 5000, n)):
+                    d = dedup.digest(f"as:up:old{j}:{e:09d}")
+                    h = int.from_bytes(d[:3], "big") % shards
+                    pipe.hset(f"{base}:{s}:{shards}:{h}", d, b"mark")
+                await pipe.execute()
+
+
+async def dedup_before(redis: Any, prefix: str, n: int, window: int) -> tuple[float, float]:
+    script = redis.register_script(_OLD_CLAIM)
+    stream = f"{prefix}uplinks"
+    async with Measure(redis) as m:
+        for i in range(0, n, BATCH):
+            ids = range(i, min(i + BATCH, n))
+            await script(keys=[f"{prefix}seen:as:up:{prefix}{j:09d}" for j in ids],
+                         args=[window, *(f"{stream}/{1_700_000_000_000 + j}-0" for j in ids)])
+    return m.mem / n, m.cpu / n * 1e6
+
+
+async def registry(redis: Any, prefix: str, n: int) -> float:
+    from pipeline.keys import Keys
+    from pipeline.registry import Registry
+
+    reg = Registry(redis, Keys(prefix))
+    async with Measure(redis) as m:
+        sem = asyncio.Semaphore(64)
+
+        async def one(d: int) -> None:
+            async with sem:
+                await reg.register(f"tts:app:eui-{d:016x}", token=f"{d:032x}", template="button",
+                                   blynk_id=d + 1)
+
+        await asyncio.gather(*(one(d) for d in range(n)))
+    return m.mem / n
+
+
+async def stream_entries(redis: Any, prefix: str, n: int) -> tuple[float, float]:
+    from pipeline import events
+    from pipeline.keys import Keys
+
+    payload = json.loads(FIXTURE.read_text())["uplink_message"]["decoded_payload"]
+    keys = Keys(prefix)
+    now = int(time.time() * 1000)
+    out = []
+    for kind in ("uplinks", "writes"):
+        stream = keys.stream(kind)
+        async with Measure(redis) as m:
+            for start in range(0, n, 5000):
+                async with redis.pipeline(transaction=False) as pipe:
+                    for i in range(start, min(start + 5000, n)):
+                        d = i % 10_000
+                        data: bytes
+                        if kind == "uplinks":
+                            values = dict(payload)
+                            values["singlePressEventCounter"] = i
+                            data = events.encode(events.Uplink(
+                                event_id=f"as:up:01HW{i:022d}", source="tts", integration="app",
+                                device=f"eui-{d:016x}", event_ts_ms=now + i,
+                                received_ts_ms=now + i, values=values,
+                                device_meta={"dev_eui": f"{d:016X}"},
+                                radio=events.Radio(rssi=-31 - (i % 60), snr=9.5, gateways=1,
+                                                   f_cnt=i, f_port=2)))
+                        else:
+                            data = events.encode(events.BlynkWrite(
+                                token=f"{d:032x}", server="https://fra1.blynk.cloud",
+                                device_key=f"tts:app:eui-{d:016x}",
+                                pins={"V0": 3.3, "V1": i % 5, "V2": 21.5, "V10": -31},
+                                event_ts_ms=now + i, received_ts_ms=now + i,
+                                event_id=f"as:up:01HW{i:022d}"))
+                        pipe.xadd(stream, {events.FIELD: data})
+                    await pipe.execute()
+        out.append(m.mem / n)
+    return out[0], out[1]
+
+
+async def main(args: argparse.Namespace) -> None:
+    from pipeline import dedup
+    from pipeline.streams import connect
+
+    n, w = args.uplinks, args.window_s
+
+    async def on_fresh_redis(fill: Any, *a: Any) -> Any:
+        # One private server per figure: the keyspace's own hash table doubles as keys are
+        # added, and a doubling during another figure's fill would be charged to it.
+        with Processes() as procs:
+            redis = connect(f"redis://127.0.0.1:{start_redis(procs)}/0")
+            try:
+                return await fill(redis, *a)
+            finally:
+                await redis.aclose()
+
+    before_b, before_cpu = await on_fresh_redis(dedup_before, "old:", n, w)
+    steady_b, steady_cpu, _ = await on_fresh_redis(dedup_now, "steady:", n, w, True)
+    ramp_b, ramp_cpu, _ = await on_fresh_redis(dedup_now, "ramp:", n, w, False)
+    device_b = await on_fresh_redis(registry, "reg:", args.devices)
+    uplink_b, write_b = await on_fresh_redis(stream_entries, "st:", args.entries)
+
+    avg = 1 + 1 / (2 * dedup.BUCKETS)
+    most = 1 + 1 / dedup.BUCKETS
+    print(f"Redis memory: {n:,} event ids (window {w} s), {args.devices:,} devices, "
+          f"{args.entries:,} stream entries; private redis-server")
+    print(f"machine: {machine()}")
+    print(table(
+        ["item", "bytes each", "bytes per uplink in the window (avg / most)",
+         "Redis CPU µs each", "x before"],
+        [["de-dup, before: SET seen:<id> NX EX", f"{before_b:.1f}", f"{before_b:.1f}",
+          f"{before_cpu:.2f}", "1.00"],
+         ["de-dup, now, steady bucket", f"{steady_b:.1f}",
+          f"{steady_b * avg:.1f} / {steady_b * most:.1f}", f"{steady_cpu:.2f}",
+          f"{steady_b / before_b:.2f}"],
+         ["de-dup, now, first bucket (ramp)", f"{ramp_b:.1f}",
+          f"{ramp_b * avg:.1f} / {ramp_b * most:.1f}", f"{ramp_cpu:.2f}",
+          f"{ramp_b / before_b:.2f}"],
+         ["registered device (row + index + change log)", f"{device_b:.0f}", "", "", ""],
+         ["uplinks stream entry in flight", f"{uplink_b:.0f}", "", "", ""],
+         ["writes stream entry in flight", f"{write_b:.0f}", "", "", ""]]))
+
+
+def cli() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p.add_argument("--uplinks", type=int, default=1_000_000)
+    p.add_argument("--devices", type=int, default=50_000)
+    p.add_argument("--entries", type=int, default=100_000)
+    p.add_argument("--window-s", type=int, default=3600)
+    args = p.parse_args()
+    os.chdir(Path(ROOT))
+    asyncio.run(main(args))
+
+
+if __name__ == "__main__":
+    cli()
