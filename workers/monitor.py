@@ -147,7 +147,8 @@ class MonitorStage:
         self._latest: list[StreamInfo] = []
         self.page = StatusPage(ctx.redis, ctx.keys,
                                templates=[t.name for t in ctx.config.templates],
-                               admin_token=cfg.admin_token, latest_streams=lambda: self._latest)
+                               admin_token=cfg.admin_token, allowed_hosts=cfg.allowed_hosts,
+                               latest_streams=lambda: self._latest)
 
     def routes(self) -> dict[tuple[str, str], Handler]:
         """The status page, served on the metrics port (:class:`pipeline.metrics_http.Serves`)."""
