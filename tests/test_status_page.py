@@ -263,6 +263,8 @@ async def test_a_rebound_host_name_cannot_read_the_page(redis: Redis, prefix: st
         dead_id = await _dead_uplink(redis, ctx, "d3")
         port = url.rsplit(":", 1)[1]
         auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        refused = metrics.REJECTED.labels("status-page", "host")
+        before = refused._value.get()
         for host in (f"evil.example:{port}", "rebind.127.0.0.1.nip.io"):
             for path in ("/", "/status.json", "/status.js", "/status.css"):
                 async with http.get(f"{url}{path}", headers={"Host": host}) as resp:
@@ -273,6 +275,7 @@ async def test_a_rebound_host_name_cannot_read_the_page(redis: Redis, prefix: st
                                           "Origin": f"http://{host}"}) as resp:
                 assert resp.status == 421
         assert await redis.xlen(ctx.keys.dead) == 1
+        assert refused._value.get() - before == 10  # counted, like every refusal
         # /metrics stays open to any name: Prometheus scrapes by whatever name it is given.
         async with http.get(f"{url}/metrics", headers={"Host": "evil.example"}) as resp:
             assert resp.status == 200
