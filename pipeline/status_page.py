@@ -17,9 +17,11 @@ and last errors; every error text is redacted). Every route here answers only re
 a web site the operator visits points its own name at this port and reads the page as
 same-origin — the browser then sends the site's name as ``Host``. ``/metrics``, ``/status`` and
 the probes (:mod:`pipeline.metrics_http`) are not held to it: machines read them under names
-the bridge cannot know (docs/DESIGN.md says why). Every part is bounded (latest :data:`LATEST_DEAD`
-dead letters, :data:`UNMAPPED_TOP` keys per template) and the JSON is built at most once per
-:data:`CACHE_S` whatever the number of open pages. The replay is an action: it needs
+the bridge cannot know (docs/DESIGN.md says why).
+
+Every part is bounded (latest :data:`LATEST_DEAD` dead letters, :data:`UNMAPPED_TOP` keys per
+template) and the JSON is built at most once per :data:`CACHE_S` whatever the number of open
+pages. The replay is an action: it needs
 ``monitor.admin_token`` as ``Authorization: Bearer <token>`` (compared in constant time; no
 token configured = refused, 403). A header, never a cookie, so another site cannot make a
 browser send it (CSRF); a request whose ``Origin`` is another site is refused besides.
