@@ -40,7 +40,7 @@ from pipeline.deadletters import (
 )
 from pipeline.keys import DOWNLINKS, UPLINKS, WRITES, Keys
 from pipeline.order import LastWritten
-from pipeline.redact import mask, redact_url, safe_url
+from pipeline.redact import mask, redact_text, safe_url
 from pipeline.registry import Device, Registry
 from pipeline.status import StatusBoard
 from pipeline.streams import Redis, connect, now_ms
@@ -197,7 +197,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if getattr(args, "json", False):
         out = {
             "integrations": [
-                {**msgspec.to_builtins(s), "last_error": redact_url(s.last_error or "") or None}
+                {**msgspec.to_builtins(s), "last_error": redact_text(s.last_error or "") or None}
                 for s in statuses
             ],
             "unmapped": unmapped,
@@ -211,7 +211,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         table.add_column(col)
     for s in statuses:
         table.add_row(s.kind, s.name, str(s.state), _time(s.since_ms),
-                      redact_url(s.last_error or "-"), s.error_kind or "-", s.owner or "-")
+                      redact_text(s.last_error or "-"), s.error_kind or "-", s.owner or "-")
     if not statuses:
         table.add_row("-", "no integration has reported yet", "", "", "", "", "")
     console.print(table)

@@ -31,7 +31,7 @@ from pipeline import config as config_mod
 from pipeline import events
 from pipeline.keys import DEAD, DOWNLINKS, UPLINKS, WRITES, Keys
 from pipeline.lifecycle import until_stopped
-from pipeline.redact import mask, redact_url, safe_url
+from pipeline.redact import mask, redact_text, redact_url, safe_url
 from pipeline.streams import Redis, connect
 
 #: What ``tail`` follows, in data-flow order.
@@ -105,9 +105,9 @@ def describe(name: str, entry_id: str, raw: bytes | None, keys: Keys) -> Shown:
         if "/devices/" in letter.stream:  # a TTS topic: v3/{app}/devices/{id}/up
             found.add(letter.stream.split("/devices/", 1)[1].split("/", 1)[0])
         line = (f"{letter.stage} {letter.reason} from {letter.stream}"
-                f"{' ' + ','.join(sorted(found)) if found else ''}: {redact_url(letter.detail)}")
+                f"{' ' + ','.join(sorted(found)) if found else ''}: {redact_text(letter.detail)}")
         doc = base | {"stage": letter.stage, "reason": letter.reason, "origin": letter.stream,
-                      "detail": redact_url(letter.detail), "attempts": letter.attempts,
+                      "detail": redact_text(letter.detail), "attempts": letter.attempts,
                       "entry": original}
         return Shown(name, entry_id, frozenset(found), line, doc)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:

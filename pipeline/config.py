@@ -513,6 +513,11 @@ class MonitorConfig(_Base):
     #: metrics port, header ``Authorization: Bearer …``). Unset: the page is read-only.
     #: ``admin_token_file`` reads it from a mounted secret.
     admin_token: Secret | None = None
+    #: Host names the status page answers to besides IP addresses, ``localhost`` and names of
+    #: one label (a compose service such as ``monitor``): a Kubernetes service's DNS name, a
+    #: reverse proxy's name. A request naming any other host is refused (421), so a web site
+    #: cannot point its own name at this port and read the page (DNS rebinding).
+    allowed_hosts: list[str] = msgspec.field(default_factory=list)
 
 
 class Config(_Base):
@@ -540,6 +545,8 @@ class Config(_Base):
         raise KeyError(name)
 
 
+#: A DNS name (labels of letters, digits, ``-`` and ``_``; a final dot allowed).
+_HOST_NAME = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?$")
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _ONE_VAR = re.compile(r"\$\{[A-Za-z_][A-Za-z0-9_]*(?::-[^}]*)?\}")
 
@@ -902,6 +909,11 @@ def check(config: Config, origin: str) -> None:
         raise _invalid(origin, "monitor.admin_token",
                        "`monitor.admin_token` must be at least 16 characters and not a published "
                        "one (e.g. `openssl rand -hex 16`)")
+    for i, host in enumerate(config.monitor.allowed_hosts):
+        if not _HOST_NAME.match(host):
+            key = f"monitor.allowed_hosts[{i}]"
+            raise _invalid(origin, key, f"`{key}` must be a host name without scheme or port "
+                                        "(e.g. bb-monitor.bridge.svc.cluster.local)")
     templates: set[str] = set()
     for i, t in enumerate(config.templates):
         if t.name in templates:

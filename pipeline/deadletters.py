@@ -2,7 +2,8 @@
 
 One home for what ``blynk-bridge dead`` (:mod:`blynk_bridge.ops`) and the monitor's status page
 (:mod:`pipeline.status_page`) do with the dead stream. Reads are bounded by their ``limit``;
-:func:`replay` is at-least-once (see there). Summaries never carry a token in full.
+:func:`replay` is at-least-once (see there). Summaries never carry a token or a credential
+header's value in full (:func:`pipeline.redact.redact_text`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from redis.exceptions import ResponseError
 
 from pipeline import dedup, events
 from pipeline.keys import DOWNLINKS, UPLINKS, WRITES, Keys
-from pipeline.redact import redact_url
+from pipeline.redact import redact_text
 from pipeline.streams import Redis
 
 _PAGE = 200
@@ -61,7 +62,10 @@ async def scan_dead(
     out: list[DeadRow] = []
     upper = "+"
     while limit is None or len(out) < limit:
-        page = await redis.xrevrange(keys.dead, max=upper, min="-", count=_PAGE)
+        # Unfiltered, every entry read is kept: read no more than still wanted (letters are up
+        # to ~8 KiB each, and the status page wants ten on every build). Filtered, any may be.
+        count = _PAGE if limit is None or reason is not None else min(_PAGE, limit - len(out))
+        page = await redis.xrevrange(keys.dead, max=upper, min="-", count=count)
         if not page:
             break
         for entry_id, fields in page:
@@ -100,7 +104,7 @@ def letter_summary(row: DeadRow) -> dict[str, Any]:
         "time": _time(d.dead_ts_ms),
         "stage": d.stage,
         "reason": d.reason,
-        "detail": redact_url(d.detail),
+        "detail": redact_text(d.detail),
         "attempts": d.attempts,
         "stream": d.stream,
         "entry_id": d.entry_id,

@@ -10,10 +10,18 @@
 * ``POST /dead/replay`` — replays dead letters (``{"ids": [...]}``, at most
   :data:`MAX_REPLAY_IDS`).
 
-Reads are open, like ``/metrics`` on the same port (a private port: it names replicas, URLs and
-last errors; every error text is redacted). Every part is bounded (latest :data:`LATEST_DEAD`
-dead letters, :data:`UNMAPPED_TOP` keys per template) and the JSON is built at most once per
-:data:`CACHE_S` whatever the number of open pages. The replay is an action: it needs
+Reads need no auth, like ``/metrics`` on the same port (a private port: it names replicas, URLs
+and last errors; every error text is redacted). Every route here answers only requests whose
+``Host`` is an IP address, ``localhost``, a name of one label (a compose service) or one of
+``monitor.allowed_hosts`` (:func:`host_allowed`; others get 421): against DNS rebinding, where
+a web site the operator visits points its own name at this port and reads the page as
+same-origin — the browser then sends the site's name as ``Host``. ``/metrics``, ``/status`` and
+the probes (:mod:`pipeline.metrics_http`) are not held to it: machines read them under names
+the bridge cannot know (docs/DESIGN.md says why).
+
+Every part is bounded (latest :data:`LATEST_DEAD` dead letters, :data:`UNMAPPED_TOP` keys per
+template) and the JSON is built at most once per :data:`CACHE_S` whatever the number of open
+pages. The replay is an action: it needs
 ``monitor.admin_token`` as ``Authorization: Bearer <token>`` (compared in constant time; no
 token configured = refused, 403). A header, never a cookie, so another site cannot make a
 browser send it (CSRF); a request whose ``Origin`` is another site is refused besides.
@@ -24,10 +32,11 @@ from __future__ import annotations
 import asyncio
 import hmac
 import importlib.resources
+import ipaddress
 import logging
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -52,6 +61,10 @@ MAX_REPLAY_IDS = 100
 MAX_BODY = 16 * 1024
 CACHE_S = 1.0
 _DEAD_ID = re.compile(r"^[0-9]{1,20}-[0-9]{1,20}$")
+#: A ``Host`` header: a bracketed IPv6 literal (with a zone) or a name / IPv4, and a port.
+_HOST = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+(?:%[A-Za-z0-9_.-]+)?)\]|(?P<name>[A-Za-z0-9_.-]+))"
+                   r"(?::[0-9]{1,5})?$")
+_ONE_LABEL = re.compile(r"^[a-z0-9_-]+$")
 _json = msgspec.json.Encoder()
 
 _STATIC = {
@@ -73,6 +86,41 @@ _HEADERS = {
 
 def _static(name: str) -> bytes:
     return (importlib.resources.files("pipeline") / "static" / name).read_bytes()
+
+
+def _fold(name: str) -> str:
+    return name.lower().removesuffix(".")
+
+
+def allowed_names(names: Iterable[str]) -> frozenset[str]:
+    """``monitor.allowed_hosts`` as :func:`host_allowed` compares them."""
+    return frozenset(_fold(n) for n in names)
+
+
+def host_allowed(host: str, extra: frozenset[str]) -> bool:
+    """Whether a ``Host`` header (port optional) names a host the page answers to.
+
+    IP literals and ``localhost`` cannot be rebound by another site; a name of one label is
+    resolved by the operator's own search domains (compose service names, ``kubectl
+    port-forward`` hosts), not by a name another site owns. Any other name must be listed.
+    """
+    m = _HOST.match(host)
+    if m is None:
+        return False
+    if m["v6"] is not None:
+        try:
+            ipaddress.IPv6Address(m["v6"])
+        except ValueError:
+            return False
+        return True
+    name = _fold(m["name"])
+    if name == "localhost" or _ONE_LABEL.match(name) or name in extra:
+        return True
+    try:
+        ipaddress.IPv4Address(name)
+    except ValueError:
+        return False
+    return True
 
 
 def _ms(seconds: float | None) -> float | None:
@@ -137,6 +185,7 @@ class StatusPage:
         templates: Sequence[str],
         admin_token: Secret | None,
         dedup_window_s: int,
+        allowed_hosts: Iterable[str] = (),
         latest_streams: Callable[[], Sequence[StreamInfo]] = lambda: (),
     ) -> None:
         self._redis = redis
@@ -145,6 +194,7 @@ class StatusPage:
         self._templates = list(templates)
         self._dedup_window_s = dedup_window_s
         self._token = admin_token.reveal().encode() if admin_token is not None else None
+        self._allowed_hosts = allowed_names(allowed_hosts)
         self._latest_streams = latest_streams
         self._cache: tuple[float, bytes] | None = None
         self._lock = asyncio.Lock()
@@ -158,7 +208,23 @@ class StatusPage:
         out: dict[tuple[str, str], Handler] = {("GET", p): self._file for p in _STATIC}
         out[("GET", "/status.json")] = self.status_json
         out[("POST", "/dead/replay")] = self.replay
-        return out
+        return {route: self._host_checked(handler) for route, handler in out.items()}
+
+    def _host_checked(self, handler: Handler) -> Handler:
+        """``handler``, answering only a ``Host`` that :func:`host_allowed` accepts."""
+
+        async def checked(request: web.BaseRequest) -> web.StreamResponse:
+            # No Host at all (HTTP/1.0) is let through: a browser, the rebinding's tool,
+            # always sends one.
+            host = request.headers.get("Host")
+            if host is not None and not host_allowed(host, self._allowed_hosts):
+                metrics.REJECTED.labels("status-page", "host").inc()
+                return _error(421, f"the status page does not answer to host {host[:100]!r}: "
+                                   "add its name to monitor.allowed_hosts (IP addresses, "
+                                   "localhost and one-label names are always allowed)")
+            return await handler(request)
+
+        return checked
 
     async def _file(self, request: web.BaseRequest) -> web.StreamResponse:
         name, ctype = _STATIC[request.path]

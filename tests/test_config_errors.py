@@ -57,6 +57,8 @@ def where(exc: ConfigError) -> list[tuple[str | None, int | None, int | None]]:
      "names unknown template 'nope'"),
     ("templates:\n  - name: w\n    datastreams:\n      - {name: t, pin: V1, min: 5, max: 1}\n",
      "templates[0].datastreams[0].max", 4, 36, "`max` (1) is below `min` (5)"),
+    ("monitor:\n  allowed_hosts: [bridge.example.org, 'http://bb:9100']\n",
+     "monitor.allowed_hosts[1]", 2, 39, "a host name without scheme or port"),
     # A key the file does not hold (a default) points at its nearest enclosing key.
     ("redis: {url: x}\nblynk:\n  servers: {a: 'http://x'}\n", "blynk.default_server", 2, 1,
      "`blynk.default_server` 'default' is not in `blynk.servers`"),

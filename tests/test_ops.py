@@ -123,7 +123,8 @@ async def test_status_shows_integrations_and_unmapped_keys(
 ) -> None:
     board = StatusBoard(redis, keys)
     await board.connected("tts", "app-ops")
-    await board.failed("tts", "app-ops", f"401 from https://x/?token={TOKEN}", "credentials")
+    await board.failed("tts", "app-ops", f"401 from https://x/?token={TOKEN}\n"
+                       f"Authorization: Bearer {TOKEN[::-1]}", "credentials")
     await redis.hset(keys.unmapped("sensor"), mapping={"humidity": 7, "battery": 2})
     await redis.set(keys.superseded(), 12)  # what egress counts
 
@@ -131,11 +132,13 @@ async def test_status_shows_integrations_and_unmapped_keys(
     out = capsys.readouterr().out
     assert "app-ops" in out and "Broken" in out and "credentials" in out
     assert "humidity" in out and "7" in out and "battery" in out
-    assert TOKEN not in out
+    assert TOKEN not in out and TOKEN[::-1] not in out
     assert "superseded values" in out and ": 12" in out
 
     assert await _cli("status", "-c", config_file, "--json") == 0
-    data = json.loads(capsys.readouterr().out)
+    text = capsys.readouterr().out
+    assert TOKEN not in text and TOKEN[::-1] not in text
+    data = json.loads(text)
     assert data["integrations"][0]["state"] == "Broken"
     assert data["unmapped"] == {"sensor": {"battery": 2, "humidity": 7}}
     assert data["superseded_values"] == 12

@@ -31,7 +31,7 @@ import pytest
 from emulators.blynk import DeviceSpec
 from emulators.tts import Fleet
 from pipeline import config as config_mod
-from pipeline import events, metrics, stats
+from pipeline import events, metrics, stats, status_page
 from pipeline.context import Context
 from pipeline.keys import Keys
 from pipeline.lifecycle import run_stages
@@ -132,11 +132,11 @@ def test_the_page_loads_nothing_from_elsewhere() -> None:
 # ---------------------------------------------------------------------- HTTP, without browser
 
 
-def _monitor_config(prefix: str, token: str | None) -> config_mod.Config:
+def _monitor_config(prefix: str, token: str | None, allowed_hosts: str = "") -> config_mod.Config:
     text = f"""
 redis: {{url: "redis://127.0.0.1:6379/0", prefix: "{prefix}"}}
 templates: [{{name: kit, datastreams: [{{name: t, pin: V1, type: double}}]}}]
-monitor: {{interval_s: 0.2{f', admin_token: "{token}"' if token else ''}}}
+monitor: {{interval_s: 0.2{f', admin_token: "{token}"' if token else ''}{allowed_hosts}}}
 """
     return config_mod.parse(text, "yaml", "status-page.yaml", env={})
 
@@ -226,6 +226,70 @@ async def test_without_a_token_the_page_is_read_only(redis: Redis, prefix: str) 
             assert resp.status == 405
         async with http.get(f"{url}/nope") as resp:
             assert resp.status == 404
+
+
+@pytest.mark.parametrize(("host", "allowed"), [
+    ("127.0.0.1:9100", True),
+    ("10.2.3.4", True),
+    ("[::1]:9100", True),
+    ("[fe80::1%eth0]:9100", True),
+    ("localhost:9100", True),
+    ("LocalHost", True),
+    ("monitor:9100", True),  # a compose service name
+    ("bb-monitor", True),
+    ("bridge.example.internal:9100", True),  # configured
+    ("BRIDGE.Example.Internal.", True),
+    ("evil.example:9100", False),  # a rebound name
+    ("rebind.127.0.0.1.nip.io", False),
+    ("bridge.example.internal.evil.example", False),
+    ("localhost.evil.example", False),
+    ("evil.example@127.0.0.1", False),
+    ("127.0.0.1:9100/x", False),
+    ("monitor:port", False),
+    ("[::1", False),
+    ("", False),
+])
+def test_the_host_allow_list(host: str, allowed: bool) -> None:
+    extra = status_page.allowed_names(["bridge.example.internal"])
+    assert status_page.host_allowed(host, extra) is allowed
+
+
+async def test_a_rebound_host_name_cannot_read_the_page(redis: Redis, prefix: str) -> None:
+    """DNS rebinding: a web site the operator visits points its own name at 127.0.0.1, then its
+    script reads the page as same-origin. The browser sends that name as ``Host``: refused
+    unless an IP, localhost, a single label or in ``monitor.allowed_hosts``."""
+    cfg = _monitor_config(prefix, ADMIN_TOKEN, ", allowed_hosts: [bridge.example.internal]")
+    async with _metrics_port(cfg) as (url, ctx), aiohttp.ClientSession() as http:
+        dead_id = await _dead_uplink(redis, ctx, "d3")
+        port = url.rsplit(":", 1)[1]
+        auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        refused = metrics.REJECTED.labels("status-page", "host")
+        before = refused._value.get()
+        for host in (f"evil.example:{port}", "rebind.127.0.0.1.nip.io"):
+            for path in ("/", "/status.json", "/status.js", "/status.css"):
+                async with http.get(f"{url}{path}", headers={"Host": host}) as resp:
+                    assert resp.status == 421, (host, path)
+                    assert "monitor.allowed_hosts" in (await resp.json())["error"]
+            async with http.post(f"{url}/dead/replay", json={"ids": [dead_id]},
+                                 headers={**auth, "Host": host,
+                                          "Origin": f"http://{host}"}) as resp:
+                assert resp.status == 421
+        assert await redis.xlen(ctx.keys.dead) == 1
+        assert refused._value.get() - before == 10  # counted, like every refusal
+        # /metrics stays open to any name: Prometheus scrapes by whatever name it is given.
+        async with http.get(f"{url}/metrics", headers={"Host": "evil.example"}) as resp:
+            assert resp.status == 200
+
+        for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"monitor:{port}",
+                     f"bridge.example.internal:{port}"):
+            async with http.get(f"{url}/status.json", headers={"Host": host}) as resp:
+                assert resp.status == 200, host
+                assert (await resp.json())["dead"]["total"] == 1
+        async with http.post(f"{url}/dead/replay", json={"ids": [dead_id]},
+                             headers={**auth, "Host": f"bridge.example.internal:{port}",
+                                      "Origin": f"http://bridge.example.internal:{port}"}) as resp:
+            assert resp.status == 200, await resp.text()
+        assert await redis.xlen(ctx.keys.dead) == 0
 
 
 async def test_healthz_is_answered_by_the_event_loop(redis: Redis, prefix: str) -> None:

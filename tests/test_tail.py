@@ -126,10 +126,12 @@ async def test_tail_writes_and_dead_as_json_lines_with_tokens_masked(
     for device in ("dev-6", "dev-7"):
         letter = events.dead_letter(stream=pkeys.stream_for(UPLINKS, "tts", device),
                                     entry_id="1-1", raw=_uplink(device, 5.0), stage="transform",
-                                    reason="unknown_device", detail="no Blynk device",
+                                    reason="unknown_device",
+                                    detail=f"no Blynk device; Authorization: Bearer {TOKEN}",
                                     attempts=1, dead_ts_ms=now_ms())
         await redis.xadd(pkeys.dead, {events.FIELD: events.encode(letter)})
     await wait_until(lambda: tail.out, what="dev-7's dead letter")
     assert await tail.stop() == 0
     assert len(tail.out) == 1
     assert "transform unknown_device" in tail.out[0] and "dev-7" in tail.out[0]
+    assert TOKEN not in tail.out[0] and "Authorization: …" in tail.out[0]
