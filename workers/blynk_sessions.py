@@ -39,7 +39,7 @@ import logging
 import random
 import ssl
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from typing import Any
 
 import msgspec
@@ -54,7 +54,7 @@ from pipeline.context import Context
 from pipeline.echo import canonical
 from pipeline.events import FIELD, Downlink, decode_write, encode
 from pipeline.lease import Lease
-from pipeline.metrics import SESSION_EVENTS, SESSIONS_HELD
+from pipeline.metrics import SESSION_EVENTS, SESSIONS_HELD, SESSIONS_PENDING
 from pipeline.ratelimit import RateLimiter
 from pipeline.redact import mask
 from pipeline.registry import Registry
@@ -72,6 +72,37 @@ class LiveDevice(msgspec.Struct, array_like=True):
     firmware: str | None = None
 
 
+#: Records one partition's live devices (ARGV[1]: the changes stream's cap, then triples of
+#: device key, deadline, record): each deadline and record, and a change entry only for a device
+#: not live before, so owners read new devices, not every deadline extension.
+_MARK = """
+local added = 0
+for i = 2, #ARGV, 3 do
+  redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 2])
+  if redis.call('ZADD', KEYS[1], ARGV[i + 1], ARGV[i]) == 1 then
+    redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[1], '*', 'k', ARGV[i])
+    added = added + 1
+  end
+end
+return added
+"""
+#: Removes up to ARGV[2] devices whose deadline (<= ARGV[1]) passed and returns them; atomic,
+#: so a device made live again between reading and removing stays.
+_EXPIRE = """
+local gone = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
+if #gone > 0 then
+  redis.call('ZREM', KEYS[1], unpack(gone))
+  redis.call('HDEL', KEYS[2], unpack(gone))
+end
+return gone
+"""
+#: Entries kept per partition's changes stream, and read per scan (a full page = maybe more
+#: were trimmed: the owner reads the whole live set instead).
+_CHANGES_MAX = 10_000
+_EXPIRE_MAX = 5_000
+#: Each owned partition's whole live set is re-read this often anyway (it catches what no
+#: change entry says, e.g. a device removed by the partition's previous owner).
+_RESYNC_S = 300.0
 _live_enc = msgspec.msgpack.Encoder()
 _live_dec = msgspec.msgpack.Decoder(LiveDevice)
 _REGION_TTL_S = 30 * 86_400
@@ -107,7 +138,16 @@ class SessionsStage:
         self._due: list[tuple[float, str]] = []
         self._queued: set[str] = set()
         self._wake = asyncio.Event()
-        self._forward: asyncio.Queue[tuple[str, str, bytes]] = asyncio.Queue()
+        #: Commands waiting for the downlinks stream, in arrival order: (device key, topic,
+        #: value, arrival ms). Bounded by :meth:`_compact` (see there).
+        self._pending: deque[tuple[str, str, bytes, int]] = deque()
+        self._compact_at = self.cfg.forward_queue_max
+        self._pending_wake = asyncio.Event()
+        self._mark = ctx.redis.register_script(_MARK)
+        self._expire = ctx.redis.register_script(_EXPIRE)
+        #: Owned partition → last changes-stream id read, and when to read the whole set again.
+        self._cursor: dict[int, str] = {}
+        self._resync_at: dict[int, float] = {}
         self._seen_ms: dict[str, int] = {}
         self._deadline_ms: dict[str, int] = {}
         self.keepalive = Keepalive(self.cfg.keepalive_s)
@@ -183,8 +223,7 @@ class SessionsStage:
     async def _mark_live(self, batch: dict[str, tuple[int, LiveDevice]]) -> None:
         devs = await self.registry.get_many(batch)
         now = now_ms()
-        pipe = self.redis.pipeline(transaction=False)
-        n = 0
+        per_partition: dict[int, list[Any]] = defaultdict(list)
         for key, (ts, live) in batch.items():
             dev = devs.get(key)
             if dev is None or dev.template not in self.templates:
@@ -200,16 +239,25 @@ class SessionsStage:
             self._deadline_ms[key] = deadline
             p = rules.partition_of(live.token, self.cfg.partitions)
             record = LiveDevice(live.token, live.server, dev.template, dev.firmware)
-            pipe.zadd(self.keys.sessions_live(p), {key: deadline})
-            pipe.hset(self.keys.sessions_devices(p), key, _live_enc.encode(record))
-            n += 1
-        if n:
-            try:
-                await pipe.execute()
-            except RedisError as exc:
-                log.warning("cannot record live devices: %s", exc)
-                for key in batch:
-                    self._deadline_ms.pop(key, None)
+            per_partition[p] += [key, deadline, _live_enc.encode(record)]
+        if not per_partition:
+            return
+        try:
+            await self._record_live(per_partition)
+        except RedisError as exc:
+            log.warning("cannot record live devices: %s", exc)
+            for key in batch:
+                self._deadline_ms.pop(key, None)
+
+    async def _record_live(self, per_partition: dict[int, list[Any]]) -> None:
+        """Partition → flat ``[device key, deadline ms, LiveDevice record, …]``, in one round
+        trip (a script per partition: see :data:`_MARK`)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for p, args in per_partition.items():
+                await self._mark(keys=[self.keys.sessions_live(p), self.keys.sessions_devices(p),
+                                       self.keys.sessions_changes(p)],
+                                 args=[_CHANGES_MAX, *args], client=pipe)
+            await pipe.execute()
 
     # own: partition leases --------------------------------------------------------------------
     async def _own(self, stop: asyncio.Event) -> None:
@@ -251,13 +299,14 @@ class SessionsStage:
             if await self.leases[p].acquire():
                 self.owned.add(p)
                 SESSION_EVENTS.labels("partition_acquired").inc()
-                await self._scan_partition(p)
+                await self._scan_partition(p, full=True)
         SESSIONS_HELD.set(len(self.sessions))
 
     async def _drop(self, p: int, why: str) -> None:
         """Stop owning a partition: its sessions are closed at once (before the lease may pass
         to another replica)."""
         self.owned.discard(p)
+        self._cursor.pop(p, None)
         for key in list(self.by_partition.pop(p, ())):
             self._forget(key)
             s = self.sessions.pop(key, None)
@@ -275,31 +324,57 @@ class SessionsStage:
                     log.warning("sessions scan of partition %d: %s", p, exc)
             await _sleep(stop, self.cfg.scan_interval_s)
 
-    async def _scan_partition(self, p: int) -> None:
+    async def _scan_partition(self, p: int, *, full: bool = False) -> None:
+        """Close the sessions whose devices went offline; open those that came live. Reads
+        only what changed since the last scan (expired devices, the changes stream after its
+        cursor); the whole live set only on acquiring the partition, every ``_RESYNC_S``, or
+        when more changed than the stream keeps."""
         now = now_ms()
         live_key, dev_key = self.keys.sessions_live(p), self.keys.sessions_devices(p)
-        expired = await self.redis.zrangebyscore(live_key, "-inf", now)
-        if expired:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.zremrangebyscore(live_key, "-inf", now)
-                pipe.hdel(dev_key, *expired)
-                await pipe.execute()
-        live = {_text(k) for k in await self.redis.zrangebyscore(live_key, now, "+inf")}
+        changes = self.keys.sessions_changes(p)
+        cursor = self._cursor.get(p)
+        full = full or cursor is None or time.monotonic() >= self._resync_at.get(p, 0.0)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            await self._expire(keys=[live_key, dev_key], args=[now, _EXPIRE_MAX], client=pipe)
+            if full:
+                # Cursor and live set read atomically: a change after it is read next time.
+                pipe.xrevrange(changes, count=1)
+                pipe.zrangebyscore(live_key, now, "+inf")
+            else:
+                pipe.xrange(changes, min=f"({cursor}", count=_CHANGES_MAX)
+            reply = await pipe.execute()
         if p not in self.owned:
             return
         mine = self.by_partition[p]
-        for key in mine - live:
+        gone = {_text(k) for k in reply[0]}
+        if full:
+            self._cursor[p] = _text(reply[1][0][0]) if reply[1] else "0-0"
+            self._resync_at[p] = time.monotonic() + _RESYNC_S
+            live = {_text(k) for k in reply[2]}
+            gone |= mine - live
+            new = live - mine
+        else:
+            entries = reply[1]
+            if len(entries) >= _CHANGES_MAX:  # may have lost entries to the cap: read all
+                SESSION_EVENTS.labels("scan_resync").inc()
+                await self._scan_partition(p, full=True)
+                return
+            if entries:
+                self._cursor[p] = _text(entries[-1][0])
+            new = {_text(fields[b"k"]) for _, fields in entries} - mine
+        for key in gone & mine:
             self._forget(key)
             s = self.sessions.pop(key, None)
             if s is not None:
                 s.close("offline")
                 SESSION_EVENTS.labels("offline").inc()
-        mine &= live
-        new = sorted(live - mine)
+        mine -= gone
+        new -= gone
         if not new:
             return
-        raws = await self.redis.hmget(dev_key, new)
-        for key, raw in zip(new, raws, strict=True):
+        ordered = sorted(new)
+        raws = await self.redis.hmget(dev_key, ordered)
+        for key, raw in zip(ordered, raws, strict=True):
             if raw is None:
                 continue
             try:
@@ -415,7 +490,7 @@ class SessionsStage:
 
     def session_message(self, session: Session, topic: str, payload: bytes) -> None:
         if topic.startswith("downlink/ds/"):
-            self._forward.put_nowait((session.key, topic, payload))
+            self._enqueue(session.key, topic, payload, now_ms())
         elif topic == "downlink/redirect":
             self._redirect(session, payload)
         else:
@@ -461,33 +536,75 @@ class SessionsStage:
             log.warning("could not store region of token %s: %s", mask(token), exc)
 
     # forward: commands onto the downlinks stream ----------------------------------------------
+    def _enqueue(self, key: str, topic: str, payload: bytes, at_ms: int) -> None:
+        live = self.wanted.get(key)
+        if live is None or topic[12:] not in self.pins.get(live.template, {}):
+            # Not a command pin (a sensor value): never queued, so the queue's bound holds.
+            SESSION_EVENTS.labels("not_a_command").inc()
+            return
+        self._pending.append((key, topic, payload, at_ms))
+        if len(self._pending) >= self._compact_at:
+            self._compact()
+        SESSIONS_PENDING.set(len(self._pending))
+        self._pending_wake.set()
+
+    def _compact(self) -> None:
+        """Keep only the latest value per device and pin (commands are latest-wins downstream
+        too; the older ones are counted ``superseded``, never silently gone). What is left is
+        at most sessions × command pins; the next compaction waits until the queue doubled, so
+        a large fleet behind a Redis outage costs amortized O(1) per command."""
+        seen: set[tuple[str, str]] = set()
+        kept: list[tuple[str, str, bytes, int]] = []
+        for item in reversed(self._pending):
+            ident = (item[0], item[1])
+            if ident not in seen:
+                seen.add(ident)
+                kept.append(item)
+        kept.reverse()
+        SESSION_EVENTS.labels("superseded").inc(len(self._pending) - len(kept))
+        self._pending = deque(kept)
+        self._compact_at = max(self.cfg.forward_queue_max, 2 * len(kept))
+
+    def _take(self, n: int) -> list[tuple[str, str, bytes, int]]:
+        out = [self._pending.popleft() for _ in range(min(n, len(self._pending)))]
+        if not self._pending:
+            self._compact_at = self.cfg.forward_queue_max
+        SESSIONS_PENDING.set(len(self._pending))
+        return out
+
+    def _requeue(self, items: list[tuple[str, str, bytes, int]]) -> None:
+        """Put a batch that did not go out back in front, in its order."""
+        self._pending.extendleft(reversed(items))
+        if len(self._pending) >= self._compact_at:
+            self._compact()
+        SESSIONS_PENDING.set(len(self._pending))
+
     async def _forwarder(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            got = await _wait_any(stop, None, None, queue=self._forward)
-            if got is None:
-                return
-            items = [got]
-            while not self._forward.empty() and len(items) < 1000:
-                items.append(self._forward.get_nowait())
-            while True:
-                try:
-                    await self._forward_batch(items)
-                    break
-                except RedisError as exc:
-                    log.warning("cannot forward commands (retrying): %s", exc)
-                    if await _sleep(stop, 1.0):
-                        return
+            if not self._pending:
+                self._pending_wake.clear()
+                await _wait_any(stop, self._pending_wake, None)
+                continue
+            items = self._take(1000)
+            try:
+                await self._forward_batch(items)
+            except RedisError as exc:
+                log.warning("cannot forward %d commands (retrying): %s", len(items), exc)
+                self._requeue(items)
+                await _sleep(stop, 1.0)
 
-    async def _forward_batch(self, items: list[tuple[str, str, bytes]]) -> None:
-        now = now_ms()
+    async def _forward_batch(self, items: list[tuple[str, str, bytes, int]]) -> None:
         downs: list[Downlink] = []
-        for key, topic, payload in items:
+        for key, topic, payload, at in items:
             live = self.wanted.get(key)
             if live is None:
+                # No longer this replica's device: its next owner's get/ds/all brings the
+                # value (it was never recorded as known).
+                SESSION_EVENTS.labels("not_owned").inc()
                 continue
             try:
                 down = rules.command(live.token, self.pins.get(live.template, {}), topic,
-                                     payload, now)
+                                     payload, at)
             except (ValueError, UnicodeDecodeError):
                 SESSION_EVENTS.labels("bad_value").inc()
                 continue
@@ -536,25 +653,14 @@ def _text(raw: Any) -> str:
     return raw.decode() if isinstance(raw, bytes) else str(raw)
 
 
-async def _wait_any(stop: asyncio.Event, wake: asyncio.Event | None, wait_s: float | None, *,
-                    queue: asyncio.Queue[tuple[str, str, bytes]] | None = None
-                    ) -> tuple[str, str, bytes] | None:
-    """Wait for ``stop``, ``wake``, an item of ``queue`` or ``wait_s``; the item if one came."""
-    waiters: set[asyncio.Task[object]] = {asyncio.create_task(stop.wait())}
-    if wake is not None:
-        waiters.add(asyncio.create_task(wake.wait()))
-    getter: asyncio.Task[object] | None = None
-    if queue is not None:
-        getter = asyncio.create_task(queue.get())
-        waiters.add(getter)
+async def _wait_any(stop: asyncio.Event, wake: asyncio.Event, wait_s: float | None) -> None:
+    """Wait for ``stop``, ``wake`` or ``wait_s``."""
+    waiters = {asyncio.create_task(stop.wait()), asyncio.create_task(wake.wait())}
     try:
         await asyncio.wait(waiters, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
     finally:
         for w in waiters:
             w.cancel()
-    if getter is not None and getter.done() and not getter.cancelled():
-        return getter.result()  # type: ignore[return-value]
-    return None
 
 
 def build(ctx: Context) -> SessionsStage:
