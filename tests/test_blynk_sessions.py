@@ -106,13 +106,17 @@ class World:
             await reg.register(f"tts:kit:{n}", token=tok(n), template="valve", server="fra1")
 
     async def uplink(self, names: list[str]) -> None:
-        """One BlynkWrite per device, as transform writes them for egress."""
+        """One BlynkWrite per device, as transform writes them for egress; all in one
+        transaction, so the stage's watcher reads them in one batch."""
         now = now_ms()
-        for n in names:
-            w = events.BlynkWrite(token=tok(n), server=self.urls["fra1"],
-                                  device_key=f"tts:kit:{n}", pins={"V2": 20.5},
-                                  event_ts_ms=now, received_ts_ms=now, event_id=f"e:{n}:{now}")
-            await self.redis.xadd(self.keys.stream(WRITES), {events.FIELD: events.encode(w)})
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for n in names:
+                w = events.BlynkWrite(token=tok(n), server=self.urls["fra1"],
+                                      device_key=f"tts:kit:{n}", pins={"V2": 20.5},
+                                      event_ts_ms=now, received_ts_ms=now,
+                                      event_id=f"e:{n}:{now}")
+                pipe.xadd(self.keys.stream(WRITES), {events.FIELD: events.encode(w)})
+            await pipe.execute()
 
     async def commands(self) -> list[events.Downlink]:
         entries = await self.redis.xrange(self.keys.stream(DOWNLINKS))
@@ -401,3 +405,21 @@ async def test_an_offline_device_is_closed_and_reopened_by_its_next_uplink(world
         assert FRA[0] not in {k.split(":")[-1] for k in st.sessions}
         await world.uplink([FRA[0], FRA[1]])
         await wait_until(lambda: world.online([FRA[0], FRA[1]]), what="both open again")
+
+
+async def test_more_changes_than_the_stream_keeps_make_the_owner_read_the_whole_live_set(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full page of changes may mean entries were trimmed before the owner read them: it
+    reads the partition's whole live set instead, so no live device is left without a
+    session. (The six writes come in one batch: six change entries, pages of two.)"""
+    import workers.blynk_sessions as stage_mod
+
+    monkeypatch.setattr(stage_mod, "_CHANGES_MAX", 2)
+    await world.register(FRA)
+    async with stage(world, partitions=1) as st:
+        await wait_until(lambda: st.owned == {0}, what="the partition owned")
+        resyncs = _events("scan_resync")
+        await world.uplink(FRA)
+        await wait_until(lambda: world.online(FRA), what="every device online")
+        assert _events("scan_resync") > resyncs
+        assert len(await world.redis.xrange(world.keys.sessions_changes(0))) <= len(FRA)

@@ -299,7 +299,7 @@ class SessionsStage:
             if await self.leases[p].acquire():
                 self.owned.add(p)
                 SESSION_EVENTS.labels("partition_acquired").inc()
-                await self._scan_partition(p, full=True)
+                await self._scan_partition(p)
         SESSIONS_HELD.set(len(self.sessions))
 
     async def _drop(self, p: int, why: str) -> None:
@@ -317,51 +317,65 @@ class SessionsStage:
     # scan: open what is live, close what went offline ----------------------------------------
     async def _scan(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            for p in list(self.owned):
-                try:
-                    await self._scan_partition(p)
-                except RedisError as exc:
-                    log.warning("sessions scan of partition %d: %s", p, exc)
+            try:
+                await self._scan_owned()
+            except RedisError as exc:
+                log.warning("sessions scan: %s", exc)
             await _sleep(stop, self.cfg.scan_interval_s)
 
-    async def _scan_partition(self, p: int, *, full: bool = False) -> None:
+    async def _scan_owned(self) -> None:
         """Close the sessions whose devices went offline; open those that came live. Reads
-        only what changed since the last scan (expired devices, the changes stream after its
-        cursor); the whole live set only on acquiring the partition, every ``_RESYNC_S``, or
-        when more changed than the stream keeps."""
+        only what changed since the last scan — devices past their deadline (removed by an
+        atomic script) and the changes stream after each partition's cursor — for every owned
+        partition in one round trip; a partition's whole live set only on acquiring it, every
+        ``_RESYNC_S``, or when more changed than its stream keeps."""
+        now, mono = now_ms(), time.monotonic()
+        parts = sorted(self.owned)
+        full = [p for p in parts if p not in self._cursor or mono >= self._resync_at[p]]
+        changed = [p for p in parts if p not in full]
+        if changed:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for p in changed:
+                    await self._expire(keys=[self.keys.sessions_live(p),
+                                             self.keys.sessions_devices(p)],
+                                       args=[now, _EXPIRE_MAX], client=pipe)
+                    pipe.xrange(self.keys.sessions_changes(p), min=f"({self._cursor[p]}",
+                                count=_CHANGES_MAX)
+                reply = await pipe.execute()
+            for i, p in enumerate(changed):
+                gone, entries = reply[2 * i], reply[2 * i + 1]
+                if len(entries) >= _CHANGES_MAX:  # may have lost entries to the cap
+                    SESSION_EVENTS.labels("scan_resync").inc()
+                    full.append(p)
+                elif entries and p in self.owned:
+                    self._cursor[p] = _text(entries[-1][0])
+                await self._apply(p, {_text(k) for k in gone},
+                                  {_text(fields[b"k"]) for _, fields in entries})
+        for p in full:
+            await self._scan_partition(p)
+
+    async def _scan_partition(self, p: int) -> None:
+        """Read a partition's whole live set (and set its changes cursor)."""
         now = now_ms()
         live_key, dev_key = self.keys.sessions_live(p), self.keys.sessions_devices(p)
-        changes = self.keys.sessions_changes(p)
-        cursor = self._cursor.get(p)
-        full = full or cursor is None or time.monotonic() >= self._resync_at.get(p, 0.0)
         async with self.redis.pipeline(transaction=True) as pipe:
             await self._expire(keys=[live_key, dev_key], args=[now, _EXPIRE_MAX], client=pipe)
-            if full:
-                # Cursor and live set read atomically: a change after it is read next time.
-                pipe.xrevrange(changes, count=1)
-                pipe.zrangebyscore(live_key, now, "+inf")
-            else:
-                pipe.xrange(changes, min=f"({cursor}", count=_CHANGES_MAX)
-            reply = await pipe.execute()
+            # Cursor and live set read atomically: a change after them is read next time.
+            pipe.xrevrange(self.keys.sessions_changes(p), count=1)
+            pipe.zrangebyscore(live_key, now, "+inf")
+            gone, last, members = await pipe.execute()
+        if p not in self.owned:
+            return
+        self._cursor[p] = _text(last[0][0]) if last else "0-0"
+        self._resync_at[p] = time.monotonic() + _RESYNC_S
+        live = {_text(k) for k in members}
+        await self._apply(p, {_text(k) for k in gone} | (self.by_partition[p] - live), live)
+
+    async def _apply(self, p: int, gone: set[str], live: set[str]) -> None:
+        """Close the sessions of ``gone`` devices, open those of ``live`` ones not held."""
         if p not in self.owned:
             return
         mine = self.by_partition[p]
-        gone = {_text(k) for k in reply[0]}
-        if full:
-            self._cursor[p] = _text(reply[1][0][0]) if reply[1] else "0-0"
-            self._resync_at[p] = time.monotonic() + _RESYNC_S
-            live = {_text(k) for k in reply[2]}
-            gone |= mine - live
-            new = live - mine
-        else:
-            entries = reply[1]
-            if len(entries) >= _CHANGES_MAX:  # may have lost entries to the cap: read all
-                SESSION_EVENTS.labels("scan_resync").inc()
-                await self._scan_partition(p, full=True)
-                return
-            if entries:
-                self._cursor[p] = _text(entries[-1][0])
-            new = {_text(fields[b"k"]) for _, fields in entries} - mine
         for key in gone & mine:
             self._forget(key)
             s = self.sessions.pop(key, None)
@@ -369,12 +383,13 @@ class SessionsStage:
                 s.close("offline")
                 SESSION_EVENTS.labels("offline").inc()
         mine -= gone
-        new -= gone
+        new = sorted(live - gone - mine)
         if not new:
             return
-        ordered = sorted(new)
-        raws = await self.redis.hmget(dev_key, ordered)
-        for key, raw in zip(ordered, raws, strict=True):
+        raws = await self.redis.hmget(self.keys.sessions_devices(p), new)
+        if p not in self.owned:
+            return
+        for key, raw in zip(new, raws, strict=True):
             if raw is None:
                 continue
             try:
