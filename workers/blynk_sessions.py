@@ -15,13 +15,19 @@ Parts, each one task:
   ones up to that, gives extras back (closing their sessions first). A lease not renewed in time
   closes its sessions at once, before Redis lets another replica take it: never two sessions
   for one token. A dead replica's partitions are taken within ``lease_ttl_ms``.
-* **scan** — an owner compares its sessions with its partitions' live devices each
-  ``scan_interval_s``: opens the missing, closes the offline.
+* **scan** — each ``scan_interval_s`` an owner closes the sessions of devices past their
+  deadline and opens those that became live, reading only what changed (an atomic expiry
+  script, each partition's changes stream after its cursor; one round trip for all owned
+  partitions); the whole live set only on acquiring a partition, every ``_RESYNC_S``, or after
+  a full page of changes.
 * **open** — opens are paced: each device waits its jittered backoff, then a slot of the global
   connect rate (GCRA in Redis, shared by all replicas).
 * **forward** — ``downlink/ds/<Name>`` of a command pin → a ``Downlink`` on the downlinks
   stream (the webhook receiver's contract; the downlink stage types, de-duplicates, drops
-  echoes and routes it), when the value is new for that pin (``keys.sessions_known``).
+  echoes and routes it), when the value is new for that pin (``keys.sessions_known``). The
+  queue in front of Redis is bounded: at ``forward_queue_max`` it keeps the latest value per
+  device and pin (``superseded`` counts the rest), so a Redis outage costs at most sessions ×
+  command pins.
 
 On every (re)connect a session publishes ``info/mcu`` (template id, firmware when known) and
 asks ``get/ds/all``: what changed in the app while it was down arrives then and is forwarded.
