@@ -45,7 +45,7 @@ import logging
 import random
 import ssl
 import time
-from collections import defaultdict, deque
+from collections import Counter, defaultdict, deque
 from typing import Any
 
 import msgspec
@@ -559,7 +559,10 @@ class SessionsStage:
     # forward: commands onto the downlinks stream ----------------------------------------------
     def _enqueue(self, key: str, topic: str, payload: bytes, at_ms: int) -> None:
         live = self.wanted.get(key)
-        if live is None or topic[12:] not in self.pins.get(live.template, {}):
+        if live is None:  # closing: its next owner's get/ds/all brings the value
+            SESSION_EVENTS.labels("not_owned").inc()
+            return
+        if topic[12:] not in self.pins.get(live.template, {}):
             # Not a command pin (a sensor value): never queued, so the queue's bound holds.
             SESSION_EVENTS.labels("not_a_command").inc()
             return
@@ -615,26 +618,33 @@ class SessionsStage:
                 await _sleep(stop, 1.0)
 
     async def _forward_batch(self, items: list[tuple[str, str, bytes, int]]) -> None:
+        """Forward a batch; each item is counted once it is settled (a batch that raises is
+        requeued whole and counted on its retry, never twice)."""
+        counts: Counter[str] = Counter()
         downs: list[Downlink] = []
         for key, topic, payload, at in items:
             live = self.wanted.get(key)
             if live is None:
                 # No longer this replica's device: its next owner's get/ds/all brings the
                 # value (it was never recorded as known).
-                SESSION_EVENTS.labels("not_owned").inc()
+                counts["not_owned"] += 1
                 continue
             try:
                 down = rules.command(live.token, self.pins.get(live.template, {}), topic,
                                      payload, at)
             except (ValueError, UnicodeDecodeError):
-                SESSION_EVENTS.labels("bad_value").inc()
+                counts["bad_value"] += 1
                 continue
             if down is None:
-                SESSION_EVENTS.labels("not_a_command").inc()
+                counts["not_a_command"] += 1
                 continue
             downs.append(down)
-        if not downs:
-            return
+        if downs:
+            await self._forward_new(downs, counts)
+        for event, n in counts.items():
+            SESSION_EVENTS.labels(event).inc(n)
+
+    async def _forward_new(self, downs: list[Downlink], counts: Counter[str]) -> None:
         async with self.redis.pipeline(transaction=False) as pipe:
             for d in downs:
                 pipe.hget(self.keys.sessions_known(token_ref(d.token or "")), d.pin)
@@ -647,7 +657,7 @@ class SessionsStage:
                 ident = (d.token or "", d.pin)
                 prev = last.get(ident, k.decode() if k is not None else None)
                 if not rules.is_new(value, prev):
-                    SESSION_EVENTS.labels("unchanged").inc()
+                    counts["unchanged"] += 1
                     continue
                 last[ident] = canonical(value)
                 known_key = self.keys.sessions_known(token_ref(ident[0]))
@@ -660,7 +670,7 @@ class SessionsStage:
                 # downstream), never loses it.
                 await self.ctx.writer.add_many(out)
                 await pipe.execute()
-                SESSION_EVENTS.labels("forwarded").inc(len(out))
+                counts["forwarded"] += len(out)
 
 
 async def _sleep(stop: asyncio.Event, seconds: float) -> bool:
