@@ -124,23 +124,21 @@ async def _balanced(prefix: str, partitions: int, replicas: int) -> bool:
         await redis.aclose()
     if any(o is None for o in owners):
         return False
-    count: dict[bytes, int] = {}
+    count: dict[object, int] = {}
     for o in owners:
         count[o] = count.get(o, 0) + 1
     share = -(-partitions // replicas)
     return len(count) == replicas and max(count.values()) <= share
 
 
-async def _register_and_go_live(cfg_path: str, prefix: str, devices: int,
-                                servers: list[str]) -> None:
+async def _register_and_go_live(prefix: str, devices: int, servers: list[str]) -> None:
     from pipeline import events
-    from pipeline.config import DeviceEntry, load
+    from pipeline.config import DeviceEntry
     from pipeline.keys import WRITES, Keys
     from pipeline.redact import Secret
     from pipeline.registry import Registry
     from pipeline.streams import connect
 
-    cfg = load(cfg_path, env={"METRICS_PORT": "0"})
     redis = connect(REDIS_URL)
     keys = Keys(prefix)
     try:
@@ -150,7 +148,6 @@ async def _register_and_go_live(cfg_path: str, prefix: str, devices: int,
                             server=f"r{i % len(servers)}") for i in range(devices)]
         # Rows name the region (``blynk.servers``); writes carry its URL, as egress sees it.
         await reg.load_static(rows)
-        del cfg
         now = time.time_ns() // 1_000_000
         for start in range(0, devices, 5000):
             async with redis.pipeline(transaction=False) as pipe:
@@ -236,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         rss0 = {p.name: rss_bytes(p.pid)[0] for p in procs.procs}
         cpu0 = {p.name: cpu_seconds(p.pid) for p in procs.procs}
         t0 = time.monotonic()
-        asyncio.run(_register_and_go_live(str(bridge_cfg), prefix, args.devices, servers))
+        asyncio.run(_register_and_go_live(prefix, args.devices, servers))
         live_s = time.monotonic() - t0
         last, last_at, held = 0, time.monotonic(), 0
         while True:

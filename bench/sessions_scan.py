@@ -75,8 +75,10 @@ async def _run(port: int, redis_pid: int, args: argparse.Namespace) -> list[list
         async with redis.pipeline(transaction=False) as pipe:
             for p, flat in per.items():
                 for k in range(0, len(flat), 3):
-                    pipe.zadd(ctx.keys.sessions_live(p), {str(flat[k]): float(flat[k + 1])})
-                    pipe.hset(ctx.keys.sessions_devices(p), str(flat[k]), flat[k + 2])
+                    key, deadline, record = flat[k:k + 3]
+                    assert isinstance(deadline, int) and isinstance(record, bytes)
+                    pipe.zadd(ctx.keys.sessions_live(p), {str(key): deadline})
+                    pipe.hset(ctx.keys.sessions_devices(p), str(key), record)
             await pipe.execute()
 
     async def old_round() -> None:
