@@ -6,8 +6,9 @@ subscribed to ``downlink/#``, keepalive 45 s, as a Blynk device session), waits 
 is subscribed, collects garbage, and measures again. ``RSS per session`` = the difference / N.
 
 Kinds: ``aiomqtt`` (the locked dependency; one aiomqtt.Client — a paho client plus its asyncio
-glue — per session), ``gmqtt`` (a maintained asyncio client, if importable: install it into a
-scratch directory and pass ``--extra-path``), ``lean`` (:mod:`pipeline.blynk.device_mqtt`).
+glue — per session), ``gmqtt`` and ``amqtt`` (maintained asyncio clients, if importable:
+install them into a scratch directory, e.g. ``pip install --target /tmp/h12amqtt amqtt==0.12.1``,
+and pass ``--extra-path``; neither is a dependency), ``lean`` (:mod:`pipeline.blynk.device_mqtt`).
 
     .venv/bin/python -m bench.sessions --sessions 2000 [--kinds lean,aiomqtt,gmqtt]
         [--extra-path /tmp/h12libs]
@@ -116,6 +117,24 @@ async def _gmqtt(n: int, port: int, conc: int) -> list[Any]:
     return clients
 
 
+async def _amqtt(n: int, port: int, conc: int) -> list[Any]:
+    from amqtt.client import MQTTClient
+
+    sem = asyncio.Semaphore(conc)
+    clients = []
+
+    async def one(i: int) -> None:
+        c = MQTTClient(client_id=f"m{os.getpid()}-{i}",
+                       config={"keep_alive": 45, "auto_reconnect": False})
+        async with sem:
+            await c.connect(f"mqtt://device:token-{i:028d}@127.0.0.1:{port}/")
+            await c.subscribe([("downlink/#", 0)])
+        clients.append(c)
+
+    await asyncio.gather(*(one(i) for i in range(n)))
+    return clients
+
+
 def child(kind: str, n: int, port: int, conc: int) -> None:
     import uvloop
 
@@ -125,12 +144,14 @@ def child(kind: str, n: int, port: int, conc: int) -> None:
             import aiomqtt  # noqa: F401
         elif kind == "gmqtt":
             import gmqtt  # noqa: F401
+        elif kind == "amqtt":
+            import amqtt.client  # noqa: F401
         else:
             import pipeline.blynk.device_mqtt  # noqa: F401
         gc.collect()
         base = _rss()
         t0 = time.monotonic()
-        fn = {"lean": _lean, "aiomqtt": _aiomqtt, "gmqtt": _gmqtt}[kind]
+        fn = {"lean": _lean, "aiomqtt": _aiomqtt, "gmqtt": _gmqtt, "amqtt": _amqtt}[kind]
         held = await fn(n, port, conc)
         opened_s = time.monotonic() - t0
         gc.collect()
@@ -349,14 +370,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sessions", type=int, default=2000)
     ap.add_argument("--kinds", default="lean,aiomqtt,gmqtt")
     ap.add_argument("--concurrency", type=int, default=50, help="connects in flight")
-    ap.add_argument("--extra-path", default="", help="directory with gmqtt (not locked)")
+    ap.add_argument("--extra-path", default="",
+                    help="directories (comma-separated) with gmqtt/amqtt (not locked)")
     ap.add_argument("--child", nargs=3, metavar=("KIND", "N", "PORT"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.latency:
         return latency(args)
     if args.child:
-        if args.extra_path:
-            sys.path.append(args.extra_path)
+        for extra in filter(None, args.extra_path.split(",")):
+            sys.path.append(extra)
         child(args.child[0], int(args.child[1]), int(args.child[2]), args.concurrency)
         return 0
     rows = []

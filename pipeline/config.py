@@ -437,6 +437,9 @@ class BlynkSessionsConfig(_Base):
     offline_min_s: AtLeast1 = 600
     #: How often an owner compares the sessions it holds with the live devices.
     scan_interval_s: Positive = 1.0
+    #: Commands from sessions waiting for the downlinks stream (Redis slow or down) before
+    #: the queue keeps only the latest value per device and pin (counted ``superseded``).
+    forward_queue_max: AtLeast1 = 10_000
 
 
 class TransformConfig(_Base):

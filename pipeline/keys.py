@@ -144,13 +144,20 @@ class Keys:
         """Sorted set replica → until when (ms) it is alive (its heartbeat)."""
         return f"{self.prefix}sessions:replicas"
 
+    # A partition's three keys share one hash tag (``{sessions:<p>}``): the scripts that keep
+    # them consistent touch all three, which Redis Cluster allows only within one slot.
     def sessions_live(self, partition: int) -> str:
         """Sorted set device key → when (ms) its session may close (offline deadline)."""
-        return f"{self.prefix}sessions:live:{partition}"
+        return f"{self.prefix}{{sessions:{partition}}}:live"
 
     def sessions_devices(self, partition: int) -> str:
         """Hash device key → what opening its session needs (``LiveDevice``)."""
-        return f"{self.prefix}sessions:dev:{partition}"
+        return f"{self.prefix}{{sessions:{partition}}}:dev"
+
+    def sessions_changes(self, partition: int) -> str:
+        """Stream of devices that became live (field ``k``: device key), newest last, capped:
+        what an owner reads since its last scan instead of the whole live set."""
+        return f"{self.prefix}{{sessions:{partition}}}:changes"
 
     def sessions_known(self, token_ref: str) -> str:
         """Hash pin → the last value known to have come down a device's session."""

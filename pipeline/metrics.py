@@ -202,9 +202,14 @@ def serve(host: str, port: int) -> None:
 SESSIONS_HELD = Gauge(
     "bb_blynk_sessions", "Blynk device MQTT sessions this process holds (open or opening)"
 )
+SESSIONS_PENDING = Gauge(
+    "bb_blynk_sessions_forward_pending",
+    "Commands from device sessions waiting for the downlinks stream (latest per device and pin)",
+)
 SESSION_EVENTS = Counter(
     "bb_blynk_session_events_total",
     "Blynk device-session events: connected, ready, closed_<reason>, redirected, "
-    "redirect_refused, forwarded, unchanged, not_a_command, bad_value, partition_<why>…",
+    "redirect_refused, forwarded, superseded, unchanged, not_a_command, not_owned, bad_value, "
+    "partition_<why>…",
     ["event"],
 )

@@ -30,3 +30,32 @@ def test_latency_mode_delivers_every_command() -> None:
     (row,) = [line.split() for line in proc.stdout.splitlines() if line.startswith("20/s ")]
     sent, delivered, missing = map(int, row[1:4])
     assert sent == 20 and delivered == 20 and missing == 0
+
+
+def _run(*argv: str) -> str:
+    proc = subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True,
+                          timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_fleet_mode_holds_every_session_across_replicas() -> None:
+    out = _run("bench.sessions_fleet", "--devices", "60", "--replicas", "2", "--emulators", "2",
+               "--partitions", "8", "--idle-s", "0")
+    assert "60 of 60 sessions open" in out
+    procs = [line.split()[0] for line in out.splitlines()
+             if line.startswith(("blynk", "sessions"))]
+    assert sorted(p.rstrip("-0123456789") for p in procs) == ["blynk"] * 2 + ["sessions"] * 2
+
+
+def test_scan_bench_runs_both_scans() -> None:
+    out = _run("bench.sessions_scan", "--devices", "200", "--rounds", "3", "--repeat", "1",
+               "--churn", "2")
+    assert [line.split("(")[0].strip() for line in out.splitlines()
+            if line.startswith(("full ", "incremental "))] == ["full", "incremental"]
+
+
+def test_uplink_paths_bench_delivers_every_update_on_both_wires() -> None:
+    out = _run("bench.uplink_paths", "--devices", "20", "--updates", "100", "--repeat", "1")
+    rows = [line.split() for line in out.splitlines() if line.startswith(("https ", "mqtt "))]
+    assert [(r[0], r[1], r[2]) for r in rows] == [("https", "400", "0"), ("mqtt", "400", "0")]

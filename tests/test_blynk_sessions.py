@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 
 from emulators.blynk import BlynkEmulator, DatastreamSpec, DeviceSpec, EmulatorSpec, TemplateSpec
 from pipeline import config as config_mod
@@ -29,6 +30,7 @@ from pipeline.keys import DOWNLINKS, WRITES, Keys
 from pipeline.registry import Registry
 from pipeline.streams import Redis, now_ms
 from tests.conftest import MQTT_HOST, MQTT_PORT, REDIS_URL
+from tests.tcp_proxy import CutProxy
 from tests.wait import wait_until
 from workers.blynk_sessions import SessionsStage
 from workers.downlink import DownlinkStage
@@ -58,13 +60,13 @@ def emulator() -> BlynkEmulator:
 
 
 def config_text(prefix: str, emu: BlynkEmulator, urls: dict[str, str], tts: str = "",
-                **sessions: Any) -> str:
+                redis_url: str = REDIS_URL, **sessions: Any) -> str:
     mq = {r: f"mqtt://{h}:{p}" for r, (h, p) in emu.mqtt.addresses.items()}
     opts = {"partitions": 8, "lease_ttl_ms": 1000, "scan_interval_s": 0.1,
             "connect_rate": 1000, "connect_burst": 100, "max_backoff_s": 2} | sessions
     extra = "\n".join(f"  {k}: {v}" for k, v in opts.items())
     return f"""
-redis: {{url: "{REDIS_URL}", prefix: "{prefix}"}}
+redis: {{url: "{redis_url}", prefix: "{prefix}"}}
 blynk:
   servers: {{fra1: "{urls['fra1']}", ny3: "{urls['ny3']}"}}
   default_server: fra1
@@ -92,9 +94,11 @@ class World:
         self.redis = redis
         self.keys = Keys(prefix)
 
-    def config(self, tts: str = "", **sessions: Any) -> config_mod.Config:
-        return config_mod.parse(config_text(self.prefix, self.emu, self.urls, tts, **sessions),
-                                "yaml", "sessions.yaml", env={})
+    def config(self, tts: str = "", redis_url: str = REDIS_URL,
+               **sessions: Any) -> config_mod.Config:
+        return config_mod.parse(
+            config_text(self.prefix, self.emu, self.urls, tts, redis_url, **sessions),
+            "yaml", "sessions.yaml", env={})
 
     async def register(self, names: list[str]) -> None:
         reg = Registry(self.redis, self.keys)
@@ -102,13 +106,17 @@ class World:
             await reg.register(f"tts:kit:{n}", token=tok(n), template="valve", server="fra1")
 
     async def uplink(self, names: list[str]) -> None:
-        """One BlynkWrite per device, as transform writes them for egress."""
+        """One BlynkWrite per device, as transform writes them for egress; all in one
+        transaction, so the stage's watcher reads them in one batch."""
         now = now_ms()
-        for n in names:
-            w = events.BlynkWrite(token=tok(n), server=self.urls["fra1"],
-                                  device_key=f"tts:kit:{n}", pins={"V2": 20.5},
-                                  event_ts_ms=now, received_ts_ms=now, event_id=f"e:{n}:{now}")
-            await self.redis.xadd(self.keys.stream(WRITES), {events.FIELD: events.encode(w)})
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for n in names:
+                w = events.BlynkWrite(token=tok(n), server=self.urls["fra1"],
+                                      device_key=f"tts:kit:{n}", pins={"V2": 20.5},
+                                      event_ts_ms=now, received_ts_ms=now,
+                                      event_id=f"e:{n}:{now}")
+                pipe.xadd(self.keys.stream(WRITES), {events.FIELD: events.encode(w)})
+            await pipe.execute()
 
     async def commands(self) -> list[events.Downlink]:
         entries = await self.redis.xrange(self.keys.stream(DOWNLINKS))
@@ -127,8 +135,9 @@ async def world(prefix: str, redis: Redis) -> AsyncIterator[World]:
 
 
 @contextlib.asynccontextmanager
-async def stage(world: World, tts: str = "", **sessions: Any) -> AsyncIterator[SessionsStage]:
-    ctx = Context.create(world.config(tts, **sessions))
+async def stage(world: World, tts: str = "", redis_url: str = REDIS_URL,
+                **sessions: Any) -> AsyncIterator[SessionsStage]:
+    ctx = Context.create(world.config(tts, redis_url, **sessions))
     st = SessionsStage(ctx)
     await st.startup()
     stop = asyncio.Event()
@@ -323,3 +332,94 @@ async def test_a_lost_lease_closes_its_sessions_before_anyone_else_may_open_them
         assert victim not in st.owned
         assert world.online(kept)
         assert world.emu.mqtt.stats["kicked"] == 0
+
+
+def _events(event: str) -> float:
+    return REGISTRY.get_sample_value("bb_blynk_session_events_total", {"event": event}) or 0.0
+
+
+async def test_commands_queued_while_redis_is_cut_off_stay_bounded_and_the_latest_goes_out(
+        world: World) -> None:
+    """The stage's path to Redis fails (a proxy cut; the leases outlive it): app changes keep
+    arriving on the sessions. The queue keeps only the latest value per device and pin once it
+    reaches ``forward_queue_max``; every change is forwarded, superseded or unchanged (counted),
+    and once Redis is back each device's latest value is on the downlinks stream."""
+    names = FRA[:3]
+    await world.register(names)
+    host, port = REDIS_URL.split("//")[1].split("/")[0].split(":")
+    async with CutProxy(host, int(port)) as proxy, stage(
+            world, redis_url=f"redis://{host}:{proxy.port}/0", lease_ttl_ms=120_000,
+            forward_queue_max=4) as st:
+        await wait_until(lambda: len(st.owned) == 8, what="all partitions owned")
+        await world.uplink(names)
+        await wait_until(lambda: world.online(names), what="sessions open")
+        forwarded = _events("forwarded")
+        for i in range(len(names)):
+            world.emu.app_write(i + 1, "V1", 0)
+        # Counted after the stream write: wait for the count, not only the entries.
+        await wait_until(lambda: _events("forwarded") == forwarded + len(names),
+                         what="the baseline commands")
+        before = {e: _events(e) for e in ("superseded", "forwarded", "unchanged")}
+        await proxy.cut()
+        values = [1, 0, 1, 0, 1]
+        for v in values:
+            for i in range(len(names)):
+                world.emu.app_write(i + 1, "V1", v)
+        sent = len(values) * len(names)
+        peak = [0]
+
+        def all_arrived() -> bool:
+            peak[0] = max(peak[0], len(st._pending))
+            return _events("superseded") - before["superseded"] + len(st._pending) == sent
+
+        await wait_until(all_arrived, timeout_s=60, what="every change queued or superseded")
+        assert _events("superseded") > before["superseded"]
+        # Bounded: at most sessions × command pins after a compaction, which runs when the
+        # queue reaches max(forward_queue_max, twice what the last one kept).
+        assert peak[0] < max(4, 2 * len(names))
+        await proxy.restore()
+
+        def settled() -> bool:
+            return sum(_events(e) - before[e] for e in before) == sent
+
+        await wait_until(settled, timeout_s=60, what="every change accounted for")
+        cmds = await world.commands()
+        last = {c.token: c.value for c in cmds}
+        assert last == {tok(n): "1" for n in names}
+
+
+async def test_an_offline_device_is_closed_and_reopened_by_its_next_uplink(world: World) -> None:
+    """Expiry and the changes stream: no full re-read of the live set is needed to see a device
+    go offline (its deadline passes) or come back (a new member of the live set)."""
+    await world.register([FRA[0], FRA[1]])
+    async with stage(world, offline_min_s=2) as st:
+        await wait_until(lambda: len(st.owned) == 8, what="all partitions owned")
+        cursors = dict(st._cursor)
+        await world.uplink([FRA[0]])
+        await wait_until(lambda: world.online([FRA[0]]), what="session open")
+        assert st._cursor != cursors, "opened from the changes stream, not a full read"
+        offline = _events("offline")
+        await wait_until(lambda: tok(FRA[0]) not in world.emu.mqtt.sessions, timeout_s=60,
+                         what="the session closed after offline_min_s")
+        assert _events("offline") == offline + 1
+        assert FRA[0] not in {k.split(":")[-1] for k in st.sessions}
+        await world.uplink([FRA[0], FRA[1]])
+        await wait_until(lambda: world.online([FRA[0], FRA[1]]), what="both open again")
+
+
+async def test_more_changes_than_the_stream_keeps_make_the_owner_read_the_whole_live_set(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full page of changes may mean entries were trimmed before the owner read them: it
+    reads the partition's whole live set instead, so no live device is left without a
+    session. (The six writes come in one batch: six change entries, pages of two.)"""
+    import workers.blynk_sessions as stage_mod
+
+    monkeypatch.setattr(stage_mod, "_CHANGES_MAX", 2)
+    await world.register(FRA)
+    async with stage(world, partitions=1) as st:
+        await wait_until(lambda: st.owned == {0}, what="the partition owned")
+        resyncs = _events("scan_resync")
+        await world.uplink(FRA)
+        await wait_until(lambda: world.online(FRA), what="every device online")
+        assert _events("scan_resync") > resyncs
+        assert len(await world.redis.xrange(world.keys.sessions_changes(0))) <= len(FRA)

@@ -6,7 +6,6 @@ Redis lease and the standby buffer it relies on."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -33,6 +32,7 @@ from pipeline.redact import Secret
 from pipeline.status import State, StatusBoard
 from pipeline.streams import Redis, StreamWriter
 from tests.conftest import MQTT_HOST, MQTT_PORT, REDIS_URL
+from tests.tcp_proxy import CutProxy
 from tests.test_tts_parse import FIXTURE_UPLINKS
 from tests.test_tts_parse import NOW as TABLE_NOW
 from tests.wait import wait_until
@@ -491,49 +491,6 @@ async def test_graceful_handover_to_a_warm_standby_loses_nothing(
     assert not second.subscribed["lab"].is_set()  # stopped: released
 
 
-class CutProxy:
-    """A TCP proxy to the real broker whose ``cut()`` drops every connection and refuses new
-    ones: a replica's own network path to TTS failing while the others' stays up."""
-
-    def __init__(self) -> None:
-        self.port = 0
-        self._server: asyncio.Server | None = None
-        self._writers: list[asyncio.StreamWriter] = []
-
-    async def __aenter__(self) -> CutProxy:
-        await self.restore()
-        return self
-
-    async def restore(self) -> None:
-        """Listen (again, on the same port once it has one)."""
-        self._server = await asyncio.start_server(self._serve, MQTT_HOST, self.port,
-                                                  reuse_address=True)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.cut()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection(MQTT_HOST, MQTT_PORT)
-        self._writers += [writer, up_writer]
-
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            with contextlib.suppress(ConnectionError):
-                while data := await src.read(65536):
-                    dst.write(data)
-                    await dst.drain()
-            dst.close()
-
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
-
-    async def cut(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            self._server = None
-        for w in self._writers:
-            w.transport.abort()
-
-
 async def test_an_owner_cut_off_from_the_broker_hands_over_to_a_connected_standby(
     redis: Redis, prefix: str
 ) -> None:
@@ -541,7 +498,7 @@ async def test_an_owner_cut_off_from_the_broker_hands_over_to_a_connected_standb
     keys = Keys(prefix)
     board = StatusBoard(redis, keys)
     handovers = _sample("bb_mqtt_handovers_total", integration="lab")
-    async with CutProxy() as proxy:
+    async with CutProxy(MQTT_HOST, MQTT_PORT) as proxy:
         owner = IngestMqtt(
             make_ctx(redis, prefix, [app], consumer="r1"), lease_ttl_ms=1000, max_backoff_s=0.2,
             settings_for=lambda a, c: mqtt.Settings(MQTT_HOST, proxy.port, client_id=c))

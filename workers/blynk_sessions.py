@@ -15,13 +15,19 @@ Parts, each one task:
   ones up to that, gives extras back (closing their sessions first). A lease not renewed in time
   closes its sessions at once, before Redis lets another replica take it: never two sessions
   for one token. A dead replica's partitions are taken within ``lease_ttl_ms``.
-* **scan** — an owner compares its sessions with its partitions' live devices each
-  ``scan_interval_s``: opens the missing, closes the offline.
+* **scan** — each ``scan_interval_s`` an owner closes the sessions of devices past their
+  deadline and opens those that became live, reading only what changed (an atomic expiry
+  script, each partition's changes stream after its cursor; one round trip for all owned
+  partitions); the whole live set only on acquiring a partition, every ``_RESYNC_S``, or after
+  a full page of changes.
 * **open** — opens are paced: each device waits its jittered backoff, then a slot of the global
   connect rate (GCRA in Redis, shared by all replicas).
 * **forward** — ``downlink/ds/<Name>`` of a command pin → a ``Downlink`` on the downlinks
   stream (the webhook receiver's contract; the downlink stage types, de-duplicates, drops
-  echoes and routes it), when the value is new for that pin (``keys.sessions_known``).
+  echoes and routes it), when the value is new for that pin (``keys.sessions_known``). The
+  queue in front of Redis is bounded: at ``forward_queue_max`` it keeps the latest value per
+  device and pin (``superseded`` counts the rest), so a Redis outage costs at most sessions ×
+  command pins.
 
 On every (re)connect a session publishes ``info/mcu`` (template id, firmware when known) and
 asks ``get/ds/all``: what changed in the app while it was down arrives then and is forwarded.
@@ -39,7 +45,7 @@ import logging
 import random
 import ssl
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict, deque
 from typing import Any
 
 import msgspec
@@ -54,7 +60,7 @@ from pipeline.context import Context
 from pipeline.echo import canonical
 from pipeline.events import FIELD, Downlink, decode_write, encode
 from pipeline.lease import Lease
-from pipeline.metrics import SESSION_EVENTS, SESSIONS_HELD
+from pipeline.metrics import SESSION_EVENTS, SESSIONS_HELD, SESSIONS_PENDING
 from pipeline.ratelimit import RateLimiter
 from pipeline.redact import mask
 from pipeline.registry import Registry
@@ -72,6 +78,37 @@ class LiveDevice(msgspec.Struct, array_like=True):
     firmware: str | None = None
 
 
+#: Records one partition's live devices (ARGV[1]: the changes stream's cap, then triples of
+#: device key, deadline, record): each deadline and record, and a change entry only for a device
+#: not live before, so owners read new devices, not every deadline extension.
+_MARK = """
+local added = 0
+for i = 2, #ARGV, 3 do
+  redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 2])
+  if redis.call('ZADD', KEYS[1], ARGV[i + 1], ARGV[i]) == 1 then
+    redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[1], '*', 'k', ARGV[i])
+    added = added + 1
+  end
+end
+return added
+"""
+#: Removes up to ARGV[2] devices whose deadline (<= ARGV[1]) passed and returns them; atomic,
+#: so a device made live again between reading and removing stays.
+_EXPIRE = """
+local gone = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
+if #gone > 0 then
+  redis.call('ZREM', KEYS[1], unpack(gone))
+  redis.call('HDEL', KEYS[2], unpack(gone))
+end
+return gone
+"""
+#: Entries kept per partition's changes stream, and read per scan (a full page = maybe more
+#: were trimmed: the owner reads the whole live set instead).
+_CHANGES_MAX = 10_000
+_EXPIRE_MAX = 5_000
+#: Each owned partition's whole live set is re-read this often anyway (it catches what no
+#: change entry says, e.g. a device removed by the partition's previous owner).
+_RESYNC_S = 300.0
 _live_enc = msgspec.msgpack.Encoder()
 _live_dec = msgspec.msgpack.Decoder(LiveDevice)
 _REGION_TTL_S = 30 * 86_400
@@ -107,7 +144,16 @@ class SessionsStage:
         self._due: list[tuple[float, str]] = []
         self._queued: set[str] = set()
         self._wake = asyncio.Event()
-        self._forward: asyncio.Queue[tuple[str, str, bytes]] = asyncio.Queue()
+        #: Commands waiting for the downlinks stream, in arrival order: (device key, topic,
+        #: value, arrival ms). Bounded by :meth:`_compact` (see there).
+        self._pending: deque[tuple[str, str, bytes, int]] = deque()
+        self._compact_at = self.cfg.forward_queue_max
+        self._pending_wake = asyncio.Event()
+        self._mark = ctx.redis.register_script(_MARK)
+        self._expire = ctx.redis.register_script(_EXPIRE)
+        #: Owned partition → last changes-stream id read, and when to read the whole set again.
+        self._cursor: dict[int, str] = {}
+        self._resync_at: dict[int, float] = {}
         self._seen_ms: dict[str, int] = {}
         self._deadline_ms: dict[str, int] = {}
         self.keepalive = Keepalive(self.cfg.keepalive_s)
@@ -183,8 +229,7 @@ class SessionsStage:
     async def _mark_live(self, batch: dict[str, tuple[int, LiveDevice]]) -> None:
         devs = await self.registry.get_many(batch)
         now = now_ms()
-        pipe = self.redis.pipeline(transaction=False)
-        n = 0
+        per_partition: dict[int, list[Any]] = defaultdict(list)
         for key, (ts, live) in batch.items():
             dev = devs.get(key)
             if dev is None or dev.template not in self.templates:
@@ -200,16 +245,25 @@ class SessionsStage:
             self._deadline_ms[key] = deadline
             p = rules.partition_of(live.token, self.cfg.partitions)
             record = LiveDevice(live.token, live.server, dev.template, dev.firmware)
-            pipe.zadd(self.keys.sessions_live(p), {key: deadline})
-            pipe.hset(self.keys.sessions_devices(p), key, _live_enc.encode(record))
-            n += 1
-        if n:
-            try:
-                await pipe.execute()
-            except RedisError as exc:
-                log.warning("cannot record live devices: %s", exc)
-                for key in batch:
-                    self._deadline_ms.pop(key, None)
+            per_partition[p] += [key, deadline, _live_enc.encode(record)]
+        if not per_partition:
+            return
+        try:
+            await self._record_live(per_partition)
+        except RedisError as exc:
+            log.warning("cannot record live devices: %s", exc)
+            for key in batch:
+                self._deadline_ms.pop(key, None)
+
+    async def _record_live(self, per_partition: dict[int, list[Any]]) -> None:
+        """Partition → flat ``[device key, deadline ms, LiveDevice record, …]``, in one round
+        trip (a script per partition: see :data:`_MARK`)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for p, args in per_partition.items():
+                await self._mark(keys=[self.keys.sessions_live(p), self.keys.sessions_devices(p),
+                                       self.keys.sessions_changes(p)],
+                                 args=[_CHANGES_MAX, *args], client=pipe)
+            await pipe.execute()
 
     # own: partition leases --------------------------------------------------------------------
     async def _own(self, stop: asyncio.Event) -> None:
@@ -258,6 +312,7 @@ class SessionsStage:
         """Stop owning a partition: its sessions are closed at once (before the lease may pass
         to another replica)."""
         self.owned.discard(p)
+        self._cursor.pop(p, None)
         for key in list(self.by_partition.pop(p, ())):
             self._forget(key)
             s = self.sessions.pop(key, None)
@@ -268,37 +323,78 @@ class SessionsStage:
     # scan: open what is live, close what went offline ----------------------------------------
     async def _scan(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            for p in list(self.owned):
-                try:
-                    await self._scan_partition(p)
-                except RedisError as exc:
-                    log.warning("sessions scan of partition %d: %s", p, exc)
+            try:
+                await self._scan_owned()
+            except RedisError as exc:
+                log.warning("sessions scan: %s", exc)
             await _sleep(stop, self.cfg.scan_interval_s)
 
+    async def _scan_owned(self) -> None:
+        """Close the sessions whose devices went offline; open those that came live. Reads
+        only what changed since the last scan — devices past their deadline (removed by an
+        atomic script) and the changes stream after each partition's cursor — for every owned
+        partition in one round trip; a partition's whole live set only on acquiring it, every
+        ``_RESYNC_S``, or when more changed than its stream keeps."""
+        now, mono = now_ms(), time.monotonic()
+        parts = sorted(self.owned)
+        full = [p for p in parts if p not in self._cursor or mono >= self._resync_at[p]]
+        changed = [p for p in parts if p not in full]
+        if changed:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for p in changed:
+                    await self._expire(keys=[self.keys.sessions_live(p),
+                                             self.keys.sessions_devices(p)],
+                                       args=[now, _EXPIRE_MAX], client=pipe)
+                    pipe.xrange(self.keys.sessions_changes(p), min=f"({self._cursor[p]}",
+                                count=_CHANGES_MAX)
+                reply = await pipe.execute()
+            for i, p in enumerate(changed):
+                gone, entries = reply[2 * i], reply[2 * i + 1]
+                if len(entries) >= _CHANGES_MAX:  # may have lost entries to the cap
+                    SESSION_EVENTS.labels("scan_resync").inc()
+                    full.append(p)
+                elif entries and p in self.owned:
+                    self._cursor[p] = _text(entries[-1][0])
+                await self._apply(p, {_text(k) for k in gone},
+                                  {_text(fields[b"k"]) for _, fields in entries})
+        for p in full:
+            await self._scan_partition(p)
+
     async def _scan_partition(self, p: int) -> None:
+        """Read a partition's whole live set (and set its changes cursor)."""
         now = now_ms()
         live_key, dev_key = self.keys.sessions_live(p), self.keys.sessions_devices(p)
-        expired = await self.redis.zrangebyscore(live_key, "-inf", now)
-        if expired:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.zremrangebyscore(live_key, "-inf", now)
-                pipe.hdel(dev_key, *expired)
-                await pipe.execute()
-        live = {_text(k) for k in await self.redis.zrangebyscore(live_key, now, "+inf")}
+        async with self.redis.pipeline(transaction=True) as pipe:
+            await self._expire(keys=[live_key, dev_key], args=[now, _EXPIRE_MAX], client=pipe)
+            # Cursor and live set read atomically: a change after them is read next time.
+            pipe.xrevrange(self.keys.sessions_changes(p), count=1)
+            pipe.zrangebyscore(live_key, now, "+inf")
+            gone, last, members = await pipe.execute()
+        if p not in self.owned:
+            return
+        self._cursor[p] = _text(last[0][0]) if last else "0-0"
+        self._resync_at[p] = time.monotonic() + _RESYNC_S
+        live = {_text(k) for k in members}
+        await self._apply(p, {_text(k) for k in gone} | (self.by_partition[p] - live), live)
+
+    async def _apply(self, p: int, gone: set[str], live: set[str]) -> None:
+        """Close the sessions of ``gone`` devices, open those of ``live`` ones not held."""
         if p not in self.owned:
             return
         mine = self.by_partition[p]
-        for key in mine - live:
+        for key in gone & mine:
             self._forget(key)
             s = self.sessions.pop(key, None)
             if s is not None:
                 s.close("offline")
                 SESSION_EVENTS.labels("offline").inc()
-        mine &= live
-        new = sorted(live - mine)
+        mine -= gone
+        new = sorted(live - gone - mine)
         if not new:
             return
-        raws = await self.redis.hmget(dev_key, new)
+        raws = await self.redis.hmget(self.keys.sessions_devices(p), new)
+        if p not in self.owned:
+            return
         for key, raw in zip(new, raws, strict=True):
             if raw is None:
                 continue
@@ -415,7 +511,7 @@ class SessionsStage:
 
     def session_message(self, session: Session, topic: str, payload: bytes) -> None:
         if topic.startswith("downlink/ds/"):
-            self._forward.put_nowait((session.key, topic, payload))
+            self._enqueue(session.key, topic, payload, now_ms())
         elif topic == "downlink/redirect":
             self._redirect(session, payload)
         else:
@@ -461,42 +557,94 @@ class SessionsStage:
             log.warning("could not store region of token %s: %s", mask(token), exc)
 
     # forward: commands onto the downlinks stream ----------------------------------------------
+    def _enqueue(self, key: str, topic: str, payload: bytes, at_ms: int) -> None:
+        live = self.wanted.get(key)
+        if live is None:  # closing: its next owner's get/ds/all brings the value
+            SESSION_EVENTS.labels("not_owned").inc()
+            return
+        if topic[12:] not in self.pins.get(live.template, {}):
+            # Not a command pin (a sensor value): never queued, so the queue's bound holds.
+            SESSION_EVENTS.labels("not_a_command").inc()
+            return
+        self._pending.append((key, topic, payload, at_ms))
+        if len(self._pending) >= self._compact_at:
+            self._compact()
+        SESSIONS_PENDING.set(len(self._pending))
+        self._pending_wake.set()
+
+    def _compact(self) -> None:
+        """Keep only the latest value per device and pin (commands are latest-wins downstream
+        too; the older ones are counted ``superseded``, never silently gone). What is left is
+        at most sessions × command pins; the next compaction waits until the queue doubled, so
+        a large fleet behind a Redis outage costs amortized O(1) per command."""
+        seen: set[tuple[str, str]] = set()
+        kept: list[tuple[str, str, bytes, int]] = []
+        for item in reversed(self._pending):
+            ident = (item[0], item[1])
+            if ident not in seen:
+                seen.add(ident)
+                kept.append(item)
+        kept.reverse()
+        SESSION_EVENTS.labels("superseded").inc(len(self._pending) - len(kept))
+        self._pending = deque(kept)
+        self._compact_at = max(self.cfg.forward_queue_max, 2 * len(kept))
+
+    def _take(self, n: int) -> list[tuple[str, str, bytes, int]]:
+        out = [self._pending.popleft() for _ in range(min(n, len(self._pending)))]
+        if not self._pending:
+            self._compact_at = self.cfg.forward_queue_max
+        SESSIONS_PENDING.set(len(self._pending))
+        return out
+
+    def _requeue(self, items: list[tuple[str, str, bytes, int]]) -> None:
+        """Put a batch that did not go out back in front, in its order."""
+        self._pending.extendleft(reversed(items))
+        if len(self._pending) >= self._compact_at:
+            self._compact()
+        SESSIONS_PENDING.set(len(self._pending))
+
     async def _forwarder(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            got = await _wait_any(stop, None, None, queue=self._forward)
-            if got is None:
-                return
-            items = [got]
-            while not self._forward.empty() and len(items) < 1000:
-                items.append(self._forward.get_nowait())
-            while True:
-                try:
-                    await self._forward_batch(items)
-                    break
-                except RedisError as exc:
-                    log.warning("cannot forward commands (retrying): %s", exc)
-                    if await _sleep(stop, 1.0):
-                        return
+            if not self._pending:
+                self._pending_wake.clear()
+                await _wait_any(stop, self._pending_wake, None)
+                continue
+            items = self._take(1000)
+            try:
+                await self._forward_batch(items)
+            except RedisError as exc:
+                log.warning("cannot forward %d commands (retrying): %s", len(items), exc)
+                self._requeue(items)
+                await _sleep(stop, 1.0)
 
-    async def _forward_batch(self, items: list[tuple[str, str, bytes]]) -> None:
-        now = now_ms()
+    async def _forward_batch(self, items: list[tuple[str, str, bytes, int]]) -> None:
+        """Forward a batch; each item is counted once it is settled (a batch that raises is
+        requeued whole and counted on its retry, never twice)."""
+        counts: Counter[str] = Counter()
         downs: list[Downlink] = []
-        for key, topic, payload in items:
+        for key, topic, payload, at in items:
             live = self.wanted.get(key)
             if live is None:
+                # No longer this replica's device: its next owner's get/ds/all brings the
+                # value (it was never recorded as known).
+                counts["not_owned"] += 1
                 continue
             try:
                 down = rules.command(live.token, self.pins.get(live.template, {}), topic,
-                                     payload, now)
+                                     payload, at)
             except (ValueError, UnicodeDecodeError):
-                SESSION_EVENTS.labels("bad_value").inc()
+                counts["bad_value"] += 1
                 continue
             if down is None:
-                SESSION_EVENTS.labels("not_a_command").inc()
+                counts["not_a_command"] += 1
                 continue
             downs.append(down)
-        if not downs:
-            return
+        if downs:
+            await self._forward_new(downs, counts)
+        for event, n in counts.items():
+            SESSION_EVENTS.labels(event).inc(n)
+
+    async def _forward_new(self, downs: list[Downlink], counts: Counter[str]) -> None:
         async with self.redis.pipeline(transaction=False) as pipe:
             for d in downs:
                 pipe.hget(self.keys.sessions_known(token_ref(d.token or "")), d.pin)
@@ -509,7 +657,7 @@ class SessionsStage:
                 ident = (d.token or "", d.pin)
                 prev = last.get(ident, k.decode() if k is not None else None)
                 if not rules.is_new(value, prev):
-                    SESSION_EVENTS.labels("unchanged").inc()
+                    counts["unchanged"] += 1
                     continue
                 last[ident] = canonical(value)
                 known_key = self.keys.sessions_known(token_ref(ident[0]))
@@ -522,7 +670,7 @@ class SessionsStage:
                 # downstream), never loses it.
                 await self.ctx.writer.add_many(out)
                 await pipe.execute()
-                SESSION_EVENTS.labels("forwarded").inc(len(out))
+                counts["forwarded"] += len(out)
 
 
 async def _sleep(stop: asyncio.Event, seconds: float) -> bool:
@@ -536,25 +684,14 @@ def _text(raw: Any) -> str:
     return raw.decode() if isinstance(raw, bytes) else str(raw)
 
 
-async def _wait_any(stop: asyncio.Event, wake: asyncio.Event | None, wait_s: float | None, *,
-                    queue: asyncio.Queue[tuple[str, str, bytes]] | None = None
-                    ) -> tuple[str, str, bytes] | None:
-    """Wait for ``stop``, ``wake``, an item of ``queue`` or ``wait_s``; the item if one came."""
-    waiters: set[asyncio.Task[object]] = {asyncio.create_task(stop.wait())}
-    if wake is not None:
-        waiters.add(asyncio.create_task(wake.wait()))
-    getter: asyncio.Task[object] | None = None
-    if queue is not None:
-        getter = asyncio.create_task(queue.get())
-        waiters.add(getter)
+async def _wait_any(stop: asyncio.Event, wake: asyncio.Event, wait_s: float | None) -> None:
+    """Wait for ``stop``, ``wake`` or ``wait_s``."""
+    waiters = {asyncio.create_task(stop.wait()), asyncio.create_task(wake.wait())}
     try:
         await asyncio.wait(waiters, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
     finally:
         for w in waiters:
             w.cancel()
-    if getter is not None and getter.done() and not getter.cancelled():
-        return getter.result()  # type: ignore[return-value]
-    return None
 
 
 def build(ctx: Context) -> SessionsStage:
