@@ -26,6 +26,7 @@ from rich.table import Table
 from pipeline import blynk_index, dedup, events
 from pipeline import config as config_mod
 from pipeline.backlog import StreamInfo, snapshot
+from pipeline.errors import describe
 from pipeline.keys import DOWNLINKS, UPLINKS, WRITES, Keys
 from pipeline.order import LastWritten
 from pipeline.redact import mask, redact_url, safe_url
@@ -302,6 +303,7 @@ def _letter_summary(row: DeadRow) -> dict[str, Any]:
         "time": _time(d.dead_ts_ms),
         "stage": d.stage,
         "reason": d.reason,
+        "meaning": describe(d.reason),
         "detail": redact_url(d.detail),
         "attempts": d.attempts,
         "stream": d.stream,

@@ -9,6 +9,7 @@ This is the only module that reads ``os.environ``. Loading does, in order:
    (``port: "${PORT}"``); anywhere a string goes it stays a string. An unset variable without a
    default is an error naming the variable, the key path that uses it and the file;
 3. ``*_file`` keys: ``api_key_file: /run/secrets/tts`` reads that file into ``api_key``;
+   keys that moved (:data:`MOVED`) are moved to their new place, with a warning;
 4. validation with msgspec: unknown keys and wrong types are errors that name the key path and
    the file; then cross-field checks (:func:`check`), among them: every inbound integration
    has auth (or says ``auth: none``), and no inbound secret is one published with the demo.
@@ -16,6 +17,7 @@ This is the only module that reads ``os.environ``. Loading does, in order:
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import tomllib
@@ -29,6 +31,8 @@ import yaml
 
 from pipeline.errors import ConfigError
 from pipeline.redact import Secret
+
+log = logging.getLogger("blynk_bridge.config")
 
 DatastreamType = Literal["integer", "double", "string", "enum", "location"]
 #: Seconds an event time may lie past its arrival before it counts as a wrong clock and becomes
@@ -264,15 +268,23 @@ class DownlinkConfig(_Base):
 
     #: A command older than this (by its Blynk time) is dead-lettered, never sent late.
     ttl_s: int = 600
-    #: A webhook repeating a value the bridge itself wrote to that pin this recently is an
-    #: echo of the uplink, not a command.
-    echo_window_ms: int = 60_000
     #: Cap of the retry backoff of an offline device.
     max_backoff_s: float = 30.0
     #: Timeout of one Particle or TTS HTTP call.
     timeout_s: float = 35.0
     #: How long a command's correlation is kept for matching TTS outcomes.
     outcome_ttl_s: int = 3_600
+    #: Registry rows kept in memory (LRU) to resolve Blynk devices.
+    cache_size: int = 100_000
+
+
+class EchoConfig(_Base):
+    """Echo records (``pipeline/echo.py``): egress writes one per value it sends to Blynk, the
+    downlink stage consumes it; a section of its own because both stages must agree on it."""
+
+    #: A webhook repeating a value the bridge itself wrote to that pin this recently is an
+    #: echo of the uplink, not a command.
+    window_ms: int = 60_000
 
 
 class IngestHttpConfig(_Base):
@@ -334,7 +346,10 @@ class IngestMqttConfig(_Base):
 
 class TransformConfig(_Base):
     dedup_window_s: int = 3600
+    #: Registry rows kept in memory (LRU).
     cache_size: int = 100_000
+    #: Cap of the backoff after a failed batch (Redis unreachable…).
+    max_backoff_s: float = 30.0
     #: How often templates with ``pull: true`` re-read their datastreams from Blynk.
     template_refresh_s: float = 300.0
     #: How long an uplink waits for another worker that is creating its device.
@@ -396,6 +411,7 @@ class Config(_Base):
     devices: list[DeviceEntry] = msgspec.field(default_factory=list)
     blynk_webhooks: list[BlynkWebhook] = msgspec.field(default_factory=list)
     downlink: DownlinkConfig = msgspec.field(default_factory=DownlinkConfig)
+    echo: EchoConfig = msgspec.field(default_factory=EchoConfig)
     ingest_http: IngestHttpConfig = msgspec.field(default_factory=IngestHttpConfig)
     ingest_mqtt: IngestMqttConfig = msgspec.field(default_factory=IngestMqttConfig)
     transform: TransformConfig = msgspec.field(default_factory=TransformConfig)
@@ -548,6 +564,7 @@ def parse(text: str, fmt: Literal["yaml", "toml"], origin: str,
         raise ConfigError(f"{origin}: the top level must be a mapping")
     data = _substitute_all(data, os.environ if env is None else env, origin)
     data = _resolve_files(data, origin)
+    _migrate(data, origin)
     try:
         config = msgspec.convert(data, Config, dec_hook=_dec_hook)
     except msgspec.ValidationError as exc:
@@ -557,6 +574,26 @@ def parse(text: str, fmt: Literal["yaml", "toml"], origin: str,
 
 
 _CONFIG_TYPE = mi.type_info(Config)
+#: Keys that moved: (old section, old key) → (new section, new key). The old key is still
+#: accepted, with a warning, unless the new one is set too.
+MOVED = {("downlink", "echo_window_ms"): ("echo", "window_ms")}
+
+
+def _migrate(data: dict[str, Any], origin: str) -> None:
+    """Move deprecated keys of the parsed file to their new place (:data:`MOVED`)."""
+    for (old_sec, old_key), (new_sec, new_key) in MOVED.items():
+        section = data.get(old_sec)
+        if not isinstance(section, dict) or old_key not in section:
+            continue
+        target = data.setdefault(new_sec, {})
+        if not isinstance(target, dict):
+            continue  # msgspec names the wrong type
+        if new_key in target:
+            raise ConfigError(f"{origin}: `{old_sec}.{old_key}` is the old name of "
+                              f"`{new_sec}.{new_key}`; set only `{new_sec}.{new_key}`")
+        target[new_key] = section.pop(old_key)
+        log.warning("%s: `%s.%s` is deprecated; use `%s.%s`", origin, old_sec, old_key,
+                    new_sec, new_key)
 
 
 def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:

@@ -47,6 +47,7 @@ from redis.exceptions import RedisError, WatchError
 
 from pipeline import blynk_index, metrics
 from pipeline.config import DeviceEntry
+from pipeline.errors import Reason
 from pipeline.keys import Keys
 from pipeline.streams import Redis, now_ms
 
@@ -400,7 +401,7 @@ class Registry:
         self._put(dev)
         return dev
 
-    async def mark_broken(self, device_key: str, reason: str, detail: str, *,
+    async def mark_broken(self, device_key: str, reason: Reason, detail: str, *,
                           token: str | None = None) -> bool:
         """Mark a device broken (Blynk said its token is invalid). Transform then dead-letters
         its uplinks with reason ``device_broken`` until it is registered again, unbroken by an

@@ -35,6 +35,7 @@ from redis.exceptions import ResponseError
 
 from pipeline import events, metrics
 from pipeline.batching import GroupCommit
+from pipeline.errors import Reason
 from pipeline.keys import Keys
 
 Redis = aioredis.Redis
@@ -114,6 +115,10 @@ class StreamWriter:
     async def close(self) -> None:
         """Wait until every buffered entry was written."""
         await self._adds.close()
+
+
+#: An entry to dead-letter: ``(entry, reason, detail)``.
+DeadItem = tuple[Entry, Reason, str]
 
 
 class StreamReader:
@@ -264,7 +269,7 @@ class StreamReader:
         poison = [e for e in entries if e.deliveries > self.max_deliveries]
         if poison:
             await self.dead_letter(
-                [(e, "max_deliveries", f"delivered {e.deliveries - 1} times") for e in poison]
+                [(e, Reason.MAX_DELIVERIES, f"delivered {e.deliveries - 1} times") for e in poison]
             )
         return live
 
@@ -297,7 +302,7 @@ class StreamReader:
                 pipe.xack(s, self.group, *ids)
             await pipe.execute()
 
-    async def dead_letter(self, items: Sequence[tuple[Entry, str, str]]) -> None:
+    async def dead_letter(self, items: Sequence[DeadItem]) -> None:
         """Write each ``(entry, reason, detail)`` to the dead stream, then ack the entries."""
         if not items:
             return

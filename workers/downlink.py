@@ -8,7 +8,7 @@ Each batch read from the downlinks stream goes through, in order:
 2. **check** the pin against the device's template (``unknown_pin``) and type the value by its
    datastream (``type_mismatch``); a command older than ``downlink.ttl_s`` by its Blynk time is
    dead-lettered ``expired``, never sent late;
-3. **echo**: a value the bridge itself wrote to that pin within ``echo_window_ms`` is its own
+3. **echo**: a value the bridge itself wrote to that pin within ``echo.window_ms`` is its own
    uplink coming back (:mod:`pipeline.echo`): acked, counted, not sent;
 4. **latest wins**: per device and pin only the newest command (Blynk time) is sent; older ones
    in the batch, held for retry, or older than (or the same as) the last one sent are acked and
@@ -52,12 +52,12 @@ from pipeline.consumer import backoff_s
 from pipeline.context import Context
 from pipeline.device_clouds import Offline, ParticleApi, TtsHttp, TtsMqtt, Unauthorized
 from pipeline.echo import Echoes
-from pipeline.errors import Permanent, Retryable
+from pipeline.errors import Permanent, Reason, Retryable
 from pipeline.lifecycle import Stage
 from pipeline.mapping import Datastream, Mismatch, coerce
 from pipeline.registry import Device, Registry, split_key
 from pipeline.status import StatusBoard
-from pipeline.streams import Entry, StreamReader, now_ms
+from pipeline.streams import DeadItem, Entry, StreamReader, now_ms
 
 log = logging.getLogger("blynk_bridge.downlink")
 
@@ -126,8 +126,8 @@ class DownlinkStage:
             ctx.redis, ctx.keys, ctx.keys.streams(keynames.DOWNLINKS), keynames.GROUP_DOWNLINK,
             ctx.consumer, stage=self.name, batch=min(s.batch, 500), block_ms=s.block_ms,
             claim_idle_ms=s.claim_idle_ms, max_deliveries=s.max_deliveries)
-        self.registry = Registry(ctx.redis, ctx.keys, cache_size=cfg.transform.cache_size)
-        self.echoes = Echoes(ctx.redis, ctx.keys, self.cfg.echo_window_ms)
+        self.registry = Registry(ctx.redis, ctx.keys, cache_size=self.cfg.cache_size)
+        self.echoes = Echoes(ctx.redis, ctx.keys, cfg.echo.window_ms)
         self.board = StatusBoard(ctx.redis, ctx.keys)
         self.templates = {t.name: t for t in cfg.templates}
         self.datastreams = {t.name: {d.pin.upper(): Datastream.from_config(d)
@@ -218,7 +218,7 @@ class DownlinkStage:
         due = await self._drop_stale(due)
         results = await asyncio.gather(*(self._send(c) for c in due), return_exceptions=True)
         ok: list[tuple[_Command, events.Value | None]] = []
-        dead: list[tuple[Entry, str, str]] = []
+        dead: list[DeadItem] = []
         for c, result in zip(due, results, strict=True):
             if isinstance(result, BaseException):
                 self._failed(c, result, dead)
@@ -230,13 +230,13 @@ class DownlinkStage:
 
     async def _prepare(self, entries: list[Entry]) -> list[_Command]:
         """Decode, resolve, check and de-echo new entries; dead-letters and acks the rest."""
-        dead: list[tuple[Entry, str, str]] = []
+        dead: list[DeadItem] = []
         decoded: list[tuple[Entry, events.Downlink]] = []
         for e in entries:
             try:
                 decoded.append((e, events.decode_downlink(e.data or b"")))
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                dead.append((e, "invalid_entry", str(exc)))
+                dead.append((e, Reason.INVALID_ENTRY, str(exc)))
         devices = await resolve(self.ctx.redis, self.registry, self.ctx.keys,
                                 [(d.blynk_id, d.token) for _, d in decoded])
         wall = now_ms()
@@ -249,25 +249,25 @@ class DownlinkStage:
                 if d.token is not None:
                     strangers.append((e, d))
                 else:
-                    dead.append((e, "unknown_device", _unknown(d)))
+                    dead.append((e, Reason.UNKNOWN_DEVICE, _unknown(d)))
                 continue
             template = self.templates.get(dev.template)
             if template is None:
-                dead.append((e, "unknown_template", f"{dev.key}: template {dev.template!r}"))
+                dead.append((e, Reason.UNKNOWN_TEMPLATE, f"{dev.key}: template {dev.template!r}"))
                 continue
             by_pin = self.datastreams[template.name]
             ds = by_pin.get(d.pin)
             if ds is None and by_pin:
-                dead.append((e, "unknown_pin", f"{dev.key}: template {template.name!r} has no "
-                             f"datastream on {d.pin}"))
+                dead.append((e, Reason.UNKNOWN_PIN, f"{dev.key}: template {template.name!r} "
+                             f"has no datastream on {d.pin}"))
                 continue
             try:
                 value = coerce(ds, d.value) if ds is not None else d.value
             except Mismatch as exc:
-                dead.append((e, "type_mismatch", f"{dev.key} {d.pin}: {exc}"))
+                dead.append((e, Reason.TYPE_MISMATCH, f"{dev.key} {d.pin}: {exc}"))
                 continue
             if wall - d.ts_ms > self.ttl_ms:
-                dead.append((e, "expired", f"{dev.key} {d.pin}: Blynk time {d.ts_ms} is older "
+                dead.append((e, Reason.EXPIRED, f"{dev.key} {d.pin}: Blynk time {d.ts_ms} is older "
                              f"than downlink.ttl_s ({self.cfg.ttl_s})"))
                 continue
             route = _route(dev, template.downlink, d.pin)
@@ -292,7 +292,7 @@ class DownlinkStage:
                 acked.append(e)
                 metrics.DOWNLINKS.labels(d.origin, "echo").inc()
             else:
-                dead.append((e, "unknown_device", _unknown(d)))
+                dead.append((e, Reason.UNKNOWN_DEVICE, _unknown(d)))
         if acked:
             await self.reader.ack(acked)
         if dead:
@@ -350,7 +350,7 @@ class DownlinkStage:
             app = self.tts_apps.get(integration)
             if app is None:
                 raise Permanent(f"no TTS application {integration!r} configured",
-                                reason="unknown_integration")
+                                reason=Reason.UNKNOWN_INTEGRATION)
             rules = c.template.downlink.encode if c.template.downlink else []
             body = downlinks.tts_body(
                 name=name, pin=d.pin, ts_ms=d.ts_ms, value=c.value, f_port=app.downlink_f_port,
@@ -363,7 +363,7 @@ class DownlinkStage:
         product = self.particle.get(integration)
         if product is None:
             raise Permanent(f"no Particle product {integration!r} configured",
-                            reason="unknown_integration")
+                            reason=Reason.UNKNOWN_INTEGRATION)
         assert c.template.downlink is not None  # _route checked it
         fn = c.template.downlink.particle[d.pin]
         arg = downlinks.particle_arg(fn.arg, name=name, pin=d.pin, value=c.value, ts_ms=d.ts_ms)
@@ -386,7 +386,7 @@ class DownlinkStage:
                 timeout=aiohttp.ClientTimeout(total=self.cfg.timeout_s))
         return self._http
 
-    def _failed(self, c: _Command, exc: BaseException, dead: list[tuple[Entry, str, str]]
+    def _failed(self, c: _Command, exc: BaseException, dead: list[DeadItem]
                 ) -> None:
         """Dead-letter a refused command, or hold a retryable one (until its TTL)."""
         entries = [c.entry, *c.carried]
@@ -395,7 +395,7 @@ class DownlinkStage:
             return
         if not isinstance(exc, Retryable):
             log.error("downlink: sending %s failed", c.down.event_id, exc_info=exc)
-            exc = Retryable(f"{type(exc).__name__}: {exc}", reason="error")
+            exc = Retryable(f"{type(exc).__name__}: {exc}", reason=Reason.ERROR)
         assert isinstance(exc, Retryable)
         if isinstance(exc, Unauthorized):
             source, integration, _ = split_key(c.device.key)
@@ -406,7 +406,7 @@ class DownlinkStage:
         c.attempts += 1
         delay = backoff_s(c.attempts, self.cfg.max_backoff_s)
         if now_ms() + delay * 1000 - c.down.ts_ms > self.ttl_ms:
-            reason = "device_offline" if isinstance(exc, Offline) else "expired"
+            reason = Reason.DEVICE_OFFLINE if isinstance(exc, Offline) else Reason.EXPIRED
             detail = (f"not delivered within downlink.ttl_s ({self.cfg.ttl_s}) after "
                       f"{c.attempts} attempts; last: {exc.detail}")
             dead += [(e, reason, detail) for e in entries]
@@ -499,7 +499,7 @@ class DownlinkStage:
             metrics.DOWNLINK_OUTCOMES.labels(integration, outcome).inc()
             # TTS acks only confirmed downlinks (Blynk's integration sends none): ``sent`` (a
             # gateway transmitted it) is delivery for them, ``ack`` for the confirmed ones.
-            if outcome not in DELIVERED and outcome not in ("nack", "failed"):
+            if outcome not in DELIVERED and outcome not in _TTS_FAILURES:
                 continue
             raw = await self.ctx.redis.get(self.ctx.keys.down_command(event_id))
             if raw is None:
@@ -509,10 +509,10 @@ class DownlinkStage:
                 if outcome not in DELIVERED:
                     dead = events.dead_letter(
                         stream=sent.stream, entry_id=sent.entry_id, raw=sent.raw,
-                        stage=self.name, reason=f"tts_{outcome}",
+                        stage=self.name, reason=_TTS_FAILURES[outcome],
                         detail=_tts_error(payload), attempts=1, dead_ts_ms=now_ms())
                     pipe.xadd(self.ctx.keys.dead, {events.FIELD: events.encode(dead)})
-                    metrics.DEAD.labels(self.name, f"tts_{outcome}").inc()
+                    metrics.DEAD.labels(self.name, _TTS_FAILURES[outcome]).inc()
                 template = self.templates.get(sent.template)
                 pin = (template.downlink.outcome_pin
                        if template is not None and template.downlink else None)
@@ -528,17 +528,21 @@ class DownlinkStage:
         metrics.DOWNLINKS.labels(split_key(c.device.key)[1], outcome).inc()
 
 
+#: TTS outcomes that fail a downlink → their dead-letter reason.
+_TTS_FAILURES = {"nack": Reason.TTS_NACK, "failed": Reason.TTS_FAILED}
+
+
 def _unknown(d: events.Downlink) -> str:
     who = f"Blynk device {d.blynk_id}" if d.blynk_id is not None else "Blynk token"
     return (f"{who} is not in the registry: no source device is known for it (devices whose "
             "uplinks carry their own token have no registry row)")
 
 
-def _route(dev: Device, downlink: TemplateDownlink | None, pin: str) -> str | None:
+def _route(dev: Device, downlink: TemplateDownlink | None, pin: str) -> Reason | None:
     """``None`` when the device can be reached for ``pin``, else the dead-letter reason."""
     if dev.key.startswith("particle:") and (downlink is None or pin not in
                                             {p.upper() for p in downlink.particle}):
-        return "no_function"
+        return Reason.NO_FUNCTION
     return None
 
 

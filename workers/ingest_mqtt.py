@@ -63,7 +63,7 @@ from pipeline import events, metrics, mqtt
 from pipeline.config import TtsApplication
 from pipeline.consumer import backoff_s
 from pipeline.context import Context
-from pipeline.errors import InvalidInput
+from pipeline.errors import InvalidInput, Reason
 from pipeline.keys import UPLINKS
 from pipeline.lease import Lease, hold
 from pipeline.status import ErrorKind, StatusBoard
@@ -314,7 +314,7 @@ class _Feed:
             # the message is dead-lettered, counted and logged with its traceback.
             log.exception("%s: parsing a message on %s failed", app.name, topic)
             self._dead_letter(topic, payload, InvalidInput(
-                f"{type(exc).__name__}: {exc}", reason="parse_failed"))
+                f"{type(exc).__name__}: {exc}", reason=Reason.PARSE_FAILED))
             return
         if isinstance(event, Skipped):
             metrics.TTS_SKIPPED.labels(app.name, event.reason).inc()
@@ -331,7 +331,7 @@ class _Feed:
             data = events.encode(event)
         except (OverflowError, msgspec.EncodeError) as exc:  # e.g. an f_cnt past 64 bits
             self._dead_letter(topic, payload, InvalidInput(
-                f"message holds a value that cannot be stored: {exc}", reason="unencodable"))
+                f"message holds a value that cannot be stored: {exc}", reason=Reason.UNENCODABLE))
             return
         if not self._offer(self._keys.stream_for(UPLINKS, "tts", event.device), data, counter):
             self._dropped.inc()

@@ -71,7 +71,7 @@ from pipeline import dedup, events, metrics, routing
 from pipeline.config import Config, ParticleProduct, TtsApplication
 from pipeline.consumer import Job, consume
 from pipeline.context import Context
-from pipeline.errors import BridgeError, Permanent, Retryable
+from pipeline.errors import BridgeError, Permanent, Reason, Retryable
 from pipeline.keys import GROUP_TRANSFORM, UPLINKS, Keys
 from pipeline.mapping import (
     Template,
@@ -80,17 +80,10 @@ from pipeline.mapping import (
     map_uplink,
     maps_a_value,
 )
-from pipeline.provision import (
-    PROVISION_FAILED,
-    PROVISION_RATE,
-    Limit,
-    Limits,
-    Platform,
-    Provisioner,
-)
+from pipeline.provision import Limit, Limits, Platform, Provisioner
 from pipeline.registry import Device, Registry
 from pipeline.routing import DEAD, SKIP, WRITE, Integration, Route
-from pipeline.streams import Entry, Redis, StreamReader, now_ms
+from pipeline.streams import DeadItem, Entry, Redis, StreamReader, now_ms
 from pipeline.unmapped import UnmappedKeys
 
 if TYPE_CHECKING:
@@ -99,7 +92,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("blynk_bridge.transform")
 
 STAGE = "transform"
-UNDECODABLE = "undecodable"
 
 
 class Templates:
@@ -399,7 +391,7 @@ class TransformStage:
         if self._platform is None and self._needs_platform():
             if cfg.blynk.platform is None:
                 log.error("auto-provisioning or template pulls need `blynk.platform`: "
-                          "unknown devices will be dead-lettered %s", PROVISION_FAILED)
+                          "unknown devices will be dead-lettered %s", Reason.PROVISION_FAILED)
             else:
                 from pipeline.blynk.platform import PlatformClient
 
@@ -423,7 +415,7 @@ class TransformStage:
             refresher = asyncio.create_task(self._refresh_templates(stop), name="template-pull")
         try:
             await consume(self.reader, self.handle, stop, until_idle=self.until_idle,
-                          max_backoff_s=self.ctx.config.egress.max_backoff_s, prefetch=True,
+                          max_backoff_s=self.ctx.config.transform.max_backoff_s, prefetch=True,
                           prepare=self.prepare)
         finally:
             if refresher is not None:
@@ -525,7 +517,7 @@ class TransformStage:
                 outputs.append((m.stream, ci + 1, m.write))
         for r, ci in dead:
             outputs.append((self._dead_stream, ci + 1,
-                            self._dead_letter_of(entries[ci], r.reason, r.detail, ts)))
+                            self._dead_letter_of(entries[ci], r.why(), r.detail, ts)))
         return _Prepared(entries, version, claims, [u.source for u in uplinks], skips, dead,
                          outputs, list(zip(mapped, ready_ci, strict=True)))
 
@@ -540,7 +532,7 @@ class TransformStage:
         duplicates: Counter[str] = Counter()
         for i in dups:
             duplicates[p.sources[i]] += 1
-        skipped: Counter[str] = Counter(r.reason for r, ci in p.skips if ci not in duplicate)
+        skipped: Counter[str] = Counter(r.why() for r, ci in p.skips if ci not in duplicate)
         for source, n in duplicates.items():
             metrics.DUPLICATES.labels(source).inc(n)
         for reason, n in skipped.items():
@@ -554,17 +546,17 @@ class TransformStage:
     async def _handle_slow(self, entries: list[Entry]) -> None:
         """The slow path: every case (module docstring, steps 1-5)."""
         ctx = self.ctx
-        dead: list[tuple[Entry, str, str]] = []
+        dead: list[DeadItem] = []
         decoded: list[tuple[Entry, events.Uplink]] = []
         decode = events.decode_uplink
         for e in entries:
             if e.data is None:
-                dead.append((e, UNDECODABLE, "entry has no `d` field"))
+                dead.append((e, Reason.UNDECODABLE, "entry has no `d` field"))
                 continue
             try:
                 decoded.append((e, decode(e.data)))
             except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-                dead.append((e, UNDECODABLE, f"not an Uplink: {exc}"))
+                dead.append((e, Reason.UNDECODABLE, f"not an Uplink: {exc}"))
 
         # One round trip: registry version check + de-duplication claims.
         marks = [dedup.mark_of(e) for e, _ in decoded]
@@ -603,10 +595,10 @@ class TransformStage:
             if r.kind == WRITE:
                 ready.append((e, r))
             elif r.kind == SKIP:
-                skipped[r.reason] += 1
+                skipped[r.why()] += 1
                 acks.append(e)
             elif r.kind == DEAD:
-                dead.append((e, r.reason, r.detail))
+                dead.append((e, r.why(), r.detail))
             else:  # CREATE
                 to_create.setdefault(r.key, []).append((e, r))
         for reason, n in skipped.items():
@@ -620,7 +612,7 @@ class TransformStage:
         if to_create:
             await self._provision(to_create)
 
-    async def _dead_letter(self, dead: list[tuple[Entry, str, str]]) -> None:
+    async def _dead_letter(self, dead: list[DeadItem]) -> None:
         """Dead-letter whole uplinks, forgetting their de-duplication marks first so that a
         replay after a fix is not dropped as a duplicate."""
         if not dead:
@@ -633,7 +625,7 @@ class TransformStage:
         await dedup.forget(self.ctx.redis, self.ctx.keys, ids)
         await self.reader.dead_letter(dead)
 
-    def _dead_letter_of(self, e: Entry, reason: str, detail: str, ts: int) -> bytes:
+    def _dead_letter_of(self, e: Entry, reason: Reason, detail: str, ts: int) -> bytes:
         """The encoded dead letter of a whole decodable uplink (as the reader writes it)."""
         return events.encode(events.dead_letter(
             stream=e.stream, entry_id=e.id, raw=e.data or b"", stage=STAGE, reason=reason,
@@ -654,7 +646,7 @@ class TransformStage:
             if mapped.rejected:
                 dead = encode(events.dead_letter(
                     stream=e.stream, entry_id=e.id, raw=e.data or b"",
-                    stage=STAGE, reason="type_mismatch",
+                    stage=STAGE, reason=Reason.TYPE_MISMATCH,
                     detail=describe_rejected(mapped.rejected),
                     attempts=e.deliveries, dead_ts_ms=ts))
             write: bytes | None = None
@@ -696,10 +688,10 @@ class TransformStage:
         for (source, integration), n in transformed.items():
             metrics.TRANSFORMED.labels(source, integration).inc(n)
         for tname, n in rejected_n.items():
-            metrics.REJECTED_VALUES.labels(tname, "type_mismatch").inc(n)
-            metrics.DEAD.labels(STAGE, "type_mismatch").inc()
+            metrics.REJECTED_VALUES.labels(tname, Reason.TYPE_MISMATCH).inc(n)
+            metrics.DEAD.labels(STAGE, Reason.TYPE_MISMATCH).inc()
         if nothing:
-            metrics.TRANSFORM_SKIPPED.labels("nothing_mapped").inc(nothing)
+            metrics.TRANSFORM_SKIPPED.labels(Reason.NOTHING_MAPPED).inc(nothing)
         if firmware:
             await self.registry.set_firmware(firmware)
         if self._unmapped and time.monotonic() - self._unmapped_flushed >= 1.0:
@@ -748,12 +740,12 @@ class TransformStage:
             tname = integ.choose_template(first.uplink.device_meta)
             if tname is None or tname not in self.templates.by_name:
                 raise Permanent(f"integration {integ.name!r} has no template to create "
-                                "devices from", reason=PROVISION_FAILED)
+                                "devices from", reason=Reason.PROVISION_FAILED)
             return await self.provisioner.ensure(key, tname, self.templates.by_name[tname].id)
 
         results = await asyncio.gather(*(one(k) for k in keys), return_exceptions=True)
         ready: list[tuple[Entry, Route]] = []
-        dead: list[tuple[Entry, str, str]] = []
+        dead: list[DeadItem] = []
         parked: list[Entry] = []
         retry: Retryable | None = None
         for key, res in zip(keys, results, strict=True):
@@ -761,7 +753,7 @@ class TransformStage:
                 ready.extend((e, replace(r, kind=WRITE, device=res)) for e, r in to_create[key])
             elif isinstance(res, Permanent):
                 dead.extend((e, res.reason, res.detail) for e, _ in to_create[key])
-            elif isinstance(res, Retryable) and res.reason == PROVISION_RATE:
+            elif isinstance(res, Retryable) and res.reason == Reason.PROVISION_RATE:
                 parked.extend(e for e, _ in to_create[key])
             elif isinstance(res, Retryable | RedisError):
                 retry = res if isinstance(res, Retryable) else Retryable(str(res))
@@ -795,7 +787,7 @@ class TransformStage:
                 self._unmapped.add(template.name, map_uplink(template, r.uplink).unmapped)
         if acks:
             await self._emit.run([], acks)
-            metrics.TRANSFORM_SKIPPED.labels("nothing_mapped").inc(len(acks))
+            metrics.TRANSFORM_SKIPPED.labels(Reason.NOTHING_MAPPED).inc(len(acks))
 
     async def flush_unmapped(self) -> None:
         """Write the unmapped-key counts (:class:`pipeline.unmapped.UnmappedKeys`)."""
