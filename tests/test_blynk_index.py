@@ -16,7 +16,8 @@ from pipeline.keys import Keys
 from pipeline.registry import Registry
 from pipeline.streams import Redis
 from tests.conftest import REDIS_URL
-from tests.test_downlink import bridge, token_for, wait_for
+from tests.test_downlink import bridge, token_for
+from tests.wait import wait_until
 
 ROWS = 2_500
 
@@ -70,7 +71,7 @@ async def test_downlink_stage_backfills_before_reading(redis: Redis, prefix: str
         stop = asyncio.Event()
         task = asyncio.create_task(b.stage.main_loop(stop))
         try:
-            await wait_for(lambda: b.devices.got, "the command sent down")
+            await wait_until(lambda: b.devices.got, what="the command sent down")
             assert b.devices.got[0][0] == "dev-c"
             assert await b.dead() == []
         finally:

@@ -14,7 +14,7 @@ import base64
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +30,7 @@ from pipeline.context import Context
 from pipeline.keys import DOWNLINKS, GROUP_DOWNLINK, Keys
 from pipeline.streams import Redis, StreamReader, StreamWriter
 from tests.conftest import MQTT_HOST, MQTT_PORT, REDIS_URL
+from tests.wait import wait_until, within
 from workers.downlink import DownlinkStage
 from workers.ingest_http import IngestHttp
 
@@ -124,20 +125,6 @@ class Bridge:
         return [events.decode_dead(f[events.FIELD]) for _, f in rows]
 
 
-async def wait_for(check: Callable[[], Any], what: str, timeout_s: float = 20.0) -> None:
-    """Poll a real condition until it holds (bounded)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        result = check()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
 @asynccontextmanager
 async def bridge(redis: Redis, prefix: str, *, start_stage: bool = True, consumer: str = "d1",
                  **kw: Any) -> AsyncIterator[Bridge]:
@@ -150,7 +137,7 @@ async def bridge(redis: Redis, prefix: str, *, start_stage: bool = True, consume
     devices = Devices(app_id)
     ready = asyncio.Event()
     dev_task = asyncio.create_task(devices.run(ready))
-    await asyncio.wait_for(ready.wait(), 10)
+    await within(ready.wait())
     stage = DownlinkStage(ctx)
     stop = asyncio.Event()
     task: asyncio.Task[None] | None = None
@@ -163,7 +150,7 @@ async def bridge(redis: Redis, prefix: str, *, start_stage: bool = True, consume
     finally:
         stop.set()
         if task is not None:
-            await asyncio.wait_for(task, 10)
+            await within(task)
             await stage.shutdown()
         dev_task.cancel()
         await asyncio.gather(dev_task, return_exceptions=True)
@@ -183,7 +170,7 @@ async def test_webhook_becomes_the_exact_tts_push(redis: Redis, prefix: str) -> 
         entry_id = resp.headers["X-Entry-Id"]
         # 2xx only once Redis has it
         assert await redis.xrange(b.ctx.keys.stream(DOWNLINKS), min=entry_id, max=entry_id)
-        await wait_for(lambda: b.devices.got, "a down/push")
+        await wait_until(lambda: b.devices.got, what="a down/push")
         device, body = b.devices.got[0]
         assert device == "dev-a"
         cid = resp.headers["X-Event-Id"]
@@ -191,7 +178,7 @@ async def test_webhook_becomes_the_exact_tts_push(redis: Redis, prefix: str) -> 
             "f_port": 7,
             "decoded_payload": {"name": "switch", "pin": "v2", "ts": ts, "value": 1},
             "priority": "NORMAL", "correlation_ids": [cid]}]}
-        await wait_for(lambda: _acked(redis, b.ctx.keys), "the entry acked")
+        await wait_until(lambda: _acked(redis, b.ctx.keys), what="the entry acked")
 
 
 async def _acked(redis: Redis, keys: Keys) -> bool:
@@ -213,8 +200,8 @@ async def test_latest_wins_and_duplicates_and_stale_are_not_sent(
         stop = asyncio.Event()
         task = asyncio.create_task(b.stage.main_loop(stop))
         try:
-            await wait_for(lambda: len(b.devices.got) >= 2, "two pushes")
-            await wait_for(lambda: _acked(redis, b.ctx.keys), "everything acked")
+            await wait_until(lambda: len(b.devices.got) >= 2, what="two pushes")
+            await wait_until(lambda: _acked(redis, b.ctx.keys), what="everything acked")
             values = {(d, json.dumps(body["downlinks"][0]["decoded_payload"]["value"]))
                       for d, body in b.devices.got}
             assert values == {("dev-a", "39.5"), ("dev-b", "0")}
@@ -224,8 +211,8 @@ async def test_latest_wins_and_duplicates_and_stale_are_not_sent(
             stale, dup = counted("stale"), counted("duplicate")
             assert (await b.post("dev-a", "v3", "3.5", ts + 3)).status == 200
             assert (await b.post("dev-a", "v3", "39.5", ts + 39)).status == 200
-            await wait_for(lambda: counted("stale") - stale == 1, "the stale one counted")
-            await wait_for(lambda: counted("duplicate") - dup == 1, "the repeat counted")
+            await wait_until(lambda: counted("stale") - stale == 1, what="the stale one counted")
+            await wait_until(lambda: counted("duplicate") - dup == 1, what="the repeat counted")
             assert len(b.devices.got) == 2
         finally:
             stop.set()
@@ -240,7 +227,7 @@ async def test_bad_commands_are_dead_letters_with_a_reason(redis: Redis, prefix:
         assert (await b.post("dev-a", "v7", "1", now)).status == 200
         assert (await b.post("dev-a", "v2", "on", now)).status == 200
         assert (await b.post("dev-a", "v2", "1", now - 61_000)).status == 200
-        await wait_for(lambda: _dead_count(b, 4), "four dead letters")
+        await wait_until(lambda: _dead_count(b, 4), what="four dead letters")
         reasons = sorted(d.reason for d in await b.dead())
         assert reasons == ["expired", "type_mismatch", "unknown_device", "unknown_pin"]
         assert b.devices.got == []
@@ -297,8 +284,8 @@ async def test_a_killed_workers_commands_are_taken_over(redis: Redis, prefix: st
         stop = asyncio.Event()
         task = asyncio.create_task(b.stage.main_loop(stop))
         try:
-            await wait_for(lambda: b.devices.got, "the command taken over and sent")
-            await wait_for(lambda: _acked(redis, b.ctx.keys), "acked")
+            await wait_until(lambda: b.devices.got, what="the command taken over and sent")
+            await wait_until(lambda: _acked(redis, b.ctx.keys), what="acked")
         finally:
             stop.set()
             await task
@@ -314,10 +301,10 @@ async def test_the_bridges_own_write_coming_back_is_not_sent(redis: Redis, prefi
                           60_000)
         assert (await b.post("dev-a", "v2", "1", now + 5)).status == 200
         assert (await b.post("dev-a", "v3", "21.50", now + 5)).status == 200
-        await wait_for(lambda: counted("echo") - echoes == 2, "two echoes")
+        await wait_until(lambda: counted("echo") - echoes == 2, what="two echoes")
         # the user sets the same value again: each record answers one echo only
         assert (await b.post("dev-a", "v2", "1", now + 10)).status == 200
-        await wait_for(lambda: b.devices.got, "the genuine command sent")
+        await wait_until(lambda: b.devices.got, what="the genuine command sent")
         assert len(b.devices.got) == 1
 
 
@@ -329,11 +316,11 @@ async def test_tts_outcomes_are_matched_and_written_back(
                                     max_payload_bytes=limit)
         run = asyncio.create_task(answerer.run())
         try:
-            await asyncio.wait_for(answerer.ready.wait(), 10)
+            await within(answerer.ready.wait())
             resp = await b.post("dev-b", "v2", "1", int(time.time() * 1000))
             cid = resp.headers["X-Event-Id"]
-            await wait_for(lambda: _outcome(b, cid, outcome), f"the {outcome} matched")
-            await wait_for(lambda: _written(b, {"V9": written}), "the outcome written back")
+            await wait_until(lambda: _outcome(b, cid, outcome), what=f"the {outcome} matched")
+            await wait_until(lambda: _written(b, {"V9": written}), what="the outcome written back")
             dead = [d for d in await b.dead() if d.reason == "tts_failed"]
             if outcome == "failed":
                 assert len(dead) == 1

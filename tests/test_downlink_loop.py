@@ -36,7 +36,8 @@ from pipeline.context import Context
 from pipeline.lifecycle import run_stages
 from pipeline.streams import Redis
 from tests.conftest import MQTT_HOST, MQTT_PORT, REDIS_URL, free_port, serve_app
-from tests.test_downlink import BODY, PASSWORD, Devices, counted, wait_for
+from tests.test_downlink import BODY, PASSWORD, Devices, counted
+from tests.wait import wait_until, within
 from workers import downlink, egress, ingest_http, ingest_mqtt, transform
 
 TEMPLATE = "TMPLloop0001"
@@ -85,7 +86,7 @@ egress: {{flush_age_ms: 10}}
         ready = asyncio.Event()
         dev_task = asyncio.create_task(devices.run(ready))
         try:
-            await asyncio.wait_for(ready.wait(), 10)
+            await within(ready.wait())
             echoes = counted("echo", "loop")
             settings = mqtt.Settings(host=MQTT_HOST, port=MQTT_PORT)
             blynk_dev = emu.device_by_token(TOKEN)
@@ -100,21 +101,21 @@ egress: {{flush_age_ms: 10}}
                     await asyncio.sleep(0.2)
                     return False
 
-                await wait_for(uplink_received, "the uplink written to Blynk")
+                await wait_until(uplink_received, what="the uplink written to Blynk")
             await emu.webhooks.drain()
-            await wait_for(lambda: counted("echo", "loop") > echoes, "the echo recognised")
+            await wait_until(lambda: counted("echo", "loop") > echoes, what="the echo recognised")
             assert emu.webhooks.stats()["switch"]["ok"] >= 1
             assert devices.got == []
             # the user flips the switch in the app: that change is not the bridge's own
             ds = blynk_dev.template.by_pin["V2"]
             emu.model.write(blynk_dev, ds, 0, int(time.time() * 1000))
-            await wait_for(lambda: devices.got, "the app's change sent down")
+            await wait_until(lambda: devices.got, what="the app's change sent down")
             (device, body), = devices.got
             assert device == "sw-1"
             assert body["downlinks"][0]["decoded_payload"]["value"] == 0
         finally:
             stop.set()
-            await asyncio.wait_for(task, 30)
+            await within(task)
             dev_task.cancel()
             await asyncio.gather(dev_task, return_exceptions=True)
             await ctx.close()
@@ -179,7 +180,7 @@ egress: {{flush_age_ms: 10}}
             particle_hook = webhook_for("json", f"http://127.0.0.1:{port}/particle/boards")
             particle_hook.headers = {"X-Bridge-Secret": SECRET}
             async with aiohttp.ClientSession() as http:
-                await wait_for(lambda: _up(http, port), "ingest-http listening")
+                await wait_until(lambda: _up(http, port), what="ingest-http listening")
                 for core, token in ((CORE_ROW, TOKEN_ROW), (CORE_TOKEN_ONLY, TOKEN_ONLY)):
                     sent = await deliver(http, particle_hook,
                                          make_event(core, data={"t": token, "led": 1}),
@@ -187,19 +188,20 @@ egress: {{flush_age_ms: 10}}
                     assert sent.ok, sent.statuses
             for token in (TOKEN_ROW, TOKEN_ONLY):
                 dev = emu.device_by_token(token)
-                await wait_for(lambda d=dev: d.value("V2") == 1, "the uplink written to Blynk")
+                await wait_until(lambda d=dev: d.value("V2") == 1,
+                                 what="the uplink written to Blynk")
             await emu.webhooks.drain()
             assert emu.webhooks.stats()["led"]["ok"] == 2
-            await wait_for(lambda: (counted("echo", "boards") - echoes[0],
+            await wait_until(lambda: (counted("echo", "boards") - echoes[0],
                                     counted("echo", "app") - echoes[1]) == (1, 1),
-                           "both echoes recognised")
+                           what="both echoes recognised")
             assert cloud.calls == []
             dead = [events.decode_dead(f[events.FIELD])
                     for _, f in await redis.xrange(ctx.keys.dead)]
             assert [d.reason for d in dead] == []
         finally:
             stop.set()
-            await asyncio.wait_for(task, 30)
+            await within(task)
             await ctx.close()
 
 

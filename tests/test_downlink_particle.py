@@ -21,7 +21,8 @@ from pipeline.keys import Keys
 from pipeline.status import State, StatusBoard
 from pipeline.streams import Redis, StreamWriter
 from tests.conftest import REDIS_URL, serve_app
-from tests.test_downlink import BODY, PASSWORD, counted, wait_for
+from tests.test_downlink import BODY, PASSWORD, counted
+from tests.wait import wait_until, within
 from workers.downlink import DownlinkStage
 from workers.ingest_http import IngestHttp
 
@@ -84,7 +85,7 @@ downlink: {{ttl_s: {ttl_s}, max_backoff_s: 0.1}}
                 yield Rig(ctx, cloud, url, http)
         finally:
             stop.set()
-            await asyncio.wait_for(task, 10)
+            await within(task)
             await stage.shutdown()
             await ingest.shutdown()
 
@@ -99,7 +100,7 @@ async def test_function_called_and_return_value_written_back(redis: Redis, prefi
         assert await r.post("1", int(time.time() * 1000)) == 200
         calls = await r.cloud.wait_for_calls(1)
         assert (calls[0].device, calls[0].function, calls[0].arg) == (CORE, "led", "led=1")
-        await wait_for(lambda: _written(r, {"V5": 11}), "return_value written to V5")
+        await wait_until(lambda: _written(r, {"V5": 11}), what="return_value written to V5")
 
 
 async def test_offline_device_gets_only_the_newest_value_once_back(
@@ -110,13 +111,13 @@ async def test_offline_device_gets_only_the_newest_value_once_back(
         superseded = counted("superseded", "boards")
         retried = counted("retried", "boards")
         assert await r.post("1", ts) == 200
-        await wait_for(lambda: counted("retried", "boards") > retried, "a retry")
+        await wait_until(lambda: counted("retried", "boards") > retried, what="a retry")
         for i in range(2, 6):
             assert await r.post(str(i), ts + i) == 200
-        await wait_for(lambda: counted("superseded", "boards") - superseded == 4,
-                       "older values superseded")
+        await wait_until(lambda: counted("superseded", "boards") - superseded == 4,
+                       what="older values superseded")
         r.cloud.devices[CORE].online = True
-        await wait_for(lambda: any(c.status == 200 for c in r.cloud.calls), "delivered")
+        await wait_until(lambda: any(c.status == 200 for c in r.cloud.calls), what="delivered")
         assert [c.arg for c in r.cloud.calls if c.status == 200] == ["led=5"]
 
 
@@ -124,7 +125,7 @@ async def test_offline_past_the_ttl_is_a_dead_letter(redis: Redis, prefix: str) 
     async with rig(redis, prefix, ttl_s=1) as r:
         r.cloud.devices[CORE].online = False
         assert await r.post("1", int(time.time() * 1000)) == 200
-        await wait_for(lambda: _has_dead(r), "dead-lettered")
+        await wait_until(lambda: _has_dead(r), what="dead-lettered")
         (dead,) = await r.dead()
         assert dead.reason == "device_offline"
         assert all(c.status == 408 for c in r.cloud.calls)
@@ -144,4 +145,4 @@ async def test_refused_token_makes_the_integration_broken(redis: Redis, prefix: 
             s = await board.get("particle", "boards")
             return s is not None and s.state is State.BROKEN and s.error_kind == "credentials"
 
-        await wait_for(broken, "Broken with the reason")
+        await wait_until(broken, what="Broken with the reason")
