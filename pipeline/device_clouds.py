@@ -76,7 +76,7 @@ class TtsMqtt:
             host=app.host, port=app.effective_port, username=app.username,
             password=app.api_key.reveal() if app.api_key is not None else None,
             tls=not app.insecure, ca_file=app.ca_file,
-            client_id=f"blynk-bridge-down-{app.name}-{consumer}"[:128], timeout_s=timeout_s)
+            client_id=f"blynk-bridge-down-{app.app_id}-{consumer}"[:128], timeout_s=timeout_s)
         self._on_outcome = on_outcome
         self._session: mqtt.Session | None = None
         self._reader: asyncio.Task[None] | None = None

@@ -123,8 +123,9 @@ class Device:
 #: The row fields a lookup reads, in :meth:`Device.from_fields` order.
 FIELDS = ("token", "template", "server", "id", "status", "reason", "detail", "firmware",
           "meta_pending")
-#: One command for a whole batch of misses (redis-py costs ~10 µs per command it packs and
-#: parses; a million-device fleet behind a 100k cache misses most of the time).
+#: One command for a whole batch of misses (redis-py's cost per command it packs and parses
+#: outweighs the lookup, BENCHMARKS.md; a million-device fleet behind a 100k cache misses most
+#: of the time).
 _LOAD = """
 local out = {}
 for i = 1, #KEYS do out[i] = redis.call('HMGET', KEYS[i], unpack(ARGV)) end

@@ -89,9 +89,9 @@ class StreamWriter:
     async def add_many(self, items: Sequence[tuple[str, bytes]]) -> list[str]:
         """Append many entries (one Lua call per stream, pipelined); returns ids in order.
 
-        One script call that loops over ``XADD`` instead of one command per entry: building each
-        command in redis-py cost ~28 µs per entry against ~2 µs this way
-        (``bench/ingest_mqtt.py``). The script touches one key (Redis Cluster safe), so a batch is
+        One script call that loops over ``XADD`` instead of one command per entry: redis-py's
+        cost of building each command outweighs the Redis work (figures: BENCHMARKS.md,
+        ``bench/ingest_mqtt.py``). The script touches one key (Redis Cluster safe), so a batch is
         all-or-nothing per stream.
         """
         if not items:

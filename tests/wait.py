@@ -49,4 +49,18 @@ async def within(awaitable: Awaitable[T], what: str = "", timeout_s: float = TIM
         return await asyncio.wait_for(awaitable, timeout_s)
     except TimeoutError:
         name = what or getattr(awaitable, "__qualname__", type(awaitable).__name__)
-        raise AssertionError(f"timed out after {timeout_s:g} s waiting for {name}") from None
+        raise AssertionError(f"timed out after {timeout_s:g} s waiting for {name}; where the "
+                             f"other tasks wait:\n{_task_stacks()}") from None
+
+
+def _task_stacks() -> str:
+    """Where each pending task of the loop is suspended: a hang names its own line."""
+    out = []
+    for task in asyncio.all_tasks():
+        if task is asyncio.current_task():
+            continue
+        frames = task.get_stack()
+        where = " <- ".join(f"{f.f_code.co_name} ({f.f_code.co_filename.rsplit('/', 1)[-1]}:"
+                            f"{f.f_lineno})" for f in reversed(frames))
+        out.append(f"  {task.get_name()}: {where or '(not started)'}")
+    return "\n".join(sorted(out))

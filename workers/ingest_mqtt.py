@@ -92,7 +92,9 @@ SettingsFor = Callable[[TtsApplication, str], mqtt.Settings]
 
 def default_settings(app: TtsApplication, consumer: str) -> mqtt.Settings:
     """Connection settings from the configuration: ``{app}@{tenant}``, API key, TLS unless
-    ``insecure``. The client id names the replica, so two replicas never kick each other."""
+    ``insecure``. The client id names the TTS application (its id, not the local name: two
+    bridges on one broker may both call theirs ``lab``) and the replica, so no two sessions kick
+    each other off."""
     return mqtt.Settings(
         host=app.host,
         port=app.effective_port,
@@ -100,7 +102,7 @@ def default_settings(app: TtsApplication, consumer: str) -> mqtt.Settings:
         password=app.api_key.reveal() if app.api_key is not None else None,
         tls=not app.insecure,
         ca_file=app.ca_file,
-        client_id=f"blynk-bridge-{app.name}-{consumer}"[:128],
+        client_id=f"blynk-bridge-{app.app_id}-{consumer}"[:128],
     )
 
 
