@@ -33,6 +33,11 @@ class BenchError(RuntimeError):
     """The bench could not set up or run (a child died, a port never opened...)."""
 
 
+class PortTaken(BenchError):
+    """A child could not bind the port :func:`free_port` picked for it: another process took
+    it in between (on a shared machine); the caller may try again with fresh ports."""
+
+
 def free_port() -> int:
     """An unused TCP port on 127.0.0.1 (racy by nature; good enough on a quiet machine)."""
     with socket.socket() as s:
@@ -45,8 +50,10 @@ def wait_port(port: int, timeout_s: float = 15.0, proc: Proc | None = None) -> N
     deadline = time.monotonic() + timeout_s
     while True:
         if proc is not None and proc.popen.poll() is not None:
-            raise BenchError(f"{proc.name} exited with {proc.popen.returncode} before opening "
-                             f"port {port}; log: {proc.log_path}\n{proc.tail()}")
+            log = proc.log_path.read_text(errors="replace")
+            error = PortTaken if "address already in use" in log else BenchError
+            raise error(f"{proc.name} exited with {proc.popen.returncode} before opening "
+                        f"port {port}; log: {proc.log_path}\n{proc.tail()}")
         with socket.socket() as s:
             s.settimeout(0.5)
             if s.connect_ex(("127.0.0.1", port)) == 0:

@@ -42,6 +42,7 @@ from typing import Any
 
 from bench.common import (
     BenchError,
+    PortTaken,
     Processes,
     UsageProbe,
     fmt_ms,
@@ -277,9 +278,14 @@ def one_round(procs: Processes, kind: str, rate: float, args: argparse.Namespace
                 "--log-format", "text", stage, "-c", str(config)],
                 env={"METRICS_PORT": str(mport), **tree},
                 cwd=Path(args.baseline_src) if tree else None))
-    wait_port(port, proc=servers[0])
-    if kind != "bare":
-        wait_port(metrics_port, proc=servers[1])
+    try:
+        wait_port(port, proc=servers[0])
+        if kind != "bare":
+            wait_port(metrics_port, proc=servers[1])
+    except BenchError:
+        for s in reversed(servers):
+            procs.stop(s)
+        raise
     sub = procs.spawn("subscriber", _python(
         f"from bench.downlinks import run_subscriber; run_subscriber({mqtt_port}, {app!r})"),
         pipes=True)
@@ -347,6 +353,20 @@ async def _cleanup(prefix: str) -> None:
         await redis.aclose()
 
 
+def _round(procs: Processes, kind: str, rate: float, args: argparse.Namespace,
+           mqtt_port: int, first: int) -> dict[str, Any]:
+    """:func:`one_round`, again with fresh ports when a server lost its port to another
+    process before binding it (:class:`~bench.common.PortTaken`; nothing was measured yet)."""
+    for attempt in range(3):
+        try:
+            return one_round(procs, kind, rate, args, mqtt_port, first + attempt * 1_000_000)
+        except PortTaken as exc:
+            if attempt == 2:
+                raise
+            print(f"{kind}: {str(exc).splitlines()[0]}; again with fresh ports", file=sys.stderr)
+    raise AssertionError("unreachable")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rates", default="100,1000", help="commands per second, comma-separated")
@@ -367,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
             kinds = ["bridge"] + ["baseline"] * bool(args.baseline_src) + ["bare"] * (
                 not args.no_bare)
             for kind in kinds:
-                res = one_round(procs, kind, rate, args, mqtt_port, first)
+                res = _round(procs, kind, rate, args, mqtt_port, first)
                 first += 10_000_000
                 results.append(res)
                 cpu = res["cpu_us"]

@@ -31,7 +31,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from pipeline import routing
 from pipeline.config import Config, ParticleProduct, TtsApplication
-from pipeline.errors import ConfigError, InvalidInput
+from pipeline.errors import ConfigError, InvalidInput, Reason
 from pipeline.events import Uplink
 from pipeline.mapping import describe_rejected, map_uplink, maps_a_value
 from pipeline.particle import body_style, parse_webhook
@@ -142,7 +142,7 @@ def dry_run(cfg: Config, body: bytes, *, source: Source | None = None,
             ctype = content_type or particle_content_type(body)
             if body_style(ctype) is None:
                 raise InvalidInput(f"{ctype!r} is not a type Particle sends",
-                                   reason="unsupported_media_type", field="Content-Type")
+                                   reason=Reason.UNSUPPORTED_MEDIA_TYPE, field="Content-Type")
             parsed = parse_webhook(body, ctype, app, received_ts_ms=received_ts_ms,
                                    query=dict(parse_qsl(urlsplit(f"?{query}").query))
                                    if query else None)

@@ -36,7 +36,7 @@ from urllib.parse import parse_qsl
 
 import msgspec
 
-from pipeline.errors import InvalidInput
+from pipeline.errors import InvalidInput, Reason
 from pipeline.events import Downlink
 
 #: Blynk's maximum string value (bytes).
@@ -72,16 +72,16 @@ def fields_of(body: bytes, content_type: str, query: Mapping[str, str]) -> dict[
         try:
             obj = _json_any.decode(body)
         except msgspec.DecodeError as exc:
-            raise InvalidInput(f"body is not JSON: {exc}", reason="invalid_json",
+            raise InvalidInput(f"body is not JSON: {exc}", reason=Reason.INVALID_JSON,
                                field="$") from None
         if not isinstance(obj, dict):
-            raise InvalidInput("JSON body must be an object", reason="wrong_shape", field="$")
+            raise InvalidInput("JSON body must be an object", reason=Reason.WRONG_SHAPE, field="$")
         _take(out, obj.items(), "$")
         return out
     try:
         text = body.decode()
     except UnicodeDecodeError:
-        raise InvalidInput("body is not UTF-8", reason="invalid_encoding", field="$") from None
+        raise InvalidInput("body is not UTF-8", reason=Reason.INVALID_ENCODING, field="$") from None
     pairs: list[tuple[str, str]] = []
     for part in re.split(r"[\r\n]+", text):
         pairs += parse_qsl(part.strip(), keep_blank_values=True, max_num_fields=64)
@@ -99,7 +99,7 @@ def _take(out: dict[str, str], items: Any, where: str) -> None:
         elif isinstance(value, int | float):
             value = repr(value) if isinstance(value, float) else str(value)
         elif not isinstance(value, str):
-            raise InvalidInput(f"{key} must be text or a number", reason="wrong_shape",
+            raise InvalidInput(f"{key} must be text or a number", reason=Reason.WRONG_SHAPE,
                                field=key if where == "query" else f"$.{key}")
         out[field] = value
 
@@ -113,34 +113,34 @@ def parse(body: bytes, content_type: str, query: Mapping[str, str], *, origin: s
             raise InvalidInput(
                 f"{_PLACEHOLDER[name]} arrived as {value.strip()[:40]!r}: Blynk did not fill "
                 "the placeholder (not available for this webhook's trigger?)",
-                reason="unrendered_placeholder", field=_PLACEHOLDER[name])
+                reason=Reason.UNRENDERED_PLACEHOLDER, field=_PLACEHOLDER[name])
     blynk_id: int | None = None
     raw_id = f.get("id", "").strip()
     if raw_id:
         if not raw_id.isascii() or not raw_id.isdigit() or len(raw_id) > 18:
             raise InvalidInput(f"device_id must be digits, got {raw_id[:40]!r}",
-                               reason="wrong_shape", field="device_id")
+                               reason=Reason.WRONG_SHAPE, field="device_id")
         blynk_id = int(raw_id)
     token = f.get("token", "").strip() or None
     if blynk_id is None and token is None:
         raise InvalidInput("the body names no device: add device_id and/or device_authToken",
-                           reason="missing_field", field="device_id")
+                           reason=Reason.MISSING_FIELD, field="device_id")
     if token is not None and len(token) > _FIELD_MAX:
-        raise InvalidInput("device_authToken is too long", reason="too_large",
+        raise InvalidInput("device_authToken is too long", reason=Reason.TOO_LARGE,
                            field="device_authToken")
     pin_text = _required(f, "pin").strip()
     if not _PIN.fullmatch(pin_text):
         raise InvalidInput(f"device_pin must be v0..v255, got {pin_text[:40]!r}",
-                           reason="wrong_pin", field="device_pin")
+                           reason=Reason.WRONG_PIN, field="device_pin")
     pin = "V" + pin_text[1:]
     value = _required(f, "value")
     if len(value.encode()) > VALUE_MAX_BYTES:
         raise InvalidInput(f"device_pinValue is over Blynk's {VALUE_MAX_BYTES}-byte limit",
-                           reason="too_large", field="device_pinValue")
+                           reason=Reason.TOO_LARGE, field="device_pinValue")
     ts_text = _required(f, "ts").strip()
     if not ts_text.isascii() or not ts_text.isdigit() or len(ts_text) > 16:
         raise InvalidInput(f"timestamp_unix must be digits, got {ts_text[:40]!r}",
-                           reason="wrong_shape", field="timestamp_unix")
+                           reason=Reason.WRONG_SHAPE, field="timestamp_unix")
     ts = int(ts_text)
     ts_ms = ts * 1000 if ts < _SECONDS_BELOW else ts
     device_name = f.get("name", "")[:_FIELD_MAX] or None
@@ -152,7 +152,7 @@ def parse(body: bytes, content_type: str, query: Mapping[str, str], *, origin: s
 def _required(f: Mapping[str, str], name: str) -> str:
     value = f.get(name)
     if value is None:
-        raise InvalidInput(f"{_PLACEHOLDER[name]} is missing", reason="missing_field",
+        raise InvalidInput(f"{_PLACEHOLDER[name]} is missing", reason=Reason.MISSING_FIELD,
                            field=_PLACEHOLDER[name])
     return value
 

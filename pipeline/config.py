@@ -10,6 +10,7 @@ This is the only module that reads ``os.environ``. Loading does, in order:
    (``port: "${PORT}"``); anywhere a string goes it stays a string. An unset variable without a
    default is an error naming the variable, the key path that uses it and the file;
 3. ``*_file`` keys: ``api_key_file: /run/secrets/tts`` reads that file into ``api_key``;
+   keys that moved (:data:`MOVED`) are moved to their new place, with a warning;
 4. validation with msgspec: unknown keys (with the closest known one), wrong types and numbers
    out of their range (``Annotated`` bounds below) are errors that name the key path and the
    file; then cross-field checks (:func:`check`), among them: every inbound integration has
@@ -24,6 +25,7 @@ and column the file holds it on (or its nearest enclosing key: a default, a miss
 from __future__ import annotations
 
 import difflib
+import logging
 import math
 import os
 import re
@@ -37,6 +39,8 @@ import msgspec.inspect as mi
 from pipeline import config_source
 from pipeline.errors import ConfigError, ConfigProblem
 from pipeline.redact import Secret
+
+log = logging.getLogger("blynk_bridge.config")
 
 DatastreamType = Literal["integer", "double", "string", "enum", "location"]
 #: Seconds an event time may lie past its arrival before it counts as a wrong clock and becomes
@@ -336,15 +340,23 @@ class DownlinkConfig(_Base):
 
     #: A command older than this (by its Blynk time) is dead-lettered, never sent late.
     ttl_s: AtLeast1 = 600
-    #: A webhook repeating a value the bridge itself wrote to that pin this recently is an
-    #: echo of the uplink, not a command.
-    echo_window_ms: AtLeast0 = 60_000
     #: Cap of the retry backoff of an offline device.
     max_backoff_s: Positive = 30.0
     #: Timeout of one Particle or TTS HTTP call.
     timeout_s: Positive = 35.0
     #: How long a command's correlation is kept for matching TTS outcomes.
     outcome_ttl_s: AtLeast1 = 3_600
+    #: Registry rows kept in memory (LRU) to resolve Blynk devices.
+    cache_size: AtLeast1 = 100_000
+
+
+class EchoConfig(_Base):
+    """Echo records (``pipeline/echo.py``): egress writes one per value it sends to Blynk, the
+    downlink stage consumes it; a section of its own because both stages must agree on it."""
+
+    #: A webhook repeating a value the bridge itself wrote to that pin this recently is an
+    #: echo of the uplink, not a command.
+    window_ms: AtLeast0 = 60_000
 
 
 class IngestHttpConfig(_Base):
@@ -437,6 +449,8 @@ class BlynkSessionsConfig(_Base):
     offline_min_s: AtLeast1 = 600
     #: How often an owner compares the sessions it holds with the live devices.
     scan_interval_s: Positive = 1.0
+    #: Registry rows kept in memory (LRU) to open sessions.
+    cache_size: AtLeast1 = 100_000
     #: Commands from sessions waiting for the downlinks stream (Redis slow or down) before
     #: the queue keeps only the latest value per device and pin (counted ``superseded``).
     forward_queue_max: AtLeast1 = 10_000
@@ -447,6 +461,8 @@ class TransformConfig(_Base):
     dedup_window_s: AtLeast1 = 3600
     #: Registry rows kept in memory per process (LRU).
     cache_size: AtLeast1 = 100_000
+    #: Cap of the backoff after a failed batch (Redis unreachable…).
+    max_backoff_s: Positive = 30.0
     #: How often templates with ``pull: true`` re-read their datastreams from Blynk.
     template_refresh_s: Positive = 300.0
     #: How long an uplink waits for another worker that is creating its device.
@@ -533,6 +549,7 @@ class Config(_Base):
     devices: list[DeviceEntry] = msgspec.field(default_factory=list)
     blynk_webhooks: list[BlynkWebhook] = msgspec.field(default_factory=list)
     downlink: DownlinkConfig = msgspec.field(default_factory=DownlinkConfig)
+    echo: EchoConfig = msgspec.field(default_factory=EchoConfig)
     ingest_http: IngestHttpConfig = msgspec.field(default_factory=IngestHttpConfig)
     ingest_mqtt: IngestMqttConfig = msgspec.field(default_factory=IngestMqttConfig)
     transform: TransformConfig = msgspec.field(default_factory=TransformConfig)
@@ -693,6 +710,7 @@ def parse(text: str, fmt: Literal["yaml", "toml"], origin: str,
     try:
         data = _substitute_all(source.data, os.environ if env is None else env, origin)
         data = _resolve_files(data, origin)
+        _migrate(data, origin)
         try:
             config = msgspec.convert(data, Config, dec_hook=_dec_hook)
         except msgspec.ValidationError as exc:
@@ -860,6 +878,27 @@ def _value_at(data: Any, path: config_source.KeyPath) -> Any:
 
 
 _CONFIG_TYPE = mi.type_info(Config)
+#: Keys that moved: (old section, old key) → (new section, new key). The old key is still
+#: accepted, with a warning, unless the new one is set too.
+MOVED = {("downlink", "echo_window_ms"): ("echo", "window_ms")}
+
+
+def _migrate(data: dict[str, Any], origin: str) -> None:
+    """Move deprecated keys of the parsed file to their new place (:data:`MOVED`)."""
+    for (old_sec, old_key), (new_sec, new_key) in MOVED.items():
+        section = data.get(old_sec)
+        if not isinstance(section, dict) or old_key not in section:
+            continue
+        target = data.setdefault(new_sec, {})
+        if not isinstance(target, dict):
+            continue  # msgspec names the wrong type
+        if new_key in target:
+            raise _invalid(origin, f"{old_sec}.{old_key}",
+                           f"`{old_sec}.{old_key}` is the old name of `{new_sec}.{new_key}`; "
+                           f"set only `{new_sec}.{new_key}`")
+        target[new_key] = section.pop(old_key)
+        log.warning("%s: `%s.%s` is deprecated; use `%s.%s`", origin, old_sec, old_key,
+                    new_sec, new_key)
 
 
 def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:

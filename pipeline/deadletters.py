@@ -16,6 +16,7 @@ import msgspec
 from redis.exceptions import ResponseError
 
 from pipeline import dedup, events
+from pipeline.errors import describe
 from pipeline.keys import DOWNLINKS, UPLINKS, WRITES, Keys
 from pipeline.redact import redact_text
 from pipeline.streams import Redis
@@ -104,6 +105,7 @@ def letter_summary(row: DeadRow) -> dict[str, Any]:
         "time": _time(d.dead_ts_ms),
         "stage": d.stage,
         "reason": d.reason,
+        "meaning": describe(d.reason),
         "detail": redact_text(d.detail),
         "attempts": d.attempts,
         "stream": d.stream,

@@ -28,7 +28,7 @@ import msgspec
 
 from pipeline import mqtt
 from pipeline.config import ParticleProduct, TtsApplication
-from pipeline.errors import Permanent, Retryable
+from pipeline.errors import Permanent, Reason, Retryable
 
 log = logging.getLogger("blynk_bridge.device_clouds")
 
@@ -45,13 +45,13 @@ _BODY_MAX = 300
 class Offline(Retryable):
     """The device did not answer (Particle: timed out / not connected)."""
 
-    reason = "device_offline"
+    reason = Reason.DEVICE_OFFLINE
 
 
 class Unauthorized(Retryable):
     """The device cloud refused our credentials."""
 
-    reason = "unauthorized"
+    reason = Reason.UNAUTHORIZED
 
 
 def tts_device_ok(device: str) -> bool:
@@ -76,7 +76,7 @@ class TtsMqtt:
             host=app.host, port=app.effective_port, username=app.username,
             password=app.api_key.reveal() if app.api_key is not None else None,
             tls=not app.insecure, ca_file=app.ca_file,
-            client_id=f"blynk-bridge-down-{app.name}-{consumer}"[:128], timeout_s=timeout_s)
+            client_id=f"blynk-bridge-down-{app.app_id}-{consumer}"[:128], timeout_s=timeout_s)
         self._on_outcome = on_outcome
         self._session: mqtt.Session | None = None
         self._reader: asyncio.Task[None] | None = None
@@ -88,13 +88,13 @@ class TtsMqtt:
 
     async def send(self, device: str, body: bytes) -> None:
         if not tts_device_ok(device):
-            raise Permanent(f"TTS device id {device[:64]!r} is not valid", reason="bad_device")
+            raise Permanent(f"TTS device id {device[:64]!r} is not valid", reason=Reason.BAD_DEVICE)
         session = await self._connect()
         try:
             await session.publish(self.topic(device), body, qos=1)
         except mqtt.MqttError as exc:
             await self._drop(session)
-            raise Retryable(f"publish failed: {exc.detail}", reason="mqtt") from None
+            raise Retryable(f"publish failed: {exc.detail}", reason=Reason.MQTT) from None
 
     async def _connect(self) -> mqtt.Session:
         async with self._lock:
@@ -110,7 +110,7 @@ class TtsMqtt:
                 raise Unauthorized(f"TTS {self.app.name}: {exc.detail}") from None
             except mqtt.MqttError as exc:
                 await session.__aexit__(None, None, None)
-                raise Retryable(f"TTS {self.app.name}: {exc.detail}", reason="mqtt") from None
+                raise Retryable(f"TTS {self.app.name}: {exc.detail}", reason=Reason.MQTT) from None
             self._session = session
             self._reader = asyncio.create_task(self._read(session),
                                                name=f"downlink-outcomes-{self.app.name}")
@@ -159,8 +159,8 @@ def _http_failure(status: int, text: str, what: str) -> Exception:
     if status in (401, 403):
         return Unauthorized(detail)
     if status == 429 or status >= 500:
-        return Retryable(detail, reason=f"http_{status}")
-    return Permanent(detail, reason=f"http_{status}")
+        return Retryable(detail, reason=Reason.CLOUD_UNAVAILABLE)
+    return Permanent(detail, reason=Reason.CLOUD_REFUSED)
 
 
 class TtsHttp:
@@ -180,7 +180,7 @@ class TtsHttp:
 
     async def send(self, device: str, body: bytes) -> None:
         if not tts_device_ok(device):
-            raise Permanent(f"TTS device id {device[:64]!r} is not valid", reason="bad_device")
+            raise Permanent(f"TTS device id {device[:64]!r} is not valid", reason=Reason.BAD_DEVICE)
         key = self.app.api_key.reveal() if self.app.api_key is not None else ""
         try:
             async with self._http.post(self.url(device), data=body, headers={
@@ -192,7 +192,7 @@ class TtsHttp:
                 raise _http_failure(resp.status, text, f"TTS {self.app.name}")
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise Retryable(f"TTS {self.app.name}: {type(exc).__name__}: {exc}",
-                            reason="unreachable") from None
+                            reason=Reason.UNREACHABLE) from None
 
 
 class _FunctionReply(msgspec.Struct):
@@ -220,10 +220,10 @@ class ParticleApi:
     async def call(self, device: str, function: str, arg: str) -> int | float | str | None:
         if not _PARTICLE_DEVICE.fullmatch(device):
             raise Permanent(f"Particle device id {device[:64]!r} is not valid",
-                            reason="bad_device")
+                            reason=Reason.BAD_DEVICE)
         if not _FUNCTION.fullmatch(function):
             raise Permanent(f"Particle function name {function[:80]!r} is not valid",
-                            reason="bad_function")
+                            reason=Reason.BAD_FUNCTION)
         url = (f"{self.product.api_url.rstrip('/')}/v1/devices/{quote(device, safe='')}/"
                f"{quote(function, safe='')}")
         token = (self.product.access_token.reveal()
@@ -236,7 +236,7 @@ class ParticleApi:
                 status = resp.status
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise Retryable(f"{what}: {type(exc).__name__}: {exc}",
-                            reason="unreachable") from None
+                            reason=Reason.UNREACHABLE) from None
         text = raw.decode(errors="replace")
         try:
             reply: _FunctionReply | None = _reply.decode(raw)
@@ -251,5 +251,6 @@ class ParticleApi:
                                   or "offline" in low)):
             raise Offline(f"{what}: device {device} offline (HTTP {status}: {error[:100]})")
         if status == 404:
-            raise Permanent(f"{what}: HTTP 404: {error[:_BODY_MAX]}", reason="unknown_function")
+            raise Permanent(f"{what}: HTTP 404: {error[:_BODY_MAX]}",
+                            reason=Reason.UNKNOWN_FUNCTION)
         raise _http_failure(status, error, what)

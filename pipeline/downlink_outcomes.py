@@ -27,6 +27,7 @@ import msgspec
 from pipeline import events, metrics
 from pipeline import keys as keynames
 from pipeline.config import TemplateConfig
+from pipeline.errors import Reason
 from pipeline.keys import Keys
 from pipeline.redact import masked_repr
 from pipeline.registry import split_key
@@ -36,6 +37,8 @@ from pipeline.streams import Redis, now_ms
 DELIVERED = ("sent", "ack")
 #: Every outcome TTS reports (MQTT topic suffix; webhook key ``downlink_<outcome>``).
 OUTCOMES = ("queued", "sent", "ack", "nack", "failed")
+#: The outcomes that are failures, and the reason their dead letters carry.
+TTS_FAILURES = {"nack": Reason.TTS_NACK, "failed": Reason.TTS_FAILED}
 
 
 class Sent(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -90,7 +93,7 @@ class Outcomes:
                 continue
             matched += 1
             metrics.DOWNLINK_OUTCOMES.labels(integration, outcome).inc()
-            if outcome not in DELIVERED and outcome not in ("nack", "failed"):
+            if outcome not in DELIVERED and outcome not in TTS_FAILURES:
                 continue
             raw = await self._redis.get(self._keys.down_command(event_id))
             if raw is None:
@@ -100,10 +103,10 @@ class Outcomes:
                 if outcome not in DELIVERED:
                     dead = events.dead_letter(
                         stream=sent.stream, entry_id=sent.entry_id, raw=sent.raw,
-                        stage="downlink", reason=f"tts_{outcome}",
+                        stage="downlink", reason=TTS_FAILURES[outcome],
                         detail=tts_error(payload), attempts=1, dead_ts_ms=now_ms())
                     pipe.xadd(self._keys.dead, {events.FIELD: events.encode(dead)})
-                    metrics.DEAD.labels("downlink", f"tts_{outcome}").inc()
+                    metrics.DEAD.labels("downlink", TTS_FAILURES[outcome]).inc()
                 template = self._templates.get(sent.template)
                 pin = (template.downlink.outcome_pin
                        if template is not None and template.downlink else None)

@@ -22,7 +22,7 @@ from typing import Generic, TypeVar
 import msgspec
 
 from pipeline.config import EncodeRule
-from pipeline.errors import Permanent
+from pipeline.errors import Permanent, Reason
 from pipeline.events import Value
 
 #: Particle's limit on a function argument (bytes; Device OS 1.x and later).
@@ -97,17 +97,17 @@ def pack(rule: EncodeRule, value: Value) -> bytes:
         number = value
     else:
         raise Permanent(f"{rule.pin}: {value!r} is not a number to pack as {rule.type}",
-                        reason="encode_failed")
+                        reason=Reason.ENCODE_FAILED)
     if rule.type != "float32" and isinstance(number, float):
         if not number.is_integer():
             raise Permanent(f"{rule.pin}: {number!r} is not an integer ({rule.type})",
-                            reason="encode_failed")
+                            reason=Reason.ENCODE_FAILED)
         number = int(number)
     try:
         return struct.pack(fmt, number)
     except (struct.error, OverflowError) as exc:
         raise Permanent(f"{rule.pin}: {number!r} does not fit {rule.type}: {exc}",
-                        reason="encode_failed") from None
+                        reason=Reason.ENCODE_FAILED) from None
 
 
 def encode_rule(rules: Sequence[EncodeRule], pin: str) -> EncodeRule | None:
@@ -136,5 +136,5 @@ def particle_arg(template: str, *, name: str, pin: str, value: Value, ts_ms: int
     size = len(arg.encode())
     if size > PARTICLE_ARG_MAX:
         raise Permanent(f"Particle function argument of {size} bytes is over the "
-                        f"{PARTICLE_ARG_MAX}-byte limit", reason="arg_too_long")
+                        f"{PARTICLE_ARG_MAX}-byte limit", reason=Reason.ARG_TOO_LONG)
     return arg

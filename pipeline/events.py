@@ -15,6 +15,7 @@ from typing import Literal
 
 import msgspec
 
+from pipeline.errors import Reason
 from pipeline.redact import masked_repr
 
 #: The value of one decoded key as the device sent it (after ingest flattening).
@@ -143,7 +144,7 @@ DEAD_RAW_MAX = 8 * 1024
 DEAD_DETAIL_MAX = 2000
 
 
-def dead_letter(*, stream: str, entry_id: str, raw: bytes, stage: str, reason: str,
+def dead_letter(*, stream: str, entry_id: str, raw: bytes, stage: str, reason: Reason,
                 detail: str, attempts: int, dead_ts_ms: int) -> DeadLetter:
     """The dead letter of ``raw`` (an entry of ``stream``, or ``entry_id=""`` for input that
     never became one), bounded in size whatever the input."""

@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import re
 
-from pipeline.errors import InvalidInput
+from pipeline.errors import InvalidInput, Reason
 
 DEVICE_ID = re.compile(r"[A-Za-z0-9._:@-]{1,64}", re.ASCII)
 MAX_EVENT_ID_BYTES = 128
@@ -35,7 +35,7 @@ def check_device(device: str, field: str) -> str:
     raise InvalidInput(
         f"`{field}` must be 1-64 of A-Z a-z 0-9 . _ : @ - (got {len(device)} characters: "
         f"{device[:40]!r})",
-        reason="invalid_field",
+        reason=Reason.INVALID_FIELD,
         field=field,
     )
 

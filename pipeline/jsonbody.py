@@ -8,7 +8,7 @@ Both name the whole body (``$``) as the field.
 
 from __future__ import annotations
 
-from pipeline.errors import InvalidInput
+from pipeline.errors import InvalidInput, Reason
 
 
 def undecodable(body: bytes, exc: Exception) -> InvalidInput:
@@ -17,6 +17,6 @@ def undecodable(body: bytes, exc: Exception) -> InvalidInput:
         body.decode()
     except UnicodeDecodeError as bad:
         return InvalidInput(
-            f"body is not UTF-8 (byte {bad.start})", reason="invalid_encoding", field="$"
+            f"body is not UTF-8 (byte {bad.start})", reason=Reason.INVALID_ENCODING, field="$"
         )
-    return InvalidInput(f"not valid JSON: {exc}", reason="invalid_json", field="$")
+    return InvalidInput(f"not valid JSON: {exc}", reason=Reason.INVALID_JSON, field="$")

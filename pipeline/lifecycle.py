@@ -141,8 +141,8 @@ def collect_young_less_often(gen0: int) -> tuple[int, int, int]:
 
     Process-wide, and it never lowers a setting: in ``run`` mode every stage that asks gets the
     highest threshold any of them asked for. Hot stages allocate many short-lived objects per
-    message; at CPython's default (700) collections took ~20% of egress CPU and ~7 µs per
-    webhook in ingest-http (bench/). ``gc.freeze()`` keeps start-up objects (modules, config,
+    message; at CPython's default (700) collections took a large share of egress and
+    ingest-http CPU (BENCHMARKS.md). ``gc.freeze()`` keeps start-up objects (modules, config,
     pools) out of every later collection.
     """
     previous = gc.get_threshold()

@@ -41,6 +41,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from pipeline.config import DatastreamConfig, DatastreamType, KeyMapping, TemplateConfig
+from pipeline.errors import Reason
 from pipeline.events import Uplink, Value
 
 INT32_MIN = -(2**31)
@@ -51,7 +52,6 @@ FIRMWARE_KEY = "Blynk Firmware Version"
 PUBLISHED_AT_KEY = "PARTICLE_PUBLISHED_AT"
 RSSI = "RSSI"
 SNR = "SNR"
-TYPE_MISMATCH = "type_mismatch"
 #: Keys of the Particle blueprint's own envelope, never datastream values.
 _PARTICLE_ENVELOPE = frozenset({"t"})
 #: How many distinct decoded keys one template remembers the resolution of.
@@ -128,7 +128,7 @@ class Rejected:
     key: str
     pin: str
     detail: str
-    reason: str = TYPE_MISMATCH
+    reason: Reason = Reason.TYPE_MISMATCH
 
 
 @dataclass(slots=True)

@@ -74,7 +74,7 @@ from urllib.parse import parse_qsl
 import msgspec
 
 from pipeline.config import ParticleProduct
-from pipeline.errors import InvalidInput
+from pipeline.errors import InvalidInput, Reason
 from pipeline.events import Uplink, UplinkKind, Value
 from pipeline.eventtime import clamp_future, rfc3339_ms
 from pipeline.ids import DEVICE_ID, check_device, event_id
@@ -153,13 +153,13 @@ def parse_webhook(
                 value.encode()
             except UnicodeEncodeError:
                 raise InvalidInput(
-                    "query parameter is not UTF-8", reason="invalid_encoding", field=key[:64]
+                    "query parameter is not UTF-8", reason=Reason.INVALID_ENCODING, field=key[:64]
                 ) from None
     fields: dict[str, Any] = {}
     if body and not body.isspace():
         fields = _decode_body(body, content_type)
     elif not query:
-        raise InvalidInput("empty body", reason="wrong_shape", field="$")
+        raise InvalidInput("empty body", reason=Reason.WRONG_SHAPE, field="$")
     if query or product.device_id_from == "query":
         fields = _with_query(fields, query or {}, product)
     if product.html_unescape:
@@ -179,7 +179,7 @@ def _with_query(
             raise InvalidInput(
                 "device_id_from is `query` but the webhook URL has no device id: add "
                 "?coreid={{{PARTICLE_DEVICE_ID}}}",
-                reason="missing_field",
+                reason=Reason.MISSING_FIELD,
                 field="coreid",
             )
     else:
@@ -190,7 +190,7 @@ def _with_query(
                 raise InvalidInput(
                     f"the body's `{key}` names another device than the webhook URL's "
                     f"`{query_key}` (device_id_from is `query`)",
-                    reason="invalid_field",
+                    reason=Reason.INVALID_FIELD,
                     field=key,
                 )
     merged = body
@@ -240,7 +240,7 @@ def _decode_body(body: bytes, content_type: str) -> dict[str, Any]:
     if style is None:
         raise InvalidInput(
             f"content type {content_type!r} is not JSON, form or text",
-            reason="unsupported_media_type",
+            reason=Reason.UNSUPPORTED_MEDIA_TYPE,
             field="Content-Type",
         )
     if style == "form":
@@ -250,7 +250,7 @@ def _decode_body(body: bytes, content_type: str) -> dict[str, Any]:
         if not isinstance(decoded, dict):
             raise InvalidInput(
                 f"a JSON webhook body must be an object, got {_json_type(decoded)}",
-                reason="wrong_shape",
+                reason=Reason.WRONG_SHAPE,
                 field="$",
             )
         return decoded
@@ -264,7 +264,7 @@ def _decode_body(body: bytes, content_type: str) -> dict[str, Any]:
     try:
         return {"data": body.decode()}
     except UnicodeDecodeError:
-        raise InvalidInput("body is not UTF-8", reason="invalid_encoding", field="$") from None
+        raise InvalidInput("body is not UTF-8", reason=Reason.INVALID_ENCODING, field="$") from None
 
 
 def _decode_json(body: bytes) -> Any:
@@ -274,7 +274,7 @@ def _decode_json(body: bytes) -> Any:
         raise undecodable(body, exc) from None
     except RecursionError:
         raise InvalidInput(
-            "JSON nested too deeply", reason="wrong_shape", field="$"
+            "JSON nested too deeply", reason=Reason.WRONG_SHAPE, field="$"
         ) from None
 
 
@@ -288,11 +288,11 @@ def _decode_form(body: bytes) -> dict[str, Any]:
         )
     except UnicodeDecodeError:
         raise InvalidInput(
-            "form body is not UTF-8", reason="invalid_encoding", field="$"
+            "form body is not UTF-8", reason=Reason.INVALID_ENCODING, field="$"
         ) from None
     except ValueError:
         raise InvalidInput(
-            f"form body has more than {MAX_VALUES} fields", reason="too_many_values", field="$"
+            f"form body has more than {MAX_VALUES} fields", reason=Reason.TOO_MANY_VALUES, field="$"
         ) from None
     return dict(pairs)
 
@@ -335,7 +335,7 @@ def _uplink(fields: dict[str, Any], product: ParticleProduct, received_ts_ms: in
     if len(values) > MAX_VALUES:
         raise InvalidInput(
             f"{len(values)} values in one message (limit {MAX_VALUES})",
-            reason="too_many_values",
+            reason=Reason.TOO_MANY_VALUES,
             field="$",
         )
 
@@ -497,7 +497,7 @@ def _opt_str(fields: Mapping[str, Any], key: str) -> str | None:
     if isinstance(value, str):
         return str(value)
     raise InvalidInput(
-        f"`{key}` must be a string, got {_json_type(value)}", reason="invalid_field", field=key
+        f"`{key}` must be a string, got {_json_type(value)}", reason=Reason.INVALID_FIELD, field=key
     )
 
 
@@ -511,7 +511,7 @@ def _device(fields: Mapping[str, Any], token: str | None) -> str:
     raise InvalidInput(
         "no device id: send Particle's default fields (coreid), or add "
         "?coreid={{{PARTICLE_DEVICE_ID}}} to the webhook URL",
-        reason="missing_field",
+        reason=Reason.MISSING_FIELD,
         field="coreid",
     )
 
@@ -537,7 +537,7 @@ def _device_meta(
             meta["public"] = public.lower()
         else:
             raise InvalidInput(
-                "`public` must be true/false", reason="invalid_field", field="public"
+                "`public` must be true/false", reason=Reason.INVALID_FIELD, field="public"
             )
     for key in ("productID", "product_id"):
         if fields.get(key) is not None:
@@ -556,7 +556,7 @@ def _int_text(value: Any, field: str) -> str:
     if isinstance(value, str) and value.strip():
         return value.strip()
     raise InvalidInput(
-        f"`{field}` must be a number or a string", reason="invalid_field", field=field
+        f"`{field}` must be a number or a string", reason=Reason.INVALID_FIELD, field=field
     )
 
 
@@ -566,7 +566,7 @@ def _iso_ms(text: str) -> int:
     if ms is None:
         raise InvalidInput(
             f"`published_at` is not an RFC 3339 time: {text[:40]!r}",
-            reason="invalid_field",
+            reason=Reason.INVALID_FIELD,
             field="published_at",
         )
     return ms

@@ -4,9 +4,9 @@ Contract of :meth:`Provisioner.ensure`:
 
 * returns the registered device (created now, by another worker meanwhile, or already there);
 * concurrent first uplinks of one device — in this process or any other — create it **once**:
-  the creator holds ``keys.provision_lock(...)`` (``SET NX PX``) and re-reads the registry after
-  acquiring it; the others poll the registry (bounded, with backoff) until the row appears or
-  the lock is gone, then take the lock themselves;
+  the creator holds the :class:`~pipeline.lease.Lease` ``keys.provision_lock(...)`` and
+  re-reads the registry after acquiring it; the others poll the registry (bounded, with
+  backoff) until the row appears or the lock is gone, then take the lock themselves;
 * raises :class:`~pipeline.errors.Retryable` when Blynk's platform API failed in a way that may
   pass, or when another worker is still creating the device after ``wait_s``: the caller leaves
   the uplink pending (it is delivered again, never acked before its write exists);
@@ -44,28 +44,20 @@ from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from pipeline import metrics
-from pipeline.errors import Permanent, Retryable
+from pipeline.errors import Permanent, Reason, Retryable
 from pipeline.keys import Keys
+from pipeline.lease import Lease
 from pipeline.ratelimit import GCRA_TAKE_LUA
 from pipeline.registry import Device, Registry, split_key
 from pipeline.streams import Redis
 
 log = logging.getLogger("blynk_bridge.provision")
 
-PROVISION_FAILED = "provision_failed"
-PROVISION_LIMIT = "provision_limit"
-PROVISION_RATE = "provision_rate"
 #: Seconds between attempts at a pending metafield.
 META_RETRY_S = 30.0
 METAFIELD = {"tts": "TheThingsNetwork Device", "particle": "Particle Device"}
 #: Blynk device names: up to 50 letters, digits, spaces, apostrophes, underscores, hyphens.
 _NAME_BAD = re.compile(r"[^A-Za-z0-9 '_-]")
-
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-
 
 class CreatedDevice(Protocol):
     @property
@@ -143,12 +135,12 @@ class Limits:
         if reply == -1:
             metrics.PROVISIONED.labels(integration, "limit").inc()
             raise Permanent(f"not creating {device!r}: integration {integration!r} reached its "
-                            f"provision_max of {lim.max} devices", reason=PROVISION_LIMIT)
+                            f"provision_max of {lim.max} devices", reason=Reason.PROVISION_LIMIT)
         if reply > 0:
             metrics.PROVISIONED.labels(integration, "rate_limited").inc()
             raise Retryable(f"not creating {device!r} yet: integration {integration!r} creates "
                             f"at most {lim.rate:g} devices per second",
-                            reason=PROVISION_RATE, retry_after_s=reply / 1_000_000)
+                            reason=Reason.PROVISION_RATE, retry_after_s=reply / 1_000_000)
 
     async def give_back(self, source: str, integration: str) -> None:
         """A creation counted by :meth:`take` did not happen."""
@@ -174,7 +166,6 @@ class Provisioner:
         self._platform = platform
         self._lock_ms = lock_ms
         self._wait_s = wait_s
-        self._release = redis.register_script(_RELEASE)
         self._limits = limits
         #: Device keys whose metafield failed recently → when to try again (monotonic).
         self._meta_retry: dict[str, float] = {}
@@ -184,27 +175,27 @@ class Provisioner:
         source, integration, device = split_key(key)
         if self._platform is None:
             raise Permanent("auto-provisioning needs `blynk.platform` in the configuration",
-                            reason=PROVISION_FAILED)
+                            reason=Reason.PROVISION_FAILED)
         if not template_id:
             raise Permanent(f"template {template!r} has no Blynk template `id` to create "
-                            f"device {device!r} from", reason=PROVISION_FAILED)
-        lock = self._keys.provision_lock(source, integration, device)
-        me = uuid.uuid4().hex
+                            f"device {device!r} from", reason=Reason.PROVISION_FAILED)
+        lock = Lease(self._redis, self._keys.provision_lock(source, integration, device),
+                     uuid.uuid4().hex, ttl_ms=self._lock_ms)
         deadline = time.monotonic() + self._wait_s
         delay = 0.005
         while True:
-            if await self._redis.set(lock, me, nx=True, px=self._lock_ms):
+            if await lock.acquire():
                 try:
                     return await self._create_locked(key, template, template_id)
                 finally:
-                    await self._release(keys=[lock], args=[me])
+                    await lock.release()
             # Someone else is creating it: wait for the row (or for the lock to go).
             dev = (await self._registry.load([key]))[key]
             if dev is not None:
                 return dev
             if time.monotonic() > deadline:
                 raise Retryable(f"device {device!r} is still being provisioned elsewhere",
-                                reason="provision_pending")
+                                reason=Reason.PROVISION_PENDING)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.25)
 
@@ -226,7 +217,7 @@ class Provisioner:
             metrics.PROVISIONED.labels(integration, "failed").inc()
             await self._give_back(source, integration)
             raise Permanent(f"creating {device!r} from template {template_id}: {exc.detail}",
-                            reason=PROVISION_FAILED) from exc
+                            reason=Reason.PROVISION_FAILED) from exc
         dev = await self._registry.register(key, token=created.token, template=template,
                                             blynk_id=created.id, meta_pending=True)
         metrics.PROVISIONED.labels(integration, "created").inc()

@@ -47,6 +47,7 @@ from redis.exceptions import RedisError, WatchError
 
 from pipeline import blynk_index, metrics
 from pipeline.config import DeviceEntry
+from pipeline.errors import Reason
 from pipeline.keys import Keys
 from pipeline.redact import masked_repr
 from pipeline.streams import Redis, now_ms
@@ -126,8 +127,9 @@ class Device:
 #: The row fields a lookup reads, in :meth:`Device.from_fields` order.
 FIELDS = ("token", "template", "server", "id", "status", "reason", "detail", "firmware",
           "meta_pending")
-#: One command for a whole batch of misses (redis-py costs ~10 µs per command it packs and
-#: parses; a million-device fleet behind a 100k cache misses most of the time).
+#: One command for a whole batch of misses (redis-py's cost per command it packs and parses
+#: outweighs the lookup, BENCHMARKS.md; a million-device fleet behind a 100k cache misses most
+#: of the time).
 _LOAD = """
 local out = {}
 for i = 1, #KEYS do out[i] = redis.call('HMGET', KEYS[i], unpack(ARGV)) end
@@ -404,7 +406,7 @@ class Registry:
         self._put(dev)
         return dev
 
-    async def mark_broken(self, device_key: str, reason: str, detail: str, *,
+    async def mark_broken(self, device_key: str, reason: Reason, detail: str, *,
                           token: str | None = None) -> bool:
         """Mark a device broken (Blynk said its token is invalid). Transform then dead-letters
         its uplinks with reason ``device_broken`` until it is registered again, unbroken by an

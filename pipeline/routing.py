@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from pipeline.config import Config, TemplateRule
+from pipeline.errors import Reason
 from pipeline.events import Uplink
 from pipeline.registry import STATUS_BROKEN, Device, token_device_key
 
@@ -33,9 +34,6 @@ DEAD: Final = "dead"
 CREATE: Final = "create"
 WRITE: Final = "write"
 
-UNKNOWN_DEVICE = "unknown_device"
-DEVICE_BROKEN = "device_broken"
-UNKNOWN_INTEGRATION = "unknown_integration"
 _SKIP_KINDS = frozenset({"join", "status"})
 
 
@@ -82,16 +80,21 @@ class Route:
     key: str = ""
     integration: Integration | None = None
     device: Device | None = None
-    reason: str = ""
+    reason: Reason | None = None
     detail: str = ""
 
+    def why(self) -> Reason:
+        """The reason of a ``SKIP`` or ``DEAD`` route."""
+        assert self.reason is not None, f"a {self.kind} route has no reason"
+        return self.reason
 
-def skip_reason(u: Uplink) -> str | None:
+
+def skip_reason(u: Uplink) -> Reason | None:
     """Why an uplink carries nothing to write, or ``None`` when it may."""
     if u.kind in _SKIP_KINDS:
-        return u.kind
+        return Reason(u.kind)
     if not u.values and u.radio is None:
-        return "empty"
+        return Reason.EMPTY
     return None
 
 
@@ -118,7 +121,7 @@ def plan(uplinks: Sequence[Uplink], devices: Mapping[str, Device | None],
         key = f"{u.source}:{u.integration}:{u.device}"
         integ = get_integration((u.source, u.integration))
         if integ is None:
-            append(Route(DEAD, u, key, None, None, UNKNOWN_INTEGRATION,
+            append(Route(DEAD, u, key, None, None, Reason.UNKNOWN_INTEGRATION,
                          f"{u.source} integration {u.integration!r} is not configured"))
         elif u.token is not None:
             tname = integ.choose_template(u.device_meta)
@@ -131,12 +134,12 @@ def plan(uplinks: Sequence[Uplink], devices: Mapping[str, Device | None],
                 if integ.provision:
                     append(Route(CREATE, u, key, integ))
                 else:
-                    append(Route(DEAD, u, key, integ, None, UNKNOWN_DEVICE, (
+                    append(Route(DEAD, u, key, integ, None, Reason.UNKNOWN_DEVICE, (
                         f"no Blynk device registered for {u.source} device {u.device!r} of "
                         f"integration {u.integration!r} (add it to `devices` or enable "
                         "`provision`)")))
             elif dev.status == STATUS_BROKEN:
-                append(Route(DEAD, u, key, integ, None, DEVICE_BROKEN, (
+                append(Route(DEAD, u, key, integ, None, Reason.DEVICE_BROKEN, (
                     f"Blynk device of {key} is marked broken: {dev.reason}: {dev.detail}")))
             else:
                 append(Route(WRITE, u, key, integ, dev))

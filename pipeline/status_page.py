@@ -47,6 +47,7 @@ from redis.exceptions import RedisError
 from pipeline import metrics, stats
 from pipeline.backlog import StreamInfo, snapshot
 from pipeline.deadletters import get_dead, letter_summary, replay, scan_dead
+from pipeline.errors import Reason
 from pipeline.keys import Keys
 from pipeline.metrics_http import Handler
 from pipeline.redact import Secret, redact_text
@@ -218,7 +219,7 @@ class StatusPage:
             # always sends one.
             host = request.headers.get("Host")
             if host is not None and not host_allowed(host, self._allowed_hosts):
-                metrics.REJECTED.labels("status-page", "host").inc()
+                metrics.REJECTED.labels("status-page", Reason.HOST_NOT_ALLOWED).inc()
                 return _error(421, f"the status page does not answer to host {host[:100]!r}: "
                                    "add its name to monitor.allowed_hosts (IP addresses, "
                                    "localhost and one-label names are always allowed)")
@@ -317,20 +318,21 @@ class StatusPage:
             "missing": [i for i, r in found.items() if r is None],
         }, headers={"Cache-Control": "no-store"})
 
-    def _refuse(self, request: web.BaseRequest) -> tuple[web.Response, str] | None:
+    def _refuse(self, request: web.BaseRequest) -> tuple[web.Response, Reason] | None:
         """Why an action request is refused (response, reason), or ``None``."""
         if self._token is None:
-            return _error(403, "actions are disabled: set monitor.admin_token"), "disabled"
+            return _error(403, "actions are disabled: set monitor.admin_token"), \
+                Reason.ACTIONS_DISABLED
         origin = request.headers.get("Origin")
         if origin is not None and urlsplit(origin).netloc != request.host:
-            return _error(403, "cross-origin request refused"), "cross_origin"
+            return _error(403, "cross-origin request refused"), Reason.CROSS_ORIGIN
         auth = request.headers.get("Authorization", "")
         scheme, _, given = auth.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(),
                                                                  self._token):
             resp = _error(401, "needs Authorization: Bearer <monitor.admin_token>")
             resp.headers["WWW-Authenticate"] = 'Bearer realm="blynk-bridge"'
-            return resp, "unauthorized"
+            return resp, Reason.UNAUTHORIZED
         return None
 
 

@@ -36,6 +36,7 @@ from redis.exceptions import ResponseError
 
 from pipeline import events, metrics
 from pipeline.batching import GroupCommit
+from pipeline.errors import Reason
 from pipeline.keys import Keys
 
 Redis = aioredis.Redis
@@ -95,9 +96,9 @@ class StreamWriter:
     async def add_many(self, items: Sequence[tuple[str, bytes]]) -> list[str]:
         """Append many entries (one Lua call per stream, pipelined); returns ids in order.
 
-        One script call that loops over ``XADD`` instead of one command per entry: building each
-        command in redis-py cost ~28 µs per entry against ~2 µs this way
-        (``bench/ingest_mqtt.py``). The script touches one key (Redis Cluster safe), so a batch is
+        One script call that loops over ``XADD`` instead of one command per entry: redis-py's
+        cost of building each command outweighs the Redis work (figures: BENCHMARKS.md,
+        ``bench/ingest_mqtt.py``). The script touches one key (Redis Cluster safe), so a batch is
         all-or-nothing per stream.
         """
         if not items:
@@ -121,6 +122,10 @@ class StreamWriter:
     async def close(self) -> None:
         """Wait until every buffered entry was written."""
         await self._adds.close()
+
+
+#: An entry to dead-letter: ``(entry, reason, detail)``.
+DeadItem = tuple[Entry, Reason, str]
 
 
 class StreamReader:
@@ -271,7 +276,7 @@ class StreamReader:
         poison = [e for e in entries if e.deliveries > self.max_deliveries]
         if poison:
             await self.dead_letter(
-                [(e, "max_deliveries", f"delivered {e.deliveries - 1} times") for e in poison]
+                [(e, Reason.MAX_DELIVERIES, f"delivered {e.deliveries - 1} times") for e in poison]
             )
         return live
 
@@ -308,7 +313,7 @@ class StreamReader:
         for s, ids in by_stream.items():
             pipe.xack(s, self.group, *ids)
 
-    async def dead_letter(self, items: Sequence[tuple[Entry, str, str]]) -> None:
+    async def dead_letter(self, items: Sequence[DeadItem]) -> None:
         """Write each ``(entry, reason, detail)`` to the dead stream, then ack the entries."""
         if not items:
             return
@@ -318,7 +323,7 @@ class StreamReader:
         await self.ack([e for e, _, _ in items])
         self.count_dead(items)
 
-    def queue_dead_letter(self, pipe: Pipeline, items: Sequence[tuple[Entry, str, str]],
+    def queue_dead_letter(self, pipe: Pipeline, items: Sequence[DeadItem],
                           ts: int) -> None:
         """Queue the dead letters of ``items`` (not their acks: a caller acking in the same
         pipeline makes it a ``MULTI``, so an entry is never acked without its dead letter);

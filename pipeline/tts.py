@@ -32,13 +32,13 @@ import base64
 import binascii
 import hashlib
 import re
-from typing import Any, Literal
+from typing import Any
 
 import msgspec
 
 from pipeline import metrics
 from pipeline.config import TtsApplication
-from pipeline.errors import InvalidInput
+from pipeline.errors import InvalidInput, Reason
 from pipeline.events import Radio, Uplink, UplinkKind, Value
 from pipeline.eventtime import clamp_future, rfc3339_ms
 from pipeline.ids import check_device, event_id
@@ -171,23 +171,11 @@ _OUTCOMES = (
     "service_data",
 )
 
-SkipReason = Literal[
-    "simulated",
-    "downlink_queued",
-    "downlink_sent",
-    "downlink_ack",
-    "downlink_nack",
-    "downlink_failed",
-    "downlink_queue_invalidated",
-    "service_data",
-]
-
-
 class Skipped(msgspec.Struct, frozen=True, kw_only=True):
     """A valid TTS message that is deliberately not an uplink (a downlink outcome, service
     data, or a simulated uplink the application skips)."""
 
-    reason: SkipReason
+    reason: Reason
     device: str
     #: For downlink outcomes: the downlink's own correlation ids (``as:downlink:…``).
     correlation_ids: tuple[str, ...] = ()
@@ -219,24 +207,25 @@ def parse_event(
     if len(body) > max_bytes:
         raise InvalidInput(
             f"message of {len(body)} bytes is over the {max_bytes}-byte limit",
-            reason="too_large",
+            reason=Reason.TOO_LARGE,
             field="$",
         )
     try:
         msg = _decoder.decode(body)
     except msgspec.ValidationError as exc:
-        raise InvalidInput(str(exc), reason="wrong_shape", field=_field_of(exc)) from None
+        raise InvalidInput(str(exc), reason=Reason.WRONG_SHAPE, field=_field_of(exc)) from None
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise undecodable(body, exc) from None
     except RecursionError:
-        raise InvalidInput("JSON nested too deeply", reason="wrong_shape", field="$") from None
+        raise InvalidInput("JSON nested too deeply", reason=Reason.WRONG_SHAPE, field="$") from None
 
     if msg.end_device_ids is None and msg.data is not None:
         msg = _unwrap(msg.data)
     ids = msg.end_device_ids
     if ids is None or not ids.device_id:
         raise InvalidInput(
-            "no end_device_ids.device_id", reason="wrong_shape", field="end_device_ids.device_id"
+            "no end_device_ids.device_id", reason=Reason.WRONG_SHAPE,
+            field="end_device_ids.device_id"
         )
     device = check_device(ids.device_id, "end_device_ids.device_id")
     app_id = ids.application_ids.application_id if ids.application_ids else ""
@@ -248,7 +237,7 @@ def parse_event(
     up = msg.uplink_message
     if up is not None:
         if msg.simulated and app.skip_simulated:
-            return Skipped(reason="simulated", device=device)
+            return Skipped(reason=Reason.SIMULATED, device=device)
         kind = "uplink"
         values = _uplink_values(up, app)
         radio = _radio(up)
@@ -264,7 +253,7 @@ def parse_event(
         if loc is None:
             raise InvalidInput(
                 "location_solved has no location",
-                reason="wrong_shape",
+                reason=Reason.WRONG_SHAPE,
                 field="location_solved.location",
             )
         values = _location_values("location", loc)
@@ -275,13 +264,13 @@ def parse_event(
             outcome = getattr(msg, name)
             if outcome is not None:
                 return Skipped(
-                    reason=name,  # type: ignore[arg-type]  # _OUTCOMES ⊂ SkipReason
+                    reason=Reason(name),
                     device=device,
                     correlation_ids=_outcome_correlation_ids(outcome),
                 )
         raise InvalidInput(
             "neither uplink_message, join_accept, location_solved nor a downlink event",
-            reason="wrong_shape",
+            reason=Reason.WRONG_SHAPE,
             field="$",
         )
 
@@ -312,7 +301,7 @@ def _unwrap(data: _ApplicationUp) -> _ApplicationUp:
     if data.type != _APPLICATION_UP:
         raise InvalidInput(
             f"an event export of {str(data.type)[:100]!r}, not of an ApplicationUp",
-            reason="wrong_shape",
+            reason=Reason.WRONG_SHAPE,
             field="data.@type",
         )
     return data
@@ -370,14 +359,14 @@ def _uplink_values(up: _UplinkMessage, app: TtsApplication) -> dict[str, Value]:
         except (binascii.Error, ValueError):
             raise InvalidInput(
                 "frm_payload is not base64",
-                reason="wrong_shape",
+                reason=Reason.WRONG_SHAPE,
                 field="uplink_message.frm_payload",
             ) from None
         return {app.raw_payload_key: raw.hex()}
     raise InvalidInput(
         "uplink has no decoded_payload (no payload formatter, or it failed) and the "
         "application maps no raw payloads (raw_payload_key)",
-        reason="no_decoded_payload",
+        reason=Reason.NO_DECODED_PAYLOAD,
         field="uplink_message.decoded_payload",
     )
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
-from pipeline.errors import InvalidInput
+from pipeline.errors import InvalidInput, Reason
 from pipeline.events import Value
 
 #: Nesting deeper than this is refused (``wrong_shape``).
@@ -103,7 +103,7 @@ def scalar(value: Any, field: str) -> Value:
         return value
     if isinstance(value, int):
         return value if INT_MIN <= value <= INT_MAX else _big_int(value)
-    raise InvalidInput("expected a plain value", reason="wrong_shape", field=field)
+    raise InvalidInput("expected a plain value", reason=Reason.WRONG_SHAPE, field=field)
 
 
 def _walk(
@@ -112,7 +112,7 @@ def _walk(
     if depth > rules.max_depth:
         raise InvalidInput(
             f"nested deeper than {rules.max_depth}",
-            reason="wrong_shape",
+            reason=Reason.WRONG_SHAPE,
             field=rules.where + prefix[:-1],
         )
     for key, value in obj.items():
@@ -148,7 +148,7 @@ def _walk(
 def _too_many(rules: _Rules, name: str) -> InvalidInput:
     return InvalidInput(
         f"more than {rules.max_values} values in one message",
-        reason="too_many_values",
+        reason=Reason.TOO_MANY_VALUES,
         field=rules.where + name if name else (rules.where[:-1] or "$"),
     )
 

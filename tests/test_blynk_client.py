@@ -27,23 +27,10 @@ from emulators.blynk import (
 from pipeline import metrics
 from pipeline.blynk.client import BlynkClient, classify, redirect_refusal, token_hash
 from pipeline.blynk.http import HttpClient
-from pipeline.blynk.outcomes import (
-    BAD_REQUEST,
-    INVALID_TOKEN,
-    NO_DATASTREAM,
-    NOT_FOUND,
-    REDIRECT_REFUSED,
-    TOO_LARGE,
-    TYPE_MISMATCH,
-    UNAUTHORIZED,
-    WRONG_PIN,
-    Fail,
-    Ok,
-    Retry,
-)
+from pipeline.blynk.outcomes import Fail, Ok, Retry
 from pipeline.blynk.platform import PlatformClient
 from pipeline.config import BlynkConfig, PlatformConfig
-from pipeline.errors import Permanent, Retryable
+from pipeline.errors import Permanent, Reason, Retryable
 from pipeline.keys import Keys
 from pipeline.redact import Secret
 from pipeline.streams import Redis
@@ -142,14 +129,14 @@ async def test_upload_history_splits_past_10000_points(env: Env) -> None:
 async def test_fail_reasons(env: Env) -> None:
     c = env.client
     cases = [
-        (c.batch_update("fra1", "not-a-token-000000000000000000000", {"V1": 1}), INVALID_TOKEN,
-         None),
-        (c.batch_update("fra1", TOKEN, {"V2": "abc"}), TYPE_MISMATCH, "V2"),
-        (c.batch_update("fra1", TOKEN, {"V1": 1, "V2": "abc"}), TYPE_MISMATCH, None),
-        (c.batch_update("fra1", TOKEN, {"V99": 1}), NO_DATASTREAM, "V99"),
-        (c.batch_update("fra1", TOKEN, {"X1": 1}), WRONG_PIN, "X1"),
-        (c.update("fra1", TOKEN, "V2", 1.5), TYPE_MISMATCH, "V2"),
-        (c.get("fra1", TOKEN, ["v50"]), NO_DATASTREAM, "v50"),
+        (c.batch_update("fra1", "not-a-token-000000000000000000000", {"V1": 1}),
+         Reason.INVALID_TOKEN, None),
+        (c.batch_update("fra1", TOKEN, {"V2": "abc"}), Reason.TYPE_MISMATCH, "V2"),
+        (c.batch_update("fra1", TOKEN, {"V1": 1, "V2": "abc"}), Reason.TYPE_MISMATCH, None),
+        (c.batch_update("fra1", TOKEN, {"V99": 1}), Reason.NO_DATASTREAM, "V99"),
+        (c.batch_update("fra1", TOKEN, {"X1": 1}), Reason.WRONG_PIN, "X1"),
+        (c.update("fra1", TOKEN, "V2", 1.5), Reason.TYPE_MISMATCH, "V2"),
+        (c.get("fra1", TOKEN, ["v50"]), Reason.NO_DATASTREAM, "v50"),
     ]
     for aw, reason, pin in cases:
         out = await aw
@@ -167,16 +154,16 @@ async def test_too_large_upload(redis: Redis, keys: Keys) -> None:
                                               [(int(time.time() * 1000), 1)] * 6)
         finally:
             await client.close()
-    assert isinstance(out, Fail) and out.reason == TOO_LARGE
+    assert isinstance(out, Fail) and out.reason == Reason.TOO_LARGE
     assert out.detail == "Too much data in batch. Maximum batch size is 5 points."
 
 
 def test_messages_matched_loosely() -> None:
-    assert classify("Invalid token.") == classify("invalid token") == INVALID_TOKEN
-    assert classify("Value doesn't match the Datastream data type.") == TYPE_MISMATCH
-    assert classify("Value doesn't match the Datastream data type") == TYPE_MISMATCH
-    assert classify("Requested dataStream doesn't exist in the product X") == NO_DATASTREAM
-    assert classify("Something new") == BAD_REQUEST
+    assert classify("Invalid token.") == classify("invalid token") == Reason.INVALID_TOKEN
+    assert classify("Value doesn't match the Datastream data type.") == Reason.TYPE_MISMATCH
+    assert classify("Value doesn't match the Datastream data type") == Reason.TYPE_MISMATCH
+    assert classify("Requested dataStream doesn't exist in the product X") == Reason.NO_DATASTREAM
+    assert classify("Something new") == Reason.BAD_REQUEST
 
 
 # --- Retry --------------------------------------------------------------------------------------
@@ -283,8 +270,8 @@ async def test_308_to_a_foreign_host_is_refused_and_the_token_never_sent_there(
         before = refused("device", "foreign_host")
         out = await env.client.batch_update("fra1", NY_TOKEN, {"V1": 1})
         again = await env.client.update("fra1", NY_TOKEN, "V1", 2)
-    assert isinstance(out, Fail) and (out.reason, out.status) == (REDIRECT_REFUSED, 308)
-    assert again == out or (isinstance(again, Fail) and again.reason == REDIRECT_REFUSED)
+    assert isinstance(out, Fail) and (out.reason, out.status) == (Reason.REDIRECT_REFUSED, 308)
+    assert again == out or (isinstance(again, Fail) and again.reason == Reason.REDIRECT_REFUSED)
     assert foreign in out.detail and "not a configured Blynk server" in out.detail
     assert NY_TOKEN not in out.detail
     assert heads == []  # no request, no token
@@ -327,7 +314,7 @@ async def test_308_from_https_to_http_is_refused_even_to_a_configured_server(
             out = await client.batch_update("fra1", TOKEN, {"V1": 1})
         finally:
             await client.close()
-    assert isinstance(out, Fail) and out.reason == REDIRECT_REFUSED
+    assert isinstance(out, Fail) and out.reason == Reason.REDIRECT_REFUSED
     assert "https to http" in out.detail and TOKEN not in out.detail
     assert heads == []
     assert refused("device", "downgrade") == before + 1
@@ -376,7 +363,7 @@ async def test_the_platform_client_does_not_follow_redirects(env: Env) -> None:
             before = refused("platform", "not_followed")
             with pytest.raises(Permanent) as exc:
                 await platform.create_device(TEMPLATE, "x")
-    assert exc.value.reason == REDIRECT_REFUSED and "308" in exc.value.detail
+    assert exc.value.reason == Reason.REDIRECT_REFUSED and "308" in exc.value.detail
     assert SECRET not in exc.value.detail
     assert heads == []  # neither the client secret nor a token went there
     assert refused("platform", "not_followed") == before + 1
@@ -430,15 +417,15 @@ async def test_platform_create_device_and_metafield_by_name(env: Env) -> None:
     assert env.emu.model.devices[created.id].metafields[7] == "eui-526973696e671256"
     with pytest.raises(Permanent) as exc:
         await platform.set_metafield(created.id, "No Such Field", "x")
-    assert exc.value.reason == NOT_FOUND
+    assert exc.value.reason == Reason.NOT_FOUND
     ds = await platform.template_datastreams(TEMPLATE)
     assert [d["pin"] for d in ds] == [1, 2, 3, 4]
     with pytest.raises(Permanent) as exc:
         await platform.template_datastreams("TMPLnope")
-    assert exc.value.reason == NOT_FOUND
+    assert exc.value.reason == Reason.NOT_FOUND
     with pytest.raises(Permanent) as exc:
         await platform.create_device("TMPLnope", "x")
-    assert exc.value.reason == NOT_FOUND and "Template is not found" in exc.value.detail
+    assert exc.value.reason == Reason.NOT_FOUND and "Template is not found" in exc.value.detail
     assert platform.tokens_fetched == 1
     # the created device writes through the device API with its token
     assert isinstance(await env.client.batch_update("fra1", created.token, {"V2": 5}), Ok)
@@ -463,7 +450,7 @@ async def test_platform_errors(env: Env) -> None:
     bad = PlatformClient(platform_config(env, "wrong"), env.client)
     with pytest.raises(Permanent) as exc:
         await bad.create_device(TEMPLATE, "x")
-    assert exc.value.reason == UNAUTHORIZED
+    assert exc.value.reason == Reason.UNAUTHORIZED
     env.emu.faults.set(storm_429_s=60, retry_after_s=9, path_prefix="/api/")
     platform = PlatformClient(platform_config(env), env.client)
     with pytest.raises(Retryable) as rexc:

@@ -25,6 +25,7 @@ from emulators.blynk.settings import RegionSpec
 from tests.conftest import serve_app
 from tests.test_blynk_emulator import NY_TOKEN, TEMPLATE, TOKEN, spec
 from tests.test_blynk_webhooks import Receiver
+from tests.wait import within
 
 CLOCK = 1_763_000_000.0
 NY_URL = "http://ny3.example:8082"
@@ -326,7 +327,7 @@ async def test_idle_connections_close_after_keepalive_timeout() -> None:
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.write(get("/x") + after)
             assert (await read_answer(reader)).endswith(b"\r\n\r\nok")
-            assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the server
+            assert await within(reader.read()) == b""  # closed by the server
             writer.close()
     finally:
         await runner.cleanup()

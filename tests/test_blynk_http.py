@@ -13,6 +13,7 @@ from aiohttp import web
 
 from pipeline.blynk.http import ConnectError, ConnectionLost, HttpClient, ProtocolError
 from tests.conftest import free_port, serve_app
+from tests.wait import within
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
 
@@ -252,12 +253,12 @@ async def test_send_nowait_uses_an_idle_connection_and_reports_by_callback() -> 
             assert client.send_nowait(url, "/b", on_done) is True
             assert client.send_nowait(url, "/c", on_done) is False  # the one connection is busy
             gate.set()
-            await asyncio.wait_for(answered.wait(), 5)
+            await within(answered.wait())
             (resp,) = got
             assert getattr(resp, "status", None) == 404 and getattr(resp, "body", None) == b"x"
             answered.clear()
             assert client.send_nowait(url, "/d", on_done) is True  # released: idle again
-            await asyncio.wait_for(answered.wait(), 5)
+            await within(answered.wait())
             assert isinstance(got[1], TimeoutError)  # the sweep expired it
             assert len(conns) == 1
         finally:
@@ -285,7 +286,7 @@ async def test_send_nowait_reports_a_connection_closed_while_idle() -> None:
         try:
             await client.request(url, "/")
             assert client.send_nowait(url, "/", on_done) is True
-            await asyncio.wait_for(done.wait(), 5)
+            await within(done.wait())
             # not retried here: the caller learns the connection died before any answer byte
             assert isinstance(got[0], ConnectionLost) and not got[0].got_bytes
             assert client.send_nowait(url, "/", on_done) is False  # the dead one is gone

@@ -25,6 +25,7 @@ from emulators.blynk import (
 from emulators.blynk.settings import WebhookAuth
 from emulators.blynk.webhooks import render
 from tests.conftest import serve_app
+from tests.wait import within
 
 TOKEN = "xw7ITVneg1DifRRQuPGcA7fJvV8-FAVl"
 TEMPLATE = "TMPL84aMXD6vd"
@@ -50,7 +51,7 @@ class Receiver:
 
     async def wait_for(self, n: int) -> None:
         async with self.changed:
-            await asyncio.wait_for(self.changed.wait_for(lambda: len(self.got) >= n), 5)
+            await within(self.changed.wait_for(lambda: len(self.got) >= n))
 
     def app(self) -> web.Application:
         app = web.Application()

@@ -24,6 +24,7 @@ from pipeline.registry import Registry
 from pipeline.streams import Redis, StreamWriter
 from tests.conftest import REDIS_URL
 from tests.test_egress import Rig, emulator_spec, token, write
+from tests.wait import wait_until, within
 from workers.egress import EgressStage
 from workers.ingest_http import build as build_ingest
 from workers.transform import TransformStage
@@ -70,7 +71,7 @@ class Bridge:
         for stage in (TransformStage(self.ctx, until_idle=True),
                       EgressStage(self.ctx, until_idle=True)):
             await stage.startup()
-            await asyncio.wait_for(stage.main_loop(asyncio.Event()), 30)
+            await within(stage.main_loop(asyncio.Event()))
             await stage.shutdown()
 
     async def dead_reasons(self) -> list[str]:
@@ -146,13 +147,11 @@ async def test_the_stored_token_refused_breaks_the_device_and_a_retry_unbreaks_i
         stop = asyncio.Event()
         loop = asyncio.create_task(stage.main_loop(stop))
         try:
-            for _ in range(3000):  # bounded poll of a real condition: the retry happened
-                if counter("bb_devices_unbroken_total", by="retry") > retried_before:
-                    break
-                await asyncio.sleep(0.01)
+            await wait_until(lambda: counter("bb_devices_unbroken_total", by="retry")
+                             > retried_before, what="the device unbroken by the retry")
         finally:
             stop.set()
-            await asyncio.wait_for(loop, 10)
+            await within(loop)
             await ctx.blynk().close()
     assert counter("bb_devices_broken_total", reason="invalid_token") == broken_before + 1
     assert counter("bb_devices_unbroken_total", by="retry") == retried_before + 1

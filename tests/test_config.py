@@ -355,3 +355,53 @@ def test_config_schema_accepts_the_files_the_loader_accepts(
 def test_cluster_mode_is_refused_until_every_script_keeps_to_one_slot(redis: str) -> None:
     with pytest.raises(ConfigError, match=r"redis\.cluster.*not supported yet"):
         parse(f"redis: {redis}\n", "yaml", "b.yaml", env={})
+
+
+def test_a_moved_key_is_still_read_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    env = {"TTS_KEY": "NNSXS.SECRET.KEY"}
+    old = parse(GOOD + "downlink: {echo_window_ms: 5000}\n", "yaml", "bridge.yaml", env=env)
+    assert old.echo.window_ms == 5000
+    assert "`downlink.echo_window_ms` is deprecated; use `echo.window_ms`" in caplog.text
+    new = parse(GOOD + "echo: {window_ms: 7000}\n", "yaml", "bridge.yaml", env=env)
+    assert new.echo.window_ms == 7000
+    with pytest.raises(ConfigError, match=r"bridge.yaml:\d+:\d+: `downlink.echo_window_ms` is "
+                                          r"the old name of `echo.window_ms`"):
+        parse(GOOD + "downlink: {echo_window_ms: 5000}\necho: {window_ms: 7000}\n", "yaml",
+              "bridge.yaml", env=env)
+
+
+def test_each_stage_has_its_own_backoff_and_cache() -> None:
+    cfg = parse(GOOD + "transform: {max_backoff_s: 2, cache_size: 10}\n"
+                "egress: {max_backoff_s: 9}\ndownlink: {cache_size: 20}\n", "yaml",
+                "bridge.yaml", env={"TTS_KEY": "NNSXS.SECRET.KEY"})
+    assert (cfg.transform.max_backoff_s, cfg.egress.max_backoff_s) == (2, 9)
+    assert (cfg.transform.cache_size, cfg.downlink.cache_size) == (10, 20)
+
+
+STAGE_SECTIONS = {"transform", "egress", "downlink", "ingest_http", "ingest_mqtt", "monitor",
+                  "blynk_sessions"}
+
+
+#: The reads of another stage's section that are the same fact seen from two sides.
+SHARED_READS = {
+    # TTS applications that take webhooks report downlink outcomes to ingest-http, which
+    # matches them exactly as the downlink stage does (pipeline/downlink_outcomes.py).
+    "ingest_http": {"downlink"},
+    # Replaying a dead uplink forgets its de-dup entry, whose bucket transform's window names.
+    "monitor": {"transform"},
+}
+
+
+@pytest.mark.parametrize("stage", sorted(STAGE_SECTIONS))
+def test_a_stage_reads_only_its_own_section(stage: str) -> None:
+    """Shared settings live in shared sections (``streams``, ``echo``…), not in a stage's."""
+    import re
+
+    root = Path(__file__).resolve().parents[1] / "workers"
+    files = [root / f"{stage}.py"] if (root / f"{stage}.py").exists() \
+        else sorted((root / stage).glob("*.py"))
+    assert files
+    for f in files:
+        read = set(re.findall(r"\b(?:config|cfg)\.(\w+)", f.read_text()))
+        allowed = {stage} | SHARED_READS.get(stage, set())
+        assert not (read & STAGE_SECTIONS) - allowed, f"{f.name} reads {read & STAGE_SECTIONS}"

@@ -11,6 +11,7 @@ from pipeline.consumer import Job, consume
 from pipeline.errors import Retryable
 from pipeline.keys import Keys
 from pipeline.streams import Entry, Redis, StreamReader, StreamWriter
+from tests.wait import within
 
 
 class CountingReader(StreamReader):
@@ -30,7 +31,7 @@ class CountingReader(StreamReader):
     async def issued(self, n: int) -> None:
         """Wait (at most 10 s) until ``read`` was called ``n`` times."""
         async with self._changed:
-            await asyncio.wait_for(self._changed.wait_for(lambda: self.reads >= n), 10)
+            await within(self._changed.wait_for(lambda: self.reads >= n))
 
 
 def reader(redis: Redis, keys: Keys, batch: int, **kw: int) -> CountingReader:
@@ -129,7 +130,7 @@ async def test_stop_finishes_the_read_in_flight_and_handles_its_batch(redis: Red
         done.extend(e.data for e in entries if e.data)
         await r.ack(entries)
 
-    await asyncio.wait_for(consume(r, handle, stop, prefetch=True), 10)
+    await within(consume(r, handle, stop, prefetch=True))
     assert done == [b"a", b"b", b"c", b"d"]  # the prefetched batch handled, no read after
     assert r.reads == 2
     assert (await redis.xpending(keys.stream("uplinks"), "g"))["pending"] == 0  # e, f unread
@@ -157,7 +158,7 @@ async def test_prepare_runs_on_the_batch_read_ahead_and_its_job_replaces_handle(
             if len(done) + len(batch) < len(data):  # the next batch is prepared meanwhile
                 async with changed:
                     n = len(done) // 6 + 2
-                    await asyncio.wait_for(changed.wait_for(lambda: len(prepared) >= n), 10)
+                    await within(changed.wait_for(lambda: len(prepared) >= n))
             done.extend(batch)
             await r.ack(entries)
         return job

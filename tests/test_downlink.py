@@ -32,7 +32,7 @@ from pipeline.streams import Redis, StreamReader, StreamWriter
 from tests import rig
 from tests.conftest import MQTT_HOST, MQTT_PORT, REDIS_URL
 from tests.rig import BODY, PASSWORD
-from tests.wait import wait_until
+from tests.wait import wait_until, within
 from workers.downlink import DownlinkStage
 from workers.ingest_http import IngestHttp
 
@@ -135,7 +135,7 @@ async def bridge(redis: Redis, prefix: str, *, start_stage: bool = True, consume
     devices = Devices(app_id)
     ready = asyncio.Event()
     dev_task = asyncio.create_task(devices.run(ready))
-    await asyncio.wait_for(ready.wait(), 10)
+    await within(ready.wait())
     stage = DownlinkStage(ctx)
     stop = asyncio.Event()
     task: asyncio.Task[None] | None = None
@@ -148,7 +148,7 @@ async def bridge(redis: Redis, prefix: str, *, start_stage: bool = True, consume
     finally:
         stop.set()
         if task is not None:
-            await asyncio.wait_for(task, 10)
+            await within(task)
             await stage.shutdown()
         dev_task.cancel()
         await asyncio.gather(dev_task, return_exceptions=True)
@@ -326,7 +326,7 @@ async def test_tts_outcomes_are_matched_and_written_back(
                                     max_payload_bytes=limit)
         run = asyncio.create_task(answerer.run())
         try:
-            await asyncio.wait_for(answerer.ready.wait(), 10)
+            await within(answerer.ready.wait())
             resp = await b.post("dev-b", "v2", "1", int(time.time() * 1000))
             cid = resp.headers["X-Event-Id"]
             await wait_until(lambda: _outcome(b, cid, outcome), what=f"the {outcome} matched")

@@ -23,7 +23,7 @@ from pipeline.streams import Redis, StreamWriter
 from tests.conftest import REDIS_URL, serve_app
 from tests.rig import BODY, PASSWORD
 from tests.test_downlink import counted
-from tests.wait import wait_until
+from tests.wait import wait_until, within
 from workers.downlink import DownlinkStage
 from workers.ingest_http import IngestHttp
 
@@ -86,7 +86,7 @@ downlink: {{ttl_s: {ttl_s}, max_backoff_s: 0.1}}
                 yield Rig(ctx, cloud, url, http)
         finally:
             stop.set()
-            await asyncio.wait_for(task, 10)
+            await within(task)
             await stage.shutdown()
             await ingest.shutdown()
 

@@ -31,7 +31,7 @@ from pipeline.lifecycle import run_stages
 from pipeline.status import StatusBoard
 from pipeline.streams import Redis
 from tests.conftest import MQTT_HOST, MQTT_PORT, REDIS_URL
-from tests.wait import wait_until
+from tests.wait import wait_until, within
 from workers import egress, ingest_mqtt, transform
 
 TEMPLATE = "TMPLe2e00001"
@@ -123,7 +123,7 @@ async def pipeline(cfg: config_mod.Config) -> AsyncIterator[Context]:
         yield ctx
     finally:
         stop.set()
-        await asyncio.wait_for(task, 30)
+        await within(task)
         await ctx.close()
 
 
@@ -263,7 +263,7 @@ async def test_sigterm_drains_without_loss(prefix: str, redis: Redis, tmp_path: 
 
                     await wait_until(all_written, what="every device's newest value")
                 proc.send_signal(signal.SIGTERM)
-                return await asyncio.wait_for(proc.wait(), 40)
+                return await within(proc.wait(), timeout_s=40)
 
             assert await run_once(stop_after_first_write=True) == 0
             # The stop really left work behind (else this test would prove nothing).

@@ -34,7 +34,7 @@ from pipeline.ratelimit import RateLimiter
 from pipeline.registry import Registry
 from pipeline.status import State, StatusBoard
 from pipeline.streams import Redis, StreamWriter, now_ms
-from tests.wait import wait_until
+from tests.wait import wait_until, within
 from workers.egress import EgressStage
 
 # ---- pipeline.order: last written times and the per-device lease ----------------------------
@@ -224,7 +224,7 @@ class Rig:
     async def drain(self, stage: EgressStage, limit_s: float = 30) -> None:
         """Run a burst-mode stage until it has nothing left (bounded, never a timing check)."""
         await stage.startup()
-        await asyncio.wait_for(stage.main_loop(asyncio.Event()), limit_s)
+        await within(stage.main_loop(asyncio.Event()), timeout_s=limit_s)
 
     def device(self, n: int) -> Device:
         return self.emu.device_by_token(token(n))
@@ -330,7 +330,7 @@ async def test_replicas_never_write_a_device_backwards(rig: Rig) -> None:
 
         await wait_until(wave_written, what=f"wave {wave} fully written")
     stop.set()
-    await asyncio.wait_for(asyncio.gather(*running), 30)
+    await within(asyncio.gather(*running))
     written = [v for _, v in rig.device(0).history["V2"]]
     assert written == sorted(written)  # Blynk only ever moved forward in event time
     assert written[-1] == 143
@@ -502,7 +502,7 @@ async def test_stop_finishes_and_acks_what_it_holds(rig: Rig) -> None:
 
     await wait_until(all_held, what="every entry delivered to (and held by) the stage")
     stop.set()
-    await asyncio.wait_for(loop, 10)
+    await within(loop)
     assert await rig.pending() == 0
     assert [value(rig, n, "V1") for n in range(5)] == [3.0] * 5
 
@@ -739,7 +739,7 @@ async def after_warm_up(rig: Rig, *writes: BlynkWrite, between: Callable[[], Any
         return stage.sent_now - before
     finally:
         stop.set()
-        await asyncio.wait_for(loop, 10)
+        await within(loop)
 
 
 async def test_warm_writes_are_sent_without_tasks_and_land(rig: Rig) -> None:

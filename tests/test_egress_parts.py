@@ -22,6 +22,7 @@ from pipeline.ratelimit import RateLimiter
 from pipeline.registry import Registry
 from pipeline.streams import Entry, Redis, StreamReader
 from tests.test_egress import emulator_spec, token
+from tests.wait import within
 from workers.egress.committer import Committer
 from workers.egress.queue import DeviceQueue, HeldWrites
 from workers.egress.scheduler import FlushScheduler, InFlight, Servers
@@ -230,7 +231,7 @@ async def test_finishes_share_one_commit_that_records_and_acks(
         committer.finish(dev, plan, Result(written={"V1": plan.pins["V1"].ts_ms}, values=1),
                          pending)
         pendings.append(pending)
-    await asyncio.wait_for(asyncio.gather(*pendings), 10)
+    await within(asyncio.gather(*pendings))
     assert await order.get("a") == {"V1": NOW_MS + 1}
     assert await order.get("b") == {"V1": NOW_MS + 2}
     info = await redis.xpending(keys.stream(WRITES), GROUP_EGRESS)
@@ -252,7 +253,7 @@ async def test_a_refused_pin_dead_letters_its_entries_and_a_retry_keeps_them(
                                            failed={"V2": ("type_mismatch", "bad V2")}), done_a)
     committer.finish(dev_b, plan_b, Result(again=Retry("unavailable", "503", status=503)),
                      done_b)
-    await asyncio.wait_for(asyncio.gather(done_a, done_b, *tasks), 10)
+    await within(asyncio.gather(done_a, done_b, *tasks))
     dead = [decode_dead(f[FIELD]) for _, f in await redis.xrange(keys.dead)]
     assert sorted(d.entry_id for d in dead) == ids_a  # both of a's entries carried V2
     assert {d.reason for d in dead} == {"type_mismatch"}
@@ -293,7 +294,7 @@ async def test_the_sender_isolates_a_refused_pin_and_reports_one_result(
         dev, plan = _started(held, "d0")
         try:
             sender.send(dev, plan, asyncio.get_running_loop().create_future())
-            await asyncio.wait_for(finished.wait(), 10)
+            await within(finished.wait())
             await asyncio.gather(*tasks)
         finally:
             await client.close()

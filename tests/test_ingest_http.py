@@ -30,7 +30,7 @@ from pipeline.streams import Redis, StreamWriter
 from pipeline.tts import parse_message
 from tests.conftest import REDIS_URL, free_port
 from tests.test_particle_parse import FIXTURES, INVALID, RECEIVED, TOKEN
-from tests.wait import wait_until
+from tests.wait import wait_until, within
 from workers.ingest_http import GC_THRESHOLD0, IngestHttp, build
 
 HEADER_SECRET = "hdr-secret-Zq81x0"
@@ -544,7 +544,7 @@ async def test_graceful_stop_finishes_in_flight_requests(redis: Redis, prefix: s
     conn.write(b"POST /particle/tempmon HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
                b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
     await conn.drain()
-    await asyncio.wait_for(writer.entered.wait(), 5)
+    await within(writer.entered.wait())
     stop.set()
 
     async def refusing() -> bool:
@@ -559,10 +559,10 @@ async def test_graceful_stop_finishes_in_flight_requests(redis: Redis, prefix: s
     await wait_until(refusing, what="the listener closed")
     assert not loop_task.done() and stage.in_flight == 1
     writer.gate.set()
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    head = await within(reader.readuntil(b"\r\n\r\n"))
     assert head.startswith(b"HTTP/1.1 200")
     conn.close()
-    await asyncio.wait_for(loop_task, 10)
+    await within(loop_task)
     await stage.shutdown()
     assert await redis.xlen(keys.stream("uplinks")) == 1
     assert gc.get_threshold() == threshold  # restored at stop

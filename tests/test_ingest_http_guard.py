@@ -10,8 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -23,10 +22,9 @@ from pipeline.keys import Keys
 from pipeline.status import State, StatusBoard
 from pipeline.streams import Redis, StreamWriter
 from tests.test_ingest_http import HEADER_SECRET, counter, make_config, post, serving
+from tests.wait import wait_until, within
 from workers.ingest_http import IngestHttp, build
 
-#: Generous: what must happen within the stage's deadline has this long to show.
-WITHIN_S = 15.0
 GOOD = {"X-Particle-Secret": HEADER_SECRET}
 BODY = b'{"coreid":"d1","v":1}'
 
@@ -47,25 +45,12 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
         yield s
 
 
-async def until(check: Callable[[], Awaitable[Any]], timeout_s: float = WITHIN_S) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = await check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail("condition not met in time")
-        await asyncio.sleep(0.02)
-
-
 async def closed_by_server(reader: asyncio.StreamReader) -> bytes:
-    """Everything the server sent until it closed the connection (fails past WITHIN_S)."""
+    """Everything the server sent until it closed the connection (fails if it keeps it open)."""
     try:
-        return await asyncio.wait_for(reader.read(), WITHIN_S)
+        return await within(reader.read(), "the server to close the connection")
     except ConnectionResetError:
         return b""
-    except TimeoutError:
-        pytest.fail("the server kept the connection open")
 
 
 def _port(url: str) -> int:
@@ -107,7 +92,7 @@ async def test_slow_heads_are_closed_and_webhooks_still_pass(redis: Redis, prefi
         for _, writer in [*slow, (t_reader, t_writer)]:
             writer.close()
         assert counter("bb_rejected_total", source="-", reason="header_timeout") - before >= 31
-        await until(lambda: _true(not stage.guard.open))  # every slot given back
+        await wait_until(lambda: _true(not stage.guard.open))  # every slot given back
 
 
 async def _true(value: bool) -> bool:
@@ -122,7 +107,7 @@ async def test_the_per_peer_cap_refuses_one_more(redis: Redis, prefix: str) -> N
         held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(5)]
         for reader, writer in held:  # each one answered once: admitted, now idle keep-alive
             writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WITHIN_S)
+            head = await within(reader.readuntil(b"\r\n\r\n"), "an answer")
             assert head.split(b" ", 2)[1] == b"200"
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -134,7 +119,7 @@ async def test_the_per_peer_cap_refuses_one_more(redis: Redis, prefix: str) -> N
         # One of the five goes away: a webhook gets its slot.
         held.pop()[1].close()
         async with session() as http:
-            assert await until(lambda: _webhook_status(http, url)) == 200
+            assert await wait_until(lambda: _webhook_status(http, url)) == 200
         for _, w in held:
             w.close()
 
@@ -168,7 +153,7 @@ async def test_bad_credentials_never_change_an_integration_status(
     before = counter("bb_rejected_total", source="particle", reason="unauthorized")
     async with serving(stage) as url, session() as http:
         assert (await post(http, f"{url}/particle/hdr", BODY, **GOOD))[0] == 200
-        await until(lambda: _has_state(board, "hdr", State.CONNECTED))
+        await wait_until(lambda: _has_state(board, "hdr", State.CONNECTED))
         for _ in range(10):
             bad = {"X-Particle-Secret": "guess"}
             assert (await post(http, f"{url}/particle/hdr", BODY, **bad))[0] == 401

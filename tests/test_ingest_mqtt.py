@@ -35,7 +35,7 @@ from tests.conftest import MQTT_HOST, MQTT_PORT, REDIS_URL
 from tests.tcp_proxy import CutProxy
 from tests.test_tts_parse import FIXTURE_UPLINKS
 from tests.test_tts_parse import NOW as TABLE_NOW
-from tests.wait import wait_until
+from tests.wait import wait_until, within
 from workers.ingest_mqtt import IngestMqtt, StandbyBuffer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,7 +63,7 @@ async def running(stage: IngestMqtt) -> AsyncIterator[asyncio.Event]:
         yield stop
     finally:
         stop.set()
-        await asyncio.wait_for(task, 15)
+        await within(task)
         await stage.shutdown()
 
 
@@ -106,7 +106,7 @@ async def test_every_fixture_through_the_broker(redis: Redis, prefix: str,
     messages.append((f"v3/{user}/devices/dev1/up",
                      fixture_path("tts/tts-uplink-10-invalid.json").read_bytes()))
     async with running(stage):
-        await asyncio.wait_for(stage.subscribed["lab"].wait(), 10)
+        await within(stage.subscribed["lab"].wait())
         await publish(messages)
         await wait_until(lambda: _lens(redis, ctx.keys, len(FIXTURE_UPLINKS), 1),
                          what="every fixture in Redis")
@@ -147,7 +147,7 @@ async def test_malformed_payloads_are_dead_lettered_and_the_worker_keeps_running
            fixture_path("tts/tts-uplink-01.json").read_bytes()]
     good = fixture_path("tts/tts-uplink-02.json").read_bytes()
     async with running(stage):
-        await asyncio.wait_for(stage.subscribed["lab"].wait(), 10)
+        await within(stage.subscribed["lab"].wait())
         await publish([(topic, b) for b in bad] + [(topic, good)])
         await wait_until(lambda: _lens(redis, ctx.keys, 1, len(bad)), what="dead letters")
         assert stage.subscribed["lab"].is_set()  # still reading
@@ -174,7 +174,7 @@ async def test_an_event_time_from_the_future_becomes_the_arrival_time_and_is_cou
     odd["end_device_ids"]["device_id"] = "d1\r\nX-Injected: 1"
     before = _sample("bb_event_time_clamped_total", source="tts", integration="lab")
     async with running(stage):
-        await asyncio.wait_for(stage.subscribed["lab"].wait(), 10)
+        await within(stage.subscribed["lab"].wait())
         await publish([(f"v3/{app.username}/devices/d1/up", json.dumps(m).encode())
                        for m in (odd, future)])
         await wait_until(lambda: _lens(redis, ctx.keys, 1, 1), what="the uplink and dead letter")
@@ -197,7 +197,7 @@ async def test_a_value_that_cannot_be_stored_is_dead_lettered_and_intake_goes_on
     huge["uplink_message"]["f_cnt"] = 1180591620717411303424
     fine = make_uplink(app.app_id, app.tenant, "d1", 2, {"t": 2})
     async with running(stage):
-        await asyncio.wait_for(stage.subscribed["lab"].wait(), 10)
+        await within(stage.subscribed["lab"].wait())
         await publish([(f"v3/{app.username}/devices/d1/up", json.dumps(m).encode())
                        for m in (huge, fine)])
         await wait_until(lambda: _lens(redis, ctx.keys, 1, 1), what="the uplink and dead letter")
@@ -259,7 +259,7 @@ async def _all_running(stages: list[IngestMqtt]) -> AsyncIterator[None]:
     finally:
         for s in stages:
             _stops.pop(id(s)).set()
-        await asyncio.wait_for(asyncio.gather(*tasks), 15)
+        await within(asyncio.gather(*tasks))
 
 
 async def _owner_count(stages: list[IngestMqtt], n: int) -> bool:
@@ -309,9 +309,9 @@ async def test_kill_9_of_the_owner_hands_over_within_the_lease_time(
         async with running(standby):
             assert not standby.subscribed["lab"].is_set()
             proc.send_signal(signal.SIGKILL)
-            await asyncio.wait_for(proc.wait(), 10)
+            await within(proc.wait())
             # Bounded by the lease: ttl (1.5 s) + one acquisition interval + connecting.
-            await asyncio.wait_for(standby.subscribed["lab"].wait(), 10)
+            await within(standby.subscribed["lab"].wait())
             status = await board.get("tts", "lab")
             assert status is not None and status.owner == "standby"
             await Fleet(MQTT_HOST, MQTT_PORT, app.app_id, app.tenant, devices=1,
@@ -359,7 +359,7 @@ class NumberedUplinks:
 
     async def stop(self) -> list[str]:
         self._stop.set()
-        await asyncio.wait_for(self._task, 10)
+        await within(self._task)
         return self.ids
 
 
@@ -384,15 +384,15 @@ async def test_kill_9_mid_stream_loses_nothing_with_a_warm_standby(
                              lease_ttl_ms=1000, max_backoff_s=1, warm_standby=warm)
         async with running(standby):
             if warm:
-                await asyncio.wait_for(standby.connected["lab"].wait(), 10)
+                await within(standby.connected["lab"].wait())
                 # Standing by: subscribed, reporting itself, but not the integration's owner.
                 assert _sample("bb_mqtt_standby", integration="lab") == 1
                 await _wait_owned_by(board, proc)
             publisher = NumberedUplinks(app)
             await wait_until(lambda: _has_len(redis, stream, 50), what="the owner appending")
             proc.send_signal(signal.SIGKILL)
-            await asyncio.wait_for(proc.wait(), 10)
-            await asyncio.wait_for(standby.subscribed["lab"].wait(), 15)
+            await within(proc.wait())
+            await within(standby.subscribed["lab"].wait())
             await publisher.more(50)
             published = await publisher.stop()
 
@@ -473,14 +473,14 @@ async def test_graceful_handover_to_a_warm_standby_loses_nothing(
     keys = first._keys
     first_stop = asyncio.Event()
     first_task = asyncio.create_task(first.main_loop(first_stop))
-    await asyncio.wait_for(first.subscribed["lab"].wait(), 10)
+    await within(first.subscribed["lab"].wait())
     async with running(second):
-        await asyncio.wait_for(second.connected["lab"].wait(), 10)
+        await within(second.connected["lab"].wait())
         publisher = NumberedUplinks(app)
         await wait_until(lambda: _has_len(redis, keys.stream("uplinks"), 30), what="appending")
         first_stop.set()  # SIGTERM: stop reading, write what was read, release the lease
-        await asyncio.wait_for(first_task, 15)
-        await asyncio.wait_for(second.subscribed["lab"].wait(), 10)
+        await within(first_task)
+        await within(second.subscribed["lab"].wait())
         await publisher.more(30)
         published = await publisher.stop()
 
@@ -504,14 +504,14 @@ async def test_an_owner_cut_off_from_the_broker_hands_over_to_a_connected_standb
             settings_for=lambda a, c: mqtt.Settings(MQTT_HOST, proxy.port, client_id=c))
         standby = IngestMqtt(make_ctx(redis, prefix, [app], consumer="r2"), lease_ttl_ms=1000)
         async with running(owner):
-            await asyncio.wait_for(owner.subscribed["lab"].wait(), 10)
+            await within(owner.subscribed["lab"].wait())
             async with running(standby):
-                await asyncio.wait_for(standby.connected["lab"].wait(), 10)
+                await within(standby.connected["lab"].wait())
                 publisher = NumberedUplinks(app)
                 await wait_until(lambda: _has_len(redis, keys.stream("uplinks"), 30),
                                  what="the owner appending")
                 await proxy.cut()  # the owner's path to the broker is gone; Redis is fine
-                await asyncio.wait_for(standby.subscribed["lab"].wait(), 15)
+                await within(standby.subscribed["lab"].wait())
                 await publisher.more(50)
                 published = await publisher.stop()
 
@@ -526,7 +526,7 @@ async def test_an_owner_cut_off_from_the_broker_hands_over_to_a_connected_standb
                 # cut off, it does not take the application back from the connected standby
                 assert await Lease(redis, keys.lease("tts", "lab"), "x").holder() == "r2"
                 await proxy.restore()  # back: the old owner is now a warm standby
-                await asyncio.wait_for(owner.connected["lab"].wait(), 15)
+                await within(owner.connected["lab"].wait())
                 assert await Lease(redis, keys.lease("tts", "lab"), "x").holder() == "r2"
                 assert not owner.subscribed["lab"].is_set()
     assert _sample("bb_mqtt_handovers_total", integration="lab") == handovers + 1
@@ -591,7 +591,7 @@ async def test_broker_restart_shows_connected_broken_connected(redis: Redis,
             assert broken.last_error and broken.since_ms > 0
             broker.start()
             await wait_until(lambda: state_is(State.CONNECTED), what="Connected again")
-            await asyncio.wait_for(stage.subscribed["lab"].wait(), 10)
+            await within(stage.subscribed["lab"].wait())
             await Fleet(MQTT_HOST, broker.port, app.app_id, app.tenant, devices=1,
                         rate_per_s=1e9).run(count=2)
             await wait_until(lambda: _has_len(redis, ctx.keys.stream("uplinks"), 2),
@@ -625,7 +625,7 @@ async def test_wrong_password_is_not_connected_with_a_credentials_error(
         ctx2 = make_ctx(redis, prefix, [right, gone])
         stage = IngestMqtt(ctx2, max_backoff_s=0.5)
         async with running(stage):
-            await asyncio.wait_for(stage.subscribed["lab2"].wait(), 10)
+            await within(stage.subscribed["lab2"].wait())
             user, password = broker.admin_credentials
             await Fleet(MQTT_HOST, broker.port, app.app_id, app.tenant, devices=1,
                         rate_per_s=1e9, username=user, password=password).run(count=2)
@@ -682,12 +682,12 @@ async def test_hold_stops_the_work_at_once_when_the_lease_is_taken(
 
     stop = asyncio.Event()
     holder = asyncio.create_task(hold(lease, work, stop))
-    await asyncio.wait_for(started.wait(), 5)
+    await within(started.wait())
     await redis.set(key, "thief", px=60_000)  # someone else holds it now
-    await asyncio.wait_for(cancelled.wait(), 5)
+    await within(cancelled.wait())
     assert await lease.holder() == "thief"  # and our release did not delete theirs
     stop.set()
-    await asyncio.wait_for(holder, 5)
+    await within(holder)
 
 
 def _packet(first: int, body: bytes) -> bytes:

@@ -13,6 +13,7 @@ from pipeline.context import Context
 from pipeline.keys import UPLINKS, WRITES, Keys
 from pipeline.status import StatusBoard
 from pipeline.streams import Redis, StreamWriter, now_ms
+from tests.wait import within
 from workers.monitor import MonitorStage, build
 
 
@@ -218,10 +219,10 @@ async def test_main_loop_samples_until_stopped(redis: Redis, keys: Keys) -> None
     await stage.startup()
     task = asyncio.create_task(stage.main_loop(stop))
     try:
-        await asyncio.wait_for(second_cycle.wait(), 5)
+        await within(second_cycle.wait())
     finally:
         stop.set()
-        await asyncio.wait_for(task, 5)
+        await within(task)
         await stage.shutdown()
     assert _gauge("bb_stream_length", stream="uplinks") == 7
 

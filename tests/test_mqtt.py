@@ -11,6 +11,7 @@ import pytest
 
 from pipeline import metrics, mqtt
 from tests.conftest import MQTT_HOST, MQTT_PORT
+from tests.wait import within
 
 SETTINGS = mqtt.Settings(MQTT_HOST, MQTT_PORT, timeout_s=5)
 
@@ -60,7 +61,7 @@ async def receive(session_type: type[mqtt.Session]) -> tuple[bool, float, list[b
                 if len(got) == 50:
                     return
 
-        await asyncio.wait_for(read(), 10)
+        await within(read())
     return fast, gauge, got
 
 

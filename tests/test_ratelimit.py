@@ -55,10 +55,16 @@ async def test_defer_holds_every_replica_back(redis: Redis, keys: Keys) -> None:
 
 
 async def test_acquire_counts_the_request(redis: Redis, keys: Keys) -> None:
-    limiter = RateLimiter(redis, keys, rps=1000, burst=2)
-    await limiter.acquire("dev")
-    await limiter.acquire("dev")
-    await limiter.acquire("dev")  # waits for the next slot, then takes it
+    fast = RateLimiter(redis, keys, rps=1000, burst=2)
+    for _ in range(3):  # the third waits for the next slot, then takes it
+        await fast.acquire("fast")
+    # A slot every 100 s: what acquire counted is still there however slow the machine is
+    # (at 1000/s the key expired within milliseconds, before a loaded test could look).
+    slow = RateLimiter(redis, keys, rps=0.01, burst=2)
+    await slow.acquire("dev")
+    await slow.acquire("dev")
+    (wait,) = await slow.take(["dev"])
+    assert wait > 0  # both acquired requests were counted: the burst is used up
     assert await redis.exists(keys.rate("dev")) == 1
 
 

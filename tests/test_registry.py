@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from pipeline.config import DeviceEntry
 from pipeline.keys import Keys
 from pipeline.redact import Secret
 from pipeline.registry import Registry
 from pipeline.streams import Redis
-from tests.wait import wait_until
+from tests.wait import wait_until, within
 
 KEY = "tts:app:dev-1"
 
@@ -46,7 +44,7 @@ async def test_pubsub_evicts_at_once(redis: Redis, keys: Keys) -> None:
     a, b = Registry(redis, keys), Registry(redis, keys)
     await a.start()
     await b.start()
-    await asyncio.wait_for(b.subscribed.wait(), 5)
+    await within(b.subscribed.wait())
     await a.register(KEY, token="tok-A", template="t")
     assert (await b.get(KEY)) is not None
     assert b.cached(KEY) is not None

@@ -9,16 +9,7 @@ import pytest
 from pipeline.config import TemplateRule
 from pipeline.events import Radio, Uplink
 from pipeline.registry import STATUS_BROKEN, Device, token_device_key
-from pipeline.routing import (
-    CREATE,
-    DEAD,
-    SKIP,
-    WRITE,
-    Integration,
-    Route,
-    lookups,
-    plan,
-)
+from pipeline.routing import CREATE, DEAD, SKIP, WRITE, Integration, Route, lookups, plan
 
 INTEGRATIONS = {
     ("tts", "app"): Integration("tts", "app", "button"),
@@ -44,28 +35,28 @@ def up(**kw: Any) -> Uplink:
     return Uplink(**base)
 
 
-CASES: list[tuple[str, Uplink, str, str, str | None]] = [
-    # name, uplink, kind, reason, token of the device written to
-    ("known device", up(), WRITE, "", "T1"),
-    ("metafield pending is still a write", up(device="pending"), WRITE, "", "T3"),
+CASES: list[tuple[str, Uplink, str, str | None, str | None]] = [
+    # name, uplink, kind, reason (None: a WRITE or CREATE has none), token of the device written to
+    ("known device", up(), WRITE, None, "T1"),
+    ("metafield pending is still a write", up(device="pending"), WRITE, None, "T3"),
     ("join", up(kind="join", values={}), SKIP, "join", None),
     ("status, even of an unknown integration", up(kind="status", integration="x"), SKIP,
      "status", None),
     ("no values, no radio", up(values={}), SKIP, "empty", None),
-    ("radio only is not empty", up(values={}, radio=Radio(rssi=-40)), WRITE, "", "T1"),
+    ("radio only is not empty", up(values={}, radio=Radio(rssi=-40)), WRITE, None, "T1"),
     ("unknown integration", up(integration="nope"), DEAD, "unknown_integration", None),
     ("unknown device", up(device="new"), DEAD, "unknown_device", None),
     ("row looked up and absent", up(device="gone"), DEAD, "unknown_device", None),
     ("broken device", up(device="broken"), DEAD, "device_broken", None),
-    ("unknown device, provisioning", up(integration="auto", device="new"), CREATE, "", None),
+    ("unknown device, provisioning", up(integration="auto", device="new"), CREATE, None, None),
     ("token in the uplink", up(source="particle", integration="prod", device="c0",
-                               token="TOK"), WRITE, "", "TOK"),
+                               token="TOK"), WRITE, None, "TOK"),
 ]
 
 
 @pytest.mark.parametrize(("uplink", "kind", "reason", "token"),
                          [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_plan(uplink: Uplink, kind: str, reason: str, token: str | None) -> None:
+def test_plan(uplink: Uplink, kind: str, reason: str | None, token: str | None) -> None:
     [route] = plan([uplink], DEVICES, INTEGRATIONS)
     assert (route.kind, route.reason) == (kind, reason)
     assert route.uplink is uplink

@@ -263,7 +263,7 @@ async def test_a_rebound_host_name_cannot_read_the_page(redis: Redis, prefix: st
         dead_id = await _dead_uplink(redis, ctx, "d3")
         port = url.rsplit(":", 1)[1]
         auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-        refused = metrics.REJECTED.labels("status-page", "host")
+        refused = metrics.REJECTED.labels("status-page", "host_not_allowed")
         before = refused._value.get()
         for host in (f"evil.example:{port}", "rebind.127.0.0.1.nip.io"):
             for path in ("/", "/status.json", "/status.js", "/status.css"):

@@ -16,6 +16,7 @@ from pipeline.errors import Retryable
 from pipeline.keys import Keys
 from pipeline.streams import Entry, Redis, StreamReader, StreamWriter
 from tests.conftest import REDIS_URL
+from tests.wait import within
 
 
 def reader(redis: Redis, keys: Keys, consumer: str = "c1", **kw: int) -> StreamReader:
@@ -121,7 +122,7 @@ async def test_consumer_killed_mid_batch_leaves_entries_another_reclaims(
     )
     try:
         assert proc.stdout is not None
-        assert (await asyncio.wait_for(proc.stdout.readline(), 30)).strip() == b"10"
+        assert (await within(proc.stdout.readline())).strip() == b"10"
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         await proc.wait()
@@ -206,7 +207,7 @@ async def test_stop_request_lets_the_in_flight_batch_finish_and_ack(
     await in_handler.wait()
     stop.set()
     release.set()
-    await asyncio.wait_for(task, 10)
+    await within(task)
     assert (await redis.xpending(stream, "g"))["pending"] == 0
 
 

@@ -21,6 +21,7 @@ from pipeline.config import TtsApplication
 from pipeline.events import Uplink
 from pipeline.tts import parse_event
 from tests.conftest import MQTT_HOST, MQTT_PORT, free_port, serve_app
+from tests.wait import within
 
 APP = TtsApplication(name="lab", app_id="app1", raw_payload_key="raw")
 
@@ -88,7 +89,7 @@ async def test_fleet_publishes_over_the_broker_and_remembers_what_it_sent() -> N
         await sub.subscribe([f"v3/{app_id}@ttn/devices/+/#"])
         collecting = asyncio.create_task(_collect(sub, 3 + 9))
         assert await fleet.run(count=9) == 9
-        got = await asyncio.wait_for(collecting, 10)
+        got = await within(collecting)
     assert [t.rsplit("/", 1)[1] for t, _ in got[:3]] == ["join"] * 3
     ups = [json.loads(p) for _, p in got[3:]]
     assert "f_cnt" not in ups[0]["uplink_message"]  # each device starts at f_cnt 0
@@ -119,7 +120,7 @@ def _keys(fixture: Path) -> dict[str, list[str]]:
 async def answering(answerer: emu.DownlinkAnswerer) -> AsyncIterator[emu.DownlinkAnswerer]:
     serving = asyncio.create_task(answerer.run())
     try:
-        await asyncio.wait_for(answerer.ready.wait(), 10)
+        await within(answerer.ready.wait())
         yield answerer
     finally:
         serving.cancel()
@@ -143,7 +144,7 @@ async def test_downlinks_are_answered_queued_sent_then_ack_or_failed(
         too_long = {"downlinks": [{"f_port": 2, "frm_payload": base64.b64encode(
             b"0123456789").decode(), "priority": "NORMAL"}]}
         await client.publish(f"{base}/down/push", json.dumps(too_long).encode())
-        got = [(t, p) for t, p in await asyncio.wait_for(collecting, 10)
+        got = [(t, p) for t, p in await within(collecting)
                if t.endswith(("/queued", "/sent", "/ack", "/nack", "/failed"))]
     kinds = [t.split("/", 4)[4] for t, _ in got]
     # confirmed: queued, sent, ack; unconfirmed: queued, sent and no ack (TTS acks confirmed
@@ -220,7 +221,7 @@ async def test_faults_per_device_and_by_rate() -> None:
         await client.publish(f"{base}/dev0003/down/push",
                              _blynk_downlink(3, "bb:3", confirmed=False))
         await client.publish(f"{base}/ghost/down/push", _blynk_downlink(4, "bb:4"))
-        got = dict(await asyncio.wait_for(collecting, 10))
+        got = dict(await within(collecting))
         await answerer.wait_for(4)
     nack = json.loads(got[f"{base}/dev0000/down/nack"])
     assert nack["downlink_nack"]["correlation_ids"][0] == "bb:dev0000"
@@ -275,7 +276,7 @@ async def test_simulated_devices_apply_downlinks_and_report_them_in_their_next_u
         collecting = asyncio.create_task(_collect(client, 3))
         await fleet.run(count=3)
         ups = {json.loads(p)["end_device_ids"]["device_id"]: json.loads(p)["uplink_message"]
-               for _, p in await asyncio.wait_for(collecting, 10)}
+               for _, p in await within(collecting)}
     assert ups["dev0000"]["decoded_payload"]["speed"] == 3
     assert ups["dev0001"]["decoded_payload"]["led"] == 1
     assert "speed" not in ups["dev0002"]["decoded_payload"]
@@ -313,7 +314,7 @@ async def test_webhook_downlink_api_over_http() -> None:
         assert (await post(path, b"{}", key))[0] == 400
         assert (await post(path, b'{"downlinks":[{"f_port":300}]}', key))[0] == 400
         assert await post(path, good, key) == (200, None)
-        got = await asyncio.wait_for(collecting, 10)
+        got = await within(collecting)
         async with http.post(url + "/_admin/faults",
                              json={"per_device": {"dev0000": "failed"}}) as resp:
             assert resp.status == 200
@@ -352,7 +353,7 @@ async def test_private_broker_enforces_the_tts_login() -> None:
             fleet = emu.Fleet(broker.host, broker.port, app_id, tenant, devices=1,
                               rate_per_s=1e9, username=admin, password=admin_pw)
             await fleet.run(count=1)
-            ((topic, _),) = await asyncio.wait_for(collecting, 10)
+            ((topic, _),) = await within(collecting)
         assert topic == f"v3/{user}/devices/dev0000/up"
 
 

@@ -33,3 +33,16 @@ async def test_fails_naming_what_it_waited_for_after_a_last_check() -> None:
     with pytest.raises(AssertionError, match=r"waiting for the moon \(last value: False\)"):
         await wait_until(never, timeout_s=0, what="the moon")
     assert calls == [1]  # a deadline already passed still gets one check
+
+
+async def test_within_returns_the_result_or_fails_naming_what() -> None:
+    import asyncio
+
+    from tests.wait import within
+
+    async def answer() -> int:
+        return 42
+
+    assert await within(answer()) == 42
+    with pytest.raises(AssertionError, match="waiting for the never-set event"):
+        await within(asyncio.Event().wait(), "the never-set event", timeout_s=0.01)

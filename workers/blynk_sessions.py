@@ -128,7 +128,7 @@ class SessionsStage:
         self.servers = rules.Servers(cfg.blynk, self.cfg)
         self.templates = {t.name: t for t in cfg.templates if t.downlinks == "mqtt"}
         self.pins = {name: rules.command_pins(t) for name, t in self.templates.items()}
-        self.registry = Registry(ctx.redis, ctx.keys, cache_size=cfg.transform.cache_size)
+        self.registry = Registry(ctx.redis, ctx.keys, cache_size=cfg.blynk_sessions.cache_size)
         self.replica = ctx.consumer
         P = self.cfg.partitions
         self.leases = [Lease(ctx.redis, ctx.keys.lease("sessions", str(p)), self.replica,

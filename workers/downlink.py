@@ -8,7 +8,7 @@ Each batch read from the downlinks stream goes through, in order:
 2. **check** the pin against the device's template (``unknown_pin``) and type the value by its
    datastream (``type_mismatch``); a command older than ``downlink.ttl_s`` by its Blynk time is
    dead-lettered ``expired``, never sent late;
-3. **echo**: a value the bridge itself wrote to that pin within ``echo_window_ms`` is its own
+3. **echo**: a value the bridge itself wrote to that pin within ``echo.window_ms`` is its own
    uplink coming back (:mod:`pipeline.echo`): acked, counted, not sent;
 4. **latest wins**: per device and pin only the newest command (Blynk time) is sent; older ones
    in the batch, held for retry, or older than (or the same as) the last one sent are acked and
@@ -60,12 +60,12 @@ from pipeline.context import Context
 from pipeline.device_clouds import Offline, ParticleApi, TtsHttp, TtsMqtt, Unauthorized
 from pipeline.downlink_outcomes import Outcomes, Sent, queue_write_back
 from pipeline.echo import Echoes, echoed
-from pipeline.errors import Permanent, Retryable
+from pipeline.errors import Permanent, Reason, Retryable
 from pipeline.lifecycle import Stage
 from pipeline.mapping import Datastream, Mismatch, coerce
 from pipeline.registry import Device, Registry, split_key
 from pipeline.status import StatusBoard
-from pipeline.streams import Entry, StreamReader, now_ms
+from pipeline.streams import DeadItem, Entry, StreamReader, now_ms
 
 log = logging.getLogger("blynk_bridge.downlink")
 
@@ -95,7 +95,7 @@ class _Finish:
     """What one batch finished without sending: acked and dead-lettered in the commit."""
 
     acks: list[Entry] = field(default_factory=list)
-    dead: list[tuple[Entry, str, str]] = field(default_factory=list)
+    dead: list[DeadItem] = field(default_factory=list)
     #: Last sent ``"<Blynk ms>:<event id>"`` (or ``None``) per (device key, pin), read with
     #: the echo check.
     lasts: dict[tuple[str, str], bytes | None] = field(default_factory=dict)
@@ -134,8 +134,8 @@ class DownlinkStage:
             ctx.redis, ctx.keys, ctx.keys.streams(keynames.DOWNLINKS), keynames.GROUP_DOWNLINK,
             ctx.consumer, stage=self.name, batch=min(s.batch, 500), block_ms=s.block_ms,
             claim_idle_ms=s.claim_idle_ms, max_deliveries=s.max_deliveries)
-        self.registry = Registry(ctx.redis, ctx.keys, cache_size=cfg.transform.cache_size)
-        self.echoes = Echoes(ctx.redis, ctx.keys, self.cfg.echo_window_ms)
+        self.registry = Registry(ctx.redis, ctx.keys, cache_size=self.cfg.cache_size)
+        self.echoes = Echoes(ctx.redis, ctx.keys, cfg.echo.window_ms)
         self.outcomes = Outcomes(ctx.redis, ctx.keys, {t.name: t for t in cfg.templates},
                                  self.cfg.outcome_ttl_s)
         self.board = StatusBoard(ctx.redis, ctx.keys)
@@ -245,7 +245,7 @@ class DownlinkStage:
             try:
                 decoded.append((e, events.decode_downlink(e.data or b"")))
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                dead.append((e, "invalid_entry", str(exc)))
+                dead.append((e, Reason.INVALID_ENTRY, str(exc)))
         devices = await resolve(self.ctx.redis, self.registry, self.ctx.keys,
                                 [(d.blynk_id, d.token) for _, d in decoded])
         wall = now_ms()
@@ -258,25 +258,25 @@ class DownlinkStage:
                 if d.token is not None:
                     strangers.append((e, d))
                 else:
-                    dead.append((e, "unknown_device", _unknown(d)))
+                    dead.append((e, Reason.UNKNOWN_DEVICE, _unknown(d)))
                 continue
             template = self.templates.get(dev.template)
             if template is None:
-                dead.append((e, "unknown_template", f"{dev.key}: template {dev.template!r}"))
+                dead.append((e, Reason.UNKNOWN_TEMPLATE, f"{dev.key}: template {dev.template!r}"))
                 continue
             by_pin = self.datastreams[template.name]
             ds = by_pin.get(d.pin)
             if ds is None and by_pin:
-                dead.append((e, "unknown_pin", f"{dev.key}: template {template.name!r} has no "
-                             f"datastream on {d.pin}"))
+                dead.append((e, Reason.UNKNOWN_PIN, f"{dev.key}: template {template.name!r} "
+                             f"has no datastream on {d.pin}"))
                 continue
             try:
                 value = coerce(ds, d.value) if ds is not None else d.value
             except Mismatch as exc:
-                dead.append((e, "type_mismatch", f"{dev.key} {d.pin}: {exc}"))
+                dead.append((e, Reason.TYPE_MISMATCH, f"{dev.key} {d.pin}: {exc}"))
                 continue
             if wall - d.ts_ms > self.ttl_ms:
-                dead.append((e, "expired", f"{dev.key} {d.pin}: Blynk time {d.ts_ms} is older "
+                dead.append((e, Reason.EXPIRED, f"{dev.key} {d.pin}: Blynk time {d.ts_ms} is older "
                              f"than downlink.ttl_s ({self.cfg.ttl_s})"))
                 continue
             route = _route(dev, template.downlink, d.pin)
@@ -310,7 +310,7 @@ class DownlinkStage:
                 batch.acks.append(e)
                 metrics.DOWNLINKS.labels(d.origin, "echo").inc()
             else:
-                dead.append((e, "unknown_device", _unknown(d)))
+                dead.append((e, Reason.UNKNOWN_DEVICE, _unknown(d)))
         return fresh
 
     def _keep_for_outcomes(self, pipe: Pipeline, commands: list[_Command]) -> None:
@@ -379,7 +379,7 @@ class DownlinkStage:
             app = self.tts_apps.get(integration)
             if app is None:
                 raise Permanent(f"no TTS application {integration!r} configured",
-                                reason="unknown_integration")
+                                reason=Reason.UNKNOWN_INTEGRATION)
             rules = c.template.downlink.encode if c.template.downlink else []
             body = downlinks.tts_body(
                 name=name, pin=d.pin, ts_ms=d.ts_ms, value=c.value, f_port=app.downlink_f_port,
@@ -392,7 +392,7 @@ class DownlinkStage:
         product = self.particle.get(integration)
         if product is None:
             raise Permanent(f"no Particle product {integration!r} configured",
-                            reason="unknown_integration")
+                            reason=Reason.UNKNOWN_INTEGRATION)
         assert c.template.downlink is not None  # _route checked it
         fn = c.template.downlink.particle[d.pin]
         arg = downlinks.particle_arg(fn.arg, name=name, pin=d.pin, value=c.value, ts_ms=d.ts_ms)
@@ -415,7 +415,7 @@ class DownlinkStage:
                 timeout=aiohttp.ClientTimeout(total=self.cfg.timeout_s))
         return self._http
 
-    def _failed(self, c: _Command, exc: BaseException, dead: list[tuple[Entry, str, str]]
+    def _failed(self, c: _Command, exc: BaseException, dead: list[DeadItem]
                 ) -> None:
         """Dead-letter a refused command, or hold a retryable one (until its TTL)."""
         entries = [c.entry, *c.carried]
@@ -424,7 +424,7 @@ class DownlinkStage:
             return
         if not isinstance(exc, Retryable):
             log.error("downlink: sending %s failed", c.down.event_id, exc_info=exc)
-            exc = Retryable(f"{type(exc).__name__}: {exc}", reason="error")
+            exc = Retryable(f"{type(exc).__name__}: {exc}", reason=Reason.ERROR)
         assert isinstance(exc, Retryable)
         if isinstance(exc, Unauthorized):
             source, integration, _ = split_key(c.device.key)
@@ -435,7 +435,7 @@ class DownlinkStage:
         c.attempts += 1
         delay = backoff_s(c.attempts, self.cfg.max_backoff_s)
         if now_ms() + delay * 1000 - c.down.ts_ms > self.ttl_ms:
-            reason = "device_offline" if isinstance(exc, Offline) else "expired"
+            reason = Reason.DEVICE_OFFLINE if isinstance(exc, Offline) else Reason.EXPIRED
             detail = (f"not delivered within downlink.ttl_s ({self.cfg.ttl_s}) after "
                       f"{c.attempts} attempts; last: {exc.detail}")
             dead += [(e, reason, detail) for e in entries]
@@ -519,17 +519,20 @@ class DownlinkStage:
         metrics.DOWNLINKS.labels(split_key(c.device.key)[1], outcome).inc()
 
 
+#: TTS outcomes that fail a downlink → their dead-letter reason.
+
+
 def _unknown(d: events.Downlink) -> str:
     who = f"Blynk device {d.blynk_id}" if d.blynk_id is not None else "Blynk token"
     return (f"{who} is not in the registry: no source device is known for it (devices whose "
             "uplinks carry their own token have no registry row)")
 
 
-def _route(dev: Device, downlink: TemplateDownlink | None, pin: str) -> str | None:
+def _route(dev: Device, downlink: TemplateDownlink | None, pin: str) -> Reason | None:
     """``None`` when the device can be reached for ``pin``, else the dead-letter reason."""
     if dev.key.startswith("particle:") and (downlink is None or pin not in
                                             {p.upper() for p in downlink.particle}):
-        return "no_function"
+        return Reason.NO_FUNCTION
     return None
 
 

@@ -40,7 +40,7 @@ after ``broken_after_failures`` refusals in a row of *authenticated* requests (4
 ``protocol`` — the webhook template sends bodies we cannot read); **Not Connected** if that
 happens before any webhook was accepted. The next accepted webhook sets Connected again.
 Requests with bad credentials never change a status — anyone can send them — they are counted
-(``bb_rejected_total{reason="unauthorized"}``); a webhook whose secret is wrong shows as an
+(``bb_rejected_total{reason=Reason.UNAUTHORIZED}``); a webhook whose secret is wrong shows as an
 integration that stays Not Connected (or stops being refreshed) while that counter grows.
 """
 
@@ -71,7 +71,7 @@ from pipeline.backlog import as_str, reported_lag
 from pipeline.config import HttpAuth, IngestHttpConfig, NoAuth, ParticleProduct, TtsApplication
 from pipeline.context import Context
 from pipeline.downlink_outcomes import OUTCOMES, Outcomes
-from pipeline.errors import ConfigError, InvalidInput
+from pipeline.errors import ConfigError, InvalidInput, Reason
 from pipeline.events import Uplink, dead_letter, encode
 from pipeline.lifecycle import collect_young_less_often
 from pipeline.particle import body_style, parse_webhook
@@ -121,7 +121,7 @@ class Refused(Exception):
     def __init__(
         self,
         status: int,
-        reason: str,
+        reason: Reason,
         message: str,
         *,
         field: str | None = None,
@@ -211,7 +211,7 @@ def _basic_credentials(header: str | None) -> tuple[bytes, bytes] | None:
 
 def _unauthorized(message: str, field: str, *, basic: bool = False) -> Refused:
     headers = {"WWW-Authenticate": 'Basic realm="blynk-bridge"'} if basic else None
-    return Refused(401, "unauthorized", message, field=field, headers=headers)
+    return Refused(401, Reason.UNAUTHORIZED, message, field=field, headers=headers)
 
 
 # --- peers ---------------------------------------------------------------------------------------
@@ -282,7 +282,7 @@ class ConnectionGuard:
     def admit(self, peer: str) -> bool:
         count = self.open.get(peer, 0)
         if self.max_per_peer > 0 and count >= self.max_per_peer:
-            self.refused(peer, "too_many_connections",
+            self.refused(peer, Reason.TOO_MANY_CONNECTIONS,
                          f"{count} connections open (limit {self.max_per_peer})")
             return False
         self.open[peer] = count + 1
@@ -295,7 +295,7 @@ class ConnectionGuard:
         else:
             self.open.pop(peer, None)
 
-    def refused(self, peer: str, reason: str, detail: str) -> None:
+    def refused(self, peer: str, reason: Reason, detail: str) -> None:
         """Count (``bb_rejected_total{source="-"}``) and log (throttled) a refused connection."""
         metrics.REJECTED.labels("-", reason).inc()
         self._log.warning((peer, reason), "closed a connection from %s: %s (%s)", peer, reason,
@@ -366,9 +366,9 @@ class Connection(web.RequestHandler):
         if status >= 500:
             return super().handle_error(request, status, exc, None)
         peer = self._peer or "?"
-        self._guard.refused(peer, "malformed_request",
+        self._guard.refused(peer, Reason.MALFORMED_REQUEST,
                             f"{status} {type(exc).__name__ if exc else 'error'}")
-        resp = _error_response(Refused(status, "malformed_request",
+        resp = _error_response(Refused(status, Reason.MALFORMED_REQUEST,
                                        "the request is not valid HTTP/1.1", close=True))
         return resp
 
@@ -385,7 +385,7 @@ class Connection(web.RequestHandler):
         self._head_timer = None
         if self._in_request or self.transport is None:
             return
-        self._guard.refused(self._peer or "?", "header_timeout",
+        self._guard.refused(self._peer or "?", Reason.HEADER_TIMEOUT,
                             f"no complete request head within {self._guard.header_timeout_s}s")
         self.force_close()
 
@@ -690,8 +690,8 @@ class IngestHttp:
                         return await probe(request)
                     raise self._not_allowed(path[1:], method, _PROBE_METHODS)
             # Not the first path segment as a label: unbounded series from anyone's typos.
-            self._rejected(_ROUTE_SOURCES.get(path.split("/")[1], "-"), "not_found")
-            raise Refused(404, "not_found", f"no route {path[:100]}")
+            self._rejected(_ROUTE_SOURCES.get(path.split("/")[1], "-"), Reason.NOT_FOUND)
+            raise Refused(404, Reason.NOT_FOUND, f"no route {path[:100]}")
         except Refused as refused:
             return _error_response(refused)
         finally:
@@ -701,11 +701,11 @@ class IngestHttp:
                 protocol.handled()
 
     def _not_allowed(self, source: str, method: str, allowed: tuple[str, ...]) -> Refused:
-        self._rejected(source, "method_not_allowed")
-        return Refused(405, "method_not_allowed", f"{method[:16]} is not allowed here",
+        self._rejected(source, Reason.METHOD_NOT_ALLOWED)
+        return Refused(405, Reason.METHOD_NOT_ALLOWED, f"{method[:16]} is not allowed here",
                        headers={"Allow": ", ".join(sorted(allowed))})
 
-    def _rejected(self, source: str, reason: str) -> None:
+    def _rejected(self, source: str, reason: Reason) -> None:
         counter = self._rejections.get((source, reason))
         if counter is None:
             counter = self._rejections[(source, reason)] = metrics.REJECTED.labels(source, reason)
@@ -717,7 +717,7 @@ class IngestHttp:
         entry = self.particle.get(name)
         if entry is None:
             raise self._refuse("particle", None, Refused(
-                404, "unknown_integration", f"no Particle integration named {name[:64]!r}",
+                404, Reason.UNKNOWN_INTEGRATION, f"no Particle integration named {name[:64]!r}",
                 field="integration"))
         product, auth = entry
         self._admit(request, "particle", name, auth)
@@ -736,23 +736,23 @@ class IngestHttp:
         entry = self.tts.get(name)
         if entry is None:
             raise self._refuse("tts", None, Refused(
-                404, "unknown_integration",
+                404, Reason.UNKNOWN_INTEGRATION,
                 f"no TTS application named {name[:64]!r} takes webhooks (set webhook_auth)",
                 field="integration"))
         app, auth = entry
         self._admit(request, "tts", name, auth)
         if body_style(request.content_type) != "json":
             raise self._refuse("tts", name, Refused(
-                415, "unsupported_media_type",
+                415, Reason.UNSUPPORTED_MEDIA_TYPE,
                 f"TTS webhooks are JSON, got {request.content_type[:64]!r}", field="Content-Type"))
         body = await self._body(request, "tts", name)
         try:
             uplink = parse_event(body, app, received_ts_ms=now_ms())
         except UnicodeDecodeError:
             raise self._invalid("tts", name, InvalidInput(
-                "JSON body is not UTF-8", reason="invalid_encoding", field="$")) from None
+                "JSON body is not UTF-8", reason=Reason.INVALID_ENCODING, field="$")) from None
         except InvalidInput as exc:
-            if exc.reason == "no_decoded_payload":
+            if exc.reason == Reason.NO_DECODED_PAYLOAD:
                 return await self._dead_letter("tts", name, request.path, body, exc)
             raise self._invalid("tts", name, exc) from None
         if isinstance(uplink, Skipped):
@@ -773,7 +773,7 @@ class IngestHttp:
         except RedisError as exc:
             log.warning("tts/%s: cannot match a downlink %s: %s", name, outcome, exc)
             raise self._refuse("tts", None, Refused(
-                503, "redis_unavailable", "the bridge cannot store messages right now",
+                503, Reason.REDIS_UNAVAILABLE, "the bridge cannot store messages right now",
                 headers={"Retry-After": str(RETRY_AFTER_S)})) from None
 
     async def blynk_webhook(self, request: web.BaseRequest, name: str) -> web.Response:
@@ -783,7 +783,7 @@ class IngestHttp:
         auth = self.blynk.get(name)
         if auth is None:
             raise self._refuse("blynk", None, Refused(
-                404, "unknown_integration", f"no Blynk webhook named {name[:64]!r}",
+                404, Reason.UNKNOWN_INTEGRATION, f"no Blynk webhook named {name[:64]!r}",
                 field="integration"))
         self._admit(request, "blynk", name, auth)
         body = await self._body(request, "blynk", name)
@@ -799,7 +799,7 @@ class IngestHttp:
         except RedisError as exc:
             log.warning("blynk/%s: cannot append to %s: %s", name, stream, exc)
             raise self._refuse("blynk", None, Refused(
-                503, "redis_unavailable", "the bridge cannot store messages right now",
+                503, Reason.REDIS_UNAVAILABLE, "the bridge cannot store messages right now",
                 headers={"Retry-After": str(RETRY_AFTER_S)})) from None
         metrics.INGESTED.labels("blynk", name, "downlink").inc()
         self.blynk_rate.seen(name)
@@ -817,7 +817,7 @@ class IngestHttp:
             wait = self.auth_budget.take(peer)
             if wait > 0:
                 refused = Refused(
-                    429, "too_many_auth_failures",
+                    429, Reason.TOO_MANY_AUTH_FAILURES,
                     f"too many requests with bad credentials from {peer}; retry later",
                     headers={"Retry-After": str(max(1, math.ceil(wait)))}, close=True)
             self._log.warning((peer, "unauthorized"), "%s/%s: refused a request from %s: %s",
@@ -829,18 +829,18 @@ class IngestHttp:
             raise self._refuse(source, name, _too_large(length, self.cfg.max_body_bytes))
         if request.body_exists and body_style(request.content_type) is None:
             raise self._refuse(source, name, Refused(
-                415, "unsupported_media_type",
+                415, Reason.UNSUPPORTED_MEDIA_TYPE,
                 f"content type {request.content_type[:64]!r} is not JSON, form or text",
                 field="Content-Type"))
         if self.backlog.total > self.cfg.backlog_high_water:
             raise self._refuse(source, None, Refused(
-                503, "backlog",
+                503, Reason.BACKLOG,
                 f"{self.backlog.total} uplinks wait for transform (limit "
                 f"{self.cfg.backlog_high_water}); retry later",
                 headers={"Retry-After": str(RETRY_AFTER_S)}))
         if self.backlog.bytes > self.cfg.backlog_high_water_bytes:
             raise self._refuse(source, None, Refused(
-                503, "backlog",
+                503, Reason.BACKLOG,
                 f"the uplinks stream holds {self.backlog.bytes} bytes (limit "
                 f"{self.cfg.backlog_high_water_bytes}); retry later",
                 headers={"Retry-After": str(RETRY_AFTER_S)}))
@@ -863,7 +863,7 @@ class IngestHttp:
             raise self._refuse(source, name, _too_large(None, self.cfg.max_body_bytes)) from None
         except TimeoutError:
             raise self._refuse(source, name, Refused(
-                408, "body_timeout", f"body not received within {self.cfg.body_timeout_s}s",
+                408, Reason.BODY_TIMEOUT, f"body not received within {self.cfg.body_timeout_s}s",
                 field="$", close=True)) from None
 
     async def _append(self, uplink: Uplink, name: str) -> web.Response:
@@ -872,7 +872,7 @@ class IngestHttp:
             data = encode(uplink)
         except (OverflowError, ValueError, TypeError, UnicodeError) as exc:
             raise self._refuse(source, name, Refused(
-                400, "unencodable", f"message holds a value that cannot be stored: {exc}"
+                400, Reason.UNENCODABLE, f"message holds a value that cannot be stored: {exc}"
             )) from None
         stream = self.ctx.keys.stream_for(keynames.UPLINKS, source, uplink.device)
         try:
@@ -880,7 +880,7 @@ class IngestHttp:
         except RedisError as exc:
             log.warning("%s/%s: cannot append to %s: %s", source, name, stream, exc)
             raise self._refuse(source, None, Refused(
-                503, "redis_unavailable", "the bridge cannot store messages right now",
+                503, Reason.REDIS_UNAVAILABLE, "the bridge cannot store messages right now",
                 headers={"Retry-After": str(RETRY_AFTER_S)})) from None
         counter = self._ingested.get((source, name, uplink.kind))
         if counter is None:
@@ -911,7 +911,7 @@ class IngestHttp:
         except RedisError as err:
             log.warning("%s/%s: cannot dead-letter: %s", source, name, err)
             raise self._refuse(source, None, Refused(
-                503, "redis_unavailable", "the bridge cannot store messages right now",
+                503, Reason.REDIS_UNAVAILABLE, "the bridge cannot store messages right now",
                 headers={"Retry-After": str(RETRY_AFTER_S)})) from None
         self._rejected(source, exc.reason)
         metrics.DEAD.labels(self.name, exc.reason).inc()
@@ -919,7 +919,7 @@ class IngestHttp:
                                                  "X-Skipped": exc.reason})
 
     def _invalid(self, source: Source, name: str, exc: InvalidInput) -> Refused:
-        status = {"unsupported_media_type": 415, "too_large": 413}.get(exc.reason, 400)
+        status = {Reason.UNSUPPORTED_MEDIA_TYPE: 415, Reason.TOO_LARGE: 413}.get(exc.reason, 400)
         log.info("%s/%s: refused body (%s at %s): %s", source, name, exc.reason, exc.field,
                  exc.detail[:200])
         return self._refuse(source, name, Refused(status, exc.reason, exc.detail,
@@ -967,7 +967,7 @@ def _query(request: web.BaseRequest) -> dict[str, str]:
 
 def _too_large(size: int | None, limit: int) -> Refused:
     what = f"body of {size} bytes" if size is not None else "body"
-    return Refused(413, "too_large", f"{what} is over the {limit}-byte limit", field="$")
+    return Refused(413, Reason.TOO_LARGE, f"{what} is over the {limit}-byte limit", field="$")
 
 
 def _error_response(refused: Refused) -> web.Response:

@@ -63,7 +63,7 @@ from pipeline import events, metrics, mqtt
 from pipeline.config import TtsApplication
 from pipeline.consumer import backoff_s
 from pipeline.context import Context
-from pipeline.errors import InvalidInput
+from pipeline.errors import InvalidInput, Reason
 from pipeline.keys import UPLINKS
 from pipeline.lease import Lease, hold
 from pipeline.lifecycle import wait_event
@@ -93,7 +93,9 @@ SettingsFor = Callable[[TtsApplication, str], mqtt.Settings]
 
 def default_settings(app: TtsApplication, consumer: str) -> mqtt.Settings:
     """Connection settings from the configuration: ``{app}@{tenant}``, API key, TLS unless
-    ``insecure``. The client id names the replica, so two replicas never kick each other."""
+    ``insecure``. The client id names the TTS application (its id, not the local name: two
+    bridges on one broker may both call theirs ``lab``) and the replica, so no two sessions kick
+    each other off."""
     return mqtt.Settings(
         host=app.host,
         port=app.effective_port,
@@ -101,7 +103,7 @@ def default_settings(app: TtsApplication, consumer: str) -> mqtt.Settings:
         password=app.api_key.reveal() if app.api_key is not None else None,
         tls=not app.insecure,
         ca_file=app.ca_file,
-        client_id=f"blynk-bridge-{app.name}-{consumer}"[:128],
+        client_id=f"blynk-bridge-{app.app_id}-{consumer}"[:128],
     )
 
 
@@ -315,7 +317,7 @@ class _Feed:
             # the message is dead-lettered, counted and logged with its traceback.
             log.exception("%s: parsing a message on %s failed", app.name, topic)
             self._dead_letter(topic, payload, InvalidInput(
-                f"{type(exc).__name__}: {exc}", reason="parse_failed"))
+                f"{type(exc).__name__}: {exc}", reason=Reason.PARSE_FAILED))
             return
         if isinstance(event, Skipped):
             metrics.TTS_SKIPPED.labels(app.name, event.reason).inc()
@@ -332,7 +334,7 @@ class _Feed:
             data = events.encode(event)
         except (OverflowError, msgspec.EncodeError) as exc:  # e.g. an f_cnt past 64 bits
             self._dead_letter(topic, payload, InvalidInput(
-                f"message holds a value that cannot be stored: {exc}", reason="unencodable"))
+                f"message holds a value that cannot be stored: {exc}", reason=Reason.UNENCODABLE))
             return
         if not self._offer(self._keys.stream_for(UPLINKS, "tts", event.device), data, counter):
             self._dropped.inc()

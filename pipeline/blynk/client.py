@@ -46,22 +46,9 @@ from yarl import URL
 
 from pipeline import metrics
 from pipeline.blynk.http import ConnectionLost, HttpClient, HttpError, Response
-from pipeline.blynk.outcomes import (
-    BAD_REQUEST,
-    INVALID_TOKEN,
-    NO_DATASTREAM,
-    NOT_FOUND,
-    REDIRECT_REFUSED,
-    TOO_LARGE,
-    TYPE_MISMATCH,
-    UNAUTHORIZED,
-    WRONG_PIN,
-    Fail,
-    Ok,
-    Outcome,
-    Retry,
-)
+from pipeline.blynk.outcomes import Fail, Ok, Outcome, Retry
 from pipeline.config import BlynkConfig
+from pipeline.errors import Reason
 from pipeline.events import Value
 from pipeline.keys import Keys
 from pipeline.redact import mask, redact_url
@@ -69,30 +56,22 @@ from pipeline.streams import Redis
 
 log = logging.getLogger("pipeline.blynk")
 
-#: Retry reasons.
-TIMEOUT = "timeout"
-CONNECTION = "connection"
-SERVER_ERROR = "server_error"
-RATE_LIMITED = "rate_limited"
-REDIRECT = "redirect"
-#: Why a redirect was not followed (labels of ``bb_blynk_redirects_refused_total``).
-FOREIGN_HOST = "foreign_host"
-DOWNGRADE = "downgrade"
-
 #: Blynk's documented error messages (normalized) → reason code. Prefix matches for messages
 #: that carry a name or a number.
-_MESSAGES: dict[str, str] = {
-    "invalid token": INVALID_TOKEN,
-    "wrong pin format": WRONG_PIN,
-    "wrong datastreamid format": WRONG_PIN,
-    "value doesn't match the datastream data type": TYPE_MISMATCH,
-    "no datastream setup for that pin": NO_DATASTREAM,
-    "unknown content type": BAD_REQUEST,
+_MESSAGES: dict[str, Reason] = {
+    "invalid token": Reason.INVALID_TOKEN,
+    "wrong pin format": Reason.WRONG_PIN,
+    "wrong datastreamid format": Reason.WRONG_PIN,
+    "value doesn't match the datastream data type": Reason.TYPE_MISMATCH,
+    "no datastream setup for that pin": Reason.NO_DATASTREAM,
+    "unknown content type": Reason.BAD_REQUEST,
 }
-_PREFIXES: tuple[tuple[str, str], ...] = (
-    ("requested datastream doesn't exist", NO_DATASTREAM),
-    ("too much data in batch", TOO_LARGE),
+_PREFIXES: tuple[tuple[str, Reason], ...] = (
+    ("requested datastream doesn't exist", Reason.NO_DATASTREAM),
+    ("too much data in batch", Reason.TOO_LARGE),
 )
+#: Refusals that name the pin they are about.
+_PIN_REASONS = frozenset({Reason.TYPE_MISMATCH, Reason.NO_DATASTREAM, Reason.WRONG_PIN})
 
 #: Points per timestamped upload (Blynk's documented maximum).
 MAX_UPLOAD_POINTS = 10_000
@@ -106,7 +85,7 @@ def normalize(message: str) -> str:
     return message.strip().lower().rstrip(".").strip()
 
 
-def classify(message: str) -> str:
+def classify(message: str) -> Reason:
     """The reason code of one Blynk error message (``bad_request`` when unknown)."""
     norm = normalize(message)
     reason = _MESSAGES.get(norm)
@@ -115,7 +94,7 @@ def classify(message: str) -> str:
     for prefix, code in _PREFIXES:
         if norm.startswith(prefix):
             return code
-    return BAD_REQUEST
+    return Reason.BAD_REQUEST
 
 
 def error_message(body: str) -> str:
@@ -292,17 +271,18 @@ class BlynkClient:
                     return Ok(outcome.status, outcome.body, server=base)
                 return outcome
             if redirected:
-                return Retry(REDIRECT, "redirected twice: " + redact_url(location), status=308)
+                return Retry(Reason.REDIRECT, "redirected twice: " + redact_url(location),
+                             status=308)
             new_base = _base_of(location, path_query)
             if new_base is None:
-                return Retry(REDIRECT, "308 without a usable Location: "
+                return Retry(Reason.REDIRECT, "308 without a usable Location: "
                              + redact_url(location), status=308)
             why = redirect_refusal(base, new_base, self._servers)
             if why is not None:
                 metrics.BLYNK_REDIRECTS_REFUSED.labels("device", why).inc()
                 detail = _REFUSALS[why].format(redact_url(new_base))
                 log.warning("not following %s's 308 for token %s: %s", base, mask(token), detail)
-                return Fail(REDIRECT_REFUSED, detail, status=308)
+                return Fail(Reason.REDIRECT_REFUSED, detail, status=308)
             redirected = True
             base = new_base
             await self._remember(token, base)
@@ -322,11 +302,12 @@ class BlynkClient:
         if isinstance(resp, BaseException):
             if isinstance(resp, TimeoutError):
                 self._count(endpoint, "timeout")
-                return Retry(TIMEOUT, f"no answer within {self.config.timeout_s}s"), None
+                return Retry(Reason.TIMEOUT, f"no answer within {self.config.timeout_s}s"), None
             if not isinstance(resp, (HttpError, ValueError)):
                 raise resp
             self._count(endpoint, "error")
-            return Retry(CONNECTION, f"{type(resp).__name__}: {_scrub(str(resp), token)}"), None
+            detail = f"{type(resp).__name__}: {_scrub(str(resp), token)}"
+            return Retry(Reason.CONNECTION, detail), None
         status = resp.status
         self._count(endpoint, str(status))
         text = resp.text()
@@ -435,31 +416,32 @@ def classify_answer(status: int, body: str, retry_after_header: str | None,
                     pin: str | None = None) -> Outcome:
     """The outcome of a non-2xx, non-redirect answer."""
     if status == 429:
-        return Retry(RATE_LIMITED, error_message(body), retry_after_s=retry_after(
+        return Retry(Reason.RATE_LIMITED, error_message(body), retry_after_s=retry_after(
             retry_after_header), status=status)
     if status >= 500:
-        return Retry(SERVER_ERROR, f"HTTP {status}: {error_message(body)}",
+        return Retry(Reason.SERVER_ERROR, f"HTTP {status}: {error_message(body)}",
                      retry_after_s=retry_after(retry_after_header), status=status)
     if status == 400:
         message = error_message(body)
         reason = classify(message)
         return Fail(reason, message, status=status,
-                    pin=pin if reason in (TYPE_MISMATCH, NO_DATASTREAM, WRONG_PIN) else None)
+                    pin=pin if reason in _PIN_REASONS else None)
     if status == 413 or status == 414:
-        return Fail(TOO_LARGE, f"HTTP {status}: {error_message(body)}", status=status, pin=pin)
+        return Fail(Reason.TOO_LARGE, f"HTTP {status}: {error_message(body)}", status=status,
+                    pin=pin)
     if status in (401, 403):
-        return Fail(UNAUTHORIZED, f"HTTP {status}: {error_message(body)}", status=status)
+        return Fail(Reason.UNAUTHORIZED, f"HTTP {status}: {error_message(body)}", status=status)
     if status == 404:
-        return Fail(NOT_FOUND, f"HTTP {status}: {error_message(body)}", status=status)
+        return Fail(Reason.NOT_FOUND, f"HTTP {status}: {error_message(body)}", status=status)
     if status == 408:
-        return Retry(TIMEOUT, f"HTTP {status}", status=status)
-    return Fail(BAD_REQUEST, f"HTTP {status}: {error_message(body)}", status=status)
+        return Retry(Reason.TIMEOUT, f"HTTP {status}", status=status)
+    return Fail(Reason.BAD_REQUEST, f"HTTP {status}: {error_message(body)}", status=status)
 
 
 #: Refusal reason → its explanation (``{}`` = the redirect's base URL, tokens masked).
 _REFUSALS = {
-    FOREIGN_HOST: "308 to {} not followed: not a configured Blynk server",
-    DOWNGRADE: "308 to {} not followed: from https to http",
+    Reason.FOREIGN_HOST: "308 to {} not followed: not a configured Blynk server",
+    Reason.DOWNGRADE: "308 to {} not followed: from https to http",
 }
 _BLYNK_REGION = re.compile(r"https://[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.blynk\.cloud")
 
@@ -484,21 +466,21 @@ def canonical_base(url: str) -> str | None:
 
 
 def redirect_refusal(current: str, target: str, servers: frozenset[str] | set[str], *,
-                     same_origin: bool = True) -> str | None:
+                     same_origin: bool = True) -> Reason | None:
     """Why a 308 from base URL ``current`` to base URL ``target`` must not be followed
     (``downgrade``: https to http; ``foreign_host``: neither one of ``servers`` (canonical
     base URLs), nor ``https://<region>.blynk.cloud``, nor ``current`` itself when
     ``same_origin``), or None to follow it."""
     to = canonical_base(target)
     if to is None:
-        return FOREIGN_HOST
+        return Reason.FOREIGN_HOST
     if current.lower().startswith("https:") and to.startswith("http:"):
-        return DOWNGRADE
+        return Reason.DOWNGRADE
     if to in servers or _BLYNK_REGION.fullmatch(to):
         return None
     if same_origin and to == canonical_base(current):
         return None
-    return FOREIGN_HOST
+    return Reason.FOREIGN_HOST
 
 
 def _base_of(location: str, path_query: str) -> str | None:

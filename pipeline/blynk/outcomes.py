@@ -1,20 +1,11 @@
-"""The typed outcome of every Blynk request: success, retryable, or permanent with a reason."""
+"""The typed outcome of every Blynk request: success, retryable, or permanent with a reason
+(a :class:`~pipeline.errors.Reason`; a permanent one becomes the dead-letter reason)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-#: Permanent reason codes (machine-readable; they become dead-letter reasons).
-INVALID_TOKEN = "invalid_token"
-WRONG_PIN = "wrong_pin"
-TYPE_MISMATCH = "type_mismatch"
-NO_DATASTREAM = "no_datastream"
-TOO_LARGE = "too_large"
-NOT_FOUND = "not_found"
-BAD_REQUEST = "bad_request"
-UNAUTHORIZED = "unauthorized"
-#: A redirect the client must not follow (foreign host, https → http, any on the platform API).
-REDIRECT_REFUSED = "redirect_refused"
+from pipeline.errors import Reason
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,7 +18,7 @@ class Ok:
 
 @dataclass(frozen=True, slots=True)
 class Retry:
-    reason: str
+    reason: Reason
     detail: str
     retry_after_s: float | None = None
     status: int | None = None
@@ -35,7 +26,7 @@ class Retry:
 
 @dataclass(frozen=True, slots=True)
 class Fail:
-    reason: str
+    reason: Reason
     detail: str
     status: int | None = None
     #: The pin the error is about, when Blynk's answer lets us tell.

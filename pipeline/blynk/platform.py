@@ -32,9 +32,8 @@ import msgspec
 
 from pipeline import metrics
 from pipeline.blynk.client import BlynkClient, error_message, retry_after
-from pipeline.blynk.outcomes import BAD_REQUEST, NOT_FOUND, REDIRECT_REFUSED, UNAUTHORIZED
 from pipeline.config import PlatformConfig
-from pipeline.errors import Permanent, Retryable
+from pipeline.errors import Permanent, Reason, Retryable
 from pipeline.redact import mask, masked_repr, redact_url
 
 log = logging.getLogger("pipeline.blynk.platform")
@@ -135,7 +134,7 @@ class PlatformClient:
                 return msgspec.json.decode(body, type=_TokenAnswer)
             except msgspec.DecodeError as exc:
                 raise Retryable(f"token answer not understood: {exc}",
-                                reason="bad_answer") from None
+                                reason=Reason.BAD_ANSWER) from None
         self._raise(status, body, headers, "token")
         raise AssertionError("unreachable")
 
@@ -166,34 +165,35 @@ class PlatformClient:
                 return resp.status, body, dict(resp.headers)
         except TimeoutError:
             counter.labels(f"platform_{endpoint}", "timeout").inc()
-            raise Retryable(f"platform API {endpoint}: no answer", reason="timeout") from None
+            raise Retryable(f"platform API {endpoint}: no answer", reason=Reason.TIMEOUT) from None
         except aiohttp.ClientError as exc:
             counter.labels(f"platform_{endpoint}", "error").inc()
             raise Retryable(f"platform API {endpoint}: {type(exc).__name__}",
-                            reason="connection") from None
+                            reason=Reason.CONNECTION) from None
 
     def _raise(self, status: int, body: bytes, headers: dict[str, str], what: str) -> None:
         text = body.decode(errors="replace")
         message = error_message(text)
         if status == 400 and '"invalid_client"' in text:
             raise Permanent(f"platform API {what}: client id or secret rejected",
-                            reason=UNAUTHORIZED)
+                            reason=Reason.UNAUTHORIZED)
         if 300 <= status < 400:
-            metrics.BLYNK_REDIRECTS_REFUSED.labels("platform", "not_followed").inc()
+            metrics.BLYNK_REDIRECTS_REFUSED.labels("platform", Reason.NOT_FOLLOWED).inc()
             raise Permanent(f"platform API {what}: HTTP {status} redirect not followed "
                             f"(to {redact_url(headers.get('Location', ''))!r}): check "
-                            "platform.url", reason=REDIRECT_REFUSED)
+                            "platform.url", reason=Reason.REDIRECT_REFUSED)
         if status == 429:
-            raise Retryable(f"platform API {what}: rate limited", reason="rate_limited",
+            raise Retryable(f"platform API {what}: rate limited", reason=Reason.RATE_LIMITED,
                             retry_after_s=retry_after(headers.get("Retry-After")))
         if status >= 500:
-            raise Retryable(f"platform API {what}: HTTP {status}", reason="server_error",
+            raise Retryable(f"platform API {what}: HTTP {status}", reason=Reason.SERVER_ERROR,
                             retry_after_s=retry_after(headers.get("Retry-After")))
         if status in (401, 403):
-            raise Permanent(f"platform API {what}: HTTP {status} {message}", reason=UNAUTHORIZED)
+            raise Permanent(f"platform API {what}: HTTP {status} {message}",
+                            reason=Reason.UNAUTHORIZED)
         if status == 404:
-            raise Permanent(f"platform API {what}: {message}", reason=NOT_FOUND)
-        raise Permanent(f"platform API {what}: HTTP {status} {message}", reason=BAD_REQUEST)
+            raise Permanent(f"platform API {what}: {message}", reason=Reason.NOT_FOUND)
+        raise Permanent(f"platform API {what}: HTTP {status} {message}", reason=Reason.BAD_REQUEST)
 
     async def _call(self, endpoint: str, method: str, path: str, *,
                     params: dict[str, str] | None = None, json: Any = None) -> bytes:
@@ -225,7 +225,7 @@ class PlatformClient:
             created = msgspec.json.decode(body, type=_Created)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             raise Permanent(f"device create answer not understood: {exc}",
-                            reason=BAD_REQUEST) from None
+                            reason=Reason.BAD_REQUEST) from None
         self._device_template[created.id] = template_id
         log.info("created Blynk device %d %r (token %s)", created.id, name, mask(created.token))
         return CreatedDevice(created.id, created.token, created.name or name)
@@ -246,7 +246,7 @@ class PlatformClient:
             fields = msgspec.json.decode(body, type=list[_Metafield])
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             raise Permanent(f"metafields answer not understood: {exc}",
-                            reason=BAD_REQUEST) from None
+                            reason=Reason.BAD_REQUEST) from None
         ids = {f.name: f.id for f in fields}
         if template is not None:
             self._metafields[template] = ids
@@ -257,7 +257,7 @@ class PlatformClient:
         ids = await self._metafield_ids(device_id)
         if name not in ids:
             raise Permanent(f"device {device_id}: the template has no metafield {name!r}",
-                            reason=NOT_FOUND)
+                            reason=Reason.NOT_FOUND)
         await self._call("metafield_set", "POST", "/api/v1/organization/device/metafield",
                          json={"deviceId": device_id, "metaFieldId": ids[name],
                                "newValue": value})
@@ -268,5 +268,5 @@ class PlatformClient:
                                 params={"templateId": template_id})
         data = msgspec.json.decode(body)
         if not isinstance(data, list):
-            raise Permanent("template datastreams answer is not a list", reason=BAD_REQUEST)
+            raise Permanent("template datastreams answer is not a list", reason=Reason.BAD_REQUEST)
         return data

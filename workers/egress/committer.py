@@ -41,15 +41,16 @@ from redis.exceptions import RedisError
 
 from pipeline import metrics
 from pipeline.batching import GroupCommit
-from pipeline.blynk.outcomes import INVALID_TOKEN, Fail, Retry
+from pipeline.blynk.outcomes import Fail, Retry
 from pipeline.coalesce import DevicePlan
 from pipeline.consumer import backoff_s
+from pipeline.errors import Reason
 from pipeline.keys import GROUP_EGRESS
 from pipeline.order import LastWritten
 from pipeline.ratelimit import RateLimiter
 from pipeline.redact import mask
 from pipeline.registry import Registry, split_key
-from pipeline.streams import Entry, StreamReader, now_ms
+from pipeline.streams import DeadItem, Entry, StreamReader, now_ms
 from workers.egress.queue import DeviceQueue, Held, HeldWrites
 from workers.egress.scheduler import Servers
 from workers.egress.sender import Result, Spawn
@@ -71,7 +72,7 @@ class Commit:
     acks: list[Entry]
 
 
-_Dead = list[tuple[Entry, str, str]]
+_Dead = list[DeadItem]
 
 
 class Committer:
@@ -134,7 +135,7 @@ class Committer:
                             dev.key, exc)
             else:
                 log.error("egress: recording %s failed", dev.key, exc_info=exc)
-            again = again or Retry("redis", str(exc))
+            again = again or Retry(Reason.REDIS, str(exc))
         if result.invalid_token is not None:
             self._spawn(self._invalid_token(dev, plan, result.invalid_token, pending),
                         f"egress-{dev.key}")
@@ -185,13 +186,13 @@ class Committer:
                 # Broken only if Blynk refused the token the registry holds for the device: a
                 # token carried by an uplink (keyed apart, no row) or replaced since says
                 # nothing about it.
-                broken = await self._registry.mark_broken(dev.key, INVALID_TOKEN,
+                broken = await self._registry.mark_broken(dev.key, Reason.INVALID_TOKEN,
                                                           outcome.detail, token=plan.token)
                 log.warning("egress: device %s: invalid token %s; %s%d entries dead",
                             dev.key, mask(plan.token),
                             "marked broken, " if broken else "", len(dev.inflight))
                 await asyncio.shield(self._reader.dead_letter(
-                    [(h.entry, INVALID_TOKEN, outcome.detail) for h in dev.inflight]))
+                    [(h.entry, Reason.INVALID_TOKEN, outcome.detail) for h in dev.inflight]))
             except RedisError as exc:
                 log.warning("egress: dead-lettering %s failed (%s); retried", dev.key, exc)
                 self._held.requeue(dev, not_before=time.monotonic() + backoff_s(1))

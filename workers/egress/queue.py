@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 import msgspec
 
 from pipeline.coalesce import DevicePlan, coalesce
+from pipeline.errors import Reason
 from pipeline.events import BlynkWrite, decode_write
-from pipeline.streams import Entry
+from pipeline.streams import DeadItem, Entry
 
 
 @dataclass(slots=True)
@@ -61,11 +62,11 @@ class HeldWrites:
     def __len__(self) -> int:
         return len(self.entries)
 
-    def hold(self, entries: list[Entry], now: float) -> list[tuple[Entry, str, str]]:
+    def hold(self, entries: list[Entry], now: float) -> list[DeadItem]:
         """Queue each entry under its device; returns the undecodable ones as
         ``(entry, "undecodable", detail)`` for the caller to dead-letter. An entry already held
         (handed back by ``XAUTOCLAIM``) is skipped."""
-        bad: list[tuple[Entry, str, str]] = []
+        bad: list[DeadItem] = []
         for entry in entries:
             if (entry.stream, entry.id) in self.entries:
                 continue
@@ -74,7 +75,7 @@ class HeldWrites:
                     raise msgspec.DecodeError("no 'd' field")
                 write = decode_write(entry.data)
             except msgspec.DecodeError as exc:  # ValidationError is a DecodeError
-                bad.append((entry, "undecodable", str(exc)))
+                bad.append((entry, Reason.UNDECODABLE, str(exc)))
                 continue
             held = Held(entry, write, now)
             self.entries[(entry.stream, entry.id)] = held

@@ -35,8 +35,9 @@ from redis.exceptions import RedisError
 
 from pipeline.batching import GroupCommit
 from pipeline.blynk.client import BlynkClient
-from pipeline.blynk.outcomes import INVALID_TOKEN, Fail, Ok, Outcome, Retry
+from pipeline.blynk.outcomes import Fail, Ok, Outcome, Retry
 from pipeline.coalesce import DevicePlan, chunks, split
+from pipeline.errors import Reason
 from pipeline.events import Value
 from pipeline.order import LastWritten
 from pipeline.ratelimit import RateLimiter
@@ -54,9 +55,9 @@ class Result:
     """What one device write achieved."""
 
     written: dict[str, int] = field(default_factory=dict)  # pin → event time now in Blynk
-    failed: dict[str, tuple[str, str]] = field(default_factory=dict)  # pin → (reason, detail)
+    failed: dict[str, tuple[Reason, str]] = field(default_factory=dict)  # pin → (reason, detail)
     #: pin → (reason, detail, event times of the history points Blynk refused)
-    history_failed: dict[str, tuple[str, str, set[int]]] = field(default_factory=dict)
+    history_failed: dict[str, tuple[Reason, str, set[int]]] = field(default_factory=dict)
     values: int = 0
     again: Retry | None = None
     invalid_token: Fail | None = None
@@ -206,10 +207,10 @@ class Sender:
         except _InvalidToken as bad:
             result.invalid_token = bad.outcome
         except RedisError as exc:
-            result.again = Retry("redis", str(exc))
+            result.again = Retry(Reason.REDIS, str(exc))
         except Exception as exc:  # a defect: logged, and the write retried like an outage
             log.error("egress: writing %s failed", dev.key, exc_info=exc)
-            result.again = Retry("error", repr(exc))
+            result.again = Retry(Reason.ERROR, repr(exc))
         self._finish(dev, plan, result, pending)
 
     async def _request(self, server_name: str, call: Callable[[], Awaitable[Outcome]]) -> Outcome:
@@ -238,7 +239,7 @@ class Sender:
                         result.values += len(chunk)
                     case Retry():
                         raise _Again(outcome)
-                    case Fail(reason=reason) if reason == INVALID_TOKEN:
+                    case Fail(reason=reason) if reason == Reason.INVALID_TOKEN:
                         raise _InvalidToken(outcome)
                     case Fail():
                         # The current value still goes; the refused points are dead-lettered.
@@ -262,7 +263,7 @@ class Sender:
                 result.values += len(pins)
             case Retry():
                 raise _Again(outcome)
-            case Fail(reason=reason) if reason == INVALID_TOKEN:
+            case Fail(reason=reason) if reason == Reason.INVALID_TOKEN:
                 raise _InvalidToken(outcome)
             case Fail() if len(pins) == 1:
                 (pin,) = pins

@@ -98,8 +98,7 @@ class EgressStage:
         self.committer = Committer(self.order, self.limiter, self.reader, self.registry,
                                    self.held, self.servers, self._spawn, cfg.max_backoff_s)
         #: With Blynk webhooks configured, writes are announced to echo suppression first.
-        self._echo_window_ms = (ctx.config.downlink.echo_window_ms
-                                if ctx.config.blynk_webhooks else 0)
+        self._echo_window_ms = ctx.config.echo.window_ms if ctx.config.blynk_webhooks else 0
         self.sender = Sender(ctx.blynk(), InFlight(cfg.max_in_flight), self.servers,
                              Pacer(self.order, self.limiter), self.committer.finish,
                              self._spawn)
