@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from pipeline import eventtime
 from pipeline.eventtime import MAX_TEXT, clamp_future, rfc3339_ms
 
 T0 = 1_485_983_285_763  # 2017-02-01T21:08:05.763Z
@@ -57,6 +58,27 @@ def test_agrees_with_datetime(dt: datetime) -> None:
 @given(st.text(max_size=40))
 def test_any_text_is_a_time_or_none(text: str) -> None:
     assert rfc3339_ms(text) is None or isinstance(rfc3339_ms(text), int)
+
+
+def _both_paths(text: str) -> tuple[int | None, int | None]:
+    """(the full parse, the short cut for a date seen before) of ``text``."""
+    eventtime._DAYS.clear()
+    full = rfc3339_ms(text)  # no date cached: the regex decides (and caches a valid date)
+    return full, rfc3339_ms(text)
+
+
+_TIME_CHARS = "0123456789-:.TtZz+ x٣"
+
+
+@given(st.datetimes(timezones=st.just(UTC)), st.integers(0, 23), st.sampled_from(_TIME_CHARS))
+def test_the_short_cut_agrees_with_the_full_parse(dt: datetime, at: int, char: str) -> None:
+    # Particle's shape (what the short cut takes), and that shape with one character changed.
+    text = f"{dt.year:04d}-{dt:%m-%dT%H:%M:%S}.{dt.microsecond // 1000:03d}Z"
+    full, short = _both_paths(text)
+    assert full == short and full is not None
+    mutated = text[:at] + char + text[at + 1:]
+    full, short = _both_paths(mutated)
+    assert full == short
 
 
 @pytest.mark.parametrize(("event", "received", "skew", "want"), [
