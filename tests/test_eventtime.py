@@ -62,8 +62,8 @@ def test_any_text_is_a_time_or_none(text: str) -> None:
 
 def _both_paths(text: str) -> tuple[int | None, int | None]:
     """(the full parse, the short cut for a date seen before) of ``text``."""
-    eventtime._DAYS.clear()
-    full = rfc3339_ms(text)  # no date cached: the regex decides (and caches a valid date)
+    eventtime._MINUTES.clear()
+    full = rfc3339_ms(text)  # nothing cached: the regex decides (and caches a valid minute)
     return full, rfc3339_ms(text)
 
 
