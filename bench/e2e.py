@@ -317,15 +317,24 @@ class Bridge:
             else:
                 argv = [stage, "-c", str(cfg)]
             name = f"{stage}" if self.processes.count(stage) == 1 else f"{stage}-{i}"
-            profiler: list[str] = []
             if self.cprofile is not None:
                 self.cprofile.mkdir(parents=True, exist_ok=True)
-                profiler = ["-m", "cProfile", "-o", str(self.cprofile / f"{name}.prof")]
-            proc = self.env.procs.spawn(name, [sys.executable, *profiler, "-m", "blynk_bridge",
-                                               *argv])
+                cmd = [sys.executable, "-m", "bench.e2e", "_cprofile",
+                       str(self.cprofile / f"{name}.prof"), *argv]
+            else:
+                cmd = [sys.executable, "-m", "blynk_bridge", *argv]
+            proc = self.env.procs.spawn(name, cmd)
             out[name] = proc
             self.running.append(proc)
         return out
+
+    def start_profiling(self) -> None:
+        """With ``cprofile``: start the profilers now (after the warm-up; see cprofile_main)."""
+        import signal
+
+        if self.cprofile is not None:
+            for proc in self.running:
+                proc.popen.send_signal(signal.SIGUSR1)
 
     def stop(self) -> None:
         for proc in reversed(self.running):
@@ -803,15 +812,17 @@ class Sampler:
         self.prefix = prefix
         self.samples: list[Sample] = []
         self._task: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run())
 
     async def stop(self) -> list[Sample]:
+        # An event, not cancel(): a Redis client cancelled in the middle of a command hung in
+        # aclose() afterwards.
+        self._stop.set()
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await self._task
         return self.samples
 
     async def _run(self) -> None:
@@ -820,14 +831,15 @@ class Sampler:
         redis = connect(self.redis_url) if self.redis_url and self.prefix else None
         t0 = time.monotonic()
         try:
-            while True:
+            while not self._stop.is_set():
                 rss = {}
                 for name, pid in self.pids.items():
                     with contextlib.suppress(OSError):
                         rss[name] = rss_bytes(pid)[0]
                 state = await _bridge_state(redis, self.prefix or "") if redis else {}
                 self.samples.append(Sample(time.monotonic() - t0, rss, state))
-                await asyncio.sleep(1.0)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), 1.0)
         finally:
             if redis is not None:
                 await redis.aclose()
@@ -867,6 +879,15 @@ async def overload_step(system: System, env: Env, emu: Emulator, pids: dict[str,
     prefix = getattr(system, "prefix", None)
     sampler = Sampler({**all_pids, "loadgen": sender.proc.pid if sender.proc else 0},
                       redis_url, prefix)
+    before: dict[str, int] = {}
+    if prefix is not None:  # what the warm-up put in, so "ingested" counts this step only
+        from pipeline.streams import connect
+
+        redis = connect(redis_url)
+        try:
+            before = await _bridge_state(redis, prefix)
+        finally:
+            await redis.aclose()
     usage.start()
     sampler.start()
     t_first = time.time() * 1000.0
@@ -898,11 +919,13 @@ async def overload_step(system: System, env: Env, emu: Emulator, pids: dict[str,
                 continue
             expect = min(sent, rate * smp.t_s)
             r = smp.redis
-            rows.append([f"{smp.t_s:.0f}", f"{expect:.0f}", r["uplinks_added"],
-                         f"{expect - r['uplinks_added']:.0f}", r["uplinks_lag"],
+            ingested = r["uplinks_added"] - before.get("uplinks_added", 0)
+            rows.append([f"{smp.t_s:.0f}", f"{expect:.0f}", ingested,
+                         f"{expect - ingested:.0f}", r["uplinks_lag"],
                          r["writes_lag"], fmt_mib(r["used_memory"])])
         print("ingest vs broker (published ≈ offered rate x time; behind = published - taken "
-              "by ingest), backlogs and Redis memory:")
+              "by ingest), backlogs and Redis memory (nothing trims the streams here: no "
+              "monitor stage runs, so acknowledged entries stay):")
         print(table(["t s", "published", "ingested", "behind", "transform lag", "egress lag",
                      "Redis used MiB"], rows))
     per = 1000.0 / got.delivered if got.delivered else math.nan
@@ -928,8 +951,9 @@ async def overload(system: System, env: Env, emu: Emulator, args: argparse.Names
 
 
 def print_cprofile(path: Path, delivered: int, top: int = 25) -> None:
-    """The top of a bridge process's cProfile: by own time, and our functions by cumulative
-    time, with µs per delivered uplink (wall clock under the profiler: compare shares)."""
+    """The top of a bridge process's cProfile (CPU time, profiled from the first measured
+    step): by own time, and our functions by cumulative time, with µs per delivered uplink
+    (the profiler's own cost is in them: compare shares, not absolute figures)."""
     import pstats
 
     if not path.exists():
@@ -974,6 +998,8 @@ async def measure(system: System, env: Env, emu: Emulator, plan: Plan,
     results: list[StepResult] = []
     try:
         await warm_up(system, env, emu, max(plan.rates[0], 1000.0), timeout_s=45.0)
+        if isinstance(system, Bridge):
+            system.start_profiling()
         for step, rate in enumerate(plan.rates, start=1):
             env.procs.check_alive()
             r = await run_step(system, env, emu, pids, rate, plan.duration_s, step, plan.drain_s,
@@ -1214,10 +1240,30 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def cprofile_main(out: str, argv: list[str]) -> int:
+    """A bridge process (``blynk-bridge`` with ``argv``) whose CPU time (``process_time``: not
+    wall time, which a loaded machine inflates) is profiled from SIGUSR1 until it exits;
+    stats go to ``out``. Starting late keeps startup (config parsing) out of the profile."""
+    import cProfile
+    import signal
+
+    from blynk_bridge.cli import main as bridge_main
+
+    prof = cProfile.Profile(time.process_time)
+    signal.signal(signal.SIGUSR1, lambda *_: prof.enable())
+    try:
+        return bridge_main(argv)
+    finally:
+        prof.disable()
+        prof.dump_stats(out)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["_loadgen"]:
         return loadgen_main(argv[1])
+    if argv[:1] == ["_cprofile"]:
+        return cprofile_main(argv[1], argv[2:])
     args = parse_args(argv)
     if args.baseline == "nodered":
         from bench.nodered import runner
