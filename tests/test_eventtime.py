@@ -70,12 +70,17 @@ def _both_paths(text: str) -> tuple[int | None, int | None]:
 _TIME_CHARS = "0123456789-:.TtZz+ x٣"
 
 
-@given(st.datetimes(timezones=st.just(UTC)), st.integers(0, 23), st.sampled_from(_TIME_CHARS))
-def test_the_short_cut_agrees_with_the_full_parse(dt: datetime, at: int, char: str) -> None:
-    # Particle's shape (what the short cut takes), and that shape with one character changed.
-    text = f"{dt.year:04d}-{dt:%m-%dT%H:%M:%S}.{dt.microsecond // 1000:03d}Z"
+@given(st.datetimes(timezones=st.just(UTC)), st.integers(3, 12), st.integers(0, 40),
+       st.sampled_from(_TIME_CHARS))
+def test_the_short_cut_agrees_with_the_full_parse(dt: datetime, digits: int, at: int,
+                                                   char: str) -> None:
+    # The shapes the short cut takes (Particle: 3 fractional digits, TTS: 9), and each with one
+    # character changed.
+    fraction = f"{dt.microsecond:06d}{dt.microsecond % 997:03d}{dt.day:03d}"[:digits]
+    text = f"{dt.year:04d}-{dt:%m-%dT%H:%M:%S}.{fraction}Z"
     full, short = _both_paths(text)
     assert full == short and full is not None
+    at = at % len(text)
     mutated = text[:at] + char + text[at + 1:]
     full, short = _both_paths(mutated)
     assert full == short
