@@ -78,6 +78,9 @@ SEQ_PIN = "v2"
 SEQ_STRIDE = 10_000_000
 #: The goal of the issue: p99 at or under this, with nothing lost.
 P99_LIMIT_MS = 500.0
+#: With ``--all-written`` a step is ok only when every uplink's own value was written (none
+#: superseded by a newer one of its device before egress sent it): issue 15 goal 2.
+ALL_WRITTEN = False
 REDIS_URL = "redis://127.0.0.1:6379/0"
 TENANT = "ttn"
 TEMPLATE_ID = "TMPLBENCH01"
@@ -128,7 +131,8 @@ class StepResult:
 
     @property
     def ok(self) -> bool:
-        return self.lossless and self.p99 <= P99_LIMIT_MS
+        return (self.lossless and self.p99 <= P99_LIMIT_MS
+                and (not ALL_WRITTEN or self.written == self.sent))
 
     def summary(self) -> dict[str, Any]:
         return {"system": self.system, "offered_per_s": self.offered,
@@ -264,15 +268,20 @@ class Bridge:
 
     name = "bridge"
 
-    def __init__(self, env: Env, processes: Sequence[str], redis_url: str = REDIS_URL, *,
+    def __init__(self, env: Env, processes: Sequence[str], redis_url: str = REDIS_URL,
+                 label: str | None = None, cprofile: Path | None = None, *,
                  variant: tuple[str, dict[str, Any]] | None = None) -> None:
         self.env = env
         self.processes = list(processes)
+        if label is not None:
+            self.name = f"bridge[{label}]"
+        #: Run each bridge process under cProfile, stats written here on stop (run_cprofile).
+        self.cprofile = cprofile
         self.redis_url = redis_url
         #: Config sections merged over the bench's (``--variant``); none: the defaults.
         self.overrides: dict[str, Any] = {}
         if variant is not None:
-            self.name = f"bridge {variant[0]}"
+            self.name = f"{self.name} {variant[0]}"
             self.overrides = variant[1]
         self.app_id = f"bench-bridge-{secrets.token_hex(3)}"
         self.prefix = f"bbbench:{uuid.uuid4().hex[:8]}:"
@@ -320,10 +329,24 @@ class Bridge:
             else:
                 argv = [stage, "-c", str(cfg)]
             name = f"{stage}" if self.processes.count(stage) == 1 else f"{stage}-{i}"
-            proc = self.env.procs.spawn(name, [sys.executable, "-m", "blynk_bridge", *argv])
+            if self.cprofile is not None:
+                self.cprofile.mkdir(parents=True, exist_ok=True)
+                cmd = [sys.executable, "-m", "bench.e2e", "_cprofile",
+                       str(self.cprofile / f"{name}.prof"), *argv]
+            else:
+                cmd = [sys.executable, "-m", "blynk_bridge", *argv]
+            proc = self.env.procs.spawn(name, cmd)
             out[name] = proc
             self.running.append(proc)
         return out
+
+    def start_profiling(self) -> None:
+        """With ``cprofile``: start the profilers now (after the warm-up; see cprofile_main)."""
+        import signal
+
+        if self.cprofile is not None:
+            for proc in self.running:
+                proc.popen.send_signal(signal.SIGUSR1)
 
     def stop(self) -> None:
         for proc in reversed(self.running):
@@ -401,6 +424,7 @@ _P_FCNT = "1987654321"
 _P_SEQ = "1876543219"
 _P_SENT = "8765432109876.5"
 _P_ASUP = "Q" * 26
+_P_TEMP = "-76.54321"
 _T0_NS = 1_600_000_000_123_456_789
 
 
@@ -412,12 +436,12 @@ def message_template(app_id: str, device: str) -> tuple[bytes, list[tuple[bytes,
 
     from emulators.tts import make_uplink, rfc3339
 
-    decoded = {"temperature": 21.5, "seq": int(_P_SEQ), "sent_ms": float(_P_SENT)}
+    decoded = {"temperature": float(_P_TEMP), "seq": int(_P_SEQ), "sent_ms": float(_P_SENT)}
     msg = make_uplink(app_id, TENANT, device, int(_P_FCNT), decoded, gateways=1,
                       received_at=_T0_NS, rng=random.Random(device))
     msg["correlation_ids"][0] = f"as:up:{_P_ASUP}"
     text = json.dumps(msg, separators=(",", ":"))
-    slots = {_P_FCNT: "fcnt", _P_SEQ: "seq", _P_SENT: "sent", _P_ASUP: "asup",
+    slots = {_P_FCNT: "fcnt", _P_SEQ: "seq", _P_SENT: "sent", _P_ASUP: "asup", _P_TEMP: "temp",
              rfc3339(_T0_NS): "at", rfc3339(_T0_NS - 30_000_000): "at_up"}
     for placeholder, slot in slots.items():
         want = text.count(placeholder)
@@ -433,7 +457,7 @@ def message_template(app_id: str, device: str) -> tuple[bytes, list[tuple[bytes,
 
 def fill(parts: Sequence[tuple[bytes, str]], values: dict[str, bytes]) -> bytes:
     """One uplink's JSON from a template of :func:`message_template` and the slots' values
-    (``fcnt``, ``seq``, ``sent``, ``asup``, ``at``, ``at_up``)."""
+    (``fcnt``, ``seq``, ``sent``, ``asup``, ``temp``, ``at``, ``at_up``)."""
     return b"".join([lit + values[slot] if slot else lit for lit, slot in parts])
 
 
@@ -477,6 +501,8 @@ def loadgen_main(job_path: str) -> int:
             vals["fcnt"] = str(k + 1).encode()
             vals["seq"] = str(base + k).encode()
             vals["asup"] = f"{run_id}{j:012d}".encode()
+            # Every uplink a new value of every pin (issue 15's profile).
+            vals["temp"] = f"{(j % 6000) / 100 - 10:.2f}".encode()
             batch.append(publish_packet(topic, fill(parts, vals)))
             sent_ms.append(t_ms)
             j += 1
@@ -592,6 +618,8 @@ class Matched:
     delivered: int
     written: int
     last_arrival_ms: float
+    #: Blynk's receipt time of each delivered uplink (the first arrival covering it).
+    arrivals_ms: list[float] = field(default_factory=list, repr=False)
 
 
 def match(sent_ms: Sequence[float], histories: dict[str, list[tuple[int, int]]],
@@ -603,6 +631,7 @@ def match(sent_ms: Sequence[float], histories: dict[str, list[tuple[int, int]]],
     """
     n_dev = len(names)
     latencies: list[float] = []
+    arrivals: list[float] = []
     written = 0
     last_arrival = 0.0
     for index, name in enumerate(names):
@@ -618,10 +647,11 @@ def match(sent_ms: Sequence[float], histories: dict[str, list[tuple[int, int]]],
             last_arrival = max(last_arrival, ts)
             while covered <= k:
                 latencies.append(ts - times[covered])
+                arrivals.append(ts)
                 covered += 1
         written += len(seen)
     latencies.sort()
-    return Matched(latencies, len(latencies), written, last_arrival)
+    return Matched(latencies, len(latencies), written, last_arrival, arrivals)
 
 
 def start_profilers(env: Env, pids: dict[str, int], out_dir: Path, label: str,
@@ -754,6 +784,214 @@ async def warm_up(system: System, env: Env, emu: Emulator, rate: float, timeout_
                          f"{timeout_s:.0f} s; see the logs in {env.procs.dir}")
 
 
+# --- overload (issue 15 goal 4) -------------------------------------------------------------
+
+
+@dataclass
+class Sample:
+    t_s: float  # since the load started
+    rss: dict[str, int]  # process → RSS bytes
+    #: Bridge only: Redis ``used_memory``, entries ever added to the uplinks stream (what ingest
+    #: took from the broker), the transform and egress groups' lag (entries not read yet).
+    redis: dict[str, int] = field(default_factory=dict)
+
+
+async def _bridge_state(redis: Any, prefix: str) -> dict[str, int]:
+    from pipeline import keys as keynames
+
+    keys = keynames.Keys(prefix)
+    out = {"used_memory": int((await redis.info("memory"))["used_memory"])}
+    for name, group, label in ((keynames.UPLINKS, keynames.GROUP_TRANSFORM, "uplinks"),
+                               (keynames.WRITES, keynames.GROUP_EGRESS, "writes")):
+        added = lag = 0
+        for stream in keys.streams(name):
+            with contextlib.suppress(Exception):  # not created yet
+                added += int((await redis.xinfo_stream(stream))["entries-added"])
+                for g in await redis.xinfo_groups(stream):
+                    gname = g["name"].decode() if isinstance(g["name"], bytes) else g["name"]
+                    if gname == group and isinstance(g.get("lag"), int):
+                        lag += g["lag"]
+        out[f"{label}_added"], out[f"{label}_lag"] = added, lag
+    return out
+
+
+class Sampler:
+    """Once a second: every process's RSS and, for the bridge, its Redis state (see Sample)."""
+
+    def __init__(self, pids: dict[str, int], redis_url: str | None, prefix: str | None) -> None:
+        self.pids = pids
+        self.redis_url = redis_url
+        self.prefix = prefix
+        self.samples: list[Sample] = []
+        self._task: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> list[Sample]:
+        # An event, not cancel(): a Redis client cancelled in the middle of a command hung in
+        # aclose() afterwards.
+        self._stop.set()
+        if self._task is not None:
+            await self._task
+        return self.samples
+
+    async def _run(self) -> None:
+        from pipeline.streams import connect
+
+        redis = connect(self.redis_url) if self.redis_url and self.prefix else None
+        t0 = time.monotonic()
+        try:
+            while not self._stop.is_set():
+                rss = {}
+                for name, pid in self.pids.items():
+                    with contextlib.suppress(OSError):
+                        rss[name] = rss_bytes(pid)[0]
+                state = await _bridge_state(redis, self.prefix or "") if redis else {}
+                self.samples.append(Sample(time.monotonic() - t0, rss, state))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), 1.0)
+        finally:
+            if redis is not None:
+                await redis.aclose()
+
+
+def rss_rows(samples: Sequence[Sample], duration_s: float) -> list[list[object]]:
+    """Per process: RSS at the start, at the end of the load, its peak, and the peak of the
+    load's first and last thirds (bounded = the last third does not keep climbing)."""
+    rows: list[list[object]] = []
+    names = sorted({n for s in samples for n in s.rss})
+    load = [s for s in samples if s.t_s <= duration_s]
+    third = duration_s / 3
+    for name in names:
+        def peak(xs: Sequence[Sample], name: str = name) -> int:
+            return max((s.rss.get(name, 0) for s in xs), default=0)
+        rows.append([name, fmt_mib(samples[0].rss.get(name, 0)),
+                     fmt_mib(peak([s for s in load if s.t_s <= third])),
+                     fmt_mib(peak([s for s in load if s.t_s >= 2 * third])),
+                     fmt_mib(load[-1].rss.get(name, 0) if load else 0),
+                     fmt_mib(peak(samples)), fmt_mib(samples[-1].rss.get(name, 0))])
+    return rows
+
+
+async def overload_step(system: System, env: Env, emu: Emulator, pids: dict[str, int],
+                        rate: float, duration_s: float, drain_s: float,
+                        redis_url: str) -> dict[str, Any]:
+    """One long step at ``rate`` (meant: 2x the highest sustained rate), sampled every second;
+    then wait up to ``drain_s`` for the backlog to drain. Prints and returns the figures."""
+    await emu.reset()
+    names = [d for d, _ in env.devices]
+    base = 90 * SEQ_STRIDE
+    count = max(1, round(rate * duration_s))
+    sender = Sender(env, system.app_id)
+    await sender.prepare(rate, count, base)
+    all_pids = {**pids, **env.shared_pids, "blynk-emulator": emu.proc.pid}
+    usage = UsageProbe(all_pids)
+    prefix = getattr(system, "prefix", None)
+    sampler = Sampler({**all_pids, "loadgen": sender.proc.pid if sender.proc else 0},
+                      redis_url, prefix)
+    before: dict[str, int] = {}
+    if prefix is not None:  # what the warm-up put in, so "ingested" counts this step only
+        from pipeline.streams import connect
+
+        redis = connect(redis_url)
+        try:
+            before = await _bridge_state(redis, prefix)
+        finally:
+            await redis.aclose()
+    usage.start()
+    sampler.start()
+    t_first = time.time() * 1000.0
+    sent_ms, send_s = await sender.go(timeout_s=duration_s * 3 + 60.0)
+    t_end = t_first + send_s * 1000.0
+    got = await collect(emu, sent_ms, names, base, timeout_s=drain_s, quiet_s=30.0)
+    samples = await sampler.stop()
+    used = usage.stop()
+    in_window = sum(1 for a in got.arrivals_ms if a <= t_end)
+    drained_s = max(0.0, (got.last_arrival_ms - t_end) / 1000.0) if got.delivered else math.nan
+    sent = len(sent_ms)
+    print(f"\n# overload: {system.name} at {rate:.0f}/s offered for {duration_s:.0f} s "
+          f"(sent {sent} at {sent / send_s:.0f}/s)")
+    print(f"delivered during the load: {in_window / send_s:.0f}/s = "
+          f"{in_window / send_s / rate:.2f} of offered (goal >= 0.90); delivered in all "
+          f"{got.delivered} of {sent} ({got.delivered / sent:.4f}), own value written "
+          f"{got.written}; backlog drained {drained_s:.1f} s after the load stopped"
+          + ("" if got.delivered == sent else f" — NOT ALL within {drain_s:.0f} s"))
+    print(f"latency p50 / p99 / max: {fmt_ms(percentile(got.latencies_ms, 50))} / "
+          f"{fmt_ms(percentile(got.latencies_ms, 99))} / "
+          f"{fmt_ms(got.latencies_ms[-1] if got.latencies_ms else math.nan)} ms")
+    print(table(["process", "RSS start MiB", "peak 1st third", "peak last third",
+                 "at load end", "peak", "after drain"], rss_rows(samples, send_s)))
+    if samples and samples[0].redis:
+        every = max(1, len(samples) // 12)
+        rows = []
+        for i, smp in enumerate(samples):
+            if i % every and i != len(samples) - 1:
+                continue
+            expect = min(sent, rate * smp.t_s)
+            r = smp.redis
+            ingested = r["uplinks_added"] - before.get("uplinks_added", 0)
+            rows.append([f"{smp.t_s:.0f}", f"{expect:.0f}", ingested,
+                         f"{expect - ingested:.0f}", r["uplinks_lag"],
+                         r["writes_lag"], fmt_mib(r["used_memory"])])
+        print("ingest vs broker (published ≈ offered rate x time; behind = published - taken "
+              "by ingest), backlogs and Redis memory (nothing trims the streams here: no "
+              "monitor stage runs, so acknowledged entries stay):")
+        print(table(["t s", "published", "ingested", "behind", "transform lag", "egress lag",
+                     "Redis used MiB"], rows))
+    per = 1000.0 / got.delivered if got.delivered else math.nan
+    print(table(["process", "CPU %", "CPU ms/deliv"],
+                [[u.name, f"{u.cpu_pct:.0f}", f"{u.cpu_s * per:.3f}"] for u in used]))
+    return {"system": system.name, "offered": rate, "sent": sent, "delivered": got.delivered,
+            "in_window_per_s": in_window / send_s, "drained_s": drained_s,
+            "peak_rss": {n: max(s.rss.get(n, 0) for s in samples) for n in all_pids}}
+
+
+async def overload(system: System, env: Env, emu: Emulator, args: argparse.Namespace
+                   ) -> dict[str, Any]:
+    pids = {name: p.pid for name, p in system.start().items()}
+    try:
+        await warm_up(system, env, emu, 1000.0, timeout_s=45.0)
+        return await overload_step(system, env, emu, pids, args.rate, args.duration, args.drain,
+                                   args.redis_url)
+    finally:
+        await asyncio.to_thread(system.stop)
+
+
+# --- cProfile of the bridge (issue 15 goal 2) ------------------------------------------------
+
+
+def print_cprofile(path: Path, delivered: int, top: int = 25) -> None:
+    """The top of a bridge process's cProfile (CPU time, profiled from the first measured
+    step): by own time, and our functions by cumulative time, with µs per delivered uplink
+    (the profiler's own cost is in them: compare shares, not absolute figures)."""
+    import pstats
+
+    if not path.exists():
+        print(f"(no profile at {path})")
+        return
+    stats = pstats.Stats(str(path))
+    total = stats.total_tt  # type: ignore[attr-defined]
+    per = 1e6 / delivered if delivered else math.nan
+    rows = sorted(stats.stats.items(), key=lambda kv: -kv[1][2])  # type: ignore[attr-defined]
+    print(f"\n# cProfile {path.name}: {total:.1f} s profiled, {delivered} uplinks delivered; "
+          f"top {top} by own time")
+    out = []
+    for (file, line, fn), (_cc, nc, tt, ct, _callers) in rows[:top]:
+        where = f"{Path(file).name}:{line}({fn})" if file != "~" else fn
+        out.append([where[:70], nc, f"{tt:.2f}", f"{100 * tt / total:.1f}", f"{tt * per:.1f}",
+                    f"{ct:.2f}"])
+    print(table(["function", "calls", "own s", "own %", "own µs/uplink", "cum s"], out))
+    ours = [kv for kv in stats.stats.items()  # type: ignore[attr-defined]
+            if "/workers/" in kv[0][0] or "/pipeline/" in kv[0][0]]
+    ours.sort(key=lambda kv: -kv[1][3])
+    print(f"our functions by cumulative time (top {top}):")
+    print(table(["function", "calls", "cum s", "cum µs/uplink"],
+                [[f"{Path(f).parts[-2]}/{Path(f).name}:{ln}({fn})"[:70], v[1], f"{v[3]:.2f}",
+                  f"{v[3] * per:.1f}"] for (f, ln, fn), v in ours[:top]]))
+
+
 # --- the run --------------------------------------------------------------------------------
 
 
@@ -772,6 +1010,8 @@ async def measure(system: System, env: Env, emu: Emulator, plan: Plan,
     results: list[StepResult] = []
     try:
         await warm_up(system, env, emu, max(plan.rates[0], 1000.0), timeout_s=45.0)
+        if isinstance(system, Bridge):
+            system.start_profiling()
         for step, rate in enumerate(plan.rates, start=1):
             env.procs.check_alive()
             r = await run_step(system, env, emu, pids, rate, plan.duration_s, step, plan.drain_s,
@@ -785,6 +1025,36 @@ async def measure(system: System, env: Env, emu: Emulator, plan: Plan,
     return results
 
 
+def systems_table(results: Sequence[StepResult], at_rate: float) -> str:
+    """Issue 15's table: per system the highest passing step, p50/p99 there, p50/p99 at
+    ``at_rate``, CPU per uplink there (the system's own processes: not Redis, broker, emulator
+    or load generator), and the ratio to Node-RED's highest rate."""
+    systems = list(dict.fromkeys(r.system for r in results))
+    top = {name: best([r for r in results if r.system == name]) for name in systems}
+    nodered = top.get("node-red")
+    shared = {"mosquitto", "redis", "redis (shared)", "blynk-emulator", "loadgen"}
+    rows = []
+    for name in systems:
+        b = top[name]
+        at = next((r for r in results if r.system == name and r.offered == at_rate), None)
+        if b is None:
+            rows.append([name, "none passed", "", "", "", ""])
+            continue
+        own = sum(u.cpu_s for u in b.usage if u.name not in shared)
+        redis = sum(u.cpu_s for u in b.usage if u.name in ("redis", "redis (shared)"))
+        rows.append([
+            name, f"{b.throughput:,.0f}/s at {b.offered:,.0f} offered (written "
+                  f"{b.written / b.sent:.3f})",
+            f"{fmt_ms(b.p50)} / {fmt_ms(b.p99)}",
+            f"{fmt_ms(at.p50)} / {fmt_ms(at.p99)}" if at else "-",
+            f"{1000 * own / b.delivered:.3f} (+ Redis {1000 * redis / b.delivered:.3f})",
+            f"{b.throughput / nodered.throughput:.2f}x" if nodered else "-"])
+    return table(["system", f"highest rate, no loss, p99 <= {P99_LIMIT_MS:.0f} ms"
+                  + (", all written" if ALL_WRITTEN else ""), "p50 / p99 ms there",
+                  f"at {at_rate:.0f}/s: p50 / p99 ms", "CPU ms per uplink there",
+                  "x Node-RED"], rows)
+
+
 def best(results: Sequence[StepResult]) -> StepResult | None:
     ok = [r for r in results if r.ok]
     return max(ok, key=lambda r: r.throughput) if ok else None
@@ -793,6 +1063,8 @@ def best(results: Sequence[StepResult]) -> StepResult | None:
 async def amain(args: argparse.Namespace, procs: Processes) -> dict[str, Any]:
     n = args.devices
     devices = [(device_name(i), secrets.token_urlsafe(24)) for i in range(n)]
+    global P99_LIMIT_MS, ALL_WRITTEN
+    P99_LIMIT_MS, ALL_WRITTEN = args.p99_limit, args.all_written
     rates = [float(r) for r in args.rates] if args.find_max else [float(args.rate)]
     per_device = max(rates) * args.duration / n
     history_len = max(1000, int(per_device * 2) + 100)
@@ -804,12 +1076,17 @@ async def amain(args: argparse.Namespace, procs: Processes) -> dict[str, Any]:
     print(f"# load average before the run: {load1:.2f}"
           + ("  (busy machine: figures are not comparable)" if load1 > 1.0 else ""), flush=True)
 
+    if args.private_redis:
+        from bench.transform import start_redis
+
+        port, _ = start_redis(procs)
+        args.redis_url = f"redis://127.0.0.1:{port}/0"
     broker, mqtt_port = start_mosquitto(procs)
     emu_proc, blynk_url = start_emulator(procs, devices, history_len)
     env = Env(procs, mqtt_port, blynk_url, devices, {"mosquitto": broker.pid})
     redis_pid = await _redis_pid(args.redis_url)
     if redis_pid is not None:
-        env.shared_pids["redis (shared)"] = redis_pid
+        env.shared_pids["redis" if args.private_redis else "redis (shared)"] = redis_pid
     emu = Emulator(emu_proc, blynk_url)
     plan = Plan(rates, args.duration, args.find_max, args.drain, args.profile)
 
@@ -817,18 +1094,35 @@ async def amain(args: argparse.Namespace, procs: Processes) -> dict[str, Any]:
         print(table(STEP_HEADERS, [step_row(r)]), flush=True)
 
     all_results: list[StepResult] = []
+    overloads: list[dict[str, Any]] = []
     try:
-        systems: list[System] = ([] if args.skip_bridge
-                                 else [Bridge(env, args.processes, args.redis_url,
-                                              variant=variant)
-                                       for variant in (args.variant or [None])])
+        systems: list[System] = []
+        if not args.skip_bridge:
+            several = len(args.bridges) > 1
+            for processes in args.bridges:
+                label = ("run" if processes == ["run"] else f"{len(processes)} processes")
+                for variant in (args.variant or [None]):
+                    systems.append(Bridge(env, processes, args.redis_url,
+                                          label=label if several else None,
+                                          cprofile=args.cprofile, variant=variant))
         if args.baseline == "nodered":
             systems.append(NodeRed(env))
         for system in systems:
             print(f"\n## {system.name}", flush=True)
-            all_results += await measure(system, env, emu, plan, report)
+            if args.overload:
+                overloads.append(await overload(system, env, emu, args))
+                continue
+            results = await measure(system, env, emu, plan, report)
+            all_results += results
+            if args.cprofile is not None and isinstance(system, Bridge) and results:
+                for proc_name in system.processes:
+                    print_cprofile(args.cprofile / f"{proc_name}.prof",
+                                   sum(r.delivered for r in results))
     finally:
         await emu.close()
+    if args.overload:
+        return {"machine": machine(), "load_before": load1, "devices": n,
+                "duration_s": args.duration, "overload": overloads}
 
     print("\n## results", flush=True)
     print(table(STEP_HEADERS, [step_row(r) for r in all_results]))
@@ -841,7 +1135,9 @@ async def amain(args: argparse.Namespace, procs: Processes) -> dict[str, Any]:
     bridge = [r for r in all_results if r.system.startswith("bridge")]
     base = [r for r in all_results if r.system == "node-red"]
     print()
-    if args.find_max:
+    if args.find_max and len(args.bridges) > 1:
+        print(systems_table(all_results, args.at_rate))
+    elif args.find_max:
         bb, bn = best(bridge), best(base)
         for label, b, ran in (("bridge", bb, bridge), ("node-red", bn, base)):
             if not ran:
@@ -912,12 +1208,57 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="sample every Python process with py-spy during each step (needs "
                         "`pip install py-spy`); collapsed stacks go to DIR, top frames printed")
     p.add_argument("--keep-logs", action="store_true", help="keep the scratch dir with logs")
+    p.add_argument("--bridges", type=lambda s: [[x for x in one.split(",") if x]
+                                                for one in s.split(";") if one],
+                   help="several bridge set-ups, each measured in turn: --processes lists "
+                        "separated by ';', e.g. 'run;ingest-mqtt,transform,egress'")
+    p.add_argument("--p99-limit", type=float, default=P99_LIMIT_MS,
+                   help="a step passes with p99 at or under this many ms (and no loss)")
+    p.add_argument("--all-written", action="store_true",
+                   help="a step passes only if every uplink's own value was written (none "
+                        "superseded by a newer one before egress sent it)")
+    p.add_argument("--at-rate", type=float, default=1000.0,
+                   help="with --bridges: the table also shows p50/p99 at this offered rate")
+    p.add_argument("--overload", action="store_true",
+                   help="one long step at --rate (2x the highest sustained rate) sampled every "
+                        "second: throughput during the load, RSS of every process, ingest vs "
+                        "the broker, backlogs, drain time (issue 15 goal 4)")
+    p.add_argument("--cprofile", type=Path, metavar="DIR",
+                   help="run each bridge process under cProfile (stats in DIR) and print the "
+                        "top of each profile after its steps")
+    p.add_argument("--private-redis", action="store_true",
+                   help="start a redis-server of the run's own (free port, no persistence), so "
+                        "its CPU per uplink is the bridge's alone")
+    p.add_argument("--issue15", action="store_true",
+                   help="issue 15's table in one command: 1,000 devices, 20 s steps, p99 <= "
+                        "1 s, Node-RED, `run` and the three stage processes, --find-max over "
+                        "500..6000/s (--all-written to count superseded values as not written)")
     args = p.parse_args(argv)
+    if args.issue15:
+        args.find_max = True
+        args.devices = 1000 if args.devices == 10_000 else args.devices
+        args.duration = 20.0 if args.duration is None else args.duration
+        if args.p99_limit == P99_LIMIT_MS:
+            args.p99_limit = 1000.0
+        if args.bridges is None:
+            args.bridges = [["run"], ["ingest-mqtt", "transform", "egress"]]
+        args.private_redis = True
+        if "--rates" not in (argv or sys.argv):
+            args.rates = [500.0, 1000.0, 1500.0, 2000.0, 2500.0, 3000.0, 4000.0, 5000.0,
+                          6000.0]
+    if args.bridges is None:
+        args.bridges = [args.processes]
+    if args.overload:
+        args.find_max = False
+        if args.duration is None:
+            args.duration = 60.0
+        if args.drain == 15.0:
+            args.drain = 180.0
     if args.duration is None:
         args.duration = 8.0 if args.find_max else 10.0
     from blynk_bridge.cli import STAGES
 
-    for name in args.processes:
+    for name in [n for processes in args.bridges for n in processes]:
         if name != "run" and name not in STAGES:
             p.error(f"--processes: unknown stage {name!r}")
     if args.devices < 1 or args.rate <= 0 or args.duration <= 0:
@@ -925,10 +1266,30 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def cprofile_main(out: str, argv: list[str]) -> int:
+    """A bridge process (``blynk-bridge`` with ``argv``) whose CPU time (``process_time``: not
+    wall time, which a loaded machine inflates) is profiled from SIGUSR1 until it exits;
+    stats go to ``out``. Starting late keeps startup (config parsing) out of the profile."""
+    import cProfile
+    import signal
+
+    from blynk_bridge.cli import main as bridge_main
+
+    prof = cProfile.Profile(time.process_time)
+    signal.signal(signal.SIGUSR1, lambda *_: prof.enable())
+    try:
+        return bridge_main(argv)
+    finally:
+        prof.disable()
+        prof.dump_stats(out)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["_loadgen"]:
         return loadgen_main(argv[1])
+    if argv[:1] == ["_cprofile"]:
+        return cprofile_main(argv[1], argv[2:])
     args = parse_args(argv)
     if args.baseline == "nodered":
         from bench.nodered import runner

@@ -24,6 +24,7 @@ from pipeline.tts import parse_message
 def _values(j: int, base: int = 0, n: int = 1) -> dict[str, bytes]:
     return {"fcnt": str(j // n + 1).encode(), "seq": str(base + j // n).encode(),
             "sent": b"1763771000123.4", "asup": f"RUNID{j:021d}".encode(),
+            "temp": f"{20 + j / 100:.2f}".encode(),
             "at": rfc3339(1_763_771_000_123_456_789).encode(),
             "at_up": rfc3339(1_763_771_000_093_456_789).encode()}
 
@@ -37,8 +38,9 @@ def test_template_renders_a_tts_uplink_with_the_fields_of_each_send() -> None:
     second = parse_message(e2e.fill(parts, _values(1, base=7)), app, received_ts_ms=received)
     assert first is not None and second is not None
     assert first.device == "dev0042"
-    assert first.values == {"temperature": 21.5, "seq": 7, "sent_ms": 1763771000123.4}
+    assert first.values == {"temperature": 20.0, "seq": 7, "sent_ms": 1763771000123.4}
     assert second.values["seq"] == 8
+    assert second.values["temperature"] == 20.01  # every uplink new values (issue 15)
     assert first.event_ts_ms == 1_763_771_000_123
     assert first.radio is not None and first.radio.f_cnt == 1
     assert second.radio is not None and second.radio.f_cnt == 2
@@ -59,6 +61,8 @@ def test_match_counts_coalesced_uplinks_as_delivered_but_not_written() -> None:
     assert got.written == 5
     assert got.latencies_ms == sorted([5, 20, 10, 3, 5, 4])
     assert got.last_arrival_ms == 1030
+    # Each delivered uplink's receipt: the first arrival covering it (a1 by a2's at 1030).
+    assert sorted(got.arrivals_ms) == sorted([1005, 1030, 1030, 1004, 1016, 1025])
 
 
 def test_match_sees_loss() -> None:
@@ -74,6 +78,27 @@ def test_step_ok_needs_no_loss_and_p99_within_limit() -> None:
     assert step(100, 20.0).ok
     assert not step(99, 20.0).ok
     assert not step(100, 600.0).ok
+
+
+def test_all_written_also_refuses_superseded_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    coalesced = e2e.StepResult("bridge", 100.0, 1.0, 100, 1.0, 100, 90, 90, 0, [20.0] * 100,
+                               1.0, [])
+    assert coalesced.ok  # delivered (a newer value of the device landed): ok by default
+    monkeypatch.setattr(e2e, "ALL_WRITTEN", True)
+    assert not coalesced.ok
+    monkeypatch.setattr(e2e, "P99_LIMIT_MS", 10.0)
+    monkeypatch.setattr(e2e, "ALL_WRITTEN", False)
+    assert not coalesced.ok  # p99 20 ms over a 10 ms limit
+
+
+def test_issue15_preset_measures_three_systems_on_1000_devices() -> None:
+    args = e2e.parse_args(["--issue15"])
+    assert (args.devices, args.duration, args.p99_limit, args.find_max) == (1000, 20.0, 1000.0,
+                                                                            True)
+    assert args.bridges == [["run"], ["ingest-mqtt", "transform", "egress"]]
+    assert args.private_redis and args.baseline == "nodered"
+    one = e2e.parse_args(["--processes", "run"])
+    assert one.bridges == [["run"]] and not one.private_redis
 
 
 def test_percentile_nearest_rank_and_table() -> None:

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from pipeline import eventtime
 from pipeline.eventtime import MAX_TEXT, clamp_future, rfc3339_ms
 
 T0 = 1_485_983_285_763  # 2017-02-01T21:08:05.763Z
@@ -57,6 +58,32 @@ def test_agrees_with_datetime(dt: datetime) -> None:
 @given(st.text(max_size=40))
 def test_any_text_is_a_time_or_none(text: str) -> None:
     assert rfc3339_ms(text) is None or isinstance(rfc3339_ms(text), int)
+
+
+def _both_paths(text: str) -> tuple[int | None, int | None]:
+    """(the full parse, the short cut for a date seen before) of ``text``."""
+    eventtime._MINUTES.clear()
+    full = rfc3339_ms(text)  # nothing cached: the regex decides (and caches a valid minute)
+    return full, rfc3339_ms(text)
+
+
+_TIME_CHARS = "0123456789-:.TtZz+ x٣"
+
+
+@given(st.datetimes(timezones=st.just(UTC)), st.integers(3, 12), st.integers(0, 40),
+       st.sampled_from(_TIME_CHARS))
+def test_the_short_cut_agrees_with_the_full_parse(dt: datetime, digits: int, at: int,
+                                                   char: str) -> None:
+    # The shapes the short cut takes (Particle: 3 fractional digits, TTS: 9), and each with one
+    # character changed.
+    fraction = f"{dt.microsecond:06d}{dt.microsecond % 997:03d}{dt.day:03d}"[:digits]
+    text = f"{dt.year:04d}-{dt:%m-%dT%H:%M:%S}.{fraction}Z"
+    full, short = _both_paths(text)
+    assert full == short and full is not None
+    at = at % len(text)
+    mutated = text[:at] + char + text[at + 1:]
+    full, short = _both_paths(mutated)
+    assert full == short
 
 
 @pytest.mark.parametrize(("event", "received", "skew", "want"), [

@@ -95,6 +95,30 @@ async def test_slow_heads_are_closed_and_webhooks_still_pass(redis: Redis, prefi
         await wait_until(lambda: _true(not stage.guard.open))  # every slot given back
 
 
+async def test_a_stalled_head_after_a_finished_request_is_closed(redis: Redis,
+                                                                prefix: str) -> None:
+    # The head deadline restarts at the first byte of the next request on a kept-alive
+    # connection (one timer per connection re-arms itself; none is set per request).
+    stage = guarded_stage(redis, prefix, header_timeout_s=0.5)
+    before = counter("bb_rejected_total", source="-", reason="header_timeout")
+    async with serving(stage) as url:
+        reader, writer = await asyncio.open_connection("127.0.0.1", _port(url))
+        request = (b"POST /particle/hdr HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                   b"\r\nX-Particle-Secret: " + HEADER_SECRET.encode() + b"\r\nContent-Length: "
+                   + str(len(BODY)).encode() + b"\r\n\r\n" + BODY)
+        for _ in range(3):  # finished requests on the same connection: all answered
+            writer.write(request)
+            head = await within(reader.readuntil(b"\r\n\r\n"), "an answer")
+            assert head.startswith(b"HTTP/1.1 200")
+            length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+            await reader.readexactly(length)
+        writer.write(b"POST /particle/hdr HTTP/1.1\r\nHost: x\r\n")  # and a head that stalls
+        await writer.drain()
+        assert await closed_by_server(reader) == b""
+        writer.close()
+    assert counter("bb_rejected_total", source="-", reason="header_timeout") - before == 1
+
+
 async def _true(value: bool) -> bool:
     return value
 
