@@ -16,6 +16,15 @@ Contract:
 
 Used by :class:`pipeline.streams.StreamWriter` (appends) and egress (records and acks, rate-limit
 slots, lease renewals, 429 deferrals).
+
+:class:`Linger` decides when a batching loop that otherwise goes at once (natural batching: a
+batch holds what arrived during the previous round trip) should wait ``linger_s`` for its batch
+to fill instead: only while entries arrive faster than ``above_per_s`` (measured over windows of
+``RATE_WINDOW_S``). Below that rate latency is one round trip and the CPU spent on small batches
+is small in absolute terms; above it the wait buys full batches, and with them the CPU per entry
+the loop has at high load. ``above_per_s`` 0 = wait always (the behaviour before issue 15);
+``linger_s`` 0 = never wait. Used by ingest-mqtt's appender and :class:`pipeline.streams
+.StreamReader` (transform).
 """
 
 from __future__ import annotations
@@ -76,3 +85,52 @@ class GroupCommit(Generic[T, R]):
                         fut.set_result(result)
         finally:
             self._flusher = None
+
+
+#: The rate above which ingest-mqtt's appender and transform's reads linger by default
+#: (``linger_above_per_s``): above half of a Node-RED flow's highest rate on a 2-core machine
+#: (issue 15: latency is measured there), where lingering's CPU saving starts to matter
+#: (BENCHMARKS.md).
+DEFAULT_LINGER_ABOVE_PER_S = 1_000.0
+
+#: Rate measurement window of :class:`Linger`: long enough for a stable rate at the rates where
+#: lingering matters (100 entries at 1,000/s), short enough to follow a change of load quickly.
+RATE_WINDOW_S = 0.1
+
+
+class Linger:
+    """Whether a batching loop should wait for its batch to fill (see module docstring).
+
+    Pure: the caller passes the clock. :meth:`note` is told of each batch taken (its size);
+    :meth:`active` says whether the next one should wait ``linger_s``.
+    """
+
+    def __init__(self, linger_s: float, above_per_s: float) -> None:
+        self.linger_s = linger_s
+        self.above_per_s = above_per_s
+        #: Entries per second over the last complete window (0 until one completed).
+        self.rate = 0.0
+        self._count = 0
+        self._window_start: float | None = None
+
+    def active(self, now: float) -> bool:
+        """Wait ``linger_s`` before the next batch, at ``now``?"""
+        if self.linger_s <= 0:
+            return False
+        rate, start = self.rate, self._window_start
+        if start is not None and now - start >= RATE_WINDOW_S:
+            # The window is over but no batch closed it (an idle spell): its rate so far.
+            rate = self._count / (now - start)
+        return rate >= self.above_per_s
+
+    def note(self, n: int, now: float) -> None:
+        """``n`` entries were taken at ``now`` (``time.monotonic()``)."""
+        start = self._window_start
+        if start is None:
+            self._window_start = now
+        elif now - start >= RATE_WINDOW_S:
+            # A window that spans an idle gap gives a low rate: no linger right after idleness.
+            self.rate = self._count / (now - start)
+            self._count = 0
+            self._window_start = now
+        self._count += n

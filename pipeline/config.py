@@ -37,6 +37,7 @@ import msgspec
 import msgspec.inspect as mi
 
 from pipeline import config_source
+from pipeline.batching import DEFAULT_LINGER_ABOVE_PER_S
 from pipeline.errors import ConfigError, ConfigProblem
 from pipeline.redact import Secret
 
@@ -88,10 +89,14 @@ class StreamsConfig(_Base):
     block_ms: AtLeast1 = 2_000
     #: Entries read per batch.
     batch: AtLeast1 = 500
-    #: After a small batch, wait until this long after it was read before reading again, so
-    #: batches fill under moderate load (fewer round trips per entry; adds at most this much
-    #: latency). 0 = read again at once. Used by transform.
+    #: Reads go at once (a batch holds what arrived while the previous one was handled), so
+    #: at low load no entry waits for a timer. While more than ``linger_above_per_s`` entries
+    #: per second are read, a read after a small batch waits until ``linger_ms`` after it, so
+    #: batches fill at high rates (fewer round trips and less CPU per entry; adds at most
+    #: ``linger_ms`` of latency). ``linger_ms: 0`` = never wait; ``linger_above_per_s: 0`` =
+    #: wait after every small batch (the behaviour before issue 15). Used by transform.
     linger_ms: AtLeast0 = 10
+    linger_above_per_s: NonNegative = DEFAULT_LINGER_ABOVE_PER_S
     #: Consumer name; default ``<hostname>-<pid>``.
     consumer: str | None = None
 
@@ -397,9 +402,14 @@ class IngestMqttConfig(_Base):
     lease_ttl_ms: AtLeast1 = 5_000
     #: Entries appended per pipelined ``XADD`` round trip.
     batch: AtLeast1 = 1_000
-    #: After a message arrives with fewer than ``batch`` waiting, wait this long for more
-    #: before appending (fewer round trips under moderate load; adds up to this much latency).
+    #: Appends go at once (a batch holds what arrived during the previous append), so at low
+    #: load a message waits for no timer. While more than ``linger_above_per_s`` messages per
+    #: second arrive, a batch waits ``linger_ms`` after its first message to fill (fewer round
+    #: trips and less CPU per message at high rates; adds up to ``linger_ms`` of latency).
+    #: ``linger_ms: 0`` = never wait; ``linger_above_per_s: 0`` = always wait (the behaviour
+    #: before issue 15).
     linger_ms: NonNegative = 5.0
+    linger_above_per_s: NonNegative = DEFAULT_LINGER_ABOVE_PER_S
     #: Decoded messages waiting for Redis; past it new ones are dropped and counted.
     queue_max: AtLeast1 = 100_000
     #: Payloads above this are dead-lettered as ``too_large``.

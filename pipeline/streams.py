@@ -12,11 +12,14 @@ Contract (every stage relies on it):
 * Nothing is acknowledged by reading. The caller acks with :meth:`StreamReader.ack` after the
   next hop has the output, or hands the entry to :meth:`StreamReader.dead_letter`, which writes a
   :class:`~pipeline.events.DeadLetter` and then acks.
-* With ``linger_ms`` > 0, a blocking read that follows a *small* batch of new entries (fewer
-  than ``batch``) first waits until ``linger_ms`` after that batch was read, so that under
-  moderate load batches fill instead of carrying one or two entries each (every batch costs the
-  caller round trips). It adds at most ``linger_ms`` to an entry's latency, none after an idle
-  period (an empty read) and none under full load (full batches).
+* New entries are read at once: a batch holds what arrived while the caller handled the
+  previous one (natural batching), so at low load an entry waits for no timer. Only while more
+  than ``linger_above_per_s`` new entries per second are read (:class:`~pipeline.batching
+  .Linger`; 0 = always), a blocking read that follows a *small* batch of new entries (fewer
+  than ``batch``) first waits until ``linger_ms`` after that batch was read, so that at high
+  rates batches fill instead of carrying a few entries each (every batch costs the caller round
+  trips and CPU). It adds at most ``linger_ms`` to an entry's latency, none below that rate,
+  none after an idle period and none under full load (full batches).
 * Entries delivered more than ``max_deliveries`` times are dead-lettered by the reader itself
   (reason ``max_deliveries``) and never returned, so a poison entry cannot block a stream.
 * Redis errors propagate as ``redis.exceptions.RedisError``; callers treat them as retryable.
@@ -35,7 +38,7 @@ from redis.asyncio.client import Pipeline
 from redis.exceptions import ResponseError
 
 from pipeline import events, metrics
-from pipeline.batching import GroupCommit
+from pipeline.batching import DEFAULT_LINGER_ABOVE_PER_S, GroupCommit, Linger
 from pipeline.errors import Reason
 from pipeline.keys import Keys
 
@@ -145,6 +148,7 @@ class StreamReader:
         claim_idle_ms: int = 30_000,
         max_deliveries: int = 5,
         linger_ms: int = 0,
+        linger_above_per_s: float = DEFAULT_LINGER_ABOVE_PER_S,
     ) -> None:
         self._redis = redis
         self._keys = keys
@@ -157,7 +161,9 @@ class StreamReader:
         self.claim_idle_ms = claim_idle_ms
         self.max_deliveries = max_deliveries
         self.linger_ms = linger_ms
-        #: When the last small (0 < n < batch) batch of new entries was read (``linger_ms``).
+        self._linger = Linger(linger_ms / 1000, linger_above_per_s)
+        #: When the last small (0 < n < batch) batch of new entries was read, if the next read
+        #: should linger after it.
         self._linger_from: float | None = None
         self._own_pending = True  # at start, look for entries a previous run left behind
         #: Where the next own-pending read starts, per stream: entries before it were served
@@ -233,7 +239,7 @@ class StreamReader:
 
     async def _read_new(self, block: bool) -> list[Entry]:
         if block and self._linger_from is not None:
-            wait = self._linger_from + self.linger_ms / 1000 - time.monotonic()
+            wait = self._linger_from + self._linger.linger_s - time.monotonic()
             self._linger_from = None
             if wait > 0:
                 await asyncio.sleep(wait)
@@ -250,8 +256,11 @@ class StreamReader:
             for i, f in msgs
             if f is not None
         ]
-        if self.linger_ms > 0 and 0 < len(entries) < self.batch:
-            self._linger_from = time.monotonic()
+        if entries:
+            now = time.monotonic()
+            self._linger.note(len(entries), now)
+            if len(entries) < self.batch and self._linger.active(now):
+                self._linger_from = now
         return entries
 
     async def _with_counts(self, raw: list[tuple[str, str, dict[bytes, bytes]]]) -> list[Entry]:

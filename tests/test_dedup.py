@@ -102,7 +102,10 @@ async def test_buckets_past_the_window_expire_whole_and_leave_the_table(redis: R
     old_keys = [k async for k in redis.scan_iter(match=f"{base}:*")]
     assert old_keys
     # Once the window and a bucket have passed, a claim in a new bucket drops the old rows...
-    passed = first + window + 2
+    # A row goes once its bucket (which began at or before `first`) is more than BUCKETS
+    # buckets behind the current one, and its shard keys expire a bucket past the window.
+    blen = -(-window // dedup.BUCKETS)
+    passed = first + (dedup.BUCKETS + 1) * blen + 1
 
     async def window_passed() -> bool:
         return await now() >= passed

@@ -737,3 +737,27 @@ async def test_insecure_warns_at_startup_that_the_api_key_travels_in_clear(
     assert len(warnings) == 1, warnings
     assert "plain" in warnings[0] and "clear text" in warnings[0]
     assert f"{MQTT_HOST}:{MQTT_PORT}" in warnings[0]
+
+
+# --- appending: at once at low rates ---------------------------------------------------------
+
+
+async def test_a_lone_uplink_is_appended_without_waiting_for_the_linger(
+    redis: Redis, prefix: str
+) -> None:
+    """Below ``linger_above_per_s`` an append goes at once: with an hour's ``linger_ms`` each
+    uplink still reaches the stream while the next is not yet published."""
+    app = make_app()
+    cfg = Config(redis=RedisConfig(url=REDIS_URL, prefix=prefix), tts=[app],
+                 ingest_mqtt=IngestMqttConfig(linger_ms=3_600_000))
+    ctx = Context(config=cfg, redis=redis, keys=Keys(prefix), consumer="c1",
+                  writer=StreamWriter(redis))
+    stage = IngestMqtt(ctx)
+    async with running(stage):
+        await asyncio.wait_for(stage.subscribed["lab"].wait(), 10)
+        for n in (1, 2):
+            body = json.dumps(make_uplink(app.app_id, app.tenant, "d1", n, {"t": n})).encode()
+            await publish([(f"v3/{app.username}/devices/d1/up", body)])
+            await wait_until(lambda n=n: _lens(redis, ctx.keys, n, 0),  # type: ignore[misc]
+                             what=f"uplink {n} in the stream")
+    assert [u.values for u in await uplinks(redis, ctx.keys)] == [{"t": 1}, {"t": 2}]

@@ -223,3 +223,17 @@ def test_partition_keys_are_stable_and_cluster_tagged(partitions: int) -> None:
         assert spread == set(range(partitions))
     else:
         assert s == "bb:uplinks"
+
+
+async def test_a_read_after_a_small_batch_goes_at_once_below_the_linger_rate(
+    redis: Redis, keys: Keys
+) -> None:
+    # An hour's linger: were the read after a small batch to wait, wait_for would give up.
+    r = reader(redis, keys, linger_ms=3_600_000)
+    await r.ensure_group()
+    writer = StreamWriter(redis)
+    stream = keys.stream("uplinks")
+    await writer.add(stream, b"a")
+    assert [e.data for e in await asyncio.wait_for(r.read(), 60)] == [b"a"]
+    await writer.add(stream, b"b")
+    assert [e.data for e in await asyncio.wait_for(r.read(), 60)] == [b"b"]

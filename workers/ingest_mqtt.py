@@ -60,6 +60,7 @@ import msgspec
 from redis.exceptions import RedisError
 
 from pipeline import events, metrics, mqtt
+from pipeline.batching import Linger
 from pipeline.config import TtsApplication
 from pipeline.consumer import backoff_s
 from pipeline.context import Context
@@ -119,8 +120,12 @@ class Appender:
     """A bounded queue drained by one task that appends batches to Redis streams.
 
     :meth:`offer` never blocks (the receive loop must keep reading); it returns False when the
-    queue is full. A batch is written when ``batch`` entries are waiting or ``linger_s`` after
-    its first entry arrived, whichever comes first. Redis errors are retried with backoff until
+    queue is full. One batch is written at a time: what is waiting when the previous write
+    returned (natural batching), at most ``batch`` entries — a lone message after a quiet spell
+    is written at once, and a burst arriving during a write goes in the next one. Only while
+    more than ``linger_above_per_s`` entries per second arrive (:class:`~pipeline.batching
+    .Linger`; 0 = always) does a batch wait ``linger_s`` after its first entry to fill, for
+    fewer round trips per entry at high rates. Redis errors are retried with backoff until
     :meth:`close` and the stage's grace period run out; entries are never reordered.
 
     A batch goes to Redis through :meth:`pipeline.streams.StreamWriter.add_many` (one Lua call
@@ -128,13 +133,14 @@ class Appender:
     """
 
     def __init__(self, redis: Redis, *, batch: int = 1000, queue_max: int = 100_000,
-                 linger_s: float = 0.005, max_backoff_s: float = 30.0,
+                 linger_s: float = 0.005, linger_above_per_s: float = 0.0,
+                 max_backoff_s: float = 30.0,
                  on_written: Callable[[int], None] | None = None) -> None:
         self._redis = redis
         self._on_written = on_written
         self._writer = StreamWriter(redis)
         self._batch = batch
-        self._linger_s = linger_s
+        self._linger = Linger(linger_s, linger_above_per_s)
         self._queue: asyncio.Queue[_Item | _Closed] = asyncio.Queue(queue_max)
         self._max_backoff_s = max_backoff_s
 
@@ -152,10 +158,11 @@ class Appender:
             first = await queue.get()
             if isinstance(first, _Closed):
                 return
-            if queue.qsize() < self._batch and self._linger_s:
-                # Messages arrive one per loop iteration: without a short linger every round
-                # trip would carry one entry, and round trips would set the pace.
-                await asyncio.sleep(self._linger_s)
+            linger = self._linger
+            if queue.qsize() < self._batch and linger.active(time.monotonic()):
+                # At high rates a write per round trip would carry a few entries each: wait
+                # for the batch to fill (CPU per entry), as the rate allows it.
+                await asyncio.sleep(linger.linger_s)
             batch = [first]
             closed = False
             while len(batch) < self._batch and not queue.empty():
@@ -164,6 +171,7 @@ class Appender:
                     closed = True
                     break
                 batch.append(item)
+            linger.note(len(batch), time.monotonic())
             await self._write(batch)
             if closed:
                 return
@@ -387,6 +395,7 @@ class IngestMqtt:
         self._board = StatusBoard(ctx.redis, ctx.keys)
         self._appender = Appender(ctx.redis, batch=cfg.batch, queue_max=cfg.queue_max,
                                   linger_s=cfg.linger_ms / 1000,
+                                  linger_above_per_s=cfg.linger_above_per_s,
                                   max_backoff_s=self._max_backoff_s, on_written=on_appended)
         # The longest a failover can take: the lease runs out, then one acquisition interval;
         # or the owner's broker connection is down past handover_after_ms, then one check and

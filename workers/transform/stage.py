@@ -67,7 +67,7 @@ class TransformStage:
             ctx.redis, ctx.keys, ctx.keys.streams(UPLINKS), GROUP_TRANSFORM, ctx.consumer,
             stage=STAGE, batch=cfg.streams.batch, block_ms=cfg.streams.block_ms,
             claim_idle_ms=cfg.streams.claim_idle_ms, max_deliveries=cfg.streams.max_deliveries,
-            linger_ms=cfg.streams.linger_ms,
+            linger_ms=cfg.streams.linger_ms, linger_above_per_s=cfg.streams.linger_above_per_s,
         )
         self.registry = Registry(ctx.redis, ctx.keys, cache_size=cfg.transform.cache_size)
         self.templates = Templates(cfg)
