@@ -323,3 +323,87 @@ async def test_a_lost_lease_closes_its_sessions_before_anyone_else_may_open_them
         assert victim not in st.owned
         assert world.online(kept)
         assert world.emu.mqtt.stats["kicked"] == 0
+
+
+class StallProxy:
+    """A TCP proxy to the real Redis whose ``stall()`` holds every byte in both directions
+    (connections stay open, calls hang: a network partition without resets, or a frozen Redis
+    as one replica sees it) until ``resume()``."""
+
+    def __init__(self) -> None:
+        self.flowing = asyncio.Event()
+        self.flowing.set()
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def __aenter__(self) -> StallProxy:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.flowing.set()
+        assert self._server is not None
+        self._server.close()
+        for w in self._writers:
+            w.close()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def stall(self) -> None:
+        self.flowing.clear()
+
+    def resume(self) -> None:
+        self.flowing.set()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        host, port = REDIS_URL.split("//")[1].split("/")[0].split(":")
+        up_reader, up_writer = await asyncio.open_connection(host, int(port))
+        self._writers += [writer, up_writer]
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(ConnectionError):
+                while data := await src.read(65536):
+                    await self.flowing.wait()
+                    dst.write(data)
+                    await dst.drain()
+            dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+
+async def test_a_replica_cut_off_from_redis_closes_its_sessions_before_its_leases_pass_on(
+        world: World) -> None:
+    """Replica A's Redis calls hang (no error, no reply): its leases expire in Redis and
+    replica B takes them. A must have closed its sessions by then, although it is still
+    waiting for its renewal: Blynk never sees two clients for one token."""
+    await world.register(FRA)
+    async with StallProxy() as proxy:
+        cfg_a = config_mod.parse(
+            config_text(world.prefix, world.emu, world.urls, lease_ttl_ms=2000).replace(
+                REDIS_URL, proxy.url), "yaml", "a.yaml", env={})
+        ctx_a = Context.create(cfg_a)
+        a = SessionsStage(ctx_a)
+        await a.startup()
+        stop_a = asyncio.Event()
+        task_a = asyncio.create_task(a.main_loop(stop_a))
+        try:
+            await wait_until(lambda: len(a.owned) == 8, what="A owns every partition")
+            await world.uplink(FRA)
+            await wait_until(lambda: world.online(FRA), what="A's sessions open")
+            proxy.stall()
+            async with stage(world, lease_ttl_ms=2000) as b:
+                await wait_until(lambda: len(b.owned) == 8, what="B took every partition")
+                await wait_until(lambda: world.online(FRA), what="B's sessions open")
+                assert not a.sessions
+                assert world.emu.mqtt.stats["kicked"] == 0, "two sessions for one token"
+                proxy.resume()
+        finally:
+            proxy.resume()
+            stop_a.set()
+            await asyncio.wait_for(task_a, 30)
+            await a.shutdown()
+            await ctx_a.close()

@@ -13,8 +13,9 @@ Parts, each one task:
   :class:`~pipeline.lease.Lease` (``keys.lease("sessions", p)``). A replica holds at most
   ceil(partitions / live replicas) (heartbeats in ``keys.sessions_replicas()``), takes free
   ones up to that, gives extras back (closing their sessions first). A lease not renewed in time
-  closes its sessions at once, before Redis lets another replica take it: never two sessions
-  for one token. A dead replica's partitions are taken within ``lease_ttl_ms``.
+  closes its sessions at once, before Redis lets another replica take it (**fence**, a task that
+  needs no Redis, so a hung renewal cannot delay it): never two sessions for one token. A dead
+  replica's partitions are taken within ``lease_ttl_ms``.
 * **scan** — an owner compares its sessions with its partitions' live devices each
   ``scan_interval_s``: opens the missing, closes the offline.
 * **open** — opens are paced: each device waits its jittered backoff, then a slot of the global
@@ -130,6 +131,7 @@ class SessionsStage:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._watch(stop), name="sessions-watch")
                 tg.create_task(self._own(stop), name="sessions-own")
+                tg.create_task(self._fence(stop), name="sessions-fence")
                 tg.create_task(self._scan(stop), name="sessions-scan")
                 tg.create_task(self._open(stop), name="sessions-open")
                 tg.create_task(self._forwarder(stop), name="sessions-forward")
@@ -220,12 +222,22 @@ class SessionsStage:
                 await self._balance(rng)
             except RedisError as exc:
                 log.warning("sessions ownership: %s", exc)
-            for p in list(self.owned):
-                if not self.leases[p].valid():
-                    await self._drop(p, "lease_lost")
             await _sleep(stop, interval)
         with contextlib.suppress(RedisError):  # else its heartbeat simply expires
             await self.redis.zrem(self.keys.sessions_replicas(), self.replica)
+
+    async def _fence(self, stop: asyncio.Event) -> None:
+        """Drop a partition the moment its lease is no longer certainly held. A task of its own
+        and no Redis call: ``_own`` may hang in a renewal (Redis frozen, a partition without
+        resets) while Redis expires the lease and another replica takes it."""
+        # Wake at least twice per margin, so a lease acquired meanwhile is not overslept.
+        cap = self.leases[0].margin_ms / 2000
+        while not stop.is_set():
+            for p in list(self.owned):
+                if not self.leases[p].valid():
+                    await self._drop(p, "lease_lost")
+            wait = min((self.leases[p].remaining_s() for p in self.owned), default=cap)
+            await _sleep(stop, min(cap, wait) + 0.001)
 
     async def _balance(self, rng: random.Random) -> None:
         now = now_ms()
