@@ -407,3 +407,33 @@ async def test_a_replica_cut_off_from_redis_closes_its_sessions_before_its_lease
             await asyncio.wait_for(task_a, 30)
             await a.shutdown()
             await ctx_a.close()
+
+
+async def test_a_connect_whose_partition_is_dropped_meanwhile_never_says_connect(
+        world: World) -> None:
+    """The partition is dropped while a connect is on its way (here: looking up the token's
+    region in Redis): no CONNECT with that token may reach Blynk afterwards, since the new
+    owner may already hold the session."""
+    from pipeline.blynk_sessions import partition_of
+    from workers.blynk_sessions import LiveDevice
+
+    ctx = Context.create(world.config())
+    st = SessionsStage(ctx)
+    try:
+        key = f"tts:kit:{FRA[0]}"
+        live = LiveDevice(tok(FRA[0]), world.urls["fra1"], "valve")
+        st.wanted[key] = live
+        assert await st.leases[partition_of(live.token, 8)].acquire()
+        await st._opening.acquire()
+        connecting = asyncio.create_task(st._connect(key, live))
+        await asyncio.sleep(0)  # the connect now waits for Redis (the region lookup)
+        st._forget(key)  # what dropping its partition does
+        await connecting
+        await wait_until(lambda: key not in st.sessions or st.sessions[key].state == "closed",
+                         what="the connect settled")
+        await wait_until(lambda: not world.emu.mqtt.conns, what="no connection left at Blynk")
+        assert [c for c in world.emu.mqtt.connects if c[1] == live.token] == []
+    finally:
+        for s in list(st.sessions.values()):
+            s.close()
+        await ctx.close()

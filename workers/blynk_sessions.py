@@ -375,6 +375,11 @@ class SessionsStage:
                 log.warning("device %s: server %s has no known MQTT address", key, live.server)
                 self._retry(key, cap=True)
                 return
+            # The partition may have been dropped while the address was looked up: its new
+            # owner may already hold the session, so not a byte with the token from here.
+            p = rules.partition_of(live.token, self.cfg.partitions)
+            if self.wanted.get(key) is not live or not self.leases[p].valid():
+                return
             template = self.templates.get(live.template)
             info = mcu_info(template.id or live.template if template else live.template,
                             live.firmware)
