@@ -6,7 +6,8 @@ offline deadlines and reconnect backoff. No sockets, no Redis, no clock reads.
   ``blynk_sessions.servers`` when configured, else ``mqtts://<host>:8883`` for https and
   ``mqtt://<host>:1883`` for http (Blynk's ports, section 8 of the reference).
 * **Redirects** (``downlink/redirect`` = ``host:port``) are followed only to a configured
-  session server or to ``*.blynk.cloud`` (never elsewhere: the token is the password). The
+  session server or to ``<region>.blynk.cloud`` on a TLS port (never elsewhere: the token is the
+  password; the host must be one DNS label there, as egress requires of regions). The
   region is remembered as the HTTPS base URL the device API client uses, so egress and every
   replica learn it too.
 * **Commands.** ``downlink/ds/<Name>`` of a template's ``downlink.pins`` becomes a
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 import zlib
 from collections.abc import Mapping
 from typing import NamedTuple
@@ -36,7 +38,10 @@ from pipeline.events import Downlink
 
 #: ``Downlink.origin`` of commands that came over a device session.
 ORIGIN = "mqtt"
-BLYNK_SUFFIX = ".blynk.cloud"
+#: A Blynk region host: one DNS label before ``.blynk.cloud`` (the rule the device API client
+#: applies to remembered regions, ``pipeline.blynk.client``), so a redirect names a host that
+#: can be connected to and that egress accepts too.
+BLYNK_HOST = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.blynk\.cloud")
 
 
 class Address(NamedTuple):
@@ -90,7 +95,7 @@ class Servers:
         if addr is not None:
             return addr
         derived = derived_address(base)
-        if derived is not None and derived.host.endswith(BLYNK_SUFFIX) and derived.tls:
+        if derived is not None and BLYNK_HOST.fullmatch(derived.host) and derived.tls:
             return derived
         return None
 
@@ -109,7 +114,7 @@ class Servers:
         base = self.by_address.get((host, port))
         if base is not None:
             return self.by_base[base], base
-        if host.endswith(BLYNK_SUFFIX) and port in (8883, 443, 9443):
+        if BLYNK_HOST.fullmatch(host) and port in (8883, 443, 9443):
             # Only TLS ports: the token must not go anywhere in clear text.
             return Address(host, port, True), f"https://{host}"
         return None

@@ -56,6 +56,12 @@ def test_addresses_come_from_config_or_blynk_ports() -> None:
     (b"ny3.blynk.cloud", None),
     (b"\xff:1", None),
     (b"", None),
+    # not a host name: each would fail (or raise ValueError) at connect, and be remembered
+    (b".blynk.cloud:8883", None),
+    (b"x\x00.blynk.cloud:8883", None),
+    (b"evil.example/.blynk.cloud:8883", None),
+    (b"evil.example:443/.blynk.cloud:8883", None),
+    (b"a" * 64 + b".blynk.cloud:8883", None),
 ])
 def test_redirects_go_only_to_blynk_hosts(payload: bytes, want: object) -> None:
     assert servers().redirect(payload) == want
