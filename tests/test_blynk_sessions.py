@@ -437,3 +437,30 @@ async def test_a_connect_whose_partition_is_dropped_meanwhile_never_says_connect
         for s in list(st.sessions.values()):
             s.close()
         await ctx.close()
+
+
+async def test_an_address_that_cannot_be_connected_to_is_retried_not_stuck(
+        world: World) -> None:
+    """A server address the resolver refuses outright (a DNS label over 63 bytes: ValueError,
+    not OSError) is a failed connect like any other: retried with backoff, the device not left
+    with a dead session that blocks every reopen."""
+    await world.register([FRA[0]])
+    bad = "mqtt://" + "a" * 64 + ".example:1883"
+    text = config_text(world.prefix, world.emu, world.urls).replace(
+        world.emu.mqtt.url("fra1"), bad)
+    ctx = Context.create(config_mod.parse(text, "yaml", "bad.yaml", env={}))
+    st = SessionsStage(ctx)
+    await st.startup()
+    stop = asyncio.Event()
+    task = asyncio.create_task(st.main_loop(stop))
+    try:
+        await wait_until(lambda: len(st.owned) == 8, what="all partitions owned")
+        await world.uplink([FRA[0]])
+        key = f"tts:kit:{FRA[0]}"
+        await wait_until(lambda: st.attempts.get(key, 0) >= 2, what="connect retried")
+        assert key not in st.sessions
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+        await st.shutdown()
+        await ctx.close()

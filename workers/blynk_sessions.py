@@ -388,7 +388,9 @@ class SessionsStage:
             try:
                 await open_session(s, addr.host, addr.port,
                                    tls=self._tls if addr.tls else None)
-            except (OSError, TimeoutError) as exc:
+            except (OSError, TimeoutError, ValueError) as exc:
+                # ValueError: a host the resolver or TLS refuses outright (a label over 63
+                # bytes, a NUL) — a failed connect too, never a session left half-registered.
                 if self.sessions.get(key) is s:
                     del self.sessions[key]
                 SESSION_EVENTS.labels("connect_failed").inc()
