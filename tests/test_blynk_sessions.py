@@ -464,3 +464,38 @@ async def test_an_address_that_cannot_be_connected_to_is_retried_not_stuck(
         await asyncio.wait_for(task, 30)
         await st.shutdown()
         await ctx.close()
+
+
+async def test_a_device_given_another_token_moves_its_session_to_it(world: World) -> None:
+    """A device re-registered with another Blynk token (re-provisioned, handed to another
+    owner): its session moves to the new token promptly — the old token's session closes, so
+    the old Blynk device's app changes stop arriving as this device's commands — and the new
+    session stays up (the old token's partition going quiet must not close it)."""
+    from pipeline.blynk_sessions import partition_of
+
+    assert partition_of(tok(FRA[0]), 8) != partition_of(tok(FRA[1]), 8)
+    await world.register([FRA[0]])
+    key = f"tts:kit:{FRA[0]}"
+    async with stage(world) as st:
+        await wait_until(lambda: len(st.owned) == 8, what="all partitions owned")
+        await world.uplink([FRA[0]])
+        await wait_until(lambda: world.online([FRA[0]]), what="session of the first token")
+        await Registry(world.redis, world.keys).register(key, token=tok(FRA[1]),
+                                                         template="valve", server="fra1")
+        now = now_ms()
+        w = events.BlynkWrite(token=tok(FRA[1]), server=world.urls["fra1"], device_key=key,
+                              pins={"V2": 21.5}, event_ts_ms=now, received_ts_ms=now,
+                              event_id=f"e:moved:{now}")
+        await world.redis.xadd(world.keys.stream(WRITES), {events.FIELD: events.encode(w)})
+        await wait_until(lambda: world.online([FRA[1]]) and not world.online([FRA[0]]),
+                         what="the session moved to the new token")
+        # The old token's live entry going away (its partition's scan) leaves the new alone.
+        p_old = partition_of(tok(FRA[0]), 8)
+        await world.redis.zrem(world.keys.sessions_live(p_old), key)
+        await wait_until(lambda: key not in st.by_partition[p_old], what="old partition scanned")
+        assert st.sessions[key].token == tok(FRA[1]) and st.sessions[key].state == "ready"
+        world.emu.app_write(1, "V1", 1)  # the old Blynk device: not this device's command
+        world.emu.app_write(2, "V1", 1)  # the new one: a command
+        cmds = await wait_until(lambda: _when(world.commands(), lambda c: c), what="command")
+        assert {(c.token, c.pin) for c in cmds} == {(tok(FRA[1]), "V1")}
+        assert world.online([FRA[1]])

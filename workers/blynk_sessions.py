@@ -8,7 +8,9 @@ Parts, each one task:
   must not hold back trimming) and, for devices of ``downlinks: mqtt`` templates, records in
   Redis when their session may close (``keys.sessions_live(p)``: 3 × the observed uplink
   interval, at least ``offline_min_s``) and what opening it needs (``keys.sessions_devices(p)``).
-  A device's first uplink thus opens its session; ``offline_after`` without one closes it.
+  A device's first uplink thus opens its session; ``offline_after`` without one closes it. A
+  device whose token changed is moved out of the old token's partition (and its old session
+  closed), keeping one live record per device.
 * **own** — devices are hashed by token onto ``partitions``; each partition is owned through a
   :class:`~pipeline.lease.Lease` (``keys.lease("sessions", p)``). A replica holds at most
   ceil(partitions / live replicas) (heartbeats in ``keys.sessions_replicas()``), takes free
@@ -111,6 +113,8 @@ class SessionsStage:
         self._forward: asyncio.Queue[tuple[str, str, bytes]] = asyncio.Queue()
         self._seen_ms: dict[str, int] = {}
         self._deadline_ms: dict[str, int] = {}
+        #: Device key → the token its live record was last written with (a new token moves it).
+        self._recorded: dict[str, str] = {}
         self.keepalive = Keepalive(self.cfg.keepalive_s)
         self.rate = RateLimiter(ctx.redis, ctx.keys, self.cfg.connect_rate,
                                 burst=self.cfg.connect_burst)
@@ -181,6 +185,7 @@ class SessionsStage:
         for key in [k for k, d in self._deadline_ms.items() if d < now]:
             del self._deadline_ms[key]
             self._seen_ms.pop(key, None)
+            self._recorded.pop(key, None)
 
     async def _mark_live(self, batch: dict[str, tuple[int, LiveDevice]]) -> None:
         devs = await self.registry.get_many(batch)
@@ -195,12 +200,20 @@ class SessionsStage:
             self._seen_ms[key] = ts
             deadline = rules.offline_deadline_ms(now, prev, self.cfg.offline_min_s)
             old = self._deadline_ms.get(key)
+            was = self._recorded.get(key)
             # Rewrite only when the deadline moved by a tenth of the minimum: a busy device
-            # costs no Redis write per uplink.
-            if old is not None and deadline - old < self.cfg.offline_min_s * 100:
+            # costs no Redis write per uplink. A new token always: the session must move.
+            if (old is not None and deadline - old < self.cfg.offline_min_s * 100
+                    and was == live.token):
                 continue
             self._deadline_ms[key] = deadline
+            self._recorded[key] = live.token
             p = rules.partition_of(live.token, self.cfg.partitions)
+            if was is not None and was != live.token:
+                # Out of the old token's partition: its session closes at that owner's scan.
+                q = rules.partition_of(was, self.cfg.partitions)
+                pipe.zrem(self.keys.sessions_live(q), key)
+                pipe.hdel(self.keys.sessions_devices(q), key)
             record = LiveDevice(live.token, live.server, dev.template, dev.firmware)
             pipe.zadd(self.keys.sessions_live(p), {key: deadline})
             pipe.hset(self.keys.sessions_devices(p), key, _live_enc.encode(record))
@@ -212,6 +225,7 @@ class SessionsStage:
                 log.warning("cannot record live devices: %s", exc)
                 for key in batch:
                     self._deadline_ms.pop(key, None)
+                    self._recorded.pop(key, None)
 
     # own: partition leases --------------------------------------------------------------------
     async def _own(self, stop: asyncio.Event) -> None:
@@ -271,10 +285,7 @@ class SessionsStage:
         to another replica)."""
         self.owned.discard(p)
         for key in list(self.by_partition.pop(p, ())):
-            self._forget(key)
-            s = self.sessions.pop(key, None)
-            if s is not None:
-                s.close(why)
+            self._release(key, p, why)
         SESSION_EVENTS.labels(f"partition_{why}").inc()
 
     # scan: open what is live, close what went offline ----------------------------------------
@@ -301,10 +312,7 @@ class SessionsStage:
             return
         mine = self.by_partition[p]
         for key in mine - live:
-            self._forget(key)
-            s = self.sessions.pop(key, None)
-            if s is not None:
-                s.close("offline")
+            if self._release(key, p, "offline"):
                 SESSION_EVENTS.labels("offline").inc()
         mine &= live
         new = sorted(live - mine)
@@ -315,12 +323,31 @@ class SessionsStage:
             if raw is None:
                 continue
             try:
-                self.wanted[key] = _live_dec.decode(
-                    raw.encode() if isinstance(raw, str) else raw)
+                record = _live_dec.decode(raw.encode() if isinstance(raw, str) else raw)
             except msgspec.DecodeError:
                 continue
+            self.wanted[key] = record
             mine.add(key)
+            s = self.sessions.get(key)
+            if s is not None and s.token != record.token:
+                # The device has a new token: its old token's session ends here.
+                del self.sessions[key]
+                s.close("token_changed")
             self._schedule(key, 0.0)
+
+    def _release(self, key: str, p: int, why: str) -> bool:
+        """Stop keeping ``key``'s session *for partition* ``p``; what the device has under
+        another partition (its token changed) stays. True when a session was closed."""
+        P = self.cfg.partitions
+        live = self.wanted.get(key)
+        if live is None or rules.partition_of(live.token, P) == p:
+            self._forget(key)
+        s = self.sessions.get(key)
+        if s is None or rules.partition_of(s.token, P) != p:
+            return False
+        del self.sessions[key]
+        s.close(why)
+        return True
 
     def _forget(self, key: str) -> None:
         """This replica no longer keeps a session for ``key`` (offline, or not its partition)."""
