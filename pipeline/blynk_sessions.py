@@ -7,7 +7,8 @@ offline deadlines and reconnect backoff. No sockets, no Redis, no clock reads.
   ``mqtt://<host>:1883`` for http (Blynk's ports, section 8 of the reference).
 * **Redirects** (``downlink/redirect`` = ``host:port``) are followed only to a configured
   session server or to ``<region>.blynk.cloud`` on a TLS port (never elsewhere: the token is the
-  password; the host must be one DNS label there, as egress requires of regions). The
+  password; the host must be one DNS label there, as egress requires of regions), and never
+  from a TLS session to a plain-MQTT one. The
   region is remembered as the HTTPS base URL the device API client uses, so egress and every
   replica learn it too.
 * **Commands.** ``downlink/ds/<Name>`` of a template's ``downlink.pins`` becomes a
@@ -99,9 +100,10 @@ class Servers:
             return derived
         return None
 
-    def redirect(self, payload: bytes) -> tuple[Address, str] | None:
+    def redirect(self, payload: bytes, *, tls: bool) -> tuple[Address, str] | None:
         """``downlink/redirect``'s ``host:port`` → (address, HTTPS base URL to remember), or
-        None when it points anywhere but a configured server or ``*.blynk.cloud``."""
+        None when it points anywhere but a configured server or ``<region>.blynk.cloud``, or
+        (``tls``: the session that got it is TLS) to a plain-MQTT server: no downgrade."""
         try:
             text = payload.decode("ascii").strip()
         except UnicodeDecodeError:
@@ -113,7 +115,8 @@ class Servers:
         host = host.lower()
         base = self.by_address.get((host, port))
         if base is not None:
-            return self.by_base[base], base
+            addr = self.by_base[base]
+            return (addr, base) if addr.tls or not tls else None
         if BLYNK_HOST.fullmatch(host) and port in (8883, 443, 9443):
             # Only TLS ports: the token must not go anywhere in clear text.
             return Address(host, port, True), f"https://{host}"

@@ -484,7 +484,9 @@ class SessionsStage:
             self._retry(key, cap=label == "bad_credentials")
 
     def _redirect(self, session: Session, payload: bytes) -> None:
-        target = self.servers.redirect(payload)
+        t = session.transport
+        tls = t is not None and t.get_extra_info("ssl_object") is not None
+        target = self.servers.redirect(payload, tls=tls)
         if target is None:
             SESSION_EVENTS.labels("redirect_refused").inc()
             log.warning("device %s: redirect to %r refused (not a Blynk server)", session.key,
