@@ -221,6 +221,10 @@ async def test_two_replicas_split_devices_and_a_killed_one_loses_no_app_change(
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
                 p.wait(30)
+    logs = (tmp_path / "a.log").read_text() + (tmp_path / "b.log").read_text()
+    assert logs, "the replicas logged nothing: the check below would prove nothing"
+    leaked = [n for n in FRA if tok(n) in logs]
+    assert not leaked, f"tokens of {leaked} in the logs"
 
 
 async def test_reconnects_after_a_blynk_restart_are_paced(world: World) -> None:
