@@ -503,3 +503,32 @@ async def test_a_device_given_another_token_moves_its_session_to_it(world: World
         cmds = await wait_until(lambda: _when(world.commands(), lambda c: c), what="command")
         assert {(c.token, c.pin) for c in cmds} == {(tok(FRA[1]), "V1")}
         assert world.online([FRA[1]])
+
+
+async def test_a_token_used_elsewhere_too_backs_off_instead_of_flapping(world: World) -> None:
+    """Someone else connects with a device's token (the device itself running Blynk firmware,
+    or a leaked token) and reconnects whenever kicked: Blynk keeps one client per token, so
+    the two keep kicking each other. The bridge's backoff must grow across those kicks — a
+    session that did not last must not reset it — or one token costs a reconnect, a TLS
+    handshake and a get/ds/all every second or so, forever, out of the fleet's connect rate."""
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    await world.register([FRA[0]])
+    key = f"tts:kit:{FRA[0]}"
+    other = paho.Client(CallbackAPIVersion.VERSION2, client_id="", protocol=paho.MQTTv311)
+    other.username_pw_set("device", tok(FRA[0]))
+    other.reconnect_delay_set(1, 1)
+    async with stage(world, max_backoff_s=60) as st:
+        await wait_until(lambda: len(st.owned) == 8, what="all partitions owned")
+        await world.uplink([FRA[0]])
+        await wait_until(lambda: world.online([FRA[0]]), what="session open")
+        host, port = world.emu.mqtt.addresses["fra1"]
+        other.connect_async(host, port, keepalive=45)
+        other.loop_start()
+        try:
+            await wait_until(lambda: st.attempts.get(key, 0) >= 4, timeout_s=60,
+                             what="the bridge's backoff growing over the kicks")
+        finally:
+            other.disconnect()
+            other.loop_stop()

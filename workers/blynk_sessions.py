@@ -454,7 +454,6 @@ class SessionsStage:
 
     # Session handler (callbacks on the loop) --------------------------------------------------
     def session_ready(self, session: Session) -> None:
-        self.attempts.pop(session.key, None)
         session.publish("get/ds/all", b"")
         SESSION_EVENTS.labels("ready").inc()
         SESSIONS_HELD.set(len(self.sessions))
@@ -475,6 +474,10 @@ class SessionsStage:
         SESSIONS_HELD.set(len(self.sessions))
         label = reason.split(":")[0]
         SESSION_EVENTS.labels(f"closed_{label}").inc()
+        # Only a session that lasted resets the backoff: one kicked at once (the token in use
+        # elsewhere too) must not reconnect within a second, forever.
+        if session.ready_at and time.monotonic() - session.ready_at >= self.cfg.keepalive_s:
+            self.attempts.pop(key, None)
         if label == "redirect":
             self._schedule(key, 0.0)
         elif key in self.wanted:

@@ -49,8 +49,8 @@ class Handler(Protocol):
 class Session(asyncio.Protocol):
     """One device's MQTT session (see the module doc for its life)."""
 
-    __slots__ = ("_reader", "handler", "info", "keepalive_s", "key", "last_rx", "reason",
-                 "state", "token", "transport")
+    __slots__ = ("_reader", "handler", "info", "keepalive_s", "key", "last_rx", "ready_at",
+                 "reason", "state", "token", "transport")
 
     def __init__(self, key: str, token: str, handler: Handler, *, keepalive_s: int = 45,
                  info: bytes = b"") -> None:
@@ -66,6 +66,8 @@ class Session(asyncio.Protocol):
         self.state = "connecting"
         self.reason = ""
         self.last_rx = time.monotonic()
+        #: When it became ``ready`` (monotonic; 0: never) — how long a session lasted.
+        self.ready_at = 0.0
 
     # asyncio.Protocol --------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -111,6 +113,7 @@ class Session(asyncio.Protocol):
             self._write(_SUBSCRIBE)
         elif kind == f.SUBACK and self.state == "connected":
             self.state = "ready"
+            self.ready_at = time.monotonic()
             if self.info:
                 self._write(f.publish("info/mcu", self.info))
             self.handler.session_ready(self)
