@@ -532,3 +532,17 @@ async def test_a_token_used_elsewhere_too_backs_off_instead_of_flapping(world: W
         finally:
             other.disconnect()
             other.loop_stop()
+
+
+async def test_a_redirect_loop_backs_off(world: World) -> None:
+    """Blynk redirecting a device back where it came from (a misconfigured region): the first
+    redirect is followed at once, the ones after it wait a growing backoff — not a reconnect
+    loop as fast as the fleet's connect rate allows."""
+    await world.register([NY])
+    key = f"tts:kit:{NY}"
+    world.emu.mqtt.addresses["ny3"] = world.emu.mqtt.addresses["fra1"]
+    async with stage(world, max_backoff_s=60) as st:
+        await wait_until(lambda: len(st.owned) == 8, what="all partitions owned")
+        await world.uplink([NY])
+        await wait_until(lambda: st.attempts.get(key, 0) >= 3, what="backoff over redirects")
+        assert world.emu.mqtt.stats["redirects"] < 20

@@ -478,7 +478,9 @@ class SessionsStage:
         # elsewhere too) must not reconnect within a second, forever.
         if session.ready_at and time.monotonic() - session.ready_at >= self.cfg.keepalive_s:
             self.attempts.pop(key, None)
-        if label == "redirect":
+        if label == "redirect" and key in self.wanted and not self.attempts.get(key):
+            # Followed at once, but counted: a redirect loop waits a growing backoff.
+            self.attempts[key] = 1
             self._schedule(key, 0.0)
         elif key in self.wanted:
             if label == "bad_credentials":
