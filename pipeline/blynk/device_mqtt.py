@@ -84,6 +84,8 @@ class Session(asyncio.Protocol):
         try:
             for kind, flags, body in self._reader.feed(data):
                 self._packet(kind, flags, body)
+                if self.reason:  # closing (refused, redirected...): nothing after counts
+                    break
         except f.FrameError as exc:
             self.close(f"protocol_error: {exc}")
 
@@ -99,6 +101,9 @@ class Session(asyncio.Protocol):
     # packets ---------------------------------------------------------------------------------
     def _packet(self, kind: int, flags: int, body: bytes) -> None:
         if kind == f.PUBLISH:
+            if self.state == "connecting":
+                self.close("protocol_error: PUBLISH before CONNACK")
+                return
             topic, payload, qos, pid = f.parse_publish(flags, body)
             if qos and self.transport is not None:
                 self.transport.write(f.puback(pid))
