@@ -13,7 +13,7 @@ Life of a session (callbacks into a :class:`Handler`, all on the loop, none may 
 * CONNACK 0 → SUBSCRIBE ``downlink/#``; CONNACK ≠ 0 → closed with reason ``bad_credentials``
   (0x04/0x05) or ``refused:<code>``;
 * SUBACK → ``info/mcu`` is published, then :meth:`Handler.session_ready` (the handler asks
-  ``get/ds/all``);
+  ``get/ds/all``); a refused SUBACK (0x80) → closed with reason ``subscribe_refused``;
 * every PUBLISH → :meth:`Handler.session_message` (QoS 1 is PUBACKed first);
 * the connection ending for any reason → :meth:`Handler.session_closed` exactly once.
 
@@ -117,6 +117,9 @@ class Session(asyncio.Protocol):
             self.state = "connected"
             self._write(_SUBSCRIBE)
         elif kind == f.SUBACK and self.state == "connected":
+            if len(body) < 3 or body[2] & 0x80:  # refused: online in Blynk, deaf to commands
+                self.close("subscribe_refused")
+                return
             self.state = "ready"
             self.ready_at = time.monotonic()
             if self.info:
