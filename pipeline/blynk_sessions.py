@@ -18,8 +18,10 @@ offline deadlines and reconnect backoff. No sockets, no Redis, no clock reads.
   Other datastreams (sensor values the device itself reports) are not commands.
 * **Catch-up.** A session asks ``get/ds/all`` on every (re)connect. Answers carry no time, so a
   value is forwarded only when it differs from the last one known for that pin
-  (:func:`is_new`); the downlink stage drops repeats anyway, so a live re-set of the same
-  value loses nothing a webhook would have delivered.
+  (:func:`is_new`). Known is the last value that came down *or that the device reported
+  itself* (its uplinks, which the bridge writes to Blynk and Blynk need not echo): a command
+  setting back a value the device changed locally is new. Not forwarded: the value Blynk holds
+  set again with no change in between (a webhook would deliver it; the device has it).
 """
 
 from __future__ import annotations

@@ -546,3 +546,36 @@ async def test_a_redirect_loop_backs_off(world: World) -> None:
         await world.uplink([NY])
         await wait_until(lambda: st.attempts.get(key, 0) >= 3, what="backoff over redirects")
         assert world.emu.mqtt.stats["redirects"] < 20
+
+
+async def test_the_same_command_again_after_the_device_changed_the_pin_is_delivered(
+        world: World) -> None:
+    """Switch=1 from the app; the device then reports Switch=0 itself (its own button: an
+    uplink the bridge writes to Blynk, which Blynk need not echo on the session); the user sets
+    Switch=1 again. That second 1 is a real command — a webhook would deliver it — so the
+    catch-up rule ("forward only values that differ from the last known") must know the
+    device's own value, not only the last command."""
+    from pipeline.blynk_index import token_ref
+
+    await world.register([FRA[0]])
+    token = tok(FRA[0])
+    async with stage(world) as st:
+        await wait_until(lambda: len(st.owned) == 8, what="all partitions owned")
+        await world.uplink([FRA[0]])
+        await wait_until(lambda: world.online([FRA[0]]), what="session open")
+        world.emu.app_write(1, "V1", 1)
+        await wait_until(lambda: _when(world.commands(), lambda c: len(c) == 1), what="first")
+        now = now_ms()
+        w = events.BlynkWrite(token=token, server=world.urls["fra1"],
+                              device_key=f"tts:kit:{FRA[0]}", pins={"V1": 0},
+                              event_ts_ms=now, received_ts_ms=now, event_id=f"e:off:{now}")
+        await world.redis.xadd(world.keys.stream(WRITES), {events.FIELD: events.encode(w)})
+        dev = world.emu.model.devices[1]
+        world.emu.model.write(dev, dev.template.by_pin["V1"], 0, world.emu.now_ms())
+        known = world.keys.sessions_known(token_ref(token))
+        await wait_until(lambda: _when(world.redis.hget(known, "V1"), lambda v: v == b"0"),
+                         what="the device's own value known to the sessions stage")
+        world.emu.app_write(1, "V1", 1)
+        cmds = await wait_until(lambda: _when(world.commands(), lambda c: len(c) == 2),
+                                what="the second command")
+        assert [c.value for c in cmds] == ["1", "1"]

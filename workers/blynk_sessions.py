@@ -24,7 +24,8 @@ Parts, each one task:
   connect rate (GCRA in Redis, shared by all replicas).
 * **forward** — ``downlink/ds/<Name>`` of a command pin → a ``Downlink`` on the downlinks
   stream (the webhook receiver's contract; the downlink stage types, de-duplicates, drops
-  echoes and routes it), when the value is new for that pin (``keys.sessions_known``).
+  echoes and routes it), when the value is new for that pin (``keys.sessions_known``: the last
+  value that came down, or that the device reported in an uplink — **watch** records those).
 
 On every (re)connect a session publishes ``info/mcu`` (template id, firmware when known) and
 asks ``get/ds/all``: what changed in the app while it was down arrives then and is forwarded.
@@ -162,6 +163,7 @@ class SessionsStage:
                 await _sleep(stop, 1.0)
                 continue
             batch: dict[str, tuple[int, LiveDevice]] = {}
+            written: dict[str, dict[str, Any]] = defaultdict(dict)
             for stream, entries in reply or []:
                 name = stream.decode() if isinstance(stream, bytes) else stream
                 for entry_id, fields in entries:
@@ -174,8 +176,9 @@ class SessionsStage:
                     except msgspec.DecodeError:
                         continue  # egress dead-letters it; nothing for sessions
                     batch[w.device_key] = (w.received_ts_ms, LiveDevice(w.token, w.server, ""))
+                    written[w.device_key].update(w.pins)
             if batch:
-                await self._mark_live(batch)
+                await self._mark_live(batch, written)
             if time.monotonic() >= prune_at:
                 prune_at = time.monotonic() + 60
                 self._prune(now_ms())
@@ -187,7 +190,10 @@ class SessionsStage:
             self._seen_ms.pop(key, None)
             self._recorded.pop(key, None)
 
-    async def _mark_live(self, batch: dict[str, tuple[int, LiveDevice]]) -> None:
+    async def _mark_live(self, batch: dict[str, tuple[int, LiveDevice]],
+                         written: dict[str, dict[str, Any]]) -> None:
+        """Record the devices as live, and the command-pin values they reported themselves as
+        the last known ones (a command setting that pin back is then new: see ``_forward``)."""
         devs = await self.registry.get_many(batch)
         now = now_ms()
         pipe = self.redis.pipeline(transaction=False)
@@ -196,6 +202,14 @@ class SessionsStage:
             dev = devs.get(key)
             if dev is None or dev.template not in self.templates:
                 continue
+            commands = set(self.pins[dev.template].values())
+            own = {pin.upper(): canonical(v) for pin, v in written.get(key, {}).items()
+                   if pin.upper() in commands}
+            if own:
+                known_key = self.keys.sessions_known(token_ref(live.token))
+                pipe.hset(known_key, mapping=own)  # type: ignore[arg-type]
+                pipe.expire(known_key, _KNOWN_TTL_S)
+                n += 1
             prev = self._seen_ms.get(key)
             self._seen_ms[key] = ts
             deadline = rules.offline_deadline_ms(now, prev, self.cfg.offline_min_s)
