@@ -127,3 +127,27 @@ async def test_a_refused_subscription_closes_the_session() -> None:
     rec = await _against(ScriptedPeer(f.connack(0), f.suback(1, [0x80])))
     assert rec.ready == []
     assert rec.closed == ["subscribe_refused"]
+
+
+async def test_a_peer_that_stops_answering_pings_is_closed() -> None:
+    """CONNACK and SUBACK, then silence (a half-open connection, a hung broker): the keepalive
+    wheel pings it and, with nothing back for 1.5 × keepalive, closes it."""
+    peer = ScriptedPeer(f.connack(0), f.suback(1, [0]))
+    server = await asyncio.get_running_loop().create_server(lambda: peer, "127.0.0.1", 0)
+    try:
+        rec = Recorder()
+        s = Session("s", "token-s", rec, keepalive_s=1)
+        await open_session(s, "127.0.0.1", server.sockets[0].getsockname()[1])
+        await wait_until(lambda: rec.ready, what="subscribed")
+        ka = Keepalive(1)
+        ka.add(s)
+        ka.tick(now=s.last_rx + 1.0)  # due: a PINGREQ, never answered
+        assert not rec.closed
+        ka.tick(now=s.last_rx + 1.6)  # 1.5 × keepalive of silence
+        await wait_until(lambda: rec.closed, what="closed")
+        assert rec.closed == ["keepalive_timeout"]
+        assert len(ka) == 1
+        ka.tick(now=s.last_rx + 3.0)
+        assert len(ka) == 0  # the closed session left the wheel
+    finally:
+        server.close()
