@@ -151,3 +151,10 @@ async def test_a_peer_that_stops_answering_pings_is_closed() -> None:
         assert len(ka) == 0  # the closed session left the wheel
     finally:
         server.close()
+
+
+async def test_a_topic_that_is_not_utf8_closes_the_session_and_delivers_nothing() -> None:
+    bad = f._packet(f.PUBLISH << 4, f._str(b"downlink/ds/\xff") + b"1")
+    rec = await _against(ScriptedPeer(f.connack(0), f.suback(1, [0]) + bad))
+    assert rec.closed == ["protocol_error: string is not UTF-8"]
+    assert rec.messages == []
