@@ -579,3 +579,30 @@ async def test_the_same_command_again_after_the_device_changed_the_pin_is_delive
         cmds = await wait_until(lambda: _when(world.commands(), lambda c: len(c) == 2),
                                 what="the second command")
         assert [c.value for c in cmds] == ["1", "1"]
+
+
+async def test_a_stale_record_under_a_devices_old_token_does_not_strand_it(world: World) -> None:
+    """A live record left under a device's old token (written before a restart, so no watcher
+    remembers to remove it) competes with the current one; once it expires, the device must
+    get its current token's session back, not stay without one while it is live."""
+    from pipeline.blynk_sessions import partition_of
+    from workers.blynk_sessions import LiveDevice, _live_enc
+
+    key = f"tts:kit:{FRA[0]}"
+    old, new = tok(FRA[0]), tok(FRA[1])
+    p_old, p_new = partition_of(old, 8), partition_of(new, 8)
+
+    async def put(p: int, token: str) -> None:
+        rec = LiveDevice(token, world.urls["fra1"], "valve")
+        await world.redis.zadd(world.keys.sessions_live(p), {key: now_ms() + 600_000})
+        await world.redis.hset(world.keys.sessions_devices(p), key, _live_enc.encode(rec))
+
+    async with stage(world) as st:
+        await wait_until(lambda: len(st.owned) == 8, what="all partitions owned")
+        await put(p_new, new)
+        await wait_until(lambda: world.online([FRA[1]]), what="the current token's session")
+        await put(p_old, old)
+        await wait_until(lambda: key in st.by_partition[p_old], what="the stale record seen")
+        await world.redis.zrem(world.keys.sessions_live(p_old), key)  # it expires
+        await wait_until(lambda: world.online([FRA[1]]) and not world.online([FRA[0]]),
+                         what="the current token's session back")

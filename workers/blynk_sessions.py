@@ -329,7 +329,9 @@ class SessionsStage:
             if self._release(key, p, "offline"):
                 SESSION_EVENTS.labels("offline").inc()
         mine &= live
-        new = sorted(live - mine)
+        # Also a key of ours without a record in memory: another partition that listed it under
+        # an older token let it go (``_release``), and this record is the current one.
+        new = sorted(k for k in live if k not in mine or k not in self.wanted)
         if not new:
             return
         raws = await self.redis.hmget(dev_key, new)
