@@ -6,7 +6,9 @@ offline deadlines and reconnect backoff. No sockets, no Redis, no clock reads.
   ``blynk_sessions.servers`` when configured, else ``mqtts://<host>:8883`` for https and
   ``mqtt://<host>:1883`` for http (Blynk's ports, section 8 of the reference).
 * **Redirects** (``downlink/redirect`` = ``host:port``) are followed only to a configured
-  session server or to ``*.blynk.cloud`` (never elsewhere: the token is the password). The
+  session server or to ``<region>.blynk.cloud`` on a TLS port (never elsewhere: the token is the
+  password; the host must be one DNS label there, as egress requires of regions), and never
+  from a TLS session to a plain-MQTT one. The
   region is remembered as the HTTPS base URL the device API client uses, so egress and every
   replica learn it too.
 * **Commands.** ``downlink/ds/<Name>`` of a template's ``downlink.pins`` becomes a
@@ -16,14 +18,17 @@ offline deadlines and reconnect backoff. No sockets, no Redis, no clock reads.
   Other datastreams (sensor values the device itself reports) are not commands.
 * **Catch-up.** A session asks ``get/ds/all`` on every (re)connect. Answers carry no time, so a
   value is forwarded only when it differs from the last one known for that pin
-  (:func:`is_new`); the downlink stage drops repeats anyway, so a live re-set of the same
-  value loses nothing a webhook would have delivered.
+  (:func:`is_new`). Known is the last value that came down *or that the device reported
+  itself* (its uplinks, which the bridge writes to Blynk and Blynk need not echo): a command
+  setting back a value the device changed locally is new. Not forwarded: the value Blynk holds
+  set again with no change in between (a webhook would deliver it; the device has it).
 """
 
 from __future__ import annotations
 
 import math
 import random
+import re
 import zlib
 from collections.abc import Mapping
 from typing import NamedTuple
@@ -36,7 +41,10 @@ from pipeline.events import Downlink
 
 #: ``Downlink.origin`` of commands that came over a device session.
 ORIGIN = "mqtt"
-BLYNK_SUFFIX = ".blynk.cloud"
+#: A Blynk region host: one DNS label before ``.blynk.cloud`` (the rule the device API client
+#: applies to remembered regions, ``pipeline.blynk.client``), so a redirect names a host that
+#: can be connected to and that egress accepts too.
+BLYNK_HOST = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.blynk\.cloud")
 
 
 class Address(NamedTuple):
@@ -90,13 +98,14 @@ class Servers:
         if addr is not None:
             return addr
         derived = derived_address(base)
-        if derived is not None and derived.host.endswith(BLYNK_SUFFIX) and derived.tls:
+        if derived is not None and BLYNK_HOST.fullmatch(derived.host) and derived.tls:
             return derived
         return None
 
-    def redirect(self, payload: bytes) -> tuple[Address, str] | None:
+    def redirect(self, payload: bytes, *, tls: bool) -> tuple[Address, str] | None:
         """``downlink/redirect``'s ``host:port`` → (address, HTTPS base URL to remember), or
-        None when it points anywhere but a configured server or ``*.blynk.cloud``."""
+        None when it points anywhere but a configured server or ``<region>.blynk.cloud``, or
+        (``tls``: the session that got it is TLS) to a plain-MQTT server: no downgrade."""
         try:
             text = payload.decode("ascii").strip()
         except UnicodeDecodeError:
@@ -108,8 +117,9 @@ class Servers:
         host = host.lower()
         base = self.by_address.get((host, port))
         if base is not None:
-            return self.by_base[base], base
-        if host.endswith(BLYNK_SUFFIX) and port in (8883, 443, 9443):
+            addr = self.by_base[base]
+            return (addr, base) if addr.tls or not tls else None
+        if BLYNK_HOST.fullmatch(host) and port in (8883, 443, 9443):
             # Only TLS ports: the token must not go anywhere in clear text.
             return Address(host, port, True), f"https://{host}"
         return None

@@ -186,8 +186,12 @@ class Connect:
         self.client_id, at = split_string(body, at + 4)
         if flags & 0x04:  # will topic and message: read past them
             _, at = split_string(body, at)
+            if len(body) < at + 2:
+                raise FrameError("truncated will message")
             (n,) = struct.unpack_from("!H", body, at)
             at += 2 + n
+            if len(body) < at:
+                raise FrameError("truncated will message")
         self.username: str | None = None
         self.password: str | None = None
         if flags & 0x80:

@@ -230,6 +230,10 @@ async def test_two_replicas_split_devices_and_a_killed_one_loses_no_app_change(
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
                 p.wait(30)
+    logs = (tmp_path / "a.log").read_text() + (tmp_path / "b.log").read_text()
+    assert logs, "the replicas logged nothing: the check below would prove nothing"
+    leaked = [n for n in FRA if tok(n) in logs]
+    assert not leaked, f"tokens of {leaked} in the logs"
 
 
 async def test_reconnects_after_a_blynk_restart_are_paced(world: World) -> None:
@@ -423,3 +427,310 @@ async def test_more_changes_than_the_stream_keeps_make_the_owner_read_the_whole_
         await wait_until(lambda: world.online(FRA), what="every device online")
         assert _events("scan_resync") > resyncs
         assert len(await world.redis.xrange(world.keys.sessions_changes(0))) <= len(FRA)
+
+
+class StallProxy:
+    """A TCP proxy to the real Redis whose ``stall()`` holds every byte in both directions
+    (connections stay open, calls hang: a network partition without resets, or a frozen Redis
+    as one replica sees it) until ``resume()``."""
+
+    def __init__(self) -> None:
+        self.flowing = asyncio.Event()
+        self.flowing.set()
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def __aenter__(self) -> StallProxy:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.flowing.set()
+        assert self._server is not None
+        self._server.close()
+        for w in self._writers:
+            w.close()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def stall(self) -> None:
+        self.flowing.clear()
+
+    def resume(self) -> None:
+        self.flowing.set()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        host, port = REDIS_URL.split("//")[1].split("/")[0].split(":")
+        up_reader, up_writer = await asyncio.open_connection(host, int(port))
+        self._writers += [writer, up_writer]
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(ConnectionError):
+                while data := await src.read(65536):
+                    await self.flowing.wait()
+                    dst.write(data)
+                    await dst.drain()
+            dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+
+async def test_a_replica_cut_off_from_redis_closes_its_sessions_before_its_leases_pass_on(
+        world: World) -> None:
+    """Replica A's Redis calls hang (no error, no reply): its leases expire in Redis and
+    replica B takes them. A must have closed its sessions by then, although it is still
+    waiting for its renewal: Blynk never sees two clients for one token."""
+    await world.register(FRA)
+    async with StallProxy() as proxy:
+        cfg_a = config_mod.parse(
+            config_text(world.prefix, world.emu, world.urls, lease_ttl_ms=2000).replace(
+                REDIS_URL, proxy.url), "yaml", "a.yaml", env={})
+        ctx_a = Context.create(cfg_a)
+        a = SessionsStage(ctx_a)
+        await a.startup()
+        stop_a = asyncio.Event()
+        task_a = asyncio.create_task(a.main_loop(stop_a))
+        try:
+            await wait_until(lambda: len(a.owned) == 8, what="A owns every partition")
+            await world.uplink(FRA)
+            await wait_until(lambda: world.online(FRA), what="A's sessions open")
+            proxy.stall()
+            async with stage(world, lease_ttl_ms=2000) as b:
+                await wait_until(lambda: len(b.owned) == 8, what="B took every partition")
+                await wait_until(lambda: world.online(FRA), what="B's sessions open")
+                assert not a.sessions
+                assert world.emu.mqtt.stats["kicked"] == 0, "two sessions for one token"
+                proxy.resume()
+        finally:
+            proxy.resume()
+            stop_a.set()
+            await asyncio.wait_for(task_a, 30)
+            await a.shutdown()
+            await ctx_a.close()
+
+
+async def test_a_connect_whose_partition_is_dropped_meanwhile_never_says_connect(
+        world: World) -> None:
+    """The partition is dropped while a connect is on its way (here: looking up the token's
+    region in Redis): no CONNECT with that token may reach Blynk afterwards, since the new
+    owner may already hold the session."""
+    from pipeline.blynk_sessions import partition_of
+    from workers.blynk_sessions import LiveDevice
+
+    ctx = Context.create(world.config())
+    st = SessionsStage(ctx)
+    try:
+        key = f"tts:kit:{FRA[0]}"
+        live = LiveDevice(tok(FRA[0]), world.urls["fra1"], "valve")
+        st.wanted[key] = live
+        assert await st.leases[partition_of(live.token, 8)].acquire()
+        await st._opening.acquire()
+        connecting = asyncio.create_task(st._connect(key, live))
+        await asyncio.sleep(0)  # the connect now waits for Redis (the region lookup)
+        st._forget(key)  # what dropping its partition does
+        await connecting
+        await wait_until(lambda: key not in st.sessions or st.sessions[key].state == "closed",
+                         what="the connect settled")
+        await wait_until(lambda: not world.emu.mqtt.conns, what="no connection left at Blynk")
+        assert [c for c in world.emu.mqtt.connects if c[1] == live.token] == []
+    finally:
+        for s in list(st.sessions.values()):
+            s.close()
+        await ctx.close()
+
+
+async def test_an_address_that_cannot_be_connected_to_is_retried_not_stuck(
+        world: World) -> None:
+    """A server address the resolver refuses outright (a DNS label over 63 bytes: ValueError,
+    not OSError) is a failed connect like any other: retried with backoff, the device not left
+    with a dead session that blocks every reopen."""
+    await world.register([FRA[0]])
+    bad = "mqtt://" + "a" * 64 + ".example:1883"
+    text = config_text(world.prefix, world.emu, world.urls).replace(
+        world.emu.mqtt.url("fra1"), bad)
+    ctx = Context.create(config_mod.parse(text, "yaml", "bad.yaml", env={}))
+    st = SessionsStage(ctx)
+    await st.startup()
+    stop = asyncio.Event()
+    task = asyncio.create_task(st.main_loop(stop))
+    try:
+        await wait_until(lambda: len(st.owned) == 8, what="all partitions owned")
+        await world.uplink([FRA[0]])
+        key = f"tts:kit:{FRA[0]}"
+        await wait_until(lambda: st.attempts.get(key, 0) >= 2, what="connect retried")
+        assert key not in st.sessions
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+        await st.shutdown()
+        await ctx.close()
+
+
+async def test_a_device_given_another_token_moves_its_session_to_it(world: World) -> None:
+    """A device re-registered with another Blynk token (re-provisioned, handed to another
+    owner): its session moves to the new token promptly — the old token's session closes, so
+    the old Blynk device's app changes stop arriving as this device's commands — and the new
+    session stays up (the old token's partition going quiet must not close it)."""
+    from pipeline.blynk_sessions import partition_of
+
+    assert partition_of(tok(FRA[0]), 8) != partition_of(tok(FRA[1]), 8)
+    await world.register([FRA[0]])
+    key = f"tts:kit:{FRA[0]}"
+    async with stage(world) as st:
+        await wait_until(lambda: len(st.owned) == 8, what="all partitions owned")
+        await world.uplink([FRA[0]])
+        await wait_until(lambda: world.online([FRA[0]]), what="session of the first token")
+        await Registry(world.redis, world.keys).register(key, token=tok(FRA[1]),
+                                                         template="valve", server="fra1")
+        now = now_ms()
+        w = events.BlynkWrite(token=tok(FRA[1]), server=world.urls["fra1"], device_key=key,
+                              pins={"V2": 21.5}, event_ts_ms=now, received_ts_ms=now,
+                              event_id=f"e:moved:{now}")
+        await world.redis.xadd(world.keys.stream(WRITES), {events.FIELD: events.encode(w)})
+        await wait_until(lambda: world.online([FRA[1]]) and not world.online([FRA[0]]),
+                         what="the session moved to the new token")
+        # The old token's live entry left its partition at once (the watcher removed it, with
+        # a change entry its owner read); that leaves the new session alone.
+        p_old = partition_of(tok(FRA[0]), 8)
+        assert await world.redis.zscore(world.keys.sessions_live(p_old), key) is None
+        assert await world.redis.hget(world.keys.sessions_devices(p_old), key) is None
+        await wait_until(lambda: key not in st.by_partition[p_old], what="old partition scanned")
+        assert st.sessions[key].token == tok(FRA[1]) and st.sessions[key].state == "ready"
+        world.emu.app_write(1, "V1", 1)  # the old Blynk device: not this device's command
+        world.emu.app_write(2, "V1", 1)  # the new one: a command
+        cmds = await wait_until(lambda: _when(world.commands(), lambda c: c), what="command")
+        assert {(c.token, c.pin) for c in cmds} == {(tok(FRA[1]), "V1")}
+        assert world.online([FRA[1]])
+
+
+async def test_a_token_used_elsewhere_too_backs_off_instead_of_flapping(world: World) -> None:
+    """Someone else connects with a device's token (the device itself running Blynk firmware,
+    or a leaked token) and reconnects whenever kicked: Blynk keeps one client per token, so
+    the two keep kicking each other. The bridge's backoff must grow across those kicks — a
+    session that did not last must not reset it — or one token costs a reconnect, a TLS
+    handshake and a get/ds/all every second or so, forever, out of the fleet's connect rate."""
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    await world.register([FRA[0]])
+    key = f"tts:kit:{FRA[0]}"
+    other = paho.Client(CallbackAPIVersion.VERSION2, client_id="", protocol=paho.MQTTv311)
+    other.username_pw_set("device", tok(FRA[0]))
+    other.reconnect_delay_set(1, 1)
+    async with stage(world, max_backoff_s=60) as st:
+        await wait_until(lambda: len(st.owned) == 8, what="all partitions owned")
+        await world.uplink([FRA[0]])
+        await wait_until(lambda: world.online([FRA[0]]), what="session open")
+        host, port = world.emu.mqtt.addresses["fra1"]
+        other.connect_async(host, port, keepalive=45)
+        other.loop_start()
+        try:
+            await wait_until(lambda: st.attempts.get(key, 0) >= 4, timeout_s=60,
+                             what="the bridge's backoff growing over the kicks")
+        finally:
+            other.disconnect()
+            other.loop_stop()
+
+
+async def test_a_redirect_loop_backs_off(world: World) -> None:
+    """Blynk redirecting a device back where it came from (a misconfigured region): the first
+    redirect is followed at once, the ones after it wait a growing backoff — not a reconnect
+    loop as fast as the fleet's connect rate allows."""
+    await world.register([NY])
+    key = f"tts:kit:{NY}"
+    world.emu.mqtt.addresses["ny3"] = world.emu.mqtt.addresses["fra1"]
+    async with stage(world, max_backoff_s=60) as st:
+        await wait_until(lambda: len(st.owned) == 8, what="all partitions owned")
+        await world.uplink([NY])
+        await wait_until(lambda: st.attempts.get(key, 0) >= 3, what="backoff over redirects")
+        assert world.emu.mqtt.stats["redirects"] < 20
+
+
+async def test_the_same_command_again_after_the_device_changed_the_pin_is_delivered(
+        world: World) -> None:
+    """Switch=1 from the app; the device then reports Switch=0 itself (its own button: an
+    uplink the bridge writes to Blynk, which Blynk need not echo on the session); the user sets
+    Switch=1 again. That second 1 is a real command — a webhook would deliver it — so the
+    catch-up rule ("forward only values that differ from the last known") must know the
+    device's own value, not only the last command."""
+    from pipeline.blynk_index import token_ref
+
+    await world.register([FRA[0]])
+    token = tok(FRA[0])
+    async with stage(world) as st:
+        await wait_until(lambda: len(st.owned) == 8, what="all partitions owned")
+        await world.uplink([FRA[0]])
+        await wait_until(lambda: world.online([FRA[0]]), what="session open")
+        world.emu.app_write(1, "V1", 1)
+        await wait_until(lambda: _when(world.commands(), lambda c: len(c) == 1), what="first")
+        now = now_ms()
+        w = events.BlynkWrite(token=token, server=world.urls["fra1"],
+                              device_key=f"tts:kit:{FRA[0]}", pins={"V1": 0},
+                              event_ts_ms=now, received_ts_ms=now, event_id=f"e:off:{now}")
+        await world.redis.xadd(world.keys.stream(WRITES), {events.FIELD: events.encode(w)})
+        dev = world.emu.model.devices[1]
+        world.emu.model.write(dev, dev.template.by_pin["V1"], 0, world.emu.now_ms())
+        known = world.keys.sessions_known(token_ref(token))
+        await wait_until(lambda: _when(world.redis.hget(known, "V1"), lambda v: v == b"0"),
+                         what="the device's own value known to the sessions stage")
+        world.emu.app_write(1, "V1", 1)
+        cmds = await wait_until(lambda: _when(world.commands(), lambda c: len(c) == 2),
+                                what="the second command")
+        assert [c.value for c in cmds] == ["1", "1"]
+
+
+async def test_a_stale_record_under_a_devices_old_token_does_not_strand_it(world: World) -> None:
+    """A live record left under a device's old token (written before a restart, so no watcher
+    remembers to remove it) competes with the current one; once it expires, the device must
+    get its current token's session back, not stay without one while it is live."""
+    from pipeline.blynk_sessions import partition_of
+    from workers.blynk_sessions import LiveDevice, _live_enc
+
+    key = f"tts:kit:{FRA[0]}"
+    old, new = tok(FRA[0]), tok(FRA[1])
+    p_old, p_new = partition_of(old, 8), partition_of(new, 8)
+
+    async with stage(world) as st:
+
+        async def put(p: int, token: str, deadline_ms: int) -> None:
+            """What a watcher records (the changes stream too), with no watcher's memory."""
+            rec = LiveDevice(token, world.urls["fra1"], "valve")
+            await st._record_live({p: [key, deadline_ms, _live_enc.encode(rec)]})
+
+        await wait_until(lambda: len(st.owned) == 8, what="all partitions owned")
+        await put(p_new, new, now_ms() + 600_000)
+        await wait_until(lambda: world.online([FRA[1]]), what="the current token's session")
+        await put(p_old, old, now_ms() + 600_000)
+        await wait_until(lambda: key in st.by_partition[p_old], what="the stale record seen")
+        await put(p_old, old, now_ms() - 1)  # it expires
+        await wait_until(lambda: world.online([FRA[1]]) and not world.online([FRA[0]]),
+                         what="the current token's session back")
+
+
+async def test_a_new_token_in_the_same_partition_moves_the_session_too(world: World) -> None:
+    """Both tokens in one partition: the live set already holds the device, so recording it
+    again alone would write no change entry and the owner (reading only changes) would keep
+    the old token's session until its next full read. The move removes the old record first,
+    so the new one is a change the owner reads at its next scan."""
+    await world.register([FRA[0]])
+    key = f"tts:kit:{FRA[0]}"
+    async with stage(world, partitions=1) as st:
+        await wait_until(lambda: st.owned == {0}, what="the partition owned")
+        await world.uplink([FRA[0]])
+        await wait_until(lambda: world.online([FRA[0]]), what="session of the first token")
+        resyncs = _events("scan_resync")
+        await Registry(world.redis, world.keys).register(key, token=tok(FRA[1]),
+                                                         template="valve", server="fra1")
+        now = now_ms()
+        w = events.BlynkWrite(token=tok(FRA[1]), server=world.urls["fra1"], device_key=key,
+                              pins={"V2": 21.5}, event_ts_ms=now, received_ts_ms=now,
+                              event_id=f"e:moved:{now}")
+        await world.redis.xadd(world.keys.stream(WRITES), {events.FIELD: events.encode(w)})
+        await wait_until(lambda: world.online([FRA[1]]) and not world.online([FRA[0]]),
+                         what="the session moved to the new token")
+        assert st.sessions[key].token == tok(FRA[1])
+        assert _events("scan_resync") == resyncs

@@ -56,9 +56,24 @@ def test_addresses_come_from_config_or_blynk_ports() -> None:
     (b"ny3.blynk.cloud", None),
     (b"\xff:1", None),
     (b"", None),
+    # not a host name: each would fail (or raise ValueError) at connect, and be remembered
+    (b".blynk.cloud:8883", None),
+    (b"x\x00.blynk.cloud:8883", None),
+    (b"evil.example/.blynk.cloud:8883", None),
+    (b"evil.example:443/.blynk.cloud:8883", None),
+    (b"a" * 64 + b".blynk.cloud:8883", None),
 ])
 def test_redirects_go_only_to_blynk_hosts(payload: bytes, want: object) -> None:
-    assert servers().redirect(payload) == want
+    assert servers().redirect(payload, tls=False) == want
+
+
+def test_a_redirect_never_downgrades_a_tls_session_to_plain_mqtt() -> None:
+    s = servers()
+    # From mqtts: a configured plain-MQTT server is refused (the token would go in clear) ...
+    assert s.redirect(b"127.0.0.1:9002", tls=True) is None
+    # ... a TLS one is followed.
+    assert s.redirect(b"ny3.blynk.cloud:8883", tls=True) == (
+        rules.Address("ny3.blynk.cloud", 8883, True), "https://ny3.blynk.cloud")
 
 
 def test_commands_only_for_command_pins_with_the_webhook_contract() -> None:

@@ -4,6 +4,7 @@ checked by something other than itself (the Blynk emulator's endpoint is checked
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 
 from pipeline import mqtt_frames as f
@@ -78,3 +79,82 @@ def test_reader_refuses_oversized_packets() -> None:
     except f.FrameError:
         return
     raise AssertionError("no FrameError")
+
+
+class ScriptedPeer(asyncio.Protocol):
+    """A broker that answers a client's packets with fixed bytes: what a broken or hostile
+    server sends (the session's state machine under test, not the framing)."""
+
+    def __init__(self, on_connect: bytes, on_subscribe: bytes = b"") -> None:
+        self.on_connect = on_connect
+        self.on_subscribe = on_subscribe
+        self.reader = f.Reader()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        assert self.transport is not None
+        for kind, _, _ in self.reader.feed(data):
+            if kind == f.CONNECT:
+                self.transport.write(self.on_connect)
+            elif kind == f.SUBSCRIBE and self.on_subscribe:
+                self.transport.write(self.on_subscribe)
+
+
+async def _against(peer: ScriptedPeer) -> Recorder:
+    server = await asyncio.get_running_loop().create_server(lambda: peer, "127.0.0.1", 0)
+    try:
+        rec = Recorder()
+        s = Session("s", "token-s", rec)
+        await open_session(s, "127.0.0.1", server.sockets[0].getsockname()[1])
+        await wait_until(lambda: rec.closed, what="the session closed")
+        return rec
+    finally:
+        server.close()
+
+
+async def test_nothing_is_taken_from_a_server_after_it_refused_the_token() -> None:
+    rec = await _against(ScriptedPeer(f.connack(f.BAD_CREDENTIALS)
+                                      + f.publish("downlink/ds/Switch", b"1")))
+    assert rec.closed == ["bad_credentials"]
+    assert rec.messages == []
+
+
+async def test_a_refused_subscription_closes_the_session() -> None:
+    """SUBACK 0x80: the session would look online and never receive a command."""
+    rec = await _against(ScriptedPeer(f.connack(0), f.suback(1, [0x80])))
+    assert rec.ready == []
+    assert rec.closed == ["subscribe_refused"]
+
+
+async def test_a_peer_that_stops_answering_pings_is_closed() -> None:
+    """CONNACK and SUBACK, then silence (a half-open connection, a hung broker): the keepalive
+    wheel pings it and, with nothing back for 1.5 × keepalive, closes it."""
+    peer = ScriptedPeer(f.connack(0), f.suback(1, [0]))
+    server = await asyncio.get_running_loop().create_server(lambda: peer, "127.0.0.1", 0)
+    try:
+        rec = Recorder()
+        s = Session("s", "token-s", rec, keepalive_s=1)
+        await open_session(s, "127.0.0.1", server.sockets[0].getsockname()[1])
+        await wait_until(lambda: rec.ready, what="subscribed")
+        ka = Keepalive(1)
+        ka.add(s)
+        ka.tick(now=s.last_rx + 1.0)  # due: a PINGREQ, never answered
+        assert not rec.closed
+        ka.tick(now=s.last_rx + 1.6)  # 1.5 × keepalive of silence
+        await wait_until(lambda: rec.closed, what="closed")
+        assert rec.closed == ["keepalive_timeout"]
+        assert len(ka) == 1
+        ka.tick(now=s.last_rx + 3.0)
+        assert len(ka) == 0  # the closed session left the wheel
+    finally:
+        server.close()
+
+
+async def test_a_topic_that_is_not_utf8_closes_the_session_and_delivers_nothing() -> None:
+    bad = f._packet(f.PUBLISH << 4, f._str(b"downlink/ds/\xff") + b"1")
+    rec = await _against(ScriptedPeer(f.connack(0), f.suback(1, [0]) + bad))
+    assert rec.closed == ["protocol_error: string is not UTF-8"]
+    assert rec.messages == []

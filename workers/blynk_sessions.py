@@ -8,32 +8,38 @@ Parts, each one task:
   must not hold back trimming) and, for devices of ``downlinks: mqtt`` templates, records in
   Redis when their session may close (``keys.sessions_live(p)``: 3 × the observed uplink
   interval, at least ``offline_min_s``) and what opening it needs (``keys.sessions_devices(p)``).
-  A device's first uplink thus opens its session; ``offline_after`` without one closes it.
+  A device's first uplink thus opens its session; ``offline_after`` without one closes it. A
+  device whose token changed is moved out of the old token's partition (and its old session
+  closed), keeping one live record per device.
 * **own** — devices are hashed by token onto ``partitions``; each partition is owned through a
   :class:`~pipeline.lease.Lease` (``keys.lease("sessions", p)``). A replica holds at most
   ceil(partitions / live replicas) (heartbeats in ``keys.sessions_replicas()``), takes free
   ones up to that, gives extras back (closing their sessions first). A lease not renewed in time
-  closes its sessions at once, before Redis lets another replica take it: never two sessions
-  for one token. A dead replica's partitions are taken within ``lease_ttl_ms``.
+  closes its sessions at once, before Redis lets another replica take it (**fence**, a task that
+  needs no Redis, so a hung renewal cannot delay it): never two sessions for one token. A dead
+  replica's partitions are taken within ``lease_ttl_ms``.
 * **scan** — each ``scan_interval_s`` an owner closes the sessions of devices past their
   deadline and opens those that became live, reading only what changed (an atomic expiry
   script, each partition's changes stream after its cursor; one round trip for all owned
   partitions); the whole live set only on acquiring a partition, every ``_RESYNC_S``, or after
-  a full page of changes.
+  a full page of changes. A device that left a partition (its token changed) has a change
+  entry there too: its record is re-read, and gone means its session there closes.
 * **open** — opens are paced: each device waits its jittered backoff, then a slot of the global
   connect rate (GCRA in Redis, shared by all replicas).
 * **forward** — ``downlink/ds/<Name>`` of a command pin → a ``Downlink`` on the downlinks
   stream (the webhook receiver's contract; the downlink stage types, de-duplicates, drops
-  echoes and routes it), when the value is new for that pin (``keys.sessions_known``). The
-  queue in front of Redis is bounded: at ``forward_queue_max`` it keeps the latest value per
-  device and pin (``superseded`` counts the rest), so a Redis outage costs at most sessions ×
-  command pins.
+  echoes and routes it), when the value is new for that pin (``keys.sessions_known``: the last
+  value that came down, or that the device reported in an uplink — **watch** records those).
+  The queue in front of Redis is bounded: at ``forward_queue_max`` it keeps the latest value
+  per device and pin (``superseded`` counts the rest), so a Redis outage costs at most
+  sessions × command pins.
 
 On every (re)connect a session publishes ``info/mcu`` (template id, firmware when known) and
 asks ``get/ds/all``: what changed in the app while it was down arrives then and is forwarded.
-``downlink/redirect`` is followed only to a configured server or ``*.blynk.cloud``
-(:class:`pipeline.blynk_sessions.Servers`) and remembered as the token's region, like the
-device API client's 308s.
+``downlink/redirect`` is followed only to a configured server or ``<region>.blynk.cloud``
+on a TLS port, never from TLS to plain MQTT (:class:`pipeline.blynk_sessions.Servers`); the
+first since a session last lasted at once, the ones after it with backoff; and remembered as
+the token's region, like the device API client's 308s.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ import random
 import ssl
 import time
 from collections import Counter, defaultdict, deque
+from collections.abc import Mapping
 from typing import Any
 
 import msgspec
@@ -91,6 +98,20 @@ for i = 2, #ARGV, 3 do
   end
 end
 return added
+"""
+#: Removes devices from one partition (ARGV[1]: the changes stream's cap, then device keys):
+#: their token changed, so they now live under another partition. A change entry for each one
+#: that was live, so the owner re-reads it, finds no record and closes its session there.
+_UNMARK = """
+local removed = 0
+for i = 2, #ARGV do
+  redis.call('HDEL', KEYS[2], ARGV[i])
+  if redis.call('ZREM', KEYS[1], ARGV[i]) == 1 then
+    redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[1], '*', 'k', ARGV[i])
+    removed = removed + 1
+  end
+end
+return removed
 """
 #: Removes up to ARGV[2] devices whose deadline (<= ARGV[1]) passed and returns them; atomic,
 #: so a device made live again between reading and removing stays.
@@ -150,12 +171,18 @@ class SessionsStage:
         self._compact_at = self.cfg.forward_queue_max
         self._pending_wake = asyncio.Event()
         self._mark = ctx.redis.register_script(_MARK)
+        self._unmark = ctx.redis.register_script(_UNMARK)
         self._expire = ctx.redis.register_script(_EXPIRE)
         #: Owned partition → last changes-stream id read, and when to read the whole set again.
         self._cursor: dict[int, str] = {}
         self._resync_at: dict[int, float] = {}
+        #: Owned partition → device keys to re-read at its next scan: another partition let
+        #: go of their record in memory (``_release``), and this one may hold the current one.
+        self._recheck: dict[int, set[str]] = defaultdict(set)
         self._seen_ms: dict[str, int] = {}
         self._deadline_ms: dict[str, int] = {}
+        #: Device key → the token its live record was last written with (a new token moves it).
+        self._recorded: dict[str, str] = {}
         self.keepalive = Keepalive(self.cfg.keepalive_s)
         self.rate = RateLimiter(ctx.redis, ctx.keys, self.cfg.connect_rate,
                                 burst=self.cfg.connect_burst)
@@ -176,6 +203,7 @@ class SessionsStage:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._watch(stop), name="sessions-watch")
                 tg.create_task(self._own(stop), name="sessions-own")
+                tg.create_task(self._fence(stop), name="sessions-fence")
                 tg.create_task(self._scan(stop), name="sessions-scan")
                 tg.create_task(self._open(stop), name="sessions-open")
                 tg.create_task(self._forwarder(stop), name="sessions-forward")
@@ -202,6 +230,7 @@ class SessionsStage:
                 await _sleep(stop, 1.0)
                 continue
             batch: dict[str, tuple[int, LiveDevice]] = {}
+            written: dict[str, dict[str, Any]] = defaultdict(dict)
             for stream, entries in reply or []:
                 name = stream.decode() if isinstance(stream, bytes) else stream
                 for entry_id, fields in entries:
@@ -214,8 +243,9 @@ class SessionsStage:
                     except msgspec.DecodeError:
                         continue  # egress dead-letters it; nothing for sessions
                     batch[w.device_key] = (w.received_ts_ms, LiveDevice(w.token, w.server, ""))
+                    written[w.device_key].update(w.pins)
             if batch:
-                await self._mark_live(batch)
+                await self._mark_live(batch, written)
             if time.monotonic() >= prune_at:
                 prune_at = time.monotonic() + 60
                 self._prune(now_ms())
@@ -225,44 +255,82 @@ class SessionsStage:
         for key in [k for k, d in self._deadline_ms.items() if d < now]:
             del self._deadline_ms[key]
             self._seen_ms.pop(key, None)
+            self._recorded.pop(key, None)
 
-    async def _mark_live(self, batch: dict[str, tuple[int, LiveDevice]]) -> None:
+    async def _mark_live(self, batch: dict[str, tuple[int, LiveDevice]],
+                         written: dict[str, dict[str, Any]]) -> None:
+        """Record the devices as live, and the command-pin values they reported themselves as
+        the last known ones (a command setting that pin back is then new: see ``_forward``)."""
         devs = await self.registry.get_many(batch)
         now = now_ms()
         per_partition: dict[int, list[Any]] = defaultdict(list)
+        moved: dict[int, list[str]] = defaultdict(list)
+        known: dict[str, dict[str, str]] = {}
+        undo: dict[str, str | None] = {}
         for key, (ts, live) in batch.items():
             dev = devs.get(key)
             if dev is None or dev.template not in self.templates:
                 continue
+            commands = set(self.pins[dev.template].values())
+            own = {pin.upper(): canonical(v) for pin, v in written.get(key, {}).items()
+                   if pin.upper() in commands}
+            if own:
+                known.setdefault(self.keys.sessions_known(token_ref(live.token)), {}).update(own)
             prev = self._seen_ms.get(key)
             self._seen_ms[key] = ts
             deadline = rules.offline_deadline_ms(now, prev, self.cfg.offline_min_s)
             old = self._deadline_ms.get(key)
+            was = self._recorded.get(key)
             # Rewrite only when the deadline moved by a tenth of the minimum: a busy device
-            # costs no Redis write per uplink.
-            if old is not None and deadline - old < self.cfg.offline_min_s * 100:
+            # costs no Redis write per uplink. A new token always: the session must move.
+            if (old is not None and deadline - old < self.cfg.offline_min_s * 100
+                    and was == live.token):
                 continue
             self._deadline_ms[key] = deadline
+            self._recorded[key] = live.token
+            undo[key] = was
             p = rules.partition_of(live.token, self.cfg.partitions)
+            if was is not None and was != live.token:
+                # Out of the old token's partition (a change entry tells its owner to close
+                # the old session); removed first, so even when both tokens share a partition
+                # the new record is a change its owner reads.
+                moved[rules.partition_of(was, self.cfg.partitions)].append(key)
             record = LiveDevice(live.token, live.server, dev.template, dev.firmware)
             per_partition[p] += [key, deadline, _live_enc.encode(record)]
-        if not per_partition:
+        if not (per_partition or known):
             return
         try:
-            await self._record_live(per_partition)
+            await self._record_live(per_partition, moved, known)
         except RedisError as exc:
             log.warning("cannot record live devices: %s", exc)
             for key in batch:
                 self._deadline_ms.pop(key, None)
+            for key, was in undo.items():  # the old token's record may still be there
+                if was is None:
+                    self._recorded.pop(key, None)
+                else:
+                    self._recorded[key] = was
 
-    async def _record_live(self, per_partition: dict[int, list[Any]]) -> None:
-        """Partition → flat ``[device key, deadline ms, LiveDevice record, …]``, in one round
-        trip (a script per partition: see :data:`_MARK`)."""
+    async def _record_live(self, per_partition: dict[int, list[Any]],
+                           moved: Mapping[int, list[str]] | None = None,
+                           known: Mapping[str, dict[str, str]] | None = None) -> None:
+        """In one round trip: partition → flat ``[device key, deadline ms, LiveDevice record,
+        …]`` recorded (a script per partition: see :data:`_MARK`), after the devices in
+        ``moved`` (partition → device keys) left their old partition (:data:`_UNMARK`), and
+        the ``known`` values (``sessions_known`` key → pin → value) the devices reported."""
         async with self.redis.pipeline(transaction=False) as pipe:
+            for q, gone in (moved or {}).items():
+                await self._unmark(keys=[self.keys.sessions_live(q),
+                                         self.keys.sessions_devices(q),
+                                         self.keys.sessions_changes(q)],
+                                   args=[_CHANGES_MAX, *gone], client=pipe)
             for p, args in per_partition.items():
                 await self._mark(keys=[self.keys.sessions_live(p), self.keys.sessions_devices(p),
                                        self.keys.sessions_changes(p)],
                                  args=[_CHANGES_MAX, *args], client=pipe)
+            for known_key, values in (known or {}).items():
+                pipe.hset(known_key, mapping=values)  # type: ignore[arg-type]
+                pipe.expire(known_key, _KNOWN_TTL_S)
             await pipe.execute()
 
     # own: partition leases --------------------------------------------------------------------
@@ -274,12 +342,22 @@ class SessionsStage:
                 await self._balance(rng)
             except RedisError as exc:
                 log.warning("sessions ownership: %s", exc)
-            for p in list(self.owned):
-                if not self.leases[p].valid():
-                    await self._drop(p, "lease_lost")
             await _sleep(stop, interval)
         with contextlib.suppress(RedisError):  # else its heartbeat simply expires
             await self.redis.zrem(self.keys.sessions_replicas(), self.replica)
+
+    async def _fence(self, stop: asyncio.Event) -> None:
+        """Drop a partition the moment its lease is no longer certainly held. A task of its own
+        and no Redis call: ``_own`` may hang in a renewal (Redis frozen, a partition without
+        resets) while Redis expires the lease and another replica takes it."""
+        # Wake at least twice per margin, so a lease acquired meanwhile is not overslept.
+        cap = self.leases[0].margin_ms / 2000
+        while not stop.is_set():
+            for p in list(self.owned):
+                if not self.leases[p].valid():
+                    await self._drop(p, "lease_lost")
+            wait = min((self.leases[p].remaining_s() for p in self.owned), default=cap)
+            await _sleep(stop, min(cap, wait) + 0.001)
 
     async def _balance(self, rng: random.Random) -> None:
         now = now_ms()
@@ -313,11 +391,9 @@ class SessionsStage:
         to another replica)."""
         self.owned.discard(p)
         self._cursor.pop(p, None)
+        self._recheck.pop(p, None)
         for key in list(self.by_partition.pop(p, ())):
-            self._forget(key)
-            s = self.sessions.pop(key, None)
-            if s is not None:
-                s.close(why)
+            self._release(key, p, why)
         SESSION_EVENTS.labels(f"partition_{why}").inc()
 
     # scan: open what is live, close what went offline ----------------------------------------
@@ -353,10 +429,11 @@ class SessionsStage:
                 if len(entries) >= _CHANGES_MAX:  # may have lost entries to the cap
                     SESSION_EVENTS.labels("scan_resync").inc()
                     full.append(p)
+                    entries = []  # the whole live set is read below
                 elif entries and p in self.owned:
                     self._cursor[p] = _text(entries[-1][0])
                 await self._apply(p, {_text(k) for k in gone},
-                                  {_text(fields[b"k"]) for _, fields in entries})
+                                  {_text(fields[b"k"]) for _, fields in entries}, full=False)
         for p in full:
             await self._scan_partition(p)
 
@@ -375,21 +452,25 @@ class SessionsStage:
         self._cursor[p] = _text(last[0][0]) if last else "0-0"
         self._resync_at[p] = time.monotonic() + _RESYNC_S
         live = {_text(k) for k in members}
-        await self._apply(p, {_text(k) for k in gone} | (self.by_partition[p] - live), live)
+        await self._apply(p, {_text(k) for k in gone} | (self.by_partition[p] - live), live,
+                          full=True)
 
-    async def _apply(self, p: int, gone: set[str], live: set[str]) -> None:
-        """Close the sessions of ``gone`` devices, open those of ``live`` ones not held."""
+    async def _apply(self, p: int, gone: set[str], live: set[str], *, full: bool) -> None:
+        """Close the sessions of ``gone`` devices and open those of ``live`` ones not held.
+        ``full``: ``live`` is the whole live set, else the devices with a change entry — each
+        re-read, since one may have left the partition (its token changed: no record)."""
         if p not in self.owned:
             return
         mine = self.by_partition[p]
         for key in gone & mine:
-            self._forget(key)
-            s = self.sessions.pop(key, None)
-            if s is not None:
-                s.close("offline")
+            if self._release(key, p, "offline"):
                 SESSION_EVENTS.labels("offline").inc()
         mine -= gone
-        new = sorted(live - gone - mine)
+        if full:
+            # Also a key of ours without a record in memory: another partition that listed it
+            # under an older token let it go (``_release``), and this record is the current one.
+            live = {k for k in live if k not in mine or k not in self.wanted}
+        new = sorted((live | self._recheck.pop(p, set())) - gone)
         if not new:
             return
         raws = await self.redis.hmget(self.keys.sessions_devices(p), new)
@@ -397,14 +478,43 @@ class SessionsStage:
             return
         for key, raw in zip(new, raws, strict=True):
             if raw is None:
+                # Not live here (any more): its token changed, the record is elsewhere now.
+                if key in mine:
+                    mine.discard(key)
+                    if self._release(key, p, "token_changed"):
+                        SESSION_EVENTS.labels("token_changed").inc()
                 continue
             try:
-                self.wanted[key] = _live_dec.decode(
-                    raw.encode() if isinstance(raw, str) else raw)
+                record = _live_dec.decode(raw.encode() if isinstance(raw, str) else raw)
             except msgspec.DecodeError:
                 continue
             mine.add(key)
+            if self.wanted.get(key) == record:
+                continue  # as held (a connect on its way keeps its record)
+            self.wanted[key] = record
+            s = self.sessions.get(key)
+            if s is not None and s.token != record.token:
+                # The device has a new token: its old token's session ends here.
+                del self.sessions[key]
+                s.close("token_changed")
             self._schedule(key, 0.0)
+
+    def _release(self, key: str, p: int, why: str) -> bool:
+        """Stop keeping ``key``'s session *for partition* ``p``; what the device has under
+        another partition (its token changed) stays. True when a session was closed."""
+        P = self.cfg.partitions
+        live = self.wanted.get(key)
+        if live is None or rules.partition_of(live.token, P) == p:
+            self._forget(key)
+            for q in self.owned:  # another partition listing the key may hold its record
+                if q != p and key in self.by_partition.get(q, ()):
+                    self._recheck[q].add(key)
+        s = self.sessions.get(key)
+        if s is None or rules.partition_of(s.token, P) != p:
+            return False
+        del self.sessions[key]
+        s.close(why)
+        return True
 
     def _forget(self, key: str) -> None:
         """This replica no longer keeps a session for ``key`` (offline, or not its partition)."""
@@ -459,6 +569,11 @@ class SessionsStage:
                 log.warning("device %s: server %s has no known MQTT address", key, live.server)
                 self._retry(key, cap=True)
                 return
+            # The partition may have been dropped while the address was looked up: its new
+            # owner may already hold the session, so not a byte with the token from here.
+            p = rules.partition_of(live.token, self.cfg.partitions)
+            if self.wanted.get(key) is not live or not self.leases[p].valid():
+                return
             template = self.templates.get(live.template)
             info = mcu_info(template.id or live.template if template else live.template,
                             live.firmware)
@@ -467,7 +582,9 @@ class SessionsStage:
             try:
                 await open_session(s, addr.host, addr.port,
                                    tls=self._tls if addr.tls else None)
-            except (OSError, TimeoutError) as exc:
+            except (OSError, TimeoutError, ValueError) as exc:
+                # ValueError: a host the resolver or TLS refuses outright (a label over 63
+                # bytes, a NUL) — a failed connect too, never a session left half-registered.
                 if self.sessions.get(key) is s:
                     del self.sessions[key]
                 SESSION_EVENTS.labels("connect_failed").inc()
@@ -504,7 +621,6 @@ class SessionsStage:
 
     # Session handler (callbacks on the loop) --------------------------------------------------
     def session_ready(self, session: Session) -> None:
-        self.attempts.pop(session.key, None)
         session.publish("get/ds/all", b"")
         SESSION_EVENTS.labels("ready").inc()
         SESSIONS_HELD.set(len(self.sessions))
@@ -525,7 +641,13 @@ class SessionsStage:
         SESSIONS_HELD.set(len(self.sessions))
         label = reason.split(":")[0]
         SESSION_EVENTS.labels(f"closed_{label}").inc()
-        if label == "redirect":
+        # Only a session that lasted resets the backoff: one kicked at once (the token in use
+        # elsewhere too) must not reconnect within a second, forever.
+        if session.ready_at and time.monotonic() - session.ready_at >= self.cfg.keepalive_s:
+            self.attempts.pop(key, None)
+        if label == "redirect" and key in self.wanted and not self.attempts.get(key):
+            # Followed at once, but counted: a redirect loop waits a growing backoff.
+            self.attempts[key] = 1
             self._schedule(key, 0.0)
         elif key in self.wanted:
             if label == "bad_credentials":
@@ -534,7 +656,9 @@ class SessionsStage:
             self._retry(key, cap=label == "bad_credentials")
 
     def _redirect(self, session: Session, payload: bytes) -> None:
-        target = self.servers.redirect(payload)
+        t = session.transport
+        tls = t is not None and t.get_extra_info("ssl_object") is not None
+        target = self.servers.redirect(payload, tls=tls)
         if target is None:
             SESSION_EVENTS.labels("redirect_refused").inc()
             log.warning("device %s: redirect to %r refused (not a Blynk server)", session.key,

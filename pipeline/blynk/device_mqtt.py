@@ -13,7 +13,7 @@ Life of a session (callbacks into a :class:`Handler`, all on the loop, none may 
 * CONNACK 0 → SUBSCRIBE ``downlink/#``; CONNACK ≠ 0 → closed with reason ``bad_credentials``
   (0x04/0x05) or ``refused:<code>``;
 * SUBACK → ``info/mcu`` is published, then :meth:`Handler.session_ready` (the handler asks
-  ``get/ds/all``);
+  ``get/ds/all``); a refused SUBACK (0x80) → closed with reason ``subscribe_refused``;
 * every PUBLISH → :meth:`Handler.session_message` (QoS 1 is PUBACKed first);
 * the connection ending for any reason → :meth:`Handler.session_closed` exactly once.
 
@@ -49,8 +49,8 @@ class Handler(Protocol):
 class Session(asyncio.Protocol):
     """One device's MQTT session (see the module doc for its life)."""
 
-    __slots__ = ("_reader", "handler", "info", "keepalive_s", "key", "last_rx", "reason",
-                 "state", "token", "transport")
+    __slots__ = ("_reader", "handler", "info", "keepalive_s", "key", "last_rx", "ready_at",
+                 "reason", "state", "token", "transport")
 
     def __init__(self, key: str, token: str, handler: Handler, *, keepalive_s: int = 45,
                  info: bytes = b"") -> None:
@@ -66,6 +66,8 @@ class Session(asyncio.Protocol):
         self.state = "connecting"
         self.reason = ""
         self.last_rx = time.monotonic()
+        #: When it became ``ready`` (monotonic; 0: never) — how long a session lasted.
+        self.ready_at = 0.0
 
     # asyncio.Protocol --------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -82,6 +84,8 @@ class Session(asyncio.Protocol):
         try:
             for kind, flags, body in self._reader.feed(data):
                 self._packet(kind, flags, body)
+                if self.reason:  # closing (refused, redirected...): nothing after counts
+                    break
         except f.FrameError as exc:
             self.close(f"protocol_error: {exc}")
 
@@ -97,6 +101,9 @@ class Session(asyncio.Protocol):
     # packets ---------------------------------------------------------------------------------
     def _packet(self, kind: int, flags: int, body: bytes) -> None:
         if kind == f.PUBLISH:
+            if self.state == "connecting":
+                self.close("protocol_error: PUBLISH before CONNACK")
+                return
             topic, payload, qos, pid = f.parse_publish(flags, body)
             if qos and self.transport is not None:
                 self.transport.write(f.puback(pid))
@@ -110,7 +117,11 @@ class Session(asyncio.Protocol):
             self.state = "connected"
             self._write(_SUBSCRIBE)
         elif kind == f.SUBACK and self.state == "connected":
+            if len(body) < 3 or body[2] & 0x80:  # refused: online in Blynk, deaf to commands
+                self.close("subscribe_refused")
+                return
             self.state = "ready"
+            self.ready_at = time.monotonic()
             if self.info:
                 self._write(f.publish("info/mcu", self.info))
             self.handler.session_ready(self)
