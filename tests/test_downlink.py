@@ -44,7 +44,9 @@ def token_for(device: str) -> str:
 
 
 def make_config(prefix: str, app_id: str, extra: str = "", ttl_s: int = 600,
-                claim_idle_ms: int = 30_000) -> config_mod.Config:
+                claim_idle_ms: int = 30_000,
+                webhook_auth: str = f'{{username: blynk, password: "{PASSWORD}"}}'
+                ) -> config_mod.Config:
     devices = "\n".join(
         f"  - {{source: tts, integration: kit, device: {d}, token: {token_for(d)}, "
         "template: kit}" for d in DEVICES)
@@ -71,7 +73,7 @@ tts:
 devices:
 {devices}
 blynk_webhooks:
-  - {{name: app, auth: {{username: blynk, password: "{PASSWORD}"}}}}
+  - {{name: app, auth: {webhook_auth}}}
 downlink: {{ttl_s: {ttl_s}, max_backoff_s: 0.2}}
 {extra}
 """
@@ -232,6 +234,30 @@ async def test_bad_commands_are_dead_letters_with_a_reason(redis: Redis, prefix:
 
 async def _dead_count(b: Bridge, n: int) -> bool:
     return len(await b.dead()) >= n
+
+
+async def test_a_header_secret_authenticates_a_blynk_webhook(redis: Redis, prefix: str) -> None:
+    """Blynk's webhook form takes custom headers: a shared secret there works like Basic auth
+    (compared in constant time by the same authenticator), a wrong or missing one is 401."""
+    secret = "s3cret-" + secrets.token_hex(8)
+    async with bridge(redis, prefix, webhook_auth=f'{{header: X-Bridge-Secret, secret: "{secret}"}}'
+                      ) as b:
+        now = int(time.time() * 1000)
+        body = BODY.format(id=1, token=token_for("dev-a"), pin="v2", value="1", ts=now,
+                           name="dev-a").encode()
+        for given in (None, "wrong-" + secret, secret[:-1]):
+            headers = {"Content-Type": "application/json"}
+            if given is not None:
+                headers["X-Bridge-Secret"] = given
+            async with b.http.post(f"{b.url}/blynk/app", data=body, headers=headers) as resp:
+                assert resp.status == 401, given
+        assert await b.ctx.redis.xlen(b.ctx.keys.stream(DOWNLINKS)) == 0
+        async with b.http.post(f"{b.url}/blynk/app", data=body, headers={
+                "Content-Type": "application/json", "X-Bridge-Secret": secret}) as resp:
+            assert resp.status == 200
+        await wait_until(lambda: b.devices.got, what="the command sent down")
+        (device, sent), = b.devices.got
+        assert device == "dev-a" and sent["downlinks"][0]["decoded_payload"]["value"] == 1
 
 
 async def test_receiver_refuses_bodies_blynk_did_not_fill(redis: Redis, prefix: str) -> None:
