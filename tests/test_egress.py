@@ -860,3 +860,45 @@ async def test_a_308_to_a_server_not_configured_is_dead_lettered_not_followed(
     assert [d.reason for d in await rig.dead()] == ["redirect_refused"]
     assert [r["status"] for r in emu.recorded()] == [308]  # ny3 never asked
     assert await rig.pending() == 0
+
+
+async def test_a_late_history_point_joining_a_retried_write_is_uploaded(rig: Rig) -> None:
+    """A write uploads V10's superseded points, then its batch/update gets a 503. A late V10
+    point (older than those uploaded, newer than anything Blynk's record has) arrives while
+    the write waits to be retried and joins it: it must go to history too, not be taken for
+    one already uploaded and acked unwritten."""
+    t0 = now_ms() - 5000
+    await rig.add(*[write(0, t0 + i * 200, {"V10": float(i * 2)}, history=["V10"])
+                    for i in range(3)])
+    seen: list[int] = []
+
+    def fail_after_the_upload(device: Device, ds: Any, value: Any, ts: int) -> None:
+        if not seen:  # the upload's newest point (it comes first): fail what follows
+            rig.emu.faults.set(error_rate=1.0)
+        seen.append(ts)
+
+    rig.emu.model.listeners.append(fail_after_the_upload)
+    stage = rig.stage(until_idle=False, max_backoff_s=0.5)
+    stop = asyncio.Event()
+    loop = await running(rig, stage, stop)
+    try:
+        async def failed() -> bool:
+            return rig.emu.faults.state()["injected"].get("503", 0) > 0
+
+        await wait_until(failed, what="the batch/update after the upload failing")
+        await rig.add(write(0, t0 + 100, {"V10": 1.0}, history=["V10"]))
+
+        async def all_held() -> bool:
+            return len(stage.held) == 4
+
+        await wait_until(all_held, what="the late point held with the write being retried")
+        rig.emu.faults.clear()
+        await settled(rig)
+    finally:
+        stop.set()
+        await asyncio.wait_for(loop, 30)
+    points = sorted(ts for ts, _ in rig.device(0).history["V10"])
+    assert t0 + 100 in points  # the late point, at its true time
+    assert points.count(t0) == 1 and points.count(t0 + 200) == 1  # nothing uploaded twice
+    assert value(rig, 0, "V10") == 4.0
+    assert await rig.dead() == []
