@@ -902,3 +902,24 @@ async def test_a_late_history_point_joining_a_retried_write_is_uploaded(rig: Rig
     assert points.count(t0) == 1 and points.count(t0 + 200) == 1  # nothing uploaded twice
     assert value(rig, 0, "V10") == 4.0
     assert await rig.dead() == []
+
+
+@pytest.mark.parametrize("with_newer", [False, True], ids=["all late", "late and newer"])
+async def test_late_history_points_dropped_as_stale_are_counted(rig: Rig, with_newer: bool
+                                                                ) -> None:
+    """V10 (history: true) was written at t0 + 1000. Late points at t0 and t0 + 100 are older
+    than what Blynk has: dropped (no history point written twice), but each one counted, none
+    silently — whether the whole write is stale or a newer value goes with them."""
+    t0 = now_ms() - 5000
+    await rig.add(write(0, t0 + 1000, {"V10": 9.0}, history=["V10"]))
+    await rig.drain(rig.stage())
+    stale = metrics.EGRESS_DROPPED.labels("stale")._value.get()
+    superseded = metrics.SUPERSEDED._value.get()
+    late = [write(0, t0 + i * 100, {"V10": float(i)}, history=["V10"]) for i in range(2)]
+    newer = [write(0, t0 + 2000, {"V10": 10.0}, history=["V10"])] if with_newer else []
+    await rig.add(*late, *newer)
+    await rig.drain(rig.stage())
+    assert metrics.EGRESS_DROPPED.labels("stale")._value.get() - stale == 2
+    assert metrics.SUPERSEDED._value.get() - superseded == 0
+    assert value(rig, 0, "V10") == (10.0 if with_newer else 9.0)
+    assert await rig.pending() == 0

@@ -24,7 +24,7 @@ from redis.exceptions import RedisError
 
 from pipeline import echo, metrics
 from pipeline.blynk.outcomes import Retry
-from pipeline.coalesce import DevicePlan, drop_stale
+from pipeline.coalesce import DevicePlan, drop_stale, history_only
 from pipeline.consumer import backoff_s
 from pipeline.context import Context
 from pipeline.keys import GROUP_EGRESS, WRITES
@@ -318,11 +318,13 @@ class EgressStage:
         stale_values = 0
         send = self.sender.send
         for (dev, plan), claim in zip(plans, claims, strict=True):
+            # Late history points are dropped with the stale values and counted with them.
             if claim.granted:
-                stale_values += len(drop_stale(plan, claim.last))
+                points = history_only(plan)
+                stale_values += len(drop_stale(plan, claim.last)) + points - history_only(plan)
                 send(dev, plan, self._pending())
             elif claim.stale:  # Blynk already has newer values: nothing to send, ack them
-                stale_values += len(plan.pins)
+                stale_values += len(plan.pins) + history_only(plan)
                 self.committer.finish(dev, plan, Result(), self._pending(), leased=False)
             else:  # busy elsewhere, or the device's rate limit says wait
                 wait = claim.wait_s or min(LEASE_RETRY_S, claim.busy_ms / 1000)
