@@ -862,11 +862,10 @@ async def test_a_308_to_a_server_not_configured_is_dead_lettered_not_followed(
     assert await rig.pending() == 0
 
 
-async def test_a_late_history_point_joining_a_retried_write_is_uploaded(rig: Rig) -> None:
-    """A write uploads V10's superseded points, then its batch/update gets a 503. A late V10
-    point (older than those uploaded, newer than anything Blynk's record has) arrives while
-    the write waits to be retried and joins it: it must go to history too, not be taken for
-    one already uploaded and acked unwritten."""
+async def late_point_joins_a_retry(rig: Rig, **stage: Any) -> int:
+    """A write uploads V10's superseded points (t0, t0 + 200), then its batch/update gets a 503.
+    A late V10 point (t0 + 100: older than those uploaded, newer than anything Blynk's record
+    has) arrives while the write waits to be retried, and joins it. Returns t0."""
     t0 = now_ms() - 5000
     await rig.add(*[write(0, t0 + i * 200, {"V10": float(i * 2)}, history=["V10"])
                     for i in range(3)])
@@ -878,9 +877,9 @@ async def test_a_late_history_point_joining_a_retried_write_is_uploaded(rig: Rig
         seen.append(ts)
 
     rig.emu.model.listeners.append(fail_after_the_upload)
-    stage = rig.stage(until_idle=False, max_backoff_s=0.5)
+    egress = rig.stage(until_idle=False, max_backoff_s=0.5, **stage)
     stop = asyncio.Event()
-    loop = await running(rig, stage, stop)
+    loop = await running(rig, egress, stop)
     try:
         async def failed() -> bool:
             return rig.emu.faults.state()["injected"].get("503", 0) > 0
@@ -889,7 +888,7 @@ async def test_a_late_history_point_joining_a_retried_write_is_uploaded(rig: Rig
         await rig.add(write(0, t0 + 100, {"V10": 1.0}, history=["V10"]))
 
         async def all_held() -> bool:
-            return len(stage.held) == 4
+            return len(egress.held) == 4
 
         await wait_until(all_held, what="the late point held with the write being retried")
         rig.emu.faults.clear()
@@ -897,11 +896,29 @@ async def test_a_late_history_point_joining_a_retried_write_is_uploaded(rig: Rig
     finally:
         stop.set()
         await asyncio.wait_for(loop, 30)
+    return t0
+
+
+async def test_a_late_history_point_joining_a_retried_write_is_uploaded(rig: Rig) -> None:
+    """The late point goes to history too: not taken for one already uploaded and acked
+    unwritten."""
+    t0 = await late_point_joins_a_retry(rig)
     points = sorted(ts for ts, _ in rig.device(0).history["V10"])
     assert t0 + 100 in points  # the late point, at its true time
     assert points.count(t0) == 1 and points.count(t0 + 200) == 1  # nothing uploaded twice
     assert value(rig, 0, "V10") == 4.0
     assert await rig.dead() == []
+
+
+async def test_the_late_history_point_of_a_retried_write_is_recorded_as_an_echo(
+    rig: Rig,
+) -> None:
+    """The retry uploads only the late point, so it is that upload's newest point (which may
+    fire Blynk's webhook): it must be recorded as the bridge's own, not the newest point of
+    the write, uploaded (and recorded) by the first try."""
+    await late_point_joins_a_retry(rig, webhooks=True)
+    echoes = echo.Echoes(rig.redis, rig.keys, 60_000)
+    assert await echoes.take([(token(0), "V10", "1")], now_ms()) == [True]
 
 
 @pytest.mark.parametrize("with_newer", [False, True], ids=["all late", "late and newer"])

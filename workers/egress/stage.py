@@ -27,6 +27,7 @@ from pipeline.blynk.outcomes import Retry
 from pipeline.coalesce import DevicePlan, drop_stale, history_only
 from pipeline.consumer import backoff_s
 from pipeline.context import Context
+from pipeline.events import Value
 from pipeline.keys import GROUP_EGRESS, WRITES
 from pipeline.lifecycle import collect_young_less_often
 from pipeline.order import LastWritten
@@ -347,10 +348,18 @@ class EgressStage:
             return {}
         keys = self.ctx.keys
         per_device: list[list[tuple[str, str]]] = []
-        for _, plan in plans:
+        for dev, plan in plans:
             records = echo.records(keys, plan.token, plan.current(), wall)
             if plan.backlog:
-                newest = {pin: points[-1][1] for pin, points in plan.history().items()}
+                # The newest point each upload carries: a retried write does not upload again
+                # what its earlier try did (workers.egress.sender), so that is the newest point
+                # not uploaded yet.
+                newest: dict[str, Value] = {}
+                for pin, points in plan.history().items():
+                    done = dev.history_done.get(pin, ())
+                    todo = [v for ts, v in points if ts not in done]
+                    if todo:
+                        newest[pin] = todo[-1]
                 records += echo.records(keys, plan.token, newest, wall)
             per_device.append(records)
         return {"echoes": per_device, "echo_window_ms": self._echo_window_ms}
