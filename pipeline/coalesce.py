@@ -66,6 +66,8 @@ class DevicePlan:
     backlog: bool = False
     #: Values neither sent as current nor kept as history points (rule 1 losers).
     superseded: int = 0
+    #: Values dropped as stale (rule 3), set by the caller after :func:`drop_stale`.
+    stale: int = 0
 
     def __repr__(self) -> str:
         return masked_repr(self)

@@ -940,3 +940,34 @@ async def test_late_history_points_dropped_as_stale_are_counted(rig: Rig, with_n
     assert metrics.SUPERSEDED._value.get() - superseded == 0
     assert value(rig, 0, "V10") == (10.0 if with_newer else 9.0)
     assert await rig.pending() == 0
+
+
+async def test_a_stale_value_is_counted_once_however_often_its_write_is_retried(
+    rig: Rig,
+) -> None:
+    """An entry carries V1 (older than what Blynk has: stale) and V2 (new). Its write meets a
+    429 storm and is retried: V1 is dropped each time, but counted once, when the write is
+    over — as superseded values are."""
+    t0 = now_ms() - 5000
+    await rig.add(write(0, t0 + 1000, {"V1": 9.0}))
+    await rig.drain(rig.stage())
+    stale = metrics.EGRESS_DROPPED.labels("stale")._value.get()
+    rig.emu.faults.set(error_rate=1.0, error_status=429)
+    stage = rig.stage(until_idle=False, max_backoff_s=0.2)
+    stop = asyncio.Event()
+    loop = await running(rig, stage, stop)
+    try:
+        await rig.add(write(0, t0, {"V1": 1.0, "V2": 2}))
+
+        async def retried() -> bool:
+            return rig.emu.faults.state()["injected"].get("429", 0) >= 3
+
+        await wait_until(retried, what="the write refused with 429 three times")
+        rig.emu.faults.clear()
+        await settled(rig)
+    finally:
+        stop.set()
+        await asyncio.wait_for(loop, 30)
+    assert metrics.EGRESS_DROPPED.labels("stale")._value.get() - stale == 1
+    assert value(rig, 0, "V1") == 9.0 and value(rig, 0, "V2") == 2
+    assert await rig.pending() == 0

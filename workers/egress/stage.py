@@ -316,23 +316,21 @@ class EgressStage:
                 self.servers.release_probe(plan.server)
             return
         now = time.monotonic()
-        stale_values = 0
         send = self.sender.send
         for (dev, plan), claim in zip(plans, claims, strict=True):
-            # Late history points are dropped with the stale values and counted with them.
+            # Late history points are dropped with the stale values and counted with them (by
+            # the committer, once the write is over: a retried write drops them again).
             if claim.granted:
                 points = history_only(plan)
-                stale_values += len(drop_stale(plan, claim.last)) + points - history_only(plan)
+                plan.stale = len(drop_stale(plan, claim.last)) + points - history_only(plan)
                 send(dev, plan, self._pending())
             elif claim.stale:  # Blynk already has newer values: nothing to send, ack them
-                stale_values += len(plan.pins) + history_only(plan)
+                plan.stale = len(plan.pins) + history_only(plan)
                 self.committer.finish(dev, plan, Result(), self._pending(), leased=False)
             else:  # busy elsewhere, or the device's rate limit says wait
                 wait = claim.wait_s or min(LEASE_RETRY_S, claim.busy_ms / 1000)
                 held.requeue(dev, not_before=now + wait)
                 self.servers.release_probe(plan.server)
-        if stale_values:
-            metrics.EGRESS_DROPPED.labels("stale").inc(stale_values)
 
     def _echo_records(self, plans: Sequence[tuple[DeviceQueue, DevicePlan]], wall: int
                       ) -> dict[str, Any]:
