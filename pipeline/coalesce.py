@@ -66,6 +66,8 @@ class DevicePlan:
     backlog: bool = False
     #: Values neither sent as current nor kept as history points (rule 1 losers).
     superseded: int = 0
+    #: Values dropped as stale (rule 3), set by the caller after :func:`drop_stale`.
+    stale: int = 0
 
     def __repr__(self) -> str:
         return masked_repr(self)
@@ -152,6 +154,14 @@ def drop_stale(plan: DevicePlan, last_written: Mapping[str, int]) -> list[str]:
         if p.history and p.history[0][0] <= last:
             p.history = [(ts, v) for ts, v in p.history if ts > last]
     return stale
+
+
+def history_only(plan: DevicePlan) -> int:
+    """History points that are not also a pin's current value (for counting those
+    :func:`drop_stale` drops: a current value dropped as stale is counted once, as its pin)."""
+    if not plan.backlog:  # the common case, on every device write: no walk over the pins
+        return 0
+    return sum(1 for p in plan.pins.values() for ts, _ in p.history if ts != p.ts_ms)
 
 
 def split(pins: Mapping[str, Value]) -> tuple[dict[str, Value], dict[str, Value]]:

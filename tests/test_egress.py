@@ -860,3 +860,114 @@ async def test_a_308_to_a_server_not_configured_is_dead_lettered_not_followed(
     assert [d.reason for d in await rig.dead()] == ["redirect_refused"]
     assert [r["status"] for r in emu.recorded()] == [308]  # ny3 never asked
     assert await rig.pending() == 0
+
+
+async def late_point_joins_a_retry(rig: Rig, **stage: Any) -> int:
+    """A write uploads V10's superseded points (t0, t0 + 200), then its batch/update gets a 503.
+    A late V10 point (t0 + 100: older than those uploaded, newer than anything Blynk's record
+    has) arrives while the write waits to be retried, and joins it. Returns t0."""
+    t0 = now_ms() - 5000
+    await rig.add(*[write(0, t0 + i * 200, {"V10": float(i * 2)}, history=["V10"])
+                    for i in range(3)])
+    seen: list[int] = []
+
+    def fail_after_the_upload(device: Device, ds: Any, value: Any, ts: int) -> None:
+        if not seen:  # the upload's newest point (it comes first): fail what follows
+            rig.emu.faults.set(error_rate=1.0)
+        seen.append(ts)
+
+    rig.emu.model.listeners.append(fail_after_the_upload)
+    egress = rig.stage(until_idle=False, max_backoff_s=0.5, **stage)
+    stop = asyncio.Event()
+    loop = await running(rig, egress, stop)
+    try:
+        async def failed() -> bool:
+            return rig.emu.faults.state()["injected"].get("503", 0) > 0
+
+        await wait_until(failed, what="the batch/update after the upload failing")
+        await rig.add(write(0, t0 + 100, {"V10": 1.0}, history=["V10"]))
+
+        async def all_held() -> bool:
+            return len(egress.held) == 4
+
+        await wait_until(all_held, what="the late point held with the write being retried")
+        rig.emu.faults.clear()
+        await settled(rig)
+    finally:
+        stop.set()
+        await asyncio.wait_for(loop, 30)
+    return t0
+
+
+async def test_a_late_history_point_joining_a_retried_write_is_uploaded(rig: Rig) -> None:
+    """The late point goes to history too: not taken for one already uploaded and acked
+    unwritten."""
+    t0 = await late_point_joins_a_retry(rig)
+    points = sorted(ts for ts, _ in rig.device(0).history["V10"])
+    assert t0 + 100 in points  # the late point, at its true time
+    assert points.count(t0) == 1 and points.count(t0 + 200) == 1  # nothing uploaded twice
+    assert value(rig, 0, "V10") == 4.0
+    assert await rig.dead() == []
+
+
+async def test_the_late_history_point_of_a_retried_write_is_recorded_as_an_echo(
+    rig: Rig,
+) -> None:
+    """The retry uploads only the late point, so it is that upload's newest point (which may
+    fire Blynk's webhook): it must be recorded as the bridge's own, not the newest point of
+    the write, uploaded (and recorded) by the first try."""
+    await late_point_joins_a_retry(rig, webhooks=True)
+    echoes = echo.Echoes(rig.redis, rig.keys, 60_000)
+    assert await echoes.take([(token(0), "V10", "1")], now_ms()) == [True]
+
+
+@pytest.mark.parametrize("with_newer", [False, True], ids=["all late", "late and newer"])
+async def test_late_history_points_dropped_as_stale_are_counted(rig: Rig, with_newer: bool
+                                                                ) -> None:
+    """V10 (history: true) was written at t0 + 1000. Late points at t0 and t0 + 100 are older
+    than what Blynk has: dropped (no history point written twice), but each one counted, none
+    silently — whether the whole write is stale or a newer value goes with them."""
+    t0 = now_ms() - 5000
+    await rig.add(write(0, t0 + 1000, {"V10": 9.0}, history=["V10"]))
+    await rig.drain(rig.stage())
+    stale = metrics.EGRESS_DROPPED.labels("stale")._value.get()
+    superseded = metrics.SUPERSEDED._value.get()
+    late = [write(0, t0 + i * 100, {"V10": float(i)}, history=["V10"]) for i in range(2)]
+    newer = [write(0, t0 + 2000, {"V10": 10.0}, history=["V10"])] if with_newer else []
+    await rig.add(*late, *newer)
+    await rig.drain(rig.stage())
+    assert metrics.EGRESS_DROPPED.labels("stale")._value.get() - stale == 2
+    assert metrics.SUPERSEDED._value.get() - superseded == 0
+    assert value(rig, 0, "V10") == (10.0 if with_newer else 9.0)
+    assert await rig.pending() == 0
+
+
+async def test_a_stale_value_is_counted_once_however_often_its_write_is_retried(
+    rig: Rig,
+) -> None:
+    """An entry carries V1 (older than what Blynk has: stale) and V2 (new). Its write meets a
+    429 storm and is retried: V1 is dropped each time, but counted once, when the write is
+    over — as superseded values are."""
+    t0 = now_ms() - 5000
+    await rig.add(write(0, t0 + 1000, {"V1": 9.0}))
+    await rig.drain(rig.stage())
+    stale = metrics.EGRESS_DROPPED.labels("stale")._value.get()
+    rig.emu.faults.set(error_rate=1.0, error_status=429)
+    stage = rig.stage(until_idle=False, max_backoff_s=0.2)
+    stop = asyncio.Event()
+    loop = await running(rig, stage, stop)
+    try:
+        await rig.add(write(0, t0, {"V1": 1.0, "V2": 2}))
+
+        async def retried() -> bool:
+            return rig.emu.faults.state()["injected"].get("429", 0) >= 3
+
+        await wait_until(retried, what="the write refused with 429 three times")
+        rig.emu.faults.clear()
+        await settled(rig)
+    finally:
+        stop.set()
+        await asyncio.wait_for(loop, 30)
+    assert metrics.EGRESS_DROPPED.labels("stale")._value.get() - stale == 1
+    assert value(rig, 0, "V1") == 9.0 and value(rig, 0, "V2") == 2
+    assert await rig.pending() == 0

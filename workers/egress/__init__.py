@@ -37,7 +37,9 @@ Contract:
   are left pending in Redis; writes under way are waited for at most ``stop_timeout_s``, then
   abandoned (a cancel abandons them at once): nothing is acked for them, so their entries stay
   pending in Redis and are delivered again. Their device leases lapse by themselves (a request
-  sent may still land), so another replica writes those devices after ``lease_ms``.
+  sent may still land), so another replica writes those devices after ``lease_ms``. A request
+  that did land is written again by that redelivery: at-least-once, duplicate history points
+  included (nothing recorded them).
 * **Burst mode** (``until_idle=True``): return once nothing is left to read and nothing is held.
 
 The parts, one job each:

@@ -14,8 +14,8 @@ resolves every in-flight entry of the device, then the write's ``pending`` futur
   broken in the registry only if the refused token is the one its row holds (not one an uplink
   carried itself, not one replaced since).
 * **Count superseded values** (``bb_superseded_values_total``, and :meth:`Committer.take_superseded`
-  for the shared counter) once a write is over, not when it is retried: a retried write is
-  coalesced again, with whatever arrived meanwhile.
+  for the shared counter) and stale ones once a write is over, not when it is retried: a
+  retried write is coalesced again, with whatever arrived meanwhile.
 * **Retry** (a retryable answer, or a Redis error while committing): the entries go back to the
   device's queue, in memory, never acked and never re-read; after a 429 the device waits for
   ``Retry-After`` (or capped jittered backoff), shared with every replica through the rate limit;
@@ -148,6 +148,8 @@ class Committer:
         if plan.superseded:
             metrics.SUPERSEDED.inc(plan.superseded)
             self._superseded += plan.superseded
+        if plan.stale:
+            metrics.EGRESS_DROPPED.labels("stale").inc(plan.stale)
         if dead:
             self._spawn(self._dead_letter(dev, ok, dead, wall, pending), f"egress-{dev.key}")
         else:

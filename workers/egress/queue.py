@@ -43,9 +43,11 @@ class DeviceQueue:
     not_before: float = 0.0
     #: Consecutive 429s, for the backoff when Blynk gives no ``Retry-After``.
     attempts: int = 0
-    #: Pin → newest history point already uploaded for the held entries (no double upload
-    #: when a later request of the same write fails and the whole write is retried).
-    history_done: dict[str, int] = field(default_factory=dict)
+    #: Pin → event times of the history points already uploaded for the held entries (no
+    #: double upload when a later request of the same write fails and the whole write is
+    #: retried). The times themselves, not the newest: a late point that joins the retried
+    #: write may be older than points already uploaded, and must still go.
+    history_done: dict[str, set[int]] = field(default_factory=dict)
 
 
 class HeldWrites:

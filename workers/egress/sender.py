@@ -226,8 +226,8 @@ class Sender:
     async def _upload_history(self, dev: DeviceQueue, plan: DevicePlan, result: Result,
                               request: _Request) -> None:
         for pin, points in plan.history().items():
-            done = dev.history_done.get(pin, -1)
-            todo = [(ts, v) for ts, v in points if ts > done]
+            done = dev.history_done.setdefault(pin, set())
+            todo = [(ts, v) for ts, v in points if ts not in done]
             for chunk in chunks(todo, MAX_UPLOAD_POINTS):
                 outcome = await request(
                     functools.partial(self._client.upload_history, plan.server, plan.token,
@@ -235,7 +235,7 @@ class Sender:
                 )
                 match outcome:
                     case Ok():
-                        dev.history_done[pin] = chunk[-1][0]
+                        done.update(ts for ts, _ in chunk)
                         result.values += len(chunk)
                     case Retry():
                         raise _Again(outcome)
@@ -243,8 +243,7 @@ class Sender:
                         raise _InvalidToken(outcome)
                     case Fail():
                         # The current value still goes; the refused points are dead-lettered.
-                        uploaded = dev.history_done.get(pin, -1)
-                        refused = {ts for ts, _ in todo if ts > uploaded}
+                        refused = {ts for ts, _ in todo if ts not in done}
                         result.history_failed[pin] = (
                             outcome.reason, f"history upload: {outcome.detail}", refused
                         )

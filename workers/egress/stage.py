@@ -24,9 +24,10 @@ from redis.exceptions import RedisError
 
 from pipeline import echo, metrics
 from pipeline.blynk.outcomes import Retry
-from pipeline.coalesce import DevicePlan, drop_stale
+from pipeline.coalesce import DevicePlan, drop_stale, history_only
 from pipeline.consumer import backoff_s
 from pipeline.context import Context
+from pipeline.events import Value
 from pipeline.keys import GROUP_EGRESS, WRITES
 from pipeline.lifecycle import collect_young_less_often
 from pipeline.order import LastWritten
@@ -315,21 +316,21 @@ class EgressStage:
                 self.servers.release_probe(plan.server)
             return
         now = time.monotonic()
-        stale_values = 0
         send = self.sender.send
         for (dev, plan), claim in zip(plans, claims, strict=True):
+            # Late history points are dropped with the stale values and counted with them (by
+            # the committer, once the write is over: a retried write drops them again).
             if claim.granted:
-                stale_values += len(drop_stale(plan, claim.last))
+                points = history_only(plan)
+                plan.stale = len(drop_stale(plan, claim.last)) + points - history_only(plan)
                 send(dev, plan, self._pending())
             elif claim.stale:  # Blynk already has newer values: nothing to send, ack them
-                stale_values += len(plan.pins)
+                plan.stale = len(plan.pins) + history_only(plan)
                 self.committer.finish(dev, plan, Result(), self._pending(), leased=False)
             else:  # busy elsewhere, or the device's rate limit says wait
                 wait = claim.wait_s or min(LEASE_RETRY_S, claim.busy_ms / 1000)
                 held.requeue(dev, not_before=now + wait)
                 self.servers.release_probe(plan.server)
-        if stale_values:
-            metrics.EGRESS_DROPPED.labels("stale").inc(stale_values)
 
     def _echo_records(self, plans: Sequence[tuple[DeviceQueue, DevicePlan]], wall: int
                       ) -> dict[str, Any]:
@@ -345,10 +346,18 @@ class EgressStage:
             return {}
         keys = self.ctx.keys
         per_device: list[list[tuple[str, str]]] = []
-        for _, plan in plans:
+        for dev, plan in plans:
             records = echo.records(keys, plan.token, plan.current(), wall)
             if plan.backlog:
-                newest = {pin: points[-1][1] for pin, points in plan.history().items()}
+                # The newest point each upload carries: a retried write does not upload again
+                # what its earlier try did (workers.egress.sender), so that is the newest point
+                # not uploaded yet.
+                newest: dict[str, Value] = {}
+                for pin, points in plan.history().items():
+                    done = dev.history_done.get(pin, ())
+                    todo = [v for ts, v in points if ts not in done]
+                    if todo:
+                        newest[pin] = todo[-1]
                 records += echo.records(keys, plan.token, newest, wall)
             per_device.append(records)
         return {"echoes": per_device, "echo_window_ms": self._echo_window_ms}
