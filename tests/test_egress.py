@@ -518,7 +518,7 @@ async def test_a_value_goes_at_once_and_what_arrives_meanwhile_is_coalesced(rig:
         t0 = now_ms()
         await rig.add(write(0, t0, {"V1": 0.5}))
         await settled(rig)  # warm: the token's region known, a keep-alive connection idle
-        await rig.admin("POST", "faults", {"latency_ms": 3000})  # a write stays under way
+        await rig.admin("POST", "faults", {"hold": True})  # a write stays under way until…
         before, messages = stage.sent_now, rig.device(0).messages
         superseded = metrics.SUPERSEDED._value.get()
         await rig.add(write(0, t0 + 1, {"V1": 1.0}))
@@ -534,6 +534,7 @@ async def test_a_value_goes_at_once_and_what_arrives_meanwhile_is_coalesced(rig:
 
         await wait_until(all_held, what="the four values read while the first is under way")
         assert rig.device(0).messages == messages  # (else the write was not under way)
+        await rig.admin("POST", "faults", {})  # …released here
         await settled(rig)
     finally:
         stop.set()

@@ -84,6 +84,9 @@ class FaultSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: Share of requests that hang (no answer for ``hang_s``, until the client times out).
     hang_rate: float = 0.0
     hang_s: float = 300.0
+    #: Every request waits until the faults are set again (``POST /_admin/faults``), then is
+    #: answered normally: a test keeps a write under way exactly as long as it needs to.
+    hold: bool = False
     #: Share of requests whose connection is dropped without an answer.
     drop_rate: float = 0.0
     #: Full outage (every request 503) for this many seconds from now.
@@ -115,7 +118,7 @@ class Faults:
         self.outage_until = now + spec.outage_s if spec.outage_s else 0.0
         self.storm_until = now + spec.storm_429_s if spec.storm_429_s else 0.0
         self.active = bool(spec.latency_ms or spec.jitter_ms or spec.error_rate or spec.hang_rate
-                           or spec.drop_rate or spec.outage_s or spec.storm_429_s)
+                           or spec.drop_rate or spec.outage_s or spec.storm_429_s or spec.hold)
         self._release.set()
         self._release = asyncio.Event()
 
@@ -145,6 +148,9 @@ class Faults:
             resp = error("Too many requests.", 429)
             resp.headers["Retry-After"] = str(s.retry_after_s)
             return resp
+        if s.hold:
+            self._count("hold")
+            await self._release.wait()
         if s.latency_ms or s.jitter_ms:
             await asyncio.sleep((s.latency_ms + random.random() * s.jitter_ms) / 1000)
         roll = random.random()
