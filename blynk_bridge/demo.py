@@ -431,7 +431,9 @@ class Demo:
                           "`make demo` (it starts one) or `scripts/services.sh`.")
             return 1
         http_port = _free_port()
-        emu = BlynkEmulator.from_spec(_emulator_spec(http_port))
+        # Blynk allows only letters, digits and a few signs in a webhook header: hex.
+        webhook_secret = secrets.token_hex(16)
+        emu = BlynkEmulator.from_spec(_emulator_spec(http_port, webhook_secret))
         ctx: Context | None = None
         emulators = contextlib.AsyncExitStack()
         try:
@@ -449,6 +451,7 @@ class Demo:
                 "METRICS_PORT": str(self.opts.metrics_port or _free_port()),
                 # examples/bridge.yaml has no secrets: the demo's own, the emulated clouds'.
                 "PARTICLE_WEBHOOK_SECRET": secrets.token_urlsafe(24),
+                "BLYNK_WEBHOOK_SECRET": webhook_secret,
                 "TTS_API_KEY": f"NNSXS.DEMO-{run_id}",  # the local broker takes anyone
                 "BLYNK_CLIENT_ID": emu.spec_clients[0].client_id,
                 "BLYNK_CLIENT_SECRET": emu.spec_clients[0].client_secret,
@@ -694,8 +697,13 @@ def _trip_latency(trips: list[int]) -> str:
     return f"{trips[len(trips) // 2] / 1000:.2f} s / {trips[-1] / 1000:.2f} s"
 
 
-def _emulator_spec(http_port: int) -> Any:
-    """``examples/blynk-emulator.yaml`` with its webhooks pointed at ingest-http's port."""
+#: The header the example's ``blynk_webhooks`` entry checks, and the emulator's webhook sends.
+WEBHOOK_SECRET_HEADER = "X-Blynk-Secret"
+
+
+def _emulator_spec(http_port: int, webhook_secret: str) -> Any:
+    """``examples/blynk-emulator.yaml`` with its webhooks pointed at ingest-http's port and
+    sending this run's secret (the file's published one is refused by the bridge)."""
     from emulators.blynk.settings import load_spec
 
     spec = load_spec(EXAMPLES / "blynk-emulator.yaml")
@@ -704,7 +712,9 @@ def _emulator_spec(http_port: int) -> Any:
         parts = urlsplit(hook.url)
         if parts.hostname in ("127.0.0.1", "localhost"):
             parts = parts._replace(netloc=f"127.0.0.1:{http_port}")
-        hooks.append(msgspec.structs.replace(hook, url=urlunsplit(parts)))
+        headers = {k: webhook_secret if k.lower() == WEBHOOK_SECRET_HEADER.lower() else v
+                   for k, v in hook.headers.items()}
+        hooks.append(msgspec.structs.replace(hook, url=urlunsplit(parts), headers=headers))
     return msgspec.structs.replace(spec, webhooks=hooks)
 
 
