@@ -834,10 +834,17 @@ def _write_admin_token() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="blynk-bridge demo", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="blynk-bridge demo",
+        description="The whole pipeline on emulated clouds (Blynk, TTS, Particle) with a "
+        "simulated fleet, in one process, under a Redis key prefix of its own (removed at the "
+        "end). A live table (piped: a progress line every few seconds) shows what came in, what "
+        "reached Blynk, the downlink round trips of the valve switches it flips in the app, "
+        "lags and statuses. Ctrl-C stops the fleets, drains for a few seconds and prints a "
+        "summary; a second Ctrl-C quits at once.")
     p.add_argument("--devices", type=int, default=50, help="simulated TTS devices")
     p.add_argument("--rate", type=float, default=100.0, help="TTS uplinks per second, in all")
-    p.add_argument("--particle-devices", type=int, default=10)
+    p.add_argument("--particle-devices", type=int, default=10, help="simulated Particle devices")
     p.add_argument("--particle-rate", type=float, default=10.0, help="Particle events per second")
     p.add_argument("--duration", type=float, default=None,
                    help="stop the fleets after this many seconds (default: until Ctrl-C)")
@@ -851,7 +858,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flip-every", type=float, default=15.0,
                    help="seconds between two flips (Blynk sends 10 webhooks a minute at most, "
                         "and each flip costs two: the app's change and the device's echo)")
-    p.add_argument("--metrics-port", type=int, default=None)
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="port of the status page and /metrics (default: a free one)")
     return p
 
 

@@ -63,3 +63,20 @@ def test_the_table_is_read() -> None:
     named = named_paths()
     assert {"pipeline/events.py", "pipeline/blynk/client.py", "workers/egress/queue.py",
             "workers/transform/stage.py", "blynk_bridge/cli.py"} <= named
+
+
+def test_help_lists_every_command_with_a_line_and_the_readme_every_stage() -> None:
+    """``blynk-bridge --help`` is where a new user looks; README's stage table is the map."""
+    import argparse
+
+    from blynk_bridge.cli import STAGES, build_parser
+
+    parser = build_parser()
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    helps = {c.dest: c.help for c in commands._choices_actions}
+    assert set(helps) == set(commands.choices)
+    assert all(helps.values()), [name for name, text in helps.items() if not text]
+    assert set(STAGES) <= set(helps)
+    readme = (ROOT / "README.md").read_text()
+    for stage in STAGES:
+        assert f"\n| `{stage}` |" in readme, f"README's stage table has no row for {stage}"
