@@ -159,6 +159,13 @@ def explain(cfg: config_mod.Config, origin: str) -> str:
             f"provision={'on' if p.provision else 'off'}; auth "
             f"{_auth_kind(p.auth)}"
         )
+    for w in cfg.blynk_webhooks:
+        lines.append(f"  downlinks  Blynk webhook {w.name}: POST /blynk/{w.name}; auth "
+                     f"{_auth_kind(w.auth)}")
+    sessions = [t.name for t in cfg.templates if t.downlinks == "mqtt"]
+    if sessions:
+        lines.append("  downlinks  Blynk device sessions (blynk-sessions) for templates "
+                     + ", ".join(sessions))
     lines.append(f"  devices    {len(cfg.devices)} in the static table")
     return "\n".join(lines)
 

@@ -417,3 +417,18 @@ def test_a_stage_reads_only_its_own_section(stage: str) -> None:
         read = set(re.findall(r"\b(?:config|cfg)\.(\w+)", f.read_text()))
         allowed = {stage} | SHARED_READS.get(stage, set())
         assert not (read & STAGE_SECTIONS) - allowed, f"{f.name} reads {read & STAGE_SECTIONS}"
+
+
+def test_check_config_names_the_downlink_entries(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "bridge.yaml"
+    path.write_text("templates:\n  - {name: valve, downlinks: mqtt, downlink: {pins: [V8]},\n"
+                    "     datastreams: [{name: valve, pin: V8, type: integer}]}\n"
+                    "blynk_webhooks:\n"
+                    "  - {name: app, auth: {username: blynk, password: s3cret-Very-long}}\n")
+    assert main(["check-config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "Blynk webhook app: POST /blynk/app; auth basic" in out
+    assert "Blynk device sessions (blynk-sessions) for templates valve" in out
+    assert "s3cret" not in out
