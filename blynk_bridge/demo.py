@@ -5,7 +5,7 @@ free ports), every stage of the bridge (``blynk_bridge/examples/bridge.yaml``, u
 Redis prefix), a TTS fleet publishing to the local Mosquitto and a Particle fleet posting
 webhooks to ingest-http. Unknown devices are created in the emulated Blynk as their first uplinks
 arrive. A live table shows what came in, what reached Blynk, the lag of every stream and the
-integration statuses.
+integration statuses (the parts that fit the terminal's height: :func:`_render`).
 
 Downlinks run too: every ``--flip-every`` seconds the demo flips the valve switch (V8) of one of
 ``--switches`` TTS devices in the emulated Blynk app (``POST /_admin/devices/{id}/app-write``,
@@ -250,7 +250,7 @@ def _render(snap: Snapshot, started: float, draining: bool, console: Console) ->
     flow.add_row("  commands to TTS sent/acked/failed",
                  f"{snap.down_sent:.0f} / {snap.down_acked:.0f} / {snap.down_failed:.0f}", "")
     flow.add_row("  echoes of own writes, not sent down", f"{snap.echoes:.0f}", "")
-    flow.add_row("  round trips app→device→Blynk",
+    flow.add_row("  round trips (p50 / max latency)",
                  f"{len(snap.trips)} ({_trip_latency(snap.trips)})", "")
 
     lag = Table(title="streams", show_edge=False)
