@@ -537,8 +537,7 @@ class Demo:
             f"watch it     BB_PREFIX={prefix} {_cli()} lag -c {ops}",
             "             (or: status, dead list, top, tail uplinks; with the same BB_PREFIX, -c)",
         ]
-        if sys.stderr.isatty():
-            lines.append(f"logs         {LOG}")
+        # (The log file's path was printed first, by main(), when the logs go there.)
         if self.tty:
             for line in lines:
                 console.print(line, highlight=False, soft_wrap=True)
