@@ -43,6 +43,13 @@ EMULATORS: dict[str, str] = {
 
 DEFAULT_CONFIG = "bridge.yaml"
 
+#: What ``--help`` says first (the module docstring is for developers).
+DESCRIPTION = (
+    "Device clouds (Particle, The Things Stack) to Blynk through Redis Streams. Run every stage "
+    "in one process (run) or one each (ingest-http, transform, ...), watch and operate them "
+    "(lag, top, status, tail, dead, devices), check a configuration (check-config, config, map), "
+    "or try it all locally on emulated clouds (demo, emulate).")
+
 
 def _load_config(path: str) -> config_mod.Config:
     return config_mod.load(path)
@@ -152,6 +159,13 @@ def explain(cfg: config_mod.Config, origin: str) -> str:
             f"provision={'on' if p.provision else 'off'}; auth "
             f"{_auth_kind(p.auth)}"
         )
+    for w in cfg.blynk_webhooks:
+        lines.append(f"  downlinks  Blynk webhook {w.name}: POST /blynk/{w.name}; auth "
+                     f"{_auth_kind(w.auth)}")
+    sessions = [t.name for t in cfg.templates if t.downlinks == "mqtt"]
+    if sessions:
+        lines.append("  downlinks  Blynk device sessions (blynk-sessions) for templates "
+                     + ", ".join(sessions))
     lines.append(f"  devices    {len(cfg.devices)} in the static table")
     return "\n".join(lines)
 
@@ -222,7 +236,7 @@ def version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="blynk-bridge", description=__doc__)
+    parser = argparse.ArgumentParser(prog="blynk-bridge", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--log-format", choices=["json", "text"], default=None,
@@ -272,7 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per sample and line")
     live(p)
     p.set_defaults(func=_module_cmd("watch", "cmd_top"))
-    p = with_config(sub.add_parser("status", help="integration statuses"))
+    p = with_config(sub.add_parser(
+        "status", help="integration statuses, unmapped keys per template, superseded values"))
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_ops("cmd_status"))
     dead = sub.add_parser("dead", help="inspect, replay or purge dead letters")

@@ -5,7 +5,7 @@ free ports), every stage of the bridge (``blynk_bridge/examples/bridge.yaml``, u
 Redis prefix), a TTS fleet publishing to the local Mosquitto and a Particle fleet posting
 webhooks to ingest-http. Unknown devices are created in the emulated Blynk as their first uplinks
 arrive. A live table shows what came in, what reached Blynk, the lag of every stream and the
-integration statuses.
+integration statuses (the parts that fit the terminal's height: :func:`_render`).
 
 Downlinks run too: every ``--flip-every`` seconds the demo flips the valve switch (V8) of one of
 ``--switches`` TTS devices in the emulated Blynk app (``POST /_admin/devices/{id}/app-write``,
@@ -36,6 +36,8 @@ import io
 import logging
 import os
 import secrets
+import shlex
+import shutil
 import signal
 import socket
 import sys
@@ -218,13 +220,17 @@ async def _lag(ctx: Context) -> list[tuple[str, str, int, int, int]]:
             for g in s.groups]
 
 
-def _render(snap: Snapshot, started: float, draining: bool) -> Group:
+def _render(snap: Snapshot, started: float, draining: bool, console: Console) -> Group:
+    """The live view, cut to the terminal's height: the flow table and the footer always; the
+    streams, switches, integrations and last devices while they fit, dropped in the reverse
+    of that order (a view taller than the terminal would show only its top, then "...")."""
     elapsed = max(time.monotonic() - started, 1e-6)
     sent = snap.sent_tts + snap.sent_particle
+    # Labels short enough not to wrap in an 80-column terminal: one line per row.
     flow = Table(title="blynk-bridge demo", title_style="bold", show_edge=False)
     for col in ("", "total", "per second"):
         flow.add_column(col, justify="right" if col else "left")
-    flow.add_row("sent by the fleets (TTS MQTT + Particle webhooks)",
+    flow.add_row("sent by the fleets (TTS + Particle)",
                  f"{snap.sent_tts} + {snap.sent_particle}", f"{sent / elapsed:,.0f}")
     flow.add_row("ingested onto bb:uplinks", f"{snap.ingested:,.0f}",
                  f"{snap.ingested / elapsed:,.0f}")
@@ -232,19 +238,19 @@ def _render(snap: Snapshot, started: float, draining: bool) -> Group:
                  f"{snap.transformed / elapsed:,.0f}")
     flow.add_row("datastream values written to Blynk", f"{snap.written:,.0f}",
                  f"{snap.written / elapsed:,.0f}")
-    flow.add_row("Blynk messages (one per device per flush)", f"{snap.blynk_messages:,}",
+    flow.add_row("Blynk messages (batch/update)", f"{snap.blynk_messages:,}",
                  f"{snap.blynk_messages / elapsed:,.0f}")
-    flow.add_row("devices in Blynk (created on first uplink)", f"{snap.blynk_devices}", "")
+    flow.add_row("devices in Blynk (created on uplink)", f"{snap.blynk_devices}", "")
     dead = ", ".join(f"{k}={v:.0f}" for k, v in sorted(snap.dead.items())) or "none"
     flow.add_row("dead letters by reason", dead, "")
     hooks = snap.webhooks
     flow.add_row("switch flips in the Blynk app (V8)", f"{snap.flips}", "")
-    flow.add_row("  webhooks to the bridge (dropped over Blynk's 10/min)",
+    flow.add_row("  webhooks (dropped over 10/min)",
                  f"{hooks.get('sent', 0)} ({hooks.get('dropped_rate', 0)})", "")
-    flow.add_row("  commands sent down to TTS / acknowledged / failed",
+    flow.add_row("  commands to TTS sent/acked/failed",
                  f"{snap.down_sent:.0f} / {snap.down_acked:.0f} / {snap.down_failed:.0f}", "")
-    flow.add_row("  echoes of the bridge's own writes, not sent down", f"{snap.echoes:.0f}", "")
-    flow.add_row("  round trips: the device's new state back in Blynk (p50 / max)",
+    flow.add_row("  echoes of own writes, not sent down", f"{snap.echoes:.0f}", "")
+    flow.add_row("  round trips (p50 / max latency)",
                  f"{len(snap.trips)} ({_trip_latency(snap.trips)})", "")
 
     lag = Table(title="streams", show_edge=False)
@@ -272,7 +278,16 @@ def _render(snap: Snapshot, started: float, draining: bool) -> Group:
         switches.add_row(*switch)
     footer = ("[yellow]draining: fleets stopped, waiting for the pipeline to catch up…[/]"
               if draining else "[dim]Ctrl-C stops the fleets, drains the pipeline and exits[/]")
-    return Group(Panel(flow), lag, status, devices, switches, footer)
+    parts: list[Any] = [Panel(flow), lag, switches, status, devices, footer]
+    for optional in (devices, status, switches, lag):
+        if _height(console, Group(*parts)) <= console.size.height:
+            break
+        parts.remove(optional)
+    return Group(*parts)
+
+
+def _height(console: Console, renderable: Any) -> int:
+    return len(console.render_lines(renderable, console.options, pad=False))
 
 
 #: After Ctrl-C the pipeline gets this long to drain before it is stopped anyway.
@@ -431,7 +446,9 @@ class Demo:
                           "`make demo` (it starts one) or `scripts/services.sh`.")
             return 1
         http_port = _free_port()
-        emu = BlynkEmulator.from_spec(_emulator_spec(http_port))
+        # Blynk allows only letters, digits and a few signs in a webhook header: hex.
+        webhook_secret = secrets.token_hex(16)
+        emu = BlynkEmulator.from_spec(_emulator_spec(http_port, webhook_secret))
         ctx: Context | None = None
         emulators = contextlib.AsyncExitStack()
         try:
@@ -449,6 +466,7 @@ class Demo:
                 "METRICS_PORT": str(self.opts.metrics_port or _free_port()),
                 # examples/bridge.yaml has no secrets: the demo's own, the emulated clouds'.
                 "PARTICLE_WEBHOOK_SECRET": secrets.token_urlsafe(24),
+                "BLYNK_WEBHOOK_SECRET": webhook_secret,
                 "TTS_API_KEY": f"NNSXS.DEMO-{run_id}",  # the local broker takes anyone
                 "BLYNK_CLIENT_ID": emu.spec_clients[0].client_id,
                 "BLYNK_CLIENT_SECRET": emu.spec_clients[0].client_secret,
@@ -459,6 +477,7 @@ class Demo:
             # (never printed), like the other secrets the demo makes up.
             cfg = msgspec.structs.replace(cfg, monitor=msgspec.structs.replace(
                 cfg.monitor, admin_token=Secret(_write_admin_token())))
+            cfg = _provision_at_once(cfg, self.opts.devices + self.opts.particle_devices)
             ctx = Context.create(cfg)
             self.keyspace = (cfg.redis.url, cfg.redis.prefix)
             return await self._run(console, ctx, cfg, emu, http_port, Fleet, ParticleFleet,
@@ -515,11 +534,10 @@ class Demo:
         lines = [
             f"status page  {base}/   (replay token: in {ADMIN_TOKEN_FILE})",
             f"metrics      {base}/metrics",
-            f"watch it     BB_PREFIX={prefix} blynk-bridge lag -c {ops}",
+            f"watch it     BB_PREFIX={prefix} {_cli()} lag -c {ops}",
             "             (or: status, dead list, top, tail uplinks; with the same BB_PREFIX, -c)",
         ]
-        if sys.stderr.isatty():
-            lines.append(f"logs         {LOG}")
+        # (The log file's path was printed first, by main(), when the logs go there.)
         if self.tty:
             for line in lines:
                 console.print(line, highlight=False, soft_wrap=True)
@@ -566,7 +584,7 @@ class Demo:
                 while True:
                     snap = await self.snapshot(ctx, emu, fleet, particle, switches)
                     if live is not None:
-                        live.update(_render(snap, self.started, draining))
+                        live.update(_render(snap, self.started, draining, console))
                     elif time.monotonic() >= next_line:
                         next_line = time.monotonic() + self.opts.progress_s
                         say(_progress(snap, self.started, draining))
@@ -590,7 +608,7 @@ class Demo:
                         break
                     await asyncio.wait({wake}, timeout=0.25)
                 if live is not None:
-                    live.update(_render(snap, self.started, False))
+                    live.update(_render(snap, self.started, False, console))
         finally:
             wake.cancel()
             stop_switches.set()
@@ -683,9 +701,14 @@ def _switch_rows(switches: Switches) -> list[tuple[str, str, str, str, str]]:
     Blynk now, the last round trip's latency."""
     return [(d.name, str(switches.set_to.get(d.name, "-")),
              "waiting" if d.name in switches.waiting else str(switches.set_to.get(d.name, "-")),
-             str(d.value(SWITCH_PIN)),
+             str(_or_dash(d.value(SWITCH_PIN))),
              f"{switches.last_trip[d.name] / 1000:.2f} s" if d.name in switches.last_trip
              else "-") for d in switches.devices()]
+
+
+def _or_dash(value: Any) -> Any:
+    """``-`` for a value Blynk does not have yet (not ``None``)."""
+    return "-" if value is None else value
 
 
 def _trip_latency(trips: list[int]) -> str:
@@ -694,8 +717,13 @@ def _trip_latency(trips: list[int]) -> str:
     return f"{trips[len(trips) // 2] / 1000:.2f} s / {trips[-1] / 1000:.2f} s"
 
 
-def _emulator_spec(http_port: int) -> Any:
-    """``examples/blynk-emulator.yaml`` with its webhooks pointed at ingest-http's port."""
+#: The header the example's ``blynk_webhooks`` entry checks, and the emulator's webhook sends.
+WEBHOOK_SECRET_HEADER = "X-Blynk-Secret"
+
+
+def _emulator_spec(http_port: int, webhook_secret: str) -> Any:
+    """``examples/blynk-emulator.yaml`` with its webhooks pointed at ingest-http's port and
+    sending this run's secret (the file's published one is refused by the bridge)."""
     from emulators.blynk.settings import load_spec
 
     spec = load_spec(EXAMPLES / "blynk-emulator.yaml")
@@ -704,7 +732,9 @@ def _emulator_spec(http_port: int) -> Any:
         parts = urlsplit(hook.url)
         if parts.hostname in ("127.0.0.1", "localhost"):
             parts = parts._replace(netloc=f"127.0.0.1:{http_port}")
-        hooks.append(msgspec.structs.replace(hook, url=urlunsplit(parts)))
+        headers = {k: webhook_secret if k.lower() == WEBHOOK_SECRET_HEADER.lower() else v
+                   for k, v in hook.headers.items()}
+        hooks.append(msgspec.structs.replace(hook, url=urlunsplit(parts), headers=headers))
     return msgspec.structs.replace(spec, webhooks=hooks)
 
 
@@ -746,6 +776,37 @@ OPS_CONFIG = Path(".demo") / "bridge.yaml"
 ADMIN_TOKEN_FILE = Path(".demo") / "admin-token"
 
 
+def _provision_at_once(cfg: config_mod.Config, devices: int) -> config_mod.Config:
+    """The integrations may create every fleet device in the emulated Blynk at once.
+
+    The example's limits (1 device a second, 10 at once) protect a real Blynk organisation; here
+    they would park a 60-device fleet's uplinks for a minute or more (parked entries wait
+    ``claim_idle_ms``), and the table would show a backlog that is only the rate limit."""
+    def lifted(integ: Any) -> Any:
+        return msgspec.structs.replace(
+            integ, provision_rate=max(integ.provision_rate, float(devices)),
+            provision_burst=max(integ.provision_burst, devices),
+            provision_max=max(integ.provision_max, devices))
+
+    return msgspec.structs.replace(cfg, tts=[lifted(a) for a in cfg.tts],
+                                   particle=[lifted(p) for p in cfg.particle])
+
+
+def _cli() -> str:
+    """How to run ``blynk-bridge`` from where the demo was started: its name when ``PATH`` finds
+    this one, else its path (``make demo`` runs ``.venv/bin/blynk-bridge``, not on ``PATH``
+    until the venv is activated), else ``python -m blynk_bridge``."""
+    argv0 = Path(sys.argv[0])
+    if argv0.name != "blynk-bridge" or not argv0.exists():
+        return f"{shlex.quote(sys.executable)} -m blynk_bridge"
+    found = shutil.which("blynk-bridge")
+    if found is not None and Path(found).resolve() == argv0.resolve():
+        return "blynk-bridge"
+    if argv0.is_absolute() or argv0.parent != Path():
+        return shlex.quote(str(argv0))
+    return f"./{argv0}"
+
+
 def _write_ops_config() -> Path:
     """Write :data:`OPS_CONFIG`: Redis, the key prefix from ``BB_PREFIX``, the templates."""
     import yaml
@@ -772,10 +833,17 @@ def _write_admin_token() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="blynk-bridge demo", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="blynk-bridge demo",
+        description="The whole pipeline on emulated clouds (Blynk, TTS, Particle) with a "
+        "simulated fleet, in one process, under a Redis key prefix of its own (removed at the "
+        "end). A live table (piped: a progress line every few seconds) shows what came in, what "
+        "reached Blynk, the downlink round trips of the valve switches it flips in the app, "
+        "lags and statuses. Ctrl-C stops the fleets, drains for a few seconds and prints a "
+        "summary; a second Ctrl-C quits at once.")
     p.add_argument("--devices", type=int, default=50, help="simulated TTS devices")
     p.add_argument("--rate", type=float, default=100.0, help="TTS uplinks per second, in all")
-    p.add_argument("--particle-devices", type=int, default=10)
+    p.add_argument("--particle-devices", type=int, default=10, help="simulated Particle devices")
     p.add_argument("--particle-rate", type=float, default=10.0, help="Particle events per second")
     p.add_argument("--duration", type=float, default=None,
                    help="stop the fleets after this many seconds (default: until Ctrl-C)")
@@ -789,7 +857,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flip-every", type=float, default=15.0,
                    help="seconds between two flips (Blynk sends 10 webhooks a minute at most, "
                         "and each flip costs two: the app's change and the device's echo)")
-    p.add_argument("--metrics-port", type=int, default=None)
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="port of the status page and /metrics (default: a free one)")
     return p
 
 

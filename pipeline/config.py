@@ -287,7 +287,7 @@ NoAuth = Literal["none"]
 
 #: Secrets published with blynk-bridge's demo (examples, emulators): refused for inbound auth,
 #: where they would let anyone who read the repository post data.
-DEMO_SECRETS = frozenset({"demo-webhook-secret", "demo-secret"})
+DEMO_SECRETS = frozenset({"demo-webhook-secret", "demo-secret", "demo-blynk-secret"})
 
 
 class ParticleProduct(_Base):
@@ -1059,6 +1059,16 @@ def _check_downlinks(config: Config, origin: str) -> None:
             raise _invalid(origin, f"blynk_webhooks[{i}].name",
                            f"duplicate names in `blynk_webhooks` ({w.name!r})")
         names.add(w.name)
+        # Whoever can post here sends commands to devices: no open door, no published secret.
+        if w.auth is None:
+            raise _invalid(origin, f"blynk_webhooks[{i}].auth",
+                           f"`blynk_webhooks[{i}].auth` is missing: set `header` + `secret` or "
+                           "`username` + `password` (the webhook's headers or Basic Auth)")
+        for field, secret in (("secret", w.auth.secret), ("password", w.auth.password)):
+            if secret is not None and secret.reveal() in DEMO_SECRETS:
+                raise _invalid(origin, f"blynk_webhooks[{i}].auth.{field}",
+                               f"`blynk_webhooks[{i}].auth.{field}` is the demo's published "
+                               "secret: set your own (e.g. `openssl rand -hex 32`)")
         if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", w.name):
             raise _invalid(origin, f"blynk_webhooks[{i}].name",
                            f"`blynk_webhooks[{i}].name` must be 1-64 of "

@@ -265,7 +265,8 @@ def test_example_config_resolves_to_the_compose_services(compose: dict[str, Any]
     env = {k: config_mod.substitute_env(str(v), {}, "compose") for k, v in raw_env.items()
            if v is not None}
     passed_through = {k for k, v in raw_env.items() if v is None}
-    assert {"PARTICLE_WEBHOOK_SECRET", "TTS_API_KEY", "BLYNK_CLIENT_SECRET"} <= passed_through
+    assert {"PARTICLE_WEBHOOK_SECRET", "BLYNK_WEBHOOK_SECRET", "TTS_API_KEY",
+            "BLYNK_CLIENT_SECRET"} <= passed_through
     # The secrets come from the operator's .env: the example has none of its own.
     env |= {k: f"secret-of-{k.lower()}" for k in passed_through}
     cfg = config_mod.load(ROOT / "blynk_bridge" / "examples" / "bridge.yaml", env)

@@ -193,7 +193,7 @@ def test_auth_none_must_be_written_out() -> None:
     assert cfg.particle[0].auth == "none"
 
 
-@pytest.mark.parametrize("secret", ["demo-webhook-secret", "demo-secret"])
+@pytest.mark.parametrize("secret", ["demo-webhook-secret", "demo-secret", "demo-blynk-secret"])
 def test_a_demo_secret_is_refused(secret: str) -> None:
     with pytest.raises(ConfigError, match=r"particle\[0\]\.auth\.secret.*demo"):
         parse(PARTICLE, "yaml", "bridge.yaml", env={"HOOK_SECRET": secret})
@@ -201,6 +201,15 @@ def test_a_demo_secret_is_refused(secret: str) -> None:
             f"{secret}}}\n")
     with pytest.raises(ConfigError, match=r"tts\[0\]\.webhook_auth\.password.*demo"):
         parse(text, "yaml", "bridge.yaml", env={})
+    # A Blynk webhook's secret lets its sender command devices: the same rule.
+    text = f"blynk_webhooks:\n  - {{name: app, auth: {{header: X-S, secret: {secret}}}}}\n"
+    with pytest.raises(ConfigError, match=r"blynk_webhooks\[0\]\.auth\.secret.*demo"):
+        parse(text, "yaml", "bridge.yaml", env={})
+
+
+def test_a_blynk_webhook_without_auth_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"blynk_webhooks\[0\]\.auth. is missing"):
+        parse("blynk_webhooks:\n  - {name: app}\n", "yaml", "bridge.yaml", env={})
 
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "blynk_bridge" / "examples" / "bridge.yaml"
@@ -208,17 +217,20 @@ EXAMPLE = Path(__file__).resolve().parent.parent / "blynk_bridge" / "examples" /
 
 def test_the_example_holds_no_usable_secret_and_binds_loopback() -> None:
     text = EXAMPLE.read_text()
-    for demo in ("demo-webhook-secret", "demo-secret", "NNSXS.DEMO", "demo0000"):
+    for demo in ("demo-webhook-secret", "demo-secret", "demo-blynk-secret", "NNSXS.DEMO",
+                 "demo0000"):
         assert demo not in text, demo
     # Without the secrets in the environment it does not start; it names what is missing.
     with pytest.raises(ConfigError) as err:
         load(EXAMPLE, env={})
     for var, key in (("PARTICLE_WEBHOOK_SECRET", "particle[0].auth.secret"),
                      ("TTS_API_KEY", "tts[0].api_key"),
-                     ("BLYNK_CLIENT_SECRET", "blynk.platform.client_secret")):
+                     ("BLYNK_CLIENT_SECRET", "blynk.platform.client_secret"),
+                     ("BLYNK_WEBHOOK_SECRET", "blynk_webhooks[0].auth.secret")):
         assert f"${{{var}}} (used by `{key}`)" in str(err.value)
     secrets = {"PARTICLE_WEBHOOK_SECRET": "s3cret-for-test", "BLYNK_CLIENT_ID": "c",
-               "BLYNK_CLIENT_SECRET": "cs", "TTS_API_KEY": "NNSXS.K", "STATION3_TOKEN": "t"}
+               "BLYNK_CLIENT_SECRET": "cs", "TTS_API_KEY": "NNSXS.K", "STATION3_TOKEN": "t",
+               "BLYNK_WEBHOOK_SECRET": "s3cret-for-the-webhook"}
     cfg = load(EXAMPLE, env=secrets)
     assert cfg.ingest_http.host == "127.0.0.1"
     assert cfg.metrics.host == "127.0.0.1"
@@ -405,3 +417,18 @@ def test_a_stage_reads_only_its_own_section(stage: str) -> None:
         read = set(re.findall(r"\b(?:config|cfg)\.(\w+)", f.read_text()))
         allowed = {stage} | SHARED_READS.get(stage, set())
         assert not (read & STAGE_SECTIONS) - allowed, f"{f.name} reads {read & STAGE_SECTIONS}"
+
+
+def test_check_config_names_the_downlink_entries(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "bridge.yaml"
+    path.write_text("templates:\n  - {name: valve, downlinks: mqtt, downlink: {pins: [V8]},\n"
+                    "     datastreams: [{name: valve, pin: V8, type: integer}]}\n"
+                    "blynk_webhooks:\n"
+                    "  - {name: app, auth: {username: blynk, password: s3cret-Very-long}}\n")
+    assert main(["check-config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "Blynk webhook app: POST /blynk/app; auth basic" in out
+    assert "Blynk device sessions (blynk-sessions) for templates valve" in out
+    assert "s3cret" not in out

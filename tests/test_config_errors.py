@@ -15,7 +15,8 @@ from pipeline.errors import ConfigError
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "blynk_bridge" / "examples" / "bridge.yaml"
 SECRETS = {"PARTICLE_WEBHOOK_SECRET": "s3cret-for-test", "BLYNK_CLIENT_ID": "c",
-           "BLYNK_CLIENT_SECRET": "cs", "TTS_API_KEY": "NNSXS.K", "STATION3_TOKEN": "t"}
+           "BLYNK_CLIENT_SECRET": "cs", "TTS_API_KEY": "NNSXS.K", "STATION3_TOKEN": "t",
+           "BLYNK_WEBHOOK_SECRET": "s3cret-for-the-webhook"}
 
 
 def error(text: str, env: dict[str, str] | None = None, fmt: str = "yaml") -> ConfigError:

@@ -161,8 +161,8 @@ async def _fast_demo_stopped(redis: Redis, cwd: Path, signals: int,
             await wait_until(lambda: out.moving() or proc.returncode is not None, timeout_s=90,
                              what="a progress line with uplinks sent and ingested")
             assert proc.returncode is None, out.read() + stderr()[-3000:]
-            found = re.search(r"BB_PREFIX=(bbdemo:[0-9a-f]+:) blynk-bridge lag -c (\S+)",
-                              out.read())
+            # Run as `python -m blynk_bridge`, the line says so (make demo: .venv/bin/…).
+            found = re.search(r"BB_PREFIX=(bbdemo:[0-9a-f]+:) (.+) lag -c (\S+)", out.read())
             assert found, out.read()
             prefix = found.group(1)
             assert await _keys(redis, prefix)  # the run has keys while it runs
@@ -207,8 +207,9 @@ async def _page_served(base: str) -> None:
 
 
 async def _paste_works(line: str, prefix: str, cwd: Path) -> None:
-    """The ready-to-paste line the demo printed runs, and shows the demo's own streams."""
-    command = line.replace("blynk-bridge", f"'{sys.executable}' -m blynk_bridge") + " --json"
+    """The ready-to-paste line the demo printed runs as it is, and shows the demo's own
+    streams."""
+    command = line + " --json"
     lag = await asyncio.create_subprocess_exec(
         "bash", "-c", command, cwd=cwd, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE)
@@ -251,3 +252,79 @@ async def test_a_second_ctrl_c_quits_at_once_even_when_tee_died(
     rc, _out, err = await _fast_demo_stopped(redis, tmp_path, signals=2, close_stdout=True)
     assert rc == 130, err[-3000:]
     assert "Traceback" not in err and "BrokenPipeError" not in err
+
+
+# ---- the parts a user sees first, without running the demo -------------------------------------
+
+
+def test_the_fleet_is_created_at_once_in_the_emulated_blynk() -> None:
+    """60 devices under the example's limits (1/s, 10 at once) would park uplinks for minutes."""
+    from blynk_bridge import demo
+    from pipeline import config as config_mod
+
+    env = {"PARTICLE_WEBHOOK_SECRET": "s3cret-for-test", "BLYNK_WEBHOOK_SECRET": "s3cret-hook",
+           "BLYNK_CLIENT_ID": "c", "BLYNK_CLIENT_SECRET": "cs", "TTS_API_KEY": "NNSXS.K",
+           "STATION3_TOKEN": "t"}
+    cfg = demo._provision_at_once(config_mod.load(demo.EXAMPLES / "bridge.yaml", env=env), 60)
+    for integ in [*cfg.tts, *cfg.particle]:
+        assert integ.provision_burst >= 60 and integ.provision_rate >= 60
+        assert integ.provision_max >= 60
+
+
+def _snapshot() -> object:
+    from blynk_bridge.demo import Snapshot
+
+    return Snapshot(
+        sent_tts=3000, sent_particle=300, ingested=3290, transformed=3290, written=12000,
+        blynk_messages=2500, blynk_devices=61, dead={"no_decoded_payload": 10},
+        lag=[(f"bbdemo:6c6ac1:{s}", g, 10, 0, 0) for s, g in
+             (("uplinks", "transform"), ("writes", "egress"), ("downlinks", "downlink"))],
+        statuses=[("tts:farm", "Connected", "3s ago", ""),
+                  ("particle:trackers", "Connected", "3s ago", ""),
+                  ("blynk:http://127.0.0.1:1", "Connected", "3s ago", "")],
+        devices=[(f"eui-70b3d57ed00000{i:02}", "21.5", "50", "-80") for i in range(6)],
+        flips=2, webhooks={"sent": 4, "dropped_rate": 0}, switches=[
+            (f"eui-70b3d57ed00000{i:02}", "1", "1", "1", "0.48 s") for i in range(3)],
+        trips=[480, 490])
+
+
+@pytest.mark.parametrize(("width", "height"), [(80, 24), (100, 40), (200, 80)])
+def test_the_live_view_fits_the_terminal(width: int, height: int) -> None:
+    """Taller than the terminal, rich's live view would show its top and "..."; the flow table
+    (one line per row at 80 columns) and the footer always show."""
+    import io
+
+    from rich.console import Console
+
+    from blynk_bridge.demo import _height, _render
+
+    console = Console(file=io.StringIO(), width=width, height=height, force_terminal=True)
+    view = _render(_snapshot(), time.monotonic() - 30, False, console)  # type: ignore[arg-type]
+    assert _height(console, view) <= height
+    console.print(view)
+    text = console.file.getvalue()  # type: ignore[attr-defined]
+    assert "round trips" in text and "Ctrl-C stops" in text
+    if height >= 80:
+        for title in ("streams", "switches flipped", "integrations", "Blynk heard from"):
+            assert title in text, title
+
+
+def test_the_ready_to_paste_line_runs_this_blynk_bridge(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``make demo`` runs .venv/bin/blynk-bridge, which a new user's PATH does not hold."""
+    from blynk_bridge.demo import _cli
+
+    script = tmp_path / "venv" / "bin" / "blynk-bridge"
+    script.parent.mkdir(parents=True)
+    script.write_text("")
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.setattr(sys, "argv", [str(script), "demo"])
+    assert _cli() == str(script)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["venv/bin/blynk-bridge", "demo"])
+    assert _cli() == "venv/bin/blynk-bridge"
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", str(script.parent))
+    assert _cli() == "blynk-bridge"
+    monkeypatch.setattr(sys, "argv", ["-m", "demo"])  # python -m blynk_bridge
+    assert _cli() == f"{sys.executable} -m blynk_bridge"
