@@ -2,7 +2,7 @@
 :mod:`pipeline.dedup` against the schemes it replaced, in the same run.
 
     .venv/bin/python -m bench.dedup [--uplinks 1000000] [--window-s 3600]
-                                    [--steady-window-s 8] [--steady-s 40] [--ref cae0806]
+                                    [--steady-window-s 16] [--steady-s 64] [--ref cae0806]
 
 Each scheme on its own private ``redis-server`` (no persistence, free port), claims in batches
 of 500 as transform sends them; Redis CPU = ``INFO cpu`` user + sys, memory = ``INFO memory``
@@ -184,8 +184,8 @@ def cli() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("--uplinks", type=int, default=1_000_000)
     p.add_argument("--window-s", type=int, default=3600)
-    p.add_argument("--steady-window-s", type=int, default=8)
-    p.add_argument("--steady-s", type=float, default=40.0)
+    p.add_argument("--steady-window-s", type=int, default=16)
+    p.add_argument("--steady-s", type=float, default=64.0)
     p.add_argument("--ref", default="cae0806", help="git ref of the buckets scheme")
     args = p.parse_args()
     os.chdir(Path(ROOT))

@@ -210,24 +210,22 @@ local function dd_forget(st, d)
 end
 -- Moves old shard i into the shards of the new generation it maps to (every one of them is
 -- created here, with a placeholder member and its TTL, so no shard key lives without one).
+-- Dead events move too (the sweep drops them): checking each would cost more than moving it.
 local function dd_move(st, i)
   local src = st.op .. i
   local all = redis.call('ZRANGE', src, 0, -1, 'WITHSCORES')
-  local out, dead, n = {{}}, 0, st.n
+  local out, n = {{}}, st.n
   local step = st.o
   if n < step then step = n end
   for j = i % n, n - 1, step do out[j] = {{'ZADD', st.np .. j, -1, ''}} end
   for j = 1, #all, 2 do
-    local f, s = all[j], all[j + 1]
-    local v = tonumber(s)
-    if v >= 0 then
-      if dd_live(st, v) then
-        local t = out[dd_h(f) % n]
-        t[#t + 1] = s  -- the reply's string: no number formatting back
-        t[#t + 1] = f
-      else
-        dead = dead + 1
-      end
+    local s = all[j + 1]
+    if s ~= '-1' then
+      local f = all[j]
+      local a, b, c = string.byte(f, 1, 3)
+      local t = out[(a * 65536 + b * 256 + c) % n]
+      t[#t + 1] = s  -- the reply's string: no number formatting back
+      t[#t + 1] = f
     end
   end
   for _, a in pairs(out) do
@@ -235,7 +233,6 @@ local function dd_move(st, i)
     redis.call('EXPIRE', a[2], st.ttl)
   end
   redis.call('DEL', src)
-  st.c = st.c - dead
 end
 -- Drops the events of shard key k claimed before the window (scores below the live steps,
 -- and above them once the steps wrapped; the placeholder scores -1), and renews its TTL.
