@@ -43,8 +43,9 @@ default 128): past :data:`PER_SHARD` events per shard the shards double, below a
 they halve; the old shards are then *moved* into the new ones a few per call (like Redis's own
 incremental rehash: an event's shard is the old one until that one is moved), so a claim still
 looks at one key only. Every shard key is created with its TTL (a resize creates the targets
-with a placeholder member of score -1) and the table is renewed each call, so the state of an
-idle partition expires whole; the next claim starts a new *epoch* (new key names: no key left
+with a placeholder member of score -1; one a claim re-creates after it expired gets its TTL
+at the next sweep) and the table is renewed each call, so the state of an idle partition
+expires whole; the next claim starts a new *epoch* (new key names: no key left
 over can be misread). Changing the window starts a new epoch too.
 
 **Exact, not probabilistic.** A digest collision would drop a real reading, so the digest is
