@@ -54,6 +54,10 @@ event collides with any of them is ~5·10⁻²¹, one lost reading in ~10⁷ yea
 
 ``base`` is :meth:`pipeline.keys.Keys.dedup` of the uplink stream the entry came from: the
 state of a partition carries that partition's hash tag (one Redis Cluster slot per script).
+On a cluster client :class:`Claims` declares every shard key a call touches (read from the
+table first, checked by the script), so a call reaching a master while the slot moves is
+redirected rather than missing a shard; the shared ``LUA`` functions build the keys
+themselves (one Redis, and transform's commit so far).
 
 Replaying a dead letter appends a *new* entry with the same ``event_id``: call :func:`forget`
 first (transform does so itself for every uplink it dead-letters whole), or the replay would be
@@ -63,10 +67,12 @@ dropped as a duplicate within the window.
 from __future__ import annotations
 
 import hashlib
+import time
 import zlib
 from collections.abc import Iterable, Sequence
 
 from redis.asyncio.client import Pipeline
+from redis.asyncio.cluster import RedisCluster
 
 from pipeline.keys import Keys
 from pipeline.streams import Entry, Redis
@@ -93,6 +99,9 @@ DIGEST_BYTES = 12
 MARK_BYTES = 4
 #: One claim as sent to the scripts: digest + mark, fixed width (split in Lua with ``sub``).
 CLAIM_BYTES = DIGEST_BYTES + MARK_BYTES
+#: Table reads a declared (Redis Cluster) call makes before it gives up: each retry means
+#: another client resized or swept in between.
+_DECLARED_TRIES = 20
 
 
 def digest(event_id: str) -> bytes:
@@ -151,7 +160,7 @@ local function dd_prefixes(st)
   st.np = st.pre .. st.n .. ':'
   st.op = st.pre .. st.o .. ':'
 end
-local function dd_open(base, window, now)
+local function dd_open(base, window, now, declared, epoch)
   local q = math.max(1, math.ceil(window / DD_STEPS))
   local tick = math.floor(now / q) % DD_TICKS
   local st = {{base = base, now = now, q = q, k = math.ceil(window / q), tick = tick,
@@ -164,14 +173,20 @@ local function dd_open(base, window, now)
   else
     -- No state (first start, or idle past the TTL) or another window: a new epoch, whose
     -- key names no earlier key can share; the old keys expire on their own.
-    st.e, st.n, st.o, st.m, st.c, st.w, st.t = tostring(now), 1, 0, 0, 0, 0, now
+    st.e, st.n, st.o, st.m, st.c, st.w, st.t = epoch or tostring(now), 1, 0, 0, 0, 0, now
     local k = base .. ':' .. st.e .. ':1:0'
     redis.call('ZADD', k, -1, '')
     redis.call('EXPIRE', k, st.ttl)
   end
   st.pre = base .. ':' .. st.e .. ':'
+  st.declared = declared
   dd_prefixes(st)
   return st
+end
+-- Whether k may be touched: every key when the caller declares none (one Redis), else only
+-- the declared ones (Redis Cluster: a slot being moved redirects on declared keys only).
+local function dd_may(st, k)
+  return st.declared == nil or st.declared[k] ~= nil
 end
 -- The one shard that holds d: the old generation's while its shard is not moved yet.
 local function dd_key(st, h)
@@ -255,7 +270,7 @@ local function dd_close(st)
   if st.o > 0 then
     -- A resize in progress: moved at a pace of the claims, so it ends long before the next.
     local steps = math.max(DD_MIN_MOVES, math.ceil(st.new / DD_CLAIMS_PER_MOVE))
-    while steps > 0 and st.m < st.o do
+    while steps > 0 and st.m < st.o and dd_may(st, st.op .. st.m) do
       dd_move(st, st.m)
       st.m = st.m + 1
       steps = steps - 1
@@ -267,7 +282,7 @@ local function dd_close(st)
   if st.w >= st.n then st.w, st.t = 0, st.now end
   local due = math.min(st.n, math.floor(st.n * (st.now - st.t) / st.pass))
   local last = math.min(due, st.w + DD_MAX_SWEEP + st.new)
-  while st.w < last do
+  while st.w < last and dd_may(st, st.np .. st.w) do
     dd_sweep(st, st.np .. st.w)
     st.w = st.w + 1
   end
@@ -314,6 +329,62 @@ return out
 """
 
 
+# Redis Cluster: KEYS[1] = the de-dup base of every claim, KEYS[2...] = every shard key the call
+# may touch, computed by the client from the table (:meth:`Claims._declared`); ARGV[1] =
+# window s, ARGV[2] = claims, ARGV[3] = mode, ARGV[4] = the epoch the client saw (or proposes,
+# when there is no state). Replies the old marks as ``_SCRIPT`` does, or -1 when a claim's
+# shard is not declared (the table moved on since the client read it: read it again).
+_DECLARED = LUA + f"""
+local window, blob, mode = tonumber(ARGV[1]), ARGV[2], ARGV[3]
+local declared = {{}}
+for i = 2, #KEYS do declared[KEYS[i]] = true end
+local st = dd_open(KEYS[1], window, dd_now(), declared, ARGV[4])
+for o = 0, #blob - 1, {CLAIM_BYTES} do
+  if not declared[dd_key(st, dd_h(string.sub(blob, o + 1, o + 3)))] then return -1 end
+end
+local out = {{}}
+local i = 1
+for o = 0, #blob - 1, {CLAIM_BYTES} do
+  local d = string.sub(blob, o + 1, o + {DIGEST_BYTES})
+  if mode == 'c' then
+    out[i] = dd_claim(st, d, string.sub(blob, o + {DIGEST_BYTES + 1}, o + {CLAIM_BYTES})) or false
+  else
+    out[i] = dd_forget(st, d) or false
+  end
+  i = i + 1
+end
+dd_close(st)
+return out
+"""
+
+
+def _shard_keys(base: str, row: Sequence[bytes | str | None], window_s: int,
+                digests: Sequence[bytes]) -> tuple[str, list[str]]:
+    """The epoch and every shard key a declared call may touch, from the table ``row`` (``e q n
+    o m w``): each claim's shard, the shards the sweep may visit, the shards a resize may move
+    and their targets — as the scripts compute them."""
+    e, q_, n_, o_, m_, w_ = (v.decode() if isinstance(v, bytes) else v for v in row)
+    if e is None or q_ is None or int(q_) != tick(window_s):
+        e, n, o, m, w = str(int(time.time())), 1, 0, 0, 0
+    else:
+        n, o, m, w = int(n_ or 1), int(o_ or 0), int(m_ or 0), int(w_ or 0)
+    pre = f"{base}:{e}:"
+    keys: dict[str, None] = {}
+    for d in digests:
+        h = int.from_bytes(d[:3], "big")
+        keys[f"{pre}{o}:{h % o}" if o and h % o >= m else f"{pre}{n}:{h % n}"] = None
+    if o:
+        steps = max(MIN_MOVES, -(-len(digests) // CLAIMS_PER_MOVE))
+        for i in range(m, min(o, m + steps)):
+            keys[f"{pre}{o}:{i}"] = None
+            for t in (range(i % n, n, o) if n > o else [i % n]):
+                keys[f"{pre}{n}:{t}"] = None
+    sweep_from = 0 if w >= n else w
+    for j in range(sweep_from, min(n, sweep_from + MAX_SWEEP + len(digests))):
+        keys[f"{pre}{n}:{j}"] = None
+    return e, list(keys)
+
+
 def _args(keys: Keys, window_s: int, mode: str,
           claims: Sequence[tuple[str, str, bytes]]) -> tuple[list[str], list[bytes | str | int]]:
     bases: dict[str, int] = {}
@@ -334,9 +405,16 @@ def _args(keys: Keys, window_s: int, mode: str,
 class Claims:
     """The batched claim script, registered once per client."""
 
-    def __init__(self, redis: Redis, keys: Keys) -> None:
+    def __init__(self, redis: Redis, keys: Keys, declare_keys: bool | None = None) -> None:
+        """``declare_keys``: declare every shard key a call touches (default: on Redis Cluster
+        clients, where a slot move needs it; it costs a table read per call)."""
+        self._redis = redis
         self._script = redis.register_script(_SCRIPT)
+        self._declared_script = redis.register_script(_DECLARED)
         self._keys = keys
+        # On Redis Cluster every key a script touches is declared, so that a call reaching a
+        # master while its slot moves is redirected (ASK/TRYAGAIN) rather than missing a shard.
+        self._cluster = isinstance(redis, RedisCluster) if declare_keys is None else declare_keys
 
     async def queue(self, pipe: Pipeline, claims: Sequence[tuple[str, str, bytes]],
                     window_s: int) -> None:
@@ -362,11 +440,31 @@ class Claims:
         for i, (stream, _, _) in enumerate(claims):
             by_base.setdefault(self._keys.dedup(stream), []).append(i)
         out: list[bytes | None] = [None] * len(claims)
-        for idx in by_base.values():
-            keys, args = _args(self._keys, window_s, mode, [claims[i] for i in idx])
-            for i, r in zip(idx, await self._script(keys=keys, args=args), strict=True):
+        for base, idx in by_base.items():
+            part = [claims[i] for i in idx]
+            if self._cluster:
+                replies = await self._declared(mode, base, part, window_s)
+            else:
+                keys, args = _args(self._keys, window_s, mode, part)
+                replies = await self._script(keys=keys, args=args)
+            for i, r in zip(idx, replies, strict=True):
                 out[i] = r or None
         return out
+
+    async def _declared(self, mode: str, base: str, claims: Sequence[tuple[str, str, bytes]],
+                        window_s: int) -> list[bytes | None]:
+        """One partition's claims with every shard key declared: the table is read first (one
+        more round trip), and read again when the script finds it moved on meanwhile."""
+        blob = [pack(e, m) for _, e, m in claims]
+        digests = [c[:DIGEST_BYTES] for c in blob]
+        for _ in range(_DECLARED_TRIES):
+            row = await self._redis.hmget(base, ["e", "q", "n", "o", "m", "w"])
+            epoch, shards = _shard_keys(base, row, window_s, digests)
+            reply = await self._declared_script(keys=[base, *shards],
+                                                args=[window_s, b"".join(blob), mode, epoch])
+            if reply != -1:
+                return reply  # type: ignore[no-any-return]
+        raise RuntimeError(f"de-dup table of {base} kept changing over {_DECLARED_TRIES} reads")
 
 
 def is_duplicate(reply: bytes | None, mark: bytes) -> bool:

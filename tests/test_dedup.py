@@ -160,3 +160,35 @@ async def test_idle_state_expires_whole_and_starts_again(redis: Redis, keys: Key
 
     await wait_until(all_gone, 90, "every de-dup key to expire")
     assert await claims.run([(stream, "e", dedup.mark(stream, "2-0"))], window) == [None]
+
+
+async def test_declared_keys_claim_grow_sweep_and_forget_like_the_plain_calls(
+        redis: Redis, keys: Keys) -> None:
+    # What Redis Cluster clients use (every shard key declared, computed from the table), on one
+    # Redis: the same answers through resizes, sweeps and forgetting.
+    window = 4
+    stream = keys.stream("uplinks")
+    claims = dedup.Claims(redis, keys, declare_keys=True)
+    mark = dedup.mark(stream, "1-0")
+    ids = [f"ev-{i}" for i in range(3000)]
+    for i in range(0, len(ids), 500):
+        batch = [(stream, e, mark) for e in ids[i:i + 500]]
+        assert await claims.run(batch, window) == [None] * 500
+        assert await claims.run([(stream, e, b"\0\0\0\0") for e in ids[:i + 500]],
+                                window) == [mark] * (i + 500)
+    assert await _shard_count(redis, keys.dedup(stream)) >= 32
+    await claims.forget([(stream, "ev-1")], window)
+    assert await claims.run([(stream, "ev-1", b"\0\0\0\1"), (stream, "ev-2", b"\0\0\0\1")],
+                            window) == [None, mark]
+    gone_after = await _now(redis) + window + dedup.tick(window) + -(-window // dedup.SWEEPS) + 1
+    i = 0
+
+    async def swept() -> bool:
+        nonlocal i
+        i += 1
+        await claims.run([(stream, f"new-{i}", mark)], window)
+        return await _now(redis) >= gone_after and await dedup.owner(
+            redis, keys, window, stream, "ev-5") is None
+
+    await wait_until(swept, 60, "the first events to leave the window", interval=0.1)
+    assert await claims.run([(stream, "ev-5", mark)], window) == [None]
