@@ -166,6 +166,7 @@ local function dd_open(base, window, now, declared, epoch)
   local st = {{base = base, now = now, q = q, k = math.ceil(window / q), tick = tick,
     high = tick * DD_2_32, new = 0, pass = math.max(1, math.ceil(window / DD_SWEEPS))}}
   st.ttl = window + q + 3 * st.pass
+  st.wrapped = math.ceil(st.ttl / q) + st.k + 2
   local got = redis.call('HMGET', base, 'e', 'q', 'n', 'o', 'm', 'c', 'w', 't')
   if got[1] and tonumber(got[2]) == q then
     st.e, st.n, st.o, st.m = got[1], tonumber(got[3]), tonumber(got[4]), tonumber(got[5])
@@ -257,7 +258,11 @@ local function dd_sweep(st, k)
   local dead
   if lo <= st.tick then
     dead = redis.call('ZREMRANGEBYSCORE', k, 0, string.format('(%.0f', lo * DD_2_32))
-      + redis.call('ZREMRANGEBYSCORE', k, (st.tick + 1) * DD_2_32, '+inf')
+    -- Steps above now are from before the steps wrapped: only shortly after a wrap (a key
+    -- lives at most its TTL), so the second call is made only then.
+    if st.tick <= st.wrapped then
+      dead = dead + redis.call('ZREMRANGEBYSCORE', k, (st.tick + 1) * DD_2_32, '+inf')
+    end
   else
     dead = redis.call('ZREMRANGEBYSCORE', k, (st.tick + 1) * DD_2_32,
                                 string.format('(%.0f', lo * DD_2_32))
