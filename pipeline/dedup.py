@@ -21,7 +21,7 @@ itself: an entry whose outputs landed but whose ack did not is processed again o
 **Layout** (why: ``SET seen:<event id> <mark> EX`` cost ~160 bytes per uplink — a key, its
 expiry entry, two strings — where the information is ~16 bytes; and why not time buckets of
 hashes, the scheme before this one: every new event had to be looked up in each bucket of the
-window, three calls per claim instead of one, ~4× the Redis CPU of the ``SET``). Events are
+window, three calls per claim instead of one, ~3× the Redis CPU of the ``SET``). Events are
 kept by a 12-byte BLAKE2b digest of the ``event_id`` in small sorted sets that Redis stores as
 listpacks (~24 bytes per event, no per-event key, no per-event expiry), one *shard* per
 digest, ``<digest's first three bytes> mod <shards>``:
@@ -33,20 +33,20 @@ digest, ``<digest's first three bytes> mod <shards>``:
 * ``<base>`` — the table: epoch, step length, shard counts (current, and old while a resize
   moves shards), live-event count, sweep position.
 
-A claim answers an event as seen while its step is at most ``window / step length`` steps
-old: remembered for at least the window, at most one step longer. The *sweep* visits every
-shard once per ``window / SWEEPS`` (spread over the calls by the server clock, at most
-:data:`MAX_SWEEP` shards a call), removes the dead events and renews the shard's TTL, so an
-event is kept ``1 + 1/(2·STEPS) + 1/(2·SWEEPS)`` windows on average. The shard count follows
-the live count so that each set stays a listpack (Redis's ``zset-max-listpack-entries``,
-default 128): past :data:`PER_SHARD` events per shard the shards double, below a quarter of it
-they halve; the old shards are then *moved* into the new ones a few per call (like Redis's own
-incremental rehash: an event's shard is the old one until that one is moved), so a claim still
-looks at one key only. Every shard key is created with its TTL (a resize creates the targets
-with a placeholder member of score -1; one a claim re-creates after it expired gets its TTL
-at the next sweep) and the table is renewed each call, so the state of an idle partition
-expires whole; the next claim starts a new *epoch* (new key names: no key left
-over can be misread). Changing the window starts a new epoch too.
+A claim answers an event as seen while its step is at most ``window / step length`` steps old:
+remembered for at least the window, at most one step longer. The *sweep* visits every shard
+once per ``window / SWEEPS`` (spread over the calls by the server clock, at most
+:data:`MAX_SWEEP` shards a call beyond one per claim), removes the dead events and renews the
+shard's TTL, so an event is kept ``1 + 1/(2·STEPS) + 1/(2·SWEEPS)`` windows on average. The
+shard count follows the live count so that each set stays a listpack (Redis's
+``zset-max-listpack-entries``, default 128): past :data:`PER_SHARD` events per shard the shards
+double, below a quarter of it they halve; the old shards are then *moved* into the new ones a
+few per call (like Redis's own incremental rehash: an event's shard is the old one until that
+one is moved), so a claim still looks at one key only. Every shard key is created with its TTL
+(a resize creates the targets with a placeholder member of score -1; one a claim re-creates
+after it expired gets its TTL at the next sweep) and the table is renewed each call, so the
+state of an idle partition expires whole; the next claim starts a new *epoch* (new key names:
+no key left over can be misread). Changing the window starts a new epoch too.
 
 **Exact, not probabilistic.** A digest collision would drop a real reading, so the digest is
 96 bits: with 360 million events in the window (100,000/s for an hour) the chance that a new
