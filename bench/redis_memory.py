@@ -5,22 +5,18 @@ entry in flight — with the old de-dup scheme measured in the same run.
                                            [--entries 100000] [--window-s 3600]
 
 A private ``redis-server`` per figure (no persistence, free port) so nobody else's keys move
-it; each figure is the ``INFO memory`` ``used_memory`` delta over N items divided by N, and Redis
-CPU (``INFO cpu`` user + sys) per item for the de-dup claims:
+it; each figure is the ``INFO memory`` ``used_memory`` delta over N items divided by N:
 
-* **de-dup, now** (:mod:`pipeline.dedup`): N distinct event ids claimed in batches of 500
-  through the scripts transform runs, in steady state (the ``BUCKETS`` buckets before hold N
-  events each, written beforehand, so each claim looks them up and the new bucket starts with
-  ~N/64 shards) and from an empty Redis (shards grown by generations, as after a first
-  start);
-* **de-dup, before**: the scheme it replaced, ``SET seen:<event id> <stream>/<entry id> NX EX
-  <window> GET`` per uplink in the same batched script shape;
+* **de-dup, now** (:mod:`pipeline.dedup`) and **before** (``SET seen:<event id>
+  <stream>/<entry id> NX EX <window> GET``): N distinct event ids claimed from an empty Redis
+  in batches of 500 (:func:`bench.dedup.fill`; ``bench/dedup.py`` has the Redis CPU per claim
+  and the steady state, with the time-bucket scheme in between);
 * **registry**: N devices through ``Registry.register`` (row, reverse index, change log);
 * **stream entries**: N realistic TTS uplinks (``tts-uplink-02``'s payload and radio) appended
   to an uplinks stream, and N ``BlynkWrite`` s to a writes stream.
 
-The window figure multiplies the per-event cost by what a bucketed window holds: between one
-window and ``1 + 1/BUCKETS`` windows of events, ``1 + 1/(2·BUCKETS)`` on average.
+The window figure multiplies the per-event cost by what the window holds: events stay
+``1 + 1/(2·STEPS) + 1/(2·SWEEPS)`` windows on average, ``1 + 1/STEPS + 1/SWEEPS`` at most.
 """
 
 from __future__ import annotations
@@ -37,15 +33,6 @@ from bench.common import ROOT, Processes, free_port, machine, table, wait_port
 
 FIXTURE = ROOT / "tests" / "fixtures" / "tts" / "tts-uplink-02.json"
 BATCH = 500
-
-_OLD_CLAIM = """
-local out = {}
-for i = 1, #KEYS do
-  out[i] = redis.call('SET', KEYS[i], ARGV[i + 1], 'NX', 'EX', ARGV[1], 'GET')
-end
-return out
-"""
-
 
 def start_redis(procs: Processes) -> int:
     port = free_port()
@@ -82,68 +69,13 @@ class Measure:
         self.cpu = await _cpu(self.redis) - self.cpu0
 
 
-async def dedup_now(redis: Any, prefix: str, n: int, window: int, steady: bool,
-                    ) -> tuple[float, float, dict[str, int]]:
-    from pipeline import dedup
+async def dedup_fill(redis: Any, scheme: str, n: int, window: int) -> float:
+    from bench.dedup import claimer, fill
     from pipeline.keys import Keys
 
-    keys = Keys(prefix)
-    stream = keys.stream("uplinks")
-    base = keys.dedup(stream)
-    claims = dedup.Claims(redis, keys)
-    blen = max(1, -(-window // dedup.BUCKETS))
-    now = int((await redis.time())[0])
-    start = now - now % blen
-    if steady:  # the buckets before hold n events each: this one is sized for as many
-        await fill_previous(redis, base, start, blen, n)
-    async with Measure(redis) as m:
-        for i in range(0, n, BATCH):
-            batch = [(stream, f"as:up:{prefix}{j:09d}",
-                      dedup.mark(stream, f"{1_700_000_000_000 + j}-0"))
-                     for j in range(i, min(i + BATCH, n))]
-            got = await claims.run(batch, window)
-            assert not any(got)
-    table_row = await redis.hgetall(base)
-    gens = {k.decode(): v.decode() for k, v in table_row.items() if k.startswith(b"g:")}
-    encodings: dict[str, int] = {}
-    async for k in redis.scan_iter(match=f"{base}:*", count=5000):
-        enc = (await redis.object("encoding", k)).decode()
-        encodings[enc] = encodings.get(enc, 0) + 1
-    print(f"  de-dup now ({'steady' if steady else 'ramp'}): generations {gens}, "
-          f"shard encodings {encodings}")
-    return m.mem / n, m.cpu / n * 1e6, encodings
-
-
-async def fill_previous(redis: Any, base: str, start: int, blen: int, n: int) -> None:
-    """Write the ``BUCKETS`` buckets before ``start`` as transform would have: ``n`` events
-    each in as many shards as :mod:`pipeline.dedup` gives them, so claims look them up as in
-    steady state."""
-    from pipeline import dedup
-
-    shards = 1
-    while shards * dedup.PER_SHARD < n:
-        shards *= 2
-    for j in range(1, dedup.BUCKETS + 1):
-        s = start - j * blen
-        await redis.hset(base, mapping={f"g:{s}": shards, f"n:{s}": n})
-        for i in range(0, n, 5000):
-            async with redis.pipeline(transaction=False) as pipe:
-                for e in range(i, min(i + 5000, n)):
-                    d = dedup.digest(f"as:up:old{j}:{e:09d}")
-                    h = int.from_bytes(d[:3], "big") % shards
-                    pipe.hset(f"{base}:{s}:{shards}:{h}", d, b"mark")
-                await pipe.execute()
-
-
-async def dedup_before(redis: Any, prefix: str, n: int, window: int) -> tuple[float, float]:
-    script = redis.register_script(_OLD_CLAIM)
-    stream = f"{prefix}uplinks"
-    async with Measure(redis) as m:
-        for i in range(0, n, BATCH):
-            ids = range(i, min(i + BATCH, n))
-            await script(keys=[f"{prefix}seen:as:up:{prefix}{j:09d}" for j in ids],
-                         args=[window, *(f"{stream}/{1_700_000_000_000 + j}-0" for j in ids)])
-    return m.mem / n, m.cpu / n * 1e6
+    keys = Keys(f"{scheme}:")
+    claim = claimer(scheme, redis, f"{scheme}:", None)
+    return (await fill(claim, redis, keys.stream("uplinks"), n, window))[0]
 
 
 async def registry(redis: Any, prefix: str, n: int) -> float:
@@ -218,31 +150,24 @@ async def main(args: argparse.Namespace) -> None:
             finally:
                 await redis.aclose()
 
-    before_b, before_cpu = await on_fresh_redis(dedup_before, "old:", n, w)
-    steady_b, steady_cpu, _ = await on_fresh_redis(dedup_now, "steady:", n, w, True)
-    ramp_b, ramp_cpu, _ = await on_fresh_redis(dedup_now, "ramp:", n, w, False)
+    before_b = await on_fresh_redis(dedup_fill, "SET", n, w)
+    now_b = await on_fresh_redis(dedup_fill, "now", n, w)
     device_b = await on_fresh_redis(registry, "reg:", args.devices)
     uplink_b, write_b = await on_fresh_redis(stream_entries, "st:", args.entries)
 
-    avg = 1 + 1 / (2 * dedup.BUCKETS)
-    most = 1 + 1 / dedup.BUCKETS
+    avg = 1 + 1 / (2 * dedup.STEPS) + 1 / (2 * dedup.SWEEPS)
+    most = 1 + 1 / dedup.STEPS + 1 / dedup.SWEEPS
     print(f"Redis memory: {n:,} event ids (window {w} s), {args.devices:,} devices, "
           f"{args.entries:,} stream entries; private redis-server")
     print(f"machine: {machine()}")
     print(table(
-        ["item", "bytes each", "bytes per uplink in the window (avg / most)",
-         "Redis CPU µs each", "x before"],
-        [["de-dup, before: SET seen:<id> NX EX", f"{before_b:.1f}", f"{before_b:.1f}",
-          f"{before_cpu:.2f}", "1.00"],
-         ["de-dup, now, steady bucket", f"{steady_b:.1f}",
-          f"{steady_b * avg:.1f} / {steady_b * most:.1f}", f"{steady_cpu:.2f}",
-          f"{steady_b / before_b:.2f}"],
-         ["de-dup, now, first bucket (ramp)", f"{ramp_b:.1f}",
-          f"{ramp_b * avg:.1f} / {ramp_b * most:.1f}", f"{ramp_cpu:.2f}",
-          f"{ramp_b / before_b:.2f}"],
-         ["registered device (row + index + change log)", f"{device_b:.0f}", "", "", ""],
-         ["uplinks stream entry in flight", f"{uplink_b:.0f}", "", "", ""],
-         ["writes stream entry in flight", f"{write_b:.0f}", "", "", ""]]))
+        ["item", "bytes each", "bytes per uplink in the window (avg / most)", "x before"],
+        [["de-dup, before: SET seen:<id> NX EX", f"{before_b:.1f}", f"{before_b:.1f}", "1.00"],
+         ["de-dup, now", f"{now_b:.1f}", f"{now_b * avg:.1f} / {now_b * most:.1f}",
+          f"{now_b / before_b:.2f}"],
+         ["registered device (row + index + change log)", f"{device_b:.0f}", "", ""],
+         ["uplinks stream entry in flight", f"{uplink_b:.0f}", "", ""],
+         ["writes stream entry in flight", f"{write_b:.0f}", "", ""]]))
 
 
 def cli() -> None:

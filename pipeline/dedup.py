@@ -1,4 +1,4 @@
-"""De-duplication of uplinks by ``event_id`` within a window, in ~25 bytes of Redis per uplink.
+"""De-duplication of uplinks by ``event_id`` within a window, in ~32 bytes of Redis per uplink.
 
 **Contract.** A *claim* of ``(event_id, mark)`` answers the mark that owns the event within the
 window, or ``None`` when the event is new (it is then owned by ``mark``). The *mark* names the
@@ -18,28 +18,35 @@ look like a redelivery: it is processed again (a duplicate write, which egress's
 ordering makes a no-op), never dropped. The one duplicate write left otherwise is at-least-once
 itself: an entry whose outputs landed but whose ack did not is processed again on redelivery.
 
-**Layout** (why: ``SET seen:<event id> <mark> EX`` cost ~180 bytes per uplink — a key, its
-expiry entry, two strings — where the information is ~16 bytes). Events are kept by a 12-byte
-BLAKE2b digest of the ``event_id`` in small hashes that Redis stores as listpacks (~20 bytes
-per field and value, no per-event key, no per-event expiry), grouped in *time buckets* of
-``window / BUCKETS`` seconds each, sharded by the digest's first three bytes:
+**Layout** (why: ``SET seen:<event id> <mark> EX`` cost ~160 bytes per uplink — a key, its
+expiry entry, two strings — where the information is ~16 bytes; and why not time buckets of
+hashes, the scheme before this one: every new event had to be looked up in each bucket of the
+window, three calls per claim instead of one, ~3× the Redis CPU of the ``SET``). Events are
+kept by a 12-byte BLAKE2b digest of the ``event_id`` in small sorted sets that Redis stores as
+listpacks (~24 bytes per event, no per-event key, no per-event expiry), one *shard* per
+digest, ``<digest's first three bytes> mod <shards>``:
 
-* ``<base>:<bucket start s>:<shards>:<shard>`` — hash digest → mark, one of ``<shards>`` in
-  a generation of the bucket; expires as a whole
-  ``window + bucket`` after its bucket started (``EXPIREAT``), so an event is remembered for at
-  least the window and at most ``window × (1 + 1/BUCKETS)``;
-* ``<base>`` — the bucket table: ``g:<start>`` = the bucket's shard counts (one per
-  *generation*, ``"64,512"``), ``n:<start>`` = events claimed in it.
+* ``<base>:<epoch>:<shards>:<shard>`` — sorted set, member = digest, score = ``step × 2³² +
+  mark`` (step = Redis server time / ``window / STEPS``, modulo :data:`TICKS`), so one
+  ``ZADD NX`` claims a new event — the only call it costs — and one
+  ``ZREMRANGEBYSCORE`` drops every event of a shard that left the window;
+* ``<base>`` — the table: epoch, step length, shard counts (current, and old while a resize
+  moves shards), live-event count, sweep position.
 
-A claim looks the digest up in every shard generation of the current bucket and the
-``BUCKETS`` before it (a miss — a new event — costs ``BUCKETS + 1`` lookups in steady state)
-and adds it to the current one. The shard count follows the rate so that each hash stays a
-listpack (Redis's ``hash-max-listpack-entries``, default 128): a bucket starts with as many
-shards as the previous bucket needed for ~:data:`PER_SHARD` events each, and when it fills
-past that, a new generation with ``GROWTH`` times the shards takes the further claims (a
-ramp-up costs a few extra lookups for one bucket, never correctness). Bucket times are the
-Redis server's clock (``TIME``), so replicas never disagree on the bucket. Changing the window
-starts new buckets (the old ones are not consulted).
+A claim answers an event as seen while its step is at most ``window / step length`` steps old:
+remembered for at least the window, at most one step longer. The *sweep* visits every shard
+once per ``window / SWEEPS`` (spread over the calls by the server clock, at most
+:data:`MAX_SWEEP` shards a call beyond one per claim), removes the dead events and renews the
+shard's TTL, so an event is kept ``1 + 1/(2·STEPS) + 1/(2·SWEEPS)`` windows on average. The
+shard count follows the live count so that each set stays a listpack (Redis's
+``zset-max-listpack-entries``, default 128): past :data:`PER_SHARD` events per shard the shards
+double, below a quarter of it they halve; the old shards are then *moved* into the new ones a
+few per call (like Redis's own incremental rehash: an event's shard is the old one until that
+one is moved), so a claim still looks at one key only. Every shard key is created with its TTL
+(a resize creates the targets with a placeholder member of score -1; one a claim re-creates
+after it expired gets its TTL at the next sweep) and the table is renewed each call, so the
+state of an idle partition expires whole; the next claim starts a new *epoch* (new key names:
+no key left over can be misread). Changing the window starts a new epoch too.
 
 **Exact, not probabilistic.** A digest collision would drop a real reading, so the digest is
 96 bits: with 360 million events in the window (100,000/s for an hour) the chance that a new
@@ -47,6 +54,10 @@ event collides with any of them is ~5·10⁻²¹, one lost reading in ~10⁷ yea
 
 ``base`` is :meth:`pipeline.keys.Keys.dedup` of the uplink stream the entry came from: the
 state of a partition carries that partition's hash tag (one Redis Cluster slot per script).
+On a cluster client :class:`Claims` declares every shard key a call touches (read from the
+table first, checked by the script), so a call reaching a master while the slot moves is
+redirected rather than missing a shard; the shared ``LUA`` functions build the keys
+themselves (one Redis, and transform's commit so far).
 
 Replaying a dead letter appends a *new* entry with the same ``event_id``: call :func:`forget`
 first (transform does so itself for every uplink it dead-letters whole), or the replay would be
@@ -56,26 +67,41 @@ dropped as a duplicate within the window.
 from __future__ import annotations
 
 import hashlib
+import time
 import zlib
 from collections.abc import Iterable, Sequence
 
 from redis.asyncio.client import Pipeline
+from redis.asyncio.cluster import RedisCluster
 
 from pipeline.keys import Keys
 from pipeline.streams import Entry, Redis
 
-#: Buckets per window: more buckets keep less beyond the window (at most ``1/BUCKETS`` of a
-#: window's events) but cost more lookups per claim (``BUCKETS + 1``).
-BUCKETS = 2
-#: Events per shard a new bucket is sized for (listpacks hold up to 128 by default: 2× room).
+#: Time steps per window: an event is live for ``window`` to ``window × (1 + 1/STEPS)``.
+STEPS = 32
+#: Sweep passes per window: a dead event is dropped within ``window / SWEEPS``. An event is
+#: kept ``window × (1 + 1/STEPS + 1/SWEEPS)`` at most, ``1 + 1/(2·STEPS) + 1/(2·SWEEPS)``
+#: windows on average; more passes cost more Redis CPU per claim (one call per shard each).
+SWEEPS = 8
+#: Steps counted modulo this, so that step × 2³² + mark stays an exact double (< 2⁵³).
+TICKS = 1 << 20
+#: Live events per shard past which the shards double (listpacks hold up to 128 by default);
+#: below a quarter of it they halve.
 PER_SHARD = 64
-#: A bucket past ``PER_SHARD`` events per shard opens a generation with this many times the
-#: shards.
-GROWTH = 8
+#: Shards swept at most per script call, beyond one per new claim (a call after a pause
+#: catches up over several calls; a steady rate needs ~0.2 per claim).
+MAX_SWEEP = 64
+#: Old shards moved into the new generation per new claim (at least ``MIN_MOVES`` per call):
+#: a doubling finishes after ``16 × old shards`` claims, long before the next one is due.
+CLAIMS_PER_MOVE = 16
+MIN_MOVES = 4
 DIGEST_BYTES = 12
 MARK_BYTES = 4
 #: One claim as sent to the scripts: digest + mark, fixed width (split in Lua with ``sub``).
 CLAIM_BYTES = DIGEST_BYTES + MARK_BYTES
+#: Table reads a declared (Redis Cluster) call makes before it gives up: each retry means
+#: another client resized or swept in between.
+_DECLARED_TRIES = 20
 
 
 def digest(event_id: str) -> bytes:
@@ -97,161 +123,303 @@ def pack(event_id: str, mark: bytes) -> bytes:
     return digest(event_id) + mark
 
 
+def tick(window_s: int) -> int:
+    """Seconds per time step (``window / STEPS``, at least 1): the time unit of the layout."""
+    return max(1, -(-window_s // STEPS))
+
+
 #: Lua functions shared by every script that claims (this module's and transform's commit).
-#: ``dd_open(base, window, now)`` reads a base's bucket table once per script call;
-#: ``dd_find``, ``dd_claim`` (which opens a new shard generation when the bucket fills up),
-#: ``dd_forget`` work on its result; ``dd_close`` writes the count and generations back.
+#: ``dd_open(base, window, now)`` reads a base's table once per script call; ``dd_find``,
+#: ``dd_claim``, ``dd_forget`` work on its result (one shard key per event: ``ZADD NX`` is the
+#: only call a new event costs), ``dd_drop(key, digest)`` removes what ``dd_find`` found;
+#: ``dd_close`` moves shards of a resize, sweeps the shards due and writes the table back.
+#: Why each step: the module docstring.
 LUA = f"""
-local DD_BUCKETS, DD_PER_SHARD, DD_GROWTH = {BUCKETS}, {PER_SHARD}, {GROWTH}
+local DD_STEPS, DD_SWEEPS, DD_TICKS = {STEPS}, {SWEEPS}, {TICKS}
+local DD_PER_SHARD, DD_MAX_SWEEP = {PER_SHARD}, {MAX_SWEEP}
+local DD_CLAIMS_PER_MOVE, DD_MIN_MOVES, DD_MARK = {CLAIMS_PER_MOVE}, {MIN_MOVES}, {MARK_BYTES}
+local DD_2_32 = 4294967296
 local DD_MAX_SHARDS = 16777216
-local function dd_gens(s)
-  local out = {{}}
-  if s then for n in string.gmatch(s, '%d+') do out[#out + 1] = tonumber(n) end end
-  return out
+local function dd_now()
+  return tonumber(redis.call('TIME')[1])
 end
-local function dd_open(base, window, now)
-  local blen = math.max(1, math.ceil(window / DD_BUCKETS))
-  local start = now - now % blen
-  local fields = {{}}
-  for j = 0, DD_BUCKETS do fields[#fields + 1] = 'g:' .. (start - j * blen) end
-  fields[#fields + 1] = 'n:' .. start
-  fields[#fields + 1] = 'n:' .. (start - blen)
-  local got = redis.call('HMGET', base, unpack(fields))
-  local st = {{base = base, blen = blen, start = start, gens = {{}}, new = 0, touched = {{}},
-    count = tonumber(got[DD_BUCKETS + 2]) or 0, room = 0, grown = false,
-    expire_at = start + blen + window}}
-  st.prefixes = {{}}
-  for j = 0, DD_BUCKETS do
-    st.gens[j + 1] = dd_gens(got[j + 1])
-    st.prefixes[j + 1] = base .. ':' .. (start - j * blen) .. ':'
-  end
-  local cur = st.gens[1]
-  if #cur == 0 then
-    -- A new bucket: sized for the previous bucket's events; the stale table rows go.
-    local prev = tonumber(got[DD_BUCKETS + 3]) or 0
-    local n = 1
-    while n * DD_PER_SHARD < prev and n < DD_MAX_SHARDS do n = n * 2 end
-    cur[1] = n
-    redis.call('HSET', base, 'g:' .. start, n)
-    -- Rows of buckets past the window go (all of them: traffic may have paused for several).
-    local keep_from, old = start - DD_BUCKETS * blen, {{}}
-    for _, f in ipairs(redis.call('HKEYS', base)) do
-      local t = tonumber(string.match(f, '^[gn]:(%d+)$'))
-      if t and t < keep_from then old[#old + 1] = f end
-    end
-    if #old > 0 then redis.call('HDEL', base, unpack(old)) end
-    redis.call('EXPIREAT', base, st.expire_at + blen)
-  end
-  for g = 1, #cur do st.room = st.room + cur[g] * DD_PER_SHARD end
-  return st
-end
-local function dd_shard(d)
+local function dd_h(d)
   local a, b, c = string.byte(d, 1, 3)
   return a * 65536 + b * 256 + c
 end
--- The key of shard h % n of generation n in the bucket j buckets back.
-local function dd_key(st, j, n, h)
-  return st.prefixes[j + 1] .. n .. ':' .. (h % n)
+-- Live: claimed at most ``k`` steps ago (so less than the window is never forgotten).
+local function dd_live(st, score)
+  return (st.tick - math.floor(score / DD_2_32)) % DD_TICKS <= st.k
 end
--- Looks d up in every generation of every bucket but the current bucket's newest generation
--- (``skip_newest``) or all of them: the mark and the key holding it, or nil.
-local function dd_find(st, d, skip_newest)
-  local h = dd_shard(d)
-  for j = 0, DD_BUCKETS do
-    local gens = st.gens[j + 1]
-    local last = #gens
-    if j == 0 and skip_newest then last = last - 1 end
-    for g = last, 1, -1 do
-      local k = dd_key(st, j, gens[g], h)
-      local v = redis.call('HGET', k, d)
-      if v then return v, k end
-    end
+local function dd_mark(score)
+  local m = score % DD_2_32
+  return string.char(math.floor(m / 16777216), math.floor(m / 65536) % 256,
+                     math.floor(m / 256) % 256, m % 256)
+end
+local function dd_prefixes(st)
+  st.np = st.pre .. st.n .. ':'
+  st.op = st.pre .. st.o .. ':'
+end
+local function dd_open(base, window, now, declared, epoch)
+  local q = math.max(1, math.ceil(window / DD_STEPS))
+  local tick = math.floor(now / q) % DD_TICKS
+  local st = {{base = base, now = now, q = q, k = math.ceil(window / q), tick = tick,
+    high = tick * DD_2_32, new = 0, pass = math.max(1, math.ceil(window / DD_SWEEPS))}}
+  st.ttl = window + q + 3 * st.pass
+  st.wrapped = math.ceil(st.ttl / q) + st.k + 2
+  local got = redis.call('HMGET', base, 'e', 'q', 'n', 'o', 'm', 'c', 'w', 't')
+  if got[1] and tonumber(got[2]) == q then
+    st.e, st.n, st.o, st.m = got[1], tonumber(got[3]), tonumber(got[4]), tonumber(got[5])
+    st.c, st.w, st.t = tonumber(got[6]), tonumber(got[7]), tonumber(got[8])
+  else
+    -- No state (first start, or idle past the TTL) or another window: a new epoch, whose
+    -- key names no earlier key can share; the old keys expire on their own.
+    st.e, st.n, st.o, st.m, st.c, st.w, st.t = epoch or tostring(now), 1, 0, 0, 0, 0, now
+    local k = base .. ':' .. st.e .. ':1:0'
+    redis.call('ZADD', k, -1, '')
+    redis.call('EXPIRE', k, st.ttl)
+  end
+  st.pre = base .. ':' .. st.e .. ':'
+  st.declared = declared
+  dd_prefixes(st)
+  return st
+end
+-- Whether k may be touched: every key when the caller declares none (one Redis), else only
+-- the declared ones (Redis Cluster: a slot being moved redirects on declared keys only).
+local function dd_may(st, k)
+  return st.declared == nil or st.declared[k] ~= nil
+end
+-- The one shard that holds d: the old generation's while its shard is not moved yet.
+local function dd_key(st, h)
+  if st.o > 0 and h % st.o >= st.m then return st.op .. (h % st.o) end
+  return st.np .. (h % st.n)
+end
+-- The live mark of d and the key holding it (for ``dd_drop``), or nil.
+local function dd_find(st, d)
+  local k = dd_key(st, dd_h(d))
+  local s = redis.call('ZSCORE', k, d)
+  if s then
+    s = tonumber(s)
+    if dd_live(st, s) then return dd_mark(s), k end
   end
   return nil, nil
 end
+local function dd_drop(k, d)
+  redis.call('ZREM', k, d)
+end
 local function dd_claim(st, d, mark)
-  -- Older buckets and generations first: the current one is then written with HSETNX, which
-  -- also says whether it held the event already (one call for a new event, not two).
-  local old = dd_find(st, d, true)
-  if old then return old end
-  local cur = st.gens[1]
-  local shards = cur[#cur]
-  local k = dd_key(st, 0, shards, dd_shard(d))
-  if redis.call('HSETNX', k, d, mark) == 0 then return redis.call('HGET', k, d) end
-  if not st.touched[k] then
-    st.touched[k] = true
-    redis.call('EXPIREAT', k, st.expire_at)
+  local a, b, c, e = string.byte(mark, 1, 4)
+  local score = st.high + ((a * 256 + b) * 256 + c) * 256 + e
+  local k = dd_key(st, dd_h(d))
+  if redis.call('ZADD', k, 'NX', score, d) == 1 then
+    st.new = st.new + 1
+    return nil
   end
-  st.new = st.new + 1
-  st.count = st.count + 1
-  if st.count > st.room and shards < DD_MAX_SHARDS then
-    -- The bucket filled its shards: further claims go to a generation with more of them.
-    shards = math.min(shards * DD_GROWTH, DD_MAX_SHARDS)
-    cur[#cur + 1] = shards
-    st.room = st.room + shards * DD_PER_SHARD
-    st.grown = true
-  end
+  local old = tonumber(redis.call('ZSCORE', k, d))
+  if dd_live(st, old) then return dd_mark(old) end
+  redis.call('ZADD', k, score, d)  -- claimed before the window: new again
   return nil
 end
 local function dd_forget(st, d)
-  local old, k = dd_find(st, d, false)
-  if k then redis.call('HDEL', k, d) end
+  local old, k = dd_find(st, d)
+  if k then dd_drop(k, d) end
   return old
 end
-local function dd_close(st)
-  if st.new > 0 then redis.call('HINCRBY', st.base, 'n:' .. st.start, st.new) end
-  if st.grown then redis.call('HSET', st.base, 'g:' .. st.start, table.concat(st.gens[1], ',')) end
+-- Moves old shard i into the shards of the new generation it maps to (every one of them is
+-- created here, with a placeholder member and its TTL, so no shard key lives without one).
+-- Dead events move too (the sweep drops them): checking each would cost more than moving it.
+local function dd_move(st, i)
+  local src = st.op .. i
+  local all = redis.call('ZRANGE', src, 0, -1, 'WITHSCORES')
+  local out, n = {{}}, st.n
+  local step = st.o
+  if n < step then step = n end
+  for j = i % n, n - 1, step do out[j] = {{'ZADD', st.np .. j, -1, ''}} end
+  for j = 1, #all, 2 do
+    local s = all[j + 1]
+    if s ~= '-1' then
+      local f = all[j]
+      local a, b, c = string.byte(f, 1, 3)
+      local t = out[(a * 65536 + b * 256 + c) % n]
+      t[#t + 1] = s  -- the reply's string: no number formatting back
+      t[#t + 1] = f
+    end
+  end
+  for _, a in pairs(out) do
+    redis.call(unpack(a))
+    redis.call('EXPIRE', a[2], st.ttl)
+  end
+  redis.call('DEL', src)
 end
-local function dd_now()
-  return tonumber(redis.call('TIME')[1])
+-- Drops the events of shard key k claimed before the window (scores below the live steps,
+-- and above them once the steps wrapped; the placeholder scores -1), and renews its TTL.
+local function dd_sweep(st, k)
+  local lo = (st.tick - st.k) % DD_TICKS
+  local dead
+  if lo <= st.tick then
+    dead = redis.call('ZREMRANGEBYSCORE', k, 0, string.format('(%.0f', lo * DD_2_32))
+    -- Steps above now are from before the steps wrapped: only shortly after a wrap (a key
+    -- lives at most its TTL), so the second call is made only then.
+    if st.tick <= st.wrapped then
+      dead = dead + redis.call('ZREMRANGEBYSCORE', k, (st.tick + 1) * DD_2_32, '+inf')
+    end
+  else
+    dead = redis.call('ZREMRANGEBYSCORE', k, (st.tick + 1) * DD_2_32,
+                                string.format('(%.0f', lo * DD_2_32))
+  end
+  st.c = st.c - dead
+  redis.call('EXPIRE', k, st.ttl)
+end
+local function dd_close(st)
+  st.c = st.c + st.new
+  if st.o > 0 then
+    -- A resize in progress: moved at a pace of the claims, so it ends long before the next.
+    local steps = math.max(DD_MIN_MOVES, math.ceil(st.new / DD_CLAIMS_PER_MOVE))
+    while steps > 0 and st.m < st.o and dd_may(st, st.op .. st.m) do
+      dd_move(st, st.m)
+      st.m = st.m + 1
+      steps = steps - 1
+    end
+    if st.m >= st.o then st.o, st.m = 0, 0 end
+  end
+  -- Sweep: one pass over the shards every ``pass`` seconds, spread over the calls by the
+  -- clock.
+  if st.w >= st.n then st.w, st.t = 0, st.now end
+  local due = math.min(st.n, math.floor(st.n * (st.now - st.t) / st.pass))
+  local last = math.min(due, st.w + DD_MAX_SWEEP + st.new)
+  while st.w < last and dd_may(st, st.np .. st.w) do
+    dd_sweep(st, st.np .. st.w)
+    st.w = st.w + 1
+  end
+  if st.w >= st.n then st.w, st.t = 0, st.now end
+  if st.c < 0 then st.c = 0 end
+  if st.o == 0 then
+    local n = st.n
+    if st.c > n * DD_PER_SHARD and n < DD_MAX_SHARDS then
+      n = n * 2
+    elseif n > 1 and st.c * 4 < n * DD_PER_SHARD then
+      n = n / 2
+    end
+    if n ~= st.n then
+      st.o, st.m, st.n, st.w, st.t = st.n, 0, n, 0, st.now
+      dd_prefixes(st)
+    end
+  end
+  redis.call('HSET', st.base, 'e', st.e, 'q', st.q, 'n', st.n, 'o', st.o, 'm', st.m,
+             'c', st.c, 'w', st.w, 't', st.t)
+  redis.call('EXPIRE', st.base, st.ttl)
 end
 """
 
 # KEYS = the de-dup base of each claim's stream; ARGV[1] = window s, ARGV[2] = claims (digest +
-# mark each), ARGV[3] = mode (c = claim, f = forget), ARGV[4...] = the 1-based base of each
-# claim. Replies: the old mark of each claim (false where there was none).
+# mark each), ARGV[3] = mode (c = claim, f = forget), ARGV[4] = the 1-based base of each claim,
+# one byte each (one argument, not one per claim: Redis and Lua pay per argument). Replies: the
+# old mark of each claim (false where there was none).
 _SCRIPT = LUA + f"""
-local window, blob, mode = tonumber(ARGV[1]), ARGV[2], ARGV[3]
+local window, blob, mode, which = tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[4]
 local now = dd_now()
 local states = {{}}
 for i = 1, #KEYS do states[i] = dd_open(KEYS[i], window, now) end
 local out = {{}}
-for i = 1, #ARGV - 3 do
-  local st = states[tonumber(ARGV[3 + i])]
-  local o = (i - 1) * {CLAIM_BYTES}
-  local d = string.sub(blob, o + 1, o + {DIGEST_BYTES})
-  if mode == 'c' then
-    out[i] = dd_claim(st, d, string.sub(blob, o + {DIGEST_BYTES + 1}, o + {CLAIM_BYTES})) or false
-  else
-    out[i] = dd_forget(st, d) or false
-  end
+local claim = dd_claim
+if mode ~= 'c' then claim = function(st, d) return dd_forget(st, d) end end
+local o = 0
+for i = 1, #which do
+  out[i] = claim(states[string.byte(which, i)], string.sub(blob, o + 1, o + {DIGEST_BYTES}),
+                 string.sub(blob, o + {DIGEST_BYTES + 1}, o + {CLAIM_BYTES})) or false
+  o = o + {CLAIM_BYTES}
 end
 for i = 1, #KEYS do dd_close(states[i]) end
 return out
 """
 
 
+# Redis Cluster: KEYS[1] = the de-dup base of every claim, KEYS[2...] = every shard key the call
+# may touch, computed by the client from the table (:meth:`Claims._declared`); ARGV[1] =
+# window s, ARGV[2] = claims, ARGV[3] = mode, ARGV[4] = the epoch the client saw (or proposes,
+# when there is no state). Replies the old marks as ``_SCRIPT`` does, or -1 when a claim's
+# shard is not declared (the table moved on since the client read it: read it again).
+_DECLARED = LUA + f"""
+local window, blob, mode = tonumber(ARGV[1]), ARGV[2], ARGV[3]
+local declared = {{}}
+for i = 2, #KEYS do declared[KEYS[i]] = true end
+local st = dd_open(KEYS[1], window, dd_now(), declared, ARGV[4])
+for o = 0, #blob - 1, {CLAIM_BYTES} do
+  if not declared[dd_key(st, dd_h(string.sub(blob, o + 1, o + 3)))] then return -1 end
+end
+local out = {{}}
+local i = 1
+for o = 0, #blob - 1, {CLAIM_BYTES} do
+  local d = string.sub(blob, o + 1, o + {DIGEST_BYTES})
+  if mode == 'c' then
+    out[i] = dd_claim(st, d, string.sub(blob, o + {DIGEST_BYTES + 1}, o + {CLAIM_BYTES})) or false
+  else
+    out[i] = dd_forget(st, d) or false
+  end
+  i = i + 1
+end
+dd_close(st)
+return out
+"""
+
+
+def _shard_keys(base: str, row: Sequence[bytes | str | None], window_s: int,
+                digests: Sequence[bytes]) -> tuple[str, list[str]]:
+    """The epoch and every shard key a declared call may touch, from the table ``row`` (``e q n
+    o m w``): each claim's shard, the shards the sweep may visit, the shards a resize may move
+    and their targets — as the scripts compute them."""
+    e, q_, n_, o_, m_, w_ = (v.decode() if isinstance(v, bytes) else v for v in row)
+    if e is None or q_ is None or int(q_) != tick(window_s):
+        e, n, o, m, w = str(int(time.time())), 1, 0, 0, 0
+    else:
+        n, o, m, w = int(n_ or 1), int(o_ or 0), int(m_ or 0), int(w_ or 0)
+    pre = f"{base}:{e}:"
+    keys: dict[str, None] = {}
+    for d in digests:
+        h = int.from_bytes(d[:3], "big")
+        keys[f"{pre}{o}:{h % o}" if o and h % o >= m else f"{pre}{n}:{h % n}"] = None
+    if o:
+        steps = max(MIN_MOVES, -(-len(digests) // CLAIMS_PER_MOVE))
+        for i in range(m, min(o, m + steps)):
+            keys[f"{pre}{o}:{i}"] = None
+            for t in (range(i % n, n, o) if n > o else [i % n]):
+                keys[f"{pre}{n}:{t}"] = None
+    sweep_from = 0 if w >= n else w
+    for j in range(sweep_from, min(n, sweep_from + MAX_SWEEP + len(digests))):
+        keys[f"{pre}{n}:{j}"] = None
+    return e, list(keys)
+
+
 def _args(keys: Keys, window_s: int, mode: str,
           claims: Sequence[tuple[str, str, bytes]]) -> tuple[list[str], list[bytes | str | int]]:
     bases: dict[str, int] = {}
     blob: list[bytes] = []
-    which: list[bytes | str | int] = []
+    which = bytearray()
     for stream, event_id, m in claims:
         base = keys.dedup(stream)
         bi = bases.get(base)
         if bi is None:
             bi = bases[base] = len(bases) + 1
+            if bi > 255:
+                raise ValueError("more than 255 de-dup partitions in one call")
         blob.append(pack(event_id, m))
         which.append(bi)
-    return list(bases), [window_s, b"".join(blob), mode, *which]
+    return list(bases), [window_s, b"".join(blob), mode, bytes(which)]
 
 
 class Claims:
     """The batched claim script, registered once per client."""
 
-    def __init__(self, redis: Redis, keys: Keys) -> None:
+    def __init__(self, redis: Redis, keys: Keys, declare_keys: bool | None = None) -> None:
+        """``declare_keys``: declare every shard key a call touches (default: on Redis Cluster
+        clients, where a slot move needs it; it costs a table read per call)."""
+        self._redis = redis
         self._script = redis.register_script(_SCRIPT)
+        self._declared_script = redis.register_script(_DECLARED)
         self._keys = keys
+        # On Redis Cluster every key a script touches is declared, so that a call reaching a
+        # master while its slot moves is redirected (ASK/TRYAGAIN) rather than missing a shard.
+        self._cluster = isinstance(redis, RedisCluster) if declare_keys is None else declare_keys
 
     async def queue(self, pipe: Pipeline, claims: Sequence[tuple[str, str, bytes]],
                     window_s: int) -> None:
@@ -277,11 +445,31 @@ class Claims:
         for i, (stream, _, _) in enumerate(claims):
             by_base.setdefault(self._keys.dedup(stream), []).append(i)
         out: list[bytes | None] = [None] * len(claims)
-        for idx in by_base.values():
-            keys, args = _args(self._keys, window_s, mode, [claims[i] for i in idx])
-            for i, r in zip(idx, await self._script(keys=keys, args=args), strict=True):
+        for base, idx in by_base.items():
+            part = [claims[i] for i in idx]
+            if self._cluster:
+                replies = await self._declared(mode, base, part, window_s)
+            else:
+                keys, args = _args(self._keys, window_s, mode, part)
+                replies = await self._script(keys=keys, args=args)
+            for i, r in zip(idx, replies, strict=True):
                 out[i] = r or None
         return out
+
+    async def _declared(self, mode: str, base: str, claims: Sequence[tuple[str, str, bytes]],
+                        window_s: int) -> list[bytes | None]:
+        """One partition's claims with every shard key declared: the table is read first (one
+        more round trip), and read again when the script finds it moved on meanwhile."""
+        blob = [pack(e, m) for _, e, m in claims]
+        digests = [c[:DIGEST_BYTES] for c in blob]
+        for _ in range(_DECLARED_TRIES):
+            row = await self._redis.hmget(base, ["e", "q", "n", "o", "m", "w"])
+            epoch, shards = _shard_keys(base, row, window_s, digests)
+            reply = await self._declared_script(keys=[base, *shards],
+                                                args=[window_s, b"".join(blob), mode, epoch])
+            if reply != -1:
+                return reply  # type: ignore[no-any-return]
+        raise RuntimeError(f"de-dup table of {base} kept changing over {_DECLARED_TRIES} reads")
 
 
 def is_duplicate(reply: bytes | None, mark: bytes) -> bool:
@@ -302,18 +490,21 @@ async def owner(redis: Redis, keys: Keys, window_s: int, stream: str,
     operators. Read-only: a claim immediately forgotten would lose a real one, so this looks
     the digest up from Python with the same layout as the scripts."""
     base = keys.dedup(stream)
+    q = tick(window_s)
+    row = [v.encode() if isinstance(v, str) else v
+           for v in await redis.hmget(base, ["e", "q", "n", "o", "m"])]
+    e, q_, n_, o_, m_ = row
+    if e is None or q_ is None or int(q_) != q:
+        return None
     d = digest(event_id)
     h = int.from_bytes(d[:3], "big")
+    n, o, m = int(n_ or 1), int(o_ or 0), int(m_ or 0)
+    gen, shard = (o, h % o) if o and h % o >= m else (n, h % n)
+    score = await redis.zscore(f"{base}:{e.decode()}:{gen}:{shard}", d)
+    if score is None:
+        return None
     now = int((await redis.time())[0])
-    blen = max(1, -(-window_s // BUCKETS))
-    start = now - now % blen
-    for j in range(BUCKETS + 1):
-        s = start - j * blen
-        gens: bytes = await redis.hget(base, f"g:{s}") or b""  # type: ignore[assignment]
-        for g in reversed(gens.split(b",")):
-            if g:
-                v: bytes | None = await redis.hget(  # type: ignore[assignment]
-                    f"{base}:{s}:{int(g)}:{h % int(g)}", d)
-                if v is not None:
-                    return v
-    return None
+    step, value = divmod(int(score), 1 << 32)
+    if (now // q - step) % TICKS > -(-window_s // q):
+        return None
+    return value.to_bytes(MARK_BYTES, "big")

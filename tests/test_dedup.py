@@ -1,4 +1,5 @@
-"""De-duplication state on the real Redis: claims, redeliveries, forgetting, buckets, shards."""
+"""De-duplication state on the real Redis: claims, redeliveries, forgetting, the window, the
+sweep, shards doubling and halving, idle expiry."""
 
 from __future__ import annotations
 
@@ -40,8 +41,20 @@ async def test_partitions_keep_their_state_under_their_hash_tag(redis: Redis,
     assert await dedup.owner(redis, keys, WINDOW, s0, "e2") is None
 
 
-async def test_a_bucket_grows_its_shards_and_every_hash_stays_small(redis: Redis,
-                                                                    keys: Keys) -> None:
+async def _now(redis: Redis) -> int:
+    return int((await redis.time())[0])
+
+
+async def _shard_count(redis: Redis, base: str) -> int:
+    return int(await redis.hget(base, "n") or 0)
+
+
+async def _shards(redis: Redis, keys: Keys, stream: str) -> list[bytes]:
+    return [k async for k in redis.scan_iter(match=f"{keys.dedup(stream)}:*", count=1000)]
+
+
+async def test_shards_double_with_the_events_and_every_shard_stays_small(redis: Redis,
+                                                                        keys: Keys) -> None:
     stream = keys.stream("uplinks")
     claims = dedup.Claims(redis, keys)
     n = 5000
@@ -50,70 +63,132 @@ async def test_a_bucket_grows_its_shards_and_every_hash_stays_small(redis: Redis
         got = await claims.run([(stream, e, dedup.mark(stream, e)) for e in ids[i:i + 500]],
                                WINDOW)
         assert got == [None] * len(got)
-    # Every one is known afterwards, across the shard generations.
-    again = await claims.run([(stream, e, b"\0\0\0\0") for e in ids], WINDOW)
-    assert again == [dedup.mark(stream, e) for e in ids]
+        # Every event so far is known, whichever shards are half moved.
+        assert await claims.run([(stream, e, b"\0\0\0\0") for e in ids[:i + 500]],
+                                WINDOW) == [dedup.mark(stream, e) for e in ids[:i + 500]]
     base = keys.dedup(stream)
-    shards = [k async for k in redis.scan_iter(match=f"{base}:*", count=1000)]
-    assert len(shards) > n // dedup.PER_SHARD // 2
-    encodings = {await redis.object("encoding", k) for k in shards}
-    assert encodings == {b"listpack"}
-    # Each expires a bucket after the window at the latest, and not before it.
-    ttl = await redis.ttl(shards[0])
-    assert WINDOW - 5 <= ttl <= WINDOW + WINDOW // dedup.BUCKETS
+    assert await _shard_count(redis, base) >= n // dedup.PER_SHARD
+    shards = await _shards(redis, keys, stream)
+    assert {await redis.object("encoding", k) for k in shards} == {b"listpack"}
+    # Every shard key has a TTL from its creation: the window and a few sweep passes.
+    step, sweep = dedup.tick(WINDOW), -(-WINDOW // dedup.SWEEPS)
+    for k in shards:
+        assert WINDOW - 5 <= await redis.ttl(k) <= WINDOW + step + 3 * sweep
 
 
-async def test_an_event_of_the_previous_bucket_is_still_a_duplicate(redis: Redis,
-                                                                    keys: Keys) -> None:
-    window = 20  # buckets of 10 s
-    blen = window // dedup.BUCKETS
+async def test_an_event_is_a_duplicate_for_the_whole_window(redis: Redis, keys: Keys) -> None:
+    window = 6
     stream = keys.stream("uplinks")
     claims = dedup.Claims(redis, keys)
     mark = dedup.mark(stream, "1-0")
-
-    async def bucket() -> int:
-        now = int((await redis.time())[0])
-        return now - now % blen
-
-    async def moved_on() -> bool:
-        return await bucket() > claimed_in
-
     assert await claims.run([(stream, "late", mark)], window) == [None]
-    claimed_in = await bucket()  # or later: then the wait is one bucket longer
-    await wait_until(moved_on, 6 * blen, "the next bucket", interval=0.2)
+    claimed_at = await _now(redis)  # or later: then the check below runs earlier in its window
+    i = 0
+
+    async def near_the_end() -> bool:
+        nonlocal i  # other claims meanwhile, so the sweeps run as in production
+        i += 1
+        await claims.run([(stream, f"other-{i}", mark)], window)
+        return await _now(redis) >= claimed_at + window - 1
+
+    await wait_until(near_the_end, 60, "the end of the window", interval=0.2)
     assert await claims.run([(stream, "late", dedup.mark(stream, "2-0"))], window) == [mark]
 
 
-async def test_buckets_past_the_window_expire_whole_and_leave_the_table(redis: Redis,
-                                                                        keys: Keys) -> None:
-    # Buckets of 3 s: the shard keys must still be there when the test looks for them right
-    # after the claim, however slow a loaded machine makes that step.
-    window = 6
+async def test_events_past_the_window_are_swept_and_new_again(redis: Redis,
+                                                              keys: Keys) -> None:
+    window = 4
+    stream = keys.stream("uplinks")
+    claims = dedup.Claims(redis, keys)
+    mark = dedup.mark(stream, "1-0")
+    assert await claims.run([(stream, "old", mark)], window) == [None]
+    step, sweep = dedup.tick(window), -(-window // dedup.SWEEPS)
+    gone_after = await _now(redis) + window + step + sweep + 1
+    d = dedup.digest("old")
+    i = 0
+
+    async def swept() -> bool:
+        nonlocal i  # claims of other events drive the sweep
+        i += 1
+        await claims.run([(stream, f"new-{i}", mark)], window)
+        if await _now(redis) < gone_after:
+            return False
+        return all([await redis.zscore(k, d) is None for k in await _shards(redis, keys, stream)])
+
+    await wait_until(swept, 60, "the old event swept out of its shard", interval=0.2)
+    assert await dedup.owner(redis, keys, window, stream, "old") is None
+    assert await claims.run([(stream, "old", dedup.mark(stream, "2-0"))], window) == [None]
+
+
+async def test_shards_halve_when_the_events_thin_out(redis: Redis, keys: Keys) -> None:
+    window = 4
     stream = keys.stream("uplinks")
     base = keys.dedup(stream)
     claims = dedup.Claims(redis, keys)
     mark = dedup.mark(stream, "1-0")
+    burst = [(stream, f"burst-{i}", mark) for i in range(3000)]
+    for i in range(0, len(burst), 500):
+        await claims.run(burst[i:i + 500], window)
+    grown = await _shard_count(redis, base)
+    assert grown >= 32
+    i = 0
 
-    async def now() -> int:
-        return int((await redis.time())[0])
+    async def halved() -> bool:
+        nonlocal i  # a trickle of claims: the burst leaves the window, the count falls
+        i += 1
+        assert await claims.run([(stream, f"trickle-{i}", mark)], window) == [None]
+        return await _shard_count(redis, base) < grown
 
-    assert await claims.run([(stream, "old", mark)], window) == [None]
-    first = await now()
-    old_keys = [k async for k in redis.scan_iter(match=f"{base}:*")]
-    assert old_keys
-    # Once the window and a bucket have passed, a claim in a new bucket drops the old rows...
-    # A row goes once its bucket (which began at or before `first`) is more than BUCKETS
-    # buckets behind the current one, and its shard keys expire a bucket past the window.
-    blen = -(-window // dedup.BUCKETS)
-    passed = first + (dedup.BUCKETS + 1) * blen + 1
+    await wait_until(halved, 90, "the shards to halve", interval=0.1)
+    # The recent events are still known across the move.
+    recent = [(stream, f"trickle-{j}", dedup.mark(stream, "2-0")) for j in range(max(1, i - 5),
+                                                                             i + 1)]
+    assert await claims.run(recent, window) == [mark] * len(recent)
 
-    async def window_passed() -> bool:
-        return await now() >= passed
 
-    await wait_until(window_passed, 60, "the window to pass", interval=0.2)
-    assert await claims.run([(stream, "new", mark)], window) == [None]
-    table = await redis.hgetall(base)
-    assert table and all(int(f.split(b":")[1]) > first for f in table), table
-    # ...its shard keys expired whole, and the old event is new again.
-    assert await redis.exists(*old_keys) == 0
-    assert await claims.run([(stream, "old", dedup.mark(stream, "2-0"))], window) == [None]
+async def test_idle_state_expires_whole_and_starts_again(redis: Redis, keys: Keys) -> None:
+    window = 2
+    stream = keys.stream("uplinks")
+    base = keys.dedup(stream)
+    claims = dedup.Claims(redis, keys)
+    mark = dedup.mark(stream, "1-0")
+    assert await claims.run([(stream, "e", mark)], window) == [None]
+    assert await _shards(redis, keys, stream)
+
+    async def all_gone() -> bool:
+        return not await redis.exists(base) and not await _shards(redis, keys, stream)
+
+    await wait_until(all_gone, 90, "every de-dup key to expire")
+    assert await claims.run([(stream, "e", dedup.mark(stream, "2-0"))], window) == [None]
+
+
+async def test_declared_keys_claim_grow_sweep_and_forget_like_the_plain_calls(
+        redis: Redis, keys: Keys) -> None:
+    # What Redis Cluster clients use (every shard key declared, computed from the table), on one
+    # Redis: the same answers through resizes, sweeps and forgetting.
+    window = 4
+    stream = keys.stream("uplinks")
+    claims = dedup.Claims(redis, keys, declare_keys=True)
+    mark = dedup.mark(stream, "1-0")
+    ids = [f"ev-{i}" for i in range(3000)]
+    for i in range(0, len(ids), 500):
+        batch = [(stream, e, mark) for e in ids[i:i + 500]]
+        assert await claims.run(batch, window) == [None] * 500
+        assert await claims.run([(stream, e, b"\0\0\0\0") for e in ids[:i + 500]],
+                                window) == [mark] * (i + 500)
+    assert await _shard_count(redis, keys.dedup(stream)) >= 32
+    await claims.forget([(stream, "ev-1")], window)
+    assert await claims.run([(stream, "ev-1", b"\0\0\0\1"), (stream, "ev-2", b"\0\0\0\1")],
+                            window) == [None, mark]
+    gone_after = await _now(redis) + window + dedup.tick(window) + -(-window // dedup.SWEEPS) + 1
+    i = 0
+
+    async def swept() -> bool:
+        nonlocal i
+        i += 1
+        await claims.run([(stream, f"new-{i}", mark)], window)
+        return await _now(redis) >= gone_after and await dedup.owner(
+            redis, keys, window, stream, "ev-5") is None
+
+    await wait_until(swept, 60, "the first events to leave the window", interval=0.1)
+    assert await claims.run([(stream, "ev-5", mark)], window) == [None]

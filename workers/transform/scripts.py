@@ -109,7 +109,7 @@ for i = 1, #cbase do
     dup[i] = true
     out[#out + 1] = i
   elseif old and k then
-    redis.call('HDEL', k, d)
+    dd_drop(k, d)
   end
 end
 for i = 1, nb do dd_close(states[i]) end
