@@ -47,7 +47,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
 from prometheus_client import Counter
@@ -717,25 +716,14 @@ def _trip_latency(trips: list[int]) -> str:
     return f"{trips[len(trips) // 2] / 1000:.2f} s / {trips[-1] / 1000:.2f} s"
 
 
-#: The header the example's ``blynk_webhooks`` entry checks, and the emulator's webhook sends.
-WEBHOOK_SECRET_HEADER = "X-Blynk-Secret"
-
-
 def _emulator_spec(http_port: int, webhook_secret: str) -> Any:
     """``examples/blynk-emulator.yaml`` with its webhooks pointed at ingest-http's port and
-    sending this run's secret (the file's published one is refused by the bridge)."""
+    sending this run's secret, through the variables its webhook names (and nothing from the
+    caller's environment: a BRIDGE_URL set there is not this run's)."""
     from emulators.blynk.settings import load_spec
 
-    spec = load_spec(EXAMPLES / "blynk-emulator.yaml")
-    hooks = []
-    for hook in spec.webhooks:
-        parts = urlsplit(hook.url)
-        if parts.hostname in ("127.0.0.1", "localhost"):
-            parts = parts._replace(netloc=f"127.0.0.1:{http_port}")
-        headers = {k: webhook_secret if k.lower() == WEBHOOK_SECRET_HEADER.lower() else v
-                   for k, v in hook.headers.items()}
-        hooks.append(msgspec.structs.replace(hook, url=urlunsplit(parts), headers=headers))
-    return msgspec.structs.replace(spec, webhooks=hooks)
+    return load_spec(EXAMPLES / "blynk-emulator.yaml", {
+        "BRIDGE_URL": f"http://127.0.0.1:{http_port}", "BLYNK_WEBHOOK_SECRET": webhook_secret})
 
 
 def _match(prefix: str) -> str:

@@ -8,7 +8,8 @@ This is the only module that reads ``os.environ``. Loading does, in order:
    file's text, so a value holding ``#``, quotes or ``, key: value`` stays one value. A value
    that is one reference and lands on a number, boolean or null field is read as one
    (``port: "${PORT}"``); anywhere a string goes it stays a string. An unset variable without a
-   default is an error naming the variable, the key path that uses it and the file;
+   default is an error naming the variable, the key path that uses it and the file
+   (:func:`substitute_all`; the Blynk emulator's file uses the same rule);
 3. ``*_file`` keys: ``api_key_file: /run/secrets/tts`` reads that file into ``api_key``;
    keys that moved (:data:`MOVED`) are moved to their new place, with a warning;
 4. validation with msgspec: unknown keys (with the closest known one), wrong types and numbers
@@ -598,11 +599,14 @@ def substitute_env(text: str, env: Mapping[str, str], origin: str, where: str = 
     return _VAR.sub(repl, text.replace("$${", "\0")).replace("\0", "${")
 
 
-def _substitute_all(data: Any, env: Mapping[str, str], origin: str) -> Any:
-    """:func:`_substitute` over the whole file; every unset variable is named in one error, one
-    problem per use (each with the key that uses it)."""
+def substitute_all(data: Any, env: Mapping[str, str] | None, origin: str,
+                   typ: mi.Type | None = None) -> Any:
+    """:func:`_substitute` over a whole parsed file (``env`` None: the process's environment);
+    every unset variable is named in one :class:`ConfigError`, one problem per use (each with
+    the key that uses it). Without ``typ`` (another file format than the bridge's, e.g. the
+    Blynk emulator's) every substituted value stays a string."""
     unset: list[ConfigProblem] = []
-    out = _substitute(data, _CONFIG_TYPE, env, origin, "", unset)
+    out = _substitute(data, typ, os.environ if env is None else env, origin, "", unset)
     if unset:
         raise ConfigError.of(origin, *unset)
     return out
@@ -718,7 +722,7 @@ def parse(text: str, fmt: Literal["yaml", "toml"], origin: str,
     carries the line and column of its key where the file holds it (YAML)."""
     source = config_source.read(text, fmt, origin)
     try:
-        data = _substitute_all(source.data, os.environ if env is None else env, origin)
+        data = substitute_all(source.data, env, origin, _CONFIG_TYPE)
         data = _resolve_files(data, origin)
         _migrate(data, origin)
         try:

@@ -25,7 +25,7 @@ from emulators.blynk import (
     TemplateSpec,
 )
 from emulators.blynk.cli import _regions
-from emulators.blynk.settings import load_spec
+from emulators.blynk.settings import SpecError, load_spec
 
 TOKEN = "xw7ITVneg1DifRRQuPGcA7fJvV8-FAVl"  # the docs' example token shape (32 chars)
 NY_TOKEN = "P-0ekUL3EjrEkE_UnIIzsIggqyQXYd0z"
@@ -544,12 +544,58 @@ def test_example_file_loads_and_regions_flag(fixture_path: Any, tmp_path: Any) -
 
     root = Path(__file__).resolve().parent.parent
     example = root / "blynk_bridge" / "examples" / "blynk-emulator.yaml"
-    emu = BlynkEmulator.from_spec(load_spec(example))
+    emu = BlynkEmulator.from_spec(load_spec(example, {"BLYNK_WEBHOOK_SECRET": "0123abcd"}))
     assert emu.model.templates and emu.model.devices
-    # The demo's webhook (the valve switch to ingest-http) follows Blynk's form rules.
-    hooks = emu.webhooks.hooks
-    assert hooks["valve to bridge"].spec.headers == {"X-Blynk-Secret": "demo-blynk-secret"}
+    # The demo's webhook (the valve switch to ingest-http) follows Blynk's form rules; without
+    # BRIDGE_URL it posts to the bridge on this machine.
+    hook = emu.webhooks.hooks["valve to bridge"].spec
+    assert hook.headers == {"X-Blynk-Secret": "0123abcd"}
+    assert hook.url == "http://127.0.0.1:8080/blynk/demo"
     assert _regions("fra1=8081,ny3=8082") == {"fra1": 8081, "ny3": 8082}
+
+
+SUBSTITUTED = """
+regions: {fra1: "${FRA1_PORT:-8081}"}
+webhooks:
+  - name: hook
+    trigger: template_datastream
+    template: TMPL1
+    datastream: V1
+    url: ${BRIDGE_URL:-http://127.0.0.1:8080}/blynk/demo
+    headers: {X-Secret: "${HOOK_SECRET}"}
+    body: $${not a variable}
+"""
+
+
+def test_spec_takes_variables_from_the_environment(tmp_path: Any) -> None:
+    path = tmp_path / "emu.yaml"
+    path.write_text(SUBSTITUTED)
+    env = {"BRIDGE_URL": "http://ingest-http:8080", "HOOK_SECRET": "s3cr3t", "FRA1_PORT": "9001"}
+    loaded = load_spec(path, env)
+    (hook,) = loaded.webhooks
+    assert hook.url == "http://ingest-http:8080/blynk/demo"
+    assert hook.headers == {"X-Secret": "s3cr3t"}
+    assert hook.body == "${not a variable}"  # $${ is a literal ${, as in the bridge's file
+    assert loaded.regions == {"fra1": 9001}  # a number spelled by a variable is read as one
+
+
+def test_spec_variable_defaults_apply_when_unset(tmp_path: Any) -> None:
+    path = tmp_path / "emu.yaml"
+    path.write_text(SUBSTITUTED)
+    loaded = load_spec(path, {"HOOK_SECRET": "s3cr3t"})
+    assert loaded.webhooks[0].url == "http://127.0.0.1:8080/blynk/demo"
+    assert loaded.regions == {"fra1": 8081}
+
+
+def test_spec_unset_variable_without_default_names_it_the_key_and_file(tmp_path: Any) -> None:
+    path = tmp_path / "emu.yaml"
+    path.write_text(SUBSTITUTED)
+    with pytest.raises(SpecError) as err:
+        load_spec(path, {})
+    message = str(err.value)
+    assert str(path) in message
+    assert "${HOOK_SECRET}" in message and "webhooks[0].headers.X-Secret" in message
+    assert "BRIDGE_URL" not in message and "FRA1_PORT" not in message  # those have defaults
 
 
 
@@ -592,3 +638,22 @@ def test_write_current_is_write_per_value() -> None:
         states.append((dev.values, {p: list(h) for p, h in dev.history.items()}))
     assert states[0] == states[1]
     assert got["loop"] == got["once"] and len(got["once"]) == 5
+
+
+
+def test_from_file_refuses_a_header_value_blynk_would_not_take(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A secret from the environment with a sign Blynk's webhook form refuses: a SpecError
+    naming the file (the CLI's one-line error), not a traceback."""
+    path = tmp_path / "emu.yaml"
+    path.write_text(SUBSTITUTED.replace("TMPL1", TEMPLATE) + f"""
+templates:
+  - {{id: {TEMPLATE}, name: t, datastreams: [{{id: 1, pin: V1, name: v, type: integer}}]}}
+""")
+    monkeypatch.setenv("HOOK_SECRET", "abc123")
+    assert BlynkEmulator.from_file(path).webhooks.hooks["hook"].spec.headers == {
+        "X-Secret": "abc123"}
+    monkeypatch.setenv("HOOK_SECRET", "a+b=c")
+    with pytest.raises(SpecError, match=r"emu\.yaml: .*X-Secret.*Blynk allows only"):
+        BlynkEmulator.from_file(path)

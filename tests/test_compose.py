@@ -277,3 +277,36 @@ def test_example_config_resolves_to_the_compose_services(compose: dict[str, Any]
     assert all(any(f"//{s}:" in url for s in services) for url in cfg.blynk.servers.values())
     healthcheck = " ".join(compose["services"]["transform"]["healthcheck"]["test"])
     assert f"127.0.0.1:{cfg.metrics.port}/healthz" in healthcheck
+
+
+def test_demo_emulator_webhook_reaches_ingest_http_with_the_bridges_secret(
+    compose: dict[str, Any]
+) -> None:
+    """The emulator's valve webhook, with its container's environment, posts to the ingest-http
+    service (127.0.0.1 would be the emulator's own container) on the path and with the header and
+    secret the example bridge.yaml checks: one BLYNK_WEBHOOK_SECRET for both services."""
+    from emulators.blynk.settings import load_spec
+
+    services = compose["services"]
+    raw_env = services["blynk-emulator"]["environment"]
+    assert raw_env["BRIDGE_URL"] == "http://ingest-http:8080"
+    # Passed through from the operator's shell or .env, like the bridge's (no value here).
+    assert "BLYNK_WEBHOOK_SECRET" in raw_env and raw_env["BLYNK_WEBHOOK_SECRET"] is None
+    assert services["ingest-http"]["environment"]["BLYNK_WEBHOOK_SECRET"] is None
+    secret = "0123456789abcdef0123456789abcdef"  # what `openssl rand -hex 16` gives
+    env = {k: v for k, v in raw_env.items() if v is not None} | {"BLYNK_WEBHOOK_SECRET": secret}
+    spec = load_spec(ROOT / "blynk_bridge" / "examples" / "blynk-emulator.yaml", env)
+    (hook,) = spec.webhooks
+    assert hook.url.startswith("http://ingest-http:8080/blynk/")
+
+    bridge_env = {k: config_mod.substitute_env(str(v), {}, "compose")
+                  for k, v in services["ingest-http"]["environment"].items() if v is not None}
+    bridge_env |= {k: f"secret-of-{k.lower()}" for k, v in
+                   services["ingest-http"]["environment"].items() if v is None}
+    bridge_env["BLYNK_WEBHOOK_SECRET"] = secret
+    cfg = config_mod.load(ROOT / "blynk_bridge" / "examples" / "bridge.yaml", bridge_env)
+    (webhook,) = [w for w in cfg.blynk_webhooks if hook.url.endswith(f"/blynk/{w.name}")]
+    assert webhook.auth is not None and webhook.auth.header is not None
+    assert webhook.auth.secret is not None
+    assert hook.headers == {webhook.auth.header: webhook.auth.secret.reveal()}
+    assert cfg.ingest_http.port == 8080  # the port BRIDGE_URL names

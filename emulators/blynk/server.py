@@ -60,6 +60,7 @@ from emulators.blynk.settings import (
     OAuthClient,
     RegionSpec,
     Settings,
+    SpecError,
     WebhookSpec,
     load_spec,
 )
@@ -241,7 +242,15 @@ class BlynkEmulator:
 
     @classmethod
     def from_file(cls, path: str | Path, **kwargs: Any) -> BlynkEmulator:
-        return cls.from_spec(load_spec(path), **kwargs)
+        spec = load_spec(path)
+        try:
+            return cls.from_spec(spec, **kwargs)
+        except SpecError:
+            raise
+        except ValueError as exc:
+            # A model or webhook form rule the file breaks (a header value from the environment
+            # with a sign Blynk refuses): the CLI's one-line error, not a traceback.
+            raise SpecError(f"{path}: {exc}") from None
 
     @classmethod
     def demo(cls, **kwargs: Any) -> BlynkEmulator:

@@ -2,11 +2,14 @@
 
 Every behaviour the reference (``docs/reference/blynk-api.md``) marks UNCONFIRMED is a field of
 :class:`Settings`; the default is our best reading and the comment says which section it is
-about. ``blynk_bridge/examples/blynk-emulator.yaml`` shows every key with a comment.
+about. ``blynk_bridge/examples/blynk-emulator.yaml`` shows every key with a comment. String
+values may name environment variables (``${BRIDGE_URL:-http://127.0.0.1:8080}``), substituted
+by the bridge configuration's rule (:func:`load_spec`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -14,6 +17,8 @@ import msgspec
 import yaml
 
 from emulators.blynk.model import DeviceSpec, TemplateSpec, _Spec
+from pipeline.config import substitute_all
+from pipeline.errors import ConfigError
 
 
 class Settings(_Spec):
@@ -167,12 +172,20 @@ class SpecError(ValueError):
     """The emulator file is invalid; the message names the file and the key."""
 
 
-def load_spec(path: str | Path) -> EmulatorSpec:
+def load_spec(path: str | Path, env: Mapping[str, str] | None = None) -> EmulatorSpec:
+    """Read an emulator file. String values may use ``${NAME}`` / ``${NAME:-default}`` as the
+    bridge's configuration does (the one rule: :func:`pipeline.config.substitute_all`), taken
+    from ``env`` (None: the process's environment); an unset variable without a default is a
+    :class:`SpecError` naming it and the key that uses it."""
     p = Path(path)
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:
         raise SpecError(f"{p}: {exc}") from None
+    try:
+        data = substitute_all(data, env, str(p))
+    except ConfigError as exc:
+        raise SpecError(str(exc)) from None
     try:
         return msgspec.convert(data, EmulatorSpec, strict=False)
     except msgspec.ValidationError as exc:
