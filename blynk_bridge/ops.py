@@ -64,9 +64,9 @@ def _safe_url(url: str) -> str:
 
 @asynccontextmanager
 async def _redis(cfg: config_mod.Config) -> AsyncIterator[tuple[Redis, Keys]]:
-    redis = connect(cfg.redis.url, cluster=cfg.redis.cluster)
+    redis = connect(cfg.redis.url, cluster=cfg.redis.is_cluster)
     try:
-        yield redis, Keys(cfg.redis.prefix, cfg.redis.partitions)
+        yield redis, cfg.redis.keys()
     finally:
         await redis.aclose()
 

@@ -20,6 +20,12 @@ Contract (every stage relies on it):
 * Entries delivered more than ``max_deliveries`` times are dead-lettered by the reader itself
   (reason ``max_deliveries``) and never returned, so a poison entry cannot block a stream.
 * Redis errors propagate as ``redis.exceptions.RedisError``; callers treat them as retryable.
+* In the cluster layout (:attr:`pipeline.keys.Keys.cluster`) every read touches one partition
+  (one slot): one ``XREADGROUP`` per partition, concurrently, and a batch holds the entries of
+  ONE partition (the rest wait, read and pending, for the next :meth:`StreamReader.read`), so
+  the caller commits each batch in one slot. A blocking read there polls the partitions every
+  :data:`CLUSTER_POLL_MS` (one ``XREADGROUP … BLOCK`` cannot span slots), which adds at most
+  that much latency after an idle period.
 """
 
 from __future__ import annotations
@@ -123,6 +129,11 @@ class StreamWriter:
         await self._adds.close()
 
 
+#: Cluster layout: how long one round of blocking per-partition reads waits (see the module
+#: docstring) before the next round.
+CLUSTER_POLL_MS = 50
+
+
 class StreamReader:
     """Reads one consumer group over one or more streams (the partitions of one stream)."""
 
@@ -160,6 +171,10 @@ class StreamReader:
         self._pending_cursor = dict.fromkeys(self.streams, "0-0")
         self._next_claim = 0.0
         self._claim_cursor = {s: "0-0" for s in self.streams}
+        #: Cluster layout: one read per partition; batches of other partitions read with the
+        #: one returned, handed out by the next reads (they are pending for this consumer).
+        self._per_partition = keys.cluster and len(self.streams) > 1
+        self._held: list[list[Entry]] = []
 
     async def ensure_group(self) -> None:
         """Create the group (from the start of the stream) unless it exists. Idempotent."""
@@ -175,9 +190,26 @@ class StreamReader:
         the oldest (after a retryable failure left a batch unacked)."""
         self._own_pending = True
         self._pending_cursor = dict.fromkeys(self.streams, "0-0")
+        self._held.clear()  # pending: the own-pending pass serves them again
 
     async def read(self, *, block: bool = True) -> list[Entry]:
         """One batch: own pending, then reclaimed, then new entries (see module docstring)."""
+        if self._held:
+            return self._held.pop(0)
+        return self._one_partition(await self._read(block))
+
+    def _one_partition(self, entries: list[Entry]) -> list[Entry]:
+        """Cluster layout: the first partition's entries; the others' are held for later."""
+        if not self._per_partition or not entries:
+            return entries
+        by_stream: dict[str, list[Entry]] = {}
+        for e in entries:
+            by_stream.setdefault(e.stream, []).append(e)
+        batches = list(by_stream.values())
+        self._held.extend(batches[1:])
+        return batches[0]
+
+    async def _read(self, block: bool) -> list[Entry]:
         while self._own_pending:
             entries, exhausted = await self._read_own_pending()
             if entries:
@@ -191,16 +223,24 @@ class StreamReader:
                 return entries
         return await self._read_new(block)
 
+    async def _xreadgroup(self, streams: dict[str, str], block: int | None) -> Any:
+        """``XREADGROUP`` over ``streams``; in the cluster layout one call per stream (one
+        slot each), run concurrently, their replies joined."""
+        if not self._per_partition:
+            return await self._redis.xreadgroup(
+                self.group, self.consumer, streams,  # type: ignore[arg-type]
+                count=self.batch, block=block)
+        replies = await asyncio.gather(*(
+            self._redis.xreadgroup(self.group, self.consumer, {s: c}, count=self.batch,
+                                   block=block)
+            for s, c in streams.items()))
+        return [row for reply in replies if reply for row in reply]
+
     async def _read_own_pending(self) -> tuple[list[Entry], bool]:
         """The next batch of one pass over this consumer's pending list (a cursor, so entries
         the caller still holds are not served again within the pass), and whether the pass is
         over. A batch may come back empty but not over (all of it dead-lettered)."""
-        reply = await self._redis.xreadgroup(
-            self.group,
-            self.consumer,
-            {s: c for s, c in self._pending_cursor.items()},  # redis-py wants its own key type
-            count=self.batch,
-        )
+        reply = await self._xreadgroup(dict(self._pending_cursor), None)
         raw: list[tuple[str, str, dict[bytes, bytes]]] = []
         for s, msgs in _streams_of(reply):
             if msgs:
@@ -232,13 +272,11 @@ class StreamReader:
             self._linger_from = None
             if wait > 0:
                 await asyncio.sleep(wait)
-        reply = await self._redis.xreadgroup(
-            self.group,
-            self.consumer,
-            dict.fromkeys(self.streams, ">"),
-            count=self.batch,
-            block=self.block_ms if block else None,
-        )
+        if self._per_partition:
+            reply = await self._poll_new(block)
+        else:
+            reply = await self._xreadgroup(dict.fromkeys(self.streams, ">"),
+                                           self.block_ms if block else None)
         entries = [
             Entry(s, i, f.get(events.FIELD), 1, f)
             for s, msgs in _streams_of(reply)
@@ -248,6 +286,16 @@ class StreamReader:
         if self.linger_ms > 0 and 0 < len(entries) < self.batch:
             self._linger_from = time.monotonic()
         return entries
+
+    async def _poll_new(self, block: bool) -> Any:
+        """Cluster layout: new entries of every partition; blocking, rounds of
+        :data:`CLUSTER_POLL_MS` until one partition has some or ``block_ms`` passed."""
+        streams = dict.fromkeys(self.streams, ">")
+        reply = await self._xreadgroup(streams, None)
+        deadline = time.monotonic() + self.block_ms / 1000
+        while block and not reply and time.monotonic() < deadline:
+            reply = await self._xreadgroup(streams, min(CLUSTER_POLL_MS, self.block_ms))
+        return reply
 
     async def _with_counts(self, raw: list[tuple[str, str, dict[bytes, bytes]]]) -> list[Entry]:
         """Attach delivery counts (``XPENDING``) and dead-letter entries past the limit."""
@@ -334,7 +382,7 @@ class StreamReader:
                 attempts=entry.deliveries,
                 dead_ts_ms=ts,
             )
-            pipe.xadd(self._keys.dead, {events.FIELD: events.encode(dead)})
+            pipe.xadd(self._keys.dead_for(entry.stream), {events.FIELD: events.encode(dead)})
 
     def count_dead(self, items: Sequence[tuple[Entry, str, str]]) -> None:
         for _, reason, _ in items:
