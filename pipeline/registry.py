@@ -49,7 +49,7 @@ from pipeline import blynk_index, metrics
 from pipeline.config import DeviceEntry
 from pipeline.keys import Keys
 from pipeline.redact import masked_repr
-from pipeline.streams import Redis, now_ms
+from pipeline.streams import Redis, now_ms, single_connection_client
 
 log = logging.getLogger("blynk_bridge.registry")
 
@@ -374,10 +374,7 @@ class Registry:
         """
         from pipeline.consumer import backoff_s
 
-        pool = self._redis.connection_pool
-        client = Redis(connection_pool=type(pool)(
-            connection_class=pool.connection_class, max_connections=1,
-            **pool.connection_kwargs))
+        client = single_connection_client(self._redis)
         attempt = 0
         channel = self._keys.registry_channel()
         try:
@@ -431,6 +428,10 @@ class Registry:
         async with self._redis.pipeline(transaction=False) as pipe:
             self._queue_side(pipe, changes, now_ms())
             await pipe.execute()
+        # Cluster pub/sub reaches every node's subscribers whichever node it is sent to.
+        channel = self._keys.registry_channel()
+        for key, _, _ in changes:
+            await self._redis.publish(channel, key)
 
     def _queue(self, pipe: Pipeline, changes: Sequence[_Change]) -> None:
         """Queue :meth:`_commit`'s commands (one Redis); the broken-device index follows each
@@ -471,7 +472,8 @@ class Registry:
                     pipe.zadd(broken, {key: ts})
                 elif status == STATUS_OK:
                     pipe.zrem(broken, key)
-            pipe.publish(channel, key)
+            if not self._keys.cluster:  # a cluster pipeline refuses PUBLISH: _write_side
+                pipe.publish(channel, key)
 
     async def register(
         self,

@@ -38,6 +38,7 @@ from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
+from redis.asyncio.cluster import ClusterPipeline, RedisCluster
 from redis.exceptions import ResponseError
 
 from pipeline import events, metrics
@@ -435,7 +436,7 @@ def connect(
 def _connect_cluster(url: str, *, max_connections: int, **kwargs: Any) -> Redis:
     from urllib.parse import urlsplit
 
-    from redis.asyncio.cluster import ClusterNode, RedisCluster
+    from redis.asyncio.cluster import ClusterNode
 
     rest = url.split("://", 1)[1] if "://" in url else url
     auth, _, hosts = rest.rpartition("@")
@@ -445,7 +446,65 @@ def _connect_cluster(url: str, *, max_connections: int, **kwargs: Any) -> Redis:
         parts = urlsplit(f"//{hp}")
         nodes.append(ClusterNode(parts.hostname or "127.0.0.1", parts.port or 6379))
     user, _, password = auth.partition(":") if auth else ("", "", "")
-    client = RedisCluster(startup_nodes=nodes, decode_responses=False, protocol=2,
+    client = _ScriptedCluster(startup_nodes=nodes, decode_responses=False, protocol=2,
                           max_connections=max_connections, username=user or None,
                           password=password or None, **kwargs)
     return cast(Redis, client)
+
+
+def single_connection_client(redis: Redis) -> Redis:
+    """A client of its own, with one connection, to the same server as ``redis`` (for pub/sub:
+    a cancelled pub/sub read must never hand a connection still in subscribe mode back to the
+    pool every other command uses). On a cluster: to one of its nodes (the client's default
+    one; a classic ``PUBLISH`` reaches the subscribers on every node)."""
+    if isinstance(redis, RedisCluster):
+        node = redis.get_default_node()
+        return aioredis.Redis(connection_pool=aioredis.ConnectionPool(
+            connection_class=node.connection_class, max_connections=1,
+            **node.connection_kwargs))
+    pool = redis.connection_pool
+    return aioredis.Redis(connection_pool=type(pool)(
+        connection_class=pool.connection_class, max_connections=1, **pool.connection_kwargs))
+
+
+class _ScriptedCluster(RedisCluster):
+    """redis-py's asyncio ``RedisCluster`` whose pipelines load scripts.
+
+    A cluster pipeline sends ``EVALSHA`` without loading the script first (redis-py loads
+    scripts for single calls and single-node pipelines only), so every pipeline of this client
+    first loads, on every master (``SCRIPT LOAD`` goes to all primaries), the registered
+    scripts not loaded yet; a ``NOSCRIPT`` (a master restarted or replaced) forgets what was
+    loaded, so the caller's retry loads them again."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.bb_scripts: dict[str, Any] = {}
+        self.bb_loaded: set[str] = set()
+
+    def register_script(self, script: Any) -> Any:
+        registered = super().register_script(script)
+        self.bb_scripts[registered.sha] = registered.script
+        return registered
+
+    def pipeline(self, transaction: Any = None, shard_hint: Any = None) -> Any:
+        return _ScriptedPipeline(self, transaction)  # type: ignore[abstract]
+
+    async def bb_load_scripts(self) -> None:
+        for sha, text in list(self.bb_scripts.items()):
+            if sha not in self.bb_loaded:
+                await self.script_load(text)
+                self.bb_loaded.add(sha)
+
+
+class _ScriptedPipeline(ClusterPipeline):
+    async def execute(self, raise_on_error: bool = True,
+                      allow_redirections: bool = True) -> list[Any]:
+        client = self.cluster_client
+        assert isinstance(client, _ScriptedCluster)
+        await client.bb_load_scripts()
+        try:
+            return await super().execute(raise_on_error, allow_redirections)
+        except ResponseError as exc:
+            if "NOSCRIPT" in str(exc):
+                client.bb_loaded.clear()
+            raise
