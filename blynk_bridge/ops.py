@@ -31,6 +31,8 @@ from pipeline import config as config_mod
 from pipeline.backlog import StreamInfo, by_node, snapshot
 from pipeline.deadletters import (
     DeadRow,
+    dead_total,
+    delete_dead,
     get_dead,
     letter_summary,
     matches,
@@ -298,7 +300,7 @@ def cmd_dead(args: argparse.Namespace) -> int:
         for eid in missing:
             print(f"no dead letter {eid}", file=sys.stderr)
         if action == "list":
-            _print_list(rows, await redis.xlen(keys.dead), as_json)
+            _print_list(rows, await dead_total(redis, keys), as_json)
         elif action == "show":
             # The decoded entry is the point of `show`: JSON either way.
             print_json({"dead_letters": [_shown(row, keys) for row in rows]})
@@ -327,7 +329,7 @@ def cmd_dead(args: argparse.Namespace) -> int:
             if refused:
                 return 1
         else:  # purge
-            purged = await redis.xdel(keys.dead, *[r.id for r in rows]) if rows else 0
+            purged = await delete_dead(redis, keys, rows) if rows else 0
             if as_json:
                 print_json({"purged": purged})
             else:

@@ -116,7 +116,7 @@ def describe(name: str, entry_id: str, raw: bytes | None, keys: Keys) -> Shown:
 
 
 def streams_of(name: str, keys: Keys) -> list[str]:
-    return [keys.dead] if name == DEAD else keys.streams(name)
+    return keys.dead_streams() if name == DEAD else keys.streams(name)
 
 
 async def start_ids(redis: Redis, streams: list[str]) -> dict[str, str]:

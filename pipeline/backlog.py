@@ -181,10 +181,12 @@ def _id_key(entry_id: str) -> tuple[int, int]:
 
 
 async def snapshot(redis: Redis, keys: Keys) -> list[StreamInfo]:
-    """Every partition of every pipeline stream, then the dead stream (no groups)."""
+    """Every partition of every pipeline stream, then the dead streams (no groups; one per
+    partition besides ``keys.dead`` in the cluster layout)."""
     out: list[StreamInfo] = []
     for name in STREAM_NAMES:
         for key in keys.streams(name):
             out.append(await inspect_stream(redis, name, key, keys.partition_of_stream(key)))
-    out.append(await _dead_info(redis, keys.dead))
+    for key in keys.dead_streams():
+        out.append(await _dead_info(redis, key))
     return out

@@ -98,7 +98,7 @@ class Keys:
         """A stream key as metric labels and the status page name it: without the prefix (which
         may be random, as the demo's is) or hash-tag braces (``bb:{uplinks:3}`` → ``uplinks:3``)."""
         name = key[len(self.prefix):] if key.startswith(self.prefix) else key
-        return name.strip("{}")
+        return name.replace("{", "").replace("}", "")
 
     @property
     def dead(self) -> str:
