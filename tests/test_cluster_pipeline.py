@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
+import pytest
 from redis.exceptions import RedisError
 
 from pipeline import config as config_mod
@@ -52,8 +53,8 @@ async def _written(redis: Redis, keys: Keys) -> list[str]:
     return out
 
 
-async def test_transform_loses_nothing_while_a_partition_slot_moves(cluster_redis: Redis,
-                                                                    prefix: str) -> None:
+async def test_transform_loses_nothing_while_a_partition_slot_moves(
+        cluster_redis: Redis, prefix: str, caplog: pytest.LogCaptureFixture) -> None:
     cfg = _config(prefix)
     keys = cfg.redis.keys()
     assert keys.cluster and keys.partitions == 3
@@ -99,7 +100,7 @@ async def test_transform_loses_nothing_while_a_partition_slot_moves(cluster_redi
     moved = 0
     try:
         await wait_until(lambda: len(appended) >= 600, timeout_s=120, what="uplinks before")
-        moved = await _move_slot(slot, source, target)
+        moved = await _move_slot(slot, source, target, step=1)  # the pipeline runs between
         after = len(appended)
         await wait_until(lambda: len(appended) >= after + 600, timeout_s=120,
                          what="uplinks after the move")
@@ -129,4 +130,5 @@ async def test_transform_loses_nothing_while_a_partition_slot_moves(cluster_redi
     for stream in keys.dead_streams():
         assert await cluster_redis.xlen(stream) == 0
     print(f"slot {slot}: {moved} keys moved {source} -> {target}; {len(appended)} uplinks, "
-          f"{len(written) - len(set(written))} written twice, appends retried {retried}")
+          f"{len(written) - len(set(written))} written twice, appends retried {retried}, "
+          f"batches retried {caplog.text.count('batch left pending')}")
