@@ -98,6 +98,10 @@ class Keys:
         """A stream key as metric labels and the status page name it: without the prefix (which
         may be random, as the demo's is) or hash-tag braces (``bb:{uplinks:3}`` → ``uplinks:3``)."""
         name = key[len(self.prefix):] if key.startswith(self.prefix) else key
+        if self.cluster and name.startswith("{p") and "}:" in name:
+            # bb:{p3}:uplinks → uplinks:3, as the one-Redis partitions are named
+            tag, _, rest = name.partition("}:")
+            return f"{rest}:{tag[2:]}"
         return name.replace("{", "").replace("}", "")
 
     @property
