@@ -116,14 +116,15 @@ def as_str(value: Any) -> str:
 async def inspect_stream(redis: Redis, name: str, key: str,
                          partition: int | None = None) -> StreamInfo:
     """Length and groups of one stream; a missing stream is empty with no groups."""
-    node = node_of(redis, key)
     try:
         info = await redis.xinfo_stream(key)
         groups = await redis.xinfo_groups(key)
     except ResponseError as exc:
         if "no such key" not in str(exc).lower():
             raise
-        return StreamInfo(name, key, 0, [], partition=partition, node=node)
+        return StreamInfo(name, key, 0, [], partition=partition, node=node_of(redis, key))
+    # After a command: a cluster client has no slot map before its first one.
+    node = node_of(redis, key)
     last_generated = as_str(info["last-generated-id"])
     out: list[GroupInfo] = []
     for g in groups:
