@@ -3,9 +3,11 @@
 One home for what ``blynk-bridge dead`` (:mod:`blynk_bridge.ops`) and the monitor's status page
 (:mod:`pipeline.status_page`) do with the dead stream — every dead stream: one on one Redis,
 one per partition besides it in the cluster layout (:meth:`pipeline.keys.Keys.dead_streams`);
-reads merge them newest first and each row names its stream. Reads are bounded by their ``limit``;
-:func:`replay` is at-least-once (see there). Summaries never carry a token or a credential
-header's value in full (:func:`pipeline.redact.redact_text`).
+reads merge them newest first and each row names its stream. Ids of different dead streams
+may be equal (each master makes its own), so a letter of a partition's dead stream is named
+``<partition>/<entry id>`` (:func:`dead_id`); one of ``keys.dead`` by its entry id alone.
+Reads are bounded by their ``limit``; :func:`replay` is at-least-once (see there). Summaries
+never carry a token or a credential header's value in full (:func:`pipeline.redact.redact_text`).
 """
 
 from __future__ import annotations
@@ -56,8 +58,26 @@ def decode_entry(entry_id: Any, fields: Any, dead_stream: str = "") -> DeadRow:
                        dead_stream=dead_stream)
 
 
+def dead_id(keys: Keys, dead_stream: str, entry_id: str) -> str:
+    """How a letter is named (module docstring)."""
+    partition = None if dead_stream == keys.dead else keys.partition_of_stream(dead_stream)
+    return entry_id if partition is None else f"{partition}/{entry_id}"
+
+
+def _locate(keys: Keys, name: str) -> tuple[str, str]:
+    """(dead stream, entry id) of a letter's name (:func:`dead_id`)."""
+    partition, sep, entry_id = name.rpartition("/")
+    if not sep or not partition.isdigit():
+        return keys.dead, name
+    return keys.dead_for(keys.stream(UPLINKS, int(partition))), entry_id
+
+
+def _entry_id(row: DeadRow) -> str:
+    return row.id.rpartition("/")[2]
+
+
 def _id_order(row: DeadRow) -> tuple[int, int]:
-    ms, _, seq = row.id.partition("-")
+    ms, _, seq = _entry_id(row).partition("-")
     return int(ms), int(seq or 0)
 
 
@@ -70,7 +90,7 @@ async def delete_dead(redis: Redis, keys: Keys, rows: Iterable[DeadRow]) -> int:
     """Delete these letters from their dead streams; returns how many were deleted."""
     by_stream: dict[str, list[str]] = {}
     for row in rows:
-        by_stream.setdefault(row.dead_stream or keys.dead, []).append(row.id)
+        by_stream.setdefault(row.dead_stream or keys.dead, []).append(_entry_id(row))
     return sum([int(await redis.xdel(key, *ids)) for key, ids in by_stream.items()])
 
 
@@ -85,13 +105,13 @@ async def scan_dead(
     most ``limit``."""
     streams = keys.dead_streams()
     if len(streams) == 1:
-        return await _scan_one(redis, streams[0], reason, limit)
-    rows = [row for key in streams for row in await _scan_one(redis, key, reason, limit)]
+        return await _scan_one(redis, keys, streams[0], reason, limit)
+    rows = [row for key in streams for row in await _scan_one(redis, keys, key, reason, limit)]
     rows.sort(key=_id_order, reverse=True)
     return rows if limit is None else rows[:limit]
 
 
-async def _scan_one(redis: Redis, key: str, reason: str | None,
+async def _scan_one(redis: Redis, keys: Keys, key: str, reason: str | None,
                     limit: int | None) -> list[DeadRow]:
     out: list[DeadRow] = []
     upper = "+"
@@ -103,7 +123,7 @@ async def _scan_one(redis: Redis, key: str, reason: str | None,
         if not page:
             break
         for entry_id, fields in page:
-            row = decode_entry(entry_id, fields, key)
+            row = decode_entry(dead_id(keys, key, _s(entry_id)), fields, key)
             if matches(row, reason):
                 out.append(row)
                 if limit is not None and len(out) >= limit:
@@ -113,18 +133,15 @@ async def _scan_one(redis: Redis, key: str, reason: str | None,
 
 
 async def get_dead(redis: Redis, keys: Keys, ids: Iterable[str]) -> dict[str, DeadRow | None]:
-    """The dead letters with these ids (in any dead stream); ``None`` for an id in none."""
+    """The dead letters with these names (:func:`dead_id`); ``None`` for one not found."""
     out: dict[str, DeadRow | None] = {}
-    for eid in ids:
-        out[eid] = None
-        for key in keys.dead_streams():
-            try:
-                found = await redis.xrange(key, min=eid, max=eid)
-            except ResponseError:
-                found = []
-            if found:
-                out[eid] = decode_entry(*found[0], key)
-                break
+    for name in ids:
+        key, eid = _locate(keys, name)
+        try:
+            found = await redis.xrange(key, min=eid, max=eid)
+        except ResponseError:
+            found = []
+        out[name] = decode_entry(name, found[0][1], key) if found else None
     return out
 
 
@@ -177,7 +194,7 @@ async def replay(
                 await dedup.forget(redis, keys, dedup_window_s,
                                    [(row.letter.stream, event_id)])
         new_id = await redis.xadd(row.letter.stream, {events.FIELD: row.letter.raw})
-        await redis.xdel(row.dead_stream or keys.dead, row.id)
+        await redis.xdel(row.dead_stream or keys.dead, _entry_id(row))
         done.append((row.id, row.letter.stream, _s(new_id)))
     return done
 

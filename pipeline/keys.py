@@ -6,9 +6,9 @@ Two layouts (docs/DESIGN.md, "Redis Cluster"):
   cluster support — ``bb:uplinks`` or ``bb:{uplinks:3}`` partitioned, ``bb:dead``,
   ``bb:dev:…``, ``bb:registry:version``, ``bb:lww:…``, ``bb:rate:…``.
 * Redis Cluster (``cluster=True``): every key that a script or ``MULTI`` touches together with
-  others carries its partition's hash tag ``{pN}`` — ``bb:{p3}:uplinks``, ``bb:{p3}:writes``,
-  ``bb:{p3}:dead``, ``bb:{p3}:dev:…``, ``bb:{p3}:registry:version`` / ``:changes``,
-  ``bb:{p3}:lww:…``, ``bb:{p3}:rate:…`` — with N = :meth:`Keys.partition_of` of the device,
+  others carries its partition's hash tag ``{pN.k}`` (k: :meth:`Keys._tag`) —
+  ``bb:{p3.k}:uplinks``, ``…:writes``, ``…:dead``, ``…:dev:…``, ``…:registry:version`` /
+  ``:changes``, ``…:lww:…``, ``…:rate:…`` — with N = :meth:`Keys.partition_of` of the device,
   so a device's stream entries, row, order and rate state share one slot. The provisioning
   rate and count of an integration share a tag of their own. Keys only ever used alone keep
   their one-Redis names (a single-key command is in one slot anyway).
@@ -17,6 +17,8 @@ Two layouts (docs/DESIGN.md, "Redis Cluster"):
 from __future__ import annotations
 
 import zlib
+
+from redis.crc import key_slot
 
 UPLINKS = "uplinks"
 WRITES = "writes"
@@ -27,6 +29,9 @@ DEAD = "dead"
 GROUP_TRANSFORM = "transform"
 GROUP_EGRESS = "egress"
 GROUP_DOWNLINK = "downlink"
+
+#: Hash slots of a Redis Cluster.
+SLOTS = 16384
 
 
 class Keys:
@@ -40,13 +45,33 @@ class Keys:
         self.partitions = partitions
         #: Redis Cluster layout: every per-device key carries its partition's hash tag.
         self.cluster = cluster
+        self._tags: dict[int, str] = {}
 
     def _tagged(self, partition: int, rest: str) -> str:
-        return f"{self.prefix}{{p{partition}}}:{rest}"
+        return f"{self.prefix}{{{self._tag(partition)}}}:{rest}"
+
+    def _tag(self, partition: int) -> str:
+        """``p<N>.<k>``: the first ``k`` whose hash slot lies in partition N's share of the
+        slot space (N/P … (N+1)/P of 16384), so partitions spread evenly over masters that
+        own equal slot ranges (plain ``{p0}``, ``{p1}``, ``{p2}`` put two partitions on one of
+        three default masters and none on another). Stable: a function of N and P only."""
+        tag = self._tags.get(partition)
+        if tag is None:
+            if not 0 <= partition < self.partitions:
+                raise ValueError(f"partition {partition} of {self.partitions}")
+            tag = f"p{partition}"
+            if self.partitions <= SLOTS:
+                k = 0
+                while key_slot(f"p{partition}.{k}".encode()) * self.partitions // SLOTS \
+                        != partition:
+                    k += 1
+                tag = f"p{partition}.{k}"
+            self._tags[partition] = tag
+        return tag
 
     def stream(self, name: str, partition: int | None = None) -> str:
         """``bb:uplinks`` unpartitioned; ``bb:{uplinks:3}`` (a Cluster hash tag) partitioned;
-        ``bb:{p3}:uplinks`` in the cluster layout (``partition`` ``None`` there = 0)."""
+        ``bb:{p3.k}:uplinks`` in the cluster layout (``partition`` ``None`` there = 0)."""
         if self.cluster:
             return self._tagged(partition or 0, name)
         if self.partitions == 1 or partition is None:
@@ -64,14 +89,13 @@ class Keys:
         return zlib.crc32(f"{source}\0{device}".encode()) % self.partitions
 
     def partition_of_stream(self, key: str) -> int | None:
-        """The partition a stream key names (``bb:{uplinks:3}`` or ``bb:{p3}:uplinks`` → 3);
+        """The partition a stream key names (``bb:{uplinks:3}`` or ``bb:{p3.k}:uplinks`` → 3);
         ``None`` unpartitioned."""
         if self.cluster:
             start = key.find("{p", len(self.prefix) - 1)
             end = key.find("}", start)
-            if start >= 0 and end > start + 2 and key[start + 2:end].isdigit():
-                return int(key[start + 2:end])
-            return None
+            number = key[start + 2:end].partition(".")[0] if start >= 0 and end > 0 else ""
+            return int(number) if number.isdigit() else None
         if not key.endswith("}") or "{" not in key:
             return None
         return int(key[key.rindex(":") + 1:-1])
@@ -98,10 +122,10 @@ class Keys:
         """A stream key as metric labels and the status page name it: without the prefix (which
         may be random, as the demo's is) or hash-tag braces (``bb:{uplinks:3}`` → ``uplinks:3``)."""
         name = key[len(self.prefix):] if key.startswith(self.prefix) else key
-        if self.cluster and name.startswith("{p") and "}:" in name:
-            # bb:{p3}:uplinks → uplinks:3, as the one-Redis partitions are named
-            tag, _, rest = name.partition("}:")
-            return f"{rest}:{tag[2:]}"
+        partition = self.partition_of_stream(key) if self.cluster else None
+        if partition is not None and "}:" in name:
+            # bb:{p3.7}:uplinks → uplinks:3, as the one-Redis partitions are named
+            return f"{name.partition('}:')[2]}:{partition}"
         return name.replace("{", "").replace("}", "")
 
     @property

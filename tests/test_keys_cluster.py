@@ -32,7 +32,7 @@ def test_a_devices_keys_share_its_partition_slot_in_the_cluster_layout() -> None
         key = f"tts:app:{device}"
         p = keys.partition_of("tts", device)
         up = keys.stream_for(UPLINKS, "tts", device)
-        assert up == f"bb:{{p{p}}}:uplinks" and keys.partition_of_stream(up) == p
+        assert up.startswith(f"bb:{{p{p}.") and keys.partition_of_stream(up) == p
         same = [up, keys.stream_for(WRITES, "tts", device), keys.dead_for(up),
                 keys.dedup(up), keys.device("tts", "app", device),
                 keys.registry_version_for(up), keys.registry_changes(p),
@@ -46,4 +46,15 @@ def test_a_devices_keys_share_its_partition_slot_in_the_cluster_layout() -> None
     assert keys.provision_rate("tts", "app") != keys.provisioned("tts", "app")
     assert key_slot(keys.provision_rate("tts", "app").encode()) == \
         key_slot(keys.provisioned("tts", "app").encode())
-    assert keys.dead_streams() == ["bb:dead", *(f"bb:{{p{p}}}:dead" for p in range(6))]
+    assert keys.dead_streams() == ["bb:dead", *(keys.dead_for(keys.stream(UPLINKS, p))
+                                                for p in range(6))]
+
+
+def test_partitions_spread_evenly_over_the_slot_space() -> None:
+    """Three masters with the default equal slot ranges get P/3 partitions each."""
+    for partitions in (3, 6, 12):
+        keys = Keys("bb:", partitions, cluster=True)
+        per_master = [0, 0, 0]
+        for p in range(partitions):
+            per_master[key_slot(keys.stream(UPLINKS, p).encode()) * 3 // 16384] += 1
+        assert per_master == [partitions // 3] * 3

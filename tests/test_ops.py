@@ -15,6 +15,7 @@ import pytest
 
 from blynk_bridge import cli
 from pipeline import dedup, events
+from pipeline.deadletters import dead_id
 from pipeline.keys import DOWNLINKS, UPLINKS, WRITES, Keys
 from pipeline.status import StatusBoard
 from pipeline.streams import Redis, StreamReader, now_ms
@@ -68,7 +69,7 @@ async def _dead_letter(redis: Redis, keys: Keys, stream: str, group: str, data: 
     assert len(entries) == 1
     await reader.dead_letter([(entries[0], reason, f"{reason} at {group}")])
     last = await redis.xrevrange(keys.dead_for(stream), count=1)
-    return str(last[0][0].decode())
+    return dead_id(keys, keys.dead_for(stream), last[0][0].decode())
 
 
 @pytest.fixture
@@ -86,7 +87,8 @@ async def letters(redis: Redis, keys: Keys) -> dict[str, str]:
 
 
 async def _dead_ids(redis: Redis, keys: Keys) -> set[str]:
-    return {i.decode() for key in keys.dead_streams() for i, _ in await redis.xrange(key)}
+    return {dead_id(keys, key, i.decode()) for key in keys.dead_streams()
+            for i, _ in await redis.xrange(key)}
 
 
 async def test_lag_lists_every_stream_and_group(
