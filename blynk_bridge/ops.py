@@ -387,12 +387,12 @@ def _device_row(dev: Device, since_ms: int | None) -> dict[str, Any]:
 
 async def _scan_devices(redis: Redis, keys: Keys, limit: int) -> list[str]:
     """Device keys of registry rows (``SCAN``; at most ``limit``)."""
-    row_prefix = keys.device("", "", "")[: -len("::")]
     out: list[str] = []
-    async for raw in redis.scan_iter(match=f"{row_prefix}*", count=1000):
-        out.append(_s(raw)[len(row_prefix):])
-        if len(out) >= limit:
-            break
+    for row_prefix in keys.device_prefixes():
+        async for raw in redis.scan_iter(match=f"{row_prefix}*", count=1000):
+            out.append(_s(raw)[len(row_prefix):])
+            if len(out) >= limit:
+                return sorted(out)
     return sorted(out)
 
 

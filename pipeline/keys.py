@@ -156,6 +156,13 @@ class Keys:
                                 f"dev:{source}:{integration}:{device}")
         return f"{self.prefix}dev:{source}:{integration}:{device}"
 
+    def device_prefixes(self) -> list[str]:
+        """What every registry row's key starts with (``SCAN`` patterns): ``bb:dev:``, or one
+        per partition in the cluster layout."""
+        if not self.cluster:
+            return [f"{self.prefix}dev:"]
+        return [self._tagged(p, "dev:") for p in range(self.partitions)]
+
     def broken_devices(self) -> str:
         """Sorted set device key → when (ms) it was marked broken."""
         return f"{self.prefix}registry:broken"

@@ -22,6 +22,7 @@ def test_one_redis_names_are_unchanged() -> None:
     assert keys.last_written("tts:app:d") == "bb:lww:tts:app:d"
     assert keys.rate("tts:app:d") == "bb:rate:tts:app:d"
     assert keys.label("bb:{uplinks:2}") == "uplinks:2"
+    assert keys.device_prefixes() == ["bb:dev:"]
 
 
 def test_a_devices_keys_share_its_partition_slot_in_the_cluster_layout() -> None:
@@ -42,6 +43,7 @@ def test_a_devices_keys_share_its_partition_slot_in_the_cluster_layout() -> None
         assert len({key_slot(k.encode()) for k in same}) == 1, same
         slots_used.add(key_slot(up.encode()))
         assert keys.label(up) == f"uplinks:{p}"
+        assert keys.device("tts", "app", device) == keys.device_prefixes()[p] + key
     assert len(slots_used) == 6
     assert keys.provision_rate("tts", "app") != keys.provisioned("tts", "app")
     assert key_slot(keys.provision_rate("tts", "app").encode()) == \
