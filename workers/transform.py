@@ -597,10 +597,10 @@ class TransformStage:
                            for (e, u), m in zip(decoded, marks, strict=True)],
                     self._window)
             replies = await pipe.execute()
-        n = self.registry.sync_replies
-        if not self.registry.sync_apply(*replies[:n]):
+        synced = self.registry.sync_replies
+        if not self.registry.sync_apply(*replies[:synced]):
             await self.registry.reset()
-        claimed: list[bytes | None] = replies[n] if decoded else []
+        claimed: list[bytes | None] = replies[synced] if decoded else []
 
         acks: list[Entry] = []
         fresh: list[tuple[Entry, events.Uplink]] = []
