@@ -31,6 +31,8 @@ from pipeline import config as config_mod
 from pipeline.backlog import StreamInfo, by_node, snapshot
 from pipeline.deadletters import (
     DeadRow,
+    dead_total,
+    delete_dead,
     get_dead,
     letter_summary,
     matches,
@@ -64,9 +66,9 @@ def _safe_url(url: str) -> str:
 
 @asynccontextmanager
 async def _redis(cfg: config_mod.Config) -> AsyncIterator[tuple[Redis, Keys]]:
-    redis = connect(cfg.redis.url, cluster=cfg.redis.cluster)
+    redis = connect(cfg.redis.url, cluster=cfg.redis.is_cluster)
     try:
-        yield redis, Keys(cfg.redis.prefix, cfg.redis.partitions)
+        yield redis, cfg.redis.keys()
     finally:
         await redis.aclose()
 
@@ -298,7 +300,7 @@ def cmd_dead(args: argparse.Namespace) -> int:
         for eid in missing:
             print(f"no dead letter {eid}", file=sys.stderr)
         if action == "list":
-            _print_list(rows, await redis.xlen(keys.dead), as_json)
+            _print_list(rows, await dead_total(redis, keys), as_json)
         elif action == "show":
             # The decoded entry is the point of `show`: JSON either way.
             print_json({"dead_letters": [_shown(row, keys) for row in rows]})
@@ -327,7 +329,7 @@ def cmd_dead(args: argparse.Namespace) -> int:
             if refused:
                 return 1
         else:  # purge
-            purged = await redis.xdel(keys.dead, *[r.id for r in rows]) if rows else 0
+            purged = await delete_dead(redis, keys, rows) if rows else 0
             if as_json:
                 print_json({"purged": purged})
             else:
@@ -385,12 +387,12 @@ def _device_row(dev: Device, since_ms: int | None) -> dict[str, Any]:
 
 async def _scan_devices(redis: Redis, keys: Keys, limit: int) -> list[str]:
     """Device keys of registry rows (``SCAN``; at most ``limit``)."""
-    row_prefix = keys.device("", "", "")[: -len("::")]
     out: list[str] = []
-    async for raw in redis.scan_iter(match=f"{row_prefix}*", count=1000):
-        out.append(_s(raw)[len(row_prefix):])
-        if len(out) >= limit:
-            break
+    for row_prefix in keys.device_prefixes():
+        async for raw in redis.scan_iter(match=f"{row_prefix}*", count=1000):
+            out.append(_s(raw)[len(row_prefix):])
+            if len(out) >= limit:
+                return sorted(out)
     return sorted(out)
 
 

@@ -116,7 +116,7 @@ def describe(name: str, entry_id: str, raw: bytes | None, keys: Keys) -> Shown:
 
 
 def streams_of(name: str, keys: Keys) -> list[str]:
-    return [keys.dead] if name == DEAD else keys.streams(name)
+    return keys.dead_streams() if name == DEAD else keys.streams(name)
 
 
 async def start_ids(redis: Redis, streams: list[str]) -> dict[str, str]:
@@ -150,7 +150,7 @@ async def follow(redis: Redis, keys: Keys, name: str, show: Callable[[Shown], No
 
 def cmd_tail(args: argparse.Namespace) -> int:
     cfg = config_mod.load(args.config)
-    keys = Keys(cfg.redis.prefix, cfg.redis.partitions)
+    keys = cfg.redis.keys()
 
     def show(shown: Shown) -> None:
         if args.json:
@@ -169,7 +169,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, stop.set)
-        redis = connect(cfg.redis.url)
+        redis = connect(cfg.redis.url, cluster=cfg.redis.is_cluster)
         try:
             await follow(redis, keys, args.stream, show, stop, device=args.device, ready=ready)
         finally:

@@ -282,7 +282,7 @@ async def watch(redis: Redis, keys: Keys, view: View, *, interval_s: float, coun
 def run(args: argparse.Namespace, view: View) -> int:
     """Run a live view for a command line (``lag --watch``, ``top``)."""
     cfg = config_mod.load(args.config)
-    keys = Keys(cfg.redis.prefix, cfg.redis.partitions)
+    keys = cfg.redis.keys()
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -290,7 +290,7 @@ def run(args: argparse.Namespace, view: View) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, stop.set)
-        redis = connect(cfg.redis.url)
+        redis = connect(cfg.redis.url, cluster=cfg.redis.is_cluster)
         try:
             await watch(redis, keys, view, interval_s=args.interval, count=args.count,
                         as_json=bool(args.json), stop=stop, tty=sys.stdout.isatty())

@@ -116,14 +116,15 @@ def as_str(value: Any) -> str:
 async def inspect_stream(redis: Redis, name: str, key: str,
                          partition: int | None = None) -> StreamInfo:
     """Length and groups of one stream; a missing stream is empty with no groups."""
-    node = node_of(redis, key)
     try:
         info = await redis.xinfo_stream(key)
         groups = await redis.xinfo_groups(key)
     except ResponseError as exc:
         if "no such key" not in str(exc).lower():
             raise
-        return StreamInfo(name, key, 0, [], partition=partition, node=node)
+        return StreamInfo(name, key, 0, [], partition=partition, node=node_of(redis, key))
+    # After a command: a cluster client has no slot map before its first one.
+    node = node_of(redis, key)
     last_generated = as_str(info["last-generated-id"])
     out: list[GroupInfo] = []
     for g in groups:
@@ -181,10 +182,12 @@ def _id_key(entry_id: str) -> tuple[int, int]:
 
 
 async def snapshot(redis: Redis, keys: Keys) -> list[StreamInfo]:
-    """Every partition of every pipeline stream, then the dead stream (no groups)."""
+    """Every partition of every pipeline stream, then the dead streams (no groups; one per
+    partition besides ``keys.dead`` in the cluster layout)."""
     out: list[StreamInfo] = []
     for name in STREAM_NAMES:
         for key in keys.streams(name):
             out.append(await inspect_stream(redis, name, key, keys.partition_of_stream(key)))
-    out.append(await _dead_info(redis, keys.dead))
+    for key in keys.dead_streams():
+        out.append(await _dead_info(redis, key))
     return out

@@ -86,8 +86,9 @@ async def resolve(redis: Redis, registry: Registry, keys: Keys,
         registry.sync_queue(pipe)
         if fields:
             pipe.hmget(keys.blynk_index(), fields)
-        version, changes, *found = await pipe.execute()
-    if not registry.sync_apply(version, changes):
+        replies = await pipe.execute()
+    found = replies[registry.sync_replies:]
+    if not registry.sync_apply(*replies[:registry.sync_replies]):
         await registry.reset()
     raw = found[0] if found else []
     device_keys = [v.decode() if isinstance(v, bytes) else None for v in raw]

@@ -40,6 +40,7 @@ import msgspec.inspect as mi
 from pipeline import config_source
 from pipeline.batching import DEFAULT_LINGER_ABOVE_PER_S
 from pipeline.errors import ConfigError, ConfigProblem
+from pipeline.keys import Keys
 from pipeline.redact import Secret
 
 log = logging.getLogger("blynk_bridge.config")
@@ -77,8 +78,18 @@ class RedisConfig(_Base):
     #: Number of partitions of each stream (1 = unpartitioned).
     partitions: AtLeast1 = 1
     #: Talk to a Redis Cluster (redis-py's ``RedisCluster``); implied by a
-    #: ``redis+cluster://host:port,...`` URL.
+    #: ``redis+cluster://host:port,...`` URL. Keys then carry their partition's hash tag
+    #: (:mod:`pipeline.keys`); give at least as many ``partitions`` as the cluster has masters.
     cluster: bool = False
+
+    @property
+    def is_cluster(self) -> bool:
+        """Cluster mode: ``cluster: true`` or a ``redis+cluster://`` URL."""
+        return self.cluster or self.url.startswith("redis+cluster://")
+
+    def keys(self) -> Keys:
+        """The key names of this deployment (layout, prefix, partitions)."""
+        return Keys(self.prefix, self.partitions, cluster=self.is_cluster)
 
 
 class StreamsConfig(_Base):
@@ -1040,14 +1051,20 @@ def check(config: Config, origin: str) -> None:
             raise _invalid(origin, f"devices[{i}].server",
                            f"`devices[{i}].server` names unknown server {dev.server!r}")
     _check_downlinks(config, origin)
-    if config.redis.cluster or config.redis.url.startswith("redis+cluster://"):
-        # Refused rather than failing at the first cross-slot script: so far only the
-        # de-duplication state keeps each call in one slot (issue 13, docs/DESIGN.md).
-        raise _invalid(origin, "redis.cluster",
-                       "`redis.cluster` / a `redis+cluster://` URL is not supported yet: the "
-                       "stages' scripts still touch keys of several slots (registry version, "
-                       "dead stream, last-written times); run on one Redis (any "
-                       "`redis.partitions`)")
+    if config.redis.is_cluster:
+        # Refused rather than failing at the first cross-slot call: the downlink path (echo
+        # records keyed by token, the downlink worker's MULTI, device sessions) does not carry
+        # partition hash tags yet (issue 13, docs/DESIGN.md "Redis Cluster").
+        if config.blynk_webhooks:
+            raise _invalid(origin, "blynk_webhooks",
+                           "`blynk_webhooks` (downlinks) are not supported with `redis.cluster` "
+                           "/ a `redis+cluster://` URL yet: their keys are not partitioned; "
+                           "run downlinks on one Redis")
+        for i, t in enumerate(config.templates):
+            if t.downlinks == "mqtt":
+                raise _invalid(origin, f"templates[{i}].downlinks",
+                               "`downlinks: mqtt` (device sessions) is not supported with "
+                               "`redis.cluster` / a `redis+cluster://` URL yet")
     if config.blynk.default_server not in config.blynk.servers:
         raise _invalid(
             origin, "blynk.default_server",

@@ -26,8 +26,8 @@ class Context:
 
     @classmethod
     def create(cls, config: Config, *, consumer: str | None = None) -> Context:
-        redis = connect(config.redis.url, cluster=config.redis.cluster)
-        keys = Keys(config.redis.prefix, config.redis.partitions)
+        redis = connect(config.redis.url, cluster=config.redis.is_cluster)
+        keys = config.redis.keys()
         name = consumer or config.streams.consumer or f"{socket.gethostname()}-{os.getpid()}"
         return cls(config=config, redis=redis, keys=keys, consumer=name,
                    writer=StreamWriter(redis))

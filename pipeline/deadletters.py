@@ -1,9 +1,13 @@
 """Dead letters as operators handle them: read back, summarised, replayed.
 
 One home for what ``blynk-bridge dead`` (:mod:`blynk_bridge.ops`) and the monitor's status page
-(:mod:`pipeline.status_page`) do with the dead stream. Reads are bounded by their ``limit``;
-:func:`replay` is at-least-once (see there). Summaries never carry a token or a credential
-header's value in full (:func:`pipeline.redact.redact_text`).
+(:mod:`pipeline.status_page`) do with the dead stream — every dead stream: one on one Redis,
+one per partition besides it in the cluster layout (:meth:`pipeline.keys.Keys.dead_streams`);
+reads merge them newest first and each row names its stream. Ids of different dead streams
+may be equal (each master makes its own), so a letter of a partition's dead stream is named
+``<partition>/<entry id>`` (:func:`dead_id`); one of ``keys.dead`` by its entry id alone.
+Reads are bounded by their ``limit``; :func:`replay` is at-least-once (see there). Summaries
+never carry a token or a credential header's value in full (:func:`pipeline.redact.redact_text`).
 """
 
 from __future__ import annotations
@@ -39,17 +43,56 @@ class DeadRow(msgspec.Struct, kw_only=True):
     letter: events.DeadLetter | None
     #: Why ``letter`` is ``None`` (the entry could not be decoded).
     error: str | None = None
+    #: The dead stream holding it ("" = ``keys.dead``).
+    dead_stream: str = ""
 
 
-def decode_entry(entry_id: Any, fields: Any) -> DeadRow:
+def decode_entry(entry_id: Any, fields: Any, dead_stream: str = "") -> DeadRow:
     eid = _s(entry_id)
     raw = (fields or {}).get(events.FIELD)
     if raw is None:
-        return DeadRow(id=eid, letter=None, error="no `d` field")
+        return DeadRow(id=eid, letter=None, error="no `d` field", dead_stream=dead_stream)
     try:
-        return DeadRow(id=eid, letter=events.decode_dead(raw))
+        return DeadRow(id=eid, letter=events.decode_dead(raw), dead_stream=dead_stream)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        return DeadRow(id=eid, letter=None, error=f"undecodable: {exc}")
+        return DeadRow(id=eid, letter=None, error=f"undecodable: {exc}",
+                       dead_stream=dead_stream)
+
+
+def dead_id(keys: Keys, dead_stream: str, entry_id: str) -> str:
+    """How a letter is named (module docstring)."""
+    partition = None if dead_stream == keys.dead else keys.partition_of_stream(dead_stream)
+    return entry_id if partition is None else f"{partition}/{entry_id}"
+
+
+def _locate(keys: Keys, name: str) -> tuple[str, str]:
+    """(dead stream, entry id) of a letter's name (:func:`dead_id`)."""
+    partition, sep, entry_id = name.rpartition("/")
+    if not sep or not partition.isdigit():
+        return keys.dead, name
+    return keys.dead_for(keys.stream(UPLINKS, int(partition))), entry_id
+
+
+def _entry_id(row: DeadRow) -> str:
+    return row.id.rpartition("/")[2]
+
+
+def _id_order(row: DeadRow) -> tuple[int, int]:
+    ms, _, seq = _entry_id(row).partition("-")
+    return int(ms), int(seq or 0)
+
+
+async def dead_total(redis: Redis, keys: Keys) -> int:
+    """Letters in every dead stream."""
+    return sum([int(await redis.xlen(key)) for key in keys.dead_streams()])
+
+
+async def delete_dead(redis: Redis, keys: Keys, rows: Iterable[DeadRow]) -> int:
+    """Delete these letters from their dead streams; returns how many were deleted."""
+    by_stream: dict[str, list[str]] = {}
+    for row in rows:
+        by_stream.setdefault(row.dead_stream or keys.dead, []).append(_entry_id(row))
+    return sum([int(await redis.xdel(key, *ids)) for key, ids in by_stream.items()])
 
 
 def matches(row: DeadRow, reason: str | None) -> bool:
@@ -59,18 +102,29 @@ def matches(row: DeadRow, reason: str | None) -> bool:
 async def scan_dead(
     redis: Redis, keys: Keys, *, reason: str | None = None, limit: int | None = None
 ) -> list[DeadRow]:
-    """Dead letters newest first, optionally only one ``reason``, at most ``limit``."""
+    """Dead letters newest first (over every dead stream), optionally only one ``reason``, at
+    most ``limit``."""
+    streams = keys.dead_streams()
+    if len(streams) == 1:
+        return await _scan_one(redis, keys, streams[0], reason, limit)
+    rows = [row for key in streams for row in await _scan_one(redis, keys, key, reason, limit)]
+    rows.sort(key=_id_order, reverse=True)
+    return rows if limit is None else rows[:limit]
+
+
+async def _scan_one(redis: Redis, keys: Keys, key: str, reason: str | None,
+                    limit: int | None) -> list[DeadRow]:
     out: list[DeadRow] = []
     upper = "+"
     while limit is None or len(out) < limit:
         # Unfiltered, every entry read is kept: read no more than still wanted (letters are up
         # to ~8 KiB each, and the status page wants ten on every build). Filtered, any may be.
         count = _PAGE if limit is None or reason is not None else min(_PAGE, limit - len(out))
-        page = await redis.xrevrange(keys.dead, max=upper, min="-", count=count)
+        page = await redis.xrevrange(key, max=upper, min="-", count=count)
         if not page:
             break
         for entry_id, fields in page:
-            row = decode_entry(entry_id, fields)
+            row = decode_entry(dead_id(keys, key, _s(entry_id)), fields, key)
             if matches(row, reason):
                 out.append(row)
                 if limit is not None and len(out) >= limit:
@@ -80,14 +134,15 @@ async def scan_dead(
 
 
 async def get_dead(redis: Redis, keys: Keys, ids: Iterable[str]) -> dict[str, DeadRow | None]:
-    """The dead letters with these ids; ``None`` for an id not in the dead stream."""
+    """The dead letters with these names (:func:`dead_id`); ``None`` for one not found."""
     out: dict[str, DeadRow | None] = {}
-    for eid in ids:
+    for name in ids:
+        key, eid = _locate(keys, name)
         try:
-            found = await redis.xrange(keys.dead, min=eid, max=eid)
+            found = await redis.xrange(key, min=eid, max=eid)
         except ResponseError:
             found = []
-        out[eid] = decode_entry(*found[0]) if found else None
+        out[name] = decode_entry(name, found[0][1], key) if found else None
     return out
 
 
@@ -141,7 +196,7 @@ async def replay(
                 await dedup.forget(redis, keys, dedup_window_s,
                                    [(row.letter.stream, event_id)])
         new_id = await redis.xadd(row.letter.stream, {events.FIELD: row.letter.raw})
-        await redis.xdel(keys.dead, row.id)
+        await redis.xdel(row.dead_stream or keys.dead, _entry_id(row))
         done.append((row.id, row.letter.stream, _s(new_id)))
     return done
 

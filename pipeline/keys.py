@@ -1,8 +1,24 @@
-"""Every Redis key name blynk-bridge uses, built from one prefix in one place."""
+"""Every Redis key name blynk-bridge uses, built from one prefix in one place.
+
+Two layouts (docs/DESIGN.md, "Redis Cluster"):
+
+* one Redis (``cluster=False``, the default): the names below, unchanged by this module's
+  cluster support — ``bb:uplinks`` or ``bb:{uplinks:3}`` partitioned, ``bb:dead``,
+  ``bb:dev:…``, ``bb:registry:version``, ``bb:lww:…``, ``bb:rate:…``.
+* Redis Cluster (``cluster=True``): every key that a script or ``MULTI`` touches together with
+  others carries its partition's hash tag ``{pN.k}`` (k: :meth:`Keys._tag`) —
+  ``bb:{p3.k}:uplinks``, ``…:writes``, ``…:dead``, ``…:dev:…``, ``…:registry:version`` /
+  ``:changes``, ``…:lww:…``, ``…:rate:…`` — with N = :meth:`Keys.partition_of` of the device,
+  so a device's stream entries, row, order and rate state share one slot. The provisioning
+  rate and count of an integration share a tag of their own. Keys only ever used alone keep
+  their one-Redis names (a single-key command is in one slot anyway).
+"""
 
 from __future__ import annotations
 
 import zlib
+
+from redis.crc import key_slot
 
 UPLINKS = "uplinks"
 WRITES = "writes"
@@ -14,25 +30,57 @@ GROUP_TRANSFORM = "transform"
 GROUP_EGRESS = "egress"
 GROUP_DOWNLINK = "downlink"
 
+#: Hash slots of a Redis Cluster.
+SLOTS = 16384
+
 
 class Keys:
     """Key names under one prefix (default ``bb:``)."""
 
-    def __init__(self, prefix: str = "bb:", partitions: int = 1) -> None:
+    def __init__(self, prefix: str = "bb:", partitions: int = 1, *,
+                 cluster: bool = False) -> None:
         if partitions < 1:
             raise ValueError("partitions must be >= 1")
         self.prefix = prefix
         self.partitions = partitions
+        #: Redis Cluster layout: every per-device key carries its partition's hash tag.
+        self.cluster = cluster
+        self._tags: dict[int, str] = {}
+
+    def _tagged(self, partition: int, rest: str) -> str:
+        return f"{self.prefix}{{{self._tag(partition)}}}:{rest}"
+
+    def _tag(self, partition: int) -> str:
+        """``p<N>.<k>``: the first ``k`` whose hash slot lies in partition N's share of the
+        slot space (N/P … (N+1)/P of 16384), so partitions spread evenly over masters that
+        own equal slot ranges (plain ``{p0}``, ``{p1}``, ``{p2}`` put two partitions on one of
+        three default masters and none on another). Stable: a function of N and P only."""
+        tag = self._tags.get(partition)
+        if tag is None:
+            if not 0 <= partition < self.partitions:
+                raise ValueError(f"partition {partition} of {self.partitions}")
+            tag = f"p{partition}"
+            if self.partitions <= SLOTS:
+                k = 0
+                while key_slot(f"p{partition}.{k}".encode()) * self.partitions // SLOTS \
+                        != partition:
+                    k += 1
+                tag = f"p{partition}.{k}"
+            self._tags[partition] = tag
+        return tag
 
     def stream(self, name: str, partition: int | None = None) -> str:
-        """``bb:uplinks`` unpartitioned; ``bb:{uplinks:3}`` (a Cluster hash tag) partitioned."""
+        """``bb:uplinks`` unpartitioned; ``bb:{uplinks:3}`` (a Cluster hash tag) partitioned;
+        ``bb:{p3.k}:uplinks`` in the cluster layout (``partition`` ``None`` there = 0)."""
+        if self.cluster:
+            return self._tagged(partition or 0, name)
         if self.partitions == 1 or partition is None:
             return f"{self.prefix}{name}"
         return f"{self.prefix}{{{name}:{partition}}}"
 
     def streams(self, name: str) -> list[str]:
         """Every partition of one stream."""
-        if self.partitions == 1:
+        if self.partitions == 1 and not self.cluster:
             return [self.stream(name)]
         return [self.stream(name, p) for p in range(self.partitions)]
 
@@ -41,42 +89,105 @@ class Keys:
         return zlib.crc32(f"{source}\0{device}".encode()) % self.partitions
 
     def partition_of_stream(self, key: str) -> int | None:
-        """The partition a stream key names (``bb:{uplinks:3}`` → 3); ``None`` unpartitioned."""
+        """The partition a stream key names (``bb:{uplinks:3}`` or ``bb:{p3.k}:uplinks`` → 3);
+        ``None`` unpartitioned."""
+        if self.cluster:
+            start = key.find("{p", len(self.prefix) - 1)
+            end = key.find("}", start)
+            number = key[start + 2:end].partition(".")[0] if start >= 0 and end > 0 else ""
+            return int(number) if number.isdigit() else None
         if not key.endswith("}") or "{" not in key:
             return None
         return int(key[key.rindex(":") + 1:-1])
 
     def stream_for(self, name: str, source: str, device: str) -> str:
-        if self.partitions == 1:
+        if self.partitions == 1 and not self.cluster:
             return self.stream(name)
         return self.stream(name, self.partition_of(source, device))
+
+    def partition_of_device_key(self, device_key: str) -> int:
+        """The partition of a device key ``source:integration:device`` (a ``#<token hash>``
+        suffix — :func:`pipeline.registry.token_device_key` — keeps its row's partition)."""
+        source, _, rest = device_key.partition(":")
+        device = rest.partition(":")[2].split("#", 1)[0]
+        return self.partition_of(source, device)
+
+    def _of_device(self, device_key: str, rest: str) -> str:
+        """A per-device key: ``bb:<rest>``, or tagged with the device's partition (cluster)."""
+        if self.cluster:
+            return self._tagged(self.partition_of_device_key(device_key), rest)
+        return f"{self.prefix}{rest}"
 
     def label(self, key: str) -> str:
         """A stream key as metric labels and the status page name it: without the prefix (which
         may be random, as the demo's is) or hash-tag braces (``bb:{uplinks:3}`` → ``uplinks:3``)."""
         name = key[len(self.prefix):] if key.startswith(self.prefix) else key
-        return name.strip("{}")
+        partition = self.partition_of_stream(key) if self.cluster else None
+        if partition is not None and "}:" in name:
+            # bb:{p3.7}:uplinks → uplinks:3, as the one-Redis partitions are named
+            return f"{name.partition('}:')[2]}:{partition}"
+        return name.replace("{", "").replace("}", "")
 
     @property
     def dead(self) -> str:
+        """The dead stream of writers that are in no partition (ingest refusals, downlinks).
+        In the cluster layout each partition also has its own (:meth:`dead_for`)."""
         return f"{self.prefix}{DEAD}"
+
+    def dead_for(self, stream: str) -> str:
+        """Where an entry of ``stream`` is dead-lettered: :attr:`dead` on one Redis; in the
+        cluster layout the dead stream of the stream's partition, so the dead letter and the
+        entry's ack go in one script / ``MULTI`` (one slot)."""
+        if not self.cluster:
+            return self.dead
+        partition = self.partition_of_stream(stream)
+        return self.dead if partition is None else self._tagged(partition, DEAD)
+
+    def dead_streams(self) -> list[str]:
+        """Every dead stream (what ``dead list``, the status page and the monitor read)."""
+        if not self.cluster:
+            return [self.dead]
+        return [self.dead, *(self._tagged(p, DEAD) for p in range(self.partitions))]
 
     # registry, de-duplication, order, leases, statuses
     def device(self, source: str, integration: str, device: str) -> str:
+        if self.cluster:
+            return self._tagged(self.partition_of(source, device),
+                                f"dev:{source}:{integration}:{device}")
         return f"{self.prefix}dev:{source}:{integration}:{device}"
+
+    def device_prefixes(self) -> list[str]:
+        """What every registry row's key starts with (``SCAN`` patterns): ``bb:dev:``, or one
+        per partition in the cluster layout."""
+        if not self.cluster:
+            return [f"{self.prefix}dev:"]
+        return [self._tagged(p, "dev:") for p in range(self.partitions)]
 
     def broken_devices(self) -> str:
         """Sorted set device key → when (ms) it was marked broken."""
         return f"{self.prefix}registry:broken"
 
-    def registry_version(self) -> str:
+    def registry_partitions(self) -> list[int | None]:
+        """The registry's version/change-log pairs: one (``None``) on one Redis, one per
+        partition in the cluster layout (bumped with the rows of that partition)."""
+        return list(range(self.partitions)) if self.cluster else [None]
+
+    def registry_version(self, partition: int | None = None) -> str:
+        if self.cluster:
+            return self._tagged(partition or 0, "registry:version")
         return f"{self.prefix}registry:version"
+
+    def registry_version_for(self, stream: str) -> str:
+        """The registry version a batch read from ``stream`` is checked against."""
+        return self.registry_version(self.partition_of_stream(stream))
 
     def registry_channel(self) -> str:
         return f"{self.prefix}registry:changed"
 
-    def registry_changes(self) -> str:
+    def registry_changes(self, partition: int | None = None) -> str:
         """Stream of changed device keys, one entry per ``registry_version`` increment."""
+        if self.cluster:
+            return self._tagged(partition or 0, "registry:changes")
         return f"{self.prefix}registry:changes"
 
     def provision_lock(self, source: str, integration: str, device: str) -> str:
@@ -84,10 +195,14 @@ class Keys:
 
     def provision_rate(self, source: str, integration: str) -> str:
         """GCRA state (:mod:`pipeline.ratelimit`) of an integration's device creations."""
+        if self.cluster:  # one script touches it with provisioned(): one tag for both
+            return f"{self.prefix}rate:provision:{{{source}:{integration}}}"
         return f"{self.prefix}rate:provision:{source}:{integration}"
 
     def provisioned(self, source: str, integration: str) -> str:
         """How many devices auto-provisioning created for an integration (``provision_max``)."""
+        if self.cluster:
+            return f"{self.prefix}provisioned:{{{source}:{integration}}}"
         return f"{self.prefix}provisioned:{source}:{integration}"
 
     def dedup(self, stream: str) -> str:
@@ -99,7 +214,7 @@ class Keys:
 
     def last_written(self, device_key: str) -> str:
         """Hash pin → event time (ms) of the last value written to Blynk."""
-        return f"{self.prefix}lww:{device_key}"
+        return self._of_device(device_key, f"lww:{device_key}")
 
     def region(self, token_hash: str) -> str:
         return f"{self.prefix}region:{token_hash}"
@@ -133,7 +248,7 @@ class Keys:
         return f"{self.prefix}egress:superseded"
 
     def rate(self, device_key: str) -> str:
-        return f"{self.prefix}rate:{device_key}"
+        return self._of_device(device_key, f"rate:{device_key}")
 
     def echo(self, token_ref: str, pin: str) -> str:
         """Values the bridge wrote to one Blynk device (named by a token hash) and pin."""

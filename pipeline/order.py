@@ -3,8 +3,9 @@
 ``keys.last_written(device_key)`` is a hash ``pin → event time (ms)`` of the newest value Blynk
 has for that pin, plus one field ``~lease`` (``"<expires_ms>|<owner>"``): the device's in-flight
 lease. Both live in one key. The per-flush scripts (:meth:`LastWritten.prepare`,
-:meth:`LastWritten.commit_many`) touch the keys of many devices in one call, as the other
-stages' batch scripts do: one Redis, not Redis Cluster.
+:meth:`LastWritten.commit_many`) touch the keys of many devices in one call on one Redis; in
+the cluster layout (:attr:`pipeline.keys.Keys.cluster`) they run once per partition, pipelined,
+each call in its partition's slot.
 
 The protocol of one device write (egress):
 
@@ -262,10 +263,37 @@ class LastWritten:
 
         ``acks`` (stream → entry ids) are acknowledged for ``group`` in the same call, after
         the records: a write's entries are acked exactly when what it wrote is recorded.
-        (The call touches many keys; like the other per-batch scripts it assumes one Redis.)
+        (One call on one Redis; in the cluster layout one per partition, each in one slot.)
         """
         if not items and not acks:
             return []
+        if not self._keys.cluster:
+            keys, args = self._commit_call(items, acks or {}, group)
+            return [bool(r) for r in await self._commit(keys=keys, args=args)]
+        # Cluster layout: one call per partition (a device's records and its writes stream
+        # share the partition's hash tag), pipelined.
+        parts: dict[int, tuple[list[int], dict[str, Sequence[str]]]] = {}
+        for i, (device_key, _) in enumerate(items):
+            parts.setdefault(self._keys.partition_of_device_key(device_key), ([], {}))[0].append(i)
+        for stream, ids in (acks or {}).items():
+            if ids:
+                part = self._keys.partition_of_stream(stream) or 0
+                parts.setdefault(part, ([], {}))[1][stream] = ids
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for idx, part_acks in parts.values():
+                keys, args = self._commit_call([items[i] for i in idx], part_acks, group)
+                await self._commit(keys=keys, args=args, client=pipe)
+            replies = await pipe.execute()
+        held = [False] * len(items)
+        for (idx, _), reply in zip(parts.values(), replies, strict=True):
+            for i, r in zip(idx, reply, strict=True):
+                held[i] = bool(r)
+        return held
+
+    def _commit_call(self, items: Sequence[tuple[str, Mapping[str, int]]],
+                     acks: Mapping[str, Sequence[str]], group: str
+                     ) -> tuple[list[str], list[bytes]]:
+        """Keys and arguments of one ``_COMMIT`` call."""
         lw = self._keys.last_written
         keys = [lw(device_key) for device_key, _ in items]
         writes: list[list[str | int]] = []
@@ -275,13 +303,11 @@ class LastWritten:
                 flat += (pin, ts)
             writes.append(flat)
         streams: list[list[str]] = []
-        for stream, ids in (acks or {}).items():
+        for stream, ids in acks.items():
             if ids:
                 keys.append(stream)
                 streams.append(list(ids))
-        args = [_pack([self.owner, self.ttl_ms, group, writes, streams])]
-        replies = await self._commit(keys=keys, args=args)
-        return [bool(r) for r in replies]
+        return keys, [_pack([self.owner, self.ttl_ms, group, writes, streams])]
 
     async def prepare(self, devices: Sequence[tuple[str, Mapping[str, int]]],
                       limiter: RateLimiter, *,
@@ -301,6 +327,45 @@ class LastWritten:
         """
         if not devices:
             return []
+        if not self._keys.cluster:
+            keys, args = self._prepare_call(devices, limiter, echoes, echo_window_ms)
+            replies = await self._prepare(keys=keys, args=args)
+        else:
+            if echoes is not None:
+                # Echo lists are keyed by token, in other slots (config refuses downlinks
+                # with cluster mode until they are tagged too: docs/DESIGN.md).
+                raise ValueError("echo records are not supported in the cluster layout")
+            parts: dict[int, list[int]] = {}
+            for i, (device_key, _) in enumerate(devices):
+                parts.setdefault(self._keys.partition_of_device_key(device_key), []).append(i)
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for idx in parts.values():
+                    keys, args = self._prepare_call([devices[i] for i in idx], limiter, None, 0)
+                    await self._prepare(keys=keys, args=args, client=pipe)
+                got = await pipe.execute()
+            replies = [None] * len(devices)
+            for idx, reply in zip(parts.values(), got, strict=True):
+                for i, r in zip(idx, reply, strict=True):
+                    replies[i] = r
+        claims: list[Claim] = []
+        for (_, newest), reply in zip(devices, replies, strict=True):
+            code = int(reply[0])
+            if code == 1:
+                claims.append(Claim(True, {pin: int(v) for pin, v in
+                                           zip(newest, reply[1:], strict=True) if v}))
+            elif code == 0:
+                claims.append(Claim(False, {}, int(reply[1])))
+            elif code == 2:
+                claims.append(Claim(False, {}, wait_s=int(reply[1]) / 1_000_000))
+            else:
+                claims.append(Claim(False, {}, stale=True))
+        return claims
+
+    def _prepare_call(self, devices: Sequence[tuple[str, Mapping[str, int]]],
+                      limiter: RateLimiter,
+                      echoes: Sequence[Sequence[tuple[str, str]]] | None,
+                      echo_window_ms: int) -> tuple[list[str], list[bytes]]:
+        """Keys and arguments of one ``_PREPARE`` call."""
         lw, rate = self._keys.last_written, self._keys.rate
         keys: list[str] = []
         per_device: list[list[str | int]] = []
@@ -316,22 +381,9 @@ class LastWritten:
             for records in echoes:
                 keys += (key for key, _ in records)
                 items.append([text for _, text in records])
-        args = [_pack([self.owner, self.lease_ms, max(self.ttl_ms, self.lease_ms),
-                       limiter.interval_us, limiter.burst, per_device, echo_window_ms, items])]
-        replies = await self._prepare(keys=keys, args=args)
-        claims: list[Claim] = []
-        for (_, newest), reply in zip(devices, replies, strict=True):
-            code = int(reply[0])
-            if code == 1:
-                claims.append(Claim(True, {pin: int(v) for pin, v in
-                                           zip(newest, reply[1:], strict=True) if v}))
-            elif code == 0:
-                claims.append(Claim(False, {}, int(reply[1])))
-            elif code == 2:
-                claims.append(Claim(False, {}, wait_s=int(reply[1]) / 1_000_000))
-            else:
-                claims.append(Claim(False, {}, stale=True))
-        return claims
+        return keys, [_pack([self.owner, self.lease_ms, max(self.ttl_ms, self.lease_ms),
+                             limiter.interval_us, limiter.burst, per_device, echo_window_ms,
+                             items])]
 
     async def release(self, device_keys: Sequence[str]) -> None:
         """Give up the leases of devices whose write did not happen (nothing recorded)."""

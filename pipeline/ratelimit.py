@@ -95,9 +95,24 @@ class RateLimiter:
         if not device_keys:
             return []
         rate = self._keys.rate
-        replies = await self._take(keys=[rate(k) for k in device_keys],
-                                   args=[self.interval_us, self.burst])
-        return [int(r) / 1_000_000 for r in replies]
+        if not self._keys.cluster:
+            replies = await self._take(keys=[rate(k) for k in device_keys],
+                                       args=[self.interval_us, self.burst])
+            return [int(r) / 1_000_000 for r in replies]
+        # Cluster layout: one call per partition (one slot each), pipelined.
+        parts: dict[int, list[int]] = {}
+        for i, k in enumerate(device_keys):
+            parts.setdefault(self._keys.partition_of_device_key(k), []).append(i)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for idx in parts.values():
+                await self._take(keys=[rate(device_keys[i]) for i in idx],
+                                 args=[self.interval_us, self.burst], client=pipe)
+            got = await pipe.execute()
+        out = [0.0] * len(device_keys)
+        for idx, reply in zip(parts.values(), got, strict=True):
+            for i, r in zip(idx, reply, strict=True):
+                out[i] = int(r) / 1_000_000
+        return out
 
     async def acquire(self, device_key: str) -> None:
         """Wait until one request of ``device_key`` may go, and count it."""

@@ -50,7 +50,7 @@ from pipeline.config import DeviceEntry
 from pipeline.errors import Reason
 from pipeline.keys import Keys
 from pipeline.redact import masked_repr
-from pipeline.streams import Redis, now_ms
+from pipeline.streams import Redis, now_ms, single_connection_client
 
 log = logging.getLogger("blynk_bridge.registry")
 
@@ -148,8 +148,12 @@ class Registry:
         self._keys = keys
         self._cache: OrderedDict[str, Device] = OrderedDict()
         self._cache_size = max(1, cache_size)
-        self._applied_v: int | None = None
-        self._applied_id = "0-0"
+        #: Per version/change-log pair (:meth:`pipeline.keys.Keys.registry_partitions`: one on
+        #: one Redis, one per partition in the cluster layout): the version the cache is in
+        #: line with and the last change-log entry applied.
+        self._parts = keys.registry_partitions()
+        self._applied: dict[int | None, int] | None = None
+        self._applied_id: dict[int | None, str] = dict.fromkeys(self._parts, "0-0")
         # Bumped by every eviction: a load that overlapped one is returned but not cached.
         self._gen = 0
         self._listener: asyncio.Task[None] | None = None
@@ -180,8 +184,27 @@ class Registry:
         A caller that has its writes refused unless ``registry:version`` still equals this
         value at write time (transform's fast path) never acts on a row older than the last
         change: any change bumps the version. On a refusal it calls :meth:`sync`.
+
+        In the cluster layout it is the sum of the partitions' versions (each only grows, so
+        it moves exactly when one of them does); the check itself is against the version of
+        the batch's partition (:meth:`version_for`).
         """
-        return self._applied_v
+        if self._applied is None:
+            return None
+        return sum(self._applied.values())
+
+    def version_for(self, stream: str) -> int | None:
+        """The version :meth:`pipeline.keys.Keys.registry_version_for` ``stream`` names, as
+        the cache is in line with it."""
+        if self._applied is None:
+            return None
+        part = self._keys.partition_of_stream(stream) if self._keys.cluster else None
+        return self._applied.get(part or 0 if self._keys.cluster else None)
+
+    @property
+    def sync_replies(self) -> int:
+        """How many replies :meth:`sync_queue` queues (what :meth:`sync_apply` takes)."""
+        return 2 * len(self._parts)
 
     async def get(self, key: str, *, sync: bool = True) -> Device | None:
         return (await self.get_many([key], sync=sync))[key]
@@ -218,7 +241,21 @@ class Registry:
     async def load(self, keys: Sequence[str]) -> dict[str, Device | None]:
         """Read rows from Redis (bypassing the cache) and cache the ones found."""
         gen = self._gen
-        rows = await self._load(keys=[self.row_key(k) for k in keys], args=FIELDS)
+        if not self._keys.cluster:
+            rows = await self._load(keys=[self.row_key(k) for k in keys], args=FIELDS)
+        else:  # one script call per partition (one slot each), pipelined
+            by_part: dict[int, list[int]] = {}
+            for i, k in enumerate(keys):
+                by_part.setdefault(self._keys.partition_of_device_key(k), []).append(i)
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for idx in by_part.values():
+                    await self._load(keys=[self.row_key(keys[i]) for i in idx], args=FIELDS,
+                                     client=pipe)
+                replies = await pipe.execute()
+            rows = [None] * len(keys)
+            for idx, got in zip(by_part.values(), replies, strict=True):
+                for i, row in zip(idx, got, strict=True):
+                    rows[i] = row
         out: dict[str, Device | None] = {}
         for key, row in zip(keys, rows, strict=True):
             dev = Device.from_fields(key, row)
@@ -245,16 +282,28 @@ class Registry:
     # ---- the version check -----------------------------------------------------------------
 
     def sync_queue(self, pipe: Pipeline) -> None:
-        """Queue the version check (2 commands) in a caller's pipeline; see :meth:`sync_apply`."""
-        pipe.get(self._keys.registry_version())
-        pipe.xrange(self._keys.registry_changes(), min=f"({self._applied_id}", count=SYNC_MAX)
+        """Queue the version check (:attr:`sync_replies` commands) in a caller's pipeline; see
+        :meth:`sync_apply`."""
+        for part in self._parts:
+            pipe.get(self._keys.registry_version(part))
+            pipe.xrange(self._keys.registry_changes(part), min=f"({self._applied_id[part]}",
+                        count=SYNC_MAX)
 
-    def sync_apply(self, version: Any, changes: Sequence[tuple[bytes, dict[bytes, bytes]]]) -> bool:
-        """Apply the replies of :meth:`sync_queue`; ``False`` = the caller must :meth:`reset`."""
-        v = int(version or 0)
-        if self._applied_v is None:
+    def sync_apply(self, *replies: Any) -> bool:
+        """Apply the replies of :meth:`sync_queue` (a version, then its changes, per pair);
+        ``False`` = the caller must :meth:`reset`."""
+        if self._applied is None:
             return False
-        delta = v - self._applied_v
+        ok = True
+        for i, part in enumerate(self._parts):
+            ok = self._apply_one(part, replies[2 * i], replies[2 * i + 1]) and ok
+        return ok
+
+    def _apply_one(self, part: int | None, version: Any,
+                   changes: Sequence[tuple[bytes, dict[bytes, bytes]]]) -> bool:
+        assert self._applied is not None
+        v = int(version or 0)
+        delta = v - self._applied[part]
         if delta == 0 and not changes:
             return True
         for _, fields in changes:
@@ -265,33 +314,37 @@ class Registry:
             # Changes are missing from the log (trimmed) or too many to read: start over.
             metrics.REGISTRY_RESETS.inc()
             return False
-        self._applied_v += len(changes)
+        self._applied[part] += len(changes)
         if changes:
             last = changes[-1][0]
-            self._applied_id = last.decode() if isinstance(last, bytes) else str(last)
+            self._applied_id[part] = last.decode() if isinstance(last, bytes) else str(last)
         return True
 
     async def sync(self) -> None:
         """Run the version check on its own (one round trip)."""
         async with self._redis.pipeline(transaction=False) as pipe:
             self.sync_queue(pipe)
-            version, changes = await pipe.execute()
-        if not self.sync_apply(version, changes):
+            replies = await pipe.execute()
+        if not self.sync_apply(*replies):
             await self.reset()
 
     async def reset(self) -> None:
-        """Drop the cache and take the current version and change-log position atomically."""
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.get(self._keys.registry_version())
-            pipe.xrevrange(self._keys.registry_changes(), count=1)
-            version, last = await pipe.execute()
+        """Drop the cache and take the current version and change-log position atomically
+        (per pair: one ``MULTI`` each, one slot in the cluster layout)."""
+        applied: dict[int | None, int] = {}
+        for part in self._parts:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.get(self._keys.registry_version(part))
+                pipe.xrevrange(self._keys.registry_changes(part), count=1)
+                version, last = await pipe.execute()
+            applied[part] = int(version or 0)
+            if last:
+                rid = last[0][0]
+                self._applied_id[part] = rid.decode() if isinstance(rid, bytes) else str(rid)
+            else:
+                self._applied_id[part] = "0-0"
         self.clear()
-        self._applied_v = int(version or 0)
-        if last:
-            rid = last[0][0]
-            self._applied_id = rid.decode() if isinstance(rid, bytes) else str(rid)
-        else:
-            self._applied_id = "0-0"
+        self._applied = applied
 
     # ---- pub/sub -------------------------------------------------------------------------
 
@@ -323,10 +376,7 @@ class Registry:
         """
         from pipeline.consumer import backoff_s
 
-        pool = self._redis.connection_pool
-        client = Redis(connection_pool=type(pool)(
-            connection_class=pool.connection_class, max_connections=1,
-            **pool.connection_kwargs))
+        client = single_connection_client(self._redis)
         attempt = 0
         channel = self._keys.registry_channel()
         try:
@@ -353,40 +403,79 @@ class Registry:
     # ---- writes --------------------------------------------------------------------------
 
     async def _commit(self, changes: Sequence[_Change]) -> None:
-        """Write rows, bump the version, log and publish each change — in one ``MULTI``."""
+        """Write rows, bump the version, log and publish each change — in one ``MULTI`` (in
+        the cluster layout one per partition, then the reverse index, broken-device index and
+        publications: keys of other slots, which a crash between could leave behind — the
+        index backfill and the version check repair them)."""
         if not changes:
             return
-        async with self._redis.pipeline(transaction=True) as pipe:
-            self._queue(pipe, changes)
-            await pipe.execute()
+        if not self._keys.cluster:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                self._queue(pipe, changes)
+                await pipe.execute()
+        else:
+            by_part: dict[int, list[_Change]] = {}
+            for change in changes:
+                by_part.setdefault(self._keys.partition_of_device_key(change[0]), []).append(
+                    change)
+            for part, group in by_part.items():
+                async with self._redis.pipeline(transaction=True) as pipe:
+                    self._queue_rows(pipe, group, part)
+                    await pipe.execute()
+            await self._write_side(changes)
         for key, _, _ in changes:
             self.evict(key)
 
-    def _queue(self, pipe: Pipeline, changes: Sequence[_Change]) -> None:
-        """Queue :meth:`_commit`'s commands; the broken-device index follows each row's status."""
+    async def _write_side(self, changes: Sequence[_Change]) -> None:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            self._queue_side(pipe, changes, now_ms())
+            await pipe.execute()
+        # Cluster pub/sub reaches every node's subscribers whichever node it is sent to.
         channel = self._keys.registry_channel()
-        log_key = self._keys.registry_changes()
-        broken = self._keys.broken_devices()
+        for key, _, _ in changes:
+            await self._redis.publish(channel, key)
+
+    def _queue(self, pipe: Pipeline, changes: Sequence[_Change]) -> None:
+        """Queue :meth:`_commit`'s commands (one Redis); the broken-device index follows each
+        row's status."""
+        ts = self._queue_rows(pipe, changes, None)
+        self._queue_side(pipe, changes, ts)
+
+    def _queue_rows(self, pipe: Pipeline, changes: Sequence[_Change],
+                    part: int | None) -> int:
+        """The rows, change log and version of one version/change-log pair; returns the time
+        written into the rows."""
+        log_key = self._keys.registry_changes(part)
         ts = now_ms()
         for key, fields, drop in changes:
             row = self.row_key(key)
             if fields is None:
                 pipe.delete(row)
-                pipe.zrem(broken, key)
             else:
                 if drop:
                     pipe.hdel(row, *drop)
                 values: dict[Any, Any] = {**fields, "updated_ms": str(ts)}
                 pipe.hset(row, mapping=values)
+            pipe.xadd(log_key, {b"k": key.encode()}, maxlen=CHANGES_MAXLEN, approximate=True)
+        pipe.incrby(self._keys.registry_version(part), len(changes))
+        return ts
+
+    def _queue_side(self, pipe: Pipeline, changes: Sequence[_Change], ts: int) -> None:
+        """The reverse index, the broken-device index and the publications of ``changes``."""
+        channel = self._keys.registry_channel()
+        broken = self._keys.broken_devices()
+        for key, fields, _ in changes:
+            if fields is None:
+                pipe.zrem(broken, key)
+            else:
                 blynk_index.queue_write(pipe, self._keys, key, fields)
                 status = fields.get("status")
                 if status == STATUS_BROKEN:
                     pipe.zadd(broken, {key: ts})
                 elif status == STATUS_OK:
                     pipe.zrem(broken, key)
-            pipe.xadd(log_key, {b"k": key.encode()}, maxlen=CHANGES_MAXLEN, approximate=True)
-            pipe.publish(channel, key)
-        pipe.incrby(self._keys.registry_version(), len(changes))
+            if not self._keys.cluster:  # a cluster pipeline refuses PUBLISH: _write_side
+                pipe.publish(channel, key)
 
     async def register(
         self,
@@ -438,11 +527,17 @@ class Registry:
                     if not isinstance(have, bytes) or have.decode() != token:
                         return False  # leaving the block unwatches
                     pipe.multi()  # type: ignore[no-untyped-call]
-                    self._queue(pipe, [change])
+                    if self._keys.cluster:
+                        self._queue_rows(pipe, [change],
+                                         self._keys.partition_of_device_key(device_key))
+                    else:
+                        self._queue(pipe, [change])
                     await pipe.execute()
                     break
                 except WatchError:
                     continue  # the row changed meanwhile: look again
+        if self._keys.cluster:
+            await self._write_side([change])
         self.evict(device_key)
         return True
 

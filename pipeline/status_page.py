@@ -46,6 +46,7 @@ from redis.exceptions import RedisError
 
 from pipeline import metrics, stats
 from pipeline.backlog import StreamInfo, snapshot
+from pipeline.deadletters import dead_total as count_dead
 from pipeline.deadletters import get_dead, letter_summary, replay, scan_dead
 from pipeline.errors import Reason
 from pipeline.keys import Keys
@@ -252,7 +253,7 @@ class StatusPage:
         streams = list(self._latest_streams()) or await snapshot(self._redis, self._keys)
         statuses = await self._board.all()
         latest = await scan_dead(self._redis, self._keys, limit=LATEST_DEAD)
-        dead_total = int(await self._redis.xlen(self._keys.dead))
+        dead_total = await count_dead(self._redis, self._keys)
         unmapped: dict[str, Any] = {}
         for t in self._templates:
             raw = await self._redis.hgetall(self._keys.unmapped(t))

@@ -23,6 +23,12 @@ Contract (every stage relies on it):
 * Entries delivered more than ``max_deliveries`` times are dead-lettered by the reader itself
   (reason ``max_deliveries``) and never returned, so a poison entry cannot block a stream.
 * Redis errors propagate as ``redis.exceptions.RedisError``; callers treat them as retryable.
+* In the cluster layout (:attr:`pipeline.keys.Keys.cluster`) every read touches one partition
+  (one slot): one ``XREADGROUP`` per partition, concurrently, and a batch holds the entries of
+  ONE partition (the rest wait, read and pending, for the next :meth:`StreamReader.read`), so
+  the caller commits each batch in one slot. A blocking read there polls the partitions every
+  :data:`CLUSTER_POLL_MS` (one ``XREADGROUP … BLOCK`` cannot span slots), which adds at most
+  that much latency after an idle period.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
+from redis.asyncio.cluster import ClusterPipeline, RedisCluster
 from redis.exceptions import ResponseError
 
 from pipeline import events, metrics
@@ -129,6 +136,9 @@ class StreamWriter:
 
 #: An entry to dead-letter: ``(entry, reason, detail)``.
 DeadItem = tuple[Entry, Reason, str]
+#: Cluster layout: how long one round of blocking per-partition reads waits (see the module
+#: docstring) before the next round.
+CLUSTER_POLL_MS = 50
 
 
 class StreamReader:
@@ -171,6 +181,10 @@ class StreamReader:
         self._pending_cursor = dict.fromkeys(self.streams, "0-0")
         self._next_claim = 0.0
         self._claim_cursor = {s: "0-0" for s in self.streams}
+        #: Cluster layout: one read per partition; batches of other partitions read with the
+        #: one returned, handed out by the next reads (they are pending for this consumer).
+        self._per_partition = keys.cluster and len(self.streams) > 1
+        self._held: list[list[Entry]] = []
 
     async def ensure_group(self) -> None:
         """Create the group (from the start of the stream) unless it exists. Idempotent."""
@@ -186,9 +200,26 @@ class StreamReader:
         the oldest (after a retryable failure left a batch unacked)."""
         self._own_pending = True
         self._pending_cursor = dict.fromkeys(self.streams, "0-0")
+        self._held.clear()  # pending: the own-pending pass serves them again
 
     async def read(self, *, block: bool = True) -> list[Entry]:
         """One batch: own pending, then reclaimed, then new entries (see module docstring)."""
+        if self._held:
+            return self._held.pop(0)
+        return self._one_partition(await self._read(block))
+
+    def _one_partition(self, entries: list[Entry]) -> list[Entry]:
+        """Cluster layout: the first partition's entries; the others' are held for later."""
+        if not self._per_partition or not entries:
+            return entries
+        by_stream: dict[str, list[Entry]] = {}
+        for e in entries:
+            by_stream.setdefault(e.stream, []).append(e)
+        batches = list(by_stream.values())
+        self._held.extend(batches[1:])
+        return batches[0]
+
+    async def _read(self, block: bool) -> list[Entry]:
         while self._own_pending:
             entries, exhausted = await self._read_own_pending()
             if entries:
@@ -202,16 +233,24 @@ class StreamReader:
                 return entries
         return await self._read_new(block)
 
+    async def _xreadgroup(self, streams: dict[str, str], block: int | None) -> Any:
+        """``XREADGROUP`` over ``streams``; in the cluster layout one call per stream (one
+        slot each), run concurrently, their replies joined."""
+        if not self._per_partition:
+            return await self._redis.xreadgroup(
+                self.group, self.consumer, streams,  # type: ignore[arg-type]
+                count=self.batch, block=block)
+        replies = await asyncio.gather(*(
+            self._redis.xreadgroup(self.group, self.consumer, {s: c}, count=self.batch,
+                                   block=block)
+            for s, c in streams.items()))
+        return [row for reply in replies if reply for row in reply]
+
     async def _read_own_pending(self) -> tuple[list[Entry], bool]:
         """The next batch of one pass over this consumer's pending list (a cursor, so entries
         the caller still holds are not served again within the pass), and whether the pass is
         over. A batch may come back empty but not over (all of it dead-lettered)."""
-        reply = await self._redis.xreadgroup(
-            self.group,
-            self.consumer,
-            {s: c for s, c in self._pending_cursor.items()},  # redis-py wants its own key type
-            count=self.batch,
-        )
+        reply = await self._xreadgroup(dict(self._pending_cursor), None)
         raw: list[tuple[str, str, dict[bytes, bytes]]] = []
         for s, msgs in _streams_of(reply):
             if msgs:
@@ -243,13 +282,11 @@ class StreamReader:
             self._linger_from = None
             if wait > 0:
                 await asyncio.sleep(wait)
-        reply = await self._redis.xreadgroup(
-            self.group,
-            self.consumer,
-            dict.fromkeys(self.streams, ">"),
-            count=self.batch,
-            block=self.block_ms if block else None,
-        )
+        if self._per_partition:
+            reply = await self._poll_new(block)
+        else:
+            reply = await self._xreadgroup(dict.fromkeys(self.streams, ">"),
+                                           self.block_ms if block else None)
         entries = [
             Entry(s, i, f.get(events.FIELD), 1, f)
             for s, msgs in _streams_of(reply)
@@ -262,6 +299,16 @@ class StreamReader:
             if len(entries) < self.batch and self._linger.active(now):
                 self._linger_from = now
         return entries
+
+    async def _poll_new(self, block: bool) -> Any:
+        """Cluster layout: new entries of every partition; blocking, rounds of
+        :data:`CLUSTER_POLL_MS` until one partition has some or ``block_ms`` passed."""
+        streams = dict.fromkeys(self.streams, ">")
+        reply = await self._xreadgroup(streams, None)
+        deadline = time.monotonic() + self.block_ms / 1000
+        while block and not reply and time.monotonic() < deadline:
+            reply = await self._xreadgroup(streams, min(CLUSTER_POLL_MS, self.block_ms))
+        return reply
 
     async def _with_counts(self, raw: list[tuple[str, str, dict[bytes, bytes]]]) -> list[Entry]:
         """Attach delivery counts (``XPENDING``) and dead-letter entries past the limit."""
@@ -348,7 +395,7 @@ class StreamReader:
                 attempts=entry.deliveries,
                 dead_ts_ms=ts,
             )
-            pipe.xadd(self._keys.dead, {events.FIELD: events.encode(dead)})
+            pipe.xadd(self._keys.dead_for(entry.stream), {events.FIELD: events.encode(dead)})
 
     def count_dead(self, items: Sequence[tuple[Entry, str, str]]) -> None:
         for _, reason, _ in items:
@@ -401,7 +448,7 @@ def connect(
 def _connect_cluster(url: str, *, max_connections: int, **kwargs: Any) -> Redis:
     from urllib.parse import urlsplit
 
-    from redis.asyncio.cluster import ClusterNode, RedisCluster
+    from redis.asyncio.cluster import ClusterNode
 
     rest = url.split("://", 1)[1] if "://" in url else url
     auth, _, hosts = rest.rpartition("@")
@@ -411,7 +458,65 @@ def _connect_cluster(url: str, *, max_connections: int, **kwargs: Any) -> Redis:
         parts = urlsplit(f"//{hp}")
         nodes.append(ClusterNode(parts.hostname or "127.0.0.1", parts.port or 6379))
     user, _, password = auth.partition(":") if auth else ("", "", "")
-    client = RedisCluster(startup_nodes=nodes, decode_responses=False, protocol=2,
+    client = _ScriptedCluster(startup_nodes=nodes, decode_responses=False, protocol=2,
                           max_connections=max_connections, username=user or None,
                           password=password or None, **kwargs)
     return cast(Redis, client)
+
+
+def single_connection_client(redis: Redis) -> Redis:
+    """A client of its own, with one connection, to the same server as ``redis`` (for pub/sub:
+    a cancelled pub/sub read must never hand a connection still in subscribe mode back to the
+    pool every other command uses). On a cluster: to one of its nodes (the client's default
+    one; a classic ``PUBLISH`` reaches the subscribers on every node)."""
+    if isinstance(redis, RedisCluster):
+        node = redis.get_default_node()
+        return aioredis.Redis(connection_pool=aioredis.ConnectionPool(
+            connection_class=node.connection_class, max_connections=1,
+            **node.connection_kwargs))
+    pool = redis.connection_pool
+    return aioredis.Redis(connection_pool=type(pool)(
+        connection_class=pool.connection_class, max_connections=1, **pool.connection_kwargs))
+
+
+class _ScriptedCluster(RedisCluster):
+    """redis-py's asyncio ``RedisCluster`` whose pipelines load scripts.
+
+    A cluster pipeline sends ``EVALSHA`` without loading the script first (redis-py loads
+    scripts for single calls and single-node pipelines only), so every pipeline of this client
+    first loads, on every master (``SCRIPT LOAD`` goes to all primaries), the registered
+    scripts not loaded yet; a ``NOSCRIPT`` (a master restarted or replaced) forgets what was
+    loaded, so the caller's retry loads them again."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.bb_scripts: dict[str, Any] = {}
+        self.bb_loaded: set[str] = set()
+
+    def register_script(self, script: Any) -> Any:
+        registered = super().register_script(script)
+        self.bb_scripts[registered.sha] = registered.script
+        return registered
+
+    def pipeline(self, transaction: Any = None, shard_hint: Any = None) -> Any:
+        return _ScriptedPipeline(self, transaction)  # type: ignore[abstract]
+
+    async def bb_load_scripts(self) -> None:
+        for sha, text in list(self.bb_scripts.items()):
+            if sha not in self.bb_loaded:
+                await self.script_load(text)
+                self.bb_loaded.add(sha)
+
+
+class _ScriptedPipeline(ClusterPipeline):
+    async def execute(self, raise_on_error: bool = True,
+                      allow_redirections: bool = True) -> list[Any]:
+        client = self.cluster_client
+        assert isinstance(client, _ScriptedCluster)
+        await client.bb_load_scripts()
+        try:
+            return await super().execute(raise_on_error, allow_redirections)
+        except ResponseError as exc:
+            if "NOSCRIPT" in str(exc):
+                client.bb_loaded.clear()
+            raise

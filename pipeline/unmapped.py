@@ -85,15 +85,18 @@ class UnmappedKeys:
         counts, self._counts = self._counts, {}
         if not counts:
             return
-        hashes: list[str] = []
-        args: list[str | int] = [self.max_keys, self.ttl_s, OTHER]
+        # One hash per call (one slot: Redis Cluster), pipelined: one round trip either way.
+        calls: list[tuple[str, list[str | int]]] = []
         for tname, c in counts.items():
-            hashes.append(self._keys.unmapped(tname))
-            args.append(len(c))
+            args: list[str | int] = [self.max_keys, self.ttl_s, OTHER, len(c)]
             for k, n in c.items():
                 args.extend((k, n))
+            calls.append((self._keys.unmapped(tname), args))
         try:
-            await self._flush(keys=hashes, args=args)
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for key, args in calls:
+                    await self._flush(keys=[key], args=args, client=pipe)
+                await pipe.execute()
         except RedisError as exc:  # statistics only: keep them for the next flush
             for tname, c in counts.items():
                 self.add_counts(tname, c)

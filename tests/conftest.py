@@ -7,6 +7,11 @@ run against a shared Redis without seeing each other.
 ``cluster_redis`` is the same on a local 3-master Redis Cluster, started once (idempotently) by
 ``scripts/services.sh --cluster`` the first time a test asks for it; the test is skipped, saying
 why, when the cluster cannot be started.
+
+A test marked ``cluster_too`` runs twice: ``[redis]`` on the one Redis and ``[cluster]`` with its
+``redis`` fixture a ``RedisCluster`` client and its ``keys`` fixture the cluster key layout
+(:attr:`pipeline.keys.Keys.cluster`); the ``[cluster]`` run is skipped, saying why, when the
+cluster cannot be started.
 """
 
 from __future__ import annotations
@@ -47,17 +52,34 @@ def prefix() -> str:
     return f"bbt:{uuid.uuid4().hex[:10]}:"
 
 
-@pytest.fixture
-def keys(prefix: str) -> Keys:
-    return Keys(prefix)
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """``cluster_too`` tests run on one Redis and on the cluster (module docstring)."""
+    if ("backend" in metafunc.fixturenames
+            and metafunc.definition.get_closest_marker("cluster_too") is not None):
+        metafunc.parametrize("backend", ["redis", "cluster"], indirect=True)
 
 
 @pytest.fixture
-async def redis(prefix: str) -> AsyncIterator[Redis]:
-    client = connect(REDIS_URL)
+def backend(request: pytest.FixtureRequest) -> str:
+    """``redis`` (one Redis) or ``cluster`` (the local Redis Cluster, cluster key layout)."""
+    return str(getattr(request, "param", "redis"))
+
+
+@pytest.fixture
+def keys(prefix: str, backend: str) -> Keys:
+    return Keys(prefix, cluster=backend == "cluster")
+
+
+@pytest.fixture
+async def redis(prefix: str, backend: str, request: pytest.FixtureRequest
+                ) -> AsyncIterator[Redis]:
+    url = request.getfixturevalue("cluster_url") if backend == "cluster" else REDIS_URL
+    client = connect(url)
     try:
         await client.ping()
     except Exception as exc:  # pragma: no cover - environment problem, say so clearly
+        if backend == "cluster":
+            pytest.skip(f"the Redis Cluster at {url} does not answer: {exc}")
         pytest.fail(f"Redis is not reachable at {REDIS_URL}: {exc} (run .ci/run or start it)")
     yield client
     async for key in client.scan_iter(match=f"{prefix}*", count=1000):

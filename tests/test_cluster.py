@@ -2,8 +2,8 @@
 de-duplication state through a slot moving between masters while claims run and through a
 master stopped (SIGSTOP, on a private cluster the test starts), and lag per node.
 
-So far only :mod:`pipeline.dedup` keeps every script call in one slot; the stages are refused
-in cluster mode by the configuration (``redis.cluster``) until theirs do too.
+The stages on the cluster (cluster key layout): ``tests/test_cluster_pipeline.py`` and the
+``cluster_too`` tests (``tests/conftest.py``).
 """
 
 from __future__ import annotations
@@ -59,10 +59,10 @@ async def test_partitions_spread_over_the_masters_and_claim_in_one_slot_each(
             assert cluster_redis.keyslot(k) == slot  # type: ignore[attr-defined]
 
 
-async def _move_slot(slot: int, source: int, target: int) -> int:
+async def _move_slot(slot: int, source: int, target: int, step: int = 20) -> int:
     """Move one slot's keys from the master on port ``source`` to the one on ``target`` as
-    ``redis-cli --cluster reshard`` does (IMPORTING, MIGRATING, MIGRATE in steps, NODE);
-    returns how many keys moved."""
+    ``redis-cli --cluster reshard`` does (IMPORTING, MIGRATING, MIGRATE ``step`` keys at a
+    time, NODE); returns how many keys moved."""
     src = connect(f"redis://127.0.0.1:{source}/0")
     dst = connect(f"redis://127.0.0.1:{target}/0")
     try:
@@ -72,7 +72,7 @@ async def _move_slot(slot: int, source: int, target: int) -> int:
         await src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
         moved = 0
         while True:
-            batch = await src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 20)
+            batch = await src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, step)
             if not batch:
                 break
             # REPLACE: a key the target created while the slot was half-moved (a claim sent

@@ -364,9 +364,18 @@ def test_config_schema_accepts_the_files_the_loader_accepts(
 
 @pytest.mark.parametrize("redis", ['{url: "redis+cluster://127.0.0.1:7001,127.0.0.1:7002"}',
                                    "{cluster: true}"])
-def test_cluster_mode_is_refused_until_every_script_keeps_to_one_slot(redis: str) -> None:
-    with pytest.raises(ConfigError, match=r"redis\.cluster.*not supported yet"):
-        parse(f"redis: {redis}\n", "yaml", "b.yaml", env={})
+def test_cluster_mode_is_accepted_and_gives_the_tagged_layout(redis: str) -> None:
+    cfg = parse(f"redis: {redis}\n", "yaml", "b.yaml", env={})
+    assert cfg.redis.is_cluster
+    keys = cfg.redis.keys()
+    assert keys.cluster and keys.stream("uplinks").startswith("bb:{p0.")
+    assert not parse("redis: {}\n", "yaml", "b.yaml", env={}).redis.keys().cluster
+
+
+def test_cluster_mode_refuses_downlinks_whose_keys_are_not_partitioned_yet() -> None:
+    with pytest.raises(ConfigError, match=r"blynk_webhooks.*not supported with `redis\.cluster"):
+        parse("redis: {cluster: true}\nblynk_webhooks: [{name: w, auth: {username: u, "
+              "password: s3cret-Very-long}}]\n", "yaml", "b.yaml", env={})
 
 
 def test_a_moved_key_is_still_read_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 from prometheus_client import REGISTRY
+from redis.asyncio.cluster import RedisCluster
 
 from emulators.particle import ParticleFleet, _js_text, deliver, load_webhook, make_event
 from pipeline import config as config_mod
@@ -32,6 +33,8 @@ from tests.conftest import REDIS_URL, free_port
 from tests.test_particle_parse import FIXTURES, INVALID, RECEIVED, TOKEN
 from tests.wait import wait_until, within
 from workers.ingest_http import GC_THRESHOLD0, IngestHttp, build
+
+pytestmark = pytest.mark.cluster_too
 
 HEADER_SECRET = "hdr-secret-Zq81x0"
 BASIC_PASSWORD = "basic-pass-Pk55"
@@ -64,7 +67,9 @@ def make_config(prefix: str, *, high_water: int = 1_000_000, port: int = 0) -> c
 
 def make_stage(redis: Redis, prefix: str, **kw: Any) -> IngestHttp:
     cfg = make_config(prefix, **kw)
-    ctx = Context(config=cfg, redis=redis, keys=Keys(prefix), consumer="test",
+    # The cluster key layout on a cluster client (the `cluster_too` runs).
+    keys = Keys(prefix, cluster=isinstance(redis, RedisCluster))
+    ctx = Context(config=cfg, redis=redis, keys=keys, consumer="test",
                   writer=StreamWriter(redis))
     return build(ctx)
 

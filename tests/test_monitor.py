@@ -1,4 +1,5 @@
-"""The monitor stage against the real Redis: gauges, safe trimming, idle consumers."""
+"""The monitor stage against the real Redis (and the Redis Cluster): gauges, safe trimming, idle
+consumers."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from pipeline.status import StatusBoard
 from pipeline.streams import Redis, StreamWriter, now_ms
 from tests.wait import within
 from workers.monitor import MonitorStage, build
+
+pytestmark = pytest.mark.cluster_too
 
 
 def _stage(redis: Redis, keys: Keys, **monitor: float) -> MonitorStage:
@@ -55,7 +58,8 @@ async def test_gauges_match_a_constructed_backlog(redis: Redis, keys: Keys) -> N
 
     streams = await _stage(redis, keys).sample_once()
 
-    assert [s.key for s in streams] == [up, writes, keys.stream("downlinks"), keys.dead]
+    assert [s.key for s in streams] == [up, writes, keys.stream("downlinks"),
+                                        *keys.dead_streams()]
     assert _gauge("bb_stream_length", stream="uplinks") == 10
     assert _gauge("bb_stream_lag", stream="uplinks", group="transform") == 4
     assert _gauge("bb_stream_pending", stream="uplinks", group="transform") == 4
@@ -103,7 +107,9 @@ async def test_trim_keeps_everything_a_group_still_needs(redis: Redis, keys: Key
 
     assert removed[up] == 3
     assert await _ids(redis, up) == ids[3:]
-    trimmed_before = _gauge("bb_stream_trimmed_total", stream="uplinks") or 0
+    label = keys.label(up)  # "uplinks" ("uplinks:0" in the cluster layout)
+    assert label.startswith("uplinks")
+    trimmed_before = _gauge("bb_stream_trimmed_total", stream=label) or 0
 
     await redis.xack(up, "transform", ids[3], ids[5])
     await redis.xack(up, "transform", *await _read(redis, up, "transform", "c1", 10))
@@ -113,7 +119,7 @@ async def test_trim_keeps_everything_a_group_still_needs(redis: Redis, keys: Key
     assert await _ids(redis, up) == ids[8:]
     assert await _read(redis, up, "audit", "c2", 10) == ids[8:]
     # Labelled by stream name, not key: the prefix (random per test, as the demo's) stays out.
-    assert _gauge("bb_stream_trimmed_total", stream="uplinks") == trimmed_before + 5
+    assert _gauge("bb_stream_trimmed_total", stream=label) == trimmed_before + 5
 
 
 async def test_trim_spares_undelivered_entries_and_groupless_streams(
@@ -183,8 +189,9 @@ async def test_idle_consumers_without_pending_are_removed(redis: Redis, keys: Ke
     assert [c["name"] for c in consumers] == [b"busy"]
 
 
-async def test_partitions_are_each_sampled_and_trimmed(redis: Redis, prefix: str) -> None:
-    keys = Keys(prefix, partitions=3)
+async def test_partitions_are_each_sampled_and_trimmed(redis: Redis, prefix: str,
+                                                       keys: Keys) -> None:
+    keys = Keys(prefix, partitions=3, cluster=keys.cluster)
     for key in keys.streams(UPLINKS):
         await _fill(redis, key, 2)
         await redis.xgroup_create(key, "transform", id="0")
@@ -195,7 +202,7 @@ async def test_partitions_are_each_sampled_and_trimmed(redis: Redis, prefix: str
     removed = await stage.trim_once()
 
     assert {s.key for s in streams} >= set(keys.streams(UPLINKS))
-    assert _gauge("bb_stream_length", stream="uplinks:2") == 2
+    assert _gauge("bb_stream_length", stream=keys.label(keys.stream(UPLINKS, 2))) == 2
     assert all(removed[k] == 2 for k in keys.streams(UPLINKS))
 
 

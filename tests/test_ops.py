@@ -1,4 +1,5 @@
-"""Operator commands end to end: the real CLI on the real Redis (lag, status, dead).
+"""Operator commands end to end: the real CLI on the real Redis and on the Redis Cluster (lag,
+status, dead).
 
 The CLI runs its own event loop, so each call runs in a thread (``asyncio.to_thread``) while the
 test's loop prepares and checks Redis.
@@ -14,10 +15,13 @@ import pytest
 
 from blynk_bridge import cli
 from pipeline import dedup, events
+from pipeline.deadletters import dead_id
 from pipeline.keys import DOWNLINKS, UPLINKS, WRITES, Keys
 from pipeline.status import StatusBoard
 from pipeline.streams import Redis, StreamReader, now_ms
 from tests.conftest import REDIS_URL
+
+pytestmark = pytest.mark.cluster_too
 
 TOKEN = "Xq9sECRETtokenABCDEFGHIJKLmnop42"
 TOPIC = "v3/app-ops@ttn/devices/dev-9/up"
@@ -26,10 +30,12 @@ WINDOW = 3600
 
 
 @pytest.fixture
-def config_file(tmp_path: Path, keys: Keys) -> str:
+def config_file(tmp_path: Path, keys: Keys, backend: str,
+                request: pytest.FixtureRequest) -> str:
+    url = request.getfixturevalue("cluster_url") if backend == "cluster" else REDIS_URL
     path = tmp_path / "bridge.yaml"
     path.write_text(
-        f"redis:\n  url: {REDIS_URL}\n  prefix: '{keys.prefix}'\n"
+        f"redis:\n  url: '{url}'\n  prefix: '{keys.prefix}'\n"
         "templates:\n  - name: sensor\n    datastreams:\n"
         "      - {name: temperature, pin: V1, type: double}\n"
     )
@@ -62,8 +68,8 @@ async def _dead_letter(redis: Redis, keys: Keys, stream: str, group: str, data: 
     entries = await reader.read(block=False)
     assert len(entries) == 1
     await reader.dead_letter([(entries[0], reason, f"{reason} at {group}")])
-    last = await redis.xrevrange(keys.dead, count=1)
-    return str(last[0][0].decode())
+    last = await redis.xrevrange(keys.dead_for(stream), count=1)
+    return dead_id(keys, keys.dead_for(stream), last[0][0].decode())
 
 
 @pytest.fixture
@@ -81,7 +87,8 @@ async def letters(redis: Redis, keys: Keys) -> dict[str, str]:
 
 
 async def _dead_ids(redis: Redis, keys: Keys) -> set[str]:
-    return {i.decode() for i, _ in await redis.xrange(keys.dead)}
+    return {dead_id(keys, key, i.decode()) for key in keys.dead_streams()
+            for i, _ in await redis.xrange(key)}
 
 
 async def test_lag_lists_every_stream_and_group(
@@ -97,25 +104,29 @@ async def test_lag_lists_every_stream_and_group(
 
     assert await _cli("lag", "-c", config_file) == 0
     out = capsys.readouterr().out
-    for name in (up, writes, down, keys.dead, "transform", "audit", "egress"):
+    for name in (up, writes, down, *keys.dead_streams(), "transform", "audit", "egress"):
         assert name in out
 
     assert await _cli("lag", "-c", config_file, "--json") == 0
     rows = {r["key"]: r for r in json.loads(capsys.readouterr().out)["streams"]}
-    assert set(rows) == {up, writes, down, keys.dead}
+    assert set(rows) == {up, writes, down, *keys.dead_streams()}
     groups = {g["group"]: g for g in rows[up]["groups"]}
     assert rows[up]["length"] == 5
     assert (groups["transform"]["lag"], groups["transform"]["pending"]) == (3, 2)
     assert (groups["audit"]["lag"], groups["audit"]["pending"]) == (0, 0)
     assert groups["transform"]["oldest_pending_id"] is not None
-    assert rows[up]["partition"] is None and rows[up]["node"] == "127.0.0.1:6379"
+    if keys.cluster:  # partition 0's streams, on the master holding its slot
+        node = redis.get_node_from_key(up).name  # type: ignore[attr-defined]
+        assert rows[up]["partition"] == 0 and rows[up]["node"] == node
+    else:
+        node = "127.0.0.1:6379"
+        assert rows[up]["partition"] is None and rows[up]["node"] == node
 
     # The same per Redis node: one node here, each group summed over its streams.
     assert await _cli("lag", "-c", config_file, "--json", "--nodes") == 0
     nodes = {(r["node"], r["group"]): r for r in json.loads(capsys.readouterr().out)["nodes"]}
-    assert set(nodes) == {("127.0.0.1:6379", g) for g in ("transform", "audit", "egress")}
-    assert (nodes[("127.0.0.1:6379", "transform")]["lag"],
-            nodes[("127.0.0.1:6379", "transform")]["pending"]) == (3, 2)
+    assert set(nodes) == {(node, g) for g in ("transform", "audit", "egress")}
+    assert (nodes[(node, "transform")]["lag"], nodes[(node, "transform")]["pending"]) == (3, 2)
 
 
 async def test_status_shows_integrations_and_unmapped_keys(
@@ -211,7 +222,8 @@ async def test_a_truncated_dead_letter_is_shown_with_its_size_and_not_replayed(
                         event_ts_ms=1, received_ts_ms=1, values={"note": "x" * 60_000})
     dead_id = await _dead_letter(redis, keys, keys.stream(UPLINKS), "transform",
                                  events.encode(big), "type_mismatch")
-    letter = events.decode_dead((await redis.xrange(keys.dead))[0][1][events.FIELD])
+    letter = events.decode_dead((await redis.xrange(keys.dead_for(keys.stream(UPLINKS))))[0][1][
+        events.FIELD])
     assert letter.truncated and letter.raw_size > 60_000
 
     assert await _cli("dead", "show", "-c", config_file, "--json", dead_id) == 0

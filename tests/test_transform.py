@@ -1,4 +1,5 @@
-"""The transform stage on the real Redis: writes, de-duplication, dead letters, invalidation."""
+"""The transform stage on the real Redis (and on the Redis Cluster): writes, de-duplication, dead
+letters, invalidation."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from pipeline.keys import GROUP_TRANSFORM, Keys
 from pipeline.registry import Registry
 from pipeline.streams import Redis, StreamReader, StreamWriter
 from workers.transform import TransformStage
+
+pytestmark = pytest.mark.cluster_too
 
 CONFIG = """
 blynk:
@@ -105,8 +108,12 @@ async def writes(ctx: Context) -> list[events.BlynkWrite]:
 
 
 async def dead(ctx: Context) -> list[events.DeadLetter]:
-    rows = await ctx.redis.xrange(ctx.keys.dead)
-    return [events.decode_dead(f[events.FIELD]) for _, f in rows]
+    """Every dead letter (of every dead stream: one per partition in the cluster layout)."""
+    out = []
+    for stream in ctx.keys.dead_streams():
+        rows = await ctx.redis.xrange(stream)
+        out += [events.decode_dead(f[events.FIELD]) for _, f in rows]
+    return out
 
 
 async def pending(ctx: Context) -> int:

@@ -214,13 +214,15 @@ class MonitorStage:
                 count, _floor = await self._trim_acked(keys=[key])
                 removed[key] = int(count)
         cutoff = now_ms() - self.dead_retention_ms
-        dead = self._keys.dead
-        aged = int(await self._redis.xtrim(dead, minid=f"{max(cutoff, 0)}-0", approximate=False))
-        capped = int(await self._redis.xtrim(dead, maxlen=self.dead_max_len, approximate=False))
-        if capped:
-            log.warning("monitor: dead stream over %d letters: dropped the %d oldest",
-                        self.dead_max_len, capped)
-        removed[dead] = aged + capped
+        for dead in self._keys.dead_streams():  # one per partition too in the cluster layout
+            aged = int(await self._redis.xtrim(dead, minid=f"{max(cutoff, 0)}-0",
+                                               approximate=False))
+            capped = int(await self._redis.xtrim(dead, maxlen=self.dead_max_len,
+                                                 approximate=False))
+            if capped:
+                log.warning("monitor: dead stream %s over %d letters: dropped the %d oldest",
+                            self._keys.label(dead), self.dead_max_len, capped)
+            removed[dead] = aged + capped
         for key, count in removed.items():
             if count:
                 metrics.TRIMMED.labels(self._keys.label(key)).inc(count)

@@ -169,7 +169,8 @@ class Commit:
         # redis-py packs each argument in Python, msgpack packs the whole structure in C.
         dedup_base = self._keys.dedup
         pack = dedup.pack
-        keys: list[str] = [self._keys.registry_version()]
+        # One partition's batch in the cluster layout (StreamReader): one slot.
+        keys: list[str] = [self._keys.registry_version_for(acks[0].stream if acks else "")]
         bases: dict[str, int] = {}
         claim_base: list[int] = []
         claim_bytes: list[bytes] = []

@@ -85,7 +85,7 @@ class TransformStage:
         self._claims = dedup.Claims(ctx.redis, ctx.keys)
         self._emit = Emit(ctx.redis, GROUP_TRANSFORM)
         self._commit = Commit(ctx.redis, ctx.keys, GROUP_TRANSFORM)
-        self._dead_stream = ctx.keys.dead
+        self._dead_stream = ctx.keys.dead_for
         self.outputs = Outputs(
             ctx.keys, self.templates, self.registry,
             UnmappedKeys(ctx.redis, ctx.keys, max_keys=cfg.transform.unmapped_max_keys,
@@ -227,18 +227,20 @@ class TransformStage:
         outputs: list[tuple[str, int, bytes]] = []
         for m, ci in zip(mapped, ready_ci, strict=True):
             if m.dead is not None:
-                outputs.append((self._dead_stream, ci + 1, m.dead))
+                outputs.append((self._dead_stream(m.entry.stream), ci + 1, m.dead))
             if m.write is not None:
                 outputs.append((m.stream, ci + 1, m.write))
         for r, ci in dead:
-            outputs.append((self._dead_stream, ci + 1,
+            outputs.append((self._dead_stream(entries[ci].stream), ci + 1,
                             self.outputs.dead_letter_of(entries[ci], r.why(), r.detail, ts)))
         return _Prepared(entries, version, claims, [u.source for u in uplinks], skips, dead,
                          outputs, list(zip(mapped, ready_ci, strict=True)))
 
     async def _commit_fast(self, p: _Prepared) -> bool:
         """The fast path's commit; ``False`` = nothing was done, take the slow path."""
-        dups = await self._commit.run(p.version, self._window, p.claims, p.outputs, p.entries)
+        version = self.registry.version_for(p.entries[0].stream)
+        assert version is not None  # _finish: the registry is in line with p.version
+        dups = await self._commit.run(version, self._window, p.claims, p.outputs, p.entries)
         if dups is None:  # the registry changed since the cache was last in line with it
             await self.registry.sync()
             return False
@@ -283,9 +285,10 @@ class TransformStage:
                            for (e, u), m in zip(decoded, marks, strict=True)],
                     self._window)
             replies = await pipe.execute()
-        if not self.registry.sync_apply(replies[0], replies[1]):
+        synced = self.registry.sync_replies
+        if not self.registry.sync_apply(*replies[:synced]):
             await self.registry.reset()
-        claimed: list[bytes | None] = replies[2] if decoded else []
+        claimed: list[bytes | None] = replies[synced] if decoded else []
 
         acks: list[Entry] = []
         fresh: list[tuple[Entry, events.Uplink]] = []
@@ -347,7 +350,7 @@ class TransformStage:
         out: list[tuple[str, bytes]] = []
         for m in mapped:
             if m.dead is not None:
-                out.append((self._dead_stream, m.dead))
+                out.append((self._dead_stream(m.entry.stream), m.dead))
             if m.write is not None:
                 out.append((m.stream, m.write))
             acks.append(m.entry)
