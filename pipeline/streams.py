@@ -69,19 +69,13 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-#: Append the entries packed in ARGV as entries (field ``d``) of the stream KEYS[1]: ARGV[1] holds
-#: their lengths in bytes (decimal, comma-separated), ARGV[2] their bytes one after another.
-#: Returns the ids in order, space-separated.
+#: Append every ARGV as one entry (field ``d``) of the stream KEYS[1]; returns the ids in order.
 _APPEND = """
 local ids = {}
-local data = ARGV[2]
-local at = 1
-for len in string.gmatch(ARGV[1], '%d+') do
-  local stop = at + tonumber(len)
-  ids[#ids + 1] = redis.call('XADD', KEYS[1], '*', 'd', string.sub(data, at, stop - 1))
-  at = stop
+for i = 1, #ARGV do
+  ids[i] = redis.call('XADD', KEYS[1], '*', 'd', ARGV[i])
 end
-return table.concat(ids, ' ')
+return ids
 """
 
 
@@ -104,49 +98,35 @@ class StreamWriter:
     async def add_many(self, items: Sequence[tuple[str, bytes]]) -> list[str]:
         """Append many entries (one Lua call per stream, pipelined); returns ids in order.
 
-        One script call per stream instead of one command per entry, and its entries packed
-        into two arguments instead of one each: redis-py's cost of building a command grows
-        with its arguments and outweighs the Redis work, and one reply string of ids is cheaper
-        to read than one reply per entry (figures: BENCHMARKS.md, ``bench/ingest_mqtt.py``,
-        ``bench/ingest_http.py``). The script touches one key (Redis Cluster safe), so a batch
-        is all-or-nothing per stream.
+        One script call that loops over ``XADD`` instead of one command per entry: redis-py's
+        cost of building each command outweighs the Redis work (figures: BENCHMARKS.md,
+        ``bench/ingest_mqtt.py``). The script touches one key (Redis Cluster safe), so a batch is
+        all-or-nothing per stream. (Packing a batch into two arguments would save redis-py ~0.6
+        µs per entry but cost Redis ~0.3-0.5 µs more per entry to cut them apart: Redis is the
+        ceiling of a deployment, ingest is not. BENCHMARKS.md, ingest-http.)
         """
         if not items:
             return []
         first = items[0][0]
-        if all(stream == first for stream, _ in items):
-            datas = [d for _, d in items]
-            return _ids(await self._append(keys=[first], args=_packed(datas)), len(items))
+        if all(stream == first for stream, _ in items):  # the usual batch: one partition
+            reply = await self._append(keys=[first], args=[d for _, d in items])
+            return [_s(entry_id) for entry_id in reply]
         by_stream: dict[str, list[int]] = {}
         for i, (stream, _) in enumerate(items):
             by_stream.setdefault(stream, []).append(i)
         async with self._redis.pipeline(transaction=False) as pipe:
             for stream, idx in by_stream.items():
-                await self._append(keys=[stream], args=_packed([items[i][1] for i in idx]),
-                                   client=pipe)
+                await self._append(keys=[stream], args=[items[i][1] for i in idx], client=pipe)
             replies = await pipe.execute()
         ids = [""] * len(items)
         for idx, reply in zip(by_stream.values(), replies, strict=True):
-            for i, entry_id in zip(idx, _ids(reply, len(idx)), strict=True):
-                ids[i] = entry_id
+            for i, entry_id in zip(idx, reply, strict=True):
+                ids[i] = _s(entry_id)
         return ids
 
     async def close(self) -> None:
         """Wait until every buffered entry was written."""
         await self._adds.close()
-
-
-def _packed(datas: list[bytes]) -> list[bytes]:
-    """The two arguments of :data:`_APPEND` for ``datas``."""
-    return [b",".join(b"%d" % len(d) for d in datas), b"".join(datas)]
-
-
-def _ids(reply: bytes | str, count: int) -> list[str]:
-    """The entry ids in :data:`_APPEND`'s reply (exactly ``count`` of them)."""
-    ids = _s(reply).split(" ")
-    if len(ids) != count:
-        raise ResponseError(f"appended {count} entries, Redis answered {len(ids)} ids")
-    return ids
 
 
 #: An entry to dead-letter: ``(entry, reason, detail)``.
