@@ -1,6 +1,7 @@
 """HTTP ingest throughput on one core, as a ratio to a bare aiohttp handler that does nothing.
 
     .venv/bin/python -m bench.ingest_http [--seconds 5] [--rounds 3] [--connections 128]
+                                          [--together]
 
 Both servers run in turn, in the same run, as child processes pinned to CPU 0 (uvloop, access
 log off, as the CLI runs them):
@@ -21,6 +22,12 @@ entry in the stream. Rounds alternate bare/ingest; the best round of each is rep
 On a shared machine req/s swings with whatever else runs; the server's CPU time per answered
 request (warm-up and tail included, lowest of the rounds) is steadier, so the ratio is printed
 both ways: by req/s and by CPU per request (what one saturated core would do).
+
+``--together`` runs both servers at the same time instead, each with its own load generator:
+each gets about half of CPU 0 (so fewer requests per Redis batch than alone), but both see the
+same machine, and each round's ratio by CPU per request is printed. On a loaded machine the
+alternating rounds' CPU per request moves ±20% between rounds; the together rounds' ratio
+moves a few percent.
 """
 
 from __future__ import annotations
@@ -38,7 +45,9 @@ from typing import cast
 
 from bench.common import (
     BenchError,
+    Proc,
     Processes,
+    Usage,
     UsageProbe,
     free_port,
     machine,
@@ -58,6 +67,10 @@ ingest_http: {{host: 127.0.0.1, port: {port}, backlog_high_water: 1000000000,
 particle:
   - {{name: {product}, product_id: "30301", auth: {{header: X-Particle-Secret, secret: {secret}}}}}
 """
+
+
+#: The two servers, in the order a round runs them.
+KINDS = ("bare", "ingest-http")
 
 
 def _pin(cpu: int) -> None:
@@ -214,8 +227,7 @@ def _python(code: str) -> list[str]:
     return [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); {code}"]
 
 
-def one_round(procs: Processes, kind: str, args: argparse.Namespace,
-              prefix: str) -> dict[str, float]:
+def _server(procs: Processes, kind: str, prefix: str) -> tuple[Proc, int]:
     port = free_port()
     if kind == "bare":
         server = procs.spawn("bare", _python(f"from bench.ingest_http import serve_bare; "
@@ -227,17 +239,16 @@ def one_round(procs: Processes, kind: str, args: argparse.Namespace,
         server = procs.spawn("ingest-http", _python(f"from bench.ingest_http import "
                                                     f"serve_ingest; serve_ingest({str(config)!r})"))
     wait_port(port, proc=server)
-    probe = UsageProbe({"server": server.pid})
-    loader = procs.spawn("load", _python(
+    return server, port
+
+
+def _loader(procs: Processes, port: int, args: argparse.Namespace) -> Proc:
+    return procs.spawn("load", _python(
         f"from bench.ingest_http import run_load; run_load({port}, {args.connections}, "
         f"{args.warmup}, {args.seconds})"), pipes=True)
-    probe.start()
-    assert loader.popen.stdout is not None
-    out = loader.popen.stdout.read().decode()
-    usage = probe.stop()[0]
-    loader.popen.wait()
-    procs.stop(loader)
-    procs.stop(server)
+
+
+def _result(kind: str, server: Proc, loader: Proc, out: str, usage: Usage) -> dict[str, float]:
     if not out.strip():
         raise BenchError(f"load generator printed nothing; log: {loader.log_path}\n"
                          f"{loader.tail()}")
@@ -249,6 +260,44 @@ def one_round(procs: Processes, kind: str, args: argparse.Namespace,
     result["cpu_us"] = 1e6 * usage.cpu_s / max(1.0, result["answered"])
     result["rss_mib"] = usage.peak_rss / 1048576
     return result
+
+
+def one_round(procs: Processes, kind: str, args: argparse.Namespace,
+              prefix: str) -> dict[str, float]:
+    server, port = _server(procs, kind, prefix)
+    probe = UsageProbe({"server": server.pid})
+    loader = _loader(procs, port, args)
+    probe.start()
+    assert loader.popen.stdout is not None
+    out = loader.popen.stdout.read().decode()
+    usage = probe.stop()[0]
+    loader.popen.wait()
+    procs.stop(loader)
+    procs.stop(server)
+    return _result(kind, server, loader, out, usage)
+
+
+def together_round(procs: Processes, args: argparse.Namespace,
+                   prefix: str) -> dict[str, dict[str, float]]:
+    """Both servers at the same time (both on CPU 0, each with its own load generator on CPU
+    1): each gets about half of the core, but both see the same machine, where alternating
+    rounds each see whatever else ran then."""
+    servers = {kind: _server(procs, kind, prefix) for kind in KINDS}
+    probe = UsageProbe({kind: server.pid for kind, (server, _) in servers.items()})
+    loaders = {kind: _loader(procs, port, args) for kind, (_, port) in servers.items()}
+    probe.start()
+    outs = {}
+    for kind, loader in loaders.items():
+        assert loader.popen.stdout is not None
+        outs[kind] = loader.popen.stdout.read().decode()
+    usages = dict(zip(KINDS, probe.stop(), strict=True))
+    results = {}
+    for kind, (server, _) in servers.items():
+        loaders[kind].popen.wait()
+        procs.stop(loaders[kind])
+        procs.stop(server)
+        results[kind] = _result(kind, server, loaders[kind], outs[kind], usages[kind])
+    return results
 
 
 async def _stream_length(prefix: str) -> int:
@@ -278,33 +327,41 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--connections", type=int, default=128)
+    parser.add_argument("--together", action="store_true",
+                        help="serve bare and ingest-http at the same time (see together_round)")
     args = parser.parse_args(argv)
     best: dict[str, dict[str, float]] = {}
     cheapest: dict[str, float] = {}
     with Processes() as procs:
         for r in range(args.rounds):
-            for kind in ("bare", "ingest-http"):
-                prefix = f"bbbench:{uuid.uuid4().hex[:8]}:"
-                try:
-                    res = one_round(procs, kind, args, prefix)
-                    if kind == "ingest-http":
-                        stored = asyncio.run(_stream_length(prefix))
-                        if stored != res["answered"]:
-                            raise BenchError(f"{res['answered']:.0f} answered 200 but "
-                                             f"{stored} entries in the stream")
-                finally:
-                    asyncio.run(_cleanup(prefix))
+            prefix = f"bbbench:{uuid.uuid4().hex[:8]}:"
+            try:
+                if args.together:
+                    results = together_round(procs, args, prefix)
+                else:
+                    results = {kind: one_round(procs, kind, args, prefix) for kind in KINDS}
+                stored = asyncio.run(_stream_length(prefix))
+                if stored != results["ingest-http"]["answered"]:
+                    raise BenchError(f"{results['ingest-http']['answered']:.0f} answered 200 "
+                                     f"but {stored} entries in the stream")
+            finally:
+                asyncio.run(_cleanup(prefix))
+            for kind, res in results.items():
                 print(f"round {r + 1} {kind:12s} {res['rps']:9.0f} req/s  "
                       f"server CPU {res['cpu_pct']:3.0f}%  {res['cpu_us']:5.1f} CPU µs/req",
                       file=sys.stderr)
                 if kind not in best or res["rps"] > best[kind]["rps"]:
                     best[kind] = res
                 cheapest[kind] = min(cheapest.get(kind, res["cpu_us"]), res["cpu_us"])
+            print(f"round {r + 1} ratio by CPU per request "
+                  f"{results['bare']['cpu_us'] / results['ingest-http']['cpu_us']:.2f}",
+                  file=sys.stderr)
     bare, ingest = best["bare"], best["ingest-http"]
     rows = [(k, f"{v['rps']:.0f}", f"{100 * v['rps'] / bare['rps']:.0f}%",
              f"{v['cpu_pct']:.0f}%", f"{cheapest[k]:.1f}", f"{v['rss_mib']:.0f}")
             for k, v in best.items()]
-    print(f"HTTP ingest, one core (server pinned to CPU 0, load generator on CPU 1), "
+    together = ", both servers at once" if args.together else ""
+    print(f"HTTP ingest, one core (server pinned to CPU 0, load generator on CPU 1){together}, "
           f"{args.connections} keep-alive connections, best of {args.rounds} x "
           f"{args.seconds:g} s")
     print(machine())

@@ -49,6 +49,10 @@ class GroupCommit(Generic[T, R]):
         self._name = name
         self._items: list[tuple[T, asyncio.Future[R]]] = []
         self._flusher: asyncio.Task[None] | None = None
+        #: The flusher's loop while it runs: ``asyncio.get_running_loop()`` asks the kernel for
+        #: the process id each call (a fork check), ~1 µs per submit under load
+        #: (``bench/ingest_http.py``); an item submitted while a flusher runs is on its loop.
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def __call__(self, item: T) -> R:
         return await self.submit(item)
@@ -56,10 +60,14 @@ class GroupCommit(Generic[T, R]):
     def submit(self, item: T) -> asyncio.Future[R]:
         """Queue ``item``; the future gets its result (``asyncio.shield`` it to keep the write
         going when the caller may be cancelled)."""
-        fut: asyncio.Future[R] = asyncio.get_running_loop().create_future()
-        self._items.append((item, fut))
         if self._flusher is None:
-            self._flusher = asyncio.create_task(self._flush(), name=self._name)
+            self._loop = loop = asyncio.get_running_loop()
+            self._flusher = loop.create_task(self._flush(), name=self._name)
+        else:
+            assert self._loop is not None
+            loop = self._loop
+        fut: asyncio.Future[R] = loop.create_future()
+        self._items.append((item, fut))
         return fut
 
     async def close(self) -> None:
@@ -85,6 +93,7 @@ class GroupCommit(Generic[T, R]):
                         fut.set_result(result)
         finally:
             self._flusher = None
+            self._loop = None
 
 
 #: The rate above which ingest-mqtt's appender and transform's reads linger by default

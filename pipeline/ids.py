@@ -40,6 +40,17 @@ def check_device(device: str, field: str) -> str:
     )
 
 
+def readable_prefix(source: str, integration: str, local_len: int) -> str | None:
+    """``<source>:<integration>:``, to which a local id of ``local_len`` characters of the safe
+    alphabet (a hex digest) is appended as is: ``prefix + local == event_id(source,
+    integration, local)``. ``None`` when :func:`event_id` would hash such ids instead. Lets a
+    parser that scopes hex digests skip the per-event check."""
+    prefix = f"{source}:{integration}:"
+    if len(prefix) + local_len <= MAX_EVENT_ID_BYTES and _SAFE_EVENT_ID.fullmatch(prefix):
+        return prefix
+    return None
+
+
 def event_id(source: str, integration: str, local: str) -> str:
     """The event id of ``local`` (the sender's id or the parser's hash) scoped to the
     integration: readable when short and safe, else hashed (see the module docstring)."""

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -99,9 +99,11 @@ class StreamWriter:
         self._adds: GroupCommit[tuple[str, bytes], str] = GroupCommit(
             self.add_many, max_batch=max_batch, name="stream-writer-flush")
 
-    async def add(self, stream: str, data: bytes) -> str:
-        """Append one entry; returns its id once ``XADD`` returned. Raises ``RedisError``."""
-        return await self._adds.submit((stream, data))
+    def add(self, stream: str, data: bytes) -> Awaitable[str]:
+        """Append one entry; awaiting it gives its id once ``XADD`` returned, or raises
+        ``RedisError``. (A plain function returning the group commit's future: one coroutine
+        less per webhook on ingest-http's hot path.)"""
+        return self._adds.submit((stream, data))
 
     async def add_many(self, items: Sequence[tuple[str, bytes]]) -> list[str]:
         """Append many entries (one Lua call per stream, pipelined); returns ids in order.
@@ -109,20 +111,23 @@ class StreamWriter:
         One script call that loops over ``XADD`` instead of one command per entry: redis-py's
         cost of building each command outweighs the Redis work (figures: BENCHMARKS.md,
         ``bench/ingest_mqtt.py``). The script touches one key (Redis Cluster safe), so a batch is
-        all-or-nothing per stream.
+        all-or-nothing per stream. (Packing a batch into two arguments would save redis-py ~0.6
+        µs per entry but cost Redis ~0.3-0.5 µs more per entry to cut them apart: Redis is the
+        ceiling of a deployment, ingest is not. BENCHMARKS.md, ingest-http.)
         """
         if not items:
             return []
+        first = items[0][0]
+        if all(stream == first for stream, _ in items):  # the usual batch: one partition
+            reply = await self._append(keys=[first], args=[d for _, d in items])
+            return [_s(entry_id) for entry_id in reply]
         by_stream: dict[str, list[int]] = {}
         for i, (stream, _) in enumerate(items):
             by_stream.setdefault(stream, []).append(i)
-        if len(by_stream) == 1:
-            replies = [await self._append(keys=[items[0][0]], args=[d for _, d in items])]
-        else:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for stream, idx in by_stream.items():
-                    await self._append(keys=[stream], args=[items[i][1] for i in idx], client=pipe)
-                replies = await pipe.execute()
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for stream, idx in by_stream.items():
+                await self._append(keys=[stream], args=[items[i][1] for i in idx], client=pipe)
+            replies = await pipe.execute()
         ids = [""] * len(items)
         for idx, reply in zip(by_stream.values(), replies, strict=True):
             for i, entry_id in zip(idx, reply, strict=True):

@@ -353,7 +353,7 @@ class Connection(web.RequestHandler):
     def data_received(self, data: bytes) -> None:
         if self._head_deadline is None and not self._in_request and self._peer is not None:
             self._arm()
-        super().data_received(data)
+        _data_received(self, data)  # not super(): this runs per packet
 
     def head_arrived(self) -> None:
         # The timer stays: when it fires it finds no deadline (or a later one) and re-arms.
@@ -403,6 +403,9 @@ class Connection(web.RequestHandler):
         self._guard.refused(self._peer or "?", Reason.HEADER_TIMEOUT,
                             f"no complete request head within {self._guard.header_timeout_s}s")
         self.force_close()
+
+
+_data_received = web.RequestHandler.data_received
 
 
 class GuardedServer(web.Server):
@@ -591,6 +594,9 @@ class IngestHttp:
         self.status = InboundStatus(self.board, "particle", self.cfg.broken_after_failures)
         self.backlog = Backlog(ctx.redis, ctx.keys.streams(keynames.UPLINKS),
                                keynames.GROUP_TRANSFORM)
+        #: The uplinks stream when it has one partition (else each uplink's partition is asked).
+        self._uplinks = (ctx.keys.stream(keynames.UPLINKS) if ctx.keys.partitions == 1
+                         else None)
         #: Requests being handled right now (graceful stop waits for them).
         self.in_flight = 0
         self._ingested: dict[tuple[str, str, str], Counter] = {}
@@ -892,7 +898,8 @@ class IngestHttp:
             raise self._refuse(source, name, Refused(
                 400, Reason.UNENCODABLE, f"message holds a value that cannot be stored: {exc}"
             )) from None
-        stream = self.ctx.keys.stream_for(keynames.UPLINKS, source, uplink.device)
+        stream = self._uplinks or self.ctx.keys.stream_for(keynames.UPLINKS, source,
+                                                           uplink.device)
         try:
             entry_id = await self.appender.add(stream, data)
         except RedisError as exc:
