@@ -22,7 +22,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Self
+from typing import IO, Any, Self
 
 ROOT = Path(__file__).resolve().parent.parent
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -303,22 +303,29 @@ def start_mosquitto(procs: Processes, name: str = "mosquitto") -> tuple[Proc, in
     return proc, port
 
 
+def start_redis(procs: Processes) -> int:
+    """A private, non-persistent Redis on a free loopback port (its own CPU and memory to read)."""
+    port = free_port()
+    proc = procs.spawn("redis", ["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                                 "--save", "", "--appendonly", "no", "--dir", str(procs.dir)])
+    wait_port(port, proc=proc)
+    return port
+
+
+async def redis_cpu_seconds(redis: Any) -> float:
+    """User + system CPU seconds the Redis server has used (INFO cpu)."""
+    info = await redis.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
 # --- a minimal MQTT 3.1.1 QoS 0 publisher for load generators --------------------------------
 
 
-def _remaining_length(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n % 128, n // 128
-        out.append(byte | 0x80 if n else byte)
-        if not n:
-            return bytes(out)
-
-
 def publish_packet(topic: bytes, payload: bytes) -> bytes:
-    """One QoS 0 PUBLISH packet."""
-    body = len(topic).to_bytes(2, "big") + topic + payload
-    return b"\x30" + _remaining_length(len(body)) + body
+    """One QoS 0 PUBLISH packet (the bridge's own encoder, so the bench speaks what it parses)."""
+    from pipeline import mqtt_frames
+
+    return mqtt_frames.publish(topic.decode(), payload)
 
 
 class Publisher:
@@ -333,9 +340,10 @@ class Publisher:
     def __init__(self, host: str, port: int, client_id: str, timeout_s: float = 10.0) -> None:
         self.sock = socket.create_connection((host, port), timeout=timeout_s)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        cid = client_id.encode()
-        variable = b"\x00\x04MQTT\x04\x02\x00\x00" + len(cid).to_bytes(2, "big") + cid
-        self.sock.sendall(b"\x10" + _remaining_length(len(variable)) + variable)
+        from pipeline import mqtt_frames
+
+        # Clean session, keep-alive 0: nothing needs to be read after the CONNACK.
+        self.sock.sendall(mqtt_frames.connect(client_id, keepalive_s=0))
         connack = self.sock.recv(4)
         if len(connack) < 4 or connack[0] != 0x20 or connack[3] != 0:
             raise BenchError(f"MQTT broker refused the connection: {connack!r}")
