@@ -8,6 +8,7 @@ get SIGTERM, and are killed by pid after a grace period.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import math
 import os
@@ -22,7 +23,10 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any, Self
+from typing import IO, TYPE_CHECKING, Any, Self
+
+if TYPE_CHECKING:
+    from pipeline.blynk.device_mqtt import Session
 
 ROOT = Path(__file__).resolve().parent.parent
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -316,6 +320,31 @@ async def redis_cpu_seconds(redis: Any) -> float:
     """User + system CPU seconds the Redis server has used (INFO cpu)."""
     info = await redis.info("cpu")
     return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+class SessionCounter:
+    """Handler for device MQTT sessions a bench opens: ``ready`` is set once ``n`` of them are
+    ready; closes are counted (and, with ``log_closes``, said on stderr), messages ignored."""
+
+    def __init__(self, n: int, log_closes: bool = False) -> None:
+        self.n = n
+        self.log_closes = log_closes
+        self.opened = 0
+        self.closed = 0
+        self.ready = asyncio.Event()
+
+    def session_ready(self, s: Session) -> None:
+        self.opened += 1
+        if self.opened == self.n:
+            self.ready.set()
+
+    def session_message(self, s: Session, topic: str, payload: bytes) -> None:
+        pass
+
+    def session_closed(self, s: Session, reason: str) -> None:
+        self.closed += 1
+        if self.log_closes:
+            print(f"closed: {reason}", file=sys.stderr)
 
 
 # --- a minimal MQTT 3.1.1 QoS 0 publisher for load generators --------------------------------

@@ -36,9 +36,20 @@ import subprocess
 import sys
 import time
 import urllib.request
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from bench.common import Processes, fmt_mib, machine, rss_bytes, start_mosquitto, table
+if TYPE_CHECKING:
+    import aiohttp
+
+from bench.common import (
+    Processes,
+    SessionCounter,
+    fmt_mib,
+    machine,
+    rss_bytes,
+    start_mosquitto,
+    table,
+)
 
 
 def _rss() -> int:
@@ -48,22 +59,7 @@ def _rss() -> int:
 async def _lean(n: int, port: int, conc: int) -> list[Any]:
     from pipeline.blynk.device_mqtt import Keepalive, Session, mcu_info, open_session
 
-    ready = asyncio.Event()
-    count = [0]
-
-    class H:
-        def session_ready(self, s: Session) -> None:
-            count[0] += 1
-            if count[0] == n:
-                ready.set()
-
-        def session_message(self, s: Session, topic: str, payload: bytes) -> None:
-            pass
-
-        def session_closed(self, s: Session, reason: str) -> None:
-            print(f"closed: {reason}", file=sys.stderr)
-
-    h = H()
+    h = SessionCounter(n, log_closes=True)
     ka = Keepalive(45)
     sem = asyncio.Semaphore(conc)
     sessions = []
@@ -76,7 +72,7 @@ async def _lean(n: int, port: int, conc: int) -> list[Any]:
         sessions.append(s)
 
     await asyncio.gather(*(one(i) for i in range(n)))
-    await asyncio.wait_for(ready.wait(), 60)
+    await asyncio.wait_for(h.ready.wait(), 60)
     return sessions
 
 
@@ -209,42 +205,19 @@ devices:
 def run_app_writes(http_port: int, rate: float, seconds: float, devices: int,
                    first: int) -> None:
     """``rate × seconds`` app writes, paced; print ``{value: sent ns}`` and bad answers."""
-    import aiohttp
+    from bench.downlinks import _run, paced_posts, post_counting
 
-    from bench.downlinks import _run
+    base = f"http://127.0.0.1:{http_port}/_admin/devices"
+    sent: dict[int, int] = {}
+    bad: dict[str, int] = {}
 
-    async def amain() -> None:
-        n = int(rate * seconds)
-        sent: dict[int, int] = {}
-        bad: dict[str, int] = {}
-        base = f"http://127.0.0.1:{http_port}/_admin/devices"
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256)) as http:
-            async def post(value: int) -> None:
-                i = value % devices
-                sent[value] = time.time_ns()
-                try:
-                    async with http.post(f"{base}/{i + 1}/app-write",
-                                         json={"pin": "V3", "value": value}) as resp:
-                        await resp.read()
-                        if resp.status != 200:
-                            bad[str(resp.status)] = bad.get(str(resp.status), 0) + 1
-                except aiohttp.ClientError as exc:
-                    bad[type(exc).__name__] = bad.get(type(exc).__name__, 0) + 1
+    async def post(http: aiohttp.ClientSession, value: int) -> None:
+        sent[value] = time.time_ns()
+        await post_counting(http, f"{base}/{value % devices + 1}/app-write", bad,
+                            json={"pin": "V3", "value": value})
 
-            tasks: set[asyncio.Task[None]] = set()
-            start = time.monotonic()
-            for k in range(n):
-                delay = start + k / rate - time.monotonic()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                t = asyncio.create_task(post(first + k))
-                tasks.add(t)
-                t.add_done_callback(tasks.discard)
-            await asyncio.gather(*tasks)
-            elapsed = time.monotonic() - start
-        print(json.dumps({"sent": sent, "bad": bad, "elapsed": elapsed}), flush=True)
-
-    _run(amain())
+    elapsed = _run(paced_posts(rate, seconds, first, post))
+    print(json.dumps({"sent": sent, "bad": bad, "elapsed": elapsed}), flush=True)
 
 
 async def _make_live(prefix: str, devices: int, server: str) -> None:
