@@ -50,6 +50,7 @@ from bench.common import (
     start_mosquitto,
     table,
 )
+from bench.sessions_fleet import EMULATOR, VALVE_TEMPLATE
 
 
 def _rss() -> int:
@@ -161,20 +162,6 @@ def child(kind: str, n: int, port: int, conc: int) -> None:
 
 # --- latency: app write → down/push through the sessions channel ------------------------------
 
-EMULATOR = """\
-regions:
-  fra1: {{port: {http_port}, mqtt_port: {mqtt_port}}}
-settings: {{request_log_len: 0, device_rps: null, daily_updates: null}}
-templates:
-  - id: TMPL01
-    name: Valve
-    datastreams:
-      - {{id: 1, pin: V2, name: Switch, type: integer, min: 0, max: 1}}
-      - {{id: 2, pin: V3, name: Setpoint, type: integer}}
-devices:
-{devices}
-"""
-
 BRIDGE = """\
 redis: {{url: "{redis}", prefix: "{prefix}"}}
 streams: {{block_ms: 1000}}
@@ -186,14 +173,7 @@ blynk_sessions:
   servers: {{fra1: "mqtt://127.0.0.1:{mqtt_port}"}}
   connect_rate: 2000
   connect_burst: 200
-templates:
-  - name: valve
-    id: TMPL01
-    downlinks: mqtt
-    datastreams:
-      - {{name: Switch, pin: V2, type: integer, min: 0, max: 1}}
-      - {{name: Setpoint, pin: V3, type: integer}}
-    downlink: {{pins: [V3]}}
+""" + VALVE_TEMPLATE + """\
 tts:
   - {{name: fleet, app_id: {app}, host: 127.0.0.1, port: {broker}, insecure: true,
       api_key: NNSXS.BENCH, template: valve, downlink_f_port: 2}}
@@ -263,7 +243,7 @@ def latency(args: argparse.Namespace) -> int:
             f"  - {{name: {device_name(i)}, token: {token_of(i)}, template: TMPL01, "
             f"id: {i + 1}}}" for i in range(args.devices))
         emu_cfg = procs.dir / "blynk.yaml"
-        emu_cfg.write_text(EMULATOR.format(http_port=http_port, mqtt_port=mqtt_port,
+        emu_cfg.write_text(EMULATOR.format(region="fra1", http_port=http_port, mqtt_port=mqtt_port,
                                            devices=emu_devices))
         rows_cfg = "\n".join(
             f"  - {{source: tts, integration: fleet, device: {device_name(i)}, "

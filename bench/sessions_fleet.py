@@ -43,9 +43,10 @@ from bench.common import (
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
+#: The emulator's file for one region (``{region}``) of valves (V2 Switch, V3 Setpoint).
 EMULATOR = """\
 regions:
-  r{j}: {{port: {http_port}, mqtt_port: {mqtt_port}}}
+  {region}: {{port: {http_port}, mqtt_port: {mqtt_port}}}
 settings: {{request_log_len: 0, device_rps: null, daily_updates: null}}
 templates:
   - id: TMPL01
@@ -55,6 +56,18 @@ templates:
       - {{id: 2, pin: V3, name: Setpoint, type: integer}}
 devices:
 {devices}
+"""
+
+#: The bridge's side of the same valves: downlinks over the device sessions, V3 writable.
+VALVE_TEMPLATE = """\
+templates:
+  - name: valve
+    id: TMPL01
+    downlinks: mqtt
+    datastreams:
+      - {{name: Switch, pin: V2, type: integer, min: 0, max: 1}}
+      - {{name: Setpoint, pin: V3, type: integer}}
+    downlink: {{pins: [V3]}}
 """
 
 BRIDGE = """\
@@ -69,15 +82,7 @@ blynk_sessions:
   connect_rate: {rate}
   connect_burst: {burst}
   partitions: {partitions}
-templates:
-  - name: valve
-    id: TMPL01
-    downlinks: mqtt
-    datastreams:
-      - {{name: Switch, pin: V2, type: integer, min: 0, max: 1}}
-      - {{name: Setpoint, pin: V3, type: integer}}
-    downlink: {{pins: [V3]}}
-"""
+""" + VALVE_TEMPLATE
 
 #: Sets RLIMIT_NOFILE to the hard limit, then runs the CLI (limits pass on through exec).
 _RAISE_NOFILE = ("import resource, runpy, sys; s, h = resource.getrlimit(resource.RLIMIT_NOFILE);"
@@ -194,8 +199,8 @@ def main(argv: list[str] | None = None) -> int:
             for attempt in range(5):  # free ports are racy on a shared machine: retry
                 http_port, mqtt_port = free_port(), free_port()
                 path = procs.dir / f"blynk{j}.yaml"
-                path.write_text(EMULATOR.format(j=j, http_port=http_port, mqtt_port=mqtt_port,
-                                                devices=devs))
+                path.write_text(EMULATOR.format(region=f"r{j}", http_port=http_port,
+                                                mqtt_port=mqtt_port, devices=devs))
                 p = procs.spawn(f"blynk{j}-{attempt}", _cli("emulate", "blynk", "-c", str(path)))
                 try:
                     wait_port(http_port, proc=p, timeout_s=300)
