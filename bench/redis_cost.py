@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bench.common import ROOT, Processes, free_port, machine, table, wait_port
+from bench.transform import BUTTON
 
 PREFIX = "bbr:"
 BATCH = 500
@@ -54,19 +55,7 @@ redis: {{url: "{url}", prefix: "{prefix}"}}
 streams: {{batch: {batch}, block_ms: 200}}
 blynk: {{servers: {{default: "{blynk}"}}, default_server: default}}
 transform: {{cache_size: 1000000}}
-templates:
-  - name: button
-    datastreams:
-      - {{name: batteryVoltage, pin: V0, type: double, min: 0, max: 3.6}}
-      - {{name: pressEvent, pin: V1, type: integer}}
-      - {{name: sensorTemperature, pin: V2, type: double, min: -40, max: 85}}
-      - {{name: singlePressEventCounter, pin: V3, type: integer}}
-      - {{name: thermistorProperlyConnected, pin: V4, type: integer}}
-      - {{name: RSSI, pin: V10, type: integer, min: -110, max: 0}}
-      - {{name: SNR, pin: V11, type: double, min: -20, max: 30}}
-tts:
-  - {{name: app, app_id: starter-kit, template: button}}
-"""
+""" + BUTTON
 
 
 def token(d: int) -> str:

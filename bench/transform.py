@@ -47,11 +47,8 @@ FIXTURE = ROOT / "tests" / "fixtures" / "tts" / "tts-uplink-02.json"
 PREFIX = "bbb:"
 BATCH = 500
 
-CONFIG = """
-redis: {{url: "{url}", prefix: "{prefix}"}}
-streams: {{batch: {batch}, block_ms: 200}}
-blynk: {{servers: {{default: "http://127.0.0.1:9"}}}}
-transform: {{cache_size: {cache}}}
+#: The uplinks' template (``tts-uplink-02.json``'s fields onto pins) and the TTS app using it.
+BUTTON = """\
 templates:
   - name: button
     datastreams:
@@ -65,6 +62,13 @@ templates:
 tts:
   - {{name: app, app_id: starter-kit, template: button}}
 """
+
+CONFIG = """
+redis: {{url: "{url}", prefix: "{prefix}"}}
+streams: {{batch: {batch}, block_ms: 200}}
+blynk: {{servers: {{default: "http://127.0.0.1:9"}}}}
+transform: {{cache_size: {cache}}}
+""" + BUTTON
 
 
 def config_text(url: str, cache: int = 100_000) -> str:
