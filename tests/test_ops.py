@@ -25,15 +25,21 @@ TOPIC = "v3/app-ops@ttn/devices/dev-9/up"
 WINDOW = 3600
 
 
-@pytest.fixture
-def config_file(tmp_path: Path, keys: Keys) -> str:
+def write_config(tmp_path: Path, keys: Keys, extra: str = "") -> str:
+    """A bridge.yaml for the operator commands: the test's Redis prefix, one ``sensor``
+    template (V1 temperature), then ``extra`` YAML; returns its path."""
     path = tmp_path / "bridge.yaml"
     path.write_text(
         f"redis:\n  url: {REDIS_URL}\n  prefix: '{keys.prefix}'\n"
         "templates:\n  - name: sensor\n    datastreams:\n"
-        "      - {name: temperature, pin: V1, type: double}\n"
+        "      - {name: temperature, pin: V1, type: double}\n" + extra
     )
     return str(path)
+
+
+@pytest.fixture
+def config_file(tmp_path: Path, keys: Keys) -> str:
+    return write_config(tmp_path, keys)
 
 
 async def _cli(*argv: str) -> int:
