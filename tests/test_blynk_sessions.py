@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import secrets
 import signal
 import subprocess
@@ -23,7 +22,7 @@ from prometheus_client import REGISTRY
 
 from emulators.blynk import BlynkEmulator, DatastreamSpec, DeviceSpec, EmulatorSpec, TemplateSpec
 from pipeline import config as config_mod
-from pipeline import echo, events, mqtt
+from pipeline import echo, events
 from pipeline.blynk.client import token_hash
 from pipeline.context import Context
 from pipeline.keys import DOWNLINKS, WRITES, Keys
@@ -31,6 +30,7 @@ from pipeline.registry import Registry
 from pipeline.streams import Redis, now_ms
 from tests.conftest import MQTT_HOST, MQTT_PORT, REDIS_URL
 from tests.tcp_proxy import CutProxy
+from tests.test_downlink import Devices
 from tests.wait import wait_until
 from workers.blynk_sessions import SessionsStage
 from workers.downlink import DownlinkStage
@@ -117,6 +117,18 @@ class World:
                                       event_id=f"e:{n}:{now}")
                 pipe.xadd(self.keys.stream(WRITES), {events.FIELD: events.encode(w)})
             await pipe.execute()
+
+    async def move_token(self, name: str, to: str) -> None:
+        """Device ``name`` gets ``to``'s token (re-registered, as provisioning does) and then
+        one BlynkWrite with it, as transform writes the next uplink."""
+        key = f"tts:kit:{name}"
+        await Registry(self.redis, self.keys).register(key, token=tok(to), template="valve",
+                                                       server="fra1")
+        now = now_ms()
+        w = events.BlynkWrite(token=tok(to), server=self.urls["fra1"], device_key=key,
+                              pins={"V2": 21.5}, event_ts_ms=now, received_ts_ms=now,
+                              event_id=f"e:moved:{now}")
+        await self.redis.xadd(self.keys.stream(WRITES), {events.FIELD: events.encode(w)})
 
     async def commands(self) -> list[events.Downlink]:
         entries = await self.redis.xrange(self.keys.stream(DOWNLINKS))
@@ -267,23 +279,18 @@ async def test_commands_reach_tts_and_echoes_of_the_bridges_writes_do_not(
     world.emu.settings.mqtt_echo_device_writes = True
     await world.register([FRA[0]])
     cfg = world.config(tts)
-    pushes: list[dict[str, Any]] = []
+    devices = Devices(app)
     ready = asyncio.Event()
 
-    async def devices() -> None:
-        settings = mqtt.Settings(host=MQTT_HOST, port=MQTT_PORT,
-                                 client_id=f"devices-{secrets.token_hex(4)}")
-        async with mqtt.Session(settings) as session:
-            await session.subscribe([f"v3/{app}@ttn/devices/+/down/push"])
-            ready.set()
-            async for _topic, payload in session.messages():
-                pushes.append(json.loads(payload)["downlinks"][0]["decoded_payload"])
+    def pushes() -> list[dict[str, Any]]:
+        return [body["downlinks"][0]["decoded_payload"] for _, body in devices.got]
 
     down_ctx = Context.create(cfg)
     down = DownlinkStage(down_ctx)
     await down.startup()
     stop = asyncio.Event()
-    tasks = [asyncio.create_task(devices()), asyncio.create_task(down.main_loop(stop))]
+    tasks = [asyncio.create_task(devices.run(ready)),
+             asyncio.create_task(down.main_loop(stop))]
     try:
         await ready.wait()
         async with stage(world, tts) as st:
@@ -298,13 +305,14 @@ async def test_commands_reach_tts_and_echoes_of_the_bridges_writes_do_not(
             world.emu.model.write(dev, ds, 1, world.emu.now_ms())  # ... Blynk echoes it
             # ... and then a user sets Switch=0 in the app.
             world.emu.app_write(1, "V1", 0)
-            await wait_until(lambda: pushes, what="a down/push")
+            await wait_until(lambda: devices.got, what="a down/push")
             await wait_until(lambda: _when(world.commands(), lambda c: len(c) >= 2),
                              what="both on the downlinks stream")
             # Order on the stream: the echo, then the command; only the command went down.
-            await wait_until(lambda: pushes and pushes[-1]["value"] == 0, what="command pushed")
-            assert [p["value"] for p in pushes] == [0]
-            assert [p["pin"] for p in pushes] == ["v1"]
+            await wait_until(lambda: pushes() and pushes()[-1]["value"] == 0,
+                             what="command pushed")
+            assert [p["value"] for p in pushes()] == [0]
+            assert [p["pin"] for p in pushes()] == ["v1"]
     finally:
         stop.set()
         await asyncio.wait_for(tasks[1], 30)
@@ -584,13 +592,7 @@ async def test_a_device_given_another_token_moves_its_session_to_it(world: World
         await wait_until(lambda: len(st.owned) == 8, what="all partitions owned")
         await world.uplink([FRA[0]])
         await wait_until(lambda: world.online([FRA[0]]), what="session of the first token")
-        await Registry(world.redis, world.keys).register(key, token=tok(FRA[1]),
-                                                         template="valve", server="fra1")
-        now = now_ms()
-        w = events.BlynkWrite(token=tok(FRA[1]), server=world.urls["fra1"], device_key=key,
-                              pins={"V2": 21.5}, event_ts_ms=now, received_ts_ms=now,
-                              event_id=f"e:moved:{now}")
-        await world.redis.xadd(world.keys.stream(WRITES), {events.FIELD: events.encode(w)})
+        await world.move_token(FRA[0], FRA[1])
         await wait_until(lambda: world.online([FRA[1]]) and not world.online([FRA[0]]),
                          what="the session moved to the new token")
         # The old token's live entry left its partition at once (the watcher removed it, with
@@ -723,13 +725,7 @@ async def test_a_new_token_in_the_same_partition_moves_the_session_too(world: Wo
         await world.uplink([FRA[0]])
         await wait_until(lambda: world.online([FRA[0]]), what="session of the first token")
         resyncs = _events("scan_resync")
-        await Registry(world.redis, world.keys).register(key, token=tok(FRA[1]),
-                                                         template="valve", server="fra1")
-        now = now_ms()
-        w = events.BlynkWrite(token=tok(FRA[1]), server=world.urls["fra1"], device_key=key,
-                              pins={"V2": 21.5}, event_ts_ms=now, received_ts_ms=now,
-                              event_id=f"e:moved:{now}")
-        await world.redis.xadd(world.keys.stream(WRITES), {events.FIELD: events.encode(w)})
+        await world.move_token(FRA[0], FRA[1])
         await wait_until(lambda: world.online([FRA[1]]) and not world.online([FRA[0]]),
                          what="the session moved to the new token")
         assert st.sessions[key].token == tok(FRA[1])
