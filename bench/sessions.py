@@ -50,7 +50,7 @@ from bench.common import (
     start_mosquitto,
     table,
 )
-from bench.sessions_fleet import EMULATOR, VALVE_TEMPLATE
+from bench.sessions_fleet import EMULATOR, VALVE_TEMPLATE, go_live
 
 
 def _rss() -> int:
@@ -202,22 +202,12 @@ def run_app_writes(http_port: int, rate: float, seconds: float, devices: int,
 
 async def _make_live(prefix: str, devices: int, server: str) -> None:
     from bench.downlinks import REDIS_URL, device_name, token_of
-    from pipeline import events
-    from pipeline.keys import WRITES, Keys
+    from pipeline.keys import Keys
     from pipeline.streams import connect
 
     redis = connect(REDIS_URL)
-    keys = Keys(prefix)
-    now = time.time_ns() // 1_000_000
     try:
-        async with redis.pipeline(transaction=False) as pipe:
-            for i in range(devices):
-                w = events.BlynkWrite(token=token_of(i), server=server,
-                                      device_key=f"tts:fleet:{device_name(i)}",
-                                      pins={"V2": 0}, event_ts_ms=now, received_ts_ms=now,
-                                      event_id=f"bench:{i}")
-                pipe.xadd(keys.stream(WRITES), {events.FIELD: events.encode(w)})
-            await pipe.execute()
+        await go_live(redis, Keys(prefix), devices, token_of, device_name, lambda i: server)
     finally:
         await redis.aclose()
 

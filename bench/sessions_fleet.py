@@ -28,6 +28,8 @@ import resource
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from bench.common import (
     BenchError,
@@ -40,6 +42,9 @@ from bench.common import (
     table,
     wait_port,
 )
+
+if TYPE_CHECKING:
+    from pipeline.keys import Keys
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -136,10 +141,28 @@ async def _balanced(prefix: str, partitions: int, replicas: int) -> bool:
     return len(count) == replicas and max(count.values()) <= share
 
 
-async def _register_and_go_live(prefix: str, devices: int, servers: list[str]) -> None:
+async def go_live(redis: Any, keys: Keys, devices: int, token: Callable[[int], str],
+                  name: Callable[[int], str], server: Callable[[int], str]) -> None:
+    """One BlynkWrite (V2 = 0) per device ``tts:fleet:{name(i)}`` onto the writes stream, in
+    pipelines of 5000: what makes the sessions stage open each device's session."""
     from pipeline import events
+    from pipeline.keys import WRITES
+
+    now = time.time_ns() // 1_000_000
+    for start in range(0, devices, 5000):
+        async with redis.pipeline(transaction=False) as pipe:
+            for i in range(start, min(devices, start + 5000)):
+                w = events.BlynkWrite(token=token(i), server=server(i),
+                                      device_key=f"tts:fleet:{name(i)}",
+                                      pins={"V2": 0}, event_ts_ms=now, received_ts_ms=now,
+                                      event_id=f"bench:{i}")
+                pipe.xadd(keys.stream(WRITES), {events.FIELD: events.encode(w)})
+            await pipe.execute()
+
+
+async def _register_and_go_live(prefix: str, devices: int, servers: list[str]) -> None:
     from pipeline.config import DeviceEntry
-    from pipeline.keys import WRITES, Keys
+    from pipeline.keys import Keys
     from pipeline.redact import Secret
     from pipeline.registry import Registry
     from pipeline.streams import connect
@@ -153,16 +176,7 @@ async def _register_and_go_live(prefix: str, devices: int, servers: list[str]) -
                             server=f"r{i % len(servers)}") for i in range(devices)]
         # Rows name the region (``blynk.servers``); writes carry its URL, as egress sees it.
         await reg.load_static(rows)
-        now = time.time_ns() // 1_000_000
-        for start in range(0, devices, 5000):
-            async with redis.pipeline(transaction=False) as pipe:
-                for i in range(start, min(devices, start + 5000)):
-                    w = events.BlynkWrite(token=token_of(i), server=servers[i % len(servers)],
-                                          device_key=f"tts:fleet:{name_of(i)}",
-                                          pins={"V2": 0}, event_ts_ms=now, received_ts_ms=now,
-                                          event_id=f"bench:{i}")
-                    pipe.xadd(keys.stream(WRITES), {events.FIELD: events.encode(w)})
-                await pipe.execute()
+        await go_live(redis, keys, devices, token_of, name_of, lambda i: servers[i % len(servers)])
     finally:
         await redis.aclose()
 
