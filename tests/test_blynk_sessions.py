@@ -149,7 +149,14 @@ async def world(prefix: str, redis: Redis) -> AsyncIterator[World]:
 @contextlib.asynccontextmanager
 async def stage(world: World, tts: str = "", redis_url: str = REDIS_URL,
                 **sessions: Any) -> AsyncIterator[SessionsStage]:
-    ctx = Context.create(world.config(tts, redis_url, **sessions))
+    async with running(world.config(tts, redis_url, **sessions)) as st:
+        yield st
+
+
+@contextlib.asynccontextmanager
+async def running(cfg: config_mod.Config) -> AsyncIterator[SessionsStage]:
+    """A sessions stage on ``cfg``, its main loop running until the block ends."""
+    ctx = Context.create(cfg)
     st = SessionsStage(ctx)
     await st.startup()
     stop = asyncio.Event()
@@ -493,15 +500,8 @@ async def test_a_replica_cut_off_from_redis_closes_its_sessions_before_its_lease
     replica B takes them. A must have closed its sessions by then, although it is still
     waiting for its renewal: Blynk never sees two clients for one token."""
     await world.register(FRA)
-    async with StallProxy() as proxy:
-        cfg_a = config_mod.parse(
-            config_text(world.prefix, world.emu, world.urls, lease_ttl_ms=2000).replace(
-                REDIS_URL, proxy.url), "yaml", "a.yaml", env={})
-        ctx_a = Context.create(cfg_a)
-        a = SessionsStage(ctx_a)
-        await a.startup()
-        stop_a = asyncio.Event()
-        task_a = asyncio.create_task(a.main_loop(stop_a))
+    async with StallProxy() as proxy, running(world.config(redis_url=proxy.url,
+                                                       lease_ttl_ms=2000)) as a:
         try:
             await wait_until(lambda: len(a.owned) == 8, what="A owns every partition")
             await world.uplink(FRA)
@@ -514,11 +514,7 @@ async def test_a_replica_cut_off_from_redis_closes_its_sessions_before_its_lease
                 assert world.emu.mqtt.stats["kicked"] == 0, "two sessions for one token"
                 proxy.resume()
         finally:
-            proxy.resume()
-            stop_a.set()
-            await asyncio.wait_for(task_a, 30)
-            await a.shutdown()
-            await ctx_a.close()
+            proxy.resume()  # before the stage stops: its last Redis calls must be answered
 
 
 async def test_a_connect_whose_partition_is_dropped_meanwhile_never_says_connect(
@@ -560,22 +556,12 @@ async def test_an_address_that_cannot_be_connected_to_is_retried_not_stuck(
     bad = "mqtt://" + "a" * 64 + ".example:1883"
     text = config_text(world.prefix, world.emu, world.urls).replace(
         world.emu.mqtt.url("fra1"), bad)
-    ctx = Context.create(config_mod.parse(text, "yaml", "bad.yaml", env={}))
-    st = SessionsStage(ctx)
-    await st.startup()
-    stop = asyncio.Event()
-    task = asyncio.create_task(st.main_loop(stop))
-    try:
+    async with running(config_mod.parse(text, "yaml", "bad.yaml", env={})) as st:
         await wait_until(lambda: len(st.owned) == 8, what="all partitions owned")
         await world.uplink([FRA[0]])
         key = f"tts:kit:{FRA[0]}"
         await wait_until(lambda: st.attempts.get(key, 0) >= 2, what="connect retried")
         assert key not in st.sessions
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)
-        await st.shutdown()
-        await ctx.close()
 
 
 async def test_a_device_given_another_token_moves_its_session_to_it(world: World) -> None:
