@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 from bench.common import (
     BenchError,
     PortTaken,
+    Proc,
     Processes,
     UsageProbe,
     fmt_ms,
@@ -259,6 +260,17 @@ def _python(code: str) -> list[str]:
     return [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); {code}"]
 
 
+def start_subscriber(procs: Processes, mqtt_port: int, app: str) -> Proc:
+    """:func:`run_subscriber` in a child process, returned once it says it is subscribed."""
+    sub = procs.spawn("subscriber", _python(
+        f"from bench.downlinks import run_subscriber; run_subscriber({mqtt_port}, {app!r})"),
+        pipes=True)
+    assert sub.popen.stdout is not None and sub.popen.stdin is not None
+    if sub.popen.stdout.readline().strip() != b"ready":
+        raise BenchError(f"subscriber did not start; log: {sub.log_path}\n{sub.tail()}")
+    return sub
+
+
 def _scrape(port: int) -> dict[str, float]:
     """``bb_downlinks_total`` by outcome from a process's /metrics."""
     out: dict[str, float] = {}
@@ -306,12 +318,8 @@ def one_round(procs: Processes, kind: str, rate: float, args: argparse.Namespace
         for s in reversed(servers):
             procs.stop(s)
         raise
-    sub = procs.spawn("subscriber", _python(
-        f"from bench.downlinks import run_subscriber; run_subscriber({mqtt_port}, {app!r})"),
-        pipes=True)
+    sub = start_subscriber(procs, mqtt_port, app)
     assert sub.popen.stdout is not None and sub.popen.stdin is not None
-    if sub.popen.stdout.readline().strip() != b"ready":
-        raise BenchError(f"subscriber did not start; log: {sub.log_path}\n{sub.tail()}")
     # warm-up: one command per device reaches its device (connections made, caches filled)
     warm = _load(procs, port, 500.0, args.devices / 500.0, args, first)
     sub_in = sub.popen.stdin

@@ -219,7 +219,14 @@ def _admin_sessions(http_port: int) -> int:
 
 def latency(args: argparse.Namespace) -> int:
     from bench.common import BenchError, fmt_ms, free_port, percentile, wait_port
-    from bench.downlinks import REDIS_URL, _cleanup, _python, device_name, token_of
+    from bench.downlinks import (
+        REDIS_URL,
+        _cleanup,
+        _python,
+        device_name,
+        start_subscriber,
+        token_of,
+    )
 
     rows: list[list[object]] = []
     print(machine())
@@ -268,12 +275,8 @@ def latency(args: argparse.Namespace) -> int:
         print(f"blynk-sessions: {args.devices} sessions opened in {open_s:.1f} s; RSS "
               f"{fmt_mib(rss0)} MiB with none, {fmt_mib(rss1)} MiB with all: "
               f"{(rss1 - rss0) / args.devices / 1024:.1f} KiB per session")
-        sub = procs.spawn("subscriber", _python(
-            f"from bench.downlinks import run_subscriber; run_subscriber({broker}, {app!r})"),
-            pipes=True)
+        sub = start_subscriber(procs, broker, app)
         assert sub.popen.stdout is not None and sub.popen.stdin is not None
-        if sub.popen.stdout.readline().strip() != b"ready":
-            raise BenchError(f"subscriber did not start\n{sub.tail()}")
         first = 0
         results = []
         for rate in [float(r) for r in args.rates.split(",")]:
