@@ -8,6 +8,7 @@ get SIGTERM, and are killed by pid after a grace period.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import math
 import os
@@ -22,7 +23,10 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Self
+from typing import IO, TYPE_CHECKING, Any, Self
+
+if TYPE_CHECKING:
+    from pipeline.blynk.device_mqtt import Session
 
 ROOT = Path(__file__).resolve().parent.parent
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -303,22 +307,54 @@ def start_mosquitto(procs: Processes, name: str = "mosquitto") -> tuple[Proc, in
     return proc, port
 
 
+def start_redis(procs: Processes) -> int:
+    """A private, non-persistent Redis on a free loopback port (its own CPU and memory to read)."""
+    port = free_port()
+    proc = procs.spawn("redis", ["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                                 "--save", "", "--appendonly", "no", "--dir", str(procs.dir)])
+    wait_port(port, proc=proc)
+    return port
+
+
+async def redis_cpu_seconds(redis: Any) -> float:
+    """User + system CPU seconds the Redis server has used (INFO cpu)."""
+    info = await redis.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+class SessionCounter:
+    """Handler for device MQTT sessions a bench opens: ``ready`` is set once ``n`` of them are
+    ready; closes are counted (and, with ``log_closes``, said on stderr), messages ignored."""
+
+    def __init__(self, n: int, log_closes: bool = False) -> None:
+        self.n = n
+        self.log_closes = log_closes
+        self.opened = 0
+        self.closed = 0
+        self.ready = asyncio.Event()
+
+    def session_ready(self, s: Session) -> None:
+        self.opened += 1
+        if self.opened == self.n:
+            self.ready.set()
+
+    def session_message(self, s: Session, topic: str, payload: bytes) -> None:
+        pass
+
+    def session_closed(self, s: Session, reason: str) -> None:
+        self.closed += 1
+        if self.log_closes:
+            print(f"closed: {reason}", file=sys.stderr)
+
+
 # --- a minimal MQTT 3.1.1 QoS 0 publisher for load generators --------------------------------
 
 
-def _remaining_length(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n % 128, n // 128
-        out.append(byte | 0x80 if n else byte)
-        if not n:
-            return bytes(out)
-
-
 def publish_packet(topic: bytes, payload: bytes) -> bytes:
-    """One QoS 0 PUBLISH packet."""
-    body = len(topic).to_bytes(2, "big") + topic + payload
-    return b"\x30" + _remaining_length(len(body)) + body
+    """One QoS 0 PUBLISH packet (the bridge's own encoder, so the bench speaks what it parses)."""
+    from pipeline import mqtt_frames
+
+    return mqtt_frames.publish(topic.decode(), payload)
 
 
 class Publisher:
@@ -333,9 +369,10 @@ class Publisher:
     def __init__(self, host: str, port: int, client_id: str, timeout_s: float = 10.0) -> None:
         self.sock = socket.create_connection((host, port), timeout=timeout_s)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        cid = client_id.encode()
-        variable = b"\x00\x04MQTT\x04\x02\x00\x00" + len(cid).to_bytes(2, "big") + cid
-        self.sock.sendall(b"\x10" + _remaining_length(len(variable)) + variable)
+        from pipeline import mqtt_frames
+
+        # Clean session, keep-alive 0: nothing needs to be read after the CONNACK.
+        self.sock.sendall(mqtt_frames.connect(client_id, keepalive_s=0))
         connack = self.sock.recv(4)
         if len(connack) < 4 or connack[0] != 0x20 or connack[3] != 0:
             raise BenchError(f"MQTT broker refused the connection: {connack!r}")

@@ -40,7 +40,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from bench.common import ROOT, Processes, free_port, machine, table, wait_port
+from bench.common import ROOT, Processes, machine, redis_cpu_seconds, start_redis, table
 
 BATCH = 500
 
@@ -53,19 +53,6 @@ return out
 """
 
 Claim = Callable[[list[tuple[str, str, bytes]], int], Awaitable[Any]]
-
-
-def start_redis(procs: Processes) -> int:
-    port = free_port()
-    proc = procs.spawn("redis", ["redis-server", "--port", str(port), "--bind", "127.0.0.1",
-                                 "--save", "", "--appendonly", "no", "--dir", str(procs.dir)])
-    wait_port(port, proc=proc)
-    return port
-
-
-async def _cpu(redis: Any) -> float:
-    info = await redis.info("cpu")
-    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
 
 async def _mem(redis: Any) -> int:
@@ -111,11 +98,11 @@ def batch(stream: str, first: int, n: int) -> list[tuple[str, str, bytes]]:
 async def fill(claim: Claim, redis: Any, stream: str, n: int, window: int,
                ) -> tuple[float, float]:
     """Bytes per event and Redis CPU µs per claim of ``n`` new events from an empty Redis."""
-    mem0, cpu0 = await _mem(redis), await _cpu(redis)
+    mem0, cpu0 = await _mem(redis), await redis_cpu_seconds(redis)
     for i in range(0, n, BATCH):
         got = await claim(batch(stream, i, min(BATCH, n - i)), window)
         assert not any(got), "a new event answered as seen"
-    return (await _mem(redis) - mem0) / n, (await _cpu(redis) - cpu0) / n * 1e6
+    return (await _mem(redis) - mem0) / n, (await redis_cpu_seconds(redis) - cpu0) / n * 1e6
 
 
 async def steady(claim: Claim, redis: Any, stream: str, window: int, seconds: float,
@@ -127,10 +114,10 @@ async def steady(claim: Claim, redis: Any, stream: str, window: int, seconds: fl
     i, half_i, half_t, cpu_half = 0, 0, 0.0, 0.0
     while (now := time.monotonic()) - t0 < seconds:
         if not half_t and now - t0 >= seconds / 2:
-            half_i, half_t, cpu_half = i, now, await _cpu(redis)
+            half_i, half_t, cpu_half = i, now, await redis_cpu_seconds(redis)
         await claim(batch(stream, i, BATCH), window)
         i += BATCH
-    cpu = await _cpu(redis) - cpu_half
+    cpu = await redis_cpu_seconds(redis) - cpu_half
     rate = (i - half_i) / (time.monotonic() - half_t)
     return cpu / (i - half_i) * 1e6, (await _mem(redis) - mem0) / (rate * window), rate
 

@@ -37,12 +37,17 @@ import secrets
 import sys
 import time
 import urllib.request
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import aiohttp
 
 from bench.common import (
     BenchError,
     PortTaken,
+    Proc,
     Processes,
     UsageProbe,
     fmt_ms,
@@ -188,46 +193,62 @@ def run_subscriber(mqtt_port: int, app: str) -> None:
 # --- the load generator (child process) -----------------------------------------------------
 
 
-def run_load(port: int, rate: float, seconds: float, devices: int, first: int) -> None:
-    """Send ``rate × seconds`` webhooks, paced; print ``{value: sent ns}`` and bad answers."""
+Post = Callable[["aiohttp.ClientSession", int], Coroutine[Any, Any, None]]
+
+
+async def paced_posts(rate: float, seconds: float, first: int, post: Post) -> float:
+    """Run ``post(http, first + k)`` for ``k < rate × seconds`` on a schedule of ``rate`` per
+    second (a late start goes at once, none is skipped), all concurrent on one HTTP session;
+    return the seconds it took. ``post`` records what it sent and how it was answered."""
     import aiohttp
 
-    async def amain() -> None:
-        n = int(rate * seconds)
-        sent: dict[int, int] = {}
-        bad: dict[str, int] = {}
-        url = f"http://127.0.0.1:{port}/blynk/app"
-        headers = {"Authorization": AUTH, "Content-Type": "application/json"}
-        conn = aiohttp.TCPConnector(limit=256)
-        async with aiohttp.ClientSession(connector=conn) as http:
-            async def post(value: int) -> None:
-                i = value % devices
-                ts_ms = time.time_ns() // 1_000_000
-                body = BODY.format(id=i + 1, token=token_of(i), value=value, ts=ts_ms,
-                                   name=device_name(i)).encode()
-                sent[value] = time.time_ns()
-                try:
-                    async with http.post(url, data=body, headers=headers) as resp:
-                        await resp.read()
-                        if resp.status != 200:
-                            bad[str(resp.status)] = bad.get(str(resp.status), 0) + 1
-                except aiohttp.ClientError as exc:
-                    bad[type(exc).__name__] = bad.get(type(exc).__name__, 0) + 1
+    n = int(rate * seconds)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256)) as http:
+        tasks: set[asyncio.Task[None]] = set()
+        start = time.monotonic()
+        for k in range(n):
+            delay = start + k / rate - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            t = asyncio.create_task(post(http, first + k))
+            tasks.add(t)
+            t.add_done_callback(tasks.discard)
+        await asyncio.gather(*tasks)
+        elapsed = time.monotonic() - start
+    return elapsed
 
-            tasks: set[asyncio.Task[None]] = set()
-            start = time.monotonic()
-            for k in range(n):
-                delay = start + k / rate - time.monotonic()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                t = asyncio.create_task(post(first + k))
-                tasks.add(t)
-                t.add_done_callback(tasks.discard)
-            await asyncio.gather(*tasks)
-            elapsed = time.monotonic() - start
-        print(json.dumps({"sent": sent, "bad": bad, "elapsed": elapsed}), flush=True)
 
-    _run(amain())
+async def post_counting(http: aiohttp.ClientSession, url: str, bad: dict[str, int],
+                        **kwargs: Any) -> None:
+    """POST and count any answer but 200 (or a client error) in ``bad`` by status / error name."""
+    import aiohttp
+
+    try:
+        async with http.post(url, **kwargs) as resp:
+            await resp.read()
+            if resp.status != 200:
+                bad[str(resp.status)] = bad.get(str(resp.status), 0) + 1
+    except aiohttp.ClientError as exc:
+        bad[type(exc).__name__] = bad.get(type(exc).__name__, 0) + 1
+
+
+def run_load(port: int, rate: float, seconds: float, devices: int, first: int) -> None:
+    """Send ``rate × seconds`` webhooks, paced; print ``{value: sent ns}`` and bad answers."""
+    url = f"http://127.0.0.1:{port}/blynk/app"
+    headers = {"Authorization": AUTH, "Content-Type": "application/json"}
+    sent: dict[int, int] = {}
+    bad: dict[str, int] = {}
+
+    async def post(http: aiohttp.ClientSession, value: int) -> None:
+        i = value % devices
+        ts_ms = time.time_ns() // 1_000_000
+        body = BODY.format(id=i + 1, token=token_of(i), value=value, ts=ts_ms,
+                           name=device_name(i)).encode()
+        sent[value] = time.time_ns()
+        await post_counting(http, url, bad, data=body, headers=headers)
+
+    elapsed = _run(paced_posts(rate, seconds, first, post))
+    print(json.dumps({"sent": sent, "bad": bad, "elapsed": elapsed}), flush=True)
 
 
 # --- one round --------------------------------------------------------------------------
@@ -237,6 +258,17 @@ def _python(code: str) -> list[str]:
     from bench.common import ROOT
 
     return [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); {code}"]
+
+
+def start_subscriber(procs: Processes, mqtt_port: int, app: str) -> Proc:
+    """:func:`run_subscriber` in a child process, returned once it says it is subscribed."""
+    sub = procs.spawn("subscriber", _python(
+        f"from bench.downlinks import run_subscriber; run_subscriber({mqtt_port}, {app!r})"),
+        pipes=True)
+    assert sub.popen.stdout is not None and sub.popen.stdin is not None
+    if sub.popen.stdout.readline().strip() != b"ready":
+        raise BenchError(f"subscriber did not start; log: {sub.log_path}\n{sub.tail()}")
+    return sub
 
 
 def _scrape(port: int) -> dict[str, float]:
@@ -286,12 +318,8 @@ def one_round(procs: Processes, kind: str, rate: float, args: argparse.Namespace
         for s in reversed(servers):
             procs.stop(s)
         raise
-    sub = procs.spawn("subscriber", _python(
-        f"from bench.downlinks import run_subscriber; run_subscriber({mqtt_port}, {app!r})"),
-        pipes=True)
+    sub = start_subscriber(procs, mqtt_port, app)
     assert sub.popen.stdout is not None and sub.popen.stdin is not None
-    if sub.popen.stdout.readline().strip() != b"ready":
-        raise BenchError(f"subscriber did not start; log: {sub.log_path}\n{sub.tail()}")
     # warm-up: one command per device reaches its device (connections made, caches filled)
     warm = _load(procs, port, 500.0, args.devices / 500.0, args, first)
     sub_in = sub.popen.stdin

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bench.common import ROOT, Processes, free_port, machine, table, wait_port
+from bench.transform import BUTTON
 
 PREFIX = "bbr:"
 BATCH = 500
@@ -54,19 +55,7 @@ redis: {{url: "{url}", prefix: "{prefix}"}}
 streams: {{batch: {batch}, block_ms: 200}}
 blynk: {{servers: {{default: "{blynk}"}}, default_server: default}}
 transform: {{cache_size: 1000000}}
-templates:
-  - name: button
-    datastreams:
-      - {{name: batteryVoltage, pin: V0, type: double, min: 0, max: 3.6}}
-      - {{name: pressEvent, pin: V1, type: integer}}
-      - {{name: sensorTemperature, pin: V2, type: double, min: -40, max: 85}}
-      - {{name: singlePressEventCounter, pin: V3, type: integer}}
-      - {{name: thermistorProperlyConnected, pin: V4, type: integer}}
-      - {{name: RSSI, pin: V10, type: integer, min: -110, max: 0}}
-      - {{name: SNR, pin: V11, type: double, min: -20, max: 30}}
-tts:
-  - {{name: app, app_id: starter-kit, template: button}}
-"""
+""" + BUTTON
 
 
 def token(d: int) -> str:
@@ -136,7 +125,7 @@ class Meter:
 async def append_uplinks(redis: Any, uplinks: int, devices: int, pass_no: int) -> None:
     """``uplinks`` uplinks round robin over ``devices`` registered devices, newer than any of an
     earlier pass, with ids never used before (transform drops repeated ids)."""
-    from bench.transform import FIXTURE
+    from bench.transform import FIXTURE, button_uplink
     from pipeline import events
     from pipeline.keys import Keys
 
@@ -146,15 +135,8 @@ async def append_uplinks(redis: Any, uplinks: int, devices: int, pass_no: int) -
     for start in range(0, uplinks, 5000):
         async with redis.pipeline(transaction=False) as pipe:
             for i in range(start, min(start + 5000, uplinks)):
-                d = i % devices
-                values = dict(payload)
-                values["singlePressEventCounter"] = pass_no * uplinks + i
-                u = events.Uplink(
-                    event_id=f"as:up:{pass_no:02d}{i:08d}", source="tts", integration="app",
-                    device=f"eui-{d:016x}", event_ts_ms=now + i, received_ts_ms=now + i,
-                    values=values, device_meta={"dev_eui": f"{d:016X}"},
-                    radio=events.Radio(rssi=-31 - (i % 60), snr=9.5, gateways=1, f_cnt=i,
-                                       f_port=2))
+                u = button_uplink(payload, f"as:up:{pass_no:02d}{i:08d}", i % devices, i,
+                                  counter=pass_no * uplinks + i, ts_ms=now + i)
                 pipe.xadd(stream, {events.FIELD: events.encode(u)})
             await pipe.execute()
 

@@ -29,26 +29,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import ROOT, Processes, free_port, machine, table, wait_port
+from bench.common import ROOT, Processes, machine, redis_cpu_seconds, start_redis, table
 
 FIXTURE = ROOT / "tests" / "fixtures" / "tts" / "tts-uplink-02.json"
 BATCH = 500
 
-def start_redis(procs: Processes) -> int:
-    port = free_port()
-    proc = procs.spawn("redis", ["redis-server", "--port", str(port), "--bind", "127.0.0.1",
-                                 "--save", "", "--appendonly", "no", "--dir", str(procs.dir)])
-    wait_port(port, proc=proc)
-    return port
-
-
 async def _used(redis: Any) -> int:
     return int((await redis.info("memory"))["used_memory"])
-
-
-async def _cpu(redis: Any) -> float:
-    info = await redis.info("cpu")
-    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
 
 class Measure:
@@ -61,12 +48,12 @@ class Measure:
 
     async def __aenter__(self) -> Measure:
         self.mem0 = await _used(self.redis)
-        self.cpu0 = await _cpu(self.redis)
+        self.cpu0 = await redis_cpu_seconds(self.redis)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         self.mem = await _used(self.redis) - self.mem0
-        self.cpu = await _cpu(self.redis) - self.cpu0
+        self.cpu = await redis_cpu_seconds(self.redis) - self.cpu0
 
 
 async def dedup_fill(redis: Any, scheme: str, n: int, window: int) -> float:

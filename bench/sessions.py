@@ -36,9 +36,21 @@ import subprocess
 import sys
 import time
 import urllib.request
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from bench.common import Processes, fmt_mib, machine, rss_bytes, start_mosquitto, table
+if TYPE_CHECKING:
+    import aiohttp
+
+from bench.common import (
+    Processes,
+    SessionCounter,
+    fmt_mib,
+    machine,
+    rss_bytes,
+    start_mosquitto,
+    table,
+)
+from bench.sessions_fleet import EMULATOR, VALVE_TEMPLATE, go_live
 
 
 def _rss() -> int:
@@ -48,22 +60,7 @@ def _rss() -> int:
 async def _lean(n: int, port: int, conc: int) -> list[Any]:
     from pipeline.blynk.device_mqtt import Keepalive, Session, mcu_info, open_session
 
-    ready = asyncio.Event()
-    count = [0]
-
-    class H:
-        def session_ready(self, s: Session) -> None:
-            count[0] += 1
-            if count[0] == n:
-                ready.set()
-
-        def session_message(self, s: Session, topic: str, payload: bytes) -> None:
-            pass
-
-        def session_closed(self, s: Session, reason: str) -> None:
-            print(f"closed: {reason}", file=sys.stderr)
-
-    h = H()
+    h = SessionCounter(n, log_closes=True)
     ka = Keepalive(45)
     sem = asyncio.Semaphore(conc)
     sessions = []
@@ -76,7 +73,7 @@ async def _lean(n: int, port: int, conc: int) -> list[Any]:
         sessions.append(s)
 
     await asyncio.gather(*(one(i) for i in range(n)))
-    await asyncio.wait_for(ready.wait(), 60)
+    await asyncio.wait_for(h.ready.wait(), 60)
     return sessions
 
 
@@ -165,20 +162,6 @@ def child(kind: str, n: int, port: int, conc: int) -> None:
 
 # --- latency: app write → down/push through the sessions channel ------------------------------
 
-EMULATOR = """\
-regions:
-  fra1: {{port: {http_port}, mqtt_port: {mqtt_port}}}
-settings: {{request_log_len: 0, device_rps: null, daily_updates: null}}
-templates:
-  - id: TMPL01
-    name: Valve
-    datastreams:
-      - {{id: 1, pin: V2, name: Switch, type: integer, min: 0, max: 1}}
-      - {{id: 2, pin: V3, name: Setpoint, type: integer}}
-devices:
-{devices}
-"""
-
 BRIDGE = """\
 redis: {{url: "{redis}", prefix: "{prefix}"}}
 streams: {{block_ms: 1000}}
@@ -190,14 +173,7 @@ blynk_sessions:
   servers: {{fra1: "mqtt://127.0.0.1:{mqtt_port}"}}
   connect_rate: 2000
   connect_burst: 200
-templates:
-  - name: valve
-    id: TMPL01
-    downlinks: mqtt
-    datastreams:
-      - {{name: Switch, pin: V2, type: integer, min: 0, max: 1}}
-      - {{name: Setpoint, pin: V3, type: integer}}
-    downlink: {{pins: [V3]}}
+""" + VALVE_TEMPLATE + """\
 tts:
   - {{name: fleet, app_id: {app}, host: 127.0.0.1, port: {broker}, insecure: true,
       api_key: NNSXS.BENCH, template: valve, downlink_f_port: 2}}
@@ -209,62 +185,29 @@ devices:
 def run_app_writes(http_port: int, rate: float, seconds: float, devices: int,
                    first: int) -> None:
     """``rate × seconds`` app writes, paced; print ``{value: sent ns}`` and bad answers."""
-    import aiohttp
+    from bench.downlinks import _run, paced_posts, post_counting
 
-    from bench.downlinks import _run
+    base = f"http://127.0.0.1:{http_port}/_admin/devices"
+    sent: dict[int, int] = {}
+    bad: dict[str, int] = {}
 
-    async def amain() -> None:
-        n = int(rate * seconds)
-        sent: dict[int, int] = {}
-        bad: dict[str, int] = {}
-        base = f"http://127.0.0.1:{http_port}/_admin/devices"
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256)) as http:
-            async def post(value: int) -> None:
-                i = value % devices
-                sent[value] = time.time_ns()
-                try:
-                    async with http.post(f"{base}/{i + 1}/app-write",
-                                         json={"pin": "V3", "value": value}) as resp:
-                        await resp.read()
-                        if resp.status != 200:
-                            bad[str(resp.status)] = bad.get(str(resp.status), 0) + 1
-                except aiohttp.ClientError as exc:
-                    bad[type(exc).__name__] = bad.get(type(exc).__name__, 0) + 1
+    async def post(http: aiohttp.ClientSession, value: int) -> None:
+        sent[value] = time.time_ns()
+        await post_counting(http, f"{base}/{value % devices + 1}/app-write", bad,
+                            json={"pin": "V3", "value": value})
 
-            tasks: set[asyncio.Task[None]] = set()
-            start = time.monotonic()
-            for k in range(n):
-                delay = start + k / rate - time.monotonic()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                t = asyncio.create_task(post(first + k))
-                tasks.add(t)
-                t.add_done_callback(tasks.discard)
-            await asyncio.gather(*tasks)
-            elapsed = time.monotonic() - start
-        print(json.dumps({"sent": sent, "bad": bad, "elapsed": elapsed}), flush=True)
-
-    _run(amain())
+    elapsed = _run(paced_posts(rate, seconds, first, post))
+    print(json.dumps({"sent": sent, "bad": bad, "elapsed": elapsed}), flush=True)
 
 
 async def _make_live(prefix: str, devices: int, server: str) -> None:
     from bench.downlinks import REDIS_URL, device_name, token_of
-    from pipeline import events
-    from pipeline.keys import WRITES, Keys
+    from pipeline.keys import Keys
     from pipeline.streams import connect
 
     redis = connect(REDIS_URL)
-    keys = Keys(prefix)
-    now = time.time_ns() // 1_000_000
     try:
-        async with redis.pipeline(transaction=False) as pipe:
-            for i in range(devices):
-                w = events.BlynkWrite(token=token_of(i), server=server,
-                                      device_key=f"tts:fleet:{device_name(i)}",
-                                      pins={"V2": 0}, event_ts_ms=now, received_ts_ms=now,
-                                      event_id=f"bench:{i}")
-                pipe.xadd(keys.stream(WRITES), {events.FIELD: events.encode(w)})
-            await pipe.execute()
+        await go_live(redis, Keys(prefix), devices, token_of, device_name, lambda i: server)
     finally:
         await redis.aclose()
 
@@ -276,7 +219,14 @@ def _admin_sessions(http_port: int) -> int:
 
 def latency(args: argparse.Namespace) -> int:
     from bench.common import BenchError, fmt_ms, free_port, percentile, wait_port
-    from bench.downlinks import REDIS_URL, _cleanup, _python, device_name, token_of
+    from bench.downlinks import (
+        REDIS_URL,
+        _cleanup,
+        _python,
+        device_name,
+        start_subscriber,
+        token_of,
+    )
 
     rows: list[list[object]] = []
     print(machine())
@@ -290,7 +240,7 @@ def latency(args: argparse.Namespace) -> int:
             f"  - {{name: {device_name(i)}, token: {token_of(i)}, template: TMPL01, "
             f"id: {i + 1}}}" for i in range(args.devices))
         emu_cfg = procs.dir / "blynk.yaml"
-        emu_cfg.write_text(EMULATOR.format(http_port=http_port, mqtt_port=mqtt_port,
+        emu_cfg.write_text(EMULATOR.format(region="fra1", http_port=http_port, mqtt_port=mqtt_port,
                                            devices=emu_devices))
         rows_cfg = "\n".join(
             f"  - {{source: tts, integration: fleet, device: {device_name(i)}, "
@@ -325,12 +275,8 @@ def latency(args: argparse.Namespace) -> int:
         print(f"blynk-sessions: {args.devices} sessions opened in {open_s:.1f} s; RSS "
               f"{fmt_mib(rss0)} MiB with none, {fmt_mib(rss1)} MiB with all: "
               f"{(rss1 - rss0) / args.devices / 1024:.1f} KiB per session")
-        sub = procs.spawn("subscriber", _python(
-            f"from bench.downlinks import run_subscriber; run_subscriber({broker}, {app!r})"),
-            pipes=True)
+        sub = start_subscriber(procs, broker, app)
         assert sub.popen.stdout is not None and sub.popen.stdin is not None
-        if sub.popen.stdout.readline().strip() != b"ready":
-            raise BenchError(f"subscriber did not start\n{sub.tail()}")
         first = 0
         results = []
         for rate in [float(r) for r in args.rates.split(",")]:

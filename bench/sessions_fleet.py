@@ -28,6 +28,8 @@ import resource
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from bench.common import (
     BenchError,
@@ -41,11 +43,15 @@ from bench.common import (
     wait_port,
 )
 
+if TYPE_CHECKING:
+    from pipeline.keys import Keys
+
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
+#: The emulator's file for one region (``{region}``) of valves (V2 Switch, V3 Setpoint).
 EMULATOR = """\
 regions:
-  r{j}: {{port: {http_port}, mqtt_port: {mqtt_port}}}
+  {region}: {{port: {http_port}, mqtt_port: {mqtt_port}}}
 settings: {{request_log_len: 0, device_rps: null, daily_updates: null}}
 templates:
   - id: TMPL01
@@ -55,6 +61,18 @@ templates:
       - {{id: 2, pin: V3, name: Setpoint, type: integer}}
 devices:
 {devices}
+"""
+
+#: The bridge's side of the same valves: downlinks over the device sessions, V3 writable.
+VALVE_TEMPLATE = """\
+templates:
+  - name: valve
+    id: TMPL01
+    downlinks: mqtt
+    datastreams:
+      - {{name: Switch, pin: V2, type: integer, min: 0, max: 1}}
+      - {{name: Setpoint, pin: V3, type: integer}}
+    downlink: {{pins: [V3]}}
 """
 
 BRIDGE = """\
@@ -69,15 +87,7 @@ blynk_sessions:
   connect_rate: {rate}
   connect_burst: {burst}
   partitions: {partitions}
-templates:
-  - name: valve
-    id: TMPL01
-    downlinks: mqtt
-    datastreams:
-      - {{name: Switch, pin: V2, type: integer, min: 0, max: 1}}
-      - {{name: Setpoint, pin: V3, type: integer}}
-    downlink: {{pins: [V3]}}
-"""
+""" + VALVE_TEMPLATE
 
 #: Sets RLIMIT_NOFILE to the hard limit, then runs the CLI (limits pass on through exec).
 _RAISE_NOFILE = ("import resource, runpy, sys; s, h = resource.getrlimit(resource.RLIMIT_NOFILE);"
@@ -131,10 +141,28 @@ async def _balanced(prefix: str, partitions: int, replicas: int) -> bool:
     return len(count) == replicas and max(count.values()) <= share
 
 
-async def _register_and_go_live(prefix: str, devices: int, servers: list[str]) -> None:
+async def go_live(redis: Any, keys: Keys, devices: int, token: Callable[[int], str],
+                  name: Callable[[int], str], server: Callable[[int], str]) -> None:
+    """One BlynkWrite (V2 = 0) per device ``tts:fleet:{name(i)}`` onto the writes stream, in
+    pipelines of 5000: what makes the sessions stage open each device's session."""
     from pipeline import events
+    from pipeline.keys import WRITES
+
+    now = time.time_ns() // 1_000_000
+    for start in range(0, devices, 5000):
+        async with redis.pipeline(transaction=False) as pipe:
+            for i in range(start, min(devices, start + 5000)):
+                w = events.BlynkWrite(token=token(i), server=server(i),
+                                      device_key=f"tts:fleet:{name(i)}",
+                                      pins={"V2": 0}, event_ts_ms=now, received_ts_ms=now,
+                                      event_id=f"bench:{i}")
+                pipe.xadd(keys.stream(WRITES), {events.FIELD: events.encode(w)})
+            await pipe.execute()
+
+
+async def _register_and_go_live(prefix: str, devices: int, servers: list[str]) -> None:
     from pipeline.config import DeviceEntry
-    from pipeline.keys import WRITES, Keys
+    from pipeline.keys import Keys
     from pipeline.redact import Secret
     from pipeline.registry import Registry
     from pipeline.streams import connect
@@ -148,16 +176,7 @@ async def _register_and_go_live(prefix: str, devices: int, servers: list[str]) -
                             server=f"r{i % len(servers)}") for i in range(devices)]
         # Rows name the region (``blynk.servers``); writes carry its URL, as egress sees it.
         await reg.load_static(rows)
-        now = time.time_ns() // 1_000_000
-        for start in range(0, devices, 5000):
-            async with redis.pipeline(transaction=False) as pipe:
-                for i in range(start, min(devices, start + 5000)):
-                    w = events.BlynkWrite(token=token_of(i), server=servers[i % len(servers)],
-                                          device_key=f"tts:fleet:{name_of(i)}",
-                                          pins={"V2": 0}, event_ts_ms=now, received_ts_ms=now,
-                                          event_id=f"bench:{i}")
-                    pipe.xadd(keys.stream(WRITES), {events.FIELD: events.encode(w)})
-                await pipe.execute()
+        await go_live(redis, keys, devices, token_of, name_of, lambda i: servers[i % len(servers)])
     finally:
         await redis.aclose()
 
@@ -194,8 +213,8 @@ def main(argv: list[str] | None = None) -> int:
             for attempt in range(5):  # free ports are racy on a shared machine: retry
                 http_port, mqtt_port = free_port(), free_port()
                 path = procs.dir / f"blynk{j}.yaml"
-                path.write_text(EMULATOR.format(j=j, http_port=http_port, mqtt_port=mqtt_port,
-                                                devices=devs))
+                path.write_text(EMULATOR.format(region=f"r{j}", http_port=http_port,
+                                                mqtt_port=mqtt_port, devices=devs))
                 p = procs.spawn(f"blynk{j}-{attempt}", _cli("emulate", "blynk", "-c", str(path)))
                 try:
                     wait_port(http_port, proc=p, timeout_s=300)

@@ -32,6 +32,7 @@ import random
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from bench.common import (
     ROOT,
@@ -43,15 +44,15 @@ from bench.common import (
     wait_port,
 )
 
+if TYPE_CHECKING:
+    from pipeline import events
+
 FIXTURE = ROOT / "tests" / "fixtures" / "tts" / "tts-uplink-02.json"
 PREFIX = "bbb:"
 BATCH = 500
 
-CONFIG = """
-redis: {{url: "{url}", prefix: "{prefix}"}}
-streams: {{batch: {batch}, block_ms: 200}}
-blynk: {{servers: {{default: "http://127.0.0.1:9"}}}}
-transform: {{cache_size: {cache}}}
+#: The uplinks' template (``tts-uplink-02.json``'s fields onto pins) and the TTS app using it.
+BUTTON = """\
 templates:
   - name: button
     datastreams:
@@ -66,12 +67,34 @@ tts:
   - {{name: app, app_id: starter-kit, template: button}}
 """
 
+CONFIG = """
+redis: {{url: "{url}", prefix: "{prefix}"}}
+streams: {{batch: {batch}, block_ms: 200}}
+blynk: {{servers: {{default: "http://127.0.0.1:9"}}}}
+transform: {{cache_size: {cache}}}
+""" + BUTTON
+
 
 def config_text(url: str, cache: int = 100_000) -> str:
     return CONFIG.format(url=url, prefix=PREFIX, batch=BATCH, cache=cache)
 
 
 # --- filling Redis ------------------------------------------------------------------------------
+
+
+def button_uplink(payload: dict[str, Any], event_id: str, device: int, i: int, *, counter: int,
+                  ts_ms: int) -> events.Uplink:
+    """The fixture's uplink as TTS ingest stores it, for device ``eui-{device:016x}``: its
+    press counter set to ``counter``, radio varied by ``i`` (frame counter, RSSI)."""
+    from pipeline import events
+
+    values = dict(payload)
+    values["singlePressEventCounter"] = counter
+    return events.Uplink(
+        event_id=event_id, source="tts", integration="app",
+        device=f"eui-{device:016x}", event_ts_ms=ts_ms, received_ts_ms=ts_ms,
+        values=values, device_meta={"dev_eui": f"{device:016X}"},
+        radio=events.Radio(rssi=-31 - (i % 60), snr=9.5, gateways=1, f_cnt=i, f_port=2))
 
 
 async def fill(url: str, uplinks: int, devices: int, *, seed: int = 1) -> None:
@@ -91,15 +114,8 @@ async def fill(url: str, uplinks: int, devices: int, *, seed: int = 1) -> None:
     for start in range(0, uplinks, chunk):
         async with redis.pipeline(transaction=False) as pipe:
             for i in range(start, min(start + chunk, uplinks)):
-                d = rnd.randrange(devices)
-                values = dict(payload)
-                values["singlePressEventCounter"] = i
-                u = events.Uplink(
-                    event_id=f"as:up:{i:08d}", source="tts", integration="app",
-                    device=f"eui-{d:016x}", event_ts_ms=now + i, received_ts_ms=now + i,
-                    values=values, device_meta={"dev_eui": f"{d:016X}"},
-                    radio=events.Radio(rssi=-31 - (i % 60), snr=9.5, gateways=1, f_cnt=i,
-                                       f_port=2))
+                u = button_uplink(payload, f"as:up:{i:08d}", rnd.randrange(devices), i,
+                                  counter=i, ts_ms=now + i)
                 pipe.xadd(stream, {events.FIELD: events.encode(u)})
             await pipe.execute()
     await redis.aclose()

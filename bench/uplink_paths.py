@@ -29,7 +29,16 @@ import sys
 import time
 import urllib.request
 
-from bench.common import BenchError, Processes, cpu_seconds, free_port, machine, table, wait_port
+from bench.common import (
+    BenchError,
+    Processes,
+    SessionCounter,
+    cpu_seconds,
+    free_port,
+    machine,
+    table,
+    wait_port,
+)
 
 EMULATOR = """\
 regions:
@@ -97,23 +106,7 @@ def sender(kind: str, http_port: int, mqtt_port: int, devices: int, updates: int
 
         from pipeline.blynk.device_mqtt import Session, open_session
 
-        ready = asyncio.Event()
-        count = [0]
-        closed = [0]
-
-        class H:
-            def session_ready(self, s: Session) -> None:
-                count[0] += 1
-                if count[0] == devices:
-                    ready.set()
-
-            def session_message(self, s: Session, topic: str, payload: bytes) -> None:
-                pass
-
-            def session_closed(self, s: Session, reason: str) -> None:
-                closed[0] += 1
-
-        h = H()
+        h = SessionCounter(devices)
         sessions = [Session(f"k{i}", token_of(i), h) for i in range(devices)]
         sem = asyncio.Semaphore(100)
 
@@ -122,7 +115,7 @@ def sender(kind: str, http_port: int, mqtt_port: int, devices: int, updates: int
                 await open_session(s, "127.0.0.1", mqtt_port)
 
         await asyncio.gather(*(open_one(s) for s in sessions))
-        await asyncio.wait_for(ready.wait(), 300)
+        await asyncio.wait_for(h.ready.wait(), 300)
         enc = msgspec.json.Encoder()
         bad = 0
         _ready()
@@ -138,9 +131,9 @@ def sender(kind: str, http_port: int, mqtt_port: int, devices: int, updates: int
                   for s in sessions):  # no event says "written": poll the buffers
             await asyncio.sleep(0.01)
         cpu = time.process_time() - t0
-        print(json.dumps({"cpu": cpu, "bad": bad + closed[0]}), flush=True)
+        print(json.dumps({"cpu": cpu, "bad": bad + h.closed}), flush=True)
         sys.stdin.readline()  # keep sessions open until the emulator counted every publish
-        return cpu, bad + closed[0]
+        return cpu, bad + h.closed
 
     def _ready() -> None:
         """Say so and wait for the go: what came before (connects, warm-up) is not measured."""

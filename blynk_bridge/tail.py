@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import signal
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,16 +21,16 @@ from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
-from redis.exceptions import RedisError
 
 from blynk_bridge.ops import decode_original, mask_secrets
 from blynk_bridge.output import print_json_line
+from blynk_bridge.watch import run_live
 from pipeline import config as config_mod
 from pipeline import events
 from pipeline.keys import DEAD, DOWNLINKS, UPLINKS, WRITES, Keys
 from pipeline.lifecycle import until_stopped
-from pipeline.redact import mask, redact_text, redact_url, safe_url
-from pipeline.streams import Redis, connect
+from pipeline.redact import mask, redact_text, redact_url
+from pipeline.streams import Redis
 
 #: What ``tail`` follows, in data-flow order.
 NAMES = (UPLINKS, WRITES, DOWNLINKS, DEAD)
@@ -163,21 +161,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
         print(f"tail: {', '.join(streams_of(args.stream, keys))}: new entries{what} "
               "(Ctrl-C stops)", file=sys.stderr, flush=True)
 
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(sig, stop.set)
-        redis = connect(cfg.redis.url, cluster=cfg.redis.is_cluster)
-        try:
-            await follow(redis, keys, args.stream, show, stop, device=args.device, ready=ready)
-        finally:
-            await redis.aclose()
+    async def body(redis: Redis, stop: asyncio.Event) -> None:
+        await follow(redis, keys, args.stream, show, stop, device=args.device, ready=ready)
 
-    try:
-        asyncio.run(main())
-    except RedisError as exc:
-        print(f"Redis at {safe_url(cfg.redis.url)}: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return run_live(cfg.redis.url, body, cluster=cfg.redis.is_cluster)

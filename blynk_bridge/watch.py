@@ -20,7 +20,7 @@ import contextlib
 import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -279,10 +279,11 @@ async def watch(redis: Redis, keys: Keys, view: View, *, interval_s: float, coun
                 await asyncio.wait_for(stop.wait(), interval_s)
 
 
-def run(args: argparse.Namespace, view: View) -> int:
-    """Run a live view for a command line (``lag --watch``, ``top``)."""
-    cfg = config_mod.load(args.config)
-    keys = cfg.redis.keys()
+def run_live(url: str, body: Callable[[Redis, asyncio.Event], Awaitable[None]], *,
+             cluster: bool = False) -> int:
+    """Run ``body(redis, stop)`` until it returns; SIGINT/SIGTERM set ``stop`` (so Ctrl-C ends a
+    live command cleanly, not with a traceback). A Redis error is said on stderr, URL redacted,
+    and gives exit status 1; otherwise 0. Shared by the live views and ``tail``."""
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -290,19 +291,30 @@ def run(args: argparse.Namespace, view: View) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, stop.set)
-        redis = connect(cfg.redis.url, cluster=cfg.redis.is_cluster)
+        redis = connect(url, cluster=cluster)
         try:
-            await watch(redis, keys, view, interval_s=args.interval, count=args.count,
-                        as_json=bool(args.json), stop=stop, tty=sys.stdout.isatty())
+            await body(redis, stop)
         finally:
             await redis.aclose()
 
     try:
         asyncio.run(main())
     except RedisError as exc:
-        print(f"Redis at {safe_url(cfg.redis.url)}: {exc}", file=sys.stderr)
+        print(f"Redis at {safe_url(url)}: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def run(args: argparse.Namespace, view: View) -> int:
+    """Run a live view for a command line (``lag --watch``, ``top``)."""
+    cfg = config_mod.load(args.config)
+    keys = cfg.redis.keys()
+
+    async def body(redis: Redis, stop: asyncio.Event) -> None:
+        await watch(redis, keys, view, interval_s=args.interval, count=args.count,
+                    as_json=bool(args.json), stop=stop, tty=sys.stdout.isatty())
+
+    return run_live(cfg.redis.url, body, cluster=cfg.redis.is_cluster)
 
 
 def cmd_top(args: argparse.Namespace) -> int:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import secrets
 import signal
 import subprocess
@@ -23,7 +22,7 @@ from prometheus_client import REGISTRY
 
 from emulators.blynk import BlynkEmulator, DatastreamSpec, DeviceSpec, EmulatorSpec, TemplateSpec
 from pipeline import config as config_mod
-from pipeline import echo, events, mqtt
+from pipeline import echo, events
 from pipeline.blynk.client import token_hash
 from pipeline.context import Context
 from pipeline.keys import DOWNLINKS, WRITES, Keys
@@ -31,6 +30,7 @@ from pipeline.registry import Registry
 from pipeline.streams import Redis, now_ms
 from tests.conftest import MQTT_HOST, MQTT_PORT, REDIS_URL
 from tests.tcp_proxy import CutProxy
+from tests.test_downlink import Devices
 from tests.wait import wait_until
 from workers.blynk_sessions import SessionsStage
 from workers.downlink import DownlinkStage
@@ -118,6 +118,18 @@ class World:
                 pipe.xadd(self.keys.stream(WRITES), {events.FIELD: events.encode(w)})
             await pipe.execute()
 
+    async def move_token(self, name: str, to: str) -> None:
+        """Device ``name`` gets ``to``'s token (re-registered, as provisioning does) and then
+        one BlynkWrite with it, as transform writes the next uplink."""
+        key = f"tts:kit:{name}"
+        await Registry(self.redis, self.keys).register(key, token=tok(to), template="valve",
+                                                       server="fra1")
+        now = now_ms()
+        w = events.BlynkWrite(token=tok(to), server=self.urls["fra1"], device_key=key,
+                              pins={"V2": 21.5}, event_ts_ms=now, received_ts_ms=now,
+                              event_id=f"e:moved:{now}")
+        await self.redis.xadd(self.keys.stream(WRITES), {events.FIELD: events.encode(w)})
+
     async def commands(self) -> list[events.Downlink]:
         entries = await self.redis.xrange(self.keys.stream(DOWNLINKS))
         return [events.decode_downlink(f[events.FIELD]) for _, f in entries]
@@ -137,7 +149,14 @@ async def world(prefix: str, redis: Redis) -> AsyncIterator[World]:
 @contextlib.asynccontextmanager
 async def stage(world: World, tts: str = "", redis_url: str = REDIS_URL,
                 **sessions: Any) -> AsyncIterator[SessionsStage]:
-    ctx = Context.create(world.config(tts, redis_url, **sessions))
+    async with running(world.config(tts, redis_url, **sessions)) as st:
+        yield st
+
+
+@contextlib.asynccontextmanager
+async def running(cfg: config_mod.Config) -> AsyncIterator[SessionsStage]:
+    """A sessions stage on ``cfg``, its main loop running until the block ends."""
+    ctx = Context.create(cfg)
     st = SessionsStage(ctx)
     await st.startup()
     stop = asyncio.Event()
@@ -267,23 +286,18 @@ async def test_commands_reach_tts_and_echoes_of_the_bridges_writes_do_not(
     world.emu.settings.mqtt_echo_device_writes = True
     await world.register([FRA[0]])
     cfg = world.config(tts)
-    pushes: list[dict[str, Any]] = []
+    devices = Devices(app)
     ready = asyncio.Event()
 
-    async def devices() -> None:
-        settings = mqtt.Settings(host=MQTT_HOST, port=MQTT_PORT,
-                                 client_id=f"devices-{secrets.token_hex(4)}")
-        async with mqtt.Session(settings) as session:
-            await session.subscribe([f"v3/{app}@ttn/devices/+/down/push"])
-            ready.set()
-            async for _topic, payload in session.messages():
-                pushes.append(json.loads(payload)["downlinks"][0]["decoded_payload"])
+    def pushes() -> list[dict[str, Any]]:
+        return [body["downlinks"][0]["decoded_payload"] for _, body in devices.got]
 
     down_ctx = Context.create(cfg)
     down = DownlinkStage(down_ctx)
     await down.startup()
     stop = asyncio.Event()
-    tasks = [asyncio.create_task(devices()), asyncio.create_task(down.main_loop(stop))]
+    tasks = [asyncio.create_task(devices.run(ready)),
+             asyncio.create_task(down.main_loop(stop))]
     try:
         await ready.wait()
         async with stage(world, tts) as st:
@@ -298,13 +312,14 @@ async def test_commands_reach_tts_and_echoes_of_the_bridges_writes_do_not(
             world.emu.model.write(dev, ds, 1, world.emu.now_ms())  # ... Blynk echoes it
             # ... and then a user sets Switch=0 in the app.
             world.emu.app_write(1, "V1", 0)
-            await wait_until(lambda: pushes, what="a down/push")
+            await wait_until(lambda: devices.got, what="a down/push")
             await wait_until(lambda: _when(world.commands(), lambda c: len(c) >= 2),
                              what="both on the downlinks stream")
             # Order on the stream: the echo, then the command; only the command went down.
-            await wait_until(lambda: pushes and pushes[-1]["value"] == 0, what="command pushed")
-            assert [p["value"] for p in pushes] == [0]
-            assert [p["pin"] for p in pushes] == ["v1"]
+            await wait_until(lambda: pushes() and pushes()[-1]["value"] == 0,
+                             what="command pushed")
+            assert [p["value"] for p in pushes()] == [0]
+            assert [p["pin"] for p in pushes()] == ["v1"]
     finally:
         stop.set()
         await asyncio.wait_for(tasks[1], 30)
@@ -485,15 +500,8 @@ async def test_a_replica_cut_off_from_redis_closes_its_sessions_before_its_lease
     replica B takes them. A must have closed its sessions by then, although it is still
     waiting for its renewal: Blynk never sees two clients for one token."""
     await world.register(FRA)
-    async with StallProxy() as proxy:
-        cfg_a = config_mod.parse(
-            config_text(world.prefix, world.emu, world.urls, lease_ttl_ms=2000).replace(
-                REDIS_URL, proxy.url), "yaml", "a.yaml", env={})
-        ctx_a = Context.create(cfg_a)
-        a = SessionsStage(ctx_a)
-        await a.startup()
-        stop_a = asyncio.Event()
-        task_a = asyncio.create_task(a.main_loop(stop_a))
+    async with StallProxy() as proxy, running(world.config(redis_url=proxy.url,
+                                                       lease_ttl_ms=2000)) as a:
         try:
             await wait_until(lambda: len(a.owned) == 8, what="A owns every partition")
             await world.uplink(FRA)
@@ -506,11 +514,7 @@ async def test_a_replica_cut_off_from_redis_closes_its_sessions_before_its_lease
                 assert world.emu.mqtt.stats["kicked"] == 0, "two sessions for one token"
                 proxy.resume()
         finally:
-            proxy.resume()
-            stop_a.set()
-            await asyncio.wait_for(task_a, 30)
-            await a.shutdown()
-            await ctx_a.close()
+            proxy.resume()  # before the stage stops: its last Redis calls must be answered
 
 
 async def test_a_connect_whose_partition_is_dropped_meanwhile_never_says_connect(
@@ -552,22 +556,12 @@ async def test_an_address_that_cannot_be_connected_to_is_retried_not_stuck(
     bad = "mqtt://" + "a" * 64 + ".example:1883"
     text = config_text(world.prefix, world.emu, world.urls).replace(
         world.emu.mqtt.url("fra1"), bad)
-    ctx = Context.create(config_mod.parse(text, "yaml", "bad.yaml", env={}))
-    st = SessionsStage(ctx)
-    await st.startup()
-    stop = asyncio.Event()
-    task = asyncio.create_task(st.main_loop(stop))
-    try:
+    async with running(config_mod.parse(text, "yaml", "bad.yaml", env={})) as st:
         await wait_until(lambda: len(st.owned) == 8, what="all partitions owned")
         await world.uplink([FRA[0]])
         key = f"tts:kit:{FRA[0]}"
         await wait_until(lambda: st.attempts.get(key, 0) >= 2, what="connect retried")
         assert key not in st.sessions
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)
-        await st.shutdown()
-        await ctx.close()
 
 
 async def test_a_device_given_another_token_moves_its_session_to_it(world: World) -> None:
@@ -584,13 +578,7 @@ async def test_a_device_given_another_token_moves_its_session_to_it(world: World
         await wait_until(lambda: len(st.owned) == 8, what="all partitions owned")
         await world.uplink([FRA[0]])
         await wait_until(lambda: world.online([FRA[0]]), what="session of the first token")
-        await Registry(world.redis, world.keys).register(key, token=tok(FRA[1]),
-                                                         template="valve", server="fra1")
-        now = now_ms()
-        w = events.BlynkWrite(token=tok(FRA[1]), server=world.urls["fra1"], device_key=key,
-                              pins={"V2": 21.5}, event_ts_ms=now, received_ts_ms=now,
-                              event_id=f"e:moved:{now}")
-        await world.redis.xadd(world.keys.stream(WRITES), {events.FIELD: events.encode(w)})
+        await world.move_token(FRA[0], FRA[1])
         await wait_until(lambda: world.online([FRA[1]]) and not world.online([FRA[0]]),
                          what="the session moved to the new token")
         # The old token's live entry left its partition at once (the watcher removed it, with
@@ -723,13 +711,7 @@ async def test_a_new_token_in_the_same_partition_moves_the_session_too(world: Wo
         await world.uplink([FRA[0]])
         await wait_until(lambda: world.online([FRA[0]]), what="session of the first token")
         resyncs = _events("scan_resync")
-        await Registry(world.redis, world.keys).register(key, token=tok(FRA[1]),
-                                                         template="valve", server="fra1")
-        now = now_ms()
-        w = events.BlynkWrite(token=tok(FRA[1]), server=world.urls["fra1"], device_key=key,
-                              pins={"V2": 21.5}, event_ts_ms=now, received_ts_ms=now,
-                              event_id=f"e:moved:{now}")
-        await world.redis.xadd(world.keys.stream(WRITES), {events.FIELD: events.encode(w)})
+        await world.move_token(FRA[0], FRA[1])
         await wait_until(lambda: world.online([FRA[1]]) and not world.online([FRA[0]]),
                          what="the session moved to the new token")
         assert st.sessions[key].token == tok(FRA[1])

@@ -18,18 +18,15 @@ from pipeline import events
 from pipeline.keys import GROUP_EGRESS, GROUP_TRANSFORM, UPLINKS, WRITES, Keys
 from pipeline.status import StatusBoard
 from pipeline.streams import Redis, now_ms
-from tests.conftest import FIXTURES, REDIS_URL
+from tests.conftest import FIXTURES
+from tests.test_ops import write_config
 
 
 @pytest.fixture
 def config_file(tmp_path: Path, keys: Keys) -> str:
-    path = tmp_path / "bridge.yaml"
-    path.write_text(
-        f"redis:\n  url: {REDIS_URL}\n  prefix: '{keys.prefix}'\n"
-        "templates:\n  - name: sensor\n    datastreams:\n"
-        "      - {name: temperature, pin: V1, type: double}\n"
+    return write_config(
+        tmp_path, keys,
         "tts:\n  - {name: farm, app_id: starter-kit, api_key: NNSXS.X, template: sensor}\n")
-    return str(path)
 
 
 def _letter(i: int) -> bytes:

@@ -278,6 +278,15 @@ def value(rig: Rig, n: int, pin: str) -> Any:
     return None if got is None else got[0]
 
 
+def injected(rig: Rig, fault: str) -> int:
+    """How often the Blynk emulator has injected ``fault`` (``"429"``, ``"hang"``, ...)."""
+    return int(rig.emu.faults.state()["injected"].get(fault, 0))
+
+
+async def until_injected(rig: Rig, fault: str, at_least: int, what: str) -> None:
+    await wait_until(lambda: injected(rig, fault) >= at_least, what=what)
+
+
 async def test_bursts_become_one_message_per_device(rig: Rig) -> None:
     t0 = now_ms()
     await rig.add(*[write(n, t0 + i, {"V1": i + 0.5, "V2": n}) for i in range(5)
@@ -382,8 +391,8 @@ async def test_outage_loses_nothing_and_backlog_keeps_true_times(rig: Rig) -> No
     assert State.NOT_CONNECTED in seen  # the status showed the outage...
     final = await board.get("blynk", "fra1")
     assert final is not None and final.state is State.CONNECTED  # ...and the recovery
-    injected = rig.emu.faults.state()["injected"].get("outage", 0)
-    assert 0 < injected <= 25  # backed off and probed; did not spin
+    outages = injected(rig, "outage")
+    assert 0 < outages <= 25  # backed off and probed; did not spin
     assert await rig.dead() == []
     assert await rig.pending() == 0
     for n in range(3):
@@ -398,7 +407,7 @@ async def test_429_storm_is_ridden_out_within_the_limits(rig: Rig) -> None:
     t0 = now_ms()
     await rig.add(*[write(n, t0 + i, {"V1": float(i)}) for i in range(5) for n in range(5)])
     await rig.drain(rig.stage())
-    storm = rig.emu.faults.state()["injected"].get("429", 0)
+    storm = injected(rig, "429")
     assert storm > 0
     assert storm <= 5 * 4  # Retry-After honoured: a few tries per device, not a hammering
     # four superseded values per device, counted once however often its write was retried
@@ -604,10 +613,8 @@ async def hanging_writes(rig: Rig, stage: EgressStage, stop: asyncio.Event,
     loop = await running(rig, stage, stop)
     await rig.add(*[write(i, now_ms(), {"V1": 7.0}) for i in range(n)])
 
-    async def all_sent() -> bool:
-        return rig.emu.faults.state()["injected"].get("hang", 0) >= n
-
-    await wait_until(all_sent, what="every device's write reaching Blynk and hanging there")
+    await until_injected(rig, "hang", n,
+                         what="every device's write reaching Blynk and hanging there")
     return loop
 
 
@@ -796,7 +803,7 @@ async def test_a_429_on_the_task_free_path_is_retried_after_its_retry_after(rig:
     sent = await after_warm_up(
         rig, *[write(n, t0, {"V1": 7.0}) for n in range(5)],
         between=lambda: rig.admin("POST", "faults", {"storm_429_s": 1, "retry_after_s": 1}))
-    storm = rig.emu.faults.state()["injected"].get("429", 0)
+    storm = injected(rig, "429")
     assert 0 < storm <= 5 * 3  # Retry-After honoured
     assert sent == 5 + storm  # every try, first or retry, went out on the task-free path
     assert [value(rig, n, "V1") for n in range(5)] == [7.0] * 5
@@ -895,10 +902,7 @@ async def late_point_joins_a_retry(rig: Rig, **stage: Any) -> int:
     stop = asyncio.Event()
     loop = await running(rig, egress, stop)
     try:
-        async def failed() -> bool:
-            return rig.emu.faults.state()["injected"].get("503", 0) > 0
-
-        await wait_until(failed, what="the batch/update after the upload failing")
+        await until_injected(rig, "503", 1, what="the batch/update after the upload failing")
         await rig.add(write(0, t0 + 100, {"V10": 1.0}, history=["V10"]))
 
         async def all_held() -> bool:
@@ -975,10 +979,7 @@ async def test_a_stale_value_is_counted_once_however_often_its_write_is_retried(
     try:
         await rig.add(write(0, t0, {"V1": 1.0, "V2": 2}))
 
-        async def retried() -> bool:
-            return rig.emu.faults.state()["injected"].get("429", 0) >= 3
-
-        await wait_until(retried, what="the write refused with 429 three times")
+        await until_injected(rig, "429", 3, what="the write refused with 429 three times")
         rig.emu.faults.clear()
         await settled(rig)
     finally:

@@ -29,17 +29,23 @@ TOPIC = "v3/app-ops@ttn/devices/dev-9/up"
 WINDOW = 3600
 
 
-@pytest.fixture
-def config_file(tmp_path: Path, keys: Keys, backend: str,
-                request: pytest.FixtureRequest) -> str:
-    url = request.getfixturevalue("cluster_url") if backend == "cluster" else REDIS_URL
+def write_config(tmp_path: Path, keys: Keys, extra: str = "", url: str = REDIS_URL) -> str:
+    """A bridge.yaml for the operator commands: the test's Redis (``url``) and prefix, one
+    ``sensor`` template (V1 temperature), then ``extra`` YAML; returns its path."""
     path = tmp_path / "bridge.yaml"
     path.write_text(
         f"redis:\n  url: '{url}'\n  prefix: '{keys.prefix}'\n"
         "templates:\n  - name: sensor\n    datastreams:\n"
-        "      - {name: temperature, pin: V1, type: double}\n"
+        "      - {name: temperature, pin: V1, type: double}\n" + extra
     )
     return str(path)
+
+
+@pytest.fixture
+def config_file(tmp_path: Path, keys: Keys, backend: str,
+                request: pytest.FixtureRequest) -> str:
+    url = request.getfixturevalue("cluster_url") if backend == "cluster" else REDIS_URL
+    return write_config(tmp_path, keys, url=url)
 
 
 async def _cli(*argv: str) -> int:
