@@ -61,7 +61,7 @@ from pipeline import config as config_mod
 from pipeline import metrics
 from pipeline.backlog import snapshot
 from pipeline.context import Context
-from pipeline.lifecycle import run_stages, until_stopped
+from pipeline.lifecycle import run_stages, until_stopped, wait_event
 from pipeline.logs import setup_logging
 from pipeline.redact import Secret
 from pipeline.status import StatusBoard
@@ -150,8 +150,7 @@ class Switches:
         turn = 0
         async with aiohttp.ClientSession() as http:
             while not stop.is_set():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), self.every_s)
+                await wait_event(stop, self.every_s)
                 if stop.is_set():
                     return
                 devices = self.devices()

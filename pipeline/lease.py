@@ -22,6 +22,7 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
+from pipeline.lifecycle import wait_event
 from pipeline.streams import Redis
 
 log = logging.getLogger("blynk_bridge.lease")
@@ -120,8 +121,7 @@ async def hold(
             log.warning("lease %s: cannot reach Redis (%s)", lease.key, exc)
             acquired = False
         if not acquired:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), interval)
+            await wait_event(stop, interval)
             continue
         log.info("lease %s acquired by %s", lease.key, lease.owner)
         if on_acquired is not None:
@@ -146,8 +146,7 @@ async def hold(
         if not stop.is_set():
             log.info("lease %s given up by %s", lease.key, lease.owner)
             # Let another replica have a turn when the work ended by itself.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), interval)
+            await wait_event(stop, interval)
 
 
 async def _renew_while(

@@ -61,7 +61,7 @@ from pipeline.device_clouds import Offline, ParticleApi, TtsHttp, TtsMqtt, Unaut
 from pipeline.downlink_outcomes import Outcomes, Sent, queue_write_back
 from pipeline.echo import Echoes, echoed
 from pipeline.errors import Permanent, Reason, Retryable
-from pipeline.lifecycle import Stage
+from pipeline.lifecycle import Stage, wait_event
 from pipeline.mapping import Datastream, Mismatch, coerce
 from pipeline.registry import Device, Registry, split_key
 from pipeline.status import StatusBoard
@@ -546,8 +546,7 @@ def _return_pin(downlink: TemplateDownlink | None, pin: str) -> str | None:
 
 
 async def _sleep(delay: float, stop: asyncio.Event) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), delay)
+    await wait_event(stop, delay)
 
 
 def build(ctx: Context) -> Stage:

@@ -24,7 +24,6 @@ no port of its own.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 from redis.exceptions import RedisError
@@ -32,6 +31,7 @@ from redis.exceptions import RedisError
 from pipeline import metrics
 from pipeline.backlog import STREAM_NAMES, StreamInfo, as_str, by_node, snapshot
 from pipeline.context import Context
+from pipeline.lifecycle import wait_event
 from pipeline.metrics_http import Handler
 from pipeline.status import StatusBoard, export_state
 from pipeline.status_page import StatusPage
@@ -171,8 +171,7 @@ class MonitorStage:
             except RedisError as exc:
                 failures += 1
                 log.warning("monitor: cycle failed (%s); %d in a row", exc, failures)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.interval_s)
+            await wait_event(stop, self.interval_s)
 
     async def shutdown(self) -> None:
         return None

@@ -32,6 +32,7 @@ from typing import Protocol, cast
 import msgspec
 
 from pipeline import mqtt_frames as f
+from pipeline.lifecycle import wait_event
 
 log = logging.getLogger("blynk_bridge.device_mqtt")
 
@@ -213,5 +214,4 @@ class Keepalive:
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             self.tick()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), 1.0)
+            await wait_event(stop, 1.0)

@@ -18,6 +18,7 @@ from pipeline.consumer import Job, consume
 from pipeline.context import Context
 from pipeline.errors import Reason
 from pipeline.keys import GROUP_TRANSFORM, UPLINKS
+from pipeline.lifecycle import wait_event
 from pipeline.provision import Limit, Limits, Platform, Provisioner
 from pipeline.registry import Registry
 from pipeline.routing import DEAD, SKIP, WRITE, Route
@@ -147,8 +148,7 @@ class TransformStage:
     async def _refresh_templates(self, stop: asyncio.Event) -> None:
         period = self.ctx.config.transform.template_refresh_s
         while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), period)
+            await wait_event(stop, period)
             if not stop.is_set() and self._platform is not None:
                 await self.templates.refresh(self._platform)
 
