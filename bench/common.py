@@ -316,6 +316,18 @@ def start_redis(procs: Processes) -> int:
     return port
 
 
+async def delete_prefix(redis_url: str, prefix: str) -> None:
+    """Delete every key under a bench run's own prefix (never a flush: others share this Redis)."""
+    from pipeline.streams import connect
+
+    redis = connect(redis_url)
+    try:
+        async for key in redis.scan_iter(match=f"{prefix}*", count=1000):
+            await redis.delete(key)
+    finally:
+        await redis.aclose()
+
+
 async def redis_cpu_seconds(redis: Any) -> float:
     """User + system CPU seconds the Redis server has used (INFO cpu)."""
     info = await redis.info("cpu")

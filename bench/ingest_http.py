@@ -49,6 +49,7 @@ from bench.common import (
     Processes,
     Usage,
     UsageProbe,
+    delete_prefix,
     free_port,
     machine,
     table,
@@ -310,17 +311,6 @@ async def _stream_length(prefix: str) -> int:
         await redis.aclose()
 
 
-async def _cleanup(prefix: str) -> None:
-    from pipeline.streams import connect
-
-    redis = connect(REDIS_URL)
-    try:
-        async for key in redis.scan_iter(match=f"{prefix}*", count=1000):
-            await redis.delete(key)
-    finally:
-        await redis.aclose()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=5.0)
@@ -345,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
                     raise BenchError(f"{results['ingest-http']['answered']:.0f} answered 200 "
                                      f"but {stored} entries in the stream")
             finally:
-                asyncio.run(_cleanup(prefix))
+                asyncio.run(delete_prefix(REDIS_URL, prefix))
             for kind, res in results.items():
                 print(f"round {r + 1} {kind:12s} {res['rps']:9.0f} req/s  "
                       f"server CPU {res['cpu_pct']:3.0f}%  {res['cpu_us']:5.1f} CPU µs/req",
