@@ -29,7 +29,16 @@ import time
 import uuid
 from pathlib import Path
 
-from bench.common import ROOT, Processes, UsageProbe, free_port, machine, table, wait_port
+from bench.common import (
+    ROOT,
+    Processes,
+    UsageProbe,
+    free_port,
+    go_and_collect,
+    machine,
+    table,
+    wait_port,
+)
 from bench.transform import FIXTURE, config_text
 
 
@@ -120,14 +129,7 @@ async def run_one(procs: Processes, url: str, pids: dict[str, int], partitions: 
         await asyncio.sleep(0.05)
     probe = UsageProbe({**pids, **{c.name: c.pid for c in children}})
     probe.start()
-    await redis.rpush(f"{prefix}go", *["go"] * workers)
-    reports = []
-    while len(reports) < workers:
-        got = await redis.blpop([f"{prefix}done"], timeout=1)
-        if got is None:
-            procs.check_alive()
-            continue
-        reports.append(json.loads(got[1]))
+    reports = await go_and_collect(redis, prefix, workers, procs)
     usage = probe.stop()
     for c in children:
         procs.stop(c, grace_s=30)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import math
 import os
 import shutil
@@ -326,6 +327,21 @@ async def delete_prefix(redis_url: str, prefix: str) -> None:
             await redis.delete(key)
     finally:
         await redis.aclose()
+
+
+async def go_and_collect(redis: Any, prefix: str, workers: int,
+                         procs: Processes) -> list[dict[str, Any]]:
+    """Release `workers` children blocked on `{prefix}go` and gather the JSON report each pushes
+    to `{prefix}done`; checks once a second that no child died, so a crash fails the run."""
+    await redis.rpush(f"{prefix}go", *["go"] * workers)
+    reports: list[dict[str, Any]] = []
+    while len(reports) < workers:
+        got = await redis.blpop([f"{prefix}done"], timeout=1)
+        if got is None:
+            procs.check_alive()
+            continue
+        reports.append(json.loads(got[1]))
+    return reports
 
 
 async def redis_cpu_seconds(redis: Any) -> float:
