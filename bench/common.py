@@ -50,6 +50,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def pin_cpu(cpu: int) -> None:
+    """Pin this process to one CPU so server and load generator do not share a core; no-op where
+    the platform cannot pin or the machine has no such CPU."""
+    if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > cpu:
+        os.sched_setaffinity(0, {cpu})
+
+
 def wait_port(port: int, timeout_s: float = 15.0, proc: Proc | None = None) -> None:
     """Block until something accepts on 127.0.0.1:``port``; raise if ``proc`` exits first."""
     deadline = time.monotonic() + timeout_s

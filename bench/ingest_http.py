@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import socket
 import sys
 import time
@@ -52,6 +51,7 @@ from bench.common import (
     delete_prefix,
     free_port,
     machine,
+    pin_cpu,
     table,
     wait_port,
 )
@@ -74,16 +74,11 @@ particle:
 KINDS = ("bare", "ingest-http")
 
 
-def _pin(cpu: int) -> None:
-    if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > cpu:
-        os.sched_setaffinity(0, {cpu})
-
-
 # --- servers (child processes) -------------------------------------------------------------------
 
 
 def serve_bare(port: int) -> None:
-    _pin(0)
+    pin_cpu(0)
     from aiohttp import web
 
     async def handler(request: web.Request) -> web.Response:
@@ -101,7 +96,7 @@ def serve_bare(port: int) -> None:
 
 
 def serve_ingest(config: str) -> None:
-    _pin(0)
+    pin_cpu(0)
     from blynk_bridge.cli import main
 
     raise SystemExit(main(["--log-level", "WARNING", "ingest-http", "-c", config]))
@@ -211,7 +206,7 @@ async def _load(port: int, connections: int, warmup_s: float, seconds: float) ->
 
 
 def run_load(port: int, connections: int, warmup_s: float, seconds: float) -> None:
-    _pin(1)
+    pin_cpu(1)
     try:
         import uvloop
 
