@@ -29,16 +29,7 @@ import time
 import uuid
 from pathlib import Path
 
-from bench.common import (
-    ROOT,
-    Processes,
-    UsageProbe,
-    free_port,
-    go_and_collect,
-    machine,
-    table,
-    wait_port,
-)
+from bench.common import ROOT, Processes, UsageProbe, free_port, machine, table, wait_port
 from bench.transform import FIXTURE, config_text
 
 
@@ -110,6 +101,7 @@ async def worker(cfg_text: str, name: str) -> None:
 
 async def run_one(procs: Processes, url: str, pids: dict[str, int], partitions: int,
                   cluster: bool, workers: int, uplinks: int, devices: int) -> dict[str, object]:
+    from bench.common import go_and_collect
     from pipeline import config as config_mod
     from pipeline.streams import connect
 
