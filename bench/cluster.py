@@ -101,6 +101,7 @@ async def worker(cfg_text: str, name: str) -> None:
 
 async def run_one(procs: Processes, url: str, pids: dict[str, int], partitions: int,
                   cluster: bool, workers: int, uplinks: int, devices: int) -> dict[str, object]:
+    from bench.common import go_and_collect
     from pipeline import config as config_mod
     from pipeline.streams import connect
 
@@ -120,14 +121,7 @@ async def run_one(procs: Processes, url: str, pids: dict[str, int], partitions: 
         await asyncio.sleep(0.05)
     probe = UsageProbe({**pids, **{c.name: c.pid for c in children}})
     probe.start()
-    await redis.rpush(f"{prefix}go", *["go"] * workers)
-    reports = []
-    while len(reports) < workers:
-        got = await redis.blpop([f"{prefix}done"], timeout=1)
-        if got is None:
-            procs.check_alive()
-            continue
-        reports.append(json.loads(got[1]))
+    reports = await go_and_collect(redis, prefix, workers, procs)
     usage = probe.stop()
     for c in children:
         procs.stop(c, grace_s=30)

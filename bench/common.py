@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import math
 import os
 import shutil
@@ -47,6 +48,13 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def pin_cpu(cpu: int) -> None:
+    """Pin this process to one CPU so server and load generator do not share a core; no-op where
+    the platform cannot pin or the machine has no such CPU."""
+    if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > cpu:
+        os.sched_setaffinity(0, {cpu})
 
 
 def wait_port(port: int, timeout_s: float = 15.0, proc: Proc | None = None) -> None:
@@ -314,6 +322,33 @@ def start_redis(procs: Processes) -> int:
                                  "--save", "", "--appendonly", "no", "--dir", str(procs.dir)])
     wait_port(port, proc=proc)
     return port
+
+
+async def delete_prefix(redis_url: str, prefix: str) -> None:
+    """Delete every key under a bench run's own prefix (never a flush: others share this Redis)."""
+    from pipeline.streams import connect
+
+    redis = connect(redis_url)
+    try:
+        async for key in redis.scan_iter(match=f"{prefix}*", count=1000):
+            await redis.delete(key)
+    finally:
+        await redis.aclose()
+
+
+async def go_and_collect(redis: Any, prefix: str, workers: int,
+                         procs: Processes) -> list[dict[str, Any]]:
+    """Release `workers` children blocked on `{prefix}go` and gather the JSON report each pushes
+    to `{prefix}done`; checks once a second that no child died, so a crash fails the run."""
+    await redis.rpush(f"{prefix}go", *["go"] * workers)
+    reports: list[dict[str, Any]] = []
+    while len(reports) < workers:
+        got = await redis.blpop([f"{prefix}done"], timeout=1)
+        if got is None:
+            procs.check_alive()
+            continue
+        reports.append(json.loads(got[1]))
+    return reports
 
 
 async def redis_cpu_seconds(redis: Any) -> float:

@@ -50,6 +50,7 @@ from bench.common import (
     Proc,
     Processes,
     UsageProbe,
+    delete_prefix,
     fmt_ms,
     free_port,
     interrupt_as_exception,
@@ -337,7 +338,7 @@ def one_round(procs: Processes, kind: str, rate: float, args: argparse.Namespace
     for s in reversed(servers):
         procs.stop(s)
     if kind != "bare":
-        asyncio.run(_cleanup(prefix))
+        asyncio.run(delete_prefix(REDIS_URL, prefix))
     got = {int(k): v for k, v in result["got"].items()}
     lat = sorted((got[int(v)] - ns) / 1e6 for v, ns in load["sent"].items() if int(v) in got)
     cpu = {u.name: u.cpu_s for u in usage}
@@ -368,17 +369,6 @@ def _load(procs: Processes, port: int, rate: float, seconds: float, args: argpar
     data: dict[str, Any] = json.loads(out)
     data["sent"] = {int(k): v for k, v in data["sent"].items()}
     return data
-
-
-async def _cleanup(prefix: str) -> None:
-    from pipeline.streams import connect
-
-    redis = connect(REDIS_URL)
-    try:
-        async for key in redis.scan_iter(match=f"{prefix}*", count=1000):
-            await redis.delete(key)
-    finally:
-        await redis.aclose()
 
 
 def _round(procs: Processes, kind: str, rate: float, args: argparse.Namespace,

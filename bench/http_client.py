@@ -32,6 +32,7 @@ import aiohttp
 import yaml
 
 from bench.blynk_emulator import emulator_config, free_port, pinned, token, wait_listening
+from bench.common import pin_cpu
 from pipeline.blynk.http import HttpClient, Response
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -146,8 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--inflight", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args(argv)
-    if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1:
-        os.sched_setaffinity(0, {1})
+    pin_cpu(1)
     print(f"{args.requests:,} batch/update GETs per pass, {args.devices:,} devices, "
           f"{args.inflight} in flight; emulator on CPU 0, client on CPU 1; "
           f"load average {os.getloadavg()[0]:.2f}")

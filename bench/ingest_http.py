@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import socket
 import sys
 import time
@@ -49,8 +48,10 @@ from bench.common import (
     Processes,
     Usage,
     UsageProbe,
+    delete_prefix,
     free_port,
     machine,
+    pin_cpu,
     table,
     wait_port,
 )
@@ -73,16 +74,11 @@ particle:
 KINDS = ("bare", "ingest-http")
 
 
-def _pin(cpu: int) -> None:
-    if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > cpu:
-        os.sched_setaffinity(0, {cpu})
-
-
 # --- servers (child processes) -------------------------------------------------------------------
 
 
 def serve_bare(port: int) -> None:
-    _pin(0)
+    pin_cpu(0)
     from aiohttp import web
 
     async def handler(request: web.Request) -> web.Response:
@@ -100,7 +96,7 @@ def serve_bare(port: int) -> None:
 
 
 def serve_ingest(config: str) -> None:
-    _pin(0)
+    pin_cpu(0)
     from blynk_bridge.cli import main
 
     raise SystemExit(main(["--log-level", "WARNING", "ingest-http", "-c", config]))
@@ -210,7 +206,7 @@ async def _load(port: int, connections: int, warmup_s: float, seconds: float) ->
 
 
 def run_load(port: int, connections: int, warmup_s: float, seconds: float) -> None:
-    _pin(1)
+    pin_cpu(1)
     try:
         import uvloop
 
@@ -310,17 +306,6 @@ async def _stream_length(prefix: str) -> int:
         await redis.aclose()
 
 
-async def _cleanup(prefix: str) -> None:
-    from pipeline.streams import connect
-
-    redis = connect(REDIS_URL)
-    try:
-        async for key in redis.scan_iter(match=f"{prefix}*", count=1000):
-            await redis.delete(key)
-    finally:
-        await redis.aclose()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=5.0)
@@ -345,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
                     raise BenchError(f"{results['ingest-http']['answered']:.0f} answered 200 "
                                      f"but {stored} entries in the stream")
             finally:
-                asyncio.run(_cleanup(prefix))
+                asyncio.run(delete_prefix(REDIS_URL, prefix))
             for kind, res in results.items():
                 print(f"round {r + 1} {kind:12s} {res['rps']:9.0f} req/s  "
                       f"server CPU {res['cpu_pct']:3.0f}%  {res['cpu_us']:5.1f} CPU µs/req",

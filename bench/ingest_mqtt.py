@@ -30,13 +30,10 @@ import time
 import uuid
 from pathlib import Path
 
+from bench.common import pin_cpu
+
 ROOT = Path(__file__).resolve().parent.parent
 REDIS_URL = "redis://127.0.0.1:6379/0"
-
-
-def _pin(cpu: int) -> None:
-    if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > cpu:
-        os.sched_setaffinity(0, {cpu})
 
 
 # --- the raw publisher ---------------------------------------------------------------------------
@@ -164,7 +161,7 @@ async def _stage(port: int, user: str, total: int) -> dict[str, float]:
 
 
 def child(role: str, port: int, user: str, total: int) -> None:
-    _pin(0)
+    pin_cpu(0)
     import uvloop
 
     fn = _bare if role == "bare" else _stage
@@ -215,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     from bench.common import machine, table
     from emulators.tts import Mosquitto
 
-    _pin(1)
+    pin_cpu(1)
     wall: dict[str, list[float]] = {"bare": [], "stage": []}
     cpu: dict[str, list[float]] = {"bare": [], "stage": []}
     with Mosquitto(bench=True) as broker:

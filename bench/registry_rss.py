@@ -19,10 +19,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 
-from bench.common import Processes, fmt_mib, machine, table
+from bench.common import Processes, fmt_mib, go_and_collect, machine, table
 from bench.transform import fill, start_redis
 
 
@@ -40,13 +39,7 @@ async def run(procs: Processes, url: str, devices: int, uplinks: int, cache: int
     while await redis.llen("bbb:ready") < 1:
         procs.check_alive()
         await asyncio.sleep(0.05)
-    await redis.rpush("bbb:go", "go")
-    got = None
-    while got is None:
-        got = await redis.blpop(["bbb:done"], timeout=1)
-        if got is None:
-            procs.check_alive()
-    report = json.loads(got[1])
+    [report] = await go_and_collect(redis, "bbb:", 1, procs)
     procs.stop(child, grace_s=30)
     written = await redis.xlen("bbb:writes")
     await redis.aclose()

@@ -218,10 +218,9 @@ def _admin_sessions(http_port: int) -> int:
 
 
 def latency(args: argparse.Namespace) -> int:
-    from bench.common import BenchError, fmt_ms, free_port, percentile, wait_port
+    from bench.common import BenchError, delete_prefix, fmt_ms, free_port, percentile, wait_port
     from bench.downlinks import (
         REDIS_URL,
-        _cleanup,
         _python,
         device_name,
         start_subscriber,
@@ -299,7 +298,7 @@ def latency(args: argparse.Namespace) -> int:
                          len(load["sent"]) - len(lat), fmt_ms(percentile(lat, 50)),
                          fmt_ms(percentile(lat, 99)), str(load["bad"] or "-")])
         procs.stop(sub)
-        asyncio.run(_cleanup(prefix))
+        asyncio.run(delete_prefix(REDIS_URL, prefix))
     print(f"load average {os.getloadavg()[0]:.2f}")
     print(table(["rate", "sent", "delivered", "missing", "p50 ms", "p99 ms", "refused"], rows))
     return 0

@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     print(machine())
     print(f"RLIMIT_NOFILE hard {hard} (soft was {soft}); children raise theirs to it")
-    from bench.downlinks import _cleanup
+    from bench.common import delete_prefix
 
     prefix = f"bbbench:fleet:{os.getpid()}:"
     with Processes(keep_dir=args.keep_logs) as procs:
@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"still open: {sum(_sessions(h) for h, _ in emus)}")
         print(f"load average {os.getloadavg()[0]:.2f}; MemAvailable "
               f"{_meminfo('MemAvailable') // 1024} MiB")
-    asyncio.run(_cleanup(prefix))
+    asyncio.run(delete_prefix(REDIS_URL, prefix))
     return 0 if held >= args.devices else 1
 
 

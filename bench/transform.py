@@ -39,6 +39,7 @@ from bench.common import (
     Processes,
     UsageProbe,
     free_port,
+    go_and_collect,
     machine,
     table,
     wait_port,
@@ -268,14 +269,7 @@ async def run_one(procs: Processes, url: str, redis_pid: int, kind: str, workers
         await asyncio.sleep(0.05)
     probe = UsageProbe({"redis": redis_pid, **{c.name: c.pid for c in children}})
     probe.start()
-    await redis.rpush("bbb:go", *["go"] * workers)
-    reports = []
-    while len(reports) < workers:
-        got = await redis.blpop(["bbb:done"], timeout=1)
-        if got is None:
-            procs.check_alive()
-            continue
-        reports.append(json.loads(got[1]))
+    reports = await go_and_collect(redis, "bbb:", workers, procs)
     usage = probe.stop()
     for c in children:
         procs.stop(c, grace_s=30)
