@@ -4,9 +4,9 @@ Blynk fires "Device Datastream Update" webhooks for device writes too, so every 
 writes to a watched pin comes back through ``POST /blynk/…``; sent down, it would loop.
 Egress records each write before it sends it (so the record always precedes the webhook), in the
 same script call that takes the device's lease (:meth:`pipeline.order.LastWritten.prepare` runs
-:data:`RECORD_LUA` for the granted devices: no round trip of its own); :func:`record` does the
-same on its own. The downlink stage queues :meth:`Echoes.queue_take` for a whole batch in its
-own pipeline (one script call). A command is an echo when the bridge
+:data:`RECORD_LUA` for the granted devices: no round trip of its own). The downlink stage
+queues :meth:`Echoes.queue_take` for a whole batch in its own pipeline (one script call).
+A command is an echo when the bridge
 wrote the same value (compared by :func:`canonical`) to the same Blynk device and pin within
 ``window_ms``; each record answers one echo (it is removed), so a user who sets the same value
 again later is heard.
@@ -110,20 +110,6 @@ def records(keys: Keys, token: str, pins: Mapping[str, Value], now_ms: int
     """The ``(echo list key, item)`` of each value of one write about to be sent."""
     ref = token_ref(token)
     return [(keys.echo(ref, pin.upper()), item(now_ms, value)) for pin, value in pins.items()]
-
-
-async def record(redis: Redis, keys: Keys, writes: Sequence[tuple[str, Mapping[str, Value]]],
-                 now_ms: int, window_ms: int) -> None:
-    """Remember each ``(token, pin → value)`` about to be written (one round trip)."""
-    if not writes:
-        return
-    async with redis.pipeline(transaction=False) as pipe:
-        for token, pins in writes:
-            for key, text in records(keys, token, pins, now_ms):
-                pipe.lpush(key, text)
-                pipe.ltrim(key, 0, KEEP - 1)
-                pipe.pexpire(key, window_ms)
-        await pipe.execute()
 
 
 class Echoes:

@@ -34,7 +34,7 @@ from emulators.blynk import (
 )
 from emulators.blynk.settings import WebhookAuth
 from pipeline import config as config_mod
-from pipeline import events
+from pipeline import echo, events
 from pipeline.context import Context
 from pipeline.keys import Keys
 from pipeline.lifecycle import run_stages
@@ -165,6 +165,22 @@ async def add_uplinks(redis: Redis, keys: Keys, uplinks: Sequence[events.Uplink]
         for u in uplinks:
             pipe.xadd(keys.stream("uplinks"), {events.FIELD: events.encode(u)})
         await pipe.execute()
+
+
+#: Runs :data:`pipeline.echo.RECORD_LUA` for each key (ARGV = window ms, then one item per key).
+_RECORD_EACH = echo.RECORD_LUA + """
+for i = 1, #KEYS do echo_record(KEYS[i], ARGV[i + 1], tonumber(ARGV[1])) end
+"""
+
+
+async def record_echoes(redis: Redis, keys: Keys,
+                        writes: Sequence[tuple[str, dict[str, events.Value]]],
+                        now_ms: int, window_ms: int) -> None:
+    """The echo records egress's ``prepare`` makes before writing each ``(token, pin → value)``
+    (same Lua), for tests that start where Blynk's webhook comes back."""
+    records = [r for token, pins in writes for r in echo.records(keys, token, pins, now_ms)]
+    await redis.eval(_RECORD_EACH, len(records), *(k for k, _ in records),
+                     window_ms, *(text for _, text in records))
 
 
 async def writes(redis: Redis, keys: Keys) -> list[events.BlynkWrite]:

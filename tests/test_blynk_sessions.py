@@ -22,12 +22,13 @@ from prometheus_client import REGISTRY
 
 from emulators.blynk import BlynkEmulator, DatastreamSpec, DeviceSpec, EmulatorSpec, TemplateSpec
 from pipeline import config as config_mod
-from pipeline import echo, events
+from pipeline import events
 from pipeline.blynk.client import token_hash
 from pipeline.context import Context
 from pipeline.keys import DOWNLINKS, WRITES, Keys
 from pipeline.registry import Registry
 from pipeline.streams import Redis, now_ms
+from tests import rig
 from tests.conftest import MQTT_HOST, MQTT_PORT, REDIS_URL
 from tests.tcp_proxy import CutProxy
 from tests.test_downlink import Devices
@@ -305,8 +306,8 @@ async def test_commands_reach_tts_and_echoes_of_the_bridges_writes_do_not(
             await world.uplink([FRA[0]])
             await wait_until(lambda: world.online([FRA[0]]), what="session open")
             # The bridge writes Switch=1 for the device (egress records it first) ...
-            await echo.record(world.redis, world.keys, [(tok(FRA[0]), {"V1": 1})], now_ms(),
-                              cfg.echo.window_ms)
+            await rig.record_echoes(world.redis, world.keys, [(tok(FRA[0]), {"V1": 1})],
+                                    now_ms(), cfg.echo.window_ms)
             dev = world.emu.model.devices[1]
             ds = dev.template.by_pin["V1"]
             world.emu.model.write(dev, ds, 1, world.emu.now_ms())  # ... Blynk echoes it

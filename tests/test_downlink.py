@@ -25,7 +25,7 @@ from prometheus_client import REGISTRY
 
 from emulators.tts import DownlinkAnswerer
 from pipeline import config as config_mod
-from pipeline import echo, events, mqtt
+from pipeline import events, mqtt
 from pipeline.context import Context
 from pipeline.keys import DOWNLINKS, GROUP_DOWNLINK, Keys
 from pipeline.streams import Redis, StreamReader, StreamWriter
@@ -333,8 +333,8 @@ async def test_the_bridges_own_write_coming_back_is_not_sent(redis: Redis, prefi
         echoes = counted("echo")
         now = int(time.time() * 1000)
         # what egress records before writing V2=1 and V3=21.5 to dev-a
-        await echo.record(redis, b.ctx.keys, [(token_for("dev-a"), {"V2": 1, "V3": 21.5})], now,
-                          60_000)
+        await rig.record_echoes(redis, b.ctx.keys,
+                                [(token_for("dev-a"), {"V2": 1, "V3": 21.5})], now, 60_000)
         assert (await b.post("dev-a", "v2", "1", now + 5)).status == 200
         assert (await b.post("dev-a", "v3", "21.50", now + 5)).status == 200
         await wait_until(lambda: counted("echo") - echoes == 2, what="two echoes")

@@ -96,6 +96,7 @@ class Committer:
         # device key → its integration's bb_written counter child (the split is per device, not
         # per write; cleared past _WRITTEN_CACHE devices so a huge fleet does not grow it)
         self._written: dict[str, Any] = {}
+        self._dropped_stale = metrics.EGRESS_DROPPED.labels("stale")
         #: Superseded values of finished writes not yet taken by :meth:`take_superseded`.
         self._superseded = 0
 
@@ -149,7 +150,7 @@ class Committer:
             metrics.SUPERSEDED.inc(plan.superseded)
             self._superseded += plan.superseded
         if plan.stale:
-            metrics.EGRESS_DROPPED.labels("stale").inc(plan.stale)
+            self._dropped_stale.inc(plan.stale)
         if dead:
             self._spawn(self._dead_letter(dev, ok, dead, wall, pending), f"egress-{dev.key}")
         else:
