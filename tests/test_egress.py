@@ -7,6 +7,7 @@ import inspect
 import logging
 import random
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -264,6 +265,16 @@ async def rig(redis: Redis, keys: Keys, prefix: str) -> AsyncIterator[Rig]:
         yield rig
         for ctx in rig.contexts:
             await ctx.blynk().close()
+
+
+@asynccontextmanager
+async def two_regions() -> AsyncIterator[tuple[BlynkEmulator, dict[str, str]]]:
+    """One Blynk emulator served as two regions, fra1 and ny3: yields it and the region URLs."""
+    spec = emulator_spec()
+    spec.regions = {"fra1": 0, "ny3": 0}
+    emu = BlynkEmulator.from_spec(spec)
+    async with emu.serve({"fra1": 0, "ny3": 0}) as urls:
+        yield emu, urls
 
 
 def write(n: int, ts: int, pins: dict[str, Value], *, received: int | None = None,
@@ -813,10 +824,7 @@ async def test_a_429_on_the_task_free_path_is_retried_after_its_retry_after(rig:
 async def test_a_device_moved_to_another_region_follows_the_308(
     redis: Redis, keys: Keys, prefix: str
 ) -> None:
-    spec = emulator_spec()
-    spec.regions = {"fra1": 0, "ny3": 0}
-    emu = BlynkEmulator.from_spec(spec)
-    async with emu.serve({"fra1": 0, "ny3": 0}) as urls:
+    async with two_regions() as (emu, urls):
         rig = Rig(emu, urls["fra1"], redis, keys, prefix, servers={"ny3": urls["ny3"]})
         t0 = now_ms()
         # after the warm-up (region of the token known: the configured server), Blynk moves
@@ -870,10 +878,7 @@ async def test_a_refused_token_the_registry_does_not_hold_breaks_nothing(rig: Ri
 async def test_a_308_to_a_server_not_configured_is_dead_lettered_not_followed(
     redis: Redis, keys: Keys, prefix: str
 ) -> None:
-    spec = emulator_spec()
-    spec.regions = {"fra1": 0, "ny3": 0}
-    emu = BlynkEmulator.from_spec(spec)
-    async with emu.serve({"fra1": 0, "ny3": 0}) as urls:
+    async with two_regions() as (emu, urls):
         rig = Rig(emu, urls["fra1"], redis, keys, prefix)  # ny3 is not in blynk.servers
         emu.model.by_token[token(2)].region = "ny3"
         await rig.add(write(2, now_ms(), {"V1": 3.5}))

@@ -72,14 +72,9 @@ async def stage_for(cfg: config_mod.Config, redis: Redis, keys: Keys, name: str,
     return stage
 
 
-async def test_fifty_concurrent_first_uplinks_create_one_device(
-        redis: Redis, keys: Keys, prefix: str, blynk: tuple[BlynkEmulator, str]) -> None:
-    emu, url = blynk
-    # Slow creation down so the three stages surely overlap while the device is being created.
-    emu.faults.set(latency_ms=200, path_prefix="/api/v1/organization/device/create")
-    cfg = make_config(prefix, url)
-    await add_uplinks(redis, keys, [uplink(i) for i in range(50)])
-    clients = [PlatformClient(cfg.blynk.platform) for _ in range(3)]  # type: ignore[arg-type]
+async def run_stages(cfg: config_mod.Config, redis: Redis, keys: Keys, n: int = 1) -> None:
+    """Run ``n`` transform stages (replicas, each with its own platform client) until idle."""
+    clients = [PlatformClient(cfg.blynk.platform) for _ in range(n)]  # type: ignore[arg-type]
     stages = [await stage_for(cfg, redis, keys, f"w{i}", c) for i, c in enumerate(clients)]
     try:
         await asyncio.gather(*(s.main_loop(asyncio.Event()) for s in stages))
@@ -88,6 +83,16 @@ async def test_fifty_concurrent_first_uplinks_create_one_device(
             await s.shutdown()
         for c in clients:
             await c.close()
+
+
+async def test_fifty_concurrent_first_uplinks_create_one_device(
+        redis: Redis, keys: Keys, prefix: str, blynk: tuple[BlynkEmulator, str]) -> None:
+    emu, url = blynk
+    # Slow creation down so the three stages surely overlap while the device is being created.
+    emu.faults.set(latency_ms=200, path_prefix="/api/v1/organization/device/create")
+    cfg = make_config(prefix, url)
+    await add_uplinks(redis, keys, [uplink(i) for i in range(50)])
+    await run_stages(cfg, redis, keys, 3)
     created = [d for d in emu.model.devices.values() if d.template.id == TEMPLATE]
     assert len(created) == 1
     dev = created[0]
@@ -138,13 +143,7 @@ async def test_devices_that_cannot_be_created_are_dead_lettered(
     emu, url = blynk
     cfg = make_config(prefix, url, template_id=template_id, provision=provision)
     await add_uplinks(redis, keys, [uplink(1, device="dev-3")])
-    client = PlatformClient(cfg.blynk.platform)  # type: ignore[arg-type]
-    stage = await stage_for(cfg, redis, keys, "w", client)
-    try:
-        await stage.main_loop(asyncio.Event())
-    finally:
-        await stage.shutdown()
-        await client.close()
+    await run_stages(cfg, redis, keys)
     [raw] = await redis.xrange(keys.dead)
     dead = events.decode_dead(raw[1][events.FIELD])
     assert dead.reason == reason and "dev-3" in dead.detail
@@ -169,13 +168,7 @@ async def test_ids_that_read_the_same_once_cleaned_make_distinct_blynk_devices(
     cfg = make_config(prefix, url)
     await add_uplinks(redis, keys, [uplink(1, device="node.1"), uplink(2, device="node:1"),
                              uplink(3, device="node-1")])
-    client = PlatformClient(cfg.blynk.platform)  # type: ignore[arg-type]
-    stage = await stage_for(cfg, redis, keys, "w", client)
-    try:
-        await stage.main_loop(asyncio.Event())
-    finally:
-        await stage.shutdown()
-        await client.close()
+    await run_stages(cfg, redis, keys)
     names = sorted(d.name for d in emu.model.devices.values())
     assert len(names) == 3 and len(set(names)) == 3 and "node-1" in names
     assert len({w.token for w in await written(redis, keys)}) == 3
@@ -206,18 +199,6 @@ def _sample(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
-async def _run_stages(cfg: config_mod.Config, redis: Redis, keys: Keys, n: int) -> None:
-    clients = [PlatformClient(cfg.blynk.platform) for _ in range(n)]  # type: ignore[arg-type]
-    stages = [await stage_for(cfg, redis, keys, f"w{i}", c) for i, c in enumerate(clients)]
-    try:
-        await asyncio.gather(*(s.main_loop(asyncio.Event()) for s in stages))
-    finally:
-        for s in stages:
-            await s.shutdown()
-        for c in clients:
-            await c.close()
-
-
 async def test_provision_max_caps_devices_and_dead_letters_the_rest(
         redis: Redis, keys: Keys, prefix: str, blynk: tuple[BlynkEmulator, str]) -> None:
     emu, url = blynk
@@ -225,7 +206,7 @@ async def test_provision_max_caps_devices_and_dead_letters_the_rest(
                       limits=", provision_max: 5, provision_rate: 1000, provision_burst: 1000")
     before = _sample("bb_dead_letters_total", stage="transform", reason="provision_limit")
     await add_uplinks(redis, keys, [uplink(i, device=f"core{i:03d}") for i in range(100)])
-    await _run_stages(cfg, redis, keys, 2)
+    await run_stages(cfg, redis, keys, 2)
     assert len(emu.model.devices) == 5
     assert len(await written(redis, keys)) == 5
     dead = [events.decode_dead(f[events.FIELD]) for _, f in await redis.xrange(keys.dead)]
@@ -242,7 +223,7 @@ async def test_provision_rate_holds_across_replicas_and_the_rest_waits_uncounted
     cfg = make_config(prefix, url, batch=10,
                       limits=", provision_rate: 0.001, provision_burst: 4")
     await add_uplinks(redis, keys, [uplink(i, device=f"core{i:03d}") for i in range(40)])
-    await _run_stages(cfg, redis, keys, 2)
+    await run_stages(cfg, redis, keys, 2)
     assert len(emu.model.devices) == 4  # the burst, shared by both replicas
     assert len(await written(redis, keys)) == 4
     assert await redis.xlen(keys.dead) == 0
@@ -286,13 +267,7 @@ async def test_no_device_is_created_for_uplinks_that_map_nothing(
                    event_ts_ms=1, received_ts_ms=2, values={"nope": i},
                    radio=events.Radio(rssi=-40, snr=5.0)) for i in range(3)]
     await add_uplinks(redis, keys, [*junk, uplink(1, device="real")])
-    client = PlatformClient(cfg.blynk.platform)  # type: ignore[arg-type]
-    stage = await stage_for(cfg, redis, keys, "w", client)
-    try:
-        await stage.main_loop(asyncio.Event())
-    finally:
-        await stage.shutdown()
-        await client.close()
+    await run_stages(cfg, redis, keys)
     assert [d.name for d in emu.model.devices.values()] == ["real"]
     assert await redis.xlen(keys.dead) == 0
     assert (await redis.xpending(keys.stream("uplinks"), GROUP_TRANSFORM))["pending"] == 0
