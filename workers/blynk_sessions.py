@@ -67,6 +67,7 @@ from pipeline.context import Context
 from pipeline.echo import canonical
 from pipeline.events import FIELD, Downlink, decode_write, encode
 from pipeline.lease import Lease
+from pipeline.lifecycle import wait_event
 from pipeline.metrics import SESSION_EVENTS, SESSIONS_HELD, SESSIONS_PENDING
 from pipeline.ratelimit import RateLimiter
 from pipeline.redact import mask
@@ -227,7 +228,7 @@ class SessionsStage:
                     streams, count=1000, block=1000)  # type: ignore[arg-type]
             except RedisError as exc:
                 log.warning("cannot read writes: %s", exc)
-                await _sleep(stop, 1.0)
+                await wait_event(stop, 1.0)
                 continue
             batch: dict[str, tuple[int, LiveDevice]] = {}
             written: dict[str, dict[str, Any]] = defaultdict(dict)
@@ -342,7 +343,7 @@ class SessionsStage:
                 await self._balance(rng)
             except RedisError as exc:
                 log.warning("sessions ownership: %s", exc)
-            await _sleep(stop, interval)
+            await wait_event(stop, interval)
         with contextlib.suppress(RedisError):  # else its heartbeat simply expires
             await self.redis.zrem(self.keys.sessions_replicas(), self.replica)
 
@@ -357,7 +358,7 @@ class SessionsStage:
                 if not self.leases[p].valid():
                     await self._drop(p, "lease_lost")
             wait = min((self.leases[p].remaining_s() for p in self.owned), default=cap)
-            await _sleep(stop, min(cap, wait) + 0.001)
+            await wait_event(stop, min(cap, wait) + 0.001)
 
     async def _balance(self, rng: random.Random) -> None:
         now = now_ms()
@@ -403,7 +404,7 @@ class SessionsStage:
                 await self._scan_owned()
             except RedisError as exc:
                 log.warning("sessions scan: %s", exc)
-            await _sleep(stop, self.cfg.scan_interval_s)
+            await wait_event(stop, self.cfg.scan_interval_s)
 
     async def _scan_owned(self) -> None:
         """Close the sessions whose devices went offline; open those that came live. Reads
@@ -739,7 +740,7 @@ class SessionsStage:
             except RedisError as exc:
                 log.warning("cannot forward %d commands (retrying): %s", len(items), exc)
                 self._requeue(items)
-                await _sleep(stop, 1.0)
+                await wait_event(stop, 1.0)
 
     async def _forward_batch(self, items: list[tuple[str, str, bytes, int]]) -> None:
         """Forward a batch; each item is counted once it is settled (a batch that raises is
@@ -795,13 +796,6 @@ class SessionsStage:
                 await self.ctx.writer.add_many(out)
                 await pipe.execute()
                 counts["forwarded"] += len(out)
-
-
-async def _sleep(stop: asyncio.Event, seconds: float) -> bool:
-    """Sleep unless stopped; True when ``stop`` was set."""
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), seconds)
-    return stop.is_set()
 
 
 def _text(raw: Any) -> str:
