@@ -60,6 +60,7 @@ from redis.exceptions import RedisError
 
 from pipeline import blynk_sessions as rules
 from pipeline import keys as keynames
+from pipeline.backlog import as_str
 from pipeline.blynk.client import token_hash
 from pipeline.blynk.device_mqtt import Keepalive, Session, mcu_info, open_session
 from pipeline.blynk_index import token_ref
@@ -432,9 +433,9 @@ class SessionsStage:
                     full.append(p)
                     entries = []  # the whole live set is read below
                 elif entries and p in self.owned:
-                    self._cursor[p] = _text(entries[-1][0])
-                await self._apply(p, {_text(k) for k in gone},
-                                  {_text(fields[b"k"]) for _, fields in entries}, full=False)
+                    self._cursor[p] = as_str(entries[-1][0])
+                await self._apply(p, {as_str(k) for k in gone},
+                                  {as_str(fields[b"k"]) for _, fields in entries}, full=False)
         for p in full:
             await self._scan_partition(p)
 
@@ -450,10 +451,10 @@ class SessionsStage:
             gone, last, members = await pipe.execute()
         if p not in self.owned:
             return
-        self._cursor[p] = _text(last[0][0]) if last else "0-0"
+        self._cursor[p] = as_str(last[0][0]) if last else "0-0"
         self._resync_at[p] = time.monotonic() + _RESYNC_S
-        live = {_text(k) for k in members}
-        await self._apply(p, {_text(k) for k in gone} | (self.by_partition[p] - live), live,
+        live = {as_str(k) for k in members}
+        await self._apply(p, {as_str(k) for k in gone} | (self.by_partition[p] - live), live,
                           full=True)
 
     async def _apply(self, p: int, gone: set[str], live: set[str], *, full: bool) -> None:
@@ -607,7 +608,7 @@ class SessionsStage:
         except RedisError:
             raw = None
         if raw:
-            addr = self.servers.address(_text(raw))
+            addr = self.servers.address(as_str(raw))
             if addr is not None:
                 return addr
         return self.servers.address(live.server)
@@ -796,10 +797,6 @@ class SessionsStage:
                 await self.ctx.writer.add_many(out)
                 await pipe.execute()
                 counts["forwarded"] += len(out)
-
-
-def _text(raw: Any) -> str:
-    return raw.decode() if isinstance(raw, bytes) else str(raw)
 
 
 async def _wait_any(stop: asyncio.Event, wake: asyncio.Event, wait_s: float | None) -> None:
