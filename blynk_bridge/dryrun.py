@@ -189,13 +189,8 @@ def _route(cfg: Config, uplink: Uplink) -> DryRun:
             run.unmapped = map_uplink(template, uplink).unmapped
             return run
     else:
-        assert route.device is not None
         run.device_from = "token in the message" if uplink.token else "static table"
-        # transform's rule: the row's template, else the integration's choice.
-        name = route.device.template or None
-        if name is None or name not in templates.by_name:
-            name = integ.choose_template(uplink.device_meta)
-        template = templates.get(name, f"{integ.source}:{integ.name}")
+        template = templates.of_route(route)
     mapped = map_uplink(template, uplink)
     run.template = template.name
     run.writes = dict(mapped.pins)

@@ -27,6 +27,7 @@ from blynk_bridge.output import print_json_line
 from blynk_bridge.watch import run_live
 from pipeline import config as config_mod
 from pipeline import events
+from pipeline.backlog import as_str
 from pipeline.keys import DEAD, DOWNLINKS, UPLINKS, WRITES, Keys
 from pipeline.lifecycle import until_stopped
 from pipeline.redact import mask, redact_text, redact_url
@@ -46,10 +47,6 @@ class Shown:
     devices: frozenset[str]
     line: str
     doc: dict[str, Any]
-
-
-def _s(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _clock(entry_id: str) -> str:
@@ -122,7 +119,7 @@ async def start_ids(redis: Redis, streams: list[str]) -> dict[str, str]:
     ids: dict[str, str] = {}
     for key in streams:
         last = await redis.xrevrange(key, count=1)
-        ids[key] = _s(last[0][0]) if last else "0-0"
+        ids[key] = as_str(last[0][0]) if last else "0-0"
     return ids
 
 
@@ -139,8 +136,8 @@ async def follow(redis: Redis, keys: Keys, name: str, show: Callable[[Shown], No
             redis.xread(dict(ids.items()), count=500, block=block_ms), stop)
         for key, entries in got or []:
             for entry_id, fields in entries:
-                eid = _s(entry_id)
-                ids[_s(key)] = eid
+                eid = as_str(entry_id)
+                ids[as_str(key)] = eid
                 shown = describe(name, eid, (fields or {}).get(events.FIELD), keys)
                 if device is None or device in shown.devices:
                     show(shown)

@@ -43,6 +43,7 @@ from pipeline.keys import (
     WRITES,
     Keys,
 )
+from pipeline.lifecycle import wait_event
 from pipeline.redact import redact_url, safe_url
 from pipeline.status import IntegrationStatus, StatusBoard
 from pipeline.streams import Redis, connect, now_ms
@@ -275,8 +276,7 @@ async def watch(redis: Redis, keys: Keys, view: View, *, interval_s: float, coun
             shown += 1
             if count is not None and shown >= count:
                 break
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), interval_s)
+            await wait_event(stop, interval_s)
 
 
 def run_live(url: str, body: Callable[[Redis, asyncio.Event], Awaitable[None]], *,

@@ -20,16 +20,13 @@ import msgspec
 from redis.exceptions import ResponseError
 
 from pipeline import dedup, events
+from pipeline.backlog import as_str
 from pipeline.errors import describe
 from pipeline.keys import DOWNLINKS, UPLINKS, WRITES, Keys
 from pipeline.redact import redact_text
 from pipeline.streams import Redis
 
 _PAGE = 200
-
-
-def _s(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _time(ms: int) -> str:
@@ -48,7 +45,7 @@ class DeadRow(msgspec.Struct, kw_only=True):
 
 
 def decode_entry(entry_id: Any, fields: Any, dead_stream: str = "") -> DeadRow:
-    eid = _s(entry_id)
+    eid = as_str(entry_id)
     raw = (fields or {}).get(events.FIELD)
     if raw is None:
         return DeadRow(id=eid, letter=None, error="no `d` field", dead_stream=dead_stream)
@@ -124,12 +121,12 @@ async def _scan_one(redis: Redis, keys: Keys, key: str, reason: str | None,
         if not page:
             break
         for entry_id, fields in page:
-            row = decode_entry(dead_id(keys, key, _s(entry_id)), fields, key)
+            row = decode_entry(dead_id(keys, key, as_str(entry_id)), fields, key)
             if matches(row, reason):
                 out.append(row)
                 if limit is not None and len(out) >= limit:
                     break
-        upper = f"({_s(page[-1][0])}"
+        upper = f"({as_str(page[-1][0])}"
     return out
 
 
@@ -197,7 +194,7 @@ async def replay(
                                    [(row.letter.stream, event_id)])
         new_id = await redis.xadd(row.letter.stream, {events.FIELD: row.letter.raw})
         await redis.xdel(row.dead_stream or keys.dead, _entry_id(row))
-        done.append((row.id, row.letter.stream, _s(new_id)))
+        done.append((row.id, row.letter.stream, as_str(new_id)))
     return done
 
 

@@ -33,6 +33,7 @@ from redis.exceptions import RedisError
 
 from pipeline import metrics
 from pipeline.keys import Keys
+from pipeline.lifecycle import wait_event
 from pipeline.streams import Redis
 
 log = logging.getLogger("blynk_bridge.stats")
@@ -118,8 +119,7 @@ class StatsPublisher:
         while not stop.is_set():
             now = time.time_ns() // 1_000_000
             boundary = (slot_of(now) + 1) * SLOT_S * 1000
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), (boundary - now) / 1000)
+            await wait_event(stop, (boundary - now) / 1000)
             try:
                 # The slot is named by the boundary, not the clock read after the wake-up,
                 # which may be a little early or late.

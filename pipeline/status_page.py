@@ -45,7 +45,7 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from pipeline import metrics, stats
-from pipeline.backlog import StreamInfo, snapshot
+from pipeline.backlog import StreamInfo, as_str, snapshot
 from pipeline.deadletters import dead_total as count_dead
 from pipeline.deadletters import get_dead, letter_summary, replay, scan_dead
 from pipeline.errors import Reason
@@ -257,7 +257,7 @@ class StatusPage:
         unmapped: dict[str, Any] = {}
         for t in self._templates:
             raw = await self._redis.hgetall(self._keys.unmapped(t))
-            counts = sorted(((_s(k), int(v)) for k, v in raw.items()), key=lambda kv: -kv[1])
+            counts = sorted(((as_str(k), int(v)) for k, v in raw.items()), key=lambda kv: -kv[1])
             unmapped[t] = {"keys": dict(counts[:UNMAPPED_TOP]),
                            "more": max(0, len(counts) - UNMAPPED_TOP)}
         replicas = await stats.replicas_alive(self._redis, self._keys, now)
@@ -340,7 +340,3 @@ class StatusPage:
 def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status,
                              headers={"Cache-Control": "no-store"})
-
-
-def _s(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

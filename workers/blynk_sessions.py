@@ -60,6 +60,7 @@ from redis.exceptions import RedisError
 
 from pipeline import blynk_sessions as rules
 from pipeline import keys as keynames
+from pipeline.backlog import as_str
 from pipeline.blynk.client import token_hash
 from pipeline.blynk.device_mqtt import Keepalive, Session, mcu_info, open_session
 from pipeline.blynk_index import token_ref
@@ -67,6 +68,7 @@ from pipeline.context import Context
 from pipeline.echo import canonical
 from pipeline.events import FIELD, Downlink, decode_write, encode
 from pipeline.lease import Lease
+from pipeline.lifecycle import wait_event
 from pipeline.metrics import SESSION_EVENTS, SESSIONS_HELD, SESSIONS_PENDING
 from pipeline.ratelimit import RateLimiter
 from pipeline.redact import mask
@@ -227,7 +229,7 @@ class SessionsStage:
                     streams, count=1000, block=1000)  # type: ignore[arg-type]
             except RedisError as exc:
                 log.warning("cannot read writes: %s", exc)
-                await _sleep(stop, 1.0)
+                await wait_event(stop, 1.0)
                 continue
             batch: dict[str, tuple[int, LiveDevice]] = {}
             written: dict[str, dict[str, Any]] = defaultdict(dict)
@@ -342,7 +344,7 @@ class SessionsStage:
                 await self._balance(rng)
             except RedisError as exc:
                 log.warning("sessions ownership: %s", exc)
-            await _sleep(stop, interval)
+            await wait_event(stop, interval)
         with contextlib.suppress(RedisError):  # else its heartbeat simply expires
             await self.redis.zrem(self.keys.sessions_replicas(), self.replica)
 
@@ -357,7 +359,7 @@ class SessionsStage:
                 if not self.leases[p].valid():
                     await self._drop(p, "lease_lost")
             wait = min((self.leases[p].remaining_s() for p in self.owned), default=cap)
-            await _sleep(stop, min(cap, wait) + 0.001)
+            await wait_event(stop, min(cap, wait) + 0.001)
 
     async def _balance(self, rng: random.Random) -> None:
         now = now_ms()
@@ -403,7 +405,7 @@ class SessionsStage:
                 await self._scan_owned()
             except RedisError as exc:
                 log.warning("sessions scan: %s", exc)
-            await _sleep(stop, self.cfg.scan_interval_s)
+            await wait_event(stop, self.cfg.scan_interval_s)
 
     async def _scan_owned(self) -> None:
         """Close the sessions whose devices went offline; open those that came live. Reads
@@ -431,9 +433,9 @@ class SessionsStage:
                     full.append(p)
                     entries = []  # the whole live set is read below
                 elif entries and p in self.owned:
-                    self._cursor[p] = _text(entries[-1][0])
-                await self._apply(p, {_text(k) for k in gone},
-                                  {_text(fields[b"k"]) for _, fields in entries}, full=False)
+                    self._cursor[p] = as_str(entries[-1][0])
+                await self._apply(p, {as_str(k) for k in gone},
+                                  {as_str(fields[b"k"]) for _, fields in entries}, full=False)
         for p in full:
             await self._scan_partition(p)
 
@@ -449,10 +451,10 @@ class SessionsStage:
             gone, last, members = await pipe.execute()
         if p not in self.owned:
             return
-        self._cursor[p] = _text(last[0][0]) if last else "0-0"
+        self._cursor[p] = as_str(last[0][0]) if last else "0-0"
         self._resync_at[p] = time.monotonic() + _RESYNC_S
-        live = {_text(k) for k in members}
-        await self._apply(p, {_text(k) for k in gone} | (self.by_partition[p] - live), live,
+        live = {as_str(k) for k in members}
+        await self._apply(p, {as_str(k) for k in gone} | (self.by_partition[p] - live), live,
                           full=True)
 
     async def _apply(self, p: int, gone: set[str], live: set[str], *, full: bool) -> None:
@@ -606,7 +608,7 @@ class SessionsStage:
         except RedisError:
             raw = None
         if raw:
-            addr = self.servers.address(_text(raw))
+            addr = self.servers.address(as_str(raw))
             if addr is not None:
                 return addr
         return self.servers.address(live.server)
@@ -739,7 +741,7 @@ class SessionsStage:
             except RedisError as exc:
                 log.warning("cannot forward %d commands (retrying): %s", len(items), exc)
                 self._requeue(items)
-                await _sleep(stop, 1.0)
+                await wait_event(stop, 1.0)
 
     async def _forward_batch(self, items: list[tuple[str, str, bytes, int]]) -> None:
         """Forward a batch; each item is counted once it is settled (a batch that raises is
@@ -795,17 +797,6 @@ class SessionsStage:
                 await self.ctx.writer.add_many(out)
                 await pipe.execute()
                 counts["forwarded"] += len(out)
-
-
-async def _sleep(stop: asyncio.Event, seconds: float) -> bool:
-    """Sleep unless stopped; True when ``stop`` was set."""
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), seconds)
-    return stop.is_set()
-
-
-def _text(raw: Any) -> str:
-    return raw.decode() if isinstance(raw, bytes) else str(raw)
 
 
 async def _wait_any(stop: asyncio.Event, wake: asyncio.Event, wait_s: float | None) -> None:

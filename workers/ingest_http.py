@@ -740,9 +740,7 @@ class IngestHttp:
     async def particle_webhook(self, request: web.BaseRequest, name: str) -> web.Response:
         entry = self.particle.get(name)
         if entry is None:
-            raise self._refuse("particle", None, Refused(
-                404, Reason.UNKNOWN_INTEGRATION, f"no Particle integration named {name[:64]!r}",
-                field="integration"))
+            raise self._unknown("particle", f"no Particle integration named {name[:64]!r}")
         product, auth = entry
         self._admit(request, "particle", name, auth)
         body = await self._body(request, "particle", name)
@@ -759,10 +757,8 @@ class IngestHttp:
 
         entry = self.tts.get(name)
         if entry is None:
-            raise self._refuse("tts", None, Refused(
-                404, Reason.UNKNOWN_INTEGRATION,
-                f"no TTS application named {name[:64]!r} takes webhooks (set webhook_auth)",
-                field="integration"))
+            raise self._unknown(
+                "tts", f"no TTS application named {name[:64]!r} takes webhooks (set webhook_auth)")
         app, auth = entry
         self._admit(request, "tts", name, auth)
         if body_style(request.content_type) != "json":
@@ -806,9 +802,7 @@ class IngestHttp:
 
         auth = self.blynk.get(name)
         if auth is None:
-            raise self._refuse("blynk", None, Refused(
-                404, Reason.UNKNOWN_INTEGRATION, f"no Blynk webhook named {name[:64]!r}",
-                field="integration"))
+            raise self._unknown("blynk", f"no Blynk webhook named {name[:64]!r}")
         self._admit(request, "blynk", name, auth)
         body = await self._body(request, "blynk", name)
         try:
@@ -949,6 +943,11 @@ class IngestHttp:
                  exc.detail[:200])
         return self._refuse(source, name, Refused(status, exc.reason, exc.detail,
                                                   field=exc.field))
+
+    def _unknown(self, source: Source, message: str) -> Refused:
+        """A webhook path naming no configured integration: 404, counted like any refusal."""
+        return self._refuse(source, None, Refused(404, Reason.UNKNOWN_INTEGRATION, message,
+                                                  field="integration"))
 
     def _refuse(self, source: Source, name: str | None, refused: Refused,
                 error_kind: ErrorKind = "protocol") -> Refused:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pipeline import events, metrics
 from pipeline.errors import Reason
 from pipeline.keys import Keys
-from pipeline.mapping import Template, describe_rejected, map_uplink
+from pipeline.mapping import describe_rejected, map_uplink
 from pipeline.registry import Registry
 from pipeline.routing import Route
 from pipeline.streams import Entry
@@ -70,7 +70,7 @@ class Outputs:
         for e, r in ready:
             u, dev = r.uplink, r.device
             assert dev is not None
-            template = self.template_of(r)
+            template = self._templates.of_route(r)
             mapped = map_uplink(template, u)
             dead: bytes | None = None
             if mapped.rejected:
@@ -131,15 +131,6 @@ class Outputs:
         """Write the unmapped-key counts (:class:`pipeline.unmapped.UnmappedKeys`)."""
         self._unmapped_flushed = time.monotonic()
         await self.unmapped.flush()
-
-    def template_of(self, r: Route) -> Template:
-        """The template a routed uplink maps onto: its device's, else its integration's choice."""
-        integ = r.integration
-        assert r.device is not None and integ is not None
-        name: str | None = r.device.template or None
-        if name is None or name not in self._templates.by_name:
-            name = integ.choose_template(r.uplink.device_meta)
-        return self._templates.get(name, f"{integ.source}:{integ.name}")
 
     def _server_url(self, server: str | None) -> str:
         if not server:

@@ -13,6 +13,7 @@ from pipeline.provision import Platform
 
 if TYPE_CHECKING:
     from pipeline.blynk.platform import PlatformClient
+    from pipeline.routing import Route
 
 log = logging.getLogger("blynk_bridge.transform")
 
@@ -37,6 +38,16 @@ class Templates:
         if t is None:
             t = self._untyped[fallback] = Template(fallback)
         return t
+
+    def of_route(self, r: Route) -> Template:
+        """The template a routed uplink maps onto: its device's, else its integration's choice
+        (transform's rule; ``blynk-bridge dry-run`` shows the same)."""
+        integ = r.integration
+        assert r.device is not None and integ is not None
+        name: str | None = r.device.template or None
+        if name is None or name not in self.by_name:
+            name = integ.choose_template(r.uplink.device_meta)
+        return self.get(name, f"{integ.source}:{integ.name}")
 
     @property
     def pulled(self) -> list[str]:
