@@ -28,7 +28,7 @@ from rich.table import Table
 from blynk_bridge.output import print_json
 from pipeline import blynk_index, events
 from pipeline import config as config_mod
-from pipeline.backlog import StreamInfo, by_node, snapshot
+from pipeline.backlog import StreamInfo, as_str, by_node, snapshot
 from pipeline.deadletters import (
     DeadRow,
     dead_total,
@@ -85,10 +85,6 @@ def _run(cfg: config_mod.Config, work: Callable[[Redis, Keys], Awaitable[T]]) ->
     except RedisError as exc:
         print(f"Redis at {_safe_url(cfg.redis.url)}: {exc}", file=sys.stderr)
         return None
-
-
-def _s(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _time(ms: int) -> str:
@@ -188,7 +184,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         unmapped = {}
         for t in cfg.templates:
             raw = await redis.hgetall(keys.unmapped(t.name))
-            unmapped[t.name] = {_s(k): int(v) for k, v in sorted(raw.items())}
+            unmapped[t.name] = {as_str(k): int(v) for k, v in sorted(raw.items())}
         superseded = int(await redis.get(keys.superseded()) or 0)
         return statuses, unmapped, superseded
 
@@ -390,7 +386,7 @@ async def _scan_devices(redis: Redis, keys: Keys, limit: int) -> list[str]:
     out: list[str] = []
     for row_prefix in keys.device_prefixes():
         async for raw in redis.scan_iter(match=f"{row_prefix}*", count=1000):
-            out.append(_s(raw)[len(row_prefix):])
+            out.append(as_str(raw)[len(row_prefix):])
             if len(out) >= limit:
                 return sorted(out)
     return sorted(out)

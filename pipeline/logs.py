@@ -62,3 +62,40 @@ def setup_logging(level: str = "INFO", fmt: str | None = None, path: str | None 
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+
+
+class ThrottledLog:
+    """At most one record per key per ``interval_s``; the next one says how many were held back.
+
+    For conditions that can repeat per request or per batch (a refused peer, uplinks waiting
+    for a rate): the first is logged at once, repeats within the interval are counted, not
+    printed. Remembers at most ``max_keys`` keys (oldest forgotten first).
+    """
+
+    def __init__(self, logger: logging.Logger, interval_s: float = 60.0,
+                 max_keys: int = 100_000) -> None:
+        self._log = logger
+        self.interval_s = interval_s
+        self._max_keys = max_keys
+        self._seen: dict[tuple[str, ...], tuple[float, int]] = {}
+
+    def warning(self, key: tuple[str, ...], msg: str, *args: object) -> None:
+        self.log(logging.WARNING, key, msg, *args)
+
+    def info(self, key: tuple[str, ...], msg: str, *args: object) -> None:
+        self.log(logging.INFO, key, msg, *args)
+
+    def log(self, level: int, key: tuple[str, ...], msg: str, *args: object) -> None:
+        now = time.monotonic()
+        seen = self._seen.get(key)
+        if seen is not None and now - seen[0] < self.interval_s:
+            self._seen[key] = (seen[0], seen[1] + 1)
+            return
+        if seen is None and len(self._seen) >= self._max_keys:
+            del self._seen[next(iter(self._seen))]
+        self._seen[key] = (now, 0)
+        if seen is not None and seen[1]:
+            self._log.log(level, msg + " (and %d more in the last %.0fs)", *args, seen[1],
+                          now - seen[0])
+        else:
+            self._log.log(level, msg, *args)

@@ -74,6 +74,7 @@ from pipeline.downlink_outcomes import OUTCOMES, Outcomes
 from pipeline.errors import ConfigError, InvalidInput, Reason
 from pipeline.events import Uplink, dead_letter, encode
 from pipeline.lifecycle import collect_young_less_often
+from pipeline.logs import ThrottledLog
 from pipeline.particle import body_style, parse_webhook
 from pipeline.status import ErrorKind, StatusBoard
 from pipeline.streams import Redis, now_ms
@@ -215,33 +216,6 @@ def _unauthorized(message: str, field: str, *, basic: bool = False) -> Refused:
 
 
 # --- peers ---------------------------------------------------------------------------------------
-
-
-class ThrottledLog:
-    """At most one warning per key (peer, kind) per ``interval_s``; the next one says how many
-    were held back. Remembers at most ``max_keys`` keys (oldest forgotten first)."""
-
-    def __init__(self, logger: logging.Logger, interval_s: float = LOG_INTERVAL_S,
-                 max_keys: int = MAX_PEERS) -> None:
-        self._log = logger
-        self.interval_s = interval_s
-        self._max_keys = max_keys
-        self._seen: dict[tuple[str, str], tuple[float, int]] = {}
-
-    def warning(self, key: tuple[str, str], msg: str, *args: object) -> None:
-        now = time.monotonic()
-        seen = self._seen.get(key)
-        if seen is not None and now - seen[0] < self.interval_s:
-            self._seen[key] = (seen[0], seen[1] + 1)
-            return
-        if seen is None and len(self._seen) >= self._max_keys:
-            del self._seen[next(iter(self._seen))]
-        self._seen[key] = (now, 0)
-        if seen is not None and seen[1]:
-            self._log.warning(msg + " (and %d more in the last %.0fs)", *args, seen[1],
-                              now - seen[0])
-        else:
-            self._log.warning(msg, *args)
 
 
 class AuthBudget:
@@ -602,7 +576,7 @@ class IngestHttp:
         self._ingested: dict[tuple[str, str, str], Counter] = {}
         self._rejections: dict[tuple[str, str], Counter] = {}
         self._probes: dict[str, Handler] = {"/healthz": self.healthz, "/readyz": self.readyz}
-        self._log = ThrottledLog(log)
+        self._log = ThrottledLog(log, LOG_INTERVAL_S, MAX_PEERS)
         self.auth_budget = AuthBudget(self.cfg.auth_failures_per_minute)
         self.guard = ConnectionGuard(self.cfg, self._log)
         self._runner: web.ServerRunner | None = None

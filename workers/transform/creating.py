@@ -14,6 +14,7 @@ from redis.exceptions import RedisError
 
 from pipeline import metrics
 from pipeline.errors import Permanent, Reason, Retryable
+from pipeline.logs import ThrottledLog
 from pipeline.mapping import map_uplink, maps_a_value
 from pipeline.provision import Provisioner
 from pipeline.registry import Device
@@ -24,6 +25,9 @@ from workers.transform.scripts import Emit
 from workers.transform.templates import Templates
 
 log = logging.getLogger("blynk_bridge.transform")
+#: Uplinks waiting for the provisioning rate come back every claim_idle_ms until the rate
+#: allows their device: one line per interval, not one per batch.
+_rate_log = ThrottledLog(log, interval_s=30.0)
 
 Ready = list[tuple[Entry, Route]]
 
@@ -84,8 +88,9 @@ class Creator:
             # Left pending without counting a delivery; any replica reclaims them after
             # claim_idle_ms, when the rate allows more devices (the stream is not held up).
             await self._reader.release(parked)
-            log.info("%d uplinks wait for the provisioning rate of their integration",
-                     len(parked))
+            _rate_log.info(("provision_rate",),
+                           "%d uplinks wait for the provisioning rate of their integration",
+                           len(parked))
         if retry is not None:
             raise retry
 
