@@ -36,9 +36,10 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
@@ -208,7 +209,7 @@ async def run_naive(ctx: Context, stop: asyncio.Event) -> None:
             reader.retry_pending()
 
 
-Consumer = Callable[[Context, asyncio.Event], Awaitable[None]]
+Consumer = Callable[[Context, asyncio.Event], Coroutine[Any, Any, None]]
 
 
 CONSUMERS: dict[str, Consumer] = {"naive": run_naive, "egress": run_egress}

@@ -25,8 +25,9 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import yaml
@@ -124,7 +125,7 @@ async def via_nowait(base: str, paths: list[str], inflight: int) -> int:
     return ok
 
 
-Way = Callable[[str, list[str], int], Awaitable[int]]
+Way = Callable[[str, list[str], int], Coroutine[Any, Any, int]]
 WAYS: dict[str, Way] = {"aiohttp": via_aiohttp, "request": via_request, "nowait": via_nowait}
 
 

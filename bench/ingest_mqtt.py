@@ -151,7 +151,10 @@ async def _stage(port: int, user: str, total: int) -> dict[str, float]:
     await done.wait()
     cpu = time.process_time() - cpu0
     # From the first message's receipt (its received_ts_ms) to the last entry in Redis.
-    first = (await redis.xrange(stream, count=1))[0][1][b"d"]
+    first_entry = await redis.xrange(stream, count=1)
+    assert first_entry and first_entry[0][1] is not None
+    first = first_entry[0][1][b"d"]
+    assert isinstance(first, bytes)
     seconds = time.time() - decode_uplink(first).received_ts_ms / 1000
     stop.set()
     await task
