@@ -1,5 +1,5 @@
-"""transform drain on one Redis vs a 3-master Redis Cluster (3 and 6 partitions): rate and
-Redis CPU per uplink, per node, in one run.
+"""transform + egress drain on one Redis vs a 3-master Redis Cluster (3 and 6 partitions):
+rate and Redis CPU per uplink, per node, per stage, in one run.
 
     .venv/bin/python -m bench.cluster [--uplinks 60000] [--devices 5000] [--workers 1]
 
@@ -9,11 +9,14 @@ persistence): one ``redis-server``, and one 3-master cluster (``scripts/services
 prefix holds ``--devices`` registry rows and ``--uplinks`` realistic TTS uplinks (the ones of
 ``bench/transform.py``), in the cluster layout on the cluster (``redis.cluster: true``, each
 device's uplinks in its partition); then ``--workers`` transform processes (the real stage,
-burst mode) drain them. Checked: one write per uplink, no dead letter.
+burst mode) drain them, then ``--workers`` egress processes (the real stage, burst mode) drain
+the writes into the Blynk emulator (``emulators/blynk``, its own process, limits off, its CPU
+not counted). Checked: one write per uplink, no dead letter, every device's last value in the
+emulator is its newest uplink's, nothing pending.
 
-Redis CPU µs per uplink = CPU seconds the Redis process(es) used during the drain / uplinks,
-per node and summed. Egress is not measured here (its Redis work is two script calls per
-flush per partition: ``pipeline/order.py``).
+Redis CPU µs per uplink = CPU seconds the Redis process(es) used during a stage's drain /
+uplinks (``/proc/<pid>/stat``, the same clock as ``INFO cpu``), per node and summed; worker
+CPU likewise over the stage's processes. The load average is printed with every row.
 """
 
 from __future__ import annotations
@@ -28,20 +31,84 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 from bench.common import ROOT, Processes, UsageProbe, free_port, machine, table, wait_port
 from bench.transform import FIXTURE, config_text
 
+STAGES = ("transform", "egress")
+#: The emulator's template: the bench template's pins (``bench/transform.py``'s BUTTON).
+EMULATOR_TEMPLATE = "TMPLbench0001"
+PINS = [("V0", "double"), ("V1", "integer"), ("V2", "double"), ("V3", "integer"),
+        ("V4", "integer"), ("V10", "integer"), ("V11", "double")]
 
-def _config(url: str, prefix: str, partitions: int, cluster: bool) -> str:
+
+def token(d: int) -> str:
+    return f"{d:032x}"
+
+
+def _config(url: str, prefix: str, partitions: int, cluster: bool, blynk_url: str) -> str:
     text = config_text(url).replace('prefix: "bbb:"}',
                                     f'prefix: "{prefix}", partitions: {partitions}, '
                                     f'cluster: {"true" if cluster else "false"}}}')
-    assert prefix in text
+    text = text.replace('"http://127.0.0.1:9"', f'"{blynk_url}"')
+    assert prefix in text and blynk_url in text
     return text
 
 
-async def fill(cfg_text: str, uplinks: int, devices: int) -> None:
+def start_emulator(procs: Processes, devices: int) -> str:
+    """The Blynk emulator with one device per registry row, its limits off; returns its URL."""
+    port = free_port()
+    spec = {
+        "regions": {"fra1": port}, "host": "127.0.0.1",
+        "settings": {"device_rps": None, "daily_updates": None, "history_len": 0,
+                     "request_log_len": 0, "monthly_messages": None},
+        "templates": [{"id": EMULATOR_TEMPLATE, "name": "Bench", "datastreams": [
+            {"id": i + 1, "pin": pin, "name": pin, "type": kind}
+            for i, (pin, kind) in enumerate(PINS)]}],
+        "devices": [{"name": f"eui-{d:016x}", "token": token(d), "template": EMULATOR_TEMPLATE,
+                     "id": d + 1} for d in range(devices)],
+    }
+    path = procs.dir / "blynk-emulator.yaml"
+    path.write_text(json.dumps(spec))  # JSON is YAML
+    proc = procs.spawn("blynk-emulator", [sys.executable, "-m", "blynk_bridge", "emulate",
+                                          "blynk", "-c", str(path)])
+    wait_port(port, timeout_s=60, proc=proc)
+    return f"http://127.0.0.1:{port}"
+
+
+async def emulator_values(blynk_url: str) -> dict[str, int]:
+    """Device name → its V3 value (the newest uplink's counter) in the emulator."""
+    import aiohttp
+
+    async with aiohttp.ClientSession() as http, \
+            http.get(blynk_url + "/_admin/devices") as resp:
+        resp.raise_for_status()
+        devices = await resp.json(content_type=None)
+    return {d["name"]: int(d["values"]["v3"]["value"]) for d in devices
+            if "v3" in d["values"]}
+
+
+async def emulator_messages(blynk_url: str) -> int:
+    """Messages the emulator's organization was charged (one per device write request)."""
+    import aiohttp
+
+    async with aiohttp.ClientSession() as http, \
+            http.get(blynk_url + "/_admin/counts") as resp:
+        resp.raise_for_status()
+        return int((await resp.json(content_type=None))["organization"]["messages"])
+
+
+async def reset_emulator(blynk_url: str) -> None:
+    import aiohttp
+
+    async with aiohttp.ClientSession() as http, \
+            http.post(blynk_url + "/_admin/reset") as resp:
+        resp.raise_for_status()
+
+
+async def fill(cfg_text: str, uplinks: int, devices: int) -> dict[str, int]:
+    """Registry rows and uplinks; returns device → its newest uplink's counter."""
     import random
 
     from pipeline import config as config_mod
@@ -53,11 +120,12 @@ async def fill(cfg_text: str, uplinks: int, devices: int) -> None:
     redis = connect(cfg.redis.url, cluster=cfg.redis.is_cluster)
     payload = json.loads(FIXTURE.read_text())["uplink_message"]["decoded_payload"]
     rnd = random.Random(1)
+    newest: dict[str, int] = {}
     for start in range(0, devices, 5000):
         async with redis.pipeline(transaction=False) as pipe:
             for d in range(start, min(start + 5000, devices)):
                 pipe.hset(keys.device("tts", "app", f"eui-{d:016x}"), mapping={
-                    "token": f"{d:032x}", "template": "button", "server": "",
+                    "token": token(d), "template": "button", "server": "",
                     "status": "ok", "id": str(d + 1)})
             await pipe.execute()
     now = int(time.time() * 1000)
@@ -68,6 +136,7 @@ async def fill(cfg_text: str, uplinks: int, devices: int) -> None:
                 values = dict(payload)
                 values["singlePressEventCounter"] = i
                 device = f"eui-{d:016x}"
+                newest[device] = i
                 u = events.Uplink(
                     event_id=f"as:up:{i:08d}", source="tts", integration="app", device=device,
                     event_ts_ms=now + i, received_ts_ms=now + i, values=values,
@@ -78,18 +147,21 @@ async def fill(cfg_text: str, uplinks: int, devices: int) -> None:
                           {events.FIELD: events.encode(u)})
             await pipe.execute()
     await redis.aclose()
+    return newest
 
 
-async def worker(cfg_text: str, name: str) -> None:
+async def worker(cfg_text: str, name: str, stage_name: str) -> None:
     from pipeline import config as config_mod
     from pipeline.context import Context
+    from workers.egress import EgressStage
     from workers.transform import TransformStage
 
     cfg = config_mod.parse(cfg_text, "yaml", "bench", env={})
     ctx = Context.create(cfg, consumer=name)
-    stage = TransformStage(ctx, until_idle=True)
+    stage = (TransformStage(ctx, until_idle=True) if stage_name == "transform"
+             else EgressStage(ctx, until_idle=True))
     await stage.startup()
-    p = cfg.redis.prefix
+    p = f"{cfg.redis.prefix}{stage_name}:"
     await ctx.redis.rpush(f"{p}ready", name)
     await ctx.redis.blpop([f"{p}go"], timeout=0)
     t0 = time.time()
@@ -99,42 +171,65 @@ async def worker(cfg_text: str, name: str) -> None:
     await ctx.close()
 
 
-async def run_one(procs: Processes, url: str, pids: dict[str, int], partitions: int,
-                  cluster: bool, workers: int, uplinks: int, devices: int) -> dict[str, object]:
+async def drain(procs: Processes, redis: Any, path: Path, prefix: str, stage: str,
+                pids: dict[str, int], workers: int, uplinks: int) -> dict[str, Any]:
+    """Start ``workers`` processes of ``stage``, release them together, and measure the drain:
+    rate, Redis CPU µs per uplink per node, worker CPU µs per uplink, load average."""
     from bench.common import go_and_collect
-    from pipeline import config as config_mod
-    from pipeline.streams import connect
 
-    prefix = f"bbc{uuid.uuid4().hex[:6]}:"
-    text = _config(url, prefix, partitions, cluster)
-    path = procs.dir / f"{prefix[:-1]}.yaml"
-    path.write_text(text)
-    await fill(text, uplinks, devices)
-    cfg = config_mod.parse(text, "yaml", "bench", env={})
-    keys = cfg.redis.keys()
-    redis = connect(url, cluster=cluster)
-    children = [procs.spawn(f"{prefix}w{i}", [sys.executable, "-m", "bench.cluster",
-                                              "--worker", str(path), "--name", f"w{i}"])
-                for i in range(workers)]
-    while await redis.llen(f"{prefix}ready") < workers:
+    children = [procs.spawn(f"{prefix}{stage}{i}", [
+        sys.executable, "-m", "bench.cluster", "--worker", str(path), "--stage", stage,
+        "--name", f"{stage}{i}"]) for i in range(workers)]
+    while await redis.llen(f"{prefix}{stage}:ready") < workers:
         procs.check_alive()
         await asyncio.sleep(0.05)
     probe = UsageProbe({**pids, **{c.name: c.pid for c in children}})
     probe.start()
-    reports = await go_and_collect(redis, prefix, workers, procs)
+    reports = await go_and_collect(redis, f"{prefix}{stage}:", workers, procs)
     usage = probe.stop()
+    load = os.getloadavg()[0]
     for c in children:
         procs.stop(c, grace_s=30)
-    produced = sum([int(await redis.xlen(s)) for s in keys.streams("writes")])
-    dead = sum([int(await redis.xlen(s)) for s in keys.dead_streams()])
-    await redis.aclose()
-    if produced != uplinks or dead:
-        raise SystemExit(f"{produced} writes for {uplinks} uplinks, {dead} dead letters")
     seconds = max(r["t1"] for r in reports) - min(r["t0"] for r in reports)
-    redis_us = {u.name: u.cpu_s / uplinks * 1e6 for u in usage if u.name in pids}
-    worker_us = sum(u.cpu_s for u in usage if u.name not in pids) / uplinks * 1e6
-    return {"rate": uplinks / seconds, "seconds": seconds, "redis_us": redis_us,
-            "worker_us": worker_us}
+    return {"rate": uplinks / seconds, "seconds": seconds, "load": load,
+            "redis_us": {u.name: u.cpu_s / uplinks * 1e6 for u in usage if u.name in pids},
+            "worker_us": sum(u.cpu_s for u in usage if u.name not in pids) / uplinks * 1e6}
+
+
+async def run_one(procs: Processes, url: str, pids: dict[str, int], partitions: int,
+                  cluster: bool, workers: int, uplinks: int, devices: int,
+                  blynk_url: str) -> dict[str, dict[str, Any]]:
+    from pipeline import config as config_mod
+    from pipeline.streams import connect
+
+    prefix = f"bbc{uuid.uuid4().hex[:6]}:"
+    text = _config(url, prefix, partitions, cluster, blynk_url)
+    path = procs.dir / f"{prefix[:-1]}.yaml"
+    path.write_text(text)
+    newest = await fill(text, uplinks, devices)
+    await reset_emulator(blynk_url)
+    cfg = config_mod.parse(text, "yaml", "bench", env={})
+    keys = cfg.redis.keys()
+    redis = connect(url, cluster=cluster)
+    out = {"transform": await drain(procs, redis, path, prefix, "transform", pids, workers,
+                                    uplinks)}
+    produced = sum([int(await redis.xlen(s)) for s in keys.streams("writes")])
+    out["egress"] = await drain(procs, redis, path, prefix, "egress", pids, workers, uplinks)
+    dead = sum([int(await redis.xlen(s)) for s in keys.dead_streams()])
+    pending = 0
+    for s in keys.streams("writes"):
+        pending += int((await redis.xpending(s, "egress"))["pending"])
+    await redis.aclose()
+    if produced != uplinks or dead or pending:
+        raise SystemExit(f"{produced} writes for {uplinks} uplinks, {dead} dead letters, "
+                         f"{pending} writes pending")
+    written = await emulator_values(blynk_url)
+    wrong = {d: (v, written.get(d)) for d, v in newest.items() if written.get(d) != v}
+    if wrong:
+        raise SystemExit(f"{len(wrong)} devices' last value in Blynk is not their newest "
+                         f"uplink's, e.g. {list(wrong.items())[:3]}")
+    out["egress"]["messages"] = await emulator_messages(blynk_url)
+    return out
 
 
 def _cluster_port() -> int:
@@ -176,6 +271,7 @@ async def main(args: argparse.Namespace) -> None:
                                      "--dir", str(procs.dir)])
         wait_port(port, proc=proc)
         url1 = f"redis://127.0.0.1:{port}/0"
+        blynk_url = start_emulator(procs, args.devices)
         curl, cpids = start_cluster(procs)
         try:
             plan = [("1 Redis, 1 partition", url1, {"redis": proc.pid}, 1, False),
@@ -184,25 +280,34 @@ async def main(args: argparse.Namespace) -> None:
                     ("cluster 3 masters, 6 partitions", curl, cpids, 6, True)]
             for name, url, pids, parts, cluster in plan:
                 res = await run_one(procs, url, pids, parts, cluster, args.workers,
-                                    args.uplinks, args.devices)
-                print(f"{name}: {res['rate']:,.0f} uplinks/s", file=sys.stderr)
+                                    args.uplinks, args.devices, blynk_url)
+                print(f"{name}: " + ", ".join(f"{st} {res[st]['rate']:,.0f} uplinks/s"
+                                              for st in STAGES), file=sys.stderr)
                 results.append((name, res))
         finally:
             for pid in cpids.values():
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGTERM)
-    print(f"transform drain, {args.workers} worker(s): {args.uplinks:,} uplinks over "
-          f"{args.devices:,} devices")
+    print(f"transform drain, then egress drain into the Blynk emulator, {args.workers} "
+          f"worker(s) each: {args.uplinks:,} uplinks over {args.devices:,} devices")
     print(f"machine: {machine()}")
+    for name, res in results:
+        print(f"{name}: {res['egress']['messages'] / args.uplinks:.2f} Blynk messages per "
+              f"uplink (the rest coalesced)")
     rows = []
     for name, res in results:
-        per_node = res["redis_us"]
-        assert isinstance(per_node, dict)
-        rows.append([name, f"{res['rate']:,.0f}", f"{res['worker_us']:.1f}",
-                     f"{sum(per_node.values()):.1f}",
-                     " / ".join(f"{v:.1f}" for v in per_node.values())])
-    print(table(["setup", "uplinks/s", "worker CPU µs/uplink", "Redis CPU µs/uplink (sum)",
-                 "per node"], rows))
+        for st in STAGES:
+            per_node = res[st]["redis_us"]
+            rows.append([name, st, f"{res[st]['rate']:,.0f}", f"{res[st]['worker_us']:.1f}",
+                         f"{sum(per_node.values()):.1f}",
+                         " / ".join(f"{v:.1f}" for v in per_node.values()),
+                         f"{res[st]['load']:.1f}"])
+        total = {n: sum(res[st]["redis_us"][n] for st in STAGES) for n in res["egress"]["redis_us"]}
+        rows.append([name, "both", "", f"{sum(res[st]['worker_us'] for st in STAGES):.1f}",
+                     f"{sum(total.values()):.1f}",
+                     " / ".join(f"{v:.1f}" for v in total.values()), ""])
+    print(table(["setup", "stage", "uplinks/s", "worker CPU µs/uplink",
+                 "Redis CPU µs/uplink (sum)", "per node", "load"], rows))
 
 
 def cli() -> None:
@@ -212,11 +317,12 @@ def cli() -> None:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--worker")
     p.add_argument("--name")
+    p.add_argument("--stage", choices=STAGES, default="transform")
     a = p.parse_args()
     import uvloop
 
     if a.worker:
-        uvloop.run(worker(Path(a.worker).read_text(), a.name))
+        uvloop.run(worker(Path(a.worker).read_text(), a.name, a.stage))
     else:
         uvloop.run(main(a))
 

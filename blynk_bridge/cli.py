@@ -320,6 +320,17 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=_ops("cmd_devices"))
 
     p = with_config(sub.add_parser(
+        "migrate-to-cluster", help="copy a drained one-Redis deployment's registry rows and "
+        "last-written times to a Redis Cluster under the cluster layout's key names"))
+    p.add_argument("--from", dest="source", required=True, help="the one Redis: redis://…")
+    p.add_argument("--to", dest="target", required=True,
+                   help="the cluster: redis+cluster://host:port,…")
+    p.add_argument("--from-partitions", type=int, default=None,
+                   help="redis.partitions on the one Redis (default: the configuration's)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_module_cmd("migrate", "cmd_migrate"))
+
+    p = with_config(sub.add_parser(
         "tail", help="print stream entries as they arrive (takes no work from the stages)"))
     p.add_argument("stream", choices=["uplinks", "writes", "downlinks", "dead"])
     p.add_argument("--device", help="only entries of this source device (or Blynk name)")

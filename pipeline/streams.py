@@ -4,7 +4,8 @@ Contract (every stage relies on it):
 
 * :meth:`StreamWriter.add` returns only after ``XADD`` returned: once it has, the entry is in
   Redis. Concurrent ``add`` calls are group-committed into one pipeline (no added latency at low
-  load, one round trip per burst at high load).
+  load, one round trip per burst at high load); on a Redis Cluster, one group commit per
+  stream, so a stopped master holds up only the appends to its partitions.
 * :meth:`StreamReader.read` returns a batch of entries for this consumer, in this order of
   preference: its own pending entries (left by a crash or a retryable failure), entries idle past
   ``claim_idle_ms`` in other consumers' pending lists (``XAUTOCLAIM`` — dead consumers), then new
@@ -90,20 +91,34 @@ return ids
 
 
 class StreamWriter:
-    """Appends entries with pipelined ``XADD``; concurrent callers share one round trip."""
+    """Appends entries with pipelined ``XADD``; concurrent callers share one round trip.
+
+    On a Redis Cluster each stream (partition) has a group commit of its own, so a master that
+    does not answer holds up only the appends to its own partitions: one shared group commit
+    runs one batch at a time, and a batch waiting for that master would hold up every append
+    behind it."""
 
     def __init__(self, redis: Redis, *, max_batch: int = 1000) -> None:
         self._redis = redis
         self._append = redis.register_script(_APPEND)
+        self._max_batch = max_batch
         # Concurrent add() calls of one loop iteration share one add_many().
         self._adds: GroupCommit[tuple[str, bytes], str] = GroupCommit(
             self.add_many, max_batch=max_batch, name="stream-writer-flush")
+        self._per_stream: dict[str, GroupCommit[tuple[str, bytes], str]] | None = (
+            {} if isinstance(redis, RedisCluster) else None)
 
     def add(self, stream: str, data: bytes) -> Awaitable[str]:
         """Append one entry; awaiting it gives its id once ``XADD`` returned, or raises
         ``RedisError``. (A plain function returning the group commit's future: one coroutine
         less per webhook on ingest-http's hot path.)"""
-        return self._adds.submit((stream, data))
+        if self._per_stream is None:
+            return self._adds.submit((stream, data))
+        adds = self._per_stream.get(stream)
+        if adds is None:
+            adds = self._per_stream[stream] = GroupCommit(
+                self.add_many, max_batch=self._max_batch, name="stream-writer-flush")
+        return adds.submit((stream, data))
 
     async def add_many(self, items: Sequence[tuple[str, bytes]]) -> list[str]:
         """Append many entries (one Lua call per stream, pipelined); returns ids in order.
@@ -137,6 +152,8 @@ class StreamWriter:
     async def close(self) -> None:
         """Wait until every buffered entry was written."""
         await self._adds.close()
+        for adds in list((self._per_stream or {}).values()):
+            await adds.close()
 
 
 #: An entry to dead-letter: ``(entry, reason, detail)``.

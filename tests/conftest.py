@@ -6,7 +6,8 @@ run against a shared Redis without seeing each other.
 
 ``cluster_redis`` is the same on a local 3-master Redis Cluster, started once (idempotently) by
 ``scripts/services.sh --cluster`` the first time a test asks for it; the test is skipped, saying
-why, when the cluster cannot be started.
+why, when the cluster cannot be started. ``private_cluster`` is a 3-master cluster of the test's
+own, for tests that stop a master's process.
 
 A test marked ``cluster_too`` runs twice: ``[redis]`` on the one Redis and ``[cluster]`` with its
 ``redis`` fixture a ``RedisCluster`` client and its ``keys`` fixture the cluster key layout
@@ -16,12 +17,14 @@ cluster cannot be started.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -115,6 +118,49 @@ async def cluster_redis(cluster_url: str, prefix: str) -> AsyncIterator[Redis]:
     async for key in client.scan_iter(match=f"{prefix}*", count=1000):
         await client.delete(key)
     await client.aclose()
+
+
+def cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is free and valid too."""
+    while True:
+        port = free_port()
+        if port + 10000 <= 65535:
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port + 10000))
+                except OSError:
+                    continue
+            return port
+
+
+@pytest.fixture
+def private_cluster(tmp_path: Path) -> Iterator[tuple[str, dict[int, int]]]:
+    """A 3-master cluster of this test's own (free ports, its own directory): the URL and
+    port → pid of each node, so the test may stop one. Stopped (SIGTERM) afterwards."""
+    if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
+        pytest.skip("needs redis-server and redis-cli")
+    ports = [cluster_port() for _ in range(3)]
+    env = {**os.environ, "BB_CLUSTER_PORTS": " ".join(map(str, ports)),
+           "BB_CLUSTER_DIR": str(tmp_path / "cluster"),
+           # Longer than the test's stop, on a loaded machine: the master is stopped, not
+           # failed over (there are no replicas), and the others keep serving meanwhile.
+           "BB_CLUSTER_NODE_TIMEOUT_MS": "60000"}
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "services.sh"), "--cluster"],
+                          capture_output=True, text=True, timeout=180, env=env)
+    pids = {}
+    for p in ports:
+        pidfile = tmp_path / "cluster" / str(p) / "redis.pid"
+        if pidfile.exists():
+            pids[p] = int(pidfile.read_text())
+    try:
+        if done.returncode != 0:
+            pytest.skip(f"could not start a private cluster: {done.stderr.strip()}")
+        yield "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in ports), pids
+    finally:
+        for pid in pids.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+                os.kill(pid, signal.SIGTERM)
 
 
 @asynccontextmanager

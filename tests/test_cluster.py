@@ -9,24 +9,16 @@ The stages on the cluster (cluster key layout): ``tests/test_cluster_pipeline.py
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
-import shutil
 import signal
-import socket
-import subprocess
 from collections import Counter
-from collections.abc import Iterator
-from pathlib import Path
 
-import pytest
 from redis.exceptions import RedisError
 
 from pipeline import dedup
 from pipeline.backlog import by_node, snapshot
 from pipeline.keys import Keys
 from pipeline.streams import Redis, connect
-from tests.conftest import ROOT, free_port
 from tests.wait import wait_until
 
 WINDOW = 3600
@@ -160,49 +152,6 @@ async def test_lag_reports_each_partition_and_the_master_holding_it(cluster_redi
     assert sum(t.lag for t in totals.values()) == sum(range(1, 7))
     for node, t in totals.items():
         assert t.lag == sum(s.length for s in uplinks if s.node == node)
-
-
-def _cluster_port() -> int:
-    """A free port whose cluster bus port (port + 10000) is free and valid too."""
-    while True:
-        port = free_port()
-        if port + 10000 <= 65535:
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", port + 10000))
-                except OSError:
-                    continue
-            return port
-
-
-@pytest.fixture
-def private_cluster(tmp_path: Path) -> Iterator[tuple[str, dict[int, int]]]:
-    """A 3-master cluster of this test's own (free ports, its own directory): the URL and
-    port → pid of each node, so the test may stop one. Stopped (SIGTERM) afterwards."""
-    if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
-        pytest.skip("needs redis-server and redis-cli")
-    ports = [_cluster_port() for _ in range(3)]
-    env = {**os.environ, "BB_CLUSTER_PORTS": " ".join(map(str, ports)),
-           "BB_CLUSTER_DIR": str(tmp_path / "cluster"),
-           # Longer than the test's stop, on a loaded machine: the master is stopped, not
-           # failed over (there are no replicas), and the others keep serving meanwhile.
-           "BB_CLUSTER_NODE_TIMEOUT_MS": "60000"}
-    done = subprocess.run(["bash", str(ROOT / "scripts" / "services.sh"), "--cluster"],
-                          capture_output=True, text=True, timeout=180, env=env)
-    pids = {}
-    for p in ports:
-        pidfile = tmp_path / "cluster" / str(p) / "redis.pid"
-        if pidfile.exists():
-            pids[p] = int(pidfile.read_text())
-    try:
-        if done.returncode != 0:
-            pytest.skip(f"could not start a private cluster: {done.stderr.strip()}")
-        yield "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in ports), pids
-    finally:
-        for pid in pids.values():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGCONT)
-                os.kill(pid, signal.SIGTERM)
 
 
 async def test_a_stopped_master_delays_its_partitions_only_and_loses_nothing(

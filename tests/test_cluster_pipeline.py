@@ -1,6 +1,7 @@
-"""The transform stage on the real 3-master Redis Cluster (cluster key layout, 3 partitions)
-while one partition's slot moves between masters: every uplink appended is written once it
-is over, none is left pending, and nothing is dead-lettered.
+"""The stages on a real 3-master Redis Cluster (cluster key layout): transform while one
+partition's slot moves between masters (every uplink appended is written once it is over, none
+is left pending, nothing is dead-lettered), and ingest-http → transform → egress → Blynk while
+one master's process is stopped (what waits, what is refused, that nothing is lost).
 
 Appends and batch commits caught between the two masters (``TRYAGAIN``/``ASK`` on a key
 already moved) fail as a whole and are retried, as ingest and the consume loop retry them.
@@ -10,18 +11,31 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
 
 import pytest
 from redis.exceptions import RedisError
 
+from emulators.blynk import DatastreamSpec, DeviceSpec
 from pipeline import config as config_mod
 from pipeline import events
 from pipeline.context import Context
 from pipeline.events import Uplink
-from pipeline.keys import GROUP_TRANSFORM, UPLINKS, WRITES, Keys
+from pipeline.keys import GROUP_EGRESS, GROUP_TRANSFORM, UPLINKS, WRITES, Keys
 from pipeline.streams import Redis, StreamWriter
+from tests.conftest import free_port
+from tests.rig import (
+    blynk_spec,
+    parse_config,
+    run_bridge,
+    serve_blynk,
+    switch_template,
+    tts_uplink_body,
+)
 from tests.test_cluster import _move_slot, _port
 from tests.wait import wait_until
+from workers import egress, ingest_http, transform
 from workers.transform import TransformStage
 
 DEVICES = [f"dev-{i}" for i in range(12)]
@@ -132,3 +146,119 @@ async def test_transform_loses_nothing_while_a_partition_slot_moves(
     print(f"slot {slot}: {moved} keys moved {source} -> {target}; {len(appended)} uplinks, "
           f"{len(written) - len(set(written))} written twice, appends retried {retried}, "
           f"batches retried {caplog.text.count('batch left pending')}")
+
+
+# ---- a stopped master -----------------------------------------------------------------------
+
+#: How long the master stays stopped: "a few seconds", well below both the private cluster's
+#: ``cluster-node-timeout`` (60 s: with no replicas, a master down past it marks the cluster
+#: failed, every master then refusing with ``CLUSTERDOWN``; ``scripts/services.sh``'s default of
+#: 5 s would allow a stop of ~4 s) and redis-py's cluster socket timeout (5 s, retried), past
+#: which a waiting append fails and ingest answers 503 ``redis_unavailable``.
+STOP_S = 3.0
+
+STOPPED_CONFIG = """
+redis: {{url: "{url}", prefix: "{prefix}", partitions: 6}}
+streams: {{block_ms: 100}}
+blynk: {{servers: {{fra1: "{blynk_url}"}}, default_server: fra1}}
+ingest_http: {{host: 127.0.0.1, port: {port}}}
+templates:
+  - name: t
+    datastreams: [{{name: n, pin: V1, type: integer}}]
+tts:
+  - {{name: app, app_id: a, template: t, webhook_auth: none}}
+devices:
+"""
+
+
+def _token(i: int) -> str:
+    return f"TOK{i:029d}"
+
+
+async def test_a_stopped_master_delays_uplinks_refuses_none_and_loses_none(
+        private_cluster: tuple[str, dict[int, int]], prefix: str) -> None:
+    """ingest-http → transform → egress → the Blynk emulator on a private 3-master cluster, 6
+    partitions; one master's process is stopped (SIGSTOP) for :data:`STOP_S`.
+
+    What is delayed: an uplink of a partition on the stopped master is not answered (its
+    ``XADD`` waits) and not written to Blynk until the master runs again; ingest-http answers
+    the other masters' uplinks meanwhile (a group commit per stream). Their way to Blynk waits
+    too today (printed, not asserted): the readers gather their per-partition reads and egress
+    pipelines its scripts across masters. What is refused: nothing, within redis-py's socket
+    timeout — every uplink is answered 200, the held ones once the master is back. What is
+    lost: nothing — every uplink reaches Blynk, nothing is dead-lettered or left pending."""
+    url, pids = private_cluster
+    spec = blynk_spec([switch_template("TMPL1", "T", DatastreamSpec(
+        id=1, pin="V1", name="n", type="integer"))], [
+        DeviceSpec(name=d, token=_token(i), template="TMPL1", id=i + 1)
+        for i, d in enumerate(DEVICES)])
+    async with serve_blynk(spec) as (_, blynk_url):
+        rows = "".join(f"  - {{source: tts, integration: app, device: {d}, "
+                       f"token: {_token(i)}, template: t}}\n" for i, d in enumerate(DEVICES))
+        cfg = parse_config(STOPPED_CONFIG.format(url=url, prefix=prefix, blynk_url=blynk_url,
+                                                 port=free_port()) + rows)
+        keys = cfg.redis.keys()
+        async with run_bridge(cfg, (ingest_http, transform, egress)) as bridge:
+            redis = bridge.ctx.redis
+            node = {d: _port(redis.get_node_from_key(  # type: ignore[attr-defined]
+                keys.stream_for(UPLINKS, "tts", d)).name) for d in DEVICES}
+            stopped = node[DEVICES[0]]
+            held = [d for d in DEVICES if node[d] == stopped]
+            assert len(set(node.values())) == 3, node  # 6 partitions spread over 3 masters
+
+            async def post(device: str, n: int) -> int:
+                async with bridge.http.post(
+                        f"{bridge.ingest_url}/tts/app",
+                        data=tts_uplink_body("a", device, n, {"n": n}),
+                        headers={"Content-Type": "application/json"}) as resp:
+                    return resp.status
+
+            async def in_blynk() -> dict[str, int]:
+                async with bridge.http.get(f"{blynk_url}/_admin/devices") as resp:
+                    state = await resp.json()
+                return {d["name"]: d["values"]["v1"]["value"] for d in state
+                        if "v1" in d["values"]}
+
+            async def all_at(n: int) -> bool:
+                return await in_blynk() == dict.fromkeys(DEVICES, n)
+
+            # First uplinks before the stop: scripts loaded on every master, connections open.
+            assert await asyncio.gather(*(post(d, 1) for d in DEVICES)) == [200] * len(DEVICES)
+            await wait_until(lambda: all_at(1), what="the first uplinks in Blynk")
+
+            os.kill(pids[stopped], signal.SIGSTOP)
+            stopped_at = asyncio.get_running_loop().time()
+            try:
+                posts = {d: asyncio.create_task(post(d, 2)) for d in DEVICES}
+                # The other masters' partitions take their uplinks meanwhile...
+                await wait_until(lambda: all(posts[d].done() for d in DEVICES if d not in held),
+                                 timeout_s=2 * STOP_S, what="the other masters' uplinks")
+                rest = STOP_S - (asyncio.get_running_loop().time() - stopped_at)
+                await asyncio.sleep(max(rest, 0))  # the outage's length, not a synchronization
+                answered = sorted(d for d, t in posts.items() if t.done())
+                during = await in_blynk()
+            finally:
+                os.kill(pids[stopped], signal.SIGCONT)
+            # ...while the stopped master's wait: not answered, not written to Blynk.
+            assert sorted(set(DEVICES) - set(held)) == answered
+            assert [posts[d].result() for d in answered] == [200] * len(answered)
+            assert all(during[d] == 1 for d in held), during
+            print(f"master {stopped} stopped {STOP_S} s, holding {held}: in Blynk meanwhile "
+                  f"{sorted(d for d in DEVICES if during[d] == 2)}")
+
+            statuses = await asyncio.gather(*posts.values())
+            assert statuses == [200] * len(DEVICES)  # nothing refused
+            await wait_until(lambda: all_at(2), what="every uplink in Blynk after the stop")
+            # Nothing lost, nothing dead, nothing pending; one write per uplink.
+            written = await _written(redis, keys)
+            assert len(written) == len(set(written)) == 2 * len(DEVICES)
+            for stream in keys.dead_streams():
+                assert await redis.xlen(stream) == 0
+            for stream in keys.streams(UPLINKS):
+                assert int((await redis.xpending(stream, GROUP_TRANSFORM))["pending"]) == 0
+
+            async def egress_done() -> bool:
+                return all([int((await redis.xpending(s, GROUP_EGRESS))["pending"]) == 0
+                            for s in keys.streams(WRITES)])
+
+            await wait_until(egress_done, what="egress acknowledged every write")

@@ -20,7 +20,7 @@ from prometheus_client.metrics import MetricWrapperBase
 from blynk_bridge.cli import EMULATORS, STAGES
 from pipeline import config as config_mod
 from pipeline import metrics
-from pipeline.keys import GROUP_EGRESS, GROUP_TRANSFORM, UPLINKS, WRITES, Keys
+from pipeline.keys import GROUP_EGRESS, GROUP_TRANSFORM
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG_IN_CONTAINER = "/etc/blynk-bridge/bridge.yaml"
@@ -220,21 +220,26 @@ def test_liveness_probes_ask_the_event_loop() -> None:
         assert probe["port"] in ports
 
 
-def test_keda_scales_transform_and_egress_on_their_groups_lag() -> None:
+def test_keda_scales_transform_and_egress_on_their_groups_lag_summed_over_partitions() -> None:
     docs = list(yaml.safe_load_all((ROOT / "deploy" / "keda-scaledobject.yaml").read_text()))
     scaled = {d["spec"]["scaleTargetRef"]["name"]: d for d in docs if d["kind"] == "ScaledObject"}
-    keys = Keys()
-    expected = {
-        "blynk-bridge-transform": (keys.stream(UPLINKS), GROUP_TRANSFORM),
-        "blynk-bridge-egress": (keys.stream(WRITES), GROUP_EGRESS),
-    }
+    expected = {"blynk-bridge-transform": GROUP_TRANSFORM, "blynk-bridge-egress": GROUP_EGRESS}
     assert set(scaled) == set(expected)
-    for target, (stream, group) in expected.items():
+    for target, group in expected.items():
         (trigger,) = scaled[target]["spec"]["triggers"]
-        assert trigger["type"] == "redis-streams"
+        assert trigger["type"] == "prometheus"
         meta = trigger["metadata"]
-        assert (meta["stream"], meta["consumerGroup"]) == (stream, group)
-        assert int(meta["lagCount"]) > 0
+        query = meta["query"]
+        # The per-stream lag the monitor exports, one series per partition, summed.
+        assert query.startswith("sum(")
+        (metric,) = set(re.findall(r"\bbb_[a-z_]+", query))
+        assert metric == "bb_stream_lag" and metric in _metric_names()
+        known = _labels_of(metric)
+        assert {"stream", "group"} <= known
+        assert re.findall(r"\b([a-z_]+)=\"([^\"]*)\"", query) == [("group", group)]
+        assert {label.strip() for by in re.findall(r"\bby \(([^)]*)\)", query)
+                for label in by.split(",")} <= known
+        assert int(meta["threshold"]) > 0
 
 
 def test_k8s_example_has_a_deployment_per_stage_and_a_valid_config(tmp_path: Path) -> None:

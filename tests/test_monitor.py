@@ -206,6 +206,30 @@ async def test_partitions_are_each_sampled_and_trimmed(redis: Redis, prefix: str
     assert all(removed[k] == 2 for k in keys.streams(UPLINKS))
 
 
+async def test_lag_is_a_gauge_per_partition_and_per_node_summing_to_the_total(
+        redis: Redis, prefix: str, keys: Keys) -> None:
+    """What dashboards and the KEDA example (``deploy/keda-scaledobject.yaml``: the sum of
+    ``bb_stream_lag`` of a group) read: one series per partition, and per Redis node."""
+    keys = Keys(prefix, partitions=6, cluster=keys.cluster)
+    for p, key in enumerate(keys.streams(UPLINKS)):
+        await _fill(redis, key, p + 1)
+        await redis.xgroup_create(key, "transform", id="0")
+
+    streams = await _stage(redis, keys).sample_once()
+
+    lags = [_gauge("bb_stream_lag", stream=keys.label(k), group="transform")
+            for k in keys.streams(UPLINKS)]
+    assert lags == [1, 2, 3, 4, 5, 6]
+    nodes = {s.node for s in streams if s.key in keys.streams(UPLINKS)}
+    if keys.cluster:
+        assert len(nodes) >= 2  # the partitions spread over the masters
+    per_node = {n: _gauge("bb_node_lag", node=n, group="transform") for n in nodes}
+    for node, lag in per_node.items():
+        assert lag == sum(s.length for s in streams
+                          if s.node == node and s.key in keys.streams(UPLINKS))
+    assert sum(v or 0 for v in per_node.values()) == 21
+
+
 async def test_main_loop_samples_until_stopped(redis: Redis, keys: Keys) -> None:
     up = keys.stream(UPLINKS)
     await _fill(redis, up, 7)

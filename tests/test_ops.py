@@ -30,11 +30,13 @@ WINDOW = 3600
 
 
 def write_config(tmp_path: Path, keys: Keys, extra: str = "", url: str = REDIS_URL) -> str:
-    """A bridge.yaml for the operator commands: the test's Redis (``url``) and prefix, one
-    ``sensor`` template (V1 temperature), then ``extra`` YAML; returns its path."""
+    """A bridge.yaml for the operator commands: the test's Redis (``url``), prefix and
+    partitions, one ``sensor`` template (V1 temperature), then ``extra`` YAML; returns its
+    path."""
     path = tmp_path / "bridge.yaml"
     path.write_text(
         f"redis:\n  url: '{url}'\n  prefix: '{keys.prefix}'\n"
+        f"  partitions: {keys.partitions}\n"
         "templates:\n  - name: sensor\n    datastreams:\n"
         "      - {name: temperature, pin: V1, type: double}\n" + extra
     )
@@ -133,6 +135,37 @@ async def test_lag_lists_every_stream_and_group(
     nodes = {(r["node"], r["group"]): r for r in json.loads(capsys.readouterr().out)["nodes"]}
     assert set(nodes) == {(node, g) for g in ("transform", "audit", "egress")}
     assert (nodes[(node, "transform")]["lag"], nodes[(node, "transform")]["pending"]) == (3, 2)
+
+
+async def test_lag_reports_each_partition_and_sums_them_per_node(
+    redis: Redis, keys: Keys, tmp_path: Path, backend: str, request: pytest.FixtureRequest,
+    capsys: pytest.CaptureFixture[str]
+) -> None:
+    keys = Keys(keys.prefix, partitions=6, cluster=keys.cluster)
+    url = request.getfixturevalue("cluster_url") if backend == "cluster" else REDIS_URL
+    config_file = write_config(tmp_path, keys, url=url)
+    for p, stream in enumerate(keys.streams(UPLINKS)):
+        for _ in range(p + 1):
+            await redis.xadd(stream, {b"d": b"x"})
+        await redis.xgroup_create(stream, "transform", id="0")
+
+    assert await _cli("lag", "-c", config_file, "--json") == 0
+    rows = {r["key"]: r for r in json.loads(capsys.readouterr().out)["streams"]}
+    uplinks = [rows[s] for s in keys.streams(UPLINKS)]
+    assert [r["partition"] for r in uplinks] == list(range(6))
+    assert [r["groups"][0]["lag"] for r in uplinks] == [1, 2, 3, 4, 5, 6]
+    if keys.cluster:  # each partition on the master holding its slot, spread over them
+        assert [r["node"] for r in uplinks] == [
+            redis.get_node_from_key(s).name  # type: ignore[attr-defined]
+            for s in keys.streams(UPLINKS)]
+        assert len({r["node"] for r in uplinks}) >= 2
+
+    assert await _cli("lag", "-c", config_file, "--json", "--nodes") == 0
+    nodes = [r for r in json.loads(capsys.readouterr().out)["nodes"] if r["group"] == "transform"]
+    assert {r["node"] for r in nodes} == {r["node"] for r in uplinks}
+    for row in nodes:
+        assert row["lag"] == sum(r["length"] for r in uplinks if r["node"] == row["node"])
+    assert sum(r["lag"] for r in nodes) == 21
 
 
 async def test_status_shows_integrations_and_unmapped_keys(
