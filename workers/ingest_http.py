@@ -1005,7 +1005,8 @@ class Stored:
     (~2 µs of ~70 per webhook, ``bench/ingest_http.py``). The bytes go through the request's own
     writer (``write_eof``), which refuses a closing transport and waits while the client does
     not read (backpressure), as for any aiohttp response. The headers are those aiohttp would
-    send: ``Content-Length: 0``, ``Date``, ``Server``.
+    send: ``Content-Length: 0``, ``Date``, ``Server``. (aiohttp's access log, which would read
+    a response's status and headers, is off: :meth:`IngestHttp.serve`.)
     """
 
     __slots__ = ("_head",)
@@ -1030,7 +1031,10 @@ Answer = web.StreamResponse | Stored
 
 def _stored(request: web.BaseRequest, entry_id: str, event_id: str | None) -> Answer:
     """``200`` for an entry in Redis: ``entry_id`` is Redis's (digits and a dash), ``event_id``
-    is header-safe (the caller checked) or ``None`` (not sent)."""
+    is header-safe or ``None`` (not sent). Nothing here checks header values as aiohttp's
+    writer would: Particle and Blynk event ids are safe by construction
+    (:func:`pipeline.ids.event_id`, :func:`pipeline.blynk_webhook.event_id`), a TTS one is
+    checked by the caller (:data:`_HEADER_SAFE`)."""
     if not request.keep_alive or request.version != HttpVersion11:
         # aiohttp decides the Connection header of the rare HTTP/1.0 or closing request.
         headers = {"X-Entry-Id": entry_id}
