@@ -573,6 +573,52 @@ async def test_graceful_stop_finishes_in_flight_requests(redis: Redis, prefix: s
     assert gc.get_threshold() == threshold  # restored at stop
 
 
+async def _answer(reader: asyncio.StreamReader) -> tuple[bytes, dict[str, str]]:
+    """Status line and headers of one answer with an empty body (read off a raw connection)."""
+    head = await within(reader.readuntil(b"\r\n\r\n"))
+    status, *lines = head[:-4].split(b"\r\n")
+    fields = dict(line.decode().split(": ", 1) for line in lines)
+    return status, fields
+
+
+async def test_accepted_answer_on_raw_connections(url: str, redis: Redis, keys: Keys) -> None:
+    """The 200 of a stored webhook, as bytes on the wire: keep-alive HTTP/1.1 answers carry
+    the ids, an empty body and aiohttp's usual headers, and the connection serves the next
+    request; HTTP/1.0 and ``Connection: close`` requests get 200 and a closed connection."""
+    host, port = url.removeprefix("http://").split(":")
+
+    def request(version: bytes, i: int, extra: bytes = b"") -> bytes:
+        body = b'{"coreid":"e00fce68aa","data":"%d","event":"t"}' % i
+        return (b"POST /particle/tempmon " + version + b"\r\nHost: x\r\n" + extra
+                + b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+                + body)
+
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        for i in range(3):  # one keep-alive connection, one request after the other
+            writer.write(request(b"HTTP/1.1", i))
+            status, fields = await _answer(reader)
+            assert status == b"HTTP/1.1 200 OK"
+            assert set(fields) == {"X-Entry-Id", "X-Event-Id", "Content-Length", "Date",
+                                   "Server"}
+            assert fields["Content-Length"] == "0"
+            assert fields["Date"].endswith(" GMT") and "aiohttp" in fields["Server"]
+            up = await stored(redis, keys, fields["X-Entry-Id"])
+            assert (up.event_id, up.values) == (fields["X-Event-Id"], {"t": str(i)})
+    finally:
+        writer.close()
+    for version, extra in ((b"HTTP/1.0", b""), (b"HTTP/1.1", b"Connection: close\r\n")):
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            writer.write(request(version, 9, extra))
+            status, fields = await _answer(reader)
+            assert status.split(b" ", 1)[1] == b"200 OK", version
+            await stored(redis, keys, fields["X-Entry-Id"])
+            assert await within(reader.read()) == b""  # closed by the server
+        finally:
+            writer.close()
+
+
 async def test_routing_without_a_router(url: str, http: aiohttp.ClientSession) -> None:
     """The dict dispatch answers as aiohttp's router did: 404 for no route, 405 with Allow."""
     for path in ("/particle/", "/particle/tempmon/extra", "/tts/", "/", "/healthz/x"):

@@ -350,6 +350,54 @@ def test_default_fast_path_matches_the_general_path(
     assert run(lambda: parse_webhook(body, JSON, product, received_ts_ms=RECEIVED)) == general
 
 
+_keys = st.sampled_from(["event", "data", "published_at", "coreid", "userid", "fw_version",
+                         "public", "version", "v1", "ev\\u0065nt"])
+_values = st.one_of(_field, _data, st.sampled_from(["2026-01-01T00:00:05.005Z", "e00fce68",
+                                                    '{"temp":1.5}', "&amp;"]),
+                    st.lists(_plain, max_size=2), st.dictionaries(st.just("x"), _plain))
+
+
+@settings(max_examples=400, deadline=None)
+@given(pairs=st.lists(st.tuples(_keys, _values), max_size=9),
+       envelope=st.booleans(), product_id=st.sampled_from([None, "30301"]))
+def test_typed_default_decode_matches_the_dict_path(
+    pairs: list[tuple[str, Any]], envelope: bool, product_id: str | None,
+) -> None:
+    """The typed decode of Particle's default JSON body (msgspec Struct) gives the Uplink the
+    dict path gives, or hands the body on (None): on raw JSON text with repeated and escaped
+    keys, which a dict cannot produce."""
+    if envelope:
+        pairs = [("event", "sensor"), ("data", '{"temp":18.5}'), ("coreid", "e00fce68"),
+                 ("published_at", "2026-01-01T00:00:05.005Z"), *pairs]
+    # Keys written as they are: "ev\\u0065nt" is JSON's escape of "event".
+    body = b"{" + b",".join(b'"%s":%s' % (k.encode(), msgspec.json.encode(v))
+                            for k, v in pairs) + b"}"
+    product = ParticleProduct(name="p", product_id=product_id, html_unescape=False)
+
+    def run(fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except InvalidInput as exc:
+            return ("error", exc.reason, exc.field)
+
+    typed = run(lambda: particle._typed_default_uplink(body, product, RECEIVED))
+    fields = msgspec.json.decode(body)
+    if typed is not None:
+        assert typed == run(lambda: particle._default_uplink(dict(fields), product, RECEIVED))
+        assert typed == run(lambda: particle._uplink(dict(fields), product, RECEIVED))
+    general = run(lambda: particle._uplink(dict(fields), product, RECEIVED))
+    assert run(lambda: parse_webhook(body, JSON, product, received_ts_ms=RECEIVED)) == general
+
+
+def test_default_webhook_takes_the_typed_path() -> None:
+    body = (b'{"event":"sensor","data":"{\\"temp\\":18.5,\\"hum\\":25}","published_at":'
+            b'"2026-01-01T00:00:05.005Z","coreid":"' + DEV.encode() + b'","userid":"u1",'
+            b'"fw_version":6,"public":false}')
+    typed = particle._typed_default_uplink(body, PRODUCT, RECEIVED)
+    assert typed is not None and typed.values == {"temp": 18.5, "hum": 25}
+    assert typed == particle._uplink(msgspec.json.decode(body), PRODUCT, RECEIVED)
+
+
 def test_default_webhook_takes_the_fast_path() -> None:
     fields = {"event": "sensor", "data": '{"temp":18.5,"hum":25}', "coreid": DEV,
               "published_at": "2026-01-01T00:00:05.005Z", "userid": "u1", "fw_version": 6,
