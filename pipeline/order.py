@@ -41,72 +41,93 @@ Redis errors propagate (``RedisError``); callers treat them as retryable.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import msgspec
 
 from pipeline.echo import RECORD_LUA as ECHO_RECORD_LUA
 from pipeline.keys import Keys
-from pipeline.ratelimit import GCRA_TAKE_LUA, RateLimiter
+from pipeline.ratelimit import GCRA_LUA, RateLimiter
 from pipeline.streams import Redis
 
-LEASE_FIELD = "~lease"
 _pack = msgspec.msgpack.Encoder().encode
+_unpack = msgspec.msgpack.Decoder().decode
 DEFAULT_TTL_MS = 31 * 24 * 3600 * 1000
 
-# KEYS[1] = last-written hash; ARGV = owner, lease ms, ttl ms, pins...
-_CLAIM = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local lease = redis.call('HGET', KEYS[1], '~lease')
-if lease then
-  local sep = string.find(lease, '|', 1, true)
-  local expires = tonumber(string.sub(lease, 1, sep - 1))
-  if string.sub(lease, sep + 1) ~= ARGV[1] and expires > now then
-    return {0, tostring(expires - now)}
+# Scripts take their arguments as one msgpack blob (ARGV[1]): redis-py packs each argument in
+# Python, msgpack packs a whole flush's values in C.
+#
+# A device's record (keys.last_written) is one msgpack string [lease expires ms, lease owner
+# ('' = free), rate-limit TAT µs, {pin: event ms}]: one GET and one SET per script and device,
+# whatever the number of pins (a hash field per pin cost two hash commands per pin and write).
+_RECORD = """
+local function load(key)
+  local rec = redis.call('GET', key)
+  if rec then
+    local r = cmsgpack.unpack(rec)
+    return r[1], r[2], r[3], r[4]
   end
+  return 0, '', 0, {}
 end
-local expires = string.format('%.0f', now + tonumber(ARGV[2]))
-redis.call('HSET', KEYS[1], '~lease', expires .. '|' .. ARGV[1])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-local out = {1}
-for i = 4, #ARGV do
-  out[#out + 1] = redis.call('HGET', KEYS[1], ARGV[i]) or ''
+local function store(key, expires, holder, tat, pins, ttl)
+  redis.call('SET', key, cmsgpack.pack({expires, holder, tat, pins}), 'PX', ttl)
+end
+local function clock()
+  local t = redis.call('TIME')
+  local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  return now_us, math.floor(now_us / 1000)
+end
+"""
+
+# KEYS = records; ARGV[1] = msgpack [owner, lease ms, ttl ms, [[pin, ...] per device]].
+# Per device: {0, busy ms} another owner's live lease, else {1, last...} (false = never written).
+_CLAIM = _RECORD + """
+local _, now = clock()
+local p = cmsgpack.unpack(ARGV[1])
+local owner, lease_ms, ttl, asked = p[1], p[2], p[3], p[4]
+local out = {}
+for d = 1, #asked do
+  local expires, holder, tat, pins = load(KEYS[d])
+  if holder ~= owner and holder ~= '' and expires > now then
+    out[d] = {0, expires - now}
+  else
+    store(KEYS[d], now + lease_ms, owner, tat, pins, ttl)
+    local reply = {1}
+    for i, pin in ipairs(asked[d]) do
+      reply[i + 1] = pins[pin] or false
+    end
+    out[d] = reply
+  end
 end
 return out
 """
 
-# Per-flush scripts take their arguments as one msgpack blob (ARGV[1]): redis-py packs each
-# argument in Python, msgpack packs a whole flush's values in C.
-
-# KEYS = last-written hashes, then streams; ARGV[1] = msgpack [owner, ttl ms, group,
-# [[pin, event ms, ...] per hash], [[entry id, ...] per stream]] (XACKed in the same call)
-_COMMIT = """
+# KEYS = records, then streams; ARGV[1] = msgpack [owner, ttl ms, group,
+# [[pin, event ms, ...] per record], [[entry id, ...] per stream]] (XACKed in the same call).
+# Per record: 1 when the lease was this owner's (it is released), else 0.
+_COMMIT = _RECORD + """
 local p = cmsgpack.unpack(ARGV[1])
 local owner, ttl, group, writes, acks = p[1], p[2], p[3], p[4], p[5]
 local out = {}
 for d = 1, #writes do
-  local lw, w = KEYS[d], writes[d]
+  local key, w = KEYS[d], writes[d]
+  local expires, holder, tat, pins = load(key)
+  local changed = false
   for i = 1, #w, 2 do
-    local last = tonumber(redis.call('HGET', lw, w[i]) or '-1')
-    if w[i + 1] > last then
-      redis.call('HSET', lw, w[i], string.format('%.0f', w[i + 1]))
+    local last = pins[w[i]]
+    if not last or w[i + 1] > last then
+      pins[w[i]] = w[i + 1]
+      changed = true
     end
   end
-  local held = 0
-  local lease = redis.call('HGET', lw, '~lease')
-  if lease then
-    local sep = string.find(lease, '|', 1, true)
-    if string.sub(lease, sep + 1) == owner then
-      redis.call('HDEL', lw, '~lease')
-      held = 1
-    end
+  out[d] = 0
+  if holder == owner then
+    expires, holder, changed = 0, '', true
+    out[d] = 1
   end
-  if #w > 0 then
-    redis.call('PEXPIRE', lw, ttl)
-  end
-  out[d] = held
+  if changed then store(key, expires, holder, tat, pins, ttl) end
 end
 for s = 1, #acks do
   local ids = acks[s]
@@ -117,60 +138,45 @@ end
 return out
 """
 
-# KEYS = last-written hash, rate key for each device, then the echo lists of every device in
-# order; ARGV[1] = msgpack [owner, lease ms, ttl ms, rate interval µs, burst,
-# [[pin, newest event ms, ...] per device], echo window ms, [[echo item, ...] per device]]:
-# a granted device's echo items are recorded (pipeline.echo) before its write is sent.
+# KEYS = records, then the echo lists of every device in order; ARGV[1] = msgpack [owner,
+# lease ms, ttl ms, rate interval µs, burst, [[pin, newest event ms, ...] per device], echo
+# window ms, [[echo item, ...] per device]]: a granted device's echo items are recorded
+# (pipeline.echo) before its write is sent.
 # Per device: {3} every value older than recorded (stale: nothing taken), {0, busy ms} another
 # owner's live lease, {2, wait µs} rate-limited (nothing taken), {1, last...} lease and one
-# rate slot taken, last written time per pin ('' = never written).
-_PREPARE = GCRA_TAKE_LUA + ECHO_RECORD_LUA + """
-local t = redis.call('TIME')
-local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local now = math.floor(now_us / 1000)
+# rate slot taken, last written time per pin (false = never written).
+_PREPARE = _RECORD + GCRA_LUA + ECHO_RECORD_LUA + """
+local now_us, now = clock()
 local p = cmsgpack.unpack(ARGV[1])
 local owner, lease_ms, ttl, interval, burst, devices = p[1], p[2], p[3], p[4], p[5], p[6]
 local echo_window, echoes = p[7], p[8]
-local echo_key = 2 * #devices
+local echo_key = #devices
 local out = {}
 for d = 1, #devices do
-  local lw, w = KEYS[2 * d - 1], devices[d]
-  local n = #w / 2
-  local fields = {'~lease'}
-  for i = 1, n do
-    fields[i + 1] = w[2 * i - 1]
-  end
-  local got = redis.call('HMGET', lw, unpack(fields))
+  local key, w = KEYS[d], devices[d]
+  local expires, holder, tat, pins = load(key)
   local reply = {1}
   local newer = false
-  for i = 1, n do
-    local last = got[i + 1]
+  for i = 1, #w / 2 do
+    local last = pins[w[2 * i - 1]]
     if last then
       reply[i + 1] = last
-      if w[2 * i] >= tonumber(last) then newer = true end
+      if w[2 * i] >= last then newer = true end
     else
-      reply[i + 1] = ''
+      reply[i + 1] = false
       newer = true
     end
   end
-  local lease = got[1]
-  local busy = 0
-  if lease then
-    local sep = string.find(lease, '|', 1, true)
-    local expires = tonumber(string.sub(lease, 1, sep - 1))
-    if string.sub(lease, sep + 1) ~= owner and expires > now then busy = expires - now end
-  end
   if not newer then
     out[d] = {3}
-  elseif busy > 0 then
-    out[d] = {0, busy}
+  elseif holder ~= owner and holder ~= '' and expires > now then
+    out[d] = {0, expires - now}
   else
-    local wait = gcra_take(KEYS[2 * d], now_us, interval, burst, 1)
+    local wait, new_tat = gcra(tat, now_us, interval, burst, 1)
     if wait > 0 then
       out[d] = {2, wait}
     else
-      redis.call('HSET', lw, '~lease', string.format('%.0f', now + lease_ms) .. '|' .. owner)
-      redis.call('PEXPIRE', lw, ttl)
+      store(key, now + lease_ms, owner, new_tat, pins, ttl)
       if echoes then
         for i, item in ipairs(echoes[d]) do
           echo_record(KEYS[echo_key + i], item, echo_window)
@@ -182,6 +188,37 @@ for d = 1, #devices do
   if echoes then echo_key = echo_key + #echoes[d] end
 end
 return out
+"""
+
+# KEYS = records (one per request asked, repeats allowed); ARGV[1] = msgpack [interval µs,
+# burst, ttl ms]. Per key: 0 (a request granted and counted) or µs to wait (nothing counted).
+_TAKE = _RECORD + GCRA_LUA + """
+local now_us = clock()
+local p = cmsgpack.unpack(ARGV[1])
+local interval, burst, ttl = p[1], p[2], p[3]
+local out = {}
+for d = 1, #KEYS do
+  local expires, holder, tat, pins = load(KEYS[d])
+  local wait, new_tat = gcra(tat, now_us, interval, burst, 1)
+  if wait == 0 then store(KEYS[d], expires, holder, new_tat, pins, ttl) end
+  out[d] = wait
+end
+return out
+"""
+
+# KEYS = records; ARGV[1] = msgpack [ttl ms, [µs from now before the device's next request,
+# per record]].
+_DEFER = _RECORD + """
+local now_us = clock()
+local p = cmsgpack.unpack(ARGV[1])
+local ttl, delays = p[1], p[2]
+for d = 1, #KEYS do
+  local expires, holder, tat, pins = load(KEYS[d])
+  if tat < now_us + delays[d] then
+    store(KEYS[d], expires, holder, now_us + delays[d], pins, ttl)
+  end
+end
+return 0
 """
 
 
@@ -204,7 +241,7 @@ class Claim:
 
 
 class LastWritten:
-    """Last written event time per device/pin, and the per-device in-flight lease."""
+    """Last written event time per device/pin, the per-device in-flight lease and rate limit."""
 
     def __init__(
         self,
@@ -223,6 +260,34 @@ class LastWritten:
         self._claim = redis.register_script(_CLAIM)
         self._commit = redis.register_script(_COMMIT)
         self._prepare = redis.register_script(_PREPARE)
+        self._take = redis.register_script(_TAKE)
+        self._defer = redis.register_script(_DEFER)
+
+    @property
+    def _ttl(self) -> int:
+        """How long a record lives after its last write or lease (at least one lease)."""
+        return max(self.ttl_ms, self.lease_ms)
+
+    async def _per_partition(self, script: Any, device_keys: Sequence[str],
+                             call: Callable[[list[int]], tuple[list[str], list[bytes]]]
+                             ) -> list[Any]:
+        """One reply per device of ``script``: one call for all of them (one Redis), or one call
+        per partition, pipelined (cluster layout: each call in its partition's slot).
+        ``call(indices)`` gives the keys and arguments of the call for those devices."""
+        if not self._keys.cluster:
+            return list(await script(*call(list(range(len(device_keys))))))
+        parts: dict[int, list[int]] = {}
+        for i, device_key in enumerate(device_keys):
+            parts.setdefault(self._keys.partition_of_device_key(device_key), []).append(i)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for idx in parts.values():
+                await script(*call(idx), client=pipe)
+            got = await pipe.execute()
+        replies: list[Any] = [None] * len(device_keys)
+        for idx, reply in zip(parts.values(), got, strict=True):
+            for i, r in zip(idx, reply, strict=True):
+                replies[i] = r
+        return replies
 
     async def claim(self, devices: Sequence[tuple[str, Sequence[str]]]) -> list[Claim]:
         """Take the lease of each ``(device_key, pins)`` and read its pins (one round trip).
@@ -231,20 +296,20 @@ class LastWritten:
         """
         if not devices:
             return []
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for device_key, pins in devices:
-                await self._claim(
-                    keys=[self._keys.last_written(device_key)],
-                    args=[self.owner, self.lease_ms, max(self.ttl_ms, self.lease_ms), *pins],
-                    client=pipe,
-                )
-            replies = await pipe.execute()
+        lw = self._keys.last_written
+
+        def call(idx: list[int]) -> tuple[list[str], list[bytes]]:
+            return ([lw(devices[i][0]) for i in idx],
+                    [_pack([self.owner, self.lease_ms, self._ttl,
+                            [list(devices[i][1]) for i in idx]])])
+
+        replies = await self._per_partition(self._claim, [d for d, _ in devices], call)
         claims: list[Claim] = []
         for (_, pins), reply in zip(devices, replies, strict=True):
             if int(reply[0]) == 0:
                 claims.append(Claim(False, {}, int(reply[1])))
                 continue
-            last = {pin: int(v) for pin, v in zip(pins, reply[1:], strict=True) if v}
+            last = {pin: int(v) for pin, v in zip(pins, reply[1:], strict=True) if v is not None}
             claims.append(Claim(True, last))
         return claims
 
@@ -307,7 +372,7 @@ class LastWritten:
             if ids:
                 keys.append(stream)
                 streams.append(list(ids))
-        return keys, [_pack([self.owner, self.ttl_ms, group, writes, streams])]
+        return keys, [_pack([self.owner, self._ttl, group, writes, streams])]
 
     async def prepare(self, devices: Sequence[tuple[str, Mapping[str, int]]],
                       limiter: RateLimiter, *,
@@ -317,9 +382,10 @@ class LastWritten:
 
         ``devices`` are ``(device_key, pin → newest event time to send)``. Per device, in this
         order: every value older than recorded → ``Claim(stale=True)`` (nothing taken); another
-        owner's live lease → ``busy_ms``; the rate limit says wait → ``wait_s`` (nothing
-        taken); else the lease and one request of ``limiter`` are taken and ``last`` is read
-        (``granted``). Re-entrant like :meth:`claim`.
+        owner's live lease → ``busy_ms``; the device's rate limit (``limiter``'s rate and
+        burst, kept in the device's record) says wait → ``wait_s`` (nothing taken); else the
+        lease and one request are taken and ``last`` is read (``granted``). Re-entrant like
+        :meth:`claim`.
 
         ``echoes`` (one list per device of :func:`pipeline.echo.records`): recorded for the
         granted devices only, in the same call — the echo records of the writes about to be
@@ -327,32 +393,24 @@ class LastWritten:
         """
         if not devices:
             return []
-        if not self._keys.cluster:
-            keys, args = self._prepare_call(devices, limiter, echoes, echo_window_ms)
-            replies = await self._prepare(keys=keys, args=args)
-        else:
-            if echoes is not None:
-                # Echo lists are keyed by token, in other slots (config refuses downlinks
-                # with cluster mode until they are tagged too: docs/DESIGN.md).
-                raise ValueError("echo records are not supported in the cluster layout")
-            parts: dict[int, list[int]] = {}
-            for i, (device_key, _) in enumerate(devices):
-                parts.setdefault(self._keys.partition_of_device_key(device_key), []).append(i)
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for idx in parts.values():
-                    keys, args = self._prepare_call([devices[i] for i in idx], limiter, None, 0)
-                    await self._prepare(keys=keys, args=args, client=pipe)
-                got = await pipe.execute()
-            replies = [None] * len(devices)
-            for idx, reply in zip(parts.values(), got, strict=True):
-                for i, r in zip(idx, reply, strict=True):
-                    replies[i] = r
+        if echoes is not None and self._keys.cluster:
+            # Echo lists are keyed by token, in other slots (config refuses downlinks
+            # with cluster mode until they are tagged too: docs/DESIGN.md).
+            raise ValueError("echo records are not supported in the cluster layout")
+
+        def call(idx: list[int]) -> tuple[list[str], list[bytes]]:
+            return self._prepare_call([devices[i] for i in idx], limiter,
+                                      None if echoes is None else [echoes[i] for i in idx],
+                                      echo_window_ms)
+
+        replies = await self._per_partition(self._prepare, [d for d, _ in devices], call)
         claims: list[Claim] = []
         for (_, newest), reply in zip(devices, replies, strict=True):
             code = int(reply[0])
             if code == 1:
                 claims.append(Claim(True, {pin: int(v) for pin, v in
-                                           zip(newest, reply[1:], strict=True) if v}))
+                                           zip(newest, reply[1:], strict=True)
+                                           if v is not None}))
             elif code == 0:
                 claims.append(Claim(False, {}, int(reply[1])))
             elif code == 2:
@@ -366,11 +424,11 @@ class LastWritten:
                       echoes: Sequence[Sequence[tuple[str, str]]] | None,
                       echo_window_ms: int) -> tuple[list[str], list[bytes]]:
         """Keys and arguments of one ``_PREPARE`` call."""
-        lw, rate = self._keys.last_written, self._keys.rate
+        lw = self._keys.last_written
         keys: list[str] = []
         per_device: list[list[str | int]] = []
         for device_key, newest in devices:
-            keys += (lw(device_key), rate(device_key))
+            keys.append(lw(device_key))
             flat: list[str | int] = []
             for pin, ts in newest.items():
                 flat += (pin, ts)
@@ -381,9 +439,36 @@ class LastWritten:
             for records in echoes:
                 keys += (key for key, _ in records)
                 items.append([text for _, text in records])
-        return keys, [_pack([self.owner, self.lease_ms, max(self.ttl_ms, self.lease_ms),
-                             limiter.interval_us, limiter.burst, per_device, echo_window_ms,
-                             items])]
+        return keys, [_pack([self.owner, self.lease_ms, self._ttl, limiter.interval_us,
+                             limiter.burst, per_device, echo_window_ms, items])]
+
+    async def take(self, device_keys: Sequence[str], limiter: RateLimiter) -> list[float]:
+        """One request of each device's rate limit (the extra requests of a write: history
+        uploads, isolating a bad pin): ``0.0`` = granted and counted, else seconds to wait
+        (nothing counted). A device listed twice asks for two requests."""
+        if not device_keys:
+            return []
+        lw = self._keys.last_written
+
+        def call(idx: list[int]) -> tuple[list[str], list[bytes]]:
+            return ([lw(device_keys[i]) for i in idx],
+                    [_pack([limiter.interval_us, limiter.burst, self._ttl])])
+
+        return [int(r) / 1_000_000 for r in
+                await self._per_partition(self._take, device_keys, call)]
+
+    async def defer_many(self, items: Sequence[tuple[str, float]]) -> None:
+        """No request of each ``(device_key, seconds)`` for that long from now, on any replica
+        (a 429: its ``Retry-After`` is about the device's budget)."""
+        if not items:
+            return
+        lw = self._keys.last_written
+
+        def call(idx: list[int]) -> tuple[list[str], list[bytes]]:
+            return ([lw(items[i][0]) for i in idx],
+                    [_pack([self._ttl, [max(0, int(items[i][1] * 1_000_000)) for i in idx]])])
+
+        await self._per_partition(self._defer, [k for k, _ in items], call)
 
     async def release(self, device_keys: Sequence[str]) -> None:
         """Give up the leases of devices whose write did not happen (nothing recorded)."""
@@ -391,9 +476,8 @@ class LastWritten:
 
     async def get(self, device_key: str) -> dict[str, int]:
         """Every recorded pin of a device (for tests and the CLI)."""
-        raw = await self._redis.hgetall(self._keys.last_written(device_key))
-        return {
-            (k.decode() if isinstance(k, bytes) else str(k)): int(v)
-            for k, v in raw.items()
-            if k not in (LEASE_FIELD, LEASE_FIELD.encode())
-        }
+        raw = await self._redis.get(self._keys.last_written(device_key))
+        if not isinstance(raw, bytes):  # absent (the client never decodes replies)
+            return {}
+        pins = _unpack(raw)[3]
+        return {str(pin): int(ts) for pin, ts in pins.items()} if pins else {}
