@@ -60,19 +60,26 @@ DEFAULT_TTL_MS = 31 * 24 * 3600 * 1000
 # Python, msgpack packs a whole flush's values in C.
 #
 # A device's record (keys.last_written) is one msgpack string [lease expires ms, lease owner
-# ('' = free), rate-limit TAT µs, {pin: event ms}]: one GET and one SET per script and device,
-# whatever the number of pins (a hash field per pin cost two hash commands per pin and write).
+# ('' = free), rate-limit TAT µs, {pin: event ms}, when its expiry was last set (ms)]: one GET
+# and one SET per script and device, whatever the number of pins (a hash field per pin cost
+# two hash commands per pin and write). Setting an expiry costs Redis more than the SET itself,
+# so a SET keeps the record's expiry (KEEPTTL) until a quarter of the ttl has passed since it
+# was set: a record lives 3/4 ttl to ttl after the device's last write.
 _RECORD = """
 local function load(key)
   local rec = redis.call('GET', key)
   if rec then
     local r = cmsgpack.unpack(rec)
-    return r[1], r[2], r[3], r[4]
+    return r[1], r[2], r[3], r[4], r[5]
   end
-  return 0, '', 0, {}
+  return 0, '', 0, {}, nil
 end
-local function store(key, expires, holder, tat, pins, ttl)
-  redis.call('SET', key, cmsgpack.pack({expires, holder, tat, pins}), 'PX', ttl)
+local function store(key, expires, holder, tat, pins, ttl_at, now, ttl)
+  if ttl_at and now - ttl_at < ttl / 4 then
+    redis.call('SET', key, cmsgpack.pack({expires, holder, tat, pins, ttl_at}), 'KEEPTTL')
+  else
+    redis.call('SET', key, cmsgpack.pack({expires, holder, tat, pins, now}), 'PX', ttl)
+  end
 end
 local function clock()
   local t = redis.call('TIME')
@@ -89,11 +96,11 @@ local p = cmsgpack.unpack(ARGV[1])
 local owner, lease_ms, ttl, asked = p[1], p[2], p[3], p[4]
 local out = {}
 for d = 1, #asked do
-  local expires, holder, tat, pins = load(KEYS[d])
+  local expires, holder, tat, pins, ttl_at = load(KEYS[d])
   if holder ~= owner and holder ~= '' and expires > now then
     out[d] = {0, expires - now}
   else
-    store(KEYS[d], now + lease_ms, owner, tat, pins, ttl)
+    store(KEYS[d], now + lease_ms, owner, tat, pins, ttl_at, now, ttl)
     local reply = {1}
     for i, pin in ipairs(asked[d]) do
       reply[i + 1] = pins[pin] or false
@@ -108,12 +115,13 @@ return out
 # [[pin, event ms, ...] per record], [[entry id, ...] per stream]] (XACKed in the same call).
 # Per record: 1 when the lease was this owner's (it is released), else 0.
 _COMMIT = _RECORD + """
+local _, now = clock()
 local p = cmsgpack.unpack(ARGV[1])
 local owner, ttl, group, writes, acks = p[1], p[2], p[3], p[4], p[5]
 local out = {}
 for d = 1, #writes do
   local key, w = KEYS[d], writes[d]
-  local expires, holder, tat, pins = load(key)
+  local expires, holder, tat, pins, ttl_at = load(key)
   local changed = false
   for i = 1, #w, 2 do
     local last = pins[w[i]]
@@ -127,7 +135,7 @@ for d = 1, #writes do
     expires, holder, changed = 0, '', true
     out[d] = 1
   end
-  if changed then store(key, expires, holder, tat, pins, ttl) end
+  if changed then store(key, expires, holder, tat, pins, ttl_at, now, ttl) end
 end
 for s = 1, #acks do
   local ids = acks[s]
@@ -154,7 +162,7 @@ local echo_key = #devices
 local out = {}
 for d = 1, #devices do
   local key, w = KEYS[d], devices[d]
-  local expires, holder, tat, pins = load(key)
+  local expires, holder, tat, pins, ttl_at = load(key)
   local reply = {1}
   local newer = false
   for i = 1, #w / 2 do
@@ -176,7 +184,7 @@ for d = 1, #devices do
     if wait > 0 then
       out[d] = {2, wait}
     else
-      store(key, now + lease_ms, owner, new_tat, pins, ttl)
+      store(key, now + lease_ms, owner, new_tat, pins, ttl_at, now, ttl)
       if echoes then
         for i, item in ipairs(echoes[d]) do
           echo_record(KEYS[echo_key + i], item, echo_window)
@@ -193,14 +201,14 @@ return out
 # KEYS = records (one per request asked, repeats allowed); ARGV[1] = msgpack [interval µs,
 # burst, ttl ms]. Per key: 0 (a request granted and counted) or µs to wait (nothing counted).
 _TAKE = _RECORD + GCRA_LUA + """
-local now_us = clock()
+local now_us, now = clock()
 local p = cmsgpack.unpack(ARGV[1])
 local interval, burst, ttl = p[1], p[2], p[3]
 local out = {}
 for d = 1, #KEYS do
-  local expires, holder, tat, pins = load(KEYS[d])
+  local expires, holder, tat, pins, ttl_at = load(KEYS[d])
   local wait, new_tat = gcra(tat, now_us, interval, burst, 1)
-  if wait == 0 then store(KEYS[d], expires, holder, new_tat, pins, ttl) end
+  if wait == 0 then store(KEYS[d], expires, holder, new_tat, pins, ttl_at, now, ttl) end
   out[d] = wait
 end
 return out
@@ -209,13 +217,13 @@ return out
 # KEYS = records; ARGV[1] = msgpack [ttl ms, [µs from now before the device's next request,
 # per record]].
 _DEFER = _RECORD + """
-local now_us = clock()
+local now_us, now = clock()
 local p = cmsgpack.unpack(ARGV[1])
 local ttl, delays = p[1], p[2]
 for d = 1, #KEYS do
-  local expires, holder, tat, pins = load(KEYS[d])
+  local expires, holder, tat, pins, ttl_at = load(KEYS[d])
   if tat < now_us + delays[d] then
-    store(KEYS[d], expires, holder, now_us + delays[d], pins, ttl)
+    store(KEYS[d], expires, holder, now_us + delays[d], pins, ttl_at, now, ttl)
   end
 end
 return 0
