@@ -57,28 +57,39 @@ _unpack = msgspec.msgpack.Decoder().decode
 DEFAULT_TTL_MS = 31 * 24 * 3600 * 1000
 
 # Scripts take their arguments as one msgpack blob (ARGV[1]): redis-py packs each argument in
-# Python, msgpack packs a whole flush's values in C.
+# Python, msgpack packs a whole flush's values in C. What a script decodes only sometimes comes
+# as msgpack in ARGV of its own (Redis's cmsgpack cannot nest binary strings).
 #
-# A device's record (keys.last_written) is one msgpack string [lease expires ms, lease owner
-# ('' = free), rate-limit TAT µs, {pin: event ms}, when its expiry was last set (ms)]: one GET
-# and one SET per script and device, whatever the number of pins (a hash field per pin cost
-# two hash commands per pin and write). Setting an expiry costs Redis more than the SET itself,
-# so a SET keeps the record's expiry (KEEPTTL) until a quarter of the ttl has passed since it
-# was set: a record lives 3/4 ttl to ttl after the device's last write.
+# A device's record (keys.last_written) is one string: a msgpack header [lease expires ms,
+# lease owner ('' = free), rate-limit TAT µs, when its expiry was last set (ms), version,
+# newest recorded event ms] followed by the msgpack map {pin: event ms} of what Blynk has.
+# One GET and one SET per script and device, whatever the number of pins (a hash field per
+# pin cost two hash commands per pin and write). The scripts decode only the header in the
+# common case: a write whose newest value is at least the newest recorded one is not stale
+# (whatever its pins), and a commit whose caller read the record (its version) under the lease
+# held since brings the merged map itself; the map is decoded only to check or merge pin by pin
+# otherwise. ``version`` counts the changes of the map.
+#
+# Setting an expiry costs Redis more than the SET itself, so a SET keeps the record's expiry
+# (KEEPTTL) until a quarter of the ttl has passed since it was set: a record lives 3/4 ttl to
+# ttl after the device's last write.
 _RECORD = """
+local EMPTY = cmsgpack.pack({})
 local function load(key)
   local rec = redis.call('GET', key)
   if rec then
-    local r = cmsgpack.unpack(rec)
-    return r[1], r[2], r[3], r[4], r[5]
+    local off, h = cmsgpack.unpack_one(rec)
+    if off > 0 then return h, string.sub(rec, off + 1) end
+    return h, EMPTY
   end
-  return 0, '', 0, {}, nil
+  return {0, '', 0, 0, 0, -1}, EMPTY
 end
-local function store(key, expires, holder, tat, pins, ttl_at, now, ttl)
-  if ttl_at and now - ttl_at < ttl / 4 then
-    redis.call('SET', key, cmsgpack.pack({expires, holder, tat, pins, ttl_at}), 'KEEPTTL')
+local function store(key, h, pins, now, ttl)
+  if now - h[4] < ttl / 4 then
+    redis.call('SET', key, cmsgpack.pack(h) .. pins, 'KEEPTTL')
   else
-    redis.call('SET', key, cmsgpack.pack({expires, holder, tat, pins, now}), 'PX', ttl)
+    h[4] = now
+    redis.call('SET', key, cmsgpack.pack(h) .. pins, 'PX', ttl)
   end
 end
 local function clock()
@@ -86,34 +97,38 @@ local function clock()
   local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
   return now_us, math.floor(now_us / 1000)
 end
+local function busy(h, owner, now)
+  if h[2] ~= owner and h[2] ~= '' and h[1] > now then return h[1] - now end
+  return 0
+end
 """
 
-# KEYS = records; ARGV[1] = msgpack [owner, lease ms, ttl ms, [[pin, ...] per device]].
-# Per device: {0, busy ms} another owner's live lease, else {1, last...} (false = never written).
+# KEYS = records; ARGV[1] = msgpack [owner, lease ms, ttl ms]. Per device: {0, busy ms} another
+# owner's live lease, else {1, pin map} (the lease taken or renewed).
 _CLAIM = _RECORD + """
 local _, now = clock()
 local p = cmsgpack.unpack(ARGV[1])
-local owner, lease_ms, ttl, asked = p[1], p[2], p[3], p[4]
+local owner, lease_ms, ttl = p[1], p[2], p[3]
 local out = {}
-for d = 1, #asked do
-  local expires, holder, tat, pins, ttl_at = load(KEYS[d])
-  if holder ~= owner and holder ~= '' and expires > now then
-    out[d] = {0, expires - now}
+for d = 1, #KEYS do
+  local h, pins = load(KEYS[d])
+  local wait = busy(h, owner, now)
+  if wait > 0 then
+    out[d] = {0, wait}
   else
-    store(KEYS[d], now + lease_ms, owner, tat, pins, ttl_at, now, ttl)
-    local reply = {1}
-    for i, pin in ipairs(asked[d]) do
-      reply[i + 1] = pins[pin] or false
-    end
-    out[d] = reply
+    h[1], h[2] = now + lease_ms, owner
+    store(KEYS[d], h, pins, now, ttl)
+    out[d] = {1, pins}
   end
 end
 return out
 """
 
-# KEYS = records, then streams; ARGV[1] = msgpack [owner, ttl ms, group,
-# [[pin, event ms, ...] per record], [[entry id, ...] per stream]] (XACKed in the same call).
-# Per record: 1 when the lease was this owner's (it is released), else 0.
+# KEYS = records, then streams; ARGV[1] = msgpack [owner, ttl ms, group, [[read version, newest
+# of the merged map] per record], [[entry id, ...] per stream]] (XACKed in the same call); then
+# per record ARGV[2d] = msgpack [pin, event ms, ...] written, ARGV[2d + 1] = the merged map
+# ('' = nothing newer). Read version -1 when the caller did not read the record. Per record:
+# 1 when the lease was this owner's (it is released), else 0.
 _COMMIT = _RECORD + """
 local _, now = clock()
 local p = cmsgpack.unpack(ARGV[1])
@@ -121,21 +136,34 @@ local owner, ttl, group, writes, acks = p[1], p[2], p[3], p[4], p[5]
 local out = {}
 for d = 1, #writes do
   local key, w = KEYS[d], writes[d]
-  local expires, holder, tat, pins, ttl_at = load(key)
+  local h, pins = load(key)
   local changed = false
-  for i = 1, #w, 2 do
-    local last = pins[w[i]]
-    if not last or w[i + 1] > last then
-      pins[w[i]] = w[i + 1]
-      changed = true
+  out[d] = 0
+  if h[2] == owner and h[5] == w[1] then
+    -- the map is what the caller read under this lease: its merge stands
+    if ARGV[2 * d + 1] ~= '' then
+      pins, h[5], h[6], changed = ARGV[2 * d + 1], h[5] + 1, w[2], true
+    end
+  else
+    local written = cmsgpack.unpack(ARGV[2 * d])
+    if #written > 0 then
+      local map = cmsgpack.unpack(pins)
+      for i = 1, #written, 2 do
+        local last = map[written[i]]
+        if not last or written[i + 1] > last then
+          map[written[i]] = written[i + 1]
+          if written[i + 1] > h[6] then h[6] = written[i + 1] end
+          changed = true
+        end
+      end
+      if changed then pins, h[5] = cmsgpack.pack(map), h[5] + 1 end
     end
   end
-  out[d] = 0
-  if holder == owner then
-    expires, holder, changed = 0, '', true
+  if h[2] == owner then
+    h[1], h[2], changed = 0, '', true
     out[d] = 1
   end
-  if changed then store(key, expires, holder, tat, pins, ttl_at, now, ttl) end
+  if changed then store(key, h, pins, now, ttl) end
 end
 for s = 1, #acks do
   local ids = acks[s]
@@ -147,12 +175,13 @@ return out
 """
 
 # KEYS = records, then the echo lists of every device in order; ARGV[1] = msgpack [owner,
-# lease ms, ttl ms, rate interval µs, burst, [[pin, newest event ms, ...] per device], echo
-# window ms, [[echo item, ...] per device]]: a granted device's echo items are recorded
-# (pipeline.echo) before its write is sent.
+# lease ms, ttl ms, rate interval µs, burst, [newest event ms per device], echo window ms,
+# [[echo item, ...] per device]], then ARGV[d + 1] = msgpack [pin, newest event ms, ...] of
+# device d: a granted device's echo items are recorded (pipeline.echo) before its write is
+# sent.
 # Per device: {3} every value older than recorded (stale: nothing taken), {0, busy ms} another
-# owner's live lease, {2, wait µs} rate-limited (nothing taken), {1, last...} lease and one
-# rate slot taken, last written time per pin (false = never written).
+# owner's live lease, {2, wait µs} rate-limited (nothing taken), {1, pin map, version} lease
+# and one rate slot taken.
 _PREPARE = _RECORD + GCRA_LUA + ECHO_RECORD_LUA + """
 local now_us, now = clock()
 local p = cmsgpack.unpack(ARGV[1])
@@ -162,35 +191,36 @@ local echo_key = #devices
 local out = {}
 for d = 1, #devices do
   local key, w = KEYS[d], devices[d]
-  local expires, holder, tat, pins, ttl_at = load(key)
-  local reply = {1}
-  local newer = false
-  for i = 1, #w / 2 do
-    local last = pins[w[2 * i - 1]]
-    if last then
-      reply[i + 1] = last
-      if w[2 * i] >= last then newer = true end
-    else
-      reply[i + 1] = false
-      newer = true
+  local h, pins = load(key)
+  local newer = w >= h[6]
+  if not newer then
+    local map, newest = cmsgpack.unpack(pins), cmsgpack.unpack(ARGV[d + 1])
+    for i = 1, #newest, 2 do
+      local last = map[newest[i]]
+      if not last or newest[i + 1] >= last then
+        newer = true
+        break
+      end
     end
   end
+  local wait = busy(h, owner, now)
   if not newer then
     out[d] = {3}
-  elseif holder ~= owner and holder ~= '' and expires > now then
-    out[d] = {0, expires - now}
+  elseif wait > 0 then
+    out[d] = {0, wait}
   else
-    local wait, new_tat = gcra(tat, now_us, interval, burst, 1)
-    if wait > 0 then
-      out[d] = {2, wait}
+    local rate_wait, tat = gcra(h[3], now_us, interval, burst, 1)
+    if rate_wait > 0 then
+      out[d] = {2, rate_wait}
     else
-      store(key, now + lease_ms, owner, new_tat, pins, ttl_at, now, ttl)
+      h[1], h[2], h[3] = now + lease_ms, owner, tat
+      store(key, h, pins, now, ttl)
       if echoes then
         for i, item in ipairs(echoes[d]) do
           echo_record(KEYS[echo_key + i], item, echo_window)
         end
       end
-      out[d] = reply
+      out[d] = {1, pins, h[5]}
     end
   end
   if echoes then echo_key = echo_key + #echoes[d] end
@@ -206,12 +236,21 @@ local p = cmsgpack.unpack(ARGV[1])
 local interval, burst, ttl = p[1], p[2], p[3]
 local out = {}
 for d = 1, #KEYS do
-  local expires, holder, tat, pins, ttl_at = load(KEYS[d])
-  local wait, new_tat = gcra(tat, now_us, interval, burst, 1)
-  if wait == 0 then store(KEYS[d], expires, holder, new_tat, pins, ttl_at, now, ttl) end
+  local h, pins = load(KEYS[d])
+  local wait, tat = gcra(h[3], now_us, interval, burst, 1)
+  if wait == 0 then
+    h[3] = tat
+    store(KEYS[d], h, pins, now, ttl)
+  end
   out[d] = wait
 end
 return out
+"""
+
+# KEYS[1] = a record → its pin map.
+_GET = _RECORD + """
+local _, pins = load(KEYS[1])
+return pins
 """
 
 # KEYS = records; ARGV[1] = msgpack [ttl ms, [µs from now before the device's next request,
@@ -221,9 +260,10 @@ local now_us, now = clock()
 local p = cmsgpack.unpack(ARGV[1])
 local ttl, delays = p[1], p[2]
 for d = 1, #KEYS do
-  local expires, holder, tat, pins, ttl_at = load(KEYS[d])
-  if tat < now_us + delays[d] then
-    store(KEYS[d], expires, holder, now_us + delays[d], pins, ttl_at, now, ttl)
+  local h, pins = load(KEYS[d])
+  if h[3] < now_us + delays[d] then
+    h[3] = now_us + delays[d]
+    store(KEYS[d], h, pins, now, ttl)
   end
 end
 return 0
@@ -237,6 +277,7 @@ class Claim:
     #: ``True``: this replica holds the lease and ``last`` is current.
     granted: bool
     #: Pin → event time (ms) of the value Blynk has; pins never written are absent.
+    #: (:meth:`LastWritten.prepare`: every recorded pin of the device, not only those asked.)
     last: dict[str, int]
     #: When not granted: milliseconds until the other holder's lease expires at the latest.
     busy_ms: int = 0
@@ -246,6 +287,16 @@ class Claim:
     #: :meth:`LastWritten.prepare` only — not granted because every value is older than what
     #: Blynk has (stale; nothing was taken, nothing needs sending).
     stale: bool = False
+    #: :meth:`LastWritten.prepare` only, when granted — the version of the record ``last`` was
+    #: read from; given back to :meth:`LastWritten.commit_many` (``read``), the commit merges
+    #: in Python instead of in the script. -1: unknown.
+    version: int = -1
+
+
+def _pins(raw: bytes) -> dict[str, int]:
+    """A record's pin map (the scripts write an empty one as an empty array)."""
+    pins = _unpack(raw)
+    return pins if isinstance(pins, dict) else {}
 
 
 class LastWritten:
@@ -270,6 +321,7 @@ class LastWritten:
         self._prepare = redis.register_script(_PREPARE)
         self._take = redis.register_script(_TAKE)
         self._defer = redis.register_script(_DEFER)
+        self._get = redis.register_script(_GET)
 
     @property
     def _ttl(self) -> int:
@@ -305,11 +357,10 @@ class LastWritten:
         if not devices:
             return []
         lw = self._keys.last_written
+        args = [_pack([self.owner, self.lease_ms, self._ttl])]
 
         def call(idx: list[int]) -> tuple[list[str], list[bytes]]:
-            return ([lw(devices[i][0]) for i in idx],
-                    [_pack([self.owner, self.lease_ms, self._ttl,
-                            [list(devices[i][1]) for i in idx]])])
+            return [lw(devices[i][0]) for i in idx], args
 
         replies = await self._per_partition(self._claim, [d for d, _ in devices], call)
         claims: list[Claim] = []
@@ -317,8 +368,8 @@ class LastWritten:
             if int(reply[0]) == 0:
                 claims.append(Claim(False, {}, int(reply[1])))
                 continue
-            last = {pin: int(v) for pin, v in zip(pins, reply[1:], strict=True) if v is not None}
-            claims.append(Claim(True, last))
+            recorded = _pins(reply[1])
+            claims.append(Claim(True, {pin: recorded[pin] for pin in pins if pin in recorded}))
         return claims
 
     async def commit(self, device_key: str, written: Mapping[str, int]) -> bool:
@@ -331,17 +382,22 @@ class LastWritten:
 
     async def commit_many(self, items: Sequence[tuple[str, Mapping[str, int]]],
                           acks: Mapping[str, Sequence[str]] | None = None,
-                          group: str = "") -> list[bool]:
+                          group: str = "",
+                          read: Sequence[Claim | None] | None = None) -> list[bool]:
         """:meth:`commit` for many devices in one script call; an empty mapping only releases.
 
         ``acks`` (stream → entry ids) are acknowledged for ``group`` in the same call, after
         the records: a write's entries are acked exactly when what it wrote is recorded.
         (One call on one Redis; in the cluster layout one per partition, each in one slot.)
+        ``read`` (one per item, optional): the granted :meth:`prepare` claim each write was
+        sent under. While the record is still that version under this owner's lease, the
+        merge computed here from its ``last`` is stored as is (the script decodes no pins).
         """
         if not items and not acks:
             return []
+        reads: Sequence[Claim | None] = [None] * len(items) if read is None else read
         if not self._keys.cluster:
-            keys, args = self._commit_call(items, acks or {}, group)
+            keys, args = self._commit_call(items, reads, acks or {}, group)
             return [bool(r) for r in await self._commit(keys=keys, args=args)]
         # Cluster layout: one call per partition (a device's records and its writes stream
         # share the partition's hash tag), pipelined.
@@ -354,7 +410,8 @@ class LastWritten:
                 parts.setdefault(part, ([], {}))[1][stream] = ids
         async with self._redis.pipeline(transaction=False) as pipe:
             for idx, part_acks in parts.values():
-                keys, args = self._commit_call([items[i] for i in idx], part_acks, group)
+                keys, args = self._commit_call([items[i] for i in idx],
+                                               [reads[i] for i in idx], part_acks, group)
                 await self._commit(keys=keys, args=args, client=pipe)
             replies = await pipe.execute()
         held = [False] * len(items)
@@ -364,23 +421,38 @@ class LastWritten:
         return held
 
     def _commit_call(self, items: Sequence[tuple[str, Mapping[str, int]]],
+                     reads: Sequence[Claim | None],
                      acks: Mapping[str, Sequence[str]], group: str
                      ) -> tuple[list[str], list[bytes]]:
         """Keys and arguments of one ``_COMMIT`` call."""
         lw = self._keys.last_written
         keys = [lw(device_key) for device_key, _ in items]
-        writes: list[list[str | int]] = []
-        for _, written in items:
+        writes: list[tuple[int, int]] = []
+        blobs: list[bytes] = []
+        for (_, written), claim in zip(items, reads, strict=True):
             flat: list[str | int] = []
             for pin, ts in written.items():
                 flat += (pin, ts)
-            writes.append(flat)
+            blobs.append(_pack(flat))
+            if claim is None or claim.version < 0:
+                writes.append((-1, 0))
+                blobs.append(b"")
+                continue
+            merged = dict(claim.last)
+            changed = False
+            for pin, ts in written.items():
+                last = merged.get(pin)
+                if last is None or ts > last:
+                    merged[pin] = ts
+                    changed = True
+            writes.append((claim.version, max(merged.values(), default=-1)))
+            blobs.append(_pack(merged) if changed else b"")
         streams: list[list[str]] = []
         for stream, ids in acks.items():
             if ids:
                 keys.append(stream)
                 streams.append(list(ids))
-        return keys, [_pack([self.owner, self._ttl, group, writes, streams])]
+        return keys, [_pack([self.owner, self._ttl, group, writes, streams]), *blobs]
 
     async def prepare(self, devices: Sequence[tuple[str, Mapping[str, int]]],
                       limiter: RateLimiter, *,
@@ -413,12 +485,10 @@ class LastWritten:
 
         replies = await self._per_partition(self._prepare, [d for d, _ in devices], call)
         claims: list[Claim] = []
-        for (_, newest), reply in zip(devices, replies, strict=True):
+        for reply in replies:
             code = int(reply[0])
             if code == 1:
-                claims.append(Claim(True, {pin: int(v) for pin, v in
-                                           zip(newest, reply[1:], strict=True)
-                                           if v is not None}))
+                claims.append(Claim(True, _pins(reply[1]), version=int(reply[2])))
             elif code == 0:
                 claims.append(Claim(False, {}, int(reply[1])))
             elif code == 2:
@@ -434,13 +504,15 @@ class LastWritten:
         """Keys and arguments of one ``_PREPARE`` call."""
         lw = self._keys.last_written
         keys: list[str] = []
-        per_device: list[list[str | int]] = []
+        per_device: list[int] = []
+        blobs: list[bytes] = []
         for device_key, newest in devices:
             keys.append(lw(device_key))
             flat: list[str | int] = []
             for pin, ts in newest.items():
                 flat += (pin, ts)
-            per_device.append(flat)
+            per_device.append(max(newest.values(), default=-2))
+            blobs.append(_pack(flat))
         items: list[list[str]] | None = None
         if echoes is not None:
             items = []
@@ -448,7 +520,7 @@ class LastWritten:
                 keys += (key for key, _ in records)
                 items.append([text for _, text in records])
         return keys, [_pack([self.owner, self.lease_ms, self._ttl, limiter.interval_us,
-                             limiter.burst, per_device, echo_window_ms, items])]
+                             limiter.burst, per_device, echo_window_ms, items]), *blobs]
 
     async def take(self, device_keys: Sequence[str], limiter: RateLimiter) -> list[float]:
         """One request of each device's rate limit (the extra requests of a write: history
@@ -484,8 +556,4 @@ class LastWritten:
 
     async def get(self, device_key: str) -> dict[str, int]:
         """Every recorded pin of a device (for tests and the CLI)."""
-        raw = await self._redis.get(self._keys.last_written(device_key))
-        if not isinstance(raw, bytes):  # absent (the client never decodes replies)
-            return {}
-        pins = _unpack(raw)[3]
-        return {str(pin): int(ts) for pin, ts in pins.items()} if pins else {}
+        return _pins(await self._get(keys=[self._keys.last_written(device_key)]))

@@ -47,7 +47,7 @@ from pipeline.coalesce import DevicePlan
 from pipeline.consumer import backoff_s
 from pipeline.errors import Reason
 from pipeline.keys import GROUP_EGRESS
-from pipeline.order import LastWritten
+from pipeline.order import Claim, LastWritten
 from pipeline.redact import mask
 from pipeline.registry import Registry, split_key
 from pipeline.streams import DeadItem, Entry, StreamReader, now_ms
@@ -70,6 +70,8 @@ class Commit:
     device_key: str | None
     written: dict[str, int]
     acks: list[Entry]
+    #: The record the write was granted on, if known (the commit merges onto it).
+    read: Claim | None = None
 
 
 _Dead = list[DeadItem]
@@ -116,7 +118,9 @@ class Committer:
         else:
             ok, dead = sort_out(dev.inflight, result)
         commit = self.commits.submit(
-            Commit(dev.key if leased else None, result.written, [h.entry for h in ok]))
+            Commit(dev.key if leased else None, result.written, [h.entry for h in ok],
+                   dev.claim if leased else None))
+        dev.claim = None
         commit.add_done_callback(functools.partial(
             self._committed, dev, plan, result, ok, dead, now_ms(), pending))
 
@@ -239,7 +243,8 @@ class Committer:
             for e in item.acks:
                 acks.setdefault(e.stream, []).append(e.id)
         writes = [(c.device_key, c.written) for c in items if c.device_key is not None]
-        held = iter(await self._order.commit_many(writes, acks, GROUP_EGRESS))
+        reads = [c.read for c in items if c.device_key is not None]
+        held = iter(await self._order.commit_many(writes, acks, GROUP_EGRESS, reads))
         return [True if c.device_key is None else next(held) for c in items]
 
     async def _defer_many(self, items: list[tuple[str, float]]) -> list[None]:

@@ -321,6 +321,7 @@ class EgressStage:
             # Late history points are dropped with the stale values and counted with them (by
             # the committer, once the write is over: a retried write drops them again).
             if claim.granted:
+                dev.claim = claim
                 points = history_only(plan)
                 plan.stale = len(drop_stale(plan, claim.last)) + points - history_only(plan)
                 send(dev, plan, self._pending())
