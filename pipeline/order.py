@@ -259,14 +259,16 @@ _DEFER = _RECORD + """
 local now_us, now = clock()
 local p = cmsgpack.unpack(ARGV[1])
 local ttl, delays = p[1], p[2]
+local out = {}
 for d = 1, #KEYS do
   local h, pins = load(KEYS[d])
   if h[3] < now_us + delays[d] then
     h[3] = now_us + delays[d]
     store(KEYS[d], h, pins, now, ttl)
   end
+  out[d] = 0
 end
-return 0
+return out
 """
 
 
