@@ -1,9 +1,11 @@
 """Event-time order across batches and replicas: the last written time per device/pin in Redis.
 
-``keys.last_written(device_key)`` is a hash ``pin → event time (ms)`` of the newest value Blynk
-has for that pin, plus one field ``~lease`` (``"<expires_ms>|<owner>"``): the device's in-flight
-lease. Both live in one key. The per-flush scripts (:meth:`LastWritten.prepare`,
-:meth:`LastWritten.commit_many`) touch the keys of many devices in one call on one Redis; in
+``keys.last_written(device_key)`` is the device's *record*, one string: its in-flight lease
+(expiry and owner), its request rate limit (the GCRA state of :mod:`pipeline.ratelimit`, shared
+by every replica) and ``pin → event time (ms)`` of the newest value Blynk has for each pin
+(layout: ``_RECORD`` below). Each script reads and writes a device's record with one ``GET``
+and one ``SET``, whatever its number of pins. The per-flush scripts (:meth:`LastWritten.prepare`,
+:meth:`LastWritten.commit_many`) touch the records of many devices in one call on one Redis; in
 the cluster layout (:attr:`pipeline.keys.Keys.cluster`) they run once per partition, pipelined,
 each call in its partition's slot.
 
@@ -13,11 +15,15 @@ The protocol of one device write (egress):
    of its pins. If another replica holds a live lease, nothing is taken: the caller keeps the
    entries and tries again shortly. Egress uses :meth:`LastWritten.prepare`, which does the
    same for every device of a flush in one script call, and also skips devices whose every
-   value is older than recorded and takes each device's rate-limit slot (:mod:`pipeline.ratelimit`).
+   value is older than recorded and takes each device's rate-limit slot;
+   :meth:`LastWritten.take` takes the slots of a write's extra requests,
+   :meth:`LastWritten.defer_many` pushes a device's next slot out after a 429.
 2. Drop what is older (:func:`pipeline.coalesce.drop_stale`: equal event times are applied in
    arrival order), send the rest to Blynk.
 3. After the 2xx, :meth:`LastWritten.commit` — record ``max(old, new)`` per pin and release the
-   lease (:meth:`LastWritten.commit_many` also acks the written entries in the same call).
+   lease (:meth:`LastWritten.commit_many` also acks the written entries in the same call; given
+   the claim ``prepare`` granted, it stores the merge computed by the caller while the record is
+   still the one that claim read).
    After a failure, :meth:`LastWritten.release`.
 
 **Why the lease.** Without it two replicas can both read "last = 5", then send 20 and 10 to
@@ -32,9 +38,10 @@ can race again; egress keeps ``lease_ms`` well above the Blynk client's timeout,
 so it is logged and counted. A request Blynk received whose answer never came back (timeout) is
 retried; that re-sends the same or newer values, never older ones.
 
-Records expire ``ttl_ms`` after a device's last write (default 31 days: Blynk refuses timestamped
-points older than a month, and no redelivery lives that long; only a manual ``replay`` of an older
-dead letter could then write an older value).
+Records expire 3/4 ``ttl_ms`` to ``ttl_ms`` after a device's last write (default 31 days: Blynk
+refuses timestamped points older than a month, and no redelivery lives that long; only a manual
+``replay`` of an older dead letter could then write an older value). The expiry is set again
+only once a quarter of it has passed: setting it costs Redis more than the write itself.
 
 Redis errors propagate (``RedisError``); callers treat them as retryable.
 """
