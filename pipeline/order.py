@@ -38,10 +38,10 @@ can race again; egress keeps ``lease_ms`` well above the Blynk client's timeout,
 so it is logged and counted. A request Blynk received whose answer never came back (timeout) is
 retried; that re-sends the same or newer values, never older ones.
 
-Records expire 3/4 ``ttl_ms`` to ``ttl_ms`` after a device's last write (default 31 days: Blynk
+Records expire ``ttl_ms`` to 5/4 ``ttl_ms`` after a device's last write (default 31 days: Blynk
 refuses timestamped points older than a month, and no redelivery lives that long; only a manual
 ``replay`` of an older dead letter could then write an older value). The expiry is set again
-only once a quarter of it has passed: setting it costs Redis more than the write itself.
+only once a quarter of the ttl has passed: setting it costs Redis more than the write itself.
 
 Redis errors propagate (``RedisError``); callers treat them as retryable.
 """
@@ -77,9 +77,9 @@ DEFAULT_TTL_MS = 31 * 24 * 3600 * 1000
 # held since brings the merged map itself; the map is decoded only to check or merge pin by pin
 # otherwise. ``version`` counts the changes of the map.
 #
-# Setting an expiry costs Redis more than the SET itself, so a SET keeps the record's expiry
-# (KEEPTTL) until a quarter of the ttl has passed since it was set: a record lives 3/4 ttl to
-# ttl after the device's last write.
+# Setting an expiry costs Redis more than the SET itself, so a record's expiry is set to 5/4 ttl
+# and kept (KEEPTTL) until a quarter of the ttl has passed since it was set: a record lives ttl
+# to 5/4 ttl after the device's last write.
 _RECORD = """
 local EMPTY = cmsgpack.pack({})
 local function load(key)
@@ -96,7 +96,7 @@ local function store(key, h, pins, now, ttl)
     redis.call('SET', key, cmsgpack.pack(h) .. pins, 'KEEPTTL')
   else
     h[4] = now
-    redis.call('SET', key, cmsgpack.pack(h) .. pins, 'PX', ttl)
+    redis.call('SET', key, cmsgpack.pack(h) .. pins, 'PX', ttl + math.floor(ttl / 4))
   end
 end
 local function clock()
