@@ -133,7 +133,7 @@ return out
 
 # KEYS = records, then streams; ARGV[1] = msgpack [owner, ttl ms, group, [[read version, newest
 # of the merged map] per record], [[entry id, ...] per stream]] (XACKed in the same call); then
-# per record ARGV[2d] = msgpack [pin, event ms, ...] written, ARGV[2d + 1] = the merged map
+# per record ARGV[2d] = msgpack {pin: event ms} written, ARGV[2d + 1] = the merged map
 # ('' = nothing newer). Read version -1 when the caller did not read the record. Per record:
 # 1 when the lease was this owner's (it is released), else 0.
 _COMMIT = _RECORD + """
@@ -153,13 +153,13 @@ for d = 1, #writes do
     end
   else
     local written = cmsgpack.unpack(ARGV[2 * d])
-    if #written > 0 then
+    if next(written) then
       local map = cmsgpack.unpack(pins)
-      for i = 1, #written, 2 do
-        local last = map[written[i]]
-        if not last or written[i + 1] > last then
-          map[written[i]] = written[i + 1]
-          if written[i + 1] > h[6] then h[6] = written[i + 1] end
+      for pin, ts in pairs(written) do
+        local last = map[pin]
+        if not last or ts > last then
+          map[pin] = ts
+          if ts > h[6] then h[6] = ts end
           changed = true
         end
       end
@@ -183,7 +183,7 @@ return out
 
 # KEYS = records, then the echo lists of every device in order; ARGV[1] = msgpack [owner,
 # lease ms, ttl ms, rate interval µs, burst, [newest event ms per device], echo window ms,
-# [[echo item, ...] per device]], then ARGV[d + 1] = msgpack [pin, newest event ms, ...] of
+# [[echo item, ...] per device]], then ARGV[d + 1] = msgpack {pin: newest event ms} of
 # device d: a granted device's echo items are recorded (pipeline.echo) before its write is
 # sent.
 # Per device: {3} every value older than recorded (stale: nothing taken), {0, busy ms} another
@@ -201,10 +201,10 @@ for d = 1, #devices do
   local h, pins = load(key)
   local newer = w >= h[6]
   if not newer then
-    local map, newest = cmsgpack.unpack(pins), cmsgpack.unpack(ARGV[d + 1])
-    for i = 1, #newest, 2 do
-      local last = map[newest[i]]
-      if not last or newest[i + 1] >= last then
+    local map = cmsgpack.unpack(pins)
+    for pin, ts in pairs(cmsgpack.unpack(ARGV[d + 1])) do
+      local last = map[pin]
+      if not last or ts >= last then
         newer = true
         break
       end
@@ -439,10 +439,7 @@ class LastWritten:
         writes: list[tuple[int, int]] = []
         blobs: list[bytes] = []
         for (_, written), claim in zip(items, reads, strict=True):
-            flat: list[str | int] = []
-            for pin, ts in written.items():
-                flat += (pin, ts)
-            blobs.append(_pack(flat))
+            blobs.append(_pack(written))
             if claim is None or claim.version < 0:
                 writes.append((-1, 0))
                 blobs.append(b"")
@@ -517,11 +514,8 @@ class LastWritten:
         blobs: list[bytes] = []
         for device_key, newest in devices:
             keys.append(lw(device_key))
-            flat: list[str | int] = []
-            for pin, ts in newest.items():
-                flat += (pin, ts)
             per_device.append(max(newest.values(), default=-2))
-            blobs.append(_pack(flat))
+            blobs.append(_pack(newest))
         items: list[list[str]] | None = None
         if echoes is not None:
             items = []

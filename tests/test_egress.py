@@ -163,6 +163,24 @@ async def test_commit_many_records_and_acks_in_one_call(redis: Redis, keys: Keys
     assert pending["pending"] == 1
 
 
+async def test_a_write_older_than_the_newest_recorded_pin_is_stale_only_pin_by_pin(
+    redis: Redis, keys: Keys
+) -> None:
+    """Older than the device's newest recorded value does not make a write stale: a pin whose
+    own record is older still goes."""
+    a = LastWritten(redis, keys, "replica-a")
+    limiter = RateLimiter(redis, keys, rps=1000, burst=100)
+    await a.commit("dev", {"V1": 100, "V2": 10})
+    stale, fresh = await a.prepare([("dev", {"V1": 50, "V2": 5}), ("dev", {"V1": 50, "V2": 50})],
+                                   limiter)
+    assert stale.stale
+    assert fresh.granted and fresh.last == {"V1": 100, "V2": 10}
+    assert await a.commit_many([("dev", {"V2": 50})], read=[fresh]) == [True]
+    await a.claim([("dev", [])])
+    assert await a.commit("dev", {"V1": 60, "V3": 1})  # no read given: merged pin by pin
+    assert await book_of(redis, keys).get("dev") == {"V1": 100, "V2": 50, "V3": 1}
+
+
 async def test_a_commit_merges_onto_what_prepare_read_only_while_that_record_stands(
     redis: Redis, keys: Keys
 ) -> None:
