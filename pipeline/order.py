@@ -65,7 +65,9 @@ DEFAULT_TTL_MS = 31 * 24 * 3600 * 1000
 
 # Scripts take their arguments as one msgpack blob (ARGV[1]): redis-py packs each argument in
 # Python, msgpack packs a whole flush's values in C. What a script decodes only sometimes comes
-# as msgpack in ARGV of its own (Redis's cmsgpack cannot nest binary strings).
+# as msgpack objects one after another in one more argument, each found by its byte offset
+# (Redis's cmsgpack cannot nest binary strings; one argument per device would cost redis-py
+# more than the decoding saves).
 #
 # A device's record (keys.last_written) is one string: a msgpack header [lease expires ms,
 # lease owner ('' = free), rate-limit TAT µs, when its expiry was last set (ms), version,
@@ -132,10 +134,11 @@ return out
 """
 
 # KEYS = records, then streams; ARGV[1] = msgpack [owner, ttl ms, group, [[read version, newest
-# of the merged map] per record], [[entry id, ...] per stream]] (XACKed in the same call); then
-# per record ARGV[2d] = msgpack {pin: event ms} written, ARGV[2d + 1] = the merged map
-# ('' = nothing newer). Read version -1 when the caller did not read the record. Per record:
-# 1 when the lease was this owner's (it is released), else 0.
+# of the merged map, offset of written in ARGV[2], offset and length of the merged map in
+# ARGV[3]] per record], [[entry id, ...] per stream]] (XACKed in the same call); ARGV[2] = the
+# msgpack {pin: event ms} written of each record, ARGV[3] = the merged maps (length 0 = nothing
+# newer). Read version -1 when the caller did not read the record. Per record: 1 when the lease
+# was this owner's (it is released), else 0.
 _COMMIT = _RECORD + """
 local _, now = clock()
 local p = cmsgpack.unpack(ARGV[1])
@@ -148,11 +151,12 @@ for d = 1, #writes do
   out[d] = 0
   if h[2] == owner and h[5] == w[1] then
     -- the map is what the caller read under this lease: its merge stands
-    if ARGV[2 * d + 1] ~= '' then
-      pins, h[5], h[6], changed = ARGV[2 * d + 1], h[5] + 1, w[2], true
+    if w[5] > 0 then
+      pins = string.sub(ARGV[3], w[4] + 1, w[4] + w[5])
+      h[5], h[6], changed = h[5] + 1, w[2], true
     end
   else
-    local written = cmsgpack.unpack(ARGV[2 * d])
+    local _, written = cmsgpack.unpack_one(ARGV[2], w[3])
     if next(written) then
       local map = cmsgpack.unpack(pins)
       for pin, ts in pairs(written) do
@@ -183,9 +187,9 @@ return out
 
 # KEYS = records, then the echo lists of every device in order; ARGV[1] = msgpack [owner,
 # lease ms, ttl ms, rate interval µs, burst, [newest event ms per device], echo window ms,
-# [[echo item, ...] per device]], then ARGV[d + 1] = msgpack {pin: newest event ms} of
-# device d: a granted device's echo items are recorded (pipeline.echo) before its write is
-# sent.
+# [[echo item, ...] per device], [offset in ARGV[2] per device]], ARGV[2] = msgpack {pin:
+# newest event ms} of each device: a granted device's echo items are recorded (pipeline.echo)
+# before its write is sent.
 # Per device: {3} every value older than recorded (stale: nothing taken), {0, busy ms} another
 # owner's live lease, {2, wait µs} rate-limited (nothing taken), {1, pin map, version} lease
 # and one rate slot taken.
@@ -193,7 +197,7 @@ _PREPARE = _RECORD + GCRA_LUA + ECHO_RECORD_LUA + """
 local now_us, now = clock()
 local p = cmsgpack.unpack(ARGV[1])
 local owner, lease_ms, ttl, interval, burst, devices = p[1], p[2], p[3], p[4], p[5], p[6]
-local echo_window, echoes = p[7], p[8]
+local echo_window, echoes, offsets = p[7], p[8], p[9]
 local echo_key = #devices
 local out = {}
 for d = 1, #devices do
@@ -202,7 +206,8 @@ for d = 1, #devices do
   local newer = w >= h[6]
   if not newer then
     local map = cmsgpack.unpack(pins)
-    for pin, ts in pairs(cmsgpack.unpack(ARGV[d + 1])) do
+    local _, newest = cmsgpack.unpack_one(ARGV[2], offsets[d])
+    for pin, ts in pairs(newest) do
       local last = map[pin]
       if not last or ts >= last then
         newer = true
@@ -436,13 +441,14 @@ class LastWritten:
         """Keys and arguments of one ``_COMMIT`` call."""
         lw = self._keys.last_written
         keys = [lw(device_key) for device_key, _ in items]
-        writes: list[tuple[int, int]] = []
-        blobs: list[bytes] = []
+        writes: list[tuple[int, int, int, int, int]] = []
+        written_maps = bytearray()
+        merged_maps = bytearray()
         for (_, written), claim in zip(items, reads, strict=True):
-            blobs.append(_pack(written))
+            at = len(written_maps)
+            written_maps += _pack(written)
             if claim is None or claim.version < 0:
-                writes.append((-1, 0))
-                blobs.append(b"")
+                writes.append((-1, 0, at, 0, 0))
                 continue
             merged = dict(claim.last)
             changed = False
@@ -451,14 +457,18 @@ class LastWritten:
                 if last is None or ts > last:
                     merged[pin] = ts
                     changed = True
-            writes.append((claim.version, max(merged.values(), default=-1)))
-            blobs.append(_pack(merged) if changed else b"")
+            start = len(merged_maps)
+            if changed:
+                merged_maps += _pack(merged)
+            writes.append((claim.version, max(merged.values(), default=-1), at, start,
+                           len(merged_maps) - start))
         streams: list[list[str]] = []
         for stream, ids in acks.items():
             if ids:
                 keys.append(stream)
                 streams.append(list(ids))
-        return keys, [_pack([self.owner, self._ttl, group, writes, streams]), *blobs]
+        return keys, [_pack([self.owner, self._ttl, group, writes, streams]),
+                      bytes(written_maps), bytes(merged_maps)]
 
     async def prepare(self, devices: Sequence[tuple[str, Mapping[str, int]]],
                       limiter: RateLimiter, *,
@@ -511,11 +521,13 @@ class LastWritten:
         lw = self._keys.last_written
         keys: list[str] = []
         per_device: list[int] = []
-        blobs: list[bytes] = []
+        offsets: list[int] = []
+        maps = bytearray()
         for device_key, newest in devices:
             keys.append(lw(device_key))
             per_device.append(max(newest.values(), default=-2))
-            blobs.append(_pack(newest))
+            offsets.append(len(maps))
+            maps += _pack(newest)
         items: list[list[str]] | None = None
         if echoes is not None:
             items = []
@@ -523,7 +535,8 @@ class LastWritten:
                 keys += (key for key, _ in records)
                 items.append([text for _, text in records])
         return keys, [_pack([self.owner, self.lease_ms, self._ttl, limiter.interval_us,
-                             limiter.burst, per_device, echo_window_ms, items]), *blobs]
+                             limiter.burst, per_device, echo_window_ms, items, offsets]),
+                      bytes(maps)]
 
     async def take(self, device_keys: Sequence[str], limiter: RateLimiter) -> list[float]:
         """One request of each device's rate limit (the extra requests of a write: history
