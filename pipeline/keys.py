@@ -4,11 +4,11 @@ Two layouts (docs/DESIGN.md, "Redis Cluster"):
 
 * one Redis (``cluster=False``, the default): the names below, unchanged by this module's
   cluster support — ``bb:uplinks`` or ``bb:{uplinks:3}`` partitioned, ``bb:dead``,
-  ``bb:dev:…``, ``bb:registry:version``, ``bb:lww:…``, ``bb:rate:…``.
+  ``bb:dev:…``, ``bb:registry:version``, ``bb:lw:…``, ``bb:rate:…``.
 * Redis Cluster (``cluster=True``): every key that a script or ``MULTI`` touches together with
   others carries its partition's hash tag ``{pN.k}`` (k: :meth:`Keys._tag`) —
   ``bb:{p3.k}:uplinks``, ``…:writes``, ``…:dead``, ``…:dev:…``, ``…:registry:version`` /
-  ``:changes``, ``…:lww:…``, ``…:rate:…`` — with N = :meth:`Keys.partition_of` of the device,
+  ``:changes``, ``…:lw:…``, ``…:rate:…`` — with N = :meth:`Keys.partition_of` of the device,
   so a device's stream entries, row, order and rate state share one slot. The provisioning
   rate and count of an integration share a tag of their own. Keys only ever used alone keep
   their one-Redis names (a single-key command is in one slot anyway).
@@ -213,8 +213,9 @@ class Keys:
         return f"{self.prefix}dd" if tag < 0 else f"{self.prefix}dd:{stream[tag:]}"
 
     def last_written(self, device_key: str) -> str:
-        """Hash pin → event time (ms) of the last value written to Blynk."""
-        return self._of_device(device_key, f"lww:{device_key}")
+        """A device's egress record (:mod:`pipeline.order`): its lease, its rate-limit state
+        and, per pin, the event time (ms) of the last value written to Blynk."""
+        return self._of_device(device_key, f"lw:{device_key}")
 
     def region(self, token_hash: str) -> str:
         return f"{self.prefix}region:{token_hash}"

@@ -1,18 +1,18 @@
-"""Per-device request rate limit shared by every replica: GCRA in Redis (one Lua call per device).
+"""Request rate limits shared by every replica: GCRA in Redis (one Lua call per batch).
 
-Blynk allows 50 requests per second per device. Egress replicas share one budget per device
-through a key ``keys.rate(device_key)`` holding the device's *theoretical arrival time* (TAT, µs)
-of the generic cell rate algorithm. The script reads the clock with ``TIME`` on the Redis server,
-so replicas with skewed clocks still share one timeline.
+Replicas share one budget per name through a key ``keys.rate(name)`` holding its *theoretical
+arrival time* (TAT, µs) of the generic cell rate algorithm (blynk-sessions' connects;
+provisioning runs :data:`GCRA_TAKE_LUA` in its own script). Egress's per-device budget (Blynk
+allows 50 requests per second per device) runs the same algorithm, :data:`GCRA_LUA`, on a TAT
+kept inside each device's record (:mod:`pipeline.order`): the slot is taken in the same Redis
+call and key as the device's lease. The scripts read the clock with ``TIME`` on the Redis
+server, so replicas with skewed clocks still share one timeline.
 
-* :meth:`RateLimiter.take` asks for one request for each of many devices in one script call
-  (egress takes its per-flush slots inside :meth:`pipeline.order.LastWritten.prepare`, which
-  runs the same GCRA, :data:`GCRA_TAKE_LUA`); each answer is ``0.0`` (granted and counted) or
-  the seconds to wait before asking again (nothing counted).
-* :meth:`RateLimiter.acquire` waits for one request of one device (the rare extra request:
-  history uploads, isolating a bad pin).
-* :meth:`RateLimiter.defer` pushes a device's next slot out (a 429 with ``Retry-After``) for
-  every replica at once.
+* :meth:`RateLimiter.take` asks for one request for each of many devices in one script call;
+  each answer is ``0.0`` (granted and counted) or the seconds to wait before asking again
+  (nothing counted).
+* :meth:`RateLimiter.acquire` waits for one request.
+* :meth:`RateLimiter.defer` pushes a name's next slot out for every replica at once.
 
 Redis errors propagate (``RedisError``): callers treat them as retryable.
 """
@@ -25,16 +25,29 @@ from collections.abc import Sequence
 from pipeline.keys import Keys
 from pipeline.streams import Redis
 
-#: GCRA as a Lua function, for scripts that take slots along with other work (pipeline.order):
-#: ``gcra_take(key, now_us, interval_us, burst, n)`` → 0 (granted and counted) or µs to wait.
-GCRA_TAKE_LUA = """
-local function gcra_take(key, now, interval, burst, n)
-  local tat = tonumber(redis.call('GET', key) or '0')
+#: GCRA on a TAT value, as a pure Lua function for scripts that keep the TAT elsewhere
+#: (:mod:`pipeline.order` keeps egress's inside each device's record):
+#: ``gcra(tat_us, now_us, interval_us, burst, n)`` → 0 and the new TAT (granted), or the µs to
+#: wait and the TAT unchanged.
+GCRA_LUA = """
+local function gcra(tat, now, interval, burst, n)
   if tat < now then tat = now end
   local new_tat = tat + n * interval
   local allow_at = new_tat - burst * interval
   if allow_at > now then
-    return allow_at - now
+    return allow_at - now, tat
+  end
+  return 0, new_tat
+end
+"""
+
+#: GCRA on a rate key: ``gcra_take(key, now_us, interval_us, burst, n)`` → 0 (granted and
+#: counted) or µs to wait.
+GCRA_TAKE_LUA = GCRA_LUA + """
+local function gcra_take(key, now, interval, burst, n)
+  local wait, new_tat = gcra(tonumber(redis.call('GET', key) or '0'), now, interval, burst, n)
+  if wait > 0 then
+    return wait
   end
   redis.call('SET', key, string.format('%.0f', new_tat), 'PX',
              math.floor((new_tat - now) / 1000) + 1)

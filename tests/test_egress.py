@@ -163,6 +163,98 @@ async def test_commit_many_records_and_acks_in_one_call(redis: Redis, keys: Keys
     assert pending["pending"] == 1
 
 
+async def test_a_write_older_than_the_newest_recorded_pin_is_stale_only_pin_by_pin(
+    redis: Redis, keys: Keys
+) -> None:
+    """Older than the device's newest recorded value does not make a write stale: a pin whose
+    own record is older still goes."""
+    a = LastWritten(redis, keys, "replica-a")
+    limiter = RateLimiter(redis, keys, rps=1000, burst=100)
+    await a.commit("dev", {"V1": 100, "V2": 10})
+    stale, fresh = await a.prepare([("dev", {"V1": 50, "V2": 5}), ("dev", {"V1": 50, "V2": 50})],
+                                   limiter)
+    assert stale.stale
+    assert fresh.granted and fresh.last == {"V1": 100, "V2": 10}
+    assert await a.commit_many([("dev", {"V2": 50})], read=[fresh]) == [True]
+    await a.claim([("dev", [])])
+    assert await a.commit("dev", {"V1": 60, "V3": 1})  # no read given: merged pin by pin
+    assert await book_of(redis, keys).get("dev") == {"V1": 100, "V2": 50, "V3": 1}
+
+
+async def test_a_commit_merges_onto_what_prepare_read_only_while_that_record_stands(
+    redis: Redis, keys: Keys
+) -> None:
+    """A commit given its prepare's claim stores the merge egress computed from it — unless the
+    record changed meanwhile (A's lease lapsed, B wrote a newer value, A renewed its lease):
+    then it merges pin by pin, and B's newer value stays recorded."""
+    a = LastWritten(redis, keys, "replica-a", lease_ms=1)
+    b = LastWritten(redis, keys, "replica-b", lease_ms=10_000)
+    limiter = RateLimiter(redis, keys, rps=1000, burst=100)
+    await a.commit("dev", {"V1": 10, "V2": 10})
+    (read,) = await a.prepare([("dev", {"V1": 20})], limiter)
+    assert read.granted and read.last == {"V1": 10, "V2": 10}
+    assert await a.commit_many([("dev", {"V1": 20})], read=[read]) == [True]
+    assert await book_of(redis, keys).get("dev") == {"V1": 20, "V2": 10}
+
+    (read,) = await a.prepare([("dev", {"V1": 30, "V2": 30})], limiter)
+    assert read.granted
+
+    async def b_writes_newer() -> bool:
+        (cb,) = await b.claim([("dev", ["V2"])])
+        return cb.granted
+
+    await wait_until(b_writes_newer, what="A's 1 ms lease to lapse")
+    assert await b.commit("dev", {"V2": 40})
+    assert (await a.claim([("dev", [])]))[0].granted  # A renews: the lease is A's again
+    assert await a.commit_many([("dev", {"V1": 30, "V2": 30})], read=[read]) == [True]
+    assert await book_of(redis, keys).get("dev") == {"V1": 30, "V2": 40}
+
+
+async def test_a_429_deferral_holds_the_device_back_on_every_replica(
+    redis: Redis, keys: Keys
+) -> None:
+    a = LastWritten(redis, keys, "replica-a")
+    b = LastWritten(redis, keys, "replica-b")
+    limiter = RateLimiter(redis, keys, rps=1000)
+    await a.defer_many([("dev", 100.0)])
+    (held_back,) = await b.prepare([("dev", {"V1": 1})], limiter)
+    assert not held_back.granted and 99 < held_back.wait_s <= 100
+    assert (await b.take(["dev"], limiter))[0] > 99
+    assert await book_of(redis, keys).get("dev") == {}
+
+
+async def test_a_record_keeps_its_expiry_until_a_quarter_of_the_ttl_has_passed(
+    redis: Redis, keys: Keys
+) -> None:
+    """Setting an expiry on every write would cost Redis more than the write itself: a record's
+    expiry (5/4 of the ttl, so it outlives the last write by the ttl at least) is set again
+    only once a quarter of the ttl has passed since it was set."""
+    day = 24 * 3600 * 1000
+    book = LastWritten(redis, keys, "replica-a", ttl_ms=8 * day)
+    key = keys.last_written("dev")
+    await book.commit("dev", {"V1": 1})
+    assert 9 * day < await redis.pttl(key) <= 10 * day
+    await redis.pexpire(key, 5 * day)  # as if set 3 days ago, but the record says "just now"
+    await book.commit("dev", {"V1": 2})
+    assert await redis.pttl(key) <= 5 * day  # kept
+    header, pins = _split_record(await redis.get(key))
+    header[3] -= 3 * day  # it was set 3 days ago: more than a quarter of 8 days
+    await redis.set(key, msgspec.msgpack.encode(header) + pins, keepttl=True)
+    await book.commit("dev", {"V1": 3})
+    assert 9 * day < await redis.pttl(key) <= 10 * day  # set again
+    assert await book.get("dev") == {"V1": 3}
+
+
+def _split_record(raw: bytes) -> tuple[list[Any], bytes]:
+    """A record's header (a msgpack array) and the msgpack pin map after it."""
+    for end in range(1, len(raw) + 1):
+        try:
+            return list(msgspec.msgpack.decode(raw[:end])), raw[end:]
+        except msgspec.DecodeError:
+            continue
+    raise AssertionError("no header")
+
+
 def book_of(redis: Redis, keys: Keys) -> LastWritten:
     return LastWritten(redis, keys, "reader")
 

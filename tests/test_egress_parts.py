@@ -207,7 +207,7 @@ def _committer(redis: Redis, keys: Keys, reader: StreamReader,
     tasks: list[asyncio.Task[None]] = []
     order = LastWritten(redis, keys, "c1")
     servers = Servers(30.0, lambda name, failure: None)
-    committer = Committer(order, RateLimiter(redis, keys, 50), reader, Registry(redis, keys),
+    committer = Committer(order, reader, Registry(redis, keys),
                           held, servers, lambda coro, name: tasks.append(
                               asyncio.create_task(coro, name=name)), 30.0)
     return committer, order, tasks

@@ -19,7 +19,7 @@ def test_one_redis_names_are_unchanged() -> None:
     assert keys.registry_version() == keys.registry_version_for("bb:uplinks") == \
         "bb:registry:version"
     assert keys.registry_changes() == "bb:registry:changes"
-    assert keys.last_written("tts:app:d") == "bb:lww:tts:app:d"
+    assert keys.last_written("tts:app:d") == "bb:lw:tts:app:d"
     assert keys.rate("tts:app:d") == "bb:rate:tts:app:d"
     assert keys.label("bb:{uplinks:2}") == "uplinks:2"
     assert keys.device_prefixes() == ["bb:dev:"]

@@ -18,8 +18,9 @@ resolves every in-flight entry of the device, then the write's ``pending`` futur
   retried write is coalesced again, with whatever arrived meanwhile.
 * **Retry** (a retryable answer, or a Redis error while committing): the entries go back to the
   device's queue, in memory, never acked and never re-read; after a 429 the device waits for
-  ``Retry-After`` (or capped jittered backoff), shared with every replica through the rate limit;
-  otherwise it waits for its server's backoff.
+  ``Retry-After`` (or capped jittered backoff), shared with every replica through the device's
+  rate limit (in its record, :mod:`pipeline.order`); otherwise it waits for its server's
+  backoff.
 
 The common case (everything written) finishes from the commit's callback, without a task; the
 dead-letter and invalid-token cases run in a tracked task. A commit that finds the device's
@@ -46,8 +47,7 @@ from pipeline.coalesce import DevicePlan
 from pipeline.consumer import backoff_s
 from pipeline.errors import Reason
 from pipeline.keys import GROUP_EGRESS
-from pipeline.order import LastWritten
-from pipeline.ratelimit import RateLimiter
+from pipeline.order import Claim, LastWritten
 from pipeline.redact import mask
 from pipeline.registry import Registry, split_key
 from pipeline.streams import DeadItem, Entry, StreamReader, now_ms
@@ -70,6 +70,8 @@ class Commit:
     device_key: str | None
     written: dict[str, int]
     acks: list[Entry]
+    #: The record the write was granted on, if known (the commit merges onto it).
+    read: Claim | None = None
 
 
 _Dead = list[DeadItem]
@@ -78,11 +80,10 @@ _Dead = list[DeadItem]
 class Committer:
     """Finishes device writes (see module docstring)."""
 
-    def __init__(self, order: LastWritten, limiter: RateLimiter, reader: StreamReader,
+    def __init__(self, order: LastWritten, reader: StreamReader,
                  registry: Registry, held: HeldWrites, servers: Servers, spawn: Spawn,
                  max_backoff_s: float) -> None:
         self._order = order
-        self._limiter = limiter
         self._reader = reader
         self._registry = registry
         self._held = held
@@ -117,7 +118,9 @@ class Committer:
         else:
             ok, dead = sort_out(dev.inflight, result)
         commit = self.commits.submit(
-            Commit(dev.key if leased else None, result.written, [h.entry for h in ok]))
+            Commit(dev.key if leased else None, result.written, [h.entry for h in ok],
+                   dev.claim if leased else None))
+        dev.claim = None
         commit.add_done_callback(functools.partial(
             self._committed, dev, plan, result, ok, dead, now_ms(), pending))
 
@@ -240,11 +243,12 @@ class Committer:
             for e in item.acks:
                 acks.setdefault(e.stream, []).append(e.id)
         writes = [(c.device_key, c.written) for c in items if c.device_key is not None]
-        held = iter(await self._order.commit_many(writes, acks, GROUP_EGRESS))
+        reads = [c.read for c in items if c.device_key is not None]
+        held = iter(await self._order.commit_many(writes, acks, GROUP_EGRESS, reads))
         return [True if c.device_key is None else next(held) for c in items]
 
     async def _defer_many(self, items: list[tuple[str, float]]) -> list[None]:
-        await self._limiter.defer_many(items)
+        await self._order.defer_many(items)
         return [None] * len(items)
 
 

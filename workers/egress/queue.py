@@ -20,6 +20,7 @@ import msgspec
 from pipeline.coalesce import DevicePlan, coalesce
 from pipeline.errors import Reason
 from pipeline.events import BlynkWrite, decode_write
+from pipeline.order import Claim
 from pipeline.streams import DeadItem, Entry
 
 
@@ -48,6 +49,9 @@ class DeviceQueue:
     #: retried). The times themselves, not the newest: a late point that joins the retried
     #: write may be older than points already uploaded, and must still go.
     history_done: dict[str, set[int]] = field(default_factory=dict)
+    #: The record the write in flight was granted on (:meth:`pipeline.order.LastWritten.prepare`):
+    #: its commit merges onto it.
+    claim: Claim | None = None
 
 
 class HeldWrites:

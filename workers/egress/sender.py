@@ -91,7 +91,8 @@ class Pacer:
     passed. Both are group-committed across devices. Raises ``RedisError``."""
 
     def __init__(self, order: LastWritten, limiter: RateLimiter) -> None:
-        self._takes = GroupCommit(limiter.take, name="egress-rate-slots")
+        self._takes = GroupCommit(functools.partial(order.take, limiter=limiter),
+                                  name="egress-rate-slots")
         self._renewals = GroupCommit(order.claim, name="egress-lease-renewals")
         self._renew_after_s = order.lease_ms / 3000
 

@@ -96,7 +96,7 @@ class EgressStage:
         self.scheduler = FlushScheduler(self.held, self.servers, flush_count=cfg.flush_count,
                                         flush_bytes=cfg.flush_bytes,
                                         flush_age_ms=cfg.flush_age_ms)
-        self.committer = Committer(self.order, self.limiter, self.reader, self.registry,
+        self.committer = Committer(self.order, self.reader, self.registry,
                                    self.held, self.servers, self._spawn, cfg.max_backoff_s)
         #: With Blynk webhooks configured, writes are announced to echo suppression first.
         self._echo_window_ms = ctx.config.echo.window_ms if ctx.config.blynk_webhooks else 0
@@ -321,6 +321,7 @@ class EgressStage:
             # Late history points are dropped with the stale values and counted with them (by
             # the committer, once the write is over: a retried write drops them again).
             if claim.granted:
+                dev.claim = claim
                 points = history_only(plan)
                 plan.stale = len(drop_stale(plan, claim.last)) + points - history_only(plan)
                 send(dev, plan, self._pending())
