@@ -9,10 +9,11 @@ Contract:
   reads. Stop the bridge after ``blynk-bridge lag`` shows 0, then migrate.
 * Copies, each key whole (``DUMP``/``RESTORE … REPLACE``, its time to live kept), so running it
   again is harmless: registry rows (``dev:…``: auto-provisioned devices; static rows too,
-  which the bridge writes again at start anyway) and last-written times (``lww:…``) to their
-  partition's tagged names, provisioning counts to their integration's tag, and the keys whose
-  names the cluster layout keeps (broken devices, the Blynk reverse index and its backfill
-  mark, integration statuses, unmapped keys, the superseded count) under the same names.
+  which the bridge writes again at start anyway) and egress records (``lw:…``: last-written
+  times, lease, rate state) to their partition's tagged names, provisioning counts to their
+  integration's tag, and the keys whose names the cluster layout keeps (broken devices, the
+  Blynk reverse index and its backfill mark, integration statuses, unmapped keys, the
+  superseded count) under the same names.
 * Does not copy what is drained or short-lived: streams, the de-dup window (an event the
   device cloud sends again after the migration is processed again: the same value, which
   last-written times keep from going backwards), rate-limit state, leases, the registry's
@@ -104,7 +105,7 @@ async def migrate(source: Redis, target: Redis, old: Keys, new: Keys) -> Copied:
     out = Copied()
     renamed: list[tuple[str, Callable[[str], str | None]]] = [
         (f"{old.prefix}dev:", lambda rest: new.device(*split_key(rest))),
-        (f"{old.prefix}lww:", new.last_written),
+        (f"{old.prefix}lw:", new.last_written),
         (f"{old.prefix}provisioned:", lambda rest: new.provisioned(*rest.split(":", 1))
          if ":" in rest else None),
     ]
