@@ -331,16 +331,16 @@ class LastWritten:
             keys, args = self._prepare_call(devices, limiter, echoes, echo_window_ms)
             replies = await self._prepare(keys=keys, args=args)
         else:
-            if echoes is not None:
-                # Echo lists are keyed by token, in other slots (config refuses downlinks
-                # with cluster mode until they are tagged too: docs/DESIGN.md).
-                raise ValueError("echo records are not supported in the cluster layout")
             parts: dict[int, list[int]] = {}
             for i, (device_key, _) in enumerate(devices):
                 parts.setdefault(self._keys.partition_of_device_key(device_key), []).append(i)
             async with self._redis.pipeline(transaction=False) as pipe:
                 for idx in parts.values():
-                    keys, args = self._prepare_call([devices[i] for i in idx], limiter, None, 0)
+                    # Echo lists carry the partition of the device key that records them
+                    # (pipeline.echo.records): each device's go with it.
+                    keys, args = self._prepare_call(
+                        [devices[i] for i in idx], limiter,
+                        None if echoes is None else [echoes[i] for i in idx], echo_window_ms)
                     await self._prepare(keys=keys, args=args, client=pipe)
                 got = await pipe.execute()
             replies = [None] * len(devices)

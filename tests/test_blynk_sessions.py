@@ -306,7 +306,8 @@ async def test_commands_reach_tts_and_echoes_of_the_bridges_writes_do_not(
             await world.uplink([FRA[0]])
             await wait_until(lambda: world.online([FRA[0]]), what="session open")
             # The bridge writes Switch=1 for the device (egress records it first) ...
-            await rig.record_echoes(world.redis, world.keys, [(tok(FRA[0]), {"V1": 1})],
+            await rig.record_echoes(world.redis, world.keys,
+                                    [(tok(FRA[0]), f"tts:kit:{FRA[0]}", {"V1": 1})],
                                     now_ms(), cfg.echo.window_ms)
             dev = world.emu.model.devices[1]
             ds = dev.template.by_pin["V1"]
