@@ -192,7 +192,9 @@ async def writes(redis: Redis, keys: Keys) -> list[events.BlynkWrite]:
 
 
 async def dead_letters(redis: Redis, keys: Keys) -> list[events.DeadLetter]:
-    return [events.decode_dead(f[events.FIELD]) for _, f in await redis.xrange(keys.dead)]
+    """Every dead letter (each partition's dead stream too, in the cluster layout)."""
+    return [events.decode_dead(f[events.FIELD]) for key in keys.dead_streams()
+            for _, f in await redis.xrange(key)]
 
 
 def counted(outcome: str, integration: str) -> float:

@@ -225,6 +225,8 @@ class SessionsStage:
         prune_at = time.monotonic() + 60
         while not stop.is_set():
             try:
+                if "$" in streams.values():
+                    await self._tails(streams)
                 reply = await self._read_writes(streams)
             except RedisError as exc:
                 log.warning("cannot read writes: %s", exc)
@@ -250,6 +252,18 @@ class SessionsStage:
             if time.monotonic() >= prune_at:
                 prune_at = time.monotonic() + 60
                 self._prune(now_ms())
+
+    async def _tails(self, streams: dict[str, str]) -> None:
+        """Start each stream still at ``$`` after its last entry now (one round trip): ``$``
+        itself would be resolved afresh by every ``XREAD``, skipping what was appended between
+        two reads (on a cluster the per-partition polls leave such gaps all the time)."""
+        todo = [s for s, i in streams.items() if i == "$"]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for stream in todo:
+                pipe.xrevrange(stream, count=1)
+            last = await pipe.execute()
+        for stream, rows in zip(todo, last, strict=True):
+            streams[stream] = as_str(rows[0][0]) if rows else "0-0"
 
     async def _read_writes(self, streams: dict[str, str]) -> Any:
         """New entries of the writes streams after ``streams``' ids (blocking up to 1 s). In
