@@ -20,8 +20,7 @@ import pytest
 from emulators.blynk import DatastreamSpec, DeviceSpec
 from emulators.particle import ParticleCloud, deliver, make_event, webhook_for
 from pipeline import mqtt
-from pipeline.streams import Redis
-from tests.conftest import MQTT_HOST, MQTT_PORT, REDIS_URL, free_port, serve_app
+from tests.conftest import MQTT_HOST, MQTT_PORT, free_port, serve_app
 from tests.rig import (
     PASSWORD,
     app_write,
@@ -43,16 +42,6 @@ pytestmark = pytest.mark.cluster_too
 
 TEMPLATE = "TMPLloop0001"
 TOKEN = "looptokenlooptokenlooptokenloop1"
-
-
-@pytest.fixture
-def redis_yaml(redis: Redis, backend: str, prefix: str, request: pytest.FixtureRequest) -> str:
-    """The ``redis:`` section of this run's bridge (one Redis, or the cluster with three
-    partitions)."""
-    if backend == "cluster":
-        url = request.getfixturevalue("cluster_url")
-        return f'{{url: "{url}", prefix: "{prefix}", partitions: 3}}'
-    return f'{{url: "{REDIS_URL}", prefix: "{prefix}"}}'
 
 
 async def test_uplink_echo_is_dropped_and_an_app_change_goes_down(
