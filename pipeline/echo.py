@@ -5,7 +5,8 @@ writes to a watched pin comes back through ``POST /blynk/…``; sent down, it wo
 Egress records each write before it sends it (so the record always precedes the webhook), in the
 same script call that takes the device's lease (:meth:`pipeline.order.LastWritten.prepare` runs
 :data:`RECORD_LUA` for the granted devices: no round trip of its own). The downlink stage
-queues :meth:`Echoes.queue_take` for a whole batch in its own pipeline (one script call).
+queues :meth:`Echoes.queue_take` for a whole batch in its own pipeline (one script call; one
+per partition on a cluster, below).
 A command is an echo when the bridge
 wrote the same value (compared by :func:`canonical`) to the same Blynk device and pin within
 ``window_ms``; each record answers one echo (it is removed), so a user who sets the same value

@@ -25,7 +25,9 @@ Redis round trips per batch, besides the read: one for the reverse index and the
 version check, one for the echo check, the last-sent times and what outcome matching keeps (one
 ``EVAL`` and plain commands, whatever the batch size), and the commit; registry rows not in the
 cache cost one more, as does the last-sent read of held commands retried in a round that read
-nothing new.
+nothing new. On a Redis Cluster the echo check is one ``EVAL`` per partition (same round trip)
+and the commit two: the records per device partition, then the dead letters and acks per
+stream partition (docs/DESIGN.md, "Redis Cluster").
 
 A command whose device is offline, whose cloud fails or refuses our credentials is held in
 memory and retried with capped jittered backoff (its pending entry kept fresh with ``XCLAIM …
