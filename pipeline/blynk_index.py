@@ -107,23 +107,25 @@ async def resolve(redis: Redis, registry: Registry, keys: Keys,
 async def backfill(redis: Redis, keys: Keys, *, batch: int = BACKFILL_BATCH) -> int:
     """Index every registry row that carries a token; returns the index fields written.
 
-    ``SCAN`` in steps of ``batch`` keys, each step a bounded number of round trips. An entry
-    already pointing at the row is left alone; one pointing at a row that no longer carries
-    that token (or id) is replaced; an entry of another row that does carry it is kept (the
-    row written last owns a shared token). Safe beside live writes: a row changed meanwhile is
-    indexed by its own write, and :func:`resolve` checks every entry against its row. Marks
-    the pass complete in ``keys.blynk_index_backfilled``.
+    ``SCAN`` in steps of ``batch`` keys, each step a bounded number of round trips (on a
+    cluster client ``scan_iter`` walks every master; the cluster layout's rows are matched by
+    each partition's prefix). An entry already pointing at the row is left alone; one pointing
+    at a row that no longer carries that token (or id) is replaced; an entry of another row
+    that does carry it is kept (the row written last owns a shared token). Safe beside live
+    writes: a row changed meanwhile is indexed by its own write, and :func:`resolve` checks
+    every entry against its row. Marks the pass complete in ``keys.blynk_index_backfilled``.
     """
-    row_prefix = keys.device("", "", "")[: -len("::")]
     written = rows = 0
-    cursor: int = 0
-    while True:
-        cursor, raw = await redis.scan(cursor, match=f"{row_prefix}*", count=batch)
-        names = [k.decode() if isinstance(k, bytes) else str(k) for k in raw]
+    for row_prefix in keys.device_prefixes():
+        names: list[str] = []
+        async for raw in redis.scan_iter(match=f"{row_prefix}*", count=batch):
+            names.append(raw.decode() if isinstance(raw, bytes) else str(raw))
+            if len(names) >= batch:
+                rows += len(names)
+                written += await _index_rows(redis, keys, row_prefix, names)
+                names = []
         rows += len(names)
         written += await _index_rows(redis, keys, row_prefix, names)
-        if cursor == 0:
-            break
     await redis.set(keys.blynk_index_backfilled(), str(int(time.time() * 1000)))
     log.info("blynk index: %d registry rows scanned, %d index entries written", rows, written)
     return written
@@ -161,7 +163,7 @@ async def _index_rows(redis: Redis, keys: Keys, row_prefix: str, names: Sequence
     if others:
         async with redis.pipeline(transaction=False) as pipe:
             for f, holder in others:
-                pipe.hget(row_prefix + holder, wanted[f][1])
+                pipe.hget(_row(keys, holder), wanted[f][1])
             held = await pipe.execute()
         for (f, _), value in zip(others, held, strict=True):
             if value is None or value.decode() != wanted[f][2]:
@@ -169,3 +171,10 @@ async def _index_rows(redis: Redis, keys: Keys, row_prefix: str, names: Sequence
     if mapping:
         await redis.hset(index, mapping=mapping)  # type: ignore[arg-type]
     return len(mapping)
+
+
+def _row(keys: Keys, device_key: str) -> str:
+    """The registry row of a device key an index entry names."""
+    source, _, rest = device_key.partition(":")
+    integration, _, device = rest.partition(":")
+    return keys.device(source, integration, device)

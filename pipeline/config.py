@@ -1051,20 +1051,6 @@ def check(config: Config, origin: str) -> None:
             raise _invalid(origin, f"devices[{i}].server",
                            f"`devices[{i}].server` names unknown server {dev.server!r}")
     _check_downlinks(config, origin)
-    if config.redis.is_cluster:
-        # Refused rather than failing at the first cross-slot call: the downlink path (echo
-        # records keyed by token, the downlink worker's MULTI, device sessions) does not carry
-        # partition hash tags yet (issue 13, docs/DESIGN.md "Redis Cluster").
-        if config.blynk_webhooks:
-            raise _invalid(origin, "blynk_webhooks",
-                           "`blynk_webhooks` (downlinks) are not supported with `redis.cluster` "
-                           "/ a `redis+cluster://` URL yet: their keys are not partitioned; "
-                           "run downlinks on one Redis")
-        for i, t in enumerate(config.templates):
-            if t.downlinks == "mqtt":
-                raise _invalid(origin, f"templates[{i}].downlinks",
-                               "`downlinks: mqtt` (device sessions) is not supported with "
-                               "`redis.cluster` / a `redis+cluster://` URL yet")
     if config.blynk.default_server not in config.blynk.servers:
         raise _invalid(
             origin, "blynk.default_server",

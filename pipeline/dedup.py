@@ -56,8 +56,9 @@ event collides with any of them is ~5·10⁻²¹, one lost reading in ~10⁷ yea
 state of a partition carries that partition's hash tag (one Redis Cluster slot per script).
 On a cluster client :class:`Claims` declares every shard key a call touches (read from the
 table first, checked by the script), so a call reaching a master while the slot moves is
-redirected rather than missing a shard; the shared ``LUA`` functions build the keys
-themselves (one Redis, and transform's commit so far).
+redirected rather than missing a shard; so does transform's commit script there (it passes
+:func:`declare`'s keys; its ``dd_open`` gets the declared set). On one Redis the shared ``LUA``
+functions build the shard keys themselves (no table read first).
 
 Replaying a dead letter appends a *new* entry with the same ``event_id``: call :func:`forget`
 first (transform does so itself for every uplink it dead-letters whole), or the replay would be
@@ -101,7 +102,7 @@ MARK_BYTES = 4
 CLAIM_BYTES = DIGEST_BYTES + MARK_BYTES
 #: Table reads a declared (Redis Cluster) call makes before it gives up: each retry means
 #: another client resized or swept in between.
-_DECLARED_TRIES = 20
+DECLARED_TRIES = 20
 
 
 def digest(event_id: str) -> bytes:
@@ -390,6 +391,15 @@ def _shard_keys(base: str, row: Sequence[bytes | str | None], window_s: int,
     return e, list(keys)
 
 
+async def declare(redis: Redis, base: str, window_s: int,
+                  digests: Sequence[bytes]) -> tuple[str, list[str]]:
+    """Read the table of ``base`` (one round trip) and return the epoch and every shard key a
+    declared call claiming ``digests`` may touch (:func:`_shard_keys`). A script given them
+    must answer "read again" when a claim's shard is not among them (the table moved on)."""
+    row = await redis.hmget(base, ["e", "q", "n", "o", "m", "w"])
+    return _shard_keys(base, row, window_s, digests)
+
+
 def _args(keys: Keys, window_s: int, mode: str,
           claims: Sequence[tuple[str, str, bytes]]) -> tuple[list[str], list[bytes | str | int]]:
     bases: dict[str, int] = {}
@@ -421,11 +431,20 @@ class Claims:
         # master while its slot moves is redirected (ASK/TRYAGAIN) rather than missing a shard.
         self._cluster = isinstance(redis, RedisCluster) if declare_keys is None else declare_keys
 
+    @property
+    def declares(self) -> bool:
+        """Whether calls declare their shard keys (then :meth:`queue` is refused: use
+        :meth:`run`, which reads the table first)."""
+        return self._cluster
+
     async def queue(self, pipe: Pipeline, claims: Sequence[tuple[str, str, bytes]],
                     window_s: int) -> None:
         """Queue the claims of ``(stream, event_id, mark)``; the reply is a list of old marks
         (``None`` where the event was new), in order. One script call for every partition:
-        one Redis only (:meth:`run` keeps to one slot per call)."""
+        one Redis only (:meth:`run` keeps to one slot per call and declares its keys)."""
+        if self._cluster:
+            raise ValueError("Claims.queue builds its shard keys in Lua: use run() on a "
+                             "cluster (a slot move would hide shards not moved yet)")
         keys, args = _args(self._keys, window_s, "c", claims)
         await self._script(keys=keys, args=args, client=pipe)
 
@@ -462,14 +481,13 @@ class Claims:
         more round trip), and read again when the script finds it moved on meanwhile."""
         blob = [pack(e, m) for _, e, m in claims]
         digests = [c[:DIGEST_BYTES] for c in blob]
-        for _ in range(_DECLARED_TRIES):
-            row = await self._redis.hmget(base, ["e", "q", "n", "o", "m", "w"])
-            epoch, shards = _shard_keys(base, row, window_s, digests)
+        for _ in range(DECLARED_TRIES):
+            epoch, shards = await declare(self._redis, base, window_s, digests)
             reply = await self._declared_script(keys=[base, *shards],
                                                 args=[window_s, b"".join(blob), mode, epoch])
             if reply != -1:
                 return reply  # type: ignore[no-any-return]
-        raise RuntimeError(f"de-dup table of {base} kept changing over {_DECLARED_TRIES} reads")
+        raise RuntimeError(f"de-dup table of {base} kept changing over {DECLARED_TRIES} reads")
 
 
 def is_duplicate(reply: bytes | None, mark: bytes) -> bool:

@@ -5,7 +5,8 @@ writes to a watched pin comes back through ``POST /blynk/…``; sent down, it wo
 Egress records each write before it sends it (so the record always precedes the webhook), in the
 same script call that takes the device's lease (:meth:`pipeline.order.LastWritten.prepare` runs
 :data:`RECORD_LUA` for the granted devices: no round trip of its own). The downlink stage
-queues :meth:`Echoes.queue_take` for a whole batch in its own pipeline (one script call).
+queues :meth:`Echoes.queue_take` for a whole batch in its own pipeline (one script call; one
+per partition on a cluster, below).
 A command is an echo when the bridge
 wrote the same value (compared by :func:`canonical`) to the same Blynk device and pin within
 ``window_ms``; each record answers one echo (it is removed), so a user who sets the same value
@@ -19,12 +20,19 @@ echoes must still be recognised.
 One Redis list per Blynk device and pin (``keys.echo``, the token hashed by
 :func:`pipeline.blynk_index.token_ref`) of ``<written ms>|<value>``, newest first, at most
 :data:`KEEP` long, expiring ``window_ms`` after the last write.
+
+In the cluster layout (:attr:`pipeline.keys.Keys.cluster`) a list carries the hash tag of the
+partition of the device key that wrote it (egress's prepare script runs per partition), and
+the check runs one script call per partition, pipelined: a command of a resolved device is
+looked for in its device's partition; one whose token has no registry row (the writer's
+device key is unknown here) in every partition.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 from redis.asyncio.client import Pipeline
 
@@ -105,11 +113,41 @@ def item(now_ms: int, value: Value) -> str:
     return f"{now_ms}|{canonical(value)}"
 
 
-def records(keys: Keys, token: str, pins: Mapping[str, Value], now_ms: int
-            ) -> list[tuple[str, str]]:
-    """The ``(echo list key, item)`` of each value of one write about to be sent."""
+def records(keys: Keys, token: str, pins: Mapping[str, Value], now_ms: int,
+            device_key: str | None = None) -> list[tuple[str, str]]:
+    """The ``(echo list key, item)`` of each value of one write about to be sent by
+    ``device_key`` (which the cluster layout needs: the list is in its partition)."""
     ref = token_ref(token)
-    return [(keys.echo(ref, pin.upper()), item(now_ms, value)) for pin, value in pins.items()]
+    return [(keys.echo(ref, pin.upper(), device_key), item(now_ms, value))
+            for pin, value in pins.items()]
+
+
+#: One command to check: ``(token, pin, value, device key)``; the device key ``None`` when the
+#: token has no registry row.
+Check = tuple[str, str, Value, str | None]
+
+
+@dataclass(frozen=True, slots=True)
+class Take:
+    """What :meth:`Echoes.queue_take` queued: :attr:`replies` script calls, answered by
+    :meth:`answer`."""
+
+    #: Per call queued, the command index of each of its keys.
+    calls: tuple[tuple[int, ...], ...]
+    commands: int
+
+    @property
+    def replies(self) -> int:
+        return len(self.calls)
+
+    def answer(self, replies: Sequence[Sequence[int | bytes]]) -> list[bool]:
+        """Per command: was it an echo (a record consumed)."""
+        out = [False] * self.commands
+        for call, reply in zip(self.calls, replies, strict=True):
+            for i, r in zip(call, reply, strict=True):
+                if int(r):
+                    out[i] = True
+        return out
 
 
 class Echoes:
@@ -120,28 +158,35 @@ class Echoes:
         self._keys = keys
         self.window_ms = window_ms
 
-    def queue_take(self, pipe: Pipeline, commands: Sequence[tuple[str, str, Value]],
-                   now_ms: int) -> int:
-        """Queue the check of each ``(token, pin, value)`` in ``pipe`` as one script call
-        (``EVAL``: no ``SCRIPT EXISTS`` round trip, nothing to reload after a Redis restart);
-        returns how many replies it queued (0 or 1), read by :func:`echoed`."""
-        if not commands:
-            return 0
-        keys = [self._keys.echo(token_ref(token), pin.upper()) for token, pin, _ in commands]
-        pipe.eval(_TAKE, len(keys), *keys, now_ms, self.window_ms,
-                  *(canonical(value) for _, _, value in commands))
-        return 1
+    def queue_take(self, pipe: Pipeline, commands: Sequence[Check], now_ms: int) -> Take:
+        """Queue the check of each command in ``pipe`` as one script call (``EVAL``: no
+        ``SCRIPT EXISTS`` round trip, nothing to reload after a Redis restart) — one per
+        partition in the cluster layout; :meth:`Take.answer` reads the replies."""
+        keys = self._keys
+        calls: dict[int | None, tuple[list[int], list[str], list[str]]] = {}
+        for i, (token, pin, value, device_key) in enumerate(commands):
+            ref, text = token_ref(token), canonical(value)
+            if not keys.cluster:
+                parts: Sequence[int | None] = [None]
+            elif device_key is not None:
+                parts = [keys.partition_of_device_key(device_key)]
+            else:
+                parts = range(keys.partitions)
+            for part in parts:
+                idx, names, wants = calls.setdefault(part, ([], [], []))
+                idx.append(i)
+                names.append(keys.echo(ref, pin.upper(), partition=part)
+                             if part is not None else keys.echo(ref, pin.upper()))
+                wants.append(text)
+        for _, names, wants in calls.values():
+            pipe.eval(_TAKE, len(names), *names, now_ms, self.window_ms, *wants)
+        return Take(tuple(tuple(idx) for idx, _, _ in calls.values()), len(commands))
 
-    async def take(self, commands: Sequence[tuple[str, str, Value]], now_ms: int) -> list[bool]:
-        """For each ``(token, pin, value)``: was it an echo (its record is consumed)."""
+    async def take(self, commands: Sequence[Check], now_ms: int) -> list[bool]:
+        """For each command: was it an echo (its record is consumed)."""
         if not commands:
             return []
         async with self._redis.pipeline(transaction=False) as pipe:
-            self.queue_take(pipe, commands, now_ms)
-            reply, = await pipe.execute()
-        return echoed(reply)
-
-
-def echoed(reply: Sequence[int | bytes]) -> list[bool]:
-    """The answer of one :meth:`Echoes.queue_take` call, per command."""
-    return [bool(int(r)) for r in reply]
+            taken = self.queue_take(pipe, commands, now_ms)
+            replies = await pipe.execute()
+        return taken.answer(replies)

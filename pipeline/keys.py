@@ -8,10 +8,11 @@ Two layouts (docs/DESIGN.md, "Redis Cluster"):
 * Redis Cluster (``cluster=True``): every key that a script or ``MULTI`` touches together with
   others carries its partition's hash tag ``{pN.k}`` (k: :meth:`Keys._tag`) —
   ``bb:{p3.k}:uplinks``, ``…:writes``, ``…:dead``, ``…:dev:…``, ``…:registry:version`` /
-  ``:changes``, ``…:lw:…``, ``…:rate:…`` — with N = :meth:`Keys.partition_of` of the device,
-  so a device's stream entries, row, order and rate state share one slot. The provisioning
-  rate and count of an integration share a tag of their own. Keys only ever used alone keep
-  their one-Redis names (a single-key command is in one slot anyway).
+  ``:changes``, ``…:lw:…``, ``…:rate:…``, ``…:echo:…``, ``…:down:last:…`` — with
+  N = :meth:`Keys.partition_of` of the device, so a device's stream entries, row, order, rate
+  state, echo records and last sent commands share one slot. The provisioning rate and count
+  of an integration share a tag of their own. Keys only ever used alone keep their one-Redis
+  names (a single-key command is in one slot anyway).
 """
 
 from __future__ import annotations
@@ -251,9 +252,19 @@ class Keys:
     def rate(self, device_key: str) -> str:
         return self._of_device(device_key, f"rate:{device_key}")
 
-    def echo(self, token_ref: str, pin: str) -> str:
-        """Values the bridge wrote to one Blynk device (named by a token hash) and pin."""
-        return f"{self.prefix}echo:{token_ref}:{pin}"
+    def echo(self, token_ref: str, pin: str, device_key: str | None = None,
+             partition: int | None = None) -> str:
+        """Values the bridge wrote to one Blynk device (named by a token hash) and pin. In the
+        cluster layout tagged with the partition of the device key that wrote them (egress
+        records them in its prepare script, beside the device's lease) — or ``partition``
+        given outright (a token with no known device is looked for in every partition)."""
+        if not self.cluster:
+            return f"{self.prefix}echo:{token_ref}:{pin}"
+        if partition is None:
+            if device_key is None:
+                raise ValueError("the cluster layout tags an echo list by its device key")
+            partition = self.partition_of_device_key(device_key)
+        return self._tagged(partition, f"echo:{token_ref}:{pin}")
 
     # device sessions (workers/blynk_sessions.py)
     def sessions_replicas(self) -> str:
@@ -289,8 +300,9 @@ class Keys:
         return f"{self.prefix}blynk:index:backfilled"
 
     def down_last(self, device_key: str) -> str:
-        """Hash pin → ``<Blynk ts>:<event id>`` of the last command sent to the device."""
-        return f"{self.prefix}down:last:{device_key}"
+        """Hash pin → ``<Blynk ts>:<event id>`` of the last command sent to the device (in the
+        device's partition in the cluster layout)."""
+        return self._of_device(device_key, f"down:last:{device_key}")
 
     def down_command(self, event_id: str) -> str:
         """What outcome matching needs of one sent command (by its correlation id)."""

@@ -489,12 +489,9 @@ class LastWritten:
         """
         if not devices:
             return []
-        if echoes is not None and self._keys.cluster:
-            # Echo lists are keyed by token, in other slots (config refuses downlinks
-            # with cluster mode until they are tagged too: docs/DESIGN.md).
-            raise ValueError("echo records are not supported in the cluster layout")
-
         def call(idx: list[int]) -> tuple[list[str], list[bytes]]:
+            # On a cluster, echo lists carry the partition of the device key that records
+            # them (pipeline.echo.records): each device's go with it.
             return self._prepare_call([devices[i] for i in idx], limiter,
                                       None if echoes is None else [echoes[i] for i in idx],
                                       echo_window_ms)

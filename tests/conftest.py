@@ -90,6 +90,17 @@ async def redis(prefix: str, backend: str, request: pytest.FixtureRequest
     await client.aclose()
 
 
+@pytest.fixture
+def redis_yaml(redis: Redis, backend: str, prefix: str, request: pytest.FixtureRequest) -> str:
+    """The ``redis:`` section of a bridge configuration on this test's backend: one Redis, or
+    the cluster with three partitions (a device's keys and its commands' stream partition then
+    differ for many devices). Asks for ``redis``, so the test's keys are deleted after it."""
+    if backend == "cluster":
+        url = request.getfixturevalue("cluster_url")
+        return f'{{url: "{url}", prefix: "{prefix}", partitions: 3}}'
+    return f'{{url: "{REDIS_URL}", prefix: "{prefix}"}}'
+
+
 @pytest.fixture(scope="session")
 def cluster_url() -> str:
     """``redis+cluster://`` URL of the local 3-master cluster, started if it is not up."""

@@ -174,13 +174,15 @@ for i = 1, #KEYS do echo_record(KEYS[i], ARGV[i + 1], tonumber(ARGV[1])) end
 
 
 async def record_echoes(redis: Redis, keys: Keys,
-                        writes: Sequence[tuple[str, dict[str, events.Value]]],
+                        writes: Sequence[tuple[str, str, dict[str, events.Value]]],
                         now_ms: int, window_ms: int) -> None:
-    """The echo records egress's ``prepare`` makes before writing each ``(token, pin → value)``
-    (same Lua), for tests that start where Blynk's webhook comes back."""
-    records = [r for token, pins in writes for r in echo.records(keys, token, pins, now_ms)]
-    await redis.eval(_RECORD_EACH, len(records), *(k for k, _ in records),
-                     window_ms, *(text for _, text in records))
+    """The echo records egress's ``prepare`` makes before writing each ``(token, device key,
+    pin → value)`` (same Lua; one call per write: a device's records are in its partition),
+    for tests that start where Blynk's webhook comes back."""
+    for token, device_key, pins in writes:
+        records = echo.records(keys, token, pins, now_ms, device_key)
+        await redis.eval(_RECORD_EACH, len(records), *(k for k, _ in records),
+                         window_ms, *(text for _, text in records))
 
 
 async def writes(redis: Redis, keys: Keys) -> list[events.BlynkWrite]:
@@ -190,7 +192,9 @@ async def writes(redis: Redis, keys: Keys) -> list[events.BlynkWrite]:
 
 
 async def dead_letters(redis: Redis, keys: Keys) -> list[events.DeadLetter]:
-    return [events.decode_dead(f[events.FIELD]) for _, f in await redis.xrange(keys.dead)]
+    """Every dead letter (each partition's dead stream too, in the cluster layout)."""
+    return [events.decode_dead(f[events.FIELD]) for key in keys.dead_streams()
+            for _, f in await redis.xrange(key)]
 
 
 def counted(outcome: str, integration: str) -> float:

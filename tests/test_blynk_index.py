@@ -1,6 +1,9 @@
 """The reverse index's backfill on the real Redis: registry rows written before the index
 existed (an older bridge's provisioned devices) become reachable by downlinks — through the
-downlink stage's start-up and through ``blynk-bridge devices reindex``."""
+downlink stage's start-up and through ``blynk-bridge devices reindex``.
+
+On one Redis and on the local Redis Cluster (``cluster_too``), there with three partitions: the
+rows are spread over every master, and the backfill scans each."""
 
 from __future__ import annotations
 
@@ -19,7 +22,14 @@ from tests.conftest import REDIS_URL
 from tests.test_downlink import bridge, token_for
 from tests.wait import wait_until
 
+pytestmark = pytest.mark.cluster_too
+
 ROWS = 2_500
+
+
+def _spread(keys: Keys) -> Keys:
+    """The cluster runs' layout: three partitions (rows on every master)."""
+    return Keys(keys.prefix, 3, cluster=True) if keys.cluster else keys
 
 
 def _token(i: int) -> str:
@@ -37,6 +47,7 @@ async def _write_old_rows(redis: Redis, keys: Keys, n: int = ROWS) -> None:
 
 
 async def test_backfill_indexes_every_old_row_in_bounded_steps(redis: Redis, keys: Keys) -> None:
+    keys = _spread(keys)
     await _write_old_rows(redis, keys)
     registry = Registry(redis, keys)
     who = [(None, _token(i)) for i in range(ROWS)] + [(10_000 + i, None) for i in range(ROWS)]
@@ -81,10 +92,14 @@ async def test_downlink_stage_backfills_before_reading(redis: Redis, prefix: str
 
 
 async def test_devices_reindex_command(redis: Redis, keys: Keys, tmp_path: Path,
-                                       capsys: pytest.CaptureFixture[str]) -> None:
+                                       capsys: pytest.CaptureFixture[str],
+                                       request: pytest.FixtureRequest) -> None:
+    keys = _spread(keys)
     await _write_old_rows(redis, keys, 30)
     path = tmp_path / "bridge.yaml"
-    path.write_text(f"redis:\n  url: {REDIS_URL}\n  prefix: '{keys.prefix}'\n")
+    url = request.getfixturevalue("cluster_url") if keys.cluster else REDIS_URL
+    path.write_text(f"redis:\n  url: '{url}'\n  prefix: '{keys.prefix}'\n"
+                    f"  partitions: {keys.partitions}\n")
     rc = await asyncio.to_thread(cli.main, ["devices", "reindex", "-c", str(path)])
     out, _ = capsys.readouterr()
     assert rc == 0

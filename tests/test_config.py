@@ -372,10 +372,15 @@ def test_cluster_mode_is_accepted_and_gives_the_tagged_layout(redis: str) -> Non
     assert not parse("redis: {}\n", "yaml", "b.yaml", env={}).redis.keys().cluster
 
 
-def test_cluster_mode_refuses_downlinks_whose_keys_are_not_partitioned_yet() -> None:
-    with pytest.raises(ConfigError, match=r"blynk_webhooks.*not supported with `redis\.cluster"):
-        parse("redis: {cluster: true}\nblynk_webhooks: [{name: w, auth: {username: u, "
-              "password: s3cret-Very-long}}]\n", "yaml", "b.yaml", env={})
+def test_cluster_mode_takes_downlinks_with_their_keys_in_the_devices_partition() -> None:
+    cfg = parse("redis: {cluster: true, partitions: 3}\nblynk_webhooks: [{name: w, auth: "
+                "{username: u, password: s3cret-Very-long}}]\n", "yaml", "b.yaml", env={})
+    keys = cfg.redis.keys()
+    device = "tts:app:dev-1"
+    tag = keys.last_written(device).partition("}")[0]
+    assert keys.down_last(device).startswith(tag + "}:")
+    assert keys.echo("ref", "V1", device).startswith(tag + "}:")
+    assert keys.echo("ref", "V1", device + "#0123") == keys.echo("ref", "V1", device)
 
 
 def test_a_moved_key_is_still_read_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:

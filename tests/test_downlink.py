@@ -5,6 +5,10 @@ Each guarantee of DESIGN.md "Downlinks" has a test here: the exact body Blynk's 
 sends, 2xx only with the command in Redis, latest wins, duplicates removed, TTL, unknown
 device/pin/type as dead letters, a killed worker's entries taken over, echo suppression, TTS
 outcomes matched by correlation id.
+
+Every test runs on one Redis and on the local Redis Cluster (``cluster_too``), there with three
+partitions: a device's commands, echo records and last-sent times in its partition, the
+downlinks stream partitioned by Blynk token — a batch's commit spans several slots.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Any
 import aiohttp
 import pytest
 from prometheus_client import REGISTRY
+from redis.asyncio.cluster import RedisCluster
 
 from emulators.tts import DownlinkAnswerer
 from pipeline import config as config_mod
@@ -36,22 +41,29 @@ from tests.wait import wait_until, within
 from workers.downlink import DownlinkStage
 from workers.ingest_http import IngestHttp
 
+pytestmark = pytest.mark.cluster_too
+
 DEVICES = ["dev-a", "dev-b"]
+#: Partitions of the cluster runs (one Redis keeps the unpartitioned names).
+CLUSTER_PARTITIONS = 3
 
 
 def token_for(device: str) -> str:
-    return (device.replace("-", "") + "t" * 32)[:32]
+    """Tokens whose partition (the downlinks stream's) is not their device's on the cluster:
+    a batch read from one partition records what it sent in another."""
+    return (device.replace("-", "") + "w" * 32)[:32]
 
 
 def make_config(prefix: str, app_id: str, extra: str = "", ttl_s: int = 600,
                 claim_idle_ms: int = 30_000,
-                webhook_auth: str = f'{{username: blynk, password: "{PASSWORD}"}}'
-                ) -> config_mod.Config:
+                webhook_auth: str = f'{{username: blynk, password: "{PASSWORD}"}}',
+                cluster: bool = False) -> config_mod.Config:
     devices = "\n".join(
         f"  - {{source: tts, integration: kit, device: {d}, token: {token_for(d)}, "
         "template: kit}" for d in DEVICES)
     text = f"""
-redis: {{url: "{REDIS_URL}", prefix: "{prefix}"}}
+redis: {{url: "{REDIS_URL}", prefix: "{prefix}", cluster: {str(cluster).lower()},
+         partitions: {CLUSTER_PARTITIONS if cluster else 1}}}
 streams: {{block_ms: 100, claim_idle_ms: {claim_idle_ms}}}
 templates:
   - name: kit
@@ -121,16 +133,20 @@ class Bridge:
             return resp
 
     async def dead(self) -> list[events.DeadLetter]:
-        rows = await self.ctx.redis.xrange(self.ctx.keys.dead)
-        return [events.decode_dead(f[events.FIELD]) for _, f in rows]
+        return [events.decode_dead(f[events.FIELD]) for key in self.ctx.keys.dead_streams()
+                for _, f in await self.ctx.redis.xrange(key)]
+
+    async def queued(self) -> int:
+        """Entries on the downlinks stream (every partition)."""
+        return sum([await self.ctx.redis.xlen(s) for s in self.ctx.keys.streams(DOWNLINKS)])
 
 
 @asynccontextmanager
 async def bridge(redis: Redis, prefix: str, *, start_stage: bool = True, consumer: str = "d1",
                  **kw: Any) -> AsyncIterator[Bridge]:
     app_id = f"down-{secrets.token_hex(4)}"
-    cfg = make_config(prefix, app_id, **kw)
-    ctx = Context(config=cfg, redis=redis, keys=Keys(prefix), consumer=consumer,
+    cfg = make_config(prefix, app_id, cluster=isinstance(redis, RedisCluster), **kw)
+    ctx = Context(config=cfg, redis=redis, keys=cfg.redis.keys(), consumer=consumer,
                   writer=StreamWriter(redis))
     ingest = IngestHttp(ctx)
     url = await ingest.serve("127.0.0.1", 0)
@@ -163,12 +179,17 @@ def counted(outcome: str, integration: str = "kit") -> float:
 
 async def test_webhook_becomes_the_exact_tts_push(redis: Redis, prefix: str) -> None:
     async with bridge(redis, prefix) as b:
+        keys = b.ctx.keys
+        if keys.cluster:  # the entry's partition and the device's differ (token_for)
+            assert (keys.partition_of("blynk", token_for("dev-a"))
+                    != keys.partition_of_device_key("tts:kit:dev-a"))
         ts = int(time.time() * 1000)
         resp = await b.post("dev-a", "v2", "1", ts)
         assert resp.status == 200
         entry_id = resp.headers["X-Entry-Id"]
         # 2xx only once Redis has it
-        assert await redis.xrange(b.ctx.keys.stream(DOWNLINKS), min=entry_id, max=entry_id)
+        stream = b.ctx.keys.stream_for(DOWNLINKS, "blynk", token_for("dev-a"))
+        assert await redis.xrange(stream, min=entry_id, max=entry_id)
         await wait_until(lambda: b.devices.got, what="a down/push")
         device, body = b.devices.got[0]
         assert device == "dev-a"
@@ -181,8 +202,11 @@ async def test_webhook_becomes_the_exact_tts_push(redis: Redis, prefix: str) -> 
 
 
 async def _acked(redis: Redis, keys: Keys) -> bool:
-    info = await redis.xpending(keys.stream(DOWNLINKS), GROUP_DOWNLINK)
-    return int(info["pending"]) == 0
+    for stream in keys.streams(DOWNLINKS):
+        info = await redis.xpending(stream, GROUP_DOWNLINK)
+        if int(info["pending"]):
+            return False
+    return True
 
 
 async def test_latest_wins_and_duplicates_and_stale_are_not_sent(
@@ -251,7 +275,7 @@ async def test_a_header_secret_authenticates_a_blynk_webhook(redis: Redis, prefi
                 headers["X-Bridge-Secret"] = given
             async with b.http.post(f"{b.url}/blynk/app", data=body, headers=headers) as resp:
                 assert resp.status == 401, given
-        assert await b.ctx.redis.xlen(b.ctx.keys.stream(DOWNLINKS)) == 0
+        assert await b.queued() == 0
         async with b.http.post(f"{b.url}/blynk/app", data=body, headers={
                 "Content-Type": "application/json", "X-Bridge-Secret": secret}) as resp:
             assert resp.status == 200
@@ -291,7 +315,7 @@ async def test_receiver_refuses_bodies_blynk_did_not_fill(redis: Redis, prefix: 
         r = await b.post("dev-a", "", "", 0, body=form.replace("&", "\n"),
                          content_type="text/plain")
         assert r.status == 200
-        assert await redis.xlen(b.ctx.keys.stream(DOWNLINKS)) == 2
+        assert await b.queued() == 2
 
 
 async def test_a_webhook_at_blynks_limit_is_counted(redis: Redis, prefix: str) -> None:
@@ -312,7 +336,7 @@ async def test_a_killed_workers_commands_are_taken_over(redis: Redis, prefix: st
         ts = int(time.time() * 1000)
         assert (await b.post("dev-a", "v2", "1", ts)).status == 200
         # a worker that read the command and died before publishing it
-        dead_worker = StreamReader(redis, b.ctx.keys, [b.ctx.keys.stream(DOWNLINKS)],
+        dead_worker = StreamReader(redis, b.ctx.keys, b.ctx.keys.streams(DOWNLINKS),
                                    GROUP_DOWNLINK, "killed", stage="downlink")
         await dead_worker.ensure_group()
         assert len(await dead_worker.read(block=False)) == 1
@@ -334,7 +358,8 @@ async def test_the_bridges_own_write_coming_back_is_not_sent(redis: Redis, prefi
         now = int(time.time() * 1000)
         # what egress records before writing V2=1 and V3=21.5 to dev-a
         await rig.record_echoes(redis, b.ctx.keys,
-                                [(token_for("dev-a"), {"V2": 1, "V3": 21.5})], now, 60_000)
+                                [(token_for("dev-a"), "tts:kit:dev-a", {"V2": 1, "V3": 21.5})],
+                                now, 60_000)
         assert (await b.post("dev-a", "v2", "1", now + 5)).status == 200
         assert (await b.post("dev-a", "v3", "21.50", now + 5)).status == 200
         await wait_until(lambda: counted("echo") - echoes == 2, what="two echoes")
@@ -370,8 +395,8 @@ async def test_tts_outcomes_are_matched_and_written_back(
 
 
 async def _written(b: Bridge, pins: dict[str, Any]) -> bool:
-    writes = await b.ctx.redis.xrange(b.ctx.keys.stream("writes"))
-    return pins in [events.decode_write(f[events.FIELD]).pins for _, f in writes]
+    writes = [f for s in b.ctx.keys.streams("writes") for _, f in await b.ctx.redis.xrange(s)]
+    return pins in [events.decode_write(f[events.FIELD]).pins for f in writes]
 
 
 async def _outcome(b: Bridge, cid: str, outcome: str) -> bool:

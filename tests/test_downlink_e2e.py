@@ -12,6 +12,8 @@ downlink stage sends it, and the emulated device cloud takes it over real HTTP o
 * encode rules: the value packed into ``frm_payload`` bytes per pin (type, endianness, f_port),
   a value that does not fit dead-lettered ``encode_failed``;
 * a Particle function's ``arg`` built from its template.
+
+On one Redis and on the local Redis Cluster (``cluster_too``, three partitions there).
 """
 
 from __future__ import annotations
@@ -31,8 +33,7 @@ from emulators.blynk import DatastreamSpec, DeviceSpec
 from emulators.particle import Device, ParticleCloud
 from emulators.tts import DownlinkAnswerer, Received, SimulatedDevices
 from pipeline.keys import DOWNLINKS, GROUP_DOWNLINK
-from pipeline.streams import Redis
-from tests.conftest import MQTT_HOST, MQTT_PORT, REDIS_URL, free_port, serve_app
+from tests.conftest import MQTT_HOST, MQTT_PORT, free_port, serve_app
 from tests.rig import (
     PASSWORD,
     Running,
@@ -50,6 +51,8 @@ from tests.rig import (
 from tests.wait import wait_until
 from workers import downlink, egress, ingest_http, transform
 
+pytestmark = pytest.mark.cluster_too
+
 TEMPLATE = "TMPLdown0e2e"
 TOKEN = "e2etokene2etokene2etokene2etoke1"
 API_KEY = "NNSXS.E2E-DOWNLINK-KEY"
@@ -57,10 +60,10 @@ WEBHOOK_ID = "blynk-bridge"
 UPLINK_SECRET = "tts-webhook-secret"
 
 
-def _config(prefix: str, port: int, blynk_url: str, *, templates: str, integrations: str,
+def _config(redis_yaml: str, port: int, blynk_url: str, *, templates: str, integrations: str,
             device: str) -> str:
     return f"""
-redis: {{url: "{REDIS_URL}", prefix: "{prefix}"}}
+redis: {redis_yaml}
 streams: {{block_ms: 100}}
 blynk: {{servers: {{fra1: "{blynk_url}"}}, default_server: fra1}}
 ingest_http: {{host: 127.0.0.1, port: {port}}}
@@ -97,7 +100,7 @@ async def tts_cloud(app_id: str, devices: SimulatedDevices | None = None,
 
 @pytest.mark.parametrize("queue", ["push", "replace"])
 async def test_tts_over_http_round_trip_with_the_devices_echoed_state(
-        redis: Redis, prefix: str, queue: str) -> None:
+        redis_yaml: str, queue: str) -> None:
     app_id = f"e2e-{secrets.token_hex(4)}"
     port = free_port()
     spec = blynk_spec([switch_template(
@@ -113,7 +116,7 @@ async def test_tts_over_http_round_trip_with_the_devices_echoed_state(
     async with serve_blynk(spec) as (emu, blynk_url), \
             tts_cloud(app_id, field, outcomes) as (tts, api):
         cfg = parse_config(_config(
-            prefix, port, blynk_url,
+            redis_yaml, port, blynk_url,
             templates="""  - name: valve
     datastreams:
       - {name: switch, pin: V2, type: integer, min: 0, max: 1}
@@ -180,7 +183,7 @@ ENCODE_TEMPLATE = "TMPLencode001"
 
 
 async def test_encode_rules_pack_the_apps_values_into_frm_payload(
-        redis: Redis, prefix: str) -> None:
+        redis_yaml: str) -> None:
     app_id = f"enc-{secrets.token_hex(4)}"
     port = free_port()
     spec = blynk_spec(
@@ -195,7 +198,7 @@ async def test_encode_rules_pack_the_apps_values_into_frm_payload(
         [blynk_hook(f"hook {pin}", port, ENCODE_TEMPLATE, pin) for pin in ("V2", "V3", "V4")])
     async with serve_blynk(spec) as (_, blynk_url), tts_cloud(app_id) as (tts, _api):
         cfg = parse_config(_config(
-            prefix, port, blynk_url,
+            redis_yaml, port, blynk_url,
             templates="""  - name: pump
     datastreams:
       - {name: switch, pin: V2, type: integer, min: 0, max: 1}
@@ -227,7 +230,7 @@ async def test_encode_rules_pack_the_apps_values_into_frm_payload(
             assert len(tts.received) == 3
 
 
-async def test_a_particle_function_gets_its_arg_template(redis: Redis, prefix: str) -> None:
+async def test_a_particle_function_gets_its_arg_template(redis_yaml: str) -> None:
     core = "e00fce68e2e0e2e0e2e0e2e0"
     port = free_port()
     spec = blynk_spec(
@@ -239,7 +242,7 @@ async def test_a_particle_function_gets_its_arg_template(redis: Redis, prefix: s
     cloud = ParticleCloud([Device(core, functions={"set": lambda arg: len(arg)})])
     async with serve_blynk(spec) as (_, blynk_url), serve_app(cloud.app) as api_url:
         cfg = parse_config(_config(
-            prefix, port, blynk_url,
+            redis_yaml, port, blynk_url,
             templates="""  - name: heater
     datastreams: [{name: setpoint, pin: V4, type: double}]
     downlink: {particle: {V4: {function: set, arg: "{pin}={value};{name}"}}}""",
@@ -262,9 +265,9 @@ async def test_a_particle_function_gets_its_arg_template(redis: Redis, prefix: s
 
 async def _sent_all(bridge: Running, cloud: ParticleCloud) -> None:
     async def settled() -> bool:
-        stream = bridge.ctx.keys.stream(DOWNLINKS)
-        pending = await bridge.ctx.redis.xpending(stream, GROUP_DOWNLINK)
-        return int(pending["pending"]) == 0 and await bridge.ctx.redis.xlen(stream) == 2
+        redis, streams = bridge.ctx.redis, bridge.ctx.keys.streams(DOWNLINKS)
+        pending = [int((await redis.xpending(s, GROUP_DOWNLINK))["pending"]) for s in streams]
+        return sum(pending) == 0 and sum([await redis.xlen(s) for s in streams]) == 2
     await wait_until(settled, what="both commands finished")
 
 

@@ -5,6 +5,9 @@ A device's uplink sets V2 through ingest-mqtt → transform → egress → Blynk
 brings that change back to ``POST /blynk/app``; the downlink stage must recognise it as the
 bridge's own write and send nothing. A change made in the app (``POST /_admin/devices/{id}/
 app-write`` on the running emulator, as a dashboard user causes it) must go down to the device.
+
+On one Redis and on the local Redis Cluster (``cluster_too``; three partitions there: echo
+records and last-sent times in the device's partition, the downlinks stream by token).
 """
 
 from __future__ import annotations
@@ -12,11 +15,12 @@ from __future__ import annotations
 import asyncio
 import secrets
 
+import pytest
+
 from emulators.blynk import DatastreamSpec, DeviceSpec
 from emulators.particle import ParticleCloud, deliver, make_event, webhook_for
 from pipeline import mqtt
-from pipeline.streams import Redis
-from tests.conftest import MQTT_HOST, MQTT_PORT, REDIS_URL, free_port, serve_app
+from tests.conftest import MQTT_HOST, MQTT_PORT, free_port, serve_app
 from tests.rig import (
     PASSWORD,
     app_write,
@@ -34,12 +38,14 @@ from tests.test_downlink import Devices
 from tests.wait import wait_until
 from workers import downlink, egress, ingest_http, ingest_mqtt, transform
 
+pytestmark = pytest.mark.cluster_too
+
 TEMPLATE = "TMPLloop0001"
 TOKEN = "looptokenlooptokenlooptokenloop1"
 
 
 async def test_uplink_echo_is_dropped_and_an_app_change_goes_down(
-        redis: Redis, prefix: str) -> None:
+        redis_yaml: str) -> None:
     app_id = f"loop-{secrets.token_hex(4)}"
     port = free_port()
     spec = blynk_spec([switch_template(TEMPLATE, "Loop")],
@@ -47,7 +53,7 @@ async def test_uplink_echo_is_dropped_and_an_app_change_goes_down(
                       [blynk_hook("switch", port, TEMPLATE, "V2")])
     async with serve_blynk(spec) as (emu, blynk_url):
         cfg = parse_config(f"""
-redis: {{url: "{REDIS_URL}", prefix: "{prefix}"}}
+redis: {redis_yaml}
 streams: {{block_ms: 100}}
 blynk: {{servers: {{fra1: "{blynk_url}"}}, default_server: fra1}}
 ingest_http: {{host: 127.0.0.1, port: {port}}}
@@ -109,7 +115,7 @@ SECRET = "particle-hook-secret"
 
 
 async def test_echo_of_a_token_carrying_particle_device_is_dropped(
-        redis: Redis, prefix: str) -> None:
+        redis_yaml: str) -> None:
     """The Particle blueprint puts the Blynk token in the event (``t``): egress keys those writes
     apart from the registry row; their echoes must still be recognised (not called down, and not
     dead-lettered as an unknown device)."""
@@ -124,7 +130,7 @@ async def test_echo_of_a_token_carrying_particle_device_is_dropped(
     cloud = ParticleCloud([CORE_ROW, CORE_TOKEN_ONLY])
     async with serve_blynk(spec) as (emu, blynk_url), serve_app(cloud.app) as api_url:
         cfg = parse_config(f"""
-redis: {{url: "{REDIS_URL}", prefix: "{prefix}"}}
+redis: {redis_yaml}
 streams: {{block_ms: 100}}
 blynk: {{servers: {{fra1: "{blynk_url}"}}, default_server: fra1}}
 ingest_http: {{host: 127.0.0.1, port: {port}}}

@@ -1,6 +1,9 @@
 """Downlinks to Particle: a Blynk webhook becomes a function call on the Particle emulator over
 real HTTP; offline devices are retried (newest value only) until the TTL, then dead-lettered;
-a refused token makes the integration Broken; the return value is written back to Blynk."""
+a refused token makes the integration Broken; the return value is written back to Blynk.
+
+On one Redis and on the local Redis Cluster (``cluster_too``; three partitions there: the
+return value goes on the device's writes stream in the commit of its record)."""
 
 from __future__ import annotations
 
@@ -12,12 +15,13 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import aiohttp
+import pytest
+from redis.asyncio.cluster import RedisCluster
 
 from emulators.particle import Device, ParticleCloud
 from pipeline import config as config_mod
 from pipeline import events
 from pipeline.context import Context
-from pipeline.keys import Keys
 from pipeline.status import State, StatusBoard
 from pipeline.streams import Redis, StreamWriter
 from tests.conftest import REDIS_URL, serve_app
@@ -26,6 +30,8 @@ from tests.test_downlink import counted
 from tests.wait import wait_until, within
 from workers.downlink import DownlinkStage
 from workers.ingest_http import IngestHttp
+
+pytestmark = pytest.mark.cluster_too
 
 CORE = "e00fce68aaaabbbbccccdddd"
 TOKEN = "particleblynktokenparticleblynk1"
@@ -46,17 +52,19 @@ class Rig:
             return r.status
 
     async def dead(self) -> list[events.DeadLetter]:
-        rows = await self.ctx.redis.xrange(self.ctx.keys.dead)
-        return [events.decode_dead(f[events.FIELD]) for _, f in rows]
+        return [events.decode_dead(f[events.FIELD]) for key in self.ctx.keys.dead_streams()
+                for _, f in await self.ctx.redis.xrange(key)]
 
 
 @asynccontextmanager
 async def rig(redis: Redis, prefix: str, *, token: str = "particle-token", ttl_s: int = 600
               ) -> AsyncIterator[Rig]:
     cloud = ParticleCloud([Device(CORE, functions={"led": lambda arg: 10 + int(arg[-1])})])
+    cluster = isinstance(redis, RedisCluster)
     async with serve_app(cloud.app) as api_url:
         cfg = config_mod.parse(f"""
-redis: {{url: "{REDIS_URL}", prefix: "{prefix}"}}
+redis: {{url: "{REDIS_URL}", prefix: "{prefix}", cluster: {str(cluster).lower()},
+         partitions: {3 if cluster else 1}}}
 streams: {{block_ms: 50}}
 templates:
   - name: board
@@ -73,7 +81,7 @@ blynk_webhooks:
   - {{name: app, auth: {{username: blynk, password: "{PASSWORD}"}}}}
 downlink: {{ttl_s: {ttl_s}, max_backoff_s: 0.1}}
 """, "yaml", "particle.yaml", env={})
-        ctx = Context(config=cfg, redis=redis, keys=Keys(prefix), consumer="p1",
+        ctx = Context(config=cfg, redis=redis, keys=cfg.redis.keys(), consumer="p1",
                       writer=StreamWriter(redis))
         ingest = IngestHttp(ctx)
         url = await ingest.serve("127.0.0.1", 0)
@@ -92,8 +100,8 @@ downlink: {{ttl_s: {ttl_s}, max_backoff_s: 0.1}}
 
 
 async def _written(r: Rig, pins: dict[str, object]) -> bool:
-    rows = await r.ctx.redis.xrange(r.ctx.keys.stream("writes"))
-    return pins in [events.decode_write(f[events.FIELD]).pins for _, f in rows]
+    rows = [f for s in r.ctx.keys.streams("writes") for _, f in await r.ctx.redis.xrange(s)]
+    return pins in [events.decode_write(f).pins for f in (row[events.FIELD] for row in rows)]
 
 
 async def test_function_called_and_return_value_written_back(redis: Redis, prefix: str) -> None:

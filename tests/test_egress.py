@@ -42,7 +42,6 @@ pytestmark = pytest.mark.cluster_too
 
 #: Echo records (downlinks) are keyed by token, not by partition: config refuses them with
 #: cluster mode (docs/DESIGN.md, "Redis Cluster").
-NO_ECHO_ON_CLUSTER = "echo records are not supported in the cluster layout yet"
 
 # ---- pipeline.order: last written times and the per-device lease ----------------------------
 
@@ -130,22 +129,29 @@ async def test_prepare_records_echoes_for_the_granted_devices_only(
     redis: Redis, keys: Keys
 ) -> None:
     """The echo records of a flush ride in ``prepare``: a device not written now (stale, or
-    another replica's lease) records nothing that could later swallow a user's command."""
-    if keys.cluster:
-        pytest.skip(NO_ECHO_ON_CLUSTER)
+    another replica's lease) records nothing that could later swallow a user's command. On the
+    cluster the three devices are in three partitions (slots): each records in its own."""
+    keys = Keys(keys.prefix, 3, cluster=keys.cluster)
+    old, busy, new = (device_key(n) for n in (0, 1, 3))
+    assert len({keys.partition_of_device_key(d) for d in (old, busy, new)}) == 3
     a = LastWritten(redis, keys, "replica-a", lease_ms=10_000)
     b = LastWritten(redis, keys, "replica-b", lease_ms=10_000)
     limiter = RateLimiter(redis, keys, rps=100)
-    await a.commit("old", {"V1": 100})
-    await b.claim([("busy", ["V1"])])
+    await a.commit(old, {"V1": 100})
+    await b.claim([(busy, ["V1"])])
     wall = now_ms()
-    records = [echo.records(keys, f"token-{d}", {"V1": 1}, wall) for d in ("old", "busy", "new")]
-    claims = await a.prepare([("old", {"V1": 99}), ("busy", {"V1": 5}), ("new", {"V1": 7})],
+    records = [echo.records(keys, f"token-{d}", {"V1": 1}, wall, d) for d in (old, busy, new)]
+    claims = await a.prepare([(old, {"V1": 99}), (busy, {"V1": 5}), (new, {"V1": 7})],
                              limiter, echoes=records, echo_window_ms=60_000)
     assert [c.granted for c in claims] == [False, False, True]
     taken = await echo.Echoes(redis, keys, 60_000).take(
-        [(f"token-{d}", "V1", "1") for d in ("old", "busy", "new")], wall)
+        [(f"token-{d}", "V1", "1", d) for d in (old, busy, new)], wall)
     assert taken == [False, False, True]
+    # A token with no known device (None) is looked for in every partition.
+    await a.prepare([(old, {"V1": 101})], limiter, echo_window_ms=60_000,
+                    echoes=[echo.records(keys, "token-x", {"V1": 2}, wall, old)])
+    assert await echo.Echoes(redis, keys, 60_000).take(
+        [("token-x", "V1", "2", None), ("token-x", "V1", "2", None)], wall) == [True, False]
 
 
 async def test_commit_many_records_and_acks_in_one_call(redis: Redis, keys: Keys) -> None:
@@ -693,15 +699,13 @@ async def test_superseded_values_of_a_history_pin_go_to_history_at_their_times(
 async def test_the_newest_history_point_is_recorded_as_an_echo(rig: Rig) -> None:
     """An upload may make its newest point current for a moment, and Blynk's webhook would
     bring it back as a command: the downlink stage must find it recorded as the bridge's own."""
-    if rig.keys.cluster:
-        pytest.skip(NO_ECHO_ON_CLUSTER)
     t0 = now_ms() - 5000
     await rig.add(*[write(0, t0 + i, {"V10": float(i)}, history=["V10"]) for i in range(3)])
     await rig.drain(rig.stage(flush_age_ms=100, webhooks=True))
     assert [v for _, v in rig.device(0).history["V10"]] == [0.0, 1.0, 2.0]
     echoes = echo.Echoes(rig.redis, rig.keys, 60_000)
-    assert await echoes.take([(token(0), "V10", "1"), (token(0), "V10", "2"),
-                              (token(0), "V10", "0")], now_ms()) == [True, True, False]
+    assert await echoes.take([(token(0), "V10", v, device_key(0)) for v in ("1", "2", "0")],
+                             now_ms()) == [True, True, False]
 
 
 async def running(rig: Rig, stage: EgressStage, stop: asyncio.Event) -> asyncio.Task[None]:
@@ -1031,11 +1035,9 @@ async def test_the_late_history_point_of_a_retried_write_is_recorded_as_an_echo(
     """The retry uploads only the late point, so it is that upload's newest point (which may
     fire Blynk's webhook): it must be recorded as the bridge's own, not the newest point of
     the write, uploaded (and recorded) by the first try."""
-    if rig.keys.cluster:
-        pytest.skip(NO_ECHO_ON_CLUSTER)
     await late_point_joins_a_retry(rig, webhooks=True)
     echoes = echo.Echoes(rig.redis, rig.keys, 60_000)
-    assert await echoes.take([(token(0), "V10", "1")], now_ms()) == [True]
+    assert await echoes.take([(token(0), "V10", "1", device_key(0))], now_ms()) == [True]
 
 
 @pytest.mark.parametrize("with_newer", [False, True], ids=["all late", "late and newer"])

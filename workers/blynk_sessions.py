@@ -73,7 +73,7 @@ from pipeline.metrics import SESSION_EVENTS, SESSIONS_HELD, SESSIONS_PENDING
 from pipeline.ratelimit import RateLimiter
 from pipeline.redact import mask
 from pipeline.registry import Registry
-from pipeline.streams import now_ms
+from pipeline.streams import CLUSTER_POLL_MS, now_ms
 
 log = logging.getLogger("blynk_bridge.blynk_sessions")
 
@@ -225,8 +225,9 @@ class SessionsStage:
         prune_at = time.monotonic() + 60
         while not stop.is_set():
             try:
-                reply: Any = await self.redis.xread(
-                    streams, count=1000, block=1000)  # type: ignore[arg-type]
+                if "$" in streams.values():
+                    await self._tails(streams)
+                reply = await self._read_writes(streams)
             except RedisError as exc:
                 log.warning("cannot read writes: %s", exc)
                 await wait_event(stop, 1.0)
@@ -251,6 +252,29 @@ class SessionsStage:
             if time.monotonic() >= prune_at:
                 prune_at = time.monotonic() + 60
                 self._prune(now_ms())
+
+    async def _tails(self, streams: dict[str, str]) -> None:
+        """Start each stream still at ``$`` after its last entry now (one round trip): ``$``
+        itself would be resolved afresh by every ``XREAD``, skipping what was appended between
+        two reads (on a cluster the per-partition polls leave such gaps all the time)."""
+        todo = [s for s, i in streams.items() if i == "$"]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for stream in todo:
+                pipe.xrevrange(stream, count=1)
+            last = await pipe.execute()
+        for stream, rows in zip(todo, last, strict=True):
+            streams[stream] = as_str(rows[0][0]) if rows else "0-0"
+
+    async def _read_writes(self, streams: dict[str, str]) -> Any:
+        """New entries of the writes streams after ``streams``' ids (blocking up to 1 s). In
+        the cluster layout one ``XREAD`` per partition (one ``BLOCK`` cannot span slots),
+        concurrently, each blocking :data:`~pipeline.streams.CLUSTER_POLL_MS`."""
+        if not self.keys.cluster or len(streams) == 1:
+            return await self.redis.xread(streams, count=1000, block=1000)  # type: ignore[arg-type]
+        replies = await asyncio.gather(*(
+            self.redis.xread({s: i}, count=1000, block=CLUSTER_POLL_MS)
+            for s, i in streams.items()))
+        return [row for reply in replies if reply for row in reply]
 
     def _prune(self, now: int) -> None:
         """Forget the uplink times of devices past their offline deadline (bounded memory)."""

@@ -25,7 +25,9 @@ Redis round trips per batch, besides the read: one for the reverse index and the
 version check, one for the echo check, the last-sent times and what outcome matching keeps (one
 ``EVAL`` and plain commands, whatever the batch size), and the commit; registry rows not in the
 cache cost one more, as does the last-sent read of held commands retried in a round that read
-nothing new.
+nothing new. On a Redis Cluster the echo check is one ``EVAL`` per partition (same round trip)
+and the commit two: the records per device partition, then the dead letters and acks per
+stream partition (docs/DESIGN.md, "Redis Cluster").
 
 A command whose device is offline, whose cloud fails or refuses our credentials is held in
 memory and retried with capped jittered backoff (its pending entry kept fresh with ``XCLAIM …
@@ -44,7 +46,9 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import aiohttp
 import msgspec
@@ -59,7 +63,7 @@ from pipeline.consumer import backoff_s
 from pipeline.context import Context
 from pipeline.device_clouds import Offline, ParticleApi, TtsHttp, TtsMqtt, Unauthorized
 from pipeline.downlink_outcomes import Outcomes, Sent, queue_write_back
-from pipeline.echo import Echoes, echoed
+from pipeline.echo import Echoes
 from pipeline.errors import Permanent, Reason, Retryable
 from pipeline.lifecycle import Stage, wait_event
 from pipeline.mapping import Datastream, Mismatch, coerce
@@ -285,18 +289,18 @@ class DownlinkStage:
                              "(a Particle device needs downlink.particle for the pin)"))
                 continue
             commands.append(_Command(e, d, dev, template, ds, value))
-        checks = ([(c.down.token or c.device.token, c.down.pin, c.down.value) for c in commands]
-                  + [(d.token or "", d.pin, d.value) for _, d in strangers])
+        checks = ([(c.down.token or c.device.token, c.down.pin, c.down.value, c.device.key)
+                   for c in commands]
+                  + [(d.token or "", d.pin, d.value, None) for _, d in strangers])
         last_keys = list(dict.fromkeys([*(c.key for c in commands), *self.held]))
-        echoes: list[bool] = []
         async with self.ctx.redis.pipeline(transaction=False) as pipe:
-            queued = self.echoes.queue_take(pipe, checks, wall)
+            taken = self.echoes.queue_take(pipe, checks, wall)
+            queued = taken.replies
             for device_key, pin in last_keys:
                 pipe.hget(self.ctx.keys.down_last(device_key), pin)
             self._keep_for_outcomes(pipe, commands)
             replies = await pipe.execute() if queued or last_keys or commands else []
-        if queued:
-            echoes = echoed(replies[0])
+        echoes = taken.answer(replies[:queued])
         batch.lasts.update(zip(last_keys, replies[queued:queued + len(last_keys)], strict=True))
         fresh: list[_Command] = []
         for c, echo in zip(commands, echoes, strict=False):
@@ -460,36 +464,77 @@ class DownlinkStage:
         letters, ack — one ``MULTI`` (all or nothing: no entry is acked without its dead letter
         or record).
 
+        In the cluster layout a ``MULTI`` spans one slot: first one per device partition
+        recording what was sent (and the return values, on the device's writes stream), then
+        one per stream partition writing the dead letters and acking — each phase concurrent.
+        A failure between leaves records without acks: the entries come again and are finished
+        as ``duplicate`` by those records, never sent twice.
+
         A failure here leaves the entries pending: they are sent again (at-least-once).
         """
         if not ok and not batch.acks and not batch.dead:
             return
-        keys = self.ctx.keys
         wall = now_ms()
-        record_ms = max(self.ttl_ms * 2, 60_000)
         acks = list(batch.acks)
-        async with self.ctx.redis.pipeline(transaction=True) as pipe:
-            if ok:
-                args: list[str | int] = [record_ms]
-                for c, _ in ok:
-                    args += (c.down.pin, c.down.ts_ms, c.down.event_id)
-                pipe.eval(_RECORD, len(ok), *(keys.down_last(c.device.key) for c, _ in ok),
-                          *args)
-            for c, result in ok:
-                ret_pin = _return_pin(c.template.downlink, c.down.pin)
-                if result is not None and ret_pin is not None:
-                    queue_write_back(pipe, keys, device_key=c.device.key, token=c.device.token,
-                                     server=self._server_url(c.device.server), pin=ret_pin,
-                                     value=result, wall=wall, event_id=f"{c.down.event_id}:ret")
-                acks += (c.entry, *c.carried)
-            self.reader.queue_dead_letter(pipe, batch.dead, wall)
-            acks += (e for e, _, _ in batch.dead)
-            self.reader.queue_ack(pipe, acks)
-            await pipe.execute()
+        for c, _ in ok:
+            acks += (c.entry, *c.carried)
+        acks += (e for e, _, _ in batch.dead)
+        keys = self.ctx.keys
+        if not keys.cluster:
+            async with self.ctx.redis.pipeline(transaction=True) as pipe:
+                self._queue_records(pipe, ok=ok, wall=wall)
+                self.reader.queue_dead_letter(pipe, batch.dead, wall)
+                self.reader.queue_ack(pipe, acks)
+                await pipe.execute()
+        else:
+            sent: dict[int, list[tuple[_Command, events.Value | None]]] = {}
+            for item in ok:
+                sent.setdefault(keys.partition_of_device_key(item[0].device.key), []).append(item)
+            finished: dict[int, tuple[list[DeadItem], list[Entry]]] = {}
+            for d in batch.dead:
+                finished.setdefault(keys.partition_of_stream(d[0].stream) or 0,
+                                    ([], []))[0].append(d)
+            for e in acks:
+                finished.setdefault(keys.partition_of_stream(e.stream) or 0, ([], []))[1].append(e)
+            await asyncio.gather(*(self._multi(partial(self._queue_records, ok=part, wall=wall))
+                                   for part in sent.values()))
+            await asyncio.gather(*(self._multi(partial(self._queue_finish, dead=dead,
+                                                       acks=done, wall=wall))
+                                   for dead, done in finished.values()))
         self.reader.count_dead(batch.dead)
         for c, _ in ok:
             self._count(c, "sent")
             metrics.DOWNLINK_LATENCY.observe(max(0, wall - c.down.received_ts_ms) / 1000)
+
+    async def _multi(self, queue: Callable[[Pipeline], None]) -> None:
+        """One ``MULTI`` of what ``queue(pipe)`` queues (one slot)."""
+        async with self.ctx.redis.pipeline(transaction=True) as pipe:
+            queue(pipe)
+            await pipe.execute()
+
+    def _queue_finish(self, pipe: Pipeline, *, dead: list[DeadItem], acks: list[Entry],
+                      wall: int) -> None:
+        self.reader.queue_dead_letter(pipe, dead, wall)
+        self.reader.queue_ack(pipe, acks)
+
+    def _queue_records(self, pipe: Pipeline, *,
+                       ok: list[tuple[_Command, events.Value | None]], wall: int) -> None:
+        """Queue the last-sent records of ``ok`` (one ``EVAL``) and the Particle functions'
+        return values."""
+        if not ok:
+            return
+        keys = self.ctx.keys
+        record_ms = max(self.ttl_ms * 2, 60_000)
+        args: list[str | int] = [record_ms]
+        for c, _ in ok:
+            args += (c.down.pin, c.down.ts_ms, c.down.event_id)
+        pipe.eval(_RECORD, len(ok), *(keys.down_last(c.device.key) for c, _ in ok), *args)
+        for c, result in ok:
+            ret_pin = _return_pin(c.template.downlink, c.down.pin)
+            if result is not None and ret_pin is not None:
+                queue_write_back(pipe, keys, device_key=c.device.key, token=c.device.token,
+                                 server=self._server_url(c.device.server), pin=ret_pin,
+                                 value=result, wall=wall, event_id=f"{c.down.event_id}:ret")
 
     def _server_url(self, server: str | None) -> str:
         if not server:

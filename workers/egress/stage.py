@@ -348,7 +348,7 @@ class EgressStage:
         keys = self.ctx.keys
         per_device: list[list[tuple[str, str]]] = []
         for dev, plan in plans:
-            records = echo.records(keys, plan.token, plan.current(), wall)
+            records = echo.records(keys, plan.token, plan.current(), wall, dev.key)
             if plan.backlog:
                 # The newest point each upload carries: a retried write does not upload again
                 # what its earlier try did (workers.egress.sender), so that is the newest point
@@ -359,7 +359,7 @@ class EgressStage:
                     todo = [v for ts, v in points if ts not in done]
                     if todo:
                         newest[pin] = todo[-1]
-                records += echo.records(keys, plan.token, newest, wall)
+                records += echo.records(keys, plan.token, newest, wall, dev.key)
             per_device.append(records)
         return {"echoes": per_device, "echo_window_ms": self._echo_window_ms}
 

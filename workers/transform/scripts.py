@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import msgspec
+from redis.asyncio.cluster import RedisCluster
 
 from pipeline import dedup, events
 from pipeline.keys import Keys
@@ -73,10 +74,12 @@ class Emit:
         await self._script(keys=keys, args=args)
 
 
-# KEYS = registry version, de-dup base of each claim's stream, output streams, streams to ack;
+# KEYS = registry version, de-dup base of each claim's stream, output streams, streams to ack,
+# then (Redis Cluster) every de-dup shard key the call may touch (pipeline.dedup.declare);
 # ARGV[1] = msgpack [version, window s, group, number of bases, modes (one letter per claim),
 # [base index per claim], [owner, output stream index, ...] per output,
-# [[entry id, ...] per stream to ack]];
+# [[entry id, ...] per stream to ack], number of declared shard keys (absent: none, one
+# Redis), epoch the client saw or proposes (with declared keys)];
 # ARGV[2] = the claims, fixed width (:func:`pipeline.dedup.pack`);
 # ARGV[3...] = each output's data, as separate arguments: Redis 7.0's cmsgpack does not read
 # msgpack's bin type, and splitting one concatenated blob of varying widths in Lua costs the
@@ -86,12 +89,27 @@ local v = redis.call('GET', KEYS[1])
 local p = cmsgpack.unpack(ARGV[1])
 if (v or '0') ~= p[1] then return {{-1}} end
 local window, group, nb, modes, cbase = p[2], p[3], p[4], p[5], p[6]
-local outputs, acks = p[7], p[8]
+local outputs, acks, nd = p[7], p[8], p[9] or 0
 local blob = ARGV[2]
+local declared = nil
+if nd > 0 then
+  declared = {{}}
+  for i = #KEYS - nd + 1, #KEYS do declared[KEYS[i]] = true end
+end
 local states = {{}}
 if nb > 0 then
   local now = dd_now()
-  for i = 1, nb do states[i] = dd_open(KEYS[1 + i], window, now) end
+  for i = 1, nb do states[i] = dd_open(KEYS[1 + i], window, now, declared, p[10]) end
+end
+if declared then
+  -- Every claim's shard must be declared (a slot move redirects on declared keys only);
+  -- one that is not means the table moved on since the client read it: read it again.
+  for i = 1, #cbase do
+    local o = (i - 1) * {dedup.CLAIM_BYTES}
+    if not declared[dd_key(states[cbase[i]], dd_h(string.sub(blob, o + 1, o + 3)))] then
+      return {{-2}}
+    end
+  end
 end
 local dup, out = {{}}, {{1}}
 for i = 1, #cbase do
@@ -147,7 +165,11 @@ class Commit:
     outputs of the non-duplicates, acks — atomically, in one script.
 
     ``claims`` are ``(stream, event_id, mark, mode)`` (the stream the uplink came from:
-    its partition's de-dup state is used, :meth:`pipeline.keys.Keys.dedup`); each output
+    its partition's de-dup state is used, :meth:`pipeline.keys.Keys.dedup`). On a Redis
+    Cluster client the call declares every de-dup shard key it may touch
+    (:func:`pipeline.dedup.declare`: one table read first), so a call reaching a master while
+    the partition's slot moves is redirected (``ASK``/``TRYAGAIN``) instead of missing a shard
+    not moved yet; on one Redis the script builds them (one round trip). Each output
     names its *owner*, the 1-based index of the claim it belongs to (0 = unconditional); an
     output whose owner turns out to be a
     duplicate is not appended. Returns the 0-based indices of the duplicate claims, or ``None``
@@ -155,7 +177,9 @@ class Commit:
     """
 
     def __init__(self, redis: Redis, keys: Keys, group: str) -> None:
+        self._redis = redis
         self._script = redis.register_script(_COMMIT)
+        self._declare = isinstance(redis, RedisCluster)
         self._keys = keys
         self._group = group
         self._pack = msgspec.msgpack.Encoder().encode
@@ -202,9 +226,30 @@ class Commit:
                 ids = by_stream[e.stream] = []
             ids.append(e.id)
         keys.extend(by_stream)
-        arg = self._pack([str(version), window_s, self._group, len(bases), "".join(modes),
-                          claim_base, flat_out, list(by_stream.values())])
-        reply = await self._script(keys=keys, args=[arg, b"".join(claim_bytes), *blob])
+        head = [str(version), window_s, self._group, len(bases), "".join(modes),
+                claim_base, flat_out, list(by_stream.values())]
+        claimed = b"".join(claim_bytes)
+        if self._declare and bases:
+            reply = await self._declared(keys, head, claimed, blob, list(bases), window_s,
+                                         [c[:dedup.DIGEST_BYTES] for c in claim_bytes])
+        else:
+            reply = await self._script(keys=keys, args=[self._pack(head), claimed, *blob])
         if reply[0] == -1:
             return None
         return [int(i) - 1 for i in reply[1:]]
+
+    async def _declared(self, keys: list[str], head: list[object], claimed: bytes,
+                        blob: list[bytes], bases: list[str], window_s: int,
+                        digests: list[bytes]) -> list[int]:
+        """The call with every shard key declared (Redis Cluster: one partition's batch, one
+        de-dup base): the table is read first, and again when the script says it moved on."""
+        base, = bases
+        for _ in range(dedup.DECLARED_TRIES):
+            epoch, shards = await dedup.declare(self._redis, base, window_s, digests)
+            arg = self._pack([*head, len(shards), epoch])
+            reply: list[int] = await self._script(keys=[*keys, *shards],
+                                                  args=[arg, claimed, *blob])
+            if reply[0] != -2:
+                return reply
+        raise RuntimeError(f"de-dup table of {base} kept changing over "
+                           f"{dedup.DECLARED_TRIES} reads")

@@ -275,20 +275,22 @@ class TransformStage:
             except (msgspec.ValidationError, msgspec.DecodeError) as exc:
                 dead.append((e, Reason.UNDECODABLE, f"not an Uplink: {exc}"))
 
-        # One round trip: registry version check + de-duplication claims.
+        # One round trip: registry version check + de-duplication claims (on a cluster the
+        # claims declare their shard keys, which needs the table read first: their own call).
         marks = [dedup.mark_of(e) for e, _ in decoded]
+        claims = [(e.stream, u.event_id, m) for (e, u), m in zip(decoded, marks, strict=True)]
+        queued = bool(decoded) and not self._claims.declares
         async with ctx.redis.pipeline(transaction=False) as pipe:
             self.registry.sync_queue(pipe)
-            if decoded:
-                await self._claims.queue(
-                    pipe, [(e.stream, u.event_id, m)
-                           for (e, u), m in zip(decoded, marks, strict=True)],
-                    self._window)
+            if queued:
+                await self._claims.queue(pipe, claims, self._window)
             replies = await pipe.execute()
         synced = self.registry.sync_replies
         if not self.registry.sync_apply(*replies[:synced]):
             await self.registry.reset()
-        claimed: list[bytes | None] = replies[synced] if decoded else []
+        claimed: list[bytes | None] = (
+            replies[synced] if queued
+            else await self._claims.run(claims, self._window) if decoded else [])
 
         acks: list[Entry] = []
         fresh: list[tuple[Entry, events.Uplink]] = []
