@@ -270,13 +270,16 @@ class Bridge:
 
     def __init__(self, env: Env, processes: Sequence[str], redis_url: str = REDIS_URL,
                  label: str | None = None, cprofile: Path | None = None, *,
-                 variant: tuple[str, dict[str, Any]] | None = None) -> None:
+                 variant: tuple[str, dict[str, Any]] | None = None,
+                 loop_probe: Path | None = None) -> None:
         self.env = env
         self.processes = list(processes)
         if label is not None:
             self.name = f"bridge[{label}]"
         #: Run each bridge process under cProfile, stats written here on stop (run_cprofile).
         self.cprofile = cprofile
+        #: Run each bridge process under the loop probe, summaries written here on stop.
+        self.loop_probe = loop_probe
         self.redis_url = redis_url
         #: Config sections merged over the bench's (``--variant``); none: the defaults.
         self.overrides: dict[str, Any] = {}
@@ -333,6 +336,10 @@ class Bridge:
                 self.cprofile.mkdir(parents=True, exist_ok=True)
                 cmd = [sys.executable, "-m", "bench.e2e", "_cprofile",
                        str(self.cprofile / f"{name}.prof"), *argv]
+            elif self.loop_probe is not None:
+                self.loop_probe.mkdir(parents=True, exist_ok=True)
+                cmd = [sys.executable, "-m", "bench.e2e", "_probe",
+                       str(self.loop_probe / f"{name}.json"), *argv]
             else:
                 cmd = [sys.executable, "-m", "blynk_bridge", *argv]
             proc = self.env.procs.spawn(name, cmd)
@@ -341,10 +348,11 @@ class Bridge:
         return out
 
     def start_profiling(self) -> None:
-        """With ``cprofile``: start the profilers now (after the warm-up; see cprofile_main)."""
+        """With ``cprofile`` or ``loop_probe``: start the profilers now (after the warm-up; see
+        cprofile_main and probe_main)."""
         import signal
 
-        if self.cprofile is not None:
+        if self.cprofile is not None or self.loop_probe is not None:
             for proc in self.running:
                 proc.popen.send_signal(signal.SIGUSR1)
 
@@ -1104,7 +1112,8 @@ async def amain(args: argparse.Namespace, procs: Processes) -> dict[str, Any]:
                 for variant in (args.variant or [None]):
                     systems.append(Bridge(env, processes, args.redis_url,
                                           label=label if several else None,
-                                          cprofile=args.cprofile, variant=variant))
+                                          cprofile=args.cprofile, variant=variant,
+                                          loop_probe=args.loop_probe))
         if args.baseline == "nodered":
             systems.append(NodeRed(env))
         for system in systems:
@@ -1118,6 +1127,9 @@ async def amain(args: argparse.Namespace, procs: Processes) -> dict[str, Any]:
                 for proc_name in system.processes:
                     print_cprofile(args.cprofile / f"{proc_name}.prof",
                                    sum(r.delivered for r in results))
+            if args.loop_probe is not None and isinstance(system, Bridge) and results:
+                for proc_name in system.processes:
+                    print_probe(args.loop_probe / f"{proc_name}.json", system.name)
     finally:
         await emu.close()
     if args.overload:
@@ -1226,6 +1238,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--cprofile", type=Path, metavar="DIR",
                    help="run each bridge process under cProfile (stats in DIR) and print the "
                         "top of each profile after its steps")
+    p.add_argument("--loop-probe", type=Path, metavar="DIR",
+                   help="run each bridge process under a probe of its event loop (how late a "
+                        "5 ms timer fires, CPU spent between two ticks: the synchronous slices) "
+                        "and of its cyclic GC (pauses per generation, CPU clock), from the "
+                        "first measured step to the end; summaries in DIR, printed")
     p.add_argument("--private-redis", action="store_true",
                    help="start a redis-server of the run's own (free port, no persistence), so "
                         "its CPU per uplink is the bridge's alone")
@@ -1284,12 +1301,107 @@ def cprofile_main(out: str, argv: list[str]) -> int:
         prof.dump_stats(out)
 
 
+#: The loop probe's tick: a timer this often, how late it fires, the CPU used in between.
+PROBE_TICK_S = 0.005
+
+
+def probe_main(out: str, argv: list[str]) -> int:
+    """A bridge process (``blynk-bridge`` with ``argv``) whose event loop and cyclic GC are
+    watched from SIGUSR1 until it exits; a JSON summary goes to ``out``.
+
+    The loop: a timer every :data:`PROBE_TICK_S`; its lateness (wall: includes time the machine
+    gave to other processes) and the process CPU time between two ticks (what the loop ran
+    without yielding to the timer: the long synchronous slices; CPU clock, so a busy machine does
+    not inflate it). The GC: each collection's CPU time by generation (``gc.callbacks``)."""
+    import gc
+    import signal
+
+    from blynk_bridge import cli
+
+    on = False
+    lags: list[float] = []
+    slices: list[float] = []
+    pauses: dict[int, list[float]] = {0: [], 1: [], 2: []}
+    started = [0.0]
+
+    def on_gc(phase: str, info: dict[str, Any]) -> None:
+        if not on:
+            return
+        if phase == "start":
+            started[0] = time.process_time()
+        else:
+            pauses[info["generation"]].append(time.process_time() - started[0])
+
+    def enable(*_: Any) -> None:
+        nonlocal on
+        on = True
+
+    async def watched(coro: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        last_cpu = [time.process_time()]
+
+        def tick(due: float) -> None:
+            now, cpu = loop.time(), time.process_time()
+            if on:
+                lags.append(now - due)
+                slices.append(cpu - last_cpu[0])
+            last_cpu[0] = cpu
+            loop.call_at(now + PROBE_TICK_S, tick, now + PROBE_TICK_S)
+
+        loop.call_soon(tick, loop.time())
+        return await coro
+
+    real_run = cli._asyncio_run
+    cli._asyncio_run = lambda coro: real_run(watched(coro))
+    gc.callbacks.append(on_gc)
+    signal.signal(signal.SIGUSR1, enable)
+    try:
+        return cli.main(argv)
+    finally:
+        ms = [1000 * x for x in sorted(lags)]
+        cpu = [1000 * x for x in sorted(slices)]
+        Path(out).write_text(json.dumps({
+            "ticks": len(ms),
+            "lag_ms": {"p50": percentile(ms, 50), "p99": percentile(ms, 99),
+                       "p999": percentile(ms, 99.9), "max": ms[-1] if ms else math.nan},
+            "slice_cpu_ms": {"p50": percentile(cpu, 50), "p99": percentile(cpu, 99),
+                             "p999": percentile(cpu, 99.9), "max": cpu[-1] if cpu else math.nan,
+                             "over_10": sum(1 for x in cpu if x > 10),
+                             "over_20": sum(1 for x in cpu if x > 20),
+                             "over_50": sum(1 for x in cpu if x > 50)},
+            "gc": {str(g): {"n": len(p), "cpu_ms": 1000 * sum(p),
+                            "max_ms": 1000 * max(p, default=0.0)} for g, p in pauses.items()},
+            "gc_threshold": list(gc.get_threshold()), "gc_frozen": gc.get_freeze_count(),
+        }))
+
+
+def print_probe(path: Path, system: str) -> None:
+    """The loop probe's summary of one bridge process (see probe_main)."""
+    if not path.exists():
+        print(f"(no loop probe at {path})")
+        return
+    p = json.loads(path.read_text())
+    lag, cpu = p["lag_ms"], p["slice_cpu_ms"]
+    print(f"\n# loop probe {system}/{path.stem}: {p['ticks']} ticks of {1000 * PROBE_TICK_S:.0f} "
+          f"ms; timer late p50/p99/p99.9/max {lag['p50']:.1f} / {lag['p99']:.1f} / "
+          f"{lag['p999']:.1f} / {lag['max']:.1f} ms (wall)")
+    print(f"  CPU between ticks p50/p99/p99.9/max {cpu['p50']:.2f} / {cpu['p99']:.2f} / "
+          f"{cpu['p999']:.2f} / {cpu['max']:.2f} ms; slices over 10/20/50 ms: "
+          f"{cpu['over_10']} / {cpu['over_20']} / {cpu['over_50']}")
+    for g, v in p["gc"].items():
+        print(f"  GC gen{g}: {v['n']} collections, {v['cpu_ms']:.1f} ms CPU in all, longest "
+              f"{v['max_ms']:.2f} ms")
+    print(f"  thresholds {tuple(p['gc_threshold'])}, {p['gc_frozen']} objects frozen")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["_loadgen"]:
         return loadgen_main(argv[1])
     if argv[:1] == ["_cprofile"]:
         return cprofile_main(argv[1], argv[2:])
+    if argv[:1] == ["_probe"]:
+        return probe_main(argv[1], argv[2:])
     args = parse_args(argv)
     if args.baseline == "nodered":
         from bench.nodered import runner
