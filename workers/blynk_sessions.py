@@ -68,7 +68,7 @@ from pipeline.context import Context
 from pipeline.echo import canonical
 from pipeline.events import FIELD, Downlink, decode_write, encode
 from pipeline.lease import Lease
-from pipeline.lifecycle import wait_event
+from pipeline.lifecycle import until_stopped, wait_event
 from pipeline.metrics import SESSION_EVENTS, SESSIONS_HELD, SESSIONS_PENDING
 from pipeline.ratelimit import RateLimiter
 from pipeline.redact import mask
@@ -225,8 +225,9 @@ class SessionsStage:
         prune_at = time.monotonic() + 60
         while not stop.is_set():
             try:
-                reply: Any = await self.redis.xread(
-                    streams, count=1000, block=1000)  # type: ignore[arg-type]
+                # Cut short by a stop: an observer's read (no group) leaves nothing pending.
+                reply: Any = await until_stopped(self.redis.xread(
+                    streams, count=1000, block=1000), stop)  # type: ignore[arg-type]
             except RedisError as exc:
                 log.warning("cannot read writes: %s", exc)
                 await wait_event(stop, 1.0)
