@@ -395,6 +395,11 @@ class IngestHttpConfig(_Base):
     body_timeout_s: Positive = 30.0
     #: An idle keep-alive connection is closed after this long.
     keepalive_timeout_s: Positive = 75.0
+    #: After an answer that left part of a request body unread (a 408 for a body too slow, a
+    #: 413), the rest is read and dropped for at most this long before the connection closes,
+    #: so the client reads the answer rather than a reset (0: close at once). aiohttp's own
+    #: default, 10 s, kept a slow peer's connection open that long after its 408.
+    lingering_s: NonNegative = 2.0
     #: Open connections from one peer address; more are closed at once. Behind a reverse proxy
     #: every connection comes from the proxy: raise it, or 0 for no cap.
     max_connections_per_peer: AtLeast0 = 128

@@ -25,7 +25,7 @@ import socket
 import subprocess
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 import pytest
@@ -48,6 +48,20 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@contextmanager
+def closed_port() -> Iterator[int]:
+    """A port of 127.0.0.1 that refuses connections for as long as the block runs.
+
+    Bound here without ``SO_REUSEADDR`` and never listening: a connection is refused at once,
+    and no server (another test's, another process's) can be given the port meanwhile — a port
+    that is merely free now may be listening a moment later, and then a client expecting a
+    refusal waits for an answer instead.
+    """
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield int(s.getsockname()[1])
 
 
 @pytest.fixture

@@ -34,7 +34,7 @@ from pipeline.errors import Permanent, Reason, Retryable
 from pipeline.keys import Keys
 from pipeline.redact import Secret
 from pipeline.streams import Redis
-from tests.conftest import free_port, serve_app
+from tests.conftest import closed_port, free_port, serve_app
 
 TOKEN = "xw7ITVneg1DifRRQuPGcA7fJvV8-FAVl"
 NY_TOKEN = "P-0ekUL3EjrEkE_UnIIzsIggqyQXYd0z"
@@ -204,8 +204,8 @@ async def test_retry_on_timeout(env: Env, redis: Redis, keys: Keys) -> None:
 
 
 async def test_retry_on_connection_errors(env: Env, redis: Redis, keys: Keys) -> None:
-    dead = f"http://127.0.0.1:{free_port()}"
-    out = await env.client.batch_update(dead, TOKEN, {"V1": 1})
+    with closed_port() as port:
+        out = await env.client.batch_update(f"http://127.0.0.1:{port}", TOKEN, {"V1": 1})
     assert isinstance(out, Retry) and out.reason == "connection"
     env.emu.faults.set(drop_rate=1.0)
     out = await env.client.batch_update("fra1", TOKEN, {"V1": 1})
@@ -379,7 +379,8 @@ async def test_tokens_never_in_logs_outcomes_or_errors(
     c = env.client
     texts.append(repr(await c.batch_update("fra1", NY_TOKEN, {"V1": 1})))
     texts.append(repr(await c.batch_update("fra1", TOKEN + "x", {"V1": 1})))
-    texts.append(repr(await c.batch_update(f"http://127.0.0.1:{free_port()}", TOKEN, {"V1": 1})))
+    with closed_port() as port:
+        texts.append(repr(await c.batch_update(f"http://127.0.0.1:{port}", TOKEN, {"V1": 1})))
     env.emu.faults.set(drop_rate=1.0)
     texts.append(repr(await c.batch_update("fra1", TOKEN, {"V1": 1})))
     env.emu.faults.clear()
@@ -460,10 +461,11 @@ async def test_platform_errors(env: Env) -> None:
     with pytest.raises(Retryable):
         await platform.create_device(TEMPLATE, "x")
     env.emu.faults.clear()
-    dead = PlatformClient(PlatformConfig(url=f"http://127.0.0.1:{free_port()}", client_id="c",
-                                         client_secret=Secret("s")))
-    with pytest.raises(Retryable) as rexc:
-        await dead.create_device(TEMPLATE, "x")
+    with closed_port() as port:
+        dead = PlatformClient(PlatformConfig(url=f"http://127.0.0.1:{port}", client_id="c",
+                                             client_secret=Secret("s")))
+        with pytest.raises(Retryable) as rexc:
+            await dead.create_device(TEMPLATE, "x")
     assert rexc.value.reason == "connection"
     await dead.close()
 

@@ -12,7 +12,7 @@ import pytest
 from aiohttp import web
 
 from pipeline.blynk.http import ConnectError, ConnectionLost, HttpClient, ProtocolError
-from tests.conftest import free_port, serve_app
+from tests.conftest import closed_port, serve_app
 from tests.wait import within
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
@@ -158,8 +158,8 @@ async def test_limit_timeout_connect_and_protocol_errors() -> None:
         finally:
             await client.close()
     client = HttpClient(timeout_s=2)
-    with pytest.raises(ConnectError):
-        await client.request(f"http://127.0.0.1:{free_port()}", "/")
+    with pytest.raises(ConnectError), closed_port() as port:
+        await client.request(f"http://127.0.0.1:{port}", "/")
     async with raw_server(scripted(b"SSH-2.0-nope\r\n\r\n")) as (url, _):
         with pytest.raises(ProtocolError):
             await client.request(url, "/")

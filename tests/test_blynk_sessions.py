@@ -36,7 +36,7 @@ from tests import rig
 from tests.conftest import MQTT_HOST, MQTT_PORT, REDIS_URL
 from tests.tcp_proxy import CutProxy
 from tests.test_downlink import Devices
-from tests.wait import wait_until
+from tests.wait import wait_until, within
 from workers.blynk_sessions import SessionsStage
 from workers.downlink import DownlinkStage
 
@@ -187,6 +187,27 @@ async def running(cfg: config_mod.Config) -> AsyncIterator[SessionsStage]:
     finally:
         stop.set()
         await asyncio.wait_for(task, 30)
+        await st.shutdown()
+        await ctx.close()
+
+
+async def test_a_write_after_startup_is_seen_however_late_the_watch_starts_reading(
+        world: World) -> None:
+    """The watch reads the writes streams from where they stood when ``startup`` returned, not
+    from wherever they are when its first read goes out: on a busy machine that read came
+    after the first uplinks, and their devices stayed without a session."""
+    await world.register([FRA[0]])
+    ctx = Context.create(world.config(partitions=1))
+    st = SessionsStage(ctx)
+    await st.startup()
+    await world.uplink([FRA[0]])  # before the main loop (and its watch) has run at all
+    stop = asyncio.Event()
+    task = asyncio.create_task(st.main_loop(stop))
+    try:
+        await wait_until(lambda: world.online([FRA[0]]), what="the session of that device")
+    finally:
+        stop.set()
+        await within(task)
         await st.shutdown()
         await ctx.close()
 

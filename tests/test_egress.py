@@ -319,7 +319,9 @@ class Rig:
             blynk=BlynkConfig(servers={"fra1": self.url, **self.servers}, default_server="fra1",
                               timeout_s=blynk_timeout_s),
             egress=EgressConfig(**egress),
-            streams=StreamsConfig(**(streams or {})),
+            # Short blocking reads, as in the other stages' tests: a stop waits for the read in
+            # flight (pipeline.consumer), which the default 2 s would add to every stop.
+            streams=StreamsConfig(**({"block_ms": 100} | (streams or {}))),
             # with a Blynk webhook configured, egress records its writes for echo suppression
             blynk_webhooks=[BlynkWebhook(name="down")] if webhooks else [],
         )

@@ -155,18 +155,49 @@ async def _webhook_status(http: aiohttp.ClientSession, url: str) -> int | None:
         return None  # the server has not seen the closed connection go yet
 
 
+SLOW_BODY_HEAD = (b"POST /particle/hdr HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                  b"\r\nX-Particle-Secret: " + HEADER_SECRET.encode() +
+                  b"\r\nContent-Length: 1000\r\n\r\n{\"coreid\":")
+
+
 async def test_a_slow_body_gets_408_and_the_connection_closed(redis: Redis, prefix: str) -> None:
-    stage = guarded_stage(redis, prefix, body_timeout_s=0.5)
+    stage = guarded_stage(redis, prefix, body_timeout_s=0.5, lingering_s=0.2)
     async with serving(stage) as url:
         reader, writer = await asyncio.open_connection("127.0.0.1", _port(url))
-        writer.write(b"POST /particle/hdr HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
-                     b"\r\nX-Particle-Secret: " + HEADER_SECRET.encode() +
-                     b"\r\nContent-Length: 100\r\n\r\n{\"coreid\":")
+        writer.write(SLOW_BODY_HEAD)
         await writer.drain()
         answer = await closed_by_server(reader)
         writer.close()
     assert answer.split(b" ", 2)[1] == b"408", answer[:200]
     assert b'"body_timeout"' in answer
+
+
+async def test_a_peer_still_trickling_its_body_after_the_408_is_cut_off(
+    redis: Redis, prefix: str
+) -> None:
+    # After the 408 the server drains the unread body for `lingering_s` (so the client reads
+    # the answer, not a reset), then closes even though the peer keeps sending.
+    stage = guarded_stage(redis, prefix, body_timeout_s=0.5, lingering_s=0.2)
+    async with serving(stage) as url:
+        reader, writer = await asyncio.open_connection("127.0.0.1", _port(url))
+        writer.write(SLOW_BODY_HEAD)
+        await writer.drain()
+        head = await within(reader.readuntil(b"\r\n\r\n"), "the 408")
+        assert head.split(b" ", 2)[1] == b"408", head
+
+        async def trickle() -> None:
+            with contextlib.suppress(ConnectionError):
+                while not writer.is_closing():
+                    writer.write(b" ")
+                    await writer.drain()
+                    await asyncio.sleep(0.02)
+
+        trickler = asyncio.create_task(trickle())
+        await closed_by_server(reader)
+        trickler.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await trickler
+        writer.close()
 
 
 async def test_bad_credentials_never_change_an_integration_status(

@@ -31,7 +31,7 @@ from pipeline.lease import Lease, hold
 from pipeline.redact import Secret
 from pipeline.status import State, StatusBoard
 from pipeline.streams import Redis, StreamWriter
-from tests.conftest import MQTT_HOST, MQTT_PORT, REDIS_URL
+from tests.conftest import MQTT_HOST, MQTT_PORT, REDIS_URL, closed_port
 from tests.tcp_proxy import CutProxy
 from tests.test_tts_parse import FIXTURE_UPLINKS
 from tests.test_tts_parse import NOW as TABLE_NOW
@@ -427,37 +427,37 @@ async def test_a_standby_appends_nothing_and_its_trouble_is_not_the_integrations
     stop = asyncio.Event()
     owner_task = asyncio.create_task(owner.main_loop(stop))
     try:
-        await asyncio.wait_for(owner.subscribed["lab"].wait(), 10)
-        closed = _closed_port()
-        broken = IngestMqtt(
-            make_ctx(redis, prefix, [app], consumer="r2"), lease_ttl_ms=1000, max_backoff_s=0.2,
-            settings_for=lambda a, c: mqtt.Settings(MQTT_HOST, closed, client_id=c))
-        warm = IngestMqtt(make_ctx(redis, prefix, [app], consumer="r3"), lease_ttl_ms=1000)
-        failures = _sample("bb_mqtt_connects_total", integration="lab", outcome="unreachable")
-        async with running(broken), running(warm):
-            await wait_until(
-                lambda: _gt(_sample("bb_mqtt_connects_total", integration="lab",
-                                    outcome="unreachable"), failures + 1),
-                what="the standby failing to connect, twice")
-            await asyncio.wait_for(warm.connected["lab"].wait(), 10)
-            status = await StatusBoard(redis, owner._keys).get("tts", "lab")
-            assert status is not None and status.state is State.CONNECTED
-            assert status.owner == "r1"
-            await Fleet(MQTT_HOST, MQTT_PORT, app.app_id, app.tenant, devices=2,
-                        rate_per_s=1e9).run(count=20)
-            await wait_until(lambda: _has_len(redis, owner._keys.stream("uplinks"), 20),
-                             what="20 uplinks")
+        await within(owner.subscribed["lab"].wait())
+        with closed_port() as closed:
+            broken = IngestMqtt(
+                make_ctx(redis, prefix, [app], consumer="r2"), lease_ttl_ms=1000, max_backoff_s=0.2,
+                settings_for=lambda a, c: mqtt.Settings(MQTT_HOST, closed, client_id=c))
+            warm = IngestMqtt(make_ctx(redis, prefix, [app], consumer="r3"), lease_ttl_ms=1000)
+            failures = _sample("bb_mqtt_connects_total", integration="lab", outcome="unreachable")
+            async with running(broken), running(warm):
+                await wait_until(
+                    lambda: _gt(_sample("bb_mqtt_connects_total", integration="lab",
+                                        outcome="unreachable"), failures + 1),
+                    what="the standby failing to connect, twice")
+                await within(warm.connected["lab"].wait())
+                status = await StatusBoard(redis, owner._keys).get("tts", "lab")
+                assert status is not None and status.state is State.CONNECTED
+                assert status.owner == "r1"
+                await Fleet(MQTT_HOST, MQTT_PORT, app.app_id, app.tenant, devices=2,
+                            rate_per_s=1e9).run(count=20)
+                await wait_until(lambda: _has_len(redis, owner._keys.stream("uplinks"), 20),
+                                 what="20 uplinks")
 
-            async def warm_kept_them() -> bool:
-                return len(warm._feeds["lab"].buffer) == 20
+                async def warm_kept_them() -> bool:
+                    return len(warm._feeds["lab"].buffer) == 20
 
-            await wait_until(warm_kept_them, what="the warm standby keeping the 20")
-            # Kept, not appended: once the owner's 20 are in, a standby's would be too.
-            assert await stream_len(redis, owner._keys.stream("uplinks")) == 20
-            assert not warm.subscribed["lab"].is_set() and not broken.subscribed["lab"].is_set()
+                await wait_until(warm_kept_them, what="the warm standby keeping the 20")
+                # Kept, not appended: once the owner's 20 are in, a standby's would be too.
+                assert await stream_len(redis, owner._keys.stream("uplinks")) == 20
+                assert not warm.subscribed["lab"].is_set() and not broken.subscribed["lab"].is_set()
     finally:
         stop.set()
-        await asyncio.wait_for(owner_task, 15)
+        await within(owner_task)
 
 
 async def _gt(value: float, than: float) -> bool:
@@ -605,7 +605,7 @@ async def test_wrong_password_is_not_connected_with_a_credentials_error(
     redis: Redis, prefix: str
 ) -> None:
     app = make_app(tenant="acme")
-    with Mosquitto(users={app.username: "NNSXS.RIGHT"}) as broker:
+    with Mosquitto(users={app.username: "NNSXS.RIGHT"}) as broker, closed_port() as refusing:
         wrong = msgspec.structs.replace(app, port=broker.port, api_key=Secret("NNSXS.WRONG"))
         ctx = make_ctx(redis, prefix, [wrong])
         board = StatusBoard(redis, ctx.keys)
@@ -621,7 +621,7 @@ async def test_wrong_password_is_not_connected_with_a_credentials_error(
 
         # The right key connects and reads; an unreachable server is told apart.
         right = msgspec.structs.replace(wrong, name="lab2", api_key=Secret("NNSXS.RIGHT"))
-        gone = msgspec.structs.replace(wrong, name="lab3", port=_closed_port())
+        gone = msgspec.structs.replace(wrong, name="lab3", port=refusing)
         ctx2 = make_ctx(redis, prefix, [right, gone])
         stage = IngestMqtt(ctx2, max_backoff_s=0.5)
         async with running(stage):
@@ -639,12 +639,6 @@ async def test_wrong_password_is_not_connected_with_a_credentials_error(
             await wait_until(unreachable, what="an unreachable error")
         lab3 = await board.get("tts", "lab3")
         assert lab3 is not None and lab3.state is State.NOT_CONNECTED
-
-
-def _closed_port() -> int:
-    from tests.conftest import free_port
-
-    return free_port()
 
 
 # --- the lease -----------------------------------------------------------------------------------

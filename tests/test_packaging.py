@@ -55,15 +55,17 @@ def test_installed_wheel_runs_the_demo_outside_the_repo(wheel: Path, tmp_path: P
     """A fresh venv with only the wheel installed (its dependencies, the locked ones, are
     borrowed from this environment's site-packages): the demo runs from an empty directory."""
     env_dir = tmp_path / "venv"
-    venv.create(env_dir, with_pip=True)
+    # No pip of its own (ensurepip was most of this test's time): this environment's pip
+    # installs into it (``--python``).
+    venv.create(env_dir, with_pip=False)
     bin_dir = env_dir / "bin"
     site = subprocess.run(
         [bin_dir / "python", "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
         capture_output=True, text=True, check=True, timeout=60).stdout.strip()
     # A plain path line: this environment's editable hook (a .pth that imports) is not run.
     Path(site, "locked-deps.pth").write_text(sysconfig.get_path("purelib") + "\n")
-    subprocess.run([bin_dir / "pip", "install", "-q", "--no-deps", "--no-index", wheel],
-                   check=True, capture_output=True, timeout=300)
+    subprocess.run([sys.executable, "-m", "pip", "--python", bin_dir / "python", "install", "-q",
+                    "--no-deps", "--no-index", wheel], check=True, capture_output=True, timeout=300)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
 

@@ -4,10 +4,11 @@ the device online in Blynk while its source device is alive).
 
 Parts, each one task:
 
-* **watch** — every replica reads every ``BlynkWrite`` (``XREAD``, no group: an observer that
-  must not hold back trimming) and, for devices of ``downlinks: mqtt`` templates, records in
-  Redis when their session may close (``keys.sessions_live(p)``: 3 × the observed uplink
-  interval, at least ``offline_min_s``) and what opening it needs (``keys.sessions_devices(p)``).
+* **watch** — every replica reads every ``BlynkWrite`` written after its ``startup`` (``XREAD``,
+  no group: an observer that must not hold back trimming) and, for devices of ``downlinks:
+  mqtt`` templates, records in Redis when their session may close (``keys.sessions_live(p)``:
+  3 × the observed uplink interval, at least ``offline_min_s``) and what opening it needs
+  (``keys.sessions_devices(p)``).
   A device's first uplink thus opens its session; ``offline_after`` without one closes it. A
   device whose token changed is moved out of the old token's partition (and its old session
   closed), keeping one live record per device.
@@ -68,7 +69,7 @@ from pipeline.context import Context
 from pipeline.echo import canonical
 from pipeline.events import FIELD, Downlink, decode_write, encode
 from pipeline.lease import Lease
-from pipeline.lifecycle import wait_event
+from pipeline.lifecycle import until_stopped, wait_event
 from pipeline.metrics import SESSION_EVENTS, SESSIONS_HELD, SESSIONS_PENDING
 from pipeline.ratelimit import RateLimiter
 from pipeline.redact import mask
@@ -191,10 +192,22 @@ class SessionsStage:
         self._tls = ssl.create_default_context()
         self._opening = asyncio.Semaphore(100)
         self._tasks: set[asyncio.Task[None]] = set()
+        #: Writes stream → the id the watch reads after (set by :meth:`startup`).
+        self._watch_from: dict[str, str] = {}
 
     # lifecycle --------------------------------------------------------------------------------
     async def startup(self) -> None:
         await self.registry.start()
+        # The watch starts where the writes streams stand now: every write after startup is
+        # seen. (Reading from "$" started at the watch's first read, which on a busy machine
+        # came after the first uplinks: their devices stayed without a session.)
+        self._watch_from = {s: await self._last_id(s)
+                            for s in self.keys.streams(keynames.WRITES)}
+
+    async def _last_id(self, stream: str) -> str:
+        """The id of ``stream``'s last entry (``0-0`` when it has none)."""
+        rows = await self.redis.xrevrange(stream, count=1)
+        return as_str(rows[0][0]) if rows else "0-0"
 
     async def main_loop(self, stop: asyncio.Event) -> None:
         if not self.templates:
@@ -221,13 +234,14 @@ class SessionsStage:
 
     # watch: which devices are live ------------------------------------------------------------
     async def _watch(self, stop: asyncio.Event) -> None:
-        streams = {s: "$" for s in self.keys.streams(keynames.WRITES)}
+        streams = dict(self._watch_from) or {s: "$" for s in self.keys.streams(keynames.WRITES)}
         prune_at = time.monotonic() + 60
         while not stop.is_set():
             try:
                 if "$" in streams.values():
                     await self._tails(streams)
-                reply = await self._read_writes(streams)
+                # Cut short by a stop: an observer's read (no group) leaves nothing pending.
+                reply: Any = await until_stopped(self._read_writes(streams), stop)
             except RedisError as exc:
                 log.warning("cannot read writes: %s", exc)
                 await wait_event(stop, 1.0)

@@ -32,8 +32,10 @@ drops the duplicate by ``event_id``.
 Connections are bounded in number and time (:class:`Connection`): at most
 ``max_connections_per_peer`` open per peer address (more are closed at once), a request head
 must arrive within ``header_timeout_s``, an idle keep-alive connection lives
-``keepalive_timeout_s``. A malformed request gets a fixed 400 that echoes none of its bytes.
-Refusals of a peer are logged at most once a minute per peer and kind, with a count.
+``keepalive_timeout_s``; after an answer that left part of a body unread (a 408, a 413) the rest is
+read and dropped for at most ``lingering_s``, then the connection is closed. A malformed request
+gets a fixed 400 that echoes none of its bytes. Refusals of a peer are logged at most once a
+minute per peer and kind, with a count.
 
 Integration status (kind ``particle``): **Connected** while webhooks are accepted; **Broken**
 after ``broken_after_failures`` refusals in a row of *authenticated* requests (400/415/413/408:
@@ -648,7 +650,8 @@ class IngestHttp:
         # than keeping it.
         self._loop = asyncio.get_running_loop()
         server = GuardedServer(self.handle, guard=self.guard, request_factory=self._request,
-                               access_log=None, keepalive_timeout=self.cfg.keepalive_timeout_s)
+                               access_log=None, keepalive_timeout=self.cfg.keepalive_timeout_s,
+                               lingering_time=self.cfg.lingering_s)
         self._runner = web.ServerRunner(server, shutdown_timeout=self.cfg.shutdown_timeout_s)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port, backlog=1024)
