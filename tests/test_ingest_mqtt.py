@@ -1,7 +1,11 @@
 """ingest-mqtt against the real Mosquitto and the real Redis: fixtures end to end, dead letters,
 one owner per application across replicas, failover on kill -9 (with a warm standby: no uplink
 lost; with a cold one: the gap), statuses across broker restarts and bad credentials. Plus the
-Redis lease and the standby buffer it relies on."""
+Redis lease and the standby buffer it relies on.
+
+The tests that touch the stage's Redis keys are ``cluster_too``: they run on one Redis and on the
+local Redis Cluster, there with three partitions (``redis_config`` / the ``redis_yaml`` fixture),
+so one run's uplinks land on several masters."""
 
 from __future__ import annotations
 
@@ -22,16 +26,16 @@ import pytest
 from prometheus_client import REGISTRY
 
 from emulators.tts import Fleet, Mosquitto, make_uplink
-from pipeline import ids, mqtt
+from pipeline import config, ids, mqtt
 from pipeline.config import Config, IngestMqttConfig, RedisConfig, TtsApplication
 from pipeline.context import Context
 from pipeline.events import Uplink, decode_dead, decode_uplink
-from pipeline.keys import Keys
+from pipeline.keys import UPLINKS, Keys
 from pipeline.lease import Lease, hold
 from pipeline.redact import Secret
 from pipeline.status import State, StatusBoard
 from pipeline.streams import Redis, StreamWriter
-from tests.conftest import MQTT_HOST, MQTT_PORT, REDIS_URL, closed_port
+from tests.conftest import MQTT_HOST, MQTT_PORT, closed_port
 from tests.tcp_proxy import CutProxy
 from tests.test_tts_parse import FIXTURE_UPLINKS
 from tests.test_tts_parse import NOW as TABLE_NOW
@@ -47,10 +51,17 @@ def make_app(name: str = "lab", **kw: Any) -> TtsApplication:
     return TtsApplication(name=name, app_id=f"app-{uuid.uuid4().hex[:8]}", **fields)
 
 
-def make_ctx(redis: Redis, prefix: str, apps: list[TtsApplication],
-             consumer: str = "c1") -> Context:
-    cfg = Config(redis=RedisConfig(url=REDIS_URL, prefix=prefix), tts=apps)
-    return Context(config=cfg, redis=redis, keys=Keys(prefix), consumer=consumer,
+@pytest.fixture
+def redis_config(redis_yaml: str) -> RedisConfig:
+    """The ``redis:`` section of this test's backend (one Redis, or the cluster with three
+    partitions: the uplinks of different devices then land on different masters)."""
+    return config.parse(f"redis: {redis_yaml}\n", "yaml", "test.yaml", env={}).redis
+
+
+def make_ctx(redis: Redis, rc: RedisConfig, apps: list[TtsApplication],
+             consumer: str = "c1", **ingest: Any) -> Context:
+    cfg = Config(redis=rc, tts=apps, ingest_mqtt=IngestMqttConfig(**ingest))
+    return Context(config=cfg, redis=redis, keys=rc.keys(), consumer=consumer,
                    writer=StreamWriter(redis))
 
 
@@ -76,21 +87,30 @@ async def publish(topic_bytes: list[tuple[str, bytes]], port: int = MQTT_PORT,
 
 
 async def uplinks(redis: Redis, keys: Keys) -> list[Uplink]:
-    rows = await redis.xrange(keys.stream("uplinks"))
-    return [decode_uplink(fields[b"d"]) for _, fields in rows]
+    """Every uplink in the stream, partition by partition (in order within each)."""
+    out = []
+    for stream in keys.streams(UPLINKS):
+        out += [decode_uplink(fields[b"d"]) for _, fields in await redis.xrange(stream)]
+    return out
 
 
 async def stream_len(redis: Redis, key: str) -> int:
     return int(await redis.xlen(key))
 
 
+async def uplinks_len(redis: Redis, keys: Keys) -> int:
+    """Entries in every partition of the uplinks stream."""
+    return sum([await stream_len(redis, s) for s in keys.streams(UPLINKS)])
+
+
 # --- fixtures end to end -------------------------------------------------------------------------
 
 
-async def test_every_fixture_through_the_broker(redis: Redis, prefix: str,
+@pytest.mark.cluster_too
+async def test_every_fixture_through_the_broker(redis: Redis, redis_config: RedisConfig,
                                                 fixture_path: Callable[[str], Path]) -> None:
     app = make_app(raw_payload_key="raw")
-    ctx = make_ctx(redis, prefix, [app])
+    ctx = make_ctx(redis, redis_config, [app])
     stage = IngestMqtt(ctx)
     user = app.username
     messages: list[tuple[str, bytes]] = []
@@ -112,6 +132,8 @@ async def test_every_fixture_through_the_broker(redis: Redis, prefix: str,
                          what="every fixture in Redis")
     got = {u.event_id: u for u in await uplinks(redis, ctx.keys)}
     assert len(got) == len(FIXTURE_UPLINKS)
+    if ctx.keys.cluster:  # the fixtures' devices are in all three partitions
+        assert await _nodes_holding_uplinks(redis, ctx.keys) >= 2
     for name, expected in FIXTURE_UPLINKS.items():
         up = got[expected.event_id]
         # The table was built with a fixed ingest time; here it is the real receipt time.
@@ -129,17 +151,26 @@ async def test_every_fixture_through_the_broker(redis: Redis, prefix: str,
     assert dead.raw == fixture_path("tts/tts-uplink-10-invalid.json").read_bytes()
 
 
+async def _nodes_holding_uplinks(redis: Redis, keys: Keys) -> int:
+    """How many cluster masters hold uplinks of this test."""
+    nodes = set()
+    for stream in keys.streams(UPLINKS):
+        if await stream_len(redis, stream):
+            nodes.add(redis.get_node_from_key(stream).name)  # type: ignore[attr-defined]
+    return len(nodes)
+
+
 async def _lens(redis: Redis, keys: Keys, ups: int, dead: int) -> bool:
-    return (await stream_len(redis, keys.stream("uplinks")) >= ups
+    return (await uplinks_len(redis, keys) >= ups
             and await stream_len(redis, keys.dead) >= dead)
 
 
+@pytest.mark.cluster_too
 async def test_malformed_payloads_are_dead_lettered_and_the_worker_keeps_running(
-    redis: Redis, prefix: str, fixture_path: Callable[[str], Path]
+    redis: Redis, redis_config: RedisConfig, fixture_path: Callable[[str], Path]
 ) -> None:
     app = make_app()  # no raw_payload_key: an uplink without decoded_payload is refused
-    ctx = make_ctx(redis, prefix, [app])
-    ctx.config.ingest_mqtt = IngestMqttConfig(max_payload_bytes=10_000)
+    ctx = make_ctx(redis, redis_config, [app], max_payload_bytes=10_000)
     stage = IngestMqtt(ctx)
     topic = f"v3/{app.username}/devices/d1/up"
     bad = [b"not json", b"[1,2]", b'{"end_device_ids":{"device_id":"d1"},"uplink_message":'
@@ -160,13 +191,14 @@ async def test_malformed_payloads_are_dead_lettered_and_the_worker_keeps_running
     assert up.device == "eui-70b3d52dd600035a"
 
 
+@pytest.mark.cluster_too
 async def test_an_event_time_from_the_future_becomes_the_arrival_time_and_is_counted(
-    redis: Redis, prefix: str
+    redis: Redis, redis_config: RedisConfig
 ) -> None:
     """A forged or broken clock (received_at in 9999) must not make the device's genuine values
     stale in egress; an odd device id is dead-lettered naming the field."""
     app = make_app()
-    ctx = make_ctx(redis, prefix, [app])
+    ctx = make_ctx(redis, redis_config, [app])
     stage = IngestMqtt(ctx)
     future = make_uplink(app.app_id, app.tenant, "d1", 1, {"t": 1})
     future["received_at"] = "9999-12-31T23:59:59Z"
@@ -185,13 +217,14 @@ async def test_an_event_time_from_the_future_becomes_the_arrival_time_and_is_cou
     assert dead.reason == "invalid_field" and "end_device_ids.device_id" in dead.detail
 
 
+@pytest.mark.cluster_too
 async def test_a_value_that_cannot_be_stored_is_dead_lettered_and_intake_goes_on(
-    redis: Redis, prefix: str
+    redis: Redis, redis_config: RedisConfig
 ) -> None:
     """Found by bench/fuzz.py: an f_cnt past 64 bits made encoding raise in the receive path,
     which ended the application's session silently; it is a dead letter, the next uplink lands."""
     app = make_app()
-    ctx = make_ctx(redis, prefix, [app])
+    ctx = make_ctx(redis, redis_config, [app])
     stage = IngestMqtt(ctx)
     huge = make_uplink(app.app_id, app.tenant, "d1", 1, {"t": 1})
     huge["uplink_message"]["f_cnt"] = 1180591620717411303424
@@ -210,27 +243,30 @@ async def test_a_value_that_cannot_be_stored_is_dead_lettered_and_intake_goes_on
 # --- one owner per application -------------------------------------------------------------------
 
 
+@pytest.mark.cluster_too
 @pytest.mark.parametrize("replicas", [2, 3])
 async def test_replicas_put_each_message_on_the_stream_once(
-    redis: Redis, prefix: str, replicas: int
+    redis: Redis, redis_config: RedisConfig, replicas: int
 ) -> None:
     app = make_app()
-    stages = [IngestMqtt(make_ctx(redis, prefix, [app], consumer=f"r{i}"), lease_ttl_ms=1000)
-              for i in range(replicas)]
+    stages = [IngestMqtt(make_ctx(redis, redis_config, [app], consumer=f"r{i}"),
+                         lease_ttl_ms=1000) for i in range(replicas)]
     async with _all_running(stages):
         await wait_until(lambda: _owner_count(stages, 1), what="one owner")
         fleet = Fleet(MQTT_HOST, MQTT_PORT, app.app_id, app.tenant, devices=4,
                       rate_per_s=float("inf"), device_prefix="rep")
         assert await fleet.run(count=40) == 40
         keys = stages[0]._keys
-        await wait_until(lambda: _has_len(redis, keys.stream("uplinks"), 40), what="40 uplinks")
+        await wait_until(lambda: _has_uplinks(redis, keys, 40), what="40 uplinks")
         # A marker published last: once it is in, anything a second subscriber appended for the
         # 40 would be too (each replica appends in arrival order).
         await Fleet(MQTT_HOST, MQTT_PORT, app.app_id, app.tenant, devices=1, rate_per_s=1e9,
                     device_prefix="marker").run(count=1)
-        await wait_until(lambda: _has_len(redis, keys.stream("uplinks"), 41), what="the marker")
+        await wait_until(lambda: _has_uplinks(redis, keys, 41), what="the marker")
+        marker_stream = keys.stream_for(UPLINKS, "tts", "marker0000")
+        (_, last), = await redis.xrevrange(marker_stream, count=1)
+        assert decode_uplink(last[b"d"]).device == "marker0000"
         ups = await uplinks(redis, keys)
-        assert ups[-1].device == "marker0000"
         assert len(ups) == 41 and len({u.event_id for u in ups}) == 41
         assert await _owner_count(stages, 1)
         # The owner steps down: a standby takes over and the application keeps flowing.
@@ -241,7 +277,7 @@ async def test_replicas_put_each_message_on_the_stream_once(
         await wait_until(lambda: _owner_count(rest, 1), what="a standby taking over")
         await Fleet(MQTT_HOST, MQTT_PORT, app.app_id, app.tenant, devices=1, rate_per_s=1e9,
                     device_prefix="after").run(count=1)
-        await wait_until(lambda: _has_len(redis, keys.stream("uplinks"), 42), what="after")
+        await wait_until(lambda: _has_uplinks(redis, keys, 42), what="after")
 
 
 _stops: dict[int, asyncio.Event] = {}
@@ -266,16 +302,16 @@ async def _owner_count(stages: list[IngestMqtt], n: int) -> bool:
     return sum(s.subscribed["lab"].is_set() for s in stages) == n
 
 
-async def _has_len(redis: Redis, key: str, n: int) -> bool:
-    return await stream_len(redis, key) >= n
+async def _has_uplinks(redis: Redis, keys: Keys, n: int) -> bool:
+    return await uplinks_len(redis, keys) >= n
 
 
-async def _owner_subprocess(app: TtsApplication, prefix: str, tmp_path: Path,
+async def _owner_subprocess(app: TtsApplication, redis_yaml: str, tmp_path: Path,
                             ingest_mqtt: str) -> asyncio.subprocess.Process:
     """``blynk-bridge ingest-mqtt`` in its own process (so it can be killed -9)."""
     config = tmp_path / "bridge.yaml"
     config.write_text(
-        f"redis: {{url: '{REDIS_URL}', prefix: '{prefix}'}}\n"
+        f"redis: {redis_yaml}\n"
         f"ingest_mqtt: {{{ingest_mqtt}}}\n"
         f"tts:\n  - {{name: lab, app_id: {app.app_id}, host: {MQTT_HOST}, port: {MQTT_PORT},"
         " insecure: true}\n"
@@ -296,15 +332,18 @@ async def _wait_owned_by(board: StatusBoard, proc: asyncio.subprocess.Process) -
     await wait_until(subprocess_owns, what="the subprocess owning the app")
 
 
+@pytest.mark.cluster_too
 async def test_kill_9_of_the_owner_hands_over_within_the_lease_time(
-    redis: Redis, prefix: str, tmp_path: Path
+    redis: Redis, redis_yaml: str, redis_config: RedisConfig, tmp_path: Path
 ) -> None:
     app = make_app()
-    proc = await _owner_subprocess(app, prefix, tmp_path, "lease_ttl_ms: 1500, max_backoff_s: 1")
-    board = StatusBoard(redis, Keys(prefix))
+    proc = await _owner_subprocess(app, redis_yaml, tmp_path,
+                                   "lease_ttl_ms: 1500, max_backoff_s: 1")
+    keys = redis_config.keys()
+    board = StatusBoard(redis, keys)
     try:
         await _wait_owned_by(board, proc)
-        standby = IngestMqtt(make_ctx(redis, prefix, [app], consumer="standby"),
+        standby = IngestMqtt(make_ctx(redis, redis_config, [app], consumer="standby"),
                              lease_ttl_ms=1500, max_backoff_s=1)
         async with running(standby):
             assert not standby.subscribed["lab"].is_set()
@@ -316,7 +355,7 @@ async def test_kill_9_of_the_owner_hands_over_within_the_lease_time(
             assert status is not None and status.owner == "standby"
             await Fleet(MQTT_HOST, MQTT_PORT, app.app_id, app.tenant, devices=1,
                         rate_per_s=1e9).run(count=3)
-            await wait_until(lambda: _has_len(redis, Keys(prefix).stream("uplinks"), 3),
+            await wait_until(lambda: _has_uplinks(redis, keys, 3),
                              what="uplinks through the standby")
     finally:
         if proc.returncode is None:
@@ -329,7 +368,10 @@ async def test_kill_9_of_the_owner_hands_over_within_the_lease_time(
 
 class NumberedUplinks:
     """Publishes uniquely numbered uplinks (one ``as:up:`` id each) until stopped; ``ids`` lists
-    the event ids of those published so far, in order."""
+    the event ids of those published so far, in order. They alternate between two devices, which
+    are in different partitions (on different masters) of the cluster layout."""
+
+    DEVICES = ("seq0", "seq1")
 
     def __init__(self, app: TtsApplication) -> None:
         self.app = app
@@ -339,12 +381,13 @@ class NumberedUplinks:
 
     async def _run(self) -> None:
         settings = mqtt.Settings(MQTT_HOST, MQTT_PORT, client_id=f"seq-{uuid.uuid4().hex[:8]}")
-        topic = f"v3/{self.app.username}/devices/seq/up"
         async with mqtt.Session(settings) as session:
             while not self._stop.is_set():
                 n = len(self.ids)
-                msg = make_uplink(self.app.app_id, self.app.tenant, "seq", n + 1, {"n": n})
-                await session.publish(topic, json.dumps(msg).encode())
+                device = self.DEVICES[n % len(self.DEVICES)]
+                msg = make_uplink(self.app.app_id, self.app.tenant, device, n + 1, {"n": n})
+                await session.publish(f"v3/{self.app.username}/devices/{device}/up",
+                                      json.dumps(msg).encode())
                 self.ids.append(ids.event_id("tts", self.app.name, msg["correlation_ids"][0]))
                 await asyncio.sleep(0.002)  # the pace of the load, not a synchronization
 
@@ -362,25 +405,42 @@ class NumberedUplinks:
         await within(self._task)
         return self.ids
 
+    def last_per_stream(self, keys: Keys) -> dict[str, str]:
+        """Each stream (partition) published to → the event id of the last uplink for it."""
+        last = {}
+        for n, event_id in enumerate(self.ids):
+            device = self.DEVICES[n % len(self.DEVICES)]
+            last[keys.stream_for(UPLINKS, "tts", device)] = event_id
+        return last
+
+
+async def _last_ones_in(redis: Redis, last: dict[str, str]) -> bool:
+    """Every stream of ``last`` ends with its entry (an appender keeps the order per stream)."""
+    for stream, event_id in last.items():
+        rows = await redis.xrevrange(stream, count=1)
+        if not rows or decode_uplink(rows[0][1][b"d"]).event_id != event_id:
+            return False
+    return True
+
 
 def _sample(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
+@pytest.mark.cluster_too
 @pytest.mark.parametrize("warm", [True, False], ids=["warm", "cold"])
 async def test_kill_9_mid_stream_loses_nothing_with_a_warm_standby(
-    redis: Redis, prefix: str, tmp_path: Path, warm: bool
+    redis: Redis, redis_yaml: str, redis_config: RedisConfig, tmp_path: Path, warm: bool
 ) -> None:
     app = make_app()
     setting = f"lease_ttl_ms: 1000, max_backoff_s: 1, warm_standby: {str(warm).lower()}"
-    proc = await _owner_subprocess(app, prefix, tmp_path, setting)
-    keys = Keys(prefix)
-    stream = keys.stream("uplinks")
+    proc = await _owner_subprocess(app, redis_yaml, tmp_path, setting)
+    keys = redis_config.keys()
     board = StatusBoard(redis, keys)
     replayed_before = _sample("bb_mqtt_replayed_total", integration="lab")
     try:
         await _wait_owned_by(board, proc)
-        standby = IngestMqtt(make_ctx(redis, prefix, [app], consumer="standby"),
+        standby = IngestMqtt(make_ctx(redis, redis_config, [app], consumer="standby"),
                              lease_ttl_ms=1000, max_backoff_s=1, warm_standby=warm)
         async with running(standby):
             if warm:
@@ -389,19 +449,19 @@ async def test_kill_9_mid_stream_loses_nothing_with_a_warm_standby(
                 assert _sample("bb_mqtt_standby", integration="lab") == 1
                 await _wait_owned_by(board, proc)
             publisher = NumberedUplinks(app)
-            await wait_until(lambda: _has_len(redis, stream, 50), what="the owner appending")
+            await wait_until(lambda: _has_uplinks(redis, keys, 50), what="the owner appending")
             proc.send_signal(signal.SIGKILL)
             await within(proc.wait())
             await within(standby.subscribed["lab"].wait())
             await publisher.more(50)
             published = await publisher.stop()
-
-            async def last_one_in() -> bool:
-                rows = await redis.xrevrange(stream, count=1)
-                return bool(rows) and decode_uplink(rows[0][1][b"d"]).event_id == published[-1]
-
-            # The standby appends in the order it received: the last one published comes last.
-            await wait_until(last_one_in, what="the last uplink published")
+            last = publisher.last_per_stream(keys)
+            if keys.cluster:
+                assert len({redis.get_node_from_key(s).name  # type: ignore[attr-defined]
+                            for s in last}) == 2  # two masters
+            # The standby appends in the order it received: the last one published to each
+            # stream comes last in it.
+            await wait_until(lambda: _last_ones_in(redis, last), what="the last uplinks published")
         got = {u.event_id for u in await uplinks(redis, keys)}
     finally:
         if proc.returncode is None:
@@ -419,20 +479,23 @@ async def test_kill_9_mid_stream_loses_nothing_with_a_warm_standby(
         assert replayed == 0
 
 
+@pytest.mark.cluster_too
 async def test_a_standby_appends_nothing_and_its_trouble_is_not_the_integrations(
-    redis: Redis, prefix: str
+    redis: Redis, redis_config: RedisConfig
 ) -> None:
     app = make_app()
-    owner = IngestMqtt(make_ctx(redis, prefix, [app], consumer="r1"), lease_ttl_ms=1000)
+    owner = IngestMqtt(make_ctx(redis, redis_config, [app], consumer="r1"), lease_ttl_ms=1000)
     stop = asyncio.Event()
     owner_task = asyncio.create_task(owner.main_loop(stop))
     try:
         await within(owner.subscribed["lab"].wait())
         with closed_port() as closed:
             broken = IngestMqtt(
-                make_ctx(redis, prefix, [app], consumer="r2"), lease_ttl_ms=1000, max_backoff_s=0.2,
+                make_ctx(redis, redis_config, [app], consumer="r2"), lease_ttl_ms=1000,
+                max_backoff_s=0.2,
                 settings_for=lambda a, c: mqtt.Settings(MQTT_HOST, closed, client_id=c))
-            warm = IngestMqtt(make_ctx(redis, prefix, [app], consumer="r3"), lease_ttl_ms=1000)
+            warm = IngestMqtt(make_ctx(redis, redis_config, [app], consumer="r3"),
+                              lease_ttl_ms=1000)
             failures = _sample("bb_mqtt_connects_total", integration="lab", outcome="unreachable")
             async with running(broken), running(warm):
                 await wait_until(
@@ -445,7 +508,7 @@ async def test_a_standby_appends_nothing_and_its_trouble_is_not_the_integrations
                 assert status.owner == "r1"
                 await Fleet(MQTT_HOST, MQTT_PORT, app.app_id, app.tenant, devices=2,
                             rate_per_s=1e9).run(count=20)
-                await wait_until(lambda: _has_len(redis, owner._keys.stream("uplinks"), 20),
+                await wait_until(lambda: _has_uplinks(redis, owner._keys, 20),
                                  what="20 uplinks")
 
                 async def warm_kept_them() -> bool:
@@ -453,7 +516,7 @@ async def test_a_standby_appends_nothing_and_its_trouble_is_not_the_integrations
 
                 await wait_until(warm_kept_them, what="the warm standby keeping the 20")
                 # Kept, not appended: once the owner's 20 are in, a standby's would be too.
-                assert await stream_len(redis, owner._keys.stream("uplinks")) == 20
+                assert await uplinks_len(redis, owner._keys) == 20
                 assert not warm.subscribed["lab"].is_set() and not broken.subscribed["lab"].is_set()
     finally:
         stop.set()
@@ -464,12 +527,13 @@ async def _gt(value: float, than: float) -> bool:
     return value > than
 
 
+@pytest.mark.cluster_too
 async def test_graceful_handover_to_a_warm_standby_loses_nothing(
-    redis: Redis, prefix: str
+    redis: Redis, redis_config: RedisConfig
 ) -> None:
     app = make_app()
-    first = IngestMqtt(make_ctx(redis, prefix, [app], consumer="r1"), lease_ttl_ms=1000)
-    second = IngestMqtt(make_ctx(redis, prefix, [app], consumer="r2"), lease_ttl_ms=1000)
+    first = IngestMqtt(make_ctx(redis, redis_config, [app], consumer="r1"), lease_ttl_ms=1000)
+    second = IngestMqtt(make_ctx(redis, redis_config, [app], consumer="r2"), lease_ttl_ms=1000)
     keys = first._keys
     first_stop = asyncio.Event()
     first_task = asyncio.create_task(first.main_loop(first_stop))
@@ -477,7 +541,7 @@ async def test_graceful_handover_to_a_warm_standby_loses_nothing(
     async with running(second):
         await within(second.connected["lab"].wait())
         publisher = NumberedUplinks(app)
-        await wait_until(lambda: _has_len(redis, keys.stream("uplinks"), 30), what="appending")
+        await wait_until(lambda: _has_uplinks(redis, keys, 30), what="appending")
         first_stop.set()  # SIGTERM: stop reading, write what was read, release the lease
         await within(first_task)
         await within(second.subscribed["lab"].wait())
@@ -491,24 +555,27 @@ async def test_graceful_handover_to_a_warm_standby_loses_nothing(
     assert not second.subscribed["lab"].is_set()  # stopped: released
 
 
+@pytest.mark.cluster_too
 async def test_an_owner_cut_off_from_the_broker_hands_over_to_a_connected_standby(
-    redis: Redis, prefix: str
+    redis: Redis, redis_config: RedisConfig
 ) -> None:
     app = make_app()
-    keys = Keys(prefix)
+    keys = redis_config.keys()
     board = StatusBoard(redis, keys)
     handovers = _sample("bb_mqtt_handovers_total", integration="lab")
     async with CutProxy(MQTT_HOST, MQTT_PORT) as proxy:
         owner = IngestMqtt(
-            make_ctx(redis, prefix, [app], consumer="r1"), lease_ttl_ms=1000, max_backoff_s=0.2,
+            make_ctx(redis, redis_config, [app], consumer="r1"), lease_ttl_ms=1000,
+            max_backoff_s=0.2,
             settings_for=lambda a, c: mqtt.Settings(MQTT_HOST, proxy.port, client_id=c))
-        standby = IngestMqtt(make_ctx(redis, prefix, [app], consumer="r2"), lease_ttl_ms=1000)
+        standby = IngestMqtt(make_ctx(redis, redis_config, [app], consumer="r2"),
+                             lease_ttl_ms=1000)
         async with running(owner):
             await within(owner.subscribed["lab"].wait())
             async with running(standby):
                 await within(standby.connected["lab"].wait())
                 publisher = NumberedUplinks(app)
-                await wait_until(lambda: _has_len(redis, keys.stream("uplinks"), 30),
+                await wait_until(lambda: _has_uplinks(redis, keys, 30),
                                  what="the owner appending")
                 await proxy.cut()  # the owner's path to the broker is gone; Redis is fine
                 await within(standby.subscribed["lab"].wait())
@@ -566,12 +633,13 @@ def test_standby_buffer_bounds_count_and_bytes_and_says_what_it_let_go() -> None
 # --- statuses ------------------------------------------------------------------------------------
 
 
-async def test_broker_restart_shows_connected_broken_connected(redis: Redis,
-                                                               prefix: str) -> None:
+async def test_broker_restart_shows_connected_broken_connected(
+    redis: Redis, redis_config: RedisConfig
+) -> None:
     broker = Mosquitto().start()
     try:
         app = make_app(port=broker.port)
-        ctx = make_ctx(redis, prefix, [app])
+        ctx = make_ctx(redis, redis_config, [app])
         stage = IngestMqtt(ctx, max_backoff_s=0.5)
         board = StatusBoard(redis, ctx.keys)
         seen: list[State] = []
@@ -594,7 +662,7 @@ async def test_broker_restart_shows_connected_broken_connected(redis: Redis,
             await within(stage.subscribed["lab"].wait())
             await Fleet(MQTT_HOST, broker.port, app.app_id, app.tenant, devices=1,
                         rate_per_s=1e9).run(count=2)
-            await wait_until(lambda: _has_len(redis, ctx.keys.stream("uplinks"), 2),
+            await wait_until(lambda: _has_uplinks(redis, ctx.keys, 2),
                              what="uplinks after the restart")
         assert seen == [State.CONNECTED, State.BROKEN, State.CONNECTED]
     finally:
@@ -602,12 +670,12 @@ async def test_broker_restart_shows_connected_broken_connected(redis: Redis,
 
 
 async def test_wrong_password_is_not_connected_with_a_credentials_error(
-    redis: Redis, prefix: str
+    redis: Redis, redis_config: RedisConfig
 ) -> None:
     app = make_app(tenant="acme")
     with Mosquitto(users={app.username: "NNSXS.RIGHT"}) as broker, closed_port() as refusing:
         wrong = msgspec.structs.replace(app, port=broker.port, api_key=Secret("NNSXS.WRONG"))
-        ctx = make_ctx(redis, prefix, [wrong])
+        ctx = make_ctx(redis, redis_config, [wrong])
         board = StatusBoard(redis, ctx.keys)
         async with running(IngestMqtt(ctx, max_backoff_s=0.5)):
             async def refused() -> bool:
@@ -622,14 +690,14 @@ async def test_wrong_password_is_not_connected_with_a_credentials_error(
         # The right key connects and reads; an unreachable server is told apart.
         right = msgspec.structs.replace(wrong, name="lab2", api_key=Secret("NNSXS.RIGHT"))
         gone = msgspec.structs.replace(wrong, name="lab3", port=refusing)
-        ctx2 = make_ctx(redis, prefix, [right, gone])
+        ctx2 = make_ctx(redis, redis_config, [right, gone])
         stage = IngestMqtt(ctx2, max_backoff_s=0.5)
         async with running(stage):
             await within(stage.subscribed["lab2"].wait())
             user, password = broker.admin_credentials
             await Fleet(MQTT_HOST, broker.port, app.app_id, app.tenant, devices=1,
                         rate_per_s=1e9, username=user, password=password).run(count=2)
-            await wait_until(lambda: _has_len(redis, ctx2.keys.stream("uplinks"), 2),
+            await wait_until(lambda: _has_uplinks(redis, ctx2.keys, 2),
                              what="uplinks with the right key")
 
             async def unreachable() -> bool:
@@ -644,6 +712,7 @@ async def test_wrong_password_is_not_connected_with_a_credentials_error(
 # --- the lease -----------------------------------------------------------------------------------
 
 
+@pytest.mark.cluster_too
 async def test_lease_is_exclusive_renewable_and_released_only_by_its_owner(
     redis: Redis, keys: Keys
 ) -> None:
@@ -660,6 +729,7 @@ async def test_lease_is_exclusive_renewable_and_released_only_by_its_owner(
     assert await b.holder() == "b"
 
 
+@pytest.mark.cluster_too
 async def test_hold_stops_the_work_at_once_when_the_lease_is_taken(
     redis: Redis, keys: Keys
 ) -> None:
@@ -721,10 +791,10 @@ def test_split_packets_takes_qos0_publishes_and_keeps_the_rest_for_paho() -> Non
 
 
 async def test_insecure_warns_at_startup_that_the_api_key_travels_in_clear(
-    redis: Redis, prefix: str, caplog: pytest.LogCaptureFixture,
+    redis: Redis, redis_config: RedisConfig, caplog: pytest.LogCaptureFixture,
 ) -> None:
     apps = [make_app("plain"), make_app("tls", insecure=False, port=8883)]
-    stage = IngestMqtt(make_ctx(redis, prefix, apps))
+    stage = IngestMqtt(make_ctx(redis, redis_config, apps))
     caplog.set_level(logging.WARNING, logger="blynk_bridge.ingest_mqtt")
     await stage.startup()
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -736,22 +806,21 @@ async def test_insecure_warns_at_startup_that_the_api_key_travels_in_clear(
 # --- appending: at once at low rates ---------------------------------------------------------
 
 
+@pytest.mark.cluster_too
 async def test_a_lone_uplink_is_appended_without_waiting_for_the_linger(
-    redis: Redis, prefix: str
+    redis: Redis, redis_config: RedisConfig
 ) -> None:
     """Below ``linger_above_per_s`` an append goes at once: with an hour's ``linger_ms`` each
     uplink still reaches the stream while the next is not yet published."""
     app = make_app()
-    cfg = Config(redis=RedisConfig(url=REDIS_URL, prefix=prefix), tts=[app],
-                 ingest_mqtt=IngestMqttConfig(linger_ms=3_600_000))
-    ctx = Context(config=cfg, redis=redis, keys=Keys(prefix), consumer="c1",
-                  writer=StreamWriter(redis))
+    ctx = make_ctx(redis, redis_config, [app], linger_ms=3_600_000)
     stage = IngestMqtt(ctx)
     async with running(stage):
         await asyncio.wait_for(stage.subscribed["lab"].wait(), 10)
-        for n in (1, 2):
-            body = json.dumps(make_uplink(app.app_id, app.tenant, "d1", n, {"t": n})).encode()
-            await publish([(f"v3/{app.username}/devices/d1/up", body)])
+        for n in (1, 2):  # two devices: two partitions (masters) on the cluster
+            device = f"d{n}"
+            body = json.dumps(make_uplink(app.app_id, app.tenant, device, n, {"t": n})).encode()
+            await publish([(f"v3/{app.username}/devices/{device}/up", body)])
             await wait_until(lambda n=n: _lens(redis, ctx.keys, n, 0),  # type: ignore[misc]
                              what=f"uplink {n} in the stream")
     assert [u.values for u in await uplinks(redis, ctx.keys)] == [{"t": 1}, {"t": 2}]
