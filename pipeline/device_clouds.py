@@ -29,6 +29,7 @@ import msgspec
 from pipeline import mqtt
 from pipeline.config import ParticleProduct, TtsApplication
 from pipeline.errors import Permanent, Reason, Retryable
+from pipeline.lifecycle import cancel_and_wait
 
 log = logging.getLogger("blynk_bridge.device_clouds")
 
@@ -149,9 +150,7 @@ class TtsMqtt:
             with contextlib.suppress(Exception):
                 await session.__aexit__(None, None, None)
         if reader is not None:
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reader
+            await cancel_and_wait([reader])
 
 
 def _http_failure(status: int, text: str, what: str) -> Exception:

@@ -13,7 +13,7 @@ import contextlib
 import gc
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, Protocol, TypeVar
 
 log = logging.getLogger("blynk_bridge.lifecycle")
@@ -59,6 +59,27 @@ async def until_stopped(aw: Awaitable[T], stop: asyncio.Event) -> T | None:
     with contextlib.suppress(asyncio.CancelledError):
         await task
     return None
+
+
+async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any]], timeout_s: float = 1.0) -> None:
+    """Cancel ``tasks`` and wait for them to end, at most ``timeout_s``; their results and
+    errors are dropped (a background chore's own loop logs what it needs to).
+
+    The one way to reap background tasks: ``task.cancel()`` then ``await task`` under
+    ``suppress(CancelledError)`` also swallows a cancel of the *caller* that lands while it
+    waits (a stop past its grace then hangs the stage), and waits without bound for a task
+    whose cancel was lost (on 3.11 one landing inside ``wait_for``, as redis-py's reads use,
+    can be). ``asyncio.wait`` lets the caller's cancel through and is bounded.
+    """
+    tasks = list(tasks)
+    pending = [t for t in tasks if not t.done()]
+    for task in pending:
+        task.cancel()
+    if pending:
+        await asyncio.wait(pending, timeout=timeout_s)
+    for task in tasks:
+        if task.done() and not task.cancelled():
+            task.exception()  # retrieved: no "exception was never retrieved" at exit
 
 
 async def wait_event(event: asyncio.Event, timeout_s: float) -> bool:

@@ -1,4 +1,4 @@
-"""``wait_event``: a deadline on an event wait that never swallows a cancel."""
+"""``wait_event`` and ``cancel_and_wait``: waits with a deadline that never swallow a cancel."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import asyncio
 
 import pytest
 
-from pipeline.lifecycle import wait_event
+from pipeline.lifecycle import cancel_and_wait, wait_event
+from tests.wait import TIMEOUT_S, within
 
 
 async def test_it_reports_whether_the_event_was_set() -> None:
@@ -28,3 +29,64 @@ async def test_a_cancel_arriving_as_the_event_is_set_still_cancels() -> None:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+
+
+async def test_reaping_a_task_that_lost_its_cancel_lets_the_callers_cancel_through() -> None:
+    # A chore whose cancel is lost (as one landing in redis-py's wait_for can be) keeps
+    # running; the stage reaping it is then cancelled itself (a stop past its grace). With
+    # ``task.cancel(); with suppress(CancelledError): await task`` that second cancel was
+    # swallowed and the stage went on; cancel_and_wait must raise it.
+    release = asyncio.Event()
+    lost = asyncio.Event()
+
+    async def stubborn() -> None:
+        while not release.is_set():
+            try:
+                await release.wait()
+            except asyncio.CancelledError:
+                lost.set()  # the cancel is "lost": the loop goes on
+
+    chore = asyncio.create_task(stubborn())
+    await asyncio.sleep(0)  # the chore is now waiting
+
+    async def stage() -> str:
+        await cancel_and_wait([chore], timeout_s=60)
+        return "went on"
+
+    reaper = asyncio.create_task(stage())
+    try:
+        await within(lost.wait())  # the reaper cancelled the chore and now waits for it
+        reaper.cancel()
+        # Not within(): on the old pattern the reaper would never end (its cancel went into
+        # the chore, which ignores it); a bounded wait lets that fail instead of hanging.
+        await asyncio.wait({reaper}, timeout=TIMEOUT_S)
+        assert reaper.cancelled(), "the stage's own cancel was swallowed or never ended it"
+    finally:
+        release.set()  # the chore ignores cancels: it ends through its event
+        await within(chore)
+
+
+async def test_reaping_is_bounded_and_retrieves_errors() -> None:
+    never = asyncio.Event()
+
+    async def ignores_cancel() -> None:
+        while not never.is_set():
+            try:
+                await never.wait()
+            except asyncio.CancelledError:
+                continue
+
+    async def fails() -> None:
+        raise RuntimeError("chore failed")
+
+    stuck, failed = asyncio.create_task(ignores_cancel()), asyncio.create_task(fails())
+    await asyncio.sleep(0)
+    reaping = asyncio.create_task(cancel_and_wait([stuck, failed], timeout_s=0.05))
+    try:
+        # Not within(): an unbounded reap would never end (the chore ignores cancels).
+        await asyncio.wait({reaping}, timeout=TIMEOUT_S)
+        assert reaping.done(), "reaping a task that ignores its cancel was not bounded"
+        assert failed.done() and not stuck.done()
+    finally:
+        never.set()  # the chore ignores cancels: it ends through its event
+        await within(stuck)

@@ -52,7 +52,6 @@ import asyncio
 import base64
 import binascii
 import collections
-import contextlib
 import gc
 import hmac
 import logging
@@ -77,7 +76,7 @@ from pipeline.context import Context
 from pipeline.downlink_outcomes import OUTCOMES, Outcomes
 from pipeline.errors import ConfigError, InvalidInput, Reason
 from pipeline.events import Uplink, dead_letter, encode
-from pipeline.lifecycle import collect_young_less_often
+from pipeline.lifecycle import cancel_and_wait, collect_young_less_often
 from pipeline.logs import ThrottledLog
 from pipeline.particle import body_style, parse_webhook
 from pipeline.status import ErrorKind, StatusBoard
@@ -628,9 +627,7 @@ class IngestHttp:
             await runner.cleanup()
         task, self._backlog_task = self._backlog_task, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait([task])
         await self.appender.close()
         await self.status.drain()
 

@@ -29,7 +29,7 @@ from pipeline.consumer import backoff_s
 from pipeline.context import Context
 from pipeline.events import Value
 from pipeline.keys import GROUP_EGRESS, WRITES
-from pipeline.lifecycle import collect_young_less_often
+from pipeline.lifecycle import cancel_and_wait, collect_young_less_often, wait_event
 from pipeline.order import LastWritten
 from pipeline.ratelimit import RateLimiter
 from pipeline.registry import Registry
@@ -121,10 +121,14 @@ class EgressStage:
     async def main_loop(self, stop: asyncio.Event) -> None:
         """Read, hold, flush, until ``stop`` (or, in burst mode, until idle)."""
         await self.reader.ensure_group()
-        chores = [asyncio.create_task(self._keep_claimed(), name="egress-keep-claimed"),
-                  asyncio.create_task(self._count_superseded(), name="egress-superseded")]
+        # The chores end on this event, not only on a cancel: on 3.11 a cancel landing inside
+        # redis-py's ``wait_for`` can be lost, and a ``while True`` chore would then run on.
+        done = asyncio.Event()
+        chores = [asyncio.create_task(self._keep_claimed(done), name="egress-keep-claimed"),
+                  asyncio.create_task(self._count_superseded(done), name="egress-superseded")]
         if self.cfg.broken_retry_s > 0:
-            chores.append(asyncio.create_task(self._retry_broken(), name="egress-retry-broken"))
+            chores.append(asyncio.create_task(self._retry_broken(done),
+                                              name="egress-retry-broken"))
         try:
             await self._run(stop)
         except BaseException:
@@ -133,11 +137,8 @@ class EgressStage:
             await self._abandon("stopping early")
             raise
         finally:
-            for chore in chores:
-                chore.cancel()
-            for chore in chores:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await chore
+            done.set()
+            await cancel_and_wait(chores, ABANDON_WAIT_S)
         await self._publish_superseded()  # not after a cancel or a failure: it would wait
 
     async def _run(self, stop: asyncio.Event) -> None:
@@ -242,15 +243,14 @@ class EgressStage:
         if bad:
             await asyncio.shield(self.reader.dead_letter(bad))
 
-    async def _keep_claimed(self) -> None:
+    async def _keep_claimed(self, done: asyncio.Event) -> None:
         """Reset the idle time of held entries so no other replica takes them over.
 
         ``XCLAIM … JUSTID`` keeps the delivery count: holding an entry through an outage does
         not bring it closer to ``max_deliveries``.
         """
         interval = max(0.05, self.reader.claim_idle_ms / 3000)
-        while True:
-            await asyncio.sleep(interval)
+        while not await wait_event(done, interval):
             by_stream = self.held.ids_by_stream()
             if not by_stream:
                 continue
@@ -264,11 +264,10 @@ class EgressStage:
             except RedisError as exc:
                 log.warning("egress: refreshing held entries failed (%s)", exc)
 
-    async def _count_superseded(self) -> None:
+    async def _count_superseded(self, done: asyncio.Event) -> None:
         """Add the superseded values to the counter ``blynk-bridge status`` shows, once a
         second (one ``INCRBY`` per second, not one per flush)."""
-        while True:
-            await asyncio.sleep(SUPERSEDED_EVERY_S)
+        while not await wait_event(done, SUPERSEDED_EVERY_S):
             await self._publish_superseded()
 
     async def _publish_superseded(self) -> None:
@@ -281,13 +280,12 @@ class EgressStage:
             self._superseded += n
             log.warning("egress: counting superseded values failed (%s)", exc)
 
-    async def _retry_broken(self) -> None:
+    async def _retry_broken(self, done: asyncio.Event) -> None:
         """Set devices broken for ``broken_retry_s`` back to ok, so their next uplink tries the
         token again (counted in ``bb_devices_unbroken_total{by="retry"}``)."""
         retry_s = self.cfg.broken_retry_s
         interval = min(60.0, max(0.05, retry_s / 4))
-        while True:
-            await asyncio.sleep(interval)
+        while not await wait_event(done, interval):
             try:
                 await self.registry.retry_broken(int(retry_s * 1000))
             except RedisError as exc:

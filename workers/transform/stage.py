@@ -18,7 +18,7 @@ from pipeline.consumer import Job, consume
 from pipeline.context import Context
 from pipeline.errors import Reason
 from pipeline.keys import GROUP_TRANSFORM, UPLINKS
-from pipeline.lifecycle import wait_event
+from pipeline.lifecycle import cancel_and_wait, wait_event
 from pipeline.provision import Limit, Limits, Platform, Provisioner
 from pipeline.registry import Registry
 from pipeline.routing import DEAD, SKIP, WRITE, Route
@@ -135,9 +135,7 @@ class TransformStage:
                           prepare=self.prepare)
         finally:
             if refresher is not None:
-                refresher.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await refresher
+                await cancel_and_wait([refresher])
             await self.flush_unmapped()
 
     async def shutdown(self) -> None:
