@@ -18,8 +18,9 @@ from redis.exceptions import RedisError
 from pipeline import dedup
 from pipeline.backlog import by_node, snapshot
 from pipeline.keys import Keys
+from pipeline.registry import Registry
 from pipeline.streams import Redis, connect
-from tests.wait import wait_until
+from tests.wait import wait_until, within
 
 WINDOW = 3600
 
@@ -190,4 +191,42 @@ async def test_a_stopped_master_delays_its_partitions_only_and_loses_nothing(
     assert await claims.run([(streams[0], "held", other)], WINDOW) == [mark]
     again = [(elsewhere[i % len(elsewhere)], e, other) for i, e in enumerate(done_elsewhere)]
     assert await claims.run(again, WINDOW) == [mark] * len(again)
+    await client.aclose()
+
+
+async def test_a_stopped_master_holds_up_only_its_partitions_registry_checks(
+        private_cluster: tuple[str, dict[int, int]], prefix: str) -> None:
+    """Transform checks the registry version of its batch's partition only
+    (:meth:`Registry.sync` with a stream): a check of a running master's partition — here
+    applying a change made before the stop — goes on while another master is stopped; a
+    check of every partition waits for it."""
+    url, pids = private_cluster
+    client = connect(url, socket_timeout=120)
+    await client.ping()
+    keys = Keys(prefix, partitions=6, cluster=True)
+    streams = keys.streams("uplinks")
+    node = {s: _port(client.get_node_from_key(s).name)  # type: ignore[attr-defined]
+            for s in streams}
+    stopped = node[streams[0]]
+    elsewhere = next(s for s in streams if node[s] != stopped)
+    device = next(f"dev-{i}" for i in range(1000)
+                  if keys.stream_for("uplinks", "tts", f"dev-{i}") == elsewhere)
+    registry = Registry(client, keys)
+    await registry.start()
+    changer = Registry(client, keys)
+    await changer.start()
+    await changer.register(f"tts:app:{device}", token="T" * 32, template="t")
+    before = registry.version_for(elsewhere)
+    every: asyncio.Task[None] | None = None
+    try:
+        os.kill(pids[stopped], signal.SIGSTOP)
+        every = asyncio.create_task(registry.sync())
+        await within(registry.sync(elsewhere), "the check of a running master's partition")
+        assert registry.version_for(elsewhere) == (before or 0) + 1
+        assert not every.done()
+    finally:
+        os.kill(pids[stopped], signal.SIGCONT)
+    await within(every, "the check of every partition, once the master runs again")
+    await registry.close()
+    await changer.close()
     await client.aclose()
