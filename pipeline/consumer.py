@@ -67,7 +67,17 @@ async def consume(
 
     With ``prepare``, each batch read is first given to it (module docstring); a failure in
     ``prepare`` is logged and ``handle`` takes the batch instead.
+
+    Once stopped, the reads the reader still has in flight are finished and their entries
+    given back (:meth:`~pipeline.streams.StreamReader.close`; the cluster layout's other
+    partitions).
     """
+    await _consume(reader, handle, stop, until_idle, max_backoff_s, prefetch, prepare)
+    await _close(reader)  # not when cancelled: a read in flight may wait on its master
+
+
+async def _consume(reader: StreamReader, handle: Handler, stop: asyncio.Event, until_idle: bool,
+                   max_backoff_s: float, prefetch: bool, prepare: Prepare | None) -> None:
     if prefetch:
         await _consume_prefetching(reader, handle, prepare, stop, until_idle, max_backoff_s)
         return
@@ -201,6 +211,14 @@ async def _handle(reader: StreamReader, handle: Handler, entries: list[Entry],
                 reader.retry_pending()
                 clean = False
         return clean
+
+
+async def _close(reader: StreamReader) -> None:
+    """Give back what the reader read ahead (cluster layout: other partitions' reads)."""
+    try:
+        await reader.close()
+    except RedisError as exc:  # the entries stay pending; only their delivery counts are off
+        log.warning("%s: could not give back the reads in flight (%s)", reader.stage, exc)
 
 
 async def _sleep(delay: float, stop: asyncio.Event) -> None:

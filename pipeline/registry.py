@@ -206,6 +206,14 @@ class Registry:
         """How many replies :meth:`sync_queue` queues (what :meth:`sync_apply` takes)."""
         return 2 * len(self._parts)
 
+    def parts_for(self, stream: str) -> list[int | None]:
+        """The version/change-log pairs the rows of a batch read from ``stream`` depend on:
+        its partition's in the cluster layout (a master that does not answer then holds up
+        only its own partitions' checks), the one pair on one Redis."""
+        if not self._keys.cluster:
+            return self._parts
+        return [self._keys.partition_of_stream(stream) or 0]
+
     async def get(self, key: str, *, sync: bool = True) -> Device | None:
         return (await self.get_many([key], sync=sync))[key]
 
@@ -281,21 +289,21 @@ class Registry:
 
     # ---- the version check -----------------------------------------------------------------
 
-    def sync_queue(self, pipe: Pipeline) -> None:
-        """Queue the version check (:attr:`sync_replies` commands) in a caller's pipeline; see
-        :meth:`sync_apply`."""
-        for part in self._parts:
+    def sync_queue(self, pipe: Pipeline, parts: Sequence[int | None] | None = None) -> None:
+        """Queue the version check (:attr:`sync_replies` commands; two per pair of ``parts``,
+        default all) in a caller's pipeline; see :meth:`sync_apply`."""
+        for part in self._parts if parts is None else parts:
             pipe.get(self._keys.registry_version(part))
             pipe.xrange(self._keys.registry_changes(part), min=f"({self._applied_id[part]}",
                         count=SYNC_MAX)
 
-    def sync_apply(self, *replies: Any) -> bool:
-        """Apply the replies of :meth:`sync_queue` (a version, then its changes, per pair);
-        ``False`` = the caller must :meth:`reset`."""
+    def sync_apply(self, *replies: Any, parts: Sequence[int | None] | None = None) -> bool:
+        """Apply the replies of :meth:`sync_queue` (a version, then its changes, per pair of
+        ``parts``, the same as queued); ``False`` = the caller must :meth:`reset` them."""
         if self._applied is None:
             return False
         ok = True
-        for i, part in enumerate(self._parts):
+        for i, part in enumerate(self._parts if parts is None else parts):
             ok = self._apply_one(part, replies[2 * i], replies[2 * i + 1]) and ok
         return ok
 
@@ -320,19 +328,24 @@ class Registry:
             self._applied_id[part] = last.decode() if isinstance(last, bytes) else str(last)
         return True
 
-    async def sync(self) -> None:
-        """Run the version check on its own (one round trip)."""
+    async def sync(self, stream: str | None = None) -> None:
+        """Run the version check on its own (one round trip): of every pair, or of those the
+        rows of a batch read from ``stream`` depend on (:meth:`parts_for`)."""
+        parts = None if stream is None else self.parts_for(stream)
         async with self._redis.pipeline(transaction=False) as pipe:
-            self.sync_queue(pipe)
+            self.sync_queue(pipe, parts)
             replies = await pipe.execute()
-        if not self.sync_apply(*replies):
-            await self.reset()
+        if not self.sync_apply(*replies, parts=parts):
+            await self.reset(parts)
 
-    async def reset(self) -> None:
+    async def reset(self, parts: Sequence[int | None] | None = None) -> None:
         """Drop the cache and take the current version and change-log position atomically
-        (per pair: one ``MULTI`` each, one slot in the cluster layout)."""
+        (per pair: one ``MULTI`` each, one slot in the cluster layout) — of every pair, or of
+        ``parts`` (the others stay in line with the emptied cache)."""
         applied: dict[int | None, int] = {}
-        for part in self._parts:
+        if parts is not None and self._applied is not None:
+            applied = {p: v for p, v in self._applied.items() if p not in parts}
+        for part in self._parts if parts is None or self._applied is None else parts:
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.get(self._keys.registry_version(part))
                 pipe.xrevrange(self._keys.registry_changes(part), count=1)

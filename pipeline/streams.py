@@ -24,12 +24,14 @@ Contract (every stage relies on it):
 * Entries delivered more than ``max_deliveries`` times are dead-lettered by the reader itself
   (reason ``max_deliveries``) and never returned, so a poison entry cannot block a stream.
 * Redis errors propagate as ``redis.exceptions.RedisError``; callers treat them as retryable.
-* In the cluster layout (:attr:`pipeline.keys.Keys.cluster`) every read touches one partition
-  (one slot): one ``XREADGROUP`` per partition, concurrently, and a batch holds the entries of
-  ONE partition (the rest wait, read and pending, for the next :meth:`StreamReader.read`), so
-  the caller commits each batch in one slot. A blocking read there polls the partitions every
-  :data:`CLUSTER_POLL_MS` (one ``XREADGROUP … BLOCK`` cannot span slots), which adds at most
-  that much latency after an idle period.
+* In the cluster layout (:attr:`pipeline.keys.Keys.cluster`) each partition (one slot) is read
+  on its own: at most one read in flight per partition (own pending, reclaimed or new entries,
+  as above, each partition on its own; new ones with its own ``XREADGROUP … BLOCK``), and
+  :meth:`StreamReader.read` hands out the batch of ONE partition — the first ready, taking
+  turns — so the caller commits each batch in one slot and a master that does not answer
+  holds up only its own partitions' batches. A batch read and not handed out yet waits, pending
+  for this consumer, for a later :meth:`StreamReader.read` (at most one per partition), or is
+  given back by :meth:`StreamReader.close` (:meth:`StreamReader.release`).
 """
 
 from __future__ import annotations
@@ -158,9 +160,26 @@ class StreamWriter:
 
 #: An entry to dead-letter: ``(entry, reason, detail)``.
 DeadItem = tuple[Entry, Reason, str]
-#: Cluster layout: how long one round of blocking per-partition reads waits (see the module
-#: docstring) before the next round.
+#: Cluster layout: how long one round of blocking per-partition reads waits before the next
+#: round, for a reader that polls the partitions in rounds (blynk-sessions' ``XREAD``s; one
+#: ``BLOCK`` cannot span slots). :class:`StreamReader` blocks on each partition on its own.
 CLUSTER_POLL_MS = 50
+
+
+@dataclass(slots=True, eq=False)
+class _Partition:
+    """Cluster layout: what :class:`StreamReader` keeps of one partition's reads."""
+
+    stream: str
+    #: This consumer's pending list is to be read (a pass, :meth:`StreamReader.retry_pending`).
+    own_pending: bool = True
+    next_claim: float = 0.0
+    #: When the last small batch of new entries was read, if the next read should linger.
+    linger_from: float | None = None
+    #: The read in flight, or done and not handed out yet: at most one per partition.
+    read: asyncio.Task[list[Entry]] | None = None
+    #: Its entries are to be given back, not handed out (a retry was asked for meanwhile).
+    stale: bool = False
 
 
 class StreamReader:
@@ -203,10 +222,12 @@ class StreamReader:
         self._pending_cursor = dict.fromkeys(self.streams, "0-0")
         self._next_claim = 0.0
         self._claim_cursor = {s: "0-0" for s in self.streams}
-        #: Cluster layout: one read per partition; batches of other partitions read with the
-        #: one returned, handed out by the next reads (they are pending for this consumer).
-        self._per_partition = keys.cluster and len(self.streams) > 1
-        self._held: list[list[Entry]] = []
+        #: Cluster layout: each partition read on its own (module docstring).
+        self._parts: list[_Partition] | None = (
+            [_Partition(s) for s in self.streams] if keys.cluster and len(self.streams) > 1
+            else None)
+        #: Cluster layout: the partition whose ready batch goes first (they take turns).
+        self._turn = 0
 
     async def ensure_group(self) -> None:
         """Create the group (from the start of the stream) unless it exists. Idempotent."""
@@ -222,57 +243,133 @@ class StreamReader:
         the oldest (after a retryable failure left a batch unacked)."""
         self._own_pending = True
         self._pending_cursor = dict.fromkeys(self.streams, "0-0")
-        self._held.clear()  # pending: the own-pending pass serves them again
+        for p in self._parts or ():
+            p.own_pending = True
+            # A batch read ahead (in flight or ready) is given back, not handed out: its
+            # entries come again in this partition's pass, after the ones before them.
+            p.stale = p.read is not None
 
     async def read(self, *, block: bool = True) -> list[Entry]:
-        """One batch: own pending, then reclaimed, then new entries (see module docstring)."""
-        if self._held:
-            return self._held.pop(0)
-        return self._one_partition(await self._read(block))
+        """One batch: own pending, then reclaimed, then new entries (see module docstring).
+        Not to be called again before it returned."""
+        if self._parts is not None:
+            return await self._read_partitions(self._parts, block)
+        return await self._read(block)
 
-    def _one_partition(self, entries: list[Entry]) -> list[Entry]:
-        """Cluster layout: the first partition's entries; the others' are held for later."""
-        if not self._per_partition or not entries:
-            return entries
-        by_stream: dict[str, list[Entry]] = {}
-        for e in entries:
-            by_stream.setdefault(e.stream, []).append(e)
-        batches = list(by_stream.values())
-        self._held.extend(batches[1:])
-        return batches[0]
+    async def close(self) -> None:
+        """Cluster layout: finish the reads still in flight and give back what they read
+        (:meth:`release`: pending for this consumer, the delivery count as before), so the
+        next :meth:`read` — or another consumer's claim, after ``claim_idle_ms`` — delivers
+        them. Waits for a partition whose master does not answer (up to the client's socket
+        timeout)."""
+        reads = [p.read for p in self._parts or () if p.read is not None]
+        if not reads:
+            return
+        await asyncio.wait(reads)
+        back: list[Entry] = []
+        for p in self._parts or ():
+            if p.read is not None:
+                back.extend(_result_of(p.read))
+                p.read, p.stale, p.own_pending = None, False, True
+                self._pending_cursor[p.stream] = "0-0"
+        await self.release(back)
+
+    async def _read_partitions(self, parts: list[_Partition], block: bool) -> list[Entry]:
+        """Cluster layout: the next ready batch of one partition, a read kept in flight for
+        every other; blocking up to ``block_ms`` for one (module docstring)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.block_ms / 1000
+        answered: set[int] = set()  # partitions found empty in this call
+        while True:
+            for i, p in enumerate(parts):
+                if p.read is None and (block or i not in answered):
+                    p.read = asyncio.create_task(self._read_partition(p, block),
+                                                 name=f"read-{p.stream}")
+                elif p.stale and p.read is not None and p.read.done():
+                    stale, p.read, p.stale = p.read, None, False
+                    # The pass starts over now that the stale read is over: it may have moved
+                    # the cursor, or ended a pass begun before the retry.
+                    p.own_pending = True
+                    self._pending_cursor[p.stream] = "0-0"
+                    await self.release(_result_of(stale))
+                    p.read = asyncio.create_task(self._read_partition(p, block),
+                                                 name=f"read-{p.stream}")
+            failed: BaseException | None = None
+            n = len(parts)
+            for k in range(n):
+                i = (self._turn + k) % n
+                p = parts[i]
+                if p.stale or p.read is None or not p.read.done():
+                    continue
+                done, p.read = p.read, None
+                if done.cancelled():
+                    continue
+                if done.exception() is not None:
+                    failed = failed or done.exception()
+                    continue
+                entries = done.result()
+                if entries:
+                    self._turn = i + 1
+                    return entries
+                answered.add(i)
+            if failed is not None:  # no other partition has a batch ready
+                raise failed
+            waiting = [p.read for p in parts if p.read is not None]
+            if not block and not waiting:
+                return []
+            timeout = deadline - loop.time() if block else None
+            if timeout is not None and timeout <= 0:
+                return []
+            await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+
+    async def _read_partition(self, p: _Partition, block: bool) -> list[Entry]:
+        """Cluster layout: one partition's next batch — own pending, reclaimed, new."""
+        while p.own_pending:
+            entries, exhausted = await self._read_own_pending([p.stream])
+            if entries:
+                return entries
+            if exhausted:
+                p.own_pending = False
+        if time.monotonic() >= p.next_claim:
+            p.next_claim = time.monotonic() + self.claim_idle_ms / 2000
+            entries = await self._claim_idle([p.stream])
+            if entries:
+                return entries
+        if block and p.linger_from is not None:
+            wait = p.linger_from + self._linger.linger_s - time.monotonic()
+            p.linger_from = None
+            if wait > 0:
+                await asyncio.sleep(wait)
+        entries, linger = await self._new_entries([p.stream], block)
+        if linger:
+            p.linger_from = time.monotonic()
+        return entries
 
     async def _read(self, block: bool) -> list[Entry]:
         while self._own_pending:
-            entries, exhausted = await self._read_own_pending()
+            entries, exhausted = await self._read_own_pending(self.streams)
             if entries:
                 return entries
             if exhausted:
                 self._own_pending = False
         if time.monotonic() >= self._next_claim:
             self._next_claim = time.monotonic() + self.claim_idle_ms / 2000
-            entries = await self._claim_idle()
+            entries = await self._claim_idle(self.streams)
             if entries:
                 return entries
         return await self._read_new(block)
 
     async def _xreadgroup(self, streams: dict[str, str], block: int | None) -> Any:
-        """``XREADGROUP`` over ``streams``; in the cluster layout one call per stream (one
-        slot each), run concurrently, their replies joined."""
-        if not self._per_partition:
-            return await self._redis.xreadgroup(
-                self.group, self.consumer, streams,  # type: ignore[arg-type]
-                count=self.batch, block=block)
-        replies = await asyncio.gather(*(
-            self._redis.xreadgroup(self.group, self.consumer, {s: c}, count=self.batch,
-                                   block=block)
-            for s, c in streams.items()))
-        return [row for reply in replies if reply for row in reply]
+        return await self._redis.xreadgroup(
+            self.group, self.consumer, streams,  # type: ignore[arg-type]
+            count=self.batch, block=block)
 
-    async def _read_own_pending(self) -> tuple[list[Entry], bool]:
-        """The next batch of one pass over this consumer's pending list (a cursor, so entries
-        the caller still holds are not served again within the pass), and whether the pass is
-        over. A batch may come back empty but not over (all of it dead-lettered)."""
-        reply = await self._xreadgroup(dict(self._pending_cursor), None)
+    async def _read_own_pending(self, streams: Sequence[str]) -> tuple[list[Entry], bool]:
+        """The next batch of one pass over this consumer's pending list of ``streams`` (a
+        cursor, so entries the caller still holds are not served again within the pass), and
+        whether the pass is over. A batch may come back empty but not over (all of it
+        dead-lettered)."""
+        reply = await self._xreadgroup({s: self._pending_cursor[s] for s in streams}, None)
         raw: list[tuple[str, str, dict[bytes, bytes]]] = []
         for s, msgs in _streams_of(reply):
             if msgs:
@@ -281,9 +378,9 @@ class StreamReader:
         exhausted = all(not msgs for _, msgs in _streams_of(reply))
         return await self._with_counts(raw), exhausted
 
-    async def _claim_idle(self) -> list[Entry]:
+    async def _claim_idle(self, streams: Sequence[str]) -> list[Entry]:
         raw: list[tuple[str, str, dict[bytes, bytes]]] = []
-        for stream in self.streams:
+        for stream in streams:
             reply = await self._redis.xautoclaim(
                 stream,
                 self.group,
@@ -304,33 +401,29 @@ class StreamReader:
             self._linger_from = None
             if wait > 0:
                 await asyncio.sleep(wait)
-        if self._per_partition:
-            reply = await self._poll_new(block)
-        else:
-            reply = await self._xreadgroup(dict.fromkeys(self.streams, ">"),
-                                           self.block_ms if block else None)
+        entries, linger = await self._new_entries(self.streams, block)
+        if linger:
+            self._linger_from = time.monotonic()
+        return entries
+
+    async def _new_entries(self, streams: Sequence[str],
+                           block: bool) -> tuple[list[Entry], bool]:
+        """New entries of ``streams`` (blocking up to ``block_ms``), and whether the next
+        blocking read should linger after them (module docstring)."""
+        reply = await self._xreadgroup(dict.fromkeys(streams, ">"),
+                                       self.block_ms if block else None)
         entries = [
             Entry(s, i, f.get(events.FIELD), 1, f)
             for s, msgs in _streams_of(reply)
             for i, f in msgs
             if f is not None
         ]
+        linger = False
         if entries:
             now = time.monotonic()
             self._linger.note(len(entries), now)
-            if len(entries) < self.batch and self._linger.active(now):
-                self._linger_from = now
-        return entries
-
-    async def _poll_new(self, block: bool) -> Any:
-        """Cluster layout: new entries of every partition; blocking, rounds of
-        :data:`CLUSTER_POLL_MS` until one partition has some or ``block_ms`` passed."""
-        streams = dict.fromkeys(self.streams, ">")
-        reply = await self._xreadgroup(streams, None)
-        deadline = time.monotonic() + self.block_ms / 1000
-        while block and not reply and time.monotonic() < deadline:
-            reply = await self._xreadgroup(streams, min(CLUSTER_POLL_MS, self.block_ms))
-        return reply
+            linger = len(entries) < self.batch and self._linger.active(now)
+        return entries, linger
 
     async def _with_counts(self, raw: list[tuple[str, str, dict[bytes, bytes]]]) -> list[Entry]:
         """Attach delivery counts (``XPENDING``) and dead-letter entries past the limit."""
@@ -428,6 +521,14 @@ def _encode_fields(fields: dict[bytes, bytes]) -> bytes:
     import msgspec
 
     return msgspec.msgpack.encode({k.decode(errors="replace"): v for k, v in fields.items()})
+
+
+def _result_of(read: asyncio.Task[list[Entry]]) -> list[Entry]:
+    """What a finished read got; nothing when it failed (a Redis error: whatever it may have
+    read stays pending for this consumer) or was cancelled."""
+    if read.cancelled() or read.exception() is not None:
+        return []
+    return read.result()
 
 
 def _streams_of(reply: Any) -> list[tuple[str, list[tuple[str, dict[bytes, bytes] | None]]]]:

@@ -18,8 +18,10 @@ from redis.exceptions import RedisError
 from pipeline import dedup
 from pipeline.backlog import by_node, snapshot
 from pipeline.keys import Keys
+from pipeline.registry import Registry
 from pipeline.streams import Redis, connect
-from tests.wait import wait_until
+from tests.wait import wait_until, within
+from workers.ingest_mqtt import Appender
 
 WINDOW = 3600
 
@@ -190,4 +192,90 @@ async def test_a_stopped_master_delays_its_partitions_only_and_loses_nothing(
     assert await claims.run([(streams[0], "held", other)], WINDOW) == [mark]
     again = [(elsewhere[i % len(elsewhere)], e, other) for i, e in enumerate(done_elsewhere)]
     assert await claims.run(again, WINDOW) == [mark] * len(again)
+    await client.aclose()
+
+
+async def test_a_stopped_master_holds_up_only_its_partitions_registry_checks(
+        private_cluster: tuple[str, dict[int, int]], prefix: str) -> None:
+    """Transform checks the registry version of its batch's partition only
+    (:meth:`Registry.sync` with a stream): a check of a running master's partition — here
+    applying a change made before the stop — goes on while another master is stopped; a
+    check of every partition waits for it."""
+    url, pids = private_cluster
+    client = connect(url, socket_timeout=120)
+    await client.ping()
+    keys = Keys(prefix, partitions=6, cluster=True)
+    streams = keys.streams("uplinks")
+    node = {s: _port(client.get_node_from_key(s).name)  # type: ignore[attr-defined]
+            for s in streams}
+    stopped = node[streams[0]]
+    elsewhere = next(s for s in streams if node[s] != stopped)
+    device = next(f"dev-{i}" for i in range(1000)
+                  if keys.stream_for("uplinks", "tts", f"dev-{i}") == elsewhere)
+    registry = Registry(client, keys)
+    await registry.start()
+    changer = Registry(client, keys)
+    await changer.start()
+    await changer.register(f"tts:app:{device}", token="T" * 32, template="t")
+    before = registry.version_for(elsewhere)
+    every: asyncio.Task[None] | None = None
+    try:
+        os.kill(pids[stopped], signal.SIGSTOP)
+        every = asyncio.create_task(registry.sync())
+        await within(registry.sync(elsewhere), "the check of a running master's partition")
+        assert registry.version_for(elsewhere) == (before or 0) + 1
+        assert not every.done()
+    finally:
+        os.kill(pids[stopped], signal.SIGCONT)
+    await within(every, "the check of every partition, once the master runs again")
+    await registry.close()
+    await changer.close()
+    await client.aclose()
+
+
+async def test_a_stopped_master_holds_up_only_its_partitions_mqtt_appends(
+        private_cluster: tuple[str, dict[int, int]], prefix: str) -> None:
+    """ingest-mqtt's appender on a cluster: a lane per stream, so the other masters'
+    partitions take their entries while one master is stopped; the stopped one's come, in
+    order, once it runs again."""
+    url, pids = private_cluster
+    client = connect(url, socket_timeout=120)
+    await client.ping()
+    keys = Keys(prefix, partitions=6, cluster=True)
+    streams = keys.streams("uplinks")
+    node = {s: _port(client.get_node_from_key(s).name)  # type: ignore[attr-defined]
+            for s in streams}
+    stopped = node[streams[0]]
+    elsewhere = [s for s in streams if node[s] != stopped]
+    appender = Appender(client, batch=4)
+    writing = asyncio.create_task(appender.run())
+    sent = {s: [b"warm-up"] + [f"{p}-{i}".encode() for i in range(10)]
+            for p, s in enumerate(streams)}
+    # The append script's first use loads it on every master (test above): before the stop.
+    for s in streams:
+        assert appender.offer(s, b"warm-up")
+
+    async def appended(stream: str) -> list[bytes]:
+        return [f[b"d"] for _, f in await client.xrange(stream)]
+
+    async def elsewhere_done() -> bool:
+        return all([await appended(s) == sent[s] for s in elsewhere])
+
+    async def all_at(n: int) -> bool:
+        return all([len(await appended(s)) == n for s in streams])
+
+    await wait_until(lambda: all_at(1), what="the warm-up appended")
+    try:
+        os.kill(pids[stopped], signal.SIGSTOP)
+        for i in range(1, 11):
+            for s in streams:
+                assert appender.offer(s, sent[s][i])
+            await asyncio.sleep(0)  # batches of a few entries, as messages arrive
+        await wait_until(elsewhere_done, what="the other masters' partitions appended")
+    finally:
+        os.kill(pids[stopped], signal.SIGCONT)
+    await appender.close()
+    await within(writing, "the appender, once the master runs again")
+    for s in streams:
+        assert await appended(s) == sent[s]
     await client.aclose()

@@ -237,3 +237,41 @@ async def test_a_read_after_a_small_batch_goes_at_once_below_the_linger_rate(
     assert [e.data for e in await asyncio.wait_for(r.read(), 60)] == [b"a"]
     await writer.add(stream, b"b")
     assert [e.data for e in await asyncio.wait_for(r.read(), 60)] == [b"b"]
+
+
+async def test_cluster_reader_hands_out_one_partition_at_a_time_and_gives_back_reads_ahead(
+        cluster_redis: Redis, prefix: str) -> None:
+    """Cluster layout: each partition read on its own, one partition's batch per read; a retry
+    gives back the other partitions' reads ahead (their delivery counts as before) and every
+    partition's entries come again in stream order; a close gives back what is in flight."""
+    keys = Keys(prefix, partitions=3, cluster=True)
+    streams = keys.streams("uplinks")
+    r = StreamReader(cluster_redis, keys, streams, "g", "c1", stage="test", batch=2,
+                     block_ms=200)
+    await r.ensure_group()
+    await StreamWriter(cluster_redis).add_many(
+        [(s, f"{p}-{i}".encode()) for p, s in enumerate(streams) for i in range(3)])
+
+    first = await r.read(block=False)
+    assert len(first) == 2 and len({e.stream for e in first}) == 1
+    r.retry_pending()  # the batch failed: it, then the rest, again, partition by partition
+    got: dict[str, list[tuple[bytes | None, int]]] = {s: [] for s in streams}
+    while batch := await r.read(block=False):
+        assert len({e.stream for e in batch}) == 1
+        got[batch[0].stream].extend((e.data, e.deliveries) for e in batch)
+        await r.ack(batch)
+    for p, s in enumerate(streams):
+        failed = 2 if s == first[0].stream else 1  # read ahead and given back: not counted
+        assert got[s] == [(f"{p}-0".encode(), failed), (f"{p}-1".encode(), failed),
+                          (f"{p}-2".encode(), 1)], got
+
+    await StreamWriter(cluster_redis).add_many([(s, b"late") for s in streams])
+    batch = await r.read()
+    await r.ack(batch)
+    await r.close()  # the other partitions' reads: given back, pending, not counted
+    left = [row for s in streams
+            for row in await cluster_redis.xpending_range(s, "g", min="-", max="+", count=10)]
+    assert len(left) == 2 and all(row["times_delivered"] == 0 for row in left), left
+    again = StreamReader(cluster_redis, keys, streams, "g", "c1", stage="test", batch=2)
+    assert sorted(e.data for e in await again.read(block=False)
+                  + await again.read(block=False)) == [b"late", b"late"]

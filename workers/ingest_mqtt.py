@@ -57,6 +57,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import msgspec
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from pipeline import events, metrics, mqtt
@@ -129,7 +130,11 @@ class Appender:
     :meth:`close` and the stage's grace period run out; entries are never reordered.
 
     A batch goes to Redis through :meth:`pipeline.streams.StreamWriter.add_many` (one Lua call
-    per stream, all-or-nothing per stream).
+    per stream, all-or-nothing per stream). On a Redis Cluster each stream (partition) has a
+    lane of its own instead: a batch is split by stream, and each lane writes its entries in
+    order (at most ``batch`` per call, retried as above) without waiting for the others, so a
+    master that does not answer holds up only its own partitions' appends. What waits in the
+    lanes counts against ``queue_max`` too (then :meth:`offer` refuses).
     """
 
     def __init__(self, redis: Redis, *, batch: int = 1000, queue_max: int = 100_000,
@@ -142,9 +147,18 @@ class Appender:
         self._batch = batch
         self._linger = Linger(linger_s, linger_above_per_s)
         self._queue: asyncio.Queue[_Item | _Closed] = asyncio.Queue(queue_max)
+        self._queue_max = queue_max
         self._max_backoff_s = max_backoff_s
+        #: Redis Cluster: entries waiting per stream, the task writing each busy lane, and
+        #: how many entries wait in all lanes.
+        self._lanes: dict[str, collections.deque[_Item]] | None = (
+            {} if isinstance(redis, RedisCluster) else None)
+        self._lane_tasks: dict[str, asyncio.Task[None]] = {}
+        self._in_lanes = 0
 
     def offer(self, stream: str, data: bytes, counter: Any = None) -> bool:
+        if self._in_lanes and self._in_lanes + self._queue.qsize() >= self._queue_max:
+            return False
         try:
             self._queue.put_nowait((stream, data, counter))
         except asyncio.QueueFull:
@@ -157,6 +171,7 @@ class Appender:
         while True:
             first = await queue.get()
             if isinstance(first, _Closed):
+                await self._lanes_drained()
                 return
             linger = self._linger
             if queue.qsize() < self._batch and linger.active(time.monotonic()):
@@ -172,9 +187,42 @@ class Appender:
                     break
                 batch.append(item)
             linger.note(len(batch), time.monotonic())
-            await self._write(batch)
+            if self._lanes is None:
+                await self._write(batch)
+            else:
+                self._to_lanes(self._lanes, batch)
             if closed:
+                await self._lanes_drained()
                 return
+
+    def _to_lanes(self, lanes: dict[str, collections.deque[_Item]], batch: list[_Item]) -> None:
+        for item in batch:
+            lane = lanes.get(item[0])
+            if lane is None:
+                lane = lanes[item[0]] = collections.deque()
+            lane.append(item)
+        self._in_lanes += len(batch)
+        for stream, lane in lanes.items():
+            if lane and stream not in self._lane_tasks:
+                self._lane_tasks[stream] = asyncio.create_task(
+                    self._drain_lane(stream, lane), name=f"ingest-mqtt-append-{stream}")
+
+    async def _drain_lane(self, stream: str, lane: collections.deque[_Item]) -> None:
+        """Write one stream's lane in order until it is empty."""
+        try:
+            while lane:
+                items = [lane.popleft() for _ in range(min(len(lane), self._batch))]
+                try:
+                    await self._write(items)
+                finally:
+                    self._in_lanes -= len(items)
+        finally:
+            del self._lane_tasks[stream]
+
+    async def _lanes_drained(self) -> None:
+        """Wait until every lane is written (raising what a lane's task raised: a bug)."""
+        while self._lane_tasks:
+            await asyncio.gather(*self._lane_tasks.values())
 
     async def _write(self, batch: list[_Item]) -> None:
         items = [(stream, data) for stream, data, _ in batch]

@@ -240,7 +240,7 @@ class TransformStage:
         assert version is not None  # _finish: the registry is in line with p.version
         dups = await self._commit.run(version, self._window, p.claims, p.outputs, p.entries)
         if dups is None:  # the registry changed since the cache was last in line with it
-            await self.registry.sync()
+            await self.registry.sync(p.entries[0].stream)  # the batch's partition only
             return False
 
         duplicate = set(dups)
@@ -273,19 +273,21 @@ class TransformStage:
             except (msgspec.ValidationError, msgspec.DecodeError) as exc:
                 dead.append((e, Reason.UNDECODABLE, f"not an Uplink: {exc}"))
 
-        # One round trip: registry version check + de-duplication claims (on a cluster the
-        # claims declare their shard keys, which needs the table read first: their own call).
+        # One round trip: registry version check (of the batch's partition: its rows are
+        # the only ones read) + de-duplication claims (on a cluster the claims declare their
+        # shard keys, which needs the table read first: their own call).
         marks = [dedup.mark_of(e) for e, _ in decoded]
         claims = [(e.stream, u.event_id, m) for (e, u), m in zip(decoded, marks, strict=True)]
         queued = bool(decoded) and not self._claims.declares
+        parts = self.registry.parts_for(entries[0].stream)
         async with ctx.redis.pipeline(transaction=False) as pipe:
-            self.registry.sync_queue(pipe)
+            self.registry.sync_queue(pipe, parts)
             if queued:
                 await self._claims.queue(pipe, claims, self._window)
             replies = await pipe.execute()
-        synced = self.registry.sync_replies
-        if not self.registry.sync_apply(*replies[:synced]):
-            await self.registry.reset()
+        synced = 2 * len(parts)
+        if not self.registry.sync_apply(*replies[:synced], parts=parts):
+            await self.registry.reset(parts)
         claimed: list[bytes | None] = (
             replies[synced] if queued
             else await self._claims.run(claims, self._window) if decoded else [])
