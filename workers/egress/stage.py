@@ -188,6 +188,10 @@ class EgressStage:
                     entries = await read
                     if entries:
                         await self._hold(entries)
+            # Cluster layout: reads the reader made ahead for other partitions are given back
+            # (as consume() does), not left pending with one more delivery counted.
+            with contextlib.suppress(RedisError):
+                await self.reader.close()
         # Stopping: send what is ready now; devices in backoff stay pending in Redis.
         await self._flush(final=True)
         await self._drain(self.cfg.stop_timeout_s)
