@@ -38,12 +38,11 @@ FORM_CT = "application/x-www-form-urlencoded"
 
 
 def fixtures_dir() -> Path:
-    """``tests/fixtures`` when the checkout has it, else the shared folder beside it."""
-    for candidate in (ROOT / "tests" / "fixtures", ROOT.parent / "shared" / "fixtures",
-                      Path("/work/shared/fixtures")):
-        if (candidate / "particle").is_dir() and (candidate / "tts").is_dir():
-            return candidate
-    raise FileNotFoundError("no fixtures: tests/fixtures or ../shared/fixtures")
+    """The repository's own genuine messages, ``tests/fixtures`` (each with its ``.src.txt``)."""
+    path = ROOT / "tests" / "fixtures"
+    if not ((path / "particle").is_dir() and (path / "tts").is_dir()):
+        raise FileNotFoundError(f"no fixtures in {path} (particle/ and tts/)")
+    return path
 
 
 @dataclass(frozen=True)
