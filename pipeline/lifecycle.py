@@ -61,22 +61,34 @@ async def until_stopped(aw: Awaitable[T], stop: asyncio.Event) -> T | None:
     return None
 
 
+#: How often :func:`cancel_and_wait` cancels again a task that has not ended.
+RECANCEL_S = 0.1
+
+
 async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any]], timeout_s: float = 1.0) -> None:
     """Cancel ``tasks`` and wait for them to end, at most ``timeout_s``; their results and
     errors are dropped (a background chore's own loop logs what it needs to).
 
-    The one way to reap background tasks: ``task.cancel()`` then ``await task`` under
+    The one way to reap background tasks. ``task.cancel()`` then ``await task`` under
     ``suppress(CancelledError)`` also swallows a cancel of the *caller* that lands while it
-    waits (a stop past its grace then hangs the stage), and waits without bound for a task
-    whose cancel was lost (on 3.11 one landing inside ``wait_for``, as redis-py's reads use,
-    can be). ``asyncio.wait`` lets the caller's cancel through and is bounded.
+    waits (a stop past its grace then hangs the stage), and waits for ever on a task whose
+    cancel was lost: on 3.11 one landing inside ``wait_for`` as its awaitable completes is
+    (redis-py's socket reads use it), and a ``while True`` loop then goes on. Here the
+    caller's cancel goes through (``asyncio.wait``), a task still running is cancelled again
+    every :data:`RECANCEL_S`, and the whole wait is bounded.
     """
     tasks = list(tasks)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
     pending = [t for t in tasks if not t.done()]
-    for task in pending:
-        task.cancel()
-    if pending:
-        await asyncio.wait(pending, timeout=timeout_s)
+    while pending:
+        for task in pending:
+            task.cancel()
+        left = deadline - loop.time()
+        if left <= 0:
+            break
+        await asyncio.wait(pending, timeout=min(left, RECANCEL_S))
+        pending = [t for t in pending if not t.done()]
     for task in tasks:
         if task.done() and not task.cancelled():
             task.exception()  # retrieved: no "exception was never retrieved" at exit

@@ -90,3 +90,24 @@ async def test_reaping_is_bounded_and_retrieves_errors() -> None:
     finally:
         never.set()  # the chore ignores cancels: it ends through its event
         await within(stuck)
+
+
+async def test_a_task_that_lost_one_cancel_is_cancelled_again_and_ends() -> None:
+    # The ingest-mqtt hang: a warm standby's advertiser lost the cancel in a Redis call and
+    # looped on, so its task group, and the stage's stop, waited for ever.
+    lost_once = asyncio.Event()
+    never = asyncio.Event()
+
+    async def loses_the_first_cancel() -> None:
+        while True:
+            try:
+                await never.wait()
+            except asyncio.CancelledError:
+                if lost_once.is_set():
+                    raise
+                lost_once.set()
+
+    chore = asyncio.create_task(loses_the_first_cancel())
+    await asyncio.sleep(0)  # the chore is now waiting
+    await within(cancel_and_wait([chore], timeout_s=TIMEOUT_S))
+    assert lost_once.is_set() and chore.cancelled()

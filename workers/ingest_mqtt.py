@@ -68,7 +68,7 @@ from pipeline.context import Context
 from pipeline.errors import InvalidInput, Reason
 from pipeline.keys import UPLINKS
 from pipeline.lease import Lease, hold
-from pipeline.lifecycle import wait_event
+from pipeline.lifecycle import cancel_and_wait, wait_event
 from pipeline.status import ErrorKind, StatusBoard
 from pipeline.streams import Redis, StreamWriter, now_ms
 from pipeline.tts import Skipped, parse_event
@@ -77,6 +77,9 @@ log = logging.getLogger("blynk_bridge.ingest_mqtt")
 
 STAGE = "ingest-mqtt"
 STATUS_KIND = "tts"
+#: How long a warm application's session and advertiser get to end once it stops (they are
+#: cancelled again meanwhile; each ends at its next await).
+STOP_REAP_S = 5.0
 #: Topic suffixes under ``v3/{app}@{tenant}/devices/+/``.
 TOPICS = (
     "up",
@@ -506,8 +509,9 @@ class IngestMqtt:
                 return feed.connected or not await self._others_connected(app)
 
             await hold(lease, lambda: self._own(app, feed), stop, may_acquire=may_acquire)
-            session.cancel()
-            advertiser.cancel()
+            # Cancelled again until they end: a cancel lost in a Redis call (the advertiser
+            # writes every lease_ttl/4) would otherwise keep the group, and the stop, waiting.
+            await cancel_and_wait([session, advertiser], STOP_REAP_S)
 
     async def _advertise(self, app: TtsApplication, feed: _Feed) -> None:
         """Keep this replica in the application's set of connected replicas while its session
