@@ -212,6 +212,19 @@ async def _make_live(prefix: str, devices: int, server: str) -> None:
         await redis.aclose()
 
 
+async def _replicas(prefix: str) -> int:
+    """How many blynk-sessions replicas have written their heartbeat."""
+    from bench.downlinks import REDIS_URL
+    from pipeline.keys import Keys
+    from pipeline.streams import connect
+
+    redis = connect(REDIS_URL)
+    try:
+        return int(await redis.zcard(Keys(prefix).sessions_replicas()))
+    finally:
+        await redis.aclose()
+
+
 def _admin_sessions(http_port: int) -> int:
     with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/_admin/mqtt", timeout=10) as r:
         return int(json.loads(r.read())["sessions"])
@@ -258,7 +271,14 @@ def latency(args: argparse.Namespace) -> int:
                                         "WARNING", "--log-format", "text", "blynk-sessions", "-c",
                                         str(bridge_cfg)], env={"METRICS_PORT": str(metrics_port)})
         wait_port(metrics_port, proc=sess, timeout_s=120)
-        time.sleep(3)  # the stage's watcher reads the writes stream from "now"
+        # The stage's watch sees the writes made after its startup: wait for its first heartbeat
+        # (written by the main loop, so startup has returned) before making the devices live.
+        t0 = time.monotonic()
+        while not asyncio.run(_replicas(prefix)):
+            procs.check_alive()
+            if time.monotonic() - t0 > 120:
+                raise BenchError("blynk-sessions did not start within 120 s")
+            time.sleep(0.1)
         rss0 = rss_bytes(sess.pid)[0]
         t0 = time.monotonic()
         asyncio.run(_make_live(prefix, args.devices, f"http://127.0.0.1:{http_port}"))
@@ -267,9 +287,9 @@ def latency(args: argparse.Namespace) -> int:
             if time.monotonic() - t0 > args.open_timeout:
                 raise BenchError(f"sessions did not all open within {args.open_timeout} s "
                                  f"({_admin_sessions(http_port)} did)")
-            time.sleep(0.5)
+            time.sleep(0.2)
         open_s = time.monotonic() - t0
-        time.sleep(2)
+        time.sleep(args.settle_s)
         rss1 = rss_bytes(sess.pid)[0]
         print(f"blynk-sessions: {args.devices} sessions opened in {open_s:.1f} s; RSS "
               f"{fmt_mib(rss0)} MiB with none, {fmt_mib(rss1)} MiB with all: "
@@ -311,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rates", default="100,1000")
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--open-timeout", type=float, default=600.0)
+    ap.add_argument("--settle-s", type=float, default=2.0,
+                    help="--latency: wait this long after the opens before reading the RSS")
     ap.add_argument("--keep-logs", action="store_true")
     ap.add_argument("--sessions", type=int, default=2000)
     ap.add_argument("--kinds", default="lean,aiomqtt,gmqtt")

@@ -192,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--open-timeout", type=float, default=900.0)
     ap.add_argument("--idle-s", type=float, default=60.0,
                     help="after all are open, idle this long and report CPU (keepalives)")
+    ap.add_argument("--settle-s", type=float, default=3.0,
+                    help="after all are open, wait this long before reading RSS and CPU")
     ap.add_argument("--keep-logs", action="store_true")
     args = ap.parse_args(argv)
 
@@ -265,9 +267,9 @@ def main(argv: list[str] | None = None) -> int:
                 last, last_at = held, now
             if now - t0 > args.open_timeout or now - last_at > 120:
                 break
-            time.sleep(1.0)
+            time.sleep(0.25)
         open_s = time.monotonic() - t0
-        time.sleep(3)
+        time.sleep(args.settle_s)
         rows = []
         cpu1 = {p.name: cpu_seconds(p.pid) for p in procs.procs}
         for p in procs.procs:

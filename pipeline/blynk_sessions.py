@@ -172,8 +172,9 @@ def offline_deadline_ms(now_ms: int, previous_ms: int | None, min_s: int) -> int
     return now_ms + max(min_s * 1000, 3 * gap)
 
 
-def backoff_s(attempt: int, cap_s: float, rng: random.Random | None = None) -> float:
-    """Full-jitter backoff before reconnect ``attempt`` (0 = first): uniform(0, min(cap, 2^n))
-    so that sessions dropped together (a Blynk restart) come back spread out."""
+def backoff_s(attempt: int, cap_s: float, rng: random.Random | None = None,
+              base_s: float = 1.0) -> float:
+    """Full-jitter backoff before reconnect ``attempt`` (0 = first): uniform(0, min(cap,
+    base × 2^n)) so that sessions dropped together (a Blynk restart) come back spread out."""
     r = rng or random
-    return r.uniform(0.0, min(cap_s, 2.0 ** min(attempt, 16)))
+    return r.uniform(0.0, min(cap_s, base_s * 2.0 ** min(attempt, 16)))

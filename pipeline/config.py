@@ -471,6 +471,8 @@ class BlynkSessionsConfig(_Base):
     connect_burst: AtLeast1 = 20
     #: Cap of a device's jittered reconnect backoff.
     max_backoff_s: Positive = 60.0
+    #: Bound of the first reconnect's backoff; each one after it doubles the bound.
+    backoff_base_s: Positive = 1.0
     #: A session closes this long after its device's last uplink; at least
     #: ``offline_min_s``, else 3 × the device's observed uplink interval.
     offline_min_s: AtLeast1 = 600

@@ -14,7 +14,7 @@ from bench.common import ROOT
 
 def test_bench_runs_and_accounts_for_every_command() -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.downlinks", "--rates", "50", "--seconds", "1",
+        [sys.executable, "-m", "bench.downlinks", "--rates", "100", "--seconds", "0.5",
          "--devices", "20"], capture_output=True, text=True, timeout=180, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines()

@@ -24,7 +24,7 @@ def test_memory_mode_opens_every_session() -> None:
 def test_latency_mode_delivers_every_command() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "bench.sessions", "--latency", "--devices", "30", "--rates", "20",
-         "--seconds", "1", "--open-timeout", "120"],
+         "--seconds", "1", "--open-timeout", "120", "--settle-s", "0"],
         capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (row,) = [line.split() for line in proc.stdout.splitlines() if line.startswith("20/s ")]
@@ -41,7 +41,7 @@ def _run(*argv: str) -> str:
 
 def test_fleet_mode_holds_every_session_across_replicas() -> None:
     out = _run("bench.sessions_fleet", "--devices", "60", "--replicas", "2", "--emulators", "2",
-               "--partitions", "8", "--idle-s", "0")
+               "--partitions", "8", "--idle-s", "0", "--settle-s", "0")
     assert "60 of 60 sessions open" in out
     procs = [line.split()[0] for line in out.splitlines()
              if line.startswith(("blynk", "sessions"))]

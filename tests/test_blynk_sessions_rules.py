@@ -110,6 +110,8 @@ def test_shares_deadlines_and_backoff() -> None:
     assert rules.offline_deadline_ms(10_000_000, 9_900_000, 60) == 10_300_000
     rng = random.Random(1)
     assert all(0 <= rules.backoff_s(n, 30, rng) <= min(30, 2 ** n) for n in range(20))
+    assert all(0 <= rules.backoff_s(n, 30, rng, base_s=0.1) <= min(30, 0.1 * 2 ** n)
+               for n in range(20))
     parts = {rules.partition_of(f"token-{i}", 8) for i in range(200)}
     assert parts == set(range(8))
 

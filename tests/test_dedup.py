@@ -77,7 +77,7 @@ async def test_shards_double_with_the_events_and_every_shard_stays_small(redis: 
 
 
 async def test_an_event_is_a_duplicate_for_the_whole_window(redis: Redis, keys: Keys) -> None:
-    window = 6
+    window = 3
     stream = keys.stream("uplinks")
     claims = dedup.Claims(redis, keys)
     mark = dedup.mark(stream, "1-0")
@@ -97,7 +97,7 @@ async def test_an_event_is_a_duplicate_for_the_whole_window(redis: Redis, keys: 
 
 async def test_events_past_the_window_are_swept_and_new_again(redis: Redis,
                                                               keys: Keys) -> None:
-    window = 4
+    window = 2
     stream = keys.stream("uplinks")
     claims = dedup.Claims(redis, keys)
     mark = dedup.mark(stream, "1-0")
@@ -121,7 +121,7 @@ async def test_events_past_the_window_are_swept_and_new_again(redis: Redis,
 
 
 async def test_shards_halve_when_the_events_thin_out(redis: Redis, keys: Keys) -> None:
-    window = 4
+    window = 2
     stream = keys.stream("uplinks")
     base = keys.dedup(stream)
     claims = dedup.Claims(redis, keys)
@@ -147,7 +147,7 @@ async def test_shards_halve_when_the_events_thin_out(redis: Redis, keys: Keys) -
 
 
 async def test_idle_state_expires_whole_and_starts_again(redis: Redis, keys: Keys) -> None:
-    window = 2
+    window = 1
     stream = keys.stream("uplinks")
     base = keys.dedup(stream)
     claims = dedup.Claims(redis, keys)
@@ -166,7 +166,7 @@ async def test_declared_keys_claim_grow_sweep_and_forget_like_the_plain_calls(
         redis: Redis, keys: Keys) -> None:
     # What Redis Cluster clients use (every shard key declared, computed from the table), on one
     # Redis: the same answers through resizes, sweeps and forgetting.
-    window = 4
+    window = 2
     stream = keys.stream("uplinks")
     claims = dedup.Claims(redis, keys, declare_keys=True)
     mark = dedup.mark(stream, "1-0")

@@ -38,7 +38,7 @@ def _demo(*extra: str) -> list[str]:
 
 
 def test_demo_runs_the_whole_pipeline_and_drains(tmp_path: Path) -> None:
-    proc = subprocess.run(_demo("--duration", "3"), capture_output=True, text=True, timeout=120,
+    proc = subprocess.run(_demo("--duration", "1.5"), capture_output=True, text=True, timeout=120,
                           cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = " ".join(proc.stdout.split())

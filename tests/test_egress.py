@@ -469,15 +469,16 @@ async def test_replicas_never_write_a_device_backwards(rig: Rig) -> None:
 
 
 async def test_outage_loses_nothing_and_backlog_keeps_true_times(rig: Rig) -> None:
-    """The emulator's real outage switch (every request 503), shortened from 30 s to 3 s."""
-    await rig.admin("POST", "faults", {"outage_s": 3})
+    """The emulator's real outage switch (every request 503), shortened from 30 s to 1.5 s
+    (five times the claim idle time: long enough for a thief to claim what sat idle)."""
+    await rig.admin("POST", "faults", {"outage_s": 1.5})
     t0 = now_ms()
     points = {n: [(t0 - 3000 + i * 150, float(i)) for i in range(20)] for n in range(3)}
     await rig.add(*[write(n, ts, {"V10": v, "V2": int(v)}, history=["V10"])
                     for n in range(3) for ts, v in points[n]])
     # max_deliveries=2: re-reading during the outage would dead-letter everything
     limits = {"max_deliveries": 2, "claim_idle_ms": 300}
-    stage = rig.stage(streams=limits, live_window_s=1, max_backoff_s=1.5)
+    stage = rig.stage(streams=limits, live_window_s=1, max_backoff_s=0.75)
     stolen: list[Any] = []
     board = StatusBoard(rig.redis, rig.keys)
     seen: set[State] = set()

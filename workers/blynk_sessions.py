@@ -656,7 +656,8 @@ class SessionsStage:
             return
         n = self.attempts.get(key, 0)
         self.attempts[key] = n + 1
-        delay = self.cfg.max_backoff_s if cap else rules.backoff_s(n, self.cfg.max_backoff_s)
+        delay = self.cfg.max_backoff_s if cap else rules.backoff_s(
+            n, self.cfg.max_backoff_s, base_s=self.cfg.backoff_base_s)
         self._schedule(key, delay)
 
     # Session handler (callbacks on the loop) --------------------------------------------------
