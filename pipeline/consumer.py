@@ -2,9 +2,11 @@
 
 Contract: ``handle(entries)`` must ack or dead-letter every entry it was given (through the
 reader), or raise; so must a *job* (below). A :class:`~pipeline.errors.Retryable` or Redis error
-leaves the batch pending and backs off; any other exception is a bug or a poison entry, so the
-batch is retried one entry at a time, and each entry that keeps failing reaches
-``max_deliveries`` and is dead-lettered alone — it never blocks the entries behind it.
+leaves the batch pending and backs off (after a Redis error that says nothing about the
+entries — :data:`NOT_THE_ENTRIES` — the retry does not count as a delivery); any other
+exception is a bug or a poison entry, so the batch is retried one entry at a time, and each
+entry that keeps failing reaches ``max_deliveries`` and is dead-lettered alone — it never
+blocks the entries behind it.
 
 A stage may pass ``prepare``: it is called on each batch as soon as it is read (with
 ``prefetch``, while the batch before it is being handled) and returns the batch's handling as a
@@ -20,7 +22,9 @@ import logging
 import random
 from collections.abc import Awaitable, Callable
 
-from redis.exceptions import RedisError
+from redis.exceptions import AskError, ClusterError, RedisError, TryAgainError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from pipeline.errors import Retryable
 from pipeline.lifecycle import until_stopped
@@ -32,6 +36,13 @@ Handler = Callable[[list[Entry]], Awaitable[None]]
 #: One batch's handling, prepared (see the module docstring).
 Job = Callable[[], Awaitable[None]]
 Prepare = Callable[[list[Entry]], Awaitable[Job | None]]
+
+
+#: Redis errors that say nothing about the entries of the batch they refused: Redis out of
+#: reach, or a Redis Cluster slot moving (``TRYAGAIN``, redirections past redis-py's limit).
+#: The batch's retry does not count as a delivery of its entries (:func:`_not_delivered`).
+NOT_THE_ENTRIES = (RedisConnectionError, RedisTimeoutError, ClusterError, TryAgainError,
+                   AskError)
 
 
 def backoff_s(attempt: int, cap_s: float = 30.0) -> float:
@@ -101,6 +112,7 @@ async def _consume(reader: StreamReader, handle: Handler, stop: asyncio.Event, u
             failures = 0
         except (Retryable, RedisError) as exc:
             failures += 1
+            await _not_delivered(reader, entries, exc)
             reader.retry_pending()
             delay = getattr(exc, "retry_after_s", None) or backoff_s(failures, max_backoff_s)
             log.warning("%s: batch left pending (%s); retry in %.1fs", reader.stage, exc, delay)
@@ -149,6 +161,8 @@ async def _consume_prefetching(
                 # in order after the failed ones, and this read does not count as a delivery.
                 await _release(reader, ahead)
                 ahead = None
+            if error is not None:
+                await _not_delivered(reader, entries, error)
             reader.retry_pending()
             if error is not None:
                 failures += 1
@@ -175,6 +189,21 @@ async def _read(reader: StreamReader, prepare: Prepare | None,
     except Exception:  # a bug or a poison entry: handle() and its per-entry retry deal with it
         log.exception("%s: preparing a batch of %d failed", reader.stage, len(entries))
     return entries, None
+
+
+async def _not_delivered(reader: StreamReader, entries: list[Entry],
+                         error: Retryable | RedisError) -> None:
+    """After ``error`` (one of :data:`NOT_THE_ENTRIES`) left a batch pending, set its entries'
+    delivery counts back (:meth:`~pipeline.streams.StreamReader.release`), so re-reading them
+    does not count: a slot move or an outage, however many retries it takes, never pushes them
+    past ``max_deliveries`` into the dead stream. Other errors (a Lua error, ``Retryable``)
+    may be the entries' own and count."""
+    if not isinstance(error, NOT_THE_ENTRIES):
+        return
+    try:
+        await reader.release(entries)
+    except RedisError as exc:  # they stay pending; only their delivery counts are off
+        log.warning("%s: could not give back a batch left pending (%s)", reader.stage, exc)
 
 
 async def _release(reader: StreamReader,

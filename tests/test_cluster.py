@@ -12,6 +12,7 @@ import asyncio
 import os
 import signal
 from collections import Counter
+from collections.abc import Awaitable, Callable
 
 from redis.exceptions import RedisError
 
@@ -53,10 +54,12 @@ async def test_partitions_spread_over_the_masters_and_claim_in_one_slot_each(
             assert cluster_redis.keyslot(k) == slot  # type: ignore[attr-defined]
 
 
-async def _move_slot(slot: int, source: int, target: int, step: int = 20) -> int:
+async def _move_slot(slot: int, source: int, target: int, step: int = 20,
+                     between: Callable[[], Awaitable[object]] | None = None) -> int:
     """Move one slot's keys from the master on port ``source`` to the one on ``target`` as
     ``redis-cli --cluster reshard`` does (IMPORTING, MIGRATING, MIGRATE ``step`` keys at a
-    time, NODE); returns how many keys moved."""
+    time, NODE); returns how many keys moved. ``between()`` is awaited after each step (the
+    caller's work progressing while the slot is half-moved)."""
     src = connect(f"redis://127.0.0.1:{source}/0")
     dst = connect(f"redis://127.0.0.1:{target}/0")
     try:
@@ -75,6 +78,8 @@ async def _move_slot(slot: int, source: int, target: int, step: int = 20) -> int
                                       "REPLACE", "KEYS", *batch)
             moved += len(batch)
             await asyncio.sleep(0)  # let the claims run between steps
+            if between is not None:
+                await between()
         for port in {target, source}:
             node = dst if port == target else src
             await node.execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)

@@ -9,6 +9,7 @@ import sys
 import textwrap
 
 import pytest
+from redis.exceptions import ClusterError, ConnectionError, TryAgainError
 
 from pipeline import events
 from pipeline.consumer import consume
@@ -186,6 +187,32 @@ async def test_retryable_failure_keeps_the_batch_and_delivers_it_later(
     await consume(r, handle, asyncio.Event(), until_idle=True)
     assert done == [b"a", b"b"]
     assert await redis.xlen(keys.dead) == 0
+
+
+async def test_a_batch_redis_refused_more_often_than_max_deliveries_is_not_dead(
+    redis: Redis, keys: Keys
+) -> None:
+    """A commit Redis refuses for a while (``TRYAGAIN`` while a Redis Cluster slot moves, a
+    connection lost) says nothing about the entries: their retries do not count as deliveries,
+    so the batch is written once Redis takes it, not dead-lettered for ``max_deliveries``."""
+    stream = keys.stream("uplinks")
+    r = reader(redis, keys, max_deliveries=2)
+    await StreamWriter(redis).add_many([(stream, b"a"), (stream, b"b")])
+    refusals = iter([TryAgainError("slot moving"), ConnectionError("lost"),
+                     ClusterError("TTL exhausted."), TryAgainError("slot moving")])
+    done: list[bytes] = []
+
+    async def handle(entries: list[Entry]) -> None:
+        refused = next(refusals, None)
+        if refused is not None:
+            raise refused
+        done.extend(e.data for e in entries if e.data)
+        await r.ack(entries)
+
+    await consume(r, handle, asyncio.Event(), until_idle=True, max_backoff_s=0.01)
+    assert done == [b"a", b"b"]
+    assert await redis.xlen(keys.dead) == 0
+    assert (await redis.xpending(stream, "g"))["pending"] == 0
 
 
 async def test_stop_request_lets_the_in_flight_batch_finish_and_ack(
