@@ -371,12 +371,17 @@ class StreamReader:
         dead-lettered)."""
         reply = await self._xreadgroup({s: self._pending_cursor[s] for s in streams}, None)
         raw: list[tuple[str, str, dict[bytes, bytes]]] = []
+        cursors: dict[str, Any] = {}
         for s, msgs in _streams_of(reply):
             if msgs:
-                self._pending_cursor[s] = msgs[-1][0]
+                cursors[s] = msgs[-1][0]
             raw.extend((s, i, f) for i, f in msgs if f is not None)
         exhausted = all(not msgs for _, msgs in _streams_of(reply))
-        return await self._with_counts(raw), exhausted
+        entries = await self._with_counts(raw)
+        # Only now past them: if the counts could not be read (Redis error), the next pass
+        # reads the same entries again instead of skipping them until XAUTOCLAIM.
+        self._pending_cursor.update(cursors)
+        return entries, exhausted
 
     async def _claim_idle(self, streams: Sequence[str]) -> list[Entry]:
         raw: list[tuple[str, str, dict[bytes, bytes]]] = []
