@@ -33,7 +33,16 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from bench.common import ROOT, Processes, UsageProbe, free_port, machine, table, wait_port
+from bench.common import (
+    ROOT,
+    Processes,
+    UsageProbe,
+    cluster_port,
+    free_port,
+    machine,
+    table,
+    wait_port,
+)
 from bench.transform import FIXTURE, config_text
 
 STAGES = ("transform", "egress")
@@ -232,23 +241,8 @@ async def run_one(procs: Processes, url: str, pids: dict[str, int], partitions: 
     return out
 
 
-def _cluster_port() -> int:
-    """A free port whose cluster bus port (port + 10000) is free and valid too."""
-    import socket
-
-    while True:
-        port = free_port()
-        if port + 10000 <= 65535:
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", port + 10000))
-                except OSError:
-                    continue
-            return port
-
-
 def start_cluster(procs: Processes) -> tuple[str, dict[str, int]]:
-    ports = [_cluster_port() for _ in range(3)]
+    ports = [cluster_port() for _ in range(3)]
     env = {**os.environ, "BB_CLUSTER_PORTS": " ".join(map(str, ports)),
            "BB_CLUSTER_DIR": str(procs.dir / "cluster")}
     done = subprocess.run(["bash", str(ROOT / "scripts" / "services.sh"), "--cluster"],

@@ -31,6 +31,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
+from bench.common import cluster_port
 from pipeline.keys import Keys
 from pipeline.streams import Redis, connect
 
@@ -143,19 +144,6 @@ async def cluster_redis(cluster_url: str, prefix: str) -> AsyncIterator[Redis]:
     async for key in client.scan_iter(match=f"{prefix}*", count=1000):
         await client.delete(key)
     await client.aclose()
-
-
-def cluster_port() -> int:
-    """A free port whose cluster bus port (port + 10000) is free and valid too."""
-    while True:
-        port = free_port()
-        if port + 10000 <= 65535:
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", port + 10000))
-                except OSError:
-                    continue
-            return port
 
 
 @pytest.fixture
