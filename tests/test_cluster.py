@@ -54,6 +54,28 @@ async def test_partitions_spread_over_the_masters_and_claim_in_one_slot_each(
             assert cluster_redis.keyslot(k) == slot  # type: ignore[attr-defined]
 
 
+async def begin_move(src: Redis, dst: Redis, slot: int) -> tuple[str, str]:
+    """Mark ``slot`` IMPORTING on ``dst`` and MIGRATING on ``src`` (the first step of a move,
+    as ``redis-cli --cluster reshard`` takes it); returns the two node ids."""
+    src_id = (await src.execute_command("CLUSTER", "MYID")).decode()
+    dst_id = (await dst.execute_command("CLUSTER", "MYID")).decode()
+    await dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
+    await src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+    return src_id, dst_id
+
+
+async def _six_partitions(url: str, prefix: str) -> tuple[Redis, Keys, list[str], dict[str, int]]:
+    """A client of the cluster at ``url``, its 6-partition key layout, the uplinks streams and
+    the port of the master holding each."""
+    client = connect(url, socket_timeout=120)
+    await client.ping()
+    keys = Keys(prefix, partitions=6, cluster=True)
+    streams = keys.streams("uplinks")
+    node = {s: _port(client.get_node_from_key(s).name)  # type: ignore[attr-defined]
+            for s in streams}
+    return client, keys, streams, node
+
+
 async def _move_slot(slot: int, source: int, target: int, step: int = 20,
                      between: Callable[[], Awaitable[object]] | None = None) -> int:
     """Move one slot's keys from the master on port ``source`` to the one on ``target`` as
@@ -63,10 +85,7 @@ async def _move_slot(slot: int, source: int, target: int, step: int = 20,
     src = connect(f"redis://127.0.0.1:{source}/0")
     dst = connect(f"redis://127.0.0.1:{target}/0")
     try:
-        src_id = (await src.execute_command("CLUSTER", "MYID")).decode()
-        dst_id = (await dst.execute_command("CLUSTER", "MYID")).decode()
-        await dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
-        await src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+        _, dst_id = await begin_move(src, dst, slot)
         moved = 0
         while True:
             batch = await src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, step)
@@ -207,12 +226,7 @@ async def test_a_stopped_master_holds_up_only_its_partitions_registry_checks(
     applying a change made before the stop — goes on while another master is stopped; a
     check of every partition waits for it."""
     url, pids = private_cluster
-    client = connect(url, socket_timeout=120)
-    await client.ping()
-    keys = Keys(prefix, partitions=6, cluster=True)
-    streams = keys.streams("uplinks")
-    node = {s: _port(client.get_node_from_key(s).name)  # type: ignore[attr-defined]
-            for s in streams}
+    client, keys, streams, node = await _six_partitions(url, prefix)
     stopped = node[streams[0]]
     elsewhere = next(s for s in streams if node[s] != stopped)
     device = next(f"dev-{i}" for i in range(1000)
@@ -244,12 +258,7 @@ async def test_a_stopped_master_holds_up_only_its_partitions_mqtt_appends(
     partitions take their entries while one master is stopped; the stopped one's come, in
     order, once it runs again."""
     url, pids = private_cluster
-    client = connect(url, socket_timeout=120)
-    await client.ping()
-    keys = Keys(prefix, partitions=6, cluster=True)
-    streams = keys.streams("uplinks")
-    node = {s: _port(client.get_node_from_key(s).name)  # type: ignore[attr-defined]
-            for s in streams}
+    client, _, streams, node = await _six_partitions(url, prefix)
     stopped = node[streams[0]]
     elsewhere = [s for s in streams if node[s] != stopped]
     appender = Appender(client, batch=4)

@@ -39,7 +39,7 @@ from tests.rig import (
     switch_template,
     tts_uplink_body,
 )
-from tests.test_cluster import WINDOW, _move_slot, _port
+from tests.test_cluster import WINDOW, _move_slot, _port, begin_move
 from tests.wait import wait_until
 from workers import egress, ingest_http, transform
 from workers.transform import TransformStage
@@ -329,10 +329,7 @@ async def test_a_duplicate_is_caught_while_its_de_dup_shard_has_not_moved_yet(
     src = connect(f"redis://127.0.0.1:{source}/0")
     dst = connect(f"redis://127.0.0.1:{target}/0")
     try:
-        src_id = (await src.execute_command("CLUSTER", "MYID")).decode()
-        dst_id = (await dst.execute_command("CLUSTER", "MYID")).decode()
-        await dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
-        await src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+        _, dst_id = await begin_move(src, dst, slot)
         held = await src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 1000)
         shards = [k for k in held if k.decode().startswith(base + ":")]
         rest = [k for k in held if k not in shards]
