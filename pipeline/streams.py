@@ -315,11 +315,16 @@ class StreamReader:
             if failed is not None:  # no other partition has a batch ready
                 raise failed
             waiting = [p.read for p in parts if p.read is not None]
-            if not block and not waiting:
-                return []
             timeout = deadline - loop.time() if block else None
             if timeout is not None and timeout <= 0:
                 return []
+            if not waiting:
+                # Every read ended empty in this pass (e.g. each partition's BLOCK expired a
+                # moment before our deadline): without blocking that is the answer; with it,
+                # the next pass reads every partition again.
+                if not block:
+                    return []
+                continue
             await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
 
     async def _read_partition(self, p: _Partition, block: bool) -> list[Entry]:
