@@ -167,15 +167,25 @@ CLUSTER_POLL_MS = 50
 
 
 @dataclass(slots=True, eq=False)
-class _Partition:
+class _Pass:
+    """Where :class:`StreamReader` stands in reading some streams: the whole set on one Redis,
+    one partition's stream on a cluster (:class:`_Partition`)."""
+
+    #: This consumer's pending list is to be read (a pass, :meth:`StreamReader.retry_pending`;
+    #: at start: entries a previous run left behind).
+    own_pending: bool = True
+    #: When idle entries of other consumers are next claimed (monotonic clock).
+    next_claim: float = 0.0
+    #: When the last small (0 < n < batch) batch of new entries was read, if the next read
+    #: should linger after it.
+    linger_from: float | None = None
+
+
+@dataclass(slots=True, eq=False)
+class _Partition(_Pass):
     """Cluster layout: what :class:`StreamReader` keeps of one partition's reads."""
 
-    stream: str
-    #: This consumer's pending list is to be read (a pass, :meth:`StreamReader.retry_pending`).
-    own_pending: bool = True
-    next_claim: float = 0.0
-    #: When the last small batch of new entries was read, if the next read should linger.
-    linger_from: float | None = None
+    stream: str = ""
     #: The read in flight, or done and not handed out yet: at most one per partition.
     read: asyncio.Task[list[Entry]] | None = None
     #: Its entries are to be given back, not handed out (a retry was asked for meanwhile).
@@ -213,18 +223,15 @@ class StreamReader:
         self.max_deliveries = max_deliveries
         self.linger_ms = linger_ms
         self._linger = Linger(linger_ms / 1000, linger_above_per_s)
-        #: When the last small (0 < n < batch) batch of new entries was read, if the next read
-        #: should linger after it.
-        self._linger_from: float | None = None
-        self._own_pending = True  # at start, look for entries a previous run left behind
+        #: One Redis: where reading all the streams together stands.
+        self._pass = _Pass()
         #: Where the next own-pending read starts, per stream: entries before it were served
         #: in this pass (they may still be held, unacked, by the caller).
         self._pending_cursor = dict.fromkeys(self.streams, "0-0")
-        self._next_claim = 0.0
         self._claim_cursor = {s: "0-0" for s in self.streams}
         #: Cluster layout: each partition read on its own (module docstring).
         self._parts: list[_Partition] | None = (
-            [_Partition(s) for s in self.streams] if keys.cluster and len(self.streams) > 1
+            [_Partition(stream=s) for s in self.streams] if keys.cluster and len(self.streams) > 1
             else None)
         #: Cluster layout: the partition whose ready batch goes first (they take turns).
         self._turn = 0
@@ -241,7 +248,7 @@ class StreamReader:
     def retry_pending(self) -> None:
         """Ask the next :meth:`read` to deliver this consumer's pending entries again, from
         the oldest (after a retryable failure left a batch unacked)."""
-        self._own_pending = True
+        self._pass.own_pending = True
         self._pending_cursor = dict.fromkeys(self.streams, "0-0")
         for p in self._parts or ():
             p.own_pending = True
@@ -328,41 +335,35 @@ class StreamReader:
             await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
 
     async def _read_partition(self, p: _Partition, block: bool) -> list[Entry]:
-        """Cluster layout: one partition's next batch — own pending, reclaimed, new."""
-        while p.own_pending:
-            entries, exhausted = await self._read_own_pending([p.stream])
-            if entries:
-                return entries
-            if exhausted:
-                p.own_pending = False
-        if time.monotonic() >= p.next_claim:
-            p.next_claim = time.monotonic() + self.claim_idle_ms / 2000
-            entries = await self._claim_idle([p.stream])
-            if entries:
-                return entries
-        if block and p.linger_from is not None:
-            wait = p.linger_from + self._linger.linger_s - time.monotonic()
-            p.linger_from = None
-            if wait > 0:
-                await asyncio.sleep(wait)
-        entries, linger = await self._new_entries([p.stream], block)
-        if linger:
-            p.linger_from = time.monotonic()
-        return entries
+        """Cluster layout: one partition's next batch."""
+        return await self._read_pass(p, [p.stream], block)
 
     async def _read(self, block: bool) -> list[Entry]:
-        while self._own_pending:
-            entries, exhausted = await self._read_own_pending(self.streams)
+        return await self._read_pass(self._pass, self.streams, block)
+
+    async def _read_pass(self, at: _Pass, streams: list[str], block: bool) -> list[Entry]:
+        """The next batch of ``streams``: own pending first (one pass), then idle entries of
+        other consumers (every claim_idle_ms / 2), then new ones (lingering if ``at`` says)."""
+        while at.own_pending:
+            entries, exhausted = await self._read_own_pending(streams)
             if entries:
                 return entries
             if exhausted:
-                self._own_pending = False
-        if time.monotonic() >= self._next_claim:
-            self._next_claim = time.monotonic() + self.claim_idle_ms / 2000
-            entries = await self._claim_idle(self.streams)
+                at.own_pending = False
+        if time.monotonic() >= at.next_claim:
+            at.next_claim = time.monotonic() + self.claim_idle_ms / 2000
+            entries = await self._claim_idle(streams)
             if entries:
                 return entries
-        return await self._read_new(block)
+        if block and at.linger_from is not None:
+            wait = at.linger_from + self._linger.linger_s - time.monotonic()
+            at.linger_from = None
+            if wait > 0:
+                await asyncio.sleep(wait)
+        entries, linger = await self._new_entries(streams, block)
+        if linger:
+            at.linger_from = time.monotonic()
+        return entries
 
     async def _xreadgroup(self, streams: dict[str, str], block: int | None) -> Any:
         return await self._redis.xreadgroup(
@@ -404,17 +405,6 @@ class StreamReader:
         if raw:
             metrics.RECLAIMED.labels(self.stage).inc(len(raw))
         return await self._with_counts(raw)
-
-    async def _read_new(self, block: bool) -> list[Entry]:
-        if block and self._linger_from is not None:
-            wait = self._linger_from + self._linger.linger_s - time.monotonic()
-            self._linger_from = None
-            if wait > 0:
-                await asyncio.sleep(wait)
-        entries, linger = await self._new_entries(self.streams, block)
-        if linger:
-            self._linger_from = time.monotonic()
-        return entries
 
     async def _new_entries(self, streams: Sequence[str],
                            block: bool) -> tuple[list[Entry], bool]:
