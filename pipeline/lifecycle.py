@@ -44,9 +44,7 @@ async def until_stopped(aw: Awaitable[T], stop: asyncio.Event) -> T | None:
     """
     task = asyncio.ensure_future(aw)
     if stop.is_set():
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await cancel_and_wait([task])
         return None
     stopper = asyncio.create_task(stop.wait())
     try:
@@ -55,9 +53,7 @@ async def until_stopped(aw: Awaitable[T], stop: asyncio.Event) -> T | None:
         stopper.cancel()
     if task in done:
         return task.result()
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    await cancel_and_wait([task])
     return None
 
 

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from pipeline.lifecycle import cancel_and_wait, wait_event
+from pipeline.lifecycle import cancel_and_wait, until_stopped, wait_event
 from tests.wait import TIMEOUT_S, within
 
 
@@ -111,3 +111,51 @@ async def test_a_task_that_lost_one_cancel_is_cancelled_again_and_ends() -> None
     await asyncio.sleep(0)  # the chore is now waiting
     await within(cancel_and_wait([chore], timeout_s=TIMEOUT_S))
     assert lost_once.is_set() and chore.cancelled()
+
+
+async def test_a_stop_cutting_a_read_short_still_lets_the_callers_cancel_through() -> None:
+    # until_stopped cancels the read when the stop comes; a read whose cancel takes a while
+    # to finish (a client library cleaning up its connection) must not swallow a cancel of
+    # the stage that lands meanwhile, as ``with suppress(CancelledError): await task`` did.
+    reading = asyncio.Event()
+    cleaning = asyncio.Event()
+    cleaned = asyncio.Event()
+
+    async def read() -> str:
+        try:
+            reading.set()
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cleaning.set()
+            await cleaned.wait()
+            raise
+        return "entries"
+
+    stop = asyncio.Event()
+
+    async def stage() -> str:
+        await until_stopped(read(), stop)
+        return "went on"
+
+    runner = asyncio.create_task(stage())
+    try:
+        await within(reading.wait())
+        stop.set()
+        await within(cleaning.wait())  # the stop cancelled the read, which is cleaning up
+        runner.cancel()
+        await asyncio.wait({runner}, timeout=TIMEOUT_S)
+        assert runner.cancelled(), "the stage's own cancel was swallowed by the reap"
+    finally:
+        cleaned.set()
+        await asyncio.wait({runner}, timeout=TIMEOUT_S)
+
+
+async def test_a_read_that_ends_first_answers_and_a_stop_answers_none() -> None:
+    stop = asyncio.Event()
+
+    async def read() -> str:
+        return "entries"
+
+    assert await within(until_stopped(read(), stop)) == "entries"
+    stop.set()
+    assert await within(until_stopped(asyncio.Event().wait(), stop)) is None
