@@ -582,9 +582,10 @@ class Sender:
         assert self.proc is not None and self.proc.popen.stdout is not None
         if self._stdout is None:
             loop = asyncio.get_running_loop()
-            self._stdout = asyncio.StreamReader()
+            reader = asyncio.StreamReader()
             await loop.connect_read_pipe(
-                lambda: asyncio.StreamReaderProtocol(self._stdout), self.proc.popen.stdout)
+                lambda: asyncio.StreamReaderProtocol(reader), self.proc.popen.stdout)
+            self._stdout = reader
         try:
             raw = await asyncio.wait_for(self._stdout.readline(), timeout_s)
         except TimeoutError:

@@ -39,6 +39,7 @@ import socket
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import cast
 
@@ -184,13 +185,16 @@ class _Load:
             self.bad[status] = self.bad.get(status, 0) + 1
 
 
-async def _load(port: int, connections: int, warmup_s: float, seconds: float) -> dict[str, float]:
+async def _load(port: int, connections: int, warmup_s: float,
+                seconds: float) -> dict[str, float | str]:
     gen = _Load(requests(port))
     loop = asyncio.get_running_loop()
     conns = []
+    def connection(offset: int) -> Callable[[], _Conn]:
+        return lambda: _Conn(gen, offset)
+
     for c in range(connections):
-        transport, _ = await loop.create_connection(lambda c=c: _Conn(gen, c * 17),
-                                                    "127.0.0.1", port)
+        transport, _ = await loop.create_connection(connection(c * 17), "127.0.0.1", port)
         conns.append(transport)
     await asyncio.sleep(warmup_s)
     ok0, t0 = gen.ok, time.monotonic()
