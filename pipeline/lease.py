@@ -14,7 +14,6 @@ the moment the lease is not certainly held.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -22,7 +21,7 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from pipeline.lifecycle import wait_event
+from pipeline.lifecycle import cancel_and_wait, wait_event
 from pipeline.streams import Redis
 
 log = logging.getLogger("blynk_bridge.lease")
@@ -130,17 +129,21 @@ async def hold(
         try:
             await _renew_while(lease, task, stop, interval)
         finally:
-            if not task.done():
-                task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            # Reaped without swallowing a cancel of the caller (a stop past its grace); the
+            # lease is released only once the work has certainly ended, else it expires.
+            await cancel_and_wait([task], timeout_s=lease.ttl_ms / 1000)
+            ended = task.done()
+            if ended and not task.cancelled() and task.exception() is not None:
+                log.error("lease %s: owner work failed", lease.key, exc_info=task.exception())
+            if not ended:
+                log.warning("lease %s: owner work did not end when cancelled; the lease is "
+                            "left to expire", lease.key)
+            else:
                 try:
-                    await task
-                except Exception:
-                    log.exception("lease %s: owner work failed", lease.key)
-            try:
-                await lease.release()
-            except RedisError as exc:
-                log.warning("lease %s: release failed (%s); it expires by itself", lease.key, exc)
+                    await lease.release()
+                except RedisError as exc:
+                    log.warning("lease %s: release failed (%s); it expires by itself",
+                                lease.key, exc)
             if on_lost is not None:
                 await on_lost()
         if not stop.is_set():

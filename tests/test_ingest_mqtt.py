@@ -754,6 +754,41 @@ async def test_hold_stops_the_work_at_once_when_the_lease_is_taken(
     await within(holder)
 
 
+async def test_a_holder_cancelled_while_its_work_winds_down_ends_cancelled(
+    redis: Redis, keys: Keys
+) -> None:
+    # On stop, hold() cancels the work and waits for it; a cancel of the holder itself (a stop
+    # past its grace) landing meanwhile must end the holder, not be swallowed by the reap. The
+    # lease is then left to expire rather than released under work that may still run.
+    key = keys.lease("tts", "z")
+    lease = Lease(redis, key, "me", 60_000)
+    started, winding, wound = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def work() -> None:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            winding.set()
+            await wound.wait()
+            raise
+
+    stop = asyncio.Event()
+    holder = asyncio.create_task(hold(lease, work, stop))
+    try:
+        await within(started.wait())
+        stop.set()
+        await within(winding.wait())
+        holder.cancel()
+        await asyncio.wait({holder}, timeout=10)
+        assert holder.cancelled(), "the holder's own cancel was swallowed by the reap"
+        assert await lease.holder() == "me"  # not released: its ttl frees it
+    finally:
+        wound.set()
+        await asyncio.wait({holder}, timeout=10)
+        await redis.delete(key)
+
+
 def _packet(first: int, body: bytes) -> bytes:
     length, n = bytearray(), len(body)
     while True:
