@@ -1,6 +1,7 @@
 """Pure rules of the blynk-sessions stage (``workers/blynk_sessions.py``): where a device's
-Blynk MQTT session goes, which redirects are followed, what becomes a command, ownership shares,
-offline deadlines and reconnect backoff. No sockets, no Redis, no clock reads.
+Blynk MQTT session goes, which redirects are followed, what becomes a command, offline
+deadlines and reconnect backoff (ownership shares: :func:`pipeline.lease.fair_share`). No
+sockets, no Redis, no clock reads.
 
 * **Addresses.** A Blynk server (a ``blynk.servers`` base URL) has a device MQTT address:
   ``blynk_sessions.servers`` when configured, else ``mqtts://<host>:8883`` for https and
@@ -26,7 +27,6 @@ offline deadlines and reconnect backoff. No sockets, no Redis, no clock reads.
 
 from __future__ import annotations
 
-import math
 import random
 import re
 import zlib
@@ -158,11 +158,6 @@ def is_new(value: str, last_known: str | None) -> bool:
 def partition_of(token: str, partitions: int) -> int:
     """The ownership partition of a Blynk token (the unit Blynk allows one session for)."""
     return zlib.crc32(token.encode()) % partitions
-
-
-def fair_share(partitions: int, replicas: int) -> int:
-    """Partitions one replica may hold: adding a replica moves a proportional share."""
-    return math.ceil(partitions / max(1, replicas))
 
 
 def offline_deadline_ms(now_ms: int, previous_ms: int | None, min_s: int) -> int:

@@ -9,12 +9,20 @@ false from ``ttl_ms - margin_ms`` after the last successful acquire/renew was *s
 renewal that fails or is late makes the owner stop at once, not when a standby already took
 over. :func:`hold` packages that: it runs the owner's work while renewing and cancels the work
 the moment the lease is not certainly held.
+
+:class:`PartitionLeases` shares ``partitions`` among replicas, one lease each (blynk-sessions'
+device sessions, egress's writes partitions): each replica heartbeats in a sorted set, holds at
+most :func:`fair_share` of the partitions, takes free ones up to it, gives extras back, and
+drops a partition the moment its lease is not certainly held (:meth:`PartitionLeases.fence`,
+a task that needs no Redis). The owner's work per partition is its callbacks'.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import random
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
@@ -177,3 +185,109 @@ async def _renew_while(
                 log.warning("lease %s: renewal failed (%s)", lease.key, exc)
     finally:
         stopper.cancel()
+
+
+def fair_share(partitions: int, replicas: int) -> int:
+    """Partitions one replica may hold: adding a replica moves a proportional share."""
+    return math.ceil(partitions / max(1, replicas))
+
+
+class PartitionLeases:
+    """``partitions`` shared among live replicas, one :class:`Lease` per partition (module
+    docstring). ``on_acquired(p)`` runs once a partition is taken (it is in :attr:`owned`
+    already); ``on_dropped(p, why)`` once it is given up (it has left :attr:`owned` already;
+    ``why``: ``lease_lost`` not renewed in time, ``lease_taken`` another owner has it,
+    ``rebalance`` a share to hand over — released after ``on_dropped`` returned —, or what
+    :meth:`drop` was given)."""
+
+    def __init__(self, redis: Redis, *, lease_key: Callable[[int], str], owners_key: str,
+                 owner: str, partitions: int, ttl_ms: int,
+                 on_acquired: Callable[[int], Awaitable[None]],
+                 on_dropped: Callable[[int, str], Awaitable[None]]) -> None:
+        self._redis = redis
+        self.owner = owner
+        self.partitions = partitions
+        self.ttl_ms = ttl_ms
+        self._owners_key = owners_key
+        self.leases = [Lease(redis, lease_key(p), owner, ttl_ms=ttl_ms)
+                       for p in range(partitions)]
+        self.owned: set[int] = set()
+        #: Live replicas at the last :meth:`balance` (heartbeats), this one included.
+        self.replicas = 1
+        self._on_acquired = on_acquired
+        self._on_dropped = on_dropped
+        self._rng = random.Random()
+
+    def share(self) -> int:
+        return fair_share(self.partitions, self.replicas)
+
+    async def balance(self) -> None:
+        """Heartbeat, renew the owned leases, give extras back, take free ones up to the
+        share. Raises ``RedisError``."""
+        now = int(time.time() * 1000)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.zadd(self._owners_key, {self.owner: now + self.ttl_ms})
+            pipe.zremrangebyscore(self._owners_key, "-inf", now)
+            pipe.zcard(self._owners_key)
+            self.replicas = max(1, int((await pipe.execute())[2]))
+        for p in list(self.owned):
+            if not await self.leases[p].renew():
+                await self.drop(p, "lease_taken")
+        share = self.share()
+        while len(self.owned) > share:
+            p = max(self.owned)
+            await self.drop(p, "rebalance")
+            await self.leases[p].release()
+        free = [p for p in range(self.partitions) if p not in self.owned]
+        self._rng.shuffle(free)
+        for p in free:
+            if len(self.owned) >= share:
+                break
+            if await self.leases[p].acquire():
+                self.owned.add(p)
+                await self._on_acquired(p)
+
+    async def run(self, stop: asyncio.Event, *, name: str,
+                  after: Callable[[], None] | None = None) -> None:
+        """:meth:`balance` every ttl/4 (then ``after()``) until ``stop``; then the heartbeat
+        is removed (the leases stay: the caller drops and releases them once its work is
+        over)."""
+        interval = self.ttl_ms / 4000
+        while not stop.is_set():
+            try:
+                await self.balance()
+            except RedisError as exc:
+                log.warning("%s ownership: %s", name, exc)
+            if after is not None:
+                after()
+            await wait_event(stop, interval)
+        await self.leave()
+
+    async def leave(self) -> None:
+        """Remove this replica's heartbeat (else it simply expires)."""
+        with contextlib.suppress(RedisError):
+            await self._redis.zrem(self._owners_key, self.owner)
+
+    async def fence(self, stop: asyncio.Event) -> None:
+        """Drop a partition the moment its lease is no longer certainly held. A task of its own
+        and no Redis call: :meth:`run` may hang in a renewal (Redis frozen) while Redis expires
+        the lease and another replica takes it."""
+        # Wake at least twice per margin, so a lease acquired meanwhile is not overslept.
+        cap = self.leases[0].margin_ms / 2000
+        while not stop.is_set():
+            for p in list(self.owned):
+                if not self.leases[p].valid():
+                    await self.drop(p, "lease_lost")
+            wait = min((self.leases[p].remaining_s() for p in self.owned), default=cap)
+            await wait_event(stop, min(cap, wait) + 0.001)
+
+    async def drop(self, p: int, why: str) -> None:
+        """Stop owning ``p`` (its lease is not released here)."""
+        if p in self.owned:
+            self.owned.discard(p)
+            await self._on_dropped(p, why)
+
+    async def release(self, p: int) -> None:
+        """Give ``p``'s lease up (after :meth:`drop`), so another replica takes it at once."""
+        with contextlib.suppress(RedisError):
+            await self.leases[p].release()

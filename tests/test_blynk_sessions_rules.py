@@ -10,6 +10,7 @@ from pipeline import blynk_sessions as rules
 from pipeline import config as config_mod
 from pipeline.blynk_webhook import event_id
 from pipeline.errors import ConfigError
+from pipeline.lease import fair_share
 
 
 def cfg(extra: str = "") -> config_mod.Config:
@@ -101,9 +102,9 @@ def test_only_new_values_are_forwarded() -> None:
 
 
 def test_shares_deadlines_and_backoff() -> None:
-    assert rules.fair_share(64, 1) == 64
-    assert rules.fair_share(64, 3) == 22
-    assert rules.fair_share(64, 0) == 64
+    assert fair_share(64, 1) == 64
+    assert fair_share(64, 3) == 22
+    assert fair_share(64, 0) == 64
     assert rules.offline_deadline_ms(1_000_000, None, 600) == 1_600_000
     # uplinks 100 s apart: 3 × 100 s is under the 600 s minimum, over a 60 s one
     assert rules.offline_deadline_ms(10_000_000, 9_900_000, 600) == 10_600_000

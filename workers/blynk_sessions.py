@@ -46,10 +46,8 @@ the token's region, like the device API client's 308s.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import heapq
 import logging
-import random
 import ssl
 import time
 from collections import Counter, defaultdict, deque
@@ -68,7 +66,7 @@ from pipeline.blynk_index import token_ref
 from pipeline.context import Context
 from pipeline.echo import canonical
 from pipeline.events import FIELD, Downlink, decode_write, encode
-from pipeline.lease import Lease
+from pipeline.lease import PartitionLeases
 from pipeline.lifecycle import until_stopped, wait_event
 from pipeline.metrics import SESSION_EVENTS, SESSIONS_HELD, SESSIONS_PENDING
 from pipeline.ratelimit import RateLimiter
@@ -154,10 +152,12 @@ class SessionsStage:
         self.pins = {name: rules.command_pins(t) for name, t in self.templates.items()}
         self.registry = Registry(ctx.redis, ctx.keys, cache_size=cfg.blynk_sessions.cache_size)
         self.replica = ctx.consumer
-        P = self.cfg.partitions
-        self.leases = [Lease(ctx.redis, ctx.keys.lease("sessions", str(p)), self.replica,
-                             ttl_ms=self.cfg.lease_ttl_ms) for p in range(P)]
-        self.owned: set[int] = set()
+        self.ownership = PartitionLeases(
+            ctx.redis, lease_key=lambda p: ctx.keys.lease("sessions", str(p)),
+            owners_key=ctx.keys.sessions_replicas(), owner=self.replica,
+            partitions=self.cfg.partitions, ttl_ms=self.cfg.lease_ttl_ms,
+            on_acquired=self._acquired, on_dropped=self._drop)
+        self.leases = self.ownership.leases
         #: Device key → its open (or opening) session.
         self.sessions: dict[str, Session] = {}
         self.by_partition: dict[int, set[str]] = defaultdict(set)
@@ -195,6 +195,15 @@ class SessionsStage:
         #: Writes stream → the id the watch reads after (set by :meth:`startup`).
         self._watch_from: dict[str, str] = {}
 
+    @property
+    def owned(self) -> set[int]:
+        """The partitions this replica owns."""
+        return self.ownership.owned
+
+    @owned.setter
+    def owned(self, partitions: set[int]) -> None:
+        self.ownership.owned = partitions
+
     # lifecycle --------------------------------------------------------------------------------
     async def startup(self) -> None:
         await self.registry.start()
@@ -218,16 +227,15 @@ class SessionsStage:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._watch(stop), name="sessions-watch")
                 tg.create_task(self._own(stop), name="sessions-own")
-                tg.create_task(self._fence(stop), name="sessions-fence")
+                tg.create_task(self.ownership.fence(stop), name="sessions-fence")
                 tg.create_task(self._scan(stop), name="sessions-scan")
                 tg.create_task(self._open(stop), name="sessions-open")
                 tg.create_task(self._forwarder(stop), name="sessions-forward")
                 tg.create_task(self.keepalive.run(stop), name="sessions-keepalive")
         finally:
             for p in list(self.owned):
-                await self._drop(p, "shutdown")
-                with contextlib.suppress(RedisError):
-                    await self.leases[p].release()
+                await self.ownership.drop(p, "shutdown")
+                await self.ownership.release(p)
 
     async def shutdown(self) -> None:
         await self.registry.close()
@@ -375,61 +383,19 @@ class SessionsStage:
 
     # own: partition leases --------------------------------------------------------------------
     async def _own(self, stop: asyncio.Event) -> None:
-        interval = self.cfg.lease_ttl_ms / 4000
-        rng = random.Random()
-        while not stop.is_set():
-            try:
-                await self._balance(rng)
-            except RedisError as exc:
-                log.warning("sessions ownership: %s", exc)
-            await wait_event(stop, interval)
-        with contextlib.suppress(RedisError):  # else its heartbeat simply expires
-            await self.redis.zrem(self.keys.sessions_replicas(), self.replica)
+        """The partition leases (:class:`pipeline.lease.PartitionLeases`), balanced every
+        ``lease_ttl_ms / 4``."""
+        await self.ownership.run(stop, name="sessions",
+                                 after=lambda: SESSIONS_HELD.set(len(self.sessions)))
 
-    async def _fence(self, stop: asyncio.Event) -> None:
-        """Drop a partition the moment its lease is no longer certainly held. A task of its own
-        and no Redis call: ``_own`` may hang in a renewal (Redis frozen, a partition without
-        resets) while Redis expires the lease and another replica takes it."""
-        # Wake at least twice per margin, so a lease acquired meanwhile is not overslept.
-        cap = self.leases[0].margin_ms / 2000
-        while not stop.is_set():
-            for p in list(self.owned):
-                if not self.leases[p].valid():
-                    await self._drop(p, "lease_lost")
-            wait = min((self.leases[p].remaining_s() for p in self.owned), default=cap)
-            await wait_event(stop, min(cap, wait) + 0.001)
-
-    async def _balance(self, rng: random.Random) -> None:
-        now = now_ms()
-        key = self.keys.sessions_replicas()
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.zadd(key, {self.replica: now + self.cfg.lease_ttl_ms})
-            pipe.zremrangebyscore(key, "-inf", now)
-            pipe.zcard(key)
-            replicas = int((await pipe.execute())[2])
-        for p in list(self.owned):
-            if not await self.leases[p].renew():
-                await self._drop(p, "lease_taken")
-        share = rules.fair_share(self.cfg.partitions, replicas)
-        while len(self.owned) > share:
-            p = max(self.owned)
-            await self._drop(p, "rebalance")
-            await self.leases[p].release()
-        free = [p for p in range(self.cfg.partitions) if p not in self.owned]
-        rng.shuffle(free)
-        for p in free:
-            if len(self.owned) >= share:
-                break
-            if await self.leases[p].acquire():
-                self.owned.add(p)
-                SESSION_EVENTS.labels("partition_acquired").inc()
-                await self._scan_partition(p)
-        SESSIONS_HELD.set(len(self.sessions))
+    async def _acquired(self, p: int) -> None:
+        SESSION_EVENTS.labels("partition_acquired").inc()
+        await self._scan_partition(p)
 
     async def _drop(self, p: int, why: str) -> None:
-        """Stop owning a partition: its sessions are closed at once (before the lease may pass
-        to another replica)."""
-        self.owned.discard(p)
+        """A partition no longer owned (:class:`~pipeline.lease.PartitionLeases` took it out
+        of ``owned``): its sessions are closed at once (before the lease may pass to another
+        replica)."""
         self._cursor.pop(p, None)
         self._recheck.pop(p, None)
         for key in list(self.by_partition.pop(p, ())):
