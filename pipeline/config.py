@@ -528,6 +528,19 @@ class EgressConfig(_Base):
     #: long after, so its next uplink tries the token again (fixed in Blynk meanwhile?); 0 =
     #: only ``blynk-bridge devices unbreak`` does.
     broken_retry_s: NonNegative = 3600.0
+    #: Each writes partition (``redis.partitions``) has one egress owner through a lease of
+    #: this ttl (ms): a crashed owner's partitions move to another replica within it. 0
+    #: (default): 3 × ``blynk.timeout_s``, at least 5 s. An owner sends a request only while
+    #: its lease is certainly held for longer than the Blynk request timeout, so the ttl must
+    #: be at least 2 × ``blynk.timeout_s`` (below that an owner could rarely send at all).
+    lease_ttl_ms: AtLeast0 = 0
+
+    def partition_lease_ms(self, blynk_timeout_s: float) -> int:
+        """The partition lease ttl in force (``lease_ttl_ms``, or derived from the Blynk
+        request timeout)."""
+        if self.lease_ttl_ms:
+            return self.lease_ttl_ms
+        return max(5_000, int(3 * blynk_timeout_s * 1000))
 
 
 class MetricsConfig(_Base):
@@ -1058,12 +1071,25 @@ def check(config: Config, origin: str) -> None:
             raise _invalid(origin, f"devices[{i}].server",
                            f"`devices[{i}].server` names unknown server {dev.server!r}")
     _check_downlinks(config, origin)
+    _check_egress(config, origin)
     if config.blynk.default_server not in config.blynk.servers:
         raise _invalid(
             origin, "blynk.default_server",
             f"`blynk.default_server` {config.blynk.default_server!r} is not in "
             "`blynk.servers`"
         )
+
+
+def _check_egress(config: Config, origin: str) -> None:
+    ttl = config.egress.lease_ttl_ms
+    floor = int(2 * config.blynk.timeout_s * 1000)
+    if ttl and ttl < floor:
+        # workers.egress: a request goes only while the lease is held for longer than the
+        # Blynk timeout, and is renewed every ttl/4 with a ttl/5 margin.
+        raise _invalid(origin, "egress.lease_ttl_ms",
+                       f"`egress.lease_ttl_ms` ({ttl}) must be at least 2 × `blynk.timeout_s` "
+                       f"({floor} ms): an egress owner sends only while its partition lease "
+                       "outlasts the Blynk request timeout")
 
 
 def _check_downlinks(config: Config, origin: str) -> None:

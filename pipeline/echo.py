@@ -2,9 +2,9 @@
 
 Blynk fires "Device Datastream Update" webhooks for device writes too, so every value egress
 writes to a watched pin comes back through ``POST /blynk/…``; sent down, it would loop.
-Egress records each write before it sends it (so the record always precedes the webhook), in the
-same script call that takes the device's lease (:meth:`pipeline.order.LastWritten.prepare` runs
-:data:`RECORD_LUA` for the granted devices: no round trip of its own). The downlink stage
+Egress records each write before it sends it (so the record always precedes the webhook): one
+script call per flush for the devices it is about to write (:func:`record`; one per partition
+in the cluster layout), only when Blynk webhooks are configured. The downlink stage
 queues :meth:`Echoes.queue_take` for a whole batch in its own pipeline (one script call; one
 per partition on a cluster, below).
 A command is an echo when the bridge
@@ -22,7 +22,7 @@ One Redis list per Blynk device and pin (``keys.echo``, the token hashed by
 :data:`KEEP` long, expiring ``window_ms`` after the last write.
 
 In the cluster layout (:attr:`pipeline.keys.Keys.cluster`) a list carries the hash tag of the
-partition of the device key that wrote it (egress's prepare script runs per partition), and
+partition of the device key that wrote it (egress records per partition), and
 the check runs one script call per partition, pipelined: a command of a resolved device is
 looked for in its device's partition; one whose token has no registry row (the writer's
 device key is unknown here) in every partition.
@@ -67,14 +67,16 @@ end
 return out
 """
 
-#: A Lua function for another script (:mod:`pipeline.order`'s prepare): record one written
-#: value (``item`` = :func:`item`) on an echo list, keep :data:`KEEP`, expire after the window.
-RECORD_LUA = f"""
-local function echo_record(key, item, window_ms)
-  redis.call('LPUSH', key, item)
-  redis.call('LTRIM', key, 0, {KEEP - 1})
-  redis.call('PEXPIRE', key, window_ms)
+# KEYS = echo lists; ARGV = window ms, then one item (:func:`item`) per key: each recorded on
+# its list, the list kept at KEEP and expiring after the window.
+_RECORD = f"""
+local window = tonumber(ARGV[1])
+for k = 1, #KEYS do
+  redis.call('LPUSH', KEYS[k], ARGV[k + 1])
+  redis.call('LTRIM', KEYS[k], 0, {KEEP - 1})
+  redis.call('PEXPIRE', KEYS[k], window)
 end
+return #KEYS
 """
 
 
@@ -120,6 +122,20 @@ def records(keys: Keys, token: str, pins: Mapping[str, Value], now_ms: int,
     ref = token_ref(token)
     return [(keys.echo(ref, pin.upper(), device_key), item(now_ms, value))
             for pin, value in pins.items()]
+
+
+async def record(redis: Redis, per_partition: Mapping[int, Sequence[tuple[str, str]]],
+                 window_ms: int, *, cluster: bool) -> None:
+    """Record ``(echo list key, item)`` pairs (:func:`records`) of writes about to be sent: one
+    script call (``EVAL``) on one Redis, one per partition in the cluster layout, pipelined."""
+    groups = ([list(x for items in per_partition.values() for x in items)] if not cluster
+              else [list(items) for items in per_partition.values()])
+    async with redis.pipeline(transaction=False) as pipe:
+        for items in groups:
+            if items:
+                pipe.eval(_RECORD, len(items), *(k for k, _ in items), window_ms,
+                          *(i for _, i in items))
+        await pipe.execute()
 
 
 #: One command to check: ``(token, pin, value, device key)``; the device key ``None`` when the

@@ -224,6 +224,18 @@ class Keys:
     def lease(self, kind: str, name: str) -> str:
         return f"{self.prefix}lease:{kind}:{name}"
 
+    def egress_lease(self, partition: int) -> str:
+        """The lease of egress's ownership of one writes partition: in the cluster layout in
+        the partition's slot, so the commit script checks it beside the acks it makes."""
+        if self.cluster:
+            return self._tagged(partition, "lease:egress")
+        return self.lease("egress", str(partition))
+
+    def owners(self, kind: str) -> str:
+        """Sorted set replica → until when (ms) it is alive (the heartbeats of the replicas
+        sharing ``kind``'s partition leases: ``sessions``, ``egress``)."""
+        return f"{self.prefix}{kind}:replicas"
+
     def connected_replicas(self, kind: str, name: str) -> str:
         """Sorted set replica → until when (ms) it says its session of ``name`` is up."""
         return f"{self.prefix}connected:{kind}:{name}"
@@ -269,7 +281,7 @@ class Keys:
     # device sessions (workers/blynk_sessions.py)
     def sessions_replicas(self) -> str:
         """Sorted set replica → until when (ms) it is alive (its heartbeat)."""
-        return f"{self.prefix}sessions:replicas"
+        return self.owners("sessions")
 
     # A partition's three keys share one hash tag (``{sessions:<p>}``): the scripts that keep
     # them consistent touch all three, which Redis Cluster allows only within one slot.

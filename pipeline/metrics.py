@@ -164,9 +164,14 @@ SUPERSEDED = Counter(
 EGRESS_HELD = Gauge(
     "bb_egress_held_entries", "Write entries held in memory by egress (waiting, in flight, backoff)"
 )
-EGRESS_LEASE_LOST = Counter(
-    "bb_egress_lease_lost_total",
-    "Device writes that outlived their in-flight lease (order at risk)",
+EGRESS_FENCED = Counter(
+    "bb_egress_fenced_total",
+    "Egress commits refused because the partition lease was no longer the replica's",
+)
+PARTITIONS_OWNED = Gauge(
+    "bb_partitions_owned",
+    "Partitions this process owns through a lease (0 for an egress replica: a warm standby)",
+    ["stage"],
 )
 
 # downlinks (workers.downlink)

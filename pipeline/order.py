@@ -1,572 +1,316 @@
-"""Event-time order across batches and replicas: the last written time per device/pin in Redis.
+"""Event-time order: per device, the event time of the newest value Blynk has per pin.
 
-``keys.last_written(device_key)`` is the device's *record*, one string: its in-flight lease
-(expiry and owner), its request rate limit (the GCRA state of :mod:`pipeline.ratelimit`, shared
-by every replica) and ``pin → event time (ms)`` of the newest value Blynk has for each pin
-(layout: ``_RECORD`` below). Each script reads and writes a device's record with one ``GET``
-and one ``SET``, whatever its number of pins. The per-flush scripts (:meth:`LastWritten.prepare`,
-:meth:`LastWritten.commit_many`) touch the records of many devices in one call on one Redis; in
-the cluster layout (:attr:`pipeline.keys.Keys.cluster`) they run once per partition, pipelined,
-each call in its partition's slot.
+**Who orders.** Each writes partition (``redis.partitions``) has one egress owner at a time,
+through a partition lease (:class:`pipeline.lease.PartitionLeases`, ``keys.egress_lease(p)``),
+and a device's entries are all in its partition: one replica writes a device at any time, one
+write of it at a time (:mod:`workers.egress`). That replica keeps the device's
+:class:`Record` in memory — the event time per pin of the newest value Blynk has, and the
+device's rate-limit state (GCRA TAT, :func:`pipeline.ratelimit.gcra`) — and writes it behind to
+Redis (``keys.last_written(device_key)``), so the next owner of the partition starts from it.
 
 The protocol of one device write (egress):
 
-1. :meth:`LastWritten.claim` — atomically take the device's lease and read the last written times
-   of its pins. If another replica holds a live lease, nothing is taken: the caller keeps the
-   entries and tries again shortly. Egress uses :meth:`LastWritten.prepare`, which does the
-   same for every device of a flush in one script call, and also skips devices whose every
-   value is older than recorded and takes each device's rate-limit slot;
-   :meth:`LastWritten.take` takes the slots of a write's extra requests,
-   :meth:`LastWritten.defer_many` pushes a device's next slot out after a 429.
-2. Drop what is older (:func:`pipeline.coalesce.drop_stale`: equal event times are applied in
-   arrival order), send the rest to Blynk.
-3. After the 2xx, :meth:`LastWritten.commit` — record ``max(old, new)`` per pin and release the
-   lease (:meth:`LastWritten.commit_many` also acks the written entries in the same call; given
-   the claim ``prepare`` granted, it stores the merge computed by the caller while the record is
-   still the one that claim read).
-   After a failure, :meth:`LastWritten.release`.
+1. The first time the owner needs a device after taking its partition, :meth:`LastWritten.load`
+   reads its record (one ``MGET`` for every device a flush sees first; one per partition on a
+   cluster). After that the record lives in memory: no Redis call before a write.
+2. Drop what is older than recorded (:func:`pipeline.coalesce.drop_stale`: equal event times
+   are applied in arrival order; :meth:`Record.stale`: nothing newer at all), take a rate
+   slot (:meth:`Record.take`), send the rest to Blynk.
+3. After the 2xx, :meth:`Record.merge` records ``max(old, new)`` per pin in memory, and
+   :meth:`LastWritten.commit` — one script call per flush of commits (one per partition on a
+   cluster) — ``SET``s the changed records and ``XACK``s the written entries, **after checking
+   that the partition's lease is still the caller's** (fencing). A partition whose lease is not
+   the caller's any more has nothing recorded and nothing acked: its entries stay pending and
+   its new owner, which took them over, writes them again from the record it read.
 
-**Why the lease.** Without it two replicas can both read "last = 5", then send 20 and 10 to
-Blynk in that order: Blynk ends at 10 even though the record says 20 — a rollback the record
-cannot see. With the lease the second writer of a device waits for the first to commit, then
-filters against its record, so Blynk only ever moves forward in event time.
+**Why this is safe.** Without a single writer two replicas can both read "last = 5", then send
+20 and 10 in that order: Blynk ends at 10 although the record says 20. With the partition lease
+a new owner starts only after the old one stopped sending (an owner sends only while its lease
+is certainly held for longer than the Blynk request timeout: :mod:`workers.egress`), and reads
+the record only after taking the lease, so it sees every commit the old owner made; what the
+old owner sent but could not commit is re-sent (same or newer values, never older ones):
+at-least-once, and Blynk only ever moves forward in event time.
 
-**What remains.** The lease expires after ``lease_ms`` so a crashed replica cannot block a device
-forever. A replica that is still sending after its lease expired (a request outliving the lease)
-can race again; egress keeps ``lease_ms`` well above the Blynk client's timeout, renews the lease
-(:meth:`claim` is re-entrant) before each extra request, and :meth:`commit` reports a lost lease
-so it is logged and counted. A request Blynk received whose answer never came back (timeout) is
-retried; that re-sends the same or newer values, never older ones.
-
-Records expire ``ttl_ms`` to 5/4 ``ttl_ms`` after a device's last write (default 31 days: Blynk
-refuses timestamped points older than a month, and no redelivery lives that long; only a manual
-``replay`` of an older dead letter could then write an older value). The expiry is set again
-only once a quarter of the ttl has passed: setting it costs Redis more than the write itself.
+**The record** (one string, the layout of the per-device lease design before it, so records
+survive an upgrade): a msgpack header ``[0, '', rate-limit TAT µs, when its expiry was last
+set (ms), version, newest recorded event ms]`` (the first two were a per-device lease, always
+free now) followed by the msgpack map ``{pin: event ms}``. Records expire ``ttl_ms`` to 5/4
+``ttl_ms`` after a device's last write (default 31 days: Blynk refuses timestamped points
+older than a month, and no redelivery lives that long; only a manual ``replay`` of an older
+dead letter could then write an older value). The expiry is set again only once a quarter of
+the ttl has passed (``KEEPTTL`` otherwise): setting it costs Redis more than the ``SET``.
 
 Redis errors propagate (``RedisError``); callers treat them as retryable.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import msgspec
 
-from pipeline.echo import RECORD_LUA as ECHO_RECORD_LUA
 from pipeline.keys import Keys
-from pipeline.ratelimit import GCRA_LUA, RateLimiter
+from pipeline.ratelimit import gcra
 from pipeline.streams import Redis
 
 _pack = msgspec.msgpack.Encoder().encode
 _unpack = msgspec.msgpack.Decoder().decode
 DEFAULT_TTL_MS = 31 * 24 * 3600 * 1000
 
-# Scripts take their arguments as one msgpack blob (ARGV[1]): redis-py packs each argument in
-# Python, msgpack packs a whole flush's values in C. What a script decodes only sometimes comes
-# as msgpack objects one after another in one more argument, each found by its byte offset
-# (Redis's cmsgpack cannot nest binary strings; one argument per device would cost redis-py
-# more than the decoding saves).
-#
-# A device's record (keys.last_written) is one string: a msgpack header [lease expires ms,
-# lease owner ('' = free), rate-limit TAT µs, when its expiry was last set (ms), version,
-# newest recorded event ms] followed by the msgpack map {pin: event ms} of what Blynk has.
-# One GET and one SET per script and device, whatever the number of pins (a hash field per
-# pin cost two hash commands per pin and write). The scripts decode only the header in the
-# common case: a write whose newest value is at least the newest recorded one is not stale
-# (whatever its pins), and a commit whose caller read the record (its version) under the lease
-# held since brings the merged map itself; the map is decoded only to check or merge pin by pin
-# otherwise. ``version`` counts the changes of the map.
-#
-# Setting an expiry costs Redis more than the SET itself, so a record's expiry is set to 5/4 ttl
-# and kept (KEEPTTL) until a quarter of the ttl has passed since it was set: a record lives ttl
-# to 5/4 ttl after the device's last write.
-_RECORD = """
-local EMPTY = cmsgpack.pack({})
-local function load(key)
-  local rec = redis.call('GET', key)
-  if rec then
-    local off, h = cmsgpack.unpack_one(rec)
-    if off > 0 then return h, string.sub(rec, off + 1) end
-    return h, EMPTY
-  end
-  return {0, '', 0, 0, 0, -1}, EMPTY
-end
-local function store(key, h, pins, now, ttl)
-  if now - h[4] < ttl / 4 then
-    redis.call('SET', key, cmsgpack.pack(h) .. pins, 'KEEPTTL')
-  else
-    h[4] = now
-    redis.call('SET', key, cmsgpack.pack(h) .. pins, 'PX', ttl + math.floor(ttl / 4))
-  end
-end
-local function clock()
-  local t = redis.call('TIME')
-  local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
-  return now_us, math.floor(now_us / 1000)
-end
-local function busy(h, owner, now)
-  if h[2] ~= owner and h[2] ~= '' and h[1] > now then return h[1] - now end
-  return 0
-end
-"""
-
-# KEYS = records; ARGV[1] = msgpack [owner, lease ms, ttl ms]. Per device: {0, busy ms} another
-# owner's live lease, else {1, pin map} (the lease taken or renewed).
-_CLAIM = _RECORD + """
-local _, now = clock()
+# KEYS = per partition: its lease, its records, its writes stream; ARGV[1] = msgpack [owner,
+# group, [[records, [[offset, length, px] per record], [entry id, ...]] per partition]],
+# ARGV[2] = the records' values one after another (cmsgpack cannot nest binary strings).
+# px 0 = KEEPTTL. Per partition: 1 (recorded and acked) or 0 (the lease is not the caller's:
+# nothing done).
+_COMMIT = """
 local p = cmsgpack.unpack(ARGV[1])
-local owner, lease_ms, ttl = p[1], p[2], p[3]
+local owner, group, parts = p[1], p[2], p[3]
+local blob = ARGV[2]
 local out = {}
-for d = 1, #KEYS do
-  local h, pins = load(KEYS[d])
-  local wait = busy(h, owner, now)
-  if wait > 0 then
-    out[d] = {0, wait}
-  else
-    h[1], h[2] = now + lease_ms, owner
-    store(KEYS[d], h, pins, now, ttl)
-    out[d] = {1, pins}
-  end
-end
-return out
-"""
-
-# KEYS = records, then streams; ARGV[1] = msgpack [owner, ttl ms, group, [[read version, newest
-# of the merged map, offset of written in ARGV[2], offset and length of the merged map in
-# ARGV[3]] per record], [[entry id, ...] per stream]] (XACKed in the same call); ARGV[2] = the
-# msgpack {pin: event ms} written of each record, ARGV[3] = the merged maps (length 0 = nothing
-# newer). Read version -1 when the caller did not read the record. Per record: 1 when the lease
-# was this owner's (it is released), else 0.
-_COMMIT = _RECORD + """
-local _, now = clock()
-local p = cmsgpack.unpack(ARGV[1])
-local owner, ttl, group, writes, acks = p[1], p[2], p[3], p[4], p[5]
-local out = {}
-for d = 1, #writes do
-  local key, w = KEYS[d], writes[d]
-  local h, pins = load(key)
-  local changed = false
-  out[d] = 0
-  if h[2] == owner and h[5] == w[1] then
-    -- the map is what the caller read under this lease: its merge stands
-    if w[5] > 0 then
-      pins = string.sub(ARGV[3], w[4] + 1, w[4] + w[5])
-      h[5], h[6], changed = h[5] + 1, w[2], true
-    end
-  else
-    local _, written = cmsgpack.unpack_one(ARGV[2], w[3])
-    if next(written) then
-      local map = cmsgpack.unpack(pins)
-      for pin, ts in pairs(written) do
-        local last = map[pin]
-        if not last or ts > last then
-          map[pin] = ts
-          if ts > h[6] then h[6] = ts end
-          changed = true
-        end
-      end
-      if changed then pins, h[5] = cmsgpack.pack(map), h[5] + 1 end
-    end
-  end
-  if h[2] == owner then
-    h[1], h[2], changed = 0, '', true
-    out[d] = 1
-  end
-  if changed then store(key, h, pins, now, ttl) end
-end
-for s = 1, #acks do
-  local ids = acks[s]
-  for i = 1, #ids, 1000 do
-    redis.call('XACK', KEYS[#writes + s], group, unpack(ids, i, math.min(i + 999, #ids)))
-  end
-end
-return out
-"""
-
-# KEYS = records, then the echo lists of every device in order; ARGV[1] = msgpack [owner,
-# lease ms, ttl ms, rate interval µs, burst, [newest event ms per device], echo window ms,
-# [[echo item, ...] per device], [offset in ARGV[2] per device]], ARGV[2] = msgpack {pin:
-# newest event ms} of each device: a granted device's echo items are recorded (pipeline.echo)
-# before its write is sent.
-# Per device: {3} every value older than recorded (stale: nothing taken), {0, busy ms} another
-# owner's live lease, {2, wait µs} rate-limited (nothing taken), {1, pin map, version} lease
-# and one rate slot taken.
-_PREPARE = _RECORD + GCRA_LUA + ECHO_RECORD_LUA + """
-local now_us, now = clock()
-local p = cmsgpack.unpack(ARGV[1])
-local owner, lease_ms, ttl, interval, burst, devices = p[1], p[2], p[3], p[4], p[5], p[6]
-local echo_window, echoes, offsets = p[7], p[8], p[9]
-local echo_key = #devices
-local out = {}
-for d = 1, #devices do
-  local key, w = KEYS[d], devices[d]
-  local h, pins = load(key)
-  local newer = w >= h[6]
-  if not newer then
-    local map = cmsgpack.unpack(pins)
-    local _, newest = cmsgpack.unpack_one(ARGV[2], offsets[d])
-    for pin, ts in pairs(newest) do
-      local last = map[pin]
-      if not last or ts >= last then
-        newer = true
-        break
+local k = 1
+for i = 1, #parts do
+  local recs, ids = parts[i][1], parts[i][2]
+  if redis.call('GET', KEYS[k]) == owner then
+    for r = 1, #recs do
+      local rec = recs[r]
+      local value = string.sub(blob, rec[1] + 1, rec[1] + rec[2])
+      if rec[3] > 0 then
+        redis.call('SET', KEYS[k + r], value, 'PX', rec[3])
+      else
+        redis.call('SET', KEYS[k + r], value, 'KEEPTTL')
       end
     end
-  end
-  local wait = busy(h, owner, now)
-  if not newer then
-    out[d] = {3}
-  elseif wait > 0 then
-    out[d] = {0, wait}
-  else
-    local rate_wait, tat = gcra(h[3], now_us, interval, burst, 1)
-    if rate_wait > 0 then
-      out[d] = {2, rate_wait}
-    else
-      h[1], h[2], h[3] = now + lease_ms, owner, tat
-      store(key, h, pins, now, ttl)
-      if echoes then
-        for i, item in ipairs(echoes[d]) do
-          echo_record(KEYS[echo_key + i], item, echo_window)
-        end
-      end
-      out[d] = {1, pins, h[5]}
+    for j = 1, #ids, 1000 do
+      redis.call('XACK', KEYS[k + #recs + 1], group, unpack(ids, j, math.min(j + 999, #ids)))
     end
+    out[i] = 1
+  else
+    out[i] = 0
   end
-  if echoes then echo_key = echo_key + #echoes[d] end
-end
-return out
-"""
-
-# KEYS = records (one per request asked, repeats allowed); ARGV[1] = msgpack [interval µs,
-# burst, ttl ms]. Per key: 0 (a request granted and counted) or µs to wait (nothing counted).
-_TAKE = _RECORD + GCRA_LUA + """
-local now_us, now = clock()
-local p = cmsgpack.unpack(ARGV[1])
-local interval, burst, ttl = p[1], p[2], p[3]
-local out = {}
-for d = 1, #KEYS do
-  local h, pins = load(KEYS[d])
-  local wait, tat = gcra(h[3], now_us, interval, burst, 1)
-  if wait == 0 then
-    h[3] = tat
-    store(KEYS[d], h, pins, now, ttl)
-  end
-  out[d] = wait
-end
-return out
-"""
-
-# KEYS[1] = a record → its pin map.
-_GET = _RECORD + """
-local _, pins = load(KEYS[1])
-return pins
-"""
-
-# KEYS = records; ARGV[1] = msgpack [ttl ms, [µs from now before the device's next request,
-# per record]].
-_DEFER = _RECORD + """
-local now_us, now = clock()
-local p = cmsgpack.unpack(ARGV[1])
-local ttl, delays = p[1], p[2]
-local out = {}
-for d = 1, #KEYS do
-  local h, pins = load(KEYS[d])
-  if h[3] < now_us + delays[d] then
-    h[3] = now_us + delays[d]
-    store(KEYS[d], h, pins, now, ttl)
-  end
-  out[d] = 0
+  k = k + #recs + 2
 end
 return out
 """
 
 
-@dataclass(frozen=True, slots=True)
-class Claim:
-    """The answer of :meth:`LastWritten.claim` for one device."""
+# KEYS = records → their values (nil: none).
+_LOAD = "return redis.call('MGET', unpack(KEYS))"
+#: Records read per call (Lua's unpack has a limit of a few thousand values).
+_LOAD_PAGE = 1000
 
-    #: ``True``: this replica holds the lease and ``last`` is current.
-    granted: bool
+
+def wall_us() -> int:
+    """The wall clock in µs: the rate-limit state's timeline (kept in records, so a new owner
+    of the partition goes on from it)."""
+    return time.time_ns() // 1000
+
+
+@dataclass(slots=True)
+class Record:
+    """One device's record, as its writer holds it (module docstring)."""
+
     #: Pin → event time (ms) of the value Blynk has; pins never written are absent.
-    #: (:meth:`LastWritten.prepare`: every recorded pin of the device, not only those asked.)
-    last: dict[str, int]
-    #: When not granted: milliseconds until the other holder's lease expires at the latest.
-    busy_ms: int = 0
-    #: :meth:`LastWritten.prepare` only — not granted because the device's rate limit says
-    #: wait this long (seconds; nothing was taken).
-    wait_s: float = 0.0
-    #: :meth:`LastWritten.prepare` only — not granted because every value is older than what
-    #: Blynk has (stale; nothing was taken, nothing needs sending).
-    stale: bool = False
-    #: :meth:`LastWritten.prepare` only, when granted — the version of the record ``last`` was
-    #: read from; given back to :meth:`LastWritten.commit_many` (``read``), the commit merges
-    #: in Python instead of in the script. -1: unknown.
-    version: int = -1
+    pins: dict[str, int] = field(default_factory=dict)
+    #: The rate limit's theoretical arrival time (µs, wall clock).
+    tat_us: int = 0
+    #: When the record's expiry was last set (wall ms; 0 = never).
+    expiry_ms: int = 0
+    #: How often the pin map changed.
+    version: int = 0
+    #: The newest event time in ``pins`` (-1: none).
+    newest: int = -1
+    #: Changed in memory since it was last handed to a commit (not stored).
+    dirty: bool = False
+
+    def stale(self, newest: Mapping[str, int]) -> bool:
+        """Every value (``pin → newest event time to send``) older than recorded: nothing to
+        send (equal times are sent: applied in arrival order)."""
+        if max(newest.values(), default=-2) >= self.newest:
+            return False
+        pins = self.pins
+        return all(pin in pins and ts < pins[pin] for pin, ts in newest.items())
+
+    def merge(self, written: Mapping[str, int]) -> bool:
+        """Record ``written`` (pin → event time now in Blynk; only ever moves forward); True
+        when something changed."""
+        changed = False
+        pins = self.pins
+        for pin, ts in written.items():
+            last = pins.get(pin)
+            if last is None or ts > last:
+                pins[pin] = ts
+                if ts > self.newest:
+                    self.newest = ts
+                changed = True
+        if changed:
+            self.version += 1
+        return changed
+
+    def take(self, interval_us: int, burst: int, now_us: int | None = None) -> float:
+        """One request of the device's rate limit: ``0.0`` granted and counted, else seconds
+        to wait (nothing counted)."""
+        wait, self.tat_us = gcra(self.tat_us, wall_us() if now_us is None else now_us,
+                                 interval_us, burst)
+        return wait / 1_000_000
+
+    def defer(self, seconds: float) -> None:
+        """No request for ``seconds`` from now (a 429's ``Retry-After``)."""
+        self.tat_us = max(self.tat_us, wall_us() + int(seconds * 1_000_000))
 
 
-def _pins(raw: bytes) -> dict[str, int]:
-    """A record's pin map (the scripts write an empty one as an empty array)."""
-    pins = _unpack(raw)
-    return pins if isinstance(pins, dict) else {}
+def decode(raw: bytes | str | None) -> Record:
+    """A record as stored (``None``: the device was never written)."""
+    if not raw:
+        return Record()
+    if isinstance(raw, str):  # a client decoding replies (the bridge's do not)
+        raw = raw.encode("utf-8", "surrogateescape")
+    header, pins = _split(raw)
+    return Record(pins={_s(k): int(v) for k, v in pins.items()},
+                  tat_us=int(header[2]), expiry_ms=int(header[3]), version=int(header[4]),
+                  newest=int(header[5]))
+
+
+def encode(record: Record, *, expiry_ms: int | None = None) -> bytes:
+    """A record as stored (module docstring); ``expiry_ms`` instead of its own."""
+    expiry = record.expiry_ms if expiry_ms is None else expiry_ms
+    return _pack([0, "", record.tat_us, expiry, record.version, record.newest]) \
+        + _pack(record.pins)
+
+
+_INT_SIZES = {0xcc: 1, 0xcd: 2, 0xce: 4, 0xcf: 8, 0xd0: 1, 0xd1: 2, 0xd2: 4, 0xd3: 8,
+              0xca: 4, 0xcb: 8}
+
+
+def _split(raw: bytes) -> tuple[list[int], dict[str | bytes, int]]:
+    """A stored record's header and pin map (an empty map may be stored as an empty array).
+
+    msgpack has no length for a whole object, so the header's end is found by stepping over
+    its items: a fixarray of numbers and one (empty or short) string."""
+    if not raw or not 0x90 <= raw[0] <= 0x9f:
+        raise ValueError("not a record")
+    at = 1
+    for _ in range(raw[0] & 0x0F):
+        b = raw[at]
+        if b <= 0x7f or b >= 0xe0 or b == 0xc0:
+            at += 1
+        elif b in _INT_SIZES:
+            at += 1 + _INT_SIZES[b]
+        elif 0xa0 <= b <= 0xbf:
+            at += 1 + (b & 0x1F)
+        elif b in (0xd9, 0xc4):
+            at += 2 + raw[at + 1]
+        else:
+            raise ValueError(f"not a record (byte {b:#x} in its header)")
+    header = _unpack(raw[:at])
+    pins = _unpack(raw[at:]) if at < len(raw) else {}
+    return list(header), pins if isinstance(pins, dict) else {}
+
+
+def _s(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+@dataclass(slots=True)
+class PartitionCommit:
+    """What one commit call writes for one partition."""
+
+    #: The partition's writes stream (its entries are acked there).
+    stream: str
+    records: list[tuple[str, Record]] = field(default_factory=list)
+    acks: list[str] = field(default_factory=list)
 
 
 class LastWritten:
-    """Last written event time per device/pin, the per-device in-flight lease and rate limit."""
+    """Records in Redis: loading them, committing them with the acks (fenced by the partition
+    lease), and reading one (tools)."""
 
-    def __init__(
-        self,
-        redis: Redis,
-        keys: Keys,
-        owner: str,
-        *,
-        lease_ms: int = 60_000,
-        ttl_ms: int = DEFAULT_TTL_MS,
-    ) -> None:
+    def __init__(self, redis: Redis, keys: Keys, owner: str, *,
+                 ttl_ms: int = DEFAULT_TTL_MS) -> None:
         self._redis = redis
         self._keys = keys
         self.owner = owner
-        self.lease_ms = lease_ms
         self.ttl_ms = ttl_ms
-        self._claim = redis.register_script(_CLAIM)
         self._commit = redis.register_script(_COMMIT)
-        self._prepare = redis.register_script(_PREPARE)
-        self._take = redis.register_script(_TAKE)
-        self._defer = redis.register_script(_DEFER)
-        self._get = redis.register_script(_GET)
+        self._load = redis.register_script(_LOAD)
 
-    @property
-    def _ttl(self) -> int:
-        """How long a record lives after its last write or lease (at least one lease)."""
-        return max(self.ttl_ms, self.lease_ms)
-
-    async def _per_partition(self, script: Any, device_keys: Sequence[str],
-                             call: Callable[[list[int]], tuple[list[str], list[bytes]]]
-                             ) -> list[Any]:
-        """One reply per device of ``script``: one call for all of them (one Redis), or one call
-        per partition, pipelined (cluster layout: each call in its partition's slot).
-        ``call(indices)`` gives the keys and arguments of the call for those devices."""
-        if not self._keys.cluster:
-            return list(await script(*call(list(range(len(device_keys))))))
-        parts: dict[int, list[int]] = {}
-        for i, device_key in enumerate(device_keys):
-            parts.setdefault(self._keys.partition_of_device_key(device_key), []).append(i)
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for idx in parts.values():
-                await script(*call(idx), client=pipe)
-            got = await pipe.execute()
-        replies: list[Any] = [None] * len(device_keys)
-        for idx, reply in zip(parts.values(), got, strict=True):
-            for i, r in zip(idx, reply, strict=True):
-                replies[i] = r
-        return replies
-
-    async def claim(self, devices: Sequence[tuple[str, Sequence[str]]]) -> list[Claim]:
-        """Take the lease of each ``(device_key, pins)`` and read its pins (one round trip).
-
-        Re-entrant: claiming a device this owner already holds renews the lease.
-        """
-        if not devices:
-            return []
-        lw = self._keys.last_written
-        args = [_pack([self.owner, self.lease_ms, self._ttl])]
-
-        def call(idx: list[int]) -> tuple[list[str], list[bytes]]:
-            return [lw(devices[i][0]) for i in idx], args
-
-        replies = await self._per_partition(self._claim, [d for d, _ in devices], call)
-        claims: list[Claim] = []
-        for (_, pins), reply in zip(devices, replies, strict=True):
-            if int(reply[0]) == 0:
-                claims.append(Claim(False, {}, int(reply[1])))
-                continue
-            recorded = _pins(reply[1])
-            claims.append(Claim(True, {pin: recorded[pin] for pin in pins if pin in recorded}))
-        return claims
-
-    async def commit(self, device_key: str, written: Mapping[str, int]) -> bool:
-        """Record ``written`` (pin → event time; only ever moves forward) and release the lease.
-
-        Returns ``False`` when the lease was no longer ours (it expired mid-write).
-        """
-        (held,) = await self.commit_many([(device_key, written)])
-        return held
-
-    async def commit_many(self, items: Sequence[tuple[str, Mapping[str, int]]],
-                          acks: Mapping[str, Sequence[str]] | None = None,
-                          group: str = "",
-                          read: Sequence[Claim | None] | None = None) -> list[bool]:
-        """:meth:`commit` for many devices in one script call; an empty mapping only releases.
-
-        ``acks`` (stream → entry ids) are acknowledged for ``group`` in the same call, after
-        the records: a write's entries are acked exactly when what it wrote is recorded.
-        (One call on one Redis; in the cluster layout one per partition, each in one slot.)
-        ``read`` (one per item, optional): the granted :meth:`prepare` claim each write was
-        sent under. While the record is still that version under this owner's lease, the
-        merge computed here from its ``last`` is stored as is (the script decodes no pins).
-        """
-        if not items and not acks:
-            return []
-        reads: Sequence[Claim | None] = [None] * len(items) if read is None else read
-        if not self._keys.cluster:
-            keys, args = self._commit_call(items, reads, acks or {}, group)
-            return [bool(r) for r in await self._commit(keys=keys, args=args)]
-        # Cluster layout: one call per partition (a device's records and its writes stream
-        # share the partition's hash tag), pipelined.
-        parts: dict[int, tuple[list[int], dict[str, Sequence[str]]]] = {}
-        for i, (device_key, _) in enumerate(items):
-            parts.setdefault(self._keys.partition_of_device_key(device_key), ([], {}))[0].append(i)
-        for stream, ids in (acks or {}).items():
-            if ids:
-                part = self._keys.partition_of_stream(stream) or 0
-                parts.setdefault(part, ([], {}))[1][stream] = ids
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for idx, part_acks in parts.values():
-                keys, args = self._commit_call([items[i] for i in idx],
-                                               [reads[i] for i in idx], part_acks, group)
-                await self._commit(keys=keys, args=args, client=pipe)
-            replies = await pipe.execute()
-        held = [False] * len(items)
-        for (idx, _), reply in zip(parts.values(), replies, strict=True):
-            for i, r in zip(idx, reply, strict=True):
-                held[i] = bool(r)
-        return held
-
-    def _commit_call(self, items: Sequence[tuple[str, Mapping[str, int]]],
-                     reads: Sequence[Claim | None],
-                     acks: Mapping[str, Sequence[str]], group: str
-                     ) -> tuple[list[str], list[bytes]]:
-        """Keys and arguments of one ``_COMMIT`` call."""
-        lw = self._keys.last_written
-        keys = [lw(device_key) for device_key, _ in items]
-        writes: list[tuple[int, int, int, int, int]] = []
-        written_maps = bytearray()
-        merged_maps = bytearray()
-        for (_, written), claim in zip(items, reads, strict=True):
-            at = len(written_maps)
-            written_maps += _pack(written)
-            if claim is None or claim.version < 0:
-                writes.append((-1, 0, at, 0, 0))
-                continue
-            merged = dict(claim.last)
-            changed = False
-            for pin, ts in written.items():
-                last = merged.get(pin)
-                if last is None or ts > last:
-                    merged[pin] = ts
-                    changed = True
-            start = len(merged_maps)
-            if changed:
-                merged_maps += _pack(merged)
-            writes.append((claim.version, max(merged.values(), default=-1), at, start,
-                           len(merged_maps) - start))
-        streams: list[list[str]] = []
-        for stream, ids in acks.items():
-            if ids:
-                keys.append(stream)
-                streams.append(list(ids))
-        return keys, [_pack([self.owner, self._ttl, group, writes, streams]),
-                      bytes(written_maps), bytes(merged_maps)]
-
-    async def prepare(self, devices: Sequence[tuple[str, Mapping[str, int]]],
-                      limiter: RateLimiter, *,
-                      echoes: Sequence[Sequence[tuple[str, str]]] | None = None,
-                      echo_window_ms: int = 0) -> list[Claim]:
-        """Everything a flush asks before sending, for all its devices in one script call.
-
-        ``devices`` are ``(device_key, pin → newest event time to send)``. Per device, in this
-        order: every value older than recorded → ``Claim(stale=True)`` (nothing taken); another
-        owner's live lease → ``busy_ms``; the device's rate limit (``limiter``'s rate and
-        burst, kept in the device's record) says wait → ``wait_s`` (nothing taken); else the
-        lease and one request are taken and ``last`` is read (``granted``). Re-entrant like
-        :meth:`claim`.
-
-        ``echoes`` (one list per device of :func:`pipeline.echo.records`): recorded for the
-        granted devices only, in the same call — the echo records of the writes about to be
-        sent cost no round trip of their own, and a device not written now records nothing.
-        """
-        if not devices:
-            return []
-        def call(idx: list[int]) -> tuple[list[str], list[bytes]]:
-            # On a cluster, echo lists carry the partition of the device key that records
-            # them (pipeline.echo.records): each device's go with it.
-            return self._prepare_call([devices[i] for i in idx], limiter,
-                                      None if echoes is None else [echoes[i] for i in idx],
-                                      echo_window_ms)
-
-        replies = await self._per_partition(self._prepare, [d for d, _ in devices], call)
-        claims: list[Claim] = []
-        for reply in replies:
-            code = int(reply[0])
-            if code == 1:
-                claims.append(Claim(True, _pins(reply[1]), version=int(reply[2])))
-            elif code == 0:
-                claims.append(Claim(False, {}, int(reply[1])))
-            elif code == 2:
-                claims.append(Claim(False, {}, wait_s=int(reply[1]) / 1_000_000))
-            else:
-                claims.append(Claim(False, {}, stale=True))
-        return claims
-
-    def _prepare_call(self, devices: Sequence[tuple[str, Mapping[str, int]]],
-                      limiter: RateLimiter,
-                      echoes: Sequence[Sequence[tuple[str, str]]] | None,
-                      echo_window_ms: int) -> tuple[list[str], list[bytes]]:
-        """Keys and arguments of one ``_PREPARE`` call."""
-        lw = self._keys.last_written
-        keys: list[str] = []
-        per_device: list[int] = []
-        offsets: list[int] = []
-        maps = bytearray()
-        for device_key, newest in devices:
-            keys.append(lw(device_key))
-            per_device.append(max(newest.values(), default=-2))
-            offsets.append(len(maps))
-            maps += _pack(newest)
-        items: list[list[str]] | None = None
-        if echoes is not None:
-            items = []
-            for records in echoes:
-                keys += (key for key, _ in records)
-                items.append([text for _, text in records])
-        return keys, [_pack([self.owner, self.lease_ms, self._ttl, limiter.interval_us,
-                             limiter.burst, per_device, echo_window_ms, items, offsets]),
-                      bytes(maps)]
-
-    async def take(self, device_keys: Sequence[str], limiter: RateLimiter) -> list[float]:
-        """One request of each device's rate limit (the extra requests of a write: history
-        uploads, isolating a bad pin): ``0.0`` = granted and counted, else seconds to wait
-        (nothing counted). A device listed twice asks for two requests."""
+    async def load(self, device_keys: Sequence[str]) -> list[Record]:
+        """The records of ``device_keys``: ``MGET``s of up to ``_LOAD_PAGE`` keys, pipelined
+        (in the cluster layout each in one partition's slot, through a script: a cluster
+        pipeline refuses ``MGET``)."""
         if not device_keys:
             return []
         lw = self._keys.last_written
+        groups: dict[int, list[int]] = {}
+        if self._keys.cluster:
+            for i, k in enumerate(device_keys):
+                groups.setdefault(self._keys.partition_of_device_key(k), []).append(i)
+        else:
+            groups[0] = list(range(len(device_keys)))
+        calls = [idx[i:i + _LOAD_PAGE] for idx in groups.values()
+                 for i in range(0, len(idx), _LOAD_PAGE)]
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for idx in calls:
+                await self._load(keys=[lw(device_keys[i]) for i in idx], client=pipe)
+            got = await pipe.execute()
+        out: list[Record] = [Record()] * len(device_keys)
+        for idx, raws in zip(calls, got, strict=True):
+            for i, r in zip(idx, raws, strict=True):
+                out[i] = decode(r)
+        return out
 
-        def call(idx: list[int]) -> tuple[list[str], list[bytes]]:
-            return ([lw(device_keys[i]) for i in idx],
-                    [_pack([limiter.interval_us, limiter.burst, self._ttl])])
+    async def commit(self, parts: Mapping[int, PartitionCommit], group: str
+                     ) -> dict[int, bool]:
+        """Per partition ``p``: if ``keys.egress_lease(p)`` is this owner's, ``SET`` its
+        records and ``XACK`` its entries for ``group`` (one script call for all of them on one
+        Redis; one per partition, pipelined, in the cluster layout). Returns per partition
+        whether it was done (``False``: fenced off, nothing written or acked)."""
+        if not parts:
+            return {}
+        now = int(time.time() * 1000)
+        order = list(parts)
+        calls = [order] if not self._keys.cluster else [[p] for p in order]
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for call in calls:
+                keys, args = self._commit_call(call, parts, group, now)
+                await self._commit(keys=keys, args=args, client=pipe)
+            replies = await pipe.execute()
+        done: dict[int, bool] = {}
+        for call, reply in zip(calls, replies, strict=True):
+            for p, r in zip(call, reply, strict=True):
+                done[p] = bool(r)
+                if r:
+                    for _, rec in parts[p].records:
+                        if now - rec.expiry_ms >= self.ttl_ms // 4:
+                            rec.expiry_ms = now
+        return done
 
-        return [int(r) / 1_000_000 for r in
-                await self._per_partition(self._take, device_keys, call)]
-
-    async def defer_many(self, items: Sequence[tuple[str, float]]) -> None:
-        """No request of each ``(device_key, seconds)`` for that long from now, on any replica
-        (a 429: its ``Retry-After`` is about the device's budget)."""
-        if not items:
-            return
+    def _commit_call(self, call: Sequence[int], parts: Mapping[int, PartitionCommit],
+                     group: str, now: int) -> tuple[list[str], list[bytes]]:
+        """Keys and arguments of one ``_COMMIT`` call."""
         lw = self._keys.last_written
-
-        def call(idx: list[int]) -> tuple[list[str], list[bytes]]:
-            return ([lw(items[i][0]) for i in idx],
-                    [_pack([self._ttl, [max(0, int(items[i][1] * 1_000_000)) for i in idx]])])
-
-        await self._per_partition(self._defer, [k for k, _ in items], call)
-
-    async def release(self, device_keys: Sequence[str]) -> None:
-        """Give up the leases of devices whose write did not happen (nothing recorded)."""
-        await self.commit_many([(key, {}) for key in device_keys])
+        ttl = self.ttl_ms
+        keys: list[str] = []
+        blob = bytearray()
+        spec: list[tuple[list[tuple[int, int, int]], list[str]]] = []
+        for p in call:
+            part = parts[p]
+            keys.append(self._keys.egress_lease(p))
+            recs: list[tuple[int, int, int]] = []
+            for device_key, rec in part.records:
+                keys.append(lw(device_key))
+                px = 0
+                expiry = rec.expiry_ms
+                if now - expiry >= ttl // 4:  # set again (and stored so) once a quarter passed
+                    px, expiry = ttl + ttl // 4, now
+                value = encode(rec, expiry_ms=expiry)
+                recs.append((len(blob), len(value), px))
+                blob += value
+            keys.append(part.stream)
+            spec.append((recs, part.acks))
+        return keys, [_pack([self.owner, group, spec]), bytes(blob)]
 
     async def get(self, device_key: str) -> dict[str, int]:
         """Every recorded pin of a device (for tests and the CLI)."""
-        return _pins(await self._get(keys=[self._keys.last_written(device_key)]))
+        return decode(await self._redis.get(self._keys.last_written(device_key))).pins

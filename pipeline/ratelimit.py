@@ -2,11 +2,11 @@
 
 Replicas share one budget per name through a key ``keys.rate(name)`` holding its *theoretical
 arrival time* (TAT, µs) of the generic cell rate algorithm (blynk-sessions' connects;
-provisioning runs :data:`GCRA_TAKE_LUA` in its own script). Egress's per-device budget (Blynk
-allows 50 requests per second per device) runs the same algorithm, :data:`GCRA_LUA`, on a TAT
-kept inside each device's record (:mod:`pipeline.order`): the slot is taken in the same Redis
-call and key as the device's lease. The scripts read the clock with ``TIME`` on the Redis
-server, so replicas with skewed clocks still share one timeline.
+provisioning runs :data:`GCRA_TAKE_LUA` in its own script). The scripts read the clock with
+``TIME`` on the Redis server, so replicas with skewed clocks still share one timeline.
+Egress's per-device budget (Blynk allows 50 requests per second per device) runs the same
+algorithm, :func:`gcra`, in the memory of the device's one writer (the owner of its writes
+partition), on a TAT kept in the device's record (:mod:`pipeline.order`).
 
 * :meth:`RateLimiter.take` asks for one request for each of many devices in one script call;
   each answer is ``0.0`` (granted and counted) or the seconds to wait before asking again
@@ -40,6 +40,18 @@ local function gcra(tat, now, interval, burst, n)
   return 0, new_tat
 end
 """
+
+
+
+def gcra(tat: int, now: int, interval: int, burst: int, n: int = 1) -> tuple[int, int]:
+    """:data:`GCRA_LUA` in Python: ``(0, new TAT)`` granted, or ``(µs to wait, TAT)``."""
+    tat = max(tat, now)
+    new_tat = tat + n * interval
+    allow_at = new_tat - burst * interval
+    if allow_at > now:
+        return allow_at - now, tat
+    return 0, new_tat
+
 
 #: GCRA on a rate key: ``gcra_take(key, now_us, interval_us, burst, n)`` → 0 (granted and
 #: counted) or µs to wait.

@@ -167,22 +167,15 @@ async def add_uplinks(redis: Redis, keys: Keys, uplinks: Sequence[events.Uplink]
         await pipe.execute()
 
 
-#: Runs :data:`pipeline.echo.RECORD_LUA` for each key (ARGV = window ms, then one item per key).
-_RECORD_EACH = echo.RECORD_LUA + """
-for i = 1, #KEYS do echo_record(KEYS[i], ARGV[i + 1], tonumber(ARGV[1])) end
-"""
-
-
 async def record_echoes(redis: Redis, keys: Keys,
                         writes: Sequence[tuple[str, str, dict[str, events.Value]]],
                         now_ms: int, window_ms: int) -> None:
-    """The echo records egress's ``prepare`` makes before writing each ``(token, device key,
-    pin → value)`` (same Lua; one call per write: a device's records are in its partition),
-    for tests that start where Blynk's webhook comes back."""
+    """The echo records egress makes before writing each ``(token, device key, pin → value)``
+    (:func:`pipeline.echo.record`; a device's records are in its partition), for tests that
+    start where Blynk's webhook comes back."""
     for token, device_key, pins in writes:
-        records = echo.records(keys, token, pins, now_ms, device_key)
-        await redis.eval(_RECORD_EACH, len(records), *(k for k, _ in records),
-                         window_ms, *(text for _, text in records))
+        await echo.record(redis, {0: echo.records(keys, token, pins, now_ms, device_key)},
+                          window_ms, cluster=keys.cluster)
 
 
 async def writes(redis: Redis, keys: Keys) -> list[events.BlynkWrite]:

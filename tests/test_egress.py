@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import random
@@ -30,8 +31,7 @@ from pipeline.config import (
 from pipeline.context import Context
 from pipeline.events import FIELD, BlynkWrite, DeadLetter, Value, decode_dead, decode_write, encode
 from pipeline.keys import GROUP_EGRESS, WRITES, Keys
-from pipeline.order import LastWritten
-from pipeline.ratelimit import RateLimiter
+from pipeline.order import LastWritten, PartitionCommit, Record
 from pipeline.registry import Registry
 from pipeline.status import State, StatusBoard
 from pipeline.streams import Redis, StreamWriter, now_ms
@@ -43,190 +43,80 @@ pytestmark = pytest.mark.cluster_too
 #: Echo records (downlinks) are keyed by token, not by partition: config refuses them with
 #: cluster mode (docs/DESIGN.md, "Redis Cluster").
 
-# ---- pipeline.order: last written times and the per-device lease ----------------------------
+# ---- pipeline.order: records, loaded once and committed behind, fenced by the partition lease --
 
 
-async def test_claim_reads_last_written_and_commit_only_moves_forward(
+async def owned_by(redis: Redis, keys: Keys, owner: str, partition: int = 0) -> None:
+    """Make ``owner`` the holder of a writes partition's egress lease (as PartitionLeases does)."""
+    await redis.set(keys.egress_lease(partition), owner, px=60_000)
+
+
+def commit_of(keys: Keys, records: dict[str, Record], acks: list[str] | None = None,
+              partition: int = 0) -> dict[int, PartitionCommit]:
+    return {partition: PartitionCommit(keys.stream(WRITES, partition), list(records.items()),
+                                       acks or [])}
+
+
+async def test_records_are_loaded_merged_in_memory_and_committed_with_the_acks(
     redis: Redis, keys: Keys
 ) -> None:
     book = LastWritten(redis, keys, "replica-a")
-    (claim,) = await book.claim([("dev", ["V1", "V2"])])
-    assert claim.granted and claim.last == {}
-    assert await book.commit("dev", {"V1": 200, "V2": 100})
-    (claim,) = await book.claim([("dev", ["V1", "V2", "V3"])])
-    assert claim.last == {"V1": 200, "V2": 100}
-    assert await book.commit("dev", {"V1": 150, "V2": 300})  # V1 older: kept at 200
-    assert await book.get("dev") == {"V1": 200, "V2": 300}
-
-
-async def test_a_second_replica_waits_for_the_lease(redis: Redis, keys: Keys) -> None:
-    a = LastWritten(redis, keys, "replica-a", lease_ms=10_000)
-    b = LastWritten(redis, keys, "replica-b", lease_ms=10_000)
-    (ca,) = await a.claim([("dev", ["V1"])])
-    (cb,) = await b.claim([("dev", ["V1"])])
-    assert ca.granted and not cb.granted
-    assert 0 < cb.busy_ms <= 10_000
-    await a.commit("dev", {"V1": 20})  # A wrote event time 20 and let go
-    (cb,) = await b.claim([("dev", ["V1"])])
-    assert cb.granted and cb.last == {"V1": 20}  # B now sees 20 and drops its older 10
-
-
-async def test_claim_is_reentrant_and_release_records_nothing(redis: Redis, keys: Keys) -> None:
-    a = LastWritten(redis, keys, "replica-a")
-    b = LastWritten(redis, keys, "replica-b")
-    await a.claim([("dev", ["V1"])])
-    (again,) = await a.claim([("dev", ["V1"])])
-    assert again.granted
-    await a.release(["dev"])
-    (cb,) = await b.claim([("dev", ["V1"])])
-    assert cb.granted and cb.last == {}
-
-
-async def test_an_expired_lease_is_taken_over_and_reported(redis: Redis, keys: Keys) -> None:
-    a = LastWritten(redis, keys, "replica-a", lease_ms=1)
-    b = LastWritten(redis, keys, "replica-b")
-    await a.claim([("dev", ["V1"])])
-
-    async def b_takes_over() -> bool:
-        (cb,) = await b.claim([("dev", ["V1"])])
-        return cb.granted
-
-    await wait_until(b_takes_over, what="A's 1 ms lease to lapse")
-    assert not await a.commit("dev", {"V1": 5})  # A learns its lease was gone
-    assert await b.commit("dev", {})
-    assert await book_of(redis, keys).get("dev") == {"V1": 5}
-
-
-async def test_claims_are_one_round_trip_for_many_devices(redis: Redis, keys: Keys) -> None:
-    book = LastWritten(redis, keys, "replica-a")
-    for i in range(3):
-        await book.commit(f"d{i}", {"V1": i})
-    claims = await book.claim([(f"d{i}", ["V1"]) for i in range(5)])
-    assert [c.last for c in claims] == [{"V1": 0}, {"V1": 1}, {"V1": 2}, {}, {}]
-
-
-async def test_prepare_skips_stale_waits_for_leases_and_rate_and_takes_the_rest(
-    redis: Redis, keys: Keys
-) -> None:
-    a = LastWritten(redis, keys, "replica-a", lease_ms=10_000)
-    b = LastWritten(redis, keys, "replica-b", lease_ms=10_000)
-    limiter = RateLimiter(redis, keys, rps=1)
-    await a.commit("old", {"V1": 100})
-    await b.claim([("busy", ["V1"])])
-    stale, busy, fresh, again = await a.prepare(
-        [("old", {"V1": 99}), ("busy", {"V1": 5}), ("new", {"V1": 7, "V2": 8}),
-         ("old", {"V1": 101})], limiter)
-    assert stale.stale and not stale.granted
-    assert not busy.granted and 0 < busy.busy_ms <= 10_000
-    assert fresh.granted and fresh.last == {}
-    assert again.granted and again.last == {"V1": 100}
-    (limited,) = await a.prepare([("new", {"V1": 9})], limiter)  # 1 request/s: wait for it
-    assert not limited.granted and 0 < limited.wait_s <= 1.0
-    assert not (await b.claim([("old", ["V1"])]))[0].granted  # a holds "old" now
-
-
-async def test_prepare_records_echoes_for_the_granted_devices_only(
-    redis: Redis, keys: Keys
-) -> None:
-    """The echo records of a flush ride in ``prepare``: a device not written now (stale, or
-    another replica's lease) records nothing that could later swallow a user's command. On the
-    cluster the three devices are in three partitions (slots): each records in its own."""
-    keys = Keys(keys.prefix, 3, cluster=keys.cluster)
-    old, busy, new = (device_key(n) for n in (0, 1, 3))
-    assert len({keys.partition_of_device_key(d) for d in (old, busy, new)}) == 3
-    a = LastWritten(redis, keys, "replica-a", lease_ms=10_000)
-    b = LastWritten(redis, keys, "replica-b", lease_ms=10_000)
-    limiter = RateLimiter(redis, keys, rps=100)
-    await a.commit(old, {"V1": 100})
-    await b.claim([(busy, ["V1"])])
-    wall = now_ms()
-    records = [echo.records(keys, f"token-{d}", {"V1": 1}, wall, d) for d in (old, busy, new)]
-    claims = await a.prepare([(old, {"V1": 99}), (busy, {"V1": 5}), (new, {"V1": 7})],
-                             limiter, echoes=records, echo_window_ms=60_000)
-    assert [c.granted for c in claims] == [False, False, True]
-    taken = await echo.Echoes(redis, keys, 60_000).take(
-        [(f"token-{d}", "V1", "1", d) for d in (old, busy, new)], wall)
-    assert taken == [False, False, True]
-    # A token with no known device (None) is looked for in every partition.
-    await a.prepare([(old, {"V1": 101})], limiter, echo_window_ms=60_000,
-                    echoes=[echo.records(keys, "token-x", {"V1": 2}, wall, old)])
-    assert await echo.Echoes(redis, keys, 60_000).take(
-        [("token-x", "V1", "2", None), ("token-x", "V1", "2", None)], wall) == [True, False]
-
-
-async def test_commit_many_records_and_acks_in_one_call(redis: Redis, keys: Keys) -> None:
-    stream = keys.streams(WRITES)[0]
+    await owned_by(redis, keys, "replica-a")
+    stream = keys.stream(WRITES)
     await redis.xgroup_create(stream, GROUP_EGRESS, id="0", mkstream=True)
-    ids = [await redis.xadd(stream, {FIELD: b"x"}) for _ in range(3)]
-    await redis.xreadgroup(GROUP_EGRESS, "c", {stream: ">"})
-    book = LastWritten(redis, keys, "replica-a")
-    await book.claim([("dev", ["V1"])])
-    held = await book.commit_many([("dev", {"V1": 5}), ("other", {})],
-                                  {stream: [i.decode() for i in ids[:2]]}, GROUP_EGRESS)
-    assert held == [True, False]
-    assert await book.get("dev") == {"V1": 5}
-    pending = await redis.xpending(stream, GROUP_EGRESS)
-    assert pending["pending"] == 1
+    ids = [await redis.xadd(stream, {"d": b"x"}) for _ in range(3)]
+    await redis.xreadgroup(GROUP_EGRESS, "replica-a", {stream: ">"})
+    a, b = await book.load(["dev-a", "dev-b"])
+    assert a.pins == {} and a.newest == -1
+    assert a.merge({"V1": 200, "V2": 100}) and b.merge({"V1": 5})
+    assert not a.merge({"V1": 150})  # older: kept at 200
+    assert await book.commit(commit_of(keys, {"dev-a": a, "dev-b": b},
+                                       [i.decode() for i in ids]), GROUP_EGRESS) == {0: True}
+    assert (await redis.xpending(stream, GROUP_EGRESS))["pending"] == 0
+    again, = await LastWritten(redis, keys, "replica-b").load(["dev-a"])
+    assert again.pins == {"V1": 200, "V2": 100} and again.newest == 200
 
 
-async def test_a_write_older_than_the_newest_recorded_pin_is_stale_only_pin_by_pin(
+async def test_a_commit_whose_partition_lease_is_another_replicas_does_nothing(
     redis: Redis, keys: Keys
 ) -> None:
-    """Older than the device's newest recorded value does not make a write stale: a pin whose
-    own record is older still goes."""
+    """Fencing: a replica that lost its partition (its lease lapsed and another replica took
+    it) can neither record nor ack what it wrote meanwhile."""
+    stream = keys.stream(WRITES)
+    await redis.xgroup_create(stream, GROUP_EGRESS, id="0", mkstream=True)
+    entry = (await redis.xadd(stream, {"d": b"x"})).decode()
+    await redis.xreadgroup(GROUP_EGRESS, "replica-a", {stream: ">"})
+    await owned_by(redis, keys, "replica-b")
     a = LastWritten(redis, keys, "replica-a")
-    limiter = RateLimiter(redis, keys, rps=1000, burst=100)
-    await a.commit("dev", {"V1": 100, "V2": 10})
-    stale, fresh = await a.prepare([("dev", {"V1": 50, "V2": 5}), ("dev", {"V1": 50, "V2": 50})],
-                                   limiter)
-    assert stale.stale
-    assert fresh.granted and fresh.last == {"V1": 100, "V2": 10}
-    assert await a.commit_many([("dev", {"V2": 50})], read=[fresh]) == [True]
-    await a.claim([("dev", [])])
-    assert await a.commit("dev", {"V1": 60, "V3": 1})  # no read given: merged pin by pin
-    assert await book_of(redis, keys).get("dev") == {"V1": 100, "V2": 50, "V3": 1}
+    (record,) = await a.load(["dev"])
+    record.merge({"V1": 10})
+    assert await a.commit(commit_of(keys, {"dev": record}, [entry]), GROUP_EGRESS) == {0: False}
+    assert await a.get("dev") == {}
+    assert (await redis.xpending(stream, GROUP_EGRESS))["pending"] == 1
+    await redis.delete(keys.egress_lease(0))  # nobody's: still not the caller's
+    assert await a.commit(commit_of(keys, {"dev": record}, [entry]), GROUP_EGRESS) == {0: False}
 
 
-async def test_a_commit_merges_onto_what_prepare_read_only_while_that_record_stands(
+async def test_records_of_the_per_device_lease_design_are_read_as_they_are(
     redis: Redis, keys: Keys
 ) -> None:
-    """A commit given its prepare's claim stores the merge egress computed from it — unless the
-    record changed meanwhile (A's lease lapsed, B wrote a newer value, A renewed its lease):
-    then it merges pin by pin, and B's newer value stays recorded."""
-    a = LastWritten(redis, keys, "replica-a", lease_ms=1)
-    b = LastWritten(redis, keys, "replica-b", lease_ms=10_000)
-    limiter = RateLimiter(redis, keys, rps=1000, burst=100)
-    await a.commit("dev", {"V1": 10, "V2": 10})
-    (read,) = await a.prepare([("dev", {"V1": 20})], limiter)
-    assert read.granted and read.last == {"V1": 10, "V2": 10}
-    assert await a.commit_many([("dev", {"V1": 20})], read=[read]) == [True]
-    assert await book_of(redis, keys).get("dev") == {"V1": 20, "V2": 10}
-
-    (read,) = await a.prepare([("dev", {"V1": 30, "V2": 30})], limiter)
-    assert read.granted
-
-    async def b_writes_newer() -> bool:
-        (cb,) = await b.claim([("dev", ["V2"])])
-        return cb.granted
-
-    await wait_until(b_writes_newer, what="A's 1 ms lease to lapse")
-    assert await b.commit("dev", {"V2": 40})
-    assert (await a.claim([("dev", [])]))[0].granted  # A renews: the lease is A's again
-    assert await a.commit_many([("dev", {"V1": 30, "V2": 30})], read=[read]) == [True]
-    assert await book_of(redis, keys).get("dev") == {"V1": 30, "V2": 40}
-
-
-async def test_a_429_deferral_holds_the_device_back_on_every_replica(
-    redis: Redis, keys: Keys
-) -> None:
-    a = LastWritten(redis, keys, "replica-a")
-    b = LastWritten(redis, keys, "replica-b")
-    limiter = RateLimiter(redis, keys, rps=1000)
-    await a.defer_many([("dev", 100.0)])
-    (held_back,) = await b.prepare([("dev", {"V1": 1})], limiter)
-    assert not held_back.granted and 99 < held_back.wait_s <= 100
-    assert (await b.take(["dev"], limiter))[0] > 99
-    assert await book_of(redis, keys).get("dev") == {}
+    """An upgrade keeps what Blynk has: a record written by the per-device lease's scripts
+    (cmsgpack in Lua, a lease owner in its header) loads, and what is committed over it keeps
+    its layout for a downgrade."""
+    key = keys.last_written("dev")
+    await redis.eval("redis.call('SET', KEYS[1], cmsgpack.pack({1700000000000, 'egress-9', "
+                     "1700000000000000, 1700000000000, 7, 55}) .. cmsgpack.pack({V1=55, V2=3}))",
+                     1, key)
+    (record,) = await LastWritten(redis, keys, "replica-a").load(["dev"])
+    assert record == Record({"V1": 55, "V2": 3}, tat_us=1700000000000000,
+                            expiry_ms=1700000000000, version=7, newest=55)
+    await owned_by(redis, keys, "replica-a")
+    record.merge({"V2": 60})
+    await LastWritten(redis, keys, "replica-a").commit(commit_of(keys, {"dev": record}),
+                                                       GROUP_EGRESS)
+    header = await redis.eval("local _, h = cmsgpack.unpack_one(redis.call('GET', KEYS[1])) "
+                              "return {h[1], h[2], h[5], h[6]}", 1, key)
+    assert header == [0, b"", 8, 60]
 
 
 async def test_a_record_keeps_its_expiry_until_a_quarter_of_the_ttl_has_passed(
@@ -237,32 +127,41 @@ async def test_a_record_keeps_its_expiry_until_a_quarter_of_the_ttl_has_passed(
     only once a quarter of the ttl has passed since it was set."""
     day = 24 * 3600 * 1000
     book = LastWritten(redis, keys, "replica-a", ttl_ms=8 * day)
+    await owned_by(redis, keys, "replica-a")
     key = keys.last_written("dev")
-    await book.commit("dev", {"V1": 1})
+    (record,) = await book.load(["dev"])
+    record.merge({"V1": 1})
+    await book.commit(commit_of(keys, {"dev": record}), GROUP_EGRESS)
     assert 9 * day < await redis.pttl(key) <= 10 * day
     await redis.pexpire(key, 5 * day)  # as if set 3 days ago, but the record says "just now"
-    await book.commit("dev", {"V1": 2})
+    record.merge({"V1": 2})
+    await book.commit(commit_of(keys, {"dev": record}), GROUP_EGRESS)
     assert await redis.pttl(key) <= 5 * day  # kept
-    header, pins = _split_record(await redis.get(key))
-    header[3] -= 3 * day  # it was set 3 days ago: more than a quarter of 8 days
-    await redis.set(key, msgspec.msgpack.encode(header) + pins, keepttl=True)
-    await book.commit("dev", {"V1": 3})
+    record.expiry_ms -= 3 * day  # it was set 3 days ago: more than a quarter of 8 days
+    record.merge({"V1": 3})
+    await book.commit(commit_of(keys, {"dev": record}), GROUP_EGRESS)
     assert 9 * day < await redis.pttl(key) <= 10 * day  # set again
     assert await book.get("dev") == {"V1": 3}
 
 
-def _split_record(raw: bytes) -> tuple[list[Any], bytes]:
-    """A record's header (a msgpack array) and the msgpack pin map after it."""
-    for end in range(1, len(raw) + 1):
-        try:
-            return list(msgspec.msgpack.decode(raw[:end])), raw[end:]
-        except msgspec.DecodeError:
-            continue
-    raise AssertionError("no header")
+def test_a_record_says_stale_only_when_every_value_is_older_pin_by_pin() -> None:
+    record = Record()
+    record.merge({"V1": 100, "V2": 50})
+    assert record.stale({"V1": 99})
+    assert not record.stale({"V1": 100})  # equal: applied in arrival order
+    assert not record.stale({"V2": 60})  # older than the newest pin, newer than its own
+    assert not record.stale({"V1": 10, "V3": 1})  # a pin never written
+    assert record.stale({"V1": 10, "V2": 49})
 
 
-def book_of(redis: Redis, keys: Keys) -> LastWritten:
-    return LastWritten(redis, keys, "reader")
+def test_a_records_rate_limit_paces_requests_and_a_429_defers_it() -> None:
+    record = Record()
+    interval = 20_000  # 50/s
+    assert record.take(interval, 1, now_us=1_000_000) == 0
+    assert record.take(interval, 1, now_us=1_000_000) == pytest.approx(0.02)
+    assert record.take(interval, 1, now_us=1_020_000) == 0
+    record.defer(100.0)
+    assert record.take(interval, 1) > 99
 
 
 # ---- egress against the Blynk emulator over real HTTP ------------------------------------------
@@ -308,8 +207,11 @@ class Rig:
     servers: dict[str, str] = field(default_factory=dict)
 
     async def add(self, *writes: BlynkWrite) -> None:
-        stream = self.keys.stream(WRITES)
-        await StreamWriter(self.redis).add_many([(stream, encode(w)) for w in writes])
+        """Append each write to its device's writes partition (as transform does)."""
+        stream = self.keys.stream
+        part = self.keys.partition_of_device_key
+        await StreamWriter(self.redis).add_many(
+            [(stream(WRITES, part(w.device_key)), encode(w)) for w in writes])
 
     def stage(self, *, consumer: str = "egress-1", until_idle: bool = True,
               streams: dict[str, Any] | None = None, blynk_timeout_s: float = 5,
@@ -346,8 +248,19 @@ class Rig:
         return out
 
     async def pending(self) -> int:
-        info = await self.redis.xpending(self.keys.stream(WRITES), GROUP_EGRESS)
-        return int(info["pending"])
+        """Entries read and not acked, over every writes partition."""
+        n = 0
+        for stream in self.keys.streams(WRITES):
+            n += int((await self.redis.xpending(stream, GROUP_EGRESS))["pending"])
+        return n
+
+    def with_partitions(self, partitions: int) -> Rig:
+        """The same emulator and Redis under a key layout of ``partitions`` writes partitions
+        (a prefix of its own)."""
+        prefix = f"{self.prefix}p{partitions}:"
+        return Rig(self.emu, self.url, self.redis,
+                   Keys(prefix, partitions, cluster=self.keys.cluster), prefix,
+                   self.contexts, self.servers)
 
     async def admin(self, method: str, path: str, body: Any = None) -> Any:
         async with aiohttp.ClientSession() as s, s.request(
@@ -466,6 +379,98 @@ async def test_replicas_never_write_a_device_backwards(rig: Rig) -> None:
     assert written == sorted(written)  # Blynk only ever moved forward in event time
     assert written[-1] == 143
     assert len(written) >= 12
+
+
+async def test_replicas_split_the_partitions_and_a_killed_ones_are_taken_over(
+    rig: Rig,
+) -> None:
+    """Two replicas share four writes partitions, two each; one is killed (cancelled: its
+    leases lapse, its entries stay pending) and the other takes its partitions and their
+    pending entries over once the leases lapsed. Nothing is lost and every device's values
+    reach Blynk in event-time order."""
+    prig = rig.with_partitions(4)
+    await prig.admin("POST", "faults", {"jitter_ms": 20})
+    timing = {"blynk_timeout_s": 1, "lease_ttl_ms": 2000}
+    a = prig.stage(consumer="a", until_idle=False, **timing)
+    b = prig.stage(consumer="b", until_idle=False, **timing)
+    stop = asyncio.Event()
+    run_a = await running(prig, a, stop)
+    run_b = await running(prig, b, stop)
+    await wait_until(lambda: len(a.owned) == 2 and len(b.owned) == 2,
+                     what="the four partitions split two and two")
+    assert not a.owned.keys() & b.owned.keys()
+    t0 = now_ms()
+    rnd = random.Random(5)
+
+    async def wave(w: int) -> None:
+        values = list(range(w * 10, w * 10 + 10))
+        rnd.shuffle(values)
+        await prig.add(*[write(n, t0 + v, {"V2": v}) for v in values for n in range(5)])
+
+    def all_written(w: int) -> Callable[[], Any]:
+        async def check() -> bool:
+            return (all(value(prig, n, "V2") == w * 10 + 9 for n in range(5))
+                    and not await prig.pending())
+        return check
+
+    await wave(0)
+    await wait_until(all_written(0), what="wave 0 written by both replicas")
+    await wave(1)
+    run_b.cancel()  # killed, maybe holding entries of wave 1
+    with contextlib.suppress(asyncio.CancelledError):
+        await run_b
+    await wait_until(lambda: len(a.owned) == 4,
+                     what="A taking B's partitions over once their leases lapsed")
+    await wait_until(all_written(1), what="wave 1 written, B's share by A")
+    await wave(2)
+    await wait_until(all_written(2), what="wave 2 written by A alone")
+    stop.set()
+    await within(run_a)
+    for n in range(5):
+        written = [v for _, v in prig.device(n).history["V2"]]
+        assert written == sorted(written)  # Blynk only ever moved forward in event time
+        assert written[-1] == 29
+    assert await prig.dead() == []
+
+
+async def test_a_replica_whose_lease_was_taken_has_its_commit_refused_and_stops_sending(
+    rig: Rig,
+) -> None:
+    """Fencing: the partition's lease is overwritten (another owner) while a write is in
+    flight. The write's commit is refused: nothing recorded, nothing acked; the replica gives
+    the partition up and sends nothing more for it. Once the lease is free again it takes the
+    partition back and writes what was left pending."""
+    stage = rig.stage(until_idle=False, blynk_timeout_s=1, lease_ttl_ms=60_000)  # renewal far
+    stop = asyncio.Event()
+    loop = await running(rig, stage, stop)
+    t0 = now_ms()
+    await rig.add(write(0, t0, {"V1": 1.0}))
+    await settled(rig)  # warm: the next write goes out on the task-free path
+    await rig.admin("POST", "faults", {"latency_ms": 500})
+    before = stage.sent_now
+    fenced = metrics.EGRESS_FENCED._value.get()
+    await rig.add(write(0, t0 + 1, {"V1": 2.0}))
+    await wait_until(lambda: stage.sent_now > before, what="the write going out")
+    await rig.redis.set(rig.keys.egress_lease(0), "intruder", px=60_000)
+    await wait_until(lambda: metrics.EGRESS_FENCED._value.get() > fenced,
+                     what="the write's commit refused")
+    assert 0 not in stage.owned and not stage.ownership.owned
+    assert await rig.pending() == 1  # not acked: the partition's next owner writes it again
+    assert await LastWritten(rig.redis, rig.keys, "x").get(device_key(0)) == {"V1": t0}
+    await rig.add(write(0, t0 + 2, {"V1": 3.0}))
+    await stage.ownership.balance()  # an ownership round: the intruder's lease stands
+    assert 0 not in stage.owned
+    await rig.admin("POST", "faults", {})
+    await rig.redis.delete(rig.keys.egress_lease(0))
+    await stage.ownership.balance()  # free again: taken back, its pending entries with it
+    assert 0 in stage.owned
+    await settled(rig)
+    assert value(rig, 0, "V1") == 3.0
+    assert await LastWritten(rig.redis, rig.keys, "x").get(device_key(0)) == {"V1": t0 + 2}
+    written = [v for _, v in rig.device(0).history["V1"]]
+    assert written == sorted(written)
+    stop.set()
+    await within(loop)
 
 
 async def test_outage_loses_nothing_and_backlog_keeps_true_times(rig: Rig) -> None:
@@ -730,12 +735,12 @@ async def hanging_writes(rig: Rig, stage: EgressStage, stop: asyncio.Event,
 
 async def delivered_again(rig: Rig, n: int = 5) -> None:
     """Once Blynk answers again, another replica writes the entries the stopped one left
-    pending. The abandoned writes keep their devices' leases until they lapse (``lease_ms``, at
-    least 15 s: a request sent may still land); here they are released at once instead."""
+    pending. The stopped replica's partition leases lapse by themselves (``egress.lease_ttl_ms``:
+    a request sent may still land); here they are removed at once instead."""
     await rig.admin("POST", "faults", {})
     assert await rig.pending() == n  # nothing acked, nothing lost
     assert await rig.dead() == []
-    await LastWritten(rig.redis, rig.keys, "egress-1").release([device_key(i) for i in range(n)])
+    await rig.redis.delete(*(rig.keys.egress_lease(p) for p in range(rig.keys.partitions)))
     stage = rig.stage(consumer="egress-2", until_idle=False, streams={"claim_idle_ms": 100})
     stop = asyncio.Event()
     loop = await running(rig, stage, stop)
@@ -839,9 +844,12 @@ async def settled(rig: Rig) -> None:
     """The egress group has read and resolved (acked) every entry."""
 
     async def resolved() -> bool:
-        groups = await rig.redis.xinfo_groups(rig.keys.stream(WRITES))
-        g = next((g for g in groups if g["name"] == GROUP_EGRESS.encode()), None)
-        return g is not None and g["pending"] == 0 and g["lag"] == 0
+        for stream in rig.keys.streams(WRITES):
+            groups = await rig.redis.xinfo_groups(stream)
+            g = next((g for g in groups if g["name"] == GROUP_EGRESS.encode()), None)
+            if g is None or g["pending"] or g["lag"]:
+                return False
+        return True
 
     await wait_until(resolved, what="egress resolving every entry")
 

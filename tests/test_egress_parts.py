@@ -17,7 +17,7 @@ from pipeline.coalesce import DevicePlan
 from pipeline.config import BlynkConfig
 from pipeline.events import FIELD, BlynkWrite, Value, decode_dead, encode
 from pipeline.keys import GROUP_EGRESS, WRITES, Keys
-from pipeline.order import LastWritten
+from pipeline.order import LastWritten, Record
 from pipeline.ratelimit import RateLimiter
 from pipeline.registry import Registry
 from pipeline.streams import Entry, Redis, StreamReader
@@ -209,12 +209,14 @@ def _committer(redis: Redis, keys: Keys, reader: StreamReader,
     servers = Servers(30.0, lambda name, failure: None)
     committer = Committer(order, reader, Registry(redis, keys),
                           held, servers, lambda coro, name: tasks.append(
-                              asyncio.create_task(coro, name=name)), 30.0)
+                              asyncio.create_task(coro, name=name)), 30.0,
+                          stream_of=lambda p: keys.stream(WRITES, p), lost=lambda p: None)
     return committer, order, tasks
 
 
 def _started(held: HeldWrites, key: str) -> tuple[DeviceQueue, DevicePlan]:
     dev = held.devices[key]
+    dev.record = Record()  # nothing written yet (as egress read it)
     return dev, held.start(dev, NOW_MS + 100)
 
 
@@ -223,10 +225,10 @@ async def test_finishes_share_one_commit_that_records_and_acks(
 ) -> None:
     reader, held = written
     committer, order, _ = _committer(redis, keys, reader, held)
+    await redis.set(keys.egress_lease(0), "c1")  # the writes partition is c1's
     pendings = []
     for key in "ab":
         dev, plan = _started(held, key)
-        await order.claim([(key, list(plan.pins))])
         pending = asyncio.get_running_loop().create_future()
         committer.finish(dev, plan, Result(written={"V1": plan.pins["V1"].ts_ms}, values=1),
                          pending)
@@ -244,6 +246,7 @@ async def test_a_refused_pin_dead_letters_its_entries_and_a_retry_keeps_them(
 ) -> None:
     reader, held = written
     committer, _, tasks = _committer(redis, keys, reader, held)
+    await redis.set(keys.egress_lease(0), "c1")  # the writes partition is c1's
     dev_a, plan_a = _started(held, "a")
     dev_b, plan_b = _started(held, "b")
     ids_a = sorted(h.entry.id for h in dev_a.inflight)
@@ -284,10 +287,10 @@ async def test_the_sender_isolates_a_refused_pin_and_reports_one_result(
             pending.set_result(None)
             finished.set()
 
-        order = LastWritten(redis, keys, "s1")
         sender = Sender(client, InFlight(4), Servers(30.0, lambda n, f: None),
-                        Pacer(order, RateLimiter(redis, keys, 1000)), finish,
-                        lambda coro, name: tasks.append(asyncio.create_task(coro, name=name)))
+                        Pacer(RateLimiter(redis, keys, 1000)), finish,
+                        lambda coro, name: tasks.append(asyncio.create_task(coro, name=name)),
+                        lambda partition: True)
         held = HeldWrites(live_window_ms=60_000)
         held.hold([entry(1, bw("d0", NOW_MS, {"V1": 1.5, "V2": "not a number", "V3": "ok"},
                                 server="fra1", tok=token(0)))], now=0.0)

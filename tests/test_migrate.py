@@ -13,7 +13,7 @@ from blynk_bridge import cli
 from pipeline import blynk_index
 from pipeline.errors import Reason
 from pipeline.keys import UPLINKS, Keys
-from pipeline.order import LastWritten
+from pipeline.order import LastWritten, Record, encode
 from pipeline.registry import Registry
 from pipeline.streams import Redis
 from tests.conftest import REDIS_URL
@@ -52,9 +52,9 @@ async def test_copies_rows_and_last_written_times_to_their_partitions(
     await registry.register("tts:app:dev-1", token=TOKEN, template="sensor", blynk_id=7)
     await registry.register("tts:app:dev-2", token=TOKEN[::-1], template="sensor")
     await registry.mark_broken("tts:app:dev-2", Reason.INVALID_TOKEN, "401")
-    order = LastWritten(redis, old, "test")
-    await order.claim([("tts:app:dev-1", ["V1"])])
-    await order.commit("tts:app:dev-1", {"V1": 1_700_000_000_000})
+    record = Record()
+    record.merge({"V1": 1_700_000_000_000})
+    await redis.set(old.last_written("tts:app:dev-1"), encode(record), px=86_400_000)
     await redis.set(old.provisioned("tts", "app"), 2)
     await _drained_uplinks(redis, old)
 

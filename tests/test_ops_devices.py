@@ -10,7 +10,7 @@ import pytest
 
 from blynk_bridge import cli
 from pipeline.keys import Keys
-from pipeline.order import LastWritten
+from pipeline.order import Record, encode
 from pipeline.registry import Registry
 from pipeline.streams import Redis
 from tests.conftest import REDIS_URL
@@ -33,7 +33,7 @@ async def registry(redis: Redis, keys: Keys) -> Registry:
     await reg.register(BROKEN, token=TOKEN, template="sensor")
     await reg.register(FINE, token="T" * 32, template="sensor")
     await reg.mark_broken(BROKEN, "invalid_token", "Invalid token.")
-    await LastWritten(redis, keys, "x").commit(BROKEN, {"V1": 1234})
+    await redis.set(keys.last_written(BROKEN), encode(Record({"V1": 1234}, newest=1234)))
     return reg
 
 

@@ -3,11 +3,18 @@
 :meth:`Committer.finish` takes a device write's :class:`~workers.egress.sender.Result` and
 resolves every in-flight entry of the device, then the write's ``pending`` future:
 
-* **Record and ack.** What Blynk now has (pin → event time; it also releases the device's
-  lease) and the acks of the entries fully written are one :class:`Commit`. Commits of device
-  writes finishing within ``COMMIT_LINGER_S`` (or while the previous call ran) share one script
-  call (:meth:`pipeline.order.LastWritten.commit_many`). An entry is acked only after Blynk took
-  everything it carried, or its values proved stale.
+* **Record and ack.** What Blynk now has (pin → event time) is merged into the device's record
+  in memory; the record, when it changed, and the acks of the entries fully written are one
+  :class:`Commit`. Commits of device writes finishing within ``COMMIT_LINGER_S`` (or while the
+  previous call ran) share one script call (:meth:`pipeline.order.LastWritten.commit`; one per
+  partition on a cluster), which first checks that each partition's lease is still this
+  replica's. An entry is acked only after Blynk took everything it carried, or its values
+  proved stale.
+* **Fenced.** A partition whose lease was not this replica's any more had nothing recorded
+  or acked: it is given up at once (``lost``, counted in ``bb_egress_fenced_total``), and its
+  entries stay pending for the new owner. A write that found its partition's lease not
+  certainly held before sending (``Result.fenced``) is retried shortly, unless the partition
+  is gone meanwhile. Nothing is done for a device whose partition is gone.
 * **Dead-letter** the entries that carried a pin Blynk refused (original entry kept, reason and
   detail per pin) — after the commit, so the rest of the device's entries are acked first.
 * **Invalid token**: all the device's in-flight entries are dead-lettered; the device is marked
@@ -18,14 +25,13 @@ resolves every in-flight entry of the device, then the write's ``pending`` futur
   retried write is coalesced again, with whatever arrived meanwhile.
 * **Retry** (a retryable answer, or a Redis error while committing): the entries go back to the
   device's queue, in memory, never acked and never re-read; after a 429 the device waits for
-  ``Retry-After`` (or capped jittered backoff), shared with every replica through the device's
-  rate limit (in its record, :mod:`pipeline.order`); otherwise it waits for its server's
+  ``Retry-After`` (or capped jittered backoff), kept in its rate limit (in its record,
+  :mod:`pipeline.order`, written with its next commit); otherwise it waits for its server's
   backoff.
 
 The common case (everything written) finishes from the commit's callback, without a task; the
-dead-letter and invalid-token cases run in a tracked task. A commit that finds the device's
-lease gone (expired mid-write) is logged and counted. Redis errors while dead-lettering leave the
-entries pending in Redis: they come back and are dead-lettered again.
+dead-letter and invalid-token cases run in a tracked task. Redis errors while dead-lettering
+leave the entries pending in Redis: they come back and are dead-lettered again.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,7 +53,7 @@ from pipeline.coalesce import DevicePlan
 from pipeline.consumer import backoff_s
 from pipeline.errors import Reason
 from pipeline.keys import GROUP_EGRESS
-from pipeline.order import Claim, LastWritten
+from pipeline.order import LastWritten, PartitionCommit, Record
 from pipeline.redact import mask
 from pipeline.registry import Registry, split_key
 from pipeline.streams import DeadItem, Entry, StreamReader, now_ms
@@ -60,18 +66,20 @@ log = logging.getLogger("blynk_bridge.egress")
 #: Device writes finishing within this long share one record-and-ack script call. It delays
 #: only the ack and the device's next write, never a Blynk request.
 COMMIT_LINGER_S = 0.005
+#: A write that found its partition's lease not certainly held waits this long before trying
+#: again (the lease is being renewed, or the partition is about to be given up).
+FENCED_RETRY_S = 0.05
 
 
 @dataclass(frozen=True, slots=True)
 class Commit:
     """One device write's record and acks."""
 
-    #: None: nothing to record, no lease held (only acks).
-    device_key: str | None
-    written: dict[str, int]
+    partition: int
+    device_key: str
+    #: The device's record, when it changed (else only acks).
+    record: Record | None
     acks: list[Entry]
-    #: The record the write was granted on, if known (the commit merges onto it).
-    read: Claim | None = None
 
 
 _Dead = list[DeadItem]
@@ -82,8 +90,12 @@ class Committer:
 
     def __init__(self, order: LastWritten, reader: StreamReader,
                  registry: Registry, held: HeldWrites, servers: Servers, spawn: Spawn,
-                 max_backoff_s: float) -> None:
+                 max_backoff_s: float, *, stream_of: Callable[[int], str],
+                 lost: Callable[[int], None]) -> None:
         self._order = order
+        #: Partition → its writes stream; a fenced partition is given up through ``lost``.
+        self._stream_of = stream_of
+        self._lost = lost
         self._reader = reader
         self._registry = registry
         self._held = held
@@ -92,8 +104,6 @@ class Committer:
         self._max_backoff_s = max_backoff_s
         self.commits: GroupCommit[Commit, bool] = GroupCommit(
             self.commit_many, linger_s=COMMIT_LINGER_S, name="egress-group-commit")
-        self._defers: GroupCommit[tuple[str, float], None] = GroupCommit(
-            self._defer_many, name="egress-429-defers")
         # device key → its integration's bb_written counter child (the split is per device, not
         # per write; cleared past _WRITTEN_CACHE devices so a huge fleet does not grow it)
         self._written: dict[str, Any] = {}
@@ -102,13 +112,19 @@ class Committer:
         self._superseded = 0
 
     def finish(self, dev: DeviceQueue, plan: DevicePlan, result: Result,
-               pending: asyncio.Future[None], *, leased: bool = True) -> None:
+               pending: asyncio.Future[None]) -> None:
         """Resolve the device's in-flight entries after its write; resolves ``pending`` once
-        they are (see module docstring). ``leased=False``: nothing was sent and no lease taken
-        (every value was stale)."""
+        they are (see module docstring)."""
         self._servers.release_probe(plan.server)
         if result.values:
             self._count_written(dev.key, result.values)
+        if dev.gone:  # its partition was given up: its entries are pending for the next owner
+            _resolve(pending)
+            return
+        if result.fenced:
+            self._held.requeue(dev, not_before=time.monotonic() + FENCED_RETRY_S)
+            _resolve(pending)
+            return
         dead: _Dead = []
         ok: list[Held]
         if result.invalid_token is not None or result.again is not None:
@@ -117,10 +133,13 @@ class Committer:
             ok = dev.inflight
         else:
             ok, dead = sort_out(dev.inflight, result)
+        record = dev.record
+        if record is not None and (record.merge(result.written) or record.dirty):
+            record.dirty = False
+        else:
+            record = None
         commit = self.commits.submit(
-            Commit(dev.key if leased else None, result.written, [h.entry for h in ok],
-                   dev.claim if leased else None))
-        dev.claim = None
+            Commit(dev.partition, dev.key, record, [h.entry for h in ok]))
         commit.add_done_callback(functools.partial(
             self._committed, dev, plan, result, ok, dead, now_ms(), pending))
 
@@ -131,8 +150,7 @@ class Committer:
         exc = asyncio.CancelledError() if commit.cancelled() else commit.exception()
         if exc is None:
             if not commit.result():
-                metrics.EGRESS_LEASE_LOST.inc()
-                log.warning("egress: lease of %s expired during its write", dev.key)
+                self._lost(dev.partition)  # fenced off: nothing recorded or acked
         else:
             if isinstance(exc, RedisError):
                 log.warning("egress: recording %s failed (%s); its write is retried",
@@ -140,6 +158,11 @@ class Committer:
             else:
                 log.error("egress: recording %s failed", dev.key, exc_info=exc)
             again = again or Retry(Reason.REDIS, str(exc))
+            if dev.record is not None:
+                dev.record.dirty = True  # merged in memory, not stored: the next commit does
+        if dev.gone:
+            _resolve(pending)
+            return
         if result.invalid_token is not None:
             self._spawn(self._invalid_token(dev, plan, result.invalid_token, pending),
                         f"egress-{dev.key}")
@@ -213,18 +236,13 @@ class Committer:
         if outcome.status == 429:
             dev.attempts += 1
             delay = outcome.retry_after_s or backoff_s(dev.attempts, self._max_backoff_s)
-            self._spawn(self._defer(dev.key, delay), f"egress-{dev.key}")
+            if dev.record is not None:  # kept with the record: a next owner waits too
+                dev.record.defer(delay)
+                dev.record.dirty = True
         else:
             delay = self._servers.wait_s(
                 dev.inflight[-1].write.server if dev.inflight else None, now)
         self._held.requeue(dev, not_before=now + delay)
-
-    async def _defer(self, device_key: str, delay: float) -> None:
-        """Tell every replica to hold this device back (a 429 is about the device's budget)."""
-        try:
-            await self._defers((device_key, delay))
-        except RedisError as exc:
-            log.warning("egress: sharing the 429 backoff of %s failed (%s)", device_key, exc)
 
     def _count_written(self, device_key: str, values: int) -> None:
         counter = self._written.get(device_key)
@@ -236,20 +254,18 @@ class Committer:
         counter.inc(values)
 
     async def commit_many(self, items: list[Commit]) -> list[bool]:
-        """Records and acks of many device writes in one script call; per item, whether the
-        device's lease was still ours (always ``True`` for an item without a device)."""
-        acks: dict[str, list[str]] = {}
-        for item in items:
-            for e in item.acks:
-                acks.setdefault(e.stream, []).append(e.id)
-        writes = [(c.device_key, c.written) for c in items if c.device_key is not None]
-        reads = [c.read for c in items if c.device_key is not None]
-        held = iter(await self._order.commit_many(writes, acks, GROUP_EGRESS, reads))
-        return [True if c.device_key is None else next(held) for c in items]
-
-    async def _defer_many(self, items: list[tuple[str, float]]) -> list[None]:
-        await self._order.defer_many(items)
-        return [None] * len(items)
+        """Records and acks of many device writes in one script call (one per partition on a
+        cluster); per item, whether its partition's lease was still this replica's."""
+        parts: dict[int, PartitionCommit] = {}
+        for c in items:
+            part = parts.get(c.partition)
+            if part is None:
+                part = parts[c.partition] = PartitionCommit(self._stream_of(c.partition))
+            if c.record is not None:
+                part.records.append((c.device_key, c.record))
+            part.acks.extend(e.id for e in c.acks)
+        done = await self._order.commit(parts, GROUP_EGRESS)
+        return [done[c.partition] for c in items]
 
 
 def _resolve(pending: asyncio.Future[None]) -> None:

@@ -8,11 +8,15 @@ and entry id) until :meth:`HeldWrites.drop` forgets it: acked, dead-lettered, or
 Redis. A device's entries are either *queued* (waiting for a flush) or *in flight* (one write of
 the device is under way: at most one at a time, so a device's values reach Blynk in order).
 Devices with queued entries and nothing in flight are *waiting*: the only ones a flush or a
-deadline looks at.
+deadline looks at. Each device is in one writes partition (that of its entries' stream);
+:meth:`HeldWrites.forget_partition` forgets a partition's entries at once when egress stops
+owning it (they stay pending in Redis for its next owner).
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import msgspec
@@ -20,7 +24,7 @@ import msgspec
 from pipeline.coalesce import DevicePlan, coalesce
 from pipeline.errors import Reason
 from pipeline.events import BlynkWrite, decode_write
-from pipeline.order import Claim
+from pipeline.order import Record
 from pipeline.streams import DeadItem, Entry
 
 
@@ -38,6 +42,8 @@ class DeviceQueue:
     """One device's held entries and its retry state."""
 
     key: str
+    #: The writes partition of the device (of its entries' stream).
+    partition: int = 0
     queued: list[Held] = field(default_factory=list)
     inflight: list[Held] = field(default_factory=list)
     #: Monotonic time before which this device sends nothing (429, rate limit, busy lease).
@@ -49,16 +55,23 @@ class DeviceQueue:
     #: retried). The times themselves, not the newest: a late point that joins the retried
     #: write may be older than points already uploaded, and must still go.
     history_done: dict[str, set[int]] = field(default_factory=dict)
-    #: The record the write in flight was granted on (:meth:`pipeline.order.LastWritten.prepare`):
-    #: its commit merges onto it.
-    claim: Claim | None = None
+    #: The device's record (:mod:`pipeline.order`), held by the owner of its partition; set
+    #: by the flush that starts a write.
+    record: Record | None = None
+    #: The write under way, until the committer resolves it.
+    pending: asyncio.Future[None] | None = None
+    #: Its partition was given up: nothing of this write is recorded, acked or retried.
+    gone: bool = False
 
 
 class HeldWrites:
     """Every held entry, grouped per device (see module docstring)."""
 
-    def __init__(self, live_window_ms: int) -> None:
+    def __init__(self, live_window_ms: int,
+                 partition_of: Callable[[str], int] = lambda stream: 0) -> None:
         self.live_window_ms = live_window_ms
+        #: Stream → its writes partition.
+        self.partition_of = partition_of
         #: (stream, entry id) → held entry.
         self.entries: dict[tuple[str, str], Held] = {}
         self.devices: dict[str, DeviceQueue] = {}
@@ -87,7 +100,8 @@ class HeldWrites:
             self.entries[(entry.stream, entry.id)] = held
             dev = self.devices.get(write.device_key)
             if dev is None:
-                dev = self.devices[write.device_key] = DeviceQueue(write.device_key)
+                dev = self.devices[write.device_key] = DeviceQueue(
+                    write.device_key, self.partition_of(entry.stream))
             dev.queued.append(held)
             if not dev.inflight:
                 self.waiting[dev.key] = dev
@@ -102,7 +116,11 @@ class HeldWrites:
         return plans[dev.key]
 
     def requeue(self, dev: DeviceQueue, *, not_before: float) -> None:
-        """Put the in-flight entries back in front of the queue, to be sent after ``not_before``."""
+        """Put the in-flight entries back in front of the queue, to be sent after ``not_before``
+        (a device whose partition is gone keeps nothing)."""
+        if dev.gone:
+            dev.inflight = []
+            return
         dev.queued = dev.inflight + dev.queued
         dev.inflight = []
         if dev.queued:
@@ -118,8 +136,25 @@ class HeldWrites:
         dev.inflight = []
         if dev.queued:
             self.waiting[dev.key] = dev
-        elif dev.not_before <= now:
-            self.devices.pop(dev.key, None)
+        elif dev.not_before <= now and self.devices.get(dev.key) is dev:
+            del self.devices[dev.key]
+
+    def forget_partition(self, partition: int) -> list[DeviceQueue]:
+        """Forget every entry of ``partition`` (nothing is acked: they stay pending in Redis);
+        its devices are marked ``gone``. Returns those with a write under way."""
+        busy: list[DeviceQueue] = []
+        for key, dev in list(self.devices.items()):
+            if dev.partition != partition:
+                continue
+            for h in dev.inflight + dev.queued:
+                self.entries.pop((h.entry.stream, h.entry.id), None)
+            dev.gone = True
+            dev.queued = []
+            if dev.inflight:
+                busy.append(dev)
+            del self.devices[key]
+            self.waiting.pop(key, None)
+        return busy
 
     def ids_by_stream(self) -> dict[str, list[str]]:
         """Stream → ids of every held entry."""

@@ -14,7 +14,11 @@
   uploads history first (backlog), then the ``batch/update`` with the current values (so the
   current value lands last); a permanent refusal is narrowed down to the failing pins (the pin
   Blynk names, else halving the pin set) and the rest is written. Before each request after the
-  first, :class:`Pacer` waits for the device's next rate-limit slot and renews its lease.
+  first, :class:`Pacer` waits for the device's next rate-limit slot (in its record, in memory).
+
+**Fencing.** Every request, the first included, goes only while ``may_send(partition)`` says
+the device's partition lease is certainly held for longer than a Blynk request can take
+(:mod:`workers.egress.stage`); otherwise nothing more is sent and the result says ``fenced``.
 
 Every answer updates its server's state (:class:`workers.egress.scheduler.Servers`), the task-free
 ones included. A retryable answer, an invalid token or a Redis error stops the write: the
@@ -26,20 +30,17 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
 from redis.exceptions import RedisError
 
-from pipeline.batching import GroupCommit
 from pipeline.blynk.client import BlynkClient
 from pipeline.blynk.outcomes import Fail, Ok, Outcome, Retry
 from pipeline.coalesce import DevicePlan, chunks, split
 from pipeline.errors import Reason
 from pipeline.events import Value
-from pipeline.order import LastWritten
 from pipeline.ratelimit import RateLimiter
 from workers.egress.queue import DeviceQueue
 from workers.egress.scheduler import InFlight, Servers
@@ -61,6 +62,8 @@ class Result:
     values: int = 0
     again: Retry | None = None
     invalid_token: Fail | None = None
+    #: The partition's lease was not certainly held: nothing (more) was sent.
+    fenced: bool = False
 
 
 #: The one finish of a device write: (device, plan, result, the write's pending future).
@@ -79,6 +82,10 @@ class _Again(Exception):
         self.outcome = outcome
 
 
+class _Fenced(Exception):
+    """The device's partition lease is not certainly held: send nothing more."""
+
+
 class _InvalidToken(Exception):
     def __init__(self, outcome: Fail) -> None:
         super().__init__(outcome.detail)
@@ -87,35 +94,31 @@ class _InvalidToken(Exception):
 
 class Pacer:
     """Before a device write's second and later requests: wait for the device's next
-    rate-limit slot (shared by every replica), and renew its lease once a third of it has
-    passed. Both are group-committed across devices. Raises ``RedisError``."""
+    rate-limit slot (in its record, held in memory by the one writer of the device)."""
 
-    def __init__(self, order: LastWritten, limiter: RateLimiter) -> None:
-        self._takes = GroupCommit(functools.partial(order.take, limiter=limiter),
-                                  name="egress-rate-slots")
-        self._renewals = GroupCommit(order.claim, name="egress-lease-renewals")
-        self._renew_after_s = order.lease_ms / 3000
+    def __init__(self, limiter: RateLimiter) -> None:
+        self._interval_us = limiter.interval_us
+        self._burst = limiter.burst
 
-    async def next_request(self, device_key: str, claimed_at: float) -> float:
-        """Wait until the device's next request may go; returns when its lease was last
-        taken (``claimed_at``, or now when renewed)."""
+    async def next_request(self, dev: DeviceQueue) -> None:
+        """Wait until the device's next request may go, and count it."""
+        record = dev.record
+        if record is None:
+            return
         while True:
-            wait = await self._takes(device_key)
+            wait = record.take(self._interval_us, self._burst)
             if wait <= 0:
-                break
+                return
             await asyncio.sleep(wait)  # pacing: the exact time to the slot, not a guess
-        if time.monotonic() - claimed_at > self._renew_after_s:
-            await self._renewals((device_key, []))
-            return time.monotonic()
-        return claimed_at
 
 
 class Sender:
     """Sends device writes (see module docstring)."""
 
     def __init__(self, client: BlynkClient, cap: InFlight, servers: Servers, pacer: Pacer,
-                 finish: Finish, spawn: Spawn) -> None:
+                 finish: Finish, spawn: Spawn, may_send: Callable[[int], bool]) -> None:
         self._client = client
+        self._may_send = may_send
         self._cap = cap
         self._servers = servers
         self._pacer = pacer
@@ -149,6 +152,9 @@ class Sender:
     def _send_now(self, dev: DeviceQueue, plan: DevicePlan,
                   pending: asyncio.Future[None]) -> None:
         if self.closed:  # a queued send started after a stop gave up waiting
+            return
+        if not self._may_send(dev.partition):
+            self._finish(dev, plan, Result(fenced=True), pending)
             return
         pins = plan.current()
 
@@ -186,18 +192,17 @@ class Sender:
         already received on the task-free path (its slot and server bookkeeping done there);
         used instead of sending that request again."""
         result = Result()
-        claimed_at = time.monotonic()
         first = True
 
         async def request(call: Callable[[], Awaitable[Outcome]]) -> Outcome:
-            nonlocal first, answer, claimed_at
+            nonlocal first, answer
             if answer is not None:
                 given, answer, first = answer, None, False
                 return given
             if not first:
-                claimed_at = await self._pacer.next_request(dev.key, claimed_at)
+                await self._pacer.next_request(dev)
             first = False
-            return await self._request(plan.server, call)
+            return await self._request(plan.server, dev.partition, call)
 
         try:
             if plan.backlog:
@@ -207,6 +212,8 @@ class Sender:
             result.again = again.outcome
         except _InvalidToken as bad:
             result.invalid_token = bad.outcome
+        except _Fenced:
+            result.fenced = True
         except RedisError as exc:
             result.again = Retry(Reason.REDIS, str(exc))
         except Exception as exc:  # a defect: logged, and the write retried like an outage
@@ -214,10 +221,14 @@ class Sender:
             result.again = Retry(Reason.ERROR, repr(exc))
         self._finish(dev, plan, result, pending)
 
-    async def _request(self, server_name: str, call: Callable[[], Awaitable[Outcome]]) -> Outcome:
-        """One request under the in-flight cap; notes the answer for its server."""
+    async def _request(self, server_name: str, partition: int,
+                       call: Callable[[], Awaitable[Outcome]]) -> Outcome:
+        """One request under the in-flight cap, if the partition's lease allows it (checked
+        once the slot is ours: waiting for it takes time); notes the answer for its server."""
         await self._cap.acquire()
         try:
+            if not self._may_send(partition):
+                raise _Fenced
             outcome = await call()
         finally:
             self._cap.release()

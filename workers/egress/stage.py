@@ -1,11 +1,23 @@
-"""The egress stage: its lifecycle, the read loop and flushes, wiring the parts of the package.
+"""The egress stage: its lifecycle, partition ownership, the read loop and flushes, wiring the
+parts of the package.
 
 ``startup()`` → ``main_loop(stop)`` → ``shutdown()`` (see :mod:`workers.egress` for the
-contract). The loop reads batches into :class:`~workers.egress.queue.HeldWrites`, asks the
-:class:`~workers.egress.scheduler.FlushScheduler` when to flush, prepares each flush in one
-script call (:meth:`pipeline.order.LastWritten.prepare`) and hands each device's write to the
+contract). The stage owns writes partitions through :class:`pipeline.lease.PartitionLeases`
+(``keys.egress_lease(p)``) and reads each partition it owns with a
+:class:`~pipeline.streams.StreamReader` of its own, after taking the partition's pending
+entries over. The loop reads batches into :class:`~workers.egress.queue.HeldWrites`, asks the
+:class:`~workers.egress.scheduler.FlushScheduler` when to flush, checks each device of a flush
+against its record in memory (read once per partition takeover:
+:meth:`pipeline.order.LastWritten.load`) and hands its write to the
 :class:`~workers.egress.sender.Sender`, whose result goes to the
 :class:`~workers.egress.committer.Committer`.
+
+**The send rule.** A request goes only while the partition's lease is certainly held
+(:meth:`pipeline.lease.Lease.remaining_s`, which ends a margin before Redis can expire it)
+for longer than ``blynk.timeout_s``: whatever it sent is answered or given up before another
+replica can take the partition. ``egress.lease_ttl_ms`` (default 3 × ``blynk.timeout_s``) is
+renewed every ttl/4 with a ttl/5 margin, so an owner can always send between renewals when
+the ttl is at least 2 × the timeout (config validation refuses less).
 
 Every device write is tracked from its flush until the committer resolves it (a future standing
 in for it, and any task it uses), so burst mode's "idle" and a stop's "drained" see it.
@@ -29,8 +41,9 @@ from pipeline.consumer import backoff_s
 from pipeline.context import Context
 from pipeline.events import Value
 from pipeline.keys import GROUP_EGRESS, WRITES
+from pipeline.lease import PartitionLeases
 from pipeline.lifecycle import cancel_and_wait, collect_young_less_often, wait_event
-from pipeline.order import LastWritten
+from pipeline.order import LastWritten, Record, wall_us
 from pipeline.ratelimit import RateLimiter
 from pipeline.registry import Registry
 from pipeline.status import StatusBoard
@@ -42,8 +55,14 @@ from workers.egress.sender import Pacer, Result, Sender
 
 log = logging.getLogger("blynk_bridge.egress")
 
-#: How long to wait before asking again for a device another replica is writing.
-LEASE_RETRY_S = 0.05
+#: Takes over the pending entries of a stream's group (every consumer's) for ARGV[2], one
+#: page from the cursor ARGV[3]: ``{next cursor, how many}`` (``XAUTOCLAIM … JUSTID``, which
+#: does not count a delivery).
+_TAKE_OVER = """
+local r = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3], 'COUNT', 1000,
+                     'JUSTID')
+return {r[1], #r[2]}
+"""
 #: With ``flush_age_ms`` > 0, after a read that drained the stream the next read waits this
 #: long (at most the flush age), so reads come in batches instead of one Redis call per trickle
 #: of entries: they wait for a flush anyway. With ``flush_age_ms`` 0 (writes go at once) reads
@@ -58,6 +77,20 @@ ABANDON_WAIT_S = 1.0
 GC_GEN0_THRESHOLD = 20_000
 
 
+class _Owned:
+    """A writes partition this replica owns: its reader and its devices' records."""
+
+    __slots__ = ("next_read_at", "reader", "records", "taken_over")
+
+    def __init__(self, reader: StreamReader) -> None:
+        self.reader = reader
+        #: Device key → its record (read once after the partition was taken).
+        self.records: dict[str, Record] = {}
+        #: The partition's pending entries were taken over (before anything is read).
+        self.taken_over = False
+        self.next_read_at = 0.0
+
+
 class EgressStage:
     """The egress stage (see :mod:`workers.egress`)."""
 
@@ -69,16 +102,35 @@ class EgressStage:
         cfg = ctx.config.egress
         streams = ctx.config.streams
         self.cfg = cfg
+        # Over every partition: the group, dead letters; each owned partition is read by a
+        # reader of its own (_Owned).
         self.reader = StreamReader(
             ctx.redis, ctx.keys, ctx.keys.streams(WRITES), GROUP_EGRESS, ctx.consumer,
             stage=self.name, batch=max(streams.batch, cfg.flush_count),
             block_ms=streams.block_ms, claim_idle_ms=streams.claim_idle_ms,
             max_deliveries=streams.max_deliveries,
         )
+        self._streams = ctx.keys.streams(WRITES)  # partition → its stream
+        self._partition_of = {s: p for p, s in enumerate(self._streams)}
         timeout_s = ctx.config.blynk.timeout_s
-        self.order = LastWritten(
-            ctx.redis, ctx.keys, ctx.consumer, lease_ms=int(max(15.0, 3 * timeout_s) * 1000)
-        )
+        #: A request goes only while the partition's lease is certainly held this much longer.
+        self._send_margin_s = timeout_s
+        self._timeout_s = timeout_s
+        self.order = LastWritten(ctx.redis, ctx.keys, ctx.consumer)
+        self.ownership = PartitionLeases(
+            ctx.redis, lease_key=ctx.keys.egress_lease, owners_key=ctx.keys.owners("egress"),
+            owner=ctx.consumer, partitions=len(self._streams),
+            ttl_ms=cfg.partition_lease_ms(timeout_s),
+            on_acquired=self._acquired, on_dropped=self._dropped)
+        #: Partition → what this replica keeps of it while it owns it.
+        self.owned: dict[int, _Owned] = {}
+        #: Partition → the read in flight of it (and the _Owned it reads for).
+        self._reads: dict[int, tuple[_Owned, asyncio.Task[list[Entry]]]] = {}
+        #: Burst mode: keep the partitions (and records) when ``main_loop`` returns, as a
+        #: running replica would between passes (the benchmarks' successive passes).
+        self.keep_partitions = False
+        self._standby_logged = False
+        self._take_over = ctx.redis.register_script(_TAKE_OVER)
         self.limiter = RateLimiter(ctx.redis, ctx.keys, cfg.per_device_rps)
         self.registry = Registry(ctx.redis, ctx.keys)
         self.status = StatusBoard(ctx.redis, ctx.keys)
@@ -86,23 +138,26 @@ class EgressStage:
         self._tasks: set[asyncio.Future[None]] = set()  # device writes, status updates
         #: Set when a stop gave up on the writes under way: nothing new starts.
         self._closed = False
+        #: Writes were abandoned (their requests may still land): leases are left to lapse.
+        self._abandoned = False
         self._wake = asyncio.Event()
-        self._next_read_at = 0.0
         self._read_pace_s = min(READ_PACE_S, cfg.flush_age_ms / 1000)
         #: Superseded values a failed ``INCRBY`` left for the next one.
         self._superseded = 0
-        self.held = HeldWrites(int(cfg.live_window_s * 1000))
+        self.held = HeldWrites(int(cfg.live_window_s * 1000),
+                               lambda stream: self._partition_of.get(stream, 0))
         self.servers = Servers(cfg.max_backoff_s, self._report_status)
         self.scheduler = FlushScheduler(self.held, self.servers, flush_count=cfg.flush_count,
                                         flush_bytes=cfg.flush_bytes,
                                         flush_age_ms=cfg.flush_age_ms)
         self.committer = Committer(self.order, self.reader, self.registry,
-                                   self.held, self.servers, self._spawn, cfg.max_backoff_s)
+                                   self.held, self.servers, self._spawn, cfg.max_backoff_s,
+                                   stream_of=self._streams.__getitem__, lost=self._fenced)
         #: With Blynk webhooks configured, writes are announced to echo suppression first.
         self._echo_window_ms = ctx.config.echo.window_ms if ctx.config.blynk_webhooks else 0
         self.sender = Sender(ctx.blynk(), InFlight(cfg.max_in_flight), self.servers,
-                             Pacer(self.order, self.limiter), self.committer.finish,
-                             self._spawn)
+                             Pacer(self.limiter), self.committer.finish, self._spawn,
+                             self._may_send)
 
     @property
     def sent_now(self) -> int:
@@ -114,18 +169,28 @@ class EgressStage:
     async def startup(self) -> None:
         collect_young_less_often(GC_GEN0_THRESHOLD)
         await self.reader.ensure_group()
+        n = len(self._streams)
+        log.info("egress: %d writes partition%s (redis.partitions): at most %d replica%s write "
+                 "at once, any others are warm standbys; partition lease %d ms",
+                 n, "s" if n != 1 else "", n, "s" if n != 1 else "", self.ownership.ttl_ms)
 
     async def shutdown(self) -> None:
         """Nothing to release: the Blynk client and Redis belong to the context."""
 
     async def main_loop(self, stop: asyncio.Event) -> None:
-        """Read, hold, flush, until ``stop`` (or, in burst mode, until idle)."""
+        """Own partitions, read, hold, flush, until ``stop`` (or, in burst mode, until idle)."""
         await self.reader.ensure_group()
+        if self.until_idle:
+            await self._take_share(stop)
         # The chores end on this event, not only on a cancel: on 3.11 a cancel landing inside
         # redis-py's ``wait_for`` can be lost, and a ``while True`` chore would then run on.
         done = asyncio.Event()
         chores = [asyncio.create_task(self._keep_claimed(done), name="egress-keep-claimed"),
-                  asyncio.create_task(self._count_superseded(done), name="egress-superseded")]
+                  asyncio.create_task(self._count_superseded(done), name="egress-superseded"),
+                  asyncio.create_task(self.ownership.run(done, name="egress",
+                                                         after=self._balanced),
+                                      name="egress-own"),
+                  asyncio.create_task(self.ownership.fence(done), name="egress-fence")]
         if self.cfg.broken_retry_s > 0:
             chores.append(asyncio.create_task(self._retry_broken(done),
                                               name="egress-retry-broken"))
@@ -133,68 +198,199 @@ class EgressStage:
             await self._run(stop)
         except BaseException:
             # Cancelled (a stop past the process's grace) or failed: stop waiting for Blynk
-            # now; what is not confirmed stays pending in Redis and is delivered again.
+            # now; what is not confirmed stays pending in Redis and is delivered again. The
+            # partition leases lapse by themselves (no Redis call here: it would wait).
             await self._abandon("stopping early")
             raise
         finally:
             done.set()
             await cancel_and_wait(chores, ABANDON_WAIT_S)
         await self._publish_superseded()  # not after a cancel or a failure: it would wait
+        if not (self.until_idle and self.keep_partitions):
+            await self._hand_back()
+
+    async def _take_share(self, stop: asyncio.Event) -> None:
+        """Burst mode: own this replica's share of the partitions before reading (another
+        replica's partitions are waited for until their leases lapse)."""
+        failures = 0
+        while not stop.is_set():
+            try:
+                await self.ownership.balance()
+                failures = 0
+                if len(self.ownership.owned) >= self.ownership.share():
+                    return
+                wait = self.ownership.ttl_ms / 4000
+            except RedisError as exc:
+                failures += 1
+                log.warning("egress: taking partitions failed (%s); retrying", exc)
+                wait = backoff_s(failures)
+            await wait_event(stop, wait)
+
+    async def _hand_back(self) -> None:
+        """After a stop: give the partitions up and release their leases — unless writes were
+        abandoned: a request sent may still land, so the leases lapse by themselves, and an
+        answer arriving meanwhile is still committed (fenced like any other)."""
+        if self._abandoned:
+            return
+        for p in list(self.owned):
+            await self.ownership.drop(p, "stopped")
+            await self.ownership.release(p)
+
+    def _balanced(self) -> None:
+        """After each ownership round: the gauge, and a warm standby says so once."""
+        owned = len(self.ownership.owned)
+        metrics.PARTITIONS_OWNED.labels(self.name).set(owned)
+        if owned:
+            self._standby_logged = False
+        elif not self._standby_logged:
+            self._standby_logged = True
+            log.info("egress: warm standby: %d live replicas for %d writes partitions "
+                     "(redis.partitions); this one writes once a partition is free",
+                     self.ownership.replicas, len(self._streams))
+
+    # ---- ownership -----------------------------------------------------------------------
+
+    def _may_send(self, p: int) -> bool:
+        """The send rule (module docstring)."""
+        return p in self.owned and \
+            self.ownership.leases[p].remaining_s() > self._send_margin_s
+
+    async def _acquired(self, p: int) -> None:
+        self.owned[p] = _Owned(StreamReader(
+            self.ctx.redis, self.ctx.keys, [self._streams[p]], GROUP_EGRESS,
+            self.ctx.consumer, stage=self.name, batch=self.reader.batch,
+            block_ms=self.reader.block_ms, claim_idle_ms=self.reader.claim_idle_ms,
+            max_deliveries=self.reader.max_deliveries))
+        metrics.PARTITIONS_OWNED.labels(self.name).set(len(self.owned))
+        log.info("egress: partition %d taken", p)
+        self._wake.set()
+
+    async def _dropped(self, p: int, why: str) -> None:
+        busy = self._lose(p, why)
+        if why != "rebalance":
+            return
+        # Handed to another replica once this returns (its lease released): the writes under
+        # way end first, and a read in flight is given back first — else its entries, pending
+        # under this consumer after the new owner took the partition's over, would wait for
+        # an idle claim.
+        waits = {d.pending for d in busy if d.pending is not None}
+        if waits:
+            await asyncio.wait(waits, timeout=self._timeout_s)
+        read = self._reads.pop(p, None)
+        if read is not None:
+            part, task = read
+            with contextlib.suppress(RedisError):
+                await self._give_back(part, await task)
+
+    def _fenced(self, p: int) -> None:
+        """A commit found the partition's lease not this replica's: give it up at once."""
+        if p in self.owned:
+            metrics.EGRESS_FENCED.inc()
+            log.warning("egress: partition %d: the lease is another replica's; nothing "
+                        "recorded or acked, the partition is given up", p)
+            self._lose(p, "fenced")
+
+    def _lose(self, p: int, why: str) -> list[DeviceQueue]:
+        """Stop owning ``p`` now: nothing more is sent, read, recorded or acked for it; its
+        held entries stay pending in Redis for the next owner. Returns its devices with a
+        write under way."""
+        self.ownership.owned.discard(p)
+        part = self.owned.pop(p, None)
+        if part is None:
+            return []
+        busy = self.held.forget_partition(p)
+        metrics.PARTITIONS_OWNED.labels(self.name).set(len(self.owned))
+        metrics.EGRESS_HELD.set(len(self.held))
+        log.info("egress: partition %d given up (%s)", p, why)
+        self._wake.set()
+        return busy
+
+    async def _taken_over(self, p: int, part: _Owned) -> None:
+        """Take the partition's pending entries over (every consumer's) before reading it:
+        they become this consumer's, and its reader's first pass reads them."""
+        cursor: bytes | str = "0-0"
+        taken = 0
+        while True:
+            reply = await self._take_over(keys=[self._streams[p]],
+                                          args=[GROUP_EGRESS, self.ctx.consumer, cursor])
+            cursor, n = reply[0], int(reply[1])
+            taken += n
+            if cursor in (b"0-0", "0-0"):
+                break
+        part.taken_over = True
+        if taken:
+            log.info("egress: partition %d: %d pending entries taken over", p, taken)
+
+    # ---- reading -------------------------------------------------------------------------
 
     async def _run(self, stop: asyncio.Event) -> None:
-        read: asyncio.Task[list[Entry]] | None = None
+        reads = self._reads
         read_failures = 0
-        drained = False  # burst mode: a read found nothing; read again once nothing is held
+        # Burst mode: a partition whose read found nothing is read again once nothing is
+        # held (drained), or not at all when nothing was held then (idle).
+        drained: set[int] = set()
+        idle: set[int] = set()
         stopper = asyncio.create_task(stop.wait())
         try:
             while not stop.is_set():
                 if drained and not self.held and not self._tasks:
-                    drained = False
-                if read is None and not drained and len(self.held) < self.max_held:
-                    read = asyncio.create_task(self._read())
+                    drained.clear()
+                if len(self.held) < self.max_held:
+                    for p, part in self.owned.items():
+                        if p not in reads and p not in drained and p not in idle:
+                            reads[p] = (part, asyncio.create_task(self._read(p, part)))
                 waiter = asyncio.create_task(self._wake.wait())
                 waits: set[asyncio.Future[Any]] = {waiter, stopper}
-                if read is not None:
-                    waits.add(read)
+                waits.update(task for _, task in reads.values())
                 await asyncio.wait(waits, timeout=self.scheduler.next_deadline(time.monotonic()),
                                    return_when=asyncio.FIRST_COMPLETED)
                 waiter.cancel()
                 self._wake.clear()
-                if read is not None and read.done():
-                    done, read = read, None
+                for p, (part, task) in list(reads.items()):
+                    if not task.done() or reads.get(p, (part, None))[1] is not task:
+                        continue
+                    del reads[p]
                     try:
-                        entries = done.result()
+                        entries = task.result()
                         read_failures = 0
                     except RedisError as exc:
                         read_failures += 1
                         log.warning("egress: reading failed (%s); retrying", exc)
                         await asyncio.wait({stopper}, timeout=backoff_s(read_failures))
                         continue
-                    if entries:
+                    if self.owned.get(p) is not part:  # given up meanwhile
+                        await self._give_back(part, entries)
+                    elif entries:
                         await self._hold(entries)
                     elif self.until_idle:
-                        if not self.held and not self._tasks:
-                            return
-                        drained = True
+                        (idle if not self.held and not self._tasks else drained).add(p)
+                if self.until_idle and self.owned.keys() <= idle and not self.held \
+                        and not self._tasks:
+                    return
                 metrics.EGRESS_HELD.set(len(self.held))  # once per wake-up, not per device
                 await self._flush(final=False)
         finally:
             stopper.cancel()
-            if read is not None:
+            while reads:
+                p, (part, task) = reads.popitem()
                 # Finish a read in flight (it returns within block_ms) rather than cancel it:
                 # entries Redis already delivered would stay pending under this consumer's
                 # name, which a restarted process does not have (see pipeline.consumer).
                 with contextlib.suppress(RedisError):
-                    entries = await read
-                    if entries:
+                    entries = await task
+                    if self.owned.get(p) is not part:
+                        await self._give_back(part, entries)
+                    elif entries:
                         await self._hold(entries)
-            # Cluster layout: reads the reader made ahead for other partitions are given back
-            # (as consume() does), not left pending with one more delivery counted.
-            with contextlib.suppress(RedisError):
-                await self.reader.close()
         # Stopping: send what is ready now; devices in backoff stay pending in Redis.
         await self._flush(final=True)
         await self._drain(self.cfg.stop_timeout_s)
+
+    async def _give_back(self, part: _Owned, entries: list[Entry]) -> None:
+        """Entries read for a partition given up meanwhile: pending for this consumer with
+        their delivery count as before, for the next owner to take over."""
+        with contextlib.suppress(RedisError):
+            await part.reader.release(entries)
 
     async def _drain(self, timeout_s: float) -> None:
         """Wait for every device write under way, at most ``timeout_s`` (a hanging Blynk must
@@ -211,13 +407,14 @@ class EgressStage:
     async def _abandon(self, why: str) -> None:
         """Stop every device write still under way and start no more. Nothing is acked for
         them: their entries stay pending in Redis and are delivered again (to this consumer
-        after a restart, or to another replica by ``XAUTOCLAIM``). An answer arriving later
-        is still recorded if the loop runs on, and never raises (the committer checks)."""
+        after a restart, or to the partition's next owner). An answer arriving later is still
+        recorded if the loop runs on, and never raises (the committer checks)."""
         self._closed = True
         self.sender.close()
         left = list(self._tasks)
         if not left:
             return
+        self._abandoned = True
         log.warning("egress: %s with %d device writes unconfirmed; their entries stay "
                     "pending and are delivered again", why, len(left))
         for task in left:
@@ -225,20 +422,23 @@ class EgressStage:
         # Let the cancelled tasks unwind (they end at their next await), bounded all the same.
         await asyncio.wait(left, timeout=ABANDON_WAIT_S)
 
-    async def _read(self) -> list[Entry]:
-        """One batch: own pending entries first (one pass, after a restart), then new ones.
+    async def _read(self, p: int, part: _Owned) -> list[Entry]:
+        """One batch of partition ``p``: after taking its pending entries over, own pending
+        entries first (one pass), then new ones.
 
         Held entries stay pending until their write lands; the reader's own-pending pass uses a
         cursor, so it never serves an entry egress still holds.
         """
+        if not part.taken_over:
+            await self._taken_over(p, part)
         if not self.until_idle:
-            pause = self._next_read_at - time.monotonic()
+            pause = part.next_read_at - time.monotonic()
             if pause > 0:
                 await asyncio.sleep(pause)
-        entries = await self.reader.read(block=not self.until_idle)
-        if len(entries) < self.reader.batch and self._read_pace_s:
+        entries = await part.reader.read(block=not self.until_idle)
+        if len(entries) < part.reader.batch and self._read_pace_s:
             # drained: let the next read gather a batch
-            self._next_read_at = time.monotonic() + self._read_pace_s
+            part.next_read_at = time.monotonic() + self._read_pace_s
         return entries
 
     async def _hold(self, entries: list[Entry]) -> None:
@@ -298,57 +498,95 @@ class EgressStage:
     # ---- flushing ------------------------------------------------------------------------
 
     async def _flush(self, *, final: bool) -> None:
-        """Start one write per ready device (coalesce; lease, staleness and rate limit of every
-        device in one script call)."""
+        """Start one write per ready device: coalesce; check it against its record in memory
+        (stale, rate limit; records not known yet are read in one call); record echoes when
+        configured (one call); send."""
         ready = self.scheduler.ready(time.monotonic(), final=final)
         if not ready:
             return
         wall = now_ms()
         held = self.held
         plans = [(dev, held.start(dev, wall)) for dev in ready]
-        try:
-            claims = await self.order.prepare(
-                [(d.key, {pin: p.ts_ms for pin, p in plan.pins.items()}) for d, plan in plans],
-                self.limiter, **self._echo_records(plans, wall))
-        except RedisError as exc:
-            log.warning("egress: preparing a flush failed (%s); retrying", exc)
-            for dev, plan in plans:
-                if dev.inflight:
-                    held.requeue(dev, not_before=time.monotonic() + backoff_s(1))
-                self.servers.release_probe(plan.server)
+        unknown: list[DeviceQueue] = []
+        for dev, _ in plans:
+            part = self.owned.get(dev.partition)
+            dev.record = part.records.get(dev.key) if part is not None else None
+            if dev.record is None:
+                unknown.append(dev)
+        if unknown and not await self._load(unknown, plans):
             return
         now = time.monotonic()
-        send = self.sender.send
-        for (dev, plan), claim in zip(plans, claims, strict=True):
-            # Late history points are dropped with the stale values and counted with them (by
-            # the committer, once the write is over: a retried write drops them again).
-            if claim.granted:
-                dev.claim = claim
-                points = history_only(plan)
-                plan.stale = len(drop_stale(plan, claim.last)) + points - history_only(plan)
-                send(dev, plan, self._pending())
-            elif claim.stale:  # Blynk already has newer values: nothing to send, ack them
+        now_us = wall_us()
+        interval, burst = self.limiter.interval_us, self.limiter.burst
+        go: list[tuple[DeviceQueue, DevicePlan]] = []
+        for dev, plan in plans:
+            record = dev.record
+            if dev.gone or record is None:  # its partition was given up meanwhile
+                self.servers.release_probe(plan.server)
+                continue
+            if record.stale({pin: p.ts_ms for pin, p in plan.pins.items()}):
+                # Blynk already has newer values: nothing to send, ack them. (Late history
+                # points are dropped with the stale values and counted with them, by the
+                # committer once the write is over: a retried write drops them again.)
                 plan.stale = len(plan.pins) + history_only(plan)
-                self.committer.finish(dev, plan, Result(), self._pending(), leased=False)
-            else:  # busy elsewhere, or the device's rate limit says wait
-                wait = claim.wait_s or min(LEASE_RETRY_S, claim.busy_ms / 1000)
+                self.committer.finish(dev, plan, Result(), self._pending(dev))
+                continue
+            wait = record.take(interval, burst, now_us)
+            if wait > 0:  # the device's rate limit says wait
                 held.requeue(dev, not_before=now + wait)
                 self.servers.release_probe(plan.server)
+                continue
+            points = history_only(plan)
+            plan.stale = len(drop_stale(plan, record.pins)) + points - history_only(plan)
+            go.append((dev, plan))
+        if go and self._echo_window_ms:
+            try:
+                await echo.record(self.ctx.redis, self._echo_records(go, wall),
+                                  self._echo_window_ms, cluster=self.ctx.keys.cluster)
+            except RedisError as exc:
+                log.warning("egress: recording echoes failed (%s); retrying", exc)
+                self._retry_later(go)
+                return
+        send = self.sender.send
+        for dev, plan in go:
+            if dev.gone:
+                self.servers.release_probe(plan.server)
+                continue
+            send(dev, plan, self._pending(dev))
+
+    async def _load(self, unknown: list[DeviceQueue],
+                    plans: list[tuple[DeviceQueue, DevicePlan]]) -> bool:
+        """Read the records of devices first seen since their partition was taken (one call);
+        False (the flush retried later) when Redis failed."""
+        try:
+            records = await self.order.load([d.key for d in unknown])
+        except RedisError as exc:
+            log.warning("egress: reading device records failed (%s); retrying", exc)
+            self._retry_later(plans)
+            return False
+        for dev, record in zip(unknown, records, strict=True):
+            part = self.owned.get(dev.partition)
+            if part is not None and not dev.gone:
+                dev.record = part.records.setdefault(dev.key, record)
+        return True
+
+    def _retry_later(self, plans: Sequence[tuple[DeviceQueue, DevicePlan]]) -> None:
+        for dev, plan in plans:
+            if dev.inflight:
+                self.held.requeue(dev, not_before=time.monotonic() + backoff_s(1))
+            self.servers.release_probe(plan.server)
 
     def _echo_records(self, plans: Sequence[tuple[DeviceQueue, DevicePlan]], wall: int
-                      ) -> dict[str, Any]:
-        """What ``prepare`` records for echo suppression, in its own call, for the devices it
-        grants (Blynk fires its webhooks for these writes too: :mod:`pipeline.echo`); nothing
-        when no Blynk webhook is configured.
+                      ) -> dict[int, list[tuple[str, str]]]:
+        """What is recorded for echo suppression before these writes are sent (Blynk fires
+        its webhooks for these writes too: :mod:`pipeline.echo`), per partition.
 
         The newest history point of each pin counts too: an upload may make it the pin's
         current value for a moment (the emulator's default; unconfirmed for Blynk), firing a
         webhook — with superseded values going to history that is every coalesced write of a
         ``history: true`` pin, not only backlog after an outage."""
-        if not self._echo_window_ms:
-            return {}
         keys = self.ctx.keys
-        per_device: list[list[tuple[str, str]]] = []
+        per_partition: dict[int, list[tuple[str, str]]] = {}
         for dev, plan in plans:
             records = echo.records(keys, plan.token, plan.current(), wall, dev.key)
             if plan.backlog:
@@ -362,14 +600,15 @@ class EgressStage:
                     if todo:
                         newest[pin] = todo[-1]
                 records += echo.records(keys, plan.token, newest, wall, dev.key)
-            per_device.append(records)
-        return {"echoes": per_device, "echo_window_ms": self._echo_window_ms}
+            per_partition.setdefault(dev.partition, []).extend(records)
+        return per_partition
 
     # ---- tracking ------------------------------------------------------------------------
 
-    def _pending(self) -> asyncio.Future[None]:
+    def _pending(self, dev: DeviceQueue) -> asyncio.Future[None]:
         """A future standing in for one device write until the committer resolves it."""
         pending: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        dev.pending = pending
         self._tasks.add(pending)
         pending.add_done_callback(self._task_done)
         return pending
