@@ -59,6 +59,9 @@ async def amain(url: str, devices: int, rounds: int) -> list[float]:
     ctx = Context(config=cfg, redis=redis, keys=keys, consumer="bench",
                   writer=StreamWriter(redis))
     stage = EgressStage(ctx, until_idle=True)
+    # Its writes partitions and the devices' records in memory stay between passes, as in a
+    # running replica (a burst-mode stage hands them back on return otherwise).
+    stage.keep_partitions = True
     out: list[float] = []
     try:
         await stage.startup()

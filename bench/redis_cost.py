@@ -205,6 +205,9 @@ class Bridge:
 
         self.transform = TransformStage(self.t_ctx, until_idle=True)
         self.egress = EgressStage(self.e_ctx, until_idle=True)
+        # Its writes partitions and the devices' records in memory stay between passes, as in
+        # a running replica (a burst-mode stage hands them back on return otherwise).
+        self.egress.keep_partitions = True
         await self.transform.startup()
         await self.egress.startup()
 

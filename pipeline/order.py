@@ -48,6 +48,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import msgspec
 
@@ -60,36 +61,35 @@ _unpack = msgspec.msgpack.Decoder().decode
 DEFAULT_TTL_MS = 31 * 24 * 3600 * 1000
 
 # KEYS = per partition: its lease, its records, its writes stream; ARGV[1] = msgpack [owner,
-# group, [[records, [[offset, length, px] per record], [entry id, ...]] per partition]],
-# ARGV[2] = the records' values one after another (cmsgpack cannot nest binary strings).
-# px 0 = KEEPTTL. Per partition: 1 (recorded and acked) or 0 (the lease is not the caller's:
-# nothing done).
+# group, px, [[records, [the 1-based indices of the records to SET with PX px, ascending],
+# entry ids] per partition]]; ARGV[2…] = per partition its records' values, then its entry ids
+# (one argument each: no decoding, no cutting in Lua). The other records are SET with KEEPTTL.
+# Per partition: 1 (recorded and acked) or 0 (the lease is not the caller's: nothing done).
 _COMMIT = """
 local p = cmsgpack.unpack(ARGV[1])
-local owner, group, parts = p[1], p[2], p[3]
-local blob = ARGV[2]
-local out = {}
-local k = 1
+local owner, group, px, parts = p[1], p[2], p[3], p[4]
+local k, a, out = 1, 2, {}
 for i = 1, #parts do
-  local recs, ids = parts[i][1], parts[i][2]
+  local n, expire, ids = parts[i][1], parts[i][2], parts[i][3]
   if redis.call('GET', KEYS[k]) == owner then
-    for r = 1, #recs do
-      local rec = recs[r]
-      local value = string.sub(blob, rec[1] + 1, rec[1] + rec[2])
-      if rec[3] > 0 then
-        redis.call('SET', KEYS[k + r], value, 'PX', rec[3])
+    local e = 1
+    for r = 1, n do
+      if expire[e] == r then
+        redis.call('SET', KEYS[k + r], ARGV[a + r - 1], 'PX', px)
+        e = e + 1
       else
-        redis.call('SET', KEYS[k + r], value, 'KEEPTTL')
+        redis.call('SET', KEYS[k + r], ARGV[a + r - 1], 'KEEPTTL')
       end
     end
-    for j = 1, #ids, 1000 do
-      redis.call('XACK', KEYS[k + #recs + 1], group, unpack(ids, j, math.min(j + 999, #ids)))
+    local last = a + n + ids - 1
+    for j = a + n, last, 1000 do
+      redis.call('XACK', KEYS[k + n + 1], group, unpack(ARGV, j, math.min(j + 999, last)))
     end
     out[i] = 1
   else
     out[i] = 0
   end
-  k = k + #recs + 2
+  k, a = k + n + 2, a + n + ids
 end
 return out
 """
@@ -250,10 +250,8 @@ class LastWritten:
             groups[0] = list(range(len(device_keys)))
         calls = [idx[i:i + _LOAD_PAGE] for idx in groups.values()
                  for i in range(0, len(idx), _LOAD_PAGE)]
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for idx in calls:
-                await self._load(keys=[lw(device_keys[i]) for i in idx], client=pipe)
-            got = await pipe.execute()
+        got = await self._calls(self._load, [([lw(device_keys[i]) for i in idx], [])
+                                             for idx in calls])
         out: list[Record] = [Record()] * len(device_keys)
         for idx, raws in zip(calls, got, strict=True):
             for i, r in zip(idx, raws, strict=True):
@@ -271,11 +269,8 @@ class LastWritten:
         now = int(time.time() * 1000)
         order = list(parts)
         calls = [order] if not self._keys.cluster else [[p] for p in order]
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for call in calls:
-                keys, args = self._commit_call(call, parts, group, now)
-                await self._commit(keys=keys, args=args, client=pipe)
-            replies = await pipe.execute()
+        replies = await self._calls(self._commit, [self._commit_call(call, parts, group, now)
+                                                   for call in calls])
         done: dict[int, bool] = {}
         for call, reply in zip(calls, replies, strict=True):
             for p, r in zip(call, reply, strict=True):
@@ -287,29 +282,40 @@ class LastWritten:
         return done
 
     def _commit_call(self, call: Sequence[int], parts: Mapping[int, PartitionCommit],
-                     group: str, now: int) -> tuple[list[str], list[bytes]]:
+                     group: str, now: int) -> tuple[list[str], list[bytes | str]]:
         """Keys and arguments of one ``_COMMIT`` call."""
         lw = self._keys.last_written
         ttl = self.ttl_ms
         keys: list[str] = []
-        blob = bytearray()
-        spec: list[tuple[list[tuple[int, int, int]], list[str]]] = []
+        values: list[bytes | str] = []
+        spec: list[tuple[int, list[int], int]] = []
         for p in call:
             part = parts[p]
             keys.append(self._keys.egress_lease(p))
-            recs: list[tuple[int, int, int]] = []
-            for device_key, rec in part.records:
+            expire: list[int] = []
+            for r, (device_key, rec) in enumerate(part.records, 1):
                 keys.append(lw(device_key))
-                px = 0
-                expiry = rec.expiry_ms
-                if now - expiry >= ttl // 4:  # set again (and stored so) once a quarter passed
-                    px, expiry = ttl + ttl // 4, now
-                value = encode(rec, expiry_ms=expiry)
-                recs.append((len(blob), len(value), px))
-                blob += value
+                if now - rec.expiry_ms >= ttl // 4:  # set again (and stored so) after a quarter
+                    expire.append(r)
+                    values.append(encode(rec, expiry_ms=now))
+                else:
+                    values.append(encode(rec))
             keys.append(part.stream)
-            spec.append((recs, part.acks))
-        return keys, [_pack([self.owner, group, spec]), bytes(blob)]
+            values += part.acks
+            spec.append((len(part.records), expire, len(part.acks)))
+        return keys, [_pack([self.owner, group, ttl + ttl // 4, spec]), *values]
+
+    async def _calls(self, script: Any, calls: Sequence[tuple[Sequence[str], Sequence[Any]]]
+                     ) -> list[Any]:
+        """The replies of ``script`` for each ``(keys, args)``: one call on its own (no
+        pipeline: a pipeline asks ``SCRIPT EXISTS`` first), several pipelined."""
+        if len(calls) == 1:
+            keys, args = calls[0]
+            return [await script(keys=keys, args=args)]
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for keys, args in calls:
+                await script(keys=keys, args=args, client=pipe)
+            return list(await pipe.execute())
 
     async def get(self, device_key: str) -> dict[str, int]:
         """Every recorded pin of a device (for tests and the CLI)."""

@@ -72,6 +72,9 @@ READ_PACE_S = 0.01
 SUPERSEDED_EVERY_S = 1.0
 #: How long abandoned device writes get to unwind after their cancellation.
 ABANDON_WAIT_S = 1.0
+#: Device records kept in memory at most (over every owned partition): past it, records of
+#: devices with nothing held and nothing left to store are forgotten (read again when needed).
+RECORDS_MAX = 200_000
 #: Young-generation threshold of the cyclic garbage collector in an egress process: egress
 #: allocates a dozen short-lived objects per device write, none of them in cycles.
 GC_GEN0_THRESHOLD = 20_000
@@ -568,7 +571,23 @@ class EgressStage:
             part = self.owned.get(dev.partition)
             if part is not None and not dev.gone:
                 dev.record = part.records.setdefault(dev.key, record)
+        if sum(len(part.records) for part in self.owned.values()) > RECORDS_MAX:
+            self._forget_records()
         return True
+
+    def _forget_records(self) -> None:
+        """Bound the records in memory: forget the oldest-read ones whose device has nothing
+        held and nothing to store, down to 3/4 of :data:`RECORDS_MAX`."""
+        excess = sum(len(part.records) for part in self.owned.values()) - RECORDS_MAX * 3 // 4
+        devices = self.held.devices
+        for part in self.owned.values():
+            records = part.records
+            for key in [k for k, r in records.items()
+                        if k not in devices and not r.dirty][:max(0, excess)]:
+                del records[key]
+                excess -= 1
+            if excess <= 0:
+                return
 
     def _retry_later(self, plans: Sequence[tuple[DeviceQueue, DevicePlan]]) -> None:
         for dev, plan in plans:
