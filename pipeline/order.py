@@ -11,8 +11,9 @@ Redis (``keys.last_written(device_key)``), so the next owner of the partition st
 The protocol of one device write (egress):
 
 1. The first time the owner needs a device after taking its partition, :meth:`LastWritten.load`
-   reads its record (one ``MGET`` for every device a flush sees first; one per partition on a
-   cluster). After that the record lives in memory: no Redis call before a write.
+   reads its record (``MGET``: one call for the devices a flush sees first, per page of
+   ``_LOAD_PAGE`` and, on a cluster, per partition). After that the record lives in memory (a
+   bounded number of them: :mod:`workers.egress.stage`): no Redis call before a write.
 2. Drop what is older than recorded (:func:`pipeline.coalesce.drop_stale`: equal event times
    are applied in arrival order; :meth:`Record.stale`: nothing newer at all), take a rate
    slot (:meth:`Record.take`), send the rest to Blynk.

@@ -132,6 +132,19 @@ def test_ingest_hardening_options_default_and_are_checked() -> None:
             parse(bad, "yaml", "b.yaml", env={})
 
 
+def test_the_egress_partition_lease_outlasts_the_blynk_timeout() -> None:
+    """An egress owner sends only while its partition lease is held for longer than a Blynk
+    request can take: the lease ttl is derived from the timeout, and a set one must be at least
+    twice the timeout."""
+    cfg = parse("blynk: {timeout_s: 4}\n", "yaml", "b.yaml", env={})
+    assert cfg.egress.partition_lease_ms(cfg.blynk.timeout_s) == 12_000
+    assert cfg.egress.partition_lease_ms(1) == 5_000  # at least 5 s
+    ok = parse("blynk: {timeout_s: 4}\negress: {lease_ttl_ms: 8000}\n", "yaml", "b.yaml", env={})
+    assert ok.egress.partition_lease_ms(4) == 8_000
+    with pytest.raises(ConfigError, match=r"egress\.lease_ttl_ms.*2 × `blynk\.timeout_s`"):
+        parse("blynk: {timeout_s: 4}\negress: {lease_ttl_ms: 7999}\n", "yaml", "b.yaml", env={})
+
+
 # --- environment values are substituted into parsed scalars, never into the text ---------------
 
 PARTICLE = """

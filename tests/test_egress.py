@@ -473,6 +473,29 @@ async def test_a_replica_whose_lease_was_taken_has_its_commit_refused_and_stops_
     await within(loop)
 
 
+async def test_records_in_memory_are_bounded_and_a_forgotten_one_is_read_again(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past RECORDS_MAX, records of devices with nothing held are forgotten; a forgotten
+    device's next write reads its record again, so an older value is still refused."""
+    import workers.egress.stage as stage_mod
+
+    monkeypatch.setattr(stage_mod, "RECORDS_MAX", 2)
+    stage = rig.stage()
+    stage.keep_partitions = True  # one owner throughout: its memory is what is tested
+    t0 = now_ms()
+    await rig.add(write(0, t0, {"V1": 1.0}), write(1, t0, {"V1": 1.0}))
+    await rig.drain(stage)
+    await rig.add(write(2, t0, {"V1": 1.0}))
+    await rig.drain(stage)
+    assert set(stage.owned[0].records) == {device_key(2)}  # 0 and 1 forgotten
+    messages = rig.device(0).messages
+    await rig.add(write(0, t0 - 1, {"V1": 0.5}))
+    await rig.drain(stage)
+    assert value(rig, 0, "V1") == 1.0 and rig.device(0).messages == messages
+    assert await rig.pending() == 0
+
+
 async def test_outage_loses_nothing_and_backlog_keeps_true_times(rig: Rig) -> None:
     """The emulator's real outage switch (every request 503), shortened from 30 s to 1.5 s
     (five times the claim idle time: long enough for a thief to claim what sat idle)."""
