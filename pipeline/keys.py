@@ -214,8 +214,8 @@ class Keys:
         return f"{self.prefix}dd" if tag < 0 else f"{self.prefix}dd:{stream[tag:]}"
 
     def last_written(self, device_key: str) -> str:
-        """A device's egress record (:mod:`pipeline.order`): its lease, its rate-limit state
-        and, per pin, the event time (ms) of the last value written to Blynk."""
+        """A device's egress record (:mod:`pipeline.order`): its rate-limit state and, per pin,
+        the event time (ms) of the last value written to Blynk."""
         return self._of_device(device_key, f"lw:{device_key}")
 
     def region(self, token_hash: str) -> str:
@@ -268,7 +268,7 @@ class Keys:
              partition: int | None = None) -> str:
         """Values the bridge wrote to one Blynk device (named by a token hash) and pin. In the
         cluster layout tagged with the partition of the device key that wrote them (egress
-        records them in its prepare script, beside the device's lease) — or ``partition``
+        records them per partition, before it writes) — or ``partition``
         given outright (a token with no known device is looked for in every partition)."""
         if not self.cluster:
             return f"{self.prefix}echo:{token_ref}:{pin}"
