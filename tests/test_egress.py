@@ -350,8 +350,9 @@ async def test_late_and_redelivered_entries_never_roll_back(rig: Rig) -> None:
 
 
 async def test_replicas_never_write_a_device_backwards(rig: Rig) -> None:
-    """Three replicas race on one device (shuffled event times, jittery Blynk latency, waves of
-    entries split across them): every value Blynk receives is newer than the one before."""
+    """Three replicas run on one writes partition (one owns it, two stand by) with shuffled
+    event times, jittery Blynk latency and waves of entries: every value Blynk receives is
+    newer than the one before."""
     await rig.admin("POST", "faults", {"jitter_ms": 30})
     stop = asyncio.Event()
     replicas = [rig.stage(consumer=c, until_idle=False, streams={"batch": 4}, flush_count=4)
