@@ -382,21 +382,22 @@ async def test_replicas_never_write_a_device_backwards(rig: Rig) -> None:
     assert len(written) >= 12
 
 
-async def test_replicas_split_the_partitions_and_a_killed_ones_are_taken_over(
-    rig: Rig,
+@pytest.mark.parametrize("how", ["killed", "stopped"])
+async def test_replicas_split_the_partitions_and_a_gone_ones_are_taken_over(
+    rig: Rig, how: str
 ) -> None:
     """Two replicas share four writes partitions, two each; one is killed (cancelled: its
-    leases lapse, its entries stay pending) and the other takes its partitions and their
-    pending entries over once the leases lapsed. Nothing is lost and every device's values
-    reach Blynk in event-time order."""
+    leases lapse, its entries stay pending) or stopped (it writes what it holds and releases
+    its leases), and the other takes its partitions and their pending entries over. Nothing
+    is lost and every device's values reach Blynk in event-time order."""
     prig = rig.with_partitions(4)
     await prig.admin("POST", "faults", {"jitter_ms": 20})
     timing = {"blynk_timeout_s": 1, "lease_ttl_ms": 2000}
     a = prig.stage(consumer="a", until_idle=False, **timing)
     b = prig.stage(consumer="b", until_idle=False, **timing)
-    stop = asyncio.Event()
+    stop, stop_b = asyncio.Event(), asyncio.Event()
     run_a = await running(prig, a, stop)
-    run_b = await running(prig, b, stop)
+    run_b = await running(prig, b, stop_b)
     await wait_until(lambda: len(a.owned) == 2 and len(b.owned) == 2,
                      what="the four partitions split two and two")
     assert not a.owned.keys() & b.owned.keys()
@@ -417,11 +418,14 @@ async def test_replicas_split_the_partitions_and_a_killed_ones_are_taken_over(
     await wave(0)
     await wait_until(all_written(0), what="wave 0 written by both replicas")
     await wave(1)
-    run_b.cancel()  # killed, maybe holding entries of wave 1
-    with contextlib.suppress(asyncio.CancelledError):
-        await run_b
-    await wait_until(lambda: len(a.owned) == 4,
-                     what="A taking B's partitions over once their leases lapsed")
+    if how == "killed":
+        run_b.cancel()  # maybe holding entries of wave 1
+        with contextlib.suppress(asyncio.CancelledError):
+            await run_b
+    else:
+        stop_b.set()
+        await within(run_b)
+    await wait_until(lambda: len(a.owned) == 4, what=f"A taking B's partitions over ({how})")
     await wait_until(all_written(1), what="wave 1 written, B's share by A")
     await wave(2)
     await wait_until(all_written(2), what="wave 2 written by A alone")
