@@ -46,7 +46,8 @@ class DeviceQueue:
     partition: int = 0
     queued: list[Held] = field(default_factory=list)
     inflight: list[Held] = field(default_factory=list)
-    #: Monotonic time before which this device sends nothing (429, rate limit, busy lease).
+    #: Monotonic time before which this device sends nothing (429, rate limit, its partition
+    #: lease not certainly held).
     not_before: float = 0.0
     #: Consecutive 429s, for the backoff when Blynk gives no ``Retry-After``.
     attempts: int = 0
