@@ -20,6 +20,7 @@ a task that needs no Redis). The owner's work per partition is its callbacks'.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import random
