@@ -38,19 +38,25 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
 from redis.asyncio.cluster import ClusterPipeline, RedisCluster
+from redis.asyncio.connection import AbstractConnection
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
+from redis.utils import HIREDIS_AVAILABLE
 
 from pipeline import events, metrics
 from pipeline.batching import DEFAULT_LINGER_ABOVE_PER_S, GroupCommit, Linger
 from pipeline.errors import Reason
 from pipeline.keys import Keys
+
+if HIREDIS_AVAILABLE:
+    from hiredis import pack_command as _hiredis_pack
 
 Redis = aioredis.Redis
 
@@ -565,7 +571,64 @@ def connect(
         url, max_connections=max_connections, timeout=timeout_s,
         decode_responses=False, protocol=2, **kwargs,
     )
+    pool.connection_class = _lean(pool.connection_class)
     return aioredis.Redis(connection_pool=pool)
+
+
+def _lean(cls: type[AbstractConnection]) -> type[AbstractConnection]:
+    """``cls`` (the connection class the URL chose: TCP, TLS or Unix socket) with a cheaper
+    way to pack and to send a command; what goes over the wire, errors and timeouts are as
+    before. (Figures: BENCHMARKS.md, "Goal 2: one-process CPU per uplink".)
+
+    * **Packing.** redis-py's hiredis packer walks the arguments twice in Python (a memoryview
+      check, then its encoder) before ``hiredis.pack_command``; that call alone takes
+      ``bytes``, ``str`` (as UTF-8), ``int``, ``float`` (as ``repr``) and ``memoryview`` and
+      packs them as the encoder would, and raises ``TypeError`` for anything else (``bool``,
+      ``None``, ``bytearray``…). Those, a command name with a space (``"SCRIPT LOAD"``:
+      redis-py splits it into words) and a connection with another encoding go to redis-py's
+      packer, which encodes or refuses them as before.
+    * **Sending.** redis-py writes every command inside ``asyncio.wait_for(…,
+      socket_timeout)``: a task, a timer and two trips through the event loop per command,
+      for a write that almost always goes to the kernel at once. Here the bytes are written
+      to the transport directly; only when some stay buffered (the socket is full) does
+      redis-py's own send run, with nothing more to write, to wait for the buffer to drain
+      under the socket timeout, with its error handling. A connection not connected yet, one
+      closing, and health checks take redis-py's path as before.
+    """
+    if not HIREDIS_AVAILABLE:
+        return cls
+
+    def pack_command(self: AbstractConnection, *args: Any) -> list[bytes]:
+        name = args[0]
+        if ((" " if isinstance(name, str) else b" ") not in name
+                and self.encoder.encoding == "utf-8"):
+            try:
+                return [_hiredis_pack(args)]
+            except TypeError:
+                pass
+        return cls.pack_command(self, *args)
+
+    async def send_packed_command(self: AbstractConnection,
+                                  command: bytes | str | Iterable[bytes],
+                                  check_health: bool = True) -> None:
+        writer = self._writer
+        if (writer is not None and self._reader is not None and isinstance(command, list)
+                and not self.health_check_interval and not writer.transport.is_closing()):
+            try:
+                writer.writelines(command)
+            except OSError as exc:
+                await self.disconnect(nowait=True)
+                raise RedisConnectionError(f"Error while writing to socket. {exc}") from exc
+            except BaseException:
+                await self.disconnect(nowait=True)
+                raise
+            if not writer.transport.get_write_buffer_size():
+                return
+            command = []  # written: redis-py's send only waits for the buffer to drain
+        await cls.send_packed_command(self, command, check_health)
+
+    return type(f"Lean{cls.__name__}", (cls,), {
+        "pack_command": pack_command, "send_packed_command": send_packed_command})
 
 
 def _connect_cluster(url: str, *, max_connections: int, **kwargs: Any) -> Redis:
