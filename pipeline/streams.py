@@ -567,12 +567,59 @@ def connect(
     """
     if url.startswith(CLUSTER_SCHEME) or cluster:
         return _connect_cluster(url, max_connections=max_connections, **kwargs)
-    pool = aioredis.BlockingConnectionPool.from_url(
+    pool = _Pool.from_url(
         url, max_connections=max_connections, timeout=timeout_s,
         decode_responses=False, protocol=2, **kwargs,
     )
     pool.connection_class = _lean(pool.connection_class)
     return aioredis.Redis(connection_pool=pool)
+
+
+class _Pool(aioredis.BlockingConnectionPool):
+    """redis-py's blocking pool, with a shortcut for the usual case: a connection is idle and
+    no one waits for one.
+
+    Every command takes a connection from the pool and gives it back. redis-py does both
+    under the pool's condition and lock (and an ``asyncio.timeout``), whether or not anyone
+    waits: ~13 µs of a ~45 µs ``PING``. When a connection is idle, neither the condition nor
+    the lock is held and no caller waits, :meth:`get_connection` takes it at once, checked as
+    redis-py checks it (:meth:`ensure_connection`: connected, no unread data), and
+    :meth:`release` puts it back at once, with redis-py's bookkeeping after it
+    (``_finish_release``). Every other case — no idle connection, someone waiting (who must
+    not be overtaken), a connection to be reconnected, one not from this pool — is redis-py's
+    own path, unchanged.
+    """
+
+    def _uncontended(self) -> bool:
+        condition = self._condition
+        return not (condition.locked() or condition._waiters or self._lock.locked())
+
+    async def get_connection(
+        self, command_name: Any = None, *keys: Any, **options: Any
+    ) -> AbstractConnection:
+        get = cast(Any, super().get_connection)
+        if command_name is not None or keys or options:  # redis-py's deprecated form
+            return cast(AbstractConnection, await get(command_name, *keys, **options))
+        available = self._available_connections
+        if not available or not self._uncontended():
+            return cast(AbstractConnection, await get())
+        connection = available.pop()
+        self._in_use_connections.add(connection)
+        try:
+            await self.ensure_connection(connection)
+        except BaseException:
+            await self.release(connection)
+            raise
+        return connection
+
+    async def release(self, connection: AbstractConnection) -> None:
+        if (connection not in self._in_use_connections
+                or cast(Any, connection).should_reconnect() or not self._uncontended()):
+            await super().release(connection)
+            return
+        self._in_use_connections.remove(connection)
+        self._available_connections.append(connection)
+        await self._finish_release(connection)
 
 
 def _lean(cls: type[AbstractConnection]) -> type[AbstractConnection]:

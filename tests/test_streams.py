@@ -18,7 +18,7 @@ from pipeline.errors import Retryable
 from pipeline.keys import Keys
 from pipeline.streams import Entry, Redis, StreamReader, StreamWriter, connect
 from tests.conftest import REDIS_URL
-from tests.wait import within
+from tests.wait import wait_until, within
 
 
 def reader(redis: Redis, keys: Keys, consumer: str = "c1", **kw: int) -> StreamReader:
@@ -361,4 +361,39 @@ async def test_a_redis_that_stops_reading_gives_an_error_not_a_hang_then_serves_
         finally:
             os.kill(pid, signal.SIGCONT)
         assert await client.get("k") == b"before"
+        await client.aclose()
+
+
+async def test_a_busy_pool_serves_every_waiting_command(prefix: str) -> None:
+    # More concurrent commands than connections: the ones that wait get a connection as others
+    # give theirs back (none is overtaken until its timeout), and every answer is its own.
+    client = connect(REDIS_URL, max_connections=2, timeout_s=30)
+    key = f"{prefix}busy"
+    try:
+        n = await asyncio.gather(*(client.incr(key) for _ in range(200)))
+        assert sorted(n) == list(range(1, 201))
+        assert len(client.connection_pool._in_use_connections) == 0
+        assert len(client.connection_pool._available_connections) == 2
+    finally:
+        await client.delete(key)
+        await client.aclose()
+
+
+async def test_a_connection_given_back_with_an_unread_answer_is_not_used_as_it_is(
+    prefix: str
+) -> None:
+    # A command whose answer was never read (a caller cancelled mid-command) must not hand
+    # that answer to the next command on the same connection.
+    client = connect(REDIS_URL, max_connections=1)
+    key = f"{prefix}unread"
+    try:
+        await client.set(key, b"mine")
+        pool = client.connection_pool
+        conn = await pool.get_connection()
+        await conn.send_command("PING")  # its +PONG stays unread
+        await wait_until(conn.can_read)  # the answer is there, unread
+        await pool.release(conn)
+        assert await client.get(key) == b"mine"
+    finally:
+        await client.delete(key)
         await client.aclose()
