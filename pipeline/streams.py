@@ -641,13 +641,13 @@ def _lean(cls: type[AbstractConnection]) -> type[AbstractConnection]:
       redis-py's own send run, with nothing more to write, to wait for the buffer to drain
       under the socket timeout, with its error handling. A connection not connected yet, one
       closing, and health checks take redis-py's path as before.
+
+    Without hiredis, packing is redis-py's own.
     """
-    if not HIREDIS_AVAILABLE:
-        return cls
 
     def pack_command(self: AbstractConnection, *args: Any) -> list[bytes]:
         name = args[0]
-        if ((" " if isinstance(name, str) else b" ") not in name
+        if (HIREDIS_AVAILABLE and (" " if isinstance(name, str) else b" ") not in name
                 and self.encoder.encoding == "utf-8"):
             try:
                 return [_hiredis_pack(args)]
