@@ -38,19 +38,25 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
 from redis.asyncio.cluster import ClusterPipeline, RedisCluster
+from redis.asyncio.connection import AbstractConnection
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
+from redis.utils import HIREDIS_AVAILABLE
 
 from pipeline import events, metrics
 from pipeline.batching import DEFAULT_LINGER_ABOVE_PER_S, GroupCommit, Linger
 from pipeline.errors import Reason
 from pipeline.keys import Keys
+
+if HIREDIS_AVAILABLE:
+    from hiredis import pack_command as _hiredis_pack
 
 Redis = aioredis.Redis
 
@@ -561,11 +567,115 @@ def connect(
     """
     if url.startswith(CLUSTER_SCHEME) or cluster:
         return _connect_cluster(url, max_connections=max_connections, **kwargs)
-    pool = aioredis.BlockingConnectionPool.from_url(
+    pool = _Pool.from_url(
         url, max_connections=max_connections, timeout=timeout_s,
         decode_responses=False, protocol=2, **kwargs,
     )
+    pool.connection_class = _lean(pool.connection_class)
     return aioredis.Redis(connection_pool=pool)
+
+
+class _Pool(aioredis.BlockingConnectionPool):
+    """redis-py's blocking pool, with a shortcut for the usual case: a connection is idle and
+    no one waits for one.
+
+    Every command takes a connection from the pool and gives it back. redis-py does both
+    under the pool's condition and lock (and an ``asyncio.timeout``), whether or not anyone
+    waits: ~13 µs of a ~45 µs ``PING``. When a connection is idle, neither the condition nor
+    the lock is held and no caller waits, :meth:`get_connection` takes it at once, checked as
+    redis-py checks it (:meth:`ensure_connection`: connected, no unread data), and
+    :meth:`release` puts it back at once, with redis-py's bookkeeping after it
+    (``_finish_release``). Every other case — no idle connection, someone waiting (who must
+    not be overtaken), a connection to be reconnected, one not from this pool — is redis-py's
+    own path, unchanged.
+    """
+
+    def _uncontended(self) -> bool:
+        condition = self._condition
+        return not (condition.locked() or condition._waiters or self._lock.locked())
+
+    async def get_connection(
+        self, command_name: Any = None, *keys: Any, **options: Any
+    ) -> AbstractConnection:
+        get = cast(Any, super().get_connection)
+        if command_name is not None or keys or options:  # redis-py's deprecated form
+            return cast(AbstractConnection, await get(command_name, *keys, **options))
+        available = self._available_connections
+        if not available or not self._uncontended():
+            return cast(AbstractConnection, await get())
+        connection = available.pop()
+        self._in_use_connections.add(connection)
+        try:
+            await self.ensure_connection(connection)
+        except BaseException:
+            await self.release(connection)
+            raise
+        return connection
+
+    async def release(self, connection: AbstractConnection) -> None:
+        if (connection not in self._in_use_connections
+                or cast(Any, connection).should_reconnect() or not self._uncontended()):
+            await super().release(connection)
+            return
+        self._in_use_connections.remove(connection)
+        self._available_connections.append(connection)
+        await self._finish_release(connection)
+
+
+def _lean(cls: type[AbstractConnection]) -> type[AbstractConnection]:
+    """``cls`` (the connection class the URL chose: TCP, TLS or Unix socket) with a cheaper
+    way to pack and to send a command; what goes over the wire, errors and timeouts are as
+    before. (Figures: BENCHMARKS.md, "Goal 2: one-process CPU per uplink".)
+
+    * **Packing.** redis-py's hiredis packer walks the arguments twice in Python (a memoryview
+      check, then its encoder) before ``hiredis.pack_command``; that call alone takes
+      ``bytes``, ``str`` (as UTF-8), ``int``, ``float`` (as ``repr``) and ``memoryview`` and
+      packs them as the encoder would, and raises ``TypeError`` for anything else (``bool``,
+      ``None``, ``bytearray``…). Those, a command name with a space (``"SCRIPT LOAD"``:
+      redis-py splits it into words) and a connection with another encoding go to redis-py's
+      packer, which encodes or refuses them as before.
+    * **Sending.** redis-py writes every command inside ``asyncio.wait_for(…,
+      socket_timeout)``: a task, a timer and two trips through the event loop per command,
+      for a write that almost always goes to the kernel at once. Here the bytes are written
+      to the transport directly; only when some stay buffered (the socket is full) does
+      redis-py's own send run, with nothing more to write, to wait for the buffer to drain
+      under the socket timeout, with its error handling. A connection not connected yet, one
+      closing, and health checks take redis-py's path as before.
+
+    Without hiredis, packing is redis-py's own.
+    """
+
+    def pack_command(self: AbstractConnection, *args: Any) -> list[bytes]:
+        name = args[0]
+        if (HIREDIS_AVAILABLE and (" " if isinstance(name, str) else b" ") not in name
+                and self.encoder.encoding == "utf-8"):
+            try:
+                return [_hiredis_pack(args)]
+            except TypeError:
+                pass
+        return cls.pack_command(self, *args)
+
+    async def send_packed_command(self: AbstractConnection,
+                                  command: bytes | str | Iterable[bytes],
+                                  check_health: bool = True) -> None:
+        writer = self._writer
+        if (writer is not None and self._reader is not None and isinstance(command, list)
+                and not self.health_check_interval and not writer.transport.is_closing()):
+            try:
+                writer.writelines(command)
+            except OSError as exc:
+                await self.disconnect(nowait=True)
+                raise RedisConnectionError(f"Error while writing to socket. {exc}") from exc
+            except BaseException:
+                await self.disconnect(nowait=True)
+                raise
+            if not writer.transport.get_write_buffer_size():
+                return
+            command = []  # written: redis-py's send only waits for the buffer to drain
+        await cls.send_packed_command(self, command, check_health)
+
+    return type(f"Lean{cls.__name__}", (cls,), {
+        "pack_command": pack_command, "send_packed_command": send_packed_command})
 
 
 def _connect_cluster(url: str, *, max_connections: int, **kwargs: Any) -> Redis:

@@ -9,15 +9,16 @@ import sys
 import textwrap
 
 import pytest
-from redis.exceptions import ClusterError, ConnectionError, TryAgainError
+from redis.exceptions import ClusterError, ConnectionError, DataError, TryAgainError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from pipeline import events
 from pipeline.consumer import consume
 from pipeline.errors import Retryable
 from pipeline.keys import Keys
-from pipeline.streams import Entry, Redis, StreamReader, StreamWriter
+from pipeline.streams import Entry, Redis, StreamReader, StreamWriter, connect
 from tests.conftest import REDIS_URL
-from tests.wait import within
+from tests.wait import wait_until, within
 
 
 def reader(redis: Redis, keys: Keys, consumer: str = "c1", **kw: int) -> StreamReader:
@@ -302,3 +303,97 @@ async def test_cluster_reader_hands_out_one_partition_at_a_time_and_gives_back_r
     again = StreamReader(cluster_redis, keys, streams, "g", "c1", stage="test", batch=2)
     assert sorted(e.data for e in await again.read(block=False)
                   + await again.read(block=False)) == [b"late", b"late"]
+
+
+# --- the client's connections (pipeline.streams.connect) ------------------------------------
+
+
+@pytest.mark.parametrize("args", [
+    ("SET", "k", b"v"),
+    (b"XADD", "s", "*", "d", b"\x00\xff" * 3000),  # past redis-py's 6,000-byte chunking
+    ("EVALSHA", "ab" * 20, 2, "k1", "k2", 1, -7, 2**63, 1.5, 0.1 + 0.2, 1e20, float("inf")),
+    ("SET", "é-ü", "ö" * 10),
+    ("SET", "k", memoryview(b"mv")),
+    ("SET", "k", bytearray(b"ba")),  # not taken by hiredis: redis-py's packer, as before
+    ("SCRIPT LOAD", "return 1"),  # a name with a space: split into words, as before
+    (b"CLIENT SETNAME", b"n"),
+])
+def test_commands_go_on_the_wire_as_redis_py_packs_them(args: tuple[object, ...]) -> None:
+    import redis.asyncio as aioredis
+
+    lean = connect(REDIS_URL).connection_pool.connection_class()
+    stock = aioredis.Connection()
+    assert type(lean) is not aioredis.Connection  # the lean class is in use
+    assert b"".join(lean.pack_command(*args)) == b"".join(stock.pack_command(*args))
+
+
+@pytest.mark.parametrize("bad", [True, None, object()])
+def test_arguments_redis_py_refuses_are_still_refused(bad: object) -> None:
+    lean = connect(REDIS_URL).connection_pool.connection_class()
+    with pytest.raises(DataError):
+        lean.pack_command("SET", "k", bad)
+
+
+async def test_a_command_larger_than_the_socket_buffers_is_written_whole(
+    redis: Redis, keys: Keys
+) -> None:
+    # 16 MB: most of it is still in the transport's buffer when the write call returns, so
+    # the send waits for it to drain (redis-py's path) before reading the answer.
+    value = os.urandom(8 * 1024 * 1024) * 2
+    await redis.set(keys.stream("big"), value)
+    assert await redis.get(keys.stream("big")) == value
+    await redis.delete(keys.stream("big"))
+
+
+async def test_a_redis_that_stops_reading_gives_an_error_not_a_hang_then_serves_again() -> None:
+    from bench.common import Processes, start_redis
+
+    with Processes() as procs:
+        port = start_redis(procs)
+        pid = procs.procs[-1].popen.pid
+        client = connect(f"redis://127.0.0.1:{port}/0", socket_timeout=0.5)
+        await client.set("k", b"before")
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            with pytest.raises((RedisTimeoutError, ConnectionError)):
+                # Deadline: redis-py retries a timed-out command a few times (reconnecting).
+                await asyncio.wait_for(client.set("k", os.urandom(32 * 1024 * 1024)), 60)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert await client.get("k") == b"before"
+        await client.aclose()
+
+
+async def test_a_busy_pool_serves_every_waiting_command(prefix: str) -> None:
+    # More concurrent commands than connections: the ones that wait get a connection as others
+    # give theirs back (none is overtaken until its timeout), and every answer is its own.
+    client = connect(REDIS_URL, max_connections=2, timeout_s=30)
+    key = f"{prefix}busy"
+    try:
+        n = await asyncio.gather(*(client.incr(key) for _ in range(200)))
+        assert sorted(n) == list(range(1, 201))
+        assert len(client.connection_pool._in_use_connections) == 0
+        assert len(client.connection_pool._available_connections) == 2
+    finally:
+        await client.delete(key)
+        await client.aclose()
+
+
+async def test_a_connection_given_back_with_an_unread_answer_is_not_used_as_it_is(
+    prefix: str
+) -> None:
+    # A command whose answer was never read (a caller cancelled mid-command) must not hand
+    # that answer to the next command on the same connection.
+    client = connect(REDIS_URL, max_connections=1)
+    key = f"{prefix}unread"
+    try:
+        await client.set(key, b"mine")
+        pool = client.connection_pool
+        conn = await pool.get_connection()
+        await conn.send_command("PING")  # its +PONG stays unread
+        await wait_until(conn.can_read)  # the answer is there, unread
+        await pool.release(conn)
+        assert await client.get(key) == b"mine"
+    finally:
+        await client.delete(key)
+        await client.aclose()
