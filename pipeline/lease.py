@@ -198,8 +198,13 @@ class PartitionLeases:
     docstring). ``on_acquired(p)`` runs once a partition is taken (it is in :attr:`owned`
     already); ``on_dropped(p, why)`` once it is given up (it has left :attr:`owned` already;
     ``why``: ``lease_lost`` not renewed in time, ``lease_taken`` another owner has it,
-    ``rebalance`` a share to hand over — released after ``on_dropped`` returned —, or what
-    :meth:`drop` was given)."""
+    ``rebalance`` a share to hand over, or what :meth:`drop` was given).
+
+    A ``rebalance`` hand-over runs in a task of its own: ``on_dropped`` may wait (egress waits
+    for the partition's writes under way) while :meth:`balance` goes on renewing the partitions
+    kept. Its lease is released once ``on_dropped`` returned — not if it failed or was
+    cancelled: then the lease lapses by itself — and the partition is not taken again
+    meanwhile."""
 
     def __init__(self, redis: Redis, *, lease_key: Callable[[int], str], owners_key: str,
                  owner: str, partitions: int, ttl_ms: int,
@@ -218,6 +223,8 @@ class PartitionLeases:
         self._on_acquired = on_acquired
         self._on_dropped = on_dropped
         self._rng = random.Random()
+        #: Partition → its hand-over under way (rebalance: ``on_dropped``, then the release).
+        self.handing: dict[int, asyncio.Task[None]] = {}
 
     def share(self) -> int:
         return fair_share(self.partitions, self.replicas)
@@ -236,10 +243,13 @@ class PartitionLeases:
                 await self.drop(p, "lease_taken")
         share = self.share()
         while len(self.owned) > share:
+            # Not awaited here: a hand-over that waits must not hold up renewing the others.
             p = max(self.owned)
-            await self.drop(p, "rebalance")
-            await self.leases[p].release()
-        free = [p for p in range(self.partitions) if p not in self.owned]
+            self.owned.discard(p)
+            self.handing[p] = asyncio.create_task(self._hand_over(p),
+                                                  name=f"hand-over:{self.leases[p].key}")
+        free = [p for p in range(self.partitions)
+                if p not in self.owned and p not in self.handing]
         self._rng.shuffle(free)
         for p in free:
             if len(self.owned) >= share:
@@ -248,11 +258,22 @@ class PartitionLeases:
                 self.owned.add(p)
                 await self._on_acquired(p)
 
+    async def _hand_over(self, p: int) -> None:
+        """A rebalance: ``on_dropped``, then the release (class docstring)."""
+        try:
+            await self._on_dropped(p, "rebalance")
+        except Exception:  # a defect: logged; the lease lapses by itself
+            log.exception("partition %d: handing it over failed", p)
+        else:
+            await self.release(p)
+        finally:
+            self.handing.pop(p, None)
+
     async def run(self, stop: asyncio.Event, *, name: str,
                   after: Callable[[], None] | None = None) -> None:
-        """:meth:`balance` every ttl/4 (then ``after()``) until ``stop``; then the heartbeat
-        is removed (the leases stay: the caller drops and releases them once its work is
-        over)."""
+        """:meth:`balance` every ttl/4 (then ``after()``) until ``stop``; then the hand-overs
+        under way are waited for and the heartbeat is removed (the leases stay: the caller
+        drops and releases them once its work is over)."""
         interval = self.ttl_ms / 4000
         while not stop.is_set():
             try:
@@ -262,6 +283,8 @@ class PartitionLeases:
             if after is not None:
                 after()
             await wait_event(stop, interval)
+        if self.handing:  # a cancel of this wait leaves them running: they end by themselves
+            await asyncio.wait(list(self.handing.values()))
         await self.leave()
 
     async def leave(self) -> None:
