@@ -438,6 +438,44 @@ async def test_replicas_split_the_partitions_and_a_gone_ones_are_taken_over(
     assert await prig.dead() == []
 
 
+async def test_a_partition_handed_over_records_and_acks_its_writes_under_way_first(
+    rig: Rig,
+) -> None:
+    """A rebalance hands a partition over while a write of it is under way. The write ends
+    before the lease is released, and — the lease being still this replica's — it is recorded
+    and acked: forgotten, it would be sent again by the next owner (a duplicate message, and
+    duplicate history points, at every scale-out)."""
+    prig = rig.with_partitions(2)
+    a = prig.stage(consumer="a", until_idle=False, lease_ttl_ms=60_000)  # renewal far
+    stop = asyncio.Event()
+    run = await running(prig, a, stop)
+    try:
+        await wait_until(lambda: set(a.owned) == {0, 1}, what="A owning both partitions")
+        n = next(n for n in range(5)
+                 if prig.keys.partition_of_device_key(device_key(n)) == 1)
+        await prig.admin("POST", "faults", {"latency_ms": 500})
+        t0 = now_ms()
+        await prig.add(write(n, t0, {"V1": 1.0}))
+        await wait_until(lambda: any(d.pending is not None and not d.pending.done()
+                                     for d in a.held.devices.values()),
+                         what="the write under way")
+        await prig.redis.zadd(prig.keys.owners("egress"), {"b": now_ms() + 60_000})
+        await a.ownership.balance()  # another live replica: A hands partition 1 over
+
+        async def released() -> bool:
+            return not await prig.redis.exists(prig.keys.egress_lease(1))
+
+        await wait_until(released, what="partition 1 handed over")
+        assert set(a.owned) == {0}
+        assert await prig.pending() == 0  # acked before the hand-over: not written again
+        assert await LastWritten(prig.redis, prig.keys, "x").get(device_key(n)) == {"V1": t0}
+        assert value(prig, n, "V1") == 1.0 and prig.device(n).messages == 1
+    finally:
+        await prig.admin("POST", "faults", {})
+        stop.set()
+        await within(run)
+
+
 async def test_a_replica_whose_lease_was_taken_has_its_commit_refused_and_stops_sending(
     rig: Rig,
 ) -> None:

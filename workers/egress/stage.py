@@ -269,21 +269,31 @@ class EgressStage:
         self._wake.set()
 
     async def _dropped(self, p: int, why: str) -> None:
-        busy = self._lose(p, why)
         if why != "rebalance":
+            self._lose(p, why)
             return
-        # Handed to another replica once this returns (its lease released): the writes under
-        # way end first, and a read in flight is given back first — else its entries, pending
-        # under this consumer after the new owner took the partition's over, would wait for
-        # an idle claim.
-        waits = {d.pending for d in busy if d.pending is not None}
-        if waits:
-            await asyncio.wait(waits, timeout=self._timeout_s)
-        read = self._reads.pop(p, None)
-        if read is not None:
-            part, task = read
-            with contextlib.suppress(RedisError):
-                await self._give_back(part, await task)
+        # Handed to another replica once this returns (its lease released). Nothing more is
+        # read or sent for it from now on; the writes under way end first — and, the lease
+        # being still this replica's, are recorded and acked as usual: forgotten at once, a
+        # write that landed would be sent again by the next owner (a duplicate, history points
+        # included, at every rebalance) —, and a read in flight is given back first — else its
+        # entries, pending under this consumer after the new owner took the partition's over,
+        # would wait for an idle claim.
+        if self.owned.pop(p, None) is None:
+            return
+        self._wake.set()
+        try:
+            waits = {d.pending for d in self.held.devices.values()
+                     if d.partition == p and d.pending is not None and not d.pending.done()}
+            if waits:
+                await asyncio.wait(waits, timeout=self._timeout_s)
+            read = self._reads.pop(p, None)
+            if read is not None:
+                part, task = read
+                with contextlib.suppress(RedisError):
+                    await self._give_back(part, await task)
+        finally:
+            self._forget(p, why)
 
     def _fenced(self, p: int) -> None:
         """A commit found the partition's lease not this replica's: give it up at once."""
@@ -298,9 +308,13 @@ class EgressStage:
         held entries stay pending in Redis for the next owner. Returns its devices with a
         write under way."""
         self.ownership.owned.discard(p)
-        part = self.owned.pop(p, None)
-        if part is None:
+        if self.owned.pop(p, None) is None:
             return []
+        return self._forget(p, why)
+
+    def _forget(self, p: int, why: str) -> list[DeviceQueue]:
+        """Forget ``p``'s held entries (pending in Redis for the next owner); its devices with
+        a write under way are returned."""
         busy = self.held.forget_partition(p)
         metrics.PARTITIONS_OWNED.labels(self.name).set(len(self.owned))
         metrics.EGRESS_HELD.set(len(self.held))
@@ -514,7 +528,7 @@ class EgressStage:
         for dev, _ in plans:
             part = self.owned.get(dev.partition)
             dev.record = part.records.get(dev.key) if part is not None else None
-            if dev.record is None:
+            if dev.record is None and part is not None:
                 unknown.append(dev)
         if unknown and not await self._load(unknown, plans):
             return
@@ -524,7 +538,7 @@ class EgressStage:
         go: list[tuple[DeviceQueue, DevicePlan]] = []
         for dev, plan in plans:
             record = dev.record
-            if dev.gone or record is None:  # its partition was given up meanwhile
+            if dev.gone or record is None:  # its partition was given up (or is handed over)
                 self.servers.release_probe(plan.server)
                 continue
             if record.stale({pin: p.ts_ms for pin, p in plan.pins.items()}):
