@@ -202,14 +202,14 @@ class PartitionLeases:
 
     A ``rebalance`` hand-over runs in a task of its own: ``on_dropped`` may wait (egress waits
     for the partition's writes under way) while :meth:`balance` goes on renewing the partitions
-    kept. Its lease is released once ``on_dropped`` returned — not if it failed or was
-    cancelled: then the lease lapses by itself — and the partition is not taken again
-    meanwhile."""
+    kept. Its lease is released once ``on_dropped`` returned — not if it returned ``False``
+    (work of the partition may still be under way), failed or was cancelled: then the lease
+    lapses by itself — and the partition is not taken again meanwhile."""
 
     def __init__(self, redis: Redis, *, lease_key: Callable[[int], str], owners_key: str,
                  owner: str, partitions: int, ttl_ms: int,
                  on_acquired: Callable[[int], Awaitable[None]],
-                 on_dropped: Callable[[int, str], Awaitable[None]]) -> None:
+                 on_dropped: Callable[[int, str], Awaitable[bool | None]]) -> None:
         self._redis = redis
         self.owner = owner
         self.partitions = partitions
@@ -261,11 +261,12 @@ class PartitionLeases:
     async def _hand_over(self, p: int) -> None:
         """A rebalance: ``on_dropped``, then the release (class docstring)."""
         try:
-            await self._on_dropped(p, "rebalance")
+            handed = await self._on_dropped(p, "rebalance") is not False
         except Exception:  # a defect: logged; the lease lapses by itself
             log.exception("partition %d: handing it over failed", p)
         else:
-            await self.release(p)
+            if handed:
+                await self.release(p)
         finally:
             self.handing.pop(p, None)
 

@@ -476,6 +476,39 @@ async def test_a_partition_handed_over_records_and_acks_its_writes_under_way_fir
         await within(run)
 
 
+async def test_a_hand_over_whose_write_a_stop_abandoned_leaves_the_lease_to_lapse(
+    rig: Rig,
+) -> None:
+    """A partition is being handed over while its write hangs in Blynk; a stop abandons the
+    write (its request may still land). The partition's lease is then left to lapse, as after
+    any abandoning stop — released, the next owner could write the device while that request
+    is still out, and Blynk could take the older value last."""
+    prig = rig.with_partitions(2)
+    a = prig.stage(consumer="a", until_idle=False, blynk_timeout_s=600, stop_timeout_s=0.5,
+                   lease_ttl_ms=1_800_000)
+    stop = asyncio.Event()
+    await prig.admin("POST", "faults", {"hang_rate": 1.0})
+    run = await running(prig, a, stop)
+    try:
+        await wait_until(lambda: set(a.owned) == {0, 1}, what="A owning both partitions")
+        n = next(n for n in range(5)
+                 if prig.keys.partition_of_device_key(device_key(n)) == 1)
+        await prig.add(write(n, now_ms(), {"V1": 1.0}))
+        await until_injected(prig, "hang", 1, what="the write hanging in Blynk")
+        await prig.redis.zadd(prig.keys.owners("egress"), {"b": now_ms() + 60_000})
+        balance = asyncio.create_task(a.ownership.balance())  # hands partition 1 over
+        await wait_until(lambda: 1 not in a.owned, what="partition 1 being handed over")
+        stop.set()
+        await within(run)
+        await within(balance)
+        await within(asyncio.gather(*a.ownership.handing.values()))
+        assert await prig.redis.get(prig.keys.egress_lease(1)) == b"a"  # left to lapse
+        assert await prig.pending() == 1
+    finally:
+        await prig.admin("POST", "faults", {})
+        stop.set()
+
+
 async def test_a_replica_whose_lease_was_taken_has_its_commit_refused_and_stops_sending(
     rig: Rig,
 ) -> None:

@@ -268,10 +268,11 @@ class EgressStage:
         log.info("egress: partition %d taken", p)
         self._wake.set()
 
-    async def _dropped(self, p: int, why: str) -> None:
+    async def _dropped(self, p: int, why: str) -> bool:
+        """``False``: the lease must lapse, not be released (a write may still land)."""
         if why != "rebalance":
             self._lose(p, why)
-            return
+            return True
         # Handed to another replica once this returns (its lease released). Nothing more is
         # read or sent for it from now on; the writes under way end first — and, the lease
         # being still this replica's, are recorded and acked as usual: forgotten at once, a
@@ -279,8 +280,10 @@ class EgressStage:
         # included, at every rebalance) —, and a read in flight is given back first — else its
         # entries, pending under this consumer after the new owner took the partition's over,
         # would wait for an idle claim.
+        # A write that did not end in time, or that a stop abandoned (its stand-in cancelled),
+        # may still land: then the lease lapses instead, as after an abandoning stop.
         if self.owned.pop(p, None) is None:
-            return
+            return True
         self._wake.set()
         try:
             waits = {d.pending for d in self.held.devices.values()
@@ -294,6 +297,7 @@ class EgressStage:
                     await self._give_back(part, await task)
         finally:
             self._forget(p, why)
+        return not self._abandoned and all(w.done() and not w.cancelled() for w in waits)
 
     def _fenced(self, p: int) -> None:
         """A commit found the partition's lease not this replica's: give it up at once."""
