@@ -549,6 +549,48 @@ async def test_a_replica_whose_lease_was_taken_has_its_commit_refused_and_stops_
     await within(loop)
 
 
+async def test_a_write_of_a_partition_lost_then_taken_back_sends_nothing_more(
+    rig: Rig,
+) -> None:
+    """A device write of several requests (history uploads, then the batch/update, paced by
+    the device's rate limit) is under way when its partition is lost (its lease taken) and then
+    taken back by the same replica. The old write must send nothing more: the partition's new
+    ownership writes the device again from the entries it took over, and two writes of one
+    device under way at once could land in either order (and upload history points twice)."""
+    stage = rig.stage(until_idle=False, lease_ttl_ms=60_000, per_device_rps=1)  # paced 1 s
+    stop = asyncio.Event()
+    t0 = now_ms() - 5000
+    await rig.add(*[write(0, t0 + i * 200, {"V10": float(i), "V11": float(i)},
+                          history=["V10", "V11"]) for i in range(3)])
+    uploaded = asyncio.Event()
+
+    def on_value(device: Device, ds: Any, value: Any, ts: int) -> None:
+        uploaded.set()  # the write's first request (V10's upload) landed
+
+    rig.emu.model.listeners.append(on_value)
+    loop = await running(rig, stage, stop)
+    try:
+        await within(uploaded.wait(), what="the first upload")
+        # While the write waits for its next rate-limit slot: the lease is taken (the ownership
+        # round gives the partition up), then free again (the next round takes it back).
+        await rig.redis.set(rig.keys.egress_lease(0), "intruder", px=60_000)
+        await stage.ownership.balance()
+        assert 0 not in stage.owned
+        await rig.redis.delete(rig.keys.egress_lease(0))
+        await stage.ownership.balance()
+        assert 0 in stage.owned
+        await settled(rig)
+        await within(asyncio.gather(*stage._tasks), what="the old write ending")
+    finally:
+        stop.set()
+        await within(loop)
+    # V11 went once, by the new ownership only: its points uploaded (event times), then the
+    # current value (the emulator records a batch/update at the time it lands)
+    v11 = [ts - t0 for ts, _ in rig.device(0).history["V11"]]
+    assert sorted(ts for ts in v11 if ts < 1000) == [0, 200] and len(v11) == 3, v11
+    assert value(rig, 0, "V10") == 2.0 and value(rig, 0, "V11") == 2.0
+
+
 async def test_records_in_memory_are_bounded_and_a_forgotten_one_is_read_again(
     rig: Rig, monkeypatch: pytest.MonkeyPatch
 ) -> None:

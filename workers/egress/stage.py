@@ -253,9 +253,11 @@ class EgressStage:
 
     # ---- ownership -----------------------------------------------------------------------
 
-    def _may_send(self, p: int) -> bool:
-        """The send rule (module docstring)."""
-        return p in self.owned and \
+    def _may_send(self, dev: DeviceQueue) -> bool:
+        """The send rule (module docstring), for a write of ``dev`` — not if its partition was
+        given up since the write started (``gone``), even if taken back meanwhile."""
+        p = dev.partition
+        return not dev.gone and p in self.owned and \
             self.ownership.leases[p].remaining_s() > self._send_margin_s
 
     async def _acquired(self, p: int) -> None:
