@@ -591,6 +591,48 @@ async def test_a_write_of_a_partition_lost_then_taken_back_sends_nothing_more(
     assert value(rig, 0, "V10") == 2.0 and value(rig, 0, "V11") == 2.0
 
 
+async def test_a_commit_of_a_write_whose_partition_was_given_up_records_nothing(
+    rig: Rig,
+) -> None:
+    """A write's commit is queued (behind a slow commit call, say) when its partition is lost;
+    another replica writes the device further; the partition comes back to this replica before
+    the queued commit runs. That commit must record nothing: the lease check alone passes (the
+    lease is this replica's again), and its record — read before the other replica's writes —
+    would roll the device's record back, so an older value could then be written over a newer
+    one."""
+    stage = rig.stage(until_idle=False, lease_ttl_ms=60_000)
+    stop = asyncio.Event()
+    t0 = now_ms()
+    lw = LastWritten(rig.redis, rig.keys, "x")
+    run_commits = stage.committer.commits._run  # the group commit's call, wrapped
+
+    async def lost_and_back_meanwhile(items: list[Any]) -> list[bool]:
+        if any(c.device_key == device_key(0) for c in items) and 0 in stage.owned:
+            stage._lose(0, "lease_lost")  # the fence: not renewed in time
+            await rig.redis.set(rig.keys.last_written(device_key(0)),
+                                encode_record({"V1": t0 + 20}))  # another owner wrote more
+            await rig.redis.delete(rig.keys.egress_lease(0))  # ... and is gone
+            await stage.ownership.balance()  # taken back
+            assert 0 in stage.owned
+        return await run_commits(items)
+
+    stage.committer.commits._run = lost_and_back_meanwhile
+    loop = await running(rig, stage, stop)
+    try:
+        await rig.add(write(0, t0 + 10, {"V1": 1.0}))
+        await settled(rig)  # the entry: written again by the partition's new ownership
+    finally:
+        stop.set()
+        await within(loop)
+    assert await lw.get(device_key(0)) == {"V1": t0 + 20}
+
+
+def encode_record(pins: dict[str, int]) -> bytes:
+    from pipeline.order import encode
+
+    return encode(Record(pins=pins, newest=max(pins.values())))
+
+
 async def test_records_in_memory_are_bounded_and_a_forgotten_one_is_read_again(
     rig: Rig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
