@@ -633,6 +633,31 @@ def encode_record(pins: dict[str, int]) -> bytes:
     return encode(Record(pins=pins, newest=max(pins.values())))
 
 
+async def test_a_replica_resumed_after_its_lease_lapsed_does_not_take_back_held_entries(
+    rig: Rig,
+) -> None:
+    """A replica holding entries (its write hangs in Blynk) is frozen past its lease; another
+    replica takes the partition and its pending entries over. Resumed, the frozen one's chore
+    that keeps held entries claimed may run before its fence drops the partition: it must not
+    take them back (the new owner would see them only after an idle claim)."""
+    stage = rig.stage(until_idle=False, blynk_timeout_s=600, stop_timeout_s=0.5)
+    stop = asyncio.Event()
+    loop = await hanging_writes(rig, stage, stop, n=1)
+    try:
+        stream = rig.keys.stream(WRITES, rig.keys.partition_of_device_key(device_key(0)))
+        # The freeze: the lease lapses in Redis and another replica takes the entries over.
+        await rig.redis.delete(rig.keys.egress_lease(0))
+        await rig.redis.xautoclaim(stream, GROUP_EGRESS, "b", 0, "0-0", justid=True)
+        stage.ownership.leases[0]._valid_until = 0.0  # resumed: the lease not certainly held
+        await stage._claim_held()  # ... and this chore first, before the fence
+        (row,) = await rig.redis.xpending_range(stream, GROUP_EGRESS, "-", "+", 10)
+        assert row["consumer"] == b"b"
+    finally:
+        await rig.admin("POST", "faults", {})
+        stop.set()
+        await within(loop)
+
+
 async def test_records_in_memory_are_bounded_and_a_forgotten_one_is_read_again(
     rig: Rig, monkeypatch: pytest.MonkeyPatch
 ) -> None:

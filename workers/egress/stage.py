@@ -478,18 +478,28 @@ class EgressStage:
         """
         interval = max(0.05, self.reader.claim_idle_ms / 3000)
         while not await wait_event(done, interval):
-            by_stream = self.held.ids_by_stream()
-            if not by_stream:
-                continue
             try:
-                async with self.ctx.redis.pipeline(transaction=False) as pipe:
-                    for stream, ids in by_stream.items():
-                        for i in range(0, len(ids), 1000):
-                            pipe.xclaim(stream, GROUP_EGRESS, self.ctx.consumer, 0,
-                                        list(ids[i : i + 1000]), justid=True)
-                    await pipe.execute()
+                await self._claim_held()
             except RedisError as exc:
                 log.warning("egress: refreshing held entries failed (%s)", exc)
+
+    async def _claim_held(self) -> None:
+        """One round of :meth:`_keep_claimed`: only the entries of partitions whose lease is
+        certainly held. ``XCLAIM`` takes an entry from whichever consumer has it: run by a
+        replica resumed after a freeze before its fence dropped the partition, it would take
+        back what the new owner took over, and that owner would see those entries only after
+        an idle claim (late: their history points then dropped as stale)."""
+        leases = self.ownership.leases
+        by_stream = {stream: ids for stream, ids in self.held.ids_by_stream().items()
+                     if leases[self._partition_of.get(stream, 0)].valid()}
+        if not by_stream:
+            return
+        async with self.ctx.redis.pipeline(transaction=False) as pipe:
+            for stream, ids in by_stream.items():
+                for i in range(0, len(ids), 1000):
+                    pipe.xclaim(stream, GROUP_EGRESS, self.ctx.consumer, 0,
+                                list(ids[i : i + 1000]), justid=True)
+            await pipe.execute()
 
     async def _count_superseded(self, done: asyncio.Event) -> None:
         """Add the superseded values to the counter ``blynk-bridge status`` shows, once a
