@@ -658,6 +658,37 @@ async def test_a_replica_resumed_after_its_lease_lapsed_does_not_take_back_held_
         await within(loop)
 
 
+async def test_a_read_answered_after_its_partition_was_lost_does_not_take_entries_back(
+    rig: Rig,
+) -> None:
+    """A read of a partition comes back after the partition was lost (the replica was frozen
+    past its lease) and a new owner took its pending entries over: the entries it read are
+    left to the new owner, not claimed back to give them back."""
+    stage = rig.stage(until_idle=False, lease_ttl_ms=60_000)
+    stop = asyncio.Event()
+    loop = await running(rig, stage, stop)
+    try:
+        await wait_until(lambda: 0 in stage.owned, what="the partition owned")
+        part = stage.owned[0]
+        stream = rig.keys.stream(WRITES, 0)
+        await rig.admin("POST", "faults", {"hang_rate": 1.0})
+        await rig.add(write(0, now_ms(), {"V1": 1.0}))
+        await until_injected(rig, "hang", 1, what="the write hanging (its entry read)")
+        (row,) = await rig.redis.xpending_range(stream, GROUP_EGRESS, "-", "+", 10)
+        entry = stage.held.entries[(stream, row["message_id"].decode())].entry
+        # The freeze: the lease lapses and another replica takes the entry over.
+        await rig.redis.delete(rig.keys.egress_lease(0))
+        await rig.redis.xautoclaim(stream, GROUP_EGRESS, "b", 0, "0-0", justid=True)
+        stage.ownership.leases[0]._valid_until = 0.0  # resumed: the lease not certainly held
+        await stage._give_back(part, [entry])  # what a read answered now is given
+        (row,) = await rig.redis.xpending_range(stream, GROUP_EGRESS, "-", "+", 10)
+        assert row["consumer"] == b"b"
+    finally:
+        await rig.admin("POST", "faults", {})
+        stop.set()
+        await within(loop)
+
+
 async def test_records_in_memory_are_bounded_and_a_forgotten_one_is_read_again(
     rig: Rig, monkeypatch: pytest.MonkeyPatch
 ) -> None:

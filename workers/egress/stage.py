@@ -411,7 +411,14 @@ class EgressStage:
 
     async def _give_back(self, part: _Owned, entries: list[Entry]) -> None:
         """Entries read for a partition given up meanwhile: pending for this consumer with
-        their delivery count as before, for the next owner to take over."""
+        their delivery count as before, for the next owner to take over — only while the
+        partition's lease is certainly held (handed over, stopping). A partition lost may have
+        a new owner already, which took them over: ``XCLAIM`` would take them back from it
+        (seen by it only after an idle claim). Left alone they are its, or pending under this
+        consumer until its takeover (their delivery count one higher)."""
+        if not entries or not self.ownership.leases[
+                self._partition_of.get(entries[0].stream, 0)].valid():
+            return
         with contextlib.suppress(RedisError):
             await part.reader.release(entries)
 
