@@ -11,10 +11,11 @@ over. :func:`hold` packages that: it runs the owner's work while renewing and ca
 the moment the lease is not certainly held.
 
 :class:`PartitionLeases` shares ``partitions`` among replicas, one lease each (blynk-sessions'
-device sessions, egress's writes partitions): each replica heartbeats in a sorted set, holds at
-most :func:`fair_share` of the partitions, takes free ones up to it, gives extras back, and
-drops a partition the moment its lease is not certainly held (:meth:`PartitionLeases.fence`,
-a task that needs no Redis). The owner's work per partition is its callbacks'.
+device sessions, egress's writes partitions): each replica heartbeats in a sorted set (on
+Redis's clock), holds at most :func:`fair_share` of the partitions, takes free ones up to it,
+gives extras back, and drops a partition the moment its lease is not certainly held
+(:meth:`PartitionLeases.fence`, a task that needs no Redis). The owner's work per partition is
+its callbacks'.
 """
 
 from __future__ import annotations
@@ -47,6 +48,17 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('DEL', KEYS[1])
 end
 return 0
+"""
+
+# KEYS[1] = the heartbeats (replica → until when, ms); ARGV = this replica, ttl ms. On Redis's
+# clock: a replica whose clock is ahead by more than the ttl would otherwise remove every other
+# heartbeat in each round, count itself alone and take every partition it can.
+_HEARTBEAT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+return redis.call('ZCARD', KEYS[1])
 """
 
 
@@ -217,6 +229,7 @@ class PartitionLeases:
         self._owners_key = owners_key
         self.leases = [Lease(redis, lease_key(p), owner, ttl_ms=ttl_ms)
                        for p in range(partitions)]
+        self._heartbeat = redis.register_script(_HEARTBEAT)
         self.owned: set[int] = set()
         #: Live replicas at the last :meth:`balance` (heartbeats), this one included.
         self.replicas = 1
@@ -232,12 +245,8 @@ class PartitionLeases:
     async def balance(self) -> None:
         """Heartbeat, renew the owned leases, give extras back, take free ones up to the
         share. Raises ``RedisError``."""
-        now = int(time.time() * 1000)
-        async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.zadd(self._owners_key, {self.owner: now + self.ttl_ms})
-            pipe.zremrangebyscore(self._owners_key, "-inf", now)
-            pipe.zcard(self._owners_key)
-            self.replicas = max(1, int((await pipe.execute())[2]))
+        self.replicas = max(1, int(await self._heartbeat(keys=[self._owners_key],
+                                                         args=[self.owner, self.ttl_ms])))
         for p in list(self.owned):
             if not await self.leases[p].renew():
                 await self.drop(p, "lease_taken")

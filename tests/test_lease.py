@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
+
 from pipeline.lease import PartitionLeases
 from pipeline.streams import Redis, now_ms
 from tests.wait import wait_until, within
@@ -63,3 +65,26 @@ async def test_a_slow_hand_over_does_not_hold_up_renewing_the_partitions_kept(
 
 async def _gone(redis: Redis, key: str) -> bool:
     return not await redis.exists(key)
+
+
+async def test_a_replica_whose_clock_is_ahead_still_counts_the_others(
+    redis: Redis, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Heartbeats are scored on Redis's clock: a replica whose own clock is ahead by more than
+    the ttl must not remove the others' heartbeats, count itself alone and take every
+    partition (a fair share it would then never give back)."""
+    owners = f"{prefix}replicas"
+    secs, micros = await redis.time()
+    await redis.zadd(owners, {"b": secs * 1000 + micros // 1000 + 60_000})  # alive a minute
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + 600)  # this replica: 10 minutes ahead
+
+    async def noop(*_: object) -> None:
+        pass
+
+    leases = PartitionLeases(redis, lease_key=lambda p: f"{prefix}lease:{p}", owners_key=owners,
+                             owner="a", partitions=2, ttl_ms=1000,
+                             on_acquired=noop, on_dropped=noop)
+    await leases.balance()
+    assert leases.replicas == 2 and len(leases.owned) == 1
+    assert await redis.zscore(owners, "b") is not None
