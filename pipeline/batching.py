@@ -14,8 +14,8 @@ Contract:
   its batch, its result is just dropped.
 * :meth:`GroupCommit.close` returns once everything submitted so far has run.
 
-Used by :class:`pipeline.streams.StreamWriter` (appends) and egress (records and acks, rate-limit
-slots, lease renewals, 429 deferrals).
+Used by :class:`pipeline.streams.StreamWriter` (appends) and egress (records and acks: its
+fenced commit, :mod:`workers.egress.committer`).
 
 :class:`Linger` decides when a batching loop that otherwise goes at once (natural batching: a
 batch holds what arrived during the previous round trip) should wait ``linger_s`` for its batch

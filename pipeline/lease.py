@@ -11,10 +11,11 @@ over. :func:`hold` packages that: it runs the owner's work while renewing and ca
 the moment the lease is not certainly held.
 
 :class:`PartitionLeases` shares ``partitions`` among replicas, one lease each (blynk-sessions'
-device sessions, egress's writes partitions): each replica heartbeats in a sorted set, holds at
-most :func:`fair_share` of the partitions, takes free ones up to it, gives extras back, and
-drops a partition the moment its lease is not certainly held (:meth:`PartitionLeases.fence`,
-a task that needs no Redis). The owner's work per partition is its callbacks'.
+device sessions, egress's writes partitions): each replica heartbeats in a sorted set (on
+Redis's clock), holds at most :func:`fair_share` of the partitions, takes free ones up to it,
+gives extras back, and drops a partition the moment its lease is not certainly held
+(:meth:`PartitionLeases.fence`, a task that needs no Redis). The owner's work per partition is
+its callbacks'.
 """
 
 from __future__ import annotations
@@ -47,6 +48,17 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('DEL', KEYS[1])
 end
 return 0
+"""
+
+# KEYS[1] = the heartbeats (replica → until when, ms); ARGV = this replica, ttl ms. On Redis's
+# clock: a replica whose clock is ahead by more than the ttl would otherwise remove every other
+# heartbeat in each round, count itself alone and take every partition it can.
+_HEARTBEAT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+return redis.call('ZCARD', KEYS[1])
 """
 
 
@@ -198,13 +210,18 @@ class PartitionLeases:
     docstring). ``on_acquired(p)`` runs once a partition is taken (it is in :attr:`owned`
     already); ``on_dropped(p, why)`` once it is given up (it has left :attr:`owned` already;
     ``why``: ``lease_lost`` not renewed in time, ``lease_taken`` another owner has it,
-    ``rebalance`` a share to hand over — released after ``on_dropped`` returned —, or what
-    :meth:`drop` was given)."""
+    ``rebalance`` a share to hand over, or what :meth:`drop` was given).
+
+    A ``rebalance`` hand-over runs in a task of its own: ``on_dropped`` may wait (egress waits
+    for the partition's writes under way) while :meth:`balance` goes on renewing the partitions
+    kept. Its lease is released once ``on_dropped`` returned — not if it returned ``False``
+    (work of the partition may still be under way), failed or was cancelled: then the lease
+    lapses by itself — and the partition is not taken again meanwhile."""
 
     def __init__(self, redis: Redis, *, lease_key: Callable[[int], str], owners_key: str,
                  owner: str, partitions: int, ttl_ms: int,
                  on_acquired: Callable[[int], Awaitable[None]],
-                 on_dropped: Callable[[int, str], Awaitable[None]]) -> None:
+                 on_dropped: Callable[[int, str], Awaitable[bool | None]]) -> None:
         self._redis = redis
         self.owner = owner
         self.partitions = partitions
@@ -212,12 +229,15 @@ class PartitionLeases:
         self._owners_key = owners_key
         self.leases = [Lease(redis, lease_key(p), owner, ttl_ms=ttl_ms)
                        for p in range(partitions)]
+        self._heartbeat = redis.register_script(_HEARTBEAT)
         self.owned: set[int] = set()
         #: Live replicas at the last :meth:`balance` (heartbeats), this one included.
         self.replicas = 1
         self._on_acquired = on_acquired
         self._on_dropped = on_dropped
         self._rng = random.Random()
+        #: Partition → its hand-over under way (rebalance: ``on_dropped``, then the release).
+        self.handing: dict[int, asyncio.Task[None]] = {}
 
     def share(self) -> int:
         return fair_share(self.partitions, self.replicas)
@@ -225,21 +245,20 @@ class PartitionLeases:
     async def balance(self) -> None:
         """Heartbeat, renew the owned leases, give extras back, take free ones up to the
         share. Raises ``RedisError``."""
-        now = int(time.time() * 1000)
-        async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.zadd(self._owners_key, {self.owner: now + self.ttl_ms})
-            pipe.zremrangebyscore(self._owners_key, "-inf", now)
-            pipe.zcard(self._owners_key)
-            self.replicas = max(1, int((await pipe.execute())[2]))
+        self.replicas = max(1, int(await self._heartbeat(keys=[self._owners_key],
+                                                         args=[self.owner, self.ttl_ms])))
         for p in list(self.owned):
             if not await self.leases[p].renew():
                 await self.drop(p, "lease_taken")
         share = self.share()
         while len(self.owned) > share:
+            # Not awaited here: a hand-over that waits must not hold up renewing the others.
             p = max(self.owned)
-            await self.drop(p, "rebalance")
-            await self.leases[p].release()
-        free = [p for p in range(self.partitions) if p not in self.owned]
+            self.owned.discard(p)
+            self.handing[p] = asyncio.create_task(self._hand_over(p),
+                                                  name=f"hand-over:{self.leases[p].key}")
+        free = [p for p in range(self.partitions)
+                if p not in self.owned and p not in self.handing]
         self._rng.shuffle(free)
         for p in free:
             if len(self.owned) >= share:
@@ -248,11 +267,23 @@ class PartitionLeases:
                 self.owned.add(p)
                 await self._on_acquired(p)
 
+    async def _hand_over(self, p: int) -> None:
+        """A rebalance: ``on_dropped``, then the release (class docstring)."""
+        try:
+            handed = await self._on_dropped(p, "rebalance") is not False
+        except Exception:  # a defect: logged; the lease lapses by itself
+            log.exception("partition %d: handing it over failed", p)
+        else:
+            if handed:
+                await self.release(p)
+        finally:
+            self.handing.pop(p, None)
+
     async def run(self, stop: asyncio.Event, *, name: str,
                   after: Callable[[], None] | None = None) -> None:
-        """:meth:`balance` every ttl/4 (then ``after()``) until ``stop``; then the heartbeat
-        is removed (the leases stay: the caller drops and releases them once its work is
-        over)."""
+        """:meth:`balance` every ttl/4 (then ``after()``) until ``stop``; then the hand-overs
+        under way are waited for and the heartbeat is removed (the leases stay: the caller
+        drops and releases them once its work is over)."""
         interval = self.ttl_ms / 4000
         while not stop.is_set():
             try:
@@ -262,6 +293,8 @@ class PartitionLeases:
             if after is not None:
                 after()
             await wait_event(stop, interval)
+        if self.handing:  # a cancel of this wait leaves them running: they end by themselves
+            await asyncio.wait(list(self.handing.values()))
         await self.leave()
 
     async def leave(self) -> None:

@@ -25,8 +25,8 @@ from collections.abc import Sequence
 from pipeline.keys import Keys
 from pipeline.streams import Redis
 
-#: GCRA on a TAT value, as a pure Lua function for scripts that keep the TAT elsewhere
-#: (:mod:`pipeline.order` keeps egress's inside each device's record):
+#: GCRA on a TAT value, as a pure Lua function (the base of :data:`GCRA_TAKE_LUA`; egress runs
+#: :func:`gcra` in Python on the TAT in each device's record, :mod:`pipeline.order`):
 #: ``gcra(tat_us, now_us, interval_us, burst, n)`` → 0 and the new TAT (granted), or the µs to
 #: wait and the TAT unchanged.
 GCRA_LUA = """

@@ -438,6 +438,77 @@ async def test_replicas_split_the_partitions_and_a_gone_ones_are_taken_over(
     assert await prig.dead() == []
 
 
+async def test_a_partition_handed_over_records_and_acks_its_writes_under_way_first(
+    rig: Rig,
+) -> None:
+    """A rebalance hands a partition over while a write of it is under way. The write ends
+    before the lease is released, and — the lease being still this replica's — it is recorded
+    and acked: forgotten, it would be sent again by the next owner (a duplicate message, and
+    duplicate history points, at every scale-out)."""
+    prig = rig.with_partitions(2)
+    a = prig.stage(consumer="a", until_idle=False, lease_ttl_ms=60_000)  # renewal far
+    stop = asyncio.Event()
+    run = await running(prig, a, stop)
+    try:
+        await wait_until(lambda: set(a.owned) == {0, 1}, what="A owning both partitions")
+        n = next(n for n in range(5)
+                 if prig.keys.partition_of_device_key(device_key(n)) == 1)
+        await prig.admin("POST", "faults", {"latency_ms": 500})
+        t0 = now_ms()
+        await prig.add(write(n, t0, {"V1": 1.0}))
+        await wait_until(lambda: any(d.pending is not None and not d.pending.done()
+                                     for d in a.held.devices.values()),
+                         what="the write under way")
+        await prig.redis.zadd(prig.keys.owners("egress"), {"b": now_ms() + 60_000})
+        await a.ownership.balance()  # another live replica: A hands partition 1 over
+
+        async def released() -> bool:
+            return not await prig.redis.exists(prig.keys.egress_lease(1))
+
+        await wait_until(released, what="partition 1 handed over")
+        assert set(a.owned) == {0}
+        assert await prig.pending() == 0  # acked before the hand-over: not written again
+        assert await LastWritten(prig.redis, prig.keys, "x").get(device_key(n)) == {"V1": t0}
+        assert value(prig, n, "V1") == 1.0 and prig.device(n).messages == 1
+    finally:
+        await prig.admin("POST", "faults", {})
+        stop.set()
+        await within(run)
+
+
+async def test_a_hand_over_whose_write_a_stop_abandoned_leaves_the_lease_to_lapse(
+    rig: Rig,
+) -> None:
+    """A partition is being handed over while its write hangs in Blynk; a stop abandons the
+    write (its request may still land). The partition's lease is then left to lapse, as after
+    any abandoning stop — released, the next owner could write the device while that request
+    is still out, and Blynk could take the older value last."""
+    prig = rig.with_partitions(2)
+    a = prig.stage(consumer="a", until_idle=False, blynk_timeout_s=600, stop_timeout_s=0.5,
+                   lease_ttl_ms=1_800_000)
+    stop = asyncio.Event()
+    await prig.admin("POST", "faults", {"hang_rate": 1.0})
+    run = await running(prig, a, stop)
+    try:
+        await wait_until(lambda: set(a.owned) == {0, 1}, what="A owning both partitions")
+        n = next(n for n in range(5)
+                 if prig.keys.partition_of_device_key(device_key(n)) == 1)
+        await prig.add(write(n, now_ms(), {"V1": 1.0}))
+        await until_injected(prig, "hang", 1, what="the write hanging in Blynk")
+        await prig.redis.zadd(prig.keys.owners("egress"), {"b": now_ms() + 60_000})
+        balance = asyncio.create_task(a.ownership.balance())  # hands partition 1 over
+        await wait_until(lambda: 1 not in a.owned, what="partition 1 being handed over")
+        stop.set()
+        await within(run)
+        await within(balance)
+        await within(asyncio.gather(*a.ownership.handing.values()))
+        assert await prig.redis.get(prig.keys.egress_lease(1)) == b"a"  # left to lapse
+        assert await prig.pending() == 1
+    finally:
+        await prig.admin("POST", "faults", {})
+        stop.set()
+
+
 async def test_a_replica_whose_lease_was_taken_has_its_commit_refused_and_stops_sending(
     rig: Rig,
 ) -> None:
@@ -476,6 +547,146 @@ async def test_a_replica_whose_lease_was_taken_has_its_commit_refused_and_stops_
     assert written == sorted(written)
     stop.set()
     await within(loop)
+
+
+async def test_a_write_of_a_partition_lost_then_taken_back_sends_nothing_more(
+    rig: Rig,
+) -> None:
+    """A device write of several requests (history uploads, then the batch/update, paced by
+    the device's rate limit) is under way when its partition is lost (its lease taken) and then
+    taken back by the same replica. The old write must send nothing more: the partition's new
+    ownership writes the device again from the entries it took over, and two writes of one
+    device under way at once could land in either order (and upload history points twice)."""
+    stage = rig.stage(until_idle=False, lease_ttl_ms=60_000, per_device_rps=1)  # paced 1 s
+    stop = asyncio.Event()
+    t0 = now_ms() - 5000
+    await rig.add(*[write(0, t0 + i * 200, {"V10": float(i), "V11": float(i)},
+                          history=["V10", "V11"]) for i in range(3)])
+    uploaded = asyncio.Event()
+
+    def on_value(device: Device, ds: Any, value: Any, ts: int) -> None:
+        uploaded.set()  # the write's first request (V10's upload) landed
+
+    rig.emu.model.listeners.append(on_value)
+    loop = await running(rig, stage, stop)
+    try:
+        await within(uploaded.wait(), what="the first upload")
+        # While the write waits for its next rate-limit slot: the lease is taken (the ownership
+        # round gives the partition up), then free again (the next round takes it back).
+        await rig.redis.set(rig.keys.egress_lease(0), "intruder", px=60_000)
+        await stage.ownership.balance()
+        assert 0 not in stage.owned
+        await rig.redis.delete(rig.keys.egress_lease(0))
+        await stage.ownership.balance()
+        assert 0 in stage.owned
+        await settled(rig)
+        await within(asyncio.gather(*stage._tasks), what="the old write ending")
+    finally:
+        stop.set()
+        await within(loop)
+    # V11 went once, by the new ownership only: its points uploaded (event times), then the
+    # current value (the emulator records a batch/update at the time it lands)
+    v11 = [ts - t0 for ts, _ in rig.device(0).history["V11"]]
+    assert sorted(ts for ts in v11 if ts < 1000) == [0, 200] and len(v11) == 3, v11
+    assert value(rig, 0, "V10") == 2.0 and value(rig, 0, "V11") == 2.0
+
+
+async def test_a_commit_of_a_write_whose_partition_was_given_up_records_nothing(
+    rig: Rig,
+) -> None:
+    """A write's commit is queued (behind a slow commit call, say) when its partition is lost;
+    another replica writes the device further; the partition comes back to this replica before
+    the queued commit runs. That commit must record nothing: the lease check alone passes (the
+    lease is this replica's again), and its record — read before the other replica's writes —
+    would roll the device's record back, so an older value could then be written over a newer
+    one."""
+    stage = rig.stage(until_idle=False, lease_ttl_ms=60_000)
+    stop = asyncio.Event()
+    t0 = now_ms()
+    lw = LastWritten(rig.redis, rig.keys, "x")
+    run_commits = stage.committer.commits._run  # the group commit's call, wrapped
+
+    async def lost_and_back_meanwhile(items: list[Any]) -> list[bool]:
+        if any(c.device_key == device_key(0) for c in items) and 0 in stage.owned:
+            stage._lose(0, "lease_lost")  # the fence: not renewed in time
+            await rig.redis.set(rig.keys.last_written(device_key(0)),
+                                encode_record({"V1": t0 + 20}))  # another owner wrote more
+            await rig.redis.delete(rig.keys.egress_lease(0))  # ... and is gone
+            await stage.ownership.balance()  # taken back
+            assert 0 in stage.owned
+        return await run_commits(items)
+
+    stage.committer.commits._run = lost_and_back_meanwhile
+    loop = await running(rig, stage, stop)
+    try:
+        await rig.add(write(0, t0 + 10, {"V1": 1.0}))
+        await settled(rig)  # the entry: written again by the partition's new ownership
+    finally:
+        stop.set()
+        await within(loop)
+    assert await lw.get(device_key(0)) == {"V1": t0 + 20}
+
+
+def encode_record(pins: dict[str, int]) -> bytes:
+    from pipeline.order import encode
+
+    return encode(Record(pins=pins, newest=max(pins.values())))
+
+
+async def test_a_replica_resumed_after_its_lease_lapsed_does_not_take_back_held_entries(
+    rig: Rig,
+) -> None:
+    """A replica holding entries (its write hangs in Blynk) is frozen past its lease; another
+    replica takes the partition and its pending entries over. Resumed, the frozen one's chore
+    that keeps held entries claimed may run before its fence drops the partition: it must not
+    take them back (the new owner would see them only after an idle claim)."""
+    stage = rig.stage(until_idle=False, blynk_timeout_s=600, stop_timeout_s=0.5)
+    stop = asyncio.Event()
+    loop = await hanging_writes(rig, stage, stop, n=1)
+    try:
+        stream = rig.keys.stream(WRITES, rig.keys.partition_of_device_key(device_key(0)))
+        # The freeze: the lease lapses in Redis and another replica takes the entries over.
+        await rig.redis.delete(rig.keys.egress_lease(0))
+        await rig.redis.xautoclaim(stream, GROUP_EGRESS, "b", 0, "0-0", justid=True)
+        stage.ownership.leases[0]._valid_until = 0.0  # resumed: the lease not certainly held
+        await stage._claim_held()  # ... and this chore first, before the fence
+        (row,) = await rig.redis.xpending_range(stream, GROUP_EGRESS, "-", "+", 10)
+        assert row["consumer"] == b"b"
+    finally:
+        await rig.admin("POST", "faults", {})
+        stop.set()
+        await within(loop)
+
+
+async def test_a_read_answered_after_its_partition_was_lost_does_not_take_entries_back(
+    rig: Rig,
+) -> None:
+    """A read of a partition comes back after the partition was lost (the replica was frozen
+    past its lease) and a new owner took its pending entries over: the entries it read are
+    left to the new owner, not claimed back to give them back."""
+    stage = rig.stage(until_idle=False, lease_ttl_ms=60_000)
+    stop = asyncio.Event()
+    loop = await running(rig, stage, stop)
+    try:
+        await wait_until(lambda: 0 in stage.owned, what="the partition owned")
+        part = stage.owned[0]
+        stream = rig.keys.stream(WRITES, 0)
+        await rig.admin("POST", "faults", {"hang_rate": 1.0})
+        await rig.add(write(0, now_ms(), {"V1": 1.0}))
+        await until_injected(rig, "hang", 1, what="the write hanging (its entry read)")
+        (row,) = await rig.redis.xpending_range(stream, GROUP_EGRESS, "-", "+", 10)
+        entry = stage.held.entries[(stream, row["message_id"].decode())].entry
+        # The freeze: the lease lapses and another replica takes the entry over.
+        await rig.redis.delete(rig.keys.egress_lease(0))
+        await rig.redis.xautoclaim(stream, GROUP_EGRESS, "b", 0, "0-0", justid=True)
+        stage.ownership.leases[0]._valid_until = 0.0  # resumed: the lease not certainly held
+        await stage._give_back(part, [entry])  # what a read answered now is given
+        (row,) = await rig.redis.xpending_range(stream, GROUP_EGRESS, "-", "+", 10)
+        assert row["consumer"] == b"b"
+    finally:
+        await rig.admin("POST", "faults", {})
+        stop.set()
+        await within(loop)
 
 
 async def test_records_in_memory_are_bounded_and_a_forgotten_one_is_read_again(

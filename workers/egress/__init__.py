@@ -15,7 +15,8 @@ Contract:
 * **The send rule.** A request goes to Blynk only while its partition's lease is certainly held
   for longer than ``blynk.timeout_s`` (``egress.lease_ttl_ms``, default 3 × the timeout,
   at least 2 ×), so nothing sent by one owner can land after the next owner started; a partition
-  whose lease is not certainly held is given up at once (the fence needs no Redis call).
+  whose lease is not certainly held is given up at once (the fence needs no Redis call), and a
+  write begun before its partition was given up sends nothing more, even if it was taken back.
 * **Reads** each owned partition (group ``egress``) in batches and holds the entries in memory per
   device. A device is *ready* when no write of it is under way and no backoff or rate limit holds
   it back. By default (``flush_age_ms`` 0) every ready device is flushed at once: a value goes to

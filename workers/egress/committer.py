@@ -80,6 +80,8 @@ class Commit:
     #: The device's record, when it changed (else only acks).
     record: Record | None
     acks: list[Entry]
+    #: The device as held when its write finished: ``gone`` once its partition was given up.
+    dev: DeviceQueue
 
 
 _Dead = list[DeadItem]
@@ -139,7 +141,7 @@ class Committer:
         else:
             record = None
         commit = self.commits.submit(
-            Commit(dev.partition, dev.key, record, [h.entry for h in ok]))
+            Commit(dev.partition, dev.key, record, [h.entry for h in ok], dev))
         commit.add_done_callback(functools.partial(
             self._committed, dev, plan, result, ok, dead, now_ms(), pending))
 
@@ -255,9 +257,15 @@ class Committer:
 
     async def commit_many(self, items: list[Commit]) -> list[bool]:
         """Records and acks of many device writes in one script call (one per partition on a
-        cluster); per item, whether its partition's lease was still this replica's."""
+        cluster); per item, whether its partition's lease was still this replica's.
+
+        A write whose partition was given up since it finished (``gone``) has nothing recorded
+        or acked, even if the partition was taken back meanwhile (the lease check would pass):
+        its record may predate another owner's writes, and its entries were taken over again."""
         parts: dict[int, PartitionCommit] = {}
         for c in items:
+            if c.dev.gone:
+                continue
             part = parts.get(c.partition)
             if part is None:
                 part = parts[c.partition] = PartitionCommit(self._stream_of(c.partition))
@@ -265,7 +273,7 @@ class Committer:
                 part.records.append((c.device_key, c.record))
             part.acks.extend(e.id for e in c.acks)
         done = await self._order.commit(parts, GROUP_EGRESS)
-        return [done[c.partition] for c in items]
+        return [done.get(c.partition, True) for c in items]
 
 
 def _resolve(pending: asyncio.Future[None]) -> None:

@@ -16,9 +16,11 @@
   Blynk names, else halving the pin set) and the rest is written. Before each request after the
   first, :class:`Pacer` waits for the device's next rate-limit slot (in its record, in memory).
 
-**Fencing.** Every request, the first included, goes only while ``may_send(partition)`` says
+**Fencing.** Every request, the first included, goes only while ``may_send(device)`` says
 the device's partition lease is certainly held for longer than a Blynk request can take
-(:mod:`workers.egress.stage`); otherwise nothing more is sent and the result says ``fenced``.
+(:mod:`workers.egress.stage`) and the write's partition ownership is still the one it started
+under (a partition lost and taken back is written again from what its new ownership took
+over); otherwise nothing more is sent and the result says ``fenced``.
 
 Every answer updates its server's state (:class:`workers.egress.scheduler.Servers`), the task-free
 ones included. A retryable answer, an invalid token or a Redis error stops the write: the
@@ -116,7 +118,7 @@ class Sender:
     """Sends device writes (see module docstring)."""
 
     def __init__(self, client: BlynkClient, cap: InFlight, servers: Servers, pacer: Pacer,
-                 finish: Finish, spawn: Spawn, may_send: Callable[[int], bool]) -> None:
+                 finish: Finish, spawn: Spawn, may_send: Callable[[DeviceQueue], bool]) -> None:
         self._client = client
         self._may_send = may_send
         self._cap = cap
@@ -153,7 +155,7 @@ class Sender:
                   pending: asyncio.Future[None]) -> None:
         if self.closed:  # a queued send started after a stop gave up waiting
             return
-        if not self._may_send(dev.partition):
+        if not self._may_send(dev):
             self._finish(dev, plan, Result(fenced=True), pending)
             return
         pins = plan.current()
@@ -202,7 +204,7 @@ class Sender:
             if not first:
                 await self._pacer.next_request(dev)
             first = False
-            return await self._request(plan.server, dev.partition, call)
+            return await self._request(plan.server, dev, call)
 
         try:
             if plan.backlog:
@@ -221,13 +223,13 @@ class Sender:
             result.again = Retry(Reason.ERROR, repr(exc))
         self._finish(dev, plan, result, pending)
 
-    async def _request(self, server_name: str, partition: int,
+    async def _request(self, server_name: str, dev: DeviceQueue,
                        call: Callable[[], Awaitable[Outcome]]) -> Outcome:
         """One request under the in-flight cap, if the partition's lease allows it (checked
         once the slot is ours: waiting for it takes time); notes the answer for its server."""
         await self._cap.acquire()
         try:
-            if not self._may_send(partition):
+            if not self._may_send(dev):
                 raise _Fenced
             outcome = await call()
         finally:

@@ -253,9 +253,11 @@ class EgressStage:
 
     # ---- ownership -----------------------------------------------------------------------
 
-    def _may_send(self, p: int) -> bool:
-        """The send rule (module docstring)."""
-        return p in self.owned and \
+    def _may_send(self, dev: DeviceQueue) -> bool:
+        """The send rule (module docstring), for a write of ``dev`` — not if its partition was
+        given up since the write started (``gone``), even if taken back meanwhile."""
+        p = dev.partition
+        return not dev.gone and p in self.owned and \
             self.ownership.leases[p].remaining_s() > self._send_margin_s
 
     async def _acquired(self, p: int) -> None:
@@ -268,22 +270,36 @@ class EgressStage:
         log.info("egress: partition %d taken", p)
         self._wake.set()
 
-    async def _dropped(self, p: int, why: str) -> None:
-        busy = self._lose(p, why)
+    async def _dropped(self, p: int, why: str) -> bool:
+        """``False``: the lease must lapse, not be released (a write may still land)."""
         if why != "rebalance":
-            return
-        # Handed to another replica once this returns (its lease released): the writes under
-        # way end first, and a read in flight is given back first — else its entries, pending
-        # under this consumer after the new owner took the partition's over, would wait for
-        # an idle claim.
-        waits = {d.pending for d in busy if d.pending is not None}
-        if waits:
-            await asyncio.wait(waits, timeout=self._timeout_s)
-        read = self._reads.pop(p, None)
-        if read is not None:
-            part, task = read
-            with contextlib.suppress(RedisError):
-                await self._give_back(part, await task)
+            self._lose(p, why)
+            return True
+        # Handed to another replica once this returns (its lease released). Nothing more is
+        # read or sent for it from now on; the writes under way end first — and, the lease
+        # being still this replica's, are recorded and acked as usual: forgotten at once, a
+        # write that landed would be sent again by the next owner (a duplicate, history points
+        # included, at every rebalance) —, and a read in flight is given back first — else its
+        # entries, pending under this consumer after the new owner took the partition's over,
+        # would wait for an idle claim.
+        # A write that did not end in time, or that a stop abandoned (its stand-in cancelled),
+        # may still land: then the lease lapses instead, as after an abandoning stop.
+        if self.owned.pop(p, None) is None:
+            return True
+        self._wake.set()
+        try:
+            waits = {d.pending for d in self.held.devices.values()
+                     if d.partition == p and d.pending is not None and not d.pending.done()}
+            if waits:
+                await asyncio.wait(waits, timeout=self._timeout_s)
+            read = self._reads.pop(p, None)
+            if read is not None:
+                part, task = read
+                with contextlib.suppress(RedisError):
+                    await self._give_back(part, await task)
+        finally:
+            self._forget(p, why)
+        return not self._abandoned and all(w.done() and not w.cancelled() for w in waits)
 
     def _fenced(self, p: int) -> None:
         """A commit found the partition's lease not this replica's: give it up at once."""
@@ -298,9 +314,13 @@ class EgressStage:
         held entries stay pending in Redis for the next owner. Returns its devices with a
         write under way."""
         self.ownership.owned.discard(p)
-        part = self.owned.pop(p, None)
-        if part is None:
+        if self.owned.pop(p, None) is None:
             return []
+        return self._forget(p, why)
+
+    def _forget(self, p: int, why: str) -> list[DeviceQueue]:
+        """Forget ``p``'s held entries (pending in Redis for the next owner); its devices with
+        a write under way are returned."""
         busy = self.held.forget_partition(p)
         metrics.PARTITIONS_OWNED.labels(self.name).set(len(self.owned))
         metrics.EGRESS_HELD.set(len(self.held))
@@ -391,7 +411,14 @@ class EgressStage:
 
     async def _give_back(self, part: _Owned, entries: list[Entry]) -> None:
         """Entries read for a partition given up meanwhile: pending for this consumer with
-        their delivery count as before, for the next owner to take over."""
+        their delivery count as before, for the next owner to take over — only while the
+        partition's lease is certainly held (handed over, stopping). A partition lost may have
+        a new owner already, which took them over: ``XCLAIM`` would take them back from it
+        (seen by it only after an idle claim). Left alone they are its, or pending under this
+        consumer until its takeover (their delivery count one higher)."""
+        if not entries or not self.ownership.leases[
+                self._partition_of.get(entries[0].stream, 0)].valid():
+            return
         with contextlib.suppress(RedisError):
             await part.reader.release(entries)
 
@@ -458,18 +485,28 @@ class EgressStage:
         """
         interval = max(0.05, self.reader.claim_idle_ms / 3000)
         while not await wait_event(done, interval):
-            by_stream = self.held.ids_by_stream()
-            if not by_stream:
-                continue
             try:
-                async with self.ctx.redis.pipeline(transaction=False) as pipe:
-                    for stream, ids in by_stream.items():
-                        for i in range(0, len(ids), 1000):
-                            pipe.xclaim(stream, GROUP_EGRESS, self.ctx.consumer, 0,
-                                        list(ids[i : i + 1000]), justid=True)
-                    await pipe.execute()
+                await self._claim_held()
             except RedisError as exc:
                 log.warning("egress: refreshing held entries failed (%s)", exc)
+
+    async def _claim_held(self) -> None:
+        """One round of :meth:`_keep_claimed`: only the entries of partitions whose lease is
+        certainly held. ``XCLAIM`` takes an entry from whichever consumer has it: run by a
+        replica resumed after a freeze before its fence dropped the partition, it would take
+        back what the new owner took over, and that owner would see those entries only after
+        an idle claim (late: their history points then dropped as stale)."""
+        leases = self.ownership.leases
+        by_stream = {stream: ids for stream, ids in self.held.ids_by_stream().items()
+                     if leases[self._partition_of.get(stream, 0)].valid()}
+        if not by_stream:
+            return
+        async with self.ctx.redis.pipeline(transaction=False) as pipe:
+            for stream, ids in by_stream.items():
+                for i in range(0, len(ids), 1000):
+                    pipe.xclaim(stream, GROUP_EGRESS, self.ctx.consumer, 0,
+                                list(ids[i : i + 1000]), justid=True)
+            await pipe.execute()
 
     async def _count_superseded(self, done: asyncio.Event) -> None:
         """Add the superseded values to the counter ``blynk-bridge status`` shows, once a
@@ -514,7 +551,7 @@ class EgressStage:
         for dev, _ in plans:
             part = self.owned.get(dev.partition)
             dev.record = part.records.get(dev.key) if part is not None else None
-            if dev.record is None:
+            if dev.record is None and part is not None:
                 unknown.append(dev)
         if unknown and not await self._load(unknown, plans):
             return
@@ -524,7 +561,7 @@ class EgressStage:
         go: list[tuple[DeviceQueue, DevicePlan]] = []
         for dev, plan in plans:
             record = dev.record
-            if dev.gone or record is None:  # its partition was given up meanwhile
+            if dev.gone or record is None:  # its partition was given up (or is handed over)
                 self.servers.release_probe(plan.server)
                 continue
             if record.stale({pin: p.ts_ms for pin, p in plan.pins.items()}):
