@@ -192,3 +192,41 @@ async def test_declared_keys_claim_grow_sweep_and_forget_like_the_plain_calls(
 
     await wait_until(swept, 60, "the first events to leave the window", interval=0.1)
     assert await claims.run([(stream, "ev-5", mark)], window) == [None]
+
+
+async def test_newest_events_sort_first_in_their_shard(redis: Redis, keys: Keys) -> None:
+    # Scores count the steps down, so a new claim is inserted near the head of its listpack
+    # (a ZADD walks from the head to the score's place: at the tail it walked every event).
+    stream = keys.stream("uplinks")
+    claims = dedup.Claims(redis, keys)
+    mark = dedup.mark(stream, "1-0")
+    assert await claims.run([(stream, "older", mark)], WINDOW) == [None]
+    shard, = await _shards(redis, keys, stream)  # one shard until 64 events
+    older = dedup.digest("older")
+    score = await redis.zscore(shard, older)
+    assert score is not None
+    await redis.zadd(shard, {older: score + (1 << 32)})  # claimed one step earlier
+    assert await dedup.owner(redis, keys, WINDOW, stream, "older") == mark  # still live
+    assert await claims.run([(stream, "newer", mark)], WINDOW) == [None]
+    members = await redis.zrange(shard, 0, -1)
+    assert members == [b"", dedup.digest("newer"), older]  # the placeholder, newest first
+
+
+async def test_state_of_the_layout_before_is_not_read(redis: Redis, keys: Keys) -> None:
+    # The layout before counted steps up and stored the step length as is: a table of it must
+    # not be read as this layout's (its scores would be misread), a new epoch starts instead.
+    stream = keys.stream("uplinks")
+    base = keys.dedup(stream)
+    q = dedup.tick(WINDOW)
+    step = int((await redis.time())[0]) // q % dedup.TICKS
+    d = dedup.digest("seen-before")
+    await redis.hset(base, mapping={"e": "100", "q": q, "n": 1, "o": 0, "m": 0, "c": 1, "w": 0,
+                                    "t": 0})
+    await redis.zadd(f"{base}:100:1:0", {d: step * (1 << 32) + 7})
+    assert await dedup.owner(redis, keys, WINDOW, stream, "seen-before") is None
+    mark = dedup.mark(stream, "1-0")
+    claims = dedup.Claims(redis, keys)
+    assert await claims.run([(stream, "seen-before", mark)], WINDOW) == [None]
+    epoch = (await redis.hget(base, "e") or b"").decode()
+    assert epoch.startswith("r") and int(await redis.hget(base, "q") or 0) == -q
+    assert await dedup.owner(redis, keys, WINDOW, stream, "seen-before") == mark
