@@ -247,7 +247,9 @@ local function dd_move(st, i)
   local step = st.o
   if n < step then step = n end
   for j = i % n, n - 1, step do out[j] = {{'ZADD', st.np .. j, -1, ''}} end
-  for j = 1, #all, 2 do
+  -- Highest scores first: each member then goes in at the head of its target (a listpack
+  -- insert walks from the head to the score's place).
+  for j = #all - 1, 1, -2 do
     local s = all[j + 1]
     if s ~= '-1' then
       local f = all[j]
