@@ -242,8 +242,41 @@ end
 -- Dead events move too (the sweep drops them): checking each would cost more than moving it.
 local function dd_move(st, i)
   local src = st.op .. i
+  local n = st.n
+  if n == 2 * st.o then
+    -- A doubling: shard i splits into new shards i and i + o. Copied whole (no score goes
+    -- through a reply and back: formatting and parsing each cost more than the move) and
+    -- each copy drops the other's events. The general way below when a target exists
+    -- already (a claim re-created one) or the shard is no listpack (it grew past Redis's
+    -- limit before it was moved: a copy would stay a skiplist, ~3x the memory).
+    local a, b = st.np .. i, st.np .. (i + st.o)
+    if redis.call('EXISTS', a, b) == 0
+        and redis.call('OBJECT', 'ENCODING', src) == 'listpack' then
+      local all = redis.call('ZRANGE', src, 0, -1)
+      local not_a, not_b = {{'ZREM', a}}, {{'ZREM', b}}
+      for j = 1, #all do
+        local f = all[j]
+        if f ~= '' then
+          local x, y, z = string.byte(f, 1, 3)
+          if (x * 65536 + y * 256 + z) % n == i then
+            not_b[#not_b + 1] = f
+          else
+            not_a[#not_a + 1] = f
+          end
+        end
+      end
+      redis.call('COPY', src, a)
+      redis.call('RENAME', src, b)
+      for _, rm in ipairs({{not_a, not_b}}) do
+        if #rm > 2 then redis.call(unpack(rm)) end
+        redis.call('ZADD', rm[2], -1, '')  -- the placeholder, if src had none
+        redis.call('EXPIRE', rm[2], st.ttl)
+      end
+      return
+    end
+  end
   local all = redis.call('ZRANGE', src, 0, -1, 'WITHSCORES')
-  local out, n = {{}}, st.n
+  local out = {{}}
   local step = st.o
   if n < step then step = n end
   for j = i % n, n - 1, step do out[j] = {{'ZADD', st.np .. j, -1, ''}} end
