@@ -107,8 +107,12 @@ CLAIMS_PER_MOVE = 16
 MIN_MOVES = 4
 DIGEST_BYTES = 12
 MARK_BYTES = 4
-#: One claim as sent to the scripts: digest + mark, fixed width (split in Lua with ``sub``).
-CLAIM_BYTES = DIGEST_BYTES + MARK_BYTES
+#: One claim as sent to the scripts: digest, mark, and the mark in 8 hex digits (the scripts
+#: write the score as a hex string: no number formatting in Redis, whose ``%.17g`` of each
+#: score was a tenth of a claim's cost), fixed width (split in Lua with ``sub``).
+CLAIM_BYTES = DIGEST_BYTES + 3 * MARK_BYTES
+#: Where the hex mark starts in a claim (1-based, as Lua's ``sub`` counts).
+HEX_FROM = DIGEST_BYTES + MARK_BYTES + 1
 #: Table reads a declared (Redis Cluster) call makes before it gives up: each retry means
 #: another client resized or swept in between.
 DECLARED_TRIES = 20
@@ -130,7 +134,7 @@ def mark_of(entry: Entry) -> bytes:
 def pack(event_id: str, mark: bytes) -> bytes:
     """One claim's bytes in a script's claims argument."""
     assert len(mark) == MARK_BYTES
-    return digest(event_id) + mark
+    return digest(event_id) + mark + mark.hex().encode()
 
 
 def tick(window_s: int) -> int:
@@ -175,7 +179,8 @@ local function dd_open(base, window, now, declared, epoch)
   local tick = math.floor(now / q) % DD_TICKS
   local r = DD_TICKS - 1 - tick
   local st = {{base = base, now = now, q = q, k = math.ceil(window / q), tick = tick, r = r,
-    low = r * DD_2_32, new = 0, pass = math.max(1, math.ceil(window / DD_SWEEPS))}}
+    hex = string.format('0x%x', r), new = 0,
+    pass = math.max(1, math.ceil(window / DD_SWEEPS))}}
   st.ttl = window + q + 3 * st.pass
   st.wrapped = math.ceil(st.ttl / q) + st.k + 2
   local got = redis.call('HMGET', base, 'e', 'q', 'n', 'o', 'm', 'c', 'w', 't')
@@ -203,8 +208,9 @@ local function dd_may(st, k)
 end
 -- The one shard that holds d: the old generation's while its shard is not moved yet.
 local function dd_key(st, h)
-  if st.o > 0 and h % st.o >= st.m then return st.op .. (h % st.o) end
-  return st.np .. (h % st.n)
+  -- ``%d``: Lua's own number-to-string is ``%.14g``, a floating-point formatting.
+  if st.o > 0 and h % st.o >= st.m then return st.op .. string.format('%d', h % st.o) end
+  return st.np .. string.format('%d', h % st.n)
 end
 -- The live mark of d and the key holding it (for ``dd_drop``), or nil.
 local function dd_find(st, d)
@@ -219,9 +225,10 @@ end
 local function dd_drop(k, d)
   redis.call('ZREM', k, d)
 end
-local function dd_claim(st, d, mark)
-  local a, b, c, e = string.byte(mark, 1, 4)
-  local score = st.low + ((a * 256 + b) * 256 + c) * 256 + e
+-- ``hex``: the claiming mark in 8 hex digits. The score goes to ZADD as the hex string
+-- r × 2³² + mark (Redis parses scores with strtod, which reads hex): no number formatting.
+local function dd_claim(st, d, hex)
+  local score = st.hex .. hex
   local k = dd_key(st, dd_h(d))
   if redis.call('ZADD', k, 'NX', score, d) == 1 then
     st.new = st.new + 1
@@ -361,10 +368,10 @@ local function dd_close(st)
 end
 """
 
-# KEYS = the de-dup base of each claim's stream; ARGV[1] = window s, ARGV[2] = claims (digest +
-# mark each), ARGV[3] = mode (c = claim, f = forget), ARGV[4] = the 1-based base of each claim,
-# one byte each (one argument, not one per claim: Redis and Lua pay per argument). Replies: the
-# old mark of each claim (false where there was none).
+# KEYS = the de-dup base of each claim's stream; ARGV[1] = window s, ARGV[2] = claims
+# (:func:`pack` each), ARGV[3] = mode (c = claim, f = forget), ARGV[4] = the 1-based base of
+# each claim, one byte each (one argument, not one per claim: Redis and Lua pay per argument).
+# Replies: the old mark of each claim (false where there was none).
 _SCRIPT = LUA + f"""
 local window, blob, mode, which = tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[4]
 local now = dd_now()
@@ -376,7 +383,7 @@ if mode ~= 'c' then claim = function(st, d) return dd_forget(st, d) end end
 local o = 0
 for i = 1, #which do
   out[i] = claim(states[string.byte(which, i)], string.sub(blob, o + 1, o + {DIGEST_BYTES}),
-                 string.sub(blob, o + {DIGEST_BYTES + 1}, o + {CLAIM_BYTES})) or false
+                 string.sub(blob, o + {HEX_FROM}, o + {CLAIM_BYTES})) or false
   o = o + {CLAIM_BYTES}
 end
 for i = 1, #KEYS do dd_close(states[i]) end
@@ -402,7 +409,7 @@ local i = 1
 for o = 0, #blob - 1, {CLAIM_BYTES} do
   local d = string.sub(blob, o + 1, o + {DIGEST_BYTES})
   if mode == 'c' then
-    out[i] = dd_claim(st, d, string.sub(blob, o + {DIGEST_BYTES + 1}, o + {CLAIM_BYTES})) or false
+    out[i] = dd_claim(st, d, string.sub(blob, o + {HEX_FROM}, o + {CLAIM_BYTES})) or false
   else
     out[i] = dd_forget(st, d) or false
   end
