@@ -230,3 +230,33 @@ async def test_state_of_the_layout_before_is_not_read(redis: Redis, keys: Keys) 
     epoch = (await redis.hget(base, "e") or b"").decode()
     assert epoch.startswith("r") and int(await redis.hget(base, "q") or 0) == -q
     assert await dedup.owner(redis, keys, WINDOW, stream, "seen-before") == mark
+
+
+async def test_a_doubling_leaves_each_event_in_its_own_shard_only(redis: Redis,
+                                                                  keys: Keys) -> None:
+    # Small calls keep every shard a listpack, so the doublings copy shards whole and drop
+    # the other half from each copy: every event must end up in exactly its own shard.
+    stream = keys.stream("uplinks")
+    base = keys.dedup(stream)
+    claims = dedup.Claims(redis, keys)
+    ids = [f"ev-{i}" for i in range(1200)]
+    for i in range(0, len(ids), 40):
+        await claims.run([(stream, e, dedup.mark(stream, e)) for e in ids[i:i + 40]], WINDOW)
+    extra = 0
+    while int(await redis.hget(base, "o") or 0):  # let the last doubling finish
+        extra += 1
+        await claims.run([(stream, f"more-{extra}", dedup.mark(stream, "x"))], WINDOW)
+    n = await _shard_count(redis, base)
+    assert n >= 16
+    epoch = (await redis.hget(base, "e") or b"").decode()
+    seen = 0
+    for k in await _shards(redis, keys, stream):
+        gen, shard = (int(p) for p in k.decode().removeprefix(f"{base}:{epoch}:").split(":"))
+        assert gen == n and await redis.object("encoding", k) == b"listpack"
+        for d in await redis.zrange(k, 0, -1):
+            if d:
+                assert int.from_bytes(d[:3], "big") % n == shard
+                seen += 1
+    assert seen == len(ids) + extra  # every event once: no copy left in the other half
+    assert await claims.run([(stream, e, b"\0\0\0\0") for e in ids],
+                            WINDOW) == [dedup.mark(stream, e) for e in ids]
