@@ -309,20 +309,21 @@ end
 -- count steps down (``r``, :func:`dd_open`): the live ones are ``r`` to ``r + k`` (modulo
 -- DD_TICKS), the dead ones above them, and below ``r`` once the steps wrapped (the
 -- placeholder scores -1 and stays).
+-- The bounds go as hex strings, like the claims' scores (no floating-point formatting).
 local function dd_sweep(st, k)
   local hi = (st.r + st.k) % DD_TICKS  -- the oldest live reversed step
   local dead
   if hi >= st.r then
-    dead = redis.call('ZREMRANGEBYSCORE', k, (hi + 1) * DD_2_32, '+inf')
+    dead = redis.call('ZREMRANGEBYSCORE', k, string.format('0x%x', (hi + 1) * DD_2_32),
+                      '+inf')
     -- Steps below now are from before the steps wrapped: only shortly after a wrap (a key
     -- lives at most its TTL), so the second call is made only then.
     if st.tick <= st.wrapped then
-      dead = dead + redis.call('ZREMRANGEBYSCORE', k, 0,
-                               string.format('(%.0f', st.r * DD_2_32))
+      dead = dead + redis.call('ZREMRANGEBYSCORE', k, 0, '(' .. st.hex .. '00000000')
     end
   else
-    dead = redis.call('ZREMRANGEBYSCORE', k, (hi + 1) * DD_2_32,
-                      string.format('(%.0f', st.r * DD_2_32))
+    dead = redis.call('ZREMRANGEBYSCORE', k, string.format('0x%x', (hi + 1) * DD_2_32),
+                      '(' .. st.hex .. '00000000')
   end
   st.c = st.c - dead
   redis.call('EXPIRE', k, st.ttl)
