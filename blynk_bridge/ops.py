@@ -263,7 +263,9 @@ def decode_original(letter: events.DeadLetter, keys: Keys) -> Any:
     candidates += [msgspec.msgpack.decode, msgspec.json.decode]
     for decode in candidates:
         try:
-            return mask_secrets(msgspec.to_builtins(decode(letter.raw)))
+            value = decode(letter.raw)
+            return mask_secrets(events.fields(value) if isinstance(value, msgspec.Struct)
+                                else msgspec.to_builtins(value))
         except (msgspec.DecodeError, msgspec.ValidationError):
             continue
     return repr(letter.raw[:2000])

@@ -81,7 +81,7 @@ def describe(name: str, entry_id: str, raw: bytes | None, keys: Keys) -> Shown:
             line = (f"{w.device_key} {_pairs(w.pins)} -> {redact_url(w.server)} "
                     f"token {mask(w.token)}")
             return Shown(name, entry_id, frozenset({_device_of_key(w.device_key), w.device_key}),
-                         line, base | {"entry": mask_secrets(msgspec.to_builtins(w))})
+                         line, base | {"entry": mask_secrets(events.fields(w))})
         if name == DOWNLINKS:
             d = events.decode_downlink(raw)
             who = d.device_name or (str(d.blynk_id) if d.blynk_id is not None else "?")

@@ -26,12 +26,18 @@ kept by a 12-byte BLAKE2b digest of the ``event_id`` in small sorted sets that R
 listpacks (~24 bytes per event, no per-event key, no per-event expiry), one *shard* per
 digest, ``<digest's first three bytes> mod <shards>``:
 
-* ``<base>:<epoch>:<shards>:<shard>`` — sorted set, member = digest, score = ``step × 2³² +
-  mark`` (step = Redis server time / ``window / STEPS``, modulo :data:`TICKS`), so one
-  ``ZADD NX`` claims a new event — the only call it costs — and one
-  ``ZREMRANGEBYSCORE`` drops every event of a shard that left the window;
-* ``<base>`` — the table: epoch, step length, shard counts (current, and old while a resize
-  moves shards), live-event count, sweep position.
+* ``<base>:<epoch>:<shards>:<shard>`` — sorted set, member = digest, score = ``(TICKS − 1 −
+  step) × 2³² + mark`` (step = Redis server time / ``window / STEPS``, modulo :data:`TICKS`),
+  so one ``ZADD NX`` claims a new event — the only call it costs — and one
+  ``ZREMRANGEBYSCORE`` drops every event of a shard that left the window. The steps count
+  *down* so that the newest events score lowest: a listpack insert walks from the head to
+  the score's place, so a new claim lands after a few entries instead of walking the whole
+  shard (~0.8 µs less Redis CPU per claim at ~48 events a shard, BENCHMARKS.md, goal 5);
+* ``<base>`` — the table: epoch, step length (stored negated: the layout before this one
+  counted steps up and stored it as is, so neither reads the other's shards as its own — an
+  upgrade starts a new epoch, and epochs of this layout are named ``r<time>`` so that no key
+  name is shared either), shard counts (current, and old while a resize moves shards),
+  live-event count, sweep position.
 
 A claim answers an event as seen while its step is at most ``window / step length`` steps old:
 remembered for at least the window, at most one step longer. The *sweep* visits every shard
@@ -78,8 +84,11 @@ from redis.asyncio.cluster import RedisCluster
 from pipeline.keys import Keys
 from pipeline.streams import Entry, Redis
 
-#: Time steps per window: an event is live for ``window`` to ``window × (1 + 1/STEPS)``.
-STEPS = 32
+#: Time steps per window: an event is live for ``window`` to ``window × (1 + 1/STEPS)``. Many,
+#: so that a step is one second for windows up to ~68 minutes: events claimed in the same step
+#: sort by mark, so a new claim's insert walks past the current step's events of its shard, a
+#: few at most with one-second steps (a whole window's events with the 32 steps before).
+STEPS = 4096
 #: Sweep passes per window: a dead event is dropped within ``window / SWEEPS``. An event is
 #: kept ``window × (1 + 1/STEPS + 1/SWEEPS)`` at most, ``1 + 1/(2·STEPS) + 1/(2·SWEEPS)``
 #: windows on average; more passes cost more Redis CPU per claim (one call per shard each).
@@ -98,8 +107,12 @@ CLAIMS_PER_MOVE = 16
 MIN_MOVES = 4
 DIGEST_BYTES = 12
 MARK_BYTES = 4
-#: One claim as sent to the scripts: digest + mark, fixed width (split in Lua with ``sub``).
-CLAIM_BYTES = DIGEST_BYTES + MARK_BYTES
+#: One claim as sent to the scripts: digest, mark, and the mark in 8 hex digits (the scripts
+#: write the score as a hex string: no number formatting in Redis, whose ``%.17g`` of each
+#: score was a tenth of a claim's cost), fixed width (split in Lua with ``sub``).
+CLAIM_BYTES = DIGEST_BYTES + 3 * MARK_BYTES
+#: Where the hex mark starts in a claim (1-based, as Lua's ``sub`` counts).
+HEX_FROM = DIGEST_BYTES + MARK_BYTES + 1
 #: Table reads a declared (Redis Cluster) call makes before it gives up: each retry means
 #: another client resized or swept in between.
 DECLARED_TRIES = 20
@@ -121,7 +134,7 @@ def mark_of(entry: Entry) -> bytes:
 def pack(event_id: str, mark: bytes) -> bytes:
     """One claim's bytes in a script's claims argument."""
     assert len(mark) == MARK_BYTES
-    return digest(event_id) + mark
+    return digest(event_id) + mark + mark.hex().encode()
 
 
 def tick(window_s: int) -> int:
@@ -150,7 +163,7 @@ local function dd_h(d)
 end
 -- Live: claimed at most ``k`` steps ago (so less than the window is never forgotten).
 local function dd_live(st, score)
-  return (st.tick - math.floor(score / DD_2_32)) % DD_TICKS <= st.k
+  return (math.floor(score / DD_2_32) - st.r) % DD_TICKS <= st.k
 end
 local function dd_mark(score)
   local m = score % DD_2_32
@@ -164,18 +177,21 @@ end
 local function dd_open(base, window, now, declared, epoch)
   local q = math.max(1, math.ceil(window / DD_STEPS))
   local tick = math.floor(now / q) % DD_TICKS
-  local st = {{base = base, now = now, q = q, k = math.ceil(window / q), tick = tick,
-    high = tick * DD_2_32, new = 0, pass = math.max(1, math.ceil(window / DD_SWEEPS))}}
+  local r = DD_TICKS - 1 - tick
+  local st = {{base = base, now = now, q = q, k = math.ceil(window / q), tick = tick, r = r,
+    hex = string.format('0x%x', r), new = 0,
+    pass = math.max(1, math.ceil(window / DD_SWEEPS))}}
   st.ttl = window + q + 3 * st.pass
   st.wrapped = math.ceil(st.ttl / q) + st.k + 2
   local got = redis.call('HMGET', base, 'e', 'q', 'n', 'o', 'm', 'c', 'w', 't')
-  if got[1] and tonumber(got[2]) == q then
+  if got[1] and tonumber(got[2]) == -q then
     st.e, st.n, st.o, st.m = got[1], tonumber(got[3]), tonumber(got[4]), tonumber(got[5])
     st.c, st.w, st.t = tonumber(got[6]), tonumber(got[7]), tonumber(got[8])
   else
-    -- No state (first start, or idle past the TTL) or another window: a new epoch, whose
-    -- key names no earlier key can share; the old keys expire on their own.
-    st.e, st.n, st.o, st.m, st.c, st.w, st.t = epoch or tostring(now), 1, 0, 0, 0, 0, now
+    -- No state (first start, or idle past the TTL), another window or the layout before
+    -- (its q is positive): a new epoch, whose key names no earlier key can share; the old
+    -- keys expire on their own.
+    st.e, st.n, st.o, st.m, st.c, st.w, st.t = epoch or ('r' .. now), 1, 0, 0, 0, 0, now
     local k = base .. ':' .. st.e .. ':1:0'
     redis.call('ZADD', k, -1, '')
     redis.call('EXPIRE', k, st.ttl)
@@ -192,8 +208,9 @@ local function dd_may(st, k)
 end
 -- The one shard that holds d: the old generation's while its shard is not moved yet.
 local function dd_key(st, h)
-  if st.o > 0 and h % st.o >= st.m then return st.op .. (h % st.o) end
-  return st.np .. (h % st.n)
+  -- ``%d``: Lua's own number-to-string is ``%.14g``, a floating-point formatting.
+  if st.o > 0 and h % st.o >= st.m then return st.op .. string.format('%d', h % st.o) end
+  return st.np .. string.format('%d', h % st.n)
 end
 -- The live mark of d and the key holding it (for ``dd_drop``), or nil.
 local function dd_find(st, d)
@@ -208,9 +225,10 @@ end
 local function dd_drop(k, d)
   redis.call('ZREM', k, d)
 end
-local function dd_claim(st, d, mark)
-  local a, b, c, e = string.byte(mark, 1, 4)
-  local score = st.high + ((a * 256 + b) * 256 + c) * 256 + e
+-- ``hex``: the claiming mark in 8 hex digits. The score goes to ZADD as the hex string
+-- r × 2³² + mark (Redis parses scores with strtod, which reads hex): no number formatting.
+local function dd_claim(st, d, hex)
+  local score = st.hex .. hex
   local k = dd_key(st, dd_h(d))
   if redis.call('ZADD', k, 'NX', score, d) == 1 then
     st.new = st.new + 1
@@ -231,12 +249,47 @@ end
 -- Dead events move too (the sweep drops them): checking each would cost more than moving it.
 local function dd_move(st, i)
   local src = st.op .. i
+  local n = st.n
+  if n == 2 * st.o then
+    -- A doubling: shard i splits into new shards i and i + o. Copied whole (no score goes
+    -- through a reply and back: formatting and parsing each cost more than the move) and
+    -- each copy drops the other's events. The general way below when a target exists
+    -- already (a claim re-created one) or the shard is no listpack (it grew past Redis's
+    -- limit before it was moved: a copy would stay a skiplist, ~3x the memory).
+    local a, b = st.np .. i, st.np .. (i + st.o)
+    if redis.call('EXISTS', a, b) == 0
+        and redis.call('OBJECT', 'ENCODING', src) == 'listpack' then
+      local all = redis.call('ZRANGE', src, 0, -1)
+      local not_a, not_b = {{'ZREM', a}}, {{'ZREM', b}}
+      for j = 1, #all do
+        local f = all[j]
+        if f ~= '' then
+          local x, y, z = string.byte(f, 1, 3)
+          if (x * 65536 + y * 256 + z) % n == i then
+            not_b[#not_b + 1] = f
+          else
+            not_a[#not_a + 1] = f
+          end
+        end
+      end
+      redis.call('COPY', src, a)
+      redis.call('RENAME', src, b)
+      for _, rm in ipairs({{not_a, not_b}}) do
+        if #rm > 2 then redis.call(unpack(rm)) end
+        redis.call('ZADD', rm[2], -1, '')  -- the placeholder, if src had none
+        redis.call('EXPIRE', rm[2], st.ttl)
+      end
+      return
+    end
+  end
   local all = redis.call('ZRANGE', src, 0, -1, 'WITHSCORES')
-  local out, n = {{}}, st.n
+  local out = {{}}
   local step = st.o
   if n < step then step = n end
   for j = i % n, n - 1, step do out[j] = {{'ZADD', st.np .. j, -1, ''}} end
-  for j = 1, #all, 2 do
+  -- Highest scores first: each member then goes in at the head of its target (a listpack
+  -- insert walks from the head to the score's place).
+  for j = #all - 1, 1, -2 do
     local s = all[j + 1]
     if s ~= '-1' then
       local f = all[j]
@@ -252,21 +305,25 @@ local function dd_move(st, i)
   end
   redis.call('DEL', src)
 end
--- Drops the events of shard key k claimed before the window (scores below the live steps,
--- and above them once the steps wrapped; the placeholder scores -1), and renews its TTL.
+-- Drops the events of shard key k claimed before the window, and renews its TTL. Scores
+-- count steps down (``r``, :func:`dd_open`): the live ones are ``r`` to ``r + k`` (modulo
+-- DD_TICKS), the dead ones above them, and below ``r`` once the steps wrapped (the
+-- placeholder scores -1 and stays).
+-- The bounds go as hex strings, like the claims' scores (no floating-point formatting).
 local function dd_sweep(st, k)
-  local lo = (st.tick - st.k) % DD_TICKS
+  local hi = (st.r + st.k) % DD_TICKS  -- the oldest live reversed step
   local dead
-  if lo <= st.tick then
-    dead = redis.call('ZREMRANGEBYSCORE', k, 0, string.format('(%.0f', lo * DD_2_32))
-    -- Steps above now are from before the steps wrapped: only shortly after a wrap (a key
+  if hi >= st.r then
+    dead = redis.call('ZREMRANGEBYSCORE', k, string.format('0x%x', (hi + 1) * DD_2_32),
+                      '+inf')
+    -- Steps below now are from before the steps wrapped: only shortly after a wrap (a key
     -- lives at most its TTL), so the second call is made only then.
     if st.tick <= st.wrapped then
-      dead = dead + redis.call('ZREMRANGEBYSCORE', k, (st.tick + 1) * DD_2_32, '+inf')
+      dead = dead + redis.call('ZREMRANGEBYSCORE', k, 0, '(' .. st.hex .. '00000000')
     end
   else
-    dead = redis.call('ZREMRANGEBYSCORE', k, (st.tick + 1) * DD_2_32,
-                                string.format('(%.0f', lo * DD_2_32))
+    dead = redis.call('ZREMRANGEBYSCORE', k, string.format('0x%x', (hi + 1) * DD_2_32),
+                      '(' .. st.hex .. '00000000')
   end
   st.c = st.c - dead
   redis.call('EXPIRE', k, st.ttl)
@@ -306,16 +363,16 @@ local function dd_close(st)
       dd_prefixes(st)
     end
   end
-  redis.call('HSET', st.base, 'e', st.e, 'q', st.q, 'n', st.n, 'o', st.o, 'm', st.m,
+  redis.call('HSET', st.base, 'e', st.e, 'q', -st.q, 'n', st.n, 'o', st.o, 'm', st.m,
              'c', st.c, 'w', st.w, 't', st.t)
   redis.call('EXPIRE', st.base, st.ttl)
 end
 """
 
-# KEYS = the de-dup base of each claim's stream; ARGV[1] = window s, ARGV[2] = claims (digest +
-# mark each), ARGV[3] = mode (c = claim, f = forget), ARGV[4] = the 1-based base of each claim,
-# one byte each (one argument, not one per claim: Redis and Lua pay per argument). Replies: the
-# old mark of each claim (false where there was none).
+# KEYS = the de-dup base of each claim's stream; ARGV[1] = window s, ARGV[2] = claims
+# (:func:`pack` each), ARGV[3] = mode (c = claim, f = forget), ARGV[4] = the 1-based base of
+# each claim, one byte each (one argument, not one per claim: Redis and Lua pay per argument).
+# Replies: the old mark of each claim (false where there was none).
 _SCRIPT = LUA + f"""
 local window, blob, mode, which = tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[4]
 local now = dd_now()
@@ -327,7 +384,7 @@ if mode ~= 'c' then claim = function(st, d) return dd_forget(st, d) end end
 local o = 0
 for i = 1, #which do
   out[i] = claim(states[string.byte(which, i)], string.sub(blob, o + 1, o + {DIGEST_BYTES}),
-                 string.sub(blob, o + {DIGEST_BYTES + 1}, o + {CLAIM_BYTES})) or false
+                 string.sub(blob, o + {HEX_FROM}, o + {CLAIM_BYTES})) or false
   o = o + {CLAIM_BYTES}
 end
 for i = 1, #KEYS do dd_close(states[i]) end
@@ -353,7 +410,7 @@ local i = 1
 for o = 0, #blob - 1, {CLAIM_BYTES} do
   local d = string.sub(blob, o + 1, o + {DIGEST_BYTES})
   if mode == 'c' then
-    out[i] = dd_claim(st, d, string.sub(blob, o + {DIGEST_BYTES + 1}, o + {CLAIM_BYTES})) or false
+    out[i] = dd_claim(st, d, string.sub(blob, o + {HEX_FROM}, o + {CLAIM_BYTES})) or false
   else
     out[i] = dd_forget(st, d) or false
   end
@@ -370,8 +427,8 @@ def _shard_keys(base: str, row: Sequence[bytes | str | None], window_s: int,
     o m w``): each claim's shard, the shards the sweep may visit, the shards a resize may move
     and their targets — as the scripts compute them."""
     e, q_, n_, o_, m_, w_ = (v.decode() if isinstance(v, bytes) else v for v in row)
-    if e is None or q_ is None or int(q_) != tick(window_s):
-        e, n, o, m, w = str(int(time.time())), 1, 0, 0, 0
+    if e is None or q_ is None or int(q_) != -tick(window_s):
+        e, n, o, m, w = f"r{int(time.time())}", 1, 0, 0, 0
     else:
         n, o, m, w = int(n_ or 1), int(o_ or 0), int(m_ or 0), int(w_ or 0)
     pre = f"{base}:{e}:"
@@ -512,7 +569,7 @@ async def owner(redis: Redis, keys: Keys, window_s: int, stream: str,
     row = [v.encode() if isinstance(v, str) else v
            for v in await redis.hmget(base, ["e", "q", "n", "o", "m"])]
     e, q_, n_, o_, m_ = row
-    if e is None or q_ is None or int(q_) != q:
+    if e is None or q_ is None or int(q_) != -q:
         return None
     d = digest(event_id)
     h = int.from_bytes(d[:3], "big")
@@ -523,6 +580,6 @@ async def owner(redis: Redis, keys: Keys, window_s: int, stream: str,
         return None
     now = int((await redis.time())[0])
     step, value = divmod(int(score), 1 << 32)
-    if (now // q - step) % TICKS > -(-window_s // q):
+    if (step - (TICKS - 1 - now // q % TICKS)) % TICKS > -(-window_s // q):
         return None
     return value.to_bytes(MARK_BYTES, "big")

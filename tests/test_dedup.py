@@ -192,3 +192,71 @@ async def test_declared_keys_claim_grow_sweep_and_forget_like_the_plain_calls(
 
     await wait_until(swept, 60, "the first events to leave the window", interval=0.1)
     assert await claims.run([(stream, "ev-5", mark)], window) == [None]
+
+
+async def test_newest_events_sort_first_in_their_shard(redis: Redis, keys: Keys) -> None:
+    # Scores count the steps down, so a new claim is inserted near the head of its listpack
+    # (a ZADD walks from the head to the score's place: at the tail it walked every event).
+    stream = keys.stream("uplinks")
+    claims = dedup.Claims(redis, keys)
+    mark = dedup.mark(stream, "1-0")
+    assert await claims.run([(stream, "older", mark)], WINDOW) == [None]
+    shard, = await _shards(redis, keys, stream)  # one shard until 64 events
+    older = dedup.digest("older")
+    score = await redis.zscore(shard, older)
+    assert score is not None
+    await redis.zadd(shard, {older: score + (1 << 32)})  # claimed one step earlier
+    assert await dedup.owner(redis, keys, WINDOW, stream, "older") == mark  # still live
+    assert await claims.run([(stream, "newer", mark)], WINDOW) == [None]
+    members = await redis.zrange(shard, 0, -1)
+    assert members == [b"", dedup.digest("newer"), older]  # the placeholder, newest first
+
+
+async def test_state_of_the_layout_before_is_not_read(redis: Redis, keys: Keys) -> None:
+    # The layout before counted steps up and stored the step length as is: a table of it must
+    # not be read as this layout's (its scores would be misread), a new epoch starts instead.
+    stream = keys.stream("uplinks")
+    base = keys.dedup(stream)
+    q = dedup.tick(WINDOW)
+    step = int((await redis.time())[0]) // q % dedup.TICKS
+    d = dedup.digest("seen-before")
+    await redis.hset(base, mapping={"e": "100", "q": q, "n": 1, "o": 0, "m": 0, "c": 1, "w": 0,
+                                    "t": 0})
+    await redis.zadd(f"{base}:100:1:0", {d: step * (1 << 32) + 7})
+    assert await dedup.owner(redis, keys, WINDOW, stream, "seen-before") is None
+    mark = dedup.mark(stream, "1-0")
+    claims = dedup.Claims(redis, keys)
+    assert await claims.run([(stream, "seen-before", mark)], WINDOW) == [None]
+    epoch = (await redis.hget(base, "e") or b"").decode()
+    assert epoch.startswith("r") and int(await redis.hget(base, "q") or 0) == -q
+    assert await dedup.owner(redis, keys, WINDOW, stream, "seen-before") == mark
+
+
+async def test_a_doubling_leaves_each_event_in_its_own_shard_only(redis: Redis,
+                                                                  keys: Keys) -> None:
+    # Small calls keep every shard a listpack, so the doublings copy shards whole and drop
+    # the other half from each copy: every event must end up in exactly its own shard.
+    stream = keys.stream("uplinks")
+    base = keys.dedup(stream)
+    claims = dedup.Claims(redis, keys)
+    ids = [f"ev-{i}" for i in range(1200)]
+    for i in range(0, len(ids), 40):
+        await claims.run([(stream, e, dedup.mark(stream, e)) for e in ids[i:i + 40]], WINDOW)
+    extra = 0
+    while int(await redis.hget(base, "o") or 0):  # let the last doubling finish
+        extra += 1
+        await claims.run([(stream, f"more-{extra}", dedup.mark(stream, "x"))], WINDOW)
+    n = await _shard_count(redis, base)
+    assert n >= 16
+    epoch = (await redis.hget(base, "e") or b"").decode()
+    seen = 0
+    for k in await _shards(redis, keys, stream):
+        gen, shard = (int(p) for p in k.decode().removeprefix(f"{base}:{epoch}:").split(":"))
+        assert gen == n and await redis.object("encoding", k) == b"listpack"
+        for d in await redis.zrange(k, 0, -1):
+            if d:
+                assert int.from_bytes(d[:3], "big") % n == shard
+                seen += 1
+    assert seen == len(ids) + extra  # every event once: no copy left in the other half
+    assert await claims.run([(stream, e, b"\0\0\0\0") for e in ids],
+                            WINDOW) == [dedup.mark(stream, e) for e in ids]

@@ -116,18 +116,19 @@ for i = 1, #cbase do
   local st = states[cbase[i]]
   local o = (i - 1) * {dedup.CLAIM_BYTES}
   local d = string.sub(blob, o + 1, o + {dedup.DIGEST_BYTES})
-  local mark = string.sub(blob, o + {dedup.DIGEST_BYTES + 1}, o + {dedup.CLAIM_BYTES})
   local old, k
   if string.byte(modes, i) == 99 then  -- 'c'
-    old = dd_claim(st, d, mark)
+    old = dd_claim(st, d, string.sub(blob, o + {dedup.HEX_FROM}, o + {dedup.CLAIM_BYTES}))
   else
     old, k = dd_find(st, d, false)
   end
-  if old and old ~= mark then
-    dup[i] = true
-    out[#out + 1] = i
-  elseif old and k then
-    dd_drop(k, d)
+  if old then
+    if old ~= string.sub(blob, o + {dedup.DIGEST_BYTES + 1}, o + {dedup.HEX_FROM - 1}) then
+      dup[i] = true
+      out[#out + 1] = i
+    elseif k then
+      dd_drop(k, d)
+    end
   end
 end
 for i = 1, nb do dd_close(states[i]) end
