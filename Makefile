@@ -44,7 +44,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 typecheck: $(STAMP)
-	$(BIN)/mypy pipeline workers blynk_bridge
+	$(BIN)/mypy pipeline workers blynk_bridge bench
 
 check: lint typecheck test
 
