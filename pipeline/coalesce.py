@@ -103,6 +103,9 @@ def coalesce(
     per ``device_key``, in order of first appearance.
     """
     horizon = now_ms - live_window_ms
+    if len(items) == 1:  # a device's one entry (the common write): nothing to compare
+        ref, write = items[0]
+        return {write.device_key: _one(ref, write, horizon)}
     plans: dict[str, DevicePlan] = {}
     # device → pin → event time → value, every point of history pins (later entries win ties)
     points: dict[str, dict[str, dict[int, Value]]] = {}
@@ -135,6 +138,23 @@ def coalesce(
                 plan.pins[pin].history = history
                 plan.superseded -= sum(1 for ts, _ in history if ts != now_ts)
     return plans
+
+
+def _one(ref: int, write: BlynkWrite, horizon: int) -> DevicePlan:
+    """:func:`coalesce` of one entry: each pin's value is current; a history pin's value is
+    also a history point when it is older than the live window (rule 2)."""
+    ts = write.event_ts_ms
+    history_pins = write.history_pins
+    pins: dict[str, PinPlan] = {}
+    backlog = False
+    for pin, value in write.pins.items():
+        if history_pins and ts < horizon and pin in history_pins:
+            pins[pin] = PinPlan(ts, value, True, [(ts, value)], {ref})
+            backlog = True
+        else:
+            pins[pin] = PinPlan(ts, value, True, [], {ref})
+    return DevicePlan(write.device_key, write.token, write.server, pins, [ref], max(ts, -1),
+                      backlog)
 
 
 def drop_stale(plan: DevicePlan, last_written: Mapping[str, int]) -> list[str]:

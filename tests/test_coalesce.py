@@ -223,3 +223,19 @@ def test_chunks() -> None:
     points: list[tuple[int, Value]] = [(i, i) for i in range(25)]
     assert [len(c) for c in chunks(points, 10)] == [10, 10, 5]
     assert chunks([], 10) == []
+
+
+@pytest.mark.parametrize("write", [
+    w("d1", 1_000, {"V1": 1.5, "V2": True}),
+    w("d1", 1_000, {"V1": 1.5, "V2": 2}, hist=("V1",)),  # a live history pin: no point
+    w("d1", 10, {"V1": 1.5, "V2": 2}, hist=("V1",)),  # older than the live window: a point
+    w("d1", 1_500, {"V1": 1.5}, hist=("V1",)),  # at the window's edge: live
+    w("d1", -5, {"V1": [1.0, 2.0]}, hist=("V1",)),
+    w("d1", 1_000, {}),
+])
+def test_one_entry_is_coalesced_as_in_a_batch(write: BlynkWrite) -> None:
+    """A device's one entry takes a shortcut; its plan is the one a batch would give it."""
+    other = w("d2", 1_000, {"V1": 1.0})
+    alone = coalesce([(0, write)], now_ms=2_000, live_window_ms=500)
+    batch = coalesce([(0, write), (1, other)], now_ms=2_000, live_window_ms=500)
+    assert alone == {"d1": batch["d1"]}

@@ -77,6 +77,7 @@ _PIN_REASONS = frozenset({Reason.TYPE_MISMATCH, Reason.NO_DATASTREAM, Reason.WRO
 MAX_UPLOAD_POINTS = 10_000
 _REGION_TTL_S = 30 * 86_400
 _REGION_CACHE = 100_000
+_SPLITS_CACHE = 1_000
 _error_decoder = msgspec.json.Decoder()
 
 
@@ -178,6 +179,11 @@ class BlynkClient:
         self._token_hashes: dict[str, str] = {}
         #: Where a 308 may lead (canonical base URLs; see :func:`redirect_refusal`).
         self._servers = frozenset(s for s in map(canonical_base, config.servers.values()) if s)
+        #: base URL → (its origin, its path) as :func:`_split_url` splits a URL of it, so the
+        #: task-free write does not split every request's URL again (few: servers, regions).
+        self._splits: dict[str, tuple[str, str]] = {}
+        #: The same for ``base_url(server)``, by server (a name of ``config.servers`` or a URL).
+        self._server_splits: dict[str, tuple[str, str]] = {}
 
     # session ----------------------------------------------------------------------------------
     def session(self) -> aiohttp.ClientSession:
@@ -297,8 +303,9 @@ class BlynkClient:
         return self._answer(endpoint, resp, token, pin)
 
     def _answer(self, endpoint: str, resp: Response | BaseException, token: str,
-                pin: str | None) -> tuple[Outcome, str | None]:
-        """Classify one answer (or the error instead of one); counts it in the metrics."""
+                pin: str | None, *, server: str = "") -> tuple[Outcome, str | None]:
+        """Classify one answer (or the error instead of one); counts it in the metrics.
+        ``server``: the base URL a 2xx's :class:`Ok` names."""
         if isinstance(resp, BaseException):
             if isinstance(resp, TimeoutError):
                 self._count(endpoint, "timeout")
@@ -312,7 +319,7 @@ class BlynkClient:
         self._count(endpoint, str(status))
         text = resp.text()
         if 200 <= status < 300:
-            return Ok(status, text), None
+            return Ok(status, text, server), None
         location = resp.headers.get("location")
         if status in (301, 302, 307, 308) and location:
             return Ok(status), location
@@ -350,7 +357,18 @@ class BlynkClient:
         if known is None:
             return False
         path_query, pin = query
-        base, target = _split_url((known or self.base_url(server)) + path_query)
+        split = self._splits.get(known) if known else self._server_splits.get(server)
+        if split is None:
+            url = known or self.base_url(server)
+            split = self._split_base(url)
+            if split is None:
+                base, target = _split_url(url + path_query)
+            else:
+                if not known:
+                    self._server_splits[server] = split
+                base, target = split[0], split[1] + path_query
+        else:
+            base, target = split[0], split[1] + path_query
 
         def answered(resp: Response | BaseException) -> None:
             if isinstance(resp, BaseException) and (
@@ -358,18 +376,25 @@ class BlynkClient:
                     or (isinstance(resp, ConnectionLost) and not resp.got_bytes)):
                 on_done(None)  # perhaps a keep-alive connection the server had just closed
                 return
-            outcome, location = self._answer("batch_update", resp, token, pin)
-            if location is not None:
-                on_done(None)
-            elif isinstance(outcome, Ok):
-                on_done(Ok(outcome.status, outcome.body, server=base))
-            else:
-                on_done(outcome)
+            outcome, location = self._answer("batch_update", resp, token, pin, server=base)
+            on_done(None if location is not None else outcome)
 
         try:
             return self.http.send_nowait(base, target, answered)
         except ValueError:  # not an http(s) URL: batch_update says so as an outcome
             return False
+
+    def _split_base(self, url: str) -> tuple[str, str] | None:
+        """:attr:`_splits` of ``url`` (cached), or ``None`` for a URL without ``//`` or ending
+        in ``/``, which only :func:`_split_url` of the whole URL splits right."""
+        if "//" not in url or url.endswith("/"):
+            return None
+        if len(self._splits) >= _SPLITS_CACHE:
+            self._splits.clear()
+            self._server_splits.clear()
+        i = url.find("/", url.find("//") + 2)
+        split = self._splits[url] = (url, "") if i < 0 else (url[:i], url[i:])
+        return split
 
     async def update(self, server: str, token: str, pin: str, value: Value) -> Outcome:
         """``GET update?token=…&V1=…`` (a location goes as ``pin=V1&value=lon&value=lat``)."""
@@ -498,16 +523,32 @@ def _base_of(location: str, path_query: str) -> str | None:
     return str(u.origin())
 
 
+#: The encoded start of a ``batch/update`` per token, and ``&<pin>=`` per pin name: the same
+#: few strings on every write of a device (cleared past ``_REGION_CACHE`` entries).
+_BATCH_PATHS: dict[str, str] = {}
+_PIN_PARTS: dict[str, str] = {}
+
+
 def _batch_query(token: str, pins: Mapping[str, Value]) -> tuple[str, str | None] | None:
     """Path and query of a ``batch/update``, and the pin when it is the only one; ``None``
     when no pin has a value to send."""
-    parts = ["/external/api/batch/update?token=", _q(token)]
+    path = _BATCH_PATHS.get(token)
+    if path is None:
+        if len(_BATCH_PATHS) >= _REGION_CACHE:
+            _BATCH_PATHS.clear()
+        path = _BATCH_PATHS[token] = "/external/api/batch/update?token=" + _q(token)
+    parts = [path]
     only: str | None = None
     for pin, value in pins.items():
         text = format_value(value)
         if text is None:
             continue
-        parts += ["&", _q(pin), "=", _q(text)]
+        part = _PIN_PARTS.get(pin)
+        if part is None:
+            if len(_PIN_PARTS) >= _REGION_CACHE:
+                _PIN_PARTS.clear()
+            part = _PIN_PARTS[pin] = "&" + _q(pin) + "="
+        parts += [part, _q(text)]
         only = pin if only is None else ""
     if only is None:
         return None

@@ -71,7 +71,7 @@ COMMIT_LINGER_S = 0.005
 FENCED_RETRY_S = 0.05
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen one's __init__ costs ~4x (0.56 vs 0.15 µs)
 class Commit:
     """One device write's record and acks."""
 
@@ -107,8 +107,10 @@ class Committer:
         self.commits: GroupCommit[Commit, bool] = GroupCommit(
             self.commit_many, linger_s=COMMIT_LINGER_S, name="egress-group-commit")
         # device key → its integration's bb_written counter child (the split is per device, not
-        # per write; cleared past _WRITTEN_CACHE devices so a huge fleet does not grow it)
+        # per write; cleared past _WRITTEN_CACHE devices so a huge fleet does not grow it), and
+        # integration → that child (labels() is not free: a cleared device cache refills cheaply)
         self._written: dict[str, Any] = {}
+        self._written_by_integration: dict[str, Any] = {}
         self._dropped_stale = metrics.EGRESS_DROPPED.labels("stale")
         #: Superseded values of finished writes not yet taken by :meth:`take_superseded`.
         self._superseded = 0
@@ -251,7 +253,13 @@ class Committer:
         if counter is None:
             if len(self._written) >= _WRITTEN_CACHE:
                 self._written.clear()
-            counter = metrics.WRITTEN.labels(_integration_of(device_key))
+            integration = _integration_of(device_key)
+            counter = self._written_by_integration.get(integration)
+            if counter is None:
+                if len(self._written_by_integration) >= _WRITTEN_CACHE:
+                    self._written_by_integration.clear()
+                counter = self._written_by_integration[integration] = metrics.WRITTEN.labels(
+                    integration)
             self._written[device_key] = counter
         counter.inc(values)
 
