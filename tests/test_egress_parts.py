@@ -205,12 +205,13 @@ async def written(redis: Redis, keys: Keys) -> AsyncIterator[tuple[StreamReader,
 def _committer(redis: Redis, keys: Keys, reader: StreamReader,
                held: HeldWrites) -> tuple[Committer, LastWritten, list[asyncio.Task[None]]]:
     tasks: list[asyncio.Task[None]] = []
-    order = LastWritten(redis, keys, "c1")
+    order = LastWritten(redis, keys)
     servers = Servers(30.0, lambda name, failure: None)
     committer = Committer(order, reader, Registry(redis, keys),
                           held, servers, lambda coro, name: tasks.append(
                               asyncio.create_task(coro, name=name)), 30.0,
-                          stream_of=lambda p: keys.stream(WRITES, p), lost=lambda p: None)
+                          stream_of=lambda p: keys.stream(WRITES, p), token_of=lambda p: "c1",
+                          lost=lambda p: None)
     return committer, order, tasks
 
 

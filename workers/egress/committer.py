@@ -7,14 +7,16 @@ resolves every in-flight entry of the device, then the write's ``pending`` futur
   in memory; the record, when it changed, and the acks of the entries fully written are one
   :class:`Commit`. Commits of device writes finishing within ``COMMIT_LINGER_S`` (or while the
   previous call ran) share one script call (:meth:`pipeline.order.LastWritten.commit`; one per
-  partition on a cluster), which first checks that each partition's lease is still this
-  replica's. An entry is acked only after Blynk took everything it carried, or its values
-  proved stale.
-* **Fenced.** A partition whose lease was not this replica's any more had nothing recorded
-  or acked: it is given up at once (``lost``, counted in ``bb_egress_fenced_total``), and its
-  entries stay pending for the new owner. A write that found its partition's lease not
-  certainly held before sending (``Result.fenced``) is retried shortly, unless the partition
-  is gone meanwhile. Nothing is done for a device whose partition is gone.
+  partition on a cluster), which first checks that each partition's lease still holds the
+  token of the ownership the writes were made under (:attr:`pipeline.lease.Lease.token`, one
+  per acquisition). An entry is acked only after Blynk took everything it carried, or its
+  values proved stale.
+* **Fenced.** A partition whose lease did not hold that token any more (another replica's, or
+  this one's own later acquisition) had nothing recorded or acked: it is given up at once
+  (``lost``, counted in ``bb_egress_fenced_total``) unless already given up, and its entries
+  stay pending for the new owner. A write that found its partition's lease not certainly held
+  before sending (``Result.fenced``) is retried shortly, unless the partition is gone
+  meanwhile. Nothing is done for a device whose partition is gone.
 * **Dead-letter** the entries that carried a pin Blynk refused (original entry kept, reason and
   detail per pin) — after the commit, so the rest of the device's entries are acked first.
 * **Invalid token**: all the device's in-flight entries are dead-lettered; the device is marked
@@ -93,10 +95,12 @@ class Committer:
     def __init__(self, order: LastWritten, reader: StreamReader,
                  registry: Registry, held: HeldWrites, servers: Servers, spawn: Spawn,
                  max_backoff_s: float, *, stream_of: Callable[[int], str],
-                 lost: Callable[[int], None]) -> None:
+                 token_of: Callable[[int], str], lost: Callable[[int], None]) -> None:
         self._order = order
-        #: Partition → its writes stream; a fenced partition is given up through ``lost``.
+        #: Partition → its writes stream, its lease token (of the latest acquisition); a
+        #: fenced partition is given up through ``lost``.
         self._stream_of = stream_of
+        self._token_of = token_of
         self._lost = lost
         self._reader = reader
         self._registry = registry
@@ -151,8 +155,10 @@ class Committer:
         again = result.again
         exc = asyncio.CancelledError() if commit.cancelled() else commit.exception()
         if exc is None:
-            if not commit.result():
-                self._lost(dev.partition)  # fenced off: nothing recorded or acked
+            if not commit.result() and not dev.gone:
+                # Fenced off: nothing recorded or acked. A write of an ownership given up since
+                # (``gone``) is refused as it should be and says nothing of a later ownership.
+                self._lost(dev.partition)
         else:
             if isinstance(exc, RedisError):
                 log.warning("egress: recording %s failed (%s); its write is retried",
@@ -257,18 +263,23 @@ class Committer:
 
     async def commit_many(self, items: list[Commit]) -> list[bool]:
         """Records and acks of many device writes in one script call (one per partition on a
-        cluster); per item, whether its partition's lease was still this replica's.
+        cluster); per item, whether its partition's lease still held the token.
 
         A write whose partition was given up since it finished (``gone``) has nothing recorded
-        or acked, even if the partition was taken back meanwhile (the lease check would pass):
-        its record may predate another owner's writes, and its entries were taken over again."""
+        or acked, even if the partition was taken back meanwhile: its record may predate
+        another owner's writes, and its entries were taken over again. Every other write was
+        made under the partition's latest acquisition (a partition is given up, its writes
+        ``gone``, before it can be taken again), so its commit carries that acquisition's token:
+        a call that reaches Redis only after the partition was lost and taken back (by this
+        replica too) finds another token and does nothing."""
         parts: dict[int, PartitionCommit] = {}
         for c in items:
             if c.dev.gone:
                 continue
             part = parts.get(c.partition)
             if part is None:
-                part = parts[c.partition] = PartitionCommit(self._stream_of(c.partition))
+                part = parts[c.partition] = PartitionCommit(self._stream_of(c.partition),
+                                                            self._token_of(c.partition))
             if c.record is not None:
                 part.records.append((c.device_key, c.record))
             part.acks.extend(e.id for e in c.acks)
