@@ -6,7 +6,7 @@ frozen, cut off from Redis — loses the lease after ``ttl_ms`` and a standby ac
 
 **The value is a token per acquisition** (:attr:`Lease.token`: ``"<owner> <nonce>"``, a fresh
 random nonce each time), not the owner's name: renew and release compare the whole token, and
-so does anything fenced by the lease (egress's commit script), with the token
+so does anything fenced by the lease (egress's commit and dead letters), with the token
 of the ownership its work started under. A request sent under an earlier ownership that reaches
 Redis after the same owner lost and re-took the lease is refused, as a stranger's would be.
 :func:`owner_of` (and :meth:`Lease.holder`) reads the owner's name back.

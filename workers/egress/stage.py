@@ -156,7 +156,7 @@ class EgressStage:
         self.committer = Committer(self.order, self.reader, self.registry,
                                    self.held, self.servers, self._spawn, cfg.max_backoff_s,
                                    stream_of=self._streams.__getitem__,
-                                   token_of=lambda p: self.ownership.leases[p].token,
+                                   lease_of=self.ownership.leases.__getitem__,
                                    lost=self._fenced)
         #: With Blynk webhooks configured, writes are announced to echo suppression first.
         self._echo_window_ms = ctx.config.echo.window_ms if ctx.config.blynk_webhooks else 0
