@@ -124,6 +124,7 @@ def _open_fds(pid: int) -> int:
 async def _balanced(prefix: str, partitions: int, replicas: int) -> bool:
     """Every partition lease held, by ``replicas`` owners, none over its fair share."""
     from pipeline.keys import Keys
+    from pipeline.lease import owner_of
     from pipeline.streams import connect
 
     redis = connect(REDIS_URL)
@@ -135,8 +136,8 @@ async def _balanced(prefix: str, partitions: int, replicas: int) -> bool:
     if any(o is None for o in owners):
         return False
     count: dict[object, int] = {}
-    for o in owners:
-        count[o] = count.get(o, 0) + 1
+    for o in owners:  # the values are tokens per acquisition: count their owners
+        count[owner_of(o)] = count.get(owner_of(o), 0) + 1
     share = -(-partitions // replicas)
     return len(count) == replicas and max(count.values()) <= share
 

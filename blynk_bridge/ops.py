@@ -435,7 +435,7 @@ def cmd_devices(args: argparse.Namespace) -> int:
                     missing.append(key)
                     continue
                 row = _device_row(dev, since.get(key))
-                row["last_written"] = await LastWritten(redis, keys, "ops").get(key)
+                row["last_written"] = await LastWritten(redis, keys).get(key)
                 out.append(row)
             print_json({"devices": out, "broken": len(since)})
         else:  # unbreak

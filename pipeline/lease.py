@@ -1,8 +1,15 @@
 """A Redis lease: at most one owner of a named resource at a time, across processes.
 
-``SET key owner NX PX ttl`` acquires; a Lua compare-and-extend renews (only the owner can);
+``SET key token NX PX ttl`` acquires; a Lua compare-and-extend renews (only the owner can);
 a Lua compare-and-delete releases (only the owner can). An owner that stops renewing — killed,
 frozen, cut off from Redis — loses the lease after ``ttl_ms`` and a standby acquires it.
+
+**The value is a token per acquisition** (:attr:`Lease.token`: ``"<owner> <nonce>"``, a fresh
+random nonce each time), not the owner's name: renew and release compare the whole token, and
+so does anything fenced by the lease (egress's commit and dead letters), with the token
+of the ownership its work started under. A request sent under an earlier ownership that reaches
+Redis after the same owner lost and re-took the lease is refused, as a stranger's would be.
+:func:`owner_of` (and :meth:`Lease.holder`) reads the owner's name back.
 
 Safety rests on the owner giving up *before* Redis expires the key: :meth:`Lease.valid` is
 false from ``ttl_ms - margin_ms`` after the last successful acquire/renew was *sent*, so a
@@ -25,6 +32,7 @@ import contextlib
 import logging
 import math
 import random
+import secrets
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
@@ -62,6 +70,19 @@ return redis.call('ZCARD', KEYS[1])
 """
 
 
+def new_token(owner: str) -> str:
+    """A lease value unique to one acquisition by ``owner`` (module docstring)."""
+    return f"{owner} {secrets.token_hex(8)}"
+
+
+def owner_of(value: bytes | str) -> str:
+    """The owner's name in a lease value (:func:`new_token`); a value without a nonce is
+    returned whole."""
+    text = value.decode() if isinstance(value, bytes) else value
+    owner, sep, _ = text.rpartition(" ")
+    return owner if sep else text
+
+
 class Lease:
     """One named lease as seen by one would-be owner."""
 
@@ -76,6 +97,10 @@ class Lease:
         #: Give up this long before Redis would expire the key (clock and network slack).
         self.margin_ms = margin_ms if margin_ms is not None else max(50, ttl_ms // 5)
         self._valid_until = 0.0
+        #: The value of this owner's latest acquisition ("" before the first): what renew,
+        #: release and fenced writes compare the lease with. Kept after the lease is lost or
+        #: released, so a write of that ownership still carries it (and is refused).
+        self.token = ""
         self._renew = redis.register_script(_RENEW)
         self._release = redis.register_script(_RELEASE)
 
@@ -88,17 +113,21 @@ class Lease:
         return max(0.0, self._valid_until - time.monotonic())
 
     async def acquire(self) -> bool:
-        """Take the lease if nobody holds it; True when this owner now holds it."""
+        """Take the lease if nobody holds it, under a new :attr:`token`; True when this owner
+        now holds it."""
         sent = time.monotonic()
-        ok = await self._redis.set(self.key, self.owner, nx=True, px=self.ttl_ms)
+        token = new_token(self.owner)
+        ok = await self._redis.set(self.key, token, nx=True, px=self.ttl_ms)
         if ok:
+            self.token = token
             self._valid_until = sent + (self.ttl_ms - self.margin_ms) / 1000
         return bool(ok)
 
     async def renew(self) -> bool:
-        """Extend the lease; False (and :meth:`valid` false) when another owner holds it."""
+        """Extend the lease; False (and :meth:`valid` false) when another ownership holds it
+        (another owner, or this one's later acquisition)."""
         sent = time.monotonic()
-        ok = await self._renew(keys=[self.key], args=[self.owner, self.ttl_ms])
+        ok = await self._renew(keys=[self.key], args=[self.token, self.ttl_ms])
         if ok:
             self._valid_until = sent + (self.ttl_ms - self.margin_ms) / 1000
         else:
@@ -108,11 +137,12 @@ class Lease:
     async def release(self) -> bool:
         """Give the lease up if still ours, so a standby takes over without waiting."""
         self._valid_until = 0.0
-        return bool(await self._release(keys=[self.key], args=[self.owner]))
+        return bool(await self._release(keys=[self.key], args=[self.token]))
 
     async def holder(self) -> str | None:
+        """The name of the lease's owner (:func:`owner_of`), ``None`` when nobody holds it."""
         raw = await self._redis.get(self.key)
-        return raw.decode() if isinstance(raw, bytes) else raw
+        return None if raw is None else owner_of(raw)
 
 
 async def hold(

@@ -20,9 +20,11 @@ The protocol of one device write (egress):
 3. After the 2xx, :meth:`Record.merge` records ``max(old, new)`` per pin in memory, and
    :meth:`LastWritten.commit` — one script call per flush of commits (one per partition on a
    cluster) — ``SET``s the changed records and ``XACK``s the written entries, **after checking
-   that the partition's lease is still the caller's** (fencing). A partition whose lease is not
-   the caller's any more has nothing recorded and nothing acked: its entries stay pending and
-   its new owner, which took them over, writes them again from the record it read.
+   that the partition's lease still holds the token of the ownership the writes were made
+   under** (fencing; :attr:`pipeline.lease.Lease.token`, one per acquisition). A partition
+   whose lease holds another token — another owner's, or this replica's own later
+   acquisition — has nothing recorded and nothing acked: its entries stay pending and its new
+   owner, which took them over, writes them again from the record it read.
 
 **Why this is safe.** Without a single writer two replicas can both read "last = 5", then send
 20 and 10 in that order: Blynk ends at 10 although the record says 20. With the partition lease
@@ -61,18 +63,19 @@ _pack = msgspec.msgpack.Encoder().encode
 _unpack = msgspec.msgpack.Decoder().decode
 DEFAULT_TTL_MS = 31 * 24 * 3600 * 1000
 
-# KEYS = per partition: its lease, its records, its writes stream; ARGV[1] = msgpack [owner,
-# group, px, [[records, [the 1-based indices of the records to SET with PX px, ascending],
-# entry ids] per partition]]; ARGV[2…] = per partition its records' values, then its entry ids
-# (one argument each: no decoding, no cutting in Lua). The other records are SET with KEEPTTL.
-# Per partition: 1 (recorded and acked) or 0 (the lease is not the caller's: nothing done).
+# KEYS = per partition: its lease, its records, its writes stream; ARGV[1] = msgpack [group,
+# px, [[records, [the 1-based indices of the records to SET with PX px, ascending], entry ids,
+# lease token] per partition]]; ARGV[2…] = per partition its records' values, then its entry
+# ids (one argument each: no decoding, no cutting in Lua). The other records are SET with
+# KEEPTTL. Per partition: 1 (recorded and acked) or 0 (the lease does not hold the token:
+# nothing done).
 _COMMIT = """
 local p = cmsgpack.unpack(ARGV[1])
-local owner, group, px, parts = p[1], p[2], p[3], p[4]
+local group, px, parts = p[1], p[2], p[3]
 local k, a, out = 1, 2, {}
 for i = 1, #parts do
-  local n, expire, ids = parts[i][1], parts[i][2], parts[i][3]
-  if redis.call('GET', KEYS[k]) == owner then
+  local n, expire, ids, token = parts[i][1], parts[i][2], parts[i][3], parts[i][4]
+  if redis.call('GET', KEYS[k]) == token then
     local e = 1
     for r = 1, n do
       if expire[e] == r then
@@ -219,19 +222,20 @@ class PartitionCommit:
 
     #: The partition's writes stream (its entries are acked there).
     stream: str
+    #: The partition's lease token of the ownership the writes were made under
+    #: (:attr:`pipeline.lease.Lease.token`): nothing is done unless the lease still holds it.
+    token: str
     records: list[tuple[str, Record]] = field(default_factory=list)
     acks: list[str] = field(default_factory=list)
 
 
 class LastWritten:
     """Records in Redis: loading them, committing them with the acks (fenced by the partition
-    lease), and reading one (tools)."""
+    lease's token), and reading one (tools)."""
 
-    def __init__(self, redis: Redis, keys: Keys, owner: str, *,
-                 ttl_ms: int = DEFAULT_TTL_MS) -> None:
+    def __init__(self, redis: Redis, keys: Keys, *, ttl_ms: int = DEFAULT_TTL_MS) -> None:
         self._redis = redis
         self._keys = keys
-        self.owner = owner
         self.ttl_ms = ttl_ms
         self._commit = redis.register_script(_COMMIT)
         self._load = redis.register_script(_LOAD)
@@ -261,7 +265,7 @@ class LastWritten:
 
     async def commit(self, parts: Mapping[int, PartitionCommit], group: str
                      ) -> dict[int, bool]:
-        """Per partition ``p``: if ``keys.egress_lease(p)`` is this owner's, ``SET`` its
+        """Per partition ``p``: if ``keys.egress_lease(p)`` holds its ``token``, ``SET`` its
         records and ``XACK`` its entries for ``group`` (one script call for all of them on one
         Redis; one per partition, pipelined, in the cluster layout). Returns per partition
         whether it was done (``False``: fenced off, nothing written or acked)."""
@@ -289,7 +293,7 @@ class LastWritten:
         ttl = self.ttl_ms
         keys: list[str] = []
         values: list[bytes | str] = []
-        spec: list[tuple[int, list[int], int]] = []
+        spec: list[tuple[int, list[int], int, str]] = []
         for p in call:
             part = parts[p]
             keys.append(self._keys.egress_lease(p))
@@ -303,8 +307,8 @@ class LastWritten:
                     values.append(encode(rec))
             keys.append(part.stream)
             values += part.acks
-            spec.append((len(part.records), expire, len(part.acks)))
-        return keys, [_pack([self.owner, group, ttl + ttl // 4, spec]), *values]
+            spec.append((len(part.records), expire, len(part.acks), part.token))
+        return keys, [_pack([group, ttl + ttl // 4, spec]), *values]
 
     async def _calls(self, script: Any, calls: Sequence[tuple[Sequence[str], Sequence[Any]]]
                      ) -> list[Any]:

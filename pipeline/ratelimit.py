@@ -12,7 +12,6 @@ partition), on a TAT kept in the device's record (:mod:`pipeline.order`).
   each answer is ``0.0`` (granted and counted) or the seconds to wait before asking again
   (nothing counted).
 * :meth:`RateLimiter.acquire` waits for one request.
-* :meth:`RateLimiter.defer` pushes a name's next slot out for every replica at once.
 
 Redis errors propagate (``RedisError``): callers treat them as retryable.
 """
@@ -80,19 +79,6 @@ end
 return out
 """
 
-# KEYS[1] = rate key; ARGV[1] = µs from now before the next request may go
-_DEFER = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local until_ = now + tonumber(ARGV[1])
-local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
-if tat < until_ then
-  redis.call('SET', KEYS[1], string.format('%.0f', until_), 'PX',
-             math.floor((until_ - now) / 1000) + 1)
-end
-return 0
-"""
-
 
 class RateLimiter:
     """At most ``rps`` requests per second per device across all replicas (burst ``burst``).
@@ -110,7 +96,6 @@ class RateLimiter:
         self.burst = burst
         self.interval_us = int(1_000_000 / rps)
         self._take = redis.register_script(_TAKE)
-        self._defer = redis.register_script(_DEFER)
 
     async def take(self, device_keys: Sequence[str]) -> list[float]:
         """One request for each device: ``0.0`` = granted now, else seconds to wait first.
@@ -147,17 +132,3 @@ class RateLimiter:
                 return
             # Pacing: the wait is the exact time to the next free slot, not a guess.
             await asyncio.sleep(wait)
-
-    async def defer(self, device_key: str, seconds: float) -> None:
-        """No request of ``device_key`` for ``seconds`` (from now), on any replica."""
-        await self.defer_many([(device_key, seconds)])
-
-    async def defer_many(self, items: Sequence[tuple[str, float]]) -> None:
-        """:meth:`defer` for many devices in one round trip."""
-        if not items:
-            return
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for device_key, seconds in items:
-                await self._defer(keys=[self._keys.rate(device_key)],
-                                  args=[max(0, int(seconds * 1_000_000))], client=pipe)
-            await pipe.execute()

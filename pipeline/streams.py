@@ -12,7 +12,8 @@ Contract (every stage relies on it):
   entries, blocking up to ``block_ms``. An empty list means nothing arrived in that time.
 * Nothing is acknowledged by reading. The caller acks with :meth:`StreamReader.ack` after the
   next hop has the output, or hands the entry to :meth:`StreamReader.dead_letter`, which writes a
-  :class:`~pipeline.events.DeadLetter` and then acks.
+  :class:`~pipeline.events.DeadLetter` and then acks (:meth:`StreamReader.dead_letter_fenced`:
+  both in one script, only while a lease holds the caller's token).
 * New entries are read at once: a batch holds what arrived while the caller handled the
   previous one (natural batching), so at low load an entry waits for no timer. Only while more
   than ``linger_above_per_s`` new entries per second are read (:class:`~pipeline.batching
@@ -198,6 +199,25 @@ class _Partition(_Pass):
     stale: bool = False
 
 
+# KEYS = the fence (a lease), the dead stream, the stream; ARGV = token, group, field, letters
+# n, the n letters, then the entry ids. 1: dead-lettered and acked; 0: the fence does not hold
+# the token, nothing done.
+_DEAD_FENCED = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return 0
+end
+local n = tonumber(ARGV[4])
+for i = 5, 4 + n do
+  redis.call('XADD', KEYS[2], '*', ARGV[3], ARGV[i])
+end
+local last = #ARGV
+for j = 5 + n, last, 1000 do
+  redis.call('XACK', KEYS[3], ARGV[2], unpack(ARGV, j, math.min(j + 999, last)))
+end
+return 1
+"""
+
+
 class StreamReader:
     """Reads one consumer group over one or more streams (the partitions of one stream)."""
 
@@ -241,6 +261,7 @@ class StreamReader:
             else None)
         #: Cluster layout: the partition whose ready batch goes first (they take turns).
         self._turn = 0
+        self._dead_fenced: Any = None  # the script, registered on first use
 
     async def ensure_group(self) -> None:
         """Create the group (from the start of the stream) unless it exists. Idempotent."""
@@ -500,23 +521,50 @@ class StreamReader:
         await self.ack([e for e, _, _ in items])
         self.count_dead(items)
 
+    async def dead_letter_fenced(self, items: Sequence[DeadItem], fence: str,
+                                 token: str) -> bool:
+        """:meth:`dead_letter`, only while the key ``fence`` holds ``token`` (an ownership's
+        lease token, :attr:`pipeline.lease.Lease.token`): per stream one script call checks
+        it, writes the dead letters and acks the entries — or does nothing. ``False`` once a
+        call found another token (the streams after it are not tried). In the cluster layout
+        ``fence`` must be in the slot of the entries' stream (as a partition's lease is)."""
+        if self._dead_fenced is None:
+            self._dead_fenced = self._redis.register_script(_DEAD_FENCED)
+        by_stream: dict[str, list[DeadItem]] = {}
+        for item in items:
+            by_stream.setdefault(item[0].stream, []).append(item)
+        ts = now_ms()
+        for stream, its in by_stream.items():
+            letters = [self._letter(entry, reason, detail, ts) for entry, reason, detail in its]
+            if not await self._dead_fenced(
+                    keys=[fence, self._keys.dead_for(stream), stream],
+                    args=[token, self.group, events.FIELD, len(letters), *letters,
+                          *(entry.id for entry, _, _ in its)]):
+                return False
+            self.count_dead(its)
+        return True
+
     def queue_dead_letter(self, pipe: Pipeline, items: Sequence[DeadItem],
                           ts: int) -> None:
         """Queue the dead letters of ``items`` (not their acks: a caller acking in the same
         pipeline makes it a ``MULTI``, so an entry is never acked without its dead letter);
         :meth:`count_dead` once it ran."""
         for entry, reason, detail in items:
-            dead = events.dead_letter(
-                stream=entry.stream,
-                entry_id=entry.id,
-                raw=entry.data if entry.data is not None else _encode_fields(entry.fields),
-                stage=self.stage,
-                reason=reason,
-                detail=detail,
-                attempts=entry.deliveries,
-                dead_ts_ms=ts,
-            )
-            pipe.xadd(self._keys.dead_for(entry.stream), {events.FIELD: events.encode(dead)})
+            pipe.xadd(self._keys.dead_for(entry.stream),
+                      {events.FIELD: self._letter(entry, reason, detail, ts)})
+
+    def _letter(self, entry: Entry, reason: Reason, detail: str, ts: int) -> bytes:
+        """The encoded dead letter of ``entry``."""
+        return events.encode(events.dead_letter(
+            stream=entry.stream,
+            entry_id=entry.id,
+            raw=entry.data if entry.data is not None else _encode_fields(entry.fields),
+            stage=self.stage,
+            reason=reason,
+            detail=detail,
+            attempts=entry.deliveries,
+            dead_ts_ms=ts,
+        ))
 
     def count_dead(self, items: Sequence[tuple[Entry, str, str]]) -> None:
         for _, reason, _ in items:

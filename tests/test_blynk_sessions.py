@@ -30,6 +30,7 @@ from pipeline import events
 from pipeline.blynk.client import token_hash
 from pipeline.context import Context
 from pipeline.keys import DOWNLINKS, WRITES, Keys
+from pipeline.lease import owner_of
 from pipeline.registry import Registry
 from pipeline.streams import Redis, now_ms
 from tests import rig
@@ -260,8 +261,9 @@ async def test_two_replicas_split_devices_and_a_killed_one_loses_no_app_change(
     try:
         owners = world.keys.lease("sessions", "")
 
-        async def holders() -> set[bytes | None]:
-            return {await world.redis.get(owners + str(p)) for p in range(8)}
+        async def holders() -> set[str | None]:  # the replicas' names (values are tokens)
+            values = [await world.redis.get(owners + str(p)) for p in range(8)]
+            return {None if v is None else owner_of(v) for v in values}
 
         # Each replica holds its fair share (4 of 8) once both heartbeats are in.
         await wait_until(lambda: _when(holders(), lambda h: len(h) == 2 and None not in h),

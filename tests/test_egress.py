@@ -31,6 +31,7 @@ from pipeline.config import (
 from pipeline.context import Context
 from pipeline.events import FIELD, BlynkWrite, DeadLetter, Value, decode_dead, decode_write, encode
 from pipeline.keys import GROUP_EGRESS, WRITES, Keys
+from pipeline.lease import Lease
 from pipeline.order import LastWritten, PartitionCommit, Record
 from pipeline.registry import Registry
 from pipeline.status import State, StatusBoard
@@ -52,15 +53,16 @@ async def owned_by(redis: Redis, keys: Keys, owner: str, partition: int = 0) -> 
 
 
 def commit_of(keys: Keys, records: dict[str, Record], acks: list[str] | None = None,
-              partition: int = 0) -> dict[int, PartitionCommit]:
-    return {partition: PartitionCommit(keys.stream(WRITES, partition), list(records.items()),
-                                       acks or [])}
+              partition: int = 0, token: str = "replica-a") -> dict[int, PartitionCommit]:
+    """A commit made under the lease value ``token`` (:func:`owned_by` sets the owner's name)."""
+    return {partition: PartitionCommit(keys.stream(WRITES, partition), token,
+                                       list(records.items()), acks or [])}
 
 
 async def test_records_are_loaded_merged_in_memory_and_committed_with_the_acks(
     redis: Redis, keys: Keys
 ) -> None:
-    book = LastWritten(redis, keys, "replica-a")
+    book = LastWritten(redis, keys)
     await owned_by(redis, keys, "replica-a")
     stream = keys.stream(WRITES)
     await redis.xgroup_create(stream, GROUP_EGRESS, id="0", mkstream=True)
@@ -73,7 +75,7 @@ async def test_records_are_loaded_merged_in_memory_and_committed_with_the_acks(
     assert await book.commit(commit_of(keys, {"dev-a": a, "dev-b": b},
                                        [i.decode() for i in ids]), GROUP_EGRESS) == {0: True}
     assert (await redis.xpending(stream, GROUP_EGRESS))["pending"] == 0
-    again, = await LastWritten(redis, keys, "replica-b").load(["dev-a"])
+    again, = await LastWritten(redis, keys).load(["dev-a"])
     assert again.pins == {"V1": 200, "V2": 100} and again.newest == 200
 
 
@@ -87,7 +89,7 @@ async def test_a_commit_whose_partition_lease_is_another_replicas_does_nothing(
     entry = (await redis.xadd(stream, {"d": b"x"})).decode()
     await redis.xreadgroup(GROUP_EGRESS, "replica-a", {stream: ">"})
     await owned_by(redis, keys, "replica-b")
-    a = LastWritten(redis, keys, "replica-a")
+    a = LastWritten(redis, keys)
     (record,) = await a.load(["dev"])
     record.merge({"V1": 10})
     assert await a.commit(commit_of(keys, {"dev": record}, [entry]), GROUP_EGRESS) == {0: False}
@@ -95,6 +97,36 @@ async def test_a_commit_whose_partition_lease_is_another_replicas_does_nothing(
     assert (await redis.xpending(stream, GROUP_EGRESS))["pending"] == 1
     await redis.delete(keys.egress_lease(0))  # nobody's: still not the caller's
     assert await a.commit(commit_of(keys, {"dev": record}, [entry]), GROUP_EGRESS) == {0: False}
+
+
+async def test_a_commit_made_under_an_earlier_acquisition_by_the_same_replica_does_nothing(
+    redis: Redis, keys: Keys
+) -> None:
+    """Fencing is by ownership, not by name: a commit made while this replica owned the
+    partition that reaches Redis only after it lost the partition and took it again (a new
+    ownership, which took the entries over and writes them from the record it read) must
+    neither roll the record back nor ack what the new ownership holds."""
+    stream = keys.stream(WRITES)
+    await redis.xgroup_create(stream, GROUP_EGRESS, id="0", mkstream=True)
+    entry = (await redis.xadd(stream, {"d": b"x"})).decode()
+    await redis.xreadgroup(GROUP_EGRESS, "replica-a", {stream: ">"})
+    lease = Lease(redis, keys.egress_lease(0), "replica-a", ttl_ms=60_000)
+    assert await lease.acquire()
+    earlier = lease.token
+    await redis.delete(keys.egress_lease(0))  # lapsed (the replica was frozen) ...
+    assert await lease.acquire()  # ... and taken again by the same replica
+    assert await lease.holder() == "replica-a" and lease.token != earlier
+    book = LastWritten(redis, keys)
+    (record,) = await book.load(["dev"])
+    record.merge({"V1": 10})
+    late = commit_of(keys, {"dev": record}, [entry], token=earlier)
+    assert await book.commit(late, GROUP_EGRESS) == {0: False}
+    assert await book.get("dev") == {}
+    assert (await redis.xpending(stream, GROUP_EGRESS))["pending"] == 1
+    current = commit_of(keys, {"dev": record}, [entry], token=lease.token)
+    assert await book.commit(current, GROUP_EGRESS) == {0: True}
+    assert await book.get("dev") == {"V1": 10}
+    assert (await redis.xpending(stream, GROUP_EGRESS))["pending"] == 0
 
 
 async def test_records_of_the_per_device_lease_design_are_read_as_they_are(
@@ -107,12 +139,12 @@ async def test_records_of_the_per_device_lease_design_are_read_as_they_are(
     await redis.eval("redis.call('SET', KEYS[1], cmsgpack.pack({1700000000000, 'egress-9', "
                      "1700000000000000, 1700000000000, 7, 55}) .. cmsgpack.pack({V1=55, V2=3}))",
                      1, key)
-    (record,) = await LastWritten(redis, keys, "replica-a").load(["dev"])
+    (record,) = await LastWritten(redis, keys).load(["dev"])
     assert record == Record({"V1": 55, "V2": 3}, tat_us=1700000000000000,
                             expiry_ms=1700000000000, version=7, newest=55)
     await owned_by(redis, keys, "replica-a")
     record.merge({"V2": 60})
-    await LastWritten(redis, keys, "replica-a").commit(commit_of(keys, {"dev": record}),
+    await LastWritten(redis, keys).commit(commit_of(keys, {"dev": record}),
                                                        GROUP_EGRESS)
     header = await redis.eval("local _, h = cmsgpack.unpack_one(redis.call('GET', KEYS[1])) "
                               "return {h[1], h[2], h[5], h[6]}", 1, key)
@@ -126,7 +158,7 @@ async def test_a_record_keeps_its_expiry_until_a_quarter_of_the_ttl_has_passed(
     expiry (5/4 of the ttl, so it outlives the last write by the ttl at least) is set again
     only once a quarter of the ttl has passed since it was set."""
     day = 24 * 3600 * 1000
-    book = LastWritten(redis, keys, "replica-a", ttl_ms=8 * day)
+    book = LastWritten(redis, keys, ttl_ms=8 * day)
     await owned_by(redis, keys, "replica-a")
     key = keys.last_written("dev")
     (record,) = await book.load(["dev"])
@@ -346,7 +378,7 @@ async def test_late_and_redelivered_entries_never_roll_back(rig: Rig) -> None:
     # what Blynk has, is sent once more (equal times are applied in arrival order): same value
     assert rig.device(0).messages == messages + 1
     assert await rig.pending() == 0
-    assert await LastWritten(rig.redis, rig.keys, "x").get(device_key(0)) == {"V1": t0 + 100}
+    assert await LastWritten(rig.redis, rig.keys).get(device_key(0)) == {"V1": t0 + 100}
 
 
 async def test_replicas_never_write_a_device_backwards(rig: Rig) -> None:
@@ -362,7 +394,7 @@ async def test_replicas_never_write_a_device_backwards(rig: Rig) -> None:
     running = [asyncio.create_task(r.main_loop(stop)) for r in replicas]
     t0 = now_ms()
     rnd = random.Random(7)
-    book = LastWritten(rig.redis, rig.keys, "observer")
+    book = LastWritten(rig.redis, rig.keys)
     for wave in range(12):
         values = list(range(wave * 12, wave * 12 + 12))
         rnd.shuffle(values)
@@ -468,7 +500,7 @@ async def test_a_partition_handed_over_records_and_acks_its_writes_under_way_fir
         await wait_until(released, what="partition 1 handed over")
         assert set(a.owned) == {0}
         assert await prig.pending() == 0  # acked before the hand-over: not written again
-        assert await LastWritten(prig.redis, prig.keys, "x").get(device_key(n)) == {"V1": t0}
+        assert await LastWritten(prig.redis, prig.keys).get(device_key(n)) == {"V1": t0}
         assert value(prig, n, "V1") == 1.0 and prig.device(n).messages == 1
     finally:
         await prig.admin("POST", "faults", {})
@@ -502,7 +534,9 @@ async def test_a_hand_over_whose_write_a_stop_abandoned_leaves_the_lease_to_laps
         await within(run)
         await within(balance)
         await within(asyncio.gather(*a.ownership.handing.values()))
-        assert await prig.redis.get(prig.keys.egress_lease(1)) == b"a"  # left to lapse
+        # left to lapse, under the token A took it with
+        assert await prig.redis.get(prig.keys.egress_lease(1)) == \
+            a.ownership.leases[1].token.encode()
         assert await prig.pending() == 1
     finally:
         await prig.admin("POST", "faults", {})
@@ -532,7 +566,7 @@ async def test_a_replica_whose_lease_was_taken_has_its_commit_refused_and_stops_
                      what="the write's commit refused")
     assert 0 not in stage.owned and not stage.ownership.owned
     assert await rig.pending() == 1  # not acked: the partition's next owner writes it again
-    assert await LastWritten(rig.redis, rig.keys, "x").get(device_key(0)) == {"V1": t0}
+    assert await LastWritten(rig.redis, rig.keys).get(device_key(0)) == {"V1": t0}
     await rig.add(write(0, t0 + 2, {"V1": 3.0}))
     await stage.ownership.balance()  # an ownership round: the intruder's lease stands
     assert 0 not in stage.owned
@@ -542,7 +576,7 @@ async def test_a_replica_whose_lease_was_taken_has_its_commit_refused_and_stops_
     assert 0 in stage.owned
     await settled(rig)
     assert value(rig, 0, "V1") == 3.0
-    assert await LastWritten(rig.redis, rig.keys, "x").get(device_key(0)) == {"V1": t0 + 2}
+    assert await LastWritten(rig.redis, rig.keys).get(device_key(0)) == {"V1": t0 + 2}
     written = [v for _, v in rig.device(0).history["V1"]]
     assert written == sorted(written)
     stop.set()
@@ -603,7 +637,7 @@ async def test_a_commit_of_a_write_whose_partition_was_given_up_records_nothing(
     stage = rig.stage(until_idle=False, lease_ttl_ms=60_000)
     stop = asyncio.Event()
     t0 = now_ms()
-    lw = LastWritten(rig.redis, rig.keys, "x")
+    lw = LastWritten(rig.redis, rig.keys)
     run_commits = stage.committer.commits._run  # the group commit's call, wrapped
 
     async def lost_and_back_meanwhile(items: list[Any]) -> list[bool]:

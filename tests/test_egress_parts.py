@@ -5,7 +5,8 @@ emulator over real HTTP."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from typing import Any
 
 import pytest
 
@@ -17,6 +18,7 @@ from pipeline.coalesce import DevicePlan
 from pipeline.config import BlynkConfig
 from pipeline.events import FIELD, BlynkWrite, Value, decode_dead, encode
 from pipeline.keys import GROUP_EGRESS, WRITES, Keys
+from pipeline.lease import Lease
 from pipeline.order import LastWritten, Record
 from pipeline.ratelimit import RateLimiter
 from pipeline.registry import Registry
@@ -202,16 +204,29 @@ async def written(redis: Redis, keys: Keys) -> AsyncIterator[tuple[StreamReader,
     yield reader, held
 
 
-def _committer(redis: Redis, keys: Keys, reader: StreamReader,
-               held: HeldWrites) -> tuple[Committer, LastWritten, list[asyncio.Task[None]]]:
+def _committer(
+    redis: Redis, keys: Keys, reader: StreamReader, held: HeldWrites, *,
+    lost: Callable[[int], None] = lambda p: None,
+    before: Callable[[], Awaitable[None]] | None = None,
+) -> tuple[Committer, LastWritten, list[asyncio.Task[None]], Lease]:
+    """A committer of partition 0, whose lease (returned, not acquired) is c1's; ``before``
+    runs before each task the committer spawns (dead-lettering) starts."""
     tasks: list[asyncio.Task[None]] = []
-    order = LastWritten(redis, keys, "c1")
+    order = LastWritten(redis, keys)
     servers = Servers(30.0, lambda name, failure: None)
+    lease = Lease(redis, keys.egress_lease(0), "c1")
+
+    async def spawned(coro: Coroutine[Any, Any, None]) -> None:
+        if before is not None:
+            await before()
+        await coro
+
     committer = Committer(order, reader, Registry(redis, keys),
                           held, servers, lambda coro, name: tasks.append(
-                              asyncio.create_task(coro, name=name)), 30.0,
-                          stream_of=lambda p: keys.stream(WRITES, p), lost=lambda p: None)
-    return committer, order, tasks
+                              asyncio.create_task(spawned(coro), name=name)), 30.0,
+                          stream_of=lambda p: keys.stream(WRITES, p), lease_of=lambda p: lease,
+                          lost=lost)
+    return committer, order, tasks, lease
 
 
 def _started(held: HeldWrites, key: str) -> tuple[DeviceQueue, DevicePlan]:
@@ -224,8 +239,8 @@ async def test_finishes_share_one_commit_that_records_and_acks(
     redis: Redis, keys: Keys, written: tuple[StreamReader, HeldWrites]
 ) -> None:
     reader, held = written
-    committer, order, _ = _committer(redis, keys, reader, held)
-    await redis.set(keys.egress_lease(0), "c1")  # the writes partition is c1's
+    committer, order, _, lease = _committer(redis, keys, reader, held)
+    assert await lease.acquire()  # the writes partition is c1's
     pendings = []
     for key in "ab":
         dev, plan = _started(held, key)
@@ -245,8 +260,8 @@ async def test_a_refused_pin_dead_letters_its_entries_and_a_retry_keeps_them(
     redis: Redis, keys: Keys, written: tuple[StreamReader, HeldWrites]
 ) -> None:
     reader, held = written
-    committer, _, tasks = _committer(redis, keys, reader, held)
-    await redis.set(keys.egress_lease(0), "c1")  # the writes partition is c1's
+    committer, _, tasks, lease = _committer(redis, keys, reader, held)
+    assert await lease.acquire()  # the writes partition is c1's
     dev_a, plan_a = _started(held, "a")
     dev_b, plan_b = _started(held, "b")
     ids_a = sorted(h.entry.id for h in dev_a.inflight)
@@ -265,6 +280,37 @@ async def test_a_refused_pin_dead_letters_its_entries_and_a_retry_keeps_them(
     assert dev_b.not_before > 0 and "b" in held.waiting
     info = await redis.xpending(keys.stream(WRITES), GROUP_EGRESS)
     assert info["pending"] == 2  # b's (retried later) and c's
+
+
+@pytest.mark.cluster_too
+async def test_a_dead_letter_reaching_redis_after_its_partition_moved_does_nothing(
+    redis: Redis, keys: Keys, written: tuple[StreamReader, HeldWrites]
+) -> None:
+    """Dead letters are fenced like commits, by ownership: a write's refused entries whose
+    dead-lettering starts only after the partition was lost and taken again (by this same
+    replica: a new ownership, which took the entries over) write no dead letter and ack
+    nothing — the new ownership writes or dead-letters them itself, once — and the partition
+    is given up."""
+    reader, held = written
+    lost: list[int] = []
+
+    async def moved() -> None:
+        await redis.delete(keys.egress_lease(0))  # lapsed ...
+        assert await lease.acquire()  # ... and taken again
+
+    committer, order, _, lease = _committer(redis, keys, reader, held, lost=lost.append,
+                                            before=moved)
+    assert await lease.acquire()
+    dev_a, plan_a = _started(held, "a")
+    done_a = asyncio.get_running_loop().create_future()
+    committer.finish(dev_a, plan_a, Result(written={"V1": NOW_MS + 1},
+                                           failed={"V2": ("type_mismatch", "bad V2")}), done_a)
+    await within(done_a)  # resolved once the dead-lettering ended
+    assert await order.get("a") == {"V1": NOW_MS + 1}  # committed before the partition moved
+    assert await redis.xlen(keys.dead_for(keys.stream(WRITES))) == 0
+    info = await redis.xpending(keys.stream(WRITES), GROUP_EGRESS)
+    assert info["pending"] == 4  # a's two (both carried V2) still pending, b's and c's
+    assert lost == [0]
 
 
 # ---- sender: one result per write, against the emulator -------------------------------------

@@ -72,7 +72,7 @@ async def test_copies_rows_and_last_written_times_to_their_partitions(
     assert [k for k, _ in await moved.broken()] == ["tts:app:dev-2"]
     assert await cluster_redis.hget(new.blynk_index(), blynk_index.token_field(TOKEN)) == (
         b"tts:app:dev-1")
-    moved_order = LastWritten(cluster_redis, new, "test")
+    moved_order = LastWritten(cluster_redis, new)
     assert await moved_order.get("tts:app:dev-1") == {"V1": 1_700_000_000_000}
     assert await cluster_redis.pttl(new.last_written("tts:app:dev-1")) > 0  # its TTL kept
     assert await cluster_redis.get(new.provisioned("tts", "app")) == b"2"

@@ -42,18 +42,6 @@ async def test_replicas_share_one_budget(redis: Redis, keys: Keys) -> None:
     assert wait > 0
 
 
-async def test_defer_holds_every_replica_back(redis: Redis, keys: Keys) -> None:
-    replica_a = RateLimiter(redis, keys, rps=50)
-    replica_b = RateLimiter(redis, keys, rps=50)
-    await replica_a.defer("dev", 2.0)
-    (wait,) = await replica_b.take(["dev"])
-    assert 1.9 < wait <= 2.0
-    # a shorter deferral never shortens a longer one
-    await replica_b.defer("dev", 0.5)
-    (wait,) = await replica_a.take(["dev"])
-    assert wait > 1.0
-
-
 async def test_acquire_counts_the_request(redis: Redis, keys: Keys) -> None:
     fast = RateLimiter(redis, keys, rps=1000, burst=2)
     for _ in range(3):  # the third waits for the next slot, then takes it

@@ -37,9 +37,10 @@ Contract:
 * **Acks** an entry only after Blynk answered 2xx for everything it carried (or its values
   proved stale), or after it was dead-lettered: the changed records and the acks of the writes
   finishing together are one script call (write-behind), which first checks the partition's
-  lease is still this replica's (**fencing**: refused, nothing is recorded or acked, the
-  partition is given up and its new owner writes the entries again — at-least-once, never
-  older over newer). Acks are shielded from cancellation.
+  lease still holds the token of the ownership the writes were made under (**fencing**, by
+  ownership, not by name: refused, nothing is recorded or acked, the partition is given up and
+  its new owner writes the entries again — at-least-once, never older over newer); a write's
+  dead letters are fenced alike. Acks are shielded from cancellation.
 * **Retryable answers** (5xx, timeouts, connection loss, 429) never ack and never re-read: the
   entries stay *in memory* and the device (429) or the whole server (5xx/outage) backs off with
   capped jittered backoff or ``Retry-After``; after a server backoff one device probes before the

@@ -7,19 +7,25 @@ resolves every in-flight entry of the device, then the write's ``pending`` futur
   in memory; the record, when it changed, and the acks of the entries fully written are one
   :class:`Commit`. Commits of device writes finishing within ``COMMIT_LINGER_S`` (or while the
   previous call ran) share one script call (:meth:`pipeline.order.LastWritten.commit`; one per
-  partition on a cluster), which first checks that each partition's lease is still this
-  replica's. An entry is acked only after Blynk took everything it carried, or its values
-  proved stale.
-* **Fenced.** A partition whose lease was not this replica's any more had nothing recorded
-  or acked: it is given up at once (``lost``, counted in ``bb_egress_fenced_total``), and its
-  entries stay pending for the new owner. A write that found its partition's lease not
-  certainly held before sending (``Result.fenced``) is retried shortly, unless the partition
-  is gone meanwhile. Nothing is done for a device whose partition is gone.
+  partition on a cluster), which first checks that each partition's lease still holds the
+  token of the ownership the writes were made under (:attr:`pipeline.lease.Lease.token`, one
+  per acquisition). An entry is acked only after Blynk took everything it carried, or its
+  values proved stale.
+* **Fenced.** A partition whose lease did not hold that token any more (another replica's, or
+  this one's own later acquisition) had nothing recorded or acked: it is given up at once
+  (``lost``, counted in ``bb_egress_fenced_total``) unless already given up, and its entries
+  stay pending for the new owner. A write that found its partition's lease not certainly held
+  before sending (``Result.fenced``) is retried shortly, unless the partition is gone
+  meanwhile. Nothing is done for a device whose partition is gone.
 * **Dead-letter** the entries that carried a pin Blynk refused (original entry kept, reason and
   detail per pin) — after the commit, so the rest of the device's entries are acked first.
-* **Invalid token**: all the device's in-flight entries are dead-lettered; the device is marked
-  broken in the registry only if the refused token is the one its row holds (not one an uplink
-  carried itself, not one replaced since).
+  Fenced like the commit (:meth:`pipeline.streams.StreamReader.dead_letter_fenced`, with the
+  token of the ownership the write was made under): a dead letter that reaches Redis after the
+  partition moved on writes and acks nothing (its entries are the new ownership's, which
+  writes or dead-letters them itself: no duplicate dead letters); the partition is given up.
+* **Invalid token**: all the device's in-flight entries are dead-lettered (fenced alike); the
+  device is marked broken in the registry only if the refused token is the one its row holds
+  (not one an uplink carried itself, not one replaced since).
 * **Count superseded values** (``bb_superseded_values_total``, and :meth:`Committer.take_superseded`
   for the shared counter) and stale ones once a write is over, not when it is retried: a
   retried write is coalesced again, with whatever arrived meanwhile.
@@ -53,6 +59,7 @@ from pipeline.coalesce import DevicePlan
 from pipeline.consumer import backoff_s
 from pipeline.errors import Reason
 from pipeline.keys import GROUP_EGRESS
+from pipeline.lease import Lease
 from pipeline.order import LastWritten, PartitionCommit, Record
 from pipeline.redact import mask
 from pipeline.registry import Registry, split_key
@@ -93,10 +100,12 @@ class Committer:
     def __init__(self, order: LastWritten, reader: StreamReader,
                  registry: Registry, held: HeldWrites, servers: Servers, spawn: Spawn,
                  max_backoff_s: float, *, stream_of: Callable[[int], str],
-                 lost: Callable[[int], None]) -> None:
+                 lease_of: Callable[[int], Lease], lost: Callable[[int], None]) -> None:
         self._order = order
-        #: Partition → its writes stream; a fenced partition is given up through ``lost``.
+        #: Partition → its writes stream, its lease (whose token is the latest acquisition's);
+        #: a fenced partition is given up through ``lost``.
         self._stream_of = stream_of
+        self._lease_of = lease_of
         self._lost = lost
         self._reader = reader
         self._registry = registry
@@ -153,8 +162,10 @@ class Committer:
         again = result.again
         exc = asyncio.CancelledError() if commit.cancelled() else commit.exception()
         if exc is None:
-            if not commit.result():
-                self._lost(dev.partition)  # fenced off: nothing recorded or acked
+            if not commit.result() and not dev.gone:
+                # Fenced off: nothing recorded or acked. A write of an ownership given up since
+                # (``gone``) is refused as it should be and says nothing of a later ownership.
+                self._lost(dev.partition)
         else:
             if isinstance(exc, RedisError):
                 log.warning("egress: recording %s failed (%s); its write is retried",
@@ -167,8 +178,11 @@ class Committer:
         if dev.gone:
             _resolve(pending)
             return
+        # Not gone: the write is of the partition's latest acquisition (see commit_many).
+        lease = self._lease_of(dev.partition)
+        fence = (lease.key, lease.token)
         if result.invalid_token is not None:
-            self._spawn(self._invalid_token(dev, plan, result.invalid_token, pending),
+            self._spawn(self._invalid_token(dev, plan, result.invalid_token, fence, pending),
                         f"egress-{dev.key}")
             return
         if again is not None:
@@ -182,7 +196,8 @@ class Committer:
         if plan.stale:
             self._dropped_stale.inc(plan.stale)
         if dead:
-            self._spawn(self._dead_letter(dev, ok, dead, wall, pending), f"egress-{dev.key}")
+            self._spawn(self._dead_letter(dev, ok, dead, wall, fence, pending),
+                        f"egress-{dev.key}")
         else:
             self._written_ok(dev, ok, wall)
             _resolve(pending)
@@ -201,19 +216,27 @@ class Committer:
         self._held.drop(dev, time.monotonic())
 
     async def _dead_letter(self, dev: DeviceQueue, ok: Sequence[Held], dead: _Dead, wall: int,
-                           pending: asyncio.Future[None]) -> None:
+                           fence: tuple[str, str], pending: asyncio.Future[None]) -> None:
         try:
             try:
-                await asyncio.shield(self._reader.dead_letter(dead))
+                self._fenced_off(dev, not await asyncio.shield(
+                    self._reader.dead_letter_fenced(dead, *fence)))
             except RedisError as exc:
                 # Not acked: the entries stay pending and come back (then dead again).
                 log.warning("egress: dead-lettering %d entries failed (%s)", len(dead), exc)
-            self._written_ok(dev, ok, wall)
+            if not dev.gone:  # else its entries were forgotten (and may be held again)
+                self._written_ok(dev, ok, wall)
         finally:
             _resolve(pending)
 
+    def _fenced_off(self, dev: DeviceQueue, refused: bool) -> None:
+        """A fenced dead letter was refused: the partition is another ownership's (nothing
+        was written or acked); give it up unless already given up."""
+        if refused and not dev.gone:
+            self._lost(dev.partition)
+
     async def _invalid_token(self, dev: DeviceQueue, plan: DevicePlan, outcome: Fail,
-                             pending: asyncio.Future[None]) -> None:
+                             fence: tuple[str, str], pending: asyncio.Future[None]) -> None:
         try:
             try:
                 # Broken only if Blynk refused the token the registry holds for the device: a
@@ -224,13 +247,15 @@ class Committer:
                 log.warning("egress: device %s: invalid token %s; %s%d entries dead",
                             dev.key, mask(plan.token),
                             "marked broken, " if broken else "", len(dev.inflight))
-                await asyncio.shield(self._reader.dead_letter(
-                    [(h.entry, Reason.INVALID_TOKEN, outcome.detail) for h in dev.inflight]))
+                self._fenced_off(dev, not await asyncio.shield(self._reader.dead_letter_fenced(
+                    [(h.entry, Reason.INVALID_TOKEN, outcome.detail) for h in dev.inflight],
+                    *fence)))
             except RedisError as exc:
                 log.warning("egress: dead-lettering %s failed (%s); retried", dev.key, exc)
                 self._held.requeue(dev, not_before=time.monotonic() + backoff_s(1))
                 return
-            self._held.drop(dev, time.monotonic())
+            if not dev.gone:
+                self._held.drop(dev, time.monotonic())
         finally:
             _resolve(pending)
 
@@ -265,18 +290,23 @@ class Committer:
 
     async def commit_many(self, items: list[Commit]) -> list[bool]:
         """Records and acks of many device writes in one script call (one per partition on a
-        cluster); per item, whether its partition's lease was still this replica's.
+        cluster); per item, whether its partition's lease still held the token.
 
         A write whose partition was given up since it finished (``gone``) has nothing recorded
-        or acked, even if the partition was taken back meanwhile (the lease check would pass):
-        its record may predate another owner's writes, and its entries were taken over again."""
+        or acked, even if the partition was taken back meanwhile: its record may predate
+        another owner's writes, and its entries were taken over again. Every other write was
+        made under the partition's latest acquisition (a partition is given up, its writes
+        ``gone``, before it can be taken again), so its commit carries that acquisition's token:
+        a call that reaches Redis only after the partition was lost and taken back (by this
+        replica too) finds another token and does nothing."""
         parts: dict[int, PartitionCommit] = {}
         for c in items:
             if c.dev.gone:
                 continue
             part = parts.get(c.partition)
             if part is None:
-                part = parts[c.partition] = PartitionCommit(self._stream_of(c.partition))
+                part = parts[c.partition] = PartitionCommit(
+                    self._stream_of(c.partition), self._lease_of(c.partition).token)
             if c.record is not None:
                 part.records.append((c.device_key, c.record))
             part.acks.extend(e.id for e in c.acks)

@@ -119,7 +119,7 @@ class EgressStage:
         #: A request goes only while the partition's lease is certainly held this much longer.
         self._send_margin_s = timeout_s
         self._timeout_s = timeout_s
-        self.order = LastWritten(ctx.redis, ctx.keys, ctx.consumer)
+        self.order = LastWritten(ctx.redis, ctx.keys)
         self.ownership = PartitionLeases(
             ctx.redis, lease_key=ctx.keys.egress_lease, owners_key=ctx.keys.owners("egress"),
             owner=ctx.consumer, partitions=len(self._streams),
@@ -155,7 +155,9 @@ class EgressStage:
                                         flush_age_ms=cfg.flush_age_ms)
         self.committer = Committer(self.order, self.reader, self.registry,
                                    self.held, self.servers, self._spawn, cfg.max_backoff_s,
-                                   stream_of=self._streams.__getitem__, lost=self._fenced)
+                                   stream_of=self._streams.__getitem__,
+                                   lease_of=self.ownership.leases.__getitem__,
+                                   lost=self._fenced)
         #: With Blynk webhooks configured, writes are announced to echo suppression first.
         self._echo_window_ms = ctx.config.echo.window_ms if ctx.config.blynk_webhooks else 0
         self.sender = Sender(ctx.blynk(), InFlight(cfg.max_in_flight), self.servers,
@@ -302,11 +304,12 @@ class EgressStage:
         return not self._abandoned and all(w.done() and not w.cancelled() for w in waits)
 
     def _fenced(self, p: int) -> None:
-        """A commit found the partition's lease not this replica's: give it up at once."""
+        """A commit of the partition's current ownership found the lease not holding its token
+        (lost meanwhile): give it up at once."""
         if p in self.owned:
             metrics.EGRESS_FENCED.inc()
-            log.warning("egress: partition %d: the lease is another replica's; nothing "
-                        "recorded or acked, the partition is given up", p)
+            log.warning("egress: partition %d: the lease is no longer this ownership's; "
+                        "nothing recorded or acked, the partition is given up", p)
             self._lose(p, "fenced")
 
     def _lose(self, p: int, why: str) -> list[DeviceQueue]:
