@@ -133,10 +133,10 @@ async def _balanced(prefix: str, partitions: int, replicas: int) -> bool:
         owners = await redis.mget([keys.lease("sessions", str(p)) for p in range(partitions)])
     finally:
         await redis.aclose()
-    if any(o is None for o in owners):
-        return False
-    count: dict[object, int] = {}
+    count: dict[str, int] = {}
     for o in owners:  # the values are tokens per acquisition: count their owners
+        if o is None:
+            return False
         count[owner_of(o)] = count.get(owner_of(o), 0) + 1
     share = -(-partitions // replicas)
     return len(count) == replicas and max(count.values()) <= share
