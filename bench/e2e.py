@@ -1078,7 +1078,8 @@ async def amain(args: argparse.Namespace, procs: Processes) -> dict[str, Any]:
     per_device = max(rates) * args.duration / n
     history_len = max(1000, int(per_device * 2) + 100)
     print(f"# e2e: {n} devices, rates {', '.join(f'{r:.0f}' for r in rates)}/s, "
-          f"{args.duration:.0f} s per step; bridge processes: {','.join(args.processes)}; "
+          f"{args.duration:.0f} s per step; bridge processes: "
+          f"{'; '.join(','.join(b) for b in args.bridges)}; "
           f"baseline: {args.baseline}", flush=True)
     print(f"# machine: {machine()}", flush=True)
     load1 = os.getloadavg()[0]
