@@ -31,6 +31,17 @@ async def test_a_cancel_arriving_as_the_event_is_set_still_cancels() -> None:
             await task
 
 
+async def _ignores_cancels(until: asyncio.Event, cancelled: asyncio.Event | None = None) -> None:
+    """A chore that loses every cancel (as one landing in redis-py's wait_for can be lost)
+    and ends only when ``until`` is set; ``cancelled`` is set at the first cancel."""
+    while not until.is_set():
+        try:
+            await until.wait()
+        except asyncio.CancelledError:
+            if cancelled is not None:
+                cancelled.set()
+
+
 async def test_reaping_a_task_that_lost_its_cancel_lets_the_callers_cancel_through() -> None:
     # A chore whose cancel is lost (as one landing in redis-py's wait_for can be) keeps
     # running; the stage reaping it is then cancelled itself (a stop past its grace). With
@@ -38,15 +49,7 @@ async def test_reaping_a_task_that_lost_its_cancel_lets_the_callers_cancel_throu
     # swallowed and the stage went on; cancel_and_wait must raise it.
     release = asyncio.Event()
     lost = asyncio.Event()
-
-    async def stubborn() -> None:
-        while not release.is_set():
-            try:
-                await release.wait()
-            except asyncio.CancelledError:
-                lost.set()  # the cancel is "lost": the loop goes on
-
-    chore = asyncio.create_task(stubborn())
+    chore = asyncio.create_task(_ignores_cancels(release, lost))
     await asyncio.sleep(0)  # the chore is now waiting
 
     async def stage() -> str:
@@ -69,17 +72,10 @@ async def test_reaping_a_task_that_lost_its_cancel_lets_the_callers_cancel_throu
 async def test_reaping_is_bounded_and_retrieves_errors() -> None:
     never = asyncio.Event()
 
-    async def ignores_cancel() -> None:
-        while not never.is_set():
-            try:
-                await never.wait()
-            except asyncio.CancelledError:
-                continue
-
     async def fails() -> None:
         raise RuntimeError("chore failed")
 
-    stuck, failed = asyncio.create_task(ignores_cancel()), asyncio.create_task(fails())
+    stuck, failed = asyncio.create_task(_ignores_cancels(never)), asyncio.create_task(fails())
     await asyncio.sleep(0)
     reaping = asyncio.create_task(cancel_and_wait([stuck, failed], timeout_s=0.05))
     try:
