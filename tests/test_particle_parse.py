@@ -335,12 +335,7 @@ def test_default_fast_path_matches_the_general_path(
     product = ParticleProduct(name="p", product_id=product_id, html_unescape=False)
 
     def run(fn: Callable[[], Any]) -> Any:
-        try:
-            return fn()
-        except InvalidInput as exc:
-            return ("error", exc.reason, exc.field)
-        except (ValueError, UnicodeError) as exc:
-            return ("error", type(exc))
+        return _outcome(fn, ValueError, UnicodeError)
 
     fast = run(lambda: particle._default_uplink(dict(fields), product, RECEIVED))
     general = run(lambda: particle._uplink(dict(fields), product, RECEIVED))
@@ -355,6 +350,17 @@ _keys = st.sampled_from(["event", "data", "published_at", "coreid", "userid", "f
 _values = st.one_of(_field, _data, st.sampled_from(["2026-01-01T00:00:05.005Z", "e00fce68",
                                                     '{"temp":1.5}', "&amp;"]),
                     st.lists(_plain, max_size=2), st.dictionaries(st.just("x"), _plain))
+
+
+def _outcome(fn: Callable[[], Any], *errors: type[Exception]) -> Any:
+    """What ``fn`` returns, or the refusal it raises, as a comparable value: an ``InvalidInput``
+    by its reason and field, one of ``errors`` by its type (any other error propagates)."""
+    try:
+        return fn()
+    except InvalidInput as exc:
+        return ("error", exc.reason, exc.field)
+    except errors as exc:
+        return ("error", type(exc))
 
 
 @settings(max_examples=400, deadline=None)
@@ -374,19 +380,13 @@ def test_typed_default_decode_matches_the_dict_path(
                             for k, v in pairs) + b"}"
     product = ParticleProduct(name="p", product_id=product_id, html_unescape=False)
 
-    def run(fn: Callable[[], Any]) -> Any:
-        try:
-            return fn()
-        except InvalidInput as exc:
-            return ("error", exc.reason, exc.field)
-
-    typed = run(lambda: particle._typed_default_uplink(body, product, RECEIVED))
+    typed = _outcome(lambda: particle._typed_default_uplink(body, product, RECEIVED))
     fields = msgspec.json.decode(body)
     if typed is not None:
-        assert typed == run(lambda: particle._default_uplink(dict(fields), product, RECEIVED))
-        assert typed == run(lambda: particle._uplink(dict(fields), product, RECEIVED))
-    general = run(lambda: particle._uplink(dict(fields), product, RECEIVED))
-    assert run(lambda: parse_webhook(body, JSON, product, received_ts_ms=RECEIVED)) == general
+        assert typed == _outcome(lambda: particle._default_uplink(dict(fields), product, RECEIVED))
+        assert typed == _outcome(lambda: particle._uplink(dict(fields), product, RECEIVED))
+    general = _outcome(lambda: particle._uplink(dict(fields), product, RECEIVED))
+    assert _outcome(lambda: parse_webhook(body, JSON, product, received_ts_ms=RECEIVED)) == general
 
 
 def test_default_webhook_takes_the_typed_path() -> None:
