@@ -43,17 +43,16 @@ from bench.common import (
     table,
     wait_port,
 )
-from bench.transform import FIXTURE, config_text
+from bench.transform import (
+    FIXTURE,
+    button_uplink,
+    config_text,
+    register_devices,
+    start_emulator,
+)
 
 STAGES = ("transform", "egress")
-#: The emulator's template: the bench template's pins (``bench/transform.py``'s BUTTON).
-EMULATOR_TEMPLATE = "TMPLbench0001"
-PINS = [("V0", "double"), ("V1", "integer"), ("V2", "double"), ("V3", "integer"),
-        ("V4", "integer"), ("V10", "integer"), ("V11", "double")]
 
-
-def token(d: int) -> str:
-    return f"{d:032x}"
 
 
 def _config(url: str, prefix: str, partitions: int, cluster: bool, blynk_url: str) -> str:
@@ -64,26 +63,6 @@ def _config(url: str, prefix: str, partitions: int, cluster: bool, blynk_url: st
     assert prefix in text and blynk_url in text
     return text
 
-
-def start_emulator(procs: Processes, devices: int) -> str:
-    """The Blynk emulator with one device per registry row, its limits off; returns its URL."""
-    port = free_port()
-    spec = {
-        "regions": {"fra1": port}, "host": "127.0.0.1",
-        "settings": {"device_rps": None, "daily_updates": None, "history_len": 0,
-                     "request_log_len": 0, "monthly_messages": None},
-        "templates": [{"id": EMULATOR_TEMPLATE, "name": "Bench", "datastreams": [
-            {"id": i + 1, "pin": pin, "name": pin, "type": kind}
-            for i, (pin, kind) in enumerate(PINS)]}],
-        "devices": [{"name": f"eui-{d:016x}", "token": token(d), "template": EMULATOR_TEMPLATE,
-                     "id": d + 1} for d in range(devices)],
-    }
-    path = procs.dir / "blynk-emulator.yaml"
-    path.write_text(json.dumps(spec))  # JSON is YAML
-    proc = procs.spawn("blynk-emulator", [sys.executable, "-m", "blynk_bridge", "emulate",
-                                          "blynk", "-c", str(path)])
-    wait_port(port, timeout_s=60, proc=proc)
-    return f"http://127.0.0.1:{port}"
 
 
 async def emulator_values(blynk_url: str) -> dict[str, int]:
@@ -130,29 +109,15 @@ async def fill(cfg_text: str, uplinks: int, devices: int) -> dict[str, int]:
     payload = json.loads(FIXTURE.read_text())["uplink_message"]["decoded_payload"]
     rnd = random.Random(1)
     newest: dict[str, int] = {}
-    for start in range(0, devices, 5000):
-        async with redis.pipeline(transaction=False) as pipe:
-            for d in range(start, min(start + 5000, devices)):
-                pipe.hset(keys.device("tts", "app", f"eui-{d:016x}"), mapping={
-                    "token": token(d), "template": "button", "server": "",
-                    "status": "ok", "id": str(d + 1)})
-            await pipe.execute()
+    await register_devices(redis, keys, devices)
     now = int(time.time() * 1000)
     for start in range(0, uplinks, 5000):
         async with redis.pipeline(transaction=False) as pipe:
             for i in range(start, min(start + 5000, uplinks)):
-                d = rnd.randrange(devices)
-                values = dict(payload)
-                values["singlePressEventCounter"] = i
-                device = f"eui-{d:016x}"
-                newest[device] = i
-                u = events.Uplink(
-                    event_id=f"as:up:{i:08d}", source="tts", integration="app", device=device,
-                    event_ts_ms=now + i, received_ts_ms=now + i, values=values,
-                    device_meta={"dev_eui": f"{d:016X}"},
-                    radio=events.Radio(rssi=-31 - (i % 60), snr=9.5, gateways=1, f_cnt=i,
-                                       f_port=2))
-                pipe.xadd(keys.stream_for("uplinks", "tts", device),
+                u = button_uplink(payload, f"as:up:{i:08d}", rnd.randrange(devices), i,
+                                  counter=i, ts_ms=now + i)
+                newest[u.device] = i
+                pipe.xadd(keys.stream_for("uplinks", "tts", u.device),
                           {events.FIELD: events.encode(u)})
             await pipe.execute()
     await redis.aclose()
@@ -265,7 +230,7 @@ async def main(args: argparse.Namespace) -> None:
                                      "--dir", str(procs.dir)])
         wait_port(port, proc=proc)
         url1 = f"redis://127.0.0.1:{port}/0"
-        blynk_url = start_emulator(procs, args.devices)
+        blynk_url = start_emulator(procs, args.devices, history_len=0)
         curl, cpids = start_cluster(procs)
         try:
             plan = [("1 Redis, 1 partition", url1, {"redis": proc.pid}, 1, False),

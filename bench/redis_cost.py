@@ -41,14 +41,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from bench.common import ROOT, Processes, free_port, machine, table, wait_port
-from bench.transform import BUTTON
+from bench.common import ROOT, Processes, machine, table
+from bench.transform import BUTTON, start_emulator
 
 PREFIX = "bbr:"
 BATCH = 500
-#: ``bench.transform``'s template ``button``: the pins its uplinks map onto.
-PINS = [("V0", "double"), ("V1", "integer"), ("V2", "double"), ("V3", "integer"),
-        ("V4", "integer"), ("V10", "integer"), ("V11", "double")]
 
 CONFIG = """
 redis: {{url: "{url}", prefix: "{prefix}"}}
@@ -57,10 +54,6 @@ blynk: {{servers: {{default: "{blynk}"}}, default_server: default}}
 transform: {{cache_size: 1000000}}
 """ + BUTTON
 
-
-def token(d: int) -> str:
-    """The registry token of device ``d`` (``bench.transform.register_devices``)."""
-    return f"{d:032x}"
 
 
 # --- Redis's own counters -----------------------------------------------------------------------
@@ -242,25 +235,6 @@ class Bridge:
         await self.e_ctx.close()
 
 
-def start_emulator(procs: Processes, devices: int) -> str:
-    port = free_port()
-    spec = {
-        "regions": {"fra1": port}, "host": "127.0.0.1",
-        "settings": {"device_rps": None, "daily_updates": None, "history_len": 1,
-                     "request_log_len": 0, "monthly_messages": None},
-        "templates": [{"id": "TMPLBUTTON", "name": "button",
-                       "datastreams": [{"id": i + 1, "pin": pin, "name": pin, "type": kind}
-                                       for i, (pin, kind) in enumerate(PINS)]}],
-        "devices": [{"name": f"eui-{d:016x}", "token": token(d), "template": "TMPLBUTTON",
-                     "id": d + 1} for d in range(devices)],
-    }
-    path = procs.dir / "blynk-emulator.yaml"
-    path.write_text(json.dumps(spec))
-    proc = procs.spawn("blynk-emulator", [sys.executable, "-m", "blynk_bridge", "emulate",
-                                          "blynk", "-c", str(path)])
-    wait_port(port, timeout_s=60, proc=proc)
-    return f"http://127.0.0.1:{port}"
-
 
 # --- the run ------------------------------------------------------------------------------------
 
@@ -312,7 +286,7 @@ async def amain(args: argparse.Namespace) -> int:
         port, _ = start_redis(procs)
         url = f"redis://127.0.0.1:{port}/0"
         devices = args.devices or args.uplinks
-        blynk_url = start_emulator(procs, devices)
+        blynk_url = start_emulator(procs, devices, history_len=1)
         rounds = []
         for r in range(args.rounds):
             res = await one_round(url, blynk_url, args.uplinks, devices)

@@ -68,6 +68,10 @@ tts:
   - {{name: app, app_id: starter-kit, template: button}}
 """
 
+#: ``BUTTON``'s pins and their types, for the Blynk emulator's template (:func:`start_emulator`).
+BUTTON_PINS = [("V0", "double"), ("V1", "integer"), ("V2", "double"), ("V3", "integer"),
+               ("V4", "integer"), ("V10", "integer"), ("V11", "double")]
+
 CONFIG = """
 redis: {{url: "{url}", prefix: "{prefix}"}}
 streams: {{batch: {batch}, block_ms: 200}}
@@ -122,18 +126,47 @@ async def fill(url: str, uplinks: int, devices: int, *, seed: int = 1) -> None:
     await redis.aclose()
 
 
+def token(d: int) -> str:
+    """The registry token of device ``d`` (:func:`register_devices`)."""
+    return f"{d:032x}"
+
+
+def start_emulator(procs: Processes, devices: int, *, history_len: int) -> str:
+    """The Blynk emulator (its own process) with the device of every registry row of
+    :func:`register_devices` on ``BUTTON``'s pins, its limits off; returns its URL."""
+    port = free_port()
+    spec = {
+        "regions": {"fra1": port}, "host": "127.0.0.1",
+        "settings": {"device_rps": None, "daily_updates": None, "history_len": history_len,
+                     "request_log_len": 0, "monthly_messages": None},
+        "templates": [{"id": "TMPLBUTTON", "name": "button",
+                       "datastreams": [{"id": i + 1, "pin": pin, "name": pin, "type": kind}
+                                       for i, (pin, kind) in enumerate(BUTTON_PINS)]}],
+        "devices": [{"name": f"eui-{d:016x}", "token": token(d), "template": "TMPLBUTTON",
+                     "id": d + 1} for d in range(devices)],
+    }
+    path = procs.dir / "blynk-emulator.yaml"
+    path.write_text(json.dumps(spec))  # JSON is YAML
+    proc = procs.spawn("blynk-emulator", [sys.executable, "-m", "blynk_bridge", "emulate",
+                                          "blynk", "-c", str(path)])
+    wait_port(port, timeout_s=60, proc=proc)
+    return f"http://127.0.0.1:{port}"
+
+
 async def register_devices(redis: object, keys: object, devices: int) -> None:
     """Registry rows written directly with pipelined ``HSET``s (a bulk import, no change log)."""
+    from redis.asyncio.cluster import RedisCluster
+
     from pipeline.keys import Keys
     from pipeline.streams import Redis
 
-    assert isinstance(keys, Keys) and isinstance(redis, Redis)
+    assert isinstance(keys, Keys) and isinstance(redis, Redis | RedisCluster)
     chunk = 10_000
     for start in range(0, devices, chunk):
         async with redis.pipeline(transaction=False) as pipe:
             for d in range(start, min(start + chunk, devices)):
                 pipe.hset(keys.device("tts", "app", f"eui-{d:016x}"), mapping={
-                    "token": f"{d:032x}", "template": "button", "server": "",
+                    "token": token(d), "template": "button", "server": "",
                     "status": "ok", "id": str(d + 1)})
             await pipe.execute()
 

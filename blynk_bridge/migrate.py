@@ -34,7 +34,7 @@ from redis.exceptions import RedisError
 
 from blynk_bridge.output import print_json
 from pipeline import config as config_mod
-from pipeline.backlog import snapshot
+from pipeline.backlog import as_str, snapshot
 from pipeline.keys import DOWNLINKS, UPLINKS, WRITES, Keys
 from pipeline.redact import safe_url
 from pipeline.registry import split_key
@@ -75,7 +75,7 @@ async def check_drained(redis: Redis, keys: Keys) -> None:
 
 async def _scan(redis: Redis, prefix: str) -> AsyncIterator[str]:
     async for key in redis.scan_iter(match=f"{prefix}*", count=1000):
-        yield key.decode() if isinstance(key, bytes) else str(key)
+        yield as_str(key)
 
 
 async def _copy(source: Redis, target: Redis, pairs: list[tuple[str, str]]) -> int:

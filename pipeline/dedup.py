@@ -63,7 +63,7 @@ state of a partition carries that partition's hash tag (one Redis Cluster slot p
 On a cluster client :class:`Claims` declares every shard key a call touches (read from the
 table first, checked by the script), so a call reaching a master while the slot moves is
 redirected rather than missing a shard; so does transform's commit script there (it passes
-:func:`declare`'s keys; its ``dd_open`` gets the declared set). On one Redis the shared ``LUA``
+:func:`declared`'s keys; its ``dd_open`` gets the declared set). On one Redis the shared ``LUA``
 functions build the shard keys themselves (no table read first).
 
 Replaying a dead letter appends a *new* entry with the same ``event_id``: call :func:`forget`
@@ -76,7 +76,8 @@ from __future__ import annotations
 import hashlib
 import time
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any, TypeVar
 
 from redis.asyncio.client import Pipeline
 from redis.asyncio.cluster import RedisCluster
@@ -116,6 +117,8 @@ HEX_FROM = DIGEST_BYTES + MARK_BYTES + 1
 #: Table reads a declared (Redis Cluster) call makes before it gives up: each retry means
 #: another client resized or swept in between.
 DECLARED_TRIES = 20
+
+T = TypeVar("T")
 
 
 def digest(event_id: str) -> bytes:
@@ -448,13 +451,20 @@ def _shard_keys(base: str, row: Sequence[bytes | str | None], window_s: int,
     return e, list(keys)
 
 
-async def declare(redis: Redis, base: str, window_s: int,
-                  digests: Sequence[bytes]) -> tuple[str, list[str]]:
-    """Read the table of ``base`` (one round trip) and return the epoch and every shard key a
-    declared call claiming ``digests`` may touch (:func:`_shard_keys`). A script given them
-    must answer "read again" when a claim's shard is not among them (the table moved on)."""
-    row = await redis.hmget(base, ["e", "q", "n", "o", "m", "w"])
-    return _shard_keys(base, row, window_s, digests)
+async def declared(redis: Redis, base: str, window_s: int, digests: Sequence[bytes],
+                   call: Callable[[str, list[str]], Awaitable[T]],
+                   moved_on: Callable[[T], bool]) -> T:
+    """``call(epoch, shard keys)``'s reply, given every shard key a call claiming ``digests``
+    may touch (:func:`_shard_keys`), read from the table of ``base`` first (one round trip).
+    The script must answer "read again" when a claim's shard is not among them (the table
+    moved on meanwhile): while ``moved_on(reply)``, the table is read again and the call made
+    again, at most :data:`DECLARED_TRIES` times."""
+    for _ in range(DECLARED_TRIES):
+        row = await redis.hmget(base, ["e", "q", "n", "o", "m", "w"])
+        reply = await call(*_shard_keys(base, row, window_s, digests))
+        if not moved_on(reply):
+            return reply
+    raise RuntimeError(f"de-dup table of {base} kept changing over {DECLARED_TRIES} reads")
 
 
 def _args(keys: Keys, window_s: int, mode: str,
@@ -538,13 +548,14 @@ class Claims:
         more round trip), and read again when the script finds it moved on meanwhile."""
         blob = [pack(e, m) for _, e, m in claims]
         digests = [c[:DIGEST_BYTES] for c in blob]
-        for _ in range(DECLARED_TRIES):
-            epoch, shards = await declare(self._redis, base, window_s, digests)
-            reply = await self._declared_script(keys=[base, *shards],
-                                                args=[window_s, b"".join(blob), mode, epoch])
-            if reply != -1:
-                return reply  # type: ignore[no-any-return]
-        raise RuntimeError(f"de-dup table of {base} kept changing over {DECLARED_TRIES} reads")
+        claimed = b"".join(blob)
+
+        async def call(epoch: str, shards: list[str]) -> Any:
+            return await self._declared_script(keys=[base, *shards],
+                                               args=[window_s, claimed, mode, epoch])
+
+        reply = await declared(self._redis, base, window_s, digests, call, lambda r: r == -1)
+        return reply  # type: ignore[no-any-return]
 
 
 def is_duplicate(reply: bytes | None, mark: bytes) -> bool:

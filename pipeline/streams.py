@@ -303,10 +303,21 @@ class StreamReader:
         back: list[Entry] = []
         for p in self._parts or ():
             if p.read is not None:
-                back.extend(_result_of(p.read))
-                p.read, p.stale, p.own_pending = None, False, True
-                self._pending_cursor[p.stream] = "0-0"
+                back.extend(self._take_back(p))
         await self.release(back)
+
+    def _take_back(self, p: _Partition) -> list[Entry]:
+        """Cluster layout: what ``p``'s finished read got, taken off it to be given back
+        (:meth:`release`), not handed out. The partition's pass starts over: the read may have
+        moved the cursor, or ended a pass begun before a retry."""
+        read, p.read, p.stale, p.own_pending = p.read, None, False, True
+        self._pending_cursor[p.stream] = "0-0"
+        assert read is not None
+        return _result_of(read)
+
+    def _start_read(self, p: _Partition, block: bool) -> None:
+        """Cluster layout: ``p``'s next read, in flight."""
+        p.read = asyncio.create_task(self._read_partition(p, block), name=f"read-{p.stream}")
 
     async def _read_partitions(self, parts: list[_Partition], block: bool) -> list[Entry]:
         """Cluster layout: the next ready batch of one partition, a read kept in flight for
@@ -317,17 +328,10 @@ class StreamReader:
         while True:
             for i, p in enumerate(parts):
                 if p.read is None and (block or i not in answered):
-                    p.read = asyncio.create_task(self._read_partition(p, block),
-                                                 name=f"read-{p.stream}")
+                    self._start_read(p, block)
                 elif p.stale and p.read is not None and p.read.done():
-                    stale, p.read, p.stale = p.read, None, False
-                    # The pass starts over now that the stale read is over: it may have moved
-                    # the cursor, or ended a pass begun before the retry.
-                    p.own_pending = True
-                    self._pending_cursor[p.stream] = "0-0"
-                    await self.release(_result_of(stale))
-                    p.read = asyncio.create_task(self._read_partition(p, block),
-                                                 name=f"read-{p.stream}")
+                    await self.release(self._take_back(p))
+                    self._start_read(p, block)
             failed: BaseException | None = None
             n = len(parts)
             for k in range(n):
@@ -405,11 +409,12 @@ class StreamReader:
         reply = await self._xreadgroup({s: self._pending_cursor[s] for s in streams}, None)
         raw: list[tuple[str, str, dict[bytes, bytes]]] = []
         cursors: dict[str, Any] = {}
+        exhausted = True
         for s, msgs in _streams_of(reply):
             if msgs:
                 cursors[s] = msgs[-1][0]
+                exhausted = False
             raw.extend((s, i, f) for i, f in msgs if f is not None)
-        exhausted = all(not msgs for _, msgs in _streams_of(reply))
         entries = await self._with_counts(raw)
         # Only now past them: if the counts could not be read (Redis error), the next pass
         # reads the same entries again instead of skipping them until XAUTOCLAIM.

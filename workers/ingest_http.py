@@ -887,9 +887,8 @@ class IngestHttp:
             self.status.accepted(name)
         # A Particle event id is header-safe by construction (pipeline.particle); a TTS one
         # comes from the sender.
-        if source == "particle" or _HEADER_SAFE.fullmatch(uplink.event_id):
-            return _stored(request, entry_id, uplink.event_id)
-        return _stored(request, entry_id, None)
+        safe = source == "particle" or _HEADER_SAFE.fullmatch(uplink.event_id)
+        return _stored(request, entry_id, uplink.event_id if safe else None)
 
     async def _dead_letter(self, source: Source, name: str, path: str, body: bytes,
                            exc: InvalidInput) -> web.Response:
@@ -1015,14 +1014,10 @@ def _stored(request: web.BaseRequest, entry_id: str, event_id: str | None) -> An
         if event_id is not None:
             headers["X-Event-Id"] = event_id
         return web.Response(status=200, headers=headers)
-    if event_id is None:
-        head = (f"HTTP/1.1 200 OK\r\nX-Entry-Id: {entry_id}\r\nContent-Length: 0\r\n"
-                f"Date: {rfc822_formatted_time()}\r\nServer: {SERVER_SOFTWARE}\r\n\r\n")
-    else:
-        head = (f"HTTP/1.1 200 OK\r\nX-Entry-Id: {entry_id}\r\nX-Event-Id: {event_id}\r\n"
-                f"Content-Length: 0\r\nDate: {rfc822_formatted_time()}\r\n"
-                f"Server: {SERVER_SOFTWARE}\r\n\r\n")
-    return Stored(head.encode())
+    event = "" if event_id is None else f"X-Event-Id: {event_id}\r\n"
+    return Stored(f"HTTP/1.1 200 OK\r\nX-Entry-Id: {entry_id}\r\n{event}Content-Length: 0\r\n"
+                  f"Date: {rfc822_formatted_time()}\r\nServer: {SERVER_SOFTWARE}\r\n\r\n"
+                  .encode())
 
 
 def _error_response(refused: Refused) -> web.Response:

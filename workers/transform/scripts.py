@@ -75,7 +75,7 @@ class Emit:
 
 
 # KEYS = registry version, de-dup base of each claim's stream, output streams, streams to ack,
-# then (Redis Cluster) every de-dup shard key the call may touch (pipeline.dedup.declare);
+# then (Redis Cluster) every de-dup shard key the call may touch (pipeline.dedup.declared);
 # ARGV[1] = msgpack [version, window s, group, number of bases, modes (one letter per claim),
 # [base index per claim], [owner, output stream index, ...] per output,
 # [[entry id, ...] per stream to ack], number of declared shard keys (absent: none, one
@@ -168,7 +168,7 @@ class Commit:
     ``claims`` are ``(stream, event_id, mark, mode)`` (the stream the uplink came from:
     its partition's de-dup state is used, :meth:`pipeline.keys.Keys.dedup`). On a Redis
     Cluster client the call declares every de-dup shard key it may touch
-    (:func:`pipeline.dedup.declare`: one table read first), so a call reaching a master while
+    (:func:`pipeline.dedup.declared`: one table read first), so a call reaching a master while
     the partition's slot moves is redirected (``ASK``/``TRYAGAIN``) instead of missing a shard
     not moved yet; on one Redis the script builds them (one round trip). Each output
     names its *owner*, the 1-based index of the claim it belongs to (0 = unconditional); an
@@ -245,12 +245,12 @@ class Commit:
         """The call with every shard key declared (Redis Cluster: one partition's batch, one
         de-dup base): the table is read first, and again when the script says it moved on."""
         base, = bases
-        for _ in range(dedup.DECLARED_TRIES):
-            epoch, shards = await dedup.declare(self._redis, base, window_s, digests)
+
+        async def call(epoch: str, shards: list[str]) -> list[int]:
             arg = self._pack([*head, len(shards), epoch])
             reply: list[int] = await self._script(keys=[*keys, *shards],
                                                   args=[arg, claimed, *blob])
-            if reply[0] != -2:
-                return reply
-        raise RuntimeError(f"de-dup table of {base} kept changing over "
-                           f"{dedup.DECLARED_TRIES} reads")
+            return reply
+
+        return await dedup.declared(self._redis, base, window_s, digests, call,
+                                    lambda r: r[0] == -2)
