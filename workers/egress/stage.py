@@ -116,8 +116,9 @@ class EgressStage:
         self._streams = ctx.keys.streams(WRITES)  # partition → its stream
         self._partition_of = {s: p for p, s in enumerate(self._streams)}
         timeout_s = ctx.config.blynk.timeout_s
-        #: A request goes only while the partition's lease is certainly held this much longer.
-        self._send_margin_s = timeout_s
+        #: The Blynk request timeout: a request goes only while the partition's lease is
+        #: certainly held this much longer (the send rule), and a hand-over waits this long
+        #: for the writes under way.
         self._timeout_s = timeout_s
         self.order = LastWritten(ctx.redis, ctx.keys)
         self.ownership = PartitionLeases(
@@ -260,7 +261,7 @@ class EgressStage:
         given up since the write started (``gone``), even if taken back meanwhile."""
         p = dev.partition
         return not dev.gone and p in self.owned and \
-            self.ownership.leases[p].remaining_s() > self._send_margin_s
+            self.ownership.leases[p].remaining_s() > self._timeout_s
 
     async def _acquired(self, p: int) -> None:
         self.owned[p] = _Owned(StreamReader(
