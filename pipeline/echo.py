@@ -181,7 +181,7 @@ class Echoes:
         keys = self._keys
         calls: dict[int | None, tuple[list[int], list[str], list[str]]] = {}
         for i, (token, pin, value, device_key) in enumerate(commands):
-            ref, text = token_ref(token), canonical(value)
+            ref, pin, text = token_ref(token), pin.upper(), canonical(value)
             if not keys.cluster:
                 parts: Sequence[int | None] = [None]
             elif device_key is not None:
@@ -191,8 +191,7 @@ class Echoes:
             for part in parts:
                 idx, names, wants = calls.setdefault(part, ([], [], []))
                 idx.append(i)
-                names.append(keys.echo(ref, pin.upper(), partition=part)
-                             if part is not None else keys.echo(ref, pin.upper()))
+                names.append(keys.echo(ref, pin, partition=part))  # untagged off a cluster
                 wants.append(text)
         for _, names, wants in calls.values():
             pipe.eval(_TAKE, len(names), *names, now_ms, self.window_ms, *wants)

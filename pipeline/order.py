@@ -282,7 +282,7 @@ class LastWritten:
                 done[p] = bool(r)
                 if r:
                     for _, rec in parts[p].records:
-                        if now - rec.expiry_ms >= self.ttl_ms // 4:
+                        if self._expire_again(rec, now):
                             rec.expiry_ms = now
         return done
 
@@ -290,7 +290,6 @@ class LastWritten:
                      group: str, now: int) -> tuple[list[str], list[bytes | str]]:
         """Keys and arguments of one ``_COMMIT`` call."""
         lw = self._keys.last_written
-        ttl = self.ttl_ms
         keys: list[str] = []
         values: list[bytes | str] = []
         spec: list[tuple[int, list[int], int, str]] = []
@@ -300,7 +299,7 @@ class LastWritten:
             expire: list[int] = []
             for r, (device_key, rec) in enumerate(part.records, 1):
                 keys.append(lw(device_key))
-                if now - rec.expiry_ms >= ttl // 4:  # set again (and stored so) after a quarter
+                if self._expire_again(rec, now):
                     expire.append(r)
                     values.append(encode(rec, expiry_ms=now))
                 else:
@@ -308,7 +307,12 @@ class LastWritten:
             keys.append(part.stream)
             values += part.acks
             spec.append((len(part.records), expire, len(part.acks), part.token))
-        return keys, [_pack([group, ttl + ttl // 4, spec]), *values]
+        return keys, [_pack([group, self.ttl_ms + self.ttl_ms // 4, spec]), *values]
+
+    def _expire_again(self, record: Record, now: int) -> bool:
+        """The record's expiry is set again by this commit (and stored so): a quarter of the
+        ttl has passed since it last was (module docstring; ``KEEPTTL`` otherwise)."""
+        return now - record.expiry_ms >= self.ttl_ms // 4
 
     async def _calls(self, script: Any, calls: Sequence[tuple[Sequence[str], Sequence[Any]]]
                      ) -> list[Any]:

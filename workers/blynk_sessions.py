@@ -210,13 +210,9 @@ class SessionsStage:
         # The watch starts where the writes streams stand now: every write after startup is
         # seen. (Reading from "$" started at the watch's first read, which on a busy machine
         # came after the first uplinks: their devices stayed without a session.)
-        self._watch_from = {s: await self._last_id(s)
-                            for s in self.keys.streams(keynames.WRITES)}
-
-    async def _last_id(self, stream: str) -> str:
-        """The id of ``stream``'s last entry (``0-0`` when it has none)."""
-        rows = await self.redis.xrevrange(stream, count=1)
-        return as_str(rows[0][0]) if rows else "0-0"
+        watch_from = {s: "$" for s in self.keys.streams(keynames.WRITES)}
+        await self._tails(watch_from)
+        self._watch_from = watch_from
 
     async def main_loop(self, stop: asyncio.Event) -> None:
         if not self.templates:

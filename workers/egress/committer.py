@@ -178,12 +178,9 @@ class Committer:
         if dev.gone:
             _resolve(pending)
             return
-        # Not gone: the write is of the partition's latest acquisition (see commit_many).
-        lease = self._lease_of(dev.partition)
-        fence = (lease.key, lease.token)
         if result.invalid_token is not None:
-            self._spawn(self._invalid_token(dev, plan, result.invalid_token, fence, pending),
-                        f"egress-{dev.key}")
+            self._spawn(self._invalid_token(dev, plan, result.invalid_token,
+                                            self._fence(dev), pending), f"egress-{dev.key}")
             return
         if again is not None:
             self._back_off(dev, again)
@@ -196,11 +193,18 @@ class Committer:
         if plan.stale:
             self._dropped_stale.inc(plan.stale)
         if dead:
-            self._spawn(self._dead_letter(dev, ok, dead, wall, fence, pending),
+            self._spawn(self._dead_letter(dev, ok, dead, wall, self._fence(dev), pending),
                         f"egress-{dev.key}")
         else:
             self._written_ok(dev, ok, wall)
             _resolve(pending)
+
+    def _fence(self, dev: DeviceQueue) -> tuple[str, str]:
+        """The ``(lease key, token)`` fencing a dead letter of ``dev``'s write: taken when the
+        write finished, not gone, so of the partition's latest acquisition (see
+        :meth:`commit_many`). Only the dead-letter paths need it, not every write."""
+        lease = self._lease_of(dev.partition)
+        return lease.key, lease.token
 
     def take_superseded(self) -> int:
         """Superseded values of the writes finished since the last call (for the shared

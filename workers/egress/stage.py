@@ -116,8 +116,9 @@ class EgressStage:
         self._streams = ctx.keys.streams(WRITES)  # partition → its stream
         self._partition_of = {s: p for p, s in enumerate(self._streams)}
         timeout_s = ctx.config.blynk.timeout_s
-        #: A request goes only while the partition's lease is certainly held this much longer.
-        self._send_margin_s = timeout_s
+        #: The Blynk request timeout: a request goes only while the partition's lease is
+        #: certainly held this much longer (the send rule), and a hand-over waits this long
+        #: for the writes under way.
         self._timeout_s = timeout_s
         self.order = LastWritten(ctx.redis, ctx.keys)
         self.ownership = PartitionLeases(
@@ -260,7 +261,7 @@ class EgressStage:
         given up since the write started (``gone``), even if taken back meanwhile."""
         p = dev.partition
         return not dev.gone and p in self.owned and \
-            self.ownership.leases[p].remaining_s() > self._send_margin_s
+            self.ownership.leases[p].remaining_s() > self._timeout_s
 
     async def _acquired(self, p: int) -> None:
         self.owned[p] = _Owned(StreamReader(
@@ -384,11 +385,7 @@ class EgressStage:
                         log.warning("egress: reading failed (%s); retrying", exc)
                         await asyncio.wait({stopper}, timeout=backoff_s(read_failures))
                         continue
-                    if self.owned.get(p) is not part:  # given up meanwhile
-                        await self._give_back(part, entries)
-                    elif entries:
-                        await self._hold(entries)
-                    elif self.until_idle:
+                    if await self._landed(p, part, entries) and self.until_idle:
                         (idle if not self.held and not self._tasks else drained).add(p)
                 if self.until_idle and self.owned.keys() <= idle and not self.held \
                         and not self._tasks:
@@ -403,14 +400,21 @@ class EgressStage:
                 # entries Redis already delivered would stay pending under this consumer's
                 # name, which a restarted process does not have (see pipeline.consumer).
                 with contextlib.suppress(RedisError):
-                    entries = await task
-                    if self.owned.get(p) is not part:
-                        await self._give_back(part, entries)
-                    elif entries:
-                        await self._hold(entries)
+                    await self._landed(p, part, await task)
         # Stopping: send what is ready now; devices in backoff stay pending in Redis.
         await self._flush(final=True)
         await self._drain(self.cfg.stop_timeout_s)
+
+    async def _landed(self, p: int, part: _Owned, entries: list[Entry]) -> bool:
+        """A finished read of partition ``p`` for ``part``: its entries held, or given back when
+        the partition was given up meanwhile. True when it is still owned and read nothing."""
+        if self.owned.get(p) is not part:  # given up meanwhile
+            await self._give_back(part, entries)
+        elif entries:
+            await self._hold(entries)
+        else:
+            return True
+        return False
 
     async def _give_back(self, part: _Owned, entries: list[Entry]) -> None:
         """Entries read for a partition given up meanwhile: pending for this consumer with
