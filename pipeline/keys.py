@@ -4,11 +4,11 @@ Two layouts (docs/DESIGN.md, "Redis Cluster"):
 
 * one Redis (``cluster=False``, the default): the names below, unchanged by this module's
   cluster support — ``bb:uplinks`` or ``bb:{uplinks:3}`` partitioned, ``bb:dead``,
-  ``bb:dev:…``, ``bb:registry:version``, ``bb:lw:…``, ``bb:rate:…``.
+  ``bb:dev:…``, ``bb:registry:version``, ``bb:records:N``, ``bb:rate:…``.
 * Redis Cluster (``cluster=True``): every key that a script or ``MULTI`` touches together with
   others carries its partition's hash tag ``{pN.k}`` (k: :meth:`Keys._tag`) —
   ``bb:{p3.k}:uplinks``, ``…:writes``, ``…:dead``, ``…:dev:…``, ``…:registry:version`` /
-  ``:changes``, ``…:lw:…``, ``…:rate:…``, ``…:echo:…``, ``…:down:last:…`` — with
+  ``:changes``, ``…:records``, ``…:lw:…``, ``…:rate:…``, ``…:echo:…``, ``…:down:last:…`` — with
   N = :meth:`Keys.partition_of` of the device, so a device's stream entries, row, order, rate
   state, echo records and last sent commands share one slot. The provisioning rate and count
   of an integration share a tag of their own. Keys only ever used alone keep their one-Redis
@@ -213,9 +213,18 @@ class Keys:
         tag = stream.find("{")
         return f"{self.prefix}dd" if tag < 0 else f"{self.prefix}dd:{stream[tag:]}"
 
+    def records(self, partition: int) -> str:
+        """Hash device key → egress record (:mod:`pipeline.order`: its rate-limit state and,
+        per pin, the event time (ms) of the last value written to Blynk) of one writes
+        partition: in the cluster layout in the partition's slot, so the commit script writes
+        it beside the lease it checks and the acks it makes."""
+        if self.cluster:
+            return self._tagged(partition, "records")
+        return f"{self.prefix}records:{partition}"
+
     def last_written(self, device_key: str) -> str:
-        """A device's egress record (:mod:`pipeline.order`): its rate-limit state and, per pin,
-        the event time (ms) of the last value written to Blynk."""
+        """A device's egress record as versions before :meth:`records` kept it, one key per
+        device: read only when its hash field is missing (an upgrade; docs/DESIGN.md)."""
         return self._of_device(device_key, f"lw:{device_key}")
 
     def region(self, token_hash: str) -> str:

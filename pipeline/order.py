@@ -6,20 +6,24 @@ and a device's entries are all in its partition: one replica writes a device at 
 write of it at a time (:mod:`workers.egress`). That replica keeps the device's
 :class:`Record` in memory — the event time per pin of the newest value Blynk has, and the
 device's rate-limit state (GCRA TAT, :func:`pipeline.ratelimit.gcra`) — and writes it behind to
-Redis (``keys.last_written(device_key)``), so the next owner of the partition starts from it.
+Redis, into its partition's hash (``keys.records(p)``: field = device key, value = the record),
+so the next owner of the partition starts from it.
 
 The protocol of one device write (egress):
 
 1. The first time the owner needs a device after taking its partition, :meth:`LastWritten.load`
-   reads its record (``MGET``: one call for the devices a flush sees first, per page of
-   ``_LOAD_PAGE`` and, on a cluster, per partition). After that the record lives in memory (a
+   reads its record (``HMGET``: one call for the devices a flush sees first, per partition
+   and page of ``_LOAD_PAGE``; a field missing is read from the per-device key of versions
+   before the hash, ``keys.last_written``, in the same call, so an upgrade keeps every
+   record). After that the record lives in memory (a
    bounded number of them: :mod:`workers.egress.stage`): no Redis call before a write.
 2. Drop what is older than recorded (:func:`pipeline.coalesce.drop_stale`: equal event times
    are applied in arrival order; :meth:`Record.stale`: nothing newer at all), take a rate
    slot (:meth:`Record.take`), send the rest to Blynk.
 3. After the 2xx, :meth:`Record.merge` records ``max(old, new)`` per pin in memory, and
    :meth:`LastWritten.commit` — one script call per flush of commits (one per partition on a
-   cluster) — ``SET``s the changed records and ``XACK``s the written entries, **after checking
+   cluster) — ``HSET``s the changed records (one command per partition, whatever their
+   number) and ``XACK``s the written entries, **after checking
    that the partition's lease still holds the token of the ownership the writes were made
    under** (fencing; :attr:`pipeline.lease.Lease.token`, one per acquisition). A partition
    whose lease holds another token — another owner's, or this replica's own later
@@ -34,14 +38,24 @@ the record only after taking the lease, so it sees every commit the old owner ma
 old owner sent but could not commit is re-sent (same or newer values, never older ones):
 at-least-once, and Blynk only ever moves forward in event time.
 
-**The record** (one string, the layout of the per-device lease design before it, so records
-survive an upgrade): a msgpack header ``[0, '', rate-limit TAT µs, when its expiry was last
-set (ms), version, newest recorded event ms]`` (the first two were a per-device lease, always
-free now) followed by the msgpack map ``{pin: event ms}``. Records expire ``ttl_ms`` to 5/4
-``ttl_ms`` after a device's last write (default 31 days: Blynk refuses timestamped points
-older than a month, and no redelivery lives that long; only a manual ``replay`` of an older
-dead letter could then write an older value). The expiry is set again only once a quarter of
-the ttl has passed (``KEEPTTL`` otherwise): setting it costs Redis more than the ``SET``.
+**The record** (one hash field's value, the layout of the per-device keys before it, so
+records survive an upgrade): a msgpack header ``[0, '', rate-limit TAT µs, when it was last
+stored (wall ms), version, newest recorded event ms]`` (the first two were a per-device lease,
+always free now; the stamp was "when its expiry was last set" in a per-device key) followed by
+the msgpack map ``{pin: event ms}``.
+
+**Expiry.** A record lives ``ttl_ms`` after it was last stored (default 31 days: Blynk refuses
+timestamped points older than a month, and no redelivery lives that long; only a manual
+``replay`` of an older dead letter could then write an older value), plus up to one pass of
+the sweep. Redis 7.0 has no per-field expiry, so the partition's owner sweeps its hash
+(:meth:`LastWritten.sweep`: ``HSCAN`` a page at a time, in the background) and deletes the
+fields whose stamp is older than the ttl, each only while it still holds the value read (one
+script call per page): a record stored meanwhile — by this owner, or by a next owner after the
+partition moved — has a new stamp and is kept, so a sweep run by a replica that is no longer
+the owner deletes nothing but what any owner would, and needs no fencing. The hash itself
+expires 5/4 ``ttl_ms`` after its expiry was last set, set again by a commit once a quarter of
+the ttl has passed (per process), so it outlives every record stored in it by the ttl at least
+and a partition nobody writes any more leaves nothing behind.
 
 Redis errors propagate (``RedisError``); callers treat them as retryable.
 """
@@ -63,46 +77,71 @@ _pack = msgspec.msgpack.Encoder().encode
 _unpack = msgspec.msgpack.Decoder().decode
 DEFAULT_TTL_MS = 31 * 24 * 3600 * 1000
 
-# KEYS = per partition: its lease, its records, its writes stream; ARGV[1] = msgpack [group,
-# px, [[records, [the 1-based indices of the records to SET with PX px, ascending], entry ids,
-# lease token] per partition]]; ARGV[2…] = per partition its records' values, then its entry
-# ids (one argument each: no decoding, no cutting in Lua). The other records are SET with
-# KEEPTTL. Per partition: 1 (recorded and acked) or 0 (the lease does not hold the token:
-# nothing done).
+# KEYS = per partition: its lease, its records hash, its writes stream; ARGV = group, the
+# hash's expiry (ms), then per partition: lease token, records n, entry ids m, whether to set
+# the hash's expiry ('1'/'0'); then per partition n (device key, record) pairs and m entry ids
+# (one argument each: no decoding, no cutting, nothing per record in Lua). Per partition: 1
+# (recorded and acked) or 0 (the lease does not hold the token: nothing done).
 _COMMIT = """
-local p = cmsgpack.unpack(ARGV[1])
-local group, px, parts = p[1], p[2], p[3]
-local k, a, out = 1, 2, {}
-for i = 1, #parts do
-  local n, expire, ids, token = parts[i][1], parts[i][2], parts[i][3], parts[i][4]
-  if redis.call('GET', KEYS[k]) == token then
-    local e = 1
-    for r = 1, n do
-      if expire[e] == r then
-        redis.call('SET', KEYS[k + r], ARGV[a + r - 1], 'PX', px)
-        e = e + 1
-      else
-        redis.call('SET', KEYS[k + r], ARGV[a + r - 1], 'KEEPTTL')
-      end
+local group, px, parts = ARGV[1], ARGV[2], #KEYS / 3
+local a, out = 3 + 4 * parts, {}
+for i = 1, parts do
+  local k, s = 3 * i - 2, 4 * i - 1
+  local n, ids = 2 * tonumber(ARGV[s + 1]), tonumber(ARGV[s + 2])
+  if redis.call('GET', KEYS[k]) == ARGV[s] then
+    local last = a + n - 1
+    for j = a, last, 1000 do
+      redis.call('HSET', KEYS[k + 1], unpack(ARGV, j, math.min(j + 999, last)))
     end
-    local last = a + n + ids - 1
+    if ARGV[s + 3] == '1' then
+      redis.call('PEXPIRE', KEYS[k + 1], px)
+    end
+    last = a + n + ids - 1
     for j = a + n, last, 1000 do
-      redis.call('XACK', KEYS[k + n + 1], group, unpack(ARGV, j, math.min(j + 999, last)))
+      redis.call('XACK', KEYS[k + 2], group, unpack(ARGV, j, math.min(j + 999, last)))
     end
     out[i] = 1
   else
     out[i] = 0
   end
-  k, a = k + n + 2, a + n + ids
+  a = a + n + ids
 end
 return out
 """
 
-
-# KEYS = records → their values (nil: none).
-_LOAD = "return redis.call('MGET', unpack(KEYS))"
+# KEYS = a partition's records hash, then the per-device keys of the fields (versions before
+# the hash: an upgrade); ARGV = the fields → their values (nil: none), the hash's first.
+_LOAD = """
+local got = redis.call('HMGET', KEYS[1], unpack(ARGV))
+local miss, old = {}, {}
+for i = 1, #got do
+  if not got[i] then
+    miss[#miss + 1] = i
+    old[#old + 1] = KEYS[i + 1]
+  end
+end
+if #old > 0 then
+  local was = redis.call('MGET', unpack(old))
+  for j = 1, #miss do
+    got[miss[j]] = was[j]
+  end
+end
+return got
+"""
 #: Records read per call (Lua's unpack has a limit of a few thousand values).
 _LOAD_PAGE = 1000
+
+# KEYS[1] = a records hash; ARGV = (field, value) pairs: each field is deleted only while it
+# still holds that value (a store since, by whichever owner, changed it).
+_SWEEP = """
+local n = 0
+for i = 1, #ARGV, 2 do
+  if redis.call('HGET', KEYS[1], ARGV[i]) == ARGV[i + 1] then
+    n = n + redis.call('HDEL', KEYS[1], ARGV[i])
+  end
+end
+return n
+"""
 
 
 def wall_us() -> int:
@@ -119,8 +158,9 @@ class Record:
     pins: dict[str, int] = field(default_factory=dict)
     #: The rate limit's theoretical arrival time (µs, wall clock).
     tat_us: int = 0
-    #: When the record's expiry was last set (wall ms; 0 = never).
-    expiry_ms: int = 0
+    #: When the record was last stored (wall ms; 0 = never; with per-device keys: when its
+    #: expiry was last set).
+    stored_ms: int = 0
     #: How often the pin map changed.
     version: int = 0
     #: The newest event time in ``pins`` (-1: none).
@@ -172,14 +212,14 @@ def decode(raw: bytes | str | None) -> Record:
         raw = raw.encode("utf-8", "surrogateescape")
     header, pins = _split(raw)
     return Record(pins={_s(k): int(v) for k, v in pins.items()},
-                  tat_us=int(header[2]), expiry_ms=int(header[3]), version=int(header[4]),
+                  tat_us=int(header[2]), stored_ms=int(header[3]), version=int(header[4]),
                   newest=int(header[5]))
 
 
-def encode(record: Record, *, expiry_ms: int | None = None) -> bytes:
-    """A record as stored (module docstring); ``expiry_ms`` instead of its own."""
-    expiry = record.expiry_ms if expiry_ms is None else expiry_ms
-    return _pack([0, "", record.tat_us, expiry, record.version, record.newest]) \
+def encode(record: Record, *, stored_ms: int | None = None) -> bytes:
+    """A record as stored (module docstring); ``stored_ms`` instead of its own."""
+    stored = record.stored_ms if stored_ms is None else stored_ms
+    return _pack([0, "", record.tat_us, stored, record.version, record.newest]) \
         + _pack(record.pins)
 
 
@@ -231,7 +271,7 @@ class PartitionCommit:
 
 class LastWritten:
     """Records in Redis: loading them, committing them with the acks (fenced by the partition
-    lease's token), and reading one (tools)."""
+    lease's token), sweeping the expired ones, and reading one (tools)."""
 
     def __init__(self, redis: Redis, keys: Keys, *, ttl_ms: int = DEFAULT_TTL_MS) -> None:
         self._redis = redis
@@ -239,80 +279,112 @@ class LastWritten:
         self.ttl_ms = ttl_ms
         self._commit = redis.register_script(_COMMIT)
         self._load = redis.register_script(_LOAD)
+        self._sweep = redis.register_script(_SWEEP)
+        #: Partition → when (wall ms) this process last set its hash's expiry.
+        self._expiry_set: dict[int, int] = {}
 
     async def load(self, device_keys: Sequence[str]) -> list[Record]:
-        """The records of ``device_keys``: ``MGET``s of up to ``_LOAD_PAGE`` keys, pipelined
-        (in the cluster layout each in one partition's slot, through a script: a cluster
-        pipeline refuses ``MGET``)."""
+        """The records of ``device_keys``: per partition and page of up to ``_LOAD_PAGE``,
+        one script call (``HMGET`` of the partition's hash, then ``MGET`` of the per-device
+        keys of the fields missing: an upgrade), pipelined."""
         if not device_keys:
             return []
-        lw = self._keys.last_written
+        keys = self._keys
         groups: dict[int, list[int]] = {}
-        if self._keys.cluster:
-            for i, k in enumerate(device_keys):
-                groups.setdefault(self._keys.partition_of_device_key(k), []).append(i)
-        else:
-            groups[0] = list(range(len(device_keys)))
-        calls = [idx[i:i + _LOAD_PAGE] for idx in groups.values()
+        for i, k in enumerate(device_keys):
+            groups.setdefault(keys.partition_of_device_key(k), []).append(i)
+        calls = [(p, idx[i:i + _LOAD_PAGE]) for p, idx in groups.items()
                  for i in range(0, len(idx), _LOAD_PAGE)]
-        got = await self._calls(self._load, [([lw(device_keys[i]) for i in idx], [])
-                                             for idx in calls])
+        lw = keys.last_written
+        got = await self._calls(self._load, [
+            ([keys.records(p), *(lw(device_keys[i]) for i in idx)],
+             [device_keys[i] for i in idx]) for p, idx in calls])
         out: list[Record] = [Record()] * len(device_keys)
-        for idx, raws in zip(calls, got, strict=True):
+        for (_, idx), raws in zip(calls, got, strict=True):
             for i, r in zip(idx, raws, strict=True):
                 out[i] = decode(r)
         return out
 
-    async def commit(self, parts: Mapping[int, PartitionCommit], group: str
-                     ) -> dict[int, bool]:
-        """Per partition ``p``: if ``keys.egress_lease(p)`` holds its ``token``, ``SET`` its
-        records and ``XACK`` its entries for ``group`` (one script call for all of them on one
-        Redis; one per partition, pipelined, in the cluster layout). Returns per partition
-        whether it was done (``False``: fenced off, nothing written or acked)."""
+    async def commit(self, parts: Mapping[int, PartitionCommit], group: str, *,
+                     now_ms: int | None = None) -> dict[int, bool]:
+        """Per partition ``p``: if ``keys.egress_lease(p)`` holds its ``token``, ``HSET`` its
+        records (one call) into ``keys.records(p)``, stamped now, and ``XACK`` its entries for
+        ``group`` (one script call for all of them on one Redis; one per partition, pipelined,
+        in the cluster layout). Returns per partition whether it was done (``False``: fenced
+        off, nothing written or acked). ``now_ms``: the wall clock (ms) stamped (default: now).
+        """
         if not parts:
             return {}
-        now = int(time.time() * 1000)
+        now = int(time.time() * 1000) if now_ms is None else now_ms
         order = list(parts)
         calls = [order] if not self._keys.cluster else [[p] for p in order]
         replies = await self._calls(self._commit, [self._commit_call(call, parts, group, now)
                                                    for call in calls])
         done: dict[int, bool] = {}
+        expire_every = self.ttl_ms // 4
         for call, reply in zip(calls, replies, strict=True):
             for p, r in zip(call, reply, strict=True):
                 done[p] = bool(r)
                 if r:
+                    if now - self._expiry_set.get(p, -expire_every) >= expire_every:
+                        self._expiry_set[p] = now
                     for _, rec in parts[p].records:
-                        if self._expire_again(rec, now):
-                            rec.expiry_ms = now
+                        rec.stored_ms = now
         return done
 
     def _commit_call(self, call: Sequence[int], parts: Mapping[int, PartitionCommit],
                      group: str, now: int) -> tuple[list[str], list[bytes | str]]:
         """Keys and arguments of one ``_COMMIT`` call."""
-        lw = self._keys.last_written
-        keys: list[str] = []
+        keys = self._keys
+        expire_every = self.ttl_ms // 4
+        names: list[str] = []
+        spec: list[bytes | str] = [group, str(self.ttl_ms + expire_every)]
         values: list[bytes | str] = []
-        spec: list[tuple[int, list[int], int, str]] = []
         for p in call:
             part = parts[p]
-            keys.append(self._keys.egress_lease(p))
-            expire: list[int] = []
-            for r, (device_key, rec) in enumerate(part.records, 1):
-                keys.append(lw(device_key))
-                if self._expire_again(rec, now):
-                    expire.append(r)
-                    values.append(encode(rec, expiry_ms=now))
-                else:
-                    values.append(encode(rec))
-            keys.append(part.stream)
+            names += (keys.egress_lease(p), keys.records(p), part.stream)
+            expire = now - self._expiry_set.get(p, -expire_every) >= expire_every
+            spec += (part.token, str(len(part.records)), str(len(part.acks)),
+                     "1" if expire else "0")
+            for device_key, rec in part.records:
+                values += (device_key, encode(rec, stored_ms=now))
             values += part.acks
-            spec.append((len(part.records), expire, len(part.acks), part.token))
-        return keys, [_pack([group, self.ttl_ms + self.ttl_ms // 4, spec]), *values]
+        return names, spec + values
 
-    def _expire_again(self, record: Record, now: int) -> bool:
-        """The record's expiry is set again by this commit (and stored so): a quarter of the
-        ttl has passed since it last was (module docstring; ``KEEPTTL`` otherwise)."""
-        return now - record.expiry_ms >= self.ttl_ms // 4
+    async def sweep(self, partition: int, cursor: int = 0, *, count: int = 1000,
+                    now_ms: int | None = None) -> tuple[int, int]:
+        """One step of the sweep of a partition's records (:meth:`expired` then
+        :meth:`drop_expired`): the next cursor (0: the pass is over) and how many were
+        deleted."""
+        cursor, found = await self.expired(partition, cursor, count=count, now_ms=now_ms)
+        return cursor, await self.drop_expired(partition, found)
+
+    async def expired(self, partition: int, cursor: int = 0, *, count: int = 1000,
+                      now_ms: int | None = None) -> tuple[int, list[tuple[Any, Any]]]:
+        """``HSCAN`` of a partition's records from ``cursor`` (about ``count`` fields): the
+        next cursor (0: the pass is over) and the ``(field, value)`` of those last stored
+        more than ``ttl_ms`` before ``now_ms`` (default: now)."""
+        cursor, fields = await self._redis.hscan(self._keys.records(partition), cursor,
+                                                 count=count)
+        oldest = (int(time.time() * 1000) if now_ms is None else now_ms) - self.ttl_ms
+        found: list[tuple[Any, Any]] = []
+        for name, raw in (fields.items() if isinstance(fields, dict) else ()):
+            try:
+                stored = int(_split(raw if isinstance(raw, bytes) else raw.encode(
+                    "utf-8", "surrogateescape"))[0][3])
+            except (ValueError, IndexError, TypeError, msgspec.DecodeError):
+                continue  # not a record: left alone
+            if stored < oldest:
+                found.append((name, raw))
+        return int(cursor), found
+
+    async def drop_expired(self, partition: int, found: Sequence[tuple[Any, Any]]) -> int:
+        """Delete the fields :meth:`expired` found, each only while it still holds the value
+        it had then (one script call); how many were deleted."""
+        if not found:
+            return 0
+        return int(await self._sweep(keys=[self._keys.records(partition)],
+                                     args=[x for pair in found for x in pair]))
 
     async def _calls(self, script: Any, calls: Sequence[tuple[Sequence[str], Sequence[Any]]]
                      ) -> list[Any]:
@@ -328,4 +400,4 @@ class LastWritten:
 
     async def get(self, device_key: str) -> dict[str, int]:
         """Every recorded pin of a device (for tests and the CLI)."""
-        return decode(await self._redis.get(self._keys.last_written(device_key))).pins
+        return (await self.load([device_key]))[0].pins

@@ -359,7 +359,7 @@ async def test_the_whole_pipeline_loses_nothing_while_a_partition_slot_moves(
         private_cluster: tuple[str, dict[int, int]], prefix: str) -> None:
     """ingest-http → transform → egress → the Blynk emulator while one partition's slot moves
     between masters a key at a time (``MIGRATING``/``IMPORTING``, ``MIGRATE``): its uplinks
-    and writes streams, registry rows, de-dup state and egress's device records (``lw:``)
+    and writes streams, registry rows, de-dup state and egress's device records (``records``)
     move under the running stages, whose commands meet ``ASK``/``TRYAGAIN`` and then
     ``MOVED``. Every uplink answered 200 is written for Blynk, Blynk ends at each device's
     newest value and never went backwards, nothing is dead-lettered or left pending.
@@ -379,7 +379,7 @@ async def test_the_whole_pipeline_loses_nothing_while_a_partition_slot_moves(
             keys.stream_for(UPLINKS, "tts", d)) == slot]
         # The slot holds the partition's devices' records and its writes stream too.
         assert redis.keyslot(  # type: ignore[attr-defined]
-            keys.last_written(f"tts:app:{DEVICES[0]}")) == slot
+            keys.records(keys.partition_of_stream(moving))) == slot
         assert redis.keyslot(keys.stream(  # type: ignore[attr-defined]
             WRITES, keys.partition_of_stream(moving))) == slot
 

@@ -129,51 +129,124 @@ async def test_a_commit_made_under_an_earlier_acquisition_by_the_same_replica_do
     assert (await redis.xpending(stream, GROUP_EGRESS))["pending"] == 0
 
 
-async def test_records_of_the_per_device_lease_design_are_read_as_they_are(
+async def test_records_live_in_one_hash_per_partition_which_a_next_owner_reads(
     redis: Redis, keys: Keys
 ) -> None:
-    """An upgrade keeps what Blynk has: a record written by the per-device lease's scripts
-    (cmsgpack in Lua, a lease owner in its header) loads, and what is committed over it keeps
-    its layout for a downgrade."""
+    """A commit stores every changed record as a field of its partition's hash (no per-device
+    key), stamped with when it was stored; the partition's next owner reads them there."""
+    await owned_by(redis, keys, "replica-a")
+    book = LastWritten(redis, keys)
+    a, b = await book.load(["tts:app:a", "tts:app:b"])
+    a.merge({"V1": 7})
+    b.merge({"V1": 8, "V2": 9})
+    assert await book.commit(commit_of(keys, {"tts:app:a": a, "tts:app:b": b}), GROUP_EGRESS,
+                             now_ms=1_234) == {0: True}
+    assert sorted(await redis.hkeys(keys.records(0))) == [b"tts:app:a", b"tts:app:b"]
+    assert not await redis.exists(keys.last_written("tts:app:a"))
+    await owned_by(redis, keys, "replica-b")  # taken over
+    again = await LastWritten(redis, keys).load(["tts:app:b", "tts:app:a", "tts:app:never"])
+    assert [r.pins for r in again] == [{"V1": 8, "V2": 9}, {"V1": 7}, {}]
+    assert again[0].stored_ms == 1_234 and again[0].newest == 9
+
+
+async def test_an_upgrade_reads_the_per_device_records_of_the_version_before(
+    redis: Redis, keys: Keys
+) -> None:
+    """An upgrade keeps what Blynk has: a device with no field in its partition's hash is read
+    from its per-device key (here one written by the per-device lease's scripts: cmsgpack in
+    Lua, a lease owner in its header); what is committed over it goes to the hash, keeping
+    the layout, and is what is read from then on."""
     key = keys.last_written("dev")
     await redis.eval("redis.call('SET', KEYS[1], cmsgpack.pack({1700000000000, 'egress-9', "
                      "1700000000000000, 1700000000000, 7, 55}) .. cmsgpack.pack({V1=55, V2=3}))",
                      1, key)
     (record,) = await LastWritten(redis, keys).load(["dev"])
     assert record == Record({"V1": 55, "V2": 3}, tat_us=1700000000000000,
-                            expiry_ms=1700000000000, version=7, newest=55)
+                            stored_ms=1700000000000, version=7, newest=55)
     await owned_by(redis, keys, "replica-a")
     record.merge({"V2": 60})
-    await LastWritten(redis, keys).commit(commit_of(keys, {"dev": record}),
-                                                       GROUP_EGRESS)
-    header = await redis.eval("local _, h = cmsgpack.unpack_one(redis.call('GET', KEYS[1])) "
-                              "return {h[1], h[2], h[5], h[6]}", 1, key)
+    await LastWritten(redis, keys).commit(commit_of(keys, {"dev": record}), GROUP_EGRESS)
+    header = await redis.eval("local _, h = cmsgpack.unpack_one(redis.call('HGET', KEYS[1], "
+                              "ARGV[1])) return {h[1], h[2], h[5], h[6]}", 1,
+                              keys.records(0), "dev")
     assert header == [0, b"", 8, 60]
+    assert await LastWritten(redis, keys).get("dev") == {"V1": 55, "V2": 60}  # the hash's
 
 
-async def test_a_record_keeps_its_expiry_until_a_quarter_of_the_ttl_has_passed(
+async def test_a_partitions_hash_keeps_its_expiry_until_a_quarter_of_the_ttl_has_passed(
     redis: Redis, keys: Keys
 ) -> None:
-    """Setting an expiry on every write would cost Redis more than the write itself: a record's
-    expiry (5/4 of the ttl, so it outlives the last write by the ttl at least) is set again
-    only once a quarter of the ttl has passed since it was set."""
+    """The hash expires 5/4 of the ttl after its expiry was set (so it outlives every record
+    stored in it by the ttl at least, and a partition nobody writes leaves nothing behind);
+    a commit sets it again only once a quarter of the ttl has passed since it last did."""
     day = 24 * 3600 * 1000
     book = LastWritten(redis, keys, ttl_ms=8 * day)
     await owned_by(redis, keys, "replica-a")
-    key = keys.last_written("dev")
+    hash_key = keys.records(0)
     (record,) = await book.load(["dev"])
+    t = now_ms()
     record.merge({"V1": 1})
-    await book.commit(commit_of(keys, {"dev": record}), GROUP_EGRESS)
-    assert 9 * day < await redis.pttl(key) <= 10 * day
-    await redis.pexpire(key, 5 * day)  # as if set 3 days ago, but the record says "just now"
+    await book.commit(commit_of(keys, {"dev": record}), GROUP_EGRESS, now_ms=t)
+    assert 9 * day < await redis.pttl(hash_key) <= 10 * day
+    await redis.pexpire(hash_key, 5 * day)  # as if set 5 days ago
     record.merge({"V1": 2})
-    await book.commit(commit_of(keys, {"dev": record}), GROUP_EGRESS)
-    assert await redis.pttl(key) <= 5 * day  # kept
-    record.expiry_ms -= 3 * day  # it was set 3 days ago: more than a quarter of 8 days
+    await book.commit(commit_of(keys, {"dev": record}), GROUP_EGRESS, now_ms=t + day)
+    assert await redis.pttl(hash_key) <= 5 * day  # kept
     record.merge({"V1": 3})
-    await book.commit(commit_of(keys, {"dev": record}), GROUP_EGRESS)
-    assert 9 * day < await redis.pttl(key) <= 10 * day  # set again
+    await book.commit(commit_of(keys, {"dev": record}), GROUP_EGRESS, now_ms=t + 2 * day)
+    assert 9 * day < await redis.pttl(hash_key) <= 10 * day  # set again
     assert await book.get("dev") == {"V1": 3}
+
+
+async def test_the_sweep_deletes_records_stored_longer_than_the_ttl_ago(
+    redis: Redis, keys: Keys
+) -> None:
+    """Redis 7.0 has no per-field expiry: a sweep, a page at a time, deletes the fields last
+    stored more than the ttl ago and keeps the others."""
+    ttl = 1_000_000
+    book = LastWritten(redis, keys, ttl_ms=ttl)
+    await owned_by(redis, keys, "replica-a")
+    t = 10 * ttl
+    old = {f"tts:app:old-{i}": Record({"V1": i}, newest=i) for i in range(600)}
+    fresh = {f"tts:app:new-{i}": Record({"V1": i}, newest=i) for i in range(600)}
+    await book.commit(commit_of(keys, old), GROUP_EGRESS, now_ms=t - ttl - 1)
+    await book.commit(commit_of(keys, fresh), GROUP_EGRESS, now_ms=t - ttl)
+    cursor, deleted, steps = 0, 0, 0
+    while True:
+        cursor, n = await book.sweep(0, cursor, count=50, now_ms=t)
+        deleted, steps = deleted + n, steps + 1
+        if not cursor:
+            break
+    assert deleted == 600 and steps > 1  # more than a listpack holds: paged
+    left = {k.decode() for k in await redis.hkeys(keys.records(0))}
+    assert left == set(fresh)
+    assert await book.sweep(0, 0, count=1000, now_ms=t) == (0, 0)
+
+
+async def test_the_sweep_keeps_a_record_stored_again_after_it_was_found_expired(
+    redis: Redis, keys: Keys
+) -> None:
+    """A field is deleted only while it holds the value the sweep read: a record stored
+    between the read and the delete (by this owner, or by a next owner after the partition
+    moved) is kept, so a sweep needs no fencing — whoever runs it deletes only what the ttl
+    says is expired."""
+    ttl = 1_000_000
+    book = LastWritten(redis, keys, ttl_ms=ttl)
+    await owned_by(redis, keys, "replica-a")
+    records = {"tts:app:a": Record({"V1": 1}, newest=1), "tts:app:b": Record({"V1": 2},
+                                                                               newest=2)}
+    t = 10 * ttl
+    await book.commit(commit_of(keys, records), GROUP_EGRESS, now_ms=t - 2 * ttl)
+    cursor, found = await book.expired(0, now_ms=t)
+    assert cursor == 0 and sorted(f for f, _ in found) == [b"tts:app:a", b"tts:app:b"]
+    await owned_by(redis, keys, "replica-b")  # a next owner stores one of them meanwhile
+    records["tts:app:a"].merge({"V1": 5})
+    await LastWritten(redis, keys, ttl_ms=ttl).commit(
+        commit_of(keys, {"tts:app:a": records["tts:app:a"]}, token="replica-b"), GROUP_EGRESS,
+        now_ms=t)
+    assert await book.drop_expired(0, found) == 1  # the old owner's sweep, late
+    assert await book.get("tts:app:a") == {"V1": 5}
+    assert await book.get("tts:app:b") == {}
 
 
 def test_a_record_says_stale_only_when_every_value_is_older_pin_by_pin() -> None:
@@ -379,6 +452,31 @@ async def test_late_and_redelivered_entries_never_roll_back(rig: Rig) -> None:
     assert rig.device(0).messages == messages + 1
     assert await rig.pending() == 0
     assert await LastWritten(rig.redis, rig.keys).get(device_key(0)) == {"V1": t0 + 100}
+
+
+async def test_the_owner_of_a_partition_sweeps_its_expired_records(rig: Rig) -> None:
+    """A running replica deletes, in the background, the records of its partitions stored
+    longer than the ttl ago, and keeps the others."""
+    book = LastWritten(rig.redis, rig.keys)
+    await owned_by(rig.redis, rig.keys, "setup")
+    t = now_ms()
+    await book.commit(commit_of(rig.keys, {device_key(0): Record({"V1": 1}, newest=1)},
+                                token="setup"), GROUP_EGRESS, now_ms=t - book.ttl_ms - 1)
+    await book.commit(commit_of(rig.keys, {device_key(1): Record({"V1": 2}, newest=2)},
+                                token="setup"), GROUP_EGRESS, now_ms=t)
+    await rig.redis.delete(rig.keys.egress_lease(0))
+    stage = rig.stage(until_idle=False)
+    stop = asyncio.Event()
+    loop = await running(rig, stage, stop)
+    try:
+        async def swept() -> bool:
+            return not await rig.redis.hexists(rig.keys.records(0), device_key(0))
+
+        await wait_until(swept, what="the expired record swept")
+    finally:
+        stop.set()
+        await within(loop)
+    assert await book.get(device_key(1)) == {"V1": 2}
 
 
 async def test_replicas_never_write_a_device_backwards(rig: Rig) -> None:
@@ -643,8 +741,8 @@ async def test_a_commit_of_a_write_whose_partition_was_given_up_records_nothing(
     async def lost_and_back_meanwhile(items: list[Any]) -> list[bool]:
         if any(c.device_key == device_key(0) for c in items) and 0 in stage.owned:
             stage._lose(0, "lease_lost")  # the fence: not renewed in time
-            await rig.redis.set(rig.keys.last_written(device_key(0)),
-                                encode_record({"V1": t0 + 20}))  # another owner wrote more
+            await rig.redis.hset(rig.keys.records(0), device_key(0),
+                                 encode_record({"V1": t0 + 20}))  # another owner wrote more
             await rig.redis.delete(rig.keys.egress_lease(0))  # ... and is gone
             await stage.ownership.balance()  # taken back
             assert 0 in stage.owned

@@ -20,6 +20,7 @@ def test_one_redis_names_are_unchanged() -> None:
         "bb:registry:version"
     assert keys.registry_changes() == "bb:registry:changes"
     assert keys.last_written("tts:app:d") == "bb:lw:tts:app:d"
+    assert keys.records(0) == "bb:records:0"
     assert keys.rate("tts:app:d") == "bb:rate:tts:app:d"
     assert keys.label("bb:{uplinks:2}") == "uplinks:2"
     assert keys.device_prefixes() == ["bb:dev:"]
@@ -37,7 +38,7 @@ def test_a_devices_keys_share_its_partition_slot_in_the_cluster_layout() -> None
         same = [up, keys.stream_for(WRITES, "tts", device), keys.dead_for(up),
                 keys.dedup(up), keys.device("tts", "app", device),
                 keys.registry_version_for(up), keys.registry_changes(p),
-                keys.last_written(key), keys.rate(key),
+                keys.records(p), keys.egress_lease(p), keys.last_written(key), keys.rate(key),
                 keys.last_written(token_device_key(key, "tok")),
                 keys.rate(token_device_key(key, "tok"))]
         assert len({key_slot(k.encode()) for k in same}) == 1, same
