@@ -9,11 +9,15 @@ Contract:
   reads. Stop the bridge after ``blynk-bridge lag`` shows 0, then migrate.
 * Copies, each key whole (``DUMP``/``RESTORE … REPLACE``, its time to live kept), so running it
   again is harmless: registry rows (``dev:…``: auto-provisioned devices; static rows too,
-  which the bridge writes again at start anyway) and egress records (``lw:…``: last-written
-  times, lease, rate state) to their partition's tagged names, provisioning counts to their
-  integration's tag, and the keys whose names the cluster layout keeps (broken devices, the
-  Blynk reverse index and its backfill mark, integration statuses, unmapped keys, the
+  which the bridge writes again at start anyway) and egress records of versions before the
+  per-partition hashes (``lw:…``) to their partition's tagged names, provisioning counts to
+  their integration's tag, and the keys whose names the cluster layout keeps (broken devices,
+  the Blynk reverse index and its backfill mark, integration statuses, unmapped keys, the
   superseded count) under the same names.
+* Copies egress records (``records:N`` hashes: last-written times, rate state) field by field
+  to the hash of each device's partition in the cluster layout (``HSET``: running it again
+  writes the same), each target hash's time to live the longest of the source hashes feeding
+  it.
 * Does not copy what is drained or short-lived: streams, the de-dup window (an event the
   device cloud sends again after the migration is processed again: the same value, which
   last-written times keep from going backwards), rate-limit state, leases, the registry's
@@ -99,6 +103,36 @@ async def _copy(source: Redis, target: Redis, pairs: list[tuple[str, str]]) -> i
     return copied
 
 
+async def _copy_records(source: Redis, target: Redis, old: Keys, new: Keys) -> int:
+    """Every field of the source's egress record hashes to the hash of its device's partition
+    in the new layout; how many were copied."""
+    copied = 0
+    for p in range(old.partitions):
+        src = old.records(p)
+        ttl = int(await source.pttl(src))
+        if ttl == -2:  # no such hash
+            continue
+        cursor = 0
+        while True:
+            cursor, fields = await source.hscan(src, cursor, count=CHUNK)
+            by_target: dict[str, list[bytes | str]] = {}
+            for name, value in (fields.items() if isinstance(fields, dict) else ()):
+                dst = new.records(new.partition_of_device_key(as_str(name)))
+                by_target.setdefault(dst, []).extend((name, value))
+            if by_target:
+                async with target.pipeline(transaction=False) as pipe:
+                    for dst, pairs in by_target.items():
+                        pipe.hset(dst, items=pairs)
+                        if ttl > 0:  # set if none, else only lengthened
+                            pipe.pexpire(dst, ttl, nx=True)
+                            pipe.pexpire(dst, ttl, gt=True)
+                    await pipe.execute()
+                copied += sum(len(pairs) // 2 for pairs in by_target.values())
+            if not int(cursor):
+                break
+    return copied
+
+
 async def migrate(source: Redis, target: Redis, old: Keys, new: Keys) -> Copied:
     """Check the source is drained, then copy (module docstring); returns the counts."""
     await check_drained(source, old)
@@ -117,6 +151,7 @@ async def migrate(source: Redis, target: Redis, old: Keys, new: Keys) -> Copied:
             if dst is not None:
                 pairs.append((key, dst))
         out.add(kind, await _copy(source, target, pairs))
+    out.add("last-written times", await _copy_records(source, target, old, new))
     same = [(old.broken_devices(), new.broken_devices()), (old.blynk_index(), new.blynk_index()),
             (old.blynk_index_backfilled(), new.blynk_index_backfilled()),
             (old.status(), new.status()), (old.superseded(), new.superseded())]

@@ -466,6 +466,7 @@ async def test_the_owner_of_a_partition_sweeps_its_expired_records(rig: Rig) -> 
                                 token="setup"), GROUP_EGRESS, now_ms=t)
     await rig.redis.delete(rig.keys.egress_lease(0))
     stage = rig.stage(until_idle=False)
+    stage.sweep_every_s = 0.05  # a page of the sweep every 5 s in production
     stop = asyncio.Event()
     loop = await running(rig, stage, stop)
     try:

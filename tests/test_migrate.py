@@ -55,12 +55,17 @@ async def test_copies_rows_and_last_written_times_to_their_partitions(
     record = Record()
     record.merge({"V1": 1_700_000_000_000})
     await redis.set(old.last_written("tts:app:dev-1"), encode(record), px=86_400_000)
+    # egress records as this version keeps them: fields of the writes partition's hash
+    stored = Record()
+    stored.merge({"V2": 1_700_000_000_500})
+    await redis.hset(old.records(0), "tts:app:dev-2", encode(stored))
+    await redis.pexpire(old.records(0), 86_400_000)
     await redis.set(old.provisioned("tts", "app"), 2)
     await _drained_uplinks(redis, old)
 
     assert await _migrate(_config(tmp_path, prefix), cluster_url) == 0
     out = capsys.readouterr().out
-    assert "registry rows: 2" in out and "last-written times: 1" in out
+    assert "registry rows: 2" in out and "last-written times: 2" in out
 
     # Rows under their partition's tag, read back by the bridge's own code on the cluster.
     for key in ("tts:app:dev-1", "tts:app:dev-2"):
@@ -75,11 +80,17 @@ async def test_copies_rows_and_last_written_times_to_their_partitions(
     moved_order = LastWritten(cluster_redis, new)
     assert await moved_order.get("tts:app:dev-1") == {"V1": 1_700_000_000_000}
     assert await cluster_redis.pttl(new.last_written("tts:app:dev-1")) > 0  # its TTL kept
+    assert await moved_order.get("tts:app:dev-2") == {"V2": 1_700_000_000_500}
+    moved_hash = new.records(new.partition_of_device_key("tts:app:dev-2"))
+    assert await cluster_redis.hkeys(moved_hash) == [b"tts:app:dev-2"]
+    assert 0 < await cluster_redis.pttl(moved_hash) <= 86_400_000  # its TTL kept
     assert await cluster_redis.get(new.provisioned("tts", "app")) == b"2"
 
     # Again: harmless (REPLACE), the same counts.
     assert await _migrate(_config(tmp_path, prefix), cluster_url, "--json") == 0
-    assert '"registry rows": 2' in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert '"registry rows": 2' in out and '"last-written times": 2' in out
+    assert await moved_order.get("tts:app:dev-2") == {"V2": 1_700_000_000_500}
 
 
 async def test_refuses_while_a_stream_is_not_drained(

@@ -33,7 +33,8 @@ async def registry(redis: Redis, keys: Keys) -> Registry:
     await reg.register(BROKEN, token=TOKEN, template="sensor")
     await reg.register(FINE, token="T" * 32, template="sensor")
     await reg.mark_broken(BROKEN, "invalid_token", "Invalid token.")
-    await redis.set(keys.last_written(BROKEN), encode(Record({"V1": 1234}, newest=1234)))
+    await redis.hset(keys.records(keys.partition_of_device_key(BROKEN)), BROKEN,
+                     encode(Record({"V1": 1234}, newest=1234)))
     return reg
 
 
