@@ -13,7 +13,9 @@ it; each figure is the ``INFO memory`` ``used_memory`` delta over N items divide
   and the steady state, with the time-bucket scheme in between);
 * **registry**: N devices through ``Registry.register`` (row, reverse index, change log);
 * **stream entries**: N realistic TTS uplinks (``tts-uplink-02``'s payload and radio) appended
-  to an uplinks stream, and N ``BlynkWrite`` s to a writes stream.
+  to an uplinks stream, and N ``BlynkWrite`` s to a writes stream;
+* **egress records** (:mod:`pipeline.order`): N devices' records of 7 pins committed into their
+  partition's hash (``LastWritten.commit``), and before: one ``SET … PX`` key per device.
 
 The window figure multiplies the per-event cost by what the window holds: events stay
 ``1 + 1/(2·STEPS) + 1/(2·SWEEPS)`` windows on average, ``1 + 1/STEPS + 1/SWEEPS`` at most.
@@ -121,6 +123,37 @@ async def stream_entries(redis: Any, prefix: str, n: int) -> tuple[float, float]
     return out[0], out[1]
 
 
+async def egress_records(redis: Any, prefix: str, n: int) -> tuple[float, float]:
+    """Bytes per record: one key per device (before), a field of the partition's hash (now)."""
+    from pipeline.keys import GROUP_EGRESS, WRITES, Keys
+    from pipeline.order import LastWritten, PartitionCommit, Record, encode
+
+    keys = Keys(prefix)
+    now = int(time.time() * 1000)
+    devices = [f"tts:app:eui-{d:016x}" for d in range(n)]
+
+    def record(d: int) -> Record:
+        return Record({f"V{p}": now - 1000 * p - d for p in range(7)}, tat_us=now * 1000,
+                      version=12, newest=now - d)
+
+    async with Measure(redis) as before:
+        for start in range(0, n, 1000):
+            async with redis.pipeline(transaction=False) as pipe:
+                for d in range(start, min(start + 1000, n)):
+                    pipe.set(keys.last_written(devices[d]), encode(record(d), stored_ms=now),
+                             px=40 * 86_400_000)
+                await pipe.execute()
+    book = LastWritten(redis, keys)
+    await redis.set(keys.egress_lease(0), "bench")
+    async with Measure(redis) as hashed:
+        for start in range(0, n, 1000):
+            await book.commit({0: PartitionCommit(
+                keys.stream(WRITES), "bench",
+                [(devices[d], record(d)) for d in range(start, min(start + 1000, n))])},
+                GROUP_EGRESS)
+    return before.mem / n, hashed.mem / n
+
+
 async def main(args: argparse.Namespace) -> None:
     from pipeline import dedup
     from pipeline.streams import connect
@@ -141,6 +174,7 @@ async def main(args: argparse.Namespace) -> None:
     now_b = await on_fresh_redis(dedup_fill, "now", n, w)
     device_b = await on_fresh_redis(registry, "reg:", args.devices)
     uplink_b, write_b = await on_fresh_redis(stream_entries, "st:", args.entries)
+    record_before_b, record_b = await on_fresh_redis(egress_records, "eg:", args.devices)
 
     avg = 1 + 1 / (2 * dedup.STEPS) + 1 / (2 * dedup.SWEEPS)
     most = 1 + 1 / dedup.STEPS + 1 / dedup.SWEEPS
@@ -154,7 +188,10 @@ async def main(args: argparse.Namespace) -> None:
           f"{now_b / before_b:.2f}"],
          ["registered device (row + index + change log)", f"{device_b:.0f}", "", ""],
          ["uplinks stream entry in flight", f"{uplink_b:.0f}", "", ""],
-         ["writes stream entry in flight", f"{write_b:.0f}", "", ""]]))
+         ["writes stream entry in flight", f"{write_b:.0f}", "", ""],
+         ["egress record, before: a key per device", f"{record_before_b:.0f}", "", "1.00"],
+         ["egress record, now: a field of its partition's hash", f"{record_b:.0f}", "",
+          f"{record_b / record_before_b:.2f}"]]))
 
 
 def cli() -> None:
