@@ -283,16 +283,20 @@ class LastWritten:
         #: Partition → when (wall ms) this process last set its hash's expiry.
         self._expiry_set: dict[int, int] = {}
 
-    async def load(self, device_keys: Sequence[str]) -> list[Record]:
-        """The records of ``device_keys``: per partition and page of up to ``_LOAD_PAGE``,
-        one script call (``HMGET`` of the partition's hash, then ``MGET`` of the per-device
-        keys of the fields missing: an upgrade), pipelined."""
+    async def load(self, device_keys: Sequence[str], partitions: Sequence[int] | None = None
+                   ) -> list[Record]:
+        """The records of ``device_keys`` (in ``partitions``, the writes partitions their
+        entries came from; default: each key's own): per partition and page of up to
+        ``_LOAD_PAGE``, one script call (``HMGET`` of the partition's hash, then ``MGET`` of
+        the per-device keys of the fields missing: an upgrade), pipelined."""
         if not device_keys:
             return []
         keys = self._keys
+        if partitions is None:
+            partitions = [keys.partition_of_device_key(k) for k in device_keys]
         groups: dict[int, list[int]] = {}
-        for i, k in enumerate(device_keys):
-            groups.setdefault(keys.partition_of_device_key(k), []).append(i)
+        for i, p in enumerate(partitions):
+            groups.setdefault(p, []).append(i)
         calls = [(p, idx[i:i + _LOAD_PAGE]) for p, idx in groups.items()
                  for i in range(0, len(idx), _LOAD_PAGE)]
         lw = keys.last_written

@@ -454,6 +454,28 @@ async def test_late_and_redelivered_entries_never_roll_back(rig: Rig) -> None:
     assert await LastWritten(rig.redis, rig.keys).get(device_key(0)) == {"V1": t0 + 100}
 
 
+async def test_after_an_upgrade_a_devices_per_device_record_keeps_it_from_going_backwards(
+    rig: Rig,
+) -> None:
+    """A device whose record is still in the per-device key of the version before the hash:
+    an older value is not sent; a newer one is, and its record then lives in the partition's
+    hash (the old key untouched, left to expire)."""
+    t0 = now_ms()
+    old_key = rig.keys.last_written(device_key(0))
+    await rig.redis.set(old_key, encode_record({"V1": t0 + 100}), px=60_000)
+    await rig.add(write(0, t0 + 50, {"V1": 1.0}))
+    await rig.drain(rig.stage())
+    assert rig.device(0).messages == 0  # older than Blynk has: not sent
+    await rig.add(write(0, t0 + 200, {"V1": 2.0}))
+    await rig.drain(rig.stage())
+    assert value(rig, 0, "V1") == 2.0
+    p = rig.keys.partition_of_device_key(device_key(0))
+    assert await rig.redis.hexists(rig.keys.records(p), device_key(0))
+    assert await LastWritten(rig.redis, rig.keys).get(device_key(0)) == {"V1": t0 + 200}
+    assert await rig.redis.pttl(old_key) > 0
+    assert await rig.pending() == 0
+
+
 async def test_the_owner_of_a_partition_sweeps_its_expired_records(rig: Rig) -> None:
     """A running replica deletes, in the background, the records of its partitions stored
     longer than the ttl ago, and keeps the others."""

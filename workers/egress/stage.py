@@ -638,7 +638,8 @@ class EgressStage:
         """Read the records of devices first seen since their partition was taken (one call);
         False (the flush retried later) when Redis failed."""
         try:
-            records = await self.order.load([d.key for d in unknown])
+            records = await self.order.load([d.key for d in unknown],
+                                            [d.partition for d in unknown])
         except RedisError as exc:
             log.warning("egress: reading device records failed (%s); retrying", exc)
             self._retry_later(plans)
