@@ -15,17 +15,17 @@ The protocol of one device write (egress):
    reads its record (``HMGET``: one call for the devices a flush sees first, per partition
    and page of ``_LOAD_PAGE``; a field missing is read from the per-device key of versions
    before the hash, ``keys.last_written``, in the same call, so an upgrade keeps every
-   record). After that the record lives in memory (a
-   bounded number of them: :mod:`workers.egress.stage`): no Redis call before a write.
+   record). After that the record lives in memory (a bounded number of them:
+   :mod:`workers.egress.stage`): no Redis call before a write.
 2. Drop what is older than recorded (:func:`pipeline.coalesce.drop_stale`: equal event times
    are applied in arrival order; :meth:`Record.stale`: nothing newer at all), take a rate
    slot (:meth:`Record.take`), send the rest to Blynk.
 3. After the 2xx, :meth:`Record.merge` records ``max(old, new)`` per pin in memory, and
    :meth:`LastWritten.commit` — one script call per flush of commits (one per partition on a
    cluster) — ``HSET``s the changed records (one command per partition, whatever their
-   number) and ``XACK``s the written entries, **after checking
-   that the partition's lease still holds the token of the ownership the writes were made
-   under** (fencing; :attr:`pipeline.lease.Lease.token`, one per acquisition). A partition
+   number) and ``XACK``s the written entries, **after checking that the partition's lease
+   still holds the token of the ownership the writes were made under** (fencing;
+   :attr:`pipeline.lease.Lease.token`, one per acquisition). A partition
    whose lease holds another token — another owner's, or this replica's own later
    acquisition — has nothing recorded and nothing acked: its entries stay pending and its new
    owner, which took them over, writes them again from the record it read.
