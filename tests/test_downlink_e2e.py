@@ -22,6 +22,7 @@ import asyncio
 import base64
 import secrets
 import struct
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -252,7 +253,12 @@ async def test_a_particle_function_gets_its_arg_template(redis_yaml: str) -> Non
             device=f"{{source: particle, integration: heaters, device: {core}, "
                    f"token: {TOKEN}, template: heater}}"))
         async with run_bridge(cfg, (ingest_http, downlink)) as bridge:
-            await app_write(bridge.http, blynk_url, 1, "v4", 21.0)
+            first = await app_write(bridge.http, blynk_url, 1, "v4", 21.0)
+            # The emulator's webhook workers send concurrently, so the two may arrive swapped;
+            # only Blynk time orders them, in ms: the second write must be a later ms than the
+            # first (ties go to the later arrival: pipeline.downlinks.latest_wins).
+            await wait_until(lambda: time.time() * 1000 > first["ts_ms"] + 1,
+                             what="the next Blynk millisecond")
             await app_write(bridge.http, blynk_url, 1, "v4", 19.5)
             calls = await cloud.wait_for_calls(1, timeout_s=30)
             await _sent_all(bridge, cloud)
