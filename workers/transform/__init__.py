@@ -64,11 +64,11 @@ The parts, one job each:
 from __future__ import annotations
 
 from pipeline.context import Context
-from workers.transform.scripts import CHECK_AND_FORGET, CLAIM, Commit, Emit
+from workers.transform.scripts import Commit, Emit
 from workers.transform.stage import TransformStage
 from workers.transform.templates import Templates
 
-__all__ = ["CHECK_AND_FORGET", "CLAIM", "Commit", "Emit", "Templates", "TransformStage", "build"]
+__all__ = ["Commit", "Emit", "Templates", "TransformStage", "build"]
 
 
 def build(ctx: Context) -> TransformStage:
