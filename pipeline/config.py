@@ -488,7 +488,7 @@ class BlynkSessionsConfig(_Base):
 class TransformConfig(_Base):
     #: An event id seen again within this long is dropped as a duplicate.
     dedup_window_s: AtLeast1 = 3600
-    #: Events the de-duplication window keeps in one process's memory at most (~200 bytes
+    #: Events the de-duplication window keeps in one process's memory at most (~150 bytes
     #: each, :mod:`pipeline.dedup`): past it the oldest are forgotten early (counted in
     #: ``bb_dedup_evicted_total``; a duplicate older than that passes as a new event).
     dedup_max_events: AtLeast1 = 2_000_000

@@ -67,7 +67,7 @@ import logging
 import time
 import zlib
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from pipeline import metrics
 from pipeline.keys import Keys
@@ -82,9 +82,9 @@ DIGEST_BYTES = 12
 MARK_BYTES = 4
 #: One event of a block: its digest, then the mark of the entry that claimed it.
 RECORD_BYTES = DIGEST_BYTES + MARK_BYTES
-#: Owner memory per event remembered, measured (tests/test_dedup.py checks the order of it):
+#: Owner memory per event remembered, measured (tests/test_dedup.py checks it):
 #: the digest's bytes object, the dict slot and the step-and-mark int, the step list's slot.
-BYTES_PER_EVENT = 200
+BYTES_PER_EVENT = 150
 _MARK_MASK = (1 << 32) - 1
 
 
@@ -158,7 +158,9 @@ class Budget:
 class Window:
     """One partition's de-duplication window in memory (module docstring)."""
 
-    def __init__(self, window_s: int, budget: Budget | None = None) -> None:
+    def __init__(self, window_s: int, budget: Budget | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
         self.step_ms = step_ms(window_s)
         #: Steps an event stays live after its own.
         self.live = -(-window_s * 1000 // self.step_ms)
@@ -180,9 +182,13 @@ class Window:
         if self.budget is not None:
             self.budget.windows.discard(self)
 
+    def step(self) -> int:
+        """The current step on the owner's clock."""
+        return int(self._clock() * 1000) // self.step_ms
+
     def now(self) -> int:
-        """The current step (owner's clock); steps that left the window are dropped."""
-        step = int(time.time() * 1000) // self.step_ms
+        """The current step; steps that left the window are dropped."""
+        step = self.step()
         steps = self.steps
         if not steps or steps[-1][0] < step:
             steps.append((step, []))
@@ -257,7 +263,7 @@ class Window:
 async def load(redis: Redis, keys: Keys, stream: str, window_s: int, window: Window) -> int:
     """Load the blocks of ``stream``'s partition into ``window`` (one ``MGET``: its keys share
     the partition's slot); how many events were read."""
-    step = int(time.time() * 1000) // window.step_ms
+    step = window.step()
     steps = list(range(step - window.live - 1, step + 2))
     raw = await redis.mget([block_key(keys, stream, window_s, s) for s in steps])
     n = window.load(zip(steps, [v.encode() if isinstance(v, str) else v for v in raw],
