@@ -40,7 +40,8 @@ async def _commit(commit: Commit, keys: Keys, stream: str, event_ids: list[str],
                   mark: int) -> int:
     """Commit ``event_ids`` as new events claimed by ``mark`` (their de-dup block only)."""
     step = dedup.Window(WINDOW).now()
-    return await commit.run(None, keys.transform_lease(keys.partition_of_stream(stream) or 0),
+    return await commit.run(None, stream,
+                            keys.transform_lease(keys.partition_of_stream(stream) or 0),
                             TOKEN, dedup.block_key(keys, stream, WINDOW, step),
                             dedup.block((dedup.digest(e), mark) for e in event_ids),
                             dedup.block_ttl_ms(WINDOW), [], [])
@@ -59,7 +60,7 @@ def _port(node_name: str) -> int:
 
 async def test_partitions_spread_over_the_masters_and_commit_in_one_slot_each(
         cluster_redis: Redis, prefix: str) -> None:
-    keys = Keys(prefix, partitions=6)
+    keys = Keys(prefix, partitions=6, cluster=True)
     streams = keys.streams("uplinks")
     nodes = {cluster_redis.get_node_from_key(keys.dedup(s)).name  # type: ignore[attr-defined]
              for s in streams}
@@ -137,7 +138,7 @@ async def _move_slot(slot: int, source: int, target: int, step: int = 20,
 
 async def test_commits_lose_nothing_while_their_slot_moves(cluster_redis: Redis,
                                                            prefix: str) -> None:
-    keys = Keys(prefix, partitions=3)
+    keys = Keys(prefix, partitions=3, cluster=True)
     stream = keys.stream("uplinks", 1)
     base = keys.dedup(stream)
     slot = cluster_redis.keyslot(base)  # type: ignore[attr-defined]
@@ -211,7 +212,7 @@ async def test_a_stopped_master_delays_its_partitions_only_and_loses_nothing(
     url, pids = private_cluster
     client = connect(url, socket_timeout=120)
     await client.ping()  # reads the slot map
-    keys = Keys(prefix, partitions=6)
+    keys = Keys(prefix, partitions=6, cluster=True)
     streams = keys.streams("uplinks")
     node = {s: _port(client.get_node_from_key(keys.dedup(s)).name)  # type: ignore[attr-defined]
             for s in streams}

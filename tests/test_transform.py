@@ -293,25 +293,25 @@ async def test_commit_does_nothing_unless_the_version_and_the_lease_hold(redis: 
         assert (await redis.xpending(stream, GROUP_TRANSFORM))["pending"] == 2
 
     # Another worker changed the registry meanwhile: nothing is written, marked or acked.
-    assert await commit.run(version + 1, lease, "t1 abc", block_key, blk, 60_000, outputs,
+    assert await commit.run(version + 1, stream, lease, "t1 abc", block_key, blk, 60_000, outputs,
                             entries) == VERSION_MOVED
     await nothing_done()
     # The lease is another ownership's (this one lost it): nothing either.
-    assert await commit.run(version, lease, "t1 old", block_key, blk, 60_000, outputs,
+    assert await commit.run(version, stream, lease, "t1 old", block_key, blk, 60_000, outputs,
                             entries) == FENCED
     await nothing_done()
-    assert await commit.run(None, lease, "t1 old", block_key, blk, 60_000, outputs,
+    assert await commit.run(None, stream, lease, "t1 old", block_key, blk, 60_000, outputs,
                             entries) == FENCED
     await nothing_done()
     # Held: the outputs, the acks and the block, created with its expiry, then appended to.
-    assert await commit.run(version, lease, "t1 abc", block_key, blk, 60_000, outputs,
+    assert await commit.run(version, stream, lease, "t1 abc", block_key, blk, 60_000, outputs,
                             entries) == 1
     assert [f[events.FIELD] for _, f in await redis.xrange(out)] == [b"a", b"b"]
     assert (await redis.xpending(stream, GROUP_TRANSFORM))["pending"] == 0
     assert await redis.get(block_key) == blk
     assert 0 < await redis.pttl(block_key) <= 60_000
     await redis.persist(block_key)
-    assert await commit.run(None, lease, "t1 abc", block_key, blk[:16], 60_000, [], []) == 1
+    assert await commit.run(None, stream, lease, "t1 abc", block_key, blk[:16], 60_000, [], []) == 1
     assert await redis.get(block_key) == blk + blk[:16]
     assert await redis.pttl(block_key) == -1  # the expiry is set when the block is created
 

@@ -116,7 +116,8 @@ class Commit:
     (registry version check,) outputs, acks and the de-dup block of the committed new events
     (:mod:`pipeline.dedup`: marked with the write) — atomically.
 
-    Returns 1, :data:`VERSION_MOVED` (``version`` given and no longer the registry's: nothing
+    ``stream`` is the uplinks partition's (its registry version is checked). Returns 1,
+    :data:`VERSION_MOVED` (``version`` given and no longer the registry's: nothing
     done) or :data:`FENCED` (the lease no longer holds ``token``: nothing done, the entries stay
     pending for the partition's new owner). Every key is in the partition's slot (cluster
     layout), the output streams' included: a device's writes and dead letters share it.
@@ -129,13 +130,13 @@ class Commit:
         self._pack = msgspec.msgpack.Encoder().encode
         assert events.FIELD == b"d"
 
-    async def run(self, version: int | None, lease: str, token: str, block_key: str,
+    async def run(self, version: int | None, stream: str, lease: str, token: str,
+                  block_key: str,
                   block: bytes, block_ttl_ms: int, outputs: Sequence[tuple[str, bytes]],
                   acks: Sequence[Entry]) -> int:
         # Everything but the keys, the block and the outputs' data is one msgpack argument:
         # redis-py packs each argument in Python, msgpack packs the whole structure in C.
-        stream0 = acks[0].stream if acks else ""
-        keys: list[str] = [self._keys.registry_version_for(stream0), lease, block_key]
+        keys: list[str] = [self._keys.registry_version_for(stream), lease, block_key]
         streams: dict[str, int] = {}
         flat_out: list[int] = []
         data: list[bytes] = []

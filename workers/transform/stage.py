@@ -484,7 +484,7 @@ class TransformStage:
         version = self.registry.version_for(stream)
         assert version is not None  # _finish: the registry is in line with p.version
         reply = await self._commit.run(
-            version, self.ownership.leases[part.p].key, part.token,
+            version, stream, self.ownership.leases[part.p].key, part.token,
             dedup.block_key(self.ctx.keys, stream, self._window, part.window.now()),
             dedup.block(p.records), self._block_ttl_ms, p.outputs, p.entries)
         if reply == FENCED:
@@ -614,7 +614,7 @@ class TransformStage:
         unsaved = part.unsaved
         records = [unsaved.pop(e.id) for e in acks if e.id in unsaved]
         reply = await self._commit.run(
-            None, self.ownership.leases[part.p].key, part.token,
+            None, part.stream, self.ownership.leases[part.p].key, part.token,
             dedup.block_key(self.ctx.keys, part.stream, self._window, part.window.now()),
             dedup.block(records), self._block_ttl_ms, outputs, acks)
         if reply == FENCED:
