@@ -294,8 +294,8 @@ class TransformStage:
         log.info("transform: partition %d given up (%s)", p, why)
         ended = True
         task = part.task
-        if task is not None and not task.done() and task is not asyncio.current_task():
-            if why in ("rebalance", "stopped"):
+        if task is not None and not task.done():
+            if why in ("rebalance", "stopped") and task is not asyncio.current_task():
                 finished, _ = await asyncio.wait({task}, timeout=self.ownership.ttl_ms / 2000)
                 ended = bool(finished)
             if not task.done():
