@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 import tracemalloc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 
 import pytest
@@ -44,7 +44,7 @@ devices:
 {devices}
 redis: {{url: "{url}", prefix: "{prefix}"}}
 """
-DEVICES = [f"d{i}" for i in range(4)]
+DEVICES = [f"d{i}" for i in range(8)]
 
 
 def config_text(prefix: str, batch: int = 50) -> str:
@@ -290,3 +290,61 @@ async def test_a_killed_owner_loses_nothing_and_its_committed_events_stay_unique
 
 async def _at_least(redis: Redis, keys: Keys, n: int) -> bool:
     return int(await redis.xlen(keys.stream("writes"))) >= n
+
+
+async def test_a_replica_joining_takes_a_partition_over_and_no_duplicate_leaks(
+        redis: Redis, prefix: str) -> None:
+    from pipeline import config as config_mod
+
+    text = config_text(prefix).replace("redis: {", "redis: {partitions: 2, ")
+    cfg = config_mod.parse(text, "yaml", "test.yaml", env={})
+    keys = cfg.redis.keys()
+    assert {keys.partition_of("tts", d) for d in DEVICES} == {0, 1}
+    ctxs = [Context(config=cfg, redis=redis, keys=keys, consumer=n, writer=StreamWriter(redis))
+            for n in ("a", "b")]
+    stages = [TransformStage(c) for c in ctxs]
+    stops = [asyncio.Event(), asyncio.Event()]
+
+    async def add_to_partitions(ups: list[Uplink]) -> None:
+        await ctxs[0].writer.add_many([(keys.stream_for("uplinks", u.source, u.device),
+                                        events.encode(u)) for u in ups])
+
+    async def writes() -> list[str]:
+        return [events.decode_write(f[events.FIELD]).event_id
+                for s in keys.streams("writes") for _, f in await redis.xrange(s)]
+
+    first = [uplink(f"ev-{i}", i, DEVICES[i % len(DEVICES)]) for i in range(200)]
+    second = [uplink(f"ev-{i}", i, DEVICES[i % len(DEVICES)]) for i in range(200, 400)]
+    await stages[0].startup()
+    runs = [asyncio.create_task(stages[0].main_loop(stops[0]))]
+    try:
+        await wait_until(lambda: len(stages[0].owned) == 2, what="A owning both partitions")
+        await add_to_partitions(first)
+        await wait_until(lambda: _count(writes(), 200), what="A writing the first events")
+        await stages[1].startup()
+        runs.append(asyncio.create_task(stages[1].main_loop(stops[1])))
+        await wait_until(lambda: len(stages[0].owned) == 1 and len(stages[1].owned) == 1,
+                         what="one partition each")
+        # Copies of every event A wrote, in both partitions (one of them B's now), and new ones.
+        await add_to_partitions(first + second + second)
+        await wait_until(lambda: _count(writes(), 400), what="the new events written")
+        for s in keys.streams("uplinks"):
+            await wait_until(lambda s=s: _settled(redis, s), what=f"{s} acked")
+    finally:
+        for stop in stops:
+            stop.set()
+        await within(asyncio.gather(*runs))
+        for stage in stages:
+            await stage.shutdown()
+        for c in ctxs:
+            await c.writer.close()
+    assert sorted(await writes()) == sorted(u.event_id for u in first + second)
+
+
+async def _count(got: Awaitable[list[str]], n: int) -> bool:
+    return len(await got) >= n
+
+
+async def _settled(redis: Redis, stream: str) -> bool:
+    groups = await redis.xinfo_groups(stream)
+    return all(int(g["pending"]) == 0 and int(g.get("lag") or 0) == 0 for g in groups)
