@@ -205,6 +205,13 @@ class TransformStage:
                 await self._parts_ended(raising=True)
             else:
                 await stop.wait()
+        except BaseException:
+            # Cancelled (a stop past the process's grace) or failed: the loops stop now; what
+            # they read stays pending, and the partitions' next owner takes it over.
+            for part in self.owned.values():
+                if part.task is not None:
+                    part.task.cancel()
+            raise
         finally:
             self._running = False
             for part in self.owned.values():
