@@ -201,6 +201,8 @@ class Bridge:
         # Its writes partitions and the devices' records in memory stay between passes, as in
         # a running replica (a burst-mode stage hands them back on return otherwise).
         self.egress.keep_partitions = True
+        # Transform's uplinks partitions and their de-dup windows in memory, likewise.
+        self.transform.keep_partitions = True
         await self.transform.startup()
         await self.egress.startup()
 

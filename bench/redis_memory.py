@@ -1,5 +1,5 @@
 """Redis memory per uplink in the de-duplication window, per registered device and per stream
-entry in flight — with the old de-dup scheme measured in the same run.
+entry in flight.
 
     .venv/bin/python -m bench.redis_memory [--uplinks 1000000] [--devices 50000]
                                            [--entries 100000] [--window-s 3600]
@@ -7,18 +7,17 @@ entry in flight — with the old de-dup scheme measured in the same run.
 A private ``redis-server`` per figure (no persistence, free port) so nobody else's keys move
 it; each figure is the ``INFO memory`` ``used_memory`` delta over N items divided by N:
 
-* **de-dup, now** (:mod:`pipeline.dedup`) and **before** (``SET seen:<event id>
-  <stream>/<entry id> NX EX <window> GET``): N distinct event ids claimed from an empty Redis
-  in batches of 500 (:func:`bench.dedup.fill`; ``bench/dedup.py`` has the Redis CPU per claim
-  and the steady state, with the time-bucket scheme in between);
+* **de-dup blocks** (:mod:`pipeline.dedup`): N distinct events committed in blocks of 500
+  (one ``APPEND`` each, as transform's commit script makes them) over the window's
+  :data:`pipeline.dedup.STEPS` step keys, each created with its expiry;
 * **registry**: N devices through ``Registry.register`` (row, reverse index, change log);
 * **stream entries**: N realistic TTS uplinks (``tts-uplink-02``'s payload and radio) appended
   to an uplinks stream, and N ``BlynkWrite`` s to a writes stream;
 * **egress records** (:mod:`pipeline.order`): N devices' records of 7 pins committed into their
   partition's hash (``LastWritten.commit``), and before: one ``SET … PX`` key per device.
 
-The window figure multiplies the per-event cost by what the window holds: events stay
-``1 + 1/(2·STEPS) + 1/(2·SWEEPS)`` windows on average, ``1 + 1/STEPS + 1/SWEEPS`` at most.
+The window figure multiplies the per-event cost by what the window holds: a step's block
+lives ``window + 2 steps`` (``1 + 2/STEPS`` windows, ``1 + 1.5/STEPS`` on average).
 """
 
 from __future__ import annotations
@@ -58,13 +57,20 @@ class Measure:
         self.cpu = await redis_cpu_seconds(self.redis) - self.cpu0
 
 
-async def dedup_fill(redis: Any, scheme: str, n: int, window: int) -> float:
-    from bench.dedup import claimer, fill
+async def dedup_fill(redis: Any, n: int, window: int) -> float:
+    from pipeline import dedup
     from pipeline.keys import Keys
 
-    keys = Keys(f"{scheme}:")
-    claim = claimer(scheme, redis, f"{scheme}:", None)
-    return (await fill(claim, redis, keys.stream("uplinks"), n, window))[0]
+    keys = Keys("dd:")
+    stream = keys.stream("uplinks")
+    ttl = dedup.block_ttl_ms(window)
+    async with Measure(redis) as m:
+        for o in range(0, n, BATCH):
+            key = dedup.block_key(keys, stream, window, o * dedup.STEPS // n)
+            blk = dedup.block((dedup.digest(f"ev-{i}"), i) for i in range(o, min(n, o + BATCH)))
+            if await redis.append(key, blk) == len(blk):
+                await redis.pexpire(key, ttl)
+    return m.mem / n
 
 
 async def registry(redis: Any, prefix: str, n: int) -> float:
@@ -170,22 +176,19 @@ async def main(args: argparse.Namespace) -> None:
             finally:
                 await redis.aclose()
 
-    before_b = await on_fresh_redis(dedup_fill, "SET", n, w)
-    now_b = await on_fresh_redis(dedup_fill, "now", n, w)
+    now_b = await on_fresh_redis(dedup_fill, n, w)
     device_b = await on_fresh_redis(registry, "reg:", args.devices)
     uplink_b, write_b = await on_fresh_redis(stream_entries, "st:", args.entries)
     record_before_b, record_b = await on_fresh_redis(egress_records, "eg:", args.devices)
 
-    avg = 1 + 1 / (2 * dedup.STEPS) + 1 / (2 * dedup.SWEEPS)
-    most = 1 + 1 / dedup.STEPS + 1 / dedup.SWEEPS
+    avg = 1 + 1.5 / dedup.STEPS
+    most = 1 + 2 / dedup.STEPS
     print(f"Redis memory: {n:,} event ids (window {w} s), {args.devices:,} devices, "
           f"{args.entries:,} stream entries; private redis-server")
     print(f"machine: {machine()}")
     print(table(
         ["item", "bytes each", "bytes per uplink in the window (avg / most)", "x before"],
-        [["de-dup, before: SET seen:<id> NX EX", f"{before_b:.1f}", f"{before_b:.1f}", "1.00"],
-         ["de-dup, now", f"{now_b:.1f}", f"{now_b * avg:.1f} / {now_b * most:.1f}",
-          f"{now_b / before_b:.2f}"],
+        [["de-dup blocks", f"{now_b:.1f}", f"{now_b * avg:.1f} / {now_b * most:.1f}", ""],
          ["registered device (row + index + change log)", f"{device_b:.0f}", "", ""],
          ["uplinks stream entry in flight", f"{uplink_b:.0f}", "", ""],
          ["writes stream entry in flight", f"{write_b:.0f}", "", ""],

@@ -14,8 +14,9 @@ then worker processes are started, wait on a start signal, and drain the stream:
   ``StreamWriter.add_many`` + ``StreamReader.ack`` (one pipelined command per entry), and
   through transform's ``Emit`` script (one command per batch) — the ratio uses the faster;
 * **transform x1 / x2**: the real stage (``workers.transform``, uvloop, burst mode): decode,
-  dedup claims + registry version check, registry cache, mapping, one ``XADD`` pipeline of
-  ``BlynkWrite``s, ``XACK``.
+  de-dup in memory, registry cache, mapping, one commit script call (registry version check,
+  ``XADD`` of the ``BlynkWrite``s, ``XACK``, de-dup block). With one uplinks partition (the
+  default) x2 is one owner and a warm standby.
 
 Rate = uplinks / (last worker done − first worker started); every run checks that the output
 stream holds one entry per uplink and nothing was dead-lettered. On a shared machine the rate

@@ -303,7 +303,7 @@ def cmd_dead(args: argparse.Namespace) -> int:
             # The decoded entry is the point of `show`: JSON either way.
             print_json({"dead_letters": [_shown(row, keys) for row in rows]})
         elif action == "replay":
-            done = await replay(redis, keys, rows, cfg.transform.dedup_window_s)
+            done = await replay(redis, keys, rows)
             replayed = {d for d, _, _ in done}
             refused = [r for r in rows if r.id not in replayed]
             if as_json:

@@ -488,6 +488,14 @@ class BlynkSessionsConfig(_Base):
 class TransformConfig(_Base):
     #: An event id seen again within this long is dropped as a duplicate.
     dedup_window_s: AtLeast1 = 3600
+    #: Events the de-duplication window keeps in one process's memory at most (~150 bytes
+    #: each, :mod:`pipeline.dedup`): past it the oldest are forgotten early (counted in
+    #: ``bb_dedup_evicted_total``; a duplicate older than that passes as a new event).
+    dedup_max_events: AtLeast1 = 2_000_000
+    #: Lease of transform's ownership of an uplinks partition (``redis.partitions`` is
+    #: transform's unit of parallelism): a dead owner's partitions are taken over this long
+    #: after its last renewal (renewed every ttl/4).
+    lease_ttl_ms: AtLeast1 = 5_000
     #: Registry rows kept in memory per process (LRU).
     cache_size: AtLeast1 = 100_000
     #: Cap of the backoff after a failed batch (Redis unreachable…).
@@ -1071,6 +1079,7 @@ def check(config: Config, origin: str) -> None:
             raise _invalid(origin, f"devices[{i}].server",
                            f"`devices[{i}].server` names unknown server {dev.server!r}")
     _check_downlinks(config, origin)
+    _check_transform(config, origin)
     _check_egress(config, origin)
     if config.blynk.default_server not in config.blynk.servers:
         raise _invalid(
@@ -1078,6 +1087,14 @@ def check(config: Config, origin: str) -> None:
             f"`blynk.default_server` {config.blynk.default_server!r} is not in "
             "`blynk.servers`"
         )
+
+
+def _check_transform(config: Config, origin: str) -> None:
+    if config.transform.lease_ttl_ms < 500:
+        # pipeline.lease: renewed every ttl/4, given up ttl/5 (at least 50 ms) before it lapses.
+        raise _invalid(origin, "transform.lease_ttl_ms",
+                       f"`transform.lease_ttl_ms` ({config.transform.lease_ttl_ms}) must be at "
+                       "least 500: a partition lease is renewed every ttl/4")
 
 
 def _check_egress(config: Config, origin: str) -> None:

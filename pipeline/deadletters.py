@@ -19,7 +19,7 @@ from typing import Any
 import msgspec
 from redis.exceptions import ResponseError
 
-from pipeline import dedup, events
+from pipeline import events
 from pipeline.backlog import as_str
 from pipeline.errors import describe
 from pipeline.keys import DOWNLINKS, UPLINKS, WRITES, Keys
@@ -167,7 +167,7 @@ def letter_summary(row: DeadRow) -> dict[str, Any]:
 
 
 async def replay(
-    redis: Redis, keys: Keys, rows: Iterable[DeadRow], dedup_window_s: int
+    redis: Redis, keys: Keys, rows: Iterable[DeadRow]
 ) -> list[tuple[str, str, str]]:
     """Append each letter's raw entry to its origin stream, then delete the letter.
 
@@ -175,24 +175,18 @@ async def replay(
     is not one of the pipeline's streams (ingest keeps the MQTT topic there), and letters whose
     raw entry was truncated, are skipped: the caller reports them. At-least-once: a crash
     between the two steps leaves the letter in place, to be replayed again. A replayed
-    uplink's ``event_id`` is forgotten by de-duplication first (:func:`pipeline.dedup.forget`),
-    or transform would drop it as already seen (``dedup_window_s``: transform's window, which
-    names the de-duplication buckets).
+    uplink carries :data:`pipeline.events.REPLAY`, so transform processes it even though its
+    ``event_id`` was seen within the de-duplication window (:mod:`pipeline.dedup`).
     """
     ours = pipeline_streams(keys)
     done = []
     for row in rows:
         if row.letter is None or row.letter.stream not in ours or row.letter.truncated:
             continue
+        fields = {events.FIELD: row.letter.raw}
         if ours[row.letter.stream] == UPLINKS:
-            try:
-                event_id = events.decode_uplink(row.letter.raw).event_id
-            except (msgspec.DecodeError, msgspec.ValidationError):
-                event_id = None  # not an uplink: transform will dead-letter it again, visibly
-            if event_id is not None:
-                await dedup.forget(redis, keys, dedup_window_s,
-                                   [(row.letter.stream, event_id)])
-        new_id = await redis.xadd(row.letter.stream, {events.FIELD: row.letter.raw})
+            fields[events.REPLAY] = b"1"
+        new_id = await redis.xadd(row.letter.stream, fields)  # type: ignore[arg-type]
         await redis.xdel(row.dead_stream or keys.dead, _entry_id(row))
         done.append((row.id, row.letter.stream, as_str(new_id)))
     return done

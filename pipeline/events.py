@@ -29,6 +29,9 @@ UplinkKind = Literal["uplink", "join", "location", "status"]
 
 #: The single field name every stream entry carries its payload under.
 FIELD = b"d"
+#: A field a replayed dead letter's uplinks entry carries beside :data:`FIELD`: transform lets
+#: it take its event over from whatever entry claimed it (:mod:`pipeline.dedup`).
+REPLAY = b"r"
 
 
 class Radio(msgspec.Struct, omit_defaults=True, kw_only=True):

@@ -207,9 +207,9 @@ class Keys:
         return f"{self.prefix}provisioned:{source}:{integration}"
 
     def dedup(self, stream: str) -> str:
-        """Base of the de-duplication state (:mod:`pipeline.dedup`) guarding one uplinks
+        """Base of the de-duplication blocks (:func:`pipeline.dedup.block_key`) of one uplinks
         stream: ``bb:dd``, or ``bb:dd:{uplinks:3}`` next to its partitioned stream (the same
-        hash tag, so a partition's scripts touch one Redis Cluster slot)."""
+        hash tag, so a partition's commit script touches one Redis Cluster slot)."""
         tag = stream.find("{")
         return f"{self.prefix}dd" if tag < 0 else f"{self.prefix}dd:{stream[tag:]}"
 
@@ -240,9 +240,16 @@ class Keys:
             return self._tagged(partition, "lease:egress")
         return self.lease("egress", str(partition))
 
+    def transform_lease(self, partition: int) -> str:
+        """The lease of transform's ownership of one uplinks partition: in the cluster layout
+        in the partition's slot, so the commit script checks it beside the writes it makes."""
+        if self.cluster:
+            return self._tagged(partition, "lease:transform")
+        return self.lease("transform", str(partition))
+
     def owners(self, kind: str) -> str:
         """Sorted set replica → until when (ms) it is alive (the heartbeats of the replicas
-        sharing ``kind``'s partition leases: ``sessions``, ``egress``)."""
+        sharing ``kind``'s partition leases: ``sessions``, ``egress``, ``transform``)."""
         return f"{self.prefix}{kind}:replicas"
 
     def connected_replicas(self, kind: str, name: str) -> str:

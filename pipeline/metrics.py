@@ -168,9 +168,18 @@ EGRESS_FENCED = Counter(
     "bb_egress_fenced_total",
     "Egress commits refused because the partition lease was no longer the replica's",
 )
+TRANSFORM_FENCED = Counter(
+    "bb_transform_fenced_total",
+    "Transform commits refused because the partition lease was no longer the replica's",
+)
+DEDUP_EVICTED = Counter(
+    "bb_dedup_evicted_total",
+    "Events forgotten by de-duplication before their window ended "
+    "(transform.dedup_max_events reached)",
+)
 PARTITIONS_OWNED = Gauge(
     "bb_partitions_owned",
-    "Partitions this process owns through a lease (0 for an egress replica: a warm standby)",
+    "Partitions this process owns through a lease (0: a warm standby)",
     ["stage"],
 )
 

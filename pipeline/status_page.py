@@ -186,7 +186,6 @@ class StatusPage:
         *,
         templates: Sequence[str],
         admin_token: Secret | None,
-        dedup_window_s: int,
         allowed_hosts: Iterable[str] = (),
         latest_streams: Callable[[], Sequence[StreamInfo]] = lambda: (),
     ) -> None:
@@ -194,7 +193,6 @@ class StatusPage:
         self._keys = keys
         self._board = StatusBoard(redis, keys)
         self._templates = list(templates)
-        self._dedup_window_s = dedup_window_s
         self._token = admin_token.reveal().encode() if admin_token is not None else None
         self._allowed_hosts = allowed_names(allowed_hosts)
         self._latest_streams = latest_streams
@@ -302,7 +300,7 @@ class StatusPage:
         try:
             found = await get_dead(self._redis, self._keys, ids)
             rows = [r for r in found.values() if r is not None]
-            done = await replay(self._redis, self._keys, rows, self._dedup_window_s)
+            done = await replay(self._redis, self._keys, rows)
         except RedisError as exc:
             # At-least-once (pipeline.deadletters.replay): a letter replayed before the error
             # is gone from the dead stream, the others are still there to replay again.

@@ -218,6 +218,15 @@ return 1
 """
 
 
+#: :meth:`StreamReader.take_over`'s page from the cursor ARGV[3]: ``{next cursor, how many}``
+#: (redis-py's reply parser drops the cursor of ``XAUTOCLAIM … JUSTID``).
+_TAKE_OVER = """
+local r = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3], 'COUNT', 1000,
+                     'JUSTID')
+return {r[1], #r[2]}
+"""
+
+
 class StreamReader:
     """Reads one consumer group over one or more streams (the partitions of one stream)."""
 
@@ -262,6 +271,7 @@ class StreamReader:
         #: Cluster layout: the partition whose ready batch goes first (they take turns).
         self._turn = 0
         self._dead_fenced: Any = None  # the script, registered on first use
+        self._take_over: Any = None  # the script, registered on first use
 
     async def ensure_group(self) -> None:
         """Create the group (from the start of the stream) unless it exists. Idempotent."""
@@ -482,6 +492,23 @@ class StreamReader:
                 [(e, Reason.MAX_DELIVERIES, f"delivered {e.deliveries - 1} times") for e in poison]
             )
         return live
+
+    async def take_over(self, stream: str) -> int:
+        """Make every pending entry of ``stream``'s group (any consumer's) this consumer's,
+        without counting a delivery (``XAUTOCLAIM … JUSTID``): a partition's new owner does so
+        before reading it, so a dead owner's entries need not wait for ``claim_idle_ms``. Its
+        next own-pending pass reads them. How many were taken."""
+        if self._take_over is None:
+            self._take_over = self._redis.register_script(_TAKE_OVER)
+        cursor: bytes | str = "0-0"
+        taken = 0
+        while True:
+            reply = await self._take_over(keys=[stream], args=[self.group, self.consumer, cursor])
+            cursor, taken = reply[0], taken + int(reply[1])
+            if _s(cursor) == "0-0":
+                break
+        self.retry_pending()
+        return taken
 
     async def release(self, entries: Sequence[Entry]) -> None:
         """Give back entries that were read but never handed to a handler (a batch read ahead

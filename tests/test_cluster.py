@@ -1,6 +1,7 @@
 """On a real 3-master Redis Cluster: the client, partitions spread over the masters, the
-de-duplication state through a slot moving between masters while claims run and through a
-master stopped (SIGSTOP, on a private cluster the test starts), and lag per node.
+de-duplication blocks (transform's fenced commit) through a slot moving between masters while
+commits run and through a master stopped (SIGSTOP, on a private cluster the test starts), and
+lag per node.
 
 The stages on the cluster (cluster key layout): ``tests/test_cluster_pipeline.py`` and the
 ``cluster_too`` tests (``tests/conftest.py``).
@@ -18,38 +19,65 @@ from redis.exceptions import RedisError
 
 from pipeline import dedup
 from pipeline.backlog import by_node, snapshot
-from pipeline.keys import Keys
+from pipeline.keys import GROUP_TRANSFORM, Keys
 from pipeline.registry import Registry
 from pipeline.streams import Redis, connect
 from tests.wait import wait_until, within
 from workers.ingest_mqtt import Appender
+from workers.transform.scripts import Commit
 
 WINDOW = 3600
+TOKEN = "t1 tok"
+
+
+async def _own(redis: Redis, keys: Keys, streams: list[str]) -> None:
+    """This test's transform owns every partition (the lease its commits are fenced by)."""
+    for s in streams:
+        await redis.set(keys.transform_lease(keys.partition_of_stream(s) or 0), TOKEN)
+
+
+async def _commit(commit: Commit, keys: Keys, stream: str, event_ids: list[str],
+                  mark: int) -> int:
+    """Commit ``event_ids`` as new events claimed by ``mark`` (their de-dup block only)."""
+    step = dedup.Window(WINDOW).now()
+    return await commit.run(None, stream,
+                            keys.transform_lease(keys.partition_of_stream(stream) or 0),
+                            TOKEN, dedup.block_key(keys, stream, WINDOW, step),
+                            dedup.block((dedup.digest(e), mark) for e in event_ids),
+                            dedup.block_ttl_ms(WINDOW), [], [])
+
+
+async def _known(redis: Redis, keys: Keys, stream: str, event_ids: list[str]) -> list[int | None]:
+    """What the partition's next owner knows of ``event_ids`` (its takeover load)."""
+    window = dedup.Window(WINDOW)
+    await dedup.load(redis, keys, stream, WINDOW, window)
+    return [window.find(dedup.digest(e)) for e in event_ids]
 
 
 def _port(node_name: str) -> int:
     return int(node_name.rsplit(":", 1)[1])
 
 
-async def test_partitions_spread_over_the_masters_and_claim_in_one_slot_each(
+async def test_partitions_spread_over_the_masters_and_commit_in_one_slot_each(
         cluster_redis: Redis, prefix: str) -> None:
-    keys = Keys(prefix, partitions=6)
+    keys = Keys(prefix, partitions=6, cluster=True)
     streams = keys.streams("uplinks")
     nodes = {cluster_redis.get_node_from_key(keys.dedup(s)).name  # type: ignore[attr-defined]
              for s in streams}
     assert len(nodes) >= 2, nodes
-    claims = dedup.Claims(cluster_redis, keys)
+    await _own(cluster_redis, keys, streams)
+    commit = Commit(cluster_redis, keys, GROUP_TRANSFORM)
     mark = dedup.mark(streams[0], "1-0")
-    batch = [(s, f"ev-{p}-{i}", mark) for p, s in enumerate(streams) for i in range(20)]
-    assert await claims.run(batch, WINDOW) == [None] * len(batch)
-    other = dedup.mark(streams[0], "2-0")
-    assert await claims.run([(s, e, other) for s, e, _ in batch], WINDOW) == [mark] * len(batch)
-    await dedup.forget(cluster_redis, keys, WINDOW, [(s, e) for s, e, _ in batch[:3]])
-    assert await claims.run([(s, e, other) for s, e, _ in batch[:4]], WINDOW) == [
-        None, None, None, mark]
+    for p, s in enumerate(streams):
+        assert await _commit(commit, keys, s, [f"ev-{p}-{i}" for i in range(20)], mark) == 1
+    for p, s in enumerate(streams):
+        assert await _known(cluster_redis, keys, s, [f"ev-{p}-{i}" for i in range(20)]) == [
+            mark] * 20
+        assert await _known(cluster_redis, keys, s, [f"ev-{p + 1}-0"]) == [None]
     # Every key of a partition's state lives in that partition's slot.
     for s in streams:
         slot = cluster_redis.keyslot(keys.dedup(s))  # type: ignore[attr-defined]
+        assert cluster_redis.keyslot(s) == slot  # type: ignore[attr-defined]
         async for k in cluster_redis.scan_iter(match=f"{keys.dedup(s)}*"):
             assert cluster_redis.keyslot(k) == slot  # type: ignore[attr-defined]
 
@@ -108,56 +136,55 @@ async def _move_slot(slot: int, source: int, target: int, step: int = 20,
         await dst.aclose()
 
 
-async def test_claims_lose_nothing_while_their_slot_moves(cluster_redis: Redis,
-                                                          prefix: str) -> None:
-    keys = Keys(prefix, partitions=3)
+async def test_commits_lose_nothing_while_their_slot_moves(cluster_redis: Redis,
+                                                           prefix: str) -> None:
+    keys = Keys(prefix, partitions=3, cluster=True)
     stream = keys.stream("uplinks", 1)
     base = keys.dedup(stream)
     slot = cluster_redis.keyslot(base)  # type: ignore[attr-defined]
     source = _port(cluster_redis.get_node_from_key(base).name)  # type: ignore[attr-defined]
     target = next(_port(n.name) for n in cluster_redis.get_primaries()  # type: ignore[attr-defined]
                   if _port(n.name) != source)
-    claims = dedup.Claims(cluster_redis, keys)
-    mark, other = dedup.mark(stream, "1-0"), dedup.mark(stream, "2-0")
-    claimed: list[str] = []
+    await _own(cluster_redis, keys, [stream])
+    commit = Commit(cluster_redis, keys, GROUP_TRANSFORM)
+    mark = dedup.mark(stream, "1-0")
+    committed: list[str] = []
     retried: Counter[str] = Counter()
     stop = asyncio.Event()
 
-    async def claimer() -> None:
+    async def committer() -> None:
         i = 0
         while not stop.is_set():
             batch = [f"ev-{j}" for j in range(i, i + 50)]
             try:
-                got = await claims.run([(stream, e, mark) for e in batch], WINDOW)
+                assert await _commit(commit, keys, stream, batch, mark) == 1
             except RedisError as exc:
                 # A script caught between two masters (a key already moved): it is retried,
                 # as transform's consume loop retries a batch.
                 retried[type(exc).__name__] += 1
                 continue
-            # Never a false duplicate: at most our own claim seen again (a retried batch).
-            assert all(g is None or g == mark for g in got), got
-            claimed.extend(batch)
+            committed.extend(batch)
             i += 50
 
-    task = asyncio.create_task(claimer())
+    task = asyncio.create_task(committer())
     try:
-        await wait_until(lambda: len(claimed) >= 2000, what="claims before the move")
-        before = list(claimed)
+        await wait_until(lambda: len(committed) >= 2000, what="commits before the move")
+        before = list(committed)
         moved = await _move_slot(slot, source, target)
-        after_move = len(claimed)
-        await wait_until(lambda: len(claimed) >= after_move + 1000,
-                         what="claims after the move")
+        after_move = len(committed)
+        await wait_until(lambda: len(committed) >= after_move + 1000,
+                         what="commits after the move")
     finally:
         stop.set()
         await task
     assert moved > 0
     assert _port(cluster_redis.get_node_from_key(base).name) == target  # type: ignore[attr-defined]
-    # Nothing lost: every event claimed before the move is still known, as its own entry's,
-    # and so is every one claimed after it.
-    assert await claims.run([(stream, e, other) for e in before], WINDOW) == [mark] * len(before)
-    late = claimed[after_move:]
-    assert await claims.run([(stream, e, other) for e in late], WINDOW) == [mark] * len(late)
-    print(f"slot {slot}: {moved} keys moved {source} -> {target}; claims retried: "
+    # Nothing lost: every event committed before the move is in the blocks a next owner loads,
+    # as its own entry's, and so is every one committed after it.
+    assert await _known(cluster_redis, keys, stream, before) == [mark] * len(before)
+    late = committed[after_move:]
+    assert await _known(cluster_redis, keys, stream, late) == [mark] * len(late)
+    print(f"slot {slot}: {moved} keys moved {source} -> {target}; commits retried: "
           f"{dict(retried)}")
     await _move_slot(slot, target, source)  # the shared cluster as it was
 
@@ -185,37 +212,39 @@ async def test_a_stopped_master_delays_its_partitions_only_and_loses_nothing(
     url, pids = private_cluster
     client = connect(url, socket_timeout=120)
     await client.ping()  # reads the slot map
-    keys = Keys(prefix, partitions=6)
+    keys = Keys(prefix, partitions=6, cluster=True)
     streams = keys.streams("uplinks")
     node = {s: _port(client.get_node_from_key(keys.dedup(s)).name)  # type: ignore[attr-defined]
             for s in streams}
     stopped = node[streams[0]]
     elsewhere = [s for s in streams if node[s] != stopped]
     assert elsewhere, node
-    claims = dedup.Claims(client, keys)
-    mark, other = dedup.mark(streams[0], "1-0"), dedup.mark(streams[0], "2-0")
+    await _own(client, keys, streams)
+    commit = Commit(client, keys, GROUP_TRANSFORM)
+    mark = dedup.mark(streams[0], "1-0")
     # Every master runs the script once first: redis-py's cluster client loads a script on
     # every master (SCRIPT LOAD to all primaries) at its first NOSCRIPT, so a stopped master
     # would hold up a script's first use on any partition (a process starting during the stop).
-    assert await claims.run([(s, "warm-up", mark) for s in streams], WINDOW) == [None] * 6
-    done_elsewhere: list[str] = []
+    for s in streams:
+        assert await _commit(commit, keys, s, ["warm-up"], mark) == 1
+    done_elsewhere: list[tuple[str, str]] = []
     try:
         os.kill(pids[stopped], signal.SIGSTOP)
-        # A claim for a partition of the stopped master waits for it...
-        held = asyncio.create_task(claims.run([(streams[0], "held", mark)], WINDOW))
+        # A commit for a partition of the stopped master waits for it...
+        held = asyncio.create_task(_commit(commit, keys, streams[0], ["held"], mark))
         # ...while the partitions of the other masters go on.
         for i in range(20):
             s = elsewhere[i % len(elsewhere)]
-            assert await claims.run([(s, f"ev-{i}", mark)], WINDOW) == [None]
-            done_elsewhere.append(f"ev-{i}")
+            assert await _commit(commit, keys, s, [f"ev-{i}"], mark) == 1
+            done_elsewhere.append((s, f"ev-{i}"))
         assert not held.done()
     finally:
         os.kill(pids[stopped], signal.SIGCONT)
     # Delayed, not refused: it completes once the master runs again, and nothing is lost.
-    assert await held == [None]
-    assert await claims.run([(streams[0], "held", other)], WINDOW) == [mark]
-    again = [(elsewhere[i % len(elsewhere)], e, other) for i, e in enumerate(done_elsewhere)]
-    assert await claims.run(again, WINDOW) == [mark] * len(again)
+    assert await held == 1
+    assert await _known(client, keys, streams[0], ["held"]) == [mark]
+    for s, e in done_elsewhere:
+        assert await _known(client, keys, s, [e]) == [mark]
     await client.aclose()
 
 

@@ -1,7 +1,6 @@
 """The stages on a real 3-master Redis Cluster (cluster key layout): transform while one
 partition's slot moves between masters (every uplink appended is written once it is over, none
-is left pending, nothing is dead-lettered); its commit script caught with the de-dup shards
-moved but not the rest of the partition still catches a duplicate; the whole pipeline
+is left pending, nothing is dead-lettered); the whole pipeline
 (ingest-http → transform → egress → Blynk) while a partition's slot moves; and ingest-http →
 transform → egress → Blynk while one master's process is stopped (what waits, what is refused,
 that nothing is lost).
@@ -25,11 +24,11 @@ from redis.exceptions import RedisError
 
 from emulators.blynk import DatastreamSpec, DeviceSpec
 from pipeline import config as config_mod
-from pipeline import dedup, events
+from pipeline import events
 from pipeline.context import Context
 from pipeline.events import Uplink
 from pipeline.keys import GROUP_EGRESS, GROUP_TRANSFORM, UPLINKS, WRITES, Keys
-from pipeline.streams import Entry, Redis, StreamWriter, connect
+from pipeline.streams import Redis, StreamWriter
 from tests.conftest import free_port
 from tests.rig import (
     blynk_spec,
@@ -39,11 +38,10 @@ from tests.rig import (
     switch_template,
     tts_uplink_body,
 )
-from tests.test_cluster import WINDOW, _move_slot, _port, begin_move
+from tests.test_cluster import _move_slot, _port
 from tests.wait import wait_until
 from workers import egress, ingest_http, transform
 from workers.transform import TransformStage
-from workers.transform.scripts import CLAIM, Commit
 
 DEVICES = [f"dev-{i}" for i in range(12)]
 
@@ -292,69 +290,6 @@ async def test_a_stopped_master_delays_uplinks_refuses_none_and_loses_none(
             assert int((await redis.xpending(stream, GROUP_TRANSFORM))["pending"]) == 0
 
         await wait_until(egress_done, what="egress acknowledged every write")
-async def test_a_duplicate_is_caught_while_its_de_dup_shard_has_not_moved_yet(
-        cluster_redis: Redis, prefix: str) -> None:
-    """Transform's commit script mid-move: the partition's streams, de-dup table and registry
-    version are already on the new master, its de-dup shard still on the old one. The commit
-    of a duplicate must not run on the new master (``ASK``) where the shard is missing and the
-    event would look new: it declares its shard keys, so the old master refuses it
-    (``TRYAGAIN``: some keys there, some gone) and, once the slot has moved, it finds the
-    duplicate. (A script touching a key it did not declare is redirected by the keys it
-    declared only.)"""
-    keys = Keys(prefix, 3, cluster=True)
-    stream, out = keys.stream(UPLINKS, 1), keys.stream(WRITES, 1)
-    base = keys.dedup(stream)
-    slot = cluster_redis.keyslot(base)  # type: ignore[attr-defined]
-    source = _port(cluster_redis.get_node_from_key(base).name)  # type: ignore[attr-defined]
-    target = next(_port(n.name) for n in cluster_redis.get_primaries()  # type: ignore[attr-defined]
-                  if _port(n.name) != source)
-    await cluster_redis.xgroup_create(stream, GROUP_TRANSFORM, id="0", mkstream=True)
-    # A registry written to (every key the script declares exists).
-    await cluster_redis.set(keys.registry_version(1), 0)
-    commit = Commit(cluster_redis, keys, GROUP_TRANSFORM)
-
-    async def entry(data: bytes) -> Entry:
-        await cluster_redis.xadd(stream, {events.FIELD: data})
-        (_, [(entry_id, fields)]), = await cluster_redis.xreadgroup(
-            GROUP_TRANSFORM, "t1", {stream: ">"}, count=1)
-        return Entry(stream, entry_id.decode(), fields[events.FIELD])
-
-    async def run(e: Entry) -> list[int] | None:
-        return await commit.run(0, WINDOW, [(stream, "ev-1", dedup.mark_of(e), CLAIM)],
-                                [(out, 1, e.data or b"")], [e])
-
-    first = await entry(b"first")
-    assert await run(first) == []
-    again = await entry(b"again")  # the same event, another entry: a duplicate
-    src = connect(f"redis://127.0.0.1:{source}/0")
-    dst = connect(f"redis://127.0.0.1:{target}/0")
-    try:
-        _, dst_id = await begin_move(src, dst, slot)
-        held = await src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 1000)
-        shards = [k for k in held if k.decode().startswith(base + ":")]
-        rest = [k for k in held if k not in shards]
-        assert shards and rest
-        await src.execute_command("MIGRATE", "127.0.0.1", target, "", 0, 10_000, "KEYS", *rest)
-        try:
-            mid_move = await run(again)
-        except RedisError:  # refused between the masters, as a batch is: retried after
-            mid_move = None
-        await src.execute_command("MIGRATE", "127.0.0.1", target, "", 0, 10_000, "REPLACE",
-                                  "KEYS", *shards)
-        for node in (dst, src):
-            await node.execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
-    finally:
-        await src.aclose()
-        await dst.aclose()
-    try:
-        assert mid_move in (None, [0]), "the duplicate was taken for a new event"
-        if mid_move is None:
-            assert await run(again) == [0]
-        assert [f[events.FIELD] for _, f in await cluster_redis.xrange(out)] == [b"first"]
-    finally:
-        await _move_slot(slot, target, source)  # the shared cluster as it was
-
-
 async def test_the_whole_pipeline_loses_nothing_while_a_partition_slot_moves(
         private_cluster: tuple[str, dict[int, int]], prefix: str) -> None:
     """ingest-http → transform → egress → the Blynk emulator while one partition's slot moves

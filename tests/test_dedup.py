@@ -1,262 +1,350 @@
-"""De-duplication state on the real Redis: claims, redeliveries, forgetting, the window, the
-sweep, shards doubling and halving, idle expiry."""
+"""De-duplication in the partition owner's memory (:mod:`pipeline.dedup`): the window's claims,
+steps and memory cap; and, through transform on the real Redis, the blocks written behind in
+the fenced commit — takeover, fencing, replays, and an owner killed with SIGKILL mid-stream."""
 
 from __future__ import annotations
 
-from pipeline import dedup
-from pipeline.keys import Keys
-from pipeline.streams import Redis
-from tests.wait import wait_until
+import asyncio
+import os
+import signal
+import sys
+import tracemalloc
+from collections.abc import AsyncIterator, Awaitable
+from pathlib import Path
+
+import pytest
+
+from pipeline import dedup, events, metrics
+from pipeline.context import Context
+from pipeline.deadletters import DeadRow, replay, scan_dead
+from pipeline.errors import Retryable
+from pipeline.events import Uplink
+from pipeline.keys import GROUP_TRANSFORM, Keys
+from pipeline.registry import Registry
+from pipeline.streams import Redis, StreamWriter
+from tests.conftest import REDIS_URL
+from tests.wait import wait_until, within
+from workers.transform import TransformStage
 
 WINDOW = 3600
+ROOT = Path(__file__).resolve().parent.parent
+
+CONFIG = """
+blynk:
+  servers: {{default: "http://127.0.0.1:1"}}
+streams: {{batch: {batch}, block_ms: 100, claim_idle_ms: 600000}}
+transform: {{lease_ttl_ms: 500}}
+templates:
+  - name: t
+    datastreams:
+      - {{name: n, pin: V1, type: integer}}
+tts:
+  - {{name: app, app_id: a, template: t}}
+devices:
+{devices}
+redis: {{url: "{url}", prefix: "{prefix}"}}
+"""
+DEVICES = [f"d{i}" for i in range(8)]
 
 
-async def test_claim_redelivery_duplicate_and_forget(redis: Redis, keys: Keys) -> None:
+def config_text(prefix: str, batch: int = 50) -> str:
+    rows = "".join(f"  - {{source: tts, integration: app, device: {d}, token: T-{d}, "
+                   "template: t}\n"
+                   for d in DEVICES)
+    return CONFIG.format(batch=batch, devices=rows.rstrip("\n"), url=REDIS_URL, prefix=prefix)
+
+
+def context(prefix: str, redis: Redis, keys: Keys, consumer: str,
+            batch: int = 50) -> Context:
+    from pipeline import config as config_mod
+
+    cfg = config_mod.parse(config_text(prefix, batch), "yaml", "test.yaml", env={})
+    return Context(config=cfg, redis=redis, keys=keys, consumer=consumer,
+                   writer=StreamWriter(redis))
+
+
+def uplink(event_id: str, n: int = 1, device: str = "d0") -> Uplink:
+    return Uplink(event_id=event_id, source="tts", integration="app", device=device,
+                  event_ts_ms=1_000 + n, received_ts_ms=2_000 + n, values={"n": n})
+
+
+async def add(ctx: Context, *uplinks: Uplink) -> None:
+    await ctx.writer.add_many([(ctx.keys.stream("uplinks"), events.encode(u)) for u in uplinks])
+
+
+async def written(ctx: Context) -> list[str]:
+    rows = await ctx.redis.xrange(ctx.keys.stream("writes"))
+    return [events.decode_write(f[events.FIELD]).event_id for _, f in rows]
+
+
+async def pending(ctx: Context) -> int:
+    info = await ctx.redis.xpending(ctx.keys.stream("uplinks"), GROUP_TRANSFORM)
+    return int(info["pending"])
+
+
+@pytest.fixture
+async def a(redis: Redis, keys: Keys, prefix: str) -> AsyncIterator[Context]:
+    c = context(prefix, redis, keys, "a")
+    yield c
+    await c.writer.close()
+
+
+async def started(ctx: Context, *, keep: bool = True) -> TransformStage:
+    stage = TransformStage(ctx, until_idle=True)
+    stage.keep_partitions = keep
+    await stage.startup()
+    return stage
+
+
+async def burst(stage: TransformStage) -> None:
+    await within(stage.main_loop(asyncio.Event()))
+
+
+# ---- the window, in memory ----------------------------------------------------------------
+
+
+def test_claim_redelivery_duplicate_forget_and_take() -> None:
+    w = dedup.Window(WINDOW)
+    w.now()
+    d, first, second = dedup.digest("e1"), dedup.mark("s", "1-0"), dedup.mark("s", "2-0")
+    assert w.claim(d, first) is None  # new: owned by the first entry
+    assert w.claim(d, first) == first  # its redelivery: processed again
+    assert w.claim(d, second) == first  # another entry: a duplicate
+    w.forget(d, second)  # not its claim: kept
+    assert w.find(d) == first
+    w.forget(d, first)
+    assert w.find(d) is None and w.claim(d, second) is None
+    w.take(d, first)  # a replay takes the event whatever owns it
+    assert w.find(d) == first
+
+
+def test_an_event_is_remembered_for_the_window_then_its_step_is_dropped() -> None:
+    now = [1_000_000.0]
+    w = dedup.Window(64, clock=lambda: now[0])  # 1 s steps
+    w.now()
+    assert w.claim(dedup.digest("old"), 1) is None
+    now[0] += 63.5
+    w.now()
+    assert w.claim(dedup.digest("new"), 2) is None
+    now[0] += 1.0  # "old" is 64.5 s old: still within the window (and one step)
+    w.now()
+    assert w.find(dedup.digest("old")) == 1
+    now[0] += 1.0  # 65.5 s: its step left the window
+    w.now()
+    assert w.find(dedup.digest("old")) is None and w.find(dedup.digest("new")) == 2
+    assert len(w) == 1
+    now[0] += 66
+    w.now()
+    assert len(w) == 0 and len(w.steps) == 1  # memory follows the window
+
+
+def test_the_memory_cap_drops_the_oldest_steps_and_counts_them() -> None:
+    now = [1_000_000.0]
+    budget = dedup.Budget(max_events=100)
+    w1 = dedup.Window(64, budget, clock=lambda: now[0])
+    w2 = dedup.Window(64, budget, clock=lambda: now[0])
+    evicted = metrics.DEDUP_EVICTED._value.get()
+    w1.now()
+    for i in range(60):
+        w1.claim(dedup.digest(f"a{i}"), 1)
+    now[0] += 1
+    w2.now()
+    for i in range(60):
+        w2.claim(dedup.digest(f"b{i}"), 1)
+    budget.enforce()
+    # The oldest step (w1's 60 events) went: a duplicate of them passes now, as a new event.
+    assert metrics.DEDUP_EVICTED._value.get() - evicted == 60
+    assert len(w1) == 0 and len(w2) == 60
+    w1.now()
+    assert w1.claim(dedup.digest("a0"), 2) is None
+    budget.enforce()  # within the cap: nothing more
+    assert metrics.DEDUP_EVICTED._value.get() - evicted == 60
+    w1.close()
+    assert budget.windows == {w2}
+
+
+def test_memory_per_event_is_what_the_docs_say() -> None:
+    w = dedup.Window(WINDOW)
+    w.now()
+    n = 100_000
+    tracemalloc.start()
+    try:
+        for i in range(n):
+            w.claim(dedup.digest(f"ev-{i}"), i)
+        used = tracemalloc.get_traced_memory()[0] / n
+    finally:
+        tracemalloc.stop()
+    assert dedup.BYTES_PER_EVENT / 2 < used < dedup.BYTES_PER_EVENT * 1.3, used
+
+
+# ---- through transform, on Redis ----------------------------------------------------------
+
+
+async def test_duplicates_are_dropped_acked_and_counted_and_known_to_the_next_owner(
+        a: Context, redis: Redis, keys: Keys, prefix: str) -> None:
+    before = metrics.DUPLICATES.labels("tts")._value.get()
+    await add(a, uplink("e1"), uplink("e2"), uplink("e1"))
+    stage = await started(a)
+    await burst(stage)
+    await add(a, uplink("e2"))  # later, same owner: in its memory
+    await burst(stage)
+    assert await written(a) == ["e1", "e2"] and await pending(a) == 0
+    assert metrics.DUPLICATES.labels("tts")._value.get() - before == 2
+    await stage.shutdown()
+    # The owner stops: another replica takes the partition over and knows both events from
+    # the blocks, without a Redis command per event.
+    b = context(prefix, redis, keys, "b")
+    await add(b, uplink("e1"), uplink("e3"))
+    other = await started(b, keep=False)
+    await burst(other)
+    await other.shutdown()
+    assert await written(a) == ["e1", "e2", "e3"] and await pending(a) == 0
     stream = keys.stream("uplinks")
-    claims = dedup.Claims(redis, keys)
-    first, second = dedup.mark(stream, "1-0"), dedup.mark(stream, "2-0")
-    assert await claims.run([(stream, "e1", first), (stream, "e2", first)], WINDOW) == [None,
-                                                                                         None]
-    # The owner's redelivery answers its own mark (processed again); another entry is a dup.
-    got = await claims.run([(stream, "e1", first), (stream, "e1", second)], WINDOW)
-    assert got == [first, first]
-    assert not dedup.is_duplicate(got[0], first) and dedup.is_duplicate(got[1], second)
-    await dedup.forget(redis, keys, WINDOW, [(stream, "e1")])
-    assert await dedup.owner(redis, keys, WINDOW, stream, "e1") is None
-    assert await dedup.owner(redis, keys, WINDOW, stream, "e2") == first
-    assert await claims.run([(stream, "e1", second)], WINDOW) == [None]
+    assert await dedup.committed(redis, keys, stream, WINDOW, "e3") is not None
+    await b.writer.close()
 
 
-async def test_partitions_keep_their_state_under_their_hash_tag(redis: Redis,
-                                                                prefix: str) -> None:
-    keys = Keys(prefix, partitions=3)
-    s0, s2 = keys.stream("uplinks", 0), keys.stream("uplinks", 2)
-    claims = dedup.Claims(redis, keys)
-    mark = dedup.mark(s0, "1-0")
-    await claims.run([(s0, "e1", mark), (s2, "e2", mark)], WINDOW)
-    names = sorted([k.decode() async for k in redis.scan_iter(match=f"{prefix}*")])
-    assert names and all(n.startswith((f"{prefix}dd:{{uplinks:0}}", f"{prefix}dd:{{uplinks:2}}"))
-                         for n in names)
-    assert await dedup.owner(redis, keys, WINDOW, s2, "e2") == mark
-    assert await dedup.owner(redis, keys, WINDOW, s0, "e2") is None
+async def test_a_commit_after_the_lease_moved_is_refused_and_the_new_owner_does_it(
+        a: Context, redis: Redis, keys: Keys, prefix: str) -> None:
+    stage = await started(a)
+    await burst(stage)  # owns the partition
+    await add(a, uplink("e1"), uplink("e2"))
+    entries = await stage.reader.read(block=False)
+    # The lease lapsed meanwhile (a frozen owner) and another replica took it.
+    lease = keys.transform_lease(0)
+    await redis.set(lease, "b elsewhere")
+    fenced = metrics.TRANSFORM_FENCED._value.get()
+    with pytest.raises(Retryable):
+        await stage.handle(entries)
+    assert metrics.TRANSFORM_FENCED._value.get() - fenced == 1
+    assert await written(a) == [] and await pending(a) == 2  # nothing written, nothing acked
+    assert 0 not in stage.owned  # given up at once
+    assert await dedup.committed(redis, keys, keys.stream("uplinks"), WINDOW, "e1") is None
+    # The new owner (its lease released here for the test) takes the entries over.
+    await redis.delete(lease)
+    b = context(prefix, redis, keys, "b")
+    await add(b, uplink("e1"))  # and a duplicate of one of them
+    other = await started(b, keep=False)
+    await burst(other)
+    await other.shutdown()
+    assert sorted(await written(a)) == ["e1", "e2"] and await pending(a) == 0
+    await b.writer.close()
+    await stage.shutdown()
 
 
-async def _now(redis: Redis) -> int:
-    return int((await redis.time())[0])
+async def test_a_dead_lettered_uplink_forgets_its_claim_and_its_replay_takes_the_event(
+        a: Context, redis: Redis, keys: Keys) -> None:
+    stage = await started(a)
+    await add(a, uplink("e1", device="stranger"), uplink("e2"))
+    await burst(stage)
+    assert await written(a) == ["e2"]
+    rows: list[DeadRow] = await scan_dead(redis, keys)
+    assert [r.letter.reason for r in rows if r.letter] == ["unknown_device"]
+    # A plain copy of the written event is a duplicate; the dead one was never committed.
+    await add(a, uplink("e2"))
+    await burst(stage)
+    assert await written(a) == ["e2"]
+    assert await dedup.committed(redis, keys, keys.stream("uplinks"), WINDOW, "e1") is None
+    # Fixed, then replayed: written, by the owner still running with its memory.
+    await Registry(redis, keys).register("tts:app:stranger", token="T-x", template="t")
+    await replay(redis, keys, rows)
+    # A replay of a written event is processed too (the operator asked for it).
+    await redis.xadd(keys.stream("uplinks"), {events.FIELD: events.encode(uplink("e2", 7)),
+                                              events.REPLAY: b"1"})
+    await burst(stage)
+    assert await written(a) == ["e2", "e1", "e2"] and await pending(a) == 0
+    await stage.shutdown()
 
 
-async def _shard_count(redis: Redis, base: str) -> int:
-    return int(await redis.hget(base, "n") or 0)
+async def test_a_killed_owner_loses_nothing_and_its_committed_events_stay_unique(
+        redis: Redis, keys: Keys, prefix: str, tmp_path: Path) -> None:
+    # Small batches so that the owner is surely mid-stream when it is killed.
+    cfg = tmp_path / "a.yaml"
+    cfg.write_text(config_text(prefix, batch=10))
+    b = context(prefix, redis, keys, "b")
+    distinct = 6000
+    ups = [uplink(f"ev-{i}", i, DEVICES[i % len(DEVICES)]) for i in range(distinct)]
+    await add(b, *ups, *ups[: distinct // 2])  # every other event twice, the copy much later
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "blynk_bridge", "--log-format", "text", "transform",
+        "-c", str(cfg), cwd=ROOT, stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL)
+    try:
+        await wait_until(lambda: _at_least(redis, keys, 1000), timeout_s=60,
+                         what="the owner writing")
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        await proc.wait()
+    at_kill = await redis.xlen(keys.stream("writes"))
+    assert at_kill < distinct, "the owner finished before the kill: nothing was tested"
+    # The next owner waits for the dead one's lease to lapse, loads its blocks, takes its
+    # pending entries over and reads on.
+    other = await started(b, keep=False)
+    await burst(other)
+    await other.shutdown()
+    got = await written(b)
+    assert sorted(got) == sorted(u.event_id for u in ups)  # each exactly once
+    assert await pending(b) == 0
+    await b.writer.close()
 
 
-async def _shards(redis: Redis, keys: Keys, stream: str) -> list[bytes]:
-    return [k async for k in redis.scan_iter(match=f"{keys.dedup(stream)}:*", count=1000)]
+async def _at_least(redis: Redis, keys: Keys, n: int) -> bool:
+    return int(await redis.xlen(keys.stream("writes"))) >= n
 
 
-async def test_shards_double_with_the_events_and_every_shard_stays_small(redis: Redis,
-                                                                        keys: Keys) -> None:
-    stream = keys.stream("uplinks")
-    claims = dedup.Claims(redis, keys)
-    n = 5000
-    ids = [f"ev-{i}" for i in range(n)]
-    for i in range(0, n, 500):  # transform's batches
-        got = await claims.run([(stream, e, dedup.mark(stream, e)) for e in ids[i:i + 500]],
-                               WINDOW)
-        assert got == [None] * len(got)
-        # Every event so far is known, whichever shards are half moved.
-        assert await claims.run([(stream, e, b"\0\0\0\0") for e in ids[:i + 500]],
-                                WINDOW) == [dedup.mark(stream, e) for e in ids[:i + 500]]
-    base = keys.dedup(stream)
-    assert await _shard_count(redis, base) >= n // dedup.PER_SHARD
-    shards = await _shards(redis, keys, stream)
-    assert {await redis.object("encoding", k) for k in shards} == {b"listpack"}
-    # Every shard key has a TTL from its creation: the window and a few sweep passes.
-    step, sweep = dedup.tick(WINDOW), -(-WINDOW // dedup.SWEEPS)
-    for k in shards:
-        assert WINDOW - 5 <= await redis.ttl(k) <= WINDOW + step + 3 * sweep
+async def test_a_replica_joining_takes_a_partition_over_and_no_duplicate_leaks(
+        redis: Redis, prefix: str) -> None:
+    from pipeline import config as config_mod
+
+    text = config_text(prefix).replace("redis: {", "redis: {partitions: 2, ")
+    cfg = config_mod.parse(text, "yaml", "test.yaml", env={})
+    keys = cfg.redis.keys()
+    assert {keys.partition_of("tts", d) for d in DEVICES} == {0, 1}
+    ctxs = [Context(config=cfg, redis=redis, keys=keys, consumer=n, writer=StreamWriter(redis))
+            for n in ("a", "b")]
+    stages = [TransformStage(c) for c in ctxs]
+    stops = [asyncio.Event(), asyncio.Event()]
+
+    async def add_to_partitions(ups: list[Uplink]) -> None:
+        await ctxs[0].writer.add_many([(keys.stream_for("uplinks", u.source, u.device),
+                                        events.encode(u)) for u in ups])
+
+    async def writes() -> list[str]:
+        return [events.decode_write(f[events.FIELD]).event_id
+                for s in keys.streams("writes") for _, f in await redis.xrange(s)]
+
+    first = [uplink(f"ev-{i}", i, DEVICES[i % len(DEVICES)]) for i in range(200)]
+    second = [uplink(f"ev-{i}", i, DEVICES[i % len(DEVICES)]) for i in range(200, 400)]
+    await stages[0].startup()
+    runs = [asyncio.create_task(stages[0].main_loop(stops[0]))]
+    try:
+        await wait_until(lambda: len(stages[0].owned) == 2, what="A owning both partitions")
+        await add_to_partitions(first)
+        await wait_until(lambda: _count(writes(), 200), what="A writing the first events")
+        await stages[1].startup()
+        runs.append(asyncio.create_task(stages[1].main_loop(stops[1])))
+        await wait_until(lambda: len(stages[0].owned) == 1 and len(stages[1].owned) == 1,
+                         what="one partition each")
+        # Copies of every event A wrote, in both partitions (one of them B's now), and new ones.
+        await add_to_partitions(first + second + second)
+        await wait_until(lambda: _count(writes(), 400), what="the new events written")
+        for s in keys.streams("uplinks"):
+            await wait_until(lambda s=s: _settled(redis, s), what=f"{s} acked")
+    finally:
+        for stop in stops:
+            stop.set()
+        await within(asyncio.gather(*runs))
+        for stage in stages:
+            await stage.shutdown()
+        for c in ctxs:
+            await c.writer.close()
+    assert sorted(await writes()) == sorted(u.event_id for u in first + second)
 
 
-async def test_an_event_is_a_duplicate_for_the_whole_window(redis: Redis, keys: Keys) -> None:
-    window = 3
-    stream = keys.stream("uplinks")
-    claims = dedup.Claims(redis, keys)
-    mark = dedup.mark(stream, "1-0")
-    assert await claims.run([(stream, "late", mark)], window) == [None]
-    claimed_at = await _now(redis)  # or later: then the check below runs earlier in its window
-    i = 0
-
-    async def near_the_end() -> bool:
-        nonlocal i  # other claims meanwhile, so the sweeps run as in production
-        i += 1
-        await claims.run([(stream, f"other-{i}", mark)], window)
-        return await _now(redis) >= claimed_at + window - 1
-
-    await wait_until(near_the_end, 60, "the end of the window", interval=0.2)
-    assert await claims.run([(stream, "late", dedup.mark(stream, "2-0"))], window) == [mark]
+async def _count(got: Awaitable[list[str]], n: int) -> bool:
+    return len(await got) >= n
 
 
-async def test_events_past_the_window_are_swept_and_new_again(redis: Redis,
-                                                              keys: Keys) -> None:
-    window = 2
-    stream = keys.stream("uplinks")
-    claims = dedup.Claims(redis, keys)
-    mark = dedup.mark(stream, "1-0")
-    assert await claims.run([(stream, "old", mark)], window) == [None]
-    step, sweep = dedup.tick(window), -(-window // dedup.SWEEPS)
-    gone_after = await _now(redis) + window + step + sweep + 1
-    d = dedup.digest("old")
-    i = 0
-
-    async def swept() -> bool:
-        nonlocal i  # claims of other events drive the sweep
-        i += 1
-        await claims.run([(stream, f"new-{i}", mark)], window)
-        if await _now(redis) < gone_after:
-            return False
-        return all([await redis.zscore(k, d) is None for k in await _shards(redis, keys, stream)])
-
-    await wait_until(swept, 60, "the old event swept out of its shard", interval=0.2)
-    assert await dedup.owner(redis, keys, window, stream, "old") is None
-    assert await claims.run([(stream, "old", dedup.mark(stream, "2-0"))], window) == [None]
-
-
-async def test_shards_halve_when_the_events_thin_out(redis: Redis, keys: Keys) -> None:
-    window = 2
-    stream = keys.stream("uplinks")
-    base = keys.dedup(stream)
-    claims = dedup.Claims(redis, keys)
-    mark = dedup.mark(stream, "1-0")
-    burst = [(stream, f"burst-{i}", mark) for i in range(3000)]
-    for i in range(0, len(burst), 500):
-        await claims.run(burst[i:i + 500], window)
-    grown = await _shard_count(redis, base)
-    assert grown >= 32
-    i = 0
-
-    async def halved() -> bool:
-        nonlocal i  # a trickle of claims: the burst leaves the window, the count falls
-        i += 1
-        assert await claims.run([(stream, f"trickle-{i}", mark)], window) == [None]
-        return await _shard_count(redis, base) < grown
-
-    await wait_until(halved, 90, "the shards to halve", interval=0.1)
-    # The recent events are still known across the move.
-    recent = [(stream, f"trickle-{j}", dedup.mark(stream, "2-0")) for j in range(max(1, i - 5),
-                                                                             i + 1)]
-    assert await claims.run(recent, window) == [mark] * len(recent)
-
-
-async def test_idle_state_expires_whole_and_starts_again(redis: Redis, keys: Keys) -> None:
-    window = 1
-    stream = keys.stream("uplinks")
-    base = keys.dedup(stream)
-    claims = dedup.Claims(redis, keys)
-    mark = dedup.mark(stream, "1-0")
-    assert await claims.run([(stream, "e", mark)], window) == [None]
-    assert await _shards(redis, keys, stream)
-
-    async def all_gone() -> bool:
-        return not await redis.exists(base) and not await _shards(redis, keys, stream)
-
-    await wait_until(all_gone, 90, "every de-dup key to expire")
-    assert await claims.run([(stream, "e", dedup.mark(stream, "2-0"))], window) == [None]
-
-
-async def test_declared_keys_claim_grow_sweep_and_forget_like_the_plain_calls(
-        redis: Redis, keys: Keys) -> None:
-    # What Redis Cluster clients use (every shard key declared, computed from the table), on one
-    # Redis: the same answers through resizes, sweeps and forgetting.
-    window = 2
-    stream = keys.stream("uplinks")
-    claims = dedup.Claims(redis, keys, declare_keys=True)
-    mark = dedup.mark(stream, "1-0")
-    ids = [f"ev-{i}" for i in range(3000)]
-    for i in range(0, len(ids), 500):
-        batch = [(stream, e, mark) for e in ids[i:i + 500]]
-        assert await claims.run(batch, window) == [None] * 500
-        assert await claims.run([(stream, e, b"\0\0\0\0") for e in ids[:i + 500]],
-                                window) == [mark] * (i + 500)
-    assert await _shard_count(redis, keys.dedup(stream)) >= 32
-    await claims.forget([(stream, "ev-1")], window)
-    assert await claims.run([(stream, "ev-1", b"\0\0\0\1"), (stream, "ev-2", b"\0\0\0\1")],
-                            window) == [None, mark]
-    gone_after = await _now(redis) + window + dedup.tick(window) + -(-window // dedup.SWEEPS) + 1
-    i = 0
-
-    async def swept() -> bool:
-        nonlocal i
-        i += 1
-        await claims.run([(stream, f"new-{i}", mark)], window)
-        return await _now(redis) >= gone_after and await dedup.owner(
-            redis, keys, window, stream, "ev-5") is None
-
-    await wait_until(swept, 60, "the first events to leave the window", interval=0.1)
-    assert await claims.run([(stream, "ev-5", mark)], window) == [None]
-
-
-async def test_newest_events_sort_first_in_their_shard(redis: Redis, keys: Keys) -> None:
-    # Scores count the steps down, so a new claim is inserted near the head of its listpack
-    # (a ZADD walks from the head to the score's place: at the tail it walked every event).
-    stream = keys.stream("uplinks")
-    claims = dedup.Claims(redis, keys)
-    mark = dedup.mark(stream, "1-0")
-    assert await claims.run([(stream, "older", mark)], WINDOW) == [None]
-    shard, = await _shards(redis, keys, stream)  # one shard until 64 events
-    older = dedup.digest("older")
-    score = await redis.zscore(shard, older)
-    assert score is not None
-    await redis.zadd(shard, {older: score + (1 << 32)})  # claimed one step earlier
-    assert await dedup.owner(redis, keys, WINDOW, stream, "older") == mark  # still live
-    assert await claims.run([(stream, "newer", mark)], WINDOW) == [None]
-    members = await redis.zrange(shard, 0, -1)
-    assert members == [b"", dedup.digest("newer"), older]  # the placeholder, newest first
-
-
-async def test_state_of_the_layout_before_is_not_read(redis: Redis, keys: Keys) -> None:
-    # The layout before counted steps up and stored the step length as is: a table of it must
-    # not be read as this layout's (its scores would be misread), a new epoch starts instead.
-    stream = keys.stream("uplinks")
-    base = keys.dedup(stream)
-    q = dedup.tick(WINDOW)
-    step = int((await redis.time())[0]) // q % dedup.TICKS
-    d = dedup.digest("seen-before")
-    await redis.hset(base, mapping={"e": "100", "q": q, "n": 1, "o": 0, "m": 0, "c": 1, "w": 0,
-                                    "t": 0})
-    await redis.zadd(f"{base}:100:1:0", {d: step * (1 << 32) + 7})
-    assert await dedup.owner(redis, keys, WINDOW, stream, "seen-before") is None
-    mark = dedup.mark(stream, "1-0")
-    claims = dedup.Claims(redis, keys)
-    assert await claims.run([(stream, "seen-before", mark)], WINDOW) == [None]
-    epoch = (await redis.hget(base, "e") or b"").decode()
-    assert epoch.startswith("r") and int(await redis.hget(base, "q") or 0) == -q
-    assert await dedup.owner(redis, keys, WINDOW, stream, "seen-before") == mark
-
-
-async def test_a_doubling_leaves_each_event_in_its_own_shard_only(redis: Redis,
-                                                                  keys: Keys) -> None:
-    # Small calls keep every shard a listpack, so the doublings copy shards whole and drop
-    # the other half from each copy: every event must end up in exactly its own shard.
-    stream = keys.stream("uplinks")
-    base = keys.dedup(stream)
-    claims = dedup.Claims(redis, keys)
-    ids = [f"ev-{i}" for i in range(1200)]
-    for i in range(0, len(ids), 40):
-        await claims.run([(stream, e, dedup.mark(stream, e)) for e in ids[i:i + 40]], WINDOW)
-    extra = 0
-    while int(await redis.hget(base, "o") or 0):  # let the last doubling finish
-        extra += 1
-        await claims.run([(stream, f"more-{extra}", dedup.mark(stream, "x"))], WINDOW)
-    n = await _shard_count(redis, base)
-    assert n >= 16
-    epoch = (await redis.hget(base, "e") or b"").decode()
-    seen = 0
-    for k in await _shards(redis, keys, stream):
-        gen, shard = (int(p) for p in k.decode().removeprefix(f"{base}:{epoch}:").split(":"))
-        assert gen == n and await redis.object("encoding", k) == b"listpack"
-        for d in await redis.zrange(k, 0, -1):
-            if d:
-                assert int.from_bytes(d[:3], "big") % n == shard
-                seen += 1
-    assert seen == len(ids) + extra  # every event once: no copy left in the other half
-    assert await claims.run([(stream, e, b"\0\0\0\0") for e in ids],
-                            WINDOW) == [dedup.mark(stream, e) for e in ids]
+async def _settled(redis: Redis, stream: str) -> bool:
+    groups = await redis.xinfo_groups(stream)
+    return all(int(g["pending"]) == 0 and int(g.get("lag") or 0) == 0 for g in groups)

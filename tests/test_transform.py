@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import textwrap
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -83,9 +84,10 @@ def button_uplink(fixture_path: FixturePath, **kw: Any) -> Uplink:
 WINDOW = 3600
 
 
-async def owner(ctx: Context, event_id: str) -> bytes | None:
-    """The mark that owns ``event_id`` in the uplinks stream's de-duplication state."""
-    return await dedup.owner(ctx.redis, ctx.keys, WINDOW, ctx.keys.stream("uplinks"), event_id)
+async def owner(ctx: Context, event_id: str) -> int | None:
+    """The mark that owns ``event_id`` as committed in the uplinks partition's de-dup blocks."""
+    return await dedup.committed(ctx.redis, ctx.keys, ctx.keys.stream("uplinks"), WINDOW,
+                                 event_id)
 
 
 async def add(ctx: Context, *uplinks: Uplink) -> None:
@@ -149,18 +151,17 @@ async def test_duplicates_are_dropped(ctx: Context, fixture_path: FixturePath) -
 
 async def test_crash_after_marking_does_not_lose_the_entry(ctx: Context,
                                                            fixture_path: FixturePath) -> None:
-    # A worker read the entry and marked its event seen, then died before writing: the entry is
-    # pending with its own mark. Whoever takes it over must still write it.
+    # A worker read the entry and marked its event seen (in its memory), then died before
+    # committing: the entry is pending under its name and nothing is in the blocks. The next
+    # owner takes it over at once (no claim_idle_ms) and writes it.
     await add(ctx, button_uplink(fixture_path))
     stream = ctx.keys.stream("uplinks")
     await ctx.redis.xgroup_create(stream, GROUP_TRANSFORM, id="0", mkstream=True)
-    reply = await ctx.redis.xreadgroup(GROUP_TRANSFORM, "t1", {stream: ">"}, count=10)
-    entry_id = reply[0][1][0][0].decode()
-    claims = dedup.Claims(ctx.redis, ctx.keys)
-    assert await claims.run([(stream, "as:up:1", dedup.mark(stream, entry_id))], WINDOW) == [None]
-    await run(ctx)  # same consumer name: its own pending entries come first
+    await ctx.redis.xreadgroup(GROUP_TRANSFORM, "dead-owner", {stream: ">"}, count=10)
+    await run(ctx)
     assert len(await writes(ctx)) == 1
     assert await pending(ctx) == 0
+    assert await owner(ctx, "as:up:1") is not None
 
 
 async def test_unknown_device_is_dead_lettered(ctx: Context, fixture_path: FixturePath) -> None:
@@ -267,44 +268,52 @@ async def test_template_rules_choose_by_device_meta(redis: Redis, keys: Keys,
     await ctx.writer.close()
 
 
-async def test_commit_does_nothing_unless_the_registry_version_holds(redis: Redis,
-                                                                     keys: Keys) -> None:
-    from workers.transform import CHECK_AND_FORGET, CLAIM, Commit
+async def test_commit_does_nothing_unless_the_version_and_the_lease_hold(redis: Redis,
+                                                                        keys: Keys) -> None:
+    from workers.transform import Commit
+    from workers.transform.scripts import FENCED, VERSION_MOVED
 
     stream, out = keys.stream("uplinks"), keys.stream("writes")
     await redis.xgroup_create(stream, GROUP_TRANSFORM, id="0", mkstream=True)
-    await StreamWriter(redis).add_many([(stream, b"1"), (stream, b"2"), (stream, b"3")])
+    await StreamWriter(redis).add_many([(stream, b"1"), (stream, b"2")])
     reader = StreamReader(redis, keys, [stream], GROUP_TRANSFORM, "t1", stage="transform")
     entries = await reader.read(block=False)
-    marks = [dedup.mark_of(e) for e in entries]
     commit = Commit(redis, keys, GROUP_TRANSFORM)
     version = int(await redis.get(keys.registry_version()) or 0)
-    claims = [(stream, "e1", marks[0], CLAIM), (stream, "e1", marks[1], CLAIM),
-              (stream, "e3", marks[2], CLAIM)]
-    outputs = [(out, 1, b"a"), (out, 2, b"b"), (out, 0, b"c"), (out, 3, b"d")]
+    lease = keys.transform_lease(0)
+    await redis.set(lease, "t1 abc")
+    block_key = dedup.block_key(keys, stream, 60, 7)
+    records = [(dedup.digest("e1"), dedup.mark_of(entries[0])),
+               (dedup.digest("e2"), dedup.mark_of(entries[1]))]
+    blk = dedup.block(records)
+    outputs = [(out, b"a"), (out, b"b")]
 
-    # Another worker changed the registry meanwhile: nothing is claimed, written or acked.
-    assert await commit.run(version + 1, 60, claims, outputs, entries) is None
-    assert await redis.exists(out) == 0
-    assert await dedup.owner(redis, keys, 60, stream, "e1") is None
-    assert (await redis.xpending(stream, GROUP_TRANSFORM))["pending"] == 3
+    async def nothing_done() -> None:
+        assert await redis.exists(out, block_key) == 0
+        assert (await redis.xpending(stream, GROUP_TRANSFORM))["pending"] == 2
 
-    # The second entry carries the first one's event: its output is not appended.
-    assert await commit.run(version, 60, claims, outputs, entries) == [1]
-    assert [f[events.FIELD] for _, f in await redis.xrange(out)] == [b"a", b"c", b"d"]
+    # Another worker changed the registry meanwhile: nothing is written, marked or acked.
+    assert await commit.run(version + 1, stream, lease, "t1 abc", block_key, blk, 60_000, outputs,
+                            entries) == VERSION_MOVED
+    await nothing_done()
+    # The lease is another ownership's (this one lost it): nothing either.
+    assert await commit.run(version, stream, lease, "t1 old", block_key, blk, 60_000, outputs,
+                            entries) == FENCED
+    await nothing_done()
+    assert await commit.run(None, stream, lease, "t1 old", block_key, blk, 60_000, outputs,
+                            entries) == FENCED
+    await nothing_done()
+    # Held: the outputs, the acks and the block, created with its expiry, then appended to.
+    assert await commit.run(version, stream, lease, "t1 abc", block_key, blk, 60_000, outputs,
+                            entries) == 1
+    assert [f[events.FIELD] for _, f in await redis.xrange(out)] == [b"a", b"b"]
     assert (await redis.xpending(stream, GROUP_TRANSFORM))["pending"] == 0
-    assert await dedup.owner(redis, keys, 60, stream, "e1") == marks[0]
-
-    # Check-and-forget (an uplink dead-lettered whole): the entry's own mark is forgotten, a
-    # mark of another entry makes it a duplicate and stays.
-    await redis.delete(out)
-    got = await commit.run(version, 60, [(stream, "e3", marks[2], CHECK_AND_FORGET),
-                                         (stream, "e1", marks[1], CHECK_AND_FORGET)],
-                           [(out, 1, b"dead-3"), (out, 2, b"dead-1")], [])
-    assert got == [1]
-    assert [f[events.FIELD] for _, f in await redis.xrange(out)] == [b"dead-3"]
-    assert await dedup.owner(redis, keys, 60, stream, "e3") is None
-    assert await dedup.owner(redis, keys, 60, stream, "e1") == marks[0]
+    assert await redis.get(block_key) == blk
+    assert 0 < await redis.pttl(block_key) <= 60_000
+    await redis.persist(block_key)
+    assert await commit.run(None, stream, lease, "t1 abc", block_key, blk[:16], 60_000, [], []) == 1
+    assert await redis.get(block_key) == blk + blk[:16]
+    assert await redis.pttl(block_key) == -1  # the expiry is set when the block is created
 
 
 async def test_duplicate_of_an_unknown_device_uplink_is_acked_not_dead_lettered(
@@ -312,7 +321,10 @@ async def test_duplicate_of_an_unknown_device_uplink_is_acked_not_dead_lettered(
     u = button_uplink(fixture_path, device="stranger", event_id="as:up:9")
     stream = ctx.keys.stream("uplinks")
     someone_else = dedup.mark(stream, "1-1")
-    await dedup.Claims(ctx.redis, ctx.keys).run([(stream, "as:up:9", someone_else)], WINDOW)
+    # A previous owner committed the event (its block), then gave the partition up.
+    step = int(time.time() * 1000) // dedup.step_ms(WINDOW)
+    await ctx.redis.append(dedup.block_key(ctx.keys, stream, WINDOW, step),
+                           dedup.block([(dedup.digest("as:up:9"), someone_else)]))
     await add(ctx, u)
     await run(ctx)
     assert await dead(ctx) == [] and await writes(ctx) == []
@@ -348,6 +360,7 @@ async def test_a_batch_prepared_ahead_is_redone_if_the_registry_moved_meanwhile(
     import asyncio
 
     stage = TransformStage(ctx, until_idle=True)
+    stage.keep_partitions = True  # still owned after the pass: its batches are prepared here
     await stage.startup()
     await add(ctx, button_uplink(fixture_path, event_id="e1"))
     await stage.main_loop(asyncio.Event())

@@ -148,7 +148,6 @@ class MonitorStage:
         self.page = StatusPage(ctx.redis, ctx.keys,
                                templates=[t.name for t in ctx.config.templates],
                                admin_token=cfg.admin_token, allowed_hosts=cfg.allowed_hosts,
-                               dedup_window_s=ctx.config.transform.dedup_window_s,
                                latest_streams=lambda: self._latest)
 
     def routes(self) -> dict[tuple[str, str], Handler]:

@@ -1,37 +1,40 @@
 """transform: uplinks → Blynk writes (registry, de-duplication, mapping, auto-provisioning).
 
 Reads ``Uplink``s from the ``uplinks`` stream (group ``transform``) in batches; after a small
-batch the next read lingers ``streams.linger_ms`` so batches fill under moderate load.
+batch the next read lingers ``streams.linger_ms`` so batches fill under moderate load. Each
+uplinks partition has one owner at a time (:mod:`workers.transform.stage`: a partition lease),
+which de-duplicates in its memory (:mod:`pipeline.dedup`); every commit below is fenced by the
+lease and writes the de-dup block of the batch's new events with its outputs.
 
 **Fast path** (every batch with no undecodable entry, no device to create and no metafield
 pending): decode, resolve devices in the registry cache (misses: one ``HMGET`` script call),
-map, then ONE script call (:class:`.scripts.Commit`) that, atomically, checks the registry
+check each uplink against the de-dup window in memory, map, then ONE script call
+(:class:`.scripts.Commit`) that, atomically, checks the partition lease and that the registry
 version is still the one the cache is in line with (else it does nothing: the stage syncs the
-registry and takes the slow path), claims each uplink's ``event_id`` (:mod:`pipeline.dedup`),
-appends the outputs — writes, partial and whole dead letters — of the uplinks that are not
-duplicates, and acks the batch. Two round trips per batch: the read and the commit — and
-neither leaves the worker idle: :meth:`.stage.TransformStage.prepare` is
-:func:`~pipeline.consumer.consume`'s ``prepare`` hook, so the next batch is read (``prefetch``)
-and prepared — decoded, resolved, mapped — while this one commits; batches still commit one at
-a time, in read order. A batch prepared before this process synced its registry is prepared
+registry and takes the slow path), appends the outputs — writes, partial and whole dead
+letters — of the uplinks that are not duplicates, acks the batch and appends the de-dup block
+of its new events. Two round trips per batch: the read and the commit — and neither leaves
+the worker idle: :meth:`.stage.TransformStage.prepare` is :func:`~pipeline.consumer.consume`'s
+``prepare`` hook, so the next batch is read (``prefetch``) and prepared — decoded, resolved,
+mapped — while this one commits; batches still commit one at a time, in read order. A batch
+prepared before this process synced its registry is prepared
 again before its commit; one prepared against a registry that moved on elsewhere fails the
 version check and is redone on the slow path.
 
 Both paths decide where each uplink goes with the same pure :func:`pipeline.routing.plan`
-(skip, dead-letter, create the device, or write); they differ only in how they claim events and
-what they do with a device to create or a metafield pending (the fast path leaves those batches
-to the slow one).
+(skip, dead-letter, create the device, or write); they differ only in what they do with a
+device to create or a metafield pending (the fast path leaves those batches to the slow one).
 
 **Slow path** (anything else; same outcome, more round trips):
 
 1. decode (undecodable → dead letter ``undecodable``);
-2. one pipeline: the registry's version check + a de-duplication claim per uplink
-   (:mod:`pipeline.dedup`); duplicates are acked and counted;
+2. the registry's version check (one round trip), and a de-duplication claim per uplink in
+   memory (:mod:`pipeline.dedup`); duplicates are acked and counted;
 3. route the uplinks that are not duplicates (:func:`pipeline.routing.plan`): the Particle
    blueprint's ``token`` is the device itself; everything else goes through the registry cache
    (misses: one ``HMGET`` script call);
 4. map values (:mod:`pipeline.mapping`) and append every ``BlynkWrite`` — and the partial dead
-   letters — and ack, in one script call (:class:`.scripts.Emit`);
+   letters — and ack, in one script call (:class:`.scripts.Commit`, no version check);
 5. unknown devices of integrations with ``provision: true`` are created in Blynk
    (:mod:`pipeline.provision`), then written and acked like the rest — only when one of their
    uplinks maps a value (else those are acked as ``nothing_mapped``) and within the
@@ -56,19 +59,21 @@ The parts, one job each:
 * :mod:`workers.transform.templates` — the templates by name, ``pull: true`` ones refreshed;
 * :mod:`workers.transform.outputs` — a routed uplink's write and partial dead letter (pure),
   and the accounting once they are written (metrics, unmapped keys, firmware);
-* :mod:`workers.transform.scripts` — the two one-call Redis scripts (``Emit``, ``Commit``);
+* :mod:`workers.transform.scripts` — the one-call Redis scripts (``Commit``; ``Emit``, the
+  benchmarks' unfenced ceiling);
 * :mod:`workers.transform.creating` — the slow path's auto-provisioning (step 5);
-* :mod:`workers.transform.stage` — the lifecycle, the fast and the slow path.
+* :mod:`workers.transform.stage` — the lifecycle, partition ownership, the fast and the slow
+  path.
 """
 
 from __future__ import annotations
 
 from pipeline.context import Context
-from workers.transform.scripts import CHECK_AND_FORGET, CLAIM, Commit, Emit
+from workers.transform.scripts import Commit, Emit
 from workers.transform.stage import TransformStage
 from workers.transform.templates import Templates
 
-__all__ = ["CHECK_AND_FORGET", "CLAIM", "Commit", "Emit", "Templates", "TransformStage", "build"]
+__all__ = ["Commit", "Emit", "Templates", "TransformStage", "build"]
 
 
 def build(ctx: Context) -> TransformStage:

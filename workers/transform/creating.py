@@ -21,7 +21,6 @@ from pipeline.registry import Device
 from pipeline.routing import WRITE, Route
 from pipeline.streams import DeadItem, Entry, StreamReader
 from workers.transform.outputs import Outputs
-from workers.transform.scripts import Emit
 from workers.transform.templates import Templates
 
 log = logging.getLogger("blynk_bridge.transform")
@@ -34,11 +33,12 @@ Ready = list[tuple[Entry, Route]]
 
 class Creator:
     """Creates the devices a batch's ``CREATE`` routes ask for, and hands their uplinks on to
-    ``write`` (or ``dead_letter``). ``provisioner`` may be replaced (the stage opens its
-    platform client at start-up)."""
+    ``write`` (or ``dead_letter``); ``emit(outputs, acks)`` is the stage's fenced commit.
+    ``provisioner`` may be replaced (the stage opens its platform client at start-up)."""
 
     def __init__(self, templates: Templates, provisioner: Provisioner, outputs: Outputs,
-                 reader: StreamReader, emit: Emit, *,
+                 reader: StreamReader,
+                 emit: Callable[[list[tuple[str, bytes]], list[Entry]], Awaitable[None]], *,
                  dead_letter: Callable[[list[DeadItem]], Awaitable[None]],
                  write: Callable[[Ready, list[Entry]], Awaitable[None]]) -> None:
         self._templates = templates
@@ -110,5 +110,5 @@ class Creator:
                 acks.append(e)
                 self._outputs.unmapped.add(template.name, map_uplink(template, r.uplink).unmapped)
         if acks:
-            await self._emit.run([], acks)
+            await self._emit([], acks)
             metrics.TRANSFORM_SKIPPED.labels(Reason.NOTHING_MAPPED).inc(len(acks))
