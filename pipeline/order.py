@@ -62,12 +62,14 @@ Redis errors propagate (``RedisError``); callers treat them as retryable.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
+from redis.exceptions import WatchError
 
 from pipeline.keys import Keys
 from pipeline.ratelimit import gcra
@@ -77,37 +79,31 @@ _pack = msgspec.msgpack.Encoder().encode
 _unpack = msgspec.msgpack.Decoder().decode
 DEFAULT_TTL_MS = 31 * 24 * 3600 * 1000
 
-# KEYS = per partition: its lease, its records hash, its writes stream; ARGV = group, the
-# hash's expiry (ms), then per partition: lease token, records n, entry ids m, whether to set
-# the hash's expiry ('1'/'0'); then per partition n (device key, record) pairs and m entry ids
-# (one argument each: no decoding, no cutting, nothing per record in Lua). Per partition: 1
-# (recorded and acked) or 0 (the lease does not hold the token: nothing done).
+# The cluster layout's commit (one Redis: a WATCHed transaction, LastWritten._commit_multi,
+# cheaper for Redis; a cluster client runs such a transaction far more slowly: "Redis Cluster"
+# in the module docstring). KEYS = a partition's lease, its records hash, its writes stream;
+# ARGV = lease token, group, the hash's expiry (ms), whether to set it ('1'/'0'), records n,
+# then n (device key, record) pairs and the entry ids (one argument each: no decoding, no
+# cutting, nothing per record in Lua). 1 (recorded and acked) or 0 (the lease does not hold
+# the token: nothing done).
 _COMMIT = """
-local group, px, parts = ARGV[1], ARGV[2], #KEYS / 3
-local a, out = 3 + 4 * parts, {}
-for i = 1, parts do
-  local k, s = 3 * i - 2, 4 * i - 1
-  local n, ids = 2 * tonumber(ARGV[s + 1]), tonumber(ARGV[s + 2])
-  if redis.call('GET', KEYS[k]) == ARGV[s] then
-    local last = a + n - 1
-    for j = a, last, 1000 do
-      redis.call('HSET', KEYS[k + 1], unpack(ARGV, j, math.min(j + 999, last)))
-    end
-    if ARGV[s + 3] == '1' then
-      redis.call('PEXPIRE', KEYS[k + 1], px)
-    end
-    last = a + n + ids - 1
-    for j = a + n, last, 1000 do
-      redis.call('XACK', KEYS[k + 2], group, unpack(ARGV, j, math.min(j + 999, last)))
-    end
-    out[i] = 1
-  else
-    out[i] = 0
-  end
-  a = a + n + ids
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return 0
 end
-return out
+local last = 5 + 2 * tonumber(ARGV[5])
+for j = 6, last, 1000 do
+  redis.call('HSET', KEYS[2], unpack(ARGV, j, math.min(j + 999, last)))
+end
+if ARGV[4] == '1' then
+  redis.call('PEXPIRE', KEYS[2], ARGV[3])
+end
+for j = last + 1, #ARGV, 1000 do
+  redis.call('XACK', KEYS[3], ARGV[2], unpack(ARGV, j, math.min(j + 999, #ARGV)))
+end
+return 1
 """
+#: Tries of a commit whose ``EXEC`` a lease touched meanwhile aborted (``_commit_multi``).
+_COMMIT_TRIES = 3
 
 # KEYS = a partition's records hash, then the per-device keys of the fields (versions before
 # the hash: an upgrade); ARGV = the fields → their values (nil: none), the hash's first.
@@ -312,48 +308,104 @@ class LastWritten:
     async def commit(self, parts: Mapping[int, PartitionCommit], group: str, *,
                      now_ms: int | None = None) -> dict[int, bool]:
         """Per partition ``p``: if ``keys.egress_lease(p)`` holds its ``token``, ``HSET`` its
-        records (one call) into ``keys.records(p)``, stamped now, and ``XACK`` its entries for
-        ``group`` (one script call for all of them on one Redis; one per partition, pipelined,
-        in the cluster layout). Returns per partition whether it was done (``False``: fenced
-        off, nothing written or acked). ``now_ms``: the wall clock (ms) stamped (default: now).
+        records (one command) into ``keys.records(p)``, stamped now, and ``XACK`` its entries
+        for ``group`` — on one Redis one ``WATCH``ed transaction for all of them
+        (:meth:`_commit_multi`), in the cluster layout one ``_COMMIT`` script call per
+        partition, pipelined. Returns per partition whether it was done (``False``: fenced off,
+        nothing written or acked). ``now_ms``: the wall clock (ms) stamped (default: now).
         """
         if not parts:
             return {}
         now = int(time.time() * 1000) if now_ms is None else now_ms
-        order = list(parts)
-        calls = [order] if not self._keys.cluster else [[p] for p in order]
-        replies = await self._calls(self._commit, [self._commit_call(call, parts, group, now)
-                                                   for call in calls])
-        done: dict[int, bool] = {}
-        expire_every = self.ttl_ms // 4
-        for call, reply in zip(calls, replies, strict=True):
-            for p, r in zip(call, reply, strict=True):
-                done[p] = bool(r)
-                if r:
-                    if now - self._expiry_set.get(p, -expire_every) >= expire_every:
-                        self._expiry_set[p] = now
-                    for _, rec in parts[p].records:
-                        rec.stored_ms = now
+        if self._keys.cluster:
+            order = list(parts)
+            replies = await self._calls(self._commit, [self._commit_call(p, parts[p], group, now)
+                                                       for p in order])
+            done = {p: bool(r) for p, r in zip(order, replies, strict=True)}
+        else:
+            done = await self._commit_multi(parts, group, now)
+        for p, ok in done.items():
+            if ok:
+                if self._expire_due(p, now):
+                    self._expiry_set[p] = now
+                for _, rec in parts[p].records:
+                    rec.stored_ms = now
         return done
 
-    def _commit_call(self, call: Sequence[int], parts: Mapping[int, PartitionCommit],
-                     group: str, now: int) -> tuple[list[str], list[bytes | str]]:
-        """Keys and arguments of one ``_COMMIT`` call."""
-        keys = self._keys
+    def _expire_due(self, p: int, now: int) -> bool:
+        """A commit of partition ``p`` now sets its hash's expiry (module docstring)."""
         expire_every = self.ttl_ms // 4
-        names: list[str] = []
-        spec: list[bytes | str] = [group, str(self.ttl_ms + expire_every)]
-        values: list[bytes | str] = []
-        for p in call:
+        return now - self._expiry_set.get(p, -expire_every) >= expire_every
+
+    async def _commit_multi(self, parts: Mapping[int, PartitionCommit], group: str, now: int
+                            ) -> dict[int, bool]:
+        """:meth:`commit` on one Redis: ``WATCH`` every partition's lease, read them
+        (:meth:`_held`), then ``MULTI``, per partition whose lease holds its token ``HSET`` +
+        ``PEXPIRE`` when due + ``XACK``, ``EXEC`` (on one connection of the pool).
+
+        The ``WATCH`` makes the check and the writes one atomic step, as a script would: if
+        any lease is touched between the read and the ``EXEC`` (renewed, taken, expired), Redis
+        runs none of the transaction and the whole commit is tried again from the ``WATCH``.
+        That retry is correct because the aborted attempt changed nothing, and it decides on
+        the lease as it is then: a renewal by this owner (``PEXPIRE``) keeps the token, so the
+        retry commits; a new ownership's token fences the partition off. Renewals come every
+        ttl/4 per partition, so a second abort in a row means the lease keeps changing: after
+        ``_COMMIT_TRIES`` the ``WatchError`` (a ``RedisError``) goes to the caller, as any
+        Redis error, and nothing was written."""
+        order = list(parts)
+        leases = [self._keys.egress_lease(p) for p in order]
+        px = str(self.ttl_ms + self.ttl_ms // 4)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            for _ in range(_COMMIT_TRIES - 1):
+                with contextlib.suppress(WatchError):
+                    return await self._commit_try(pipe, parts, order, leases, group, now, px)
+            return await self._commit_try(pipe, parts, order, leases, group, now, px)
+
+    async def _commit_try(self, pipe: Any, parts: Mapping[int, PartitionCommit],
+                          order: Sequence[int], leases: Sequence[str], group: str, now: int,
+                          px: str) -> dict[int, bool]:
+        """One attempt of :meth:`_commit_multi` (``WatchError``: the ``EXEC`` was aborted)."""
+        await pipe.watch(*leases)
+        held = await self._held(pipe, leases)
+        done = {p: h is not None and _s(h) == parts[p].token
+                for p, h in zip(order, held, strict=True)}
+        if not any(done.values()):
+            return done  # leaving the pipeline's block unwatches
+        pipe.multi()
+        for p, ok in done.items():
             part = parts[p]
-            names += (keys.egress_lease(p), keys.records(p), part.stream)
-            expire = now - self._expiry_set.get(p, -expire_every) >= expire_every
-            spec += (part.token, str(len(part.records)), str(len(part.acks)),
-                     "1" if expire else "0")
-            for device_key, rec in part.records:
-                values += (device_key, encode(rec, stored_ms=now))
-            values += part.acks
-        return names, spec + values
+            if not ok:
+                continue
+            if part.records:
+                records = self._keys.records(p)
+                fields: list[bytes | str] = []
+                for device_key, rec in part.records:
+                    fields += (device_key, encode(rec, stored_ms=now))
+                pipe.execute_command("HSET", records, *fields)
+                if self._expire_due(p, now):
+                    pipe.execute_command("PEXPIRE", records, px)
+            if part.acks:
+                pipe.execute_command("XACK", part.stream, group, *part.acks)
+        await pipe.execute()
+        return done
+
+    async def _held(self, pipe: Any, leases: Sequence[str]) -> list[Any]:
+        """The values of the ``WATCH``ed ``leases`` (one ``GET``, or ``MGET`` of several)."""
+        if len(leases) == 1:
+            return [await pipe.get(leases[0])]
+        return list(await pipe.mget(leases))
+
+    def _commit_call(self, p: int, part: PartitionCommit, group: str, now: int
+                     ) -> tuple[list[str], list[bytes | str]]:
+        """Keys and arguments of one ``_COMMIT`` call (the cluster layout)."""
+        keys = self._keys
+        args: list[bytes | str] = [part.token, group, str(self.ttl_ms + self.ttl_ms // 4),
+                                   "1" if self._expire_due(p, now) else "0",
+                                   str(len(part.records))]
+        for device_key, rec in part.records:
+            args += (device_key, encode(rec, stored_ms=now))
+        args += part.acks
+        return [keys.egress_lease(p), keys.records(p), part.stream], args
 
     async def sweep(self, partition: int, cursor: int = 0, *, count: int = 1000,
                     now_ms: int | None = None) -> tuple[int, int]:
