@@ -62,7 +62,6 @@ Redis errors propagate (``RedisError``); callers treat them as retryable.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -339,9 +338,10 @@ class LastWritten:
 
     async def _commit_multi(self, parts: Mapping[int, PartitionCommit], group: str, now: int
                             ) -> dict[int, bool]:
-        """:meth:`commit` on one Redis: ``WATCH`` every partition's lease, read them
-        (:meth:`_held`), then ``MULTI``, per partition whose lease holds its token ``HSET`` +
-        ``PEXPIRE`` when due + ``XACK``, ``EXEC`` (on one connection of the pool).
+        """:meth:`commit` on one Redis, on one connection of the pool: ``WATCH`` every
+        partition's lease and read them (:meth:`_held`), then ``MULTI``, per partition whose
+        lease holds its token ``HSET`` + ``PEXPIRE`` when due + ``XACK``, ``EXEC``: two round
+        trips, the arguments never converted by Lua.
 
         The ``WATCH`` makes the check and the writes one atomic step, as a script would: if
         any lease is touched between the read and the ``EXEC`` (renewed, taken, expired), Redis
@@ -350,28 +350,48 @@ class LastWritten:
         the lease as it is then: a renewal by this owner (``PEXPIRE``) keeps the token, so the
         retry commits; a new ownership's token fences the partition off. Renewals come every
         ttl/4 per partition, so a second abort in a row means the lease keeps changing: after
-        ``_COMMIT_TRIES`` the ``WatchError`` (a ``RedisError``) goes to the caller, as any
-        Redis error, and nothing was written."""
+        ``_COMMIT_TRIES`` a ``WatchError`` (a ``RedisError``) goes to the caller, as any Redis
+        error, with nothing written.
+
+        Sent as raw commands on the connection, not through a redis-py pipeline: its
+        ``WATCH`` mode costs the worker ~3× the script's CPU per commit (BENCHMARKS.md,
+        "Egress commit: WATCH + MULTI instead of a script"). Any error or cancellation
+        disconnects the connection (dropping its ``WATCH`` and any reply not read)."""
         order = list(parts)
         leases = [self._keys.egress_lease(p) for p in order]
-        px = str(self.ttl_ms + self.ttl_ms // 4)
-        async with self._redis.pipeline(transaction=True) as pipe:
-            for _ in range(_COMMIT_TRIES - 1):
-                with contextlib.suppress(WatchError):
-                    return await self._commit_try(pipe, parts, order, leases, group, now, px)
-            return await self._commit_try(pipe, parts, order, leases, group, now, px)
+        pool = self._redis.connection_pool
+        conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
+            for _ in range(_COMMIT_TRIES):
+                held = await self._held(conn, leases)
+                done = {p: h is not None and _s(h) == parts[p].token
+                        for p, h in zip(order, held, strict=True)}
+                if not any(done.values()):
+                    await conn.send_command("UNWATCH")
+                    await conn.read_response()
+                    return done
+                if await self._exec(conn, parts, done, group, now):
+                    return done
+            raise WatchError(f"egress leases touched during {_COMMIT_TRIES} commits in a row")
+        except BaseException:
+            await conn.disconnect()
+            raise
+        finally:
+            await pool.release(conn)
 
-    async def _commit_try(self, pipe: Any, parts: Mapping[int, PartitionCommit],
-                          order: Sequence[int], leases: Sequence[str], group: str, now: int,
-                          px: str) -> dict[int, bool]:
-        """One attempt of :meth:`_commit_multi` (``WatchError``: the ``EXEC`` was aborted)."""
-        await pipe.watch(*leases)
-        held = await self._held(pipe, leases)
-        done = {p: h is not None and _s(h) == parts[p].token
-                for p, h in zip(order, held, strict=True)}
-        if not any(done.values()):
-            return done  # leaving the pipeline's block unwatches
-        pipe.multi()
+    async def _held(self, conn: Any, leases: Sequence[str]) -> list[Any]:
+        """``WATCH`` ``leases`` on ``conn`` and read them (one round trip)."""
+        await conn.send_packed_command(conn.pack_commands([("WATCH", *leases),
+                                                           ("MGET", *leases)]))
+        await conn.read_response()
+        return list(await conn.read_response())
+
+    async def _exec(self, conn: Any, parts: Mapping[int, PartitionCommit],
+                    done: Mapping[int, bool], group: str, now: int) -> bool:
+        """The ``MULTI`` … ``EXEC`` of the partitions ``done`` says hold their token; False
+        when the ``WATCH`` aborted it (nothing done)."""
+        px = self.ttl_ms + self.ttl_ms // 4
+        commands: list[tuple[Any, ...]] = [("MULTI",)]
         for p, ok in done.items():
             part = parts[p]
             if not ok:
@@ -381,19 +401,22 @@ class LastWritten:
                 fields: list[bytes | str] = []
                 for device_key, rec in part.records:
                     fields += (device_key, encode(rec, stored_ms=now))
-                pipe.execute_command("HSET", records, *fields)
+                commands.append(("HSET", records, *fields))
                 if self._expire_due(p, now):
-                    pipe.execute_command("PEXPIRE", records, px)
+                    commands.append(("PEXPIRE", records, px))
             if part.acks:
-                pipe.execute_command("XACK", part.stream, group, *part.acks)
-        await pipe.execute()
-        return done
-
-    async def _held(self, pipe: Any, leases: Sequence[str]) -> list[Any]:
-        """The values of the ``WATCH``ed ``leases`` (one ``GET``, or ``MGET`` of several)."""
-        if len(leases) == 1:
-            return [await pipe.get(leases[0])]
-        return list(await pipe.mget(leases))
+                commands.append(("XACK", part.stream, group, *part.acks))
+        commands.append(("EXEC",))
+        await conn.send_packed_command(conn.pack_commands(commands))
+        for _ in range(len(commands) - 1):
+            await conn.read_response()  # OK, QUEUED…: a command refused raises here
+        replies = await conn.read_response()
+        if replies is None:
+            return False
+        for r in replies:
+            if isinstance(r, Exception):
+                raise r
+        return True
 
     def _commit_call(self, p: int, part: PartitionCommit, group: str, now: int
                      ) -> tuple[list[str], list[bytes | str]]:
