@@ -139,8 +139,8 @@ class _Touching(LastWritten):
         super().__init__(redis, keys)
         self.touch, self.tries, self.reads = touch, tries, 0
 
-    async def _held(self, pipe: Any, leases: Any) -> list[Any]:
-        held = await super()._held(pipe, leases)
+    async def _held(self, conn: Any, leases: Any) -> list[Any]:
+        held = await super()._held(conn, leases)
         self.reads += 1
         if self.reads in self.tries:
             await self.touch()
