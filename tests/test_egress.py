@@ -221,6 +221,26 @@ async def test_one_commit_of_several_partitions_writes_those_whose_lease_holds_t
     assert [(await redis.xpending(keys.stream(WRITES, p), GROUP_EGRESS))["pending"]
             for p in (0, 1)] == [0, 1]
 
+async def test_a_commit_of_more_records_and_acks_than_one_lua_unpack_takes_writes_them_all(
+    redis: Redis, keys: Keys
+) -> None:
+    """The cluster layout's script cuts its arguments into ``unpack``s of 1,000 (Lua's limit):
+    a commit of 1,201 writes records and acks every one (and so does the transaction)."""
+    stream = keys.stream(WRITES)
+    await redis.xgroup_create(stream, GROUP_EGRESS, id="0", mkstream=True)
+    async with redis.pipeline(transaction=False) as pipe:
+        for _ in range(1_201):
+            pipe.xadd(stream, {"d": b"x"})
+        ids = [i.decode() for i in await pipe.execute()]
+    await redis.xreadgroup(GROUP_EGRESS, "replica-a", {stream: ">"})
+    await owned_by(redis, keys, "replica-a")
+    book = LastWritten(redis, keys)
+    records = {f"dev-{i}": Record({"V1": i}, newest=i) for i in range(1_201)}
+    assert await book.commit(commit_of(keys, records, ids), GROUP_EGRESS) == {0: True}
+    assert await redis.hlen(keys.records(0)) == 1_201
+    assert (await book.load(["dev-1200"]))[0].pins == {"V1": 1_200}
+    assert (await redis.xpending(stream, GROUP_EGRESS))["pending"] == 0
+
 async def test_records_live_in_one_hash_per_partition_which_a_next_owner_reads(
     redis: Redis, keys: Keys
 ) -> None:
