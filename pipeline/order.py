@@ -21,14 +21,23 @@ The protocol of one device write (egress):
    are applied in arrival order; :meth:`Record.stale`: nothing newer at all), take a rate
    slot (:meth:`Record.take`), send the rest to Blynk.
 3. After the 2xx, :meth:`Record.merge` records ``max(old, new)`` per pin in memory, and
-   :meth:`LastWritten.commit` — one script call per flush of commits (one per partition on a
-   cluster) — ``HSET``s the changed records (one command per partition, whatever their
-   number) and ``XACK``s the written entries, **after checking that the partition's lease
-   still holds the token of the ownership the writes were made under** (fencing;
-   :attr:`pipeline.lease.Lease.token`, one per acquisition). A partition
+   :meth:`LastWritten.commit` — once per flush of commits — ``HSET``s the changed records (one
+   command per partition, whatever their number) and ``XACK``s the written entries, **after
+   checking that the partition's lease still holds the token of the ownership the writes were
+   made under** (fencing; :attr:`pipeline.lease.Lease.token`, one per acquisition). A partition
    whose lease holds another token — another owner's, or this replica's own later
    acquisition — has nothing recorded and nothing acked: its entries stay pending and its new
    owner, which took them over, writes them again from the record it read.
+
+**The commit's check and writes are one atomic step.** On one Redis: ``WATCH`` of the flush's
+partitions' leases + ``MGET`` of them, then ``MULTI``, the writes of the partitions holding
+their token, ``EXEC`` — two round trips on one connection, and no Lua converting the
+arguments (device key, record, entry id per write), about half of what a commit script cost
+Redis; a lease touched in between (even renewed) aborts the ``EXEC`` and the commit is tried
+again (:meth:`LastWritten._commit_multi`). **Redis Cluster**: one ``_COMMIT`` script call per
+partition, pipelined (a partition's lease, records hash and writes stream share its slot):
+redis-py's cluster client runs a ``WATCH`` transaction with a thread per command, ~14× the
+script's CPU in the worker.
 
 **Why this is safe.** Without a single writer two replicas can both read "last = 5", then send
 20 and 10 in that order: Blynk ends at 10 although the record says 20. With the partition lease
@@ -68,6 +77,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
+from redis.exceptions import WatchError
 
 from pipeline.keys import Keys
 from pipeline.ratelimit import gcra
@@ -77,37 +87,31 @@ _pack = msgspec.msgpack.Encoder().encode
 _unpack = msgspec.msgpack.Decoder().decode
 DEFAULT_TTL_MS = 31 * 24 * 3600 * 1000
 
-# KEYS = per partition: its lease, its records hash, its writes stream; ARGV = group, the
-# hash's expiry (ms), then per partition: lease token, records n, entry ids m, whether to set
-# the hash's expiry ('1'/'0'); then per partition n (device key, record) pairs and m entry ids
-# (one argument each: no decoding, no cutting, nothing per record in Lua). Per partition: 1
-# (recorded and acked) or 0 (the lease does not hold the token: nothing done).
+# The cluster layout's commit (one Redis: a WATCHed transaction, LastWritten._commit_multi,
+# cheaper for Redis; a cluster client runs such a transaction far more slowly: "Redis Cluster"
+# in the module docstring). KEYS = a partition's lease, its records hash, its writes stream;
+# ARGV = lease token, group, the hash's expiry (ms), whether to set it ('1'/'0'), records n,
+# then n (device key, record) pairs and the entry ids (one argument each: no decoding, no
+# cutting, nothing per record in Lua). 1 (recorded and acked) or 0 (the lease does not hold
+# the token: nothing done).
 _COMMIT = """
-local group, px, parts = ARGV[1], ARGV[2], #KEYS / 3
-local a, out = 3 + 4 * parts, {}
-for i = 1, parts do
-  local k, s = 3 * i - 2, 4 * i - 1
-  local n, ids = 2 * tonumber(ARGV[s + 1]), tonumber(ARGV[s + 2])
-  if redis.call('GET', KEYS[k]) == ARGV[s] then
-    local last = a + n - 1
-    for j = a, last, 1000 do
-      redis.call('HSET', KEYS[k + 1], unpack(ARGV, j, math.min(j + 999, last)))
-    end
-    if ARGV[s + 3] == '1' then
-      redis.call('PEXPIRE', KEYS[k + 1], px)
-    end
-    last = a + n + ids - 1
-    for j = a + n, last, 1000 do
-      redis.call('XACK', KEYS[k + 2], group, unpack(ARGV, j, math.min(j + 999, last)))
-    end
-    out[i] = 1
-  else
-    out[i] = 0
-  end
-  a = a + n + ids
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return 0
 end
-return out
+local last = 5 + 2 * tonumber(ARGV[5])
+for j = 6, last, 1000 do
+  redis.call('HSET', KEYS[2], unpack(ARGV, j, math.min(j + 999, last)))
+end
+if ARGV[4] == '1' then
+  redis.call('PEXPIRE', KEYS[2], ARGV[3])
+end
+for j = last + 1, #ARGV, 1000 do
+  redis.call('XACK', KEYS[3], ARGV[2], unpack(ARGV, j, math.min(j + 999, #ARGV)))
+end
+return 1
 """
+#: Tries of a commit whose ``EXEC`` a lease touched meanwhile aborted (``_commit_multi``).
+_COMMIT_TRIES = 3
 
 # KEYS = a partition's records hash, then the per-device keys of the fields (versions before
 # the hash: an upgrade); ARGV = the fields → their values (nil: none), the hash's first.
@@ -312,48 +316,128 @@ class LastWritten:
     async def commit(self, parts: Mapping[int, PartitionCommit], group: str, *,
                      now_ms: int | None = None) -> dict[int, bool]:
         """Per partition ``p``: if ``keys.egress_lease(p)`` holds its ``token``, ``HSET`` its
-        records (one call) into ``keys.records(p)``, stamped now, and ``XACK`` its entries for
-        ``group`` (one script call for all of them on one Redis; one per partition, pipelined,
-        in the cluster layout). Returns per partition whether it was done (``False``: fenced
-        off, nothing written or acked). ``now_ms``: the wall clock (ms) stamped (default: now).
+        records (one command) into ``keys.records(p)``, stamped now, and ``XACK`` its entries
+        for ``group`` — on one Redis one ``WATCH``ed transaction for all of them
+        (:meth:`_commit_multi`), in the cluster layout one ``_COMMIT`` script call per
+        partition, pipelined. Returns per partition whether it was done (``False``: fenced off,
+        nothing written or acked). ``now_ms``: the wall clock (ms) stamped (default: now).
         """
         if not parts:
             return {}
         now = int(time.time() * 1000) if now_ms is None else now_ms
-        order = list(parts)
-        calls = [order] if not self._keys.cluster else [[p] for p in order]
-        replies = await self._calls(self._commit, [self._commit_call(call, parts, group, now)
-                                                   for call in calls])
-        done: dict[int, bool] = {}
-        expire_every = self.ttl_ms // 4
-        for call, reply in zip(calls, replies, strict=True):
-            for p, r in zip(call, reply, strict=True):
-                done[p] = bool(r)
-                if r:
-                    if now - self._expiry_set.get(p, -expire_every) >= expire_every:
-                        self._expiry_set[p] = now
-                    for _, rec in parts[p].records:
-                        rec.stored_ms = now
+        if self._keys.cluster:
+            order = list(parts)
+            replies = await self._calls(self._commit, [self._commit_call(p, parts[p], group, now)
+                                                       for p in order])
+            done = {p: bool(r) for p, r in zip(order, replies, strict=True)}
+        else:
+            done = await self._commit_multi(parts, group, now)
+        for p, ok in done.items():
+            if ok:
+                if self._expire_due(p, now):
+                    self._expiry_set[p] = now
+                for _, rec in parts[p].records:
+                    rec.stored_ms = now
         return done
 
-    def _commit_call(self, call: Sequence[int], parts: Mapping[int, PartitionCommit],
-                     group: str, now: int) -> tuple[list[str], list[bytes | str]]:
-        """Keys and arguments of one ``_COMMIT`` call."""
-        keys = self._keys
+    def _expire_due(self, p: int, now: int) -> bool:
+        """A commit of partition ``p`` now sets its hash's expiry (module docstring)."""
         expire_every = self.ttl_ms // 4
-        names: list[str] = []
-        spec: list[bytes | str] = [group, str(self.ttl_ms + expire_every)]
-        values: list[bytes | str] = []
-        for p in call:
+        return now - self._expiry_set.get(p, -expire_every) >= expire_every
+
+    async def _commit_multi(self, parts: Mapping[int, PartitionCommit], group: str, now: int
+                            ) -> dict[int, bool]:
+        """:meth:`commit` on one Redis, on one connection of the pool: ``WATCH`` every
+        partition's lease and read them (:meth:`_held`), then ``MULTI``, per partition whose
+        lease holds its token ``HSET`` + ``PEXPIRE`` when due + ``XACK``, ``EXEC``: two round
+        trips, the arguments never converted by Lua.
+
+        The ``WATCH`` makes the check and the writes one atomic step, as a script would: if
+        any lease is touched between the read and the ``EXEC`` (renewed, taken, expired), Redis
+        runs none of the transaction and the whole commit is tried again from the ``WATCH``.
+        That retry is correct because the aborted attempt changed nothing, and it decides on
+        the lease as it is then: a renewal by this owner (``PEXPIRE``) keeps the token, so the
+        retry commits; a new ownership's token fences the partition off. Renewals come every
+        ttl/4 per partition, so a second abort in a row means the lease keeps changing: after
+        ``_COMMIT_TRIES`` a ``WatchError`` (a ``RedisError``) goes to the caller, as any Redis
+        error, with nothing written.
+
+        Sent as raw commands on the connection, not through a redis-py pipeline: its
+        ``WATCH`` mode cost the worker ~2–2.5× the script's CPU per small commit, this ~1.3×
+        (BENCHMARKS.md, "Egress commit: WATCH + MULTI instead of a script"). Any error or cancellation
+        disconnects the connection (dropping its ``WATCH`` and any reply not read)."""
+        order = list(parts)
+        leases = [self._keys.egress_lease(p) for p in order]
+        pool = self._redis.connection_pool
+        conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
+            for _ in range(_COMMIT_TRIES):
+                held = await self._held(conn, leases)
+                done = {p: h is not None and _s(h) == parts[p].token
+                        for p, h in zip(order, held, strict=True)}
+                if not any(done.values()):
+                    await conn.send_command("UNWATCH")
+                    await conn.read_response()
+                    return done
+                if await self._exec(conn, parts, done, group, now):
+                    return done
+            raise WatchError(f"egress leases touched during {_COMMIT_TRIES} commits in a row")
+        except BaseException:
+            await conn.disconnect()
+            raise
+        finally:
+            await pool.release(conn)
+
+    async def _held(self, conn: Any, leases: Sequence[str]) -> list[Any]:
+        """``WATCH`` ``leases`` on ``conn`` and read them (one round trip)."""
+        await conn.send_packed_command(conn.pack_commands([("WATCH", *leases),
+                                                           ("MGET", *leases)]))
+        await conn.read_response()
+        return list(await conn.read_response())
+
+    async def _exec(self, conn: Any, parts: Mapping[int, PartitionCommit],
+                    done: Mapping[int, bool], group: str, now: int) -> bool:
+        """The ``MULTI`` … ``EXEC`` of the partitions ``done`` says hold their token; False
+        when the ``WATCH`` aborted it (nothing done)."""
+        px = self.ttl_ms + self.ttl_ms // 4
+        commands: list[tuple[Any, ...]] = [("MULTI",)]
+        for p, ok in done.items():
             part = parts[p]
-            names += (keys.egress_lease(p), keys.records(p), part.stream)
-            expire = now - self._expiry_set.get(p, -expire_every) >= expire_every
-            spec += (part.token, str(len(part.records)), str(len(part.acks)),
-                     "1" if expire else "0")
-            for device_key, rec in part.records:
-                values += (device_key, encode(rec, stored_ms=now))
-            values += part.acks
-        return names, spec + values
+            if not ok:
+                continue
+            if part.records:
+                records = self._keys.records(p)
+                fields: list[bytes | str] = []
+                for device_key, rec in part.records:
+                    fields += (device_key, encode(rec, stored_ms=now))
+                commands.append(("HSET", records, *fields))
+                if self._expire_due(p, now):
+                    commands.append(("PEXPIRE", records, px))
+            if part.acks:
+                commands.append(("XACK", part.stream, group, *part.acks))
+        commands.append(("EXEC",))
+        await conn.send_packed_command(conn.pack_commands(commands))
+        for _ in range(len(commands) - 1):
+            await conn.read_response()  # OK, QUEUED…: a command refused raises here
+        replies = await conn.read_response()
+        if replies is None:
+            return False
+        for r in replies:
+            if isinstance(r, Exception):
+                raise r
+        return True
+
+    def _commit_call(self, p: int, part: PartitionCommit, group: str, now: int
+                     ) -> tuple[list[str], list[bytes | str]]:
+        """Keys and arguments of one ``_COMMIT`` call (the cluster layout)."""
+        keys = self._keys
+        args: list[bytes | str] = [part.token, group, str(self.ttl_ms + self.ttl_ms // 4),
+                                   "1" if self._expire_due(p, now) else "0",
+                                   str(len(part.records))]
+        for device_key, rec in part.records:
+            args += (device_key, encode(rec, stored_ms=now))
+        args += part.acks
+        return [keys.egress_lease(p), keys.records(p), part.stream], args
 
     async def sweep(self, partition: int, cursor: int = 0, *, count: int = 1000,
                     now_ms: int | None = None) -> tuple[int, int]:

@@ -15,6 +15,7 @@ from typing import Any
 import aiohttp
 import msgspec
 import pytest
+from redis.exceptions import WatchError
 
 from emulators.blynk.model import DatastreamSpec, Device, DeviceSpec, TemplateSpec
 from emulators.blynk.server import BlynkEmulator
@@ -128,6 +129,117 @@ async def test_a_commit_made_under_an_earlier_acquisition_by_the_same_replica_do
     assert await book.get("dev") == {"V1": 10}
     assert (await redis.xpending(stream, GROUP_EGRESS))["pending"] == 0
 
+
+class _Touching(LastWritten):
+    """A ``LastWritten`` whose commit, right after reading the leases it ``WATCH``es, lets a
+    test change a lease from another connection (``touch``: on the tries listed)."""
+
+    def __init__(self, redis: Redis, keys: Keys, touch: Callable[[], Any],
+                 tries: set[int]) -> None:
+        super().__init__(redis, keys)
+        self.touch, self.tries, self.reads = touch, tries, 0
+
+    async def _held(self, conn: Any, leases: Any) -> list[Any]:
+        held = await super()._held(conn, leases)
+        self.reads += 1
+        if self.reads in self.tries:
+            await self.touch()
+        return held
+
+
+async def pending_one(redis: Redis, keys: Keys, partition: int = 0) -> str:
+    """One entry of a writes partition, delivered to ``replica-a`` and pending."""
+    stream = keys.stream(WRITES, partition)
+    await redis.xgroup_create(stream, GROUP_EGRESS, id="0", mkstream=True)
+    entry = (await redis.xadd(stream, {"d": b"x"})).decode()
+    await redis.xreadgroup(GROUP_EGRESS, "replica-a", {stream: ">"})
+    return entry
+
+
+async def test_a_lease_taken_between_the_commits_check_and_its_exec_fences_it_off(
+    redis: Redis, keys: Keys
+) -> None:
+    """On one Redis the commit checks the lease under ``WATCH`` and writes in ``MULTI``: a
+    lease that another replica takes after the check aborts the ``EXEC`` (nothing written),
+    and the retry finds the other token: nothing recorded, nothing acked."""
+    if keys.cluster:
+        pytest.skip("the cluster layout commits by script (pipeline/order.py): no WATCH")
+    entry = await pending_one(redis, keys)
+    await owned_by(redis, keys, "replica-a")
+    book = _Touching(redis, keys, lambda: owned_by(redis, keys, "replica-b"), {1})
+    (record,) = await book.load(["dev"])
+    record.merge({"V1": 10})
+    assert await book.commit(commit_of(keys, {"dev": record}, [entry]), GROUP_EGRESS) \
+        == {0: False}
+    assert book.reads == 2  # checked, aborted, checked again
+    assert not await redis.exists(keys.records(0))
+    assert (await redis.xpending(keys.stream(WRITES), GROUP_EGRESS))["pending"] == 1
+
+
+async def test_a_lease_renewed_between_the_commits_check_and_its_exec_is_committed_on_retry(
+    redis: Redis, keys: Keys
+) -> None:
+    """A renewal by the owner itself (``PEXPIRE``: same token) aborts the ``EXEC`` too; the
+    retry finds the token again and commits. A lease touched on every try raises after a few
+    (a ``RedisError``, retried by egress like any other) with nothing written."""
+    if keys.cluster:
+        pytest.skip("the cluster layout commits by script (pipeline/order.py): no WATCH")
+    entry = await pending_one(redis, keys)
+    await owned_by(redis, keys, "replica-a")
+    lease = keys.egress_lease(0)
+    book = _Touching(redis, keys, lambda: redis.pexpire(lease, 60_000), set(range(1, 100)))
+    (record,) = await book.load(["dev"])
+    record.merge({"V1": 10})
+    with pytest.raises(WatchError):
+        await book.commit(commit_of(keys, {"dev": record}, [entry]), GROUP_EGRESS)
+    assert not await redis.exists(keys.records(0))
+    assert (await redis.xpending(keys.stream(WRITES), GROUP_EGRESS))["pending"] == 1
+    book.reads, book.tries = 0, {1}
+    assert await book.commit(commit_of(keys, {"dev": record}, [entry]), GROUP_EGRESS) \
+        == {0: True}
+    assert book.reads == 2
+    assert await book.get("dev") == {"V1": 10}
+    assert (await redis.xpending(keys.stream(WRITES), GROUP_EGRESS))["pending"] == 0
+
+
+async def test_one_commit_of_several_partitions_writes_those_whose_lease_holds_the_token(
+    redis: Redis, prefix: str, backend: str
+) -> None:
+    """Partitions of one commit are fenced one by one: a partition another replica took has
+    nothing recorded or acked, the others in the same commit are written."""
+    keys = Keys(prefix, 2, cluster=backend == "cluster")
+    entries = [await pending_one(redis, keys, p) for p in (0, 1)]
+    await owned_by(redis, keys, "replica-a", 0)
+    await owned_by(redis, keys, "replica-b", 1)
+    book = LastWritten(redis, keys)
+    records = await book.load(["dev-0", "dev-1"], [0, 1])
+    for r in records:
+        r.merge({"V1": 5})
+    parts = {p: commit_of(keys, {f"dev-{p}": records[p]}, [entries[p]], p)[p] for p in (0, 1)}
+    assert await book.commit(parts, GROUP_EGRESS) == {0: True, 1: False}
+    assert [r.pins for r in await book.load(["dev-0", "dev-1"], [0, 1])] == [{"V1": 5}, {}]
+    assert [(await redis.xpending(keys.stream(WRITES, p), GROUP_EGRESS))["pending"]
+            for p in (0, 1)] == [0, 1]
+
+async def test_a_commit_of_more_records_and_acks_than_one_lua_unpack_takes_writes_them_all(
+    redis: Redis, keys: Keys
+) -> None:
+    """The cluster layout's script cuts its arguments into ``unpack``s of 1,000 (Lua's limit):
+    a commit of 1,201 writes records and acks every one (and so does the transaction)."""
+    stream = keys.stream(WRITES)
+    await redis.xgroup_create(stream, GROUP_EGRESS, id="0", mkstream=True)
+    async with redis.pipeline(transaction=False) as pipe:
+        for _ in range(1_201):
+            pipe.xadd(stream, {"d": b"x"})
+        ids = [i.decode() for i in await pipe.execute()]
+    await redis.xreadgroup(GROUP_EGRESS, "replica-a", {stream: ">"})
+    await owned_by(redis, keys, "replica-a")
+    book = LastWritten(redis, keys)
+    records = {f"dev-{i}": Record({"V1": i}, newest=i) for i in range(1_201)}
+    assert await book.commit(commit_of(keys, records, ids), GROUP_EGRESS) == {0: True}
+    assert await redis.hlen(keys.records(0)) == 1_201
+    assert (await book.load(["dev-1200"]))[0].pins == {"V1": 1_200}
+    assert (await redis.xpending(stream, GROUP_EGRESS))["pending"] == 0
 
 async def test_records_live_in_one_hash_per_partition_which_a_next_owner_reads(
     redis: Redis, keys: Keys

@@ -37,8 +37,8 @@ Contract:
 * **Acks** an entry only after Blynk answered 2xx for everything it carried (or its values
   proved stale), or after it was dead-lettered: the changed records (one ``HSET`` into the
   partition's records hash, whose expired fields the owner sweeps in the background) and the
-  acks of the writes finishing together are one script call (write-behind), which first
-  checks the partition's
+  acks of the writes finishing together are one commit (write-behind: a ``WATCH``ed
+  ``MULTI``/``EXEC``, a script per partition on a cluster), which first checks the partition's
   lease still holds the token of the ownership the writes were made under (**fencing**, by
   ownership, not by name: refused, nothing is recorded or acked, the partition is given up and
   its new owner writes the entries again — at-least-once, never older over newer); a write's

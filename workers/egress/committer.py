@@ -6,11 +6,11 @@ resolves every in-flight entry of the device, then the write's ``pending`` futur
 * **Record and ack.** What Blynk now has (pin → event time) is merged into the device's record
   in memory; the record, when it changed, and the acks of the entries fully written are one
   :class:`Commit`. Commits of device writes finishing within ``COMMIT_LINGER_S`` (or while the
-  previous call ran) share one script call (:meth:`pipeline.order.LastWritten.commit`; one per
-  partition on a cluster), which first checks that each partition's lease still holds the
-  token of the ownership the writes were made under (:attr:`pipeline.lease.Lease.token`, one
-  per acquisition). An entry is acked only after Blynk took everything it carried, or its
-  values proved stale.
+  previous call ran) share one commit (:meth:`pipeline.order.LastWritten.commit`: a
+  ``WATCH``ed transaction on one Redis, a script per partition on a cluster), which first
+  checks that each partition's lease still holds the token of the ownership the writes were
+  made under (:attr:`pipeline.lease.Lease.token`, one per acquisition). An entry is acked
+  only after Blynk took everything it carried, or its values proved stale.
 * **Fenced.** A partition whose lease did not hold that token any more (another replica's, or
   this one's own later acquisition) had nothing recorded or acked: it is given up at once
   (``lost``, counted in ``bb_egress_fenced_total``) unless already given up, and its entries
@@ -70,7 +70,7 @@ from workers.egress.sender import Result, Spawn
 
 log = logging.getLogger("blynk_bridge.egress")
 
-#: Device writes finishing within this long share one record-and-ack script call. It delays
+#: Device writes finishing within this long share one record-and-ack commit. It delays
 #: only the ack and the device's next write, never a Blynk request.
 COMMIT_LINGER_S = 0.005
 #: A write that found its partition's lease not certainly held waits this long before trying
@@ -293,8 +293,8 @@ class Committer:
         counter.inc(values)
 
     async def commit_many(self, items: list[Commit]) -> list[bool]:
-        """Records and acks of many device writes in one script call (one per partition on a
-        cluster); per item, whether its partition's lease still held the token.
+        """Records and acks of many device writes in one commit (:meth:`pipeline.order
+        .LastWritten.commit`); per item, whether its partition's lease still held the token.
 
         A write whose partition was given up since it finished (``gone``) has nothing recorded
         or acked, even if the partition was taken back meanwhile: its record may predate
