@@ -269,6 +269,8 @@ async def load(redis: Redis, keys: Keys, stream: str, window_s: int, window: Win
     n = window.load(zip(steps, [v.encode() if isinstance(v, str) else v for v in raw],
                         strict=True))
     window.now()  # drop what the load brought from before the window
+    if window.budget is not None:  # a takeover may bring more than the process's cap
+        window.budget.enforce()
     return n
 
 

@@ -348,3 +348,21 @@ async def _count(got: Awaitable[list[str]], n: int) -> bool:
 async def _settled(redis: Redis, stream: str) -> bool:
     groups = await redis.xinfo_groups(stream)
     return all(int(g["pending"]) == 0 and int(g.get("lag") or 0) == 0 for g in groups)
+
+
+async def test_a_takeover_loading_more_events_than_the_cap_keeps_to_the_cap(
+        a: Context, redis: Redis, keys: Keys, prefix: str) -> None:
+    await add(a, *(uplink(f"e{i}", i) for i in range(40)))
+    stage = await started(a, keep=False)
+    await burst(stage)
+    await stage.shutdown()
+    b = context(prefix, redis, keys, "b")
+    other = await started(b)
+    other.budget.max_events = 10
+    evicted = metrics.DEDUP_EVICTED._value.get()
+    await burst(other)  # loads 40 events from the blocks, commits nothing
+    kept = other.budget.total()
+    assert kept <= 10  # whole steps are dropped: here all 40 events are in one
+    assert metrics.DEDUP_EVICTED._value.get() - evicted == 40 - kept
+    await other.shutdown()
+    await b.writer.close()
