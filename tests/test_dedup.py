@@ -350,6 +350,29 @@ async def _settled(redis: Redis, stream: str) -> bool:
     return all(int(g["pending"]) == 0 and int(g.get("lag") or 0) == 0 for g in groups)
 
 
+async def test_a_slow_path_batch_of_an_ownership_lost_and_taken_again_is_fenced(
+        a: Context, redis: Redis, keys: Keys) -> None:
+    stage = await started(a)
+    await burst(stage)  # owns the partition
+    old = stage.owned[0]
+    await add(a, uplink("e1"), uplink("e2"))
+    entries = await old.reader.read(block=False)
+    # The lease lapses mid-batch and this very replica takes the partition again: a new
+    # ownership (token, window, reader) while the old one's batch is still under way.
+    await stage.ownership.drop(0, "lease_lost")
+    await redis.delete(keys.transform_lease(0))
+    await stage.ownership.balance()
+    assert stage.owned[0] is not old
+    with pytest.raises(Retryable):  # the slow path's commit, under the old token
+        await stage._finish(old, entries, None)
+    assert await written(a) == [] and await pending(a) == 2
+    # The new ownership writes them, and records them in its blocks.
+    await burst(stage)
+    assert await written(a) == ["e1", "e2"] and await pending(a) == 0
+    assert await dedup.committed(redis, keys, keys.stream("uplinks"), WINDOW, "e1") is not None
+    await stage.shutdown()
+
+
 async def test_a_takeover_loading_more_events_than_the_cap_keeps_to_the_cap(
         a: Context, redis: Redis, keys: Keys, prefix: str) -> None:
     await add(a, *(uplink(f"e{i}", i) for i in range(40)))
