@@ -41,10 +41,10 @@ loads the live steps and one step either side (owners' clocks differ a little).
 **Memory bound.** ``transform.dedup_max_events`` per process (over the partitions it owns;
 :class:`Budget`): past it the oldest steps are dropped early, counted in
 ``bb_dedup_evicted_total`` and logged once per episode; a takeover loads the newest records up
-to the cap at most (the blocks in Redis are not capped), the older ones counted alike. A duplicate older than the shortened
-window then passes as a new event: a duplicate write (a no-op for egress's ordering), never a
-lost reading. Each event costs ~:data:`BYTES_PER_EVENT` bytes of the owner's memory and 16 bytes
-(+ string overhead per step) of Redis.
+to the cap at most (the blocks in Redis are not capped), the older ones counted alike. A
+duplicate older than the shortened window then passes as a new event: a duplicate write (a
+no-op for egress's ordering), never a lost reading. Each event costs ~:data:`BYTES_PER_EVENT`
+bytes of the owner's memory and 16 bytes (+ string overhead per step) of Redis.
 
 **Exact, not probabilistic.** A digest collision would drop a real reading, so the digest is
 96 bits: with 360 million events in the window (100,000/s for an hour) the chance that a new
