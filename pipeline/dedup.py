@@ -40,10 +40,11 @@ loads the live steps and one step either side (owners' clocks differ a little).
 
 **Memory bound.** ``transform.dedup_max_events`` per process (over the partitions it owns;
 :class:`Budget`): past it the oldest steps are dropped early, counted in
-``bb_dedup_evicted_total`` and logged once per episode. A duplicate older than the shortened
-window then passes as a new event: a duplicate write (a no-op for egress's ordering), never a
-lost reading. Each event costs ~:data:`BYTES_PER_EVENT` bytes of the owner's memory and 16 bytes
-(+ string overhead per step) of Redis.
+``bb_dedup_evicted_total`` and logged once per episode; a takeover loads the newest records up
+to the cap at most (the blocks in Redis are not capped), the older ones counted alike. A
+duplicate older than the shortened window then passes as a new event: a duplicate write (a
+no-op for egress's ordering), never a lost reading. Each event costs ~:data:`BYTES_PER_EVENT`
+bytes of the owner's memory and 16 bytes (+ string overhead per step) of Redis.
 
 **Exact, not probabilistic.** A digest collision would drop a real reading, so the digest is
 96 bits: with 360 million events in the window (100,000/s for an hour) the chance that a new
@@ -67,7 +68,7 @@ import logging
 import time
 import zlib
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 from pipeline import metrics
 from pipeline.keys import Keys
@@ -137,12 +138,6 @@ class Budget:
         if over <= 0:
             self._evicting = False
             return
-        if not self._evicting:
-            self._evicting = True
-            log.warning("de-duplication: more than %d events in the window "
-                        "(transform.dedup_max_events): the oldest are forgotten early, so a "
-                        "duplicate older than that passes as a new event (a duplicate write, "
-                        "not a lost reading)", self.max_events)
         evicted = 0
         while over > 0:
             oldest = min((w for w in self.windows if w.steps), key=lambda w: w.steps[0][0],
@@ -152,7 +147,18 @@ class Budget:
             n = oldest.drop_oldest()
             evicted += n
             over -= n
-        metrics.DEDUP_EVICTED.inc(evicted)
+        self.evicted(evicted)
+
+    def evicted(self, n: int) -> None:
+        """``n`` events forgotten before their window ended: counted, logged once per
+        episode."""
+        if not self._evicting:
+            self._evicting = True
+            log.warning("de-duplication: more than %d events in the window "
+                        "(transform.dedup_max_events): the oldest are forgotten early, so a "
+                        "duplicate older than that passes as a new event (a duplicate write, "
+                        "not a lost reading)", self.max_events)
+        metrics.DEDUP_EVICTED.inc(n)
 
 
 class Window:
@@ -237,17 +243,29 @@ class Window:
         if v is not None and v & _MARK_MASK == m:
             del self._seen[d]
 
-    def load(self, blocks: Iterable[tuple[int, bytes | None]]) -> int:
+    def load(self, blocks: Sequence[tuple[int, bytes | None]], limit: int | None = None) -> int:
         """Add the committed events of ``(step, block)``, oldest step first (a later record of
-        a digest wins: a replay's); how many records were read."""
+        a digest wins: a replay's), at most the newest ``limit`` records (the older ones are
+        counted as evicted: a takeover's load must not take more memory than the cap); how
+        many records were read."""
         seen = self._seen
         loaded: dict[int, list[bytes]] = {}
         n = 0
+        skip = 0
+        if limit is not None:
+            skip = max(0, sum(len(raw or b"") // RECORD_BYTES for _, raw in blocks) - limit)
+            if skip and self.budget is not None:
+                self.budget.evicted(skip)
         for step, raw in blocks:
             if not raw:
                 continue
+            records = len(raw) // RECORD_BYTES
+            if skip >= records:
+                skip -= records
+                continue
+            start, skip = skip * RECORD_BYTES, 0
             digests = loaded.setdefault(step, [])
-            for o in range(0, len(raw) - RECORD_BYTES + 1, RECORD_BYTES):
+            for o in range(start, len(raw) - RECORD_BYTES + 1, RECORD_BYTES):
                 d = raw[o:o + DIGEST_BYTES]
                 seen[d] = step << 32 | int.from_bytes(raw[o + DIGEST_BYTES:o + RECORD_BYTES],
                                                       "big")
@@ -266,9 +284,12 @@ async def load(redis: Redis, keys: Keys, stream: str, window_s: int, window: Win
     step = window.step()
     steps = list(range(step - window.live - 1, step + 2))
     raw = await redis.mget([block_key(keys, stream, window_s, s) for s in steps])
-    n = window.load(zip(steps, [v.encode() if isinstance(v, str) else v for v in raw],
-                        strict=True))
+    n = window.load(list(zip(steps, [v.encode() if isinstance(v, str) else v for v in raw],
+                             strict=True)),
+                    None if window.budget is None else window.budget.max_events)
     window.now()  # drop what the load brought from before the window
+    if window.budget is not None:  # with the other partitions', over the process's cap
+        window.budget.enforce()
     return n
 
 

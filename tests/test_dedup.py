@@ -348,3 +348,47 @@ async def _count(got: Awaitable[list[str]], n: int) -> bool:
 async def _settled(redis: Redis, stream: str) -> bool:
     groups = await redis.xinfo_groups(stream)
     return all(int(g["pending"]) == 0 and int(g.get("lag") or 0) == 0 for g in groups)
+
+
+async def test_a_slow_path_batch_of_an_ownership_lost_and_taken_again_is_fenced(
+        a: Context, redis: Redis, keys: Keys) -> None:
+    stage = await started(a)
+    await burst(stage)  # owns the partition
+    old = stage.owned[0]
+    await add(a, uplink("e1"), uplink("e2"))
+    entries = await old.reader.read(block=False)
+    # The lease lapses mid-batch and this very replica takes the partition again: a new
+    # ownership (token, window, reader) while the old one's batch is still under way.
+    await stage.ownership.drop(0, "lease_lost")
+    await redis.delete(keys.transform_lease(0))
+    await stage.ownership.balance()
+    assert stage.owned[0] is not old
+    with pytest.raises(Retryable):  # the slow path's commit, under the old token
+        await stage._finish(old, entries, None)
+    assert await written(a) == [] and await pending(a) == 2
+    # The new ownership writes them, and records them in its blocks.
+    await burst(stage)
+    assert await written(a) == ["e1", "e2"] and await pending(a) == 0
+    assert await dedup.committed(redis, keys, keys.stream("uplinks"), WINDOW, "e1") is not None
+    await stage.shutdown()
+
+
+async def test_a_takeover_loads_the_newest_events_up_to_the_cap(
+        a: Context, redis: Redis, keys: Keys, prefix: str) -> None:
+    await add(a, *(uplink(f"e{i}", i) for i in range(40)))
+    stage = await started(a, keep=False)
+    await burst(stage)
+    await stage.shutdown()
+    b = context(prefix, redis, keys, "b")
+    other = await started(b)
+    other.budget.max_events = 10
+    evicted = metrics.DEDUP_EVICTED._value.get()
+    await burst(other)  # 40 events in the blocks, nothing to commit
+    # Only the newest 10 are loaded: a takeover never holds more than the cap in memory.
+    window = other.owned[0].window
+    assert other.budget.total() == 10
+    assert window.find(dedup.digest("e39")) is not None
+    assert window.find(dedup.digest("e29")) is None
+    assert metrics.DEDUP_EVICTED._value.get() - evicted == 30
+    await other.shutdown()
+    await b.writer.close()

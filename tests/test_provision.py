@@ -272,3 +272,27 @@ async def test_no_device_is_created_for_uplinks_that_map_nothing(
     assert await redis.xlen(keys.dead) == 0
     assert (await redis.xpending(keys.stream("uplinks"), GROUP_TRANSFORM))["pending"] == 0
     assert await redis.hgetall(keys.unmapped("button")) == {b"nope": b"3"}
+
+
+async def test_uplinks_left_waiting_leave_only_their_claims_in_the_owners_memory(
+        redis: Redis, keys: Keys, prefix: str, blynk: tuple[BlynkEmulator, str]) -> None:
+    _, url = blynk
+    cfg = make_config(prefix, url, batch=10,
+                      limits=", provision_rate: 0.001, provision_burst: 1")
+    await add_uplinks(redis, keys, [uplink(i, device=f"core{i:03d}") for i in range(5)])
+    client = PlatformClient(cfg.blynk.platform)  # type: ignore[arg-type]
+    stage = await stage_for(cfg, redis, keys, "w", client)
+    stage.keep_partitions = True
+    try:
+        await stage.main_loop(asyncio.Event())
+        assert len(await written(redis, keys)) == 1  # the others wait for the rate
+        part = stage.owned[0]
+        # Each waiting uplink's claim stays in the window (its redelivery is its own), and
+        # nothing else of the batch: whatever later acks it (the fast path once its device
+        # exists, max_deliveries) would otherwise leave it behind for good.
+        assert part.unsaved == {}
+        assert len(part.window) == 5
+    finally:
+        stage.keep_partitions = False
+        await stage.shutdown()
+        await client.close()

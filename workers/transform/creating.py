@@ -85,8 +85,9 @@ class Creator:
         await self._dead_letter(dead)
         await self._write(ready, [])
         if parked:
-            # Left pending without counting a delivery; any replica reclaims them after
-            # claim_idle_ms, when the rate allows more devices (the stream is not held up).
+            # Left pending without counting a delivery; the partition's owner reclaims them
+            # after claim_idle_ms, when the rate allows more devices (the stream is not held
+            # up).
             await self._reader.release(parked)
             _rate_log.info(("provision_rate",),
                            "%d uplinks wait for the provisioning rate of their integration",

@@ -87,7 +87,8 @@ class _Owned:
         self.task: asyncio.Task[None] | None = None
         #: The de-dup blocks were loaded and the pending entries taken over.
         self.loaded = False
-        #: Entry id → the de-dup record its commit adds (slow path: claimed, not committed).
+        #: Entry id → the de-dup record its commit adds (the slow path's batch under way:
+        #: claimed, not committed; emptied when the batch is over).
         self.unsaved: dict[str, tuple[bytes, int]] = {}
 
 
@@ -145,6 +146,10 @@ class TransformStage:
         #: One batch handled at a time over every partition (the registry cache, the
         #: provisioner and the unmapped counts are the process's).
         self._handling = asyncio.Lock()
+        #: The ownership whose batch the slow path is handling (under ``_handling``): its
+        #: commits, the Creator's included, are fenced by that ownership's token, not by the
+        #: partition's current one (it may have been lost and taken again meanwhile).
+        self._slow: _Owned | None = None
         self.outputs = Outputs(
             ctx.keys, self.templates, self.registry,
             UnmappedKeys(ctx.redis, ctx.keys, max_keys=cfg.transform.unmapped_max_keys,
@@ -513,6 +518,16 @@ class TransformStage:
 
     async def _handle_slow(self, part: _Owned, entries: list[Entry]) -> None:
         """The slow path: every case (module docstring, steps 1-5)."""
+        self._slow = part
+        try:
+            await self._slow_path(part, entries)
+        finally:
+            self._slow = None
+            # An entry left pending is claimed again (as its own) when redelivered; whatever
+            # else acks it (the fast path, max_deliveries) must not find a record kept here.
+            part.unsaved.clear()
+
+    async def _slow_path(self, part: _Owned, entries: list[Entry]) -> None:
         ctx = self.ctx
         dead: list[DeadItem] = []
         decoded: list[tuple[Entry, events.Uplink]] = []
@@ -591,7 +606,7 @@ class TransformStage:
         dead letters of a read)."""
         if not dead:
             return
-        part = self._by_stream.get(dead[0][0].stream)
+        part = self._slow
         if part is not None:
             for e, _, _ in dead:
                 claim = part.unsaved.pop(e.id, None)
@@ -617,7 +632,8 @@ class TransformStage:
         outputs, the acks, and the de-dup records of the acked entries claimed as new."""
         if not outputs and not acks:
             return
-        part = self._part_of(acks)
+        part = self._slow
+        assert part is not None  # called by the slow path only
         unsaved = part.unsaved
         records = [unsaved.pop(e.id) for e in acks if e.id in unsaved]
         reply = await self._commit.run(
