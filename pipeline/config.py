@@ -486,8 +486,10 @@ class BlynkSessionsConfig(_Base):
 
 
 class TransformConfig(_Base):
-    #: An event id seen again within this long is dropped as a duplicate.
-    dedup_window_s: AtLeast1 = 3600
+    #: An event id seen again within this long is dropped as a duplicate. At most a day:
+    #: retries come within minutes, and a partition's blocks (:mod:`pipeline.dedup`: one
+    #: string per window/64 step) must stay far below Redis's 512 MB per string.
+    dedup_window_s: Annotated[int, msgspec.Meta(ge=1, le=86_400)] = 3600
     #: Events the de-duplication window keeps in one process's memory at most (~150 bytes
     #: each, :mod:`pipeline.dedup`): past it the oldest are forgotten early (counted in
     #: ``bb_dedup_evicted_total``; a duplicate older than that passes as a new event).

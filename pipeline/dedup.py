@@ -77,12 +77,14 @@ from pipeline.streams import Entry, Redis
 log = logging.getLogger("blynk_bridge.dedup")
 
 #: Time steps per window (module docstring): memory follows the window within 1/STEPS of it,
-#: and a takeover reads STEPS + 3 keys.
+#: and a takeover reads up to STEPS + 3 keys.
 STEPS = 64
 DIGEST_BYTES = 12
 MARK_BYTES = 4
 #: One event of a block: its digest, then the mark of the entry that claimed it.
 RECORD_BYTES = DIGEST_BYTES + MARK_BYTES
+#: Step keys per ``MGET`` of a takeover's load (newest first, stopping at the cap).
+LOAD_STEPS = 8
 #: Owner memory per event remembered, measured (tests/test_dedup.py checks it):
 #: the digest's bytes object, the dict slot and the step-and-mark int, the step list's slot.
 BYTES_PER_EVENT = 150
@@ -279,14 +281,35 @@ class Window:
 
 
 async def load(redis: Redis, keys: Keys, stream: str, window_s: int, window: Window) -> int:
-    """Load the blocks of ``stream``'s partition into ``window`` (one ``MGET``: its keys share
-    the partition's slot); how many events were read."""
+    """Load the blocks of ``stream``'s partition into ``window``; how many events were read.
+
+    Newest steps first, :data:`LOAD_STEPS` keys per ``MGET`` (its keys share the partition's
+    slot), and no further once the cap's worth of records is in hand: a takeover never holds
+    (nor makes Redis send) more than the cap and one fetch of blocks, however large the
+    window's blocks are. The steps not fetched are measured (``STRLEN``) and counted as
+    evicted."""
     step = window.step()
-    steps = list(range(step - window.live - 1, step + 2))
-    raw = await redis.mget([block_key(keys, stream, window_s, s) for s in steps])
-    n = window.load(list(zip(steps, [v.encode() if isinstance(v, str) else v for v in raw],
-                             strict=True)),
-                    None if window.budget is None else window.budget.max_events)
+    steps = list(range(step + 1, step - window.live - 2, -1))  # newest first
+    limit = None if window.budget is None else window.budget.max_events
+    fetched: list[tuple[int, bytes | None]] = []
+    records = 0
+    i = 0
+    while i < len(steps) and (limit is None or records < limit):
+        chunk = steps[i:i + LOAD_STEPS]
+        raw = await redis.mget([block_key(keys, stream, window_s, s) for s in chunk])
+        for s, v in zip(chunk, raw, strict=True):
+            b = v.encode() if isinstance(v, str) else v
+            fetched.append((s, b))
+            records += len(b or b"") // RECORD_BYTES
+        i += LOAD_STEPS
+    if i < len(steps) and window.budget is not None:
+        async with redis.pipeline(transaction=False) as pipe:
+            for s in steps[i:]:
+                pipe.strlen(block_key(keys, stream, window_s, s))
+            left = sum(int(n) for n in await pipe.execute()) // RECORD_BYTES
+        if left:
+            window.budget.evicted(left)
+    n = window.load(fetched[::-1], limit)
     window.now()  # drop what the load brought from before the window
     if window.budget is not None:  # with the other partitions', over the process's cap
         window.budget.enforce()

@@ -42,6 +42,8 @@ def where(exc: ConfigError) -> list[tuple[str | None, int | None, int | None]]:
     ("egress:\n  max_in_flight: 0\n", "egress.max_in_flight", 2, 3,
      "`egress.max_in_flight` must be an integer >= 1, got 0"),
     ("monitor:\n  dead_retention_s: -5\n", "monitor.dead_retention_s", 2, 3, ">= 1, got -5"),
+    ("transform:\n  dedup_window_s: 604800\n", "transform.dedup_window_s", 2, 3,
+     "from 1 to 86400, got 604800"),
     ("blynk:\n  timeout_s: 0\n", "blynk.timeout_s", 2, 3, "must be a number > 0, got 0"),
     ("tts:\n  - name: t\n    app_id: a\n    port: 70000\n", "tts[0].port", 4, 5,
      "must be an integer from 1 to 65535, got 70000"),

@@ -392,3 +392,30 @@ async def test_a_takeover_loads_the_newest_events_up_to_the_cap(
     assert metrics.DEDUP_EVICTED._value.get() - evicted == 30
     await other.shutdown()
     await b.writer.close()
+
+
+async def test_a_takeover_fetches_the_newest_steps_only_up_to_the_cap(
+        redis: Redis, keys: Keys) -> None:
+    window_s = 640  # ten-second steps
+    now = [1_000_000.0]
+    stream = keys.stream("uplinks")
+    probe = dedup.Window(window_s, clock=lambda: now[0])
+    step = probe.step()
+    # 30 steps of the window, 5 events each, written as a committing owner would.
+    steps = range(step - 29, step + 1)
+    for s in steps:
+        await redis.set(dedup.block_key(keys, stream, window_s, s),
+                        dedup.block((dedup.digest(f"s{s}e{i}"), 7) for i in range(5)),
+                        px=dedup.block_ttl_ms(window_s))
+    budget = dedup.Budget(max_events=12)
+    window = dedup.Window(window_s, budget, clock=lambda: now[0])
+    evicted = metrics.DEDUP_EVICTED._value.get()
+    await dedup.load(redis, keys, stream, window_s, window)
+    # The newest 12 events are held; the 138 others are counted, fetched or not.
+    assert len(window) == 12
+    assert window.find(dedup.digest(f"s{step}e4")) == 7
+    assert window.find(dedup.digest(f"s{step - 2}e3")) == 7
+    assert window.find(dedup.digest(f"s{step - 3}e4")) is None
+    assert window.find(dedup.digest(f"s{step - 29}e0")) is None
+    assert metrics.DEDUP_EVICTED._value.get() - evicted == 150 - 12
+    window.close()
