@@ -177,6 +177,11 @@ DEDUP_EVICTED = Counter(
     "Events forgotten by de-duplication before their window ended "
     "(transform.dedup_max_events reached)",
 )
+DEDUP_EVENTS = Gauge(
+    "bb_dedup_events",
+    "Events the de-duplication window holds in this process's memory "
+    "(at most transform.dedup_max_events)",
+)
 PARTITIONS_OWNED = Gauge(
     "bb_partitions_owned",
     "Partitions this process owns through a lease (0: a warm standby)",

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 
 import pytest
+from prometheus_client import REGISTRY
 
 from pipeline import dedup, events, metrics
 from pipeline.context import Context
@@ -387,6 +388,7 @@ async def test_a_takeover_loads_the_newest_events_up_to_the_cap(
     # Only the newest 10 are loaded: a takeover never holds more than the cap in memory.
     window = other.owned[0].window
     assert other.budget.total() == 10
+    assert REGISTRY.get_sample_value("bb_dedup_events") == 10
     assert window.find(dedup.digest("e39")) is not None
     assert window.find(dedup.digest("e29")) is None
     assert metrics.DEDUP_EVICTED._value.get() - evicted == 30

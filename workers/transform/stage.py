@@ -126,6 +126,7 @@ class TransformStage:
         self._window = cfg.transform.dedup_window_s
         self._block_ttl_ms = dedup.block_ttl_ms(self._window)
         self.budget = dedup.Budget(cfg.transform.dedup_max_events)
+        metrics.DEDUP_EVENTS.set_function(self.budget.total)
         self._commit = Commit(ctx.redis, ctx.keys, GROUP_TRANSFORM)
         self._dead_stream = ctx.keys.dead_for
         self.ownership = PartitionLeases(
