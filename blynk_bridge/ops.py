@@ -41,6 +41,7 @@ from pipeline.deadletters import (
     scan_dead,
 )
 from pipeline.keys import DOWNLINKS, UPLINKS, WRITES, Keys
+from pipeline.lease import owner_of
 from pipeline.order import LastWritten
 from pipeline.redact import mask, redact_text, safe_url
 from pipeline.registry import Device, Registry
@@ -179,19 +180,20 @@ def cmd_status(args: argparse.Namespace) -> int:
     """Integration statuses and, per template, decoded keys that have no datastream."""
     cfg = config_mod.load(args.config)
 
-    async def work(redis: Redis, keys: Keys) -> tuple[list[Any], dict[str, dict[str, int]], int]:
+    async def work(redis: Redis, keys: Keys
+                   ) -> tuple[list[Any], dict[str, dict[str, int]], int, dict[str, list[str]]]:
         statuses = await StatusBoard(redis, keys).all()
         unmapped = {}
         for t in cfg.templates:
             raw = await redis.hgetall(keys.unmapped(t.name))
             unmapped[t.name] = {as_str(k): int(v) for k, v in sorted(raw.items())}
         superseded = int(await redis.get(keys.superseded()) or 0)
-        return statuses, unmapped, superseded
+        return statuses, unmapped, superseded, await partition_owners(redis, keys)
 
     result = _run(cfg, work)
     if result is None:
         return 1
-    statuses, unmapped, superseded = result
+    statuses, unmapped, superseded, owners = result
     if getattr(args, "json", False):
         out = {
             "integrations": [
@@ -200,6 +202,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             ],
             "unmapped": unmapped,
             "superseded_values": superseded,
+            "partition_owners": owners,
         }
         print_json(out)
         return 0
@@ -226,7 +229,30 @@ def cmd_status(args: argparse.Namespace) -> int:
     # one), but not in Blynk's history either; `history: true` on a datastream keeps them.
     console.print(f"superseded values (replaced by a newer one before they were written; "
                   f"datastreams without history: true): {superseded}")
+    owners_table = Table(title="partition owners (a partition without one waits for a replica)")
+    for col in ("stage", "partition", "owner"):
+        owners_table.add_column(col)
+    for stage, names in owners.items():
+        for p, name in enumerate(names):
+            owners_table.add_row(stage, str(p), name or "- (none)")
+    console.print(owners_table)
     return 0
+
+
+async def partition_owners(redis: Redis, keys: Keys) -> dict[str, list[str]]:
+    """Per stage that owns partitions through leases (transform: uplinks, egress: writes), the
+    replica holding each partition's lease now ('' = none: its entries wait for a replica)."""
+    leases = {"transform": keys.transform_lease, "egress": keys.egress_lease}
+    async with redis.pipeline(transaction=False) as pipe:
+        for lease in leases.values():
+            for p in range(keys.partitions):
+                pipe.get(lease(p))
+        values = await pipe.execute()
+    out: dict[str, list[str]] = {}
+    for i, stage in enumerate(leases):
+        held = values[i * keys.partitions:(i + 1) * keys.partitions]
+        out[stage] = [owner_of(v) if v else "" for v in held]
+    return out
 
 
 # --------------------------------------------------------------------------------------- dead

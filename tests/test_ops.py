@@ -191,6 +191,23 @@ async def test_status_shows_integrations_and_unmapped_keys(
     assert data["integrations"][0]["state"] == "Broken"
     assert data["unmapped"] == {"sensor": {"battery": 2, "humidity": 7}}
     assert data["superseded_values"] == 12
+    assert data["partition_owners"] == {"transform": [""] * keys.partitions,
+                                        "egress": [""] * keys.partitions}
+
+
+async def test_status_shows_which_replica_owns_each_partition(
+    redis: Redis, keys: Keys, config_file: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    await redis.set(keys.transform_lease(0), "worker-7 5f1c", px=60_000)
+    await redis.set(keys.egress_lease(keys.partitions - 1), "worker-9 a2b4", px=60_000)
+    assert await _cli("status", "-c", config_file, "--json") == 0
+    owners = json.loads(capsys.readouterr().out)["partition_owners"]
+    assert owners["transform"][0] == "worker-7"  # the name, not the acquisition's nonce
+    assert owners["egress"][-1] == "worker-9"
+    assert owners["transform"][1:] == [""] * (keys.partitions - 1)
+    assert await _cli("status", "-c", config_file) == 0
+    out = capsys.readouterr().out
+    assert "partition owners" in out and "worker-7" in out and "5f1c" not in out
 
 
 async def test_dead_list_and_filter(
