@@ -363,9 +363,9 @@ class LastWritten:
         error, with nothing written.
 
         Sent as raw commands on the connection, not through a redis-py pipeline: its
-        ``WATCH`` mode cost the worker ~2–2.5× the script's CPU per small commit, this ~1.3×
-        (BENCHMARKS.md, "Egress commit: WATCH + MULTI instead of a script"). Any error or
-        cancellation disconnects the connection (dropping its ``WATCH`` and any reply not
+        ``WATCH`` mode cost the worker ~2–2.5× the script's CPU per small commit, this
+        ~1.3× (BENCHMARKS.md, "Egress commit: WATCH + MULTI instead of a script"). Any error
+        or cancellation disconnects the connection (dropping its ``WATCH`` and any reply not
         read)."""
         order = list(parts)
         leases = [self._keys.egress_lease(p) for p in order]
