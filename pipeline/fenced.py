@@ -1,0 +1,93 @@
+"""A fenced transaction on one Redis: ``WATCH``, read, decide in Python, ``MULTI`` … ``EXEC``.
+
+The commits of egress (:meth:`pipeline.order.LastWritten.commit`) and transform
+(:class:`workers.transform.scripts.Commit`) check a lease (and transform a registry version)
+and write only while it holds. A script does that atomically but makes Redis's Lua convert
+every argument and pay ``redis.call`` per command — about half of the commit's Redis time.
+:func:`transact` does the same check and writes as one atomic step with plain commands.
+
+**Contract** of ``transact(redis, watch, plan, tries=..., read=held)``:
+
+1. One connection of ``redis``'s pool; ``read(conn, watch)`` ``WATCH``es the keys and reads
+   them (:func:`held`: ``WATCH`` + ``MGET``, one round trip; ``None`` for a key missing).
+2. ``plan(values)`` → ``(commands, result)``: the commands (tuples of arguments) to run in
+   ``MULTI``, and what :func:`transact` returns once they ran. No commands: nothing to do
+   (e.g. the lease is another owner's): ``UNWATCH``, ``result`` returned, nothing written.
+3. ``MULTI``, the commands, ``EXEC`` — packed by the connection's packer and sent at once (one
+   round trip). A watched key touched between the read and the ``EXEC`` (renewed, taken,
+   expired, changed) makes Redis run none of it: the whole of it is tried again from step 1,
+   which is correct because the aborted try changed nothing and the next decides on the keys
+   as they are then. After ``tries`` aborts in a row a :class:`~redis.exceptions.WatchError`
+   (a ``RedisError``) goes to the caller, with nothing written.
+4. A command refused when queued, or failing inside the ``EXEC``, raises its error.
+5. Any error or cancellation disconnects the connection (dropping its ``WATCH`` and any reply
+   not read); the connection always goes back to the pool.
+
+Raw commands on a pooled connection, not redis-py's pipeline ``WATCH`` mode: that mode cost
+egress's worker ~3× the script's CPU per commit (BENCHMARKS.md, "Egress commit: WATCH + MULTI
+instead of a script"). **One Redis only**: a Redis Cluster client runs a ``WATCH`` transaction
+far more slowly (a thread per command), so the cluster layout keeps the scripts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+from redis.exceptions import WatchError
+
+from pipeline.streams import Redis
+
+T = TypeVar("T")
+Command = tuple[Any, ...]
+#: ``plan(values) -> (commands, result)`` (module docstring, step 2).
+Plan = Callable[[list[Any]], tuple[Sequence[Command], T]]
+Read = Callable[[Any, Sequence[str]], Awaitable[list[Any]]]
+
+#: Tries of a transaction whose ``EXEC`` a watched key touched meanwhile aborted.
+TRIES = 3
+
+
+async def held(conn: Any, watch: Sequence[str]) -> list[Any]:
+    """``WATCH`` ``watch`` on ``conn`` and read them (``MGET``, one round trip)."""
+    await conn.send_packed_command(conn.pack_commands([("WATCH", *watch), ("MGET", *watch)]))
+    await conn.read_response()
+    return list(await conn.read_response())
+
+
+async def transact(redis: Redis, watch: Sequence[str], plan: Plan[T], *, tries: int = TRIES,
+                   read: Read = held, what: str = "watched keys") -> T:
+    """The fenced transaction of the module docstring; ``what`` names the keys in the
+    ``WatchError`` after ``tries`` aborts."""
+    pool = redis.connection_pool
+    conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+    try:
+        for _ in range(tries):
+            commands, result = plan(await read(conn, watch))
+            if not commands:
+                await conn.send_command("UNWATCH")
+                await conn.read_response()
+                return result
+            if await _exec(conn, commands):
+                return result
+        raise WatchError(f"{what} touched during {tries} transactions in a row")
+    except BaseException:
+        await conn.disconnect()
+        raise
+    finally:
+        await pool.release(conn)
+
+
+async def _exec(conn: Any, commands: Sequence[Command]) -> bool:
+    """``MULTI`` ``commands`` ``EXEC`` on ``conn`` (one round trip); False when the ``WATCH``
+    aborted it (nothing done)."""
+    await conn.send_packed_command(conn.pack_commands([("MULTI",), *commands, ("EXEC",)]))
+    for _ in range(len(commands) + 1):
+        await conn.read_response()  # OK, QUEUED…: a command refused raises here
+    replies = await conn.read_response()
+    if replies is None:
+        return False
+    for r in replies:
+        if isinstance(r, Exception):
+            raise r
+    return True
