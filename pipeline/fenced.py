@@ -10,15 +10,17 @@ every argument and pay ``redis.call`` per command — about half of the commit's
 
 1. One connection of ``redis``'s pool; ``read(conn, watch)`` ``WATCH``es the keys and reads
    them (:func:`held`: ``WATCH`` + ``MGET``, one round trip; ``None`` for a key missing).
-2. ``plan(values)`` → ``(commands, result)``: the commands (tuples of arguments) to run in
-   ``MULTI``, and what :func:`transact` returns once they ran. No commands: nothing to do
-   (e.g. the lease is another owner's): ``UNWATCH``, ``result`` returned, nothing written.
-3. ``MULTI``, the commands, ``EXEC`` — packed by the connection's packer and sent at once (one
-   round trip). A watched key touched between the read and the ``EXEC`` (renewed, taken,
-   expired, changed) makes Redis run none of it: the whole of it is tried again from step 1,
-   which is correct because the aborted try changed nothing and the next decides on the keys
-   as they are then. After ``tries`` aborts in a row a :class:`~redis.exceptions.WatchError`
-   (a ``RedisError``) goes to the caller, with nothing written.
+2. ``plan(values)`` → ``(commands, result)``: the commands to run in ``MULTI`` (tuples of
+   arguments, or packed: :func:`pack`), and what :func:`transact` returns once they ran. No
+   commands: nothing to do (e.g. the lease is another owner's): ``UNWATCH``, ``result``
+   returned, nothing written.
+3. ``MULTI``, the commands, ``EXEC`` — packed (:func:`pack`) and sent at once (one round
+   trip), the replies read under one timeout (the connection's). A watched key touched
+   between the read and the ``EXEC`` (renewed, taken, expired, changed) makes Redis run none
+   of it: the whole of it is tried again from step 1, which is correct because the aborted
+   try changed nothing and the next decides on the keys as they are then. After ``tries``
+   aborts in a row a :class:`~redis.exceptions.WatchError` (a ``RedisError``) goes to the
+   caller, with nothing written.
 4. A command refused when queued, or failing inside the ``EXEC``, raises its error.
 5. Any error or cancellation disconnects the connection (dropping its ``WATCH`` and any reply
    not read); the connection always goes back to the pool.
@@ -31,9 +33,12 @@ far more slowly (a thread per command), so the cluster layout keeps the scripts.
 
 from __future__ import annotations
 
+import asyncio
+import math
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.exceptions import WatchError
 
 from pipeline.streams import Redis
@@ -41,7 +46,7 @@ from pipeline.streams import Redis
 T = TypeVar("T")
 Command = tuple[Any, ...]
 #: ``plan(values) -> (commands, result)`` (module docstring, step 2).
-Plan = Callable[[list[Any]], tuple[Sequence[Command], T]]
+Plan = Callable[[list[Any]], tuple[Sequence[Command | bytes], T]]
 Read = Callable[[Any, Sequence[str]], Awaitable[list[Any]]]
 
 #: Tries of a transaction whose ``EXEC`` a watched key touched meanwhile aborted.
@@ -78,13 +83,43 @@ async def transact(redis: Redis, watch: Sequence[str], plan: Plan[T], *, tries: 
         await pool.release(conn)
 
 
-async def _exec(conn: Any, commands: Sequence[Command]) -> bool:
+def bulk(a: bytes | str | int) -> bytes:
+    """One argument in the protocol (RESP bulk string; ``str`` as UTF-8)."""
+    if not isinstance(a, bytes):
+        a = a.encode() if isinstance(a, str) else b"%d" % a
+    return b"$%d\r\n%b\r\n" % (len(a), a)
+
+
+def pack(commands: Sequence[Command | bytes]) -> bytes:
+    """``MULTI`` ``commands`` ``EXEC`` in the protocol (RESP): a command is a tuple of
+    arguments (``bytes``, ``str``, ``int``) or already packed (``bytes``: one whole command, a
+    caller's hot path). Not the connection's packer: it costs ~10 µs per command (a generator
+    and an encoder call per argument), which for a transaction of an ``XADD`` per output is
+    more worker CPU than the whole script call it replaces."""
+    out = [b"*1\r\n$5\r\nMULTI\r\n"]
+    for cmd in commands:
+        if isinstance(cmd, bytes):
+            out.append(cmd)
+            continue
+        out.append(b"*%d\r\n" % len(cmd))
+        out.extend(bulk(a) for a in cmd)
+    out.append(b"*1\r\n$4\r\nEXEC\r\n")
+    return b"".join(out)
+
+
+async def _exec(conn: Any, commands: Sequence[Command | bytes]) -> bool:
     """``MULTI`` ``commands`` ``EXEC`` on ``conn`` (one round trip); False when the ``WATCH``
     aborted it (nothing done)."""
-    await conn.send_packed_command(conn.pack_commands([("MULTI",), *commands, ("EXEC",)]))
-    for _ in range(len(commands) + 1):
-        await conn.read_response()  # OK, QUEUED…: a command refused raises here
-    replies = await conn.read_response()
+    await conn.send_packed_command(pack(commands))
+    # One bound (the connection's socket timeout) for all the replies, not one per reply: a
+    # timer per ``read_response`` cost more worker CPU than the rest of the transaction.
+    try:
+        async with asyncio.timeout(conn.socket_timeout):
+            for _ in range(len(commands) + 1):
+                await conn.read_response(timeout=math.inf)  # OK, QUEUED…: a refusal raises
+            replies = await conn.read_response(timeout=math.inf)
+    except TimeoutError as e:
+        raise RedisTimeoutError("timeout reading a transaction's replies") from e
     if replies is None:
         return False
     for r in replies:

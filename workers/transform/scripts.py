@@ -17,6 +17,7 @@ from typing import Any
 import msgspec
 
 from pipeline import events, fenced
+from pipeline.fenced import bulk
 from pipeline.keys import Keys
 from pipeline.streams import Entry, Redis
 
@@ -153,26 +154,34 @@ class Commit:
         watch = [lease] if version is None else [lease, self._keys.registry_version_for(stream)]
         want = None if version is None else str(version).encode()
         held = token.encode()
+        group = bulk(self._group)
 
-        def plan(values: list[Any]) -> tuple[list[tuple[Any, ...]], int]:
+        def plan(values: list[Any]) -> tuple[list[tuple[Any, ...] | bytes], int]:
             if want is not None and (values[1] or b"0") != want:
                 return [], VERSION_MOVED
             if values[0] != held:
                 return [], FENCED
-            commands: list[tuple[Any, ...]] = []
+            # Packed here (fenced.pack): per output one bytes format, not five arguments.
+            commands: list[tuple[Any, ...] | bytes] = []
             if block:
                 commands += (("SET", block_key, b"", "NX", "PX", block_ttl_ms),
                              ("APPEND", block_key, block))
+            heads: dict[str, bytes] = {}
             for s, d in outputs:
-                commands.append(("XADD", s, "*", "d", d))
+                head = heads.get(s)
+                if head is None:
+                    head = heads[s] = b"*5\r\n$4\r\nXADD\r\n%b$1\r\n*\r\n$1\r\nd\r\n" % bulk(s)
+                commands.append(b"%b$%d\r\n%b\r\n" % (head, len(d), d))
             by_stream: dict[str, list[str]] = {}
             for e in acks:
                 ids = by_stream.get(e.stream)
                 if ids is None:
                     ids = by_stream[e.stream] = []
                 ids.append(e.id)
-            for s, ids in by_stream.items():
-                commands.append(("XACK", s, self._group, *ids))
+            for s, ids in by_stream.items():  # entry ids are ASCII: len(str) == len(bytes)
+                commands.append(b"*%d\r\n$4\r\nXACK\r\n%b%b%b" % (
+                    3 + len(ids), bulk(s), group,
+                    "".join([f"${len(i)}\r\n{i}\r\n" for i in ids]).encode()))
             return commands, 1
 
         return await fenced.transact(self._redis, watch, plan, read=self._held,
