@@ -1,12 +1,15 @@
-"""Transform's Redis scripts: each writes a batch's outputs and acks its inputs in ONE call.
+"""Transform's atomic commits: each writes a batch's outputs and acks its inputs in one step.
 
 * :class:`Commit` (every path of the stage): fenced by the partition lease; the registry
-  version check (fast path); outputs; acks; the de-dup block of the new events — atomically.
-* :class:`Emit`: append outputs, ack inputs, unfenced (the benchmarks' two-hop ceiling).
+  version check (fast path); outputs; acks; the de-dup block of the new events — atomically:
+  on one Redis a fenced transaction (:mod:`pipeline.fenced`), in the cluster layout one script
+  call.
+* :class:`Emit`: append outputs, ack inputs, unfenced, one script call (the benchmarks'
+  two-hop ceiling).
 
-One call per batch matters on the hot path: redis-py packs and parses one command instead of
-one per entry, and a crash cannot fall between the write and the ack (no duplicate output on
-redelivery).
+One atomic step per batch: a crash cannot fall between the write and the ack (no duplicate
+output on redelivery), and the worker packs one request instead of a command per entry through
+redis-py (whose per-command cost in Python outweighs the Redis work).
 """
 
 from __future__ import annotations
