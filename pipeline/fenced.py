@@ -84,33 +84,33 @@ async def transact(redis: Redis, watch: Sequence[str], plan: Plan[T], *, tries: 
 
 
 def bulk(a: bytes | str | int) -> bytes:
-    """One argument in the protocol (RESP bulk string; ``str`` as UTF-8)."""
+    """One argument in the protocol (RESP bulk string; ``str`` as UTF-8), for a caller packing
+    a command itself."""
     if not isinstance(a, bytes):
         a = a.encode() if isinstance(a, str) else b"%d" % a
     return b"$%d\r\n%b\r\n" % (len(a), a)
 
 
-def pack(commands: Sequence[Command | bytes]) -> bytes:
-    """``MULTI`` ``commands`` ``EXEC`` in the protocol (RESP): a command is a tuple of
-    arguments (``bytes``, ``str``, ``int``) or already packed (``bytes``: one whole command, a
-    caller's hot path). Not the connection's packer: it costs ~10 µs per command (a generator
-    and an encoder call per argument), which for a transaction of an ``XADD`` per output is
-    more worker CPU than the whole script call it replaces."""
+def pack(conn: Any, commands: Sequence[Command | bytes]) -> list[bytes]:
+    """``MULTI`` ``commands`` ``EXEC`` in the protocol (RESP): a tuple of arguments is packed
+    by the connection's packer (hiredis's, in C, per command), a ``bytes`` command is one whole
+    command already packed (a caller's hot path: the packer costs ~10 µs per command in Python
+    around hiredis, more than the script call it replaces for a transaction of an ``XADD`` per
+    output)."""
     out = [b"*1\r\n$5\r\nMULTI\r\n"]
     for cmd in commands:
         if isinstance(cmd, bytes):
             out.append(cmd)
-            continue
-        out.append(b"*%d\r\n" % len(cmd))
-        out.extend(bulk(a) for a in cmd)
+        else:
+            out += conn.pack_command(*cmd)
     out.append(b"*1\r\n$4\r\nEXEC\r\n")
-    return b"".join(out)
+    return out
 
 
 async def _exec(conn: Any, commands: Sequence[Command | bytes]) -> bool:
     """``MULTI`` ``commands`` ``EXEC`` on ``conn`` (one round trip); False when the ``WATCH``
     aborted it (nothing done)."""
-    await conn.send_packed_command(pack(commands))
+    await conn.send_packed_command(pack(conn, commands))
     # One bound (the connection's socket timeout) for all the replies, not one per reply: a
     # timer per ``read_response`` cost more worker CPU than the rest of the transaction.
     try:
