@@ -157,14 +157,14 @@ class Commit:
         watch = [lease] if version is None else [lease, self._keys.registry_version_for(stream)]
         want = None if version is None else str(version).encode()
         held = token.encode()
-        group = bulk(self._group)
 
         def plan(values: list[Any]) -> tuple[list[tuple[Any, ...] | bytes], int]:
             if want is not None and (values[1] or b"0") != want:
                 return [], VERSION_MOVED
             if values[0] != held:
                 return [], FENCED
-            # Packed here (fenced.pack): per output one bytes format, not five arguments.
+            # The XADDs packed here (fenced.pack): one bytes format per output, ~1/4 of
+            # hiredis's packing of five arguments through the connection.
             commands: list[tuple[Any, ...] | bytes] = []
             if block:
                 commands += (("SET", block_key, b"", "NX", "PX", block_ttl_ms),
@@ -181,10 +181,8 @@ class Commit:
                 if ids is None:
                     ids = by_stream[e.stream] = []
                 ids.append(e.id)
-            for s, ids in by_stream.items():  # entry ids are ASCII: len(str) == len(bytes)
-                commands.append(b"*%d\r\n$4\r\nXACK\r\n%b%b%b" % (
-                    3 + len(ids), bulk(s), group,
-                    "".join([f"${len(i)}\r\n{i}\r\n" for i in ids]).encode()))
+            for s, ids in by_stream.items():
+                commands.append(("XACK", s, self._group, *ids))
             return commands, 1
 
         return await fenced.transact(self._redis, watch, plan, read=self._held,
