@@ -21,7 +21,7 @@ duplicate look like a redelivery: it is processed again (a duplicate write, whic
 event-time ordering makes a no-op), never dropped.
 
 **Marked with the write.** Claims live in memory until their entry is committed: transform's
-commit script (:mod:`workers.transform.scripts`), fenced by the partition lease's token, writes
+commit (:class:`workers.transform.scripts.Commit`), fenced by the partition lease's token, writes
 the outputs, acks the inputs and appends one *block* of the committed new events (:func:`block`:
 16 bytes each, digest + mark) to the partition's key of the current time step
 (:func:`block_key`), created with the window's expiry — atomically. A new owner loads the
@@ -29,7 +29,7 @@ partition's blocks (:func:`load`, one ``MGET``) before it reads an entry. Hence:
 
 * a crash loses no event: an uncommitted entry is unmarked (nothing in Redis) and redelivered;
 * every committed event is in a block the next owner loads, so it drops the duplicates;
-* an owner that lost its lease commits nothing (the script refuses), so no block misses an
+* an owner that lost its lease commits nothing (the commit refuses), so no block misses an
   event whose outputs were written.
 
 **Window.** Time steps of ``window / STEPS`` (at least 1 ms) on the owner's clock: an event is

@@ -34,10 +34,10 @@ partitions' leases + ``MGET`` of them, then ``MULTI``, the writes of the partiti
 their token, ``EXEC`` — two round trips on one connection, and no Lua converting the
 arguments (device key, record, entry id per write), about half of what a commit script cost
 Redis; a lease touched in between (even renewed) aborts the ``EXEC`` and the commit is tried
-again (:meth:`LastWritten._commit_multi`). **Redis Cluster**: one ``_COMMIT`` script call per
-partition, pipelined (a partition's lease, records hash and writes stream share its slot):
-redis-py's cluster client runs a ``WATCH`` transaction with a thread per command, ~14× the
-script's CPU in the worker.
+again (:meth:`LastWritten._commit_multi`, :mod:`pipeline.fenced`). **Redis Cluster**: one
+``_COMMIT`` script call per partition, pipelined (a partition's lease, records hash and writes
+stream share its slot): redis-py's cluster client runs a ``WATCH`` transaction with a thread
+per command, ~14× the script's CPU in the worker.
 
 **Why this is safe.** Without a single writer two replicas can both read "last = 5", then send
 20 and 10 in that order: Blynk ends at 10 although the record says 20. With the partition lease
@@ -77,8 +77,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
-from redis.exceptions import WatchError
 
+from pipeline import fenced
 from pipeline.keys import Keys
 from pipeline.ratelimit import gcra
 from pipeline.streams import Redis
@@ -111,7 +111,7 @@ end
 return 1
 """
 #: Tries of a commit whose ``EXEC`` a lease touched meanwhile aborted (``_commit_multi``).
-_COMMIT_TRIES = 3
+_COMMIT_TRIES = fenced.TRIES
 
 # KEYS = a partition's records hash, then the per-device keys of the fields (versions before
 # the hash: an upgrade); ARGV = the fields → their values (nil: none), the hash's first.
@@ -347,61 +347,40 @@ class LastWritten:
 
     async def _commit_multi(self, parts: Mapping[int, PartitionCommit], group: str, now: int
                             ) -> dict[int, bool]:
-        """:meth:`commit` on one Redis, on one connection of the pool: ``WATCH`` every
-        partition's lease and read them (:meth:`_held`), then ``MULTI``, per partition whose
-        lease holds its token ``HSET`` + ``PEXPIRE`` when due + ``XACK``, ``EXEC``: two round
-        trips, the arguments never converted by Lua.
+        """:meth:`commit` on one Redis: a fenced transaction (:func:`pipeline.fenced.transact`)
+        that ``WATCH``es every partition's lease and reads them (:meth:`_held`), then runs, in
+        ``MULTI``, per partition whose lease holds its token ``HSET`` + ``PEXPIRE`` when due +
+        ``XACK`` (:meth:`_writes`): two round trips, the arguments never converted by Lua.
 
-        The ``WATCH`` makes the check and the writes one atomic step, as a script would: if
-        any lease is touched between the read and the ``EXEC`` (renewed, taken, expired), Redis
-        runs none of the transaction and the whole commit is tried again from the ``WATCH``.
-        That retry is correct because the aborted attempt changed nothing, and it decides on
-        the lease as it is then: a renewal by this owner (``PEXPIRE``) keeps the token, so the
-        retry commits; a new ownership's token fences the partition off. Renewals come every
-        ttl/4 per partition, so a second abort in a row means the lease keeps changing: after
+        A lease touched between the read and the ``EXEC`` aborts it and the commit is tried
+        again: a renewal by this owner (``PEXPIRE``) keeps the token, so the retry commits; a
+        new ownership's token fences the partition off. Renewals come every ttl/4 per
+        partition, so a second abort in a row means the lease keeps changing: after
         ``_COMMIT_TRIES`` a ``WatchError`` (a ``RedisError``) goes to the caller, as any Redis
-        error, with nothing written.
-
-        Sent as raw commands on the connection, not through a redis-py pipeline: its
-        ``WATCH`` mode cost the worker ~2–2.5× the script's CPU per small commit, this
-        ~1.3× (BENCHMARKS.md, "Egress commit: WATCH + MULTI instead of a script"). Any error
-        or cancellation disconnects the connection (dropping its ``WATCH`` and any reply not
-        read)."""
+        error, with nothing written. Raw commands on a pooled connection: a redis-py
+        pipeline's ``WATCH`` mode cost the worker ~2–2.5× the script's CPU per small commit,
+        this ~1.3× (BENCHMARKS.md, "Egress commit: WATCH + MULTI instead of a script")."""
         order = list(parts)
-        leases = [self._keys.egress_lease(p) for p in order]
-        pool = self._redis.connection_pool
-        conn = await pool.get_connection()  # type: ignore[no-untyped-call]
-        try:
-            for _ in range(_COMMIT_TRIES):
-                held = await self._held(conn, leases)
-                done = {p: h is not None and _s(h) == parts[p].token
-                        for p, h in zip(order, held, strict=True)}
-                if not any(done.values()):
-                    await conn.send_command("UNWATCH")
-                    await conn.read_response()
-                    return done
-                if await self._exec(conn, parts, done, group, now):
-                    return done
-            raise WatchError(f"egress leases touched during {_COMMIT_TRIES} commits in a row")
-        except BaseException:
-            await conn.disconnect()
-            raise
-        finally:
-            await pool.release(conn)
+
+        def plan(held: list[Any]) -> tuple[list[tuple[Any, ...]], dict[int, bool]]:
+            done = {p: h is not None and _s(h) == parts[p].token
+                    for p, h in zip(order, held, strict=True)}
+            return self._writes(parts, done, group, now), done
+
+        return await fenced.transact(self._redis, [self._keys.egress_lease(p) for p in order],
+                                     plan, tries=_COMMIT_TRIES, read=self._held,
+                                     what="egress leases")
 
     async def _held(self, conn: Any, leases: Sequence[str]) -> list[Any]:
-        """``WATCH`` ``leases`` on ``conn`` and read them (one round trip)."""
-        await conn.send_packed_command(conn.pack_commands([("WATCH", *leases),
-                                                           ("MGET", *leases)]))
-        await conn.read_response()
-        return list(await conn.read_response())
+        """``WATCH`` ``leases`` on ``conn`` and read them (one round trip; a test's hook)."""
+        return await fenced.held(conn, leases)
 
-    async def _exec(self, conn: Any, parts: Mapping[int, PartitionCommit],
-                    done: Mapping[int, bool], group: str, now: int) -> bool:
-        """The ``MULTI`` … ``EXEC`` of the partitions ``done`` says hold their token; False
-        when the ``WATCH`` aborted it (nothing done)."""
+    def _writes(self, parts: Mapping[int, PartitionCommit], done: Mapping[int, bool],
+                group: str, now: int) -> list[tuple[Any, ...]]:
+        """The commands of the partitions ``done`` says hold their token (none: nothing to
+        do)."""
         px = self.ttl_ms + self.ttl_ms // 4
-        commands: list[tuple[Any, ...]] = [("MULTI",)]
+        commands: list[tuple[Any, ...]] = []
         for p, ok in done.items():
             part = parts[p]
             if not ok:
@@ -416,17 +395,7 @@ class LastWritten:
                     commands.append(("PEXPIRE", records, px))
             if part.acks:
                 commands.append(("XACK", part.stream, group, *part.acks))
-        commands.append(("EXEC",))
-        await conn.send_packed_command(conn.pack_commands(commands))
-        for _ in range(len(commands) - 1):
-            await conn.read_response()  # OK, QUEUED…: a command refused raises here
-        replies = await conn.read_response()
-        if replies is None:
-            return False
-        for r in replies:
-            if isinstance(r, Exception):
-                raise r
-        return True
+        return commands
 
     def _commit_call(self, p: int, part: PartitionCommit, group: str, now: int
                      ) -> tuple[list[str], list[bytes | str]]:

@@ -19,7 +19,8 @@ from pipeline.events import Radio, Uplink, Value
 from pipeline.keys import GROUP_TRANSFORM, Keys
 from pipeline.registry import Registry
 from pipeline.streams import Redis, StreamReader, StreamWriter
-from workers.transform import TransformStage
+from workers.transform import Commit, TransformStage
+from workers.transform.scripts import FENCED, VERSION_MOVED
 
 pytestmark = pytest.mark.cluster_too
 
@@ -270,9 +271,6 @@ async def test_template_rules_choose_by_device_meta(redis: Redis, keys: Keys,
 
 async def test_commit_does_nothing_unless_the_version_and_the_lease_hold(redis: Redis,
                                                                         keys: Keys) -> None:
-    from workers.transform import Commit
-    from workers.transform.scripts import FENCED, VERSION_MOVED
-
     stream, out = keys.stream("uplinks"), keys.stream("writes")
     await redis.xgroup_create(stream, GROUP_TRANSFORM, id="0", mkstream=True)
     await StreamWriter(redis).add_many([(stream, b"1"), (stream, b"2")])
@@ -314,6 +312,73 @@ async def test_commit_does_nothing_unless_the_version_and_the_lease_hold(redis: 
     assert await commit.run(None, stream, lease, "t1 abc", block_key, blk[:16], 60_000, [], []) == 1
     assert await redis.get(block_key) == blk + blk[:16]
     assert await redis.pttl(block_key) == -1  # the expiry is set when the block is created
+
+
+class _Touching(Commit):
+    """A ``Commit`` whose transaction, right after reading the keys it ``WATCH``es, lets a
+    test change one from another connection (``touch``: on the tries listed)."""
+
+    def __init__(self, redis: Redis, keys: Keys, touch: Callable[[], Any],
+                 tries: set[int]) -> None:
+        super().__init__(redis, keys, GROUP_TRANSFORM)
+        self.touch, self.tries, self.reads = touch, tries, 0
+
+    async def _held(self, conn: Any, watch: Any) -> list[Any]:
+        held = await super()._held(conn, watch)
+        self.reads += 1
+        if self.reads in self.tries:
+            await self.touch()
+        return held
+
+
+async def test_a_lease_or_registry_changed_between_the_commits_check_and_its_exec_does_nothing(
+        redis: Redis, keys: Keys) -> None:
+    """On one Redis the commit checks the lease and the registry version under ``WATCH`` and
+    writes in ``MULTI``: a change of either after the check aborts the ``EXEC`` (nothing
+    written, marked or acked) and the retry refuses; a renewal (same token) commits on retry."""
+    if keys.cluster:
+        pytest.skip("the cluster layout commits by script (workers/transform/scripts.py)")
+    stream, out = keys.stream("uplinks"), keys.stream("writes")
+    await redis.xgroup_create(stream, GROUP_TRANSFORM, id="0", mkstream=True)
+    await StreamWriter(redis).add_many([(stream, b"1"), (stream, b"2")])
+    reader = StreamReader(redis, keys, [stream], GROUP_TRANSFORM, "t1", stage="transform")
+    entries = await reader.read(block=False)
+    version_key = keys.registry_version_for(stream)
+    version = int(await redis.get(version_key) or 0)
+    lease = keys.transform_lease(0)
+    await redis.set(lease, "t1 abc")
+    block_key = dedup.block_key(keys, stream, 60, 7)
+    blk = dedup.block([(dedup.digest("e1"), dedup.mark_of(entries[0]))])
+    outputs = [(out, b"a"), (out, b"b")]
+
+    async def nothing_done() -> None:
+        assert await redis.exists(out, block_key) == 0
+        assert (await redis.xpending(stream, GROUP_TRANSFORM))["pending"] == 2
+
+    async def taken() -> None:
+        await redis.set(lease, "t2 new")
+
+    commit = _Touching(redis, keys, taken, {1})
+    assert await commit.run(version, stream, lease, "t1 abc", block_key, blk, 60_000, outputs,
+                            entries) == FENCED
+    assert commit.reads == 2  # checked, aborted, checked again
+    await nothing_done()
+
+    await redis.set(lease, "t1 abc")
+    commit = _Touching(redis, keys, lambda: redis.incr(version_key), {1})
+    assert await commit.run(version, stream, lease, "t1 abc", block_key, blk, 60_000, outputs,
+                            entries) == VERSION_MOVED
+    assert commit.reads == 2
+    await nothing_done()
+
+    commit = _Touching(redis, keys, lambda: redis.pexpire(lease, 60_000), {1})
+    assert await commit.run(version + 1, stream, lease, "t1 abc", block_key, blk, 60_000,
+                            outputs, entries) == 1
+    assert commit.reads == 2
+    assert [f[events.FIELD] for _, f in await redis.xrange(out)] == [b"a", b"b"]
+    assert (await redis.xpending(stream, GROUP_TRANSFORM))["pending"] == 0
+    assert await redis.get(block_key) == blk
+    assert 0 < await redis.pttl(block_key) <= 60_000
 
 
 async def test_duplicate_of_an_unknown_device_uplink_is_acked_not_dead_lettered(

@@ -8,13 +8,15 @@ lease and writes the de-dup block of the batch's new events with its outputs.
 
 **Fast path** (every batch with no undecodable entry, no device to create and no metafield
 pending): decode, resolve devices in the registry cache (misses: one ``HMGET`` script call),
-check each uplink against the de-dup window in memory, map, then ONE script call
-(:class:`.scripts.Commit`) that, atomically, checks the partition lease and that the registry
+check each uplink against the de-dup window in memory, map, then ONE atomic commit
+(:class:`.scripts.Commit`: on one Redis a ``WATCH``ed ``MULTI``, :mod:`pipeline.fenced`; in the
+cluster layout a script) that checks the partition lease and that the registry
 version is still the one the cache is in line with (else it does nothing: the stage syncs the
 registry and takes the slow path), appends the outputs — writes, partial and whole dead
 letters — of the uplinks that are not duplicates, acks the batch and appends the de-dup block
-of its new events. Two round trips per batch: the read and the commit — and neither leaves
-the worker idle: :meth:`.stage.TransformStage.prepare` is :func:`~pipeline.consumer.consume`'s
+of its new events. Three round trips per batch: the read and the commit's two (``WATCH`` +
+``MGET``, then ``MULTI`` … ``EXEC``; one script call on a cluster) — and none leaves the
+worker idle: :meth:`.stage.TransformStage.prepare` is :func:`~pipeline.consumer.consume`'s
 ``prepare`` hook, so the next batch is read (``prefetch``) and prepared — decoded, resolved,
 mapped — while this one commits; batches still commit one at a time, in read order. A batch
 prepared before this process synced its registry is prepared
@@ -34,7 +36,7 @@ device to create or a metafield pending (the fast path leaves those batches to t
    blueprint's ``token`` is the device itself; everything else goes through the registry cache
    (misses: one ``HMGET`` script call);
 4. map values (:mod:`pipeline.mapping`) and append every ``BlynkWrite`` — and the partial dead
-   letters — and ack, in one script call (:class:`.scripts.Commit`, no version check);
+   letters — and ack, in one commit (:class:`.scripts.Commit`, no version check);
 5. unknown devices of integrations with ``provision: true`` are created in Blynk
    (:mod:`pipeline.provision`), then written and acked like the rest — only when one of their
    uplinks maps a value (else those are acked as ``nothing_mapped``) and within the
@@ -59,8 +61,8 @@ The parts, one job each:
 * :mod:`workers.transform.templates` — the templates by name, ``pull: true`` ones refreshed;
 * :mod:`workers.transform.outputs` — a routed uplink's write and partial dead letter (pure),
   and the accounting once they are written (metrics, unmapped keys, firmware);
-* :mod:`workers.transform.scripts` — the one-call Redis scripts (``Commit``; ``Emit``, the
-  benchmarks' unfenced ceiling);
+* :mod:`workers.transform.scripts` — the atomic commit (``Commit``) and ``Emit``, the
+  benchmarks' unfenced ceiling;
 * :mod:`workers.transform.creating` — the slow path's auto-provisioning (step 5);
 * :mod:`workers.transform.stage` — the lifecycle, partition ownership, the fast and the slow
   path.

@@ -616,7 +616,7 @@ class TransformStage:
         await self.reader.dead_letter(dead)
 
     async def _write(self, ready: list[tuple[Entry, Route]], acks: list[Entry]) -> None:
-        """Map, append writes + partial dead letters and ack, in one script call."""
+        """Map, append writes + partial dead letters and ack, in one commit."""
         mapped = self.outputs.map(ready, now_ms())
         out: list[tuple[str, bytes]] = []
         for m in mapped:
