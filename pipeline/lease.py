@@ -39,6 +39,7 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
+from pipeline.consumer import backoff_s
 from pipeline.lifecycle import cancel_and_wait, wait_event
 from pipeline.streams import Redis
 
@@ -271,6 +272,24 @@ class PartitionLeases:
 
     def share(self) -> int:
         return fair_share(self.partitions, self.replicas)
+
+    async def take_share(self, stop: asyncio.Event, stage: str) -> None:
+        """Burst mode: own this replica's share of the partitions before reading (another
+        replica's partitions are waited for until their leases lapse or are released); Redis
+        errors are retried with backoff until ``stop``."""
+        failures = 0
+        while not stop.is_set():
+            try:
+                await self.balance()
+                failures = 0
+                if len(self.owned) >= self.share():
+                    return
+                wait = self.ttl_ms / 4000
+            except RedisError as exc:
+                failures += 1
+                log.warning("%s: taking partitions failed (%s); retrying", stage, exc)
+                wait = backoff_s(failures)
+            await wait_event(stop, wait)
 
     async def balance(self) -> None:
         """Heartbeat, renew the owned leases, give extras back, take free ones up to the

@@ -197,7 +197,7 @@ class EgressStage:
         """Own partitions, read, hold, flush, until ``stop`` (or, in burst mode, until idle)."""
         await self.reader.ensure_group()
         if self.until_idle:
-            await self._take_share(stop)
+            await self.ownership.take_share(stop, self.name)
         # The chores end on this event, not only on a cancel: on 3.11 a cancel landing inside
         # redis-py's ``wait_for`` can be lost, and a ``while True`` chore would then run on.
         done = asyncio.Event()
@@ -225,23 +225,6 @@ class EgressStage:
         await self._publish_superseded()  # not after a cancel or a failure: it would wait
         if not (self.until_idle and self.keep_partitions):
             await self._hand_back()
-
-    async def _take_share(self, stop: asyncio.Event) -> None:
-        """Burst mode: own this replica's share of the partitions before reading (another
-        replica's partitions are waited for until their leases lapse)."""
-        failures = 0
-        while not stop.is_set():
-            try:
-                await self.ownership.balance()
-                failures = 0
-                if len(self.ownership.owned) >= self.ownership.share():
-                    return
-                wait = self.ownership.ttl_ms / 4000
-            except RedisError as exc:
-                failures += 1
-                log.warning("egress: taking partitions failed (%s); retrying", exc)
-                wait = backoff_s(failures)
-            await wait_event(stop, wait)
 
     async def _hand_back(self) -> None:
         """After a stop: give the partitions up and release their leases — unless writes were

@@ -65,9 +65,7 @@ class Emit:
     async def run(self, outputs: Sequence[tuple[str, bytes]], acks: Sequence[Entry]) -> None:
         if not outputs and not acks:
             return
-        by_stream: dict[str, list[str]] = {}
-        for e in acks:
-            by_stream.setdefault(e.stream, []).append(e.id)
+        by_stream = _ids_by_stream(acks)
         keys: list[str] = [s for s, _ in outputs]
         keys.extend(by_stream)
         args: list[str | bytes | int] = [len(outputs), self._group]
@@ -175,13 +173,7 @@ class Commit:
                 if head is None:
                     head = heads[s] = b"*5\r\n$4\r\nXADD\r\n%b$1\r\n*\r\n$1\r\nd\r\n" % bulk(s)
                 commands.append(b"%b$%d\r\n%b\r\n" % (head, len(d), d))
-            by_stream: dict[str, list[str]] = {}
-            for e in acks:
-                ids = by_stream.get(e.stream)
-                if ids is None:
-                    ids = by_stream[e.stream] = []
-                ids.append(e.id)
-            for s, ids in by_stream.items():
+            for s, ids in _ids_by_stream(acks).items():
                 commands.append(("XACK", s, self._group, *ids))
             return commands, 1
 
@@ -209,14 +201,20 @@ class Commit:
             flat_out.append(si)
             data.append(d)
         keys.extend(streams)
-        by_stream: dict[str, list[str]] = {}
-        for e in acks:
-            ids = by_stream.get(e.stream)
-            if ids is None:
-                ids = by_stream[e.stream] = []
-            ids.append(e.id)
+        by_stream = _ids_by_stream(acks)
         keys.extend(by_stream)
         head = [False if version is None else str(version), token, self._group, block_ttl_ms,
                 flat_out, list(by_stream.values())]
         reply = await self._script(keys=keys, args=[self._pack(head), block, *data])
         return int(reply)
+
+
+def _ids_by_stream(acks: Sequence[Entry]) -> dict[str, list[str]]:
+    """The ids of ``acks`` per stream, in order (one ``XACK`` per stream)."""
+    by_stream: dict[str, list[str]] = {}
+    for e in acks:
+        ids = by_stream.get(e.stream)
+        if ids is None:
+            ids = by_stream[e.stream] = []
+        ids.append(e.id)
+    return by_stream

@@ -197,7 +197,7 @@ class TransformStage:
             refresher = asyncio.create_task(self._refresh_templates(stop), name="template-pull")
         await self.reader.ensure_group()
         if self.until_idle:
-            await self._take_share(stop)
+            await self.ownership.take_share(stop, STAGE)
         done = asyncio.Event()
         chores = [asyncio.create_task(self.ownership.run(done, name=STAGE,
                                                          after=self._balanced),
@@ -246,23 +246,6 @@ class TransformStage:
             t = part.task
             if raising and t is not None and not t.cancelled() and t.exception() is not None:
                 raise t.exception()  # type: ignore[misc]
-
-    async def _take_share(self, stop: asyncio.Event) -> None:
-        """Burst mode: own this replica's share of the partitions before reading (another
-        replica's partitions are waited for until their leases lapse or are released)."""
-        failures = 0
-        while not stop.is_set():
-            try:
-                await self.ownership.balance()
-                failures = 0
-                if len(self.ownership.owned) >= self.ownership.share():
-                    return
-                wait = self.ownership.ttl_ms / 4000
-            except RedisError as exc:
-                failures += 1
-                log.warning("transform: taking partitions failed (%s); retrying", exc)
-                wait = backoff_s(failures)
-            await wait_event(stop, wait)
 
     def _balanced(self) -> None:
         """After each ownership round: the gauge, and a warm standby says so once."""
