@@ -39,6 +39,7 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
+from pipeline import metrics
 from pipeline.consumer import backoff_s
 from pipeline.lifecycle import cancel_and_wait, wait_event
 from pipeline.streams import Redis
@@ -269,9 +270,24 @@ class PartitionLeases:
         self._rng = random.Random()
         #: Partition → its hand-over under way (rebalance: ``on_dropped``, then the release).
         self.handing: dict[int, asyncio.Task[None]] = {}
+        self._standby_logged = False
 
     def share(self) -> int:
         return fair_share(self.partitions, self.replicas)
+
+    def report(self, stage: str, streams: str, work: str) -> None:
+        """After an ownership round of a stage reading ``streams`` partitions: the
+        ``bb_partitions_owned`` gauge, and a warm standby says so once (again after it owned
+        a partition)."""
+        owned = len(self.owned)
+        metrics.PARTITIONS_OWNED.labels(stage).set(owned)
+        if owned:
+            self._standby_logged = False
+        elif not self._standby_logged:
+            self._standby_logged = True
+            log.info("%s: warm standby: %d live replicas for %d %s partitions "
+                     "(redis.partitions); this one %s once a partition is free",
+                     stage, self.replicas, self.partitions, streams, work)
 
     async def take_share(self, stop: asyncio.Event, stage: str) -> None:
         """Burst mode: own this replica's share of the partitions before reading (another

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Coroutine, Sequence
@@ -142,7 +143,6 @@ class EgressStage:
         #: Burst mode: keep the partitions (and records) when ``main_loop`` returns, as a
         #: running replica would between passes (the benchmarks' successive passes).
         self.keep_partitions = False
-        self._standby_logged = False
         self._take_over = ctx.redis.register_script(_TAKE_OVER)
         self.sweep_every_s = SWEEP_EVERY_S
         self.limiter = RateLimiter(ctx.redis, ctx.keys, cfg.per_device_rps)
@@ -201,10 +201,10 @@ class EgressStage:
         # The chores end on this event, not only on a cancel: on 3.11 a cancel landing inside
         # redis-py's ``wait_for`` can be lost, and a ``while True`` chore would then run on.
         done = asyncio.Event()
+        report = functools.partial(self.ownership.report, self.name, "writes", "writes")
         chores = [asyncio.create_task(self._keep_claimed(done), name="egress-keep-claimed"),
                   asyncio.create_task(self._count_superseded(done), name="egress-superseded"),
-                  asyncio.create_task(self.ownership.run(done, name="egress",
-                                                         after=self._balanced),
+                  asyncio.create_task(self.ownership.run(done, name="egress", after=report),
                                       name="egress-own"),
                   asyncio.create_task(self.ownership.fence(done), name="egress-fence"),
                   asyncio.create_task(self._sweep_records(done), name="egress-sweep")]
@@ -235,18 +235,6 @@ class EgressStage:
         for p in list(self.owned):
             await self.ownership.drop(p, "stopped")
             await self.ownership.release(p)
-
-    def _balanced(self) -> None:
-        """After each ownership round: the gauge, and a warm standby says so once."""
-        owned = len(self.ownership.owned)
-        metrics.PARTITIONS_OWNED.labels(self.name).set(owned)
-        if owned:
-            self._standby_logged = False
-        elif not self._standby_logged:
-            self._standby_logged = True
-            log.info("egress: warm standby: %d live replicas for %d writes partitions "
-                     "(redis.partitions); this one writes once a partition is free",
-                     self.ownership.replicas, len(self._streams))
 
     # ---- ownership -----------------------------------------------------------------------
 

@@ -143,7 +143,6 @@ class TransformStage:
         #: a running replica would between passes (the benchmarks' successive passes).
         self.keep_partitions = False
         self._running = False
-        self._standby_logged = False
         #: One batch handled at a time over every partition (the registry cache, the
         #: provisioner and the unmapped counts are the process's).
         self._handling = asyncio.Lock()
@@ -199,8 +198,8 @@ class TransformStage:
         if self.until_idle:
             await self.ownership.take_share(stop, STAGE)
         done = asyncio.Event()
-        chores = [asyncio.create_task(self.ownership.run(done, name=STAGE,
-                                                         after=self._balanced),
+        report = functools.partial(self.ownership.report, STAGE, "uplinks", "transforms")
+        chores = [asyncio.create_task(self.ownership.run(done, name=STAGE, after=report),
                                       name="transform-own"),
                   asyncio.create_task(self.ownership.fence(done), name="transform-fence")]
         self._running = True
@@ -246,18 +245,6 @@ class TransformStage:
             t = part.task
             if raising and t is not None and not t.cancelled() and t.exception() is not None:
                 raise t.exception()  # type: ignore[misc]
-
-    def _balanced(self) -> None:
-        """After each ownership round: the gauge, and a warm standby says so once."""
-        owned = len(self.ownership.owned)
-        metrics.PARTITIONS_OWNED.labels(STAGE).set(owned)
-        if owned:
-            self._standby_logged = False
-        elif not self._standby_logged:
-            self._standby_logged = True
-            log.info("transform: warm standby: %d live replicas for %d uplinks partitions "
-                     "(redis.partitions); this one transforms once a partition is free",
-                     self.ownership.replicas, len(self._streams))
 
     # ---- ownership -------------------------------------------------------------------------
 
@@ -462,12 +449,7 @@ class TransformStage:
 
         ts = now_ms()
         mapped = self.outputs.map(ready, ts)
-        outputs: list[tuple[str, bytes]] = []
-        for mp in mapped:
-            if mp.dead is not None:
-                outputs.append((self._dead_stream(mp.entry.stream), mp.dead))
-            if mp.write is not None:
-                outputs.append((mp.stream, mp.write))
+        outputs = self._outputs_of(mapped)
         for r, ci in dead:
             outputs.append((self._dead_stream(entries[ci].stream),
                             self.outputs.dead_letter_of(entries[ci], r.why(), r.detail, ts)))
@@ -601,15 +583,20 @@ class TransformStage:
     async def _write(self, ready: list[tuple[Entry, Route]], acks: list[Entry]) -> None:
         """Map, append writes + partial dead letters and ack, in one commit."""
         mapped = self.outputs.map(ready, now_ms())
+        acks.extend(m.entry for m in mapped)
+        await self._emit(self._outputs_of(mapped), acks)
+        await self.outputs.account(mapped)
+
+    def _outputs_of(self, mapped: list[Mapped]) -> list[tuple[str, bytes]]:
+        """The stream entries of mapped uplinks: each one's partial dead letter, then its
+        write."""
         out: list[tuple[str, bytes]] = []
         for m in mapped:
             if m.dead is not None:
                 out.append((self._dead_stream(m.entry.stream), m.dead))
             if m.write is not None:
                 out.append((m.stream, m.write))
-            acks.append(m.entry)
-        await self._emit(out, acks)
-        await self.outputs.account(mapped)
+        return out
 
     async def _emit(self, outputs: list[tuple[str, bytes]], acks: list[Entry]) -> None:
         """The slow path's commit (:class:`.scripts.Commit`, no registry version check): the
